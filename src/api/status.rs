@@ -1,0 +1,183 @@
+//! The one place where the broker's errors become gRPC statuses.
+//!
+//! Every error a caller can see is a status code plus a `google.rpc.ErrorInfo`
+//! detail (domain `secretsbroker`) whose reason a program in any language can
+//! branch on, and whose metadata names what was wrong (`field`,
+//! `secret_name`). Messages are written from names and rules only; no secret
+//! value can reach them because none of the error types below holds one.
+
+use std::collections::HashMap;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use super::typed::Malformed;
+use crate::{
+    backend::{InvalidVersion, StoreError},
+    names::InvalidName,
+    proto::SecretError,
+};
+
+/// The `ErrorInfo.domain` of every error the broker returns.
+pub const ERROR_DOMAIN: &str = "secretsbroker";
+
+/// Everything a SecretsService or AdminService call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("invalid secret name: {0}")]
+    InvalidName(#[from] InvalidName),
+    #[error("invalid version selector: {0}")]
+    InvalidVersion(#[from] InvalidVersion),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("secret {name} cannot be read as {kind}: {source}")]
+    Malformed {
+        name: String,
+        kind: &'static str,
+        source: Malformed,
+    },
+}
+
+impl ApiError {
+    /// The status code and the ErrorInfo reason.
+    fn code_and_reason(&self) -> (Code, &'static str) {
+        match self {
+            Self::InvalidName(_) => (Code::InvalidArgument, "INVALID_SECRET_NAME"),
+            Self::InvalidVersion(_) => (Code::InvalidArgument, "INVALID_VERSION"),
+            Self::Malformed { .. } => (Code::FailedPrecondition, "MALFORMED_SECRET"),
+            Self::Store(store) => match store {
+                StoreError::NotFound { .. } => (Code::NotFound, "SECRET_NOT_FOUND"),
+                StoreError::Deleted { .. } => (Code::NotFound, "SECRET_DELETED"),
+                StoreError::AccessDenied { .. } => (Code::PermissionDenied, "ACCESS_DENIED"),
+                StoreError::Throttled => (Code::ResourceExhausted, "UPSTREAM_THROTTLED"),
+                StoreError::Unavailable { .. } => (Code::Unavailable, "UPSTREAM_UNAVAILABLE"),
+                StoreError::Rejected { .. } => (Code::InvalidArgument, "UPSTREAM_REJECTED"),
+            },
+        }
+    }
+
+    /// ErrorInfo metadata: what was wrong, by name.
+    fn metadata(&self) -> HashMap<String, String> {
+        let mut metadata = HashMap::new();
+        let mut put = |key: &str, value: &str| metadata.insert(key.to_owned(), value.to_owned());
+        match self {
+            Self::InvalidName(_) => {
+                put("field", "name");
+            }
+            Self::InvalidVersion(invalid) => {
+                put("field", invalid.field);
+            }
+            Self::Malformed { name, source, .. } => {
+                put("secret_name", name);
+                if let Some(field) = source.field {
+                    put("field", field);
+                }
+            }
+            Self::Store(
+                StoreError::NotFound { name }
+                | StoreError::Deleted { name }
+                | StoreError::AccessDenied { name },
+            ) => {
+                put("secret_name", name);
+            }
+            Self::Store(_) => {}
+        }
+        metadata
+    }
+
+    /// The per-item form used by BatchGetSecrets.
+    pub fn to_secret_error(&self) -> SecretError {
+        let (code, reason) = self.code_and_reason();
+        SecretError {
+            code: code as u32,
+            reason: reason.to_owned(),
+            message: self.to_string(),
+        }
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(error: ApiError) -> Self {
+        let (code, reason) = error.code_and_reason();
+        let details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, error.metadata());
+        Status::with_error_details(code, error.to_string(), details)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_carry_code_reason_and_field() {
+        let error = ApiError::Malformed {
+            name: "insurecove/production/jwt".into(),
+            kind: "a JWT config",
+            source: Malformed {
+                field: Some("jwt_issuer"),
+                rule: "is missing",
+            },
+        };
+        let status = Status::from(error);
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "MALFORMED_SECRET");
+        assert_eq!(info.domain, ERROR_DOMAIN);
+        assert_eq!(info.metadata["field"], "jwt_issuer");
+        assert_eq!(info.metadata["secret_name"], "insurecove/production/jwt");
+        assert_eq!(
+            status.message(),
+            "secret insurecove/production/jwt cannot be read as a JWT config: field jwt_issuer is missing"
+        );
+    }
+
+    #[test]
+    fn store_errors_map_as_designed() {
+        let name = || "insurecove/x".to_owned();
+        let cases = [
+            (
+                StoreError::NotFound { name: name() },
+                Code::NotFound,
+                "SECRET_NOT_FOUND",
+            ),
+            (
+                StoreError::Deleted { name: name() },
+                Code::NotFound,
+                "SECRET_DELETED",
+            ),
+            (
+                StoreError::AccessDenied { name: name() },
+                Code::PermissionDenied,
+                "ACCESS_DENIED",
+            ),
+            (
+                StoreError::Throttled,
+                Code::ResourceExhausted,
+                "UPSTREAM_THROTTLED",
+            ),
+            (
+                StoreError::Unavailable {
+                    detail: "timeout".into(),
+                },
+                Code::Unavailable,
+                "UPSTREAM_UNAVAILABLE",
+            ),
+        ];
+        for (store, code, reason) in cases {
+            let item = ApiError::from(store.clone()).to_secret_error();
+            assert_eq!((item.code, item.reason.as_str()), (code as u32, reason));
+            let status = Status::from(ApiError::from(store));
+            assert_eq!(status.code(), code);
+            assert_eq!(status.get_details_error_info().unwrap().reason, reason);
+        }
+    }
+
+    #[test]
+    fn invalid_names_name_the_field() {
+        let status = Status::from(ApiError::from(InvalidName::Empty));
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "INVALID_SECRET_NAME");
+        assert_eq!(info.metadata["field"], "name");
+    }
+}

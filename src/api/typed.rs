@@ -1,0 +1,309 @@
+//! Typed configs: JSON secrets decoded and validated into the contract's
+//! `JwtConfig`, `DatabaseConfig`, `AwsServicesConfig` and `SecurityConfig`.
+//!
+//! Fields are read one by one rather than through a derived `Deserialize`,
+//! so that every failure names the field and the rule it broke, and so that
+//! no error ever carries a piece of the value (serde's messages quote the
+//! offending input).
+
+use serde_json::{Map, Value};
+
+use crate::{
+    proto::{AwsServicesConfig, DatabaseConfig, JwtConfig, SecurityConfig},
+    secret::SecretValue,
+};
+
+/// Why a secret could not be read as a typed config.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", self.describe())]
+pub struct Malformed {
+    /// The field at fault; `None` when the secret as a whole is unusable.
+    pub field: Option<&'static str>,
+    /// The rule it broke, e.g. "must be a whole number greater than 0".
+    pub rule: &'static str,
+}
+
+impl Malformed {
+    fn whole(rule: &'static str) -> Self {
+        Self { field: None, rule }
+    }
+
+    fn field(field: &'static str, rule: &'static str) -> Self {
+        Self {
+            field: Some(field),
+            rule,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self.field {
+            Some(field) => format!("field {field} {}", self.rule),
+            None => format!("the secret {}", self.rule),
+        }
+    }
+}
+
+/// A JSON object's fields, read with the rules of the typed configs.
+struct Fields(Map<String, Value>);
+
+impl Fields {
+    fn parse(value: &SecretValue) -> Result<Self, Malformed> {
+        let text = value
+            .as_text()
+            .ok_or(Malformed::whole("is binary, not a JSON object"))?;
+        match serde_json::from_str(text) {
+            Ok(Value::Object(map)) => Ok(Self(map)),
+            _ => Err(Malformed::whole("is not a JSON object")),
+        }
+    }
+
+    fn get(&self, field: &'static str) -> Result<&Value, Malformed> {
+        match self.0.get(field) {
+            None | Some(Value::Null) => Err(Malformed::field(field, "is missing")),
+            Some(value) => Ok(value),
+        }
+    }
+
+    /// A non-empty string.
+    fn text(&self, field: &'static str) -> Result<String, Malformed> {
+        match self.get(field)? {
+            Value::String(s) if !s.trim().is_empty() => Ok(s.clone()),
+            Value::String(_) => Err(Malformed::field(field, "is empty")),
+            _ => Err(Malformed::field(field, "must be a string")),
+        }
+    }
+
+    /// A JSON integer from 1 to u32::MAX (a quoted number is refused: the
+    /// Python class's consumers relied on the type being right).
+    fn positive(&self, field: &'static str) -> Result<u32, Malformed> {
+        const RULE: &str = "must be a whole number greater than 0";
+        let number = self
+            .get(field)?
+            .as_u64()
+            .ok_or(Malformed::field(field, RULE))?;
+        match u32::try_from(number) {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(Malformed::field(field, RULE)),
+        }
+    }
+
+    /// An absolute http(s) URL.
+    fn url(&self, field: &'static str) -> Result<String, Malformed> {
+        let text = self.text(field)?;
+        match url::Url::parse(&text) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => Ok(text),
+            _ => Err(Malformed::field(field, "must be an absolute http(s) URL")),
+        }
+    }
+
+    /// A list of strings, given as a JSON list or a comma-separated string;
+    /// items are trimmed and empty ones dropped.
+    fn list(&self, field: &'static str) -> Result<Vec<String>, Malformed> {
+        const RULE: &str = "must be a list of strings or a comma-separated string";
+        let items: Vec<&str> = match self.get(field)? {
+            Value::String(joined) => joined.split(',').collect(),
+            Value::Array(values) => values
+                .iter()
+                .map(|v| v.as_str().ok_or(Malformed::field(field, RULE)))
+                .collect::<Result<_, _>>()?,
+            _ => return Err(Malformed::field(field, RULE)),
+        };
+        Ok(items
+            .into_iter()
+            .map(str::trim)
+            .filter(|item| !item.is_empty())
+            .map(str::to_owned)
+            .collect())
+    }
+}
+
+pub fn jwt_config(value: &SecretValue) -> Result<JwtConfig, Malformed> {
+    let fields = Fields::parse(value)?;
+    Ok(JwtConfig {
+        jwt_secret_key: fields.text("jwt_secret_key")?,
+        jwt_algorithm: fields.text("jwt_algorithm")?,
+        jwt_issuer: fields.text("jwt_issuer")?,
+        jwt_audience: fields.text("jwt_audience")?,
+        jwt_access_token_expire_minutes: fields.positive("jwt_access_token_expire_minutes")?,
+    })
+}
+
+pub fn database_config(value: &SecretValue) -> Result<DatabaseConfig, Malformed> {
+    let fields = Fields::parse(value)?;
+    Ok(DatabaseConfig {
+        supabase_url: fields.url("supabase_url")?,
+        supabase_anon_key: fields.text("supabase_anon_key")?,
+        supabase_service_key: fields.text("supabase_service_key")?,
+        database_password: fields.text("database_password")?,
+    })
+}
+
+pub fn aws_services_config(value: &SecretValue) -> Result<AwsServicesConfig, Malformed> {
+    let fields = Fields::parse(value)?;
+    Ok(AwsServicesConfig {
+        aws_ses_region: fields.text("aws_ses_region")?,
+        aws_end_user_messaging_region: fields.text("aws_end_user_messaging_region")?,
+        s3_bucket_name: fields.text("s3_bucket_name")?,
+        max_file_size_mb: fields.positive("max_file_size_mb")?,
+    })
+}
+
+pub fn security_config(value: &SecretValue) -> Result<SecurityConfig, Malformed> {
+    let fields = Fields::parse(value)?;
+    Ok(SecurityConfig {
+        encryption_key: fields.text("encryption_key")?,
+        encryption_salt: fields.text("encryption_salt")?,
+        allowed_hosts: fields.list("allowed_hosts")?,
+        cors_origins: fields.list("cors_origins")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(value: serde_json::Value) -> SecretValue {
+        SecretValue::text(value.to_string())
+    }
+
+    fn jwt(overrides: serde_json::Value) -> Result<JwtConfig, Malformed> {
+        let mut base = serde_json::json!({
+            "jwt_secret_key": "k-SECRET", "jwt_algorithm": "HS256", "jwt_issuer": "i",
+            "jwt_audience": "a", "jwt_access_token_expire_minutes": 30
+        });
+        for (k, v) in overrides.as_object().unwrap() {
+            if v.is_null() {
+                base.as_object_mut().unwrap().remove(k);
+            } else {
+                base[k] = v.clone();
+            }
+        }
+        jwt_config(&json(base))
+    }
+
+    #[test]
+    fn a_good_jwt_config_decodes() {
+        let config = jwt(serde_json::json!({})).unwrap();
+        assert_eq!(config.jwt_access_token_expire_minutes, 30);
+        assert_eq!(config.jwt_secret_key, "k-SECRET");
+    }
+
+    #[test]
+    fn each_broken_rule_names_its_field() {
+        let cases = [
+            (
+                serde_json::json!({"jwt_issuer": null}),
+                "jwt_issuer",
+                "is missing",
+            ),
+            (
+                serde_json::json!({"jwt_issuer": ""}),
+                "jwt_issuer",
+                "is empty",
+            ),
+            (
+                serde_json::json!({"jwt_audience": 5}),
+                "jwt_audience",
+                "must be a string",
+            ),
+            (
+                serde_json::json!({"jwt_access_token_expire_minutes": 0}),
+                "jwt_access_token_expire_minutes",
+                "greater than 0",
+            ),
+            (
+                serde_json::json!({"jwt_access_token_expire_minutes": "30"}),
+                "jwt_access_token_expire_minutes",
+                "greater than 0",
+            ),
+            (
+                serde_json::json!({"jwt_access_token_expire_minutes": 1.5}),
+                "jwt_access_token_expire_minutes",
+                "greater than 0",
+            ),
+        ];
+        for (overrides, field, rule) in cases {
+            let err = jwt(overrides).unwrap_err();
+            assert_eq!(err.field, Some(field));
+            assert!(err.to_string().contains(rule), "{err}");
+        }
+    }
+
+    #[test]
+    fn non_json_and_binary_secrets_are_malformed_as_a_whole() {
+        let err = jwt_config(&SecretValue::text("plain-SECRET-text")).unwrap_err();
+        assert_eq!(err.field, None);
+        assert!(!err.to_string().contains("SECRET"));
+        let err = security_config(&json(serde_json::json!(["a"]))).unwrap_err();
+        assert_eq!(err, Malformed::whole("is not a JSON object"));
+        let err = database_config(&SecretValue::binary(b"{}".to_vec())).unwrap_err();
+        assert_eq!(err.field, None);
+    }
+
+    #[test]
+    fn max_file_size_must_be_a_positive_integer() {
+        let config = |size: serde_json::Value| {
+            aws_services_config(&json(serde_json::json!({
+                "aws_ses_region": "r", "aws_end_user_messaging_region": "r",
+                "s3_bucket_name": "b", "max_file_size_mb": size
+            })))
+        };
+        assert_eq!(config(serde_json::json!(25)).unwrap().max_file_size_mb, 25);
+        for bad in [
+            serde_json::json!(-1),
+            serde_json::json!("10"),
+            serde_json::json!(0),
+            serde_json::json!(5_000_000_000u64),
+        ] {
+            assert_eq!(config(bad).unwrap_err().field, Some("max_file_size_mb"));
+        }
+    }
+
+    #[test]
+    fn supabase_url_must_be_a_url() {
+        let config = |url: &str| {
+            database_config(&json(serde_json::json!({
+                "supabase_url": url, "supabase_anon_key": "a",
+                "supabase_service_key": "s", "database_password": "p"
+            })))
+        };
+        assert!(config("https://x.supabase.co").is_ok());
+        for bad in [
+            "not a url",
+            "x.supabase.co",
+            "mailto:a@b.c",
+            "file:///etc/passwd",
+        ] {
+            assert_eq!(
+                config(bad).unwrap_err().field,
+                Some("supabase_url"),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn lists_come_from_json_lists_or_comma_strings() {
+        let config = |hosts: serde_json::Value| {
+            security_config(&json(serde_json::json!({
+                "encryption_key": "k", "encryption_salt": "s",
+                "allowed_hosts": hosts, "cors_origins": ["https://a", " https://b "]
+            })))
+        };
+        let from_string = config(serde_json::json!("a.com, b.com,,")).unwrap();
+        assert_eq!(from_string.allowed_hosts, ["a.com", "b.com"]);
+        assert_eq!(from_string.cors_origins, ["https://a", "https://b"]);
+        assert_eq!(
+            config(serde_json::json!(["x"])).unwrap().allowed_hosts,
+            ["x"]
+        );
+        assert_eq!(
+            config(serde_json::json!([1])).unwrap_err().field,
+            Some("allowed_hosts")
+        );
+        assert_eq!(
+            config(serde_json::json!(7)).unwrap_err().field,
+            Some("allowed_hosts")
+        );
+    }
+}

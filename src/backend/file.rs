@@ -1,0 +1,527 @@
+//! The embedded file backend: secrets from a JSON or TOML file, for
+//! development and tests without an AWS account.
+//!
+//! The file lists secrets, each with one or more versions:
+//!
+//! ```json
+//! { "secrets": [ { "name": "production/jwt",
+//!                  "versions": [ { "value": "{...}" },
+//!                                { "value": "{...}", "stages": ["AWSCURRENT"] } ] } ] }
+//! ```
+//!
+//! Names are resolved like request names (relative to the prefix). A version
+//! holds `value` (text) or `binary_base64`; `version_id` defaults to a fresh
+//! UUID; without explicit `stages` anywhere in a secret, its last version is
+//! AWSCURRENT and the one before AWSPREVIOUS, as AWS does after a rotation.
+//! `"deleted": true` marks a secret for deletion. `serve --dev` uses a copy
+//! of the guide's five secrets with fake values, built into the binary.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+    time::SystemTime,
+};
+
+use async_trait::async_trait;
+use base64::Engine;
+use serde::Deserialize;
+
+use super::{SecretDescription, SecretStore, StoreError, VersionSelector};
+use crate::{
+    names::{InvalidName, NameResolver},
+    secret::{SecretValue, SecretVersion},
+};
+
+/// The dev seed: the guide's five secrets with obviously fake values.
+const DEV_SEED: &str = include_str!("dev_secrets.json");
+
+/// Why a secrets file could not be used. Never quotes the file's content:
+/// a parse error there could be in the middle of a secret value.
+#[derive(Debug, thiserror::Error)]
+pub enum FileStoreError {
+    #[error("cannot read secrets file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("secrets file {origin} is not valid {format} at line {line}, column {column} ({what})")]
+    Parse {
+        origin: String,
+        format: &'static str,
+        line: usize,
+        column: usize,
+        what: &'static str,
+    },
+    #[error("secrets file {origin}: secret #{index}: {source}")]
+    BadName {
+        origin: String,
+        index: usize,
+        source: InvalidName,
+    },
+    #[error("secrets file {origin}: secret {name}: {problem}")]
+    BadSecret {
+        origin: String,
+        name: String,
+        problem: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Document {
+    secrets: Vec<DocumentSecret>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DocumentSecret {
+    name: String,
+    #[serde(default)]
+    deleted: bool,
+    versions: Vec<DocumentVersion>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DocumentVersion {
+    version_id: Option<String>,
+    stages: Option<Vec<String>>,
+    value: Option<String>,
+    binary_base64: Option<String>,
+}
+
+#[derive(Debug)]
+struct StoredSecret {
+    deleted: bool,
+    versions: Vec<StoredVersion>,
+}
+
+#[derive(Debug)]
+struct StoredVersion {
+    id: String,
+    stages: Vec<String>,
+    created: SystemTime,
+    value: SecretValue,
+}
+
+/// The secrets of one file, by full name.
+type Secrets = HashMap<String, StoredSecret>;
+
+/// A `SecretStore` over a file's content, held in memory.
+pub struct FileStore {
+    origin: String,
+    secrets: RwLock<Arc<Secrets>>,
+}
+
+impl FileStore {
+    /// The dev backend: the guide's five secrets, fake values.
+    pub fn dev(resolver: &NameResolver) -> Result<Self, FileStoreError> {
+        Self::from_text("(built-in dev secrets)", DEV_SEED, Format::Json, resolver)
+    }
+
+    /// Reads a `.json` or `.toml` (by extension) secrets file.
+    pub fn open(path: &Path, resolver: &NameResolver) -> Result<Self, FileStoreError> {
+        let text = std::fs::read_to_string(path).map_err(|source| FileStoreError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let format = match path.extension().and_then(|e| e.to_str()) {
+            Some("toml") => Format::Toml,
+            _ => Format::Json,
+        };
+        Self::from_text(&path.display().to_string(), &text, format, resolver)
+    }
+
+    fn from_text(
+        origin: &str,
+        text: &str,
+        format: Format,
+        resolver: &NameResolver,
+    ) -> Result<Self, FileStoreError> {
+        let document = format.parse(origin, text)?;
+        let secrets = build_secrets(origin, document, resolver)?;
+        Ok(Self {
+            origin: origin.to_owned(),
+            secrets: RwLock::new(Arc::new(secrets)),
+        })
+    }
+
+    /// How many secrets the store holds.
+    pub fn len(&self) -> usize {
+        self.snapshot().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn snapshot(&self) -> Arc<Secrets> {
+        // A poisoned lock only means a panic elsewhere while swapping the
+        // map; the Arc inside is still whole.
+        Arc::clone(&self.secrets.read().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Format {
+    Json,
+    Toml,
+}
+
+impl Format {
+    fn parse(self, origin: &str, text: &str) -> Result<Document, FileStoreError> {
+        let parse_error = |format, (line, column), what| FileStoreError::Parse {
+            origin: origin.to_owned(),
+            format,
+            line,
+            column,
+            what,
+        };
+        match self {
+            Format::Json => serde_json::from_str(text).map_err(|e| {
+                let what = match e.classify() {
+                    serde_json::error::Category::Data => {
+                        "a field is missing, unknown or of the wrong type"
+                    }
+                    _ => "syntax error",
+                };
+                parse_error("JSON", (e.line(), e.column()), what)
+            }),
+            Format::Toml => toml::from_str(text).map_err(|e| {
+                let at = e
+                    .span()
+                    .map_or((0, 0), |span| line_and_column(text, span.start));
+                parse_error(
+                    "TOML",
+                    at,
+                    "syntax error, or a field missing, unknown or mistyped",
+                )
+            }),
+        }
+    }
+}
+
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
+
+fn build_secrets(
+    origin: &str,
+    document: Document,
+    resolver: &NameResolver,
+) -> Result<Secrets, FileStoreError> {
+    let loaded_at = SystemTime::now();
+    let mut secrets = Secrets::new();
+    for (index, secret) in document.secrets.into_iter().enumerate() {
+        let name = resolver
+            .resolve(&secret.name)
+            .map_err(|source| FileStoreError::BadName {
+                origin: origin.to_owned(),
+                index,
+                source,
+            })?;
+        let bad = |problem: &str| FileStoreError::BadSecret {
+            origin: origin.to_owned(),
+            name: name.clone(),
+            problem: problem.to_owned(),
+        };
+        let versions = build_versions(secret.versions, loaded_at).map_err(&bad)?;
+        if secrets.contains_key(&name) {
+            return Err(bad("listed twice"));
+        }
+        let stored = StoredSecret {
+            deleted: secret.deleted,
+            versions,
+        };
+        secrets.insert(name, stored);
+    }
+    Ok(secrets)
+}
+
+fn build_versions(
+    versions: Vec<DocumentVersion>,
+    created: SystemTime,
+) -> Result<Vec<StoredVersion>, &'static str> {
+    if versions.is_empty() {
+        return Err("has no versions");
+    }
+    let explicit_stages = versions.iter().any(|v| v.stages.is_some());
+    let count = versions.len();
+    let mut built = Vec::with_capacity(count);
+    for (index, version) in versions.into_iter().enumerate() {
+        let value = match (version.value, version.binary_base64) {
+            (Some(text), None) => SecretValue::text(text),
+            (None, Some(encoded)) => SecretValue::binary(
+                base64::engine::general_purpose::STANDARD
+                    .decode(encoded.trim())
+                    .map_err(|_| "a version's binary_base64 is not valid base64")?,
+            ),
+            _ => return Err("each version needs exactly one of value and binary_base64"),
+        };
+        let stages = match version.stages {
+            Some(stages) => stages,
+            None if explicit_stages => Vec::new(),
+            None => default_stages(index, count),
+        };
+        built.push(StoredVersion {
+            id: version
+                .version_id
+                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            stages,
+            created,
+            value,
+        });
+    }
+    check_unique(&built)?;
+    Ok(built)
+}
+
+/// Without explicit stages, a secret looks as AWS leaves it after rotations.
+fn default_stages(index: usize, count: usize) -> Vec<String> {
+    let stage = match count - index {
+        1 => "AWSCURRENT",
+        2 => "AWSPREVIOUS",
+        _ => return Vec::new(),
+    };
+    vec![stage.to_owned()]
+}
+
+/// AWS's invariants: version ids are unique, and a stage is on one version.
+fn check_unique(versions: &[StoredVersion]) -> Result<(), &'static str> {
+    for (i, version) in versions.iter().enumerate() {
+        let later = &versions[i + 1..];
+        if later.iter().any(|other| other.id == version.id) {
+            return Err("two versions have the same version_id");
+        }
+        if later
+            .iter()
+            .any(|other| other.stages.iter().any(|s| version.stages.contains(s)))
+        {
+            return Err("a stage is on more than one version");
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl SecretStore for FileStore {
+    async fn get_secret_value(
+        &self,
+        name: &str,
+        selector: &VersionSelector,
+    ) -> Result<SecretVersion, StoreError> {
+        let secrets = self.snapshot();
+        let secret = live_secret(&secrets, name)?;
+        let version = secret
+            .versions
+            .iter()
+            .find(|v| selector.matches(&v.id, &v.stages))
+            .ok_or_else(|| StoreError::NotFound {
+                name: name.to_owned(),
+            })?;
+        Ok(SecretVersion {
+            name: name.to_owned(),
+            arn: String::new(),
+            version_id: version.id.clone(),
+            version_stages: version.stages.clone(),
+            created_date: Some(version.created),
+            value: version.value.clone(),
+        })
+    }
+
+    async fn describe_secret(&self, name: &str) -> Result<SecretDescription, StoreError> {
+        let secrets = self.snapshot();
+        let secret = secrets.get(name).ok_or_else(|| StoreError::NotFound {
+            name: name.to_owned(),
+        })?;
+        Ok(SecretDescription {
+            name: name.to_owned(),
+            arn: String::new(),
+            versions: secret
+                .versions
+                .iter()
+                .filter(|v| !v.stages.is_empty())
+                .map(|v| (v.id.clone(), v.stages.clone()))
+                .collect(),
+            deleted: secret.deleted,
+        })
+    }
+
+    async fn check(&self) -> Result<String, StoreError> {
+        Ok(format!(
+            "file backend {} holds {} secrets",
+            self.origin,
+            self.len()
+        ))
+    }
+}
+
+fn live_secret<'a>(secrets: &'a Secrets, name: &str) -> Result<&'a StoredSecret, StoreError> {
+    match secrets.get(name) {
+        None => Err(StoreError::NotFound {
+            name: name.to_owned(),
+        }),
+        Some(secret) if secret.deleted => Err(StoreError::Deleted {
+            name: name.to_owned(),
+        }),
+        Some(secret) => Ok(secret),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolver() -> NameResolver {
+        NameResolver::new("insurecove", "production")
+    }
+
+    fn store(json: &str) -> FileStore {
+        FileStore::from_text("test", json, Format::Json, &resolver()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn dev_seed_holds_the_guides_five_secrets() {
+        let store = FileStore::dev(&resolver()).unwrap();
+        for name in [
+            "mistral-api-key",
+            "production/database",
+            "production/jwt",
+            "production/aws-services",
+            "production/security",
+        ] {
+            let full = format!("insurecove/{name}");
+            let version = store
+                .get_secret_value(&full, &VersionSelector::current())
+                .await
+                .unwrap();
+            assert_eq!(version.name, full);
+            assert_eq!(version.version_stages, ["AWSCURRENT"]);
+            assert!(!version.value.is_empty());
+        }
+        assert_eq!(store.len(), 5);
+    }
+
+    #[tokio::test]
+    async fn versions_get_aws_like_default_stages() {
+        let store = store(
+            r#"{"secrets":[{"name":"x","versions":[
+                {"value":"old","version_id":"v1"},{"value":"new","version_id":"v2"}]}]}"#,
+        );
+        let get = |selector| {
+            let store = &store;
+            async move {
+                store
+                    .get_secret_value("insurecove/x", &selector)
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(get(VersionSelector::current()).await.version_id, "v2");
+        let previous = get(VersionSelector::Stage("AWSPREVIOUS".into())).await;
+        assert_eq!(previous.value.as_text(), Some("old"));
+        let by_id = get(VersionSelector::Id {
+            id: "v1".into(),
+            stage: None,
+        })
+        .await;
+        assert_eq!(by_id.version_stages, ["AWSPREVIOUS"]);
+    }
+
+    #[tokio::test]
+    async fn binary_values_and_missing_and_deleted_secrets() {
+        let store = store(
+            r#"{"secrets":[{"name":"bin","versions":[{"binary_base64":"AAEC/w=="}]},
+                           {"name":"gone","deleted":true,"versions":[{"value":"v"}]}]}"#,
+        );
+        let bin = store
+            .get_secret_value("insurecove/bin", &VersionSelector::current())
+            .await
+            .unwrap();
+        assert_eq!(bin.value, SecretValue::binary(vec![0, 1, 2, 255]));
+        let current = VersionSelector::current();
+        assert!(matches!(
+            store.get_secret_value("insurecove/none", &current).await,
+            Err(StoreError::NotFound { .. })
+        ));
+        assert!(matches!(
+            store.get_secret_value("insurecove/gone", &current).await,
+            Err(StoreError::Deleted { .. })
+        ));
+        assert!(
+            store
+                .describe_secret("insurecove/gone")
+                .await
+                .unwrap()
+                .deleted
+        );
+    }
+
+    #[test]
+    fn toml_files_work_too() {
+        let text = r#"
+            [[secrets]]
+            name = "t"
+            [[secrets.versions]]
+            value = "from-toml"
+            stages = ["AWSCURRENT"]
+        "#;
+        let store = FileStore::from_text("t.toml", text, Format::Toml, &resolver()).unwrap();
+        assert_eq!(store.len(), 1);
+    }
+
+    #[test]
+    fn parse_errors_never_quote_the_file() {
+        let leaky = r#"{"secrets":[{"name":"x","versions":[{"value":123456789}]}]}"#;
+        let err = FileStore::from_text("f", leaky, Format::Json, &resolver())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(!err.contains("123456789"), "{err}");
+        assert!(err.contains("line 1"), "{err}");
+
+        let toml_leak = "[[secrets]]\nname = \"x\"\nversions = \"hunter2\"\n";
+        let err = FileStore::from_text("f", toml_leak, Format::Toml, &resolver())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn invalid_files_are_refused_with_the_reason() {
+        let cases = [
+            (
+                r#"{"secrets":[{"name":"a b","versions":[{"value":"v"}]}]}"#,
+                "contains ' '",
+            ),
+            (
+                r#"{"secrets":[{"name":"x","versions":[]}]}"#,
+                "has no versions",
+            ),
+            (
+                r#"{"secrets":[{"name":"x","versions":[{"value":"v","binary_base64":"AA=="}]}]}"#,
+                "exactly one of",
+            ),
+            (
+                r#"{"secrets":[{"name":"x","versions":[{"value":"a"}]},{"name":"x","versions":[{"value":"b"}]}]}"#,
+                "listed twice",
+            ),
+            (
+                r#"{"secrets":[{"name":"x","versions":[{"value":"a","stages":["AWSCURRENT"]},{"value":"b","stages":["AWSCURRENT"]}]}]}"#,
+                "more than one version",
+            ),
+        ];
+        for (text, expected) in cases {
+            let err = FileStore::from_text("f", text, Format::Json, &resolver())
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(err.contains(expected), "{err} should contain {expected}");
+        }
+    }
+}

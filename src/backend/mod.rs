@@ -1,0 +1,201 @@
+//! Where secrets come from: the `SecretStore` trait and its implementations.
+//!
+//! A store knows nothing of caching, gRPC or callers: it answers "this
+//! version of this secret" and "what versions does this secret have", and
+//! classifies its failures so that the cache above can tell a transient
+//! outage (serve stale) from a definite answer (never hide it).
+
+use async_trait::async_trait;
+
+use crate::secret::SecretVersion;
+
+pub mod file;
+
+pub use file::FileStore;
+
+/// The staging label of the current version.
+pub const AWSCURRENT: &str = "AWSCURRENT";
+
+/// Longest version id or staging label AWS accepts.
+const MAX_VERSION_FIELD_LEN: usize = 256;
+
+/// Which version of a secret to read.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum VersionSelector {
+    /// The version that carries this staging label.
+    Stage(String),
+    /// This exact version; when a stage is given too, the version must
+    /// carry it (as AWS checks).
+    Id { id: String, stage: Option<String> },
+}
+
+impl VersionSelector {
+    /// The current version.
+    pub fn current() -> Self {
+        Self::Stage(AWSCURRENT.to_owned())
+    }
+
+    /// Builds a selector from a request's `version_id` and `version_stage`
+    /// (either may be empty; both empty means the current version).
+    pub fn from_request(version_id: &str, version_stage: &str) -> Result<Self, InvalidVersion> {
+        check_version_field("version_id", version_id)?;
+        check_version_field("version_stage", version_stage)?;
+        let stage = (!version_stage.is_empty()).then(|| version_stage.to_owned());
+        Ok(if version_id.is_empty() {
+            Self::Stage(stage.unwrap_or_else(|| AWSCURRENT.to_owned()))
+        } else {
+            Self::Id {
+                id: version_id.to_owned(),
+                stage,
+            }
+        })
+    }
+
+    /// Whether a version with this id and these stages is the one selected.
+    pub fn matches(&self, version_id: &str, stages: &[String]) -> bool {
+        let has_stage = |wanted: &str| stages.iter().any(|s| s == wanted);
+        match self {
+            Self::Stage(stage) => has_stage(stage),
+            Self::Id { id, stage } => id == version_id && stage.as_deref().is_none_or(has_stage),
+        }
+    }
+}
+
+/// A `version_id` or `version_stage` that no store could accept.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{field} must be at most {MAX_VERSION_FIELD_LEN} characters of letters, digits, '-' and '_'"
+)]
+pub struct InvalidVersion {
+    pub field: &'static str,
+}
+
+fn check_version_field(field: &'static str, value: &str) -> Result<(), InvalidVersion> {
+    let valid = value.len() <= MAX_VERSION_FIELD_LEN
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if valid {
+        Ok(())
+    } else {
+        Err(InvalidVersion { field })
+    }
+}
+
+/// What a store knows of a secret without reading its value: cheap to ask,
+/// and enough to tell whether a cached version is still the current one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretDescription {
+    pub name: String,
+    pub arn: String,
+    /// Every version that carries at least one stage, with its stages.
+    pub versions: Vec<(String, Vec<String>)>,
+    /// Marked for deletion.
+    pub deleted: bool,
+}
+
+impl SecretDescription {
+    /// The id of the version a selector points at, if any.
+    pub fn selected_version(&self, selector: &VersionSelector) -> Option<&str> {
+        self.versions
+            .iter()
+            .find(|(id, stages)| selector.matches(id, stages))
+            .map(|(id, _)| id.as_str())
+    }
+}
+
+/// Why a store could not answer. Messages name secrets, never values.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("secret {name} was not found (or has no such version)")]
+    NotFound { name: String },
+    #[error("secret {name} is marked for deletion")]
+    Deleted { name: String },
+    #[error("access to secret {name} was denied upstream")]
+    AccessDenied { name: String },
+    #[error("the upstream throttled the request")]
+    Throttled,
+    #[error("the upstream is unavailable: {detail}")]
+    Unavailable { detail: String },
+    #[error("the upstream refused the request: {detail}")]
+    Rejected { detail: String },
+}
+
+impl StoreError {
+    /// A failure that says nothing about the secret itself (the upstream was
+    /// down, slow or busy): the last good value may be served instead.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Throttled | Self::Unavailable { .. })
+    }
+}
+
+/// A source of secrets. Implementations are shared by every caller.
+#[async_trait]
+pub trait SecretStore: Send + Sync + 'static {
+    /// Reads one version of one secret, value included.
+    async fn get_secret_value(
+        &self,
+        name: &str,
+        selector: &VersionSelector,
+    ) -> Result<SecretVersion, StoreError>;
+
+    /// Reads a secret's versions and state, without its value.
+    async fn describe_secret(&self, name: &str) -> Result<SecretDescription, StoreError>;
+
+    /// Makes the cheapest call that proves the store answers (the Python
+    /// class's `test_connection`), and says what it checked.
+    async fn check(&self) -> Result<String, StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_request_fields_select_the_current_version() {
+        assert_eq!(
+            VersionSelector::from_request("", "").unwrap(),
+            VersionSelector::current()
+        );
+        assert_eq!(
+            VersionSelector::from_request("", "AWSPREVIOUS").unwrap(),
+            VersionSelector::Stage("AWSPREVIOUS".into())
+        );
+        assert_eq!(
+            VersionSelector::from_request("abc-1", "").unwrap(),
+            VersionSelector::Id {
+                id: "abc-1".into(),
+                stage: None
+            }
+        );
+    }
+
+    #[test]
+    fn odd_version_fields_are_refused() {
+        assert_eq!(
+            VersionSelector::from_request("a b", ""),
+            Err(InvalidVersion {
+                field: "version_id"
+            })
+        );
+        assert_eq!(
+            VersionSelector::from_request("", &"S".repeat(257)),
+            Err(InvalidVersion {
+                field: "version_stage"
+            })
+        );
+    }
+
+    #[test]
+    fn id_selectors_check_the_stage_when_given() {
+        let stages = vec!["AWSPREVIOUS".to_owned()];
+        let by_id = |stage: Option<&str>| VersionSelector::Id {
+            id: "v1".into(),
+            stage: stage.map(str::to_owned),
+        };
+        assert!(by_id(None).matches("v1", &stages));
+        assert!(by_id(Some("AWSPREVIOUS")).matches("v1", &stages));
+        assert!(!by_id(Some("AWSCURRENT")).matches("v1", &stages));
+        assert!(!by_id(None).matches("v2", &stages));
+    }
+}

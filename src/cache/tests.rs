@@ -1,0 +1,322 @@
+//! The cache against a fake store that counts calls and fails on demand.
+//! Time is tokio's paused clock, so TTLs are crossed exactly.
+
+use std::sync::{
+    Mutex,
+    atomic::{AtomicUsize, Ordering::SeqCst},
+};
+
+use async_trait::async_trait;
+
+use super::*;
+use crate::{
+    backend::SecretDescription,
+    secret::{SecretValue, SecretVersion},
+};
+
+const TTL: Duration = Duration::from_secs(300);
+const MAX_STALE: Duration = Duration::from_secs(3600);
+
+/// One secret per name, whose current version the test can replace.
+#[derive(Default)]
+struct FakeStore {
+    versions: Mutex<std::collections::HashMap<String, String>>,
+    failure: Mutex<Option<StoreError>>,
+    calls: AtomicUsize,
+    /// How long each call takes (paused clock: advanced by the runtime).
+    delay: Mutex<Duration>,
+}
+
+impl FakeStore {
+    fn with(names: &[&str]) -> Arc<Self> {
+        let store = Self::default();
+        for name in names {
+            store.set(name, "v1");
+        }
+        Arc::new(store)
+    }
+
+    fn set(&self, name: &str, version_id: &str) {
+        self.versions
+            .lock()
+            .unwrap()
+            .insert(name.to_owned(), version_id.to_owned());
+    }
+
+    fn fail_with(&self, failure: Option<StoreError>) {
+        *self.failure.lock().unwrap() = failure;
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(SeqCst)
+    }
+}
+
+#[async_trait]
+impl SecretStore for FakeStore {
+    async fn get_secret_value(
+        &self,
+        name: &str,
+        _selector: &VersionSelector,
+    ) -> Result<SecretVersion, StoreError> {
+        self.calls.fetch_add(1, SeqCst);
+        let delay = *self.delay.lock().unwrap();
+        tokio::time::sleep(delay).await;
+        if let Some(failure) = self.failure.lock().unwrap().clone() {
+            return Err(failure);
+        }
+        let version_id = self.versions.lock().unwrap().get(name).cloned();
+        let version_id = version_id.ok_or_else(|| StoreError::NotFound {
+            name: name.to_owned(),
+        })?;
+        Ok(SecretVersion {
+            name: name.to_owned(),
+            arn: String::new(),
+            version_id: version_id.clone(),
+            version_stages: vec!["AWSCURRENT".into()],
+            created_date: None,
+            value: SecretValue::text(format!("value-of-{version_id}")),
+        })
+    }
+
+    async fn describe_secret(&self, name: &str) -> Result<SecretDescription, StoreError> {
+        Err(StoreError::NotFound {
+            name: name.to_owned(),
+        })
+    }
+
+    async fn check(&self) -> Result<String, StoreError> {
+        Ok("fake".into())
+    }
+}
+
+fn cache_over(store: &Arc<FakeStore>, max_entries: usize) -> Cache {
+    Cache::new(
+        Arc::clone(store) as Arc<dyn SecretStore>,
+        CacheSettings {
+            ttl: TTL,
+            max_entries,
+            max_stale: MAX_STALE,
+        },
+    )
+}
+
+fn key(name: &str) -> CacheKey {
+    CacheKey::new(name.to_owned(), VersionSelector::current())
+}
+
+async fn version_of(cache: &Cache, name: &str) -> String {
+    cache
+        .get(key(name), false)
+        .await
+        .unwrap()
+        .version
+        .version_id
+        .clone()
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_misses_make_one_upstream_call() {
+    let store = FakeStore::with(&["s"]);
+    *store.delay.lock().unwrap() = Duration::from_millis(50);
+    let cache = cache_over(&store, 100);
+
+    let burst = || {
+        futures::future::join_all((0..200).map(|_| {
+            let cache = cache.clone();
+            async move { cache.get(key("s"), false).await.unwrap() }
+        }))
+    };
+    let first = burst().await;
+    assert_eq!(store.calls(), 1);
+    assert!(first.iter().all(|lookup| lookup.version.version_id == "v1"));
+    let stats = cache.stats();
+    assert_eq!((stats.misses, stats.coalesced, stats.hits), (1, 199, 0));
+
+    let second = burst().await;
+    assert_eq!(
+        store.calls(),
+        1,
+        "a burst within the TTL is served from cache"
+    );
+    assert!(second.iter().all(|lookup| lookup.hit));
+    assert_eq!(cache.stats().hits, 200);
+    assert_eq!(cache.stats().upstream_calls, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn values_live_for_the_ttl_and_bypass_refreshes_for_everyone() {
+    let store = FakeStore::with(&["s"]);
+    let cache = cache_over(&store, 100);
+    assert_eq!(version_of(&cache, "s").await, "v1");
+
+    store.set("s", "v2");
+    tokio::time::advance(TTL / 2).await;
+    assert_eq!(version_of(&cache, "s").await, "v1", "cached within the TTL");
+
+    let bypassed = cache.get(key("s"), true).await.unwrap();
+    assert_eq!(bypassed.version.version_id, "v2");
+    assert!(!bypassed.hit);
+    let after = cache.get(key("s"), false).await.unwrap();
+    assert_eq!((after.version.version_id.as_str(), after.hit), ("v2", true));
+
+    store.set("s", "v3");
+    tokio::time::advance(TTL).await;
+    assert_eq!(version_of(&cache, "s").await, "v3", "re-read after the TTL");
+    assert_eq!(store.calls(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn transient_failures_serve_stale_within_the_bound() {
+    let store = FakeStore::with(&["s", "never-read"]);
+    let cache = cache_over(&store, 100);
+    version_of(&cache, "s").await;
+
+    store.fail_with(Some(StoreError::Unavailable {
+        detail: "connection refused".into(),
+    }));
+    tokio::time::advance(TTL + Duration::from_secs(1)).await;
+    let stale = cache.get(key("s"), false).await.unwrap();
+    assert!(stale.stale && stale.hit);
+    assert_eq!(stale.version.version_id, "v1");
+    assert_eq!(cache.stats().stale_served, 1);
+
+    let uncached = cache.get(key("never-read"), false).await;
+    assert!(matches!(uncached, Err(StoreError::Unavailable { .. })));
+
+    tokio::time::advance(MAX_STALE).await;
+    let too_old = cache.get(key("s"), false).await;
+    assert!(matches!(too_old, Err(StoreError::Unavailable { .. })));
+
+    store.fail_with(None);
+    let back = cache.get(key("s"), false).await.unwrap();
+    assert!(!back.stale && !back.hit);
+}
+
+#[tokio::test(start_paused = true)]
+async fn throttling_is_transient_too() {
+    let store = FakeStore::with(&["s"]);
+    let cache = cache_over(&store, 100);
+    version_of(&cache, "s").await;
+    store.fail_with(Some(StoreError::Throttled));
+    let stale = cache.get(key("s"), true).await.unwrap();
+    assert!(
+        stale.stale,
+        "a bypass read that fails transiently is marked stale"
+    );
+    assert_eq!(cache.stats().upstream_errors, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn definite_answers_are_never_hidden_and_drop_the_entry() {
+    for failure in [
+        StoreError::NotFound { name: "s".into() },
+        StoreError::Deleted { name: "s".into() },
+        StoreError::AccessDenied { name: "s".into() },
+    ] {
+        let store = FakeStore::with(&["s"]);
+        let cache = cache_over(&store, 100);
+        version_of(&cache, "s").await;
+        store.fail_with(Some(failure.clone()));
+        tokio::time::advance(TTL).await;
+        assert_eq!(cache.get(key("s"), false).await.unwrap_err(), failure);
+        assert_eq!(cache.stats().total_entries, 0);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_least_recently_used_entry_is_evicted() {
+    let store = FakeStore::with(&["a", "b", "c"]);
+    let cache = cache_over(&store, 2);
+    version_of(&cache, "a").await;
+    tokio::time::advance(Duration::from_millis(10)).await;
+    version_of(&cache, "b").await;
+    tokio::time::advance(Duration::from_millis(10)).await;
+    version_of(&cache, "a").await; // a is now used more recently than b
+    tokio::time::advance(Duration::from_millis(10)).await;
+    version_of(&cache, "c").await;
+
+    let stats = cache.stats();
+    assert_eq!((stats.total_entries, stats.evictions), (2, 1));
+    let calls = store.calls();
+    version_of(&cache, "a").await;
+    assert_eq!(store.calls(), calls, "a stayed cached");
+    version_of(&cache, "b").await;
+    assert_eq!(store.calls(), calls + 1, "b was evicted");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hit_near_expiry_refreshes_in_the_background() {
+    let store = FakeStore::with(&["s"]);
+    let cache = cache_over(&store, 100);
+    version_of(&cache, "s").await;
+    store.set("s", "v2");
+
+    tokio::time::advance(TTL - TTL / 20).await;
+    let near_expiry = cache.get(key("s"), false).await.unwrap();
+    assert!(near_expiry.hit);
+    assert_eq!(
+        near_expiry.version.version_id, "v1",
+        "the caller does not wait"
+    );
+    // Let the background refresh run.
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(store.calls(), 2);
+
+    tokio::time::advance(TTL / 10).await;
+    let renewed = cache.get(key("s"), false).await.unwrap();
+    assert_eq!(
+        (renewed.version.version_id.as_str(), renewed.hit),
+        ("v2", true),
+        "past the first TTL the renewed entry is served without a wait"
+    );
+    assert_eq!(store.calls(), 2, "one refresh, not one per hit");
+}
+
+#[tokio::test(start_paused = true)]
+async fn clear_drops_named_entries_or_all() {
+    let store = FakeStore::with(&["a", "b", "c"]);
+    let cache = cache_over(&store, 100);
+    for name in ["a", "b", "c"] {
+        version_of(&cache, name).await;
+    }
+    assert_eq!(cache.clear(&["a".into(), "zzz".into()]), 1);
+    assert_eq!(cache.stats().total_entries, 2);
+    assert_eq!(cache.clear(&[]), 2);
+    assert_eq!(cache.stats().total_entries, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn refresh_reports_whether_the_version_changed() {
+    let store = FakeStore::with(&["s"]);
+    let cache = cache_over(&store, 100);
+    version_of(&cache, "s").await;
+    let (_, changed) = cache.refresh(key("s")).await.unwrap();
+    assert!(!changed);
+    store.set("s", "v2");
+    let (version, changed) = cache.refresh(key("s")).await.unwrap();
+    assert!(changed);
+    assert_eq!(version.version_id, "v2");
+    assert_eq!(version_of(&cache, "s").await, "v2");
+}
+
+#[tokio::test(start_paused = true)]
+async fn stats_split_valid_and_expired_entries() {
+    let store = FakeStore::with(&["a", "b"]);
+    let cache = cache_over(&store, 100);
+    version_of(&cache, "a").await;
+    tokio::time::advance(TTL).await;
+    version_of(&cache, "b").await;
+    let stats = cache.stats();
+    assert_eq!(
+        (
+            stats.total_entries,
+            stats.valid_entries,
+            stats.expired_entries
+        ),
+        (2, 1, 1)
+    );
+    assert_eq!(stats.hit_ratio(), 0.0);
+    version_of(&cache, "b").await;
+    assert!((cache.stats().hit_ratio() - 1.0 / 3.0).abs() < 1e-9);
+}

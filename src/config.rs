@@ -1,0 +1,566 @@
+//! The broker's settings: command-line flags over environment variables over
+//! a TOML file over defaults, validated once at start.
+//!
+//! Every setting is read as text from the first source that has it and then
+//! parsed by one function, so an error names exactly where the bad value came
+//! from (`--cache-ttl`, `SECRET_CACHE_TTL`, or `cache_ttl in broker.toml`).
+//! Environment names and defaults are those of the Python class the broker
+//! replaces (`SECRET_PREFIX`, `SECRET_CACHE_TTL`, `AWS_DEFAULT_REGION`...).
+//! A `.env` file is loaded into the environment by `main` before this runs.
+
+use std::{
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use crate::cache::CacheSettings;
+
+/// The address the broker listens on by default.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+
+/// Flags shared by `serve` and `check`. Each overrides its environment
+/// variable, which overrides the config file.
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct BrokerArgs {
+    /// Run on the embedded dev backend (the guide's five secrets, fake
+    /// values), plaintext on loopback.
+    #[arg(long)]
+    pub dev: bool,
+    /// Address to listen on: HOST:PORT or unix:/path [env: BROKER_LISTEN] [default: 127.0.0.1:50051]
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// TOML config file [env: BROKER_CONFIG]
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Server certificate chain, PEM [env: BROKER_TLS_CERT]
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<String>,
+    /// Server private key, PEM [env: BROKER_TLS_KEY]
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<String>,
+    /// CA bundle that client certificates must chain to, PEM [env: BROKER_TLS_CLIENT_CA]
+    #[arg(long, value_name = "FILE")]
+    pub tls_client_ca: Option<String>,
+    /// Authorization policy, TOML [env: BROKER_POLICY]
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<String>,
+    /// Address of the Prometheus endpoint [env: BROKER_METRICS_LISTEN]
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
+    /// Environment used in typed configs' default names [env: SECRET_ENVIRONMENT] [default: production]
+    #[arg(long, value_name = "NAME")]
+    pub environment: Option<String>,
+    /// Prefix added to short secret names [env: SECRET_PREFIX] [default: insurecove]
+    #[arg(long, value_name = "PREFIX")]
+    pub secret_prefix: Option<String>,
+    /// Cache TTL, seconds or e.g. "5m" [env: SECRET_CACHE_TTL] [default: 300]
+    #[arg(long, value_name = "DURATION")]
+    pub cache_ttl: Option<String>,
+    /// Most entries the cache holds [env: SECRET_CACHE_MAX_ENTRIES] [default: 10000]
+    #[arg(long, value_name = "COUNT")]
+    pub cache_max_entries: Option<String>,
+    /// How long past its TTL a value may be served while the upstream fails [env: SECRET_CACHE_MAX_STALE] [default: 3600]
+    #[arg(long, value_name = "DURATION")]
+    pub cache_max_stale: Option<String>,
+    /// How often watched secrets are checked [env: SECRET_WATCH_INTERVAL] [default: 30]
+    #[arg(long, value_name = "DURATION")]
+    pub watch_interval: Option<String>,
+    /// AWS region [env: AWS_DEFAULT_REGION] [default: ap-east-1]
+    #[arg(long, value_name = "REGION")]
+    pub region: Option<String>,
+    /// Serve secrets from this JSON or TOML file instead of AWS [env: BROKER_SECRETS_FILE]
+    #[arg(long, value_name = "FILE")]
+    pub secrets_file: Option<String>,
+    /// Log level: DEBUG, INFO, WARNING, ERROR [env: LOG_LEVEL] [default: INFO]
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+}
+
+/// Where the broker listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl ListenAddr {
+    /// Loopback addresses and unix sockets cannot be reached from another
+    /// machine, so plaintext is acceptable there.
+    pub fn is_local(&self) -> bool {
+        match self {
+            Self::Tcp(addr) => addr.ip().is_loopback(),
+            Self::Unix(_) => true,
+        }
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp(addr) => write!(f, "{addr}"),
+            Self::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// The files of the server's TLS identity and of the CA client
+/// certificates must chain to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+}
+
+/// Where secrets come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// The embedded file backend: the dev seed, or a file.
+    File { path: Option<PathBuf> },
+    /// AWS Secrets Manager.
+    Aws { region: String },
+}
+
+/// Validated settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub dev: bool,
+    pub listen: ListenAddr,
+    pub tls: Option<TlsFiles>,
+    pub policy: Option<PathBuf>,
+    pub metrics_listen: Option<SocketAddr>,
+    pub environment: String,
+    pub secret_prefix: String,
+    pub cache: CacheSettings,
+    pub watch_interval: Duration,
+    pub backend: BackendChoice,
+    /// A `tracing` filter directive, e.g. `info`.
+    pub log_level: String,
+    /// The config file read, if any.
+    pub config_file: Option<PathBuf>,
+}
+
+/// A setting that could not be used; says where it came from and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{origin}: {problem}")]
+    Invalid { origin: Origin, problem: String },
+    #[error("cannot read config file {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    ParseFile { path: PathBuf, message: String },
+    #[error("config file {path}: unknown setting `{key}` (known: {known})")]
+    UnknownKey {
+        path: PathBuf,
+        key: String,
+        known: String,
+    },
+    #[error("{0}")]
+    Rule(String),
+}
+
+/// Where a setting's value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    Flag(&'static str),
+    Env(&'static str),
+    File { key: &'static str, path: PathBuf },
+    Default(&'static str),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Flag(flag) => write!(f, "--{flag}"),
+            Self::Env(var) => f.write_str(var),
+            Self::File { key, path } => write!(f, "{key} in {}", path.display()),
+            Self::Default(flag) => write!(f, "the default of --{flag}"),
+        }
+    }
+}
+
+/// One setting's names in each source (the file's key is the flag's name
+/// with underscores).
+struct Setting {
+    flag: &'static str,
+    env: &'static [&'static str],
+    key: &'static str,
+}
+
+const LISTEN: Setting = setting("listen", "listen", &["BROKER_LISTEN"]);
+const TLS_CERT: Setting = setting("tls-cert", "tls_cert", &["BROKER_TLS_CERT"]);
+const TLS_KEY: Setting = setting("tls-key", "tls_key", &["BROKER_TLS_KEY"]);
+const TLS_CLIENT_CA: Setting = setting("tls-client-ca", "tls_client_ca", &["BROKER_TLS_CLIENT_CA"]);
+const POLICY: Setting = setting("policy", "policy", &["BROKER_POLICY"]);
+const METRICS_LISTEN: Setting = setting(
+    "metrics-listen",
+    "metrics_listen",
+    &["BROKER_METRICS_LISTEN"],
+);
+const ENVIRONMENT: Setting = setting("environment", "environment", &["SECRET_ENVIRONMENT"]);
+const SECRET_PREFIX: Setting = setting("secret-prefix", "secret_prefix", &["SECRET_PREFIX"]);
+const CACHE_TTL: Setting = setting("cache-ttl", "cache_ttl", &["SECRET_CACHE_TTL"]);
+const CACHE_MAX_ENTRIES: Setting = setting(
+    "cache-max-entries",
+    "cache_max_entries",
+    &["SECRET_CACHE_MAX_ENTRIES"],
+);
+const CACHE_MAX_STALE: Setting = setting(
+    "cache-max-stale",
+    "cache_max_stale",
+    &["SECRET_CACHE_MAX_STALE"],
+);
+const WATCH_INTERVAL: Setting = setting(
+    "watch-interval",
+    "watch_interval",
+    &["SECRET_WATCH_INTERVAL"],
+);
+const REGION: Setting = setting("region", "region", &["AWS_DEFAULT_REGION", "AWS_REGION"]);
+const SECRETS_FILE: Setting = setting("secrets-file", "secrets_file", &["BROKER_SECRETS_FILE"]);
+const LOG_LEVEL: Setting = setting("log-level", "log_level", &["LOG_LEVEL"]);
+
+/// Every setting a config file may hold.
+const FILE_SETTINGS: &[&Setting] = &[
+    &LISTEN,
+    &TLS_CERT,
+    &TLS_KEY,
+    &TLS_CLIENT_CA,
+    &POLICY,
+    &METRICS_LISTEN,
+    &ENVIRONMENT,
+    &SECRET_PREFIX,
+    &CACHE_TTL,
+    &CACHE_MAX_ENTRIES,
+    &CACHE_MAX_STALE,
+    &WATCH_INTERVAL,
+    &REGION,
+    &SECRETS_FILE,
+    &LOG_LEVEL,
+];
+
+const fn setting(flag: &'static str, key: &'static str, env: &'static [&'static str]) -> Setting {
+    Setting { flag, env, key }
+}
+
+/// The sources below the flags.
+struct Sources<'a> {
+    env: &'a dyn Fn(&str) -> Option<String>,
+    file: Option<(PathBuf, toml::Table)>,
+}
+
+impl Sources<'_> {
+    /// The first value found: flag, then environment, then file.
+    fn find(&self, flag: Option<&str>, setting: &Setting) -> Option<(String, Origin)> {
+        if let Some(value) = flag {
+            return Some((value.to_owned(), Origin::Flag(setting.flag)));
+        }
+        for var in setting.env {
+            if let Some(value) = (self.env)(var).filter(|v| !v.is_empty()) {
+                return Some((value, Origin::Env(var)));
+            }
+        }
+        let (path, table) = self.file.as_ref()?;
+        let value = match table.get(setting.key)? {
+            toml::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        Some((
+            value,
+            Origin::File {
+                key: setting.key,
+                path: path.clone(),
+            },
+        ))
+    }
+
+    /// The setting parsed, or its default.
+    fn get<T>(
+        &self,
+        flag: Option<&str>,
+        setting: &Setting,
+        default: &str,
+        parse: fn(&str) -> Result<T, String>,
+    ) -> Result<T, ConfigError> {
+        let (value, origin) = self
+            .find(flag, setting)
+            .unwrap_or_else(|| (default.to_owned(), Origin::Default(setting.flag)));
+        parse(&value).map_err(|problem| ConfigError::Invalid { origin, problem })
+    }
+
+    /// The setting parsed, if any source has it.
+    fn optional<T>(
+        &self,
+        flag: Option<&str>,
+        setting: &Setting,
+        parse: fn(&str) -> Result<T, String>,
+    ) -> Result<Option<T>, ConfigError> {
+        self.find(flag, setting)
+            .map(|(value, origin)| {
+                parse(&value).map_err(|problem| ConfigError::Invalid { origin, problem })
+            })
+            .transpose()
+    }
+}
+
+impl Settings {
+    /// Resolves and validates the settings from the flags, an environment
+    /// lookup (`std::env::var` in the binary) and the config file it names.
+    pub fn resolve(
+        args: &BrokerArgs,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let config_file = args.config.clone().or_else(|| {
+            env("BROKER_CONFIG")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        });
+        let file = config_file
+            .as_deref()
+            .map(|path| read_config_file(path).map(|table| (path.to_owned(), table)))
+            .transpose()?;
+        let sources = Sources { env, file };
+        let flag = |value: &Option<String>| value.clone();
+
+        let listen = sources.get(
+            flag(&args.listen).as_deref(),
+            &LISTEN,
+            DEFAULT_LISTEN,
+            parse_listen,
+        )?;
+        let tls = resolve_tls(args, &sources)?;
+        let secrets_file = sources.optional(
+            flag(&args.secrets_file).as_deref(),
+            &SECRETS_FILE,
+            parse_path,
+        )?;
+        let backend = if args.dev || secrets_file.is_some() {
+            BackendChoice::File { path: secrets_file }
+        } else {
+            BackendChoice::Aws {
+                region: sources.get(
+                    flag(&args.region).as_deref(),
+                    &REGION,
+                    "ap-east-1",
+                    parse_word,
+                )?,
+            }
+        };
+        let settings = Settings {
+            dev: args.dev,
+            listen,
+            tls,
+            policy: sources.optional(flag(&args.policy).as_deref(), &POLICY, parse_path)?,
+            metrics_listen: sources.optional(
+                flag(&args.metrics_listen).as_deref(),
+                &METRICS_LISTEN,
+                parse_socket_addr,
+            )?,
+            environment: sources.get(
+                flag(&args.environment).as_deref(),
+                &ENVIRONMENT,
+                "production",
+                parse_name_part,
+            )?,
+            secret_prefix: sources.get(
+                flag(&args.secret_prefix).as_deref(),
+                &SECRET_PREFIX,
+                "insurecove",
+                parse_name_part,
+            )?,
+            cache: CacheSettings {
+                ttl: sources.get(
+                    flag(&args.cache_ttl).as_deref(),
+                    &CACHE_TTL,
+                    "300",
+                    parse_duration,
+                )?,
+                max_entries: sources.get(
+                    flag(&args.cache_max_entries).as_deref(),
+                    &CACHE_MAX_ENTRIES,
+                    "10000",
+                    parse_positive_count,
+                )?,
+                max_stale: sources.get(
+                    flag(&args.cache_max_stale).as_deref(),
+                    &CACHE_MAX_STALE,
+                    "3600",
+                    parse_duration,
+                )?,
+            },
+            watch_interval: sources.get(
+                flag(&args.watch_interval).as_deref(),
+                &WATCH_INTERVAL,
+                "30",
+                parse_watch_interval,
+            )?,
+            backend,
+            log_level: sources.get(
+                flag(&args.log_level).as_deref(),
+                &LOG_LEVEL,
+                "INFO",
+                parse_log_level,
+            )?,
+            config_file,
+        };
+        settings.check_rules()?;
+        Ok(settings)
+    }
+
+    /// Rules that involve more than one setting.
+    fn check_rules(&self) -> Result<(), ConfigError> {
+        if self.tls.is_none() && !self.listen.is_local() {
+            return Err(ConfigError::Rule(format!(
+                "refusing to listen on {} without TLS: plaintext is only allowed on a loopback \
+                 address or a unix socket; give --tls-cert, --tls-key and --tls-client-ca \
+                 (mutual TLS) to listen there",
+                self.listen
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn resolve_tls(args: &BrokerArgs, sources: &Sources<'_>) -> Result<Option<TlsFiles>, ConfigError> {
+    let cert = sources.optional(args.tls_cert.as_deref(), &TLS_CERT, parse_path)?;
+    let key = sources.optional(args.tls_key.as_deref(), &TLS_KEY, parse_path)?;
+    let client_ca = sources.optional(args.tls_client_ca.as_deref(), &TLS_CLIENT_CA, parse_path)?;
+    match (cert, key, client_ca) {
+        (None, None, None) => Ok(None),
+        (Some(cert), Some(key), Some(client_ca)) => Ok(Some(TlsFiles {
+            cert,
+            key,
+            client_ca,
+        })),
+        (cert, key, client_ca) => {
+            let missing: Vec<&str> = [
+                (cert.is_none(), "--tls-cert (BROKER_TLS_CERT)"),
+                (key.is_none(), "--tls-key (BROKER_TLS_KEY)"),
+                (
+                    client_ca.is_none(),
+                    "--tls-client-ca (BROKER_TLS_CLIENT_CA)",
+                ),
+            ]
+            .into_iter()
+            .filter_map(|(absent, name)| absent.then_some(name))
+            .collect();
+            Err(ConfigError::Rule(format!(
+                "mutual TLS needs a certificate, its key and a client CA; missing: {}",
+                missing.join(", ")
+            )))
+        }
+    }
+}
+
+fn read_config_file(path: &Path) -> Result<toml::Table, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+        path: path.to_owned(),
+        source,
+    })?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::ParseFile {
+        path: path.to_owned(),
+        message: e.message().to_owned(),
+    })?;
+    let known: Vec<&str> = FILE_SETTINGS.iter().map(|s| s.key).collect();
+    if let Some(key) = table.keys().find(|key| !known.contains(&key.as_str())) {
+        return Err(ConfigError::UnknownKey {
+            path: path.to_owned(),
+            key: key.clone(),
+            known: known.join(", "),
+        });
+    }
+    Ok(table)
+}
+
+fn parse_listen(value: &str) -> Result<ListenAddr, String> {
+    match value.strip_prefix("unix:") {
+        Some("") => Err("a unix socket needs a path, e.g. unix:/run/secrets-broker.sock".into()),
+        Some(path) => Ok(ListenAddr::Unix(PathBuf::from(path))),
+        None => parse_socket_addr(value).map(ListenAddr::Tcp),
+    }
+}
+
+fn parse_socket_addr(value: &str) -> Result<SocketAddr, String> {
+    value.parse().map_err(|_| {
+        format!("{value:?} is not an address of the form HOST:PORT, e.g. 127.0.0.1:50051")
+    })
+}
+
+fn parse_path(value: &str) -> Result<PathBuf, String> {
+    Ok(PathBuf::from(value))
+}
+
+fn parse_word(value: &str) -> Result<String, String> {
+    let value = value.trim();
+    if value.is_empty() || value.contains(char::is_whitespace) {
+        return Err(format!("{value:?} must be one word"));
+    }
+    Ok(value.to_owned())
+}
+
+/// A prefix or environment: part of a secret name.
+fn parse_name_part(value: &str) -> Result<String, String> {
+    let value = value.trim().trim_matches('/');
+    let valid = !value.is_empty()
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/_+=.@-".contains(c));
+    if valid {
+        Ok(value.to_owned())
+    } else {
+        Err(format!(
+            "{value:?} must be letters, digits and /_+=.@- (it becomes part of secret names)"
+        ))
+    }
+}
+
+/// Whole seconds (the guide's form: "300"), or a unit: "5m", "90s", "1h".
+fn parse_duration(value: &str) -> Result<Duration, String> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Ok(Duration::from_secs(seconds));
+    }
+    humantime::parse_duration(value)
+        .map_err(|_| format!("{value:?} is not a duration: give seconds (e.g. 300) or e.g. 5m"))
+}
+
+fn parse_watch_interval(value: &str) -> Result<Duration, String> {
+    let interval = parse_duration(value)?;
+    if interval < Duration::from_secs(1) {
+        return Err(format!(
+            "{value:?} is too short: the watch interval is at least 1 second"
+        ));
+    }
+    Ok(interval)
+}
+
+fn parse_positive_count(value: &str) -> Result<usize, String> {
+    match value.trim().parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("{value:?} is not a whole number greater than 0")),
+    }
+}
+
+/// The guide's level names (Python's) as `tracing` levels.
+fn parse_log_level(value: &str) -> Result<String, String> {
+    let level = match value.trim().to_ascii_uppercase().as_str() {
+        "TRACE" => "trace",
+        "DEBUG" => "debug",
+        "INFO" => "info",
+        "WARN" | "WARNING" => "warn",
+        "ERROR" | "CRITICAL" => "error",
+        _ => {
+            return Err(format!(
+                "{value:?} is not a log level: use DEBUG, INFO, WARNING or ERROR"
+            ));
+        }
+    };
+    Ok(level.to_owned())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,174 @@
+use std::collections::HashMap;
+
+use super::*;
+
+fn resolve(args: &BrokerArgs, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+    let env: HashMap<String, String> = env
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    Settings::resolve(args, &move |name| env.get(name).cloned())
+}
+
+fn dev() -> BrokerArgs {
+    BrokerArgs {
+        dev: true,
+        ..BrokerArgs::default()
+    }
+}
+
+fn config_file(text: &str) -> tempfile::NamedTempFile {
+    let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    std::fs::write(file.path(), text).unwrap();
+    file
+}
+
+#[test]
+fn defaults_are_the_guides() {
+    let settings = resolve(&BrokerArgs::default(), &[]).unwrap();
+    assert_eq!(
+        settings.listen,
+        ListenAddr::Tcp("127.0.0.1:50051".parse().unwrap())
+    );
+    assert_eq!(settings.secret_prefix, "insurecove");
+    assert_eq!(settings.environment, "production");
+    assert_eq!(settings.cache.ttl, Duration::from_secs(300));
+    assert_eq!(settings.cache.max_entries, 10_000);
+    assert_eq!(settings.cache.max_stale, Duration::from_secs(3600));
+    assert_eq!(settings.watch_interval, Duration::from_secs(30));
+    assert_eq!(settings.log_level, "info");
+    assert_eq!(
+        settings.backend,
+        BackendChoice::Aws {
+            region: "ap-east-1".into()
+        }
+    );
+    assert_eq!(settings.tls, None);
+}
+
+#[test]
+fn flags_beat_env_which_beats_the_file() {
+    let file =
+        config_file("cache_ttl = 10\nsecret_prefix = \"from-file\"\nenvironment = \"staging\"\n");
+    let path = file.path().to_str().unwrap();
+    let env = [
+        ("BROKER_CONFIG", path),
+        ("SECRET_CACHE_TTL", "20"),
+        ("SECRET_PREFIX", "from-env"),
+    ];
+    let mut args = dev();
+    args.secret_prefix = Some("from-flag".into());
+    let settings = resolve(&args, &env).unwrap();
+    assert_eq!(settings.secret_prefix, "from-flag");
+    assert_eq!(settings.cache.ttl, Duration::from_secs(20));
+    assert_eq!(settings.environment, "staging");
+    assert_eq!(settings.config_file.as_deref(), Some(file.path()));
+}
+
+#[test]
+fn errors_name_where_the_value_came_from() {
+    let err = resolve(&dev(), &[("SECRET_CACHE_TTL", "soon")]).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("SECRET_CACHE_TTL: \"soon\" is not a duration"),
+        "{err}"
+    );
+
+    let mut args = dev();
+    args.cache_max_entries = Some("0".into());
+    let err = resolve(&args, &[]).unwrap_err().to_string();
+    assert!(err.starts_with("--cache-max-entries:"), "{err}");
+
+    let file = config_file("watch_interval = \"500ms\"\n");
+    let err = resolve(&dev(), &[("BROKER_CONFIG", file.path().to_str().unwrap())])
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("watch_interval in "), "{err}");
+    assert!(err.contains("at least 1 second"), "{err}");
+}
+
+#[test]
+fn unknown_file_keys_are_refused() {
+    let file = config_file("cache_tll = 5\n");
+    let err = resolve(&dev(), &[("BROKER_CONFIG", file.path().to_str().unwrap())])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("unknown setting `cache_tll`"), "{err}");
+}
+
+#[test]
+fn plaintext_is_refused_beyond_loopback() {
+    let mut args = dev();
+    args.listen = Some("0.0.0.0:50051".into());
+    let err = resolve(&args, &[]).unwrap_err().to_string();
+    assert!(err.contains("without TLS"), "{err}");
+
+    args.listen = Some("[::1]:50051".into());
+    assert!(resolve(&args, &[]).is_ok());
+    args.listen = Some("unix:/tmp/broker.sock".into());
+    assert_eq!(
+        resolve(&args, &[]).unwrap().listen,
+        ListenAddr::Unix("/tmp/broker.sock".into())
+    );
+}
+
+#[test]
+fn tls_needs_all_three_files() {
+    let mut args = dev();
+    args.tls_cert = Some("cert.pem".into());
+    let err = resolve(&args, &[("BROKER_TLS_KEY", "key.pem")])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("missing: --tls-client-ca"), "{err}");
+    assert!(!err.contains("--tls-key ("), "{err}");
+
+    args.listen = Some("0.0.0.0:50051".into());
+    let settings = resolve(
+        &args,
+        &[
+            ("BROKER_TLS_KEY", "key.pem"),
+            ("BROKER_TLS_CLIENT_CA", "ca.pem"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(settings.tls.unwrap().client_ca, PathBuf::from("ca.pem"));
+}
+
+#[test]
+fn values_in_other_forms() {
+    let settings = resolve(
+        &dev(),
+        &[
+            ("SECRET_CACHE_TTL", "5m"),
+            ("LOG_LEVEL", "WARNING"),
+            ("AWS_DEFAULT_REGION", "eu-west-1"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(settings.cache.ttl, Duration::from_secs(300));
+    assert_eq!(settings.log_level, "warn");
+    assert_eq!(settings.backend, BackendChoice::File { path: None });
+
+    let aws = resolve(&BrokerArgs::default(), &[("AWS_REGION", "us-east-2")]).unwrap();
+    assert_eq!(
+        aws.backend,
+        BackendChoice::Aws {
+            region: "us-east-2".into()
+        }
+    );
+    let err = resolve(&dev(), &[("LOG_LEVEL", "loud")])
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("LOG_LEVEL:"), "{err}");
+}
+
+#[test]
+fn a_secrets_file_selects_the_file_backend() {
+    let settings = resolve(&BrokerArgs::default(), &[("BROKER_SECRETS_FILE", "s.json")]).unwrap();
+    assert_eq!(
+        settings.backend,
+        BackendChoice::File {
+            path: Some("s.json".into())
+        }
+    );
+}

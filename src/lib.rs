@@ -1,0 +1,27 @@
+//! secrets-broker: a gRPC secrets broker in front of AWS Secrets Manager.
+//!
+//! The crate follows the request's path: `server` (transport: listeners,
+//! health, reflection) → `api` (handlers, typed configs, the one mapping of
+//! errors to gRPC statuses) → `cache` (the shared cache) → `backend` (the
+//! `SecretStore` trait: AWS, or the embedded file backend). `config` turns
+//! flags, environment and a TOML file into validated `Settings`. Nothing
+//! below a layer knows about the layer above it.
+
+pub mod api;
+pub mod backend;
+pub mod cache;
+pub mod check;
+pub mod config;
+pub mod names;
+pub mod secret;
+pub mod server;
+pub mod telemetry;
+
+/// The code generated from `proto/secretsbroker/v1`.
+pub mod proto {
+    tonic::include_proto!("secretsbroker.v1");
+
+    /// The encoded descriptors of the contract, served by reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("secretsbroker_descriptor");
+}

@@ -1,0 +1,94 @@
+//! The `secrets-broker` command: parses the command line and wires the
+//! library's pieces together. Everything else lives in the library.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use secrets_broker::{
+    check,
+    config::{BrokerArgs, ListenAddr, Settings},
+    server, telemetry,
+};
+
+#[derive(Parser)]
+#[command(name = "secrets-broker", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker.
+    Serve(BrokerArgs),
+    /// Validate the configuration and test the upstream; exit 0 or 1.
+    Check(BrokerArgs),
+}
+
+fn main() -> ExitCode {
+    // Values already in the environment win over the .env file.
+    let _ = dotenvy::dotenv();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => return fail(&format!("cannot start the async runtime: {error}")),
+    };
+    match cli.command {
+        Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Check(args) => runtime.block_on(check(args)),
+    }
+}
+
+fn settings(args: &BrokerArgs) -> Result<Settings, String> {
+    Settings::resolve(args, &|name| std::env::var(name).ok())
+        .map_err(|error| format!("configuration error: {error}"))
+}
+
+async fn serve(args: BrokerArgs) -> ExitCode {
+    let settings = match settings(&args) {
+        Ok(settings) => settings,
+        Err(message) => return fail(&message),
+    };
+    telemetry::init(&settings.log_level);
+    let store = match server::open_store(&settings) {
+        Ok(store) => store,
+        Err(error) => return fail(&error.to_string()),
+    };
+    if settings.dev {
+        print_dev_hint(&settings.listen);
+    }
+    match server::serve(&settings, store, server::shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => fail(&error.to_string()),
+    }
+}
+
+async fn check(args: BrokerArgs) -> ExitCode {
+    let settings = match settings(&args) {
+        Ok(settings) => settings,
+        Err(message) => return fail(&message),
+    };
+    match check::run(&settings).await {
+        Ok(report) => {
+            for line in report {
+                println!("{line}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => fail(&format!("check failed: {error}")),
+    }
+}
+
+fn print_dev_hint(listen: &ListenAddr) {
+    println!("secrets-broker dev mode: built-in fake secrets, plaintext on {listen}");
+    if let ListenAddr::Tcp(addr) = listen {
+        println!(
+            "try: grpcurl -plaintext -d '{{\"name\":\"mistral-api-key\"}}' {addr} secretsbroker.v1.SecretsService/GetSecret"
+        );
+    }
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("secrets-broker: {message}");
+    ExitCode::FAILURE
+}

@@ -1,0 +1,91 @@
+//! The broker's in-memory form of a secret version.
+//!
+//! Values live in zeroizing buffers, so the memory is wiped when the last
+//! copy (the cache entry, an in-flight answer) is dropped, and `Debug` never
+//! prints them: a stray `{:?}` in a log line or a panic message shows
+//! `<redacted N bytes>` instead.
+
+use std::{fmt, time::SystemTime};
+
+use zeroize::Zeroizing;
+
+/// A secret's value: text (SecretString upstream) or bytes (SecretBinary).
+#[derive(Clone, PartialEq, Eq)]
+pub enum SecretValue {
+    Text(Zeroizing<String>),
+    Binary(Zeroizing<Vec<u8>>),
+}
+
+impl SecretValue {
+    pub fn text(value: impl Into<String>) -> Self {
+        Self::Text(Zeroizing::new(value.into()))
+    }
+
+    pub fn binary(value: impl Into<Vec<u8>>) -> Self {
+        Self::Binary(Zeroizing::new(value.into()))
+    }
+
+    /// The value as text, when it is text.
+    pub fn as_text(&self) -> Option<&str> {
+        match self {
+            Self::Text(text) => Some(text),
+            Self::Binary(_) => None,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Text(text) => text.len(),
+            Self::Binary(bytes) => bytes.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl fmt::Debug for SecretValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self {
+            Self::Text(_) => "Text",
+            Self::Binary(_) => "Binary",
+        };
+        write!(f, "{kind}(<redacted {} bytes>)", self.len())
+    }
+}
+
+/// One version of one secret: its metadata and its value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretVersion {
+    /// The full name (with prefix).
+    pub name: String,
+    /// The ARN upstream; empty where the backend has none.
+    pub arn: String,
+    pub version_id: String,
+    pub version_stages: Vec<String>,
+    pub created_date: Option<SystemTime>,
+    pub value: SecretValue,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_the_value() {
+        let version = SecretVersion {
+            name: "insurecove/x".into(),
+            arn: String::new(),
+            version_id: "v1".into(),
+            version_stages: vec!["AWSCURRENT".into()],
+            created_date: None,
+            value: SecretValue::text("hunter2-very-secret"),
+        };
+        let shown = format!("{version:?} {:?}", SecretValue::binary(vec![1, 2, 3]));
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("Text(<redacted 19 bytes>)"), "{shown}");
+        assert!(shown.contains("Binary(<redacted 3 bytes>)"), "{shown}");
+        assert!(shown.contains("insurecove/x"), "{shown}");
+    }
+}

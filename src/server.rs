@@ -1,0 +1,171 @@
+//! The transport: the tonic server with the broker's services, gRPC health,
+//! and server reflection (v1, and v1alpha for older grpcurl), on a TCP
+//! address or a unix socket, until a shutdown signal.
+
+use std::{future::Future, sync::Arc};
+
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::{Server, server::TcpIncoming};
+use tonic_health::server::HealthReporter;
+
+use crate::{
+    api::{AdminApi, ApiContext, SecretsApi},
+    backend::{FileStore, SecretStore, file::FileStoreError},
+    cache::Cache,
+    config::{BackendChoice, ListenAddr, Settings},
+    names::NameResolver,
+    proto::{
+        self, admin_service_server::AdminServiceServer,
+        secrets_service_server::SecretsServiceServer,
+    },
+};
+
+/// Why the broker could not start or stopped on an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Secrets(#[from] FileStoreError),
+    #[error("{0} is not available in this version of the broker yet")]
+    NotYetAvailable(&'static str),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("the server stopped: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Refuses settings whose feature this build does not have, rather than
+/// ignoring them: a policy that is silently not enforced is worse than none.
+pub fn ensure_supported(settings: &Settings) -> Result<(), ServeError> {
+    if settings.tls.is_some() {
+        return Err(ServeError::NotYetAvailable("mutual TLS (--tls-cert...)"));
+    }
+    if settings.policy.is_some() {
+        return Err(ServeError::NotYetAvailable(
+            "the authorization policy (--policy)",
+        ));
+    }
+    if settings.metrics_listen.is_some() {
+        return Err(ServeError::NotYetAvailable(
+            "the metrics endpoint (--metrics-listen)",
+        ));
+    }
+    if matches!(settings.backend, BackendChoice::Aws { .. }) {
+        return Err(ServeError::NotYetAvailable(
+            "the AWS backend (use --dev or --secrets-file)",
+        ));
+    }
+    Ok(())
+}
+
+/// The store the settings choose.
+pub fn open_store(settings: &Settings) -> Result<Arc<dyn SecretStore>, ServeError> {
+    ensure_supported(settings)?;
+    let names = name_resolver(settings);
+    match &settings.backend {
+        BackendChoice::File { path: Some(path) } => Ok(Arc::new(FileStore::open(path, &names)?)),
+        BackendChoice::File { path: None } => Ok(Arc::new(FileStore::dev(&names)?)),
+        BackendChoice::Aws { .. } => Err(ServeError::NotYetAvailable("the AWS backend")),
+    }
+}
+
+pub fn name_resolver(settings: &Settings) -> NameResolver {
+    NameResolver::new(&settings.secret_prefix, &settings.environment)
+}
+
+/// Serves until `shutdown` completes, then lets in-flight calls finish.
+pub async fn serve(
+    settings: &Settings,
+    store: Arc<dyn SecretStore>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let context = ApiContext {
+        cache: Cache::new(store, settings.cache),
+        names: name_resolver(settings),
+    };
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    mark_serving(&health_reporter).await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let router = Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(SecretsServiceServer::new(SecretsApi::new(context.clone())))
+        .add_service(AdminServiceServer::new(AdminApi::new(context)));
+
+    let listen_error = |source| ServeError::Listen {
+        addr: settings.listen.to_string(),
+        source,
+    };
+    match &settings.listen {
+        ListenAddr::Tcp(addr) => {
+            // Small unary answers must leave at once, not wait for Nagle.
+            let incoming = TcpIncoming::bind(*addr)
+                .map_err(listen_error)?
+                .with_nodelay(Some(true));
+            tracing::info!(addr = %settings.listen, "listening");
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await?;
+        }
+        ListenAddr::Unix(path) => {
+            remove_stale_socket(path).map_err(listen_error)?;
+            let listener = tokio::net::UnixListener::bind(path).map_err(listen_error)?;
+            tracing::info!(addr = %settings.listen, "listening");
+            router
+                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+                .await?;
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn mark_serving(reporter: &HealthReporter) {
+    reporter
+        .set_serving::<SecretsServiceServer<SecretsApi>>()
+        .await;
+    reporter.set_serving::<AdminServiceServer<AdminApi>>().await;
+}
+
+/// A socket file left by a broker that did not stop cleanly blocks `bind`;
+/// anything else at that path is left alone (bind then fails clearly).
+fn remove_stale_socket(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path),
+        _ => Ok(()),
+    }
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown requested; finishing calls in flight");
+}
