@@ -10,7 +10,7 @@ use tonic_health::server::HealthReporter;
 
 use crate::{
     api::{AdminApi, ApiContext, SecretsApi},
-    backend::{FileStore, SecretStore, file::FileStoreError},
+    backend::{AwsStore, FileStore, SecretStore, file::FileStoreError},
     cache::Cache,
     config::{BackendChoice, ListenAddr, Settings},
     names::NameResolver,
@@ -54,11 +54,6 @@ pub fn ensure_supported(settings: &Settings) -> Result<(), ServeError> {
             "the metrics endpoint (--metrics-listen)",
         ));
     }
-    if matches!(settings.backend, BackendChoice::Aws { .. }) {
-        return Err(ServeError::NotYetAvailable(
-            "the AWS backend (use --dev or --secrets-file)",
-        ));
-    }
     Ok(())
 }
 
@@ -69,7 +64,7 @@ pub fn open_store(settings: &Settings) -> Result<Arc<dyn SecretStore>, ServeErro
     match &settings.backend {
         BackendChoice::File { path: Some(path) } => Ok(Arc::new(FileStore::open(path, &names)?)),
         BackendChoice::File { path: None } => Ok(Arc::new(FileStore::dev(&names)?)),
-        BackendChoice::Aws { .. } => Err(ServeError::NotYetAvailable("the AWS backend")),
+        BackendChoice::Aws { region } => Ok(Arc::new(AwsStore::new(region))),
     }
 }
 
@@ -84,19 +79,19 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let context = ApiContext {
-        cache: Cache::new(store, settings.cache),
+        cache: Cache::new(Arc::clone(&store), settings.cache),
         names: name_resolver(settings),
     };
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     mark_serving(&health_reporter).await;
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    let upstream_watch = UpstreamHealth {
+        store,
+        reporter: health_reporter,
+        every: settings.watch_interval,
+    }
+    .spawn();
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let router = Server::builder()
         .add_service(health_service)
@@ -129,8 +124,70 @@ pub async fn serve(
                 .await?;
         }
     }
+    upstream_watch.abort();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Keeps the health status of `secretsbroker.v1.SecretsService` in step with
+/// the upstream: NOT_SERVING while the store does not answer its check, so
+/// that load balancers and probes can route around a broker cut off from
+/// AWS. (The overall "" status stays SERVING: the process is alive and may
+/// still serve cached values.)
+struct UpstreamHealth {
+    store: Arc<dyn SecretStore>,
+    reporter: HealthReporter,
+    every: std::time::Duration,
+}
+
+impl UpstreamHealth {
+    fn spawn(self) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(self.every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut was_up = true;
+            loop {
+                ticks.tick().await;
+                let up = match self.store.check().await {
+                    Ok(_) => true,
+                    Err(error) => {
+                        if was_up {
+                            tracing::warn!(%error, "upstream check failed");
+                        }
+                        false
+                    }
+                };
+                if up != was_up {
+                    self.report(up).await;
+                    if up {
+                        tracing::info!("upstream check succeeds again");
+                    }
+                    was_up = up;
+                }
+            }
+        })
+    }
+
+    async fn report(&self, up: bool) {
+        if up {
+            self.reporter
+                .set_serving::<SecretsServiceServer<SecretsApi>>()
+                .await;
+        } else {
+            self.reporter
+                .set_not_serving::<SecretsServiceServer<SecretsApi>>()
+                .await;
+        }
+    }
+}
+
+/// Reflection knows the contract, health, and `google.rpc` error details,
+/// so that grpcurl can decode the ErrorInfo of an error too.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
 }
 
 async fn mark_serving(reporter: &HealthReporter) {

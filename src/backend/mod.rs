@@ -9,8 +9,10 @@ use async_trait::async_trait;
 
 use crate::secret::SecretVersion;
 
+pub mod aws;
 pub mod file;
 
+pub use aws::AwsStore;
 pub use file::FileStore;
 
 /// The staging label of the current version.
