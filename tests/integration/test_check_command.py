@@ -1,0 +1,45 @@
+"""`secrets-broker check`: validates the configuration, exits 0 or 1."""
+
+from __future__ import annotations
+
+import re
+
+
+def output(proc) -> str:
+    return proc.stdout + proc.stderr
+
+
+def test_check_dev_ok(run_cli):
+    proc = run_cli("check", "--dev")
+    assert proc.returncode == 0, output(proc)
+    assert any(re.search(r"\bok\b", line, re.I) for line in output(proc).splitlines()), output(proc)
+
+
+def test_check_plaintext_off_loopback_needs_tls(run_cli):
+    proc = run_cli("check", "--dev", "--listen", "0.0.0.0:50051")
+    assert proc.returncode == 1, output(proc)
+    assert "TLS" in output(proc), output(proc)
+
+
+def test_check_plaintext_off_loopback_from_env(run_cli):
+    proc = run_cli("check", "--dev", env={"BROKER_LISTEN": "0.0.0.0:50051"})
+    assert proc.returncode == 1, output(proc)
+    assert "TLS" in output(proc), output(proc)
+
+
+def test_check_bad_cache_ttl(run_cli):
+    proc = run_cli("check", "--dev", env={"SECRET_CACHE_TTL": "soon"})
+    assert proc.returncode == 1, output(proc)
+    assert "SECRET_CACHE_TTL" in output(proc), output(proc)
+
+
+def test_check_loopback_listen_is_fine(run_cli):
+    proc = run_cli("check", "--dev", "--listen", "127.0.0.1:50999")
+    assert proc.returncode == 0, output(proc)
+
+
+def test_serve_refuses_plaintext_off_loopback(run_cli):
+    """serve itself must refuse too (and exit instead of listening)."""
+    proc = run_cli("serve", "--dev", "--listen", "0.0.0.0:0", timeout=15)
+    assert proc.returncode == 1, output(proc)
+    assert "TLS" in output(proc), output(proc)
