@@ -19,10 +19,14 @@
 //!   recently used entry.
 //! - Fetches are numbered; an answer older than the cached one never
 //!   replaces it, so a slow fetch cannot roll a fresh value back.
+//! - Whoever needs to know when a key's version changes (the watch layer)
+//!   registers one `ChangeListener`; every stored answer is offered to it,
+//!   so a bypass read or a refresh that finds a new version is announced at
+//!   once. The cache itself knows nothing of watchers.
 
 use std::{
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     },
     time::Duration,
@@ -111,6 +115,9 @@ pub struct Cache {
     shared: Arc<Shared>,
 }
 
+/// Told of every version the cache stores, right after it is stored.
+pub type ChangeListener = Box<dyn Fn(&CacheKey, &Arc<SecretVersion>) + Send + Sync>;
+
 type FetchResult = Result<Arc<SecretVersion>, StoreError>;
 type Fetch = SharedFuture<BoxFuture<'static, FetchResult>>;
 
@@ -124,6 +131,7 @@ struct Shared {
     /// Numbers fetches in the order they start.
     next_fetch: AtomicU64,
     counters: Counters,
+    listener: OnceLock<ChangeListener>,
 }
 
 struct Entry {
@@ -163,8 +171,28 @@ impl Cache {
                 epoch: Instant::now(),
                 next_fetch: AtomicU64::new(0),
                 counters: Counters::default(),
+                listener: OnceLock::new(),
             }),
         }
+    }
+
+    /// Registers the one listener told of every stored version. A second
+    /// registration is refused (returns false).
+    pub fn set_change_listener(&self, listener: ChangeListener) -> bool {
+        self.shared.listener.set(listener).is_ok()
+    }
+
+    /// Stores a version read by someone else (the change detector), as a
+    /// fresh entry; the listener hears of it.
+    pub fn put(&self, key: &CacheKey, version: Arc<SecretVersion>) {
+        let number = self.shared.next_fetch.fetch_add(1, Relaxed);
+        self.shared
+            .store_entry(key, version, Instant::now(), number);
+    }
+
+    /// Drops one entry (the secret was deleted upstream).
+    pub fn remove(&self, key: &CacheKey) {
+        self.shared.entries.remove(key);
     }
 
     /// The store behind the cache.
@@ -370,26 +398,31 @@ impl Shared {
 
     fn store_entry(&self, key: &CacheKey, version: Arc<SecretVersion>, at: Instant, number: u64) {
         let entry = Arc::new(Entry {
-            version,
+            version: Arc::clone(&version),
             fetched_at: at,
             fetch_number: number,
             last_used: AtomicU64::new(self.now_millis()),
             refreshing: AtomicBool::new(false),
         });
-        let is_new = match self.entries.entry(key.clone()) {
+        let (stored, is_new) = match self.entries.entry(key.clone()) {
             MapEntry::Occupied(mut current) => {
-                if current.get().fetch_number < number {
+                // An older fetch that ends late must not roll the value back.
+                let newer = current.get().fetch_number < number;
+                if newer {
                     current.insert(entry);
                 }
-                false
+                (newer, false)
             }
             MapEntry::Vacant(slot) => {
                 slot.insert(entry);
-                true
+                (true, true)
             }
         };
         if is_new {
             self.evict_over_capacity(key);
+        }
+        if let (true, Some(listener)) = (stored, self.listener.get()) {
+            listener(key, &version);
         }
     }
 

@@ -3,7 +3,9 @@
 //! The crate follows the request's path: `server` (transport: listeners,
 //! health, reflection) → `api` (handlers, typed configs, the one mapping of
 //! errors to gRPC statuses) → `cache` (the shared cache) → `backend` (the
-//! `SecretStore` trait: AWS, or the embedded file backend). `config` turns
+//! `SecretStore` trait: AWS, or the embedded file backend); `watch` (the
+//! change detector and the WatchSecret broadcast) sits beside the cache and
+//! is told of every version it stores. `config` turns
 //! flags, environment and a TOML file into validated `Settings`. Nothing
 //! below a layer knows about the layer above it.
 
@@ -16,6 +18,7 @@ pub mod names;
 pub mod secret;
 pub mod server;
 pub mod telemetry;
+pub mod watch;
 
 /// The code generated from `proto/secretsbroker/v1`.
 pub mod proto {

@@ -18,6 +18,7 @@ use crate::{
         self, admin_service_server::AdminServiceServer,
         secrets_service_server::SecretsServiceServer,
     },
+    watch::WatchHub,
 };
 
 /// Why the broker could not start or stopped on an error.
@@ -62,7 +63,15 @@ pub fn open_store(settings: &Settings) -> Result<Arc<dyn SecretStore>, ServeErro
     ensure_supported(settings)?;
     let names = name_resolver(settings);
     match &settings.backend {
-        BackendChoice::File { path: Some(path) } => Ok(Arc::new(FileStore::open(path, &names)?)),
+        BackendChoice::File { path: Some(path) } => {
+            let store = Arc::new(FileStore::open(path, &names)?);
+            // Edits of the file reach watchers at once; without the watch
+            // they still do, at the detector's next round.
+            if let Err(error) = store.watch_file() {
+                tracing::warn!(%error, file = %path.display(), "cannot follow the secrets file; its changes are polled");
+            }
+            Ok(store)
+        }
         BackendChoice::File { path: None } => Ok(Arc::new(FileStore::dev(&names)?)),
         BackendChoice::Aws { region } => Ok(Arc::new(AwsStore::new(region))),
     }
@@ -78,9 +87,19 @@ pub async fn serve(
     store: Arc<dyn SecretStore>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    let cache = Cache::new(Arc::clone(&store), settings.cache);
+    let watch = WatchHub::new(cache.clone(), settings.watch_interval);
+    let detector = watch.spawn_detector();
     let context = ApiContext {
-        cache: Cache::new(Arc::clone(&store), settings.cache),
+        cache,
         names: name_resolver(settings),
+        watch: watch.clone(),
+    };
+    // Watch streams never finish by themselves: end them first, so that the
+    // graceful shutdown only waits for calls in flight.
+    let shutdown = async move {
+        shutdown.await;
+        watch.shutdown();
     };
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     mark_serving(&health_reporter).await;
@@ -125,6 +144,7 @@ pub async fn serve(
         }
     }
     upstream_watch.abort();
+    detector.abort();
     tracing::info!("stopped");
     Ok(())
 }

@@ -63,6 +63,7 @@ impl AdminService for AdminApi {
         _request: Request<GetCacheStatsRequest>,
     ) -> Result<Response<GetCacheStatsResponse>, Status> {
         let stats = self.context.cache.stats();
+        let watch = self.context.watch.stats();
         Ok(Response::new(GetCacheStatsResponse {
             total_entries: stats.total_entries,
             valid_entries: stats.valid_entries,
@@ -74,9 +75,11 @@ impl AdminService for AdminApi {
             upstream_calls: stats.upstream_calls,
             upstream_errors: stats.upstream_errors,
             evictions: stats.evictions,
-            // Watchers arrive with WatchSecret.
-            watchers: 0,
+            watchers: watch.watchers,
             hit_ratio: stats.hit_ratio(),
+            watched_secrets: watch.watched_secrets,
+            watch_rounds: watch.rounds,
+            watch_upstream_calls: watch.upstream_calls,
         }))
     }
 

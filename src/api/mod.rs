@@ -14,11 +14,12 @@ pub mod typed;
 pub use admin::AdminApi;
 pub use secrets::SecretsApi;
 
-use crate::{cache::Cache, names::NameResolver};
+use crate::{cache::Cache, names::NameResolver, watch::WatchHub};
 
 /// What every handler needs; cheap to clone.
 #[derive(Clone)]
 pub struct ApiContext {
     pub cache: Cache,
     pub names: NameResolver,
+    pub watch: WatchHub,
 }

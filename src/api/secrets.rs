@@ -2,7 +2,7 @@
 
 use std::pin::Pin;
 
-use futures::{Stream, future::join_all};
+use futures::{Stream, StreamExt, future::join_all};
 use tonic::{Request, Response, Status};
 
 use super::{
@@ -12,7 +12,7 @@ use super::{
     typed::{self, Malformed},
 };
 use crate::{
-    backend::VersionSelector,
+    backend::{VersionSelector, check_version_field},
     cache::{CacheKey, Lookup},
     proto::{
         BatchGetSecretsRequest, BatchGetSecretsResponse, BatchGetSecretsResult,
@@ -22,6 +22,7 @@ use crate::{
         WatchSecretResponse, batch_get_secrets_result, secrets_service_server::SecretsService,
     },
     secret::SecretValue,
+    watch::Subscription,
 };
 
 /// The most names one BatchGetSecrets call may ask for.
@@ -72,6 +73,16 @@ impl SecretsApi {
         }
     }
 
+    async fn subscribe(&self, request: &WatchSecretRequest) -> Result<Subscription, ApiError> {
+        let name = self.context.names.resolve(&request.name)?;
+        check_version_field("since_version_id", &request.since_version_id)?;
+        let stage = match VersionSelector::from_request("", &request.version_stage)? {
+            VersionSelector::Stage(stage) => stage,
+            VersionSelector::Id { .. } => unreachable!("no version id was given"),
+        };
+        Ok(self.context.watch.subscribe(name, stage).await?)
+    }
+
     /// Reads the current version of a typed config's secret and decodes it.
     async fn typed_config<T>(
         &self,
@@ -91,6 +102,28 @@ impl SecretsApi {
         })?;
         Ok((config, version.version_id.clone()))
     }
+}
+
+/// The changes after the first message, until the broker shuts down (then
+/// one UNAVAILABLE, so the client reconnects elsewhere with its version).
+fn watch_stream(
+    subscription: Subscription,
+) -> impl Stream<Item = Result<WatchSecretResponse, Status>> + Send + 'static {
+    futures::stream::unfold(Some(subscription), |subscription| async move {
+        let mut subscription = subscription?;
+        let shutting_down =
+            || Status::unavailable("the broker is shutting down; reconnect with since_version_id");
+        let changed = tokio::select! {
+            biased;
+            _ = subscription.shutdown.wait_for(|stop| *stop) => false,
+            changed = subscription.changes.changed() => changed.is_ok(),
+        };
+        if !changed {
+            return Some((Err(shutting_down()), None));
+        }
+        let state = subscription.changes.borrow_and_update().clone();
+        Some((Ok(message::watch_event(&state)), Some(subscription)))
+    })
 }
 
 fn kind_label(default_kind: &str) -> &'static str {
@@ -225,10 +258,13 @@ impl SecretsService for SecretsApi {
 
     async fn watch_secret(
         &self,
-        _request: Request<WatchSecretRequest>,
+        request: Request<WatchSecretRequest>,
     ) -> Result<Response<Self::WatchSecretStream>, Status> {
-        Err(Status::unimplemented(
-            "WatchSecret is not available in this version of the broker yet",
-        ))
+        let request = request.into_inner();
+        let subscription = self.subscribe(&request).await.map_err(Status::from)?;
+        let first = message::first_watch_event(&subscription.first, &request.since_version_id);
+        let changes = watch_stream(subscription);
+        let stream = futures::stream::once(async move { Ok(first) }).chain(changes);
+        Ok(Response::new(Box::pin(stream)))
     }
 }

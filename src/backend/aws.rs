@@ -12,7 +12,10 @@
 //! Failures are classified by the AWS error code, so the cache can tell a
 //! transient outage from a definite answer.
 
-use std::time::{Duration, SystemTime};
+use std::{
+    collections::HashMap,
+    time::{Duration, SystemTime},
+};
 
 use async_trait::async_trait;
 use aws_config::{BehaviorVersion, Region, retry::RetryConfig, timeout::TimeoutConfig};
@@ -20,10 +23,13 @@ use aws_sdk_secretsmanager::{
     Client,
     error::{DisplayErrorContext, ProvideErrorMetadata, SdkError},
     operation::get_secret_value::GetSecretValueOutput,
+    types::SecretValueEntry,
 };
 use tokio::sync::OnceCell;
 
-use super::{SecretDescription, SecretStore, StoreError, VersionSelector};
+use super::{
+    BATCH_LIMIT, BatchAnswer, SecretDescription, SecretStore, StoreError, VersionSelector,
+};
 use crate::secret::{SecretValue, SecretVersion};
 
 /// Timeouts that keep a caller's wait bounded when AWS is slow or away.
@@ -113,6 +119,61 @@ impl SecretStore for AwsStore {
         })
     }
 
+    async fn get_current_batch(&self, names: &[String]) -> Result<BatchAnswer, StoreError> {
+        let client = self.client().await;
+        let mut items = Vec::with_capacity(names.len());
+        let mut upstream_calls = 0;
+        for chunk in names.chunks(BATCH_LIMIT) {
+            let mut found: HashMap<String, Result<SecretVersion, StoreError>> = HashMap::new();
+            let mut next_token = None;
+            loop {
+                upstream_calls += 1;
+                let output = client
+                    .batch_get_secret_value()
+                    .set_secret_id_list(Some(chunk.to_vec()))
+                    .set_next_token(next_token.take())
+                    .send()
+                    .await
+                    .map_err(|e| classify(&e, "(BatchGetSecretValue)"))?;
+                for value in output.secret_values() {
+                    let version = batch_version(value);
+                    // Asked by name or by ARN: answer under what was asked.
+                    let asked = chunk
+                        .iter()
+                        .find(|id| **id == version.name || **id == version.arn)
+                        .cloned()
+                        .unwrap_or_else(|| version.name.clone());
+                    found.insert(asked, Ok(version));
+                }
+                for error in output.errors() {
+                    let id = error.secret_id().unwrap_or_default().to_owned();
+                    let failure = classify_code(
+                        error.error_code().unwrap_or_default(),
+                        error.message().unwrap_or_default(),
+                        id.clone(),
+                    );
+                    found.insert(id, Err(failure));
+                }
+                next_token = output.next_token().map(str::to_owned);
+                if next_token.is_none() {
+                    break;
+                }
+            }
+            for name in chunk {
+                let result = found.remove(name).unwrap_or_else(|| {
+                    Err(StoreError::Unavailable {
+                        detail: "BatchGetSecretValue did not answer for this secret".into(),
+                    })
+                });
+                items.push((name.clone(), result));
+            }
+        }
+        Ok(BatchAnswer {
+            items,
+            upstream_calls,
+        })
+    }
+
     async fn check(&self) -> Result<String, StoreError> {
         self.client()
             .await
@@ -125,6 +186,24 @@ impl SecretStore for AwsStore {
             "AWS Secrets Manager in {} answered ListSecrets",
             self.region
         ))
+    }
+}
+
+fn batch_version(value: &SecretValueEntry) -> SecretVersion {
+    let secret = match (value.secret_string(), value.secret_binary()) {
+        (Some(text), _) => SecretValue::text(text),
+        (None, Some(blob)) => SecretValue::binary(blob.as_ref()),
+        (None, None) => SecretValue::text(String::new()),
+    };
+    SecretVersion {
+        name: value.name().unwrap_or_default().to_owned(),
+        arn: value.arn().unwrap_or_default().to_owned(),
+        version_id: value.version_id().unwrap_or_default().to_owned(),
+        version_stages: value.version_stages().to_vec(),
+        created_date: value
+            .created_date()
+            .and_then(|date| SystemTime::try_from(*date).ok()),
+        value: secret,
     }
 }
 

@@ -15,11 +15,16 @@
 //! AWSCURRENT and the one before AWSPREVIOUS, as AWS does after a rotation.
 //! `"deleted": true` marks a secret for deletion. `serve --dev` uses a copy
 //! of the guide's five secrets with fake values, built into the binary.
+//!
+//! A store opened from a file follows it: `watch_file` reloads it when it
+//! changes on disk (a version whose value did not change keeps its id), and
+//! raises the change signal so that watchers hear of rotations at once. A
+//! file that no longer parses is refused, and the previous content stays.
 
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex, RwLock, Weak},
     time::SystemTime,
 };
 
@@ -91,13 +96,13 @@ struct DocumentVersion {
     binary_base64: Option<String>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 struct StoredSecret {
     deleted: bool,
     versions: Vec<StoredVersion>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 struct StoredVersion {
     id: String,
     stages: Vec<String>,
@@ -111,7 +116,14 @@ type Secrets = HashMap<String, StoredSecret>;
 /// A `SecretStore` over a file's content, held in memory.
 pub struct FileStore {
     origin: String,
+    /// The file, when there is one (not for the built-in dev secrets).
+    source: Option<(PathBuf, Format)>,
+    resolver: NameResolver,
     secrets: RwLock<Arc<Secrets>>,
+    /// Counts reloads that changed something.
+    generation: tokio::sync::watch::Sender<u64>,
+    /// Keeps the file watcher alive as long as the store.
+    watcher: Mutex<Option<notify::RecommendedWatcher>>,
 }
 
 impl FileStore {
@@ -122,15 +134,14 @@ impl FileStore {
 
     /// Reads a `.json` or `.toml` (by extension) secrets file.
     pub fn open(path: &Path, resolver: &NameResolver) -> Result<Self, FileStoreError> {
-        let text = std::fs::read_to_string(path).map_err(|source| FileStoreError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
         let format = match path.extension().and_then(|e| e.to_str()) {
             Some("toml") => Format::Toml,
             _ => Format::Json,
         };
-        Self::from_text(&path.display().to_string(), &text, format, resolver)
+        let text = read(path)?;
+        let mut store = Self::from_text(&path.display().to_string(), &text, format, resolver)?;
+        store.source = Some((path.to_owned(), format));
+        Ok(store)
     }
 
     fn from_text(
@@ -140,11 +151,81 @@ impl FileStore {
         resolver: &NameResolver,
     ) -> Result<Self, FileStoreError> {
         let document = format.parse(origin, text)?;
-        let secrets = build_secrets(origin, document, resolver)?;
+        let secrets = build_secrets(origin, document, resolver, &Secrets::new())?;
         Ok(Self {
             origin: origin.to_owned(),
+            source: None,
+            resolver: resolver.clone(),
             secrets: RwLock::new(Arc::new(secrets)),
+            generation: tokio::sync::watch::Sender::new(0),
+            watcher: Mutex::new(None),
         })
+    }
+
+    /// Reads the file again. Returns whether anything changed; on error the
+    /// previous content stays.
+    pub fn reload(&self) -> Result<bool, FileStoreError> {
+        let Some((path, format)) = &self.source else {
+            return Ok(false);
+        };
+        let text = read(path)?;
+        let document = format.parse(&self.origin, &text)?;
+        let previous = self.snapshot();
+        let secrets = build_secrets(&self.origin, document, &self.resolver, &previous)?;
+        if secrets == *previous {
+            return Ok(false);
+        }
+        *self.secrets.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(secrets);
+        self.generation.send_modify(|generation| *generation += 1);
+        Ok(true)
+    }
+
+    /// Follows the file on disk until the store is dropped. The folder is
+    /// watched, not the file: editors often replace a file rather than
+    /// write it in place. A write comes as a burst of events (truncate,
+    /// write, close), so a reload waits for the file to be quiet.
+    pub fn watch_file(self: &Arc<Self>) -> Result<(), notify::Error> {
+        use notify::Watcher;
+        let Some((path, _)) = &self.source else {
+            return Ok(());
+        };
+        let folder = match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        let file_name = path.file_name().map(|name| name.to_owned());
+        let (touched, touches) = std::sync::mpsc::channel::<()>();
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                let ours = event.is_ok_and(|event| {
+                    !event.kind.is_access()
+                        && event
+                            .paths
+                            .iter()
+                            .any(|p| p.file_name() == file_name.as_deref())
+                });
+                if ours {
+                    let _ = touched.send(());
+                }
+            })?;
+        watcher.watch(&folder, notify::RecursiveMode::NonRecursive)?;
+        let store: Weak<Self> = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("secrets-file-reload".into())
+            .spawn(move || reload_when_quiet(&touches, &store))
+            .map_err(notify::Error::io)?;
+        *self.watcher.lock().unwrap_or_else(|e| e.into_inner()) = Some(watcher);
+        Ok(())
+    }
+
+    fn reload_and_log(&self) {
+        match self.reload() {
+            Ok(true) => tracing::info!(file = %self.origin, "secrets file reloaded"),
+            Ok(false) => {}
+            Err(error) => {
+                tracing::warn!(%error, "secrets file not reloaded; keeping its previous content")
+            }
+        }
     }
 
     /// How many secrets the store holds.
@@ -161,6 +242,28 @@ impl FileStore {
         // map; the Arc inside is still whole.
         Arc::clone(&self.secrets.read().unwrap_or_else(|e| e.into_inner()))
     }
+}
+
+/// How long a file must be left alone before it is read again.
+const QUIET: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Reloads after each burst of changes; ends with the watcher (its sender
+/// is dropped with the store).
+fn reload_when_quiet(touches: &std::sync::mpsc::Receiver<()>, store: &Weak<FileStore>) {
+    while touches.recv().is_ok() {
+        while touches.recv_timeout(QUIET).is_ok() {}
+        match store.upgrade() {
+            Some(store) => store.reload_and_log(),
+            None => return,
+        }
+    }
+}
+
+fn read(path: &Path) -> Result<String, FileStoreError> {
+    std::fs::read_to_string(path).map_err(|source| FileStoreError::Read {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 #[derive(Clone, Copy)]
@@ -209,10 +312,13 @@ fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
+/// `previous` is the content before a reload: a version whose value is
+/// unchanged keeps its id and creation date there.
 fn build_secrets(
     origin: &str,
     document: Document,
     resolver: &NameResolver,
+    previous: &Secrets,
 ) -> Result<Secrets, FileStoreError> {
     let loaded_at = SystemTime::now();
     let mut secrets = Secrets::new();
@@ -229,7 +335,8 @@ fn build_secrets(
             name: name.clone(),
             problem: problem.to_owned(),
         };
-        let versions = build_versions(secret.versions, loaded_at).map_err(&bad)?;
+        let before = previous.get(&name).map_or(&[][..], |s| &s.versions[..]);
+        let versions = build_versions(secret.versions, loaded_at, before).map_err(&bad)?;
         if secrets.contains_key(&name) {
             return Err(bad("listed twice"));
         }
@@ -244,7 +351,8 @@ fn build_secrets(
 
 fn build_versions(
     versions: Vec<DocumentVersion>,
-    created: SystemTime,
+    loaded_at: SystemTime,
+    before: &[StoredVersion],
 ) -> Result<Vec<StoredVersion>, &'static str> {
     if versions.is_empty() {
         return Err("has no versions");
@@ -267,12 +375,19 @@ fn build_versions(
             None if explicit_stages => Vec::new(),
             None => default_stages(index, count),
         };
+        let same_before = before.iter().find(|old| match &version.version_id {
+            Some(id) => old.id == *id,
+            None => old.value == value,
+        });
+        let id = match (version.version_id, same_before) {
+            (Some(id), _) => id,
+            (None, Some(old)) => old.id.clone(),
+            (None, None) => uuid::Uuid::new_v4().to_string(),
+        };
         built.push(StoredVersion {
-            id: version
-                .version_id
-                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            id,
             stages,
-            created,
+            created: same_before.map_or(loaded_at, |old| old.created),
             value,
         });
     }
@@ -357,6 +472,10 @@ impl SecretStore for FileStore {
             self.origin,
             self.len()
         ))
+    }
+
+    fn change_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.source.as_ref().map(|_| self.generation.subscribe())
     }
 }
 
@@ -458,6 +577,48 @@ mod tests {
                 .await
                 .unwrap()
                 .deleted
+        );
+    }
+
+    #[tokio::test]
+    async fn reloads_keep_unchanged_versions_and_refuse_broken_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secrets.json");
+        let write = |text: &str| std::fs::write(&path, text).unwrap();
+        write(r#"{"secrets":[{"name":"a","versions":[{"value":"one"}]}]}"#);
+        let store = FileStore::open(&path, &resolver()).unwrap();
+        let signal = store.change_signal().unwrap();
+        let now = VersionSelector::current();
+        let current = || store.get_secret_value("insurecove/a", &now);
+        let first = current().await.unwrap();
+
+        write(r#"{"secrets":[{"name":"a","versions":[{"value":"one"}]}]} "#);
+        assert!(!store.reload().unwrap(), "same content: no change");
+        assert!(!signal.has_changed().unwrap());
+
+        write(r#"{"secrets":[{"name":"a","versions":[{"value":"one"},{"value":"two"}]}]}"#);
+        assert!(store.reload().unwrap());
+        assert!(signal.has_changed().unwrap());
+        let rotated = current().await.unwrap();
+        assert_eq!(rotated.value.as_text(), Some("two"));
+        let previous = store
+            .get_secret_value(
+                "insurecove/a",
+                &VersionSelector::Stage("AWSPREVIOUS".into()),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            previous.version_id, first.version_id,
+            "an unchanged value keeps its id"
+        );
+
+        write(r#"{"secrets":[{"name":"a","versions":[{"value":"thr"#);
+        assert!(store.reload().is_err());
+        assert_eq!(
+            current().await.unwrap(),
+            rotated,
+            "a broken file keeps the old content"
         );
     }
 

@@ -10,6 +10,8 @@ use async_trait::async_trait;
 use crate::secret::SecretVersion;
 
 pub mod aws;
+#[cfg(test)]
+pub mod fake;
 pub mod file;
 
 pub use aws::AwsStore;
@@ -72,7 +74,8 @@ pub struct InvalidVersion {
     pub field: &'static str,
 }
 
-fn check_version_field(field: &'static str, value: &str) -> Result<(), InvalidVersion> {
+/// Checks a version id or stage as AWS would accept it (empty is fine).
+pub fn check_version_field(field: &'static str, value: &str) -> Result<(), InvalidVersion> {
     let valid = value.len() <= MAX_VERSION_FIELD_LEN
         && value
             .chars()
@@ -147,6 +150,44 @@ pub trait SecretStore: Send + Sync + 'static {
     /// Makes the cheapest call that proves the store answers (the Python
     /// class's `test_connection`), and says what it checked.
     async fn check(&self) -> Result<String, StoreError>;
+
+    /// The current (AWSCURRENT) versions of several secrets, each with its
+    /// own outcome, in as few upstream calls as the store allows (AWS:
+    /// one BatchGetSecretValue per `BATCH_LIMIT` names). The change detector
+    /// uses it so that its cost does not grow with the number of watchers.
+    /// An `Err` means the whole call failed.
+    async fn get_current_batch(&self, names: &[String]) -> Result<BatchAnswer, StoreError> {
+        let mut answer = Vec::with_capacity(names.len());
+        for name in names {
+            let result = self
+                .get_secret_value(name, &VersionSelector::current())
+                .await;
+            answer.push((name.clone(), result));
+        }
+        Ok(BatchAnswer {
+            items: answer,
+            upstream_calls: 0,
+        })
+    }
+
+    /// A signal that the store's content may have changed by itself (the
+    /// file backend, when its file is edited), so the change detector can
+    /// look at once instead of at its next round. `None`: poll only.
+    fn change_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+}
+
+/// The most names one batched upstream call may carry (AWS's limit for
+/// BatchGetSecretValue's SecretIdList).
+pub const BATCH_LIMIT: usize = 20;
+
+/// The answer of `get_current_batch`: each name with its outcome, and how
+/// many upstream calls it took.
+#[derive(Debug)]
+pub struct BatchAnswer {
+    pub items: Vec<(String, Result<SecretVersion, StoreError>)>,
+    pub upstream_calls: u64,
 }
 
 #[cfg(test)]

@@ -1,94 +1,11 @@
 //! The cache against a fake store that counts calls and fails on demand.
 //! Time is tokio's paused clock, so TTLs are crossed exactly.
 
-use std::sync::{
-    Mutex,
-    atomic::{AtomicUsize, Ordering::SeqCst},
-};
-
-use async_trait::async_trait;
-
 use super::*;
-use crate::{
-    backend::SecretDescription,
-    secret::{SecretValue, SecretVersion},
-};
+use crate::backend::fake::FakeStore;
 
 const TTL: Duration = Duration::from_secs(300);
 const MAX_STALE: Duration = Duration::from_secs(3600);
-
-/// One secret per name, whose current version the test can replace.
-#[derive(Default)]
-struct FakeStore {
-    versions: Mutex<std::collections::HashMap<String, String>>,
-    failure: Mutex<Option<StoreError>>,
-    calls: AtomicUsize,
-    /// How long each call takes (paused clock: advanced by the runtime).
-    delay: Mutex<Duration>,
-}
-
-impl FakeStore {
-    fn with(names: &[&str]) -> Arc<Self> {
-        let store = Self::default();
-        for name in names {
-            store.set(name, "v1");
-        }
-        Arc::new(store)
-    }
-
-    fn set(&self, name: &str, version_id: &str) {
-        self.versions
-            .lock()
-            .unwrap()
-            .insert(name.to_owned(), version_id.to_owned());
-    }
-
-    fn fail_with(&self, failure: Option<StoreError>) {
-        *self.failure.lock().unwrap() = failure;
-    }
-
-    fn calls(&self) -> usize {
-        self.calls.load(SeqCst)
-    }
-}
-
-#[async_trait]
-impl SecretStore for FakeStore {
-    async fn get_secret_value(
-        &self,
-        name: &str,
-        _selector: &VersionSelector,
-    ) -> Result<SecretVersion, StoreError> {
-        self.calls.fetch_add(1, SeqCst);
-        let delay = *self.delay.lock().unwrap();
-        tokio::time::sleep(delay).await;
-        if let Some(failure) = self.failure.lock().unwrap().clone() {
-            return Err(failure);
-        }
-        let version_id = self.versions.lock().unwrap().get(name).cloned();
-        let version_id = version_id.ok_or_else(|| StoreError::NotFound {
-            name: name.to_owned(),
-        })?;
-        Ok(SecretVersion {
-            name: name.to_owned(),
-            arn: String::new(),
-            version_id: version_id.clone(),
-            version_stages: vec!["AWSCURRENT".into()],
-            created_date: None,
-            value: SecretValue::text(format!("value-of-{version_id}")),
-        })
-    }
-
-    async fn describe_secret(&self, name: &str) -> Result<SecretDescription, StoreError> {
-        Err(StoreError::NotFound {
-            name: name.to_owned(),
-        })
-    }
-
-    async fn check(&self) -> Result<String, StoreError> {
-        Ok("fake".into())
-    }
-}
 
 fn cache_over(store: &Arc<FakeStore>, max_entries: usize) -> Cache {
     Cache::new(

@@ -1,0 +1,120 @@
+//! A `SecretStore` for unit tests: one secret per name whose current version
+//! the test replaces, deletes or breaks, counting every call.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering::SeqCst},
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+
+use super::{
+    BATCH_LIMIT, BatchAnswer, SecretDescription, SecretStore, StoreError, VersionSelector,
+};
+use crate::secret::{SecretValue, SecretVersion};
+
+#[derive(Default)]
+pub struct FakeStore {
+    /// name → current version id (`None`: marked deleted).
+    versions: Mutex<HashMap<String, Option<String>>>,
+    failure: Mutex<Option<StoreError>>,
+    calls: AtomicUsize,
+    batch_calls: AtomicUsize,
+    /// How long each call takes (under a paused clock, advanced by tokio).
+    pub delay: Mutex<Duration>,
+}
+
+impl FakeStore {
+    pub fn with(names: &[&str]) -> Arc<Self> {
+        let store = Self::default();
+        for name in names {
+            store.set(name, "v1");
+        }
+        Arc::new(store)
+    }
+
+    pub fn set(&self, name: &str, version_id: &str) {
+        self.versions
+            .lock()
+            .unwrap()
+            .insert(name.to_owned(), Some(version_id.to_owned()));
+    }
+
+    pub fn delete(&self, name: &str) {
+        self.versions.lock().unwrap().insert(name.to_owned(), None);
+    }
+
+    pub fn fail_with(&self, failure: Option<StoreError>) {
+        *self.failure.lock().unwrap() = failure;
+    }
+
+    /// Single-secret reads.
+    pub fn calls(&self) -> usize {
+        self.calls.load(SeqCst)
+    }
+
+    /// Batched reads.
+    pub fn batch_calls(&self) -> usize {
+        self.batch_calls.load(SeqCst)
+    }
+
+    fn current(&self, name: &str) -> Result<SecretVersion, StoreError> {
+        if let Some(failure) = self.failure.lock().unwrap().clone() {
+            return Err(failure);
+        }
+        let name = name.to_owned();
+        let version_id = match self.versions.lock().unwrap().get(&name) {
+            None => return Err(StoreError::NotFound { name }),
+            Some(None) => return Err(StoreError::Deleted { name }),
+            Some(Some(id)) => id.clone(),
+        };
+        Ok(SecretVersion {
+            name,
+            arn: String::new(),
+            version_id: version_id.clone(),
+            version_stages: vec!["AWSCURRENT".into()],
+            created_date: None,
+            value: SecretValue::text(format!("value-of-{version_id}")),
+        })
+    }
+}
+
+#[async_trait]
+impl SecretStore for FakeStore {
+    async fn get_secret_value(
+        &self,
+        name: &str,
+        _selector: &VersionSelector,
+    ) -> Result<SecretVersion, StoreError> {
+        self.calls.fetch_add(1, SeqCst);
+        let delay = *self.delay.lock().unwrap();
+        tokio::time::sleep(delay).await;
+        self.current(name)
+    }
+
+    async fn describe_secret(&self, name: &str) -> Result<SecretDescription, StoreError> {
+        Err(StoreError::NotFound {
+            name: name.to_owned(),
+        })
+    }
+
+    async fn check(&self) -> Result<String, StoreError> {
+        Ok("fake".into())
+    }
+
+    async fn get_current_batch(&self, names: &[String]) -> Result<BatchAnswer, StoreError> {
+        let calls = names.len().div_ceil(BATCH_LIMIT);
+        self.batch_calls.fetch_add(calls, SeqCst);
+        Ok(BatchAnswer {
+            items: names
+                .iter()
+                .map(|name| (name.clone(), self.current(name)))
+                .collect(),
+            upstream_calls: calls as u64,
+        })
+    }
+}

@@ -1,0 +1,181 @@
+//! The watch layer against the fake store, rounds driven by hand.
+
+use super::*;
+use crate::{backend::fake::FakeStore, cache::CacheSettings};
+
+fn hub_over(store: &Arc<FakeStore>) -> (WatchHub, Cache) {
+    let cache = Cache::new(
+        Arc::clone(store) as Arc<dyn SecretStore>,
+        CacheSettings {
+            ttl: Duration::from_secs(300),
+            max_entries: 100,
+            max_stale: Duration::from_secs(60),
+        },
+    );
+    (WatchHub::new(cache.clone(), Duration::from_secs(30)), cache)
+}
+
+async fn subscribe(hub: &WatchHub, name: &str) -> Subscription {
+    hub.subscribe(name.to_owned(), AWSCURRENT.to_owned())
+        .await
+        .unwrap()
+}
+
+async fn round(hub: &WatchHub, store: &Arc<FakeStore>) {
+    hub.shared.round(store.as_ref()).await;
+}
+
+fn latest(subscription: &mut Subscription) -> (WatchEvent, String) {
+    let state = subscription.changes.borrow_and_update();
+    (state.event, state.version.version_id.clone())
+}
+
+#[tokio::test]
+async fn a_rotation_reaches_the_watcher_and_the_cache() {
+    let store = FakeStore::with(&["s"]);
+    let (hub, cache) = hub_over(&store);
+    let mut watcher = subscribe(&hub, "s").await;
+    assert_eq!(watcher.first.event, WatchEvent::Current);
+    assert_eq!(watcher.first.version.version_id, "v1");
+
+    round(&hub, &store).await;
+    assert!(
+        !watcher.changes.has_changed().unwrap(),
+        "no change, no event"
+    );
+
+    store.set("s", "v2");
+    round(&hub, &store).await;
+    assert!(watcher.changes.has_changed().unwrap());
+    assert_eq!(latest(&mut watcher), (WatchEvent::Rotated, "v2".into()));
+
+    let key = CacheKey::new("s".into(), VersionSelector::current());
+    let cached = cache.get(key, false).await.unwrap();
+    assert_eq!(
+        (cached.hit, cached.version.version_id.as_str()),
+        (true, "v2")
+    );
+}
+
+#[tokio::test]
+async fn a_slow_watcher_gets_the_latest_state_only() {
+    let store = FakeStore::with(&["s"]);
+    let (hub, _) = hub_over(&store);
+    let mut slow = subscribe(&hub, "s").await;
+    for version in ["v2", "v3", "v4"] {
+        store.set("s", version);
+        round(&hub, &store).await;
+    }
+    assert_eq!(latest(&mut slow), (WatchEvent::Rotated, "v4".into()));
+    assert!(!slow.changes.has_changed().unwrap());
+}
+
+#[tokio::test]
+async fn deletion_and_restoration_are_events() {
+    let store = FakeStore::with(&["s"]);
+    let (hub, cache) = hub_over(&store);
+    let mut watcher = subscribe(&hub, "s").await;
+
+    store.delete("s");
+    round(&hub, &store).await;
+    assert_eq!(latest(&mut watcher), (WatchEvent::Deleted, "v1".into()));
+    assert_eq!(
+        cache.stats().total_entries,
+        0,
+        "a deleted secret leaves the cache"
+    );
+    round(&hub, &store).await;
+    assert!(!watcher.changes.has_changed().unwrap(), "deleted once");
+
+    store.set("s", "v1");
+    round(&hub, &store).await;
+    assert_eq!(latest(&mut watcher), (WatchEvent::Restored, "v1".into()));
+}
+
+#[tokio::test]
+async fn detector_cost_depends_on_secrets_not_watchers() {
+    let names: Vec<String> = (0..25).map(|i| format!("s{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let store = FakeStore::with(&refs);
+    let (hub, _) = hub_over(&store);
+
+    let mut watchers = Vec::new();
+    for _ in 0..1000 {
+        watchers.push(subscribe(&hub, "s0").await);
+    }
+    round(&hub, &store).await;
+    assert_eq!(
+        store.batch_calls(),
+        1,
+        "1000 watchers of one secret: one call"
+    );
+
+    for name in &names[1..] {
+        watchers.push(subscribe(&hub, name).await);
+    }
+    round(&hub, &store).await;
+    assert_eq!(
+        store.batch_calls(),
+        1 + 2,
+        "25 secrets: two calls of at most 20"
+    );
+    let stats = hub.stats();
+    assert_eq!(stats.watchers, 1024);
+    assert_eq!(stats.watched_secrets, 25);
+    assert_eq!(stats.upstream_calls, 3);
+    assert_eq!(stats.rounds, 2);
+
+    watchers.clear();
+    assert_eq!(hub.stats().watchers, 0);
+    round(&hub, &store).await;
+    assert_eq!(
+        hub.stats().watched_secrets,
+        0,
+        "unwatched topics are dropped"
+    );
+    assert_eq!(store.batch_calls(), 3, "nobody watches: no upstream call");
+}
+
+#[tokio::test]
+async fn a_bypass_read_that_finds_a_new_version_notifies_at_once() {
+    let store = FakeStore::with(&["s"]);
+    let (hub, cache) = hub_over(&store);
+    let mut watcher = subscribe(&hub, "s").await;
+    store.set("s", "v2");
+    let key = CacheKey::new("s".into(), VersionSelector::current());
+    cache.get(key.clone(), true).await.unwrap();
+    assert_eq!(latest(&mut watcher), (WatchEvent::Rotated, "v2".into()));
+
+    store.set("s", "v3");
+    cache.refresh(key).await.unwrap();
+    assert_eq!(latest(&mut watcher), (WatchEvent::Rotated, "v3".into()));
+}
+
+#[tokio::test]
+async fn missing_secrets_are_refused_at_once() {
+    let store = FakeStore::with(&[]);
+    let (hub, _) = hub_over(&store);
+    let refused = hub.subscribe("nope".into(), AWSCURRENT.into()).await;
+    assert!(matches!(refused, Err(StoreError::NotFound { .. })));
+    assert_eq!(hub.stats().watchers, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_detector_polls_and_stops_on_shutdown() {
+    let store = FakeStore::with(&["s"]);
+    let (hub, _) = hub_over(&store);
+    let mut watcher = subscribe(&hub, "s").await;
+    let detector = hub.spawn_detector();
+
+    store.set("s", "v2");
+    // Within one interval plus jitter.
+    tokio::time::sleep(Duration::from_secs(34)).await;
+    assert_eq!(latest(&mut watcher), (WatchEvent::Rotated, "v2".into()));
+
+    hub.shutdown();
+    assert!(*watcher.shutdown.borrow_and_update());
+    tokio::time::timeout(Duration::from_secs(1), detector)
+        .await
+        .expect("the detector ends on shutdown")
+        .unwrap();
+}
