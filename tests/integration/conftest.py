@@ -136,13 +136,14 @@ def _fresh_log_dir():
 
 @pytest.fixture
 def log_path(request):
-    """A fresh log file path for this test: target/test-logs/<test>[-N].log."""
-    counter = {"n": 0}
+    """A fresh log file path for this test: target/test-logs/<test><suffix>[-N].log
+    (N counts the calls with the same suffix)."""
+    counters: dict[str, int] = {}
 
     def make(suffix: str = "") -> Path:
-        counter["n"] += 1
+        n = counters[suffix] = counters.get(suffix, 0) + 1
         base = support.safe_file_name(request.node.name + suffix)
-        name = base if counter["n"] == 1 else f"{base}-{counter['n']}"
+        name = base if n == 1 else f"{base}-{n}"
         return support.LOG_DIR / f"{name}.log"
 
     return make
@@ -261,9 +262,16 @@ def launch_broker(
     extra_args=(),
     env: dict[str, str] | None = None,
     cwd: Path,
+    dev: bool = True,
 ) -> Broker:
-    """Starts `serve --dev [--listen ADDR] EXTRA` and waits for SERVING."""
-    args = [str(broker_bin), "serve", "--dev"]
+    """Starts `serve [--dev] [--listen ADDR] EXTRA` and waits for SERVING.
+
+    dev=False starts the broker on its AWS backend (point it at moto with
+    AWS_ENDPOINT_URL in env).
+    """
+    args = [str(broker_bin), "serve"]
+    if dev:
+        args.append("--dev")
     if listen is not None:
         args += ["--listen", listen]
     args += [str(a) for a in extra_args]
@@ -311,24 +319,27 @@ def launch_broker(
 
 @pytest.fixture
 def start_broker(broker_bin, stubs, log_path, tmp_path):
-    """Factory: start_broker(extra_args=(), env=None, listen="auto") -> Broker.
+    """Factory: start_broker(extra_args=(), env=None, listen="auto", dev=True) -> Broker.
 
     listen="auto" picks a free loopback port and passes --listen; listen=None
     passes no --listen (the broker's default address is used). The broker runs
     in an empty temporary directory (no stray .env), with LOG_LEVEL=debug and
     the machine's BROKER_*/SECRET_*/AWS_* variables removed; its output goes to
     target/test-logs/<test>.log. Stopped at teardown (SIGTERM, kill after 5 s).
+    dev=False leaves out --dev: the AWS backend (see the aws_broker fixture).
+    HTTP(S)_PROXY / NO_PROXY / ALL_PROXY (any case) are removed too unless env
+    sets them.
     """
     brokers: list[Broker] = []
     workdir = tmp_path / "broker-cwd"
     workdir.mkdir()
 
-    def start(extra_args=(), env=None, listen="auto") -> Broker:
+    def start(extra_args=(), env=None, listen="auto", dev=True) -> Broker:
         if listen == "auto":
             listen = f"127.0.0.1:{support.free_port()}"
         broker = launch_broker(
             broker_bin, stubs, log_path(), listen=listen,
-            extra_args=extra_args, env=env, cwd=workdir,
+            extra_args=extra_args, env=env, cwd=workdir, dev=dev,
         )
         brokers.append(broker)
         return broker
@@ -362,3 +373,46 @@ def run_cli(broker_bin, log_path, tmp_path):
         return proc
 
     return run
+
+
+# --------------------------------------------------------------------------
+# AWS Secrets Manager (moto_server) and the broker's AWS backend
+
+
+@pytest.fixture
+def moto(moto_server_bin, log_path, tmp_path):
+    """A running moto_server on a free loopback port, fresh for this test.
+
+    moto.stop() / moto.start() / moto.restart() keep the port (state is lost:
+    re-seed); moto.create_secret()/put_secret_value()/delete_secret() seed it
+    through boto3; moto.start_recording() + moto.get_secret_value_calls(name)
+    count the broker's GetSecretValue calls from moto's request recorder.
+    Log: target/test-logs/<test>-moto.log. Stopped at teardown.
+    """
+    from moto_support import MotoServer
+
+    server = MotoServer(moto_server_bin, log_path("-moto"), tmp_path / "moto")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def aws_broker(moto, start_broker):
+    """Factory: aws_broker(extra_args=(), env=None) -> Broker on the AWS backend
+    (`serve` without --dev) pointed at this test's moto."""
+
+    def start(extra_args=(), env=None) -> Broker:
+        return start_broker(extra_args, env=moto.broker_env() | (env or {}), dev=False)
+
+    return start
+
+
+@pytest.fixture
+def forward_proxy(log_path):
+    """A loopback HTTP forward proxy counting what it forwards (forward_proxy.py)."""
+    from forward_proxy import ForwardProxy
+
+    proxy = ForwardProxy(log_path("-proxy"))
+    yield proxy
+    proxy.close()

@@ -23,6 +23,9 @@ ERROR_DOMAIN = "secretsbroker"
 # Environment variables the broker reads; removed from the environment a test
 # broker inherits so that the machine's settings cannot change what is tested.
 BROKER_ENV_PREFIXES = ("BROKER_", "SECRET_", "AWS_")
+# Proxy variables (compared case-insensitively), removed likewise: a test
+# that wants a proxy sets them itself.
+PROXY_ENV_NAMES = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY")
 
 # grpcio honours http_proxy; the broker is always on loopback.
 CHANNEL_OPTIONS = [("grpc.enable_http_proxy", 0)]
@@ -84,6 +87,7 @@ def broker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
         key: value
         for key, value in os.environ.items()
         if not key.startswith(BROKER_ENV_PREFIXES)
+        and key.upper() not in PROXY_ENV_NAMES
     }
     env["LOG_LEVEL"] = "debug"
     env.update(extra or {})
