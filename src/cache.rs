@@ -385,6 +385,11 @@ impl Shared {
             }
             Err(error) => {
                 bump(&self.counters.upstream_errors);
+                if error.is_transient() {
+                    tracing::warn!(secret = %key.name, %error, "upstream read failed; the last good value may be served, marked stale");
+                } else {
+                    tracing::debug!(secret = %key.name, %error, "upstream read refused");
+                }
                 if let Some(entry) = self.entries.get(key) {
                     entry.refreshing.store(false, Relaxed);
                 }

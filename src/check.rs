@@ -1,26 +1,54 @@
 //! `secrets-broker check`: validates the configuration and the backend
 //! before a deploy, and says plainly what is wrong.
 
+use std::time::Duration;
+
 use crate::{
     config::Settings,
-    server::{ServeError, open_store},
+    server::{Security, ServeError, open_store},
+    tls::{self, TlsError},
 };
+
+/// A certificate closer than this to its end is reported as a problem.
+const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Why a check failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
     #[error(transparent)]
     Start(#[from] ServeError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("the server certificate expires in {days} days ({not_after}); renew it")]
+    ExpiresSoon { days: u64, not_after: String },
     #[error("the upstream does not answer: {0}")]
     Upstream(crate::backend::StoreError),
 }
 
 /// Runs every check; on success, the lines to print.
 pub async fn run(settings: &Settings) -> Result<Vec<String>, CheckError> {
+    let security = Security::load(settings)?;
+    let transport = match &settings.tls {
+        Some(files) => {
+            let certificate = tls::certificate_report(files)?;
+            if certificate.expires_in < EXPIRY_WARNING {
+                return Err(CheckError::ExpiresSoon {
+                    days: certificate.expires_in.as_secs() / 86_400,
+                    not_after: certificate.not_after,
+                });
+            }
+            format!(
+                "mutual TLS, server certificate {} valid until {}, key matches, client CA parses",
+                certificate.subject, certificate.not_after
+            )
+        }
+        None => "plaintext, local only".to_owned(),
+    };
     let store = open_store(settings)?;
     let upstream = store.check().await.map_err(CheckError::Upstream)?;
     let mut report = vec![
-        format!("listen: {} (plaintext, local only)", settings.listen),
+        format!("listen: {} ({transport})", settings.listen),
+        format!("authorization: {}", security.authorizer.summary()),
         format!(
             "names: prefix {:?}, environment {:?}",
             settings.secret_prefix, settings.environment

@@ -14,10 +14,14 @@ pub mod backend;
 pub mod cache;
 pub mod check;
 pub mod config;
+pub mod file_watch;
+pub mod identity;
 pub mod names;
+pub mod policy;
 pub mod secret;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
 pub mod watch;
 
 /// The code generated from `proto/secretsbroker/v1`.

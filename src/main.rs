@@ -50,14 +50,16 @@ async fn serve(args: BrokerArgs) -> ExitCode {
         Err(message) => return fail(&message),
     };
     telemetry::init(&settings.log_level);
-    let store = match server::open_store(&settings) {
-        Ok(store) => store,
+    let (security, store) = match server::Security::load(&settings)
+        .and_then(|security| Ok((security, server::open_store(&settings)?)))
+    {
+        Ok(loaded) => loaded,
         Err(error) => return fail(&error.to_string()),
     };
     if settings.dev {
         print_dev_hint(&settings);
     }
-    match server::serve(&settings, store, server::shutdown_signal()).await {
+    match server::serve(&settings, store, security, server::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => fail(&error.to_string()),
     }

@@ -1,6 +1,8 @@
 //! The transport: the tonic server with the broker's services, gRPC health,
 //! and server reflection (v1, and v1alpha for older grpcurl), on a TCP
-//! address or a unix socket, until a shutdown signal.
+//! address (plaintext on loopback, or mutual TLS) or a unix socket, until a
+//! shutdown signal. The TLS files and the policy follow their files and
+//! reload on SIGHUP.
 
 use std::{future::Future, sync::Arc};
 
@@ -14,10 +16,12 @@ use crate::{
     cache::Cache,
     config::{BackendChoice, ListenAddr, Settings},
     names::NameResolver,
+    policy::{Authorizer, PolicyError},
     proto::{
         self, admin_service_server::AdminServiceServer,
         secrets_service_server::SecretsServiceServer,
     },
+    tls::{TlsError, TlsTerminator},
     watch::WatchHub,
 };
 
@@ -26,6 +30,12 @@ use crate::{
 pub enum ServeError {
     #[error(transparent)]
     Secrets(#[from] FileStoreError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error("mutual TLS is served on TCP addresses only, not on {0}")]
+    TlsOnUnixSocket(String),
     #[error("{0} is not available in this version of the broker yet")]
     NotYetAvailable(&'static str),
     #[error("cannot listen on {addr}: {source}")]
@@ -40,27 +50,65 @@ pub enum ServeError {
 }
 
 /// Refuses settings whose feature this build does not have, rather than
-/// ignoring them: a policy that is silently not enforced is worse than none.
+/// ignoring them.
 pub fn ensure_supported(settings: &Settings) -> Result<(), ServeError> {
-    if settings.tls.is_some() {
-        return Err(ServeError::NotYetAvailable("mutual TLS (--tls-cert...)"));
-    }
-    if settings.policy.is_some() {
-        return Err(ServeError::NotYetAvailable(
-            "the authorization policy (--policy)",
-        ));
-    }
     if settings.metrics_listen.is_some() {
         return Err(ServeError::NotYetAvailable(
             "the metrics endpoint (--metrics-listen)",
         ));
     }
+    if let (Some(_), ListenAddr::Unix(_)) = (&settings.tls, &settings.listen) {
+        return Err(ServeError::TlsOnUnixSocket(settings.listen.to_string()));
+    }
     Ok(())
+}
+
+/// Who may connect and what they may do: the TLS terminator (when mutual
+/// TLS is on) and the authorizer, both following their files.
+#[derive(Clone)]
+pub struct Security {
+    pub tls: Option<Arc<TlsTerminator>>,
+    pub authorizer: Arc<Authorizer>,
+}
+
+impl Security {
+    pub fn load(settings: &Settings) -> Result<Self, ServeError> {
+        ensure_supported(settings)?;
+        let tls = settings.tls.as_ref().map(TlsTerminator::load).transpose()?;
+        let authorizer = Authorizer::new(settings.policy.as_deref(), tls.is_some())?;
+        Ok(Self { tls, authorizer })
+    }
+
+    /// Reloads on file changes (until dropped) and on SIGHUP.
+    fn follow_changes(&self) -> tokio::task::JoinHandle<()> {
+        if let Some(tls) = &self.tls
+            && let Err(error) = tls.follow_files()
+        {
+            tracing::warn!(%error, "cannot follow the TLS files; they reload on SIGHUP only");
+        }
+        if let Err(error) = self.authorizer.follow_file() {
+            tracing::warn!(%error, "cannot follow the policy file; it reloads on SIGHUP only");
+        }
+        let security = self.clone();
+        tokio::spawn(async move {
+            let Ok(mut hangups) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            else {
+                return;
+            };
+            while hangups.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading certificates and policy");
+                if let Some(tls) = &security.tls {
+                    tls.reload_and_log();
+                }
+                security.authorizer.reload_and_log();
+            }
+        })
+    }
 }
 
 /// The store the settings choose.
 pub fn open_store(settings: &Settings) -> Result<Arc<dyn SecretStore>, ServeError> {
-    ensure_supported(settings)?;
     let names = name_resolver(settings);
     match &settings.backend {
         BackendChoice::File { path: Some(path) } => {
@@ -85,8 +133,10 @@ pub fn name_resolver(settings: &Settings) -> NameResolver {
 pub async fn serve(
     settings: &Settings,
     store: Arc<dyn SecretStore>,
+    security: Security,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    let reloads = security.follow_changes();
     let cache = Cache::new(Arc::clone(&store), settings.cache);
     let watch = WatchHub::new(cache.clone(), settings.watch_interval);
     let detector = watch.spawn_detector();
@@ -94,6 +144,7 @@ pub async fn serve(
         cache,
         names: name_resolver(settings),
         watch: watch.clone(),
+        authorizer: Arc::clone(&security.authorizer),
     };
     // Watch streams never finish by themselves: end them first, so that the
     // graceful shutdown only waits for calls in flight.
@@ -123,8 +174,17 @@ pub async fn serve(
         addr: settings.listen.to_string(),
         source,
     };
-    match &settings.listen {
-        ListenAddr::Tcp(addr) => {
+    match (&settings.listen, security.tls) {
+        (ListenAddr::Tcp(addr), Some(tls)) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(listen_error)?;
+            tracing::info!(addr = %settings.listen, "listening (mutual TLS)");
+            router
+                .serve_with_incoming_shutdown(tls.incoming(listener), shutdown)
+                .await?;
+        }
+        (ListenAddr::Tcp(addr), None) => {
             // Small unary answers must leave at once, not wait for Nagle.
             let incoming = TcpIncoming::bind(*addr)
                 .map_err(listen_error)?
@@ -134,7 +194,7 @@ pub async fn serve(
                 .serve_with_incoming_shutdown(incoming, shutdown)
                 .await?;
         }
-        ListenAddr::Unix(path) => {
+        (ListenAddr::Unix(path), _) => {
             remove_stale_socket(path).map_err(listen_error)?;
             let listener = tokio::net::UnixListener::bind(path).map_err(listen_error)?;
             tracing::info!(addr = %settings.listen, "listening");
@@ -145,6 +205,7 @@ pub async fn serve(
     }
     upstream_watch.abort();
     detector.abort();
+    reloads.abort();
     tracing::info!("stopped");
     Ok(())
 }

@@ -6,12 +6,16 @@ use tonic::{Request, Response, Status};
 
 use super::{
     ApiContext,
+    audit::Audit,
     message::{self, Contents},
+    refuse, respond,
     status::ApiError,
 };
 use crate::{
     backend::VersionSelector,
     cache::{CacheKey, Lookup},
+    identity,
+    names::ShownName,
     proto::{
         CheckUpstreamRequest, CheckUpstreamResponse, ClearCacheRequest, ClearCacheResponse,
         GetCacheStatsRequest, GetCacheStatsResponse, RefreshSecretRequest, RefreshSecretResponse,
@@ -27,6 +31,15 @@ pub struct AdminApi {
 impl AdminApi {
     pub fn new(context: ApiContext) -> Self {
         Self { context }
+    }
+
+    /// Every AdminService call starts here: admin identities only.
+    fn admit<T>(&self, rpc: &'static str, request: &Request<T>) -> Result<Audit, Status> {
+        let audit = Audit::new(rpc, identity::of_request(request));
+        match self.context.authorizer.check_admin(audit.identity()) {
+            Ok(()) => Ok(audit),
+            Err(denied) => Err(refuse(audit, ApiError::from(denied))),
+        }
     }
 
     fn clear_cache(&self, names: &[String]) -> Result<ClearCacheResponse, ApiError> {
@@ -60,52 +73,57 @@ impl AdminApi {
 impl AdminService for AdminApi {
     async fn get_cache_stats(
         &self,
-        _request: Request<GetCacheStatsRequest>,
+        request: Request<GetCacheStatsRequest>,
     ) -> Result<Response<GetCacheStatsResponse>, Status> {
+        let audit = self.admit("GetCacheStats", &request)?;
         let stats = self.context.cache.stats();
         let watch = self.context.watch.stats();
-        Ok(Response::new(GetCacheStatsResponse {
-            total_entries: stats.total_entries,
-            valid_entries: stats.valid_entries,
-            expired_entries: stats.expired_entries,
-            hits: stats.hits,
-            misses: stats.misses,
-            coalesced: stats.coalesced,
-            stale_served: stats.stale_served,
-            upstream_calls: stats.upstream_calls,
-            upstream_errors: stats.upstream_errors,
-            evictions: stats.evictions,
-            watchers: watch.watchers,
-            hit_ratio: stats.hit_ratio(),
-            watched_secrets: watch.watched_secrets,
-            watch_rounds: watch.rounds,
-            watch_upstream_calls: watch.upstream_calls,
-        }))
+        respond(
+            audit,
+            Ok(GetCacheStatsResponse {
+                total_entries: stats.total_entries,
+                valid_entries: stats.valid_entries,
+                expired_entries: stats.expired_entries,
+                hits: stats.hits,
+                misses: stats.misses,
+                coalesced: stats.coalesced,
+                stale_served: stats.stale_served,
+                upstream_calls: stats.upstream_calls,
+                upstream_errors: stats.upstream_errors,
+                evictions: stats.evictions,
+                watchers: watch.watchers,
+                hit_ratio: stats.hit_ratio(),
+                watched_secrets: watch.watched_secrets,
+                watch_rounds: watch.rounds,
+                watch_upstream_calls: watch.upstream_calls,
+            }),
+        )
     }
 
     async fn clear_cache(
         &self,
         request: Request<ClearCacheRequest>,
     ) -> Result<Response<ClearCacheResponse>, Status> {
-        self.clear_cache(&request.into_inner().names)
-            .map(Response::new)
-            .map_err(Status::from)
+        let audit = self.admit("ClearCache", &request)?;
+        respond(audit, self.clear_cache(&request.into_inner().names))
     }
 
     async fn refresh_secret(
         &self,
         request: Request<RefreshSecretRequest>,
     ) -> Result<Response<RefreshSecretResponse>, Status> {
-        self.refresh_secret(&request.into_inner().name)
-            .await
-            .map(Response::new)
-            .map_err(Status::from)
+        let mut audit = self.admit("RefreshSecret", &request)?;
+        let name = request.into_inner().name;
+        audit.secret(&ShownName(&name).to_string(), None);
+        let result = self.refresh_secret(&name).await;
+        respond(audit, result)
     }
 
     async fn check_upstream(
         &self,
-        _request: Request<CheckUpstreamRequest>,
+        request: Request<CheckUpstreamRequest>,
     ) -> Result<Response<CheckUpstreamResponse>, Status> {
+        let audit = self.admit("CheckUpstream", &request)?;
         let started = Instant::now();
         let outcome = self.context.cache.store().check().await;
         let latency = prost_types::Duration::try_from(started.elapsed()).ok();
@@ -113,10 +131,13 @@ impl AdminService for AdminApi {
             Ok(detail) => (true, detail),
             Err(error) => (false, error.to_string()),
         };
-        Ok(Response::new(CheckUpstreamResponse {
-            reachable,
-            detail,
-            latency,
-        }))
+        respond(
+            audit,
+            Ok(CheckUpstreamResponse {
+                reachable,
+                detail,
+                latency,
+            }),
+        )
     }
 }

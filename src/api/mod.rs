@@ -1,11 +1,14 @@
 //! The gRPC handlers: SecretsService and AdminService.
 //!
 //! Handlers turn requests into cache lookups (resolving and validating names
-//! first, so a bad name never costs an upstream call), decode typed configs,
-//! and build responses. Errors stay typed (`ApiError`) until the handler's
+//! first, so a bad name never costs an upstream call), check the caller's
+//! right to each secret before the cache is touched (cache hit or not),
+//! decode typed configs, and build responses. Every call leaves one audit
+//! event. Errors stay typed (`ApiError`) until the handler's
 //! last line, where `status` maps them to a gRPC status once.
 
 mod admin;
+mod audit;
 mod message;
 mod secrets;
 pub mod status;
@@ -14,7 +17,13 @@ pub mod typed;
 pub use admin::AdminApi;
 pub use secrets::SecretsApi;
 
-use crate::{cache::Cache, names::NameResolver, watch::WatchHub};
+use std::sync::Arc;
+
+use tonic::{Code, Response, Status};
+
+use crate::{cache::Cache, names::NameResolver, policy::Authorizer, watch::WatchHub};
+use audit::Audit;
+use status::ApiError;
 
 /// What every handler needs; cheap to clone.
 #[derive(Clone)]
@@ -22,4 +31,24 @@ pub struct ApiContext {
     pub cache: Cache,
     pub names: NameResolver,
     pub watch: WatchHub,
+    pub authorizer: Arc<Authorizer>,
+}
+
+/// The edge: a handler's typed result becomes a gRPC answer here, and the
+/// call's audit event is emitted with its outcome.
+fn respond<T>(audit: Audit, result: Result<T, ApiError>) -> Result<Response<T>, Status> {
+    match result {
+        Ok(answer) => {
+            audit.finish(Code::Ok);
+            Ok(Response::new(answer))
+        }
+        Err(error) => Err(refuse(audit, error)),
+    }
+}
+
+/// The edge for a refused call: its status, and its audit event.
+fn refuse(audit: Audit, error: ApiError) -> Status {
+    let status = Status::from(error);
+    audit.finish(status.code());
+    status
 }

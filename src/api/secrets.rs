@@ -1,19 +1,24 @@
 //! SecretsService: what applications call.
 
-use std::pin::Pin;
+use std::{pin::Pin, sync::Arc};
 
 use futures::{Stream, StreamExt, future::join_all};
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
 use super::{
     ApiContext,
+    audit::Audit,
     message::{self, Contents},
+    respond,
     status::ApiError,
     typed::{self, Malformed},
 };
 use crate::{
     backend::{VersionSelector, check_version_field},
     cache::{CacheKey, Lookup},
+    identity::{self, Identity},
+    names::ShownName,
+    policy::{Authorizer, Denied},
     proto::{
         BatchGetSecretsRequest, BatchGetSecretsResponse, BatchGetSecretsResult,
         GetAwsServicesConfigRequest, GetAwsServicesConfigResponse, GetDatabaseConfigRequest,
@@ -38,62 +43,130 @@ impl SecretsApi {
         Self { context }
     }
 
+    /// Resolves a name and checks the caller may read it: before any cache
+    /// or upstream access, so a refused caller learns nothing of the secret.
+    fn authorized_name(&self, caller: &Identity, name: &str) -> Result<String, ApiError> {
+        let full_name = self.context.names.resolve(name)?;
+        self.context.authorizer.check_read(caller, &full_name)?;
+        Ok(full_name)
+    }
+
     async fn lookup(
         &self,
-        name: &str,
+        audit: &mut Audit,
+        full_name: String,
         selector: VersionSelector,
         bypass: bool,
     ) -> Result<Lookup, ApiError> {
-        let full_name = self.context.names.resolve(name)?;
-        let key = CacheKey::new(full_name, selector);
-        Ok(self.context.cache.get(key, bypass).await?)
+        let lookup = self
+            .context
+            .cache
+            .get(CacheKey::new(full_name, selector), bypass)
+            .await?;
+        audit.cache_hit(lookup.hit);
+        Ok(lookup)
     }
 
-    async fn get_secret(&self, request: GetSecretRequest) -> Result<GetSecretResponse, ApiError> {
+    async fn get_secret(
+        &self,
+        audit: &mut Audit,
+        request: GetSecretRequest,
+    ) -> Result<GetSecretResponse, ApiError> {
+        let full_name = self.authorized_name(audit.identity(), &request.name)?;
+        audit.secret(&full_name, None);
         let selector = VersionSelector::from_request(&request.version_id, &request.version_stage)?;
         let lookup = self
-            .lookup(&request.name, selector, request.bypass_cache)
+            .lookup(audit, full_name, selector, request.bypass_cache)
             .await?;
         Ok(GetSecretResponse {
             secret: Some(message::secret(&lookup, Contents::WithValue)),
         })
     }
 
-    async fn batch_result(&self, name: String, bypass: bool) -> BatchGetSecretsResult {
-        let result = match self.lookup(&name, VersionSelector::current(), bypass).await {
-            Ok(lookup) => batch_get_secrets_result::Result::Secret(message::secret(
-                &lookup,
-                Contents::WithValue,
-            )),
-            Err(error) => batch_get_secrets_result::Result::Error(error.to_secret_error()),
-        };
-        BatchGetSecretsResult {
-            name,
-            result: Some(result),
+    async fn batch_get_secrets(
+        &self,
+        audit: &mut Audit,
+        request: BatchGetSecretsRequest,
+    ) -> Result<BatchGetSecretsResponse, ApiError> {
+        if request.names.len() > MAX_BATCH_NAMES {
+            return Err(ApiError::TooManyNames {
+                count: request.names.len(),
+                limit: MAX_BATCH_NAMES,
+            });
         }
+        let caller = audit.identity().clone();
+        let bypass = request.bypass_cache;
+        let outcomes = join_all(request.names.iter().map(|name| async {
+            let full_name = self.authorized_name(&caller, name)?;
+            let key = CacheKey::new(full_name.clone(), VersionSelector::current());
+            let lookup = self.context.cache.get(key, bypass).await;
+            Ok::<_, ApiError>((full_name, lookup?))
+        }))
+        .await;
+        let results = request
+            .names
+            .into_iter()
+            .zip(outcomes)
+            .map(|(name, outcome)| {
+                let result = match outcome {
+                    Ok((full_name, lookup)) => {
+                        audit.secret(&full_name, Some(Code::Ok));
+                        batch_get_secrets_result::Result::Secret(message::secret(
+                            &lookup,
+                            Contents::WithValue,
+                        ))
+                    }
+                    Err(error) => {
+                        audit.secret(&ShownName(&name).to_string(), Some(error.code()));
+                        batch_get_secrets_result::Result::Error(error.to_secret_error())
+                    }
+                };
+                BatchGetSecretsResult {
+                    name,
+                    result: Some(result),
+                }
+            })
+            .collect();
+        Ok(BatchGetSecretsResponse { results })
     }
 
-    async fn subscribe(&self, request: &WatchSecretRequest) -> Result<Subscription, ApiError> {
-        let name = self.context.names.resolve(&request.name)?;
+    async fn subscribe(
+        &self,
+        audit: &mut Audit,
+        request: &WatchSecretRequest,
+    ) -> Result<(Subscription, String), ApiError> {
+        let full_name = self.authorized_name(audit.identity(), &request.name)?;
+        audit.secret(&full_name, None);
         check_version_field("since_version_id", &request.since_version_id)?;
         let stage = match VersionSelector::from_request("", &request.version_stage)? {
             VersionSelector::Stage(stage) => stage,
             VersionSelector::Id { .. } => unreachable!("no version id was given"),
         };
-        Ok(self.context.watch.subscribe(name, stage).await?)
+        let subscription = self
+            .context
+            .watch
+            .subscribe(full_name.clone(), stage)
+            .await?;
+        Ok((subscription, full_name))
     }
 
     /// Reads the current version of a typed config's secret and decodes it.
     async fn typed_config<T>(
         &self,
+        audit: &mut Audit,
         name: &str,
         default_kind: &'static str,
         bypass: bool,
         decode: fn(&SecretValue) -> Result<T, Malformed>,
     ) -> Result<(T, String), ApiError> {
         let full_name = self.context.names.resolve_or_default(name, default_kind)?;
-        let key = CacheKey::new(full_name, VersionSelector::current());
-        let lookup = self.context.cache.get(key, bypass).await?;
+        self.context
+            .authorizer
+            .check_read(audit.identity(), &full_name)?;
+        audit.secret(&full_name, None);
+        let lookup = self
+            .lookup(audit, full_name, VersionSelector::current(), bypass)
+            .await?;
         let version = &lookup.version;
         let config = decode(&version.value).map_err(|source| ApiError::Malformed {
             name: version.name.clone(),
@@ -104,26 +177,70 @@ impl SecretsApi {
     }
 }
 
-/// The changes after the first message, until the broker shuts down (then
-/// one UNAVAILABLE, so the client reconnects elsewhere with its version).
+/// The changes after the first message. The stream ends with UNAVAILABLE
+/// when the broker shuts down (the client reconnects elsewhere with its
+/// version), and with PERMISSION_DENIED when a policy reload takes the
+/// caller's right to the secret away.
 fn watch_stream(
     subscription: Subscription,
+    access: WatchAccess,
 ) -> impl Stream<Item = Result<WatchSecretResponse, Status>> + Send + 'static {
-    futures::stream::unfold(Some(subscription), |subscription| async move {
-        let mut subscription = subscription?;
-        let shutting_down =
-            || Status::unavailable("the broker is shutting down; reconnect with since_version_id");
-        let changed = tokio::select! {
-            biased;
-            _ = subscription.shutdown.wait_for(|stop| *stop) => false,
-            changed = subscription.changes.changed() => changed.is_ok(),
-        };
-        if !changed {
-            return Some((Err(shutting_down()), None));
+    futures::stream::unfold(Some((subscription, access)), |state| async move {
+        let (mut subscription, mut access) = state?;
+        loop {
+            let event = tokio::select! {
+                biased;
+                _ = subscription.shutdown.wait_for(|stop| *stop) => WatchWake::Shutdown,
+                reloaded = access.reloads.changed() => match reloaded {
+                    Ok(()) => WatchWake::PolicyReloaded,
+                    Err(_) => WatchWake::Shutdown,
+                },
+                changed = subscription.changes.changed() => match changed {
+                    Ok(()) => WatchWake::Changed,
+                    Err(_) => WatchWake::Shutdown,
+                },
+            };
+            match event {
+                WatchWake::Shutdown => {
+                    let status = Status::unavailable(
+                        "the broker is shutting down; reconnect with since_version_id",
+                    );
+                    return Some((Err(status), None));
+                }
+                WatchWake::PolicyReloaded => {
+                    if let Err(denied) = access.recheck() {
+                        tracing::info!(target: "audit", identity = %access.caller, rpc = "WatchSecret", secrets = %access.secret, outcome = "PERMISSION_DENIED", "watch ended by a policy reload");
+                        return Some((Err(Status::from(ApiError::from(denied))), None));
+                    }
+                }
+                WatchWake::Changed => {
+                    let state = subscription.changes.borrow_and_update().clone();
+                    let message = message::watch_event(&state);
+                    return Some((Ok(message), Some((subscription, access))));
+                }
+            }
         }
-        let state = subscription.changes.borrow_and_update().clone();
-        Some((Ok(message::watch_event(&state)), Some(subscription)))
     })
+}
+
+enum WatchWake {
+    Shutdown,
+    PolicyReloaded,
+    Changed,
+}
+
+/// What a watch stream needs to re-check its caller after a policy reload.
+struct WatchAccess {
+    authorizer: Arc<Authorizer>,
+    reloads: tokio::sync::watch::Receiver<u64>,
+    caller: Identity,
+    secret: String,
+}
+
+impl WatchAccess {
+    fn recheck(&self) -> Result<(), Denied> {
+        self.authorizer.check_read(&self.caller, &self.secret)
+    }
 }
 
 fn kind_label(default_kind: &str) -> &'static str {
@@ -135,68 +252,61 @@ fn kind_label(default_kind: &str) -> &'static str {
     }
 }
 
-/// The edge: a handler's typed result becomes a gRPC answer here.
-fn respond<T>(result: Result<T, ApiError>) -> Result<Response<T>, Status> {
-    result.map(Response::new).map_err(Status::from)
-}
-
 #[tonic::async_trait]
 impl SecretsService for SecretsApi {
     async fn get_secret(
         &self,
         request: Request<GetSecretRequest>,
     ) -> Result<Response<GetSecretResponse>, Status> {
-        respond(self.get_secret(request.into_inner()).await)
+        let mut audit = Audit::new("GetSecret", identity::of_request(&request));
+        let result = self.get_secret(&mut audit, request.into_inner()).await;
+        respond(audit, result)
     }
 
     async fn batch_get_secrets(
         &self,
         request: Request<BatchGetSecretsRequest>,
     ) -> Result<Response<BatchGetSecretsResponse>, Status> {
-        let request = request.into_inner();
-        if request.names.len() > MAX_BATCH_NAMES {
-            return Err(Status::invalid_argument(format!(
-                "names holds {} names; at most {MAX_BATCH_NAMES} are allowed per call",
-                request.names.len()
-            )));
-        }
-        let bypass = request.bypass_cache;
-        let results = join_all(
-            request
-                .names
-                .into_iter()
-                .map(|name| self.batch_result(name, bypass)),
-        )
-        .await;
-        Ok(Response::new(BatchGetSecretsResponse { results }))
+        let mut audit = Audit::new("BatchGetSecrets", identity::of_request(&request));
+        let result = self
+            .batch_get_secrets(&mut audit, request.into_inner())
+            .await;
+        respond(audit, result)
     }
 
     async fn get_jwt_config(
         &self,
         request: Request<GetJwtConfigRequest>,
     ) -> Result<Response<GetJwtConfigResponse>, Status> {
+        let mut audit = Audit::new("GetJwtConfig", identity::of_request(&request));
         let request = request.into_inner();
         let result = self
             .typed_config(
+                &mut audit,
                 &request.name,
                 "jwt",
                 request.bypass_cache,
                 typed::jwt_config,
             )
             .await;
-        respond(result.map(|(config, version_id)| GetJwtConfigResponse {
-            config: Some(config),
-            version_id,
-        }))
+        respond(
+            audit,
+            result.map(|(config, version_id)| GetJwtConfigResponse {
+                config: Some(config),
+                version_id,
+            }),
+        )
     }
 
     async fn get_database_config(
         &self,
         request: Request<GetDatabaseConfigRequest>,
     ) -> Result<Response<GetDatabaseConfigResponse>, Status> {
+        let mut audit = Audit::new("GetDatabaseConfig", identity::of_request(&request));
         let request = request.into_inner();
         let result = self
             .typed_config(
+                &mut audit,
                 &request.name,
                 "database",
                 request.bypass_cache,
@@ -204,6 +314,7 @@ impl SecretsService for SecretsApi {
             )
             .await;
         respond(
+            audit,
             result.map(|(config, version_id)| GetDatabaseConfigResponse {
                 config: Some(config),
                 version_id,
@@ -215,9 +326,11 @@ impl SecretsService for SecretsApi {
         &self,
         request: Request<GetAwsServicesConfigRequest>,
     ) -> Result<Response<GetAwsServicesConfigResponse>, Status> {
+        let mut audit = Audit::new("GetAwsServicesConfig", identity::of_request(&request));
         let request = request.into_inner();
         let result = self
             .typed_config(
+                &mut audit,
                 &request.name,
                 "aws-services",
                 request.bypass_cache,
@@ -225,6 +338,7 @@ impl SecretsService for SecretsApi {
             )
             .await;
         respond(
+            audit,
             result.map(|(config, version_id)| GetAwsServicesConfigResponse {
                 config: Some(config),
                 version_id,
@@ -236,9 +350,11 @@ impl SecretsService for SecretsApi {
         &self,
         request: Request<GetSecurityConfigRequest>,
     ) -> Result<Response<GetSecurityConfigResponse>, Status> {
+        let mut audit = Audit::new("GetSecurityConfig", identity::of_request(&request));
         let request = request.into_inner();
         let result = self
             .typed_config(
+                &mut audit,
                 &request.name,
                 "security",
                 request.bypass_cache,
@@ -246,6 +362,7 @@ impl SecretsService for SecretsApi {
             )
             .await;
         respond(
+            audit,
             result.map(|(config, version_id)| GetSecurityConfigResponse {
                 config: Some(config),
                 version_id,
@@ -260,10 +377,22 @@ impl SecretsService for SecretsApi {
         &self,
         request: Request<WatchSecretRequest>,
     ) -> Result<Response<Self::WatchSecretStream>, Status> {
+        let caller = identity::of_request(&request);
+        let mut audit = Audit::new("WatchSecret", caller.clone());
         let request = request.into_inner();
-        let subscription = self.subscribe(&request).await.map_err(Status::from)?;
+        // Taken before subscribing, so that no reload between the check and
+        // the stream's start goes unnoticed.
+        let reloads = self.context.authorizer.reloads();
+        let subscribed = self.subscribe(&mut audit, &request).await;
+        let (subscription, secret) = respond(audit, subscribed)?.into_inner();
+        let access = WatchAccess {
+            authorizer: Arc::clone(&self.context.authorizer),
+            reloads,
+            caller,
+            secret,
+        };
         let first = message::first_watch_event(&subscription.first, &request.since_version_id);
-        let changes = watch_stream(subscription);
+        let changes = watch_stream(subscription, access);
         let stream = futures::stream::once(async move { Ok(first) }).chain(changes);
         Ok(Response::new(Box::pin(stream)))
     }

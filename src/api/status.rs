@@ -15,6 +15,7 @@ use super::typed::Malformed;
 use crate::{
     backend::{InvalidVersion, StoreError},
     names::InvalidName,
+    policy::Denied,
     proto::SecretError,
 };
 
@@ -30,6 +31,10 @@ pub enum ApiError {
     InvalidVersion(#[from] InvalidVersion),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("permission denied: {0}")]
+    Denied(#[from] Denied),
+    #[error("names holds {count} names; at most {limit} are allowed per call")]
+    TooManyNames { count: usize, limit: usize },
     #[error("secret {name} cannot be read as {kind}: {source}")]
     Malformed {
         name: String,
@@ -43,7 +48,10 @@ impl ApiError {
     fn code_and_reason(&self) -> (Code, &'static str) {
         match self {
             Self::InvalidName(_) => (Code::InvalidArgument, "INVALID_SECRET_NAME"),
+            Self::Denied(Denied::NoIdentity) => (Code::Unauthenticated, "NO_CLIENT_IDENTITY"),
+            Self::Denied(_) => (Code::PermissionDenied, "POLICY_DENIED"),
             Self::InvalidVersion(_) => (Code::InvalidArgument, "INVALID_VERSION"),
+            Self::TooManyNames { .. } => (Code::InvalidArgument, "TOO_MANY_NAMES"),
             Self::Malformed { .. } => (Code::FailedPrecondition, "MALFORMED_SECRET"),
             Self::Store(store) => match store {
                 StoreError::NotFound { .. } => (Code::NotFound, "SECRET_NOT_FOUND"),
@@ -80,9 +88,16 @@ impl ApiError {
             ) => {
                 put("secret_name", name);
             }
-            Self::Store(_) => {}
+            Self::TooManyNames { .. } => {
+                put("field", "names");
+            }
+            Self::Store(_) | Self::Denied(_) => {}
         }
         metadata
+    }
+
+    pub fn code(&self) -> Code {
+        self.code_and_reason().0
     }
 
     /// The per-item form used by BatchGetSecrets.

@@ -34,6 +34,7 @@ use serde::Deserialize;
 
 use super::{SecretDescription, SecretStore, StoreError, VersionSelector};
 use crate::{
+    file_watch::{self, FileWatch},
     names::{InvalidName, NameResolver},
     secret::{SecretValue, SecretVersion},
 };
@@ -123,7 +124,7 @@ pub struct FileStore {
     /// Counts reloads that changed something.
     generation: tokio::sync::watch::Sender<u64>,
     /// Keeps the file watcher alive as long as the store.
-    watcher: Mutex<Option<notify::RecommendedWatcher>>,
+    watcher: Mutex<Option<FileWatch>>,
 }
 
 impl FileStore {
@@ -180,41 +181,19 @@ impl FileStore {
         Ok(true)
     }
 
-    /// Follows the file on disk until the store is dropped. The folder is
-    /// watched, not the file: editors often replace a file rather than
-    /// write it in place. A write comes as a burst of events (truncate,
-    /// write, close), so a reload waits for the file to be quiet.
+    /// Follows the file on disk (see `file_watch`) until the store is
+    /// dropped.
     pub fn watch_file(self: &Arc<Self>) -> Result<(), notify::Error> {
-        use notify::Watcher;
         let Some((path, _)) = &self.source else {
             return Ok(());
         };
-        let folder = match path.parent() {
-            Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
-            _ => PathBuf::from("."),
-        };
-        let file_name = path.file_name().map(|name| name.to_owned());
-        let (touched, touches) = std::sync::mpsc::channel::<()>();
-        let mut watcher =
-            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                let ours = event.is_ok_and(|event| {
-                    !event.kind.is_access()
-                        && event
-                            .paths
-                            .iter()
-                            .any(|p| p.file_name() == file_name.as_deref())
-                });
-                if ours {
-                    let _ = touched.send(());
-                }
-            })?;
-        watcher.watch(&folder, notify::RecursiveMode::NonRecursive)?;
         let store: Weak<Self> = Arc::downgrade(self);
-        std::thread::Builder::new()
-            .name("secrets-file-reload".into())
-            .spawn(move || reload_when_quiet(&touches, &store))
-            .map_err(notify::Error::io)?;
-        *self.watcher.lock().unwrap_or_else(|e| e.into_inner()) = Some(watcher);
+        let watch = file_watch::on_change(&[path], move || {
+            if let Some(store) = store.upgrade() {
+                store.reload_and_log();
+            }
+        })?;
+        *self.watcher.lock().unwrap_or_else(|e| e.into_inner()) = Some(watch);
         Ok(())
     }
 
@@ -241,21 +220,6 @@ impl FileStore {
         // A poisoned lock only means a panic elsewhere while swapping the
         // map; the Arc inside is still whole.
         Arc::clone(&self.secrets.read().unwrap_or_else(|e| e.into_inner()))
-    }
-}
-
-/// How long a file must be left alone before it is read again.
-const QUIET: std::time::Duration = std::time::Duration::from_millis(100);
-
-/// Reloads after each burst of changes; ends with the watcher (its sender
-/// is dropped with the store).
-fn reload_when_quiet(touches: &std::sync::mpsc::Receiver<()>, store: &Weak<FileStore>) {
-    while touches.recv().is_ok() {
-        while touches.recv_timeout(QUIET).is_ok() {}
-        match store.upgrade() {
-            Some(store) => store.reload_and_log(),
-            None => return,
-        }
     }
 }
 

@@ -1,0 +1,84 @@
+//! The audit trail: one structured event per call, on the `audit` tracing
+//! target: who (identity), what (RPC, resolved secret names), the outcome
+//! (gRPC code) and whether the cache answered. Never a value.
+//!
+//! Handlers fill an `Audit` as they learn the facts, and the edge emits it
+//! with the outcome, so that no path through a handler can skip it.
+
+use tonic::Code;
+
+use crate::identity::Identity;
+
+/// The facts of one call, emitted by `finish`.
+pub struct Audit {
+    rpc: &'static str,
+    identity: Identity,
+    secrets: String,
+    cache_hit: Option<bool>,
+}
+
+impl Audit {
+    pub fn new(rpc: &'static str, identity: Identity) -> Self {
+        Self {
+            rpc,
+            identity,
+            secrets: String::new(),
+            cache_hit: None,
+        }
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Notes a secret the call touched (resolved name; for batches, each
+    /// with its own outcome).
+    pub fn secret(&mut self, name: &str, outcome: Option<Code>) {
+        if !self.secrets.is_empty() {
+            self.secrets.push(' ');
+        }
+        self.secrets.push_str(name);
+        if let Some(code) = outcome {
+            self.secrets.push('=');
+            self.secrets.push_str(code_name(code));
+        }
+    }
+
+    pub fn cache_hit(&mut self, hit: bool) {
+        self.cache_hit = Some(hit);
+    }
+
+    pub fn finish(self, outcome: Code) {
+        tracing::info!(
+            target: "audit",
+            identity = %self.identity,
+            rpc = self.rpc,
+            secrets = %self.secrets,
+            outcome = code_name(outcome),
+            cache_hit = ?self.cache_hit,
+        );
+    }
+}
+
+/// gRPC's names for its codes, as every client library prints them.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}

@@ -1,0 +1,341 @@
+//! Mutual TLS: the server's certificate, client certificates required and
+//! verified against a CA bundle, TLS 1.2 and 1.3, ALPN h2.
+//!
+//! The broker terminates TLS itself (rustls through tokio-rustls) rather
+//! than through tonic's `tls_config`, for two reasons:
+//! - reload: the rustls config is held behind a lock and swapped whole when
+//!   the certificate, key or CA files change (or on SIGHUP); each new
+//!   handshake takes the config current at that moment, existing
+//!   connections keep theirs. A broken new file keeps the old config.
+//! - identity: the caller's identity is read from its certificate once, at
+//!   the handshake, and attached to the connection (`ConnectionInfo`), so
+//!   calls never parse certificates.
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+    pin::Pin,
+    sync::{Arc, Mutex, RwLock},
+    task::{Context, Poll},
+    time::{Duration, SystemTime},
+};
+
+use rustls::{
+    RootCertStore, ServerConfig,
+    crypto::CryptoProvider,
+    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    server::WebPkiClientVerifier,
+    sign::CertifiedKey,
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::mpsc,
+};
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+use x509_parser::prelude::FromDer;
+
+use crate::{
+    config::TlsFiles,
+    file_watch::{self, FileWatch},
+    identity::{ConnectionInfo, Identity},
+};
+
+/// A client that does not finish its handshake in this time is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the TLS files cannot be used. Never includes key material.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {what} {path}: {detail}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        detail: String,
+    },
+    #[error("{what} {path} holds no PEM {kind}")]
+    Empty {
+        what: &'static str,
+        path: PathBuf,
+        kind: &'static str,
+    },
+    #[error("the private key {key} does not belong to the certificate {cert}")]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
+    #[error("the certificate {path} is not valid now (valid {not_before} to {not_after})")]
+    NotValidNow {
+        path: PathBuf,
+        not_before: String,
+        not_after: String,
+    },
+    #[error("cannot build the TLS configuration: {0}")]
+    Config(String),
+}
+
+/// What `check` reports of the server certificate.
+#[derive(Debug, Clone)]
+pub struct CertificateReport {
+    pub subject: String,
+    pub not_after: String,
+    pub expires_in: Duration,
+}
+
+/// The TLS side of the listener; holds the current rustls config.
+pub struct TlsTerminator {
+    files: TlsFiles,
+    config: RwLock<Arc<ServerConfig>>,
+    watch: Mutex<Option<FileWatch>>,
+}
+
+impl TlsTerminator {
+    pub fn load(files: &TlsFiles) -> Result<Arc<Self>, TlsError> {
+        Ok(Arc::new(Self {
+            files: files.clone(),
+            config: RwLock::new(server_config(files)?),
+            watch: Mutex::new(None),
+        }))
+    }
+
+    /// Reads the files again; on error the current config stays.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let config = server_config(&self.files)?;
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = config;
+        Ok(())
+    }
+
+    pub fn reload_and_log(&self) {
+        match self.reload() {
+            Ok(()) => tracing::info!("TLS certificates reloaded"),
+            Err(error) => {
+                tracing::warn!(%error, "TLS certificates not reloaded; keeping the previous ones")
+            }
+        }
+    }
+
+    /// Reloads when one of the files changes, until dropped with `self`.
+    pub fn follow_files(self: &Arc<Self>) -> notify::Result<()> {
+        let weak = Arc::downgrade(self);
+        let files = [&*self.files.cert, &*self.files.key, &*self.files.client_ca];
+        let watch = file_watch::on_change(&files, move || {
+            if let Some(tls) = weak.upgrade() {
+                tls.reload_and_log();
+            }
+        })?;
+        *self.watch.lock().unwrap_or_else(|e| e.into_inner()) = Some(watch);
+        Ok(())
+    }
+
+    fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(Arc::clone(
+            &self.config.read().unwrap_or_else(|e| e.into_inner()),
+        ))
+    }
+
+    /// Accepts TCP connections, completes their handshakes concurrently
+    /// (one slow client cannot hold up the others), and yields the
+    /// established connections. Ends when the receiving side is dropped.
+    pub fn incoming(
+        self: Arc<Self>,
+        listener: TcpListener,
+    ) -> ReceiverStream<io::Result<TlsConnection>> {
+        let (established, incoming) = mpsc::channel(64);
+        tokio::spawn(async move {
+            while !established.is_closed() {
+                let (tcp, remote) = match listener.accept().await {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        // Out of file descriptors and the like: wait, retry.
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let acceptor = self.acceptor();
+                let established = established.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            let connection = TlsConnection::new(stream, remote);
+                            let _ = established.send(Ok(connection)).await;
+                        }
+                        Ok(Err(error)) => {
+                            tracing::info!(%remote, %error, "TLS handshake refused")
+                        }
+                        Err(_) => tracing::info!(%remote, "TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        ReceiverStream::new(incoming)
+    }
+}
+
+/// An established TLS connection and who is at the other end.
+pub struct TlsConnection {
+    stream: TlsStream<TcpStream>,
+    info: ConnectionInfo,
+}
+
+impl TlsConnection {
+    fn new(stream: TlsStream<TcpStream>, remote: std::net::SocketAddr) -> Self {
+        let identity = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .map_or(Identity::Unnamed, |leaf| Identity::from_certificate(leaf));
+        tracing::debug!(%remote, %identity, "TLS connection established");
+        Self {
+            stream,
+            info: ConnectionInfo {
+                identity,
+                remote: Some(remote),
+            },
+        }
+    }
+}
+
+impl Connected for TlsConnection {
+    type ConnectInfo = ConnectionInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for TlsConnection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConnection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Builds the rustls config from the files, checking what can be checked.
+pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
+    let chain = read_certificates("server certificate", &files.cert)?;
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| TlsError::Read {
+        what: "server key",
+        path: files.key.clone(),
+        detail: e.to_string(),
+    })?;
+    let provider = provider();
+    let signing_key = provider
+        .key_provider
+        .load_private_key(key.clone_key())
+        .map_err(|e| TlsError::Config(format!("the server key cannot be used: {e}")))?;
+    CertifiedKey::new(chain.clone(), signing_key)
+        .keys_match()
+        .map_err(|_| TlsError::KeyMismatch {
+            cert: files.cert.clone(),
+            key: files.key.clone(),
+        })?;
+
+    let mut roots = RootCertStore::empty();
+    for ca in read_certificates("client CA bundle", &files.client_ca)? {
+        roots.add(ca).map_err(|e| {
+            TlsError::Config(format!("client CA {}: {e}", files.client_ca.display()))
+        })?;
+    }
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+            .build()
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+fn read_certificates(
+    what: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let read_error = |detail: String| TlsError::Read {
+        what,
+        path: path.to_owned(),
+        detail,
+    };
+    let certificates = CertificateDer::pem_file_iter(path)
+        .map_err(|e| read_error(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| read_error(e.to_string()))?;
+    if certificates.is_empty() {
+        return Err(TlsError::Empty {
+            what,
+            path: path.to_owned(),
+            kind: "certificate",
+        });
+    }
+    Ok(certificates)
+}
+
+/// Checks the server certificate's dates (for `check`), after
+/// `server_config` has checked the rest.
+pub fn certificate_report(files: &TlsFiles) -> Result<CertificateReport, TlsError> {
+    let chain = read_certificates("server certificate", &files.cert)?;
+    let (_, leaf) = x509_parser::certificate::X509Certificate::from_der(&chain[0])
+        .map_err(|e| TlsError::Config(format!("the server certificate does not parse: {e}")))?;
+    let validity = leaf.validity();
+    let not_after = validity.not_after.to_string();
+    if !validity.is_valid() {
+        return Err(TlsError::NotValidNow {
+            path: files.cert.clone(),
+            not_before: validity.not_before.to_string(),
+            not_after,
+        });
+    }
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs() as i64;
+    let expires_in =
+        Duration::from_secs(validity.not_after.timestamp().saturating_sub(now).max(0) as u64);
+    Ok(CertificateReport {
+        subject: leaf.subject().to_string(),
+        not_after,
+        expires_in,
+    })
+}
