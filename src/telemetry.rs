@@ -1,6 +1,9 @@
 //! Logging: `tracing` to stderr, level from `LOG_LEVEL` (the guide's
 //! names), JSON lines when `LOG_FORMAT=json`. `RUST_LOG`, when set, wins,
 //! for the odd deep dive into a dependency.
+//!
+//! The audit trail (target `audit`, one event per call) is kept at INFO
+//! whatever `LOG_LEVEL` says: quieting the logs must not silence it.
 
 use std::io::IsTerminal;
 
@@ -10,7 +13,8 @@ use tracing_subscriber::EnvFilter;
 pub fn init(level: &str) {
     // The HTTP/2 and AWS stacks are chatty at debug; their warnings matter.
     let directives = format!(
-        "{level},h2=warn,hyper=warn,hyper_util=warn,tower=warn,rustls=warn,aws_smithy_runtime=warn,aws_config=warn"
+        "{level},audit=info,h2=warn,hyper=warn,hyper_util=warn,tower=warn,rustls=warn,\
+         aws_smithy_runtime=warn,aws_config=warn"
     );
     let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new(directives));
     let builder = tracing_subscriber::fmt()

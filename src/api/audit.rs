@@ -55,7 +55,7 @@ impl Audit {
             rpc = self.rpc,
             secrets = %self.secrets,
             outcome = code_name(outcome),
-            cache_hit = ?self.cache_hit,
+            cache_hit = self.cache_hit,
         );
     }
 }

@@ -96,11 +96,23 @@ impl SecretsApi {
         }
         let caller = audit.identity().clone();
         let bypass = request.bypass_cache;
+        // Each outcome carries the resolved name when there is one, for
+        // the audit trail.
         let outcomes = join_all(request.names.iter().map(|name| async {
-            let full_name = self.authorized_name(&caller, name)?;
+            let full_name = self
+                .context
+                .names
+                .resolve(name)
+                .map_err(|e| (None, ApiError::from(e)))?;
+            let denied = self.context.authorizer.check_read(&caller, &full_name);
+            if let Err(denied) = denied {
+                return Err((Some(full_name), ApiError::from(denied)));
+            }
             let key = CacheKey::new(full_name.clone(), VersionSelector::current());
-            let lookup = self.context.cache.get(key, bypass).await;
-            Ok::<_, ApiError>((full_name, lookup?))
+            match self.context.cache.get(key, bypass).await {
+                Ok(lookup) => Ok((full_name, lookup)),
+                Err(error) => Err((Some(full_name), ApiError::from(error))),
+            }
         }))
         .await;
         let results = request
@@ -116,8 +128,10 @@ impl SecretsApi {
                             Contents::WithValue,
                         ))
                     }
-                    Err(error) => {
-                        audit.secret(&ShownName(&name).to_string(), Some(error.code()));
+                    Err((full_name, error)) => {
+                        let shown = full_name
+                            .unwrap_or_else(|| format!("{:?}", ShownName(&name).to_string()));
+                        audit.secret(&shown, Some(error.code()));
                         batch_get_secrets_result::Result::Error(error.to_secret_error())
                     }
                 };
