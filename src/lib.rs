@@ -17,6 +17,7 @@ pub mod config;
 pub mod file_watch;
 pub mod identity;
 pub mod names;
+pub mod operator;
 pub mod policy;
 pub mod secret;
 pub mod server;

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use secrets_broker::{
     check,
     config::{BackendChoice, BrokerArgs, ListenAddr, Settings},
-    server, telemetry,
+    operator, server, telemetry,
 };
 
 #[derive(Parser)]
@@ -23,6 +23,17 @@ enum Command {
     Serve(BrokerArgs),
     /// Validate the configuration and test the upstream; exit 0 or 1.
     Check(BrokerArgs),
+    /// Read a secret from a running broker; the value goes to stdout.
+    Get(operator::GetArgs),
+    /// Follow a secret's rotations on a running broker.
+    Watch {
+        /// Short name, full name or ARN.
+        name: String,
+        #[command(flatten)]
+        connection: operator::Connection,
+    },
+    /// Print a running broker's cache counters (needs an admin identity).
+    Stats(operator::Connection),
 }
 
 fn main() -> ExitCode {
@@ -36,6 +47,11 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Check(args) => runtime.block_on(check(args)),
+        Command::Get(args) => runtime.block_on(operate(operator::get(args))),
+        Command::Watch { name, connection } => {
+            runtime.block_on(operate(operator::watch(name, connection)))
+        }
+        Command::Stats(connection) => runtime.block_on(operate(operator::stats(connection))),
     }
 }
 
@@ -78,6 +94,15 @@ async fn check(args: BrokerArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(error) => fail(&format!("check failed: {error}")),
+    }
+}
+
+async fn operate(
+    command: impl std::future::Future<Output = Result<(), secrets_broker_client::Error>>,
+) -> ExitCode {
+    match command.await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => fail(&error.to_string()),
     }
 }
 

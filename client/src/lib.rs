@@ -1,8 +1,51 @@
 //! `secrets-broker-client`: the crate services depend on to read secrets
-//! from a secrets-broker.
+//! from a [secrets-broker](https://example.invalid/secrets-broker).
 //!
-//! It is deliberately empty for now: the typed client (connection setup,
-//! `get_secret`, the typed configs, `watch_secret`, error mapping) is built in
-//! its own piece of work. It already lives in the workspace so that its
-//! dependency tree, which must never contain an AWS SDK crate, is checked from
-//! the start.
+//! It offers what the InsureCove Python `AWSSecretsManager` class offered,
+//! through the broker: secrets by short name (the broker adds the prefix),
+//! by version or stage, bypassing the cache; the typed configs; the
+//! connection test; cache statistics and clearing; and a stream of
+//! rotations. It has no AWS SDK in its dependency tree.
+//!
+//! ```no_run
+//! use secrets_broker_client::{ClientConfig, Error, SecretsClient};
+//!
+//! # async fn run() -> Result<(), Error> {
+//! // BROKER_ENDPOINT, BROKER_CA_FILE, BROKER_CERT_FILE, BROKER_KEY_FILE...
+//! let client = SecretsClient::connect(ClientConfig::from_env()?).await?;
+//! let db = client.get_database_config().await?;
+//! match client.get_secret("mistral-api-key").await {
+//!     Ok(secret) => println!("version {}", secret.version_id()),
+//!     Err(Error::NotFound { .. }) => println!("no such secret"),
+//!     Err(Error::AccessDenied { reason, .. }) => println!("denied: {reason}"),
+//!     Err(other) => return Err(other),
+//! }
+//! # let _ = db; Ok(()) }
+//! ```
+
+#![deny(missing_docs)]
+
+mod client;
+mod config;
+mod error;
+mod value;
+mod watch;
+
+pub use client::{GetSecret, SecretsClient};
+pub use config::ClientConfig;
+pub use error::Error;
+pub use value::{CacheFacts, SecretValue};
+pub use watch::{WatchEvent, WatchEventKind, WatchStream};
+
+/// The generated protobuf types and gRPC stubs of `secretsbroker.v1`, for
+/// what the typed API does not cover.
+#[allow(missing_docs)]
+pub mod proto {
+    tonic::include_proto!("secretsbroker.v1");
+}
+
+/// The typed configs, as the broker decodes and validates them.
+pub use proto::{
+    AwsServicesConfig, DatabaseConfig, GetCacheStatsResponse as CacheStats, JwtConfig,
+    SecurityConfig,
+};

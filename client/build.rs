@@ -1,0 +1,18 @@
+//! Generates the client stubs from the broker's contract in `../proto`
+//! with `protox` (no system protoc).
+
+const PROTOS: &[&str] = &[
+    "secretsbroker/v1/secret.proto",
+    "secretsbroker/v1/secrets_service.proto",
+    "secretsbroker/v1/admin_service.proto",
+];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=../proto");
+    let descriptors = protox::compile(PROTOS, ["../proto"])?;
+    tonic_prost_build::configure()
+        .build_server(false)
+        .bytes(".secretsbroker.v1.Secret.binary_value")
+        .compile_fds(descriptors)?;
+    Ok(())
+}

@@ -1,0 +1,348 @@
+//! `SecretsClient`: the typed API over the broker's two services.
+
+use std::{future::IntoFuture, pin::Pin, time::Duration};
+
+use futures::Future;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use zeroize::Zeroizing;
+
+use crate::{
+    ClientConfig, Error, SecretValue,
+    proto::{
+        self, admin_service_client::AdminServiceClient,
+        secrets_service_client::SecretsServiceClient,
+    },
+    watch::{self, WatchStream},
+};
+
+/// A client of one broker. Cheap to clone: clones share one HTTP/2
+/// connection, opened on first use and re-opened when lost.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), secrets_broker_client::Error> {
+/// use secrets_broker_client::{ClientConfig, SecretsClient};
+/// let client = SecretsClient::connect(ClientConfig::from_env()?).await?;
+/// let api_key = client.get_mistral_api_key().await?;
+/// let jwt = client.get_jwt_config().await?;
+/// let previous = client.get_secret("mistral-api-key").version_stage("AWSPREVIOUS").await?;
+/// # let _ = (api_key, jwt, previous); Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct SecretsClient {
+    secrets: SecretsServiceClient<Channel>,
+    admin: AdminServiceClient<Channel>,
+    max_retries: u32,
+    request_timeout: Duration,
+}
+
+/// First wait between retries; doubles each time.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+
+impl SecretsClient {
+    /// Prepares a client. The connection itself is made lazily, at the
+    /// first call, so a broker that starts later is not an error here.
+    pub async fn connect(config: ClientConfig) -> Result<Self, Error> {
+        let mut endpoint = Endpoint::from_shared(config.url()?)
+            .map_err(|e| Error::Config(format!("endpoint {}: {e}", config.endpoint)))?
+            .connect_timeout(config.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_while_idle(true);
+        if let Some((ca, cert, key)) = config.tls_files()? {
+            let read = |path: &std::path::PathBuf| {
+                std::fs::read(path)
+                    .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))
+            };
+            let mut tls = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(read(ca)?))
+                .identity(Identity::from_pem(read(cert)?, read(key)?));
+            if let Some(domain) = &config.tls_domain {
+                tls = tls.domain_name(domain.clone());
+            }
+            endpoint = endpoint.tls_config(tls)?;
+        }
+        let channel = endpoint.connect_lazy();
+        Ok(Self {
+            secrets: SecretsServiceClient::new(channel.clone()),
+            admin: AdminServiceClient::new(channel),
+            max_retries: config.max_retries,
+            request_timeout: config.request_timeout,
+        })
+    }
+
+    /// A unary request with the call deadline (watch streams have none).
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(self.request_timeout);
+        request
+    }
+
+    /// Runs an idempotent call, retrying UNAVAILABLE with backoff.
+    async fn retrying<T, F, Fut>(&self, call: F) -> Result<T, Error>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, Error>>,
+    {
+        let mut backoff = FIRST_BACKOFF;
+        let mut attempt = 0;
+        loop {
+            match call().await {
+                Err(error) if error.is_retryable() && attempt < self.max_retries => {
+                    attempt += 1;
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// One idempotent SecretsService call, with deadline and retries.
+    async fn call<Req, Resp, Rpc, Fut>(&self, message: Req, rpc: Rpc) -> Result<Resp, Error>
+    where
+        Req: Clone,
+        Rpc: Fn(SecretsServiceClient<Channel>, tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        self.retrying(|| {
+            let answer = rpc(self.secrets.clone(), self.request(message.clone()));
+            async move { Ok(answer.await?.into_inner()) }
+        })
+        .await
+    }
+
+    /// Reads a secret by short name, full name or ARN; chain
+    /// `.version_id(..)`, `.version_stage(..)` or `.bypass_cache()` before
+    /// awaiting.
+    pub fn get_secret(&self, name: impl Into<String>) -> GetSecret<'_> {
+        GetSecret {
+            client: self,
+            request: proto::GetSecretRequest {
+                name: name.into(),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Reads several current secrets at once; each name has its own
+    /// outcome, in order.
+    pub async fn batch_get_secrets(
+        &self,
+        names: &[&str],
+    ) -> Result<Vec<(String, Result<SecretValue, Error>)>, Error> {
+        let request = proto::BatchGetSecretsRequest {
+            names: names.iter().map(|n| (*n).to_owned()).collect(),
+            bypass_cache: false,
+        };
+        let response = self
+            .call(
+                request,
+                |mut c, r| async move { c.batch_get_secrets(r).await },
+            )
+            .await?;
+        Ok(response
+            .results
+            .into_iter()
+            .map(|item| {
+                let outcome = match item.result {
+                    Some(proto::batch_get_secrets_result::Result::Secret(secret)) => {
+                        Ok(SecretValue::from_proto(secret))
+                    }
+                    Some(proto::batch_get_secrets_result::Result::Error(error)) => {
+                        let code = tonic::Code::from(error.code as i32);
+                        Err(Error::from_parts(code, error.reason, None, error.message))
+                    }
+                    None => Err(Error::Decode("the broker sent an empty result".into())),
+                };
+                (item.name, outcome)
+            })
+            .collect())
+    }
+
+    /// The JWT settings (`<environment>/jwt`).
+    pub async fn get_jwt_config(&self) -> Result<proto::JwtConfig, Error> {
+        let request = proto::GetJwtConfigRequest::default();
+        let response = self
+            .call(request, |mut c, r| async move { c.get_jwt_config(r).await })
+            .await?;
+        config(response.config)
+    }
+
+    /// The database settings (`<environment>/database`).
+    pub async fn get_database_config(&self) -> Result<proto::DatabaseConfig, Error> {
+        let request = proto::GetDatabaseConfigRequest::default();
+        let response = self
+            .call(
+                request,
+                |mut c, r| async move { c.get_database_config(r).await },
+            )
+            .await?;
+        config(response.config)
+    }
+
+    /// The AWS services settings (`<environment>/aws-services`).
+    pub async fn get_aws_services_config(&self) -> Result<proto::AwsServicesConfig, Error> {
+        let request = proto::GetAwsServicesConfigRequest::default();
+        let response = self
+            .call(request, |mut c, r| async move {
+                c.get_aws_services_config(r).await
+            })
+            .await?;
+        config(response.config)
+    }
+
+    /// The security settings (`<environment>/security`).
+    pub async fn get_security_config(&self) -> Result<proto::SecurityConfig, Error> {
+        let request = proto::GetSecurityConfigRequest::default();
+        let response = self
+            .call(
+                request,
+                |mut c, r| async move { c.get_security_config(r).await },
+            )
+            .await?;
+        config(response.config)
+    }
+
+    /// The Mistral API key (`mistral-api-key`), as text.
+    pub async fn get_mistral_api_key(&self) -> Result<Zeroizing<String>, Error> {
+        let secret = self.get_secret("mistral-api-key").await?;
+        secret
+            .as_str()
+            .map(|key| Zeroizing::new(key.to_owned()))
+            .ok_or_else(|| Error::Decode("mistral-api-key is binary, not text".into()))
+    }
+
+    /// Whether the broker reaches AWS (AdminService.CheckUpstream; needs an
+    /// admin identity). The guide's `test_connection`.
+    pub async fn test_connection(&self) -> Result<bool, Error> {
+        let mut client = self.admin.clone();
+        let response = client
+            .check_upstream(self.request(proto::CheckUpstreamRequest {}))
+            .await?;
+        Ok(response.into_inner().reachable)
+    }
+
+    /// The broker's cache counters (needs an admin identity).
+    pub async fn get_cache_stats(&self) -> Result<proto::GetCacheStatsResponse, Error> {
+        let mut client = self.admin.clone();
+        Ok(client
+            .get_cache_stats(self.request(proto::GetCacheStatsRequest {}))
+            .await?
+            .into_inner())
+    }
+
+    /// Drops these secrets from the broker's cache, or everything when
+    /// `names` is empty; returns how many entries went (needs admin).
+    pub async fn clear_cache(&self, names: &[&str]) -> Result<u64, Error> {
+        let mut client = self.admin.clone();
+        let request = proto::ClearCacheRequest {
+            names: names.iter().map(|n| (*n).to_owned()).collect(),
+        };
+        Ok(client
+            .clear_cache(self.request(request))
+            .await?
+            .into_inner()
+            .cleared)
+    }
+
+    /// Makes the broker re-read a secret now; returns its metadata and
+    /// whether the version changed (needs admin).
+    pub async fn refresh_secret(&self, name: &str) -> Result<(SecretValue, bool), Error> {
+        let mut client = self.admin.clone();
+        let request = proto::RefreshSecretRequest { name: name.into() };
+        let response = client
+            .refresh_secret(self.request(request))
+            .await?
+            .into_inner();
+        let secret = response
+            .secret
+            .ok_or_else(|| Error::Decode("the broker sent no secret".into()))?;
+        Ok((SecretValue::from_proto(secret), response.changed))
+    }
+
+    /// Follows a secret's current version: the state at once, then each
+    /// rotation, deletion and restoration. The stream reconnects by itself
+    /// (with backoff, telling the broker the version it holds), so a broker
+    /// restart loses no rotation; it ends only on an error that a retry
+    /// cannot fix (not found, access denied), or when dropped.
+    ///
+    /// ```no_run
+    /// # async fn run(client: secrets_broker_client::SecretsClient) {
+    /// use futures::StreamExt;
+    /// let mut events = client.watch_secret("production/jwt");
+    /// while let Some(event) = events.next().await {
+    ///     match event {
+    ///         Ok(event) => println!("{:?} {}", event.kind, event.secret.version_id()),
+    ///         Err(error) => eprintln!("watch ended: {error}"),
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    pub fn watch_secret(&self, name: impl Into<String>) -> WatchStream {
+        watch::follow(self.secrets.clone(), name.into(), String::new())
+    }
+
+    /// Like `watch_secret`, for another staging label.
+    pub fn watch_secret_stage(
+        &self,
+        name: impl Into<String>,
+        stage: impl Into<String>,
+    ) -> WatchStream {
+        watch::follow(self.secrets.clone(), name.into(), stage.into())
+    }
+}
+
+fn config<T>(config: Option<T>) -> Result<T, Error> {
+    config.ok_or_else(|| Error::Decode("the broker sent no config".into()))
+}
+
+/// A GetSecret call being built; await it (or call `send`).
+#[must_use = "a GetSecret does nothing until awaited"]
+pub struct GetSecret<'a> {
+    client: &'a SecretsClient,
+    request: proto::GetSecretRequest,
+}
+
+impl GetSecret<'_> {
+    /// Reads this version id.
+    pub fn version_id(mut self, version_id: impl Into<String>) -> Self {
+        self.request.version_id = version_id.into();
+        self
+    }
+
+    /// Reads the version with this staging label (default AWSCURRENT).
+    pub fn version_stage(mut self, stage: impl Into<String>) -> Self {
+        self.request.version_stage = stage.into();
+        self
+    }
+
+    /// Asks AWS now; the answer also refreshes the broker's cache.
+    pub fn bypass_cache(mut self) -> Self {
+        self.request.bypass_cache = true;
+        self
+    }
+
+    /// Sends the call.
+    pub async fn send(self) -> Result<SecretValue, Error> {
+        let response = self
+            .client
+            .call(
+                self.request,
+                |mut c, r| async move { c.get_secret(r).await },
+            )
+            .await?;
+        let secret = response
+            .secret
+            .ok_or_else(|| Error::Decode("the broker sent no secret".into()))?;
+        Ok(SecretValue::from_proto(secret))
+    }
+}
+
+impl<'a> IntoFuture for GetSecret<'a> {
+    type Output = Result<SecretValue, Error>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send + 'a>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.send())
+    }
+}

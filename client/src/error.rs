@@ -1,0 +1,187 @@
+//! The one error type of the client, built from the broker's status code
+//! and its `google.rpc.ErrorInfo` reason.
+
+use tonic::{Code, Status};
+use tonic_types::StatusExt;
+
+/// Everything a call to the broker can fail with.
+///
+/// It mirrors the Python class's hierarchy (`SecretNotFoundError`,
+/// `SecretAccessDeniedError`, `AWSSecretsManagerError`) with the finer
+/// distinctions the broker makes. Messages never contain a secret value.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No such secret or version (`SECRET_NOT_FOUND`), or it is marked for
+    /// deletion (`SECRET_DELETED`).
+    #[error("not found ({reason}): {message}")]
+    NotFound {
+        /// `SECRET_NOT_FOUND` or `SECRET_DELETED`.
+        reason: String,
+        /// The broker's message.
+        message: String,
+    },
+    /// Refused: by the broker's policy (`POLICY_DENIED`) or by AWS IAM
+    /// (`ACCESS_DENIED`).
+    #[error("access denied ({reason}): {message}")]
+    AccessDenied {
+        /// `POLICY_DENIED` or `ACCESS_DENIED`.
+        reason: String,
+        /// The broker's message.
+        message: String,
+    },
+    /// The request was not valid, e.g. a secret name outside AWS's rules.
+    #[error("invalid argument ({reason}): {message}")]
+    InvalidArgument {
+        /// E.g. `INVALID_SECRET_NAME`.
+        reason: String,
+        /// The request field at fault, when the broker names one.
+        field: Option<String>,
+        /// The broker's message.
+        message: String,
+    },
+    /// A typed config could not be decoded: not JSON, or a field missing,
+    /// mistyped or out of range.
+    #[error("malformed secret: {message}")]
+    MalformedSecret {
+        /// The field at fault, when there is one.
+        field: Option<String>,
+        /// The broker's message (never the value).
+        message: String,
+    },
+    /// The broker, or AWS behind it with nothing cached, is unavailable.
+    /// Reads are retried before this is returned.
+    #[error("unavailable: {message}")]
+    Unavailable {
+        /// What failed.
+        message: String,
+    },
+    /// AWS throttled the broker and nothing was cached.
+    #[error("throttled: {message}")]
+    Throttled {
+        /// What failed.
+        message: String,
+    },
+    /// The client certificate is missing or names no identity.
+    #[error("unauthenticated: {message}")]
+    Unauthenticated {
+        /// What failed.
+        message: String,
+    },
+    /// The connection to the broker failed (TLS, DNS, refused...).
+    #[error("transport: {0}")]
+    Transport(String),
+    /// The client's own configuration is unusable.
+    #[error("client configuration: {0}")]
+    Config(String),
+    /// A secret's value is not of the asked form (`as_json`, `as_map`).
+    #[error("cannot decode the secret: {0}")]
+    Decode(String),
+    /// Any other status.
+    #[error("{code:?}: {message}")]
+    Other {
+        /// The gRPC status code.
+        code: Code,
+        /// The broker's message.
+        message: String,
+    },
+}
+
+impl Error {
+    /// The broker's `ErrorInfo` reason, when the error came from it.
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Self::NotFound { reason, .. }
+            | Self::AccessDenied { reason, .. }
+            | Self::InvalidArgument { reason, .. } => Some(reason),
+            Self::MalformedSecret { .. } => Some("MALFORMED_SECRET"),
+            _ => None,
+        }
+    }
+
+    /// Worth another try: the broker or the network may be back soon.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Unavailable { .. } | Self::Transport(_))
+    }
+}
+
+impl Error {
+    /// Builds the error from a status code, an `ErrorInfo` reason, the
+    /// field it names, and a message (BatchGetSecrets' per-item errors
+    /// carry these without a status).
+    pub fn from_parts(code: Code, reason: String, field: Option<String>, message: String) -> Self {
+        match code {
+            Code::NotFound => Self::NotFound { reason, message },
+            Code::PermissionDenied => Self::AccessDenied { reason, message },
+            Code::InvalidArgument => Self::InvalidArgument {
+                reason,
+                field,
+                message,
+            },
+            Code::FailedPrecondition if reason == "MALFORMED_SECRET" => {
+                Self::MalformedSecret { field, message }
+            }
+            Code::Unavailable => Self::Unavailable { message },
+            Code::ResourceExhausted => Self::Throttled { message },
+            Code::Unauthenticated => Self::Unauthenticated { message },
+            code => Self::Other { code, message },
+        }
+    }
+}
+
+impl From<Status> for Error {
+    fn from(status: Status) -> Self {
+        let info = status.get_details_error_info();
+        let reason = info.as_ref().map(|i| i.reason.clone()).unwrap_or_default();
+        let field = info.as_ref().and_then(|i| i.metadata.get("field").cloned());
+        Self::from_parts(status.code(), reason, field, status.message().to_owned())
+    }
+}
+
+impl From<tonic::transport::Error> for Error {
+    fn from(error: tonic::transport::Error) -> Self {
+        Self::Transport(error.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use tonic_types::ErrorDetails;
+
+    use super::*;
+
+    fn status(code: Code, reason: &str, field: Option<&str>) -> Status {
+        let metadata: HashMap<String, String> = field
+            .map(|f| [("field".to_owned(), f.to_owned())].into())
+            .unwrap_or_default();
+        Status::with_error_details(
+            code,
+            "message",
+            ErrorDetails::with_error_info(reason, "secretsbroker", metadata),
+        )
+    }
+
+    #[test]
+    fn statuses_become_variants_with_reason_and_field() {
+        let err = Error::from(status(
+            Code::FailedPrecondition,
+            "MALFORMED_SECRET",
+            Some("jwt_issuer"),
+        ));
+        assert!(matches!(&err, Error::MalformedSecret { field: Some(f), .. } if f == "jwt_issuer"));
+        let err = Error::from(status(Code::NotFound, "SECRET_DELETED", None));
+        assert_eq!(err.reason(), Some("SECRET_DELETED"));
+        let err = Error::from(status(Code::PermissionDenied, "POLICY_DENIED", None));
+        assert!(matches!(err, Error::AccessDenied { .. }));
+        let err = Error::from(status(
+            Code::InvalidArgument,
+            "INVALID_SECRET_NAME",
+            Some("name"),
+        ));
+        assert!(matches!(&err, Error::InvalidArgument { field: Some(f), .. } if f == "name"));
+        assert!(Error::from(Status::unavailable("down")).is_retryable());
+        assert!(!Error::from(Status::not_found("gone")).is_retryable());
+    }
+}

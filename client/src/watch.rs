@@ -1,0 +1,185 @@
+//! `watch_secret`: a stream of a secret's changes that survives broker
+//! restarts.
+//!
+//! A task of its own holds the gRPC stream and feeds a channel. When the
+//! stream breaks (broker restart, connection lost, the broker's shutdown
+//! UNAVAILABLE) it reconnects with backoff and tells the broker the
+//! version it last saw (`since_version_id`): a rotation missed meanwhile
+//! comes back as ROTATED, and an unchanged secret's CURRENT is not repeated.
+//! Errors a retry cannot fix end the stream. Dropping the stream ends the
+//! task.
+
+use std::{
+    pin::Pin,
+    task::{Context, Poll},
+    time::{Duration, SystemTime},
+};
+
+use futures::Stream;
+use tokio::sync::mpsc;
+use tonic::{Code, transport::Channel};
+
+use crate::{
+    Error, SecretValue,
+    proto::{self, secrets_service_client::SecretsServiceClient},
+};
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// What happened to a watched secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchEventKind {
+    /// The state when the stream started.
+    Current,
+    /// The watched stage moved to another version.
+    Rotated,
+    /// The secret was deleted (the event carries metadata, no value).
+    Deleted,
+    /// A deleted secret was restored.
+    Restored,
+}
+
+/// One event of a watch stream.
+#[derive(Debug, Clone)]
+pub struct WatchEvent {
+    /// What happened.
+    pub kind: WatchEventKind,
+    /// The secret's state after it.
+    pub secret: SecretValue,
+    /// When the broker saw it.
+    pub observed_at: Option<SystemTime>,
+}
+
+/// The stream `SecretsClient::watch_secret` returns.
+pub struct WatchStream {
+    events: mpsc::Receiver<Result<WatchEvent, Error>>,
+}
+
+impl Stream for WatchStream {
+    type Item = Result<WatchEvent, Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.events.poll_recv(cx)
+    }
+}
+
+pub(crate) fn follow(
+    client: SecretsServiceClient<Channel>,
+    name: String,
+    stage: String,
+) -> WatchStream {
+    let (events, receiver) = mpsc::channel(16);
+    tokio::spawn(
+        Follower {
+            client,
+            name,
+            stage,
+            events,
+        }
+        .run(),
+    );
+    WatchStream { events: receiver }
+}
+
+struct Follower {
+    client: SecretsServiceClient<Channel>,
+    name: String,
+    stage: String,
+    events: mpsc::Sender<Result<WatchEvent, Error>>,
+}
+
+/// Why one connection's stream ended.
+enum Ended {
+    /// Reconnect.
+    Broken,
+    /// Stop: the receiver is gone, or the error is final.
+    Done,
+}
+
+impl Follower {
+    async fn run(mut self) {
+        let mut last_version: Option<String> = None;
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            match self.stream_once(&mut last_version, &mut backoff).await {
+                Ended::Done => return,
+                Ended::Broken => {}
+            }
+            if self.events.is_closed() {
+                return;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// One connection: subscribe, forward events until the stream ends.
+    async fn stream_once(
+        &mut self,
+        last_version: &mut Option<String>,
+        backoff: &mut Duration,
+    ) -> Ended {
+        let reconnecting = last_version.is_some();
+        let request = proto::WatchSecretRequest {
+            name: self.name.clone(),
+            version_stage: self.stage.clone(),
+            since_version_id: last_version.clone().unwrap_or_default(),
+        };
+        let mut stream = match self.client.watch_secret(request).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => return self.fail(status).await,
+        };
+        let mut first = true;
+        loop {
+            match stream.message().await {
+                Ok(Some(message)) => {
+                    *backoff = FIRST_BACKOFF;
+                    let event = event(message);
+                    // After a reconnect, CURRENT means "nothing missed".
+                    let repeat = first && reconnecting && event.kind == WatchEventKind::Current;
+                    first = false;
+                    *last_version = Some(event.secret.version_id().to_owned());
+                    if !repeat && self.events.send(Ok(event)).await.is_err() {
+                        return Ended::Done;
+                    }
+                }
+                Ok(None) => return Ended::Broken,
+                Err(status) => return self.fail(status).await,
+            }
+        }
+    }
+
+    /// Connection-level failures are retried; the others end the stream.
+    async fn fail(&self, status: tonic::Status) -> Ended {
+        let retry = matches!(
+            status.code(),
+            Code::Unavailable
+                | Code::Unknown
+                | Code::Internal
+                | Code::Cancelled
+                | Code::DeadlineExceeded
+        );
+        if retry {
+            return Ended::Broken;
+        }
+        let _ = self.events.send(Err(Error::from(status))).await;
+        Ended::Done
+    }
+}
+
+fn event(message: proto::WatchSecretResponse) -> WatchEvent {
+    let kind = match proto::WatchEventType::try_from(message.r#type) {
+        Ok(proto::WatchEventType::Rotated) => WatchEventKind::Rotated,
+        Ok(proto::WatchEventType::Deleted) => WatchEventKind::Deleted,
+        Ok(proto::WatchEventType::Restored) => WatchEventKind::Restored,
+        _ => WatchEventKind::Current,
+    };
+    WatchEvent {
+        kind,
+        secret: SecretValue::from_proto(message.secret.unwrap_or_default()),
+        observed_at: message
+            .observed_at
+            .and_then(|t| SystemTime::try_from(t).ok()),
+    }
+}

@@ -1,0 +1,118 @@
+//! The operator's client commands: `get`, `watch` and `stats`, through
+//! the `secrets-broker-client` crate like any other service.
+//!
+//! They reach the broker named by `--endpoint` or `BROKER_ENDPOINT`
+//! (default 127.0.0.1:50051), over mutual TLS when `BROKER_CA_FILE`,
+//! `BROKER_CERT_FILE` and `BROKER_KEY_FILE` are set.
+
+use std::io::Write;
+
+use futures::StreamExt;
+use secrets_broker_client::{ClientConfig, Error, SecretsClient};
+
+/// Where the operator commands connect.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Connection {
+    /// The broker: HOST:PORT [env: BROKER_ENDPOINT] [default: 127.0.0.1:50051]
+    #[arg(long, value_name = "ADDR")]
+    pub endpoint: Option<String>,
+}
+
+/// `get`'s options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct GetArgs {
+    /// Short name, full name or ARN.
+    pub name: String,
+    /// A specific version id.
+    #[arg(long)]
+    pub version_id: Option<String>,
+    /// A staging label (default AWSCURRENT).
+    #[arg(long)]
+    pub version_stage: Option<String>,
+    /// Read from AWS now (refreshes the broker's cache).
+    #[arg(long)]
+    pub bypass_cache: bool,
+    #[command(flatten)]
+    pub connection: Connection,
+}
+
+async fn client(connection: &Connection) -> Result<SecretsClient, Error> {
+    let mut config = ClientConfig::from_env()?;
+    if let Some(endpoint) = &connection.endpoint {
+        config.endpoint = endpoint.clone();
+    }
+    SecretsClient::connect(config).await
+}
+
+/// Prints the value on stdout (so it can be piped), its version on stderr.
+pub async fn get(args: GetArgs) -> Result<(), Error> {
+    let client = client(&args.connection).await?;
+    let mut call = client.get_secret(args.name);
+    if let Some(id) = args.version_id {
+        call = call.version_id(id);
+    }
+    if let Some(stage) = args.version_stage {
+        call = call.version_stage(stage);
+    }
+    if args.bypass_cache {
+        call = call.bypass_cache();
+    }
+    let secret = call.await?;
+    eprintln!(
+        "{} version {} {:?} (cache hit: {}, stale: {})",
+        secret.name(),
+        secret.version_id(),
+        secret.version_stages(),
+        secret.cache().hit,
+        secret.cache().stale
+    );
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(secret.as_bytes());
+    if secret.as_str().is_some() {
+        let _ = stdout.write_all(b"\n");
+    }
+    Ok(())
+}
+
+/// Prints one line per event: what happened and the version, never the
+/// value. Runs until interrupted or the watch ends.
+pub async fn watch(name: String, connection: Connection) -> Result<(), Error> {
+    let client = client(&connection).await?;
+    let mut events = client.watch_secret(name);
+    while let Some(event) = events.next().await {
+        let event = event?;
+        println!(
+            "{:?} {} version {}",
+            event.kind,
+            event.secret.name(),
+            event.secret.version_id()
+        );
+    }
+    Ok(())
+}
+
+/// Prints the cache counters, one per line.
+pub async fn stats(connection: Connection) -> Result<(), Error> {
+    let stats = client(&connection).await?.get_cache_stats().await?;
+    let lines = [
+        ("total_entries", stats.total_entries),
+        ("valid_entries", stats.valid_entries),
+        ("expired_entries", stats.expired_entries),
+        ("hits", stats.hits),
+        ("misses", stats.misses),
+        ("coalesced", stats.coalesced),
+        ("stale_served", stats.stale_served),
+        ("upstream_calls", stats.upstream_calls),
+        ("upstream_errors", stats.upstream_errors),
+        ("evictions", stats.evictions),
+        ("watchers", stats.watchers),
+        ("watched_secrets", stats.watched_secrets),
+        ("watch_rounds", stats.watch_rounds),
+        ("watch_upstream_calls", stats.watch_upstream_calls),
+    ];
+    for (name, value) in lines {
+        println!("{name} {value}");
+    }
+    println!("hit_ratio {:.4}", stats.hit_ratio);
+    Ok(())
+}
