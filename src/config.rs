@@ -76,6 +76,38 @@ pub struct BrokerArgs {
     /// Log level: DEBUG, INFO, WARNING, ERROR [env: LOG_LEVEL] [default: INFO]
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
+    /// Label metrics with secret names (cardinality, privacy) [env: BROKER_METRICS_SECRET_NAMES]
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub metrics_secret_names: Option<String>,
+    /// Most open connections; more are closed at once [env: BROKER_MAX_CONNECTIONS] [default: 10000]
+    #[arg(long, value_name = "COUNT")]
+    pub max_connections: Option<String>,
+    /// Most calls (streams included) in flight on one connection; more get RESOURCE_EXHAUSTED [env: BROKER_MAX_CONCURRENT_CALLS_PER_CONNECTION] [default: 1024]
+    #[arg(long, value_name = "COUNT")]
+    pub max_concurrent_calls_per_connection: Option<String>,
+    /// Largest request accepted, bytes; larger get RESOURCE_EXHAUSTED [env: BROKER_MAX_MESSAGE_SIZE] [default: 262144]
+    #[arg(long, value_name = "BYTES")]
+    pub max_message_size: Option<String>,
+    /// Longest a unary call may take [env: BROKER_CALL_TIMEOUT] [default: 30]
+    #[arg(long, value_name = "DURATION")]
+    pub call_timeout: Option<String>,
+    /// HTTP/2 ping interval, so dead peers (idle watchers) are noticed [env: BROKER_KEEPALIVE_INTERVAL] [default: 30]
+    #[arg(long, value_name = "DURATION")]
+    pub keepalive_interval: Option<String>,
+    /// On SIGTERM, how long calls in flight may take to finish [env: BROKER_SHUTDOWN_GRACE] [default: 10]
+    #[arg(long, value_name = "DURATION")]
+    pub shutdown_grace: Option<String>,
+}
+
+/// What the broker accepts, so that no caller can make it fall over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_calls_per_connection: usize,
+    pub max_message_size: usize,
+    pub call_timeout: Duration,
+    pub keepalive_interval: Duration,
+    pub shutdown_grace: Duration,
 }
 
 /// Where the broker listens.
@@ -138,6 +170,8 @@ pub struct Settings {
     pub backend: BackendChoice,
     /// A `tracing` filter directive, e.g. `info`.
     pub log_level: String,
+    pub metrics_secret_names: bool,
+    pub limits: Limits,
     /// The config file read, if any.
     pub config_file: Option<PathBuf>,
 }
@@ -223,6 +257,37 @@ const WATCH_INTERVAL: Setting = setting(
 const REGION: Setting = setting("region", "region", &["AWS_DEFAULT_REGION", "AWS_REGION"]);
 const SECRETS_FILE: Setting = setting("secrets-file", "secrets_file", &["BROKER_SECRETS_FILE"]);
 const LOG_LEVEL: Setting = setting("log-level", "log_level", &["LOG_LEVEL"]);
+const METRICS_SECRET_NAMES: Setting = setting(
+    "metrics-secret-names",
+    "metrics_secret_names",
+    &["BROKER_METRICS_SECRET_NAMES"],
+);
+const MAX_CONNECTIONS: Setting = setting(
+    "max-connections",
+    "max_connections",
+    &["BROKER_MAX_CONNECTIONS"],
+);
+const MAX_CALLS_PER_CONNECTION: Setting = setting(
+    "max-concurrent-calls-per-connection",
+    "max_concurrent_calls_per_connection",
+    &["BROKER_MAX_CONCURRENT_CALLS_PER_CONNECTION"],
+);
+const MAX_MESSAGE_SIZE: Setting = setting(
+    "max-message-size",
+    "max_message_size",
+    &["BROKER_MAX_MESSAGE_SIZE"],
+);
+const CALL_TIMEOUT: Setting = setting("call-timeout", "call_timeout", &["BROKER_CALL_TIMEOUT"]);
+const KEEPALIVE_INTERVAL: Setting = setting(
+    "keepalive-interval",
+    "keepalive_interval",
+    &["BROKER_KEEPALIVE_INTERVAL"],
+);
+const SHUTDOWN_GRACE: Setting = setting(
+    "shutdown-grace",
+    "shutdown_grace",
+    &["BROKER_SHUTDOWN_GRACE"],
+);
 
 /// Every setting a config file may hold.
 const FILE_SETTINGS: &[&Setting] = &[
@@ -241,6 +306,13 @@ const FILE_SETTINGS: &[&Setting] = &[
     &REGION,
     &SECRETS_FILE,
     &LOG_LEVEL,
+    &METRICS_SECRET_NAMES,
+    &MAX_CONNECTIONS,
+    &MAX_CALLS_PER_CONNECTION,
+    &MAX_MESSAGE_SIZE,
+    &CALL_TIMEOUT,
+    &KEEPALIVE_INTERVAL,
+    &SHUTDOWN_GRACE,
 ];
 
 const fn setting(flag: &'static str, key: &'static str, env: &'static [&'static str]) -> Setting {
@@ -405,6 +477,13 @@ impl Settings {
                 "INFO",
                 parse_log_level,
             )?,
+            metrics_secret_names: sources.get(
+                flag(&args.metrics_secret_names).as_deref(),
+                &METRICS_SECRET_NAMES,
+                "false",
+                parse_bool,
+            )?,
+            limits: resolve_limits(args, &sources)?,
             config_file,
         };
         settings.check_rules()?;
@@ -423,6 +502,47 @@ impl Settings {
         }
         Ok(())
     }
+}
+
+fn resolve_limits(args: &BrokerArgs, sources: &Sources<'_>) -> Result<Limits, ConfigError> {
+    Ok(Limits {
+        max_connections: sources.get(
+            args.max_connections.as_deref(),
+            &MAX_CONNECTIONS,
+            "10000",
+            parse_positive_count,
+        )?,
+        max_calls_per_connection: sources.get(
+            args.max_concurrent_calls_per_connection.as_deref(),
+            &MAX_CALLS_PER_CONNECTION,
+            "1024",
+            parse_positive_count,
+        )?,
+        max_message_size: sources.get(
+            args.max_message_size.as_deref(),
+            &MAX_MESSAGE_SIZE,
+            "262144",
+            parse_positive_count,
+        )?,
+        call_timeout: sources.get(
+            args.call_timeout.as_deref(),
+            &CALL_TIMEOUT,
+            "30",
+            parse_positive_duration,
+        )?,
+        keepalive_interval: sources.get(
+            args.keepalive_interval.as_deref(),
+            &KEEPALIVE_INTERVAL,
+            "30",
+            parse_positive_duration,
+        )?,
+        shutdown_grace: sources.get(
+            args.shutdown_grace.as_deref(),
+            &SHUTDOWN_GRACE,
+            "10",
+            parse_duration,
+        )?,
+    })
 }
 
 fn resolve_tls(args: &BrokerArgs, sources: &Sources<'_>) -> Result<Option<TlsFiles>, ConfigError> {
@@ -526,6 +646,21 @@ fn parse_duration(value: &str) -> Result<Duration, String> {
     }
     humantime::parse_duration(value)
         .map_err(|_| format!("{value:?} is not a duration: give seconds (e.g. 300) or e.g. 5m"))
+}
+
+fn parse_positive_duration(value: &str) -> Result<Duration, String> {
+    match parse_duration(value)? {
+        Duration::ZERO => Err(format!("{value:?} must be longer than 0")),
+        duration => Ok(duration),
+    }
+}
+
+fn parse_bool(value: &str) -> Result<bool, String> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(format!("{value:?} is not true or false")),
+    }
 }
 
 fn parse_watch_interval(value: &str) -> Result<Duration, String> {

@@ -16,6 +16,8 @@ pub mod check;
 pub mod config;
 pub mod file_watch;
 pub mod identity;
+pub mod listener;
+pub mod metrics;
 pub mod names;
 pub mod operator;
 pub mod policy;

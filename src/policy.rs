@@ -23,7 +23,10 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, RwLock},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
 };
 
 use globset::{GlobBuilder, GlobMatcher, GlobSet, GlobSetBuilder};
@@ -175,6 +178,7 @@ pub struct Authorizer {
     rules: RwLock<Arc<Rules>>,
     reloads: watch::Sender<u64>,
     watch: Mutex<Option<FileWatch>>,
+    denials: AtomicU64,
 }
 
 impl Authorizer {
@@ -191,6 +195,7 @@ impl Authorizer {
             rules: RwLock::new(Arc::new(rules)),
             reloads: watch::Sender::new(0),
             watch: Mutex::new(None),
+            denials: AtomicU64::new(0),
         }))
     }
 
@@ -209,6 +214,7 @@ impl Authorizer {
         if allowed {
             Ok(())
         } else {
+            self.denials.fetch_add(1, Relaxed);
             Err(Denied::Secret {
                 identity: name.to_owned(),
                 secret: secret.to_owned(),
@@ -227,6 +233,7 @@ impl Authorizer {
         if allowed {
             Ok(())
         } else {
+            self.denials.fetch_add(1, Relaxed);
             Err(Denied::Admin {
                 identity: name.to_owned(),
             })
@@ -265,6 +272,11 @@ impl Authorizer {
         })?;
         *self.watch.lock().unwrap_or_else(|e| e.into_inner()) = Some(watch);
         Ok(())
+    }
+
+    /// Calls refused so far.
+    pub fn denials(&self) -> u64 {
+        self.denials.load(Relaxed)
     }
 
     /// One line on the rules in force, for `check`.

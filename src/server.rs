@@ -4,17 +4,26 @@
 //! shutdown signal. The TLS files and the policy follow their files and
 //! reload on SIGHUP.
 
-use std::{future::Future, sync::Arc};
+use std::{
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering::Relaxed},
+    },
+};
 
 use tokio_stream::wrappers::UnixListenerStream;
-use tonic::transport::{Server, server::TcpIncoming};
+use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
+use tower::util::MapResponseLayer;
 
 use crate::{
     api::{AdminApi, ApiContext, SecretsApi},
     backend::{AwsStore, FileStore, SecretStore, file::FileStoreError},
     cache::Cache,
     config::{BackendChoice, ListenAddr, Settings},
+    listener::{self, ConnectionCounters},
+    metrics::{self, BrokerState, MeteredStore, Metrics, Probes},
     names::NameResolver,
     policy::{Authorizer, PolicyError},
     proto::{
@@ -36,8 +45,6 @@ pub enum ServeError {
     Policy(#[from] PolicyError),
     #[error("mutual TLS is served on TCP addresses only, not on {0}")]
     TlsOnUnixSocket(String),
-    #[error("{0} is not available in this version of the broker yet")]
-    NotYetAvailable(&'static str),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -49,14 +56,8 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Refuses settings whose feature this build does not have, rather than
-/// ignoring them.
+/// Refuses combinations the broker cannot serve.
 pub fn ensure_supported(settings: &Settings) -> Result<(), ServeError> {
-    if settings.metrics_listen.is_some() {
-        return Err(ServeError::NotYetAvailable(
-            "the metrics endpoint (--metrics-listen)",
-        ));
-    }
     if let (Some(_), ListenAddr::Unix(_)) = (&settings.tls, &settings.listen) {
         return Err(ServeError::TlsOnUnixSocket(settings.listen.to_string()));
     }
@@ -129,85 +130,172 @@ pub fn name_resolver(settings: &Settings) -> NameResolver {
     NameResolver::new(&settings.secret_prefix, &settings.environment)
 }
 
-/// Serves until `shutdown` completes, then lets in-flight calls finish.
+/// Serves until `shutdown` completes; then ends watch streams, lets calls
+/// in flight finish within the shutdown grace, and returns.
 pub async fn serve(
     settings: &Settings,
     store: Arc<dyn SecretStore>,
     security: Security,
-    shutdown: impl Future<Output = ()> + Send,
+    shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let metrics = Metrics::new(settings.metrics_secret_names);
+    let store = MeteredStore::wrap(store, metrics.clone());
     let reloads = security.follow_changes();
     let cache = Cache::new(Arc::clone(&store), settings.cache);
     let watch = WatchHub::new(cache.clone(), settings.watch_interval);
     let detector = watch.spawn_detector();
+    let connections = Arc::new(ConnectionCounters::default());
+    metrics.watch_state(BrokerState {
+        cache: cache.clone(),
+        watch: watch.clone(),
+        connections: Arc::clone(&connections),
+        tls: security.tls.clone(),
+        authorizer: Arc::clone(&security.authorizer),
+    });
     let context = ApiContext {
         cache,
         names: name_resolver(settings),
         watch: watch.clone(),
         authorizer: Arc::clone(&security.authorizer),
+        metrics: metrics.clone(),
     };
-    // Watch streams never finish by themselves: end them first, so that the
-    // graceful shutdown only waits for calls in flight.
-    let shutdown = async move {
+
+    // One signal, several listeners: the watch streams end first (they
+    // never finish by themselves), then the servers drain.
+    let (stopping, stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
         shutdown.await;
         watch.shutdown();
+        let _ = stopping.send(true);
+    });
+    let stopped = |mut stop: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stop.wait_for(|stopped| *stopped).await;
     };
+
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     mark_serving(&health_reporter).await;
+    let upstream_up = Arc::new(AtomicBool::new(true));
     let upstream_watch = UpstreamHealth {
         store,
         reporter: health_reporter,
         every: settings.watch_interval,
+        up: Arc::clone(&upstream_up),
     }
     .spawn();
-    let reflection_v1 = reflection().build_v1()?;
-    let reflection_v1alpha = reflection().build_v1alpha()?;
+    let metrics_server = match settings.metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Listen {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+            tracing::info!(%addr, "metrics and probes listening");
+            let probes = Probes {
+                metrics: metrics.clone(),
+                upstream_up,
+            };
+            Some(tokio::spawn(metrics::serve(
+                listener,
+                probes,
+                stopped(stop.clone()),
+            )))
+        }
+        None => None,
+    };
 
+    let limits = &settings.limits;
     let router = Server::builder()
+        // Beyond this many calls in flight on one connection, new ones are
+        // refused with RESOURCE_EXHAUSTED rather than queued.
+        .concurrency_limit_per_connection(limits.max_calls_per_connection)
+        .load_shed(true)
+        .timeout(limits.call_timeout)
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .layer(MapResponseLayer::new(
+            message_too_large_is_resource_exhausted,
+        ))
         .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(SecretsServiceServer::new(SecretsApi::new(context.clone())))
-        .add_service(AdminServiceServer::new(AdminApi::new(context)));
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?)
+        .add_service(
+            SecretsServiceServer::new(SecretsApi::new(context.clone()))
+                .max_decoding_message_size(limits.max_message_size),
+        )
+        .add_service(
+            AdminServiceServer::new(AdminApi::new(context))
+                .max_decoding_message_size(limits.max_message_size),
+        );
 
     let listen_error = |source| ServeError::Listen {
         addr: settings.listen.to_string(),
         source,
     };
-    match (&settings.listen, security.tls) {
-        (ListenAddr::Tcp(addr), Some(tls)) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(listen_error)?;
-            tracing::info!(addr = %settings.listen, "listening (mutual TLS)");
-            router
-                .serve_with_incoming_shutdown(tls.incoming(listener), shutdown)
-                .await?;
+    let drain = stopped(stop.clone());
+    let serving = async {
+        match &settings.listen {
+            ListenAddr::Tcp(addr) => {
+                let tcp = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(listen_error)?;
+                let tls = security.tls.clone();
+                let mode = if tls.is_some() {
+                    "mutual TLS"
+                } else {
+                    "plaintext"
+                };
+                tracing::info!(addr = %settings.listen, mode, "listening");
+                let incoming = listener::incoming(tcp, tls, limits.max_connections, connections);
+                router.serve_with_incoming_shutdown(incoming, drain).await?;
+            }
+            ListenAddr::Unix(path) => {
+                remove_stale_socket(path).map_err(listen_error)?;
+                let listener = tokio::net::UnixListener::bind(path).map_err(listen_error)?;
+                tracing::info!(addr = %settings.listen, "listening");
+                router
+                    .serve_with_incoming_shutdown(UnixListenerStream::new(listener), drain)
+                    .await?;
+            }
         }
-        (ListenAddr::Tcp(addr), None) => {
-            // Small unary answers must leave at once, not wait for Nagle.
-            let incoming = TcpIncoming::bind(*addr)
-                .map_err(listen_error)?
-                .with_nodelay(Some(true));
-            tracing::info!(addr = %settings.listen, "listening");
-            router
-                .serve_with_incoming_shutdown(incoming, shutdown)
-                .await?;
+        Ok::<(), ServeError>(())
+    };
+    let grace = limits.shutdown_grace;
+    let outcome = tokio::select! {
+        outcome = serving => outcome,
+        () = async { stopped(stop.clone()).await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(?grace, "calls still in flight after the shutdown grace; stopping anyway");
+            Ok(())
         }
-        (ListenAddr::Unix(path), _) => {
-            remove_stale_socket(path).map_err(listen_error)?;
-            let listener = tokio::net::UnixListener::bind(path).map_err(listen_error)?;
-            tracing::info!(addr = %settings.listen, "listening");
-            router
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
-                .await?;
-        }
-    }
+    };
     upstream_watch.abort();
     detector.abort();
     reloads.abort();
+    if let Some(server) = metrics_server {
+        server.abort();
+    }
     tracing::info!("stopped");
-    Ok(())
+    outcome
+}
+
+/// How long an HTTP/2 ping may go unanswered before the connection (and
+/// its watch streams) is dropped.
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// tonic answers a request over `max_decoding_message_size` with
+/// OUT_OF_RANGE; gRPC's convention (and our contract) is RESOURCE_EXHAUSTED.
+/// The broker's own handlers never answer OUT_OF_RANGE, so the remap
+/// touches nothing else.
+fn message_too_large_is_resource_exhausted<B>(
+    mut response: http::Response<B>,
+) -> http::Response<B> {
+    let out_of_range = http::HeaderValue::from_static("11");
+    if response.headers().get("grpc-status") == Some(&out_of_range) {
+        response
+            .headers_mut()
+            .insert("grpc-status", http::HeaderValue::from_static("8"));
+    }
+    response
 }
 
 /// Keeps the health status of `secretsbroker.v1.SecretsService` in step with
@@ -219,6 +307,8 @@ struct UpstreamHealth {
     store: Arc<dyn SecretStore>,
     reporter: HealthReporter,
     every: std::time::Duration,
+    /// Read by the readiness probe.
+    up: Arc<AtomicBool>,
 }
 
 impl UpstreamHealth {
@@ -239,6 +329,7 @@ impl UpstreamHealth {
                     }
                 };
                 if up != was_up {
+                    self.up.store(up, Relaxed);
                     self.report(up).await;
                     if up {
                         tracing::info!("upstream check succeeds again");

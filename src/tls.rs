@@ -8,15 +8,15 @@
 //!   handshake takes the config current at that moment, existing
 //!   connections keep theirs. A broken new file keeps the old config.
 //! - identity: the caller's identity is read from its certificate once, at
-//!   the handshake, and attached to the connection (`ConnectionInfo`), so
+//!   the handshake (see `listener`), and attached to the connection, so
 //!   calls never parse certificates.
 
 use std::{
-    io,
     path::{Path, PathBuf},
-    pin::Pin,
-    sync::{Arc, Mutex, RwLock},
-    task::{Context, Poll},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicI64, Ordering::Relaxed},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -27,24 +27,15 @@ use rustls::{
     server::WebPkiClientVerifier,
     sign::CertifiedKey,
 };
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::{TcpListener, TcpStream},
-    sync::mpsc,
-};
+use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::Connected;
 use x509_parser::prelude::FromDer;
 
 use crate::{
     config::TlsFiles,
     file_watch::{self, FileWatch},
-    identity::{ConnectionInfo, Identity},
+    identity::Identity,
 };
-
-/// A client that does not finish its handshake in this time is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the TLS files cannot be used. Never includes key material.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +77,8 @@ pub struct TlsTerminator {
     files: TlsFiles,
     config: RwLock<Arc<ServerConfig>>,
     watch: Mutex<Option<FileWatch>>,
+    /// When the certificate in use expires (Unix seconds; 0: unknown).
+    expiry: AtomicI64,
 }
 
 impl TlsTerminator {
@@ -94,6 +87,7 @@ impl TlsTerminator {
             files: files.clone(),
             config: RwLock::new(server_config(files)?),
             watch: Mutex::new(None),
+            expiry: AtomicI64::new(expiry_of(files)),
         }))
     }
 
@@ -101,7 +95,13 @@ impl TlsTerminator {
     pub fn reload(&self) -> Result<(), TlsError> {
         let config = server_config(&self.files)?;
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = config;
+        self.expiry.store(expiry_of(&self.files), Relaxed);
         Ok(())
+    }
+
+    /// When the certificate in use expires, in Unix seconds.
+    pub fn certificate_expiry(&self) -> Option<i64> {
+        Some(self.expiry.load(Relaxed)).filter(|&at| at > 0)
     }
 
     pub fn reload_and_log(&self) {
@@ -126,123 +126,22 @@ impl TlsTerminator {
         Ok(())
     }
 
-    fn acceptor(&self) -> TlsAcceptor {
+    /// The acceptor for a new connection: the config current right now.
+    pub(crate) fn acceptor(&self) -> TlsAcceptor {
         TlsAcceptor::from(Arc::clone(
             &self.config.read().unwrap_or_else(|e| e.into_inner()),
         ))
     }
-
-    /// Accepts TCP connections, completes their handshakes concurrently
-    /// (one slow client cannot hold up the others), and yields the
-    /// established connections. Ends when the receiving side is dropped.
-    pub fn incoming(
-        self: Arc<Self>,
-        listener: TcpListener,
-    ) -> ReceiverStream<io::Result<TlsConnection>> {
-        let (established, incoming) = mpsc::channel(64);
-        tokio::spawn(async move {
-            while !established.is_closed() {
-                let (tcp, remote) = match listener.accept().await {
-                    Ok(accepted) => accepted,
-                    Err(error) => {
-                        // Out of file descriptors and the like: wait, retry.
-                        tracing::warn!(%error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let _ = tcp.set_nodelay(true);
-                let acceptor = self.acceptor();
-                let established = established.clone();
-                tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => {
-                            let connection = TlsConnection::new(stream, remote);
-                            let _ = established.send(Ok(connection)).await;
-                        }
-                        Ok(Err(error)) => {
-                            tracing::info!(%remote, %error, "TLS handshake refused")
-                        }
-                        Err(_) => tracing::info!(%remote, "TLS handshake timed out"),
-                    }
-                });
-            }
-        });
-        ReceiverStream::new(incoming)
-    }
 }
 
-/// An established TLS connection and who is at the other end.
-pub struct TlsConnection {
-    stream: TlsStream<TcpStream>,
-    info: ConnectionInfo,
-}
-
-impl TlsConnection {
-    fn new(stream: TlsStream<TcpStream>, remote: std::net::SocketAddr) -> Self {
-        let identity = stream
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|chain| chain.first())
-            .map_or(Identity::Unnamed, |leaf| Identity::from_certificate(leaf));
-        tracing::debug!(%remote, %identity, "TLS connection established");
-        Self {
-            stream,
-            info: ConnectionInfo {
-                identity,
-                remote: Some(remote),
-            },
-        }
-    }
-}
-
-impl Connected for TlsConnection {
-    type ConnectInfo = ConnectionInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.info.clone()
-    }
-}
-
-impl AsyncRead for TlsConnection {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TlsConnection {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
+/// The identity a TLS connection's verified client certificate names.
+pub(crate) fn peer_identity(stream: &TlsStream<TcpStream>) -> Identity {
+    stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map_or(Identity::Unnamed, |leaf| Identity::from_certificate(leaf))
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -310,6 +209,17 @@ fn read_certificates(
         });
     }
     Ok(certificates)
+}
+
+fn expiry_of(files: &TlsFiles) -> i64 {
+    read_certificates("server certificate", &files.cert)
+        .ok()
+        .and_then(|chain| {
+            x509_parser::certificate::X509Certificate::from_der(&chain[0])
+                .ok()
+                .map(|(_, leaf)| leaf.validity().not_after.timestamp())
+        })
+        .unwrap_or(0)
 }
 
 /// Checks the server certificate's dates (for `check`), after

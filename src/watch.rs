@@ -83,6 +83,8 @@ impl Drop for WatcherGuard {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WatchStats {
     pub watchers: u64,
+    /// Changes broadcast (rotations, deletions, restorations).
+    pub events: u64,
     pub watched_secrets: u64,
     pub rounds: u64,
     pub upstream_calls: u64,
@@ -111,6 +113,7 @@ struct Shared {
     watchers: AtomicU64,
     rounds: AtomicU64,
     upstream_calls: AtomicU64,
+    events: AtomicU64,
     shutdown: watch::Sender<bool>,
 }
 
@@ -124,6 +127,7 @@ impl WatchHub {
             watchers: AtomicU64::new(0),
             rounds: AtomicU64::new(0),
             upstream_calls: AtomicU64::new(0),
+            events: AtomicU64::new(0),
             shutdown: watch::Sender::new(false),
         });
         // Weak: the cache (held by the hub) must not keep the hub alive.
@@ -136,8 +140,10 @@ impl WatchHub {
                     name: key.name.clone(),
                     stage: stage.clone(),
                 };
-                if let Some(topic) = shared.topics.get(&topic_key) {
-                    topic.offer(version);
+                if let Some(topic) = shared.topics.get(&topic_key)
+                    && topic.offer(version)
+                {
+                    shared.events.fetch_add(1, Relaxed);
                 }
             }
         }));
@@ -173,6 +179,7 @@ impl WatchHub {
         let shared = &self.shared;
         WatchStats {
             watchers: shared.watchers.load(Relaxed),
+            events: shared.events.load(Relaxed),
             watched_secrets: shared.topics.len() as u64,
             rounds: shared.rounds.load(Relaxed),
             upstream_calls: shared.upstream_calls.load(Relaxed),
@@ -203,8 +210,8 @@ impl Topic {
         }
     }
 
-    /// A version read upstream: an event if it is news.
-    fn offer(&self, version: &Arc<SecretVersion>) {
+    /// A version read upstream: an event if it is news (returns whether).
+    fn offer(&self, version: &Arc<SecretVersion>) -> bool {
         self.state.send_if_modified(|state| {
             let event = if state.event == WatchEvent::Deleted {
                 WatchEvent::Restored
@@ -219,10 +226,11 @@ impl Topic {
                 observed_at: SystemTime::now(),
             };
             true
-        });
+        })
     }
 
-    fn mark_deleted(&self) {
+    /// Returns whether this is news.
+    fn mark_deleted(&self) -> bool {
         self.state.send_if_modified(|state| {
             if state.event == WatchEvent::Deleted {
                 return false;
@@ -230,7 +238,7 @@ impl Topic {
             state.event = WatchEvent::Deleted;
             state.observed_at = SystemTime::now();
             true
-        });
+        })
     }
 }
 
@@ -291,8 +299,10 @@ impl Shared {
             Ok(version) => self.cache.put(&cache_key, Arc::new(version)),
             Err(StoreError::NotFound { .. } | StoreError::Deleted { .. }) => {
                 self.cache.remove(&cache_key);
-                if let Some(topic) = self.topics.get(&key) {
-                    topic.mark_deleted();
+                if let Some(topic) = self.topics.get(&key)
+                    && topic.mark_deleted()
+                {
+                    self.events.fetch_add(1, Relaxed);
                 }
             }
             Err(error) => {

@@ -14,7 +14,6 @@ use super::{
 use crate::{
     backend::VersionSelector,
     cache::{CacheKey, Lookup},
-    identity,
     names::ShownName,
     proto::{
         CheckUpstreamRequest, CheckUpstreamResponse, ClearCacheRequest, ClearCacheResponse,
@@ -35,7 +34,7 @@ impl AdminApi {
 
     /// Every AdminService call starts here: admin identities only.
     fn admit<T>(&self, rpc: &'static str, request: &Request<T>) -> Result<Audit, Status> {
-        let audit = Audit::new(rpc, identity::of_request(request));
+        let audit = self.context.audit(rpc, request);
         match self.context.authorizer.check_admin(audit.identity()) {
             Ok(()) => Ok(audit),
             Err(denied) => Err(refuse(audit, ApiError::from(denied))),

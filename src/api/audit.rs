@@ -5,25 +5,31 @@
 //! Handlers fill an `Audit` as they learn the facts, and the edge emits it
 //! with the outcome, so that no path through a handler can skip it.
 
+use std::time::Instant;
+
 use tonic::Code;
 
-use crate::identity::Identity;
+use crate::{identity::Identity, metrics::Metrics};
 
-/// The facts of one call, emitted by `finish`.
+/// The facts of one call, emitted by `finish` (with the call's metrics).
 pub struct Audit {
     rpc: &'static str,
     identity: Identity,
     secrets: String,
     cache_hit: Option<bool>,
+    started: Instant,
+    metrics: Metrics,
 }
 
 impl Audit {
-    pub fn new(rpc: &'static str, identity: Identity) -> Self {
+    pub fn new(rpc: &'static str, identity: Identity, metrics: Metrics) -> Self {
         Self {
             rpc,
             identity,
             secrets: String::new(),
             cache_hit: None,
+            started: Instant::now(),
+            metrics,
         }
     }
 
@@ -49,12 +55,18 @@ impl Audit {
     }
 
     pub fn finish(self, outcome: Code) {
+        let code = code_name(outcome);
+        self.metrics
+            .record_call(self.rpc, code, self.started.elapsed());
+        if outcome == Code::Ok && self.cache_hit.is_some() {
+            self.metrics.record_secret_read(&self.secrets);
+        }
         tracing::info!(
             target: "audit",
             identity = %self.identity,
             rpc = self.rpc,
             secrets = %self.secrets,
-            outcome = code_name(outcome),
+            outcome = code,
             cache_hit = self.cache_hit,
         );
     }

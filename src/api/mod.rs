@@ -21,7 +21,10 @@ use std::sync::Arc;
 
 use tonic::{Code, Response, Status};
 
-use crate::{cache::Cache, names::NameResolver, policy::Authorizer, watch::WatchHub};
+use crate::{
+    cache::Cache, identity, metrics::Metrics, names::NameResolver, policy::Authorizer,
+    watch::WatchHub,
+};
 use audit::Audit;
 use status::ApiError;
 
@@ -32,6 +35,14 @@ pub struct ApiContext {
     pub names: NameResolver,
     pub watch: WatchHub,
     pub authorizer: Arc<Authorizer>,
+    pub metrics: Metrics,
+}
+
+impl ApiContext {
+    /// Starts the audit record (and the metrics) of a call.
+    fn audit<T>(&self, rpc: &'static str, request: &tonic::Request<T>) -> Audit {
+        Audit::new(rpc, identity::of_request(request), self.metrics.clone())
+    }
 }
 
 /// The edge: a handler's typed result becomes a gRPC answer here, and the

@@ -16,7 +16,7 @@ use super::{
 use crate::{
     backend::{VersionSelector, check_version_field},
     cache::{CacheKey, Lookup},
-    identity::{self, Identity},
+    identity::Identity,
     names::ShownName,
     policy::{Authorizer, Denied},
     proto::{
@@ -272,7 +272,7 @@ impl SecretsService for SecretsApi {
         &self,
         request: Request<GetSecretRequest>,
     ) -> Result<Response<GetSecretResponse>, Status> {
-        let mut audit = Audit::new("GetSecret", identity::of_request(&request));
+        let mut audit = self.context.audit("GetSecret", &request);
         let result = self.get_secret(&mut audit, request.into_inner()).await;
         respond(audit, result)
     }
@@ -281,7 +281,7 @@ impl SecretsService for SecretsApi {
         &self,
         request: Request<BatchGetSecretsRequest>,
     ) -> Result<Response<BatchGetSecretsResponse>, Status> {
-        let mut audit = Audit::new("BatchGetSecrets", identity::of_request(&request));
+        let mut audit = self.context.audit("BatchGetSecrets", &request);
         let result = self
             .batch_get_secrets(&mut audit, request.into_inner())
             .await;
@@ -292,7 +292,7 @@ impl SecretsService for SecretsApi {
         &self,
         request: Request<GetJwtConfigRequest>,
     ) -> Result<Response<GetJwtConfigResponse>, Status> {
-        let mut audit = Audit::new("GetJwtConfig", identity::of_request(&request));
+        let mut audit = self.context.audit("GetJwtConfig", &request);
         let request = request.into_inner();
         let result = self
             .typed_config(
@@ -316,7 +316,7 @@ impl SecretsService for SecretsApi {
         &self,
         request: Request<GetDatabaseConfigRequest>,
     ) -> Result<Response<GetDatabaseConfigResponse>, Status> {
-        let mut audit = Audit::new("GetDatabaseConfig", identity::of_request(&request));
+        let mut audit = self.context.audit("GetDatabaseConfig", &request);
         let request = request.into_inner();
         let result = self
             .typed_config(
@@ -340,7 +340,7 @@ impl SecretsService for SecretsApi {
         &self,
         request: Request<GetAwsServicesConfigRequest>,
     ) -> Result<Response<GetAwsServicesConfigResponse>, Status> {
-        let mut audit = Audit::new("GetAwsServicesConfig", identity::of_request(&request));
+        let mut audit = self.context.audit("GetAwsServicesConfig", &request);
         let request = request.into_inner();
         let result = self
             .typed_config(
@@ -364,7 +364,7 @@ impl SecretsService for SecretsApi {
         &self,
         request: Request<GetSecurityConfigRequest>,
     ) -> Result<Response<GetSecurityConfigResponse>, Status> {
-        let mut audit = Audit::new("GetSecurityConfig", identity::of_request(&request));
+        let mut audit = self.context.audit("GetSecurityConfig", &request);
         let request = request.into_inner();
         let result = self
             .typed_config(
@@ -391,8 +391,8 @@ impl SecretsService for SecretsApi {
         &self,
         request: Request<WatchSecretRequest>,
     ) -> Result<Response<Self::WatchSecretStream>, Status> {
-        let caller = identity::of_request(&request);
-        let mut audit = Audit::new("WatchSecret", caller.clone());
+        let mut audit = self.context.audit("WatchSecret", &request);
+        let caller = audit.identity().clone();
         let request = request.into_inner();
         // Taken before subscribing, so that no reload between the check and
         // the stream's start goes unnoticed.

@@ -172,3 +172,22 @@ fn a_secrets_file_selects_the_file_backend() {
         }
     );
 }
+
+#[test]
+fn limits_have_defaults_and_sources() {
+    let settings = resolve(&dev(), &[("BROKER_MAX_MESSAGE_SIZE", "1024")]).unwrap();
+    assert_eq!(settings.limits.max_message_size, 1024);
+    assert_eq!(settings.limits.max_connections, 10_000);
+    assert_eq!(settings.limits.max_calls_per_connection, 1024);
+    assert_eq!(settings.limits.call_timeout, Duration::from_secs(30));
+    assert_eq!(settings.limits.shutdown_grace, Duration::from_secs(10));
+    assert!(!settings.metrics_secret_names);
+
+    let mut args = dev();
+    args.metrics_secret_names = Some("true".into());
+    args.call_timeout = Some("0".into());
+    let err = resolve(&args, &[]).unwrap_err().to_string();
+    assert!(err.starts_with("--call-timeout:"), "{err}");
+    args.call_timeout = None;
+    assert!(resolve(&args, &[]).unwrap().metrics_secret_names);
+}
