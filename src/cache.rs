@@ -227,6 +227,21 @@ impl Cache {
         }
     }
 
+    /// Reads upstream now, joining a read of the same key already under
+    /// way (so a crowd asking at once still makes one call); the answer
+    /// replaces the entry. For callers that must not act on a cached value,
+    /// e.g. a watch's first state, compared with what the caller holds.
+    pub async fn get_fresh(&self, key: CacheKey) -> Result<Lookup, StoreError> {
+        let fetch = self.shared.join_or_start_fetch_uncached(&key);
+        let version = fetch.await?;
+        Ok(Lookup {
+            version,
+            hit: false,
+            age: Duration::ZERO,
+            stale: false,
+        })
+    }
+
     /// Reads upstream now, replaces the entry, and tells whether the version
     /// differs from the one cached before (AdminService.RefreshSecret).
     pub async fn refresh(&self, key: CacheKey) -> Result<(Arc<SecretVersion>, bool), StoreError> {
@@ -338,6 +353,23 @@ impl Shared {
                 let fetch = self.spawn_fetch(key.clone());
                 slot.insert(fetch.clone());
                 Joined::Fetch(fetch)
+            }
+        }
+    }
+
+    /// Joins the fetch under way for `key`, or starts one, whatever the
+    /// cache holds.
+    fn join_or_start_fetch_uncached(self: &Arc<Self>, key: &CacheKey) -> Fetch {
+        match self.inflight.entry(key.clone()) {
+            MapEntry::Occupied(running) => {
+                bump(&self.counters.coalesced);
+                running.get().clone()
+            }
+            MapEntry::Vacant(slot) => {
+                bump(&self.counters.misses);
+                let fetch = self.spawn_fetch(key.clone());
+                slot.insert(fetch.clone());
+                fetch
             }
         }
     }

@@ -77,15 +77,20 @@ impl fmt::Display for Identity {
 pub struct ConnectionInfo {
     pub identity: Identity,
     pub remote: Option<std::net::SocketAddr>,
+    /// The connection's call slots: a call (a stream, for as long as it is
+    /// open) holds one; none left means RESOURCE_EXHAUSTED.
+    pub call_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// The identity of a request: from its connection, or anonymous when the
 /// connection is plaintext.
 pub fn of_request<T>(request: &tonic::Request<T>) -> Identity {
-    request
-        .extensions()
-        .get::<ConnectionInfo>()
-        .map_or(Identity::Anonymous, |info| info.identity.clone())
+    connection_of(request).map_or(Identity::Anonymous, |info| info.identity.clone())
+}
+
+/// What the request's connection told it (absent on unix sockets).
+pub fn connection_of<T>(request: &tonic::Request<T>) -> Option<&ConnectionInfo> {
+    request.extensions().get::<ConnectionInfo>()
 }
 
 #[cfg(test)]

@@ -46,12 +46,20 @@ pub struct ConnectionCounters {
 }
 
 /// Accepts connections on `tcp` until tonic stops reading them.
+/// The bounds the listener applies.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    pub max_connections: usize,
+    pub max_calls_per_connection: usize,
+}
+
 pub fn incoming(
     tcp: TcpListener,
     tls: Option<Arc<TlsTerminator>>,
-    max_connections: usize,
+    limits: ConnectionLimits,
     counters: Arc<ConnectionCounters>,
 ) -> ReceiverStream<io::Result<Connection>> {
+    let max_connections = limits.max_connections;
     let (established, incoming) = mpsc::channel(64);
     let slots = Arc::new(Semaphore::new(max_connections));
     tokio::spawn(async move {
@@ -76,9 +84,14 @@ pub fn incoming(
             let tls = tls.clone();
             let counters = Arc::clone(&counters);
             tokio::spawn(async move {
+                let accepted = Accepted {
+                    remote,
+                    slot,
+                    call_slots: Arc::new(Semaphore::new(limits.max_calls_per_connection)),
+                };
                 let connection = match tls {
-                    None => Ok(Connection::plain(stream, remote, slot)),
-                    Some(tls) => handshake(&tls, stream, remote, slot).await,
+                    None => Ok(Connection::plain(stream, accepted)),
+                    Some(tls) => handshake(&tls, stream, accepted).await,
                 };
                 match connection {
                     Ok(connection) => {
@@ -95,24 +108,27 @@ pub fn incoming(
     ReceiverStream::new(incoming)
 }
 
+/// A TCP connection let in, before its handshake.
+struct Accepted {
+    remote: SocketAddr,
+    slot: OwnedSemaphorePermit,
+    call_slots: Arc<Semaphore>,
+}
+
 async fn handshake(
     tls: &TlsTerminator,
     stream: TcpStream,
-    remote: SocketAddr,
-    slot: OwnedSemaphorePermit,
+    accepted: Accepted,
 ) -> Result<Connection, String> {
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor().accept(stream)).await {
         Ok(Ok(stream)) => {
             let identity = tls::peer_identity(&stream);
-            tracing::debug!(%remote, %identity, "TLS connection established");
-            Ok(Connection {
-                stream: Transport::Tls(Box::new(stream)),
-                info: ConnectionInfo {
-                    identity,
-                    remote: Some(remote),
-                },
-                _slot: slot,
-            })
+            tracing::debug!(remote = %accepted.remote, %identity, "TLS connection established");
+            Ok(Connection::new(
+                Transport::Tls(Box::new(stream)),
+                identity,
+                accepted,
+            ))
         }
         Ok(Err(error)) => Err(error.to_string()),
         Err(_) => Err("timed out".into()),
@@ -132,15 +148,20 @@ enum Transport {
 }
 
 impl Connection {
-    fn plain(stream: TcpStream, remote: SocketAddr, slot: OwnedSemaphorePermit) -> Self {
+    fn new(stream: Transport, identity: Identity, accepted: Accepted) -> Self {
         Self {
-            stream: Transport::Plain(stream),
+            stream,
             info: ConnectionInfo {
-                identity: Identity::Anonymous,
-                remote: Some(remote),
+                identity,
+                remote: Some(accepted.remote),
+                call_slots: accepted.call_slots,
             },
-            _slot: slot,
+            _slot: accepted.slot,
         }
+    }
+
+    fn plain(stream: TcpStream, accepted: Accepted) -> Self {
+        Self::new(Transport::Plain(stream), Identity::Anonymous, accepted)
     }
 }
 

@@ -65,7 +65,8 @@ async fn serve(args: BrokerArgs) -> ExitCode {
         Ok(settings) => settings,
         Err(message) => return fail(&message),
     };
-    telemetry::init(&settings.log_level);
+    // Held to the end of `serve`: dropping it flushes the last log lines.
+    let _logs = telemetry::init(&settings.log_level);
     let (security, store) = match server::Security::load(&settings)
         .and_then(|security| Ok((security, server::open_store(&settings)?)))
     {

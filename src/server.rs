@@ -22,7 +22,7 @@ use crate::{
     backend::{AwsStore, FileStore, SecretStore, file::FileStoreError},
     cache::Cache,
     config::{BackendChoice, ListenAddr, Settings},
-    listener::{self, ConnectionCounters},
+    listener::{self, ConnectionCounters, ConnectionLimits},
     metrics::{self, BrokerState, MeteredStore, Metrics, Probes},
     names::NameResolver,
     policy::{Authorizer, PolicyError},
@@ -246,7 +246,11 @@ pub async fn serve(
                     "plaintext"
                 };
                 tracing::info!(addr = %settings.listen, mode, "listening");
-                let incoming = listener::incoming(tcp, tls, limits.max_connections, connections);
+                let bounds = ConnectionLimits {
+                    max_connections: limits.max_connections,
+                    max_calls_per_connection: limits.max_calls_per_connection,
+                };
+                let incoming = listener::incoming(tcp, tls, bounds, connections);
                 router.serve_with_incoming_shutdown(incoming, drain).await?;
             }
             ListenAddr::Unix(path) => {

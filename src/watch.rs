@@ -140,28 +140,43 @@ impl WatchHub {
                     name: key.name.clone(),
                     stage: stage.clone(),
                 };
-                if let Some(topic) = shared.topics.get(&topic_key)
-                    && topic.offer(version)
-                {
+                if let Some(event) = shared.topics.get(&topic_key).and_then(|t| t.offer(version)) {
                     shared.events.fetch_add(1, Relaxed);
+                    tracing::info!(secret = %key.name, %stage, version_id = %version.version_id, ?event, "secret change observed");
                 }
             }
         }));
         Self { shared }
     }
 
-    /// Starts watching `name` (a full name) at `stage`. A secret that cannot
-    /// be read (not found, deleted, upstream down) is refused at once.
+    /// Starts watching `name` (a full name) at `stage`.
+    ///
+    /// A secret already watched starts from its topic's state, which the
+    /// detector keeps current (a known deletion included). Otherwise the
+    /// first state is read from upstream, not from the cache: a client
+    /// reconnecting with the version it holds must learn of a rotation that
+    /// a cached value may not show yet. A secret that cannot be read (not
+    /// found, deleted, upstream down) is refused at once.
     pub async fn subscribe(&self, name: String, stage: String) -> Result<Subscription, StoreError> {
         let shared = &self.shared;
-        let cache_key = CacheKey::new(name.clone(), VersionSelector::Stage(stage.clone()));
-        let lookup = shared.cache.get(cache_key, false).await?;
-        let topic = Arc::clone(
-            &*shared
-                .topics
-                .entry(TopicKey { name, stage })
-                .or_insert_with(|| Arc::new(Topic::new(lookup.version))),
-        );
+        let topic_key = TopicKey { name, stage };
+        let existing = shared.topics.get(&topic_key).map(|t| Arc::clone(&*t));
+        let topic = match existing {
+            Some(topic) => topic,
+            None => {
+                let cache_key = CacheKey::new(
+                    topic_key.name.clone(),
+                    VersionSelector::Stage(topic_key.stage.clone()),
+                );
+                let lookup = shared.cache.get_fresh(cache_key).await?;
+                Arc::clone(
+                    &*shared
+                        .topics
+                        .entry(topic_key)
+                        .or_insert_with(|| Arc::new(Topic::new(lookup.version))),
+                )
+            }
+        };
         let mut changes = topic.state.subscribe();
         let first = changes.borrow_and_update().clone();
         shared.watchers.fetch_add(1, Relaxed);
@@ -210,8 +225,9 @@ impl Topic {
         }
     }
 
-    /// A version read upstream: an event if it is news (returns whether).
-    fn offer(&self, version: &Arc<SecretVersion>) -> bool {
+    /// A version read upstream: an event if it is news (returns which).
+    fn offer(&self, version: &Arc<SecretVersion>) -> Option<WatchEvent> {
+        let mut news = None;
         self.state.send_if_modified(|state| {
             let event = if state.event == WatchEvent::Deleted {
                 WatchEvent::Restored
@@ -225,8 +241,10 @@ impl Topic {
                 version: Arc::clone(version),
                 observed_at: SystemTime::now(),
             };
+            news = Some(event);
             true
-        })
+        });
+        news
     }
 
     /// Returns whether this is news.
@@ -296,6 +314,12 @@ impl Shared {
     fn apply(&self, key: TopicKey, result: Result<SecretVersion, StoreError>) {
         let cache_key = CacheKey::new(key.name.clone(), VersionSelector::Stage(key.stage.clone()));
         match result {
+            // An answer that does not carry the watched label (a batch read
+            // racing a stage move, AWS's short consistency delay) would be
+            // a step back: wait for the next round instead.
+            Ok(version) if !version.version_stages.contains(&key.stage) => {
+                tracing::debug!(secret = %key.name, stage = %key.stage, "change detection got a version without the watched stage; skipped")
+            }
             Ok(version) => self.cache.put(&cache_key, Arc::new(version)),
             Err(StoreError::NotFound { .. } | StoreError::Deleted { .. }) => {
                 self.cache.remove(&cache_key);
@@ -303,6 +327,7 @@ impl Shared {
                     && topic.mark_deleted()
                 {
                     self.events.fetch_add(1, Relaxed);
+                    tracing::info!(secret = %key.name, stage = %key.stage, "secret deletion observed");
                 }
             }
             Err(error) => {

@@ -34,7 +34,7 @@ impl AdminApi {
 
     /// Every AdminService call starts here: admin identities only.
     fn admit<T>(&self, rpc: &'static str, request: &Request<T>) -> Result<Audit, Status> {
-        let audit = self.context.audit(rpc, request);
+        let audit = self.context.admit(rpc, request)?;
         match self.context.authorizer.check_admin(audit.identity()) {
             Ok(()) => Ok(audit),
             Err(denied) => Err(refuse(audit, ApiError::from(denied))),

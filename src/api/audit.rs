@@ -7,6 +7,7 @@
 
 use std::time::Instant;
 
+use tokio::sync::OwnedSemaphorePermit;
 use tonic::Code;
 
 use crate::{identity::Identity, metrics::Metrics};
@@ -19,6 +20,9 @@ pub struct Audit {
     cache_hit: Option<bool>,
     started: Instant,
     metrics: Metrics,
+    /// The call's slot on its connection, released with the record (a
+    /// stream takes it over).
+    call_slot: Option<OwnedSemaphorePermit>,
 }
 
 impl Audit {
@@ -30,7 +34,17 @@ impl Audit {
             cache_hit: None,
             started: Instant::now(),
             metrics,
+            call_slot: None,
         }
+    }
+
+    pub fn hold_call_slot(&mut self, slot: OwnedSemaphorePermit) {
+        self.call_slot = Some(slot);
+    }
+
+    /// Hands the call's slot to what outlives the handler (a stream).
+    pub fn take_call_slot(&mut self) -> Option<OwnedSemaphorePermit> {
+        self.call_slot.take()
     }
 
     pub fn identity(&self) -> &Identity {

@@ -39,9 +39,18 @@ pub struct ApiContext {
 }
 
 impl ApiContext {
-    /// Starts the audit record (and the metrics) of a call.
-    fn audit<T>(&self, rpc: &'static str, request: &tonic::Request<T>) -> Audit {
-        Audit::new(rpc, identity::of_request(request), self.metrics.clone())
+    /// Starts a call: its audit record (and metrics), and a slot among its
+    /// connection's calls. Without a free slot the call is refused with
+    /// RESOURCE_EXHAUSTED (and audited as such).
+    fn admit<T>(&self, rpc: &'static str, request: &tonic::Request<T>) -> Result<Audit, Status> {
+        let mut audit = Audit::new(rpc, identity::of_request(request), self.metrics.clone());
+        if let Some(connection) = identity::connection_of(request) {
+            match Arc::clone(&connection.call_slots).try_acquire_owned() {
+                Ok(slot) => audit.hold_call_slot(slot),
+                Err(_) => return Err(refuse(audit, ApiError::TooManyCalls)),
+            }
+        }
+        Ok(audit)
     }
 }
 

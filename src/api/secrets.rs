@@ -45,9 +45,14 @@ impl SecretsApi {
 
     /// Resolves a name and checks the caller may read it: before any cache
     /// or upstream access, so a refused caller learns nothing of the secret.
-    fn authorized_name(&self, caller: &Identity, name: &str) -> Result<String, ApiError> {
+    /// The name is noted in the audit record before the check, so that a
+    /// refusal is audited with what was refused.
+    fn authorized_name(&self, audit: &mut Audit, name: &str) -> Result<String, ApiError> {
         let full_name = self.context.names.resolve(name)?;
-        self.context.authorizer.check_read(caller, &full_name)?;
+        audit.secret(&full_name, None);
+        self.context
+            .authorizer
+            .check_read(audit.identity(), &full_name)?;
         Ok(full_name)
     }
 
@@ -72,8 +77,7 @@ impl SecretsApi {
         audit: &mut Audit,
         request: GetSecretRequest,
     ) -> Result<GetSecretResponse, ApiError> {
-        let full_name = self.authorized_name(audit.identity(), &request.name)?;
-        audit.secret(&full_name, None);
+        let full_name = self.authorized_name(audit, &request.name)?;
         let selector = VersionSelector::from_request(&request.version_id, &request.version_stage)?;
         let lookup = self
             .lookup(audit, full_name, selector, request.bypass_cache)
@@ -149,8 +153,7 @@ impl SecretsApi {
         audit: &mut Audit,
         request: &WatchSecretRequest,
     ) -> Result<(Subscription, String), ApiError> {
-        let full_name = self.authorized_name(audit.identity(), &request.name)?;
-        audit.secret(&full_name, None);
+        let full_name = self.authorized_name(audit, &request.name)?;
         check_version_field("since_version_id", &request.since_version_id)?;
         let stage = match VersionSelector::from_request("", &request.version_stage)? {
             VersionSelector::Stage(stage) => stage,
@@ -174,10 +177,10 @@ impl SecretsApi {
         decode: fn(&SecretValue) -> Result<T, Malformed>,
     ) -> Result<(T, String), ApiError> {
         let full_name = self.context.names.resolve_or_default(name, default_kind)?;
+        audit.secret(&full_name, None);
         self.context
             .authorizer
             .check_read(audit.identity(), &full_name)?;
-        audit.secret(&full_name, None);
         let lookup = self
             .lookup(audit, full_name, VersionSelector::current(), bypass)
             .await?;
@@ -249,6 +252,7 @@ struct WatchAccess {
     reloads: tokio::sync::watch::Receiver<u64>,
     caller: Identity,
     secret: String,
+    _call_slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl WatchAccess {
@@ -272,7 +276,7 @@ impl SecretsService for SecretsApi {
         &self,
         request: Request<GetSecretRequest>,
     ) -> Result<Response<GetSecretResponse>, Status> {
-        let mut audit = self.context.audit("GetSecret", &request);
+        let mut audit = self.context.admit("GetSecret", &request)?;
         let result = self.get_secret(&mut audit, request.into_inner()).await;
         respond(audit, result)
     }
@@ -281,7 +285,7 @@ impl SecretsService for SecretsApi {
         &self,
         request: Request<BatchGetSecretsRequest>,
     ) -> Result<Response<BatchGetSecretsResponse>, Status> {
-        let mut audit = self.context.audit("BatchGetSecrets", &request);
+        let mut audit = self.context.admit("BatchGetSecrets", &request)?;
         let result = self
             .batch_get_secrets(&mut audit, request.into_inner())
             .await;
@@ -292,7 +296,7 @@ impl SecretsService for SecretsApi {
         &self,
         request: Request<GetJwtConfigRequest>,
     ) -> Result<Response<GetJwtConfigResponse>, Status> {
-        let mut audit = self.context.audit("GetJwtConfig", &request);
+        let mut audit = self.context.admit("GetJwtConfig", &request)?;
         let request = request.into_inner();
         let result = self
             .typed_config(
@@ -316,7 +320,7 @@ impl SecretsService for SecretsApi {
         &self,
         request: Request<GetDatabaseConfigRequest>,
     ) -> Result<Response<GetDatabaseConfigResponse>, Status> {
-        let mut audit = self.context.audit("GetDatabaseConfig", &request);
+        let mut audit = self.context.admit("GetDatabaseConfig", &request)?;
         let request = request.into_inner();
         let result = self
             .typed_config(
@@ -340,7 +344,7 @@ impl SecretsService for SecretsApi {
         &self,
         request: Request<GetAwsServicesConfigRequest>,
     ) -> Result<Response<GetAwsServicesConfigResponse>, Status> {
-        let mut audit = self.context.audit("GetAwsServicesConfig", &request);
+        let mut audit = self.context.admit("GetAwsServicesConfig", &request)?;
         let request = request.into_inner();
         let result = self
             .typed_config(
@@ -364,7 +368,7 @@ impl SecretsService for SecretsApi {
         &self,
         request: Request<GetSecurityConfigRequest>,
     ) -> Result<Response<GetSecurityConfigResponse>, Status> {
-        let mut audit = self.context.audit("GetSecurityConfig", &request);
+        let mut audit = self.context.admit("GetSecurityConfig", &request)?;
         let request = request.into_inner();
         let result = self
             .typed_config(
@@ -391,19 +395,22 @@ impl SecretsService for SecretsApi {
         &self,
         request: Request<WatchSecretRequest>,
     ) -> Result<Response<Self::WatchSecretStream>, Status> {
-        let mut audit = self.context.audit("WatchSecret", &request);
+        let mut audit = self.context.admit("WatchSecret", &request)?;
         let caller = audit.identity().clone();
         let request = request.into_inner();
         // Taken before subscribing, so that no reload between the check and
         // the stream's start goes unnoticed.
         let reloads = self.context.authorizer.reloads();
         let subscribed = self.subscribe(&mut audit, &request).await;
+        // The stream keeps the call's slot on the connection while open.
+        let call_slot = audit.take_call_slot();
         let (subscription, secret) = respond(audit, subscribed)?.into_inner();
         let access = WatchAccess {
             authorizer: Arc::clone(&self.context.authorizer),
             reloads,
             caller,
             secret,
+            _call_slot: call_slot,
         };
         let first = message::first_watch_event(&subscription.first, &request.since_version_id);
         let changes = watch_stream(subscription, access);

@@ -35,6 +35,8 @@ pub enum ApiError {
     Denied(#[from] Denied),
     #[error("names holds {count} names; at most {limit} are allowed per call")]
     TooManyNames { count: usize, limit: usize },
+    #[error("too many calls in flight on this connection; open another connection or wait")]
+    TooManyCalls,
     #[error("secret {name} cannot be read as {kind}: {source}")]
     Malformed {
         name: String,
@@ -52,6 +54,7 @@ impl ApiError {
             Self::Denied(_) => (Code::PermissionDenied, "POLICY_DENIED"),
             Self::InvalidVersion(_) => (Code::InvalidArgument, "INVALID_VERSION"),
             Self::TooManyNames { .. } => (Code::InvalidArgument, "TOO_MANY_NAMES"),
+            Self::TooManyCalls => (Code::ResourceExhausted, "TOO_MANY_CALLS"),
             Self::Malformed { .. } => (Code::FailedPrecondition, "MALFORMED_SECRET"),
             Self::Store(store) => match store {
                 StoreError::NotFound { .. } => (Code::NotFound, "SECRET_NOT_FOUND"),
@@ -91,7 +94,7 @@ impl ApiError {
             Self::TooManyNames { .. } => {
                 put("field", "names");
             }
-            Self::Store(_) | Self::Denied(_) => {}
+            Self::Store(_) | Self::Denied(_) | Self::TooManyCalls => {}
         }
         metadata
     }

@@ -179,3 +179,26 @@ async fn the_detector_polls_and_stops_on_shutdown() {
         .expect("the detector ends on shutdown")
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_new_topic_starts_from_upstream_not_from_the_cache() {
+    let store = FakeStore::with(&["s"]);
+    let (hub, cache) = hub_over(&store);
+    let key = CacheKey::new("s".into(), VersionSelector::current());
+    cache.get(key, false).await.unwrap();
+    store.set("s", "v2");
+    // A client reconnecting with v1 must not be told v1 is current.
+    let watcher = subscribe(&hub, "s").await;
+    assert_eq!(watcher.first.version.version_id, "v2");
+}
+
+#[tokio::test]
+async fn a_known_deletion_is_the_first_state_of_a_new_watcher() {
+    let store = FakeStore::with(&["s"]);
+    let (hub, _) = hub_over(&store);
+    let _first = subscribe(&hub, "s").await;
+    store.delete("s");
+    round(&hub, &store).await;
+    let second = subscribe(&hub, "s").await;
+    assert_eq!(second.first.event, WatchEvent::Deleted);
+}
