@@ -6,11 +6,18 @@
 # 1. installs the test tools into project-local folders (idempotent):
 #      .tools/venv   Python venv with tests/requirements.txt
 #                    (moto_server, aws, grpcurl, grpcio, pytest, ...)
-#      .tools/node   npm packages from tests/tools/package-lock.json (buf)
+#      .tools/node   npm packages from tests/tools/package-lock.json
+#                    (buf; @grpc/grpc-js and @grpc/proto-loader for the
+#                    Node example)
 #      h2load        Debian nghttp2-client, only when missing (needs root)
+#      systemd-analyze  Debian systemd, only when missing (needs root; the
+#                    deploy/ tests verify the systemd unit with it)
 # 2. runs, stopping at the first failure:
 #      cargo fmt --check, cargo clippy -D warnings, buf lint,
-#      cargo build, cargo test, pytest tests/integration
+#      cargo build, cargo test (tests/client.rs starts moto_server: it gets
+#      MOTO_SERVER and AWS_CLI), cargo doc of the client crate with
+#      -D warnings, no aws-* crate in the client crate's dependency tree,
+#      pytest tests/integration
 #
 # Environment: SKIP_INSTALL=1 skips step 1 (tools must already be there);
 #              TOOLS_ONLY=1 stops after step 1.
@@ -69,7 +76,8 @@ install_node_tools() {
     local stamp="$NODE_PREFIX/.lock.sha256"
     local want
     want="$(hash_of "$NPM_DIR/package.json" "$NPM_DIR/package-lock.json")"
-    if [[ -x "$NODE_PREFIX/node_modules/.bin/buf" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+    if [[ -x "$NODE_PREFIX/node_modules/.bin/buf" && -f "$NODE_PREFIX/node_modules/@grpc/grpc-js/package.json" \
+          && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
         echo "node tools: up to date ($NODE_PREFIX)"
         return
     fi
@@ -100,12 +108,30 @@ install_h2load() {
     command -v h2load >/dev/null || fail "h2load still missing after installing nghttp2-client"
 }
 
+install_systemd_analyze() {
+    if command -v systemd-analyze >/dev/null; then
+        echo "systemd-analyze: present ($(command -v systemd-analyze))"
+        return
+    fi
+    echo "systemd-analyze: installing Debian systemd"
+    local sudo=()
+    if [[ "$(id -u)" != 0 ]]; then
+        command -v sudo >/dev/null || fail "systemd-analyze is missing and installing systemd needs root"
+        sudo=(sudo -n)
+    fi
+    quiet "apt-get update" "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    quiet "apt-get install systemd" \
+        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends systemd
+    command -v systemd-analyze >/dev/null || fail "systemd-analyze still missing after installing systemd"
+}
+
 if [[ "${SKIP_INSTALL:-0}" != 1 ]]; then
     step "test tools"
     started=$SECONDS
     install_python_tools
     install_node_tools
     install_h2load
+    install_systemd_analyze
     echo "tools ready in $((SECONDS - started)) s"
 fi
 if [[ "${TOOLS_ONLY:-0}" == 1 ]]; then
@@ -122,6 +148,10 @@ BUF="$NODE_PREFIX/node_modules/.bin/buf"
 for tool in "$VENV/bin/python" "${GRPCURL:-grpcurl-not-found}" "$MOTO_SERVER" "$AWS_CLI" "$BUF"; do
     [[ -x "$tool" ]] || fail "test tool missing: $tool (run without SKIP_INSTALL=1)"
 done
+for package in @grpc/grpc-js @grpc/proto-loader; do
+    [[ -f "$NODE_PREFIX/node_modules/$package/package.json" ]] \
+        || fail "npm package missing: $NODE_PREFIX/node_modules/$package (run without SKIP_INSTALL=1)"
+done
 
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check || fail "cargo fmt: run 'cargo fmt --all'"
@@ -136,7 +166,23 @@ step "cargo build --workspace --bins"
 cargo build --quiet --workspace --bins || fail "cargo build"
 
 step "cargo test --workspace"
+# tests/client.rs runs the client crate against moto_server and the broker.
+export MOTO_SERVER AWS_CLI
 cargo test --workspace || fail "cargo test"
+
+step "cargo doc -p secrets-broker-client --no-deps (-D warnings)"
+RUSTDOCFLAGS="-D warnings" cargo doc --quiet -p secrets-broker-client --no-deps \
+    || fail "cargo doc: the client crate's documentation has warnings"
+
+step "cargo tree -p secrets-broker-client -e normal: no aws-* crate"
+client_tree="$(cargo tree -p secrets-broker-client -e normal --prefix none | sed 's/ (\*)$//' | sort -u)" \
+    || fail "cargo tree -p secrets-broker-client"
+aws_crates="$(grep -E '^aws-' <<<"$client_tree" || true)"
+if [[ -n "$aws_crates" ]]; then
+    printf '%s\n' "$aws_crates" >&2
+    fail "the client crate depends on aws-* crates (above); see: cargo tree -p secrets-broker-client -e normal -i <crate>"
+fi
+echo "no aws-* crate among the $(wc -l <<<"$client_tree") crates of its tree"
 
 step "pytest tests/integration"
 export BROKER_BIN="$ROOT/target/debug/secrets-broker"

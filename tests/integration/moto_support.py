@@ -180,10 +180,12 @@ class MotoServer:
 
     def create_secret(self, name: str, value: str | bytes) -> str:
         """Creates the secret (full name); returns its version id."""
+        support.register_secret(value)      # for the leak scan
         return self.client.create_secret(Name=name, **self._value(value))["VersionId"]
 
     def put_secret_value(self, name: str, value: str | bytes) -> str:
         """A new AWSCURRENT version (the old one becomes AWSPREVIOUS); its id."""
+        support.register_secret(value)      # for the leak scan
         return self.client.put_secret_value(SecretId=name, **self._value(value))["VersionId"]
 
     def delete_secret(self, name: str) -> None:

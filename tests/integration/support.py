@@ -46,6 +46,7 @@ def dev_seed() -> dict[str, str]:
         versions = secret["versions"]
         assert versions, f"seed secret {secret['name']} has no versions"
         seed[full_name(secret["name"])] = versions[-1]["value"]
+    register_secrets_file(data)     # every seed value, for the leak scan
     return seed
 
 
@@ -174,3 +175,66 @@ def assert_no_secret(err: grpc.RpcError, info, forbidden) -> None:
         for where, text in texts.items():
             assert value not in text, f"the error's {where} contains the secret value {value!r}: {text!r}"
         assert value.encode() not in raw, f"grpc-status-details-bin contains the secret value {value!r}"
+
+
+# --------------------------------------------------------------------------
+# Registry of the secret values the suite uses, for the leak scan of
+# test_zz_log_scan.py (no log under target/test-logs/ may contain one).
+# dev_seed(), moto_support's seeding and the tests that write secrets files
+# register their values here; a test that builds values inline registers
+# them itself (register_secret / register_secrets_file).
+
+# Values shorter than this are too common to scan for (e.g. "old", "new").
+MIN_SCANNED_LENGTH = 8
+SECRET_VALUES: set[str] = set()
+# Values too short to scan, kept to be listed by the scan.
+SHORT_SECRET_VALUES: set[str] = set()
+# Keys of a JSON secret whose string values are secrets on their own (the
+# rest, e.g. regions, algorithms, URLs and host lists, are not).
+SECRET_JSON_KEYS = frozenset({
+    "jwt_secret_key", "supabase_anon_key", "supabase_service_key",
+    "database_password", "encryption_key", "encryption_salt",
+})
+
+
+def register_secret(value: str | bytes) -> None:
+    """Adds a secret value to SECRET_VALUES. A JSON object's secret fields
+    (SECRET_JSON_KEYS) are added too; bytes are added as base64 and hex."""
+    import base64 as _base64
+
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value)
+        try:
+            register_secret(value.decode("utf-8"))
+        except UnicodeDecodeError:
+            pass
+        if len(value) >= MIN_SCANNED_LENGTH:
+            SECRET_VALUES.add(_base64.b64encode(value).decode())
+            SECRET_VALUES.add(value.hex())
+        return
+    if not isinstance(value, str) or not value:
+        return
+    if len(value) < MIN_SCANNED_LENGTH:
+        SHORT_SECRET_VALUES.add(value)
+    else:
+        SECRET_VALUES.add(value)
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        return
+    if isinstance(parsed, dict):
+        for key, inner in parsed.items():
+            if key in SECRET_JSON_KEYS and isinstance(inner, str):
+                register_secret(inner)
+
+
+def register_secrets_file(data: dict) -> None:
+    """Registers every value of a secrets file's structure (JSON/TOML backend)."""
+    import base64 as _base64
+
+    for secret in data.get("secrets", []):
+        for version in secret.get("versions", []):
+            if "value" in version:
+                register_secret(version["value"])
+            if "binary_base64" in version:
+                register_secret(_base64.b64decode(version["binary_base64"]))

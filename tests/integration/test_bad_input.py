@@ -88,6 +88,14 @@ def forbidden(short: str) -> tuple[str, ...]:
     return tuple(found)
 
 
+# every value of the secrets file, and what must never be echoed, for the
+# leak scan (test_zz_log_scan.py)
+for _short in BAD_SECRETS:
+    support.register_secret(raw_value(_short))
+    for _value in forbidden(_short):
+        support.register_secret(_value)
+
+
 @pytest.fixture(scope="module")
 def broker(broker_bin, stubs, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("bad-input")

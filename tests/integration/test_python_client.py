@@ -113,7 +113,7 @@ def test_get_security_config(dev_broker, stubs):
 def test_security_lists_from_both_forms(start_broker, stubs, tmp_path):
     """allowed_hosts / cors_origins: JSON list or comma string, trimmed, empties dropped."""
     path = tmp_path / "secrets.json"
-    path.write_text(json.dumps({"secrets": [{
+    data = {"secrets": [{
         "name": "production/security",
         "versions": [{"value": json.dumps({
             "encryption_key": "SENTINEL-enc-key-5b1d",
@@ -121,7 +121,9 @@ def test_security_lists_from_both_forms(start_broker, stubs, tmp_path):
             "allowed_hosts": " a.example , ,b.example,, c.example ",
             "cors_origins": [" https://x.example ", "", "https://y.example"],
         })}],
-    }]}))
+    }]}
+    support.register_secrets_file(data)                 # for the leak scan
+    path.write_text(json.dumps(data))
     broker = start_broker(["--secrets-file", path])
     pb = stubs.secrets_service_pb2
     c = broker.secrets().GetSecurityConfig(pb.GetSecurityConfigRequest(), timeout=10).config
@@ -171,6 +173,7 @@ VERSIONS_FILE = {
         },
     ]
 }
+support.register_secrets_file(VERSIONS_FILE)     # for the leak scan
 
 
 @pytest.fixture
@@ -219,6 +222,8 @@ def test_binary_secret(versions_broker, stubs):
 
 def test_toml_secrets_file(start_broker, stubs, tmp_path):
     path = tmp_path / "secrets.toml"
+    support.register_secret("toml-value-one-93ab")      # for the leak scan
+    support.register_secret("toml-value-two-93ab")
     path.write_text(
         '[[secrets]]\nname = "from-toml"\n\n'
         '[[secrets.versions]]\nvalue = "toml-value-one-93ab"\nversion_id = "t1"\n\n'
@@ -259,10 +264,12 @@ def test_env_prefix_and_environment(start_broker, stubs, tmp_path):
     """SECRET_PREFIX and SECRET_ENVIRONMENT change name resolution."""
     path = tmp_path / "secrets.json"
     jwt = support.seed_json("production/jwt") | {"jwt_issuer": "staging-issuer-0c4e"}
-    path.write_text(json.dumps({"secrets": [
+    data = {"secrets": [
         {"name": "staging/jwt", "versions": [{"value": json.dumps(jwt)}]},
         {"name": "plain", "versions": [{"value": "plain-value-0c4e"}]},
-    ]}))
+    ]}
+    support.register_secrets_file(data)                 # for the leak scan
+    path.write_text(json.dumps(data))
     broker = start_broker(
         ["--secrets-file", path], env={"SECRET_PREFIX": "acme", "SECRET_ENVIRONMENT": "staging"}
     )

@@ -1,0 +1,518 @@
+//! The client crate against the real broker binary on moto_server.
+//!
+//! Every call below goes through `secrets_broker_client` only (moto is
+//! seeded and rotated with the AWS SDK, as an operator would). Each test
+//! starts its own moto_server (`MOTO_SERVER`, required) and broker on free
+//! loopback ports; both are killed when the test ends, pass or fail.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use secrets_broker_client::{
+    ClientConfig, Error, SecretValue, SecretsClient, WatchEvent, WatchEventKind,
+};
+use support::{Broker, BrokerSpec, Moto, Pki, plaintext_client, within};
+
+const MISTRAL: &str = "insurecove/mistral-api-key";
+const JWT: &str = "insurecove/production/jwt";
+const DATABASE: &str = "insurecove/production/database";
+const AWS_SERVICES: &str = "insurecove/production/aws-services";
+const SECURITY: &str = "insurecove/production/security";
+
+const JWT_SIGNING_KEY: &str = "client-test-jwt-signing-key-0001";
+const JWT_VALUE: &str = r#"{"jwt_secret_key":"client-test-jwt-signing-key-0001","jwt_algorithm":"HS256","jwt_issuer":"insurecove-client-tests","jwt_audience":"insurecove-clients","jwt_access_token_expire_minutes":45}"#;
+const DATABASE_VALUE: &str = r#"{"supabase_url":"https://client-tests.supabase.invalid","supabase_anon_key":"client-test-anon-key","supabase_service_key":"client-test-service-key","database_password":"client-test-db-password"}"#;
+const AWS_SERVICES_VALUE: &str = r#"{"aws_ses_region":"ap-east-1","aws_end_user_messaging_region":"ap-southeast-1","s3_bucket_name":"insurecove-client-tests","max_file_size_mb":25}"#;
+const SECURITY_VALUE: &str = r#"{"encryption_key":"client-test-encryption-key","encryption_salt":"client-test-encryption-salt","allowed_hosts":"localhost, 127.0.0.1","cors_origins":["http://localhost:3000"]}"#;
+/// The JWT config without `jwt_issuer`.
+const JWT_WITHOUT_ISSUER: &str = r#"{"jwt_secret_key":"client-test-jwt-signing-key-0001","jwt_algorithm":"HS256","jwt_audience":"insurecove-clients","jwt_access_token_expire_minutes":45}"#;
+
+/// How long a rotation may take to reach a watcher (watch interval 1 s).
+const ROTATION_BOUND: Duration = Duration::from_secs(15);
+
+fn text(secret: &SecretValue) -> &str {
+    secret
+        .as_str()
+        .unwrap_or_else(|| panic!("{secret:?} is not text"))
+}
+
+/// `value` must appear nowhere in the error's text or debug form.
+fn assert_no_value(error: &Error, values: &[&str]) {
+    let shown = format!("{error} {error:?}");
+    for value in values {
+        assert!(
+            !shown.contains(value),
+            "the error shows a secret value: {shown}"
+        );
+    }
+}
+
+async fn next_event(events: &mut secrets_broker_client::WatchStream, what: &str) -> WatchEvent {
+    within(ROTATION_BOUND, what, events.next())
+        .await
+        .unwrap_or_else(|| panic!("{what}: the watch stream ended"))
+        .unwrap_or_else(|e| panic!("{what}: the watch stream failed: {e}"))
+}
+
+// --------------------------------------------------------------------------
+// 1. every RPC and the error variants, plaintext broker on moto
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_and_error_variant_through_the_crate() {
+    let test = "every_rpc_and_error_variant";
+    let moto = Moto::start(test);
+    let v1 = moto.create_secret(MISTRAL, "client-test-mistral-v1").await;
+    let v2 = moto
+        .put_secret_value(MISTRAL, "client-test-mistral-v2")
+        .await;
+    moto.create_secret(JWT, JWT_VALUE).await;
+    moto.create_secret(DATABASE, DATABASE_VALUE).await;
+    moto.create_secret(AWS_SERVICES, AWS_SERVICES_VALUE).await;
+    moto.create_secret(SECURITY, SECURITY_VALUE).await;
+
+    let mut broker = Broker::spawn(BrokerSpec::aws(test, &moto).args(["--watch-interval", "1"]));
+    let client = plaintext_client(&broker).await;
+    broker.wait_ready(|| client.test_connection()).await;
+
+    // test_connection (AdminService.CheckUpstream): moto is reachable.
+    assert!(
+        client.test_connection().await.expect("test_connection"),
+        "test_connection says moto is unreachable"
+    );
+
+    // get_secret: by short name, current version; then from the cache.
+    let current = client
+        .get_secret("mistral-api-key")
+        .await
+        .expect("get_secret");
+    assert_eq!(text(&current), "client-test-mistral-v2");
+    assert_eq!(current.name(), MISTRAL);
+    assert_eq!(current.version_id(), v2);
+    assert!(
+        current.version_stages().iter().any(|s| s == "AWSCURRENT"),
+        "{current:?}"
+    );
+    assert!(current.arn().starts_with("arn:"), "arn {:?}", current.arn());
+    assert!(
+        !current.cache().hit,
+        "first read was a cache hit: {current:?}"
+    );
+    let cached = client
+        .get_secret("mistral-api-key")
+        .await
+        .expect("get_secret again");
+    assert!(
+        cached.cache().hit,
+        "second read missed the cache: {cached:?}"
+    );
+    assert_eq!(cached.version_id(), v2);
+
+    // by version id, by stage
+    let by_id = client
+        .get_secret("mistral-api-key")
+        .version_id(v1.clone())
+        .await
+        .expect("get_secret version_id");
+    assert_eq!(text(&by_id), "client-test-mistral-v1");
+    assert_eq!(by_id.version_id(), v1);
+    let previous = client
+        .get_secret("mistral-api-key")
+        .version_stage("AWSPREVIOUS")
+        .await
+        .expect("get_secret AWSPREVIOUS");
+    assert_eq!(text(&previous), "client-test-mistral-v1");
+    assert_eq!(previous.version_id(), v1);
+    assert!(
+        previous.version_stages().iter().any(|s| s == "AWSPREVIOUS"),
+        "{previous:?}"
+    );
+
+    // get_mistral_api_key
+    let key = client
+        .get_mistral_api_key()
+        .await
+        .expect("get_mistral_api_key");
+    assert_eq!(key.as_str(), "client-test-mistral-v2");
+
+    // bypass_cache: a new version upstream is seen at once, and refreshes the cache.
+    let v3 = moto
+        .put_secret_value(MISTRAL, "client-test-mistral-v3")
+        .await;
+    let still = client
+        .get_secret("mistral-api-key")
+        .await
+        .expect("cached read");
+    assert_eq!(still.version_id(), v2, "the cache should still hold v2");
+    let fresh = client
+        .get_secret("mistral-api-key")
+        .bypass_cache()
+        .await
+        .expect("get_secret bypass_cache");
+    assert_eq!(text(&fresh), "client-test-mistral-v3");
+    assert_eq!(fresh.version_id(), v3);
+    assert!(
+        !fresh.cache().hit,
+        "bypass_cache answered from the cache: {fresh:?}"
+    );
+    let after = client
+        .get_secret("mistral-api-key")
+        .await
+        .expect("read after bypass");
+    assert_eq!(
+        after.version_id(),
+        v3,
+        "bypass_cache did not refresh the cache"
+    );
+
+    // batch_get_secrets: one found, one NotFound, in order.
+    let batch = client
+        .batch_get_secrets(&["mistral-api-key", "no-such-secret"])
+        .await
+        .expect("batch_get_secrets");
+    assert_eq!(batch.len(), 2, "{batch:?}");
+    assert!(batch[0].0.ends_with("mistral-api-key"), "{:?}", batch[0].0);
+    let found = batch[0].1.as_ref().expect("batch: mistral-api-key");
+    assert_eq!(text(found), "client-test-mistral-v3");
+    assert!(batch[1].0.ends_with("no-such-secret"), "{:?}", batch[1].0);
+    match &batch[1].1 {
+        Err(Error::NotFound { reason, .. }) => assert_eq!(reason, "SECRET_NOT_FOUND"),
+        other => panic!("batch: no-such-secret gave {other:?}, not NotFound"),
+    }
+
+    // the four typed configs
+    let jwt = client.get_jwt_config().await.expect("get_jwt_config");
+    assert_eq!(jwt.jwt_issuer, "insurecove-client-tests");
+    assert_eq!(jwt.jwt_secret_key, JWT_SIGNING_KEY);
+    assert_eq!(jwt.jwt_algorithm, "HS256");
+    assert_eq!(jwt.jwt_audience, "insurecove-clients");
+    assert_eq!(jwt.jwt_access_token_expire_minutes, 45);
+    let db = client
+        .get_database_config()
+        .await
+        .expect("get_database_config");
+    assert_eq!(db.supabase_url, "https://client-tests.supabase.invalid");
+    assert_eq!(db.supabase_anon_key, "client-test-anon-key");
+    assert_eq!(db.supabase_service_key, "client-test-service-key");
+    assert_eq!(db.database_password, "client-test-db-password");
+    let aws = client
+        .get_aws_services_config()
+        .await
+        .expect("get_aws_services_config");
+    assert_eq!(aws.aws_ses_region, "ap-east-1");
+    assert_eq!(aws.aws_end_user_messaging_region, "ap-southeast-1");
+    assert_eq!(aws.s3_bucket_name, "insurecove-client-tests");
+    assert_eq!(aws.max_file_size_mb, 25);
+    let security = client
+        .get_security_config()
+        .await
+        .expect("get_security_config");
+    assert_eq!(security.encryption_key, "client-test-encryption-key");
+    assert_eq!(security.encryption_salt, "client-test-encryption-salt");
+    assert_eq!(security.allowed_hosts, ["localhost", "127.0.0.1"]);
+    assert_eq!(security.cors_origins, ["http://localhost:3000"]);
+
+    // get_cache_stats
+    let stats = client.get_cache_stats().await.expect("get_cache_stats");
+    assert!(stats.hits >= 2, "hits {stats:?}");
+    assert!(stats.misses >= 1, "misses {stats:?}");
+    assert!(stats.upstream_calls >= 1, "upstream_calls {stats:?}");
+    assert!(stats.total_entries >= 5, "total_entries {stats:?}");
+    assert!(
+        stats.hit_ratio > 0.0 && stats.hit_ratio < 1.0,
+        "hit_ratio {stats:?}"
+    );
+
+    // refresh_secret: a new version upstream is picked up, metadata only.
+    let v4 = moto
+        .put_secret_value(MISTRAL, "client-test-mistral-v4")
+        .await;
+    let (meta, changed) = client
+        .refresh_secret("mistral-api-key")
+        .await
+        .expect("refresh_secret");
+    assert!(
+        changed,
+        "refresh_secret saw no change after a new version: {meta:?}"
+    );
+    assert_eq!(meta.version_id(), v4);
+    assert_eq!(meta.name(), MISTRAL);
+    assert!(
+        meta.as_bytes().is_empty(),
+        "refresh_secret returned a value"
+    );
+    let (_, changed_again) = client
+        .refresh_secret("mistral-api-key")
+        .await
+        .expect("refresh_secret again");
+    assert!(!changed_again, "a second refresh_secret reported a change");
+    let refreshed = client
+        .get_secret("mistral-api-key")
+        .await
+        .expect("read after refresh");
+    assert_eq!(refreshed.version_id(), v4);
+    assert!(
+        refreshed.cache().hit,
+        "refresh_secret did not fill the cache"
+    );
+
+    // clear_cache: one name, then everything.
+    let cleared = client
+        .clear_cache(&["mistral-api-key"])
+        .await
+        .expect("clear_cache one");
+    assert!(
+        cleared >= 1,
+        "clear_cache(mistral-api-key) cleared {cleared}"
+    );
+    let miss = client
+        .get_secret("mistral-api-key")
+        .await
+        .expect("read after clear");
+    assert!(!miss.cache().hit, "read after clear_cache was a hit");
+    let cleared_all = client.clear_cache(&[]).await.expect("clear_cache all");
+    assert!(cleared_all >= 5, "clear_cache(all) cleared {cleared_all}");
+    let empty = client.get_cache_stats().await.expect("stats after clear");
+    assert_eq!(
+        empty.total_entries, 0,
+        "entries left after clear_cache(all): {empty:?}"
+    );
+
+    // errors: NotFound, InvalidArgument (field name), MalformedSecret (field jwt_issuer)
+    match client.get_secret("no-such-secret").await {
+        Err(error @ Error::NotFound { .. }) => {
+            assert_eq!(error.reason(), Some("SECRET_NOT_FOUND"), "{error:?}")
+        }
+        other => panic!("get_secret(no-such-secret) gave {other:?}, not NotFound"),
+    }
+    match client.get_secret("bad name!").await {
+        Err(Error::InvalidArgument { reason, field, .. }) => {
+            assert_eq!(reason, "INVALID_SECRET_NAME");
+            assert_eq!(field.as_deref(), Some("name"));
+        }
+        other => panic!("get_secret(\"bad name!\") gave {other:?}, not InvalidArgument"),
+    }
+    moto.put_secret_value(JWT, JWT_WITHOUT_ISSUER).await;
+    client
+        .clear_cache(&["production/jwt"])
+        .await
+        .expect("clear_cache jwt");
+    match client.get_jwt_config().await {
+        Err(error @ Error::MalformedSecret { .. }) => {
+            let Error::MalformedSecret { field, .. } = &error else {
+                unreachable!()
+            };
+            assert_eq!(field.as_deref(), Some("jwt_issuer"), "{error:?}");
+            assert_eq!(error.reason(), Some("MALFORMED_SECRET"));
+            assert_no_value(&error, &[JWT_SIGNING_KEY]);
+        }
+        other => panic!("get_jwt_config on a jwt without jwt_issuer gave {other:?}"),
+    }
+
+    // watch_secret: CURRENT at once, ROTATED on a new version.
+    let mut events = client.watch_secret("mistral-api-key");
+    let first = next_event(&mut events, "first watch event").await;
+    assert_eq!(first.kind, WatchEventKind::Current, "{first:?}");
+    assert_eq!(first.secret.version_id(), v4);
+    assert_eq!(text(&first.secret), "client-test-mistral-v4");
+    let watching = client
+        .get_cache_stats()
+        .await
+        .expect("stats while watching");
+    assert_eq!(watching.watchers, 1, "{watching:?}");
+    let v5 = moto
+        .put_secret_value(MISTRAL, "client-test-mistral-v5")
+        .await;
+    let rotated = next_event(&mut events, "ROTATED after put-secret-value").await;
+    assert_eq!(rotated.kind, WatchEventKind::Rotated, "{rotated:?}");
+    assert_eq!(rotated.secret.version_id(), v5);
+    assert_eq!(text(&rotated.secret), "client-test-mistral-v5");
+    assert!(rotated.observed_at.is_some(), "{rotated:?}");
+    drop(events);
+
+    // a watch of a missing secret ends with NotFound
+    let mut missing = client.watch_secret("no-such-secret");
+    match within(ROTATION_BOUND, "watch of a missing secret", missing.next()).await {
+        Some(Err(Error::NotFound { reason, .. })) => assert_eq!(reason, "SECRET_NOT_FOUND"),
+        other => panic!("watch_secret(no-such-secret) gave {other:?}"),
+    }
+}
+
+// --------------------------------------------------------------------------
+// 2. mutual TLS and the policy: allowed, and PermissionDenied (POLICY_DENIED)
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_policy_allows_and_denies_through_the_crate() {
+    let test = "mutual_tls_policy";
+    let moto = Moto::start(test);
+    moto.create_secret(MISTRAL, "client-test-mtls-mistral")
+        .await;
+    moto.create_secret(JWT, JWT_VALUE).await;
+    moto.create_secret(DATABASE, DATABASE_VALUE).await;
+
+    let pki = Pki::new();
+    let server = pki.server();
+    let client_a = pki.client("client-a", "spiffe://insurecove/a");
+    let policy = pki.write_policy(
+        "[[grant]]\nidentity = \"spiffe://insurecove/a\"\nsecrets = [\"insurecove/mistral-api-key\"]\n",
+    );
+    let spec = BrokerSpec::aws(test, &moto).args([
+        "--tls-cert".to_owned(),
+        server.cert.display().to_string(),
+        "--tls-key".to_owned(),
+        server.key.display().to_string(),
+        "--tls-client-ca".to_owned(),
+        pki.ca().display().to_string(),
+        "--policy".to_owned(),
+        policy.display().to_string(),
+    ]);
+    let mut broker = Broker::spawn(spec);
+    let config = ClientConfig::new(broker.addr())
+        .with_tls(pki.ca(), &client_a.cert, &client_a.key)
+        .with_tls_domain("localhost");
+    let client = SecretsClient::connect(config)
+        .await
+        .expect("mTLS client config");
+    broker
+        .wait_ready(|| client.get_secret("mistral-api-key").send())
+        .await;
+
+    // allowed
+    let secret = client
+        .get_secret("mistral-api-key")
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "allowed read refused: {e}; broker log:\n{}",
+                broker.log_tail()
+            )
+        });
+    assert_eq!(text(&secret), "client-test-mtls-mistral");
+    assert_eq!(
+        client
+            .get_mistral_api_key()
+            .await
+            .expect("get_mistral_api_key")
+            .as_str(),
+        "client-test-mtls-mistral"
+    );
+
+    // denied: another secret, a typed config, the admin service, a watch
+    let denied = |what: &str, result: Result<String, Error>| match result {
+        Err(error @ Error::AccessDenied { .. }) => {
+            assert_eq!(error.reason(), Some("POLICY_DENIED"), "{what}: {error:?}");
+            assert_no_value(&error, &[JWT_SIGNING_KEY, "client-test-db-password"]);
+        }
+        other => panic!("{what}: expected AccessDenied/POLICY_DENIED, got {other:?}"),
+    };
+    denied(
+        "get_secret(production/database)",
+        client
+            .get_secret("production/database")
+            .await
+            .map(|s| s.version_id().to_owned()),
+    );
+    denied(
+        "get_jwt_config",
+        client.get_jwt_config().await.map(|c| c.jwt_issuer),
+    );
+    denied(
+        "test_connection (admin)",
+        client.test_connection().await.map(|b| b.to_string()),
+    );
+    let mut events = client.watch_secret("production/jwt");
+    denied(
+        "watch_secret(production/jwt)",
+        within(ROTATION_BOUND, "denied watch", events.next())
+            .await
+            .expect("the denied watch ended without an error")
+            .map(|e| e.secret.version_id().to_owned()),
+    );
+    let batch = client
+        .batch_get_secrets(&["mistral-api-key", "production/jwt"])
+        .await
+        .expect("batch_get_secrets");
+    assert!(batch[0].1.is_ok(), "batch: allowed item {:?}", batch[0].1);
+    denied(
+        "batch_get_secrets item production/jwt",
+        batch[1].1.clone().map(|s| s.version_id().to_owned()),
+    );
+}
+
+// --------------------------------------------------------------------------
+// 3. a watch keeps its stream across a broker restart
+
+#[derive(Clone, Copy, Debug)]
+enum Stop {
+    Kill,
+    Terminate,
+}
+
+async fn watch_survives_restart(test: &str, stop: Stop) {
+    const NAME: &str = "insurecove/rotating/api-token";
+    let moto = Moto::start(test);
+    let v1 = moto.create_secret(NAME, "client-test-rotating-v1").await;
+    let mut broker = Broker::spawn(BrokerSpec::aws(test, &moto).args(["--watch-interval", "1"]));
+    let client = plaintext_client(&broker).await;
+    broker.wait_ready(|| client.test_connection()).await;
+
+    let mut events = client.watch_secret("rotating/api-token");
+    let first = next_event(&mut events, "first watch event").await;
+    assert_eq!(first.kind, WatchEventKind::Current, "{first:?}");
+    assert_eq!(first.secret.version_id(), v1);
+
+    match stop {
+        Stop::Kill => broker.kill(),
+        Stop::Terminate => {
+            let status = broker.terminate();
+            eprintln!("{test}: broker stopped by SIGTERM: {status:?}");
+        }
+    }
+    let v2 = moto.put_secret_value(NAME, "client-test-rotating-v2").await;
+
+    // While the broker is down the stream neither ends nor reports an error.
+    if let Ok(item) = tokio::time::timeout(Duration::from_secs(2), events.next()).await {
+        panic!("{test}: while the broker was down the watch stream gave {item:?}");
+    }
+
+    broker.restart();
+    let restarted = Instant::now();
+    let event = match tokio::time::timeout(ROTATION_BOUND, events.next()).await {
+        Ok(Some(Ok(event))) => event,
+        Ok(other) => panic!(
+            "{test}: after the restart the watch stream gave {other:?}; broker log:\n{}",
+            broker.log_tail()
+        ),
+        Err(_) => panic!(
+            "{test}: no event within {ROTATION_BOUND:?} of the broker's restart on {}; broker log:\n{}",
+            broker.addr(),
+            broker.log_tail()
+        ),
+    };
+    eprintln!(
+        "{test}: {:?} {} {:.1} s after the restart",
+        event.kind,
+        event.secret.version_id(),
+        restarted.elapsed().as_secs_f64()
+    );
+    assert_eq!(event.kind, WatchEventKind::Rotated, "{event:?}");
+    assert_eq!(event.secret.version_id(), v2);
+    assert_eq!(text(&event.secret), "client-test-rotating-v2");
+
+    // And it keeps following: the next rotation comes through too.
+    let v3 = moto.put_secret_value(NAME, "client-test-rotating-v3").await;
+    let next = next_event(&mut events, "ROTATED after the restart").await;
+    assert_eq!(next.kind, WatchEventKind::Rotated, "{next:?}");
+    assert_eq!(next.secret.version_id(), v3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_survives_broker_sigkill_and_restart() {
+    watch_survives_restart("watch_restart_sigkill", Stop::Kill).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_survives_broker_sigterm_and_restart() {
+    watch_survives_restart("watch_restart_sigterm", Stop::Terminate).await;
+}
