@@ -304,19 +304,24 @@ enum Joined {
 
 impl Shared {
     fn now_millis(&self) -> u64 {
-        Instant::now().duration_since(self.epoch).as_millis() as u64
+        self.millis_at(Instant::now())
+    }
+
+    fn millis_at(&self, at: Instant) -> u64 {
+        at.duration_since(self.epoch).as_millis() as u64
     }
 
     /// The hot path: a fresh entry, counted as a hit, with refresh-ahead
     /// unless the caller holds `inflight`'s lock for this key.
     fn fresh_hit(self: &Arc<Self>, key: &CacheKey, may_refresh: bool) -> Option<Lookup> {
         let entry = Arc::clone(&*self.entries.get(key)?);
-        let age = Instant::now().duration_since(entry.fetched_at);
+        let now = Instant::now();
+        let age = now.duration_since(entry.fetched_at);
         let ttl = self.settings.ttl;
         if age >= ttl {
             return None;
         }
-        entry.last_used.store(self.now_millis(), Relaxed);
+        entry.last_used.store(self.millis_at(now), Relaxed);
         bump(&self.counters.hits);
         if may_refresh && age >= ttl - ttl / 10 && !entry.refreshing.swap(true, Relaxed) {
             self.refresh_ahead(key);

@@ -17,7 +17,7 @@
 use std::{
     fmt,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicBool, Ordering::Relaxed},
     },
     time::{Duration, Instant},
@@ -77,6 +77,44 @@ struct SecretLabels {
 
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
+/// The broker's own RPCs, as the metrics and the audit trail name them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rpc {
+    GetSecret,
+    BatchGetSecrets,
+    GetJwtConfig,
+    GetDatabaseConfig,
+    GetAwsServicesConfig,
+    GetSecurityConfig,
+    WatchSecret,
+    GetCacheStats,
+    ClearCache,
+    RefreshSecret,
+    CheckUpstream,
+}
+
+const RPCS: usize = 11;
+/// gRPC status codes run from 0 to 16.
+const CODES: usize = 17;
+
+impl Rpc {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::GetSecret => "GetSecret",
+            Self::BatchGetSecrets => "BatchGetSecrets",
+            Self::GetJwtConfig => "GetJwtConfig",
+            Self::GetDatabaseConfig => "GetDatabaseConfig",
+            Self::GetAwsServicesConfig => "GetAwsServicesConfig",
+            Self::GetSecurityConfig => "GetSecurityConfig",
+            Self::WatchSecret => "WatchSecret",
+            Self::GetCacheStats => "GetCacheStats",
+            Self::ClearCache => "ClearCache",
+            Self::RefreshSecret => "RefreshSecret",
+            Self::CheckUpstream => "CheckUpstream",
+        }
+    }
+}
+
 fn latency_histogram() -> Histogram {
     // 50 µs to ~1.6 s.
     Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
@@ -92,6 +130,10 @@ struct Shared {
     registry: Mutex<Registry>,
     calls: Family<CallLabels, Counter>,
     call_seconds: Histograms<RpcLabels>,
+    /// Handles into `calls` and `call_seconds`, resolved on first use: a
+    /// family lookup takes a lock and hashes labels, a handle is one atomic.
+    call_counters: [[OnceLock<Counter>; CODES]; RPCS],
+    call_histograms: [OnceLock<Histogram>; RPCS],
     upstream_calls: Family<UpstreamLabels, Counter>,
     upstream_seconds: Histograms<OperationLabels>,
     /// Only with `--metrics-secret-names`.
@@ -137,6 +179,8 @@ impl Metrics {
                 registry: Mutex::new(registry),
                 calls,
                 call_seconds,
+                call_counters: std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new())),
+                call_histograms: std::array::from_fn(|_| OnceLock::new()),
                 upstream_calls,
                 upstream_seconds,
                 secret_reads,
@@ -144,13 +188,29 @@ impl Metrics {
         }
     }
 
-    /// One call answered.
-    pub fn record_call(&self, rpc: &'static str, code: &'static str, took: Duration) {
+    /// One call answered; `code_name` is the code as gRPC names it.
+    pub fn record_call(
+        &self,
+        rpc: Rpc,
+        code: tonic::Code,
+        code_name: &'static str,
+        took: Duration,
+    ) {
         let shared = &self.shared;
-        shared.calls.get_or_create(&CallLabels { rpc, code }).inc();
-        shared
-            .call_seconds
-            .get_or_create(&RpcLabels { rpc })
+        let slot = &shared.call_counters[rpc as usize][(code as usize).min(CODES - 1)];
+        slot.get_or_init(|| {
+            let labels = CallLabels {
+                rpc: rpc.name(),
+                code: code_name,
+            };
+            shared.calls.get_or_create(&labels).clone()
+        })
+        .inc();
+        shared.call_histograms[rpc as usize]
+            .get_or_init(|| {
+                let labels = RpcLabels { rpc: rpc.name() };
+                shared.call_seconds.get_or_create(&labels).clone()
+            })
             .observe(took.as_secs_f64());
     }
 

@@ -24,10 +24,12 @@
 use std::{
     path::{Path, PathBuf},
     sync::{
-        Arc, Mutex, RwLock,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering::Relaxed},
     },
 };
+
+use arc_swap::ArcSwap;
 
 use globset::{GlobBuilder, GlobMatcher, GlobSet, GlobSetBuilder};
 use serde::Deserialize;
@@ -175,7 +177,8 @@ enum Rules {
 /// Decides every call; cheap to share.
 pub struct Authorizer {
     path: Option<PathBuf>,
-    rules: RwLock<Arc<Rules>>,
+    /// Read on every call, replaced on reload: lock-free reads.
+    rules: ArcSwap<Rules>,
     reloads: watch::Sender<u64>,
     watch: Mutex<Option<FileWatch>>,
     denials: AtomicU64,
@@ -192,21 +195,21 @@ impl Authorizer {
         };
         Ok(Arc::new(Self {
             path: policy.map(Path::to_owned),
-            rules: RwLock::new(Arc::new(rules)),
+            rules: ArcSwap::from_pointee(rules),
             reloads: watch::Sender::new(0),
             watch: Mutex::new(None),
             denials: AtomicU64::new(0),
         }))
     }
 
-    fn rules(&self) -> Arc<Rules> {
-        Arc::clone(&self.rules.read().unwrap_or_else(|e| e.into_inner()))
+    fn rules(&self) -> arc_swap::Guard<Arc<Rules>> {
+        self.rules.load()
     }
 
     /// May `identity` read the secret with this full name?
     pub fn check_read(&self, identity: &Identity, secret: &str) -> Result<(), Denied> {
         let name = identity.name().ok_or(Denied::NoIdentity)?;
-        let allowed = match &*self.rules() {
+        let allowed = match &**self.rules() {
             Rules::AllowAll => true,
             Rules::DenyAll => false,
             Rules::Policy(policy) => policy.may_read(name, secret),
@@ -225,7 +228,7 @@ impl Authorizer {
     /// May `identity` call AdminService?
     pub fn check_admin(&self, identity: &Identity) -> Result<(), Denied> {
         let name = identity.name().ok_or(Denied::NoIdentity)?;
-        let allowed = match &*self.rules() {
+        let allowed = match &**self.rules() {
             Rules::AllowAll => true,
             Rules::DenyAll => false,
             Rules::Policy(policy) => policy.is_admin(name),
@@ -246,7 +249,7 @@ impl Authorizer {
             return Ok(());
         };
         let policy = Policy::load(path)?;
-        *self.rules.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Rules::Policy(policy));
+        self.rules.store(Arc::new(Rules::Policy(policy)));
         self.reloads.send_modify(|count| *count += 1);
         Ok(())
     }
@@ -281,7 +284,7 @@ impl Authorizer {
 
     /// One line on the rules in force, for `check`.
     pub fn summary(&self) -> String {
-        match (&*self.rules(), &self.path) {
+        match (&**self.rules(), &self.path) {
             (Rules::AllowAll, _) => {
                 "no policy: every caller may read every secret (plaintext, local only)".into()
             }

@@ -14,6 +14,7 @@ use super::{
 use crate::{
     backend::VersionSelector,
     cache::{CacheKey, Lookup},
+    metrics::Rpc,
     names::ShownName,
     proto::{
         CheckUpstreamRequest, CheckUpstreamResponse, ClearCacheRequest, ClearCacheResponse,
@@ -33,7 +34,7 @@ impl AdminApi {
     }
 
     /// Every AdminService call starts here: admin identities only.
-    fn admit<T>(&self, rpc: &'static str, request: &Request<T>) -> Result<Audit, Status> {
+    fn admit<T>(&self, rpc: Rpc, request: &Request<T>) -> Result<Audit, Status> {
         let audit = self.context.admit(rpc, request)?;
         match self.context.authorizer.check_admin(audit.identity()) {
             Ok(()) => Ok(audit),
@@ -74,7 +75,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<GetCacheStatsRequest>,
     ) -> Result<Response<GetCacheStatsResponse>, Status> {
-        let audit = self.admit("GetCacheStats", &request)?;
+        let audit = self.admit(Rpc::GetCacheStats, &request)?;
         let stats = self.context.cache.stats();
         let watch = self.context.watch.stats();
         respond(
@@ -103,7 +104,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<ClearCacheRequest>,
     ) -> Result<Response<ClearCacheResponse>, Status> {
-        let audit = self.admit("ClearCache", &request)?;
+        let audit = self.admit(Rpc::ClearCache, &request)?;
         respond(audit, self.clear_cache(&request.into_inner().names))
     }
 
@@ -111,7 +112,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<RefreshSecretRequest>,
     ) -> Result<Response<RefreshSecretResponse>, Status> {
-        let mut audit = self.admit("RefreshSecret", &request)?;
+        let mut audit = self.admit(Rpc::RefreshSecret, &request)?;
         let name = request.into_inner().name;
         audit.secret(&ShownName(&name).to_string(), None);
         let result = self.refresh_secret(&name).await;
@@ -122,7 +123,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<CheckUpstreamRequest>,
     ) -> Result<Response<CheckUpstreamResponse>, Status> {
-        let audit = self.admit("CheckUpstream", &request)?;
+        let audit = self.admit(Rpc::CheckUpstream, &request)?;
         let started = Instant::now();
         let outcome = self.context.cache.store().check().await;
         let latency = prost_types::Duration::try_from(started.elapsed()).ok();

@@ -10,11 +10,14 @@ use std::time::Instant;
 use tokio::sync::OwnedSemaphorePermit;
 use tonic::Code;
 
-use crate::{identity::Identity, metrics::Metrics};
+use crate::{
+    identity::Identity,
+    metrics::{Metrics, Rpc},
+};
 
 /// The facts of one call, emitted by `finish` (with the call's metrics).
 pub struct Audit {
-    rpc: &'static str,
+    rpc: Rpc,
     identity: Identity,
     secrets: String,
     cache_hit: Option<bool>,
@@ -26,7 +29,7 @@ pub struct Audit {
 }
 
 impl Audit {
-    pub fn new(rpc: &'static str, identity: Identity, metrics: Metrics) -> Self {
+    pub fn new(rpc: Rpc, identity: Identity, metrics: Metrics) -> Self {
         Self {
             rpc,
             identity,
@@ -71,14 +74,14 @@ impl Audit {
     pub fn finish(self, outcome: Code) {
         let code = code_name(outcome);
         self.metrics
-            .record_call(self.rpc, code, self.started.elapsed());
+            .record_call(self.rpc, outcome, code, self.started.elapsed());
         if outcome == Code::Ok && self.cache_hit.is_some() {
             self.metrics.record_secret_read(&self.secrets);
         }
         tracing::info!(
             target: "audit",
             identity = %self.identity,
-            rpc = self.rpc,
+            rpc = self.rpc.name(),
             secrets = %self.secrets,
             outcome = code,
             cache_hit = self.cache_hit,

@@ -22,7 +22,11 @@ use std::sync::Arc;
 use tonic::{Code, Response, Status};
 
 use crate::{
-    cache::Cache, identity, metrics::Metrics, names::NameResolver, policy::Authorizer,
+    cache::Cache,
+    identity,
+    metrics::{Metrics, Rpc},
+    names::NameResolver,
+    policy::Authorizer,
     watch::WatchHub,
 };
 use audit::Audit;
@@ -42,7 +46,7 @@ impl ApiContext {
     /// Starts a call: its audit record (and metrics), and a slot among its
     /// connection's calls. Without a free slot the call is refused with
     /// RESOURCE_EXHAUSTED (and audited as such).
-    fn admit<T>(&self, rpc: &'static str, request: &tonic::Request<T>) -> Result<Audit, Status> {
+    fn admit<T>(&self, rpc: Rpc, request: &tonic::Request<T>) -> Result<Audit, Status> {
         let mut audit = Audit::new(rpc, identity::of_request(request), self.metrics.clone());
         if let Some(connection) = identity::connection_of(request) {
             match Arc::clone(&connection.call_slots).try_acquire_owned() {

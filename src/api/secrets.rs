@@ -17,6 +17,7 @@ use crate::{
     backend::{VersionSelector, check_version_field},
     cache::{CacheKey, Lookup},
     identity::Identity,
+    metrics::Rpc,
     names::ShownName,
     policy::{Authorizer, Denied},
     proto::{
@@ -226,7 +227,7 @@ fn watch_stream(
                 }
                 WatchWake::PolicyReloaded => {
                     if let Err(denied) = access.recheck() {
-                        tracing::info!(target: "audit", identity = %access.caller, rpc = "WatchSecret", secrets = %access.secret, outcome = "PERMISSION_DENIED", "watch ended by a policy reload");
+                        tracing::info!(target: "audit", identity = %access.caller, rpc = Rpc::WatchSecret.name(), secrets = %access.secret, outcome = "PERMISSION_DENIED", "watch ended by a policy reload");
                         return Some((Err(Status::from(ApiError::from(denied))), None));
                     }
                 }
@@ -276,7 +277,7 @@ impl SecretsService for SecretsApi {
         &self,
         request: Request<GetSecretRequest>,
     ) -> Result<Response<GetSecretResponse>, Status> {
-        let mut audit = self.context.admit("GetSecret", &request)?;
+        let mut audit = self.context.admit(Rpc::GetSecret, &request)?;
         let result = self.get_secret(&mut audit, request.into_inner()).await;
         respond(audit, result)
     }
@@ -285,7 +286,7 @@ impl SecretsService for SecretsApi {
         &self,
         request: Request<BatchGetSecretsRequest>,
     ) -> Result<Response<BatchGetSecretsResponse>, Status> {
-        let mut audit = self.context.admit("BatchGetSecrets", &request)?;
+        let mut audit = self.context.admit(Rpc::BatchGetSecrets, &request)?;
         let result = self
             .batch_get_secrets(&mut audit, request.into_inner())
             .await;
@@ -296,7 +297,7 @@ impl SecretsService for SecretsApi {
         &self,
         request: Request<GetJwtConfigRequest>,
     ) -> Result<Response<GetJwtConfigResponse>, Status> {
-        let mut audit = self.context.admit("GetJwtConfig", &request)?;
+        let mut audit = self.context.admit(Rpc::GetJwtConfig, &request)?;
         let request = request.into_inner();
         let result = self
             .typed_config(
@@ -320,7 +321,7 @@ impl SecretsService for SecretsApi {
         &self,
         request: Request<GetDatabaseConfigRequest>,
     ) -> Result<Response<GetDatabaseConfigResponse>, Status> {
-        let mut audit = self.context.admit("GetDatabaseConfig", &request)?;
+        let mut audit = self.context.admit(Rpc::GetDatabaseConfig, &request)?;
         let request = request.into_inner();
         let result = self
             .typed_config(
@@ -344,7 +345,7 @@ impl SecretsService for SecretsApi {
         &self,
         request: Request<GetAwsServicesConfigRequest>,
     ) -> Result<Response<GetAwsServicesConfigResponse>, Status> {
-        let mut audit = self.context.admit("GetAwsServicesConfig", &request)?;
+        let mut audit = self.context.admit(Rpc::GetAwsServicesConfig, &request)?;
         let request = request.into_inner();
         let result = self
             .typed_config(
@@ -368,7 +369,7 @@ impl SecretsService for SecretsApi {
         &self,
         request: Request<GetSecurityConfigRequest>,
     ) -> Result<Response<GetSecurityConfigResponse>, Status> {
-        let mut audit = self.context.admit("GetSecurityConfig", &request)?;
+        let mut audit = self.context.admit(Rpc::GetSecurityConfig, &request)?;
         let request = request.into_inner();
         let result = self
             .typed_config(
@@ -395,7 +396,7 @@ impl SecretsService for SecretsApi {
         &self,
         request: Request<WatchSecretRequest>,
     ) -> Result<Response<Self::WatchSecretStream>, Status> {
-        let mut audit = self.context.admit("WatchSecret", &request)?;
+        let mut audit = self.context.admit(Rpc::WatchSecret, &request)?;
         let caller = audit.identity().clone();
         let request = request.into_inner();
         // Taken before subscribing, so that no reload between the check and
