@@ -1,0 +1,825 @@
+"""deploy/: the deployment files are valid and agree with each other, offline.
+
+(a) Every Kubernetes manifest is validated against the Kubernetes JSON
+    schemas that PyPI `kubernetes-validate` bundles (no network), in strict
+    mode (unknown fields are errors), for a fixed Kubernetes version. Kinds
+    outside the core schemas FAIL, except cert-manager's (validated against
+    the small JSON schemas below, written for the fields we use) and the
+    Kustomization (its own schema plus: every listed file exists, every
+    manifest is listed). The validator is shown to reject broken copies.
+    Then the manifests are checked against each other (selectors, ports,
+    probes, volumes, the TLS Secret, grace periods), and the ConfigMap's
+    broker.toml + policy.toml, with the Deployment's environment, are given
+    to the real binary's `check` (against moto).
+(b) deploy/iam-policy.json allows exactly the four actions the broker uses.
+(c) `systemd-analyze verify` accepts deploy/systemd/secrets-broker.service
+    without warnings; its example env file passes `secrets-broker check`.
+(d) deploy/Dockerfile, read with a small parser: stages, non-root USER,
+    EXPOSE, the (documented) HEALTHCHECK choice, the files it copies exist.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.resources
+import ipaddress
+import json
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "kubernetes"
+SYSTEMD = DEPLOY / "systemd"
+
+# The Kubernetes version the manifests are validated against: one that
+# kubernetes-validate (pinned in tests/requirements.txt) ships schemas for.
+# 1.33: every field used here (e.g. the preStop `sleep` action, 1.30+) exists.
+KUBERNETES_VERSION = "1.33.0"
+
+NAMESPACE = "secrets-broker"
+APP_LABELS = {"app.kubernetes.io/name": "secrets-broker"}
+# Not applied with the rest (it belongs to a client's namespace).
+NOT_IN_KUSTOMIZATION = {"example-client-certificate.yaml"}
+
+# The settings a config file may hold: the broker's flags with underscores.
+CONFIG_KEYS = {
+    "listen", "tls_cert", "tls_key", "tls_client_ca", "policy", "metrics_listen",
+    "metrics_secret_names", "environment", "secret_prefix", "cache_ttl",
+    "cache_max_entries", "cache_max_stale", "watch_interval", "region",
+    "secrets_file", "log_level", "max_connections",
+    "max_concurrent_calls_per_connection", "max_message_size", "call_timeout",
+    "keepalive_interval", "shutdown_grace",
+}
+# The guide's variables, with the production values the Deployment must set.
+GUIDE_ENV = {
+    "AWS_DEFAULT_REGION": "ap-east-1",
+    "SECRET_PREFIX": "insurecove",
+    "SECRET_CACHE_TTL": "300",
+    "SECRET_ENVIRONMENT": "production",
+    "LOG_LEVEL": "INFO",
+    "LOG_FORMAT": "json",
+}
+# Config keys that those variables would shadow (env beats file): dead weight
+# in broker.toml.
+SHADOWED_BY_DEPLOYMENT_ENV = {"region", "secret_prefix", "cache_ttl", "environment", "log_level"}
+
+
+# ==========================================================================
+# schemas for what the core Kubernetes schemas do not cover
+
+_DURATION = {"type": "string", "pattern": r"^([0-9]+(\.[0-9]+)?(h|m|s|ms))+$"}
+_STRINGS = {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1}
+
+
+def _object(properties: dict, required: tuple = ()) -> dict:
+    return {"type": "object", "properties": properties, "required": list(required),
+            "additionalProperties": False}
+
+
+_METADATA_FIELDS = {
+    "name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", "maxLength": 253},
+    "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+    "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+}
+_NAMESPACED_METADATA = _object(
+    _METADATA_FIELDS | {"namespace": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"}},
+    ("name", "namespace"),
+)
+_CLUSTER_METADATA = _object(_METADATA_FIELDS, ("name",))
+
+# cert-manager.io/v1, the subset of its CRDs' fields these manifests use
+# (names and enums as in cert-manager's CRDs).
+_KEY_USAGES = [
+    "signing", "digital signature", "content commitment", "key encipherment",
+    "key agreement", "data encipherment", "cert sign", "crl sign",
+    "encipher only", "decipher only", "any", "server auth", "client auth",
+    "code signing", "email protection", "s/mime", "ipsec end system",
+    "ipsec tunnel", "ipsec user", "timestamping", "ocsp signing",
+    "microsoft sgc", "netscape sgc",
+]
+CERTIFICATE_SCHEMA = _object({
+    "apiVersion": {"const": "cert-manager.io/v1"},
+    "kind": {"const": "Certificate"},
+    "metadata": _NAMESPACED_METADATA,
+    "spec": {
+        **_object({
+            "secretName": {"type": "string", "minLength": 1},
+            "commonName": {"type": "string", "maxLength": 64},
+            "dnsNames": _STRINGS,
+            "uris": {**_STRINGS, "items": {"type": "string", "pattern": r"^[a-z][a-z0-9+.-]*://"}},
+            "ipAddresses": _STRINGS,
+            "emailAddresses": _STRINGS,
+            "duration": _DURATION,
+            "renewBefore": _DURATION,
+            "isCA": {"type": "boolean"},
+            "usages": {"type": "array", "items": {"enum": _KEY_USAGES}, "uniqueItems": True},
+            "privateKey": _object({
+                "algorithm": {"enum": ["RSA", "ECDSA", "Ed25519"]},
+                "size": {"type": "integer"},
+                "encoding": {"enum": ["PKCS1", "PKCS8"]},
+                "rotationPolicy": {"enum": ["Never", "Always"]},
+            }),
+            "issuerRef": _object({
+                "name": {"type": "string", "minLength": 1},
+                "kind": {"enum": ["Issuer", "ClusterIssuer"]},
+                "group": {"const": "cert-manager.io"},
+            }, ("name",)),
+        }, ("secretName", "issuerRef")),
+        # something to put in the certificate
+        "anyOf": [{"required": [field]} for field in ("commonName", "dnsNames", "uris", "ipAddresses")],
+    },
+}, ("apiVersion", "kind", "metadata", "spec"))
+
+_ISSUER_SPEC = {
+    "type": "object",
+    "oneOf": [
+        _object({"selfSigned": _object({})}, ("selfSigned",)),
+        _object({"ca": _object({"secretName": {"type": "string", "minLength": 1}}, ("secretName",))}, ("ca",)),
+    ],
+}
+CLUSTER_ISSUER_SCHEMA = _object({
+    "apiVersion": {"const": "cert-manager.io/v1"},
+    "kind": {"const": "ClusterIssuer"},
+    "metadata": _CLUSTER_METADATA,
+    "spec": _ISSUER_SPEC,
+}, ("apiVersion", "kind", "metadata", "spec"))
+ISSUER_SCHEMA = _object({
+    "apiVersion": {"const": "cert-manager.io/v1"},
+    "kind": {"const": "Issuer"},
+    "metadata": _NAMESPACED_METADATA,
+    "spec": _ISSUER_SPEC,
+}, ("apiVersion", "kind", "metadata", "spec"))
+
+KUSTOMIZATION_SCHEMA = _object({
+    "apiVersion": {"const": "kustomize.config.k8s.io/v1beta1"},
+    "kind": {"const": "Kustomization"},
+    "resources": {**_STRINGS, "uniqueItems": True},
+    "images": {"type": "array", "items": _object({
+        "name": {"type": "string", "minLength": 1},
+        "newName": {"type": "string", "minLength": 1},
+        "newTag": {"type": "string", "minLength": 1},
+        "digest": {"type": "string", "pattern": r"^sha256:[0-9a-f]{64}$"},
+    }, ("name",))},
+}, ("apiVersion", "kind", "resources"))
+
+CUSTOM_SCHEMAS = {
+    ("cert-manager.io/v1", "Certificate"): CERTIFICATE_SCHEMA,
+    ("cert-manager.io/v1", "ClusterIssuer"): CLUSTER_ISSUER_SCHEMA,
+    ("cert-manager.io/v1", "Issuer"): ISSUER_SCHEMA,
+    ("kustomize.config.k8s.io/v1beta1", "Kustomization"): KUSTOMIZATION_SCHEMA,
+}
+
+
+# ==========================================================================
+# the validator
+
+
+def document_errors(doc, where: str) -> list[str]:
+    """Every problem of one YAML document; [] when it is valid."""
+    if not isinstance(doc, dict) or "apiVersion" not in doc or "kind" not in doc:
+        return [f"{where}: not a Kubernetes object (apiVersion and kind required)"]
+    key = (doc["apiVersion"], doc["kind"])
+    if key in CUSTOM_SCHEMAS:
+        validator = jsonschema.Draft202012Validator(CUSTOM_SCHEMAS[key])
+        return [
+            f"{where}: {doc['kind']} {'.'.join(map(str, error.absolute_path)) or '<root>'}: {error.message}"
+            for error in validator.iter_errors(doc)
+        ]
+    try:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as error:
+        path = ".".join(map(str, error.path)) or "<root>"
+        return [f"{where}: {doc['kind']} {path}: {error.message}"]
+    except kubernetes_validate.SchemaNotFoundError as error:
+        # An unknown kind or apiVersion is an error, never a silent pass.
+        return [f"{where}: {error.message}"]
+    return []
+
+
+def load_documents(path: Path) -> list:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def file_errors(path: Path) -> list[str]:
+    try:
+        docs = load_documents(path)
+    except yaml.YAMLError as error:
+        return [f"{path.name}: not YAML: {error}"]
+    if not docs:
+        return [f"{path.name}: no documents"]
+    errors: list[str] = []
+    for index, doc in enumerate(docs):
+        errors += document_errors(doc, f"{path.name}[{index}]")
+    return errors
+
+
+def manifest_files() -> list[Path]:
+    return sorted(K8S.glob("*.yaml"))
+
+
+def all_objects() -> list[dict]:
+    return [doc for path in manifest_files() for doc in load_documents(path)]
+
+
+def find(kind: str, name: str | None = None) -> dict:
+    matches = [doc for doc in all_objects()
+               if doc["kind"] == kind and (name is None or doc["metadata"]["name"] == name)]
+    assert len(matches) == 1, f"expected one {kind} {name or ''}, found {len(matches)}"
+    return matches[0]
+
+
+def deployment() -> dict:
+    return find("Deployment", "secrets-broker")
+
+
+def container() -> dict:
+    containers = deployment()["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1, containers
+    return containers[0]
+
+
+def configmap_files() -> tuple[dict, dict]:
+    data = find("ConfigMap", "secrets-broker-config")["data"]
+    return tomllib.loads(data["broker.toml"]), tomllib.loads(data["policy.toml"])
+
+
+# ==========================================================================
+# (a) Kubernetes manifests
+
+
+def test_bundled_schemas_cover_the_pinned_version():
+    """The schemas are in the wheel (offline) and the pinned version is one of them."""
+    # (validate() silently falls back to an older version when asked for one
+    # it lacks: make sure the pinned one is really there, strict flavour too.)
+    schemas = importlib.resources.files("kubernetes_validate") / "kubernetes-json-schema"
+    strict = schemas / f"v{KUBERNETES_VERSION}-local-strict"
+    assert (strict / "deployment-apps-v1.json").is_file(), sorted(p.name for p in schemas.iterdir())
+    assert (strict / "_definitions.json").is_file()
+
+
+def test_manifest_files_are_the_expected_set():
+    names = {path.name for path in manifest_files()}
+    expected = {
+        "namespace.yaml", "serviceaccount.yaml", "configmap.yaml", "deployment.yaml",
+        "service.yaml", "poddisruptionbudget.yaml", "hpa.yaml", "networkpolicy.yaml",
+        "certificates.yaml", "example-client-certificate.yaml", "kustomization.yaml",
+    }
+    assert names == expected
+
+
+@pytest.mark.parametrize("path", manifest_files(), ids=lambda p: p.name)
+def test_manifest_is_valid(path):
+    errors = file_errors(path)
+    assert not errors, "\n".join(errors)
+
+
+def test_kustomization_lists_every_manifest():
+    kustomization = load_documents(K8S / "kustomization.yaml")[0]
+    listed = kustomization["resources"]
+    for name in listed:
+        assert (K8S / name).is_file(), f"kustomization.yaml lists a missing file: {name}"
+    expected = {p.name for p in manifest_files()} - {"kustomization.yaml"} - NOT_IN_KUSTOMIZATION
+    assert set(listed) == expected
+    # No two objects with the same identity in what `apply -k` would send.
+    seen = set()
+    for name in listed:
+        for doc in load_documents(K8S / name):
+            key = (doc["apiVersion"].split("/")[0], doc["kind"],
+                   doc["metadata"].get("namespace"), doc["metadata"]["name"])
+            assert key not in seen, f"duplicate object {key}"
+            seen.add(key)
+    images = {image["name"] for image in kustomization.get("images", [])}
+    assert container()["image"].split(":")[0] in images
+
+
+# -- the validator rejects broken copies (it must never pass everything) ----
+
+BROKEN_COPIES = [
+    # (file, text to replace, replacement, expected in the error)
+    ("deployment.yaml", "imagePullPolicy: IfNotPresent", "imagePulPolicy: IfNotPresent", "imagePulPolicy"),
+    ("deployment.yaml", "replicas: 3", "replicas: three", "three"),
+    ("deployment.yaml", "kind: Deployment", "kind: Deploymnet", "Deploymnet"),
+    ("service.yaml", "      port: 9090\n", "", "port"),
+    ("hpa.yaml", "averageUtilization: 70", "averageUtilization: seventy", "seventy"),
+    ("networkpolicy.yaml", "policyTypes:", "policyType:", "policyType"),
+    ("certificates.yaml", "  dnsNames:", "  dnsName:", "dnsName"),
+    ("certificates.yaml", "algorithm: ECDSA", "algorithm: DSA", "DSA"),
+    ("certificates.yaml", "rotationPolicy: Always", "rotationPolicy: Sometimes", "Sometimes"),
+    ("kustomization.yaml", "resources:", "resource:", "resource"),
+]
+
+
+@pytest.mark.parametrize("name,old,new,expected", BROKEN_COPIES,
+                         ids=[f"{b[0]}:{b[3]}" for b in BROKEN_COPIES])
+def test_validator_rejects_a_broken_copy(tmp_path, name, old, new, expected):
+    text = (K8S / name).read_text()
+    assert old in text, f"{name} no longer contains {old!r}: update this test"
+    broken = tmp_path / name
+    broken.write_text(text.replace(old, new, 1))
+    errors = file_errors(broken)
+    assert errors, f"a broken copy of {name} ({old!r} -> {new!r}) passed validation"
+    assert any(expected in error for error in errors), errors
+    # and the pristine file passes, so the failure is the edit's
+    assert not file_errors(K8S / name)
+
+
+# -- the manifests agree with each other -----------------------------------
+
+
+def _matches(selector: dict, labels: dict) -> bool:
+    return all(labels.get(key) == value for key, value in selector.items())
+
+
+def test_everything_selects_the_broker_pods():
+    spec = deployment()["spec"]
+    pod_labels = spec["template"]["metadata"]["labels"]
+    assert spec["selector"]["matchLabels"] == APP_LABELS
+    assert _matches(spec["selector"]["matchLabels"], pod_labels)
+    for service in [d for d in all_objects() if d["kind"] == "Service"]:
+        assert _matches(service["spec"]["selector"], pod_labels), service["metadata"]["name"]
+    assert _matches(find("PodDisruptionBudget")["spec"]["selector"]["matchLabels"], pod_labels)
+    assert _matches(find("NetworkPolicy")["spec"]["podSelector"]["matchLabels"], pod_labels)
+    for constraint in spec["template"]["spec"]["topologySpreadConstraints"]:
+        assert _matches(constraint["labelSelector"]["matchLabels"], pod_labels)
+    target = find("HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", "secrets-broker")
+    namespaced = [d for d in all_objects()
+                  if d["kind"] not in ("Namespace", "ClusterIssuer", "Kustomization")
+                  and d["metadata"]["name"] not in ("secrets-broker-ca", "auth-service-secrets-broker-client")]
+    for doc in namespaced:
+        assert doc["metadata"].get("namespace") == NAMESPACE, (doc["kind"], doc["metadata"]["name"])
+
+
+def test_deployment_shape():
+    spec = deployment()["spec"]
+    pod = spec["template"]["spec"]
+    assert spec["replicas"] == 3
+    hpa = find("HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["minReplicas"] == spec["replicas"] <= hpa["spec"]["maxReplicas"]
+    assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
+    keys = {c["topologyKey"] for c in pod["topologySpreadConstraints"]}
+    assert "topology.kubernetes.io/zone" in keys
+    assert pod["affinity"]["podAntiAffinity"]
+    assert find("PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+    assert pod["serviceAccountName"] == find("ServiceAccount")["metadata"]["name"]
+    role = find("ServiceAccount")["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+    assert re.fullmatch(r"arn:aws:iam::(<ACCOUNT_ID>|\d{12}):role/[\w+=,.@/-]+", role), role
+
+
+def test_pod_security():
+    pod = deployment()["spec"]["template"]["spec"]
+    c = container()
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    sc = c["securityContext"]
+    assert sc["runAsNonRoot"] is True
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert "add" not in sc["capabilities"]
+    assert sc["seccompProfile"]["type"] == "RuntimeDefault"
+    # the image's numeric USER is the one the pod runs as
+    assert dockerfile_user() == f"{sc['runAsUser']}:{sc['runAsGroup']}"
+    for key in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(c["resources"][key]), key
+
+
+def test_ports_probes_and_service():
+    broker_toml, _ = configmap_files()
+    c = container()
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"grpc": 50051, "metrics": 9090}
+    assert broker_toml["listen"].rsplit(":", 1)[1] == str(ports["grpc"])
+    assert broker_toml["metrics_listen"].rsplit(":", 1)[1] == str(ports["metrics"])
+    expected = {"startupProbe": "/healthz", "livenessProbe": "/healthz", "readinessProbe": "/readyz"}
+    for probe, path in expected.items():
+        get = c[probe]["httpGet"]
+        assert (get["path"], get["port"]) == (path, "metrics"), probe
+    services = {d["metadata"]["name"]: d["spec"] for d in all_objects() if d["kind"] == "Service"}
+    assert {p["targetPort"] for p in services["secrets-broker"]["ports"]} == {"grpc", "metrics"}
+    headless = services["secrets-broker-headless"]
+    assert headless["clusterIP"] == "None"
+    assert [p["targetPort"] for p in headless["ports"]] == ["grpc"]
+    for spec in services.values():
+        for port in spec["ports"]:
+            assert port["targetPort"] in ports
+
+
+def test_network_policy():
+    spec = find("NetworkPolicy")["spec"]
+    assert set(spec["policyTypes"]) == {"Ingress", "Egress"}
+    ingress_ports = sorted(p["port"] for rule in spec["ingress"] for p in rule["ports"])
+    assert ingress_ports == [9090, 50051]
+    grpc_rule = next(r for r in spec["ingress"] if r["ports"][0]["port"] == 50051)
+    assert all(peer.get("namespaceSelector", {}).get("matchLabels") or peer.get("podSelector")
+               for peer in grpc_rule["from"]), "gRPC ingress must be limited to labelled clients"
+    egress_ports = sorted((p["protocol"], p["port"]) for rule in spec["egress"] for p in rule["ports"])
+    assert egress_ports == [("TCP", 53), ("TCP", 443), ("UDP", 53)]
+
+
+def test_volumes_config_and_tls_wiring():
+    broker_toml, _ = configmap_files()
+    pod = deployment()["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m for m in container()["volumeMounts"]}
+    assert set(mounts) <= set(volumes)
+    for mount in mounts.values():
+        assert "subPath" not in mount, "subPath mounts never see ConfigMap/Secret updates"
+    config_dir = mounts["config"]["mountPath"]
+    tls_dir = mounts["tls"]["mountPath"]
+    assert volumes["config"]["configMap"]["name"] == "secrets-broker-config"
+    env = {e["name"]: e.get("value") for e in container()["env"]}
+    assert env["BROKER_CONFIG"] == f"{config_dir}/broker.toml"
+    assert broker_toml["policy"] == f"{config_dir}/policy.toml"
+    server = find("Certificate", "secrets-broker-server")
+    assert volumes["tls"]["secret"]["secretName"] == server["spec"]["secretName"]
+    assert broker_toml["tls_cert"] == f"{tls_dir}/tls.crt"
+    assert broker_toml["tls_key"] == f"{tls_dir}/tls.key"
+    assert broker_toml["tls_client_ca"] == f"{tls_dir}/ca.crt"
+    # the server certificate names both Services
+    names = set(server["spec"]["dnsNames"])
+    for service in (d for d in all_objects() if d["kind"] == "Service"):
+        assert f"{service['metadata']['name']}.{NAMESPACE}.svc.cluster.local" in names
+    assert "server auth" in server["spec"]["usages"]
+    client = find("Certificate", "auth-service-secrets-broker-client")
+    assert "client auth" in client["spec"]["usages"]
+    assert client["spec"]["issuerRef"] == server["spec"]["issuerRef"]
+
+
+def test_env_and_grace_period():
+    broker_toml, _ = configmap_files()
+    env = {e["name"]: e.get("value") for e in container()["env"]}
+    for name, value in GUIDE_ENV.items():
+        assert env.get(name) == value, name
+    shadowed = SHADOWED_BY_DEPLOYMENT_ENV & set(broker_toml)
+    assert not shadowed, f"broker.toml keys overridden by the Deployment's env: {shadowed}"
+    pod = deployment()["spec"]["template"]["spec"]
+    grace = parse_seconds(broker_toml.get("shutdown_grace", "10"))
+    pre_stop = container()["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + grace
+
+
+def test_configmap_toml():
+    broker_toml, policy = configmap_files()
+    unknown = set(broker_toml) - CONFIG_KEYS
+    assert not unknown, f"broker.toml: keys the broker does not know: {unknown}"
+    assert broker_toml["listen"].startswith("0.0.0.0:")
+    assert {"tls_cert", "tls_key", "tls_client_ca", "policy"} <= set(broker_toml), \
+        "off loopback the broker needs mTLS and a policy"
+    assert set(policy) == {"grant"}
+    for grant in policy["grant"]:
+        assert set(grant) <= {"identity", "secrets", "admin"}, grant
+        assert isinstance(grant["identity"], str) and grant["identity"]
+        assert all(isinstance(s, str) and s.startswith("insurecove/") for s in grant["secrets"]), grant
+        assert isinstance(grant.get("admin", False), bool)
+    identities = [g["identity"] for g in policy["grant"]]
+    assert any(i.startswith("spiffe://") for i in identities)
+    assert any(not i.startswith("spiffe://") for i in identities), "a DNS-name identity example"
+    # the example client's identity is granted something
+    client_uri = find("Certificate", "auth-service-secrets-broker-client")["spec"]["uris"][0]
+    assert client_uri in identities
+
+
+def test_broker_check_accepts_the_kubernetes_config(run_cli, moto, tmp_path):
+    """The real binary's `check` takes the ConfigMap's broker.toml and
+    policy.toml with the Deployment's environment (paths moved under tmp;
+    certificates like cert-manager's; AWS = moto)."""
+    data = find("ConfigMap", "secrets-broker-config")["data"]
+    broker_toml, _ = configmap_files()
+    mounts = {m["name"]: m["mountPath"] for m in container()["volumeMounts"]}
+    config_dir = relocate(tmp_path, mounts["config"])
+    tls_dir = relocate(tmp_path, mounts["tls"])
+    write_tls_files(tls_dir)
+    text = data["broker.toml"]
+    for mount in (mounts["config"], mounts["tls"]):
+        text = text.replace(f'"{mount}/', f'"{relocate(tmp_path, mount, create=False)}/')
+    (config_dir / "broker.toml").write_text(text)
+    (config_dir / "policy.toml").write_text(data["policy.toml"])
+    for value in tomllib.loads(text).values():
+        assert not str(value).startswith("/etc/"), value
+    env = {e["name"]: e["value"] for e in container()["env"]}
+    env["BROKER_CONFIG"] = str(relocate(tmp_path, env["BROKER_CONFIG"], create=False))
+    env |= moto.broker_env()     # AWS = moto (same region)
+    proc = run_cli("check", env=env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "mutual TLS" in out, out
+    assert broker_toml["listen"] in out, out
+
+
+# ==========================================================================
+# (b) IAM policy
+
+READ_ACTIONS = {"secretsmanager:GetSecretValue", "secretsmanager:DescribeSecret"}
+UNSCOPED_ACTIONS = {"secretsmanager:BatchGetSecretValue", "secretsmanager:ListSecrets"}
+SECRET_ARN = "arn:aws:secretsmanager:ap-east-1:<ACCOUNT_ID>:secret:insurecove/*"
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def test_iam_policy_is_least_privilege():
+    policy = json.loads((DEPLOY / "iam-policy.json").read_text())
+    assert policy["Version"] == "2012-10-17"
+    allowed: dict[str, set[str]] = {}
+    for statement in policy["Statement"]:
+        assert statement["Effect"] == "Allow", statement
+        assert "NotAction" not in statement and "NotResource" not in statement, statement
+        assert "Principal" not in statement, "an identity policy names no principal"
+        for action in _as_list(statement["Action"]):
+            assert "*" not in action and "?" not in action, f"wildcard action {action}"
+            allowed.setdefault(action, set()).update(_as_list(statement["Resource"]))
+    assert set(allowed) == READ_ACTIONS | UNSCOPED_ACTIONS, sorted(allowed)
+    for action in READ_ACTIONS:
+        assert allowed[action] == {SECRET_ARN}, (action, allowed[action])
+    # BatchGetSecretValue and ListSecrets take no resource ARN: "*" is the
+    # only valid Resource (BatchGetSecretValue still needs GetSecretValue on
+    # each secret, which stays scoped to the prefix).
+    for action in UNSCOPED_ACTIONS:
+        assert allowed[action] == {"*"}, (action, allowed[action])
+
+
+# ==========================================================================
+# (c) systemd unit
+
+
+def unit_lines() -> list[tuple[str, str]]:
+    pairs = []
+    for line in (SYSTEMD / "secrets-broker.service").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", ";", "[")):
+            key, _, value = line.partition("=")
+            pairs.append((key.strip(), value.strip()))
+    return pairs
+
+
+INSTALLED_EXEC_START = "ExecStart=/usr/local/bin/secrets-broker serve"
+
+
+def systemd_verify_problems(text: str, broker_bin: Path, tmp_path: Path) -> list[str]:
+    """What `systemd-analyze verify` objects to in this unit text ([] = clean).
+
+    verify checks the unit's syntax and directives, and also that ExecStart's
+    program exists and is executable. The unit names the installed path,
+    /usr/local/bin/secrets-broker, which does not exist on a build machine;
+    so a copy is verified whose ExecStart points at the binary built for
+    these tests. (Not `--root=DIR`: with a root, verify also looks up
+    ExecReload's /bin/kill, the unit's dependencies and so on inside DIR.)"""
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze is missing: install Debian's `systemd` (./scripts/test.sh does)"
+    assert INSTALLED_EXEC_START in text
+    unit = tmp_path / "secrets-broker.service"
+    unit.write_text(text.replace(INSTALLED_EXEC_START, f"ExecStart={broker_bin} serve"))
+    proc = subprocess.run([analyze, "verify", "--man=no", str(unit)],
+                          capture_output=True, text=True, timeout=60)
+    out = proc.stdout + proc.stderr
+    problems = [] if proc.returncode == 0 else [f"exit {proc.returncode}"]
+    # Unknown directives ("Unknown key ..."/"Unknown lvalue") and bad values
+    # ("Failed to parse ..., ignoring") are only warnings: verify still exits
+    # 0. Anything it says about our unit is a problem.
+    problems += [line for line in out.splitlines()
+                 if "secrets-broker.service" in line
+                 or any(word in line for word in ("Unknown", "Failed to parse", "Invalid", "ignoring"))]
+    return problems
+
+
+def test_systemd_unit_verifies(tmp_path, broker_bin):
+    text = (SYSTEMD / "secrets-broker.service").read_text()
+    problems = systemd_verify_problems(text, broker_bin, tmp_path)
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("old,new", [
+    ("NoNewPrivileges=yes", "NoNewPrivileges=yes\nProtectKernelFoo=yes"),   # unknown directive
+    ("Restart=on-failure", "Restart=sometimes"),                             # bad value
+    ("[Service]", "[Servce]"),                                               # unknown section
+], ids=["unknown-directive", "bad-value", "bad-section"])
+def test_systemd_verify_rejects_a_broken_copy(tmp_path, broker_bin, old, new):
+    text = (SYSTEMD / "secrets-broker.service").read_text()
+    assert old in text
+    assert systemd_verify_problems(text.replace(old, new, 1), broker_bin, tmp_path)
+
+
+def test_systemd_unit_hardening():
+    pairs = unit_lines()
+    settings: dict[str, list[str]] = {}
+    for key, value in pairs:
+        settings.setdefault(key, []).append(value)
+
+    def one(key):
+        assert key in settings, f"missing {key}="
+        return settings[key][-1]
+
+    for key in ("NoNewPrivileges", "ProtectHome", "PrivateTmp", "PrivateDevices",
+                "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs",
+                "ProtectControlGroups", "MemoryDenyWriteExecute", "LockPersonality",
+                "RestrictNamespaces"):
+        assert one(key) == "yes", key
+    assert one("ProtectSystem") == "strict"
+    assert set(one("RestrictAddressFamilies").split()) == {"AF_INET", "AF_INET6", "AF_UNIX"}
+    assert one("CapabilityBoundingSet") == ""
+    assert settings["SystemCallFilter"][0] == "@system-service"
+    assert "/etc/secrets-broker" in one("ReadOnlyPaths").split()
+    assert one("User") not in ("root", "0") or one("DynamicUser") == "yes"
+    assert one("ExecReload") == "/bin/kill -HUP $MAINPID"
+    assert one("KillSignal") == "SIGTERM"
+    assert one("Restart") == "on-failure"
+    env_file = one("EnvironmentFile").lstrip("-")
+    assert env_file == "/etc/secrets-broker/secrets-broker.env"
+    grace = parse_seconds(read_env_file(SYSTEMD / "secrets-broker.env")["BROKER_SHUTDOWN_GRACE"])
+    assert parse_seconds(one("TimeoutStopSec")) > grace
+
+
+def test_systemd_env_file_passes_check(run_cli, moto, tmp_path):
+    """The example EnvironmentFile's settings, as `check` sees them (files
+    under /etc/secrets-broker moved to tmp; AWS = moto)."""
+    env = read_env_file(SYSTEMD / "secrets-broker.env")
+    for name in GUIDE_ENV:
+        assert env.get(name) == GUIDE_ENV[name], name
+    etc = tmp_path / "etc-secrets-broker"
+    write_tls_files(etc / "tls")
+    (etc / "policy.toml").write_text(find("ConfigMap", "secrets-broker-config")["data"]["policy.toml"])
+    env = {k: v.replace("/etc/secrets-broker", str(etc)) for k, v in env.items()}
+    env |= moto.broker_env()
+    proc = run_cli("check", env=env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "mutual TLS" in out, out
+
+
+# ==========================================================================
+# (d) Dockerfile
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined, comments dropped."""
+    instructions, current = [], ""
+    for raw in (DEPLOY / "Dockerfile").read_text().splitlines():
+        line = raw.strip()
+        if not current and (not line or line.startswith("#")):
+            continue
+        if current and line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            current += line[:-1] + " "
+            continue
+        current += line
+        word, _, args = current.partition(" ")
+        instructions.append((word.upper(), args.strip()))
+        current = ""
+    assert not current, "Dockerfile ends inside a continuation line"
+    return instructions
+
+
+def final_stage() -> list[tuple[str, str]]:
+    instructions = dockerfile_instructions()
+    last_from = max(i for i, (word, _) in enumerate(instructions) if word == "FROM")
+    return instructions[last_from:]
+
+
+def dockerfile_user() -> str:
+    users = [args for word, args in final_stage() if word == "USER"]
+    assert users, "the runtime stage sets no USER (it would run as root)"
+    return users[-1]
+
+
+def test_dockerfile():
+    known = {"FROM", "RUN", "COPY", "ADD", "ENV", "ARG", "USER", "WORKDIR", "EXPOSE",
+             "HEALTHCHECK", "ENTRYPOINT", "CMD", "LABEL", "STOPSIGNAL", "VOLUME", "SHELL", "ONBUILD"}
+    instructions = dockerfile_instructions()
+    assert {word for word, _ in instructions} <= known, instructions
+    froms = [args for word, args in instructions if word == "FROM"]
+    assert len(froms) == 2, froms
+    assert froms[0] == "rust:1.95-bookworm AS builder"
+    assert froms[1] in ("gcr.io/distroless/cc-debian12:nonroot",) or froms[1].startswith("debian:bookworm-slim")
+    builds = [args for word, args in instructions if word == "RUN" and "cargo build" in args]
+    assert builds and all("--release --locked --bin secrets-broker" in b for b in builds), builds
+    # The final stage: the binary from the builder and nothing else; non-root;
+    # both ports; exec-form entrypoint.
+    stage = final_stage()
+    copies = [args for word, args in stage if word in ("COPY", "ADD")]
+    assert copies == ["--from=builder /out/secrets-broker /usr/local/bin/secrets-broker"], copies
+    user = dockerfile_user()
+    uid = user.split(":")[0]
+    assert uid.isdigit() and int(uid) != 0, f"USER must be a numeric non-root uid, not {user!r}"
+    exposed = {port for word, args in stage if word == "EXPOSE" for port in args.split()}
+    assert exposed == {"50051", "9090"}
+    entrypoint = json.loads(next(args for word, args in stage if word == "ENTRYPOINT"))
+    assert entrypoint == ["/usr/local/bin/secrets-broker"]
+    assert json.loads(next(args for word, args in stage if word == "CMD")) == ["serve"]
+    # HEALTHCHECK: present, and if it is NONE the choice is explained next to
+    # it and in deploy/README.md.
+    health = [args for word, args in stage if word == "HEALTHCHECK"]
+    assert len(health) == 1, health
+    if health[0] == "NONE":
+        text = (DEPLOY / "Dockerfile").read_text()
+        before = text[: text.index("HEALTHCHECK NONE")].splitlines()[-8:]
+        assert sum(line.startswith("#") for line in before) >= 4, "explain HEALTHCHECK NONE"
+        assert "HEALTHCHECK" in (DEPLOY / "README.md").read_text()
+    else:
+        assert health[0].startswith("CMD [") or "CMD [" in health[0], "exec form"
+
+
+def test_dockerfile_copies_files_that_exist():
+    for word, args in dockerfile_instructions():
+        if word != "COPY" or args.startswith("--from="):
+            continue
+        *sources, _dest = args.split()
+        for source in sources:
+            assert (ROOT / source).exists(), f"Dockerfile copies {source}, which is not in the repository"
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+    allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    for word, args in dockerfile_instructions():
+        if word == "COPY" and not args.startswith("--from="):
+            for source in args.split()[:-1]:
+                source = source.rstrip("/")
+                assert any(a == source or a.startswith(source + "/") for a in allowed), \
+                    f"{source} is excluded by Dockerfile.dockerignore"
+
+
+# ==========================================================================
+# helpers
+
+
+def parse_seconds(value) -> float:
+    text = str(value).strip()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    total, units = 0.0, {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    for number, unit in re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text):
+        total += float(number) * units[unit]
+    assert total, f"not a duration: {value!r}"
+    return total
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    env = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, sep, value = line.partition("=")
+            assert sep and re.fullmatch(r"[A-Z_][A-Z0-9_]*", key), f"{path.name}: bad line {line!r}"
+            env[key] = value
+    return env
+
+
+def relocate(tmp_path: Path, absolute: str, create: bool = True) -> Path:
+    path = tmp_path / "root" / absolute.lstrip("/")
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_tls_files(directory: Path) -> None:
+    """tls.crt, tls.key, ca.crt as cert-manager's CA issuer writes them
+    (ECDSA P-256, server auth, the in-cluster DNS names)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test secrets-broker CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                     key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    names = [x509.DNSName(n) for n in find("Certificate", "secrets-broker-server")["spec"]["dnsNames"]]
+    names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "secrets-broker.secrets-broker.svc")]))
+        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=90))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    (directory / "tls.crt").write_bytes(cert.public_bytes(pem))
+    (directory / "tls.key").write_bytes(key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (directory / "ca.crt").write_bytes(ca.public_bytes(pem))
+
