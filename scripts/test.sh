@@ -91,38 +91,28 @@ install_node_tools() {
     echo "$want" >"$stamp"
 }
 
-install_h2load() {
-    if command -v h2load >/dev/null; then
-        echo "h2load: present ($(command -v h2load))"
+# Installs a Debian package when its command is missing (root, or sudo -n).
+# apt-get update runs at most once per test run.
+apt_updated=0
+install_debian_tool() {
+    local command="$1" package="$2"
+    if command -v "$command" >/dev/null; then
+        echo "$command: present ($(command -v "$command"))"
         return
     fi
-    echo "h2load: installing Debian nghttp2-client"
+    echo "$command: installing Debian $package"
     local sudo=()
     if [[ "$(id -u)" != 0 ]]; then
-        command -v sudo >/dev/null || fail "h2load is missing and installing nghttp2-client needs root"
+        command -v sudo >/dev/null || fail "$command is missing and installing $package needs root"
         sudo=(sudo -n)
     fi
-    quiet "apt-get update" "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
-    quiet "apt-get install nghttp2-client" \
-        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nghttp2-client
-    command -v h2load >/dev/null || fail "h2load still missing after installing nghttp2-client"
-}
-
-install_systemd_analyze() {
-    if command -v systemd-analyze >/dev/null; then
-        echo "systemd-analyze: present ($(command -v systemd-analyze))"
-        return
+    if [[ "$apt_updated" == 0 ]]; then
+        quiet "apt-get update" "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
+        apt_updated=1
     fi
-    echo "systemd-analyze: installing Debian systemd"
-    local sudo=()
-    if [[ "$(id -u)" != 0 ]]; then
-        command -v sudo >/dev/null || fail "systemd-analyze is missing and installing systemd needs root"
-        sudo=(sudo -n)
-    fi
-    quiet "apt-get update" "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
-    quiet "apt-get install systemd" \
-        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends systemd
-    command -v systemd-analyze >/dev/null || fail "systemd-analyze still missing after installing systemd"
+    quiet "apt-get install $package" \
+        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$package"
+    command -v "$command" >/dev/null || fail "$command still missing after installing $package"
 }
 
 if [[ "${SKIP_INSTALL:-0}" != 1 ]]; then
@@ -130,8 +120,8 @@ if [[ "${SKIP_INSTALL:-0}" != 1 ]]; then
     started=$SECONDS
     install_python_tools
     install_node_tools
-    install_h2load
-    install_systemd_analyze
+    install_debian_tool h2load nghttp2-client      # the benchmark
+    install_debian_tool systemd-analyze systemd    # deploy/ unit verification
     echo "tools ready in $((SECONDS - started)) s"
 fi
 if [[ "${TOOLS_ONLY:-0}" == 1 ]]; then

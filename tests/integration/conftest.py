@@ -241,13 +241,7 @@ class Broker:
         for ch in self._channels:
             ch.close()
         self._channels.clear()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(TERMINATE_GRACE)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        support.stop_process(self.proc, TERMINATE_GRACE)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
@@ -263,11 +257,14 @@ def launch_broker(
     env: dict[str, str] | None = None,
     cwd: Path,
     dev: bool = True,
+    broker_class: type[Broker] | None = None,
+    broker_fields: dict | None = None,
 ) -> Broker:
     """Starts `serve [--dev] [--listen ADDR] EXTRA` and waits for SERVING.
 
     dev=False starts the broker on its AWS backend (point it at moto with
-    AWS_ENDPOINT_URL in env).
+    AWS_ENDPOINT_URL in env). broker_class (a Broker subclass, built with
+    broker_fields too) decides how readiness is probed: its health() is used.
     """
     args = [str(broker_bin), "serve"]
     if dev:
@@ -289,14 +286,18 @@ def launch_broker(
         env=support.broker_env(env),
         cwd=cwd,
     )
-    broker = Broker(proc=proc, addr=addr, log_path=log_path, args=args, stubs=stubs, _log_file=log_file)
+    broker = (broker_class or Broker)(
+        proc=proc, addr=addr, log_path=log_path, args=args, stubs=stubs, _log_file=log_file,
+        **(broker_fields or {}),
+    )
+    what = "broker" if broker_class is None else broker_class.__name__
     deadline = time.monotonic() + HEALTH_STARTUP_TIMEOUT
     last = "no answer yet"
     while True:
         if proc.poll() is not None:
             broker.stop()
             pytest.fail(
-                f"broker exited with code {proc.returncode} before serving "
+                f"{what} exited with code {proc.returncode} before serving "
                 f"({' '.join(args)}); log {log_path}:\n{support.log_tail(log_path)}",
                 pytrace=False,
             )
@@ -310,7 +311,7 @@ def launch_broker(
         if time.monotonic() > deadline:
             broker.stop()
             pytest.fail(
-                f"broker not SERVING after {HEALTH_STARTUP_TIMEOUT:.0f} s ({last}); "
+                f"{what} not SERVING after {HEALTH_STARTUP_TIMEOUT:.0f} s ({last}); "
                 f"{' '.join(args)}; log {log_path}:\n{support.log_tail(log_path)}",
                 pytrace=False,
             )

@@ -119,13 +119,7 @@ class MotoServer:
 
     def stop(self) -> None:
         """Stops moto; its state (secrets, recorder switch) is lost."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_GRACE)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        support.stop_process(self.proc, STOP_GRACE)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None

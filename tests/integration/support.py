@@ -6,6 +6,8 @@ import json
 import os
 import re
 import socket
+import signal
+import subprocess
 from pathlib import Path
 
 import grpc
@@ -238,3 +240,15 @@ def register_secrets_file(data: dict) -> None:
                 register_secret(version["value"])
             if "binary_base64" in version:
                 register_secret(_base64.b64decode(version["binary_base64"]))
+
+
+def stop_process(proc, grace: float) -> None:
+    """SIGTERM, then SIGKILL if the process is still there after `grace` s."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -25,7 +25,6 @@ import os
 import signal
 import socket
 import ssl
-import subprocess
 import time
 import types
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 import support
-from conftest import HEALTH_STARTUP_TIMEOUT, Broker
+from conftest import Broker, launch_broker
 
 AUTH = "spiffe://insurecove/auth-service"
 BILLING = "spiffe://insurecove/billing"
@@ -350,50 +349,15 @@ def launch_tls_broker(
 ) -> TlsBroker:
     """Starts `serve [--dev] --listen ADDR EXTRA` (EXTRA holds the TLS flags)
     and waits until grpc.health answers SERVING over mTLS (probe identity).
-    Output goes to log_path, like conftest.launch_broker's."""
-    args = [str(broker_bin), "serve"]
-    if dev:
-        args.append("--dev")
-    args += ["--listen", listen]
-    args += [str(a) for a in extra_args]
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_file = open(log_path, "wb")
-    env_text = "".join(f"{k}={v} " for k, v in sorted((env or {}).items()))
-    log_file.write(f"$ LOG_LEVEL=debug {env_text}{' '.join(args)}\n".encode())
-    log_file.flush()
-    proc = subprocess.Popen(
-        args, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-        env=support.broker_env(env), cwd=cwd,
+    Output goes to log_path, as with conftest.launch_broker, which does the
+    work: TlsBroker.health() makes its readiness probe an mTLS one."""
+    broker = launch_broker(
+        broker_bin, stubs, log_path,
+        listen=listen, extra_args=extra_args, env=env, cwd=cwd, dev=dev,
+        broker_class=TlsBroker, broker_fields={"pki": pki, "files": files},
     )
-    broker = TlsBroker(
-        proc=proc, addr=listen, log_path=log_path, args=args, stubs=stubs, _log_file=log_file,
-        pki=pki, files=files,
-    )
-    deadline = time.monotonic() + HEALTH_STARTUP_TIMEOUT
-    last = "no answer yet"
-    while True:
-        if proc.poll() is not None:
-            broker.stop()
-            pytest.fail(
-                f"TLS broker exited with code {proc.returncode} before serving "
-                f"({' '.join(args)}); log {log_path}:\n{support.log_tail(log_path)}",
-                pytrace=False,
-            )
-        try:
-            status = broker.health("", timeout=1.0)
-            if status == "SERVING":
-                return broker
-            last = f"health status {status}"
-        except grpc.RpcError as err:
-            last = f"{err.code().name}: {err.details()}"
-        if time.monotonic() > deadline:
-            broker.stop()
-            pytest.fail(
-                f"TLS broker not SERVING over mTLS after {HEALTH_STARTUP_TIMEOUT:.0f} s ({last}); "
-                f"{' '.join(args)}; log {log_path}:\n{support.log_tail(log_path)}",
-                pytrace=False,
-            )
-        time.sleep(0.1)
+    assert isinstance(broker, TlsBroker)
+    return broker
 
 
 # --------------------------------------------------------------------------
