@@ -15,6 +15,12 @@
 //!   throttling), the last good value is served, marked stale, until it is
 //!   `max_stale` past its TTL. Definite answers (not found, deleted, access
 //!   denied) are never hidden: they drop the entry.
+//! - An entry due for renewal (expired, or refreshed ahead) is first
+//!   revalidated with DescribeSecret: when the stage still points at the
+//!   cached version, the entry is renewed without reading the value again
+//!   (a version's value never changes upstream). DescribeSecret has four
+//!   times GetSecretValue's quota, and no secret bytes cross the wire.
+//!   Bypass reads and RefreshSecret always read the value.
 //! - The entry count is bounded; inserting past it evicts the least
 //!   recently used entry.
 //! - Fetches are numbered; an answer older than the cached one never
@@ -392,8 +398,11 @@ impl Shared {
     fn spawn_fetch_with(self: &Arc<Self>, key: CacheKey, registered: bool) -> Fetch {
         let shared = Arc::clone(self);
         let number = self.next_fetch.fetch_add(1, Relaxed);
+        // Shared fetches renew entries and may revalidate; a fetch of its
+        // own was asked for a fresh value.
+        let revalidate = registered;
         let task = tokio::spawn(async move {
-            let result = shared.fetch(&key, number).await;
+            let result = shared.fetch(&key, number, revalidate).await;
             if registered {
                 shared.inflight.remove(&key);
             }
@@ -410,13 +419,57 @@ impl Shared {
         .shared()
     }
 
-    /// One upstream call, and what it means for the cache.
-    async fn fetch(&self, key: &CacheKey, number: u64) -> FetchResult {
+    /// An upstream read (after a revalidation, when allowed and useful),
+    /// and what it means for the cache.
+    async fn fetch(&self, key: &CacheKey, number: u64, revalidate: bool) -> FetchResult {
+        if revalidate && let Some(renewed) = self.revalidate(key, number).await {
+            return renewed;
+        }
         bump(&self.counters.upstream_calls);
         let started = Instant::now();
-        match self.store.get_secret_value(&key.name, &key.selector).await {
+        let result = self.store.get_secret_value(&key.name, &key.selector).await;
+        self.settle(key, number, started, result.map(Arc::new))
+    }
+
+    /// Asks whether the cached version is still the one the stage points
+    /// at. `None`: read the value (nothing cached, a version-id key, the
+    /// version moved, or DescribeSecret refused, e.g. by IAM).
+    async fn revalidate(&self, key: &CacheKey, number: u64) -> Option<FetchResult> {
+        if !matches!(key.selector, VersionSelector::Stage(_)) {
+            return None;
+        }
+        let cached = self
+            .entries
+            .get(key)
+            .map(|entry| Arc::clone(&entry.version))?;
+        bump(&self.counters.upstream_calls);
+        let started = Instant::now();
+        match self.store.describe_secret(&key.name).await {
+            Ok(description)
+                if !description.deleted
+                    && description.selected_version(&key.selector)
+                        == Some(cached.version_id.as_str()) =>
+            {
+                Some(self.settle(key, number, started, Ok(cached)))
+            }
+            Ok(_) => None,
+            Err(error) if error.is_transient() => {
+                Some(self.settle(key, number, started, Err(error)))
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Records a read's outcome in the cache.
+    fn settle(
+        &self,
+        key: &CacheKey,
+        number: u64,
+        started: Instant,
+        result: FetchResult,
+    ) -> FetchResult {
+        match result {
             Ok(version) => {
-                let version = Arc::new(version);
                 self.store_entry(key, Arc::clone(&version), started, number);
                 Ok(version)
             }

@@ -24,6 +24,9 @@ pub struct FakeStore {
     failure: Mutex<Option<StoreError>>,
     calls: AtomicUsize,
     batch_calls: AtomicUsize,
+    describe_calls: AtomicUsize,
+    /// DescribeSecret answers AccessDenied (an IAM policy without it).
+    pub refuse_describe: std::sync::atomic::AtomicBool,
     /// How long each call takes (under a paused clock, advanced by tokio).
     pub delay: Mutex<Duration>,
 }
@@ -62,6 +65,11 @@ impl FakeStore {
         self.batch_calls.load(SeqCst)
     }
 
+    /// DescribeSecret calls.
+    pub fn describe_calls(&self) -> usize {
+        self.describe_calls.load(SeqCst)
+    }
+
     fn current(&self, name: &str) -> Result<SecretVersion, StoreError> {
         if let Some(failure) = self.failure.lock().unwrap().clone() {
             return Err(failure);
@@ -97,8 +105,27 @@ impl SecretStore for FakeStore {
     }
 
     async fn describe_secret(&self, name: &str) -> Result<SecretDescription, StoreError> {
-        Err(StoreError::NotFound {
+        self.describe_calls.fetch_add(1, SeqCst);
+        if self.refuse_describe.load(SeqCst) {
+            return Err(StoreError::AccessDenied {
+                name: name.to_owned(),
+            });
+        }
+        if let Some(failure) = self.failure.lock().unwrap().clone() {
+            return Err(failure);
+        }
+        let current = self.versions.lock().unwrap().get(name).cloned();
+        let current = current.ok_or_else(|| StoreError::NotFound {
             name: name.to_owned(),
+        })?;
+        Ok(SecretDescription {
+            name: name.to_owned(),
+            arn: String::new(),
+            versions: current
+                .iter()
+                .map(|id| (id.clone(), vec!["AWSCURRENT".to_owned()]))
+                .collect(),
+            deleted: current.is_none(),
         })
     }
 

@@ -237,3 +237,65 @@ async fn stats_split_valid_and_expired_entries() {
     version_of(&cache, "b").await;
     assert!((cache.stats().hit_ratio() - 1.0 / 3.0).abs() < 1e-9);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_expired_entry_is_revalidated_without_reading_the_value() {
+    let store = FakeStore::with(&["s"]);
+    let cache = cache_over(&store, 100);
+    version_of(&cache, "s").await;
+
+    tokio::time::advance(TTL).await;
+    let renewed = cache.get(key("s"), false).await.unwrap();
+    assert_eq!(renewed.version.version_id, "v1");
+    assert_eq!(
+        (store.calls(), store.describe_calls()),
+        (1, 1),
+        "DescribeSecret only"
+    );
+    let hit = cache.get(key("s"), false).await.unwrap();
+    assert!(hit.hit, "the renewed entry serves a full TTL again");
+
+    store.set("s", "v2");
+    tokio::time::advance(TTL).await;
+    assert_eq!(
+        version_of(&cache, "s").await,
+        "v2",
+        "a moved stage reads the value"
+    );
+    assert_eq!((store.calls(), store.describe_calls()), (2, 2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn bypass_and_refused_describe_read_the_value() {
+    let store = FakeStore::with(&["s"]);
+    let cache = cache_over(&store, 100);
+    version_of(&cache, "s").await;
+    cache.get(key("s"), true).await.unwrap();
+    assert_eq!(
+        (store.calls(), store.describe_calls()),
+        (2, 0),
+        "bypass reads the value"
+    );
+
+    store
+        .refuse_describe
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::advance(TTL).await;
+    assert_eq!(version_of(&cache, "s").await, "v1");
+    assert_eq!(
+        (store.calls(), store.describe_calls()),
+        (3, 1),
+        "without DescribeSecret rights, the value is read"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deleted_secret_is_not_revalidated_into_the_cache() {
+    let store = FakeStore::with(&["s"]);
+    let cache = cache_over(&store, 100);
+    version_of(&cache, "s").await;
+    store.delete("s");
+    tokio::time::advance(TTL).await;
+    let refused = cache.get(key("s"), false).await.unwrap_err();
+    assert!(matches!(refused, StoreError::Deleted { .. }), "{refused:?}");
+}

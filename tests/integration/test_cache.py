@@ -135,6 +135,35 @@ def test_ttl_and_bypass(moto, aws_broker, stubs):
     assert moto.get_secret_value_calls(name) == 3
 
 
+def test_expired_entry_is_revalidated_with_describe_secret(moto, aws_broker, stubs):
+    """Past its TTL, an unchanged secret costs one DescribeSecret, not a
+    GetSecretValue; a moved stage is read again."""
+    ttl = 1
+    name = "insurecove/revalidate"
+    moto.create_secret(name, "reval-v1-7d21")
+    broker = aws_broker(["--cache-ttl", str(ttl)])
+    moto.start_recording()
+
+    first = get(broker, stubs, "revalidate")
+    read_done = time.monotonic()
+    sleep_until(read_done + ttl + 0.3)
+    renewed = get(broker, stubs, "revalidate")
+    assert (renewed.string_value, renewed.version_id) == ("reval-v1-7d21", first.version_id)
+    describes = [
+        r for r in moto.recorded()
+        if r.target == "secretsmanager.DescribeSecret" and not r.from_boto and r.secret_id == name
+    ]
+    assert (moto.get_secret_value_calls(name), len(describes)) == (1, 1)
+    again = get(broker, stubs, "revalidate")
+    assert again.cache.hit, "the revalidated entry is fresh again"
+
+    v2 = moto.put_secret_value(name, "reval-v2-7d21")
+    sleep_until(time.monotonic() + ttl + 0.3)
+    moved = get(broker, stubs, "revalidate")
+    assert (moved.string_value, moved.version_id) == ("reval-v2-7d21", v2)
+    assert moto.get_secret_value_calls(name) == 2
+
+
 # --------------------------------------------------------------------------
 # stale-on-error
 
