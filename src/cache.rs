@@ -121,8 +121,10 @@ pub struct Cache {
     shared: Arc<Shared>,
 }
 
-/// Told of every version the cache stores, right after it is stored.
-pub type ChangeListener = Box<dyn Fn(&CacheKey, &Arc<SecretVersion>) + Send + Sync>;
+/// Told of every version the cache stores, right after it is stored, with
+/// the number of the read that produced it: listeners may be called out of
+/// order by concurrent stores, and a lower number is older news.
+pub type ChangeListener = Box<dyn Fn(&CacheKey, &Arc<SecretVersion>, u64) + Send + Sync>;
 
 type FetchResult = Result<Arc<SecretVersion>, StoreError>;
 type Fetch = SharedFuture<BoxFuture<'static, FetchResult>>;
@@ -302,6 +304,18 @@ impl Cache {
     }
 }
 
+/// Removes a fetch from `inflight` when its task ends, however it ends.
+struct LeaveInflight {
+    shared: Arc<Shared>,
+    key: CacheKey,
+}
+
+impl Drop for LeaveInflight {
+    fn drop(&mut self) {
+        self.shared.inflight.remove(&self.key);
+    }
+}
+
 enum Joined {
     /// A fetch finished between the first look and joining: its value.
     Hit(Lookup),
@@ -402,11 +416,13 @@ impl Shared {
         // own was asked for a fresh value.
         let revalidate = registered;
         let task = tokio::spawn(async move {
-            let result = shared.fetch(&key, number, revalidate).await;
-            if registered {
-                shared.inflight.remove(&key);
-            }
-            result
+            // Leaves `inflight` even if the fetch panics, so that the key
+            // is not stuck on a dead fetch.
+            let _leave = registered.then(|| LeaveInflight {
+                shared: Arc::clone(&shared),
+                key: key.clone(),
+            });
+            shared.fetch(&key, number, revalidate).await
         });
         async move {
             task.await.unwrap_or_else(|join_error| {
@@ -484,7 +500,9 @@ impl Shared {
                     entry.refreshing.store(false, Relaxed);
                 }
                 if !error.is_transient() {
-                    self.entries.remove(key);
+                    // Not an entry a newer read stored meanwhile.
+                    self.entries
+                        .remove_if(key, |_, entry| entry.fetch_number < number);
                 }
                 Err(error)
             }
@@ -517,7 +535,7 @@ impl Shared {
             self.evict_over_capacity(key);
         }
         if let (true, Some(listener)) = (stored, self.listener.get()) {
-            listener(key, &version);
+            listener(key, &version, number);
         }
     }
 

@@ -638,14 +638,23 @@ fn parse_name_part(value: &str) -> Result<String, String> {
     }
 }
 
+/// Durations beyond a year are mistakes, and sums of them (TTL + stale
+/// bound) must not overflow.
+const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
 /// Whole seconds (the guide's form: "300"), or a unit: "5m", "90s", "1h".
 fn parse_duration(value: &str) -> Result<Duration, String> {
     let value = value.trim();
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Ok(Duration::from_secs(seconds));
+    let duration = match value.parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds),
+        Err(_) => humantime::parse_duration(value).map_err(|_| {
+            format!("{value:?} is not a duration: give seconds (e.g. 300) or e.g. 5m")
+        })?,
+    };
+    if duration > MAX_DURATION {
+        return Err(format!("{value:?} is longer than a year"));
     }
-    humantime::parse_duration(value)
-        .map_err(|_| format!("{value:?} is not a duration: give seconds (e.g. 300) or e.g. 5m"))
+    Ok(duration)
 }
 
 fn parse_positive_duration(value: &str) -> Result<Duration, String> {
@@ -673,9 +682,14 @@ fn parse_watch_interval(value: &str) -> Result<Duration, String> {
     Ok(interval)
 }
 
+/// Counts (entries, connections, calls, bytes) beyond this are mistakes,
+/// and some would overflow what they size (a semaphore's permits).
+const MAX_COUNT: usize = 100_000_000;
+
 fn parse_positive_count(value: &str) -> Result<usize, String> {
     match value.trim().parse::<usize>() {
-        Ok(n) if n > 0 => Ok(n),
+        Ok(n) if n > 0 && n <= MAX_COUNT => Ok(n),
+        Ok(n) if n > MAX_COUNT => Err(format!("{value:?} is more than {MAX_COUNT}")),
         _ => Err(format!("{value:?} is not a whole number greater than 0")),
     }
 }

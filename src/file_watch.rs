@@ -2,8 +2,9 @@
 //! all take effect without a restart when they change.
 //!
 //! The folder of each file is watched, not the file: editors and secret
-//! mounts (Kubernetes swaps a symlink) replace files rather than write them
-//! in place. A change comes as a burst of events (truncate, write, close),
+//! mounts replace files rather than write them in place. Kubernetes
+//! Secret and ConfigMap volumes swap a `..data` symlink, so no event names
+//! the file itself: events on `..data*` count too. A change comes as a burst of events (truncate, write, close),
 //! so the callback runs once the files have been quiet for a moment, on a
 //! thread of its own; it stops when the returned `FileWatch` is dropped.
 
@@ -16,6 +17,9 @@ use std::{
 };
 
 use notify::Watcher;
+
+/// The name Kubernetes' atomic writer swaps to publish a volume's files.
+const KUBERNETES_SWAP: &str = "..data";
 
 /// How long files must be left alone before the callback runs.
 const QUIET: Duration = Duration::from_millis(100);
@@ -38,10 +42,11 @@ pub fn on_change(
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let ours = event.is_ok_and(|event| {
             !event.kind.is_access()
-                && event
-                    .paths
-                    .iter()
-                    .any(|p| p.file_name().is_some_and(|name| names.contains(name)))
+                && event.paths.iter().any(|p| {
+                    p.file_name().is_some_and(|name| {
+                        names.contains(name) || name.to_string_lossy().starts_with(KUBERNETES_SWAP)
+                    })
+                })
         });
         if ours {
             let _ = touched.send(());

@@ -29,6 +29,7 @@ pub mod watch;
 
 /// The code generated from `proto/secretsbroker/v1`.
 pub mod proto {
+    pub use secrets_broker_client::proto::*;
     tonic::include_proto!("secretsbroker.v1");
 
     /// The encoded descriptors of the contract, served by reflection.

@@ -62,7 +62,11 @@ impl NameResolver {
         let full = if name.starts_with(ARN_PREFIX) || name.starts_with(&self.prefix_with_slash) {
             name.to_owned()
         } else {
-            format!("{}{name}", self.prefix_with_slash)
+            // Every call resolves a name: one exact allocation, no formatter.
+            let mut full = String::with_capacity(self.prefix_with_slash.len() + name.len());
+            full.push_str(&self.prefix_with_slash);
+            full.push_str(name);
+            full
         };
         validate_full_name(&full)?;
         Ok(full)

@@ -205,11 +205,9 @@ pub async fn serve(
     };
 
     let limits = &settings.limits;
+    // Calls per connection are bounded by the connection's call slots
+    // (api::ApiContext::admit), which also cover open streams.
     let router = Server::builder()
-        // Beyond this many calls in flight on one connection, new ones are
-        // refused with RESOURCE_EXHAUSTED rather than queued.
-        .concurrency_limit_per_connection(limits.max_calls_per_connection)
-        .load_shed(true)
         .timeout(limits.call_timeout)
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))

@@ -56,6 +56,9 @@ pub struct WatchState {
     /// The version the stage points at (for `Deleted`, the last one known).
     pub version: Arc<SecretVersion>,
     pub observed_at: SystemTime,
+    /// The number of the cache read that brought `version`: an offer with
+    /// a lower one is older news and must not roll watchers back.
+    read_number: u64,
 }
 
 /// What a new watcher gets: the state now, and the changes after it.
@@ -132,7 +135,7 @@ impl WatchHub {
         });
         // Weak: the cache (held by the hub) must not keep the hub alive.
         let listener: Weak<Shared> = Arc::downgrade(&shared);
-        cache.set_change_listener(Box::new(move |key, version| {
+        cache.set_change_listener(Box::new(move |key, version, number| {
             if let (Some(shared), VersionSelector::Stage(stage)) =
                 (listener.upgrade(), &key.selector)
             {
@@ -140,7 +143,7 @@ impl WatchHub {
                     name: key.name.clone(),
                     stage: stage.clone(),
                 };
-                if let Some(event) = shared.topics.get(&topic_key).and_then(|t| t.offer(version)) {
+                if let Some(event) = shared.topics.get(&topic_key).and_then(|t| t.offer(version, number)) {
                     shared.events.fetch_add(1, Relaxed);
                     tracing::info!(secret = %key.name, %stage, version_id = %version.version_id, ?event, "secret change observed");
                 }
@@ -160,24 +163,25 @@ impl WatchHub {
     pub async fn subscribe(&self, name: String, stage: String) -> Result<Subscription, StoreError> {
         let shared = &self.shared;
         let topic_key = TopicKey { name, stage };
-        let existing = shared.topics.get(&topic_key).map(|t| Arc::clone(&*t));
-        let topic = match existing {
-            Some(topic) => topic,
+        // Subscribing under the map's guard: a detector round drops topics
+        // with no receivers, and must not drop this one in between.
+        let subscribed = shared.topics.get(&topic_key).map(|t| t.state.subscribe());
+        let mut changes = match subscribed {
+            Some(changes) => changes,
             None => {
                 let cache_key = CacheKey::new(
                     topic_key.name.clone(),
                     VersionSelector::Stage(topic_key.stage.clone()),
                 );
                 let lookup = shared.cache.get_fresh(cache_key).await?;
-                Arc::clone(
-                    &*shared
-                        .topics
-                        .entry(topic_key)
-                        .or_insert_with(|| Arc::new(Topic::new(lookup.version))),
-                )
+                shared
+                    .topics
+                    .entry(topic_key)
+                    .or_insert_with(|| Arc::new(Topic::new(lookup.version)))
+                    .state
+                    .subscribe()
             }
         };
-        let mut changes = topic.state.subscribe();
         let first = changes.borrow_and_update().clone();
         shared.watchers.fetch_add(1, Relaxed);
         Ok(Subscription {
@@ -221,14 +225,19 @@ impl Topic {
                 event: WatchEvent::Current,
                 version,
                 observed_at: SystemTime::now(),
+                read_number: 0,
             }),
         }
     }
 
     /// A version read upstream: an event if it is news (returns which).
-    fn offer(&self, version: &Arc<SecretVersion>) -> Option<WatchEvent> {
+    fn offer(&self, version: &Arc<SecretVersion>, read_number: u64) -> Option<WatchEvent> {
         let mut news = None;
         self.state.send_if_modified(|state| {
+            if read_number < state.read_number {
+                return false;
+            }
+            state.read_number = read_number;
             let event = if state.event == WatchEvent::Deleted {
                 WatchEvent::Restored
             } else if state.version.version_id != version.version_id {
@@ -240,6 +249,7 @@ impl Topic {
                 event,
                 version: Arc::clone(version),
                 observed_at: SystemTime::now(),
+                read_number,
             };
             news = Some(event);
             true

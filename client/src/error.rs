@@ -56,7 +56,8 @@ pub enum Error {
         /// What failed.
         message: String,
     },
-    /// AWS throttled the broker and nothing was cached.
+    /// RESOURCE_EXHAUSTED: AWS throttled the broker and nothing was cached,
+    /// or this connection has too many calls in flight (`TOO_MANY_CALLS`).
     #[error("throttled: {message}")]
     Throttled {
         /// What failed.

@@ -28,6 +28,7 @@
 mod client;
 mod config;
 mod error;
+mod redacted;
 mod value;
 mod watch;
 

@@ -15,7 +15,6 @@ use crate::{
     backend::VersionSelector,
     cache::{CacheKey, Lookup},
     metrics::Rpc,
-    names::ShownName,
     proto::{
         CheckUpstreamRequest, CheckUpstreamResponse, ClearCacheRequest, ClearCacheResponse,
         GetCacheStatsRequest, GetCacheStatsResponse, RefreshSecretRequest, RefreshSecretResponse,
@@ -52,8 +51,13 @@ impl AdminApi {
         })
     }
 
-    async fn refresh_secret(&self, name: &str) -> Result<RefreshSecretResponse, ApiError> {
+    async fn refresh_secret(
+        &self,
+        audit: &mut Audit,
+        name: &str,
+    ) -> Result<RefreshSecretResponse, ApiError> {
         let full_name = self.context.names.resolve(name)?;
+        audit.secret(&full_name);
         let key = CacheKey::new(full_name, VersionSelector::current());
         let (version, changed) = self.context.cache.refresh(key).await?;
         let lookup = Lookup {
@@ -113,9 +117,9 @@ impl AdminService for AdminApi {
         request: Request<RefreshSecretRequest>,
     ) -> Result<Response<RefreshSecretResponse>, Status> {
         let mut audit = self.admit(Rpc::RefreshSecret, &request)?;
-        let name = request.into_inner().name;
-        audit.secret(&ShownName(&name).to_string(), None);
-        let result = self.refresh_secret(&name).await;
+        let result = self
+            .refresh_secret(&mut audit, &request.into_inner().name)
+            .await;
         respond(audit, result)
     }
 

@@ -3,7 +3,9 @@
 //! (gRPC code) and whether the cache answered. Never a value.
 //!
 //! Handlers fill an `Audit` as they learn the facts, and the edge emits it
-//! with the outcome, so that no path through a handler can skip it.
+//! with the outcome. A call that never reaches the edge (the client gave
+//! up, the call timed out) is emitted as CANCELLED when its record is
+//! dropped, so that no path skips it.
 
 use std::time::Instant;
 
@@ -26,6 +28,7 @@ pub struct Audit {
     /// The call's slot on its connection, released with the record (a
     /// stream takes it over).
     call_slot: Option<OwnedSemaphorePermit>,
+    emitted: bool,
 }
 
 impl Audit {
@@ -38,6 +41,7 @@ impl Audit {
             started: Instant::now(),
             metrics,
             call_slot: None,
+            emitted: false,
         }
     }
 
@@ -54,24 +58,41 @@ impl Audit {
         &self.identity
     }
 
-    /// Notes a secret the call touched (resolved name; for batches, each
-    /// with its own outcome).
-    pub fn secret(&mut self, name: &str, outcome: Option<Code>) {
+    /// Notes a secret the call touched (resolved name).
+    pub fn secret(&mut self, name: &str) {
+        self.push_name(name);
+    }
+
+    /// Notes one item of a batch with its own outcome and, for a read that
+    /// succeeded, whether the cache answered: `name=OK/hit`.
+    pub fn batch_item(&mut self, name: &str, outcome: Code, cache_hit: Option<bool>) {
+        self.push_name(name);
+        self.secrets.push('=');
+        self.secrets.push_str(code_name(outcome));
+        match cache_hit {
+            Some(true) => self.secrets.push_str("/hit"),
+            Some(false) => self.secrets.push_str("/miss"),
+            None => {}
+        }
+    }
+
+    fn push_name(&mut self, name: &str) {
         if !self.secrets.is_empty() {
             self.secrets.push(' ');
         }
         self.secrets.push_str(name);
-        if let Some(code) = outcome {
-            self.secrets.push('=');
-            self.secrets.push_str(code_name(code));
-        }
     }
 
     pub fn cache_hit(&mut self, hit: bool) {
         self.cache_hit = Some(hit);
     }
 
-    pub fn finish(self, outcome: Code) {
+    pub fn finish(mut self, outcome: Code) {
+        self.emit(outcome);
+    }
+
+    fn emit(&mut self, outcome: Code) {
+        self.emitted = true;
         let code = code_name(outcome);
         self.metrics
             .record_call(self.rpc, outcome, code, self.started.elapsed());
@@ -86,6 +107,14 @@ impl Audit {
             outcome = code,
             cache_hit = self.cache_hit,
         );
+    }
+}
+
+impl Drop for Audit {
+    fn drop(&mut self) {
+        if !self.emitted {
+            self.emit(Code::Cancelled);
+        }
     }
 }
 
@@ -109,5 +138,25 @@ pub fn code_name(code: Code) -> &'static str {
         Code::Unavailable => "UNAVAILABLE",
         Code::DataLoss => "DATA_LOSS",
         Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_dropped_before_its_answer_is_recorded_as_cancelled() {
+        let metrics = Metrics::new(false);
+        let finished = Audit::new(Rpc::GetSecret, Identity::Anonymous, metrics.clone());
+        finished.finish(Code::Ok);
+        let abandoned = Audit::new(Rpc::GetSecret, Identity::Anonymous, metrics.clone());
+        drop(abandoned);
+        let text = metrics.encode();
+        let line = |code: &str| {
+            format!("secretsbroker_calls_total{{rpc=\"GetSecret\",code=\"{code}\"}} 1")
+        };
+        assert!(text.contains(&line("OK")), "{text}");
+        assert!(text.contains(&line("CANCELLED")), "{text}");
     }
 }

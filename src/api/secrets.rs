@@ -50,7 +50,7 @@ impl SecretsApi {
     /// refusal is audited with what was refused.
     fn authorized_name(&self, audit: &mut Audit, name: &str) -> Result<String, ApiError> {
         let full_name = self.context.names.resolve(name)?;
-        audit.secret(&full_name, None);
+        audit.secret(&full_name);
         self.context
             .authorizer
             .check_read(audit.identity(), &full_name)?;
@@ -127,7 +127,7 @@ impl SecretsApi {
             .map(|(name, outcome)| {
                 let result = match outcome {
                     Ok((full_name, lookup)) => {
-                        audit.secret(&full_name, Some(Code::Ok));
+                        audit.batch_item(&full_name, Code::Ok, Some(lookup.hit));
                         batch_get_secrets_result::Result::Secret(message::secret(
                             &lookup,
                             Contents::WithValue,
@@ -136,7 +136,7 @@ impl SecretsApi {
                     Err((full_name, error)) => {
                         let shown = full_name
                             .unwrap_or_else(|| format!("{:?}", ShownName(&name).to_string()));
-                        audit.secret(&shown, Some(error.code()));
+                        audit.batch_item(&shown, error.code(), None);
                         batch_get_secrets_result::Result::Error(error.to_secret_error())
                     }
                 };
@@ -178,7 +178,7 @@ impl SecretsApi {
         decode: fn(&SecretValue) -> Result<T, Malformed>,
     ) -> Result<(T, String), ApiError> {
         let full_name = self.context.names.resolve_or_default(name, default_kind)?;
-        audit.secret(&full_name, None);
+        audit.secret(&full_name);
         self.context
             .authorizer
             .check_read(audit.identity(), &full_name)?;

@@ -62,7 +62,9 @@ impl ApiError {
                 StoreError::AccessDenied { .. } => (Code::PermissionDenied, "ACCESS_DENIED"),
                 StoreError::Throttled => (Code::ResourceExhausted, "UPSTREAM_THROTTLED"),
                 StoreError::Unavailable { .. } => (Code::Unavailable, "UPSTREAM_UNAVAILABLE"),
-                StoreError::Rejected { .. } => (Code::InvalidArgument, "UPSTREAM_REJECTED"),
+                // E.g. DecryptionFailure: the broker's (or AWS's) fault, not
+                // the caller's.
+                StoreError::Rejected { .. } => (Code::Internal, "UPSTREAM_REJECTED"),
             },
         }
     }

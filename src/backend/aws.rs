@@ -276,9 +276,14 @@ fn classify_code(code: &str, message: &str, name: String) -> StoreError {
                 detail: format!("AWS answered {code}"),
             }
         }
-        _ => StoreError::Rejected {
-            detail: format!("AWS answered {code}: {message}"),
-        },
+        _ => {
+            // AWS's message may name accounts or keys: it goes to the log,
+            // the caller gets the code.
+            tracing::warn!(secret = %name, code, message, "AWS refused a request");
+            StoreError::Rejected {
+                detail: format!("AWS answered {code}"),
+            }
+        }
     }
 }
 

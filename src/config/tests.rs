@@ -174,6 +174,24 @@ fn a_secrets_file_selects_the_file_backend() {
 }
 
 #[test]
+fn absurd_values_are_refused_before_they_can_overflow() {
+    let err = resolve(
+        &dev(),
+        &[("BROKER_MAX_CONNECTIONS", "18446744073709551615")],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.starts_with("BROKER_MAX_CONNECTIONS:"), "{err}");
+    let err = resolve(
+        &dev(),
+        &[("SECRET_CACHE_MAX_STALE", "18446744073709551615")],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("longer than a year"), "{err}");
+}
+
+#[test]
 fn limits_have_defaults_and_sources() {
     let settings = resolve(&dev(), &[("BROKER_MAX_MESSAGE_SIZE", "1024")]).unwrap();
     assert_eq!(settings.limits.max_message_size, 1024);

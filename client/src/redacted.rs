@@ -1,0 +1,105 @@
+//! `Debug` for the generated messages that carry secret values: every
+//! field is shown except the secret ones, which print `<redacted>`. The
+//! broker uses these same message types, so neither side can print a value
+//! by accident.
+
+use std::fmt;
+
+use crate::proto::{DatabaseConfig, JwtConfig, Secret, SecurityConfig, secret};
+
+const REDACTED: &str = "<redacted>";
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let value = match &self.value {
+            Some(secret::Value::StringValue(text)) => format!("text, {} bytes", text.len()),
+            Some(secret::Value::BinaryValue(bytes)) => format!("binary, {} bytes", bytes.len()),
+            None => "none".to_owned(),
+        };
+        f.debug_struct("Secret")
+            .field("name", &self.name)
+            .field("arn", &self.arn)
+            .field("version_id", &self.version_id)
+            .field("version_stages", &self.version_stages)
+            .field("created_date", &self.created_date)
+            .field("value", &format_args!("{REDACTED} ({value})"))
+            .field("cache", &self.cache)
+            .finish()
+    }
+}
+
+impl fmt::Debug for JwtConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JwtConfig")
+            .field("jwt_secret_key", &REDACTED)
+            .field("jwt_algorithm", &self.jwt_algorithm)
+            .field("jwt_issuer", &self.jwt_issuer)
+            .field("jwt_audience", &self.jwt_audience)
+            .field(
+                "jwt_access_token_expire_minutes",
+                &self.jwt_access_token_expire_minutes,
+            )
+            .finish()
+    }
+}
+
+impl fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("supabase_url", &self.supabase_url)
+            .field("supabase_anon_key", &REDACTED)
+            .field("supabase_service_key", &REDACTED)
+            .field("database_password", &REDACTED)
+            .finish()
+    }
+}
+
+impl fmt::Debug for SecurityConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SecurityConfig")
+            .field("encryption_key", &REDACTED)
+            .field("encryption_salt", &REDACTED)
+            .field("allowed_hosts", &self.allowed_hosts)
+            .field("cors_origins", &self.cors_origins)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_fields_never_print() {
+        let shown = format!(
+            "{:?} {:?} {:?} {:?}",
+            Secret {
+                name: "insurecove/x".into(),
+                value: Some(secret::Value::StringValue("hunter2-A".into())),
+                ..Default::default()
+            },
+            JwtConfig {
+                jwt_secret_key: "hunter2-B".into(),
+                jwt_issuer: "issuer".into(),
+                ..Default::default()
+            },
+            DatabaseConfig {
+                supabase_url: "https://x.supabase.co".into(),
+                supabase_anon_key: "hunter2-C".into(),
+                supabase_service_key: "hunter2-D".into(),
+                database_password: "hunter2-E".into(),
+            },
+            SecurityConfig {
+                encryption_key: "hunter2-F".into(),
+                encryption_salt: "hunter2-G".into(),
+                ..Default::default()
+            },
+        );
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("insurecove/x") && shown.contains("issuer"),
+            "{shown}"
+        );
+        assert!(shown.contains("text, 9 bytes"), "{shown}");
+    }
+}
