@@ -1,0 +1,64 @@
+"""The operator's client commands (`get`, `watch`, `stats`), which go
+through the secrets-broker-client crate like any service would."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import support
+
+
+def get(broker_bin, *args) -> subprocess.CompletedProcess:
+    """`secrets-broker get ...`, not through run_cli: stdout holds a secret
+    value (what the operator asked for) and must not land in a test log."""
+    return subprocess.run(
+        [str(broker_bin), "get", *args], capture_output=True, text=True,
+        stdin=subprocess.DEVNULL, env=support.broker_env(), timeout=30,
+    )
+
+
+def test_get_prints_the_value_on_stdout_and_the_version_on_stderr(dev_broker, broker_bin):
+    value = support.dev_seed()["insurecove/mistral-api-key"]
+    got = get(broker_bin, "mistral-api-key", "--endpoint", dev_broker.addr)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout == value + "\n"
+    assert "insurecove/mistral-api-key version" in got.stderr
+    assert value not in got.stderr
+
+    missing = get(broker_bin, "no-such-secret", "--endpoint", dev_broker.addr)
+    assert missing.returncode == 1
+    assert "SECRET_NOT_FOUND" in missing.stderr and missing.stdout == ""
+
+
+def test_stats_prints_the_counters(dev_broker, broker_bin, run_cli):
+    assert get(broker_bin, "production/jwt", "--endpoint", dev_broker.addr).returncode == 0
+    stats = run_cli("stats", "--endpoint", dev_broker.addr)
+    assert stats.returncode == 0, stats.stderr
+    counters = dict(line.split(" ", 1) for line in stats.stdout.splitlines())
+    assert counters["misses"] == "1" and counters["total_entries"] == "1", counters
+    assert "hit_ratio" in counters
+
+
+def test_watch_prints_events_without_values(dev_broker, broker_bin, log_path):
+    value = support.dev_seed()["insurecove/production/jwt"]
+    log = log_path("-watch")
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [str(broker_bin), "watch", "production/jwt", "--endpoint", dev_broker.addr],
+            stdout=subprocess.PIPE, stderr=out, text=True, env=support.broker_env(),
+        )
+        try:
+            first = proc.stdout.readline()
+        finally:
+            support.stop_process(proc, 5)
+    assert first.startswith("Current insurecove/production/jwt version "), first
+    assert value not in first
+
+
+def test_plaintext_to_a_remote_address_is_refused(run_cli):
+    started = time.monotonic()
+    refused = run_cli("get", "x", "--endpoint", "10.1.2.3:50051")
+    assert refused.returncode == 1
+    assert "loopback" in refused.stderr
+    assert time.monotonic() - started < 5, "refused before any connection attempt"
