@@ -88,6 +88,18 @@ pub struct Lookup {
     pub stale: bool,
 }
 
+impl Lookup {
+    /// A value just read upstream for this request.
+    pub fn fresh(version: Arc<SecretVersion>) -> Self {
+        Self {
+            version,
+            hit: false,
+            age: Duration::ZERO,
+            stale: false,
+        }
+    }
+}
+
 /// The cache's counters and sizes at one moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct CacheStats {
@@ -218,18 +230,13 @@ impl Cache {
             bump(&self.shared.counters.misses);
             self.shared.start_fetch(key.clone())
         } else {
-            match self.shared.join_or_start_fetch(&key) {
+            match self.shared.join_or_start_fetch(&key, true) {
                 Joined::Hit(lookup) => return Ok(lookup),
                 Joined::Fetch(fetch) => fetch,
             }
         };
         match fetch.await {
-            Ok(version) => Ok(Lookup {
-                version,
-                hit: false,
-                age: Duration::ZERO,
-                stale: false,
-            }),
+            Ok(version) => Ok(Lookup::fresh(version)),
             Err(error) if error.is_transient() => self.shared.stale_or(&key, error),
             Err(error) => Err(error),
         }
@@ -240,14 +247,10 @@ impl Cache {
     /// replaces the entry. For callers that must not act on a cached value,
     /// e.g. a watch's first state, compared with what the caller holds.
     pub async fn get_fresh(&self, key: CacheKey) -> Result<Lookup, StoreError> {
-        let fetch = self.shared.join_or_start_fetch_uncached(&key);
-        let version = fetch.await?;
-        Ok(Lookup {
-            version,
-            hit: false,
-            age: Duration::ZERO,
-            stale: false,
-        })
+        match self.shared.join_or_start_fetch(&key, false) {
+            Joined::Hit(lookup) => Ok(lookup),
+            Joined::Fetch(fetch) => Ok(Lookup::fresh(fetch.await?)),
+        }
     }
 
     /// Reads upstream now, replaces the entry, and tells whether the version
@@ -362,39 +365,23 @@ impl Shared {
         }
     }
 
-    fn join_or_start_fetch(self: &Arc<Self>, key: &CacheKey) -> Joined {
+    /// Joins the fetch under way for `key`, or starts one. With
+    /// `recheck_cache`, a value stored meanwhile answers instead: a fetch
+    /// that just ended stored its value before leaving `inflight`.
+    fn join_or_start_fetch(self: &Arc<Self>, key: &CacheKey, recheck_cache: bool) -> Joined {
         match self.inflight.entry(key.clone()) {
             MapEntry::Occupied(running) => {
                 bump(&self.counters.coalesced);
                 Joined::Fetch(running.get().clone())
             }
             MapEntry::Vacant(slot) => {
-                // A fetch that just ended stored its value before leaving
-                // `inflight`: look again before calling upstream.
-                if let Some(lookup) = self.fresh_hit(key, false) {
+                if recheck_cache && let Some(lookup) = self.fresh_hit(key, false) {
                     return Joined::Hit(lookup);
                 }
                 bump(&self.counters.misses);
                 let fetch = self.spawn_fetch(key.clone());
                 slot.insert(fetch.clone());
                 Joined::Fetch(fetch)
-            }
-        }
-    }
-
-    /// Joins the fetch under way for `key`, or starts one, whatever the
-    /// cache holds.
-    fn join_or_start_fetch_uncached(self: &Arc<Self>, key: &CacheKey) -> Fetch {
-        match self.inflight.entry(key.clone()) {
-            MapEntry::Occupied(running) => {
-                bump(&self.counters.coalesced);
-                running.get().clone()
-            }
-            MapEntry::Vacant(slot) => {
-                bump(&self.counters.misses);
-                let fetch = self.spawn_fetch(key.clone());
-                slot.insert(fetch.clone());
-                fetch
             }
         }
     }

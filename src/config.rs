@@ -396,89 +396,75 @@ impl Settings {
             .map(|path| read_config_file(path).map(|table| (path.to_owned(), table)))
             .transpose()?;
         let sources = Sources { env, file };
-        let flag = |value: &Option<String>| value.clone();
 
         let listen = sources.get(
-            flag(&args.listen).as_deref(),
+            args.listen.as_deref(),
             &LISTEN,
             DEFAULT_LISTEN,
             parse_listen,
         )?;
         let tls = resolve_tls(args, &sources)?;
-        let secrets_file = sources.optional(
-            flag(&args.secrets_file).as_deref(),
-            &SECRETS_FILE,
-            parse_path,
-        )?;
+        let secrets_file =
+            sources.optional(args.secrets_file.as_deref(), &SECRETS_FILE, parse_path)?;
         let backend = if args.dev || secrets_file.is_some() {
             BackendChoice::File { path: secrets_file }
         } else {
             BackendChoice::Aws {
-                region: sources.get(
-                    flag(&args.region).as_deref(),
-                    &REGION,
-                    "ap-east-1",
-                    parse_word,
-                )?,
+                region: sources.get(args.region.as_deref(), &REGION, "ap-east-1", parse_word)?,
             }
         };
         let settings = Settings {
             dev: args.dev,
             listen,
             tls,
-            policy: sources.optional(flag(&args.policy).as_deref(), &POLICY, parse_path)?,
+            policy: sources.optional(args.policy.as_deref(), &POLICY, parse_path)?,
             metrics_listen: sources.optional(
-                flag(&args.metrics_listen).as_deref(),
+                args.metrics_listen.as_deref(),
                 &METRICS_LISTEN,
                 parse_socket_addr,
             )?,
             environment: sources.get(
-                flag(&args.environment).as_deref(),
+                args.environment.as_deref(),
                 &ENVIRONMENT,
                 "production",
                 parse_name_part,
             )?,
             secret_prefix: sources.get(
-                flag(&args.secret_prefix).as_deref(),
+                args.secret_prefix.as_deref(),
                 &SECRET_PREFIX,
                 "insurecove",
                 parse_name_part,
             )?,
             cache: CacheSettings {
-                ttl: sources.get(
-                    flag(&args.cache_ttl).as_deref(),
-                    &CACHE_TTL,
-                    "300",
-                    parse_duration,
-                )?,
+                ttl: sources.get(args.cache_ttl.as_deref(), &CACHE_TTL, "300", parse_duration)?,
                 max_entries: sources.get(
-                    flag(&args.cache_max_entries).as_deref(),
+                    args.cache_max_entries.as_deref(),
                     &CACHE_MAX_ENTRIES,
                     "10000",
                     parse_positive_count,
                 )?,
                 max_stale: sources.get(
-                    flag(&args.cache_max_stale).as_deref(),
+                    args.cache_max_stale.as_deref(),
                     &CACHE_MAX_STALE,
                     "3600",
                     parse_duration,
                 )?,
             },
             watch_interval: sources.get(
-                flag(&args.watch_interval).as_deref(),
+                args.watch_interval.as_deref(),
                 &WATCH_INTERVAL,
                 "30",
                 parse_watch_interval,
             )?,
             backend,
             log_level: sources.get(
-                flag(&args.log_level).as_deref(),
+                args.log_level.as_deref(),
                 &LOG_LEVEL,
                 "INFO",
                 parse_log_level,
             )?,
             metrics_secret_names: sources.get(
-                flag(&args.metrics_secret_names).as_deref(),
+                args.metrics_secret_names.as_deref(),
                 &METRICS_SECRET_NAMES,
                 "false",
                 parse_bool,

@@ -76,7 +76,6 @@ impl fmt::Display for Identity {
 #[derive(Debug, Clone)]
 pub struct ConnectionInfo {
     pub identity: Identity,
-    pub remote: Option<std::net::SocketAddr>,
     /// The connection's call slots: a call (a stream, for as long as it is
     /// open) holds one; none left means RESOURCE_EXHAUSTED.
     pub call_slots: Arc<tokio::sync::Semaphore>,

@@ -45,7 +45,6 @@ pub struct ConnectionCounters {
     pub handshake_failures: AtomicU64,
 }
 
-/// Accepts connections on `tcp` until tonic stops reading them.
 /// The bounds the listener applies.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
@@ -53,6 +52,7 @@ pub struct ConnectionLimits {
     pub max_calls_per_connection: usize,
 }
 
+/// Accepts connections on `tcp` until tonic stops reading them.
 pub fn incoming(
     tcp: TcpListener,
     tls: Option<Arc<TlsTerminator>>,
@@ -153,7 +153,6 @@ impl Connection {
             stream,
             info: ConnectionInfo {
                 identity,
-                remote: Some(accepted.remote),
                 call_slots: accepted.call_slots,
             },
             _slot: accepted.slot,

@@ -60,12 +60,7 @@ impl AdminApi {
         audit.secret(&full_name);
         let key = CacheKey::new(full_name, VersionSelector::current());
         let (version, changed) = self.context.cache.refresh(key).await?;
-        let lookup = Lookup {
-            version,
-            hit: false,
-            age: std::time::Duration::ZERO,
-            stale: false,
-        };
+        let lookup = Lookup::fresh(version);
         Ok(RefreshSecretResponse {
             secret: Some(message::secret(&lookup, Contents::MetadataOnly)),
             changed,

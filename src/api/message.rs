@@ -1,6 +1,6 @@
 //! Building the contract's messages from the cache's answers.
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use crate::{
     cache::Lookup,
@@ -74,12 +74,7 @@ fn watch_message(state: &WatchState, event: proto::WatchEventType) -> proto::Wat
     } else {
         Contents::WithValue
     };
-    let lookup = Lookup {
-        version: Arc::clone(&state.version),
-        hit: false,
-        age: Duration::ZERO,
-        stale: false,
-    };
+    let lookup = Lookup::fresh(Arc::clone(&state.version));
     proto::WatchSecretResponse {
         r#type: event as i32,
         secret: Some(secret(&lookup, contents)),
