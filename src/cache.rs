@@ -47,6 +47,7 @@ use tokio::time::Instant;
 
 use crate::{
     backend::{SecretStore, StoreError, VersionSelector},
+    names,
     secret::SecretVersion,
 };
 
@@ -430,7 +431,11 @@ impl Shared {
         }
         bump(&self.counters.upstream_calls);
         let started = Instant::now();
-        let result = self.store.get_secret_value(&key.name, &key.selector).await;
+        let result = self
+            .store
+            .get_secret_value(&key.name, &key.selector)
+            .await
+            .and_then(|version| answered_as_asked(&key.name, version));
         self.settle(key, number, started, result.map(Arc::new))
     }
 
@@ -560,6 +565,19 @@ impl Shared {
             hit: true,
             age,
             stale: true,
+        })
+    }
+}
+
+/// The second wall behind the policy: the secret the upstream answered
+/// with must be the one asked for (and so the one the policy allowed).
+fn answered_as_asked(asked: &str, version: SecretVersion) -> Result<SecretVersion, StoreError> {
+    if names::answer_matches(asked, &version.name, &version.arn) {
+        Ok(version)
+    } else {
+        Err(StoreError::Mismatch {
+            asked: asked.to_owned(),
+            answered: version.name.clone(),
         })
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::{
     config::Settings,
     server::{Security, ServeError, open_store},
-    tls::{self, TlsError},
+    transport::tls::{self, TlsError},
 };
 
 /// A certificate closer than this to its end is reported as a problem.
@@ -61,6 +61,9 @@ pub async fn run(settings: &Settings) -> Result<Vec<String>, CheckError> {
         ),
         format!("upstream: {upstream}"),
     ];
+    for warning in security.authorizer.warnings() {
+        report.push(format!("warning: policy {warning}"));
+    }
     if let Some(file) = &settings.config_file {
         report.insert(0, format!("config file: {}", file.display()));
     }

@@ -97,6 +97,9 @@ pub struct BrokerArgs {
     /// On SIGTERM, how long calls in flight may take to finish [env: BROKER_SHUTDOWN_GRACE] [default: 10]
     #[arg(long, value_name = "DURATION")]
     pub shutdown_grace: Option<String>,
+    /// How long a new connection may take to finish its TLS handshake and send its HTTP/2 preface before it is dropped [env: BROKER_FIRST_REQUEST_TIMEOUT] [default: 10]
+    #[arg(long, value_name = "DURATION")]
+    pub first_request_timeout: Option<String>,
 }
 
 /// What the broker accepts, so that no caller can make it fall over.
@@ -108,6 +111,7 @@ pub struct Limits {
     pub call_timeout: Duration,
     pub keepalive_interval: Duration,
     pub shutdown_grace: Duration,
+    pub first_request_timeout: Duration,
 }
 
 /// Where the broker listens.
@@ -288,6 +292,11 @@ const SHUTDOWN_GRACE: Setting = setting(
     "shutdown_grace",
     &["BROKER_SHUTDOWN_GRACE"],
 );
+const FIRST_REQUEST_TIMEOUT: Setting = setting(
+    "first-request-timeout",
+    "first_request_timeout",
+    &["BROKER_FIRST_REQUEST_TIMEOUT"],
+);
 
 /// Every setting a config file may hold.
 const FILE_SETTINGS: &[&Setting] = &[
@@ -313,6 +322,7 @@ const FILE_SETTINGS: &[&Setting] = &[
     &CALL_TIMEOUT,
     &KEEPALIVE_INTERVAL,
     &SHUTDOWN_GRACE,
+    &FIRST_REQUEST_TIMEOUT,
 ];
 
 const fn setting(flag: &'static str, key: &'static str, env: &'static [&'static str]) -> Setting {
@@ -527,6 +537,12 @@ fn resolve_limits(args: &BrokerArgs, sources: &Sources<'_>) -> Result<Limits, Co
             &SHUTDOWN_GRACE,
             "10",
             parse_duration,
+        )?,
+        first_request_timeout: sources.get(
+            args.first_request_timeout.as_deref(),
+            &FIRST_REQUEST_TIMEOUT,
+            "10",
+            parse_positive_duration,
         )?,
     })
 }

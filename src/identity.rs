@@ -1,5 +1,13 @@
-//! Who is calling: the identity taken from a verified client certificate,
-//! or `anonymous` on plaintext (loopback / unix socket only).
+//! Who is calling: the names a verified client certificate carries, or the
+//! plaintext caller (loopback / unix socket only).
+//!
+//! Names are typed, so that one kind can never pass for another: a URI SAN
+//! (a SPIFFE id) is matched only by URI identities of the policy, DNS SANs
+//! only by `dns:` identities, the subject CN only by `cn:` identities, and
+//! only when the certificate has no SAN at all. A plaintext caller is its own
+//! kind that no certificate can match, whatever its CN says. A certificate
+//! with more than one URI SAN is refused: a SPIFFE X.509-SVID carries
+//! exactly one, and two would make "who is this" ambiguous.
 //!
 //! The identity is worked out once per connection, at the TLS handshake,
 //! and travels to every call of that connection in the request's
@@ -10,7 +18,7 @@ use std::{fmt, sync::Arc};
 
 use x509_parser::{extensions::GeneralName, prelude::FromDer};
 
-/// The identity of plaintext callers, as the policy names it.
+/// How plaintext callers are written in the policy and shown in the audit.
 pub const ANONYMOUS: &str = "anonymous";
 
 /// A caller's identity.
@@ -18,21 +26,32 @@ pub const ANONYMOUS: &str = "anonymous";
 pub enum Identity {
     /// Plaintext connection: no certificate.
     Anonymous,
-    /// From the client certificate: URI SAN (e.g. a SPIFFE id), else DNS
-    /// SAN, else subject CN.
-    Certificate(Arc<str>),
+    /// A verified certificate and the names it carries.
+    Certificate(Arc<CertificateNames>),
     /// A verified certificate that names nobody (no SAN, no CN).
     Unnamed,
+    /// A verified certificate whose names cannot be used; says why.
+    Refused(&'static str),
+}
+
+/// The names of a client certificate, by kind.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CertificateNames {
+    /// The URI SAN (at most one is accepted).
+    pub uri: Option<Box<str>>,
+    /// Every DNS SAN.
+    pub dns: Vec<Box<str>>,
+    /// The subject CN, kept only when the certificate has no SAN.
+    pub cn: Option<Box<str>>,
 }
 
 impl Identity {
-    /// The name the policy and the audit log use; `None` when unnamed.
-    pub fn name(&self) -> Option<&str> {
-        match self {
-            Self::Anonymous => Some(ANONYMOUS),
-            Self::Certificate(name) => Some(name),
-            Self::Unnamed => None,
-        }
+    /// A certificate identity with just a URI SAN (tests, examples).
+    pub fn uri(uri: &str) -> Self {
+        Self::Certificate(Arc::new(CertificateNames {
+            uri: Some(uri.into()),
+            ..CertificateNames::default()
+        }))
     }
 
     /// Reads the identity of a DER certificate.
@@ -46,30 +65,84 @@ impl Identity {
             .flatten()
             .map(|ext| ext.value.general_names.iter().collect())
             .unwrap_or_default();
-        let uri = sans.iter().find_map(|name| match name {
+        let mut uris = sans.iter().filter_map(|name| match name {
             GeneralName::URI(uri) => Some(*uri),
             _ => None,
         });
-        let dns = sans.iter().find_map(|name| match name {
-            GeneralName::DNSName(dns) => Some(*dns),
-            _ => None,
-        });
-        let common_name = cert
-            .subject()
-            .iter_common_name()
-            .next()
-            .and_then(|cn| cn.as_str().ok());
-        match uri.or(dns).or(common_name) {
-            Some(name) if !name.is_empty() => Self::Certificate(name.into()),
-            _ => Self::Unnamed,
+        let uri = uris.next();
+        if uris.next().is_some() {
+            return Self::Refused(
+                "the client certificate has more than one URI SAN; a SPIFFE identity has exactly one",
+            );
+        }
+        let dns = sans
+            .iter()
+            .filter_map(|name| match name {
+                GeneralName::DNSName(dns) if !dns.is_empty() => Some((*dns).into()),
+                _ => None,
+            })
+            .collect();
+        let cn = if sans.is_empty() {
+            cert.subject()
+                .iter_common_name()
+                .next()
+                .and_then(|cn| cn.as_str().ok())
+                .filter(|cn| !cn.is_empty())
+                .map(Into::into)
+        } else {
+            None
+        };
+        let names = CertificateNames {
+            uri: uri.filter(|uri| !uri.is_empty()).map(Into::into),
+            dns,
+            cn,
+        };
+        if names.uri.is_none() && names.dns.is_empty() && names.cn.is_none() {
+            return Self::Unnamed;
+        }
+        Self::Certificate(Arc::new(names))
+    }
+}
+
+/// The identity as the audit log shows it: the URI, else `dns:` and the
+/// first DNS name, else `cn:` and the CN. Control characters are escaped, so
+/// that a certificate cannot write lines of its own into a log.
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Anonymous => f.write_str(ANONYMOUS),
+            Self::Unnamed => f.write_str("(unnamed certificate)"),
+            Self::Refused(_) => f.write_str("(refused certificate)"),
+            Self::Certificate(names) => {
+                if let Some(uri) = &names.uri {
+                    write_escaped(f, uri)
+                } else if let Some(dns) = names.dns.first() {
+                    f.write_str("dns:")?;
+                    write_escaped(f, dns)
+                } else if let Some(cn) = &names.cn {
+                    f.write_str("cn:")?;
+                    write_escaped(f, cn)
+                } else {
+                    f.write_str("(unnamed certificate)")
+                }
+            }
         }
     }
 }
 
-impl fmt::Display for Identity {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name().unwrap_or("(unnamed certificate)"))
+/// Writes `text` with control characters (and backslashes) escaped.
+fn write_escaped(f: &mut fmt::Formatter<'_>, text: &str) -> fmt::Result {
+    if !text.chars().any(|c| c.is_control() || c == '\\') {
+        return f.write_str(text);
     }
+    for c in text.chars() {
+        if c.is_control() || c == '\\' {
+            write!(f, "{}", c.escape_default())?;
+        } else {
+            fmt::Write::write_char(f, c)?;
+        }
+    }
+    Ok(())
 }
 
 /// What a connection tells each of its calls.
@@ -77,19 +150,18 @@ impl fmt::Display for Identity {
 pub struct ConnectionInfo {
     pub identity: Identity,
     /// The connection's call slots: a call (a stream, for as long as it is
-    /// open) holds one; none left means RESOURCE_EXHAUSTED.
+    /// open) holds one from its headers on; none left means
+    /// RESOURCE_EXHAUSTED.
     pub call_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// The identity of a request: from its connection, or anonymous when the
 /// connection is plaintext.
 pub fn of_request<T>(request: &tonic::Request<T>) -> Identity {
-    connection_of(request).map_or(Identity::Anonymous, |info| info.identity.clone())
-}
-
-/// What the request's connection told it (absent on unix sockets).
-pub fn connection_of<T>(request: &tonic::Request<T>) -> Option<&ConnectionInfo> {
-    request.extensions().get::<ConnectionInfo>()
+    request
+        .extensions()
+        .get::<ConnectionInfo>()
+        .map_or(Identity::Anonymous, |info| info.identity.clone())
 }
 
 #[cfg(test)]
@@ -104,8 +176,15 @@ mod tests {
         params.self_signed(&key).unwrap().der().to_vec()
     }
 
+    fn names(identity: Identity) -> CertificateNames {
+        match identity {
+            Identity::Certificate(names) => (*names).clone(),
+            other => panic!("not a named certificate: {other:?}"),
+        }
+    }
+
     #[test]
-    fn uri_san_first_then_dns_then_cn() {
+    fn names_are_kept_by_kind() {
         let all = cert(|p| {
             p.subject_alt_names = vec![
                 rcgen::SanType::DnsName("svc.internal".try_into().unwrap()),
@@ -114,31 +193,49 @@ mod tests {
             p.distinguished_name
                 .push(rcgen::DnType::CommonName, "cn-name");
         });
-        assert_eq!(
-            Identity::from_certificate(&all),
-            Identity::Certificate("spiffe://insurecove/auth-service".into())
-        );
-        let dns = cert(|p| {
-            p.subject_alt_names = vec![rcgen::SanType::DnsName("svc.internal".try_into().unwrap())];
-            p.distinguished_name
-                .push(rcgen::DnType::CommonName, "cn-name");
-        });
-        assert_eq!(
-            Identity::from_certificate(&dns),
-            Identity::Certificate("svc.internal".into())
-        );
+        let all = names(Identity::from_certificate(&all));
+        assert_eq!(all.uri.as_deref(), Some("spiffe://insurecove/auth-service"));
+        assert_eq!(all.dns, vec![Box::from("svc.internal")]);
+        assert_eq!(all.cn, None, "a CN counts only without SANs");
+
         let cn = cert(|p| {
             p.distinguished_name
                 .push(rcgen::DnType::CommonName, "cn-name")
         });
-        assert_eq!(
-            Identity::from_certificate(&cn),
-            Identity::Certificate("cn-name".into())
-        );
+        let cn = Identity::from_certificate(&cn);
+        assert_eq!(names(cn.clone()).cn.as_deref(), Some("cn-name"));
+        assert_eq!(cn.to_string(), "cn:cn-name");
         assert_eq!(Identity::from_certificate(&cert(|_| {})), Identity::Unnamed);
         assert_eq!(
             Identity::from_certificate(b"not a certificate"),
             Identity::Unnamed
         );
+    }
+
+    #[test]
+    fn two_uri_sans_are_refused() {
+        let two = cert(|p| {
+            p.subject_alt_names = vec![
+                rcgen::SanType::URI("spiffe://insurecove/a".try_into().unwrap()),
+                rcgen::SanType::URI("spiffe://insurecove/ops".try_into().unwrap()),
+            ];
+        });
+        assert!(matches!(
+            Identity::from_certificate(&two),
+            Identity::Refused(_)
+        ));
+    }
+
+    #[test]
+    fn control_characters_are_escaped_when_shown() {
+        let forged = cert(|p| {
+            p.distinguished_name.push(
+                rcgen::DnType::CommonName,
+                "x\n2026 INFO audit: identity=spiffe://insurecove/ops",
+            )
+        });
+        let shown = Identity::from_certificate(&forged).to_string();
+        assert!(!shown.contains('\n'), "{shown}");
+        assert!(shown.starts_with("cn:x\\n2026"), "{shown}");
     }
 }

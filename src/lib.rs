@@ -1,7 +1,8 @@
 //! secrets-broker: a gRPC secrets broker in front of AWS Secrets Manager.
 //!
-//! The crate follows the request's path: `server` (transport: listeners,
-//! health, reflection) → `api` (handlers, typed configs, the one mapping of
+//! The crate follows the request's path: `transport` (listeners, TLS and
+//! identity, the gate every stream passes), `server` (start-up, health,
+//! reflection) → `api` (handlers, typed configs, the one mapping of
 //! errors to gRPC statuses) → `cache` (the shared cache) → `backend` (the
 //! `SecretStore` trait: AWS, or the embedded file backend); `watch` (the
 //! change detector and the WatchSecret broadcast) sits beside the cache and
@@ -16,7 +17,6 @@ pub mod check;
 pub mod config;
 pub mod file_watch;
 pub mod identity;
-pub mod listener;
 pub mod metrics;
 pub mod names;
 pub mod operator;
@@ -24,7 +24,7 @@ pub mod policy;
 pub mod secret;
 pub mod server;
 pub mod telemetry;
-pub mod tls;
+pub mod transport;
 pub mod watch;
 
 /// The code generated from `proto/secretsbroker/v1`.

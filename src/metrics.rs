@@ -41,10 +41,10 @@ use prometheus_client::{
 use crate::{
     backend::{BatchAnswer, SecretDescription, SecretStore, StoreError, VersionSelector},
     cache::Cache,
-    listener::ConnectionCounters,
     policy::Authorizer,
     secret::SecretVersion,
-    tls::TlsTerminator,
+    transport::listener::ConnectionCounters,
+    transport::tls::TlsTerminator,
     watch::WatchHub,
 };
 
@@ -361,6 +361,12 @@ impl Collector for BrokerState {
             "tls_handshake_failures",
             "TLS handshakes refused or timed out",
             connections.handshake_failures.load(Relaxed),
+        )?;
+        counter(
+            e,
+            "connections_silent",
+            "Connections dropped: no HTTP/2 preface within the first-request timeout",
+            connections.silent.load(Relaxed),
         )?;
         counter(
             e,

@@ -1,18 +1,34 @@
-//! Secret names: how a caller's name becomes the full name asked upstream.
+//! Secret names: how a caller's name becomes the id asked upstream, and
+//! which secret name that id stands for when the policy decides.
 //!
 //! Callers use short names relative to a prefix (`mistral-api-key` means
-//! `insurecove/mistral-api-key`), as the Python class this broker replaces
-//! did. A name that already carries the prefix, or an ARN, is taken as is.
-//! The full name is then checked against AWS's own rule (1–512 characters of
-//! `A-Za-z0-9/_+=.@-`) so that a bad name is refused here, with a clear
-//! reason, instead of costing an upstream call.
+//! `insurecove/mistral-api-key`). A name that already carries the prefix, or
+//! an ARN, is taken as is. A full name is checked against AWS's own rule
+//! (1–512 characters of `A-Za-z0-9/_+=.@-`) so that a bad name is refused
+//! here, with a clear reason, instead of costing an upstream call.
+//!
+//! An ARN is parsed field by field (`arn:PARTITION:secretsmanager:REGION:
+//! ACCOUNT:secret:NAME`, NAME optionally followed by the `-` and six
+//! characters AWS appends), and anything else that starts with `arn:` is
+//! refused. The policy then decides on the NAME inside the ARN, never on the
+//! raw text: a colon inside the name part (`secret:allowed/x:other/y`) could
+//! otherwise make the policy look at one secret while AWS reads another.
+//! `answer_matches` is the second wall: the secret the upstream answered
+//! with must be the one the policy allowed.
 
 use std::fmt;
 
-/// AWS's longest secret name (and, in practice, ARN) in characters.
+/// AWS's longest secret name in characters.
 pub const MAX_NAME_LEN: usize = 512;
 
+/// The longest ARN accepted: AWS's own bound on `SecretId`.
+pub const MAX_ARN_LEN: usize = 2048;
+
 const ARN_PREFIX: &str = "arn:";
+
+/// The random suffix AWS appends to a secret's name in its ARN: `-` and six
+/// letters or digits.
+const ARN_SUFFIX_LEN: usize = 7;
 
 /// Why a name was refused. Carries no part of the name itself beyond what
 /// the caller sent, and never a secret value.
@@ -24,10 +40,162 @@ pub enum InvalidName {
         "the secret name is {len} characters long once prefixed; at most {MAX_NAME_LEN} are allowed"
     )]
     TooLong { len: usize },
+    #[error("the ARN is {len} characters long; at most {MAX_ARN_LEN} are allowed")]
+    ArnTooLong { len: usize },
     #[error(
         "the secret name contains {found:?}; only letters, digits and the characters /_+=.@- are allowed"
     )]
     BadCharacter { found: char },
+    #[error(
+        "not a Secrets Manager secret ARN ({problem}); expected arn:PARTITION:secretsmanager:REGION:ACCOUNT:secret:NAME"
+    )]
+    BadArn { problem: &'static str },
+}
+
+/// The parts of a secret's ARN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SecretArn<'a> {
+    pub partition: &'a str,
+    pub region: &'a str,
+    pub account: &'a str,
+    /// The secret's name, without the suffix AWS appends.
+    pub name: &'a str,
+    /// The `-XXXXXX` suffix, when the ARN is complete.
+    pub suffix: Option<&'a str>,
+}
+
+impl<'a> SecretArn<'a> {
+    /// Parses `arn:PARTITION:secretsmanager:REGION:ACCOUNT:secret:NAME`.
+    pub fn parse(arn: &'a str) -> Result<Self, InvalidName> {
+        let bad = |problem| InvalidName::BadArn { problem };
+        let rest = arn.strip_prefix(ARN_PREFIX).ok_or(bad("no arn: prefix"))?;
+        let mut fields = rest.splitn(6, ':');
+        let mut next = |what| fields.next().ok_or(bad(what));
+        let partition = next("no partition")?;
+        let service = next("no service")?;
+        let region = next("no region")?;
+        let account = next("no account")?;
+        let kind = next("no resource type")?;
+        let resource = next("no secret name")?;
+        if !is_partition(partition) {
+            return Err(bad(
+                "the partition is not aws, aws-cn, aws-us-gov or the like",
+            ));
+        }
+        if service != "secretsmanager" {
+            return Err(bad("the service is not secretsmanager"));
+        }
+        if !is_region(region) {
+            return Err(bad("the region is not of the form ap-east-1"));
+        }
+        if account.len() != 12 || !account.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad("the account is not 12 digits"));
+        }
+        if kind != "secret" {
+            return Err(bad("the resource type is not secret"));
+        }
+        let (name, suffix) = split_suffix(resource);
+        validate_name(name)?;
+        Ok(Self {
+            partition,
+            region,
+            account,
+            name,
+            suffix,
+        })
+    }
+
+    /// Whether `other` names the same partition, region and account.
+    fn same_home(&self, other: &SecretArn<'_>) -> bool {
+        self.partition == other.partition
+            && self.region == other.region
+            && self.account == other.account
+    }
+}
+
+/// `aws`, `aws-cn`, `aws-us-gov`, `aws-iso-b`...: lower-case words joined by
+/// dashes, starting with `aws`.
+fn is_partition(partition: &str) -> bool {
+    partition.starts_with("aws")
+        && partition
+            .split('-')
+            .all(|word| !word.is_empty() && word.bytes().all(|b| b.is_ascii_lowercase()))
+}
+
+/// `ap-east-1`, `us-gov-west-1`: lower-case words and a final number.
+fn is_region(region: &str) -> bool {
+    let mut words = region.split('-').peekable();
+    let mut count = 0;
+    while let Some(word) = words.next() {
+        count += 1;
+        let valid = if words.peek().is_none() {
+            !word.is_empty() && word.bytes().all(|b| b.is_ascii_digit())
+        } else {
+            !word.is_empty() && word.bytes().all(|b| b.is_ascii_lowercase())
+        };
+        if !valid {
+            return false;
+        }
+    }
+    count >= 3
+}
+
+/// Splits `name-AbC123` into the name and AWS's suffix. A name that merely
+/// ends in a dash and six characters cannot be told from a suffixed one: the
+/// upstream's answer decides (`answer_matches`).
+fn split_suffix(resource: &str) -> (&str, Option<&str>) {
+    let Some(cut) = resource.len().checked_sub(ARN_SUFFIX_LEN) else {
+        return (resource, None);
+    };
+    let (name, suffix) = resource.split_at(cut);
+    let is_suffix = !name.is_empty()
+        && suffix.starts_with('-')
+        && suffix[1..].bytes().all(|b| b.is_ascii_alphanumeric());
+    if is_suffix {
+        (name, Some(suffix))
+    } else {
+        (resource, None)
+    }
+}
+
+/// The secret name an id stands for: the name inside an ARN, or the id.
+/// Only ids that `NameResolver::resolve` accepted are passed here.
+pub fn secret_name(id: &str) -> &str {
+    if id.starts_with(ARN_PREFIX)
+        && let Ok(arn) = SecretArn::parse(id)
+    {
+        return arn.name;
+    }
+    id
+}
+
+/// Whether the upstream answered with the secret `id` asked for: same name
+/// (the one the policy allowed) and, for an ARN, the same partition,
+/// region, account and, when the ARN carried it, suffix.
+pub fn answer_matches(id: &str, answered_name: &str, answered_arn: &str) -> bool {
+    if !id.starts_with(ARN_PREFIX) {
+        return answered_name == id;
+    }
+    let Ok(asked) = SecretArn::parse(id) else {
+        return false;
+    };
+    if answered_name != asked.name {
+        return false;
+    }
+    if answered_arn.is_empty() {
+        // A backend without ARNs (the file backend) answered by name.
+        return true;
+    }
+    match SecretArn::parse(answered_arn) {
+        Ok(answered) => {
+            answered.name == asked.name
+                && asked.same_home(&answered)
+                && asked
+                    .suffix
+                    .is_none_or(|suffix| answered.suffix == Some(suffix))
+        }
+        Err(_) => false,
+    }
 }
 
 /// Turns callers' names into full secret names. Cheap to clone.
@@ -54,12 +222,20 @@ impl NameResolver {
         }
     }
 
-    /// The full name for `name`, validated.
+    /// The id to ask upstream for `name` (a full name or an ARN), validated.
     pub fn resolve(&self, name: &str) -> Result<String, InvalidName> {
         if name.is_empty() {
             return Err(InvalidName::Empty);
         }
-        let full = if name.starts_with(ARN_PREFIX) || name.starts_with(&self.prefix_with_slash) {
+        if name.starts_with(ARN_PREFIX) {
+            let len = name.chars().count();
+            if len > MAX_ARN_LEN {
+                return Err(InvalidName::ArnTooLong { len });
+            }
+            SecretArn::parse(name)?;
+            return Ok(name.to_owned());
+        }
+        let full = if name.starts_with(&self.prefix_with_slash) {
             name.to_owned()
         } else {
             // Every call resolves a name: one exact allocation, no formatter.
@@ -68,7 +244,7 @@ impl NameResolver {
             full.push_str(name);
             full
         };
-        validate_full_name(&full)?;
+        validate_name(&full)?;
         Ok(full)
     }
 
@@ -83,21 +259,23 @@ impl NameResolver {
     }
 }
 
-fn validate_full_name(full: &str) -> Result<(), InvalidName> {
-    let len = full.chars().count();
+fn validate_name(name: &str) -> Result<(), InvalidName> {
+    if name.is_empty() {
+        return Err(InvalidName::Empty);
+    }
+    let len = name.chars().count();
     if len > MAX_NAME_LEN {
         return Err(InvalidName::TooLong { len });
     }
-    let is_arn = full.starts_with(ARN_PREFIX);
-    match full.chars().find(|&c| !is_allowed(c, is_arn)) {
+    match name.chars().find(|&c| !is_allowed(c)) {
         Some(found) => Err(InvalidName::BadCharacter { found }),
         None => Ok(()),
     }
 }
 
-/// AWS's character set for names; ARNs also use `:` as a separator.
-fn is_allowed(c: char, is_arn: bool) -> bool {
-    c.is_ascii_alphanumeric() || "/_+=.@-".contains(c) || (is_arn && c == ':')
+/// AWS's character set for names.
+fn is_allowed(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "/_+=.@-".contains(c)
 }
 
 /// A name shown in logs and errors: full names are not secret, but a caller
@@ -186,6 +364,89 @@ mod tests {
                 len: MAX_NAME_LEN + 1
             })
         );
+    }
+
+    const ARN: &str = "arn:aws:secretsmanager:ap-east-1:123456789012:secret:insurecove/jwt-AbCdEf";
+
+    #[test]
+    fn arns_are_parsed_field_by_field() {
+        let arn = SecretArn::parse(ARN).unwrap();
+        assert_eq!(arn.name, "insurecove/jwt");
+        assert_eq!(arn.suffix, Some("-AbCdEf"));
+        assert_eq!(arn.region, "ap-east-1");
+        let partial = "arn:aws-us-gov:secretsmanager:us-gov-west-1:123456789012:secret:x/y";
+        let parsed = SecretArn::parse(partial).unwrap();
+        assert_eq!((parsed.name, parsed.suffix), ("x/y", None));
+    }
+
+    #[test]
+    fn a_colon_in_the_name_part_is_refused() {
+        let smuggled = "arn:aws:secretsmanager:ap-east-1:123456789012:secret:insurecove/shared/x:insurecove/production/database";
+        assert_eq!(
+            resolver().resolve(smuggled),
+            Err(InvalidName::BadCharacter { found: ':' })
+        );
+    }
+
+    #[test]
+    fn malformed_arns_are_refused() {
+        let r = resolver();
+        for bad in [
+            "arn:aws:s3:ap-east-1:123456789012:secret:x",
+            "arn:aws:secretsmanager:ap-east-1:12345:secret:x",
+            "arn:aws:secretsmanager:ap-east-1:123456789012:parameter:x",
+            "arn:aws:secretsmanager:east:123456789012:secret:x",
+            "arn:AWS:secretsmanager:ap-east-1:123456789012:secret:x",
+            "arn:aws:secretsmanager:ap-east-1:123456789012:secret:",
+            "arn:aws:secretsmanager:ap-east-1:123456789012:secret",
+            "arn:",
+        ] {
+            assert!(r.resolve(bad).is_err(), "{bad} was accepted");
+        }
+    }
+
+    #[test]
+    fn policy_names_come_from_inside_the_arn() {
+        assert_eq!(secret_name(ARN), "insurecove/jwt");
+        assert_eq!(secret_name("insurecove/jwt"), "insurecove/jwt");
+    }
+
+    #[test]
+    fn long_arns_are_accepted_up_to_aws_bound() {
+        let name = format!("insurecove/{}", "a".repeat(469));
+        assert_eq!(name.len(), 480);
+        let arn = format!("arn:aws:secretsmanager:ap-east-1:123456789012:secret:{name}-AbCdEf");
+        assert_eq!(resolver().resolve(&arn).unwrap(), arn);
+        let over = format!("arn:{}", "a".repeat(MAX_ARN_LEN));
+        assert!(matches!(
+            resolver().resolve(&over),
+            Err(InvalidName::ArnTooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn answers_must_be_the_secret_that_was_authorized() {
+        let answered_arn = ARN;
+        assert!(answer_matches(ARN, "insurecove/jwt", answered_arn));
+        assert!(!answer_matches(
+            ARN,
+            "insurecove/production/database",
+            answered_arn
+        ));
+        let partial = "arn:aws:secretsmanager:ap-east-1:123456789012:secret:insurecove/jwt";
+        assert!(answer_matches(partial, "insurecove/jwt", answered_arn));
+        let other_account =
+            "arn:aws:secretsmanager:ap-east-1:999999999999:secret:insurecove/jwt-AbCdEf";
+        assert!(!answer_matches(ARN, "insurecove/jwt", other_account));
+        let other_suffix =
+            "arn:aws:secretsmanager:ap-east-1:123456789012:secret:insurecove/jwt-ZZZZZZ";
+        assert!(!answer_matches(ARN, "insurecove/jwt", other_suffix));
+        assert!(answer_matches(
+            "insurecove/jwt",
+            "insurecove/jwt",
+            answered_arn
+        ));
+        assert!(!answer_matches("insurecove/jwt", "insurecove/other", ""));
     }
 
     #[test]

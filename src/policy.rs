@@ -12,7 +12,14 @@
 //!
 //! Globs match whole names segment by segment: `*` stays within one
 //! `/`-separated segment, `**` crosses them. Secret patterns match full
-//! names (prefix included); a secret asked by ARN is matched as the ARN.
+//! names (prefix included); a secret asked by ARN is matched by the name
+//! inside the ARN (see `names`), never by the ARN's text.
+//!
+//! Identities are typed (see `identity`): `spiffe://…` (any `scheme://…`)
+//! matches a certificate's URI SAN only; `dns:NAME` its DNS SANs only;
+//! `cn:NAME` its subject CN only, when it has no SAN; `anonymous` plaintext
+//! callers only. A bare name with neither a scheme nor a prefix means
+//! `dns:` (`check` warns: write it out).
 //!
 //! Without a policy file, plaintext (loopback only) allows everything and
 //! mTLS allows nothing: a broker reachable from the network never hands out
@@ -38,6 +45,7 @@ use tokio::sync::watch;
 use crate::{
     file_watch::{self, FileWatch},
     identity::Identity,
+    names,
 };
 
 /// Why a policy file cannot be used.
@@ -64,6 +72,8 @@ pub enum PolicyError {
 pub enum Denied {
     #[error("the client certificate names no identity (no SAN, no CN)")]
     NoIdentity,
+    #[error("{0}")]
+    BadIdentity(&'static str),
     #[error("{identity} may not read {secret}")]
     Secret { identity: String, secret: String },
     #[error("{identity} may not call AdminService")]
@@ -88,14 +98,72 @@ struct GrantEntry {
 }
 
 struct Grant {
-    identity: GlobMatcher,
+    identity: IdentityPattern,
     secrets: GlobSet,
     admin: bool,
+}
+
+/// A grant's `identity`, by the kind of name it matches.
+enum IdentityPattern {
+    /// `anonymous`: plaintext callers.
+    Anonymous,
+    /// `scheme://…`: a URI SAN.
+    Uri(GlobMatcher),
+    /// `dns:…` (or a bare name): any DNS SAN.
+    Dns(GlobMatcher),
+    /// `cn:…`: the subject CN of a certificate without SANs.
+    Cn(GlobMatcher),
+}
+
+/// How an identity entry was written, for the pattern and for `check`.
+enum IdentitySpelling<'a> {
+    Anonymous,
+    Uri(&'a str),
+    Dns(&'a str),
+    Cn(&'a str),
+    /// A bare name: read as `dns:`.
+    Bare(&'a str),
+}
+
+impl<'a> IdentitySpelling<'a> {
+    fn of(entry: &'a str) -> Self {
+        if entry == crate::identity::ANONYMOUS {
+            Self::Anonymous
+        } else if entry.contains("://") {
+            Self::Uri(entry)
+        } else if let Some(dns) = entry.strip_prefix("dns:") {
+            Self::Dns(dns)
+        } else if let Some(cn) = entry.strip_prefix("cn:") {
+            Self::Cn(cn)
+        } else {
+            Self::Bare(entry)
+        }
+    }
+}
+
+impl IdentityPattern {
+    fn matches(&self, identity: &Identity) -> bool {
+        match (self, identity) {
+            (Self::Anonymous, Identity::Anonymous) => true,
+            (Self::Uri(glob), Identity::Certificate(names)) => {
+                names.uri.as_deref().is_some_and(|uri| glob.is_match(uri))
+            }
+            (Self::Dns(glob), Identity::Certificate(names)) => {
+                names.dns.iter().any(|dns| glob.is_match(&**dns))
+            }
+            (Self::Cn(glob), Identity::Certificate(names)) => {
+                names.cn.as_deref().is_some_and(|cn| glob.is_match(cn))
+            }
+            _ => false,
+        }
+    }
 }
 
 /// A parsed policy file.
 pub struct Policy {
     grants: Vec<Grant>,
+    /// What `check` should say about how the file is written.
+    warnings: Vec<String>,
 }
 
 impl Policy {
@@ -112,6 +180,7 @@ impl Policy {
             path: path.to_owned(),
             message: e.message().to_owned(),
         })?;
+        let mut warnings = Vec::new();
         let grants = file
             .grant
             .into_iter()
@@ -132,8 +201,21 @@ impl Policy {
                 for pattern in &entry.secrets {
                     secrets.add(glob(pattern)?);
                 }
+                let identity = match IdentitySpelling::of(&entry.identity) {
+                    IdentitySpelling::Anonymous => IdentityPattern::Anonymous,
+                    IdentitySpelling::Uri(uri) => IdentityPattern::Uri(glob(uri)?.compile_matcher()),
+                    IdentitySpelling::Dns(dns) => IdentityPattern::Dns(glob(dns)?.compile_matcher()),
+                    IdentitySpelling::Cn(cn) => IdentityPattern::Cn(glob(cn)?.compile_matcher()),
+                    IdentitySpelling::Bare(bare) => {
+                        warnings.push(format!(
+                            "grant #{}: identity {bare:?} has no kind; it is read as \"dns:{bare}\" (a DNS SAN): write that out",
+                            index + 1
+                        ));
+                        IdentityPattern::Dns(glob(bare)?.compile_matcher())
+                    }
+                };
                 Ok(Grant {
-                    identity: glob(&entry.identity)?.compile_matcher(),
+                    identity,
                     secrets: secrets.build().map_err(|e| PolicyError::Parse {
                         path: path.to_owned(),
                         message: e.to_string(),
@@ -142,26 +224,43 @@ impl Policy {
                 })
             })
             .collect::<Result<_, _>>()?;
-        Ok(Self { grants })
+        Ok(Self { grants, warnings })
     }
 
-    fn grants_for<'a>(&'a self, identity: &'a str) -> impl Iterator<Item = &'a Grant> {
+    fn grants_for<'a>(&'a self, identity: &'a Identity) -> impl Iterator<Item = &'a Grant> {
         self.grants
             .iter()
-            .filter(move |grant| grant.identity.is_match(identity))
+            .filter(move |grant| grant.identity.matches(identity))
     }
 
-    pub fn may_read(&self, identity: &str, secret: &str) -> bool {
+    /// May `identity` read the secret with this full name (not an ARN: see
+    /// `Authorizer::check_read`)?
+    pub fn may_read(&self, identity: &Identity, secret: &str) -> bool {
         self.grants_for(identity)
             .any(|grant| grant.secrets.is_match(secret))
     }
 
-    pub fn is_admin(&self, identity: &str) -> bool {
+    pub fn is_admin(&self, identity: &Identity) -> bool {
         self.grants_for(identity).any(|grant| grant.admin)
+    }
+
+    /// How the file could be written more clearly (bare identities).
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     pub fn grant_count(&self) -> usize {
         self.grants.len()
+    }
+}
+
+/// Certificates that name nobody, or name themselves ambiguously, get
+/// nothing, not even what a policy grants everyone.
+fn usable(identity: &Identity) -> Result<(), Denied> {
+    match identity {
+        Identity::Unnamed => Err(Denied::NoIdentity),
+        Identity::Refused(why) => Err(Denied::BadIdentity(why)),
+        Identity::Anonymous | Identity::Certificate(_) => Ok(()),
     }
 }
 
@@ -206,20 +305,22 @@ impl Authorizer {
         self.rules.load()
     }
 
-    /// May `identity` read the secret with this full name?
-    pub fn check_read(&self, identity: &Identity, secret: &str) -> Result<(), Denied> {
-        let name = identity.name().ok_or(Denied::NoIdentity)?;
+    /// May `identity` read the secret `id` (a full name or an ARN)? An
+    /// ARN is decided by the secret name inside it.
+    pub fn check_read(&self, identity: &Identity, id: &str) -> Result<(), Denied> {
+        usable(identity)?;
+        let secret = names::secret_name(id);
         let allowed = match &**self.rules() {
             Rules::AllowAll => true,
             Rules::DenyAll => false,
-            Rules::Policy(policy) => policy.may_read(name, secret),
+            Rules::Policy(policy) => policy.may_read(identity, secret),
         };
         if allowed {
             Ok(())
         } else {
             self.denials.fetch_add(1, Relaxed);
             Err(Denied::Secret {
-                identity: name.to_owned(),
+                identity: identity.to_string(),
                 secret: secret.to_owned(),
             })
         }
@@ -227,19 +328,27 @@ impl Authorizer {
 
     /// May `identity` call AdminService?
     pub fn check_admin(&self, identity: &Identity) -> Result<(), Denied> {
-        let name = identity.name().ok_or(Denied::NoIdentity)?;
+        usable(identity)?;
         let allowed = match &**self.rules() {
             Rules::AllowAll => true,
             Rules::DenyAll => false,
-            Rules::Policy(policy) => policy.is_admin(name),
+            Rules::Policy(policy) => policy.is_admin(identity),
         };
         if allowed {
             Ok(())
         } else {
             self.denials.fetch_add(1, Relaxed);
             Err(Denied::Admin {
-                identity: name.to_owned(),
+                identity: identity.to_string(),
             })
+        }
+    }
+
+    /// What `check` should warn about in the policy file.
+    pub fn warnings(&self) -> Vec<String> {
+        match &**self.rules() {
+            Rules::Policy(policy) => policy.warnings().to_vec(),
+            _ => Vec::new(),
         }
     }
 
@@ -328,10 +437,22 @@ mod tests {
         Policy::parse(Path::new("policy.toml"), POLICY).unwrap()
     }
 
+    fn uri(uri: &str) -> Identity {
+        Identity::uri(uri)
+    }
+
+    fn certificate(dns: &[&str], cn: Option<&str>) -> Identity {
+        Identity::Certificate(Arc::new(crate::identity::CertificateNames {
+            uri: None,
+            dns: dns.iter().map(|d| Box::from(*d)).collect(),
+            cn: cn.map(Box::from),
+        }))
+    }
+
     #[test]
     fn grants_match_exact_names_and_globs_by_segment() {
         let p = policy();
-        let auth = "spiffe://insurecove/auth-service";
+        let auth = &uri("spiffe://insurecove/auth-service");
         assert!(p.may_read(auth, "insurecove/production/jwt"));
         assert!(p.may_read(auth, "insurecove/shared/smtp"));
         assert!(
@@ -343,15 +464,92 @@ mod tests {
             "** crosses segments"
         );
         assert!(!p.may_read(auth, "insurecove/production/database"));
-        assert!(!p.may_read("spiffe://insurecove/team/x", "insurecove/common/a"));
-        assert!(!p.may_read("spiffe://other/auth-service", "insurecove/production/jwt"));
+        assert!(!p.may_read(&uri("spiffe://insurecove/team/x"), "insurecove/common/a"));
+        assert!(!p.may_read(
+            &uri("spiffe://other/auth-service"),
+            "insurecove/production/jwt"
+        ));
     }
 
     #[test]
     fn admin_needs_a_grant_that_says_so() {
         let p = policy();
-        assert!(p.is_admin("spiffe://insurecove/ops"));
-        assert!(!p.is_admin("spiffe://insurecove/auth-service"));
+        assert!(p.is_admin(&uri("spiffe://insurecove/ops")));
+        assert!(!p.is_admin(&uri("spiffe://insurecove/auth-service")));
+    }
+
+    #[test]
+    fn a_uri_identity_matches_only_a_uri_san() {
+        let p = policy();
+        let ops = "spiffe://insurecove/ops";
+        assert!(
+            !p.is_admin(&certificate(&[ops], None)),
+            "a DNS SAN is not a URI"
+        );
+        assert!(
+            !p.is_admin(&certificate(&[], Some(ops))),
+            "a CN is not a URI"
+        );
+    }
+
+    #[test]
+    fn dns_and_cn_identities_match_only_their_kind() {
+        let p = Policy::parse(
+            Path::new("p.toml"),
+            r#"
+            [[grant]]
+            identity = "dns:api.internal"
+            secrets = ["insurecove/api"]
+            [[grant]]
+            identity = "cn:legacy-client"
+            secrets = ["insurecove/legacy"]
+            [[grant]]
+            identity = "bare.internal"
+            secrets = ["insurecove/bare"]
+            "#,
+        )
+        .unwrap();
+        let api = certificate(&["other.internal", "api.internal"], None);
+        assert!(p.may_read(&api, "insurecove/api"), "any DNS SAN matches");
+        assert!(!p.may_read(&certificate(&[], Some("api.internal")), "insurecove/api"));
+        assert!(!p.may_read(&uri("dns:api.internal"), "insurecove/api"));
+        assert!(p.may_read(
+            &certificate(&[], Some("legacy-client")),
+            "insurecove/legacy"
+        ));
+        assert!(!p.may_read(&certificate(&["legacy-client"], None), "insurecove/legacy"));
+        assert!(p.may_read(&certificate(&["bare.internal"], None), "insurecove/bare"));
+        assert_eq!(p.warnings().len(), 1, "the bare identity is warned about");
+        assert!(
+            p.warnings()[0].contains("dns:bare.internal"),
+            "{:?}",
+            p.warnings()
+        );
+    }
+
+    #[test]
+    fn only_plaintext_callers_are_anonymous() {
+        let p = Policy::parse(
+            Path::new("p.toml"),
+            "[[grant]]\nidentity = \"anonymous\"\nsecrets = [\"insurecove/**\"]\n",
+        )
+        .unwrap();
+        assert!(p.may_read(&Identity::Anonymous, "insurecove/x"));
+        assert!(!p.may_read(&certificate(&[], Some("anonymous")), "insurecove/x"));
+        assert!(!p.may_read(&certificate(&["anonymous"], None), "insurecove/x"));
+    }
+
+    #[test]
+    fn arns_are_decided_by_the_name_inside() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.toml");
+        std::fs::write(&path, POLICY).unwrap();
+        let authorizer = Authorizer::new(Some(&path), true).unwrap();
+        let auth = uri("spiffe://insurecove/auth-service");
+        let arn = "arn:aws:secretsmanager:ap-east-1:123456789012:secret:insurecove/shared/x-AbCdEf";
+        assert_eq!(authorizer.check_read(&auth, arn), Ok(()));
+        let other = "arn:aws:secretsmanager:ap-east-1:123456789012:secret:insurecove/production/database-AbCdEf";
+        assert!(authorizer.check_read(&auth, other).is_err());
     }
 
     #[test]
@@ -376,13 +574,17 @@ mod tests {
         assert_eq!(open.check_read(&anonymous, "insurecove/x"), Ok(()));
         assert_eq!(open.check_admin(&anonymous), Ok(()));
         let closed = Authorizer::new(None, true).unwrap();
-        let someone = Identity::Certificate("spiffe://insurecove/a".into());
+        let someone = uri("spiffe://insurecove/a");
         assert!(closed.check_read(&someone, "insurecove/x").is_err());
         assert!(closed.check_admin(&someone).is_err());
         assert_eq!(
             open.check_read(&Identity::Unnamed, "insurecove/x"),
             Err(Denied::NoIdentity)
         );
+        assert!(matches!(
+            open.check_read(&Identity::Refused("two URI SANs"), "insurecove/x"),
+            Err(Denied::BadIdentity(_))
+        ));
     }
 
     #[test]
@@ -392,7 +594,7 @@ mod tests {
         std::fs::write(&path, POLICY).unwrap();
         let authorizer = Authorizer::new(Some(&path), true).unwrap();
         let reloads = authorizer.reloads();
-        let ops = Identity::Certificate("spiffe://insurecove/ops".into());
+        let ops = uri("spiffe://insurecove/ops");
         assert!(authorizer.check_admin(&ops).is_ok());
 
         std::fs::write(&path, "[[grant]]\nidentity = \"spiffe://insurecove/ops\"\n").unwrap();

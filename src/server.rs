@@ -12,7 +12,7 @@ use std::{
     },
 };
 
-use tokio_stream::wrappers::UnixListenerStream;
+use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
 use tower::util::MapResponseLayer;
@@ -22,7 +22,6 @@ use crate::{
     backend::{AwsStore, FileStore, SecretStore, file::FileStoreError},
     cache::Cache,
     config::{BackendChoice, ListenAddr, Settings},
-    listener::{self, ConnectionCounters, ConnectionLimits},
     metrics::{self, BrokerState, MeteredStore, Metrics, Probes},
     names::NameResolver,
     policy::{Authorizer, PolicyError},
@@ -30,7 +29,11 @@ use crate::{
         self, admin_service_server::AdminServiceServer,
         secrets_service_server::SecretsServiceServer,
     },
-    tls::{TlsError, TlsTerminator},
+    transport::{
+        gate::GateLayer,
+        listener::{self, Bound, ConnectionCounters, ConnectionLimits},
+        tls::{TlsError, TlsTerminator},
+    },
     watch::WatchHub,
 };
 
@@ -158,19 +161,18 @@ pub async fn serve(
         watch: watch.clone(),
         authorizer: Arc::clone(&security.authorizer),
         metrics: metrics.clone(),
+        call_timeout: settings.limits.call_timeout,
     };
 
     // One signal, several listeners: the watch streams end first (they
     // never finish by themselves), then the servers drain.
-    let (stopping, stop) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
+    let stopping = CancellationToken::new();
+    let trigger = stopping.clone();
+    let signal_task = tokio::spawn(async move {
         shutdown.await;
         watch.shutdown();
-        let _ = stopping.send(true);
+        trigger.cancel();
     });
-    let stopped = |mut stop: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = stop.wait_for(|stopped| *stopped).await;
-    };
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     mark_serving(&health_reporter).await;
@@ -198,19 +200,24 @@ pub async fn serve(
             Some(tokio::spawn(metrics::serve(
                 listener,
                 probes,
-                stopped(stop.clone()),
+                stopping.clone().cancelled_owned(),
             )))
         }
         None => None,
     };
 
     let limits = &settings.limits;
-    // Calls per connection are bounded by the connection's call slots
-    // (api::ApiContext::admit), which also cover open streams.
+    // Every stream holds a call slot of its connection from its headers on
+    // (transport::gate); h2's own cap, advertised to peers, sits above
+    // that, so that a peer ignoring the slots' answers can hold at most
+    // twice the limit before h2 refuses streams itself.
+    let stream_cap =
+        u32::try_from(limits.max_calls_per_connection.saturating_mul(2)).unwrap_or(u32::MAX);
     let router = Server::builder()
-        .timeout(limits.call_timeout)
+        .max_concurrent_streams(Some(stream_cap))
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .layer(GateLayer::new(limits.call_timeout))
         .layer(MapResponseLayer::new(
             message_too_large_is_resource_exhausted,
         ))
@@ -226,50 +233,39 @@ pub async fn serve(
                 .max_decoding_message_size(limits.max_message_size),
         );
 
-    let listen_error = |source| ServeError::Listen {
-        addr: settings.listen.to_string(),
-        source,
+    let bound = bind(&settings.listen).await?;
+    let mode = if security.tls.is_some() {
+        "mutual TLS"
+    } else {
+        "plaintext"
     };
-    let drain = stopped(stop.clone());
+    tracing::info!(addr = %settings.listen, mode, "listening");
+    let bounds = ConnectionLimits {
+        max_connections: limits.max_connections,
+        max_calls_per_connection: limits.max_calls_per_connection,
+        first_request_timeout: limits.first_request_timeout,
+    };
+    let incoming = listener::incoming(
+        bound,
+        security.tls.clone(),
+        bounds,
+        connections,
+        stopping.clone(),
+    );
+    let drain = stopping.clone().cancelled_owned();
     let serving = async {
-        match &settings.listen {
-            ListenAddr::Tcp(addr) => {
-                let tcp = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(listen_error)?;
-                let tls = security.tls.clone();
-                let mode = if tls.is_some() {
-                    "mutual TLS"
-                } else {
-                    "plaintext"
-                };
-                tracing::info!(addr = %settings.listen, mode, "listening");
-                let bounds = ConnectionLimits {
-                    max_connections: limits.max_connections,
-                    max_calls_per_connection: limits.max_calls_per_connection,
-                };
-                let incoming = listener::incoming(tcp, tls, bounds, connections);
-                router.serve_with_incoming_shutdown(incoming, drain).await?;
-            }
-            ListenAddr::Unix(path) => {
-                remove_stale_socket(path).map_err(listen_error)?;
-                let listener = tokio::net::UnixListener::bind(path).map_err(listen_error)?;
-                tracing::info!(addr = %settings.listen, "listening");
-                router
-                    .serve_with_incoming_shutdown(UnixListenerStream::new(listener), drain)
-                    .await?;
-            }
-        }
+        router.serve_with_incoming_shutdown(incoming, drain).await?;
         Ok::<(), ServeError>(())
     };
     let grace = limits.shutdown_grace;
     let outcome = tokio::select! {
         outcome = serving => outcome,
-        () = async { stopped(stop.clone()).await; tokio::time::sleep(grace).await } => {
+        () = async { stopping.cancelled().await; tokio::time::sleep(grace).await } => {
             tracing::warn!(?grace, "calls still in flight after the shutdown grace; stopping anyway");
             Ok(())
         }
     };
+    signal_task.abort();
     upstream_watch.abort();
     detector.abort();
     reloads.abort();
@@ -369,6 +365,27 @@ async fn mark_serving(reporter: &HealthReporter) {
         .set_serving::<SecretsServiceServer<SecretsApi>>()
         .await;
     reporter.set_serving::<AdminServiceServer<AdminApi>>().await;
+}
+
+/// Binds the broker's listening socket.
+async fn bind(listen: &ListenAddr) -> Result<Bound, ServeError> {
+    let listen_error = |source| ServeError::Listen {
+        addr: listen.to_string(),
+        source,
+    };
+    match listen {
+        ListenAddr::Tcp(addr) => Ok(Bound::Tcp(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(listen_error)?,
+        )),
+        ListenAddr::Unix(path) => {
+            remove_stale_socket(path).map_err(listen_error)?;
+            Ok(Bound::Unix(
+                tokio::net::UnixListener::bind(path).map_err(listen_error)?,
+            ))
+        }
+    }
 }
 
 /// A socket file left by a broker that did not stop cleanly blocks `bind`;

@@ -36,6 +36,7 @@ use tokio::sync::watch;
 use crate::{
     backend::{AWSCURRENT, SecretStore, StoreError, VersionSelector},
     cache::{Cache, CacheKey},
+    names,
     secret::SecretVersion,
 };
 
@@ -329,6 +330,9 @@ impl Shared {
             // a step back: wait for the next round instead.
             Ok(version) if !version.version_stages.contains(&key.stage) => {
                 tracing::debug!(secret = %key.name, stage = %key.stage, "change detection got a version without the watched stage; skipped")
+            }
+            Ok(version) if !names::answer_matches(&key.name, &version.name, &version.arn) => {
+                tracing::warn!(secret = %key.name, answered = %version.name, "change detection got another secret than the one watched; skipped")
             }
             Ok(version) => self.cache.put(&cache_key, Arc::new(version)),
             Err(StoreError::NotFound { .. } | StoreError::Deleted { .. }) => {

@@ -34,7 +34,7 @@ impl AdminApi {
 
     /// Every AdminService call starts here: admin identities only.
     fn admit<T>(&self, rpc: Rpc, request: &Request<T>) -> Result<Audit, Status> {
-        let audit = self.context.admit(rpc, request)?;
+        let audit = self.context.admit(rpc, request);
         match self.context.authorizer.check_admin(audit.identity()) {
             Ok(()) => Ok(audit),
             Err(denied) => Err(refuse(audit, ApiError::from(denied))),
@@ -58,6 +58,12 @@ impl AdminApi {
     ) -> Result<RefreshSecretResponse, ApiError> {
         let full_name = self.context.names.resolve(name)?;
         audit.secret(&full_name);
+        // Admin rights are about the cache, not about secrets: what a
+        // refresh tells (name, ARN, versions, existence) needs the read
+        // grant too.
+        self.context
+            .authorizer
+            .check_read(audit.identity(), &full_name)?;
         let key = CacheKey::new(full_name, VersionSelector::current());
         let (version, changed) = self.context.cache.refresh(key).await?;
         let lookup = Lookup::fresh(version);

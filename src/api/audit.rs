@@ -3,13 +3,13 @@
 //! (gRPC code) and whether the cache answered. Never a value.
 //!
 //! Handlers fill an `Audit` as they learn the facts, and the edge emits it
-//! with the outcome. A call that never reaches the edge (the client gave
-//! up, the call timed out) is emitted as CANCELLED when its record is
-//! dropped, so that no path skips it.
+//! with the outcome. A call that never reaches the edge is emitted when its
+//! record is dropped, so that no path skips it: as DEADLINE_EXCEEDED when
+//! the call timeout had passed (the gate cut it), else as CANCELLED (the
+//! client gave up).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use tokio::sync::OwnedSemaphorePermit;
 use tonic::Code;
 
 use crate::{
@@ -25,14 +25,12 @@ pub struct Audit {
     cache_hit: Option<bool>,
     started: Instant,
     metrics: Metrics,
-    /// The call's slot on its connection, released with the record (a
-    /// stream takes it over).
-    call_slot: Option<OwnedSemaphorePermit>,
+    call_timeout: Duration,
     emitted: bool,
 }
 
 impl Audit {
-    pub fn new(rpc: Rpc, identity: Identity, metrics: Metrics) -> Self {
+    pub fn new(rpc: Rpc, identity: Identity, metrics: Metrics, call_timeout: Duration) -> Self {
         Self {
             rpc,
             identity,
@@ -40,18 +38,9 @@ impl Audit {
             cache_hit: None,
             started: Instant::now(),
             metrics,
-            call_slot: None,
+            call_timeout,
             emitted: false,
         }
-    }
-
-    pub fn hold_call_slot(&mut self, slot: OwnedSemaphorePermit) {
-        self.call_slot = Some(slot);
-    }
-
-    /// Hands the call's slot to what outlives the handler (a stream).
-    pub fn take_call_slot(&mut self) -> Option<OwnedSemaphorePermit> {
-        self.call_slot.take()
     }
 
     pub fn identity(&self) -> &Identity {
@@ -113,7 +102,12 @@ impl Audit {
 impl Drop for Audit {
     fn drop(&mut self) {
         if !self.emitted {
-            self.emit(Code::Cancelled);
+            let outcome = if self.started.elapsed() >= self.call_timeout {
+                Code::DeadlineExceeded
+            } else {
+                Code::Cancelled
+            };
+            self.emit(outcome);
         }
     }
 }
@@ -148,15 +142,29 @@ mod tests {
     #[test]
     fn a_call_dropped_before_its_answer_is_recorded_as_cancelled() {
         let metrics = Metrics::new(false);
-        let finished = Audit::new(Rpc::GetSecret, Identity::Anonymous, metrics.clone());
-        finished.finish(Code::Ok);
-        let abandoned = Audit::new(Rpc::GetSecret, Identity::Anonymous, metrics.clone());
-        drop(abandoned);
+        let audit = || {
+            Audit::new(
+                Rpc::GetSecret,
+                Identity::Anonymous,
+                metrics.clone(),
+                Duration::from_secs(30),
+            )
+        };
+        audit().finish(Code::Ok);
+        drop(audit());
+        let timed_out = Audit::new(
+            Rpc::GetSecret,
+            Identity::Anonymous,
+            metrics.clone(),
+            Duration::ZERO,
+        );
+        drop(timed_out);
         let text = metrics.encode();
         let line = |code: &str| {
             format!("secretsbroker_calls_total{{rpc=\"GetSecret\",code=\"{code}\"}} 1")
         };
         assert!(text.contains(&line("OK")), "{text}");
         assert!(text.contains(&line("CANCELLED")), "{text}");
+        assert!(text.contains(&line("DEADLINE_EXCEEDED")), "{text}");
     }
 }

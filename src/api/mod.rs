@@ -40,21 +40,22 @@ pub struct ApiContext {
     pub watch: WatchHub,
     pub authorizer: Arc<Authorizer>,
     pub metrics: Metrics,
+    /// `--call-timeout`: a call dropped past it is audited as
+    /// DEADLINE_EXCEEDED (the gate answered the caller so).
+    pub call_timeout: std::time::Duration,
 }
 
 impl ApiContext {
-    /// Starts a call: its audit record (and metrics), and a slot among its
-    /// connection's calls. Without a free slot the call is refused with
-    /// RESOURCE_EXHAUSTED (and audited as such).
-    fn admit<T>(&self, rpc: Rpc, request: &tonic::Request<T>) -> Result<Audit, Status> {
-        let mut audit = Audit::new(rpc, identity::of_request(request), self.metrics.clone());
-        if let Some(connection) = identity::connection_of(request) {
-            match Arc::clone(&connection.call_slots).try_acquire_owned() {
-                Ok(slot) => audit.hold_call_slot(slot),
-                Err(_) => return Err(refuse(audit, ApiError::TooManyCalls)),
-            }
-        }
-        Ok(audit)
+    /// Starts a call: its audit record (and metrics). The call's slot on
+    /// its connection was taken at the gate (`transport::gate`), before any
+    /// handler ran.
+    fn admit<T>(&self, rpc: Rpc, request: &tonic::Request<T>) -> Audit {
+        Audit::new(
+            rpc,
+            identity::of_request(request),
+            self.metrics.clone(),
+            self.call_timeout,
+        )
     }
 }
 

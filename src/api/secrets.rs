@@ -253,7 +253,6 @@ struct WatchAccess {
     reloads: tokio::sync::watch::Receiver<u64>,
     caller: Identity,
     secret: String,
-    _call_slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl WatchAccess {
@@ -277,7 +276,7 @@ impl SecretsService for SecretsApi {
         &self,
         request: Request<GetSecretRequest>,
     ) -> Result<Response<GetSecretResponse>, Status> {
-        let mut audit = self.context.admit(Rpc::GetSecret, &request)?;
+        let mut audit = self.context.admit(Rpc::GetSecret, &request);
         let result = self.get_secret(&mut audit, request.into_inner()).await;
         respond(audit, result)
     }
@@ -286,7 +285,7 @@ impl SecretsService for SecretsApi {
         &self,
         request: Request<BatchGetSecretsRequest>,
     ) -> Result<Response<BatchGetSecretsResponse>, Status> {
-        let mut audit = self.context.admit(Rpc::BatchGetSecrets, &request)?;
+        let mut audit = self.context.admit(Rpc::BatchGetSecrets, &request);
         let result = self
             .batch_get_secrets(&mut audit, request.into_inner())
             .await;
@@ -297,7 +296,7 @@ impl SecretsService for SecretsApi {
         &self,
         request: Request<GetJwtConfigRequest>,
     ) -> Result<Response<GetJwtConfigResponse>, Status> {
-        let mut audit = self.context.admit(Rpc::GetJwtConfig, &request)?;
+        let mut audit = self.context.admit(Rpc::GetJwtConfig, &request);
         let request = request.into_inner();
         let result = self
             .typed_config(
@@ -321,7 +320,7 @@ impl SecretsService for SecretsApi {
         &self,
         request: Request<GetDatabaseConfigRequest>,
     ) -> Result<Response<GetDatabaseConfigResponse>, Status> {
-        let mut audit = self.context.admit(Rpc::GetDatabaseConfig, &request)?;
+        let mut audit = self.context.admit(Rpc::GetDatabaseConfig, &request);
         let request = request.into_inner();
         let result = self
             .typed_config(
@@ -345,7 +344,7 @@ impl SecretsService for SecretsApi {
         &self,
         request: Request<GetAwsServicesConfigRequest>,
     ) -> Result<Response<GetAwsServicesConfigResponse>, Status> {
-        let mut audit = self.context.admit(Rpc::GetAwsServicesConfig, &request)?;
+        let mut audit = self.context.admit(Rpc::GetAwsServicesConfig, &request);
         let request = request.into_inner();
         let result = self
             .typed_config(
@@ -369,7 +368,7 @@ impl SecretsService for SecretsApi {
         &self,
         request: Request<GetSecurityConfigRequest>,
     ) -> Result<Response<GetSecurityConfigResponse>, Status> {
-        let mut audit = self.context.admit(Rpc::GetSecurityConfig, &request)?;
+        let mut audit = self.context.admit(Rpc::GetSecurityConfig, &request);
         let request = request.into_inner();
         let result = self
             .typed_config(
@@ -396,22 +395,19 @@ impl SecretsService for SecretsApi {
         &self,
         request: Request<WatchSecretRequest>,
     ) -> Result<Response<Self::WatchSecretStream>, Status> {
-        let mut audit = self.context.admit(Rpc::WatchSecret, &request)?;
+        let mut audit = self.context.admit(Rpc::WatchSecret, &request);
         let caller = audit.identity().clone();
         let request = request.into_inner();
         // Taken before subscribing, so that no reload between the check and
         // the stream's start goes unnoticed.
         let reloads = self.context.authorizer.reloads();
         let subscribed = self.subscribe(&mut audit, &request).await;
-        // The stream keeps the call's slot on the connection while open.
-        let call_slot = audit.take_call_slot();
         let (subscription, secret) = respond(audit, subscribed)?.into_inner();
         let access = WatchAccess {
             authorizer: Arc::clone(&self.context.authorizer),
             reloads,
             caller,
             secret,
-            _call_slot: call_slot,
         };
         let first = message::first_watch_event(&subscription.first, &request.since_version_id);
         let changes = watch_stream(subscription, access);

@@ -37,6 +37,8 @@ pub enum ApiError {
     TooManyNames { count: usize, limit: usize },
     #[error("too many calls in flight on this connection; open another connection or wait")]
     TooManyCalls,
+    #[error("the call took longer than the broker's call timeout of {0:?}")]
+    CallTimeout(std::time::Duration),
     #[error("secret {name} cannot be read as {kind}: {source}")]
     Malformed {
         name: String,
@@ -50,11 +52,14 @@ impl ApiError {
     fn code_and_reason(&self) -> (Code, &'static str) {
         match self {
             Self::InvalidName(_) => (Code::InvalidArgument, "INVALID_SECRET_NAME"),
-            Self::Denied(Denied::NoIdentity) => (Code::Unauthenticated, "NO_CLIENT_IDENTITY"),
+            Self::Denied(Denied::NoIdentity | Denied::BadIdentity(_)) => {
+                (Code::Unauthenticated, "NO_CLIENT_IDENTITY")
+            }
             Self::Denied(_) => (Code::PermissionDenied, "POLICY_DENIED"),
             Self::InvalidVersion(_) => (Code::InvalidArgument, "INVALID_VERSION"),
             Self::TooManyNames { .. } => (Code::InvalidArgument, "TOO_MANY_NAMES"),
             Self::TooManyCalls => (Code::ResourceExhausted, "TOO_MANY_CALLS"),
+            Self::CallTimeout(_) => (Code::DeadlineExceeded, "CALL_TIMEOUT"),
             Self::Malformed { .. } => (Code::FailedPrecondition, "MALFORMED_SECRET"),
             Self::Store(store) => match store {
                 StoreError::NotFound { .. } => (Code::NotFound, "SECRET_NOT_FOUND"),
@@ -65,6 +70,7 @@ impl ApiError {
                 // E.g. DecryptionFailure: the broker's (or AWS's) fault, not
                 // the caller's.
                 StoreError::Rejected { .. } => (Code::Internal, "UPSTREAM_REJECTED"),
+                StoreError::Mismatch { .. } => (Code::Internal, "UPSTREAM_MISMATCH"),
             },
         }
     }
@@ -96,7 +102,10 @@ impl ApiError {
             Self::TooManyNames { .. } => {
                 put("field", "names");
             }
-            Self::Store(_) | Self::Denied(_) | Self::TooManyCalls => {}
+            Self::Store(StoreError::Mismatch { asked, .. }) => {
+                put("secret_name", asked);
+            }
+            Self::Store(_) | Self::Denied(_) | Self::TooManyCalls | Self::CallTimeout(_) => {}
         }
         metadata
     }

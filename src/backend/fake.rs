@@ -29,6 +29,9 @@ pub struct FakeStore {
     pub refuse_describe: std::sync::atomic::AtomicBool,
     /// How long each call takes (under a paused clock, advanced by tokio).
     pub delay: Mutex<Duration>,
+    /// Reads of the key answer with the value (and name) of the other
+    /// secret: an upstream that resolved an id differently than the policy.
+    pub answers_instead: Mutex<HashMap<String, String>>,
 }
 
 impl FakeStore {
@@ -101,7 +104,8 @@ impl SecretStore for FakeStore {
         self.calls.fetch_add(1, SeqCst);
         let delay = *self.delay.lock().unwrap();
         tokio::time::sleep(delay).await;
-        self.current(name)
+        let instead = self.answers_instead.lock().unwrap().get(name).cloned();
+        self.current(instead.as_deref().unwrap_or(name))
     }
 
     async fn describe_secret(&self, name: &str) -> Result<SecretDescription, StoreError> {

@@ -124,6 +124,10 @@ pub enum StoreError {
     Unavailable { detail: String },
     #[error("the upstream refused the request: {detail}")]
     Rejected { detail: String },
+    /// The upstream answered with another secret than the one asked (and
+    /// authorized): never served, never cached.
+    #[error("asked for secret {asked}, the upstream answered with secret {answered}; refused")]
+    Mismatch { asked: String, answered: String },
 }
 
 impl StoreError {

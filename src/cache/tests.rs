@@ -299,3 +299,27 @@ async fn a_deleted_secret_is_not_revalidated_into_the_cache() {
     let refused = cache.get(key("s"), false).await.unwrap_err();
     assert!(matches!(refused, StoreError::Deleted { .. }), "{refused:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_answer_for_another_secret_is_refused_and_not_cached() {
+    let store = FakeStore::with(&["insurecove/shared/x", "insurecove/production/database"]);
+    store.answers_instead.lock().unwrap().insert(
+        "insurecove/shared/x".into(),
+        "insurecove/production/database".into(),
+    );
+    let cache = cache_over(&store, 100);
+    let error = cache
+        .get(key("insurecove/shared/x"), false)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error,
+        StoreError::Mismatch {
+            asked: "insurecove/shared/x".into(),
+            answered: "insurecove/production/database".into(),
+        }
+    );
+    assert_eq!(cache.stats().total_entries, 0, "nothing cached");
+    assert!(cache.get(key("insurecove/shared/x"), false).await.is_err());
+    assert_eq!(store.calls(), 2, "not served from the cache either");
+}

@@ -512,7 +512,7 @@ def test_audit_whatever_the_log_level(start_tls_broker, tls_files, stubs, pki):
 
 def test_certificate_without_identity_is_unauthenticated(start_tls_broker, tls_files, stubs, pki):
     # even a grant for every identity does not let an unnamed caller in
-    tls_files.write_policy(policy_toml({"identity": "**", "secrets": ["**"], "admin": True}))
+    tls_files.write_policy(policy_toml({"identity": "spiffe://**", "secrets": ["**"], "admin": True}))
     broker = start_tls_broker()
     pb, apb = stubs.secrets_service_pb2, stubs.admin_service_pb2
     assert broker.handshake(pki.unnamed).accepted, "the verified certificate must pass the handshake"

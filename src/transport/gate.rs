@@ -1,0 +1,179 @@
+//! The gate every HTTP/2 stream passes before any handler runs, whatever
+//! service it is for (the broker's, health, reflection):
+//!
+//! - only gRPC is served: a request whose `content-type` is not
+//!   `application/grpc` or `application/grpc+proto` (JSON, text, gRPC-Web)
+//!   gets HTTP 415 and reaches no handler;
+//! - every stream takes one of its connection's call slots from its headers
+//!   on, and keeps it until its response body is done (a WatchSecret stream,
+//!   for as long as it is open); with none left it is answered
+//!   RESOURCE_EXHAUSTED (`TOO_MANY_CALLS`) at once. Counting from the headers
+//!   matters: a stream that never sends its message still costs memory;
+//! - the call timeout: a call whose answer is not ready within
+//!   `--call-timeout` is answered DEADLINE_EXCEEDED (`CALL_TIMEOUT`). tonic's
+//!   own timeout answers CANCELLED with no reason, so the broker keeps its
+//!   own. It bounds the wait for a stream's request message too.
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use http::{Request, Response, StatusCode, header::CONTENT_TYPE};
+use http_body::Frame;
+use tokio::sync::OwnedSemaphorePermit;
+use tonic::{Status, body::Body};
+use tower::{Layer, Service};
+
+use crate::{api::status::ApiError, identity::ConnectionInfo};
+
+/// Puts the gate in front of a service.
+#[derive(Debug, Clone, Copy)]
+pub struct GateLayer {
+    call_timeout: Duration,
+}
+
+impl GateLayer {
+    pub fn new(call_timeout: Duration) -> Self {
+        Self { call_timeout }
+    }
+}
+
+impl<S> Layer<S> for GateLayer {
+    type Service = Gate<S>;
+
+    fn layer(&self, inner: S) -> Gate<S> {
+        Gate {
+            inner,
+            call_timeout: self.call_timeout,
+        }
+    }
+}
+
+/// See the module doc.
+#[derive(Debug, Clone)]
+pub struct Gate<S> {
+    inner: S,
+    call_timeout: Duration,
+}
+
+type GateFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+impl<S, B> Service<Request<B>> for Gate<S>
+where
+    S: Service<Request<B>, Response = Response<Body>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = GateFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> GateFuture {
+        if !is_grpc(request.headers().get(CONTENT_TYPE)) {
+            tracing::debug!(path = request.uri().path(), "not gRPC: refused with 415");
+            return Box::pin(std::future::ready(Ok(unsupported_media_type())));
+        }
+        let slot = match request.extensions().get::<ConnectionInfo>() {
+            None => None,
+            Some(connection) => match Arc::clone(&connection.call_slots).try_acquire_owned() {
+                Ok(slot) => Some(slot),
+                Err(_) => {
+                    tracing::info!(
+                        target: "audit",
+                        identity = %connection.identity,
+                        rpc = request.uri().path(),
+                        outcome = "RESOURCE_EXHAUSTED",
+                        "refused: too many calls in flight on this connection"
+                    );
+                    return Box::pin(std::future::ready(Ok(answer(ApiError::TooManyCalls))));
+                }
+            },
+        };
+        let call = self.inner.call(request);
+        let limit = self.call_timeout;
+        Box::pin(async move {
+            let response = match tokio::time::timeout(limit, call).await {
+                Ok(Ok(response)) => response,
+                Err(_elapsed) => answer(ApiError::CallTimeout(limit)),
+            };
+            Ok(match slot {
+                Some(slot) => response.map(|body| Body::new(HoldsSlot { body, _slot: slot })),
+                None => response,
+            })
+        })
+    }
+}
+
+/// `application/grpc` or `application/grpc+proto`, parameters allowed.
+fn is_grpc(content_type: Option<&http::HeaderValue>) -> bool {
+    let Some(value) = content_type.and_then(|value| value.to_str().ok()) else {
+        return false;
+    };
+    let media_type = value.split(';').next().unwrap_or_default().trim();
+    media_type.eq_ignore_ascii_case("application/grpc")
+        || media_type.eq_ignore_ascii_case("application/grpc+proto")
+}
+
+fn unsupported_media_type() -> Response<Body> {
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = StatusCode::UNSUPPORTED_MEDIA_TYPE;
+    response
+}
+
+/// A gRPC answer (trailers-only) for a call refused at the gate.
+fn answer(error: ApiError) -> Response<Body> {
+    Status::from(error).into_http()
+}
+
+/// A response body that keeps its call's slot until it is done or dropped.
+struct HoldsSlot {
+    body: Body,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl http_body::Body for HoldsSlot {
+    type Data = bytes::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_grpc_content_types_pass() {
+        let pass = |value: &str| is_grpc(Some(&http::HeaderValue::from_str(value).unwrap()));
+        assert!(pass("application/grpc"));
+        assert!(pass("application/grpc+proto"));
+        assert!(pass("application/grpc; charset=utf-8"));
+        assert!(!pass("application/json"));
+        assert!(!pass("text/plain"));
+        assert!(!pass("application/grpc-web"));
+        assert!(!pass("application/grpc-web+proto"));
+        assert!(!pass("application/grpc+json"));
+        assert!(!is_grpc(None));
+    }
+}

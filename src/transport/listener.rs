@@ -1,0 +1,402 @@
+//! Accepting connections: TCP (plaintext or mutual TLS) or a unix socket,
+//! within bounds, until shutdown.
+//!
+//! One accept loop feeds tonic established connections. A connection is
+//! handed over only once it has finished its TLS handshake (when TLS is on)
+//! and sent the HTTP/2 client preface, both within `first_request_timeout`
+//! of its accept: a peer that connects and says nothing is dropped instead
+//! of holding a connection slot forever. Connections are established
+//! concurrently, so one slow client cannot hold up the others.
+//!
+//! Each connection holds a slot of `max_connections`; past the bound a new
+//! connection is closed at once. Each carries its caller's identity and its
+//! call slots (`ConnectionInfo`), read once at the handshake.
+//!
+//! At shutdown the accept loop ends and drops its socket at once (the port
+//! can be bound again), connections still in their handshake or preface are
+//! dropped, and an established connection with no call in flight and no
+//! bytes read or written for `QUIET` reads as closed: hyper's graceful
+//! HTTP/2 shutdown would otherwise wait for the answer to a PING that a
+//! silent peer never sends. (A peer that sent something just now may have a
+//! request on the wire, and an answer just written must reach its peer
+//! first: those get the graceful path.)
+
+use std::{
+    future::Future,
+    io,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream, UnixListener, UnixStream},
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc},
+    time::{Instant, Sleep},
+};
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tonic::transport::server::Connected;
+
+use super::tls::{self, TlsTerminator};
+use crate::identity::{ConnectionInfo, Identity};
+
+/// Delegates to the plain, TLS or unix stream.
+macro_rules! by_transport {
+    ($self:ident, $stream:ident => $call:expr) => {
+        match &mut $self.stream {
+            Transport::Plain($stream) => $call,
+            Transport::Tls($stream) => $call,
+            Transport::Unix($stream) => $call,
+        }
+    };
+}
+
+/// The HTTP/2 client preface every gRPC client sends first.
+const PREFACE_LEN: usize = 24;
+
+/// At shutdown, how long an idle connection must have been silent both ways
+/// before it is closed without waiting for its peer.
+const QUIET: Duration = Duration::from_millis(200);
+
+/// What the listener counts, for the metrics.
+#[derive(Debug, Default)]
+pub struct ConnectionCounters {
+    pub accepted: AtomicU64,
+    /// Closed at once because `max_connections` were open.
+    pub refused: AtomicU64,
+    pub handshake_failures: AtomicU64,
+    /// Dropped because their handshake and preface took longer than the
+    /// first-request timeout.
+    pub silent: AtomicU64,
+}
+
+/// The bounds the listener applies.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    pub max_connections: usize,
+    pub max_calls_per_connection: usize,
+    pub first_request_timeout: Duration,
+}
+
+/// A bound listening socket.
+pub enum Bound {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+/// A freshly accepted socket.
+enum Socket {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Bound {
+    async fn accept(&self) -> io::Result<(Socket, String)> {
+        match self {
+            Self::Tcp(listener) => {
+                let (stream, remote) = listener.accept().await?;
+                let _ = stream.set_nodelay(true);
+                Ok((Socket::Tcp(stream), remote.to_string()))
+            }
+            Self::Unix(listener) => {
+                let (stream, _) = listener.accept().await?;
+                Ok((Socket::Unix(stream), "unix socket".to_owned()))
+            }
+        }
+    }
+}
+
+/// Accepts connections until `shutdown` is cancelled.
+pub fn incoming(
+    listener: Bound,
+    tls: Option<Arc<TlsTerminator>>,
+    limits: ConnectionLimits,
+    counters: Arc<ConnectionCounters>,
+    shutdown: CancellationToken,
+) -> ReceiverStream<io::Result<Connection>> {
+    let (established, incoming) = mpsc::channel(64);
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = established.closed() => break,
+                accepted = listener.accept() => accepted,
+            };
+            let (socket, remote) = match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: wait, retry.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                counters.refused.fetch_add(1, Relaxed);
+                tracing::warn!(%remote, max_connections = limits.max_connections, "connection refused: too many open");
+                continue;
+            };
+            counters.accepted.fetch_add(1, Relaxed);
+            let opening = Opening {
+                remote,
+                slot,
+                limits,
+                tls: tls.clone(),
+                counters: Arc::clone(&counters),
+                shutdown: shutdown.clone(),
+            };
+            let established = established.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let connection = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    connection = opening.establish_in_time(socket) => connection,
+                };
+                if let Some(connection) = connection {
+                    let _ = established.send(Ok(connection)).await;
+                }
+            });
+        }
+        // The listening socket is dropped here, before any drain.
+    });
+    ReceiverStream::new(incoming)
+}
+
+/// A connection let in, on its way to being handed over.
+struct Opening {
+    remote: String,
+    slot: OwnedSemaphorePermit,
+    limits: ConnectionLimits,
+    tls: Option<Arc<TlsTerminator>>,
+    counters: Arc<ConnectionCounters>,
+    shutdown: CancellationToken,
+}
+
+impl Opening {
+    /// `establish` within the first-request timeout.
+    async fn establish_in_time(self, socket: Socket) -> Option<Connection> {
+        let timeout = self.limits.first_request_timeout;
+        let counters = Arc::clone(&self.counters);
+        let remote = self.remote.clone();
+        match tokio::time::timeout(timeout, self.establish(socket)).await {
+            Ok(connection) => connection,
+            Err(_) => {
+                counters.silent.fetch_add(1, Relaxed);
+                tracing::info!(%remote, ?timeout, "connection dropped: no TLS handshake and HTTP/2 preface in time");
+                None
+            }
+        }
+    }
+
+    /// The TLS handshake (when on), then the preface. `None`: dropped, and
+    /// why is logged.
+    async fn establish(self, socket: Socket) -> Option<Connection> {
+        let (stream, identity) = match (socket, &self.tls) {
+            (Socket::Tcp(stream), Some(tls)) => match self.handshake(tls, stream).await {
+                Ok(established) => established,
+                Err(reason) => {
+                    self.counters.handshake_failures.fetch_add(1, Relaxed);
+                    tracing::info!(remote = %self.remote, %reason, "TLS handshake refused");
+                    return None;
+                }
+            },
+            (Socket::Tcp(stream), None) => (Transport::Plain(stream), Identity::Anonymous),
+            (Socket::Unix(stream), _) => (Transport::Unix(stream), Identity::Anonymous),
+        };
+        let mut connection = Connection {
+            stream,
+            replay: Vec::new(),
+            info: ConnectionInfo {
+                identity,
+                call_slots: Arc::new(Semaphore::new(self.limits.max_calls_per_connection)),
+            },
+            max_calls: self.limits.max_calls_per_connection,
+            stopping: Some(Box::pin(self.shutdown.clone().cancelled_owned())),
+            stopped: false,
+            last_traffic: Instant::now(),
+            idle_since: None,
+            quiet: None,
+            _slot: self.slot,
+        };
+        match connection.read_preface().await {
+            Ok(()) => Some(connection),
+            Err(error) => {
+                tracing::debug!(remote = %self.remote, %error, "connection closed before its first request");
+                None
+            }
+        }
+    }
+
+    async fn handshake(
+        &self,
+        tls: &TlsTerminator,
+        stream: TcpStream,
+    ) -> Result<(Transport, Identity), String> {
+        match tls.acceptor().accept(stream).await {
+            Ok(stream) => {
+                let identity = tls::peer_identity(&stream);
+                tracing::debug!(remote = %self.remote, %identity, "TLS connection established");
+                Ok((Transport::Tls(Box::new(stream)), identity))
+            }
+            Err(error) => Err(error.to_string()),
+        }
+    }
+}
+
+/// An established connection, its caller, and its slot (freed on drop).
+pub struct Connection {
+    stream: Transport,
+    /// What was read to see the preface, given to hyper first.
+    replay: Vec<u8>,
+    info: ConnectionInfo,
+    max_calls: usize,
+    /// Completes at shutdown.
+    stopping: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    stopped: bool,
+    /// When bytes last went either way.
+    last_traffic: Instant,
+    /// Since when the connection has had no call, once stopped.
+    idle_since: Option<Instant>,
+    /// Wakes the connection when its peer has been quiet long enough.
+    quiet: Option<Pin<Box<Sleep>>>,
+    _slot: OwnedSemaphorePermit,
+}
+
+enum Transport {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+    Unix(UnixStream),
+}
+
+impl Connection {
+    async fn read_preface(&mut self) -> io::Result<()> {
+        let mut preface = [0u8; PREFACE_LEN];
+        let mut read = 0;
+        while read < PREFACE_LEN {
+            let n = by_transport!(self, s => s.read(&mut preface[read..]).await)?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            read += n;
+        }
+        self.replay = preface.to_vec();
+        Ok(())
+    }
+
+    fn note_written(&mut self, written: &Poll<io::Result<usize>>) {
+        if let Poll::Ready(Ok(n)) = written
+            && *n > 0
+        {
+            self.last_traffic = Instant::now();
+        }
+    }
+
+    /// After shutdown, a connection with no call in flight and no traffic
+    /// for `QUIET` is done.
+    fn closing(&mut self, cx: &mut Context<'_>) -> bool {
+        if let Some(stopping) = &mut self.stopping
+            && stopping.as_mut().poll(cx).is_ready()
+        {
+            self.stopping = None;
+            self.stopped = true;
+        }
+        if !self.stopped || self.info.call_slots.available_permits() != self.max_calls {
+            self.idle_since = None;
+            return false;
+        }
+        // The last call's answer may still sit in hyper's buffers: it gets
+        // written (and counts as traffic) before the connection is closed.
+        let idle_since = *self.idle_since.get_or_insert_with(Instant::now);
+        let quiet_at = self.last_traffic.max(idle_since) + QUIET;
+        if Instant::now() >= quiet_at {
+            return true;
+        }
+        let timer = self
+            .quiet
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(quiet_at)));
+        timer.as_mut().reset(quiet_at);
+        // Registers the wake-up; closing is decided when it comes.
+        let _ = timer.as_mut().poll(cx);
+        false
+    }
+}
+
+impl Connected for Connection {
+    type ConnectInfo = ConnectionInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.closing(cx) {
+            tracing::debug!("idle connection closed at shutdown");
+            // End of stream: hyper closes the connection.
+            return Poll::Ready(Ok(()));
+        }
+        if !self.replay.is_empty() {
+            let n = buf.remaining().min(self.replay.len());
+            buf.put_slice(&self.replay[..n]);
+            self.replay.drain(..n);
+            return Poll::Ready(Ok(()));
+        }
+        let filled = buf.filled().len();
+        let read = by_transport!(self, s => Pin::new(s).poll_read(cx, buf));
+        if buf.filled().len() > filled {
+            self.last_traffic = Instant::now();
+        }
+        read
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let written = by_transport!(self, s => Pin::new(s).poll_write(cx, buf));
+        self.note_written(&written);
+        written
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        by_transport!(self, s => Pin::new(s).poll_flush(cx))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        by_transport!(self, s => Pin::new(s).poll_shutdown(cx))
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let written = by_transport!(self, s => Pin::new(s).poll_write_vectored(cx, bufs));
+        self.note_written(&written);
+        written
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match &self.stream {
+            Transport::Plain(s) => s.is_write_vectored(),
+            Transport::Tls(s) => s.is_write_vectored(),
+            Transport::Unix(s) => s.is_write_vectored(),
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! The transport: how callers reach the broker, before any handler runs.
+//!
+//! - `listener`: accepting TCP and unix-socket connections within bounds,
+//!   the TLS handshake, the first-request timeout, closing idle connections
+//!   at shutdown;
+//! - `tls`: mutual TLS with files that reload, and the caller's identity
+//!   read from its certificate;
+//! - `gate`: what every HTTP/2 stream passes (gRPC content types only, the
+//!   per-connection call slots, the call timeout).
+
+pub mod gate;
+pub mod listener;
+pub mod tls;
