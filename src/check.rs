@@ -21,7 +21,7 @@ pub enum CheckError {
     Tls(#[from] TlsError),
     #[error("the server certificate expires in {days} days ({not_after}); renew it")]
     ExpiresSoon { days: u64, not_after: String },
-    #[error("the upstream does not answer: {0}")]
+    #[error("upstream: {0}")]
     Upstream(crate::backend::StoreError),
 }
 

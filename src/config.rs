@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use crate::cache::CacheSettings;
+use crate::{backend::bounded::UpstreamLimits, cache::CacheSettings};
 
 /// The address the broker listens on by default.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
@@ -64,6 +64,18 @@ pub struct BrokerArgs {
     /// How long past its TTL a value may be served while the upstream fails [env: SECRET_CACHE_MAX_STALE] [default: 3600]
     #[arg(long, value_name = "DURATION")]
     pub cache_max_stale: Option<String>,
+    /// Longest a caller of an expired entry waits for its renewal before it gets the stale value [env: SECRET_UPSTREAM_WAIT] [default: 1]
+    #[arg(long, value_name = "DURATION")]
+    pub upstream_wait: Option<String>,
+    /// Most upstream calls under way at once [env: SECRET_UPSTREAM_CONCURRENCY] [default: 32]
+    #[arg(long, value_name = "COUNT")]
+    pub upstream_concurrency: Option<String>,
+    /// Most upstream calls waiting for a turn; more fail with RESOURCE_EXHAUSTED [env: SECRET_UPSTREAM_QUEUE] [default: 1000]
+    #[arg(long, value_name = "COUNT")]
+    pub upstream_queue: Option<String>,
+    /// How long a NOT_FOUND answer is remembered; 0 turns it off [env: SECRET_CACHE_NEGATIVE_TTL] [default: 30]
+    #[arg(long, value_name = "DURATION")]
+    pub cache_negative_ttl: Option<String>,
     /// How often watched secrets are checked [env: SECRET_WATCH_INTERVAL] [default: 30]
     #[arg(long, value_name = "DURATION")]
     pub watch_interval: Option<String>,
@@ -253,6 +265,22 @@ const CACHE_MAX_STALE: Setting = setting(
     "cache_max_stale",
     &["SECRET_CACHE_MAX_STALE"],
 );
+const UPSTREAM_WAIT: Setting = setting("upstream-wait", "upstream_wait", &["SECRET_UPSTREAM_WAIT"]);
+const UPSTREAM_CONCURRENCY: Setting = setting(
+    "upstream-concurrency",
+    "upstream_concurrency",
+    &["SECRET_UPSTREAM_CONCURRENCY"],
+);
+const UPSTREAM_QUEUE: Setting = setting(
+    "upstream-queue",
+    "upstream_queue",
+    &["SECRET_UPSTREAM_QUEUE"],
+);
+const CACHE_NEGATIVE_TTL: Setting = setting(
+    "cache-negative-ttl",
+    "cache_negative_ttl",
+    &["SECRET_CACHE_NEGATIVE_TTL"],
+);
 const WATCH_INTERVAL: Setting = setting(
     "watch-interval",
     "watch_interval",
@@ -311,6 +339,10 @@ const FILE_SETTINGS: &[&Setting] = &[
     &CACHE_TTL,
     &CACHE_MAX_ENTRIES,
     &CACHE_MAX_STALE,
+    &UPSTREAM_WAIT,
+    &UPSTREAM_CONCURRENCY,
+    &UPSTREAM_QUEUE,
+    &CACHE_NEGATIVE_TTL,
     &WATCH_INTERVAL,
     &REGION,
     &SECRETS_FILE,
@@ -445,21 +477,7 @@ impl Settings {
                 "insurecove",
                 parse_name_part,
             )?,
-            cache: CacheSettings {
-                ttl: sources.get(args.cache_ttl.as_deref(), &CACHE_TTL, "300", parse_duration)?,
-                max_entries: sources.get(
-                    args.cache_max_entries.as_deref(),
-                    &CACHE_MAX_ENTRIES,
-                    "10000",
-                    parse_positive_count,
-                )?,
-                max_stale: sources.get(
-                    args.cache_max_stale.as_deref(),
-                    &CACHE_MAX_STALE,
-                    "3600",
-                    parse_duration,
-                )?,
-            },
+            cache: resolve_cache(args, &sources)?,
             watch_interval: sources.get(
                 args.watch_interval.as_deref(),
                 &WATCH_INTERVAL,
@@ -498,6 +516,50 @@ impl Settings {
         }
         Ok(())
     }
+}
+
+fn resolve_cache(args: &BrokerArgs, sources: &Sources<'_>) -> Result<CacheSettings, ConfigError> {
+    Ok(CacheSettings {
+        ttl: sources.get(args.cache_ttl.as_deref(), &CACHE_TTL, "300", parse_duration)?,
+        max_entries: sources.get(
+            args.cache_max_entries.as_deref(),
+            &CACHE_MAX_ENTRIES,
+            "10000",
+            parse_positive_count,
+        )?,
+        max_stale: sources.get(
+            args.cache_max_stale.as_deref(),
+            &CACHE_MAX_STALE,
+            "3600",
+            parse_duration,
+        )?,
+        upstream_wait: sources.get(
+            args.upstream_wait.as_deref(),
+            &UPSTREAM_WAIT,
+            "1",
+            parse_duration,
+        )?,
+        negative_ttl: sources.get(
+            args.cache_negative_ttl.as_deref(),
+            &CACHE_NEGATIVE_TTL,
+            "30",
+            parse_duration,
+        )?,
+        upstream: UpstreamLimits {
+            concurrency: sources.get(
+                args.upstream_concurrency.as_deref(),
+                &UPSTREAM_CONCURRENCY,
+                "32",
+                parse_positive_count,
+            )?,
+            queue: sources.get(
+                args.upstream_queue.as_deref(),
+                &UPSTREAM_QUEUE,
+                "1000",
+                parse_count,
+            )?,
+        },
+    })
 }
 
 fn resolve_limits(args: &BrokerArgs, sources: &Sources<'_>) -> Result<Limits, ConfigError> {
@@ -687,6 +749,14 @@ fn parse_watch_interval(value: &str) -> Result<Duration, String> {
 /// Counts (entries, connections, calls, bytes) beyond this are mistakes,
 /// and some would overflow what they size (a semaphore's permits).
 const MAX_COUNT: usize = 100_000_000;
+
+fn parse_count(value: &str) -> Result<usize, String> {
+    match value.trim().parse::<usize>() {
+        Ok(n) if n <= MAX_COUNT => Ok(n),
+        Ok(_) => Err(format!("{value:?} is more than {MAX_COUNT}")),
+        _ => Err(format!("{value:?} is not a whole number")),
+    }
+}
 
 fn parse_positive_count(value: &str) -> Result<usize, String> {
     match value.trim().parse::<usize>() {

@@ -318,6 +318,48 @@ impl Collector for BrokerState {
             "Entries in the cache",
             cache.total_entries as i64,
         )?;
+        gauge(
+            e,
+            "cache_negative_entries",
+            "NOT_FOUND answers remembered",
+            cache.negative_entries as i64,
+        )?;
+        counter(
+            e,
+            "cache_negative_hits",
+            "Reads answered by a remembered NOT_FOUND",
+            cache.negative_hits,
+        )?;
+        gauge(
+            e,
+            "upstream_backoff",
+            "1 while the upstream is backed off",
+            i64::from(cache.backoff_active),
+        )?;
+        counter(
+            e,
+            "upstream_backoffs",
+            "Times the upstream was backed off",
+            cache.backoffs,
+        )?;
+        gauge(
+            e,
+            "upstream_in_flight",
+            "Upstream calls under way",
+            cache.upstream.in_flight as i64,
+        )?;
+        gauge(
+            e,
+            "upstream_queue_length",
+            "Upstream calls waiting for a turn",
+            cache.upstream.waiting as i64,
+        )?;
+        counter(
+            e,
+            "upstream_queue_refused",
+            "Upstream calls refused: the queue was full",
+            cache.upstream.refused,
+        )?;
         let watch = self.watch.stats();
         gauge(
             e,

@@ -30,10 +30,13 @@ pub struct LogGuard {
 
 /// Installs the global subscriber. `level` is a `tracing` level (`info`).
 pub fn init(level: &str) -> LogGuard {
-    // The HTTP/2 and AWS stacks are chatty at debug; their warnings matter.
+    // The HTTP/2 and AWS stacks are chatty at debug; their warnings matter,
+    // except aws_config's: it warns on every credential lookup (every cache
+    // miss), and the broker says the same once per change of state, in its
+    // own words (backend::aws_error).
     let directives = format!(
         "{level},audit=info,h2=warn,hyper=warn,hyper_util=warn,tower=warn,rustls=warn,\
-         aws_smithy_runtime=warn,aws_config=warn"
+         aws_smithy_runtime=warn,aws_config=error"
     );
     let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new(directives));
     let ansi = std::io::stderr().is_terminal();

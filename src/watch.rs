@@ -14,6 +14,11 @@
 //!   each. Its cost depends on the number of watched secrets, never on the
 //!   number of watchers. A store that can tell it changed (the file
 //!   backend) wakes it at once.
+//! - A batch answer whose version does not carry the watched stage (AWS's
+//!   short consistency delays; moto's batch answers after a stage move) is
+//!   not trusted: that secret is read directly by stage in the same round,
+//!   so a rotation is never put off to a next round that may answer the
+//!   same.
 //! - What the detector reads goes into the cache, and the cache tells this
 //!   module of every version it stores (its change listener). So a change
 //!   found by the detector, a bypass read or an AdminService.RefreshSecret
@@ -155,25 +160,39 @@ impl WatchHub {
 
     /// Starts watching `name` (a full name) at `stage`.
     ///
-    /// A secret already watched starts from its topic's state, which the
-    /// detector keeps current (a known deletion included). Otherwise the
-    /// first state is read from upstream, not from the cache: a client
-    /// reconnecting with the version it holds must learn of a rotation that
-    /// a cached value may not show yet. A secret that cannot be read (not
-    /// found, deleted, upstream down) is refused at once.
-    pub async fn subscribe(&self, name: String, stage: String) -> Result<Subscription, StoreError> {
+    /// A new topic's first state is read from upstream, not from the cache;
+    /// so is an existing topic's when the watcher `resumes` (it presents the
+    /// version it holds): it must learn of a rotation that neither the cache
+    /// nor the topic may show yet, and first. That read is coalesced with
+    /// any other of the same key, and what it finds reaches the topic's
+    /// other watchers too. A plain new watcher of a watched secret starts
+    /// from the topic's state, which the detector keeps current (a known
+    /// deletion included). A secret that cannot be read (not found,
+    /// deleted, upstream down with no topic) is refused at once.
+    pub async fn subscribe(
+        &self,
+        name: String,
+        stage: String,
+        resumes: bool,
+    ) -> Result<Subscription, StoreError> {
         let shared = &self.shared;
         let topic_key = TopicKey { name, stage };
+        let cache_key = CacheKey::new(
+            topic_key.name.clone(),
+            VersionSelector::Stage(topic_key.stage.clone()),
+        );
         // Subscribing under the map's guard: a detector round drops topics
         // with no receivers, and must not drop this one in between.
         let subscribed = shared.topics.get(&topic_key).map(|t| t.state.subscribe());
         let mut changes = match subscribed {
-            Some(changes) => changes,
+            Some(changes) if !resumes => changes,
+            Some(changes) => match shared.cache.get_fresh(cache_key).await {
+                // The read told the topic (the cache's change listener).
+                Ok(_) => changes,
+                Err(error) if error.is_transient() => changes,
+                Err(error) => return Err(error),
+            },
             None => {
-                let cache_key = CacheKey::new(
-                    topic_key.name.clone(),
-                    VersionSelector::Stage(topic_key.stage.clone()),
-                );
                 let lookup = shared.cache.get_fresh(cache_key).await?;
                 shared
                     .topics
@@ -299,6 +318,7 @@ impl Shared {
             keys.into_iter().partition(|key| key.stage == AWSCURRENT);
 
         let names: Vec<String> = current.into_iter().map(|key| key.name).collect();
+        let mut direct = other;
         if !names.is_empty() {
             match store.get_current_batch(&names).await {
                 Ok(answer) => {
@@ -306,31 +326,34 @@ impl Shared {
                         .fetch_add(answer.upstream_calls, Relaxed);
                     for (name, result) in answer.items {
                         let stage = AWSCURRENT.to_owned();
-                        self.apply(TopicKey { name, stage }, result);
+                        let key = TopicKey { name, stage };
+                        if let Some(lagging) = self.apply(key, result) {
+                            direct.push(lagging);
+                        }
                     }
                 }
                 Err(error) => tracing::warn!(%error, "change detection failed this round"),
             }
         }
-        for key in other {
+        for key in direct {
             self.upstream_calls.fetch_add(1, Relaxed);
             let selector = VersionSelector::Stage(key.stage.clone());
             let result = store.get_secret_value(&key.name, &selector).await;
-            self.apply(key, result);
+            if let Some(key) = self.apply(key, result) {
+                tracing::debug!(secret = %key.name, stage = %key.stage, "a read by stage answered a version without that stage; skipped");
+            }
         }
     }
 
     /// One secret's answer: into the cache (which tells the topic), or a
-    /// deletion.
-    fn apply(&self, key: TopicKey, result: Result<SecretVersion, StoreError>) {
+    /// deletion. Returns the key back when the answer lacks the watched
+    /// stage: it must be read again by stage.
+    fn apply(&self, key: TopicKey, result: Result<SecretVersion, StoreError>) -> Option<TopicKey> {
         let cache_key = CacheKey::new(key.name.clone(), VersionSelector::Stage(key.stage.clone()));
         match result {
-            // An answer that does not carry the watched label (a batch read
-            // racing a stage move, AWS's short consistency delay) would be
-            // a step back: wait for the next round instead.
-            Ok(version) if !version.version_stages.contains(&key.stage) => {
-                tracing::debug!(secret = %key.name, stage = %key.stage, "change detection got a version without the watched stage; skipped")
-            }
+            // An answer that does not carry the watched label would be a
+            // step back.
+            Ok(version) if !version.version_stages.contains(&key.stage) => return Some(key),
             Ok(version) if !names::answer_matches(&key.name, &version.name, &version.arn) => {
                 tracing::warn!(secret = %key.name, answered = %version.name, "change detection got another secret than the one watched; skipped")
             }
@@ -348,6 +371,7 @@ impl Shared {
                 tracing::debug!(secret = %key.name, %error, "change detection skipped a secret")
             }
         }
+        None
     }
 }
 

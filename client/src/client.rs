@@ -33,6 +33,8 @@ pub struct SecretsClient {
     admin: AdminServiceClient<Channel>,
     max_retries: u32,
     request_timeout: Duration,
+    /// As configured, for errors that name it.
+    endpoint: std::sync::Arc<str>,
 }
 
 /// First wait between retries; doubles each time.
@@ -67,6 +69,7 @@ impl SecretsClient {
             admin: AdminServiceClient::new(channel),
             max_retries: config.max_retries,
             request_timeout: config.request_timeout,
+            endpoint: config.endpoint.as_str().into(),
         })
     }
 
@@ -75,6 +78,11 @@ impl SecretsClient {
         let mut request = tonic::Request::new(message);
         request.set_timeout(self.request_timeout);
         request
+    }
+
+    /// The error of a failed call: the broker's, or the connection's.
+    fn error(&self, status: tonic::Status) -> Error {
+        Error::from_call(status, &self.endpoint)
     }
 
     /// Runs an idempotent call, retrying UNAVAILABLE with backoff.
@@ -106,7 +114,12 @@ impl SecretsClient {
     {
         self.retrying(|| {
             let answer = rpc(self.secrets.clone(), self.request(message.clone()));
-            async move { Ok(answer.await?.into_inner()) }
+            async move {
+                answer
+                    .await
+                    .map(tonic::Response::into_inner)
+                    .map_err(|status| self.error(status))
+            }
         })
         .await
     }
@@ -218,7 +231,8 @@ impl SecretsClient {
         let mut client = self.admin.clone();
         let response = client
             .check_upstream(self.request(proto::CheckUpstreamRequest {}))
-            .await?;
+            .await
+            .map_err(|status| self.error(status))?;
         Ok(response.into_inner().reachable)
     }
 
@@ -227,7 +241,8 @@ impl SecretsClient {
         let mut client = self.admin.clone();
         Ok(client
             .get_cache_stats(self.request(proto::GetCacheStatsRequest {}))
-            .await?
+            .await
+            .map_err(|status| self.error(status))?
             .into_inner())
     }
 
@@ -240,7 +255,8 @@ impl SecretsClient {
         };
         Ok(client
             .clear_cache(self.request(request))
-            .await?
+            .await
+            .map_err(|status| self.error(status))?
             .into_inner()
             .cleared)
     }
@@ -252,7 +268,8 @@ impl SecretsClient {
         let request = proto::RefreshSecretRequest { name: name.into() };
         let response = client
             .refresh_secret(self.request(request))
-            .await?
+            .await
+            .map_err(|status| self.error(status))?
             .into_inner();
         let secret = response
             .secret

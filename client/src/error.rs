@@ -72,6 +72,15 @@ pub enum Error {
     /// The connection to the broker failed (TLS, DNS, refused...).
     #[error("transport: {0}")]
     Transport(String),
+    /// The broker could not be reached: which endpoint, and why (refused,
+    /// timed out, a TLS failure and which one), with the variables to check.
+    #[error("cannot reach the broker at {endpoint}: {reason}")]
+    Unreachable {
+        /// The endpoint the client was configured with.
+        endpoint: String,
+        /// Why, and what to check.
+        reason: String,
+    },
     /// The client's own configuration is unusable.
     #[error("client configuration: {0}")]
     Config(String),
@@ -102,8 +111,69 @@ impl Error {
 
     /// Worth another try: the broker or the network may be back soon.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Unavailable { .. } | Self::Transport(_))
+        matches!(
+            self,
+            Self::Unavailable { .. } | Self::Transport(_) | Self::Unreachable { .. }
+        )
     }
+
+    /// The error of a failed call to `endpoint`: a status the broker sent
+    /// (it carries an `ErrorInfo`), or the connection's own failure, told
+    /// as `Unreachable`.
+    pub(crate) fn from_call(status: Status, endpoint: &str) -> Self {
+        let from_broker = status.get_details_error_info().is_some();
+        let connection_failed = matches!(status.code(), Code::Unavailable | Code::Unknown)
+            && std::error::Error::source(&status).is_some();
+        if from_broker || !connection_failed {
+            return Self::from(status);
+        }
+        Self::Unreachable {
+            endpoint: endpoint.to_owned(),
+            reason: connection_reason(&status),
+        }
+    }
+}
+
+/// Why a connection failed, in words a person can act on.
+fn connection_reason(status: &Status) -> String {
+    let mut chain = String::new();
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(status);
+    while let Some(error) = current {
+        chain.push_str(&format!("{error:?} {error} ").to_ascii_lowercase());
+        current = error.source();
+    }
+    // A CA of the same name but another key fails the signature check
+    // rather than the issuer look-up: the same mistake for the person.
+    let untrusted = [
+        "unknownissuer",
+        "unknown issuer",
+        "badsignature",
+        "bad signature",
+    ];
+    let reason = if untrusted.iter().any(|word| chain.contains(word)) {
+        "TLS: the broker's certificate is not signed by the CA of BROKER_CA_FILE (unknown CA)"
+    } else if chain.contains("notvalidforname") || chain.contains("not valid for name") {
+        "TLS: the broker's certificate does not name this host (name mismatch); set          BROKER_TLS_DOMAIN to a name it carries"
+    } else if chain.contains("certificaterequired") || chain.contains("certificate required") {
+        "TLS: the broker requires a client certificate (BROKER_CERT_FILE, BROKER_KEY_FILE)"
+    } else if chain.contains("expired") {
+        "TLS: a certificate has expired"
+    } else if chain.contains("refused") {
+        "connection refused (is the broker running there? BROKER_ENDPOINT)"
+    } else if chain.contains("timed out") || chain.contains("elapsed") || chain.contains("timeout")
+    {
+        "timed out (BROKER_ENDPOINT, the network, a firewall)"
+    } else if chain.contains("dns") || chain.contains("lookup") {
+        "the host name does not resolve (BROKER_ENDPOINT)"
+    } else if chain.contains("tls") || chain.contains("handshake") || chain.contains("certificate")
+    {
+        "TLS handshake failed (BROKER_CA_FILE, BROKER_CERT_FILE, BROKER_KEY_FILE)"
+    } else if chain.contains("broken pipe") || chain.contains("reset") {
+        "the connection was closed (a plaintext client to a TLS broker? BROKER_CA_FILE)"
+    } else {
+        "the connection failed (BROKER_ENDPOINT)"
+    };
+    reason.to_owned()
 }
 
 impl Error {
@@ -184,5 +254,27 @@ mod tests {
         assert!(matches!(&err, Error::InvalidArgument { field: Some(f), .. } if f == "name"));
         assert!(Error::from(Status::unavailable("down")).is_retryable());
         assert!(!Error::from(Status::not_found("gone")).is_retryable());
+    }
+
+    #[test]
+    fn a_connection_failure_names_the_endpoint_and_why() {
+        let refused = std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "Connection refused (os error 111)",
+        );
+        let mut failed = Status::unavailable("tcp connect error");
+        failed.set_source(std::sync::Arc::new(refused));
+        let error = Error::from_call(failed, "127.0.0.1:1");
+        let message = error.to_string();
+        assert!(matches!(error, Error::Unreachable { .. }), "{message}");
+        assert!(
+            message.contains("127.0.0.1:1") && message.contains("connection refused"),
+            "{message}"
+        );
+        assert!(error.is_retryable());
+        // A status the broker sent stays the broker's.
+        let from_broker =
+            Error::from_call(status(Code::Unavailable, "UPSTREAM_UNAVAILABLE", None), "x");
+        assert!(matches!(from_broker, Error::Unavailable { .. }));
     }
 }

@@ -101,6 +101,13 @@ impl AdminService for AdminApi {
                 watched_secrets: watch.watched_secrets,
                 watch_rounds: watch.rounds,
                 watch_upstream_calls: watch.upstream_calls,
+                negative_entries: stats.negative_entries,
+                negative_hits: stats.negative_hits,
+                upstream_backoff: stats.backoff_active,
+                upstream_backoffs: stats.backoffs,
+                upstream_in_flight: stats.upstream.in_flight,
+                upstream_waiting: stats.upstream.waiting,
+                upstream_queue_refused: stats.upstream.refused,
             }),
         )
     }

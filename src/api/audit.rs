@@ -26,6 +26,8 @@ pub struct Audit {
     started: Instant,
     metrics: Metrics,
     call_timeout: Duration,
+    /// When the caller must have its answer (see `transport::gate`).
+    deadline: Option<tokio::time::Instant>,
     emitted: bool,
 }
 
@@ -39,8 +41,19 @@ impl Audit {
             started: Instant::now(),
             metrics,
             call_timeout,
+            deadline: None,
             emitted: false,
         }
+    }
+
+    /// The call's deadline, which upstream waits must end before.
+    pub fn with_deadline(mut self, deadline: Option<tokio::time::Instant>) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    pub fn deadline(&self) -> Option<tokio::time::Instant> {
+        self.deadline
     }
 
     pub fn identity(&self) -> &Identity {

@@ -27,6 +27,7 @@ use crate::{
     metrics::{Metrics, Rpc},
     names::NameResolver,
     policy::Authorizer,
+    transport::gate::CallDeadline,
     watch::WatchHub,
 };
 use audit::Audit;
@@ -56,6 +57,7 @@ impl ApiContext {
             self.metrics.clone(),
             self.call_timeout,
         )
+        .with_deadline(CallDeadline::of_request(request))
     }
 }
 

@@ -67,7 +67,7 @@ impl SecretsApi {
         let lookup = self
             .context
             .cache
-            .get(CacheKey::new(full_name, selector), bypass)
+            .get_until(CacheKey::new(full_name, selector), bypass, audit.deadline())
             .await?;
         audit.cache_hit(lookup.hit);
         Ok(lookup)
@@ -100,6 +100,7 @@ impl SecretsApi {
             });
         }
         let caller = audit.identity().clone();
+        let deadline = audit.deadline();
         let bypass = request.bypass_cache;
         // Each outcome carries the resolved name when there is one, for
         // the audit trail.
@@ -114,7 +115,7 @@ impl SecretsApi {
                 return Err((Some(full_name), ApiError::from(denied)));
             }
             let key = CacheKey::new(full_name.clone(), VersionSelector::current());
-            match self.context.cache.get(key, bypass).await {
+            match self.context.cache.get_until(key, bypass, deadline).await {
                 Ok(lookup) => Ok((full_name, lookup)),
                 Err(error) => Err((Some(full_name), ApiError::from(error))),
             }
@@ -163,7 +164,11 @@ impl SecretsApi {
         let subscription = self
             .context
             .watch
-            .subscribe(full_name.clone(), stage)
+            .subscribe(
+                full_name.clone(),
+                stage,
+                !request.since_version_id.is_empty(),
+            )
             .await?;
         Ok((subscription, full_name))
     }

@@ -71,6 +71,7 @@ impl ApiError {
                 // the caller's.
                 StoreError::Rejected { .. } => (Code::Internal, "UPSTREAM_REJECTED"),
                 StoreError::Mismatch { .. } => (Code::Internal, "UPSTREAM_MISMATCH"),
+                StoreError::QueueFull => (Code::ResourceExhausted, "UPSTREAM_QUEUE_FULL"),
             },
         }
     }
@@ -95,7 +96,7 @@ impl ApiError {
             Self::Store(
                 StoreError::NotFound { name }
                 | StoreError::Deleted { name }
-                | StoreError::AccessDenied { name },
+                | StoreError::AccessDenied { name, .. },
             ) => {
                 put("secret_name", name);
             }
@@ -175,7 +176,10 @@ mod tests {
                 "SECRET_DELETED",
             ),
             (
-                StoreError::AccessDenied { name: name() },
+                StoreError::AccessDenied {
+                    name: name(),
+                    detail: "IAM".into(),
+                },
                 Code::PermissionDenied,
                 "ACCESS_DENIED",
             ),

@@ -9,8 +9,9 @@
 //! and an operation timeout, and the SDK's standard retries (with backoff on
 //! throttling) run before a failure reaches the cache.
 //!
-//! Failures are classified by the AWS error code, so the cache can tell a
-//! transient outage from a definite answer.
+//! Failures are explained once (`aws_error`): classified so the cache can
+//! tell a transient outage from a definite answer, and told in one line that
+//! names the cause and the fix.
 
 use std::{
     collections::HashMap,
@@ -20,15 +21,13 @@ use std::{
 use async_trait::async_trait;
 use aws_config::{BehaviorVersion, Region, retry::RetryConfig, timeout::TimeoutConfig};
 use aws_sdk_secretsmanager::{
-    Client,
-    error::{DisplayErrorContext, ProvideErrorMetadata, SdkError},
-    operation::get_secret_value::GetSecretValueOutput,
-    types::SecretValueEntry,
+    Client, operation::get_secret_value::GetSecretValueOutput, types::SecretValueEntry,
 };
 use tokio::sync::OnceCell;
 
 use super::{
     BATCH_LIMIT, BatchAnswer, SecretDescription, SecretStore, StoreError, VersionSelector,
+    aws_error::{Upstream, explain, explain_code},
 };
 use crate::secret::{SecretValue, SecretVersion};
 
@@ -41,6 +40,8 @@ const MAX_ATTEMPTS: u32 = 3;
 /// A `SecretStore` over AWS Secrets Manager.
 pub struct AwsStore {
     region: String,
+    /// Where the calls go, for error messages.
+    upstream: Upstream,
     client: OnceCell<Client>,
 }
 
@@ -49,6 +50,7 @@ impl AwsStore {
     pub fn new(region: &str) -> Self {
         Self {
             region: region.to_owned(),
+            upstream: Upstream::from_env(region, &|var| std::env::var(var).ok()),
             client: OnceCell::new(),
         }
     }
@@ -91,7 +93,10 @@ impl SecretStore for AwsStore {
                 request.version_id(id).set_version_stage(stage.clone())
             }
         };
-        let output = request.send().await.map_err(|e| classify(&e, name))?;
+        let output = request
+            .send()
+            .await
+            .map_err(|e| explain(&e, "GetSecretValue", name, &self.upstream))?;
         Ok(into_version(output, name))
     }
 
@@ -103,7 +108,7 @@ impl SecretStore for AwsStore {
             .secret_id(name)
             .send()
             .await
-            .map_err(|e| classify(&e, name))?;
+            .map_err(|e| explain(&e, "DescribeSecret", name, &self.upstream))?;
         Ok(SecretDescription {
             name: output.name().unwrap_or(name).to_owned(),
             arn: output.arn().unwrap_or_default().to_owned(),
@@ -134,7 +139,7 @@ impl SecretStore for AwsStore {
                     .set_next_token(next_token.take())
                     .send()
                     .await
-                    .map_err(|e| classify(&e, "(BatchGetSecretValue)"))?;
+                    .map_err(|e| explain(&e, "BatchGetSecretValue", "(a batch)", &self.upstream))?;
                 for value in output.secret_values() {
                     let version = batch_version(value);
                     // Asked by name or by ARN: answer under what was asked.
@@ -147,10 +152,11 @@ impl SecretStore for AwsStore {
                 }
                 for error in output.errors() {
                     let id = error.secret_id().unwrap_or_default().to_owned();
-                    let failure = classify_code(
+                    let failure = explain_code(
                         error.error_code().unwrap_or_default(),
                         error.message().unwrap_or_default(),
-                        id.clone(),
+                        "GetSecretValue",
+                        &id,
                     );
                     found.insert(id, Err(failure));
                 }
@@ -181,7 +187,7 @@ impl SecretStore for AwsStore {
             .max_results(1)
             .send()
             .await
-            .map_err(|e| classify(&e, "(ListSecrets)"))?;
+            .map_err(|e| explain(&e, "ListSecrets", "*", &self.upstream))?;
         Ok(format!(
             "AWS Secrets Manager in {} answered ListSecrets",
             self.region
@@ -222,107 +228,5 @@ fn into_version(output: GetSecretValueOutput, asked: &str) -> SecretVersion {
             .created_date
             .and_then(|date| SystemTime::try_from(date).ok()),
         value,
-    }
-}
-
-/// Sorts an SDK failure into what the cache needs to know. AWS's messages
-/// name secrets and rules, never values, so they may be kept as detail.
-fn classify<E, R>(error: &SdkError<E, R>, name: &str) -> StoreError
-where
-    E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
-{
-    let name = name.to_owned();
-    match error {
-        SdkError::ServiceError(service) => {
-            let err = service.err();
-            let code = err.code().unwrap_or_default();
-            let message = err.message().unwrap_or_default();
-            classify_code(code, message, name)
-        }
-        SdkError::TimeoutError(_) => StoreError::Unavailable {
-            detail: "the call to AWS timed out".into(),
-        },
-        SdkError::DispatchFailure(failure) if failure.is_timeout() => StoreError::Unavailable {
-            detail: "connecting to AWS timed out".into(),
-        },
-        SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => StoreError::Unavailable {
-            detail: DisplayErrorContext(error).to_string(),
-        },
-        _ => StoreError::Rejected {
-            detail: DisplayErrorContext(error).to_string(),
-        },
-    }
-}
-
-fn classify_code(code: &str, message: &str, name: String) -> StoreError {
-    match code {
-        "ResourceNotFoundException" => StoreError::NotFound { name },
-        "InvalidRequestException"
-            if message.to_ascii_lowercase().contains("deleted")
-                || message.to_ascii_lowercase().contains("deletion") =>
-        {
-            StoreError::Deleted { name }
-        }
-        "AccessDeniedException"
-        | "UnrecognizedClientException"
-        | "InvalidSignatureException"
-        | "ExpiredTokenException" => StoreError::AccessDenied { name },
-        "ThrottlingException" | "TooManyRequestsException" | "RequestLimitExceeded" => {
-            StoreError::Throttled
-        }
-        "InternalServiceError" | "InternalFailure" | "ServiceUnavailable" => {
-            StoreError::Unavailable {
-                detail: format!("AWS answered {code}"),
-            }
-        }
-        _ => {
-            // AWS's message may name accounts or keys: it goes to the log,
-            // the caller gets the code.
-            tracing::warn!(secret = %name, code, message, "AWS refused a request");
-            StoreError::Rejected {
-                detail: format!("AWS answered {code}"),
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn aws_codes_map_to_what_the_cache_needs() {
-        let name = || "insurecove/x".to_owned();
-        assert_eq!(
-            classify_code("ResourceNotFoundException", "", name()),
-            StoreError::NotFound { name: name() }
-        );
-        assert_eq!(
-            classify_code(
-                "InvalidRequestException",
-                "You can't perform this operation on the secret because it was marked for deletion.",
-                name()
-            ),
-            StoreError::Deleted { name: name() }
-        );
-        assert!(matches!(
-            classify_code(
-                "InvalidRequestException",
-                "rotation is not configured",
-                name()
-            ),
-            StoreError::Rejected { .. }
-        ));
-        assert_eq!(
-            classify_code("AccessDeniedException", "", name()),
-            StoreError::AccessDenied { name: name() }
-        );
-        assert_eq!(
-            classify_code("ThrottlingException", "Rate exceeded", name()),
-            StoreError::Throttled
-        );
-        assert!(classify_code("InternalServiceError", "", name()).is_transient());
-        assert!(!classify_code("DecryptionFailure", "", name()).is_transient());
     }
 }

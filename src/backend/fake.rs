@@ -32,6 +32,9 @@ pub struct FakeStore {
     /// Reads of the key answer with the value (and name) of the other
     /// secret: an upstream that resolved an id differently than the policy.
     pub answers_instead: Mutex<HashMap<String, String>>,
+    /// Batched reads answer an old version labelled AWSPREVIOUS, as moto's
+    /// BatchGetSecretValue does after a stage move.
+    pub batch_lags: std::sync::atomic::AtomicBool,
 }
 
 impl FakeStore {
@@ -94,6 +97,17 @@ impl FakeStore {
     }
 }
 
+impl FakeStore {
+    fn batch_answer(&self, name: &str) -> Result<SecretVersion, StoreError> {
+        let mut version = self.current(name)?;
+        if self.batch_lags.load(SeqCst) {
+            version.version_id = "previous".into();
+            version.version_stages = vec!["AWSPREVIOUS".into()];
+        }
+        Ok(version)
+    }
+}
+
 #[async_trait]
 impl SecretStore for FakeStore {
     async fn get_secret_value(
@@ -110,9 +124,12 @@ impl SecretStore for FakeStore {
 
     async fn describe_secret(&self, name: &str) -> Result<SecretDescription, StoreError> {
         self.describe_calls.fetch_add(1, SeqCst);
+        let delay = *self.delay.lock().unwrap();
+        tokio::time::sleep(delay).await;
         if self.refuse_describe.load(SeqCst) {
             return Err(StoreError::AccessDenied {
                 name: name.to_owned(),
+                detail: "DescribeSecret is not allowed".into(),
             });
         }
         if let Some(failure) = self.failure.lock().unwrap().clone() {
@@ -143,7 +160,7 @@ impl SecretStore for FakeStore {
         Ok(BatchAnswer {
             items: names
                 .iter()
-                .map(|name| (name.clone(), self.current(name)))
+                .map(|name| (name.clone(), self.batch_answer(name)))
                 .collect(),
             upstream_calls: calls as u64,
         })

@@ -10,6 +10,8 @@ use async_trait::async_trait;
 use crate::secret::SecretVersion;
 
 pub mod aws;
+pub mod aws_error;
+pub mod bounded;
 #[cfg(test)]
 pub mod fake;
 pub mod file;
@@ -116,11 +118,13 @@ pub enum StoreError {
     NotFound { name: String },
     #[error("secret {name} is marked for deletion")]
     Deleted { name: String },
-    #[error("access to secret {name} was denied upstream")]
-    AccessDenied { name: String },
+    #[error("access to secret {name} was denied: {detail}")]
+    AccessDenied { name: String, detail: String },
     #[error("the upstream throttled the request")]
     Throttled,
-    #[error("the upstream is unavailable: {detail}")]
+    /// `detail` says what failed and what to do, in one line
+    /// (`aws_error`).
+    #[error("{detail}")]
     Unavailable { detail: String },
     #[error("the upstream refused the request: {detail}")]
     Rejected { detail: String },
@@ -128,13 +132,19 @@ pub enum StoreError {
     /// authorized): never served, never cached.
     #[error("asked for secret {asked}, the upstream answered with secret {answered}; refused")]
     Mismatch { asked: String, answered: String },
+    /// More upstream calls are waiting than `--upstream-queue` allows.
+    #[error("too many upstream calls are waiting; try again shortly")]
+    QueueFull,
 }
 
 impl StoreError {
     /// A failure that says nothing about the secret itself (the upstream was
     /// down, slow or busy): the last good value may be served instead.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Throttled | Self::Unavailable { .. })
+        matches!(
+            self,
+            Self::Throttled | Self::Unavailable { .. } | Self::QueueFull
+        )
     }
 }
 

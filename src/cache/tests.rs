@@ -6,6 +6,8 @@ use crate::backend::fake::FakeStore;
 
 const TTL: Duration = Duration::from_secs(300);
 const MAX_STALE: Duration = Duration::from_secs(3600);
+const UPSTREAM_WAIT: Duration = Duration::from_secs(1);
+const NEGATIVE_TTL: Duration = Duration::from_secs(30);
 
 fn cache_over(store: &Arc<FakeStore>, max_entries: usize) -> Cache {
     Cache::new(
@@ -14,6 +16,12 @@ fn cache_over(store: &Arc<FakeStore>, max_entries: usize) -> Cache {
             ttl: TTL,
             max_entries,
             max_stale: MAX_STALE,
+            upstream_wait: UPSTREAM_WAIT,
+            negative_ttl: NEGATIVE_TTL,
+            upstream: UpstreamLimits {
+                concurrency: 32,
+                queue: 1000,
+            },
         },
     )
 }
@@ -129,7 +137,10 @@ async fn definite_answers_are_never_hidden_and_drop_the_entry() {
     for failure in [
         StoreError::NotFound { name: "s".into() },
         StoreError::Deleted { name: "s".into() },
-        StoreError::AccessDenied { name: "s".into() },
+        StoreError::AccessDenied {
+            name: "s".into(),
+            detail: "IAM".into(),
+        },
     ] {
         let store = FakeStore::with(&["s"]);
         let cache = cache_over(&store, 100);
@@ -142,14 +153,14 @@ async fn definite_answers_are_never_hidden_and_drop_the_entry() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn the_least_recently_used_entry_is_evicted() {
+async fn an_entry_read_since_the_last_pass_stays_when_room_is_needed() {
     let store = FakeStore::with(&["a", "b", "c"]);
     let cache = cache_over(&store, 2);
     version_of(&cache, "a").await;
     tokio::time::advance(Duration::from_millis(10)).await;
     version_of(&cache, "b").await;
     tokio::time::advance(Duration::from_millis(10)).await;
-    version_of(&cache, "a").await; // a is now used more recently than b
+    version_of(&cache, "a").await; // a is read again, b is not
     tokio::time::advance(Duration::from_millis(10)).await;
     version_of(&cache, "c").await;
 
@@ -322,4 +333,123 @@ async fn an_answer_for_another_secret_is_refused_and_not_cached() {
     assert_eq!(cache.stats().total_entries, 0, "nothing cached");
     assert!(cache.get(key("insurecove/shared/x"), false).await.is_err());
     assert_eq!(store.calls(), 2, "not served from the cache either");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_upstream_costs_the_first_caller_upstream_wait_and_the_rest_nothing() {
+    let store = FakeStore::with(&["s"]);
+    let cache = cache_over(&store, 100);
+    version_of(&cache, "s").await;
+    tokio::time::advance(TTL + Duration::from_secs(1)).await;
+    *store.delay.lock().unwrap() = Duration::from_secs(20);
+
+    let started = Instant::now();
+    let first = cache.get(key("s"), false).await.unwrap();
+    assert!(first.stale && first.hit);
+    assert_eq!(started.elapsed(), UPSTREAM_WAIT, "bounded by upstream-wait");
+    assert!(cache.stats().backoff_active, "an overdue renewal backs off");
+
+    for _ in 0..100 {
+        let started = Instant::now();
+        let again = cache.get(key("s"), false).await.unwrap();
+        assert!(again.stale);
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "no wait while backed off"
+        );
+    }
+    // A caller whose own deadline is nearer than upstream-wait.
+    tokio::time::advance(Duration::from_secs(40)).await;
+    *store.delay.lock().unwrap() = Duration::ZERO;
+    // The hung renewal has answered by now: the backoff is over and the
+    // entry fresh again.
+    let fresh = cache.get(key("s"), false).await.unwrap();
+    assert!(!fresh.stale, "{fresh:?}");
+    assert!(!cache.stats().backoff_active);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_wait_ends_before_the_callers_deadline() {
+    let store = FakeStore::with(&["s"]);
+    let cache = cache_over(&store, 100);
+    version_of(&cache, "s").await;
+    tokio::time::advance(TTL + Duration::from_secs(1)).await;
+    *store.delay.lock().unwrap() = Duration::from_secs(20);
+    let started = Instant::now();
+    let deadline = started + Duration::from_millis(500);
+    let stale = cache
+        .get_until(key("s"), false, Some(deadline))
+        .await
+        .unwrap();
+    assert!(stale.stale);
+    assert!(started.elapsed() < Duration::from_millis(500));
+}
+
+#[tokio::test(start_paused = true)]
+async fn transient_failures_back_off_and_one_probe_asks_again() {
+    let store = FakeStore::with(&["a", "b"]);
+    let cache = cache_over(&store, 100);
+    version_of(&cache, "a").await;
+    version_of(&cache, "b").await;
+    tokio::time::advance(TTL + Duration::from_secs(1)).await;
+    store.fail_with(Some(StoreError::Unavailable {
+        detail: "down".into(),
+    }));
+    assert!(cache.get(key("a"), false).await.unwrap().stale);
+    let calls = store.calls() + store.describe_calls();
+    assert!(cache.get(key("b"), false).await.unwrap().stale);
+    assert_eq!(
+        store.calls() + store.describe_calls(),
+        calls,
+        "backed off: b is served stale without asking"
+    );
+    store.fail_with(None);
+    tokio::time::advance(Duration::from_secs(31)).await;
+    // The backoff is over: the next caller probes, and it works.
+    assert!(!cache.get(key("b"), false).await.unwrap().stale);
+    assert!(!cache.stats().backoff_active);
+}
+
+#[tokio::test(start_paused = true)]
+async fn not_found_is_remembered_until_a_bypass_read() {
+    let store = FakeStore::with(&[]);
+    let cache = cache_over(&store, 100);
+    for _ in 0..2 {
+        assert!(matches!(
+            cache.get(key("missing"), false).await,
+            Err(StoreError::NotFound { .. })
+        ));
+    }
+    assert_eq!(store.calls(), 1, "the second ask is answered from memory");
+    assert_eq!(cache.stats().negative_hits, 1);
+    store.set("missing", "v1");
+    assert!(
+        cache.get(key("missing"), false).await.is_err(),
+        "within the TTL"
+    );
+    assert_eq!(version_of_bypass(&cache, "missing").await, "v1");
+    assert_eq!(version_of(&cache, "missing").await, "v1");
+    assert_eq!(cache.stats().negative_entries, 0);
+    tokio::time::advance(NEGATIVE_TTL).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn remembered_misses_expire() {
+    let store = FakeStore::with(&[]);
+    let cache = cache_over(&store, 100);
+    assert!(cache.get(key("later"), false).await.is_err());
+    store.set("later", "v1");
+    tokio::time::advance(NEGATIVE_TTL).await;
+    assert_eq!(version_of(&cache, "later").await, "v1");
+}
+
+async fn version_of_bypass(cache: &Cache, name: &str) -> String {
+    cache
+        .get(key(name), true)
+        .await
+        .unwrap()
+        .version
+        .version_id
+        .clone()
 }

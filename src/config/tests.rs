@@ -35,6 +35,10 @@ fn defaults_are_the_guides() {
     assert_eq!(settings.cache.ttl, Duration::from_secs(300));
     assert_eq!(settings.cache.max_entries, 10_000);
     assert_eq!(settings.cache.max_stale, Duration::from_secs(3600));
+    assert_eq!(settings.cache.upstream_wait, Duration::from_secs(1));
+    assert_eq!(settings.cache.negative_ttl, Duration::from_secs(30));
+    assert_eq!(settings.cache.upstream.concurrency, 32);
+    assert_eq!(settings.cache.upstream.queue, 1000);
     assert_eq!(settings.watch_interval, Duration::from_secs(30));
     assert_eq!(settings.log_level, "info");
     assert_eq!(

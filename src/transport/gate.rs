@@ -12,7 +12,10 @@
 //! - the call timeout: a call whose answer is not ready within
 //!   `--call-timeout` is answered DEADLINE_EXCEEDED (`CALL_TIMEOUT`). tonic's
 //!   own timeout answers CANCELLED with no reason, so the broker keeps its
-//!   own. It bounds the wait for a stream's request message too.
+//!   own. It bounds the wait for a stream's request message too. The
+//!   earlier of it and the caller's own deadline (`grpc-timeout`) goes to
+//!   the handlers as a `CallDeadline`, so that they stop waiting for the
+//!   upstream in time to answer with what they have.
 
 use std::{
     convert::Infallible,
@@ -97,8 +100,11 @@ where
                 }
             },
         };
-        let call = self.inner.call(request);
         let limit = self.call_timeout;
+        let mut request = request;
+        let deadline = CallDeadline::of(request.headers().get("grpc-timeout"), limit);
+        request.extensions_mut().insert(deadline);
+        let call = self.inner.call(request);
         Box::pin(async move {
             let response = match tokio::time::timeout(limit, call).await {
                 Ok(Ok(response)) => response,
@@ -110,6 +116,47 @@ where
             })
         })
     }
+}
+
+/// When a call must have its answer: the earlier of the call timeout and
+/// the caller's own deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallDeadline(pub tokio::time::Instant);
+
+impl CallDeadline {
+    fn of(grpc_timeout: Option<&http::HeaderValue>, call_timeout: Duration) -> Self {
+        let callers = grpc_timeout
+            .and_then(|value| value.to_str().ok())
+            .and_then(parse_grpc_timeout);
+        let within = callers.map_or(call_timeout, |callers| callers.min(call_timeout));
+        Self(tokio::time::Instant::now() + within)
+    }
+
+    /// The deadline a request carries (none outside the gate, e.g. tests).
+    pub fn of_request<T>(request: &tonic::Request<T>) -> Option<tokio::time::Instant> {
+        request
+            .extensions()
+            .get::<Self>()
+            .map(|deadline| deadline.0)
+    }
+}
+
+/// gRPC's `grpc-timeout`: up to 8 digits and a unit (H, M, S, m, u, n).
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount * 3600),
+        "M" => Duration::from_secs(amount * 60),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
 }
 
 /// `application/grpc` or `application/grpc+proto`, parameters allowed.
@@ -162,6 +209,16 @@ impl http_body::Body for HoldsSlot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_as_the_protocol_says() {
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("123456789S"), None);
+        assert_eq!(parse_grpc_timeout("5x"), None);
+        assert_eq!(parse_grpc_timeout(""), None);
+    }
 
     #[test]
     fn only_grpc_content_types_pass() {

@@ -10,13 +10,19 @@ fn hub_over(store: &Arc<FakeStore>) -> (WatchHub, Cache) {
             ttl: Duration::from_secs(300),
             max_entries: 100,
             max_stale: Duration::from_secs(60),
+            upstream_wait: Duration::from_secs(1),
+            negative_ttl: Duration::from_secs(30),
+            upstream: crate::backend::bounded::UpstreamLimits {
+                concurrency: 32,
+                queue: 1000,
+            },
         },
     );
     (WatchHub::new(cache.clone(), Duration::from_secs(30)), cache)
 }
 
 async fn subscribe(hub: &WatchHub, name: &str) -> Subscription {
-    hub.subscribe(name.to_owned(), AWSCURRENT.to_owned())
+    hub.subscribe(name.to_owned(), AWSCURRENT.to_owned(), false)
         .await
         .unwrap()
 }
@@ -155,7 +161,7 @@ async fn a_bypass_read_that_finds_a_new_version_notifies_at_once() {
 async fn missing_secrets_are_refused_at_once() {
     let store = FakeStore::with(&[]);
     let (hub, _) = hub_over(&store);
-    let refused = hub.subscribe("nope".into(), AWSCURRENT.into()).await;
+    let refused = hub.subscribe("nope".into(), AWSCURRENT.into(), false).await;
     assert!(matches!(refused, Err(StoreError::NotFound { .. })));
     assert_eq!(hub.stats().watchers, 0);
 }
@@ -201,4 +207,46 @@ async fn a_known_deletion_is_the_first_state_of_a_new_watcher() {
     round(&hub, &store).await;
     let second = subscribe(&hub, "s").await;
     assert_eq!(second.first.event, WatchEvent::Deleted);
+}
+
+#[tokio::test]
+async fn a_batch_answer_without_the_stage_is_read_again_by_stage() {
+    let store = FakeStore::with(&["s"]);
+    let (hub, _) = hub_over(&store);
+    let mut watcher = subscribe(&hub, "s").await;
+    store
+        .batch_lags
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    store.set("s", "v2");
+    let reads = store.calls();
+    round(&hub, &store).await;
+    assert_eq!(latest(&mut watcher), (WatchEvent::Rotated, "v2".into()));
+    assert_eq!(
+        store.calls(),
+        reads + 1,
+        "one direct read, in the same round"
+    );
+    round(&hub, &store).await;
+    assert!(!watcher.changes.has_changed().unwrap(), "exactly one event");
+}
+
+#[tokio::test]
+async fn a_resuming_watcher_of_a_live_topic_gets_a_fresh_read_first() {
+    let store = FakeStore::with(&["s"]);
+    let (hub, _) = hub_over(&store);
+    let mut staying = subscribe(&hub, "s").await;
+    store.set("s", "v2");
+    let resumed = hub
+        .subscribe("s".into(), AWSCURRENT.into(), true)
+        .await
+        .unwrap();
+    assert_eq!(resumed.first.version.version_id, "v2");
+    assert_eq!(resumed.first.event, WatchEvent::Rotated);
+    assert_eq!(
+        latest(&mut staying),
+        (WatchEvent::Rotated, "v2".into()),
+        "the news reaches the topic's other watchers"
+    );
+    let plain = subscribe(&hub, "s").await;
+    assert_eq!(plain.first.version.version_id, "v2");
 }

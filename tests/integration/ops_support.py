@@ -125,26 +125,49 @@ def wait_for_status(addr: str, path: str, status: int, timeout: float) -> tuple[
 
 # --------------------------------------------------------------------------
 # A slow upstream: a loopback reverse proxy in front of moto that holds
-# GetSecretValue requests for `delay` seconds before forwarding them, so that
-# a unary call is certainly in flight inside the broker when a test wants.
+# requests for `delay` seconds before forwarding them (GetSecretValue only by
+# default; `delayed=None`: every request), so that a call is certainly in
+# flight inside the broker when a test wants. It counts what it forwards (by
+# X-Amz-Target) and the most requests under way at once.
 
 class SlowUpstream:
-    def __init__(self, moto_address: str, delay: float):
+    def __init__(self, moto_address: str, delay: float, delayed: tuple[str, ...] | None = (".GetSecretValue",)):
         self.moto_address = moto_address          # "127.0.0.1:PORT"
         self.delay = delay
+        self.delayed = delayed
         self.held = threading.Event()             # set when a request is being held
+        self.lock = threading.Lock()
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.targets: list[str] = []
         handler = type("Handler", (_SlowHandler,), {"upstream": self})
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
+        self._server.request_queue_size = 1024
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )
         self._thread.start()
 
+    def count(self, suffix: str) -> int:
+        """Requests forwarded whose X-Amz-Target ends with suffix."""
+        with self.lock:
+            return sum(1 for t in self.targets if t.endswith(suffix))
+
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+    def _enter(self, target: str) -> None:
+        with self.lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            self.targets.append(target)
+
+    def _leave(self) -> None:
+        with self.lock:
+            self.in_flight -= 1
 
 
 class _SlowHandler(BaseHTTPRequestHandler):
@@ -155,18 +178,24 @@ class _SlowHandler(BaseHTTPRequestHandler):
         pass
 
     def do_POST(self) -> None:
+        up = self.upstream
         body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-        if self.headers.get("X-Amz-Target", "").endswith(".GetSecretValue"):
-            self.upstream.held.set()
-            time.sleep(self.upstream.delay)
-        conn = http.client.HTTPConnection(self.upstream.moto_address, timeout=30)
+        target = self.headers.get("X-Amz-Target", "")
+        up._enter(target)
         try:
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "keep-alive")}
-            conn.request("POST", self.path, body=body, headers=headers)
-            resp = conn.getresponse()
-            data = resp.read()
+            if up.delayed is None or target.endswith(up.delayed):
+                up.held.set()
+                time.sleep(up.delay)
+            conn = http.client.HTTPConnection(up.moto_address, timeout=30)
+            try:
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "keep-alive")}
+                conn.request("POST", self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+            finally:
+                conn.close()
         finally:
-            conn.close()
+            up._leave()
         self.send_response(resp.status)
         for k, v in resp.getheaders():
             if k.lower() not in ("connection", "keep-alive", "transfer-encoding", "content-length"):

@@ -15,14 +15,24 @@
 //!   throttling), the last good value is served, marked stale, until it is
 //!   `max_stale` past its TTL. Definite answers (not found, deleted, access
 //!   denied) are never hidden: they drop the entry.
+//! - Slow is not down: a caller of an expired entry waits at most
+//!   `upstream_wait` (and never past its own deadline) for the renewal, then
+//!   gets the stale value while the renewal goes on in the background. A
+//!   renewal that overran that wait, or a transient failure, backs the
+//!   upstream off (`backoff`): meanwhile callers with a stale value get it at
+//!   once, and one probe at a time asks again.
+//! - The upstream is asked at most `upstream.concurrency` calls at a time,
+//!   with a bounded queue behind (`backend::bounded`), and a NOT_FOUND is
+//!   remembered for `negative_ttl` (`negative`): floods of misses reach AWS
+//!   as a trickle.
 //! - An entry due for renewal (expired, or refreshed ahead) is first
 //!   revalidated with DescribeSecret: when the stage still points at the
 //!   cached version, the entry is renewed without reading the value again
 //!   (a version's value never changes upstream). DescribeSecret has four
 //!   times GetSecretValue's quota, and no secret bytes cross the wire.
 //!   Bypass reads and RefreshSecret always read the value.
-//! - The entry count is bounded; inserting past it evicts the least
-//!   recently used entry.
+//! - The entry count is bounded; inserting past it evicts by CLOCK
+//!   (`eviction`): amortized O(1), recently read entries stay.
 //! - Fetches are numbered; an answer older than the cached one never
 //!   replaces it, so a slow fetch cannot roll a fresh value back.
 //! - Whoever needs to know when a key's version changes (the watch layer)
@@ -46,10 +56,21 @@ use futures::{
 use tokio::time::Instant;
 
 use crate::{
-    backend::{SecretStore, StoreError, VersionSelector},
+    backend::{
+        SecretStore, StoreError, VersionSelector,
+        bounded::{BoundedStore, UpstreamLimits, UpstreamLoad},
+    },
     names,
     secret::SecretVersion,
 };
+
+mod backoff;
+mod eviction;
+mod negative;
+
+use backoff::{Backoff, Permit};
+use eviction::{Clock, Slotted};
+use negative::NegativeEntries;
 
 /// What identifies a cache entry.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -75,6 +96,13 @@ pub struct CacheSettings {
     /// How long past its TTL a value may still be served when the upstream
     /// fails transiently.
     pub max_stale: Duration,
+    /// How long a caller of an expired entry waits for its renewal before
+    /// it gets the stale value.
+    pub upstream_wait: Duration,
+    /// How long a NOT_FOUND is remembered (zero: not at all).
+    pub negative_ttl: Duration,
+    /// How much of the upstream the cache may use at once.
+    pub upstream: UpstreamLimits,
 }
 
 /// A value as the cache answers it.
@@ -114,6 +142,15 @@ pub struct CacheStats {
     pub upstream_calls: u64,
     pub upstream_errors: u64,
     pub evictions: u64,
+    /// NOT_FOUND answers remembered now.
+    pub negative_entries: u64,
+    /// Reads answered by a remembered NOT_FOUND.
+    pub negative_hits: u64,
+    /// The upstream is backed off now.
+    pub backoff_active: bool,
+    /// Times the upstream was backed off.
+    pub backoffs: u64,
+    pub upstream: UpstreamLoad,
 }
 
 impl CacheStats {
@@ -143,12 +180,16 @@ type FetchResult = Result<Arc<SecretVersion>, StoreError>;
 type Fetch = SharedFuture<BoxFuture<'static, FetchResult>>;
 
 struct Shared {
+    /// The store behind the bound: what the cache and the change detector
+    /// ask.
     store: Arc<dyn SecretStore>,
+    bounded: Arc<BoundedStore>,
     settings: CacheSettings,
     entries: DashMap<CacheKey, Arc<Entry>>,
     inflight: DashMap<CacheKey, Fetch>,
-    /// The clock's origin, for `Entry::last_used`.
-    epoch: Instant,
+    negative: NegativeEntries,
+    backoff: Backoff,
+    clock: Clock,
     /// Numbers fetches in the order they start.
     next_fetch: AtomicU64,
     counters: Counters,
@@ -160,10 +201,22 @@ struct Entry {
     fetched_at: Instant,
     /// The number of the fetch that read it.
     fetch_number: u64,
-    /// Milliseconds since `epoch` of the last read, for LRU eviction.
-    last_used: AtomicU64,
+    /// Its place in the eviction clock (kept when the value is replaced).
+    slot: u64,
+    /// Read since the clock last passed it.
+    referenced: AtomicBool,
     /// A refresh-ahead is under way.
     refreshing: AtomicBool,
+}
+
+impl Slotted for Arc<Entry> {
+    fn slot(&self) -> u64 {
+        self.slot
+    }
+
+    fn take_reference(&self) -> bool {
+        self.referenced.swap(false, Relaxed)
+    }
 }
 
 #[derive(Default)]
@@ -175,6 +228,7 @@ struct Counters {
     upstream_calls: AtomicU64,
     upstream_errors: AtomicU64,
     evictions: AtomicU64,
+    negative_hits: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64) {
@@ -183,13 +237,17 @@ fn bump(counter: &AtomicU64) {
 
 impl Cache {
     pub fn new(store: Arc<dyn SecretStore>, settings: CacheSettings) -> Self {
+        let bounded = BoundedStore::wrap(store, settings.upstream);
         Self {
             shared: Arc::new(Shared {
-                store,
+                store: Arc::clone(&bounded) as Arc<dyn SecretStore>,
+                bounded,
                 settings,
                 entries: DashMap::new(),
                 inflight: DashMap::new(),
-                epoch: Instant::now(),
+                negative: NegativeEntries::new(settings.negative_ttl, settings.max_entries),
+                backoff: Backoff::default(),
+                clock: Clock::default(),
                 next_fetch: AtomicU64::new(0),
                 counters: Counters::default(),
                 listener: OnceLock::new(),
@@ -224,22 +282,55 @@ impl Cache {
     /// Reads through the cache. `bypass` asks upstream now, and the answer
     /// replaces the cached one for everybody.
     pub async fn get(&self, key: CacheKey, bypass: bool) -> Result<Lookup, StoreError> {
-        if !bypass && let Some(lookup) = self.shared.fresh_hit(&key, true) {
+        self.get_until(key, bypass, None).await
+    }
+
+    /// `get` for a caller that gives up at `deadline`: an expired entry's
+    /// renewal is waited for at most `upstream_wait`, and never past it.
+    pub async fn get_until(
+        &self,
+        key: CacheKey,
+        bypass: bool,
+        deadline: Option<Instant>,
+    ) -> Result<Lookup, StoreError> {
+        let shared = &self.shared;
+        if bypass {
+            bump(&shared.counters.misses);
+            shared.negative.forget(&key);
+            let fetch = shared.start_fetch(key.clone());
+            return shared.answer(&key, fetch.await);
+        }
+        if let Some(lookup) = shared.fresh_hit(&key, true) {
             return Ok(lookup);
         }
-        let fetch = if bypass {
-            bump(&self.shared.counters.misses);
-            self.shared.start_fetch(key.clone())
-        } else {
-            match self.shared.join_or_start_fetch(&key, true) {
-                Joined::Hit(lookup) => return Ok(lookup),
-                Joined::Fetch(fetch) => fetch,
-            }
+        if let Some(error) = shared.negative.get(&key) {
+            bump(&shared.counters.negative_hits);
+            return Err(error);
+        }
+        let Some(stale) = shared.stale_entry(&key) else {
+            // Nothing to fall back on: the caller waits for the upstream.
+            return match shared.join_or_start_fetch(&key, true) {
+                Joined::Hit(lookup) => Ok(lookup),
+                Joined::Fetch(fetch) => shared.answer(&key, fetch.await),
+            };
         };
-        match fetch.await {
-            Ok(version) => Ok(Lookup::fresh(version)),
-            Err(error) if error.is_transient() => self.shared.stale_or(&key, error),
-            Err(error) => Err(error),
+        let _probe = match shared.backoff.permit() {
+            Permit::Fallback => return Ok(shared.serve_stale(&stale)),
+            Permit::Probe => Some(ProbeGuard(&shared.backoff)),
+            Permit::Ask => None,
+        };
+        let fetch = match shared.join_or_start_fetch(&key, true) {
+            Joined::Hit(lookup) => return Ok(lookup),
+            Joined::Fetch(fetch) => fetch,
+        };
+        match tokio::time::timeout(shared.wait_until(deadline), fetch).await {
+            Ok(result) => shared.answer(&key, result),
+            Err(_overdue) => {
+                // The renewal goes on in the background; it ends the backoff
+                // when it answers.
+                shared.backoff.failed();
+                Ok(shared.serve_stale(&stale))
+            }
         }
     }
 
@@ -248,6 +339,7 @@ impl Cache {
     /// replaces the entry. For callers that must not act on a cached value,
     /// e.g. a watch's first state, compared with what the caller holds.
     pub async fn get_fresh(&self, key: CacheKey) -> Result<Lookup, StoreError> {
+        self.shared.negative.forget(&key);
         match self.shared.join_or_start_fetch(&key, false) {
             Joined::Hit(lookup) => Ok(lookup),
             Joined::Fetch(fetch) => Ok(Lookup::fresh(fetch.await?)),
@@ -263,6 +355,7 @@ impl Cache {
             .get(&key)
             .map(|entry| entry.version.version_id.clone());
         bump(&self.shared.counters.misses);
+        self.shared.negative.forget(&key);
         let version = self.shared.start_fetch(key).await?;
         let changed = before.as_deref() != Some(version.version_id.as_str());
         Ok((version, changed))
@@ -272,8 +365,10 @@ impl Cache {
     /// every entry when `names` is empty. Returns how many were dropped.
     pub fn clear(&self, names: &[String]) -> u64 {
         let before = self.shared.entries.len();
+        self.shared.negative.forget_names(names);
         if names.is_empty() {
             self.shared.entries.clear();
+            self.shared.clock.clear();
         } else {
             self.shared
                 .entries
@@ -304,7 +399,21 @@ impl Cache {
             upstream_calls: read(&counters.upstream_calls),
             upstream_errors: read(&counters.upstream_errors),
             evictions: read(&counters.evictions),
+            negative_entries: shared.negative.len() as u64,
+            negative_hits: read(&counters.negative_hits),
+            backoff_active: shared.backoff.active(),
+            backoffs: shared.backoff.times_started(),
+            upstream: shared.bounded.load(),
         }
+    }
+}
+
+/// Lets the next caller probe once this one is done.
+struct ProbeGuard<'a>(&'a Backoff);
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.probe_done();
     }
 }
 
@@ -327,14 +436,6 @@ enum Joined {
 }
 
 impl Shared {
-    fn now_millis(&self) -> u64 {
-        self.millis_at(Instant::now())
-    }
-
-    fn millis_at(&self, at: Instant) -> u64 {
-        at.duration_since(self.epoch).as_millis() as u64
-    }
-
     /// The hot path: a fresh entry, counted as a hit, with refresh-ahead
     /// unless the caller holds `inflight`'s lock for this key.
     fn fresh_hit(self: &Arc<Self>, key: &CacheKey, may_refresh: bool) -> Option<Lookup> {
@@ -345,9 +446,15 @@ impl Shared {
         if age >= ttl {
             return None;
         }
-        entry.last_used.store(self.millis_at(now), Relaxed);
+        if !entry.referenced.load(Relaxed) {
+            entry.referenced.store(true, Relaxed);
+        }
         bump(&self.counters.hits);
-        if may_refresh && age >= ttl - ttl / 10 && !entry.refreshing.swap(true, Relaxed) {
+        if may_refresh
+            && age >= ttl - ttl / 10
+            && !self.backoff.active()
+            && !entry.refreshing.swap(true, Relaxed)
+        {
             self.refresh_ahead(key);
         }
         Some(Lookup {
@@ -476,6 +583,12 @@ impl Shared {
         started: Instant,
         result: FetchResult,
     ) -> FetchResult {
+        match &result {
+            Err(StoreError::Throttled | StoreError::Unavailable { .. }) => self.backoff.failed(),
+            // Our own queue being full says nothing about the upstream.
+            Err(StoreError::QueueFull) => {}
+            _ => self.backoff.succeeded(),
+        }
         match result {
             Ok(version) => {
                 self.store_entry(key, Arc::clone(&version), started, number);
@@ -483,8 +596,12 @@ impl Shared {
             }
             Err(error) => {
                 bump(&self.counters.upstream_errors);
+                self.negative.remember(key, &error);
                 if error.is_transient() {
-                    tracing::warn!(secret = %key.name, %error, "upstream read failed; the last good value may be served, marked stale");
+                    // The upstream's state changes are logged by the health
+                    // check, once each way; a line per failed read would
+                    // repeat them.
+                    tracing::debug!(secret = %key.name, %error, "upstream read failed; the last good value may be served, marked stale");
                 } else {
                     tracing::debug!(secret = %key.name, %error, "upstream read refused");
                 }
@@ -502,28 +619,35 @@ impl Shared {
     }
 
     fn store_entry(&self, key: &CacheKey, version: Arc<SecretVersion>, at: Instant, number: u64) {
-        let entry = Arc::new(Entry {
-            version: Arc::clone(&version),
-            fetched_at: at,
-            fetch_number: number,
-            last_used: AtomicU64::new(self.now_millis()),
-            refreshing: AtomicBool::new(false),
-        });
-        let (stored, is_new) = match self.entries.entry(key.clone()) {
+        self.negative.forget(key);
+        let entry = |slot| {
+            Arc::new(Entry {
+                version: Arc::clone(&version),
+                fetched_at: at,
+                fetch_number: number,
+                slot,
+                referenced: AtomicBool::new(false),
+                refreshing: AtomicBool::new(false),
+            })
+        };
+        let (stored, new_slot) = match self.entries.entry(key.clone()) {
             MapEntry::Occupied(mut current) => {
                 // An older fetch that ends late must not roll the value back.
                 let newer = current.get().fetch_number < number;
                 if newer {
-                    current.insert(entry);
+                    let slot = current.get().slot;
+                    current.insert(entry(slot));
                 }
-                (newer, false)
+                (newer, None)
             }
-            MapEntry::Vacant(slot) => {
-                slot.insert(entry);
-                (true, true)
+            MapEntry::Vacant(vacant) => {
+                let slot = self.clock.new_slot();
+                vacant.insert(entry(slot));
+                (true, Some(slot))
             }
         };
-        if is_new {
+        if let Some(slot) = new_slot {
+            self.clock.push(key.clone(), slot);
             self.evict_over_capacity(key);
         }
         if let (true, Some(listener)) = (stored, self.listener.get()) {
@@ -531,20 +655,65 @@ impl Shared {
         }
     }
 
-    /// Drops least recently used entries (never `keep`, just stored) until
-    /// the cache is within its bound.
+    /// Evicts entries the clock picks (never `keep`, just stored) until the
+    /// cache is within its bound.
     fn evict_over_capacity(&self, keep: &CacheKey) {
-        while self.entries.len() > self.settings.max_entries.max(1) {
-            let oldest = self
-                .entries
-                .iter()
-                .filter(|entry| entry.key() != keep)
-                .min_by_key(|entry| entry.last_used.load(Relaxed))
-                .map(|entry| entry.key().clone());
-            let Some(oldest) = oldest else { return };
-            if self.entries.remove(&oldest).is_some() {
+        let bound = self.settings.max_entries.max(1);
+        while self.entries.len() > bound {
+            let lookup = |key: &CacheKey| {
+                (key != keep)
+                    .then(|| self.entries.get(key).map(|entry| Arc::clone(&*entry)))
+                    .flatten()
+            };
+            let Some(victim) = self.clock.victim(self.entries.len(), lookup) else {
+                return;
+            };
+            if self.entries.remove(&victim).is_some() {
                 bump(&self.counters.evictions);
             }
+        }
+    }
+
+    /// The answer of a fetch to its caller: a value, or after a transient
+    /// failure the last good value within the staleness bound.
+    fn answer(&self, key: &CacheKey, result: FetchResult) -> Result<Lookup, StoreError> {
+        match result {
+            Ok(version) => Ok(Lookup::fresh(version)),
+            Err(error) if error.is_transient() => self.stale_or(key, error),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// An expired entry that may still be served stale.
+    fn stale_entry(&self, key: &CacheKey) -> Option<Arc<Entry>> {
+        let entry = self.entries.get(key).map(|e| Arc::clone(&*e))?;
+        let age = Instant::now().duration_since(entry.fetched_at);
+        (age <= self.settings.ttl + self.settings.max_stale).then_some(entry)
+    }
+
+    fn serve_stale(&self, entry: &Entry) -> Lookup {
+        bump(&self.counters.stale_served);
+        Lookup {
+            version: Arc::clone(&entry.version),
+            hit: true,
+            age: Instant::now().duration_since(entry.fetched_at),
+            stale: true,
+        }
+    }
+
+    /// How long a caller with a stale value waits for its renewal: at most
+    /// `upstream_wait`, and ending a little before the caller's deadline so
+    /// that the stale answer still reaches it.
+    fn wait_until(&self, deadline: Option<Instant>) -> Duration {
+        const ANSWER_MARGIN: Duration = Duration::from_millis(100);
+        let wait = self.settings.upstream_wait;
+        match deadline {
+            Some(deadline) => wait.min(
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .saturating_sub(ANSWER_MARGIN),
+            ),
+            None => wait,
         }
     }
 
@@ -552,20 +721,10 @@ impl Shared {
     /// bound, or the failure. It is marked stale even within its TTL (a
     /// bypass read asked for a fresher one and did not get it).
     fn stale_or(&self, key: &CacheKey, error: StoreError) -> Result<Lookup, StoreError> {
-        let Some(entry) = self.entries.get(key).map(|e| Arc::clone(&*e)) else {
-            return Err(error);
-        };
-        let age = Instant::now().duration_since(entry.fetched_at);
-        if age > self.settings.ttl + self.settings.max_stale {
-            return Err(error);
+        match self.stale_entry(key) {
+            Some(entry) => Ok(self.serve_stale(&entry)),
+            None => Err(error),
         }
-        bump(&self.counters.stale_served);
-        Ok(Lookup {
-            version: Arc::clone(&entry.version),
-            hit: true,
-            age,
-            stale: true,
-        })
     }
 }
 

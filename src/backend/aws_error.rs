@@ -1,0 +1,418 @@
+//! AWS SDK failures, told to people: what went wrong, in one short line,
+//! and what to do about it.
+//!
+//! The SDK's own error is a deep chain (dispatch failure → connector error
+//! → credentials provider chain → ...), whose Debug form runs to a thousand
+//! characters. Every failure of the AWS backend passes here once and comes
+//! out as a `StoreError` whose message names the cause (no credentials, and
+//! which sources were tried; credentials rejected; access denied, with the
+//! action and the secret; endpoint or proxy unreachable; region unknown;
+//! throttled; timed out) and the fix (AWS_PROFILE or the access keys, the
+//! role's policy in `deploy/iam-policy.json`, HTTPS_PROXY/NO_PROXY, `--dev`
+//! to try without AWS). That message is what `check` prints, what the log
+//! says, what `CheckUpstream.detail` and callers' UNAVAILABLE /
+//! PERMISSION_DENIED messages carry. The whole chain stays available at
+//! DEBUG. AWS's messages name rules and resources, never secret values or
+//! credentials; the broker quotes none of them to callers anyway.
+
+use std::error::Error as StdError;
+
+use aws_config::meta::ProviderChainError;
+use aws_credential_types::provider::error::CredentialsError;
+use aws_sdk_secretsmanager::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+
+use super::StoreError;
+
+/// Where the broker's AWS calls go, for messages that name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    pub region: String,
+    /// The endpoint URL (`AWS_ENDPOINT_URL`, or AWS's own for the region).
+    pub endpoint: String,
+    /// Whether the endpoint was set by `AWS_ENDPOINT_URL*`.
+    pub custom_endpoint: bool,
+    /// The proxy the calls go through, and the variable that set it.
+    pub proxy: Option<(String, &'static str)>,
+}
+
+impl Upstream {
+    /// From the environment, as the SDK and its HTTP client read it.
+    pub fn from_env(region: &str, env: &dyn Fn(&str) -> Option<String>) -> Self {
+        let custom = ["AWS_ENDPOINT_URL_SECRETS_MANAGER", "AWS_ENDPOINT_URL"]
+            .iter()
+            .find_map(|var| env(var).filter(|v| !v.is_empty()));
+        let endpoint = custom
+            .clone()
+            .unwrap_or_else(|| format!("https://secretsmanager.{region}.amazonaws.com"));
+        let proxy = proxy_for(&endpoint, env);
+        Self {
+            region: region.to_owned(),
+            endpoint,
+            custom_endpoint: custom.is_some(),
+            proxy,
+        }
+    }
+
+    fn via(&self) -> String {
+        match &self.proxy {
+            Some((proxy, var)) => format!(" through the proxy {proxy} ({var})"),
+            None => String::new(),
+        }
+    }
+}
+
+/// The proxy variable that applies to `endpoint`, unless NO_PROXY exempts
+/// its host.
+fn proxy_for(
+    endpoint: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Option<(String, &'static str)> {
+    let url = url::Url::parse(endpoint).ok()?;
+    let host = url.host_str()?.to_owned();
+    let no_proxy = env("NO_PROXY")
+        .or_else(|| env("no_proxy"))
+        .unwrap_or_default();
+    let exempt = no_proxy.split(',').map(str::trim).any(|rule| {
+        !rule.is_empty()
+            && (rule == "*"
+                || host == rule.trim_start_matches('.')
+                || host.ends_with(&format!(".{}", rule.trim_start_matches('.'))))
+    });
+    if exempt {
+        return None;
+    }
+    let vars: &[&'static str] = if url.scheme() == "https" {
+        &["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"]
+    } else {
+        &["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"]
+    };
+    vars.iter()
+        .find_map(|var| env(var).filter(|v| !v.is_empty()).map(|v| (v, *var)))
+}
+
+/// Turns a failed SDK call (`action` on `secret`) into the broker's error.
+pub fn explain<E, R>(
+    error: &SdkError<E, R>,
+    action: &'static str,
+    secret: &str,
+    upstream: &Upstream,
+) -> StoreError
+where
+    E: ProvideErrorMetadata + StdError + 'static,
+    R: std::fmt::Debug + 'static,
+{
+    tracing::debug!(action, secret, error = %DisplayErrorContext(error), "AWS call failed");
+    match error {
+        SdkError::ServiceError(service) => {
+            let err = service.err();
+            explain_code(
+                err.code().unwrap_or_default(),
+                err.message().unwrap_or_default(),
+                action,
+                secret,
+            )
+        }
+        SdkError::TimeoutError(_) => StoreError::Unavailable {
+            detail: format!(
+                "AWS did not answer in time at {}{}",
+                upstream.endpoint,
+                upstream.via()
+            ),
+        },
+        SdkError::DispatchFailure(failure) if failure.is_timeout() => StoreError::Unavailable {
+            detail: format!(
+                "connecting to AWS at {}{} timed out; check the network{}",
+                upstream.endpoint,
+                upstream.via(),
+                proxy_hint(upstream)
+            ),
+        },
+        _ => explain_chain(error, upstream),
+    }
+}
+
+/// Dispatch and response failures: credentials, connections, names.
+fn explain_chain(error: &(dyn StdError + 'static), upstream: &Upstream) -> StoreError {
+    if let Some(credentials) = find::<CredentialsError>(error) {
+        return StoreError::Unavailable {
+            detail: explain_credentials(credentials),
+        };
+    }
+    let chain = chain_text(error);
+    let detail = if chain.contains("dns error") || chain.contains("failed to lookup address") {
+        if upstream.custom_endpoint {
+            format!(
+                "the AWS endpoint {} does not resolve{}: check AWS_ENDPOINT_URL",
+                upstream.endpoint,
+                upstream.via()
+            )
+        } else {
+            format!(
+                "region {:?} looks unknown: {} does not resolve{}; check AWS_DEFAULT_REGION or --region",
+                upstream.region,
+                upstream.endpoint,
+                upstream.via()
+            )
+        }
+    } else if let Some((proxy, var)) = &upstream.proxy {
+        format!(
+            "cannot reach AWS at {} through the proxy {proxy} ({var}): {}; check {var} and NO_PROXY",
+            upstream.endpoint,
+            io_reason(&chain)
+        )
+    } else {
+        format!(
+            "cannot reach AWS at {}: {}{}",
+            upstream.endpoint,
+            io_reason(&chain),
+            if upstream.custom_endpoint {
+                "; check AWS_ENDPOINT_URL"
+            } else {
+                "; check the network, or HTTPS_PROXY if AWS is reached through a proxy"
+            }
+        )
+    };
+    StoreError::Unavailable { detail }
+}
+
+fn proxy_hint(upstream: &Upstream) -> &'static str {
+    match upstream.proxy {
+        Some(_) => " and the proxy (HTTPS_PROXY, NO_PROXY)",
+        None => " (or HTTPS_PROXY if AWS is reached through a proxy)",
+    }
+}
+
+/// The few words that say why a connection failed.
+fn io_reason(chain: &str) -> &'static str {
+    if chain.contains("refused") {
+        "connection refused"
+    } else if chain.contains("reset") {
+        "connection reset"
+    } else if chain.contains("certificate") || chain.contains("tls") {
+        "TLS failed"
+    } else if chain.contains("timed out") || chain.contains("timeout") {
+        "timed out"
+    } else {
+        "the connection failed"
+    }
+}
+
+fn explain_credentials(error: &CredentialsError) -> String {
+    let fix = "set AWS_PROFILE, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or give the \
+               broker an IAM role; `serve --dev` runs without AWS";
+    match find::<ProviderChainError<CredentialsError>>(error) {
+        Some(chain) if !chain.attempts().is_empty() => {
+            let tried: Vec<&str> = chain.attempts().iter().map(|a| a.name()).collect();
+            format!(
+                "no AWS credentials found (tried: {}): {fix}",
+                tried.join(", ")
+            )
+        }
+        _ => match error {
+            CredentialsError::CredentialsNotLoaded(_) => {
+                format!("no AWS credentials found: {fix}")
+            }
+            CredentialsError::ProviderTimedOut(_) => format!(
+                "loading AWS credentials timed out (instance metadata or a credentials process \
+                 did not answer): {fix}"
+            ),
+            _ => format!("AWS credentials could not be loaded: {fix}"),
+        },
+    }
+}
+
+/// AWS's answer, by error code.
+pub(super) fn explain_code(code: &str, message: &str, action: &str, secret: &str) -> StoreError {
+    let name = secret.to_owned();
+    match code {
+        "ResourceNotFoundException" => StoreError::NotFound { name },
+        "InvalidRequestException"
+            if message.to_ascii_lowercase().contains("deleted")
+                || message.to_ascii_lowercase().contains("deletion") =>
+        {
+            StoreError::Deleted { name }
+        }
+        "AccessDeniedException" => StoreError::AccessDenied {
+            name,
+            detail: format!(
+                "AWS IAM does not allow the broker's role secretsmanager:{action} on it; check \
+                 the role's policy (deploy/iam-policy.json) and the key policy of its KMS key"
+            ),
+        },
+        "UnrecognizedClientException" | "InvalidSignatureException" | "ExpiredTokenException" => {
+            StoreError::AccessDenied {
+                name,
+                detail: format!(
+                    "AWS rejected the broker's credentials ({code}); check AWS_ACCESS_KEY_ID and \
+                     AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, and renew expired session tokens"
+                ),
+            }
+        }
+        "ThrottlingException" | "TooManyRequestsException" | "RequestLimitExceeded" => {
+            StoreError::Throttled
+        }
+        "InternalServiceError" | "InternalFailure" | "ServiceUnavailable" => {
+            StoreError::Unavailable {
+                detail: format!("AWS answered {code} (its own fault); it is retried"),
+            }
+        }
+        _ => {
+            // AWS's message may name accounts or keys: it goes to the log,
+            // the caller gets the code.
+            tracing::warn!(secret = %name, code, message = %message.escape_debug(), "AWS refused a request");
+            StoreError::Rejected {
+                detail: format!("AWS answered {code}"),
+            }
+        }
+    }
+}
+
+/// The first error of type `T` in `error`'s source chain (itself included).
+fn find<'a, T: StdError + 'static>(error: &'a (dyn StdError + 'static)) -> Option<&'a T> {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if let Some(found) = error.downcast_ref::<T>() {
+            return Some(found);
+        }
+        current = error.source();
+    }
+    None
+}
+
+/// Every message of the chain, lower-cased, for the few words matched.
+fn chain_text(error: &(dyn StdError + 'static)) -> String {
+    let mut text = String::new();
+    let mut current = Some(error);
+    while let Some(error) = current {
+        text.push_str(&error.to_string().to_ascii_lowercase());
+        text.push(' ');
+        current = error.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).to_owned())
+        }
+    }
+
+    #[test]
+    fn the_endpoint_and_proxy_are_read_as_the_sdk_does() {
+        let aws = Upstream::from_env("ap-east-1", &env(&[]));
+        assert_eq!(
+            aws.endpoint,
+            "https://secretsmanager.ap-east-1.amazonaws.com"
+        );
+        assert_eq!(aws.proxy, None);
+        let proxied =
+            Upstream::from_env("ap-east-1", &env(&[("HTTPS_PROXY", "http://proxy:3128")]));
+        assert_eq!(
+            proxied.proxy,
+            Some(("http://proxy:3128".into(), "HTTPS_PROXY"))
+        );
+        let local = Upstream::from_env(
+            "ap-east-1",
+            &env(&[
+                ("AWS_ENDPOINT_URL", "http://127.0.0.1:5000"),
+                ("HTTP_PROXY", "http://proxy:3128"),
+                ("NO_PROXY", "localhost,127.0.0.1"),
+            ]),
+        );
+        assert!(local.custom_endpoint);
+        assert_eq!(local.proxy, None, "NO_PROXY exempts the host");
+    }
+
+    #[test]
+    fn codes_become_errors_that_say_what_to_do() {
+        let denied = explain_code(
+            "AccessDeniedException",
+            "",
+            "GetSecretValue",
+            "insurecove/x",
+        );
+        let message = denied.to_string();
+        assert!(
+            message.contains("secretsmanager:GetSecretValue"),
+            "{message}"
+        );
+        assert!(message.contains("insurecove/x"), "{message}");
+        assert!(message.contains("deploy/iam-policy.json"), "{message}");
+        let rejected = explain_code("UnrecognizedClientException", "", "GetSecretValue", "x");
+        assert!(rejected.to_string().contains("AWS_ACCESS_KEY_ID"));
+        assert_eq!(
+            explain_code("ResourceNotFoundException", "", "GetSecretValue", "x"),
+            StoreError::NotFound { name: "x".into() }
+        );
+        assert!(
+            explain_code(
+                "InvalidRequestException",
+                "You can't perform this operation on the secret because it was marked for deletion.",
+                "GetSecretValue",
+                "x"
+            ) == StoreError::Deleted { name: "x".into() }
+        );
+        assert!(matches!(
+            explain_code(
+                "InvalidRequestException",
+                "rotation is not configured",
+                "GetSecretValue",
+                "x"
+            ),
+            StoreError::Rejected { .. }
+        ));
+        assert_eq!(
+            explain_code(
+                "ThrottlingException",
+                "Rate exceeded",
+                "GetSecretValue",
+                "x"
+            ),
+            StoreError::Throttled
+        );
+        assert!(explain_code("InternalServiceError", "", "GetSecretValue", "x").is_transient());
+        assert!(!explain_code("DecryptionFailure", "", "GetSecretValue", "x").is_transient());
+    }
+
+    #[test]
+    fn connection_failures_name_the_endpoint_or_the_proxy() {
+        let refused = std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "Connection refused (os error 111)",
+        );
+        let direct = Upstream::from_env(
+            "ap-east-1",
+            &env(&[("AWS_ENDPOINT_URL", "http://127.0.0.1:9")]),
+        );
+        let message = explain_chain(&refused, &direct).to_string();
+        assert!(
+            message.contains("http://127.0.0.1:9") && message.contains("connection refused"),
+            "{message}"
+        );
+        let proxied = Upstream::from_env(
+            "ap-east-1",
+            &env(&[
+                ("AWS_ENDPOINT_URL", "http://127.0.0.1:9"),
+                ("HTTP_PROXY", "http://127.0.0.1:8"),
+            ]),
+        );
+        let message = explain_chain(&refused, &proxied).to_string();
+        assert!(
+            message.contains("proxy http://127.0.0.1:8 (HTTP_PROXY)"),
+            "{message}"
+        );
+        let dns = std::io::Error::other("dns error: failed to lookup address information");
+        let unknown = Upstream::from_env("mars-1", &env(&[]));
+        let message = explain_chain(&dns, &unknown).to_string();
+        assert!(
+            message.contains("region \"mars-1\" looks unknown"),
+            "{message}"
+        );
+    }
+}

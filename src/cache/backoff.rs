@@ -1,0 +1,144 @@
+//! The upstream's backoff: after a transient failure, or while a renewal is
+//! overdue, callers that have a value to fall back on stop waiting for the
+//! upstream for a while.
+//!
+//! The wait grows exponentially (jittered, so that replicas do not retry in
+//! step) from `FIRST` up to `LONGEST`. When it ends, one caller at a time
+//! may probe the upstream; the others keep being served stale values at
+//! once until the probe answers. Any answer that is not transient (a value,
+//! not found, access denied) ends the backoff.
+
+use std::{
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed},
+    },
+    time::Duration,
+};
+
+use tokio::time::Instant;
+
+/// The first backoff after a failure.
+const FIRST: Duration = Duration::from_millis(500);
+/// The longest backoff.
+const LONGEST: Duration = Duration::from_secs(30);
+
+/// Whether callers may wait on the upstream.
+#[derive(Default)]
+pub struct Backoff {
+    /// Until when the upstream is left alone (`None`: not backed off).
+    until: Mutex<Option<Instant>>,
+    /// Failures in a row.
+    failures: AtomicU32,
+    /// A probe is under way.
+    probing: AtomicBool,
+    /// Times the backoff started, for the stats.
+    started: AtomicU64,
+}
+
+/// What a caller with a fallback value may do now.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Permit {
+    /// Ask the upstream (not backed off).
+    Ask,
+    /// Ask the upstream as the one probe; report with `probe_done`.
+    Probe,
+    /// Serve the fallback at once.
+    Fallback,
+}
+
+impl Backoff {
+    /// Whether the upstream is backed off now.
+    pub fn active(&self) -> bool {
+        self.until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// Times a backoff started.
+    pub fn times_started(&self) -> u64 {
+        self.started.load(Relaxed)
+    }
+
+    /// May a caller that has a fallback value ask the upstream?
+    pub fn permit(&self) -> Permit {
+        let until = *self.until.lock().unwrap_or_else(|e| e.into_inner());
+        match until {
+            None => Permit::Ask,
+            Some(until) if Instant::now() < until => Permit::Fallback,
+            Some(_) if !self.probing.swap(true, Relaxed) => Permit::Probe,
+            Some(_) => Permit::Fallback,
+        }
+    }
+
+    /// The probe's caller is done (whatever the outcome was reported as).
+    pub fn probe_done(&self) {
+        self.probing.store(false, Relaxed);
+    }
+
+    /// An answer that says the upstream works.
+    pub fn succeeded(&self) {
+        let mut until = self.until.lock().unwrap_or_else(|e| e.into_inner());
+        if until.take().is_some() {
+            tracing::debug!("the upstream answers again; backoff ended");
+        }
+        self.failures.store(0, Relaxed);
+    }
+
+    /// A transient failure, or a renewal that did not answer in time.
+    pub fn failed(&self) {
+        let failures = self.failures.fetch_add(1, Relaxed).saturating_add(1);
+        let wait = backoff_for(failures);
+        let mut until = self.until.lock().unwrap_or_else(|e| e.into_inner());
+        let later = Instant::now() + wait;
+        if until.is_none() {
+            self.started.fetch_add(1, Relaxed);
+            tracing::debug!(
+                ?wait,
+                "the upstream is slow or failing; serving cached values while backing off"
+            );
+        }
+        if until.is_none_or(|current| current < later) {
+            *until = Some(later);
+        }
+    }
+}
+
+/// `FIRST` doubled per failure after the first, up to `LONGEST`, then
+/// between half and all of it (full jitter would let a replica retry at
+/// once).
+fn backoff_for(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    let ceiling = FIRST.saturating_mul(1 << doublings).min(LONGEST);
+    ceiling.mul_f64(0.5 + fastrand::f64() * 0.5)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_stays_bounded() {
+        assert!(backoff_for(1) <= FIRST && backoff_for(1) >= FIRST / 2);
+        assert!(backoff_for(3) <= FIRST * 4 && backoff_for(3) >= FIRST * 2);
+        assert!(backoff_for(40) <= LONGEST && backoff_for(40) >= LONGEST / 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_probe_at_a_time_after_the_wait() {
+        let backoff = Backoff::default();
+        assert_eq!(backoff.permit(), Permit::Ask);
+        backoff.failed();
+        assert!(backoff.active());
+        assert_eq!(backoff.permit(), Permit::Fallback);
+        tokio::time::advance(LONGEST).await;
+        assert_eq!(backoff.permit(), Permit::Probe);
+        assert_eq!(backoff.permit(), Permit::Fallback, "one probe at a time");
+        backoff.probe_done();
+        backoff.succeeded();
+        assert!(!backoff.active());
+        assert_eq!(backoff.permit(), Permit::Ask);
+        assert_eq!(backoff.times_started(), 1);
+    }
+}

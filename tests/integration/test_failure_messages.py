@@ -1,0 +1,137 @@
+"""AWS and broker failures told as a person can act on them: one short line
+that names the cause and the fix, from `check`, the broker's log and the
+operator's client.
+
+Real peers: moto_server (stopped, for an unreachable endpoint), a closed
+loopback port as a proxy that refuses, a TLS broker with a CA the client
+does not trust."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import support
+from tls_support import PKI, pki, start_tls_broker, tls_files  # noqa: F401  (fixtures)
+
+CREDENTIAL_FREE = {
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_DEFAULT_REGION": "ap-east-1",
+}
+
+
+def lines_of(proc) -> list[str]:
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+
+
+def assert_short(lines: list[str]) -> None:
+    assert 1 <= len(lines) <= 3, lines
+    assert all(len(line) <= 300 for line in lines), [len(line) for line in lines]
+
+
+def test_check_without_credentials_says_how_to_provide_them(run_cli, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = CREDENTIAL_FREE | {
+        "HOME": str(home),
+        "AWS_CONFIG_FILE": str(home / "config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(home / "credentials"),
+    }
+    started = time.monotonic()
+    proc = run_cli("check", env=env, timeout=30)
+    took = time.monotonic() - started
+    lines = lines_of(proc)
+    print(f"exit {proc.returncode} after {took:.1f} s: {lines}")
+    assert proc.returncode == 1
+    assert took < 10
+    assert_short(lines)
+    text = " ".join(lines)
+    assert "no AWS credentials" in text and "AWS_PROFILE" in text and "AWS_ACCESS_KEY_ID" in text, text
+    assert "DispatchFailure" not in text and "SdkBody" not in text
+
+
+def test_check_names_an_unreachable_endpoint(run_cli, moto):
+    env = moto.broker_env()
+    endpoint = env["AWS_ENDPOINT_URL"]
+    moto.stop()
+    proc = run_cli("check", env=env, timeout=60)
+    lines = lines_of(proc)
+    print(lines)
+    assert proc.returncode == 1
+    assert_short(lines)
+    text = " ".join(lines)
+    assert endpoint in text and "connection refused" in text, text
+
+
+def test_check_names_a_refusing_proxy(run_cli, moto):
+    closed = f"http://127.0.0.1:{support.free_port()}"
+    env = moto.broker_env() | {"HTTP_PROXY": closed, "HTTPS_PROXY": closed}
+    proc = run_cli("check", env=env, timeout=60)
+    lines = lines_of(proc)
+    print(lines)
+    assert proc.returncode == 1
+    assert_short(lines)
+    text = " ".join(lines)
+    assert f"proxy {closed}" in text and "HTTP_PROXY" in text, text
+
+
+def test_an_upstream_outage_is_logged_once_each_way(moto, aws_broker, stubs):
+    moto.create_secret("insurecove/outage", "outage-value-61c2")
+    broker = aws_broker(["--watch-interval", "1", "--cache-ttl", "1"])
+    stub = broker.secrets()
+    pb = stubs.secrets_service_pb2
+    assert stub.GetSecret(pb.GetSecretRequest(name="outage"), timeout=10).secret.string_value == "outage-value-61c2"
+    moto.stop()
+    until = time.monotonic() + 5.5          # five intervals
+    while time.monotonic() < until:
+        secret = stub.GetSecret(pb.GetSecretRequest(name="outage"), timeout=10).secret
+        assert secret.string_value == "outage-value-61c2"
+        time.sleep(0.5)
+    moto.start()
+    moto.create_secret("insurecove/outage", "outage-value-61c2")
+    deadline = time.monotonic() + 10
+    while "upstream check succeeds again" not in broker.log():
+        assert time.monotonic() < deadline, broker.tail()
+        time.sleep(0.2)
+    lines = [line for line in broker.log().splitlines() if (" WARN " in line or " INFO " in line)
+             and " audit: " not in line]
+    failures = [line for line in lines if "upstream check failed" in line]
+    recoveries = [line for line in lines if "succeeds again" in line]
+    print("\n".join(failures + recoveries))
+    assert len(failures) == 1 and len(recoveries) == 1, "\n".join(lines)
+    assert "cannot reach AWS at" in failures[0] and "connection refused" in failures[0], failures[0]
+    long_lines = [line for line in lines if len(line) >= 300]
+    assert not long_lines, long_lines
+
+
+def get(broker_bin, *args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(broker_bin), "get", *args], capture_output=True, text=True,
+        stdin=subprocess.DEVNULL, env=support.broker_env(env), timeout=30,
+    )
+
+
+def test_get_names_a_closed_endpoint(broker_bin):
+    endpoint = f"127.0.0.1:{support.free_port()}"
+    got = get(broker_bin, "mistral-api-key", "--endpoint", endpoint)
+    lines = lines_of(got)
+    print(lines)
+    assert got.returncode == 1 and got.stdout == ""
+    assert len(lines) == 1, lines
+    assert endpoint in lines[0] and "connection refused" in lines[0], lines[0]
+
+
+def test_get_names_a_tls_broker_it_does_not_trust(start_tls_broker, pki, broker_bin, tmp_path):
+    broker = start_tls_broker()
+    other = PKI(tmp_path / "other-pki")          # a CA the broker's certificate is not from
+    env = {
+        "BROKER_CA_FILE": str(other.ca1.cert_path),
+        "BROKER_CERT_FILE": str(pki.auth.cert_path),
+        "BROKER_KEY_FILE": str(pki.auth.key_path),
+    }
+    got = get(broker_bin, "mistral-api-key", "--endpoint", broker.addr, env=env)
+    lines = lines_of(got)
+    print(lines)
+    assert got.returncode == 1 and got.stdout == ""
+    assert len(lines) == 1, lines
+    assert broker.addr in lines[0] and "unknown CA" in lines[0] and "BROKER_CA_FILE" in lines[0], lines[0]
