@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use crate::{
+    app::{AppError, Security, open_store},
     config::Settings,
-    server::{Security, ServeError, open_store},
     transport::tls::{self, TlsError},
 };
 
@@ -14,9 +14,10 @@ const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Why a check failed.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // each variant's #[error] message is its documentation
 pub enum CheckError {
     #[error(transparent)]
-    Start(#[from] ServeError),
+    Start(#[from] AppError),
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error("the server certificate expires in {days} days ({not_after}); renew it")]
@@ -45,7 +46,7 @@ pub async fn run(settings: &Settings) -> Result<Vec<String>, CheckError> {
         None => "plaintext, local only".to_owned(),
     };
     let store = open_store(settings)?;
-    let upstream = store.check().await.map_err(CheckError::Upstream)?;
+    let upstream = store.store.check().await.map_err(CheckError::Upstream)?;
     let mut report = vec![
         format!("listen: {} ({transport})", settings.listen),
         format!("authorization: {}", security.authorizer.summary()),

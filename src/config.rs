@@ -15,121 +15,176 @@ use std::{
     time::Duration,
 };
 
-use crate::{backend::bounded::UpstreamLimits, cache::CacheSettings};
+/// Every setting, named once: its field (and file key), flag, environment
+/// variables, value name, default and help. `settings!` makes of it the
+/// command-line flags (`BrokerArgs`, with the help text clap prints), the
+/// `Setting` each value is looked up with, and the keys a config file may
+/// hold.
+macro_rules! settings {
+    ($(
+        $field:ident / $konst:ident: $flag:literal, env [$env0:literal $(, $envs:literal)*],
+        $value_name:literal $(, default $default:literal)?, $help:literal $(, [$($extra:tt)*])?;
+    )*) => {
+        /// Flags shared by `serve` and `check`. Each overrides its environment
+        /// variable, which overrides the config file.
+        #[derive(clap::Args, Debug, Default, Clone)]
+        pub struct BrokerArgs {
+            /// Run on the embedded dev backend (the guide's five secrets, fake
+            /// values), plaintext on loopback.
+            #[arg(long)]
+            pub dev: bool,
+            /// TOML config file [env: BROKER_CONFIG]
+            #[arg(long, value_name = "FILE")]
+            pub config: Option<PathBuf>,
+            $(
+                #[doc = $help]
+                #[arg(
+                    long = $flag,
+                    value_name = $value_name,
+                    help = concat!($help, " [env: ", $env0, "]" $(, " [default: ", $default, "]")?)
+                    $($($extra)*)?
+                )]
+                pub $field: Option<String>,
+            )*
+        }
 
-/// The address the broker listens on by default.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+        $(
+            const $konst: Setting = Setting {
+                flag: $flag,
+                env: &[$env0 $(, $envs)*],
+                key: stringify!($field),
+                default: {
+                    #[allow(unused_mut, unused_assignments)]
+                    let mut default: Option<&str> = None;
+                    $(default = Some($default);)?
+                    default
+                },
+            };
+        )*
 
-/// Flags shared by `serve` and `check`. Each overrides its environment
-/// variable, which overrides the config file.
-#[derive(clap::Args, Debug, Default, Clone)]
-pub struct BrokerArgs {
-    /// Run on the embedded dev backend (the guide's five secrets, fake
-    /// values), plaintext on loopback.
-    #[arg(long)]
-    pub dev: bool,
-    /// Address to listen on: HOST:PORT or unix:/path [env: BROKER_LISTEN] [default: 127.0.0.1:50051]
-    #[arg(long, value_name = "ADDR")]
-    pub listen: Option<String>,
-    /// TOML config file [env: BROKER_CONFIG]
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// Server certificate chain, PEM [env: BROKER_TLS_CERT]
-    #[arg(long, value_name = "FILE")]
-    pub tls_cert: Option<String>,
-    /// Server private key, PEM [env: BROKER_TLS_KEY]
-    #[arg(long, value_name = "FILE")]
-    pub tls_key: Option<String>,
-    /// CA bundle that client certificates must chain to, PEM [env: BROKER_TLS_CLIENT_CA]
-    #[arg(long, value_name = "FILE")]
-    pub tls_client_ca: Option<String>,
-    /// Authorization policy, TOML [env: BROKER_POLICY]
-    #[arg(long, value_name = "FILE")]
-    pub policy: Option<String>,
-    /// Address of the Prometheus endpoint [env: BROKER_METRICS_LISTEN]
-    #[arg(long, value_name = "ADDR")]
-    pub metrics_listen: Option<String>,
-    /// Environment used in typed configs' default names [env: SECRET_ENVIRONMENT] [default: production]
-    #[arg(long, value_name = "NAME")]
-    pub environment: Option<String>,
-    /// Prefix added to short secret names [env: SECRET_PREFIX] [default: insurecove]
-    #[arg(long, value_name = "PREFIX")]
-    pub secret_prefix: Option<String>,
-    /// Cache TTL, seconds or e.g. "5m" [env: SECRET_CACHE_TTL] [default: 300]
-    #[arg(long, value_name = "DURATION")]
-    pub cache_ttl: Option<String>,
-    /// Most entries the cache holds [env: SECRET_CACHE_MAX_ENTRIES] [default: 10000]
-    #[arg(long, value_name = "COUNT")]
-    pub cache_max_entries: Option<String>,
-    /// How long past its TTL a value may be served while the upstream fails [env: SECRET_CACHE_MAX_STALE] [default: 3600]
-    #[arg(long, value_name = "DURATION")]
-    pub cache_max_stale: Option<String>,
-    /// Longest a caller of an expired entry waits for its renewal before it gets the stale value [env: SECRET_UPSTREAM_WAIT] [default: 1]
-    #[arg(long, value_name = "DURATION")]
-    pub upstream_wait: Option<String>,
-    /// Most upstream calls under way at once [env: SECRET_UPSTREAM_CONCURRENCY] [default: 32]
-    #[arg(long, value_name = "COUNT")]
-    pub upstream_concurrency: Option<String>,
-    /// Most upstream calls waiting for a turn; more fail with RESOURCE_EXHAUSTED [env: SECRET_UPSTREAM_QUEUE] [default: 1000]
-    #[arg(long, value_name = "COUNT")]
-    pub upstream_queue: Option<String>,
-    /// How long a NOT_FOUND answer is remembered; 0 turns it off [env: SECRET_CACHE_NEGATIVE_TTL] [default: 30]
-    #[arg(long, value_name = "DURATION")]
-    pub cache_negative_ttl: Option<String>,
-    /// How often watched secrets are checked [env: SECRET_WATCH_INTERVAL] [default: 30]
-    #[arg(long, value_name = "DURATION")]
-    pub watch_interval: Option<String>,
-    /// AWS region [env: AWS_DEFAULT_REGION] [default: ap-east-1]
-    #[arg(long, value_name = "REGION")]
-    pub region: Option<String>,
-    /// Serve secrets from this JSON or TOML file instead of AWS [env: BROKER_SECRETS_FILE]
-    #[arg(long, value_name = "FILE")]
-    pub secrets_file: Option<String>,
-    /// Log level: DEBUG, INFO, WARNING, ERROR [env: LOG_LEVEL] [default: INFO]
-    #[arg(long, value_name = "LEVEL")]
-    pub log_level: Option<String>,
-    /// Label metrics with secret names (cardinality, privacy) [env: BROKER_METRICS_SECRET_NAMES]
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
-    pub metrics_secret_names: Option<String>,
-    /// Most open connections; more are closed at once [env: BROKER_MAX_CONNECTIONS] [default: 10000]
-    #[arg(long, value_name = "COUNT")]
-    pub max_connections: Option<String>,
-    /// Most calls (streams included) in flight on one connection; more get RESOURCE_EXHAUSTED [env: BROKER_MAX_CONCURRENT_CALLS_PER_CONNECTION] [default: 1024]
-    #[arg(long, value_name = "COUNT")]
-    pub max_concurrent_calls_per_connection: Option<String>,
-    /// Largest request accepted, bytes; larger get RESOURCE_EXHAUSTED [env: BROKER_MAX_MESSAGE_SIZE] [default: 262144]
-    #[arg(long, value_name = "BYTES")]
-    pub max_message_size: Option<String>,
-    /// Longest a unary call may take [env: BROKER_CALL_TIMEOUT] [default: 30]
-    #[arg(long, value_name = "DURATION")]
-    pub call_timeout: Option<String>,
-    /// HTTP/2 ping interval, so dead peers (idle watchers) are noticed [env: BROKER_KEEPALIVE_INTERVAL] [default: 30]
-    #[arg(long, value_name = "DURATION")]
-    pub keepalive_interval: Option<String>,
-    /// On SIGTERM, how long calls in flight may take to finish [env: BROKER_SHUTDOWN_GRACE] [default: 10]
-    #[arg(long, value_name = "DURATION")]
-    pub shutdown_grace: Option<String>,
-    /// How long a new connection may take to finish its TLS handshake and send its HTTP/2 preface before it is dropped [env: BROKER_FIRST_REQUEST_TIMEOUT] [default: 10]
-    #[arg(long, value_name = "DURATION")]
-    pub first_request_timeout: Option<String>,
+        /// Every setting a config file may hold.
+        const FILE_SETTINGS: &[&Setting] = &[$(&$konst),*];
+    };
+}
+
+settings! {
+    listen / LISTEN: "listen", env ["BROKER_LISTEN"], "ADDR", default "127.0.0.1:50051",
+        "Address to listen on: HOST:PORT or unix:/path";
+    tls_cert / TLS_CERT: "tls-cert", env ["BROKER_TLS_CERT"], "FILE",
+        "Server certificate chain, PEM";
+    tls_key / TLS_KEY: "tls-key", env ["BROKER_TLS_KEY"], "FILE", "Server private key, PEM";
+    tls_client_ca / TLS_CLIENT_CA: "tls-client-ca", env ["BROKER_TLS_CLIENT_CA"], "FILE",
+        "CA bundle that client certificates must chain to, PEM";
+    policy / POLICY: "policy", env ["BROKER_POLICY"], "FILE", "Authorization policy, TOML";
+    metrics_listen / METRICS_LISTEN: "metrics-listen", env ["BROKER_METRICS_LISTEN"], "ADDR",
+        "Address of the Prometheus endpoint and probes";
+    environment / ENVIRONMENT: "environment", env ["SECRET_ENVIRONMENT"], "NAME",
+        default "production", "Environment used in typed configs' default names";
+    secret_prefix / SECRET_PREFIX: "secret-prefix", env ["SECRET_PREFIX"], "PREFIX",
+        default "insurecove", "Prefix added to short secret names";
+    cache_ttl / CACHE_TTL: "cache-ttl", env ["SECRET_CACHE_TTL"], "DURATION", default "300",
+        "Cache TTL, seconds or e.g. \"5m\"";
+    cache_max_entries / CACHE_MAX_ENTRIES: "cache-max-entries", env ["SECRET_CACHE_MAX_ENTRIES"],
+        "COUNT", default "10000", "Most entries the cache holds";
+    cache_max_stale / CACHE_MAX_STALE: "cache-max-stale", env ["SECRET_CACHE_MAX_STALE"],
+        "DURATION", default "3600",
+        "How long past its TTL a value may be served while the upstream fails";
+    upstream_wait / UPSTREAM_WAIT: "upstream-wait", env ["SECRET_UPSTREAM_WAIT"], "DURATION",
+        default "1",
+        "Longest a caller of an expired entry waits for its renewal before it gets the stale value";
+    upstream_concurrency / UPSTREAM_CONCURRENCY: "upstream-concurrency",
+        env ["SECRET_UPSTREAM_CONCURRENCY"], "COUNT", default "32",
+        "Most upstream calls under way at once";
+    upstream_queue / UPSTREAM_QUEUE: "upstream-queue", env ["SECRET_UPSTREAM_QUEUE"], "COUNT",
+        default "1000", "Most upstream calls waiting for a turn; more fail with RESOURCE_EXHAUSTED";
+    cache_negative_ttl / CACHE_NEGATIVE_TTL: "cache-negative-ttl",
+        env ["SECRET_CACHE_NEGATIVE_TTL"], "DURATION", default "30",
+        "How long a NOT_FOUND answer is remembered; 0 turns it off";
+    watch_interval / WATCH_INTERVAL: "watch-interval", env ["SECRET_WATCH_INTERVAL"], "DURATION",
+        default "30", "How often watched secrets are checked";
+    region / REGION: "region", env ["AWS_DEFAULT_REGION", "AWS_REGION"], "REGION",
+        default "ap-east-1", "AWS region";
+    secrets_file / SECRETS_FILE: "secrets-file", env ["BROKER_SECRETS_FILE"], "FILE",
+        "Serve secrets from this JSON or TOML file instead of AWS";
+    log_level / LOG_LEVEL: "log-level", env ["LOG_LEVEL"], "LEVEL", default "INFO",
+        "Log level: DEBUG, INFO, WARNING, ERROR";
+    metrics_secret_names / METRICS_SECRET_NAMES: "metrics-secret-names",
+        env ["BROKER_METRICS_SECRET_NAMES"], "BOOL", default "false",
+        "Label metrics with secret names (cardinality, privacy)",
+        [, num_args = 0..=1, default_missing_value = "true"];
+    max_connections / MAX_CONNECTIONS: "max-connections", env ["BROKER_MAX_CONNECTIONS"], "COUNT",
+        default "10000", "Most open connections; more are closed at once";
+    max_concurrent_calls_per_connection / MAX_CALLS_PER_CONNECTION:
+        "max-concurrent-calls-per-connection",
+        env ["BROKER_MAX_CONCURRENT_CALLS_PER_CONNECTION"], "COUNT", default "1024",
+        "Most HTTP/2 streams (calls, watches, health, reflection) in flight on one connection; more get RESOURCE_EXHAUSTED";
+    max_message_size / MAX_MESSAGE_SIZE: "max-message-size", env ["BROKER_MAX_MESSAGE_SIZE"],
+        "BYTES", default "262144", "Largest request accepted, bytes; larger get RESOURCE_EXHAUSTED";
+    call_timeout / CALL_TIMEOUT: "call-timeout", env ["BROKER_CALL_TIMEOUT"], "DURATION",
+        default "30", "Longest a call may take to answer (DEADLINE_EXCEEDED past it)";
+    keepalive_interval / KEEPALIVE_INTERVAL: "keepalive-interval",
+        env ["BROKER_KEEPALIVE_INTERVAL"], "DURATION", default "30",
+        "HTTP/2 ping interval, so dead peers (idle watchers) are noticed";
+    shutdown_grace / SHUTDOWN_GRACE: "shutdown-grace", env ["BROKER_SHUTDOWN_GRACE"], "DURATION",
+        default "10", "On SIGTERM, how long calls in flight may take to finish";
+    first_request_timeout / FIRST_REQUEST_TIMEOUT: "first-request-timeout",
+        env ["BROKER_FIRST_REQUEST_TIMEOUT"], "DURATION", default "10",
+        "How long a new connection may take to finish its TLS handshake and send its HTTP/2 preface before it is dropped";
+}
+
+/// The cache's limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheSettings {
+    /// How long a value is served without asking upstream.
+    pub ttl: Duration,
+    /// How many entries at most.
+    pub max_entries: usize,
+    /// How long past its TTL a value may still be served when the upstream
+    /// fails transiently.
+    pub max_stale: Duration,
+    /// How long a caller of an expired entry waits for its renewal before
+    /// it gets the stale value.
+    pub upstream_wait: Duration,
+    /// How long a NOT_FOUND is remembered (zero: not at all).
+    pub negative_ttl: Duration,
+    /// How much of the upstream the cache may use at once.
+    pub upstream: UpstreamLimits,
+}
+
+/// How much of the upstream the broker may use at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamLimits {
+    /// Calls under way at once.
+    pub concurrency: usize,
+    /// Calls waiting for a turn.
+    pub queue: usize,
 }
 
 /// What the broker accepts, so that no caller can make it fall over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
+    /// Open connections at most.
     pub max_connections: usize,
+    /// HTTP/2 streams in flight per connection at most.
     pub max_calls_per_connection: usize,
+    /// Largest request, bytes.
     pub max_message_size: usize,
+    /// Longest a call may take to answer.
     pub call_timeout: Duration,
+    /// HTTP/2 ping interval.
     pub keepalive_interval: Duration,
+    /// How long calls in flight may finish after SIGTERM.
     pub shutdown_grace: Duration,
+    /// How long a connection may take to send its HTTP/2 preface.
     pub first_request_timeout: Duration,
 }
 
 /// Where the broker listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenAddr {
+    /// A TCP address.
     Tcp(SocketAddr),
+    /// A unix socket path.
     Unix(PathBuf),
 }
 
@@ -157,36 +212,59 @@ impl fmt::Display for ListenAddr {
 /// certificates must chain to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
+    /// The server certificate chain.
     pub cert: PathBuf,
+    /// The server certificate's key.
     pub key: PathBuf,
+    /// The CA bundle client certificates must chain to.
     pub client_ca: PathBuf,
 }
 
 /// Where secrets come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackendChoice {
-    /// The embedded file backend: the dev seed, or a file.
-    File { path: Option<PathBuf> },
+    /// The built-in dev secrets (`--dev`): the guide's five, fake values.
+    Dev,
+    /// A JSON or TOML secrets file (`--secrets-file`).
+    File {
+        /// The file.
+        path: PathBuf,
+    },
     /// AWS Secrets Manager.
-    Aws { region: String },
+    Aws {
+        /// The AWS region.
+        region: String,
+    },
 }
 
 /// Validated settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
+    /// Run on the built-in dev secrets.
     pub dev: bool,
+    /// Where to listen.
     pub listen: ListenAddr,
+    /// Mutual TLS, when on.
     pub tls: Option<TlsFiles>,
+    /// The policy file, if any.
     pub policy: Option<PathBuf>,
+    /// Where the probes and metrics are served, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// The environment of the typed configs' default names.
     pub environment: String,
+    /// The prefix of short names.
     pub secret_prefix: String,
+    /// The cache's limits.
     pub cache: CacheSettings,
+    /// How often the change detector and the upstream check run.
     pub watch_interval: Duration,
+    /// Where secrets come from.
     pub backend: BackendChoice,
     /// A `tracing` filter directive, e.g. `info`.
     pub log_level: String,
+    /// Whether metrics may be labelled with secret names.
     pub metrics_secret_names: bool,
+    /// What the broker accepts.
     pub limits: Limits,
     /// The config file read, if any.
     pub config_file: Option<PathBuf>,
@@ -194,6 +272,7 @@ pub struct Settings {
 
 /// A setting that could not be used; says where it came from and why.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // each variant's #[error] message is its documentation
 pub enum ConfigError {
     #[error("{origin}: {problem}")]
     Invalid { origin: Origin, problem: String },
@@ -217,9 +296,18 @@ pub enum ConfigError {
 /// Where a setting's value came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Origin {
+    /// A command-line flag (its name, without `--`).
     Flag(&'static str),
+    /// An environment variable.
     Env(&'static str),
-    File { key: &'static str, path: PathBuf },
+    /// A key of the config file.
+    File {
+        /// The key.
+        key: &'static str,
+        /// The file.
+        path: PathBuf,
+    },
+    /// The setting's default (named by its flag).
     Default(&'static str),
 }
 
@@ -234,131 +322,12 @@ impl fmt::Display for Origin {
     }
 }
 
-/// One setting's names in each source (the file's key is the flag's name
-/// with underscores).
+/// One setting's names in each source, and its default.
 struct Setting {
     flag: &'static str,
     env: &'static [&'static str],
     key: &'static str,
-}
-
-const LISTEN: Setting = setting("listen", "listen", &["BROKER_LISTEN"]);
-const TLS_CERT: Setting = setting("tls-cert", "tls_cert", &["BROKER_TLS_CERT"]);
-const TLS_KEY: Setting = setting("tls-key", "tls_key", &["BROKER_TLS_KEY"]);
-const TLS_CLIENT_CA: Setting = setting("tls-client-ca", "tls_client_ca", &["BROKER_TLS_CLIENT_CA"]);
-const POLICY: Setting = setting("policy", "policy", &["BROKER_POLICY"]);
-const METRICS_LISTEN: Setting = setting(
-    "metrics-listen",
-    "metrics_listen",
-    &["BROKER_METRICS_LISTEN"],
-);
-const ENVIRONMENT: Setting = setting("environment", "environment", &["SECRET_ENVIRONMENT"]);
-const SECRET_PREFIX: Setting = setting("secret-prefix", "secret_prefix", &["SECRET_PREFIX"]);
-const CACHE_TTL: Setting = setting("cache-ttl", "cache_ttl", &["SECRET_CACHE_TTL"]);
-const CACHE_MAX_ENTRIES: Setting = setting(
-    "cache-max-entries",
-    "cache_max_entries",
-    &["SECRET_CACHE_MAX_ENTRIES"],
-);
-const CACHE_MAX_STALE: Setting = setting(
-    "cache-max-stale",
-    "cache_max_stale",
-    &["SECRET_CACHE_MAX_STALE"],
-);
-const UPSTREAM_WAIT: Setting = setting("upstream-wait", "upstream_wait", &["SECRET_UPSTREAM_WAIT"]);
-const UPSTREAM_CONCURRENCY: Setting = setting(
-    "upstream-concurrency",
-    "upstream_concurrency",
-    &["SECRET_UPSTREAM_CONCURRENCY"],
-);
-const UPSTREAM_QUEUE: Setting = setting(
-    "upstream-queue",
-    "upstream_queue",
-    &["SECRET_UPSTREAM_QUEUE"],
-);
-const CACHE_NEGATIVE_TTL: Setting = setting(
-    "cache-negative-ttl",
-    "cache_negative_ttl",
-    &["SECRET_CACHE_NEGATIVE_TTL"],
-);
-const WATCH_INTERVAL: Setting = setting(
-    "watch-interval",
-    "watch_interval",
-    &["SECRET_WATCH_INTERVAL"],
-);
-const REGION: Setting = setting("region", "region", &["AWS_DEFAULT_REGION", "AWS_REGION"]);
-const SECRETS_FILE: Setting = setting("secrets-file", "secrets_file", &["BROKER_SECRETS_FILE"]);
-const LOG_LEVEL: Setting = setting("log-level", "log_level", &["LOG_LEVEL"]);
-const METRICS_SECRET_NAMES: Setting = setting(
-    "metrics-secret-names",
-    "metrics_secret_names",
-    &["BROKER_METRICS_SECRET_NAMES"],
-);
-const MAX_CONNECTIONS: Setting = setting(
-    "max-connections",
-    "max_connections",
-    &["BROKER_MAX_CONNECTIONS"],
-);
-const MAX_CALLS_PER_CONNECTION: Setting = setting(
-    "max-concurrent-calls-per-connection",
-    "max_concurrent_calls_per_connection",
-    &["BROKER_MAX_CONCURRENT_CALLS_PER_CONNECTION"],
-);
-const MAX_MESSAGE_SIZE: Setting = setting(
-    "max-message-size",
-    "max_message_size",
-    &["BROKER_MAX_MESSAGE_SIZE"],
-);
-const CALL_TIMEOUT: Setting = setting("call-timeout", "call_timeout", &["BROKER_CALL_TIMEOUT"]);
-const KEEPALIVE_INTERVAL: Setting = setting(
-    "keepalive-interval",
-    "keepalive_interval",
-    &["BROKER_KEEPALIVE_INTERVAL"],
-);
-const SHUTDOWN_GRACE: Setting = setting(
-    "shutdown-grace",
-    "shutdown_grace",
-    &["BROKER_SHUTDOWN_GRACE"],
-);
-const FIRST_REQUEST_TIMEOUT: Setting = setting(
-    "first-request-timeout",
-    "first_request_timeout",
-    &["BROKER_FIRST_REQUEST_TIMEOUT"],
-);
-
-/// Every setting a config file may hold.
-const FILE_SETTINGS: &[&Setting] = &[
-    &LISTEN,
-    &TLS_CERT,
-    &TLS_KEY,
-    &TLS_CLIENT_CA,
-    &POLICY,
-    &METRICS_LISTEN,
-    &ENVIRONMENT,
-    &SECRET_PREFIX,
-    &CACHE_TTL,
-    &CACHE_MAX_ENTRIES,
-    &CACHE_MAX_STALE,
-    &UPSTREAM_WAIT,
-    &UPSTREAM_CONCURRENCY,
-    &UPSTREAM_QUEUE,
-    &CACHE_NEGATIVE_TTL,
-    &WATCH_INTERVAL,
-    &REGION,
-    &SECRETS_FILE,
-    &LOG_LEVEL,
-    &METRICS_SECRET_NAMES,
-    &MAX_CONNECTIONS,
-    &MAX_CALLS_PER_CONNECTION,
-    &MAX_MESSAGE_SIZE,
-    &CALL_TIMEOUT,
-    &KEEPALIVE_INTERVAL,
-    &SHUTDOWN_GRACE,
-    &FIRST_REQUEST_TIMEOUT,
-];
-
-const fn setting(flag: &'static str, key: &'static str, env: &'static [&'static str]) -> Setting {
-    Setting { flag, env, key }
+    default: Option<&'static str>,
 }
 
 /// The sources below the flags.
@@ -397,12 +366,12 @@ impl Sources<'_> {
         &self,
         flag: Option<&str>,
         setting: &Setting,
-        default: &str,
         parse: fn(&str) -> Result<T, String>,
     ) -> Result<T, ConfigError> {
-        let (value, origin) = self
-            .find(flag, setting)
-            .unwrap_or_else(|| (default.to_owned(), Origin::Default(setting.flag)));
+        let (value, origin) = self.find(flag, setting).unwrap_or_else(|| {
+            let default = setting.default.unwrap_or_default();
+            (default.to_owned(), Origin::Default(setting.flag))
+        });
         parse(&value).map_err(|problem| ConfigError::Invalid { origin, problem })
     }
 
@@ -439,20 +408,17 @@ impl Settings {
             .transpose()?;
         let sources = Sources { env, file };
 
-        let listen = sources.get(
-            args.listen.as_deref(),
-            &LISTEN,
-            DEFAULT_LISTEN,
-            parse_listen,
-        )?;
+        let listen = sources.get(args.listen.as_deref(), &LISTEN, parse_listen)?;
         let tls = resolve_tls(args, &sources)?;
         let secrets_file =
             sources.optional(args.secrets_file.as_deref(), &SECRETS_FILE, parse_path)?;
-        let backend = if args.dev || secrets_file.is_some() {
-            BackendChoice::File { path: secrets_file }
+        let backend = if let Some(path) = secrets_file {
+            BackendChoice::File { path }
+        } else if args.dev {
+            BackendChoice::Dev
         } else {
             BackendChoice::Aws {
-                region: sources.get(args.region.as_deref(), &REGION, "ap-east-1", parse_word)?,
+                region: sources.get(args.region.as_deref(), &REGION, parse_word)?,
             }
         };
         let settings = Settings {
@@ -465,36 +431,23 @@ impl Settings {
                 &METRICS_LISTEN,
                 parse_socket_addr,
             )?,
-            environment: sources.get(
-                args.environment.as_deref(),
-                &ENVIRONMENT,
-                "production",
-                parse_name_part,
-            )?,
+            environment: sources.get(args.environment.as_deref(), &ENVIRONMENT, parse_name_part)?,
             secret_prefix: sources.get(
                 args.secret_prefix.as_deref(),
                 &SECRET_PREFIX,
-                "insurecove",
                 parse_name_part,
             )?,
             cache: resolve_cache(args, &sources)?,
             watch_interval: sources.get(
                 args.watch_interval.as_deref(),
                 &WATCH_INTERVAL,
-                "30",
                 parse_watch_interval,
             )?,
             backend,
-            log_level: sources.get(
-                args.log_level.as_deref(),
-                &LOG_LEVEL,
-                "INFO",
-                parse_log_level,
-            )?,
+            log_level: sources.get(args.log_level.as_deref(), &LOG_LEVEL, parse_log_level)?,
             metrics_secret_names: sources.get(
                 args.metrics_secret_names.as_deref(),
                 &METRICS_SECRET_NAMES,
-                "false",
                 parse_bool,
             )?,
             limits: resolve_limits(args, &sources)?,
@@ -506,6 +459,12 @@ impl Settings {
 
     /// Rules that involve more than one setting.
     fn check_rules(&self) -> Result<(), ConfigError> {
+        if let (Some(_), ListenAddr::Unix(_)) = (&self.tls, &self.listen) {
+            return Err(ConfigError::Rule(format!(
+                "mutual TLS is served on TCP addresses only, not on {}",
+                self.listen
+            )));
+        }
         if self.tls.is_none() && !self.listen.is_local() {
             return Err(ConfigError::Rule(format!(
                 "refusing to listen on {} without TLS: plaintext is only allowed on a loopback \
@@ -520,44 +479,34 @@ impl Settings {
 
 fn resolve_cache(args: &BrokerArgs, sources: &Sources<'_>) -> Result<CacheSettings, ConfigError> {
     Ok(CacheSettings {
-        ttl: sources.get(args.cache_ttl.as_deref(), &CACHE_TTL, "300", parse_duration)?,
+        ttl: sources.get(args.cache_ttl.as_deref(), &CACHE_TTL, parse_duration)?,
         max_entries: sources.get(
             args.cache_max_entries.as_deref(),
             &CACHE_MAX_ENTRIES,
-            "10000",
             parse_positive_count,
         )?,
         max_stale: sources.get(
             args.cache_max_stale.as_deref(),
             &CACHE_MAX_STALE,
-            "3600",
             parse_duration,
         )?,
         upstream_wait: sources.get(
             args.upstream_wait.as_deref(),
             &UPSTREAM_WAIT,
-            "1",
             parse_duration,
         )?,
         negative_ttl: sources.get(
             args.cache_negative_ttl.as_deref(),
             &CACHE_NEGATIVE_TTL,
-            "30",
             parse_duration,
         )?,
         upstream: UpstreamLimits {
             concurrency: sources.get(
                 args.upstream_concurrency.as_deref(),
                 &UPSTREAM_CONCURRENCY,
-                "32",
                 parse_positive_count,
             )?,
-            queue: sources.get(
-                args.upstream_queue.as_deref(),
-                &UPSTREAM_QUEUE,
-                "1000",
-                parse_count,
-            )?,
+            queue: sources.get(args.upstream_queue.as_deref(), &UPSTREAM_QUEUE, parse_count)?,
         },
     })
 }
@@ -567,43 +516,36 @@ fn resolve_limits(args: &BrokerArgs, sources: &Sources<'_>) -> Result<Limits, Co
         max_connections: sources.get(
             args.max_connections.as_deref(),
             &MAX_CONNECTIONS,
-            "10000",
             parse_positive_count,
         )?,
         max_calls_per_connection: sources.get(
             args.max_concurrent_calls_per_connection.as_deref(),
             &MAX_CALLS_PER_CONNECTION,
-            "1024",
             parse_positive_count,
         )?,
         max_message_size: sources.get(
             args.max_message_size.as_deref(),
             &MAX_MESSAGE_SIZE,
-            "262144",
             parse_positive_count,
         )?,
         call_timeout: sources.get(
             args.call_timeout.as_deref(),
             &CALL_TIMEOUT,
-            "30",
             parse_positive_duration,
         )?,
         keepalive_interval: sources.get(
             args.keepalive_interval.as_deref(),
             &KEEPALIVE_INTERVAL,
-            "30",
             parse_positive_duration,
         )?,
         shutdown_grace: sources.get(
             args.shutdown_grace.as_deref(),
             &SHUTDOWN_GRACE,
-            "10",
             parse_duration,
         )?,
         first_request_timeout: sources.get(
             args.first_request_timeout.as_deref(),
             &FIRST_REQUEST_TIMEOUT,
-            "10",
             parse_positive_duration,
         )?,
     })

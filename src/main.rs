@@ -5,9 +5,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use secrets_broker::{
+    app::{self, App, Listeners},
     check,
     config::{BackendChoice, BrokerArgs, ListenAddr, Settings},
-    operator, server, telemetry,
+    operator, telemetry,
 };
 
 #[derive(Parser)]
@@ -67,16 +68,18 @@ async fn serve(args: BrokerArgs) -> ExitCode {
     };
     // Held to the end of `serve`: dropping it flushes the last log lines.
     let _logs = telemetry::init(&settings.log_level);
-    let (security, store) = match server::Security::load(&settings)
-        .and_then(|security| Ok((security, server::open_store(&settings)?)))
-    {
-        Ok(loaded) => loaded,
+    let app = match Listeners::bind(&settings).await {
+        Ok(listeners) => App::build(&settings, listeners),
+        Err(error) => Err(error),
+    };
+    let app = match app {
+        Ok(app) => app,
         Err(error) => return fail(&error.to_string()),
     };
     if settings.dev {
         print_dev_hint(&settings);
     }
-    match server::serve(&settings, store, security, server::shutdown_signal()).await {
+    match app.run(app::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => fail(&error.to_string()),
     }
@@ -109,7 +112,7 @@ async fn operate(
 
 fn print_dev_hint(settings: &Settings) {
     let secrets = match &settings.backend {
-        BackendChoice::File { path: Some(path) } => format!("secrets from {}", path.display()),
+        BackendChoice::File { path } => format!("secrets from {}", path.display()),
         _ => "built-in fake secrets".to_owned(),
     };
     let listen = &settings.listen;

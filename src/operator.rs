@@ -33,6 +33,7 @@ pub struct GetArgs {
     #[arg(long)]
     pub bypass_cache: bool,
     #[command(flatten)]
+    /// Which broker, and how to reach it.
     pub connection: Connection,
 }
 

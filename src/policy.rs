@@ -31,21 +31,19 @@
 use std::{
     path::{Path, PathBuf},
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU64, Ordering::Relaxed},
     },
 };
-
-use arc_swap::ArcSwap;
 
 use globset::{GlobBuilder, GlobMatcher, GlobSet, GlobSetBuilder};
 use serde::Deserialize;
 use tokio::sync::watch;
 
 use crate::{
-    file_watch::{self, FileWatch},
     identity::Identity,
     names,
+    reload::{Loader, Reload, Reloadable},
 };
 
 /// Why a policy file cannot be used.
@@ -273,13 +271,37 @@ enum Rules {
     Policy(Policy),
 }
 
+/// Where the rules come from.
+struct PolicySource {
+    path: Option<PathBuf>,
+    mutual_tls: bool,
+}
+
+impl Loader for PolicySource {
+    type Value = Rules;
+    type Error = PolicyError;
+
+    fn what(&self) -> &'static str {
+        "policy"
+    }
+
+    fn files(&self) -> Vec<PathBuf> {
+        self.path.iter().cloned().collect()
+    }
+
+    fn load(&self, _previous: Option<&Rules>) -> Result<Rules, PolicyError> {
+        Ok(match &self.path {
+            Some(path) => Rules::Policy(Policy::load(path)?),
+            None if self.mutual_tls => Rules::DenyAll,
+            None => Rules::AllowAll,
+        })
+    }
+}
+
 /// Decides every call; cheap to share.
 pub struct Authorizer {
-    path: Option<PathBuf>,
     /// Read on every call, replaced on reload: lock-free reads.
-    rules: ArcSwap<Rules>,
-    reloads: watch::Sender<u64>,
-    watch: Mutex<Option<FileWatch>>,
+    rules: Arc<Reloadable<PolicySource>>,
     denials: AtomicU64,
 }
 
@@ -287,22 +309,23 @@ impl Authorizer {
     /// `policy`: the file, if any; `mutual_tls`: whether callers are
     /// authenticated (decides the rules without a file).
     pub fn new(policy: Option<&Path>, mutual_tls: bool) -> Result<Arc<Self>, PolicyError> {
-        let rules = match policy {
-            Some(path) => Rules::Policy(Policy::load(path)?),
-            None if mutual_tls => Rules::DenyAll,
-            None => Rules::AllowAll,
+        let source = PolicySource {
+            path: policy.map(Path::to_owned),
+            mutual_tls,
         };
         Ok(Arc::new(Self {
-            path: policy.map(Path::to_owned),
-            rules: ArcSwap::from_pointee(rules),
-            reloads: watch::Sender::new(0),
-            watch: Mutex::new(None),
+            rules: Reloadable::new(source)?,
             denials: AtomicU64::new(0),
         }))
     }
 
     fn rules(&self) -> arc_swap::Guard<Arc<Rules>> {
-        self.rules.load()
+        self.rules.current()
+    }
+
+    /// The rules, as a value that follows the policy file.
+    pub fn reloadable(&self) -> Arc<dyn Reload> {
+        Arc::clone(&self.rules) as Arc<dyn Reload>
     }
 
     /// May `identity` read the secret `id` (a full name or an ARN)? An
@@ -354,35 +377,9 @@ impl Authorizer {
 
     /// Reads the policy file again; on error the current rules stay.
     pub fn reload(&self) -> Result<(), PolicyError> {
-        let Some(path) = &self.path else {
-            return Ok(());
-        };
-        let policy = Policy::load(path)?;
-        self.rules.store(Arc::new(Rules::Policy(policy)));
-        self.reloads.send_modify(|count| *count += 1);
-        Ok(())
-    }
-
-    pub fn reload_and_log(&self) {
-        match self.reload() {
-            Ok(()) if self.path.is_some() => tracing::info!("policy reloaded"),
-            Ok(()) => {}
-            Err(error) => tracing::warn!(%error, "policy not reloaded; keeping the previous rules"),
+        if self.rules.loader().path.is_some() {
+            self.rules.reload()?;
         }
-    }
-
-    /// Reloads when the file changes, until dropped with `self`.
-    pub fn follow_file(self: &Arc<Self>) -> notify::Result<()> {
-        let Some(path) = &self.path else {
-            return Ok(());
-        };
-        let weak = Arc::downgrade(self);
-        let watch = file_watch::on_change(&[path], move || {
-            if let Some(authorizer) = weak.upgrade() {
-                authorizer.reload_and_log();
-            }
-        })?;
-        *self.watch.lock().unwrap_or_else(|e| e.into_inner()) = Some(watch);
         Ok(())
     }
 
@@ -393,7 +390,7 @@ impl Authorizer {
 
     /// One line on the rules in force, for `check`.
     pub fn summary(&self) -> String {
-        match (&**self.rules(), &self.path) {
+        match (&**self.rules(), &self.rules.loader().path) {
             (Rules::AllowAll, _) => {
                 "no policy: every caller may read every secret (plaintext, local only)".into()
             }
@@ -411,7 +408,24 @@ impl Authorizer {
 
     /// Changes each time the rules are replaced.
     pub fn reloads(&self) -> watch::Receiver<u64> {
-        self.reloads.subscribe()
+        self.rules.changes()
+    }
+}
+
+impl Authorizer {
+    /// Registers the policy's metrics.
+    pub fn register_metrics(self: &Arc<Self>, metrics: &crate::metrics::Metrics) {
+        use crate::metrics::counter;
+        let authorizer = Arc::clone(self);
+        metrics.register_state(move |e| {
+            counter(
+                e,
+                "policy_denials",
+                "Calls refused by the policy",
+                authorizer.denials(),
+            )?;
+            Ok(())
+        });
     }
 }
 

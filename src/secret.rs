@@ -12,15 +12,19 @@ use zeroize::Zeroizing;
 /// A secret's value: text (SecretString upstream) or bytes (SecretBinary).
 #[derive(Clone, PartialEq, Eq)]
 pub enum SecretValue {
+    /// A SecretString.
     Text(Zeroizing<String>),
+    /// A SecretBinary.
     Binary(Zeroizing<Vec<u8>>),
 }
 
 impl SecretValue {
+    /// A text value.
     pub fn text(value: impl Into<String>) -> Self {
         Self::Text(Zeroizing::new(value.into()))
     }
 
+    /// A binary value.
     pub fn binary(value: impl Into<Vec<u8>>) -> Self {
         Self::Binary(Zeroizing::new(value.into()))
     }
@@ -33,6 +37,7 @@ impl SecretValue {
         }
     }
 
+    /// Its length in bytes.
     pub fn len(&self) -> usize {
         match self {
             Self::Text(text) => text.len(),
@@ -40,6 +45,7 @@ impl SecretValue {
         }
     }
 
+    /// Whether it holds no byte.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -62,9 +68,13 @@ pub struct SecretVersion {
     pub name: String,
     /// The ARN upstream; empty where the backend has none.
     pub arn: String,
+    /// The version id.
     pub version_id: String,
+    /// The staging labels this version carries.
     pub version_stages: Vec<String>,
+    /// When the version was created, when known.
     pub created_date: Option<SystemTime>,
+    /// The value (zeroized when dropped).
     pub value: SecretValue,
 }
 

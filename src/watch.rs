@@ -74,7 +74,7 @@ pub struct Subscription {
     /// Becomes `true` when the broker shuts down.
     pub shutdown: watch::Receiver<bool>,
     /// Counts the watcher until dropped.
-    pub guard: WatcherGuard,
+    pub _guard: WatcherGuard,
 }
 
 /// Keeps a watcher counted while it lives.
@@ -208,7 +208,7 @@ impl WatchHub {
             first,
             changes,
             shutdown: shared.shutdown.subscribe(),
-            guard: WatcherGuard {
+            _guard: WatcherGuard {
                 shared: Arc::clone(shared),
             },
         })
@@ -231,10 +231,9 @@ impl WatchHub {
     }
 
     /// Runs the change detector until shutdown.
-    pub fn spawn_detector(&self) -> tokio::task::JoinHandle<()> {
-        let shared = Arc::clone(&self.shared);
+    pub async fn detect_changes(self) {
         let store = Arc::clone(self.shared.cache.store());
-        tokio::spawn(async move { shared.detect_changes(store).await })
+        Arc::clone(&self.shared).detect_changes(store).await
     }
 }
 
@@ -391,6 +390,42 @@ async fn changed(signal: &mut Option<watch::Receiver<u64>>) {
 /// The interval ±10%, so that replicas started together drift apart.
 fn jittered(interval: Duration) -> Duration {
     interval.mul_f64(0.9 + fastrand::f64() * 0.2)
+}
+
+impl WatchHub {
+    /// Registers the watch layer's metrics.
+    pub fn register_metrics(&self, metrics: &crate::metrics::Metrics) {
+        use crate::metrics::{counter, gauge};
+        let hub = self.clone();
+        metrics.register_state(move |e| {
+            let watch = hub.stats();
+            gauge(
+                e,
+                "watchers",
+                "Open WatchSecret streams",
+                watch.watchers as i64,
+            )?;
+            gauge(
+                e,
+                "watched_secrets",
+                "Secrets with at least one watcher",
+                watch.watched_secrets as i64,
+            )?;
+            counter(
+                e,
+                "watch_events",
+                "Changes broadcast to watchers",
+                watch.events,
+            )?;
+            counter(
+                e,
+                "watch_rounds",
+                "Rounds of the change detector",
+                watch.rounds,
+            )?;
+            Ok(())
+        });
+    }
 }
 
 #[cfg(test)]

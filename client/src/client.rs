@@ -12,6 +12,7 @@ use crate::{
         self, admin_service_client::AdminServiceClient,
         secrets_service_client::SecretsServiceClient,
     },
+    typed::TypedConfig,
     watch::{self, WatchStream},
 };
 
@@ -172,48 +173,35 @@ impl SecretsClient {
             .collect())
     }
 
+    /// A typed config at its default name (`<environment>/<kind>`); the
+    /// four below are this with their type.
+    pub async fn get_config<C: TypedConfig>(&self) -> Result<C, Error> {
+        let response = self
+            .call(C::Request::default(), |client, request| {
+                C::call(client, request)
+            })
+            .await?;
+        C::config(response).ok_or_else(|| Error::Decode("the broker sent no config".into()))
+    }
+
     /// The JWT settings (`<environment>/jwt`).
     pub async fn get_jwt_config(&self) -> Result<proto::JwtConfig, Error> {
-        let request = proto::GetJwtConfigRequest::default();
-        let response = self
-            .call(request, |mut c, r| async move { c.get_jwt_config(r).await })
-            .await?;
-        config(response.config)
+        self.get_config().await
     }
 
     /// The database settings (`<environment>/database`).
     pub async fn get_database_config(&self) -> Result<proto::DatabaseConfig, Error> {
-        let request = proto::GetDatabaseConfigRequest::default();
-        let response = self
-            .call(
-                request,
-                |mut c, r| async move { c.get_database_config(r).await },
-            )
-            .await?;
-        config(response.config)
+        self.get_config().await
     }
 
     /// The AWS services settings (`<environment>/aws-services`).
     pub async fn get_aws_services_config(&self) -> Result<proto::AwsServicesConfig, Error> {
-        let request = proto::GetAwsServicesConfigRequest::default();
-        let response = self
-            .call(request, |mut c, r| async move {
-                c.get_aws_services_config(r).await
-            })
-            .await?;
-        config(response.config)
+        self.get_config().await
     }
 
     /// The security settings (`<environment>/security`).
     pub async fn get_security_config(&self) -> Result<proto::SecurityConfig, Error> {
-        let request = proto::GetSecurityConfigRequest::default();
-        let response = self
-            .call(
-                request,
-                |mut c, r| async move { c.get_security_config(r).await },
-            )
-            .await?;
-        config(response.config)
+        self.get_config().await
     }
 
     /// The Mistral API key (`mistral-api-key`), as text.
@@ -307,10 +295,6 @@ impl SecretsClient {
     ) -> WatchStream {
         watch::follow(self.secrets.clone(), name.into(), stage.into())
     }
-}
-
-fn config<T>(config: Option<T>) -> Result<T, Error> {
-    config.ok_or_else(|| Error::Decode("the broker sent no config".into()))
 }
 
 /// A GetSecret call being built; await it (or call `send`).

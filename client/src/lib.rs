@@ -28,22 +28,20 @@
 mod client;
 mod config;
 mod error;
-mod redacted;
+mod typed;
 mod value;
 mod watch;
 
 pub use client::{GetSecret, SecretsClient};
 pub use config::ClientConfig;
 pub use error::Error;
+pub use typed::TypedConfig;
 pub use value::{CacheFacts, SecretValue};
 pub use watch::{WatchEvent, WatchEventKind, WatchStream};
 
 /// The generated protobuf types and gRPC stubs of `secretsbroker.v1`, for
 /// what the typed API does not cover.
-#[allow(missing_docs)]
-pub mod proto {
-    tonic::include_proto!("secretsbroker.v1");
-}
+pub use secrets_broker_contract::proto;
 
 /// The typed configs, as the broker decodes and validates them.
 pub use proto::{

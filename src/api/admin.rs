@@ -12,9 +12,9 @@ use super::{
     status::ApiError,
 };
 use crate::{
+    api::rpc::Rpc,
     backend::VersionSelector,
     cache::{CacheKey, Lookup},
-    metrics::Rpc,
     proto::{
         CheckUpstreamRequest, CheckUpstreamResponse, ClearCacheRequest, ClearCacheResponse,
         GetCacheStatsRequest, GetCacheStatsResponse, RefreshSecretRequest, RefreshSecretResponse,

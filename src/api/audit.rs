@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use tonic::Code;
 
 use crate::{
+    api::{CallMetrics, rpc::Rpc},
     identity::Identity,
-    metrics::{Metrics, Rpc},
 };
 
 /// The facts of one call, emitted by `finish` (with the call's metrics).
@@ -24,7 +24,7 @@ pub struct Audit {
     secrets: String,
     cache_hit: Option<bool>,
     started: Instant,
-    metrics: Metrics,
+    metrics: CallMetrics,
     call_timeout: Duration,
     /// When the caller must have its answer (see `transport::gate`).
     deadline: Option<tokio::time::Instant>,
@@ -32,7 +32,7 @@ pub struct Audit {
 }
 
 impl Audit {
-    pub fn new(rpc: Rpc, identity: Identity, metrics: Metrics, call_timeout: Duration) -> Self {
+    pub fn new(rpc: Rpc, identity: Identity, metrics: CallMetrics, call_timeout: Duration) -> Self {
         Self {
             rpc,
             identity,
@@ -154,7 +154,8 @@ mod tests {
 
     #[test]
     fn a_call_dropped_before_its_answer_is_recorded_as_cancelled() {
-        let metrics = Metrics::new(false);
+        let registry = crate::metrics::Metrics::new();
+        let metrics = CallMetrics::register(&registry, false);
         let audit = || {
             Audit::new(
                 Rpc::GetSecret,
@@ -172,7 +173,7 @@ mod tests {
             Duration::ZERO,
         );
         drop(timed_out);
-        let text = metrics.encode();
+        let text = registry.encode();
         let line = |code: &str| {
             format!("secretsbroker_calls_total{{rpc=\"GetSecret\",code=\"{code}\"}} 1")
         };

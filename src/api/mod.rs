@@ -9,12 +9,15 @@
 
 mod admin;
 mod audit;
+mod call_metrics;
 mod message;
+pub mod rpc;
 mod secrets;
 pub mod status;
 pub mod typed;
 
 pub use admin::AdminApi;
+pub use call_metrics::CallMetrics;
 pub use secrets::SecretsApi;
 
 use std::sync::Arc;
@@ -22,15 +25,11 @@ use std::sync::Arc;
 use tonic::{Code, Response, Status};
 
 use crate::{
-    cache::Cache,
-    identity,
-    metrics::{Metrics, Rpc},
-    names::NameResolver,
-    policy::Authorizer,
-    transport::gate::CallDeadline,
+    cache::Cache, identity, names::NameResolver, policy::Authorizer, transport::gate::CallDeadline,
     watch::WatchHub,
 };
 use audit::Audit;
+use rpc::Rpc;
 use status::ApiError;
 
 /// What every handler needs; cheap to clone.
@@ -40,7 +39,7 @@ pub struct ApiContext {
     pub names: NameResolver,
     pub watch: WatchHub,
     pub authorizer: Arc<Authorizer>,
-    pub metrics: Metrics,
+    pub metrics: CallMetrics,
     /// `--call-timeout`: a call dropped past it is audited as
     /// DEADLINE_EXCEEDED (the gate answered the caller so).
     pub call_timeout: std::time::Duration,

@@ -11,13 +11,13 @@ use super::{
     message::{self, Contents},
     respond,
     status::ApiError,
-    typed::{self, Malformed},
+    typed::TypedConfigRpc,
 };
 use crate::{
+    api::rpc::Rpc,
     backend::{VersionSelector, check_version_field},
     cache::{CacheKey, Lookup},
     identity::Identity,
-    metrics::Rpc,
     names::ShownName,
     policy::{Authorizer, Denied},
     proto::{
@@ -27,7 +27,6 @@ use crate::{
         GetSecretResponse, GetSecurityConfigRequest, GetSecurityConfigResponse, WatchSecretRequest,
         WatchSecretResponse, batch_get_secrets_result, secrets_service_server::SecretsService,
     },
-    secret::SecretValue,
     watch::Subscription,
 };
 
@@ -174,29 +173,44 @@ impl SecretsApi {
     }
 
     /// Reads the current version of a typed config's secret and decodes it.
-    async fn typed_config<T>(
+    async fn typed_config<R: TypedConfigRpc>(
         &self,
         audit: &mut Audit,
-        name: &str,
-        default_kind: &'static str,
-        bypass: bool,
-        decode: fn(&SecretValue) -> Result<T, Malformed>,
-    ) -> Result<(T, String), ApiError> {
-        let full_name = self.context.names.resolve_or_default(name, default_kind)?;
+        request: &R,
+    ) -> Result<R::Response, ApiError> {
+        let full_name = self
+            .context
+            .names
+            .resolve_or_default(request.name(), R::KIND)?;
         audit.secret(&full_name);
         self.context
             .authorizer
             .check_read(audit.identity(), &full_name)?;
         let lookup = self
-            .lookup(audit, full_name, VersionSelector::current(), bypass)
+            .lookup(
+                audit,
+                full_name,
+                VersionSelector::current(),
+                request.bypass_cache(),
+            )
             .await?;
         let version = &lookup.version;
-        let config = decode(&version.value).map_err(|source| ApiError::Malformed {
+        let config = R::decode(&version.value).map_err(|source| ApiError::Malformed {
             name: version.name.clone(),
-            kind: kind_label(default_kind),
+            kind: R::LABEL,
             source,
         })?;
-        Ok((config, version.version_id.clone()))
+        Ok(R::respond(config, version.version_id.clone()))
+    }
+
+    /// The typed-config RPCs' one handler.
+    async fn serve_typed<R: TypedConfigRpc>(
+        &self,
+        request: Request<R>,
+    ) -> Result<Response<R::Response>, Status> {
+        let mut audit = self.context.admit(R::RPC, &request);
+        let result = self.typed_config(&mut audit, request.get_ref()).await;
+        respond(audit, result)
     }
 }
 
@@ -266,15 +280,6 @@ impl WatchAccess {
     }
 }
 
-fn kind_label(default_kind: &str) -> &'static str {
-    match default_kind {
-        "jwt" => "a JWT config",
-        "database" => "a database config",
-        "aws-services" => "an AWS services config",
-        _ => "a security config",
-    }
-}
-
 #[tonic::async_trait]
 impl SecretsService for SecretsApi {
     async fn get_secret(
@@ -301,96 +306,28 @@ impl SecretsService for SecretsApi {
         &self,
         request: Request<GetJwtConfigRequest>,
     ) -> Result<Response<GetJwtConfigResponse>, Status> {
-        let mut audit = self.context.admit(Rpc::GetJwtConfig, &request);
-        let request = request.into_inner();
-        let result = self
-            .typed_config(
-                &mut audit,
-                &request.name,
-                "jwt",
-                request.bypass_cache,
-                typed::jwt_config,
-            )
-            .await;
-        respond(
-            audit,
-            result.map(|(config, version_id)| GetJwtConfigResponse {
-                config: Some(config),
-                version_id,
-            }),
-        )
+        self.serve_typed(request).await
     }
 
     async fn get_database_config(
         &self,
         request: Request<GetDatabaseConfigRequest>,
     ) -> Result<Response<GetDatabaseConfigResponse>, Status> {
-        let mut audit = self.context.admit(Rpc::GetDatabaseConfig, &request);
-        let request = request.into_inner();
-        let result = self
-            .typed_config(
-                &mut audit,
-                &request.name,
-                "database",
-                request.bypass_cache,
-                typed::database_config,
-            )
-            .await;
-        respond(
-            audit,
-            result.map(|(config, version_id)| GetDatabaseConfigResponse {
-                config: Some(config),
-                version_id,
-            }),
-        )
+        self.serve_typed(request).await
     }
 
     async fn get_aws_services_config(
         &self,
         request: Request<GetAwsServicesConfigRequest>,
     ) -> Result<Response<GetAwsServicesConfigResponse>, Status> {
-        let mut audit = self.context.admit(Rpc::GetAwsServicesConfig, &request);
-        let request = request.into_inner();
-        let result = self
-            .typed_config(
-                &mut audit,
-                &request.name,
-                "aws-services",
-                request.bypass_cache,
-                typed::aws_services_config,
-            )
-            .await;
-        respond(
-            audit,
-            result.map(|(config, version_id)| GetAwsServicesConfigResponse {
-                config: Some(config),
-                version_id,
-            }),
-        )
+        self.serve_typed(request).await
     }
 
     async fn get_security_config(
         &self,
         request: Request<GetSecurityConfigRequest>,
     ) -> Result<Response<GetSecurityConfigResponse>, Status> {
-        let mut audit = self.context.admit(Rpc::GetSecurityConfig, &request);
-        let request = request.into_inner();
-        let result = self
-            .typed_config(
-                &mut audit,
-                &request.name,
-                "security",
-                request.bypass_cache,
-                typed::security_config,
-            )
-            .await;
-        respond(
-            audit,
-            result.map(|(config, version_id)| GetSecurityConfigResponse {
-                config: Some(config),
-                version_id,
-            }),
-        )
+        self.serve_typed(request).await
     }
 
     type WatchSecretStream =

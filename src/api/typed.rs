@@ -8,8 +8,14 @@
 
 use serde_json::{Map, Value};
 
+use super::rpc::Rpc;
 use crate::{
-    proto::{AwsServicesConfig, DatabaseConfig, JwtConfig, SecurityConfig},
+    proto::{
+        AwsServicesConfig, DatabaseConfig, GetAwsServicesConfigRequest,
+        GetAwsServicesConfigResponse, GetDatabaseConfigRequest, GetDatabaseConfigResponse,
+        GetJwtConfigRequest, GetJwtConfigResponse, GetSecurityConfigRequest,
+        GetSecurityConfigResponse, JwtConfig, SecurityConfig,
+    },
     secret::SecretValue,
 };
 
@@ -157,6 +163,97 @@ pub fn security_config(value: &SecretValue) -> Result<SecurityConfig, Malformed>
         cors_origins: fields.list("cors_origins")?,
     })
 }
+
+/// One typed-config RPC: its request, the config it decodes, its response.
+/// Each of the four is a few constants and two functions; the handler that
+/// serves them is one (`SecretsApi::typed_config`).
+pub trait TypedConfigRpc: Send + 'static {
+    /// The decoded config.
+    type Config;
+    /// The RPC's response.
+    type Response;
+    /// The RPC, for the audit trail and the metrics.
+    const RPC: Rpc;
+    /// The last part of the default name: `<environment>/<KIND>`.
+    const KIND: &'static str;
+    /// How errors name the config ("a JWT config").
+    const LABEL: &'static str;
+
+    /// The requested name (empty: the default).
+    fn name(&self) -> &str;
+    fn bypass_cache(&self) -> bool;
+    fn decode(value: &SecretValue) -> Result<Self::Config, Malformed>;
+    fn respond(config: Self::Config, version_id: String) -> Self::Response;
+}
+
+/// The four typed configs' constants and functions.
+macro_rules! typed_config_rpc {
+    ($request:ty, $config:ty, $response:ident, $rpc:ident, $kind:literal, $label:literal, $decode:ident) => {
+        impl TypedConfigRpc for $request {
+            type Config = $config;
+            type Response = $response;
+            const RPC: Rpc = Rpc::$rpc;
+            const KIND: &'static str = $kind;
+            const LABEL: &'static str = $label;
+
+            fn name(&self) -> &str {
+                &self.name
+            }
+
+            fn bypass_cache(&self) -> bool {
+                self.bypass_cache
+            }
+
+            fn decode(value: &SecretValue) -> Result<$config, Malformed> {
+                $decode(value)
+            }
+
+            fn respond(config: $config, version_id: String) -> $response {
+                $response {
+                    config: Some(config),
+                    version_id,
+                }
+            }
+        }
+    };
+}
+
+typed_config_rpc!(
+    GetJwtConfigRequest,
+    JwtConfig,
+    GetJwtConfigResponse,
+    GetJwtConfig,
+    "jwt",
+    "a JWT config",
+    jwt_config
+);
+typed_config_rpc!(
+    GetDatabaseConfigRequest,
+    DatabaseConfig,
+    GetDatabaseConfigResponse,
+    GetDatabaseConfig,
+    "database",
+    "a database config",
+    database_config
+);
+typed_config_rpc!(
+    GetAwsServicesConfigRequest,
+    AwsServicesConfig,
+    GetAwsServicesConfigResponse,
+    GetAwsServicesConfig,
+    "aws-services",
+    "an AWS services config",
+    aws_services_config
+);
+typed_config_rpc!(
+    GetSecurityConfigRequest,
+    SecurityConfig,
+    GetSecurityConfigResponse,
+    GetSecurityConfig,
+    "security",
+    "a security config",
+    security_config
+);
 
 #[cfg(test)]
 mod tests {

@@ -26,6 +26,7 @@ use super::StoreError;
 /// Where the broker's AWS calls go, for messages that name it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
+    /// The region the calls are for.
     pub region: String,
     /// The endpoint URL (`AWS_ENDPOINT_URL`, or AWS's own for the region).
     pub endpoint: String,

@@ -18,16 +18,8 @@ use async_trait::async_trait;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use super::{BatchAnswer, SecretDescription, SecretStore, StoreError, VersionSelector};
+pub use crate::config::UpstreamLimits;
 use crate::secret::SecretVersion;
-
-/// How much of the upstream the broker may use at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UpstreamLimits {
-    /// Calls under way at once.
-    pub concurrency: usize,
-    /// Calls waiting for a turn.
-    pub queue: usize,
-}
 
 /// A store whose calls wait for one of `concurrency` turns.
 pub struct BoundedStore {
@@ -42,13 +34,16 @@ pub struct BoundedStore {
 /// What the bound looks like now, for the stats and metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct UpstreamLoad {
+    /// Calls under way.
     pub in_flight: u64,
+    /// Calls waiting for a turn.
     pub waiting: u64,
     /// Calls refused because the queue was full, so far.
     pub refused: u64,
 }
 
 impl BoundedStore {
+    /// Bounds the calls to `inner`.
     pub fn wrap(inner: Arc<dyn SecretStore>, limits: UpstreamLimits) -> Arc<Self> {
         let concurrency = limits.concurrency.max(1);
         Arc::new(Self {
@@ -61,6 +56,7 @@ impl BoundedStore {
         })
     }
 
+    /// What the bound looks like now.
     pub fn load(&self) -> UpstreamLoad {
         UpstreamLoad {
             in_flight: self

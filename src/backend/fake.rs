@@ -17,6 +17,7 @@ use super::{
 };
 use crate::secret::{SecretValue, SecretVersion};
 
+/// See the module doc.
 #[derive(Default)]
 pub struct FakeStore {
     /// name → current version id (`None`: marked deleted).
@@ -38,6 +39,7 @@ pub struct FakeStore {
 }
 
 impl FakeStore {
+    /// A store holding `names`, each at version `v1`.
     pub fn with(names: &[&str]) -> Arc<Self> {
         let store = Self::default();
         for name in names {
@@ -46,6 +48,7 @@ impl FakeStore {
         Arc::new(store)
     }
 
+    /// Makes `version_id` the current version of `name`.
     pub fn set(&self, name: &str, version_id: &str) {
         self.versions
             .lock()
@@ -53,10 +56,12 @@ impl FakeStore {
             .insert(name.to_owned(), Some(version_id.to_owned()));
     }
 
+    /// Marks `name` deleted.
     pub fn delete(&self, name: &str) {
         self.versions.lock().unwrap().insert(name.to_owned(), None);
     }
 
+    /// Every call fails with `failure` (until `None`).
     pub fn fail_with(&self, failure: Option<StoreError>) {
         *self.failure.lock().unwrap() = failure;
     }

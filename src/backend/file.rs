@@ -16,15 +16,16 @@
 //! `"deleted": true` marks a secret for deletion. `serve --dev` uses a copy
 //! of the guide's five secrets with fake values, built into the binary.
 //!
-//! A store opened from a file follows it: `watch_file` reloads it when it
-//! changes on disk (a version whose value did not change keeps its id), and
-//! raises the change signal so that watchers hear of rotations at once. A
-//! file that no longer parses is refused, and the previous content stays.
+//! A store opened from a file follows it (a `Reloadable`, followed by the
+//! app): it reloads when the file changes on disk (a version whose value did
+//! not change keeps its id), and raises the change signal so that watchers
+//! hear of rotations at once. A file that no longer parses is refused, and
+//! the previous content stays.
 
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, RwLock, Weak},
+    sync::Arc,
     time::SystemTime,
 };
 
@@ -34,8 +35,8 @@ use serde::Deserialize;
 
 use super::{SecretDescription, SecretStore, StoreError, VersionSelector};
 use crate::{
-    file_watch::{self, FileWatch},
     names::{InvalidName, NameResolver},
+    reload::{Loader, Reload, Reloadable},
     secret::{SecretValue, SecretVersion},
 };
 
@@ -45,6 +46,7 @@ const DEV_SEED: &str = include_str!("dev_secrets.json");
 /// Why a secrets file could not be used. Never quotes the file's content:
 /// a parse error there could be in the middle of a secret value.
 #[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // each variant's #[error] message is its documentation
 pub enum FileStoreError {
     #[error("cannot read secrets file {path}: {source}")]
     Read {
@@ -116,15 +118,56 @@ type Secrets = HashMap<String, StoredSecret>;
 
 /// A `SecretStore` over a file's content, held in memory.
 pub struct FileStore {
+    secrets: Arc<Reloadable<SecretsSource>>,
+}
+
+/// Where a store's secrets are read from.
+struct SecretsSource {
     origin: String,
-    /// The file, when there is one (not for the built-in dev secrets).
-    source: Option<(PathBuf, Format)>,
+    content: Content,
     resolver: NameResolver,
-    secrets: RwLock<Arc<Secrets>>,
-    /// Counts reloads that changed something.
-    generation: tokio::sync::watch::Sender<u64>,
-    /// Keeps the file watcher alive as long as the store.
-    watcher: Mutex<Option<FileWatch>>,
+}
+
+enum Content {
+    /// Text that never changes (the built-in dev secrets).
+    Fixed(String, Format),
+    /// A file, read again when it changes.
+    File(PathBuf, Format),
+}
+
+impl Loader for SecretsSource {
+    type Value = Secrets;
+    type Error = FileStoreError;
+
+    fn what(&self) -> &'static str {
+        "secrets file"
+    }
+
+    fn files(&self) -> Vec<PathBuf> {
+        match &self.content {
+            Content::File(path, _) => vec![path.clone()],
+            Content::Fixed(..) => Vec::new(),
+        }
+    }
+
+    fn load(&self, previous: Option<&Secrets>) -> Result<Secrets, FileStoreError> {
+        let (text, format) = match &self.content {
+            Content::File(path, format) => (read(path)?, *format),
+            Content::Fixed(text, format) => (text.clone(), *format),
+        };
+        let document = format.parse(&self.origin, &text)?;
+        let none = Secrets::new();
+        build_secrets(
+            &self.origin,
+            document,
+            &self.resolver,
+            previous.unwrap_or(&none),
+        )
+    }
+
+    fn same(&self, old: &Secrets, new: &Secrets) -> bool {
+        old == new
+    }
 }
 
 impl FileStore {
@@ -139,10 +182,11 @@ impl FileStore {
             Some("toml") => Format::Toml,
             _ => Format::Json,
         };
-        let text = read(path)?;
-        let mut store = Self::from_text(&path.display().to_string(), &text, format, resolver)?;
-        store.source = Some((path.to_owned(), format));
-        Ok(store)
+        Self::over(SecretsSource {
+            origin: path.display().to_string(),
+            content: Content::File(path.to_owned(), format),
+            resolver: resolver.clone(),
+        })
     }
 
     fn from_text(
@@ -151,75 +195,37 @@ impl FileStore {
         format: Format,
         resolver: &NameResolver,
     ) -> Result<Self, FileStoreError> {
-        let document = format.parse(origin, text)?;
-        let secrets = build_secrets(origin, document, resolver, &Secrets::new())?;
-        Ok(Self {
+        Self::over(SecretsSource {
             origin: origin.to_owned(),
-            source: None,
+            content: Content::Fixed(text.to_owned(), format),
             resolver: resolver.clone(),
-            secrets: RwLock::new(Arc::new(secrets)),
-            generation: tokio::sync::watch::Sender::new(0),
-            watcher: Mutex::new(None),
+        })
+    }
+
+    fn over(source: SecretsSource) -> Result<Self, FileStoreError> {
+        Ok(Self {
+            secrets: Reloadable::new(source)?,
         })
     }
 
     /// Reads the file again. Returns whether anything changed; on error the
     /// previous content stays.
     pub fn reload(&self) -> Result<bool, FileStoreError> {
-        let Some((path, format)) = &self.source else {
-            return Ok(false);
-        };
-        let text = read(path)?;
-        let document = format.parse(&self.origin, &text)?;
-        let previous = self.snapshot();
-        let secrets = build_secrets(&self.origin, document, &self.resolver, &previous)?;
-        if secrets == *previous {
-            return Ok(false);
-        }
-        *self.secrets.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(secrets);
-        self.generation.send_modify(|generation| *generation += 1);
-        Ok(true)
+        self.secrets.reload()
     }
 
-    /// Follows the file on disk (see `file_watch`) until the store is
-    /// dropped.
-    pub fn watch_file(self: &Arc<Self>) -> Result<(), notify::Error> {
-        let Some((path, _)) = &self.source else {
-            return Ok(());
-        };
-        let store: Weak<Self> = Arc::downgrade(self);
-        let watch = file_watch::on_change(&[path], move || {
-            if let Some(store) = store.upgrade() {
-                store.reload_and_log();
-            }
-        })?;
-        *self.watcher.lock().unwrap_or_else(|e| e.into_inner()) = Some(watch);
-        Ok(())
-    }
-
-    fn reload_and_log(&self) {
-        match self.reload() {
-            Ok(true) => tracing::info!(file = %self.origin, "secrets file reloaded"),
-            Ok(false) => {}
-            Err(error) => {
-                tracing::warn!(%error, "secrets file not reloaded; keeping its previous content")
-            }
-        }
+    /// The content, as a value that follows its file (see `reload`).
+    pub fn reloadable(&self) -> Arc<dyn Reload> {
+        Arc::clone(&self.secrets) as Arc<dyn Reload>
     }
 
     /// How many secrets the store holds.
-    pub fn len(&self) -> usize {
+    pub fn secret_count(&self) -> usize {
         self.snapshot().len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     fn snapshot(&self) -> Arc<Secrets> {
-        // A poisoned lock only means a panic elsewhere while swapping the
-        // map; the Arc inside is still whole.
-        Arc::clone(&self.secrets.read().unwrap_or_else(|e| e.into_inner()))
+        self.secrets.snapshot()
     }
 }
 
@@ -433,13 +439,14 @@ impl SecretStore for FileStore {
     async fn check(&self) -> Result<String, StoreError> {
         Ok(format!(
             "file backend {} holds {} secrets",
-            self.origin,
-            self.len()
+            self.secrets.loader().origin,
+            self.secret_count()
         ))
     }
 
     fn change_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
-        self.source.as_ref().map(|_| self.generation.subscribe())
+        let has_file = matches!(self.secrets.loader().content, Content::File(..));
+        has_file.then(|| self.secrets.changes())
     }
 }
 
@@ -486,7 +493,7 @@ mod tests {
             assert_eq!(version.version_stages, ["AWSCURRENT"]);
             assert!(!version.value.is_empty());
         }
-        assert_eq!(store.len(), 5);
+        assert_eq!(store.secret_count(), 5);
     }
 
     #[tokio::test]
@@ -596,7 +603,7 @@ mod tests {
             stages = ["AWSCURRENT"]
         "#;
         let store = FileStore::from_text("t.toml", text, Format::Toml, &resolver()).unwrap();
-        assert_eq!(store.len(), 1);
+        assert_eq!(store.secret_count(), 1);
     }
 
     #[test]

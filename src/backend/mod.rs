@@ -13,11 +13,13 @@ pub mod aws;
 pub mod aws_error;
 pub mod bounded;
 #[cfg(test)]
-pub mod fake;
+pub(crate) mod fake;
 pub mod file;
+pub mod metered;
 
 pub use aws::AwsStore;
 pub use file::FileStore;
+pub use metered::MeteredStore;
 
 /// The staging label of the current version.
 pub const AWSCURRENT: &str = "AWSCURRENT";
@@ -32,7 +34,12 @@ pub enum VersionSelector {
     Stage(String),
     /// This exact version; when a stage is given too, the version must
     /// carry it (as AWS checks).
-    Id { id: String, stage: Option<String> },
+    Id {
+        /// The version id.
+        id: String,
+        /// The stage it must carry, if any.
+        stage: Option<String>,
+    },
 }
 
 impl VersionSelector {
@@ -73,6 +80,7 @@ impl VersionSelector {
     "{field} must be at most {MAX_VERSION_FIELD_LEN} characters of letters, digits, '-' and '_'"
 )]
 pub struct InvalidVersion {
+    /// `version_id` or `version_stage`.
     pub field: &'static str,
 }
 
@@ -93,7 +101,9 @@ pub fn check_version_field(field: &'static str, value: &str) -> Result<(), Inval
 /// and enough to tell whether a cached version is still the current one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SecretDescription {
+    /// The secret's full name.
     pub name: String,
+    /// Its ARN (empty where the backend has none).
     pub arn: String,
     /// Every version that carries at least one stage, with its stages.
     pub versions: Vec<(String, Vec<String>)>,
@@ -113,6 +123,7 @@ impl SecretDescription {
 
 /// Why a store could not answer. Messages name secrets, never values.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[allow(missing_docs)] // each variant's #[error] message is its documentation
 pub enum StoreError {
     #[error("secret {name} was not found (or has no such version)")]
     NotFound { name: String },
@@ -200,7 +211,9 @@ pub const BATCH_LIMIT: usize = 20;
 /// many upstream calls it took.
 #[derive(Debug)]
 pub struct BatchAnswer {
+    /// Each name asked, with its outcome.
     pub items: Vec<(String, Result<SecretVersion, StoreError>)>,
+    /// Upstream calls it took.
     pub upstream_calls: u64,
 }
 

@@ -58,14 +58,17 @@ use tokio::time::Instant;
 use crate::{
     backend::{
         SecretStore, StoreError, VersionSelector,
-        bounded::{BoundedStore, UpstreamLimits, UpstreamLoad},
+        bounded::{BoundedStore, UpstreamLoad},
     },
     names,
     secret::SecretVersion,
 };
 
+pub use crate::config::CacheSettings;
+
 mod backoff;
 mod eviction;
+mod metrics;
 mod negative;
 
 use backoff::{Backoff, Permit};
@@ -77,37 +80,21 @@ use negative::NegativeEntries;
 pub struct CacheKey {
     /// Full secret name (or ARN).
     pub name: String,
+    /// Which version of it.
     pub selector: VersionSelector,
 }
 
 impl CacheKey {
+    /// The key of `name` at `selector`.
     pub fn new(name: String, selector: VersionSelector) -> Self {
         Self { name, selector }
     }
 }
 
-/// The cache's limits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CacheSettings {
-    /// How long a value is served without asking upstream.
-    pub ttl: Duration,
-    /// How many entries at most.
-    pub max_entries: usize,
-    /// How long past its TTL a value may still be served when the upstream
-    /// fails transiently.
-    pub max_stale: Duration,
-    /// How long a caller of an expired entry waits for its renewal before
-    /// it gets the stale value.
-    pub upstream_wait: Duration,
-    /// How long a NOT_FOUND is remembered (zero: not at all).
-    pub negative_ttl: Duration,
-    /// How much of the upstream the cache may use at once.
-    pub upstream: UpstreamLimits,
-}
-
 /// A value as the cache answers it.
 #[derive(Debug, Clone)]
 pub struct Lookup {
+    /// The version answered.
     pub version: Arc<SecretVersion>,
     /// Answered without an upstream call made for this request.
     pub hit: bool,
@@ -132,15 +119,25 @@ impl Lookup {
 /// The cache's counters and sizes at one moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct CacheStats {
+    /// Entries held.
     pub total_entries: u64,
+    /// Entries within their TTL.
     pub valid_entries: u64,
+    /// Entries past their TTL, kept to serve stale.
     pub expired_entries: u64,
+    /// Reads answered from the cache.
     pub hits: u64,
+    /// Reads that started an upstream call.
     pub misses: u64,
+    /// Reads that joined another's upstream call.
     pub coalesced: u64,
+    /// Stale values served while the upstream failed.
     pub stale_served: u64,
+    /// Calls made upstream.
     pub upstream_calls: u64,
+    /// Upstream calls that failed.
     pub upstream_errors: u64,
+    /// Entries evicted by the size bound.
     pub evictions: u64,
     /// NOT_FOUND answers remembered now.
     pub negative_entries: u64,
@@ -150,6 +147,7 @@ pub struct CacheStats {
     pub backoff_active: bool,
     /// Times the upstream was backed off.
     pub backoffs: u64,
+    /// The upstream bound: calls under way and waiting.
     pub upstream: UpstreamLoad,
 }
 
@@ -236,6 +234,7 @@ fn bump(counter: &AtomicU64) {
 }
 
 impl Cache {
+    /// A cache over `store`, within `settings`.
     pub fn new(store: Arc<dyn SecretStore>, settings: CacheSettings) -> Self {
         let bounded = BoundedStore::wrap(store, settings.upstream);
         Self {
@@ -377,6 +376,7 @@ impl Cache {
         before.saturating_sub(self.shared.entries.len()) as u64
     }
 
+    /// Counters and sizes now.
     pub fn stats(&self) -> CacheStats {
         let shared = &self.shared;
         let now = Instant::now();

@@ -151,7 +151,7 @@ fn values_in_other_forms() {
     .unwrap();
     assert_eq!(settings.cache.ttl, Duration::from_secs(300));
     assert_eq!(settings.log_level, "warn");
-    assert_eq!(settings.backend, BackendChoice::File { path: None });
+    assert_eq!(settings.backend, BackendChoice::Dev);
 
     let aws = resolve(&BrokerArgs::default(), &[("AWS_REGION", "us-east-2")]).unwrap();
     assert_eq!(
@@ -172,7 +172,7 @@ fn a_secrets_file_selects_the_file_backend() {
     assert_eq!(
         settings.backend,
         BackendChoice::File {
-            path: Some("s.json".into())
+            path: "s.json".into()
         }
     );
 }
@@ -212,4 +212,33 @@ fn limits_have_defaults_and_sources() {
     assert!(err.starts_with("--call-timeout:"), "{err}");
     args.call_timeout = None;
     assert!(resolve(&args, &[]).unwrap().metrics_secret_names);
+}
+
+#[test]
+fn tls_on_a_unix_socket_is_refused_by_the_config() {
+    let mut args = dev();
+    args.listen = Some("unix:/tmp/broker.sock".into());
+    args.tls_cert = Some("cert.pem".into());
+    args.tls_key = Some("key.pem".into());
+    args.tls_client_ca = Some("ca.pem".into());
+    let err = resolve(&args, &[]).unwrap_err().to_string();
+    assert!(err.contains("TCP addresses only"), "{err}");
+}
+
+#[test]
+fn each_setting_is_one_entry_of_the_table() {
+    use clap::Args;
+    let command = BrokerArgs::augment_args(clap::Command::new("serve"));
+    for setting in FILE_SETTINGS {
+        assert_eq!(setting.flag.replace('-', "_"), setting.key);
+        let arg = command
+            .get_arguments()
+            .find(|arg| arg.get_long() == Some(setting.flag))
+            .unwrap_or_else(|| panic!("no flag --{}", setting.flag));
+        let help = arg.get_help().unwrap().to_string();
+        assert!(help.contains(setting.env[0]), "{help}");
+        if let Some(default) = setting.default {
+            assert!(help.contains(&format!("[default: {default}]")), "{help}");
+        }
+    }
 }

@@ -45,7 +45,10 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::Connected;
 
 use super::tls::{self, TlsTerminator};
-use crate::identity::{ConnectionInfo, Identity};
+use crate::{
+    config::Limits,
+    identity::{ConnectionInfo, Identity},
+};
 
 /// Delegates to the plain, TLS or unix stream.
 macro_rules! by_transport {
@@ -77,14 +80,6 @@ pub struct ConnectionCounters {
     pub silent: AtomicU64,
 }
 
-/// The bounds the listener applies.
-#[derive(Debug, Clone, Copy)]
-pub struct ConnectionLimits {
-    pub max_connections: usize,
-    pub max_calls_per_connection: usize,
-    pub first_request_timeout: Duration,
-}
-
 /// A bound listening socket.
 pub enum Bound {
     Tcp(TcpListener),
@@ -113,17 +108,22 @@ impl Bound {
     }
 }
 
-/// Accepts connections until `shutdown` is cancelled.
+/// The established connections, and the accept loop that makes them (to
+/// be run by the caller; it ends when `shutdown` is cancelled, dropping the
+/// listening socket).
 pub fn incoming(
     listener: Bound,
     tls: Option<Arc<TlsTerminator>>,
-    limits: ConnectionLimits,
+    limits: Limits,
     counters: Arc<ConnectionCounters>,
     shutdown: CancellationToken,
-) -> ReceiverStream<io::Result<Connection>> {
+) -> (
+    ReceiverStream<io::Result<Connection>>,
+    impl Future<Output = ()> + Send + 'static,
+) {
     let (established, incoming) = mpsc::channel(64);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    tokio::spawn(async move {
+    let accept_loop = async move {
         loop {
             let accepted = tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -166,15 +166,15 @@ pub fn incoming(
             });
         }
         // The listening socket is dropped here, before any drain.
-    });
-    ReceiverStream::new(incoming)
+    };
+    (ReceiverStream::new(incoming), accept_loop)
 }
 
 /// A connection let in, on its way to being handed over.
 struct Opening {
     remote: String,
     slot: OwnedSemaphorePermit,
-    limits: ConnectionLimits,
+    limits: Limits,
     tls: Option<Arc<TlsTerminator>>,
     counters: Arc<ConnectionCounters>,
     shutdown: CancellationToken,
@@ -398,5 +398,40 @@ impl AsyncWrite for Connection {
             Transport::Tls(s) => s.is_write_vectored(),
             Transport::Unix(s) => s.is_write_vectored(),
         }
+    }
+}
+
+impl ConnectionCounters {
+    /// Registers the listener's metrics.
+    pub fn register_metrics(self: &Arc<Self>, metrics: &crate::metrics::Metrics) {
+        use crate::metrics::counter;
+        let connections = Arc::clone(self);
+        metrics.register_state(move |e| {
+            counter(
+                e,
+                "connections_accepted",
+                "Connections accepted",
+                connections.accepted.load(Relaxed),
+            )?;
+            counter(
+                e,
+                "connections_refused",
+                "Connections closed at once: too many open",
+                connections.refused.load(Relaxed),
+            )?;
+            counter(
+                e,
+                "tls_handshake_failures",
+                "TLS handshakes refused or timed out",
+                connections.handshake_failures.load(Relaxed),
+            )?;
+            counter(
+                e,
+                "connections_silent",
+                "Connections dropped: no HTTP/2 preface within the first-request timeout",
+                connections.silent.load(Relaxed),
+            )?;
+            Ok(())
+        });
     }
 }

@@ -6,8 +6,10 @@
 //! - `tls`: mutual TLS with files that reload, and the caller's identity
 //!   read from its certificate;
 //! - `gate`: what every HTTP/2 stream passes (gRPC content types only, the
-//!   per-connection call slots, the call timeout).
+//!   per-connection call slots, the call timeout);
+//! - `server`: the tonic server with every service behind the gate.
 
 pub mod gate;
 pub mod listener;
+pub mod server;
 pub mod tls;

@@ -3,20 +3,17 @@
 //!
 //! The broker terminates TLS itself (rustls through tokio-rustls) rather
 //! than through tonic's `tls_config`, for two reasons:
-//! - reload: the rustls config is held behind a lock and swapped whole when
-//!   the certificate, key or CA files change (or on SIGHUP); each new
-//!   handshake takes the config current at that moment, existing
-//!   connections keep theirs. A broken new file keeps the old config.
+//! - reload: the rustls config is a `Reloadable`, swapped whole when the
+//!   certificate, key or CA files change (or on SIGHUP); each new handshake
+//!   takes the config current at that moment, existing connections keep
+//!   theirs. A broken new file keeps the old config.
 //! - identity: the caller's identity is read from its certificate once, at
 //!   the handshake (see `listener`), and attached to the connection, so
 //!   calls never parse certificates.
 
 use std::{
     path::{Path, PathBuf},
-    sync::{
-        Arc, Mutex, RwLock,
-        atomic::{AtomicI64, Ordering::Relaxed},
-    },
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -33,8 +30,8 @@ use x509_parser::prelude::FromDer;
 
 use crate::{
     config::TlsFiles,
-    file_watch::{self, FileWatch},
     identity::Identity,
+    reload::{Loader, Reload, Reloadable},
 };
 
 /// Why the TLS files cannot be used. Never includes key material.
@@ -74,63 +71,73 @@ pub struct CertificateReport {
 
 /// The TLS side of the listener; holds the current rustls config.
 pub struct TlsTerminator {
+    state: Arc<Reloadable<TlsSource>>,
+}
+
+/// The files a TLS config is read from.
+struct TlsSource {
     files: TlsFiles,
-    config: RwLock<Arc<ServerConfig>>,
-    watch: Mutex<Option<FileWatch>>,
-    /// When the certificate in use expires (Unix seconds; 0: unknown).
-    expiry: AtomicI64,
+}
+
+/// A TLS config and when its certificate expires.
+struct TlsState {
+    config: Arc<ServerConfig>,
+    /// Unix seconds; 0: unknown.
+    expiry: i64,
+}
+
+impl Loader for TlsSource {
+    type Value = TlsState;
+    type Error = TlsError;
+
+    fn what(&self) -> &'static str {
+        "TLS certificates"
+    }
+
+    fn files(&self) -> Vec<PathBuf> {
+        vec![
+            self.files.cert.clone(),
+            self.files.key.clone(),
+            self.files.client_ca.clone(),
+        ]
+    }
+
+    fn load(&self, _previous: Option<&TlsState>) -> Result<TlsState, TlsError> {
+        Ok(TlsState {
+            config: server_config(&self.files)?,
+            expiry: expiry_of(&self.files),
+        })
+    }
 }
 
 impl TlsTerminator {
     pub fn load(files: &TlsFiles) -> Result<Arc<Self>, TlsError> {
-        Ok(Arc::new(Self {
+        let source = TlsSource {
             files: files.clone(),
-            config: RwLock::new(server_config(files)?),
-            watch: Mutex::new(None),
-            expiry: AtomicI64::new(expiry_of(files)),
+        };
+        Ok(Arc::new(Self {
+            state: Reloadable::new(source)?,
         }))
     }
 
     /// Reads the files again; on error the current config stays.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let config = server_config(&self.files)?;
-        *self.config.write().unwrap_or_else(|e| e.into_inner()) = config;
-        self.expiry.store(expiry_of(&self.files), Relaxed);
-        Ok(())
+        self.state.reload().map(|_| ())
+    }
+
+    /// The config, as a value that follows its files.
+    pub fn reloadable(&self) -> Arc<dyn Reload> {
+        Arc::clone(&self.state) as Arc<dyn Reload>
     }
 
     /// When the certificate in use expires, in Unix seconds.
     pub fn certificate_expiry(&self) -> Option<i64> {
-        Some(self.expiry.load(Relaxed)).filter(|&at| at > 0)
-    }
-
-    pub fn reload_and_log(&self) {
-        match self.reload() {
-            Ok(()) => tracing::info!("TLS certificates reloaded"),
-            Err(error) => {
-                tracing::warn!(%error, "TLS certificates not reloaded; keeping the previous ones")
-            }
-        }
-    }
-
-    /// Reloads when one of the files changes, until dropped with `self`.
-    pub fn follow_files(self: &Arc<Self>) -> notify::Result<()> {
-        let weak = Arc::downgrade(self);
-        let files = [&*self.files.cert, &*self.files.key, &*self.files.client_ca];
-        let watch = file_watch::on_change(&files, move || {
-            if let Some(tls) = weak.upgrade() {
-                tls.reload_and_log();
-            }
-        })?;
-        *self.watch.lock().unwrap_or_else(|e| e.into_inner()) = Some(watch);
-        Ok(())
+        Some(self.state.current().expiry).filter(|&at| at > 0)
     }
 
     /// The acceptor for a new connection: the config current right now.
     pub(crate) fn acceptor(&self) -> TlsAcceptor {
-        TlsAcceptor::from(Arc::clone(
-            &self.config.read().unwrap_or_else(|e| e.into_inner()),
-        ))
+        TlsAcceptor::from(Arc::clone(&self.state.current().config))
     }
 }
 
@@ -248,4 +255,23 @@ pub fn certificate_report(files: &TlsFiles) -> Result<CertificateReport, TlsErro
         not_after,
         expires_in,
     })
+}
+
+impl TlsTerminator {
+    /// Registers the certificate's expiry as a metric.
+    pub fn register_metrics(self: &Arc<Self>, metrics: &crate::metrics::Metrics) {
+        use crate::metrics::gauge;
+        let tls = Arc::downgrade(self);
+        metrics.register_state(move |e| {
+            if let Some(expiry) = tls.upgrade().and_then(|tls| tls.certificate_expiry()) {
+                gauge(
+                    e,
+                    "tls_certificate_expiry_timestamp_seconds",
+                    "When the server certificate in use expires (Unix time)",
+                    expiry,
+                )?;
+            }
+            Ok(())
+        });
+    }
 }

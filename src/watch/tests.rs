@@ -171,7 +171,7 @@ async fn the_detector_polls_and_stops_on_shutdown() {
     let store = FakeStore::with(&["s"]);
     let (hub, _) = hub_over(&store);
     let mut watcher = subscribe(&hub, "s").await;
-    let detector = hub.spawn_detector();
+    let detector = tokio::spawn(hub.clone().detect_changes());
 
     store.set("s", "v2");
     // Within one interval plus jitter.

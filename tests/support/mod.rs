@@ -12,8 +12,6 @@
 //! ./scripts/test.sh) is required: without it the tests FAIL with a message
 //! saying so, they never skip. The broker is `CARGO_BIN_EXE_secrets-broker`.
 
-#![allow(dead_code)]
-
 use std::{
     fs::File,
     future::Future,
@@ -134,10 +132,6 @@ impl ChildGuard {
             .and_then(|c| c.try_wait().ok().flatten())
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
-    }
-
     /// SIGKILL, then reap.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -188,9 +182,9 @@ impl Drop for ChildGuard {
 
 /// A moto_server on 127.0.0.1:port, with an SDK client to seed it.
 pub struct Moto {
-    process: ChildGuard,
+    /// Kills moto when the test ends.
+    _process: ChildGuard,
     pub port: u16,
-    pub log: PathBuf,
     /// Empty AWS config/credentials files for the broker, and moto's cwd.
     workdir: tempfile::TempDir,
     client: SmClient,
@@ -252,9 +246,8 @@ impl Moto {
             ))
             .build();
         Self {
-            process,
+            _process: process,
             port,
-            log,
             workdir,
             client: SmClient::from_conf(config),
         }
@@ -315,10 +308,6 @@ impl Moto {
             .expect("PutSecretValue version id")
             .to_owned()
     }
-
-    pub fn alive(&mut self) -> bool {
-        self.process.exited().is_none()
-    }
 }
 
 /// A bare HTTP/1.0 GET on 127.0.0.1:port (no proxy involved): the status.
@@ -364,11 +353,6 @@ impl BrokerSpec {
             args: Vec::new(),
             env,
         }
-    }
-
-    pub fn arg(mut self, arg: impl Into<String>) -> Self {
-        self.args.push(arg.into());
-        self
     }
 
     pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
@@ -521,7 +505,6 @@ pub async fn plaintext_client(broker: &Broker) -> SecretsClient {
 /// and client certificates (one URI SAN each), in a temporary directory.
 pub struct Pki {
     pub dir: tempfile::TempDir,
-    ca_cert: rcgen::Certificate,
     ca_issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
 }
 
@@ -550,7 +533,6 @@ impl Pki {
         std::fs::write(dir.path().join("ca.pem"), ca_cert.pem()).expect("write ca.pem");
         Self {
             dir,
-            ca_cert,
             ca_issuer: rcgen::Issuer::new(params, key),
         }
     }
@@ -607,11 +589,6 @@ impl Pki {
         let path = self.dir.path().join("policy.toml");
         std::fs::write(&path, text).expect("write policy.toml");
         path
-    }
-
-    /// PEM of the CA certificate.
-    pub fn ca_pem(&self) -> String {
-        self.ca_cert.pem()
     }
 }
 

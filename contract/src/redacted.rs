@@ -1,7 +1,7 @@
 //! `Debug` for the generated messages that carry secret values: every
 //! field is shown except the secret ones, which print `<redacted>`. The
-//! broker uses these same message types, so neither side can print a value
-//! by accident.
+//! broker and the client use these same message types, so neither side can
+//! print a value by accident.
 
 use std::fmt;
 

@@ -1,0 +1,74 @@
+//! The typed configs as one generic call: each config names its RPC and
+//! where the config sits in the response; `SecretsClient::get_config` does
+//! the rest (deadline, retries, errors) once for all four.
+
+use futures::future::BoxFuture;
+use tonic::{Request, Response, Status, transport::Channel};
+
+use crate::proto::{
+    self, AwsServicesConfig, DatabaseConfig, JwtConfig, SecurityConfig,
+    secrets_service_client::SecretsServiceClient,
+};
+
+/// A config the broker decodes for its callers.
+pub trait TypedConfig: Sized + Send + 'static {
+    /// The RPC's request (its default asks for `<environment>/<kind>`).
+    type Request: Default + Clone + Send + 'static;
+    /// The RPC's response.
+    type Response: Send + 'static;
+
+    /// Sends the request.
+    fn call(
+        client: SecretsServiceClient<Channel>,
+        request: Request<Self::Request>,
+    ) -> BoxFuture<'static, Result<Response<Self::Response>, Status>>;
+
+    /// The config in the response.
+    fn config(response: Self::Response) -> Option<Self>;
+}
+
+/// The four configs' RPCs.
+macro_rules! typed_config {
+    ($config:ty, $request:ident, $response:ident, $rpc:ident) => {
+        impl TypedConfig for $config {
+            type Request = proto::$request;
+            type Response = proto::$response;
+
+            fn call(
+                mut client: SecretsServiceClient<Channel>,
+                request: Request<Self::Request>,
+            ) -> BoxFuture<'static, Result<Response<Self::Response>, Status>> {
+                Box::pin(async move { client.$rpc(request).await })
+            }
+
+            fn config(response: Self::Response) -> Option<Self> {
+                response.config
+            }
+        }
+    };
+}
+
+typed_config!(
+    JwtConfig,
+    GetJwtConfigRequest,
+    GetJwtConfigResponse,
+    get_jwt_config
+);
+typed_config!(
+    DatabaseConfig,
+    GetDatabaseConfigRequest,
+    GetDatabaseConfigResponse,
+    get_database_config
+);
+typed_config!(
+    AwsServicesConfig,
+    GetAwsServicesConfigRequest,
+    GetAwsServicesConfigResponse,
+    get_aws_services_config
+);
+typed_config!(
+    SecurityConfig,
+    GetSecurityConfigRequest,
+    GetSecurityConfigResponse,
+    get_security_config
+);

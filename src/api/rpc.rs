@@ -1,0 +1,51 @@
+//! The broker's own RPCs, as the metrics and the audit trail name them.
+//!
+//! The list of variants is the one source: `Rpc::COUNT` and the names come
+//! from it at compile time (strum), so a new RPC cannot be left out of the
+//! per-RPC metric handles.
+
+use strum::{EnumCount, EnumIter, IntoStaticStr};
+
+/// One RPC of SecretsService or AdminService.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, EnumCount, EnumIter, IntoStaticStr)]
+pub enum Rpc {
+    GetSecret,
+    BatchGetSecrets,
+    GetJwtConfig,
+    GetDatabaseConfig,
+    GetAwsServicesConfig,
+    GetSecurityConfig,
+    WatchSecret,
+    GetCacheStats,
+    ClearCache,
+    RefreshSecret,
+    CheckUpstream,
+}
+
+impl Rpc {
+    /// The RPC's name in the contract.
+    pub fn name(self) -> &'static str {
+        self.into()
+    }
+
+    /// Its place among the variants, below `Rpc::COUNT`.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use strum::IntoEnumIterator;
+
+    use super::*;
+
+    #[test]
+    fn every_variant_has_a_place_below_the_count_and_its_contract_name() {
+        for (place, rpc) in Rpc::iter().enumerate() {
+            assert_eq!(rpc.index(), place);
+            assert!(rpc.index() < Rpc::COUNT);
+        }
+        assert_eq!(Rpc::GetAwsServicesConfig.name(), "GetAwsServicesConfig");
+    }
+}

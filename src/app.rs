@@ -1,0 +1,334 @@
+//! Start-up: the broker built from `Settings` in one step, run in another.
+//!
+//! `Listeners::bind` binds the sockets (so that a test can bind port 0 and
+//! learn the address); `App::build` makes every part from the settings
+//! (store, security, metrics, cache, watch hub, health); `App::run` serves
+//! until a shutdown future completes. One `JoinSet` owns every background
+//! task (change detector, upstream check, reloads, accept loop, probe
+//! server) and one token tells them to stop: when `run` returns, none of
+//! them is left, and the listening sockets are closed.
+//!
+//! Shutdown order: the watch streams end first (they never finish by
+//! themselves), the accept loop stops and drops its socket, idle connections
+//! close, calls in flight get `--shutdown-grace` to finish.
+
+use std::{future::Future, net::SocketAddr, sync::Arc};
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    api::{ApiContext, CallMetrics},
+    backend::{AwsStore, FileStore, MeteredStore, SecretStore, file::FileStoreError},
+    cache::Cache,
+    config::{BackendChoice, ListenAddr, Settings},
+    health::{self, Health},
+    metrics::Metrics,
+    names::NameResolver,
+    policy::{Authorizer, PolicyError},
+    reload::{self, Reload},
+    transport::{
+        listener::{self, Bound, ConnectionCounters},
+        server::{self, ServerError},
+        tls::{TlsError, TlsTerminator},
+    },
+    watch::WatchHub,
+};
+
+/// Why the broker could not start or stopped on an error.
+#[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // each variant's #[error] message is its documentation
+pub enum AppError {
+    #[error(transparent)]
+    Secrets(#[from] FileStoreError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Server(#[from] ServerError),
+}
+
+/// The bound sockets: gRPC, and the probes/metrics endpoint if asked for.
+pub struct Listeners {
+    grpc: Bound,
+    probes: Option<tokio::net::TcpListener>,
+}
+
+impl Listeners {
+    /// Binds what the settings name.
+    pub async fn bind(settings: &Settings) -> Result<Self, AppError> {
+        let listen_error = |addr: String| move |source| AppError::Listen { addr, source };
+        let grpc = match &settings.listen {
+            ListenAddr::Tcp(addr) => Bound::Tcp(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(listen_error(addr.to_string()))?,
+            ),
+            ListenAddr::Unix(path) => {
+                remove_stale_socket(path).map_err(listen_error(settings.listen.to_string()))?;
+                Bound::Unix(
+                    tokio::net::UnixListener::bind(path)
+                        .map_err(listen_error(settings.listen.to_string()))?,
+                )
+            }
+        };
+        let probes = match settings.metrics_listen {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(listen_error(addr.to_string()))?,
+            ),
+            None => None,
+        };
+        Ok(Self { grpc, probes })
+    }
+
+    /// The gRPC address (TCP only), e.g. after binding port 0.
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        match &self.grpc {
+            Bound::Tcp(listener) => listener.local_addr().ok(),
+            Bound::Unix(_) => None,
+        }
+    }
+}
+
+/// Who may connect and what they may do: the TLS terminator (when mutual
+/// TLS is on) and the authorizer, both following their files.
+#[derive(Clone)]
+pub struct Security {
+    /// The TLS side, when mutual TLS is on.
+    pub tls: Option<Arc<TlsTerminator>>,
+    /// The policy in force.
+    pub authorizer: Arc<Authorizer>,
+}
+
+impl Security {
+    /// Reads the certificates and the policy the settings name.
+    pub fn load(settings: &Settings) -> Result<Self, AppError> {
+        let tls = settings.tls.as_ref().map(TlsTerminator::load).transpose()?;
+        let authorizer = Authorizer::new(settings.policy.as_deref(), tls.is_some())?;
+        Ok(Self { tls, authorizer })
+    }
+
+    /// The values that follow their files: certificates and policy.
+    fn reloadables(&self) -> Vec<Arc<dyn Reload>> {
+        let mut values = vec![self.authorizer.reloadable()];
+        values.extend(self.tls.as_ref().map(|tls| tls.reloadable()));
+        values
+    }
+}
+
+/// The store the settings choose, and what of it follows a file.
+pub struct Store {
+    /// The store.
+    pub store: Arc<dyn SecretStore>,
+    /// The secrets file, when there is one: edits reach watchers at once.
+    pub file: Option<Arc<dyn Reload>>,
+}
+
+/// Opens the store the settings choose.
+pub fn open_store(settings: &Settings) -> Result<Store, AppError> {
+    let names = name_resolver(settings);
+    Ok(match &settings.backend {
+        BackendChoice::File { path } => {
+            let store = FileStore::open(path, &names)?;
+            let file = Some(store.reloadable());
+            Store {
+                store: Arc::new(store),
+                file,
+            }
+        }
+        BackendChoice::Dev => Store {
+            store: Arc::new(FileStore::dev(&names)?),
+            file: None,
+        },
+        BackendChoice::Aws { region } => Store {
+            store: Arc::new(AwsStore::new(region)),
+            file: None,
+        },
+    })
+}
+
+/// The name resolver the settings' prefix and environment make.
+pub fn name_resolver(settings: &Settings) -> NameResolver {
+    NameResolver::new(&settings.secret_prefix, &settings.environment)
+}
+
+/// The broker, built and ready to run.
+pub struct App {
+    settings: Settings,
+    listeners: Listeners,
+    security: Security,
+    store: Arc<dyn SecretStore>,
+    reloadables: Vec<Arc<dyn Reload>>,
+    metrics: Metrics,
+    watch: WatchHub,
+    context: ApiContext,
+    connections: Arc<ConnectionCounters>,
+}
+
+impl App {
+    /// Builds every part from the settings, on already-bound listeners.
+    pub fn build(settings: &Settings, listeners: Listeners) -> Result<Self, AppError> {
+        let security = Security::load(settings)?;
+        let Store { store, file } = open_store(settings)?;
+        let mut app = Self::assemble(settings, listeners, security, store);
+        app.reloadables.extend(file);
+        Ok(app)
+    }
+
+    /// Builds the broker over a store made elsewhere (tests, `check`).
+    pub fn assemble(
+        settings: &Settings,
+        listeners: Listeners,
+        security: Security,
+        store: Arc<dyn SecretStore>,
+    ) -> Self {
+        let metrics = Metrics::new();
+        let store = MeteredStore::wrap(store, &metrics);
+        let cache = Cache::new(Arc::clone(&store), settings.cache);
+        cache.register_metrics(&metrics);
+        let watch = WatchHub::new(cache.clone(), settings.watch_interval);
+        watch.register_metrics(&metrics);
+        let connections = Arc::new(ConnectionCounters::default());
+        connections.register_metrics(&metrics);
+        security.authorizer.register_metrics(&metrics);
+        if let Some(tls) = &security.tls {
+            tls.register_metrics(&metrics);
+        }
+        let context = ApiContext {
+            cache,
+            names: name_resolver(settings),
+            watch: watch.clone(),
+            authorizer: Arc::clone(&security.authorizer),
+            metrics: CallMetrics::register(&metrics, settings.metrics_secret_names),
+            call_timeout: settings.limits.call_timeout,
+        };
+        Self {
+            settings: settings.clone(),
+            listeners,
+            reloadables: security.reloadables(),
+            security,
+            store,
+            metrics,
+            watch,
+            context,
+            connections,
+        }
+    }
+
+    /// Serves until `shutdown` completes, then drains (see the module doc)
+    /// and returns once every task of the broker has ended.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), AppError> {
+        let stop = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        let (health, health_service) = Health::new().await;
+        tasks.spawn(reload::follow(self.reloadables.clone(), stop.clone()));
+        tasks.spawn(self.watch.clone().detect_changes());
+        tasks.spawn(health.clone().follow_upstream(
+            Arc::clone(&self.store),
+            self.settings.watch_interval,
+            stop.clone(),
+        ));
+        if let Some(listener) = self.listeners.probes {
+            let addr = listener.local_addr().ok();
+            tracing::info!(?addr, "metrics and probes listening");
+            let probes = health::serve_probes(
+                listener,
+                self.metrics.clone(),
+                health.clone(),
+                stop.clone().cancelled_owned(),
+            );
+            tasks.spawn(async move {
+                if let Err(error) = probes.await {
+                    tracing::warn!(%error, "the probe endpoint stopped");
+                }
+            });
+        }
+        let watch = self.watch.clone();
+        let trigger = stop.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                () = shutdown => {}
+                () = trigger.cancelled() => {}
+            }
+            watch.shutdown();
+            trigger.cancel();
+        });
+
+        let limits = &self.settings.limits;
+        let mode = if self.security.tls.is_some() {
+            "mutual TLS"
+        } else {
+            "plaintext"
+        };
+        tracing::info!(addr = %self.settings.listen, mode, "listening");
+        let (incoming, accept_loop) = listener::incoming(
+            self.listeners.grpc,
+            self.security.tls.clone(),
+            *limits,
+            Arc::clone(&self.connections),
+            stop.clone(),
+        );
+        tasks.spawn(accept_loop);
+        let serving = server::serve(
+            self.context,
+            health_service,
+            limits,
+            incoming,
+            stop.clone().cancelled_owned(),
+        );
+        let grace = limits.shutdown_grace;
+        let outcome = tokio::select! {
+            outcome = serving => outcome.map_err(AppError::from),
+            () = async { stop.cancelled().await; tokio::time::sleep(grace).await } => {
+                tracing::warn!(?grace, "calls still in flight after the shutdown grace; stopping anyway");
+                Ok(())
+            }
+        };
+        stop.cancel();
+        self.watch.shutdown();
+        tasks.shutdown().await;
+        tracing::info!("stopped");
+        outcome
+    }
+}
+
+/// A socket file left by a broker that did not stop cleanly blocks `bind`;
+/// anything else at that path is left alone (bind then fails clearly).
+fn remove_stale_socket(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path),
+        _ => Ok(()),
+    }
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown requested; finishing calls in flight");
+}

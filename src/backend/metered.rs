@@ -1,0 +1,110 @@
+//! A `SecretStore` that times and counts every call of the one it wraps:
+//! upstream calls by operation and outcome, and their latency. The cache
+//! and the backends stay unaware of metrics.
+
+use std::{sync::Arc, time::Instant};
+
+use async_trait::async_trait;
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+};
+
+use super::{BatchAnswer, SecretDescription, SecretStore, StoreError, VersionSelector};
+use crate::{
+    metrics::{Metrics, latency_histogram},
+    secret::SecretVersion,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    operation: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OperationLabels {
+    operation: &'static str,
+}
+
+/// See the module doc.
+pub struct MeteredStore {
+    inner: Arc<dyn SecretStore>,
+    calls: Family<UpstreamLabels, Counter>,
+    seconds: Family<OperationLabels, Histogram, fn() -> Histogram>,
+}
+
+impl MeteredStore {
+    /// Wraps `inner`, registering the upstream metrics.
+    pub fn wrap(inner: Arc<dyn SecretStore>, metrics: &Metrics) -> Arc<dyn SecretStore> {
+        let calls = Family::<UpstreamLabels, Counter>::default();
+        metrics.register(
+            "upstream_calls",
+            "Calls to the upstream store by operation and outcome",
+            calls.clone(),
+        );
+        let seconds = Family::<OperationLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram,
+        );
+        metrics.register(
+            "upstream_duration_seconds",
+            "Latency of upstream calls by operation",
+            seconds.clone(),
+        );
+        Arc::new(Self {
+            inner,
+            calls,
+            seconds,
+        })
+    }
+
+    fn record(&self, operation: &'static str, ok: bool, calls: u64, started: Instant) {
+        let outcome = if ok { "ok" } else { "error" };
+        self.calls
+            .get_or_create(&UpstreamLabels { operation, outcome })
+            .inc_by(calls);
+        self.seconds
+            .get_or_create(&OperationLabels { operation })
+            .observe(started.elapsed().as_secs_f64());
+    }
+}
+
+#[async_trait]
+impl SecretStore for MeteredStore {
+    async fn get_secret_value(
+        &self,
+        name: &str,
+        selector: &VersionSelector,
+    ) -> Result<SecretVersion, StoreError> {
+        let started = Instant::now();
+        let result = self.inner.get_secret_value(name, selector).await;
+        self.record("GetSecretValue", result.is_ok(), 1, started);
+        result
+    }
+
+    async fn describe_secret(&self, name: &str) -> Result<SecretDescription, StoreError> {
+        let started = Instant::now();
+        let result = self.inner.describe_secret(name).await;
+        self.record("DescribeSecret", result.is_ok(), 1, started);
+        result
+    }
+
+    async fn check(&self) -> Result<String, StoreError> {
+        let started = Instant::now();
+        let result = self.inner.check().await;
+        self.record("ListSecrets", result.is_ok(), 1, started);
+        result
+    }
+
+    async fn get_current_batch(&self, names: &[String]) -> Result<BatchAnswer, StoreError> {
+        let started = Instant::now();
+        let result = self.inner.get_current_batch(names).await;
+        let calls = result.as_ref().map_or(1, |answer| answer.upstream_calls);
+        self.record("BatchGetSecretValue", result.is_ok(), calls, started);
+        result
+    }
+
+    fn change_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.inner.change_signal()
+    }
+}

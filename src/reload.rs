@@ -1,0 +1,224 @@
+//! A value read from files that reloads without a restart: the secrets
+//! file, the policy and the TLS files are each one `Reloadable`.
+//!
+//! - Readers get the value in force lock-free (`current`), every call.
+//! - A `Loader` reads and validates the files; a broken new file keeps the
+//!   old value, and the log says why (one warning per attempt).
+//! - The files are followed on disk (`file_watch`), and `reload_all`
+//!   reloads every value on SIGHUP.
+//! - `changes` counts replacements, for whoever must react (policy reloads
+//!   end revoked watch streams; secrets-file edits wake the change
+//!   detector).
+
+use std::{
+    fmt::Display,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use arc_swap::{ArcSwap, Guard};
+use tokio::sync::watch;
+
+use crate::file_watch::{self, FileWatch};
+
+/// Reads and validates a reloadable value.
+pub trait Loader: Send + Sync + 'static {
+    type Value: Send + Sync + 'static;
+    type Error: Display;
+
+    /// What the value is, in log lines ("policy", "TLS certificates").
+    fn what(&self) -> &'static str;
+
+    /// The files it is read from (none: it never changes).
+    fn files(&self) -> Vec<PathBuf>;
+
+    /// Reads the files; `previous` is the value in force, if any.
+    fn load(&self, previous: Option<&Self::Value>) -> Result<Self::Value, Self::Error>;
+
+    /// Whether a reload found nothing new (then nobody is told).
+    fn same(&self, _old: &Self::Value, _new: &Self::Value) -> bool {
+        false
+    }
+}
+
+/// A value that follows its files; share it in an `Arc`.
+pub struct Reloadable<L: Loader> {
+    loader: L,
+    current: ArcSwap<L::Value>,
+    changes: watch::Sender<u64>,
+    watch: Mutex<Option<FileWatch>>,
+}
+
+impl<L: Loader> Reloadable<L> {
+    /// Loads the value once; an error here stops the start.
+    pub fn new(loader: L) -> Result<Arc<Self>, L::Error> {
+        let value = loader.load(None)?;
+        Ok(Arc::new(Self {
+            loader,
+            current: ArcSwap::from_pointee(value),
+            changes: watch::Sender::new(0),
+            watch: Mutex::new(None),
+        }))
+    }
+
+    /// The value in force.
+    pub fn current(&self) -> Guard<Arc<L::Value>> {
+        self.current.load()
+    }
+
+    /// The value in force, to keep.
+    pub fn snapshot(&self) -> Arc<L::Value> {
+        self.current.load_full()
+    }
+
+    /// The loader, for what it knows of its files.
+    pub fn loader(&self) -> &L {
+        &self.loader
+    }
+
+    /// Reads the files again; returns whether the value changed. On error
+    /// the value in force stays.
+    pub fn reload(&self) -> Result<bool, L::Error> {
+        let previous = self.current.load_full();
+        let value = self.loader.load(Some(&previous))?;
+        if self.loader.same(&previous, &value) {
+            return Ok(false);
+        }
+        self.current.store(Arc::new(value));
+        self.changes.send_modify(|count| *count += 1);
+        Ok(true)
+    }
+
+    /// `reload`, with a log line saying what happened.
+    pub fn reload_and_log(&self) {
+        let what = self.loader.what();
+        match self.reload() {
+            Ok(true) => tracing::info!("{what} reloaded"),
+            Ok(false) => {}
+            Err(error) => tracing::warn!(%error, "{what} not reloaded; keeping the previous one"),
+        }
+    }
+
+    /// Follows the files on disk until `self` is dropped.
+    pub fn follow_files(self: &Arc<Self>) -> notify::Result<()> {
+        let files = self.loader.files();
+        if files.is_empty() {
+            return Ok(());
+        }
+        let paths: Vec<&std::path::Path> = files.iter().map(PathBuf::as_path).collect();
+        let weak = Arc::downgrade(self);
+        let watch = file_watch::on_change(&paths, move || {
+            if let Some(reloadable) = weak.upgrade() {
+                reloadable.reload_and_log();
+            }
+        })?;
+        *self.watch.lock().unwrap_or_else(|e| e.into_inner()) = Some(watch);
+        Ok(())
+    }
+
+    /// Changes each time the value is replaced.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+}
+
+/// Anything reloaded on SIGHUP.
+pub trait Reload: Send + Sync {
+    fn reload_and_log(&self);
+    fn follow_files(self: Arc<Self>) -> notify::Result<()>;
+}
+
+impl<L: Loader> Reload for Reloadable<L> {
+    fn reload_and_log(&self) {
+        Reloadable::reload_and_log(self);
+    }
+
+    fn follow_files(self: Arc<Self>) -> notify::Result<()> {
+        Reloadable::follow_files(&self)
+    }
+}
+
+/// Follows every value's files, and reloads them all on each SIGHUP until
+/// `stop`.
+pub async fn follow(values: Vec<Arc<dyn Reload>>, stop: tokio_util::sync::CancellationToken) {
+    for value in &values {
+        if let Err(error) = Arc::clone(value).follow_files() {
+            tracing::warn!(%error, "cannot follow a file; it reloads on SIGHUP only");
+        }
+    }
+    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = hangups.recv() => {}
+        }
+        tracing::info!("SIGHUP: reloading");
+        for value in &values {
+            value.reload_and_log();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+
+    use super::*;
+
+    /// Loads a number from a file; "bad" is refused.
+    struct Number {
+        path: PathBuf,
+        loads: AtomicU32,
+    }
+
+    impl Loader for Number {
+        type Value = u32;
+        type Error = String;
+
+        fn what(&self) -> &'static str {
+            "number"
+        }
+
+        fn files(&self) -> Vec<PathBuf> {
+            vec![self.path.clone()]
+        }
+
+        fn load(&self, _: Option<&u32>) -> Result<u32, String> {
+            self.loads.fetch_add(1, SeqCst);
+            let text = std::fs::read_to_string(&self.path).map_err(|e| e.to_string())?;
+            text.trim()
+                .parse()
+                .map_err(|_| format!("{text:?} is not a number"))
+        }
+
+        fn same(&self, old: &u32, new: &u32) -> bool {
+            old == new
+        }
+    }
+
+    #[test]
+    fn a_broken_file_keeps_the_value_and_changes_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n");
+        std::fs::write(&path, "1").unwrap();
+        let value = Reloadable::new(Number {
+            path: path.clone(),
+            loads: AtomicU32::new(0),
+        })
+        .unwrap();
+        let changes = value.changes();
+        std::fs::write(&path, "bad").unwrap();
+        assert!(value.reload().is_err());
+        assert_eq!(**value.current(), 1, "the old value stays");
+        std::fs::write(&path, "1").unwrap();
+        assert!(!value.reload().unwrap(), "same value: no change");
+        assert!(!changes.has_changed().unwrap());
+        std::fs::write(&path, "2").unwrap();
+        assert!(value.reload().unwrap());
+        assert_eq!(**value.current(), 2);
+        assert!(changes.has_changed().unwrap());
+    }
+}
