@@ -12,6 +12,8 @@
 #      h2load        Debian nghttp2-client, only when missing (needs root)
 #      systemd-analyze  Debian systemd, only when missing (needs root; the
 #                    deploy/ tests verify the systemd unit with it)
+#      go, protoc    Debian golang-go, protobuf-compiler, protoc-gen-go(-grpc)
+#                    and grpc-go's sources, only when missing (examples/go)
 # 2. runs, stopping at the first failure:
 #      cargo fmt --check, cargo clippy -D warnings, buf lint,
 #      cargo build, cargo test (tests/client.rs starts moto_server: it gets
@@ -91,9 +93,24 @@ install_node_tools() {
     echo "$want" >"$stamp"
 }
 
-# Installs a Debian package when its command is missing (root, or sudo -n).
-# apt-get update runs at most once per test run.
+# Installs Debian packages (root, or sudo -n); apt-get update runs at most
+# once per test run.
 apt_updated=0
+apt_install() {
+    local sudo=()
+    if [[ "$(id -u)" != 0 ]]; then
+        command -v sudo >/dev/null || fail "installing $* needs root"
+        sudo=(sudo -n)
+    fi
+    if [[ "$apt_updated" == 0 ]]; then
+        quiet "apt-get update" "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
+        apt_updated=1
+    fi
+    quiet "apt-get install $*" \
+        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@"
+}
+
+# Installs a Debian package when its command is missing.
 install_debian_tool() {
     local command="$1" package="$2"
     if command -v "$command" >/dev/null; then
@@ -101,18 +118,24 @@ install_debian_tool() {
         return
     fi
     echo "$command: installing Debian $package"
-    local sudo=()
-    if [[ "$(id -u)" != 0 ]]; then
-        command -v sudo >/dev/null || fail "$command is missing and installing $package needs root"
-        sudo=(sudo -n)
-    fi
-    if [[ "$apt_updated" == 0 ]]; then
-        quiet "apt-get update" "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
-        apt_updated=1
-    fi
-    quiet "apt-get install $package" \
-        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$package"
+    apt_install "$package"
     command -v "$command" >/dev/null || fail "$command still missing after installing $package"
+}
+
+# The Go example's toolchain, from Debian only (examples/go/build.sh says
+# why golang-github-golang-protobuf-1-5-dev is named).
+GO_PACKAGES=(golang-go protobuf-compiler protoc-gen-go protoc-gen-go-grpc
+             golang-google-grpc-dev golang-google-protobuf-dev
+             golang-github-golang-protobuf-1-5-dev)
+install_go_toolchain() {
+    if command -v go >/dev/null && command -v protoc-gen-go-grpc >/dev/null \
+        && [[ -d /usr/share/gocode/src/google.golang.org/grpc \
+              && -d /usr/share/gocode/src/github.com/golang/protobuf ]]; then
+        echo "go toolchain: present ($(go version))"
+        return
+    fi
+    echo "go toolchain: installing Debian ${GO_PACKAGES[*]}"
+    apt_install "${GO_PACKAGES[@]}"
 }
 
 if [[ "${SKIP_INSTALL:-0}" != 1 ]]; then
@@ -122,6 +145,7 @@ if [[ "${SKIP_INSTALL:-0}" != 1 ]]; then
     install_node_tools
     install_debian_tool h2load nghttp2-client      # the benchmark
     install_debian_tool systemd-analyze systemd    # deploy/ unit verification
+    install_go_toolchain                           # examples/go
     echo "tools ready in $((SECONDS - started)) s"
 fi
 if [[ "${TOOLS_ONLY:-0}" == 1 ]]; then

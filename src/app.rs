@@ -165,7 +165,6 @@ pub struct App {
     settings: Settings,
     listeners: Listeners,
     security: Security,
-    store: Arc<dyn SecretStore>,
     reloadables: Vec<Arc<dyn Reload>>,
     metrics: Metrics,
     watch: WatchHub,
@@ -215,7 +214,6 @@ impl App {
             listeners,
             reloadables: security.reloadables(),
             security,
-            store,
             metrics,
             watch,
             context,
@@ -235,7 +233,8 @@ impl App {
         tasks.spawn(reload::follow(self.reloadables.clone(), stop.clone()));
         tasks.spawn(self.watch.clone().detect_changes());
         tasks.spawn(health.clone().follow_upstream(
-            Arc::clone(&self.store),
+            // The cache's store: the upstream bound applies to the check too.
+            Arc::clone(self.context.cache.store()),
             self.settings.watch_interval,
             stop.clone(),
         ));

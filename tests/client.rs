@@ -516,3 +516,97 @@ async fn watch_survives_broker_sigkill_and_restart() {
 async fn watch_survives_broker_sigterm_and_restart() {
     watch_survives_restart("watch_restart_sigterm", Stop::Terminate).await;
 }
+
+// --------------------------------------------------------------------------
+// 4. the cached client: reads from memory, fresh by push
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_reads_follow_rotations_and_survive_a_restart() {
+    const TEST: &str = "cached_client";
+    const NAME: &str = "insurecove/cached/api-token";
+    let moto = Moto::start(TEST);
+    let v1 = moto.create_secret(NAME, "client-test-cached-v1").await;
+    let mut broker = Broker::spawn(BrokerSpec::aws(TEST, &moto).args(["--watch-interval", "1"]));
+    let client = plaintext_client(&broker).await;
+    broker.wait_ready(|| client.test_connection()).await;
+    let max_stale = Duration::from_secs(8);
+    let cached = client.cached(secrets_broker_client::CacheLimits {
+        max_entries: 4,
+        max_stale,
+    });
+    let mut changes = cached.changes();
+    assert_eq!(
+        cached.get("cached/api-token").await.unwrap().version_id(),
+        v1
+    );
+    // Its stream is open once the first read has returned; let it connect.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // A rotation reaches reads within the interval + 1 s; reads never fail.
+    let v2 = moto.put_secret_value(NAME, "client-test-cached-v2").await;
+    let rotated = Instant::now();
+    loop {
+        let secret = cached
+            .get("cached/api-token")
+            .await
+            .expect("reads never fail");
+        if secret.version_id() == v2 {
+            assert_eq!(text(&secret), "client-test-cached-v2");
+            break;
+        }
+        assert!(
+            rotated.elapsed() < Duration::from_secs(2),
+            "the rotation did not reach reads within 2 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "{TEST}: rotation read after {:.2} s",
+        rotated.elapsed().as_secs_f64()
+    );
+    let change = within(Duration::from_secs(5), "a change event", changes.recv())
+        .await
+        .unwrap();
+    assert_eq!(
+        (change.kind, change.version_id.as_str()),
+        (WatchEventKind::Rotated, v2.as_str())
+    );
+
+    // The broker goes away: values are served from memory within max_stale.
+    broker.kill();
+    let down = Instant::now();
+    while down.elapsed() < max_stale - Duration::from_secs(2) {
+        let secret = cached
+            .get("cached/api-token")
+            .await
+            .expect("served from memory");
+        assert_eq!(secret.version_id(), v2);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Past max_stale without a stream, a read goes to the broker (down).
+    tokio::time::sleep(max_stale).await;
+    let unverified = cached.get("cached/api-token").await;
+    assert!(
+        unverified.is_err(),
+        "an unverified value was served: {unverified:?}"
+    );
+
+    // A rotation while down arrives once the stream reconnects.
+    let v3 = moto.put_secret_value(NAME, "client-test-cached-v3").await;
+    broker.restart();
+    let restarted = Instant::now();
+    loop {
+        if let Ok(secret) = cached.get("cached/api-token").await
+            && secret.version_id() == v3
+        {
+            break;
+        }
+        assert!(
+            restarted.elapsed() < ROTATION_BOUND,
+            "no fresh value after the restart; broker log:\n{}",
+            broker.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(cached.len(), 1);
+}

@@ -81,6 +81,11 @@ impl SecretsClient {
         request
     }
 
+    /// The SecretsService stub, on the client's connection.
+    pub(crate) fn secrets_stub(&self) -> SecretsServiceClient<Channel> {
+        self.secrets.clone()
+    }
+
     /// The error of a failed call: the broker's, or the connection's.
     fn error(&self, status: tonic::Status) -> Error {
         Error::from_call(status, &self.endpoint)

@@ -25,6 +25,7 @@
 
 #![deny(missing_docs)]
 
+mod cached;
 mod client;
 mod config;
 mod error;
@@ -32,6 +33,7 @@ mod typed;
 mod value;
 mod watch;
 
+pub use cached::{CacheLimits, CachedSecrets, SecretChange};
 pub use client::{GetSecret, SecretsClient};
 pub use config::ClientConfig;
 pub use error::Error;

@@ -69,17 +69,29 @@ pub(crate) fn follow(
     name: String,
     stage: String,
 ) -> WatchStream {
+    follow_live(client, name, stage).0
+}
+
+/// `follow`, and whether a stream is connected right now (`true` from its
+/// first message until it breaks).
+pub(crate) fn follow_live(
+    client: SecretsServiceClient<Channel>,
+    name: String,
+    stage: String,
+) -> (WatchStream, tokio::sync::watch::Receiver<bool>) {
     let (events, receiver) = mpsc::channel(16);
+    let (live, liveness) = tokio::sync::watch::channel(false);
     tokio::spawn(
         Follower {
             client,
             name,
             stage,
             events,
+            live,
         }
         .run(),
     );
-    WatchStream { events: receiver }
+    (WatchStream { events: receiver }, liveness)
 }
 
 struct Follower {
@@ -87,6 +99,7 @@ struct Follower {
     name: String,
     stage: String,
     events: mpsc::Sender<Result<WatchEvent, Error>>,
+    live: tokio::sync::watch::Sender<bool>,
 }
 
 /// Why one connection's stream ended.
@@ -102,7 +115,9 @@ impl Follower {
         let mut last_version: Option<String> = None;
         let mut backoff = FIRST_BACKOFF;
         loop {
-            match self.stream_once(&mut last_version, &mut backoff).await {
+            let ended = self.stream_once(&mut last_version, &mut backoff).await;
+            self.live.send_replace(false);
+            match ended {
                 Ended::Done => return,
                 Ended::Broken => {}
             }
@@ -135,6 +150,7 @@ impl Follower {
             match stream.message().await {
                 Ok(Some(message)) => {
                     *backoff = FIRST_BACKOFF;
+                    self.live.send_replace(true);
                     let event = event(message);
                     // After a reconnect, CURRENT means "nothing missed".
                     let repeat = first && reconnecting && event.kind == WatchEventKind::Current;

@@ -6,8 +6,8 @@
 //! nothing cached). A flood of distinct misses therefore costs AWS a fixed
 //! number of connections and requests at a time, instead of one each. A
 //! waiting call gives up with its caller (the fetch's caller's deadline
-//! ends it). The upstream health check is not queued: it must tell whether
-//! AWS answers, not whether the broker is busy.
+//! ends it). The upstream health check takes a turn too, so that nothing
+//! the broker sends AWS exceeds the bound.
 
 use std::sync::{
     Arc,
@@ -112,6 +112,7 @@ impl SecretStore for BoundedStore {
     }
 
     async fn check(&self) -> Result<String, StoreError> {
+        let _turn = self.turn().await?;
         self.inner.check().await
     }
 

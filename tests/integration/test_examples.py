@@ -1,4 +1,4 @@
-"""The polyglot callers of examples/ (Python, Node) against a broker on moto
+"""The polyglot callers of examples/ (Python, Node, Go) against a broker on moto
 over mutual TLS.
 
 Each example is run as a user would run it: the Python one after its
@@ -175,4 +175,30 @@ def test_node_example_over_mtls(mtls_broker, pki, tmp_path, proto_dir):
     check_output(proc, broker, versions)
 
     denied = run([node, caller], env | {"SECRET_NAME": "production/database"}, tmp_path)
+    check_denied(denied)
+
+
+# --------------------------------------------------------------------------
+# Go: examples/go/build.sh (Debian's protoc plugins and grpc-go, GOPATH mode)
+
+
+@pytest.fixture(scope="module")
+def go_caller(tmp_path_factory, proto_dir) -> Path:
+    work = tmp_path_factory.mktemp("go")
+    binary = work / "caller"
+    build = subprocess.run(
+        ["bash", str(EXAMPLES / "go" / "build.sh"), str(binary)],
+        env=support.broker_env({"PROTO_DIR": str(proto_dir), "GO_WORK_DIR": str(work / "build")}),
+        cwd=work, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
+    )
+    assert build.returncode == 0, "examples/go/build.sh failed: " + describe(build)
+    return binary
+
+
+def test_go_example_over_mtls(mtls_broker, pki, tmp_path, go_caller):
+    broker, versions = mtls_broker
+    proc = run([go_caller], caller_env(broker, pki), tmp_path)
+    check_output(proc, broker, versions)
+
+    denied = run([go_caller], caller_env(broker, pki, SECRET_NAME="production/database"), tmp_path)
     check_denied(denied)

@@ -136,6 +136,16 @@ def test_a_full_upstream_queue_is_resource_exhausted(moto, aws_broker, stubs, co
     )
     pb = stubs.secrets_service_pb2
     stub = broker.secrets()
+    # The upstream check at start takes the one turn for a while (2 s
+    # through the proxy): wait until the bound is idle.
+    admin, apb = broker.admin(), stubs.admin_service_pb2
+    deadline = time.monotonic() + 10
+    while True:
+        load = admin.GetCacheStats(apb.GetCacheStatsRequest(), timeout=5)
+        if load.upstream_in_flight == 0 and load.upstream_waiting == 0:
+            break
+        assert time.monotonic() < deadline, load
+        time.sleep(0.1)
     answer = stub.BatchGetSecrets(pb.BatchGetSecretsRequest(names=["q/a", "q/b", "q/c"]), timeout=30)
     reasons = sorted(r.error.reason for r in answer.results)
     print(f"three misses with one turn and one place in the queue: {reasons}")

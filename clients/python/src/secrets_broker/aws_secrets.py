@@ -1,0 +1,507 @@
+"""The AWS Secrets Manager class services already use, served by secrets-broker.
+
+A service switches with one import line::
+
+    from secrets_broker.aws_secrets import AWSSecretsManager, SecretNotFoundError
+
+Same names, same environment variables (``SECRET_PREFIX``,
+``SECRET_CACHE_TTL``, the proxy variables, a ``.env`` file), same
+behaviour: ``get_secret`` with its local cache, ``test_connection``,
+``clear_cache``, ``get_cache_stats``, the typed configs. What changes is
+underneath: the values come from the broker over gRPC (``BROKER_ENDPOINT``,
+mutual TLS with ``BROKER_CA_FILE``, ``BROKER_CERT_FILE``,
+``BROKER_KEY_FILE``), and a cached secret is kept fresh by the broker's
+WatchSecret stream in a background thread, so a rotation reaches the local
+cache within seconds instead of at the end of the TTL.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+
+import grpc
+# googleapis-common-protos and grpcio-status ship no type information.
+from google.rpc import error_details_pb2  # type: ignore[import-untyped]
+from grpc_status import rpc_status  # type: ignore[import-untyped]
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from secretsbroker.v1 import secret_pb2, secrets_service_pb2, secrets_service_pb2_grpc
+
+__all__ = [
+    "AWSSecretsConfig",
+    "AWSSecretsManager",
+    "AWSSecretsManagerError",
+    "BrokerUnavailableError",
+    "InvalidSecretNameError",
+    "MalformedSecretError",
+    "SecretAccessDeniedError",
+    "SecretNotFoundError",
+    "SecretValue",
+    "get_database_config",
+    "get_jwt_config",
+    "test_aws_connection",
+]
+
+logger = logging.getLogger(__name__)
+
+CALL_TIMEOUT = 10.0
+WATCH_BACKOFF_MAX = 5.0
+
+
+# --------------------------------------------------------------------------
+# errors
+
+
+class AWSSecretsManagerError(Exception):
+    """Any failure to get a secret. ``code`` is the gRPC status, ``reason``
+    the broker's ErrorInfo reason (e.g. ``UPSTREAM_UNAVAILABLE``)."""
+
+    def __init__(self, message: str, code: Optional[grpc.StatusCode] = None, reason: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+
+
+class SecretNotFoundError(AWSSecretsManagerError):
+    """No such secret or version, or it is marked for deletion."""
+
+
+class SecretAccessDeniedError(AWSSecretsManagerError):
+    """Refused by the broker's policy (``POLICY_DENIED``), by AWS IAM
+    (``ACCESS_DENIED``), or no usable client certificate."""
+
+
+class InvalidSecretNameError(AWSSecretsManagerError):
+    """A name or version outside AWS's rules."""
+
+
+class MalformedSecretError(AWSSecretsManagerError):
+    """A typed config whose secret is not the JSON it should be."""
+
+
+class BrokerUnavailableError(AWSSecretsManagerError):
+    """The broker, or AWS behind it with nothing cached, cannot answer."""
+
+
+def _error_from(error: grpc.RpcError) -> AWSSecretsManagerError:
+    code: Optional[grpc.StatusCode] = error.code() if isinstance(error, grpc.Call) else None
+    message = (error.details() if isinstance(error, grpc.Call) else None) or str(error)
+    reason = _reason_of(error)
+    kind: type[AWSSecretsManagerError] = AWSSecretsManagerError
+    if code == grpc.StatusCode.NOT_FOUND:
+        kind = SecretNotFoundError
+    elif code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+        kind = SecretAccessDeniedError
+    elif code == grpc.StatusCode.INVALID_ARGUMENT:
+        kind = InvalidSecretNameError
+    elif code == grpc.StatusCode.FAILED_PRECONDITION and reason == "MALFORMED_SECRET":
+        kind = MalformedSecretError
+    elif code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED):
+        kind = BrokerUnavailableError
+    label = f"{code.name} {reason}".strip() if code is not None else "error"
+    return kind(f"{label}: {message}", code=code, reason=reason)
+
+
+def _reason_of(error: grpc.RpcError) -> str:
+    if not isinstance(error, grpc.Call):
+        return ""
+    status = rpc_status.from_call(error)
+    for detail in status.details if status is not None else []:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return str(info.reason)
+    return ""
+
+
+# --------------------------------------------------------------------------
+# configuration
+
+
+class AWSSecretsConfig(BaseSettings):
+    """Settings from the environment and a ``.env`` file, as the class this
+    package replaces read them; plus where the broker is."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    aws_access_key_id: Optional[str] = None
+    aws_secret_access_key: Optional[str] = None
+    aws_default_region: str = "ap-east-1"
+    http_proxy: Optional[str] = None
+    https_proxy: Optional[str] = None
+    secret_prefix: str = "insurecove"
+    secret_cache_ttl: int = 300
+
+    broker_endpoint: str = "127.0.0.1:50051"
+    broker_ca_file: Optional[str] = None
+    broker_cert_file: Optional[str] = None
+    broker_key_file: Optional[str] = None
+    broker_tls_domain: Optional[str] = None
+
+    def credentials(self) -> Optional[grpc.ChannelCredentials]:
+        """Mutual TLS credentials when the three files are set; `None` for
+        plaintext (loopback only)."""
+        files = (self.broker_ca_file, self.broker_cert_file, self.broker_key_file)
+        if not any(files):
+            return None
+        if not all(files):
+            raise AWSSecretsManagerError(
+                "mutual TLS needs BROKER_CA_FILE, BROKER_CERT_FILE and BROKER_KEY_FILE together"
+            )
+        ca, cert, key = (Path(str(f)).read_bytes() for f in files)
+        return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+    def channel_options(self, tls: bool) -> list[tuple[str, Any]]:
+        """The proxy (the guide's http_proxy / https_proxy) and the name to
+        expect in the broker's certificate."""
+        options: list[tuple[str, Any]] = []
+        proxy = self.https_proxy if tls else self.http_proxy
+        if proxy:
+            options.append(("grpc.http_proxy", proxy))
+        if tls and self.broker_tls_domain:
+            options.append(("grpc.ssl_target_name_override", self.broker_tls_domain))
+        return options
+
+    def channel(self) -> grpc.Channel:
+        """A channel to the broker."""
+        credentials = self.credentials()
+        options = self.channel_options(credentials is not None)
+        if credentials is None:
+            return grpc.insecure_channel(self.broker_endpoint, options=options)
+        return grpc.secure_channel(self.broker_endpoint, credentials, options=options)
+
+
+# --------------------------------------------------------------------------
+# values
+
+
+@dataclass(frozen=True, repr=False)
+class SecretValue:
+    """One version of a secret. ``repr`` never shows the value."""
+
+    value: Union[str, bytes]
+    version_id: str
+    created_date: Optional[datetime]
+    secret_name: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """The value as a JSON object."""
+        text = self.value.decode() if isinstance(self.value, bytes) else self.value
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            raise AWSSecretsManagerError(f"secret {self.secret_name} is not JSON") from None
+        if not isinstance(parsed, dict):
+            raise AWSSecretsManagerError(f"secret {self.secret_name} is not a JSON object")
+        return parsed
+
+    def as_string(self) -> str:
+        """The value as text."""
+        return self.value.decode() if isinstance(self.value, bytes) else self.value
+
+    def __repr__(self) -> str:
+        return f"SecretValue(secret_name={self.secret_name!r}, version_id={self.version_id!r}, value=<redacted>)"
+
+    __str__ = __repr__
+
+    @classmethod
+    def from_proto(cls, secret: secret_pb2.Secret) -> "SecretValue":
+        which = secret.WhichOneof("value")
+        value: Union[str, bytes] = secret.binary_value if which == "binary_value" else secret.string_value
+        created = (
+            secret.created_date.ToDatetime(tzinfo=timezone.utc) if secret.HasField("created_date") else None
+        )
+        return cls(value=value, version_id=secret.version_id, created_date=created, secret_name=secret.name)
+
+
+@dataclass
+class _Entry:
+    value: SecretValue
+    stored_at: float
+    follower: Optional["_Follower"] = None
+
+
+# --------------------------------------------------------------------------
+# the class
+
+
+class AWSSecretsManager:
+    """Secrets through secrets-broker, with a local cache kept fresh by push."""
+
+    def __init__(self, config: Optional[AWSSecretsConfig] = None) -> None:
+        self.config = config or AWSSecretsConfig()
+        self._channel: Optional[grpc.Channel] = None
+        self._stub: Optional[secrets_service_pb2_grpc.SecretsServiceStub] = None
+        self._lock = threading.Lock()
+        self._cache: dict[tuple[str, Optional[str]], _Entry] = {}
+
+    # -- the connection (lazy, one per instance) ---------------------------
+
+    def _secrets(self) -> secrets_service_pb2_grpc.SecretsServiceStub:
+        with self._lock:
+            if self._stub is None:
+                self._channel = self.config.channel()
+                self._stub = secrets_service_pb2_grpc.SecretsServiceStub(self._channel)
+            return self._stub
+
+    def close(self) -> None:
+        """Stops the watch threads and closes the connection."""
+        self.clear_cache()
+        with self._lock:
+            if self._channel is not None:
+                self._channel.close()
+            self._channel = None
+            self._stub = None
+
+    # -- secrets -----------------------------------------------------------
+
+    def get_secret(self, secret_name: str, version_id: Optional[str] = None, use_cache: bool = True) -> SecretValue:
+        """The secret (by short name: the broker adds ``SECRET_PREFIX``), from
+        the local cache when it holds it within ``SECRET_CACHE_TTL``."""
+        key = (secret_name, version_id)
+        if use_cache:
+            with self._lock:
+                entry = self._cache.get(key)
+                if entry is not None and time.monotonic() - entry.stored_at < self.config.secret_cache_ttl:
+                    return entry.value
+        request = secrets_service_pb2.GetSecretRequest(
+            name=secret_name, version_id=version_id or "", bypass_cache=not use_cache
+        )
+        try:
+            answer = self._secrets().GetSecret(request, timeout=CALL_TIMEOUT)
+        except grpc.RpcError as error:
+            raise _error_from(error) from None
+        value = SecretValue.from_proto(answer.secret)
+        self._store(key, value)
+        return value
+
+    def _store(self, key: tuple[str, Optional[str]], value: SecretValue) -> None:
+        with self._lock:
+            entry = self._cache.get(key)
+            if entry is not None:
+                entry.value, entry.stored_at = value, time.monotonic()
+                return
+            entry = _Entry(value=value, stored_at=time.monotonic())
+            self._cache[key] = entry
+            name, version_id = key
+            # A version id names an immutable version: nothing to follow.
+            if version_id is None:
+                entry.follower = _Follower(self, name, value.version_id)
+                entry.follower.start()
+
+    def _rotated(self, name: str, value: Optional[SecretValue]) -> None:
+        """A watch event: the cached value replaced (or dropped) in place."""
+        with self._lock:
+            entry = self._cache.get((name, None))
+            if entry is None:
+                return
+            if value is None:
+                del self._cache[(name, None)]
+                if entry.follower is not None:
+                    entry.follower.stop()
+            else:
+                entry.value, entry.stored_at = value, time.monotonic()
+
+    def test_connection(self) -> bool:
+        """Whether the broker answers and reaches AWS. Never raises."""
+        try:
+            with self._lock:
+                if self._channel is None:
+                    self._channel = self.config.channel()
+                    self._stub = secrets_service_pb2_grpc.SecretsServiceStub(self._channel)
+                channel = self._channel
+            check = channel.unary_unary(
+                "/grpc.health.v1.Health/Check",
+                request_serializer=_health_request,
+                response_deserializer=_health_status,
+            )
+            status: int = check("secretsbroker.v1.SecretsService", timeout=5.0)
+            return status == 1  # SERVING
+        except Exception as error:  # noqa: BLE001 - the contract is "False, never an exception"
+            logger.debug("test_connection failed: %s", error)
+            return False
+
+    def clear_cache(self) -> None:
+        """Empties the local cache (the broker's shared cache is untouched)."""
+        with self._lock:
+            entries = list(self._cache.values())
+            self._cache.clear()
+        for entry in entries:
+            if entry.follower is not None:
+                entry.follower.stop()
+
+    def get_cache_stats(self) -> dict[str, Any]:
+        """``total_entries``, ``valid_entries`` and ``expired_entries`` of the
+        local cache."""
+        now = time.monotonic()
+        with self._lock:
+            total = len(self._cache)
+            valid = sum(1 for e in self._cache.values() if now - e.stored_at < self.config.secret_cache_ttl)
+        return {
+            "total_entries": total,
+            "valid_entries": valid,
+            "expired_entries": total - valid,
+            "ttl_seconds": self.config.secret_cache_ttl,
+        }
+
+    # -- typed configs ---------------------------------------------------------
+
+    def get_database_config(self) -> dict[str, Any]:
+        """``<environment>/database`` as a dict (validated by the broker)."""
+        try:
+            answer = self._secrets().GetDatabaseConfig(secrets_service_pb2.GetDatabaseConfigRequest(), timeout=CALL_TIMEOUT)
+        except grpc.RpcError as error:
+            raise _error_from(error) from None
+        return database_dict(answer.config)
+
+    def get_jwt_config(self) -> dict[str, Any]:
+        """``<environment>/jwt`` as a dict (validated by the broker)."""
+        try:
+            answer = self._secrets().GetJwtConfig(secrets_service_pb2.GetJwtConfigRequest(), timeout=CALL_TIMEOUT)
+        except grpc.RpcError as error:
+            raise _error_from(error) from None
+        return jwt_dict(answer.config)
+
+    def get_mistral_api_key(self) -> str:
+        """The Mistral API key, as text."""
+        return self.get_secret("mistral-api-key").as_string()
+
+
+def jwt_dict(c: secret_pb2.JwtConfig) -> dict[str, Any]:
+    """A JWT config as the guide's dict."""
+    return {
+        "jwt_secret_key": c.jwt_secret_key,
+        "jwt_algorithm": c.jwt_algorithm,
+        "jwt_issuer": c.jwt_issuer,
+        "jwt_audience": c.jwt_audience,
+        "jwt_access_token_expire_minutes": c.jwt_access_token_expire_minutes,
+    }
+
+
+def database_dict(c: secret_pb2.DatabaseConfig) -> dict[str, Any]:
+    """A database config as the guide's dict."""
+    return {
+        "supabase_url": c.supabase_url,
+        "supabase_anon_key": c.supabase_anon_key,
+        "supabase_service_key": c.supabase_service_key,
+        "database_password": c.database_password,
+    }
+
+
+def _health_request(service: str) -> bytes:
+    """grpc.health.v1.HealthCheckRequest{service} on the wire."""
+    data = service.encode()
+    return b"\x0a" + _varint(len(data)) + data
+
+
+def _health_status(data: bytes) -> int:
+    """HealthCheckResponse.status (field 1, a varint); 0 when absent."""
+    if len(data) >= 2 and data[0] == 0x08:
+        return data[1]
+    return 0
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+# --------------------------------------------------------------------------
+# keeping a cached secret fresh
+
+
+@dataclass
+class _Follower:
+    """A daemon thread holding the WatchSecret stream of one cached name. It
+    reconnects with the version it holds, so a rotation missed while
+    disconnected arrives first."""
+
+    manager: AWSSecretsManager
+    name: str
+    version_id: str
+    _stopped: threading.Event = field(default_factory=threading.Event)
+    _call: Optional[Any] = None
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name=f"watch-{self.name}", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        call = self._call
+        if call is not None:
+            call.cancel()
+
+    def _run(self) -> None:
+        backoff = 0.1
+        while not self._stopped.is_set():
+            try:
+                for event in self._events():
+                    backoff = 0.1
+                    if event.type == secret_pb2.WATCH_EVENT_TYPE_DELETED:
+                        self.manager._rotated(self.name, None)
+                        return
+                    value = SecretValue.from_proto(event.secret)
+                    self.version_id = value.version_id
+                    self.manager._rotated(self.name, value)
+            except grpc.RpcError as error:
+                if self._stopped.is_set():
+                    return
+                code = error.code() if isinstance(error, grpc.Call) else None
+                if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
+                    self.manager._rotated(self.name, None)
+                    return
+            except Exception as error:  # noqa: BLE001 - keep following
+                logger.debug("watch of %s: %s", self.name, error)
+            self._stopped.wait(backoff)
+            backoff = min(backoff * 2, WATCH_BACKOFF_MAX)
+
+    def _events(self) -> Iterator[secrets_service_pb2.WatchSecretResponse]:
+        request = secrets_service_pb2.WatchSecretRequest(name=self.name, since_version_id=self.version_id)
+        call = self.manager._secrets().WatchSecret(request)
+        self._call = call
+        return iter(call)
+
+
+# --------------------------------------------------------------------------
+# module functions, on one shared instance
+
+
+_default: Optional[AWSSecretsManager] = None
+_default_lock = threading.Lock()
+
+
+def _manager() -> AWSSecretsManager:
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = AWSSecretsManager()
+        return _default
+
+
+def get_database_config() -> dict[str, Any]:
+    """The database config, from a shared ``AWSSecretsManager``."""
+    return _manager().get_database_config()
+
+
+def get_jwt_config() -> dict[str, Any]:
+    """The JWT config, from a shared ``AWSSecretsManager``."""
+    return _manager().get_jwt_config()
+
+
+def test_aws_connection() -> bool:
+    """Whether the broker answers and reaches AWS. Never raises."""
+    return _manager().test_connection()

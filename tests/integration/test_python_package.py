@@ -1,0 +1,230 @@
+"""The Python package (clients/python) as a service team would use it:
+installed with pip into a fresh virtualenv, then the guide's own examples
+(only the import line changed), the FastAPI example under uvicorn, mypy
+--strict, a rotation reaching the local cache by push, and a denial under
+mutual TLS. The broker runs on moto."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import support
+from tls_support import (  # noqa: F401  (fixtures)
+    AUTH,
+    pki,
+    policy_toml,
+    start_tls_broker,
+    tls_files,
+)
+
+PACKAGE = support.REPO_ROOT / "clients" / "python"
+GUIDE = Path(__file__).parent / "guide_examples"
+FASTAPI = support.REPO_ROOT / "examples" / "fastapi"
+
+MISTRAL = "insurecove/mistral-api-key"
+MISTRAL_VALUE = "package-mistral-key-41c9"
+JWT = "insurecove/production/jwt"
+JWT_VALUE = json.dumps({
+    "jwt_secret_key": "package-jwt-signing-key-7e11",
+    "jwt_algorithm": "HS256",
+    "jwt_issuer": "insurecove-package",
+    "jwt_audience": "insurecove-package-users",
+    "jwt_access_token_expire_minutes": 30,
+})
+DATABASE = "insurecove/production/database"
+DATABASE_VALUE = json.dumps({
+    "supabase_url": "https://package.supabase.invalid",
+    # JWT-shaped, as supabase's client checks keys' form.
+    "supabase_anon_key": "eyJhbGciOiJIUzI1NiJ9.eyJyb2xlIjoiYW5vbiJ9.cGFja2FnZS1hbm9u",
+    "supabase_service_key": "package-service-key-2b2b",
+    "database_password": "package-db-password-3c3c",
+})
+# What the examples import, beside the package itself.
+EXTRAS = ["PyJWT==2.15.1", "supabase==2.34.1", "fastapi==0.163.2", "uvicorn==0.54.0",
+          "mypy==2.4.1", "types-grpcio==1.85.0.20261028", "types-protobuf==7.35.1.20260906"]
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory) -> Path:
+    """A fresh virtualenv with `pip install clients/python` and the extras."""
+    root = tmp_path_factory.mktemp("package-venv")
+    subprocess.run([sys.executable, "-m", "venv", str(root)], check=True)
+    python = root / "bin" / "python"
+    install = subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(PACKAGE), *EXTRAS],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert install.returncode == 0, install.stdout + install.stderr
+    return python
+
+
+@pytest.fixture
+def seeded_broker(moto, aws_broker):
+    versions = moto.seed({MISTRAL: MISTRAL_VALUE, JWT: JWT_VALUE, DATABASE: DATABASE_VALUE})
+    broker = aws_broker(["--watch-interval", "1"])
+    return broker, versions
+
+
+def run(python: Path, script: Path, env: dict[str, str], *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(python), str(script), *args], env=env, cwd=cwd or script.parent,
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )
+
+
+def package_env(broker, **extra: str) -> dict[str, str]:
+    return support.broker_env({"BROKER_ENDPOINT": broker.addr, **extra})
+
+
+def test_the_guides_examples_run_as_the_guide_says(venv, seeded_broker, tmp_path):
+    broker, _ = seeded_broker
+    env = package_env(broker)
+    outputs = {}
+    for example in ("basic_usage", "error_handling", "cache_monitoring", "health_checks",
+                    "database_connection", "jwt_configuration"):
+        proc = run(venv, GUIDE / f"{example}.py", env, cwd=tmp_path)
+        assert proc.returncode == 0, f"{example}: {proc.stdout}{proc.stderr}"
+        outputs[example] = proc.stdout
+        print(f"--- {example}\n{proc.stdout}")
+    assert "✅ Connected to AWS Secrets Manager" in outputs["basic_usage"]
+    assert f"API Key: {MISTRAL_VALUE}" in outputs["basic_usage"]
+    assert "ERROR Secret not found - check secret name" in outputs["error_handling"]
+    assert "Cache entries: 1\nValid entries: 1\nCache hit ratio: 100.00%" in outputs["cache_monitoring"]
+    health = json.loads(outputs["health_checks"])
+    assert health["status"] == "healthy" and health["aws_secrets"] == "connected", health
+    assert "supabase client for https://package.supabase.invalid" in outputs["database_connection"]
+    assert "token for user-42" in outputs["jwt_configuration"]
+    # the repr never shows a value; the error example on a JSON secret works
+    proc = run(venv, GUIDE / "error_handling.py", env, "production/jwt", cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout == "", proc.stdout + proc.stderr
+    probe = "from secrets_broker.aws_secrets import AWSSecretsManager as M; print(repr(M().get_secret('mistral-api-key')))"
+    shown = subprocess.run([str(venv), "-c", probe], env=env, capture_output=True, text=True, timeout=30)
+    assert "<redacted>" in shown.stdout and MISTRAL_VALUE not in shown.stdout, shown.stdout + shown.stderr
+
+
+def test_an_unreachable_broker_is_false_not_an_exception(venv, tmp_path):
+    env = support.broker_env({"BROKER_ENDPOINT": f"127.0.0.1:{support.free_port()}"})
+    proc = run(venv, GUIDE / "health_checks.py", env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"status": "unhealthy", "aws_secrets": "disconnected"}
+
+
+ROTATION_PROBE = """
+import json, sys, time
+from secrets_broker.aws_secrets import AWSSecretsManager
+m = AWSSecretsManager()
+first = m.get_secret("mistral-api-key").version_id
+for _ in range(30):
+    m.get_secret("mistral-api-key")
+print(json.dumps({"first": first}), flush=True)
+sys.stdin.readline()                      # the test rotates the secret now
+started = time.monotonic()
+while time.monotonic() - started < 10:
+    current = m.get_secret("mistral-api-key")
+    if current.version_id != first:
+        break
+    time.sleep(0.02)
+print(json.dumps({"after": current.version_id, "took": time.monotonic() - started, "value": current.as_string() == "rotated-package-value-5f5f"}), flush=True)
+"""
+
+
+def test_a_rotation_reaches_the_local_cache_by_push(venv, seeded_broker, moto, tmp_path):
+    broker, versions = seeded_broker
+    calls_before = broker.log().count('rpc="GetSecret"')
+    proc = subprocess.Popen(
+        [str(venv), "-c", ROTATION_PROBE], env=package_env(broker, SECRET_CACHE_TTL="3600"),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )
+    try:
+        first = json.loads(proc.stdout.readline())
+        assert first["first"] == versions[MISTRAL]
+        calls = broker.log().count('rpc="GetSecret"') - calls_before
+        assert calls < 10, f"31 local reads made {calls} broker calls"
+        time.sleep(0.5)                   # the watch stream is open
+        rotated = moto.put_secret_value(MISTRAL, "rotated-package-value-5f5f")
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        after = json.loads(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait(10)
+    print(f"rotation in the local cache after {after['took']:.2f} s; {calls} broker reads for 31 local ones")
+    assert after["after"] == rotated and after["value"], after
+    assert after["took"] < 2.0, after
+
+
+def test_access_denied_under_mtls(venv, start_tls_broker, tls_files, pki, tmp_path):
+    tls_files.write_policy(policy_toml({"identity": AUTH, "secrets": ["insurecove/production/jwt"]}))
+    broker = start_tls_broker()
+    env = support.broker_env({
+        "BROKER_ENDPOINT": broker.addr,
+        "BROKER_CA_FILE": str(pki.ca1.cert_path),
+        "BROKER_CERT_FILE": str(pki.auth.cert_path),
+        "BROKER_KEY_FILE": str(pki.auth.key_path),
+        "BROKER_TLS_DOMAIN": "localhost",
+    })
+    proc = run(venv, GUIDE / "error_handling.py", env, "mistral-api-key", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "ERROR Access denied - check IAM permissions" in proc.stdout, proc.stdout
+    allowed = "from secrets_broker.aws_secrets import AWSSecretsManager as M; print(M().get_jwt_config()['jwt_algorithm'])"
+    ok = subprocess.run([str(venv), "-c", allowed], env=env, capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert ok.stdout.strip() == "HS256", ok.stdout + ok.stderr
+
+
+def test_the_fastapi_example_under_uvicorn(venv, seeded_broker, tmp_path):
+    broker, _ = seeded_broker
+    port = support.free_port()
+    uvicorn = venv.parent / "uvicorn"
+    log = tmp_path / "uvicorn.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen(
+            [str(uvicorn), "app:app", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=FASTAPI, env=package_env(broker), stdout=out, stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            while True:
+                try:
+                    with opener.open(f"http://127.0.0.1:{port}/health", timeout=5) as answer:
+                        health = json.loads(answer.read())
+                    break
+                except OSError:
+                    assert server.poll() is None, log.read_text()
+                    assert time.monotonic() < deadline, log.read_text()
+                    time.sleep(0.2)
+        finally:
+            server.terminate()
+            server.wait(10)
+    assert health == {"status": "healthy", "aws_secrets": "connected"}, health
+    assert "Secrets loaded successfully" in log.read_text()
+
+
+def test_the_package_is_typed_strictly(venv):
+    mypy = venv.parent / "mypy"
+    proc = subprocess.run(
+        [str(mypy), "--strict", str(PACKAGE / "src" / "secrets_broker")],
+        capture_output=True, text=True, timeout=300, cwd=PACKAGE,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_shipped_stubs_match_the_contract(tmp_path, proto_dir):
+    out = tmp_path / "generated"
+    gen = subprocess.run(
+        ["bash", str(PACKAGE / "gen.sh"), str(out)],
+        env=support.broker_env({"PYTHON": sys.executable, "PROTO_DIR": str(proto_dir)}),
+        capture_output=True, text=True, timeout=120,
+    )
+    assert gen.returncode == 0, gen.stdout + gen.stderr
+    for generated in sorted((out / "secretsbroker" / "v1").glob("*")):
+        shipped = PACKAGE / "src" / "secretsbroker" / "v1" / generated.name
+        assert shipped.read_bytes() == generated.read_bytes(), f"{shipped} is stale: run clients/python/gen.sh"
