@@ -610,3 +610,43 @@ async fn cached_reads_follow_rotations_and_survive_a_restart() {
     }
     assert_eq!(cached.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_typed_configs_are_read_again_after_a_rotation() {
+    const TEST: &str = "cached_typed";
+    let moto = Moto::start(TEST);
+    moto.create_secret(JWT, JWT_VALUE).await;
+    let mut broker = Broker::spawn(BrokerSpec::aws(TEST, &moto).args(["--watch-interval", "1"]));
+    let client = plaintext_client(&broker).await;
+    broker.wait_ready(|| client.test_connection()).await;
+    let cached = client.cached(secrets_broker_client::CacheLimits::default());
+    let reads = |stats: &secrets_broker_client::CacheStats| stats.hits + stats.misses;
+    let first: secrets_broker_client::JwtConfig = cached.get_config().await.unwrap();
+    assert_eq!(first.jwt_issuer, "insurecove-client-tests");
+    // Its secret's stream opens (the broker reads it once for that).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = reads(&client.get_cache_stats().await.unwrap());
+    let again: secrets_broker_client::JwtConfig = cached.get_config().await.unwrap();
+    assert_eq!(again.jwt_issuer, first.jwt_issuer);
+    let after = reads(&client.get_cache_stats().await.unwrap());
+    assert_eq!(after, before, "the second config came from memory");
+    assert!(
+        !format!("{again:?}").contains(JWT_SIGNING_KEY),
+        "Debug is redacted"
+    );
+
+    let rotated = JWT_VALUE.replace("insurecove-client-tests", "insurecove-rotated-issuer");
+    moto.put_secret_value(JWT, &rotated).await;
+    let started = Instant::now();
+    loop {
+        let config: secrets_broker_client::JwtConfig = cached.get_config().await.unwrap();
+        if config.jwt_issuer == "insurecove-rotated-issuer" {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the rotation never reached the config"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

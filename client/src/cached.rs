@@ -11,11 +11,15 @@
 //! for at most `max_stale` after it broke; past that, reads ask the broker
 //! again rather than serve a value nobody can vouch for.
 //!
+//! Typed configs (`get_config::<JwtConfig>()`) are held the same way: the
+//! broker decodes them once per version of their secret.
+//!
 //! The number of names held is bounded (`max_entries`, by default well
 //! below the broker's 1,024 streams per connection): past it, the name read
 //! least recently is dropped with its stream.
 
 use std::{
+    any::{Any, TypeId},
     collections::HashMap,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -23,9 +27,10 @@ use std::{
 
 use futures::StreamExt;
 use tokio::sync::{broadcast, watch};
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::{
-    Error, SecretValue, SecretsClient,
+    Error, SecretValue, SecretsClient, TypedConfig,
     watch::{WatchEventKind, follow_live},
 };
 
@@ -68,7 +73,16 @@ struct Shared {
     client: SecretsClient,
     limits: CacheLimits,
     entries: Mutex<HashMap<String, Arc<Held>>>,
+    /// Typed configs by type: the secret and version they were read from,
+    /// and the config.
+    configs: Mutex<HashMap<TypeId, HeldConfig>>,
     changes: broadcast::Sender<SecretChange>,
+}
+
+struct HeldConfig {
+    name: String,
+    version_id: String,
+    config: Box<dyn Any + Send + Sync>,
 }
 
 /// One name held in memory.
@@ -101,6 +115,7 @@ impl SecretsClient {
                 client: self.clone(),
                 limits,
                 entries: Mutex::new(HashMap::new()),
+                configs: Mutex::new(HashMap::new()),
                 changes,
             }),
         }
@@ -117,6 +132,50 @@ impl CachedSecrets {
         let value = self.shared.client.get_secret(name).await?;
         self.shared.hold(name, value.clone());
         Ok(value)
+    }
+
+    /// A typed config (JWT, database...), decoded by the broker, held in
+    /// memory for as long as the secret it was read from is held and has
+    /// not rotated: a rotation makes the next read ask the broker again.
+    pub async fn get_config<C>(&self) -> Result<C, Error>
+    where
+        C: TypedConfig + Clone + Sync + Zeroize,
+    {
+        let key = TypeId::of::<C>();
+        let held = {
+            let configs = lock(&self.shared.configs);
+            configs.get(&key).and_then(|held| {
+                let config = (**held.config.downcast_ref::<Zeroizing<C>>()?).clone();
+                Some((held.name.clone(), held.version_id.clone(), config))
+            })
+        };
+        if let Some((name, version_id, config)) = held
+            && self
+                .shared
+                .fresh(&name)
+                .is_some_and(|secret| secret.version_id() == version_id)
+        {
+            return Ok(config);
+        }
+        let response = self.shared.client.typed_response::<C>().await?;
+        let (name, version_id) = C::source(&response);
+        let (name, version_id) = (name.to_owned(), version_id.to_owned());
+        let config =
+            C::config(response).ok_or_else(|| Error::Decode("the broker sent no config".into()))?;
+        // The secret behind it is held (and followed) like any other.
+        if self.shared.fresh(&name).is_none() {
+            self.get(&name).await?;
+        }
+        lock(&self.shared.configs).insert(
+            key,
+            HeldConfig {
+                name,
+                version_id,
+                // Wiped when it is replaced or the cache goes.
+                config: Box::new(Zeroizing::new(config.clone())),
+            },
+        );
+        Ok(config)
     }
 
     /// Changes of the held secrets, from now on.

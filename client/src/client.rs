@@ -181,12 +181,16 @@ impl SecretsClient {
     /// A typed config at its default name (`<environment>/<kind>`); the
     /// four below are this with their type.
     pub async fn get_config<C: TypedConfig>(&self) -> Result<C, Error> {
-        let response = self
-            .call(C::Request::default(), |client, request| {
-                C::call(client, request)
-            })
-            .await?;
+        let response = self.typed_response::<C>().await?;
         C::config(response).ok_or_else(|| Error::Decode("the broker sent no config".into()))
+    }
+
+    /// A typed config's whole response (config, and where it came from).
+    pub(crate) async fn typed_response<C: TypedConfig>(&self) -> Result<C::Response, Error> {
+        self.call(C::Request::default(), |client, request| {
+            C::call(client, request)
+        })
+        .await
     }
 
     /// The JWT settings (`<environment>/jwt`).

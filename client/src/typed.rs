@@ -25,6 +25,9 @@ pub trait TypedConfig: Sized + Send + 'static {
 
     /// The config in the response.
     fn config(response: Self::Response) -> Option<Self>;
+
+    /// The full name and the version of the secret it was read from.
+    fn source(response: &Self::Response) -> (&str, &str);
 }
 
 /// The four configs' RPCs.
@@ -43,6 +46,10 @@ macro_rules! typed_config {
 
             fn config(response: Self::Response) -> Option<Self> {
                 response.config
+            }
+
+            fn source(response: &Self::Response) -> (&str, &str) {
+                (&response.name, &response.version_id)
             }
         }
     };

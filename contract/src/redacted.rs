@@ -5,7 +5,9 @@
 
 use std::fmt;
 
-use crate::proto::{DatabaseConfig, JwtConfig, Secret, SecurityConfig, secret};
+use zeroize::Zeroize;
+
+use crate::proto::{AwsServicesConfig, DatabaseConfig, JwtConfig, Secret, SecurityConfig, secret};
 
 const REDACTED: &str = "<redacted>";
 
@@ -65,6 +67,45 @@ impl fmt::Debug for SecurityConfig {
     }
 }
 
+/// The typed configs can be wiped: a client that holds one in memory
+/// (`secrets-broker-client`'s cache) wipes it when it lets it go.
+impl Zeroize for JwtConfig {
+    fn zeroize(&mut self) {
+        self.jwt_secret_key.zeroize();
+        self.jwt_algorithm.zeroize();
+        self.jwt_issuer.zeroize();
+        self.jwt_audience.zeroize();
+        self.jwt_access_token_expire_minutes.zeroize();
+    }
+}
+
+impl Zeroize for DatabaseConfig {
+    fn zeroize(&mut self) {
+        self.supabase_url.zeroize();
+        self.supabase_anon_key.zeroize();
+        self.supabase_service_key.zeroize();
+        self.database_password.zeroize();
+    }
+}
+
+impl Zeroize for SecurityConfig {
+    fn zeroize(&mut self) {
+        self.encryption_key.zeroize();
+        self.encryption_salt.zeroize();
+        self.allowed_hosts.zeroize();
+        self.cors_origins.zeroize();
+    }
+}
+
+impl Zeroize for AwsServicesConfig {
+    fn zeroize(&mut self) {
+        self.aws_ses_region.zeroize();
+        self.aws_end_user_messaging_region.zeroize();
+        self.s3_bucket_name.zeroize();
+        self.max_file_size_mb.zeroize();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,5 +142,16 @@ mod tests {
             "{shown}"
         );
         assert!(shown.contains("text, 9 bytes"), "{shown}");
+    }
+
+    #[test]
+    fn typed_configs_can_be_wiped() {
+        let mut config = JwtConfig {
+            jwt_secret_key: "hunter2-Z".into(),
+            jwt_access_token_expire_minutes: 30,
+            ..Default::default()
+        };
+        config.zeroize();
+        assert_eq!(config, JwtConfig::default());
     }
 }

@@ -200,7 +200,11 @@ impl SecretsApi {
             kind: R::LABEL,
             source,
         })?;
-        Ok(R::respond(config, version.version_id.clone()))
+        Ok(R::respond(
+            config,
+            version.version_id.clone(),
+            version.name.clone(),
+        ))
     }
 
     /// The typed-config RPCs' one handler.

@@ -183,7 +183,7 @@ pub trait TypedConfigRpc: Send + 'static {
     fn name(&self) -> &str;
     fn bypass_cache(&self) -> bool;
     fn decode(value: &SecretValue) -> Result<Self::Config, Malformed>;
-    fn respond(config: Self::Config, version_id: String) -> Self::Response;
+    fn respond(config: Self::Config, version_id: String, name: String) -> Self::Response;
 }
 
 /// The four typed configs' constants and functions.
@@ -208,10 +208,11 @@ macro_rules! typed_config_rpc {
                 $decode(value)
             }
 
-            fn respond(config: $config, version_id: String) -> $response {
+            fn respond(config: $config, version_id: String, name: String) -> $response {
                 $response {
                     config: Some(config),
                     version_id,
+                    name,
                 }
             }
         }

@@ -202,8 +202,11 @@ class GetJwtConfigResponse(_message.Message):
 
     CONFIG_FIELD_NUMBER: _builtins.int
     VERSION_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
     version_id: _builtins.str
     """The version the settings were read from."""
+    name: _builtins.str
+    """The full name of the secret they were read from."""
     @_builtins.property
     def config(self) -> _secret_pb2.JwtConfig:
         """The decoded and validated settings."""
@@ -213,10 +216,11 @@ class GetJwtConfigResponse(_message.Message):
         *,
         config: _secret_pb2.JwtConfig | None = ...,
         version_id: _builtins.str = ...,
+        name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "name", b"name", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -256,8 +260,11 @@ class GetDatabaseConfigResponse(_message.Message):
 
     CONFIG_FIELD_NUMBER: _builtins.int
     VERSION_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
     version_id: _builtins.str
     """The version the settings were read from."""
+    name: _builtins.str
+    """The full name of the secret they were read from."""
     @_builtins.property
     def config(self) -> _secret_pb2.DatabaseConfig:
         """The decoded and validated settings."""
@@ -267,10 +274,11 @@ class GetDatabaseConfigResponse(_message.Message):
         *,
         config: _secret_pb2.DatabaseConfig | None = ...,
         version_id: _builtins.str = ...,
+        name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "name", b"name", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -310,8 +318,11 @@ class GetAwsServicesConfigResponse(_message.Message):
 
     CONFIG_FIELD_NUMBER: _builtins.int
     VERSION_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
     version_id: _builtins.str
     """The version the settings were read from."""
+    name: _builtins.str
+    """The full name of the secret they were read from."""
     @_builtins.property
     def config(self) -> _secret_pb2.AwsServicesConfig:
         """The decoded and validated settings."""
@@ -321,10 +332,11 @@ class GetAwsServicesConfigResponse(_message.Message):
         *,
         config: _secret_pb2.AwsServicesConfig | None = ...,
         version_id: _builtins.str = ...,
+        name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "name", b"name", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -364,8 +376,11 @@ class GetSecurityConfigResponse(_message.Message):
 
     CONFIG_FIELD_NUMBER: _builtins.int
     VERSION_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
     version_id: _builtins.str
     """The version the settings were read from."""
+    name: _builtins.str
+    """The full name of the secret they were read from."""
     @_builtins.property
     def config(self) -> _secret_pb2.SecurityConfig:
         """The decoded and validated settings."""
@@ -375,10 +390,11 @@ class GetSecurityConfigResponse(_message.Message):
         *,
         config: _secret_pb2.SecurityConfig | None = ...,
         version_id: _builtins.str = ...,
+        name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "name", b"name", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
