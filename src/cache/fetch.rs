@@ -1,0 +1,234 @@
+//! The upstream side of the cache: fetches (spawned, so that they finish
+//! even when their caller goes away; registered in `inflight` so that
+//! concurrent misses join one), revalidation with DescribeSecret, what an
+//! answer means for the entry (stored, kept stale, dropped, remembered as
+//! missing), and eviction when the bound is passed.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering::Relaxed},
+};
+
+use dashmap::mapref::entry::Entry as MapEntry;
+use futures::FutureExt;
+use tokio::time::Instant;
+
+use super::{CacheKey, Entry, Fetch, FetchResult, Shared, bump};
+use crate::{
+    backend::{StoreError, VersionSelector},
+    names,
+    secret::SecretVersion,
+};
+
+/// Removes a fetch from `inflight` when its task ends, however it ends.
+struct LeaveInflight {
+    shared: Arc<Shared>,
+    key: CacheKey,
+}
+
+impl Drop for LeaveInflight {
+    fn drop(&mut self) {
+        self.shared.inflight.remove(&self.key);
+    }
+}
+
+impl Shared {
+    /// A fetch of its own, not shared with waiting callers (bypass, refresh).
+    pub(super) fn start_fetch(self: &Arc<Self>, key: CacheKey) -> Fetch {
+        self.spawn_fetch_with(key, false)
+    }
+
+    /// A fetch registered in `inflight`, which it leaves when done.
+    pub(super) fn spawn_fetch(self: &Arc<Self>, key: CacheKey) -> Fetch {
+        self.spawn_fetch_with(key, true)
+    }
+
+    pub(super) fn spawn_fetch_with(self: &Arc<Self>, key: CacheKey, registered: bool) -> Fetch {
+        let shared = Arc::clone(self);
+        let number = self.next_fetch.fetch_add(1, Relaxed);
+        // Shared fetches renew entries and may revalidate; a fetch of its
+        // own was asked for a fresh value.
+        let revalidate = registered;
+        let task = tokio::spawn(async move {
+            // Leaves `inflight` even if the fetch panics, so that the key
+            // is not stuck on a dead fetch.
+            let _leave = registered.then(|| LeaveInflight {
+                shared: Arc::clone(&shared),
+                key: key.clone(),
+            });
+            shared.fetch(&key, number, revalidate).await
+        });
+        async move {
+            task.await.unwrap_or_else(|join_error| {
+                Err(StoreError::Unavailable {
+                    detail: format!("the upstream call was aborted: {join_error}"),
+                })
+            })
+        }
+        .boxed()
+        .shared()
+    }
+
+    /// An upstream read (after a revalidation, when allowed and useful),
+    /// and what it means for the cache.
+    pub(super) async fn fetch(&self, key: &CacheKey, number: u64, revalidate: bool) -> FetchResult {
+        if revalidate && let Some(renewed) = self.revalidate(key, number).await {
+            return renewed;
+        }
+        bump(&self.counters.upstream_calls);
+        let started = Instant::now();
+        let result = self
+            .store
+            .get_secret_value(&key.name, &key.selector)
+            .await
+            .and_then(|version| answered_as_asked(&key.name, version));
+        self.settle(key, number, started, result.map(Arc::new))
+    }
+
+    /// Asks whether the cached version is still the one the stage points
+    /// at. `None`: read the value (nothing cached, a version-id key, the
+    /// version moved, or DescribeSecret refused, e.g. by IAM).
+    pub(super) async fn revalidate(&self, key: &CacheKey, number: u64) -> Option<FetchResult> {
+        if !matches!(key.selector, VersionSelector::Stage(_)) {
+            return None;
+        }
+        let cached = self
+            .entries
+            .get(key)
+            .map(|entry| Arc::clone(&entry.version))?;
+        bump(&self.counters.upstream_calls);
+        let started = Instant::now();
+        match self.store.describe_secret(&key.name).await {
+            Ok(description)
+                if !description.deleted
+                    && description.selected_version(&key.selector)
+                        == Some(cached.version_id.as_str()) =>
+            {
+                Some(self.settle(key, number, started, Ok(cached)))
+            }
+            Ok(_) => None,
+            Err(error) if error.is_transient() => {
+                Some(self.settle(key, number, started, Err(error)))
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Records a read's outcome in the cache.
+    pub(super) fn settle(
+        &self,
+        key: &CacheKey,
+        number: u64,
+        started: Instant,
+        result: FetchResult,
+    ) -> FetchResult {
+        match &result {
+            Err(StoreError::Throttled | StoreError::Unavailable { .. }) => self.backoff.failed(),
+            // Our own queue being full says nothing about the upstream.
+            Err(StoreError::QueueFull) => {}
+            _ => self.backoff.succeeded(),
+        }
+        match result {
+            Ok(version) => {
+                self.store_entry(key, Arc::clone(&version), started, number);
+                Ok(version)
+            }
+            Err(error) => {
+                bump(&self.counters.upstream_errors);
+                self.negative.remember(key, &error);
+                if error.is_transient() {
+                    // The upstream's state changes are logged by the health
+                    // check, once each way; a line per failed read would
+                    // repeat them.
+                    tracing::debug!(secret = %key.name, %error, "upstream read failed; the last good value may be served, marked stale");
+                } else {
+                    tracing::debug!(secret = %key.name, %error, "upstream read refused");
+                }
+                if let Some(entry) = self.entries.get(key) {
+                    entry.refreshing.store(false, Relaxed);
+                }
+                if !error.is_transient() {
+                    // Not an entry a newer read stored meanwhile.
+                    self.entries
+                        .remove_if(key, |_, entry| entry.fetch_number < number);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    pub(super) fn store_entry(
+        &self,
+        key: &CacheKey,
+        version: Arc<SecretVersion>,
+        at: Instant,
+        number: u64,
+    ) {
+        self.negative.forget(key);
+        let entry = |slot| {
+            Arc::new(Entry {
+                version: Arc::clone(&version),
+                fetched_at: at,
+                fetch_number: number,
+                slot,
+                referenced: AtomicBool::new(false),
+                refreshing: AtomicBool::new(false),
+            })
+        };
+        let (stored, new_slot) = match self.entries.entry(key.clone()) {
+            MapEntry::Occupied(mut current) => {
+                // An older fetch that ends late must not roll the value back.
+                let newer = current.get().fetch_number < number;
+                if newer {
+                    let slot = current.get().slot;
+                    current.insert(entry(slot));
+                }
+                (newer, None)
+            }
+            MapEntry::Vacant(vacant) => {
+                let slot = self.clock.new_slot();
+                vacant.insert(entry(slot));
+                (true, Some(slot))
+            }
+        };
+        if let Some(slot) = new_slot {
+            self.clock.push(key.clone(), slot);
+            self.evict_over_capacity(key);
+        }
+        if let (true, Some(listener)) = (stored, self.listener.get()) {
+            listener(key, &version, number);
+        }
+    }
+
+    /// Evicts entries the clock picks (never `keep`, just stored) until the
+    /// cache is within its bound.
+    pub(super) fn evict_over_capacity(&self, keep: &CacheKey) {
+        let bound = self.settings.max_entries.max(1);
+        while self.entries.len() > bound {
+            let lookup = |key: &CacheKey| {
+                (key != keep)
+                    .then(|| self.entries.get(key).map(|entry| Arc::clone(&*entry)))
+                    .flatten()
+            };
+            let Some(victim) = self.clock.victim(self.entries.len(), lookup) else {
+                return;
+            };
+            if self.entries.remove(&victim).is_some() {
+                bump(&self.counters.evictions);
+            }
+        }
+    }
+}
+
+/// The second wall behind the policy: the secret the upstream answered
+/// with must be the one asked for (and so the one the policy allowed).
+fn answered_as_asked(asked: &str, version: SecretVersion) -> Result<SecretVersion, StoreError> {
+    if names::answer_matches(asked, &version.name, &version.arn) {
+        Ok(version)
+    } else {
+        Err(StoreError::Mismatch {
+            asked: asked.to_owned(),
+            answered: version.name.clone(),
+        })
+    }
+}

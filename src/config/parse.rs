@@ -1,0 +1,129 @@
+//! Turning a setting's text into its value, with an error that says what
+//! was wrong and what is expected.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use super::ListenAddr;
+
+pub(super) fn parse_listen(value: &str) -> Result<ListenAddr, String> {
+    match value.strip_prefix("unix:") {
+        Some("") => Err("a unix socket needs a path, e.g. unix:/run/secrets-broker.sock".into()),
+        Some(path) => Ok(ListenAddr::Unix(PathBuf::from(path))),
+        None => parse_socket_addr(value).map(ListenAddr::Tcp),
+    }
+}
+
+pub(super) fn parse_socket_addr(value: &str) -> Result<SocketAddr, String> {
+    value.parse().map_err(|_| {
+        format!("{value:?} is not an address of the form HOST:PORT, e.g. 127.0.0.1:50051")
+    })
+}
+
+pub(super) fn parse_path(value: &str) -> Result<PathBuf, String> {
+    Ok(PathBuf::from(value))
+}
+
+pub(super) fn parse_word(value: &str) -> Result<String, String> {
+    let value = value.trim();
+    if value.is_empty() || value.contains(char::is_whitespace) {
+        return Err(format!("{value:?} must be one word"));
+    }
+    Ok(value.to_owned())
+}
+
+/// A prefix or environment: part of a secret name.
+pub(super) fn parse_name_part(value: &str) -> Result<String, String> {
+    let value = value.trim().trim_matches('/');
+    let valid = !value.is_empty()
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/_+=.@-".contains(c));
+    if valid {
+        Ok(value.to_owned())
+    } else {
+        Err(format!(
+            "{value:?} must be letters, digits and /_+=.@- (it becomes part of secret names)"
+        ))
+    }
+}
+
+/// Durations beyond a year are mistakes, and sums of them (TTL + stale
+/// bound) must not overflow.
+const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// Whole seconds (the guide's form: "300"), or a unit: "5m", "90s", "1h".
+pub(super) fn parse_duration(value: &str) -> Result<Duration, String> {
+    let value = value.trim();
+    let duration = match value.parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds),
+        Err(_) => humantime::parse_duration(value).map_err(|_| {
+            format!("{value:?} is not a duration: give seconds (e.g. 300) or e.g. 5m")
+        })?,
+    };
+    if duration > MAX_DURATION {
+        return Err(format!("{value:?} is longer than a year"));
+    }
+    Ok(duration)
+}
+
+pub(super) fn parse_positive_duration(value: &str) -> Result<Duration, String> {
+    match parse_duration(value)? {
+        Duration::ZERO => Err(format!("{value:?} must be longer than 0")),
+        duration => Ok(duration),
+    }
+}
+
+pub(super) fn parse_bool(value: &str) -> Result<bool, String> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(format!("{value:?} is not true or false")),
+    }
+}
+
+pub(super) fn parse_watch_interval(value: &str) -> Result<Duration, String> {
+    let interval = parse_duration(value)?;
+    if interval < Duration::from_secs(1) {
+        return Err(format!(
+            "{value:?} is too short: the watch interval is at least 1 second"
+        ));
+    }
+    Ok(interval)
+}
+
+/// Counts (entries, connections, calls, bytes) beyond this are mistakes,
+/// and some would overflow what they size (a semaphore's permits).
+const MAX_COUNT: usize = 100_000_000;
+
+pub(super) fn parse_count(value: &str) -> Result<usize, String> {
+    match value.trim().parse::<usize>() {
+        Ok(n) if n <= MAX_COUNT => Ok(n),
+        Ok(_) => Err(format!("{value:?} is more than {MAX_COUNT}")),
+        _ => Err(format!("{value:?} is not a whole number")),
+    }
+}
+
+pub(super) fn parse_positive_count(value: &str) -> Result<usize, String> {
+    match value.trim().parse::<usize>() {
+        Ok(n) if n > 0 && n <= MAX_COUNT => Ok(n),
+        Ok(n) if n > MAX_COUNT => Err(format!("{value:?} is more than {MAX_COUNT}")),
+        _ => Err(format!("{value:?} is not a whole number greater than 0")),
+    }
+}
+
+/// The guide's level names (Python's) as `tracing` levels.
+pub(super) fn parse_log_level(value: &str) -> Result<String, String> {
+    let level = match value.trim().to_ascii_uppercase().as_str() {
+        "TRACE" => "trace",
+        "DEBUG" => "debug",
+        "INFO" => "info",
+        "WARN" | "WARNING" => "warn",
+        "ERROR" | "CRITICAL" => "error",
+        _ => {
+            return Err(format!(
+                "{value:?} is not a log level: use DEBUG, INFO, WARNING or ERROR"
+            ));
+        }
+    };
+    Ok(level.to_owned())
+}
