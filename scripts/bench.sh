@@ -6,6 +6,11 @@
 #
 #   ./scripts/bench.sh                 # defaults below
 #   ROUNDS=5 REQUESTS=100000 ./scripts/bench.sh
+#   SHAPES="64x1 8x8" ./scripts/bench.sh
+#
+# A shape is CONNECTIONSxSTREAMS: h2load's -c and -m (concurrent streams per
+# connection). The defaults are the three shapes the broker is measured at:
+# one connection, 64 connections, and 8 connections of 8 streams each.
 #
 # Load comes from h2load (Debian nghttp2-client, installed when missing).
 # h2load counts HTTP 200 as success even when grpc-status is not 0, so a
@@ -15,7 +20,7 @@ cd "$(dirname "$0")/.."
 
 ROUNDS=${ROUNDS:-3}
 REQUESTS=${REQUESTS:-40000}
-CONCURRENCY_LEVELS=${CONCURRENCY_LEVELS:-"1 64"}
+SHAPES=${SHAPES:-"1x1 64x1 8x8"}
 PORT=${PORT:-50151}
 
 if ! command -v h2load >/dev/null || ! command -v nghttp >/dev/null; then
@@ -66,9 +71,9 @@ TICKS_PER_SECOND=$(getconf CLK_TCK)
 
 # One h2load run; prints "rate cpu_us_per_call".
 run() {
-  local path=$1 body=$2 clients=$3 before after out total succeeded rate
+  local path=$1 body=$2 clients=$3 streams=$4 before after out total succeeded rate
   before=$(cpu_ticks)
-  out=$(h2load -n "$REQUESTS" -c "$clients" -m 1 -d "$work/$body.bin" \
+  out=$(h2load -n "$REQUESTS" -c "$clients" -m "$streams" -d "$work/$body.bin" \
     -H 'content-type: application/grpc' -H 'te: trailers' "$(url "$path")")
   after=$(cpu_ticks)
   read -r total succeeded < <(awk '/^requests:/ {print $2, $8}' <<<"$out")
@@ -84,19 +89,21 @@ run() {
 median() { sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 
 echo "secrets-broker benchmark: $ROUNDS interleaved rounds, $REQUESTS requests per run, $(nproc) cores"
-for clients in $CONCURRENCY_LEVELS; do
+for shape in $SHAPES; do
+  clients=${shape%x*}; streams=${shape#*x}
   : >"$work/health.rates"; : >"$work/get.rates"; : >"$work/health.cpu"; : >"$work/get.cpu"
   for round in $(seq "$ROUNDS"); do
-    read -r h_rate h_cpu < <(run "$HEALTH" health "$clients")
-    read -r g_rate g_cpu < <(run "$GET_SECRET" get_secret "$clients")
+    read -r h_rate h_cpu < <(run "$HEALTH" health "$clients" "$streams")
+    read -r g_rate g_cpu < <(run "$GET_SECRET" get_secret "$clients" "$streams")
     echo "$h_rate" >>"$work/health.rates"; echo "$h_cpu" >>"$work/health.cpu"
     echo "$g_rate" >>"$work/get.rates"; echo "$g_cpu" >>"$work/get.cpu"
-    printf '  %3s connections, round %s: Health/Check %8s/s (%s us CPU/call)   GetSecret %8s/s (%s us CPU/call)\n' \
-      "$clients" "$round" "$h_rate" "$h_cpu" "$g_rate" "$g_cpu"
+    printf '  %5s, round %s: Health/Check %8s/s (%s us CPU/call)   GetSecret %8s/s (%s us CPU/call)\n' \
+      "$shape" "$round" "$h_rate" "$h_cpu" "$g_rate" "$g_cpu"
   done
   h=$(median <"$work/health.rates"); g=$(median <"$work/get.rates")
   hc=$(median <"$work/health.cpu"); gc=$(median <"$work/get.cpu")
   ratio=$(awk -v g="$g" -v h="$h" 'BEGIN { printf "%.3f", g / h }')
-  printf '%3s connections, medians: Health/Check %s/s (%s us CPU), cached GetSecret %s/s (%s us CPU), ratio %s\n' \
-    "$clients" "$h" "$hc" "$g" "$gc" "$ratio"
+  cpu_ratio=$(awk -v g="$gc" -v h="$hc" 'BEGIN { printf "%.2f", g / h }')
+  printf '%5s (connections x streams), medians: Health/Check %s/s (%s us CPU), cached GetSecret %s/s (%s us CPU), rate ratio %s, CPU ratio %s\n' \
+    "$shape" "$h" "$hc" "$g" "$gc" "$ratio" "$cpu_ratio"
 done
