@@ -46,7 +46,8 @@ pub struct CertificateNames {
 }
 
 impl Identity {
-    /// A certificate identity with just a URI SAN (tests, examples).
+    /// A certificate identity with just a URI SAN.
+    #[cfg(test)]
     pub fn uri(uri: &str) -> Self {
         Self::Certificate(Arc::new(CertificateNames {
             uri: Some(uri.into()),

@@ -375,8 +375,10 @@ impl Authorizer {
         }
     }
 
-    /// Reads the policy file again; on error the current rules stay.
-    pub fn reload(&self) -> Result<(), PolicyError> {
+    /// Reads the policy file again; on error the current rules stay. (The
+    /// app reloads through `reloadable`.)
+    #[cfg(test)]
+    fn reload(&self) -> Result<(), PolicyError> {
         if self.rules.loader().path.is_some() {
             self.rules.reload()?;
         }

@@ -209,8 +209,9 @@ impl FileStore {
     }
 
     /// Reads the file again. Returns whether anything changed; on error the
-    /// previous content stays.
-    pub fn reload(&self) -> Result<bool, FileStoreError> {
+    /// previous content stays. (The app reloads through `reloadable`.)
+    #[cfg(test)]
+    fn reload(&self) -> Result<bool, FileStoreError> {
         self.secrets.reload()
     }
 

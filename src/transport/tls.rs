@@ -120,11 +120,6 @@ impl TlsTerminator {
         }))
     }
 
-    /// Reads the files again; on error the current config stays.
-    pub fn reload(&self) -> Result<(), TlsError> {
-        self.state.reload().map(|_| ())
-    }
-
     /// The config, as a value that follows its files.
     pub fn reloadable(&self) -> Arc<dyn Reload> {
         Arc::clone(&self.state) as Arc<dyn Reload>

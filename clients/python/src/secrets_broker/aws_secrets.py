@@ -244,12 +244,15 @@ class AWSSecretsManager:
 
     # -- the connection (lazy, one per instance) ---------------------------
 
-    def _secrets(self) -> secrets_service_pb2_grpc.SecretsServiceStub:
+    def _connect(self) -> tuple[grpc.Channel, secrets_service_pb2_grpc.SecretsServiceStub]:
         with self._lock:
-            if self._stub is None:
+            if self._channel is None or self._stub is None:
                 self._channel = self.config.channel()
                 self._stub = secrets_service_pb2_grpc.SecretsServiceStub(self._channel)
-            return self._stub
+            return self._channel, self._stub
+
+    def _secrets(self) -> secrets_service_pb2_grpc.SecretsServiceStub:
+        return self._connect()[1]
 
     def close(self) -> None:
         """Stops the watch threads and closes the connection."""
@@ -312,11 +315,7 @@ class AWSSecretsManager:
     def test_connection(self) -> bool:
         """Whether the broker answers and reaches AWS. Never raises."""
         try:
-            with self._lock:
-                if self._channel is None:
-                    self._channel = self.config.channel()
-                    self._stub = secrets_service_pb2_grpc.SecretsServiceStub(self._channel)
-                channel = self._channel
+            channel, _ = self._connect()
             check = channel.unary_unary(
                 "/grpc.health.v1.Health/Check",
                 request_serializer=_health_request,
