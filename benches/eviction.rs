@@ -14,7 +14,8 @@ use std::{
 use async_trait::async_trait;
 use secrets_broker::{
     backend::{
-        SecretDescription, SecretStore, StoreError, VersionSelector, bounded::UpstreamLimits,
+        SecretDescription, SecretPage, SecretStore, StoreError, VersionSelector,
+        bounded::UpstreamLimits,
     },
     cache::{Cache, CacheKey, CacheSettings},
     secret::{SecretValue, SecretVersion},
@@ -37,6 +38,9 @@ impl SecretStore for NoStore {
     }
     async fn check(&self) -> Result<String, StoreError> {
         Ok("none".into())
+    }
+    async fn list_secrets(&self, _: &str, _: Option<String>) -> Result<SecretPage, StoreError> {
+        Ok(SecretPage::default())
     }
 }
 

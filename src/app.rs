@@ -22,6 +22,7 @@ use crate::{
     backend::{AwsStore, FileStore, MeteredStore, SecretStore, file::FileStoreError},
     cache::Cache,
     config::{BackendChoice, ListenAddr, Settings},
+    events::Events,
     health::{self, Health},
     metrics::Metrics,
     names::NameResolver,
@@ -193,8 +194,11 @@ impl App {
         let store = MeteredStore::wrap(store, &metrics);
         let cache = Cache::new(Arc::clone(&store), settings.cache);
         cache.register_metrics(&metrics);
-        let watch = WatchHub::new(cache.clone(), settings.watch_interval);
+        let names = name_resolver(settings);
+        let watch = WatchHub::new(cache.clone(), settings.watch_interval, names.prefix());
         watch.register_metrics(&metrics);
+        let events = Events::new(settings.events.clone());
+        events.register_metrics(&metrics);
         let connections = Arc::new(ConnectionCounters::default());
         connections.register_metrics(&metrics);
         security.authorizer.register_metrics(&metrics);
@@ -203,8 +207,9 @@ impl App {
         }
         let context = ApiContext {
             cache,
-            names: name_resolver(settings),
+            names,
             watch: watch.clone(),
+            events,
             authorizer: Arc::clone(&security.authorizer),
             metrics: CallMetrics::register(&metrics, settings.metrics_secret_names),
             call_timeout: settings.limits.call_timeout,
@@ -231,7 +236,20 @@ impl App {
         let mut tasks = JoinSet::new();
         let (health, health_service) = Health::new().await;
         tasks.spawn(reload::follow(self.reloadables.clone(), stop.clone()));
-        tasks.spawn(self.watch.clone().detect_changes());
+        tasks.spawn(self.watch.clone().sweep());
+        // Awaited on its own before the others are stopped: in topic mode
+        // it removes its queue and subscription on the way out.
+        let events = tokio::spawn(
+            self.context.events.clone().consume(
+                self.settings
+                    .backend
+                    .region()
+                    .unwrap_or_default()
+                    .to_owned(),
+                self.watch.clone(),
+                stop.clone(),
+            ),
+        );
         tasks.spawn(health.clone().follow_upstream(
             // The cache's store: the upstream bound applies to the check too.
             Arc::clone(self.context.cache.store()),
@@ -296,11 +314,20 @@ impl App {
         };
         stop.cancel();
         self.watch.shutdown();
+        if tokio::time::timeout(EVENTS_CLEANUP, events).await.is_err() {
+            tracing::warn!(
+                ?EVENTS_CLEANUP,
+                "the event consumer did not finish its clean-up in time"
+            );
+        }
         tasks.shutdown().await;
         tracing::info!("stopped");
         outcome
     }
 }
+
+/// How long the event consumer may take to remove its queue on shutdown.
+const EVENTS_CLEANUP: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A socket file left by a broker that did not stop cleanly blocks `bind`;
 /// anything else at that path is left alone (bind then fails clearly).

@@ -7,8 +7,10 @@
 //! audit, the one mapping of errors to gRPC statuses) → `cache` (the shared
 //! cache: coalescing, staleness, backoff, negative entries, eviction) →
 //! `backend` (the `SecretStore` trait: AWS, the file backend, the upstream
-//! bound and metrics). `watch` (the change detector and the WatchSecret
-//! broadcast) sits beside the cache and is told of every version it stores.
+//! bound and metrics). `watch` (freshness: the sweep of every cached secret
+//! and the WatchSecret broadcast) sits beside the cache and is told of every
+//! version it stores; `events` (Secrets Manager's change events from SQS)
+//! drives it to re-read a changed secret at once.
 //! Around them: `config` (flags, environment and a TOML file into validated
 //! `Settings`), `health` (health statuses, probes), `metrics` (the registry
 //! each component registers into), `reload` (values that follow their
@@ -23,6 +25,7 @@ pub mod backend;
 pub mod cache;
 pub mod check;
 pub mod config;
+pub(crate) mod events;
 pub(crate) mod file_watch;
 pub(crate) mod health;
 pub(crate) mod identity;

@@ -169,6 +169,12 @@ pub fn secret_name(id: &str) -> &str {
     id
 }
 
+/// Whether `name` is a secret name AWS would accept (1–512 characters of
+/// `A-Za-z0-9/_+=.@-`).
+pub fn is_valid_name(name: &str) -> bool {
+    validate_name(name).is_ok()
+}
+
 /// Whether the upstream answered with the secret `id` asked for: same name
 /// (the one the policy allowed) and, for an ARN, the same partition,
 /// region, account and, when the ARN carried it, suffix.
@@ -207,6 +213,11 @@ pub struct NameResolver {
 }
 
 impl NameResolver {
+    /// The prefix of full names with its slash (`insurecove/`), or `""`.
+    pub fn prefix(&self) -> &str {
+        &self.prefix_with_slash
+    }
+
     /// `prefix` is `SECRET_PREFIX` (e.g. `insurecove`); `environment` is
     /// `SECRET_ENVIRONMENT` (e.g. `production`), used by the typed configs'
     /// default names.

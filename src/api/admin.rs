@@ -15,10 +15,11 @@ use crate::{
     api::rpc::Rpc,
     backend::VersionSelector,
     cache::{CacheKey, Lookup},
+    events::ConsumerState,
     proto::{
         CheckUpstreamRequest, CheckUpstreamResponse, ClearCacheRequest, ClearCacheResponse,
-        GetCacheStatsRequest, GetCacheStatsResponse, RefreshSecretRequest, RefreshSecretResponse,
-        admin_service_server::AdminService,
+        EventConsumer, GetCacheStatsRequest, GetCacheStatsResponse, RefreshSecretRequest,
+        RefreshSecretResponse, admin_service_server::AdminService,
     },
 };
 
@@ -74,6 +75,28 @@ impl AdminApi {
     }
 }
 
+impl AdminApi {
+    /// The event consumer's state as CheckUpstream reports it.
+    fn event_consumer(&self) -> EventConsumer {
+        let events = &self.context.events;
+        let (state, queue_url, detail) = match events.state() {
+            ConsumerState::Off => ("off", String::new(), String::new()),
+            ConsumerState::Starting => ("starting", String::new(), String::new()),
+            ConsumerState::Consuming(url) => ("consuming", url, String::new()),
+            ConsumerState::Failing(why) => ("failing", String::new(), why),
+        };
+        EventConsumer {
+            state: state.to_owned(),
+            queue_url,
+            detail,
+            last_lag: events
+                .stats()
+                .last_lag
+                .and_then(|lag| prost_types::Duration::try_from(lag).ok()),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl AdminService for AdminApi {
     async fn get_cache_stats(
@@ -83,6 +106,7 @@ impl AdminService for AdminApi {
         let audit = self.admit(Rpc::GetCacheStats, &request)?;
         let stats = self.context.cache.stats();
         let watch = self.context.watch.stats();
+        let events = self.context.events.stats();
         respond(
             audit,
             Ok(GetCacheStatsResponse {
@@ -108,6 +132,11 @@ impl AdminService for AdminApi {
                 upstream_in_flight: stats.upstream.in_flight,
                 upstream_waiting: stats.upstream.waiting,
                 upstream_queue_refused: stats.upstream.refused,
+                sweep_changes: watch.sweep_changes,
+                events_received: events.received,
+                events_applied: events.applied,
+                events_ignored: events.ignored,
+                events_failed: events.failed,
             }),
         )
     }
@@ -149,6 +178,7 @@ impl AdminService for AdminApi {
                 reachable,
                 detail,
                 latency,
+                events: Some(self.event_consumer()),
             }),
         )
     }

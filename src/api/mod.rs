@@ -38,6 +38,8 @@ pub struct ApiContext {
     pub cache: Cache,
     pub names: NameResolver,
     pub watch: WatchHub,
+    /// The change-event consumer's state (CheckUpstream, stats).
+    pub events: crate::events::Events,
     pub authorizer: Arc<Authorizer>,
     pub metrics: CallMetrics,
     /// `--call-timeout`: a call dropped past it is audited as

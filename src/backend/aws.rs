@@ -21,13 +21,15 @@ use std::{
 use async_trait::async_trait;
 use aws_config::{BehaviorVersion, Region, retry::RetryConfig, timeout::TimeoutConfig};
 use aws_sdk_secretsmanager::{
-    Client, operation::get_secret_value::GetSecretValueOutput, types::SecretValueEntry,
+    Client,
+    operation::get_secret_value::GetSecretValueOutput,
+    types::{Filter, FilterNameStringType, SecretListEntry},
 };
 use tokio::sync::OnceCell;
 
 use super::{
-    BATCH_LIMIT, BatchAnswer, SecretDescription, SecretStore, StoreError, VersionSelector,
-    aws_error::{Upstream, explain, explain_code},
+    LIST_PAGE_SIZE, SecretDescription, SecretPage, SecretStore, StoreError, VersionSelector,
+    aws_error::{Upstream, explain},
 };
 use crate::secret::{SecretValue, SecretVersion};
 
@@ -58,23 +60,31 @@ impl AwsStore {
     async fn client(&self) -> &Client {
         self.client
             .get_or_init(|| async {
-                let config = aws_config::defaults(BehaviorVersion::latest())
-                    .region(Region::new(self.region.clone()))
-                    .timeout_config(
-                        TimeoutConfig::builder()
-                            .connect_timeout(CONNECT_TIMEOUT)
-                            .operation_attempt_timeout(ATTEMPT_TIMEOUT)
-                            .operation_timeout(OPERATION_TIMEOUT)
-                            .build(),
-                    )
-                    .retry_config(RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS))
-                    .load()
-                    .await;
+                let config = sdk_config(&self.region).await;
                 tracing::debug!(region = %self.region, "AWS Secrets Manager client ready");
                 Client::new(&config)
             })
             .await
     }
+}
+
+/// The SDK configuration every AWS client of the broker shares: the
+/// default credential chain, the region, endpoints from `AWS_ENDPOINT_URL`
+/// (or a service's own, e.g. `AWS_ENDPOINT_URL_SQS`), bounded timeouts and
+/// the standard retries.
+pub(crate) async fn sdk_config(region: &str) -> aws_config::SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest())
+        .region(Region::new(region.to_owned()))
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(CONNECT_TIMEOUT)
+                .operation_attempt_timeout(ATTEMPT_TIMEOUT)
+                .operation_timeout(OPERATION_TIMEOUT)
+                .build(),
+        )
+        .retry_config(RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS))
+        .load()
+        .await
 }
 
 #[async_trait]
@@ -114,69 +124,50 @@ impl SecretStore for AwsStore {
             arn: output.arn().unwrap_or_default().to_owned(),
             versions: output
                 .version_ids_to_stages()
-                .map(|map| {
-                    map.iter()
-                        .map(|(id, stages)| (id.clone(), stages.clone()))
-                        .collect()
-                })
+                .map(stages_by_version)
                 .unwrap_or_default(),
             deleted: output.deleted_date().is_some(),
         })
     }
 
-    async fn get_current_batch(&self, names: &[String]) -> Result<BatchAnswer, StoreError> {
-        let client = self.client().await;
-        let mut items = Vec::with_capacity(names.len());
-        let mut upstream_calls = 0;
-        for chunk in names.chunks(BATCH_LIMIT) {
-            let mut found: HashMap<String, Result<SecretVersion, StoreError>> = HashMap::new();
-            let mut next_token = None;
-            loop {
-                upstream_calls += 1;
-                let output = client
-                    .batch_get_secret_value()
-                    .set_secret_id_list(Some(chunk.to_vec()))
-                    .set_next_token(next_token.take())
-                    .send()
-                    .await
-                    .map_err(|e| explain(&e, "BatchGetSecretValue", "(a batch)", &self.upstream))?;
-                for value in output.secret_values() {
-                    let version = batch_version(value);
-                    // Asked by name or by ARN: answer under what was asked.
-                    let asked = chunk
-                        .iter()
-                        .find(|id| **id == version.name || **id == version.arn)
-                        .cloned()
-                        .unwrap_or_else(|| version.name.clone());
-                    found.insert(asked, Ok(version));
-                }
-                for error in output.errors() {
-                    let id = error.secret_id().unwrap_or_default().to_owned();
-                    let failure = explain_code(
-                        error.error_code().unwrap_or_default(),
-                        error.message().unwrap_or_default(),
-                        "GetSecretValue",
-                        &id,
-                    );
-                    found.insert(id, Err(failure));
-                }
-                next_token = output.next_token().map(str::to_owned);
-                if next_token.is_none() {
-                    break;
-                }
-            }
-            for name in chunk {
-                let result = found.remove(name).unwrap_or_else(|| {
-                    Err(StoreError::Unavailable {
-                        detail: "BatchGetSecretValue did not answer for this secret".into(),
-                    })
-                });
-                items.push((name.clone(), result));
-            }
+    async fn list_secrets(
+        &self,
+        prefix: &str,
+        page: Option<String>,
+    ) -> Result<SecretPage, StoreError> {
+        let mut request = self
+            .client()
+            .await
+            .list_secrets()
+            .max_results(LIST_PAGE_SIZE as i32)
+            .include_planned_deletion(true)
+            .set_next_token(page);
+        if !prefix.is_empty() {
+            // AWS's name filter is a case-insensitive prefix match: the
+            // answer is filtered again below, exactly.
+            request = request.filters(
+                Filter::builder()
+                    .key(FilterNameStringType::Name)
+                    .values(prefix)
+                    .build(),
+            );
         }
-        Ok(BatchAnswer {
-            items,
-            upstream_calls,
+        let output = request
+            .send()
+            .await
+            .map_err(|e| explain(&e, "ListSecrets", prefix, &self.upstream))?;
+        Ok(SecretPage {
+            secrets: output
+                .secret_list()
+                .iter()
+                .filter_map(listed)
+                .filter(|secret| secret.name.starts_with(prefix))
+                .collect(),
+            // An empty token ends the listing too (moto sends one).
+            next: output
+                .next_token()
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned),
         })
     }
 
@@ -195,22 +186,23 @@ impl SecretStore for AwsStore {
     }
 }
 
-fn batch_version(value: &SecretValueEntry) -> SecretVersion {
-    let secret = match (value.secret_string(), value.secret_binary()) {
-        (Some(text), _) => SecretValue::text(text),
-        (None, Some(blob)) => SecretValue::binary(blob.as_ref()),
-        (None, None) => SecretValue::text(String::new()),
-    };
-    SecretVersion {
-        name: value.name().unwrap_or_default().to_owned(),
-        arn: value.arn().unwrap_or_default().to_owned(),
-        version_id: value.version_id().unwrap_or_default().to_owned(),
-        version_stages: value.version_stages().to_vec(),
-        created_date: value
-            .created_date()
-            .and_then(|date| SystemTime::try_from(*date).ok()),
-        value: secret,
-    }
+/// A listed secret's metadata; `None` for an entry without a name.
+fn listed(entry: &SecretListEntry) -> Option<SecretDescription> {
+    Some(SecretDescription {
+        name: entry.name()?.to_owned(),
+        arn: entry.arn().unwrap_or_default().to_owned(),
+        versions: entry
+            .secret_versions_to_stages()
+            .map(stages_by_version)
+            .unwrap_or_default(),
+        deleted: entry.deleted_date().is_some(),
+    })
+}
+
+fn stages_by_version(map: &HashMap<String, Vec<String>>) -> Vec<(String, Vec<String>)> {
+    map.iter()
+        .map(|(id, stages)| (id.clone(), stages.clone()))
+        .collect()
 }
 
 fn into_version(output: GetSecretValueOutput, asked: &str) -> SecretVersion {

@@ -17,7 +17,7 @@ use std::sync::{
 use async_trait::async_trait;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
-use super::{BatchAnswer, SecretDescription, SecretStore, StoreError, VersionSelector};
+use super::{SecretDescription, SecretPage, SecretStore, StoreError, VersionSelector};
 pub use crate::config::UpstreamLimits;
 use crate::secret::SecretVersion;
 
@@ -116,9 +116,13 @@ impl SecretStore for BoundedStore {
         self.inner.check().await
     }
 
-    async fn get_current_batch(&self, names: &[String]) -> Result<BatchAnswer, StoreError> {
+    async fn list_secrets(
+        &self,
+        prefix: &str,
+        page: Option<String>,
+    ) -> Result<SecretPage, StoreError> {
         let _turn = self.turn().await?;
-        self.inner.get_current_batch(names).await
+        self.inner.list_secrets(prefix, page).await
     }
 
     fn change_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {

@@ -13,7 +13,7 @@ use std::{
 use async_trait::async_trait;
 
 use super::{
-    BATCH_LIMIT, BatchAnswer, SecretDescription, SecretStore, StoreError, VersionSelector,
+    LIST_PAGE_SIZE, SecretDescription, SecretPage, SecretStore, StoreError, VersionSelector,
 };
 use crate::secret::{SecretValue, SecretVersion};
 
@@ -24,7 +24,7 @@ pub struct FakeStore {
     versions: Mutex<HashMap<String, Option<String>>>,
     failure: Mutex<Option<StoreError>>,
     calls: AtomicUsize,
-    batch_calls: AtomicUsize,
+    list_calls: AtomicUsize,
     describe_calls: AtomicUsize,
     /// DescribeSecret answers AccessDenied (an IAM policy without it).
     pub refuse_describe: std::sync::atomic::AtomicBool,
@@ -33,9 +33,8 @@ pub struct FakeStore {
     /// Reads of the key answer with the value (and name) of the other
     /// secret: an upstream that resolved an id differently than the policy.
     pub answers_instead: Mutex<HashMap<String, String>>,
-    /// Batched reads answer an old version labelled AWSPREVIOUS, as moto's
-    /// BatchGetSecretValue does after a stage move.
-    pub batch_lags: std::sync::atomic::AtomicBool,
+    /// Listings leave these names out (AWS's ListSecrets lags changes).
+    pub unlisted: Mutex<Vec<String>>,
 }
 
 impl FakeStore {
@@ -71,9 +70,14 @@ impl FakeStore {
         self.calls.load(SeqCst)
     }
 
-    /// Batched reads.
-    pub fn batch_calls(&self) -> usize {
-        self.batch_calls.load(SeqCst)
+    /// Removes `name` altogether (deleted past its recovery window).
+    pub fn remove(&self, name: &str) {
+        self.versions.lock().unwrap().remove(name);
+    }
+
+    /// ListSecrets pages read.
+    pub fn list_calls(&self) -> usize {
+        self.list_calls.load(SeqCst)
     }
 
     /// DescribeSecret calls.
@@ -99,17 +103,6 @@ impl FakeStore {
             created_date: None,
             value: SecretValue::text(format!("value-of-{version_id}")),
         })
-    }
-}
-
-impl FakeStore {
-    fn batch_answer(&self, name: &str) -> Result<SecretVersion, StoreError> {
-        let mut version = self.current(name)?;
-        if self.batch_lags.load(SeqCst) {
-            version.version_id = "previous".into();
-            version.version_stages = vec!["AWSPREVIOUS".into()];
-        }
-        Ok(version)
     }
 }
 
@@ -159,15 +152,41 @@ impl SecretStore for FakeStore {
         Ok("fake".into())
     }
 
-    async fn get_current_batch(&self, names: &[String]) -> Result<BatchAnswer, StoreError> {
-        let calls = names.len().div_ceil(BATCH_LIMIT);
-        self.batch_calls.fetch_add(calls, SeqCst);
-        Ok(BatchAnswer {
-            items: names
+    async fn list_secrets(
+        &self,
+        prefix: &str,
+        page: Option<String>,
+    ) -> Result<SecretPage, StoreError> {
+        self.list_calls.fetch_add(1, SeqCst);
+        if let Some(failure) = self.failure.lock().unwrap().clone() {
+            return Err(failure);
+        }
+        let unlisted = self.unlisted.lock().unwrap().clone();
+        let mut names: Vec<(String, Option<String>)> = self
+            .versions
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(name, _)| name.starts_with(prefix) && !unlisted.contains(name))
+            .map(|(name, id)| (name.clone(), id.clone()))
+            .collect();
+        names.sort();
+        let start: usize = page.map_or(0, |token| token.parse().unwrap());
+        let end = (start + LIST_PAGE_SIZE).min(names.len());
+        Ok(SecretPage {
+            secrets: names[start..end]
                 .iter()
-                .map(|name| (name.clone(), self.batch_answer(name)))
+                .map(|(name, id)| SecretDescription {
+                    name: name.clone(),
+                    arn: String::new(),
+                    versions: id
+                        .iter()
+                        .map(|id| (id.clone(), vec!["AWSCURRENT".to_owned()]))
+                        .collect(),
+                    deleted: id.is_none(),
+                })
                 .collect(),
-            upstream_calls: calls as u64,
+            next: (end < names.len()).then(|| end.to_string()),
         })
     }
 }

@@ -33,7 +33,7 @@ use async_trait::async_trait;
 use base64::Engine;
 use serde::Deserialize;
 
-use super::{SecretDescription, SecretStore, StoreError, VersionSelector};
+use super::{SecretDescription, SecretPage, SecretStore, StoreError, VersionSelector};
 use crate::{
     names::{InvalidName, NameResolver},
     reload::{Loader, Reload, Reloadable},
@@ -424,16 +424,23 @@ impl SecretStore for FileStore {
         let secret = secrets.get(name).ok_or_else(|| StoreError::NotFound {
             name: name.to_owned(),
         })?;
-        Ok(SecretDescription {
-            name: name.to_owned(),
-            arn: String::new(),
-            versions: secret
-                .versions
+        Ok(describe(name, secret))
+    }
+
+    /// The whole file is one page: listing it costs no upstream call.
+    async fn list_secrets(
+        &self,
+        prefix: &str,
+        _page: Option<String>,
+    ) -> Result<SecretPage, StoreError> {
+        let secrets = self.snapshot();
+        Ok(SecretPage {
+            secrets: secrets
                 .iter()
-                .filter(|v| !v.stages.is_empty())
-                .map(|v| (v.id.clone(), v.stages.clone()))
+                .filter(|(name, _)| name.starts_with(prefix))
+                .map(|(name, secret)| describe(name, secret))
                 .collect(),
-            deleted: secret.deleted,
+            next: None,
         })
     }
 
@@ -448,6 +455,20 @@ impl SecretStore for FileStore {
     fn change_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         let has_file = matches!(self.secrets.loader().content, Content::File(..));
         has_file.then(|| self.secrets.changes())
+    }
+}
+
+fn describe(name: &str, secret: &StoredSecret) -> SecretDescription {
+    SecretDescription {
+        name: name.to_owned(),
+        arn: String::new(),
+        versions: secret
+            .versions
+            .iter()
+            .filter(|v| !v.stages.is_empty())
+            .map(|v| (v.id.clone(), v.stages.clone()))
+            .collect(),
+        deleted: secret.deleted,
     }
 }
 

@@ -10,7 +10,7 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, histogram::Histogram},
 };
 
-use super::{BatchAnswer, SecretDescription, SecretStore, StoreError, VersionSelector};
+use super::{SecretDescription, SecretPage, SecretStore, StoreError, VersionSelector};
 use crate::{
     metrics::{Metrics, latency_histogram},
     secret::SecretVersion,
@@ -96,11 +96,14 @@ impl SecretStore for MeteredStore {
         result
     }
 
-    async fn get_current_batch(&self, names: &[String]) -> Result<BatchAnswer, StoreError> {
+    async fn list_secrets(
+        &self,
+        prefix: &str,
+        page: Option<String>,
+    ) -> Result<SecretPage, StoreError> {
         let started = Instant::now();
-        let result = self.inner.get_current_batch(names).await;
-        let calls = result.as_ref().map_or(1, |answer| answer.upstream_calls);
-        self.record("BatchGetSecretValue", result.is_ok(), calls, started);
+        let result = self.inner.list_secrets(prefix, page).await;
+        self.record("ListSecrets", result.is_ok(), 1, started);
         result
     }
 

@@ -176,24 +176,17 @@ pub trait SecretStore: Send + Sync + 'static {
     /// class's `test_connection`), and says what it checked.
     async fn check(&self) -> Result<String, StoreError>;
 
-    /// The current (AWSCURRENT) versions of several secrets, each with its
-    /// own outcome, in as few upstream calls as the store allows (AWS:
-    /// one BatchGetSecretValue per `BATCH_LIMIT` names). The change detector
-    /// uses it so that its cost does not grow with the number of watchers.
-    /// An `Err` means the whole call failed.
-    async fn get_current_batch(&self, names: &[String]) -> Result<BatchAnswer, StoreError> {
-        let mut answer = Vec::with_capacity(names.len());
-        for name in names {
-            let result = self
-                .get_secret_value(name, &VersionSelector::current())
-                .await;
-            answer.push((name.clone(), result));
-        }
-        Ok(BatchAnswer {
-            items: answer,
-            upstream_calls: 0,
-        })
-    }
+    /// One page of the secrets whose names start with `prefix` (every
+    /// secret when empty), metadata only: no value crosses the wire.
+    /// Secrets marked for deletion are listed too, as deleted. `page` is
+    /// the previous page's `next`. The sweep uses it so that its cost grows
+    /// with the number of secrets by the page (`LIST_PAGE_SIZE`), not by
+    /// the secret.
+    async fn list_secrets(
+        &self,
+        prefix: &str,
+        page: Option<String>,
+    ) -> Result<SecretPage, StoreError>;
 
     /// A signal that the store's content may have changed by itself (the
     /// file backend, when its file is edited), so the change detector can
@@ -203,18 +196,16 @@ pub trait SecretStore: Send + Sync + 'static {
     }
 }
 
-/// The most names one batched upstream call may carry (AWS's limit for
-/// BatchGetSecretValue's SecretIdList).
-pub const BATCH_LIMIT: usize = 20;
+/// The most secrets one ListSecrets page holds (AWS's maximum).
+pub const LIST_PAGE_SIZE: usize = 100;
 
-/// The answer of `get_current_batch`: each name with its outcome, and how
-/// many upstream calls it took.
-#[derive(Debug)]
-pub struct BatchAnswer {
-    /// Each name asked, with its outcome.
-    pub items: Vec<(String, Result<SecretVersion, StoreError>)>,
-    /// Upstream calls it took.
-    pub upstream_calls: u64,
+/// One page of `list_secrets`.
+#[derive(Debug, Default)]
+pub struct SecretPage {
+    /// The secrets of this page, metadata only.
+    pub secrets: Vec<SecretDescription>,
+    /// What to pass to read the next page; `None` on the last one.
+    pub next: Option<String>,
 }
 
 #[cfg(test)]

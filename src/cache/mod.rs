@@ -270,6 +270,20 @@ impl Cache {
         self.shared.entries.remove(key);
     }
 
+    /// The cached keys `wanted` picks, with the version each holds (what
+    /// the sweep compares with the upstream's listing).
+    pub fn entries_where(
+        &self,
+        wanted: impl Fn(&CacheKey) -> bool,
+    ) -> Vec<(CacheKey, Arc<SecretVersion>)> {
+        self.shared
+            .entries
+            .iter()
+            .filter(|entry| wanted(entry.key()))
+            .map(|entry| (entry.key().clone(), Arc::clone(&entry.version)))
+            .collect()
+    }
+
     /// The store behind the cache.
     pub fn store(&self) -> &Arc<dyn SecretStore> {
         &self.shared.store

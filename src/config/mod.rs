@@ -124,6 +124,25 @@ pub enum BackendChoice {
     },
 }
 
+impl BackendChoice {
+    /// The AWS region, for the AWS backend.
+    pub fn region(&self) -> Option<&str> {
+        match self {
+            Self::Aws { region } => Some(region),
+            Self::Dev | Self::File { .. } => None,
+        }
+    }
+}
+
+/// Where Secrets Manager's change events reach the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventSource {
+    /// An existing SQS queue (its URL), read as is.
+    Queue(String),
+    /// An SNS topic (its ARN): the broker subscribes a queue of its own.
+    Topic(String),
+}
+
 /// Validated settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
@@ -147,6 +166,8 @@ pub struct Settings {
     pub watch_interval: Duration,
     /// Where secrets come from.
     pub backend: BackendChoice,
+    /// Where change events come from, if anywhere.
+    pub events: Option<EventSource>,
     /// A `tracing` filter directive, e.g. `info`.
     pub log_level: String,
     /// Whether metrics may be labelled with secret names.
@@ -263,6 +284,7 @@ impl Settings {
                 parse_watch_interval,
             )?,
             backend,
+            events: resolve_events(args, &sources)?,
             log_level: sources.get(args.log_level.as_deref(), &LOG_LEVEL, parse_log_level)?,
             metrics_secret_names: sources.get(
                 args.metrics_secret_names.as_deref(),
@@ -292,7 +314,45 @@ impl Settings {
                 self.listen
             )));
         }
+        if let (Some(events), BackendChoice::Dev | BackendChoice::File { .. }) =
+            (&self.events, &self.backend)
+        {
+            let flag = match events {
+                EventSource::Queue(_) => "--events-queue-url",
+                EventSource::Topic(_) => "--events-topic-arn",
+            };
+            return Err(ConfigError::Rule(format!(
+                "{flag} needs the AWS backend (events come from AWS); it cannot be used with \
+                 --dev or --secrets-file"
+            )));
+        }
         Ok(())
+    }
+}
+
+fn resolve_events(
+    args: &BrokerArgs,
+    sources: &Sources<'_>,
+) -> Result<Option<EventSource>, ConfigError> {
+    let queue = sources.optional(
+        args.events_queue_url.as_deref(),
+        &EVENTS_QUEUE_URL,
+        parse_queue_url,
+    )?;
+    let topic = sources.optional(
+        args.events_topic_arn.as_deref(),
+        &EVENTS_TOPIC_ARN,
+        parse_topic_arn,
+    )?;
+    match (queue, topic) {
+        (Some(_), Some(_)) => Err(ConfigError::Rule(
+            "give --events-queue-url (SECRET_EVENTS_QUEUE_URL) or --events-topic-arn \
+             (SECRET_EVENTS_TOPIC_ARN), not both: a topic gets a queue of the broker's own"
+                .into(),
+        )),
+        (Some(url), None) => Ok(Some(EventSource::Queue(url))),
+        (None, Some(arn)) => Ok(Some(EventSource::Topic(arn))),
+        (None, None) => Ok(None),
     }
 }
 

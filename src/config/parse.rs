@@ -127,3 +127,45 @@ pub(super) fn parse_log_level(value: &str) -> Result<String, String> {
     };
     Ok(level.to_owned())
 }
+
+/// An SQS queue URL: `https://sqs.REGION.amazonaws.com/ACCOUNT/NAME`, or
+/// http(s) to any host for a local endpoint.
+pub(super) fn parse_queue_url(value: &str) -> Result<String, String> {
+    let value = value.trim();
+    let parsed = url::Url::parse(value).map_err(|_| {
+        format!("{value:?} is not a URL, e.g. https://sqs.ap-east-1.amazonaws.com/123456789012/secret-events")
+    })?;
+    let has_queue = parsed
+        .path_segments()
+        .is_some_and(|mut segments| segments.any(|s| !s.is_empty()));
+    if !matches!(parsed.scheme(), "http" | "https") || !has_queue {
+        return Err(format!(
+            "{value:?} is not an SQS queue URL, e.g. https://sqs.ap-east-1.amazonaws.com/123456789012/secret-events"
+        ));
+    }
+    Ok(value.to_owned())
+}
+
+/// An SNS topic ARN: `arn:PARTITION:sns:REGION:ACCOUNT:NAME`.
+pub(super) fn parse_topic_arn(value: &str) -> Result<String, String> {
+    let value = value.trim();
+    let fields: Vec<&str> = value.split(':').collect();
+    let valid = fields.len() == 6
+        && fields[0] == "arn"
+        && fields[1].starts_with("aws")
+        && fields[2] == "sns"
+        && !fields[3].is_empty()
+        && fields[4].len() == 12
+        && fields[4].bytes().all(|b| b.is_ascii_digit())
+        && !fields[5].is_empty()
+        && fields[5]
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+    if valid {
+        Ok(value.to_owned())
+    } else {
+        Err(format!(
+            "{value:?} is not an SNS topic ARN, e.g. arn:aws:sns:ap-east-1:123456789012:secret-events"
+        ))
+    }
+}

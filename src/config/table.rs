@@ -89,6 +89,11 @@ settings! {
         "How long a NOT_FOUND answer is remembered; 0 turns it off";
     watch_interval / WATCH_INTERVAL: "watch-interval", env ["SECRET_WATCH_INTERVAL"], "DURATION",
         default "30", "How often watched secrets are checked";
+    events_queue_url / EVENTS_QUEUE_URL: "events-queue-url", env ["SECRET_EVENTS_QUEUE_URL"],
+        "URL", "SQS queue of Secrets Manager events (EventBridge or SNS-wrapped) to invalidate on";
+    events_topic_arn / EVENTS_TOPIC_ARN: "events-topic-arn", env ["SECRET_EVENTS_TOPIC_ARN"],
+        "ARN",
+        "SNS topic of Secrets Manager events: the broker subscribes a queue of its own (fan-out to replicas)";
     region / REGION: "region", env ["AWS_DEFAULT_REGION", "AWS_REGION"], "REGION",
         default "ap-east-1", "AWS region";
     secrets_file / SECRETS_FILE: "secrets-file", env ["BROKER_SECRETS_FILE"], "FILE",

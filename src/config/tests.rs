@@ -242,3 +242,50 @@ fn each_setting_is_one_entry_of_the_table() {
         }
     }
 }
+
+#[test]
+fn event_sources_are_checked_and_exclusive() {
+    let queue = "https://sqs.ap-east-1.amazonaws.com/123456789012/secret-events";
+    let topic = "arn:aws:sns:ap-east-1:123456789012:secret-events";
+    let settings = resolve(
+        &BrokerArgs::default(),
+        &[("SECRET_EVENTS_QUEUE_URL", queue)],
+    )
+    .unwrap();
+    assert_eq!(settings.events, Some(EventSource::Queue(queue.into())));
+    let by_flag = BrokerArgs {
+        events_topic_arn: Some(topic.into()),
+        ..BrokerArgs::default()
+    };
+    let settings = resolve(&by_flag, &[]).unwrap();
+    assert_eq!(settings.events, Some(EventSource::Topic(topic.into())));
+    assert_eq!(resolve(&BrokerArgs::default(), &[]).unwrap().events, None);
+
+    let both = resolve(&by_flag, &[("SECRET_EVENTS_QUEUE_URL", queue)]).unwrap_err();
+    assert!(both.to_string().contains("not both"), "{both}");
+    let dev = BrokerArgs {
+        events_topic_arn: Some(topic.into()),
+        ..dev()
+    };
+    let refused = resolve(&dev, &[]).unwrap_err().to_string();
+    assert!(
+        refused.contains("--events-topic-arn needs the AWS backend"),
+        "{refused}"
+    );
+
+    let bad_topic = resolve(
+        &BrokerArgs::default(),
+        &[("SECRET_EVENTS_TOPIC_ARN", "arn:aws:sqs:x")],
+    );
+    let message = bad_topic.unwrap_err().to_string();
+    assert!(
+        message.starts_with("SECRET_EVENTS_TOPIC_ARN: "),
+        "{message}"
+    );
+    let bad_queue = resolve(
+        &BrokerArgs::default(),
+        &[("SECRET_EVENTS_QUEUE_URL", "queue")],
+    );
+    let message = bad_queue.unwrap_err().to_string();
+    assert!(message.contains("not a URL"), "{message}");
+}

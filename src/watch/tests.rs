@@ -1,9 +1,13 @@
 //! The watch layer against the fake store, rounds driven by hand.
 
 use super::*;
-use crate::{backend::fake::FakeStore, cache::CacheSettings};
+use crate::{
+    backend::{SecretStore, fake::FakeStore},
+    cache::CacheSettings,
+};
 
-fn hub_over(store: &Arc<FakeStore>) -> (WatchHub, Cache) {
+/// A hub over a cache over `store`; the sweep lists every name.
+pub(crate) fn hub_over(store: &Arc<FakeStore>) -> (WatchHub, Cache) {
     let cache = Cache::new(
         Arc::clone(store) as Arc<dyn SecretStore>,
         CacheSettings {
@@ -18,7 +22,10 @@ fn hub_over(store: &Arc<FakeStore>) -> (WatchHub, Cache) {
             },
         },
     );
-    (WatchHub::new(cache.clone(), Duration::from_secs(30)), cache)
+    (
+        WatchHub::new(cache.clone(), Duration::from_secs(30), ""),
+        cache,
+    )
 }
 
 async fn subscribe(hub: &WatchHub, name: &str) -> Subscription {
@@ -99,7 +106,7 @@ async fn deletion_and_restoration_are_events() {
 }
 
 #[tokio::test]
-async fn detector_cost_depends_on_secrets_not_watchers() {
+async fn sweep_cost_depends_on_secrets_not_watchers() {
     let names: Vec<String> = (0..25).map(|i| format!("s{i}")).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let store = FakeStore::with(&refs);
@@ -109,9 +116,10 @@ async fn detector_cost_depends_on_secrets_not_watchers() {
     for _ in 0..1000 {
         watchers.push(subscribe(&hub, "s0").await);
     }
+    let reads = store.calls();
     round(&hub, &store).await;
     assert_eq!(
-        store.batch_calls(),
+        store.list_calls(),
         1,
         "1000 watchers of one secret: one call"
     );
@@ -120,26 +128,139 @@ async fn detector_cost_depends_on_secrets_not_watchers() {
         watchers.push(subscribe(&hub, name).await);
     }
     round(&hub, &store).await;
+    assert_eq!(store.list_calls(), 2, "25 secrets: one page");
+    let reads_of_subscribes = 24;
     assert_eq!(
-        store.batch_calls(),
-        1 + 2,
-        "25 secrets: two calls of at most 20"
+        store.calls(),
+        reads + reads_of_subscribes,
+        "nothing changed: no value read"
     );
     let stats = hub.stats();
     assert_eq!(stats.watchers, 1024);
     assert_eq!(stats.watched_secrets, 25);
-    assert_eq!(stats.upstream_calls, 3);
+    assert_eq!(stats.upstream_calls, 2);
     assert_eq!(stats.rounds, 2);
 
     watchers.clear();
     assert_eq!(hub.stats().watchers, 0);
+}
+
+#[tokio::test]
+async fn every_cached_secret_is_swept_not_only_watched_ones() {
+    let names: Vec<String> = (0..100).map(|i| format!("s{i:03}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let store = FakeStore::with(&refs);
+    let (hub, cache) = hub_over(&store);
+    for name in &names {
+        let key = CacheKey::new(name.clone(), VersionSelector::current());
+        cache.get(key, false).await.unwrap();
+    }
+    let (reads, lists, describes) = (store.calls(), store.list_calls(), store.describe_calls());
     round(&hub, &store).await;
+    let calls = (store.list_calls() - lists) + (store.describe_calls() - describes);
+    assert!(calls <= 5, "100 secrets: at most 5 calls, made {calls}");
+    assert_eq!(store.calls(), reads, "nothing changed: no value read");
+
+    store.set("s042", "v2");
+    round(&hub, &store).await;
+    assert_eq!(store.calls(), reads + 1, "only the rotated one is read");
+    let key = CacheKey::new("s042".into(), VersionSelector::current());
+    let cached = cache.get(key, false).await.unwrap();
     assert_eq!(
-        hub.stats().watched_secrets,
-        0,
-        "unwatched topics are dropped"
+        (cached.hit, cached.version.version_id.as_str()),
+        (true, "v2")
     );
-    assert_eq!(store.batch_calls(), 3, "nobody watches: no upstream call");
+    assert_eq!(hub.stats().sweep_changes, 1);
+}
+
+#[tokio::test]
+async fn a_long_listing_spreads_over_rounds_within_the_budget() {
+    // 250 secrets upstream, 3 held: one call a round, three rounds a listing.
+    let names: Vec<String> = (0..250).map(|i| format!("s{i:03}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let store = FakeStore::with(&refs);
+    let (hub, cache) = hub_over(&store);
+    for name in ["s000", "s120", "s249"] {
+        let key = CacheKey::new(name.into(), VersionSelector::current());
+        cache.get(key, false).await.unwrap();
+    }
+    store.set("s249", "v2");
+    let reads = store.calls();
+    for round_number in 1..=3 {
+        round(&hub, &store).await;
+        assert_eq!(store.list_calls(), round_number, "one page a round");
+    }
+    assert_eq!(store.calls(), reads + 1, "the last page found the rotation");
+    assert_eq!(store.describe_calls(), 0, "every held secret was listed");
+}
+
+#[tokio::test]
+async fn absence_from_the_listing_is_confirmed_before_deleted() {
+    let store = FakeStore::with(&["s"]);
+    let (hub, cache) = hub_over(&store);
+    let mut watcher = subscribe(&hub, "s").await;
+    store.unlisted.lock().unwrap().push("s".into());
+    round(&hub, &store).await;
+    assert_eq!(store.describe_calls(), 1, "described, as the listing lags");
+    assert!(
+        !watcher.changes.has_changed().unwrap(),
+        "still there: no event"
+    );
+
+    store.remove("s");
+    round(&hub, &store).await;
+    assert_eq!(latest(&mut watcher), (WatchEvent::Deleted, "v1".into()));
+    assert_eq!(cache.stats().total_entries, 0);
+}
+
+#[tokio::test]
+async fn refresh_secret_rereads_every_tracked_stage_once() {
+    let store = FakeStore::with(&["s", "other"]);
+    let (hub, cache) = hub_over(&store);
+    let mut watcher = subscribe(&hub, "s").await;
+    let by_id = CacheKey::new(
+        "s".into(),
+        VersionSelector::Id {
+            id: "v1".into(),
+            stage: None,
+        },
+    );
+    cache.get(by_id, false).await.unwrap();
+    store.set("s", "v2");
+    let reads = store.calls();
+
+    let ids = ["s".to_owned()];
+    let outcome = hub.refresh_secret(&ids, None).await;
+    assert_eq!(
+        outcome,
+        Refreshed::Reread {
+            reads: 1,
+            changed: 1
+        }
+    );
+    assert_eq!(
+        store.calls(),
+        reads + 1,
+        "one read: a version id never changes"
+    );
+    assert_eq!(latest(&mut watcher), (WatchEvent::Rotated, "v2".into()));
+
+    let hint = Some(("AWSCURRENT", "v2"));
+    assert_eq!(
+        hub.refresh_secret(&ids, hint).await,
+        Refreshed::AlreadyCurrent
+    );
+    let untracked = ["other".to_owned()];
+    assert_eq!(
+        hub.refresh_secret(&untracked, None).await,
+        Refreshed::Untracked
+    );
+    assert_eq!(store.calls(), reads + 1);
+
+    store.delete("s");
+    hub.refresh_secret(&ids, None).await;
+    assert_eq!(latest(&mut watcher), (WatchEvent::Deleted, "v2".into()));
+    assert_eq!(cache.stats().total_entries, 0, "every selector dropped");
 }
 
 #[tokio::test]
@@ -167,11 +288,11 @@ async fn missing_secrets_are_refused_at_once() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn the_detector_polls_and_stops_on_shutdown() {
+async fn the_sweep_polls_and_stops_on_shutdown() {
     let store = FakeStore::with(&["s"]);
     let (hub, _) = hub_over(&store);
     let mut watcher = subscribe(&hub, "s").await;
-    let detector = tokio::spawn(hub.clone().detect_changes());
+    let detector = tokio::spawn(hub.clone().sweep());
 
     store.set("s", "v2");
     // Within one interval plus jitter.
@@ -182,7 +303,7 @@ async fn the_detector_polls_and_stops_on_shutdown() {
     assert!(*watcher.shutdown.borrow_and_update());
     tokio::time::timeout(Duration::from_secs(1), detector)
         .await
-        .expect("the detector ends on shutdown")
+        .expect("the sweep ends on shutdown")
         .unwrap();
 }
 
@@ -207,27 +328,6 @@ async fn a_known_deletion_is_the_first_state_of_a_new_watcher() {
     round(&hub, &store).await;
     let second = subscribe(&hub, "s").await;
     assert_eq!(second.first.event, WatchEvent::Deleted);
-}
-
-#[tokio::test]
-async fn a_batch_answer_without_the_stage_is_read_again_by_stage() {
-    let store = FakeStore::with(&["s"]);
-    let (hub, _) = hub_over(&store);
-    let mut watcher = subscribe(&hub, "s").await;
-    store
-        .batch_lags
-        .store(true, std::sync::atomic::Ordering::SeqCst);
-    store.set("s", "v2");
-    let reads = store.calls();
-    round(&hub, &store).await;
-    assert_eq!(latest(&mut watcher), (WatchEvent::Rotated, "v2".into()));
-    assert_eq!(
-        store.calls(),
-        reads + 1,
-        "one direct read, in the same round"
-    );
-    round(&hub, &store).await;
-    assert!(!watcher.changes.has_changed().unwrap(), "exactly one event");
 }
 
 #[tokio::test]

@@ -44,11 +44,21 @@ class RecordedRequest:
     target: str       # X-Amz-Target, e.g. "secretsmanager.GetSecretValue"
     secret_id: str    # the body's SecretId ("" when none)
     user_agent: str
+    filtered: bool = False  # the body has Filters (the sweep's ListSecrets pages)
+    access_key: str = ""    # the signing key id: tells brokers with their own keys apart
 
     @property
     def from_boto(self) -> bool:
         ua = self.user_agent.lower()
         return "boto3/" in ua or "botocore/" in ua
+
+
+def _access_key(authorization: str) -> str:
+    """The key id of a SigV4 Authorization header ("" when unsigned)."""
+    marker = "Credential="
+    if marker not in authorization:
+        return ""
+    return authorization.split(marker, 1)[1].split("/", 1)[0]
 
 
 def moto_env() -> dict[str, str]:
@@ -215,13 +225,17 @@ class MotoServer:
             if entry.get("body_encoded"):
                 body = base64.b64decode(body).decode(errors="replace")
             try:
-                secret_id = json.loads(body).get("SecretId", "") if body else ""
+                parsed = json.loads(body) if body else {}
+                secret_id = parsed.get("SecretId", "")
+                filtered = bool(parsed.get("Filters"))
             except (ValueError, AttributeError):
-                secret_id = ""
+                secret_id, filtered = "", False
             out.append(RecordedRequest(
                 target=headers.get("x-amz-target", ""),
                 secret_id=secret_id,
                 user_agent=headers.get("user-agent", ""),
+                filtered=filtered,
+                access_key=_access_key(headers.get("authorization", "")),
             ))
         return out
 

@@ -11,7 +11,13 @@
     probes, volumes, the TLS Secret, grace periods), and the ConfigMap's
     broker.toml + policy.toml, with the Deployment's environment, are given
     to the real binary's `check` (against moto).
-(b) deploy/iam-policy.json allows exactly the four actions the broker uses.
+(b) deploy/iam-policy.json allows exactly the three actions the broker uses;
+    deploy/iam-policy-events-queue.json exactly what --events-queue-url needs
+    on one queue.
+(e) deploy/cloudformation/secret-events.yaml (the event path for
+    --events-topic-arn) passes cfn-lint without a warning, and its IAM
+    grants stay scoped: the broker's queues (secrets-broker-*) and the one
+    topic, never "*". Widened copies are shown to fail.
 (c) `systemd-analyze verify` accepts deploy/systemd/secrets-broker.service
     without warnings; its example env file passes `secrets-broker check`.
 (d) deploy/Dockerfile, read with a small parser: stages, non-root USER,
@@ -27,6 +33,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -43,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
 SYSTEMD = DEPLOY / "systemd"
+CFN_TEMPLATE = DEPLOY / "cloudformation" / "secret-events.yaml"
 
 # The Kubernetes version the manifests are validated against: one that
 # kubernetes-validate (pinned in tests/requirements.txt) ships schemas for.
@@ -61,7 +69,7 @@ CONFIG_KEYS = {
     "cache_max_entries", "cache_max_stale", "watch_interval", "region",
     "secrets_file", "log_level", "max_connections",
     "max_concurrent_calls_per_connection", "max_message_size", "call_timeout",
-    "keepalive_interval", "shutdown_grace",
+    "keepalive_interval", "shutdown_grace", "events_queue_url", "events_topic_arn",
 }
 # The guide's variables, with the production values the Deployment must set.
 GUIDE_ENV = {
@@ -75,6 +83,10 @@ GUIDE_ENV = {
 # Config keys that those variables would shadow (env beats file): dead weight
 # in broker.toml.
 SHADOWED_BY_DEPLOYMENT_ENV = {"region", "secret_prefix", "cache_ttl", "environment", "log_level"}
+# What SIGTERM must leave time for after the drain (shutdown_grace) when the
+# broker consumes secret events: a ReceiveMessage long poll (20 s) that may
+# be in flight, then Unsubscribe and DeleteQueue of the replica's own queue.
+EVENT_QUEUE_CLEANUP_SECONDS = 25
 
 
 # ==========================================================================
@@ -471,7 +483,29 @@ def test_env_and_grace_period():
     pod = deployment()["spec"]["template"]["spec"]
     grace = parse_seconds(broker_toml.get("shutdown_grace", "10"))
     pre_stop = container()["lifecycle"]["preStop"]["sleep"]["seconds"]
-    assert pod["terminationGracePeriodSeconds"] > pre_stop + grace
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + grace + EVENT_QUEUE_CLEANUP_SECONDS
+
+
+def test_hostname_is_the_pod_name():
+    """The topic mode names each replica's queue after HOSTNAME, which
+    Kubernetes sets to the pod name unless the manifest overrides it."""
+    pod = deployment()["spec"]["template"]["spec"]
+    assert "hostname" not in pod and "setHostnameAsFQDN" not in pod
+    assert "HOSTNAME" not in {e["name"] for e in container()["env"]}
+    text = (K8S / "deployment.yaml").read_text()
+    assert "HOSTNAME" in text, "say next to the env that the event queue name derives from HOSTNAME"
+
+
+def test_commented_events_topic_setting_is_valid():
+    """broker.toml's commented-out events_topic_arn, once uncommented, is a
+    key the broker knows and names the template's default topic."""
+    text = find("ConfigMap", "secrets-broker-config")["data"]["broker.toml"]
+    lines = [line for line in text.splitlines() if line.startswith("# events_topic_arn")]
+    assert len(lines) == 1, "broker.toml: one commented-out events_topic_arn line"
+    setting = tomllib.loads(lines[0].removeprefix("# "))
+    assert set(setting) <= CONFIG_KEYS
+    topic = cfn_template()["Parameters"]["TopicName"]["Default"]
+    assert setting["events_topic_arn"] == f"arn:aws:sns:ap-east-1:<ACCOUNT_ID>:{topic}"
 
 
 def test_configmap_toml():
@@ -526,16 +560,18 @@ def test_broker_check_accepts_the_kubernetes_config(run_cli, moto, tmp_path):
 # (b) IAM policy
 
 READ_ACTIONS = {"secretsmanager:GetSecretValue", "secretsmanager:DescribeSecret"}
-UNSCOPED_ACTIONS = {"secretsmanager:BatchGetSecretValue", "secretsmanager:ListSecrets"}
+UNSCOPED_ACTIONS = {"secretsmanager:ListSecrets"}
 SECRET_ARN = "arn:aws:secretsmanager:ap-east-1:<ACCOUNT_ID>:secret:insurecove/*"
+EVENTS_QUEUE_ACTIONS = {"sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"}
+EVENTS_QUEUE_ARN = "arn:aws:sqs:ap-east-1:<ACCOUNT_ID>:<QUEUE_NAME>"
 
 
 def _as_list(value) -> list:
     return value if isinstance(value, list) else [value]
 
 
-def test_iam_policy_is_least_privilege():
-    policy = json.loads((DEPLOY / "iam-policy.json").read_text())
+def identity_policy_grants(policy: dict) -> dict[str, set[str]]:
+    """action -> resources of an identity policy's Allow statements."""
     assert policy["Version"] == "2012-10-17"
     allowed: dict[str, set[str]] = {}
     for statement in policy["Statement"]:
@@ -545,14 +581,193 @@ def test_iam_policy_is_least_privilege():
         for action in _as_list(statement["Action"]):
             assert "*" not in action and "?" not in action, f"wildcard action {action}"
             allowed.setdefault(action, set()).update(_as_list(statement["Resource"]))
+    return allowed
+
+
+def test_iam_policy_is_least_privilege():
+    allowed = identity_policy_grants(json.loads((DEPLOY / "iam-policy.json").read_text()))
     assert set(allowed) == READ_ACTIONS | UNSCOPED_ACTIONS, sorted(allowed)
     for action in READ_ACTIONS:
         assert allowed[action] == {SECRET_ARN}, (action, allowed[action])
-    # BatchGetSecretValue and ListSecrets take no resource ARN: "*" is the
-    # only valid Resource (BatchGetSecretValue still needs GetSecretValue on
-    # each secret, which stays scoped to the prefix).
+    # ListSecrets takes no resource ARN: "*" is the only valid Resource.
     for action in UNSCOPED_ACTIONS:
         assert allowed[action] == {"*"}, (action, allowed[action])
+
+
+def test_events_queue_policy_is_one_queue():
+    """--events-queue-url: read and delete messages of that one queue."""
+    allowed = identity_policy_grants(json.loads((DEPLOY / "iam-policy-events-queue.json").read_text()))
+    assert set(allowed) == EVENTS_QUEUE_ACTIONS, sorted(allowed)
+    for action in EVENTS_QUEUE_ACTIONS:
+        assert allowed[action] == {EVENTS_QUEUE_ARN}, (action, allowed[action])
+
+
+# ==========================================================================
+# (e) CloudFormation: the event path of --events-topic-arn
+
+
+class _CfnLoader(yaml.SafeLoader):
+    """PyYAML's safe loader plus CloudFormation's short intrinsic tags
+    (!Ref, !Sub, !GetAtt, ...), read as their long JSON forms."""
+
+
+def _intrinsic(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> dict:
+    name = "Ref" if suffix == "Ref" else f"Fn::{suffix}"
+    if isinstance(node, yaml.ScalarNode):
+        value = loader.construct_scalar(node)
+        if suffix == "GetAtt":
+            value = value.split(".", 1)
+    elif isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node, deep=True)
+    else:
+        value = loader.construct_mapping(node, deep=True)
+    return {name: value}
+
+
+_CfnLoader.add_multi_constructor("!", _intrinsic)
+
+
+def cfn_template(text: str | None = None) -> dict:
+    return yaml.load(CFN_TEMPLATE.read_text() if text is None else text, Loader=_CfnLoader)
+
+
+def cfn_lint(path: Path) -> subprocess.CompletedProcess:
+    """cfn-lint from this interpreter's environment (.tools/venv/bin, pinned
+    in tests/requirements.txt)."""
+    tool = Path(sys.executable).parent / "cfn-lint"
+    assert tool.is_file(), f"{tool} is missing: install tests/requirements.txt (./scripts/test.sh does)"
+    return subprocess.run([str(tool), str(path)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+# What the broker needs in topic mode, and on what.
+TOPIC_MODE_SQS_ACTIONS = {
+    "sqs:CreateQueue", "sqs:DeleteQueue", "sqs:GetQueueAttributes", "sqs:SetQueueAttributes",
+    "sqs:TagQueue", "sqs:ReceiveMessage", "sqs:DeleteMessage",
+}
+TOPIC_MODE_SNS_ACTIONS = {"sns:Subscribe", "sns:Unsubscribe"}
+BROKER_QUEUES_ARN = {"Fn::Sub": "arn:${AWS::Partition}:sqs:${AWS::Region}:${AWS::AccountId}:secrets-broker-*"}
+TOPIC_REF = {"Ref": "EventsTopic"}
+
+
+def _resource_key(resource) -> str:
+    return json.dumps(resource, sort_keys=True)
+
+
+def iam_scope_problems(template: dict) -> list[str]:
+    """Everything the template's IAM policies grant beyond the broker's
+    queues and the one topic ([] = scoped)."""
+    problems: list[str] = []
+    documents = []
+    for name, resource in template["Resources"].items():
+        properties = resource.get("Properties", {})
+        if resource["Type"] in ("AWS::IAM::ManagedPolicy", "AWS::IAM::Policy"):
+            documents.append((name, properties["PolicyDocument"]))
+        elif resource["Type"] in ("AWS::IAM::Role", "AWS::IAM::User", "AWS::IAM::Group"):
+            documents += [(name, p["PolicyDocument"]) for p in properties.get("Policies", [])]
+    if len(documents) != 1:
+        problems.append(f"expected one IAM policy document, found {[n for n, _ in documents]}")
+    allowed: dict[str, set[str]] = {}
+    for name, document in documents:
+        for statement in _as_list(document["Statement"]):
+            where = f"{name}/{statement.get('Sid', '?')}"
+            if statement.get("Effect") != "Allow" or "NotAction" in statement or "NotResource" in statement:
+                problems.append(f"{where}: only plain Allow statements expected")
+                continue
+            resources = _as_list(statement.get("Resource", []))
+            for resource in resources:
+                if isinstance(resource, str) and ("*" == resource or resource.endswith(":*")):
+                    problems.append(f"{where}: resource {resource!r} is not scoped")
+            for action in _as_list(statement["Action"]):
+                if "*" in action or "?" in action:
+                    problems.append(f"{where}: wildcard action {action}")
+                allowed.setdefault(action, set()).update(_resource_key(r) for r in resources)
+    expected = TOPIC_MODE_SQS_ACTIONS | TOPIC_MODE_SNS_ACTIONS
+    if set(allowed) != expected:
+        problems.append(f"actions: extra {sorted(set(allowed) - expected)}, "
+                        f"missing {sorted(expected - set(allowed))}")
+    for action, resources in allowed.items():
+        want = BROKER_QUEUES_ARN if action.startswith("sqs:") else TOPIC_REF
+        if resources != {_resource_key(want)}:
+            problems.append(f"{action}: resources {sorted(resources)}, want only {want}")
+    return problems
+
+
+def test_cfn_lint_accepts_the_event_template():
+    proc = cfn_lint(CFN_TEMPLATE)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert out.strip() == "", out
+
+
+@pytest.mark.parametrize("old,new", [
+    ("Type: AWS::SNS::Topic\n", "Type: AWS::SNS::Topik\n"),                 # unknown type
+    ("      State: ENABLED\n", "      State: ON\n"),                         # bad enum value
+    ("!GetAtt LabelUpdatedRule.Arn", "!GetAtt LabelUpdatedRule.Nope"),      # bad attribute
+], ids=["unknown-type", "bad-value", "bad-attribute"])
+def test_cfn_lint_rejects_a_broken_copy(tmp_path, old, new):
+    text = CFN_TEMPLATE.read_text()
+    assert old in text
+    broken = tmp_path / "secret-events.yaml"
+    broken.write_text(text.replace(old, new, 1))
+    assert cfn_lint(broken).returncode != 0
+
+
+def test_event_template_grants_are_scoped():
+    problems = iam_scope_problems(cfn_template())
+    assert not problems, "\n".join(problems)
+    policy = next(r for r in cfn_template()["Resources"].values() if r["Type"] == "AWS::IAM::ManagedPolicy")
+    assert policy["Properties"]["Roles"] == [{"Ref": "BrokerRoleName"}]
+
+
+@pytest.mark.parametrize("widen", [
+    lambda s: s.__setitem__("Resource", "*") if "sqs:CreateQueue" in s["Action"] else None,
+    lambda s: s.__setitem__("Resource", {"Fn::Sub": "arn:${AWS::Partition}:sqs:${AWS::Region}:${AWS::AccountId}:*"})
+    if "sqs:CreateQueue" in s["Action"] else None,
+    lambda s: s.__setitem__("Resource", "*") if "sns:Subscribe" in s["Action"] else None,
+    lambda s: s.__setitem__("Resource", ["*", TOPIC_REF]) if "sns:Subscribe" in s["Action"] else None,
+    lambda s: s["Action"].append("sqs:SendMessage") if "sqs:CreateQueue" in s["Action"] else None,
+    lambda s: s.__setitem__("Action", ["sqs:*"]) if "sqs:CreateQueue" in s["Action"] else None,
+    lambda s: s["Action"].append("sns:Publish") if "sns:Subscribe" in s["Action"] else None,
+], ids=["sqs-star", "sqs-any-queue", "sns-star", "sns-star-too", "sqs-extra-action",
+        "sqs-wildcard-action", "sns-extra-action"])
+def test_event_template_scope_check_catches_widening(widen):
+    template = cfn_template()
+    policy = next(r for r in template["Resources"].values() if r["Type"] == "AWS::IAM::ManagedPolicy")
+    for statement in policy["Properties"]["PolicyDocument"]["Statement"]:
+        widen(statement)
+    assert iam_scope_problems(template)
+
+
+def test_event_template_topic_rules_and_output():
+    template = cfn_template()
+    assert "CloudTrail trail" in template["Description"] and "management events" in template["Description"]
+    resources = template["Resources"]
+    topics = [n for n, r in resources.items() if r["Type"] == "AWS::SNS::Topic"]
+    assert topics == ["EventsTopic"]
+    rules = {n: r["Properties"] for n, r in resources.items() if r["Type"] == "AWS::Events::Rule"}
+    # Every rule targets the topic, and only the topic.
+    for name, rule in rules.items():
+        assert [t["Arn"] for t in rule["Targets"]] == [TOPIC_REF], name
+        assert rule["EventPattern"]["source"] == ["aws.secretsmanager"], name
+    patterns = {tuple(r["EventPattern"]["detail-type"]): r["EventPattern"] for r in rules.values()}
+    assert set(patterns) == {("Secret Label Updated",), ("AWS API Call via CloudTrail",)}
+    api = patterns[("AWS API Call via CloudTrail",)]["detail"]
+    assert api["eventSource"] == ["secretsmanager.amazonaws.com"]
+    assert set(api["eventName"]) == {"PutSecretValue", "UpdateSecret", "UpdateSecretVersionStage",
+                                     "RotateSecret", "DeleteSecret", "RestoreSecret"}
+    # Only EventBridge publishes, and only for these rules.
+    policies = [r["Properties"] for r in resources.values() if r["Type"] == "AWS::SNS::TopicPolicy"]
+    assert len(policies) == 1 and policies[0]["Topics"] == [TOPIC_REF]
+    statements = policies[0]["PolicyDocument"]["Statement"]
+    assert len(statements) == 1
+    (statement,) = statements
+    assert statement["Effect"] == "Allow"
+    assert statement["Principal"] == {"Service": "events.amazonaws.com"}
+    assert _as_list(statement["Action"]) == ["sns:Publish"]
+    assert statement["Resource"] == TOPIC_REF
+    sources = statement["Condition"]["ArnEquals"]["aws:SourceArn"]
+    assert sorted(map(_resource_key, sources)) == sorted(_resource_key({"Fn::GetAtt": [n, "Arn"]}) for n in rules)
+    assert template["Outputs"]["TopicArn"]["Value"] == TOPIC_REF
 
 
 # ==========================================================================
@@ -643,7 +858,7 @@ def test_systemd_unit_hardening():
     env_file = one("EnvironmentFile").lstrip("-")
     assert env_file == "/etc/secrets-broker/secrets-broker.env"
     grace = parse_seconds(read_env_file(SYSTEMD / "secrets-broker.env")["BROKER_SHUTDOWN_GRACE"])
-    assert parse_seconds(one("TimeoutStopSec")) > grace
+    assert parse_seconds(one("TimeoutStopSec")) >= grace + EVENT_QUEUE_CLEANUP_SECONDS
 
 
 def test_systemd_env_file_passes_check(run_cli, moto, tmp_path):

@@ -157,7 +157,7 @@ def test_a_full_upstream_queue_is_resource_exhausted(moto, aws_broker, stubs, co
 def test_a_reconnect_to_a_live_topic_gets_the_missed_rotation_first(moto, aws_broker, stubs):
     name = "insurecove/resume-live"
     v1 = moto.create_secret(name, "resume-v1-5e0a")
-    # the detector would take 60 s: only the fresh read can find v2
+    # the sweep would take 60 s: only the fresh read can find v2
     broker = aws_broker(["--watch-interval", "60"])
     staying = Watch(broker, stubs, "resume-live")
     first, _ = staying.next(10)

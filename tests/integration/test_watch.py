@@ -1,7 +1,7 @@
 """WatchSecret (rotation notifications) against the real binary: moto as
 AWS Secrets Manager, the file backend, grpcurl and grpc.aio for fan-out.
 
-The change detector's cost is read from GetCacheStats (watch_rounds,
+The sweep's cost is read from GetCacheStats (watch_rounds,
 watch_upstream_calls) and from moto's request recorder.
 """
 
@@ -19,12 +19,12 @@ import pytest
 import support
 from support import expect_error
 from watch_support import (
-    BATCH_GET_SECRET_VALUE,
     FANOUT_REPORT,
     GET_SECRET_VALUE,
+    LIST_SECRETS,
     Watch,
     describe,
-    detector_calls,
+    sweep_calls,
     event_name,
     promote,
     put_pending,
@@ -74,10 +74,10 @@ def assert_event(stubs, msg, event, *, name, version, value=None):
 
 
 def wait_rounds(broker, stubs, n, timeout):
-    """Waits until the detector has run n more rounds; returns the stats."""
+    """Waits until the sweep has run n more rounds; returns the stats."""
     start = stats(broker, stubs).watch_rounds
     return wait_for_stats(
-        broker, stubs, lambda s: s.watch_rounds >= start + n, timeout, f"{n} detector rounds",
+        broker, stubs, lambda s: s.watch_rounds >= start + n, timeout, f"{n} sweep rounds",
     )
 
 
@@ -103,7 +103,7 @@ def test_current_then_rotated(moto, aws_broker, stubs):
     assert_event(stubs, msg, ROTATED, name=name, version=v2, value="basic-v2-5e1a")
     assert "AWSCURRENT" in msg.secret.version_stages, describe(stubs, msg)
 
-    # the detector put the new version in the cache in the same step
+    # the sweep put the new version in the cache in the same step
     got = get(broker, stubs, "watch-basic")
     assert (got.version_id, got.string_value, got.cache.hit) == (v2, "basic-v2-5e1a", True), got
 
@@ -118,10 +118,9 @@ def test_current_then_rotated(moto, aws_broker, stubs):
 
 
 def test_staged_rotation_gives_exactly_one_event(moto, start_broker, stubs):
-    """On moto as it is: after UpdateSecretVersionStage, moto's
-    BatchGetSecretValue keeps answering the old version (labelled
-    AWSPREVIOUS). The detector must not trust a batch answer without the
-    watched stage: it reads that secret by stage in the same round."""
+    """A version staged AWSPENDING is no change for an AWSCURRENT watcher;
+    moving AWSCURRENT to it (UpdateSecretVersionStage) is one, found by the
+    sweep in ListSecrets' stages and read by stage, once."""
     name = "insurecove/watch-staged"
     v1 = moto.create_secret(name, "staged-v1-c402")
     broker = start_broker(["--watch-interval", str(INTERVAL)], env=moto.broker_env(), dev=False)
@@ -129,7 +128,7 @@ def test_staged_rotation_gives_exactly_one_event(moto, start_broker, stubs):
     assert_event(stubs, first_message(stubs, w), CURRENT, name=name, version=v1, value="staged-v1-c402")
 
     v2 = put_pending(moto, name, "staged-v2-c402")
-    # at least two detector rounds see AWSPENDING only: no event
+    # at least two sweep rounds see AWSPENDING only: no event
     rounds_before = stats(broker, stubs).watch_rounds
     w.expect_nothing(2.5 * INTERVAL)
     s = stats(broker, stubs)
@@ -242,7 +241,7 @@ def test_new_watcher_of_known_deleted_secret_starts_with_deleted(moto, aws_broke
 
 
 # --------------------------------------------------------------------------
-# 5. Fan-out: 1,000 watchers, one detector call per round
+# 5. Fan-out: 1,000 watchers, one sweep call per round
 
 
 FANOUT_CHANNELS = 4
@@ -307,19 +306,19 @@ async def _fanout(broker, stubs, moto, name, v1):
         report["rss_after_kib"] = rss_after
         report["per_watcher_kib"] = (rss_after - rss_before) / FANOUT
 
-        # detector cost with FANOUT watchers, from its stats and moto's recorder
+        # sweep cost with FANOUT watchers, from its stats and moto's recorder
         s0, _ = await asyncio.to_thread(quiet_stats, broker, stubs, moto.start_recording)
         await asyncio.to_thread(
             wait_for_stats, broker, stubs, lambda s: s.watch_rounds >= s0.watch_rounds + 3,
-            4.5 * INTERVAL, "3 detector rounds with 1,000 watchers")
+            4.5 * INTERVAL, "3 sweep rounds with 1,000 watchers")
         s1, recorded = await asyncio.to_thread(
             quiet_stats, broker, stubs,
-            lambda: (detector_calls(moto, BATCH_GET_SECRET_VALUE), detector_calls(moto, GET_SECRET_VALUE)))
+            lambda: (sweep_calls(moto, LIST_SECRETS), sweep_calls(moto, GET_SECRET_VALUE)))
         rounds = s1.watch_rounds - s0.watch_rounds
         upstream = s1.watch_upstream_calls - s0.watch_upstream_calls
         report["many_rounds"] = rounds
         report["many_upstream_calls"] = upstream
-        report["many_recorded_batch"], report["many_recorded_get"] = recorded
+        report["many_recorded_list"], report["many_recorded_get"] = recorded
 
         # one rotation reaches every watcher
         put_start = time.monotonic()
@@ -347,7 +346,7 @@ def test_fanout_1000_watchers(moto, aws_broker, stubs):
     v1 = moto.create_secret(name, "fanout-v1-44c2")
     broker = aws_broker(["--watch-interval", str(INTERVAL)])
 
-    # one watcher: the detector's calls per round
+    # one watcher: the sweep's calls per round
     single = Watch(broker, stubs, "watch-fanout")
     assert_event(stubs, first_message(stubs, single), CURRENT, name=name, version=v1, value="fanout-v1-44c2")
     one = wait_for_stats(broker, stubs, lambda s: s.watch_rounds >= 3, 4.5 * INTERVAL, "3 rounds, 1 watcher")
@@ -371,10 +370,10 @@ def test_fanout_1000_watchers(moto, aws_broker, stubs):
         f"last {times[-1] - report['put_done']:.3f} s after put-secret-value returned "
         f"(the put took {report['put_s']:.3f} s)" if times else "ROTATED delivered to 0",
         f"fan-out spread (first to last delivery): {spread * 1000:.1f} ms",
-        f"detector upstream calls per round: 1 watcher {ratio_one:.2f} "
+        f"sweep upstream calls per round: 1 watcher {ratio_one:.2f} "
         f"({one.watch_upstream_calls}/{one.watch_rounds}); {FANOUT} watchers {ratio_many:.2f} "
         f"({report['many_upstream_calls']}/{report['many_rounds']}); moto recorded "
-        f"{report['many_recorded_batch']} BatchGetSecretValue, {report['many_recorded_get']} GetSecretValue "
+        f"{report['many_recorded_list']} ListSecrets, {report['many_recorded_get']} GetSecretValue "
         f"in those rounds",
         f"broker RSS: {report['rss_before_kib']} KiB before, {report['rss_after_kib']} KiB with "
         f"{FANOUT} idle watchers: {report['per_watcher_kib']:.2f} KiB per watcher (debug build)",
@@ -396,7 +395,7 @@ def test_fanout_1000_watchers(moto, aws_broker, stubs):
     assert spread < 2.0, lines[2]
     assert (ratio_one, ratio_many) == (1.0, 1.0), lines[3]
     assert report["many_rounds"] >= 3, lines[3]
-    assert (report["many_recorded_batch"], report["many_recorded_get"]) == (report["many_rounds"], 0), lines[3]
+    assert (report["many_recorded_list"], report["many_recorded_get"]) == (report["many_rounds"], 0), lines[3]
     assert 0 <= report["per_watcher_kib"] < 64, lines[4]
 
 
@@ -515,7 +514,7 @@ def test_refresh_and_bypass_notify_at_once(moto, aws_broker, stubs):
     assert at - read < 1.0
     assert_event(stubs, msg, ROTATED, name=name, version=v3, value="refresh-v3-6b13")
 
-    # the detector did not run: the events came from the refresh and the read
+    # the sweep did not run: the events came from the refresh and the read
     s = stats(broker, stubs)
     assert (s.watch_rounds, s.watch_upstream_calls) == (0, 0), watch_counters(s)
 

@@ -17,7 +17,7 @@ import grpc
 
 import support
 
-BATCH_GET_SECRET_VALUE = "secretsmanager.BatchGetSecretValue"
+LIST_SECRETS = "secretsmanager.ListSecrets"
 GET_SECRET_VALUE = "secretsmanager.GetSecretValue"
 
 _END = object()
@@ -152,9 +152,9 @@ def wait_for_stats(broker, stubs, predicate, timeout: float, what: str):
 
 def quiet_stats(broker, stubs, action=None, timeout: float = 10.0):
     """Watch counters read twice around action() (e.g. starting moto's
-    recording), retried until the detector made no call in between and no
-    round is in flight (rounds == upstream calls, i.e. one call per round
-    for one watched secret). Returns (stats, action's result)."""
+    recording), retried until the sweep made no call in between and no
+    round is in flight (rounds == upstream calls, i.e. one ListSecrets page
+    per round for one tracked secret). Returns (stats, action's result)."""
     deadline = time.monotonic() + timeout
     while True:
         before = stats(broker, stubs)
@@ -164,13 +164,18 @@ def quiet_stats(broker, stubs, action=None, timeout: float = 10.0):
         if a == b and a["watch_rounds"] == a["watch_upstream_calls"]:
             return after, result
         if time.monotonic() > deadline:
-            raise AssertionError(f"no quiet moment between detector rounds: {a} then {b}")
+            raise AssertionError(f"no quiet moment between sweep rounds: {a} then {b}")
         time.sleep(0.1)
 
 
-def detector_calls(moto, target: str) -> int:
-    """Requests of `target` moto recorded from the broker (not boto3)."""
-    return sum(1 for r in moto.recorded() if r.target == target and not r.from_boto)
+def sweep_calls(moto, target: str) -> int:
+    """Requests of `target` moto recorded from the broker (not boto3). For
+    ListSecrets, only the sweep's pages (filtered by the prefix), not the
+    upstream health check's (MaxResults=1, no filter)."""
+    return sum(
+        1 for r in moto.recorded()
+        if r.target == target and not r.from_boto and (target != LIST_SECRETS or r.filtered)
+    )
 
 
 def rss_kib(pid: int) -> int:

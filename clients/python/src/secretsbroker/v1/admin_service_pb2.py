@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from secretsbroker.v1 import secret_pb2 as secretsbroker_dot_v1_dot_secret__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$secretsbroker/v1/admin_service.proto\x12\x10secretsbroker.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1dsecretsbroker/v1/secret.proto\"\x16\n\x14GetCacheStatsRequest\"\x97\x04\n\x15GetCacheStatsResponse\x12\x15\n\rtotal_entries\x18\x01 \x01(\x04\x12\x15\n\rvalid_entries\x18\x02 \x01(\x04\x12\x17\n\x0f\x65xpired_entries\x18\x03 \x01(\x04\x12\x0c\n\x04hits\x18\x04 \x01(\x04\x12\x0e\n\x06misses\x18\x05 \x01(\x04\x12\x11\n\tcoalesced\x18\x06 \x01(\x04\x12\x14\n\x0cstale_served\x18\x07 \x01(\x04\x12\x16\n\x0eupstream_calls\x18\x08 \x01(\x04\x12\x17\n\x0fupstream_errors\x18\t \x01(\x04\x12\x11\n\tevictions\x18\n \x01(\x04\x12\x10\n\x08watchers\x18\x0b \x01(\x04\x12\x11\n\thit_ratio\x18\x0c \x01(\x01\x12\x17\n\x0fwatched_secrets\x18\r \x01(\x04\x12\x14\n\x0cwatch_rounds\x18\x0e \x01(\x04\x12\x1c\n\x14watch_upstream_calls\x18\x0f \x01(\x04\x12\x18\n\x10negative_entries\x18\x10 \x01(\x04\x12\x15\n\rnegative_hits\x18\x11 \x01(\x04\x12\x18\n\x10upstream_backoff\x18\x12 \x01(\x08\x12\x19\n\x11upstream_backoffs\x18\x13 \x01(\x04\x12\x1a\n\x12upstream_in_flight\x18\x14 \x01(\x04\x12\x18\n\x10upstream_waiting\x18\x15 \x01(\x04\x12\x1e\n\x16upstream_queue_refused\x18\x16 \x01(\x04\"\"\n\x11\x43learCacheRequest\x12\r\n\x05names\x18\x01 \x03(\t\"%\n\x12\x43learCacheResponse\x12\x0f\n\x07\x63leared\x18\x01 \x01(\x04\"$\n\x14RefreshSecretRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"R\n\x15RefreshSecretResponse\x12(\n\x06secret\x18\x01 \x01(\x0b\x32\x18.secretsbroker.v1.Secret\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\"\x16\n\x14\x43heckUpstreamRequest\"f\n\x15\x43heckUpstreamResponse\x12\x11\n\treachable\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12*\n\x07latency\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration2\x8d\x03\n\x0c\x41\x64minService\x12`\n\rGetCacheStats\x12&.secretsbroker.v1.GetCacheStatsRequest\x1a\'.secretsbroker.v1.GetCacheStatsResponse\x12W\n\nClearCache\x12#.secretsbroker.v1.ClearCacheRequest\x1a$.secretsbroker.v1.ClearCacheResponse\x12`\n\rRefreshSecret\x12&.secretsbroker.v1.RefreshSecretRequest\x1a\'.secretsbroker.v1.RefreshSecretResponse\x12`\n\rCheckUpstream\x12&.secretsbroker.v1.CheckUpstreamRequest\x1a\'.secretsbroker.v1.CheckUpstreamResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$secretsbroker/v1/admin_service.proto\x12\x10secretsbroker.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1dsecretsbroker/v1/secret.proto\"\x16\n\x14GetCacheStatsRequest\"\x8e\x05\n\x15GetCacheStatsResponse\x12\x15\n\rtotal_entries\x18\x01 \x01(\x04\x12\x15\n\rvalid_entries\x18\x02 \x01(\x04\x12\x17\n\x0f\x65xpired_entries\x18\x03 \x01(\x04\x12\x0c\n\x04hits\x18\x04 \x01(\x04\x12\x0e\n\x06misses\x18\x05 \x01(\x04\x12\x11\n\tcoalesced\x18\x06 \x01(\x04\x12\x14\n\x0cstale_served\x18\x07 \x01(\x04\x12\x16\n\x0eupstream_calls\x18\x08 \x01(\x04\x12\x17\n\x0fupstream_errors\x18\t \x01(\x04\x12\x11\n\tevictions\x18\n \x01(\x04\x12\x10\n\x08watchers\x18\x0b \x01(\x04\x12\x11\n\thit_ratio\x18\x0c \x01(\x01\x12\x17\n\x0fwatched_secrets\x18\r \x01(\x04\x12\x14\n\x0cwatch_rounds\x18\x0e \x01(\x04\x12\x1c\n\x14watch_upstream_calls\x18\x0f \x01(\x04\x12\x18\n\x10negative_entries\x18\x10 \x01(\x04\x12\x15\n\rnegative_hits\x18\x11 \x01(\x04\x12\x18\n\x10upstream_backoff\x18\x12 \x01(\x08\x12\x19\n\x11upstream_backoffs\x18\x13 \x01(\x04\x12\x1a\n\x12upstream_in_flight\x18\x14 \x01(\x04\x12\x18\n\x10upstream_waiting\x18\x15 \x01(\x04\x12\x1e\n\x16upstream_queue_refused\x18\x16 \x01(\x04\x12\x15\n\rsweep_changes\x18\x17 \x01(\x04\x12\x17\n\x0f\x65vents_received\x18\x18 \x01(\x04\x12\x16\n\x0e\x65vents_applied\x18\x19 \x01(\x04\x12\x16\n\x0e\x65vents_ignored\x18\x1a \x01(\x04\x12\x15\n\revents_failed\x18\x1b \x01(\x04\"\"\n\x11\x43learCacheRequest\x12\r\n\x05names\x18\x01 \x03(\t\"%\n\x12\x43learCacheResponse\x12\x0f\n\x07\x63leared\x18\x01 \x01(\x04\"$\n\x14RefreshSecretRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"R\n\x15RefreshSecretResponse\x12(\n\x06secret\x18\x01 \x01(\x0b\x32\x18.secretsbroker.v1.Secret\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\"\x16\n\x14\x43heckUpstreamRequest\"\x97\x01\n\x15\x43heckUpstreamResponse\x12\x11\n\treachable\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12*\n\x07latency\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x06\x65vents\x18\x04 \x01(\x0b\x32\x1f.secretsbroker.v1.EventConsumer\"n\n\rEventConsumer\x12\r\n\x05state\x18\x01 \x01(\t\x12\x11\n\tqueue_url\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12+\n\x08last_lag\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration2\x8d\x03\n\x0c\x41\x64minService\x12`\n\rGetCacheStats\x12&.secretsbroker.v1.GetCacheStatsRequest\x1a\'.secretsbroker.v1.GetCacheStatsResponse\x12W\n\nClearCache\x12#.secretsbroker.v1.ClearCacheRequest\x1a$.secretsbroker.v1.ClearCacheResponse\x12`\n\rRefreshSecret\x12&.secretsbroker.v1.RefreshSecretRequest\x1a\'.secretsbroker.v1.RefreshSecretResponse\x12`\n\rCheckUpstream\x12&.secretsbroker.v1.CheckUpstreamRequest\x1a\'.secretsbroker.v1.CheckUpstreamResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,19 +36,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETCACHESTATSREQUEST']._serialized_start=121
   _globals['_GETCACHESTATSREQUEST']._serialized_end=143
   _globals['_GETCACHESTATSRESPONSE']._serialized_start=146
-  _globals['_GETCACHESTATSRESPONSE']._serialized_end=681
-  _globals['_CLEARCACHEREQUEST']._serialized_start=683
-  _globals['_CLEARCACHEREQUEST']._serialized_end=717
-  _globals['_CLEARCACHERESPONSE']._serialized_start=719
-  _globals['_CLEARCACHERESPONSE']._serialized_end=756
-  _globals['_REFRESHSECRETREQUEST']._serialized_start=758
-  _globals['_REFRESHSECRETREQUEST']._serialized_end=794
-  _globals['_REFRESHSECRETRESPONSE']._serialized_start=796
-  _globals['_REFRESHSECRETRESPONSE']._serialized_end=878
-  _globals['_CHECKUPSTREAMREQUEST']._serialized_start=880
-  _globals['_CHECKUPSTREAMREQUEST']._serialized_end=902
-  _globals['_CHECKUPSTREAMRESPONSE']._serialized_start=904
-  _globals['_CHECKUPSTREAMRESPONSE']._serialized_end=1006
-  _globals['_ADMINSERVICE']._serialized_start=1009
-  _globals['_ADMINSERVICE']._serialized_end=1406
+  _globals['_GETCACHESTATSRESPONSE']._serialized_end=800
+  _globals['_CLEARCACHEREQUEST']._serialized_start=802
+  _globals['_CLEARCACHEREQUEST']._serialized_end=836
+  _globals['_CLEARCACHERESPONSE']._serialized_start=838
+  _globals['_CLEARCACHERESPONSE']._serialized_end=875
+  _globals['_REFRESHSECRETREQUEST']._serialized_start=877
+  _globals['_REFRESHSECRETREQUEST']._serialized_end=913
+  _globals['_REFRESHSECRETRESPONSE']._serialized_start=915
+  _globals['_REFRESHSECRETRESPONSE']._serialized_end=997
+  _globals['_CHECKUPSTREAMREQUEST']._serialized_start=999
+  _globals['_CHECKUPSTREAMREQUEST']._serialized_end=1021
+  _globals['_CHECKUPSTREAMRESPONSE']._serialized_start=1024
+  _globals['_CHECKUPSTREAMRESPONSE']._serialized_end=1175
+  _globals['_EVENTCONSUMER']._serialized_start=1177
+  _globals['_EVENTCONSUMER']._serialized_end=1287
+  _globals['_ADMINSERVICE']._serialized_start=1290
+  _globals['_ADMINSERVICE']._serialized_end=1687
 # @@protoc_insertion_point(module_scope)

@@ -65,6 +65,11 @@ class GetCacheStatsResponse(_message.Message):
     UPSTREAM_IN_FLIGHT_FIELD_NUMBER: _builtins.int
     UPSTREAM_WAITING_FIELD_NUMBER: _builtins.int
     UPSTREAM_QUEUE_REFUSED_FIELD_NUMBER: _builtins.int
+    SWEEP_CHANGES_FIELD_NUMBER: _builtins.int
+    EVENTS_RECEIVED_FIELD_NUMBER: _builtins.int
+    EVENTS_APPLIED_FIELD_NUMBER: _builtins.int
+    EVENTS_IGNORED_FIELD_NUMBER: _builtins.int
+    EVENTS_FAILED_FIELD_NUMBER: _builtins.int
     total_entries: _builtins.int
     """Entries held in the cache."""
     valid_entries: _builtins.int
@@ -94,10 +99,14 @@ class GetCacheStatsResponse(_message.Message):
     watched_secrets: _builtins.int
     """Secrets with at least one open WatchSecret stream."""
     watch_rounds: _builtins.int
-    """Rounds of the change detector that checked at least one secret."""
+    """Rounds of the sweep (every SECRET_WATCH_INTERVAL) that had cached or
+    watched secrets to check.
+    """
     watch_upstream_calls: _builtins.int
-    """Upstream calls made by the change detector (independent of the number
-    of watchers: one per 20 watched secrets per round for AWSCURRENT).
+    """Upstream calls made by the sweep: metadata (ListSecrets pages, at most
+    one per 20 cached-or-watched secrets a round; DescribeSecret) plus a
+    value read for each secret whose stage moved. Independent of the number
+    of watchers.
     """
     negative_entries: _builtins.int
     """NOT_FOUND answers remembered now (for SECRET_CACHE_NEGATIVE_TTL)."""
@@ -117,6 +126,18 @@ class GetCacheStatsResponse(_message.Message):
     """Upstream calls waiting for a turn now (at most SECRET_UPSTREAM_QUEUE)."""
     upstream_queue_refused: _builtins.int
     """Upstream calls refused because the queue was full."""
+    sweep_changes: _builtins.int
+    """Cached or watched secrets the sweep found changed (re-read or deleted)."""
+    events_received: _builtins.int
+    """Change event messages received from SQS."""
+    events_applied: _builtins.int
+    """Events that re-read at least one cached or watched secret."""
+    events_ignored: _builtins.int
+    """Event messages dropped: malformed, foreign, duplicate, or about a
+    secret this broker does not hold (or already holds at that version).
+    """
+    events_failed: _builtins.int
+    """Events whose re-read failed (the sweep covers them)."""
     def __init__(
         self,
         *,
@@ -142,10 +163,15 @@ class GetCacheStatsResponse(_message.Message):
         upstream_in_flight: _builtins.int = ...,
         upstream_waiting: _builtins.int = ...,
         upstream_queue_refused: _builtins.int = ...,
+        sweep_changes: _builtins.int = ...,
+        events_received: _builtins.int = ...,
+        events_applied: _builtins.int = ...,
+        events_ignored: _builtins.int = ...,
+        events_failed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["coalesced", b"coalesced", "evictions", b"evictions", "expired_entries", b"expired_entries", "hit_ratio", b"hit_ratio", "hits", b"hits", "misses", b"misses", "negative_entries", b"negative_entries", "negative_hits", b"negative_hits", "stale_served", b"stale_served", "total_entries", b"total_entries", "upstream_backoff", b"upstream_backoff", "upstream_backoffs", b"upstream_backoffs", "upstream_calls", b"upstream_calls", "upstream_errors", b"upstream_errors", "upstream_in_flight", b"upstream_in_flight", "upstream_queue_refused", b"upstream_queue_refused", "upstream_waiting", b"upstream_waiting", "valid_entries", b"valid_entries", "watch_rounds", b"watch_rounds", "watch_upstream_calls", b"watch_upstream_calls", "watched_secrets", b"watched_secrets", "watchers", b"watchers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coalesced", b"coalesced", "events_applied", b"events_applied", "events_failed", b"events_failed", "events_ignored", b"events_ignored", "events_received", b"events_received", "evictions", b"evictions", "expired_entries", b"expired_entries", "hit_ratio", b"hit_ratio", "hits", b"hits", "misses", b"misses", "negative_entries", b"negative_entries", "negative_hits", b"negative_hits", "stale_served", b"stale_served", "sweep_changes", b"sweep_changes", "total_entries", b"total_entries", "upstream_backoff", b"upstream_backoff", "upstream_backoffs", b"upstream_backoffs", "upstream_calls", b"upstream_calls", "upstream_errors", b"upstream_errors", "upstream_in_flight", b"upstream_in_flight", "upstream_queue_refused", b"upstream_queue_refused", "upstream_waiting", b"upstream_waiting", "valid_entries", b"valid_entries", "watch_rounds", b"watch_rounds", "watch_upstream_calls", b"watch_upstream_calls", "watched_secrets", b"watched_secrets", "watchers", b"watchers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -273,6 +299,7 @@ class CheckUpstreamResponse(_message.Message):
     REACHABLE_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
     LATENCY_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
     reachable: _builtins.bool
     """True when the upstream answered an authenticated call."""
     detail: _builtins.str
@@ -281,17 +308,61 @@ class CheckUpstreamResponse(_message.Message):
     def latency(self) -> _duration_pb2.Duration:
         """How long the call took."""
 
+    @_builtins.property
+    def events(self) -> Global___EventConsumer:
+        """The change-event consumer (SECRET_EVENTS_QUEUE_URL or
+        SECRET_EVENTS_TOPIC_ARN). Its failures never make the broker unready:
+        the sweep and the TTL keep secrets fresh meanwhile.
+        """
+
     def __init__(
         self,
         *,
         reachable: _builtins.bool = ...,
         detail: _builtins.str = ...,
         latency: _duration_pb2.Duration | None = ...,
+        events: Global___EventConsumer | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "latency", b"latency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "latency", b"latency", "reachable", b"reachable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "events", b"events", "latency", b"latency", "reachable", b"reachable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CheckUpstreamResponse: _TypeAlias = CheckUpstreamResponse  # noqa: Y015
+
+@_typing.final
+class EventConsumer(_message.Message):
+    """The state of the change-event consumer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    QUEUE_URL_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    LAST_LAG_FIELD_NUMBER: _builtins.int
+    state: _builtins.str
+    """"off" (no event source), "starting", "consuming" or "failing"."""
+    queue_url: _builtins.str
+    """The SQS queue read (in topic mode, the broker's own queue)."""
+    detail: _builtins.str
+    """Why it is failing (one line), empty otherwise."""
+    @_builtins.property
+    def last_lag(self) -> _duration_pb2.Duration:
+        """From the last applied event's time to its application."""
+
+    def __init__(
+        self,
+        *,
+        state: _builtins.str = ...,
+        queue_url: _builtins.str = ...,
+        detail: _builtins.str = ...,
+        last_lag: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_lag", b"last_lag"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "last_lag", b"last_lag", "queue_url", b"queue_url", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventConsumer: _TypeAlias = EventConsumer  # noqa: Y015

@@ -1,29 +1,31 @@
-//! Rotation notifications: one change detector for the whole broker and a
-//! per-secret broadcast of the latest state.
+//! Freshness: rotation notifications for watchers, and keeping every
+//! cached secret current (not only the watched ones) between TTLs.
 //!
 //! Design, and why:
 //! - Each watched (secret, stage) is a *topic* holding its latest state in a
 //!   `tokio::sync::watch` channel. Sending never waits for receivers, and a
 //!   receiver only ever sees the newest state: a slow watcher cannot block
-//!   the detector or the others, and can never see an older version after
-//!   a newer one (it may skip intermediate ones). An idle watcher costs one
-//!   receiver (a pointer and a counter) plus its gRPC stream.
-//! - The detector runs every `interval` (±10% jitter, so that replicas do
-//!   not poll in step) and checks every watched secret: current versions in
-//!   batches (one BatchGetSecretValue per 20 secrets), other stages one call
-//!   each. Its cost depends on the number of watched secrets, never on the
-//!   number of watchers. A store that can tell it changed (the file
-//!   backend) wakes it at once.
-//! - A batch answer whose version does not carry the watched stage (AWS's
-//!   short consistency delays; moto's batch answers after a stage move) is
-//!   not trusted: that secret is read directly by stage in the same round,
-//!   so a rotation is never put off to a next round that may answer the
-//!   same.
-//! - What the detector reads goes into the cache, and the cache tells this
-//!   module of every version it stores (its change listener). So a change
-//!   found by the detector, a bypass read or an AdminService.RefreshSecret
-//!   updates the cache and reaches the watchers in one step, and a GetSecret
-//!   after the event returns the new version.
+//!   the others, and can never see an older version after a newer one (it
+//!   may skip intermediate ones). An idle watcher costs one receiver (a
+//!   pointer and a counter) plus its gRPC stream.
+//! - What is *tracked* is every cached entry read by stage plus every topic.
+//!   Two things keep it fresh, each ending in the same step (`reread`):
+//!   - events (`crate::events`): a message that a secret changed makes
+//!     `refresh_secret` re-read every tracked stage of that name at once;
+//!   - the sweep (`sweep`), every `interval` (±10% jitter, so that replicas
+//!     do not poll in step): the upstream's *metadata* of every tracked
+//!     secret (ListSecrets pages), at most one call per 20 tracked secrets,
+//!     and a value read only where a stage moved. A store that can tell it
+//!     changed (the file backend) wakes it at once.
+//!
+//!   The cache's TTL stays the last resort behind both.
+//! - Re-reads go through the cache, and the cache tells this module of every
+//!   version it stores (its change listener). So a change found by an
+//!   event, the sweep, a bypass read or AdminService.RefreshSecret updates
+//!   the cache and reaches the watchers in one step, and a GetSecret after
+//!   it returns the new version.
+//! - A deletion is confirmed upstream (a read or DescribeSecret that says
+//!   so) before watchers hear DELETED; the secret's entries are dropped.
 //! - On shutdown every stream ends with UNAVAILABLE so that clients
 //!   reconnect (to another replica) with `since_version_id`.
 
@@ -39,7 +41,7 @@ use dashmap::DashMap;
 use tokio::sync::watch;
 
 use crate::{
-    backend::{AWSCURRENT, SecretStore, StoreError, VersionSelector},
+    backend::{AWSCURRENT, StoreError, VersionSelector},
     cache::{Cache, CacheKey},
     names,
     secret::SecretVersion,
@@ -95,8 +97,27 @@ pub struct WatchStats {
     /// Changes broadcast (rotations, deletions, restorations).
     pub events: u64,
     pub watched_secrets: u64,
+    /// Sweep rounds that had something to check.
     pub rounds: u64,
+    /// Upstream calls of the sweep (listings, descriptions, re-reads).
     pub upstream_calls: u64,
+    /// Tracked entries the sweep found changed (re-read or deleted).
+    pub sweep_changes: u64,
+}
+
+/// What `refresh_secret` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refreshed {
+    /// Nothing of that secret is cached or watched here.
+    Untracked,
+    /// Its tracked stages were re-read (`changed` of them held another
+    /// version than before, or it is gone).
+    Reread { reads: usize, changed: usize },
+    /// Every tracked stage already holds the version the event names.
+    AlreadyCurrent,
+    /// A re-read failed for a reason that says nothing of the secret (the
+    /// upstream was down or busy): the sweep will look again.
+    Failed(StoreError),
 }
 
 /// A handle to the watch layer; cheap to clone.
@@ -105,7 +126,7 @@ pub struct WatchHub {
     shared: Arc<Shared>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct TopicKey {
     name: String,
     stage: String,
@@ -118,25 +139,35 @@ struct Topic {
 struct Shared {
     cache: Cache,
     interval: Duration,
+    /// What the sweep lists: the secret prefix with its slash (`""`: all).
+    listed_prefix: String,
     topics: DashMap<TopicKey, Arc<Topic>>,
     watchers: AtomicU64,
     rounds: AtomicU64,
     upstream_calls: AtomicU64,
+    sweep_changes: AtomicU64,
     events: AtomicU64,
+    /// Where a listing left off when a round's budget ran out.
+    cursor: std::sync::Mutex<sweep::Cursor>,
     shutdown: watch::Sender<bool>,
 }
 
 impl WatchHub {
     /// Creates the hub and registers it as the cache's change listener.
-    pub fn new(cache: Cache, interval: Duration) -> Self {
+    /// The sweep runs every `interval` and lists the secrets whose names
+    /// start with `listed_prefix` (the secret prefix and its slash).
+    pub fn new(cache: Cache, interval: Duration, listed_prefix: &str) -> Self {
         let shared = Arc::new(Shared {
             cache: cache.clone(),
             interval,
+            listed_prefix: listed_prefix.to_owned(),
             topics: DashMap::new(),
             watchers: AtomicU64::new(0),
             rounds: AtomicU64::new(0),
             upstream_calls: AtomicU64::new(0),
+            sweep_changes: AtomicU64::new(0),
             events: AtomicU64::new(0),
+            cursor: std::sync::Mutex::default(),
             shutdown: watch::Sender::new(false),
         });
         // Weak: the cache (held by the hub) must not keep the hub alive.
@@ -222,6 +253,45 @@ impl WatchHub {
             watched_secrets: shared.topics.len() as u64,
             rounds: shared.rounds.load(Relaxed),
             upstream_calls: shared.upstream_calls.load(Relaxed),
+            sweep_changes: shared.sweep_changes.load(Relaxed),
+        }
+    }
+
+    /// Re-reads every tracked stage of the secret that one of `ids` (names
+    /// or ARNs, as an event gives them) stands for, coalesced per stage,
+    /// and tells its watchers. `hint` is the (stage, version id) the event
+    /// says a label moved to: stages already holding it are not re-read.
+    pub async fn refresh_secret(&self, ids: &[String], hint: Option<(&str, &str)>) -> Refreshed {
+        let names: Vec<&str> = ids.iter().map(|id| names::secret_name(id)).collect();
+        let tracked = self
+            .shared
+            .tracked(|id| names.contains(&names::secret_name(id)));
+        if tracked.is_empty() {
+            return Refreshed::Untracked;
+        }
+        let stale: Vec<&Tracked> = tracked
+            .iter()
+            .filter(|t| match hint {
+                Some((stage, version)) => !(t.key.stage == stage && t.holds_only(version)),
+                None => true,
+            })
+            .collect();
+        if stale.is_empty() {
+            return Refreshed::AlreadyCurrent;
+        }
+        let rereads = stale.iter().map(|t| self.shared.reread(t));
+        let outcomes = futures::future::join_all(rereads).await;
+        let mut changed = 0;
+        for outcome in outcomes {
+            match outcome {
+                Reread::Changed => changed += 1,
+                Reread::Same => {}
+                Reread::Failed(error) => return Refreshed::Failed(error),
+            }
+        }
+        Refreshed::Reread {
+            reads: stale.len(),
+            changed,
         }
     }
 
@@ -230,10 +300,10 @@ impl WatchHub {
         self.shared.shutdown.send_replace(true);
     }
 
-    /// Runs the change detector until shutdown.
-    pub async fn detect_changes(self) {
+    /// Runs the sweep until shutdown.
+    pub async fn sweep(self) {
         let store = Arc::clone(self.shared.cache.store());
-        Arc::clone(&self.shared).detect_changes(store).await
+        Arc::clone(&self.shared).sweep(store).await
     }
 }
 
@@ -289,88 +359,134 @@ impl Topic {
     }
 }
 
-impl Shared {
-    async fn detect_changes(self: Arc<Self>, store: Arc<dyn SecretStore>) {
-        let mut shutdown = self.shutdown.subscribe();
-        let mut store_changed = store.change_signal();
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep(jittered(self.interval)) => {}
-                () = changed(&mut store_changed) => {}
-                _ = shutdown.wait_for(|stop| *stop) => return,
-            }
-            self.round(store.as_ref()).await;
-        }
+/// One tracked (secret, stage): a cached entry read by stage, a topic, or
+/// both, with the versions they hold.
+#[derive(Debug)]
+struct Tracked {
+    /// The id it is read by (a full name or an ARN) and the stage.
+    key: TopicKey,
+    /// The version ids held (the entry's and the topic's; the same but for
+    /// a moment).
+    held: Vec<String>,
+    /// Its topic stands at DELETED: any version found is news.
+    deleted: bool,
+}
+
+impl Tracked {
+    fn holds_only(&self, version_id: &str) -> bool {
+        !self.deleted && self.held.iter().all(|held| held == version_id)
     }
 
-    /// Checks every watched secret once.
-    async fn round(&self, store: &dyn SecretStore) {
-        // Topics nobody watches any more are dropped first.
+    fn cache_key(&self) -> CacheKey {
+        CacheKey::new(
+            self.key.name.clone(),
+            VersionSelector::Stage(self.key.stage.clone()),
+        )
+    }
+}
+
+/// What one re-read found.
+enum Reread {
+    Changed,
+    Same,
+    Failed(StoreError),
+}
+
+impl Shared {
+    /// Everything tracked whose id `wanted` picks, one item per (id, stage).
+    /// Topics nobody watches any more are dropped first.
+    fn tracked(&self, wanted: impl Fn(&str) -> bool) -> Vec<Tracked> {
         self.topics
             .retain(|_, topic| topic.state.receiver_count() > 0);
-        if self.topics.is_empty() {
-            return;
+        let mut tracked: std::collections::BTreeMap<TopicKey, Tracked> = Default::default();
+        let staged = self.cache.entries_where(|key| {
+            matches!(key.selector, VersionSelector::Stage(_)) && wanted(&key.name)
+        });
+        for (key, version) in staged {
+            let VersionSelector::Stage(stage) = key.selector else {
+                continue;
+            };
+            let key = TopicKey {
+                name: key.name,
+                stage,
+            };
+            tracked
+                .entry(key.clone())
+                .or_insert_with(|| Tracked {
+                    key,
+                    held: Vec::new(),
+                    deleted: false,
+                })
+                .held
+                .push(version.version_id.clone());
         }
-        self.rounds.fetch_add(1, Relaxed);
-        let keys: Vec<TopicKey> = self.topics.iter().map(|t| t.key().clone()).collect();
-        let (current, other): (Vec<_>, Vec<_>) =
-            keys.into_iter().partition(|key| key.stage == AWSCURRENT);
+        for topic in self.topics.iter().filter(|t| wanted(&t.key().name)) {
+            let state = topic.state.borrow();
+            let item = tracked
+                .entry(topic.key().clone())
+                .or_insert_with(|| Tracked {
+                    key: topic.key().clone(),
+                    held: Vec::new(),
+                    deleted: false,
+                });
+            item.held.push(state.version.version_id.clone());
+            item.deleted |= state.event == WatchEvent::Deleted;
+        }
+        tracked.into_values().collect()
+    }
 
-        let names: Vec<String> = current.into_iter().map(|key| key.name).collect();
-        let mut direct = other;
-        if !names.is_empty() {
-            match store.get_current_batch(&names).await {
-                Ok(answer) => {
-                    self.upstream_calls
-                        .fetch_add(answer.upstream_calls, Relaxed);
-                    for (name, result) in answer.items {
-                        let stage = AWSCURRENT.to_owned();
-                        let key = TopicKey { name, stage };
-                        if let Some(lagging) = self.apply(key, result) {
-                            direct.push(lagging);
-                        }
-                    }
-                }
-                Err(error) => tracing::warn!(%error, "change detection failed this round"),
+    /// Reads one tracked stage upstream now, through the cache (which
+    /// tells its topic); a definite "gone" drops the whole secret.
+    async fn reread(&self, tracked: &Tracked) -> Reread {
+        match self.cache.refresh(tracked.cache_key()).await {
+            Ok((version, _)) if tracked.holds_only(&version.version_id) => Reread::Same,
+            Ok(_) => Reread::Changed,
+            Err(StoreError::NotFound { .. } | StoreError::Deleted { .. })
+                if tracked.key.stage == AWSCURRENT =>
+            {
+                self.forget_deleted(names::secret_name(&tracked.key.name));
+                Reread::Changed
             }
-        }
-        for key in direct {
-            self.upstream_calls.fetch_add(1, Relaxed);
-            let selector = VersionSelector::Stage(key.stage.clone());
-            let result = store.get_secret_value(&key.name, &selector).await;
-            if let Some(key) = self.apply(key, result) {
-                tracing::debug!(secret = %key.name, stage = %key.stage, "a read by stage answered a version without that stage; skipped");
+            Err(StoreError::NotFound { .. } | StoreError::Deleted { .. }) => {
+                // The stage is gone (e.g. no AWSPREVIOUS any more), not
+                // necessarily the secret.
+                self.cache.remove(&tracked.cache_key());
+                self.mark_deleted(&tracked.key);
+                Reread::Changed
+            }
+            Err(error) if error.is_transient() => Reread::Failed(error),
+            Err(error) => {
+                tracing::debug!(secret = %tracked.key.name, %error, "a re-read was refused; skipped");
+                Reread::Same
             }
         }
     }
 
-    /// One secret's answer: into the cache (which tells the topic), or a
-    /// deletion. Returns the key back when the answer lacks the watched
-    /// stage: it must be read again by stage.
-    fn apply(&self, key: TopicKey, result: Result<SecretVersion, StoreError>) -> Option<TopicKey> {
-        let cache_key = CacheKey::new(key.name.clone(), VersionSelector::Stage(key.stage.clone()));
-        match result {
-            // An answer that does not carry the watched label would be a
-            // step back.
-            Ok(version) if !version.version_stages.contains(&key.stage) => return Some(key),
-            Ok(version) if !names::answer_matches(&key.name, &version.name, &version.arn) => {
-                tracing::warn!(secret = %key.name, answered = %version.name, "change detection got another secret than the one watched; skipped")
-            }
-            Ok(version) => self.cache.put(&cache_key, Arc::new(version)),
-            Err(StoreError::NotFound { .. } | StoreError::Deleted { .. }) => {
-                self.cache.remove(&cache_key);
-                if let Some(topic) = self.topics.get(&key)
-                    && topic.mark_deleted()
-                {
-                    self.events.fetch_add(1, Relaxed);
-                    tracing::info!(secret = %key.name, stage = %key.stage, "secret deletion observed");
-                }
-            }
-            Err(error) => {
-                tracing::debug!(secret = %key.name, %error, "change detection skipped a secret")
-            }
+    /// The secret `name` is gone upstream: its entries are dropped (every
+    /// selector, by name or ARN) and its watchers told.
+    fn forget_deleted(&self, name: &str) {
+        let belongs = |id: &str| names::secret_name(id) == name;
+        for (key, _) in self.cache.entries_where(|key| belongs(&key.name)) {
+            self.cache.remove(&key);
         }
-        None
+        let keys: Vec<TopicKey> = self
+            .topics
+            .iter()
+            .filter(|t| belongs(&t.key().name))
+            .map(|t| t.key().clone())
+            .collect();
+        for key in keys {
+            self.mark_deleted(&key);
+        }
+    }
+
+    fn mark_deleted(&self, key: &TopicKey) {
+        if let Some(topic) = self.topics.get(key)
+            && topic.mark_deleted()
+        {
+            self.events.fetch_add(1, Relaxed);
+            tracing::info!(secret = %key.name, stage = %key.stage, "secret deletion observed");
+        }
     }
 }
 
@@ -420,13 +536,26 @@ impl WatchHub {
             counter(
                 e,
                 "watch_rounds",
-                "Rounds of the change detector",
+                "Rounds of the sweep that had secrets to check",
                 watch.rounds,
+            )?;
+            counter(
+                e,
+                "sweep_upstream_calls",
+                "Upstream calls of the sweep (listings, descriptions, re-reads)",
+                watch.upstream_calls,
+            )?;
+            counter(
+                e,
+                "sweep_changes",
+                "Cached or watched secrets the sweep found changed",
+                watch.sweep_changes,
             )?;
             Ok(())
         });
     }
 }
 
+mod sweep;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

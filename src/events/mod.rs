@@ -1,0 +1,372 @@
+//! The event path: Secrets Manager's change events, read from SQS, make
+//! every cached entry and watcher of the changed secret current within
+//! about a second, on every replica.
+//!
+//! Design, and why:
+//! - AWS's own bus carries the changes (EventBridge → SNS → one SQS queue
+//!   per replica, or EventBridge → one queue); nothing home-made runs
+//!   between replicas. `queue` holds the SQS/SNS calls, `message` what a
+//!   message says.
+//! - An event never carries a value: it makes the broker re-read the secret
+//!   upstream (`WatchHub::refresh_secret`), and the cache and the watchers
+//!   take the answer in one step. Events of one receive for the same secret
+//!   make one re-read; an event saying a label moved to the version already
+//!   held makes none.
+//! - Every message is deleted once handled, whatever it said: a malformed,
+//!   foreign or duplicate one is logged (a reason, never its body) and
+//!   dropped, so nothing loops. A re-read that fails is left to the sweep.
+//! - The consumer's failures never fail readiness: with SQS away, the sweep
+//!   and the TTL still hold; it backs off and resumes by itself.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, SystemTime},
+};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::EventSource,
+    watch::{Refreshed, WatchHub},
+};
+
+mod message;
+mod queue;
+
+use message::{Change, Message};
+use queue::Queue;
+
+/// Event ids remembered to drop a second delivery (SQS and SNS deliver at
+/// least once).
+const REMEMBERED_IDS: usize = 4096;
+/// Waits between attempts while SQS fails.
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+const LAST_RETRY: Duration = Duration::from_secs(30);
+
+/// The event path's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EventStats {
+    /// Messages received.
+    pub received: u64,
+    /// Events that re-read at least one cached or watched entry.
+    pub applied: u64,
+    /// Messages dropped: malformed, foreign, duplicate, or about a secret
+    /// not held here (or already current).
+    pub ignored: u64,
+    /// Events whose re-read failed (the sweep covers them).
+    pub failed: u64,
+    /// From the last applied event's time to its application.
+    pub last_lag: Option<Duration>,
+}
+
+/// The consumer's state, for CheckUpstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsumerState {
+    /// No event source is configured.
+    Off,
+    /// Opening the queue (and in topic mode, making it).
+    Starting,
+    /// Reading this queue.
+    Consuming(String),
+    /// The last SQS call failed; retrying.
+    Failing(String),
+}
+
+/// A handle to the event path's state; cheap to clone.
+#[derive(Clone)]
+pub struct Events {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    source: Option<EventSource>,
+    state: Mutex<ConsumerState>,
+    received: AtomicU64,
+    applied: AtomicU64,
+    ignored: AtomicU64,
+    failed: AtomicU64,
+    /// Milliseconds, plus one (0: none yet).
+    last_lag_ms: AtomicU64,
+    seen: Mutex<RecentIds>,
+}
+
+impl Events {
+    /// The event path for `source` (`None`: off).
+    pub fn new(source: Option<EventSource>) -> Self {
+        let state = match source {
+            Some(_) => ConsumerState::Starting,
+            None => ConsumerState::Off,
+        };
+        Self {
+            shared: Arc::new(Shared {
+                source,
+                state: Mutex::new(state),
+                received: AtomicU64::new(0),
+                applied: AtomicU64::new(0),
+                ignored: AtomicU64::new(0),
+                failed: AtomicU64::new(0),
+                last_lag_ms: AtomicU64::new(0),
+                seen: Mutex::new(RecentIds::default()),
+            }),
+        }
+    }
+
+    /// Counters now.
+    pub fn stats(&self) -> EventStats {
+        let shared = &self.shared;
+        let lag = shared.last_lag_ms.load(Relaxed);
+        EventStats {
+            received: shared.received.load(Relaxed),
+            applied: shared.applied.load(Relaxed),
+            ignored: shared.ignored.load(Relaxed),
+            failed: shared.failed.load(Relaxed),
+            last_lag: (lag > 0).then(|| Duration::from_millis(lag - 1)),
+        }
+    }
+
+    /// The consumer's state now.
+    pub fn state(&self) -> ConsumerState {
+        self.shared.state.lock().unwrap().clone()
+    }
+
+    fn set_state(&self, state: ConsumerState) {
+        *self.shared.state.lock().unwrap() = state;
+    }
+
+    /// Reads the source until `stop`, then (topic mode) removes the queue
+    /// it made. Returns at once when no source is configured.
+    pub async fn consume(self, region: String, hub: WatchHub, stop: CancellationToken) {
+        let Some(source) = self.shared.source.clone() else {
+            return;
+        };
+        let mut retry = FIRST_RETRY;
+        let queue = loop {
+            match Queue::open(&source, &region).await {
+                Ok(queue) => break queue,
+                Err(error) => {
+                    tracing::warn!(%error, ?retry, "the event queue could not be opened; the sweep keeps secrets fresh meanwhile");
+                    self.set_state(ConsumerState::Failing(error.to_string()));
+                    if !pause(&stop, &mut retry).await {
+                        return;
+                    }
+                }
+            }
+        };
+        self.set_state(ConsumerState::Consuming(queue.url().to_owned()));
+        tracing::info!(queue = %queue.url(), "reading secret change events");
+        self.read(&queue, &hub, &stop).await;
+        queue.close().await;
+    }
+
+    async fn read(&self, queue: &Queue, hub: &WatchHub, stop: &CancellationToken) {
+        let mut retry = FIRST_RETRY;
+        loop {
+            let received = tokio::select! {
+                () = stop.cancelled() => return,
+                received = queue.receive() => received,
+            };
+            let result = match received {
+                Ok(messages) => {
+                    let receipts = self.handle_batch(hub, messages).await;
+                    queue.delete(receipts).await
+                }
+                Err(error) => Err(error),
+            };
+            match result {
+                Ok(()) => {
+                    if retry != FIRST_RETRY {
+                        tracing::info!("the event queue answers again");
+                        self.set_state(ConsumerState::Consuming(queue.url().to_owned()));
+                    }
+                    retry = FIRST_RETRY;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, ?retry, "reading the event queue failed; the sweep keeps secrets fresh meanwhile");
+                    self.set_state(ConsumerState::Failing(error.to_string()));
+                    if !pause(stop, &mut retry).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one receive's messages; returns the receipts to delete
+    /// (all of them).
+    async fn handle_batch(&self, hub: &WatchHub, messages: Vec<queue::Received>) -> Vec<String> {
+        let bodies: Vec<(&str, &str)> = messages
+            .iter()
+            .map(|m| (m.id.as_str(), m.body.as_str()))
+            .collect();
+        self.handle(hub, &bodies).await;
+        messages.into_iter().map(|m| m.receipt).collect()
+    }
+
+    /// Handles message bodies (with their message ids, for the log):
+    /// changes of one secret make one re-read.
+    pub(crate) async fn handle(&self, hub: &WatchHub, bodies: &[(&str, &str)]) {
+        let shared = &self.shared;
+        shared.received.fetch_add(bodies.len() as u64, Relaxed);
+        let mut changes: HashMap<Vec<String>, Vec<Change>> = HashMap::new();
+        for (message_id, body) in bodies {
+            match message::parse(body) {
+                Ok(Message::Change(change)) if self.first_delivery(&change) => {
+                    changes
+                        .entry(change.names.clone())
+                        .or_default()
+                        .push(change);
+                }
+                Ok(Message::Change(change)) => {
+                    shared.ignored.fetch_add(1, Relaxed);
+                    tracing::debug!(message_id, event_id = %change.event_id, "a duplicate event; dropped");
+                }
+                Ok(Message::Foreign(what)) => {
+                    shared.ignored.fetch_add(1, Relaxed);
+                    tracing::debug!(message_id, what, "not an event for the broker; dropped");
+                }
+                Err(why) => {
+                    shared.ignored.fetch_add(1, Relaxed);
+                    tracing::warn!(message_id, %why, "an unreadable event message; dropped");
+                }
+            }
+        }
+        let applying = changes
+            .into_values()
+            .map(|changes| self.apply(hub, changes));
+        futures::future::join_all(applying).await;
+    }
+
+    /// Whether this event is new (and remembers it).
+    fn first_delivery(&self, change: &Change) -> bool {
+        change.event_id.is_empty() || self.shared.seen.lock().unwrap().insert(&change.event_id)
+    }
+
+    /// Changes of one secret: one re-read, counted per event.
+    async fn apply(&self, hub: &WatchHub, changes: Vec<Change>) {
+        let shared = &self.shared;
+        let first = &changes[0];
+        // One hint holds for all only when they agree.
+        let hint = changes
+            .iter()
+            .all(|c| c.moved_to == first.moved_to)
+            .then_some(first.moved_to.as_ref())
+            .flatten()
+            .map(|(stage, version)| (stage.as_str(), version.as_str()));
+        let count = changes.len() as u64;
+        let secret = &first.names[0];
+        match hub.refresh_secret(&first.names, hint).await {
+            Refreshed::Reread { reads, changed } => {
+                shared.applied.fetch_add(count, Relaxed);
+                let lag =
+                    latest_time(&changes).and_then(|t| SystemTime::now().duration_since(t).ok());
+                if let Some(lag) = lag {
+                    shared
+                        .last_lag_ms
+                        .store(lag.as_millis() as u64 + 1, Relaxed);
+                }
+                tracing::info!(%secret, kind = %first.kind, reads, changed, lag_ms = lag.map(|l| l.as_millis() as u64), "secret change event applied");
+            }
+            Refreshed::Untracked | Refreshed::AlreadyCurrent => {
+                shared.ignored.fetch_add(count, Relaxed);
+                tracing::debug!(%secret, kind = %first.kind, "an event about a secret not held here, or already current; dropped");
+            }
+            Refreshed::Failed(error) => {
+                shared.failed.fetch_add(count, Relaxed);
+                tracing::warn!(%secret, %error, "an event's re-read failed; the sweep will look again");
+            }
+        }
+    }
+
+    /// Registers the event path's metrics.
+    pub fn register_metrics(&self, metrics: &crate::metrics::Metrics) {
+        use crate::metrics::{counter, gauge};
+        let events = self.clone();
+        metrics.register_state(move |e| {
+            let stats = events.stats();
+            counter(
+                e,
+                "events_received",
+                "Event messages received from SQS",
+                stats.received,
+            )?;
+            counter(
+                e,
+                "events_applied",
+                "Events that re-read a cached or watched secret",
+                stats.applied,
+            )?;
+            counter(
+                e,
+                "events_ignored",
+                "Event messages dropped: malformed, foreign, duplicate, or about a secret not held",
+                stats.ignored,
+            )?;
+            counter(
+                e,
+                "events_failed",
+                "Events whose re-read failed (the sweep covers them)",
+                stats.failed,
+            )?;
+            let lag_ms = stats.last_lag.map_or(0, |lag| lag.as_millis() as i64);
+            gauge(
+                e,
+                "events_lag_milliseconds",
+                "From the last applied event's time to its application",
+                lag_ms,
+            )?;
+            let consuming = matches!(events.state(), ConsumerState::Consuming(_));
+            gauge(
+                e,
+                "events_consuming",
+                "1 while the event queue is being read",
+                i64::from(consuming),
+            )?;
+            Ok(())
+        });
+    }
+}
+
+fn latest_time(changes: &[Change]) -> Option<SystemTime> {
+    changes.iter().filter_map(|c| c.time).max()
+}
+
+/// Sleeps `retry` (doubling it up to `LAST_RETRY`); false when stopped.
+async fn pause(stop: &CancellationToken, retry: &mut Duration) -> bool {
+    let wait = *retry;
+    *retry = (*retry * 2).min(LAST_RETRY);
+    tokio::select! {
+        () = stop.cancelled() => false,
+        () = tokio::time::sleep(wait) => true,
+    }
+}
+
+/// The last `REMEMBERED_IDS` event ids, oldest first out.
+#[derive(Default)]
+struct RecentIds {
+    order: VecDeque<String>,
+    set: std::collections::HashSet<String>,
+}
+
+impl RecentIds {
+    /// True when `id` was not remembered yet.
+    fn insert(&mut self, id: &str) -> bool {
+        if self.set.contains(id) {
+            return false;
+        }
+        if self.order.len() == REMEMBERED_IDS
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.set.remove(&oldest);
+        }
+        self.order.push_back(id.to_owned());
+        self.set.insert(id.to_owned());
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests;

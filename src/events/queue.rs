@@ -1,0 +1,327 @@
+//! The SQS side of the event path: the queue read, and in topic mode the
+//! queue the broker makes for itself, subscribes to the topic, and removes
+//! on a graceful shutdown.
+//!
+//! Each replica needs a queue of its own for SNS to fan out to. Its name
+//! is `secrets-broker-`, the host's (pod's) name and a random part, at most
+//! 80 characters: replicas on one host must not collide, and AWS refuses a
+//! name deleted less than 60 seconds ago, which a restarted pod would
+//! otherwise reuse. Retention is short (`RETENTION`): a crashed replica's
+//! queue holds only recent events until someone deletes it (README,
+//! "Running a fleet"). The queue policy lets only the topic send to it.
+
+use std::time::Duration;
+
+use aws_sdk_sns::Client as SnsClient;
+use aws_sdk_sqs::{
+    Client as SqsClient,
+    config::timeout::TimeoutConfig,
+    error::DisplayErrorContext,
+    types::{DeleteMessageBatchRequestEntry, QueueAttributeName},
+};
+
+use crate::config::EventSource;
+
+/// The longest a receive waits for a message (SQS's maximum long poll).
+const LONG_POLL: Duration = Duration::from_secs(20);
+/// How long the broker's own queue keeps a message: events older than this
+/// are covered by the sweep anyway.
+const RETENTION: Duration = Duration::from_secs(300);
+/// The most messages one receive returns (SQS's maximum).
+const BATCH: i32 = 10;
+/// Prefix of the queues the broker makes; the IAM policy scopes to it.
+pub(super) const QUEUE_PREFIX: &str = "secrets-broker-";
+/// AWS's longest queue name.
+const MAX_QUEUE_NAME: usize = 80;
+
+/// One message as received: its body and what deletes it.
+pub(super) struct Received {
+    pub(super) id: String,
+    pub(super) body: String,
+    pub(super) receipt: String,
+}
+
+/// A failed SQS or SNS call, in one line.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{action} failed: {detail}")]
+pub(super) struct QueueError {
+    action: &'static str,
+    detail: String,
+}
+
+impl QueueError {
+    fn of(action: &'static str, error: impl std::error::Error) -> Self {
+        Self {
+            action,
+            detail: DisplayErrorContext(error).to_string(),
+        }
+    }
+}
+
+/// The queue being read; in topic mode, also what the broker made.
+pub(super) struct Queue {
+    sqs: SqsClient,
+    url: String,
+    owned: Option<Owned>,
+}
+
+/// What the broker made in topic mode, and removes on shutdown.
+struct Owned {
+    sns: SnsClient,
+    subscription: String,
+}
+
+impl Queue {
+    /// Opens the source: the given queue, or a new queue subscribed to the
+    /// given topic.
+    pub(super) async fn open(source: &EventSource, region: &str) -> Result<Self, QueueError> {
+        let config = crate::backend::aws::sdk_config(region).await;
+        // A long poll outlasts the SDK's usual attempt timeout.
+        let sqs_config = aws_sdk_sqs::config::Builder::from(&config)
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(3))
+                    .operation_attempt_timeout(LONG_POLL + Duration::from_secs(5))
+                    .operation_timeout(LONG_POLL + Duration::from_secs(10))
+                    .build(),
+            )
+            .build();
+        let sqs = SqsClient::from_conf(sqs_config);
+        match source {
+            EventSource::Queue(url) => Ok(Self {
+                sqs,
+                url: url.clone(),
+                owned: None,
+            }),
+            EventSource::Topic(topic) => Self::subscribe(sqs, SnsClient::new(&config), topic).await,
+        }
+    }
+
+    async fn subscribe(sqs: SqsClient, sns: SnsClient, topic: &str) -> Result<Self, QueueError> {
+        let name = queue_name(&std::env::var("HOSTNAME").unwrap_or_default());
+        let created = sqs
+            .create_queue()
+            .queue_name(&name)
+            .attributes(
+                QueueAttributeName::MessageRetentionPeriod,
+                RETENTION.as_secs().to_string(),
+            )
+            .tags("secrets-broker", "events-queue")
+            .send()
+            .await
+            .map_err(|e| QueueError::of("CreateQueue", e))?;
+        let url = created.queue_url().unwrap_or_default().to_owned();
+        let mut queue = Self {
+            sqs,
+            url,
+            owned: None,
+        };
+        // From here on, a failure removes the queue again.
+        match queue.attach(sns.clone(), topic).await {
+            Ok(subscription) => {
+                queue.owned = Some(Owned { sns, subscription });
+                tracing::info!(queue = %queue.url, topic, "subscribed a queue of this broker to the events topic");
+                Ok(queue)
+            }
+            Err(error) => {
+                queue.delete_queue().await;
+                Err(error)
+            }
+        }
+    }
+
+    /// Lets only the topic send to the queue, and subscribes it.
+    async fn attach(&self, sns: SnsClient, topic: &str) -> Result<String, QueueError> {
+        let attributes = self
+            .sqs
+            .get_queue_attributes()
+            .queue_url(&self.url)
+            .attribute_names(QueueAttributeName::QueueArn)
+            .send()
+            .await
+            .map_err(|e| QueueError::of("GetQueueAttributes", e))?;
+        let queue_arn = attributes
+            .attributes()
+            .and_then(|a| a.get(&QueueAttributeName::QueueArn))
+            .cloned()
+            .unwrap_or_default();
+        self.sqs
+            .set_queue_attributes()
+            .queue_url(&self.url)
+            .attributes(QueueAttributeName::Policy, queue_policy(&queue_arn, topic))
+            .send()
+            .await
+            .map_err(|e| QueueError::of("SetQueueAttributes", e))?;
+        let subscribed = sns
+            .subscribe()
+            .topic_arn(topic)
+            .protocol("sqs")
+            .endpoint(&queue_arn)
+            .return_subscription_arn(true)
+            .send()
+            .await
+            .map_err(|e| QueueError::of("Subscribe", e))?;
+        Ok(subscribed.subscription_arn().unwrap_or_default().to_owned())
+    }
+
+    /// The queue's URL.
+    pub(super) fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Waits up to the long poll for up to `BATCH` messages.
+    pub(super) async fn receive(&self) -> Result<Vec<Received>, QueueError> {
+        let output = self
+            .sqs
+            .receive_message()
+            .queue_url(&self.url)
+            .max_number_of_messages(BATCH)
+            .wait_time_seconds(LONG_POLL.as_secs() as i32)
+            .send()
+            .await
+            .map_err(|e| QueueError::of("ReceiveMessage", e))?;
+        Ok(output
+            .messages()
+            .iter()
+            .filter_map(|m| {
+                Some(Received {
+                    id: m.message_id().unwrap_or_default().to_owned(),
+                    body: m.body().unwrap_or_default().to_owned(),
+                    receipt: m.receipt_handle()?.to_owned(),
+                })
+            })
+            .collect())
+    }
+
+    /// Deletes handled messages (whatever they said: no poison loops).
+    pub(super) async fn delete(&self, receipts: Vec<String>) -> Result<(), QueueError> {
+        if receipts.is_empty() {
+            return Ok(());
+        }
+        let entries = receipts
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, receipt)| {
+                DeleteMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .receipt_handle(receipt)
+                    .build()
+                    .ok()
+            })
+            .collect();
+        let output = self
+            .sqs
+            .delete_message_batch()
+            .queue_url(&self.url)
+            .set_entries(Some(entries))
+            .send()
+            .await
+            .map_err(|e| QueueError::of("DeleteMessageBatch", e))?;
+        if !output.failed().is_empty() {
+            tracing::warn!(
+                failed = output.failed().len(),
+                "some handled event messages could not be deleted; they will come again and be dropped as duplicates"
+            );
+        }
+        Ok(())
+    }
+
+    /// In topic mode, unsubscribes and deletes the broker's own queue.
+    pub(super) async fn close(self) {
+        let Some(owned) = &self.owned else {
+            return;
+        };
+        if let Err(error) = owned
+            .sns
+            .unsubscribe()
+            .subscription_arn(&owned.subscription)
+            .send()
+            .await
+        {
+            tracing::warn!(error = %QueueError::of("Unsubscribe", error), "could not unsubscribe this broker's queue from the events topic");
+        }
+        self.delete_queue().await;
+    }
+
+    async fn delete_queue(&self) {
+        match self.sqs.delete_queue().queue_url(&self.url).send().await {
+            Ok(_) => tracing::info!(queue = %self.url, "deleted this broker's event queue"),
+            Err(error) => {
+                tracing::warn!(queue = %self.url, error = %QueueError::of("DeleteQueue", error), "could not delete this broker's event queue")
+            }
+        }
+    }
+}
+
+/// `secrets-broker-<host>-<random>`, within SQS's alphabet and length.
+pub(super) fn queue_name(host: &str) -> String {
+    let random = format!("{:08x}", fastrand::u32(..));
+    let host: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let host = if host.is_empty() { "broker" } else { &host };
+    let room = MAX_QUEUE_NAME - QUEUE_PREFIX.len() - 1 - random.len();
+    let host: String = host.chars().take(room).collect();
+    format!("{QUEUE_PREFIX}{host}-{random}")
+}
+
+/// A queue policy that lets only `topic` send to the queue.
+pub(super) fn queue_policy(queue_arn: &str, topic: &str) -> String {
+    serde_json::json!({
+        "Version": "2012-10-17",
+        "Statement": [{
+            "Sid": "OnlyTheSecretEventsTopic",
+            "Effect": "Allow",
+            "Principal": {"Service": "sns.amazonaws.com"},
+            "Action": "sqs:SendMessage",
+            "Resource": queue_arn,
+            "Condition": {"ArnEquals": {"aws:SourceArn": topic}}
+        }]
+    })
+    .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_names_are_unique_valid_and_bounded() {
+        let a = queue_name("api-7d9f8-xk2p1");
+        let b = queue_name("api-7d9f8-xk2p1");
+        assert_ne!(a, b, "two replicas on one host");
+        assert!(a.starts_with("secrets-broker-api-7d9f8-xk2p1-"), "{a}");
+        let long = queue_name(&"h.o/st".repeat(40));
+        assert_eq!(long.len(), MAX_QUEUE_NAME);
+        assert!(
+            long.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        );
+        assert!(queue_name("").starts_with("secrets-broker-broker-"));
+    }
+
+    #[test]
+    fn the_queue_policy_admits_only_the_topic() {
+        let topic = "arn:aws:sns:ap-east-1:123456789012:secret-events";
+        let queue = "arn:aws:sqs:ap-east-1:123456789012:secrets-broker-x";
+        let policy: serde_json::Value = serde_json::from_str(&queue_policy(queue, topic)).unwrap();
+        let statements = policy["Statement"].as_array().unwrap();
+        assert_eq!(statements.len(), 1);
+        let only = &statements[0];
+        assert_eq!(only["Effect"], "Allow");
+        assert_eq!(
+            only["Principal"],
+            serde_json::json!({"Service": "sns.amazonaws.com"})
+        );
+        assert_eq!(only["Action"], "sqs:SendMessage");
+        assert_eq!(only["Resource"], queue);
+        assert_eq!(only["Condition"]["ArnEquals"]["aws:SourceArn"], topic);
+    }
+}

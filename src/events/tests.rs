@@ -1,0 +1,154 @@
+//! The event path against the fake store: what each kind of message does
+//! to the cache, the watchers and the counters.
+
+use std::sync::Arc;
+
+use super::*;
+use crate::{
+    backend::{VersionSelector, fake::FakeStore},
+    cache::{Cache, CacheKey},
+    watch::{WatchEvent, tests::hub_over},
+};
+
+fn label_moved(event_id: &str, name: &str, version: &str) -> String {
+    serde_json::json!({
+        "id": event_id,
+        "source": "aws.secretsmanager",
+        "detail-type": "Secret Label Updated",
+        "time": "2026-11-30T12:00:00Z",
+        "detail": {"name": name, "labelUpdated": "AWSCURRENT", "versionId": version}
+    })
+    .to_string()
+}
+
+fn deleted(name: &str) -> String {
+    serde_json::json!({
+        "id": "delete-1",
+        "source": "aws.secretsmanager",
+        "detail-type": "AWS API Call via CloudTrail",
+        "detail": {
+            "eventSource": "secretsmanager.amazonaws.com",
+            "eventName": "DeleteSecret",
+            "requestParameters": {"secretId": name}
+        }
+    })
+    .to_string()
+}
+
+async fn cached(cache: &Cache, name: &str) -> String {
+    let key = CacheKey::new(name.into(), VersionSelector::current());
+    cache
+        .get(key, false)
+        .await
+        .unwrap()
+        .version
+        .version_id
+        .clone()
+}
+
+fn setup(names: &[&str]) -> (Arc<FakeStore>, WatchHub, Cache, Events) {
+    let store = FakeStore::with(names);
+    let (hub, cache) = hub_over(&store);
+    let events = Events::new(Some(EventSource::Queue("http://sqs.local/q".into())));
+    (store, hub, cache, events)
+}
+
+#[tokio::test]
+async fn an_event_rereads_the_secret_once_and_tells_its_watchers() {
+    let (store, hub, cache, events) = setup(&["db"]);
+    assert_eq!(cached(&cache, "db").await, "v1");
+    let mut watcher = hub
+        .subscribe("db".into(), "AWSCURRENT".into(), false)
+        .await
+        .unwrap();
+    store.set("db", "v2");
+    let reads = store.calls();
+
+    let first = label_moved("e1", "db", "v2");
+    let again = label_moved("e2", "db", "v2");
+    events.handle(&hub, &[("m1", &first), ("m2", &again)]).await;
+
+    assert_eq!(
+        store.calls(),
+        reads + 1,
+        "two events of one secret: one read"
+    );
+    assert_eq!(cached(&cache, "db").await, "v2");
+    let state = watcher.changes.borrow_and_update().clone();
+    assert_eq!(
+        (state.event, state.version.version_id.as_str()),
+        (WatchEvent::Rotated, "v2")
+    );
+    let stats = events.stats();
+    assert_eq!((stats.received, stats.applied, stats.ignored), (2, 2, 0));
+    assert!(stats.last_lag.is_some());
+}
+
+#[tokio::test]
+async fn duplicates_foreign_malformed_and_untracked_are_dropped_without_reads() {
+    let (store, hub, cache, events) = setup(&["db", "elsewhere"]);
+    cached(&cache, "db").await;
+    store.set("db", "v2");
+    let event = label_moved("e1", "db", "v2");
+    events.handle(&hub, &[("m1", &event)]).await;
+    let reads = store.calls();
+
+    let foreign = event.replace("aws.secretsmanager", "aws.ec2");
+    let untracked = label_moved("e3", "elsewhere", "v9");
+    let current = label_moved("e4", "db", "v2");
+    let bodies = [
+        ("m2", event.as_str()),
+        ("m3", foreign.as_str()),
+        ("m4", "{not json"),
+        ("m5", untracked.as_str()),
+        ("m6", current.as_str()),
+    ];
+    events.handle(&hub, &bodies).await;
+
+    assert_eq!(store.calls(), reads, "none of them reads upstream");
+    let stats = events.stats();
+    assert_eq!((stats.received, stats.applied, stats.ignored), (6, 1, 5));
+    assert_eq!(cached(&cache, "db").await, "v2");
+}
+
+#[tokio::test]
+async fn a_deletion_event_drops_the_secret_and_tells_watchers() {
+    let (store, hub, cache, events) = setup(&["db"]);
+    let mut watcher = hub
+        .subscribe("db".into(), "AWSCURRENT".into(), false)
+        .await
+        .unwrap();
+    store.delete("db");
+    events.handle(&hub, &[("m1", &deleted("db"))]).await;
+    assert_eq!(
+        watcher.changes.borrow_and_update().event,
+        WatchEvent::Deleted
+    );
+    assert_eq!(cache.stats().total_entries, 0);
+    assert_eq!(events.stats().applied, 1);
+}
+
+#[tokio::test]
+async fn a_failed_reread_is_counted_and_left_to_the_sweep() {
+    let (store, hub, cache, events) = setup(&["db"]);
+    cached(&cache, "db").await;
+    store.fail_with(Some(crate::backend::StoreError::Throttled));
+    events
+        .handle(&hub, &[("m1", &label_moved("e1", "db", "v2"))])
+        .await;
+    assert_eq!(events.stats().failed, 1);
+    store.fail_with(None);
+    assert_eq!(cached(&cache, "db").await, "v1", "the entry is kept");
+}
+
+#[test]
+fn remembered_ids_are_bounded() {
+    let mut ids = RecentIds::default();
+    assert!(ids.insert("a"));
+    assert!(!ids.insert("a"));
+    for i in 0..REMEMBERED_IDS {
+        ids.insert(&i.to_string());
+    }
+    assert!(ids.insert("a"), "the oldest is forgotten");
+    assert!(ids.set.len() <= REMEMBERED_IDS);
+}

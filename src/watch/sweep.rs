@@ -1,0 +1,203 @@
+//! The sweep: every interval, the upstream's metadata of every tracked
+//! secret, compared with what is held; values are read only where a stage
+//! moved.
+//!
+//! Budget, and why: ListSecrets and BatchGetSecretValue share an
+//! account-wide quota of 100 calls a second with everything else in the
+//! account, so a round makes at most one upstream call per `PER_CALL`
+//! tracked secrets (re-reads of changed ones aside). Secrets under the
+//! prefix are listed by page (`LIST_PAGE_SIZE` to a page, no values); a
+//! listing longer than the budget goes on from where it stopped in the next
+//! round. Tracked secrets outside the prefix (read by the ARN of another
+//! name) are described one by one, taking turns when they alone would pass
+//! the budget. A listed name filter cannot do better: AWS's name filter is a
+//! prefix match of at most 10 values.
+//!
+//! A secret missing from a complete listing is described before anyone is
+//! told it is gone: AWS documents that ListSecrets may lag changes by up to
+//! five minutes, so absence alone proves nothing.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, atomic::Ordering::Relaxed},
+};
+
+use super::{Reread, Shared, Tracked, changed, jittered};
+use crate::{
+    backend::{SecretDescription, SecretStore, StoreError, VersionSelector},
+    names,
+};
+
+/// Tracked secrets per upstream call of a round.
+const PER_CALL: usize = 20;
+
+/// Where a listing that spans rounds stands.
+#[derive(Debug, Default)]
+pub(super) struct Cursor {
+    /// The next page to read; `None`: start a new listing.
+    page: Option<String>,
+    /// Names seen since the listing started.
+    seen: HashSet<String>,
+    /// Whose turn it is among the secrets outside the prefix.
+    outside_turn: usize,
+}
+
+impl Shared {
+    /// Runs a round each interval (or at once when the store says it
+    /// changed) until shutdown.
+    pub(super) async fn sweep(self: Arc<Self>, store: Arc<dyn SecretStore>) {
+        let mut shutdown = self.shutdown.subscribe();
+        let mut store_changed = store.change_signal();
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(jittered(self.interval)) => {}
+                () = changed(&mut store_changed) => {}
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+            self.round(store.as_ref()).await;
+        }
+    }
+
+    /// Checks every tracked secret once, within the budget.
+    pub(super) async fn round(&self, store: &dyn SecretStore) {
+        let tracked = self.tracked(|_| true);
+        if tracked.is_empty() {
+            return;
+        }
+        self.rounds.fetch_add(1, Relaxed);
+        let mut by_name: HashMap<String, Vec<Tracked>> = HashMap::new();
+        for item in tracked {
+            let name = names::secret_name(&item.key.name).to_owned();
+            by_name.entry(name).or_default().push(item);
+        }
+        let mut budget = by_name.len().div_ceil(PER_CALL);
+        let (inside, outside): (Vec<String>, Vec<String>) = by_name
+            .keys()
+            .cloned()
+            .partition(|name| name.starts_with(&self.listed_prefix));
+
+        // Turns for the secrets outside the prefix, leaving a page for the
+        // listing when there is one to make.
+        let outside_calls = outside.len().min(
+            budget
+                .saturating_sub(usize::from(!inside.is_empty()))
+                .max(1),
+        );
+        budget = budget.saturating_sub(outside_calls).max(1);
+        let mut to_describe = self.outside_turns(&outside, outside_calls);
+
+        if !inside.is_empty() {
+            let missing = self.list(store, budget, &by_name).await;
+            to_describe.extend(missing.into_iter().filter(|name| inside.contains(name)));
+        }
+        for name in to_describe {
+            self.upstream_calls.fetch_add(1, Relaxed);
+            let Some(items) = by_name.get(&name) else {
+                continue;
+            };
+            // By the id it is read by: an ARN may name another account.
+            match store.describe_secret(&items[0].key.name).await {
+                Ok(description) => self.compare(&description, items).await,
+                Err(StoreError::NotFound { .. } | StoreError::Deleted { .. }) => {
+                    self.sweep_changes.fetch_add(1, Relaxed);
+                    self.forget_deleted(&name);
+                }
+                Err(error) => {
+                    tracing::debug!(secret = %name, %error, "the sweep could not describe a secret this round")
+                }
+            }
+        }
+    }
+
+    /// This round's share of the secrets outside the prefix.
+    fn outside_turns(&self, outside: &[String], calls: usize) -> Vec<String> {
+        if outside.is_empty() {
+            return Vec::new();
+        }
+        let mut cursor = self.cursor.lock().unwrap();
+        let start = cursor.outside_turn % outside.len();
+        cursor.outside_turn = start + calls;
+        let mut sorted = outside.to_vec();
+        sorted.sort();
+        sorted.into_iter().cycle().skip(start).take(calls).collect()
+    }
+
+    /// Reads up to `pages` pages of the listing and compares what it finds.
+    /// Returns the tracked names a complete listing left out (to be
+    /// described), and none while the listing is unfinished or failed.
+    async fn list(
+        &self,
+        store: &dyn SecretStore,
+        pages: usize,
+        by_name: &HashMap<String, Vec<Tracked>>,
+    ) -> Vec<String> {
+        let (mut page, mut seen) = {
+            let mut cursor = self.cursor.lock().unwrap();
+            (cursor.page.take(), std::mem::take(&mut cursor.seen))
+        };
+        for _ in 0..pages {
+            self.upstream_calls.fetch_add(1, Relaxed);
+            let listing = match store.list_secrets(&self.listed_prefix, page.take()).await {
+                Ok(listing) => listing,
+                Err(error) => {
+                    // The next round starts over; events and the TTL hold
+                    // meanwhile.
+                    tracing::warn!(%error, "the sweep could not list secrets this round");
+                    return Vec::new();
+                }
+            };
+            for description in &listing.secrets {
+                seen.insert(description.name.clone());
+                if let Some(items) = by_name.get(&description.name) {
+                    self.compare(description, items).await;
+                }
+            }
+            page = listing.next;
+            if page.is_none() {
+                return by_name
+                    .keys()
+                    .filter(|name| !seen.contains(*name))
+                    .cloned()
+                    .collect();
+            }
+        }
+        let mut cursor = self.cursor.lock().unwrap();
+        cursor.page = page;
+        cursor.seen = seen;
+        Vec::new()
+    }
+
+    /// One secret's metadata against what is held of it: a deletion, or a
+    /// re-read of each stage that moved.
+    async fn compare(&self, description: &SecretDescription, items: &[Tracked]) {
+        if description.deleted {
+            if items.iter().any(|item| !item.deleted) {
+                self.sweep_changes.fetch_add(1, Relaxed);
+                self.forget_deleted(&description.name);
+            }
+            return;
+        }
+        for item in items {
+            if !names::answer_matches(&item.key.name, &description.name, &description.arn) {
+                continue;
+            }
+            let stage = VersionSelector::Stage(item.key.stage.clone());
+            let moved = description
+                .selected_version(&stage)
+                .is_none_or(|listed| !item.holds_only(listed));
+            if !moved {
+                continue;
+            }
+            self.upstream_calls.fetch_add(1, Relaxed);
+            match self.reread(item).await {
+                Reread::Changed => {
+                    self.sweep_changes.fetch_add(1, Relaxed);
+                }
+                Reread::Same => {}
+                Reread::Failed(error) => {
+                    tracing::debug!(secret = %item.key.name, %error, "the sweep could not re-read a secret this round")
+                }
+            }
+        }
+    }
+}
