@@ -69,6 +69,7 @@ fn version(name: &str) -> Arc<SecretVersion> {
         version_stages: vec!["AWSCURRENT".into()],
         created_date: None,
         value: SecretValue::text("x".to_owned()),
+        encoded: Default::default(),
     })
 }
 

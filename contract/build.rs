@@ -52,6 +52,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .out_dir(&server_dir)
         .extern_path(".secretsbroker.v1", "crate::proto")
+        // GetSecret answers from bytes encoded once per version (encoded.rs).
+        .extern_path(
+            ".secretsbroker.v1.GetSecretResponse",
+            "crate::encoded::EncodedGetSecretResponse",
+        )
         .build_client(false)
         .compile_fds(services)?;
     Ok(())

@@ -1,38 +1,59 @@
 #!/usr/bin/env bash
 # Benchmark: a cached GetSecret against an empty tonic call (grpc.health.v1
-# Health/Check) on the same broker, in the same run, so that the machine's
-# noise hits both alike. Prints each round, the medians, their ratio and the
-# server's CPU time per call.
+# Health/Check) on the same broker, in the same run, interleaved, so that
+# the machine's noise hits both alike. Prints each round, the medians,
+# their ratio and the server's CPU time per call.
 #
-#   ./scripts/bench.sh                 # defaults below
+#   ./scripts/bench.sh                     # everything below
 #   ROUNDS=5 REQUESTS=100000 ./scripts/bench.sh
-#   SHAPES="64x1 8x8" ./scripts/bench.sh
+#   SHAPES="64x1 8x8" PARTS="dev mtls" ./scripts/bench.sh
 #
-# A shape is CONNECTIONSxSTREAMS: h2load's -c and -m (concurrent streams per
-# connection). The defaults are the three shapes the broker is measured at:
-# one connection, 64 connections, and 8 connections of 8 streams each.
+# Parts (PARTS, default all three):
+#   dev   the embedded dev backend, h2load, the three shapes;
+#   moto  the AWS backend over moto_server (a 213-byte JSON secret, cached),
+#         h2load, the three shapes;
+#   mtls  the dev backend plaintext and under mutual TLS, the same client
+#         (examples/loadgen.rs, a tonic client; h2load cannot present a
+#         client certificate) on warm connections: GetSecret's rate under
+#         mTLS against plaintext, and Health/Check for reference.
 #
-# Load comes from h2load (Debian nghttp2-client, installed when missing).
-# h2load counts HTTP 200 as success even when grpc-status is not 0, so a
-# sample of each call is checked first with nghttp, which shows trailers.
+# A shape is CONNECTIONSxSTREAMS: concurrent streams per connection. The
+# defaults are the three shapes the broker is measured at: one connection,
+# 64 connections, and 8 connections of 8 streams each. The broker logs at
+# INFO with its audit trail on (one line per call), metrics and the policy
+# check on (an explicit policy under mTLS).
+#
+# Load comes from h2load (Debian nghttp2-client, installed when missing);
+# moto_server from the test venv (.tools/venv, made from
+# tests/requirements.txt when missing). h2load counts HTTP 200 as success
+# even when grpc-status is not 0, so a sample of each call is checked first
+# with nghttp, which shows trailers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ROUNDS=${ROUNDS:-3}
 REQUESTS=${REQUESTS:-40000}
 SHAPES=${SHAPES:-"1x1 64x1 8x8"}
+PARTS=${PARTS:-"dev moto mtls"}
 PORT=${PORT:-50151}
+VENV=.tools/venv
 
 if ! command -v h2load >/dev/null || ! command -v nghttp >/dev/null; then
   echo "installing nghttp2-client (h2load, nghttp)..."
   apt-get update -qq && apt-get install -y -qq nghttp2-client >/dev/null
 fi
+if [[ " $PARTS " == *" moto "* && ! -x $VENV/bin/moto_server ]]; then
+  echo "installing the test venv (moto_server)..."
+  python3 -m venv "$VENV" && "$VENV/bin/pip" install -q -r tests/requirements.txt
+fi
 
-cargo build --release --quiet --bin secrets-broker
+cargo build --release --quiet --bin secrets-broker --example loadgen
+BROKER=./target/release/secrets-broker
+LOADGEN=./target/release/examples/loadgen
 work=$(mktemp -d)
-broker_pid=""
+pids=()
 cleanup() {
-  [ -n "$broker_pid" ] && kill "$broker_pid" 2>/dev/null && wait "$broker_pid" 2>/dev/null
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null; done
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -42,68 +63,148 @@ trap cleanup EXIT
 printf '\x00\x00\x00\x00\x11\x0a\x0fmistral-api-key' >"$work/get_secret.bin"
 # HealthCheckRequest{}: empty.
 printf '\x00\x00\x00\x00\x00' >"$work/health.bin"
-
-LOG_LEVEL=WARNING ./target/release/secrets-broker serve --dev --listen "127.0.0.1:$PORT" \
-  >"$work/broker.log" 2>&1 &
-broker_pid=$!
-for _ in $(seq 50); do
-  nghttp -n "http://127.0.0.1:$PORT/" >/dev/null 2>&1 && break
-  sleep 0.1
-done
-
-url() { echo "http://127.0.0.1:$PORT/$1"; }
 GET_SECRET=secretsbroker.v1.SecretsService/GetSecret
 HEALTH=grpc.health.v1.Health/Check
-
-# A sample of each: grpc-status must be 0. This also fills the cache.
-for call in "$GET_SECRET:get_secret" "$HEALTH:health"; do
-  path=${call%%:*}; body=${call##*:}
-  trailers=$(nghttp -v -d "$work/$body.bin" -H 'content-type: application/grpc' -H 'te: trailers' \
-    "$(url "$path")" 2>&1 | grep -a 'grpc-status' || true)
-  if ! grep -q 'grpc-status: 0' <<<"$trailers"; then
-    echo "sample call $path did not answer grpc-status 0: ${trailers:-no grpc-status}" >&2
-    exit 1
-  fi
-done
-
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$broker_pid/stat"; }
 TICKS_PER_SECOND=$(getconf CLK_TCK)
 
-# One h2load run; prints "rate cpu_us_per_call".
-run() {
-  local path=$1 body=$2 clients=$3 streams=$4 before after out total succeeded rate
-  before=$(cpu_ticks)
+# start_broker NAME PORT ARGS...: serves in the background at INFO; sets
+# broker_pid. Environment for it comes from BROKER_ENV (an array).
+start_broker() {
+  local name=$1 port=$2; shift 2
+  env "${BROKER_ENV[@]}" LOG_LEVEL=INFO "$BROKER" serve --listen "127.0.0.1:$port" "$@" \
+    >"$work/$name.log" 2>&1 &
+  broker_pid=$!
+  pids+=("$broker_pid")
+  for _ in $(seq 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return; fi
+    sleep 0.1
+  done
+  echo "the $name broker did not start:" >&2; tail "$work/$name.log" >&2; exit 1
+}
+
+# check_sample PORT: one call of each through nghttp; grpc-status must be 0.
+# This also fills the cache.
+check_sample() {
+  local port=$1 call path body trailers
+  for call in "$GET_SECRET:get_secret" "$HEALTH:health"; do
+    path=${call%%:*}; body=${call##*:}
+    trailers=$(nghttp -v -d "$work/$body.bin" -H 'content-type: application/grpc' -H 'te: trailers' \
+      "http://127.0.0.1:$port/$path" 2>&1 | grep -a 'grpc-status' || true)
+    if ! grep -q 'grpc-status: 0' <<<"$trailers"; then
+      echo "sample call $path did not answer grpc-status 0: ${trailers:-no grpc-status}" >&2
+      exit 1
+    fi
+  done
+}
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+# cpu_per_call PID BEFORE: microseconds of the broker's CPU per request since BEFORE.
+cpu_per_call() {
+  awk -v t=$(($(cpu_ticks "$1") - $2)) -v hz="$TICKS_PER_SECOND" -v n="$REQUESTS" \
+    'BEGIN { printf "%.1f", t / hz / n * 1e6 }'
+}
+
+# h2load_run PID PORT PATH BODY CLIENTS STREAMS: prints "rate cpu_us_per_call".
+h2load_run() {
+  local pid=$1 port=$2 path=$3 body=$4 clients=$5 streams=$6 before out total succeeded rate
+  before=$(cpu_ticks "$pid")
   out=$(h2load -n "$REQUESTS" -c "$clients" -m "$streams" -d "$work/$body.bin" \
-    -H 'content-type: application/grpc' -H 'te: trailers' "$(url "$path")")
-  after=$(cpu_ticks)
+    -H 'content-type: application/grpc' -H 'te: trailers' "http://127.0.0.1:$port/$path")
   read -r total succeeded < <(awk '/^requests:/ {print $2, $8}' <<<"$out")
   if [ "$total" != "$succeeded" ]; then
     echo "h2load: only $succeeded of $total requests succeeded for $path" >&2
     exit 1
   fi
-  rate=$(awk '/^finished in/ {print $4}' <<<"$out")
-  awk -v r="$rate" -v t=$((after - before)) -v hz="$TICKS_PER_SECOND" -v n="$REQUESTS" \
-    'BEGIN { printf "%.0f %.1f\n", r, t / hz / n * 1e6 }'
+  rate=$(awk '/^finished in/ {printf "%.0f", $4}' <<<"$out")
+  echo "$rate $(cpu_per_call "$pid" "$before")"
+}
+
+# loadgen_run PID PORT RPC CLIENTS STREAMS [TLS_DIR]: prints "rate cpu_us_per_call".
+loadgen_run() {
+  local pid=$1 port=$2 rpc=$3 clients=$4 streams=$5 tls=${6:-} before rate
+  before=$(cpu_ticks "$pid")
+  rate=$("$LOADGEN" run --addr "127.0.0.1:$port" --rpc "$rpc" --connections "$clients" \
+    --streams "$streams" --requests "$REQUESTS" ${tls:+--tls "$tls"} | awk '{print $2}')
+  echo "$rate $(cpu_per_call "$pid" "$before")"
 }
 
 median() { sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 
-echo "secrets-broker benchmark: $ROUNDS interleaved rounds, $REQUESTS requests per run, $(nproc) cores"
-for shape in $SHAPES; do
-  clients=${shape%x*}; streams=${shape#*x}
-  : >"$work/health.rates"; : >"$work/get.rates"; : >"$work/health.cpu"; : >"$work/get.cpu"
-  for round in $(seq "$ROUNDS"); do
-    read -r h_rate h_cpu < <(run "$HEALTH" health "$clients" "$streams")
-    read -r g_rate g_cpu < <(run "$GET_SECRET" get_secret "$clients" "$streams")
-    echo "$h_rate" >>"$work/health.rates"; echo "$h_cpu" >>"$work/health.cpu"
-    echo "$g_rate" >>"$work/get.rates"; echo "$g_cpu" >>"$work/get.cpu"
-    printf '  %5s, round %s: Health/Check %8s/s (%s us CPU/call)   GetSecret %8s/s (%s us CPU/call)\n' \
-      "$shape" "$round" "$h_rate" "$h_cpu" "$g_rate" "$g_cpu"
+# compare LABEL A_NAME B_NAME RUN_A RUN_B: ROUNDS interleaved rounds at each
+# shape; RUN_A/RUN_B are commands taking CLIENTS STREAMS.
+compare() {
+  local label=$1 a_name=$2 b_name=$3 run_a=$4 run_b=$5 shape clients streams round
+  local a_rate a_cpu b_rate b_cpu a b ac bc
+  for shape in $SHAPES; do
+    clients=${shape%x*}; streams=${shape#*x}
+    : >"$work/a.rates"; : >"$work/b.rates"; : >"$work/a.cpu"; : >"$work/b.cpu"
+    for round in $(seq "$ROUNDS"); do
+      read -r a_rate a_cpu < <($run_a "$clients" "$streams")
+      read -r b_rate b_cpu < <($run_b "$clients" "$streams")
+      echo "$a_rate" >>"$work/a.rates"; echo "$a_cpu" >>"$work/a.cpu"
+      echo "$b_rate" >>"$work/b.rates"; echo "$b_cpu" >>"$work/b.cpu"
+      printf '  %-5s %5s round %s: %s %8s/s (%s us CPU/call)   %s %8s/s (%s us CPU/call)\n' \
+        "$label" "$shape" "$round" "$a_name" "$a_rate" "$a_cpu" "$b_name" "$b_rate" "$b_cpu"
+    done
+    a=$(median <"$work/a.rates"); b=$(median <"$work/b.rates")
+    ac=$(median <"$work/a.cpu"); bc=$(median <"$work/b.cpu")
+    printf '%-5s %5s medians: %s %s/s (%s us CPU), %s %s/s (%s us CPU), rate ratio %s, CPU ratio %s\n' \
+      "$label" "$shape" "$a_name" "$a" "$ac" "$b_name" "$b" "$bc" \
+      "$(awk -v a="$a" -v b="$b" 'BEGIN { printf "%.3f", b / a }')" \
+      "$(awk -v a="$ac" -v b="$bc" 'BEGIN { printf "%.2f", b / a }')"
   done
-  h=$(median <"$work/health.rates"); g=$(median <"$work/get.rates")
-  hc=$(median <"$work/health.cpu"); gc=$(median <"$work/get.cpu")
-  ratio=$(awk -v g="$g" -v h="$h" 'BEGIN { printf "%.3f", g / h }')
-  cpu_ratio=$(awk -v g="$gc" -v h="$hc" 'BEGIN { printf "%.2f", g / h }')
-  printf '%5s (connections x streams), medians: Health/Check %s/s (%s us CPU), cached GetSecret %s/s (%s us CPU), rate ratio %s, CPU ratio %s\n' \
-    "$shape" "$h" "$hc" "$g" "$gc" "$ratio" "$cpu_ratio"
-done
+}
+
+# h2load comparisons of one broker: Health/Check (a) against GetSecret (b).
+h2_health() { h2load_run "$pid" "$port" "$HEALTH" health "$@"; }
+h2_get() { h2load_run "$pid" "$port" "$GET_SECRET" get_secret "$@"; }
+
+echo "secrets-broker benchmark: $ROUNDS interleaved rounds, $REQUESTS requests per run, $(nproc) cores; ratios are b / a"
+
+if [[ " $PARTS " == *" dev "* ]]; then
+  BROKER_ENV=()
+  port=$PORT; start_broker dev "$port" --dev; pid=$broker_pid
+  check_sample "$port"
+  compare dev Health/Check GetSecret h2_health h2_get
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+fi
+
+if [[ " $PARTS " == *" moto "* ]]; then
+  moto_port=$((PORT + 1))
+  "$VENV/bin/moto_server" -H 127.0.0.1 -p "$moto_port" >"$work/moto.log" 2>&1 &
+  pids+=("$!")
+  BROKER_ENV=(AWS_ENDPOINT_URL="http://127.0.0.1:$moto_port" AWS_ACCESS_KEY_ID=bench
+    AWS_SECRET_ACCESS_KEY=bench AWS_DEFAULT_REGION=ap-east-1 AWS_EC2_METADATA_DISABLED=true)
+  for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$moto_port") 2>/dev/null && break
+    sleep 0.1
+  done
+  # A 213-byte JSON secret, as an API key with its metadata would be.
+  value='{"api_key":"sk-bench-0123456789abcdef0123456789abcdef0123456789abcdef","organization":"insurecove","project":"claims-triage","endpoint":"https://api.mistral.ai/v1","model":"mistral-large-latest","rotated_by":"ops@insurecove"}'
+  env "${BROKER_ENV[@]}" "$VENV/bin/python" - "$value" <<'EOF'
+import os, sys, boto3
+boto3.client("secretsmanager", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_secret(
+    Name="insurecove/mistral-api-key", SecretString=sys.argv[1])
+EOF
+  port=$((PORT + 2)); start_broker moto "$port" --cache-ttl 3600; pid=$broker_pid
+  check_sample "$port"
+  compare moto Health/Check GetSecret h2_health h2_get
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+fi
+
+if [[ " $PARTS " == *" mtls "* ]]; then
+  BROKER_ENV=()
+  "$LOADGEN" make-pki "$work/pki"
+  plain_port=$((PORT + 3)); start_broker plain "$plain_port" --dev; plain_pid=$broker_pid
+  tls_port=$((PORT + 4))
+  start_broker mtls "$tls_port" --dev --tls-cert "$work/pki/server.pem" \
+    --tls-key "$work/pki/server-key.pem" --tls-client-ca "$work/pki/ca.pem" \
+    --policy "$work/pki/policy.toml"
+  tls_pid=$broker_pid
+  lg_health_plain() { loadgen_run "$plain_pid" "$plain_port" health "$@"; }
+  lg_get_plain() { loadgen_run "$plain_pid" "$plain_port" get "$@"; }
+  lg_get_tls() { loadgen_run "$tls_pid" "$tls_port" get "$@" "$work/pki"; }
+  compare plain Health/Check GetSecret lg_health_plain lg_get_plain
+  compare mtls GetSecret-plaintext GetSecret-mTLS lg_get_plain lg_get_tls
+fi

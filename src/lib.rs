@@ -19,6 +19,8 @@
 
 #![warn(missing_docs)]
 
+#[cfg(test)]
+mod alloc_count;
 pub(crate) mod api;
 pub mod app;
 pub mod backend;

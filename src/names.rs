@@ -204,6 +204,36 @@ pub fn answer_matches(id: &str, answered_name: &str, answered_arn: &str) -> bool
     }
 }
 
+/// A resolved name: the caller's own text when it was already full (or an
+/// ARN), else the prefixed name held inline (no allocation).
+#[derive(Debug, Clone)]
+// Inline on purpose: it lives on the stack for one call, and boxing it
+// would be the allocation it exists to avoid.
+#[allow(clippy::large_enum_variant)]
+pub enum FullName<'a> {
+    /// The caller's text, taken as is.
+    Given(&'a str),
+    /// The prefix and the caller's short name.
+    Prefixed(arrayvec::ArrayString<MAX_NAME_LEN>),
+}
+
+impl std::ops::Deref for FullName<'_> {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        match self {
+            Self::Given(name) => name,
+            Self::Prefixed(name) => name,
+        }
+    }
+}
+
+impl fmt::Display for FullName<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self)
+    }
+}
+
 /// Turns callers' names into full secret names. Cheap to clone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NameResolver {
@@ -235,6 +265,13 @@ impl NameResolver {
 
     /// The id to ask upstream for `name` (a full name or an ARN), validated.
     pub fn resolve(&self, name: &str) -> Result<String, InvalidName> {
+        self.resolve_inline(name).map(|full| full.to_string())
+    }
+
+    /// `resolve` without allocating (every call resolves a name): the name
+    /// itself when it is already full, or the prefixed name in a buffer
+    /// of its own.
+    pub fn resolve_inline<'a>(&self, name: &'a str) -> Result<FullName<'a>, InvalidName> {
         if name.is_empty() {
             return Err(InvalidName::Empty);
         }
@@ -244,19 +281,24 @@ impl NameResolver {
                 return Err(InvalidName::ArnTooLong { len });
             }
             SecretArn::parse(name)?;
-            return Ok(name.to_owned());
+            return Ok(FullName::Given(name));
         }
-        let full = if name.starts_with(&self.prefix_with_slash) {
-            name.to_owned()
-        } else {
-            // Every call resolves a name: one exact allocation, no formatter.
-            let mut full = String::with_capacity(self.prefix_with_slash.len() + name.len());
-            full.push_str(&self.prefix_with_slash);
-            full.push_str(name);
-            full
-        };
+        if name.starts_with(&self.prefix_with_slash) {
+            validate_name(name)?;
+            return Ok(FullName::Given(name));
+        }
+        let mut full = arrayvec::ArrayString::new();
+        // Too long (or not one byte per character) fails the same check as
+        // the full name would.
+        let fits =
+            full.try_push_str(&self.prefix_with_slash).is_ok() && full.try_push_str(name).is_ok();
+        if !fits {
+            let len = self.prefix_with_slash.chars().count() + name.chars().count();
+            validate_name(&format!("{}{name}", self.prefix_with_slash))?;
+            return Err(InvalidName::TooLong { len });
+        }
         validate_name(&full)?;
-        Ok(full)
+        Ok(FullName::Prefixed(full))
     }
 
     /// The full name of a typed config: the caller's name when given, else
@@ -273,6 +315,11 @@ impl NameResolver {
 fn validate_name(name: &str) -> Result<(), InvalidName> {
     if name.is_empty() {
         return Err(InvalidName::Empty);
+    }
+    // Every call checks a name: the common case in one pass over bytes
+    // (allowed characters are ASCII, one byte each).
+    if name.len() <= MAX_NAME_LEN && name.bytes().all(|b| is_allowed(b as char)) {
+        return Ok(());
     }
     let len = name.chars().count();
     if len > MAX_NAME_LEN {

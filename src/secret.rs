@@ -5,8 +5,13 @@
 //! prints them: a stray `{:?}` in a log line or a panic message shows
 //! `<redacted N bytes>` instead.
 
-use std::{fmt, time::SystemTime};
+use std::{
+    fmt,
+    sync::{Arc, OnceLock},
+    time::SystemTime,
+};
 
+use secrets_broker_contract::encoded::EncodedSecret;
 use zeroize::Zeroizing;
 
 /// A secret's value: text (SecretString upstream) or bytes (SecretBinary).
@@ -76,6 +81,47 @@ pub struct SecretVersion {
     pub created_date: Option<SystemTime>,
     /// The value (zeroized when dropped).
     pub value: SecretValue,
+    /// Its `Secret` message, encoded on its first answer.
+    pub encoded: EncodedOnce,
+}
+
+/// A version's `Secret` message (value included), encoded once on its first
+/// answer and kept with it: a version never changes, so every later answer
+/// copies these bytes instead of encoding again. The buffer is wiped when
+/// dropped. It is not part of the version's identity: equality ignores it
+/// and a clone starts without it (a clone may be changed).
+#[derive(Default)]
+pub struct EncodedOnce(OnceLock<Arc<EncodedSecret>>);
+
+impl EncodedOnce {
+    /// The encoded message, made by `encode` the first time.
+    pub fn get_or_encode(&self, encode: impl FnOnce() -> EncodedSecret) -> &Arc<EncodedSecret> {
+        self.0.get_or_init(|| Arc::new(encode()))
+    }
+}
+
+impl Clone for EncodedOnce {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl PartialEq for EncodedOnce {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for EncodedOnce {}
+
+impl fmt::Debug for EncodedOnce {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "encoded"
+        } else {
+            "not encoded"
+        })
+    }
 }
 
 #[cfg(test)]
@@ -91,6 +137,7 @@ mod tests {
             version_stages: vec!["AWSCURRENT".into()],
             created_date: None,
             value: SecretValue::text("hunter2-very-secret"),
+            encoded: Default::default(),
         };
         let shown = format!("{version:?} {:?}", SecretValue::binary(vec![1, 2, 3]));
         assert!(!shown.contains("hunter2"), "{shown}");

@@ -8,6 +8,9 @@
 
 mod redacted;
 
+#[cfg(feature = "server")]
+pub mod encoded;
+
 /// The messages and client stubs (and, with the `server` feature, the
 /// server stubs).
 #[allow(missing_docs)]

@@ -3,7 +3,7 @@
 //! (gRPC code) and whether the cache answered. Never a value.
 //!
 //! Handlers fill an `Audit` as they learn the facts, and the edge emits it
-//! with the outcome. A call that never reaches the edge is emitted when its
+//! with the outcome (`telemetry::audit` writes the line). A call that never reaches the edge is emitted when its
 //! record is dropped, so that no path skips it: as DEADLINE_EXCEEDED when
 //! the call timeout had passed (the gate cut it), else as CANCELLED (the
 //! client gave up).
@@ -15,13 +15,14 @@ use tonic::Code;
 use crate::{
     api::{CallMetrics, rpc::Rpc},
     identity::Identity,
+    telemetry::audit::AuditRecord,
 };
 
 /// The facts of one call, emitted by `finish` (with the call's metrics).
 pub struct Audit {
     rpc: Rpc,
     identity: Identity,
-    secrets: String,
+    secrets: Notes,
     cache_hit: Option<bool>,
     started: Instant,
     metrics: CallMetrics,
@@ -36,7 +37,7 @@ impl Audit {
         Self {
             rpc,
             identity,
-            secrets: String::new(),
+            secrets: Notes::default(),
             cache_hit: None,
             started: Instant::now(),
             metrics,
@@ -69,20 +70,20 @@ impl Audit {
     /// succeeded, whether the cache answered: `name=OK/hit`.
     pub fn batch_item(&mut self, name: &str, outcome: Code, cache_hit: Option<bool>) {
         self.push_name(name);
-        self.secrets.push('=');
-        self.secrets.push_str(code_name(outcome));
+        self.secrets.push("=");
+        self.secrets.push(code_name(outcome));
         match cache_hit {
-            Some(true) => self.secrets.push_str("/hit"),
-            Some(false) => self.secrets.push_str("/miss"),
+            Some(true) => self.secrets.push("/hit"),
+            Some(false) => self.secrets.push("/miss"),
             None => {}
         }
     }
 
     fn push_name(&mut self, name: &str) {
-        if !self.secrets.is_empty() {
-            self.secrets.push(' ');
+        if !self.secrets.as_str().is_empty() {
+            self.secrets.push(" ");
         }
-        self.secrets.push_str(name);
+        self.secrets.push(name);
     }
 
     pub fn cache_hit(&mut self, hit: bool) {
@@ -99,16 +100,15 @@ impl Audit {
         self.metrics
             .record_call(self.rpc, outcome, code, self.started.elapsed());
         if outcome == Code::Ok && self.cache_hit.is_some() {
-            self.metrics.record_secret_read(&self.secrets);
+            self.metrics.record_secret_read(self.secrets.as_str());
         }
-        tracing::info!(
-            target: "audit",
-            identity = %self.identity,
-            rpc = self.rpc.name(),
-            secrets = %self.secrets,
-            outcome = code,
-            cache_hit = self.cache_hit,
-        );
+        crate::telemetry::audit::record(&AuditRecord {
+            identity: &self.identity,
+            rpc: self.rpc.name(),
+            secrets: self.secrets.as_str(),
+            outcome: code,
+            cache_hit: self.cache_hit,
+        });
     }
 }
 
@@ -121,6 +121,37 @@ impl Drop for Audit {
                 Code::Cancelled
             };
             self.emit(outcome);
+        }
+    }
+}
+
+/// The secret names a call touched, as the audit line shows them: held
+/// inline up to `INLINE_NOTES` bytes (a call of one secret never
+/// allocates), in a `String` past that (batches, long ARNs).
+#[derive(Default)]
+struct Notes {
+    inline: arrayvec::ArrayString<INLINE_NOTES>,
+    spilled: String,
+}
+
+const INLINE_NOTES: usize = 256;
+
+impl Notes {
+    fn push(&mut self, text: &str) {
+        if self.spilled.is_empty() && self.inline.try_push_str(text).is_ok() {
+            return;
+        }
+        if self.spilled.is_empty() {
+            self.spilled.push_str(&self.inline);
+        }
+        self.spilled.push_str(text);
+    }
+
+    fn as_str(&self) -> &str {
+        if self.spilled.is_empty() {
+            &self.inline
+        } else {
+            &self.spilled
         }
     }
 }

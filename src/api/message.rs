@@ -2,12 +2,72 @@
 
 use std::sync::Arc;
 
+use prost::{
+    Message,
+    encoding::{self, WireType},
+};
+use secrets_broker_contract::encoded::{EncodedGetSecretResponse, EncodedSecret};
+
 use crate::{
     cache::Lookup,
     proto,
-    secret::SecretValue,
+    secret::{SecretValue, SecretVersion},
     watch::{WatchEvent, WatchState},
 };
+
+/// `Secret`'s value fields: `string_value` and `binary_value`.
+const STRING_VALUE: u32 = 6;
+const BINARY_VALUE: u32 = 7;
+
+/// GetSecret's answer: the version's `Secret` as encoded once (on its
+/// first answer), and this call's cache facts, the only part encoded per
+/// call.
+pub fn get_secret_response(lookup: &Lookup) -> EncodedGetSecretResponse {
+    let encoded = lookup
+        .version
+        .encoded
+        .get_or_encode(|| encode_secret(&lookup.version));
+    EncodedGetSecretResponse {
+        secret: Some(Arc::clone(encoded)),
+        cache: Some(cache_info(lookup)),
+    }
+}
+
+/// A version's `Secret` message with its value, without `cache`: the
+/// metadata through the generated message, the value written straight from
+/// its zeroizing buffer into the exactly sized (and wiped) output, so that
+/// no other copy of it is made.
+fn encode_secret(version: &SecretVersion) -> EncodedSecret {
+    let metadata = proto::Secret {
+        name: version.name.clone(),
+        arn: version.arn.clone(),
+        version_id: version.version_id.clone(),
+        version_stages: version.version_stages.clone(),
+        created_date: version.created_date.map(prost_types::Timestamp::from),
+        value: None,
+        cache: None,
+    };
+    let (field, value): (u32, &[u8]) = match &version.value {
+        SecretValue::Text(text) => (STRING_VALUE, text.as_bytes()),
+        SecretValue::Binary(bytes) => (BINARY_VALUE, bytes),
+    };
+    let value_len =
+        encoding::key_len(field) + encoding::encoded_len_varint(value.len() as u64) + value.len();
+    EncodedSecret::with_len(metadata.encoded_len() + value_len, |buf| {
+        metadata.encode_raw(buf);
+        encoding::encode_key(field, WireType::LengthDelimited, buf);
+        encoding::encode_varint(value.len() as u64, buf);
+        buf.extend_from_slice(value);
+    })
+}
+
+fn cache_info(lookup: &Lookup) -> proto::CacheInfo {
+    proto::CacheInfo {
+        hit: lookup.hit,
+        age: prost_types::Duration::try_from(lookup.age).ok(),
+        stale: lookup.stale,
+    }
+}
 
 /// Whether a `Secret` message carries the value or only metadata.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -34,11 +94,7 @@ pub fn secret(lookup: &Lookup, contents: Contents) -> proto::Secret {
         version_stages: version.version_stages.clone(),
         created_date: version.created_date.map(prost_types::Timestamp::from),
         value,
-        cache: Some(proto::CacheInfo {
-            hit: lookup.hit,
-            age: prost_types::Duration::try_from(lookup.age).ok(),
-            stale: lookup.stale,
-        }),
+        cache: Some(cache_info(lookup)),
     }
 }
 
@@ -79,5 +135,64 @@ fn watch_message(state: &WatchState, event: proto::WatchEventType) -> proto::Wat
         r#type: event as i32,
         secret: Some(secret(&lookup, contents)),
         observed_at: Some(prost_types::Timestamp::from(state.observed_at)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    use crate::secret::SecretVersion;
+
+    fn lookup(value: SecretValue) -> Lookup {
+        Lookup {
+            version: Arc::new(SecretVersion {
+                name: "insurecove/db".into(),
+                arn: String::new(),
+                version_id: "v1".into(),
+                version_stages: vec!["AWSCURRENT".into(), "BLUE".into()],
+                created_date: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
+                value,
+                encoded: Default::default(),
+            }),
+            hit: true,
+            age: Duration::from_millis(1500),
+            stale: false,
+        }
+    }
+
+    #[test]
+    fn the_encoded_answer_is_the_message_encoded_per_call() {
+        for value in [
+            SecretValue::text("{\"password\":\"hunter2\"}"),
+            SecretValue::binary(vec![0u8, 1, 2, 255]),
+            SecretValue::text(""),
+        ] {
+            let lookup = lookup(value);
+            let encoded = get_secret_response(&lookup).encode_to_vec();
+            let decoded = proto::GetSecretResponse::decode(encoded.as_slice()).unwrap();
+            let expected = proto::GetSecretResponse {
+                secret: Some(secret(&lookup, Contents::WithValue)),
+            };
+            assert_eq!(decoded, expected);
+        }
+    }
+
+    #[test]
+    fn a_version_is_encoded_once() {
+        let first = lookup(SecretValue::text("v"));
+        let again = Lookup {
+            hit: false,
+            ..first.clone()
+        };
+        let a = get_secret_response(&first).secret.unwrap();
+        let b = get_secret_response(&again).secret.unwrap();
+        assert!(Arc::ptr_eq(&a, &b), "the second answer reuses the bytes");
+        assert_eq!(
+            Arc::strong_count(&a),
+            3,
+            "the version holds one, each answer one"
+        );
     }
 }

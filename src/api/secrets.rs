@@ -13,18 +13,20 @@ use super::{
     status::ApiError,
     typed::TypedConfigRpc,
 };
+use secrets_broker_contract::encoded::EncodedGetSecretResponse;
+
 use crate::{
     api::rpc::Rpc,
-    backend::{VersionSelector, check_version_field},
-    cache::{CacheKey, Lookup},
+    backend::{SelectorRef, VersionSelector, check_version_field},
+    cache::{CacheKey, KeyRef, Lookup},
     identity::Identity,
-    names::ShownName,
+    names::{FullName, ShownName},
     policy::{Authorizer, Denied},
     proto::{
         BatchGetSecretsRequest, BatchGetSecretsResponse, BatchGetSecretsResult,
         GetAwsServicesConfigRequest, GetAwsServicesConfigResponse, GetDatabaseConfigRequest,
         GetDatabaseConfigResponse, GetJwtConfigRequest, GetJwtConfigResponse, GetSecretRequest,
-        GetSecretResponse, GetSecurityConfigRequest, GetSecurityConfigResponse, WatchSecretRequest,
+        GetSecurityConfigRequest, GetSecurityConfigResponse, WatchSecretRequest,
         WatchSecretResponse, batch_get_secrets_result, secrets_service_server::SecretsService,
     },
     watch::Subscription,
@@ -48,7 +50,17 @@ impl SecretsApi {
     /// The name is noted in the audit record before the check, so that a
     /// refusal is audited with what was refused.
     fn authorized_name(&self, audit: &mut Audit, name: &str) -> Result<String, ApiError> {
-        let full_name = self.context.names.resolve(name)?;
+        self.authorized_inline(audit, name)
+            .map(|name| name.to_string())
+    }
+
+    /// `authorized_name` without allocating (GetSecret's hit path).
+    fn authorized_inline<'a>(
+        &self,
+        audit: &mut Audit,
+        name: &'a str,
+    ) -> Result<FullName<'a>, ApiError> {
+        let full_name = self.context.names.resolve_inline(name)?;
         audit.secret(&full_name);
         self.context
             .authorizer
@@ -76,15 +88,20 @@ impl SecretsApi {
         &self,
         audit: &mut Audit,
         request: GetSecretRequest,
-    ) -> Result<GetSecretResponse, ApiError> {
-        let full_name = self.authorized_name(audit, &request.name)?;
-        let selector = VersionSelector::from_request(&request.version_id, &request.version_stage)?;
+    ) -> Result<EncodedGetSecretResponse, ApiError> {
+        let full_name = self.authorized_inline(audit, &request.name)?;
+        let selector = SelectorRef::from_request(&request.version_id, &request.version_stage)?;
+        let key = KeyRef {
+            name: &full_name,
+            selector,
+        };
         let lookup = self
-            .lookup(audit, full_name, selector, request.bypass_cache)
+            .context
+            .cache
+            .read(key, request.bypass_cache, audit.deadline())
             .await?;
-        Ok(GetSecretResponse {
-            secret: Some(message::secret(&lookup, Contents::WithValue)),
-        })
+        audit.cache_hit(lookup.hit);
+        Ok(message::get_secret_response(&lookup))
     }
 
     async fn batch_get_secrets(
@@ -289,7 +306,7 @@ impl SecretsService for SecretsApi {
     async fn get_secret(
         &self,
         request: Request<GetSecretRequest>,
-    ) -> Result<Response<GetSecretResponse>, Status> {
+    ) -> Result<Response<EncodedGetSecretResponse>, Status> {
         let mut audit = self.context.admit(Rpc::GetSecret, &request);
         let result = self.get_secret(&mut audit, request.into_inner()).await;
         respond(audit, result)
@@ -359,5 +376,67 @@ impl SecretsService for SecretsApi {
         let changes = watch_stream(subscription, access);
         let stream = futures::stream::once(async move { Ok(first) }).chain(changes);
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures::FutureExt;
+
+    use super::*;
+    use crate::{
+        alloc_count::allocations_in, api::CallMetrics, backend::fake::FakeStore, events::Events,
+        names::NameResolver, watch::tests::hub_over,
+    };
+
+    #[test]
+    fn a_cached_get_secret_allocates_nothing_in_the_broker() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _entered = runtime.enter();
+        let store = FakeStore::with(&["insurecove/db"]);
+        let (watch, cache) = hub_over(&store);
+        let registry = crate::metrics::Metrics::new();
+        let api = SecretsApi::new(ApiContext {
+            cache,
+            names: NameResolver::new("insurecove", "production"),
+            watch,
+            events: Events::new(None),
+            authorizer: Authorizer::new(None, false).unwrap(),
+            metrics: CallMetrics::register(&registry, false),
+            call_timeout: Duration::from_secs(30),
+        });
+        let call = |request: Request<GetSecretRequest>| {
+            let mut audit = api.context.admit(Rpc::GetSecret, &request);
+            let result = api
+                .get_secret(&mut audit, request.into_inner())
+                .now_or_never()
+                .expect("a cached answer does not wait");
+            respond(audit, result)
+        };
+        let request = || {
+            Request::new(GetSecretRequest {
+                name: "db".into(),
+                ..GetSecretRequest::default()
+            })
+        };
+        // The miss, then the first answer from the cache (which encodes).
+        runtime
+            .block_on(api.context.cache.get(
+                CacheKey::new("insurecove/db".into(), VersionSelector::current()),
+                false,
+            ))
+            .unwrap();
+        call(request()).unwrap();
+
+        let next = request();
+        let (answer, allocations) = allocations_in(|| call(next));
+        let answer = answer.unwrap().into_inner();
+        assert!(answer.cache.unwrap().hit);
+        assert_eq!(allocations, 0, "resolve, authorize, look up, audit, answer");
     }
 }

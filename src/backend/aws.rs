@@ -220,5 +220,6 @@ fn into_version(output: GetSecretValueOutput, asked: &str) -> SecretVersion {
             .created_date
             .and_then(|date| SystemTime::try_from(date).ok()),
         value,
+        encoded: Default::default(),
     }
 }

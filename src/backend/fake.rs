@@ -102,6 +102,7 @@ impl FakeStore {
             version_stages: vec!["AWSCURRENT".into()],
             created_date: None,
             value: SecretValue::text(format!("value-of-{version_id}")),
+            encoded: Default::default(),
         })
     }
 }

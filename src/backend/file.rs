@@ -416,6 +416,7 @@ impl SecretStore for FileStore {
             version_stages: version.stages.clone(),
             created_date: Some(version.created),
             value: version.value.clone(),
+            encoded: Default::default(),
         })
     }
 

@@ -28,7 +28,7 @@ pub const AWSCURRENT: &str = "AWSCURRENT";
 const MAX_VERSION_FIELD_LEN: usize = 256;
 
 /// Which version of a secret to read.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VersionSelector {
     /// The version that carries this staging label.
     Stage(String),
@@ -42,6 +42,53 @@ pub enum VersionSelector {
     },
 }
 
+/// A `VersionSelector` borrowed from a request: selects without
+/// allocating (the cache's hit path).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SelectorRef<'a> {
+    /// The version that carries this staging label.
+    Stage(&'a str),
+    /// This exact version, carrying `stage` when given.
+    Id {
+        /// The version id.
+        id: &'a str,
+        /// The stage it must carry, if any.
+        stage: Option<&'a str>,
+    },
+}
+
+impl<'a> SelectorRef<'a> {
+    /// A request's `version_id` and `version_stage` (either may be empty;
+    /// both empty means the current version), checked.
+    pub fn from_request(
+        version_id: &'a str,
+        version_stage: &'a str,
+    ) -> Result<Self, InvalidVersion> {
+        check_version_field("version_id", version_id)?;
+        check_version_field("version_stage", version_stage)?;
+        let stage = (!version_stage.is_empty()).then_some(version_stage);
+        Ok(if version_id.is_empty() {
+            Self::Stage(stage.unwrap_or(AWSCURRENT))
+        } else {
+            Self::Id {
+                id: version_id,
+                stage,
+            }
+        })
+    }
+
+    /// The owned selector.
+    pub fn to_owned(self) -> VersionSelector {
+        match self {
+            Self::Stage(stage) => VersionSelector::Stage(stage.to_owned()),
+            Self::Id { id, stage } => VersionSelector::Id {
+                id: id.to_owned(),
+                stage: stage.map(str::to_owned),
+            },
+        }
+    }
+}
+
 impl VersionSelector {
     /// The current version.
     pub fn current() -> Self {
@@ -51,17 +98,18 @@ impl VersionSelector {
     /// Builds a selector from a request's `version_id` and `version_stage`
     /// (either may be empty; both empty means the current version).
     pub fn from_request(version_id: &str, version_stage: &str) -> Result<Self, InvalidVersion> {
-        check_version_field("version_id", version_id)?;
-        check_version_field("version_stage", version_stage)?;
-        let stage = (!version_stage.is_empty()).then(|| version_stage.to_owned());
-        Ok(if version_id.is_empty() {
-            Self::Stage(stage.unwrap_or_else(|| AWSCURRENT.to_owned()))
-        } else {
-            Self::Id {
-                id: version_id.to_owned(),
-                stage,
-            }
-        })
+        SelectorRef::from_request(version_id, version_stage).map(SelectorRef::to_owned)
+    }
+
+    /// The selector as borrowed parts.
+    pub fn as_ref(&self) -> SelectorRef<'_> {
+        match self {
+            Self::Stage(stage) => SelectorRef::Stage(stage),
+            Self::Id { id, stage } => SelectorRef::Id {
+                id,
+                stage: stage.as_deref(),
+            },
+        }
     }
 
     /// Whether a version with this id and these stages is the one selected.

@@ -54,7 +54,7 @@ use tokio::time::Instant;
 
 use crate::{
     backend::{
-        SecretStore, StoreError, VersionSelector,
+        SecretStore, StoreError,
         bounded::{BoundedStore, UpstreamLoad},
     },
     secret::SecretVersion,
@@ -65,28 +65,15 @@ pub use crate::config::CacheSettings;
 mod backoff;
 mod eviction;
 mod fetch;
+mod key;
 mod metrics;
 mod negative;
 
 use backoff::{Backoff, Permit};
 use eviction::{Clock, Slotted};
+use key::Keyed;
+pub use key::{CacheKey, KeyRef};
 use negative::NegativeEntries;
-
-/// What identifies a cache entry.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct CacheKey {
-    /// Full secret name (or ARN).
-    pub name: String,
-    /// Which version of it.
-    pub selector: VersionSelector,
-}
-
-impl CacheKey {
-    /// The key of `name` at `selector`.
-    pub fn new(name: String, selector: VersionSelector) -> Self {
-        Self { name, selector }
-    }
-}
 
 /// A value as the cache answers it.
 #[derive(Debug, Clone)]
@@ -295,6 +282,20 @@ impl Cache {
         self.get_until(key, bypass, None).await
     }
 
+    /// `get_until` with a borrowed key: a fresh hit allocates nothing; the
+    /// key is copied only when the cache must ask upstream.
+    pub async fn read(
+        &self,
+        key: KeyRef<'_>,
+        bypass: bool,
+        deadline: Option<Instant>,
+    ) -> Result<Lookup, StoreError> {
+        if !bypass && let Some(lookup) = self.shared.fresh_hit(&key, true) {
+            return Ok(lookup);
+        }
+        self.get_until(key.to_owned(), bypass, deadline).await
+    }
+
     /// `get` for a caller that gives up at `deadline`: an expired entry's
     /// renewal is waited for at most `upstream_wait`, and never past it.
     pub async fn get_until(
@@ -437,8 +438,10 @@ enum Joined {
 impl Shared {
     /// The hot path: a fresh entry, counted as a hit, with refresh-ahead
     /// unless the caller holds `inflight`'s lock for this key.
-    fn fresh_hit(self: &Arc<Self>, key: &CacheKey, may_refresh: bool) -> Option<Lookup> {
-        let entry = Arc::clone(&*self.entries.get(key)?);
+    fn fresh_hit(self: &Arc<Self>, key: &dyn Keyed, may_refresh: bool) -> Option<Lookup> {
+        // Read under the shard's guard: no clone of the entry, only of the
+        // version answered.
+        let entry = self.entries.get(key)?;
         let now = Instant::now();
         let age = now.duration_since(entry.fetched_at);
         let ttl = self.settings.ttl;
@@ -449,23 +452,27 @@ impl Shared {
             entry.referenced.store(true, Relaxed);
         }
         bump(&self.counters.hits);
-        if may_refresh
+        let refresh = may_refresh
             && age >= ttl - ttl / 10
             && !self.backoff.active()
-            && !entry.refreshing.swap(true, Relaxed)
-        {
-            self.refresh_ahead(key);
-        }
-        Some(Lookup {
+            && !entry.refreshing.swap(true, Relaxed);
+        let lookup = Lookup {
             version: Arc::clone(&entry.version),
             hit: true,
             age,
             stale: false,
-        })
+        };
+        // The refresh's fetch stores into this map: not under its guard.
+        drop(entry);
+        if refresh {
+            self.refresh_ahead(key);
+        }
+        Some(lookup)
     }
 
     /// Starts a background fetch that callers missing meanwhile will join.
-    fn refresh_ahead(self: &Arc<Self>, key: &CacheKey) {
+    fn refresh_ahead(self: &Arc<Self>, key: &dyn Keyed) {
+        let key = key.key().to_owned();
         if let MapEntry::Vacant(slot) = self.inflight.entry(key.clone()) {
             let fetch = self.spawn_fetch(key.clone());
             slot.insert(fetch);

@@ -2,7 +2,10 @@
 //! Time is tokio's paused clock, so TTLs are crossed exactly.
 
 use super::*;
-use crate::{backend::fake::FakeStore, config::UpstreamLimits};
+use crate::{
+    backend::{VersionSelector, fake::FakeStore},
+    config::UpstreamLimits,
+};
 
 const TTL: Duration = Duration::from_secs(300);
 const MAX_STALE: Duration = Duration::from_secs(3600);

@@ -25,6 +25,8 @@ import support
 
 HEALTH_STARTUP_TIMEOUT = 15.0
 TERMINATE_GRACE = 5.0
+# The broker writes its log out at least every 20 ms (src/telemetry/writer.rs).
+LOG_FLUSH_WAIT = 0.1
 
 # grpc.health.v1 and the reflection services, for the Python client side.
 # They are written under a package path of our own ("brokertest_support/")
@@ -232,6 +234,9 @@ class Broker:
         return self.proc.poll() is None
 
     def log(self) -> str:
+        """The broker's output so far: read once its log writer has written
+        out what it holds (it writes in batches, at least every 20 ms)."""
+        time.sleep(LOG_FLUSH_WAIT)
         return self.log_path.read_text(errors="replace")
 
     def tail(self) -> str:

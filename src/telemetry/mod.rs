@@ -6,26 +6,26 @@
 //! whatever `LOG_LEVEL` says: quieting the logs must not silence it.
 //!
 //! With one audit line per call, writing must stay off the hot path: lines
-//! go through a queue to a writer thread, which writes them into a buffer
-//! and flushes it whenever the queue runs dry. Under load, many lines share
-//! one write; when idle, each line is out at once. The queue never drops a
-//! line (a full queue makes callers wait), because audit lines must not be
-//! lost.
+//! are appended to a buffer that a writer thread writes out in batches,
+//! every 20 ms or sooner when it fills (`writer`). Nothing is dropped (a
+//! full buffer makes callers wait), because audit lines must not be lost.
 //!
 //! One event is always one line, whatever a caller put into a name, a
 //! certificate or a header: every event passes `OneLine`, which escapes
 //! line breaks and other control characters inside it (JSON output is
 //! already escaped, so it stays valid JSON).
 
-use std::io::{self, BufWriter, IsTerminal, Write};
+use std::io::{self, IsTerminal, Write};
 
-use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::{EnvFilter, fmt::MakeWriter};
 
-/// Keeps the writer thread alive; dropping it flushes what is queued.
+pub mod audit;
+mod writer;
+
+/// Keeps the writer thread alive; dropping it writes out what is pending.
 #[must_use = "dropping the guard stops the log writer"]
 pub struct LogGuard {
-    _writer: Option<WorkerGuard>,
+    _writer: Option<writer::WriterGuard>,
 }
 
 /// Installs the global subscriber. `level` is a `tracing` level (`info`).
@@ -40,18 +40,17 @@ pub fn init(level: &str) -> LogGuard {
     );
     let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new(directives));
     let ansi = std::io::stderr().is_terminal();
-    let (writer, guard) = NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("log-writer")
-        .finish(BufWriter::new(std::io::stderr()));
+    let (writer, guard) = writer::start(std::io::stderr());
+    let json = std::env::var("LOG_FORMAT").is_ok_and(|format| format.eq_ignore_ascii_case("json"));
+    audit::install(writer.clone(), json);
     let builder = tracing_subscriber::fmt()
+        .with_timer(SecondsCachedTime)
         .with_env_filter(filter)
         .with_writer(OneLine {
             inner: writer,
             keep_ansi: ansi,
         })
         .with_ansi(ansi);
-    let json = std::env::var("LOG_FORMAT").is_ok_and(|format| format.eq_ignore_ascii_case("json"));
     // A second init (tests) keeps the first subscriber.
     let installed = if json {
         builder.json().try_init()
@@ -61,6 +60,52 @@ pub fn init(level: &str) -> LogGuard {
     LogGuard {
         _writer: installed.is_ok().then_some(guard),
     }
+}
+
+/// RFC 3339 UTC with microseconds (`2026-11-30T13:55:30.243765Z`), the
+/// default's format, made cheaper: every event (one audit line per call)
+/// needs a timestamp, and its date and time of day change once a second,
+/// so each thread formats those once a second and only the microseconds
+/// per event.
+struct SecondsCachedTime;
+
+thread_local! {
+    /// The second last formatted on this thread, and its text without `Z`.
+    static SECOND: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
+}
+
+impl tracing_subscriber::fmt::time::FormatTime for SecondsCachedTime {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        write_timestamp(w)
+    }
+}
+
+/// Writes the time now, as `SecondsCachedTime` does.
+fn write_timestamp(w: &mut impl std::fmt::Write) -> std::fmt::Result {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let seconds = since_epoch.as_secs();
+    SECOND.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        if cached.0 != seconds {
+            let whole = std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds);
+            cached.1.clear();
+            use std::fmt::Write as _;
+            write!(cached.1, "{}", humantime::format_rfc3339_seconds(whole))?;
+            cached.1.pop(); // the `Z`
+            cached.0 = seconds;
+        }
+        w.write_str(&cached.1)?;
+        let mut micros = *b".000000Z";
+        let mut rest = since_epoch.subsec_micros();
+        for digit in micros[1..7].iter_mut().rev() {
+            *digit = b'0' + (rest % 10) as u8;
+            rest /= 10;
+        }
+        // Digits and punctuation: always UTF-8.
+        w.write_str(std::str::from_utf8(&micros).unwrap_or(".000000Z"))
+    })
 }
 
 /// Makes writers that keep each event on one line (see the module doc).
@@ -139,6 +184,27 @@ mod tests {
         };
         writer.write_all(event).unwrap();
         writer.inner
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_with_microseconds() {
+        use tracing_subscriber::fmt::{format::Writer, time::FormatTime};
+        let mut text = String::new();
+        SecondsCachedTime
+            .format_time(&mut Writer::new(&mut text))
+            .unwrap();
+        let before = humantime::parse_rfc3339(&text).expect("RFC 3339");
+        let mut again = String::new();
+        SecondsCachedTime
+            .format_time(&mut Writer::new(&mut again))
+            .unwrap();
+        assert_eq!(text.len(), "2026-11-30T13:55:30.243765Z".len(), "{text}");
+        assert!(
+            humantime::parse_rfc3339(&again).unwrap() >= before,
+            "{again}"
+        );
+        let elapsed = std::time::SystemTime::now().duration_since(before).unwrap();
+        assert!(elapsed < std::time::Duration::from_secs(5), "{text} is now");
     }
 
     #[test]

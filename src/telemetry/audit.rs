@@ -1,0 +1,190 @@
+//! The audit line: one per call, written by hand straight into the log
+//! writer's buffer.
+//!
+//! Every call writes one, so it skips `tracing`'s general formatting (field
+//! visitors, `Debug` of every value, a writer per event): the line is built
+//! in a reused per-thread buffer, in the same layout as the other events
+//! (text, or JSON with `LOG_FORMAT=json`), checked to be one line, and
+//! appended with one lock. Where the broker did not install its logger (a
+//! library user, the tests), the record is a `tracing` event on the `audit`
+//! target instead, with the same fields.
+
+use std::{cell::RefCell, fmt, fmt::Write as _, io::Write as _, sync::OnceLock};
+
+use super::{escape_controls, needs_escape, write_timestamp, writer::BufferedLog};
+
+/// One call's audit facts.
+pub struct AuditRecord<'a> {
+    /// Who called (its `Display` escapes what a certificate may carry).
+    pub identity: &'a dyn fmt::Display,
+    /// The RPC's name.
+    pub rpc: &'a str,
+    /// The resolved secret names, space-separated (empty when none).
+    pub secrets: &'a str,
+    /// The gRPC code's name.
+    pub outcome: &'a str,
+    /// Whether the cache answered, for reads.
+    pub cache_hit: Option<bool>,
+}
+
+/// Where audit lines go when the broker installed its logger.
+struct Sink {
+    log: BufferedLog,
+    json: bool,
+}
+
+static SINK: OnceLock<Sink> = OnceLock::new();
+
+thread_local! {
+    static LINE: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+/// Sends audit lines straight to `log` from now on.
+pub(super) fn install(log: BufferedLog, json: bool) {
+    let _ = SINK.set(Sink { log, json });
+}
+
+/// Writes one call's audit line.
+pub fn record(record: &AuditRecord<'_>) {
+    let Some(sink) = SINK.get() else {
+        tracing::info!(
+            target: "audit",
+            identity = %record.identity,
+            rpc = record.rpc,
+            secrets = %record.secrets,
+            outcome = record.outcome,
+            cache_hit = record.cache_hit,
+        );
+        return;
+    };
+    LINE.with(|line| {
+        let mut line = line.borrow_mut();
+        line.clear();
+        // Writing into a String cannot fail.
+        let _ = if sink.json {
+            json_line(&mut line, record)
+        } else {
+            text_line(&mut line, record)
+        };
+        let body = line.trim_end_matches('\n');
+        let result = if body.bytes().any(|b| needs_escape(b, false)) {
+            let mut escaped = escape_controls(body.as_bytes(), false);
+            escaped.push(b'\n');
+            (&sink.log).write_all(&escaped)
+        } else {
+            (&sink.log).write_all(line.as_bytes())
+        };
+        // The log writer's append cannot fail.
+        let _ = result;
+    });
+}
+
+/// `2026-11-30T13:55:30.243765Z  INFO audit: identity=... rpc="GetSecret"
+/// secrets=... outcome="OK" cache_hit=true`, as `tracing`'s text layout.
+fn text_line(line: &mut String, record: &AuditRecord<'_>) -> fmt::Result {
+    write_timestamp(line)?;
+    write!(line, "  INFO audit: identity={}", record.identity)?;
+    // RPC and code names are fixed words: quoted as `Debug` would, without
+    // its escaping pass.
+    line.push_str(" rpc=\"");
+    line.push_str(record.rpc);
+    line.push_str("\" secrets=");
+    line.push_str(record.secrets);
+    line.push_str(" outcome=\"");
+    line.push_str(record.outcome);
+    line.push('"');
+    match record.cache_hit {
+        Some(true) => line.push_str(" cache_hit=true"),
+        Some(false) => line.push_str(" cache_hit=false"),
+        None => {}
+    }
+    line.push('\n');
+    Ok(())
+}
+
+/// The JSON layout of `tracing`'s JSON events.
+fn json_line(line: &mut String, record: &AuditRecord<'_>) -> fmt::Result {
+    line.push_str("{\"timestamp\":\"");
+    write_timestamp(line)?;
+    line.push_str("\",\"level\":\"INFO\",\"fields\":{\"identity\":");
+    let start = line.len();
+    write!(line, "{}", record.identity)?;
+    let identity = line.split_off(start);
+    json_string(line, &identity);
+    line.push_str(",\"rpc\":");
+    json_string(line, record.rpc);
+    line.push_str(",\"secrets\":");
+    json_string(line, record.secrets);
+    line.push_str(",\"outcome\":");
+    json_string(line, record.outcome);
+    if let Some(hit) = record.cache_hit {
+        write!(line, ",\"cache_hit\":{hit}")?;
+    }
+    line.push_str("},\"target\":\"audit\"}\n");
+    Ok(())
+}
+
+/// `text` as a JSON string.
+fn json_string(out: &mut String, text: &str) {
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(identity: &str, cache_hit: Option<bool>) -> (String, String) {
+        let record = AuditRecord {
+            identity: &identity,
+            rpc: "GetSecret",
+            secrets: "insurecove/db",
+            outcome: "OK",
+            cache_hit,
+        };
+        let (mut text, mut json) = (String::new(), String::new());
+        text_line(&mut text, &record).unwrap();
+        json_line(&mut json, &record).unwrap();
+        (text, json)
+    }
+
+    #[test]
+    fn the_text_line_has_the_usual_layout() {
+        let (text, _) = record("anonymous", Some(true));
+        let (_, rest) = text.split_once("  ").unwrap();
+        assert_eq!(
+            rest,
+            "INFO audit: identity=anonymous rpc=\"GetSecret\" secrets=insurecove/db outcome=\"OK\" cache_hit=true\n"
+        );
+        let (text, _) = record("anonymous", None);
+        assert!(text.ends_with("outcome=\"OK\"\n"), "{text}");
+    }
+
+    #[test]
+    fn the_json_line_parses_with_the_usual_fields() {
+        let (_, json) = record("cn:x\"\n\u{1b}", Some(false));
+        assert_eq!(json.matches('\n').count(), 1, "one line: {json}");
+        let event: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(event["target"], "audit");
+        assert_eq!(event["level"], "INFO");
+        assert_eq!(event["fields"]["identity"], "cn:x\"\n\u{1b}");
+        assert_eq!(event["fields"]["rpc"], "GetSecret");
+        assert_eq!(event["fields"]["secrets"], "insurecove/db");
+        assert_eq!(event["fields"]["outcome"], "OK");
+        assert_eq!(event["fields"]["cache_hit"], false);
+        assert!(humantime::parse_rfc3339(event["timestamp"].as_str().unwrap()).is_ok());
+    }
+}

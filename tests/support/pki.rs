@@ -1,0 +1,102 @@
+//! A test PKI made with rcgen: a CA, a server certificate and client
+//! certificates, as PEM files in a temporary directory. Shared by the
+//! integration tests and `examples/loadgen.rs` (mutual TLS runs).
+
+use std::path::PathBuf;
+
+/// PEM files of a CA, a server certificate (SANs localhost and 127.0.0.1)
+/// and client certificates (one URI SAN each), in a temporary directory.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    ca_issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+/// A certificate and key written as PEM files.
+pub struct Issued {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Pki {
+    pub fn new() -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "secrets-broker client tests CA");
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = KeyPair::generate().expect("CA key");
+        let ca_cert = params.self_signed(&key).expect("self-sign the CA");
+        let dir = tempfile::tempdir().expect("temp dir for the PKI");
+        std::fs::write(dir.path().join("ca.pem"), ca_cert.pem()).expect("write ca.pem");
+        Self {
+            dir,
+            ca_issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    fn issue(&self, label: &str, params: rcgen::CertificateParams) -> Issued {
+        let key = rcgen::KeyPair::generate().expect("leaf key");
+        let cert = params
+            .signed_by(&key, &self.ca_issuer)
+            .expect("sign a leaf certificate");
+        let issued = Issued {
+            cert: self.dir.path().join(format!("{label}.pem")),
+            key: self.dir.path().join(format!("{label}-key.pem")),
+        };
+        std::fs::write(&issued.cert, cert.pem()).expect("write a certificate");
+        std::fs::write(&issued.key, key.serialize_pem()).expect("write a key");
+        issued
+    }
+
+    /// The broker's certificate: SAN DNS localhost and IP 127.0.0.1.
+    pub fn server(&self) -> Issued {
+        use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyUsagePurpose};
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+                .expect("server params");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "secrets-broker test server");
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        self.issue("server", params)
+    }
+
+    /// A client certificate whose only SAN is the URI `identity`.
+    pub fn client(&self, label: &str, identity: &str) -> Issued {
+        use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyUsagePurpose, SanType};
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("client params");
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "InsureCove client tests");
+        params.subject_alt_names = vec![SanType::URI(identity.try_into().expect("an IA5 URI"))];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        self.issue(label, params)
+    }
+
+    /// Writes a policy file; returns its path.
+    pub fn write_policy(&self, text: &str) -> PathBuf {
+        let path = self.dir.path().join("policy.toml");
+        std::fs::write(&path, text).expect("write policy.toml");
+        path
+    }
+}
+
+impl Default for Pki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
