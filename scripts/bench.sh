@@ -2,7 +2,8 @@
 # Benchmark: a cached GetSecret against an empty tonic call (grpc.health.v1
 # Health/Check) on the same broker, in the same run, interleaved, so that
 # the machine's noise hits both alike. Prints each round, the medians,
-# their ratio and the server's CPU time per call.
+# their ratio, the median of each round's own ratio (the two runs of a
+# round are next to each other in time) and the server's CPU time per call.
 #
 #   ./scripts/bench.sh                     # everything below
 #   ROUNDS=5 REQUESTS=100000 ./scripts/bench.sh
@@ -139,20 +140,25 @@ compare() {
   for shape in $SHAPES; do
     clients=${shape%x*}; streams=${shape#*x}
     : >"$work/a.rates"; : >"$work/b.rates"; : >"$work/a.cpu"; : >"$work/b.cpu"
+    : >"$work/ratios"; : >"$work/cpu_ratios"
     for round in $(seq "$ROUNDS"); do
       read -r a_rate a_cpu < <($run_a "$clients" "$streams")
       read -r b_rate b_cpu < <($run_b "$clients" "$streams")
       echo "$a_rate" >>"$work/a.rates"; echo "$a_cpu" >>"$work/a.cpu"
       echo "$b_rate" >>"$work/b.rates"; echo "$b_cpu" >>"$work/b.cpu"
+      awk -v a="$a_rate" -v b="$b_rate" 'BEGIN { printf "%.4f\n", b / a }' >>"$work/ratios"
+      awk -v a="$a_cpu" -v b="$b_cpu" 'BEGIN { printf "%.4f\n", b / a }' >>"$work/cpu_ratios"
       printf '  %-5s %5s round %s: %s %8s/s (%s us CPU/call)   %s %8s/s (%s us CPU/call)\n' \
         "$label" "$shape" "$round" "$a_name" "$a_rate" "$a_cpu" "$b_name" "$b_rate" "$b_cpu"
     done
     a=$(median <"$work/a.rates"); b=$(median <"$work/b.rates")
     ac=$(median <"$work/a.cpu"); bc=$(median <"$work/b.cpu")
-    printf '%-5s %5s medians: %s %s/s (%s us CPU), %s %s/s (%s us CPU), rate ratio %s, CPU ratio %s\n' \
+    printf '%-5s %5s medians: %s %s/s (%s us CPU), %s %s/s (%s us CPU), rate ratio %s, CPU ratio %s; median of per-round ratios: rate %s, CPU %s\n' \
       "$label" "$shape" "$a_name" "$a" "$ac" "$b_name" "$b" "$bc" \
       "$(awk -v a="$a" -v b="$b" 'BEGIN { printf "%.3f", b / a }')" \
-      "$(awk -v a="$ac" -v b="$bc" 'BEGIN { printf "%.2f", b / a }')"
+      "$(awk -v a="$ac" -v b="$bc" 'BEGIN { printf "%.2f", b / a }')" \
+      "$(median <"$work/ratios" | awk '{ printf "%.3f", $1 }')" \
+      "$(median <"$work/cpu_ratios" | awk '{ printf "%.2f", $1 }')"
   done
 }
 

@@ -167,7 +167,10 @@ struct Shared {
     store: Arc<dyn SecretStore>,
     bounded: Arc<BoundedStore>,
     settings: CacheSettings,
-    entries: DashMap<CacheKey, Arc<Entry>>,
+    /// Hashed with foldhash (seeded per process), not SipHash: every call
+    /// hashes its key here, and only secrets that exist upstream (read
+    /// and authorized) become keys, so there is little to collide with.
+    entries: DashMap<CacheKey, Arc<Entry>, foldhash::quality::RandomState>,
     inflight: DashMap<CacheKey, Fetch>,
     negative: NegativeEntries,
     backoff: Backoff,
@@ -226,7 +229,7 @@ impl Cache {
                 store: Arc::clone(&bounded) as Arc<dyn SecretStore>,
                 bounded,
                 settings,
-                entries: DashMap::new(),
+                entries: DashMap::default(),
                 inflight: DashMap::new(),
                 negative: NegativeEntries::new(settings.negative_ttl, settings.max_entries),
                 backoff: Backoff::default(),
