@@ -134,7 +134,7 @@ struct Notes {
     spilled: String,
 }
 
-const INLINE_NOTES: usize = 256;
+const INLINE_NOTES: usize = 160;
 
 impl Notes {
     fn push(&mut self, text: &str) {

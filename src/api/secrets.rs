@@ -35,6 +35,13 @@ use crate::{
 /// The most names one BatchGetSecrets call may ask for.
 pub const MAX_BATCH_NAMES: usize = 100;
 
+/// What the cache alone could do for a GetSecret.
+enum FromCache {
+    Answered(EncodedGetSecretResponse),
+    /// Not a fresh hit (or a bypass): this key is read through the cache.
+    Missed(CacheKey),
+}
+
 /// The SecretsService implementation.
 pub struct SecretsApi {
     context: ApiContext,
@@ -89,19 +96,40 @@ impl SecretsApi {
         audit: &mut Audit,
         request: GetSecretRequest,
     ) -> Result<EncodedGetSecretResponse, ApiError> {
+        let key = match self.answer_from_cache(audit, &request)? {
+            FromCache::Answered(response) => return Ok(response),
+            FromCache::Missed(key) => key,
+        };
+        let lookup = self
+            .context
+            .cache
+            .get_until(key, request.bypass_cache, audit.deadline())
+            .await?;
+        audit.cache_hit(lookup.hit);
+        Ok(message::get_secret_response(&lookup))
+    }
+
+    /// GetSecret's hit path, without awaiting anything: the resolved name
+    /// (held inline) and the borrowed key live on this stack frame only,
+    /// not in the call's future. A miss hands back the owned key to read.
+    fn answer_from_cache(
+        &self,
+        audit: &mut Audit,
+        request: &GetSecretRequest,
+    ) -> Result<FromCache, ApiError> {
         let full_name = self.authorized_inline(audit, &request.name)?;
         let selector = SelectorRef::from_request(&request.version_id, &request.version_stage)?;
         let key = KeyRef {
             name: &full_name,
             selector,
         };
-        let lookup = self
-            .context
-            .cache
-            .read(key, request.bypass_cache, audit.deadline())
-            .await?;
-        audit.cache_hit(lookup.hit);
-        Ok(message::get_secret_response(&lookup))
+        if !request.bypass_cache
+            && let Some(lookup) = self.context.cache.hit(key)
+        {
+            audit.cache_hit(true);
+            return Ok(FromCache::Answered(message::get_secret_response(&lookup)));
+        }
+        Ok(FromCache::Missed(key.to_owned()))
     }
 
     async fn batch_get_secrets(

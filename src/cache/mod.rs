@@ -285,18 +285,10 @@ impl Cache {
         self.get_until(key, bypass, None).await
     }
 
-    /// `get_until` with a borrowed key: a fresh hit allocates nothing; the
-    /// key is copied only when the cache must ask upstream.
-    pub async fn read(
-        &self,
-        key: KeyRef<'_>,
-        bypass: bool,
-        deadline: Option<Instant>,
-    ) -> Result<Lookup, StoreError> {
-        if !bypass && let Some(lookup) = self.shared.fresh_hit(&key, true) {
-            return Ok(lookup);
-        }
-        self.get_until(key.to_owned(), bypass, deadline).await
+    /// A fresh hit for a borrowed key, without waiting or allocating (the
+    /// hot path); `None` when the cache must be read with `get_until`.
+    pub fn hit(&self, key: KeyRef<'_>) -> Option<Lookup> {
+        self.shared.fresh_hit(&key, true)
     }
 
     /// `get` for a caller that gives up at `deadline`: an expired entry's

@@ -41,9 +41,8 @@ use dashmap::DashMap;
 use tokio::sync::watch;
 
 use crate::{
-    backend::{AWSCURRENT, StoreError, VersionSelector},
+    backend::{StoreError, VersionSelector},
     cache::{Cache, CacheKey},
-    names,
     secret::SecretVersion,
 };
 
@@ -257,45 +256,7 @@ impl WatchHub {
         }
     }
 
-    /// Re-reads every tracked stage of the secret that one of `ids` (names
-    /// or ARNs, as an event gives them) stands for, coalesced per stage,
-    /// and tells its watchers. `hint` is the (stage, version id) the event
-    /// says a label moved to: stages already holding it are not re-read.
-    pub async fn refresh_secret(&self, ids: &[String], hint: Option<(&str, &str)>) -> Refreshed {
-        let names: Vec<&str> = ids.iter().map(|id| names::secret_name(id)).collect();
-        let tracked = self
-            .shared
-            .tracked(|id| names.contains(&names::secret_name(id)));
-        if tracked.is_empty() {
-            return Refreshed::Untracked;
-        }
-        let stale: Vec<&Tracked> = tracked
-            .iter()
-            .filter(|t| match hint {
-                Some((stage, version)) => !(t.key.stage == stage && t.holds_only(version)),
-                None => true,
-            })
-            .collect();
-        if stale.is_empty() {
-            return Refreshed::AlreadyCurrent;
-        }
-        let rereads = stale.iter().map(|t| self.shared.reread(t));
-        let outcomes = futures::future::join_all(rereads).await;
-        let mut changed = 0;
-        for outcome in outcomes {
-            match outcome {
-                Reread::Changed => changed += 1,
-                Reread::Same => {}
-                Reread::Failed(error) => return Refreshed::Failed(error),
-            }
-        }
-        Refreshed::Reread {
-            reads: stale.len(),
-            changed,
-        }
-    }
-
-    /// Ends every stream (with UNAVAILABLE) and the detector.
+    /// Ends every stream (with UNAVAILABLE) and the sweep.
     pub fn shutdown(&self) {
         self.shared.shutdown.send_replace(true);
     }
@@ -356,137 +317,6 @@ impl Topic {
             state.observed_at = SystemTime::now();
             true
         })
-    }
-}
-
-/// One tracked (secret, stage): a cached entry read by stage, a topic, or
-/// both, with the versions they hold.
-#[derive(Debug)]
-struct Tracked {
-    /// The id it is read by (a full name or an ARN) and the stage.
-    key: TopicKey,
-    /// The version ids held (the entry's and the topic's; the same but for
-    /// a moment).
-    held: Vec<String>,
-    /// Its topic stands at DELETED: any version found is news.
-    deleted: bool,
-}
-
-impl Tracked {
-    fn holds_only(&self, version_id: &str) -> bool {
-        !self.deleted && self.held.iter().all(|held| held == version_id)
-    }
-
-    fn cache_key(&self) -> CacheKey {
-        CacheKey::new(
-            self.key.name.clone(),
-            VersionSelector::Stage(self.key.stage.clone()),
-        )
-    }
-}
-
-/// What one re-read found.
-enum Reread {
-    Changed,
-    Same,
-    Failed(StoreError),
-}
-
-impl Shared {
-    /// Everything tracked whose id `wanted` picks, one item per (id, stage).
-    /// Topics nobody watches any more are dropped first.
-    fn tracked(&self, wanted: impl Fn(&str) -> bool) -> Vec<Tracked> {
-        self.topics
-            .retain(|_, topic| topic.state.receiver_count() > 0);
-        let mut tracked: std::collections::BTreeMap<TopicKey, Tracked> = Default::default();
-        let staged = self.cache.entries_where(|key| {
-            matches!(key.selector, VersionSelector::Stage(_)) && wanted(&key.name)
-        });
-        for (key, version) in staged {
-            let VersionSelector::Stage(stage) = key.selector else {
-                continue;
-            };
-            let key = TopicKey {
-                name: key.name,
-                stage,
-            };
-            tracked
-                .entry(key.clone())
-                .or_insert_with(|| Tracked {
-                    key,
-                    held: Vec::new(),
-                    deleted: false,
-                })
-                .held
-                .push(version.version_id.clone());
-        }
-        for topic in self.topics.iter().filter(|t| wanted(&t.key().name)) {
-            let state = topic.state.borrow();
-            let item = tracked
-                .entry(topic.key().clone())
-                .or_insert_with(|| Tracked {
-                    key: topic.key().clone(),
-                    held: Vec::new(),
-                    deleted: false,
-                });
-            item.held.push(state.version.version_id.clone());
-            item.deleted |= state.event == WatchEvent::Deleted;
-        }
-        tracked.into_values().collect()
-    }
-
-    /// Reads one tracked stage upstream now, through the cache (which
-    /// tells its topic); a definite "gone" drops the whole secret.
-    async fn reread(&self, tracked: &Tracked) -> Reread {
-        match self.cache.refresh(tracked.cache_key()).await {
-            Ok((version, _)) if tracked.holds_only(&version.version_id) => Reread::Same,
-            Ok(_) => Reread::Changed,
-            Err(StoreError::NotFound { .. } | StoreError::Deleted { .. })
-                if tracked.key.stage == AWSCURRENT =>
-            {
-                self.forget_deleted(names::secret_name(&tracked.key.name));
-                Reread::Changed
-            }
-            Err(StoreError::NotFound { .. } | StoreError::Deleted { .. }) => {
-                // The stage is gone (e.g. no AWSPREVIOUS any more), not
-                // necessarily the secret.
-                self.cache.remove(&tracked.cache_key());
-                self.mark_deleted(&tracked.key);
-                Reread::Changed
-            }
-            Err(error) if error.is_transient() => Reread::Failed(error),
-            Err(error) => {
-                tracing::debug!(secret = %tracked.key.name, %error, "a re-read was refused; skipped");
-                Reread::Same
-            }
-        }
-    }
-
-    /// The secret `name` is gone upstream: its entries are dropped (every
-    /// selector, by name or ARN) and its watchers told.
-    fn forget_deleted(&self, name: &str) {
-        let belongs = |id: &str| names::secret_name(id) == name;
-        for (key, _) in self.cache.entries_where(|key| belongs(&key.name)) {
-            self.cache.remove(&key);
-        }
-        let keys: Vec<TopicKey> = self
-            .topics
-            .iter()
-            .filter(|t| belongs(&t.key().name))
-            .map(|t| t.key().clone())
-            .collect();
-        for key in keys {
-            self.mark_deleted(&key);
-        }
-    }
-
-    fn mark_deleted(&self, key: &TopicKey) {
-        if let Some(topic) = self.topics.get(key)
-            && topic.mark_deleted()
-        {
-            self.events.fetch_add(1, Relaxed);
-            tracing::info!(secret = %key.name, stage = %key.stage, "secret deletion observed");
-        }
     }
 }
 
@@ -556,6 +386,7 @@ impl WatchHub {
     }
 }
 
+mod refresh;
 mod sweep;
 #[cfg(test)]
 pub(crate) mod tests;

@@ -22,7 +22,10 @@ use std::{
     sync::{Arc, atomic::Ordering::Relaxed},
 };
 
-use super::{Reread, Shared, Tracked, changed, jittered};
+use super::{
+    Shared, changed, jittered,
+    refresh::{Reread, Tracked},
+};
 use crate::{
     backend::{SecretDescription, SecretStore, StoreError, VersionSelector},
     names,

@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::{
-    backend::{SecretStore, fake::FakeStore},
+    backend::{AWSCURRENT, SecretStore, fake::FakeStore},
     cache::CacheSettings,
 };
 

@@ -1,0 +1,191 @@
+//! The policy against hand-written grants: identities, patterns, reloads, warnings.
+
+use super::*;
+
+const POLICY: &str = r#"
+        [[grant]]
+        identity = "spiffe://insurecove/auth-service"
+        secrets = ["insurecove/production/jwt", "insurecove/shared/*"]
+
+        [[grant]]
+        identity = "spiffe://insurecove/*"
+        secrets = ["insurecove/common/**"]
+
+        [[grant]]
+        identity = "spiffe://insurecove/ops"
+        admin = true
+    "#;
+
+fn policy() -> Policy {
+    Policy::parse(Path::new("policy.toml"), POLICY).unwrap()
+}
+
+fn uri(uri: &str) -> Identity {
+    Identity::uri(uri)
+}
+
+fn certificate(dns: &[&str], cn: Option<&str>) -> Identity {
+    Identity::Certificate(Arc::new(crate::identity::CertificateNames {
+        uri: None,
+        dns: dns.iter().map(|d| Box::from(*d)).collect(),
+        cn: cn.map(Box::from),
+    }))
+}
+
+#[test]
+fn grants_match_exact_names_and_globs_by_segment() {
+    let p = policy();
+    let auth = &uri("spiffe://insurecove/auth-service");
+    assert!(p.may_read(auth, "insurecove/production/jwt"));
+    assert!(p.may_read(auth, "insurecove/shared/smtp"));
+    assert!(
+        !p.may_read(auth, "insurecove/shared/deep/smtp"),
+        "* stays in its segment"
+    );
+    assert!(
+        p.may_read(auth, "insurecove/common/a/b/c"),
+        "** crosses segments"
+    );
+    assert!(!p.may_read(auth, "insurecove/production/database"));
+    assert!(!p.may_read(&uri("spiffe://insurecove/team/x"), "insurecove/common/a"));
+    assert!(!p.may_read(
+        &uri("spiffe://other/auth-service"),
+        "insurecove/production/jwt"
+    ));
+}
+
+#[test]
+fn admin_needs_a_grant_that_says_so() {
+    let p = policy();
+    assert!(p.is_admin(&uri("spiffe://insurecove/ops")));
+    assert!(!p.is_admin(&uri("spiffe://insurecove/auth-service")));
+}
+
+#[test]
+fn a_uri_identity_matches_only_a_uri_san() {
+    let p = policy();
+    let ops = "spiffe://insurecove/ops";
+    assert!(
+        !p.is_admin(&certificate(&[ops], None)),
+        "a DNS SAN is not a URI"
+    );
+    assert!(
+        !p.is_admin(&certificate(&[], Some(ops))),
+        "a CN is not a URI"
+    );
+}
+
+#[test]
+fn dns_and_cn_identities_match_only_their_kind() {
+    let p = Policy::parse(
+        Path::new("p.toml"),
+        r#"
+            [[grant]]
+            identity = "dns:api.internal"
+            secrets = ["insurecove/api"]
+            [[grant]]
+            identity = "cn:legacy-client"
+            secrets = ["insurecove/legacy"]
+            [[grant]]
+            identity = "bare.internal"
+            secrets = ["insurecove/bare"]
+            "#,
+    )
+    .unwrap();
+    let api = certificate(&["other.internal", "api.internal"], None);
+    assert!(p.may_read(&api, "insurecove/api"), "any DNS SAN matches");
+    assert!(!p.may_read(&certificate(&[], Some("api.internal")), "insurecove/api"));
+    assert!(!p.may_read(&uri("dns:api.internal"), "insurecove/api"));
+    assert!(p.may_read(
+        &certificate(&[], Some("legacy-client")),
+        "insurecove/legacy"
+    ));
+    assert!(!p.may_read(&certificate(&["legacy-client"], None), "insurecove/legacy"));
+    assert!(p.may_read(&certificate(&["bare.internal"], None), "insurecove/bare"));
+    assert_eq!(p.warnings().len(), 1, "the bare identity is warned about");
+    assert!(
+        p.warnings()[0].contains("dns:bare.internal"),
+        "{:?}",
+        p.warnings()
+    );
+}
+
+#[test]
+fn only_plaintext_callers_are_anonymous() {
+    let p = Policy::parse(
+        Path::new("p.toml"),
+        "[[grant]]\nidentity = \"anonymous\"\nsecrets = [\"insurecove/**\"]\n",
+    )
+    .unwrap();
+    assert!(p.may_read(&Identity::Anonymous, "insurecove/x"));
+    assert!(!p.may_read(&certificate(&[], Some("anonymous")), "insurecove/x"));
+    assert!(!p.may_read(&certificate(&["anonymous"], None), "insurecove/x"));
+}
+
+#[test]
+fn arns_are_decided_by_the_name_inside() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.toml");
+    std::fs::write(&path, POLICY).unwrap();
+    let authorizer = Authorizer::new(Some(&path), true).unwrap();
+    let auth = uri("spiffe://insurecove/auth-service");
+    let arn = "arn:aws:secretsmanager:ap-east-1:123456789012:secret:insurecove/shared/x-AbCdEf";
+    assert_eq!(authorizer.check_read(&auth, arn), Ok(()));
+    let other = "arn:aws:secretsmanager:ap-east-1:123456789012:secret:insurecove/production/database-AbCdEf";
+    assert!(authorizer.check_read(&auth, other).is_err());
+}
+
+#[test]
+fn bad_files_are_refused_with_the_reason() {
+    let unknown = Policy::parse(
+        Path::new("p.toml"),
+        "[[grant]]\nidentity = \"a\"\nsecret = []\n",
+    );
+    assert!(unknown.err().unwrap().to_string().contains("unknown field"));
+    let glob = Policy::parse(Path::new("p.toml"), "[[grant]]\nidentity = \"a[\"\n");
+    let message = glob.err().unwrap().to_string();
+    assert!(
+        message.contains("grant #1") && message.contains("a["),
+        "{message}"
+    );
+}
+
+#[test]
+fn without_a_file_plaintext_allows_and_mtls_denies() {
+    let anonymous = Identity::Anonymous;
+    let open = Authorizer::new(None, false).unwrap();
+    assert_eq!(open.check_read(&anonymous, "insurecove/x"), Ok(()));
+    assert_eq!(open.check_admin(&anonymous), Ok(()));
+    let closed = Authorizer::new(None, true).unwrap();
+    let someone = uri("spiffe://insurecove/a");
+    assert!(closed.check_read(&someone, "insurecove/x").is_err());
+    assert!(closed.check_admin(&someone).is_err());
+    assert_eq!(
+        open.check_read(&Identity::Unnamed, "insurecove/x"),
+        Err(Denied::NoIdentity)
+    );
+    assert!(matches!(
+        open.check_read(&Identity::Refused("two URI SANs"), "insurecove/x"),
+        Err(Denied::BadIdentity(_))
+    ));
+}
+
+#[test]
+fn reload_swaps_rules_and_keeps_them_when_broken() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.toml");
+    std::fs::write(&path, POLICY).unwrap();
+    let authorizer = Authorizer::new(Some(&path), true).unwrap();
+    let reloads = authorizer.reloads();
+    let ops = uri("spiffe://insurecove/ops");
+    assert!(authorizer.check_admin(&ops).is_ok());
+
+    std::fs::write(&path, "[[grant]]\nidentity = \"spiffe://insurecove/ops\"\n").unwrap();
+    authorizer.reload().unwrap();
+    assert!(authorizer.check_admin(&ops).is_err());
+    assert!(reloads.has_changed().unwrap());
+
+    std::fs::write(&path, "[[grant]\n").unwrap();
+    assert!(authorizer.reload().is_err());
+    assert!(authorizer.check_admin(&ops).is_err(), "old rules kept");
+}
