@@ -45,6 +45,21 @@ pub(super) struct Cursor {
     outside_turn: usize,
 }
 
+/// A round's `budget` of calls, shared between listing pages (when there
+/// are secrets under the prefix) and descriptions of the `outside`
+/// secrets: the listing keeps a page; when the budget is a single call and
+/// both need it, they take turns by `round`. Returns (descriptions, pages).
+fn split_budget(budget: usize, listing: bool, outside: usize, round: u64) -> (usize, usize) {
+    if !listing {
+        return (outside.min(budget), 0);
+    }
+    let described = outside.min(budget - 1);
+    if described == 0 && outside > 0 && budget == 1 && round % 2 == 1 {
+        return (1, 0);
+    }
+    (described, budget - described)
+}
+
 impl Shared {
     /// Runs a round each interval (or at once when the store says it
     /// changed) until shutdown.
@@ -73,24 +88,21 @@ impl Shared {
             let name = names::secret_name(&item.key.name).to_owned();
             by_name.entry(name).or_default().push(item);
         }
-        let mut budget = by_name.len().div_ceil(PER_CALL);
+        let budget = by_name.len().div_ceil(PER_CALL);
         let (inside, outside): (Vec<String>, Vec<String>) = by_name
             .keys()
             .cloned()
             .partition(|name| name.starts_with(&self.listed_prefix));
-
-        // Turns for the secrets outside the prefix, leaving a page for the
-        // listing when there is one to make.
-        let outside_calls = outside.len().min(
-            budget
-                .saturating_sub(usize::from(!inside.is_empty()))
-                .max(1),
+        let (outside_calls, pages) = split_budget(
+            budget,
+            !inside.is_empty(),
+            outside.len(),
+            self.rounds.load(Relaxed),
         );
-        budget = budget.saturating_sub(outside_calls).max(1);
         let mut to_describe = self.outside_turns(&outside, outside_calls);
 
-        if !inside.is_empty() {
-            let missing = self.list(store, budget, &by_name).await;
+        if pages > 0 {
+            let missing = self.list(store, pages, &by_name).await;
             to_describe.extend(missing.into_iter().filter(|name| inside.contains(name)));
         }
         for name in to_describe {
@@ -202,5 +214,35 @@ impl Shared {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_budget;
+
+    #[test]
+    fn the_budget_is_never_passed() {
+        for budget in 1..6 {
+            for outside in 0..12 {
+                for listing in [false, true] {
+                    for round in 0..4 {
+                        let (described, pages) = split_budget(budget, listing, outside, round);
+                        assert!(described + pages <= budget, "{budget} {outside} {listing}");
+                        assert!(described <= outside);
+                        let listing_turn = !(budget == 1 && outside > 0 && round % 2 == 1);
+                        if listing && listing_turn {
+                            assert!(pages >= 1, "the listing keeps a page");
+                        }
+                    }
+                }
+            }
+        }
+        // One call a round, both needing it: they take turns.
+        assert_eq!(split_budget(1, true, 1, 0), (0, 1));
+        assert_eq!(split_budget(1, true, 1, 1), (1, 0));
+        // Room for both: the listing keeps its page.
+        assert_eq!(split_budget(3, true, 5, 0), (2, 1));
+        assert_eq!(split_budget(3, false, 5, 0), (3, 0));
     }
 }
