@@ -24,9 +24,9 @@
 # INFO with its audit trail on (one line per call), metrics and the policy
 # check on (an explicit policy under mTLS).
 #
-# Load comes from h2load (Debian nghttp2-client, installed when missing);
-# moto_server from the test venv (.tools/venv, made from
-# tests/requirements.txt when missing). h2load counts HTTP 200 as success
+# Load comes from h2load (Debian nghttp2-client), moto_server from the test
+# venv (.tools/venv): both installed by the test command's tool step
+# (TOOLS_ONLY=1 ./scripts/test.sh) when missing. h2load counts HTTP 200 as success
 # even when grpc-status is not 0, so a sample of each call is checked first
 # with nghttp, which shows trailers.
 set -euo pipefail
@@ -39,13 +39,9 @@ PARTS=${PARTS:-"dev moto mtls"}
 PORT=${PORT:-50151}
 VENV=.tools/venv
 
-if ! command -v h2load >/dev/null || ! command -v nghttp >/dev/null; then
-  echo "installing nghttp2-client (h2load, nghttp)..."
-  apt-get update -qq && apt-get install -y -qq nghttp2-client >/dev/null
-fi
-if [[ " $PARTS " == *" moto "* && ! -x $VENV/bin/moto_server ]]; then
-  echo "installing the test venv (moto_server)..."
-  python3 -m venv "$VENV" && "$VENV/bin/pip" install -q -r tests/requirements.txt
+if ! command -v h2load >/dev/null || ! command -v nghttp >/dev/null || [ ! -x "$VENV/bin/moto_server" ]; then
+  echo "installing the test tools (h2load, nghttp, moto_server) with the test command..."
+  TOOLS_ONLY=1 ./scripts/test.sh
 fi
 
 cargo build --release --quiet --bin secrets-broker --example loadgen

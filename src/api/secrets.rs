@@ -101,11 +101,8 @@ impl SecretsApi {
             FromCache::Missed(key) => key,
         };
         let lookup = self
-            .context
-            .cache
-            .get_until(key, request.bypass_cache, audit.deadline())
+            .lookup(audit, key.name, key.selector, request.bypass_cache)
             .await?;
-        audit.cache_hit(lookup.hit);
         Ok(message::get_secret_response(&lookup))
     }
 

@@ -48,6 +48,12 @@ class RecordedRequest:
     access_key: str = ""    # the signing key id: tells brokers with their own keys apart
 
     @property
+    def is_health_check(self) -> bool:
+        """The broker's upstream health check: a one-item ListSecrets
+        without filters (the sweep's pages are filtered by the prefix)."""
+        return self.target == "secretsmanager.ListSecrets" and not self.filtered
+
+    @property
     def from_boto(self) -> bool:
         ua = self.user_agent.lower()
         return "boto3/" in ua or "botocore/" in ua
@@ -162,18 +168,23 @@ class MotoServer:
 
     # -- seeding (boto3) --------------------------------------------------
 
+    def boto(self, service: str):
+        """A boto3 client of `service` (secretsmanager, sqs, sns, events)
+        on this moto."""
+        return boto3.client(
+            service,
+            endpoint_url=self.url,
+            region_name=REGION,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+            # proxies={} (not None): never the machine's proxy
+            config=Config(proxies={}, retries={"max_attempts": 1}),
+        )
+
     @property
     def client(self):
         if self._client is None:
-            self._client = boto3.client(
-                "secretsmanager",
-                endpoint_url=self.url,
-                region_name=REGION,
-                aws_access_key_id=ACCESS_KEY,
-                aws_secret_access_key=SECRET_KEY,
-                # proxies={} (not None): never the machine's proxy
-                config=Config(proxies={}, retries={"max_attempts": 1}),
-            )
+            self._client = self.boto("secretsmanager")
         return self._client
 
     @staticmethod

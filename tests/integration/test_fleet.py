@@ -15,26 +15,16 @@ import datetime
 import json
 import time
 
-import boto3
 import grpc
-from botocore.config import Config
 
 import support
-from moto_support import ACCESS_KEY, REGION, SECRET_KEY, MotoServer
-from watch_support import Watch, event_name
+from moto_support import REGION, MotoServer
+from watch_support import Watch, event_name, stats
 
 LONG_TTL = "3600"
 PUSH_BOUND = 2.0        # an event reaches every replica within this
 SWEEP_BOUND = 2.5       # the sweep at 1 s finds a rotation within this
 TOPIC = "secret-events"
-
-
-def aws(moto: MotoServer, service: str):
-    return boto3.client(
-        service, endpoint_url=moto.url, region_name=REGION,
-        aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
-        config=Config(proxies={}, retries={"max_attempts": 1}),
-    )
 
 
 def now_rfc3339() -> str:
@@ -73,10 +63,6 @@ def replica_env(moto: MotoServer, i: int, extra: dict | None = None) -> dict[str
 def get(broker, stubs, name: str):
     pb = stubs.secrets_service_pb2
     return broker.secrets().GetSecret(pb.GetSecretRequest(name=name), timeout=10).secret
-
-
-def stats(broker, stubs):
-    return broker.admin().GetCacheStats(stubs.admin_service_pb2.GetCacheStatsRequest(), timeout=10)
 
 
 def check_upstream(broker, stubs):
@@ -138,7 +124,7 @@ def queue_depth(sqs, url: str) -> int:
 def test_three_replicas_on_a_topic_are_fresh_within_two_seconds(moto, start_broker, stubs):
     name = "insurecove/fleet/db"
     v1 = moto.create_secret(name, "fleet-db-v1-7f3a")
-    sns, sqs = aws(moto, "sns"), aws(moto, "sqs")
+    sns, sqs = moto.boto("sns"), moto.boto("sqs")
     topic = sns.create_topic(Name=TOPIC)["TopicArn"]
     brokers = [
         start_broker(["--events-topic-arn", topic, "--cache-ttl", LONG_TTL, "--watch-interval", "60"],
@@ -183,7 +169,7 @@ def test_three_replicas_on_a_topic_are_fresh_within_two_seconds(moto, start_brok
 def test_raw_and_sns_wrapped_queues(moto, start_broker, stubs):
     name = "insurecove/fleet/api"
     v1 = moto.create_secret(name, "fleet-api-v1-19be")
-    sqs, sns, events = aws(moto, "sqs"), aws(moto, "sns"), aws(moto, "events")
+    sqs, sns, events = moto.boto("sqs"), moto.boto("sns"), moto.boto("events")
 
     # raw: a moto EventBridge rule delivers the event itself to the queue
     raw_url = sqs.create_queue(QueueName="events-raw")["QueueUrl"]
@@ -243,7 +229,7 @@ def test_sweep_of_100_cached_secrets_is_cheap_and_finds_a_rotation(moto, start_b
     recorded = [r for r in moto.recorded() if r.access_key == "replica0"]
     rounds = r1 - r0
     # the upstream health check's ListSecrets (MaxResults=1, no filter) aside
-    sweep = [r for r in recorded if not (r.target == "secretsmanager.ListSecrets" and not r.filtered)]
+    sweep = [r for r in recorded if not r.is_health_check]
     reads = [r for r in sweep if r.target in ("secretsmanager.GetSecretValue", "secretsmanager.BatchGetSecretValue")]
     print(f"\nsweep of 100 cached secrets: {rounds} rounds, {len(sweep)} upstream calls, {len(reads)} value reads")
     assert rounds >= 3
@@ -265,7 +251,7 @@ def test_bad_messages_are_dropped_and_the_queue_drains(moto, start_broker, stubs
     kept, gone = "insurecove/fleet/kept", "insurecove/fleet/gone"
     v1 = moto.create_secret(kept, "fleet-kept-v1-aa11")
     moto.create_secret(gone, "fleet-gone-v1-aa11")
-    sqs = aws(moto, "sqs")
+    sqs = moto.boto("sqs")
     url = sqs.create_queue(QueueName="events-bad")["QueueUrl"]
     broker = start_broker(["--events-queue-url", url, "--cache-ttl", LONG_TTL, "--watch-interval", "60"],
                           env=replica_env(moto, 0), dev=False)
@@ -313,7 +299,7 @@ def test_an_sqs_outage_warns_the_sweep_goes_on_and_consumption_resumes(moto, mot
     queues = MotoServer(moto_server_bin, log_path("-sqs"), tmp_path / "sqs-moto")
     queues.start()
     try:
-        sqs = aws(queues, "sqs")
+        sqs = queues.boto("sqs")
         url = sqs.create_queue(QueueName="events-outage")["QueueUrl"]
         env = replica_env(moto, 0, {"AWS_ENDPOINT_URL_SQS": queues.url})
         broker = start_broker(["--events-queue-url", url, "--cache-ttl", LONG_TTL, "--watch-interval", "1"],
@@ -333,11 +319,11 @@ def test_an_sqs_outage_warns_the_sweep_goes_on_and_consumption_resumes(moto, mot
                    "the sweep serving the rotation during the outage")
 
         queues.start()                       # same port; state is lost: same queue again
-        aws(queues, "sqs").create_queue(QueueName="events-outage")
+        queues.boto("sqs").create_queue(QueueName="events-outage")
         wait_consuming(broker, stubs, timeout=40)
         before = stats(broker, stubs).events_received
         v3 = moto.put_secret_value(name, "fleet-outage-v3-be77")
-        aws(queues, "sqs").send_message(QueueUrl=url, MessageBody=label_event(moto, name, v3, "after-outage"))
+        queues.boto("sqs").send_message(QueueUrl=url, MessageBody=label_event(moto, name, v3, "after-outage"))
         handled = wait_until(
             lambda: (lambda s: s if s.events_applied + s.events_ignored > before else None)(stats(broker, stubs)),
             10, "an event handled after the outage")
@@ -354,7 +340,7 @@ def test_an_sqs_outage_warns_the_sweep_goes_on_and_consumption_resumes(moto, mot
 
 
 def test_sigterm_removes_the_brokers_queue_and_subscription(moto, start_broker, stubs):
-    sns, sqs = aws(moto, "sns"), aws(moto, "sqs")
+    sns, sqs = moto.boto("sns"), moto.boto("sqs")
     topic = sns.create_topic(Name=TOPIC)["TopicArn"]
     broker = start_broker(["--events-topic-arn", topic], env=replica_env(moto, 0), dev=False)
     url = wait_consuming(broker, stubs).queue_url

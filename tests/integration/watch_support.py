@@ -174,7 +174,7 @@ def sweep_calls(moto, target: str) -> int:
     upstream health check's (MaxResults=1, no filter)."""
     return sum(
         1 for r in moto.recorded()
-        if r.target == target and not r.from_boto and (target != LIST_SECRETS or r.filtered)
+        if r.target == target and not r.from_boto and not r.is_health_check
     )
 
 
