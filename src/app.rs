@@ -97,6 +97,11 @@ impl Listeners {
             Bound::Unix(_) => None,
         }
     }
+
+    /// The metrics and probes address, if one was asked for.
+    pub fn probes_addr(&self) -> Option<SocketAddr> {
+        self.probes.as_ref()?.local_addr().ok()
+    }
 }
 
 /// Who may connect and what they may do: the TLS terminator (when mutual

@@ -53,10 +53,7 @@ use futures::future::{BoxFuture, Shared as SharedFuture};
 use tokio::time::Instant;
 
 use crate::{
-    backend::{
-        SecretStore, StoreError,
-        bounded::{BoundedStore, UpstreamLoad},
-    },
+    backend::{SecretStore, StoreError, bounded::BoundedStore},
     secret::SecretVersion,
 };
 
@@ -68,12 +65,15 @@ mod fetch;
 mod key;
 mod metrics;
 mod negative;
+mod stats;
 
 use backoff::{Backoff, Permit};
 use eviction::{Clock, Slotted};
 use key::Keyed;
 pub use key::{CacheKey, KeyRef};
 use negative::NegativeEntries;
+pub use stats::CacheStats;
+use stats::Counters;
 
 /// A value as the cache answers it.
 #[derive(Debug, Clone)]
@@ -96,53 +96,6 @@ impl Lookup {
             hit: false,
             age: Duration::ZERO,
             stale: false,
-        }
-    }
-}
-
-/// The cache's counters and sizes at one moment.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct CacheStats {
-    /// Entries held.
-    pub total_entries: u64,
-    /// Entries within their TTL.
-    pub valid_entries: u64,
-    /// Entries past their TTL, kept to serve stale.
-    pub expired_entries: u64,
-    /// Reads answered from the cache.
-    pub hits: u64,
-    /// Reads that started an upstream call.
-    pub misses: u64,
-    /// Reads that joined another's upstream call.
-    pub coalesced: u64,
-    /// Stale values served while the upstream failed.
-    pub stale_served: u64,
-    /// Calls made upstream.
-    pub upstream_calls: u64,
-    /// Upstream calls that failed.
-    pub upstream_errors: u64,
-    /// Entries evicted by the size bound.
-    pub evictions: u64,
-    /// NOT_FOUND answers remembered now.
-    pub negative_entries: u64,
-    /// Reads answered by a remembered NOT_FOUND.
-    pub negative_hits: u64,
-    /// The upstream is backed off now.
-    pub backoff_active: bool,
-    /// Times the upstream was backed off.
-    pub backoffs: u64,
-    /// The upstream bound: calls under way and waiting.
-    pub upstream: UpstreamLoad,
-}
-
-impl CacheStats {
-    /// hits / (hits + misses), 0 without reads.
-    pub fn hit_ratio(&self) -> f64 {
-        let reads = self.hits + self.misses;
-        if reads == 0 {
-            0.0
-        } else {
-            self.hits as f64 / reads as f64
         }
     }
 }
@@ -202,18 +155,6 @@ impl Slotted for Arc<Entry> {
     fn take_reference(&self) -> bool {
         self.referenced.swap(false, Relaxed)
     }
-}
-
-#[derive(Default)]
-struct Counters {
-    hits: AtomicU64,
-    misses: AtomicU64,
-    coalesced: AtomicU64,
-    stale_served: AtomicU64,
-    upstream_calls: AtomicU64,
-    upstream_errors: AtomicU64,
-    evictions: AtomicU64,
-    negative_hits: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64) {
@@ -381,37 +322,6 @@ impl Cache {
                 .retain(|key, _| !names.contains(&key.name));
         }
         before.saturating_sub(self.shared.entries.len()) as u64
-    }
-
-    /// Counters and sizes now.
-    pub fn stats(&self) -> CacheStats {
-        let shared = &self.shared;
-        let now = Instant::now();
-        let total = shared.entries.len() as u64;
-        let valid = shared
-            .entries
-            .iter()
-            .filter(|entry| now.duration_since(entry.fetched_at) < shared.settings.ttl)
-            .count() as u64;
-        let read = |counter: &AtomicU64| counter.load(Relaxed);
-        let counters = &shared.counters;
-        CacheStats {
-            total_entries: total,
-            valid_entries: valid,
-            expired_entries: total.saturating_sub(valid),
-            hits: read(&counters.hits),
-            misses: read(&counters.misses),
-            coalesced: read(&counters.coalesced),
-            stale_served: read(&counters.stale_served),
-            upstream_calls: read(&counters.upstream_calls),
-            upstream_errors: read(&counters.upstream_errors),
-            evictions: read(&counters.evictions),
-            negative_entries: shared.negative.len() as u64,
-            negative_hits: read(&counters.negative_hits),
-            backoff_active: shared.backoff.active(),
-            backoffs: shared.backoff.times_started(),
-            upstream: shared.bounded.load(),
-        }
     }
 }
 

@@ -3,6 +3,13 @@
 Certificates are made in the test (tls_support.PKI, CA-1 trusted, CA-2 not);
 brokers are started with --tls-cert/--tls-key/--tls-client-ca and --policy
 and waited for over mTLS (tls_support.launch_tls_broker).
+
+What needs the real binary or another TLS stack stays here: the upstream
+untouched by refusals (moto), handshakes with OpenSSL, reloads of the
+certificates and of the policy on SIGHUP, grpcurl and grpcio over mTLS, the
+audit lines. The policy's rules, its reload from the file, the shared cache
+under it and unnamed certificates are tested in-process
+(tests/server/policy.rs).
 """
 
 from __future__ import annotations
@@ -11,7 +18,6 @@ import json
 import re
 import ssl
 import subprocess
-import threading
 import time
 
 import grpc
@@ -163,128 +169,18 @@ def test_handshake_refused_without_a_valid_client_certificate(start_tls_broker, 
     assert get(broker.secrets(pki.auth), stubs, "mistral-api-key").string_value == SEED[MISTRAL]
 
 
-def test_without_policy_mtls_allows_nothing(start_tls_broker, stubs, pki):
-    broker = start_tls_broker(policy=False)
-    for client in (pki.auth, pki.ops):
-        denied(lambda: get(broker.secrets(client), stubs, "mistral-api-key"), MISTRAL)
-    expect_error(
-        lambda: broker.admin(pki.ops).GetCacheStats(stubs.admin_service_pb2.GetCacheStatsRequest(), timeout=10),
-        DENIED, "POLICY_DENIED",
-    )
-    assert broker.health("") == "SERVING"
-
-
-def test_plaintext_callers_are_anonymous_under_a_policy(start_broker, stubs, tmp_path):
-    policy = tmp_path / "anonymous.toml"
-    policy.write_text(policy_toml({"identity": "anonymous", "secrets": [MISTRAL]}))
-    broker = start_broker(["--policy", policy])
-    stub = broker.secrets()
-    assert get(stub, stubs, "mistral-api-key").string_value == SEED[MISTRAL]
-    denied(lambda: get(stub, stubs, "production/jwt"), JWT)
-    expect_error(
-        lambda: broker.admin().GetCacheStats(stubs.admin_service_pb2.GetCacheStatsRequest(), timeout=10),
-        DENIED, "POLICY_DENIED",
-    )
-
 
 # --------------------------------------------------------------------------
-# 2. one shared cache, the policy on every call
-
-
-def test_shared_cache_does_not_bypass_the_policy(start_tls_broker, tls_files, stubs, pki):
-    tls_files.write_policy(BASE_POLICY)
-    broker = start_tls_broker()
-    apb = stubs.admin_service_pb2
-    auth, billing = broker.secrets(pki.auth), broker.secrets(pki.billing)
-
-    assert get(auth, stubs, "mistral-api-key").cache.hit is False
-    cached = get(auth, stubs, "mistral-api-key")
-    assert (cached.string_value, cached.cache.hit) == (SEED[MISTRAL], True)
-    before = broker.admin(pki.ops).GetCacheStats(apb.GetCacheStatsRequest(), timeout=10)
-    assert (before.total_entries, before.valid_entries, before.hits, before.misses) == (1, 1, 1, 1), before
-
-    # billing may not read it, cached or not, bypass or not
-    denied(lambda: get(billing, stubs, "mistral-api-key"), MISTRAL)
-    denied(lambda: get(billing, stubs, "mistral-api-key", bypass_cache=True), MISTRAL)
-    resp = billing.BatchGetSecrets(stubs.secrets_service_pb2.BatchGetSecretsRequest(names=["mistral-api-key"]), timeout=10)
-    assert (resp.results[0].error.code, resp.results[0].error.reason) == (7, "POLICY_DENIED"), resp
-    # admin does not mean reader
-    denied(lambda: get(broker.secrets(pki.ops), stubs, "mistral-api-key"), MISTRAL)
-
-    after = broker.admin(pki.ops).GetCacheStats(apb.GetCacheStatsRequest(), timeout=10)
-    assert (after.total_entries, after.valid_entries) == (1, 1), after
-    assert (after.hits, after.misses, after.upstream_calls) == (before.hits, before.misses, before.upstream_calls), (
-        f"refused calls touched the cache: before {before}, after {after}"
-    )
-
-
-# --------------------------------------------------------------------------
-# 3. reload without restart
-
-
-def test_policy_edit_grants_then_revokes_and_ends_the_watch(start_tls_broker, tls_files, stubs, pki):
-    tls_files.write_policy(BASE_POLICY)
-    broker = start_tls_broker()
-    pb, spb = stubs.secrets_service_pb2, stubs.secret_pb2
-    billing = broker.secrets(pki.billing)
-    denied(lambda: get(billing, stubs, "mistral-api-key"), MISTRAL)
-
-    def billing_reads() -> bool:
-        try:
-            return get(billing, stubs, "mistral-api-key").string_value == SEED[MISTRAL]
-        except grpc.RpcError as err:
-            assert err.code() == DENIED, f"{err.code()}: {err.details()}"
-            return False
-
-    # grant: an in-place edit of the file
-    granted = policy_toml(
-        {"identity": AUTH, "secrets": [JWT, MISTRAL]},
-        {"identity": BILLING, "secrets": [DATABASE, MISTRAL]},
-        {"identity": OPS, "secrets": [], "admin": True},
-    )
-    tls_files.policy.write_text(granted)
-    _, took_grant = wait_for(billing_reads, RELOAD_BOUND, what="billing's access after the grant")
-
-    watch = billing.WatchSecret(pb.WatchSecretRequest(name="mistral-api-key"), timeout=30)
-    first = next(watch)
-    assert first.type == spb.WATCH_EVENT_TYPE_CURRENT and first.secret.string_value == SEED[MISTRAL], first
-    other = broker.secrets(pki.auth).WatchSecret(pb.WatchSecretRequest(name="mistral-api-key"), timeout=30)
-    assert next(other).type == spb.WATCH_EVENT_TYPE_CURRENT
-
-    # revoke: the file replaced (rename over it)
-    revoked_at = time.monotonic()
-    tls_files.write_policy(policy_toml(
-        {"identity": AUTH, "secrets": [JWT, MISTRAL]},
-        {"identity": BILLING, "secrets": [DATABASE]},
-        {"identity": OPS, "secrets": [], "admin": True},
-    ))
-    _, took_revoke = wait_for(lambda: not billing_reads(), RELOAD_BOUND, what="billing's refusal after the revoke")
-
-    # billing's open stream ends with PERMISSION_DENIED (no further value)
-    extra = []
-    with pytest.raises(grpc.RpcError) as caught:
-        for message in watch:
-            extra.append(message)
-    ended_after = time.monotonic() - revoked_at
-    err = caught.value
-    assert err.code() == DENIED, f"the watch ended with {err.code()}: {err.details()} (messages {extra})"
-    assert support.error_info(err).reason == "POLICY_DENIED"
-    assert ended_after <= RELOAD_BOUND + 1, f"the watch ended {ended_after:.1f} s after the revoke"
-    assert all(m.secret.string_value != SEED[MISTRAL] or m.type == spb.WATCH_EVENT_TYPE_CURRENT for m in extra), extra
-
-    # auth-service's stream on the same secret stays open
-    time.sleep(0.5)
-    assert other.is_active() and not other.done(), "auth-service's watch ended although its grant stayed"
-    other.cancel()
-    assert get(broker.secrets(pki.auth), stubs, "mistral-api-key").string_value == SEED[MISTRAL]
-    print(f"grant after {took_grant:.2f} s, revoke after {took_revoke:.2f} s, watch ended after {ended_after:.2f} s")
+# 2. reload without restart
 
 
 def count_warnings(broker, pattern: str) -> int:
     return sum(1 for line in broker.log().splitlines() if "WARN" in line and re.search(pattern, line, re.I))
 
 
-def test_broken_policy_keeps_the_old_rules(start_tls_broker, tls_files, stubs, pki):
+def test_sighup_reads_a_broken_policy_again_and_keeps_the_old_rules(start_tls_broker, tls_files, stubs, pki):
+    """SIGHUP re-reads the policy; a broken file (each kind of breakage is
+    tested in-process: tests/server/policy.rs) keeps the rules in force."""
     tls_files.write_policy(BASE_POLICY)
     broker = start_tls_broker()
     auth, billing = broker.secrets(pki.auth), broker.secrets(pki.billing)
@@ -294,23 +190,14 @@ def test_broken_policy_keeps_the_old_rules(start_tls_broker, tls_files, stubs, p
         assert get(billing, stubs, "production/database").string_value == SEED[DATABASE]
         denied(lambda: get(billing, stubs, "mistral-api-key"), MISTRAL)
 
-    broken = {
-        "not TOML": "[[grant]\nidentity = ",
-        "unknown field": f'[[grant]]\nidentity = "{BILLING}"\nsecrets = ["{MISTRAL}"]\nsuperuser = true\n',
-        "bad glob": f'[[grant]]\nidentity = "{BILLING}"\nsecrets = ["insurecove/[unclosed"]\n',
-    }
-    for case, text in broken.items():
-        warnings = count_warnings(broker, "policy")
-        tls_files.write_policy(text)
-        wait_for(lambda: count_warnings(broker, "policy") > warnings, RELOAD_BOUND,
-                 what=f"a warning about the broken policy ({case})")
-        rules_unchanged()
-        # SIGHUP reads it again: still broken, still the old rules
-        warnings = count_warnings(broker, "policy")
-        broker.hangup()
-        wait_for(lambda: count_warnings(broker, "policy") > warnings, RELOAD_BOUND,
-                 what=f"a warning after SIGHUP ({case})")
-        rules_unchanged()
+    warnings = count_warnings(broker, "policy")
+    tls_files.write_policy(f'[[grant]]\nidentity = "{BILLING}"\nsecrets = ["{MISTRAL}"]\nsuperuser = true\n')
+    wait_for(lambda: count_warnings(broker, "policy") > warnings, RELOAD_BOUND, what="a warning about the broken policy")
+    rules_unchanged()
+    warnings = count_warnings(broker, "policy")
+    broker.hangup()
+    wait_for(lambda: count_warnings(broker, "policy") > warnings, RELOAD_BOUND, what="a warning after SIGHUP")
+    rules_unchanged()
     assert broker.alive(), broker.tail()
 
     # a good file again takes effect
@@ -363,7 +250,7 @@ def test_server_certificate_and_client_ca_reload(start_tls_broker, tls_files, st
 
 
 # --------------------------------------------------------------------------
-# 4. real clients: grpcurl and grpcio
+# 3. real clients: grpcurl and grpcio
 
 
 def test_grpcurl_and_grpcio_over_mtls(start_tls_broker, tls_files, stubs, pki, grpcurl_bin, proto_dir):
@@ -403,7 +290,7 @@ def test_grpcurl_and_grpcio_over_mtls(start_tls_broker, tls_files, stubs, pki, g
 
 
 # --------------------------------------------------------------------------
-# 5. audit
+# 4. audit
 
 
 def audit_events(broker) -> list[dict]:
@@ -504,25 +391,3 @@ def test_audit_whatever_the_log_level(start_tls_broker, tls_files, stubs, pki):
     events, _ = wait_for(lambda: audit_events(broker), 2.0, what="an audit event at LOG_LEVEL=ERROR")
     assert len(events) == 1 and events[0]["fields"]["identity"] == AUTH, events
     assert events[0]["fields"]["outcome"] == "OK" and events[0]["fields"]["secrets"] == MISTRAL, events
-
-
-# --------------------------------------------------------------------------
-# 6. a certificate that names nobody
-
-
-def test_certificate_without_identity_is_unauthenticated(start_tls_broker, tls_files, stubs, pki):
-    # even a grant for every identity does not let an unnamed caller in
-    tls_files.write_policy(policy_toml({"identity": "spiffe://**", "secrets": ["**"], "admin": True}))
-    broker = start_tls_broker()
-    pb, apb = stubs.secrets_service_pb2, stubs.admin_service_pb2
-    assert broker.handshake(pki.unnamed).accepted, "the verified certificate must pass the handshake"
-    assert broker.health("", client=pki.unnamed) == "SERVING"
-    unnamed = broker.secrets(pki.unnamed)
-    for call in (
-        lambda: get(unnamed, stubs, "mistral-api-key"),
-        lambda: unnamed.GetJwtConfig(pb.GetJwtConfigRequest(), timeout=10),
-        lambda: broker.admin(pki.unnamed).GetCacheStats(apb.GetCacheStatsRequest(), timeout=10),
-    ):
-        expect_error(call, grpc.StatusCode.UNAUTHENTICATED, "NO_CLIENT_IDENTITY", forbidden=tuple(SEED.values()))
-    # the glob grant works for a named caller
-    assert get(broker.secrets(pki.billing), stubs, "mistral-api-key").string_value == SEED[MISTRAL]

@@ -33,7 +33,6 @@ from watch_support import (
     stats,
     wait_for_stats,
     watch_counters,
-    write_atomically,
 )
 
 CURRENT = "WATCH_EVENT_TYPE_CURRENT"
@@ -523,9 +522,9 @@ def test_refresh_and_bypass_notify_at_once(moto, aws_broker, stubs):
 # 9. Not found at once
 
 
-@pytest.mark.parametrize("backend", ["aws", "dev"])
-def test_watch_missing_secret_is_not_found(backend, request, stubs):
-    broker = request.getfixturevalue("aws_broker")() if backend == "aws" else request.getfixturevalue("dev_broker")
+def test_watch_missing_secret_is_not_found(aws_broker, stubs):
+    # (over the file backend: tests/server/watch.rs)
+    broker = aws_broker()
     pb = stubs.secrets_service_pb2
     stub = broker.secrets()
     start = time.monotonic()
@@ -565,49 +564,3 @@ def test_sigterm_ends_streams_with_unavailable(dev_broker, stubs):
     assert code == 0, f"exit code {code}; log:\n{broker.tail()}"
     assert "panicked" not in broker.log(), broker.tail()
     print(f"broker exited 0 {exited:.2f} s after SIGTERM")
-
-
-# --------------------------------------------------------------------------
-# 11. The file backend follows its file
-
-
-def _secrets_file(*versions) -> str:
-    return json.dumps({"secrets": [
-        {"name": "file-watched", "versions": [{"value": v, "version_id": i} for i, v in versions]},
-        {"name": "file-other", "versions": [{"value": "other-value"}]},
-    ]})
-
-
-def test_file_backend_edits_notify(start_broker, stubs, tmp_path):
-    path = tmp_path / "secrets.json"
-    path.write_text(_secrets_file(("fv1", "file-v1-a5e0")))
-    broker = start_broker(["--secrets-file", str(path), "--watch-interval", "60"])
-    name = "insurecove/file-watched"
-    w = Watch(broker, stubs, "file-watched")
-    assert_event(stubs, first_message(stubs, w), CURRENT, name=name, version="fv1", value="file-v1-a5e0")
-
-    # edited in place
-    path.write_text(_secrets_file(("fv1", "file-v1-a5e0"), ("fv2", "file-v2-a5e0")))
-    edited = time.monotonic()
-    msg, at = w.next(2.0)
-    assert at - edited < 2.0
-    assert_event(stubs, msg, ROTATED, name=name, version="fv2", value="file-v2-a5e0")
-    got = get(broker, stubs, "file-watched")
-    assert (got.version_id, got.string_value) == ("fv2", "file-v2-a5e0"), got
-
-    # a broken file: no event, the last good content is served
-    write_atomically(path, '{"secrets": [ {"name": "file-watched", "versions": [ {"value": ')
-    w.expect_nothing(2.0)
-    for bypass in (False, True):
-        got = get(broker, stubs, "file-watched", bypass_cache=bypass)
-        assert (got.version_id, got.string_value) == ("fv2", "file-v2-a5e0"), (bypass, got)
-    assert broker.alive()
-
-    # valid again (replaced, as editors do): events resume
-    write_atomically(path, _secrets_file(("fv2", "file-v2-a5e0"), ("fv3", "file-v3-a5e0")))
-    fixed = time.monotonic()
-    msg, at = w.next(2.0)
-    assert at - fixed < 2.0
-    assert_event(stubs, msg, ROTATED, name=name, version="fv3", value="file-v3-a5e0")
-    w.expect_nothing(0.5)
-    assert "secrets file not reloaded" in broker.log(), "the broken file was not reported in the log"

@@ -44,7 +44,8 @@ impl Pki {
         self.dir.path().join("ca.pem")
     }
 
-    fn issue(&self, label: &str, params: rcgen::CertificateParams) -> Issued {
+    /// Signs a leaf certificate made from `params` with the CA.
+    pub fn issue(&self, label: &str, params: rcgen::CertificateParams) -> Issued {
         let key = rcgen::KeyPair::generate().expect("leaf key");
         let cert = params
             .signed_by(&key, &self.ca_issuer)

@@ -1,0 +1,457 @@
+//! Bad input: bad names and malformed typed configs get precise errors
+//! (code, reason, the field at fault), no value is echoed in an error or a
+//! log line, and the broker serves on afterwards.
+
+use secrets_broker_client::proto::{
+    BatchGetSecretsRequest, GetAwsServicesConfigRequest, GetDatabaseConfigRequest,
+    GetJwtConfigRequest, GetSecurityConfigRequest, batch_get_secrets_result,
+};
+use serde_json::{Value, json};
+use tonic::{Code, Status, transport::Channel};
+use tonic_types::StatusExt;
+
+use secrets_broker_client::proto::{
+    GetSecretRequest, secrets_service_client::SecretsServiceClient,
+};
+
+use crate::harness::{Running, process_log};
+
+type Raw = SecretsServiceClient<Channel>;
+
+fn jwt_ok() -> Value {
+    json!({
+        "jwt_secret_key": "SENTINEL-jwt-signing-key-a41f",
+        "jwt_algorithm": "HS256",
+        "jwt_issuer": "SENTINEL-issuer-a41f",
+        "jwt_audience": "SENTINEL-audience-a41f",
+        "jwt_access_token_expire_minutes": 30,
+    })
+}
+
+fn db_ok() -> Value {
+    json!({
+        "supabase_url": "https://sentinel-project.supabase.invalid",
+        "supabase_anon_key": "SENTINEL-anon-key-77d0",
+        "supabase_service_key": "SENTINEL-service-key-77d0",
+        "database_password": "SENTINEL-db-password-77d0",
+    })
+}
+
+fn aws_ok() -> Value {
+    json!({
+        "aws_ses_region": "ap-east-1",
+        "aws_end_user_messaging_region": "ap-southeast-1",
+        "s3_bucket_name": "SENTINEL-bucket-19be",
+        "max_file_size_mb": 10,
+    })
+}
+
+fn sec_ok() -> Value {
+    json!({
+        "encryption_key": "SENTINEL-encryption-key-e2a7",
+        "encryption_salt": "SENTINEL-encryption-salt-e2a7",
+        "allowed_hosts": "localhost",
+        "cors_origins": ["http://localhost:3000"],
+    })
+}
+
+fn without(mut value: Value, key: &str) -> Value {
+    value.as_object_mut().unwrap().remove(key);
+    value
+}
+
+fn with(mut value: Value, key: &str, new: Value) -> Value {
+    value[key] = new;
+    value
+}
+
+const NOT_JSON: &str = "SENTINEL-not-json-3c9b {this is: not json";
+
+/// Short name → raw value of every secret of the file.
+fn secrets() -> Vec<(&'static str, String)> {
+    let as_text = |value: Value| value.to_string();
+    vec![
+        ("bad/not-json", NOT_JSON.to_owned()),
+        (
+            "bad/jwt-no-issuer",
+            as_text(without(jwt_ok(), "jwt_issuer")),
+        ),
+        (
+            "bad/jwt-zero-expire",
+            as_text(with(jwt_ok(), "jwt_access_token_expire_minutes", json!(0))),
+        ),
+        (
+            "bad/jwt-negative-expire",
+            as_text(with(jwt_ok(), "jwt_access_token_expire_minutes", json!(-1))),
+        ),
+        (
+            "bad/jwt-string-expire",
+            as_text(with(
+                jwt_ok(),
+                "jwt_access_token_expire_minutes",
+                json!("30"),
+            )),
+        ),
+        (
+            "bad/jwt-issuer-number",
+            as_text(with(jwt_ok(), "jwt_issuer", json!(42))),
+        ),
+        (
+            "bad/db-bad-url",
+            as_text(with(db_ok(), "supabase_url", json!("not a url"))),
+        ),
+        (
+            "bad/db-no-password",
+            as_text(without(db_ok(), "database_password")),
+        ),
+        (
+            "bad/aws-negative-size",
+            as_text(with(aws_ok(), "max_file_size_mb", json!(-5))),
+        ),
+        (
+            "bad/aws-string-size",
+            as_text(with(aws_ok(), "max_file_size_mb", json!("10"))),
+        ),
+        (
+            "bad/aws-zero-size",
+            as_text(with(aws_ok(), "max_file_size_mb", json!(0))),
+        ),
+        (
+            "bad/aws-fraction-size",
+            as_text(with(aws_ok(), "max_file_size_mb", json!(2.5))),
+        ),
+        (
+            "bad/aws-no-bucket",
+            as_text(without(aws_ok(), "s3_bucket_name")),
+        ),
+        (
+            "bad/sec-no-key",
+            as_text(without(sec_ok(), "encryption_key")),
+        ),
+        (
+            "bad/sec-hosts-number",
+            as_text(with(sec_ok(), "allowed_hosts", json!(7))),
+        ),
+        ("good/jwt", as_text(jwt_ok())),
+    ]
+}
+
+/// What no error or log line may show: every value, every distinctive
+/// string inside one, and the bad URL.
+fn forbidden() -> Vec<String> {
+    let mut found = vec!["this is: not json".to_owned(), "not a url".to_owned()];
+    for (_, raw) in secrets() {
+        if let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(&raw) {
+            found.extend(
+                fields
+                    .values()
+                    .filter_map(Value::as_str)
+                    .filter(|s| s.contains("SENTINEL") || s.contains("sentinel"))
+                    .map(str::to_owned),
+            );
+        }
+        found.push(raw);
+    }
+    found
+}
+
+async fn start() -> (Running, Raw, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("secrets.json");
+    let entries: Vec<Value> = secrets()
+        .into_iter()
+        .map(|(name, raw)| json!({"name": name, "versions": [{"value": raw}]}))
+        .collect();
+    std::fs::write(&file, json!({ "secrets": entries }).to_string()).unwrap();
+    let path = file.to_str().unwrap().to_owned();
+    let broker = Running::start(move |args| {
+        args.dev = false;
+        args.secrets_file = Some(path);
+    })
+    .await;
+    let raw = broker.raw().await;
+    (broker, raw, dir)
+}
+
+/// The status's code, reason and `field`, after checking it echoes no
+/// value (message or details).
+fn described(status: &Status) -> (Code, String, Option<String>) {
+    let details = String::from_utf8_lossy(status.details());
+    for value in forbidden() {
+        assert!(
+            !status.message().contains(&value),
+            "{value:?} echoed: {status:?}"
+        );
+        assert!(!details.contains(&value), "{value:?} in the details");
+    }
+    let info = status.get_details_error_info().expect("an ErrorInfo");
+    (
+        status.code(),
+        info.reason,
+        info.metadata.get("field").cloned(),
+    )
+}
+
+async fn typed(raw: &mut Raw, rpc: &str, name: &str) -> Result<(), Status> {
+    let name = name.to_owned();
+    match rpc {
+        "GetJwtConfig" => raw
+            .get_jwt_config(GetJwtConfigRequest {
+                name,
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        "GetDatabaseConfig" => raw
+            .get_database_config(GetDatabaseConfigRequest {
+                name,
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        "GetAwsServicesConfig" => raw
+            .get_aws_services_config(GetAwsServicesConfigRequest {
+                name,
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        "GetSecurityConfig" => raw
+            .get_security_config(GetSecurityConfigRequest {
+                name,
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        other => panic!("no such typed RPC: {other}"),
+    }
+}
+
+const TYPED: [&str; 4] = [
+    "GetJwtConfig",
+    "GetDatabaseConfig",
+    "GetAwsServicesConfig",
+    "GetSecurityConfig",
+];
+
+#[tokio::test]
+async fn bad_names_are_refused_with_their_reason() {
+    let (broker, mut raw, _dir) = start().await;
+    let long_full = "a".repeat(513 - "insurecove/".len());
+    let bad_names = [
+        "".to_owned(),
+        "a".repeat(513),
+        long_full,
+        "bad name".into(),
+        "bad*name".into(),
+        "*".into(),
+        "bad\nname".into(),
+        "geheim-schlüssel".into(),
+    ];
+    for name in &bad_names {
+        let request = GetSecretRequest {
+            name: name.clone(),
+            ..Default::default()
+        };
+        let status = raw.get_secret(request).await.unwrap_err();
+        let (code, reason, _) = described(&status);
+        assert_eq!(
+            (code, reason.as_str()),
+            (Code::InvalidArgument, "INVALID_SECRET_NAME"),
+            "{name:?}"
+        );
+    }
+    // 512 characters once prefixed is a valid name (that does not exist).
+    let longest = "a".repeat(512 - "insurecove/".len());
+    let request = GetSecretRequest {
+        name: longest,
+        ..Default::default()
+    };
+    let (code, reason, _) = described(&raw.get_secret(request).await.unwrap_err());
+    assert_eq!(
+        (code, reason.as_str()),
+        (Code::NotFound, "SECRET_NOT_FOUND")
+    );
+    for rpc in TYPED {
+        for name in ["bad name", "bad*name", &"a".repeat(513)] {
+            let status = typed(&mut raw, rpc, name).await.unwrap_err();
+            let (code, reason, _) = described(&status);
+            assert_eq!(
+                (code, reason.as_str()),
+                (Code::InvalidArgument, "INVALID_SECRET_NAME"),
+                "{rpc}"
+            );
+        }
+    }
+    drop(raw);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_batch_answers_invalid_names_item_by_item() {
+    let (broker, mut raw, _dir) = start().await;
+    let names: Vec<String> = ["good/jwt", "bad name", "", "bad*name", "no-such-secret"]
+        .map(str::to_owned)
+        .into();
+    let results = raw
+        .batch_get_secrets(BatchGetSecretsRequest {
+            names: names.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let asked: Vec<&str> = results.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(asked, names);
+    let outcome = |i: usize| match &results[i].result {
+        Some(batch_get_secrets_result::Result::Secret(secret)) => {
+            (0, secret.value.is_some().to_string())
+        }
+        Some(batch_get_secrets_result::Result::Error(error)) => (error.code, error.reason.clone()),
+        None => panic!("no result for {}", names[i]),
+    };
+    assert_eq!(outcome(0), (0, "true".into()));
+    for (i, name) in names.iter().enumerate().take(4).skip(1) {
+        assert_eq!(outcome(i), (3, "INVALID_SECRET_NAME".into()), "{name:?}");
+    }
+    assert_eq!(outcome(4), (5, "SECRET_NOT_FOUND".into()));
+    drop(raw);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_typed_configs_name_the_field_and_echo_nothing() {
+    let log = process_log();
+    let (broker, mut raw, _dir) = start().await;
+
+    let malformed = [
+        ("GetJwtConfig", "bad/jwt-no-issuer", "jwt_issuer"),
+        (
+            "GetJwtConfig",
+            "bad/jwt-zero-expire",
+            "jwt_access_token_expire_minutes",
+        ),
+        (
+            "GetJwtConfig",
+            "bad/jwt-negative-expire",
+            "jwt_access_token_expire_minutes",
+        ),
+        (
+            "GetJwtConfig",
+            "bad/jwt-string-expire",
+            "jwt_access_token_expire_minutes",
+        ),
+        ("GetJwtConfig", "bad/jwt-issuer-number", "jwt_issuer"),
+        ("GetDatabaseConfig", "bad/db-bad-url", "supabase_url"),
+        (
+            "GetDatabaseConfig",
+            "bad/db-no-password",
+            "database_password",
+        ),
+        (
+            "GetAwsServicesConfig",
+            "bad/aws-negative-size",
+            "max_file_size_mb",
+        ),
+        (
+            "GetAwsServicesConfig",
+            "bad/aws-string-size",
+            "max_file_size_mb",
+        ),
+        (
+            "GetAwsServicesConfig",
+            "bad/aws-zero-size",
+            "max_file_size_mb",
+        ),
+        (
+            "GetAwsServicesConfig",
+            "bad/aws-fraction-size",
+            "max_file_size_mb",
+        ),
+        (
+            "GetAwsServicesConfig",
+            "bad/aws-no-bucket",
+            "s3_bucket_name",
+        ),
+        ("GetSecurityConfig", "bad/sec-no-key", "encryption_key"),
+        ("GetSecurityConfig", "bad/sec-hosts-number", "allowed_hosts"),
+    ];
+    for (rpc, secret, field) in malformed {
+        let status = typed(&mut raw, rpc, secret).await.unwrap_err();
+        let (code, reason, named) = described(&status);
+        assert_eq!(
+            (code, reason.as_str()),
+            (Code::FailedPrecondition, "MALFORMED_SECRET"),
+            "{secret}"
+        );
+        assert_eq!(named.as_deref(), Some(field), "{secret}");
+        assert!(
+            status.message().contains(field),
+            "{secret}: {}",
+            status.message()
+        );
+    }
+    for rpc in TYPED {
+        let status = typed(&mut raw, rpc, "bad/not-json").await.unwrap_err();
+        let (code, reason, _) = described(&status);
+        assert_eq!(
+            (code, reason.as_str()),
+            (Code::FailedPrecondition, "MALFORMED_SECRET"),
+            "{rpc}"
+        );
+    }
+    // A valid JWT secret read as database settings is malformed too.
+    let status = typed(&mut raw, "GetDatabaseConfig", "good/jwt")
+        .await
+        .unwrap_err();
+    let (code, reason, _) = described(&status);
+    assert_eq!(
+        (code, reason.as_str()),
+        (Code::FailedPrecondition, "MALFORMED_SECRET")
+    );
+    // And a good one in the same file still decodes.
+    let jwt = raw
+        .get_jwt_config(GetJwtConfigRequest {
+            name: "good/jwt".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .config
+        .unwrap();
+    assert_eq!(jwt.jwt_issuer, "SENTINEL-issuer-a41f");
+    assert_eq!(jwt.jwt_access_token_expire_minutes, 30);
+
+    // Still serving after all of it.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", broker.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let serving = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "secretsbroker.v1.SecretsService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(
+        serving,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    drop((raw, health));
+    broker.stop().await;
+
+    let text = log.text();
+    assert!(
+        text.contains("MALFORMED_SECRET") || text.contains("FAILED_PRECONDITION"),
+        "audited: {text}"
+    );
+    for value in forbidden() {
+        assert!(!text.contains(&value), "{value:?} logged");
+    }
+}

@@ -1,0 +1,167 @@
+//! Watch streams over the file backend: edits of the file are rotations,
+//! a broken file changes nothing, and a missing secret is NOT_FOUND at once.
+
+use std::time::{Duration, Instant};
+
+use secrets_broker_client::proto::{
+    WatchEventType, WatchSecretRequest, WatchSecretResponse,
+    secrets_service_client::SecretsServiceClient,
+};
+use tonic::{Code, Streaming};
+
+use crate::harness::{Running, get, process_log, reason, replace_file, stats, value};
+
+/// The secrets file with `file-watched` at `versions` (id, value) and one
+/// other secret.
+fn secrets_file(versions: &[(&str, &str)]) -> String {
+    let versions: Vec<_> = versions
+        .iter()
+        .map(|(id, value)| serde_json::json!({"version_id": id, "value": value}))
+        .collect();
+    serde_json::json!({"secrets": [
+        {"name": "file-watched", "versions": versions},
+        {"name": "file-other", "versions": [{"value": "other-value"}]},
+    ]})
+    .to_string()
+}
+
+/// The next event within `bound`: (type, version id, value).
+async fn next_event(
+    stream: &mut Streaming<WatchSecretResponse>,
+    bound: Duration,
+) -> (WatchEventType, String, String) {
+    let event = tokio::time::timeout(bound, stream.message())
+        .await
+        .expect("an event in time")
+        .expect("an open stream")
+        .expect("an event");
+    let secret = event.secret.as_ref().expect("a secret");
+    assert_eq!(secret.name, "insurecove/file-watched");
+    (
+        event.r#type(),
+        secret.version_id.clone(),
+        value(secret).to_owned(),
+    )
+}
+
+async fn nothing_within(stream: &mut Streaming<WatchSecretResponse>, quiet: Duration) {
+    if let Ok(event) = tokio::time::timeout(quiet, stream.message()).await {
+        panic!("an event where none was due: {event:?}");
+    }
+}
+
+#[tokio::test]
+async fn edits_of_the_secrets_file_reach_a_watcher_and_a_broken_file_changes_nothing() {
+    let log = process_log();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("secrets.json");
+    std::fs::write(&path, secrets_file(&[("fv1", "file-v1-a5e0")])).unwrap();
+    let file = path.to_string_lossy().into_owned();
+    let broker = Running::start(move |args| {
+        args.dev = false;
+        args.secrets_file = Some(file);
+        args.watch_interval = Some("60".into());
+    })
+    .await;
+    let mut raw = broker.raw().await;
+    let request = WatchSecretRequest {
+        name: "file-watched".into(),
+        ..Default::default()
+    };
+    let mut stream = raw.watch_secret(request).await.unwrap().into_inner();
+    let bound = Duration::from_secs(2);
+    let current = (WatchEventType::Current, "fv1".into(), "file-v1-a5e0".into());
+    assert_eq!(next_event(&mut stream, bound).await, current);
+
+    // Edited in place.
+    std::fs::write(
+        &path,
+        secrets_file(&[("fv1", "file-v1-a5e0"), ("fv2", "file-v2-a5e0")]),
+    )
+    .unwrap();
+    let rotated = (WatchEventType::Rotated, "fv2".into(), "file-v2-a5e0".into());
+    assert_eq!(next_event(&mut stream, bound).await, rotated);
+    let read = get(&mut raw, "file-watched").await.unwrap();
+    assert_eq!(
+        (read.version_id.as_str(), value(&read)),
+        ("fv2", "file-v2-a5e0")
+    );
+
+    // A broken file: no event; the last good content is served, cached or not.
+    let file_name = path.to_string_lossy().into_owned();
+    let warned = || {
+        log.text()
+            .lines()
+            .filter(|line| line.contains("secrets file not reloaded") && line.contains(&file_name))
+            .count()
+    };
+    replace_file(
+        &path,
+        r#"{"secrets": [ {"name": "file-watched", "versions": [ {"value": "#,
+    );
+    let started = Instant::now();
+    while warned() == 0 {
+        assert!(
+            started.elapsed() < bound,
+            "no warning about the broken file"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    nothing_within(&mut stream, Duration::from_secs(1)).await;
+    for bypass_cache in [false, true] {
+        let mut request = crate::harness::read("file-watched");
+        request.bypass_cache = bypass_cache;
+        let read = raw
+            .get_secret(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .secret
+            .unwrap();
+        assert_eq!(
+            (read.version_id.as_str(), value(&read)),
+            ("fv2", "file-v2-a5e0")
+        );
+    }
+
+    // Valid again: events resume.
+    replace_file(
+        &path,
+        &secrets_file(&[("fv2", "file-v2-a5e0"), ("fv3", "file-v3-a5e0")]),
+    );
+    let rotated = (WatchEventType::Rotated, "fv3".into(), "file-v3-a5e0".into());
+    assert_eq!(next_event(&mut stream, bound).await, rotated);
+    nothing_within(&mut stream, Duration::from_millis(500)).await;
+    drop((stream, raw));
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_watch_of_a_missing_secret_is_not_found_at_once() {
+    let broker = Running::start(|_| {}).await;
+    let channel = broker.channel().await;
+    let started = Instant::now();
+    let request = WatchSecretRequest {
+        name: "watch-no-such-secret".into(),
+        ..Default::default()
+    };
+    let status = match SecretsServiceClient::new(channel.clone())
+        .watch_secret(request)
+        .await
+    {
+        Ok(stream) => stream.into_inner().message().await.unwrap_err(),
+        Err(status) => status,
+    };
+    assert_eq!(
+        (status.code(), reason(&status).as_str()),
+        (Code::NotFound, "SECRET_NOT_FOUND")
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let stats = stats(channel).await.unwrap();
+    assert_eq!((stats.watchers, stats.watched_secrets), (0, 0));
+    broker.stop().await;
+}
