@@ -223,7 +223,7 @@ impl SecretsClient {
     }
 
     /// Whether the broker reaches AWS (AdminService.CheckUpstream; needs an
-    /// admin identity). The guide's `test_connection`.
+    /// admin identity). Named as in the Python client.
     pub async fn test_connection(&self) -> Result<bool, Error> {
         let mut client = self.admin.clone();
         let response = client

@@ -6,7 +6,7 @@ use tonic_types::StatusExt;
 
 /// Everything a call to the broker can fail with.
 ///
-/// It mirrors the Python class's hierarchy (`SecretNotFoundError`,
+/// It mirrors the Python client's hierarchy (`SecretNotFoundError`,
 /// `SecretAccessDeniedError`, `AWSSecretsManagerError`) with the finer
 /// distinctions the broker makes. Messages never contain a secret value.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -113,7 +113,7 @@ impl SecretValue {
         })
     }
 
-    /// Decodes a JSON object secret into a map (the guide's `as_dict`).
+    /// Decodes a JSON object secret into a map (Python's `as_dict`).
     pub fn as_map(&self) -> Result<serde_json::Map<String, serde_json::Value>, Error> {
         self.as_json()
     }

@@ -79,8 +79,8 @@ impl Fields {
         }
     }
 
-    /// A JSON integer from 1 to u32::MAX (a quoted number is refused: the
-    /// Python class's consumers relied on the type being right).
+    /// A JSON integer from 1 to u32::MAX (a quoted number is refused:
+    /// callers use the field as a number without checking its type).
     fn positive(&self, field: &'static str) -> Result<u32, Malformed> {
         const RULE: &str = "must be a whole number greater than 0";
         let number = self

@@ -4,8 +4,10 @@
 //! Every setting is read as text from the first source that has it and then
 //! parsed by one function, so an error names exactly where the bad value came
 //! from (`--cache-ttl`, `SECRET_CACHE_TTL`, or `cache_ttl in broker.toml`).
-//! Environment names and defaults are those of the Python class the broker
-//! replaces (`SECRET_PREFIX`, `SECRET_CACHE_TTL`, `AWS_DEFAULT_REGION`...).
+//! Environment names and defaults are the ones services already set for
+//! their in-process Secrets Manager client (`SECRET_PREFIX`,
+//! `SECRET_CACHE_TTL`, `AWS_DEFAULT_REGION`...), so a deployment's
+//! environment carries over unchanged.
 //! A `.env` file is loaded into the environment by `main` before this runs.
 
 use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
@@ -110,7 +112,8 @@ pub struct TlsFiles {
 /// Where secrets come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackendChoice {
-    /// The built-in dev secrets (`--dev`): the guide's five, fake values.
+    /// The built-in dev secrets (`--dev`): the five secrets services read
+    /// (Mistral key, database, JWT, AWS services, security), fake values.
     Dev,
     /// A JSON or TOML secrets file (`--secrets-file`).
     File {

@@ -51,7 +51,7 @@ pub(super) fn parse_name_part(value: &str) -> Result<String, String> {
 /// bound) must not overflow.
 const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 
-/// Whole seconds (the guide's form: "300"), or a unit: "5m", "90s", "1h".
+/// Whole seconds ("300", as `SECRET_CACHE_TTL` has always been written), or a unit: "5m", "90s", "1h".
 pub(super) fn parse_duration(value: &str) -> Result<Duration, String> {
     let value = value.trim();
     let duration = match value.parse::<u64>() {
@@ -111,7 +111,8 @@ pub(super) fn parse_positive_count(value: &str) -> Result<usize, String> {
     }
 }
 
-/// The guide's level names (Python's) as `tracing` levels.
+/// Python's level names (DEBUG, INFO, WARNING, ERROR, CRITICAL) as
+/// `tracing` levels.
 pub(super) fn parse_log_level(value: &str) -> Result<String, String> {
     let level = match value.trim().to_ascii_uppercase().as_str() {
         "TRACE" => "trace",

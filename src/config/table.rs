@@ -16,7 +16,7 @@ macro_rules! settings {
         /// variable, which overrides the config file.
         #[derive(clap::Args, Debug, Default, Clone)]
         pub struct BrokerArgs {
-            /// Run on the embedded dev backend (the guide's five secrets, fake
+            /// Run on the embedded dev backend (five typical secrets with fake
             /// values), plaintext on loopback.
             #[arg(long)]
             pub dev: bool,

@@ -24,7 +24,7 @@ fn config_file(text: &str) -> tempfile::NamedTempFile {
 }
 
 #[test]
-fn defaults_are_the_guides() {
+fn defaults_are_those_services_already_use() {
     let settings = resolve(&BrokerArgs::default(), &[]).unwrap();
     assert_eq!(
         settings.listen,

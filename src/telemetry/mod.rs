@@ -1,5 +1,5 @@
-//! Logging: `tracing` to stderr, level from `LOG_LEVEL` (the guide's
-//! names), JSON lines when `LOG_FORMAT=json`. `RUST_LOG`, when set, wins,
+//! Logging: `tracing` to stderr, level from `LOG_LEVEL` (Python's
+//! level names: DEBUG, INFO, WARNING, ERROR), JSON lines when `LOG_FORMAT=json`. `RUST_LOG`, when set, wins,
 //! for the odd deep dive into a dependency.
 //!
 //! The audit trail (target `audit`, one event per call) is kept at INFO

@@ -13,8 +13,9 @@
 //! holds `value` (text) or `binary_base64`; `version_id` defaults to a fresh
 //! UUID; without explicit `stages` anywhere in a secret, its last version is
 //! AWSCURRENT and the one before AWSPREVIOUS, as AWS does after a rotation.
-//! `"deleted": true` marks a secret for deletion. `serve --dev` uses a copy
-//! of the guide's five secrets with fake values, built into the binary.
+//! `"deleted": true` marks a secret for deletion. `serve --dev` uses five
+//! typical secrets (Mistral key, database, JWT, AWS services, security)
+//! with fake values, built into the binary.
 //!
 //! A store opened from a file follows it (a `Reloadable`, followed by the
 //! app): it reloads when the file changes on disk (a version whose value did
@@ -40,7 +41,7 @@ use crate::{
     secret::{SecretValue, SecretVersion},
 };
 
-/// The dev seed: the guide's five secrets with obviously fake values.
+/// The dev seed: five typical secrets with obviously fake values.
 const DEV_SEED: &str = include_str!("../dev_secrets.json");
 
 /// Why a secrets file could not be used. Never quotes the file's content:
@@ -171,7 +172,7 @@ impl Loader for SecretsSource {
 }
 
 impl FileStore {
-    /// The dev backend: the guide's five secrets, fake values.
+    /// The dev backend: the dev seed's five secrets, fake values.
     pub fn dev(resolver: &NameResolver) -> Result<Self, FileStoreError> {
         Self::from_text("(built-in dev secrets)", DEV_SEED, Format::Json, resolver)
     }

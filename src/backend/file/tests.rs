@@ -11,7 +11,7 @@ fn store(json: &str) -> FileStore {
 }
 
 #[tokio::test]
-async fn dev_seed_holds_the_guides_five_secrets() {
+async fn dev_seed_holds_the_five_typical_secrets() {
     let store = FileStore::dev(&resolver()).unwrap();
     for name in [
         "mistral-api-key",

@@ -159,7 +159,7 @@ class AWSSecretsConfig(BaseSettings):
         return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
 
     def channel_options(self, tls: bool) -> list[tuple[str, Any]]:
-        """The proxy (the guide's http_proxy / https_proxy) and the name to
+        """The proxy (http_proxy / https_proxy) and the name to
         expect in the broker's certificate."""
         options: list[tuple[str, Any]] = []
         proxy = self.https_proxy if tls else self.http_proxy
@@ -374,7 +374,7 @@ class AWSSecretsManager:
 
 
 def jwt_dict(c: secret_pb2.JwtConfig) -> dict[str, Any]:
-    """A JWT config as the guide's dict."""
+    """A JWT config as a dict of its settings' names."""
     return {
         "jwt_secret_key": c.jwt_secret_key,
         "jwt_algorithm": c.jwt_algorithm,
@@ -385,7 +385,7 @@ def jwt_dict(c: secret_pb2.JwtConfig) -> dict[str, Any]:
 
 
 def database_dict(c: secret_pb2.DatabaseConfig) -> dict[str, Any]:
-    """A database config as the guide's dict."""
+    """A database config as a dict of its settings' names."""
     return {
         "supabase_url": c.supabase_url,
         "supabase_anon_key": c.supabase_anon_key,
