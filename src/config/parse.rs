@@ -51,7 +51,8 @@ pub(super) fn parse_name_part(value: &str) -> Result<String, String> {
 /// bound) must not overflow.
 const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 
-/// Whole seconds ("300", as `SECRET_CACHE_TTL` has always been written), or a unit: "5m", "90s", "1h".
+/// Whole seconds ("300", as `SECRET_CACHE_TTL` has always been written),
+/// or a unit: "5m", "90s", "1h".
 pub(super) fn parse_duration(value: &str) -> Result<Duration, String> {
     let value = value.trim();
     let duration = match value.parse::<u64>() {
