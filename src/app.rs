@@ -16,6 +16,7 @@ use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tonic_health::pb::health_server::{Health as HealthRpc, HealthServer};
 
 use crate::{
     api::{ApiContext, CallMetrics},
@@ -234,14 +235,13 @@ impl App {
     /// Serves until `shutdown` completes, then drains (see the module doc)
     /// and returns once every task of the broker has ended.
     pub async fn run(
-        self,
+        mut self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), AppError> {
         let stop = CancellationToken::new();
         let mut tasks = JoinSet::new();
         let (health, health_service) = Health::new().await;
-        tasks.spawn(reload::follow(self.reloadables.clone(), stop.clone()));
-        tasks.spawn(self.watch.clone().sweep());
+        self.spawn_background(&mut tasks, &health, &stop);
         // Awaited on its own before the others are stopped: in topic mode
         // it removes its queue and subscription on the way out.
         let events = tokio::spawn(
@@ -255,13 +255,40 @@ impl App {
                 stop.clone(),
             ),
         );
+        tasks.spawn(stop_on(shutdown, self.watch.clone(), stop.clone()));
+
+        let watch = self.watch.clone();
+        let outcome = self.serve(&mut tasks, health_service, &stop).await;
+        stop.cancel();
+        watch.shutdown();
+        if tokio::time::timeout(EVENTS_CLEANUP, events).await.is_err() {
+            tracing::warn!(
+                ?EVENTS_CLEANUP,
+                "the event consumer did not finish its clean-up in time"
+            );
+        }
+        tasks.shutdown().await;
+        tracing::info!("stopped");
+        outcome
+    }
+
+    /// Starts what runs beside the calls: file reloads, the sweep, the
+    /// upstream health check and the probe endpoint.
+    fn spawn_background(
+        &mut self,
+        tasks: &mut JoinSet<()>,
+        health: &Health,
+        stop: &CancellationToken,
+    ) {
+        tasks.spawn(reload::follow(self.reloadables.clone(), stop.clone()));
+        tasks.spawn(self.watch.clone().sweep());
         tasks.spawn(health.clone().follow_upstream(
             // The cache's store: the upstream bound applies to the check too.
             Arc::clone(self.context.cache.store()),
             self.settings.watch_interval,
             stop.clone(),
         ));
-        if let Some(listener) = self.listeners.probes {
+        if let Some(listener) = self.listeners.probes.take() {
             let addr = listener.local_addr().ok();
             tracing::info!(?addr, "metrics and probes listening");
             let probes = health::serve_probes(
@@ -276,17 +303,16 @@ impl App {
                 }
             });
         }
-        let watch = self.watch.clone();
-        let trigger = stop.clone();
-        tasks.spawn(async move {
-            tokio::select! {
-                () = shutdown => {}
-                () = trigger.cancelled() => {}
-            }
-            watch.shutdown();
-            trigger.cancel();
-        });
+    }
 
+    /// Accepts and serves calls until `stop`, then lets calls in flight
+    /// finish within the shutdown grace.
+    async fn serve(
+        self,
+        tasks: &mut JoinSet<()>,
+        health_service: HealthServer<impl HealthRpc>,
+        stop: &CancellationToken,
+    ) -> Result<(), AppError> {
         let limits = &self.settings.limits;
         let mode = if self.security.tls.is_some() {
             "mutual TLS"
@@ -310,25 +336,29 @@ impl App {
             stop.clone().cancelled_owned(),
         );
         let grace = limits.shutdown_grace;
-        let outcome = tokio::select! {
+        tokio::select! {
             outcome = serving => outcome.map_err(AppError::from),
             () = async { stop.cancelled().await; tokio::time::sleep(grace).await } => {
                 tracing::warn!(?grace, "calls still in flight after the shutdown grace; stopping anyway");
                 Ok(())
             }
-        };
-        stop.cancel();
-        self.watch.shutdown();
-        if tokio::time::timeout(EVENTS_CLEANUP, events).await.is_err() {
-            tracing::warn!(
-                ?EVENTS_CLEANUP,
-                "the event consumer did not finish its clean-up in time"
-            );
         }
-        tasks.shutdown().await;
-        tracing::info!("stopped");
-        outcome
     }
+}
+
+/// Waits for `shutdown` (or another stop), then ends the watch streams and
+/// stops everything else.
+async fn stop_on(
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    watch: WatchHub,
+    stop: CancellationToken,
+) {
+    tokio::select! {
+        () = shutdown => {}
+        () = stop.cancelled() => {}
+    }
+    watch.shutdown();
+    stop.cancel();
 }
 
 /// How long the event consumer may take to remove its queue on shutdown.

@@ -1,8 +1,74 @@
 //! The cache's metrics: its counters and sizes, and the upstream bound's,
 //! read when Prometheus scrapes.
 
-use super::Cache;
+use super::{Cache, CacheStats};
 use crate::metrics::{Metrics, counter, gauge};
+
+/// A counter: name, help, and where it is in the stats.
+type CounterRow = (&'static str, &'static str, fn(&CacheStats) -> u64);
+/// A gauge, the same way.
+type GaugeRow = (&'static str, &'static str, fn(&CacheStats) -> i64);
+
+const COUNTERS: &[CounterRow] = &[
+    ("cache_hits", "Reads answered from the cache", |s| s.hits),
+    ("cache_misses", "Reads that started an upstream call", |s| {
+        s.misses
+    }),
+    (
+        "cache_coalesced",
+        "Reads that joined another's upstream call",
+        |s| s.coalesced,
+    ),
+    (
+        "cache_stale_served",
+        "Stale values served while upstream failed",
+        |s| s.stale_served,
+    ),
+    (
+        "cache_evictions",
+        "Entries evicted by the size bound",
+        |s| s.evictions,
+    ),
+    (
+        "cache_negative_hits",
+        "Reads answered by a remembered NOT_FOUND",
+        |s| s.negative_hits,
+    ),
+    (
+        "upstream_backoffs",
+        "Times the upstream was backed off",
+        |s| s.backoffs,
+    ),
+    (
+        "upstream_queue_refused",
+        "Upstream calls refused: the queue was full",
+        |s| s.upstream.refused,
+    ),
+];
+
+const GAUGES: &[GaugeRow] = &[
+    ("cache_entries", "Entries in the cache", |s| {
+        s.total_entries as i64
+    }),
+    (
+        "cache_negative_entries",
+        "NOT_FOUND answers remembered",
+        |s| s.negative_entries as i64,
+    ),
+    (
+        "upstream_backoff",
+        "1 while the upstream is backed off",
+        |s| i64::from(s.backoff_active),
+    ),
+    ("upstream_in_flight", "Upstream calls under way", |s| {
+        s.upstream.in_flight as i64
+    }),
+    (
+        "upstream_queue_length",
+        "Upstream calls waiting for a turn",
+        |s| s.upstream.waiting as i64,
+    ),
+];
 
 impl Cache {
     /// Registers the cache's metrics.
@@ -10,79 +76,12 @@ impl Cache {
         let cache = self.clone();
         metrics.register_state(move |e| {
             let stats = cache.stats();
-            counter(e, "cache_hits", "Reads answered from the cache", stats.hits)?;
-            counter(
-                e,
-                "cache_misses",
-                "Reads that started an upstream call",
-                stats.misses,
-            )?;
-            counter(
-                e,
-                "cache_coalesced",
-                "Reads that joined another's upstream call",
-                stats.coalesced,
-            )?;
-            counter(
-                e,
-                "cache_stale_served",
-                "Stale values served while upstream failed",
-                stats.stale_served,
-            )?;
-            counter(
-                e,
-                "cache_evictions",
-                "Entries evicted by the size bound",
-                stats.evictions,
-            )?;
-            gauge(
-                e,
-                "cache_entries",
-                "Entries in the cache",
-                stats.total_entries as i64,
-            )?;
-            gauge(
-                e,
-                "cache_negative_entries",
-                "NOT_FOUND answers remembered",
-                stats.negative_entries as i64,
-            )?;
-            counter(
-                e,
-                "cache_negative_hits",
-                "Reads answered by a remembered NOT_FOUND",
-                stats.negative_hits,
-            )?;
-            gauge(
-                e,
-                "upstream_backoff",
-                "1 while the upstream is backed off",
-                i64::from(stats.backoff_active),
-            )?;
-            counter(
-                e,
-                "upstream_backoffs",
-                "Times the upstream was backed off",
-                stats.backoffs,
-            )?;
-            gauge(
-                e,
-                "upstream_in_flight",
-                "Upstream calls under way",
-                stats.upstream.in_flight as i64,
-            )?;
-            gauge(
-                e,
-                "upstream_queue_length",
-                "Upstream calls waiting for a turn",
-                stats.upstream.waiting as i64,
-            )?;
-            counter(
-                e,
-                "upstream_queue_refused",
-                "Upstream calls refused: the queue was full",
-                stats.upstream.refused,
-            )?;
+            for (name, help, read) in COUNTERS {
+                counter(e, name, help, read(&stats))?;
+            }
+            for (name, help, read) in GAUGES {
+                gauge(e, name, help, read(&stats))?;
+            }
             Ok(())
         });
     }
