@@ -37,6 +37,10 @@ struct Shared {
 
 struct Pending {
     bytes: Vec<u8>,
+    /// The writer was woken for these bytes: a wake-up is a futex call,
+    /// so only the line that passes `WAKE_AT` makes it, not every line
+    /// until the writer gets a core.
+    woken: bool,
     stopping: bool,
 }
 
@@ -57,6 +61,7 @@ pub(super) fn start(output: impl Write + Send + 'static) -> (BufferedLog, Writer
     let shared = Arc::new(Shared {
         state: Mutex::new(Pending {
             bytes: Vec::with_capacity(WAKE_AT),
+            woken: false,
             stopping: false,
         }),
         changed: Condvar::new(),
@@ -91,6 +96,7 @@ fn write_out(shared: &Shared, mut output: impl Write) {
                 })
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             std::mem::swap(&mut state.bytes, &mut spare);
+            state.woken = false;
             state.stopping
         };
         // Callers waiting for room may go on.
@@ -144,7 +150,8 @@ impl Write for &BufferedLog {
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
         }
         state.bytes.extend_from_slice(event);
-        let wake = state.bytes.len() >= WAKE_AT;
+        let wake = state.bytes.len() >= WAKE_AT && !state.woken;
+        state.woken |= wake;
         drop(state);
         if wake {
             shared.changed.notify_all();
