@@ -11,7 +11,7 @@
 
 use std::{cell::RefCell, fmt, fmt::Write as _, io::Write as _, sync::OnceLock};
 
-use super::{escape_controls, needs_escape, write_timestamp, writer::BufferedLog};
+use super::{escape_controls, has_control, write_timestamp, writer::BufferedLog};
 
 /// One call's audit facts.
 pub struct AuditRecord<'a> {
@@ -67,7 +67,7 @@ pub fn record(record: &AuditRecord<'_>) {
             text_line(&mut line, record)
         };
         let body = line.trim_end_matches('\n');
-        let result = if body.bytes().any(|b| needs_escape(b, false)) {
+        let result = if has_control(body.as_bytes(), false) {
             let mut escaped = escape_controls(body.as_bytes(), false);
             escaped.push(b'\n');
             (&sink.log).write_all(&escaped)
