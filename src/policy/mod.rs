@@ -106,11 +106,37 @@ enum IdentityPattern {
     /// `anonymous`: plaintext callers.
     Anonymous,
     /// `scheme://…`: a URI SAN.
-    Uri(GlobMatcher),
+    Uri(NameMatcher),
     /// `dns:…` (or a bare name): any DNS SAN.
-    Dns(GlobMatcher),
+    Dns(NameMatcher),
     /// `cn:…`: the subject CN of a certificate without SANs.
-    Cn(GlobMatcher),
+    Cn(NameMatcher),
+}
+
+/// One identity pattern. Most grants name one identity exactly; those are
+/// compared as strings, since every call under a policy checks the
+/// caller's identity and a glob always runs its regex.
+enum NameMatcher {
+    Exact(String),
+    Glob(GlobMatcher),
+}
+
+impl NameMatcher {
+    fn new(glob: globset::Glob) -> Self {
+        let pattern = glob.glob();
+        if pattern.contains(['*', '?', '[', ']', '{', '}', '\\']) {
+            Self::Glob(glob.compile_matcher())
+        } else {
+            Self::Exact(pattern.to_owned())
+        }
+    }
+
+    fn is_match(&self, name: &str) -> bool {
+        match self {
+            Self::Exact(exact) => exact == name,
+            Self::Glob(glob) => glob.is_match(name),
+        }
+    }
 }
 
 /// How an identity entry was written, for the pattern and for `check`.
@@ -147,7 +173,7 @@ impl IdentityPattern {
                 names.uri.as_deref().is_some_and(|uri| glob.is_match(uri))
             }
             (Self::Dns(glob), Identity::Certificate(names)) => {
-                names.dns.iter().any(|dns| glob.is_match(&**dns))
+                names.dns.iter().any(|dns| glob.is_match(dns))
             }
             (Self::Cn(glob), Identity::Certificate(names)) => {
                 names.cn.as_deref().is_some_and(|cn| glob.is_match(cn))
@@ -201,15 +227,15 @@ impl Policy {
                 }
                 let identity = match IdentitySpelling::of(&entry.identity) {
                     IdentitySpelling::Anonymous => IdentityPattern::Anonymous,
-                    IdentitySpelling::Uri(uri) => IdentityPattern::Uri(glob(uri)?.compile_matcher()),
-                    IdentitySpelling::Dns(dns) => IdentityPattern::Dns(glob(dns)?.compile_matcher()),
-                    IdentitySpelling::Cn(cn) => IdentityPattern::Cn(glob(cn)?.compile_matcher()),
+                    IdentitySpelling::Uri(uri) => IdentityPattern::Uri(NameMatcher::new(glob(uri)?)),
+                    IdentitySpelling::Dns(dns) => IdentityPattern::Dns(NameMatcher::new(glob(dns)?)),
+                    IdentitySpelling::Cn(cn) => IdentityPattern::Cn(NameMatcher::new(glob(cn)?)),
                     IdentitySpelling::Bare(bare) => {
                         warnings.push(format!(
                             "grant #{}: identity {bare:?} has no kind; it is read as \"dns:{bare}\" (a DNS SAN): write that out",
                             index + 1
                         ));
-                        IdentityPattern::Dns(glob(bare)?.compile_matcher())
+                        IdentityPattern::Dns(NameMatcher::new(glob(bare)?))
                     }
                 };
                 Ok(Grant {

@@ -189,3 +189,23 @@ fn reload_swaps_rules_and_keeps_them_when_broken() {
     assert!(authorizer.reload().is_err());
     assert!(authorizer.check_admin(&ops).is_err(), "old rules kept");
 }
+
+#[test]
+fn an_exact_identity_matches_itself_only_and_a_glob_its_segment() {
+    let p = policy();
+    let jwt = "insurecove/production/jwt";
+    assert!(p.may_read(&uri("spiffe://insurecove/auth-service"), jwt));
+    for other in [
+        "spiffe://insurecove/auth-service/extra",
+        "spiffe://insurecove/auth-servic",
+        "spiffe://insurecove/AUTH-SERVICE",
+        "spiffe://insurecove/auth-service ",
+    ] {
+        assert!(!p.may_read(&uri(other), jwt), "{other}");
+    }
+    // `*` stays within a segment.
+    let common = "insurecove/common/key";
+    assert!(p.may_read(&uri("spiffe://insurecove/billing"), common));
+    assert!(!p.may_read(&uri("spiffe://insurecove/team/billing"), common));
+    assert!(!p.may_read(&uri("spiffe://other/billing"), common));
+}
