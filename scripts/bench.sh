@@ -138,8 +138,16 @@ compare() {
     : >"$work/a.rates"; : >"$work/b.rates"; : >"$work/a.cpu"; : >"$work/b.cpu"
     : >"$work/ratios"; : >"$work/cpu_ratios"
     for round in $(seq "$ROUNDS"); do
-      read -r a_rate a_cpu < <($run_a "$clients" "$streams")
-      read -r b_rate b_cpu < <($run_b "$clients" "$streams")
+      # ABBA: the first of a round's two runs alternates, so that whatever
+      # the previous run leaves behind (sockets in TIME_WAIT, the log
+      # writer's backlog) does not always fall on the same side.
+      if (( round % 2 )); then
+        read -r a_rate a_cpu < <($run_a "$clients" "$streams")
+        read -r b_rate b_cpu < <($run_b "$clients" "$streams")
+      else
+        read -r b_rate b_cpu < <($run_b "$clients" "$streams")
+        read -r a_rate a_cpu < <($run_a "$clients" "$streams")
+      fi
       echo "$a_rate" >>"$work/a.rates"; echo "$a_cpu" >>"$work/a.cpu"
       echo "$b_rate" >>"$work/b.rates"; echo "$b_cpu" >>"$work/b.cpu"
       awk -v a="$a_rate" -v b="$b_rate" 'BEGIN { printf "%.4f\n", b / a }' >>"$work/ratios"
