@@ -1,8 +1,8 @@
 //! `secrets-broker-client`: the crate services depend on to read secrets
-//! from a [secrets-broker](https://example.invalid/secrets-broker).
+//! from a secrets-broker, the gRPC broker in front of AWS Secrets Manager.
 //!
-//! It offers what the InsureCove Python `AWSSecretsManager` class offered,
-//! through the broker: secrets by short name (the broker adds the prefix),
+//! It offers what the Python package (`clients/python`) offers, through
+//! the broker: secrets by short name (the broker adds the prefix),
 //! by version or stage, bypassing the cache; the typed configs; the
 //! connection test; cache statistics and clearing; and a stream of
 //! rotations. It has no AWS SDK in its dependency tree.

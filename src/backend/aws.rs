@@ -1,8 +1,8 @@
 //! The AWS Secrets Manager backend, through `aws-sdk-secretsmanager`.
 //!
 //! The SDK client is built on first use and then shared: one connection
-//! pool for the whole broker, made when first needed and kept open. Credentials come from the SDK's default chain
-//! (environment keys, profile, IAM role), the endpoint from
+//! pool for the whole broker, kept open. Credentials come from the SDK's
+//! default chain (environment keys, profile, IAM role), the endpoint from
 //! `AWS_ENDPOINT_URL` when set (moto in tests), and the SDK's HTTP client
 //! honours `HTTP_PROXY`/`HTTPS_PROXY`/`NO_PROXY`. Every call has a connect
 //! and an operation timeout, and the SDK's standard retries (with backoff on

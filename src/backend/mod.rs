@@ -220,8 +220,9 @@ pub trait SecretStore: Send + Sync + 'static {
     /// Reads a secret's versions and state, without its value.
     async fn describe_secret(&self, name: &str) -> Result<SecretDescription, StoreError>;
 
-    /// Makes the cheapest call that proves the store answers (the Python
-    /// class's `test_connection`), and says what it checked.
+    /// Makes the cheapest call that proves the store answers with the
+    /// broker's credentials (what `CheckUpstream` and `test_connection`
+    /// report), and says what it checked.
     async fn check(&self) -> Result<String, StoreError>;
 
     /// One page of the secrets whose names start with `prefix` (every

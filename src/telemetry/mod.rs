@@ -1,6 +1,7 @@
-//! Logging: `tracing` to stderr, level from `LOG_LEVEL` (Python's
-//! level names: DEBUG, INFO, WARNING, ERROR), JSON lines when `LOG_FORMAT=json`. `RUST_LOG`, when set, wins,
-//! for the odd deep dive into a dependency.
+//! Logging: `tracing` to stderr, level from `LOG_LEVEL` (Python's level
+//! names: DEBUG, INFO, WARNING, ERROR, CRITICAL), JSON lines when
+//! `LOG_FORMAT=json`. `RUST_LOG`, when set, wins, for the odd deep dive
+//! into a dependency.
 //!
 //! The audit trail (target `audit`, one event per call) is kept at INFO
 //! whatever `LOG_LEVEL` says: quieting the logs must not silence it.

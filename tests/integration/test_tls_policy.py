@@ -190,14 +190,22 @@ def test_sighup_reads_a_broken_policy_again_and_keeps_the_old_rules(start_tls_br
         assert get(billing, stubs, "production/database").string_value == SEED[DATABASE]
         denied(lambda: get(billing, stubs, "mistral-api-key"), MISTRAL)
 
-    warnings = count_warnings(broker, "policy")
-    tls_files.write_policy(f'[[grant]]\nidentity = "{BILLING}"\nsecrets = ["{MISTRAL}"]\nsuperuser = true\n')
-    wait_for(lambda: count_warnings(broker, "policy") > warnings, RELOAD_BOUND, what="a warning about the broken policy")
-    rules_unchanged()
-    warnings = count_warnings(broker, "policy")
-    broker.hangup()
-    wait_for(lambda: count_warnings(broker, "policy") > warnings, RELOAD_BOUND, what="a warning after SIGHUP")
-    rules_unchanged()
+    broken = {
+        "not TOML": "[[grant]\nidentity = ",
+        "unknown field": f'[[grant]]\nidentity = "{BILLING}"\nsecrets = ["{MISTRAL}"]\nsuperuser = true\n',
+        "bad glob": f'[[grant]]\nidentity = "{BILLING}"\nsecrets = ["insurecove/[unclosed"]\n',
+    }
+    for case, text in broken.items():
+        warnings = count_warnings(broker, "policy")
+        tls_files.write_policy(text)
+        wait_for(lambda: count_warnings(broker, "policy") > warnings, RELOAD_BOUND,
+                 what=f"a warning about the broken policy ({case})")
+        rules_unchanged()
+        warnings = count_warnings(broker, "policy")
+        broker.hangup()
+        wait_for(lambda: count_warnings(broker, "policy") > warnings, RELOAD_BOUND,
+                 what=f"a warning after SIGHUP ({case})")
+        rules_unchanged()
     assert broker.alive(), broker.tail()
 
     # a good file again takes effect
