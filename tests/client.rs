@@ -82,7 +82,20 @@ async fn every_rpc_and_error_variant_through_the_crate() {
         "test_connection says moto is unreachable"
     );
 
-    // get_secret: by short name, current version; then from the cache.
+    current_then_cached(&client, &v2).await;
+    by_version_and_stage(&client, &v1).await;
+    bypass_sees_a_new_version(&moto, &client, &v2).await;
+    batch_answers_each_name(&client).await;
+    typed_configs(&client).await;
+    cache_stats(&client).await;
+    let v4 = refresh_reads_metadata(&moto, &client).await;
+    clear_cache_one_then_all(&client).await;
+    errors_name_their_reason(&moto, &client).await;
+    watch_current_then_rotated(&moto, &client, &v4).await;
+}
+
+/// get_secret by short name: the current version, then from the cache.
+async fn current_then_cached(client: &SecretsClient, v2: &str) {
     let current = client
         .get_secret("mistral-api-key")
         .await
@@ -108,11 +121,13 @@ async fn every_rpc_and_error_variant_through_the_crate() {
         "second read missed the cache: {cached:?}"
     );
     assert_eq!(cached.version_id(), v2);
+}
 
-    // by version id, by stage
+/// get_secret by version id and by stage; get_mistral_api_key.
+async fn by_version_and_stage(client: &SecretsClient, v1: &str) {
     let by_id = client
         .get_secret("mistral-api-key")
-        .version_id(v1.clone())
+        .version_id(v1)
         .await
         .expect("get_secret version_id");
     assert_eq!(text(&by_id), "client-test-mistral-v1");
@@ -135,8 +150,10 @@ async fn every_rpc_and_error_variant_through_the_crate() {
         .await
         .expect("get_mistral_api_key");
     assert_eq!(key.as_str(), "client-test-mistral-v2");
+}
 
-    // bypass_cache: a new version upstream is seen at once, and refreshes the cache.
+/// bypass_cache sees a new version at once and refreshes the cache.
+async fn bypass_sees_a_new_version(moto: &Moto, client: &SecretsClient, v2: &str) {
     let v3 = moto
         .put_secret_value(MISTRAL, "client-test-mistral-v3")
         .await;
@@ -165,8 +182,10 @@ async fn every_rpc_and_error_variant_through_the_crate() {
         v3,
         "bypass_cache did not refresh the cache"
     );
+}
 
-    // batch_get_secrets: one found, one NotFound, in order.
+/// batch_get_secrets: one found, one NotFound, in order.
+async fn batch_answers_each_name(client: &SecretsClient) {
     let batch = client
         .batch_get_secrets(&["mistral-api-key", "no-such-secret"])
         .await
@@ -180,8 +199,10 @@ async fn every_rpc_and_error_variant_through_the_crate() {
         Err(Error::NotFound { reason, .. }) => assert_eq!(reason, "SECRET_NOT_FOUND"),
         other => panic!("batch: no-such-secret gave {other:?}, not NotFound"),
     }
+}
 
-    // the four typed configs
+/// The four typed configs, field by field.
+async fn typed_configs(client: &SecretsClient) {
     let jwt = client.get_jwt_config().await.expect("get_jwt_config");
     assert_eq!(jwt.jwt_issuer, "insurecove-client-tests");
     assert_eq!(jwt.jwt_secret_key, JWT_SIGNING_KEY);
@@ -212,8 +233,10 @@ async fn every_rpc_and_error_variant_through_the_crate() {
     assert_eq!(security.encryption_salt, "client-test-encryption-salt");
     assert_eq!(security.allowed_hosts, ["localhost", "127.0.0.1"]);
     assert_eq!(security.cors_origins, ["http://localhost:3000"]);
+}
 
-    // get_cache_stats
+/// get_cache_stats after the reads above.
+async fn cache_stats(client: &SecretsClient) {
     let stats = client.get_cache_stats().await.expect("get_cache_stats");
     assert!(stats.hits >= 2, "hits {stats:?}");
     assert!(stats.misses >= 1, "misses {stats:?}");
@@ -223,8 +246,10 @@ async fn every_rpc_and_error_variant_through_the_crate() {
         stats.hit_ratio > 0.0 && stats.hit_ratio < 1.0,
         "hit_ratio {stats:?}"
     );
+}
 
-    // refresh_secret: a new version upstream is picked up, metadata only.
+/// refresh_secret picks up a new version, metadata only; returns it.
+async fn refresh_reads_metadata(moto: &Moto, client: &SecretsClient) -> String {
     let v4 = moto
         .put_secret_value(MISTRAL, "client-test-mistral-v4")
         .await;
@@ -256,8 +281,11 @@ async fn every_rpc_and_error_variant_through_the_crate() {
         refreshed.cache().hit,
         "refresh_secret did not fill the cache"
     );
+    v4
+}
 
-    // clear_cache: one name, then everything.
+/// clear_cache of one name, then of everything.
+async fn clear_cache_one_then_all(client: &SecretsClient) {
     let cleared = client
         .clear_cache(&["mistral-api-key"])
         .await
@@ -278,8 +306,10 @@ async fn every_rpc_and_error_variant_through_the_crate() {
         empty.total_entries, 0,
         "entries left after clear_cache(all): {empty:?}"
     );
+}
 
-    // errors: NotFound, InvalidArgument (field name), MalformedSecret (field jwt_issuer)
+/// NotFound, InvalidArgument (field name), MalformedSecret (field jwt_issuer).
+async fn errors_name_their_reason(moto: &Moto, client: &SecretsClient) {
     match client.get_secret("no-such-secret").await {
         Err(error @ Error::NotFound { .. }) => {
             assert_eq!(error.reason(), Some("SECRET_NOT_FOUND"), "{error:?}")
@@ -309,8 +339,10 @@ async fn every_rpc_and_error_variant_through_the_crate() {
         }
         other => panic!("get_jwt_config on a jwt without jwt_issuer gave {other:?}"),
     }
+}
 
-    // watch_secret: CURRENT at once, ROTATED on a new version.
+/// watch_secret: CURRENT at once, ROTATED on a new version; a missing secret ends with NotFound.
+async fn watch_current_then_rotated(moto: &Moto, client: &SecretsClient, v4: &str) {
     let mut events = client.watch_secret("mistral-api-key");
     let first = next_event(&mut events, "first watch event").await;
     assert_eq!(first.kind, WatchEventKind::Current, "{first:?}");
