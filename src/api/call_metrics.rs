@@ -5,12 +5,12 @@ use std::{sync::OnceLock, time::Duration};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    metrics::{counter::Counter, family::Family},
 };
 use strum::EnumCount;
 
 use super::rpc::Rpc;
-use crate::metrics::{Metrics, latency_histogram};
+use crate::metrics::{LatencyHistogram, Metrics, latency_histogram};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CallLabels {
@@ -28,7 +28,7 @@ struct SecretLabels {
     secret: String,
 }
 
-type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+type Histograms<L> = Family<L, LatencyHistogram, fn() -> LatencyHistogram>;
 
 /// gRPC status codes run from 0 to 16.
 const CODES: usize = 17;
@@ -45,7 +45,7 @@ struct Shared {
     /// Handles into `calls` and `call_seconds`, resolved on first use: a
     /// family lookup takes a lock and hashes labels, a handle is one atomic.
     call_counters: [[OnceLock<Counter>; CODES]; Rpc::COUNT],
-    call_histograms: [OnceLock<Histogram>; Rpc::COUNT],
+    call_histograms: [OnceLock<LatencyHistogram>; Rpc::COUNT],
     secret_reads: Option<Family<SecretLabels, Counter>>,
 }
 

@@ -7,12 +7,12 @@ use std::{sync::Arc, time::Instant};
 use async_trait::async_trait;
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    metrics::{counter::Counter, family::Family},
 };
 
 use super::{SecretDescription, SecretPage, SecretStore, StoreError, VersionSelector};
 use crate::{
-    metrics::{Metrics, latency_histogram},
+    metrics::{LatencyHistogram, Metrics, latency_histogram},
     secret::SecretVersion,
 };
 
@@ -31,7 +31,7 @@ struct OperationLabels {
 pub struct MeteredStore {
     inner: Arc<dyn SecretStore>,
     calls: Family<UpstreamLabels, Counter>,
-    seconds: Family<OperationLabels, Histogram, fn() -> Histogram>,
+    seconds: Family<OperationLabels, LatencyHistogram, fn() -> LatencyHistogram>,
 }
 
 impl MeteredStore {
@@ -43,7 +43,7 @@ impl MeteredStore {
             "Calls to the upstream store by operation and outcome",
             calls.clone(),
         );
-        let seconds = Family::<OperationLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+        let seconds = Family::<OperationLabels, LatencyHistogram, fn() -> LatencyHistogram>::new_with_constructor(
             latency_histogram,
         );
         metrics.register(

@@ -11,6 +11,10 @@
 //! is set: they are unbounded (cardinality) and may say more than they
 //! should (privacy).
 
+mod latency;
+
+pub use latency::LatencyHistogram;
+
 use std::{
     fmt,
     sync::{Arc, Mutex},
@@ -19,12 +23,7 @@ use std::{
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
-    metrics::{
-        counter::ConstCounter,
-        gauge::ConstGauge,
-        histogram::{Histogram, exponential_buckets},
-        info::Info,
-    },
+    metrics::{counter::ConstCounter, gauge::ConstGauge, info::Info},
     registry::{Metric, Registry},
 };
 
@@ -101,8 +100,8 @@ where
 }
 
 /// Latency buckets from 50 µs to ~1.6 s.
-pub fn latency_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+pub fn latency_histogram() -> LatencyHistogram {
+    LatencyHistogram::new()
 }
 
 /// Writes a counter read at scrape time.
