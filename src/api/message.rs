@@ -38,15 +38,7 @@ pub fn get_secret_response(lookup: &Lookup) -> EncodedGetSecretResponse {
 /// its zeroizing buffer into the exactly sized (and wiped) output, so that
 /// no other copy of it is made.
 fn encode_secret(version: &SecretVersion) -> EncodedSecret {
-    let metadata = proto::Secret {
-        name: version.name.clone(),
-        arn: version.arn.clone(),
-        version_id: version.version_id.clone(),
-        version_stages: version.version_stages.clone(),
-        created_date: version.created_date.map(prost_types::Timestamp::from),
-        value: None,
-        cache: None,
-    };
+    let metadata = metadata(version);
     let (field, value): (u32, &[u8]) = match &version.value {
         SecretValue::Text(text) => (STRING_VALUE, text.as_bytes()),
         SecretValue::Binary(bytes) => (BINARY_VALUE, bytes),
@@ -88,13 +80,22 @@ pub fn secret(lookup: &Lookup, contents: Contents) -> proto::Secret {
         ),
     };
     proto::Secret {
+        value,
+        cache: Some(cache_info(lookup)),
+        ..metadata(version)
+    }
+}
+
+/// A version's `Secret` message without value and cache facts.
+fn metadata(version: &SecretVersion) -> proto::Secret {
+    proto::Secret {
         name: version.name.clone(),
         arn: version.arn.clone(),
         version_id: version.version_id.clone(),
         version_stages: version.version_stages.clone(),
         created_date: version.created_date.map(prost_types::Timestamp::from),
-        value,
-        cache: Some(cache_info(lookup)),
+        value: None,
+        cache: None,
     }
 }
 

@@ -73,7 +73,7 @@ use key::Keyed;
 pub use key::{CacheKey, KeyRef};
 use negative::NegativeEntries;
 pub use stats::CacheStats;
-use stats::Counters;
+use stats::{Counters, bump};
 
 /// A value as the cache answers it.
 #[derive(Debug, Clone)]
@@ -155,10 +155,6 @@ impl Slotted for Arc<Entry> {
     fn take_reference(&self) -> bool {
         self.referenced.swap(false, Relaxed)
     }
-}
-
-fn bump(counter: &AtomicU64) {
-    counter.fetch_add(1, Relaxed);
 }
 
 impl Cache {

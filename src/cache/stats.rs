@@ -69,6 +69,11 @@ pub(super) struct Counters {
     pub(super) negative_hits: AtomicU64,
 }
 
+/// Counts one more.
+pub(super) fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Relaxed);
+}
+
 impl Cache {
     /// Counters and sizes now.
     pub fn stats(&self) -> CacheStats {

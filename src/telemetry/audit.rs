@@ -11,7 +11,7 @@
 
 use std::{cell::RefCell, fmt, fmt::Write as _, io::Write as _, sync::OnceLock};
 
-use super::{escape_controls, has_control, write_timestamp, writer::BufferedLog};
+use super::{OneLineWriter, write_timestamp, writer::BufferedLog};
 
 /// One call's audit facts.
 pub struct AuditRecord<'a> {
@@ -66,16 +66,13 @@ pub fn record(record: &AuditRecord<'_>) {
         } else {
             text_line(&mut line, record)
         };
-        let body = line.trim_end_matches('\n');
-        let result = if has_control(body.as_bytes(), false) {
-            let mut escaped = escape_controls(body.as_bytes(), false);
-            escaped.push(b'\n');
-            (&sink.log).write_all(&escaped)
-        } else {
-            (&sink.log).write_all(line.as_bytes())
+        // Kept on one line the way every other event is; the log writer's
+        // append cannot fail.
+        let mut out = OneLineWriter {
+            inner: &sink.log,
+            keep_ansi: false,
         };
-        // The log writer's append cannot fail.
-        let _ = result;
+        let _ = out.write_all(line.as_bytes());
     });
 }
 
