@@ -9,7 +9,7 @@
 #   ROUNDS=5 REQUESTS=100000 ./scripts/bench.sh
 #   SHAPES="64x1 8x8" PARTS="dev mtls" ./scripts/bench.sh
 #
-# Parts (PARTS, default all three):
+# Parts (PARTS, default all four):
 #   dev   the embedded dev backend, h2load, the three shapes;
 #   moto  the AWS backend over moto_server (a 213-byte JSON secret, cached),
 #         h2load, the three shapes;
@@ -17,6 +17,12 @@
 #         (examples/loadgen.rs, a tonic client; h2load cannot present a
 #         client certificate) on warm connections: GetSecret's rate under
 #         mTLS against plaintext, and Health/Check for reference.
+#   instructions
+#         the dev backend under valgrind's callgrind, h2load at 1x1: the
+#         broker's user-space instructions per call, GetSecret against
+#         Health/Check. Instructions are counted, not timed, so this figure
+#         does not move with the machine's noise (it leaves out the kernel's
+#         share, which the timed parts include). COUNT_CALLS calls a run.
 #
 # A shape is CONNECTIONSxSTREAMS: concurrent streams per connection. The
 # defaults are the three shapes the broker is measured at: one connection,
@@ -35,12 +41,14 @@ cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
 REQUESTS=${REQUESTS:-40000}
 SHAPES=${SHAPES:-"1x1 64x1 8x8"}
-PARTS=${PARTS:-"dev moto mtls"}
+PARTS=${PARTS:-"dev moto mtls instructions"}
+COUNT_CALLS=${COUNT_CALLS:-4000}
 PORT=${PORT:-50151}
 VENV=.tools/venv
 
-if ! command -v h2load >/dev/null || ! command -v nghttp >/dev/null || [ ! -x "$VENV/bin/moto_server" ]; then
-  echo "installing the test tools (h2load, nghttp, moto_server) with the test command..."
+if ! command -v h2load >/dev/null || ! command -v nghttp >/dev/null ||
+  ! command -v callgrind_control >/dev/null || [ ! -x "$VENV/bin/moto_server" ]; then
+  echo "installing the test tools (h2load, nghttp, valgrind, moto_server) with the test command..."
   TOOLS_ONLY=1 ./scripts/test.sh
 fi
 
@@ -65,14 +73,16 @@ HEALTH=grpc.health.v1.Health/Check
 TICKS_PER_SECOND=$(getconf CLK_TCK)
 
 # start_broker NAME PORT ARGS...: serves in the background at INFO; sets
-# broker_pid. Environment for it comes from BROKER_ENV (an array).
+# broker_pid. Environment for it comes from BROKER_ENV (an array), and
+# BROKER_WRAPPER (an array) runs it under another program.
+BROKER_WRAPPER=()
 start_broker() {
   local name=$1 port=$2; shift 2
-  env "${BROKER_ENV[@]}" LOG_LEVEL=INFO "$BROKER" serve --listen "127.0.0.1:$port" "$@" \
-    >"$work/$name.log" 2>&1 &
+  env "${BROKER_ENV[@]}" LOG_LEVEL=INFO "${BROKER_WRAPPER[@]}" "$BROKER" serve \
+    --listen "127.0.0.1:$port" "$@" >"$work/$name.log" 2>&1 &
   broker_pid=$!
   pids+=("$broker_pid")
-  for _ in $(seq 100); do
+  for _ in $(seq 600); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return; fi
     sleep 0.1
   done
@@ -217,4 +227,37 @@ if [[ " $PARTS " == *" mtls "* ]]; then
   lg_get_tls() { loadgen_run "$tls_pid" "$tls_port" get "$@" "$work/pki"; }
   compare plain Health/Check GetSecret lg_health_plain lg_get_plain
   compare mtls GetSecret-plaintext GetSecret-mTLS lg_get_plain lg_get_tls
+fi
+
+if [[ " $PARTS " == *" instructions "* ]]; then
+  BROKER_ENV=()
+  port=$((PORT + 5))
+  BROKER_WRAPPER=(valgrind --tool=callgrind "--callgrind-out-file=$work/callgrind.out")
+  start_broker instructions "$port" --dev; pid=$broker_pid
+  BROKER_WRAPPER=()
+  check_sample "$port"
+  # count_run PATH BODY: COUNT_CALLS calls at 1x1, then the instructions
+  # the broker ran for them (callgrind's counters are zeroed at each dump).
+  count_run() {
+    local dump
+    h2load -n "$COUNT_CALLS" -c 1 -m 1 -d "$work/$2.bin" -H 'content-type: application/grpc' \
+      -H 'te: trailers' "http://127.0.0.1:$port/$1" >/dev/null
+    callgrind_control --dump "$2" "$pid" >/dev/null 2>&1
+    dump=$(ls -t "$work"/callgrind.out.* | head -1)
+    awk -v n="$COUNT_CALLS" '/^totals:/ { printf "%.0f", $2 / n }' "$dump"
+  }
+  # Warm both paths (first calls fill caches and tables), then start from zero.
+  count_run "$HEALTH" health >/dev/null
+  count_run "$GET_SECRET" get_secret >/dev/null
+  : >"$work/counts"
+  for round in $(seq "$ROUNDS"); do
+    health=$(count_run "$HEALTH" health)
+    get=$(count_run "$GET_SECRET" get_secret)
+    echo "$health $get" >>"$work/counts"
+    printf '  instructions round %s: Health/Check %s per call   GetSecret %s per call\n' \
+      "$round" "$health" "$get"
+  done
+  awk '{ printf "%.4f\n", $2 / $1 }' "$work/counts" | median |
+    awk -v calls="$COUNT_CALLS" '{ printf "instructions (user space, 1x1, %s calls a run): median per-round ratio GetSecret / Health/Check %.3f\n", calls, $1 }'
+  kill "$pid"; wait "$pid" 2>/dev/null || true
 fi

@@ -10,6 +10,8 @@
 #                    (buf; @grpc/grpc-js and @grpc/proto-loader for the
 #                    Node example)
 #      h2load        Debian nghttp2-client, only when missing (needs root)
+#      valgrind      Debian valgrind, only when missing (the benchmark's
+#                    instruction counts)
 #      systemd-analyze  Debian systemd, only when missing (needs root; the
 #                    deploy/ tests verify the systemd unit with it)
 #      go, protoc    Debian golang-go, protobuf-compiler, protoc-gen-go(-grpc)
@@ -144,6 +146,7 @@ if [[ "${SKIP_INSTALL:-0}" != 1 ]]; then
     install_python_tools
     install_node_tools
     install_debian_tool h2load nghttp2-client      # the benchmark
+    install_debian_tool callgrind_control valgrind # the benchmark's counts
     install_debian_tool systemd-analyze systemd    # deploy/ unit verification
     install_go_toolchain                           # examples/go
     echo "tools ready in $((SECONDS - started)) s"

@@ -4,7 +4,9 @@
 //! A cached version never changes, so its `Secret` message (value
 //! included) is encoded once (`EncodedSecret`) and every answer copies those
 //! bytes; only the per-call cache facts (`CacheInfo`: hit, age, stale) are
-//! encoded per call. On the wire this is exactly a `GetSecretResponse`:
+//! encoded per call, once, when the response is made (prost asks a message
+//! its length at each level of nesting, and a generated `CacheInfo` would
+//! be measured several times per call). On the wire this is exactly a `GetSecretResponse`:
 //! clients decode it with the ordinary message. The server's stubs use this
 //! type for GetSecret's response (the build maps it with `extern_path`).
 //!
@@ -71,22 +73,39 @@ impl fmt::Debug for EncodedSecret {
 }
 
 /// GetSecret's response as the server sends it: a pre-encoded `Secret`
-/// and this call's cache facts.
+/// and this call's cache facts. `Default` is the empty response.
 #[derive(Clone, Default)]
 pub struct EncodedGetSecretResponse {
     /// The version's encoded `Secret` (without `cache`).
-    pub secret: Option<Arc<EncodedSecret>>,
-    /// This call's cache facts.
-    pub cache: Option<CacheInfo>,
+    secret: Option<Arc<EncodedSecret>>,
+    /// This call's cache facts, as they are and encoded.
+    cache: CacheInfo,
+    cache_field: CacheField,
 }
 
 impl EncodedGetSecretResponse {
+    /// The answer of `secret` with this call's `cache` facts.
+    pub fn new(secret: Arc<EncodedSecret>, cache: CacheInfo) -> Self {
+        Self {
+            secret: Some(secret),
+            cache,
+            cache_field: CacheField::new(&cache),
+        }
+    }
+
+    /// The version's encoded `Secret` (none in the empty response).
+    pub fn secret(&self) -> Option<&Arc<EncodedSecret>> {
+        self.secret.as_ref()
+    }
+
+    /// This call's cache facts.
+    pub fn cache(&self) -> &CacheInfo {
+        &self.cache
+    }
+
     fn secret_len(&self) -> Option<usize> {
         let secret = self.secret.as_ref()?;
-        let cache = self.cache.as_ref().map_or(0, |cache| {
-            encoding::message::encoded_len(SECRET_CACHE, cache)
-        });
-        Some(secret.as_bytes().len() + cache)
+        Some(secret.as_bytes().len() + self.cache_field.as_bytes().len())
     }
 }
 
@@ -99,6 +118,32 @@ impl fmt::Debug for EncodedGetSecretResponse {
     }
 }
 
+/// The longest `Secret.cache` field: its key and length (a byte each) and
+/// a `CacheInfo` of at most 28 bytes (`hit` 2, `age` at most 24 with both
+/// of its varints at their longest, `stale` 2).
+const CACHE_FIELD_MAX: usize = 32;
+
+/// `Secret.cache` encoded: key, length and the `CacheInfo` message.
+#[derive(Clone, Copy, Default)]
+struct CacheField {
+    bytes: [u8; CACHE_FIELD_MAX],
+    len: usize,
+}
+
+impl CacheField {
+    fn new(cache: &CacheInfo) -> Self {
+        let mut field = Self::default();
+        let mut room = &mut field.bytes[..];
+        encoding::message::encode(SECRET_CACHE, cache, &mut room);
+        field.len = CACHE_FIELD_MAX - room.len();
+        field
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
 impl Message for EncodedGetSecretResponse {
     fn encode_raw(&self, buf: &mut impl BufMut) {
         let (Some(secret), Some(len)) = (&self.secret, self.secret_len()) else {
@@ -107,9 +152,7 @@ impl Message for EncodedGetSecretResponse {
         encoding::encode_key(RESPONSE_SECRET, WireType::LengthDelimited, buf);
         encoding::encode_varint(len as u64, buf);
         buf.put_slice(secret.as_bytes());
-        if let Some(cache) = &self.cache {
-            encoding::message::encode(SECRET_CACHE, cache, buf);
-        }
+        buf.put_slice(self.cache_field.as_bytes());
     }
 
     /// The server only sends this message; what it would read is skipped.
@@ -165,10 +208,7 @@ mod tests {
             }),
             stale: false,
         };
-        let response = EncodedGetSecretResponse {
-            secret: Some(Arc::new(encoded(&secret))),
-            cache: Some(cache),
-        };
+        let response = EncodedGetSecretResponse::new(Arc::new(encoded(&secret)), cache);
         let bytes = response.encode_to_vec();
         assert_eq!(bytes.len(), response.encoded_len());
         let decoded = GetSecretResponse::decode(bytes.as_slice()).unwrap();
@@ -178,6 +218,26 @@ mod tests {
         };
         assert_eq!(decoded.secret, Some(expected));
         assert!(!format!("{response:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn the_longest_cache_facts_fit_and_decode() {
+        let cache = CacheInfo {
+            hit: true,
+            age: Some(prost_types::Duration {
+                seconds: i64::MIN,
+                nanos: i32::MIN,
+            }),
+            stale: true,
+        };
+        let field = CacheField::new(&cache);
+        assert_eq!(field.len, CACHE_FIELD_MAX - 2, "the bound is tight");
+        let response = EncodedGetSecretResponse::new(Arc::new(encoded(&Secret::default())), cache);
+        let bytes = response.encode_to_vec();
+        assert_eq!(bytes.len(), response.encoded_len());
+        let decoded = GetSecretResponse::decode(bytes.as_slice()).unwrap();
+        assert_eq!(decoded.secret.and_then(|s| s.cache), Some(cache));
+        assert_eq!(response.cache(), &cache);
     }
 
     #[test]

@@ -27,10 +27,7 @@ pub fn get_secret_response(lookup: &Lookup) -> EncodedGetSecretResponse {
         .version
         .encoded
         .get_or_encode(|| encode_secret(&lookup.version));
-    EncodedGetSecretResponse {
-        secret: Some(Arc::clone(encoded)),
-        cache: Some(cache_info(lookup)),
-    }
+    EncodedGetSecretResponse::new(Arc::clone(encoded), cache_info(lookup))
 }
 
 /// A version's `Secret` message with its value, without `cache`: the
@@ -187,8 +184,8 @@ mod tests {
             hit: false,
             ..first.clone()
         };
-        let a = get_secret_response(&first).secret.unwrap();
-        let b = get_secret_response(&again).secret.unwrap();
+        let a = Arc::clone(get_secret_response(&first).secret().unwrap());
+        let b = Arc::clone(get_secret_response(&again).secret().unwrap());
         assert!(Arc::ptr_eq(&a, &b), "the second answer reuses the bytes");
         assert_eq!(
             Arc::strong_count(&a),

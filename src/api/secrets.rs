@@ -20,7 +20,7 @@ use crate::{
     backend::{SelectorRef, VersionSelector, check_version_field},
     cache::{CacheKey, KeyRef, Lookup},
     identity::Identity,
-    names::{FullName, ShownName},
+    names::{NameRoom, ShownName},
     policy::{Authorizer, Denied},
     proto::{
         BatchGetSecretsRequest, BatchGetSecretsResponse, BatchGetSecretsResult,
@@ -57,21 +57,24 @@ impl SecretsApi {
     /// The name is noted in the audit record before the check, so that a
     /// refusal is audited with what was refused.
     fn authorized_name(&self, audit: &mut Audit, name: &str) -> Result<String, ApiError> {
-        self.authorized_inline(audit, name)
-            .map(|name| name.to_string())
+        let mut room = NameRoom::new();
+        self.authorized_in(audit, name, &mut room)
+            .map(str::to_owned)
     }
 
-    /// `authorized_name` without allocating (GetSecret's hit path).
-    fn authorized_inline<'a>(
+    /// `authorized_name` without allocating (GetSecret's hit path): a
+    /// prefixed name is written into `room`.
+    fn authorized_in<'a>(
         &self,
         audit: &mut Audit,
         name: &'a str,
-    ) -> Result<FullName<'a>, ApiError> {
-        let full_name = self.context.names.resolve_inline(name)?;
-        audit.secret(&full_name);
+        room: &'a mut NameRoom,
+    ) -> Result<&'a str, ApiError> {
+        let full_name = self.context.names.resolve_in(name, room)?;
+        audit.secret(full_name);
         self.context
             .authorizer
-            .check_read(audit.identity(), &full_name)?;
+            .check_read(audit.identity(), full_name)?;
         Ok(full_name)
     }
 
@@ -100,24 +103,27 @@ impl SecretsApi {
             FromCache::Answered(response) => return Ok(response),
             FromCache::Missed(key) => key,
         };
-        let lookup = self
-            .lookup(audit, key.name, key.selector, request.bypass_cache)
-            .await?;
+        // Boxed: the read through the cache is a large future, and inline it
+        // would make every call's future, hits too, that much bigger to
+        // build and move.
+        let lookup =
+            Box::pin(self.lookup(audit, key.name, key.selector, request.bypass_cache)).await?;
         Ok(message::get_secret_response(&lookup))
     }
 
     /// GetSecret's hit path, without awaiting anything: the resolved name
-    /// (held inline) and the borrowed key live on this stack frame only,
+    /// (in a `NameRoom`) and the borrowed key live on this stack frame only,
     /// not in the call's future. A miss hands back the owned key to read.
     fn answer_from_cache(
         &self,
         audit: &mut Audit,
         request: &GetSecretRequest,
     ) -> Result<FromCache, ApiError> {
-        let full_name = self.authorized_inline(audit, &request.name)?;
+        let mut room = NameRoom::new();
+        let full_name = self.authorized_in(audit, &request.name, &mut room)?;
         let selector = SelectorRef::from_request(&request.version_id, &request.version_stage)?;
         let key = KeyRef {
-            name: &full_name,
+            name: full_name,
             selector,
         };
         if !request.bypass_cache
@@ -461,7 +467,7 @@ mod tests {
         let next = request();
         let (answer, allocations) = allocations_in(|| call(next));
         let answer = answer.unwrap().into_inner();
-        assert!(answer.cache.unwrap().hit);
+        assert!(answer.cache().hit);
         assert_eq!(allocations, 0, "resolve, authorize, look up, audit, answer");
     }
 }

@@ -204,35 +204,11 @@ pub fn answer_matches(id: &str, answered_name: &str, answered_arn: &str) -> bool
     }
 }
 
-/// A resolved name: the caller's own text when it was already full (or an
-/// ARN), else the prefixed name held inline (no allocation).
-#[derive(Debug, Clone)]
-// Inline on purpose: it lives on the stack for one call, and boxing it
-// would be the allocation it exists to avoid.
-#[allow(clippy::large_enum_variant)]
-pub enum FullName<'a> {
-    /// The caller's text, taken as is.
-    Given(&'a str),
-    /// The prefix and the caller's short name.
-    Prefixed(arrayvec::ArrayString<MAX_NAME_LEN>),
-}
-
-impl std::ops::Deref for FullName<'_> {
-    type Target = str;
-
-    fn deref(&self) -> &str {
-        match self {
-            Self::Given(name) => name,
-            Self::Prefixed(name) => name,
-        }
-    }
-}
-
-impl fmt::Display for FullName<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self)
-    }
-}
+/// Room for one prefixed name, on the stack of whoever resolves it:
+/// `NameResolver::resolve_in` writes into it and hands back a `&str`, so
+/// that the 512-byte buffer is never moved (every call resolves a name;
+/// returning the buffer by value cost several copies of it per call).
+pub type NameRoom = arrayvec::ArrayString<MAX_NAME_LEN>;
 
 /// Turns callers' names into full secret names. Cheap to clone.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -265,13 +241,18 @@ impl NameResolver {
 
     /// The id to ask upstream for `name` (a full name or an ARN), validated.
     pub fn resolve(&self, name: &str) -> Result<String, InvalidName> {
-        self.resolve_inline(name).map(|full| full.to_string())
+        let mut room = NameRoom::new();
+        self.resolve_in(name, &mut room).map(str::to_owned)
     }
 
     /// `resolve` without allocating (every call resolves a name): the name
-    /// itself when it is already full, or the prefixed name in a buffer
-    /// of its own.
-    pub fn resolve_inline<'a>(&self, name: &'a str) -> Result<FullName<'a>, InvalidName> {
+    /// itself when it is already full, or the prefixed name written into
+    /// `room`.
+    pub fn resolve_in<'a>(
+        &self,
+        name: &'a str,
+        room: &'a mut NameRoom,
+    ) -> Result<&'a str, InvalidName> {
         if name.is_empty() {
             return Err(InvalidName::Empty);
         }
@@ -281,24 +262,24 @@ impl NameResolver {
                 return Err(InvalidName::ArnTooLong { len });
             }
             SecretArn::parse(name)?;
-            return Ok(FullName::Given(name));
+            return Ok(name);
         }
         if name.starts_with(&self.prefix_with_slash) {
             validate_name(name)?;
-            return Ok(FullName::Given(name));
+            return Ok(name);
         }
-        let mut full = arrayvec::ArrayString::new();
+        room.clear();
         // Too long (or not one byte per character) fails the same check as
         // the full name would.
         let fits =
-            full.try_push_str(&self.prefix_with_slash).is_ok() && full.try_push_str(name).is_ok();
+            room.try_push_str(&self.prefix_with_slash).is_ok() && room.try_push_str(name).is_ok();
         if !fits {
             let len = self.prefix_with_slash.chars().count() + name.chars().count();
             validate_name(&format!("{}{name}", self.prefix_with_slash))?;
             return Err(InvalidName::TooLong { len });
         }
-        validate_name(&full)?;
-        Ok(FullName::Prefixed(full))
+        validate_name(room)?;
+        Ok(room.as_str())
     }
 
     /// The full name of a typed config: the caller's name when given, else
@@ -318,7 +299,7 @@ fn validate_name(name: &str) -> Result<(), InvalidName> {
     }
     // Every call checks a name: the common case in one pass over bytes
     // (allowed characters are ASCII, one byte each).
-    if name.len() <= MAX_NAME_LEN && name.bytes().all(|b| is_allowed(b as char)) {
+    if name.len() <= MAX_NAME_LEN && name.bytes().all(|b| ALLOWED_BYTES[usize::from(b)]) {
         return Ok(());
     }
     let len = name.chars().count();
@@ -333,8 +314,24 @@ fn validate_name(name: &str) -> Result<(), InvalidName> {
 
 /// AWS's character set for names.
 fn is_allowed(c: char) -> bool {
-    c.is_ascii_alphanumeric() || "/_+=.@-".contains(c)
+    u8::try_from(c).is_ok_and(is_allowed_byte)
 }
+
+const fn is_allowed_byte(b: u8) -> bool {
+    matches!(b, b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'/' | b'_' | b'+' | b'=' | b'.' | b'@' | b'-')
+}
+
+/// `is_allowed_byte` for every byte, looked up on the hot path: one load
+/// per byte instead of a chain of comparisons.
+const ALLOWED_BYTES: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = is_allowed_byte(b as u8);
+        b += 1;
+    }
+    table
+};
 
 /// A name shown in logs and errors: full names are not secret, but a caller
 /// could paste anything into a name field, so overlong input is cut.

@@ -161,3 +161,33 @@ fn shown_names_are_cut() {
     assert_eq!(shown.chars().count(), 81);
     assert_eq!(ShownName("short").to_string(), "short");
 }
+
+#[test]
+fn the_byte_table_allows_exactly_aws_characters() {
+    for byte in 0..=u8::MAX {
+        let c = char::from(byte);
+        let aws = c.is_ascii_alphanumeric() || "/_+=.@-".contains(c);
+        assert_eq!(ALLOWED_BYTES[usize::from(byte)], aws, "byte {byte:#04x}");
+        assert_eq!(is_allowed(c), aws, "byte {byte:#04x}");
+    }
+    assert!(!is_allowed('é'), "letters past ASCII are refused");
+}
+
+#[test]
+fn resolving_in_a_room_borrows_the_name_or_writes_the_prefixed_one() {
+    let r = resolver();
+    let mut room = NameRoom::new();
+    let full = r.resolve_in("insurecove/db", &mut room).unwrap();
+    assert_eq!(full, "insurecove/db");
+    assert!(room.is_empty(), "a full name is taken as is, not copied");
+
+    // A room that held a longer name before is cleared first.
+    let mut room = NameRoom::new();
+    room.push_str("left-over-from-an-earlier-call");
+    let full = r.resolve_in("db", &mut room).unwrap();
+    assert_eq!(full, "insurecove/db");
+    assert_eq!(
+        r.resolve_in("bad name", &mut room),
+        Err(InvalidName::BadCharacter { found: ' ' })
+    );
+}
