@@ -70,7 +70,6 @@ printf '\x00\x00\x00\x00\x11\x0a\x0fmistral-api-key' >"$work/get_secret.bin"
 printf '\x00\x00\x00\x00\x00' >"$work/health.bin"
 GET_SECRET=secretsbroker.v1.SecretsService/GetSecret
 HEALTH=grpc.health.v1.Health/Check
-TICKS_PER_SECOND=$(getconf CLK_TCK)
 
 # start_broker NAME PORT ARGS...: serves in the background at INFO; sets
 # broker_pid. Environment for it comes from BROKER_ENV (an array), and
@@ -104,18 +103,28 @@ check_sample() {
   done
 }
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# thread_cpu PID: "TID NANOSECONDS" for each thread of PID, its time on CPU
+# from schedstat (exact; /proc/PID/stat counts 10 ms ticks, too coarse for
+# short runs).
+thread_cpu() {
+  local task ns rest
+  for task in /proc/"$1"/task/*; do
+    read -r ns rest 2>/dev/null <"$task/schedstat" && echo "${task##*/} $ns"
+  done
+}
 
-# cpu_per_call PID BEFORE: microseconds of the broker's CPU per request since BEFORE.
+# cpu_per_call PID BEFORE_FILE: microseconds of the broker's CPU per request
+# since the snapshot in BEFORE_FILE (threads born since count whole; a
+# thread that ended since is left out, with what little it ran).
 cpu_per_call() {
-  awk -v t=$(($(cpu_ticks "$1") - $2)) -v hz="$TICKS_PER_SECOND" -v n="$REQUESTS" \
-    'BEGIN { printf "%.1f", t / hz / n * 1e6 }'
+  thread_cpu "$1" | awk -v n="$REQUESTS" 'NR == FNR { before[$1] = $2; next }
+    { t += $2 - before[$1] } END { printf "%.1f", t / n / 1000 }' "$2" -
 }
 
 # h2load_run PID PORT PATH BODY CLIENTS STREAMS: prints "rate cpu_us_per_call".
 h2load_run() {
-  local pid=$1 port=$2 path=$3 body=$4 clients=$5 streams=$6 before out total succeeded rate
-  before=$(cpu_ticks "$pid")
+  local pid=$1 port=$2 path=$3 body=$4 clients=$5 streams=$6 out total succeeded rate
+  thread_cpu "$pid" >"$work/cpu.before"
   out=$(h2load -n "$REQUESTS" -c "$clients" -m "$streams" -d "$work/$body.bin" \
     -H 'content-type: application/grpc' -H 'te: trailers' "http://127.0.0.1:$port/$path")
   read -r total succeeded < <(awk '/^requests:/ {print $2, $8}' <<<"$out")
@@ -124,16 +133,17 @@ h2load_run() {
     exit 1
   fi
   rate=$(awk '/^finished in/ {printf "%.0f", $4}' <<<"$out")
-  echo "$rate $(cpu_per_call "$pid" "$before")"
+  echo "$rate $(cpu_per_call "$pid" "$work/cpu.before")"
 }
 
-# loadgen_run PID PORT RPC CLIENTS STREAMS [TLS_DIR]: prints "rate cpu_us_per_call".
+# loadgen_run PID PORT RPC CLIENTS STREAMS [TLS_DIR]: prints "rate cpu_us_per_call",
+# both measured by the load generator after its warm-up (TLS handshakes are
+# not per-call work).
 loadgen_run() {
-  local pid=$1 port=$2 rpc=$3 clients=$4 streams=$5 tls=${6:-} before rate
-  before=$(cpu_ticks "$pid")
-  rate=$("$LOADGEN" run --addr "127.0.0.1:$port" --rpc "$rpc" --connections "$clients" \
-    --streams "$streams" --requests "$REQUESTS" ${tls:+--tls "$tls"} | awk '{print $2}')
-  echo "$rate $(cpu_per_call "$pid" "$before")"
+  local pid=$1 port=$2 rpc=$3 clients=$4 streams=$5 tls=${6:-}
+  "$LOADGEN" run --addr "127.0.0.1:$port" --rpc "$rpc" --connections "$clients" \
+    --streams "$streams" --requests "$REQUESTS" --server-pid "$pid" ${tls:+--tls "$tls"} |
+    awk '{print $2, $4}'
 }
 
 median() { sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }

@@ -36,9 +36,11 @@ use std::{
     },
 };
 
-use globset::{GlobBuilder, GlobMatcher, GlobSet, GlobSetBuilder};
+use globset::GlobBuilder;
 use serde::Deserialize;
 use tokio::sync::watch;
+
+use self::matcher::{NameMatcher, SecretMatcher};
 
 use crate::{
     identity::Identity,
@@ -97,7 +99,7 @@ struct GrantEntry {
 
 struct Grant {
     identity: IdentityPattern,
-    secrets: GlobSet,
+    secrets: SecretMatcher,
     admin: bool,
 }
 
@@ -111,32 +113,6 @@ enum IdentityPattern {
     Dns(NameMatcher),
     /// `cn:…`: the subject CN of a certificate without SANs.
     Cn(NameMatcher),
-}
-
-/// One identity pattern. Most grants name one identity exactly; those are
-/// compared as strings, since every call under a policy checks the
-/// caller's identity and a glob always runs its regex.
-enum NameMatcher {
-    Exact(String),
-    Glob(GlobMatcher),
-}
-
-impl NameMatcher {
-    fn new(glob: globset::Glob) -> Self {
-        let pattern = glob.glob();
-        if pattern.contains(['*', '?', '[', ']', '{', '}', '\\']) {
-            Self::Glob(glob.compile_matcher())
-        } else {
-            Self::Exact(pattern.to_owned())
-        }
-    }
-
-    fn is_match(&self, name: &str) -> bool {
-        match self {
-            Self::Exact(exact) => exact == name,
-            Self::Glob(glob) => glob.is_match(name),
-        }
-    }
 }
 
 /// How an identity entry was written, for the pattern and for `check`.
@@ -221,10 +197,11 @@ impl Policy {
                             message: e.kind().to_string(),
                         })
                 };
-                let mut secrets = GlobSetBuilder::new();
-                for pattern in &entry.secrets {
-                    secrets.add(glob(pattern)?);
-                }
+                let secrets = entry
+                    .secrets
+                    .iter()
+                    .map(|pattern| glob(pattern))
+                    .collect::<Result<Vec<_>, _>>()?;
                 let identity = match IdentitySpelling::of(&entry.identity) {
                     IdentitySpelling::Anonymous => IdentityPattern::Anonymous,
                     IdentitySpelling::Uri(uri) => IdentityPattern::Uri(NameMatcher::new(glob(uri)?)),
@@ -240,7 +217,7 @@ impl Policy {
                 };
                 Ok(Grant {
                     identity,
-                    secrets: secrets.build().map_err(|e| PolicyError::Parse {
+                    secrets: SecretMatcher::new(secrets).map_err(|e| PolicyError::Parse {
                         path: path.to_owned(),
                         message: e.to_string(),
                     })?,
@@ -457,5 +434,6 @@ impl Authorizer {
     }
 }
 
+mod matcher;
 #[cfg(test)]
 mod tests;
