@@ -133,7 +133,10 @@ impl fmt::Display for Identity {
 
 /// Writes `text` with control characters (and backslashes) escaped.
 fn write_escaped(f: &mut fmt::Formatter<'_>, text: &str) -> fmt::Result {
-    if !text.chars().any(|c| c.is_control() || c == '\\') {
+    // Every audit line under mTLS shows the identity: printable ASCII, the
+    // usual case, is recognised byte by byte without decoding characters.
+    let plain = |b: u8| (b' '..=b'~').contains(&b) && b != b'\\';
+    if text.bytes().all(plain) {
         return f.write_str(text);
     }
     for c in text.chars() {
@@ -238,5 +241,25 @@ mod tests {
         let shown = Identity::from_certificate(&forged).to_string();
         assert!(!shown.contains('\n'), "{shown}");
         assert!(shown.starts_with("cn:x\\n2026"), "{shown}");
+    }
+
+    #[test]
+    fn only_printable_ascii_takes_the_short_way() {
+        struct Shown(&'static str);
+        impl fmt::Display for Shown {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write_escaped(f, self.0)
+            }
+        }
+        for (text, shown) in [
+            ("spiffe://insurecove/auth", "spiffe://insurecove/auth"),
+            ("a\\b", "a\\\\b"),
+            ("del\u{7f}", "del\\u{7f}"),
+            ("tab\t", "tab\\t"),
+            ("caf\u{e9}", "caf\u{e9}"),
+            ("next\u{85}line", "next\\u{85}line"),
+        ] {
+            assert_eq!(Shown(text).to_string(), shown, "{text:?}");
+        }
     }
 }
