@@ -139,8 +139,9 @@ async fn run(load: Load) -> Result<(), Box<dyn std::error::Error>> {
     let rate = load.requests as f64 / started.elapsed().as_secs_f64();
     match (load.server_pid, cpu_before) {
         (Some(pid), Some(before)) => {
-            let per_call = cpu_time(pid)?.saturating_sub(before) / load.requests as u32;
-            println!("rate {rate:.0} cpu_us {:.1}", per_call.as_secs_f64() * 1e6);
+            let spent = cpu_time(pid)?.saturating_sub(before);
+            let per_call_us = spent.as_secs_f64() * 1e6 / load.requests.max(1) as f64;
+            println!("rate {rate:.0} cpu_us {per_call_us:.1}");
         }
         _ => println!("rate {rate:.0}"),
     }

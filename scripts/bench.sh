@@ -3,7 +3,9 @@
 # Health/Check) on the same broker, in the same run, interleaved, so that
 # the machine's noise hits both alike. Prints each round, the medians,
 # their ratio, the median of each round's own ratio (the two runs of a
-# round are next to each other in time) and the server's CPU time per call.
+# round are next to each other in time) and the server's CPU time per call
+# (every thread's time on CPU, from schedstat; for the load generator's
+# runs, from after its warm-up, so that TLS handshakes are not counted).
 #
 #   ./scripts/bench.sh                     # everything below
 #   ROUNDS=5 REQUESTS=100000 ./scripts/bench.sh
@@ -46,8 +48,12 @@ COUNT_CALLS=${COUNT_CALLS:-4000}
 PORT=${PORT:-50151}
 VENV=.tools/venv
 
+needs_valgrind=0
+if [[ " $PARTS " == *" instructions "* ]] && ! command -v callgrind_control >/dev/null; then
+  needs_valgrind=1
+fi
 if ! command -v h2load >/dev/null || ! command -v nghttp >/dev/null ||
-  ! command -v callgrind_control >/dev/null || [ ! -x "$VENV/bin/moto_server" ]; then
+  [ "$needs_valgrind" = 1 ] || [ ! -x "$VENV/bin/moto_server" ]; then
   echo "installing the test tools (h2load, nghttp, valgrind, moto_server) with the test command..."
   TOOLS_ONLY=1 ./scripts/test.sh
 fi
@@ -107,10 +113,18 @@ check_sample() {
 # from schedstat (exact; /proc/PID/stat counts 10 ms ticks, too coarse for
 # short runs).
 thread_cpu() {
-  local task ns rest
+  local task ns rest found=0
   for task in /proc/"$1"/task/*; do
-    read -r ns rest 2>/dev/null <"$task/schedstat" && echo "${task##*/} $ns"
+    # A thread may end between the listing and the read: skip it.
+    if read -r ns rest 2>/dev/null <"$task/schedstat"; then
+      echo "${task##*/} $ns"
+      found=1
+    fi
   done
+  if [ "$found" = 0 ]; then
+    echo "no schedstat for process $1 (ended, or a kernel without it)" >&2
+    exit 1
+  fi
 }
 
 # cpu_per_call PID BEFORE_FILE: microseconds of the broker's CPU per request
@@ -246,23 +260,30 @@ if [[ " $PARTS " == *" instructions "* ]]; then
   start_broker instructions "$port" --dev; pid=$broker_pid
   BROKER_WRAPPER=()
   check_sample "$port"
-  # count_run PATH BODY: COUNT_CALLS calls at 1x1, then the instructions
-  # the broker ran for them (callgrind's counters are zeroed at each dump).
+  # count_run PATH BODY: COUNT_CALLS calls at 1x1, then sets `counted` to
+  # the instructions the broker ran per call (callgrind zeroes its counters
+  # at each dump, and numbers the dumps: dump N is callgrind.out.N).
+  dumps=0
   count_run() {
     local dump
     h2load -n "$COUNT_CALLS" -c 1 -m 1 -d "$work/$2.bin" -H 'content-type: application/grpc' \
       -H 'te: trailers' "http://127.0.0.1:$port/$1" >/dev/null
-    callgrind_control --dump "$2" "$pid" >/dev/null 2>&1
-    dump=$(ls -t "$work"/callgrind.out.* | head -1)
-    awk -v n="$COUNT_CALLS" '/^totals:/ { printf "%.0f", $2 / n }' "$dump"
+    dumps=$((dumps + 1))
+    dump="$work/callgrind.out.$dumps"
+    if ! callgrind_control --dump="$2" "$pid" >/dev/null 2>&1 ||
+      ! grep -q "^desc: Trigger: dump $2\$" "$dump" 2>/dev/null; then
+      echo "callgrind did not write dump $dumps ($2) of the broker" >&2
+      exit 1
+    fi
+    counted=$(awk -v n="$COUNT_CALLS" '/^totals:/ { printf "%.0f", $2 / n }' "$dump")
   }
   # Warm both paths (first calls fill caches and tables), then start from zero.
-  count_run "$HEALTH" health >/dev/null
-  count_run "$GET_SECRET" get_secret >/dev/null
+  count_run "$HEALTH" health
+  count_run "$GET_SECRET" get_secret
   : >"$work/counts"
   for round in $(seq "$ROUNDS"); do
-    health=$(count_run "$HEALTH" health)
-    get=$(count_run "$GET_SECRET" get_secret)
+    count_run "$HEALTH" health; health=$counted
+    count_run "$GET_SECRET" get_secret; get=$counted
     echo "$health $get" >>"$work/counts"
     printf '  instructions round %s: Health/Check %s per call   GetSecret %s per call\n' \
       "$round" "$health" "$get"

@@ -120,8 +120,8 @@ impl fmt::Debug for EncodedGetSecretResponse {
 
 /// The longest `Secret.cache` field: its key and length (a byte each) and
 /// a `CacheInfo` of at most 28 bytes (`hit` 2, `age` at most 24 with both
-/// of its varints at their longest, `stale` 2).
-const CACHE_FIELD_MAX: usize = 32;
+/// of its varints at their longest, negative, ten bytes each; `stale` 2).
+const CACHE_FIELD_MAX: usize = 30;
 
 /// `Secret.cache` encoded: key, length and the `CacheInfo` message.
 #[derive(Clone, Copy, Default)]
@@ -231,7 +231,7 @@ mod tests {
             stale: true,
         };
         let field = CacheField::new(&cache);
-        assert_eq!(field.len, CACHE_FIELD_MAX - 2, "the bound is tight");
+        assert_eq!(field.len, CACHE_FIELD_MAX, "the bound is tight");
         let response = EncodedGetSecretResponse::new(Arc::new(encoded(&Secret::default())), cache);
         let bytes = response.encode_to_vec();
         assert_eq!(bytes.len(), response.encoded_len());

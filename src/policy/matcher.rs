@@ -38,7 +38,9 @@ impl NameMatcher {
     }
 }
 
-/// A grant's `secrets` patterns.
+/// A grant's `secrets` patterns. The shortcuts assume the policy's glob
+/// options (`literal_separator`, case-sensitive, backslash escapes), which
+/// are the only ones `Policy::parse` builds with.
 pub(super) struct SecretMatcher {
     /// Literal names.
     exact: Vec<String>,
@@ -127,6 +129,11 @@ mod tests {
             "insurecove/{a,b}/**",
             "a**",
             "insurecove**",
+            "a!b",
+            "a,b",
+            "a]b",
+            "/**",
+            "insurecove/\\*",
         ];
         let names = [
             "",
@@ -148,6 +155,13 @@ mod tests {
             "/insurecove/db",
             "abc",
             "a/b",
+            "a!b",
+            "a,b",
+            "a]b",
+            "/",
+            "/x/y",
+            "insurecove/*",
+            "insurecove/a\nb",
         ];
         for pattern in patterns {
             let reference = glob(pattern).compile_matcher();
