@@ -23,7 +23,7 @@ use prost::{
 };
 use zeroize::Zeroize;
 
-use crate::proto::CacheInfo;
+use crate::proto::{CacheInfo, Secret};
 
 /// The field numbers of `GetSecretResponse.secret` and `Secret.cache`.
 const RESPONSE_SECRET: u32 = 1;
@@ -78,8 +78,7 @@ impl fmt::Debug for EncodedSecret {
 pub struct EncodedGetSecretResponse {
     /// The version's encoded `Secret` (without `cache`).
     secret: Option<Arc<EncodedSecret>>,
-    /// This call's cache facts, as they are and encoded.
-    cache: CacheInfo,
+    /// This call's cache facts, encoded.
     cache_field: CacheField,
 }
 
@@ -88,7 +87,6 @@ impl EncodedGetSecretResponse {
     pub fn new(secret: Arc<EncodedSecret>, cache: CacheInfo) -> Self {
         Self {
             secret: Some(secret),
-            cache,
             cache_field: CacheField::new(&cache),
         }
     }
@@ -98,9 +96,13 @@ impl EncodedGetSecretResponse {
         self.secret.as_ref()
     }
 
-    /// This call's cache facts.
-    pub fn cache(&self) -> &CacheInfo {
-        &self.cache
+    /// This call's cache facts, read back from their encoding (the field
+    /// alone is a valid `Secret` message; the empty response has none).
+    pub fn cache(&self) -> CacheInfo {
+        Secret::decode(self.cache_field.as_bytes())
+            .ok()
+            .and_then(|secret| secret.cache)
+            .unwrap_or_default()
     }
 
     fn secret_len(&self) -> Option<usize> {
@@ -113,7 +115,7 @@ impl fmt::Debug for EncodedGetSecretResponse {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EncodedGetSecretResponse")
             .field("secret", &self.secret)
-            .field("cache", &self.cache)
+            .field("cache", &self.cache())
             .finish()
     }
 }
@@ -185,7 +187,7 @@ mod tests {
         /// Wipes done on this thread.
         pub(super) static WIPES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     }
-    use crate::proto::{GetSecretResponse, Secret, secret::Value};
+    use crate::proto::{GetSecretResponse, secret::Value};
 
     fn encoded(secret: &Secret) -> EncodedSecret {
         EncodedSecret::with_len(secret.encoded_len(), |buf| secret.encode_raw(buf))
@@ -237,7 +239,7 @@ mod tests {
         assert_eq!(bytes.len(), response.encoded_len());
         let decoded = GetSecretResponse::decode(bytes.as_slice()).unwrap();
         assert_eq!(decoded.secret.and_then(|s| s.cache), Some(cache));
-        assert_eq!(response.cache(), &cache);
+        assert_eq!(response.cache(), cache);
     }
 
     #[test]

@@ -59,7 +59,6 @@ impl SecretMatcher {
             globs: None,
         };
         let mut globs = GlobSetBuilder::new();
-        let mut any_glob = false;
         for pattern in patterns {
             let text = pattern.glob();
             if is_literal(text) {
@@ -68,12 +67,10 @@ impl SecretMatcher {
                 matcher.prefixes.push(prefix.to_owned());
             } else {
                 globs.add(pattern);
-                any_glob = true;
             }
         }
-        if any_glob {
-            matcher.globs = Some(globs.build()?);
-        }
+        let globs = globs.build()?;
+        matcher.globs = (!globs.is_empty()).then_some(globs);
         Ok(matcher)
     }
 
