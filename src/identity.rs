@@ -9,8 +9,8 @@
 //! with more than one URI SAN is refused: a SPIFFE X.509-SVID carries
 //! exactly one, and two would make "who is this" ambiguous.
 //!
-//! The identity is worked out once per connection, at the TLS handshake,
-//! and travels to every call of that connection in the request's
+//! The identity, and how the audit shows it, is worked out once per
+//! connection, at the TLS handshake, and travels to every call of that connection in the request's
 //! extensions (tonic copies a connection's `ConnectInfo` there), so no call
 //! parses a certificate.
 
@@ -34,8 +34,9 @@ pub enum Identity {
     Refused(&'static str),
 }
 
-/// The names of a client certificate, by kind.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// The names of a client certificate, by kind, and how the audit shows
+/// them.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertificateNames {
     /// The URI SAN (at most one is accepted).
     pub uri: Option<Box<str>>,
@@ -43,16 +44,40 @@ pub struct CertificateNames {
     pub dns: Vec<Box<str>>,
     /// The subject CN, kept only when the certificate has no SAN.
     pub cn: Option<Box<str>>,
+    /// Written once per connection: every call's audit line shows it.
+    shown: Box<str>,
+}
+
+impl CertificateNames {
+    /// The names, with how the audit will show them.
+    pub fn new(uri: Option<Box<str>>, dns: Vec<Box<str>>, cn: Option<Box<str>>) -> Self {
+        let shown = if let Some(uri) = &uri {
+            escaped("", uri)
+        } else if let Some(dns) = dns.first() {
+            escaped("dns:", dns)
+        } else if let Some(cn) = &cn {
+            escaped("cn:", cn)
+        } else {
+            UNNAMED.to_owned()
+        };
+        Self {
+            uri,
+            dns,
+            cn,
+            shown: shown.into(),
+        }
+    }
 }
 
 impl Identity {
     /// A certificate identity with just a URI SAN.
     #[cfg(test)]
     pub fn uri(uri: &str) -> Self {
-        Self::Certificate(Arc::new(CertificateNames {
-            uri: Some(uri.into()),
-            ..CertificateNames::default()
-        }))
+        Self::Certificate(Arc::new(CertificateNames::new(
+            Some(uri.into()),
+            Vec::new(),
+            None,
+        )))
     }
 
     /// Reads the identity of a DER certificate.
@@ -93,11 +118,8 @@ impl Identity {
         } else {
             None
         };
-        let names = CertificateNames {
-            uri: uri.filter(|uri| !uri.is_empty()).map(Into::into),
-            dns,
-            cn,
-        };
+        let names =
+            CertificateNames::new(uri.filter(|uri| !uri.is_empty()).map(Into::into), dns, cn);
         if names.uri.is_none() && names.dns.is_empty() && names.cn.is_none() {
             return Self::Unnamed;
         }
@@ -105,48 +127,42 @@ impl Identity {
     }
 }
 
-/// The identity as the audit log shows it: the URI, else `dns:` and the
-/// first DNS name, else `cn:` and the CN. Control characters are escaped, so
-/// that a certificate cannot write lines of its own into a log.
-impl fmt::Display for Identity {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl Identity {
+    /// The identity as the audit log shows it: the URI, else `dns:` and the
+    /// first DNS name, else `cn:` and the CN. Control characters are
+    /// escaped, so that a certificate cannot write lines of its own into a
+    /// log.
+    pub fn shown(&self) -> &str {
         match self {
-            Self::Anonymous => f.write_str(ANONYMOUS),
-            Self::Unnamed => f.write_str("(unnamed certificate)"),
-            Self::Refused(_) => f.write_str("(refused certificate)"),
-            Self::Certificate(names) => {
-                if let Some(uri) = &names.uri {
-                    write_escaped(f, uri)
-                } else if let Some(dns) = names.dns.first() {
-                    f.write_str("dns:")?;
-                    write_escaped(f, dns)
-                } else if let Some(cn) = &names.cn {
-                    f.write_str("cn:")?;
-                    write_escaped(f, cn)
-                } else {
-                    f.write_str("(unnamed certificate)")
-                }
-            }
+            Self::Anonymous => ANONYMOUS,
+            Self::Unnamed => UNNAMED,
+            Self::Refused(_) => "(refused certificate)",
+            Self::Certificate(names) => &names.shown,
         }
     }
 }
 
-/// Writes `text` with control characters (and backslashes) escaped.
-fn write_escaped(f: &mut fmt::Formatter<'_>, text: &str) -> fmt::Result {
-    // Every audit line under mTLS shows the identity: printable ASCII, the
-    // usual case, is recognised byte by byte without decoding characters.
-    let plain = |b: u8| (b' '..=b'~').contains(&b) && b != b'\\';
-    if text.bytes().all(plain) {
-        return f.write_str(text);
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.shown())
     }
+}
+
+const UNNAMED: &str = "(unnamed certificate)";
+
+/// `prefix` and `text`, with control characters (and backslashes) of
+/// `text` escaped.
+fn escaped(prefix: &str, text: &str) -> String {
+    let mut shown = String::with_capacity(prefix.len() + text.len());
+    shown.push_str(prefix);
     for c in text.chars() {
         if c.is_control() || c == '\\' {
-            write!(f, "{}", c.escape_default())?;
+            shown.extend(c.escape_default());
         } else {
-            fmt::Write::write_char(f, c)?;
+            shown.push(c);
         }
     }
-    Ok(())
+    shown
 }
 
 /// What a connection tells each of its calls.
@@ -244,13 +260,7 @@ mod tests {
     }
 
     #[test]
-    fn only_printable_ascii_takes_the_short_way() {
-        struct Shown(&'static str);
-        impl fmt::Display for Shown {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write_escaped(f, self.0)
-            }
-        }
+    fn names_are_escaped_once_with_their_kind() {
         for (text, shown) in [
             ("spiffe://insurecove/auth", "spiffe://insurecove/auth"),
             ("a\\b", "a\\\\b"),
@@ -259,7 +269,12 @@ mod tests {
             ("caf\u{e9}", "caf\u{e9}"),
             ("next\u{85}line", "next\\u{85}line"),
         ] {
-            assert_eq!(Shown(text).to_string(), shown, "{text:?}");
+            let uri = CertificateNames::new(Some(text.into()), Vec::new(), None);
+            assert_eq!(uri.shown.as_ref(), shown, "{text:?}");
+            let dns = CertificateNames::new(None, vec![text.into(), "b".into()], Some("c".into()));
+            assert_eq!(dns.shown.as_ref(), format!("dns:{shown}"), "{text:?}");
         }
+        let none = Identity::Certificate(Arc::new(CertificateNames::new(None, Vec::new(), None)));
+        assert_eq!(none.to_string(), "(unnamed certificate)");
     }
 }

@@ -103,7 +103,7 @@ impl Audit {
             self.metrics.record_secret_read(self.secrets.as_str());
         }
         crate::telemetry::audit::record(&AuditRecord {
-            identity: &self.identity,
+            identity: self.identity.shown(),
             rpc: self.rpc.name(),
             secrets: self.secrets.as_str(),
             outcome: code,

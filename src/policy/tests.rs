@@ -25,11 +25,11 @@ fn uri(uri: &str) -> Identity {
 }
 
 fn certificate(dns: &[&str], cn: Option<&str>) -> Identity {
-    Identity::Certificate(Arc::new(crate::identity::CertificateNames {
-        uri: None,
-        dns: dns.iter().map(|d| Box::from(*d)).collect(),
-        cn: cn.map(Box::from),
-    }))
+    Identity::Certificate(Arc::new(crate::identity::CertificateNames::new(
+        None,
+        dns.iter().map(|d| Box::from(*d)).collect(),
+        cn.map(Box::from),
+    )))
 }
 
 #[test]
