@@ -250,24 +250,11 @@ impl Settings {
             .map(|path| read_config_file(path).map(|table| (path.to_owned(), table)))
             .transpose()?;
         let sources = Sources { env, file };
-
-        let listen = sources.get(args.listen.as_deref(), &LISTEN, parse_listen)?;
-        let tls = resolve_tls(args, &sources)?;
-        let secrets_file =
-            sources.optional(args.secrets_file.as_deref(), &SECRETS_FILE, parse_path)?;
-        let backend = if let Some(path) = secrets_file {
-            BackendChoice::File { path }
-        } else if args.dev {
-            BackendChoice::Dev
-        } else {
-            BackendChoice::Aws {
-                region: sources.get(args.region.as_deref(), &REGION, parse_word)?,
-            }
-        };
         let settings = Settings {
             dev: args.dev,
-            listen,
-            tls,
+            listen: sources.get(args.listen.as_deref(), &LISTEN, parse_listen)?,
+            tls: resolve_tls(args, &sources)?,
+            backend: resolve_backend(args, &sources)?,
             policy: sources.optional(args.policy.as_deref(), &POLICY, parse_path)?,
             metrics_listen: sources.optional(
                 args.metrics_listen.as_deref(),
@@ -286,7 +273,6 @@ impl Settings {
                 &WATCH_INTERVAL,
                 parse_watch_interval,
             )?,
-            backend,
             events: resolve_events(args, &sources)?,
             log_level: sources.get(args.log_level.as_deref(), &LOG_LEVEL, parse_log_level)?,
             metrics_secret_names: sources.get(
@@ -331,6 +317,20 @@ impl Settings {
         }
         Ok(())
     }
+}
+
+/// A secrets file wins over `--dev`; otherwise AWS, in its region.
+fn resolve_backend(args: &BrokerArgs, sources: &Sources<'_>) -> Result<BackendChoice, ConfigError> {
+    let secrets_file = sources.optional(args.secrets_file.as_deref(), &SECRETS_FILE, parse_path)?;
+    Ok(if let Some(path) = secrets_file {
+        BackendChoice::File { path }
+    } else if args.dev {
+        BackendChoice::Dev
+    } else {
+        BackendChoice::Aws {
+            region: sources.get(args.region.as_deref(), &REGION, parse_word)?,
+        }
+    })
 }
 
 fn resolve_events(
