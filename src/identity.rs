@@ -10,9 +10,9 @@
 //! exactly one, and two would make "who is this" ambiguous.
 //!
 //! The identity, and how the audit shows it, is worked out once per
-//! connection, at the TLS handshake, and travels to every call of that connection in the request's
-//! extensions (tonic copies a connection's `ConnectInfo` there), so no call
-//! parses a certificate.
+//! connection, at the TLS handshake, and travels to every call of that
+//! connection in the request's extensions (tonic copies a connection's
+//! `ConnectInfo` there), so no call parses a certificate or escapes a name.
 
 use std::{fmt, sync::Arc};
 
@@ -37,13 +37,13 @@ pub enum Identity {
 /// The names of a client certificate, by kind, and how the audit shows
 /// them.
 #[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// The fields are private, so that the text shown can never disagree with
+/// the names the policy matches.
 pub struct CertificateNames {
-    /// The URI SAN (at most one is accepted).
-    pub uri: Option<Box<str>>,
-    /// Every DNS SAN.
-    pub dns: Vec<Box<str>>,
-    /// The subject CN, kept only when the certificate has no SAN.
-    pub cn: Option<Box<str>>,
+    uri: Option<Box<str>>,
+    dns: Vec<Box<str>>,
+    cn: Option<Box<str>>,
     /// Written once per connection: every call's audit line shows it.
     shown: Box<str>,
 }
@@ -66,6 +66,21 @@ impl CertificateNames {
             cn,
             shown: shown.into(),
         }
+    }
+
+    /// The URI SAN (at most one is accepted).
+    pub fn uri(&self) -> Option<&str> {
+        self.uri.as_deref()
+    }
+
+    /// Every DNS SAN.
+    pub fn dns(&self) -> impl Iterator<Item = &str> {
+        self.dns.iter().map(AsRef::as_ref)
+    }
+
+    /// The subject CN, kept only when the certificate has no SAN.
+    pub fn cn(&self) -> Option<&str> {
+        self.cn.as_deref()
     }
 }
 
@@ -101,7 +116,7 @@ impl Identity {
                 "the client certificate has more than one URI SAN; a SPIFFE identity has exactly one",
             );
         }
-        let dns = sans
+        let dns: Vec<Box<str>> = sans
             .iter()
             .filter_map(|name| match name {
                 GeneralName::DNSName(dns) if !dns.is_empty() => Some((*dns).into()),
@@ -118,12 +133,11 @@ impl Identity {
         } else {
             None
         };
-        let names =
-            CertificateNames::new(uri.filter(|uri| !uri.is_empty()).map(Into::into), dns, cn);
-        if names.uri.is_none() && names.dns.is_empty() && names.cn.is_none() {
+        let uri: Option<Box<str>> = uri.filter(|uri| !uri.is_empty()).map(Into::into);
+        if uri.is_none() && dns.is_empty() && cn.is_none() {
             return Self::Unnamed;
         }
-        Self::Certificate(Arc::new(names))
+        Self::Certificate(Arc::new(CertificateNames::new(uri, dns, cn)))
     }
 }
 
@@ -273,6 +287,8 @@ mod tests {
             assert_eq!(uri.shown.as_ref(), shown, "{text:?}");
             let dns = CertificateNames::new(None, vec![text.into(), "b".into()], Some("c".into()));
             assert_eq!(dns.shown.as_ref(), format!("dns:{shown}"), "{text:?}");
+            let cn = CertificateNames::new(None, Vec::new(), Some(text.into()));
+            assert_eq!(cn.shown.as_ref(), format!("cn:{shown}"), "{text:?}");
         }
         let none = Identity::Certificate(Arc::new(CertificateNames::new(None, Vec::new(), None)));
         assert_eq!(none.to_string(), "(unnamed certificate)");

@@ -146,13 +146,13 @@ impl IdentityPattern {
         match (self, identity) {
             (Self::Anonymous, Identity::Anonymous) => true,
             (Self::Uri(glob), Identity::Certificate(names)) => {
-                names.uri.as_deref().is_some_and(|uri| glob.is_match(uri))
+                names.uri().is_some_and(|uri| glob.is_match(uri))
             }
             (Self::Dns(glob), Identity::Certificate(names)) => {
-                names.dns.iter().any(|dns| glob.is_match(dns))
+                names.dns().any(|dns| glob.is_match(dns))
             }
             (Self::Cn(glob), Identity::Certificate(names)) => {
-                names.cn.as_deref().is_some_and(|cn| glob.is_match(cn))
+                names.cn().is_some_and(|cn| glob.is_match(cn))
             }
             _ => false,
         }
