@@ -422,8 +422,13 @@ mod tests {
         names::NameResolver, watch::tests::hub_over,
     };
 
-    #[test]
-    fn a_cached_get_secret_allocates_nothing_in_the_broker() {
+    /// The allocations of a cached GetSecret in the broker's part
+    /// (resolve, authorize, look up, audit, metrics, answer), for a caller
+    /// on `connection` under `authorizer`.
+    fn allocations_of_a_hit(
+        authorizer: Arc<Authorizer>,
+        connection: Option<crate::identity::ConnectionInfo>,
+    ) -> u64 {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -437,7 +442,7 @@ mod tests {
             names: NameResolver::new("insurecove", "production"),
             watch,
             events: Events::new(None),
-            authorizer: Authorizer::new(None, false).unwrap(),
+            authorizer,
             metrics: CallMetrics::register(&registry, false),
             call_timeout: Duration::from_secs(30),
         });
@@ -450,10 +455,14 @@ mod tests {
             respond(audit, result)
         };
         let request = || {
-            Request::new(GetSecretRequest {
+            let mut request = Request::new(GetSecretRequest {
                 name: "db".into(),
                 ..GetSecretRequest::default()
-            })
+            });
+            if let Some(connection) = &connection {
+                request.extensions_mut().insert(connection.clone());
+            }
+            request
         };
         // The miss, then the first answer from the cache (which encodes).
         runtime
@@ -466,8 +475,34 @@ mod tests {
 
         let next = request();
         let (answer, allocations) = allocations_in(|| call(next));
-        let answer = answer.unwrap().into_inner();
+        let answer = answer.expect("the caller may read the secret").into_inner();
         assert!(answer.cache().hit);
-        assert_eq!(allocations, 0, "resolve, authorize, look up, audit, answer");
+        allocations
+    }
+
+    #[test]
+    fn a_cached_get_secret_allocates_nothing_in_the_broker() {
+        let plaintext = allocations_of_a_hit(Authorizer::new(None, false).unwrap(), None);
+        assert_eq!(plaintext, 0, "plaintext, no policy");
+    }
+
+    #[test]
+    fn a_cached_get_secret_under_mtls_and_a_policy_allocates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = dir.path().join("policy.toml");
+        std::fs::write(
+            &policy,
+            "[[grant]]\nidentity = \"spiffe://insurecove/*\"\nsecrets = [\"insurecove/other\", \"insurecove/d*\"]\n",
+        )
+        .unwrap();
+        let connection = crate::identity::ConnectionInfo {
+            identity: crate::identity::Identity::uri("spiffe://insurecove/auth-service"),
+            call_slots: Arc::new(tokio::sync::Semaphore::new(8)),
+        };
+        let mtls = allocations_of_a_hit(
+            Authorizer::new(Some(&policy), true).unwrap(),
+            Some(connection),
+        );
+        assert_eq!(mtls, 0, "certificate identity, glob grants");
     }
 }
