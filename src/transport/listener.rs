@@ -29,7 +29,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering::Relaxed},
     },
-    task::{Context, Poll},
+    task::{Context, Poll, Waker},
     time::Duration,
 };
 
@@ -219,8 +219,8 @@ impl Opening {
                 call_slots: Arc::new(Semaphore::new(self.limits.max_calls_per_connection)),
             },
             max_calls: self.limits.max_calls_per_connection,
-            stopping: Some(Box::pin(self.shutdown.clone().cancelled_owned())),
-            stopped: false,
+            shutdown: ShutdownWatch::new(&self.shutdown),
+            traffic: false,
             last_traffic: Instant::now(),
             idle_since: None,
             quiet: None,
@@ -258,16 +258,65 @@ pub struct Connection {
     replay: Vec<u8>,
     info: ConnectionInfo,
     max_calls: usize,
-    /// Completes at shutdown.
-    stopping: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
-    stopped: bool,
-    /// When bytes last went either way.
+    shutdown: ShutdownWatch,
+    /// Bytes went either way since `last_traffic` was set. Every read and
+    /// write notes it; the clock is read only once shutdown has begun.
+    traffic: bool,
+    /// When traffic was last seen (no earlier than it happened).
     last_traffic: Instant,
     /// Since when the connection has had no call, once stopped.
     idle_since: Option<Instant>,
     /// Wakes the connection when its peer has been quiet long enough.
     quiet: Option<Pin<Box<Sleep>>>,
     _slot: OwnedSemaphorePermit,
+}
+
+/// A connection's view of the broker's shutdown. Every read asks whether
+/// it has begun (several times a call), so asking is cheap: one lock of the
+/// connection's own child token. The token's future, which wakes the
+/// connection when shutdown begins, is polled again only when the task's
+/// waker changes; it keeps the waker it was last polled with.
+struct ShutdownWatch {
+    token: CancellationToken,
+    cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// The waker `cancelled` holds.
+    registered: Option<Waker>,
+    begun: bool,
+}
+
+impl ShutdownWatch {
+    fn new(shutdown: &CancellationToken) -> Self {
+        // A child: its lock is this connection's, not one that every
+        // connection takes on every read.
+        let token = shutdown.child_token();
+        Self {
+            cancelled: Box::pin(token.clone().cancelled_owned()),
+            token,
+            registered: None,
+            begun: false,
+        }
+    }
+
+    /// Whether shutdown has begun; if not, the task of `cx` is woken when
+    /// it does.
+    fn begun(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.begun || self.token.is_cancelled() {
+            self.begun = true;
+            return true;
+        }
+        let registered = self
+            .registered
+            .as_ref()
+            .is_some_and(|waker| waker.will_wake(cx.waker()));
+        if !registered {
+            if self.cancelled.as_mut().poll(cx).is_ready() {
+                self.begun = true;
+                return true;
+            }
+            self.registered = Some(cx.waker().clone());
+        }
+        false
+    }
 }
 
 enum Transport {
@@ -295,28 +344,28 @@ impl Connection {
         if let Poll::Ready(Ok(n)) = written
             && *n > 0
         {
-            self.last_traffic = Instant::now();
+            self.traffic = true;
         }
     }
 
     /// After shutdown, a connection with no call in flight and no traffic
     /// for `QUIET` is done.
     fn closing(&mut self, cx: &mut Context<'_>) -> bool {
-        if let Some(stopping) = &mut self.stopping
-            && stopping.as_mut().poll(cx).is_ready()
-        {
-            self.stopping = None;
-            self.stopped = true;
-        }
-        if !self.stopped || self.info.call_slots.available_permits() != self.max_calls {
+        if !self.shutdown.begun(cx) || self.info.call_slots.available_permits() != self.max_calls {
             self.idle_since = None;
             return false;
         }
+        // Traffic is timed when it is first seen here, at or after it
+        // happened: the wait can only come out longer, never shorter.
+        let now = Instant::now();
+        if std::mem::take(&mut self.traffic) {
+            self.last_traffic = now;
+        }
         // The last call's answer may still sit in hyper's buffers: it gets
         // written (and counts as traffic) before the connection is closed.
-        let idle_since = *self.idle_since.get_or_insert_with(Instant::now);
+        let idle_since = *self.idle_since.get_or_insert(now);
         let quiet_at = self.last_traffic.max(idle_since) + QUIET;
-        if Instant::now() >= quiet_at {
+        if now >= quiet_at {
             return true;
         }
         let timer = self
@@ -357,7 +406,7 @@ impl AsyncRead for Connection {
         let filled = buf.filled().len();
         let read = by_transport!(self, s => Pin::new(s).poll_read(cx, buf));
         if buf.filled().len() > filled {
-            self.last_traffic = Instant::now();
+            self.traffic = true;
         }
         read
     }
@@ -435,5 +484,58 @@ impl ConnectionCounters {
             )?;
             Ok(())
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::atomic::AtomicUsize,
+        task::{Context, Wake, Waker},
+    };
+
+    use super::*;
+
+    #[derive(Default)]
+    struct CountingWaker(AtomicUsize);
+
+    impl Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Relaxed);
+        }
+    }
+
+    fn counting() -> (Arc<CountingWaker>, Waker) {
+        let counter = Arc::new(CountingWaker::default());
+        (Arc::clone(&counter), Waker::from(counter))
+    }
+
+    #[test]
+    fn shutdown_wakes_the_waker_a_connection_was_last_read_with() {
+        let shutdown = CancellationToken::new();
+        let mut watch = ShutdownWatch::new(&shutdown);
+        let (first, first_waker) = counting();
+        let (second, second_waker) = counting();
+        assert!(!watch.begun(&mut Context::from_waker(&first_waker)));
+        assert!(!watch.begun(&mut Context::from_waker(&first_waker)));
+        assert!(!watch.begun(&mut Context::from_waker(&second_waker)));
+
+        shutdown.cancel();
+        assert_eq!(second.0.load(Relaxed), 1, "the waker seen last is woken");
+        assert_eq!(first.0.load(Relaxed), 0, "a waker no longer in use is not");
+        assert!(watch.begun(&mut Context::from_waker(&second_waker)));
+        assert!(
+            watch.begun(&mut Context::from_waker(&first_waker)),
+            "and stays begun"
+        );
+    }
+
+    #[test]
+    fn a_connection_opened_after_shutdown_sees_it_at_once() {
+        let shutdown = CancellationToken::new();
+        shutdown.cancel();
+        let mut watch = ShutdownWatch::new(&shutdown);
+        let (_, waker) = counting();
+        assert!(watch.begun(&mut Context::from_waker(&waker)));
     }
 }
