@@ -87,7 +87,9 @@ HEALTH=grpc.health.v1.Health/Check
 BROKER_WRAPPER=()
 start_broker() {
   local name=$1 port=$2; shift 2
-  env "${BROKER_ENV[@]}" LOG_LEVEL=INFO "${BROKER_WRAPPER[@]}" "$BROKER" serve \
+  # Text logs whatever the caller's environment says: readiness is read
+  # from them below.
+  env "${BROKER_ENV[@]}" LOG_LEVEL=INFO LOG_FORMAT=text "${BROKER_WRAPPER[@]}" "$BROKER" serve \
     --listen "127.0.0.1:$port" "$@" >"$work/$name.log" 2>&1 &
   broker_pid=$!
   pids+=("$broker_pid")
