@@ -271,6 +271,7 @@ if [[ " $PARTS " == *" mtls "* ]]; then
   lg_get_tls() { loadgen_run "$tls_pid" "$tls_port" get "$@" "$work/pki"; }
   compare plain Health/Check GetSecret lg_health_plain lg_get_plain
   compare mtls GetSecret-plaintext GetSecret-mTLS lg_get_plain lg_get_tls
+  kill "$plain_pid" "$tls_pid"; wait "$plain_pid" "$tls_pid" 2>/dev/null || true
 fi
 
 if [[ " $PARTS " == *" instructions "* ]]; then

@@ -36,10 +36,10 @@ pub enum Identity {
 
 /// The names of a client certificate, by kind, and how the audit shows
 /// them.
-#[derive(Debug, Clone, PartialEq, Eq)]
 ///
 /// The fields are private, so that the text shown can never disagree with
 /// the names the policy matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertificateNames {
     uri: Option<Box<str>>,
     dns: Vec<Box<str>>,

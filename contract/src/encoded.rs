@@ -6,8 +6,8 @@
 //! bytes; only the per-call cache facts (`CacheInfo`: hit, age, stale) are
 //! encoded per call, once, when the response is made (prost asks a message
 //! its length at each level of nesting, and a generated `CacheInfo` would
-//! be measured several times per call). On the wire this is exactly a `GetSecretResponse`:
-//! clients decode it with the ordinary message. The server's stubs use this
+//! be measured several times per call). On the wire this is exactly a
+//! `GetSecretResponse`: clients decode it with the ordinary message. The server's stubs use this
 //! type for GetSecret's response (the build maps it with `extern_path`).
 //!
 //! The encoded bytes hold a secret value: the buffer is wiped when the last
