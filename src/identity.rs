@@ -164,19 +164,37 @@ impl fmt::Display for Identity {
 
 const UNNAMED: &str = "(unnamed certificate)";
 
-/// `prefix` and `text`, with control characters (and backslashes) of
-/// `text` escaped.
+/// `prefix` and `text`, with what could break or disguise a log line
+/// escaped (and backslashes, so that an escape is never ambiguous).
 fn escaped(prefix: &str, text: &str) -> String {
     let mut shown = String::with_capacity(prefix.len() + text.len());
     shown.push_str(prefix);
     for c in text.chars() {
-        if c.is_control() || c == '\\' {
+        if is_hidden_or_breaking(c) || c == '\\' {
             shown.extend(c.escape_default());
         } else {
             shown.push(c);
         }
     }
     shown
+}
+
+/// Control characters (NEL among them); the line and paragraph
+/// separators, which Python's `str.splitlines` and JavaScript treat as line
+/// ends; and the invisible format characters (bidirectional overrides and
+/// isolates, zero-width ones, the BOM) that make a name read as another.
+fn is_hidden_or_breaking(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{2028}'
+                | '\u{2029}'
+                | '\u{200b}'..='\u{200f}'
+                | '\u{202a}'..='\u{202e}'
+                | '\u{2060}'..='\u{2064}'
+                | '\u{2066}'..='\u{2069}'
+                | '\u{feff}'
+        )
 }
 
 /// What a connection tells each of its calls.
@@ -282,6 +300,12 @@ mod tests {
             ("tab\t", "tab\\t"),
             ("caf\u{e9}", "caf\u{e9}"),
             ("next\u{85}line", "next\\u{85}line"),
+            ("line\u{2028}sep", "line\\u{2028}sep"),
+            ("para\u{2029}sep", "para\\u{2029}sep"),
+            ("admin\u{202e}nimda", "admin\\u{202e}nimda"),
+            ("zero\u{200b}width", "zero\\u{200b}width"),
+            ("\u{feff}bom", "\\u{feff}bom"),
+            ("quote\"space ok", "quote\"space ok"),
         ] {
             let uri = CertificateNames::new(Some(text.into()), Vec::new(), None);
             assert_eq!(uri.shown.as_ref(), shown, "{text:?}");

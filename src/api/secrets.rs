@@ -298,7 +298,7 @@ fn watch_stream(
                 }
                 WatchWake::PolicyReloaded => {
                     if let Err(denied) = access.recheck() {
-                        tracing::info!(target: "audit", identity = %access.caller, rpc = Rpc::WatchSecret.name(), secrets = %access.secret, outcome = "PERMISSION_DENIED", "watch ended by a policy reload");
+                        tracing::info!(target: "audit", identity = access.caller.shown(), rpc = Rpc::WatchSecret.name(), secrets = access.secret.as_str(), outcome = "PERMISSION_DENIED", "watch ended by a policy reload");
                         return Some((Err(Status::from(ApiError::from(denied))), None));
                     }
                 }

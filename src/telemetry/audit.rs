@@ -49,9 +49,9 @@ pub fn record(record: &AuditRecord<'_>) {
     let Some(sink) = SINK.get() else {
         tracing::info!(
             target: "audit",
-            identity = %record.identity,
+            identity = record.identity,
             rpc = record.rpc,
-            secrets = %record.secrets,
+            secrets = record.secrets,
             outcome = record.outcome,
             cache_hit = record.cache_hit,
         );
@@ -76,18 +76,18 @@ pub fn record(record: &AuditRecord<'_>) {
     });
 }
 
-/// `2026-11-30T13:55:30.243765Z  INFO audit: identity=... rpc="GetSecret"
-/// secrets=... outcome="OK" cache_hit=true`, as `tracing`'s text layout.
+/// `2026-11-30T13:55:30.243765Z  INFO audit: identity="..." rpc="GetSecret"
+/// secrets="..." outcome="OK" cache_hit=true`, as `tracing`'s text layout
+/// writes string fields.
 fn text_line(line: &mut String, record: &AuditRecord<'_>) -> fmt::Result {
     write_timestamp(line)?;
     line.push_str("  INFO audit: identity=");
-    line.push_str(record.identity);
-    // RPC and code names are fixed words: quoted as `Debug` would, without
-    // its escaping pass.
+    quoted(line, record.identity);
+    // RPC and code names are fixed words: quoted without an escaping pass.
     line.push_str(" rpc=\"");
     line.push_str(record.rpc);
     line.push_str("\" secrets=");
-    line.push_str(record.secrets);
+    quoted(line, record.secrets);
     line.push_str(" outcome=\"");
     line.push_str(record.outcome);
     line.push('"');
@@ -98,6 +98,24 @@ fn text_line(line: &mut String, record: &AuditRecord<'_>) -> fmt::Result {
     }
     line.push('\n');
     Ok(())
+}
+
+/// `text` in quotes, with its quotes and backslashes escaped: a caller's
+/// text (a certificate's CN may hold spaces and quotes) stays one field.
+/// Control characters are already escaped in what the audit is given.
+fn quoted(out: &mut String, text: &str) {
+    out.push('"');
+    if text.contains(['"', '\\']) {
+        for c in text.chars() {
+            if matches!(c, '"' | '\\') {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+    } else {
+        out.push_str(text);
+    }
+    out.push('"');
 }
 
 /// The JSON layout of `tracing`'s JSON events.
@@ -192,10 +210,58 @@ mod tests {
         let (_, rest) = text.split_once("  ").unwrap();
         assert_eq!(
             rest,
-            "INFO audit: identity=anonymous rpc=\"GetSecret\" secrets=insurecove/db outcome=\"OK\" cache_hit=true\n"
+            "INFO audit: identity=\"anonymous\" rpc=\"GetSecret\" secrets=\"insurecove/db\" outcome=\"OK\" cache_hit=true\n"
         );
         let (text, _) = record("anonymous", None);
         assert!(text.ends_with("outcome=\"OK\"\n"), "{text}");
+    }
+
+    #[test]
+    fn a_caller_cannot_add_fields_to_the_text_line() {
+        let identity = r#"cn:x" outcome="OK" secrets="insurecove/db"#;
+        let secrets = r#"insurecove/a "a b\"=INVALID_ARGUMENT"#;
+        let mut line = String::new();
+        text_line(
+            &mut line,
+            &AuditRecord {
+                identity,
+                rpc: "GetSecret",
+                secrets,
+                outcome: "PERMISSION_DENIED",
+                cache_hit: None,
+            },
+        )
+        .unwrap();
+        // Quoted as `tracing` quotes a string field (`Debug`).
+        let expected = format!(
+            "INFO audit: identity={identity:?} rpc=\"GetSecret\" secrets={secrets:?} outcome=\"PERMISSION_DENIED\"\n"
+        );
+        assert_eq!(line.split_once("  ").unwrap().1, expected);
+        let (_, fields) = line.split_once(": ").unwrap();
+        assert_eq!(
+            keys_outside_quotes(fields),
+            ["identity", "rpc", "secrets", "outcome"],
+            "{line}"
+        );
+    }
+
+    /// The `key=` names of a text event's fields, skipping quoted values.
+    fn keys_outside_quotes(fields: &str) -> Vec<String> {
+        let (mut keys, mut word) = (Vec::new(), String::new());
+        let (mut in_quotes, mut escaped) = (false, false);
+        for c in fields.chars() {
+            match (in_quotes, escaped, c) {
+                (true, true, _) => escaped = false,
+                (true, false, '\\') => escaped = true,
+                (true, false, '"') => in_quotes = false,
+                (true, false, _) => {}
+                (false, _, '"') => in_quotes = true,
+                (false, _, '=') => keys.push(std::mem::take(&mut word)),
+                (false, _, ' ' | '\n') => word.clear(),
+                (false, _, c) => word.push(c),
+            }
+        }
+        keys
     }
 
     #[test]

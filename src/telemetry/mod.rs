@@ -14,7 +14,10 @@
 //! One event is always one line, whatever a caller put into a name, a
 //! certificate or a header: every event passes `OneLine`, which escapes
 //! line breaks and other control characters inside it (JSON output is
-//! already escaped, so it stays valid JSON).
+//! already escaped, so it stays valid JSON). The line ends beyond ASCII
+//! that some readers split on (NEL, U+2028, U+2029: Python's
+//! `str.splitlines`, JavaScript) become `\u0085`, `\u2028` and `\u2029`,
+//! which read the same in text and are valid escapes inside JSON strings.
 
 use std::io::{self, IsTerminal, Write};
 
@@ -158,31 +161,56 @@ fn needs_escape(byte: u8, keep_ansi: bool) -> bool {
     (byte < 0x20 && byte != b'\t' && !(keep_ansi && byte == 0x1b)) || byte == 0x7f
 }
 
+/// The first byte of NEL (`C2 85`) and of U+2028/U+2029 (`E2 80 A8/A9`) in
+/// UTF-8: a line that has one is looked at closely.
+fn may_start_line_end(byte: u8) -> bool {
+    byte == 0xc2 || byte == 0xe2
+}
+
+/// The Unicode line end `text` starts with, as its escape, and its length.
+fn unicode_line_end(text: &[u8]) -> Option<(&'static [u8], usize)> {
+    match text {
+        [0xc2, 0x85, ..] => Some((b"\\u0085", 2)),
+        [0xe2, 0x80, 0xa8, ..] => Some((b"\\u2028", 3)),
+        [0xe2, 0x80, 0xa9, ..] => Some((b"\\u2029", 3)),
+        _ => None,
+    }
+}
+
 /// Whether any byte of `text` needs escaping. Every audit line is checked,
 /// so the check goes 32 bytes at a time without stopping early inside a
 /// block: the compiler turns that into vector compares (a byte-by-byte
 /// `any` took about 1 ns a byte, most of an audit line's cost).
 fn has_control(text: &[u8], keep_ansi: bool) -> bool {
     let in_block = |block: &[u8]| {
-        block
-            .iter()
-            .fold(false, |found, &byte| found | needs_escape(byte, keep_ansi))
+        block.iter().fold(false, |found, &byte| {
+            found | needs_escape(byte, keep_ansi) | may_start_line_end(byte)
+        })
     };
     let mut blocks = text.chunks_exact(32);
     blocks.by_ref().any(in_block) || in_block(blocks.remainder())
 }
 
-/// `\n`, `\r` and the other control bytes as visible escapes.
+/// `\n`, `\r`, the other control bytes and the Unicode line ends as
+/// visible escapes.
 fn escape_controls(text: &[u8], keep_ansi: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(text.len() + 16);
-    for &byte in text {
+    let mut at = 0;
+    while let Some(&byte) = text.get(at) {
+        at += 1;
         match byte {
             b'\n' => out.extend_from_slice(b"\\n"),
             b'\r' => out.extend_from_slice(b"\\r"),
             _ if needs_escape(byte, keep_ansi) => {
                 out.extend_from_slice(format!("\\x{byte:02x}").as_bytes())
             }
-            _ => out.push(byte),
+            _ => match unicode_line_end(&text[at - 1..]) {
+                Some((escape, len)) => {
+                    out.extend_from_slice(escape);
+                    at += len - 1;
+                }
+                None => out.push(byte),
+            },
         }
     }
     out
@@ -253,6 +281,29 @@ mod tests {
             b"audit: identity=cn:x\\n2026 INFO audit: identity=spiffe://insurecove/ops\\r\\x0b\n"
         );
         assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
+    }
+
+    #[test]
+    fn unicode_line_ends_are_escaped_and_other_text_kept() {
+        let event = "cn:x\u{85}a\u{2028}b\u{2029}c \u{e2}\u{2030}\u{20ac}\u{a9} ok\n";
+        let line = written(event.as_bytes(), false);
+        let line = String::from_utf8(line).unwrap();
+        assert_eq!(
+            line,
+            "cn:x\\u0085a\\u2028b\\u2029c \u{e2}\u{2030}\u{20ac}\u{a9} ok\n"
+        );
+        assert_eq!(line.lines().count(), 1);
+        // Inside a JSON string the escapes read back as the characters.
+        let json = "{\"identity\":\"a\u{2028}b\u{85}\"}\n";
+        let line = written(json.as_bytes(), false);
+        let event: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(event["identity"], "a\u{2028}b\u{85}");
+        // Found wherever it sits in a block of the quick check.
+        for at in 0..70 {
+            let mut text = "a".repeat(70);
+            text.insert(at, '\u{2028}');
+            assert!(has_control(text.as_bytes(), false), "at {at}");
+        }
     }
 
     #[test]

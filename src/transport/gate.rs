@@ -91,7 +91,7 @@ where
                 Err(_) => {
                     tracing::info!(
                         target: "audit",
-                        identity = %connection.identity,
+                        identity = connection.identity.shown(),
                         rpc = request.uri().path(),
                         outcome = "RESOURCE_EXHAUSTED",
                         "refused: too many calls in flight on this connection"

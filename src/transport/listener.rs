@@ -243,7 +243,7 @@ impl Opening {
         match tls.acceptor().accept(stream).await {
             Ok(stream) => {
                 let identity = tls::peer_identity(&stream);
-                tracing::debug!(remote = %self.remote, %identity, "TLS connection established");
+                tracing::debug!(remote = %self.remote, identity = identity.shown(), "TLS connection established");
                 Ok((Transport::Tls(Box::new(stream)), identity))
             }
             Err(error) => Err(error.to_string()),

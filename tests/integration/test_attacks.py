@@ -11,6 +11,7 @@ test (tls_support.PKI)."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import ssl
@@ -167,7 +168,12 @@ def test_a_certificate_cannot_write_log_lines(start_tls_broker, tls_files, stubs
     tls_files.write_policy(policy_toml({"identity": OPS, "secrets": [JWT], "admin": True}))
     env = {"LOG_FORMAT": "json"} if log_format == "json" else None
     broker = start_tls_broker(env=env)
-    forger = client_cert(pki, f"forger-{log_format}", cn=f"x\n{FORGED}\r\x1b[2K")
+    # Every way a line breaks: \n and \r for any reader, NEL and U+2028/9
+    # for Python's str.splitlines() and JavaScript; spaces and quotes to
+    # fake fields on the line itself.
+    breaks = "".join(f"{sep}{FORGED}" for sep in ("\n", "\r", "\x85", "\u2028", "\u2029"))
+    forger = client_cert(pki, f"forger-{log_format}",
+                         cn=f'x" outcome="OK" secrets="{JWT}{breaks}\r\x1b[2K')
     expect_error(lambda: get(broker.secrets(forger), stubs, JWT), grpc.StatusCode.PERMISSION_DENIED,
                  "POLICY_DENIED", forbidden=(SEED[JWT],))
     time.sleep(0.3)     # the log writer is asynchronous
@@ -180,10 +186,33 @@ def test_a_certificate_cannot_write_log_lines(start_tls_broker, tls_files, stubs
         for line in lines:
             if line.startswith("{"):
                 json.loads(line)
-        events = [json.loads(line) for line in mine]
-        assert any(e["fields"].get("outcome") == "PERMISSION_DENIED" for e in events), events
+        events = [json.loads(line)["fields"] for line in mine]
+        audit = [e for e in events if e.get("rpc") == "GetSecret"]
+        assert [e["outcome"] for e in audit] == ["PERMISSION_DENIED"], events
+        assert audit[0]["identity"].startswith('cn:x" outcome="OK" secrets="'), audit
     else:
         assert any("PERMISSION_DENIED" in line and "\\n2026-11-30" in line for line in mine), mine
+        audit = [text_fields(line) for line in mine if line.split(maxsplit=3)[1:3] == ["INFO", "audit:"]]
+        assert len(audit) == 1, mine
+        keys = [key for key, _ in audit[0]]
+        assert keys == ["identity", "rpc", "secrets", "outcome"], audit
+        assert dict(audit[0])["outcome"] == '"PERMISSION_DENIED"', audit
+
+
+TEXT_FIELD = re.compile(r' *(\w+)=("(?:[^"\\]|\\.)*"|[^\s"]+)')
+
+
+def text_fields(line):
+    """The key=value fields of a text-layout event, in order; every value is
+    a bare word or a quoted string with backslash escapes."""
+    rest = line.split(": ", 1)[1]
+    fields, at = [], 0
+    while at < len(rest):
+        field = TEXT_FIELD.match(rest, at)
+        assert field, f"not a key=value field at {rest[at:]!r} in {line!r}"
+        fields.append((field[1], field[2]))
+        at = field.end()
+    return fields
 
 
 # --------------------------------------------------------------------------
