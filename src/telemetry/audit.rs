@@ -11,7 +11,7 @@
 
 use std::{cell::RefCell, fmt, fmt::Write as _, io::Write as _, sync::OnceLock};
 
-use super::{OneLineWriter, write_timestamp, writer::BufferedLog};
+use super::{OneLineWriter, any_byte, write_timestamp, writer::BufferedLog};
 
 /// One call's audit facts.
 pub struct AuditRecord<'a> {
@@ -105,7 +105,9 @@ fn text_line(line: &mut String, record: &AuditRecord<'_>) -> fmt::Result {
 /// Control characters are already escaped in what the audit is given.
 fn quoted(out: &mut String, text: &str) {
     out.push('"');
-    if text.contains(['"', '\\']) {
+    // `str::contains` with a char set walks char by char: ~12 instructions
+    // a byte on every audit line.
+    if any_byte(text.as_bytes(), |byte| (byte == b'"') | (byte == b'\\')) {
         for c in text.chars() {
             if matches!(c, '"' | '\\') {
                 out.push('\\');
