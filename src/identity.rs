@@ -164,37 +164,26 @@ impl fmt::Display for Identity {
 
 const UNNAMED: &str = "(unnamed certificate)";
 
-/// `prefix` and `text`, with what could break or disguise a log line
-/// escaped (and backslashes, so that an escape is never ambiguous).
+/// `prefix` and `text`, with every character Rust's `Debug` would escape
+/// escaped the same way (`\n`, `\u{2028}`), except quotes: control
+/// characters, the line and paragraph separators (line ends to Python's
+/// `str.splitlines` and to JavaScript), invisible format characters
+/// (bidirectional overrides, zero-width ones, the BOM), combining marks,
+/// unassigned code points. What is left can neither break a log line nor
+/// hide in it. Backslashes are escaped too, so that an escape is never
+/// ambiguous.
 fn escaped(prefix: &str, text: &str) -> String {
     let mut shown = String::with_capacity(prefix.len() + text.len());
     shown.push_str(prefix);
     for c in text.chars() {
-        if is_hidden_or_breaking(c) || c == '\\' {
-            shown.extend(c.escape_default());
+        let escape = c.escape_debug();
+        if escape.len() > 1 && !matches!(c, '"' | '\'') {
+            shown.extend(escape);
         } else {
             shown.push(c);
         }
     }
     shown
-}
-
-/// Control characters (NEL among them); the line and paragraph
-/// separators, which Python's `str.splitlines` and JavaScript treat as line
-/// ends; and the invisible format characters (bidirectional overrides and
-/// isolates, zero-width ones, the BOM) that make a name read as another.
-fn is_hidden_or_breaking(c: char) -> bool {
-    c.is_control()
-        || matches!(
-            c,
-            '\u{2028}'
-                | '\u{2029}'
-                | '\u{200b}'..='\u{200f}'
-                | '\u{202a}'..='\u{202e}'
-                | '\u{2060}'..='\u{2064}'
-                | '\u{2066}'..='\u{2069}'
-                | '\u{feff}'
-        )
 }
 
 /// What a connection tells each of its calls.
@@ -305,6 +294,9 @@ mod tests {
             ("admin\u{202e}nimda", "admin\\u{202e}nimda"),
             ("zero\u{200b}width", "zero\\u{200b}width"),
             ("\u{feff}bom", "\\u{feff}bom"),
+            ("arabic\u{61c}mark", "arabic\\u{61c}mark"),
+            ("soft\u{ad}hyphen", "soft\\u{ad}hyphen"),
+            ("e\u{301}", "e\\u{301}"),
             ("quote\"space ok", "quote\"space ok"),
         ] {
             let uri = CertificateNames::new(Some(text.into()), Vec::new(), None);

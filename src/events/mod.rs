@@ -222,7 +222,11 @@ impl Events {
                 }
                 Ok(Message::Change(change)) => {
                     shared.ignored.fetch_add(1, Relaxed);
-                    tracing::debug!(message_id, event_id = %change.event_id, "a duplicate event; dropped");
+                    tracing::debug!(
+                        message_id,
+                        event_id = change.event_id.as_str(),
+                        "a duplicate event; dropped"
+                    );
                 }
                 Ok(Message::Foreign(what)) => {
                     shared.ignored.fetch_add(1, Relaxed);

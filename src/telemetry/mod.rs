@@ -13,11 +13,11 @@
 //!
 //! One event is always one line, whatever a caller put into a name, a
 //! certificate or a header: every event passes `OneLine`, which escapes
-//! line breaks and other control characters inside it (JSON output is
-//! already escaped, so it stays valid JSON). The line ends beyond ASCII
+//! line breaks and other control characters inside it: `\n`, `\r`, and
+//! `\u001b` for the others (DEL too), which is also a valid escape inside a
+//! JSON string, so JSON output stays valid JSON. The line ends beyond ASCII
 //! that some readers split on (NEL, U+2028, U+2029: Python's
-//! `str.splitlines`, JavaScript) become `\u0085`, `\u2028` and `\u2029`,
-//! which read the same in text and are valid escapes inside JSON strings.
+//! `str.splitlines`, JavaScript) become `\u0085`, `\u2028` and `\u2029`.
 
 use std::io::{self, IsTerminal, Write};
 
@@ -213,7 +213,8 @@ fn any_byte(text: &[u8], is: impl Fn(u8) -> bool) -> bool {
 }
 
 /// `\n`, `\r`, the other control bytes and the Unicode line ends as
-/// visible escapes.
+/// visible escapes, each valid inside a JSON string as well (`serde_json`
+/// escapes control characters itself, except DEL).
 fn escape_controls(text: &[u8], keep_ansi: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(text.len() + 16);
     let mut at = 0;
@@ -223,7 +224,7 @@ fn escape_controls(text: &[u8], keep_ansi: bool) -> Vec<u8> {
             b'\n' => out.extend_from_slice(b"\\n"),
             b'\r' => out.extend_from_slice(b"\\r"),
             _ if needs_escape(byte, keep_ansi) => {
-                out.extend_from_slice(format!("\\x{byte:02x}").as_bytes())
+                out.extend_from_slice(format!("\\u{byte:04x}").as_bytes())
             }
             _ => match unicode_line_end(&text[at - 1..]) {
                 Some((escape, len)) => {
@@ -299,26 +300,43 @@ mod tests {
         let line = written(forged, false);
         assert_eq!(
             line,
-            b"audit: identity=cn:x\\n2026 INFO audit: identity=spiffe://insurecove/ops\\r\\x0b\n"
+            b"audit: identity=cn:x\\n2026 INFO audit: identity=spiffe://insurecove/ops\\r\\u000b\n"
         );
         assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
     }
 
     #[test]
     fn unicode_line_ends_are_escaped_and_other_text_kept() {
-        let event = "cn:x\u{85}a\u{2028}b\u{2029}c \u{e2}\u{2030}\u{20ac}\u{a9} ok\n";
+        // Other characters whose UTF-8 starts with C2 or E2 stay as they
+        // are: U+2030 (E2 80 B0), U+20AC (E2 82 AC), U+00A9 (C2 A9).
+        let event = "cn:x\u{85}a\u{2028}b\u{2029}c \u{2030}\u{20ac}\u{a9} ok\n";
         let line = written(event.as_bytes(), false);
         let line = String::from_utf8(line).unwrap();
         assert_eq!(
             line,
-            "cn:x\\u0085a\\u2028b\\u2029c \u{e2}\u{2030}\u{20ac}\u{a9} ok\n"
+            "cn:x\\u0085a\\u2028b\\u2029c \u{2030}\u{20ac}\u{a9} ok\n"
         );
-        assert_eq!(line.lines().count(), 1);
-        // Inside a JSON string the escapes read back as the characters.
-        let json = "{\"identity\":\"a\u{2028}b\u{85}\"}\n";
+        // None of the ends Python's str.splitlines splits on is left.
+        let python_line_ends = [
+            '\n', '\r', '\u{b}', '\u{c}', '\u{1c}', '\u{1d}', '\u{1e}', '\u{85}', '\u{2028}',
+            '\u{2029}',
+        ];
+        let body = line.strip_suffix('\n').unwrap();
+        assert!(!body.contains(python_line_ends), "{line}");
+        // Cut or broken sequences pass as bytes; one right before a line
+        // end does not hide it.
+        assert_eq!(written(b"a\xe2\x80\n", false), b"a\xe2\x80\n");
+        assert_eq!(written(b"\xc2\n", false), b"\xc2\n");
+        assert_eq!(
+            written(b"\xe2\xe2\x80\xa8\xc2\xc2\x85\n", false),
+            b"\xe2\\u2028\xc2\\u0085\n"
+        );
+        // Inside a JSON string the escapes read back as the characters,
+        // DEL's too (serde_json writes DEL raw).
+        let json = "{\"identity\":\"a\u{2028}b\u{85}c\u{7f}\"}\n";
         let line = written(json.as_bytes(), false);
         let event: serde_json::Value = serde_json::from_slice(&line).unwrap();
-        assert_eq!(event["identity"], "a\u{2028}b\u{85}");
+        assert_eq!(event["identity"], "a\u{2028}b\u{85}c\u{7f}");
         // Found wherever it sits in a block of the quick check.
         for at in 0..70 {
             let mut text = "a".repeat(70);
@@ -334,6 +352,6 @@ mod tests {
             written(b"\x1b[32mINFO\x1b[0m\n", true),
             b"\x1b[32mINFO\x1b[0m\n"
         );
-        assert_eq!(written(b"\x1b[32m\n", false), b"\\x1b[32m\n");
+        assert_eq!(written(b"\x1b[32m\n", false), b"\\u001b[32m\n");
     }
 }
