@@ -157,8 +157,11 @@ impl<W: Write> Write for OneLineWriter<W> {
     }
 }
 
+/// A control byte other than tab (and ESC when colours are kept). Bitwise,
+/// not `||`: branch-free, so that `has_control` vectorizes.
 fn needs_escape(byte: u8, keep_ansi: bool) -> bool {
-    (byte < 0x20 && byte != b'\t' && !(keep_ansi && byte == 0x1b)) || byte == 0x7f
+    let allowed = if keep_ansi { 0x1b } else { b'\t' };
+    ((byte < 0x20) & (byte != b'\t') & (byte != allowed)) | (byte == 0x7f)
 }
 
 /// The first byte of NEL (`C2 85`) and of U+2028/U+2029 (`E2 80 A8/A9`) in
@@ -180,12 +183,8 @@ fn unicode_line_end(text: &[u8]) -> Option<(&'static [u8], usize)> {
 /// Whether any byte of `text` needs escaping (or a closer look). Every
 /// audit line is checked.
 fn has_control(text: &[u8], keep_ansi: bool) -> bool {
-    let ansi = if keep_ansi { 0x1b } else { b'\t' };
     any_byte(text, |byte| {
-        // Bitwise, not `||`: branch-free, so that it vectorizes.
-        ((byte < 0x20) & (byte != b'\t') & (byte != ansi))
-            | (byte == 0x7f)
-            | may_start_line_end(byte)
+        needs_escape(byte, keep_ansi) | may_start_line_end(byte)
     })
 }
 
