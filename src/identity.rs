@@ -4,10 +4,13 @@
 //! Names are typed, so that one kind can never pass for another: a URI SAN
 //! (a SPIFFE id) is matched only by URI identities of the policy, DNS SANs
 //! only by `dns:` identities, the subject CN only by `cn:` identities, and
-//! only when the certificate has no SAN at all. A plaintext caller is its own
-//! kind that no certificate can match, whatever its CN says. A certificate
-//! with more than one URI SAN is refused: a SPIFFE X.509-SVID carries
-//! exactly one, and two would make "who is this" ambiguous.
+//! only when the certificate has no subjectAltName extension at all. A
+//! plaintext caller is its own kind that no certificate can match, whatever
+//! its CN says. A certificate with more than one URI SAN is refused: a
+//! SPIFFE X.509-SVID carries exactly one, and two would make "who is this"
+//! ambiguous. So is one whose subjectAltName cannot be read (rustls does
+//! not parse a client certificate's SAN, so a malformed one reaches us), or
+//! that has no SAN and more than one CN.
 //!
 //! The identity, and how the audit shows it, is worked out once per
 //! connection, at the TLS handshake, and travels to every call of that
@@ -96,16 +99,31 @@ impl Identity {
     }
 
     /// Reads the identity of a DER certificate.
+    ///
+    /// Anything that could make two readers disagree about who this is
+    /// refuses the certificate rather than guessing: a subjectAltName that
+    /// cannot be parsed or holds an entry that cannot be read (falling back
+    /// to the CN would let a certificate meant for another name pass as its
+    /// CN), two URI SANs, two CNs (readers differ on which one counts).
     pub fn from_certificate(der: &[u8]) -> Self {
         let Ok((_, cert)) = x509_parser::certificate::X509Certificate::from_der(der) else {
             return Self::Unnamed;
         };
-        let sans: Vec<&GeneralName> = cert
-            .subject_alternative_name()
-            .ok()
-            .flatten()
+        let Ok(san) = cert.subject_alternative_name() else {
+            return Self::Refused("the client certificate's subjectAltName cannot be read");
+        };
+        let sans: Vec<&GeneralName> = san
+            .as_ref()
             .map(|ext| ext.value.general_names.iter().collect())
             .unwrap_or_default();
+        if sans
+            .iter()
+            .any(|name| matches!(name, GeneralName::Invalid(..)))
+        {
+            return Self::Refused(
+                "the client certificate has a subjectAltName that cannot be read",
+            );
+        }
         let mut uris = sans.iter().filter_map(|name| match name {
             GeneralName::URI(uri) => Some(*uri),
             _ => None,
@@ -123,13 +141,13 @@ impl Identity {
                 _ => None,
             })
             .collect();
-        let cn = if sans.is_empty() {
-            cert.subject()
-                .iter_common_name()
-                .next()
-                .and_then(|cn| cn.as_str().ok())
-                .filter(|cn| !cn.is_empty())
-                .map(Into::into)
+        // An empty subjectAltName still counts as one: the CN is a fallback
+        // for certificates without the extension, not for a broken one.
+        let cn = if san.is_none() {
+            match common_name(&cert) {
+                Ok(cn) => cn,
+                Err(why) => return Self::Refused(why),
+            }
         } else {
             None
         };
@@ -139,6 +157,23 @@ impl Identity {
         }
         Self::Certificate(Arc::new(CertificateNames::new(uri, dns, cn)))
     }
+}
+
+/// The subject's one CN, if it has one.
+fn common_name(
+    cert: &x509_parser::certificate::X509Certificate<'_>,
+) -> Result<Option<Box<str>>, &'static str> {
+    let mut cns = cert.subject().iter_common_name();
+    let Some(cn) = cns.next() else {
+        return Ok(None);
+    };
+    if cns.next().is_some() {
+        return Err("the client certificate has more than one CN and no SAN");
+    }
+    let cn = cn
+        .as_str()
+        .map_err(|_| "the client certificate's CN cannot be read as text")?;
+    Ok((!cn.is_empty()).then(|| cn.into()))
 }
 
 impl Identity {
@@ -264,6 +299,66 @@ mod tests {
         assert!(matches!(
             Identity::from_certificate(&two),
             Identity::Refused(_)
+        ));
+    }
+
+    /// A certificate whose subjectAltName extension holds `san` (DER), and a
+    /// CN that a lax reader could fall back to.
+    fn cert_with_raw_san(san: &[u8]) -> Vec<u8> {
+        cert(|p| {
+            p.distinguished_name
+                .push(rcgen::DnType::CommonName, "legacy-client");
+            p.custom_extensions = vec![rcgen::CustomExtension::from_oid_content(
+                &[2, 5, 29, 17],
+                san.to_vec(),
+            )];
+        })
+    }
+
+    #[test]
+    fn a_broken_or_empty_san_does_not_fall_back_to_the_cn() {
+        let uri = b"spiffe://insurecove/low-priv";
+        // A URI SAN, then an entry that is not context-tagged: the whole
+        // extension fails to parse.
+        let mut unparsable = vec![0x30, (2 + uri.len() + 3) as u8, 0x86, uri.len() as u8];
+        unparsable.extend_from_slice(uri);
+        unparsable.extend_from_slice(&[0x0c, 0x01, b'x']);
+        // A URI SAN that is not text, beside a good one.
+        let mut not_text = vec![0x30, (3 + 2 + uri.len()) as u8, 0x86, 0x01, 0xff, 0x86];
+        not_text.push(uri.len() as u8);
+        not_text.extend_from_slice(uri);
+        for (what, san) in [("unparsable", unparsable), ("not text", not_text)] {
+            let identity = Identity::from_certificate(&cert_with_raw_san(&san));
+            assert!(
+                matches!(identity, Identity::Refused(why) if why.contains("subjectAltName")),
+                "{what}: {identity:?}"
+            );
+        }
+        // An empty SAN: still a SAN, so the CN does not count.
+        assert_eq!(
+            Identity::from_certificate(&cert_with_raw_san(&[0x30, 0x00])),
+            Identity::Unnamed
+        );
+        // The helper's own certificate: a good SAN is read as before.
+        let mut good = vec![0x30, (2 + uri.len()) as u8, 0x86, uri.len() as u8];
+        good.extend_from_slice(uri);
+        assert_eq!(
+            Identity::from_certificate(&cert_with_raw_san(&good)).to_string(),
+            "spiffe://insurecove/low-priv"
+        );
+    }
+
+    #[test]
+    fn two_cns_without_a_san_are_refused() {
+        let two = cert(|p| {
+            p.distinguished_name
+                .push(rcgen::DnType::CommonName, "legacy-client");
+            p.distinguished_name
+                .push(rcgen::DnType::CustomDnType(vec![2, 5, 4, 3]), "someone");
+        });
+        assert!(matches!(
+            Identity::from_certificate(&two),
+            Identity::Refused(why) if why.contains("more than one CN")
         ));
     }
 
