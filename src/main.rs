@@ -116,11 +116,31 @@ fn print_dev_hint(settings: &Settings) {
         _ => "built-in fake secrets".to_owned(),
     };
     let listen = &settings.listen;
-    println!("secrets-broker dev mode: {secrets}, plaintext on {listen}");
-    if let ListenAddr::Tcp(addr) = listen {
-        println!(
-            "try: grpcurl -plaintext -d '{{\"name\":\"mistral-api-key\"}}' {addr} secretsbroker.v1.SecretsService/GetSecret"
-        );
+    let call = "-d '{\"name\":\"mistral-api-key\"}'";
+    let method = "secretsbroker.v1.SecretsService/GetSecret";
+    match (&settings.tls, listen) {
+        (Some(tls), ListenAddr::Tcp(addr)) => {
+            println!("secrets-broker dev mode: {secrets}, mutual TLS on {listen}");
+            println!(
+                "try: grpcurl -cacert CA.pem -cert CLIENT.pem -key CLIENT-KEY.pem {call} {addr} {method}  \
+                 (a client certificate signed by {})",
+                tls.client_ca.display()
+            );
+        }
+        (Some(_), _) => println!("secrets-broker dev mode: {secrets}, mutual TLS on {listen}"),
+        (None, ListenAddr::Tcp(addr)) => {
+            println!("secrets-broker dev mode: {secrets}, plaintext on {listen}");
+            println!("try: grpcurl -plaintext {call} {addr} {method}");
+        }
+        (None, ListenAddr::Unix(path)) => {
+            println!("secrets-broker dev mode: {secrets}, plaintext on {listen}");
+            // h2 refuses a socket path as :authority; grpcurl sends it
+            // unless told otherwise.
+            println!(
+                "try: grpcurl -plaintext -unix -authority localhost {call} {} {method}",
+                path.display()
+            );
+        }
     }
 }
 

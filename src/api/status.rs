@@ -39,6 +39,11 @@ pub enum ApiError {
     TooManyCalls,
     #[error("the call took longer than the broker's call timeout of {0:?}")]
     CallTimeout(std::time::Duration),
+    #[error(
+        "the broker holds as many unfinished requests as its request memory allows; \
+         send each request whole, or retry"
+    )]
+    RequestMemory,
     #[error("secret {name} cannot be read as {kind}: {source}")]
     Malformed {
         name: String,
@@ -60,6 +65,7 @@ impl ApiError {
             Self::TooManyNames { .. } => (Code::InvalidArgument, "TOO_MANY_NAMES"),
             Self::TooManyCalls => (Code::ResourceExhausted, "TOO_MANY_CALLS"),
             Self::CallTimeout(_) => (Code::DeadlineExceeded, "CALL_TIMEOUT"),
+            Self::RequestMemory => (Code::ResourceExhausted, "REQUEST_MEMORY"),
             Self::Malformed { .. } => (Code::FailedPrecondition, "MALFORMED_SECRET"),
             Self::Store(store) => match store {
                 StoreError::NotFound { .. } => (Code::NotFound, "SECRET_NOT_FOUND"),
@@ -106,7 +112,11 @@ impl ApiError {
             Self::Store(StoreError::Mismatch { asked, .. }) => {
                 put("secret_name", asked);
             }
-            Self::Store(_) | Self::Denied(_) | Self::TooManyCalls | Self::CallTimeout(_) => {}
+            Self::Store(_)
+            | Self::Denied(_)
+            | Self::TooManyCalls
+            | Self::CallTimeout(_)
+            | Self::RequestMemory => {}
         }
         metadata
     }

@@ -58,6 +58,8 @@ pub struct Limits {
     pub max_calls_per_connection: usize,
     /// Largest request, bytes.
     pub max_message_size: usize,
+    /// Bytes of unfinished request messages held at once, over all calls.
+    pub max_request_memory: usize,
     /// Longest a call may take to answer.
     pub call_timeout: Duration,
     /// HTTP/2 ping interval.
@@ -394,7 +396,7 @@ fn resolve_cache(args: &BrokerArgs, sources: &Sources<'_>) -> Result<CacheSettin
 }
 
 fn resolve_limits(args: &BrokerArgs, sources: &Sources<'_>) -> Result<Limits, ConfigError> {
-    Ok(Limits {
+    let limits = Limits {
         max_connections: sources.get(
             args.max_connections.as_deref(),
             &MAX_CONNECTIONS,
@@ -408,6 +410,11 @@ fn resolve_limits(args: &BrokerArgs, sources: &Sources<'_>) -> Result<Limits, Co
         max_message_size: sources.get(
             args.max_message_size.as_deref(),
             &MAX_MESSAGE_SIZE,
+            parse_positive_count,
+        )?,
+        max_request_memory: sources.get(
+            args.max_request_memory.as_deref(),
+            &MAX_REQUEST_MEMORY,
             parse_positive_count,
         )?,
         call_timeout: sources.get(
@@ -430,7 +437,16 @@ fn resolve_limits(args: &BrokerArgs, sources: &Sources<'_>) -> Result<Limits, Co
             &FIRST_REQUEST_TIMEOUT,
             parse_positive_duration,
         )?,
-    })
+    };
+    // A request of the largest size, with its 5-byte gRPC header, must fit.
+    if limits.max_request_memory < limits.max_message_size.saturating_add(5) {
+        return Err(ConfigError::Rule(format!(
+            "max_request_memory ({}) must hold at least one request of max_message_size ({}) \
+             and its 5-byte header",
+            limits.max_request_memory, limits.max_message_size
+        )));
+    }
+    Ok(limits)
 }
 
 fn resolve_tls(args: &BrokerArgs, sources: &Sources<'_>) -> Result<Option<TlsFiles>, ConfigError> {

@@ -112,6 +112,9 @@ settings! {
         "Most HTTP/2 streams (calls, watches, health, reflection) in flight on one connection; more get RESOURCE_EXHAUSTED";
     max_message_size / MAX_MESSAGE_SIZE: "max-message-size", env ["BROKER_MAX_MESSAGE_SIZE"],
         "BYTES", default "262144", "Largest request accepted, bytes; larger get RESOURCE_EXHAUSTED";
+    max_request_memory / MAX_REQUEST_MEMORY: "max-request-memory",
+        env ["BROKER_MAX_REQUEST_MEMORY"], "BYTES", default "67108864",
+        "Most bytes of unfinished request messages held at once, over all calls; past it calls get RESOURCE_EXHAUSTED";
     call_timeout / CALL_TIMEOUT: "call-timeout", env ["BROKER_CALL_TIMEOUT"], "DURATION",
         default "30", "Longest a call may take to answer (DEADLINE_EXCEEDED past it)";
     keepalive_interval / KEEPALIVE_INTERVAL: "keepalive-interval",

@@ -196,11 +196,35 @@ fn absurd_values_are_refused_before_they_can_overflow() {
 }
 
 #[test]
+fn the_request_memory_must_hold_one_largest_request() {
+    let err = resolve(
+        &dev(),
+        &[
+            ("BROKER_MAX_MESSAGE_SIZE", "1024"),
+            ("BROKER_MAX_REQUEST_MEMORY", "1028"),
+        ],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("max_request_memory (1028)"), "{err}");
+    let fits = resolve(
+        &dev(),
+        &[
+            ("BROKER_MAX_MESSAGE_SIZE", "1024"),
+            ("BROKER_MAX_REQUEST_MEMORY", "1029"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(fits.limits.max_request_memory, 1029);
+}
+
+#[test]
 fn limits_have_defaults_and_sources() {
     let settings = resolve(&dev(), &[("BROKER_MAX_MESSAGE_SIZE", "1024")]).unwrap();
     assert_eq!(settings.limits.max_message_size, 1024);
     assert_eq!(settings.limits.max_connections, 10_000);
     assert_eq!(settings.limits.max_calls_per_connection, 1024);
+    assert_eq!(settings.limits.max_request_memory, 64 << 20);
     assert_eq!(settings.limits.call_timeout, Duration::from_secs(30));
     assert_eq!(settings.limits.shutdown_grace, Duration::from_secs(10));
     assert!(!settings.metrics_secret_names);

@@ -9,15 +9,22 @@
 //!   for as long as it is open); with none left it is answered
 //!   RESOURCE_EXHAUSTED (`TOO_MANY_CALLS`) at once. Counting from the headers
 //!   matters: a stream that never sends its message still costs memory;
+//! - the request memory (`transport::budget`): a request message still
+//!   arriving holds its bytes from one budget shared by every call;
 //! - the call timeout: a call whose answer is not ready within
 //!   `--call-timeout` is answered DEADLINE_EXCEEDED (`CALL_TIMEOUT`). tonic's
 //!   own timeout answers CANCELLED with no reason, so the broker keeps its
 //!   own. It bounds the wait for a stream's request message too. The
 //!   earlier of it and the caller's own deadline (`grpc-timeout`) goes to
 //!   the handlers as a `CallDeadline`, so that they stop waiting for the
-//!   upstream in time to answer with what they have.
+//!   upstream in time to answer with what they have. Server reflection,
+//!   a bidirectional stream whose answer starts at once, is ended with
+//!   DEADLINE_EXCEEDED when the call timeout passes; the streams meant to
+//!   stay open (WatchSecret, health's Watch) read one request message,
+//!   within the timeout, before they answer.
 
 use std::{
+    borrow::Cow,
     convert::Infallible,
     future::Future,
     pin::Pin,
@@ -32,17 +39,22 @@ use tokio::sync::OwnedSemaphorePermit;
 use tonic::{Status, body::Body};
 use tower::{Layer, Service};
 
+use super::budget::{Budgeted, RequestBudget};
 use crate::{api::status::ApiError, identity::ConnectionInfo};
 
 /// Puts the gate in front of a service.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct GateLayer {
     call_timeout: Duration,
+    budget: RequestBudget,
 }
 
 impl GateLayer {
-    pub fn new(call_timeout: Duration) -> Self {
-        Self { call_timeout }
+    pub fn new(call_timeout: Duration, budget: RequestBudget) -> Self {
+        Self {
+            call_timeout,
+            budget,
+        }
     }
 }
 
@@ -53,6 +65,7 @@ impl<S> Layer<S> for GateLayer {
         Gate {
             inner,
             call_timeout: self.call_timeout,
+            budget: self.budget.clone(),
         }
     }
 }
@@ -62,13 +75,14 @@ impl<S> Layer<S> for GateLayer {
 pub struct Gate<S> {
     inner: S,
     call_timeout: Duration,
+    budget: RequestBudget,
 }
 
 type GateFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
 
 impl<S, B> Service<Request<B>> for Gate<S>
 where
-    S: Service<Request<B>, Response = Response<Body>, Error = Infallible>,
+    S: Service<Request<Budgeted<B>>, Response = Response<Body>, Error = Infallible>,
     S::Future: Send + 'static,
 {
     type Response = Response<Body>;
@@ -81,7 +95,10 @@ where
 
     fn call(&mut self, request: Request<B>) -> GateFuture {
         if !is_grpc(request.headers().get(CONTENT_TYPE)) {
-            tracing::debug!(path = request.uri().path(), "not gRPC: refused with 415");
+            tracing::debug!(
+                path = &*shown_path(request.uri().path()),
+                "not gRPC: refused with 415"
+            );
             return Box::pin(std::future::ready(Ok(unsupported_media_type())));
         }
         let slot = match request.extensions().get::<ConnectionInfo>() {
@@ -92,7 +109,7 @@ where
                     tracing::info!(
                         target: "audit",
                         identity = connection.identity.shown(),
-                        rpc = request.uri().path(),
+                        rpc = &*shown_path(request.uri().path()),
                         outcome = "RESOURCE_EXHAUSTED",
                         "refused: too many calls in flight on this connection"
                     );
@@ -101,8 +118,13 @@ where
             },
         };
         let limit = self.call_timeout;
-        let mut request = request;
+        let mut request = request.map(|body| self.budget.wrap(body));
         let deadline = CallDeadline::of(request.headers().get("grpc-timeout"), limit);
+        // Reflection is a bidirectional stream: its answer starts at once,
+        // so the timeout below would not bound it, and a caller could hold
+        // it (and its half-sent messages) for as long as the connection.
+        let stream_ends = is_reflection(request.uri().path())
+            .then(|| (tokio::time::Instant::now() + limit, limit));
         request.extensions_mut().insert(deadline);
         let call = self.inner.call(request);
         Box::pin(async move {
@@ -110,12 +132,37 @@ where
                 Ok(Ok(response)) => response,
                 Err(_elapsed) => answer(ApiError::CallTimeout(limit)),
             };
-            Ok(match slot {
-                Some(slot) => response.map(|body| Body::new(HoldsSlot { body, _slot: slot })),
-                None => response,
-            })
+            if slot.is_none() && stream_ends.is_none() {
+                return Ok(response);
+            }
+            Ok(response.map(|body| {
+                Body::new(GatedBody {
+                    body,
+                    _slot: slot,
+                    ends: stream_ends
+                        .map(|(at, limit)| (Box::pin(tokio::time::sleep_until(at)), limit)),
+                })
+            }))
         })
     }
+}
+
+/// Server reflection's services (v1 and v1alpha).
+fn is_reflection(path: &str) -> bool {
+    path.starts_with("/grpc.reflection.")
+}
+
+/// A request's path as the log shows it, before any handler has checked
+/// it: at most `MAX_SHOWN_PATH` bytes. The caller chooses the path, and
+/// HPACK lets it resend a long one in a few bytes, so an unbounded path
+/// would let each small frame write kilobytes to the log.
+fn shown_path(path: &str) -> Cow<'_, str> {
+    const MAX_SHOWN_PATH: usize = 96;
+    if path.len() <= MAX_SHOWN_PATH {
+        return Cow::Borrowed(path);
+    }
+    let cut = path.floor_char_boundary(MAX_SHOWN_PATH);
+    Cow::Owned(format!("{}... ({} bytes)", &path[..cut], path.len()))
 }
 
 /// When a call must have its answer: the earlier of the call timeout and
@@ -180,13 +227,16 @@ fn answer(error: ApiError) -> Response<Body> {
     Status::from(error).into_http()
 }
 
-/// A response body that keeps its call's slot until it is done or dropped.
-struct HoldsSlot {
+/// A response body that keeps its call's slot until it is done or dropped,
+/// and, for a stream that must not outlive the call timeout, ends it there
+/// with DEADLINE_EXCEEDED.
+struct GatedBody {
     body: Body,
-    _slot: OwnedSemaphorePermit,
+    _slot: Option<OwnedSemaphorePermit>,
+    ends: Option<(Pin<Box<tokio::time::Sleep>>, Duration)>,
 }
 
-impl http_body::Body for HoldsSlot {
+impl http_body::Body for GatedBody {
     type Data = bytes::Bytes;
     type Error = Status;
 
@@ -194,7 +244,27 @@ impl http_body::Body for HoldsSlot {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        if let Some((at, limit)) = &mut self.ends
+            && at.as_mut().poll(cx).is_ready()
+        {
+            let limit = *limit;
+            self.ends = None;
+            // Dropping the answer drops the call, and the request with it.
+            self.body = Body::empty();
+            let mut trailers = http::HeaderMap::new();
+            // Our own status's text is ASCII: add_header cannot fail on it.
+            let _ = Status::from(ApiError::CallTimeout(limit)).add_header(&mut trailers);
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
+        let frame = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(None) = &frame {
+            self.ends = None;
+        } else if let Poll::Ready(Some(Ok(last))) = &frame
+            && last.is_trailers()
+        {
+            self.ends = None; // ended on its own: no second trailers
+        }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {
@@ -232,5 +302,18 @@ mod tests {
         assert!(!pass("application/grpc-web+proto"));
         assert!(!pass("application/grpc+json"));
         assert!(!is_grpc(None));
+    }
+
+    #[test]
+    fn a_long_path_is_cut_in_the_log() {
+        assert_eq!(
+            shown_path("/grpc.health.v1.Health/Check"),
+            "/grpc.health.v1.Health/Check"
+        );
+        let long = format!("/{}", "\u{e9}".repeat(3000));
+        let shown = shown_path(&long);
+        assert!(shown.len() < 130, "{shown}");
+        assert!(shown.ends_with("... (6001 bytes)"), "{shown}");
+        assert!(long.starts_with(shown.split("...").next().unwrap()));
     }
 }

@@ -9,6 +9,7 @@
 //!   per-connection call slots, the call timeout);
 //! - `server`: the tonic server with every service behind the gate.
 
+pub mod budget;
 pub mod gate;
 pub mod listener;
 pub mod server;

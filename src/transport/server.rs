@@ -10,7 +10,7 @@ use tonic::transport::{Server, server::Connected};
 use tonic_health::pb::health_server::{Health, HealthServer};
 use tower::util::MapResponseLayer;
 
-use super::gate::GateLayer;
+use super::{budget::RequestBudget, gate::GateLayer};
 use crate::{
     api::{AdminApi, ApiContext, SecretsApi},
     config::Limits,
@@ -57,13 +57,27 @@ where
         .max_concurrent_streams(Some(stream_cap))
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .layer(GateLayer::new(limits.call_timeout))
+        .layer(GateLayer::new(
+            limits.call_timeout,
+            RequestBudget::new(limits.max_request_memory),
+        ))
         .layer(MapResponseLayer::new(
             message_too_large_is_resource_exhausted,
         ))
-        .add_service(health)
-        .add_service(reflection().build_v1()?)
-        .add_service(reflection().build_v1alpha()?)
+        // Every service takes the same message limit: tonic's default (4
+        // MiB) would let health and reflection hold sixteen times more
+        // per stream than the broker's own services.
+        .add_service(health.max_decoding_message_size(limits.max_message_size))
+        .add_service(
+            reflection()
+                .build_v1()?
+                .max_decoding_message_size(limits.max_message_size),
+        )
+        .add_service(
+            reflection()
+                .build_v1alpha()?
+                .max_decoding_message_size(limits.max_message_size),
+        )
         .add_service(
             SecretsServiceServer::new(SecretsApi::new(context.clone()))
                 .max_decoding_message_size(limits.max_message_size),

@@ -1,0 +1,283 @@
+//! One memory budget for requests still arriving, shared by every call.
+//!
+//! tonic keeps the bytes of a request message until the whole message is
+//! there, and hyper hands HTTP/2 flow-control credit back as soon as tonic
+//! has read the bytes, so the windows do not bound what waits. A caller can
+//! declare a message of `--max-message-size`, send all but its last byte,
+//! and do so on every stream of every connection it opens: per connection
+//! that is the call limit times the message size (256 MiB at the defaults).
+//!
+//! So each request body passes through `Budgeted`, which follows gRPC's
+//! framing (a 5-byte header, then the message) and holds budget for the
+//! bytes of the message still incomplete, giving it back once the message
+//! is whole (tonic decodes it then) or the call ends. A call that finds the
+//! budget spent is answered RESOURCE_EXHAUSTED (`REQUEST_MEMORY`),
+//! rather than waiting: waiting would let the callers holding the budget
+//! stall everyone else's calls for as long as the call timeout.
+//!
+//! A message that arrives whole in one HTTP/2 DATA frame, as every small
+//! request does, never touches the budget.
+
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::api::status::ApiError;
+
+/// gRPC's length-prefixed message header: a compression flag, 4 bytes of
+/// length.
+const HEADER: usize = 5;
+
+/// The bytes of unfinished request messages the broker holds at once.
+#[derive(Debug, Clone)]
+pub struct RequestBudget {
+    bytes: Arc<Semaphore>,
+}
+
+impl RequestBudget {
+    pub fn new(bytes: usize) -> Self {
+        Self {
+            bytes: Arc::new(Semaphore::new(bytes.min(Semaphore::MAX_PERMITS))),
+        }
+    }
+
+    /// `body`, holding budget for its unfinished message.
+    pub fn wrap<B>(&self, body: B) -> Budgeted<B> {
+        Budgeted {
+            body,
+            budget: Arc::clone(&self.bytes),
+            framing: Framing::default(),
+            held: None,
+        }
+    }
+
+    #[cfg(test)]
+    fn available(&self) -> usize {
+        self.bytes.available_permits()
+    }
+}
+
+/// Where a request body is in gRPC's framing.
+#[derive(Debug, Default)]
+struct Framing {
+    header: [u8; HEADER],
+    /// Header bytes seen of the current message.
+    header_seen: usize,
+    /// Message bytes still to come after a whole header.
+    body_left: usize,
+    /// Bytes of the current (unfinished) message seen, header included.
+    unfinished: usize,
+}
+
+impl Framing {
+    /// Follows `chunk`; afterwards `unfinished` is what the message in
+    /// progress has received.
+    fn follow(&mut self, mut chunk: &[u8]) {
+        while !chunk.is_empty() {
+            if self.body_left == 0 {
+                let take = (HEADER - self.header_seen).min(chunk.len());
+                self.header[self.header_seen..self.header_seen + take]
+                    .copy_from_slice(&chunk[..take]);
+                self.header_seen += take;
+                self.unfinished += take;
+                chunk = &chunk[take..];
+                if self.header_seen == HEADER {
+                    let length = u32::from_be_bytes([
+                        self.header[1],
+                        self.header[2],
+                        self.header[3],
+                        self.header[4],
+                    ]);
+                    self.header_seen = 0;
+                    self.body_left = length as usize;
+                    if self.body_left == 0 {
+                        self.unfinished = 0;
+                    }
+                }
+            } else {
+                let take = self.body_left.min(chunk.len());
+                self.body_left -= take;
+                self.unfinished += take;
+                chunk = &chunk[take..];
+                if self.body_left == 0 {
+                    self.unfinished = 0;
+                }
+            }
+        }
+    }
+}
+
+/// A request body that holds budget for its unfinished message (see the
+/// module doc).
+pub struct Budgeted<B> {
+    body: B,
+    budget: Arc<Semaphore>,
+    framing: Framing,
+    held: Option<OwnedSemaphorePermit>,
+}
+
+impl<B> Budgeted<B> {
+    /// Holds exactly what the unfinished message has received; false when
+    /// the budget cannot cover it.
+    fn hold_unfinished(&mut self) -> bool {
+        let want = self.framing.unfinished;
+        let held = self.held.as_ref().map_or(0, |permit| permit.num_permits());
+        if want == 0 {
+            self.held = None;
+        } else if want < held {
+            if let Some(permit) = &mut self.held {
+                drop(permit.split(held - want));
+            }
+        } else if want > held {
+            let Ok(more) = u32::try_from(want - held) else {
+                return false;
+            };
+            let Ok(more) = Arc::clone(&self.budget).try_acquire_many_owned(more) else {
+                return false;
+            };
+            match &mut self.held {
+                Some(permit) => permit.merge(more),
+                None => self.held = Some(more),
+            }
+        }
+        true
+    }
+}
+
+impl<B> Body for Budgeted<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let frame = match Pin::new(&mut self.body).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => frame,
+            Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error.into()))),
+            Poll::Ready(None) => {
+                self.held = None;
+                return Poll::Ready(None);
+            }
+            Poll::Pending => return Poll::Pending,
+        };
+        if let Some(data) = frame.data_ref() {
+            self.framing.follow(data);
+            if !self.hold_unfinished() {
+                self.held = None;
+                let refused = tonic::Status::from(ApiError::RequestMemory);
+                return Poll::Ready(Some(Err(Box::new(refused))));
+            }
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(length: usize) -> Vec<u8> {
+        let mut framed = vec![0];
+        framed.extend_from_slice(&(length as u32).to_be_bytes());
+        framed.extend(std::iter::repeat_n(b'x', length));
+        framed
+    }
+
+    /// Feeds `chunks` as DATA frames; the budget left after each.
+    fn feed(budget: &RequestBudget, chunks: &[&[u8]]) -> Vec<Result<usize, String>> {
+        let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = chunks
+            .iter()
+            .map(|chunk| Ok(Frame::data(Bytes::copy_from_slice(chunk))))
+            .collect();
+        let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
+        let mut body = budget.wrap(body);
+        let mut seen = Vec::new();
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        for _ in chunks {
+            match Pin::new(&mut body).poll_frame(&mut cx) {
+                Poll::Ready(Some(Ok(_))) => seen.push(Ok(budget.available())),
+                Poll::Ready(Some(Err(error))) => seen.push(Err(error.to_string())),
+                other => panic!("a frame was expected: {other:?}"),
+            }
+        }
+        drop(body);
+        seen
+    }
+
+    #[test]
+    fn a_whole_message_in_one_frame_holds_nothing() {
+        let budget = RequestBudget::new(100);
+        let mut two = message(300);
+        two.extend(message(0));
+        assert_eq!(feed(&budget, &[&two]), vec![Ok(100)]);
+    }
+
+    #[test]
+    fn an_unfinished_message_holds_what_it_has_received_until_it_is_whole() {
+        let budget = RequestBudget::new(1000);
+        let whole = message(100);
+        let (head, tail) = whole.split_at(40);
+        let (middle, last) = tail.split_at(50);
+        assert_eq!(
+            feed(&budget, &[&whole[..3], &head[3..], middle, last]),
+            vec![Ok(997), Ok(960), Ok(910), Ok(1000)]
+        );
+        assert_eq!(budget.available(), 1000);
+    }
+
+    #[test]
+    fn a_frame_that_ends_one_message_and_starts_the_next_holds_the_next() {
+        let budget = RequestBudget::new(1000);
+        let mut stream = message(10);
+        stream.extend(message(20));
+        let (first, rest) = stream.split_at(25);
+        assert_eq!(feed(&budget, &[first, rest]), vec![Ok(990), Ok(1000)]);
+    }
+
+    #[test]
+    fn past_the_budget_the_call_is_refused_and_the_budget_given_back() {
+        let budget = RequestBudget::new(100);
+        let big = message(500);
+        let seen = feed(&budget, &[&big[..60], &big[60..200]]);
+        assert_eq!(seen[0], Ok(40));
+        assert!(
+            seen[1]
+                .as_ref()
+                .is_err_and(|e| e.contains("request memory")),
+            "{seen:?}"
+        );
+        assert_eq!(
+            budget.available(),
+            100,
+            "an ended call gives its budget back"
+        );
+    }
+
+    #[test]
+    fn a_call_dropped_mid_message_gives_its_budget_back() {
+        let budget = RequestBudget::new(1000);
+        let big = message(500);
+        assert_eq!(feed(&budget, &[&big[..100]]), vec![Ok(900)]);
+        assert_eq!(budget.available(), 1000);
+    }
+}
