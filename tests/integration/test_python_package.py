@@ -110,6 +110,67 @@ def test_the_guides_examples_run_as_the_guide_says(venv, seeded_broker, tmp_path
     assert "<redacted>" in shown.stdout and MISTRAL_VALUE not in shown.stdout, shown.stdout + shown.stderr
 
 
+GUIDE_SEMANTICS_PROBE = """
+import asyncio, json, os
+from secrets_broker.aws_secrets import AWSSecretsConfig, AWSSecretsManager, SecretNotFoundError
+from secrets_broker.aio import AsyncAWSSecretsManager
+out = {}
+m = AWSSecretsManager()
+jwt = m.get_secret("production/jwt")
+out["jwt_value_is_dict"] = isinstance(jwt.value, dict) and jwt.value["jwt_algorithm"] == "HS256"
+out["jwt_text_kept"] = json.loads(jwt.as_string()) == jwt.as_dict() == jwt.value
+out["mistral_value"] = m.get_secret("mistral-api-key").value
+
+async def missing():
+    try:
+        await AsyncAWSSecretsManager().get_secret("no-such-secret")
+    except SecretNotFoundError as error:
+        return [error.code.name, error.reason, "\\n" in str(error)]
+    return "no error"
+out["async_missing"] = asyncio.run(missing())
+
+def prefixed(prefix):
+    try:
+        return AWSSecretsManager(AWSSecretsConfig(secret_prefix=prefix)).get_secret("mistral-api-key").as_string()
+    except SecretNotFoundError:
+        return "not found"
+out["prefix_other"] = prefixed("acme")
+out["prefix_same"] = prefixed("insurecove")
+
+def options(**settings):
+    return dict(AWSSecretsConfig(**settings).channel_options(False))
+out["loopback_skips_proxy"] = options(http_proxy="http://proxy.invalid:3128")
+out["remote_uses_proxy"] = options(http_proxy="http://proxy.invalid:3128", broker_endpoint="broker.example:50051")
+# NO_PROXY comes from the environment, in capitals.
+out["no_proxy_names_it"] = options(http_proxy="http://proxy.invalid:3128", broker_endpoint="broker.internal:50051")
+print(json.dumps(out))
+"""
+
+
+def test_the_client_follows_the_guides_semantics(venv, seeded_broker, tmp_path):
+    """SecretValue.value is a dict for a JSON object; asyncio errors map to
+    the guide's exceptions; SECRET_PREFIX, when set, is the prefix asked
+    for (never silently another); the proxy is for AWS: a loopback broker,
+    or one NO_PROXY names, is reached directly."""
+    broker, _ = seeded_broker
+    probe = tmp_path / "probe.py"
+    probe.write_text(GUIDE_SEMANTICS_PROBE)
+    # A dead proxy: a broker on loopback must still answer.
+    env = package_env(broker, HTTP_PROXY=f"http://127.0.0.1:{support.free_port()}",
+                      NO_PROXY="localhost,.internal")
+    proc = run(venv, probe, env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["jwt_value_is_dict"] and out["jwt_text_kept"], out
+    assert out["mistral_value"] == MISTRAL_VALUE
+    assert out["async_missing"] == ["NOT_FOUND", "SECRET_NOT_FOUND", False], out
+    assert out["prefix_other"] == "not found", out
+    assert out["prefix_same"] == MISTRAL_VALUE, out
+    assert out["loopback_skips_proxy"] == {"grpc.enable_http_proxy": 0}, out
+    assert out["remote_uses_proxy"] == {"grpc.http_proxy": "http://proxy.invalid:3128"}, out
+    assert out["no_proxy_names_it"] == {"grpc.enable_http_proxy": 0}, out
+
+
 def test_an_unreachable_broker_is_false_not_an_exception(venv, tmp_path):
     env = support.broker_env({"BROKER_ENDPOINT": f"127.0.0.1:{support.free_port()}"})
     proc = run(venv, GUIDE / "health_checks.py", env, cwd=tmp_path)

@@ -64,7 +64,7 @@ class AsyncAWSSecretsManager:
         if use_cache and cached is not None and time.monotonic() - cached[1] < self.config.secret_cache_ttl:
             return cached[0]
         request = secrets_service_pb2.GetSecretRequest(
-            name=secret_name, version_id=version_id or "", bypass_cache=not use_cache
+            name=self.config.request_name(secret_name), version_id=version_id or "", bypass_cache=not use_cache
         )
         try:
             answer = await self._secrets().GetSecret(request, timeout=CALL_TIMEOUT)
@@ -96,7 +96,12 @@ class AsyncAWSSecretsManager:
         now = time.monotonic()
         total = len(self._cache)
         valid = sum(1 for _, at in self._cache.values() if now - at < self.config.secret_cache_ttl)
-        return {"total_entries": total, "valid_entries": valid, "expired_entries": total - valid}
+        return {
+            "total_entries": total,
+            "valid_entries": valid,
+            "expired_entries": total - valid,
+            "ttl_seconds": self.config.secret_cache_ttl,
+        }
 
     async def get_jwt_config(self) -> dict[str, Any]:
         """As ``AWSSecretsManager.get_jwt_config``."""

@@ -17,6 +17,7 @@ cache within seconds instead of at the end of the TTL.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import threading
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 import grpc
+import grpc.aio
 # googleapis-common-protos and grpcio-status ship no type information.
 from google.rpc import error_details_pb2  # type: ignore[import-untyped]
 from grpc_status import rpc_status  # type: ignore[import-untyped]
@@ -90,9 +92,17 @@ class BrokerUnavailableError(AWSSecretsManagerError):
     """The broker, or AWS behind it with nothing cached, cannot answer."""
 
 
+def _is_call(error: grpc.RpcError) -> bool:
+    """Whether the error carries a status: a ``grpc.Call`` (sync), or a
+    ``grpc.aio.AioRpcError``, which is not one."""
+    return isinstance(error, (grpc.Call, grpc.aio.AioRpcError))
+
+
 def _error_from(error: grpc.RpcError) -> AWSSecretsManagerError:
-    code: Optional[grpc.StatusCode] = error.code() if isinstance(error, grpc.Call) else None
-    message = (error.details() if isinstance(error, grpc.Call) else None) or str(error)
+    code: Optional[grpc.StatusCode] = error.code() if _is_call(error) else None
+    details = error.details() if _is_call(error) else None
+    # One line, whatever the transport put in the text.
+    message = " ".join(str(details or error).split())
     reason = _reason_of(error)
     kind: type[AWSSecretsManagerError] = AWSSecretsManagerError
     if code == grpc.StatusCode.NOT_FOUND:
@@ -110,15 +120,31 @@ def _error_from(error: grpc.RpcError) -> AWSSecretsManagerError:
 
 
 def _reason_of(error: grpc.RpcError) -> str:
-    if not isinstance(error, grpc.Call):
+    if isinstance(error, grpc.aio.AioRpcError):
+        status = _aio_status(error)
+    elif isinstance(error, grpc.Call):
+        status = rpc_status.from_call(error)
+    else:
         return ""
-    status = rpc_status.from_call(error)
     for detail in status.details if status is not None else []:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
             return str(info.reason)
     return ""
+
+
+def _aio_status(error: grpc.aio.AioRpcError) -> Any:
+    """``google.rpc.Status`` of an asyncio error (grpcio-status reads only
+    sync calls' trailers)."""
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            from google.rpc import status_pb2
+
+            status = status_pb2.Status()
+            status.ParseFromString(value)
+            return status
+    return None
 
 
 # --------------------------------------------------------------------------
@@ -136,6 +162,7 @@ class AWSSecretsConfig(BaseSettings):
     aws_default_region: str = "ap-east-1"
     http_proxy: Optional[str] = None
     https_proxy: Optional[str] = None
+    no_proxy: Optional[str] = None
     secret_prefix: str = "insurecove"
     secret_cache_ttl: int = 300
 
@@ -160,14 +187,47 @@ class AWSSecretsConfig(BaseSettings):
 
     def channel_options(self, tls: bool) -> list[tuple[str, Any]]:
         """The proxy (http_proxy / https_proxy) and the name to
-        expect in the broker's certificate."""
+        expect in the broker's certificate.
+
+        A broker on loopback or a unix socket, or whose host ``NO_PROXY``
+        names (either case, environment or ``.env``), is reached directly:
+        the proxy variables were set for AWS, and grpc-core itself reads
+        only a lowercase ``no_proxy``."""
         options: list[tuple[str, Any]] = []
         proxy = self.https_proxy if tls else self.http_proxy
-        if proxy:
+        if self._bypasses_proxy():
+            options.append(("grpc.enable_http_proxy", 0))
+        elif proxy:
             options.append(("grpc.http_proxy", proxy))
         if tls and self.broker_tls_domain:
             options.append(("grpc.ssl_target_name_override", self.broker_tls_domain))
         return options
+
+    def _bypasses_proxy(self) -> bool:
+        endpoint = self.broker_endpoint
+        if endpoint.startswith(("unix:", "unix-abstract:")):
+            return True
+        host = endpoint.split("///", 1)[-1].rsplit(":", 1)[0].strip("[]")
+        if host == "localhost":
+            return True
+        try:
+            if ipaddress.ip_address(host).is_loopback:
+                return True
+        except ValueError:
+            pass
+        return _named_by_no_proxy(host, self.no_proxy or "")
+
+    def request_name(self, secret_name: str) -> str:
+        """The name asked of the broker: with ``SECRET_PREFIX`` when it is
+        set (the broker takes a prefixed name as is), else the short name,
+        which the broker prefixes with its own ``SECRET_PREFIX``. ARNs and
+        names that already carry the prefix go as they are."""
+        if "secret_prefix" not in self.model_fields_set:
+            return secret_name
+        prefix = self.secret_prefix.strip("/")
+        if not prefix or secret_name.startswith(("arn:", prefix + "/")):
+            return secret_name
+        return f"{prefix}/{secret_name}"
 
     def channel(self) -> grpc.Channel:
         """A channel to the broker."""
@@ -178,21 +238,43 @@ class AWSSecretsConfig(BaseSettings):
         return grpc.secure_channel(self.broker_endpoint, credentials, options=options)
 
 
+def _named_by_no_proxy(host: str, no_proxy: str) -> bool:
+    """Whether ``NO_PROXY`` (comma-separated hosts or domains, ``*`` for
+    all, ports ignored) names ``host``, as curl and requests read it."""
+    host = host.lower()
+    for entry in no_proxy.split(","):
+        entry = entry.strip().lower()
+        if entry == "*":
+            return True
+        domain = entry.rsplit(":", 1)[0] if entry.count(":") == 1 else entry
+        domain = domain.lstrip(".")
+        if domain and (host == domain or host.endswith("." + domain)):
+            return True
+    return False
+
+
 # --------------------------------------------------------------------------
 # values
 
 
 @dataclass(frozen=True, repr=False)
 class SecretValue:
-    """One version of a secret. ``repr`` never shows the value."""
+    """One version of a secret. ``repr`` never shows the value.
 
-    value: Union[str, bytes]
+    ``value`` is, as in the class this package replaces, a dict when the
+    secret is a JSON object, else the text (or bytes, for a binary
+    secret); ``as_string`` gives the text exactly as stored."""
+
+    value: Union[str, bytes, dict[str, Any]]
     version_id: str
     created_date: Optional[datetime]
     secret_name: str
+    _text: Optional[str] = field(default=None, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
         """The value as a JSON object."""
+        if isinstance(self.value, dict):
+            return self.value
         text = self.value.decode() if isinstance(self.value, bytes) else self.value
         try:
             parsed = json.loads(text)
@@ -204,6 +286,10 @@ class SecretValue:
 
     def as_string(self) -> str:
         """The value as text."""
+        if self._text is not None:
+            return self._text
+        if isinstance(self.value, dict):
+            return json.dumps(self.value)
         return self.value.decode() if isinstance(self.value, bytes) else self.value
 
     def __repr__(self) -> str:
@@ -214,11 +300,21 @@ class SecretValue:
     @classmethod
     def from_proto(cls, secret: secret_pb2.Secret) -> "SecretValue":
         which = secret.WhichOneof("value")
-        value: Union[str, bytes] = secret.binary_value if which == "binary_value" else secret.string_value
         created = (
             secret.created_date.ToDatetime(tzinfo=timezone.utc) if secret.HasField("created_date") else None
         )
-        return cls(value=value, version_id=secret.version_id, created_date=created, secret_name=secret.name)
+        if which == "binary_value":
+            return cls(value=secret.binary_value, version_id=secret.version_id, created_date=created, secret_name=secret.name)
+        text = secret.string_value
+        value: Union[str, dict[str, Any]] = text
+        if text.lstrip().startswith("{"):
+            try:
+                parsed = json.loads(text)
+            except ValueError:
+                parsed = None
+            if isinstance(parsed, dict):
+                value = parsed
+        return cls(value=value, version_id=secret.version_id, created_date=created, secret_name=secret.name, _text=text)
 
 
 @dataclass
@@ -266,8 +362,9 @@ class AWSSecretsManager:
     # -- secrets -----------------------------------------------------------
 
     def get_secret(self, secret_name: str, version_id: Optional[str] = None, use_cache: bool = True) -> SecretValue:
-        """The secret (by short name: the broker adds ``SECRET_PREFIX``), from
-        the local cache when it holds it within ``SECRET_CACHE_TTL``."""
+        """The secret (by short name: ``SECRET_PREFIX`` is added, this
+        client's when set, else the broker's), from the local cache when it
+        holds it within ``SECRET_CACHE_TTL``."""
         key = (secret_name, version_id)
         if use_cache:
             with self._lock:
@@ -275,7 +372,7 @@ class AWSSecretsManager:
                 if entry is not None and time.monotonic() - entry.stored_at < self.config.secret_cache_ttl:
                     return entry.value
         request = secrets_service_pb2.GetSecretRequest(
-            name=secret_name, version_id=version_id or "", bypass_cache=not use_cache
+            name=self.config.request_name(secret_name), version_id=version_id or "", bypass_cache=not use_cache
         )
         try:
             answer = self._secrets().GetSecret(request, timeout=CALL_TIMEOUT)
@@ -469,7 +566,9 @@ class _Follower:
             backoff = min(backoff * 2, WATCH_BACKOFF_MAX)
 
     def _events(self) -> Iterator[secrets_service_pb2.WatchSecretResponse]:
-        request = secrets_service_pb2.WatchSecretRequest(name=self.name, since_version_id=self.version_id)
+        request = secrets_service_pb2.WatchSecretRequest(
+            name=self.manager.config.request_name(self.name), since_version_id=self.version_id
+        )
         call = self.manager._secrets().WatchSecret(request)
         self._call = call
         return iter(call)
