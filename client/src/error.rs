@@ -122,8 +122,12 @@ impl Error {
     /// as `Unreachable`.
     pub(crate) fn from_call(status: Status, endpoint: &str) -> Self {
         let from_broker = status.get_details_error_info().is_some();
-        let connection_failed = matches!(status.code(), Code::Unavailable | Code::Unknown)
-            && std::error::Error::source(&status).is_some();
+        // tonic reports an HTTP/2 protocol failure (e.g. a plaintext client
+        // talking to a TLS broker) as INTERNAL, carrying the h2 error.
+        let connection_failed = matches!(
+            status.code(),
+            Code::Unavailable | Code::Unknown | Code::Internal
+        ) && std::error::Error::source(&status).is_some();
         if from_broker || !connection_failed {
             return Self::from(status);
         }
@@ -153,7 +157,7 @@ fn connection_reason(status: &Status) -> String {
     let reason = if untrusted.iter().any(|word| chain.contains(word)) {
         "TLS: the broker's certificate is not signed by the CA of BROKER_CA_FILE (unknown CA)"
     } else if chain.contains("notvalidforname") || chain.contains("not valid for name") {
-        "TLS: the broker's certificate does not name this host (name mismatch); set          BROKER_TLS_DOMAIN to a name it carries"
+        "TLS: the broker's certificate does not name this host (name mismatch); set BROKER_TLS_DOMAIN to a name it carries"
     } else if chain.contains("certificaterequired") || chain.contains("certificate required") {
         "TLS: the broker requires a client certificate (BROKER_CERT_FILE, BROKER_KEY_FILE)"
     } else if chain.contains("expired") {
@@ -168,6 +172,8 @@ fn connection_reason(status: &Status) -> String {
     } else if chain.contains("tls") || chain.contains("handshake") || chain.contains("certificate")
     {
         "TLS handshake failed (BROKER_CA_FILE, BROKER_CERT_FILE, BROKER_KEY_FILE)"
+    } else if chain.contains("protocol error") || chain.contains("http2 error") {
+        "the broker did not answer in plaintext HTTP/2 (a TLS broker? set BROKER_CA_FILE, BROKER_CERT_FILE, BROKER_KEY_FILE)"
     } else if chain.contains("broken pipe") || chain.contains("reset") {
         "the connection was closed (a plaintext client to a TLS broker? BROKER_CA_FILE)"
     } else {

@@ -135,3 +135,13 @@ def test_get_names_a_tls_broker_it_does_not_trust(start_tls_broker, pki, broker_
     assert got.returncode == 1 and got.stdout == ""
     assert len(lines) == 1, lines
     assert broker.addr in lines[0] and "unknown CA" in lines[0] and "BROKER_CA_FILE" in lines[0], lines[0]
+
+
+def test_get_names_a_plaintext_client_to_a_tls_broker(start_tls_broker, broker_bin):
+    broker = start_tls_broker()
+    got = get(broker_bin, "mistral-api-key", "--endpoint", broker.addr)
+    lines = lines_of(got)
+    print(lines)
+    assert got.returncode == 1 and got.stdout == ""
+    assert len(lines) == 1, lines
+    assert broker.addr in lines[0] and "BROKER_CA_FILE" in lines[0], lines[0]
