@@ -103,8 +103,13 @@ impl Loader for TlsSource {
     }
 
     fn load(&self, _previous: Option<&TlsState>) -> Result<TlsState, TlsError> {
+        let config = server_config(&self.files)?;
+        // A certificate outside its dates fails every handshake: at a
+        // reload it is a broken file (the one in use stays), at start a
+        // clear error rather than a broker no client can reach.
+        certificate_report(&self.files)?;
         Ok(TlsState {
-            config: server_config(&self.files)?,
+            config,
             expiry: expiry_of(&self.files),
         })
     }

@@ -14,6 +14,7 @@ under it and unnamed certificates are tested in-process
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 import ssl
@@ -253,6 +254,18 @@ def test_server_certificate_and_client_ca_reload(start_tls_broker, tls_files, st
         assert shake.accepted and shake.peer_der == new_server.der, f"{case}: {shake.describe()}"
         replace_file(path, original)
         time.sleep(0.3)          # let that reload (of good files) pass
+    # a certificate past its dates (with its own key) is broken too
+    now = dt.datetime.now(dt.timezone.utc)
+    expired = pki.make_server("server-expired", not_before=now - dt.timedelta(days=60),
+                              not_after=now - dt.timedelta(days=1))
+    refused = count_warnings(broker, r"not valid now")
+    tls_files.install_server(expired)
+    wait_for(lambda: count_warnings(broker, r"not valid now") > refused, RELOAD_BOUND,
+             what="a warning about the expired server certificate")
+    time.sleep(0.3)
+    shake = broker.handshake(pki.foreign)
+    assert shake.accepted and shake.peer_der == new_server.der, f"expired: {shake.describe()}"
+    tls_files.install_server(new_server)
     assert broker.alive(), broker.tail()
     print(f"new certificate served after {took:.2f} s")
 
