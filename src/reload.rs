@@ -39,6 +39,10 @@ pub trait Loader: Send + Sync + 'static {
     fn same(&self, _old: &Self::Value, _new: &Self::Value) -> bool {
         false
     }
+
+    /// Called once a reload has put a new value in force in place of
+    /// `replaced`.
+    fn replaced(&self, _replaced: &Self::Value) {}
 }
 
 /// A value that follows its files; share it in an `Arc`.
@@ -85,6 +89,7 @@ impl<L: Loader> Reloadable<L> {
             return Ok(false);
         }
         self.current.store(Arc::new(value));
+        self.loader.replaced(&previous);
         self.changes.send_modify(|count| *count += 1);
         Ok(true)
     }

@@ -29,7 +29,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering::Relaxed},
     },
-    task::{Context, Poll, Waker},
+    task::{Context, Poll},
     time::Duration,
 };
 
@@ -41,10 +41,14 @@ use tokio::{
 };
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 
-use super::tls::{self, TlsTerminator};
+use super::{
+    peer_trust::PeerTrust,
+    tls::{self, TlsTerminator},
+    token_watch::TokenWatch,
+};
 use crate::{
     config::Limits,
     identity::{ConnectionInfo, Identity},
@@ -199,7 +203,7 @@ impl Opening {
     /// The TLS handshake (when on), then the preface. `None`: dropped, and
     /// why is logged.
     async fn establish(self, socket: Socket) -> Option<Connection> {
-        let (stream, identity) = match (socket, &self.tls) {
+        let (stream, identity, trust) = match (socket, &self.tls) {
             (Socket::Tcp(stream), Some(tls)) => match self.handshake(tls, stream).await {
                 Ok(established) => established,
                 Err(reason) => {
@@ -208,8 +212,8 @@ impl Opening {
                     return None;
                 }
             },
-            (Socket::Tcp(stream), None) => (Transport::Plain(stream), Identity::Anonymous),
-            (Socket::Unix(stream), _) => (Transport::Unix(stream), Identity::Anonymous),
+            (Socket::Tcp(stream), None) => (Transport::Plain(stream), Identity::Anonymous, None),
+            (Socket::Unix(stream), _) => (Transport::Unix(stream), Identity::Anonymous, None),
         };
         let mut connection = Connection {
             stream,
@@ -219,7 +223,8 @@ impl Opening {
                 call_slots: Arc::new(Semaphore::new(self.limits.max_calls_per_connection)),
             },
             max_calls: self.limits.max_calls_per_connection,
-            shutdown: ShutdownWatch::new(&self.shutdown),
+            shutdown: TokenWatch::child_of(&self.shutdown),
+            trust,
             traffic: false,
             last_traffic: Instant::now(),
             idle_since: None,
@@ -237,14 +242,16 @@ impl Opening {
 
     async fn handshake(
         &self,
-        tls: &TlsTerminator,
+        tls: &Arc<TlsTerminator>,
         stream: TcpStream,
-    ) -> Result<(Transport, Identity), String> {
-        match tls.acceptor().accept(stream).await {
+    ) -> Result<(Transport, Identity, Option<PeerTrust>), String> {
+        let (acceptor, generation) = tls.acceptor();
+        match acceptor.accept(stream).await {
             Ok(stream) => {
                 let identity = tls::peer_identity(&stream);
+                let trust = PeerTrust::new(tls, &stream, &generation);
                 tracing::debug!(remote = %self.remote, identity = identity.shown(), "TLS connection established");
-                Ok((Transport::Tls(Box::new(stream)), identity))
+                Ok((Transport::Tls(Box::new(stream)), identity, trust))
             }
             Err(error) => Err(error.to_string()),
         }
@@ -258,7 +265,10 @@ pub struct Connection {
     replay: Vec<u8>,
     info: ConnectionInfo,
     max_calls: usize,
-    shutdown: ShutdownWatch,
+    shutdown: TokenWatch,
+    /// A TLS client's certificate, checked again as it expires and at TLS
+    /// reloads (`peer_trust`).
+    trust: Option<PeerTrust>,
     /// Bytes went either way since `last_traffic` was set. Every read and
     /// write notes it; the clock is read only once shutdown has begun.
     traffic: bool,
@@ -269,54 +279,6 @@ pub struct Connection {
     /// Wakes the connection when its peer has been quiet long enough.
     quiet: Option<Pin<Box<Sleep>>>,
     _slot: OwnedSemaphorePermit,
-}
-
-/// A connection's view of the broker's shutdown. Every read asks whether
-/// it has begun (several times a call), so asking is cheap: one lock of the
-/// connection's own child token. The token's future, which wakes the
-/// connection when shutdown begins, is polled again only when the task's
-/// waker changes; it keeps the waker it was last polled with.
-struct ShutdownWatch {
-    token: CancellationToken,
-    cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
-    /// The waker `cancelled` holds.
-    registered: Option<Waker>,
-    begun: bool,
-}
-
-impl ShutdownWatch {
-    fn new(shutdown: &CancellationToken) -> Self {
-        // A child: its lock is this connection's, not one that every
-        // connection takes on every read.
-        let token = shutdown.child_token();
-        Self {
-            cancelled: Box::pin(token.clone().cancelled_owned()),
-            token,
-            registered: None,
-            begun: false,
-        }
-    }
-
-    /// Whether shutdown has begun; if not, the task of `cx` is woken when
-    /// it does.
-    fn begun(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.begun || self.token.is_cancelled() {
-            self.begun = true;
-            return true;
-        }
-        let registered = self
-            .registered
-            .as_ref()
-            .is_some_and(|waker| waker.will_wake(cx.waker()));
-        if !registered {
-            if self.cancelled.as_mut().poll(cx).is_ready() {
-                self.begun = true;
-                return true;
-            }
-            self.registered = Some(cx.waker().clone());
-        }
-        false
-    }
 }
 
 enum Transport {
@@ -351,7 +313,7 @@ impl Connection {
     /// After shutdown, a connection with no call in flight and no traffic
     /// for `QUIET` is done.
     fn closing(&mut self, cx: &mut Context<'_>) -> bool {
-        if !self.shutdown.begun(cx) || self.info.call_slots.available_permits() != self.max_calls {
+        if !self.shutdown.fired(cx) || self.info.call_slots.available_permits() != self.max_calls {
             self.idle_since = None;
             return false;
         }
@@ -396,6 +358,15 @@ impl AsyncRead for Connection {
             tracing::debug!("idle connection closed at shutdown");
             // End of stream: hyper closes the connection.
             return Poll::Ready(Ok(()));
+        }
+        let Self { trust, info, .. } = &mut *self;
+        if let Some(untrusted) = trust
+            .as_mut()
+            .and_then(|trust| trust.lost(cx, &info.identity))
+        {
+            // An error: hyper drops the connection and every stream on it.
+            let error = io::Error::new(io::ErrorKind::PermissionDenied, untrusted.reason());
+            return Poll::Ready(Err(error));
         }
         if !self.replay.is_empty() {
             let n = buf.remaining().min(self.replay.len());
@@ -484,58 +455,5 @@ impl ConnectionCounters {
             )?;
             Ok(())
         });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::{
-        sync::atomic::AtomicUsize,
-        task::{Context, Wake, Waker},
-    };
-
-    use super::*;
-
-    #[derive(Default)]
-    struct CountingWaker(AtomicUsize);
-
-    impl Wake for CountingWaker {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Relaxed);
-        }
-    }
-
-    fn counting() -> (Arc<CountingWaker>, Waker) {
-        let counter = Arc::new(CountingWaker::default());
-        (Arc::clone(&counter), Waker::from(counter))
-    }
-
-    #[test]
-    fn shutdown_wakes_the_waker_a_connection_was_last_read_with() {
-        let shutdown = CancellationToken::new();
-        let mut watch = ShutdownWatch::new(&shutdown);
-        let (first, first_waker) = counting();
-        let (second, second_waker) = counting();
-        assert!(!watch.begun(&mut Context::from_waker(&first_waker)));
-        assert!(!watch.begun(&mut Context::from_waker(&first_waker)));
-        assert!(!watch.begun(&mut Context::from_waker(&second_waker)));
-
-        shutdown.cancel();
-        assert_eq!(second.0.load(Relaxed), 1, "the waker seen last is woken");
-        assert_eq!(first.0.load(Relaxed), 0, "a waker no longer in use is not");
-        assert!(watch.begun(&mut Context::from_waker(&second_waker)));
-        assert!(
-            watch.begun(&mut Context::from_waker(&first_waker)),
-            "and stays begun"
-        );
-    }
-
-    #[test]
-    fn a_connection_opened_after_shutdown_sees_it_at_once() {
-        let shutdown = CancellationToken::new();
-        shutdown.cancel();
-        let mut watch = ShutdownWatch::new(&shutdown);
-        let (_, waker) = counting();
-        assert!(watch.begun(&mut Context::from_waker(&waker)));
     }
 }

@@ -12,5 +12,7 @@
 pub mod budget;
 pub mod gate;
 pub mod listener;
+mod peer_trust;
 pub mod server;
 pub mod tls;
+mod token_watch;

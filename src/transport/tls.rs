@@ -5,8 +5,10 @@
 //! than through tonic's `tls_config`, for two reasons:
 //! - reload: the rustls config is a `Reloadable`, swapped whole when the
 //!   certificate, key or CA files change (or on SIGHUP); each new handshake
-//!   takes the config current at that moment, existing connections keep
-//!   theirs. A broken new file keeps the old config.
+//!   takes the config current at that moment. A broken new file keeps the
+//!   old config. An open connection's client is checked again against the
+//!   new config (a CA taken out of the bundle), and its connection closed
+//!   when it fails, or when its certificate expires (`peer_trust`).
 //! - identity: the caller's identity is read from its certificate once, at
 //!   the handshake (see `listener`), and attached to the connection, so
 //!   calls never parse certificates.
@@ -20,12 +22,13 @@ use std::{
 use rustls::{
     RootCertStore, ServerConfig,
     crypto::CryptoProvider,
-    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
-    server::WebPkiClientVerifier,
+    pki_types::{CertificateDer, PrivateKeyDer, UnixTime, pem::PemObject},
+    server::{WebPkiClientVerifier, danger::ClientCertVerifier},
     sign::CertifiedKey,
 };
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tokio_util::sync::CancellationToken;
 use x509_parser::prelude::FromDer;
 
 use crate::{
@@ -82,8 +85,13 @@ struct TlsSource {
 /// A TLS config and when its certificate expires.
 struct TlsState {
     config: Arc<ServerConfig>,
+    /// The config's check of client certificates, kept to check again the
+    /// clients of open connections when a reload replaces it.
+    clients: Arc<dyn ClientCertVerifier>,
     /// Unix seconds; 0: unknown.
     expiry: i64,
+    /// Cancelled when a reload replaces this state.
+    replaced: CancellationToken,
 }
 
 impl Loader for TlsSource {
@@ -103,15 +111,21 @@ impl Loader for TlsSource {
     }
 
     fn load(&self, _previous: Option<&TlsState>) -> Result<TlsState, TlsError> {
-        let config = server_config(&self.files)?;
+        let (config, clients) = build(&self.files)?;
         // A certificate outside its dates fails every handshake: at a
         // reload it is a broken file (the one in use stays), at start a
         // clear error rather than a broker no client can reach.
         certificate_report(&self.files)?;
         Ok(TlsState {
             config,
+            clients,
             expiry: expiry_of(&self.files),
+            replaced: CancellationToken::new(),
         })
+    }
+
+    fn replaced(&self, replaced: &TlsState) {
+        replaced.replaced.cancel();
     }
 }
 
@@ -135,9 +149,30 @@ impl TlsTerminator {
         Some(self.state.current().expiry).filter(|&at| at > 0)
     }
 
-    /// The acceptor for a new connection: the config current right now.
-    pub(crate) fn acceptor(&self) -> TlsAcceptor {
-        TlsAcceptor::from(Arc::clone(&self.state.current().config))
+    /// The acceptor for a new connection: the config current right now,
+    /// and the token a reload of that config cancels.
+    pub(crate) fn acceptor(&self) -> (TlsAcceptor, CancellationToken) {
+        let state = self.state.current();
+        (
+            TlsAcceptor::from(Arc::clone(&state.config)),
+            state.replaced.clone(),
+        )
+    }
+
+    /// Checks `chain` (a client's, leaf first) against the config in
+    /// force; `Ok` holds the token a reload of that config cancels.
+    pub(crate) fn verify_client(
+        &self,
+        chain: &[CertificateDer<'static>],
+    ) -> Result<CancellationToken, rustls::Error> {
+        let state = self.state.current();
+        let (leaf, intermediates) = chain
+            .split_first()
+            .ok_or(rustls::Error::NoCertificatesPresented)?;
+        state
+            .clients
+            .verify_client_cert(leaf, intermediates, UnixTime::now())?;
+        Ok(state.replaced.clone())
     }
 }
 
@@ -155,8 +190,9 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
-/// Builds the rustls config from the files, checking what can be checked.
-pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
+/// Builds the rustls config from the files, checking what can be checked;
+/// with it, its check of client certificates.
+fn build(files: &TlsFiles) -> Result<(Arc<ServerConfig>, Arc<dyn ClientCertVerifier>), TlsError> {
     let chain = read_certificates("server certificate", &files.cert)?;
     let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| TlsError::Read {
         what: "server key",
@@ -188,11 +224,11 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(Arc::clone(&verifier))
         .with_single_cert(chain, key)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), verifier))
 }
 
 fn read_certificates(

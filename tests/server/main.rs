@@ -17,4 +17,5 @@ mod harness;
 mod limits;
 mod policy;
 mod stop;
+mod trust;
 mod watch;

@@ -1,0 +1,122 @@
+//! An open mutual-TLS connection lasts only as long as its client's
+//! certificate would pass a handshake: it is closed when the certificate
+//! expires, and when a TLS reload takes its CA out of the client CA
+//! bundle, watches included.
+
+use std::time::{Duration, Instant};
+
+use secrets_broker_client::proto::{
+    WatchEventType, WatchSecretRequest, secrets_service_client::SecretsServiceClient,
+};
+
+use crate::harness::{Issued, Pki, Running, Secrets, get, value};
+
+const AUTH: &str = "spiffe://insurecove/auth-service";
+const MISTRAL_VALUE: &str = "dev-mistral-key-NOT-A-REAL-KEY-0000";
+
+fn policy(pki: &Pki) -> std::path::PathBuf {
+    pki.write_policy(&format!(
+        "[[grant]]\nidentity = \"{AUTH}\"\nsecrets = [\"insurecove/**\"]\n"
+    ))
+}
+
+/// A client certificate for `AUTH` that expires `after` from now.
+fn expiring(pki: &Pki, after: Duration) -> Issued {
+    use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, KeyUsagePurpose, SanType};
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.subject_alt_names = vec![SanType::URI(AUTH.try_into().unwrap())];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.use_authority_key_identifier_extension = true;
+    params.not_after = time::OffsetDateTime::now_utc() + after;
+    pki.issue("expiring", params)
+}
+
+/// A reader on one connection: a watch open, and the stub.
+async fn reading(
+    broker: &Running,
+    client: &Issued,
+) -> (
+    Secrets,
+    tonic::Streaming<secrets_broker_client::proto::WatchSecretResponse>,
+) {
+    let mut stub = SecretsServiceClient::new(broker.mtls(client).await);
+    assert_eq!(
+        value(&get(&mut stub, "mistral-api-key").await.unwrap()),
+        MISTRAL_VALUE
+    );
+    let request = WatchSecretRequest {
+        name: "mistral-api-key".into(),
+        ..Default::default()
+    };
+    let mut watch = stub.watch_secret(request).await.unwrap().into_inner();
+    let first = watch.message().await.unwrap().expect("an event");
+    assert_eq!(first.r#type(), WatchEventType::Current);
+    (stub, watch)
+}
+
+/// How long until the watch ends (an error or its end), within `bound`.
+async fn ends_within(
+    watch: &mut tonic::Streaming<secrets_broker_client::proto::WatchSecretResponse>,
+    bound: Duration,
+) -> Duration {
+    let started = Instant::now();
+    let next = tokio::time::timeout(bound, watch.message())
+        .await
+        .expect("the connection was closed, and the watch with it");
+    assert!(
+        !matches!(next, Ok(Some(_))),
+        "an event, not an end: {next:?}"
+    );
+    started.elapsed()
+}
+
+#[tokio::test]
+async fn a_connection_ends_when_its_client_certificate_expires() {
+    let pki = Pki::new();
+    let broker = Running::start_tls(&pki, Some(policy(&pki))).await;
+    let client = expiring(&pki, Duration::from_secs(3));
+    let (_stub, mut watch) = reading(&broker, &client).await;
+    let took = ends_within(&mut watch, Duration::from_secs(10)).await;
+    assert!(
+        took > Duration::from_millis(500),
+        "ended before the expiry: {took:?}"
+    );
+    // A valid certificate's connection is untouched.
+    let fresh = pki.client("fresh", AUTH);
+    let (mut stub, mut watch) = reading(&broker, &fresh).await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), watch.message())
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        value(&get(&mut stub, "mistral-api-key").await.unwrap()),
+        MISTRAL_VALUE
+    );
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_ends_when_a_reload_removes_its_ca() {
+    let pki = Pki::new();
+    let broker = Running::start_tls(&pki, Some(policy(&pki))).await;
+    let client = pki.client("auth", AUTH);
+    let (_stub, mut watch) = reading(&broker, &client).await;
+
+    // The same CA again: a reload that changes nothing for this client.
+    let ca = std::fs::read_to_string(pki.ca()).unwrap();
+    crate::harness::replace_file(&pki.ca(), &format!("{ca}\n"));
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), watch.message())
+            .await
+            .is_err()
+    );
+
+    // Another CA only: the open connection is closed, its watch with it.
+    let other = Pki::new();
+    let other_ca = std::fs::read_to_string(other.ca()).unwrap();
+    crate::harness::replace_file(&pki.ca(), &other_ca);
+    ends_within(&mut watch, Duration::from_secs(5)).await;
+    broker.stop().await;
+}
