@@ -57,7 +57,11 @@ impl AdminApi {
         audit: &mut Audit,
         name: &str,
     ) -> Result<RefreshSecretResponse, ApiError> {
-        let full_name = self.context.names.resolve(name)?;
+        let full_name = self
+            .context
+            .names
+            .resolve(name)
+            .inspect_err(|_| audit.refused_name(name))?;
         audit.secret(&full_name);
         // Admin rights are about the cache, not about secrets: what a
         // refresh tells (name, ARN, versions, existence) needs the read

@@ -15,6 +15,7 @@ use tonic::Code;
 use crate::{
     api::{CallMetrics, rpc::Rpc},
     identity::Identity,
+    names::ShownName,
     telemetry::audit::AuditRecord,
 };
 
@@ -64,6 +65,13 @@ impl Audit {
     /// Notes a secret the call touched (resolved name).
     pub fn secret(&mut self, name: &str) {
         self.push_name(name);
+    }
+
+    /// Notes a name the call was refused for before it could be resolved
+    /// (a bad name): as the caller sent it, cut (`ShownName`) and quoted,
+    /// so that the trail says what was asked.
+    pub fn refused_name(&mut self, raw: &str) {
+        self.push_name(&refused_shown(raw));
     }
 
     /// Notes one item of a batch with its own outcome and, for a read that
@@ -123,6 +131,29 @@ impl Drop for Audit {
             self.emit(outcome);
         }
     }
+}
+
+/// A name that did not resolve, as the audit shows it.
+pub fn refused_shown(raw: &str) -> String {
+    format!("{:?}", ShownName(raw).to_string())
+}
+
+/// The audit event of a call of SecretsService or AdminService that
+/// failed before its handler ran (its request could not be read: too
+/// large, not valid protobuf or UTF-8, the request memory spent), which
+/// no `Audit` saw. `path` is the request's; other services are not
+/// audited.
+pub fn refused_before_the_handler(path: &str, identity: &Identity, outcome: Code) {
+    let Some(rpc) = Rpc::of_path(path) else {
+        return;
+    };
+    crate::telemetry::audit::record(&AuditRecord {
+        identity: identity.shown(),
+        rpc: rpc.name(),
+        secrets: "",
+        outcome: code_name(outcome),
+        cache_hit: None,
+    });
 }
 
 /// The secret names a call touched, as the audit line shows them: held

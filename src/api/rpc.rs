@@ -4,7 +4,7 @@
 //! from it at compile time (strum), so a new RPC cannot be left out of the
 //! per-RPC metric handles.
 
-use strum::{EnumCount, EnumIter, IntoStaticStr};
+use strum::{EnumCount, EnumIter, IntoEnumIterator, IntoStaticStr};
 
 /// One RPC of SecretsService or AdminService.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, EnumCount, EnumIter, IntoStaticStr)]
@@ -26,6 +26,14 @@ impl Rpc {
     /// The RPC's name in the contract.
     pub fn name(self) -> &'static str {
         self.into()
+    }
+
+    /// The RPC a request's path calls, when it is one of the broker's.
+    pub fn of_path(path: &str) -> Option<Self> {
+        let method = path
+            .strip_prefix("/secretsbroker.v1.SecretsService/")
+            .or_else(|| path.strip_prefix("/secretsbroker.v1.AdminService/"))?;
+        Self::iter().find(|rpc| rpc.name() == method)
     }
 
     /// Its place among the variants, below `Rpc::COUNT`.

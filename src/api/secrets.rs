@@ -7,7 +7,7 @@ use tonic::{Code, Request, Response, Status};
 
 use super::{
     ApiContext,
-    audit::Audit,
+    audit::{Audit, refused_shown},
     message::{self, Contents},
     respond,
     status::ApiError,
@@ -20,7 +20,7 @@ use crate::{
     backend::{SelectorRef, VersionSelector, check_version_field},
     cache::{CacheKey, KeyRef, Lookup},
     identity::Identity,
-    names::{NameRoom, ShownName},
+    names::NameRoom,
     policy::{Authorizer, Denied},
     proto::{
         BatchGetSecretsRequest, BatchGetSecretsResponse, BatchGetSecretsResult,
@@ -70,7 +70,13 @@ impl SecretsApi {
         name: &'a str,
         room: &'a mut NameRoom,
     ) -> Result<&'a str, ApiError> {
-        let full_name = self.context.names.resolve_in(name, room)?;
+        let full_name = match self.context.names.resolve_in(name, room) {
+            Ok(full_name) => full_name,
+            Err(invalid) => {
+                audit.refused_name(name);
+                return Err(invalid.into());
+            }
+        };
         audit.secret(full_name);
         self.context
             .authorizer
@@ -182,8 +188,7 @@ impl SecretsApi {
                         ))
                     }
                     Err((full_name, error)) => {
-                        let shown = full_name
-                            .unwrap_or_else(|| format!("{:?}", ShownName(&name).to_string()));
+                        let shown = full_name.unwrap_or_else(|| refused_shown(&name));
                         audit.batch_item(&shown, error.code(), None);
                         batch_get_secrets_result::Result::Error(error.to_secret_error())
                     }
@@ -229,7 +234,8 @@ impl SecretsApi {
         let full_name = self
             .context
             .names
-            .resolve_or_default(request.name(), R::KIND)?;
+            .resolve_or_default(request.name(), R::KIND)
+            .inspect_err(|_| audit.refused_name(request.name()))?;
         audit.secret(&full_name);
         self.context
             .authorizer

@@ -125,6 +125,11 @@ impl ApiError {
         self.code_and_reason().0
     }
 
+    /// The `ErrorInfo` reason.
+    pub fn reason(&self) -> &'static str {
+        self.code_and_reason().1
+    }
+
     /// The per-item form used by BatchGetSecrets.
     pub fn to_secret_error(&self) -> SecretError {
         let (code, reason) = self.code_and_reason();

@@ -37,10 +37,14 @@ use http::{Request, Response, StatusCode, header::CONTENT_TYPE};
 use http_body::Frame;
 use tokio::sync::OwnedSemaphorePermit;
 use tonic::{Status, body::Body};
+use tonic_types::StatusExt;
 use tower::{Layer, Service};
 
 use super::budget::{Budgeted, RequestBudget};
-use crate::{api::status::ApiError, identity::ConnectionInfo};
+use crate::{
+    api::{refused_before_the_handler, status::ApiError},
+    identity::{ConnectionInfo, Identity},
+};
 
 /// Puts the gate in front of a service.
 #[derive(Debug, Clone)]
@@ -118,6 +122,14 @@ where
             },
         };
         let limit = self.call_timeout;
+        // For the audit of a call that fails before its handler runs.
+        let path = request.uri().path_and_query().cloned();
+        let caller = request
+            .extensions()
+            .get::<ConnectionInfo>()
+            .map_or(Identity::Anonymous, |connection| {
+                connection.identity.clone()
+            });
         let mut request = request.map(|body| self.budget.wrap(body));
         let deadline = CallDeadline::of(request.headers().get("grpc-timeout"), limit);
         // Reflection is a bidirectional stream: its answer starts at once,
@@ -132,6 +144,9 @@ where
                 Ok(Ok(response)) => response,
                 Err(_elapsed) => answer(ApiError::CallTimeout(limit)),
             };
+            if let (Some(outcome), Some(path)) = (failed_before_the_handler(&response), &path) {
+                refused_before_the_handler(path.path(), &caller, outcome);
+            }
             if slot.is_none() && stream_ends.is_none() {
                 return Ok(response);
             }
@@ -145,6 +160,34 @@ where
             }))
         })
     }
+}
+
+/// The code of an answer that no handler of the broker's wrote: an error
+/// without the `ErrorInfo` every handler's error carries (tonic's own, for
+/// a request it could not read), or the request memory's refusal, which
+/// the request body gives before any handler runs. A call answered in
+/// full has its `grpc-status` in the trailers, not here: one look-up.
+fn failed_before_the_handler(response: &Response<Body>) -> Option<tonic::Code> {
+    let headers = response.headers();
+    let code = headers
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .parse::<i32>()
+        .ok()?;
+    let code = tonic::Code::from(code);
+    if code == tonic::Code::Ok {
+        return None;
+    }
+    if !headers.contains_key("grpc-status-details-bin") {
+        return Some(code);
+    }
+    let status = Status::from_header_map(headers)?;
+    let reason = status
+        .get_error_details()
+        .error_info()
+        .map(|info| info.reason.clone());
+    (reason.as_deref() == Some(ApiError::RequestMemory.reason())).then_some(code)
 }
 
 /// Server reflection's services (v1 and v1alpha).

@@ -455,3 +455,80 @@ async fn malformed_typed_configs_name_the_field_and_echo_nothing() {
         assert!(!text.contains(&value), "{value:?} logged");
     }
 }
+
+/// A request whose `name` (field 1) is raw bytes, to send what protobuf
+/// decoding refuses.
+#[derive(Clone, PartialEq, prost::Message)]
+struct BytesName {
+    #[prost(bytes = "vec", tag = "1")]
+    name: Vec<u8>,
+}
+
+async fn send_bytes_name(channel: Channel, rpc: &'static str, name: Vec<u8>) -> Status {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = http::uri::PathAndQuery::from_static(rpc);
+    let codec = tonic_prost::ProstCodec::<BytesName, BytesName>::default();
+    grpc.unary(tonic::Request::new(BytesName { name }), path, codec)
+        .await
+        .unwrap_err()
+}
+
+#[tokio::test]
+async fn calls_refused_before_their_handler_or_for_their_name_are_audited() {
+    let log = process_log();
+    let start = log.position();
+    let broker = Running::start(|args| args.max_message_size = Some("1024".into())).await;
+    let mut raw = broker.raw().await;
+
+    let bad = "audit-refused name!";
+    let refused = raw
+        .get_secret(GetSecretRequest {
+            name: bad.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    let not_text = send_bytes_name(
+        broker.channel().await,
+        "/secretsbroker.v1.SecretsService/GetJwtConfig",
+        vec![b'a', 0xff, 0xfe],
+    )
+    .await;
+    assert_eq!(not_text.code(), Code::Internal, "{not_text:?}");
+    let too_large = send_bytes_name(
+        broker.channel().await,
+        "/secretsbroker.v1.SecretsService/GetSecurityConfig",
+        vec![b'a'; 2000],
+    )
+    .await;
+    assert_eq!(too_large.code(), Code::ResourceExhausted, "{too_large:?}");
+
+    let audit: Vec<String> = log
+        .since(start)
+        .lines()
+        .filter(|line| line.contains("audit"))
+        .map(str::to_owned)
+        .collect();
+    let seen = |rpc: &str, outcome: &str, secrets: &str| {
+        audit.iter().any(|line| {
+            line.contains(&format!("rpc=\"{rpc}\""))
+                && line.contains(&format!("outcome=\"{outcome}\""))
+                && line.contains(secrets)
+        })
+    };
+    assert!(
+        seen("GetSecret", "INVALID_ARGUMENT", "audit-refused name!"),
+        "{audit:#?}"
+    );
+    assert!(
+        seen("GetJwtConfig", "INTERNAL", "secrets=\"\""),
+        "{audit:#?}"
+    );
+    assert!(
+        seen("GetSecurityConfig", "RESOURCE_EXHAUSTED", "secrets=\"\""),
+        "{audit:#?}"
+    );
+    broker.stop().await;
+}
