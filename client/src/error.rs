@@ -174,7 +174,7 @@ fn connection_reason(status: &Status) -> String {
         "TLS handshake failed (BROKER_CA_FILE, BROKER_CERT_FILE, BROKER_KEY_FILE)"
     } else if chain.contains("protocol error") || chain.contains("http2 error") {
         "the broker did not answer in plaintext HTTP/2 (a TLS broker? set BROKER_CA_FILE, BROKER_CERT_FILE, BROKER_KEY_FILE)"
-    } else if chain.contains("broken pipe") || chain.contains("reset") {
+    } else if chain.contains("broken pipe") || chain.contains("reset") || chain.contains("cancel") {
         "the connection was closed (a plaintext client to a TLS broker? BROKER_CA_FILE)"
     } else {
         "the connection failed (BROKER_ENDPOINT)"

@@ -83,10 +83,16 @@ impl Fields {
     /// callers use the field as a number without checking its type).
     fn positive(&self, field: &'static str) -> Result<u32, Malformed> {
         const RULE: &str = "must be a whole number greater than 0";
-        let number = self
-            .get(field)?
-            .as_u64()
-            .ok_or(Malformed::field(field, RULE))?;
+        let value = self.get(field)?;
+        if value.is_string() {
+            // The Secrets Manager console's key/value editor stores every
+            // value as a string: say what is wrong in those words.
+            return Err(Malformed::field(
+                field,
+                "must be a JSON number, not a string (write it without quotes)",
+            ));
+        }
+        let number = value.as_u64().ok_or(Malformed::field(field, RULE))?;
         match u32::try_from(number) {
             Ok(n) if n > 0 => Ok(n),
             _ => Err(Malformed::field(field, RULE)),
@@ -312,7 +318,7 @@ mod tests {
             (
                 serde_json::json!({"jwt_access_token_expire_minutes": "30"}),
                 "jwt_access_token_expire_minutes",
-                "greater than 0",
+                "must be a JSON number, not a string",
             ),
             (
                 serde_json::json!({"jwt_access_token_expire_minutes": 1.5}),

@@ -43,6 +43,9 @@ pub(super) struct Cursor {
     seen: HashSet<String>,
     /// Whose turn it is among the secrets outside the prefix.
     outside_turn: usize,
+    /// The last listing failed: the log said so once, and says once when
+    /// listing works again (an outage must not write a warning a round).
+    failing: bool,
 }
 
 /// A round's `budget` of calls, shared between listing pages (when there
@@ -157,10 +160,17 @@ impl Shared {
                 Err(error) => {
                     // The next round starts over; events and the TTL hold
                     // meanwhile.
-                    tracing::warn!(%error, "the sweep could not list secrets this round");
+                    if std::mem::replace(&mut self.cursor.lock().unwrap().failing, true) {
+                        tracing::debug!(%error, "the sweep still cannot list secrets");
+                    } else {
+                        tracing::warn!(%error, "the sweep cannot list secrets; it tries again each round");
+                    }
                     return Vec::new();
                 }
             };
+            if std::mem::replace(&mut self.cursor.lock().unwrap().failing, false) {
+                tracing::info!("the sweep lists secrets again");
+            }
             for description in &listing.secrets {
                 seen.insert(description.name.clone());
                 if let Some(items) = by_name.get(&description.name) {
