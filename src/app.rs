@@ -289,8 +289,9 @@ impl App {
             stop.clone(),
         ));
         if let Some(listener) = self.listeners.probes.take() {
-            let addr = listener.local_addr().ok();
-            tracing::info!(?addr, "metrics and probes listening");
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "metrics and probes listening");
+            }
             let probes = health::serve_probes(
                 listener,
                 self.metrics.clone(),

@@ -44,6 +44,8 @@ pub enum ApiError {
          send each request whole, or retry"
     )]
     RequestMemory,
+    #[error("the request is larger than the broker's limit of {limit} bytes (--max-message-size)")]
+    MessageTooLarge { limit: usize },
     #[error("secret {name} cannot be read as {kind}: {source}")]
     Malformed {
         name: String,
@@ -66,6 +68,7 @@ impl ApiError {
             Self::TooManyCalls => (Code::ResourceExhausted, "TOO_MANY_CALLS"),
             Self::CallTimeout(_) => (Code::DeadlineExceeded, "CALL_TIMEOUT"),
             Self::RequestMemory => (Code::ResourceExhausted, "REQUEST_MEMORY"),
+            Self::MessageTooLarge { .. } => (Code::ResourceExhausted, "MESSAGE_TOO_LARGE"),
             Self::Malformed { .. } => (Code::FailedPrecondition, "MALFORMED_SECRET"),
             Self::Store(store) => match store {
                 StoreError::NotFound { .. } => (Code::NotFound, "SECRET_NOT_FOUND"),
@@ -116,7 +119,8 @@ impl ApiError {
             | Self::Denied(_)
             | Self::TooManyCalls
             | Self::CallTimeout(_)
-            | Self::RequestMemory => {}
+            | Self::RequestMemory
+            | Self::MessageTooLarge { .. } => {}
         }
         metadata
     }
@@ -128,6 +132,13 @@ impl ApiError {
     /// The `ErrorInfo` reason.
     pub fn reason(&self) -> &'static str {
         self.code_and_reason().1
+    }
+
+    /// Whether an error of this reason is given before any handler runs
+    /// (by the transport, not a handler), so that no `Audit` saw its call.
+    pub fn given_before_the_handler(reason: &str) -> bool {
+        reason == Self::RequestMemory.reason()
+            || reason == (Self::MessageTooLarge { limit: 0 }).reason()
     }
 
     /// The per-item form used by BatchGetSecrets.

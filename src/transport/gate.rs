@@ -164,8 +164,9 @@ where
 
 /// The code of an answer that no handler of the broker's wrote: an error
 /// without the `ErrorInfo` every handler's error carries (tonic's own, for
-/// a request it could not read), or the request memory's refusal, which
-/// the request body gives before any handler runs. A call answered in
+/// a request it could not read), or one the transport gives with an
+/// `ErrorInfo` before any handler runs (the request memory, a request over
+/// the size limit). A call answered in
 /// full has its `grpc-status` in the trailers, not here: one look-up.
 fn failed_before_the_handler(response: &Response<Body>) -> Option<tonic::Code> {
     let headers = response.headers();
@@ -187,7 +188,9 @@ fn failed_before_the_handler(response: &Response<Body>) -> Option<tonic::Code> {
         .get_error_details()
         .error_info()
         .map(|info| info.reason.clone());
-    (reason.as_deref() == Some(ApiError::RequestMemory.reason())).then_some(code)
+    reason
+        .is_some_and(|reason| ApiError::given_before_the_handler(&reason))
+        .then_some(code)
 }
 
 /// Server reflection's services (v1 and v1alpha).

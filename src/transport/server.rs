@@ -12,7 +12,7 @@ use tower::util::MapResponseLayer;
 
 use super::{budget::RequestBudget, gate::GateLayer};
 use crate::{
-    api::{AdminApi, ApiContext, SecretsApi},
+    api::{AdminApi, ApiContext, SecretsApi, status::ApiError},
     config::Limits,
     proto::{
         self, admin_service_server::AdminServiceServer,
@@ -61,9 +61,7 @@ where
             limits.call_timeout,
             RequestBudget::new(limits.max_request_memory),
         ))
-        .layer(MapResponseLayer::new(
-            message_too_large_is_resource_exhausted,
-        ))
+        .layer(MapResponseLayer::new(too_large(limits.max_message_size)))
         // Every service takes the same message limit: tonic's default (4
         // MiB) would let health and reflection hold sixteen times more
         // per stream than the broker's own services.
@@ -92,19 +90,18 @@ where
 }
 
 /// tonic answers a request over `max_decoding_message_size` with
-/// OUT_OF_RANGE; gRPC's convention (and our contract) is RESOURCE_EXHAUSTED.
-/// The broker's own handlers never answer OUT_OF_RANGE, so the remap
-/// touches nothing else.
-fn message_too_large_is_resource_exhausted<B>(
-    mut response: http::Response<B>,
-) -> http::Response<B> {
-    let out_of_range = http::HeaderValue::from_static("11");
-    if response.headers().get("grpc-status") == Some(&out_of_range) {
+/// OUT_OF_RANGE and a bare message; gRPC's convention (and our contract)
+/// is RESOURCE_EXHAUSTED, with an `ErrorInfo` (`MESSAGE_TOO_LARGE`) that
+/// names the setting. The broker's own handlers never answer
+/// OUT_OF_RANGE, so the remap touches nothing else.
+fn too_large<B: Default>(limit: usize) -> impl Fn(http::Response<B>) -> http::Response<B> + Clone {
+    move |response| {
+        let out_of_range = http::HeaderValue::from_static("11");
+        if response.headers().get("grpc-status") == Some(&out_of_range) {
+            return tonic::Status::from(ApiError::MessageTooLarge { limit }).into_http();
+        }
         response
-            .headers_mut()
-            .insert("grpc-status", http::HeaderValue::from_static("8"));
     }
-    response
 }
 
 /// Reflection knows the contract, health, and `google.rpc` error details,

@@ -16,7 +16,12 @@ async fn a_request_over_the_message_size_is_resource_exhausted() {
     let broker = Running::start(|args| args.max_message_size = Some("1024".into())).await;
     let mut raw = broker.raw().await;
     let over = get(&mut raw, &"a".repeat(2000)).await.unwrap_err();
-    assert_eq!(over.code(), Code::ResourceExhausted, "{over:?}");
+    assert_eq!(
+        (over.code(), reason(&over).as_str()),
+        (Code::ResourceExhausted, "MESSAGE_TOO_LARGE"),
+        "{over:?}"
+    );
+    assert!(over.message().contains("--max-message-size"), "{over:?}");
     // Under the limit the same kind of request reaches the handler (a name
     // too long for AWS).
     let under = get(&mut raw, &"a".repeat(900)).await.unwrap_err();
