@@ -75,9 +75,16 @@ impl Audit {
     }
 
     /// Notes one item of a batch with its own outcome and, for a read that
-    /// succeeded, whether the cache answered: `name=OK/hit`.
+    /// succeeded, whether the cache answered: `name=OK/hit`. AWS allows `=`
+    /// in a name: such a name is quoted (`"a=b"=OK`), so that a reader
+    /// splitting on the last `=` of an unquoted item, or reading a quoted
+    /// one, never takes part of the name for the outcome.
     pub fn batch_item(&mut self, name: &str, outcome: Code, cache_hit: Option<bool>) {
-        self.push_name(name);
+        if name.contains(['=', ' ']) && !name.starts_with('"') {
+            self.push_name(&format!("{name:?}"));
+        } else {
+            self.push_name(name);
+        }
         self.secrets.push("=");
         self.secrets.push(code_name(outcome));
         match cache_hit {
@@ -213,6 +220,25 @@ pub fn code_name(code: Code) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batch_items_with_an_equals_sign_in_their_name_are_quoted() {
+        let registry = crate::metrics::Metrics::new();
+        let mut audit = Audit::new(
+            Rpc::BatchGetSecrets,
+            Identity::Anonymous,
+            CallMetrics::register(&registry, false),
+            Duration::from_secs(30),
+        );
+        audit.batch_item("insurecove/a=OK/hit", Code::PermissionDenied, None);
+        audit.batch_item("insurecove/b", Code::Ok, Some(true));
+        audit.batch_item(&refused_shown("bad name"), Code::InvalidArgument, None);
+        assert_eq!(
+            audit.secrets.as_str(),
+            r#""insurecove/a=OK/hit"=PERMISSION_DENIED insurecove/b=OK/hit "bad name"=INVALID_ARGUMENT"#
+        );
+        audit.finish(Code::Ok);
+    }
 
     #[test]
     fn a_call_dropped_before_its_answer_is_recorded_as_cancelled() {
