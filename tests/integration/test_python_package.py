@@ -120,6 +120,7 @@ jwt = m.get_secret("production/jwt")
 out["jwt_value_is_dict"] = isinstance(jwt.value, dict) and jwt.value["jwt_algorithm"] == "HS256"
 out["jwt_text_kept"] = json.loads(jwt.as_string()) == jwt.as_dict() == jwt.value
 out["mistral_value"] = m.get_secret("mistral-api-key").value
+out["staged"] = [m.get_secret("staged", version_stage="AWSPREVIOUS").as_string(), m.get_secret("staged").as_string()]
 
 async def missing():
     try:
@@ -147,12 +148,15 @@ print(json.dumps(out))
 """
 
 
-def test_the_client_follows_the_guides_semantics(venv, seeded_broker, tmp_path):
-    """SecretValue.value is a dict for a JSON object; asyncio errors map to
+def test_the_client_follows_the_guides_semantics(venv, seeded_broker, moto, tmp_path):
+    """SecretValue.value is a dict for a JSON object; a stage can be read;
+    asyncio errors map to
     the guide's exceptions; SECRET_PREFIX, when set, is the prefix asked
     for (never silently another); the proxy is for AWS: a loopback broker,
     or one NO_PROXY names, is reached directly."""
     broker, _ = seeded_broker
+    moto.create_secret("insurecove/staged", "staged-v1")
+    moto.put_secret_value("insurecove/staged", "staged-v2")
     probe = tmp_path / "probe.py"
     probe.write_text(GUIDE_SEMANTICS_PROBE)
     # A dead proxy: a broker on loopback must still answer.
@@ -163,6 +167,7 @@ def test_the_client_follows_the_guides_semantics(venv, seeded_broker, tmp_path):
     out = json.loads(proc.stdout)
     assert out["jwt_value_is_dict"] and out["jwt_text_kept"], out
     assert out["mistral_value"] == MISTRAL_VALUE
+    assert out["staged"] == ["staged-v1", "staged-v2"], out
     assert out["async_missing"] == ["NOT_FOUND", "SECRET_NOT_FOUND", False], out
     assert out["prefix_other"] == "not found", out
     assert out["prefix_same"] == MISTRAL_VALUE, out

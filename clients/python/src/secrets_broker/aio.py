@@ -15,6 +15,7 @@ from secrets_broker.aws_secrets import (
     CALL_TIMEOUT,
     AWSSecretsConfig,
     SecretValue,
+    _cache_key,
     _error_from,
     _health_request,
     _health_status,
@@ -56,15 +57,22 @@ class AsyncAWSSecretsManager:
             self._channel = None
 
     async def get_secret(
-        self, secret_name: str, version_id: Optional[str] = None, use_cache: bool = True
+        self,
+        secret_name: str,
+        version_id: Optional[str] = None,
+        use_cache: bool = True,
+        version_stage: Optional[str] = None,
     ) -> SecretValue:
         """As ``AWSSecretsManager.get_secret``."""
-        key = (secret_name, version_id)
+        key = _cache_key(secret_name, version_id, version_stage)
         cached = self._cache.get(key)
         if use_cache and cached is not None and time.monotonic() - cached[1] < self.config.secret_cache_ttl:
             return cached[0]
         request = secrets_service_pb2.GetSecretRequest(
-            name=self.config.request_name(secret_name), version_id=version_id or "", bypass_cache=not use_cache
+            name=self.config.request_name(secret_name),
+            version_id=version_id or "",
+            version_stage=version_stage or "",
+            bypass_cache=not use_cache,
         )
         try:
             answer = await self._secrets().GetSecret(request, timeout=CALL_TIMEOUT)

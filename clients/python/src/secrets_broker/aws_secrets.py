@@ -317,6 +317,16 @@ class SecretValue:
         return cls(value=value, version_id=secret.version_id, created_date=created, secret_name=secret.name, _text=text)
 
 
+def _cache_key(name: str, version_id: Optional[str], version_stage: Optional[str]) -> tuple[str, Optional[str]]:
+    """The local cache's key: the name, and which version (``None`` for the
+    current one, which is the one followed by push)."""
+    if version_id:
+        return (name, version_id)
+    if version_stage and version_stage != "AWSCURRENT":
+        return (name, f"stage:{version_stage}")
+    return (name, None)
+
+
 @dataclass
 class _Entry:
     value: SecretValue
@@ -361,18 +371,29 @@ class AWSSecretsManager:
 
     # -- secrets -----------------------------------------------------------
 
-    def get_secret(self, secret_name: str, version_id: Optional[str] = None, use_cache: bool = True) -> SecretValue:
+    def get_secret(
+        self,
+        secret_name: str,
+        version_id: Optional[str] = None,
+        use_cache: bool = True,
+        version_stage: Optional[str] = None,
+    ) -> SecretValue:
         """The secret (by short name: ``SECRET_PREFIX`` is added, this
         client's when set, else the broker's), from the local cache when it
-        holds it within ``SECRET_CACHE_TTL``."""
-        key = (secret_name, version_id)
+        holds it within ``SECRET_CACHE_TTL``. ``version_id`` or
+        ``version_stage`` (e.g. ``AWSPREVIOUS``) reads another version than
+        the current one; only the current one is followed by push."""
+        key = _cache_key(secret_name, version_id, version_stage)
         if use_cache:
             with self._lock:
                 entry = self._cache.get(key)
                 if entry is not None and time.monotonic() - entry.stored_at < self.config.secret_cache_ttl:
                     return entry.value
         request = secrets_service_pb2.GetSecretRequest(
-            name=self.config.request_name(secret_name), version_id=version_id or "", bypass_cache=not use_cache
+            name=self.config.request_name(secret_name),
+            version_id=version_id or "",
+            version_stage=version_stage or "",
+            bypass_cache=not use_cache,
         )
         try:
             answer = self._secrets().GetSecret(request, timeout=CALL_TIMEOUT)
@@ -390,9 +411,10 @@ class AWSSecretsManager:
                 return
             entry = _Entry(value=value, stored_at=time.monotonic())
             self._cache[key] = entry
-            name, version_id = key
-            # A version id names an immutable version: nothing to follow.
-            if version_id is None:
+            name, selector = key
+            # A version id names an immutable version, and a stage other
+            # than the current one is not what WatchSecret follows.
+            if selector is None:
                 entry.follower = _Follower(self, name, value.version_id)
                 entry.follower.start()
 
