@@ -79,6 +79,15 @@ impl Framing {
     /// Follows `chunk`; afterwards `unfinished` is what the message in
     /// progress has received.
     fn follow(&mut self, mut chunk: &[u8]) {
+        // The common case, one whole message in one frame, in a few steps.
+        if self.header_seen == 0
+            && self.body_left == 0
+            && let Some(length) = chunk.get(1..HEADER)
+            && u32::from_be_bytes([length[0], length[1], length[2], length[3]]) as usize
+                == chunk.len() - HEADER
+        {
+            return;
+        }
         while !chunk.is_empty() {
             if self.body_left == 0 {
                 let take = (HEADER - self.header_seen).min(chunk.len());
