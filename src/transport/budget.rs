@@ -8,27 +8,39 @@
 //! that is the call limit times the message size (256 MiB at the defaults).
 //!
 //! So each request body passes through `Budgeted`, which follows gRPC's
-//! framing (a 5-byte header, then the message) and holds budget for the
-//! bytes of the message still incomplete, giving it back once the message
-//! is whole (tonic decodes it then) or the call ends. A call that finds the
+//! framing (a 5-byte header, then the message) and, from the header on,
+//! holds budget for the whole length the message declares (tonic reserves
+//! that much as soon as it reads the header), giving it back once the
+//! message is whole (tonic decodes it then) or the call ends. A call that finds the
 //! budget spent is answered RESOURCE_EXHAUSTED (`REQUEST_MEMORY`),
 //! rather than waiting: waiting would let the callers holding the budget
 //! stall everyone else's calls for as long as the call timeout.
 //!
 //! A message that arrives whole in one HTTP/2 DATA frame, as every small
 //! request does, never touches the budget.
+//!
+//! A request that may outlive its call (server reflection's, a
+//! bidirectional stream) is given the call's end: then the body gives its
+//! budget back and fails, which ends the handler reading it.
 
 use std::{
+    future::Future,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
+    time::Duration,
 };
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore},
+    time::{Instant, Sleep},
+};
 
 use crate::api::status::ApiError;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// gRPC's length-prefixed message header: a compression flag, 4 bytes of
 /// length.
@@ -47,13 +59,17 @@ impl RequestBudget {
         }
     }
 
-    /// `body`, holding budget for its unfinished message.
-    pub fn wrap<B>(&self, body: B) -> Budgeted<B> {
+    /// `body`, holding budget for its unfinished message; with `ends`, the
+    /// call's end (and the call timeout, for the error), past which the
+    /// body fails.
+    pub fn wrap<B>(&self, body: B, ends: Option<(Instant, Duration)>) -> Budgeted<B> {
         Budgeted {
             body,
             budget: Arc::clone(&self.bytes),
             framing: Framing::default(),
             held: None,
+            ends: ends.map(|(at, limit)| (Box::pin(tokio::time::sleep_until(at)), limit)),
+            done: false,
         }
     }
 
@@ -71,13 +87,14 @@ struct Framing {
     header_seen: usize,
     /// Message bytes still to come after a whole header.
     body_left: usize,
-    /// Bytes of the current (unfinished) message seen, header included.
+    /// Bytes the current (unfinished) message holds: the header bytes seen,
+    /// then, once the header is whole, the header and the declared length.
     unfinished: usize,
 }
 
 impl Framing {
     /// Follows `chunk`; afterwards `unfinished` is what the message in
-    /// progress has received.
+    /// progress holds.
     fn follow(&mut self, mut chunk: &[u8]) {
         // The common case, one whole message in one frame, in a few steps.
         if self.header_seen == 0
@@ -105,14 +122,15 @@ impl Framing {
                     ]);
                     self.header_seen = 0;
                     self.body_left = length as usize;
-                    if self.body_left == 0 {
-                        self.unfinished = 0;
-                    }
+                    self.unfinished = if self.body_left == 0 {
+                        0
+                    } else {
+                        HEADER + self.body_left
+                    };
                 }
             } else {
                 let take = self.body_left.min(chunk.len());
                 self.body_left -= take;
-                self.unfinished += take;
                 chunk = &chunk[take..];
                 if self.body_left == 0 {
                     self.unfinished = 0;
@@ -129,9 +147,19 @@ pub struct Budgeted<B> {
     budget: Arc<Semaphore>,
     framing: Framing,
     held: Option<OwnedSemaphorePermit>,
+    ends: Option<(Pin<Box<Sleep>>, Duration)>,
+    /// Failed or ended: nothing more is read.
+    done: bool,
 }
 
 impl<B> Budgeted<B> {
+    /// Gives the budget back and ends the body with `error`.
+    fn fail(&mut self, error: ApiError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.held = None;
+        self.done = true;
+        Poll::Ready(Some(Err(Box::new(tonic::Status::from(error)))))
+    }
+
     /// Holds exactly what the unfinished message has received; false when
     /// the budget cannot cover it.
     fn hold_unfinished(&mut self) -> bool {
@@ -162,20 +190,34 @@ impl<B> Budgeted<B> {
 impl<B> Body for Budgeted<B>
 where
     B: Body<Data = Bytes> + Unpin,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B::Error: Into<BoxError>,
 {
     type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if let Some((at, limit)) = &mut self.ends
+            && at.as_mut().poll(cx).is_ready()
+        {
+            let limit = *limit;
+            return self.fail(ApiError::CallTimeout(limit));
+        }
         let frame = match Pin::new(&mut self.body).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => frame,
-            Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error.into()))),
+            Poll::Ready(Some(Err(error))) => {
+                self.held = None;
+                self.done = true;
+                return Poll::Ready(Some(Err(error.into())));
+            }
             Poll::Ready(None) => {
                 self.held = None;
+                self.done = true;
                 return Poll::Ready(None);
             }
             Poll::Pending => return Poll::Pending,
@@ -183,9 +225,7 @@ where
         if let Some(data) = frame.data_ref() {
             self.framing.follow(data);
             if !self.hold_unfinished() {
-                self.held = None;
-                let refused = tonic::Status::from(ApiError::RequestMemory);
-                return Poll::Ready(Some(Err(Box::new(refused))));
+                return self.fail(ApiError::RequestMemory);
             }
         }
         Poll::Ready(Some(Ok(frame)))
@@ -218,7 +258,7 @@ mod tests {
             .map(|chunk| Ok(Frame::data(Bytes::copy_from_slice(chunk))))
             .collect();
         let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
-        let mut body = budget.wrap(body);
+        let mut body = budget.wrap(body, None);
         let mut seen = Vec::new();
         let waker = futures::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
@@ -242,14 +282,16 @@ mod tests {
     }
 
     #[test]
-    fn an_unfinished_message_holds_what_it_has_received_until_it_is_whole() {
+    fn an_unfinished_message_holds_its_declared_length_until_it_is_whole() {
         let budget = RequestBudget::new(1000);
         let whole = message(100);
         let (head, tail) = whole.split_at(40);
         let (middle, last) = tail.split_at(50);
+        // 3 header bytes; then the header is whole: 105 held, the length
+        // tonic reserves, however little of it has come.
         assert_eq!(
             feed(&budget, &[&whole[..3], &head[3..], middle, last]),
-            vec![Ok(997), Ok(960), Ok(910), Ok(1000)]
+            vec![Ok(997), Ok(895), Ok(895), Ok(1000)]
         );
         assert_eq!(budget.available(), 1000);
     }
@@ -259,26 +301,50 @@ mod tests {
         let budget = RequestBudget::new(1000);
         let mut stream = message(10);
         stream.extend(message(20));
-        let (first, rest) = stream.split_at(25);
-        assert_eq!(feed(&budget, &[first, rest]), vec![Ok(990), Ok(1000)]);
+        let (first, rest) = stream.split_at(20);
+        assert_eq!(feed(&budget, &[first, rest]), vec![Ok(975), Ok(1000)]);
+    }
+
+    #[test]
+    fn a_header_alone_holds_the_length_it_declares() {
+        let budget = RequestBudget::new(1000);
+        let big = message(600);
+        let seen = feed(&budget, &[&big[..5], &big[5..6]]);
+        assert_eq!(seen, vec![Ok(395), Ok(395)]);
     }
 
     #[test]
     fn past_the_budget_the_call_is_refused_and_the_budget_given_back() {
-        let budget = RequestBudget::new(100);
+        let budget = RequestBudget::new(600);
         let big = message(500);
-        let seen = feed(&budget, &[&big[..60], &big[60..200]]);
-        assert_eq!(seen[0], Ok(40));
+        let other = message(200);
+        let mut held = budget.wrap(
+            http_body_util::StreamBody::new(futures::stream::iter([Ok::<
+                _,
+                std::convert::Infallible,
+            >(Frame::data(
+                Bytes::copy_from_slice(&other[..10]),
+            ))])),
+            None,
+        );
+        let waker = futures::task::noop_waker();
+        assert!(matches!(
+            Pin::new(&mut held).poll_frame(&mut Context::from_waker(&waker)),
+            Poll::Ready(Some(Ok(_)))
+        ));
+        assert_eq!(budget.available(), 395);
+        let seen = feed(&budget, &[&big[..60]]);
+        drop(held);
         assert!(
-            seen[1]
+            seen[0]
                 .as_ref()
                 .is_err_and(|e| e.contains("request memory")),
             "{seen:?}"
         );
         assert_eq!(
             budget.available(),
-            100,
-            "an ended call gives its budget back"
+            600,
+            "ended calls give their budget back"
         );
     }
 
@@ -286,7 +352,31 @@ mod tests {
     fn a_call_dropped_mid_message_gives_its_budget_back() {
         let budget = RequestBudget::new(1000);
         let big = message(500);
-        assert_eq!(feed(&budget, &[&big[..100]]), vec![Ok(900)]);
+        assert_eq!(feed(&budget, &[&big[..100]]), vec![Ok(495)]);
         assert_eq!(budget.available(), 1000);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_given_an_end_fails_there_and_gives_its_budget_back() {
+        use futures::StreamExt;
+        use http_body_util::BodyExt;
+
+        let budget = RequestBudget::new(1000);
+        let big = message(500);
+        let frames = futures::stream::iter([Ok::<_, std::convert::Infallible>(Frame::data(
+            Bytes::copy_from_slice(&big[..100]),
+        ))])
+        .chain(futures::stream::pending());
+        let limit = Duration::from_secs(30);
+        let mut body = budget.wrap(
+            http_body_util::StreamBody::new(frames),
+            Some((Instant::now() + limit, limit)),
+        );
+        assert!(body.frame().await.unwrap().is_ok());
+        assert_eq!(budget.available(), 495);
+        let ended = body.frame().await.unwrap().unwrap_err();
+        assert!(ended.to_string().contains("call timeout"), "{ended}");
+        assert_eq!(budget.available(), 1000);
+        assert!(body.frame().await.is_none(), "nothing after the end");
     }
 }

@@ -130,13 +130,16 @@ where
             .map_or(Identity::Anonymous, |connection| {
                 connection.identity.clone()
             });
-        let mut request = request.map(|body| self.budget.wrap(body));
-        let deadline = CallDeadline::of(request.headers().get("grpc-timeout"), limit);
         // Reflection is a bidirectional stream: its answer starts at once,
         // so the timeout below would not bound it, and a caller could hold
         // it (and its half-sent messages) for as long as the connection.
+        // Both sides end at the call timeout: the answer (`GatedBody`) and
+        // the request, whose reader (a task of reflection's own) would
+        // otherwise keep waiting for it.
         let stream_ends = is_reflection(request.uri().path())
             .then(|| (tokio::time::Instant::now() + limit, limit));
+        let mut request = request.map(|body| self.budget.wrap(body, stream_ends));
+        let deadline = CallDeadline::of(request.headers().get(GRPC_TIMEOUT), limit);
         request.extensions_mut().insert(deadline);
         let call = self.inner.call(request);
         Box::pin(async move {
@@ -147,6 +150,9 @@ where
             if let (Some(outcome), Some(path)) = (failed_before_the_handler(&response), &path) {
                 refused_before_the_handler(path.path(), &caller, outcome);
             }
+            // A trailers-only answer is already whole: a second grpc-status
+            // must not follow it.
+            let stream_ends = stream_ends.filter(|_| !response.headers().contains_key(GRPC_STATUS));
             if slot.is_none() && stream_ends.is_none() {
                 return Ok(response);
             }
@@ -162,16 +168,21 @@ where
     }
 }
 
+/// `grpc-status` and `grpc-timeout`, as `HeaderName`s: a `&str` key is
+/// parsed on every look-up, and these are looked up on every call.
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
+
 /// The code of an answer that no handler of the broker's wrote: an error
 /// without the `ErrorInfo` every handler's error carries (tonic's own, for
 /// a request it could not read), or one the transport gives with an
 /// `ErrorInfo` before any handler runs (the request memory, a request over
-/// the size limit). A call answered in
-/// full has its `grpc-status` in the trailers, not here: one look-up.
+/// the size limit). A call answered in full has its `grpc-status` in the
+/// trailers, not here: one look-up.
 fn failed_before_the_handler(response: &Response<Body>) -> Option<tonic::Code> {
     let headers = response.headers();
     let code = headers
-        .get("grpc-status")?
+        .get(GRPC_STATUS)?
         .to_str()
         .ok()?
         .parse::<i32>()

@@ -128,7 +128,23 @@ async fn unfinished_get(
     declared: usize,
     sent: usize,
 ) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
-    let request = http::Request::post("/secretsbroker.v1.SecretsService/GetSecret")
+    unfinished_call(
+        connection,
+        "/secretsbroker.v1.SecretsService/GetSecret",
+        declared,
+        sent,
+    )
+    .await
+}
+
+/// `unfinished_get` for the method at `path`.
+async fn unfinished_call(
+    connection: &mut h2::client::SendRequest<bytes::Bytes>,
+    path: &str,
+    declared: usize,
+    sent: usize,
+) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
+    let request = http::Request::post(path)
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .body(())
@@ -184,15 +200,16 @@ async fn unfinished_requests_share_one_memory_budget() {
     let (mut connection, driver) = h2::client::handshake(tcp).await.unwrap();
     tokio::spawn(driver);
 
-    // Three messages of 1000 bytes, 600 of each sent: 1815 bytes held.
+    // Two messages of 1000 bytes, 600 of each sent: each holds the 1005
+    // bytes it declares (tonic reserves them on reading the header).
     let mut open = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..2 {
         open.push(unfinished_get(&mut connection, 1000, 600).await);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    // A fourth would pass the budget: refused at once, and named.
-    let (fourth, _body) = unfinished_get(&mut connection, 1000, 600).await;
-    let (status, message) = grpc_answer(fourth).await;
+    // A third would pass the budget: refused at once, and named.
+    let (third, _body) = unfinished_get(&mut connection, 1000, 10).await;
+    let (status, message) = grpc_answer(third).await;
     assert_eq!(status, "8", "{status} {message}");
     assert!(message.contains("request memory"), "{message}");
     // A request sent whole holds nothing: other calls go on.
@@ -221,6 +238,43 @@ async fn unfinished_requests_share_one_memory_budget() {
         }
     })
     .await;
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_reflection_stream_gives_its_request_budget_back_at_the_call_timeout() {
+    let broker = Running::start(|args| {
+        args.max_message_size = Some("1024".into());
+        args.max_request_memory = Some("2048".into());
+        args.call_timeout = Some("1".into());
+    })
+    .await;
+    let tcp = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
+    let (mut connection, driver) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(driver);
+    // Two reflection requests left unfinished hold the whole budget; their
+    // streams stay open on the caller's side.
+    let reflection = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        open.push(unfinished_call(&mut connection, reflection, 1000, 600).await);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (refused, _body) = unfinished_get(&mut connection, 1000, 10).await;
+    assert_eq!(grpc_answer(refused).await.0, "8");
+    // Past the call timeout both sides of each stream end, and the budget
+    // is back.
+    eventually(Duration::from_secs(5), "the budget given back", || {
+        let mut connection = connection.clone();
+        async move {
+            let (response, mut body) = unfinished_get(&mut connection, 1000, 800).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = body.send_data(vec![b'a'; 200].into(), true);
+            grpc_answer(response).await.0 == "3"
+        }
+    })
+    .await;
+    drop(open);
     broker.stop().await;
 }
 
