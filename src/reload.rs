@@ -88,8 +88,11 @@ impl<L: Loader> Reloadable<L> {
         if self.loader.same(&previous, &value) {
             return Ok(false);
         }
-        self.current.store(Arc::new(value));
-        self.loader.replaced(&previous);
+        // Swapped, not stored: two reloads can overlap (a SIGHUP and the
+        // file watch), and the value each one replaces is the one it
+        // swapped out, so that every replaced value is told once.
+        let replaced = self.current.swap(Arc::new(value));
+        self.loader.replaced(&replaced);
         self.changes.send_modify(|count| *count += 1);
         Ok(true)
     }

@@ -84,7 +84,10 @@ impl PeerTrust {
                     .ok()
                     .map(|(_, cert)| cert.validity().not_after.timestamp())
             })
-            .min()?;
+            .min()
+            // A chain rustls verified but x509-parser cannot read: no
+            // expiry to follow, the reload checks still apply.
+            .unwrap_or(i64::MAX);
         Some(Self {
             tls: Arc::clone(tls),
             chain,

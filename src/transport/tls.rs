@@ -273,17 +273,20 @@ pub fn certificate_report(files: &TlsFiles) -> Result<CertificateReport, TlsErro
         .map_err(|e| TlsError::Config(format!("the server certificate does not parse: {e}")))?;
     let validity = leaf.validity();
     let not_after = validity.not_after.to_string();
-    if !validity.is_valid() {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs() as i64;
+    // A renewed certificate stamped "valid from now" can be a little ahead
+    // of this machine's clock: that is not a broken file.
+    const CLOCK_SKEW: i64 = 300;
+    if now + CLOCK_SKEW < validity.not_before.timestamp() || now > validity.not_after.timestamp() {
         return Err(TlsError::NotValidNow {
             path: files.cert.clone(),
             not_before: validity.not_before.to_string(),
             not_after,
         });
     }
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs() as i64;
     let expires_in =
         Duration::from_secs(validity.not_after.timestamp().saturating_sub(now).max(0) as u64);
     Ok(CertificateReport {
