@@ -124,10 +124,14 @@ impl Error {
         let from_broker = status.get_details_error_info().is_some();
         // tonic reports an HTTP/2 protocol failure (e.g. a plaintext client
         // talking to a TLS broker) as INTERNAL, carrying the h2 error.
-        let connection_failed = matches!(
-            status.code(),
-            Code::Unavailable | Code::Unknown | Code::Internal
-        ) && std::error::Error::source(&status).is_some();
+        // A connection the broker closed mid-call (a TLS broker hanging up
+        // on a plaintext client) can come back as CANCELLED, with a source
+        // or without: the broker itself never answers CANCELLED.
+        let connection_failed = status.code() == Code::Cancelled
+            || (matches!(
+                status.code(),
+                Code::Unavailable | Code::Unknown | Code::Internal
+            ) && std::error::Error::source(&status).is_some());
         if from_broker || !connection_failed {
             return Self::from(status);
         }
@@ -282,5 +286,12 @@ mod tests {
         let from_broker =
             Error::from_call(status(Code::Unavailable, "UPSTREAM_UNAVAILABLE", None), "x");
         assert!(matches!(from_broker, Error::Unavailable { .. }));
+        // A connection closed under the call: CANCELLED, with no source.
+        let closed = Error::from_call(Status::cancelled("operation was canceled"), "127.0.0.1:2");
+        let message = closed.to_string();
+        assert!(
+            message.contains("127.0.0.1:2") && message.contains("BROKER_CA_FILE"),
+            "{message}"
+        );
     }
 }

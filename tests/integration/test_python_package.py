@@ -112,13 +112,15 @@ def test_the_guides_examples_run_as_the_guide_says(venv, seeded_broker, tmp_path
 
 GUIDE_SEMANTICS_PROBE = """
 import asyncio, json, os
-from secrets_broker.aws_secrets import AWSSecretsConfig, AWSSecretsManager, SecretNotFoundError
+from secrets_broker.aws_secrets import AWSSecretsConfig, AWSSecretsManager, AWSSecretsManagerError, SecretNotFoundError
 from secrets_broker.aio import AsyncAWSSecretsManager
 out = {}
 m = AWSSecretsManager()
 jwt = m.get_secret("production/jwt")
 out["jwt_value_is_dict"] = isinstance(jwt.value, dict) and jwt.value["jwt_algorithm"] == "HS256"
 out["jwt_text_kept"] = json.loads(jwt.as_string()) == jwt.as_dict() == jwt.value
+copied = jwt.as_dict(); copied["jwt_algorithm"] = "none"
+out["as_dict_is_a_copy"] = m.get_secret("production/jwt").value["jwt_algorithm"] == "HS256"
 out["mistral_value"] = m.get_secret("mistral-api-key").value
 out["staged"] = [m.get_secret("staged", version_stage="AWSPREVIOUS").as_string(), m.get_secret("staged").as_string()]
 
@@ -133,14 +135,15 @@ out["async_missing"] = asyncio.run(missing())
 def prefixed(prefix):
     try:
         return AWSSecretsManager(AWSSecretsConfig(secret_prefix=prefix)).get_secret("mistral-api-key").as_string()
-    except SecretNotFoundError:
-        return "not found"
+    except AWSSecretsManagerError as error:
+        return "refused: SECRET_PREFIX" if "SECRET_PREFIX=acme" in str(error) else str(error)
 out["prefix_other"] = prefixed("acme")
 out["prefix_same"] = prefixed("insurecove")
 
 def options(**settings):
     return dict(AWSSecretsConfig(**settings).channel_options(False))
 out["loopback_skips_proxy"] = options(http_proxy="http://proxy.invalid:3128")
+out["grpc_target_loopback"] = options(http_proxy="http://proxy.invalid:3128", broker_endpoint="ipv4:127.0.0.1:50051")
 out["remote_uses_proxy"] = options(http_proxy="http://proxy.invalid:3128", broker_endpoint="broker.example:50051")
 # NO_PROXY comes from the environment, in capitals.
 out["no_proxy_names_it"] = options(http_proxy="http://proxy.invalid:3128", broker_endpoint="broker.internal:50051")
@@ -165,13 +168,14 @@ def test_the_client_follows_the_guides_semantics(venv, seeded_broker, moto, tmp_
     proc = run(venv, probe, env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = json.loads(proc.stdout)
-    assert out["jwt_value_is_dict"] and out["jwt_text_kept"], out
+    assert out["jwt_value_is_dict"] and out["jwt_text_kept"] and out["as_dict_is_a_copy"], out
     assert out["mistral_value"] == MISTRAL_VALUE
     assert out["staged"] == ["staged-v1", "staged-v2"], out
     assert out["async_missing"] == ["NOT_FOUND", "SECRET_NOT_FOUND", False], out
-    assert out["prefix_other"] == "not found", out
+    assert out["prefix_other"] == "refused: SECRET_PREFIX", out
     assert out["prefix_same"] == MISTRAL_VALUE, out
     assert out["loopback_skips_proxy"] == {"grpc.enable_http_proxy": 0}, out
+    assert out["grpc_target_loopback"] == {"grpc.enable_http_proxy": 0}, out
     assert out["remote_uses_proxy"] == {"grpc.http_proxy": "http://proxy.invalid:3128"}, out
     assert out["no_proxy_names_it"] == {"grpc.enable_http_proxy": 0}, out
 

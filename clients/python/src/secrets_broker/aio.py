@@ -69,7 +69,7 @@ class AsyncAWSSecretsManager:
         if use_cache and cached is not None and time.monotonic() - cached[1] < self.config.secret_cache_ttl:
             return cached[0]
         request = secrets_service_pb2.GetSecretRequest(
-            name=self.config.request_name(secret_name),
+            name=secret_name,
             version_id=version_id or "",
             version_stage=version_stage or "",
             bypass_cache=not use_cache,
@@ -78,6 +78,7 @@ class AsyncAWSSecretsManager:
             answer = await self._secrets().GetSecret(request, timeout=CALL_TIMEOUT)
         except grpc.RpcError as error:
             raise _error_from(error) from None
+        self.config.check_prefix(secret_name, answer.secret.name)
         value = SecretValue.from_proto(answer.secret)
         self._cache[key] = (value, time.monotonic())
         return value

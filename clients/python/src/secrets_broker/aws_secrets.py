@@ -17,6 +17,7 @@ cache within seconds instead of at the end of the TTL.
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import json
 import logging
@@ -207,7 +208,15 @@ class AWSSecretsConfig(BaseSettings):
         endpoint = self.broker_endpoint
         if endpoint.startswith(("unix:", "unix-abstract:")):
             return True
-        host = endpoint.split("///", 1)[-1].rsplit(":", 1)[0].strip("[]")
+        # gRPC target forms: host:port, ipv4:/ipv6:ADDR:port, dns:host:port,
+        # dns:///host:port, dns://resolver/host:port.
+        for scheme in ("ipv4:", "ipv6:", "dns:"):
+            if endpoint.startswith(scheme):
+                endpoint = endpoint[len(scheme):]
+                break
+        if endpoint.startswith("//"):
+            endpoint = endpoint[2:].split("/", 1)[-1]
+        host = endpoint.rsplit(":", 1)[0].strip("[]").lower()
         if host == "localhost":
             return True
         try:
@@ -217,17 +226,20 @@ class AWSSecretsConfig(BaseSettings):
             pass
         return _named_by_no_proxy(host, self.no_proxy or "")
 
-    def request_name(self, secret_name: str) -> str:
-        """The name asked of the broker: with ``SECRET_PREFIX`` when it is
-        set (the broker takes a prefixed name as is), else the short name,
-        which the broker prefixes with its own ``SECRET_PREFIX``. ARNs and
-        names that already carry the prefix go as they are."""
-        if "secret_prefix" not in self.model_fields_set:
-            return secret_name
+    def check_prefix(self, asked: str, answered: str) -> None:
+        """Raises when ``SECRET_PREFIX`` is set and the broker answered for a
+        secret outside it. The broker adds its own prefix to a short name
+        (and takes a name that carries its prefix, or an ARN, as is); when
+        the two prefixes differ, the answer is another secret than the one
+        this service means, and must not be used."""
+        if "secret_prefix" not in self.model_fields_set or asked.startswith("arn:"):
+            return
         prefix = self.secret_prefix.strip("/")
-        if not prefix or secret_name.startswith(("arn:", prefix + "/")):
-            return secret_name
-        return f"{prefix}/{secret_name}"
+        if prefix and not answered.startswith(prefix + "/"):
+            raise AWSSecretsManagerError(
+                f"the broker answered for {answered}, outside SECRET_PREFIX={prefix}: "
+                "the broker serves another prefix (set its SECRET_PREFIX, or ask by ARN)"
+            )
 
     def channel(self) -> grpc.Channel:
         """A channel to the broker."""
@@ -265,7 +277,7 @@ class SecretValue:
     secret is a JSON object, else the text (or bytes, for a binary
     secret); ``as_string`` gives the text exactly as stored."""
 
-    value: Union[str, bytes, dict[str, Any]]
+    value: Union[str, bytes, dict[str, Any]] = field(hash=False)
     version_id: str
     created_date: Optional[datetime]
     secret_name: str
@@ -274,7 +286,8 @@ class SecretValue:
     def as_dict(self) -> dict[str, Any]:
         """The value as a JSON object."""
         if isinstance(self.value, dict):
-            return self.value
+            # A copy: the value is shared with the cache and other callers.
+            return copy.deepcopy(self.value)
         text = self.value.decode() if isinstance(self.value, bytes) else self.value
         try:
             parsed = json.loads(text)
@@ -390,7 +403,7 @@ class AWSSecretsManager:
                 if entry is not None and time.monotonic() - entry.stored_at < self.config.secret_cache_ttl:
                     return entry.value
         request = secrets_service_pb2.GetSecretRequest(
-            name=self.config.request_name(secret_name),
+            name=secret_name,
             version_id=version_id or "",
             version_stage=version_stage or "",
             bypass_cache=not use_cache,
@@ -399,6 +412,7 @@ class AWSSecretsManager:
             answer = self._secrets().GetSecret(request, timeout=CALL_TIMEOUT)
         except grpc.RpcError as error:
             raise _error_from(error) from None
+        self.config.check_prefix(secret_name, answer.secret.name)
         value = SecretValue.from_proto(answer.secret)
         self._store(key, value)
         return value
@@ -589,7 +603,7 @@ class _Follower:
 
     def _events(self) -> Iterator[secrets_service_pb2.WatchSecretResponse]:
         request = secrets_service_pb2.WatchSecretRequest(
-            name=self.manager.config.request_name(self.name), since_version_id=self.version_id
+            name=self.name, since_version_id=self.version_id
         )
         call = self.manager._secrets().WatchSecret(request)
         self._call = call
