@@ -148,12 +148,8 @@ pub fn refused_shown(raw: &str) -> String {
 /// The audit event of a call of SecretsService or AdminService that
 /// failed before its handler ran (its request could not be read: too
 /// large, not valid protobuf or UTF-8, the request memory spent), which
-/// no `Audit` saw. `path` is the request's; other services are not
-/// audited.
-pub fn refused_before_the_handler(path: &str, identity: &Identity, outcome: Code) {
-    let Some(rpc) = Rpc::of_path(path) else {
-        return;
-    };
+/// no `Audit` saw.
+pub fn refused_before_the_handler(rpc: Rpc, identity: &Identity, outcome: Code) {
     crate::telemetry::audit::record(&AuditRecord {
         identity: identity.shown(),
         rpc: rpc.name(),

@@ -42,7 +42,7 @@ use tower::{Layer, Service};
 
 use super::budget::{Budgeted, RequestBudget};
 use crate::{
-    api::{refused_before_the_handler, status::ApiError},
+    api::{refused_before_the_handler, rpc::Rpc, status::ApiError},
     identity::{ConnectionInfo, Identity},
 };
 
@@ -122,8 +122,9 @@ where
             },
         };
         let limit = self.call_timeout;
-        // For the audit of a call that fails before its handler runs.
-        let path = request.uri().path_and_query().cloned();
+        // For the audit of a call that fails before its handler runs. The
+        // RPC, not the path: cloning the path's bytes can allocate.
+        let rpc = Rpc::of_path(request.uri().path());
         let caller = request
             .extensions()
             .get::<ConnectionInfo>()
@@ -147,8 +148,8 @@ where
                 Ok(Ok(response)) => response,
                 Err(_elapsed) => answer(ApiError::CallTimeout(limit)),
             };
-            if let (Some(outcome), Some(path)) = (failed_before_the_handler(&response), &path) {
-                refused_before_the_handler(path.path(), &caller, outcome);
+            if let (Some(rpc), Some(outcome)) = (rpc, failed_before_the_handler(&response)) {
+                refused_before_the_handler(rpc, &caller, outcome);
             }
             // A trailers-only answer is already whole: a second grpc-status
             // must not follow it.
