@@ -24,20 +24,16 @@
 //! budget back and fails, which ends the handler reading it.
 
 use std::{
-    future::Future,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
-    time::Duration,
 };
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use tokio::{
-    sync::{OwnedSemaphorePermit, Semaphore},
-    time::{Instant, Sleep},
-};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::gate::CallEnd;
 use crate::api::status::ApiError;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -60,15 +56,14 @@ impl RequestBudget {
     }
 
     /// `body`, holding budget for its unfinished message; with `ends`, the
-    /// call's end (and the call timeout, for the error), past which the
-    /// body fails.
-    pub fn wrap<B>(&self, body: B, ends: Option<(Instant, Duration)>) -> Budgeted<B> {
+    /// call's end, past which the body fails.
+    pub(super) fn wrap<B>(&self, body: B, ends: Option<CallEnd>) -> Budgeted<B> {
         Budgeted {
             body,
             budget: Arc::clone(&self.bytes),
             framing: Framing::default(),
             held: None,
-            ends: ends.map(|(at, limit)| (Box::pin(tokio::time::sleep_until(at)), limit)),
+            ends,
             done: false,
         }
     }
@@ -147,7 +142,7 @@ pub struct Budgeted<B> {
     budget: Arc<Semaphore>,
     framing: Framing,
     held: Option<OwnedSemaphorePermit>,
-    ends: Option<(Pin<Box<Sleep>>, Duration)>,
+    ends: Option<CallEnd>,
     /// Failed or ended: nothing more is read.
     done: bool,
 }
@@ -202,11 +197,8 @@ where
         if self.done {
             return Poll::Ready(None);
         }
-        if let Some((at, limit)) = &mut self.ends
-            && at.as_mut().poll(cx).is_ready()
-        {
-            let limit = *limit;
-            return self.fail(ApiError::CallTimeout(limit));
+        if let Some(ended) = self.ends.as_mut().and_then(|end| end.passed(cx)) {
+            return self.fail(ended);
         }
         let frame = match Pin::new(&mut self.body).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => frame,
@@ -367,10 +359,9 @@ mod tests {
             Bytes::copy_from_slice(&big[..100]),
         ))])
         .chain(futures::stream::pending());
-        let limit = Duration::from_secs(30);
         let mut body = budget.wrap(
             http_body_util::StreamBody::new(frames),
-            Some((Instant::now() + limit, limit)),
+            Some(CallEnd::after(std::time::Duration::from_secs(30))),
         );
         assert!(body.frame().await.unwrap().is_ok());
         assert_eq!(budget.available(), 495);

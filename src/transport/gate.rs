@@ -105,7 +105,12 @@ where
             );
             return Box::pin(std::future::ready(Ok(unsupported_media_type())));
         }
-        let slot = match request.extensions().get::<ConnectionInfo>() {
+        let connection = request.extensions().get::<ConnectionInfo>();
+        // Kept for the audit of a call that fails before its handler runs.
+        let caller = connection.map_or(Identity::Anonymous, |connection| {
+            connection.identity.clone()
+        });
+        let slot = match connection {
             None => None,
             Some(connection) => match Arc::clone(&connection.call_slots).try_acquire_owned() {
                 Ok(slot) => Some(slot),
@@ -122,24 +127,17 @@ where
             },
         };
         let limit = self.call_timeout;
-        // For the audit of a call that fails before its handler runs. The
-        // RPC, not the path: cloning the path's bytes can allocate.
+        // The RPC, not the path: cloning the path's bytes can allocate.
         let rpc = Rpc::of_path(request.uri().path());
-        let caller = request
-            .extensions()
-            .get::<ConnectionInfo>()
-            .map_or(Identity::Anonymous, |connection| {
-                connection.identity.clone()
-            });
         // Reflection is a bidirectional stream: its answer starts at once,
         // so the timeout below would not bound it, and a caller could hold
         // it (and its half-sent messages) for as long as the connection.
         // Both sides end at the call timeout: the answer (`GatedBody`) and
         // the request, whose reader (a task of reflection's own) would
         // otherwise keep waiting for it.
-        let stream_ends = is_reflection(request.uri().path())
-            .then(|| (tokio::time::Instant::now() + limit, limit));
-        let mut request = request.map(|body| self.budget.wrap(body, stream_ends));
+        let stream_ends = is_reflection(request.uri().path()).then(|| CallEnd::after(limit));
+        let request_ends = stream_ends.as_ref().map(CallEnd::same);
+        let mut request = request.map(|body| self.budget.wrap(body, request_ends));
         let deadline = CallDeadline::of(request.headers().get(GRPC_TIMEOUT), limit);
         request.extensions_mut().insert(deadline);
         let call = self.inner.call(request);
@@ -161,8 +159,7 @@ where
                 Body::new(GatedBody {
                     body,
                     _slot: slot,
-                    ends: stream_ends
-                        .map(|(at, limit)| (Box::pin(tokio::time::sleep_until(at)), limit)),
+                    ends: stream_ends,
                 })
             }))
         })
@@ -291,7 +288,41 @@ fn answer(error: ApiError) -> Response<Body> {
 struct GatedBody {
     body: Body,
     _slot: Option<OwnedSemaphorePermit>,
-    ends: Option<(Pin<Box<tokio::time::Sleep>>, Duration)>,
+    ends: Option<CallEnd>,
+}
+
+/// The end of a call that must not outlive the call timeout: its answer
+/// (`GatedBody`) and its request (`budget::Budgeted`) each hold one.
+pub(super) struct CallEnd {
+    at: Pin<Box<tokio::time::Sleep>>,
+    limit: Duration,
+}
+
+impl CallEnd {
+    pub(super) fn after(limit: Duration) -> Self {
+        Self {
+            at: Box::pin(tokio::time::sleep(limit)),
+            limit,
+        }
+    }
+
+    /// Another timer for the same end.
+    fn same(&self) -> Self {
+        Self {
+            at: Box::pin(tokio::time::sleep_until(self.at.deadline())),
+            limit: self.limit,
+        }
+    }
+
+    /// The error of the end, once it has passed; until then the task of
+    /// `cx` is woken when it does.
+    pub(super) fn passed(&mut self, cx: &mut Context<'_>) -> Option<ApiError> {
+        self.at
+            .as_mut()
+            .poll(cx)
+            .is_ready()
+            .then_some(ApiError::CallTimeout(self.limit))
+    }
 }
 
 impl http_body::Body for GatedBody {
@@ -302,16 +333,14 @@ impl http_body::Body for GatedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        if let Some((at, limit)) = &mut self.ends
-            && at.as_mut().poll(cx).is_ready()
-        {
-            let limit = *limit;
+        if let Some(ended) = self.ends.as_mut().and_then(|end| end.passed(cx)) {
             self.ends = None;
-            // Dropping the answer drops the call, and the request with it.
+            // Dropping the answer drops the call; the request ends on its
+            // own end (see `budget::Budgeted`).
             self.body = Body::empty();
             let mut trailers = http::HeaderMap::new();
             // Our own status's text is ASCII: add_header cannot fail on it.
-            let _ = Status::from(ApiError::CallTimeout(limit)).add_header(&mut trailers);
+            let _ = Status::from(ended).add_header(&mut trailers);
             return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
         }
         let frame = Pin::new(&mut self.body).poll_frame(cx);

@@ -69,6 +69,8 @@ pub enum TlsError {
 pub struct CertificateReport {
     pub subject: String,
     pub not_after: String,
+    /// `not_after`, in Unix seconds.
+    pub expires_at: i64,
     pub expires_in: Duration,
 }
 
@@ -88,7 +90,7 @@ struct TlsState {
     /// The config's check of client certificates, kept to check again the
     /// clients of open connections when a reload replaces it.
     clients: Arc<dyn ClientCertVerifier>,
-    /// Unix seconds; 0: unknown.
+    /// When the server certificate expires, Unix seconds.
     expiry: i64,
     /// Cancelled when a reload replaces this state.
     replaced: CancellationToken,
@@ -115,11 +117,11 @@ impl Loader for TlsSource {
         // A certificate outside its dates fails every handshake: at a
         // reload it is a broken file (the one in use stays), at start a
         // clear error rather than a broker no client can reach.
-        certificate_report(&self.files)?;
+        let report = certificate_report(&self.files)?;
         Ok(TlsState {
             config,
             clients,
-            expiry: expiry_of(&self.files),
+            expiry: report.expires_at,
             replaced: CancellationToken::new(),
         })
     }
@@ -145,8 +147,8 @@ impl TlsTerminator {
     }
 
     /// When the certificate in use expires, in Unix seconds.
-    pub fn certificate_expiry(&self) -> Option<i64> {
-        Some(self.state.current().expiry).filter(|&at| at > 0)
+    pub fn certificate_expiry(&self) -> i64 {
+        self.state.current().expiry
     }
 
     /// The acceptor for a new connection: the config current right now,
@@ -254,17 +256,6 @@ fn read_certificates(
     Ok(certificates)
 }
 
-fn expiry_of(files: &TlsFiles) -> i64 {
-    read_certificates("server certificate", &files.cert)
-        .ok()
-        .and_then(|chain| {
-            x509_parser::certificate::X509Certificate::from_der(&chain[0])
-                .ok()
-                .map(|(_, leaf)| leaf.validity().not_after.timestamp())
-        })
-        .unwrap_or(0)
-}
-
 /// Checks the server certificate's dates (for `check`), after
 /// `server_config` has checked the rest.
 pub fn certificate_report(files: &TlsFiles) -> Result<CertificateReport, TlsError> {
@@ -292,6 +283,7 @@ pub fn certificate_report(files: &TlsFiles) -> Result<CertificateReport, TlsErro
     Ok(CertificateReport {
         subject: leaf.subject().to_string(),
         not_after,
+        expires_at: validity.not_after.timestamp(),
         expires_in,
     })
 }
@@ -302,7 +294,7 @@ impl TlsTerminator {
         use crate::metrics::gauge;
         let tls = Arc::downgrade(self);
         metrics.register_state(move |e| {
-            if let Some(expiry) = tls.upgrade().and_then(|tls| tls.certificate_expiry()) {
+            if let Some(expiry) = tls.upgrade().map(|tls| tls.certificate_expiry()) {
                 gauge(
                     e,
                     "tls_certificate_expiry_timestamp_seconds",

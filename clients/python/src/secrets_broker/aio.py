@@ -17,6 +17,7 @@ from secrets_broker.aws_secrets import (
     SecretValue,
     _cache_key,
     _error_from,
+    _get_secret_request,
     _health_request,
     _health_status,
     database_dict,
@@ -68,12 +69,7 @@ class AsyncAWSSecretsManager:
         cached = self._cache.get(key)
         if use_cache and cached is not None and time.monotonic() - cached[1] < self.config.secret_cache_ttl:
             return cached[0]
-        request = secrets_service_pb2.GetSecretRequest(
-            name=secret_name,
-            version_id=version_id or "",
-            version_stage=version_stage or "",
-            bypass_cache=not use_cache,
-        )
+        request = _get_secret_request(secret_name, version_id, use_cache, version_stage)
         try:
             answer = await self._secrets().GetSecret(request, timeout=CALL_TIMEOUT)
         except grpc.RpcError as error:

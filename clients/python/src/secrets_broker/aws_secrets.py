@@ -330,6 +330,18 @@ class SecretValue:
         return cls(value=value, version_id=secret.version_id, created_date=created, secret_name=secret.name, _text=text)
 
 
+def _get_secret_request(
+    name: str, version_id: Optional[str], use_cache: bool, version_stage: Optional[str]
+) -> secrets_service_pb2.GetSecretRequest:
+    """``get_secret``'s request, sync and asyncio alike."""
+    return secrets_service_pb2.GetSecretRequest(
+        name=name,
+        version_id=version_id or "",
+        version_stage=version_stage or "",
+        bypass_cache=not use_cache,
+    )
+
+
 def _cache_key(name: str, version_id: Optional[str], version_stage: Optional[str]) -> tuple[str, Optional[str]]:
     """The local cache's key: the name, and which version (``None`` for the
     current one, which is the one followed by push)."""
@@ -391,8 +403,8 @@ class AWSSecretsManager:
         use_cache: bool = True,
         version_stage: Optional[str] = None,
     ) -> SecretValue:
-        """The secret (by short name: ``SECRET_PREFIX`` is added, this
-        client's when set, else the broker's), from the local cache when it
+        """The secret (by short name: the broker adds its ``SECRET_PREFIX``;
+        see ``AWSSecretsConfig.check_prefix``), from the local cache when it
         holds it within ``SECRET_CACHE_TTL``. ``version_id`` or
         ``version_stage`` (e.g. ``AWSPREVIOUS``) reads another version than
         the current one; only the current one is followed by push."""
@@ -402,12 +414,7 @@ class AWSSecretsManager:
                 entry = self._cache.get(key)
                 if entry is not None and time.monotonic() - entry.stored_at < self.config.secret_cache_ttl:
                     return entry.value
-        request = secrets_service_pb2.GetSecretRequest(
-            name=secret_name,
-            version_id=version_id or "",
-            version_stage=version_stage or "",
-            bypass_cache=not use_cache,
-        )
+        request = _get_secret_request(secret_name, version_id, use_cache, version_stage)
         try:
             answer = self._secrets().GetSecret(request, timeout=CALL_TIMEOUT)
         except grpc.RpcError as error:
