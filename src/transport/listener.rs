@@ -8,9 +8,14 @@
 //! of holding a connection slot forever. Connections are established
 //! concurrently, so one slow client cannot hold up the others.
 //!
-//! Each connection holds a slot of `max_connections`; past the bound a new
-//! connection is closed at once. Each carries its caller's identity and its
-//! call slots (`ConnectionInfo`), read once at the handshake.
+//! Each connection holds a slot of `max_connections`, taken at accept. When
+//! none is free, a new connection takes the slot of the connection that has
+//! been opening (handshake, preface) longest, which is closed
+//! (`opening_slots`): peers that never finish a handshake cannot lock
+//! callers out. Past the bound with every slot held by an established
+//! connection, a new connection is closed at once. Each carries its
+//! caller's identity and its call slots (`ConnectionInfo`), read once at the
+//! handshake.
 //!
 //! At shutdown the accept loop ends and drops its socket at once (the port
 //! can be bound again), connections still in their handshake or preface are
@@ -45,6 +50,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 
 use super::{
+    opening_slots::{OpeningClaim, OpeningSlots},
     peer_trust::PeerTrust,
     tls::{self, TlsTerminator},
     token_watch::TokenWatch,
@@ -78,6 +84,9 @@ pub struct ConnectionCounters {
     pub accepted: AtomicU64,
     /// Closed at once because `max_connections` were open.
     pub refused: AtomicU64,
+    /// Closed while still opening, their slot taken by a newer connection
+    /// because `max_connections` were open.
+    pub displaced: AtomicU64,
     pub handshake_failures: AtomicU64,
     /// Dropped because their handshake and preface took longer than the
     /// first-request timeout.
@@ -127,6 +136,7 @@ pub fn incoming(
 ) {
     let (established, incoming) = mpsc::channel(64);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let opening_slots = OpeningSlots::default();
     let accept_loop = async move {
         loop {
             let accepted = tokio::select! {
@@ -143,15 +153,23 @@ pub fn incoming(
                     continue;
                 }
             };
-            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-                counters.refused.fetch_add(1, Relaxed);
-                tracing::warn!(%remote, max_connections = limits.max_connections, "connection refused: too many open");
-                continue;
+            let slot = match Arc::clone(&slots).try_acquire_owned() {
+                Ok(slot) => slot,
+                Err(_) => match opening_slots.displace_oldest() {
+                    Some(slot) => slot,
+                    None => {
+                        counters.refused.fetch_add(1, Relaxed);
+                        tracing::warn!(%remote, max_connections = limits.max_connections, "connection refused: too many open");
+                        continue;
+                    }
+                },
             };
             counters.accepted.fetch_add(1, Relaxed);
+            let claim = opening_slots.hold(slot);
+            let displaced = claim.on_displaced();
             let opening = Opening {
                 remote,
-                slot,
+                claim,
                 limits,
                 tls: tls.clone(),
                 counters: Arc::clone(&counters),
@@ -160,8 +178,15 @@ pub fn incoming(
             let established = established.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
+                let remote = opening.remote.clone();
+                let counters = Arc::clone(&opening.counters);
                 let connection = tokio::select! {
                     () = shutdown.cancelled() => return,
+                    () = displaced => {
+                        counters.displaced.fetch_add(1, Relaxed);
+                        tracing::warn!(%remote, max_connections = limits.max_connections, "connection dropped while opening: every slot was taken, and it had been opening longest");
+                        return;
+                    }
                     connection = opening.establish_in_time(socket) => connection,
                 };
                 if let Some(connection) = connection {
@@ -177,7 +202,7 @@ pub fn incoming(
 /// A connection let in, on its way to being handed over.
 struct Opening {
     remote: String,
-    slot: OwnedSemaphorePermit,
+    claim: OpeningClaim,
     limits: Limits,
     tls: Option<Arc<TlsTerminator>>,
     counters: Arc<ConnectionCounters>,
@@ -215,9 +240,18 @@ impl Opening {
             (Socket::Tcp(stream), None) => (Transport::Plain(stream), Identity::Anonymous, None),
             (Socket::Unix(stream), _) => (Transport::Unix(stream), Identity::Anonymous, None),
         };
-        let mut connection = Connection {
+        let (stream, replay) = match read_preface(stream).await {
+            Ok(read) => read,
+            Err(error) => {
+                tracing::debug!(remote = %self.remote, %error, "connection closed before its first request");
+                return None;
+            }
+        };
+        // `None`: displaced just now, its slot already given to a newer one.
+        let slot = self.claim.establish()?;
+        Some(Connection {
             stream,
-            replay: Vec::new(),
+            replay,
             info: ConnectionInfo {
                 identity,
                 call_slots: Arc::new(Semaphore::new(self.limits.max_calls_per_connection)),
@@ -229,15 +263,8 @@ impl Opening {
             last_traffic: Instant::now(),
             idle_since: None,
             quiet: None,
-            _slot: self.slot,
-        };
-        match connection.read_preface().await {
-            Ok(()) => Some(connection),
-            Err(error) => {
-                tracing::debug!(remote = %self.remote, %error, "connection closed before its first request");
-                None
-            }
-        }
+            _slot: slot,
+        })
     }
 
     async fn handshake(
@@ -287,21 +314,26 @@ enum Transport {
     Unix(UnixStream),
 }
 
-impl Connection {
-    async fn read_preface(&mut self) -> io::Result<()> {
-        let mut preface = [0u8; PREFACE_LEN];
-        let mut read = 0;
-        while read < PREFACE_LEN {
-            let n = by_transport!(self, s => s.read(&mut preface[read..]).await)?;
-            if n == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            read += n;
+/// Reads what should be the HTTP/2 preface, to be given to hyper first
+/// (hyper checks it).
+async fn read_preface(mut stream: Transport) -> io::Result<(Transport, Vec<u8>)> {
+    let mut preface = [0u8; PREFACE_LEN];
+    let mut read = 0;
+    while read < PREFACE_LEN {
+        let n = match &mut stream {
+            Transport::Plain(s) => s.read(&mut preface[read..]).await,
+            Transport::Tls(s) => s.read(&mut preface[read..]).await,
+            Transport::Unix(s) => s.read(&mut preface[read..]).await,
+        }?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        self.replay = preface.to_vec();
-        Ok(())
+        read += n;
     }
+    Ok((stream, preface.to_vec()))
+}
 
+impl Connection {
     fn note_written(&mut self, written: &Poll<io::Result<usize>>) {
         if let Poll::Ready(Ok(n)) = written
             && *n > 0
@@ -440,6 +472,12 @@ impl ConnectionCounters {
                 "connections_refused",
                 "Connections closed at once: too many open",
                 connections.refused.load(Relaxed),
+            )?;
+            counter(
+                e,
+                "connections_displaced",
+                "Connections closed while still opening: every slot was taken, and a newer connection took theirs",
+                connections.displaced.load(Relaxed),
             )?;
             counter(
                 e,

@@ -12,6 +12,7 @@
 pub mod budget;
 pub mod gate;
 pub mod listener;
+mod opening_slots;
 mod peer_trust;
 pub mod server;
 pub mod tls;

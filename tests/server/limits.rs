@@ -4,7 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use secrets_broker_client::proto::{WatchEventType, WatchSecretRequest};
+use secrets_broker_client::proto::{
+    WatchEventType, WatchSecretRequest, secrets_service_client::SecretsServiceClient,
+};
 use tonic::Code;
 
 use crate::harness::{Running, Secrets, eventually, get, reason, sample, value};
@@ -409,4 +411,117 @@ async fn third_connection(broker: &Running) -> Result<(), tonic::Status> {
         }
         answer => answer.map(drop),
     }
+}
+
+/// Sockets that connect and never say anything hold slots only until a
+/// caller needs one: a new connection takes the slot of the one that has
+/// been opening longest, which is closed. Connections that finished
+/// opening keep theirs.
+#[tokio::test]
+async fn a_silent_socket_gives_its_slot_to_a_caller() {
+    let broker = Running::start(|args| {
+        args.max_connections = Some("3".into());
+        args.metrics_listen = Some("127.0.0.1:0".into());
+    })
+    .await;
+    let mut established = broker.raw().await;
+    assert_eq!(
+        value(&get(&mut established, "mistral-api-key").await.unwrap()),
+        MISTRAL
+    );
+    let mut oldest = silent_socket(&broker).await;
+    let mut newest = silent_socket(&broker).await;
+
+    // Every slot is taken; before, this connection was refused until the
+    // first-request timeout (10 s) dropped a silent socket.
+    let mut caller = broker.raw().await;
+    assert_eq!(
+        value(&get(&mut caller, "mistral-api-key").await.unwrap()),
+        MISTRAL
+    );
+    assert!(
+        closed_by_the_broker(&mut oldest).await,
+        "the oldest silent socket is still open"
+    );
+    let displaced = sample(
+        &broker.metrics().await,
+        "secretsbroker_connections_displaced_total",
+    );
+    assert_eq!(displaced, Some(1.0), "connections_displaced_total");
+
+    // The other silent socket is next; the established connections are
+    // never displaced: with all three slots held by them, a new connection
+    // is refused.
+    let mut third = broker.raw().await;
+    assert_eq!(
+        value(&get(&mut third, "mistral-api-key").await.unwrap()),
+        MISTRAL
+    );
+    assert!(
+        closed_by_the_broker(&mut newest).await,
+        "the newer silent socket is still open"
+    );
+    assert!(
+        third_connection(&broker).await.is_err(),
+        "a fourth connection was served"
+    );
+    for stub in [&mut established, &mut caller, &mut third] {
+        assert_eq!(value(&get(stub, "mistral-api-key").await.unwrap()), MISTRAL);
+    }
+    drop((established, caller, third));
+    broker.stop().await;
+}
+
+/// The same under mutual TLS, where a silent socket is one that never
+/// finishes its handshake: it cannot keep a caller with a certificate out.
+#[tokio::test]
+async fn an_unfinished_tls_handshake_gives_its_slot_to_a_caller() {
+    use crate::harness::Pki;
+    let pki = Pki::new();
+    let (server, ca) = (pki.server(), pki.ca());
+    let policy = pki.write_policy(
+        "[[grant]]\nidentity = \"spiffe://insurecove/auth-service\"\nsecrets = [\"insurecove/**\"]\n",
+    );
+    let broker = Running::start(|args| {
+        args.tls_cert = Some(server.cert.to_string_lossy().into_owned());
+        args.tls_key = Some(server.key.to_string_lossy().into_owned());
+        args.tls_client_ca = Some(ca.to_string_lossy().into_owned());
+        args.policy = Some(policy.to_string_lossy().into_owned());
+        args.max_connections = Some("2".into());
+    })
+    .await;
+    let mut silent = [silent_socket(&broker).await, silent_socket(&broker).await];
+    let client = pki.client("auth", "spiffe://insurecove/auth-service");
+    let mut caller = SecretsServiceClient::new(broker.mtls(&client).await);
+    assert_eq!(
+        value(&get(&mut caller, "mistral-api-key").await.unwrap()),
+        MISTRAL
+    );
+    assert!(
+        closed_by_the_broker(&mut silent[0]).await,
+        "the oldest silent socket is still open"
+    );
+    drop(caller);
+    broker.stop().await;
+}
+
+/// A TCP connection to the broker that sends nothing, once the broker has
+/// accepted it (and so given it a slot).
+async fn silent_socket(broker: &Running) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
+    // The accept loop runs beside this test: give it time to take the
+    // socket in, so that the order of arrival is the order of accept.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    socket
+}
+
+/// Whether the broker closes `socket` within a few seconds (well before
+/// the first-request timeout of 10 s).
+async fn closed_by_the_broker(socket: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut byte = [0u8; 1];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(3), socket.read(&mut byte)).await,
+        Ok(Ok(0) | Err(_))
+    )
 }
