@@ -19,7 +19,10 @@ use std::error::Error as StdError;
 
 use aws_config::meta::ProviderChainError;
 use aws_credential_types::provider::error::CredentialsError;
-use aws_sdk_secretsmanager::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_secretsmanager::{
+    config::http::HttpResponse,
+    error::{DisplayErrorContext, ProvideErrorMetadata, SdkError},
+};
 
 use super::StoreError;
 
@@ -92,27 +95,40 @@ fn proxy_for(
 }
 
 /// Turns a failed SDK call (`action` on `secret`) into the broker's error.
-pub fn explain<E, R>(
-    error: &SdkError<E, R>,
+pub fn explain<E>(
+    error: &SdkError<E, HttpResponse>,
     action: &'static str,
     secret: &str,
     upstream: &Upstream,
 ) -> StoreError
 where
     E: ProvideErrorMetadata + StdError + 'static,
-    R: std::fmt::Debug + 'static,
 {
     tracing::debug!(action, secret, error = %DisplayErrorContext(error), "AWS call failed");
     match error {
         SdkError::ServiceError(service) => {
             let err = service.err();
             explain_code(
-                err.code().unwrap_or_default(),
-                err.message().unwrap_or_default(),
+                Answer {
+                    code: err.code().unwrap_or_default(),
+                    message: err.message().unwrap_or_default(),
+                    status: service.raw().status().as_u16(),
+                },
                 action,
                 secret,
             )
         }
+        // An answer that is not AWS's error format (a proxy's or load
+        // balancer's page): it says nothing about the secret.
+        SdkError::ResponseError(response) => StoreError::Unavailable {
+            detail: format!(
+                "AWS at {}{} answered HTTP {} in a form that is not AWS's (a proxy or load \
+                 balancer in between?); it is retried",
+                upstream.endpoint,
+                upstream.via(),
+                response.raw().status().as_u16()
+            ),
+        },
         SdkError::TimeoutError(_) => StoreError::Unavailable {
             detail: format!(
                 "AWS did not answer in time at {}{}",
@@ -222,8 +238,26 @@ fn explain_credentials(error: &CredentialsError) -> String {
     }
 }
 
-/// AWS's answer, by error code.
-pub(super) fn explain_code(code: &str, message: &str, action: &str, secret: &str) -> StoreError {
+/// An error answer: AWS's code and message, and the HTTP status it came
+/// with.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Answer<'a> {
+    pub code: &'a str,
+    pub message: &'a str,
+    pub status: u16,
+}
+
+/// AWS's answer, by error code, then by HTTP status. Only answers that say
+/// something about the secret (not found, deleted, access denied, a request
+/// AWS refuses) end its cached value; an answer that says the broker's side
+/// or AWS's side is at fault (credentials, throttling, any 5xx, a status
+/// without an AWS code) is transient, and the last good value is served.
+pub(super) fn explain_code(answer: Answer<'_>, action: &str, secret: &str) -> StoreError {
+    let Answer {
+        code,
+        message,
+        status,
+    } = answer;
     let name = secret.to_owned();
     match code {
         "ResourceNotFoundException" => StoreError::NotFound { name },
@@ -240,32 +274,53 @@ pub(super) fn explain_code(code: &str, message: &str, action: &str, secret: &str
                  the role's policy (deploy/iam-policy.json) and the key policy of its KMS key"
             ),
         },
-        "UnrecognizedClientException" | "InvalidSignatureException" | "ExpiredTokenException" => {
-            StoreError::AccessDenied {
-                name,
-                detail: format!(
-                    "AWS rejected the broker's credentials ({code}); check AWS_ACCESS_KEY_ID and \
-                     AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, and renew expired session tokens"
-                ),
-            }
-        }
+        // The broker's own credentials, not the caller's access to this
+        // secret: every secret fails alike until they are fixed or renewed.
+        "UnrecognizedClientException"
+        | "InvalidSignatureException"
+        | "ExpiredTokenException"
+        | "InvalidClientTokenId"
+        | "SignatureDoesNotMatch"
+        | "IncompleteSignature"
+        | "MissingAuthenticationToken" => StoreError::Unavailable {
+            detail: format!(
+                "AWS rejected the broker's credentials ({code}); check AWS_ACCESS_KEY_ID and \
+                 AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, and renew expired session tokens"
+            ),
+        },
         "ThrottlingException" | "TooManyRequestsException" | "RequestLimitExceeded" => {
             StoreError::Throttled
         }
-        "InternalServiceError" | "InternalFailure" | "ServiceUnavailable" => {
-            StoreError::Unavailable {
-                detail: format!("AWS answered {code} (its own fault); it is retried"),
-            }
-        }
+        "InternalServiceError"
+        | "InternalFailure"
+        | "ServiceUnavailable"
+        | "ServiceUnavailableException" => StoreError::Unavailable {
+            detail: format!("AWS answered {code} (its own fault); it is retried"),
+        },
+        _ if status == 429 => StoreError::Throttled,
+        _ if status >= 500 || code.is_empty() => StoreError::Unavailable {
+            detail: unrecognised(code, status),
+        },
         _ => {
             // AWS's message may name accounts or keys: it goes to the log,
             // the caller gets the code.
-            tracing::warn!(secret = %name, code, message = %message.escape_debug(), "AWS refused a request");
+            tracing::warn!(secret = %name, code, status, message = %message.escape_debug(), "AWS refused a request");
             StoreError::Rejected {
-                detail: format!("AWS answered {code}"),
+                detail: format!("AWS answered {code} (HTTP {status})"),
             }
         }
     }
+}
+
+/// An answer the broker has no meaning for: a server error, or a status
+/// with no AWS error code (a proxy or load balancer answering for AWS).
+fn unrecognised(code: &str, status: u16) -> String {
+    let who = if code.is_empty() {
+        format!("HTTP {status} with no AWS error code (a proxy or load balancer in between?)")
+    } else {
+        format!("{code} (HTTP {status})")
+    };
+    format!("AWS answered {who}; it is retried")
 }
 
 /// The first error of type `T` in `error`'s source chain (itself included).
@@ -330,11 +385,18 @@ mod tests {
         assert_eq!(local.proxy, None, "NO_PROXY exempts the host");
     }
 
+    fn answer<'a>(code: &'a str, message: &'a str, status: u16) -> Answer<'a> {
+        Answer {
+            code,
+            message,
+            status,
+        }
+    }
+
     #[test]
     fn codes_become_errors_that_say_what_to_do() {
         let denied = explain_code(
-            "AccessDeniedException",
-            "",
+            answer("AccessDeniedException", "", 400),
             "GetSecretValue",
             "insurecove/x",
         );
@@ -345,24 +407,34 @@ mod tests {
         );
         assert!(message.contains("insurecove/x"), "{message}");
         assert!(message.contains("deploy/iam-policy.json"), "{message}");
-        let rejected = explain_code("UnrecognizedClientException", "", "GetSecretValue", "x");
+        let rejected = explain_code(
+            answer("UnrecognizedClientException", "", 400),
+            "GetSecretValue",
+            "x",
+        );
         assert!(rejected.to_string().contains("AWS_ACCESS_KEY_ID"));
         assert_eq!(
-            explain_code("ResourceNotFoundException", "", "GetSecretValue", "x"),
+            explain_code(
+                answer("ResourceNotFoundException", "", 400),
+                "GetSecretValue",
+                "x"
+            ),
             StoreError::NotFound { name: "x".into() }
         );
         assert!(
             explain_code(
-                "InvalidRequestException",
-                "You can't perform this operation on the secret because it was marked for deletion.",
+                answer(
+                    "InvalidRequestException",
+                    "You can't perform this operation on the secret because it was marked for deletion.",
+                    400
+                ),
                 "GetSecretValue",
                 "x"
             ) == StoreError::Deleted { name: "x".into() }
         );
         assert!(matches!(
             explain_code(
-                "InvalidRequestException",
-                "rotation is not configured",
+                answer("InvalidRequestException", "rotation is not configured", 400),
                 "GetSecretValue",
                 "x"
             ),
@@ -370,15 +442,73 @@ mod tests {
         ));
         assert_eq!(
             explain_code(
-                "ThrottlingException",
-                "Rate exceeded",
+                answer("ThrottlingException", "Rate exceeded", 400),
                 "GetSecretValue",
                 "x"
             ),
             StoreError::Throttled
         );
-        assert!(explain_code("InternalServiceError", "", "GetSecretValue", "x").is_transient());
-        assert!(!explain_code("DecryptionFailure", "", "GetSecretValue", "x").is_transient());
+        assert!(
+            explain_code(
+                answer("InternalServiceError", "", 400),
+                "GetSecretValue",
+                "x"
+            )
+            .is_transient()
+        );
+        assert!(
+            !explain_code(answer("DecryptionFailure", "", 400), "GetSecretValue", "x")
+                .is_transient()
+        );
+    }
+
+    /// A proxy's or load balancer's error page, AWS's own 5xx under any
+    /// code, and the broker's own credentials being refused say nothing
+    /// about the secret: the last good value keeps being served, and the
+    /// message says what answered.
+    #[test]
+    fn answers_that_say_nothing_about_the_secret_are_transient() {
+        for (code, status) in [
+            ("", 502),
+            ("", 503),
+            ("", 403),
+            ("ServiceUnavailableException", 503),
+            ("SomethingNew", 500),
+            ("ExpiredTokenException", 400),
+            ("UnrecognizedClientException", 400),
+            ("InvalidClientTokenId", 403),
+        ] {
+            let error = explain_code(answer(code, "", status), "GetSecretValue", "x");
+            assert!(error.is_transient(), "{code} {status}: {error:?}");
+            let message = error.to_string();
+            assert!(
+                message.contains(&format!("HTTP {status}")) || message.contains(code),
+                "{code} {status}: {message}"
+            );
+            assert!(!message.ends_with("answered "), "{message}");
+        }
+        assert_eq!(
+            explain_code(answer("", "", 429), "GetSecretValue", "x"),
+            StoreError::Throttled
+        );
+        let credentials = explain_code(
+            answer("ExpiredTokenException", "", 400),
+            "GetSecretValue",
+            "x",
+        );
+        assert!(
+            credentials.to_string().contains("broker's credentials"),
+            "{credentials}"
+        );
+        // A refusal with AWS's code under 500 still ends the value.
+        assert!(matches!(
+            explain_code(
+                answer("ValidationException", "", 400),
+                "GetSecretValue",
+                "x"
+            ),
+            StoreError::Rejected { .. }
+        ));
     }
 
     #[test]

@@ -140,6 +140,9 @@ class SlowUpstream:
         self.in_flight = 0
         self.most_in_flight = 0
         self.targets: list[str] = []
+        # (status, content type, body) answered instead of AWS's, when set:
+        # a proxy's error page, or an error AWS may give.
+        self.fault: tuple[int, str, bytes] | None = None
         handler = type("Handler", (_SlowHandler,), {"upstream": self})
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
@@ -182,6 +185,16 @@ class _SlowHandler(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
         target = self.headers.get("X-Amz-Target", "")
         up._enter(target)
+        fault = up.fault
+        if fault is not None:
+            up._leave()
+            status, content_type, data = fault
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
         try:
             if up.delayed is None or target.endswith(up.delayed):
                 up.held.set()

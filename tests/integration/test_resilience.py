@@ -128,6 +128,40 @@ def test_a_flood_of_misses_is_bounded_and_remembered(moto, aws_broker, stubs, co
     assert stats.negative_hits >= 300 and stats.negative_entries == 499, stats
 
 
+def test_answers_that_say_nothing_about_the_secret_keep_the_last_good_value(moto, aws_broker, stubs, counting_upstream):
+    """A load balancer's 502 page, AWS's 503, and AWS refusing the broker's
+    own credentials: the expired entry keeps being served (stale), and a
+    name never read gets UNAVAILABLE naming what answered."""
+    moto.create_secret("insurecove/faulted", "faulted-value-51c3")
+    upstream = counting_upstream(0.0)
+    broker = aws_broker(["--cache-ttl", "1"], env={"AWS_ENDPOINT_URL": upstream.url})
+    stub = broker.secrets()
+    assert get(stubs, stub, "faulted").string_value == "faulted-value-51c3"
+    faults = [
+        (502, "text/html", b"<html><body><h1>502 Bad Gateway</h1></body></html>", "HTTP 502"),
+        (503, "application/x-amz-json-1.1",
+         b'{"__type":"ServiceUnavailableException","message":"try later"}', "ServiceUnavailableException"),
+        (400, "application/x-amz-json-1.1",
+         b'{"__type":"ExpiredTokenException","message":"The security token included in the request is expired"}',
+         "broker's credentials"),
+    ]
+    for status, content_type, body, told in faults:
+        upstream.fault = (status, content_type, body)
+        time.sleep(1.2)                               # the entry is expired
+        for _ in range(3):
+            secret = get(stubs, stub, "faulted")
+            assert secret.string_value == "faulted-value-51c3" and secret.cache.stale, (status, secret.cache)
+            time.sleep(0.3)
+        err, _ = expect_error(lambda: get(stubs, stub, f"never-read-{status}"), grpc.StatusCode.UNAVAILABLE,
+                              "UPSTREAM_UNAVAILABLE")
+        assert told in err.details(), (status, err.details())
+    upstream.fault = None
+    deadline = time.monotonic() + 40
+    while get(stubs, stub, "faulted").cache.stale:
+        assert time.monotonic() < deadline, "still stale after the upstream came back"
+        time.sleep(0.5)
+
+
 def test_a_full_upstream_queue_is_resource_exhausted(moto, aws_broker, stubs, counting_upstream):
     upstream = counting_upstream(2.0)
     broker = aws_broker(
