@@ -231,6 +231,131 @@ def test_a_rotation_reaches_the_local_cache_by_push(venv, seeded_broker, moto, t
     assert after["took"] < 2.0, after
 
 
+CLIENT_EDGES_PROBE = """
+import json, sys, threading, time
+from secrets_broker.aws_secrets import AWSSecretsConfig, AWSSecretsManager, AWSSecretsManagerError
+out = {}
+m = AWSSecretsManager()
+
+# Changing a returned value changes nothing in the cache.
+m.get_secret("production/jwt").value["jwt_algorithm"] = "MUTATED"
+out["value_is_the_callers"] = m.get_secret("production/jwt").value["jwt_algorithm"]
+
+# clear_cache while threads read: every watch stream it stops is cancelled,
+# even one still opening.
+stop = threading.Event()
+def read():
+    while not stop.is_set():
+        m.get_secret("mistral-api-key")
+readers = [threading.Thread(target=read) for _ in range(4)]
+for t in readers: t.start()
+for _ in range(200):
+    m.clear_cache()
+stop.set()
+for t in readers: t.join()
+m.clear_cache()
+deadline = time.monotonic() + 10
+while time.monotonic() < deadline and any(t.name.startswith("watch-") for t in threading.enumerate()):
+    time.sleep(0.05)
+out["watch_threads_left"] = sum(1 for t in threading.enumerate() if t.name.startswith("watch-"))
+
+# A binary value that is not text is an AWSSecretsManagerError to read as text.
+try:
+    m.get_secret("binary-blob").as_string()
+    out["binary"] = "read as text"
+except AWSSecretsManagerError as error:
+    out["binary"] = "refused: " + ("binary" if "binary" in str(error) else str(error))
+
+# A typed config outside SECRET_PREFIX is refused, as get_secret is.
+try:
+    AWSSecretsManager(AWSSecretsConfig(secret_prefix="acme")).get_jwt_config()
+    out["config_prefix_other"] = "served"
+except AWSSecretsManagerError as error:
+    out["config_prefix_other"] = "refused" if "SECRET_PREFIX=acme" in str(error) else str(error)
+
+# Typed configs are cached, and a rotation of their secret reaches them by push.
+first = m.get_jwt_config()
+for _ in range(20):
+    m.get_jwt_config()
+print(json.dumps({"first_issuer": first["jwt_issuer"]}), flush=True)
+sys.stdin.readline()                      # the test counts calls, then rotates
+started = time.monotonic()
+while time.monotonic() - started < 10 and m.get_jwt_config()["jwt_issuer"] == first["jwt_issuer"]:
+    time.sleep(0.02)
+out["rotated_issuer"] = m.get_jwt_config()["jwt_issuer"]
+out["took"] = time.monotonic() - started
+
+# The asyncio variant: push, coroutines throughout, and a second event loop.
+import asyncio
+from secrets_broker.aio import AsyncAWSSecretsManager
+am = AsyncAWSSecretsManager()
+async def pushed():
+    before = (await am.get_secret("production/jwt")).as_dict()["jwt_issuer"]
+    await asyncio.sleep(0.5)              # the watch stream is open
+    print(json.dumps({"async_ready": before}), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    started = time.monotonic()
+    while time.monotonic() - started < 10:
+        now = (await am.get_secret("production/jwt")).as_dict()["jwt_issuer"]
+        if now != before:
+            break
+        await asyncio.sleep(0.02)
+    stats = await am.get_cache_stats()
+    await am.clear_cache()
+    return [now, time.monotonic() - started, stats["total_entries"]]
+out["async_push"] = asyncio.run(pushed())
+out["second_loop"] = asyncio.run(am.get_secret("mistral-api-key")).as_string()
+print(json.dumps(out), flush=True)
+"""
+
+
+def test_the_client_at_its_edges(venv, seeded_broker, moto, tmp_path):
+    """A returned value is the caller's own; clear_cache under load leaves
+    no watch stream behind; a binary value that is not text is refused as
+    text with the package's error; typed configs are guarded by
+    SECRET_PREFIX, cached, and kept fresh by push."""
+    broker, _ = seeded_broker
+    moto.create_secret("insurecove/binary-blob", b"\xff\xfe\x00binary")
+    calls_before = broker.log().count('rpc="GetJwtConfig"')
+    proc = subprocess.Popen(
+        [str(venv), "-c", CLIENT_EDGES_PROBE], env=package_env(broker, SECRET_CACHE_TTL="3600"),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )
+    try:
+        first = json.loads(proc.stdout.readline() or "null")
+        assert first, proc.stderr.read() if proc.poll() is not None else "no first line"
+        calls = broker.log().count('rpc="GetJwtConfig"') - calls_before
+        time.sleep(0.5)                   # the config's watch stream is open
+        rotated = json.loads(JWT_VALUE)
+        rotated["jwt_issuer"] = "rotated-issuer"
+        moto.put_secret_value(JWT, json.dumps(rotated))
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        ready = json.loads(proc.stdout.readline() or "null")
+        assert ready and ready["async_ready"] == "rotated-issuer", proc.stderr.read() if proc.poll() is not None else ready
+        rotated["jwt_issuer"] = "rotated-again"
+        moto.put_secret_value(JWT, json.dumps(rotated))
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()
+        out = json.loads(line)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    print(out, f"{calls} GetJwtConfig calls for 21 reads")
+    assert out["value_is_the_callers"] == "HS256", out
+    assert out["watch_threads_left"] == 0, out
+    assert out["binary"] == "refused: binary", out
+    assert out["config_prefix_other"] == "refused", out
+    # 21 reads: one for the refused SECRET_PREFIX probe, one for the first read.
+    assert calls <= 2, f"21 typed config reads made {calls} broker calls"
+    assert out["rotated_issuer"] == "rotated-issuer" and out["took"] < 2.0, out
+    issuer, took, entries = out["async_push"]
+    assert issuer == "rotated-again" and took < 2.0 and entries == 1, out
+    assert out["second_loop"] == MISTRAL_VALUE, out
+
+
 def test_access_denied_under_mtls(venv, start_tls_broker, tls_files, pki, tmp_path):
     tls_files.write_policy(policy_toml({"identity": AUTH, "secrets": ["insurecove/production/jwt"]}))
     broker = start_tls_broker()

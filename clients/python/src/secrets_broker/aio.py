@@ -1,18 +1,27 @@
 """The asyncio side: ``AsyncAWSSecretsManager``, on ``grpc.aio``, with the
 same methods as ``AWSSecretsManager`` as coroutines and the same local
 cache (TTL ``SECRET_CACHE_TTL``; ``use_cache=False`` asks the broker with
-bypass)."""
+bypass), kept fresh by push: each cached current value is followed by a
+WatchSecret stream in a task of the event loop that read it.
+
+A gRPC channel belongs to the event loop it was made in: used from another
+loop (a second ``asyncio.run``), the manager opens a new channel there and
+starts its cache afresh."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import grpc
 import grpc.aio
 
 from secrets_broker.aws_secrets import (
     CALL_TIMEOUT,
+    MAX_FOLLOWED,
+    WATCH_BACKOFF_MAX,
     AWSSecretsConfig,
     SecretValue,
     _cache_key,
@@ -20,12 +29,16 @@ from secrets_broker.aws_secrets import (
     _get_secret_request,
     _health_request,
     _health_status,
+    aws_services_dict,
     database_dict,
     jwt_dict,
+    security_dict,
 )
-from secretsbroker.v1 import secrets_service_pb2, secrets_service_pb2_grpc
+from secretsbroker.v1 import secret_pb2, secrets_service_pb2, secrets_service_pb2_grpc
 
 __all__ = ["AsyncAWSSecretsManager"]
+
+logger = logging.getLogger(__name__)
 
 
 class AsyncAWSSecretsManager:
@@ -34,9 +47,19 @@ class AsyncAWSSecretsManager:
     def __init__(self, config: Optional[AWSSecretsConfig] = None) -> None:
         self.config = config or AWSSecretsConfig()
         self._channel: Optional[grpc.aio.Channel] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._cache: dict[tuple[str, Optional[str]], tuple[SecretValue, float]] = {}
+        # The WatchSecret task of each followed name.
+        self._followers: dict[str, asyncio.Task[None]] = {}
 
     def _connect(self) -> grpc.aio.Channel:
+        loop = asyncio.get_running_loop()
+        if self._channel is not None and self._loop is not loop:
+            # The channel and the watch tasks belong to a loop that has
+            # ended (or is another): they cannot be used from this one.
+            self._channel = None
+            self._followers.clear()
+            self._cache.clear()
         if self._channel is None:
             credentials = self.config.credentials()
             options = self.config.channel_options(credentials is not None)
@@ -45,6 +68,7 @@ class AsyncAWSSecretsManager:
                 self._channel = grpc.aio.insecure_channel(endpoint, options=options)
             else:
                 self._channel = grpc.aio.secure_channel(endpoint, credentials, options=options)
+            self._loop = loop
         return self._channel
 
     def _secrets(self) -> secrets_service_pb2_grpc.SecretsServiceAsyncStub:
@@ -52,10 +76,11 @@ class AsyncAWSSecretsManager:
         return secrets_service_pb2_grpc.SecretsServiceStub(self._connect())
 
     async def close(self) -> None:
-        """Closes the connection."""
-        if self._channel is not None:
+        """Stops the watch tasks and closes the connection."""
+        await self.clear_cache()
+        if self._channel is not None and self._loop is asyncio.get_running_loop():
             await self._channel.close()
-            self._channel = None
+        self._channel = None
 
     async def get_secret(
         self,
@@ -65,19 +90,64 @@ class AsyncAWSSecretsManager:
         version_stage: Optional[str] = None,
     ) -> SecretValue:
         """As ``AWSSecretsManager.get_secret``."""
+        stub = self._secrets()
         key = _cache_key(secret_name, version_id, version_stage)
         cached = self._cache.get(key)
         if use_cache and cached is not None and time.monotonic() - cached[1] < self.config.secret_cache_ttl:
-            return cached[0]
+            return cached[0]._for_caller()
         request = _get_secret_request(secret_name, version_id, use_cache, version_stage)
         try:
-            answer = await self._secrets().GetSecret(request, timeout=CALL_TIMEOUT)
+            answer = await stub.GetSecret(request, timeout=CALL_TIMEOUT)
         except grpc.RpcError as error:
             raise _error_from(error) from None
         self.config.check_prefix(secret_name, answer.secret.name)
         value = SecretValue.from_proto(answer.secret)
         self._cache[key] = (value, time.monotonic())
-        return value
+        name, selector = key
+        if selector is None and name not in self._followers and len(self._followers) < MAX_FOLLOWED:
+            self._followers[name] = asyncio.get_running_loop().create_task(
+                self._follow(name, value.version_id), name=f"watch-{name}"
+            )
+        return value._for_caller()
+
+    async def _follow(self, name: str, version_id: str) -> None:
+        """Keeps ``name``'s cached value current until it is dropped; after
+        a lost stream, asks again from the version it holds, so that a
+        rotation missed meanwhile comes first."""
+        backoff = 0.1
+        while True:
+            try:
+                request = secrets_service_pb2.WatchSecretRequest(name=name, since_version_id=version_id)
+                async for event in self._secrets().WatchSecret(request):
+                    backoff = 0.1
+                    if event.type == secret_pb2.WATCH_EVENT_TYPE_DELETED:
+                        self._rotated(name, None)
+                        return
+                    value = SecretValue.from_proto(event.secret)
+                    version_id = value.version_id
+                    self._rotated(name, value)
+            except grpc.aio.AioRpcError as error:
+                if error.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
+                    self._rotated(name, None)
+                    return
+            except Exception as error:  # noqa: BLE001 - keep following
+                logger.debug("watch of %s: %s", name, error)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, WATCH_BACKOFF_MAX)
+
+    def _rotated(self, name: str, value: Optional[SecretValue]) -> None:
+        """A watch event: the cached value replaced (or dropped), and what
+        was read by stage read again."""
+        held = self._cache.get((name, None))
+        moved = held is None or value is None or value.version_id != held[0].version_id
+        if value is None:
+            self._cache.pop((name, None), None)
+            self._followers.pop(name, None)
+        else:
+            self._cache[(name, None)] = (value, time.monotonic())
+        if moved:
+            for key in [k for k in self._cache if k[0] == name and k[1] is not None and "stage:" in k[1]]:
+                del self._cache[key]
 
     async def test_connection(self) -> bool:
         """Whether the broker answers and reaches AWS. Never raises."""
@@ -92,11 +162,17 @@ class AsyncAWSSecretsManager:
         except Exception:  # noqa: BLE001 - the contract is "False, never an exception"
             return False
 
-    def clear_cache(self) -> None:
-        """Empties the local cache."""
+    async def clear_cache(self) -> None:
+        """Empties the local cache and stops its watch tasks."""
+        followers = list(self._followers.values())
+        self._followers.clear()
         self._cache.clear()
+        current = asyncio.current_task()
+        for task in followers:
+            if task is not current and not task.done() and task.get_loop() is asyncio.get_running_loop():
+                task.cancel()
 
-    def get_cache_stats(self) -> dict[str, Any]:
+    async def get_cache_stats(self) -> dict[str, Any]:
         """As ``AWSSecretsManager.get_cache_stats``."""
         now = time.monotonic()
         total = len(self._cache)
@@ -108,23 +184,31 @@ class AsyncAWSSecretsManager:
             "ttl_seconds": self.config.secret_cache_ttl,
         }
 
-    async def get_jwt_config(self) -> dict[str, Any]:
-        """As ``AWSSecretsManager.get_jwt_config``."""
-        try:
-            answer = await self._secrets().GetJwtConfig(secrets_service_pb2.GetJwtConfigRequest(), timeout=CALL_TIMEOUT)
-        except grpc.RpcError as error:
-            raise _error_from(error) from None
-        return jwt_dict(answer.config)
+    async def get_jwt_config(self, name: str = "") -> dict[str, Any]:
+        """As ``AWSSecretsManager.get_jwt_config`` (read from the broker's
+        cache each time: not cached here)."""
+        return await self._typed("GetJwtConfig", name, jwt_dict)
 
-    async def get_database_config(self) -> dict[str, Any]:
-        """As ``AWSSecretsManager.get_database_config``."""
+    async def get_database_config(self, name: str = "") -> dict[str, Any]:
+        """As ``AWSSecretsManager.get_database_config`` (not cached here)."""
+        return await self._typed("GetDatabaseConfig", name, database_dict)
+
+    async def get_aws_services_config(self, name: str = "") -> dict[str, Any]:
+        """As ``AWSSecretsManager.get_aws_services_config`` (not cached here)."""
+        return await self._typed("GetAwsServicesConfig", name, aws_services_dict)
+
+    async def get_security_config(self, name: str = "") -> dict[str, Any]:
+        """As ``AWSSecretsManager.get_security_config`` (not cached here)."""
+        return await self._typed("GetSecurityConfig", name, security_dict)
+
+    async def _typed(self, rpc: str, name: str, to_dict: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+        request = getattr(secrets_service_pb2, f"{rpc}Request")(name=name)
         try:
-            answer = await self._secrets().GetDatabaseConfig(
-                secrets_service_pb2.GetDatabaseConfigRequest(), timeout=CALL_TIMEOUT
-            )
+            answer = await getattr(self._secrets(), rpc)(request, timeout=CALL_TIMEOUT)
         except grpc.RpcError as error:
             raise _error_from(error) from None
-        return database_dict(answer.config)
+        self.config.check_prefix(name, answer.name)
+        return to_dict(answer.config)
 
     async def get_mistral_api_key(self) -> str:
         """The Mistral API key, as text."""

@@ -18,6 +18,7 @@ cache within seconds instead of at the end of the TTL.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -26,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import grpc
 import grpc.aio
@@ -56,6 +57,11 @@ logger = logging.getLogger(__name__)
 
 CALL_TIMEOUT = 10.0
 WATCH_BACKOFF_MAX = 5.0
+# Names followed by push at once, each by one WatchSecret stream on the one
+# connection: well under the broker's calls per connection (1,024 by
+# default), as the Rust client does. Names past it are cached for
+# SECRET_CACHE_TTL without push.
+MAX_FOLLOWED = 256
 
 
 # --------------------------------------------------------------------------
@@ -288,7 +294,7 @@ class SecretValue:
         if isinstance(self.value, dict):
             # A copy: the value is shared with the cache and other callers.
             return copy.deepcopy(self.value)
-        text = self.value.decode() if isinstance(self.value, bytes) else self.value
+        text = self._decoded()
         try:
             parsed = json.loads(text)
         except ValueError:
@@ -303,7 +309,24 @@ class SecretValue:
             return self._text
         if isinstance(self.value, dict):
             return json.dumps(self.value)
-        return self.value.decode() if isinstance(self.value, bytes) else self.value
+        return self._decoded()
+
+    def _decoded(self) -> str:
+        if not isinstance(self.value, bytes):
+            return self.value  # type: ignore[return-value]
+        try:
+            return self.value.decode()
+        except UnicodeDecodeError:
+            raise AWSSecretsManagerError(
+                f"secret {self.secret_name} is binary and not UTF-8 text: use .value (bytes)"
+            ) from None
+
+    def _for_caller(self) -> "SecretValue":
+        """This value, with a dict of its own: a caller changing it must not
+        change what the cache (and every other caller) holds."""
+        if isinstance(self.value, dict):
+            return dataclasses.replace(self, value=copy.deepcopy(self.value))
+        return self
 
     def __repr__(self) -> str:
         return f"SecretValue(secret_name={self.secret_name!r}, version_id={self.version_id!r}, value=<redacted>)"
@@ -346,7 +369,9 @@ def _cache_key(name: str, version_id: Optional[str], version_stage: Optional[str
     """The local cache's key: the name, and which version (``None`` for the
     current one, which is the one followed by push)."""
     if version_id:
-        return (name, version_id)
+        # Both: a version id asked together with a stage is answered only
+        # while that version holds the stage.
+        return (name, f"id:{version_id}" + (f"|stage:{version_stage}" if version_stage else ""))
     if version_stage and version_stage != "AWSCURRENT":
         return (name, f"stage:{version_stage}")
     return (name, None)
@@ -355,6 +380,13 @@ def _cache_key(name: str, version_id: Optional[str], version_stage: Optional[str
 @dataclass
 class _Entry:
     value: SecretValue
+    stored_at: float
+    follower: Optional["_Follower"] = None
+
+
+@dataclass
+class _ConfigEntry:
+    value: dict[str, Any]
     stored_at: float
     follower: Optional["_Follower"] = None
 
@@ -372,6 +404,8 @@ class AWSSecretsManager:
         self._stub: Optional[secrets_service_pb2_grpc.SecretsServiceStub] = None
         self._lock = threading.Lock()
         self._cache: dict[tuple[str, Optional[str]], _Entry] = {}
+        # Typed configs, by (RPC, name asked).
+        self._configs: dict[tuple[str, str], _ConfigEntry] = {}
 
     # -- the connection (lazy, one per instance) ---------------------------
 
@@ -413,7 +447,7 @@ class AWSSecretsManager:
             with self._lock:
                 entry = self._cache.get(key)
                 if entry is not None and time.monotonic() - entry.stored_at < self.config.secret_cache_ttl:
-                    return entry.value
+                    return entry.value._for_caller()
         request = _get_secret_request(secret_name, version_id, use_cache, version_stage)
         try:
             answer = self._secrets().GetSecret(request, timeout=CALL_TIMEOUT)
@@ -422,7 +456,7 @@ class AWSSecretsManager:
         self.config.check_prefix(secret_name, answer.secret.name)
         value = SecretValue.from_proto(answer.secret)
         self._store(key, value)
-        return value
+        return value._for_caller()
 
     def _store(self, key: tuple[str, Optional[str]], value: SecretValue) -> None:
         with self._lock:
@@ -435,7 +469,8 @@ class AWSSecretsManager:
             name, selector = key
             # A version id names an immutable version, and a stage other
             # than the current one is not what WatchSecret follows.
-            if selector is None:
+            followed = sum(1 for e in self._cache.values() if e.follower is not None)
+            if selector is None and followed < MAX_FOLLOWED:
                 entry.follower = _Follower(self, name, value.version_id)
                 entry.follower.start()
 
@@ -445,12 +480,19 @@ class AWSSecretsManager:
             entry = self._cache.get((name, None))
             if entry is None:
                 return
+            moved = value is None or value.version_id != entry.value.version_id
             if value is None:
                 del self._cache[(name, None)]
                 if entry.follower is not None:
                     entry.follower.stop()
             else:
                 entry.value, entry.stored_at = value, time.monotonic()
+            # A rotation or deletion moves the stages: what was read by stage
+            # (AWSPREVIOUS...) is read again. A version id's value never
+            # changes, but with a stage it may no longer hold it.
+            staged = [k for k in self._cache if moved and k[0] == name and k[1] is not None and "stage:" in k[1]]
+            for key in staged:
+                del self._cache[key]
 
     def test_connection(self) -> bool:
         """Whether the broker answers and reaches AWS. Never raises."""
@@ -470,8 +512,9 @@ class AWSSecretsManager:
     def clear_cache(self) -> None:
         """Empties the local cache (the broker's shared cache is untouched)."""
         with self._lock:
-            entries = list(self._cache.values())
+            entries: list[Union[_Entry, _ConfigEntry]] = [*self._cache.values(), *self._configs.values()]
             self._cache.clear()
+            self._configs.clear()
         for entry in entries:
             if entry.follower is not None:
                 entry.follower.stop()
@@ -492,21 +535,61 @@ class AWSSecretsManager:
 
     # -- typed configs ---------------------------------------------------------
 
-    def get_database_config(self) -> dict[str, Any]:
-        """``<environment>/database`` as a dict (validated by the broker)."""
-        try:
-            answer = self._secrets().GetDatabaseConfig(secrets_service_pb2.GetDatabaseConfigRequest(), timeout=CALL_TIMEOUT)
-        except grpc.RpcError as error:
-            raise _error_from(error) from None
-        return database_dict(answer.config)
+    def get_database_config(self, name: str = "") -> dict[str, Any]:
+        """``<environment>/database`` (or ``name``) as a dict, validated by
+        the broker; cached and kept fresh like ``get_secret``."""
+        return self._typed("GetDatabaseConfig", name, database_dict)
 
-    def get_jwt_config(self) -> dict[str, Any]:
-        """``<environment>/jwt`` as a dict (validated by the broker)."""
+    def get_jwt_config(self, name: str = "") -> dict[str, Any]:
+        """``<environment>/jwt`` (or ``name``) as a dict, validated by the
+        broker; cached and kept fresh like ``get_secret``."""
+        return self._typed("GetJwtConfig", name, jwt_dict)
+
+    def get_aws_services_config(self, name: str = "") -> dict[str, Any]:
+        """``<environment>/aws-services`` (or ``name``) as a dict."""
+        return self._typed("GetAwsServicesConfig", name, aws_services_dict)
+
+    def get_security_config(self, name: str = "") -> dict[str, Any]:
+        """``<environment>/security`` (or ``name``) as a dict."""
+        return self._typed("GetSecurityConfig", name, security_dict)
+
+    def _typed(self, rpc: str, name: str, to_dict: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+        """A typed config: from the local cache within ``SECRET_CACHE_TTL``,
+        else from the broker, then followed by push (a new version of its
+        secret drops it, and the next call reads it again)."""
+        key = (rpc, name)
+        with self._lock:
+            cached = self._configs.get(key)
+            if cached is not None and time.monotonic() - cached.stored_at < self.config.secret_cache_ttl:
+                return copy.deepcopy(cached.value)
+        request = getattr(secrets_service_pb2, f"{rpc}Request")(name=name)
         try:
-            answer = self._secrets().GetJwtConfig(secrets_service_pb2.GetJwtConfigRequest(), timeout=CALL_TIMEOUT)
+            answer = getattr(self._secrets(), rpc)(request, timeout=CALL_TIMEOUT)
         except grpc.RpcError as error:
             raise _error_from(error) from None
-        return jwt_dict(answer.config)
+        self.config.check_prefix(name, answer.name)
+        value = to_dict(answer.config)
+        entry = _ConfigEntry(value=value, stored_at=time.monotonic())
+
+        def changed(new: Optional[SecretValue]) -> None:
+            if new is None or new.version_id != answer.version_id:
+                self._drop_config(key, entry)
+
+        entry.follower = _Follower(self, answer.name, answer.version_id, on_event=changed)
+        with self._lock:
+            replaced = self._configs.get(key)
+            self._configs[key] = entry
+        if replaced is not None and replaced.follower is not None:
+            replaced.follower.stop()
+        entry.follower.start()
+        return copy.deepcopy(value)
+
+    def _drop_config(self, key: tuple[str, str], entry: _ConfigEntry) -> None:
+        with self._lock:
+            if self._configs.get(key) is entry:
+                del self._configs[key]
+        if entry.follower is not None:
+            entry.follower.stop()
 
     def get_mistral_api_key(self) -> str:
         """The Mistral API key, as text."""
@@ -521,6 +604,26 @@ def jwt_dict(c: secret_pb2.JwtConfig) -> dict[str, Any]:
         "jwt_issuer": c.jwt_issuer,
         "jwt_audience": c.jwt_audience,
         "jwt_access_token_expire_minutes": c.jwt_access_token_expire_minutes,
+    }
+
+
+def aws_services_dict(c: secret_pb2.AwsServicesConfig) -> dict[str, Any]:
+    """An AWS services config as a dict of its settings' names."""
+    return {
+        "aws_ses_region": c.aws_ses_region,
+        "aws_end_user_messaging_region": c.aws_end_user_messaging_region,
+        "s3_bucket_name": c.s3_bucket_name,
+        "max_file_size_mb": c.max_file_size_mb,
+    }
+
+
+def security_dict(c: secret_pb2.SecurityConfig) -> dict[str, Any]:
+    """A security config as a dict of its settings' names."""
+    return {
+        "encryption_key": c.encryption_key,
+        "encryption_salt": c.encryption_salt,
+        "allowed_hosts": list(c.allowed_hosts),
+        "cors_origins": list(c.cors_origins),
     }
 
 
@@ -574,13 +677,20 @@ class _Follower:
     version_id: str
     _stopped: threading.Event = field(default_factory=threading.Event)
     _call: Optional[Any] = None
+    # Orders stop() and a stream being opened: a stop that comes while the
+    # stream opens must still cancel it.
+    _call_lock: threading.Lock = field(default_factory=threading.Lock)
+    # What an event does; by default, the manager's cached secret is
+    # replaced or dropped.
+    on_event: Optional[Callable[[Optional[SecretValue]], None]] = None
 
     def start(self) -> None:
         threading.Thread(target=self._run, name=f"watch-{self.name}", daemon=True).start()
 
     def stop(self) -> None:
-        self._stopped.set()
-        call = self._call
+        with self._call_lock:
+            self._stopped.set()
+            call = self._call
         if call is not None:
             call.cancel()
 
@@ -591,29 +701,39 @@ class _Follower:
                 for event in self._events():
                     backoff = 0.1
                     if event.type == secret_pb2.WATCH_EVENT_TYPE_DELETED:
-                        self.manager._rotated(self.name, None)
+                        self._tell(None)
                         return
                     value = SecretValue.from_proto(event.secret)
                     self.version_id = value.version_id
-                    self.manager._rotated(self.name, value)
+                    self._tell(value)
             except grpc.RpcError as error:
                 if self._stopped.is_set():
                     return
                 code = error.code() if isinstance(error, grpc.Call) else None
                 if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
-                    self.manager._rotated(self.name, None)
+                    self._tell(None)
                     return
             except Exception as error:  # noqa: BLE001 - keep following
                 logger.debug("watch of %s: %s", self.name, error)
             self._stopped.wait(backoff)
             backoff = min(backoff * 2, WATCH_BACKOFF_MAX)
 
+    def _tell(self, value: Optional[SecretValue]) -> None:
+        if self.on_event is not None:
+            self.on_event(value)
+        else:
+            self.manager._rotated(self.name, value)
+
     def _events(self) -> Iterator[secrets_service_pb2.WatchSecretResponse]:
         request = secrets_service_pb2.WatchSecretRequest(
             name=self.name, since_version_id=self.version_id
         )
         call = self.manager._secrets().WatchSecret(request)
-        self._call = call
+        with self._call_lock:
+            self._call = call
+            stopped = self._stopped.is_set()
+        if stopped:
+            call.cancel()
         return iter(call)
 
 
