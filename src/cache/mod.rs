@@ -289,6 +289,33 @@ impl Cache {
         }
     }
 
+    /// `get_fresh` for a caller that may fall back on the cached entry (a
+    /// watch's first state): with an entry within the staleness bound, the
+    /// read is waited for at most `upstream_wait` (not at all while the
+    /// upstream is backed off), and an overdue read or a transient failure
+    /// answers the entry, marked stale. Slow is not down: a watcher is not
+    /// refused, nor kept waiting for the SDK's timeout, while the broker
+    /// holds a good value.
+    pub async fn get_fresh_or_cached(&self, key: CacheKey) -> Result<Lookup, StoreError> {
+        let shared = &self.shared;
+        let Some(cached) = shared.stale_entry(&key) else {
+            return self.get_fresh(key).await;
+        };
+        if shared.backoff.active() {
+            return Ok(shared.serve_stale(&cached));
+        }
+        match tokio::time::timeout(shared.settings.upstream_wait, self.get_fresh(key)).await {
+            Ok(Err(error)) if error.is_transient() => Ok(shared.serve_stale(&cached)),
+            Ok(answer) => answer,
+            Err(_overdue) => {
+                // The read goes on in the background, and tells the
+                // watchers (the change listener) when it answers.
+                shared.backoff.failed();
+                Ok(shared.serve_stale(&cached))
+            }
+        }
+    }
+
     /// Reads upstream now, replaces the entry, and tells whether the version
     /// differs from the one cached before (AdminService.RefreshSecret).
     pub async fn refresh(&self, key: CacheKey) -> Result<(Arc<SecretVersion>, bool), StoreError> {

@@ -195,10 +195,14 @@ impl WatchHub {
     /// version it holds): it must learn of a rotation that neither the cache
     /// nor the topic may show yet, and first. That read is coalesced with
     /// any other of the same key, and what it finds reaches the topic's
-    /// other watchers too. A plain new watcher of a watched secret starts
-    /// from the topic's state, which the detector keeps current (a known
-    /// deletion included). A secret that cannot be read (not found,
-    /// deleted, upstream down with no topic) is refused at once.
+    /// other watchers too. While the upstream is slow or down, that read is
+    /// waited for at most `upstream_wait`, and the cached value (within the
+    /// staleness bound) is the first state instead; the sweep tells of any
+    /// change once the upstream answers. A plain new watcher of a watched
+    /// secret starts from the topic's state, which the detector keeps
+    /// current (a known deletion included). A secret that cannot be read
+    /// (not found, deleted, upstream down with nothing cached) is refused
+    /// at once.
     pub async fn subscribe(
         &self,
         name: String,
@@ -216,14 +220,14 @@ impl WatchHub {
         let subscribed = shared.topics.get(&topic_key).map(|t| t.state.subscribe());
         let mut changes = match subscribed {
             Some(changes) if !resumes => changes,
-            Some(changes) => match shared.cache.get_fresh(cache_key).await {
+            Some(changes) => match shared.cache.get_fresh_or_cached(cache_key).await {
                 // The read told the topic (the cache's change listener).
                 Ok(_) => changes,
                 Err(error) if error.is_transient() => changes,
                 Err(error) => return Err(error),
             },
             None => {
-                let lookup = shared.cache.get_fresh(cache_key).await?;
+                let lookup = shared.cache.get_fresh_or_cached(cache_key).await?;
                 shared
                     .topics
                     .entry(topic_key)

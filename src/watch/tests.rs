@@ -350,3 +350,66 @@ async fn a_resuming_watcher_of_a_live_topic_gets_a_fresh_read_first() {
     let plain = subscribe(&hub, "s").await;
     assert_eq!(plain.first.version.version_id, "v2");
 }
+
+/// Slow is not down: while the upstream hangs, a watch of a cached secret
+/// starts from the cache within `upstream_wait` (1 s here), whether it
+/// opens a topic or resumes one; with nothing cached it still waits for
+/// the upstream's answer.
+#[tokio::test(start_paused = true)]
+async fn a_watch_starts_from_the_cache_while_the_upstream_hangs() {
+    let store = FakeStore::with(&["s", "t"]);
+    let (hub, cache) = hub_over(&store);
+    let key = CacheKey::new("s".into(), VersionSelector::current());
+    cache.get(key, false).await.unwrap();
+    *store.delay.lock().unwrap() = Duration::from_secs(600);
+
+    let started = tokio::time::Instant::now();
+    let watcher = subscribe(&hub, "s").await;
+    assert!(
+        started.elapsed() <= Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(watcher.first.version.version_id, "v1");
+
+    let started = tokio::time::Instant::now();
+    let resumed = hub
+        .subscribe("s".to_owned(), AWSCURRENT.to_owned(), true)
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() <= Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(resumed.first.version.version_id, "v1");
+
+    // Nothing cached: the upstream's answer is waited for.
+    let started = tokio::time::Instant::now();
+    let uncached = subscribe(&hub, "t").await;
+    assert!(started.elapsed() >= Duration::from_secs(600));
+    assert_eq!(uncached.first.version.version_id, "v1");
+}
+
+/// Down, not slow: a transient failure starts the watch from the cache; a
+/// secret never cached is refused.
+#[tokio::test]
+async fn a_watch_starts_from_the_cache_while_the_upstream_is_down() {
+    let store = FakeStore::with(&["s", "t"]);
+    let (hub, cache) = hub_over(&store);
+    let key = CacheKey::new("s".into(), VersionSelector::current());
+    cache.get(key, false).await.unwrap();
+    store.fail_with(Some(StoreError::Unavailable {
+        detail: "down".into(),
+    }));
+    let watcher = subscribe(&hub, "s").await;
+    assert_eq!(watcher.first.version.version_id, "v1");
+    let refused = hub
+        .subscribe("t".to_owned(), AWSCURRENT.to_owned(), false)
+        .await
+        .err();
+    assert!(
+        matches!(refused, Some(StoreError::Unavailable { .. })),
+        "{refused:?}"
+    );
+}
