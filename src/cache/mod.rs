@@ -192,6 +192,12 @@ impl Cache {
             .store_entry(key, version, Instant::now(), number);
     }
 
+    /// Forgets the remembered misses (NOT_FOUND) of every id `wanted`
+    /// picks, whatever their version selector: a change was seen.
+    pub fn forget_misses_where(&self, wanted: impl Fn(&str) -> bool) {
+        self.shared.negative.forget_where(wanted);
+    }
+
     /// Drops one entry (the secret was deleted upstream).
     pub fn remove(&self, key: &CacheKey) {
         self.shared.entries.remove(key);

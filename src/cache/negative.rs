@@ -4,8 +4,10 @@
 //!
 //! Only NOT_FOUND is remembered (a deletion or a refusal is the upstream's
 //! news to repeat). An entry goes when its time is up, or at once on a
-//! bypass read, a RefreshSecret, or a version of that key stored by anyone
-//! (the change detector included). The count is bounded: when full, expired
+//! bypass read, a RefreshSecret, a version of that key stored by anyone
+//! (the change detector included), or a change event about its secret
+//! (every selector of it: a creation, or a rotation that made an
+//! AWSPREVIOUS). The count is bounded: when full, expired
 //! entries are swept out, and a new one is not remembered if none were.
 
 use std::time::Duration;
@@ -69,6 +71,13 @@ impl NegativeEntries {
     pub fn forget(&self, key: &CacheKey) {
         if !self.entries.is_empty() {
             self.entries.remove(key);
+        }
+    }
+
+    /// Forgets every entry whose id `wanted` picks.
+    pub fn forget_where(&self, wanted: impl Fn(&str) -> bool) {
+        if !self.entries.is_empty() {
+            self.entries.retain(|key, _| !wanted(&key.name));
         }
     }
 

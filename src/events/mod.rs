@@ -46,6 +46,15 @@ const REMEMBERED_IDS: usize = 4096;
 /// Waits between attempts while SQS fails.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 const LAST_RETRY: Duration = Duration::from_secs(30);
+/// When an event's re-read still finds the state before the change (AWS
+/// answers reads with it for a moment after), the waits before reading
+/// again: about 15 s in all, then the sweep is left to find it.
+const BEHIND_RETRIES: [Duration; 4] = [
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(4),
+    Duration::from_secs(8),
+];
 
 /// The event path's counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -92,6 +101,8 @@ struct Shared {
     /// Milliseconds, plus one (0: none yet).
     last_lag_ms: AtomicU64,
     seen: Mutex<RecentIds>,
+    /// Ends the re-reads of events that were ahead of AWS's reads.
+    stopping: std::sync::OnceLock<CancellationToken>,
 }
 
 impl Events {
@@ -111,6 +122,7 @@ impl Events {
                 failed: AtomicU64::new(0),
                 last_lag_ms: AtomicU64::new(0),
                 seen: Mutex::new(RecentIds::default()),
+                stopping: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -143,6 +155,7 @@ impl Events {
         let Some(source) = self.shared.source.clone() else {
             return;
         };
+        let _ = self.shared.stopping.set(stop.clone());
         let mut retry = FIRST_RETRY;
         let queue = loop {
             match Queue::open(&source, &region).await {
@@ -263,8 +276,15 @@ impl Events {
         let count = changes.len() as u64;
         let secret = &first.names[0];
         match hub.refresh_secret(&first.names, hint).await {
-            Refreshed::Reread { reads, changed } => {
+            Refreshed::Reread {
+                reads,
+                changed,
+                behind,
+            } => {
                 shared.applied.fetch_add(count, Relaxed);
+                if let (true, Some((stage, version))) = (behind, hint) {
+                    self.read_again_later(hub, first.names.clone(), stage, version);
+                }
                 let lag =
                     latest_time(&changes).and_then(|t| SystemTime::now().duration_since(t).ok());
                 if let Some(lag) = lag {
@@ -283,6 +303,32 @@ impl Events {
                 tracing::warn!(%secret, %error, "an event's re-read failed; the sweep will look again");
             }
         }
+    }
+
+    /// The event named a version that its re-read did not find yet: read
+    /// again a few times, in the background (the next events must not
+    /// wait), until the stage holds it.
+    fn read_again_later(&self, hub: &WatchHub, names: Vec<String>, stage: &str, version: &str) {
+        let hub = hub.clone();
+        let (stage, version) = (stage.to_owned(), version.to_owned());
+        let stop = self.shared.stopping.get().cloned().unwrap_or_default();
+        tracing::info!(secret = %names[0], %stage, version_id = %version, "an event is ahead of AWS's reads; reading again shortly");
+        tokio::spawn(async move {
+            for wait in BEHIND_RETRIES {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(wait) => {}
+                }
+                let hint = Some((stage.as_str(), version.as_str()));
+                if let Refreshed::Reread { behind: true, .. } | Refreshed::Failed(_) =
+                    hub.refresh_secret(&names, hint).await
+                {
+                    continue;
+                }
+                return;
+            }
+            tracing::info!(secret = %names[0], %stage, version_id = %version, "AWS's reads still do not show the event's version; the sweep will look again");
+        });
     }
 
     /// Registers the event path's metrics.

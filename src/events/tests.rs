@@ -1,7 +1,7 @@
 //! The event path against the fake store: what each kind of message does
 //! to the cache, the watchers and the counters.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use super::*;
 use crate::{
@@ -151,4 +151,61 @@ fn remembered_ids_are_bounded() {
     }
     assert!(ids.insert("a"), "the oldest is forgotten");
     assert!(ids.set.len() <= REMEMBERED_IDS);
+}
+
+/// AWS may answer a read with the state before a change for a moment
+/// after its event: the event's version is read again until it shows.
+#[tokio::test(start_paused = true)]
+async fn an_event_ahead_of_aws_reads_is_read_again_until_it_shows() {
+    let (store, hub, cache, events) = setup(&["db"]);
+    assert_eq!(cached(&cache, "db").await, "v1");
+    let mut watcher = hub
+        .subscribe("db".into(), "AWSCURRENT".into(), false)
+        .await
+        .unwrap();
+    let ahead = label_moved("e1", "db", "v2");
+    events.handle(&hub, &[("m1", &ahead)]).await;
+    assert_eq!(cached(&cache, "db").await, "v1", "AWS does not show v2 yet");
+
+    store.set("db", "v2");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(cached(&cache, "db").await, "v2");
+    let state = watcher.changes.borrow_and_update().clone();
+    assert_eq!(
+        (state.event, state.version.version_id.as_str()),
+        (WatchEvent::Rotated, "v2")
+    );
+    let reads = store.calls();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(store.calls(), reads, "no reads once it showed");
+}
+
+/// A name remembered as missing is asked again after an event about it
+/// (a CreateSecret), every selector of it.
+#[tokio::test]
+async fn an_event_about_a_missing_name_forgets_the_miss() {
+    let (store, hub, cache, events) = setup(&["db"]);
+    let key = CacheKey::new("late".into(), VersionSelector::current());
+    assert!(cache.get(key.clone(), false).await.is_err());
+    store.set("late", "v1");
+    assert!(
+        cache.get(key.clone(), false).await.is_err(),
+        "remembered as missing"
+    );
+    let created = serde_json::json!({
+        "id": "create-1",
+        "source": "aws.secretsmanager",
+        "detail-type": "AWS API Call via CloudTrail",
+        "detail": {
+            "eventSource": "secretsmanager.amazonaws.com",
+            "eventName": "CreateSecret",
+            "requestParameters": {"name": "late"}
+        }
+    })
+    .to_string();
+    events.handle(&hub, &[("m1", &created)]).await;
+    assert_eq!(
+        cache.get(key, false).await.unwrap().version.version_id,
+        "v1"
+    );
 }

@@ -110,8 +110,14 @@ pub enum Refreshed {
     /// Nothing of that secret is cached or watched here.
     Untracked,
     /// Its tracked stages were re-read (`changed` of them held another
-    /// version than before, or it is gone).
-    Reread { reads: usize, changed: usize },
+    /// version than before, or it is gone). `behind`: the stage the event
+    /// names still does not hold the version it names (AWS may answer a
+    /// read with the state before the change for a moment after it).
+    Reread {
+        reads: usize,
+        changed: usize,
+        behind: bool,
+    },
     /// Every tracked stage already holds the version the event names.
     AlreadyCurrent,
     /// A re-read failed for a reason that says nothing of the secret (the

@@ -18,6 +18,10 @@ impl WatchHub {
     /// says a label moved to: stages already holding it are not re-read.
     pub async fn refresh_secret(&self, ids: &[String], hint: Option<(&str, &str)>) -> Refreshed {
         let names: Vec<&str> = ids.iter().map(|id| names::secret_name(id)).collect();
+        // A name (or a stage of it) found missing may exist now.
+        self.shared
+            .cache
+            .forget_misses_where(|id| names.contains(&names::secret_name(id)));
         let tracked = self
             .shared
             .tracked(|id| names.contains(&names::secret_name(id)));
@@ -44,9 +48,16 @@ impl WatchHub {
                 Reread::Failed(error) => return Refreshed::Failed(error),
             }
         }
+        let behind = hint.is_some_and(|(stage, version)| {
+            self.shared
+                .tracked(|id| names.contains(&names::secret_name(id)))
+                .iter()
+                .any(|t| t.key.stage == stage && !t.holds_only(version))
+        });
         Refreshed::Reread {
             reads: stale.len(),
             changed,
+            behind,
         }
     }
 }

@@ -235,7 +235,8 @@ async fn refresh_secret_rereads_every_tracked_stage_once() {
         outcome,
         Refreshed::Reread {
             reads: 1,
-            changed: 1
+            changed: 1,
+            behind: false
         }
     );
     assert_eq!(
