@@ -39,15 +39,50 @@ pub struct Upstream {
     pub proxy: Option<(String, &'static str)>,
 }
 
+/// An AWS service the broker calls: its endpoint variable and host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    /// The secrets.
+    SecretsManager,
+    /// The event queue.
+    Sqs,
+    /// The events topic (topic mode).
+    Sns,
+}
+
+impl Service {
+    fn endpoint_var(self) -> &'static str {
+        match self {
+            Self::SecretsManager => "AWS_ENDPOINT_URL_SECRETS_MANAGER",
+            Self::Sqs => "AWS_ENDPOINT_URL_SQS",
+            Self::Sns => "AWS_ENDPOINT_URL_SNS",
+        }
+    }
+
+    fn host(self) -> &'static str {
+        match self {
+            Self::SecretsManager => "secretsmanager",
+            Self::Sqs => "sqs",
+            Self::Sns => "sns",
+        }
+    }
+}
+
 impl Upstream {
-    /// From the environment, as the SDK and its HTTP client read it.
+    /// Secrets Manager's, from the environment, as the SDK and its HTTP
+    /// client read it.
     pub fn from_env(region: &str, env: &dyn Fn(&str) -> Option<String>) -> Self {
-        let custom = ["AWS_ENDPOINT_URL_SECRETS_MANAGER", "AWS_ENDPOINT_URL"]
+        Self::of(Service::SecretsManager, region, env)
+    }
+
+    /// `service`'s, from the environment.
+    pub fn of(service: Service, region: &str, env: &dyn Fn(&str) -> Option<String>) -> Self {
+        let custom = [service.endpoint_var(), "AWS_ENDPOINT_URL"]
             .iter()
             .find_map(|var| env(var).filter(|v| !v.is_empty()));
         let endpoint = custom
             .clone()
-            .unwrap_or_else(|| format!("https://secretsmanager.{region}.amazonaws.com"));
+            .unwrap_or_else(|| format!("https://{}.{region}.amazonaws.com", service.host()));
         let proxy = proxy_for(&endpoint, env);
         Self {
             region: region.to_owned(),
@@ -145,6 +180,49 @@ where
             ),
         },
         _ => explain_chain(error, upstream),
+    }
+}
+
+/// A failed SQS or SNS call (`action`), in one line: AWS's code and status
+/// and the first words of its message (they name queues and topics, never
+/// a secret's value), or why AWS could not be reached, with what to check.
+pub fn explain_call<E>(
+    error: &SdkError<E, HttpResponse>,
+    service: Service,
+    action: &'static str,
+    upstream: &Upstream,
+) -> String
+where
+    E: ProvideErrorMetadata + StdError + 'static,
+{
+    const MAX_MESSAGE: usize = 160;
+    tracing::debug!(action, error = %DisplayErrorContext(error), "AWS call failed");
+    let permission = format!("{}:{action}", service.host());
+    match error {
+        SdkError::ServiceError(answer) => {
+            let err = answer.err();
+            let code = err.code().unwrap_or("no error code");
+            let message: String = err
+                .message()
+                .unwrap_or_default()
+                .chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .take(MAX_MESSAGE)
+                .collect();
+            let status = answer.raw().status().as_u16();
+            let check = if code.contains("AccessDenied") || code.contains("AuthorizationError") {
+                format!("; check that the broker's role allows {permission}")
+            } else if code.contains("NonExistent") || code.contains("NotFound") {
+                "; check --events-queue-url or --events-topic-arn, and the region".to_owned()
+            } else {
+                String::new()
+            };
+            format!("AWS answered {code} (HTTP {status}): {message}{check}")
+        }
+        _ => match explain(error, action, "", upstream) {
+            StoreError::Unavailable { detail } => detail,
+            other => other.to_string(),
+        },
     }
 }
 

@@ -145,6 +145,19 @@ impl Events {
         self.shared.state.lock().unwrap().clone()
     }
 
+    /// Notes a failure; whether it is news (the log says each failure
+    /// once, not at every retry while it lasts).
+    fn failing(&self, error: &queue::QueueError) -> bool {
+        let now = ConsumerState::Failing(error.to_string());
+        let mut state = self.shared.state.lock().unwrap();
+        let news = *state != now;
+        if !news {
+            tracing::debug!(%error, "the event queue still fails");
+        }
+        *state = now;
+        news
+    }
+
     fn set_state(&self, state: ConsumerState) {
         *self.shared.state.lock().unwrap() = state;
     }
@@ -156,14 +169,19 @@ impl Events {
             return;
         };
         let _ = self.shared.stopping.set(stop.clone());
+        let name = queue::queue_name(&std::env::var("HOSTNAME").unwrap_or_default());
         let mut retry = FIRST_RETRY;
         let queue = loop {
-            match Queue::open(&source, &region).await {
+            match Queue::open(&source, &region, &name).await {
                 Ok(queue) => break queue,
                 Err(error) => {
-                    tracing::warn!(%error, ?retry, "the event queue could not be opened; the sweep keeps secrets fresh meanwhile");
-                    self.set_state(ConsumerState::Failing(error.to_string()));
+                    if self.failing(&error) {
+                        tracing::warn!(%error, "the event queue could not be opened; the sweep keeps secrets fresh meanwhile, and it is tried again (at most every 30 s)");
+                    }
                     if !pause(&stop, &mut retry).await {
+                        if matches!(source, EventSource::Topic(_)) {
+                            Queue::remove_made(&region, &name).await;
+                        }
                         return;
                     }
                 }
@@ -198,8 +216,9 @@ impl Events {
                     retry = FIRST_RETRY;
                 }
                 Err(error) => {
-                    tracing::warn!(%error, ?retry, "reading the event queue failed; the sweep keeps secrets fresh meanwhile");
-                    self.set_state(ConsumerState::Failing(error.to_string()));
+                    if self.failing(&error) {
+                        tracing::warn!(%error, "reading the event queue failed; the sweep keeps secrets fresh meanwhile, and it is tried again (at most every 30 s)");
+                    }
                     if !pause(stop, &mut retry).await {
                         return;
                     }

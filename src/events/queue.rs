@@ -15,12 +15,16 @@ use std::time::Duration;
 use aws_sdk_sns::Client as SnsClient;
 use aws_sdk_sqs::{
     Client as SqsClient,
+    config::http::HttpResponse,
     config::timeout::TimeoutConfig,
-    error::DisplayErrorContext,
+    error::{ProvideErrorMetadata, SdkError},
     types::{DeleteMessageBatchRequestEntry, QueueAttributeName},
 };
 
-use crate::config::EventSource;
+use crate::{
+    backend::aws_error::{Service, Upstream, explain_call},
+    config::EventSource,
+};
 
 /// The longest a receive waits for a message (SQS's maximum long poll).
 const LONG_POLL: Duration = Duration::from_secs(20);
@@ -50,10 +54,19 @@ pub(super) struct QueueError {
 }
 
 impl QueueError {
-    fn of(action: &'static str, error: impl std::error::Error) -> Self {
+    fn of<E>(
+        service: Service,
+        action: &'static str,
+        error: &SdkError<E, HttpResponse>,
+        region: &str,
+    ) -> Self
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        let upstream = Upstream::of(service, region, &|var| std::env::var(var).ok());
         Self {
             action,
-            detail: DisplayErrorContext(error).to_string(),
+            detail: explain_call(error, service, action, &upstream),
         }
     }
 }
@@ -62,6 +75,8 @@ impl QueueError {
 pub(super) struct Queue {
     sqs: SqsClient,
     url: String,
+    /// For the messages of failed calls.
+    region: String,
     owned: Option<Owned>,
 }
 
@@ -74,7 +89,17 @@ struct Owned {
 impl Queue {
     /// Opens the source: the given queue, or a new queue subscribed to the
     /// given topic.
-    pub(super) async fn open(source: &EventSource, region: &str) -> Result<Self, QueueError> {
+    ///
+    /// In topic mode the queue is named `name` (one name for the broker's
+    /// whole run): a queue made by an attempt whose subscription failed is
+    /// kept and found again by the next attempt (CreateQueue of an existing
+    /// name answers its URL), rather than a new one made and deleted at
+    /// every retry. `remove_made` deletes it if the broker stops first.
+    pub(super) async fn open(
+        source: &EventSource,
+        region: &str,
+        name: &str,
+    ) -> Result<Self, QueueError> {
         let config = crate::backend::aws::sdk_config(region).await;
         // A long poll outlasts the SDK's usual attempt timeout.
         let sqs_config = aws_sdk_sqs::config::Builder::from(&config)
@@ -91,17 +116,25 @@ impl Queue {
             EventSource::Queue(url) => Ok(Self {
                 sqs,
                 url: url.clone(),
+                region: region.to_owned(),
                 owned: None,
             }),
-            EventSource::Topic(topic) => Self::subscribe(sqs, SnsClient::new(&config), topic).await,
+            EventSource::Topic(topic) => {
+                Self::subscribe(sqs, SnsClient::new(&config), topic, region, name).await
+            }
         }
     }
 
-    async fn subscribe(sqs: SqsClient, sns: SnsClient, topic: &str) -> Result<Self, QueueError> {
-        let name = queue_name(&std::env::var("HOSTNAME").unwrap_or_default());
+    async fn subscribe(
+        sqs: SqsClient,
+        sns: SnsClient,
+        topic: &str,
+        region: &str,
+        name: &str,
+    ) -> Result<Self, QueueError> {
         let created = sqs
             .create_queue()
-            .queue_name(&name)
+            .queue_name(name)
             .attributes(
                 QueueAttributeName::MessageRetentionPeriod,
                 RETENTION.as_secs().to_string(),
@@ -109,25 +142,35 @@ impl Queue {
             .tags("secrets-broker", "events-queue")
             .send()
             .await
-            .map_err(|e| QueueError::of("CreateQueue", e))?;
+            .map_err(|e| QueueError::of(Service::Sqs, "CreateQueue", &e, region))?;
         let url = created.queue_url().unwrap_or_default().to_owned();
         let mut queue = Self {
             sqs,
             url,
+            region: region.to_owned(),
             owned: None,
         };
-        // From here on, a failure removes the queue again.
-        match queue.attach(sns.clone(), topic).await {
-            Ok(subscription) => {
-                queue.owned = Some(Owned { sns, subscription });
-                tracing::info!(queue = %queue.url, topic, "subscribed a queue of this broker to the events topic");
-                Ok(queue)
-            }
-            Err(error) => {
-                queue.delete_queue().await;
-                Err(error)
-            }
-        }
+        let subscription = queue.attach(sns.clone(), topic).await?;
+        queue.owned = Some(Owned { sns, subscription });
+        tracing::info!(queue = %queue.url, topic, "subscribed a queue of this broker to the events topic");
+        Ok(queue)
+    }
+
+    /// Deletes the queue named `name` if an attempt of this run made it
+    /// (topic mode, the broker stopping before its subscription worked).
+    pub(super) async fn remove_made(region: &str, name: &str) {
+        let config = crate::backend::aws::sdk_config(region).await;
+        let sqs = SqsClient::new(&config);
+        let Ok(found) = sqs.get_queue_url().queue_name(name).send().await else {
+            return;
+        };
+        let queue = Self {
+            sqs,
+            url: found.queue_url().unwrap_or_default().to_owned(),
+            region: region.to_owned(),
+            owned: None,
+        };
+        queue.delete_queue().await;
     }
 
     /// Lets only the topic send to the queue, and subscribes it.
@@ -139,7 +182,7 @@ impl Queue {
             .attribute_names(QueueAttributeName::QueueArn)
             .send()
             .await
-            .map_err(|e| QueueError::of("GetQueueAttributes", e))?;
+            .map_err(|e| QueueError::of(Service::Sqs, "GetQueueAttributes", &e, &self.region))?;
         let queue_arn = attributes
             .attributes()
             .and_then(|a| a.get(&QueueAttributeName::QueueArn))
@@ -151,7 +194,7 @@ impl Queue {
             .attributes(QueueAttributeName::Policy, queue_policy(&queue_arn, topic))
             .send()
             .await
-            .map_err(|e| QueueError::of("SetQueueAttributes", e))?;
+            .map_err(|e| QueueError::of(Service::Sqs, "SetQueueAttributes", &e, &self.region))?;
         let subscribed = sns
             .subscribe()
             .topic_arn(topic)
@@ -160,7 +203,7 @@ impl Queue {
             .return_subscription_arn(true)
             .send()
             .await
-            .map_err(|e| QueueError::of("Subscribe", e))?;
+            .map_err(|e| QueueError::of(Service::Sns, "Subscribe", &e, &self.region))?;
         Ok(subscribed.subscription_arn().unwrap_or_default().to_owned())
     }
 
@@ -179,7 +222,7 @@ impl Queue {
             .wait_time_seconds(LONG_POLL.as_secs() as i32)
             .send()
             .await
-            .map_err(|e| QueueError::of("ReceiveMessage", e))?;
+            .map_err(|e| QueueError::of(Service::Sqs, "ReceiveMessage", &e, &self.region))?;
         Ok(output
             .messages()
             .iter()
@@ -216,7 +259,7 @@ impl Queue {
             .set_entries(Some(entries))
             .send()
             .await
-            .map_err(|e| QueueError::of("DeleteMessageBatch", e))?;
+            .map_err(|e| QueueError::of(Service::Sqs, "DeleteMessageBatch", &e, &self.region))?;
         if !output.failed().is_empty() {
             tracing::warn!(
                 failed = output.failed().len(),
@@ -238,7 +281,7 @@ impl Queue {
             .send()
             .await
         {
-            tracing::warn!(error = %QueueError::of("Unsubscribe", error), "could not unsubscribe this broker's queue from the events topic");
+            tracing::warn!(error = %QueueError::of(Service::Sns, "Unsubscribe", &error, &self.region), "could not unsubscribe this broker's queue from the events topic");
         }
         self.delete_queue().await;
     }
@@ -247,7 +290,7 @@ impl Queue {
         match self.sqs.delete_queue().queue_url(&self.url).send().await {
             Ok(_) => tracing::info!(queue = %self.url, "deleted this broker's event queue"),
             Err(error) => {
-                tracing::warn!(queue = %self.url, error = %QueueError::of("DeleteQueue", error), "could not delete this broker's event queue")
+                tracing::warn!(queue = %self.url, error = %QueueError::of(Service::Sqs, "DeleteQueue", &error, &self.region), "could not delete this broker's event queue")
             }
         }
     }

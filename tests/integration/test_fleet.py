@@ -312,7 +312,12 @@ def test_an_sqs_outage_warns_the_sweep_goes_on_and_consumption_resumes(moto, mot
         events = check_upstream(broker, stubs).events
         assert "ReceiveMessage" in events.detail, events
         assert broker.health() == "SERVING", "an SQS outage never makes the broker unready"
-        assert "reading the event queue failed" in broker.log()
+        time.sleep(4)                        # a few retries (after 1 s, 2 s, ...)
+        failed = [line for line in broker.log().splitlines() if "reading the event queue failed" in line]
+        # Said once while it lasts, in one short line that names the cause.
+        assert len(failed) == 1, failed
+        assert len(failed[0]) < 400 and "connection refused" in failed[0], failed[0]
+        assert "DispatchFailure" not in failed[0] and "ReceiveMessage" in events.detail, (failed[0], events.detail)
 
         v2 = moto.put_secret_value(name, "fleet-outage-v2-be77")
         wait_until(lambda: get(broker, stubs, "fleet/outage").version_id == v2, SWEEP_BOUND,
@@ -355,3 +360,20 @@ def test_sigterm_removes_the_brokers_queue_and_subscription(moto, start_broker, 
     assert sqs.list_queues(QueueNamePrefix="secrets-broker-").get("QueueUrls", []) == []
     assert sns.list_subscriptions_by_topic(TopicArn=topic)["Subscriptions"] == []
     assert "deleted this broker's event queue" in broker.log()
+
+
+def test_a_topic_that_cannot_be_subscribed_leaves_one_queue_then_none(moto, start_broker, stubs):
+    """While the topic is missing, every retry finds the one queue this run
+    made (no new queue per retry), the failure is said once, and SIGTERM
+    removes the queue."""
+    sqs = moto.boto("sqs")
+    missing = "arn:aws:sns:us-east-1:123456789012:no-such-topic"
+    broker = start_broker(["--events-topic-arn", missing], env=replica_env(moto, 0), dev=False)
+    time.sleep(5)                            # attempts after 1 s and 2 s, and the first
+    made = sqs.list_queues(QueueNamePrefix="secrets-broker-").get("QueueUrls", [])
+    assert len(made) == 1, made
+    failures = [line for line in broker.log().splitlines() if "could not be opened" in line]
+    assert len(failures) == 1 and "--events-topic-arn" in failures[0], failures
+    broker.stop()                            # SIGTERM
+    assert broker.proc.returncode == 0, broker.tail()
+    assert sqs.list_queues(QueueNamePrefix="secrets-broker-").get("QueueUrls", []) == []
