@@ -414,3 +414,66 @@ async fn a_watch_starts_from_the_cache_while_the_upstream_is_down() {
         "{refused:?}"
     );
 }
+
+/// A few held among many under the prefix: once a listing has shown how
+/// long it is, each round describes the held one instead of listing pages,
+/// and finds its rotation the next round.
+#[tokio::test]
+async fn few_held_among_many_are_described_instead_of_listed() {
+    let names: Vec<String> = (0..450).map(|i| format!("s{i:03}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let store = FakeStore::with(&refs);
+    let (hub, cache) = hub_over(&store);
+    let key = CacheKey::new("s100".into(), VersionSelector::current());
+    cache.get(key.clone(), false).await.unwrap();
+    for _ in 0..5 {
+        round(&hub, &store).await;
+    }
+    assert_eq!(
+        store.list_calls(),
+        5,
+        "one complete listing, a page a round"
+    );
+    store.set("s100", "v2");
+    round(&hub, &store).await;
+    assert_eq!(
+        (store.list_calls(), store.describe_calls()),
+        (5, 1),
+        "one call: a description"
+    );
+    assert_eq!(
+        cache.get(key, false).await.unwrap().version.version_id,
+        "v2"
+    );
+}
+
+/// Held secrets deleted all at once are described at most `PER_CALL` a
+/// round, and once known deleted, not again at every listing.
+#[tokio::test]
+async fn secrets_known_deleted_are_not_described_at_every_round() {
+    let names: Vec<String> = (0..40).map(|i| format!("d{i:02}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let store = FakeStore::with(&refs);
+    let (hub, _) = hub_over(&store);
+    let mut watchers = Vec::new();
+    for name in &names {
+        watchers.push(subscribe(&hub, name).await);
+    }
+    for name in &names {
+        store.remove(name);
+    }
+    round(&hub, &store).await;
+    assert_eq!(store.describe_calls(), 20, "at most PER_CALL a round");
+    round(&hub, &store).await;
+    assert_eq!(store.describe_calls(), 40);
+    for watcher in &mut watchers {
+        assert_eq!(latest(watcher).0, WatchEvent::Deleted);
+    }
+    round(&hub, &store).await;
+    round(&hub, &store).await;
+    assert_eq!(
+        store.describe_calls(),
+        40,
+        "known deleted: not described again"
+    );
+}
