@@ -74,13 +74,15 @@ async fn every_rpc_and_error_variant_through_the_crate() {
 
     let mut broker = Broker::spawn(BrokerSpec::aws(test, &moto).args(["--watch-interval", "1"]));
     let client = plaintext_client(&broker).await;
-    broker.wait_ready(|| client.test_connection()).await;
+    broker.wait_ready(|| client.check_upstream()).await;
 
-    // test_connection (AdminService.CheckUpstream): moto is reachable.
+    // check_upstream (AdminService.CheckUpstream): moto is reachable; and
+    // test_connection (the health status, any caller) says so too.
     assert!(
-        client.test_connection().await.expect("test_connection"),
-        "test_connection says moto is unreachable"
+        client.check_upstream().await.expect("check_upstream"),
+        "check_upstream says moto is unreachable"
     );
+    assert!(client.test_connection().await, "test_connection");
 
     current_then_cached(&client, &v2).await;
     by_version_and_stage(&client, &v1).await;
@@ -450,9 +452,11 @@ async fn mutual_tls_policy_allows_and_denies_through_the_crate() {
         client.get_jwt_config().await.map(|c| c.jwt_issuer),
     );
     denied(
-        "test_connection (admin)",
-        client.test_connection().await.map(|b| b.to_string()),
+        "check_upstream (admin)",
+        client.check_upstream().await.map(|b| b.to_string()),
     );
+    // Not an admin service: any caller learns whether the broker serves.
+    assert!(client.test_connection().await, "test_connection under mTLS");
     let mut events = client.watch_secret("production/jwt");
     denied(
         "watch_secret(production/jwt)",
@@ -487,7 +491,7 @@ async fn watch_survives_restart(test: &str, stop: Stop) {
     let v1 = moto.create_secret(NAME, "client-test-rotating-v1").await;
     let mut broker = Broker::spawn(BrokerSpec::aws(test, &moto).args(["--watch-interval", "1"]));
     let client = plaintext_client(&broker).await;
-    broker.wait_ready(|| client.test_connection()).await;
+    broker.wait_ready(|| client.check_upstream()).await;
 
     let mut events = client.watch_secret("rotating/api-token");
     let first = next_event(&mut events, "first watch event").await;
@@ -507,6 +511,10 @@ async fn watch_survives_restart(test: &str, stop: Stop) {
     if let Ok(item) = tokio::time::timeout(Duration::from_secs(2), events.next()).await {
         panic!("{test}: while the broker was down the watch stream gave {item:?}");
     }
+    assert!(
+        !client.test_connection().await,
+        "{test}: test_connection while the broker is down"
+    );
 
     broker.restart();
     let restarted = Instant::now();
@@ -560,7 +568,7 @@ async fn cached_reads_follow_rotations_and_survive_a_restart() {
     let v1 = moto.create_secret(NAME, "client-test-cached-v1").await;
     let mut broker = Broker::spawn(BrokerSpec::aws(TEST, &moto).args(["--watch-interval", "1"]));
     let client = plaintext_client(&broker).await;
-    broker.wait_ready(|| client.test_connection()).await;
+    broker.wait_ready(|| client.check_upstream()).await;
     let max_stale = Duration::from_secs(8);
     let cached = client.cached(secrets_broker_client::CacheLimits {
         max_entries: 4,
@@ -650,7 +658,7 @@ async fn cached_typed_configs_are_read_again_after_a_rotation() {
     moto.create_secret(JWT, JWT_VALUE).await;
     let mut broker = Broker::spawn(BrokerSpec::aws(TEST, &moto).args(["--watch-interval", "1"]));
     let client = plaintext_client(&broker).await;
-    broker.wait_ready(|| client.test_connection()).await;
+    broker.wait_ready(|| client.check_upstream()).await;
     let cached = client.cached(secrets_broker_client::CacheLimits::default());
     let reads = |stats: &secrets_broker_client::CacheStats| stats.hits + stats.misses;
     let first: secrets_broker_client::JwtConfig = cached.get_config().await.unwrap();

@@ -4,6 +4,9 @@ use std::{future::IntoFuture, pin::Pin, time::Duration};
 
 use futures::Future;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 use zeroize::Zeroizing;
 
 use crate::{
@@ -32,6 +35,7 @@ use crate::{
 pub struct SecretsClient {
     secrets: SecretsServiceClient<Channel>,
     admin: AdminServiceClient<Channel>,
+    health: HealthClient<Channel>,
     max_retries: u32,
     request_timeout: Duration,
     /// As configured, for errors that name it.
@@ -67,7 +71,8 @@ impl SecretsClient {
         let channel = endpoint.connect_lazy();
         Ok(Self {
             secrets: SecretsServiceClient::new(channel.clone()),
-            admin: AdminServiceClient::new(channel),
+            admin: AdminServiceClient::new(channel.clone()),
+            health: HealthClient::new(channel),
             max_retries: config.max_retries,
             request_timeout: config.request_timeout,
             endpoint: config.endpoint.as_str().into(),
@@ -222,9 +227,24 @@ impl SecretsClient {
             .ok_or_else(|| Error::Decode("mistral-api-key is binary, not text".into()))
     }
 
-    /// Whether the broker reaches AWS (AdminService.CheckUpstream; needs an
-    /// admin identity). Named as in the Python client.
-    pub async fn test_connection(&self) -> Result<bool, Error> {
+    /// Whether the broker answers and reaches AWS: the gRPC health status
+    /// of `secretsbroker.v1.SecretsService`, which any caller may ask (as
+    /// the Python client's `test_connection`). `false` when the broker does
+    /// not answer or is cut off from AWS; never an error.
+    pub async fn test_connection(&self) -> bool {
+        let mut health = self.health.clone();
+        let request = self.request(HealthCheckRequest {
+            service: "secretsbroker.v1.SecretsService".into(),
+        });
+        matches!(
+            health.check(request).await.map(|r| r.into_inner().status()),
+            Ok(ServingStatus::Serving)
+        )
+    }
+
+    /// Whether the broker reaches AWS, and what it checked
+    /// (AdminService.CheckUpstream; needs an admin identity).
+    pub async fn check_upstream(&self) -> Result<bool, Error> {
         let mut client = self.admin.clone();
         let response = client
             .check_upstream(self.request(proto::CheckUpstreamRequest {}))

@@ -141,7 +141,8 @@ out["prefix_other"] = prefixed("acme")
 out["prefix_same"] = prefixed("insurecove")
 
 def options(**settings):
-    return dict(AWSSecretsConfig(**settings).channel_options(False))
+    return {k: v for k, v in AWSSecretsConfig(**settings).channel_options(False) if "proxy" in k}
+out["reconnect_within_s"] = dict(AWSSecretsConfig().channel_options(False))["grpc.max_reconnect_backoff_ms"] / 1000
 out["loopback_skips_proxy"] = options(http_proxy="http://proxy.invalid:3128")
 out["grpc_target_loopback"] = options(http_proxy="http://proxy.invalid:3128", broker_endpoint="ipv4:127.0.0.1:50051")
 out["remote_uses_proxy"] = options(http_proxy="http://proxy.invalid:3128", broker_endpoint="broker.example:50051")
@@ -178,6 +179,7 @@ def test_the_client_follows_the_guides_semantics(venv, seeded_broker, moto, tmp_
     assert out["grpc_target_loopback"] == {"grpc.enable_http_proxy": 0}, out
     assert out["remote_uses_proxy"] == {"grpc.http_proxy": "http://proxy.invalid:3128"}, out
     assert out["no_proxy_names_it"] == {"grpc.enable_http_proxy": 0}, out
+    assert out["reconnect_within_s"] <= 5, out
 
 
 def test_an_unreachable_broker_is_false_not_an_exception(venv, tmp_path):
@@ -233,8 +235,19 @@ def test_a_rotation_reaches_the_local_cache_by_push(venv, seeded_broker, moto, t
 
 CLIENT_EDGES_PROBE = """
 import json, sys, threading, time
+import os
 from secrets_broker.aws_secrets import AWSSecretsConfig, AWSSecretsManager, AWSSecretsManagerError
 out = {}
+# SECRET_CACHE_TTL as the broker reads it; a bad one is the package's error.
+os.environ["SECRET_CACHE_TTL"] = "5m"
+out["ttl_5m"] = AWSSecretsManager().config.secret_cache_ttl
+os.environ["SECRET_CACHE_TTL"] = "-5"
+try:
+    AWSSecretsManager()
+    out["ttl_negative"] = "accepted"
+except AWSSecretsManagerError as error:
+    out["ttl_negative"] = "refused" if "SECRET_CACHE_TTL" in str(error) else str(error)
+os.environ["SECRET_CACHE_TTL"] = "3600"
 m = AWSSecretsManager()
 
 # Changing a returned value changes nothing in the cache.
@@ -345,6 +358,7 @@ def test_the_client_at_its_edges(venv, seeded_broker, moto, tmp_path):
         proc.wait(10)
     print(out, f"{calls} GetJwtConfig calls for 21 reads")
     assert out["value_is_the_callers"] == "HS256", out
+    assert out["ttl_5m"] == 300 and out["ttl_negative"] == "refused", out
     assert out["watch_threads_left"] == 0, out
     assert out["binary"] == "refused: binary", out
     assert out["config_prefix_other"] == "refused", out

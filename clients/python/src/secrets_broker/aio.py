@@ -33,6 +33,7 @@ from secrets_broker.aws_secrets import (
     database_dict,
     jwt_dict,
     security_dict,
+    settings_from_env,
 )
 from secretsbroker.v1 import secret_pb2, secrets_service_pb2, secrets_service_pb2_grpc
 
@@ -45,7 +46,7 @@ class AsyncAWSSecretsManager:
     """Secrets through secrets-broker for asyncio services."""
 
     def __init__(self, config: Optional[AWSSecretsConfig] = None) -> None:
-        self.config = config or AWSSecretsConfig()
+        self.config = config or settings_from_env()
         self._channel: Optional[grpc.aio.Channel] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._cache: dict[tuple[str, Optional[str]], tuple[SecretValue, float]] = {}

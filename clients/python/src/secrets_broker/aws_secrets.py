@@ -22,6 +22,7 @@ import dataclasses
 import ipaddress
 import json
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ import grpc.aio
 # googleapis-common-protos and grpcio-status ship no type information.
 from google.rpc import error_details_pb2  # type: ignore[import-untyped]
 from grpc_status import rpc_status  # type: ignore[import-untyped]
+from pydantic import ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from secretsbroker.v1 import secret_pb2, secrets_service_pb2, secrets_service_pb2_grpc
@@ -179,6 +181,48 @@ class AWSSecretsConfig(BaseSettings):
     broker_key_file: Optional[str] = None
     broker_tls_domain: Optional[str] = None
 
+    @field_validator("secret_cache_ttl", mode="before")
+    @classmethod
+    def _ttl(cls, value: Any) -> Any:
+        """As the broker reads it: seconds, or a duration such as ``5m`` or
+        ``1h 30m``; empty means the default; never negative."""
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if not text:
+            return 300
+        if re.fullmatch(r"-?\d+", text):
+            return int(text)
+        units = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600, "d": 86400}
+        parts = re.findall(r"(\d+)\s*([a-z]+)", text.lower())
+        if not parts or re.sub(r"\s+", "", text.lower()) != "".join(n + u for n, u in parts) or any(
+            u not in units for _, u in parts
+        ):
+            raise ValueError(f"{value!r} is not a number of seconds or a duration such as 5m")
+        return sum(int(n) * units[u] for n, u in parts)
+
+    @field_validator("secret_cache_ttl")
+    @classmethod
+    def _ttl_not_negative(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError("must not be negative (0 turns the local cache off)")
+        return value
+
+    @field_validator("broker_endpoint", mode="before")
+    @classmethod
+    def _endpoint(cls, value: Any) -> Any:
+        """Empty means the default; ``http://host:port`` (as the Rust client
+        takes it) is ``host:port``."""
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if not text:
+            return "127.0.0.1:50051"
+        for scheme in ("http://", "https://"):
+            if text.startswith(scheme):
+                return text[len(scheme):].rstrip("/")
+        return text
+
     def credentials(self) -> Optional[grpc.ChannelCredentials]:
         """Mutual TLS credentials when the three files are set; `None` for
         plaintext (loopback only)."""
@@ -189,7 +233,13 @@ class AWSSecretsConfig(BaseSettings):
             raise AWSSecretsManagerError(
                 "mutual TLS needs BROKER_CA_FILE, BROKER_CERT_FILE and BROKER_KEY_FILE together"
             )
-        ca, cert, key = (Path(str(f)).read_bytes() for f in files)
+        read = []
+        for variable, path in zip(("BROKER_CA_FILE", "BROKER_CERT_FILE", "BROKER_KEY_FILE"), files):
+            try:
+                read.append(Path(str(path)).read_bytes())
+            except OSError as error:
+                raise AWSSecretsManagerError(f"{variable}={path} cannot be read: {error.strerror}") from None
+        ca, cert, key = read
         return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
 
     def channel_options(self, tls: bool) -> list[tuple[str, Any]]:
@@ -200,11 +250,23 @@ class AWSSecretsConfig(BaseSettings):
         names (either case, environment or ``.env``), is reached directly:
         the proxy variables were set for AWS, and grpc-core itself reads
         only a lowercase ``no_proxy``."""
-        options: list[tuple[str, Any]] = []
+        # After an outage the broker is found again within seconds: gRPC's
+        # own reconnect backoff grows to two minutes.
+        options: list[tuple[str, Any]] = [
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 3000),
+        ]
         proxy = self.https_proxy if tls else self.http_proxy
         if self._bypasses_proxy():
             options.append(("grpc.enable_http_proxy", 0))
         elif proxy:
+            if proxy.startswith("https://"):
+                # gRPC speaks to a proxy in plaintext only (CONNECT; the
+                # broker's TLS runs inside the tunnel). Most proxies named
+                # https:// in HTTPS_PROXY take CONNECT on the same port.
+                logger.warning("the proxy %s is reached as http:// (gRPC does not speak TLS to a proxy)", proxy)
+                proxy = "http://" + proxy[len("https://"):]
             options.append(("grpc.http_proxy", proxy))
         if tls and self.broker_tls_domain:
             options.append(("grpc.ssl_target_name_override", self.broker_tls_domain))
@@ -254,6 +316,18 @@ class AWSSecretsConfig(BaseSettings):
         if credentials is None:
             return grpc.insecure_channel(self.broker_endpoint, options=options)
         return grpc.secure_channel(self.broker_endpoint, credentials, options=options)
+
+
+def settings_from_env() -> AWSSecretsConfig:
+    """``AWSSecretsConfig()`` from the environment and ``.env``; a value that
+    cannot be read is an ``AWSSecretsManagerError`` naming the variable."""
+    try:
+        return AWSSecretsConfig()
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in e['loc']).upper()}: {e['msg']}" for e in error.errors()
+        )
+        raise AWSSecretsManagerError(f"invalid setting: {problems}") from None
 
 
 def _named_by_no_proxy(host: str, no_proxy: str) -> bool:
@@ -399,7 +473,7 @@ class AWSSecretsManager:
     """Secrets through secrets-broker, with a local cache kept fresh by push."""
 
     def __init__(self, config: Optional[AWSSecretsConfig] = None) -> None:
-        self.config = config or AWSSecretsConfig()
+        self.config = config or settings_from_env()
         self._channel: Optional[grpc.Channel] = None
         self._stub: Optional[secrets_service_pb2_grpc.SecretsServiceStub] = None
         self._lock = threading.Lock()
