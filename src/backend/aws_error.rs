@@ -37,6 +37,9 @@ pub struct Upstream {
     pub custom_endpoint: bool,
     /// The proxy the calls go through, and the variable that set it.
     pub proxy: Option<(String, &'static str)>,
+    /// What the environment says about credentials that were not found:
+    /// half an access key, or a profile name.
+    pub credentials_hint: Option<String>,
 }
 
 /// An AWS service the broker calls: its endpoint variable and host.
@@ -88,6 +91,7 @@ impl Upstream {
             region: region.to_owned(),
             endpoint,
             custom_endpoint: custom.is_some(),
+            credentials_hint: credentials_hint(env),
             proxy,
         }
     }
@@ -97,6 +101,28 @@ impl Upstream {
             Some((proxy, var)) => format!(" through the proxy {proxy} ({var})"),
             None => String::new(),
         }
+    }
+}
+
+/// Why the credentials the environment names may not have been found.
+fn credentials_hint(env: &dyn Fn(&str) -> Option<String>) -> Option<String> {
+    let set = |var: &str| env(var).filter(|v| !v.is_empty());
+    match (
+        set("AWS_ACCESS_KEY_ID"),
+        set("AWS_SECRET_ACCESS_KEY"),
+        set("AWS_PROFILE"),
+    ) {
+        (Some(_), None, _) => {
+            Some("AWS_ACCESS_KEY_ID is set but AWS_SECRET_ACCESS_KEY is not: set both".into())
+        }
+        (None, Some(_), _) => {
+            Some("AWS_SECRET_ACCESS_KEY is set but AWS_ACCESS_KEY_ID is not: set both".into())
+        }
+        (_, _, Some(profile)) => Some(format!(
+            "AWS_PROFILE={profile:?} names no profile with credentials in ~/.aws/config or \
+             ~/.aws/credentials (or AWS_CONFIG_FILE, AWS_SHARED_CREDENTIALS_FILE)"
+        )),
+        _ => None,
     }
 }
 
@@ -229,15 +255,32 @@ where
 /// Dispatch and response failures: credentials, connections, names.
 fn explain_chain(error: &(dyn StdError + 'static), upstream: &Upstream) -> StoreError {
     if let Some(credentials) = find::<CredentialsError>(error) {
-        return StoreError::Unavailable {
-            detail: explain_credentials(credentials),
+        let detail = match (&upstream.credentials_hint, credentials) {
+            (Some(hint), CredentialsError::CredentialsNotLoaded(_)) => {
+                format!("no AWS credentials found: {hint}")
+            }
+            _ => explain_credentials(credentials),
         };
+        return StoreError::Unavailable { detail };
     }
     let chain = chain_text(error);
-    let detail = if chain.contains("dns error") || chain.contains("failed to lookup address") {
+    let detail = if upstream.custom_endpoint && url::Url::parse(&upstream.endpoint).is_err() {
+        format!(
+            "the AWS endpoint {:?} is not a URL (such as http://127.0.0.1:5000): check \
+             AWS_ENDPOINT_URL",
+            upstream.endpoint
+        )
+    } else if chain.contains("dns error") || chain.contains("failed to lookup address") {
         if upstream.custom_endpoint {
             format!(
                 "the AWS endpoint {} does not resolve{}: check AWS_ENDPOINT_URL",
+                upstream.endpoint,
+                upstream.via()
+            )
+        } else if looks_like_a_region(&upstream.region) {
+            format!(
+                "{} does not resolve{}: check DNS and the network, or HTTPS_PROXY if AWS is \
+                 reached through a proxy",
                 upstream.endpoint,
                 upstream.via()
             )
@@ -270,6 +313,19 @@ fn explain_chain(error: &(dyn StdError + 'static), upstream: &Upstream) -> Store
     StoreError::Unavailable { detail }
 }
 
+/// AWS's form of a region name: `us-east-1`, `ap-southeast-2`,
+/// `us-gov-west-1`. A name of that form that does not resolve is more
+/// likely a network or DNS problem than a wrong region.
+fn looks_like_a_region(region: &str) -> bool {
+    let parts: Vec<&str> = region.split('-').collect();
+    parts.len() >= 3
+        && parts[0].len() == 2
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric()))
+        && parts[parts.len() - 1].bytes().all(|b| b.is_ascii_digit())
+}
+
 fn proxy_hint(upstream: &Upstream) -> &'static str {
     match upstream.proxy {
         Some(_) => " and the proxy (HTTPS_PROXY, NO_PROXY)",
@@ -293,8 +349,9 @@ fn io_reason(chain: &str) -> &'static str {
 }
 
 fn explain_credentials(error: &CredentialsError) -> String {
-    let fix = "set AWS_PROFILE, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or give the \
-               broker an IAM role; `serve --dev` runs without AWS";
+    // Short: with the log line's own fields, under 300 characters.
+    let fix = "set AWS_PROFILE or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or use an IAM \
+               role (--dev needs none)";
     match find::<ProviderChainError<CredentialsError>>(error) {
         Some(chain) if !chain.attempts().is_empty() => {
             let tried: Vec<&str> = chain.attempts().iter().map(|a| a.name()).collect();
@@ -587,6 +644,37 @@ mod tests {
             ),
             StoreError::Rejected { .. }
         ));
+    }
+
+    #[test]
+    fn messages_name_what_the_environment_set() {
+        let half = Upstream::from_env("us-east-1", &env(&[("AWS_ACCESS_KEY_ID", "AKIAX")]));
+        let hint = half.credentials_hint.unwrap();
+        assert!(hint.contains("AWS_SECRET_ACCESS_KEY is not"), "{hint}");
+        let profile = Upstream::from_env("us-east-1", &env(&[("AWS_PROFILE", "nosuch")]));
+        assert!(profile.credentials_hint.unwrap().contains("\"nosuch\""));
+        assert_eq!(
+            Upstream::from_env("us-east-1", &env(&[])).credentials_hint,
+            None
+        );
+
+        let not_a_url = Upstream::from_env("us-east-1", &env(&[("AWS_ENDPOINT_URL", "not-a-url")]));
+        let message = explain_chain(&std::io::Error::other("x"), &not_a_url).to_string();
+        assert!(message.contains("is not a URL"), "{message}");
+
+        // A region of AWS's form that does not resolve: the network.
+        let dns = std::io::Error::other("dns error: failed to lookup address information");
+        let message = explain_chain(&dns, &Upstream::from_env("us-east-1", &env(&[]))).to_string();
+        assert!(message.contains("check DNS and the network"), "{message}");
+        for (region, form) in [
+            ("us-east-1", true),
+            ("us-gov-west-1", true),
+            ("ap-southeast-2", true),
+            ("mars-1", false),
+            ("useast1", false),
+        ] {
+            assert_eq!(looks_like_a_region(region), form, "{region}");
+        }
     }
 
     #[test]

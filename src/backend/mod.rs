@@ -179,7 +179,10 @@ pub enum StoreError {
     Deleted { name: String },
     #[error("access to secret {name} was denied: {detail}")]
     AccessDenied { name: String, detail: String },
-    #[error("the upstream throttled the request")]
+    #[error(
+        "AWS throttled the request (the account's Secrets Manager request quota); it is retried \
+         with backoff, and a longer --cache-ttl makes fewer calls"
+    )]
     Throttled,
     /// `detail` says what failed and what to do, in one line
     /// (`aws_error`).
