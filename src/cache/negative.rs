@@ -2,8 +2,9 @@
 //! asked for again for `ttl`, so that a caller (or a flood of them) asking
 //! for missing names does not turn every ask into an upstream call.
 //!
-//! Only NOT_FOUND is remembered (a deletion or a refusal is the upstream's
-//! news to repeat). An entry goes when its time is up, or at once on a
+//! NOT_FOUND and "marked for deletion" are remembered (a refusal or a
+//! failure is the upstream's news to repeat); a restore is a change event
+//! like a creation, and ends the entry at once where events are on. An entry goes when its time is up, or at once on a
 //! bypass read, a RefreshSecret, a version of that key stored by anyone
 //! (the change detector included), or a change event about its secret
 //! (every selector of it: a creation, or a rotation that made an
@@ -50,9 +51,14 @@ impl NegativeEntries {
         }
     }
 
-    /// Remembers a NOT_FOUND answer (others are ignored).
+    /// Remembers a NOT_FOUND or marked-for-deletion answer (others are
+    /// ignored).
     pub fn remember(&self, key: &CacheKey, error: &StoreError) {
-        if self.ttl.is_zero() || !matches!(error, StoreError::NotFound { .. }) {
+        let remembered = matches!(
+            error,
+            StoreError::NotFound { .. } | StoreError::Deleted { .. }
+        );
+        if self.ttl.is_zero() || !remembered {
             return;
         }
         if self.entries.len() >= self.max_entries {

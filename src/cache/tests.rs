@@ -437,6 +437,22 @@ async fn not_found_is_remembered_until_a_bypass_read() {
     tokio::time::advance(NEGATIVE_TTL).await;
 }
 
+/// A secret marked for deletion is remembered as such too: callers asking
+/// again do not each reach AWS.
+#[tokio::test(start_paused = true)]
+async fn a_deletion_is_remembered_like_a_miss() {
+    let store = FakeStore::with(&["gone"]);
+    store.delete("gone");
+    let cache = cache_over(&store, 100);
+    for _ in 0..5 {
+        assert!(matches!(
+            cache.get(key("gone"), false).await,
+            Err(StoreError::Deleted { .. })
+        ));
+    }
+    assert_eq!(store.calls(), 1, "asked once");
+}
+
 #[tokio::test(start_paused = true)]
 async fn remembered_misses_expire() {
     let store = FakeStore::with(&[]);
