@@ -225,12 +225,18 @@ async fn refresh_secret_rereads_every_tracked_stage_once() {
             stage: None,
         },
     );
-    cache.get(by_id, false).await.unwrap();
+    cache.get(by_id.clone(), false).await.unwrap();
     store.set("s", "v2");
     let reads = store.calls();
 
     let ids = ["s".to_owned()];
     let outcome = hub.refresh_secret(&ids, None).await;
+    // The stages moved: the by-id answer (which tells its stages) is read
+    // again when next asked, not re-read now.
+    assert!(
+        cache.entries_where(|key| *key == by_id).is_empty(),
+        "the by-id entry is forgotten"
+    );
     assert_eq!(
         outcome,
         Refreshed::Reread {
