@@ -387,6 +387,23 @@ def test_access_denied_under_mtls(venv, start_tls_broker, tls_files, pki, tmp_pa
     ok = subprocess.run([str(venv), "-c", allowed], env=env, capture_output=True, text=True, timeout=30, cwd=tmp_path)
     assert ok.stdout.strip() == "HS256", ok.stdout + ok.stderr
 
+    # The transport's failures say what to check: plaintext to a TLS broker,
+    # a CA that did not sign the broker's certificate, a closed port.
+    probe = (
+        "from secrets_broker.aws_secrets import AWSSecretsManager as M, BrokerUnavailableError as E\n"
+        "try:\n    M().get_secret('mistral-api-key')\nexcept E as error:\n    print(error)\n"
+    )
+    cases = {
+        "plaintext": ({"BROKER_CA_FILE": "", "BROKER_CERT_FILE": "", "BROKER_KEY_FILE": ""}, "a TLS broker?"),
+        "wrong CA": ({"BROKER_CA_FILE": str(pki.auth.cert_path)}, "not signed by the CA of BROKER_CA_FILE"),
+        "closed": ({"BROKER_ENDPOINT": f"127.0.0.1:{support.free_port()}"}, "nothing answers at BROKER_ENDPOINT"),
+    }
+    for case, (changes, told) in cases.items():
+        told_env = {**env, **changes}
+        shown = subprocess.run([str(venv), "-c", probe], env=told_env, capture_output=True, text=True, timeout=30,
+                               cwd=tmp_path)
+        assert told in shown.stdout, (case, shown.stdout, shown.stderr[-500:])
+
 
 def test_the_fastapi_example_under_uvicorn(venv, seeded_broker, tmp_path):
     broker, _ = seeded_broker

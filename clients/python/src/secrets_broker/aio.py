@@ -100,7 +100,7 @@ class AsyncAWSSecretsManager:
         try:
             answer = await stub.GetSecret(request, timeout=CALL_TIMEOUT)
         except grpc.RpcError as error:
-            raise _error_from(error) from None
+            raise _error_from(error, self.config) from None
         self.config.check_prefix(secret_name, answer.secret.name)
         value = SecretValue.from_proto(answer.secret)
         self._cache[key] = (value, time.monotonic())
@@ -207,7 +207,7 @@ class AsyncAWSSecretsManager:
         try:
             answer = await getattr(self._secrets(), rpc)(request, timeout=CALL_TIMEOUT)
         except grpc.RpcError as error:
-            raise _error_from(error) from None
+            raise _error_from(error, self.config) from None
         self.config.check_prefix(name, answer.name)
         return to_dict(answer.config)
 

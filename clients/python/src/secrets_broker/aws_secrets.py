@@ -107,12 +107,17 @@ def _is_call(error: grpc.RpcError) -> bool:
     return isinstance(error, (grpc.Call, grpc.aio.AioRpcError))
 
 
-def _error_from(error: grpc.RpcError) -> AWSSecretsManagerError:
+def _error_from(error: grpc.RpcError, config: Optional["AWSSecretsConfig"] = None) -> AWSSecretsManagerError:
     code: Optional[grpc.StatusCode] = error.code() if _is_call(error) else None
     details = error.details() if _is_call(error) else None
     # One line, whatever the transport put in the text.
     message = " ".join(str(details or error).split())
     reason = _reason_of(error)
+    if code == grpc.StatusCode.UNAVAILABLE and not reason and config is not None:
+        # The transport's own failure (no answer of the broker's): said as
+        # what to check, the transport's words after it.
+        hint = _transport_hint(message, config)
+        message = f"{hint} ({message})" if hint else message
     kind: type[AWSSecretsManagerError] = AWSSecretsManagerError
     if code == grpc.StatusCode.NOT_FOUND:
         kind = SecretNotFoundError
@@ -126,6 +131,30 @@ def _error_from(error: grpc.RpcError) -> AWSSecretsManagerError:
         kind = BrokerUnavailableError
     label = f"{code.name} {reason}".strip() if code is not None else "error"
     return kind(f"{label}: {message}", code=code, reason=reason)
+
+
+def _transport_hint(details: str, config: "AWSSecretsConfig") -> str:
+    text = details.lower()
+    endpoint = config.broker_endpoint
+    tls = bool(config.broker_ca_file)
+    if "certificate_verify_failed" in text or "certificate verify failed" in text:
+        return (
+            f"the broker at {endpoint} presents a certificate not signed by the CA of "
+            f"BROKER_CA_FILE={config.broker_ca_file} (or for another name: BROKER_TLS_DOMAIN)"
+        )
+    if not tls and ("socket closed" in text or "connection reset" in text or "end of stream" in text):
+        return (
+            f"the broker at {endpoint} closed the connection: a TLS broker? set BROKER_CA_FILE, "
+            "BROKER_CERT_FILE and BROKER_KEY_FILE"
+        )
+    if tls and ("handshake" in text or "ssl" in text or "tls" in text or "socket closed" in text):
+        return (
+            f"the TLS handshake with the broker at {endpoint} failed: check BROKER_CA_FILE, "
+            "BROKER_CERT_FILE and BROKER_KEY_FILE, and that the broker speaks TLS"
+        )
+    if "connection refused" in text or "failed to connect" in text:
+        return f"nothing answers at BROKER_ENDPOINT={endpoint}: is the broker running there?"
+    return ""
 
 
 def _reason_of(error: grpc.RpcError) -> str:
@@ -526,7 +555,7 @@ class AWSSecretsManager:
         try:
             answer = self._secrets().GetSecret(request, timeout=CALL_TIMEOUT)
         except grpc.RpcError as error:
-            raise _error_from(error) from None
+            raise _error_from(error, self.config) from None
         self.config.check_prefix(secret_name, answer.secret.name)
         value = SecretValue.from_proto(answer.secret)
         self._store(key, value)
@@ -640,7 +669,7 @@ class AWSSecretsManager:
         try:
             answer = getattr(self._secrets(), rpc)(request, timeout=CALL_TIMEOUT)
         except grpc.RpcError as error:
-            raise _error_from(error) from None
+            raise _error_from(error, self.config) from None
         self.config.check_prefix(name, answer.name)
         value = to_dict(answer.config)
         entry = _ConfigEntry(value=value, stored_at=time.monotonic())
