@@ -11,11 +11,15 @@
 //!
 //! Names are resolved like request names (relative to the prefix). A version
 //! holds `value` (text) or `binary_base64`; `version_id` defaults to a fresh
-//! UUID; without explicit `stages` anywhere in a secret, its last version is
+//! UUID, kept across reloads while the value is unchanged but not across
+//! restarts (set it for ids that last; deriving one from the value would
+//! publish a hash of it); without explicit `stages` anywhere in a secret,
+//! its last version is
 //! AWSCURRENT and the one before AWSPREVIOUS, as AWS does after a rotation.
 //! `"deleted": true` marks a secret for deletion. `serve --dev` uses five
 //! typical secrets (Mistral key, database, JWT, AWS services, security)
-//! with fake values, built into the binary.
+//! with fake values and fixed version ids, built into the binary: a
+//! restart is not a rotation to the clients that follow them.
 //!
 //! A store opened from a file follows it (a `Reloadable`, followed by the
 //! app): it reloads when the file changes on disk (a version whose value did

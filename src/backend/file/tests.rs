@@ -28,6 +28,13 @@ async fn dev_seed_holds_the_five_typical_secrets() {
         assert_eq!(version.name, full);
         assert_eq!(version.version_stages, ["AWSCURRENT"]);
         assert!(!version.value.is_empty());
+        // A restart (a new store) is not a rotation: the same version id.
+        let again = FileStore::dev(&resolver())
+            .unwrap()
+            .get_secret_value(&full, &VersionSelector::current())
+            .await
+            .unwrap();
+        assert_eq!(again.version_id, version.version_id, "{name}");
     }
     assert_eq!(store.secret_count(), 5);
 }
