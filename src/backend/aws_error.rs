@@ -264,7 +264,9 @@ fn explain_chain(error: &(dyn StdError + 'static), upstream: &Upstream) -> Store
         return StoreError::Unavailable { detail };
     }
     let chain = chain_text(error);
-    let detail = if upstream.custom_endpoint && url::Url::parse(&upstream.endpoint).is_err() {
+    let is_url = url::Url::parse(&upstream.endpoint)
+        .is_ok_and(|url| matches!(url.scheme(), "http" | "https") && url.host().is_some());
+    let detail = if upstream.custom_endpoint && !is_url {
         format!(
             "the AWS endpoint {:?} is not a URL (such as http://127.0.0.1:5000): check \
              AWS_ENDPOINT_URL",
@@ -279,10 +281,11 @@ fn explain_chain(error: &(dyn StdError + 'static), upstream: &Upstream) -> Store
             )
         } else if looks_like_a_region(&upstream.region) {
             format!(
-                "{} does not resolve{}: check DNS and the network, or HTTPS_PROXY if AWS is \
-                 reached through a proxy",
+                "{} does not resolve{}: check DNS and the network (or HTTPS_PROXY), and that \
+                 region {:?} exists",
                 upstream.endpoint,
-                upstream.via()
+                upstream.via(),
+                upstream.region
             )
         } else {
             format!(
@@ -616,10 +619,12 @@ mod tests {
             let error = explain_code(answer(code, "", status), "GetSecretValue", "x");
             assert!(error.is_transient(), "{code} {status}: {error:?}");
             let message = error.to_string();
-            assert!(
-                message.contains(&format!("HTTP {status}")) || message.contains(code),
-                "{code} {status}: {message}"
-            );
+            let names_it = if code.is_empty() {
+                message.contains(&format!("HTTP {status}"))
+            } else {
+                message.contains(code)
+            };
+            assert!(names_it, "{code} {status}: {message}");
             assert!(!message.ends_with("answered "), "{message}");
         }
         assert_eq!(
@@ -658,9 +663,12 @@ mod tests {
             None
         );
 
-        let not_a_url = Upstream::from_env("us-east-1", &env(&[("AWS_ENDPOINT_URL", "not-a-url")]));
-        let message = explain_chain(&std::io::Error::other("x"), &not_a_url).to_string();
-        assert!(message.contains("is not a URL"), "{message}");
+        for endpoint in ["not-a-url", "localhost:4566"] {
+            let not_a_url =
+                Upstream::from_env("us-east-1", &env(&[("AWS_ENDPOINT_URL", endpoint)]));
+            let message = explain_chain(&std::io::Error::other("x"), &not_a_url).to_string();
+            assert!(message.contains("is not a URL"), "{endpoint}: {message}");
+        }
 
         // A region of AWS's form that does not resolve: the network.
         let dns = std::io::Error::other("dns error: failed to lookup address information");

@@ -175,11 +175,14 @@ impl Shared {
                 refreshing: AtomicBool::new(false),
             })
         };
+        let mut stage_moved = false;
         let (stored, new_slot) = match self.entries.entry(key.clone()) {
             MapEntry::Occupied(mut current) => {
                 // An older fetch that ends late must not roll the value back.
                 let newer = current.get().fetch_number < number;
                 if newer {
+                    stage_moved = matches!(key.selector, VersionSelector::Stage(_))
+                        && current.get().version.version_id != version.version_id;
                     let slot = current.get().slot;
                     current.insert(entry(slot));
                 }
@@ -195,9 +198,24 @@ impl Shared {
             self.clock.push(key.clone(), slot);
             self.evict_over_capacity(key);
         }
+        if stage_moved {
+            self.forget_version_ids(&key.name);
+        }
         if let (true, Some(listener)) = (stored, self.listener.get()) {
             listener(key, &version, number);
         }
+    }
+
+    /// A stage of `id`'s secret moved: what was cached by version id is read
+    /// again when next asked. A version's value never changes, but the
+    /// stages it carries do (they are in the answer), and a version asked
+    /// with a stage is answered only while it carries it.
+    fn forget_version_ids(&self, id: &str) {
+        let name = names::secret_name(id);
+        self.entries.retain(|key, _| {
+            !(matches!(key.selector, VersionSelector::Id { .. })
+                && names::secret_name(&key.name) == name)
+        });
     }
 
     /// Evicts entries the clock picks (never `keep`, just stored) until the

@@ -298,8 +298,9 @@ impl Cache {
     /// `get_fresh` for a caller that may fall back on the cached entry (a
     /// watch's first state): with an entry within the staleness bound, the
     /// read is waited for at most `upstream_wait` (not at all while the
-    /// upstream is backed off), and an overdue read or a transient failure
-    /// answers the entry, marked stale. Slow is not down: a watcher is not
+    /// upstream is backed off, but for one probe at a time), and an overdue
+    /// read or a transient failure answers the entry (marked stale past its
+    /// TTL). Slow is not down: a watcher is not
     /// refused, nor kept waiting for the SDK's timeout, while the broker
     /// holds a good value.
     pub async fn get_fresh_or_cached(&self, key: CacheKey) -> Result<Lookup, StoreError> {
@@ -307,17 +308,27 @@ impl Cache {
         let Some(cached) = shared.stale_entry(&key) else {
             return self.get_fresh(key).await;
         };
-        if shared.backoff.active() {
-            return Ok(shared.serve_stale(&cached));
-        }
-        match tokio::time::timeout(shared.settings.upstream_wait, self.get_fresh(key)).await {
-            Ok(Err(error)) if error.is_transient() => Ok(shared.serve_stale(&cached)),
+        // Within its TTL the entry is answered as a hit, past it as stale.
+        let fallback = || {
+            shared
+                .fresh_hit(&key, false)
+                .unwrap_or_else(|| shared.serve_stale(&cached))
+        };
+        // As `get_until`: while backed off, one caller probes at a time.
+        let _probe = match shared.backoff.permit() {
+            Permit::Fallback => return Ok(fallback()),
+            Permit::Probe => Some(ProbeGuard(&shared.backoff)),
+            Permit::Ask => None,
+        };
+        match tokio::time::timeout(shared.settings.upstream_wait, self.get_fresh(key.clone())).await
+        {
+            Ok(Err(error)) if error.is_transient() => Ok(fallback()),
             Ok(answer) => answer,
             Err(_overdue) => {
                 // The read goes on in the background, and tells the
                 // watchers (the change listener) when it answers.
                 shared.backoff.failed();
-                Ok(shared.serve_stale(&cached))
+                Ok(fallback())
             }
         }
     }

@@ -472,3 +472,27 @@ async fn version_of_bypass(cache: &Cache, name: &str) -> String {
         .version_id
         .clone()
 }
+
+/// A plain read that finds the current stage moved forgets what was cached
+/// by version id (its answer tells stages that are no longer true).
+#[tokio::test(start_paused = true)]
+async fn a_moved_stage_forgets_the_by_id_entries() {
+    let store = FakeStore::with(&["s"]);
+    let cache = cache_over(&store, 100);
+    version_of(&cache, "s").await;
+    let by_id = CacheKey::new(
+        "s".into(),
+        VersionSelector::Id {
+            id: "v1".into(),
+            stage: Some("AWSCURRENT".into()),
+        },
+    );
+    cache.get(by_id.clone(), false).await.unwrap();
+    store.set("s", "v2");
+    tokio::time::advance(TTL).await;
+    assert_eq!(version_of(&cache, "s").await, "v2");
+    assert!(
+        cache.entries_where(|key| *key == by_id).is_empty(),
+        "the by-id entry is forgotten"
+    );
+}

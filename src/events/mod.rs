@@ -103,6 +103,8 @@ struct Shared {
     seen: Mutex<RecentIds>,
     /// Ends the re-reads of events that were ahead of AWS's reads.
     stopping: std::sync::OnceLock<CancellationToken>,
+    /// Secrets being read again (one task each, whatever the events).
+    reading_again: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Events {
@@ -123,6 +125,7 @@ impl Events {
                 last_lag_ms: AtomicU64::new(0),
                 seen: Mutex::new(RecentIds::default()),
                 stopping: std::sync::OnceLock::new(),
+                reading_again: Mutex::default(),
             }),
         }
     }
@@ -327,26 +330,43 @@ impl Events {
     /// The event named a version that its re-read did not find yet: read
     /// again a few times, in the background (the next events must not
     /// wait), until the stage holds it.
+    ///
+    /// One task per secret: more events for it while it runs add nothing.
+    /// (An event delivered out of order, naming a version older than the
+    /// one read, looks the same; it costs these few reads, no more.)
     fn read_again_later(&self, hub: &WatchHub, names: Vec<String>, stage: &str, version: &str) {
-        let hub = hub.clone();
+        if !self
+            .shared
+            .reading_again
+            .lock()
+            .unwrap()
+            .insert(names[0].clone())
+        {
+            return;
+        }
+        let (hub, shared) = (hub.clone(), Arc::clone(&self.shared));
         let (stage, version) = (stage.to_owned(), version.to_owned());
         let stop = self.shared.stopping.get().cloned().unwrap_or_default();
-        tracing::info!(secret = %names[0], %stage, version_id = %version, "an event is ahead of AWS's reads; reading again shortly");
+        tracing::debug!(secret = %names[0], %stage, version_id = %version, "an event is ahead of AWS's reads; reading again shortly");
         tokio::spawn(async move {
-            for wait in BEHIND_RETRIES {
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    () = tokio::time::sleep(wait) => {}
+            let again = async {
+                for wait in BEHIND_RETRIES {
+                    tokio::time::sleep(wait).await;
+                    let hint = Some((stage.as_str(), version.as_str()));
+                    if let Refreshed::Reread { behind: true, .. } | Refreshed::Failed(_) =
+                        hub.refresh_secret(&names, hint).await
+                    {
+                        continue;
+                    }
+                    return;
                 }
-                let hint = Some((stage.as_str(), version.as_str()));
-                if let Refreshed::Reread { behind: true, .. } | Refreshed::Failed(_) =
-                    hub.refresh_secret(&names, hint).await
-                {
-                    continue;
-                }
-                return;
+                tracing::debug!(secret = %names[0], %stage, version_id = %version, "AWS's reads do not show the event's version (or show a newer one); the sweep will look again");
+            };
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = again => {}
             }
-            tracing::info!(secret = %names[0], %stage, version_id = %version, "AWS's reads still do not show the event's version; the sweep will look again");
+            shared.reading_again.lock().unwrap().remove(&names[0]);
         });
     }
 

@@ -143,10 +143,7 @@ impl Shared {
     pub(super) async fn reread(&self, tracked: &Tracked) -> Reread {
         match self.cache.refresh(tracked.cache_key()).await {
             Ok((version, _)) if tracked.holds_only(&version.version_id) => Reread::Same,
-            Ok(_) => {
-                self.forget_version_ids(&tracked.key.name);
-                Reread::Changed
-            }
+            Ok(_) => Reread::Changed,
             Err(StoreError::NotFound { .. } | StoreError::Deleted { .. })
                 if tracked.key.stage == AWSCURRENT =>
             {
@@ -183,21 +180,6 @@ impl Shared {
             .collect();
         for key in keys {
             self.mark_deleted(&key);
-        }
-    }
-
-    /// A stage of `id`'s secret moved: what was cached by version id is
-    /// read again when next asked. A version's value never changes, but the
-    /// stages it carries do (they are in the answer), and a version asked
-    /// with a stage is answered only while it carries it.
-    fn forget_version_ids(&self, id: &str) {
-        let name = names::secret_name(id);
-        let by_id = self.cache.entries_where(|key| {
-            matches!(key.selector, VersionSelector::Id { .. })
-                && names::secret_name(&key.name) == name
-        });
-        for (key, _) in by_id {
-            self.cache.remove(&key);
         }
     }
 

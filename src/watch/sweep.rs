@@ -40,6 +40,18 @@ use crate::{
 /// Tracked secrets per upstream call of a round.
 const PER_CALL: usize = 20;
 
+/// Secrets known deleted (watched still) that are described one by one are
+/// described again every this many rounds, to notice one re-created.
+const RECHECK_DELETED_EVERY: u64 = 10;
+
+/// Every item of `name` is known deleted (only its watchers' topics are
+/// left, at DELETED).
+fn known_deleted(by_name: &HashMap<String, Vec<Tracked>>, name: &str) -> bool {
+    by_name
+        .get(name)
+        .is_some_and(|items| items.iter().all(|t| t.deleted))
+}
+
 /// Where a listing that spans rounds stands.
 #[derive(Debug, Default)]
 pub(super) struct Cursor {
@@ -108,9 +120,21 @@ impl Shared {
             .partition(|name| name.starts_with(&self.listed_prefix));
         // Few tracked secrets under a prefix that holds many: describing
         // them one by one costs fewer calls than a pass of the listing (and
-        // keeps each of them fresh every round or few).
-        if inside.len() < self.cursor.lock().unwrap().listing_pages {
-            outside.append(&mut inside);
+        // keeps each of them fresh every round or few). A listing left half
+        // way starts over when listing comes back.
+        {
+            let mut cursor = self.cursor.lock().unwrap();
+            if inside.len() < cursor.listing_pages {
+                outside.append(&mut inside);
+                cursor.page = None;
+                cursor.seen.clear();
+                cursor.pages_read = 0;
+            }
+        }
+        // A secret known deleted is described again only now and then (it
+        // may come back), not at every turn.
+        if !self.rounds.load(Relaxed).is_multiple_of(RECHECK_DELETED_EVERY) {
+            outside.retain(|name| !known_deleted(&by_name, name));
         }
         let (outside_calls, pages) = split_budget(
             budget,
@@ -126,16 +150,11 @@ impl Shared {
             // rest are absent again at the next complete listing). One already known deleted is not
             // described again at every listing; it is news again only when
             // the listing shows it.
-            let known_deleted = |name: &String| {
-                by_name
-                    .get(name)
-                    .is_some_and(|items| items.iter().all(|t| t.deleted))
-            };
             let missing = self.list(store, pages, &by_name).await;
             to_describe.extend(
                 missing
                     .into_iter()
-                    .filter(|name| inside.contains(name) && !known_deleted(name))
+                    .filter(|name| inside.contains(name) && !known_deleted(&by_name, name))
                     .take(budget.max(PER_CALL)),
             );
         }
@@ -148,7 +167,9 @@ impl Shared {
             match store.describe_secret(&items[0].key.name).await {
                 Ok(description) => self.compare(&description, items).await,
                 Err(StoreError::NotFound { .. } | StoreError::Deleted { .. }) => {
-                    self.sweep_changes.fetch_add(1, Relaxed);
+                    if !known_deleted(&by_name, &name) {
+                        self.sweep_changes.fetch_add(1, Relaxed);
+                    }
                     self.forget_deleted(&name);
                 }
                 Err(error) => {

@@ -483,3 +483,27 @@ async fn secrets_known_deleted_are_not_described_at_every_round() {
         "known deleted: not described again"
     );
 }
+
+/// Described one by one, a watched secret known deleted is described again
+/// only every tenth round (it may come back), not at every round.
+#[tokio::test]
+async fn a_known_deletion_is_described_now_and_then_only() {
+    let names: Vec<String> = (0..450).map(|i| format!("s{i:03}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let store = FakeStore::with(&refs);
+    let (hub, _) = hub_over(&store);
+    let mut watcher = subscribe(&hub, "s100").await;
+    for _ in 0..5 {
+        round(&hub, &store).await;
+    }
+    store.remove("s100");
+    round(&hub, &store).await;
+    assert_eq!(latest(&mut watcher).0, WatchEvent::Deleted);
+    let described = store.describe_calls();
+    for _ in 0..3 {
+        round(&hub, &store).await;
+    }
+    assert_eq!(store.describe_calls(), described, "rounds 7 to 9: none");
+    round(&hub, &store).await;
+    assert_eq!(store.describe_calls(), described + 1, "round 10: once");
+}

@@ -394,7 +394,7 @@ def test_access_denied_under_mtls(venv, start_tls_broker, tls_files, pki, tmp_pa
         "try:\n    M().get_secret('mistral-api-key')\nexcept E as error:\n    print(error)\n"
     )
     cases = {
-        "plaintext": ({"BROKER_CA_FILE": "", "BROKER_CERT_FILE": "", "BROKER_KEY_FILE": ""}, "a TLS broker?"),
+        "plaintext": ({"BROKER_CA_FILE": "", "BROKER_CERT_FILE": "", "BROKER_KEY_FILE": ""}, "a TLS broker (set BROKER_CA_FILE"),
         "wrong CA": ({"BROKER_CA_FILE": str(pki.auth.cert_path)}, "not signed by the CA of BROKER_CA_FILE"),
         "closed": ({"BROKER_ENDPOINT": f"127.0.0.1:{support.free_port()}"}, "nothing answers at BROKER_ENDPOINT"),
     }

@@ -91,14 +91,14 @@ class AsyncAWSSecretsManager:
         version_stage: Optional[str] = None,
     ) -> SecretValue:
         """As ``AWSSecretsManager.get_secret``."""
-        stub = self._secrets()
+        self._connect()  # first: a cache of another event loop is dropped
         key = _cache_key(secret_name, version_id, version_stage)
         cached = self._cache.get(key)
         if use_cache and cached is not None and time.monotonic() - cached[1] < self.config.secret_cache_ttl:
             return cached[0]._for_caller()
         request = _get_secret_request(secret_name, version_id, use_cache, version_stage)
         try:
-            answer = await stub.GetSecret(request, timeout=CALL_TIMEOUT)
+            answer = await self._secrets().GetSecret(request, timeout=CALL_TIMEOUT)
         except grpc.RpcError as error:
             raise _error_from(error, self.config) from None
         self.config.check_prefix(secret_name, answer.secret.name)

@@ -144,8 +144,8 @@ def _transport_hint(details: str, config: "AWSSecretsConfig") -> str:
         )
     if not tls and ("socket closed" in text or "connection reset" in text or "end of stream" in text):
         return (
-            f"the broker at {endpoint} closed the connection: a TLS broker? set BROKER_CA_FILE, "
-            "BROKER_CERT_FILE and BROKER_KEY_FILE"
+            f"the broker at {endpoint} closed the connection: a TLS broker (set BROKER_CA_FILE, "
+            "BROKER_CERT_FILE and BROKER_KEY_FILE)? or it is restarting, or has all its connections"
         )
     if tls and ("handshake" in text or "ssl" in text or "tls" in text or "socket closed" in text):
         return (
@@ -222,19 +222,22 @@ class AWSSecretsConfig(BaseSettings):
             return 300
         if re.fullmatch(r"-?\d+", text):
             return int(text)
-        units = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600, "d": 86400}
-        parts = re.findall(r"(\d+)\s*([a-z]+)", text.lower())
-        if not parts or re.sub(r"\s+", "", text.lower()) != "".join(n + u for n, u in parts) or any(
-            u not in units for _, u in parts
+        parts = re.findall(r"(\d+)\s*([A-Za-z]+)", text)
+        if (
+            not parts
+            or re.sub(r"\s+", "", text) != "".join(n + u for n, u in parts)
+            or any(u not in _DURATION_UNITS for _, u in parts)
         ):
             raise ValueError(f"{value!r} is not a number of seconds or a duration such as 5m")
-        return sum(int(n) * units[u] for n, u in parts)
+        return int(sum(int(n) * _DURATION_UNITS[u] for n, u in parts))
 
     @field_validator("secret_cache_ttl")
     @classmethod
     def _ttl_not_negative(cls, value: int) -> int:
         if value < 0:
             raise ValueError("must not be negative (0 turns the local cache off)")
+        if value > _MAX_DURATION:
+            raise ValueError("is longer than a year")
         return value
 
     @field_validator("broker_endpoint", mode="before")
@@ -294,8 +297,9 @@ class AWSSecretsConfig(BaseSettings):
                 # gRPC speaks to a proxy in plaintext only (CONNECT; the
                 # broker's TLS runs inside the tunnel). Most proxies named
                 # https:// in HTTPS_PROXY take CONNECT on the same port.
-                logger.warning("the proxy %s is reached as http:// (gRPC does not speak TLS to a proxy)", proxy)
                 proxy = "http://" + proxy[len("https://"):]
+                shown = proxy.rsplit("@", 1)[-1]  # never the credentials a proxy URL may hold
+                logger.warning("the proxy https://%s is reached as http:// (gRPC does not speak TLS to a proxy)", shown)
             options.append(("grpc.http_proxy", proxy))
         if tls and self.broker_tls_domain:
             options.append(("grpc.ssl_target_name_override", self.broker_tls_domain))
@@ -345,6 +349,24 @@ class AWSSecretsConfig(BaseSettings):
         if credentials is None:
             return grpc.insecure_channel(self.broker_endpoint, options=options)
         return grpc.secure_channel(self.broker_endpoint, credentials, options=options)
+
+
+# The units the broker's duration settings take (humantime's), in seconds;
+# case matters: 1M is a month, 1m a minute.
+_DURATION_UNITS: dict[str, float] = {
+    **dict.fromkeys(("nsec", "ns"), 1e-9),
+    **dict.fromkeys(("usec", "us"), 1e-6),
+    **dict.fromkeys(("msec", "ms"), 1e-3),
+    **dict.fromkeys(("seconds", "second", "sec", "s"), 1),
+    **dict.fromkeys(("minutes", "minute", "min", "m"), 60),
+    **dict.fromkeys(("hours", "hour", "hr", "h"), 3600),
+    **dict.fromkeys(("days", "day", "d"), 86400),
+    **dict.fromkeys(("weeks", "week", "w"), 7 * 86400),
+    **dict.fromkeys(("months", "month", "M"), 2_630_016),
+    **dict.fromkeys(("years", "year", "y"), 31_557_600),
+}
+# As the broker: a duration past a year is a mistake.
+_MAX_DURATION = 366 * 86400
 
 
 def settings_from_env() -> AWSSecretsConfig:
@@ -572,7 +594,7 @@ class AWSSecretsManager:
             name, selector = key
             # A version id names an immutable version, and a stage other
             # than the current one is not what WatchSecret follows.
-            followed = sum(1 for e in self._cache.values() if e.follower is not None)
+            followed = self._followed()
             if selector is None and followed < MAX_FOLLOWED:
                 entry.follower = _Follower(self, name, value.version_id)
                 entry.follower.start()
@@ -672,6 +694,14 @@ class AWSSecretsManager:
             raise _error_from(error, self.config) from None
         self.config.check_prefix(name, answer.name)
         value = to_dict(answer.config)
+        if self.config.secret_cache_ttl <= 0:
+            return value  # the local cache is off: nothing kept, nothing followed
+        with self._lock:
+            followed = self._followed()
+        if followed >= MAX_FOLLOWED:
+            with self._lock:
+                self._configs[key] = _ConfigEntry(value=value, stored_at=time.monotonic())
+            return copy.deepcopy(value)
         entry = _ConfigEntry(value=value, stored_at=time.monotonic())
 
         def changed(new: Optional[SecretValue]) -> None:
@@ -686,6 +716,11 @@ class AWSSecretsManager:
             replaced.follower.stop()
         entry.follower.start()
         return copy.deepcopy(value)
+
+    def _followed(self) -> int:
+        """Names followed by push now (under the lock)."""
+        entries: list[Union[_Entry, _ConfigEntry]] = [*self._cache.values(), *self._configs.values()]
+        return sum(1 for entry in entries if entry.follower is not None)
 
     def _drop_config(self, key: tuple[str, str], entry: _ConfigEntry) -> None:
         with self._lock:
@@ -831,12 +866,14 @@ class _Follower:
         request = secrets_service_pb2.WatchSecretRequest(
             name=self.name, since_version_id=self.version_id
         )
-        call = self.manager._secrets().WatchSecret(request)
+        # Opened under the lock, and not at all once stopped: a stop (and the
+        # manager's close) cannot pass in between and leave a stream, or a
+        # channel reopened, behind.
         with self._call_lock:
+            if self._stopped.is_set():
+                return iter(())
+            call = self.manager._secrets().WatchSecret(request)
             self._call = call
-            stopped = self._stopped.is_set()
-        if stopped:
-            call.cancel()
         return iter(call)
 
 
