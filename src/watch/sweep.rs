@@ -133,7 +133,11 @@ impl Shared {
         }
         // A secret known deleted is described again only now and then (it
         // may come back), not at every turn.
-        if !self.rounds.load(Relaxed).is_multiple_of(RECHECK_DELETED_EVERY) {
+        if !self
+            .rounds
+            .load(Relaxed)
+            .is_multiple_of(RECHECK_DELETED_EVERY)
+        {
             outside.retain(|name| !known_deleted(&by_name, name));
         }
         let (outside_calls, pages) = split_budget(
