@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import grpc
 import grpc.aio
@@ -29,10 +29,8 @@ from secrets_broker.aws_secrets import (
     _get_secret_request,
     _health_request,
     _health_status,
-    aws_services_dict,
-    database_dict,
-    jwt_dict,
-    security_dict,
+    _staged_keys,
+    config_dict,
     settings_from_env,
 )
 from secretsbroker.v1 import secret_pb2, secrets_service_pb2, secrets_service_pb2_grpc
@@ -147,7 +145,7 @@ class AsyncAWSSecretsManager:
         else:
             self._cache[(name, None)] = (value, time.monotonic())
         if moved:
-            for key in [k for k in self._cache if k[0] == name and k[1] is not None and "stage:" in k[1]]:
+            for key in _staged_keys(self._cache, name):
                 del self._cache[key]
 
     async def test_connection(self) -> bool:
@@ -188,28 +186,28 @@ class AsyncAWSSecretsManager:
     async def get_jwt_config(self, name: str = "") -> dict[str, Any]:
         """As ``AWSSecretsManager.get_jwt_config`` (read from the broker's
         cache each time: not cached here)."""
-        return await self._typed("GetJwtConfig", name, jwt_dict)
+        return await self._typed("GetJwtConfig", name)
 
     async def get_database_config(self, name: str = "") -> dict[str, Any]:
         """As ``AWSSecretsManager.get_database_config`` (not cached here)."""
-        return await self._typed("GetDatabaseConfig", name, database_dict)
+        return await self._typed("GetDatabaseConfig", name)
 
     async def get_aws_services_config(self, name: str = "") -> dict[str, Any]:
         """As ``AWSSecretsManager.get_aws_services_config`` (not cached here)."""
-        return await self._typed("GetAwsServicesConfig", name, aws_services_dict)
+        return await self._typed("GetAwsServicesConfig", name)
 
     async def get_security_config(self, name: str = "") -> dict[str, Any]:
         """As ``AWSSecretsManager.get_security_config`` (not cached here)."""
-        return await self._typed("GetSecurityConfig", name, security_dict)
+        return await self._typed("GetSecurityConfig", name)
 
-    async def _typed(self, rpc: str, name: str, to_dict: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+    async def _typed(self, rpc: str, name: str) -> dict[str, Any]:
         request = getattr(secrets_service_pb2, f"{rpc}Request")(name=name)
         try:
             answer = await getattr(self._secrets(), rpc)(request, timeout=CALL_TIMEOUT)
         except grpc.RpcError as error:
             raise _error_from(error, self.config) from None
         self.config.check_prefix(name, answer.name)
-        return to_dict(answer.config)
+        return config_dict(answer.config)
 
     async def get_mistral_api_key(self) -> str:
         """The Mistral API key, as text."""

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import grpc
 import grpc.aio
@@ -615,8 +615,7 @@ class AWSSecretsManager:
             # A rotation or deletion moves the stages: what was read by stage
             # (AWSPREVIOUS...) is read again. A version id's value never
             # changes, but with a stage it may no longer hold it.
-            staged = [k for k in self._cache if moved and k[0] == name and k[1] is not None and "stage:" in k[1]]
-            for key in staged:
+            for key in _staged_keys(self._cache, name) if moved else []:
                 del self._cache[key]
 
     def test_connection(self) -> bool:
@@ -663,22 +662,22 @@ class AWSSecretsManager:
     def get_database_config(self, name: str = "") -> dict[str, Any]:
         """``<environment>/database`` (or ``name``) as a dict, validated by
         the broker; cached and kept fresh like ``get_secret``."""
-        return self._typed("GetDatabaseConfig", name, database_dict)
+        return self._typed("GetDatabaseConfig", name)
 
     def get_jwt_config(self, name: str = "") -> dict[str, Any]:
         """``<environment>/jwt`` (or ``name``) as a dict, validated by the
         broker; cached and kept fresh like ``get_secret``."""
-        return self._typed("GetJwtConfig", name, jwt_dict)
+        return self._typed("GetJwtConfig", name)
 
     def get_aws_services_config(self, name: str = "") -> dict[str, Any]:
         """``<environment>/aws-services`` (or ``name``) as a dict."""
-        return self._typed("GetAwsServicesConfig", name, aws_services_dict)
+        return self._typed("GetAwsServicesConfig", name)
 
     def get_security_config(self, name: str = "") -> dict[str, Any]:
         """``<environment>/security`` (or ``name``) as a dict."""
-        return self._typed("GetSecurityConfig", name, security_dict)
+        return self._typed("GetSecurityConfig", name)
 
-    def _typed(self, rpc: str, name: str, to_dict: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+    def _typed(self, rpc: str, name: str) -> dict[str, Any]:
         """A typed config: from the local cache within ``SECRET_CACHE_TTL``,
         else from the broker, then followed by push (a new version of its
         secret drops it, and the next call reads it again)."""
@@ -693,7 +692,7 @@ class AWSSecretsManager:
         except grpc.RpcError as error:
             raise _error_from(error, self.config) from None
         self.config.check_prefix(name, answer.name)
-        value = to_dict(answer.config)
+        value = config_dict(answer.config)
         if self.config.secret_cache_ttl <= 0:
             return value  # the local cache is off: nothing kept, nothing followed
         with self._lock:
@@ -734,45 +733,20 @@ class AWSSecretsManager:
         return self.get_secret("mistral-api-key").as_string()
 
 
-def jwt_dict(c: secret_pb2.JwtConfig) -> dict[str, Any]:
-    """A JWT config as a dict of its settings' names."""
-    return {
-        "jwt_secret_key": c.jwt_secret_key,
-        "jwt_algorithm": c.jwt_algorithm,
-        "jwt_issuer": c.jwt_issuer,
-        "jwt_audience": c.jwt_audience,
-        "jwt_access_token_expire_minutes": c.jwt_access_token_expire_minutes,
-    }
+def config_dict(config: Any) -> dict[str, Any]:
+    """A typed config (JwtConfig, DatabaseConfig, ...) as a dict of its
+    settings' names, in the contract's order; lists for repeated fields."""
+    out: dict[str, Any] = {}
+    for field_ in config.DESCRIPTOR.fields:
+        value = getattr(config, field_.name)
+        out[field_.name] = value if isinstance(value, (str, bytes, int, float)) else list(value)
+    return out
 
 
-def aws_services_dict(c: secret_pb2.AwsServicesConfig) -> dict[str, Any]:
-    """An AWS services config as a dict of its settings' names."""
-    return {
-        "aws_ses_region": c.aws_ses_region,
-        "aws_end_user_messaging_region": c.aws_end_user_messaging_region,
-        "s3_bucket_name": c.s3_bucket_name,
-        "max_file_size_mb": c.max_file_size_mb,
-    }
-
-
-def security_dict(c: secret_pb2.SecurityConfig) -> dict[str, Any]:
-    """A security config as a dict of its settings' names."""
-    return {
-        "encryption_key": c.encryption_key,
-        "encryption_salt": c.encryption_salt,
-        "allowed_hosts": list(c.allowed_hosts),
-        "cors_origins": list(c.cors_origins),
-    }
-
-
-def database_dict(c: secret_pb2.DatabaseConfig) -> dict[str, Any]:
-    """A database config as a dict of its settings' names."""
-    return {
-        "supabase_url": c.supabase_url,
-        "supabase_anon_key": c.supabase_anon_key,
-        "supabase_service_key": c.supabase_service_key,
-        "database_password": c.database_password,
-    }
+def _staged_keys(keys: Iterable[tuple[str, Optional[str]]], name: str) -> list[tuple[str, Optional[str]]]:
+    """The local cache keys of ``name`` read by stage (with or without a
+    version id): what a rotation makes untrue."""
+    return [k for k in keys if k[0] == name and k[1] is not None and "stage:" in k[1]]
 
 
 def _health_request(service: str) -> bytes:
