@@ -12,12 +12,13 @@ use std::{
     future::Future,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering::Relaxed},
+        atomic::{AtomicU8, Ordering::Relaxed},
     },
     time::Duration,
 };
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
 use tonic_health::server::HealthReporter;
 
@@ -35,8 +36,13 @@ use crate::{
 #[derive(Clone)]
 pub struct Health {
     reporter: HealthReporter,
-    upstream_up: Arc<AtomicBool>,
+    upstream: Arc<AtomicU8>,
 }
+
+/// What the last upstream check said (`Health::upstream`).
+const NOT_CHECKED_YET: u8 = 0;
+const UP: u8 = 1;
+const DOWN: u8 = 2;
 
 impl Health {
     /// The reporter behind the gRPC health service, and the service.
@@ -51,12 +57,15 @@ impl Health {
         reporter.set_serving::<AdminServiceServer<AdminApi>>().await;
         let health = Self {
             reporter,
-            upstream_up: Arc::new(AtomicBool::new(true)),
+            upstream: Arc::new(AtomicU8::new(NOT_CHECKED_YET)),
         };
         (health, service)
     }
 
-    /// Checks the upstream every `every` until `stop`.
+    /// Checks the upstream every `every` until `stop`. The gRPC health
+    /// status starts SERVING (a caller may be served from a file or the
+    /// cache before the first answer); the readiness probe waits for the
+    /// first check.
     pub async fn follow_upstream(
         self,
         store: Arc<dyn SecretStore>,
@@ -71,17 +80,28 @@ impl Health {
                 () = stop.cancelled() => return,
                 _ = ticks.tick() => {}
             }
-            let up = match store.check().await {
-                Ok(_) => true,
-                Err(error) => {
+            // A panic inside the store (an SDK's, say) must not end this
+            // task: readiness would stay at its last answer for good.
+            let checked = std::panic::AssertUnwindSafe(store.check())
+                .catch_unwind()
+                .await;
+            let up = match checked {
+                Ok(Ok(_)) => true,
+                Ok(Err(error)) => {
                     if was_up {
                         tracing::warn!(%error, "upstream check failed");
                     }
                     false
                 }
+                Err(_panic) => {
+                    if was_up {
+                        tracing::warn!("upstream check failed: it panicked (see the panic's line)");
+                    }
+                    false
+                }
             };
+            self.upstream.store(if up { UP } else { DOWN }, Relaxed);
             if up != was_up {
-                self.upstream_up.store(up, Relaxed);
                 self.report(up).await;
                 if up {
                     tracing::info!("upstream check succeeds again");
@@ -108,7 +128,7 @@ impl Health {
 #[derive(Clone)]
 struct Probes {
     metrics: Metrics,
-    upstream_up: Arc<AtomicBool>,
+    upstream: Arc<AtomicU8>,
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown`.
@@ -120,7 +140,7 @@ pub async fn serve_probes(
 ) -> std::io::Result<()> {
     let probes = Probes {
         metrics,
-        upstream_up: Arc::clone(&health.upstream_up),
+        upstream: Arc::clone(&health.upstream),
     };
     let app = Router::new()
         .route("/metrics", get(metrics_page))
@@ -143,9 +163,12 @@ async fn metrics_page(State(probes): State<Probes>) -> impl IntoResponse {
 }
 
 async fn readiness(State(probes): State<Probes>) -> impl IntoResponse {
-    if probes.upstream_up.load(Relaxed) {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "upstream unreachable\n")
+    match probes.upstream.load(Relaxed) {
+        UP => (StatusCode::OK, "ready\n"),
+        NOT_CHECKED_YET => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream not checked yet\n",
+        ),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "upstream unreachable\n"),
     }
 }

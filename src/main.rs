@@ -40,6 +40,8 @@ enum Command {
 fn main() -> ExitCode {
     // Values already in the environment win over the .env file.
     let _ = dotenvy::dotenv();
+    // SAFETY: no other thread has started yet.
+    unsafe { secrets_broker::backend::aws::forget_blank_endpoint_vars() };
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,

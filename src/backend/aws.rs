@@ -28,7 +28,7 @@ use tokio::sync::OnceCell;
 
 use super::{
     LIST_PAGE_SIZE, SecretDescription, SecretPage, SecretStore, StoreError, VersionSelector,
-    aws_error::{Upstream, explain},
+    aws_error::{Service, Upstream, explain},
 };
 use crate::secret::{SecretValue, SecretVersion};
 
@@ -84,6 +84,30 @@ pub(crate) async fn sdk_config(region: &str) -> aws_config::SdkConfig {
         .retry_config(RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS))
         .load()
         .await
+}
+
+/// Removes the AWS endpoint variables that are set to nothing
+/// (`AWS_ENDPOINT_URL=` left in an env file or a template): they mean
+/// "not set", as they do in the broker's own messages (`Upstream`), but the
+/// SDK takes an empty one for an endpoint and panics on it, and it offers no
+/// way to read a filtered environment.
+///
+/// # Safety
+///
+/// Changes the process environment: call it before any other thread is
+/// started (first thing in `main`), when nothing else can read it.
+pub unsafe fn forget_blank_endpoint_vars() {
+    let blank = Service::ALL
+        .iter()
+        .map(|service| service.endpoint_var())
+        .chain(["AWS_ENDPOINT_URL"])
+        .filter(|var| {
+            std::env::var_os(var).is_some_and(|value| value.to_string_lossy().trim().is_empty())
+        });
+    for var in blank {
+        // SAFETY: the caller promises no other thread runs yet.
+        unsafe { std::env::remove_var(var) };
+    }
 }
 
 #[async_trait]

@@ -54,7 +54,11 @@ pub enum Service {
 }
 
 impl Service {
-    fn endpoint_var(self) -> &'static str {
+    /// Every service the broker calls.
+    pub const ALL: [Self; 3] = [Self::SecretsManager, Self::Sqs, Self::Sns];
+
+    /// The variable that names its endpoint.
+    pub fn endpoint_var(self) -> &'static str {
         match self {
             Self::SecretsManager => "AWS_ENDPOINT_URL_SECRETS_MANAGER",
             Self::Sqs => "AWS_ENDPOINT_URL_SQS",
@@ -82,7 +86,7 @@ impl Upstream {
     pub fn of(service: Service, region: &str, env: &dyn Fn(&str) -> Option<String>) -> Self {
         let custom = [service.endpoint_var(), "AWS_ENDPOINT_URL"]
             .iter()
-            .find_map(|var| env(var).filter(|v| !v.is_empty()));
+            .find_map(|var| env(var).filter(|v| !v.trim().is_empty()));
         let endpoint = custom
             .clone()
             .unwrap_or_else(|| format!("https://{}.{region}.amazonaws.com", service.host()));

@@ -60,8 +60,15 @@ impl Shared {
         });
         async move {
             task.await.unwrap_or_else(|join_error| {
+                // A panic's text is for the broker's log (where the panic
+                // hook wrote it), not for callers.
+                let detail = if join_error.is_panic() {
+                    "the upstream call failed inside the broker (see the broker's log)"
+                } else {
+                    "the upstream call was aborted"
+                };
                 Err(StoreError::Unavailable {
-                    detail: format!("the upstream call was aborted: {join_error}"),
+                    detail: detail.to_owned(),
                 })
             })
         }

@@ -61,9 +61,39 @@ pub fn init(level: &str) -> LogGuard {
     } else {
         builder.try_init()
     };
+    if installed.is_ok() {
+        log_panics();
+    }
     LogGuard {
         _writer: installed.is_ok().then_some(guard),
     }
+}
+
+/// A panic is logged as one event, like everything else: the default hook
+/// writes several lines to stderr (and a backtrace when asked), which log
+/// collectors split into unrelated lines. Where it happened and what it
+/// says are enough to find it; the broker's own types never print secret
+/// values, so a panic's message cannot carry one from the broker's code.
+fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| info.payload().downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)");
+        let location = info
+            .location()
+            .map(|at| format!("{}:{}", at.file(), at.line()))
+            .unwrap_or_default();
+        let thread = std::thread::current();
+        tracing::error!(
+            thread = thread.name().unwrap_or("unnamed"),
+            %location,
+            message,
+            "panic: a fault of the broker or of a library it uses"
+        );
+    }));
 }
 
 /// RFC 3339 UTC with microseconds (`2026-11-30T13:55:30.243765Z`), the

@@ -199,3 +199,26 @@ def test_health_and_check_upstream_follow_moto(moto, aws_broker, stubs):
     resp = admin.CheckUpstream(apb.CheckUpstreamRequest(), timeout=20)
     assert resp.reachable is True, resp
     print(f"NOT_SERVING after {took:.1f} s, SERVING again after {took_back:.1f} s")
+
+
+def test_an_empty_endpoint_variable_means_not_set(moto, aws_broker, run_cli, stubs):
+    """`AWS_ENDPOINT_URL=` left empty by a template or an env file: the SDK
+    takes it for an endpoint and panics; the broker treats it as unset, so
+    the service's own variable (or AWS's endpoint) is used."""
+    versions = moto.seed({"insurecove/mistral-api-key": "sk-empty-endpoint"})
+    env = moto.broker_env()
+    env |= {
+        "AWS_ENDPOINT_URL": "",
+        "AWS_ENDPOINT_URL_SECRETS_MANAGER": env["AWS_ENDPOINT_URL"],
+        "AWS_ENDPOINT_URL_SQS": "  ",
+    }
+    checked = run_cli("check", env=env, timeout=30)
+    print(checked.stdout, checked.stderr)
+    assert checked.returncode == 0, checked.stderr
+    assert "panic" not in checked.stderr.lower()
+
+    broker = aws_broker(env=env)
+    secret = get(broker, stubs, "mistral-api-key")
+    assert secret.string_value == "sk-empty-endpoint"
+    assert secret.version_id == versions["insurecove/mistral-api-key"]
+    assert "panic" not in broker.log().lower()

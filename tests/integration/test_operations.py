@@ -174,6 +174,23 @@ def test_readyz_follows_the_upstream(moto, aws_broker):
     print(f"/readyz 200 again {took:.2f} s after moto restarted ({time.monotonic() - stopped:.1f} s down)")
 
 
+def test_readyz_waits_for_the_first_upstream_check(moto, aws_broker):
+    """Not ready until the upstream has answered once: a pod must not get
+    traffic while its first ListSecrets is still on its way."""
+    upstream = SlowUpstream(moto.address, delay=3, delayed=(".ListSecrets",))
+    try:
+        args, maddr = metrics_args()
+        aws_broker(args, env={"AWS_ENDPOINT_URL": upstream.url})
+        assert upstream.held.wait(5), "the first upstream check never started"
+        waiting = http_get(maddr, "/readyz")
+        assert waiting.status == 503, waiting
+        assert "not checked yet" in waiting.body, waiting
+        _, took = wait_for_status(maddr, "/readyz", 200, timeout=8)
+        print(f"/readyz 200 {took:.2f} s after the first check started")
+    finally:
+        upstream.close()
+
+
 # --------------------------------------------------------------------------
 # 2. SIGTERM under load
 
