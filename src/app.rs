@@ -30,6 +30,7 @@ use crate::{
     policy::{Authorizer, PolicyError},
     reload::{self, Reload},
     transport::{
+        call_slots::CallSlots,
         listener::{self, Bound, ConnectionCounters},
         server::{self, ServerError},
         tls::{TlsError, TlsTerminator},
@@ -177,6 +178,7 @@ pub struct App {
     watch: WatchHub,
     context: ApiContext,
     connections: Arc<ConnectionCounters>,
+    calls: CallSlots,
 }
 
 impl App {
@@ -207,6 +209,8 @@ impl App {
         events.register_metrics(&metrics);
         let connections = Arc::new(ConnectionCounters::default());
         connections.register_metrics(&metrics);
+        let calls = CallSlots::new(settings.limits.max_calls);
+        calls.register_metrics(&metrics);
         security.authorizer.register_metrics(&metrics);
         if let Some(tls) = &security.tls {
             tls.register_metrics(&metrics);
@@ -229,6 +233,7 @@ impl App {
             watch,
             context,
             connections,
+            calls,
         }
     }
 
@@ -333,6 +338,7 @@ impl App {
             self.context,
             health_service,
             limits,
+            self.calls,
             incoming,
             stop.clone().cancelled_owned(),
         );

@@ -37,6 +37,13 @@ pub enum ApiError {
     TooManyNames { count: usize, limit: usize },
     #[error("too many calls in flight on this connection; open another connection or wait")]
     TooManyCalls,
+    #[error("the broker has as many calls in flight as it allows ({limit}); retry shortly")]
+    BrokerFull { limit: usize },
+    #[error(
+        "the broker reached its limit of calls in flight while this call's request had not \
+         arrived; send the request with the call, or retry"
+    )]
+    Displaced,
     #[error("the call took longer than the broker's call timeout of {0:?}")]
     CallTimeout(std::time::Duration),
     #[error(
@@ -65,7 +72,9 @@ impl ApiError {
             Self::Denied(_) => (Code::PermissionDenied, "POLICY_DENIED"),
             Self::InvalidVersion(_) => (Code::InvalidArgument, "INVALID_VERSION"),
             Self::TooManyNames { .. } => (Code::InvalidArgument, "TOO_MANY_NAMES"),
-            Self::TooManyCalls => (Code::ResourceExhausted, "TOO_MANY_CALLS"),
+            Self::TooManyCalls | Self::BrokerFull { .. } | Self::Displaced => {
+                (Code::ResourceExhausted, "TOO_MANY_CALLS")
+            }
             Self::CallTimeout(_) => (Code::DeadlineExceeded, "CALL_TIMEOUT"),
             Self::RequestMemory => (Code::ResourceExhausted, "REQUEST_MEMORY"),
             Self::MessageTooLarge { .. } => (Code::ResourceExhausted, "MESSAGE_TOO_LARGE"),
@@ -118,6 +127,8 @@ impl ApiError {
             Self::Store(_)
             | Self::Denied(_)
             | Self::TooManyCalls
+            | Self::BrokerFull { .. }
+            | Self::Displaced
             | Self::CallTimeout(_)
             | Self::RequestMemory
             | Self::MessageTooLarge { .. } => {}
@@ -139,6 +150,7 @@ impl ApiError {
     pub fn given_before_the_handler(reason: &str) -> bool {
         reason == Self::RequestMemory.reason()
             || reason == (Self::MessageTooLarge { limit: 0 }).reason()
+            || reason == Self::Displaced.reason()
     }
 
     /// The per-item form used by BatchGetSecrets.

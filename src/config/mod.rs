@@ -56,6 +56,8 @@ pub struct Limits {
     pub max_connections: usize,
     /// HTTP/2 streams in flight per connection at most.
     pub max_calls_per_connection: usize,
+    /// HTTP/2 streams in flight over every connection at most.
+    pub max_calls: usize,
     /// Largest request, bytes.
     pub max_message_size: usize,
     /// Bytes of unfinished request messages held at once, over all calls.
@@ -405,6 +407,11 @@ fn resolve_limits(args: &BrokerArgs, sources: &Sources<'_>) -> Result<Limits, Co
         max_calls_per_connection: sources.get(
             args.max_concurrent_calls_per_connection.as_deref(),
             &MAX_CALLS_PER_CONNECTION,
+            parse_positive_count,
+        )?,
+        max_calls: sources.get(
+            args.max_concurrent_calls.as_deref(),
+            &MAX_CALLS,
             parse_positive_count,
         )?,
         max_message_size: sources.get(

@@ -22,6 +22,11 @@
 //! A request that may outlive its call (server reflection's, a
 //! bidirectional stream) is given the call's end: then the body gives its
 //! budget back and fails, which ends the handler reading it.
+//!
+//! The body also tells the call's slot (`call_slots`) when its first
+//! message is whole: until then, the call is still opening, and another
+//! call may take its slot, which makes this body fail with
+//! `TOO_MANY_CALLS`.
 
 use std::{
     pin::Pin,
@@ -33,7 +38,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::gate::CallEnd;
+use super::{call_slots::CallSlot, gate::CallEnd};
 use crate::api::status::ApiError;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -56,14 +61,21 @@ impl RequestBudget {
     }
 
     /// `body`, holding budget for its unfinished message; with `ends`, the
-    /// call's end, past which the body fails.
-    pub(super) fn wrap<B>(&self, body: B, ends: Option<CallEnd>) -> Budgeted<B> {
+    /// call's end, past which the body fails; with `slot`, the call's slot,
+    /// opened at the first whole message.
+    pub(super) fn wrap<B>(
+        &self,
+        body: B,
+        ends: Option<CallEnd>,
+        slot: Option<Arc<CallSlot>>,
+    ) -> Budgeted<B> {
         Budgeted {
             body,
             budget: Arc::clone(&self.bytes),
             framing: Framing::default(),
             held: None,
             ends,
+            opening: slot,
             done: false,
         }
     }
@@ -85,6 +97,8 @@ struct Framing {
     /// Bytes the current (unfinished) message holds: the header bytes seen,
     /// then, once the header is whole, the header and the declared length.
     unfinished: usize,
+    /// A message has arrived whole.
+    whole: bool,
 }
 
 impl Framing {
@@ -98,6 +112,7 @@ impl Framing {
             && u32::from_be_bytes([length[0], length[1], length[2], length[3]]) as usize
                 == chunk.len() - HEADER
         {
+            self.whole = true;
             return;
         }
         while !chunk.is_empty() {
@@ -118,6 +133,7 @@ impl Framing {
                     self.header_seen = 0;
                     self.body_left = length as usize;
                     self.unfinished = if self.body_left == 0 {
+                        self.whole = true;
                         0
                     } else {
                         HEADER + self.body_left
@@ -129,6 +145,7 @@ impl Framing {
                 chunk = &chunk[take..];
                 if self.body_left == 0 {
                     self.unfinished = 0;
+                    self.whole = true;
                 }
             }
         }
@@ -143,11 +160,26 @@ pub struct Budgeted<B> {
     framing: Framing,
     held: Option<OwnedSemaphorePermit>,
     ends: Option<CallEnd>,
+    /// The call's slot, until its first message is whole.
+    opening: Option<Arc<CallSlot>>,
     /// Failed or ended: nothing more is read.
     done: bool,
 }
 
+impl<B> Drop for Budgeted<B> {
+    /// A body dropped before its message came (a reset, a refusal) no
+    /// longer waits for it.
+    fn drop(&mut self) {
+        self.stop_opening();
+    }
+}
+
 impl<B> Budgeted<B> {
+    /// The call's slot can no longer be taken; false if it was already.
+    fn stop_opening(&mut self) -> bool {
+        self.opening.take().is_none_or(|slot| slot.opened())
+    }
+
     /// Gives the budget back and ends the body with `error`.
     fn fail(&mut self, error: ApiError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.held = None;
@@ -200,16 +232,22 @@ where
         if let Some(ended) = self.ends.as_mut().and_then(|end| end.passed(cx)) {
             return self.fail(ended);
         }
+        if self.opening.as_ref().is_some_and(|slot| slot.displaced(cx)) {
+            self.opening = None;
+            return self.fail(ApiError::Displaced);
+        }
         let frame = match Pin::new(&mut self.body).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => frame,
             Poll::Ready(Some(Err(error))) => {
                 self.held = None;
                 self.done = true;
+                self.stop_opening();
                 return Poll::Ready(Some(Err(error.into())));
             }
             Poll::Ready(None) => {
                 self.held = None;
                 self.done = true;
+                self.stop_opening();
                 return Poll::Ready(None);
             }
             Poll::Pending => return Poll::Pending,
@@ -218,6 +256,9 @@ where
             self.framing.follow(data);
             if !self.hold_unfinished() {
                 return self.fail(ApiError::RequestMemory);
+            }
+            if self.framing.whole && !self.stop_opening() {
+                return self.fail(ApiError::Displaced);
             }
         }
         Poll::Ready(Some(Ok(frame)))
@@ -250,7 +291,7 @@ mod tests {
             .map(|chunk| Ok(Frame::data(Bytes::copy_from_slice(chunk))))
             .collect();
         let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
-        let mut body = budget.wrap(body, None);
+        let mut body = budget.wrap(body, None, None);
         let mut seen = Vec::new();
         let waker = futures::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
@@ -318,6 +359,7 @@ mod tests {
                 Bytes::copy_from_slice(&other[..10]),
             ))])),
             None,
+            None,
         );
         let waker = futures::task::noop_waker();
         assert!(matches!(
@@ -348,6 +390,47 @@ mod tests {
         assert_eq!(budget.available(), 1000);
     }
 
+    #[tokio::test]
+    async fn a_call_opens_at_its_first_whole_message_and_fails_when_displaced() {
+        use http_body_util::BodyExt;
+
+        use crate::transport::call_slots::CallSlots;
+
+        let budget = RequestBudget::new(1000);
+        let slots = CallSlots::new(1);
+        let whole = message(10);
+        let frames = futures::stream::iter([
+            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::copy_from_slice(&whole[..3]))),
+            Ok(Frame::data(Bytes::copy_from_slice(&whole[3..]))),
+        ]);
+        let slot = slots.take().unwrap();
+        let mut body = budget.wrap(
+            http_body_util::StreamBody::new(frames),
+            None,
+            Some(Arc::clone(&slot)),
+        );
+        assert!(body.frame().await.unwrap().is_ok());
+        assert!(slot.is_opening(), "half a header is not a message");
+        assert!(body.frame().await.unwrap().is_ok());
+        assert!(!slot.is_opening(), "the message is whole");
+        assert!(slots.take().is_none(), "an opened call keeps its slot");
+        drop((body, slot));
+
+        // A call whose message never comes loses its slot to a newcomer,
+        // and its body fails at once.
+        let silent = futures::stream::pending::<Result<Frame<Bytes>, std::convert::Infallible>>();
+        let mut body = budget.wrap(http_body_util::StreamBody::new(silent), None, slots.take());
+        let waiting = tokio::spawn(async move { body.frame().await });
+        tokio::task::yield_now().await;
+        let newcomer = slots.take().expect("the silent call's slot");
+        let failed = waiting.await.unwrap().unwrap().unwrap_err();
+        assert!(
+            failed.to_string().contains("request had not arrived"),
+            "{failed}"
+        );
+        assert!(newcomer.opened());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_body_given_an_end_fails_there_and_gives_its_budget_back() {
         use futures::StreamExt;
@@ -362,6 +445,7 @@ mod tests {
         let mut body = budget.wrap(
             http_body_util::StreamBody::new(frames),
             Some(CallEnd::after(std::time::Duration::from_secs(30))),
+            None,
         );
         assert!(body.frame().await.unwrap().is_ok());
         assert_eq!(budget.available(), 495);

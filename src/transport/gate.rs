@@ -9,6 +9,9 @@
 //!   for as long as it is open); with none left it is answered
 //!   RESOURCE_EXHAUSTED (`TOO_MANY_CALLS`) at once. Counting from the headers
 //!   matters: a stream that never sends its message still costs memory;
+//! - it takes one of the broker's call slots too (`call_slots`: a bound over
+//!   every connection, where a call still waiting for its request may lose
+//!   its slot to a newer one);
 //! - the request memory (`transport::budget`): a request message still
 //!   arriving holds its bytes from one budget shared by every call;
 //! - the call timeout: a call whose answer is not ready within
@@ -40,7 +43,10 @@ use tonic::{Status, body::Body};
 use tonic_types::StatusExt;
 use tower::{Layer, Service};
 
-use super::budget::{Budgeted, RequestBudget};
+use super::{
+    budget::{Budgeted, RequestBudget},
+    call_slots::{CallSlot, CallSlots},
+};
 use crate::{
     api::{refused_before_the_handler, rpc::Rpc, status::ApiError},
     identity::{ConnectionInfo, Identity},
@@ -51,13 +57,15 @@ use crate::{
 pub struct GateLayer {
     call_timeout: Duration,
     budget: RequestBudget,
+    calls: CallSlots,
 }
 
 impl GateLayer {
-    pub fn new(call_timeout: Duration, budget: RequestBudget) -> Self {
+    pub fn new(call_timeout: Duration, budget: RequestBudget, calls: CallSlots) -> Self {
         Self {
             call_timeout,
             budget,
+            calls,
         }
     }
 }
@@ -70,6 +78,7 @@ impl<S> Layer<S> for GateLayer {
             inner,
             call_timeout: self.call_timeout,
             budget: self.budget.clone(),
+            calls: self.calls.clone(),
         }
     }
 }
@@ -80,6 +89,7 @@ pub struct Gate<S> {
     inner: S,
     call_timeout: Duration,
     budget: RequestBudget,
+    calls: CallSlots,
 }
 
 type GateFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
@@ -126,6 +136,19 @@ where
                 }
             },
         };
+        let Some(call_slot) = self.calls.take() else {
+            tracing::info!(
+                target: "audit",
+                identity = caller.shown(),
+                rpc = &*shown_path(request.uri().path()),
+                outcome = "RESOURCE_EXHAUSTED",
+                "refused: the broker has as many calls in flight as it allows"
+            );
+            let limit = self.calls.limit();
+            return Box::pin(std::future::ready(Ok(answer(ApiError::BrokerFull {
+                limit,
+            }))));
+        };
         let limit = self.call_timeout;
         // The RPC, not the path: cloning the path's bytes can allocate.
         let rpc = Rpc::of_path(request.uri().path());
@@ -137,14 +160,23 @@ where
         // otherwise keep waiting for it.
         let stream_ends = is_reflection(request.uri().path()).then(|| CallEnd::after(limit));
         let request_ends = stream_ends.as_ref().map(CallEnd::same);
-        let mut request = request.map(|body| self.budget.wrap(body, request_ends));
+        let mut request = request.map(|body| {
+            self.budget
+                .wrap(body, request_ends, Some(Arc::clone(&call_slot)))
+        });
         let deadline = CallDeadline::of(request.headers().get(GRPC_TIMEOUT), limit);
         request.extensions_mut().insert(deadline);
         let call = self.inner.call(request);
         Box::pin(async move {
             let response = match tokio::time::timeout(limit, call).await {
                 Ok(Ok(response)) => response,
-                Err(_elapsed) => answer(ApiError::CallTimeout(limit)),
+                Err(_elapsed) => {
+                    // No handler saw a call whose request never came.
+                    if let Some(rpc) = rpc.filter(|_| call_slot.is_opening()) {
+                        refused_before_the_handler(rpc, &caller, tonic::Code::DeadlineExceeded);
+                    }
+                    answer(ApiError::CallTimeout(limit))
+                }
             };
             if let (Some(rpc), Some(outcome)) = (rpc, failed_before_the_handler(&response)) {
                 refused_before_the_handler(rpc, &caller, outcome);
@@ -152,13 +184,11 @@ where
             // A trailers-only answer is already whole: a second grpc-status
             // must not follow it.
             let stream_ends = stream_ends.filter(|_| !response.headers().contains_key(GRPC_STATUS));
-            if slot.is_none() && stream_ends.is_none() {
-                return Ok(response);
-            }
             Ok(response.map(|body| {
                 Body::new(GatedBody {
                     body,
                     _slot: slot,
+                    _call: call_slot,
                     ends: stream_ends,
                 })
             }))
@@ -288,6 +318,7 @@ fn answer(error: ApiError) -> Response<Body> {
 struct GatedBody {
     body: Body,
     _slot: Option<OwnedSemaphorePermit>,
+    _call: Arc<CallSlot>,
     ends: Option<CallEnd>,
 }
 

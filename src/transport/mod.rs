@@ -7,9 +7,11 @@
 //!   read from its certificate;
 //! - `gate`: what every HTTP/2 stream passes (gRPC content types only, the
 //!   per-connection call slots, the call timeout);
+//! - `call_slots`: the bound on calls in flight over every connection;
 //! - `server`: the tonic server with every service behind the gate.
 
 pub mod budget;
+pub mod call_slots;
 pub mod gate;
 pub mod listener;
 mod opening_slots;

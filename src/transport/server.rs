@@ -10,7 +10,7 @@ use tonic::transport::{Server, server::Connected};
 use tonic_health::pb::health_server::{Health, HealthServer};
 use tower::util::MapResponseLayer;
 
-use super::{budget::RequestBudget, gate::GateLayer};
+use super::{budget::RequestBudget, call_slots::CallSlots, gate::GateLayer};
 use crate::{
     api::{AdminApi, ApiContext, SecretsApi, status::ApiError},
     config::Limits,
@@ -39,6 +39,7 @@ pub async fn serve<I, IO, IE>(
     context: ApiContext,
     health: HealthServer<impl Health>,
     limits: &Limits,
+    calls: CallSlots,
     incoming: I,
     drain: impl Future<Output = ()>,
 ) -> Result<(), ServerError>
@@ -60,6 +61,7 @@ where
         .layer(GateLayer::new(
             limits.call_timeout,
             RequestBudget::new(limits.max_request_memory),
+            calls,
         ))
         .layer(MapResponseLayer::new(too_large(limits.max_message_size)))
         // Every service takes the same message limit: tonic's default (4

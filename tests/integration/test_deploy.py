@@ -68,7 +68,7 @@ CONFIG_KEYS = {
     "metrics_secret_names", "environment", "secret_prefix", "cache_ttl",
     "cache_max_entries", "cache_max_stale", "watch_interval", "region",
     "secrets_file", "log_level", "max_connections",
-    "max_concurrent_calls_per_connection", "max_message_size", "max_request_memory",
+    "max_concurrent_calls_per_connection", "max_concurrent_calls", "max_message_size", "max_request_memory",
     "call_timeout",
     "keepalive_interval", "shutdown_grace", "events_queue_url", "events_topic_arn",
 }

@@ -5,7 +5,8 @@
 use std::time::{Duration, Instant};
 
 use secrets_broker_client::proto::{
-    WatchEventType, WatchSecretRequest, secrets_service_client::SecretsServiceClient,
+    WatchEventType, WatchSecretRequest, WatchSecretResponse,
+    secrets_service_client::SecretsServiceClient,
 };
 use tonic::Code;
 
@@ -146,14 +147,7 @@ async fn unfinished_call(
     declared: usize,
     sent: usize,
 ) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
-    let request = http::Request::post(path)
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
-    let ready = connection.clone().ready().await.expect("room for a stream");
-    *connection = ready;
-    let (response, mut body) = connection.send_request(request, false).unwrap();
+    let (response, mut body) = headers_only(connection, path).await;
     // GetSecretRequest{name: "aaa..."}: field 1, a 2-byte length.
     let mut message = vec![0];
     message.extend_from_slice(&(declared as u32).to_be_bytes());
@@ -349,6 +343,106 @@ async fn calls_past_the_per_connection_limit_are_refused_at_once() {
     }
     drop((raw, other));
     broker.stop().await;
+}
+
+/// Opens a stream for `path` with its headers alone: no request follows.
+async fn headers_only(
+    connection: &mut h2::client::SendRequest<bytes::Bytes>,
+    path: &str,
+) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
+    let request = http::Request::post(path)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let ready = connection.clone().ready().await.expect("room for a stream");
+    *connection = ready;
+    connection.send_request(request, false).unwrap()
+}
+
+#[tokio::test]
+async fn calls_still_waiting_for_their_request_give_their_slots_to_callers() {
+    let broker = Running::start(|args| {
+        args.max_concurrent_calls = Some("4".into());
+    })
+    .await;
+    let tcp = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
+    let (mut connection, driver) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(driver);
+    // Every slot of the broker held by streams that never send a request,
+    // of any service.
+    let paths = [
+        "/secretsbroker.v1.SecretsService/GetSecret",
+        "/grpc.health.v1.Health/Check",
+        "/secretsbroker.v1.SecretsService/WatchSecret",
+        "/grpc.health.v1.Health/Watch",
+    ];
+    let mut silent = Vec::new();
+    for path in paths {
+        silent.push(headers_only(&mut connection, path).await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // A caller on another connection is served: it takes the slot of the
+    // stream waiting longest, which is told why at once.
+    let mut raw = broker.raw().await;
+    assert_eq!(
+        value(&get(&mut raw, "mistral-api-key").await.unwrap()),
+        MISTRAL
+    );
+    let (oldest, _body) = silent.remove(0);
+    let (status, message) = grpc_answer(oldest).await;
+    assert_eq!(status, "8", "{message}");
+    assert!(message.contains("request had not arrived"), "{message}");
+
+    // Calls under way keep their slots: with four watches open, and no
+    // stream left waiting, a new call is refused, and says why.
+    drop(silent);
+    drop(connection);
+    let mut watches = Vec::new();
+    for _ in 0..4 {
+        let opened = eventually_watch(&mut raw).await;
+        watches.push(opened);
+    }
+    let refused = get(&mut raw, "mistral-api-key").await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("as many calls in flight as it allows (4)"),
+        "{refused:?}"
+    );
+    drop(watches);
+    broker.stop().await;
+}
+
+/// A WatchSecret stream, once its first event has come; retried while the
+/// slots of streams just closed are still held.
+async fn eventually_watch(raw: &mut Secrets) -> tonic::Streaming<WatchSecretResponse> {
+    let started = Instant::now();
+    loop {
+        let request = WatchSecretRequest {
+            name: "mistral-api-key".into(),
+            ..Default::default()
+        };
+        match raw.watch_secret(request).await {
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                let first = tokio::time::timeout(Duration::from_secs(5), stream.message()).await;
+                if let Ok(Ok(Some(event))) = first {
+                    assert_eq!(event.r#type(), WatchEventType::Current);
+                    return stream;
+                }
+            }
+            Err(status) => assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "no slot came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test]

@@ -1,0 +1,271 @@
+//! The broker's call slots: one for each HTTP/2 stream in flight, over every
+//! connection. A stream costs memory from its headers on, whether or not
+//! its request ever arrives, and the connection limit times the per-connection
+//! call limit (ten million at the defaults) bounds nothing a machine has; this
+//! bounds the whole.
+//!
+//! A stream takes a slot at the gate and keeps it until its call is done:
+//! its request body and its answer both gone. Until its request message has
+//! arrived whole, a call is *opening*, and its slot can be taken from it:
+//! when every slot is held, a new stream takes the slot of the call that has
+//! been opening longest, and that call is answered RESOURCE_EXHAUSTED
+//! (`TOO_MANY_CALLS`). Without this, anyone able to open streams could hold
+//! every slot with streams that never send their request (headers alone),
+//! and nobody else would be served until the call timeout. A call whose
+//! request has arrived (a call under way, a watch) keeps its slot: once every
+//! slot is held by one, new streams are refused.
+//!
+//! Taking a slot is one semaphore permit and one entry in a map of the calls
+//! opening; a request that arrives with its headers, as every client sends
+//! it, leaves the map at its first read.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicU8, AtomicU64, Ordering},
+    },
+    task::Context,
+};
+
+use futures::task::AtomicWaker;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::metrics::{Metrics, counter, gauge};
+
+/// The slots of every call in flight; cheap to clone.
+#[derive(Clone)]
+pub struct CallSlots {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    permits: Arc<Semaphore>,
+    limit: usize,
+    /// The calls still opening, by arrival: the first is the oldest.
+    opening: Mutex<BTreeMap<u64, Arc<CallSlot>>>,
+    next: AtomicU64,
+    displaced: AtomicU64,
+    refused: AtomicU64,
+}
+
+/// One call's slot, shared by its request body and its answer; the slot is
+/// given back when both are gone.
+pub struct CallSlot {
+    id: u64,
+    slots: Arc<Shared>,
+    permit: Mutex<Option<OwnedSemaphorePermit>>,
+    state: AtomicU8,
+    /// The request body's task, woken when the call is displaced.
+    displaced: AtomicWaker,
+}
+
+const OPENING: u8 = 0;
+const OPENED: u8 = 1;
+const DISPLACED: u8 = 2;
+
+impl CallSlots {
+    /// `limit` slots (at least one).
+    pub fn new(limit: usize) -> Self {
+        let limit = limit.clamp(1, Semaphore::MAX_PERMITS);
+        Self {
+            shared: Arc::new(Shared {
+                permits: Arc::new(Semaphore::new(limit)),
+                limit,
+                opening: Mutex::default(),
+                next: AtomicU64::new(0),
+                displaced: AtomicU64::new(0),
+                refused: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// A slot for a new call: a free one, or the slot of the call opening
+    /// longest. `None` when every slot is held by a call under way.
+    pub fn take(&self) -> Option<Arc<CallSlot>> {
+        let permit = match Arc::clone(&self.shared.permits).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => match self.displace_oldest() {
+                Some(permit) => permit,
+                None => {
+                    self.shared.refused.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
+            },
+        };
+        let id = self.shared.next.fetch_add(1, Ordering::Relaxed);
+        let slot = Arc::new(CallSlot {
+            id,
+            slots: Arc::clone(&self.shared),
+            permit: Mutex::new(Some(permit)),
+            state: AtomicU8::new(OPENING),
+            displaced: AtomicWaker::new(),
+        });
+        self.shared.lock().insert(id, Arc::clone(&slot));
+        Some(slot)
+    }
+
+    /// The most calls in flight at once.
+    pub fn limit(&self) -> usize {
+        self.shared.limit
+    }
+
+    /// Takes the slot of the call opening longest, and wakes that call.
+    fn displace_oldest(&self) -> Option<OwnedSemaphorePermit> {
+        loop {
+            let (_, oldest) = self.shared.lock().pop_first()?;
+            // It may have opened since it was looked at: then it keeps its
+            // slot, and the next oldest is tried.
+            if oldest
+                .state
+                .compare_exchange(OPENING, DISPLACED, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
+                continue;
+            }
+            let permit = lock(&oldest.permit).take();
+            oldest.displaced.wake();
+            self.shared.displaced.fetch_add(1, Ordering::Relaxed);
+            if permit.is_some() {
+                return permit;
+            }
+        }
+    }
+
+    /// Registers the broker-wide call counts.
+    pub fn register_metrics(&self, metrics: &Metrics) {
+        let shared = Arc::clone(&self.shared);
+        metrics.register_state(move |e| {
+            let in_flight = shared.limit - shared.permits.available_permits();
+            gauge(
+                e,
+                "calls_in_flight",
+                "Calls (HTTP/2 streams of any service) in flight over every connection",
+                i64::try_from(in_flight).unwrap_or(i64::MAX),
+            )?;
+            counter(
+                e,
+                "calls_displaced",
+                "Calls ended before their request arrived: every call slot was held, and a newer call took theirs",
+                shared.displaced.load(Ordering::Relaxed),
+            )?;
+            counter(
+                e,
+                "calls_refused_broker_full",
+                "Calls refused at once: every call slot of the broker was held by a call under way",
+                shared.refused.load(Ordering::Relaxed),
+            )
+        });
+    }
+}
+
+impl std::fmt::Debug for CallSlots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallSlots")
+            .field("limit", &self.shared.limit)
+            .field("free", &self.shared.permits.available_permits())
+            .finish()
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, Arc<CallSlot>>> {
+        lock(&self.opening)
+    }
+}
+
+/// Every operation leaves the map and the permit whole: a panic elsewhere
+/// while one was held does not make them wrong.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl CallSlot {
+    /// The call's request has arrived (or the call no longer reads it): its
+    /// slot can no longer be taken. False if it was displaced first.
+    pub fn opened(&self) -> bool {
+        match self
+            .state
+            .compare_exchange(OPENING, OPENED, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => {
+                self.slots.lock().remove(&self.id);
+                true
+            }
+            Err(state) => state == OPENED,
+        }
+    }
+
+    /// Whether the call is still waiting for its request.
+    pub fn is_opening(&self) -> bool {
+        self.state.load(Ordering::Acquire) == OPENING
+    }
+
+    /// Whether another call took this one's slot; until then, the task of
+    /// `cx` is woken when that happens.
+    pub fn displaced(&self, cx: &Context<'_>) -> bool {
+        if self.state.load(Ordering::Acquire) == OPENING {
+            self.displaced.register(cx.waker());
+        }
+        self.state.load(Ordering::Acquire) == DISPLACED
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::task::Waker;
+
+    use super::*;
+
+    fn cx() -> Context<'static> {
+        Context::from_waker(Waker::noop())
+    }
+
+    #[test]
+    fn a_full_broker_takes_the_slot_of_the_call_opening_longest() {
+        let slots = CallSlots::new(2);
+        let first = slots.take().unwrap();
+        let second = slots.take().unwrap();
+        let third = slots.take().expect("the first call's slot");
+        assert!(first.displaced(&cx()));
+        assert!(!first.opened(), "a displaced call cannot open");
+        assert!(!second.displaced(&cx()));
+        assert!(second.opened());
+        assert!(third.opened());
+        // Both slots are held by calls under way: nothing to take.
+        assert!(slots.take().is_none());
+        assert_eq!(slots.shared.refused.load(Ordering::Relaxed), 1);
+        assert_eq!(slots.shared.displaced.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_slot_comes_back_when_its_call_is_done() {
+        let slots = CallSlots::new(1);
+        let call = slots.take().unwrap();
+        assert!(call.opened());
+        let answer = Arc::clone(&call);
+        assert!(slots.take().is_none());
+        drop(call);
+        assert!(slots.take().is_none(), "the answer still holds it");
+        drop(answer);
+        let next = slots.take().expect("the slot is free again");
+        assert!(next.is_opening());
+    }
+
+    #[test]
+    fn a_displaced_call_gives_its_slot_to_the_newcomer_at_once() {
+        let slots = CallSlots::new(1);
+        let silent = slots.take().unwrap();
+        let newcomer = slots.take().expect("the silent call's slot");
+        // The silent call's structures still exist, yet the semaphore is
+        // not overdrawn: the permit moved.
+        assert_eq!(slots.shared.permits.available_permits(), 0);
+        assert!(silent.displaced(&cx()));
+        drop(silent);
+        assert_eq!(slots.shared.permits.available_permits(), 0);
+        // Its request came and it is done.
+        assert!(newcomer.opened());
+        drop(newcomer);
+        assert_eq!(slots.shared.permits.available_permits(), 1);
+    }
+}
