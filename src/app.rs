@@ -10,7 +10,8 @@
 //!
 //! Shutdown order: the watch streams end first (they never finish by
 //! themselves), the accept loop stops and drops its socket, idle connections
-//! close, calls in flight get `--shutdown-grace` to finish.
+//! close, calls in flight get `--shutdown-grace` to finish. The probe
+//! endpoint answers until the end, `/readyz` with 503.
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
@@ -244,9 +245,11 @@ impl App {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), AppError> {
         let stop = CancellationToken::new();
+        // The probe endpoint answers until the very end (see serve_probes).
+        let probes_stop = CancellationToken::new();
         let mut tasks = JoinSet::new();
         let (health, health_service) = Health::new().await;
-        self.spawn_background(&mut tasks, &health, &stop);
+        self.spawn_background(&mut tasks, &health, &stop, &probes_stop);
         // Awaited on its own before the others are stopped: in topic mode
         // it removes its queue and subscription on the way out.
         let events = tokio::spawn(
@@ -272,6 +275,7 @@ impl App {
                 "the event consumer did not finish its clean-up in time"
             );
         }
+        probes_stop.cancel();
         tasks.shutdown().await;
         tracing::info!("stopped");
         outcome
@@ -284,6 +288,7 @@ impl App {
         tasks: &mut JoinSet<()>,
         health: &Health,
         stop: &CancellationToken,
+        probes_stop: &CancellationToken,
     ) {
         tasks.spawn(reload::follow(self.reloadables.clone(), stop.clone()));
         tasks.spawn(self.watch.clone().sweep());
@@ -301,7 +306,7 @@ impl App {
                 listener,
                 self.metrics.clone(),
                 health.clone(),
-                stop.clone().cancelled_owned(),
+                probes_stop.clone().cancelled_owned(),
             );
             tasks.spawn(async move {
                 if let Err(error) = probes.await {

@@ -29,6 +29,7 @@ use crate::{
     proto::{
         admin_service_server::AdminServiceServer, secrets_service_server::SecretsServiceServer,
     },
+    transport::probe_listener::ProbeListener,
 };
 
 /// Whether the upstream answers, as the probes and the health service see
@@ -39,10 +40,12 @@ pub struct Health {
     upstream: Arc<AtomicU8>,
 }
 
-/// What the last upstream check said (`Health::upstream`).
+/// What the last upstream check said (`Health::upstream`), or that the
+/// broker is stopping.
 const NOT_CHECKED_YET: u8 = 0;
 const UP: u8 = 1;
 const DOWN: u8 = 2;
+const STOPPING: u8 = 3;
 
 impl Health {
     /// The reporter behind the gRPC health service, and the service.
@@ -77,7 +80,12 @@ impl Health {
         let mut was_up = true;
         loop {
             tokio::select! {
-                () = stop.cancelled() => return,
+                () = stop.cancelled() => {
+                    // New traffic should go to other replicas while the
+                    // calls in flight finish.
+                    self.upstream.store(STOPPING, Relaxed);
+                    return;
+                }
                 _ = ticks.tick() => {}
             }
             // A panic inside the store (an SDK's, say) must not end this
@@ -100,6 +108,9 @@ impl Health {
                     false
                 }
             };
+            if stop.is_cancelled() {
+                continue;
+            }
             self.upstream.store(if up { UP } else { DOWN }, Relaxed);
             if up != was_up {
                 self.report(up).await;
@@ -131,7 +142,9 @@ struct Probes {
     upstream: Arc<AtomicU8>,
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown`.
+/// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown`: at the
+/// broker's very end, so that probes and the last scrape still get answers
+/// while calls in flight finish (readiness is then 503).
 pub async fn serve_probes(
     listener: tokio::net::TcpListener,
     metrics: Metrics,
@@ -147,7 +160,7 @@ pub async fn serve_probes(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readiness))
         .with_state(probes);
-    axum::serve(listener, app)
+    axum::serve(ProbeListener::new(listener), app)
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -169,6 +182,7 @@ async fn readiness(State(probes): State<Probes>) -> impl IntoResponse {
             StatusCode::SERVICE_UNAVAILABLE,
             "upstream not checked yet\n",
         ),
+        STOPPING => (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
         _ => (StatusCode::SERVICE_UNAVAILABLE, "upstream unreachable\n"),
     }
 }

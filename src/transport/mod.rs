@@ -8,7 +8,8 @@
 //! - `gate`: what every HTTP/2 stream passes (gRPC content types only, the
 //!   per-connection call slots, the call timeout);
 //! - `call_slots`: the bound on calls in flight over every connection;
-//! - `server`: the tonic server with every service behind the gate.
+//! - `server`: the tonic server with every service behind the gate;
+//! - `probe_listener`: the bounded listener of the probes and metrics port.
 
 pub mod budget;
 pub mod call_slots;
@@ -16,6 +17,7 @@ pub mod gate;
 pub mod listener;
 mod opening_slots;
 mod peer_trust;
+pub mod probe_listener;
 pub mod server;
 pub mod tls;
 mod token_watch;

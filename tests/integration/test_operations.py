@@ -335,8 +335,17 @@ def test_sigterm_lets_a_slow_call_finish(moto, aws_broker, slow_upstream, stubs)
     answers OK, and the broker exits 0 right after it."""
     moto.create_secret("insurecove/slow-drain", "slow-drain-3e9a")
     upstream = slow_upstream(2.5)
-    broker = aws_broker(env={"AWS_ENDPOINT_URL": upstream.url})
+    args, maddr = metrics_args()
+    broker = aws_broker(args, env={"AWS_ENDPOINT_URL": upstream.url})
+    wait_for_status(maddr, "/readyz", 200, timeout=5)
     result, thread, sent = _slow_call_then_sigterm(broker, stubs, upstream, "slow-drain")
+
+    # While the call finishes, the probes still answer: not ready (new
+    # traffic goes elsewhere), alive, and the last scrape is served.
+    answer, _ = wait_for_status(maddr, "/readyz", 503, timeout=1)
+    assert "shutting down" in answer.body, answer
+    assert http_get(maddr, "/healthz").status == 200
+    assert http_get(maddr, "/metrics").status == 200
 
     thread.join(15)
     assert not thread.is_alive(), "the in-flight call did not end"
