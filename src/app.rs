@@ -32,6 +32,7 @@ use crate::{
     reload::{self, Reload},
     transport::{
         call_slots::CallSlots,
+        descriptors,
         listener::{self, Bound, ConnectionCounters},
         server::{self, ServerError},
         tls::{TlsError, TlsTerminator},
@@ -185,6 +186,14 @@ pub struct App {
 impl App {
     /// Builds every part from the settings, on already-bound listeners.
     pub fn build(settings: &Settings, listeners: Listeners) -> Result<Self, AppError> {
+        let mut settings = settings.clone();
+        if let Some(descriptors) = descriptors::fit_connections(&settings.limits) {
+            if let Some(warning) = descriptors.shortfall(settings.limits.max_connections) {
+                tracing::warn!("{warning}");
+            }
+            settings.limits.max_connections = descriptors.connections;
+        }
+        let settings = &settings;
         let security = Security::load(settings)?;
         let Store { store, file } = open_store(settings)?;
         let mut app = Self::assemble(settings, listeners, security, store);

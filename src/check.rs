@@ -6,7 +6,10 @@ use std::time::Duration;
 use crate::{
     app::{AppError, Security, open_store},
     config::Settings,
-    transport::tls::{self, TlsError},
+    transport::{
+        descriptors,
+        tls::{self, TlsError},
+    },
 };
 
 /// A certificate closer than this to its end is reported as a problem.
@@ -64,6 +67,11 @@ pub async fn run(settings: &Settings) -> Result<Vec<String>, CheckError> {
     ];
     for warning in security.authorizer.warnings() {
         report.push(format!("warning: policy {warning}"));
+    }
+    let descriptors = descriptors::fit_connections(&settings.limits);
+    let wanted = settings.limits.max_connections;
+    if let Some(warning) = descriptors.and_then(|fit| fit.shortfall(wanted)) {
+        report.push(format!("warning: {warning}"));
     }
     if let Some(file) = &settings.config_file {
         report.insert(0, format!("config file: {}", file.display()));

@@ -8,11 +8,14 @@
 //! - `gate`: what every HTTP/2 stream passes (gRPC content types only, the
 //!   per-connection call slots, the call timeout);
 //! - `call_slots`: the bound on calls in flight over every connection;
+//! - `descriptors`: the open-files limit, raised or the connections fitted
+//!   to it;
 //! - `server`: the tonic server with every service behind the gate;
 //! - `probe_listener`: the bounded listener of the probes and metrics port.
 
 pub mod budget;
 pub mod call_slots;
+pub mod descriptors;
 pub mod gate;
 pub mod listener;
 mod opening_slots;

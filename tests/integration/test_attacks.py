@@ -452,3 +452,42 @@ def test_call_timeout_answers_deadline_exceeded_with_a_reason(moto, aws_broker, 
                    for line in broker.log().splitlines()), broker.tail()
     finally:
         upstream.close()
+
+
+def test_a_low_open_files_limit_still_hands_slots_to_callers(broker_bin, stubs, log_path, tmp_path):
+    """Started with RLIMIT_NOFILE 600 (hard) and the default 10,000
+    connections: descriptors would run out first, accept would fail, and a
+    peer holding 700 silent sockets would lock every caller out. The broker
+    fits its connection limit to the descriptors (and says so), so the
+    silent sockets are closed or displaced and a caller is served."""
+    from conftest import launch_broker
+
+    limited = tmp_path / "broker-nofile-600"
+    limited.write_text(f'#!/bin/sh\nulimit -n 600 || exit 99\nexec "{broker_bin}" "$@"\n')
+    limited.chmod(0o755)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    listen = f"127.0.0.1:{support.free_port()}"
+    broker = launch_broker(limited, stubs, log_path(), listen=listen, cwd=cwd)
+    try:
+        host, port = listen.rsplit(":", 1)
+        silent = []
+        for _ in range(700):
+            try:
+                silent.append(socket.create_connection((host, int(port)), timeout=2))
+            except OSError:
+                break
+        time.sleep(0.5)
+        channel = own_channel(listen)
+        stub = stubs.secrets_service_pb2_grpc.SecretsServiceStub(channel)
+        # Well within the first-request timeout (10 s), after which the
+        # silent sockets would be dropped anyway.
+        secret = get(stub, stubs, "mistral-api-key", timeout=3)
+        assert secret.string_value == SEED[MISTRAL]
+        channel.close()
+        for sock in silent:
+            sock.close()
+    finally:
+        broker.stop()
+    assert re.search(r"RLIMIT_NOFILE\) is 600: room for 88 connections, not the 10000", broker.log()), broker.tail()
+    assert "panic" not in broker.log().lower()
