@@ -1,6 +1,8 @@
 //! The upstream side of the cache: fetches (spawned, so that they finish
 //! even when their caller goes away; registered in `inflight` so that
-//! concurrent misses join one), revalidation with DescribeSecret, what an
+//! concurrent misses join one, or in `bypass_inflight` so that reads that
+//! must not be served from the cache join one that started after they came),
+//! revalidation with DescribeSecret, what an
 //! answer means for the entry (stored, kept stale, dropped, remembered as
 //! missing), and eviction when the bound is passed.
 
@@ -20,45 +22,107 @@ use crate::{
     secret::SecretVersion,
 };
 
-/// Removes a fetch from `inflight` when its task ends, however it ends.
-struct LeaveInflight {
-    shared: Arc<Shared>,
-    key: CacheKey,
+/// Where a fetch is registered for others to join.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Registry {
+    /// `inflight`: misses and renewals.
+    Inflight,
+    /// `bypass_inflight`: reads that must not be served from the cache.
+    Bypass,
 }
 
-impl Drop for LeaveInflight {
+/// Removes a fetch from its registry when its task ends, however it ends.
+struct Leave {
+    shared: Arc<Shared>,
+    key: CacheKey,
+    registry: Registry,
+    number: u64,
+}
+
+impl Drop for Leave {
     fn drop(&mut self) {
-        self.shared.inflight.remove(&self.key);
+        match self.registry {
+            Registry::Inflight => {
+                self.shared.inflight.remove(&self.key);
+            }
+            Registry::Bypass => {
+                let number = self.number;
+                self.shared
+                    .bypass_inflight
+                    .remove_if(&self.key, |_, running| running.number == number);
+            }
+        }
     }
 }
 
+/// A read that must not be served from the cache, under way.
+pub(super) struct BypassFetch {
+    /// Its fetch number: callers that came before it started may join it.
+    number: u64,
+    fetch: Fetch,
+}
+
 impl Shared {
-    /// A fetch of its own, not shared with waiting callers (bypass, refresh).
-    pub(super) fn start_fetch(self: &Arc<Self>, key: CacheKey) -> Fetch {
-        self.spawn_fetch_with(key, false)
+    /// Reads upstream a value no older than this call (a bypass read, a
+    /// refresh), joining such a read of the same key when one started after
+    /// the call came: a crowd of bypass reads (or a batch naming one secret
+    /// a hundred times) makes one or two upstream calls, not one each, and
+    /// none of them is answered with a value read before it asked.
+    pub(super) async fn read_anew(self: &Arc<Self>, key: &CacheKey) -> FetchResult {
+        let came = self.next_fetch.load(Relaxed);
+        loop {
+            let (earlier, number) = match self.bypass_inflight.entry(key.clone()) {
+                MapEntry::Occupied(running) if running.get().number >= came => {
+                    bump(&self.counters.coalesced);
+                    let fetch = running.get().fetch.clone();
+                    drop(running);
+                    return fetch.await;
+                }
+                MapEntry::Occupied(running) => (running.get().fetch.clone(), running.get().number),
+                MapEntry::Vacant(slot) => {
+                    bump(&self.counters.misses);
+                    let (number, fetch) = self.spawn_fetch_with(key.clone(), Registry::Bypass);
+                    // Inserted while the map's shard is held: the fetch's
+                    // `Leave` cannot run before it.
+                    slot.insert(BypassFetch {
+                        number,
+                        fetch: fetch.clone(),
+                    });
+                    return fetch.await;
+                }
+            };
+            // It started before this call came: it may have read the value
+            // this call must not be given. Once it is done, read anew.
+            let _ = earlier.await;
+            self.bypass_inflight
+                .remove_if(key, |_, running| running.number == number);
+        }
     }
 
     /// A fetch registered in `inflight`, which it leaves when done.
     pub(super) fn spawn_fetch(self: &Arc<Self>, key: CacheKey) -> Fetch {
-        self.spawn_fetch_with(key, true)
+        self.spawn_fetch_with(key, Registry::Inflight).1
     }
 
-    pub(super) fn spawn_fetch_with(self: &Arc<Self>, key: CacheKey, registered: bool) -> Fetch {
+    /// Starts a fetch registered in `registry`; its number, and the fetch.
+    fn spawn_fetch_with(self: &Arc<Self>, key: CacheKey, registry: Registry) -> (u64, Fetch) {
         let shared = Arc::clone(self);
         let number = self.next_fetch.fetch_add(1, Relaxed);
-        // Shared fetches renew entries and may revalidate; a fetch of its
-        // own was asked for a fresh value.
-        let revalidate = registered;
+        // Shared fetches renew entries and may revalidate; a bypass read
+        // was asked for a value read now.
+        let revalidate = registry == Registry::Inflight;
         let task = tokio::spawn(async move {
-            // Leaves `inflight` even if the fetch panics, so that the key
+            // Leaves its registry even if the fetch panics, so that the key
             // is not stuck on a dead fetch.
-            let _leave = registered.then(|| LeaveInflight {
+            let _leave = Leave {
                 shared: Arc::clone(&shared),
                 key: key.clone(),
-            });
+                registry,
+                number,
+            };
             shared.fetch(&key, number, revalidate).await
         });
-        async move {
+        let fetch = async move {
             task.await.unwrap_or_else(|join_error| {
                 // A panic's text is for the broker's log (where the panic
                 // hook wrote it), not for callers.
@@ -73,7 +137,8 @@ impl Shared {
             })
         }
         .boxed()
-        .shared()
+        .shared();
+        (number, fetch)
     }
 
     /// An upstream read (after a revalidation, when allowed and useful),

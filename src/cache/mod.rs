@@ -125,6 +125,7 @@ struct Shared {
     /// and authorized) become keys, so there is little to collide with.
     entries: DashMap<CacheKey, Arc<Entry>, foldhash::quality::RandomState>,
     inflight: DashMap<CacheKey, Fetch>,
+    bypass_inflight: DashMap<CacheKey, fetch::BypassFetch>,
     negative: NegativeEntries,
     backoff: Backoff,
     clock: Clock,
@@ -168,6 +169,7 @@ impl Cache {
                 settings,
                 entries: DashMap::default(),
                 inflight: DashMap::new(),
+                bypass_inflight: DashMap::new(),
                 negative: NegativeEntries::new(settings.negative_ttl, settings.max_entries),
                 backoff: Backoff::default(),
                 clock: Clock::default(),
@@ -244,10 +246,9 @@ impl Cache {
     ) -> Result<Lookup, StoreError> {
         let shared = &self.shared;
         if bypass {
-            bump(&shared.counters.misses);
             shared.negative.forget(&key);
-            let fetch = shared.start_fetch(key.clone());
-            return shared.answer(&key, fetch.await);
+            let result = shared.read_anew(&key).await;
+            return shared.answer(&key, result);
         }
         if let Some(lookup) = shared.fresh_hit(&key, true) {
             return Ok(lookup);
@@ -341,9 +342,8 @@ impl Cache {
             .entries
             .get(&key)
             .map(|entry| entry.version.version_id.clone());
-        bump(&self.shared.counters.misses);
         self.shared.negative.forget(&key);
-        let version = self.shared.start_fetch(key).await?;
+        let version = self.shared.read_anew(&key).await?;
         let changed = before.as_deref() != Some(version.version_id.as_str());
         Ok((version, changed))
     }

@@ -95,6 +95,41 @@ async fn values_live_for_the_ttl_and_bypass_refreshes_for_everyone() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn bypass_reads_join_one_that_started_after_they_came() {
+    let store = FakeStore::with(&["s"]);
+    *store.delay.lock().unwrap() = Duration::from_millis(50);
+    let cache = cache_over(&store, 100);
+
+    // A hundred at once (a batch naming one secret a hundred times): the
+    // first starts a read; the others came after it started, so they wait
+    // for it and share the next.
+    let burst = futures::future::join_all((0..100).map(|_| {
+        let cache = cache.clone();
+        async move { cache.get(key("s"), true).await.unwrap() }
+    }))
+    .await;
+    assert_eq!(store.calls(), 2);
+    assert!(burst.iter().all(|lookup| !lookup.hit));
+
+    // One that comes while another's read is under way is not given that
+    // read's answer: it may predate a change the caller just made.
+    let first = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.get(key("s"), true).await.unwrap() }
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let second = cache.get(key("s"), true).await.unwrap();
+    first.await.unwrap();
+    assert_eq!(store.calls(), 4, "the second read its own");
+    assert!(!second.hit);
+    assert_eq!(
+        cache.shared.bypass_inflight.len(),
+        0,
+        "finished reads leave the registry"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn transient_failures_serve_stale_within_the_bound() {
     let store = FakeStore::with(&["s", "never-read"]);
     let cache = cache_over(&store, 100);
