@@ -195,6 +195,12 @@ impl App {
         }
         let settings = &settings;
         let security = Security::load(settings)?;
+        for warning in security
+            .authorizer
+            .warnings(name_resolver(settings).prefix())
+        {
+            tracing::warn!("policy {warning}");
+        }
         let Store { store, file } = open_store(settings)?;
         let mut app = Self::assemble(settings, listeners, security, store);
         app.reloadables.extend(file);

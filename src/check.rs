@@ -65,7 +65,8 @@ pub async fn run(settings: &Settings) -> Result<Vec<String>, CheckError> {
         ),
         format!("upstream: {upstream}"),
     ];
-    for warning in security.authorizer.warnings() {
+    let prefix = crate::app::name_resolver(settings);
+    for warning in security.authorizer.warnings(prefix.prefix()) {
         report.push(format!("warning: policy {warning}"));
     }
     let descriptors = descriptors::fit_connections(&settings.limits);

@@ -58,6 +58,8 @@ pub enum PolicyError {
     },
     #[error("policy {path} is not valid: {message}")]
     Parse { path: PathBuf, message: String },
+    #[error("policy {path} looks empty or cut short ({reason}); the rules in force are kept")]
+    Incomplete { path: PathBuf, reason: String },
     #[error("policy {path}: grant #{grant}: pattern {pattern:?} is not a valid glob: {message}")]
     Pattern {
         path: PathBuf,
@@ -164,6 +166,11 @@ pub struct Policy {
     grants: Vec<Grant>,
     /// What `check` should say about how the file is written.
     warnings: Vec<String>,
+    /// Each grant's secret patterns as written, by grant number.
+    patterns: Vec<(usize, String)>,
+    /// Why the file looks empty or cut short, if it does: what an editor
+    /// leaves for a moment while writing it.
+    incomplete: Option<String>,
 }
 
 impl Policy {
@@ -180,6 +187,30 @@ impl Policy {
             path: path.to_owned(),
             message: e.message().to_owned(),
         })?;
+        let incomplete = if file.grant.is_empty() {
+            Some("no [[grant]]: it refuses every caller".to_owned())
+        } else {
+            file.grant
+                .iter()
+                .position(|grant| grant.secrets.is_empty() && !grant.admin)
+                .map(|index| {
+                    format!(
+                        "grant #{} grants nothing: give it secrets or admin = true",
+                        index + 1
+                    )
+                })
+        };
+        let patterns = file
+            .grant
+            .iter()
+            .enumerate()
+            .flat_map(|(index, grant)| {
+                grant
+                    .secrets
+                    .iter()
+                    .map(move |pattern| (index + 1, pattern.clone()))
+            })
+            .collect();
         let mut warnings = Vec::new();
         let grants = file
             .grant
@@ -225,7 +256,34 @@ impl Policy {
                 })
             })
             .collect::<Result<_, _>>()?;
-        Ok(Self { grants, warnings })
+        Ok(Self {
+            grants,
+            warnings,
+            patterns,
+            incomplete,
+        })
+    }
+
+    /// Secret patterns that cannot match a secret under `prefix` (with its
+    /// slash): patterns match full names, and a short name
+    /// (`production/jwt` for `insurecove/production/jwt`) matches nothing.
+    fn patterns_outside(&self, prefix: &str) -> Vec<String> {
+        if prefix.is_empty() {
+            return Vec::new();
+        }
+        self.patterns
+            .iter()
+            .filter(|(_, pattern)| {
+                let starts_with_glob = pattern.starts_with(['*', '?', '[', '{']);
+                !(pattern.starts_with(prefix) || starts_with_glob || pattern.starts_with("arn:"))
+            })
+            .map(|(grant, pattern)| {
+                format!(
+                    "grant #{grant}: secret pattern {pattern:?} does not start with the prefix \
+                     {prefix:?}: patterns match full names (\"{prefix}{pattern}\"?)"
+                )
+            })
+            .collect()
     }
 
     fn grants_for<'a>(&'a self, identity: &'a Identity) -> impl Iterator<Item = &'a Grant> {
@@ -292,9 +350,22 @@ impl Loader for PolicySource {
         self.path.iter().cloned().collect()
     }
 
-    fn load(&self, _previous: Option<&Rules>) -> Result<Rules, PolicyError> {
+    fn load(&self, previous: Option<&Rules>) -> Result<Rules, PolicyError> {
         Ok(match &self.path {
-            Some(path) => Rules::Policy(Policy::load(path)?),
+            Some(path) => {
+                let policy = Policy::load(path)?;
+                // A reload that finds the file empty or cut short (truncated
+                // and not yet rewritten) keeps the rules in force, as for a
+                // file that does not parse. At start it is applied as
+                // written (an empty policy refuses everyone), with a warning.
+                if let (Some(_), Some(reason)) = (previous, &policy.incomplete) {
+                    return Err(PolicyError::Incomplete {
+                        path: path.clone(),
+                        reason: reason.clone(),
+                    });
+                }
+                Rules::Policy(policy)
+            }
             None if self.mutual_tls => Rules::DenyAll,
             None => Rules::AllowAll,
         })
@@ -370,10 +441,16 @@ impl Authorizer {
         }
     }
 
-    /// What `check` should warn about in the policy file.
-    pub fn warnings(&self) -> Vec<String> {
+    /// What `check` (and the start) should warn about in the policy file,
+    /// for names under `prefix` (with its slash, or `""`).
+    pub fn warnings(&self, prefix: &str) -> Vec<String> {
         match &**self.rules() {
-            Rules::Policy(policy) => policy.warnings().to_vec(),
+            Rules::Policy(policy) => {
+                let mut warnings = policy.warnings().to_vec();
+                warnings.extend(policy.incomplete.clone());
+                warnings.extend(policy.patterns_outside(prefix));
+                warnings
+            }
             _ => Vec::new(),
         }
     }

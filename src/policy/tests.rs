@@ -142,7 +142,10 @@ fn bad_files_are_refused_with_the_reason() {
         "[[grant]]\nidentity = \"a\"\nsecret = []\n",
     );
     assert!(unknown.err().unwrap().to_string().contains("unknown field"));
-    let glob = Policy::parse(Path::new("p.toml"), "[[grant]]\nidentity = \"a[\"\n");
+    let glob = Policy::parse(
+        Path::new("p.toml"),
+        "[[grant]]\nidentity = \"a[\"\nsecrets = [\"x\"]\n",
+    );
     let message = glob.err().unwrap().to_string();
     assert!(
         message.contains("grant #1") && message.contains("a["),
@@ -180,7 +183,11 @@ fn reload_swaps_rules_and_keeps_them_when_broken() {
     let ops = uri("spiffe://insurecove/ops");
     assert!(authorizer.check_admin(&ops).is_ok());
 
-    std::fs::write(&path, "[[grant]]\nidentity = \"spiffe://insurecove/ops\"\n").unwrap();
+    std::fs::write(
+        &path,
+        "[[grant]]\nidentity = \"spiffe://insurecove/ops\"\nsecrets = [\"insurecove/x\"]\n",
+    )
+    .unwrap();
     authorizer.reload().unwrap();
     assert!(authorizer.check_admin(&ops).is_err());
     assert!(reloads.has_changed().unwrap());
@@ -208,4 +215,63 @@ fn an_exact_identity_matches_itself_only_and_a_glob_its_segment() {
     assert!(p.may_read(&uri("spiffe://insurecove/billing"), common));
     assert!(!p.may_read(&uri("spiffe://insurecove/team/billing"), common));
     assert!(!p.may_read(&uri("spiffe://other/billing"), common));
+}
+
+#[test]
+fn an_empty_or_cut_short_file_keeps_the_rules_in_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.toml");
+    std::fs::write(&path, POLICY).unwrap();
+    let authorizer = Authorizer::new(Some(&path), true).unwrap();
+    let ops = uri("spiffe://insurecove/ops");
+    assert!(authorizer.check_admin(&ops).is_ok());
+
+    let cut = "[[grant]]\nidentity = \"spiffe://a/x\"\nsecrets = [\"insurecove/x\"]\n\
+               [[grant]]\nidentity = \"spiffe://insurecove/ops\"\n";
+    for (written, reason) in [
+        ("", "no [[grant]]"),
+        ("  \n# nothing yet\n", "no [[grant]]"),
+        (cut, "grant #2 grants nothing"),
+    ] {
+        std::fs::write(&path, written).unwrap();
+        let refused = authorizer.reload().unwrap_err().to_string();
+        assert!(
+            refused.contains(reason) && refused.contains("rules in force are kept"),
+            "{refused}"
+        );
+        assert!(authorizer.check_admin(&ops).is_ok(), "old rules kept");
+    }
+
+    // At start there is nothing to keep: applied, and warned about.
+    let started = Authorizer::new(Some(&path), true).unwrap();
+    assert!(started.check_admin(&ops).is_err());
+    assert!(
+        started
+            .warnings("")
+            .iter()
+            .any(|warning| warning.contains("grant #2 grants nothing")),
+        "{:?}",
+        started.warnings("")
+    );
+}
+
+#[test]
+fn short_names_in_patterns_are_warned_about() {
+    let p = Policy::parse(
+        Path::new("policy.toml"),
+        r#"
+            [[grant]]
+            identity = "spiffe://a/x"
+            secrets = ["production/jwt", "insurecove/ok", "*/db", "arn:aws:secretsmanager:*"]
+            "#,
+    )
+    .unwrap();
+    let warnings = p.patterns_outside("insurecove/");
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains(r#""production/jwt" does not start with the prefix "insurecove/""#)
+            && warnings[0].contains(r#""insurecove/production/jwt"?"#),
+        "{warnings:?}"
+    );
+    assert!(p.patterns_outside("").is_empty(), "no prefix, no warning");
 }

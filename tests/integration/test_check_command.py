@@ -43,3 +43,18 @@ def test_serve_refuses_plaintext_off_loopback(run_cli):
     proc = run_cli("serve", "--dev", "--listen", "0.0.0.0:0", timeout=15)
     assert proc.returncode == 1, output(proc)
     assert "TLS" in output(proc), output(proc)
+
+
+def test_check_warns_of_policy_patterns_written_as_short_names(run_cli, tmp_path):
+    """Policy patterns match full names: `production/jwt` (the short name of
+    insurecove/production/jwt) matches nothing, and check says so."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        '[[grant]]\nidentity = "anonymous"\nsecrets = ["production/jwt", "insurecove/mistral-api-key"]\n'
+    )
+    proc = run_cli("check", "--dev", "--policy", str(policy))
+    assert proc.returncode == 0, output(proc)
+    warnings = [line for line in output(proc).splitlines() if "warning" in line]
+    assert len(warnings) == 1, output(proc)
+    assert '"production/jwt" does not start with the prefix "insurecove/"' in warnings[0], warnings
+    assert '"insurecove/production/jwt"?' in warnings[0], warnings
