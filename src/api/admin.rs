@@ -33,12 +33,30 @@ impl AdminApi {
         Self { context }
     }
 
-    /// Every AdminService call starts here: admin identities only.
-    fn admit<T>(&self, rpc: Rpc, request: &Request<T>) -> Result<Audit, Status> {
-        let audit = self.context.admit(rpc, request);
+    /// Every AdminService call starts here: admin identities only. The
+    /// names the call asks about go into its audit line first, so that a
+    /// refusal says what was asked too.
+    fn admit<T>(&self, rpc: Rpc, request: &Request<T>, asked: &[String]) -> Result<Audit, Status> {
+        let mut audit = self.context.admit(rpc, request);
+        self.note_asked(&mut audit, asked);
         match self.context.authorizer.check_admin(audit.identity()) {
             Ok(()) => Ok(audit),
             Err(denied) => Err(refuse(audit, ApiError::from(denied))),
+        }
+    }
+
+    /// Notes the names asked (resolved when they resolve), at most
+    /// `NOTED_NAMES` of them: a ClearCache may name thousands.
+    fn note_asked(&self, audit: &mut Audit, asked: &[String]) {
+        const NOTED_NAMES: usize = 20;
+        for name in asked.iter().take(NOTED_NAMES) {
+            match self.context.names.resolve(name) {
+                Ok(full_name) => audit.secret(&full_name),
+                Err(_) => audit.refused_name(name),
+            }
+        }
+        if asked.len() > NOTED_NAMES {
+            audit.secret(&format!("(and {} more)", asked.len() - NOTED_NAMES));
         }
     }
 
@@ -57,12 +75,8 @@ impl AdminApi {
         audit: &mut Audit,
         name: &str,
     ) -> Result<RefreshSecretResponse, ApiError> {
-        let full_name = self
-            .context
-            .names
-            .resolve(name)
-            .inspect_err(|_| audit.refused_name(name))?;
-        audit.secret(&full_name);
+        // `admit` noted the name.
+        let full_name = self.context.names.resolve(name)?;
         // Admin rights are about the cache, not about secrets: what a
         // refresh tells (name, ARN, versions, existence) needs the read
         // grant too.
@@ -107,7 +121,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<GetCacheStatsRequest>,
     ) -> Result<Response<GetCacheStatsResponse>, Status> {
-        let audit = self.admit(Rpc::GetCacheStats, &request)?;
+        let audit = self.admit(Rpc::GetCacheStats, &request, &[])?;
         let stats = self.context.cache.stats();
         let watch = self.context.watch.stats();
         let events = self.context.events.stats();
@@ -149,7 +163,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<ClearCacheRequest>,
     ) -> Result<Response<ClearCacheResponse>, Status> {
-        let audit = self.admit(Rpc::ClearCache, &request)?;
+        let audit = self.admit(Rpc::ClearCache, &request, &request.get_ref().names)?;
         respond(audit, self.clear_cache(&request.into_inner().names))
     }
 
@@ -157,7 +171,8 @@ impl AdminService for AdminApi {
         &self,
         request: Request<RefreshSecretRequest>,
     ) -> Result<Response<RefreshSecretResponse>, Status> {
-        let mut audit = self.admit(Rpc::RefreshSecret, &request)?;
+        let asked = std::slice::from_ref(&request.get_ref().name);
+        let mut audit = self.admit(Rpc::RefreshSecret, &request, asked)?;
         let result = self
             .refresh_secret(&mut audit, &request.into_inner().name)
             .await;
@@ -168,7 +183,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<CheckUpstreamRequest>,
     ) -> Result<Response<CheckUpstreamResponse>, Status> {
-        let audit = self.admit(Rpc::CheckUpstream, &request)?;
+        let audit = self.admit(Rpc::CheckUpstream, &request, &[])?;
         let started = Instant::now();
         let outcome = self.context.cache.store().check().await;
         let latency = prost_types::Duration::try_from(started.elapsed()).ok();

@@ -145,16 +145,37 @@ pub fn refused_shown(raw: &str) -> String {
     format!("{:?}", ShownName(raw).to_string())
 }
 
-/// The audit event of a call of SecretsService or AdminService that
-/// failed before its handler ran (its request could not be read: too
-/// large, not valid protobuf or UTF-8, the request memory spent), which
-/// no `Audit` saw.
-pub fn refused_before_the_handler(rpc: Rpc, identity: &Identity, outcome: Code) {
+/// The audit event (and the call's metrics) of a call of SecretsService
+/// or AdminService that failed before its handler ran, which no `Audit`
+/// saw: refused at the gate (too many calls, its slot taken), or its
+/// request could not be read (too large, not valid protobuf or UTF-8, the
+/// request memory spent, never sent).
+pub fn refused_before_the_handler(
+    rpc: Rpc,
+    identity: &Identity,
+    outcome: Code,
+    metrics: &CallMetrics,
+) {
+    let code = code_name(outcome);
+    metrics.record_call(rpc, outcome, code, Duration::ZERO);
     crate::telemetry::audit::record(&AuditRecord {
         identity: identity.shown(),
         rpc: rpc.name(),
         secrets: "",
-        outcome: code_name(outcome),
+        outcome: code,
+        cache_hit: None,
+    });
+}
+
+/// The audit event of a call of a method the broker's services do not
+/// have (UNIMPLEMENTED), named by its path as the log shows it. No metric:
+/// the caller chooses the path, and labels must stay bounded.
+pub fn refused_unknown_method(shown_path: &str, identity: &Identity) {
+    crate::telemetry::audit::record(&AuditRecord {
+        identity: identity.shown(),
+        rpc: shown_path,
+        secrets: "",
+        outcome: code_name(Code::Unimplemented),
         cache_hit: None,
     });
 }

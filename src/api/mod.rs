@@ -17,7 +17,7 @@ pub mod status;
 pub mod typed;
 
 pub use admin::AdminApi;
-pub use audit::refused_before_the_handler;
+pub use audit::{refused_before_the_handler, refused_unknown_method};
 pub use call_metrics::CallMetrics;
 pub use secrets::SecretsApi;
 

@@ -170,14 +170,22 @@ impl<B> Drop for Budgeted<B> {
     /// A body dropped before its message came (a reset, a refusal) no
     /// longer waits for it.
     fn drop(&mut self) {
-        self.stop_opening();
+        self.give_up();
     }
 }
 
 impl<B> Budgeted<B> {
-    /// The call's slot can no longer be taken; false if it was already.
+    /// The first message is whole: the call's slot can no longer be taken;
+    /// false if it was already.
     fn stop_opening(&mut self) -> bool {
         self.opening.take().is_none_or(|slot| slot.opened())
+    }
+
+    /// The body ended before its first message.
+    fn give_up(&mut self) {
+        if let Some(slot) = self.opening.take() {
+            slot.gave_up();
+        }
     }
 
     /// Gives the budget back and ends the body with `error`.
@@ -241,13 +249,15 @@ where
             Poll::Ready(Some(Err(error))) => {
                 self.held = None;
                 self.done = true;
-                self.stop_opening();
+                if let Some(slot) = self.opening.take() {
+                    slot.broke();
+                }
                 return Poll::Ready(Some(Err(error.into())));
             }
             Poll::Ready(None) => {
                 self.held = None;
                 self.done = true;
-                self.stop_opening();
+                self.give_up();
                 return Poll::Ready(None);
             }
             Poll::Pending => return Poll::Pending,

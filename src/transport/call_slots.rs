@@ -61,8 +61,14 @@ pub struct CallSlot {
 }
 
 const OPENING: u8 = 0;
+/// Its request message came.
 const OPENED: u8 = 1;
 const DISPLACED: u8 = 2;
+/// Its request body ended, or was dropped, without a message.
+const GAVE_UP: u8 = 3;
+/// Its request body failed before a message: the stream was reset or the
+/// connection lost.
+const BROKEN: u8 = 4;
 
 impl CallSlots {
     /// `limit` slots (at least one).
@@ -181,12 +187,33 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl CallSlot {
-    /// The call's request has arrived (or the call no longer reads it): its
-    /// slot can no longer be taken. False if it was displaced first.
+    /// The call's request message has arrived: its slot can no longer be
+    /// taken. False if it was displaced first.
     pub fn opened(&self) -> bool {
+        self.leave_opening(OPENED)
+    }
+
+    /// The call's request body ended (or was dropped) without a message:
+    /// nothing left to wait for, and nothing to displace.
+    pub fn gave_up(&self) {
+        self.leave_opening(GAVE_UP);
+    }
+
+    /// The call's request body failed before a message came.
+    pub fn broke(&self) {
+        self.leave_opening(BROKEN);
+    }
+
+    /// Whether the request failed before a message came: the caller reset
+    /// the stream or its connection went.
+    pub fn caller_went_away(&self) -> bool {
+        self.state.load(Ordering::Acquire) == BROKEN
+    }
+
+    fn leave_opening(&self, to: u8) -> bool {
         match self
             .state
-            .compare_exchange(OPENING, OPENED, Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(OPENING, to, Ordering::AcqRel, Ordering::Acquire)
         {
             Ok(_) => {
                 self.slots.lock().remove(&self.id);
@@ -197,8 +224,18 @@ impl CallSlot {
     }
 
     /// Whether the call is still waiting for its request.
+    #[cfg(test)]
     pub fn is_opening(&self) -> bool {
         self.state.load(Ordering::Acquire) == OPENING
+    }
+
+    /// Whether the call's request never came, and no other call took its
+    /// slot: a call no handler saw, whose end the gate must audit.
+    pub fn never_got_its_request(&self) -> bool {
+        matches!(
+            self.state.load(Ordering::Acquire),
+            OPENING | GAVE_UP | BROKEN
+        )
     }
 
     /// Whether another call took this one's slot; until then, the task of

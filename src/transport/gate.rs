@@ -48,24 +48,33 @@ use super::{
     call_slots::{CallSlot, CallSlots},
 };
 use crate::{
-    api::{refused_before_the_handler, rpc::Rpc, status::ApiError},
+    api::{
+        CallMetrics, refused_before_the_handler, refused_unknown_method, rpc::Rpc, status::ApiError,
+    },
     identity::{ConnectionInfo, Identity},
 };
 
 /// Puts the gate in front of a service.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct GateLayer {
     call_timeout: Duration,
     budget: RequestBudget,
     calls: CallSlots,
+    metrics: CallMetrics,
 }
 
 impl GateLayer {
-    pub fn new(call_timeout: Duration, budget: RequestBudget, calls: CallSlots) -> Self {
+    pub fn new(
+        call_timeout: Duration,
+        budget: RequestBudget,
+        calls: CallSlots,
+        metrics: CallMetrics,
+    ) -> Self {
         Self {
             call_timeout,
             budget,
             calls,
+            metrics,
         }
     }
 }
@@ -79,17 +88,19 @@ impl<S> Layer<S> for GateLayer {
             call_timeout: self.call_timeout,
             budget: self.budget.clone(),
             calls: self.calls.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 }
 
 /// See the module doc.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Gate<S> {
     inner: S,
     call_timeout: Duration,
     budget: RequestBudget,
     calls: CallSlots,
+    metrics: CallMetrics,
 }
 
 type GateFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
@@ -120,38 +131,34 @@ where
         let caller = connection.map_or(Identity::Anonymous, |connection| {
             connection.identity.clone()
         });
+        // The RPC, not the path: cloning the path's bytes can allocate.
+        let rpc = Rpc::of_path(request.uri().path());
         let slot = match connection {
             None => None,
             Some(connection) => match Arc::clone(&connection.call_slots).try_acquire_owned() {
                 Ok(slot) => Some(slot),
                 Err(_) => {
-                    tracing::info!(
-                        target: "audit",
-                        identity = connection.identity.shown(),
-                        rpc = &*shown_path(request.uri().path()),
-                        outcome = "RESOURCE_EXHAUSTED",
-                        "refused: too many calls in flight on this connection"
-                    );
-                    return Box::pin(std::future::ready(Ok(answer(ApiError::TooManyCalls))));
+                    return self.refuse(request.uri().path(), rpc, &caller, ApiError::TooManyCalls);
                 }
             },
         };
         let Some(call_slot) = self.calls.take() else {
-            tracing::info!(
-                target: "audit",
-                identity = caller.shown(),
-                rpc = &*shown_path(request.uri().path()),
-                outcome = "RESOURCE_EXHAUSTED",
-                "refused: the broker has as many calls in flight as it allows"
-            );
             let limit = self.calls.limit();
-            return Box::pin(std::future::ready(Ok(answer(ApiError::BrokerFull {
-                limit,
-            }))));
+            let full = ApiError::BrokerFull { limit };
+            return self.refuse(request.uri().path(), rpc, &caller, full);
         };
         let limit = self.call_timeout;
-        // The RPC, not the path: cloning the path's bytes can allocate.
-        let rpc = Rpc::of_path(request.uri().path());
+        // A method of the broker's services that does not exist: audited
+        // by its path, which is only copied then.
+        let unknown_method = (rpc.is_none() && request.uri().path().starts_with("/secretsbroker."))
+            .then(|| shown_path(request.uri().path()).into_owned());
+        let mut unopened = AuditIfUnopened {
+            rpc,
+            caller,
+            slot: Arc::clone(&call_slot),
+            metrics: self.metrics.clone(),
+            armed: true,
+        };
         // Reflection is a bidirectional stream: its answer starts at once,
         // so the timeout below would not bound it, and a caller could hold
         // it (and its half-sent messages) for as long as the connection.
@@ -171,15 +178,33 @@ where
             let response = match tokio::time::timeout(limit, call).await {
                 Ok(Ok(response)) => response,
                 Err(_elapsed) => {
-                    // No handler saw a call whose request never came.
-                    if let Some(rpc) = rpc.filter(|_| call_slot.is_opening()) {
-                        refused_before_the_handler(rpc, &caller, tonic::Code::DeadlineExceeded);
-                    }
+                    unopened.audit(tonic::Code::DeadlineExceeded);
                     answer(ApiError::CallTimeout(limit))
                 }
             };
-            if let (Some(rpc), Some(outcome)) = (rpc, failed_before_the_handler(&response)) {
-                refused_before_the_handler(rpc, &caller, outcome);
+            // From here the call is answered: nothing to say on drop.
+            unopened.armed = false;
+            let caller = &unopened.caller;
+            // tonic answers a request body that failed with INTERNAL; the
+            // caller that reset its stream gave up on the call.
+            let went_away = unopened.slot.caller_went_away();
+            let failed = failed_before_the_handler(&response).map(|code| {
+                if went_away {
+                    tonic::Code::Cancelled
+                } else {
+                    code
+                }
+            });
+            match (unopened.rpc, failed) {
+                (Some(rpc), Some(outcome)) => {
+                    refused_before_the_handler(rpc, caller, outcome, &unopened.metrics);
+                }
+                (None, Some(tonic::Code::Unimplemented)) => {
+                    if let Some(path) = &unknown_method {
+                        refused_unknown_method(path, caller);
+                    }
+                }
+                _ => {}
             }
             // A trailers-only answer is already whole: a second grpc-status
             // must not follow it.
@@ -193,6 +218,60 @@ where
                 })
             }))
         })
+    }
+}
+
+/// Audits a call of the broker's whose request never came, which no
+/// handler saw: at the call timeout, or when the call is dropped unanswered
+/// (the caller reset the stream, the connection went, the broker stopped).
+struct AuditIfUnopened {
+    rpc: Option<Rpc>,
+    caller: Identity,
+    slot: Arc<CallSlot>,
+    metrics: CallMetrics,
+    armed: bool,
+}
+
+impl AuditIfUnopened {
+    fn audit(&mut self, outcome: tonic::Code) {
+        if let Some(rpc) = self
+            .rpc
+            .filter(|_| self.armed && self.slot.never_got_its_request())
+        {
+            refused_before_the_handler(rpc, &self.caller, outcome, &self.metrics);
+            // Once: the drop must not say it again.
+            self.armed = false;
+        }
+    }
+}
+
+impl Drop for AuditIfUnopened {
+    fn drop(&mut self) {
+        self.audit(tonic::Code::Cancelled);
+    }
+}
+
+impl<S> Gate<S> {
+    /// Answers a call refused at the gate, and audits it when it is one of
+    /// the broker's (health and reflection calls are not audited).
+    fn refuse(
+        &self,
+        path: &str,
+        rpc: Option<Rpc>,
+        caller: &Identity,
+        error: ApiError,
+    ) -> GateFuture {
+        let status = Status::from(error);
+        match rpc {
+            Some(rpc) => refused_before_the_handler(rpc, caller, status.code(), &self.metrics),
+            None => tracing::debug!(
+                identity = caller.shown(),
+                path = &*shown_path(path),
+                reason = status.message(),
+                "refused at the gate"
+            ),
+        }
+        Box::pin(std::future::ready(Ok(status.into_http())))
     }
 }
 

@@ -62,6 +62,7 @@ where
             limits.call_timeout,
             RequestBudget::new(limits.max_request_memory),
             calls,
+            context.metrics.clone(),
         ))
         .layer(MapResponseLayer::new(too_large(limits.max_message_size)))
         // Every service takes the same message limit: tonic's default (4

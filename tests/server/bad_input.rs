@@ -505,19 +505,8 @@ async fn calls_refused_before_their_handler_or_for_their_name_are_audited() {
     .await;
     assert_eq!(too_large.code(), Code::ResourceExhausted, "{too_large:?}");
 
-    let audit: Vec<String> = log
-        .since(start)
-        .lines()
-        .filter(|line| line.contains("audit"))
-        .map(str::to_owned)
-        .collect();
-    let seen = |rpc: &str, outcome: &str, secrets: &str| {
-        audit.iter().any(|line| {
-            line.contains(&format!("rpc=\"{rpc}\""))
-                && line.contains(&format!("outcome=\"{outcome}\""))
-                && line.contains(secrets)
-        })
-    };
+    let audit = audit_lines(&log.since(start));
+    let seen = |rpc: &str, outcome: &str, secrets: &str| audited(&audit, rpc, outcome, secrets);
     assert!(
         seen("GetSecret", "INVALID_ARGUMENT", "audit-refused name!"),
         "{audit:#?}"
@@ -531,4 +520,86 @@ async fn calls_refused_before_their_handler_or_for_their_name_are_audited() {
         "{audit:#?}"
     );
     broker.stop().await;
+}
+
+#[tokio::test]
+async fn calls_that_never_reach_a_handler_are_audited_too() {
+    use secrets_broker_client::proto::{
+        ClearCacheRequest, admin_service_client::AdminServiceClient,
+    };
+
+    let log = process_log();
+    let start = log.position();
+    let broker = Running::start(|_| {}).await;
+
+    // A stream reset before its request came.
+    let tcp = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
+    let (connection, driver) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(driver);
+    let mut connection = connection.ready().await.unwrap();
+    let request = http::Request::post("/secretsbroker.v1.SecretsService/GetSecret")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (_response, mut body) = connection.send_request(request, false).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    body.send_reset(h2::Reason::CANCEL);
+
+    // A method the service does not have.
+    let unknown = send_bytes_name(
+        broker.channel().await,
+        "/secretsbroker.v1.SecretsService/NoSuchMethod",
+        b"x".to_vec(),
+    )
+    .await;
+    assert_eq!(unknown.code(), Code::Unimplemented, "{unknown:?}");
+
+    // An admin call says which names it was given.
+    let mut admin = AdminServiceClient::new(broker.channel().await);
+    admin
+        .clear_cache(ClearCacheRequest {
+            names: vec!["mistral-api-key".into(), "bad name!".into()],
+        })
+        .await
+        .unwrap_err();
+
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let audit = audit_lines(&log.since(start));
+    let seen = |rpc: &str, outcome: &str, secrets: &str| audited(&audit, rpc, outcome, secrets);
+    assert!(seen("GetSecret", "CANCELLED", "secrets=\"\""), "{audit:#?}");
+    assert!(
+        seen(
+            "/secretsbroker.v1.SecretsService/NoSuchMethod",
+            "UNIMPLEMENTED",
+            ""
+        ),
+        "{audit:#?}"
+    );
+    assert!(
+        seen(
+            "ClearCache",
+            "INVALID_ARGUMENT",
+            r#"insurecove/mistral-api-key \"bad name!\""#
+        ),
+        "{audit:#?}"
+    );
+    broker.stop().await;
+}
+
+/// The audit lines of a stretch of the log.
+fn audit_lines(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|line| line.contains("audit"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Whether an audit line names `rpc`, `outcome`, and contains `secrets`.
+fn audited(audit: &[String], rpc: &str, outcome: &str, secrets: &str) -> bool {
+    audit.iter().any(|line| {
+        line.contains(&format!("rpc=\"{rpc}\""))
+            && line.contains(&format!("outcome=\"{outcome}\""))
+            && line.contains(secrets)
+    })
 }
