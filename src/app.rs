@@ -363,12 +363,21 @@ impl App {
             stop.clone().cancelled_owned(),
         );
         let grace = limits.shutdown_grace;
+        let cut = async {
+            stop.cancelled().await;
+            tokio::select! {
+                () = tokio::time::sleep(grace) => {
+                    tracing::warn!(?grace, "calls still in flight after the shutdown grace; stopping anyway");
+                }
+                // An operator pressing Ctrl-C twice means now.
+                () = signal_received() => {
+                    tracing::warn!("a second stop signal: stopping now, calls in flight are cut");
+                }
+            }
+        };
         tokio::select! {
             outcome = serving => outcome.map_err(AppError::from),
-            () = async { stop.cancelled().await; tokio::time::sleep(grace).await } => {
-                tracing::warn!(?grace, "calls still in flight after the shutdown grace; stopping anyway");
-                Ok(())
-            }
+            () = cut => Ok(()),
         }
     }
 }
@@ -403,6 +412,12 @@ fn remove_stale_socket(path: &std::path::Path) -> std::io::Result<()> {
 
 /// Completes on SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {
+    signal_received().await;
+    tracing::info!("shutdown requested; finishing calls in flight");
+}
+
+/// Completes on the next SIGTERM or Ctrl-C.
+async fn signal_received() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -418,5 +433,4 @@ pub async fn shutdown_signal() {
         () = ctrl_c => {},
         () = term => {},
     }
-    tracing::info!("shutdown requested; finishing calls in flight");
 }

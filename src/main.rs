@@ -48,7 +48,14 @@ fn main() -> ExitCode {
         Err(error) => return fail(&format!("cannot start the async runtime: {error}")),
     };
     match cli.command {
-        Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Serve(args) => {
+            let (code, logs) = runtime.block_on(serve(args));
+            // Calls cut by the shutdown grace end with the runtime: their
+            // audit lines are written before the log writer stops.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            drop(logs);
+            code
+        }
         Command::Check(args) => runtime.block_on(check(args)),
         Command::Get(args) => runtime.block_on(operate(operator::get(args))),
         Command::Watch { name, connection } => {
@@ -63,28 +70,30 @@ fn settings(args: &BrokerArgs) -> Result<Settings, String> {
         .map_err(|error| format!("configuration error: {error}"))
 }
 
-async fn serve(args: BrokerArgs) -> ExitCode {
+/// Runs the broker; the exit code, and the log writer's guard (dropping it
+/// flushes the last log lines).
+async fn serve(args: BrokerArgs) -> (ExitCode, Option<telemetry::LogGuard>) {
     let settings = match settings(&args) {
         Ok(settings) => settings,
-        Err(message) => return fail(&message),
+        Err(message) => return (fail(&message), None),
     };
-    // Held to the end of `serve`: dropping it flushes the last log lines.
-    let _logs = telemetry::init(&settings.log_level);
+    let logs = telemetry::init(&settings.log_level);
     let app = match Listeners::bind(&settings).await {
         Ok(listeners) => App::build(&settings, listeners),
         Err(error) => Err(error),
     };
     let app = match app {
         Ok(app) => app,
-        Err(error) => return fail(&error.to_string()),
+        Err(error) => return (fail(&error.to_string()), Some(logs)),
     };
     if settings.dev {
         print_dev_hint(&settings);
     }
-    match app.run(app::shutdown_signal()).await {
+    let code = match app.run(app::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => fail(&error.to_string()),
-    }
+    };
+    (code, Some(logs))
 }
 
 async fn check(args: BrokerArgs) -> ExitCode {

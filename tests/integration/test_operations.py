@@ -384,3 +384,27 @@ def test_sigterm_grace_bounds_a_slow_call(moto, aws_broker, slow_upstream, stubs
     assert exited < 3.5, f"exit took {exited:.2f} s with --shutdown-grace 1"
     assert code == 0, f"exit code {code}; log:\n{broker.tail()}"
     assert "secret" not in result, "the call held past the grace answered OK?"
+    cut = [line for line in broker.log().splitlines() if " audit: " in line and "slow-grace" in line]
+    assert len(cut) == 1 and 'outcome="CANCELLED"' in cut[0], f"the cut call's audit line: {cut}"
+
+
+def test_a_second_signal_cuts_the_grace(moto, aws_broker, slow_upstream, stubs):
+    """An operator's second Ctrl-C (or SIGTERM) during the grace stops the
+    broker at once instead of waiting out --shutdown-grace."""
+    moto.create_secret("insurecove/slow-second", "slow-second-3e9a")
+    upstream = slow_upstream(4.5)
+    broker = aws_broker(["--shutdown-grace", "30"], env={"AWS_ENDPOINT_URL": upstream.url})
+    result, thread, sent = _slow_call_then_sigterm(broker, stubs, upstream, "slow-second")
+    time.sleep(0.5)
+    assert broker.proc.poll() is None, "the grace should still be running"
+    broker.proc.send_signal(signal.SIGINT)
+    try:
+        code = broker.proc.wait(5)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"a second signal did not stop the broker; log:\n{broker.tail()}")
+    exited = time.monotonic() - sent
+    thread.join(10)
+    print(f"exit {code} {exited:.2f} s after the first SIGTERM")
+    assert exited < 3, exited
+    assert code == 0
+    assert "second stop signal" in broker.log(), broker.tail()
