@@ -51,13 +51,23 @@ const HEADER: usize = 5;
 #[derive(Debug, Clone)]
 pub struct RequestBudget {
     bytes: Arc<Semaphore>,
+    /// `--max-message-size`: a message declaring more is refused at its
+    /// header, as too large, not as a lack of request memory.
+    max_message: usize,
 }
 
 impl RequestBudget {
     pub fn new(bytes: usize) -> Self {
         Self {
             bytes: Arc::new(Semaphore::new(bytes.min(Semaphore::MAX_PERMITS))),
+            max_message: usize::MAX,
         }
+    }
+
+    /// Refuses messages that declare more than `limit` bytes.
+    pub fn with_message_limit(mut self, limit: usize) -> Self {
+        self.max_message = limit;
+        self
     }
 
     /// `body`, holding budget for its unfinished message; with `ends`, the
@@ -72,6 +82,7 @@ impl RequestBudget {
         Budgeted {
             body,
             budget: Arc::clone(&self.bytes),
+            max_message: self.max_message,
             framing: Framing::default(),
             held: None,
             ends,
@@ -157,6 +168,7 @@ impl Framing {
 pub struct Budgeted<B> {
     body: B,
     budget: Arc<Semaphore>,
+    max_message: usize,
     framing: Framing,
     held: Option<OwnedSemaphorePermit>,
     ends: Option<CallEnd>,
@@ -264,6 +276,10 @@ where
         };
         if let Some(data) = frame.data_ref() {
             self.framing.follow(data);
+            if self.framing.unfinished.saturating_sub(HEADER) > self.max_message {
+                let limit = self.max_message;
+                return self.fail(ApiError::MessageTooLarge { limit });
+            }
             if !self.hold_unfinished() {
                 return self.fail(ApiError::RequestMemory);
             }
@@ -314,6 +330,21 @@ mod tests {
         }
         drop(body);
         seen
+    }
+
+    #[test]
+    fn a_message_declaring_more_than_the_limit_is_too_large_at_its_header() {
+        let budget = RequestBudget::new(1000).with_message_limit(500);
+        let mut header = vec![0];
+        header.extend_from_slice(&u32::MAX.to_be_bytes());
+        let seen = feed(&budget, &[&header]);
+        assert!(
+            seen[0].as_ref().is_err_and(|e| e.contains("500")),
+            "{seen:?}"
+        );
+        assert_eq!(budget.available(), 1000);
+        let fits = message(500);
+        assert_eq!(feed(&budget, &[&fits[..10]]), vec![Ok(495)]);
     }
 
     #[test]

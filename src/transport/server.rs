@@ -60,7 +60,8 @@ where
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .layer(GateLayer::new(
             limits.call_timeout,
-            RequestBudget::new(limits.max_request_memory),
+            RequestBudget::new(limits.max_request_memory)
+                .with_message_limit(limits.max_message_size),
             calls,
             context.metrics.clone(),
         ))
