@@ -264,6 +264,10 @@ impl App {
         let probes_stop = CancellationToken::new();
         let mut tasks = JoinSet::new();
         let (health, health_service) = Health::new().await;
+        health.register_metrics(&self.metrics);
+        for value in &self.reloadables {
+            Arc::clone(value).register_metrics(&self.metrics);
+        }
         self.spawn_background(&mut tasks, &health, &stop, &probes_stop);
         // Awaited on its own before the others are stopped: in topic mode
         // it removes its queue and subscription on the way out.

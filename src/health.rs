@@ -122,6 +122,20 @@ impl Health {
         }
     }
 
+    /// Registers `upstream_up`: 1 while the last upstream check answered.
+    pub fn register_metrics(&self, metrics: &Metrics) {
+        let upstream = Arc::clone(&self.upstream);
+        metrics.register_state(move |e| {
+            let up = upstream.load(Relaxed) == UP;
+            crate::metrics::gauge(
+                e,
+                "upstream_up",
+                "1 while the last upstream check answered; 0 before the first, while it fails, and when stopping",
+                i64::from(up),
+            )
+        });
+    }
+
     async fn report(&self, up: bool) {
         if up {
             self.reporter

@@ -95,7 +95,18 @@ pub async fn watch(name: String, connection: Connection) -> Result<(), Error> {
 /// Prints the cache counters, one per line.
 pub async fn stats(connection: Connection) -> Result<(), Error> {
     let stats = client(&connection).await?.get_cache_stats().await?;
-    let lines = [
+    for (name, value) in stats_lines(&stats) {
+        println!("{name} {value}");
+    }
+    Ok(())
+}
+
+/// Every field of GetCacheStatsResponse, in the contract's order, as `stats`
+/// prints them (a test checks none is left out).
+fn stats_lines(
+    stats: &secrets_broker_client::proto::GetCacheStatsResponse,
+) -> Vec<(&'static str, String)> {
+    let counts = [
         ("total_entries", stats.total_entries),
         ("valid_entries", stats.valid_entries),
         ("expired_entries", stats.expired_entries),
@@ -107,13 +118,63 @@ pub async fn stats(connection: Connection) -> Result<(), Error> {
         ("upstream_errors", stats.upstream_errors),
         ("evictions", stats.evictions),
         ("watchers", stats.watchers),
+    ];
+    let more_counts = [
         ("watched_secrets", stats.watched_secrets),
         ("watch_rounds", stats.watch_rounds),
         ("watch_upstream_calls", stats.watch_upstream_calls),
+        ("negative_entries", stats.negative_entries),
+        ("negative_hits", stats.negative_hits),
     ];
-    for (name, value) in lines {
-        println!("{name} {value}");
+    let mut lines: Vec<(&'static str, String)> = counts
+        .iter()
+        .map(|(name, value)| (*name, value.to_string()))
+        .collect();
+    lines.push(("hit_ratio", format!("{:.4}", stats.hit_ratio)));
+    lines.extend(
+        more_counts
+            .iter()
+            .map(|(name, value)| (*name, value.to_string())),
+    );
+    lines.push(("upstream_backoff", stats.upstream_backoff.to_string()));
+    let rest = [
+        ("upstream_backoffs", stats.upstream_backoffs),
+        ("upstream_in_flight", stats.upstream_in_flight),
+        ("upstream_waiting", stats.upstream_waiting),
+        ("upstream_queue_refused", stats.upstream_queue_refused),
+        ("sweep_changes", stats.sweep_changes),
+        ("events_received", stats.events_received),
+        ("events_applied", stats.events_applied),
+        ("events_ignored", stats.events_ignored),
+        ("events_failed", stats.events_failed),
+    ];
+    lines.extend(rest.iter().map(|(name, value)| (*name, value.to_string())));
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+
+    #[test]
+    fn stats_prints_every_field_of_the_contract_in_its_order() {
+        let set = prost_types::FileDescriptorSet::decode(
+            secrets_broker_client::proto::FILE_DESCRIPTOR_SET,
+        )
+        .unwrap();
+        let message = set
+            .file
+            .iter()
+            .flat_map(|file| &file.message_type)
+            .find(|message| message.name() == "GetCacheStatsResponse")
+            .unwrap();
+        let mut fields: Vec<_> = message.field.iter().collect();
+        fields.sort_by_key(|field| field.number());
+        let contract: Vec<&str> = fields.iter().map(|field| field.name()).collect();
+        let stats = secrets_broker_client::proto::GetCacheStatsResponse::default();
+        let printed: Vec<&str> = stats_lines(&stats).iter().map(|(name, _)| *name).collect();
+        assert_eq!(printed, contract);
     }
-    println!("hit_ratio {:.4}", stats.hit_ratio);
-    Ok(())
 }

@@ -9,17 +9,26 @@
 //! - `changes` counts replacements, for whoever must react (policy reloads
 //!   end revoked watch streams; secrets-file edits wake the change
 //!   detector).
+//! - Each value registers its metrics: reloads done, reloads refused, and
+//!   whether the file on disk is refused now (the old value still in force),
+//!   which is what an alert should watch.
 
 use std::{
     fmt::Display,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+    },
 };
 
 use arc_swap::{ArcSwap, Guard};
 use tokio::sync::watch;
 
-use crate::file_watch::{self, FileWatch};
+use crate::{
+    file_watch::{self, FileWatch},
+    metrics::{Metrics, counter, gauge},
+};
 
 /// Reads and validates a reloadable value.
 pub trait Loader: Send + Sync + 'static {
@@ -51,6 +60,10 @@ pub struct Reloadable<L: Loader> {
     current: ArcSwap<L::Value>,
     changes: watch::Sender<u64>,
     watch: Mutex<Option<FileWatch>>,
+    reloaded: AtomicU64,
+    refused: AtomicU64,
+    /// The last reload was refused: the files on disk are not in force.
+    failing: AtomicBool,
 }
 
 impl<L: Loader> Reloadable<L> {
@@ -62,6 +75,9 @@ impl<L: Loader> Reloadable<L> {
             current: ArcSwap::from_pointee(value),
             changes: watch::Sender::new(0),
             watch: Mutex::new(None),
+            reloaded: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            failing: AtomicBool::new(false),
         }))
     }
 
@@ -84,7 +100,15 @@ impl<L: Loader> Reloadable<L> {
     /// the value in force stays.
     pub fn reload(&self) -> Result<bool, L::Error> {
         let previous = self.current.load_full();
-        let value = self.loader.load(Some(&previous))?;
+        let value = match self.loader.load(Some(&previous)) {
+            Ok(value) => value,
+            Err(error) => {
+                self.refused.fetch_add(1, Relaxed);
+                self.failing.store(true, Relaxed);
+                return Err(error);
+            }
+        };
+        self.failing.store(false, Relaxed);
         if self.loader.same(&previous, &value) {
             return Ok(false);
         }
@@ -94,6 +118,7 @@ impl<L: Loader> Reloadable<L> {
         let replaced = self.current.swap(Arc::new(value));
         self.loader.replaced(&replaced);
         self.changes.send_modify(|count| *count += 1);
+        self.reloaded.fetch_add(1, Relaxed);
         Ok(true)
     }
 
@@ -134,6 +159,10 @@ impl<L: Loader> Reloadable<L> {
 pub trait Reload: Send + Sync {
     fn reload_and_log(&self);
     fn follow_files(self: Arc<Self>) -> notify::Result<()>;
+    /// Registers `<what>_reloads`, `<what>_reloads_refused` and
+    /// `<what>_reload_failing` (`what` as a metric name: `policy`,
+    /// `tls_certificates`, `secrets_file`).
+    fn register_metrics(self: Arc<Self>, metrics: &Metrics);
 }
 
 impl<L: Loader> Reload for Reloadable<L> {
@@ -143,6 +172,31 @@ impl<L: Loader> Reload for Reloadable<L> {
 
     fn follow_files(self: Arc<Self>) -> notify::Result<()> {
         Reloadable::follow_files(&self)
+    }
+
+    fn register_metrics(self: Arc<Self>, metrics: &Metrics) {
+        let what = self.loader.what();
+        let name = what.to_lowercase().replace(' ', "_");
+        let names = [
+            format!("{name}_reloads"),
+            format!("{name}_reloads_refused"),
+            format!("{name}_reload_failing"),
+        ];
+        let helps = [
+            format!("Reloads of the {what} that put new files in force"),
+            format!("Reloads of the {what} refused (the files in force stay)"),
+            format!("1 while the {what} on disk is refused and older files are in force"),
+        ];
+        metrics.register_state(move |e| {
+            counter(e, &names[0], &helps[0], self.reloaded.load(Relaxed))?;
+            counter(e, &names[1], &helps[1], self.refused.load(Relaxed))?;
+            gauge(
+                e,
+                &names[2],
+                &helps[2],
+                i64::from(self.failing.load(Relaxed)),
+            )
+        });
     }
 }
 
@@ -207,9 +261,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_broken_file_keeps_the_value_and_changes_are_counted() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A `Number` read from a file holding 1, in `dir`.
+    fn number_in(dir: &tempfile::TempDir) -> (PathBuf, Arc<Reloadable<Number>>) {
         let path = dir.path().join("n");
         std::fs::write(&path, "1").unwrap();
         let value = Reloadable::new(Number {
@@ -217,6 +270,13 @@ mod tests {
             loads: AtomicU32::new(0),
         })
         .unwrap();
+        (path, value)
+    }
+
+    #[test]
+    fn a_broken_file_keeps_the_value_and_changes_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, value) = number_in(&dir);
         let changes = value.changes();
         std::fs::write(&path, "bad").unwrap();
         assert!(value.reload().is_err());
@@ -228,5 +288,23 @@ mod tests {
         assert!(value.reload().unwrap());
         assert_eq!(**value.current(), 2);
         assert!(changes.has_changed().unwrap());
+    }
+
+    #[test]
+    fn reloads_are_counted_and_a_refused_file_shows_until_fixed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, value) = number_in(&dir);
+        let metrics = Metrics::new();
+        (Arc::clone(&value) as Arc<dyn Reload>).register_metrics(&metrics);
+        let shows = |line: &str| metrics.encode().lines().any(|l| l == line);
+
+        std::fs::write(&path, "bad").unwrap();
+        assert!(value.reload().is_err());
+        assert!(shows("secretsbroker_number_reload_failing 1"));
+        assert!(shows("secretsbroker_number_reloads_refused_total 1"));
+        std::fs::write(&path, "2").unwrap();
+        assert!(value.reload().unwrap());
+        assert!(shows("secretsbroker_number_reload_failing 0"));
+        assert!(shows("secretsbroker_number_reloads_total 1"));
     }
 }

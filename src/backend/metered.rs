@@ -58,14 +58,33 @@ impl MeteredStore {
         })
     }
 
-    fn record(&self, operation: &'static str, ok: bool, calls: u64, started: Instant) {
-        let outcome = if ok { "ok" } else { "error" };
+    fn record<T>(
+        &self,
+        operation: &'static str,
+        result: &Result<T, StoreError>,
+        calls: u64,
+        started: Instant,
+    ) {
+        let outcome = outcome_of(result);
         self.calls
             .get_or_create(&UpstreamLabels { operation, outcome })
             .inc_by(calls);
         self.seconds
             .get_or_create(&OperationLabels { operation })
             .observe(started.elapsed().as_secs_f64());
+    }
+}
+
+/// A call's `outcome` label. A definite answer about a secret (it does not
+/// exist, it was deleted, the broker may not read it) is the upstream
+/// working, not failing: only the rest is an `error`, which is what
+/// dashboards alert on.
+fn outcome_of<T>(result: &Result<T, StoreError>) -> &'static str {
+    match result {
+        Ok(_) => "ok",
+        Err(StoreError::NotFound { .. } | StoreError::Deleted { .. }) => "not_found",
+        Err(StoreError::AccessDenied { .. }) => "denied",
+        Err(_) => "error",
     }
 }
 
@@ -78,21 +97,21 @@ impl SecretStore for MeteredStore {
     ) -> Result<SecretVersion, StoreError> {
         let started = Instant::now();
         let result = self.inner.get_secret_value(name, selector).await;
-        self.record("GetSecretValue", result.is_ok(), 1, started);
+        self.record("GetSecretValue", &result, 1, started);
         result
     }
 
     async fn describe_secret(&self, name: &str) -> Result<SecretDescription, StoreError> {
         let started = Instant::now();
         let result = self.inner.describe_secret(name).await;
-        self.record("DescribeSecret", result.is_ok(), 1, started);
+        self.record("DescribeSecret", &result, 1, started);
         result
     }
 
     async fn check(&self) -> Result<String, StoreError> {
         let started = Instant::now();
         let result = self.inner.check().await;
-        self.record("ListSecrets", result.is_ok(), 1, started);
+        self.record("ListSecrets", &result, 1, started);
         result
     }
 
@@ -103,11 +122,38 @@ impl SecretStore for MeteredStore {
     ) -> Result<SecretPage, StoreError> {
         let started = Instant::now();
         let result = self.inner.list_secrets(prefix, page).await;
-        self.record("ListSecrets", result.is_ok(), 1, started);
+        self.record("ListSecrets", &result, 1, started);
         result
     }
 
     fn change_signal(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         self.inner.change_signal()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::fake::FakeStore;
+
+    #[tokio::test]
+    async fn a_missing_secret_is_not_counted_as_an_upstream_error() {
+        let metrics = Metrics::new();
+        let store = MeteredStore::wrap(FakeStore::with(&["present"]), &metrics);
+        let current = VersionSelector::current();
+        store.get_secret_value("present", &current).await.unwrap();
+        store
+            .get_secret_value("absent", &current)
+            .await
+            .unwrap_err();
+        let text = metrics.encode();
+        let count = |outcome: &str| {
+            format!(
+                "secretsbroker_upstream_calls_total{{operation=\"GetSecretValue\",outcome=\"{outcome}\"}} 1"
+            )
+        };
+        assert!(text.contains(&count("ok")), "{text}");
+        assert!(text.contains(&count("not_found")), "{text}");
+        assert!(!text.contains("outcome=\"error\""), "{text}");
     }
 }

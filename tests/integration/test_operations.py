@@ -101,9 +101,10 @@ def test_metrics_after_a_known_sequence(start_broker, stubs):
         "stale_served_total": 0, "evictions_total": 0, "entries": 2,
     }, cache
 
-    # the file backend as the broker sees it: 2 reads found, 1 not found
+    # the file backend as the broker sees it: 2 reads found, 1 not found (an
+    # answer, not an upstream error)
     upstream = s.by("secretsbroker_upstream_calls_total", "outcome", operation="GetSecretValue")
-    assert upstream == {"ok": 2, "error": 1}, s.values("secretsbroker_upstream_calls_total")
+    assert upstream == {"ok": 2, "not_found": 1}, s.values("secretsbroker_upstream_calls_total")
     assert s.value("secretsbroker_upstream_duration_seconds_count", operation="GetSecretValue") == 3
     assert s.value("secretsbroker_upstream_duration_seconds_bucket", operation="GetSecretValue", le="+Inf") == 3
 
@@ -166,11 +167,13 @@ def test_readyz_follows_the_upstream(moto, aws_broker):
     health = http_get(maddr, "/healthz")
     assert health.status == 200, f"/healthz must stay 200 while AWS is down: {health}"
     s = scrape(maddr)
+    assert s.value("secretsbroker_upstream_up") == 0
     errors = sum(v for k, v in s.values("secretsbroker_upstream_calls_total").items() if dict(k).get("outcome") == "error")
     assert errors >= 1, s.values("secretsbroker_upstream_calls_total")
 
     moto.start()
     _, took = wait_for_status(maddr, "/readyz", 200, timeout=6)
+    assert scrape(maddr).value("secretsbroker_upstream_up") == 1
     print(f"/readyz 200 again {took:.2f} s after moto restarted ({time.monotonic() - stopped:.1f} s down)")
 
 
