@@ -8,16 +8,22 @@
     Kustomization (its own schema plus: every listed file exists, every
     manifest is listed). The validator is shown to reject broken copies.
     Then the manifests are checked against each other (selectors, ports,
-    probes, volumes, the TLS Secret, grace periods), and the ConfigMap's
-    broker.toml + policy.toml, with the Deployment's environment, are given
-    to the real binary's `check` (against moto).
+    probes, volumes, the TLS Secret, grace periods), the NetworkPolicy's
+    egress is evaluated for the addresses the broker must and must not reach,
+    and the ConfigMap's broker.toml + policy.toml, with the Deployment's
+    environment, are given to the real binary's `check` (against moto).
+    The approver-policy rules (certificate-request-policy.yaml) are
+    evaluated, with a model of approver-policy's decision, against the
+    shipped Certificates (approved) and against requests for names of other
+    namespaces, the admin identity above all (denied).
 (b) deploy/iam-policy.json allows exactly the three actions the broker uses;
     deploy/iam-policy-events-queue.json exactly what --events-queue-url needs
     on one queue.
 (e) deploy/cloudformation/secret-events.yaml (the event path for
     --events-topic-arn) passes cfn-lint without a warning, and its IAM
     grants stay scoped: the broker's queues (secrets-broker-*) and the one
-    topic, never "*". Widened copies are shown to fail.
+    topic, never "*", and they are exactly the SQS and SNS calls the
+    broker's source makes. Widened copies are shown to fail.
 (c) `systemd-analyze verify` accepts deploy/systemd/secrets-broker.service
     without warnings; its example env file passes `secrets-broker check`.
 (d) deploy/Dockerfile, read with a small parser: stages, non-root USER,
@@ -59,8 +65,10 @@ KUBERNETES_VERSION = "1.33.0"
 
 NAMESPACE = "secrets-broker"
 APP_LABELS = {"app.kubernetes.io/name": "secrets-broker"}
-# Not applied with the rest (it belongs to a client's namespace).
-NOT_IN_KUSTOMIZATION = {"example-client-certificate.yaml"}
+# Not applied with the rest: the example belongs to a client's namespace;
+# the approval policies need approver-policy's CRDs, applied beforehand.
+NOT_IN_KUSTOMIZATION = {"example-client-certificate.yaml", "certificate-request-policy.yaml"}
+APPROVAL_POLICY_FILE = "certificate-request-policy.yaml"
 
 # The settings a config file may hold: the broker's flags with underscores.
 CONFIG_KEYS = {
@@ -176,6 +184,44 @@ ISSUER_SCHEMA = _object({
     "spec": _ISSUER_SPEC,
 }, ("apiVersion", "kind", "metadata", "spec"))
 
+# policy.cert-manager.io/v1alpha1 (approver-policy), the subset used.
+_VALIDATIONS = {"type": "array", "minItems": 1, "items": _object({
+    "rule": {"type": "string", "minLength": 1},
+    "message": {"type": "string", "pattern": r"^[^\n]*$"},    # no line breaks
+}, ("rule",))}
+_ALLOWED_STRING = _object({
+    "value": {"type": "string"}, "required": {"type": "boolean"}, "validations": _VALIDATIONS,
+})
+_ALLOWED_STRINGS = _object({
+    "values": {"type": "array", "items": {"type": "string"}}, "required": {"type": "boolean"},
+    "validations": _VALIDATIONS,
+})
+_WILDCARD = {"type": "string", "minLength": 1}
+CERTIFICATE_REQUEST_POLICY_SCHEMA = _object({
+    "apiVersion": {"const": "policy.cert-manager.io/v1alpha1"},
+    "kind": {"const": "CertificateRequestPolicy"},
+    "metadata": _CLUSTER_METADATA,
+    "spec": _object({
+        "allowed": _object({
+            "commonName": _ALLOWED_STRING,
+            **{field: _ALLOWED_STRINGS for field in ("dnsNames", "uris", "ipAddresses", "emailAddresses")},
+            "isCA": {"type": "boolean"},
+            "usages": {"type": "array", "items": {"enum": _KEY_USAGES}, "uniqueItems": True},
+        }),
+        "constraints": _object({"minDuration": _DURATION, "maxDuration": _DURATION}),
+        "selector": {
+            **_object({
+                "issuerRef": _object({"name": _WILDCARD, "kind": _WILDCARD, "group": _WILDCARD}),
+                "namespace": _object({
+                    "matchNames": _STRINGS,
+                    "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}},
+                }),
+            }),
+            "anyOf": [{"required": ["issuerRef"]}, {"required": ["namespace"]}],
+        },
+    }, ("selector",)),
+}, ("apiVersion", "kind", "metadata", "spec"))
+
 KUSTOMIZATION_SCHEMA = _object({
     "apiVersion": {"const": "kustomize.config.k8s.io/v1beta1"},
     "kind": {"const": "Kustomization"},
@@ -192,6 +238,7 @@ CUSTOM_SCHEMAS = {
     ("cert-manager.io/v1", "Certificate"): CERTIFICATE_SCHEMA,
     ("cert-manager.io/v1", "ClusterIssuer"): CLUSTER_ISSUER_SCHEMA,
     ("cert-manager.io/v1", "Issuer"): ISSUER_SCHEMA,
+    ("policy.cert-manager.io/v1alpha1", "CertificateRequestPolicy"): CERTIFICATE_REQUEST_POLICY_SCHEMA,
     ("kustomize.config.k8s.io/v1beta1", "Kustomization"): KUSTOMIZATION_SCHEMA,
 }
 
@@ -289,6 +336,7 @@ def test_manifest_files_are_the_expected_set():
         "namespace.yaml", "serviceaccount.yaml", "configmap.yaml", "deployment.yaml",
         "service.yaml", "poddisruptionbudget.yaml", "hpa.yaml", "networkpolicy.yaml",
         "certificates.yaml", "example-client-certificate.yaml", "kustomization.yaml",
+        APPROVAL_POLICY_FILE,
     }
     assert names == expected
 
@@ -332,6 +380,9 @@ BROKEN_COPIES = [
     ("certificates.yaml", "algorithm: ECDSA", "algorithm: DSA", "DSA"),
     ("certificates.yaml", "rotationPolicy: Always", "rotationPolicy: Sometimes", "Sometimes"),
     ("kustomization.yaml", "resources:", "resource:", "resource"),
+    (APPROVAL_POLICY_FILE, "    maxDuration: 2160h # 90 days", "    maxDuration: 90d", "90d"),
+    (APPROVAL_POLICY_FILE, "    uris:\n      validations:", "    uris:\n      validation:", "validation"),
+    (APPROVAL_POLICY_FILE, "    isCA: true", "    isCA: yes-please", "yes-please"),
 ]
 
 
@@ -352,6 +403,10 @@ def test_validator_rejects_a_broken_copy(tmp_path, name, old, new, expected):
 # -- the manifests agree with each other -----------------------------------
 
 
+CLUSTER_SCOPED_KINDS = {"Namespace", "ClusterIssuer", "CertificateRequestPolicy", "ClusterRole",
+                        "ClusterRoleBinding"}
+
+
 def _matches(selector: dict, labels: dict) -> bool:
     return all(labels.get(key) == value for key, value in selector.items())
 
@@ -369,11 +424,20 @@ def test_everything_selects_the_broker_pods():
         assert _matches(constraint["labelSelector"]["matchLabels"], pod_labels)
     target = find("HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", "secrets-broker")
-    namespaced = [d for d in all_objects()
-                  if d["kind"] not in ("Namespace", "ClusterIssuer", "Kustomization")
-                  and d["metadata"]["name"] not in ("secrets-broker-ca", "auth-service-secrets-broker-client")]
-    for doc in namespaced:
-        assert doc["metadata"].get("namespace") == NAMESPACE, (doc["kind"], doc["metadata"]["name"])
+    # Everything namespaced is in the broker's namespace, except the CA and
+    # its bootstrap Issuer (cert-manager's namespace, where the ClusterIssuer
+    # reads its CA Secret) and the example client's certificate.
+    elsewhere = {("Certificate", "secrets-broker-ca"): "cert-manager",
+                 ("Issuer", "secrets-broker-selfsigned"): "cert-manager",
+                 ("Certificate", "auth-service-secrets-broker-client"): "auth-service"}
+    for doc in all_objects():
+        if doc["kind"] == "Kustomization":
+            continue
+        key = (doc["kind"], doc["metadata"]["name"])
+        if doc["kind"] in CLUSTER_SCOPED_KINDS:
+            assert "namespace" not in doc["metadata"], key
+        else:
+            assert doc["metadata"].get("namespace") == elsewhere.get(key, NAMESPACE), key
 
 
 def test_deployment_shape():
@@ -442,7 +506,72 @@ def test_network_policy():
     assert all(peer.get("namespaceSelector", {}).get("matchLabels") or peer.get("podSelector")
                for peer in grpc_rule["from"]), "gRPC ingress must be limited to labelled clients"
     egress_ports = sorted((p["protocol"], p["port"]) for rule in spec["egress"] for p in rule["ports"])
-    assert egress_ports == [("TCP", 53), ("TCP", 443), ("UDP", 53)]
+    assert egress_ports == [("TCP", 53), ("TCP", 80), ("TCP", 443), ("UDP", 53)]
+
+
+def egress_allows(spec: dict, address: str, port: int, protocol: str = "TCP") -> bool:
+    """Whether the NetworkPolicy lets the selected pods connect to an IP
+    address (Kubernetes' semantics for ipBlock peers; peers given by pod or
+    namespace selectors reach pods, never these addresses)."""
+    assert "Egress" in spec["policyTypes"]
+    ip = ipaddress.ip_address(address)
+
+    def in_block(block: dict) -> bool:
+        def contains(cidr: str) -> bool:
+            network = ipaddress.ip_network(cidr)
+            return network.version == ip.version and ip in network
+        return contains(block["cidr"]) and not any(contains(c) for c in block.get("except", []))
+
+    for rule in spec.get("egress", []):
+        ports = rule.get("ports")
+        if ports and not any(p.get("protocol", "TCP") == protocol
+                             and p["port"] <= port <= p.get("endPort", p["port"]) for p in ports):
+            continue
+        peers = rule.get("to")
+        if not peers:       # no `to`: every destination
+            return True
+        if any("ipBlock" in peer and in_block(peer["ipBlock"]) for peer in peers):
+            return True
+    return False
+
+
+# The EKS Pod Identity agent: a hostNetwork DaemonSet on every node, serving
+# the pods' credentials over plain HTTP on a link-local address.
+POD_IDENTITY_AGENT = {"169.254.170.23", "fd00:ec2::23"}
+IMDS = {"169.254.169.254", "fd00:ec2::254"}
+
+
+def test_network_policy_egress_reaches_the_credentials_and_aws_only():
+    """Credentials (STS on 443 for IRSA; the Pod Identity agent on 80) and
+    the AWS APIs are reachable; IMDS is not, and port 80 is open to nothing
+    but the agent."""
+    spec = find("NetworkPolicy")["spec"]
+    assert egress_allows(spec, "52.119.160.10", 443)        # an AWS endpoint
+    for agent in POD_IDENTITY_AGENT:
+        assert egress_allows(spec, agent, 80), f"EKS Pod Identity agent {agent}:80 is blocked"
+        assert not egress_allows(spec, agent, 80, "UDP")
+    for other in ("169.254.170.22", "169.254.170.24", "52.119.160.10", "10.0.0.1", "0.0.0.0",
+                  "fd00:ec2::24", "2600:1f18::1"):
+        assert not egress_allows(spec, other, 80), f"port 80 open to {other}"
+    for address in IMDS:
+        for port in (53, 80, 443, 8080):
+            assert not egress_allows(spec, address, port), f"IMDS reachable: {address}:{port}"
+    text = (K8S / "networkpolicy.yaml").read_text()
+    assert "Pod Identity" in text, "say next to the rule why port 80 of the agent is open"
+
+
+def test_network_policy_evaluation_sees_a_widened_copy():
+    """egress_allows is not vacuous: opening 80 to the world, or IMDS on 443,
+    is seen."""
+    spec = find("NetworkPolicy")["spec"]
+    widened = json.loads(json.dumps(spec))
+    widened["egress"].append({"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}], "ports": [{"protocol": "TCP", "port": 80}]})
+    assert egress_allows(widened, "52.119.160.10", 80) and egress_allows(widened, "169.254.169.254", 80)
+    widened = json.loads(json.dumps(spec))
+    for rule in widened["egress"]:
+        for peer in rule.get("to", []):
+            peer.get("ipBlock", {}).pop("except", None)
+    assert egress_allows(widened, "169.254.169.254", 443)
 
 
 def test_volumes_config_and_tls_wiring():
@@ -557,6 +686,386 @@ def test_broker_check_accepts_the_kubernetes_config(run_cli, moto, tmp_path):
     assert broker_toml["listen"] in out, out
 
 
+# -- who can mint an identity: the approval policies -----------------------
+#
+# The broker grants secrets to the names in a client certificate, so what
+# the CA signs for whom is the boundary. The CA is a ClusterIssuer (clients
+# request certificates in their own namespaces); certificate-request-policy.yaml
+# binds each name to the namespace that asks. These tests run approver-policy's
+# decision, modelled below for the fields the manifests use, on requests.
+
+# Who creates the CertificateRequest of every Certificate: cert-manager's
+# controller, whatever user wrote the Certificate.
+CERT_MANAGER_USER = "system:serviceaccount:cert-manager:cert-manager"
+# The Certificate fields the model knows; any other would go unjudged here.
+MODELLED_CERTIFICATE_FIELDS = {
+    "secretName", "commonName", "dnsNames", "uris", "ipAddresses", "emailAddresses", "duration",
+    "renewBefore", "isCA", "usages", "privateKey", "issuerRef",
+}
+MODELLED_ALLOWED = {"commonName", "dnsNames", "uris", "ipAddresses", "emailAddresses", "isCA", "usages"}
+
+
+class _CelString(str):
+    """`self` in a rule: a string with CEL's string methods (CEL's names)."""
+
+    def matches(self, pattern: str) -> bool:       # RE2 search, as CEL's matches()
+        return re.search(pattern, self) is not None
+
+    def startsWith(self, prefix: str) -> bool:
+        return self.startswith(prefix)
+
+    def endsWith(self, suffix: str) -> bool:
+        return self.endswith(suffix)
+
+    def contains(self, part: str) -> bool:
+        return part in self
+
+    def size(self) -> int:
+        return len(self)
+
+
+_CEL_TOKEN = re.compile(r"\s*(?:('[^'\\]*')|(\|\||&&|==|!=|!|[+().,])|([A-Za-z_]\w*))")
+_CEL_NAMES = {"self", "cr", "namespace", "name", "matches", "startsWith", "endsWith", "contains", "size"}
+
+
+def cel_rule(rule: str, value: str, namespace: str, name: str = "request") -> bool:
+    """A CEL rule of the subset these policies use (string literals without
+    escapes, + == != ! && ||, `self` with its string methods, `cr.namespace`
+    and `cr.name`), evaluated as approver-policy would. Anything outside the
+    subset fails the test rather than being guessed at."""
+    python, position = [], 0
+    while position < len(rule):
+        token = _CEL_TOKEN.match(rule, position)
+        assert token and token.end() > position, f"rule outside the modelled CEL subset: {rule!r} at {position}"
+        literal, operator, word = token.groups()
+        if literal:
+            python.append(literal)
+        elif operator:
+            python.append({"||": " or ", "&&": " and ", "!": " not "}.get(operator, operator))
+        else:
+            assert word in _CEL_NAMES | {"true", "false"}, f"rule uses {word!r}, not modelled: {rule!r}"
+            python.append({"true": "True", "false": "False"}.get(word, word))
+        position = token.end()
+    request = type("CertificateRequest", (), {"namespace": namespace, "name": name})
+    # Only whitelisted tokens reach eval, and it sees no builtins.
+    result = eval("".join(python), {"__builtins__": {}}, {"self": _CelString(value), "cr": request})
+    assert isinstance(result, bool), rule
+    return result
+
+
+def _wildcard(pattern: str, value: str) -> bool:
+    """approver-policy's wildcard match: `*` is any run of characters."""
+    return re.fullmatch(".*".join(map(re.escape, pattern.split("*"))), value, re.DOTALL) is not None
+
+
+def certificate_request(spec: dict, namespace: str, user: str = CERT_MANAGER_USER) -> dict:
+    """What approver-policy sees of the request cert-manager makes for a
+    Certificate with this spec: its usages as written, or, without any, the
+    issuer's defaults (and `cert sign` for a CA), which the policies must
+    then allow."""
+    unknown = set(spec) - MODELLED_CERTIFICATE_FIELDS
+    assert not unknown, f"Certificate fields the approval model does not judge: {unknown}"
+    usages = set(spec.get("usages", []))
+    if not usages:
+        usages = {"digital signature", "key encipherment"} | ({"cert sign"} if spec.get("isCA") else set())
+    return {
+        "namespace": namespace, "user": user, "issuerRef": spec["issuerRef"],
+        "commonName": spec.get("commonName", ""),
+        **{field: list(spec.get(field, [])) for field in ("dnsNames", "uris", "ipAddresses", "emailAddresses")},
+        "isCA": bool(spec.get("isCA")), "usages": usages, "duration": spec.get("duration"),
+    }
+
+
+def policies_usable_by(documents: list[dict], user: str) -> list[dict]:
+    """The CertificateRequestPolicies the file's RBAC lets `user` use:
+    approver-policy ignores every other policy for that user's requests."""
+    roles = {d["metadata"]["name"]: d for d in documents if d["kind"] == "ClusterRole"}
+    names: set[str] | None = set()
+    for binding in (d for d in documents if d["kind"] == "ClusterRoleBinding"):
+        subjects = {f"system:serviceaccount:{s['namespace']}:{s['name']}" if s["kind"] == "ServiceAccount"
+                    else s["name"] for s in binding["subjects"]}
+        if user not in subjects:
+            continue
+        assert binding["roleRef"]["kind"] == "ClusterRole"
+        for rule in roles[binding["roleRef"]["name"]]["rules"]:
+            if ("policy.cert-manager.io" in rule["apiGroups"] and "certificaterequestpolicies" in rule["resources"]
+                    and "use" in rule["verbs"]):
+                if "resourceNames" not in rule:
+                    names = None            # every policy
+                elif names is not None:
+                    names |= set(rule["resourceNames"])
+    return [d for d in documents if d["kind"] == "CertificateRequestPolicy"
+            and (names is None or d["metadata"]["name"] in names)]
+
+
+def policy_selects(policy: dict, request: dict) -> bool:
+    selector = policy["spec"]["selector"]
+    wanted = selector.get("issuerRef")
+    if wanted is not None:
+        ref = request["issuerRef"]
+        # cert-manager's defaults for a reference that leaves them out
+        have = {"name": ref["name"], "kind": ref.get("kind") or "Issuer",
+                "group": ref.get("group") or "cert-manager.io"}
+        if any(key in wanted and not _wildcard(wanted[key], have[key]) for key in have):
+            return False
+    namespaces = selector.get("namespace")
+    if namespaces is not None:
+        assert "matchLabels" not in namespaces, "namespace labels are not modelled"
+        names = namespaces.get("matchNames", [])
+        if names and not any(_wildcard(n, request["namespace"]) for n in names):
+            return False
+    return True
+
+
+def policy_violations(policy: dict, request: dict) -> list[str]:
+    """Why the policy does not permit the request ([] = it does)."""
+    allowed = policy["spec"].get("allowed", {})
+    constraints = policy["spec"].get("constraints", {})
+    assert set(allowed) <= MODELLED_ALLOWED and set(constraints) <= {"minDuration", "maxDuration"}, policy
+    problems: list[str] = []
+
+    def judge(field: str, values: list[str], rules: dict | None, key: str) -> None:
+        if not values:
+            if rules and rules.get("required"):
+                problems.append(f"{field}: required")
+            return
+        if not rules or (key not in rules and not rules.get("validations")):
+            problems.append(f"{field}: none allowed, {values} asked")
+            return
+        for value in values:
+            patterns = _as_list(rules.get(key, "*"))
+            if not any(_wildcard(pattern, value) for pattern in patterns):
+                problems.append(f"{field}: {value!r} not in {patterns}")
+            for validation in rules.get("validations", []):
+                if not cel_rule(validation["rule"], value, request["namespace"]):
+                    problems.append(f"{field}: {value!r}: {validation.get('message', validation['rule'])}")
+
+    judge("commonName", [request["commonName"]] if request["commonName"] else [], allowed.get("commonName"), "value")
+    for field in ("dnsNames", "uris", "ipAddresses", "emailAddresses"):
+        judge(field, request[field], allowed.get(field), "values")
+    if request["isCA"] and not allowed.get("isCA"):
+        problems.append("isCA: not allowed")
+    if not request["usages"] <= set(allowed.get("usages", [])):
+        problems.append(f"usages: {sorted(request['usages'] - set(allowed.get('usages', [])))} not allowed")
+    if constraints and request["duration"] is None:
+        problems.append("a duration bound is set and the request names no duration")
+    elif constraints:
+        seconds = parse_seconds(request["duration"])
+        if "maxDuration" in constraints and seconds > parse_seconds(constraints["maxDuration"]):
+            problems.append(f"duration {request['duration']} over {constraints['maxDuration']}")
+        if "minDuration" in constraints and seconds < parse_seconds(constraints["minDuration"]):
+            problems.append(f"duration {request['duration']} under {constraints['minDuration']}")
+    return problems
+
+
+def approval(documents: list[dict], request: dict) -> str:
+    """approver-policy's answer: "approved" when a selected policy permits
+    the request, "denied" when policies select it and none permits,
+    "pending" when none selects it (never signed)."""
+    selected = [p for p in policies_usable_by(documents, request["user"]) if policy_selects(p, request)]
+    if not selected:
+        return "pending"
+    return "approved" if any(not policy_violations(p, request) for p in selected) else "denied"
+
+
+def approval_documents() -> list[dict]:
+    return load_documents(K8S / APPROVAL_POLICY_FILE)
+
+
+def shipped_certificates() -> list[dict]:
+    return [d for d in all_objects() if d["kind"] == "Certificate"]
+
+
+def admin_identities() -> list[str]:
+    _, policy = configmap_files()
+    return [g["identity"] for g in policy["grant"] if g.get("admin")]
+
+
+def _client_spec(**names) -> dict:
+    """The example client's Certificate spec with other names in it."""
+    spec = dict(find("Certificate", "auth-service-secrets-broker-client")["spec"])
+    for field in ("commonName", "dnsNames", "uris"):
+        spec.pop(field, None)
+    return spec | names
+
+
+def minting_problems(documents: list[dict]) -> list[str]:
+    """Every way the approval policies in `documents` fail: a shipped
+    Certificate not approved, or a name approved for a namespace it does
+    not belong to ([] = none)."""
+    problems = []
+
+    def expect(outcome: str, spec: dict, namespace: str, why: str, user: str = CERT_MANAGER_USER) -> None:
+        got = approval(documents, certificate_request(spec, namespace, user))
+        if got != outcome:
+            problems.append(f"{why}: {got}, want {outcome} (namespace {namespace}, {spec})")
+
+    for cert in shipped_certificates():
+        expect("approved", cert["spec"], cert["metadata"]["namespace"], f"shipped {cert['metadata']['name']}")
+    (admin,) = admin_identities()
+    example = find("Certificate", "auth-service-secrets-broker-client")
+    server = find("Certificate", "secrets-broker-server")["spec"]
+    ca = find("Certificate", "secrets-broker-ca")["spec"]
+    own = example["metadata"]["namespace"]
+    # The admin identity: from the broker's namespace only.
+    expect("approved", _client_spec(uris=[admin]), NAMESPACE, "admin from the broker's namespace")
+    for namespace in (own, "attacker", "ops", "default", "cert-manager", "kube-system"):
+        expect("denied", _client_spec(uris=[admin]), namespace, "admin minted elsewhere")
+    expect("denied", _client_spec(commonName=own, uris=[admin]), own, "admin next to an own CN")
+    # The example client's name from any other namespace, or one like it.
+    expect("denied", example["spec"], "attacker", "another namespace's identity")
+    expect("denied", _client_spec(uris=[f"spiffe://insurecove/{own}"]), "auth", "a namespace that prefixes it")
+    for uri in (f"spiffe://insurecove/{own}/../{NAMESPACE}/admin", f"spiffe://insurecove/{own}/%2e%2e/x",
+                f"spiffe://insurecove/{own}/./x", f"spiffe://insurecove/{own}evil", f"spiffe://insurecove/{own}?x",
+                f"spiffe://other/{own}", f"https://insurecove/{own}", f"spiffe://insurecove/{own}//x"):
+        expect("denied", _client_spec(uris=[uri]), own, f"URI trick {uri}")
+    expect("approved", _client_spec(uris=[f"spiffe://insurecove/{own}/worker-1"]), own, "own sub-identity")
+    # DNS and CN identities: the namespace's Services only.
+    expect("approved", _client_spec(dnsNames=["reporting.analytics.svc.cluster.local"]), "analytics", "own DNS name")
+    for namespace in ("reporting", "attacker", "svc"):
+        expect("denied", _client_spec(dnsNames=["reporting.analytics.svc.cluster.local"]), namespace,
+               "another namespace's DNS name")
+    expect("denied", _client_spec(dnsNames=["analytics.svc.cluster.local"]), "analytics", "DNS name without a Service")
+    expect("denied", _client_spec(dnsNames=["*.analytics.svc.cluster.local"]), "analytics", "wildcard DNS name")
+    expect("approved", _client_spec(commonName="analytics"), "analytics", "CN of the own namespace")
+    expect("denied", _client_spec(commonName="auth-service"), "attacker", "CN of another namespace")
+    # The server's names (clients would trust a certificate with them) and a CA.
+    for namespace in ("attacker", own):
+        expect("denied", server, namespace, "the server certificate outside the broker's namespace")
+        expect("denied", _client_spec(uris=[f"spiffe://insurecove/{namespace}"], isCA=True), namespace, "a CA")
+        expect("denied", _client_spec(uris=[f"spiffe://insurecove/{namespace}"], usages=["server auth"]),
+               namespace, "server auth for a client")
+    expect("denied", ca | {"issuerRef": example["spec"]["issuerRef"]}, "cert-manager", "a CA from the client CA")
+    # Other fields: no IP or e-mail SANs, a bounded lifetime.
+    base = {"uris": [f"spiffe://insurecove/{own}"]}
+    expect("denied", _client_spec(**base, ipAddresses=["10.0.0.1"]), own, "an IP SAN")
+    expect("denied", _client_spec(**base, emailAddresses=["a@insurecove"]), own, "an e-mail SAN")
+    expect("denied", {k: v for k, v in _client_spec(**base).items() if k != "duration"}, own, "no duration")
+    expect("denied", _client_spec(**base, duration="8760h"), own, "a year")
+    # A request with no group in its issuerRef is judged the same.
+    ref = {k: v for k, v in example["spec"]["issuerRef"].items() if k != "group"}
+    expect("denied", _client_spec(uris=[admin], issuerRef=ref), "attacker", "admin, issuerRef without group")
+    # A CertificateRequest a person writes by hand uses no policy: never approved.
+    expect("pending", _client_spec(uris=[admin]), NAMESPACE, "a hand-made request", user="alice")
+    return problems
+
+
+def test_approval_policies_bind_every_name_to_its_namespace():
+    problems = minting_problems(approval_documents())
+    assert not problems, "\n".join(problems)
+
+
+def test_approval_policies_are_all_bound_to_cert_manager():
+    """Each policy is usable by cert-manager's controller (the requester of
+    every Certificate) and by nobody else."""
+    documents = approval_documents()
+    names = {d["metadata"]["name"] for d in documents if d["kind"] == "CertificateRequestPolicy"}
+    assert {p["metadata"]["name"] for p in policies_usable_by(documents, CERT_MANAGER_USER)} == names
+    assert not policies_usable_by(documents, "alice")
+    bindings = [d for d in documents if d["kind"] == "ClusterRoleBinding"]
+    assert [s for b in bindings for s in b["subjects"]] == [
+        {"kind": "ServiceAccount", "name": "cert-manager", "namespace": "cert-manager"}]
+    # the policies select the issuers certificates.yaml defines
+    issuers = {(d["kind"], d["metadata"]["name"]) for d in all_objects() if d["kind"] in ("Issuer", "ClusterIssuer")}
+    for policy in (d for d in documents if d["kind"] == "CertificateRequestPolicy"):
+        ref = policy["spec"]["selector"]["issuerRef"]
+        assert (ref["kind"], ref["name"]) in issuers, policy["metadata"]["name"]
+
+
+def test_every_granted_identity_is_mintable_from_one_namespace():
+    """Each identity policy.toml grants can be issued to exactly one
+    namespace (so its client can get it, and nobody else); the admin's is
+    the broker's own."""
+    _, policy = configmap_files()
+    documents = approval_documents()
+    for grant in policy["grant"]:
+        identity = grant["identity"].replace("**", "x").replace("*", "x")
+        kind, _, name = identity.partition(":")
+        if "://" in identity:
+            spec, home = _client_spec(uris=[identity]), identity.split("/")[3]
+        elif kind == "dns":
+            spec, home = _client_spec(dnsNames=[name]), name.split(".svc")[0].rsplit(".", 1)[-1]
+        else:
+            assert kind == "cn", identity
+            spec, home = _client_spec(commonName=name), name
+        candidates = {home, NAMESPACE, "cert-manager", "kube-system", "default", "attacker", "auth-service", "ops"}
+        minting = {ns for ns in candidates
+                   if approval(documents, certificate_request(spec, ns)) == "approved"}
+        assert minting == {home}, f"{grant['identity']}: issued to {sorted(minting)}, want only {home}"
+        if grant.get("admin"):
+            assert home == NAMESPACE, f"admin identity {grant['identity']} belongs to namespace {home}"
+
+
+def _widened(mutate) -> list[dict]:
+    documents = json.loads(json.dumps(approval_documents()))
+    policies = {d["metadata"]["name"]: d for d in documents if d["kind"] == "CertificateRequestPolicy"}
+    mutate(policies, documents)
+    return documents
+
+
+def _allow_all(policies: dict, documents: list) -> None:
+    """A companion of disableAutoApproval in many clusters: a policy for
+    every issuer, bound to cert-manager."""
+    documents.append({
+        "apiVersion": "policy.cert-manager.io/v1alpha1", "kind": "CertificateRequestPolicy",
+        "metadata": {"name": "allow-all"},
+        "spec": {"selector": {"issuerRef": {}}, "allowed": {
+            "commonName": {"value": "*"}, "uris": {"values": ["*"]}, "dnsNames": {"values": ["*"]},
+            "usages": ["client auth", "digital signature", "key encipherment"]}},
+    })
+    next(d for d in documents if d["kind"] == "ClusterRole")["rules"][0]["resourceNames"].append("allow-all")
+
+
+def _clients_rule(field: str, rule: str):
+    def mutate(policies: dict, documents: list) -> None:
+        policies["secrets-broker-clients"]["spec"]["allowed"][field]["validations"][0]["rule"] = rule
+    return mutate
+
+
+@pytest.mark.parametrize("mutate", [
+    _clients_rule("uris", "true"),
+    _clients_rule("dnsNames", "self.endsWith('.svc.cluster.local')"),
+    _clients_rule("commonName", "true"),
+    lambda p, d: p["secrets-broker-clients"]["spec"]["allowed"].__setitem__("isCA", True),
+    lambda p, d: p["secrets-broker-clients"]["spec"]["allowed"]["usages"].append("server auth"),
+    lambda p, d: p["secrets-broker-clients"]["spec"]["allowed"].__setitem__("ipAddresses", {"values": ["*"]}),
+    lambda p, d: p["secrets-broker-clients"]["spec"].pop("constraints"),
+    lambda p, d: p["secrets-broker-server"]["spec"]["selector"].pop("namespace"),
+    _allow_all,
+], ids=["any-uri", "any-service-dns-name", "any-cn", "client-ca", "client-server-auth", "ip-sans",
+        "no-max-duration", "server-any-namespace", "allow-all-policy"])
+def test_minting_check_catches_a_widened_policy(mutate):
+    """minting_problems is not vacuous: each widening is seen."""
+    assert minting_problems(_widened(mutate))
+
+
+def test_only_the_client_ca_is_cluster_wide():
+    """The CA is a ClusterIssuer only because clients' Certificates live in
+    their namespaces; its bootstrap self-signed issuer is namespaced, next
+    to the one Certificate that uses it."""
+    cluster_issuers = [d["metadata"]["name"] for d in all_objects() if d["kind"] == "ClusterIssuer"]
+    assert cluster_issuers == ["secrets-broker-ca"]
+    issuers = {d["metadata"]["name"]: d for d in all_objects() if d["kind"] == "Issuer"}
+    for cert in shipped_certificates():
+        ref = cert["spec"]["issuerRef"]
+        if ref["kind"] == "Issuer":
+            assert issuers[ref["name"]]["metadata"]["namespace"] == cert["metadata"]["namespace"], ref
+        else:
+            assert ref["name"] == "secrets-broker-ca", ref
+
+
+def test_identity_minting_is_documented():
+    """Whoever applies the manifests is told, where they look, that the CA
+    mints any name for anyone until approval is restricted."""
+    for path in (K8S / "certificates.yaml", K8S / "kustomization.yaml", DEPLOY / "README.md", ROOT / "SECURITY.md"):
+        text = path.read_text()
+        assert APPROVAL_POLICY_FILE in text, f"{path.name} does not point at {APPROVAL_POLICY_FILE}"
+        assert "approver-policy" in text, path.name
+    readme = (DEPLOY / "README.md").read_text()
+    assert "### 1c. Who can mint an identity" in readme and "disableAutoApproval" in readme
+    assert "### Who can obtain an identity" in (ROOT / "SECURITY.md").read_text()
+
+
 # ==========================================================================
 # (b) IAM policy
 
@@ -640,10 +1149,13 @@ def cfn_lint(path: Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(tool), str(path)], capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
-# What the broker needs in topic mode, and on what.
+# What the broker needs in topic mode, and on what. (GetQueueUrl: a broker
+# stopped before its queue was subscribed finds that queue by name to delete
+# it.) test_event_template_grants_are_the_calls_of_the_source derives the
+# same set from src/.
 TOPIC_MODE_SQS_ACTIONS = {
-    "sqs:CreateQueue", "sqs:DeleteQueue", "sqs:GetQueueAttributes", "sqs:SetQueueAttributes",
-    "sqs:TagQueue", "sqs:ReceiveMessage", "sqs:DeleteMessage",
+    "sqs:CreateQueue", "sqs:DeleteQueue", "sqs:GetQueueAttributes", "sqs:GetQueueUrl",
+    "sqs:SetQueueAttributes", "sqs:TagQueue", "sqs:ReceiveMessage", "sqs:DeleteMessage",
 }
 TOPIC_MODE_SNS_ACTIONS = {"sns:Subscribe", "sns:Unsubscribe"}
 BROKER_QUEUES_ARN = {"Fn::Sub": "arn:${AWS::Partition}:sqs:${AWS::Region}:${AWS::AccountId}:secrets-broker-*"}
@@ -737,6 +1249,81 @@ def test_event_template_scope_check_catches_widening(widen):
     for statement in policy["Properties"]["PolicyDocument"]["Statement"]:
         widen(statement)
     assert iam_scope_problems(template)
+
+
+# The IAM actions that authorize each aws-sdk-sqs / aws-sdk-sns call (the
+# Rust SDK's snake_case operation names). A batch call is authorized by its
+# single-message action; CreateQueue with tags also needs TagQueue. An
+# operation missing here fails the test below: add it, with its action.
+SDK_CALL_ACTIONS = {
+    ("sqs", "create_queue"): {"sqs:CreateQueue", "sqs:TagQueue"},
+    ("sqs", "delete_queue"): {"sqs:DeleteQueue"},
+    ("sqs", "get_queue_url"): {"sqs:GetQueueUrl"},
+    ("sqs", "get_queue_attributes"): {"sqs:GetQueueAttributes"},
+    ("sqs", "set_queue_attributes"): {"sqs:SetQueueAttributes"},
+    ("sqs", "tag_queue"): {"sqs:TagQueue"},
+    ("sqs", "receive_message"): {"sqs:ReceiveMessage"},
+    ("sqs", "delete_message"): {"sqs:DeleteMessage"},
+    ("sqs", "delete_message_batch"): {"sqs:DeleteMessage"},
+    ("sqs", "change_message_visibility"): {"sqs:ChangeMessageVisibility"},
+    ("sqs", "change_message_visibility_batch"): {"sqs:ChangeMessageVisibility"},
+    ("sqs", "list_queues"): {"sqs:ListQueues"},
+    ("sqs", "list_queue_tags"): {"sqs:ListQueueTags"},
+    ("sqs", "purge_queue"): {"sqs:PurgeQueue"},
+    ("sns", "subscribe"): {"sns:Subscribe"},
+    ("sns", "unsubscribe"): {"sns:Unsubscribe"},
+    ("sns", "get_subscription_attributes"): {"sns:GetSubscriptionAttributes"},
+    ("sns", "set_subscription_attributes"): {"sns:SetSubscriptionAttributes"},
+    ("sns", "list_subscriptions_by_topic"): {"sns:ListSubscriptionsByTopic"},
+}
+# Methods of the client handles that are not AWS calls.
+SDK_CLIENT_METHODS = {"clone", "config"}
+
+
+def source_sdk_calls() -> list[tuple[str, str, str]]:
+    """(file, client, operation) of every SQS and SNS call in src/: the
+    client handles are named `sqs` and `sns` (`sqs.get_queue_url()`,
+    `self.sqs` with `.receive_message()` on the next line, `owned.sns.unsubscribe()`)."""
+    calls = []
+    for path in sorted((ROOT / "src").rglob("*.rs")):
+        text = path.read_text()
+        if "aws_sdk_sqs" not in text and "aws_sdk_sns" not in text:
+            continue
+        found = [(path.name, client, op) for client, op in re.findall(r"\b(sqs|sns)\s*\.\s*([a-z_]+)\(\)", text)
+                 if op not in SDK_CLIENT_METHODS]
+        # Every request the file sends must be one of those calls, so that a
+        # call through a differently named handle cannot slip past.
+        sends = len(re.findall(r"\.\s*send\(\)", text))
+        assert sends == len(found), f"{path.name}: {sends} .send() but {len(found)} sqs./sns. calls: {found}"
+        calls += found
+    assert calls, "no SQS/SNS calls found in src/: has the event path moved?"
+    return calls
+
+
+def test_event_template_grants_are_the_calls_of_the_source():
+    """The managed policy grants exactly what the topic mode calls (every
+    call in src/ that mentions aws_sdk_sqs or aws_sdk_sns; the queue mode's
+    calls are a subset), so a call added to the source without its grant,
+    like GetQueueUrl once, fails here rather than in a first deployment."""
+    needed: set[str] = set()
+    for file, client, op in source_sdk_calls():
+        assert (client, op) in SDK_CALL_ACTIONS, f"{file}: {client}.{op}(): add its IAM action to SDK_CALL_ACTIONS"
+        needed |= SDK_CALL_ACTIONS[(client, op)]
+    assert needed == TOPIC_MODE_SQS_ACTIONS | TOPIC_MODE_SNS_ACTIONS, (
+        f"missing {sorted(needed - TOPIC_MODE_SQS_ACTIONS - TOPIC_MODE_SNS_ACTIONS)}, "
+        f"unused {sorted(TOPIC_MODE_SQS_ACTIONS | TOPIC_MODE_SNS_ACTIONS - needed)}")
+    policy = next(r for r in cfn_template()["Resources"].values() if r["Type"] == "AWS::IAM::ManagedPolicy")
+    granted = {a for s in policy["Properties"]["PolicyDocument"]["Statement"] for a in _as_list(s["Action"])}
+    assert granted == needed, f"missing {sorted(needed - granted)}, extra {sorted(granted - needed)}"
+
+
+def test_event_template_grants_are_documented():
+    """deploy/README.md (1b) names every action the template grants."""
+    text = (DEPLOY / "README.md").read_text()
+    section = text[text.index("### 1b."):text.index("### 1c.")]
+    for action in TOPIC_MODE_SQS_ACTIONS | TOPIC_MODE_SNS_ACTIONS:
+        _, name = action.split(":")
+        assert f"`{action}`" in section or f"`{name}`" in section, f"deploy/README.md 1b does not name {action}"
 
 
 def test_event_template_topic_rules_and_output():
