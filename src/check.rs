@@ -27,6 +27,8 @@ pub enum CheckError {
     ExpiresSoon { days: u64, not_after: String },
     #[error("upstream: {0}")]
     Upstream(crate::backend::StoreError),
+    #[error("events: {0}")]
+    Events(String),
 }
 
 /// Runs every check; on success, the lines to print.
@@ -65,6 +67,12 @@ pub async fn run(settings: &Settings) -> Result<Vec<String>, CheckError> {
         ),
         format!("upstream: {upstream}"),
     ];
+    if let (Some(source), Some(region)) = (&settings.events, settings.backend.region()) {
+        let events = crate::events::check_source(source, region)
+            .await
+            .map_err(CheckError::Events)?;
+        report.push(format!("events: {events}"));
+    }
     let prefix = crate::app::name_resolver(settings);
     for warning in security.authorizer.warnings(prefix.prefix()) {
         report.push(format!("warning: policy {warning}"));

@@ -40,6 +40,15 @@ mod queue;
 use message::{Change, Message};
 use queue::Queue;
 
+/// What `check` says of the event source (`--events-queue-url` or
+/// `--events-topic-arn`), read-only; an error names the call that failed
+/// and what to check.
+pub async fn check_source(source: &EventSource, region: &str) -> Result<String, String> {
+    Queue::check_source(source, region)
+        .await
+        .map_err(|error| error.to_string())
+}
+
 /// Event ids remembered to drop a second delivery (SQS and SNS deliver at
 /// least once).
 const REMEMBERED_IDS: usize = 4096;

@@ -156,6 +156,46 @@ impl Queue {
         Ok(queue)
     }
 
+    /// What `check` says of the event source, reading only: the queue's
+    /// message count (queue mode), or that the topic can be seen (topic mode).
+    /// Nothing is received, made or subscribed, so a running broker reading
+    /// the same queue loses nothing.
+    pub(super) async fn check_source(
+        source: &EventSource,
+        region: &str,
+    ) -> Result<String, QueueError> {
+        let config = crate::backend::aws::sdk_config(region).await;
+        match source {
+            EventSource::Queue(url) => {
+                let sqs = SqsClient::new(&config);
+                let answer = sqs
+                    .get_queue_attributes()
+                    .queue_url(url)
+                    .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+                    .send()
+                    .await
+                    .map_err(|e| QueueError::of(Service::Sqs, "GetQueueAttributes", &e, region))?;
+                let waiting = answer
+                    .attributes()
+                    .and_then(|a| a.get(&QueueAttributeName::ApproximateNumberOfMessages))
+                    .map_or("?", String::as_str)
+                    .to_owned();
+                Ok(format!("queue {url} answers ({waiting} messages waiting)"))
+            }
+            EventSource::Topic(topic) => {
+                let sns = SnsClient::new(&config);
+                sns.get_topic_attributes()
+                    .topic_arn(topic)
+                    .send()
+                    .await
+                    .map_err(|e| QueueError::of(Service::Sns, "GetTopicAttributes", &e, region))?;
+                Ok(format!(
+                    "topic {topic} answers (each replica subscribes a queue of its own at start)"
+                ))
+            }
+        }
+    }
+
     /// Deletes the queue named `name` if an attempt of this run made it
     /// (topic mode, the broker stopping before its subscription worked).
     pub(super) async fn remove_made(region: &str, name: &str) {

@@ -58,3 +58,25 @@ def test_check_warns_of_policy_patterns_written_as_short_names(run_cli, tmp_path
     assert len(warnings) == 1, output(proc)
     assert '"production/jwt" does not start with the prefix "insurecove/"' in warnings[0], warnings
     assert '"insurecove/production/jwt"?' in warnings[0], warnings
+
+
+def test_check_tests_the_event_source(run_cli, moto):
+    """`check` reads the event queue's attributes (queue mode) or the
+    topic's (topic mode), and fails naming the call when it cannot."""
+    env = moto.broker_env()
+    queue = moto.boto("sqs").create_queue(QueueName="check-events")["QueueUrl"]
+    topic = moto.boto("sns").create_topic(Name="check-events")["TopicArn"]
+
+    proc = run_cli("check", "--events-queue-url", queue, env=env)
+    assert proc.returncode == 0, output(proc)
+    assert f"events: queue {queue} answers" in output(proc), output(proc)
+
+    proc = run_cli("check", "--events-topic-arn", topic, env=env)
+    assert proc.returncode == 0, output(proc)
+    assert f"events: topic {topic} answers" in output(proc), output(proc)
+
+    missing = queue.rsplit("/", 1)[0] + "/no-such-queue"
+    proc = run_cli("check", "--events-queue-url", missing, env=env)
+    assert proc.returncode == 1, output(proc)
+    assert "events: GetQueueAttributes failed" in output(proc), output(proc)
+    assert len(output(proc).strip().splitlines()) <= 2, output(proc)

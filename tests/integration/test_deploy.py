@@ -1157,7 +1157,7 @@ TOPIC_MODE_SQS_ACTIONS = {
     "sqs:CreateQueue", "sqs:DeleteQueue", "sqs:GetQueueAttributes", "sqs:GetQueueUrl",
     "sqs:SetQueueAttributes", "sqs:TagQueue", "sqs:ReceiveMessage", "sqs:DeleteMessage",
 }
-TOPIC_MODE_SNS_ACTIONS = {"sns:Subscribe", "sns:Unsubscribe"}
+TOPIC_MODE_SNS_ACTIONS = {"sns:Subscribe", "sns:Unsubscribe", "sns:GetTopicAttributes"}
 BROKER_QUEUES_ARN = {"Fn::Sub": "arn:${AWS::Partition}:sqs:${AWS::Region}:${AWS::AccountId}:secrets-broker-*"}
 TOPIC_REF = {"Ref": "EventsTopic"}
 
@@ -1272,6 +1272,7 @@ SDK_CALL_ACTIONS = {
     ("sqs", "purge_queue"): {"sqs:PurgeQueue"},
     ("sns", "subscribe"): {"sns:Subscribe"},
     ("sns", "unsubscribe"): {"sns:Unsubscribe"},
+    ("sns", "get_topic_attributes"): {"sns:GetTopicAttributes"},
     ("sns", "get_subscription_attributes"): {"sns:GetSubscriptionAttributes"},
     ("sns", "set_subscription_attributes"): {"sns:SetSubscriptionAttributes"},
     ("sns", "list_subscriptions_by_topic"): {"sns:ListSubscriptionsByTopic"},
