@@ -77,10 +77,10 @@ impl Listeners {
             ),
             ListenAddr::Unix(path) => {
                 remove_stale_socket(path).map_err(listen_error(settings.listen.to_string()))?;
-                Bound::Unix(
-                    tokio::net::UnixListener::bind(path)
-                        .map_err(listen_error(settings.listen.to_string()))?,
-                )
+                let listener = tokio::net::UnixListener::bind(path)
+                    .map_err(listen_error(settings.listen.to_string()))?;
+                open_to_group(path).map_err(listen_error(settings.listen.to_string()))?;
+                Bound::Unix(listener)
             }
         };
         let probes = match settings.metrics_listen {
@@ -403,6 +403,16 @@ async fn stop_on(
 
 /// How long the event consumer may take to remove its queue on shutdown.
 const EVENTS_CLEANUP: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Connecting to a unix socket needs write access to its file, which the
+/// process's umask decides (systemd's `UMask=0077` left it to the broker's
+/// own user): it is made read-write for its owner and group, so that the
+/// services allowed in (members of the broker's group) can connect, and
+/// nobody else.
+fn open_to_group(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+}
 
 /// A socket file left by a broker that did not stop cleanly blocks `bind`;
 /// anything else at that path is left alone (bind then fails clearly).

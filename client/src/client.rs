@@ -68,7 +68,10 @@ impl SecretsClient {
             }
             endpoint = endpoint.tls_config(tls)?;
         }
-        let channel = endpoint.connect_lazy();
+        let channel = match config.unix_path() {
+            Some(path) => endpoint.connect_with_connector_lazy(unix_connector(path)),
+            None => endpoint.connect_lazy(),
+        };
         Ok(Self {
             secrets: SecretsServiceClient::new(channel.clone()),
             admin: AdminServiceClient::new(channel.clone()),
@@ -376,3 +379,25 @@ impl<'a> IntoFuture for GetSecret<'a> {
         Box::pin(self.send())
     }
 }
+/// Connects every (re)connection of the channel to the unix socket at
+/// `path`.
+fn unix_connector(
+    path: &str,
+) -> impl tower::Service<
+    tonic::transport::Uri,
+    Response = hyper_util::rt::TokioIo<tokio::net::UnixStream>,
+    Error = std::io::Error,
+    Future = impl Send,
+> + Clone
++ Send
++ 'static {
+    let path = std::path::PathBuf::from(path);
+    tower::service_fn(move |_: tonic::transport::Uri| {
+        let path = path.clone();
+        async move {
+            let stream = tokio::net::UnixStream::connect(path).await?;
+            Ok(hyper_util::rt::TokioIo::new(stream))
+        }
+    })
+}
+

@@ -17,7 +17,8 @@ use crate::Error;
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientConfig {
-    /// `host:port`, or a URL (`http://` or `https://`).
+    /// `host:port`, a URL (`http://` or `https://`), or a unix socket
+    /// (`unix:/run/secrets-broker.sock`, plaintext).
     pub endpoint: String,
     /// The CA that signed the broker's certificate (PEM).
     pub ca_file: Option<PathBuf>,
@@ -99,9 +100,31 @@ impl ClientConfig {
         }
     }
 
+    /// The socket path of a `unix:` endpoint.
+    pub(crate) fn unix_path(&self) -> Option<&str> {
+        self.endpoint.strip_prefix("unix:")
+    }
+
     /// The endpoint as a URL with the scheme TLS implies.
     pub(crate) fn url(&self) -> Result<String, Error> {
         let tls = self.tls_files()?.is_some();
+        if let Some(path) = self.unix_path() {
+            if path.is_empty() {
+                return Err(Error::Config(
+                    "a unix socket endpoint needs a path, e.g. unix:/run/secrets-broker.sock"
+                        .into(),
+                ));
+            }
+            if tls {
+                return Err(Error::Config(format!(
+                    "{}: a unix socket is plaintext (only local processes reach it); \
+                     leave out the TLS files",
+                    self.endpoint
+                )));
+            }
+            // The connector ignores it; h2 refuses a path as :authority.
+            return Ok("http://localhost".to_owned());
+        }
         let (scheme, rest) = match self.endpoint.split_once("://") {
             Some((scheme, rest)) => (scheme.to_owned(), rest.to_owned()),
             None => (

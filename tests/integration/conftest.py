@@ -210,8 +210,15 @@ class Broker:
     _channels: list[grpc.Channel] = field(default_factory=list)
     _log_file: object = None
 
+    def options(self) -> list:
+        # grpc-core sends a unix socket's path as :authority, which h2
+        # refuses: the same override the Python client makes.
+        if self.addr.startswith("unix:"):
+            return [*support.CHANNEL_OPTIONS, ("grpc.default_authority", "localhost")]
+        return list(support.CHANNEL_OPTIONS)
+
     def channel(self) -> grpc.Channel:
-        ch = grpc.insecure_channel(self.addr, options=support.CHANNEL_OPTIONS)
+        ch = grpc.insecure_channel(self.addr, options=self.options())
         self._channels.append(ch)
         return ch
 
@@ -225,7 +232,7 @@ class Broker:
         """The serving status name for service (e.g. "SERVING")."""
         h = self.stubs.health_pb2
         # A channel of its own per check: no reconnect backoff while starting.
-        with grpc.insecure_channel(self.addr, options=support.CHANNEL_OPTIONS) as ch:
+        with grpc.insecure_channel(self.addr, options=self.options()) as ch:
             stub = self.stubs.health_pb2_grpc.HealthStub(ch)
             resp = stub.Check(h.HealthCheckRequest(service=service), timeout=timeout)
         return h.HealthCheckResponse.ServingStatus.Name(resp.status)

@@ -62,3 +62,34 @@ def test_plaintext_to_a_remote_address_is_refused(run_cli):
     assert refused.returncode == 1
     assert "loopback" in refused.stderr
     assert time.monotonic() - started < 5, "refused before any connection attempt"
+
+
+def test_a_unix_socket_broker_under_a_strict_umask(broker_bin, log_path, tmp_path):
+    """Started with umask 077 (systemd's UMask=0077), the socket is still
+    read-write for the broker's group, and the operator's client reaches it
+    at a `unix:` endpoint."""
+    import os
+    import stat
+
+    sock = tmp_path / "broker.sock"
+    log = open(log_path(), "wb")
+    proc = subprocess.Popen(
+        ["sh", "-c", 'umask 077 && exec "$0" serve --dev --listen "unix:$1"', str(broker_bin), str(sock)],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=support.broker_env(), cwd=tmp_path,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        got = None
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, support.log_tail(log_path())
+            if sock.exists():
+                got = get(broker_bin, "mistral-api-key", "--endpoint", f"unix:{sock}")
+                if got.returncode == 0:
+                    break
+            time.sleep(0.1)
+        assert got is not None and got.returncode == 0, got and got.stderr
+        assert got.stdout == support.dev_seed()["insurecove/mistral-api-key"] + "\n"
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o660, oct(os.stat(sock).st_mode)
+    finally:
+        support.stop_process(proc, 5)
+        log.close()

@@ -189,6 +189,28 @@ def test_an_unreachable_broker_is_false_not_an_exception(venv, tmp_path):
     assert json.loads(proc.stdout) == {"status": "unhealthy", "aws_secrets": "disconnected"}
 
 
+UNIX_SOCKET_PROBE = """
+import json
+from secrets_broker.aws_secrets import AWSSecretsManager
+m = AWSSecretsManager()
+print(json.dumps({"connected": m.test_connection(), "value": m.get_secret("mistral-api-key").value}))
+"""
+
+
+def test_the_client_reaches_a_broker_on_a_unix_socket(venv, start_broker, tmp_path):
+    """BROKER_ENDPOINT=unix:/path: grpc-core would send the path as
+    :authority, which the broker's HTTP/2 refuses; the client sends
+    `localhost` instead."""
+    sock = tmp_path / "broker.sock"
+    broker = start_broker(listen=f"unix:{sock}")
+    probe = tmp_path / "unix_probe.py"
+    probe.write_text(UNIX_SOCKET_PROBE)
+    proc = run(venv, probe, package_env(broker), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout)
+    assert seen == {"connected": True, "value": support.dev_seed()[MISTRAL]}, seen
+
+
 ROTATION_PROBE = """
 import json, sys, time
 from secrets_broker.aws_secrets import AWSSecretsManager

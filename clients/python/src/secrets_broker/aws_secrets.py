@@ -289,6 +289,10 @@ class AWSSecretsConfig(BaseSettings):
             ("grpc.min_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 3000),
         ]
+        if self.broker_endpoint.startswith(("unix:", "unix-abstract:")):
+            # grpc-core would send the socket's path as :authority, which
+            # HTTP/2 servers (the broker's h2) refuse as malformed.
+            options.append(("grpc.default_authority", "localhost"))
         proxy = self.https_proxy if tls else self.http_proxy
         if self._bypasses_proxy():
             options.append(("grpc.enable_http_proxy", 0))
