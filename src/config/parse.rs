@@ -14,8 +14,16 @@ pub(super) fn parse_listen(value: &str) -> Result<ListenAddr, String> {
 }
 
 pub(super) fn parse_socket_addr(value: &str) -> Result<SocketAddr, String> {
-    value.parse().map_err(|_| {
-        format!("{value:?} is not an address of the form HOST:PORT, e.g. 127.0.0.1:50051")
+    // `localhost` is the one name taken: it means loopback everywhere, and
+    // resolving others would make the address depend on DNS at start.
+    let loopback = value
+        .strip_prefix("localhost:")
+        .map(|port| format!("127.0.0.1:{port}"));
+    loopback.as_deref().unwrap_or(value).parse().map_err(|_| {
+        format!(
+            "{value:?} is not an address of the form IP:PORT, e.g. 127.0.0.1:50051 \
+             (localhost:PORT, or 0.0.0.0:PORT for every interface)"
+        )
     })
 }
 

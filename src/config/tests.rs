@@ -114,6 +114,14 @@ fn plaintext_is_refused_beyond_loopback() {
         resolve(&args, &[]).unwrap().listen,
         ListenAddr::Unix("/tmp/broker.sock".into())
     );
+    args.listen = Some("localhost:50061".into());
+    assert_eq!(
+        resolve(&args, &[]).unwrap().listen,
+        ListenAddr::Tcp("127.0.0.1:50061".parse().unwrap())
+    );
+    args.listen = Some("broker.internal:50061".into());
+    let err = resolve(&args, &[]).unwrap_err().to_string();
+    assert!(err.contains("IP:PORT") && err.contains("localhost:PORT"), "{err}");
 }
 
 #[test]
