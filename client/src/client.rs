@@ -40,6 +40,8 @@ pub struct SecretsClient {
     request_timeout: Duration,
     /// As configured, for errors that name it.
     endpoint: std::sync::Arc<str>,
+    /// Mutual TLS is configured (what a closed connection likely means).
+    tls: bool,
 }
 
 /// First wait between retries; doubles each time.
@@ -79,6 +81,7 @@ impl SecretsClient {
             max_retries: config.max_retries,
             request_timeout: config.request_timeout,
             endpoint: config.endpoint.as_str().into(),
+            tls: config.tls_files()?.is_some(),
         })
     }
 
@@ -96,7 +99,7 @@ impl SecretsClient {
 
     /// The error of a failed call: the broker's, or the connection's.
     fn error(&self, status: tonic::Status) -> Error {
-        Error::from_call(status, &self.endpoint)
+        Error::from_call(status, &self.endpoint, self.tls)
     }
 
     /// Runs an idempotent call, retrying UNAVAILABLE with backoff.
@@ -400,4 +403,3 @@ fn unix_connector(
         }
     })
 }
-

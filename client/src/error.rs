@@ -117,10 +117,10 @@ impl Error {
         )
     }
 
-    /// The error of a failed call to `endpoint`: a status the broker sent
-    /// (it carries an `ErrorInfo`), or the connection's own failure, told
-    /// as `Unreachable`.
-    pub(crate) fn from_call(status: Status, endpoint: &str) -> Self {
+    /// The error of a failed call to `endpoint` (over mutual TLS when
+    /// `tls`): a status the broker sent (it carries an `ErrorInfo`), or the
+    /// connection's own failure, told as `Unreachable`.
+    pub(crate) fn from_call(status: Status, endpoint: &str, tls: bool) -> Self {
         let from_broker = status.get_details_error_info().is_some();
         // tonic reports an HTTP/2 protocol failure (e.g. a plaintext client
         // talking to a TLS broker) as INTERNAL, carrying the h2 error.
@@ -137,13 +137,13 @@ impl Error {
         }
         Self::Unreachable {
             endpoint: endpoint.to_owned(),
-            reason: connection_reason(&status),
+            reason: connection_reason(&status, tls),
         }
     }
 }
 
 /// Why a connection failed, in words a person can act on.
-fn connection_reason(status: &Status) -> String {
+fn connection_reason(status: &Status, tls: bool) -> String {
     let mut chain = String::new();
     let mut current: Option<&(dyn std::error::Error + 'static)> = Some(status);
     while let Some(error) = current {
@@ -158,7 +158,22 @@ fn connection_reason(status: &Status) -> String {
         "badsignature",
         "bad signature",
     ];
-    let reason = if untrusted.iter().any(|word| chain.contains(word)) {
+    // Under TLS 1.3 the client's side of the handshake is done before the
+    // broker checks the client's certificate: a refusal arrives as an alert
+    // on the first read, or as the connection closing.
+    let refused_us = [
+        "unknownca",
+        "decrypterror",
+        "badcertificate",
+        "certificateunknown",
+    ];
+    let alert = chain.contains("received fatal alert");
+    let reason = if alert && chain.contains("certificateexpired") {
+        "TLS: the broker refused this client's certificate: it has expired (BROKER_CERT_FILE)"
+    } else if alert && refused_us.iter().any(|word| chain.contains(word)) {
+        "TLS: the broker refused this client's certificate: not from a CA the broker trusts \
+         (its --tls-client-ca), or not a client certificate (BROKER_CERT_FILE, BROKER_KEY_FILE)"
+    } else if untrusted.iter().any(|word| chain.contains(word)) {
         "TLS: the broker's certificate is not signed by the CA of BROKER_CA_FILE (unknown CA)"
     } else if chain.contains("notvalidforname") || chain.contains("not valid for name") {
         "TLS: the broker's certificate does not name this host (name mismatch); set BROKER_TLS_DOMAIN to a name it carries"
@@ -178,6 +193,13 @@ fn connection_reason(status: &Status) -> String {
         "TLS handshake failed (BROKER_CA_FILE, BROKER_CERT_FILE, BROKER_KEY_FILE)"
     } else if chain.contains("protocol error") || chain.contains("http2 error") {
         "the broker did not answer in plaintext HTTP/2 (a TLS broker? set BROKER_CA_FILE, BROKER_CERT_FILE, BROKER_KEY_FILE)"
+    } else if tls
+        && ["broken pipe", "reset", "cancel", "closed"]
+            .iter()
+            .any(|word| chain.contains(word))
+    {
+        "the broker closed the connection after the TLS handshake: did it refuse this client's \
+         certificate? (BROKER_CERT_FILE, BROKER_KEY_FILE; the broker's --tls-client-ca)"
     } else if chain.contains("broken pipe") || chain.contains("reset") || chain.contains("cancel") {
         "the connection was closed (a plaintext client to a TLS broker? BROKER_CA_FILE)"
     } else {
@@ -274,7 +296,7 @@ mod tests {
         );
         let mut failed = Status::unavailable("tcp connect error");
         failed.set_source(std::sync::Arc::new(refused));
-        let error = Error::from_call(failed, "127.0.0.1:1");
+        let error = Error::from_call(failed, "127.0.0.1:1", false);
         let message = error.to_string();
         assert!(matches!(error, Error::Unreachable { .. }), "{message}");
         assert!(
@@ -283,14 +305,40 @@ mod tests {
         );
         assert!(error.is_retryable());
         // A status the broker sent stays the broker's.
-        let from_broker =
-            Error::from_call(status(Code::Unavailable, "UPSTREAM_UNAVAILABLE", None), "x");
+        let from_broker = Error::from_call(
+            status(Code::Unavailable, "UPSTREAM_UNAVAILABLE", None),
+            "x",
+            false,
+        );
         assert!(matches!(from_broker, Error::Unavailable { .. }));
         // A connection closed under the call: CANCELLED, with no source.
-        let closed = Error::from_call(Status::cancelled("operation was canceled"), "127.0.0.1:2");
+        let closed = Error::from_call(
+            Status::cancelled("operation was canceled"),
+            "127.0.0.1:2",
+            false,
+        );
         let message = closed.to_string();
         assert!(
             message.contains("127.0.0.1:2") && message.contains("BROKER_CA_FILE"),
+            "{message}"
+        );
+        // The same, over TLS: the broker hung up on this client's
+        // certificate, not on plaintext.
+        let closed = Error::from_call(Status::cancelled("operation was canceled"), "b:1", true);
+        let message = closed.to_string();
+        assert!(
+            message.contains("refuse this client's certificate") && !message.contains("plaintext"),
+            "{message}"
+        );
+        let alert = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "received fatal alert: UnknownCA",
+        );
+        let mut refused = Status::unknown("transport error");
+        refused.set_source(std::sync::Arc::new(alert));
+        let message = Error::from_call(refused, "b:1", true).to_string();
+        assert!(
+            message.contains("the broker refused this client's certificate"),
             "{message}"
         );
     }

@@ -121,7 +121,10 @@ fn plaintext_is_refused_beyond_loopback() {
     );
     args.listen = Some("broker.internal:50061".into());
     let err = resolve(&args, &[]).unwrap_err().to_string();
-    assert!(err.contains("IP:PORT") && err.contains("localhost:PORT"), "{err}");
+    assert!(
+        err.contains("IP:PORT") && err.contains("localhost:PORT"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -152,3 +152,26 @@ def test_get_names_a_plaintext_client_to_a_tls_broker(start_tls_broker, broker_b
     assert got.returncode == 1 and got.stdout == ""
     assert len(lines) == 1, lines
     assert broker.addr in lines[0] and "BROKER_CA_FILE" in lines[0], lines[0]
+
+
+def test_get_names_a_client_certificate_the_broker_refuses(start_tls_broker, pki, broker_bin, tmp_path):
+    """A client certificate from a CA the broker does not trust: under TLS
+    1.3 the client learns it from the broker's alert after its own side of
+    the handshake, and must not be told it spoke plaintext to a TLS broker."""
+    broker = start_tls_broker()
+    other = PKI(tmp_path / "other-pki")          # the client's certificate is from this CA
+    env = {
+        "BROKER_CA_FILE": str(pki.ca1.cert_path),
+        "BROKER_CERT_FILE": str(other.auth.cert_path),
+        "BROKER_KEY_FILE": str(other.auth.key_path),
+    }
+    got = get(broker_bin, "mistral-api-key", "--endpoint", broker.addr, env=env)
+    lines = lines_of(got)
+    print(lines)
+    assert got.returncode == 1 and got.stdout == ""
+    assert len(lines) == 1, lines
+    # The broker's alert, or the connection it closes, depending on which
+    # the last attempt saw first: either way the certificate is named.
+    assert "refuse" in lines[0] and "this client's certificate" in lines[0], lines[0]
+    assert "BROKER_CERT_FILE" in lines[0], lines[0]
+    assert "plaintext" not in lines[0], lines[0]
