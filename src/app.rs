@@ -362,13 +362,15 @@ impl App {
             self.context,
             health_service,
             limits,
-            self.calls,
+            self.calls.clone(),
             incoming,
             stop.clone().cancelled_owned(),
         );
         let grace = limits.shutdown_grace;
+        let calls = self.calls;
         let cut = async {
             stop.cancelled().await;
+            calls.end_opening();
             tokio::select! {
                 () = tokio::time::sleep(grace) => {
                     tracing::warn!(?grace, "calls still in flight after the shutdown grace; stopping anyway");

@@ -44,6 +44,10 @@ pub enum ApiError {
          arrived; send the request with the call, or retry"
     )]
     Displaced,
+    #[error(
+        "the broker is shutting down and this call's request had not arrived; retry on another"
+    )]
+    ShuttingDown,
     #[error("the call took longer than the broker's call timeout of {0:?}")]
     CallTimeout(std::time::Duration),
     #[error(
@@ -75,6 +79,7 @@ impl ApiError {
             Self::TooManyCalls | Self::BrokerFull { .. } | Self::Displaced => {
                 (Code::ResourceExhausted, "TOO_MANY_CALLS")
             }
+            Self::ShuttingDown => (Code::Unavailable, "SHUTTING_DOWN"),
             Self::CallTimeout(_) => (Code::DeadlineExceeded, "CALL_TIMEOUT"),
             Self::RequestMemory => (Code::ResourceExhausted, "REQUEST_MEMORY"),
             Self::MessageTooLarge { .. } => (Code::ResourceExhausted, "MESSAGE_TOO_LARGE"),
@@ -129,6 +134,7 @@ impl ApiError {
             | Self::TooManyCalls
             | Self::BrokerFull { .. }
             | Self::Displaced
+            | Self::ShuttingDown
             | Self::CallTimeout(_)
             | Self::RequestMemory
             | Self::MessageTooLarge { .. } => {}
@@ -151,6 +157,7 @@ impl ApiError {
         reason == Self::RequestMemory.reason()
             || reason == (Self::MessageTooLarge { limit: 0 }).reason()
             || reason == Self::Displaced.reason()
+            || reason == Self::ShuttingDown.reason()
     }
 
     /// The per-item form used by BatchGetSecrets.

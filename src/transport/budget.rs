@@ -38,7 +38,10 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::{call_slots::CallSlot, gate::CallEnd};
+use super::{
+    call_slots::{CallSlot, Ended},
+    gate::CallEnd,
+};
 use crate::api::status::ApiError;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -252,9 +255,12 @@ where
         if let Some(ended) = self.ends.as_mut().and_then(|end| end.passed(cx)) {
             return self.fail(ended);
         }
-        if self.opening.as_ref().is_some_and(|slot| slot.displaced(cx)) {
+        if let Some(ended) = self.opening.as_ref().and_then(|slot| slot.ended(cx)) {
             self.opening = None;
-            return self.fail(ApiError::Displaced);
+            return self.fail(match ended {
+                Ended::Displaced => ApiError::Displaced,
+                Ended::ShuttingDown => ApiError::ShuttingDown,
+            });
         }
         let frame = match Pin::new(&mut self.body).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => frame,

@@ -69,6 +69,17 @@ const GAVE_UP: u8 = 3;
 /// Its request body failed before a message: the stream was reset or the
 /// connection lost.
 const BROKEN: u8 = 4;
+/// Ended because the broker is stopping.
+const SHUT: u8 = 5;
+
+/// Why a call still opening was ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// A newer call took its slot.
+    Displaced,
+    /// The broker is stopping.
+    ShuttingDown,
+}
 
 impl CallSlots {
     /// `limit` slots (at least one).
@@ -134,6 +145,22 @@ impl CallSlots {
             self.shared.displaced.fetch_add(1, Ordering::Relaxed);
             if permit.is_some() {
                 return permit;
+            }
+        }
+    }
+
+    /// Ends every call still waiting for its request: the broker is
+    /// stopping, and such a call would otherwise hold the shutdown for the
+    /// whole grace (a call whose request came is left to finish).
+    pub fn end_opening(&self) {
+        let opening = std::mem::take(&mut *self.shared.lock());
+        for (_, call) in opening {
+            if call
+                .state
+                .compare_exchange(OPENING, SHUT, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                call.displaced.wake();
             }
         }
     }
@@ -238,13 +265,18 @@ impl CallSlot {
         )
     }
 
-    /// Whether another call took this one's slot; until then, the task of
-    /// `cx` is woken when that happens.
-    pub fn displaced(&self, cx: &Context<'_>) -> bool {
+    /// Whether the call was ended while it waited for its request (another
+    /// call took its slot, or the broker is stopping); until then, the task
+    /// of `cx` is woken when that happens.
+    pub fn ended(&self, cx: &Context<'_>) -> Option<Ended> {
         if self.state.load(Ordering::Acquire) == OPENING {
             self.displaced.register(cx.waker());
         }
-        self.state.load(Ordering::Acquire) == DISPLACED
+        match self.state.load(Ordering::Acquire) {
+            DISPLACED => Some(Ended::Displaced),
+            SHUT => Some(Ended::ShuttingDown),
+            _ => None,
+        }
     }
 }
 
@@ -264,9 +296,9 @@ mod tests {
         let first = slots.take().unwrap();
         let second = slots.take().unwrap();
         let third = slots.take().expect("the first call's slot");
-        assert!(first.displaced(&cx()));
+        assert_eq!(first.ended(&cx()), Some(Ended::Displaced));
         assert!(!first.opened(), "a displaced call cannot open");
-        assert!(!second.displaced(&cx()));
+        assert_eq!(second.ended(&cx()), None);
         assert!(second.opened());
         assert!(third.opened());
         // Both slots are held by calls under way: nothing to take.
@@ -297,7 +329,7 @@ mod tests {
         // The silent call's structures still exist, yet the semaphore is
         // not overdrawn: the permit moved.
         assert_eq!(slots.shared.permits.available_permits(), 0);
-        assert!(silent.displaced(&cx()));
+        assert_eq!(silent.ended(&cx()), Some(Ended::Displaced));
         drop(silent);
         assert_eq!(slots.shared.permits.available_permits(), 0);
         // Its request came and it is done.

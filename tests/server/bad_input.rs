@@ -14,7 +14,7 @@ use secrets_broker_client::proto::{
     GetSecretRequest, secrets_service_client::SecretsServiceClient,
 };
 
-use crate::harness::{Running, process_log};
+use crate::harness::{Running, headers_only, process_log};
 
 type Raw = SecretsServiceClient<Channel>;
 
@@ -536,13 +536,12 @@ async fn calls_that_never_reach_a_handler_are_audited_too() {
     let tcp = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
     let (connection, driver) = h2::client::handshake(tcp).await.unwrap();
     tokio::spawn(driver);
-    let mut connection = connection.ready().await.unwrap();
-    let request = http::Request::post("/secretsbroker.v1.SecretsService/GetSecret")
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
-    let (_response, mut body) = connection.send_request(request, false).unwrap();
+    let mut connection = connection;
+    let (_response, mut body) = headers_only(
+        &mut connection,
+        "/secretsbroker.v1.SecretsService/GetSecret",
+    )
+    .await;
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     body.send_reset(h2::Reason::CANCEL);
 

@@ -358,3 +358,18 @@ pub fn process_log() -> Captured {
     })
     .clone()
 }
+
+/// Opens a stream for `path` with its headers alone: no request follows.
+pub async fn headers_only(
+    connection: &mut h2::client::SendRequest<bytes::Bytes>,
+    path: &str,
+) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
+    let request = http::Request::post(path)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let ready = connection.clone().ready().await.expect("room for a stream");
+    *connection = ready;
+    connection.send_request(request, false).unwrap()
+}

@@ -10,7 +10,7 @@ use secrets_broker_client::proto::{
 };
 use tonic::Code;
 
-use crate::harness::{Running, Secrets, eventually, get, reason, sample, value};
+use crate::harness::{Running, Secrets, eventually, get, headers_only, reason, sample, value};
 
 const MISTRAL: &str = "dev-mistral-key-NOT-A-REAL-KEY-0000";
 
@@ -343,21 +343,6 @@ async fn calls_past_the_per_connection_limit_are_refused_at_once() {
     }
     drop((raw, other));
     broker.stop().await;
-}
-
-/// Opens a stream for `path` with its headers alone: no request follows.
-async fn headers_only(
-    connection: &mut h2::client::SendRequest<bytes::Bytes>,
-    path: &str,
-) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
-    let request = http::Request::post(path)
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
-    let ready = connection.clone().ready().await.expect("room for a stream");
-    *connection = ready;
-    connection.send_request(request, false).unwrap()
 }
 
 #[tokio::test]

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::harness::Running;
+use crate::harness::{Running, headers_only};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_the_run_the_port_is_free_and_no_task_is_left() {
@@ -34,4 +34,36 @@ async fn after_the_run_the_port_is_free_and_no_task_is_left() {
         alive <= tasks_before,
         "{alive} tasks alive after the run, {tasks_before} before"
     );
+}
+
+#[tokio::test]
+async fn a_stream_still_waiting_for_its_request_does_not_hold_the_shutdown() {
+    let broker = Running::start(|args| args.shutdown_grace = Some("20".into())).await;
+    let tcp = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
+    let (connection, driver) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(driver);
+    let mut connection = connection;
+    let (response, _body) = headers_only(
+        &mut connection,
+        "/secretsbroker.v1.SecretsService/GetSecret",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let started = std::time::Instant::now();
+    broker.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the stop waited {:?} for a request that never came",
+        started.elapsed()
+    );
+    let answer = tokio::time::timeout(Duration::from_secs(2), response)
+        .await
+        .expect("an answer")
+        .unwrap();
+    let status = answer
+        .headers()
+        .get("grpc-status")
+        .map(|value| value.to_str().unwrap().to_owned());
+    assert_eq!(status.as_deref(), Some("14"), "{:?}", answer.headers());
 }
