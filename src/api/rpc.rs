@@ -28,12 +28,23 @@ impl Rpc {
         self.into()
     }
 
-    /// The RPC a request's path calls, when it is one of the broker's.
+    /// The RPC a request's path calls, when it is one of the broker's: the
+    /// method under its own service (`SecretsService/ClearCache` is no
+    /// RPC of the broker's, and must not be audited as ClearCache).
     pub fn of_path(path: &str) -> Option<Self> {
-        let method = path
-            .strip_prefix("/secretsbroker.v1.SecretsService/")
-            .or_else(|| path.strip_prefix("/secretsbroker.v1.AdminService/"))?;
-        Self::iter().find(|rpc| rpc.name() == method)
+        let (admin, method) = match path.strip_prefix("/secretsbroker.v1.SecretsService/") {
+            Some(method) => (false, method),
+            None => (true, path.strip_prefix("/secretsbroker.v1.AdminService/")?),
+        };
+        Self::iter().find(|rpc| rpc.name() == method && rpc.is_admin() == admin)
+    }
+
+    /// Whether it is AdminService's.
+    pub fn is_admin(self) -> bool {
+        matches!(
+            self,
+            Self::GetCacheStats | Self::ClearCache | Self::RefreshSecret | Self::CheckUpstream
+        )
     }
 
     /// Its place among the variants, below `Rpc::COUNT`.
@@ -55,5 +66,25 @@ mod tests {
             assert!(rpc.index() < Rpc::COUNT);
         }
         assert_eq!(Rpc::GetAwsServicesConfig.name(), "GetAwsServicesConfig");
+    }
+
+    #[test]
+    fn a_method_is_found_under_its_own_service_only() {
+        assert_eq!(
+            Rpc::of_path("/secretsbroker.v1.AdminService/ClearCache"),
+            Some(Rpc::ClearCache)
+        );
+        assert_eq!(
+            Rpc::of_path("/secretsbroker.v1.SecretsService/GetSecret"),
+            Some(Rpc::GetSecret)
+        );
+        assert_eq!(
+            Rpc::of_path("/secretsbroker.v1.SecretsService/ClearCache"),
+            None
+        );
+        assert_eq!(
+            Rpc::of_path("/secretsbroker.v1.AdminService/GetSecret"),
+            None
+        );
     }
 }

@@ -23,10 +23,13 @@
 //! bidirectional stream) is given the call's end: then the body gives its
 //! budget back and fails, which ends the handler reading it.
 //!
-//! The body also tells the call's slot (`call_slots`) when its first
-//! message is whole: until then, the call is still opening, and another
-//! call may take its slot, which makes this body fail with
-//! `TOO_MANY_CALLS`.
+//! The body also tells the call's slot (`call_slots`) when its request has
+//! come: the message and the end of the request for every RPC of one request
+//! message (tonic does not run the handler before the end), the first
+//! message for a bidirectional stream (reflection). Until then the call is
+//! still opening, and another call may take its slot, which makes this body
+//! fail with `TOO_MANY_CALLS`: a message sent without its end cannot hold a
+//! slot for good.
 
 use std::{
     pin::Pin,
@@ -74,14 +77,15 @@ impl RequestBudget {
     }
 
     /// `body`, holding budget for its unfinished message; with `ends`, the
-    /// call's end, past which the body fails; with `slot`, the call's slot,
-    /// opened at the first whole message.
+    /// call's end, past which the body fails (a bidirectional stream's: its
+    /// call opens at its first message); with `slot`, the call's slot.
     pub(super) fn wrap<B>(
         &self,
         body: B,
         ends: Option<CallEnd>,
         slot: Option<Arc<CallSlot>>,
     ) -> Budgeted<B> {
+        let opens_at_first_message = ends.is_some();
         Budgeted {
             body,
             budget: Arc::clone(&self.bytes),
@@ -90,6 +94,7 @@ impl RequestBudget {
             held: None,
             ends,
             opening: slot,
+            opens_at_first_message,
             done: false,
         }
     }
@@ -175,8 +180,10 @@ pub struct Budgeted<B> {
     framing: Framing,
     held: Option<OwnedSemaphorePermit>,
     ends: Option<CallEnd>,
-    /// The call's slot, until its first message is whole.
+    /// The call's slot, until its request has come.
     opening: Option<Arc<CallSlot>>,
+    /// A bidirectional stream: its request has come with its first message.
+    opens_at_first_message: bool,
     /// Failed or ended: nothing more is read.
     done: bool,
 }
@@ -275,7 +282,11 @@ where
             Poll::Ready(None) => {
                 self.held = None;
                 self.done = true;
-                self.give_up();
+                if self.framing.whole {
+                    self.stop_opening();
+                } else {
+                    self.give_up();
+                }
                 return Poll::Ready(None);
             }
             Poll::Pending => return Poll::Pending,
@@ -289,7 +300,9 @@ where
             if !self.hold_unfinished() {
                 return self.fail(ApiError::RequestMemory);
             }
-            if self.framing.whole && !self.stop_opening() {
+            let request_came =
+                self.framing.whole && (self.opens_at_first_message || self.body.is_end_stream());
+            if request_came && !self.stop_opening() {
                 return self.fail(ApiError::Displaced);
             }
         }
@@ -438,7 +451,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_call_opens_at_its_first_whole_message_and_fails_when_displaced() {
+    async fn a_call_opens_when_its_request_has_come_and_fails_when_displaced() {
         use http_body_util::BodyExt;
 
         use crate::transport::call_slots::CallSlots;
@@ -459,7 +472,12 @@ mod tests {
         assert!(body.frame().await.unwrap().is_ok());
         assert!(slot.is_opening(), "half a header is not a message");
         assert!(body.frame().await.unwrap().is_ok());
-        assert!(!slot.is_opening(), "the message is whole");
+        assert!(
+            slot.is_opening(),
+            "a whole message without the request's end can still be displaced"
+        );
+        assert!(body.frame().await.is_none());
+        assert!(!slot.is_opening(), "the request has come");
         assert!(slots.take().is_none(), "an opened call keeps its slot");
         drop((body, slot));
 

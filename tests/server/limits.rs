@@ -354,18 +354,19 @@ async fn calls_still_waiting_for_their_request_give_their_slots_to_callers() {
     let tcp = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
     let (mut connection, driver) = h2::client::handshake(tcp).await.unwrap();
     tokio::spawn(driver);
-    // Every slot of the broker held by streams that never send a request,
-    // of any service.
+    // Every slot of the broker held by streams that never finish their
+    // request: the oldest sends a whole message but never ends its request
+    // (tonic would wait for the end before any handler runs); the others
+    // send headers alone, to any service.
+    let mut silent = vec![unfinished_get(&mut connection, 20, 20).await];
     let paths = [
-        "/secretsbroker.v1.SecretsService/GetSecret",
         "/grpc.health.v1.Health/Check",
         "/secretsbroker.v1.SecretsService/WatchSecret",
         "/grpc.health.v1.Health/Watch",
     ];
-    let mut silent = Vec::new();
     for path in paths {
-        silent.push(headers_only(&mut connection, path).await);
         tokio::time::sleep(Duration::from_millis(20)).await;
+        silent.push(headers_only(&mut connection, path).await);
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
 
