@@ -501,10 +501,10 @@ mod tests {
             "[[grant]]\nidentity = \"spiffe://insurecove/*\"\nsecrets = [\"insurecove/other\", \"insurecove/d*\"]\n",
         )
         .unwrap();
-        let connection = crate::identity::ConnectionInfo {
-            identity: crate::identity::Identity::uri("spiffe://insurecove/auth-service"),
-            call_slots: Arc::new(tokio::sync::Semaphore::new(8)),
-        };
+        let connection = crate::identity::ConnectionInfo::new(
+            crate::identity::Identity::uri("spiffe://insurecove/auth-service"),
+            8,
+        );
         let mtls = allocations_of_a_hit(
             Authorizer::new(Some(&policy), true).unwrap(),
             Some(connection),

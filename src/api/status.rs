@@ -44,6 +44,8 @@ pub enum ApiError {
          arrived; send the request with the call, or retry"
     )]
     Displaced,
+    #[error("a connection may hold at most {limit} health watch streams")]
+    TooManyHealthWatches { limit: usize },
     #[error(
         "the broker is shutting down and this call's request had not arrived; retry on another"
     )]
@@ -76,9 +78,10 @@ impl ApiError {
             Self::Denied(_) => (Code::PermissionDenied, "POLICY_DENIED"),
             Self::InvalidVersion(_) => (Code::InvalidArgument, "INVALID_VERSION"),
             Self::TooManyNames { .. } => (Code::InvalidArgument, "TOO_MANY_NAMES"),
-            Self::TooManyCalls | Self::BrokerFull { .. } | Self::Displaced => {
-                (Code::ResourceExhausted, "TOO_MANY_CALLS")
-            }
+            Self::TooManyCalls
+            | Self::BrokerFull { .. }
+            | Self::Displaced
+            | Self::TooManyHealthWatches { .. } => (Code::ResourceExhausted, "TOO_MANY_CALLS"),
             Self::ShuttingDown => (Code::Unavailable, "SHUTTING_DOWN"),
             Self::CallTimeout(_) => (Code::DeadlineExceeded, "CALL_TIMEOUT"),
             Self::RequestMemory => (Code::ResourceExhausted, "REQUEST_MEMORY"),
@@ -134,6 +137,7 @@ impl ApiError {
             | Self::TooManyCalls
             | Self::BrokerFull { .. }
             | Self::Displaced
+            | Self::TooManyHealthWatches { .. }
             | Self::ShuttingDown
             | Self::CallTimeout(_)
             | Self::RequestMemory

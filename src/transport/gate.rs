@@ -142,6 +142,20 @@ where
                 }
             },
         };
+        // Only when the path says so: one comparison per call.
+        let health_watch = match connection {
+            Some(connection) if request.uri().path() == HEALTH_WATCH => {
+                match Arc::clone(&connection.health_watches).try_acquire_owned() {
+                    Ok(watch) => Some(watch),
+                    Err(_) => {
+                        let limit = crate::identity::HEALTH_WATCHES;
+                        let refused = ApiError::TooManyHealthWatches { limit };
+                        return self.refuse(request.uri().path(), rpc, &caller, refused);
+                    }
+                }
+            }
+            _ => None,
+        };
         let Some(call_slot) = self.calls.take() else {
             let limit = self.calls.limit();
             let full = ApiError::BrokerFull { limit };
@@ -213,6 +227,7 @@ where
                 Body::new(GatedBody {
                     body,
                     _slot: slot,
+                    _health_watch: health_watch,
                     _call: call_slot,
                     ends: stream_ends,
                 })
@@ -277,6 +292,9 @@ impl<S> Gate<S> {
 
 /// `grpc-status` and `grpc-timeout`, as `HeaderName`s: a `&str` key is
 /// parsed on every look-up, and these are looked up on every call.
+/// Health's long-lived stream (see `ConnectionInfo::health_watches`).
+const HEALTH_WATCH: &str = "/grpc.health.v1.Health/Watch";
+
 const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
 const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
 
@@ -397,6 +415,7 @@ fn answer(error: ApiError) -> Response<Body> {
 struct GatedBody {
     body: Body,
     _slot: Option<OwnedSemaphorePermit>,
+    _health_watch: Option<OwnedSemaphorePermit>,
     _call: Arc<CallSlot>,
     ends: Option<CallEnd>,
 }

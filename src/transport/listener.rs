@@ -252,10 +252,7 @@ impl Opening {
         Some(Connection {
             stream,
             replay,
-            info: ConnectionInfo {
-                identity,
-                call_slots: Arc::new(Semaphore::new(self.limits.max_calls_per_connection)),
-            },
+            info: ConnectionInfo::new(identity, self.limits.max_calls_per_connection),
             max_calls: self.limits.max_calls_per_connection,
             shutdown: TokenWatch::child_of(&self.shutdown),
             trust,

@@ -605,3 +605,39 @@ async fn closed_by_the_broker(socket: &mut tokio::net::TcpStream) -> bool {
         Ok(Ok(0) | Err(_))
     )
 }
+
+#[tokio::test]
+async fn a_connection_holds_a_few_health_watches_at_most() {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    let broker = Running::start(|_| {}).await;
+    let mut health = HealthClient::new(broker.channel().await);
+    let mut watches = Vec::new();
+    // identity::HEALTH_WATCHES
+    for _ in 0..4 {
+        let request = HealthCheckRequest {
+            service: String::new(),
+        };
+        let mut stream = health.watch(request).await.unwrap().into_inner();
+        assert!(stream.message().await.unwrap().is_some());
+        watches.push(stream);
+    }
+    let request = HealthCheckRequest {
+        service: String::new(),
+    };
+    let refused = health.watch(request).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("health watch"), "{refused:?}");
+    // Checks are not limited, and another connection has its own.
+    let check = HealthCheckRequest {
+        service: String::new(),
+    };
+    health.check(check).await.unwrap();
+    let mut other = HealthClient::new(broker.channel().await);
+    let request = HealthCheckRequest {
+        service: String::new(),
+    };
+    assert!(other.watch(request).await.is_ok());
+    drop(watches);
+    broker.stop().await;
+}
