@@ -1,13 +1,17 @@
 //! The listener of the probes and metrics endpoint (`--metrics-listen`),
-//! with the bounds the gRPC listener has: at most `MAX_CONNECTIONS` open
-//! (more are closed at once), and a connection that sends nothing for
-//! `IDLE_TIMEOUT` is closed. Without them, sockets opened and left idle on
-//! this port used up the process's file descriptors, and then the gRPC
-//! listener could accept nothing either.
+//! with bounds of its own: at most `MAX_CONNECTIONS` open, and none open
+//! longer than `LIFETIME`, whatever it does. Without them, sockets opened
+//! and left idle on this port used up the process's file descriptors (and
+//! then the gRPC listener could accept nothing either), and 64 sockets
+//! trickling a byte every few seconds, or never reading their answers,
+//! held the port so that every probe failed and the kubelet restarted a
+//! healthy pod.
 //!
-//! Probes and Prometheus make a request every few seconds and need one or
-//! two connections each; a scrape's connection kept alive longer than the
-//! idle timeout is simply opened again.
+//! When every slot is taken, a new connection takes the slot of the oldest
+//! (which is closed): a probe connects, asks and is answered within
+//! milliseconds, so to keep it out a peer would have to open 64 connections
+//! in that time. Prometheus and the kubelet open a connection again when
+//! theirs was closed.
 
 use std::{
     future::Future,
@@ -15,39 +19,45 @@ use std::{
     net::SocketAddr,
     pin::Pin,
     sync::Arc,
-    task::{Context, Poll, ready},
+    task::{Context, Poll},
     time::Duration,
 };
 
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::{OwnedSemaphorePermit, Semaphore},
-    time::{Instant, Sleep},
+    sync::Semaphore,
+    time::Sleep,
 };
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+use super::opening_slots::{OpeningClaim, OpeningSlots};
 
 /// Connections open at once on the probe port.
 pub const MAX_CONNECTIONS: usize = 64;
-/// How long a connection may send nothing before it is closed.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a probe connection stays open.
+pub const LIFETIME: Duration = Duration::from_secs(10);
 
 /// A bounded listener for `axum::serve`.
 pub struct ProbeListener {
     listener: TcpListener,
-    slots: Arc<Semaphore>,
-    idle_timeout: Duration,
+    free: Arc<Semaphore>,
+    /// Every open connection, oldest first: none is ever 'established'.
+    open: OpeningSlots,
+    lifetime: Duration,
 }
 
 impl ProbeListener {
     pub fn new(listener: TcpListener) -> Self {
-        Self::with_bounds(listener, MAX_CONNECTIONS, IDLE_TIMEOUT)
+        Self::with_bounds(listener, MAX_CONNECTIONS, LIFETIME)
     }
 
-    fn with_bounds(listener: TcpListener, connections: usize, idle_timeout: Duration) -> Self {
+    fn with_bounds(listener: TcpListener, connections: usize, lifetime: Duration) -> Self {
         Self {
             listener,
-            slots: Arc::new(Semaphore::new(connections)),
-            idle_timeout,
+            free: Arc::new(Semaphore::new(connections)),
+            open: OpeningSlots::default(),
+            lifetime,
         }
     }
 }
@@ -67,15 +77,20 @@ impl axum::serve::Listener for ProbeListener {
                     continue;
                 }
             };
-            let Ok(slot) = Arc::clone(&self.slots).try_acquire_owned() else {
-                tracing::debug!(%remote, "probe endpoint: too many connections; closed");
-                continue;
+            let slot = match Arc::clone(&self.free).try_acquire_owned() {
+                Ok(slot) => slot,
+                Err(_) => match self.open.displace_oldest() {
+                    Some(slot) => slot,
+                    None => continue,
+                },
             };
+            let claim = self.open.hold(slot);
+            let displaced = Box::pin(claim.on_displaced());
             let connection = ProbeConnection {
                 stream,
-                _slot: slot,
-                idle: Box::pin(tokio::time::sleep(self.idle_timeout)),
-                idle_timeout: self.idle_timeout,
+                _claim: claim,
+                displaced,
+                ends: Box::pin(tokio::time::sleep(self.lifetime)),
             };
             return (connection, remote);
         }
@@ -86,12 +101,33 @@ impl axum::serve::Listener for ProbeListener {
     }
 }
 
-/// A probe connection: its slot, and the time it may stay silent.
+/// A probe connection: its slot, and when it must close.
 pub struct ProbeConnection {
     stream: TcpStream,
-    _slot: OwnedSemaphorePermit,
-    idle: Pin<Box<Sleep>>,
-    idle_timeout: Duration,
+    _claim: OpeningClaim,
+    displaced: Pin<Box<WaitForCancellationFutureOwned>>,
+    ends: Pin<Box<Sleep>>,
+}
+
+impl ProbeConnection {
+    /// An error once the connection has lived its time or lost its slot;
+    /// until then the task of `cx` is woken when either happens, so that a
+    /// read or a write that waits forever is ended too.
+    fn over(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        if self.ends.as_mut().poll(cx).is_ready() {
+            return Some(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "probe connection lifetime",
+            ));
+        }
+        if self.displaced.as_mut().poll(cx).is_ready() {
+            return Some(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "probe connection displaced by a newer one",
+            ));
+        }
+        None
+    }
 }
 
 impl AsyncRead for ProbeConnection {
@@ -100,23 +136,10 @@ impl AsyncRead for ProbeConnection {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let filled = buf.filled().len();
-        match Pin::new(&mut self.stream).poll_read(cx, buf) {
-            Poll::Pending => {
-                ready!(self.idle.as_mut().poll(cx));
-                Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "probe connection idle",
-                )))
-            }
-            Poll::Ready(result) => {
-                if buf.filled().len() > filled {
-                    let next = Instant::now() + self.idle_timeout;
-                    self.idle.as_mut().reset(next);
-                }
-                Poll::Ready(result)
-            }
+        if let Some(error) = self.over(cx) {
+            return Poll::Ready(Err(error));
         }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
 
@@ -126,10 +149,16 @@ impl AsyncWrite for ProbeConnection {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if let Some(error) = self.over(cx) {
+            return Poll::Ready(Err(error));
+        }
         Pin::new(&mut self.stream).poll_write(cx, data)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Some(error) = self.over(cx) {
+            return Poll::Ready(Err(error));
+        }
         Pin::new(&mut self.stream).poll_flush(cx)
     }
 
@@ -161,27 +190,24 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn connections_past_the_bound_are_closed_and_idle_ones_time_out() {
+    async fn the_oldest_connection_gives_way_and_none_outlives_its_lifetime() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = served(ProbeListener::with_bounds(
             listener,
             2,
-            Duration::from_millis(300),
+            Duration::from_millis(500),
         ))
         .await;
         let mut first = TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
         let mut second = TcpStream::connect(addr).await.unwrap();
-        let mut third = TcpStream::connect(addr).await.unwrap();
-        assert!(
-            closed(&mut third, Duration::from_millis(200)).await,
-            "past the bound"
-        );
-        assert!(!closed(&mut first, Duration::from_millis(100)).await);
-        // Silent for longer than the idle timeout: closed, and their slots
-        // are free for a prober that asks.
-        assert!(closed(&mut first, Duration::from_secs(2)).await);
-        assert!(closed(&mut second, Duration::from_secs(2)).await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // A third takes the oldest's slot, and is served.
         let mut prober = TcpStream::connect(addr).await.unwrap();
+        assert!(
+            closed(&mut first, Duration::from_millis(300)).await,
+            "the oldest gave way"
+        );
         prober
             .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
             .await
@@ -189,5 +215,11 @@ mod tests {
         let mut answer = String::new();
         prober.read_to_string(&mut answer).await.unwrap();
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        // One that keeps sending a byte now and then is closed all the same.
+        for _ in 0..3 {
+            let _ = second.write_all(b"G").await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(closed(&mut second, Duration::from_secs(2)).await);
     }
 }
