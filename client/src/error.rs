@@ -179,7 +179,16 @@ fn connection_reason(status: &Status, tls: bool) -> String {
         "TLS: the broker's certificate does not name this host (name mismatch); set BROKER_TLS_DOMAIN to a name it carries"
     } else if chain.contains("certificaterequired") || chain.contains("certificate required") {
         "TLS: the broker requires a client certificate (BROKER_CERT_FILE, BROKER_KEY_FILE)"
-    } else if chain.contains("expired") {
+    } else if [
+        "certificateexpired",
+        "certificate expired",
+        "certexpired",
+        "expired certificate",
+    ]
+    .iter()
+    .any(|word| chain.contains(word))
+    {
+        // Not just "expired": a deadline "expires" too.
         "TLS: a certificate has expired"
     } else if chain.contains("refused") {
         "connection refused (is the broker running there? BROKER_ENDPOINT)"
@@ -339,6 +348,13 @@ mod tests {
         let message = Error::from_call(refused, "b:1", true).to_string();
         assert!(
             message.contains("the broker refused this client's certificate"),
+            "{message}"
+        );
+        // A deadline that expired is a timeout, not a certificate.
+        let late = Error::from_call(Status::cancelled("Timeout expired"), "b:1", false);
+        let message = late.to_string();
+        assert!(
+            message.contains("timed out") && !message.contains("certificate"),
             "{message}"
         );
     }
