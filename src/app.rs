@@ -285,6 +285,10 @@ impl App {
         tasks.spawn(stop_on(shutdown, self.watch.clone(), stop.clone()));
 
         let watch = self.watch.clone();
+        let socket = match &self.settings.listen {
+            ListenAddr::Unix(path) => Some(path.clone()),
+            ListenAddr::Tcp(_) => None,
+        };
         let outcome = self.serve(&mut tasks, health_service, &stop).await;
         stop.cancel();
         watch.shutdown();
@@ -296,6 +300,11 @@ impl App {
         }
         probes_stop.cancel();
         tasks.shutdown().await;
+        // A unix socket's file outlives its listener: removed, so that the
+        // path does not look like a broker still there.
+        if let Some(path) = socket {
+            let _ = std::fs::remove_file(path);
+        }
         tracing::info!("stopped");
         outcome
     }
@@ -416,13 +425,27 @@ fn open_to_group(path: &std::path::Path) -> std::io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
 }
 
-/// A socket file left by a broker that did not stop cleanly blocks `bind`;
-/// anything else at that path is left alone (bind then fails clearly).
+/// A socket file left by a broker that did not stop cleanly blocks `bind`:
+/// it is removed, unless something still answers on it (another broker
+/// would be silently cut off from its callers). Anything else at that path
+/// is refused by name.
 fn remove_stale_socket(path: &std::path::Path) -> std::io::Result<()> {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path),
-        _ => Ok(()),
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    "another process is listening on this socket (another broker?)",
+                ));
+            }
+            std::fs::remove_file(path)
+        }
+        Ok(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "the path exists and is not a socket",
+        )),
+        Err(_) => Ok(()),
     }
 }
 

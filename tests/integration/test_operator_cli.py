@@ -90,6 +90,17 @@ def test_a_unix_socket_broker_under_a_strict_umask(broker_bin, log_path, tmp_pat
         assert got is not None and got.returncode == 0, got and got.stderr
         assert got.stdout == support.dev_seed()["insurecove/mistral-api-key"] + "\n"
         assert stat.S_IMODE(os.stat(sock).st_mode) == 0o660, oct(os.stat(sock).st_mode)
+
+        # A second broker on the same path must not cut the first off.
+        second = subprocess.run(
+            [str(broker_bin), "serve", "--dev", "--listen", f"unix:{sock}"],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, env=support.broker_env(), timeout=20,
+        )
+        assert second.returncode != 0, second.stderr
+        assert "another process is listening on this socket" in second.stderr, second.stderr
+        again = get(broker_bin, "mistral-api-key", "--endpoint", f"unix:{sock}")
+        assert again.returncode == 0, again.stderr
     finally:
         support.stop_process(proc, 5)
         log.close()
+    assert not sock.exists(), "a clean stop removes its socket file"
