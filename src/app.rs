@@ -122,7 +122,11 @@ impl Security {
     /// Reads the certificates and the policy the settings name.
     pub fn load(settings: &Settings) -> Result<Self, AppError> {
         let tls = settings.tls.as_ref().map(TlsTerminator::load).transpose()?;
-        let authorizer = Authorizer::new(settings.policy.as_deref(), tls.is_some())?;
+        let authorizer = Authorizer::for_prefix(
+            settings.policy.as_deref(),
+            tls.is_some(),
+            name_resolver(settings).prefix(),
+        )?;
         Ok(Self { tls, authorizer })
     }
 

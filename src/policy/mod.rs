@@ -264,24 +264,45 @@ impl Policy {
         })
     }
 
-    /// Secret patterns that cannot match a secret under `prefix` (with its
-    /// slash): patterns match full names, and a short name
-    /// (`production/jwt` for `insurecove/production/jwt`) matches nothing.
+    /// Everything to warn about for secrets under `prefix`.
+    fn all_warnings(&self, prefix: &str) -> Vec<String> {
+        let mut warnings = self.warnings.clone();
+        warnings.extend(self.incomplete.clone());
+        warnings.extend(self.patterns_outside(prefix));
+        warnings
+    }
+
+    /// Secret patterns that cannot match: an ARN (grants are decided on the
+    /// name inside an ARN, so an ARN pattern matches nothing), or a name
+    /// outside `prefix` (with its slash): patterns match full names, and a
+    /// short name (`production/jwt` for `insurecove/production/jwt`)
+    /// matches nothing.
     fn patterns_outside(&self, prefix: &str) -> Vec<String> {
-        if prefix.is_empty() {
-            return Vec::new();
-        }
         self.patterns
             .iter()
-            .filter(|(_, pattern)| {
+            .filter_map(|(grant, pattern)| {
+                if pattern.starts_with("arn:") {
+                    return Some(format!(
+                        "grant #{grant}: secret pattern {pattern:?} is an ARN: patterns match \
+                         secret names (an ARN asked for is authorized by the name inside it)"
+                    ));
+                }
                 let starts_with_glob = pattern.starts_with(['*', '?', '[', '{']);
-                !(pattern.starts_with(prefix) || starts_with_glob || pattern.starts_with("arn:"))
-            })
-            .map(|(grant, pattern)| {
-                format!(
+                if prefix.is_empty() || pattern.starts_with(prefix) || starts_with_glob {
+                    return None;
+                }
+                // A suggestion only where prefixing makes sense: not for a
+                // pattern that already tries to cover the prefix.
+                let head = pattern.split('/').next().unwrap_or_default();
+                let suggestion = if head.contains(['*', '?', '[', '{']) {
+                    String::new()
+                } else {
+                    format!(" (\"{prefix}{pattern}\"?)")
+                };
+                Some(format!(
                     "grant #{grant}: secret pattern {pattern:?} does not start with the prefix \
-                     {prefix:?}: patterns match full names (\"{prefix}{pattern}\"?)"
-                )
+                     {prefix:?}: patterns match full names{suggestion}"
+                ))
             })
             .collect()
     }
@@ -304,6 +325,7 @@ impl Policy {
     }
 
     /// How the file could be written more clearly (bare identities).
+    #[cfg(test)]
     pub fn warnings(&self) -> &[String] {
         &self.warnings
     }
@@ -336,6 +358,8 @@ enum Rules {
 struct PolicySource {
     path: Option<PathBuf>,
     mutual_tls: bool,
+    /// The secrets' prefix with its slash, for the warnings of a reload.
+    prefix: String,
 }
 
 impl Loader for PolicySource {
@@ -364,6 +388,13 @@ impl Loader for PolicySource {
                         reason: reason.clone(),
                     });
                 }
+                // A reload is how a policy changes on Kubernetes: what `check`
+                // and the start would say of the new file is said here.
+                if previous.is_some() {
+                    for warning in policy.all_warnings(&self.prefix) {
+                        tracing::warn!("policy {warning}");
+                    }
+                }
                 Rules::Policy(policy)
             }
             None if self.mutual_tls => Rules::DenyAll,
@@ -383,9 +414,20 @@ impl Authorizer {
     /// `policy`: the file, if any; `mutual_tls`: whether callers are
     /// authenticated (decides the rules without a file).
     pub fn new(policy: Option<&Path>, mutual_tls: bool) -> Result<Arc<Self>, PolicyError> {
+        Self::for_prefix(policy, mutual_tls, "")
+    }
+
+    /// `new`, for secrets under `prefix` (with its slash): a reload warns of
+    /// patterns outside it.
+    pub fn for_prefix(
+        policy: Option<&Path>,
+        mutual_tls: bool,
+        prefix: &str,
+    ) -> Result<Arc<Self>, PolicyError> {
         let source = PolicySource {
             path: policy.map(Path::to_owned),
             mutual_tls,
+            prefix: prefix.to_owned(),
         };
         Ok(Arc::new(Self {
             rules: Reloadable::new(source)?,
@@ -445,12 +487,7 @@ impl Authorizer {
     /// for names under `prefix` (with its slash, or `""`).
     pub fn warnings(&self, prefix: &str) -> Vec<String> {
         match &**self.rules() {
-            Rules::Policy(policy) => {
-                let mut warnings = policy.warnings().to_vec();
-                warnings.extend(policy.incomplete.clone());
-                warnings.extend(policy.patterns_outside(prefix));
-                warnings
-            }
+            Rules::Policy(policy) => policy.all_warnings(prefix),
             _ => Vec::new(),
         }
     }

@@ -256,22 +256,32 @@ fn an_empty_or_cut_short_file_keeps_the_rules_in_force() {
 }
 
 #[test]
-fn short_names_in_patterns_are_warned_about() {
+fn patterns_that_cannot_match_are_warned_about() {
     let p = Policy::parse(
         Path::new("policy.toml"),
         r#"
             [[grant]]
             identity = "spiffe://a/x"
-            secrets = ["production/jwt", "insurecove/ok", "*/db", "arn:aws:secretsmanager:*"]
+            secrets = ["production/jwt", "insurecove/ok", "*/db", "arn:aws:secretsmanager:*", "insurecove*/x"]
             "#,
     )
     .unwrap();
     let warnings = p.patterns_outside("insurecove/");
-    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert_eq!(warnings.len(), 3, "{warnings:?}");
     assert!(
         warnings[0].contains(r#""production/jwt" does not start with the prefix "insurecove/""#)
             && warnings[0].contains(r#""insurecove/production/jwt"?"#),
         "{warnings:?}"
     );
-    assert!(p.patterns_outside("").is_empty(), "no prefix, no warning");
+    assert!(warnings[1].contains("is an ARN"), "{warnings:?}");
+    assert!(
+        warnings[2].contains(r#""insurecove*/x""#) && !warnings[2].contains('?'),
+        "no suggestion for a pattern that reaches for the prefix: {warnings:?}"
+    );
+    let unprefixed = p.patterns_outside("");
+    assert_eq!(
+        unprefixed.len(),
+        1,
+        "without a prefix, the ARN only: {unprefixed:?}"
+    );
 }
