@@ -77,6 +77,12 @@ pub async fn run(settings: &Settings) -> Result<Vec<String>, CheckError> {
     for warning in security.authorizer.warnings(prefix.prefix()) {
         report.push(format!("warning: policy {warning}"));
     }
+    if settings.tls.is_some() && settings.policy.is_none() {
+        report.push(
+            "warning: mutual TLS without --policy refuses every call: give it a policy file"
+                .to_owned(),
+        );
+    }
     let descriptors = descriptors::fit_connections(&settings.limits);
     let wanted = settings.limits.max_connections;
     if let Some(warning) = descriptors.and_then(|fit| fit.shortfall(wanted)) {

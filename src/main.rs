@@ -39,7 +39,7 @@ enum Command {
 
 fn main() -> ExitCode {
     // Values already in the environment win over the .env file.
-    let _ = dotenvy::dotenv();
+    let env_file = dotenvy::dotenv().ok();
     // SAFETY: no other thread has started yet.
     unsafe { secrets_broker::backend::aws::forget_blank_endpoint_vars() };
     let cli = Cli::parse();
@@ -49,14 +49,14 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Serve(args) => {
-            let (code, logs) = runtime.block_on(serve(args));
+            let (code, logs) = runtime.block_on(serve(args, env_file));
             // Calls cut by the shutdown grace end with the runtime: their
             // audit lines are written before the log writer stops.
             runtime.shutdown_timeout(std::time::Duration::from_secs(1));
             drop(logs);
             code
         }
-        Command::Check(args) => runtime.block_on(check(args)),
+        Command::Check(args) => runtime.block_on(check(args, env_file)),
         Command::Get(args) => runtime.block_on(operate(operator::get(args))),
         Command::Watch { name, connection } => {
             runtime.block_on(operate(operator::watch(name, connection)))
@@ -65,6 +65,11 @@ fn main() -> ExitCode {
     }
 }
 
+/// Said when a `.env` file was found: its variables apply silently
+/// otherwise, wherever the broker happens to start.
+const ENV_FILE_READ: &str =
+    "a .env file was read: its variables apply where the environment does not set them";
+
 fn settings(args: &BrokerArgs) -> Result<Settings, String> {
     Settings::resolve(args, &|name| std::env::var(name).ok())
         .map_err(|error| format!("configuration error: {error}"))
@@ -72,12 +77,18 @@ fn settings(args: &BrokerArgs) -> Result<Settings, String> {
 
 /// Runs the broker; the exit code, and the log writer's guard (dropping it
 /// flushes the last log lines).
-async fn serve(args: BrokerArgs) -> (ExitCode, Option<telemetry::LogGuard>) {
+async fn serve(
+    args: BrokerArgs,
+    env_file: Option<std::path::PathBuf>,
+) -> (ExitCode, Option<telemetry::LogGuard>) {
     let settings = match settings(&args) {
         Ok(settings) => settings,
         Err(message) => return (fail(&message), None),
     };
     let logs = telemetry::init(&settings.log_level);
+    if let Some(path) = env_file {
+        tracing::info!(path = %path.display(), "{ENV_FILE_READ}");
+    }
     let app = match Listeners::bind(&settings).await {
         Ok(listeners) => App::build(&settings, listeners),
         Err(error) => Err(error),
@@ -96,11 +107,14 @@ async fn serve(args: BrokerArgs) -> (ExitCode, Option<telemetry::LogGuard>) {
     (code, Some(logs))
 }
 
-async fn check(args: BrokerArgs) -> ExitCode {
+async fn check(args: BrokerArgs, env_file: Option<std::path::PathBuf>) -> ExitCode {
     let settings = match settings(&args) {
         Ok(settings) => settings,
         Err(message) => return fail(&message),
     };
+    if let Some(path) = env_file {
+        println!("env file: {} ({ENV_FILE_READ})", path.display());
+    }
     match check::run(&settings).await {
         Ok(report) => {
             for line in report {

@@ -28,7 +28,7 @@ pub struct CacheStats {
     pub stale_served: u64,
     /// Calls made upstream.
     pub upstream_calls: u64,
-    /// Upstream calls that failed.
+    /// Upstream calls that returned no value (not found and denied included).
     pub upstream_errors: u64,
     /// Entries evicted by the size bound.
     pub evictions: u64,

@@ -80,3 +80,13 @@ def test_check_tests_the_event_source(run_cli, moto):
     assert proc.returncode == 1, output(proc)
     assert "events: GetQueueAttributes failed" in output(proc), output(proc)
     assert len(output(proc).strip().splitlines()) <= 2, output(proc)
+
+
+def test_check_says_when_a_dotenv_file_was_read(run_cli, tmp_path):
+    """A .env in the working directory applies its variables; check says
+    which file, so that a stray one is found."""
+    (tmp_path / "cli-cwd" / ".env").write_text("SECRET_PREFIX=fromdotenv\n")
+    proc = run_cli("check", "--dev")
+    assert proc.returncode == 0, output(proc)
+    assert "env file: " in output(proc) and ".env" in output(proc), output(proc)
+    assert 'prefix "fromdotenv"' in output(proc), output(proc)

@@ -87,9 +87,14 @@ class GetCacheStatsResponse(_message.Message):
     stale_served: _builtins.int
     """Reads answered with a stale value because the upstream failed."""
     upstream_calls: _builtins.int
-    """Calls made to the upstream store."""
+    """Calls the cache made to the upstream store (reads and revalidations;
+    the sweep's are watch_upstream_calls, the health check's are not counted).
+    """
     upstream_errors: _builtins.int
-    """Upstream calls that failed."""
+    """Of those, the ones that returned no value: a secret not found, deleted or
+    denied included. The metric secretsbroker_upstream_calls_total tells
+    them apart by outcome (ok, not_found, denied, error).
+    """
     evictions: _builtins.int
     """Entries dropped to respect the maximum number of entries."""
     watchers: _builtins.int
