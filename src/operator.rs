@@ -13,7 +13,10 @@ use secrets_broker_client::{ClientConfig, Error, SecretsClient};
 /// Where the operator commands connect.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Connection {
-    /// The broker: HOST:PORT [env: BROKER_ENDPOINT] [default: 127.0.0.1:50051]
+    /// The broker: HOST:PORT or unix:/path [env: BROKER_ENDPOINT] [default:
+    /// 127.0.0.1:50051]. Mutual TLS from BROKER_CA_FILE, BROKER_CERT_FILE,
+    /// BROKER_KEY_FILE (and BROKER_TLS_DOMAIN when the broker's certificate
+    /// names another host)
     #[arg(long, value_name = "ADDR")]
     pub endpoint: Option<String>,
 }
