@@ -106,6 +106,13 @@ class RawH2:
             time.sleep(0.02)
 
     def close(self) -> None:
+        # shutdown first: close() alone does not disconnect while the reader
+        # thread is blocked in recv() on the socket (it stays open until the
+        # broker's next write).
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         try:
             self.sock.close()
         except OSError:
