@@ -289,7 +289,12 @@ where
                 }
                 return Poll::Ready(None);
             }
-            Poll::Pending => return Poll::Pending,
+            Poll::Pending => {
+                if let Some(slot) = &self.opening {
+                    slot.waiting();
+                }
+                return Poll::Pending;
+            }
         };
         if let Some(data) = frame.data_ref() {
             self.framing.follow(data);

@@ -15,15 +15,17 @@
 //! request has arrived (a call under way, a watch) keeps its slot: once every
 //! slot is held by one, new streams are refused.
 //!
-//! Taking a slot is one semaphore permit and one entry in a map of the calls
-//! opening; a request that arrives with its headers, as every client sends
-//! it, leaves the map at its first read.
+//! Taking a slot is one semaphore permit. A call enters the map of calls
+//! waiting for their request (those a newcomer may displace) only when a
+//! read of its request finds nothing there yet (`waiting`): a request that
+//! arrives with its headers, as clients send it, never enters it, so the
+//! common call takes no lock here.
 
 use std::{
     collections::BTreeMap,
     sync::{
         Arc, Mutex, MutexGuard, PoisonError,
-        atomic::{AtomicU8, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering},
     },
     task::Context,
 };
@@ -56,6 +58,8 @@ pub struct CallSlot {
     slots: Arc<Shared>,
     permit: Mutex<Option<OwnedSemaphorePermit>>,
     state: AtomicU8,
+    /// In the map of calls waiting for their request (or about to be).
+    listed: AtomicBool,
     /// The request body's task, woken when the call is displaced.
     displaced: AtomicWaker,
 }
@@ -116,9 +120,9 @@ impl CallSlots {
             slots: Arc::clone(&self.shared),
             permit: Mutex::new(Some(permit)),
             state: AtomicU8::new(OPENING),
+            listed: AtomicBool::new(false),
             displaced: AtomicWaker::new(),
         });
-        self.shared.lock().insert(id, Arc::clone(&slot));
         Some(slot)
     }
 
@@ -240,13 +244,30 @@ impl CallSlot {
     fn leave_opening(&self, to: u8) -> bool {
         match self
             .state
-            .compare_exchange(OPENING, to, Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(OPENING, to, Ordering::SeqCst, Ordering::SeqCst)
         {
             Ok(_) => {
-                self.slots.lock().remove(&self.id);
+                if self.listed.load(Ordering::SeqCst) {
+                    self.slots.lock().remove(&self.id);
+                }
                 true
             }
             Err(state) => state == OPENED,
+        }
+    }
+
+    /// A read of the request found nothing yet: from now on a newcomer may
+    /// take this call's slot. Once per call.
+    pub fn waiting(self: &Arc<Self>) {
+        if self.state.load(Ordering::SeqCst) != OPENING || self.listed.swap(true, Ordering::SeqCst)
+        {
+            return;
+        }
+        let mut opening = self.slots.lock();
+        opening.insert(self.id, Arc::clone(self));
+        // It may have opened meanwhile, and not seen itself listed yet.
+        if self.state.load(Ordering::SeqCst) != OPENING {
+            opening.remove(&self.id);
         }
     }
 
@@ -294,7 +315,9 @@ mod tests {
     fn a_full_broker_takes_the_slot_of_the_call_opening_longest() {
         let slots = CallSlots::new(2);
         let first = slots.take().unwrap();
+        first.waiting();
         let second = slots.take().unwrap();
+        second.waiting();
         let third = slots.take().expect("the first call's slot");
         assert_eq!(first.ended(&cx()), Some(Ended::Displaced));
         assert!(!first.opened(), "a displaced call cannot open");
@@ -325,6 +348,7 @@ mod tests {
     fn a_displaced_call_gives_its_slot_to_the_newcomer_at_once() {
         let slots = CallSlots::new(1);
         let silent = slots.take().unwrap();
+        silent.waiting();
         let newcomer = slots.take().expect("the silent call's slot");
         // The silent call's structures still exist, yet the semaphore is
         // not overdrawn: the permit moved.
