@@ -34,6 +34,7 @@ pub enum CheckError {
 /// Runs every check; on success, the lines to print.
 pub async fn run(settings: &Settings) -> Result<Vec<String>, CheckError> {
     let security = Security::load(settings)?;
+    let mut certificate_problems = Vec::new();
     let transport = match &settings.tls {
         Some(files) => {
             let certificate = tls::certificate_report(files)?;
@@ -43,6 +44,7 @@ pub async fn run(settings: &Settings) -> Result<Vec<String>, CheckError> {
                     not_after: certificate.not_after,
                 });
             }
+            certificate_problems = certificate.problems;
             format!(
                 "mutual TLS, server certificate {} valid until {}, key matches, client CA parses",
                 certificate.subject, certificate.not_after
@@ -76,6 +78,9 @@ pub async fn run(settings: &Settings) -> Result<Vec<String>, CheckError> {
     let prefix = crate::app::name_resolver(settings);
     for warning in security.authorizer.warnings(prefix.prefix()) {
         report.push(format!("warning: policy {warning}"));
+    }
+    for problem in certificate_problems {
+        report.push(format!("warning: {problem}"));
     }
     if settings.tls.is_some() && settings.policy.is_none() {
         report.push(

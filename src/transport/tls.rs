@@ -72,6 +72,10 @@ pub struct CertificateReport {
     /// `not_after`, in Unix seconds.
     pub expires_at: i64,
     pub expires_in: Duration,
+    /// What would make every client's handshake fail although the files
+    /// load: a server certificate for client authentication only, a client
+    /// CA file with no CA in it.
+    pub problems: Vec<String>,
 }
 
 /// The TLS side of the listener; holds the current rustls config.
@@ -280,11 +284,38 @@ pub fn certificate_report(files: &TlsFiles) -> Result<CertificateReport, TlsErro
     }
     let expires_in =
         Duration::from_secs(validity.not_after.timestamp().saturating_sub(now).max(0) as u64);
+    let mut problems = Vec::new();
+    if let Ok(Some(usage)) = leaf.extended_key_usage()
+        && !usage.value.server_auth
+        && !usage.value.any
+    {
+        problems.push(format!(
+            "the server certificate {} is not for server authentication (its extended key \
+             usage lacks serverAuth): clients will refuse it",
+            files.cert.display()
+        ));
+    }
+    let client_cas = read_certificates("client CA", &files.client_ca)?;
+    // Only a certificate that says it is no CA counts against the file: a
+    // trust anchor without BasicConstraints still works.
+    let not_a_ca = |der: &CertificateDer<'_>| {
+        x509_parser::certificate::X509Certificate::from_der(der).is_ok_and(|(_, cert)| {
+            matches!(cert.basic_constraints(), Ok(Some(constraints)) if !constraints.value.ca)
+        })
+    };
+    if client_cas.iter().all(not_a_ca) {
+        problems.push(format!(
+            "the client CA file {} holds no CA (its certificates say CA:FALSE): no client \
+             certificate can chain to it",
+            files.client_ca.display()
+        ));
+    }
     Ok(CertificateReport {
         subject: leaf.subject().to_string(),
         not_after,
         expires_at: validity.not_after.timestamp(),
         expires_in,
+        problems,
     })
 }
 

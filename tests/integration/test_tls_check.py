@@ -144,3 +144,16 @@ def test_serve_refuses_bad_tls_files_and_policy(run_cli, files, pki, tmp_path):
             "--policy", args["policy"], timeout=15,
         )
         assert proc.returncode == 1, (case, output(proc))
+
+
+def test_check_warns_of_certificates_every_client_would_refuse(run_cli, files, pki):
+    """A client certificate given as the server's (clientAuth only), and a
+    leaf given as the client CA: the files load, and every handshake would
+    fail. check says so."""
+    good = check(run_cli, files)
+    assert "warning" not in output(good), output(good)
+    proc = check(run_cli, files, cert=pki.auth.cert_path, key=pki.auth.key_path, ca=pki.auth.cert_path)
+    assert proc.returncode == 0, output(proc)
+    warnings = [line for line in output(proc).splitlines() if line.startswith("warning:")]
+    assert any("not for server authentication" in line for line in warnings), output(proc)
+    assert any("holds no CA" in line for line in warnings), output(proc)
