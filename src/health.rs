@@ -12,7 +12,7 @@ use std::{
     future::Future,
     sync::{
         Arc,
-        atomic::{AtomicU8, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicU8, Ordering::Relaxed},
     },
     time::Duration,
 };
@@ -38,6 +38,9 @@ use crate::{
 pub struct Health {
     reporter: HealthReporter,
     upstream: Arc<AtomicU8>,
+    /// The last check's answer alone, for `upstream_up`: a stop is not the
+    /// upstream failing (an alert on it would fire at every rollout).
+    last_check_up: Arc<AtomicBool>,
 }
 
 /// What the last upstream check said (`Health::upstream`), or that the
@@ -61,6 +64,7 @@ impl Health {
         let health = Self {
             reporter,
             upstream: Arc::new(AtomicU8::new(NOT_CHECKED_YET)),
+            last_check_up: Arc::new(AtomicBool::new(false)),
         };
         (health, service)
     }
@@ -108,6 +112,7 @@ impl Health {
                     false
                 }
             };
+            self.last_check_up.store(up, Relaxed);
             if stop.is_cancelled() {
                 continue;
             }
@@ -124,14 +129,13 @@ impl Health {
 
     /// Registers `upstream_up`: 1 while the last upstream check answered.
     pub fn register_metrics(&self, metrics: &Metrics) {
-        let upstream = Arc::clone(&self.upstream);
+        let last_check_up = Arc::clone(&self.last_check_up);
         metrics.register_state(move |e| {
-            let up = upstream.load(Relaxed) == UP;
             crate::metrics::gauge(
                 e,
                 "upstream_up",
-                "1 while the last upstream check answered; 0 before the first, while it fails, and when stopping",
-                i64::from(up),
+                "1 while the last upstream check answered; 0 before the first and while it fails",
+                i64::from(last_check_up.load(Relaxed)),
             )
         });
     }
