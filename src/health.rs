@@ -38,17 +38,16 @@ use crate::{
 pub struct Health {
     reporter: HealthReporter,
     upstream: Arc<AtomicU8>,
-    /// The last check's answer alone, for `upstream_up`: a stop is not the
-    /// upstream failing (an alert on it would fire at every rollout).
-    last_check_up: Arc<AtomicBool>,
+    /// The broker is stopping: not ready, whatever the upstream says (and
+    /// `upstream_up` keeps the last check's answer, so that a rollout fires
+    /// no alert).
+    stopping: Arc<AtomicBool>,
 }
 
-/// What the last upstream check said (`Health::upstream`), or that the
-/// broker is stopping.
+/// What the last upstream check said (`Health::upstream`).
 const NOT_CHECKED_YET: u8 = 0;
 const UP: u8 = 1;
 const DOWN: u8 = 2;
-const STOPPING: u8 = 3;
 
 impl Health {
     /// The reporter behind the gRPC health service, and the service.
@@ -64,7 +63,7 @@ impl Health {
         let health = Self {
             reporter,
             upstream: Arc::new(AtomicU8::new(NOT_CHECKED_YET)),
-            last_check_up: Arc::new(AtomicBool::new(false)),
+            stopping: Arc::new(AtomicBool::new(false)),
         };
         (health, service)
     }
@@ -87,7 +86,7 @@ impl Health {
                 () = stop.cancelled() => {
                     // New traffic should go to other replicas while the
                     // calls in flight finish.
-                    self.upstream.store(STOPPING, Relaxed);
+                    self.stopping.store(true, Relaxed);
                     return;
                 }
                 _ = ticks.tick() => {}
@@ -112,10 +111,6 @@ impl Health {
                     false
                 }
             };
-            self.last_check_up.store(up, Relaxed);
-            if stop.is_cancelled() {
-                continue;
-            }
             self.upstream.store(if up { UP } else { DOWN }, Relaxed);
             if up != was_up {
                 self.report(up).await;
@@ -129,13 +124,13 @@ impl Health {
 
     /// Registers `upstream_up`: 1 while the last upstream check answered.
     pub fn register_metrics(&self, metrics: &Metrics) {
-        let last_check_up = Arc::clone(&self.last_check_up);
+        let upstream = Arc::clone(&self.upstream);
         metrics.register_state(move |e| {
             crate::metrics::gauge(
                 e,
                 "upstream_up",
                 "1 while the last upstream check answered; 0 before the first and while it fails",
-                i64::from(last_check_up.load(Relaxed)),
+                i64::from(upstream.load(Relaxed) == UP),
             )
         });
     }
@@ -158,6 +153,7 @@ impl Health {
 struct Probes {
     metrics: Metrics,
     upstream: Arc<AtomicU8>,
+    stopping: Arc<AtomicBool>,
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown`: at the
@@ -172,6 +168,7 @@ pub async fn serve_probes(
     let probes = Probes {
         metrics,
         upstream: Arc::clone(&health.upstream),
+        stopping: Arc::clone(&health.stopping),
     };
     let app = Router::new()
         .route("/metrics", get(metrics_page))
@@ -194,13 +191,15 @@ async fn metrics_page(State(probes): State<Probes>) -> impl IntoResponse {
 }
 
 async fn readiness(State(probes): State<Probes>) -> impl IntoResponse {
+    if probes.stopping.load(Relaxed) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
+    }
     match probes.upstream.load(Relaxed) {
         UP => (StatusCode::OK, "ready\n"),
         NOT_CHECKED_YET => (
             StatusCode::SERVICE_UNAVAILABLE,
             "upstream not checked yet\n",
         ),
-        STOPPING => (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
         _ => (StatusCode::SERVICE_UNAVAILABLE, "upstream unreachable\n"),
     }
 }

@@ -109,50 +109,36 @@ pub async fn stats(connection: Connection) -> Result<(), Error> {
 fn stats_lines(
     stats: &secrets_broker_client::proto::GetCacheStatsResponse,
 ) -> Vec<(&'static str, String)> {
-    let counts = [
-        ("total_entries", stats.total_entries),
-        ("valid_entries", stats.valid_entries),
-        ("expired_entries", stats.expired_entries),
-        ("hits", stats.hits),
-        ("misses", stats.misses),
-        ("coalesced", stats.coalesced),
-        ("stale_served", stats.stale_served),
-        ("upstream_calls", stats.upstream_calls),
-        ("upstream_errors", stats.upstream_errors),
-        ("evictions", stats.evictions),
-        ("watchers", stats.watchers),
-    ];
-    let more_counts = [
-        ("watched_secrets", stats.watched_secrets),
-        ("watch_rounds", stats.watch_rounds),
-        ("watch_upstream_calls", stats.watch_upstream_calls),
-        ("negative_entries", stats.negative_entries),
-        ("negative_hits", stats.negative_hits),
-    ];
-    let mut lines: Vec<(&'static str, String)> = counts
-        .iter()
-        .map(|(name, value)| (*name, value.to_string()))
-        .collect();
-    lines.push(("hit_ratio", format!("{:.4}", stats.hit_ratio)));
-    lines.extend(
-        more_counts
-            .iter()
-            .map(|(name, value)| (*name, value.to_string())),
-    );
-    lines.push(("upstream_backoff", stats.upstream_backoff.to_string()));
-    let rest = [
-        ("upstream_backoffs", stats.upstream_backoffs),
-        ("upstream_in_flight", stats.upstream_in_flight),
-        ("upstream_waiting", stats.upstream_waiting),
-        ("upstream_queue_refused", stats.upstream_queue_refused),
-        ("sweep_changes", stats.sweep_changes),
-        ("events_received", stats.events_received),
-        ("events_applied", stats.events_applied),
-        ("events_ignored", stats.events_ignored),
-        ("events_failed", stats.events_failed),
-    ];
-    lines.extend(rest.iter().map(|(name, value)| (*name, value.to_string())));
-    lines
+    let count = |name: &'static str, value: u64| (name, value.to_string());
+    vec![
+        count("total_entries", stats.total_entries),
+        count("valid_entries", stats.valid_entries),
+        count("expired_entries", stats.expired_entries),
+        count("hits", stats.hits),
+        count("misses", stats.misses),
+        count("coalesced", stats.coalesced),
+        count("stale_served", stats.stale_served),
+        count("upstream_calls", stats.upstream_calls),
+        count("upstream_errors", stats.upstream_errors),
+        count("evictions", stats.evictions),
+        count("watchers", stats.watchers),
+        ("hit_ratio", format!("{:.4}", stats.hit_ratio)),
+        count("watched_secrets", stats.watched_secrets),
+        count("watch_rounds", stats.watch_rounds),
+        count("watch_upstream_calls", stats.watch_upstream_calls),
+        count("negative_entries", stats.negative_entries),
+        count("negative_hits", stats.negative_hits),
+        ("upstream_backoff", stats.upstream_backoff.to_string()),
+        count("upstream_backoffs", stats.upstream_backoffs),
+        count("upstream_in_flight", stats.upstream_in_flight),
+        count("upstream_waiting", stats.upstream_waiting),
+        count("upstream_queue_refused", stats.upstream_queue_refused),
+        count("sweep_changes", stats.sweep_changes),
+        count("events_received", stats.events_received),
+        count("events_applied", stats.events_applied),
+        count("events_ignored", stats.events_ignored),
+        count("events_failed", stats.events_failed),
+    ]
 }
 
 #[cfg(test)]

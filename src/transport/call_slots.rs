@@ -60,8 +60,9 @@ pub struct CallSlot {
     state: AtomicU8,
     /// In the map of calls waiting for their request (or about to be).
     listed: AtomicBool,
-    /// The request body's task, woken when the call is displaced.
-    displaced: AtomicWaker,
+    /// The request body's task, woken when the call is ended (displaced,
+    /// or the broker stopping).
+    end_waker: AtomicWaker,
 }
 
 const OPENING: u8 = 0;
@@ -121,7 +122,7 @@ impl CallSlots {
             permit: Mutex::new(Some(permit)),
             state: AtomicU8::new(OPENING),
             listed: AtomicBool::new(false),
-            displaced: AtomicWaker::new(),
+            end_waker: AtomicWaker::new(),
         });
         Some(slot)
     }
@@ -145,7 +146,7 @@ impl CallSlots {
                 continue;
             }
             let permit = lock(&oldest.permit).take();
-            oldest.displaced.wake();
+            oldest.end_waker.wake();
             self.shared.displaced.fetch_add(1, Ordering::Relaxed);
             if permit.is_some() {
                 return permit;
@@ -164,7 +165,7 @@ impl CallSlots {
                 .compare_exchange(OPENING, SHUT, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
             {
-                call.displaced.wake();
+                call.end_waker.wake();
             }
         }
     }
@@ -291,7 +292,7 @@ impl CallSlot {
     /// of `cx` is woken when that happens.
     pub fn ended(&self, cx: &Context<'_>) -> Option<Ended> {
         if self.state.load(Ordering::Acquire) == OPENING {
-            self.displaced.register(cx.waker());
+            self.end_waker.register(cx.waker());
         }
         match self.state.load(Ordering::Acquire) {
             DISPLACED => Some(Ended::Displaced),
