@@ -8,8 +8,10 @@
 //! the call timeout had passed (the gate cut it), else as CANCELLED (the
 //! client gave up).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+// tokio's clock: the cache's hit path reads the call's start as its now.
+use tokio::time::Instant;
 use tonic::Code;
 
 use crate::{
@@ -60,6 +62,11 @@ impl Audit {
 
     pub fn identity(&self) -> &Identity {
         &self.identity
+    }
+
+    /// When the call was admitted.
+    pub fn started(&self) -> Instant {
+        self.started
     }
 
     /// Notes a secret the call touched (resolved name).

@@ -133,7 +133,7 @@ impl SecretsApi {
             selector,
         };
         if !request.bypass_cache
-            && let Some(lookup) = self.context.cache.hit(key)
+            && let Some(lookup) = self.context.cache.hit(key, audit.started())
         {
             audit.cache_hit(true);
             return Ok(FromCache::Answered(message::get_secret_response(&lookup)));

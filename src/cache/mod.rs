@@ -232,8 +232,10 @@ impl Cache {
 
     /// A fresh hit for a borrowed key, without waiting or allocating (the
     /// hot path); `None` when the cache must be read with `get_until`.
-    pub fn hit(&self, key: KeyRef<'_>) -> Option<Lookup> {
-        self.shared.fresh_hit(&key, true)
+    /// `now` is the call's start, which the caller has already read: its
+    /// age is that much older, and the call reads the clock once less.
+    pub fn hit(&self, key: KeyRef<'_>, now: Instant) -> Option<Lookup> {
+        self.shared.fresh_hit(&key, true, now)
     }
 
     /// `get` for a caller that gives up at `deadline`: an expired entry's
@@ -250,7 +252,7 @@ impl Cache {
             let result = shared.read_anew(&key).await;
             return shared.answer(&key, result);
         }
-        if let Some(lookup) = shared.fresh_hit(&key, true) {
+        if let Some(lookup) = shared.fresh_hit(&key, true, Instant::now()) {
             return Ok(lookup);
         }
         if let Some(error) = shared.negative.get(&key) {
@@ -312,7 +314,7 @@ impl Cache {
         // Within its TTL the entry is answered as a hit, past it as stale.
         let fallback = || {
             shared
-                .fresh_hit(&key, false)
+                .fresh_hit(&key, false, Instant::now())
                 .unwrap_or_else(|| shared.serve_stale(&cached))
         };
         // As `get_until`: while backed off, one caller probes at a time.
@@ -383,12 +385,17 @@ enum Joined {
 impl Shared {
     /// The hot path: a fresh entry, counted as a hit, with refresh-ahead
     /// unless the caller holds `inflight`'s lock for this key.
-    fn fresh_hit(self: &Arc<Self>, key: &dyn Keyed, may_refresh: bool) -> Option<Lookup> {
+    fn fresh_hit(
+        self: &Arc<Self>,
+        key: &dyn Keyed,
+        may_refresh: bool,
+        now: Instant,
+    ) -> Option<Lookup> {
         // Read under the shard's guard: no clone of the entry, only of the
         // version answered.
         let entry = self.entries.get(key)?;
-        let now = Instant::now();
-        let age = now.duration_since(entry.fetched_at);
+        // `saturating`: an entry stored after the caller's `now` is of age 0.
+        let age = now.saturating_duration_since(entry.fetched_at);
         let ttl = self.settings.ttl;
         if age >= ttl {
             return None;
@@ -434,7 +441,7 @@ impl Shared {
                 Joined::Fetch(running.get().clone())
             }
             MapEntry::Vacant(slot) => {
-                if recheck_cache && let Some(lookup) = self.fresh_hit(key, false) {
+                if recheck_cache && let Some(lookup) = self.fresh_hit(key, false, Instant::now()) {
                     return Joined::Hit(lookup);
                 }
                 bump(&self.counters.misses);

@@ -60,34 +60,48 @@ pub fn record(record: &AuditRecord<'_>) {
     LINE.with(|line| {
         let mut line = line.borrow_mut();
         line.clear();
-        // Writing into a String cannot fail.
-        let _ = if sink.json {
-            json_line(&mut line, record)
+        let plain = write_line(&mut line, record, sink.json);
+        // The log writer's append cannot fail.
+        if plain {
+            // Printable ASCII and our own fixed words: one line as it is.
+            let _ = (&sink.log).write_all(line.as_bytes());
         } else {
-            text_line(&mut line, record)
-        };
-        // Kept on one line the way every other event is; the log writer's
-        // append cannot fail.
-        let mut out = OneLineWriter {
-            inner: &sink.log,
-            keep_ansi: false,
-        };
-        let _ = out.write_all(line.as_bytes());
+            // Kept on one line the way every other event is.
+            let mut out = OneLineWriter {
+                inner: &sink.log,
+                keep_ansi: false,
+            };
+            let _ = out.write_all(line.as_bytes());
+        }
     });
+}
+
+/// Writes `record`'s line in the text or JSON layout. Returns whether the
+/// caller's fields were all `is_plain` (nearly always): then nothing was
+/// escaped, and the line needs no second look for line ends.
+fn write_line(line: &mut String, record: &AuditRecord<'_>, json: bool) -> bool {
+    let plain = is_plain(record.identity) && is_plain(record.secrets);
+    // Writing into a String cannot fail.
+    let _ = if json {
+        json_line(line, record, plain)
+    } else {
+        text_line(line, record, plain)
+    };
+    plain
 }
 
 /// `2026-11-30T13:55:30.243765Z  INFO audit: identity="..." rpc="GetSecret"
 /// secrets="..." outcome="OK" cache_hit=true`, as `tracing`'s text layout
 /// writes string fields.
-fn text_line(line: &mut String, record: &AuditRecord<'_>) -> fmt::Result {
+fn text_line(line: &mut String, record: &AuditRecord<'_>, plain: bool) -> fmt::Result {
     write_timestamp(line)?;
     line.push_str("  INFO audit: identity=");
-    quoted(line, record.identity);
+    quoted(line, record.identity, plain);
     // RPC and code names are fixed words: quoted without an escaping pass.
     line.push_str(" rpc=\"");
     line.push_str(record.rpc);
     line.push_str("\" secrets=");
-    quoted(line, record.secrets);
+    quoted(line, record.secrets, plain);
     line.push_str(" outcome=\"");
     line.push_str(record.outcome);
     line.push('"');
@@ -100,20 +114,25 @@ fn text_line(line: &mut String, record: &AuditRecord<'_>) -> fmt::Result {
     Ok(())
 }
 
-/// `text` as `Debug` writes a string, which is how `tracing`'s text layout
-/// writes a string field: in quotes, with quotes, backslashes and anything
-/// unprintable escaped. A caller's text (a certificate's CN may hold spaces
-/// and quotes) stays one field.
-fn quoted(out: &mut String, text: &str) {
-    // Names and identities are nearly always printable ASCII with nothing
-    // to escape: those are copied as they are. (`str::contains` with a
-    // char set would walk char by char, ~12 instructions a byte.)
-    let plain = !any_byte(text.as_bytes(), |byte| {
+/// Whether `text` is printable ASCII without quotes or backslashes: what
+/// both layouts write as it is, between quotes. Names and identities
+/// nearly always are. (`str::contains` with a char set would walk char by
+/// char, ~12 instructions a byte.)
+fn is_plain(text: &str) -> bool {
+    !any_byte(text.as_bytes(), |byte| {
         // Outside 0x20..0x7f, in one compare.
         let unprintable = byte.wrapping_sub(0x20) >= 0x5f;
         unprintable | (byte == b'"') | (byte == b'\\')
-    });
-    if plain {
+    })
+}
+
+/// `text` as `Debug` writes a string, which is how `tracing`'s text layout
+/// writes a string field: in quotes, with quotes, backslashes and anything
+/// unprintable escaped. A caller's text (a certificate's CN may hold spaces
+/// and quotes) stays one field. `plain` when the record's fields were all
+/// found `is_plain`; otherwise this text is looked at again.
+fn quoted(out: &mut String, text: &str, plain: bool) {
+    if plain || is_plain(text) {
         out.push('"');
         out.push_str(text);
         out.push('"');
@@ -124,17 +143,18 @@ fn quoted(out: &mut String, text: &str) {
 }
 
 /// The JSON layout of `tracing`'s JSON events.
-fn json_line(line: &mut String, record: &AuditRecord<'_>) -> fmt::Result {
+fn json_line(line: &mut String, record: &AuditRecord<'_>, plain: bool) -> fmt::Result {
     line.push_str("{\"timestamp\":\"");
     write_timestamp(line)?;
     line.push_str("\",\"level\":\"INFO\",\"fields\":{\"identity\":");
-    json_string(line, record.identity);
+    json_string(line, record.identity, plain);
+    // RPC and code names are fixed words.
     line.push_str(",\"rpc\":");
-    json_string(line, record.rpc);
+    json_string(line, record.rpc, true);
     line.push_str(",\"secrets\":");
-    json_string(line, record.secrets);
+    json_string(line, record.secrets, plain);
     line.push_str(",\"outcome\":");
-    json_string(line, record.outcome);
+    json_string(line, record.outcome, true);
     if let Some(hit) = record.cache_hit {
         write!(line, ",\"cache_hit\":{hit}")?;
     }
@@ -142,9 +162,14 @@ fn json_line(line: &mut String, record: &AuditRecord<'_>) -> fmt::Result {
     Ok(())
 }
 
-/// `text` as a JSON string.
-fn json_string(out: &mut String, text: &str) {
+/// `text` as a JSON string; `plain` (see `is_plain`) needs no escaping.
+fn json_string(out: &mut String, text: &str, plain: bool) {
     out.push('"');
+    if plain {
+        out.push_str(text);
+        out.push('"');
+        return;
+    }
     for c in text.chars() {
         match c {
             '"' => out.push_str("\\\""),
@@ -175,8 +200,8 @@ mod tests {
             cache_hit,
         };
         let (mut text, mut json) = (String::new(), String::new());
-        text_line(&mut text, &record).unwrap();
-        json_line(&mut json, &record).unwrap();
+        write_line(&mut text, &record, false);
+        write_line(&mut json, &record, true);
         (text, json)
     }
 
@@ -193,19 +218,36 @@ mod tests {
         let mut line = String::with_capacity(512);
         // The timestamp's cached second grows its own buffer, once per
         // thread.
-        text_line(&mut line, &record).unwrap();
-        for (layout, write) in [
-            (
-                "text",
-                text_line as fn(&mut String, &AuditRecord<'_>) -> fmt::Result,
-            ),
-            ("json", json_line),
-        ] {
+        write_line(&mut line, &record, false);
+        for (layout, json) in [("text", false), ("json", true)] {
             line.clear();
-            let (written, allocations) = allocations_in(|| write(&mut line, &record));
-            written.unwrap();
+            let (plain, allocations) = allocations_in(|| write_line(&mut line, &record, json));
+            assert!(plain, "{layout}: {line}");
             assert!(line.contains("spiffe://insurecove/auth-service"), "{line}");
             assert_eq!(allocations, 0, "{layout}: {line}");
+        }
+    }
+
+    /// A plain line skips the one-line check: `is_plain` must refuse
+    /// every byte that could end a line or a quoted field.
+    #[test]
+    fn only_printable_ascii_without_quotes_is_plain() {
+        let printable: String = (0x20u8..0x7f)
+            .map(char::from)
+            .filter(|c| !matches!(c, '"' | '\\'))
+            .collect();
+        assert!(is_plain(&printable));
+        assert!(is_plain(""));
+        for odd in [
+            "\n", "\r", "\t", "\u{0}", "\u{1b}", "\u{7f}", "\"", "\\", "\u{85}", "\u{2028}",
+            "\u{2029}", "\u{e9}",
+        ] {
+            // Anywhere in a name longer than one block of the scan.
+            for at in [0, 31, 32, 40] {
+                let mut text = "a".repeat(40);
+                text.insert_str(at, odd);
+                assert!(!is_plain(&text), "{odd:?} at {at}");
+            }
         }
     }
 
@@ -230,7 +272,7 @@ mod tests {
             "spiffe://insurecove/ops",
         ] {
             let mut line = String::new();
-            text_line(
+            let plain = write_line(
                 &mut line,
                 &AuditRecord {
                     identity,
@@ -239,8 +281,9 @@ mod tests {
                     outcome: "PERMISSION_DENIED",
                     cache_hit: None,
                 },
-            )
-            .unwrap();
+                false,
+            );
+            assert!(!plain, "the secrets field has quotes: {line}");
             // Quoted as `tracing` quotes a string field (`Debug`).
             let expected = format!(
                 "INFO audit: identity={identity:?} rpc=\"GetSecret\" secrets={secrets:?} outcome=\"PERMISSION_DENIED\"\n"
