@@ -8,7 +8,7 @@
 # runs, from after its warm-up, so that TLS handshakes are not counted).
 #
 #   ./scripts/bench.sh                     # everything below
-#   ROUNDS=5 REQUESTS=100000 ./scripts/bench.sh
+#   ROUNDS=31 REQUESTS=5000 ./scripts/bench.sh
 #   SHAPES="64x1 8x8" PARTS="dev mtls" ./scripts/bench.sh
 #
 # Parts (PARTS, default all four):
@@ -20,11 +20,14 @@
 #         client certificate) on warm connections: GetSecret's rate under
 #         mTLS against plaintext, and Health/Check for reference.
 #   instructions
-#         the dev backend under valgrind's callgrind, h2load at 1x1: the
-#         broker's user-space instructions per call, GetSecret against
-#         Health/Check. Instructions are counted, not timed, so this figure
-#         does not move with the machine's noise (it leaves out the kernel's
-#         share, which the timed parts include). COUNT_CALLS calls a run.
+#         brokers under valgrind's callgrind: the broker's user-space
+#         instructions per call, GetSecret against Health/Check (h2load,
+#         with the functions GetSecret's extra goes to), and GetSecret
+#         under mutual TLS against plaintext (the load generator), at
+#         COUNT_SHAPES. Instructions are counted, not timed, so these
+#         figures do not move with the machine's noise (they leave out the
+#         kernel's share and the cost of cache misses, which the timed
+#         parts include). COUNT_CALLS calls a run, COUNT_ROUNDS rounds.
 #
 # A shape is CONNECTIONSxSTREAMS: concurrent streams per connection. The
 # defaults are the three shapes the broker is measured at: one connection,
@@ -40,12 +43,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ROUNDS=${ROUNDS:-3}
-REQUESTS=${REQUESTS:-40000}
+# Many short rounds rather than a few long ones: this kind of machine's
+# speed swings by a third within seconds, both runs of a round see nearly
+# the same machine when they are short, and the median of many rounds'
+# ratios comes with a usable confidence interval.
+ROUNDS=${ROUNDS:-15}
+REQUESTS=${REQUESTS:-10000}
+# Instructions are counted, not timed: a few rounds say it all.
+COUNT_ROUNDS=${COUNT_ROUNDS:-3}
+COUNT_SHAPES=${COUNT_SHAPES:-"1x1 64x1"}
 SHAPES=${SHAPES:-"1x1 64x1 8x8"}
 PARTS=${PARTS:-"dev moto mtls instructions"}
 COUNT_CALLS=${COUNT_CALLS:-4000}
-# The brokers and moto listen on PORT to PORT+5. Below Linux's ephemeral
+# The brokers and moto listen on PORT to PORT+7. Below Linux's ephemeral
 # range (32768-60999): the load generators open thousands of connections,
 # and a port in that range can be held by one of their sockets (or taken
 # by a connect to itself) just when a broker wants to listen on it.
@@ -182,6 +192,92 @@ loadgen_run() {
 
 median() { sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 
+# median_interval: "median [low, high]" of the numbers on stdin, FORMAT
+# (printf) for each: the 95% confidence interval of the median from order
+# statistics (no assumption about the noise's distribution; the binomial's
+# normal approximation picks the ranks). Below 6 numbers there is no such
+# interval, and "(too few rounds for an interval)" says so.
+median_interval() {
+  sort -n | awk -v fmt="$1" '{a[NR]=$1} END {
+    m = (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2
+    k = int((NR - 1.96 * sqrt(NR)) / 2)
+    if (k < 1) { printf fmt " (too few rounds for an interval)", m; exit }
+    printf fmt " [" fmt ", " fmt "]", m, a[k], a[NR - k + 1]
+  }'
+}
+
+# callgrind_dump PID OUT NAME: has the broker under callgrind (PID, its
+# --callgrind-out-file OUT) write its counts since the last dump and zero
+# them; sets `dump` to the file (callgrind numbers its dumps: OUT.N) and
+# `instructions` to what it counted.
+declare -A dumps_of
+callgrind_dump() {
+  local pid=$1 out=$2 name=$3 n
+  n=$(( ${dumps_of[$out]:-0} + 1 )); dumps_of[$out]=$n
+  dump="$work/$out.$n"
+  if ! callgrind_control --dump="$name" "$pid" >/dev/null 2>&1 ||
+    ! grep -q "^desc: Trigger: dump $name\$" "$dump" 2>/dev/null; then
+    echo "callgrind did not write dump $n ($name) of broker $pid" >&2
+    exit 1
+  fi
+  instructions=$(awk '/^totals:/ { print $2 }' "$dump")
+}
+
+# h2load_count PID CLIENTS STREAMS PATH BODY: COUNT_CALLS calls from h2load
+# to the callgrind broker at $port, then its instructions per call in
+# `counted` (and the dump in `dump`).
+h2load_count() {
+  h2load -n "$COUNT_CALLS" -c "$2" -m "$3" -d "$work/$5.bin" -H 'content-type: application/grpc' \
+    -H 'te: trailers' "http://127.0.0.1:$port/$4" >/dev/null
+  callgrind_dump "$1" callgrind.out "$5"
+  counted=$(( instructions / COUNT_CALLS ))
+}
+
+# loadgen_count PID PORT OUT CLIENTS STREAMS [TLS_DIR]: GetSecret from the
+# load generator to a callgrind broker; its instructions per call in
+# `counted`. The generator connects and warms each connection before its
+# calls: a run of no calls counts that (handshakes included), and is taken
+# off a run of COUNT_CALLS calls.
+loadgen_count() {
+  local pid=$1 port=$2 out=$3 clients=$4 streams=$5 tls=${6:-} setup
+  local run=("$LOADGEN" run --addr "127.0.0.1:$port" --rpc get --connections "$clients"
+    --streams "$streams" ${tls:+--tls "$tls"})
+  callgrind_dump "$pid" "$out" before
+  "${run[@]}" --requests 0 >/dev/null
+  callgrind_dump "$pid" "$out" setup; setup=$instructions
+  "${run[@]}" --requests "$COUNT_CALLS" >/dev/null
+  callgrind_dump "$pid" "$out" calls
+  counted=$(( (instructions - setup) / COUNT_CALLS ))
+}
+
+# profile_difference A_DUMP B_DUMP CALLS: the functions whose own
+# (exclusive) instructions per call grew most from A to B, from
+# callgrind_annotate: what B does that A does not.
+profile_difference() {
+  {
+    callgrind_annotate --inclusive=no --threshold=100 "$1" | sed 's/^/a /'
+    callgrind_annotate --inclusive=no --threshold=100 "$2" | sed 's/^/b /'
+  } | awk -v n="$3" '
+    $2 ~ /^[0-9,]+$/ && /%\)/ {
+      side = $1; count = $2; gsub(",", "", count)
+      name = $0
+      sub(/^[ab] +[0-9,]+ +\( *[0-9.]+%\) +/, "", name)
+      sub(/ \[[^]]*\]$/, "", name)   # the object file
+      sub(/^[^:]*:/, "", name)        # the source file, or ???
+      if (name == "PROGRAM TOTALS") { total[side] = count; next }
+      cost[name, side] += count; names[name] = 1
+    }
+    END {
+      for (name in names) {
+        # The entry points of threads come out with the cost of all
+        # their callees: not an exclusive cost, left out.
+        if (cost[name, "a"] > total["a"] / 2 || cost[name, "b"] > total["b"] / 2) continue
+        printf "%8.0f %8.0f %8.0f  %.110s\n", (cost[name, "b"] - cost[name, "a"]) / n,
+          cost[name, "a"] / n, cost[name, "b"] / n, name
+      }
+    }' | sort -rn | awk -v lines="${PROFILE_LINES:-20}" 'NR <= lines' 
+}
+
 # compare LABEL A_NAME B_NAME RUN_A RUN_B: ROUNDS interleaved rounds at each
 # shape; RUN_A/RUN_B are commands taking CLIENTS STREAMS.
 compare() {
@@ -211,12 +307,12 @@ compare() {
     done
     a=$(median <"$work/a.rates"); b=$(median <"$work/b.rates")
     ac=$(median <"$work/a.cpu"); bc=$(median <"$work/b.cpu")
-    printf '%-5s %5s medians: %s %s/s (%s us CPU), %s %s/s (%s us CPU), rate ratio %s, CPU ratio %s; median of per-round ratios: rate %s, CPU %s\n' \
+    printf '%-5s %5s medians: %s %s/s (%s us CPU), %s %s/s (%s us CPU), rate ratio %s, CPU ratio %s; median of per-round ratios [95%% interval]: rate %s, CPU %s\n' \
       "$label" "$shape" "$a_name" "$a" "$ac" "$b_name" "$b" "$bc" \
       "$(awk -v a="$a" -v b="$b" 'BEGIN { printf "%.3f", b / a }')" \
       "$(awk -v a="$ac" -v b="$bc" 'BEGIN { printf "%.2f", b / a }')" \
-      "$(median <"$work/ratios" | awk '{ printf "%.3f", $1 }')" \
-      "$(median <"$work/cpu_ratios" | awk '{ printf "%.2f", $1 }')"
+      "$(median_interval %.3f <"$work/ratios")" \
+      "$(median_interval %.2f <"$work/cpu_ratios")"
   done
 }
 
@@ -281,35 +377,57 @@ if [[ " $PARTS " == *" instructions "* ]]; then
   start_broker instructions "$port" --dev; pid=$broker_pid
   BROKER_WRAPPER=()
   check_sample "$port"
-  # count_run PATH BODY: COUNT_CALLS calls at 1x1, then sets `counted` to
-  # the instructions the broker ran per call (callgrind zeroes its counters
-  # at each dump, and numbers the dumps: dump N is callgrind.out.N).
-  dumps=0
-  count_run() {
-    local dump
-    h2load -n "$COUNT_CALLS" -c 1 -m 1 -d "$work/$2.bin" -H 'content-type: application/grpc' \
-      -H 'te: trailers' "http://127.0.0.1:$port/$1" >/dev/null
-    dumps=$((dumps + 1))
-    dump="$work/callgrind.out.$dumps"
-    if ! callgrind_control --dump="$2" "$pid" >/dev/null 2>&1 ||
-      ! grep -q "^desc: Trigger: dump $2\$" "$dump" 2>/dev/null; then
-      echo "callgrind did not write dump $dumps ($2) of the broker" >&2
-      exit 1
-    fi
-    counted=$(awk -v n="$COUNT_CALLS" '/^totals:/ { printf "%.0f", $2 / n }' "$dump")
-  }
-  # Warm both paths (first calls fill caches and tables), then start from zero.
-  count_run "$HEALTH" health
-  count_run "$GET_SECRET" get_secret
-  : >"$work/counts"
-  for round in $(seq "$ROUNDS"); do
-    count_run "$HEALTH" health; health=$counted
-    count_run "$GET_SECRET" get_secret; get=$counted
-    echo "$health $get" >>"$work/counts"
-    printf '  instructions round %s: Health/Check %s per call   GetSecret %s per call\n' \
-      "$round" "$health" "$get"
+  for shape in $COUNT_SHAPES; do
+    clients=${shape%x*}; streams=${shape#*x}
+    # Warm both paths (first calls fill caches and tables), then count.
+    h2load_count "$pid" "$clients" "$streams" "$HEALTH" health
+    h2load_count "$pid" "$clients" "$streams" "$GET_SECRET" get_secret
+    : >"$work/counts"
+    for round in $(seq "$COUNT_ROUNDS"); do
+      h2load_count "$pid" "$clients" "$streams" "$HEALTH" health
+      health=$counted; health_dump=$dump
+      h2load_count "$pid" "$clients" "$streams" "$GET_SECRET" get_secret
+      get=$counted; get_dump=$dump
+      echo "$health $get" >>"$work/counts"
+      printf '  instructions %5s round %s: Health/Check %s per call   GetSecret %s per call\n' \
+        "$shape" "$round" "$health" "$get"
+    done
+    awk '{ printf "%.4f\n", $2 / $1 }' "$work/counts" | median |
+      awk -v calls="$COUNT_CALLS" -v shape="$shape" '{ printf "instructions %5s (user space, %s calls a run): median per-round ratio GetSecret / Health/Check %.3f\n", shape, calls, $1 }'
+    echo "  where GetSecret's extra instructions go at $shape (last round; per call: extra, Health/Check, GetSecret):"
+    profile_difference "$health_dump" "$get_dump" "$COUNT_CALLS"
   done
-  awk '{ printf "%.4f\n", $2 / $1 }' "$work/counts" | median |
-    awk -v calls="$COUNT_CALLS" '{ printf "instructions (user space, 1x1, %s calls a run): median per-round ratio GetSecret / Health/Check %.3f\n", calls, $1 }'
   kill "$pid"; wait "$pid" 2>/dev/null || true
+
+  # The same client against a plaintext and a mutual-TLS broker, both
+  # under callgrind: what TLS adds per call in the broker's user space.
+  "$LOADGEN" make-pki "$work/pki-count"
+  plain_port=$((PORT + 6)); tls_port=$((PORT + 7))
+  BROKER_WRAPPER=(valgrind --tool=callgrind "--callgrind-out-file=$work/plain-callgrind.out")
+  start_broker plain-count "$plain_port" --dev; plain_pid=$broker_pid
+  BROKER_WRAPPER=(valgrind --tool=callgrind "--callgrind-out-file=$work/tls-callgrind.out")
+  start_broker mtls-count "$tls_port" --dev --tls-cert "$work/pki-count/server.pem" \
+    --tls-key "$work/pki-count/server-key.pem" --tls-client-ca "$work/pki-count/ca.pem" \
+    --policy "$work/pki-count/policy.toml"
+  tls_pid=$broker_pid
+  BROKER_WRAPPER=()
+  for shape in $COUNT_SHAPES; do
+    clients=${shape%x*}; streams=${shape#*x}
+    # Warm: the first handshakes and calls set up what later ones reuse.
+    loadgen_count "$plain_pid" "$plain_port" plain-callgrind.out "$clients" "$streams"
+    loadgen_count "$tls_pid" "$tls_port" tls-callgrind.out "$clients" "$streams" "$work/pki-count"
+    : >"$work/counts"
+    for round in $(seq "$COUNT_ROUNDS"); do
+      loadgen_count "$plain_pid" "$plain_port" plain-callgrind.out "$clients" "$streams"
+      plain=$counted
+      loadgen_count "$tls_pid" "$tls_port" tls-callgrind.out "$clients" "$streams" "$work/pki-count"
+      tls=$counted
+      echo "$plain $tls" >>"$work/counts"
+      printf '  instructions %5s round %s: GetSecret-plaintext %s per call   GetSecret-mTLS %s per call\n' \
+        "$shape" "$round" "$plain" "$tls"
+    done
+    awk '{ printf "%.4f\n", $2 / $1 }' "$work/counts" | median |
+      awk -v calls="$COUNT_CALLS" -v shape="$shape" '{ printf "instructions %5s (user space, load generator, %s calls a run): median per-round ratio GetSecret mTLS / plaintext %.3f\n", shape, calls, $1 }'
+  done
+  kill "$plain_pid" "$tls_pid"; wait "$plain_pid" "$tls_pid" 2>/dev/null || true
 fi
