@@ -15,7 +15,9 @@
 //! the same window (after the warm-up, so that TLS handshakes are not
 //! counted as per-call work). With `--tls DIR` it presents `DIR/bench.pem`
 //! and trusts `DIR/ca.pem` (as `make-pki` writes them, with the server's
-//! certificate and a policy for the broker).
+//! certificate and a policy for the broker). `--before-calls COMMAND` runs
+//! a shell command after the warm-up and before the calls (the benchmark
+//! zeroes a callgrind broker's counters with it).
 
 use std::{
     path::{Path, PathBuf},
@@ -73,6 +75,9 @@ struct Load {
     /// The server's process, whose CPU time per call is printed too.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// A shell command run after the warm-up, before the calls.
+    #[arg(long)]
+    before_calls: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -116,6 +121,14 @@ async fn run(load: Load) -> Result<(), Box<dyn std::error::Error>> {
     // Warm: every connection made, and one call answered on each.
     for channel in &channels {
         call(&load, channel.clone()).await?;
+    }
+    if let Some(command) = &load.before_calls {
+        let status = std::process::Command::new("sh")
+            .args(["-c", command])
+            .status()?;
+        if !status.success() {
+            return Err(format!("--before-calls {command:?}: {status}").into());
+        }
     }
     let remaining = Arc::new(AtomicUsize::new(load.requests));
     let cpu_before = load.server_pid.map(cpu_time).transpose()?;

@@ -233,21 +233,17 @@ h2load_count() {
   counted=$(( instructions / COUNT_CALLS ))
 }
 
-# loadgen_count PID PORT OUT CLIENTS STREAMS [TLS_DIR]: GetSecret from the
-# load generator to a callgrind broker; its instructions per call in
-# `counted`. The generator connects and warms each connection before its
-# calls: a run of no calls counts that (handshakes included), and is taken
-# off a run of COUNT_CALLS calls.
+# loadgen_count PID PORT OUT CLIENTS STREAMS [TLS_DIR]: COUNT_CALLS
+# GetSecret calls from the load generator to a callgrind broker; its
+# instructions per call in `counted` (and the dump in `dump`). The counters
+# are zeroed after the generator's connects, handshakes and warm-up calls.
 loadgen_count() {
-  local pid=$1 port=$2 out=$3 clients=$4 streams=$5 tls=${6:-} setup
-  local run=("$LOADGEN" run --addr "127.0.0.1:$port" --rpc get --connections "$clients"
-    --streams "$streams" ${tls:+--tls "$tls"})
-  callgrind_dump "$pid" "$out" before
-  "${run[@]}" --requests 0 >/dev/null
-  callgrind_dump "$pid" "$out" setup; setup=$instructions
-  "${run[@]}" --requests "$COUNT_CALLS" >/dev/null
+  local pid=$1 port=$2 out=$3 clients=$4 streams=$5 tls=${6:-}
+  "$LOADGEN" run --addr "127.0.0.1:$port" --rpc get --connections "$clients" \
+    --streams "$streams" --requests "$COUNT_CALLS" ${tls:+--tls "$tls"} \
+    --before-calls "callgrind_control --zero $pid >/dev/null 2>&1" >/dev/null
   callgrind_dump "$pid" "$out" calls
-  counted=$(( (instructions - setup) / COUNT_CALLS ))
+  counted=$(( instructions / COUNT_CALLS ))
 }
 
 # profile_difference A_DUMP B_DUMP CALLS: the functions whose own
@@ -420,14 +416,17 @@ if [[ " $PARTS " == *" instructions "* ]]; then
     for round in $(seq "$COUNT_ROUNDS"); do
       loadgen_count "$plain_pid" "$plain_port" plain-callgrind.out "$clients" "$streams"
       plain=$counted
+      plain_dump=$dump
       loadgen_count "$tls_pid" "$tls_port" tls-callgrind.out "$clients" "$streams" "$work/pki-count"
-      tls=$counted
+      tls=$counted; tls_dump=$dump
       echo "$plain $tls" >>"$work/counts"
       printf '  instructions %5s round %s: GetSecret-plaintext %s per call   GetSecret-mTLS %s per call\n' \
         "$shape" "$round" "$plain" "$tls"
     done
     awk '{ printf "%.4f\n", $2 / $1 }' "$work/counts" | median |
       awk -v calls="$COUNT_CALLS" -v shape="$shape" '{ printf "instructions %5s (user space, load generator, %s calls a run): median per-round ratio GetSecret mTLS / plaintext %.3f\n", shape, calls, $1 }'
+    echo "  where mTLS's extra instructions go at $shape (last round; per call: extra, plaintext, mTLS):"
+    profile_difference "$plain_dump" "$tls_dump" "$COUNT_CALLS"
   done
   kill "$plain_pid" "$tls_pid"; wait "$plain_pid" "$tls_pid" 2>/dev/null || true
 fi
