@@ -79,20 +79,69 @@ pub async fn get(args: GetArgs) -> Result<(), Error> {
 }
 
 /// Prints one line per event: what happened and the version, never the
-/// value. Runs until interrupted or the watch ends.
+/// value. Runs until interrupted or the watch ends. When the stream to the
+/// broker breaks (a restart, a lost connection), the client reconnects on
+/// its own; stderr says so, and says when it is back, so that a quiet
+/// watch is never taken for a quiet secret.
 pub async fn watch(name: String, connection: Connection) -> Result<(), Error> {
     let client = client(&connection).await?;
     let mut events = client.watch_secret(name);
-    while let Some(event) = events.next().await {
-        let event = event?;
-        println!(
-            "{:?} {} version {}",
-            event.kind,
-            event.secret.name(),
-            event.secret.version_id()
-        );
+    let mut connected = events.connected();
+    let mut notices = ConnectionNotices::default();
+    let mut follower_gone = false;
+    loop {
+        tokio::select! {
+            event = events.next() => {
+                let Some(event) = event else { return Ok(()) };
+                let event = event?;
+                println!(
+                    "{:?} {} version {}",
+                    event.kind,
+                    event.secret.name(),
+                    event.secret.version_id()
+                );
+            }
+            changed = connected.changed(), if !follower_gone => {
+                // The follower is gone: the events' end says why.
+                follower_gone = changed.is_err();
+                if let Some(notice) = notices.on(*connected.borrow_and_update()) {
+                    eprintln!("{notice}");
+                }
+            }
+        }
     }
-    Ok(())
+}
+
+/// What `watch` says on stderr as the stream's connection comes and goes:
+/// nothing for the first connection, one line when an open stream breaks,
+/// one when it is back.
+#[derive(Default)]
+struct ConnectionNotices {
+    was_connected: bool,
+    lost: bool,
+}
+
+impl ConnectionNotices {
+    fn on(&mut self, connected: bool) -> Option<&'static str> {
+        match (connected, self.lost) {
+            (false, false) if self.was_connected => {
+                self.lost = true;
+                Some(
+                    "the stream to the broker broke; reconnecting (a change made meanwhile \
+                     comes as Rotated once it is back)",
+                )
+            }
+            (true, true) => {
+                self.lost = false;
+                Some("the stream to the broker is back")
+            }
+            (true, false) => {
+                self.was_connected = true;
+                None
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Prints the cache counters, one per line.
@@ -143,6 +192,22 @@ fn stats_lines(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn watch_says_when_its_stream_breaks_and_when_it_is_back() {
+        let mut notices = super::ConnectionNotices::default();
+        assert_eq!(notices.on(false), None, "not yet connected: nothing lost");
+        assert_eq!(notices.on(true), None, "the first connection is not news");
+        let broke = notices.on(false).expect("a break is said");
+        assert!(
+            broke.contains("broke") && broke.contains("reconnecting"),
+            "{broke}"
+        );
+        assert_eq!(notices.on(false), None, "said once per break");
+        assert_eq!(notices.on(true), Some("the stream to the broker is back"));
+        assert_eq!(notices.on(true), None);
+        assert!(notices.on(false).is_some(), "a second break is said too");
+    }
+
     use prost::Message;
 
     use super::*;

@@ -54,6 +54,17 @@ pub struct WatchEvent {
 /// The stream `SecretsClient::watch_secret` returns.
 pub struct WatchStream {
     events: mpsc::Receiver<Result<WatchEvent, Error>>,
+    connected: tokio::sync::watch::Receiver<bool>,
+}
+
+impl WatchStream {
+    /// Whether a stream to the broker is open now: `true` from its first
+    /// message until it breaks, `false` while it reconnects (events missed
+    /// meanwhile arrive once it is back). Wait for changes with
+    /// `changed()`; the sender goes when the stream ends.
+    pub fn connected(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.connected.clone()
+    }
 }
 
 impl Stream for WatchStream {
@@ -91,7 +102,11 @@ pub(crate) fn follow_live(
         }
         .run(),
     );
-    (WatchStream { events: receiver }, liveness)
+    let stream = WatchStream {
+        events: receiver,
+        connected: liveness.clone(),
+    };
+    (stream, liveness)
 }
 
 struct Follower {

@@ -56,6 +56,44 @@ def test_watch_prints_events_without_values(dev_broker, broker_bin, log_path):
     assert value not in first
 
 
+def test_watch_says_when_its_stream_breaks_and_when_it_is_back(start_broker, broker_bin, log_path):
+    """A broker restart: the watch keeps running, and stderr says the stream
+    broke and came back, so that silence is not taken for an unchanged
+    secret."""
+    import threading
+
+    broker = start_broker()
+    proc = subprocess.Popen(
+        [str(broker_bin), "watch", "production/jwt", "--endpoint", broker.addr],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=support.broker_env(),
+    )
+    stderr_lines: list[str] = []
+    reader = threading.Thread(target=lambda: stderr_lines.extend(proc.stderr), daemon=True)
+    reader.start()
+
+    def wait_for(text: str, timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(text in line for line in stderr_lines):
+                return
+            assert proc.poll() is None, f"watch exited: {stderr_lines}"
+            time.sleep(0.05)
+        raise AssertionError(f"no {text!r} on stderr within {timeout} s: {stderr_lines}")
+
+    try:
+        first = proc.stdout.readline()
+        assert first.startswith("Current insurecove/production/jwt version "), first
+        assert not stderr_lines, "the first connection is not news"
+        broker.stop()
+        wait_for("the stream to the broker broke; reconnecting")
+        start_broker(listen=broker.addr)
+        wait_for("the stream to the broker is back")
+        assert proc.poll() is None, "the watch goes on"
+    finally:
+        support.stop_process(proc, 5)
+    assert sum("broke;" in line for line in stderr_lines) == 1, stderr_lines
+
+
 def test_plaintext_to_a_remote_address_is_refused(run_cli):
     started = time.monotonic()
     refused = run_cli("get", "x", "--endpoint", "10.1.2.3:50051")
