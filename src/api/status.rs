@@ -47,6 +47,11 @@ pub enum ApiError {
     #[error("a connection may hold at most {limit} health watch streams")]
     TooManyHealthWatches { limit: usize },
     #[error(
+        "the broker has as many watch streams open as it allows ({limit}, half its call slots); \
+         reads are still served: retry the watch later, or raise --max-concurrent-calls"
+    )]
+    TooManyStreams { limit: usize },
+    #[error(
         "the broker is shutting down and this call's request had not arrived; retry on another"
     )]
     ShuttingDown,
@@ -81,7 +86,8 @@ impl ApiError {
             Self::TooManyCalls
             | Self::BrokerFull { .. }
             | Self::Displaced
-            | Self::TooManyHealthWatches { .. } => (Code::ResourceExhausted, "TOO_MANY_CALLS"),
+            | Self::TooManyHealthWatches { .. }
+            | Self::TooManyStreams { .. } => (Code::ResourceExhausted, "TOO_MANY_CALLS"),
             Self::ShuttingDown => (Code::Unavailable, "SHUTTING_DOWN"),
             Self::CallTimeout(_) => (Code::DeadlineExceeded, "CALL_TIMEOUT"),
             Self::RequestMemory => (Code::ResourceExhausted, "REQUEST_MEMORY"),
@@ -138,6 +144,7 @@ impl ApiError {
             | Self::BrokerFull { .. }
             | Self::Displaced
             | Self::TooManyHealthWatches { .. }
+            | Self::TooManyStreams { .. }
             | Self::ShuttingDown
             | Self::CallTimeout(_)
             | Self::RequestMemory

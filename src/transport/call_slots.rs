@@ -15,6 +15,12 @@
 //! request has arrived (a call under way, a watch) keeps its slot: once every
 //! slot is held by one, new streams are refused.
 //!
+//! Long-lived streams (WatchSecret, health's Watch) hold their slots for as
+//! long as they are open, and a caller may open as many as it has grants
+//! for: they also need one of a share of the slots (`stream_limit`, half of
+//! them), so that watches alone can never leave the broker without slots for
+//! reads. A stream past the share is refused at once.
+//!
 //! Taking a slot is one semaphore permit. A call enters the map of calls
 //! waiting for their request (those a newcomer may displace) only when a
 //! read of its request finds nothing there yet (`waiting`): a request that
@@ -44,6 +50,10 @@ pub struct CallSlots {
 struct Shared {
     permits: Arc<Semaphore>,
     limit: usize,
+    /// The long-lived streams' share of the slots.
+    streams: Arc<Semaphore>,
+    stream_limit: usize,
+    streams_refused: AtomicU64,
     /// The calls still opening, by arrival: the first is the oldest.
     opening: Mutex<BTreeMap<u64, Arc<CallSlot>>>,
     next: AtomicU64,
@@ -90,10 +100,14 @@ impl CallSlots {
     /// `limit` slots (at least one).
     pub fn new(limit: usize) -> Self {
         let limit = limit.clamp(1, Semaphore::MAX_PERMITS);
+        let stream_limit = (limit / 2).max(1);
         Self {
             shared: Arc::new(Shared {
                 permits: Arc::new(Semaphore::new(limit)),
                 limit,
+                streams: Arc::new(Semaphore::new(stream_limit)),
+                stream_limit,
+                streams_refused: AtomicU64::new(0),
                 opening: Mutex::default(),
                 next: AtomicU64::new(0),
                 displaced: AtomicU64::new(0),
@@ -130,6 +144,21 @@ impl CallSlots {
     /// The most calls in flight at once.
     pub fn limit(&self) -> usize {
         self.shared.limit
+    }
+
+    /// A place among the long-lived streams, held with the stream's slot
+    /// (`take`); `None` when their share is full.
+    pub fn take_stream(&self) -> Option<OwnedSemaphorePermit> {
+        let taken = Arc::clone(&self.shared.streams).try_acquire_owned().ok();
+        if taken.is_none() {
+            self.shared.streams_refused.fetch_add(1, Ordering::Relaxed);
+        }
+        taken
+    }
+
+    /// The most long-lived streams open at once.
+    pub fn stream_limit(&self) -> usize {
+        self.shared.stream_limit
     }
 
     /// Takes the slot of the call opening longest, and wakes that call.
@@ -192,6 +221,19 @@ impl CallSlots {
                 "calls_refused_broker_full",
                 "Calls refused at once: every call slot of the broker was held by a call under way",
                 shared.refused.load(Ordering::Relaxed),
+            )?;
+            let streams = shared.stream_limit - shared.streams.available_permits();
+            gauge(
+                e,
+                "streams_in_flight",
+                "Long-lived streams (WatchSecret, health's Watch) open over every connection",
+                i64::try_from(streams).unwrap_or(i64::MAX),
+            )?;
+            counter(
+                e,
+                "streams_refused_share_full",
+                "Long-lived streams refused at once: their share of the call slots (half) was held",
+                shared.streams_refused.load(Ordering::Relaxed),
             )
         });
     }
@@ -202,6 +244,8 @@ impl std::fmt::Debug for CallSlots {
         f.debug_struct("CallSlots")
             .field("limit", &self.shared.limit)
             .field("free", &self.shared.permits.available_permits())
+            .field("stream_limit", &self.shared.stream_limit)
+            .field("streams_free", &self.shared.streams.available_permits())
             .finish()
     }
 }
@@ -329,6 +373,18 @@ mod tests {
         assert!(slots.take().is_none());
         assert_eq!(slots.shared.refused.load(Ordering::Relaxed), 1);
         assert_eq!(slots.shared.displaced.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn long_lived_streams_get_half_the_slots_and_give_their_place_back() {
+        let slots = CallSlots::new(9);
+        assert_eq!(slots.stream_limit(), 4);
+        let streams: Vec<_> = (0..4).map(|_| slots.take_stream().unwrap()).collect();
+        assert!(slots.take_stream().is_none(), "the share is full");
+        assert_eq!(slots.shared.streams_refused.load(Ordering::Relaxed), 1);
+        drop(streams);
+        assert!(slots.take_stream().is_some(), "places come back");
+        assert_eq!(CallSlots::new(1).stream_limit(), 1, "never none");
     }
 
     #[test]

@@ -11,7 +11,9 @@
 //!   matters: a stream that never sends its message still costs memory;
 //! - it takes one of the broker's call slots too (`call_slots`: a bound over
 //!   every connection, where a call still waiting for its request may lose
-//!   its slot to a newer one);
+//!   its slot to a newer one); a stream meant to stay open (WatchSecret,
+//!   health's Watch) needs a place in their share of those slots as well,
+//!   so that watches never hold the slots reads need;
 //! - the request memory (`transport::budget`): a request message still
 //!   arriving holds its bytes from one budget shared by every call;
 //! - the call timeout: a call whose answer is not ready within
@@ -156,6 +158,16 @@ where
             }
             _ => None,
         };
+        let long_lived = if is_long_lived(rpc, request.uri().path()) {
+            let Some(place) = self.calls.take_stream() else {
+                let limit = self.calls.stream_limit();
+                let full = ApiError::TooManyStreams { limit };
+                return self.refuse(request.uri().path(), rpc, &caller, full);
+            };
+            Some(place)
+        } else {
+            None
+        };
         let Some(call_slot) = self.calls.take() else {
             let limit = self.calls.limit();
             let full = ApiError::BrokerFull { limit };
@@ -228,6 +240,7 @@ where
                     body,
                     _slot: slot,
                     _health_watch: health_watch,
+                    _long_lived: long_lived,
                     _call: call_slot,
                     ends: stream_ends,
                 })
@@ -330,6 +343,11 @@ fn failed_before_the_handler(response: &Response<Body>) -> Option<tonic::Code> {
 }
 
 /// Server reflection's services (v1 and v1alpha).
+/// A stream meant to stay open for as long as its caller wants.
+fn is_long_lived(rpc: Option<Rpc>, path: &str) -> bool {
+    rpc == Some(Rpc::WatchSecret) || path == HEALTH_WATCH
+}
+
 fn is_reflection(path: &str) -> bool {
     path.starts_with("/grpc.reflection.")
 }
@@ -416,6 +434,8 @@ struct GatedBody {
     body: Body,
     _slot: Option<OwnedSemaphorePermit>,
     _health_watch: Option<OwnedSemaphorePermit>,
+    /// Its place among the long-lived streams (`CallSlots::take_stream`).
+    _long_lived: Option<OwnedSemaphorePermit>,
     _call: Arc<CallSlot>,
     ends: Option<CallEnd>,
 }

@@ -382,15 +382,39 @@ async fn calls_still_waiting_for_their_request_give_their_slots_to_callers() {
     assert_eq!(status, "8", "{message}");
     assert!(message.contains("request had not arrived"), "{message}");
 
-    // Calls under way keep their slots: with four watches open, and no
-    // stream left waiting, a new call is refused, and says why.
+    // Watches take at most half the slots (two of four): a third is
+    // refused and says why, and reads are still served.
     drop(silent);
     drop(connection);
     let mut watches = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..2 {
         let opened = eventually_watch(&mut raw).await;
         watches.push(opened);
     }
+    let request = WatchSecretRequest {
+        name: "mistral-api-key".into(),
+        ..Default::default()
+    };
+    let refused = raw.watch_secret(request).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("watch streams open as it allows (2"),
+        "{refused:?}"
+    );
+    assert_eq!(
+        value(&get(&mut raw, "mistral-api-key").await.unwrap()),
+        MISTRAL
+    );
+
+    // Calls under way keep their slots: with two reflection streams open
+    // as well (their request came; they last until the call timeout), and
+    // no stream left waiting, a new call is refused, and says why.
+    let reflection = [
+        open_reflection(&broker).await,
+        open_reflection(&broker).await,
+    ];
     let refused = get(&mut raw, "mistral-api-key").await.unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     assert!(
@@ -399,8 +423,35 @@ async fn calls_still_waiting_for_their_request_give_their_slots_to_callers() {
             .contains("as many calls in flight as it allows (4)"),
         "{refused:?}"
     );
-    drop(watches);
+    drop((watches, reflection));
     broker.stop().await;
+}
+
+/// A server reflection stream whose first request was answered, kept open
+/// with its request side: a call under way that holds its slot.
+async fn open_reflection(
+    broker: &Running,
+) -> (
+    tokio::sync::mpsc::Sender<tonic_reflection::pb::v1::ServerReflectionRequest>,
+    tonic::Streaming<tonic_reflection::pb::v1::ServerReflectionResponse>,
+) {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest,
+    };
+    let (requests, receiver) = tokio::sync::mpsc::channel(1);
+    let question = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    requests.send(question).await.unwrap();
+    let mut answers = ServerReflectionClient::new(broker.channel().await)
+        .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(receiver))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(answers.message().await.unwrap().is_some());
+    (requests, answers)
 }
 
 /// A WatchSecret stream, once its first event has come; retried while the
