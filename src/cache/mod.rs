@@ -232,8 +232,10 @@ impl Cache {
 
     /// A fresh hit for a borrowed key, without waiting or allocating (the
     /// hot path); `None` when the cache must be read with `get_until`.
-    /// `now` is the call's start, which the caller has already read: its
-    /// age is that much older, and the call reads the clock once less.
+    /// `now` is the call's start, which the caller has already read (the
+    /// call reads the clock once less): the age is measured up to it, a few
+    /// microseconds short, and an entry whose TTL ends in between is
+    /// still served as fresh.
     pub fn hit(&self, key: KeyRef<'_>, now: Instant) -> Option<Lookup> {
         self.shared.fresh_hit(&key, true, now)
     }

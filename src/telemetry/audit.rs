@@ -4,8 +4,11 @@
 //! Every call writes one, so it skips `tracing`'s general formatting (field
 //! visitors, `Debug` of every value, a writer per event): the line is built
 //! in a reused per-thread buffer, in the same layout as the other events
-//! (text, or JSON with `LOG_FORMAT=json`), checked to be one line, and
-//! appended with one lock. Where the broker did not install its logger (a
+//! (text, or JSON with `LOG_FORMAT=json`), and appended with one lock. A
+//! line whose caller-supplied fields (identity, secret names, an unknown
+//! method's path) are all printable ASCII without quotes or backslashes has
+//! nothing to escape and goes out as built; any other is checked to be one
+//! line like every other event. Where the broker did not install its logger (a
 //! library user, the tests), the record is a `tracing` event on the `audit`
 //! target instead, with the same fields.
 
@@ -17,7 +20,8 @@ use super::{OneLineWriter, any_byte, write_timestamp, writer::BufferedLog};
 pub struct AuditRecord<'a> {
     /// Who called, as `Identity::shown` writes it (escaped).
     pub identity: &'a str,
-    /// The RPC's name.
+    /// The RPC's name; for an unknown method, the path the caller sent
+    /// (caller-controlled, like `identity` and `secrets`).
     pub rpc: &'a str,
     /// The resolved secret names, space-separated (empty when none).
     pub secrets: &'a str,
@@ -80,7 +84,7 @@ pub fn record(record: &AuditRecord<'_>) {
 /// caller's fields were all `is_plain` (nearly always): then nothing was
 /// escaped, and the line needs no second look for line ends.
 fn write_line(line: &mut String, record: &AuditRecord<'_>, json: bool) -> bool {
-    let plain = is_plain(record.identity) && is_plain(record.secrets);
+    let plain = is_plain(record.identity) && is_plain(record.secrets) && is_plain(record.rpc);
     // Writing into a String cannot fail.
     let _ = if json {
         json_line(line, record, plain)
@@ -97,11 +101,11 @@ fn text_line(line: &mut String, record: &AuditRecord<'_>, plain: bool) -> fmt::R
     write_timestamp(line)?;
     line.push_str("  INFO audit: identity=");
     quoted(line, record.identity, plain);
-    // RPC and code names are fixed words: quoted without an escaping pass.
-    line.push_str(" rpc=\"");
-    line.push_str(record.rpc);
-    line.push_str("\" secrets=");
+    line.push_str(" rpc=");
+    quoted(line, record.rpc, plain);
+    line.push_str(" secrets=");
     quoted(line, record.secrets, plain);
+    // Code names are fixed words: quoted without an escaping pass.
     line.push_str(" outcome=\"");
     line.push_str(record.outcome);
     line.push('"');
@@ -148,9 +152,8 @@ fn json_line(line: &mut String, record: &AuditRecord<'_>, plain: bool) -> fmt::R
     write_timestamp(line)?;
     line.push_str("\",\"level\":\"INFO\",\"fields\":{\"identity\":");
     json_string(line, record.identity, plain);
-    // RPC and code names are fixed words.
     line.push_str(",\"rpc\":");
-    json_string(line, record.rpc, true);
+    json_string(line, record.rpc, plain);
     line.push_str(",\"secrets\":");
     json_string(line, record.secrets, plain);
     line.push_str(",\"outcome\":");
@@ -247,6 +250,54 @@ mod tests {
                 let mut text = "a".repeat(40);
                 text.insert_str(at, odd);
                 assert!(!is_plain(&text), "{odd:?} at {at}");
+            }
+        }
+    }
+
+    /// An unknown method's path is the caller's: it must not pass for
+    /// plain, break the line or add a field, in either layout.
+    #[test]
+    fn a_forged_method_path_stays_one_field_of_one_line() {
+        for path in [
+            "/secretsbroker.v1.SecretsService/x\",\"identity\":\"spiffe://insurecove/ops",
+            "/secretsbroker.v1.SecretsService/x\" outcome=\"OK",
+            "/secretsbroker.v1.SecretsService/x\u{2028}2026 INFO audit: forged",
+            "/secretsbroker.v1.SecretsService/x\u{85}y\\",
+        ] {
+            let record = AuditRecord {
+                identity: "anonymous",
+                rpc: path,
+                secrets: "",
+                outcome: "UNIMPLEMENTED",
+                cache_hit: None,
+            };
+            for json in [false, true] {
+                let mut line = String::new();
+                assert!(
+                    !write_line(&mut line, &record, json),
+                    "{path:?} is not plain"
+                );
+                // What `record` does with a line that is not plain.
+                let mut out = OneLineWriter {
+                    inner: Vec::new(),
+                    keep_ansi: false,
+                };
+                out.write_all(line.as_bytes()).unwrap();
+                let written = String::from_utf8(out.inner).unwrap();
+                assert_eq!(written.lines().count(), 1, "{written}");
+                assert!(!written.contains(['\u{2028}', '\u{85}']), "{written}");
+                if json {
+                    let event: serde_json::Value = serde_json::from_str(&written).unwrap();
+                    assert_eq!(event["fields"]["rpc"], path);
+                    assert_eq!(event["fields"]["identity"], "anonymous");
+                } else {
+                    let (_, fields) = written.split_once(": ").unwrap();
+                    assert_eq!(
+                        keys_outside_quotes(fields),
+                        ["identity", "rpc", "secrets", "outcome"],
+                        "{written}"
+                    );
+                }
             }
         }
     }

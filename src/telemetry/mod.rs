@@ -12,7 +12,8 @@
 //! full buffer makes callers wait), because audit lines must not be lost.
 //!
 //! One event is always one line, whatever a caller put into a name, a
-//! certificate or a header: every event passes `OneLine`, which escapes
+//! certificate or a header: every event passes `OneLine` (an audit line
+//! with nothing a caller sent to escape skips it: `audit`), which escapes
 //! line breaks and other control characters inside it: `\n`, `\r`, and
 //! `\u001b` for the others (DEL too), which is also a valid escape inside a
 //! JSON string, so JSON output stays valid JSON. The line ends beyond ASCII
@@ -211,7 +212,7 @@ fn unicode_line_end(text: &[u8]) -> Option<(&'static [u8], usize)> {
 }
 
 /// Whether any byte of `text` needs escaping (or a closer look). Every
-/// audit line is checked.
+/// event is checked, except plain audit lines (`audit::is_plain`).
 fn has_control(text: &[u8], keep_ansi: bool) -> bool {
     any_byte(text, |byte| {
         needs_escape(byte, keep_ansi) | may_start_line_end(byte)
