@@ -18,6 +18,7 @@ use std::{
 use futures::Stream;
 use tokio::sync::mpsc;
 use tonic::{Code, transport::Channel};
+use tonic_types::StatusExt;
 
 use crate::{
     Error, SecretValue,
@@ -181,21 +182,30 @@ impl Follower {
         }
     }
 
-    /// Connection-level failures are retried; the others end the stream.
+    /// Retried failures come back as `Broken`; the others end the stream.
     async fn fail(&self, status: tonic::Status) -> Ended {
-        let retry = matches!(
-            status.code(),
-            Code::Unavailable
-                | Code::Unknown
-                | Code::Internal
-                | Code::Cancelled
-                | Code::DeadlineExceeded
-        );
-        if retry {
+        if retried(&status) {
             return Ended::Broken;
         }
         let _ = self.events.send(Err(Error::from(status))).await;
         Ended::Done
+    }
+}
+
+/// Connection-level failures are retried, and so is a broker that has as
+/// many calls or watches as it allows (`TOO_MANY_CALLS`: calls end, places
+/// come back); anything else would fail again the same way.
+fn retried(status: &tonic::Status) -> bool {
+    match status.code() {
+        Code::Unavailable
+        | Code::Unknown
+        | Code::Internal
+        | Code::Cancelled
+        | Code::DeadlineExceeded => true,
+        Code::ResourceExhausted => status
+            .get_details_error_info()
+            .is_some_and(|info| info.reason == "TOO_MANY_CALLS"),
+        _ => false,
     }
 }
 
@@ -212,5 +222,26 @@ fn event(message: proto::WatchSecretResponse) -> WatchEvent {
         observed_at: message
             .observed_at
             .and_then(|t| SystemTime::try_from(t).ok()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic_types::{ErrorDetails, StatusExt};
+
+    use super::*;
+
+    fn refused(reason: &str) -> tonic::Status {
+        let details = ErrorDetails::with_error_info(reason, "secretsbroker", []);
+        tonic::Status::with_error_details(Code::ResourceExhausted, "refused", details)
+    }
+
+    #[test]
+    fn a_full_broker_is_retried_and_a_request_too_large_is_not() {
+        assert!(retried(&refused("TOO_MANY_CALLS")));
+        assert!(!retried(&refused("MESSAGE_TOO_LARGE")));
+        assert!(!retried(&tonic::Status::resource_exhausted("no details")));
+        assert!(retried(&tonic::Status::unavailable("restarting")));
+        assert!(!retried(&tonic::Status::permission_denied("no grant")));
     }
 }

@@ -47,10 +47,14 @@ pub enum ApiError {
     #[error("a connection may hold at most {limit} health watch streams")]
     TooManyHealthWatches { limit: usize },
     #[error(
-        "the broker has as many watch streams open as it allows ({limit}, half its call slots); \
-         reads are still served: retry the watch later, or raise --max-concurrent-calls"
+        "the broker has as many {what} open as it allows ({limit}, {share} of its call slots); \
+         reads are still served: retry later, or raise --max-concurrent-calls"
     )]
-    TooManyStreams { limit: usize },
+    TooManyStreams {
+        what: &'static str,
+        share: &'static str,
+        limit: usize,
+    },
     #[error(
         "the broker is shutting down and this call's request had not arrived; retry on another"
     )]
@@ -178,6 +182,21 @@ impl ApiError {
             code: code as u32,
             reason: reason.to_owned(),
             message: self.to_string(),
+        }
+    }
+}
+
+impl From<crate::transport::call_slots::ShareFull> for ApiError {
+    fn from(full: crate::transport::call_slots::ShareFull) -> Self {
+        use crate::transport::call_slots::Share;
+        let (what, share) = match full.share {
+            Share::Watches => ("watch streams", "half"),
+            Share::HealthWatches => ("health watch streams", "an eighth"),
+        };
+        Self::TooManyStreams {
+            what,
+            share,
+            limit: full.limit,
         }
     }
 }

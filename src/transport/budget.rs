@@ -197,10 +197,17 @@ impl<B> Drop for Budgeted<B> {
 }
 
 impl<B> Budgeted<B> {
-    /// The first message is whole: the call's slot can no longer be taken;
-    /// false if it was already.
-    fn stop_opening(&mut self) -> bool {
-        self.opening.take().is_none_or(|slot| slot.opened())
+    /// The request has come: the call's slot can no longer be taken, and a
+    /// long-lived stream takes its place in its share. Why not, if it was
+    /// taken already or the share is full.
+    fn stop_opening(&mut self) -> Result<(), ApiError> {
+        let Some(slot) = self.opening.take() else {
+            return Ok(());
+        };
+        if !slot.opened() {
+            return Err(ApiError::Displaced);
+        }
+        slot.take_place().map_err(ApiError::from)
     }
 
     /// The body ended before its first message.
@@ -283,7 +290,9 @@ where
                 self.held = None;
                 self.done = true;
                 if self.framing.whole {
-                    self.stop_opening();
+                    if let Err(refused) = self.stop_opening() {
+                        return self.fail(refused);
+                    }
                 } else {
                     self.give_up();
                 }
@@ -307,8 +316,8 @@ where
             }
             let request_came =
                 self.framing.whole && (self.opens_at_first_message || self.body.is_end_stream());
-            if request_came && !self.stop_opening() {
-                return self.fail(ApiError::Displaced);
+            if request_came && let Err(refused) = self.stop_opening() {
+                return self.fail(refused);
             }
         }
         Poll::Ready(Some(Ok(frame)))
@@ -468,7 +477,7 @@ mod tests {
             Ok::<_, std::convert::Infallible>(Frame::data(Bytes::copy_from_slice(&whole[..3]))),
             Ok(Frame::data(Bytes::copy_from_slice(&whole[3..]))),
         ]);
-        let slot = slots.take().unwrap();
+        let slot = slots.take(None).unwrap();
         let mut body = budget.wrap(
             http_body_util::StreamBody::new(frames),
             None,
@@ -483,16 +492,20 @@ mod tests {
         );
         assert!(body.frame().await.is_none());
         assert!(!slot.is_opening(), "the request has come");
-        assert!(slots.take().is_none(), "an opened call keeps its slot");
+        assert!(slots.take(None).is_none(), "an opened call keeps its slot");
         drop((body, slot));
 
         // A call whose message never comes loses its slot to a newcomer,
         // and its body fails at once.
         let silent = futures::stream::pending::<Result<Frame<Bytes>, std::convert::Infallible>>();
-        let mut body = budget.wrap(http_body_util::StreamBody::new(silent), None, slots.take());
+        let mut body = budget.wrap(
+            http_body_util::StreamBody::new(silent),
+            None,
+            slots.take(None),
+        );
         let waiting = tokio::spawn(async move { body.frame().await });
         tokio::task::yield_now().await;
-        let newcomer = slots.take().expect("the silent call's slot");
+        let newcomer = slots.take(None).expect("the silent call's slot");
         let failed = waiting.await.unwrap().unwrap().unwrap_err();
         assert!(
             failed.to_string().contains("request had not arrived"),

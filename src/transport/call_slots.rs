@@ -15,11 +15,14 @@
 //! request has arrived (a call under way, a watch) keeps its slot: once every
 //! slot is held by one, new streams are refused.
 //!
-//! Long-lived streams (WatchSecret, health's Watch) hold their slots for as
-//! long as they are open, and a caller may open as many as it has grants
-//! for: they also need one of a share of the slots (`stream_limit`, half of
-//! them), so that watches alone can never leave the broker without slots for
-//! reads. A stream past the share is refused at once.
+//! Long-lived streams hold their slots for as long as they are open, and a
+//! caller may open as many as it likes: once its request has come, such a
+//! stream also needs a place in a share of the slots, half of them for
+//! WatchSecret and an eighth for health's Watch (which needs no grant), so
+//! that watches can never leave the broker without slots for reads. A stream
+//! past its share is refused at once. The place is taken when the request
+//! has come, not at the headers: a stream that never sends its request
+//! cannot hold a place, and its slot goes to newer calls as above.
 //!
 //! Taking a slot is one semaphore permit. A call enters the map of calls
 //! waiting for their request (those a newcomer may displace) only when a
@@ -50,10 +53,9 @@ pub struct CallSlots {
 struct Shared {
     permits: Arc<Semaphore>,
     limit: usize,
-    /// The long-lived streams' share of the slots.
-    streams: Arc<Semaphore>,
-    stream_limit: usize,
-    streams_refused: AtomicU64,
+    /// The long-lived streams' shares of the slots.
+    watches: Places,
+    health_watches: Places,
     /// The calls still opening, by arrival: the first is the oldest.
     opening: Mutex<BTreeMap<u64, Arc<CallSlot>>>,
     next: AtomicU64,
@@ -61,11 +63,51 @@ struct Shared {
     refused: AtomicU64,
 }
 
+/// A share of the slots for one kind of long-lived stream.
+struct Places {
+    permits: Arc<Semaphore>,
+    limit: usize,
+    refused: AtomicU64,
+}
+
+impl Places {
+    fn new(limit: usize) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(limit)),
+            limit,
+            refused: AtomicU64::new(0),
+        }
+    }
+
+    fn in_use(&self) -> i64 {
+        i64::try_from(self.limit - self.permits.available_permits()).unwrap_or(i64::MAX)
+    }
+}
+
+/// The long-lived streams that need a place in a share of the slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Share {
+    /// WatchSecret: half of the slots.
+    Watches,
+    /// Health's Watch: an eighth.
+    HealthWatches,
+}
+
+/// A long-lived stream refused: its share of the slots is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShareFull {
+    pub share: Share,
+    pub limit: usize,
+}
+
 /// One call's slot, shared by its request body and its answer; the slot is
 /// given back when both are gone.
 pub struct CallSlot {
     id: u64,
     slots: Arc<Shared>,
+    /// The share this call needs a place in once its request has come.
+    share: Option<Share>,
+    place: std::sync::OnceLock<OwnedSemaphorePermit>,
     permit: Mutex<Option<OwnedSemaphorePermit>>,
     state: AtomicU8,
     /// In the map of calls waiting for their request (or about to be).
@@ -100,14 +142,12 @@ impl CallSlots {
     /// `limit` slots (at least one).
     pub fn new(limit: usize) -> Self {
         let limit = limit.clamp(1, Semaphore::MAX_PERMITS);
-        let stream_limit = (limit / 2).max(1);
         Self {
             shared: Arc::new(Shared {
                 permits: Arc::new(Semaphore::new(limit)),
                 limit,
-                streams: Arc::new(Semaphore::new(stream_limit)),
-                stream_limit,
-                streams_refused: AtomicU64::new(0),
+                watches: Places::new((limit / 2).max(1)),
+                health_watches: Places::new((limit / 8).max(1)),
                 opening: Mutex::default(),
                 next: AtomicU64::new(0),
                 displaced: AtomicU64::new(0),
@@ -117,8 +157,9 @@ impl CallSlots {
     }
 
     /// A slot for a new call: a free one, or the slot of the call opening
-    /// longest. `None` when every slot is held by a call under way.
-    pub fn take(&self) -> Option<Arc<CallSlot>> {
+    /// longest. `None` when every slot is held by a call under way. A
+    /// long-lived stream names its `share`.
+    pub fn take(&self, share: Option<Share>) -> Option<Arc<CallSlot>> {
         let permit = match Arc::clone(&self.shared.permits).try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => match self.displace_oldest() {
@@ -133,6 +174,8 @@ impl CallSlots {
         let slot = Arc::new(CallSlot {
             id,
             slots: Arc::clone(&self.shared),
+            share,
+            place: std::sync::OnceLock::new(),
             permit: Mutex::new(Some(permit)),
             state: AtomicU8::new(OPENING),
             listed: AtomicBool::new(false),
@@ -144,21 +187,6 @@ impl CallSlots {
     /// The most calls in flight at once.
     pub fn limit(&self) -> usize {
         self.shared.limit
-    }
-
-    /// A place among the long-lived streams, held with the stream's slot
-    /// (`take`); `None` when their share is full.
-    pub fn take_stream(&self) -> Option<OwnedSemaphorePermit> {
-        let taken = Arc::clone(&self.shared.streams).try_acquire_owned().ok();
-        if taken.is_none() {
-            self.shared.streams_refused.fetch_add(1, Ordering::Relaxed);
-        }
-        taken
-    }
-
-    /// The most long-lived streams open at once.
-    pub fn stream_limit(&self) -> usize {
-        self.shared.stream_limit
     }
 
     /// Takes the slot of the call opening longest, and wakes that call.
@@ -222,18 +250,29 @@ impl CallSlots {
                 "Calls refused at once: every call slot of the broker was held by a call under way",
                 shared.refused.load(Ordering::Relaxed),
             )?;
-            let streams = shared.stream_limit - shared.streams.available_permits();
             gauge(
                 e,
-                "streams_in_flight",
-                "Long-lived streams (WatchSecret, health's Watch) open over every connection",
-                i64::try_from(streams).unwrap_or(i64::MAX),
+                "watches_in_flight",
+                "WatchSecret streams open over every connection (at most half the call slots)",
+                shared.watches.in_use(),
             )?;
             counter(
                 e,
-                "streams_refused_share_full",
-                "Long-lived streams refused at once: their share of the call slots (half) was held",
-                shared.streams_refused.load(Ordering::Relaxed),
+                "watches_refused_share_full",
+                "WatchSecret streams refused at once: their half of the call slots was held",
+                shared.watches.refused.load(Ordering::Relaxed),
+            )?;
+            gauge(
+                e,
+                "health_watches_in_flight",
+                "Health Watch streams open over every connection (at most an eighth of the call slots)",
+                shared.health_watches.in_use(),
+            )?;
+            counter(
+                e,
+                "health_watches_refused_share_full",
+                "Health Watch streams refused at once: their eighth of the call slots was held",
+                shared.health_watches.refused.load(Ordering::Relaxed),
             )
         });
     }
@@ -244,8 +283,8 @@ impl std::fmt::Debug for CallSlots {
         f.debug_struct("CallSlots")
             .field("limit", &self.shared.limit)
             .field("free", &self.shared.permits.available_permits())
-            .field("stream_limit", &self.shared.stream_limit)
-            .field("streams_free", &self.shared.streams.available_permits())
+            .field("watches", &self.shared.watches.limit)
+            .field("health_watches", &self.shared.health_watches.limit)
             .finish()
     }
 }
@@ -253,6 +292,13 @@ impl std::fmt::Debug for CallSlots {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, Arc<CallSlot>>> {
         lock(&self.opening)
+    }
+
+    fn places(&self, share: Share) -> &Places {
+        match share {
+            Share::Watches => &self.watches,
+            Share::HealthWatches => &self.health_watches,
+        }
     }
 }
 
@@ -267,6 +313,31 @@ impl CallSlot {
     /// taken. False if it was displaced first.
     pub fn opened(&self) -> bool {
         self.leave_opening(OPENED)
+    }
+
+    /// For a long-lived stream whose request has come: its place in its
+    /// share, held with the slot. Other calls need none.
+    pub fn take_place(&self) -> Result<(), ShareFull> {
+        let Some(share) = self.share else {
+            return Ok(());
+        };
+        if self.place.get().is_some() {
+            return Ok(());
+        }
+        let places = self.slots.places(share);
+        match Arc::clone(&places.permits).try_acquire_owned() {
+            Ok(permit) => {
+                let _ = self.place.set(permit);
+                Ok(())
+            }
+            Err(_) => {
+                places.refused.fetch_add(1, Ordering::Relaxed);
+                Err(ShareFull {
+                    share,
+                    limit: places.limit,
+                })
+            }
+        }
     }
 
     /// The call's request body ended (or was dropped) without a message:
@@ -359,54 +430,84 @@ mod tests {
     #[test]
     fn a_full_broker_takes_the_slot_of_the_call_opening_longest() {
         let slots = CallSlots::new(2);
-        let first = slots.take().unwrap();
+        let first = slots.take(None).unwrap();
         first.waiting();
-        let second = slots.take().unwrap();
+        let second = slots.take(None).unwrap();
         second.waiting();
-        let third = slots.take().expect("the first call's slot");
+        let third = slots.take(None).expect("the first call's slot");
         assert_eq!(first.ended(&cx()), Some(Ended::Displaced));
         assert!(!first.opened(), "a displaced call cannot open");
         assert_eq!(second.ended(&cx()), None);
         assert!(second.opened());
         assert!(third.opened());
         // Both slots are held by calls under way: nothing to take.
-        assert!(slots.take().is_none());
+        assert!(slots.take(None).is_none());
         assert_eq!(slots.shared.refused.load(Ordering::Relaxed), 1);
         assert_eq!(slots.shared.displaced.load(Ordering::Relaxed), 1);
     }
 
     #[test]
-    fn long_lived_streams_get_half_the_slots_and_give_their_place_back() {
-        let slots = CallSlots::new(9);
-        assert_eq!(slots.stream_limit(), 4);
-        let streams: Vec<_> = (0..4).map(|_| slots.take_stream().unwrap()).collect();
-        assert!(slots.take_stream().is_none(), "the share is full");
-        assert_eq!(slots.shared.streams_refused.load(Ordering::Relaxed), 1);
-        drop(streams);
-        assert!(slots.take_stream().is_some(), "places come back");
-        assert_eq!(CallSlots::new(1).stream_limit(), 1, "never none");
+    fn long_lived_streams_take_a_place_in_their_share_once_their_request_came() {
+        let slots = CallSlots::new(16);
+        assert_eq!(slots.shared.places(Share::Watches).limit, 8);
+        assert_eq!(slots.shared.places(Share::HealthWatches).limit, 2);
+        // Streams still waiting for their request hold no place.
+        let waiting: Vec<_> = (0..4)
+            .map(|_| slots.take(Some(Share::HealthWatches)).unwrap())
+            .collect();
+        let health: Vec<_> = (0..2)
+            .map(|_| {
+                let call = slots.take(Some(Share::HealthWatches)).unwrap();
+                assert!(call.opened());
+                call.take_place().unwrap();
+                call
+            })
+            .collect();
+        let third = slots.take(Some(Share::HealthWatches)).unwrap();
+        assert!(third.opened());
+        let full = third.take_place().unwrap_err();
+        assert_eq!(full.share, Share::HealthWatches);
+        assert_eq!(full.limit, 2);
+        // The other share and plain calls are not touched.
+        let watch = slots.take(Some(Share::Watches)).unwrap();
+        assert!(watch.opened());
+        watch.take_place().unwrap();
+        let read = slots.take(None).unwrap();
+        assert!(read.opened());
+        read.take_place().unwrap();
+        // A place comes back with its call.
+        drop(health);
+        let again = slots.take(Some(Share::HealthWatches)).unwrap();
+        assert!(again.opened());
+        again.take_place().unwrap();
+        assert_eq!(
+            slots.shared.health_watches.refused.load(Ordering::Relaxed),
+            1
+        );
+        drop(waiting);
+        assert_eq!(CallSlots::new(1).shared.watches.limit, 1, "never none");
     }
 
     #[test]
     fn a_slot_comes_back_when_its_call_is_done() {
         let slots = CallSlots::new(1);
-        let call = slots.take().unwrap();
+        let call = slots.take(None).unwrap();
         assert!(call.opened());
         let answer = Arc::clone(&call);
-        assert!(slots.take().is_none());
+        assert!(slots.take(None).is_none());
         drop(call);
-        assert!(slots.take().is_none(), "the answer still holds it");
+        assert!(slots.take(None).is_none(), "the answer still holds it");
         drop(answer);
-        let next = slots.take().expect("the slot is free again");
+        let next = slots.take(None).expect("the slot is free again");
         assert!(next.is_opening());
     }
 
     #[test]
     fn a_displaced_call_gives_its_slot_to_the_newcomer_at_once() {
         let slots = CallSlots::new(1);
-        let silent = slots.take().unwrap();
+        let silent = slots.take(None).unwrap();
         silent.waiting();
-        let newcomer = slots.take().expect("the silent call's slot");
+        let newcomer = slots.take(None).expect("the silent call's slot");
         // The silent call's structures still exist, yet the semaphore is
         // not overdrawn: the permit moved.
         assert_eq!(slots.shared.permits.available_permits(), 0);

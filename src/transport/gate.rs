@@ -12,8 +12,9 @@
 //! - it takes one of the broker's call slots too (`call_slots`: a bound over
 //!   every connection, where a call still waiting for its request may lose
 //!   its slot to a newer one); a stream meant to stay open (WatchSecret,
-//!   health's Watch) needs a place in their share of those slots as well,
-//!   so that watches never hold the slots reads need;
+//!   health's Watch) needs a place in its share of those slots as well once
+//!   its request has come (`transport::budget` takes it), so that watches
+//!   never hold the slots reads need;
 //! - the request memory (`transport::budget`): a request message still
 //!   arriving holds its bytes from one budget shared by every call;
 //! - the call timeout: a call whose answer is not ready within
@@ -47,7 +48,7 @@ use tower::{Layer, Service};
 
 use super::{
     budget::{Budgeted, RequestBudget},
-    call_slots::{CallSlot, CallSlots},
+    call_slots::{CallSlot, CallSlots, Share},
 };
 use crate::{
     api::{
@@ -158,17 +159,8 @@ where
             }
             _ => None,
         };
-        let long_lived = if is_long_lived(rpc, request.uri().path()) {
-            let Some(place) = self.calls.take_stream() else {
-                let limit = self.calls.stream_limit();
-                let full = ApiError::TooManyStreams { limit };
-                return self.refuse(request.uri().path(), rpc, &caller, full);
-            };
-            Some(place)
-        } else {
-            None
-        };
-        let Some(call_slot) = self.calls.take() else {
+        let share = long_lived_share(rpc, request.uri().path());
+        let Some(call_slot) = self.calls.take(share) else {
             let limit = self.calls.limit();
             let full = ApiError::BrokerFull { limit };
             return self.refuse(request.uri().path(), rpc, &caller, full);
@@ -240,7 +232,6 @@ where
                     body,
                     _slot: slot,
                     _health_watch: health_watch,
-                    _long_lived: long_lived,
                     _call: call_slot,
                     ends: stream_ends,
                 })
@@ -343,9 +334,16 @@ fn failed_before_the_handler(response: &Response<Body>) -> Option<tonic::Code> {
 }
 
 /// Server reflection's services (v1 and v1alpha).
-/// A stream meant to stay open for as long as its caller wants.
-fn is_long_lived(rpc: Option<Rpc>, path: &str) -> bool {
-    rpc == Some(Rpc::WatchSecret) || path == HEALTH_WATCH
+/// The share of the call slots a stream meant to stay open for as long as
+/// its caller wants takes a place in once its request has come.
+fn long_lived_share(rpc: Option<Rpc>, path: &str) -> Option<Share> {
+    if rpc == Some(Rpc::WatchSecret) {
+        Some(Share::Watches)
+    } else if path == HEALTH_WATCH {
+        Some(Share::HealthWatches)
+    } else {
+        None
+    }
 }
 
 fn is_reflection(path: &str) -> bool {
@@ -434,8 +432,6 @@ struct GatedBody {
     body: Body,
     _slot: Option<OwnedSemaphorePermit>,
     _health_watch: Option<OwnedSemaphorePermit>,
-    /// Its place among the long-lived streams (`CallSlots::take_stream`).
-    _long_lived: Option<OwnedSemaphorePermit>,
     _call: Arc<CallSlot>,
     ends: Option<CallEnd>,
 }

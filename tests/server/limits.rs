@@ -427,6 +427,77 @@ async fn calls_still_waiting_for_their_request_give_their_slots_to_callers() {
     broker.stop().await;
 }
 
+/// Watches take a place in their share only once their request has come:
+/// streams that send headers alone cannot lock real watches out. Health's
+/// Watch has a share of its own (an eighth), so that it cannot lock out
+/// WatchSecret either, and reads go on past both.
+#[tokio::test]
+async fn watches_take_their_share_only_with_their_request() {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    let broker = Running::start(|args| {
+        args.max_concurrent_calls = Some("16".into());
+    })
+    .await;
+    // Shares of 16 slots: 8 watches, 2 health watches.
+    let tcp = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
+    let (mut connection, driver) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(driver);
+    let mut silent = Vec::new();
+    for path in [
+        "/secretsbroker.v1.SecretsService/WatchSecret",
+        "/grpc.health.v1.Health/Watch",
+    ] {
+        for _ in 0..2 {
+            silent.push(headers_only(&mut connection, path).await);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let mut raw = broker.raw().await;
+    let mut watches = Vec::new();
+    for _ in 0..8 {
+        watches.push(eventually_watch(&mut raw).await);
+    }
+    let request = WatchSecretRequest {
+        name: "mistral-api-key".into(),
+        ..Default::default()
+    };
+    let refused = raw.watch_secret(request).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("as many watch streams open as it allows (8, half"),
+        "{refused:?}"
+    );
+
+    let health_watch = || async {
+        let request = HealthCheckRequest {
+            service: String::new(),
+        };
+        let mut health = HealthClient::new(broker.channel().await);
+        let mut stream = health.watch(request).await?.into_inner();
+        stream.message().await?;
+        Ok::<_, tonic::Status>(stream)
+    };
+    let kept = [health_watch().await.unwrap(), health_watch().await.unwrap()];
+    let refused = health_watch().await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("health watch streams open as it allows (2, an eighth"),
+        "{refused:?}"
+    );
+    assert_eq!(
+        value(&get(&mut raw, "mistral-api-key").await.unwrap()),
+        MISTRAL
+    );
+    drop((watches, kept, silent, connection));
+    broker.stop().await;
+}
+
 /// A server reflection stream whose first request was answered, kept open
 /// with its request side: a call under way that holds its slot.
 async fn open_reflection(
