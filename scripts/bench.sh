@@ -52,6 +52,10 @@ REQUESTS=${REQUESTS:-10000}
 # Instructions are counted, not timed: a few rounds say it all.
 COUNT_ROUNDS=${COUNT_ROUNDS:-3}
 COUNT_SHAPES=${COUNT_SHAPES:-"1x1 64x1"}
+if (( ROUNDS < 1 || COUNT_ROUNDS < 1 )); then
+  echo "ROUNDS and COUNT_ROUNDS must be at least 1" >&2
+  exit 2
+fi
 SHAPES=${SHAPES:-"1x1 64x1 8x8"}
 PARTS=${PARTS:-"dev moto mtls instructions"}
 COUNT_CALLS=${COUNT_CALLS:-4000}
@@ -200,7 +204,7 @@ median() { sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2
 median_interval() {
   sort -n | awk -v fmt="$1" '{a[NR]=$1} END {
     m = (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2
-    k = int((NR - 1.96 * sqrt(NR)) / 2)
+    k = int((NR - 1.96 * sqrt(NR)) / 2 + 0.5)
     if (k < 1) { printf fmt " (too few rounds for an interval)", m; exit }
     printf fmt " [" fmt ", " fmt "]", m, a[k], a[NR - k + 1]
   }'
@@ -251,8 +255,10 @@ loadgen_count() {
 # callgrind_annotate: what B does that A does not.
 profile_difference() {
   {
-    callgrind_annotate --inclusive=no --threshold=100 "$1" | sed 's/^/a /'
-    callgrind_annotate --inclusive=no --threshold=100 "$2" | sed 's/^/b /'
+    # --auto=no: no annotated source lines, whose costs would be summed
+    # as functions when the binary has debug information.
+    callgrind_annotate --inclusive=no --threshold=100 --auto=no "$1" | sed 's/^/a /'
+    callgrind_annotate --inclusive=no --threshold=100 --auto=no "$2" | sed 's/^/b /'
   } | awk -v n="$3" '
     $2 ~ /^[0-9,]+$/ && /%\)/ {
       side = $1; count = $2; gsub(",", "", count)

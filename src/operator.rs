@@ -113,8 +113,9 @@ pub async fn watch(name: String, connection: Connection) -> Result<(), Error> {
 }
 
 /// What `watch` says on stderr as the stream's connection comes and goes:
-/// nothing for the first connection, one line when an open stream breaks,
-/// one when it is back.
+/// nothing when the first connection works at once; one line when the
+/// broker cannot be reached yet or an open stream breaks, one when the
+/// stream is (back) up.
 #[derive(Default)]
 struct ConnectionNotices {
     was_connected: bool,
@@ -124,22 +125,29 @@ struct ConnectionNotices {
 impl ConnectionNotices {
     fn on(&mut self, connected: bool) -> Option<&'static str> {
         match (connected, self.lost) {
-            (false, false) if self.was_connected => {
+            (false, false) => {
                 self.lost = true;
-                Some(
+                Some(if self.was_connected {
                     "the stream to the broker broke; reconnecting (a change made meanwhile \
-                     comes as Rotated once it is back)",
-                )
+                     comes as Rotated once it is back)"
+                } else {
+                    "the broker cannot be reached yet; retrying"
+                })
             }
             (true, true) => {
                 self.lost = false;
-                Some("the stream to the broker is back")
+                let again = std::mem::replace(&mut self.was_connected, true);
+                Some(if again {
+                    "the stream to the broker is back"
+                } else {
+                    "the stream to the broker is open"
+                })
             }
             (true, false) => {
                 self.was_connected = true;
                 None
             }
-            _ => None,
+            (false, true) => None,
         }
     }
 }
@@ -194,8 +202,15 @@ fn stats_lines(
 mod tests {
     #[test]
     fn watch_says_when_its_stream_breaks_and_when_it_is_back() {
+        let mut late = super::ConnectionNotices::default();
+        assert_eq!(
+            late.on(false),
+            Some("the broker cannot be reached yet; retrying")
+        );
+        assert_eq!(late.on(false), None, "said once");
+        assert_eq!(late.on(true), Some("the stream to the broker is open"));
+
         let mut notices = super::ConnectionNotices::default();
-        assert_eq!(notices.on(false), None, "not yet connected: nothing lost");
         assert_eq!(notices.on(true), None, "the first connection is not news");
         let broke = notices.on(false).expect("a break is said");
         assert!(
