@@ -533,10 +533,7 @@ async fn calls_that_never_reach_a_handler_are_audited_too() {
     let broker = Running::start(|_| {}).await;
 
     // A stream reset before its request came.
-    let tcp = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
-    let (connection, driver) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(driver);
-    let mut connection = connection;
+    let mut connection = broker.h2().await;
     let (_response, mut body) = headers_only(
         &mut connection,
         "/secretsbroker.v1.SecretsService/GetSecret",

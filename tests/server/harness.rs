@@ -136,6 +136,15 @@ impl Running {
         SecretsServiceClient::new(self.channel().await)
     }
 
+    /// A plain HTTP/2 connection of its own (h2's client, driven in a
+    /// task), for streams no gRPC client would send.
+    pub async fn h2(&self) -> h2::client::SendRequest<bytes::Bytes> {
+        let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        let (connection, driver) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(driver);
+        connection
+    }
+
     /// The body of `GET /metrics`.
     pub async fn metrics(&self) -> String {
         let addr = self.probes.expect("metrics_listen set");

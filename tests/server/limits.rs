@@ -192,9 +192,7 @@ async fn unfinished_requests_share_one_memory_budget() {
         args.max_request_memory = Some("2048".into());
     })
     .await;
-    let tcp = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
-    let (mut connection, driver) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(driver);
+    let mut connection = broker.h2().await;
 
     // Two messages of 1000 bytes, 600 of each sent: each holds the 1005
     // bytes it declares (tonic reserves them on reading the header).
@@ -219,9 +217,7 @@ async fn unfinished_requests_share_one_memory_budget() {
     // and a request sent in two parts is read whole.
     drop(open);
     drop(connection);
-    let tcp = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
-    let (connection, driver) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(driver);
+    let connection = broker.h2().await;
     eventually(Duration::from_secs(5), "the budget given back", || {
         let mut connection = connection.clone();
         async move {
@@ -245,9 +241,7 @@ async fn a_reflection_stream_gives_its_request_budget_back_at_the_call_timeout()
         args.call_timeout = Some("1".into());
     })
     .await;
-    let tcp = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
-    let (mut connection, driver) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(driver);
+    let mut connection = broker.h2().await;
     // Two reflection requests left unfinished hold the whole budget; their
     // streams stay open on the caller's side.
     let reflection = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
@@ -351,9 +345,7 @@ async fn calls_still_waiting_for_their_request_give_their_slots_to_callers() {
         args.max_concurrent_calls = Some("4".into());
     })
     .await;
-    let tcp = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
-    let (mut connection, driver) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(driver);
+    let mut connection = broker.h2().await;
     // Every slot of the broker held by streams that never finish their
     // request: the oldest sends a whole message but never ends its request
     // (tonic would wait for the end before any handler runs); the others
@@ -440,9 +432,7 @@ async fn watches_take_their_share_only_with_their_request() {
     })
     .await;
     // Shares of 16 slots: 8 watches, 2 health watches.
-    let tcp = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
-    let (mut connection, driver) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(driver);
+    let mut connection = broker.h2().await;
     let mut silent = Vec::new();
     for path in [
         "/secretsbroker.v1.SecretsService/WatchSecret",

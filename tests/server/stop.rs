@@ -39,10 +39,7 @@ async fn after_the_run_the_port_is_free_and_no_task_is_left() {
 #[tokio::test]
 async fn a_stream_still_waiting_for_its_request_does_not_hold_the_shutdown() {
     let broker = Running::start(|args| args.shutdown_grace = Some("20".into())).await;
-    let tcp = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
-    let (connection, driver) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(driver);
-    let mut connection = connection;
+    let mut connection = broker.h2().await;
     let (response, _body) = headers_only(
         &mut connection,
         "/secretsbroker.v1.SecretsService/GetSecret",
