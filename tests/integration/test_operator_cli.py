@@ -56,7 +56,7 @@ def test_watch_prints_events_without_values(dev_broker, broker_bin, log_path):
     assert value not in first
 
 
-def test_watch_says_when_its_stream_breaks_and_when_it_is_back(start_broker, broker_bin, log_path):
+def test_watch_says_when_its_stream_breaks_and_when_it_is_back(start_broker, broker_bin):
     """A broker restart: the watch keeps running, and stderr says the stream
     broke and came back, so that silence is not taken for an unchanged
     secret."""
