@@ -188,14 +188,9 @@ impl ApiError {
 
 impl From<crate::transport::call_slots::ShareFull> for ApiError {
     fn from(full: crate::transport::call_slots::ShareFull) -> Self {
-        use crate::transport::call_slots::Share;
-        let (what, share) = match full.share {
-            Share::Watches => ("watch streams", "half"),
-            Share::HealthWatches => ("health watch streams", "an eighth"),
-        };
         Self::TooManyStreams {
-            what,
-            share,
+            what: full.share.streams(),
+            share: full.share.part_in_words(),
             limit: full.limit,
         }
     }

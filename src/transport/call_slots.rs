@@ -53,9 +53,8 @@ pub struct CallSlots {
 struct Shared {
     permits: Arc<Semaphore>,
     limit: usize,
-    /// The long-lived streams' shares of the slots.
-    watches: Places,
-    health_watches: Places,
+    /// The long-lived streams' shares of the slots, in `Share::ALL`'s order.
+    shares: [Places; 2],
     /// The calls still opening, by arrival: the first is the oldest.
     opening: Mutex<BTreeMap<u64, Arc<CallSlot>>>,
     next: AtomicU64,
@@ -89,8 +88,40 @@ impl Places {
 pub enum Share {
     /// WatchSecret: half of the slots.
     Watches,
-    /// Health's Watch: an eighth.
+    /// Health's Watch (no grant needed): an eighth.
     HealthWatches,
+}
+
+impl Share {
+    const ALL: [Self; 2] = [Self::Watches, Self::HealthWatches];
+
+    /// The part of the slots it may hold: `limit / divisor`, and in words.
+    fn part(self) -> (usize, &'static str) {
+        match self {
+            Self::Watches => (2, "half"),
+            Self::HealthWatches => (8, "an eighth"),
+        }
+    }
+
+    /// The part of the call slots it may hold, in words.
+    pub fn part_in_words(self) -> &'static str {
+        self.part().1
+    }
+
+    /// Its streams, as messages and metrics name them.
+    pub fn streams(self) -> &'static str {
+        match self {
+            Self::Watches => "watch streams",
+            Self::HealthWatches => "health watch streams",
+        }
+    }
+
+    fn metric(self) -> &'static str {
+        match self {
+            Self::Watches => "watches",
+            Self::HealthWatches => "health_watches",
+        }
+    }
 }
 
 /// A long-lived stream refused: its share of the slots is full.
@@ -146,8 +177,7 @@ impl CallSlots {
             shared: Arc::new(Shared {
                 permits: Arc::new(Semaphore::new(limit)),
                 limit,
-                watches: Places::new((limit / 2).max(1)),
-                health_watches: Places::new((limit / 8).max(1)),
+                shares: Share::ALL.map(|share| Places::new((limit / share.part().0).max(1))),
                 opening: Mutex::default(),
                 next: AtomicU64::new(0),
                 displaced: AtomicU64::new(0),
@@ -250,30 +280,23 @@ impl CallSlots {
                 "Calls refused at once: every call slot of the broker was held by a call under way",
                 shared.refused.load(Ordering::Relaxed),
             )?;
-            gauge(
-                e,
-                "watches_in_flight",
-                "WatchSecret streams open over every connection (at most half the call slots)",
-                shared.watches.in_use(),
-            )?;
-            counter(
-                e,
-                "watches_refused_share_full",
-                "WatchSecret streams refused at once: their half of the call slots was held",
-                shared.watches.refused.load(Ordering::Relaxed),
-            )?;
-            gauge(
-                e,
-                "health_watches_in_flight",
-                "Health Watch streams open over every connection (at most an eighth of the call slots)",
-                shared.health_watches.in_use(),
-            )?;
-            counter(
-                e,
-                "health_watches_refused_share_full",
-                "Health Watch streams refused at once: their eighth of the call slots was held",
-                shared.health_watches.refused.load(Ordering::Relaxed),
-            )
+            for share in Share::ALL {
+                let (places, streams) = (shared.places(share), share.streams());
+                let part = share.part_in_words();
+                gauge(
+                    e,
+                    &format!("{}_in_flight", share.metric()),
+                    &format!("The {streams} open over every connection (at most {part} of the call slots)"),
+                    places.in_use(),
+                )?;
+                counter(
+                    e,
+                    &format!("{}_refused_share_full", share.metric()),
+                    &format!("The {streams} refused at once: their part of the call slots ({part}) was held"),
+                    places.refused.load(Ordering::Relaxed),
+                )?;
+            }
+            Ok(())
         });
     }
 }
@@ -283,8 +306,11 @@ impl std::fmt::Debug for CallSlots {
         f.debug_struct("CallSlots")
             .field("limit", &self.shared.limit)
             .field("free", &self.shared.permits.available_permits())
-            .field("watches", &self.shared.watches.limit)
-            .field("health_watches", &self.shared.health_watches.limit)
+            .field("watches", &self.shared.places(Share::Watches).limit)
+            .field(
+                "health_watches",
+                &self.shared.places(Share::HealthWatches).limit,
+            )
             .finish()
     }
 }
@@ -295,10 +321,7 @@ impl Shared {
     }
 
     fn places(&self, share: Share) -> &Places {
-        match share {
-            Share::Watches => &self.watches,
-            Share::HealthWatches => &self.health_watches,
-        }
+        &self.shares[share as usize]
     }
 }
 
@@ -481,11 +504,19 @@ mod tests {
         assert!(again.opened());
         again.take_place().unwrap();
         assert_eq!(
-            slots.shared.health_watches.refused.load(Ordering::Relaxed),
+            slots
+                .shared
+                .places(Share::HealthWatches)
+                .refused
+                .load(Ordering::Relaxed),
             1
         );
         drop(waiting);
-        assert_eq!(CallSlots::new(1).shared.watches.limit, 1, "never none");
+        assert_eq!(
+            CallSlots::new(1).shared.places(Share::Watches).limit,
+            1,
+            "never none"
+        );
     }
 
     #[test]

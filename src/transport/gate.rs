@@ -145,9 +145,9 @@ where
                 }
             },
         };
-        // Only when the path says so: one comparison per call.
+        let share = long_lived_share(rpc, request.uri().path());
         let health_watch = match connection {
-            Some(connection) if request.uri().path() == HEALTH_WATCH => {
+            Some(connection) if share == Some(Share::HealthWatches) => {
                 match Arc::clone(&connection.health_watches).try_acquire_owned() {
                     Ok(watch) => Some(watch),
                     Err(_) => {
@@ -159,7 +159,6 @@ where
             }
             _ => None,
         };
-        let share = long_lived_share(rpc, request.uri().path());
         let Some(call_slot) = self.calls.take(share) else {
             let limit = self.calls.limit();
             let full = ApiError::BrokerFull { limit };
@@ -333,7 +332,6 @@ fn failed_before_the_handler(response: &Response<Body>) -> Option<tonic::Code> {
         .then_some(code)
 }
 
-/// Server reflection's services (v1 and v1alpha).
 /// The share of the call slots a stream meant to stay open for as long as
 /// its caller wants takes a place in once its request has come.
 fn long_lived_share(rpc: Option<Rpc>, path: &str) -> Option<Share> {
@@ -346,6 +344,7 @@ fn long_lived_share(rpc: Option<Rpc>, path: &str) -> Option<Share> {
     }
 }
 
+/// Server reflection's services (v1 and v1alpha).
 fn is_reflection(path: &str) -> bool {
     path.starts_with("/grpc.reflection.")
 }

@@ -378,16 +378,7 @@ async fn calls_still_waiting_for_their_request_give_their_slots_to_callers() {
     // refused and says why, and reads are still served.
     drop(silent);
     drop(connection);
-    let mut watches = Vec::new();
-    for _ in 0..2 {
-        let opened = eventually_watch(&mut raw).await;
-        watches.push(opened);
-    }
-    let request = WatchSecretRequest {
-        name: "mistral-api-key".into(),
-        ..Default::default()
-    };
-    let refused = raw.watch_secret(request).await.unwrap_err();
+    let (watches, refused) = watches_then_one_more(&mut raw, 2).await;
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     assert!(
         refused
@@ -445,15 +436,7 @@ async fn watches_take_their_share_only_with_their_request() {
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     let mut raw = broker.raw().await;
-    let mut watches = Vec::new();
-    for _ in 0..8 {
-        watches.push(eventually_watch(&mut raw).await);
-    }
-    let request = WatchSecretRequest {
-        name: "mistral-api-key".into(),
-        ..Default::default()
-    };
-    let refused = raw.watch_secret(request).await.unwrap_err();
+    let (watches, refused) = watches_then_one_more(&mut raw, 8).await;
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     assert!(
         refused
@@ -513,6 +496,24 @@ async fn open_reflection(
         .into_inner();
     assert!(answers.message().await.unwrap().is_some());
     (requests, answers)
+}
+
+/// `count` WatchSecret streams, each once its first event has come, and
+/// the refusal of one more.
+async fn watches_then_one_more(
+    raw: &mut Secrets,
+    count: usize,
+) -> (Vec<tonic::Streaming<WatchSecretResponse>>, tonic::Status) {
+    let mut watches = Vec::new();
+    for _ in 0..count {
+        watches.push(eventually_watch(raw).await);
+    }
+    let request = WatchSecretRequest {
+        name: "mistral-api-key".into(),
+        ..Default::default()
+    };
+    let refused = raw.watch_secret(request).await.unwrap_err();
+    (watches, refused)
 }
 
 /// A WatchSecret stream, once its first event has come; retried while the
