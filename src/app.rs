@@ -267,7 +267,7 @@ impl App {
         // The probe endpoint answers until the very end (see serve_probes).
         let probes_stop = CancellationToken::new();
         let mut tasks = JoinSet::new();
-        let (health, health_service) = Health::new().await;
+        let (health, health_service) = Health::new(stop.clone()).await;
         health.register_metrics(&self.metrics);
         for value in &self.reloadables {
             Arc::clone(value).register_metrics(&self.metrics);

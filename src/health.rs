@@ -5,11 +5,20 @@
 //! `secretsbroker.v1.SecretsService` turns NOT_SERVING while the store does
 //! not answer its check, so that load balancers can route around a broker
 //! cut off from AWS; the overall "" status stays SERVING (the process is
-//! alive and may still serve cached values). The check logs once when the
+//! alive and may still serve cached values) until the broker stops. The check logs once when the
 //! upstream starts failing and once when it recovers, never per round.
+//!
+//! When the broker stops, every status turns NOT_SERVING (the overall one
+//! too: new calls should go to other replicas while the calls in flight
+//! finish), and each health Watch stream says so and then ends with
+//! UNAVAILABLE. A Watch stream never ends by itself otherwise: left open,
+//! the watches of clients that check health by watching (client-side
+//! health checking, load balancers' gRPC checks) would hold the shutdown
+//! for its whole grace.
 
 use std::{
     future::Future,
+    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU8, Ordering::Relaxed},
@@ -18,9 +27,17 @@ use std::{
 };
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
-use futures::FutureExt;
+use futures::{FutureExt, Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
-use tonic_health::server::HealthReporter;
+use tonic::{Request, Response, Status};
+use tonic_health::{
+    ServingStatus,
+    pb::{
+        HealthCheckRequest, HealthCheckResponse, health_check_response,
+        health_server::{Health as HealthRpc, HealthServer},
+    },
+    server::{HealthReporter, HealthService},
+};
 
 use crate::{
     api::{AdminApi, SecretsApi},
@@ -50,12 +67,14 @@ const UP: u8 = 1;
 const DOWN: u8 = 2;
 
 impl Health {
-    /// The reporter behind the gRPC health service, and the service.
-    pub async fn new() -> (
-        Self,
-        tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
-    ) {
-        let (reporter, service) = tonic_health::server::health_reporter();
+    /// The reporter behind the gRPC health service, and the service, whose
+    /// Watch streams end at `stop`.
+    pub async fn new(stop: CancellationToken) -> (Self, HealthServer<ServedHealth>) {
+        let reporter = HealthReporter::new();
+        let service = HealthServer::new(ServedHealth {
+            statuses: HealthService::from_health_reporter(reporter.clone()),
+            stop,
+        });
         reporter
             .set_serving::<SecretsServiceServer<SecretsApi>>()
             .await;
@@ -87,6 +106,7 @@ impl Health {
                     // New traffic should go to other replicas while the
                     // calls in flight finish.
                     self.stopping.store(true, Relaxed);
+                    self.report_stopping().await;
                     return;
                 }
                 _ = ticks.tick() => {}
@@ -146,6 +166,84 @@ impl Health {
                 .await;
         }
     }
+}
+
+impl Health {
+    /// Every status NOT_SERVING, the overall one too.
+    async fn report_stopping(&self) {
+        self.reporter
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        self.reporter
+            .set_not_serving::<SecretsServiceServer<SecretsApi>>()
+            .await;
+        self.reporter
+            .set_not_serving::<AdminServiceServer<AdminApi>>()
+            .await;
+    }
+}
+
+/// `grpc.health.v1.Health`: tonic-health's service, whose Watch streams
+/// end when the broker stops (see the module doc).
+pub struct ServedHealth {
+    statuses: HealthService,
+    stop: CancellationToken,
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<HealthCheckResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl HealthRpc for ServedHealth {
+    async fn check(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthCheckResponse>, Status> {
+        self.statuses.check(request).await
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let statuses = self.statuses.watch(request).await?.into_inner();
+        Ok(Response::new(Box::pin(until_stop(
+            statuses,
+            self.stop.clone(),
+        ))))
+    }
+}
+
+/// The statuses of `statuses` until `stop`; then NOT_SERVING (unless that
+/// was the last one sent) and the end, with UNAVAILABLE.
+fn until_stop(
+    statuses: impl Stream<Item = Result<HealthCheckResponse, Status>> + Send + Unpin + 'static,
+    stop: CancellationToken,
+) -> impl Stream<Item = Result<HealthCheckResponse, Status>> + Send + 'static {
+    let not_serving = health_check_response::ServingStatus::NotServing as i32;
+    futures::stream::unfold(
+        Some((statuses, stop, None::<i32>)),
+        move |state| async move {
+            let (mut statuses, stop, last_sent) = state?;
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => {
+                    if last_sent == Some(not_serving) {
+                        let ended = Status::unavailable("the broker is shutting down");
+                        return Some((Err(ended), None));
+                    }
+                    let said = HealthCheckResponse { status: not_serving };
+                    Some((Ok(said), Some((statuses, stop, Some(not_serving)))))
+                }
+                next = statuses.next() => {
+                    let next = next?;
+                    let sent = next.as_ref().map_or(last_sent, |said| Some(said.status));
+                    Some((next, Some((statuses, stop, sent))))
+                }
+            }
+        },
+    )
 }
 
 /// What the HTTP endpoint reports.

@@ -64,3 +64,50 @@ async fn a_stream_still_waiting_for_its_request_does_not_hold_the_shutdown() {
         .map(|value| value.to_str().unwrap().to_owned());
     assert_eq!(status.as_deref(), Some("14"), "{:?}", answer.headers());
 }
+
+#[tokio::test]
+async fn health_watches_say_not_serving_then_end_so_they_do_not_hold_the_shutdown() {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let broker = Running::start(|args| args.shutdown_grace = Some("20".into())).await;
+    let mut health = HealthClient::new(broker.channel().await);
+    let mut watches = Vec::new();
+    for service in ["", "secretsbroker.v1.SecretsService"] {
+        let request = HealthCheckRequest {
+            service: service.into(),
+        };
+        let mut watch = health.watch(request).await.unwrap().into_inner();
+        let first = watch.message().await.unwrap().expect("a first status");
+        assert_eq!(first.status, ServingStatus::Serving as i32, "{service:?}");
+        watches.push((service, watch));
+    }
+
+    let started = std::time::Instant::now();
+    let stopped = tokio::spawn(broker.stop());
+    for (service, mut watch) in watches {
+        let said = within(watch.message()).await.unwrap();
+        assert_eq!(
+            said.map(|s| s.status),
+            Some(ServingStatus::NotServing as i32),
+            "{service:?}"
+        );
+        let ended = within(watch.message()).await.unwrap_err();
+        assert_eq!(
+            ended.code(),
+            tonic::Code::Unavailable,
+            "{service:?}: {ended:?}"
+        );
+    }
+    tokio::time::timeout(Duration::from_secs(3), stopped)
+        .await
+        .expect("the stop does not wait for health watches")
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+async fn within<T>(what: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(3), what)
+        .await
+        .expect("the watch moves on when the broker stops")
+}
