@@ -560,6 +560,17 @@ def test_network_policy_egress_reaches_the_credentials_and_aws_only():
     assert "Pod Identity" in text, "say next to the rule why port 80 of the agent is open"
 
 
+def test_network_policy_lets_dns_reach_node_local_dns_cache():
+    """Clusters with NodeLocal DNSCache resolve through 169.254.20.10 on
+    every node (hostNetwork, not a kube-dns pod): DNS to it is open, on 53
+    only."""
+    spec = find("NetworkPolicy")["spec"]
+    for protocol in ("UDP", "TCP"):
+        assert egress_allows(spec, "169.254.20.10", 53, protocol), f"NodeLocal DNSCache {protocol}/53"
+    assert not egress_allows(spec, "169.254.20.10", 80)
+    assert not egress_allows(spec, "169.254.20.11", 53, "UDP")
+
+
 def test_network_policy_evaluation_sees_a_widened_copy():
     """egress_allows is not vacuous: opening 80 to the world, or IMDS on 443,
     is seen."""
