@@ -21,7 +21,7 @@ use aws_config::meta::ProviderChainError;
 use aws_credential_types::provider::error::CredentialsError;
 use aws_sdk_secretsmanager::{
     config::http::HttpResponse,
-    error::{DisplayErrorContext, ProvideErrorMetadata, SdkError},
+    error::{ProvideErrorMetadata, SdkError},
 };
 
 use super::StoreError;
@@ -159,6 +159,33 @@ fn proxy_for(
         .find_map(|var| env(var).filter(|v| !v.is_empty()).map(|v| (v, *var)))
 }
 
+/// The failed call's causes, each by its `Display`, for the DEBUG line.
+///
+/// Not the SDK's `DisplayErrorContext`: it ends with the error's `Debug`,
+/// which holds the raw HTTP answer, body included, and for a GetSecretValue
+/// whose answer the SDK could not read that body is the secret. Such an
+/// answer is not followed into its causes either: a parser's message may
+/// quote the bytes it stopped at.
+fn causes<E>(error: &SdkError<E, HttpResponse>) -> String
+where
+    E: StdError + 'static,
+{
+    if let SdkError::ResponseError(response) = error {
+        return format!(
+            "response error: an HTTP {} answer the SDK could not read",
+            response.raw().status().as_u16()
+        );
+    }
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    line
+}
+
 /// Turns a failed SDK call (`action` on `secret`) into the broker's error.
 pub fn explain<E>(
     error: &SdkError<E, HttpResponse>,
@@ -169,7 +196,7 @@ pub fn explain<E>(
 where
     E: ProvideErrorMetadata + StdError + 'static,
 {
-    tracing::debug!(action, secret, error = %DisplayErrorContext(error), "AWS call failed");
+    tracing::debug!(action, secret, error = %causes(error), "AWS call failed");
     match error {
         SdkError::ServiceError(service) => {
             let err = service.err();
@@ -226,7 +253,7 @@ where
     E: ProvideErrorMetadata + StdError + 'static,
 {
     const MAX_MESSAGE: usize = 160;
-    tracing::debug!(action, error = %DisplayErrorContext(error), "AWS call failed");
+    tracing::debug!(action, error = %causes(error), "AWS call failed");
     let permission = format!("{}:{action}", service.host());
     match error {
         SdkError::ServiceError(answer) => {
@@ -491,7 +518,34 @@ fn chain_text(error: &(dyn StdError + 'static)) -> String {
 
 #[cfg(test)]
 mod tests {
+    use aws_sdk_secretsmanager::operation::get_secret_value::GetSecretValueError;
+
     use super::*;
+
+    #[test]
+    fn the_debug_line_of_an_unreadable_answer_holds_neither_its_body_nor_the_parsers_words() {
+        let body = r#"{"Name":"insurecove/jwt","SecretString":"S3CR3T-VALUE","VersionId":7}"#;
+        let raw = HttpResponse::new(
+            200.try_into().unwrap(),
+            aws_smithy_types::body::SdkBody::from(body),
+        );
+        let error: SdkError<GetSecretValueError, HttpResponse> =
+            SdkError::response_error("unexpected token 'S3CR3T-VALUE' at offset 42", raw);
+        let line = causes(&error);
+        assert!(!line.contains("S3CR3T"), "{line}");
+        assert!(line.contains("HTTP 200"), "{line}");
+        // The SDK's own context display would have carried it.
+        let sdk = aws_sdk_secretsmanager::error::DisplayErrorContext(&error).to_string();
+        assert!(sdk.contains("S3CR3T"), "the test's premise: {sdk}");
+    }
+
+    #[test]
+    fn the_debug_line_of_other_failures_gives_every_cause() {
+        let error: SdkError<GetSecretValueError, HttpResponse> = SdkError::timeout_error(
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in 3 s"),
+        );
+        assert_eq!(causes(&error), "request has timed out: no answer in 3 s");
+    }
 
     fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
         move |name| {
