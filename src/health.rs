@@ -102,20 +102,17 @@ impl Health {
         let mut was_up = true;
         loop {
             tokio::select! {
-                () = stop.cancelled() => {
-                    // New traffic should go to other replicas while the
-                    // calls in flight finish.
-                    self.stopping.store(true, Relaxed);
-                    self.report_stopping().await;
-                    return;
-                }
+                () = stop.cancelled() => return self.stopped().await,
                 _ = ticks.tick() => {}
             }
             // A panic inside the store (an SDK's, say) must not end this
-            // task: readiness would stay at its last answer for good.
-            let checked = std::panic::AssertUnwindSafe(store.check())
-                .catch_unwind()
-                .await;
+            // task: readiness would stay at its last answer for good. A
+            // check may wait for a slow upstream longer than the shutdown
+            // grace: the stop does not wait for it.
+            let checked = tokio::select! {
+                () = stop.cancelled() => return self.stopped().await,
+                checked = std::panic::AssertUnwindSafe(store.check()).catch_unwind() => checked,
+            };
             let up = match checked {
                 Ok(Ok(_)) => true,
                 Ok(Err(error)) => {
@@ -169,8 +166,11 @@ impl Health {
 }
 
 impl Health {
-    /// Every status NOT_SERVING, the overall one too.
-    async fn report_stopping(&self) {
+    /// New traffic should go to other replicas while the calls in flight
+    /// finish: readiness fails, and every status turns NOT_SERVING, the
+    /// overall one too.
+    async fn stopped(&self) {
+        self.stopping.store(true, Relaxed);
         self.reporter
             .set_service_status("", ServingStatus::NotServing)
             .await;
@@ -309,5 +309,37 @@ async fn readiness(State(probes): State<Probes>) -> impl IntoResponse {
             "upstream not checked yet\n",
         ),
         _ => (StatusCode::SERVICE_UNAVAILABLE, "upstream unreachable\n"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::fake::FakeStore;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_during_a_slow_upstream_check_fails_readiness_at_once() {
+        let store = FakeStore::with(&["a"]);
+        *store.delay.lock().unwrap() = Duration::from_secs(60);
+        let stop = CancellationToken::new();
+        let (health, _service) = Health::new(stop.clone()).await;
+        let following = tokio::spawn(health.clone().follow_upstream(
+            store,
+            Duration::from_secs(5),
+            stop.clone(),
+        ));
+        // The first check is under way, and waits for the upstream.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!health.stopping.load(Relaxed));
+
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(1), following)
+            .await
+            .expect("the stop does not wait for the check")
+            .unwrap();
+        assert!(
+            health.stopping.load(Relaxed),
+            "readiness fails from the stop on"
+        );
     }
 }

@@ -150,6 +150,8 @@ impl SecretStore for FakeStore {
     }
 
     async fn check(&self) -> Result<String, StoreError> {
+        let delay = *self.delay.lock().unwrap();
+        tokio::time::sleep(delay).await;
         Ok("fake".into())
     }
 
