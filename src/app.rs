@@ -377,7 +377,7 @@ impl App {
             limits,
             self.calls.clone(),
             incoming,
-            stop.clone().cancelled_owned(),
+            stop.clone(),
         );
         let grace = limits.shutdown_grace;
         let calls = self.calls;

@@ -59,6 +59,8 @@ pub enum ApiError {
         "the broker is shutting down and this call's request had not arrived; retry on another"
     )]
     ShuttingDown,
+    #[error("the broker is shutting down; open the stream again, on another replica")]
+    StreamShutDown,
     #[error("the call took longer than the broker's call timeout of {0:?}")]
     CallTimeout(std::time::Duration),
     #[error(
@@ -92,7 +94,7 @@ impl ApiError {
             | Self::Displaced
             | Self::TooManyHealthWatches { .. }
             | Self::TooManyStreams { .. } => (Code::ResourceExhausted, "TOO_MANY_CALLS"),
-            Self::ShuttingDown => (Code::Unavailable, "SHUTTING_DOWN"),
+            Self::ShuttingDown | Self::StreamShutDown => (Code::Unavailable, "SHUTTING_DOWN"),
             Self::CallTimeout(_) => (Code::DeadlineExceeded, "CALL_TIMEOUT"),
             Self::RequestMemory => (Code::ResourceExhausted, "REQUEST_MEMORY"),
             Self::MessageTooLarge { .. } => (Code::ResourceExhausted, "MESSAGE_TOO_LARGE"),
@@ -150,6 +152,7 @@ impl ApiError {
             | Self::TooManyHealthWatches { .. }
             | Self::TooManyStreams { .. }
             | Self::ShuttingDown
+            | Self::StreamShutDown
             | Self::CallTimeout(_)
             | Self::RequestMemory
             | Self::MessageTooLarge { .. } => {}

@@ -42,6 +42,7 @@ use std::{
 use http::{Request, Response, StatusCode, header::CONTENT_TYPE};
 use http_body::Frame;
 use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::{Status, body::Body};
 use tonic_types::StatusExt;
 use tower::{Layer, Service};
@@ -64,6 +65,7 @@ pub struct GateLayer {
     budget: RequestBudget,
     calls: CallSlots,
     metrics: CallMetrics,
+    stop: CancellationToken,
 }
 
 impl GateLayer {
@@ -72,12 +74,14 @@ impl GateLayer {
         budget: RequestBudget,
         calls: CallSlots,
         metrics: CallMetrics,
+        stop: CancellationToken,
     ) -> Self {
         Self {
             call_timeout,
             budget,
             calls,
             metrics,
+            stop,
         }
     }
 }
@@ -92,6 +96,7 @@ impl<S> Layer<S> for GateLayer {
             budget: self.budget.clone(),
             calls: self.calls.clone(),
             metrics: self.metrics.clone(),
+            stop: self.stop.clone(),
         }
     }
 }
@@ -104,6 +109,8 @@ pub struct Gate<S> {
     budget: RequestBudget,
     calls: CallSlots,
     metrics: CallMetrics,
+    /// The broker stops: reflection streams end then.
+    stop: CancellationToken,
 }
 
 type GateFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
@@ -181,8 +188,10 @@ where
         // it (and its half-sent messages) for as long as the connection.
         // Both sides end at the call timeout: the answer (`GatedBody`) and
         // the request, whose reader (a task of reflection's own) would
-        // otherwise keep waiting for it.
-        let stream_ends = is_reflection(request.uri().path()).then(|| CallEnd::after(limit));
+        // otherwise keep waiting for it. They end when the broker stops
+        // too, or an open one would hold the shutdown for its grace.
+        let stream_ends = is_reflection(request.uri().path())
+            .then(|| CallEnd::after(limit).or_at(self.stop.clone()));
         let request_ends = stream_ends.as_ref().map(CallEnd::same);
         let mut request = request.map(|body| {
             self.budget
@@ -435,11 +444,25 @@ struct GatedBody {
     ends: Option<CallEnd>,
 }
 
-/// The end of a call that must not outlive the call timeout: its answer
-/// (`GatedBody`) and its request (`budget::Budgeted`) each hold one.
+/// The end of a call that must not outlive the call timeout (nor, if
+/// given, the broker's stop): its answer (`GatedBody`) and its request
+/// (`budget::Budgeted`) each hold one.
 pub(super) struct CallEnd {
     at: Pin<Box<tokio::time::Sleep>>,
     limit: Duration,
+    stop: Option<Stop>,
+}
+
+struct Stop {
+    token: CancellationToken,
+    stopped: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl Stop {
+    fn new(token: CancellationToken) -> Self {
+        let stopped = Box::pin(token.clone().cancelled_owned());
+        Self { token, stopped }
+    }
 }
 
 impl CallEnd {
@@ -447,6 +470,15 @@ impl CallEnd {
         Self {
             at: Box::pin(tokio::time::sleep(limit)),
             limit,
+            stop: None,
+        }
+    }
+
+    /// The same end, or `stop`, whichever comes first.
+    pub(super) fn or_at(self, stop: CancellationToken) -> Self {
+        Self {
+            stop: Some(Stop::new(stop)),
+            ..self
         }
     }
 
@@ -455,12 +487,18 @@ impl CallEnd {
         Self {
             at: Box::pin(tokio::time::sleep_until(self.at.deadline())),
             limit: self.limit,
+            stop: self.stop.as_ref().map(|stop| Stop::new(stop.token.clone())),
         }
     }
 
     /// The error of the end, once it has passed; until then the task of
     /// `cx` is woken when it does.
     pub(super) fn passed(&mut self, cx: &mut Context<'_>) -> Option<ApiError> {
+        if let Some(stop) = &mut self.stop
+            && stop.stopped.as_mut().poll(cx).is_ready()
+        {
+            return Some(ApiError::StreamShutDown);
+        }
         self.at
             .as_mut()
             .poll(cx)

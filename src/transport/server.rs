@@ -2,10 +2,9 @@
 //! reflection (v1, and v1alpha for older grpcurl), behind the gate, with
 //! the HTTP/2 settings that bound what one peer can hold.
 
-use std::future::Future;
-
 use futures::Stream;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
 use tonic::transport::{Server, server::Connected};
 use tonic_health::pb::health_server::{Health, HealthServer};
 use tower::util::MapResponseLayer;
@@ -33,15 +32,15 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Serves every service on `incoming` until `drain` completes, then lets
-/// the calls in flight finish.
+/// Serves every service on `incoming` until `stop`, then lets the calls in
+/// flight finish.
 pub async fn serve<I, IO, IE>(
     context: ApiContext,
     health: HealthServer<impl Health>,
     limits: &Limits,
     calls: CallSlots,
     incoming: I,
-    drain: impl Future<Output = ()>,
+    stop: CancellationToken,
 ) -> Result<(), ServerError>
 where
     I: Stream<Item = Result<IO, IE>>,
@@ -64,6 +63,7 @@ where
                 .with_message_limit(limits.max_message_size),
             calls,
             context.metrics.clone(),
+            stop.clone(),
         ))
         .layer(MapResponseLayer::new(too_large(limits.max_message_size)))
         // Every service takes the same message limit: tonic's default (4
@@ -88,7 +88,7 @@ where
             AdminServiceServer::new(AdminApi::new(context))
                 .max_decoding_message_size(limits.max_message_size),
         )
-        .serve_with_incoming_shutdown(incoming, drain)
+        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
         .await?;
     Ok(())
 }

@@ -111,3 +111,39 @@ async fn within<T>(what: impl std::future::Future<Output = T>) -> T {
         .await
         .expect("the watch moves on when the broker stops")
 }
+
+#[tokio::test]
+async fn an_open_reflection_stream_ends_at_the_stop() {
+    let broker = Running::start(|args| args.shutdown_grace = Some("20".into())).await;
+    let mut connection = broker.h2().await;
+    let (response, mut request) = headers_only(
+        &mut connection,
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    )
+    .await;
+    // ServerReflectionRequest { list_services: "" }, and the stream kept open.
+    let list_services = bytes::Bytes::from_static(&[0, 0, 0, 0, 2, 0x3a, 0]);
+    request.send_data(list_services, false).unwrap();
+    let mut answer = within(response).await.unwrap().into_body();
+    let services = within(answer.data()).await.expect("the list").unwrap();
+    assert!(
+        String::from_utf8_lossy(&services).contains("secretsbroker.v1.SecretsService"),
+        "{services:?}"
+    );
+
+    let started = std::time::Instant::now();
+    let stopped = tokio::spawn(broker.stop());
+    assert!(within(answer.data()).await.is_none(), "no more messages");
+    let trailers = within(answer.trailers()).await.unwrap().expect("trailers");
+    assert_eq!(
+        trailers.get("grpc-status").map(|v| v.to_str().unwrap()),
+        Some("14"),
+        "{trailers:?}"
+    );
+    within(stopped).await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the stop waited {:?} for the reflection stream",
+        started.elapsed()
+    );
+}
