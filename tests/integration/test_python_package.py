@@ -476,3 +476,98 @@ def test_the_shipped_stubs_match_the_contract(tmp_path, proto_dir):
     for generated in sorted((out / "secretsbroker" / "v1").glob("*")):
         shipped = PACKAGE / "src" / "secretsbroker" / "v1" / generated.name
         assert shipped.read_bytes() == generated.read_bytes(), f"{shipped} is stale: run clients/python/gen.sh"
+
+
+THROWAWAY_PROBE = """
+import asyncio, json, threading, time
+from secrets_broker.aws_secrets import AWSSecretsManager
+from secrets_broker.aio import AsyncAWSSecretsManager
+
+# More instances than the broker's calls per connection (1,024), which
+# every channel of the process shares: each used once and dropped.
+for _ in range(1200):
+    AWSSecretsManager().get_secret("mistral-api-key")
+    AWSSecretsManager().get_jwt_config()
+deadline = time.monotonic() + 10
+while threading.active_count() > 10 and time.monotonic() < deadline:
+    time.sleep(0.05)
+threads = threading.active_count()
+
+async def main():
+    for _ in range(1200):
+        await AsyncAWSSecretsManager().get_secret("mistral-api-key")
+    await asyncio.sleep(0.5)
+    return sum(1 for t in asyncio.all_tasks() if t.get_name().startswith("watch-"))
+tasks = asyncio.run(main())
+
+kept = AWSSecretsManager()
+kept.get_secret("mistral-api-key")
+time.sleep(0.3)
+print(json.dumps({"threads": threads, "tasks": tasks, "kept_follows": threading.active_count() > 1}))
+"""
+
+
+def test_instances_used_once_and_dropped_leave_nothing_behind(venv, start_broker, tmp_path):
+    """The guide's services make an instance per call (its health check
+    does): each dropped instance stops its watch threads (tasks) and its
+    streams, so the 1,025th is served like the first."""
+    broker = start_broker()
+    probe = tmp_path / "throwaway.py"
+    probe.write_text(THROWAWAY_PROBE)
+    proc = subprocess.run(
+        [str(venv), str(probe)], env=package_env(broker), cwd=tmp_path,
+        capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout)
+    assert seen["threads"] <= 10, seen
+    assert seen["tasks"] == 0, seen
+    assert seen["kept_follows"], "an instance still held follows its secret by push"
+
+
+EDGES_OF_THE_ERRORS = """
+import json, grpc
+from secrets_broker.aws_secrets import (
+    AWSSecretsConfig, BrokerUnavailableError, _refuse_stale_bypass, _transport_hint, get_mistral_api_key,
+)
+from secretsbroker.v1 import secret_pb2
+
+stale = secret_pb2.Secret(name="insurecove/mistral-api-key")
+stale.cache.stale = True
+stale.cache.age.seconds = 420
+_refuse_stale_bypass(stale, use_cache=True)            # the stale value is what the cache gives
+try:
+    _refuse_stale_bypass(stale, use_cache=False)
+    refused = None
+except BrokerUnavailableError as error:
+    refused = [str(error), error.code.name, error.reason]
+_refuse_stale_bypass(secret_pb2.Secret(name="x"), use_cache=False)   # fresh: fine
+
+plain = AWSSecretsConfig(broker_endpoint="broker.internal:50051")
+proxied = AWSSecretsConfig(broker_endpoint="broker.internal:50051", http_proxy="http://u:p@proxy:3128")
+tls = AWSSecretsConfig(broker_endpoint="127.0.0.1:50051", broker_ca_file="ca.pem")
+print(json.dumps({
+    "refused": refused,
+    "refused_message": _transport_hint("failed to connect to all addresses; Connection refused", plain),
+    "through_proxy": _transport_hint("failed to connect to all addresses; Connection refused", proxied),
+    "name_mismatch": _transport_hint("Ssl handshake failed: Hostname Verification Check failed.", tls),
+    "mistral": get_mistral_api_key(),
+}))
+"""
+
+
+def test_the_errors_say_what_to_change(venv, start_broker, tmp_path):
+    broker = start_broker()
+    probe = tmp_path / "edges.py"
+    probe.write_text(EDGES_OF_THE_ERRORS)
+    proc = run(venv, probe, package_env(broker), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout)
+    message, code, reason = seen["refused"]
+    assert (code, reason) == ("UNAVAILABLE", "UPSTREAM_UNAVAILABLE"), seen
+    assert "use_cache=False" in message and "420 s ago" in message, message
+    assert "nothing answers at BROKER_ENDPOINT=broker.internal:50051" in seen["refused_message"]
+    assert "through the proxy http://proxy:3128 (HTTP_PROXY)" in seen["through_proxy"], seen
+    assert "NO_PROXY" in seen["through_proxy"] and "u:p" not in seen["through_proxy"], seen
+    assert "BROKER_TLS_DOMAIN" in seen["name_mismatch"], seen
+    assert seen["mistral"] == support.dev_seed()[MISTRAL]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from typing import Any, Optional
 
 import grpc
@@ -29,6 +30,7 @@ from secrets_broker.aws_secrets import (
     _get_secret_request,
     _health_request,
     _health_status,
+    _refuse_stale_bypass,
     _staged_keys,
     config_dict,
     settings_from_env,
@@ -48,8 +50,11 @@ class AsyncAWSSecretsManager:
         self._channel: Optional[grpc.aio.Channel] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._cache: dict[tuple[str, Optional[str]], tuple[SecretValue, float]] = {}
-        # The WatchSecret task of each followed name.
+        # The WatchSecret task of each followed name. They hold the
+        # instance weakly: one nobody holds any more has its tasks
+        # cancelled (see AWSSecretsManager's finalizer for why).
         self._followers: dict[str, asyncio.Task[None]] = {}
+        weakref.finalize(self, _cancel, self._followers)
 
     def _connect(self) -> grpc.aio.Channel:
         loop = asyncio.get_running_loop()
@@ -100,39 +105,15 @@ class AsyncAWSSecretsManager:
         except grpc.RpcError as error:
             raise _error_from(error, self.config) from None
         self.config.check_prefix(secret_name, answer.secret.name)
+        _refuse_stale_bypass(answer.secret, use_cache)
         value = SecretValue.from_proto(answer.secret)
         self._cache[key] = (value, time.monotonic())
         name, selector = key
         if selector is None and name not in self._followers and len(self._followers) < MAX_FOLLOWED:
             self._followers[name] = asyncio.get_running_loop().create_task(
-                self._follow(name, value.version_id), name=f"watch-{name}"
+                _follow(weakref.ref(self), name, value.version_id), name=f"watch-{name}"
             )
         return value._for_caller()
-
-    async def _follow(self, name: str, version_id: str) -> None:
-        """Keeps ``name``'s cached value current until it is dropped; after
-        a lost stream, asks again from the version it holds, so that a
-        rotation missed meanwhile comes first."""
-        backoff = 0.1
-        while True:
-            try:
-                request = secrets_service_pb2.WatchSecretRequest(name=name, since_version_id=version_id)
-                async for event in self._secrets().WatchSecret(request):
-                    backoff = 0.1
-                    if event.type == secret_pb2.WATCH_EVENT_TYPE_DELETED:
-                        self._rotated(name, None)
-                        return
-                    value = SecretValue.from_proto(event.secret)
-                    version_id = value.version_id
-                    self._rotated(name, value)
-            except grpc.aio.AioRpcError as error:
-                if error.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
-                    self._rotated(name, None)
-                    return
-            except Exception as error:  # noqa: BLE001 - keep following
-                logger.debug("watch of %s: %s", name, error)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, WATCH_BACKOFF_MAX)
 
     def _rotated(self, name: str, value: Optional[SecretValue]) -> None:
         """A watch event: the cached value replaced (or dropped), and what
@@ -212,3 +193,52 @@ class AsyncAWSSecretsManager:
     async def get_mistral_api_key(self) -> str:
         """The Mistral API key, as text."""
         return (await self.get_secret("mistral-api-key")).as_string()
+
+
+async def _follow(manager: "weakref.ReferenceType[AsyncAWSSecretsManager]", name: str, version_id: str) -> None:
+    """Keeps ``name``'s cached value current until it is dropped or its
+    manager is gone; after a lost stream, asks again from the version it
+    holds, so that a rotation missed meanwhile comes first. The manager is
+    held only for each step, never across an await."""
+    backoff = 0.1
+    while True:
+        held = manager()
+        if held is None:
+            return
+        request = secrets_service_pb2.WatchSecretRequest(name=name, since_version_id=version_id)
+        stream = held._secrets().WatchSecret(request)
+        held = None
+        try:
+            async for event in stream:
+                backoff = 0.1
+                held = manager()
+                if held is None:
+                    stream.cancel()
+                    return
+                if event.type == secret_pb2.WATCH_EVENT_TYPE_DELETED:
+                    held._rotated(name, None)
+                    return
+                value = SecretValue.from_proto(event.secret)
+                version_id = value.version_id
+                held._rotated(name, value)
+                held = None
+        except grpc.aio.AioRpcError as error:
+            if error.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
+                if (held := manager()) is not None:
+                    held._rotated(name, None)
+                return
+        except Exception as error:  # noqa: BLE001 - keep following
+            logger.debug("watch of %s: %s", name, error)
+        held = None
+        await asyncio.sleep(backoff)
+        backoff = min(backoff * 2, WATCH_BACKOFF_MAX)
+
+
+def _cancel(followers: dict[str, asyncio.Task[None]]) -> None:
+    """A manager's finalizer: its watch tasks cancelled, from whichever
+    thread the collection happens on."""
+    for task in list(followers.values()):
+        loop = task.get_loop()
+        if not task.done() and not loop.is_closed():
+            loop.call_soon_threadsafe(task.cancel)
+    followers.clear()

@@ -25,6 +25,7 @@ import logging
 import re
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -52,6 +53,7 @@ __all__ = [
     "SecretValue",
     "get_database_config",
     "get_jwt_config",
+    "get_mistral_api_key",
     "test_aws_connection",
 ]
 
@@ -137,6 +139,11 @@ def _transport_hint(details: str, config: "AWSSecretsConfig") -> str:
     text = details.lower()
     endpoint = config.broker_endpoint
     tls = bool(config.broker_ca_file)
+    if "hostname verification" in text or "hostname mismatch" in text or "does not match" in text:
+        return (
+            f"the broker at {endpoint} presents a certificate for another name than the one "
+            "asked: set BROKER_TLS_DOMAIN to the name its certificate carries"
+        )
     if "certificate_verify_failed" in text or "certificate verify failed" in text:
         return (
             f"the broker at {endpoint} presents a certificate not signed by the CA of "
@@ -153,6 +160,14 @@ def _transport_hint(details: str, config: "AWSSecretsConfig") -> str:
             "BROKER_CERT_FILE and BROKER_KEY_FILE, and that the broker speaks TLS"
         )
     if "connection refused" in text or "failed to connect" in text:
+        proxy = config.proxy_in_use(tls)
+        if proxy is not None:
+            url, variable = proxy
+            return (
+                f"the broker at BROKER_ENDPOINT={endpoint} is reached through the proxy {url} "
+                f"({variable}), and that failed: is the proxy running and does it allow CONNECT "
+                "to the broker? To reach the broker directly, name its host in NO_PROXY"
+            )
         return f"nothing answers at BROKER_ENDPOINT={endpoint}: is the broker running there?"
     return ""
 
@@ -308,6 +323,16 @@ class AWSSecretsConfig(BaseSettings):
         if tls and self.broker_tls_domain:
             options.append(("grpc.ssl_target_name_override", self.broker_tls_domain))
         return options
+
+    def proxy_in_use(self, tls: bool) -> Optional[tuple[str, str]]:
+        """The proxy the channel goes through, if any, as it may be shown
+        (without credentials), with the variable that set it."""
+        proxy, variable = (self.https_proxy, "HTTPS_PROXY") if tls else (self.http_proxy, "HTTP_PROXY")
+        if not proxy or self._bypasses_proxy():
+            return None
+        scheme, separator, rest = proxy.partition("://")
+        shown = f"{scheme}://{rest.rsplit('@', 1)[-1]}" if separator else proxy.rsplit("@", 1)[-1]
+        return shown, variable
 
     def _bypasses_proxy(self) -> bool:
         endpoint = self.broker_endpoint
@@ -494,6 +519,24 @@ def _get_secret_request(
     )
 
 
+def _refuse_stale_bypass(secret: secret_pb2.Secret, use_cache: bool) -> None:
+    """``use_cache=False`` asks AWS now. When AWS fails transiently the
+    broker answers with its last good value marked stale: for this caller
+    that is not what was asked (a service re-reading a credential that was
+    just rotated would go on with the old one), so it is an error, as it
+    was when the class called AWS itself."""
+    if use_cache or not secret.cache.stale:
+        return
+    age = secret.cache.age.ToTimedelta().total_seconds()
+    raise BrokerUnavailableError(
+        f"UNAVAILABLE UPSTREAM_UNAVAILABLE: AWS could not be read now for {secret.name} "
+        f"(use_cache=False); the broker holds a value read {age:.0f} s ago, which "
+        "use_cache=True returns",
+        code=grpc.StatusCode.UNAVAILABLE,
+        reason="UPSTREAM_UNAVAILABLE",
+    )
+
+
 def _cache_key(name: str, version_id: Optional[str], version_stage: Optional[str]) -> tuple[str, Optional[str]]:
     """The local cache's key: the name, and which version (``None`` for the
     current one, which is the one followed by push)."""
@@ -529,33 +572,43 @@ class AWSSecretsManager:
 
     def __init__(self, config: Optional[AWSSecretsConfig] = None) -> None:
         self.config = config or settings_from_env()
-        self._channel: Optional[grpc.Channel] = None
-        self._stub: Optional[secrets_service_pb2_grpc.SecretsServiceStub] = None
+        self._connection = _Connection()
         self._lock = threading.Lock()
         self._cache: dict[tuple[str, Optional[str]], _Entry] = {}
         # Typed configs, by (RPC, name asked).
         self._configs: dict[tuple[str, str], _ConfigEntry] = {}
+        # An instance nobody holds any more stops its watch threads and
+        # closes its connection, as close() does: services make one per
+        # call (the guide's health check does), and each would otherwise
+        # leave its threads and streams behind until the broker's calls per
+        # connection, which every channel of the process shares, ran out.
+        # The watch threads hold the instance only weakly.
+        weakref.finalize(self, _release, self._lock, self._cache, self._configs, self._connection)
 
     # -- the connection (lazy, one per instance) ---------------------------
 
     def _connect(self) -> tuple[grpc.Channel, secrets_service_pb2_grpc.SecretsServiceStub]:
         with self._lock:
-            if self._channel is None or self._stub is None:
-                self._channel = self.config.channel()
-                self._stub = secrets_service_pb2_grpc.SecretsServiceStub(self._channel)
-            return self._channel, self._stub
+            connection = self._connection
+            if connection.channel is None or connection.stub is None:
+                connection.channel = self.config.channel()
+                connection.stub = secrets_service_pb2_grpc.SecretsServiceStub(connection.channel)
+            return connection.channel, connection.stub
 
     def _secrets(self) -> secrets_service_pb2_grpc.SecretsServiceStub:
         return self._connect()[1]
 
     def close(self) -> None:
-        """Stops the watch threads and closes the connection."""
-        self.clear_cache()
-        with self._lock:
-            if self._channel is not None:
-                self._channel.close()
-            self._channel = None
-            self._stub = None
+        """Stops the watch threads and closes the connection (a later call
+        opens a new one). Done by itself when the instance is no longer
+        used."""
+        _release(self._lock, self._cache, self._configs, self._connection)
+
+    def __enter__(self) -> "AWSSecretsManager":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
     # -- secrets -----------------------------------------------------------
 
@@ -583,6 +636,7 @@ class AWSSecretsManager:
         except grpc.RpcError as error:
             raise _error_from(error, self.config) from None
         self.config.check_prefix(secret_name, answer.secret.name)
+        _refuse_stale_bypass(answer.secret, use_cache)
         value = SecretValue.from_proto(answer.secret)
         self._store(key, value)
         return value._for_caller()
@@ -600,7 +654,7 @@ class AWSSecretsManager:
             # than the current one is not what WatchSecret follows.
             followed = self._followed()
             if selector is None and followed < MAX_FOLLOWED:
-                entry.follower = _Follower(self, name, value.version_id)
+                entry.follower = _Follower(weakref.ref(self), name, value.version_id)
                 entry.follower.start()
 
     def _rotated(self, name: str, value: Optional[SecretValue]) -> None:
@@ -706,12 +760,14 @@ class AWSSecretsManager:
                 self._configs[key] = _ConfigEntry(value=value, stored_at=time.monotonic())
             return copy.deepcopy(value)
         entry = _ConfigEntry(value=value, stored_at=time.monotonic())
+        manager = weakref.ref(self)  # the watch thread must not keep it alive
 
         def changed(new: Optional[SecretValue]) -> None:
-            if new is None or new.version_id != answer.version_id:
-                self._drop_config(key, entry)
+            held = manager()
+            if held is not None and (new is None or new.version_id != answer.version_id):
+                held._drop_config(key, entry)
 
-        entry.follower = _Follower(self, answer.name, answer.version_id, on_event=changed)
+        entry.follower = _Follower(manager, answer.name, answer.version_id, on_event=changed)
         with self._lock:
             replaced = self._configs.get(key)
             self._configs[key] = entry
@@ -735,6 +791,36 @@ class AWSSecretsManager:
     def get_mistral_api_key(self) -> str:
         """The Mistral API key, as text."""
         return self.get_secret("mistral-api-key").as_string()
+
+
+@dataclass
+class _Connection:
+    """An instance's channel to the broker, opened on first use; apart from
+    the instance, so that its finalizer can close it."""
+
+    channel: Optional[grpc.Channel] = None
+    stub: Optional[secrets_service_pb2_grpc.SecretsServiceStub] = None
+
+
+def _release(
+    lock: threading.Lock,
+    cache: dict[tuple[str, Optional[str]], _Entry],
+    configs: dict[tuple[str, str], _ConfigEntry],
+    connection: _Connection,
+) -> None:
+    """An instance's close(): its local cache emptied, its watch threads
+    stopped, its channel closed. Takes the parts, not the instance, so that
+    the instance's finalizer can run it."""
+    with lock:
+        entries: list[Union[_Entry, _ConfigEntry]] = [*cache.values(), *configs.values()]
+        cache.clear()
+        configs.clear()
+        channel, connection.channel, connection.stub = connection.channel, None, None
+    for entry in entries:
+        if entry.follower is not None:
+            entry.follower.stop()
+    if channel is not None:
+        channel.close()
 
 
 def config_dict(config: Any) -> dict[str, Any]:
@@ -786,9 +872,10 @@ def _varint(n: int) -> bytes:
 class _Follower:
     """A daemon thread holding the WatchSecret stream of one cached name. It
     reconnects with the version it holds, so a rotation missed while
-    disconnected arrives first."""
+    disconnected arrives first. It holds its manager weakly and ends with
+    it."""
 
-    manager: AWSSecretsManager
+    manager: "weakref.ReferenceType[AWSSecretsManager]"
     name: str
     version_id: str
     _stopped: threading.Event = field(default_factory=threading.Event)
@@ -837,8 +924,8 @@ class _Follower:
     def _tell(self, value: Optional[SecretValue]) -> None:
         if self.on_event is not None:
             self.on_event(value)
-        else:
-            self.manager._rotated(self.name, value)
+        elif (manager := self.manager()) is not None:
+            manager._rotated(self.name, value)
 
     def _events(self) -> Iterator[secrets_service_pb2.WatchSecretResponse]:
         request = secrets_service_pb2.WatchSecretRequest(
@@ -848,9 +935,11 @@ class _Follower:
         # manager's close) cannot pass in between and leave a stream, or a
         # channel reopened, behind.
         with self._call_lock:
-            if self._stopped.is_set():
+            manager = self.manager()
+            if self._stopped.is_set() or manager is None:
+                self._stopped.set()
                 return iter(())
-            call = self.manager._secrets().WatchSecret(request)
+            call = manager._secrets().WatchSecret(request)
             self._call = call
         return iter(call)
 
@@ -879,6 +968,11 @@ def get_database_config() -> dict[str, Any]:
 def get_jwt_config() -> dict[str, Any]:
     """The JWT config, from a shared ``AWSSecretsManager``."""
     return _manager().get_jwt_config()
+
+
+def get_mistral_api_key() -> str:
+    """The Mistral API key, from a shared ``AWSSecretsManager``."""
+    return _manager().get_mistral_api_key()
 
 
 def test_aws_connection() -> bool:
