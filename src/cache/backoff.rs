@@ -48,12 +48,14 @@ pub enum Permit {
 }
 
 impl Backoff {
-    /// Whether the upstream is backed off now.
+    /// Whether the upstream is backed off now: within the wait, or while
+    /// the probe after it is under way. A wait that ended with no caller
+    /// to probe holds nothing back (the next caller asks), so it does not
+    /// count: otherwise the gauge would stay up for as long as no reads
+    /// came, after one transient failure.
     pub fn active(&self) -> bool {
-        self.until
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
+        let until = *self.until.lock().unwrap_or_else(|e| e.into_inner());
+        until.is_some_and(|until| Instant::now() < until || self.probing.load(Relaxed))
     }
 
     /// Times a backoff started.
@@ -133,7 +135,15 @@ mod tests {
         assert!(backoff.active());
         assert_eq!(backoff.permit(), Permit::Fallback);
         tokio::time::advance(LONGEST).await;
+        assert!(
+            !backoff.active(),
+            "the wait is over and no probe is under way"
+        );
         assert_eq!(backoff.permit(), Permit::Probe);
+        assert!(
+            backoff.active(),
+            "callers are held back while the probe runs"
+        );
         assert_eq!(backoff.permit(), Permit::Fallback, "one probe at a time");
         backoff.probe_done();
         backoff.succeeded();
