@@ -61,10 +61,18 @@ use crate::{
 /// Puts the gate in front of a service.
 #[derive(Clone)]
 pub struct GateLayer {
+    settings: Arc<GateSettings>,
+}
+
+/// What every gate of the server shares. One `Arc` of it: the service
+/// stack is cloned for every call, and each handle cloned there costs an
+/// atomic (a `CancellationToken`'s clone even takes a mutex).
+struct GateSettings {
     call_timeout: Duration,
     budget: RequestBudget,
     calls: CallSlots,
     metrics: CallMetrics,
+    /// The broker stops: reflection streams end then.
     stop: CancellationToken,
 }
 
@@ -76,12 +84,15 @@ impl GateLayer {
         metrics: CallMetrics,
         stop: CancellationToken,
     ) -> Self {
-        Self {
+        let settings = GateSettings {
             call_timeout,
             budget,
             calls,
             metrics,
             stop,
+        };
+        Self {
+            settings: Arc::new(settings),
         }
     }
 }
@@ -92,11 +103,7 @@ impl<S> Layer<S> for GateLayer {
     fn layer(&self, inner: S) -> Gate<S> {
         Gate {
             inner,
-            call_timeout: self.call_timeout,
-            budget: self.budget.clone(),
-            calls: self.calls.clone(),
-            metrics: self.metrics.clone(),
-            stop: self.stop.clone(),
+            settings: Arc::clone(&self.settings),
         }
     }
 }
@@ -105,12 +112,7 @@ impl<S> Layer<S> for GateLayer {
 #[derive(Clone)]
 pub struct Gate<S> {
     inner: S,
-    call_timeout: Duration,
-    budget: RequestBudget,
-    calls: CallSlots,
-    metrics: CallMetrics,
-    /// The broker stops: reflection streams end then.
-    stop: CancellationToken,
+    settings: Arc<GateSettings>,
 }
 
 type GateFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
@@ -166,12 +168,12 @@ where
             }
             _ => None,
         };
-        let Some(call_slot) = self.calls.take(share) else {
-            let limit = self.calls.limit();
+        let Some(call_slot) = self.settings.calls.take(share) else {
+            let limit = self.settings.calls.limit();
             let full = ApiError::BrokerFull { limit };
             return self.refuse(request.uri().path(), rpc, &caller, full);
         };
-        let limit = self.call_timeout;
+        let limit = self.settings.call_timeout;
         // A method of the broker's services that does not exist: audited
         // by its path, which is only copied then.
         let unknown_method = (rpc.is_none() && request.uri().path().starts_with("/secretsbroker."))
@@ -180,7 +182,7 @@ where
             rpc,
             caller,
             slot: Arc::clone(&call_slot),
-            metrics: self.metrics.clone(),
+            metrics: self.settings.metrics.clone(),
             armed: true,
         };
         // Reflection is a bidirectional stream: its answer starts at once,
@@ -191,10 +193,11 @@ where
         // otherwise keep waiting for it. They end when the broker stops
         // too, or an open one would hold the shutdown for its grace.
         let stream_ends = is_reflection(request.uri().path())
-            .then(|| CallEnd::after(limit).or_at(self.stop.clone()));
+            .then(|| CallEnd::after(limit).or_at(self.settings.stop.clone()));
         let request_ends = stream_ends.as_ref().map(CallEnd::same);
         let mut request = request.map(|body| {
-            self.budget
+            self.settings
+                .budget
                 .wrap(body, request_ends, Some(Arc::clone(&call_slot)))
         });
         let deadline = CallDeadline::of(request.headers().get(GRPC_TIMEOUT), limit);
@@ -290,7 +293,9 @@ impl<S> Gate<S> {
     ) -> GateFuture {
         let status = Status::from(error);
         match rpc {
-            Some(rpc) => refused_before_the_handler(rpc, caller, status.code(), &self.metrics),
+            Some(rpc) => {
+                refused_before_the_handler(rpc, caller, status.code(), &self.settings.metrics)
+            }
             None => tracing::debug!(
                 identity = caller.shown(),
                 path = &*shown_path(path),
