@@ -571,3 +571,32 @@ def test_the_errors_say_what_to_change(venv, start_broker, tmp_path):
     assert "NO_PROXY" in seen["through_proxy"] and "u:p" not in seen["through_proxy"], seen
     assert "BROKER_TLS_DOMAIN" in seen["name_mismatch"], seen
     assert seen["mistral"] == support.dev_seed()[MISTRAL]
+
+
+NO_LOCAL_CACHE_PROBE = """
+import asyncio, json, threading, time
+from secrets_broker.aws_secrets import AWSSecretsManager
+from secrets_broker.aio import AsyncAWSSecretsManager
+m = AWSSecretsManager()
+values = [m.get_secret("mistral-api-key").as_string() for _ in range(3)]
+time.sleep(0.3)
+
+async def main():
+    a = AsyncAWSSecretsManager()
+    await a.get_secret("mistral-api-key")
+    await asyncio.sleep(0.3)
+    return sum(1 for t in asyncio.all_tasks() if t.get_name().startswith("watch-"))
+print(json.dumps({"same": len(set(values)) == 1, "threads": threading.active_count(),
+                  "entries": m.get_cache_stats()["total_entries"], "tasks": asyncio.run(main())}))
+"""
+
+
+def test_with_the_local_cache_off_every_read_asks_the_broker_and_nothing_is_followed(venv, start_broker, tmp_path):
+    broker = start_broker()
+    probe = tmp_path / "no_cache.py"
+    probe.write_text(NO_LOCAL_CACHE_PROBE)
+    proc = run(venv, probe, package_env(broker, SECRET_CACHE_TTL="0"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout)
+    assert seen == {"same": True, "threads": 1, "entries": 0, "tasks": 0}, seen
+    assert broker.log().count('rpc="GetSecret"') == 4, "each read went to the broker"

@@ -107,6 +107,8 @@ class AsyncAWSSecretsManager:
         self.config.check_prefix(secret_name, answer.secret.name)
         _refuse_stale_bypass(answer.secret, use_cache)
         value = SecretValue.from_proto(answer.secret)
+        if self.config.secret_cache_ttl <= 0:
+            return value  # the local cache is off: nothing kept, nothing followed
         self._cache[key] = (value, time.monotonic())
         name, selector = key
         if selector is None and name not in self._followers and len(self._followers) < MAX_FOLLOWED:

@@ -642,6 +642,8 @@ class AWSSecretsManager:
         return value._for_caller()
 
     def _store(self, key: tuple[str, Optional[str]], value: SecretValue) -> None:
+        if self.config.secret_cache_ttl <= 0:
+            return  # the local cache is off: nothing kept, nothing followed
         with self._lock:
             entry = self._cache.get(key)
             if entry is not None:
