@@ -528,7 +528,8 @@ def test_instances_used_once_and_dropped_leave_nothing_behind(venv, start_broker
 EDGES_OF_THE_ERRORS = """
 import json, grpc
 from secrets_broker.aws_secrets import (
-    AWSSecretsConfig, BrokerUnavailableError, _refuse_stale_bypass, _transport_hint, get_mistral_api_key,
+    AWSSecretsConfig, AWSSecretsManager, BrokerUnavailableError, _refuse_stale_bypass, _transport_hint,
+    get_mistral_api_key,
 )
 from secretsbroker.v1 import secret_pb2
 
@@ -552,6 +553,7 @@ print(json.dumps({
     "through_proxy": _transport_hint("failed to connect to all addresses; Connection refused", proxied),
     "name_mismatch": _transport_hint("Ssl handshake failed: Hostname Verification Check failed.", tls),
     "mistral": get_mistral_api_key(),
+    "stats_after_a_config": (lambda m: (m.get_jwt_config(), m.get_cache_stats()["total_entries"])[1])(AWSSecretsManager()),
 }))
 """
 
@@ -571,6 +573,7 @@ def test_the_errors_say_what_to_change(venv, start_broker, tmp_path):
     assert "NO_PROXY" in seen["through_proxy"] and "u:p" not in seen["through_proxy"], seen
     assert "BROKER_TLS_DOMAIN" in seen["name_mismatch"], seen
     assert seen["mistral"] == support.dev_seed()[MISTRAL]
+    assert seen["stats_after_a_config"] == 1, "a typed config counts in the local cache's stats"
 
 
 NO_LOCAL_CACHE_PROBE = """

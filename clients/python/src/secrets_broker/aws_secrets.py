@@ -705,11 +705,13 @@ class AWSSecretsManager:
 
     def get_cache_stats(self) -> dict[str, Any]:
         """``total_entries``, ``valid_entries`` and ``expired_entries`` of the
-        local cache."""
+        local cache: secrets and typed configs (in the guide's class a typed
+        config was a cached secret)."""
         now = time.monotonic()
         with self._lock:
-            total = len(self._cache)
-            valid = sum(1 for e in self._cache.values() if now - e.stored_at < self.config.secret_cache_ttl)
+            entries: list[Union[_Entry, _ConfigEntry]] = [*self._cache.values(), *self._configs.values()]
+        total = len(entries)
+        valid = sum(1 for e in entries if now - e.stored_at < self.config.secret_cache_ttl)
         return {
             "total_entries": total,
             "valid_entries": valid,
