@@ -38,7 +38,9 @@ pub enum Identity {
 }
 
 /// The names of a client certificate, by kind, and how the audit shows
-/// them.
+/// them: every name the policy may match, each with its kind, so that the
+/// line names whichever one a grant matched, and no name can pass for
+/// another kind or for the broker's own words.
 ///
 /// The fields are private, so that the text shown can never disagree with
 /// the names the policy matches.
@@ -54,15 +56,28 @@ pub struct CertificateNames {
 impl CertificateNames {
     /// The names, with how the audit will show them.
     pub fn new(uri: Option<Box<str>>, dns: Vec<Box<str>>, cn: Option<Box<str>>) -> Self {
-        let shown = if let Some(uri) = &uri {
-            escaped("", uri)
-        } else if let Some(dns) = dns.first() {
-            escaped("dns:", dns)
-        } else if let Some(cn) = &cn {
-            escaped("cn:", cn)
-        } else {
-            UNNAMED.to_owned()
+        let mut shown = String::new();
+        let mut add = |kind: &str, name: &str| {
+            if !shown.is_empty() {
+                shown.push_str(", ");
+            }
+            escape_into(&mut shown, kind, name);
         };
+        if let Some(uri) = &uri {
+            // `scheme://…` as it is (a SPIFFE id); any other URI with its
+            // kind, or `dns:admin.internal` or `anonymous` written as a
+            // URI SAN would read as another kind of name.
+            add(if has_authority(uri) { "" } else { "uri:" }, uri);
+        }
+        for name in &dns {
+            add("dns:", name);
+        }
+        if let Some(cn) = &cn {
+            add("cn:", cn);
+        }
+        if shown.is_empty() {
+            shown.push_str(UNNAMED);
+        }
         Self {
             uri,
             dns,
@@ -199,6 +214,16 @@ impl fmt::Display for Identity {
 
 const UNNAMED: &str = "(unnamed certificate)";
 
+/// Whether `uri` starts with a scheme (a letter, then letters, digits,
+/// `+`, `-`, `.`) and `://`.
+fn has_authority(uri: &str) -> bool {
+    uri.split_once("://").is_some_and(|(scheme, _)| {
+        let mut chars = scheme.chars();
+        chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+            && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    })
+}
+
 /// `prefix` and `text`, with every character Rust's `Debug` would escape
 /// escaped the same way (`\n`, `\u{2028}`), except quotes: control
 /// characters, the line and paragraph separators (line ends to Python's
@@ -206,19 +231,20 @@ const UNNAMED: &str = "(unnamed certificate)";
 /// (bidirectional overrides, zero-width ones, the BOM), combining marks,
 /// unassigned code points. What is left can neither break a log line nor
 /// hide in it. Backslashes are escaped too, so that an escape is never
-/// ambiguous.
-fn escaped(prefix: &str, text: &str) -> String {
-    let mut shown = String::with_capacity(prefix.len() + text.len());
+/// ambiguous, and commas (`\u{2c}`), which separate a certificate's names.
+fn escape_into(shown: &mut String, prefix: &str, text: &str) {
+    shown.reserve(prefix.len() + text.len());
     shown.push_str(prefix);
     for c in text.chars() {
         let escape = c.escape_debug();
-        if escape.len() > 1 && !matches!(c, '"' | '\'') {
+        if c == ',' {
+            shown.push_str("\\u{2c}");
+        } else if escape.len() > 1 && !matches!(c, '"' | '\'') {
             shown.extend(escape);
         } else {
             shown.push(c);
         }
     }
-    shown
 }
 
 /// What a connection tells each of its calls.
@@ -412,15 +438,52 @@ mod tests {
             ("soft\u{ad}hyphen", "soft\\u{ad}hyphen"),
             ("e\u{301}", "e\\u{301}"),
             ("quote\"space ok", "quote\"space ok"),
+            ("a,b", "a\\u{2c}b"),
         ] {
             let uri = CertificateNames::new(Some(text.into()), Vec::new(), None);
-            assert_eq!(uri.shown.as_ref(), shown, "{text:?}");
-            let dns = CertificateNames::new(None, vec![text.into(), "b".into()], Some("c".into()));
+            let kind = if text.contains("://") { "" } else { "uri:" };
+            assert_eq!(uri.shown.as_ref(), format!("{kind}{shown}"), "{text:?}");
+            let dns = CertificateNames::new(None, vec![text.into()], None);
             assert_eq!(dns.shown.as_ref(), format!("dns:{shown}"), "{text:?}");
             let cn = CertificateNames::new(None, Vec::new(), Some(text.into()));
             assert_eq!(cn.shown.as_ref(), format!("cn:{shown}"), "{text:?}");
         }
         let none = Identity::Certificate(Arc::new(CertificateNames::new(None, Vec::new(), None)));
         assert_eq!(none.to_string(), "(unnamed certificate)");
+    }
+
+    #[test]
+    fn every_name_a_grant_may_match_is_shown_with_its_kind() {
+        let shown = |uri: Option<&str>, dns: &[&str]| {
+            let dns = dns.iter().map(|&name| name.into()).collect();
+            CertificateNames::new(uri.map(Into::into), dns, None)
+                .shown
+                .into_string()
+        };
+        // A grant to dns:admin.internal reads as it: the line names it.
+        assert_eq!(
+            shown(Some("spiffe://insurecove/low"), &["admin.internal"]),
+            "spiffe://insurecove/low, dns:admin.internal"
+        );
+        assert_eq!(
+            shown(None, &["low.internal", "admin.internal"]),
+            "dns:low.internal, dns:admin.internal"
+        );
+        // A URI SAN written like another kind, or like the broker's own
+        // words, keeps its kind.
+        for (uri, as_shown) in [
+            ("dns:admin.internal", "uri:dns:admin.internal"),
+            ("cn:legacy", "uri:cn:legacy"),
+            ("anonymous", "uri:anonymous"),
+            ("(unnamed certificate)", "uri:(unnamed certificate)"),
+            ("dns:a, spiffe://x", "uri:dns:a\\u{2c} spiffe://x"),
+            ("urn:uuid:1", "uri:urn:uuid:1"),
+            ("https://svc.example/x", "https://svc.example/x"),
+        ] {
+            assert_eq!(
+                shown(Some(uri), &["low.internal"]),
+                format!("{as_shown}, dns:low.internal")
+            );
+        }
     }
 }

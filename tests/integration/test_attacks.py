@@ -138,6 +138,9 @@ def test_identities_are_typed(start_tls_broker, tls_files, stubs, pki):
 
     api = client_cert(pki, "api", dns=["other.internal", "api.internal"])
     assert get(broker.secrets(api), stubs, JWT).string_value == SEED[JWT]
+    # The audit names the name the grant matched, not only the first one.
+    assert any('identity="dns:other.internal, dns:api.internal"' in line and 'outcome="OK"' in line
+               for line in broker.log().splitlines() if " audit: " in line), broker.log()[-2000:]
     legacy = client_cert(pki, "legacy", cn="legacy-client")
     assert get(broker.secrets(legacy), stubs, MISTRAL).string_value == SEED[MISTRAL]
     # a CN counts only when the certificate has no SAN
