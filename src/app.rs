@@ -416,8 +416,12 @@ async fn stop_on(
     stop.cancel();
 }
 
-/// How long the event consumer may take to remove its queue on shutdown.
-const EVENTS_CLEANUP: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long the event consumer may take to remove its queue on shutdown,
+/// counted once the calls have drained. It starts at the stop (the long
+/// poll in flight is cancelled at once); Unsubscribe and DeleteQueue
+/// against a slow AWS may take this long. The deploy files leave 25 s for
+/// it past the shutdown grace.
+const EVENTS_CLEANUP: std::time::Duration = std::time::Duration::from_secs(25);
 
 /// Connecting to a unix socket needs write access to its file, which the
 /// process's umask decides (systemd's `UMask=0077` left it to the broker's

@@ -93,8 +93,9 @@ GUIDE_ENV = {
 # in broker.toml.
 SHADOWED_BY_DEPLOYMENT_ENV = {"region", "secret_prefix", "cache_ttl", "environment", "log_level"}
 # What SIGTERM must leave time for after the drain (shutdown_grace) when the
-# broker consumes secret events: a ReceiveMessage long poll (20 s) that may
-# be in flight, then Unsubscribe and DeleteQueue of the replica's own queue.
+# broker consumes secret events: Unsubscribe and DeleteQueue of the
+# replica's own queue, which the broker gives up on after this long
+# (EVENTS_CLEANUP in src/app.rs; checked against it below).
 EVENT_QUEUE_CLEANUP_SECONDS = 25
 
 
@@ -625,6 +626,16 @@ def test_env_and_grace_period():
     grace = parse_seconds(broker_toml.get("shutdown_grace", "10"))
     pre_stop = container()["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert pod["terminationGracePeriodSeconds"] >= pre_stop + grace + EVENT_QUEUE_CLEANUP_SECONDS
+
+
+def test_the_queue_cleanup_time_the_deploy_files_leave_is_the_brokers():
+    """The 25 s left past the grace is what the broker gives its queue's
+    removal (EVENTS_CLEANUP): a shorter bound in the code would abandon the
+    queue with time left, a longer one would meet SIGKILL."""
+    app = (ROOT / "src" / "app.rs").read_text()
+    match = re.search(r"const EVENTS_CLEANUP: [\w:]+ = [\w:]+::from_secs\((\d+)\);", app)
+    assert match, "EVENTS_CLEANUP not found in src/app.rs"
+    assert int(match.group(1)) == EVENT_QUEUE_CLEANUP_SECONDS
 
 
 def test_hostname_is_the_pod_name():
