@@ -85,7 +85,7 @@ async fn serve(
         Ok(settings) => settings,
         Err(message) => return (fail(&message), None),
     };
-    let logs = telemetry::init(&settings.log_level);
+    let logs = telemetry::init(&settings.log_level, settings.log_json);
     if let Some(path) = env_file {
         tracing::info!(path = %path.display(), "{ENV_FILE_READ}");
     }

@@ -177,6 +177,8 @@ pub struct Settings {
     pub events: Option<EventSource>,
     /// A `tracing` filter directive, e.g. `info`.
     pub log_level: String,
+    /// Log lines as JSON objects (else text).
+    pub log_json: bool,
     /// Whether metrics may be labelled with secret names.
     pub metrics_secret_names: bool,
     /// What the broker accepts.
@@ -279,6 +281,7 @@ impl Settings {
             )?,
             events: resolve_events(args, &sources)?,
             log_level: sources.get(args.log_level.as_deref(), &LOG_LEVEL, parse_log_level)?,
+            log_json: sources.get(args.log_format.as_deref(), &LOG_FORMAT, parse_log_format)?,
             metrics_secret_names: sources.get(
                 args.metrics_secret_names.as_deref(),
                 &METRICS_SECRET_NAMES,

@@ -120,6 +120,15 @@ pub(super) fn parse_positive_count(value: &str) -> Result<usize, String> {
     }
 }
 
+/// `text` or `json` (any case): whether log lines are JSON.
+pub(super) fn parse_log_format(value: &str) -> Result<bool, String> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "text" => Ok(false),
+        "json" => Ok(true),
+        _ => Err(format!("{value:?} is not a log format: use text or json")),
+    }
+}
+
 /// Python's level names (DEBUG, INFO, WARNING, ERROR, CRITICAL) as
 /// `tracing` levels.
 pub(super) fn parse_log_level(value: &str) -> Result<String, String> {

@@ -100,6 +100,8 @@ settings! {
         "Serve secrets from this JSON or TOML file instead of AWS";
     log_level / LOG_LEVEL: "log-level", env ["LOG_LEVEL"], "LEVEL", default "INFO",
         "Log level: DEBUG, INFO, WARNING, ERROR";
+    log_format / LOG_FORMAT: "log-format", env ["LOG_FORMAT"], "FORMAT", default "text",
+        "Log lines as text, or json (one JSON object per line)";
     metrics_secret_names / METRICS_SECRET_NAMES: "metrics-secret-names",
         env ["BROKER_METRICS_SECRET_NAMES"], "BOOL", default "false",
         "Label metrics with secret names (cardinality, privacy)",

@@ -178,6 +178,19 @@ fn values_in_other_forms() {
 }
 
 #[test]
+fn the_log_format_is_text_or_json_and_nothing_else() {
+    assert!(!resolve(&dev(), &[]).unwrap().log_json);
+    assert!(resolve(&dev(), &[("LOG_FORMAT", "JSON")]).unwrap().log_json);
+    assert!(!resolve(&dev(), &[("LOG_FORMAT", "text")]).unwrap().log_json);
+    for bad in ["xml", "jsonl"] {
+        let err = resolve(&dev(), &[("LOG_FORMAT", bad)])
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("LOG_FORMAT:"), "{bad:?}: {err}");
+    }
+}
+
+#[test]
 fn a_secrets_file_selects_the_file_backend() {
     let settings = resolve(&BrokerArgs::default(), &[("BROKER_SECRETS_FILE", "s.json")]).unwrap();
     assert_eq!(

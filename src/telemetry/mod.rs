@@ -1,6 +1,6 @@
 //! Logging: `tracing` to stderr, level from `LOG_LEVEL` (Python's level
 //! names: DEBUG, INFO, WARNING, ERROR, CRITICAL), JSON lines when
-//! `LOG_FORMAT=json`. `RUST_LOG`, when set, wins, for the odd deep dive
+//! `LOG_FORMAT=json` (both read with the other settings, in `config`). `RUST_LOG`, when set, wins, for the odd deep dive
 //! into a dependency.
 //!
 //! The audit trail (target `audit`, one event per call) is kept at INFO
@@ -33,8 +33,9 @@ pub struct LogGuard {
     _writer: Option<writer::WriterGuard>,
 }
 
-/// Installs the global subscriber. `level` is a `tracing` level (`info`).
-pub fn init(level: &str) -> LogGuard {
+/// Installs the global subscriber. `level` is a `tracing` level (`info`);
+/// `json` writes each event as a JSON object.
+pub fn init(level: &str, json: bool) -> LogGuard {
     // The HTTP/2 and AWS stacks are chatty at debug; their warnings matter,
     // except aws_config's: it warns on every credential lookup (every cache
     // miss), and the broker says the same once per change of state, in its
@@ -46,7 +47,6 @@ pub fn init(level: &str) -> LogGuard {
     let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new(directives));
     let ansi = std::io::stderr().is_terminal();
     let (writer, guard) = writer::start(std::io::stderr());
-    let json = std::env::var("LOG_FORMAT").is_ok_and(|format| format.eq_ignore_ascii_case("json"));
     audit::install(writer.clone(), json);
     let builder = tracing_subscriber::fmt()
         .with_timer(SecondsCachedTime)
