@@ -181,35 +181,61 @@ impl Events {
             return;
         };
         let _ = self.shared.stopping.set(stop.clone());
-        let name = queue::queue_name(&std::env::var("HOSTNAME").unwrap_or_default());
+        let host = std::env::var("HOSTNAME").unwrap_or_default();
+        loop {
+            // A new name each time: SQS refuses, for 60 s, the name of a
+            // queue just deleted.
+            let name = queue::queue_name(&host);
+            let Some(queue) = self.open(&source, &region, &name, &stop).await else {
+                return;
+            };
+            self.set_state(ConsumerState::Consuming(queue.url().to_owned()));
+            tracing::info!(queue = %queue.url(), "reading secret change events");
+            match self.read(&queue, &hub, &stop).await {
+                ReadEnd::Stopped => return queue.close().await,
+                ReadEnd::OwnQueueGone => {
+                    tracing::warn!(queue = %queue.url(), "this broker's event queue was deleted (not by this broker); it makes a new one and subscribes it to the topic");
+                    queue.forget().await;
+                }
+            }
+        }
+    }
+
+    /// Opens the source, trying again until it opens; `None` at `stop`.
+    async fn open(
+        &self,
+        source: &EventSource,
+        region: &str,
+        name: &str,
+        stop: &CancellationToken,
+    ) -> Option<Queue> {
         let mut retry = FIRST_RETRY;
-        let queue = loop {
-            match Queue::open(&source, &region, &name).await {
-                Ok(queue) => break queue,
+        loop {
+            match Queue::open(source, region, name).await {
+                Ok(queue) => return Some(queue),
                 Err(error) => {
                     if self.failing(&error) {
                         tracing::warn!(%error, "the event queue could not be opened; the sweep keeps secrets fresh meanwhile, and it is tried again (at most every 30 s)");
                     }
-                    if !pause(&stop, &mut retry).await {
+                    if !pause(stop, &mut retry).await {
                         if matches!(source, EventSource::Topic(_)) {
-                            Queue::remove_made(&region, &name).await;
+                            Queue::remove_made(region, name).await;
                         }
-                        return;
+                        return None;
                     }
                 }
             }
-        };
-        self.set_state(ConsumerState::Consuming(queue.url().to_owned()));
-        tracing::info!(queue = %queue.url(), "reading secret change events");
-        self.read(&queue, &hub, &stop).await;
-        queue.close().await;
+        }
     }
 
-    async fn read(&self, queue: &Queue, hub: &WatchHub, stop: &CancellationToken) {
+    /// Reads `queue` until `stop`, or until the broker's own queue turns
+    /// out deleted (topic mode: a clean-up job, a person); a queue given to
+    /// the broker is someone else's to make again, and is tried until then.
+    async fn read(&self, queue: &Queue, hub: &WatchHub, stop: &CancellationToken) -> ReadEnd {
         let mut retry = FIRST_RETRY;
         loop {
             let received = tokio::select! {
-                () = stop.cancelled() => return,
+                () = stop.cancelled() => return ReadEnd::Stopped,
                 received = queue.receive() => received,
             };
             let result = match received {
@@ -227,12 +253,15 @@ impl Events {
                     }
                     retry = FIRST_RETRY;
                 }
+                Err(error) if error.queue_gone && queue.is_own() => {
+                    return ReadEnd::OwnQueueGone;
+                }
                 Err(error) => {
                     if self.failing(&error) {
                         tracing::warn!(%error, "reading the event queue failed; the sweep keeps secrets fresh meanwhile, and it is tried again (at most every 30 s)");
                     }
                     if !pause(stop, &mut retry).await {
-                        return;
+                        return ReadEnd::Stopped;
                     }
                 }
             }
@@ -430,6 +459,12 @@ impl Events {
 
 fn latest_time(changes: &[Change]) -> Option<SystemTime> {
     changes.iter().filter_map(|c| c.time).max()
+}
+
+/// Why reading a queue ended.
+enum ReadEnd {
+    Stopped,
+    OwnQueueGone,
 }
 
 /// Sleeps `retry` (doubling it up to `LAST_RETRY`); false when stopped.

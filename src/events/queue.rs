@@ -51,6 +51,8 @@ pub(super) struct Received {
 pub(super) struct QueueError {
     action: &'static str,
     detail: String,
+    /// SQS answered that the queue does not exist (deleted).
+    pub(super) queue_gone: bool,
 }
 
 impl QueueError {
@@ -64,9 +66,17 @@ impl QueueError {
         E: ProvideErrorMetadata + std::error::Error + 'static,
     {
         let upstream = Upstream::of(service, region, &|var| std::env::var(var).ok());
+        // The query protocol's code, or the JSON protocol's.
+        let queue_gone = error
+            .as_service_error()
+            .and_then(|e| e.code())
+            .is_some_and(|code| {
+                code == "QueueDoesNotExist" || code == "AWS.SimpleQueueService.NonExistentQueue"
+            });
         Self {
             action,
             detail: explain_call(error, service, action, &upstream),
+            queue_gone,
         }
     }
 }
@@ -252,6 +262,19 @@ impl Queue {
         &self.url
     }
 
+    /// Whether the broker made this queue (topic mode).
+    pub(super) fn is_own(&self) -> bool {
+        self.owned.is_some()
+    }
+
+    /// The broker's own queue was deleted under it: its subscription is
+    /// removed (it would deliver to nothing); there is no queue to delete.
+    pub(super) async fn forget(self) {
+        if let Some(owned) = &self.owned {
+            self.unsubscribe(owned).await;
+        }
+    }
+
     /// Waits up to the long poll for up to `BATCH` messages.
     pub(super) async fn receive(&self) -> Result<Vec<Received>, QueueError> {
         let output = self
@@ -314,6 +337,11 @@ impl Queue {
         let Some(owned) = &self.owned else {
             return;
         };
+        self.unsubscribe(owned).await;
+        self.delete_queue().await;
+    }
+
+    async fn unsubscribe(&self, owned: &Owned) {
         if let Err(error) = owned
             .sns
             .unsubscribe()
@@ -323,7 +351,6 @@ impl Queue {
         {
             tracing::warn!(error = %QueueError::of(Service::Sns, "Unsubscribe", &error, &self.region), "could not unsubscribe this broker's queue from the events topic");
         }
-        self.delete_queue().await;
     }
 
     async fn delete_queue(&self) {

@@ -362,6 +362,36 @@ def test_sigterm_removes_the_brokers_queue_and_subscription(moto, start_broker, 
     assert "deleted this broker's event queue" in broker.log()
 
 
+def test_a_replica_whose_queue_is_deleted_makes_a_new_one_and_hears_events_again(moto, start_broker, stubs):
+    """A clean-up job (or a person) deletes a live replica's queue: the
+    replica notices at its next receive, unsubscribes the dead queue, and
+    subscribes a new one, rather than staying sweep-only until a restart."""
+    name = "insurecove/fleet/requeued"
+    moto.create_secret(name, "requeued-v1-11aa")
+    sns, sqs = moto.boto("sns"), moto.boto("sqs")
+    topic = sns.create_topic(Name=TOPIC)["TopicArn"]
+    broker = start_broker(["--events-topic-arn", topic, "--cache-ttl", LONG_TTL, "--watch-interval", "60"],
+                          env=replica_env(moto, 0), dev=False)
+    first = wait_consuming(broker, stubs).queue_url
+    get(broker, stubs, "fleet/requeued")
+
+    sqs.delete_queue(QueueUrl=first)
+    # The long poll under way (20 s) may end before SQS says the queue is gone.
+    again = wait_until(
+        lambda: (lambda e: e if e.state == "consuming" and e.queue_url != first else None)(
+            check_upstream(broker, stubs).events),
+        35, "a new queue, subscribed",
+    )
+    assert again.queue_url in sqs.list_queues(QueueNamePrefix="secrets-broker-").get("QueueUrls", [])
+    subscriptions = sns.list_subscriptions_by_topic(TopicArn=topic)["Subscriptions"]
+    assert len(subscriptions) == 1, f"the dead queue's subscription is removed: {subscriptions}"
+    assert "this broker's event queue was deleted" in broker.log()
+
+    v2 = moto.put_secret_value(name, "requeued-v2-11aa")
+    sns.publish(TopicArn=topic, Message=label_event(moto, name, v2, "after-requeue"))
+    fresh_everywhere([broker], stubs, "fleet/requeued", v2, PUSH_BOUND)
+
+
 def test_a_topic_that_cannot_be_subscribed_leaves_one_queue_then_none(moto, start_broker, stubs):
     """While the topic is missing, every retry finds the one queue this run
     made (no new queue per retry), the failure is said once, and SIGTERM
