@@ -241,7 +241,9 @@ impl Cache {
     }
 
     /// `get` for a caller that gives up at `deadline`: an expired entry's
-    /// renewal is waited for at most `upstream_wait`, and never past it.
+    /// renewal is waited for at most `upstream_wait`, and never past it; a
+    /// miss or a bypass read, which have nothing to fall back on, are
+    /// answered UNAVAILABLE just before it (`before`).
     pub async fn get_until(
         &self,
         key: CacheKey,
@@ -251,7 +253,7 @@ impl Cache {
         let shared = &self.shared;
         if bypass {
             shared.negative.forget(&key);
-            let result = shared.read_anew(&key).await;
+            let result = before(deadline, shared.read_anew(&key)).await;
             return shared.answer(&key, result);
         }
         if let Some(lookup) = shared.fresh_hit(&key, true, Instant::now()) {
@@ -265,7 +267,7 @@ impl Cache {
             // Nothing to fall back on: the caller waits for the upstream.
             return match shared.join_or_start_fetch(&key, true) {
                 Joined::Hit(lookup) => Ok(lookup),
-                Joined::Fetch(fetch) => shared.answer(&key, fetch.await),
+                Joined::Fetch(fetch) => shared.answer(&key, before(deadline, fetch).await),
             };
         };
         let _probe = match shared.backoff.permit() {
@@ -378,6 +380,31 @@ impl Drop for ProbeGuard<'_> {
     }
 }
 
+/// How long before a caller's deadline its answer is given, so that it
+/// still reaches the caller.
+const ANSWER_MARGIN: Duration = Duration::from_millis(100);
+
+/// `read` for a caller that gives up at `deadline`: just before it the
+/// caller is told that AWS has not answered (UNAVAILABLE, transient),
+/// rather than left to hit its own DEADLINE_EXCEEDED with no word of why.
+/// The read goes on (fetches are tasks of their own), and what it finds is
+/// cached for the next caller.
+async fn before(deadline: Option<Instant>, read: impl Future<Output = FetchResult>) -> FetchResult {
+    let Some(deadline) = deadline else {
+        return read.await;
+    };
+    let answer_by = deadline.checked_sub(ANSWER_MARGIN).unwrap_or(deadline);
+    tokio::time::timeout_at(answer_by, read)
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError::Unavailable {
+                detail: "AWS did not answer within the call's deadline; the read goes on, \
+                         and its answer is cached for the next call"
+                    .into(),
+            })
+        })
+}
+
 enum Joined {
     /// A fetch finished between the first look and joining: its value.
     Hit(Lookup),
@@ -485,7 +512,6 @@ impl Shared {
     /// `upstream_wait`, and ending a little before the caller's deadline so
     /// that the stale answer still reaches it.
     fn wait_until(&self, deadline: Option<Instant>) -> Duration {
-        const ANSWER_MARGIN: Duration = Duration::from_millis(100);
         let wait = self.settings.upstream_wait;
         match deadline {
             Some(deadline) => wait.min(

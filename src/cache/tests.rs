@@ -425,6 +425,37 @@ async fn the_wait_ends_before_the_callers_deadline() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_miss_or_bypass_with_a_hung_upstream_is_answered_before_the_callers_deadline() {
+    let store = FakeStore::with(&["s", "t"]);
+    let cache = cache_over(&store, 100);
+    *store.delay.lock().unwrap() = Duration::from_secs(20);
+    for bypass in [false, true] {
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(10);
+        let refused = cache
+            .get_until(key("s"), bypass, Some(deadline))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&refused, StoreError::Unavailable { detail } if detail.contains("deadline")),
+            "bypass {bypass}: {refused:?}"
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(10) - ANSWER_MARGIN);
+    }
+    // The reads went on: once they answer, the value is there without a
+    // third upstream call.
+    tokio::time::advance(Duration::from_secs(20)).await;
+    let started = Instant::now();
+    assert!(cache.get_until(key("s"), false, None).await.is_ok());
+    assert_eq!(started.elapsed(), Duration::ZERO);
+    assert_eq!(store.calls(), 2, "no new read");
+    // Without a deadline the caller waits for the answer, as before.
+    let started = Instant::now();
+    assert!(cache.get_until(key("t"), false, None).await.is_ok());
+    assert_eq!(started.elapsed(), Duration::from_secs(20));
+}
+
+#[tokio::test(start_paused = true)]
 async fn transient_failures_back_off_and_one_probe_asks_again() {
     let store = FakeStore::with(&["a", "b"]);
     let cache = cache_over(&store, 100);
