@@ -16,6 +16,7 @@ use tonic::Code;
 
 use crate::{
     api::{CallMetrics, rpc::Rpc},
+    cache::Deadline,
     identity::Identity,
     names::ShownName,
     telemetry::audit::AuditRecord,
@@ -31,7 +32,7 @@ pub struct Audit {
     metrics: CallMetrics,
     call_timeout: Duration,
     /// When the caller must have its answer (see `transport::gate`).
-    deadline: Option<tokio::time::Instant>,
+    deadline: Option<Deadline>,
     emitted: bool,
 }
 
@@ -51,12 +52,12 @@ impl Audit {
     }
 
     /// The call's deadline, which upstream waits must end before.
-    pub fn with_deadline(mut self, deadline: Option<tokio::time::Instant>) -> Self {
+    pub fn with_deadline(mut self, deadline: Option<Deadline>) -> Self {
         self.deadline = deadline;
         self
     }
 
-    pub fn deadline(&self) -> Option<tokio::time::Instant> {
+    pub fn deadline(&self) -> Option<Deadline> {
         self.deadline
     }
 

@@ -243,17 +243,20 @@ impl Cache {
     /// `get` for a caller that gives up at `deadline`: an expired entry's
     /// renewal is waited for at most `upstream_wait`, and never past it; a
     /// miss or a bypass read, which have nothing to fall back on, are
-    /// answered UNAVAILABLE just before it (`before`).
+    /// answered UNAVAILABLE just before the caller's own deadline
+    /// (`before`).
     pub async fn get_until(
         &self,
         key: CacheKey,
         bypass: bool,
-        deadline: Option<Instant>,
+        deadline: Option<Deadline>,
     ) -> Result<Lookup, StoreError> {
+        let callers = deadline.filter(|d| d.callers).map(|d| d.at);
+        let deadline = deadline.map(|d| d.at);
         let shared = &self.shared;
         if bypass {
             shared.negative.forget(&key);
-            let result = before(deadline, shared.read_anew(&key)).await;
+            let result = before(callers, shared.read_anew(&key)).await;
             return shared.answer(&key, result);
         }
         if let Some(lookup) = shared.fresh_hit(&key, true, Instant::now()) {
@@ -267,7 +270,7 @@ impl Cache {
             // Nothing to fall back on: the caller waits for the upstream.
             return match shared.join_or_start_fetch(&key, true) {
                 Joined::Hit(lookup) => Ok(lookup),
-                Joined::Fetch(fetch) => shared.answer(&key, before(deadline, fetch).await),
+                Joined::Fetch(fetch) => shared.answer(&key, before(callers, fetch).await),
             };
         };
         let _probe = match shared.backoff.permit() {
@@ -378,6 +381,17 @@ impl Drop for ProbeGuard<'_> {
     fn drop(&mut self) {
         self.0.probe_done();
     }
+}
+
+/// When a caller must have its answer, and whose limit that is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadline {
+    /// The instant.
+    pub at: Instant,
+    /// The caller's own (`grpc-timeout`, shorter than the broker's call
+    /// timeout). At the call timeout the broker answers by itself, with
+    /// its reason (CALL_TIMEOUT); before a caller's own, nobody would.
+    pub callers: bool,
 }
 
 /// How long before a caller's deadline its answer is given, so that it

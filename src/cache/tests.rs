@@ -415,7 +415,10 @@ async fn the_wait_ends_before_the_callers_deadline() {
     tokio::time::advance(TTL + Duration::from_secs(1)).await;
     *store.delay.lock().unwrap() = Duration::from_secs(20);
     let started = Instant::now();
-    let deadline = started + Duration::from_millis(500);
+    let deadline = Deadline {
+        at: started + Duration::from_millis(500),
+        callers: false,
+    };
     let stale = cache
         .get_until(key("s"), false, Some(deadline))
         .await
@@ -431,7 +434,10 @@ async fn a_miss_or_bypass_with_a_hung_upstream_is_answered_before_the_callers_de
     *store.delay.lock().unwrap() = Duration::from_secs(20);
     for bypass in [false, true] {
         let started = Instant::now();
-        let deadline = started + Duration::from_secs(10);
+        let deadline = Deadline {
+            at: started + Duration::from_secs(10),
+            callers: true,
+        };
         let refused = cache
             .get_until(key("s"), bypass, Some(deadline))
             .await
@@ -449,9 +455,19 @@ async fn a_miss_or_bypass_with_a_hung_upstream_is_answered_before_the_callers_de
     assert!(cache.get_until(key("s"), false, None).await.is_ok());
     assert_eq!(started.elapsed(), Duration::ZERO);
     assert_eq!(store.calls(), 2, "no new read");
-    // Without a deadline the caller waits for the answer, as before.
+    // Bound only by the broker's call timeout (whose own answer says why,
+    // CALL_TIMEOUT, at the gate), or by nothing, the read is waited for.
     let started = Instant::now();
-    assert!(cache.get_until(key("t"), false, None).await.is_ok());
+    let call_timeout = Deadline {
+        at: started + Duration::from_secs(10),
+        callers: false,
+    };
+    assert!(
+        cache
+            .get_until(key("t"), false, Some(call_timeout))
+            .await
+            .is_ok()
+    );
     assert_eq!(started.elapsed(), Duration::from_secs(20));
 }
 

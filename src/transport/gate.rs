@@ -55,6 +55,7 @@ use crate::{
     api::{
         CallMetrics, refused_before_the_handler, refused_unknown_method, rpc::Rpc, status::ApiError,
     },
+    cache::Deadline,
     identity::{ConnectionInfo, Identity},
 };
 
@@ -379,19 +380,22 @@ fn shown_path(path: &str) -> Cow<'_, str> {
 /// When a call must have its answer: the earlier of the call timeout and
 /// the caller's own deadline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CallDeadline(pub tokio::time::Instant);
+pub struct CallDeadline(pub Deadline);
 
 impl CallDeadline {
     fn of(grpc_timeout: Option<&http::HeaderValue>, call_timeout: Duration) -> Self {
         let callers = grpc_timeout
             .and_then(|value| value.to_str().ok())
-            .and_then(parse_grpc_timeout);
-        let within = callers.map_or(call_timeout, |callers| callers.min(call_timeout));
-        Self(tokio::time::Instant::now() + within)
+            .and_then(parse_grpc_timeout)
+            .filter(|callers| *callers < call_timeout);
+        Self(Deadline {
+            at: tokio::time::Instant::now() + callers.unwrap_or(call_timeout),
+            callers: callers.is_some(),
+        })
     }
 
     /// The deadline a request carries (none outside the gate, e.g. tests).
-    pub fn of_request<T>(request: &tonic::Request<T>) -> Option<tokio::time::Instant> {
+    pub fn of_request<T>(request: &tonic::Request<T>) -> Option<Deadline> {
         request
             .extensions()
             .get::<Self>()
@@ -553,6 +557,24 @@ impl http_body::Body for GatedBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_is_the_callers_only_when_it_comes_before_the_call_timeout() {
+        let call_timeout = Duration::from_secs(30);
+        let now = tokio::time::Instant::now();
+        let of = |header: Option<&'static str>| {
+            let value = header.map(http::HeaderValue::from_static);
+            CallDeadline::of(value.as_ref(), call_timeout).0
+        };
+        let callers = of(Some("5S"));
+        assert_eq!(
+            (callers.at, callers.callers),
+            (now + Duration::from_secs(5), true)
+        );
+        for ours in [of(None), of(Some("30S")), of(Some("1M")), of(Some("5x"))] {
+            assert_eq!((ours.at, ours.callers), (now + call_timeout, false));
+        }
+    }
 
     #[test]
     fn grpc_timeouts_parse_as_the_protocol_says() {
