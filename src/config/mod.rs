@@ -313,9 +313,10 @@ impl Settings {
         if let (Some(events), BackendChoice::Dev | BackendChoice::File { .. }) =
             (&self.events, &self.backend)
         {
+            // Named both ways: it may have come from the environment.
             let flag = match events {
-                EventSource::Queue(_) => "--events-queue-url",
-                EventSource::Topic(_) => "--events-topic-arn",
+                EventSource::Queue(_) => "--events-queue-url (SECRET_EVENTS_QUEUE_URL)",
+                EventSource::Topic(_) => "--events-topic-arn (SECRET_EVENTS_TOPIC_ARN)",
             };
             return Err(ConfigError::Rule(format!(
                 "{flag} needs the AWS backend (events come from AWS); it cannot be used with \

@@ -317,8 +317,18 @@ fn event_sources_are_checked_and_exclusive() {
     };
     let refused = resolve(&dev, &[]).unwrap_err().to_string();
     assert!(
-        refused.contains("--events-topic-arn needs the AWS backend"),
+        refused.contains("--events-topic-arn (SECRET_EVENTS_TOPIC_ARN) needs the AWS backend"),
         "{refused}"
+    );
+    // Set by the environment alone, it is named as the operator set it.
+    let dev_only = BrokerArgs {
+        dev: true,
+        ..BrokerArgs::default()
+    };
+    let from_env = resolve(&dev_only, &[("SECRET_EVENTS_QUEUE_URL", queue)]).unwrap_err();
+    assert!(
+        from_env.to_string().contains("SECRET_EVENTS_QUEUE_URL"),
+        "{from_env}"
     );
 
     let bad_topic = resolve(
