@@ -374,6 +374,15 @@ impl Loader for PolicySource {
         self.path.iter().cloned().collect()
     }
 
+    /// Without a file the rules never change: a SIGHUP then reloads
+    /// nothing, and says nothing.
+    fn same(&self, old: &Rules, new: &Rules) -> bool {
+        matches!(
+            (old, new),
+            (Rules::AllowAll, Rules::AllowAll) | (Rules::DenyAll, Rules::DenyAll)
+        )
+    }
+
     fn load(&self, previous: Option<&Rules>) -> Result<Rules, PolicyError> {
         Ok(match &self.path {
             Some(path) => {

@@ -174,6 +174,16 @@ fn without_a_file_plaintext_allows_and_mtls_denies() {
 }
 
 #[test]
+fn without_a_file_a_reload_changes_nothing() {
+    for mutual_tls in [false, true] {
+        let authorizer = Authorizer::new(None, mutual_tls).unwrap();
+        let reloads = authorizer.reloads();
+        assert_eq!(authorizer.rules.reload().ok(), Some(false), "nothing new");
+        assert!(!reloads.has_changed().unwrap(), "nobody told");
+    }
+}
+
+#[test]
 fn reload_swaps_rules_and_keeps_them_when_broken() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("policy.toml");
