@@ -287,6 +287,15 @@ impl App {
             ),
         );
         tasks.spawn(stop_on(shutdown, self.watch.clone(), stop.clone()));
+        // When the stop came: the event queue's clean-up starts then, and
+        // its time is counted from then.
+        let stopped_at = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                stop.cancelled().await;
+                tokio::time::Instant::now()
+            })
+        };
 
         let watch = self.watch.clone();
         let socket = match &self.settings.listen {
@@ -296,11 +305,20 @@ impl App {
         let outcome = self.serve(&mut tasks, health_service, &stop).await;
         stop.cancel();
         watch.shutdown();
-        if tokio::time::timeout(EVENTS_CLEANUP, events).await.is_err() {
-            tracing::warn!(
-                ?EVENTS_CLEANUP,
-                "the event consumer did not finish its clean-up in time"
-            );
+        let cleanup_ends = stopped_at
+            .await
+            .unwrap_or_else(|_| tokio::time::Instant::now())
+            + EVENTS_CLEANUP;
+        tokio::select! {
+            finished = tokio::time::timeout_at(cleanup_ends, events) => if finished.is_err() {
+                tracing::warn!(
+                    ?EVENTS_CLEANUP,
+                    "the event consumer did not finish its clean-up in time"
+                );
+            },
+            () = signal_received() => {
+                tracing::warn!("a stop signal during the event queue's clean-up: stopping now");
+            }
         }
         probes_stop.cancel();
         tasks.shutdown().await;
@@ -417,10 +435,11 @@ async fn stop_on(
 }
 
 /// How long the event consumer may take to remove its queue on shutdown,
-/// counted once the calls have drained. It starts at the stop (the long
-/// poll in flight is cancelled at once); Unsubscribe and DeleteQueue
-/// against a slow AWS may take this long. The deploy files leave 25 s for
-/// it past the shutdown grace.
+/// from the stop (the long poll in flight is cancelled then, and the
+/// clean-up runs beside the drain): Unsubscribe and DeleteQueue against a
+/// slow AWS may take this long. The broker waits for it after the drain,
+/// up to this long past the stop; the deploy files leave 25 s past the
+/// grace, so there is a margin.
 const EVENTS_CLEANUP: std::time::Duration = std::time::Duration::from_secs(25);
 
 /// Connecting to a unix socket needs write access to its file, which the

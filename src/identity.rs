@@ -192,10 +192,10 @@ fn common_name(
 }
 
 impl Identity {
-    /// The identity as the audit log shows it: the URI, else `dns:` and the
-    /// first DNS name, else `cn:` and the CN. Control characters are
-    /// escaped, so that a certificate cannot write lines of its own into a
-    /// log.
+    /// The identity as the audit log shows it: every name a grant may
+    /// match, each with its kind (see `CertificateNames`). Control
+    /// characters are escaped, so that a certificate cannot write lines of
+    /// its own into a log.
     pub fn shown(&self) -> &str {
         match self {
             Self::Anonymous => ANONYMOUS,

@@ -48,7 +48,18 @@ pub enum Permit {
 }
 
 impl Backoff {
-    /// Whether the upstream is backed off now: within the wait, or while
+    /// Whether callers are held back from the upstream until an answer
+    /// ends the backoff: refresh-ahead waits for that, so that the end of
+    /// a wait brings one probe, not one refresh per hot key.
+    pub fn holding_back(&self) -> bool {
+        self.until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// Whether the upstream is backed off now, as the gauge shows it:
+    /// within the wait, or while
     /// the probe after it is under way. A wait that ended with no caller
     /// to probe holds nothing back (the next caller asks), so it does not
     /// count: otherwise the gauge would stay up for as long as no reads
@@ -139,6 +150,10 @@ mod tests {
             !backoff.active(),
             "the wait is over and no probe is under way"
         );
+        assert!(
+            backoff.holding_back(),
+            "refresh-ahead still waits for an answer"
+        );
         assert_eq!(backoff.permit(), Permit::Probe);
         assert!(
             backoff.active(),
@@ -148,6 +163,7 @@ mod tests {
         backoff.probe_done();
         backoff.succeeded();
         assert!(!backoff.active());
+        assert!(!backoff.holding_back());
         assert_eq!(backoff.permit(), Permit::Ask);
         assert_eq!(backoff.times_started(), 1);
     }

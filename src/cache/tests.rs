@@ -429,7 +429,7 @@ async fn the_wait_ends_before_the_callers_deadline() {
 
 #[tokio::test(start_paused = true)]
 async fn a_miss_or_bypass_with_a_hung_upstream_is_answered_before_the_callers_deadline() {
-    let store = FakeStore::with(&["s", "t"]);
+    let store = FakeStore::with(&["s", "t", "u"]);
     let cache = cache_over(&store, 100);
     *store.delay.lock().unwrap() = Duration::from_secs(20);
     for bypass in [false, true] {
@@ -448,8 +448,8 @@ async fn a_miss_or_bypass_with_a_hung_upstream_is_answered_before_the_callers_de
         );
         assert_eq!(started.elapsed(), Duration::from_secs(10) - ANSWER_MARGIN);
     }
-    // The reads went on: once they answer, the value is there without a
-    // third upstream call.
+    // The first read went on and filled the cache: once it answers, the
+    // value is there without a new upstream call.
     tokio::time::advance(Duration::from_secs(20)).await;
     let started = Instant::now();
     assert!(cache.get_until(key("s"), false, None).await.is_ok());
@@ -469,6 +469,15 @@ async fn a_miss_or_bypass_with_a_hung_upstream_is_answered_before_the_callers_de
             .is_ok()
     );
     assert_eq!(started.elapsed(), Duration::from_secs(20));
+    // A short deadline still leaves nine tenths of it to AWS.
+    *store.delay.lock().unwrap() = Duration::from_millis(30);
+    let started = Instant::now();
+    let short = Deadline {
+        at: started + Duration::from_millis(100),
+        callers: true,
+    };
+    assert!(cache.get_until(key("u"), false, Some(short)).await.is_ok());
+    assert_eq!(started.elapsed(), Duration::from_millis(30));
 }
 
 #[tokio::test(start_paused = true)]

@@ -182,6 +182,9 @@ impl Events {
         };
         let _ = self.shared.stopping.set(stop.clone());
         let host = std::env::var("HOSTNAME").unwrap_or_default();
+        // Between rebuilds of a deleted queue: a queue that keeps being
+        // deleted is not remade in a tight loop.
+        let mut rebuild = FIRST_RETRY;
         loop {
             // A new name each time: SQS refuses, for 60 s, the name of a
             // queue just deleted.
@@ -196,6 +199,9 @@ impl Events {
                 ReadEnd::OwnQueueGone => {
                     tracing::warn!(queue = %queue.url(), "this broker's event queue was deleted (not by this broker); it makes a new one and subscribes it to the topic");
                     queue.forget().await;
+                    if !pause(&stop, &mut rebuild).await {
+                        return;
+                    }
                 }
             }
         }

@@ -267,11 +267,14 @@ impl Queue {
         self.owned.is_some()
     }
 
-    /// The broker's own queue was deleted under it: its subscription is
-    /// removed (it would deliver to nothing); there is no queue to delete.
+    /// The broker's own queue was said deleted: its subscription is
+    /// removed (it would deliver to nothing), and the queue deleted in case
+    /// SQS said so of a queue still there (it may, just after making one);
+    /// that a deleted queue cannot be deleted again is no news.
     pub(super) async fn forget(self) {
         if let Some(owned) = &self.owned {
             self.unsubscribe(owned).await;
+            let _ = self.sqs.delete_queue().queue_url(&self.url).send().await;
         }
     }
 

@@ -25,7 +25,8 @@
 //!   the handlers as a `CallDeadline`, so that they stop waiting for the
 //!   upstream in time to answer with what they have. Server reflection,
 //!   a bidirectional stream whose answer starts at once, is ended with
-//!   DEADLINE_EXCEEDED when the call timeout passes; the streams meant to
+//!   DEADLINE_EXCEEDED when the call timeout passes, and with UNAVAILABLE
+//!   when the broker stops (it would hold the shutdown); the streams meant to
 //!   stay open (WatchSecret, health's Watch) read one request message,
 //!   within the timeout, before they answer.
 

@@ -419,6 +419,7 @@ def test_access_denied_under_mtls(venv, start_tls_broker, tls_files, pki, tmp_pa
         "plaintext": ({"BROKER_CA_FILE": "", "BROKER_CERT_FILE": "", "BROKER_KEY_FILE": ""}, "a TLS broker (set BROKER_CA_FILE"),
         "wrong CA": ({"BROKER_CA_FILE": str(pki.auth.cert_path)}, "not signed by the CA of BROKER_CA_FILE"),
         "closed": ({"BROKER_ENDPOINT": f"127.0.0.1:{support.free_port()}"}, "nothing answers at BROKER_ENDPOINT"),
+        "another name": ({"BROKER_TLS_DOMAIN": "other.invalid"}, "set BROKER_TLS_DOMAIN to the name"),
     }
     for case, (changes, told) in cases.items():
         told_env = {**env, **changes}
@@ -551,7 +552,8 @@ print(json.dumps({
     "refused": refused,
     "refused_message": _transport_hint("failed to connect to all addresses; Connection refused", plain),
     "through_proxy": _transport_hint("failed to connect to all addresses; Connection refused", proxied),
-    "name_mismatch": _transport_hint("Ssl handshake failed: Hostname Verification Check failed.", tls),
+    "name_mismatch": _transport_hint("failed to connect to all addresses; last error: UNKNOWN: "
+                                     "ipv4:127.0.0.1:50051: Peer name 127.0.0.1 is not in peer certificate", tls),
     "mistral": get_mistral_api_key(),
     "stats_after_a_config": (lambda m: (m.get_jwt_config(), m.get_cache_stats()["total_entries"])[1])(AWSSecretsManager()),
 }))

@@ -139,7 +139,9 @@ def _transport_hint(details: str, config: "AWSSecretsConfig") -> str:
     text = details.lower()
     endpoint = config.broker_endpoint
     tls = bool(config.broker_ca_file)
-    if "hostname verification" in text or "hostname mismatch" in text or "does not match" in text:
+    # grpcio's own words ("Peer name X is not in peer certificate"), and
+    # other stacks'.
+    if any(words in text for words in ("not in peer certificate", "hostname verification", "hostname mismatch")):
         return (
             f"the broker at {endpoint} presents a certificate for another name than the one "
             "asked: set BROKER_TLS_DOMAIN to the name its certificate carries"
@@ -819,10 +821,14 @@ def _release(
         entries: list[Union[_Entry, _ConfigEntry]] = [*cache.values(), *configs.values()]
         cache.clear()
         configs.clear()
-        channel, connection.channel, connection.stub = connection.channel, None, None
+    # The watches first: one reopening its stream meanwhile does it on the
+    # channel still there (and is cancelled), never on a new one that would
+    # outlive the close.
     for entry in entries:
         if entry.follower is not None:
             entry.follower.stop()
+    with lock:
+        channel, connection.channel, connection.stub = connection.channel, None, None
     if channel is not None:
         channel.close()
 
