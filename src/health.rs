@@ -5,8 +5,9 @@
 //! `secretsbroker.v1.SecretsService` turns NOT_SERVING while the store does
 //! not answer its check, so that load balancers can route around a broker
 //! cut off from AWS; the overall "" status stays SERVING (the process is
-//! alive and may still serve cached values) until the broker stops. The check logs once when the
-//! upstream starts failing and once when it recovers, never per round.
+//! alive and may still serve cached values) until the broker stops. The
+//! check logs once when the upstream starts failing and once when it
+//! recovers, never per round.
 //!
 //! When the broker stops, every status turns NOT_SERVING (the overall one
 //! too: new calls should go to other replicas while the calls in flight
@@ -163,9 +164,7 @@ impl Health {
                 .await;
         }
     }
-}
 
-impl Health {
     /// New traffic should go to other replicas while the calls in flight
     /// finish: readiness fails, and every status turns NOT_SERVING, the
     /// overall one too.

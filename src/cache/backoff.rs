@@ -59,11 +59,10 @@ impl Backoff {
     }
 
     /// Whether the upstream is backed off now, as the gauge shows it:
-    /// within the wait, or while
-    /// the probe after it is under way. A wait that ended with no caller
-    /// to probe holds nothing back (the next caller asks), so it does not
-    /// count: otherwise the gauge would stay up for as long as no reads
-    /// came, after one transient failure.
+    /// within the wait, or while the probe after it is under way. A wait
+    /// that ended with no caller to probe holds nothing back (the next
+    /// caller asks), so it does not count: otherwise the gauge would stay
+    /// up for as long as no reads came, after one transient failure.
     pub fn active(&self) -> bool {
         let until = *self.until.lock().unwrap_or_else(|e| e.into_inner());
         until.is_some_and(|until| Instant::now() < until || self.probing.load(Relaxed))

@@ -29,6 +29,11 @@ fn cache_over(store: &Arc<FakeStore>, max_entries: usize) -> Cache {
     )
 }
 
+/// A caller's deadline at `at`; `callers`: its own, not the call timeout.
+fn deadline_at(at: Instant, callers: bool) -> Deadline {
+    Deadline { at, callers }
+}
+
 fn key(name: &str) -> CacheKey {
     CacheKey::new(name.to_owned(), VersionSelector::current())
 }
@@ -415,10 +420,7 @@ async fn the_wait_ends_before_the_callers_deadline() {
     tokio::time::advance(TTL + Duration::from_secs(1)).await;
     *store.delay.lock().unwrap() = Duration::from_secs(20);
     let started = Instant::now();
-    let deadline = Deadline {
-        at: started + Duration::from_millis(500),
-        callers: false,
-    };
+    let deadline = deadline_at(started + Duration::from_millis(500), false);
     let stale = cache
         .get_until(key("s"), false, Some(deadline))
         .await
@@ -434,10 +436,7 @@ async fn a_miss_or_bypass_with_a_hung_upstream_is_answered_before_the_callers_de
     *store.delay.lock().unwrap() = Duration::from_secs(20);
     for bypass in [false, true] {
         let started = Instant::now();
-        let deadline = Deadline {
-            at: started + Duration::from_secs(10),
-            callers: true,
-        };
+        let deadline = deadline_at(started + Duration::from_secs(10), true);
         let refused = cache
             .get_until(key("s"), bypass, Some(deadline))
             .await
@@ -458,10 +457,7 @@ async fn a_miss_or_bypass_with_a_hung_upstream_is_answered_before_the_callers_de
     // Bound only by the broker's call timeout (whose own answer says why,
     // CALL_TIMEOUT, at the gate), or by nothing, the read is waited for.
     let started = Instant::now();
-    let call_timeout = Deadline {
-        at: started + Duration::from_secs(10),
-        callers: false,
-    };
+    let call_timeout = deadline_at(started + Duration::from_secs(10), false);
     assert!(
         cache
             .get_until(key("t"), false, Some(call_timeout))
@@ -472,10 +468,7 @@ async fn a_miss_or_bypass_with_a_hung_upstream_is_answered_before_the_callers_de
     // A short deadline still leaves nine tenths of it to AWS.
     *store.delay.lock().unwrap() = Duration::from_millis(30);
     let started = Instant::now();
-    let short = Deadline {
-        at: started + Duration::from_millis(100),
-        callers: true,
-    };
+    let short = deadline_at(started + Duration::from_millis(100), true);
     assert!(cache.get_until(key("u"), false, Some(short)).await.is_ok());
     assert_eq!(started.elapsed(), Duration::from_millis(30));
 }

@@ -697,13 +697,7 @@ class AWSSecretsManager:
 
     def clear_cache(self) -> None:
         """Empties the local cache (the broker's shared cache is untouched)."""
-        with self._lock:
-            entries: list[Union[_Entry, _ConfigEntry]] = [*self._cache.values(), *self._configs.values()]
-            self._cache.clear()
-            self._configs.clear()
-        for entry in entries:
-            if entry.follower is not None:
-                entry.follower.stop()
+        _clear(self._lock, self._cache, self._configs)
 
     def get_cache_stats(self) -> dict[str, Any]:
         """``total_entries``, ``valid_entries`` and ``expired_entries`` of the
@@ -711,7 +705,7 @@ class AWSSecretsManager:
         config was a cached secret)."""
         now = time.monotonic()
         with self._lock:
-            entries: list[Union[_Entry, _ConfigEntry]] = [*self._cache.values(), *self._configs.values()]
+            entries = _entries(self._cache, self._configs)
         total = len(entries)
         valid = sum(1 for e in entries if now - e.stored_at < self.config.secret_cache_ttl)
         return {
@@ -784,8 +778,7 @@ class AWSSecretsManager:
 
     def _followed(self) -> int:
         """Names followed by push now (under the lock)."""
-        entries: list[Union[_Entry, _ConfigEntry]] = [*self._cache.values(), *self._configs.values()]
-        return sum(1 for entry in entries if entry.follower is not None)
+        return sum(1 for entry in _entries(self._cache, self._configs) if entry.follower is not None)
 
     def _drop_config(self, key: tuple[str, str], entry: _ConfigEntry) -> None:
         with self._lock:
@@ -808,25 +801,35 @@ class _Connection:
     stub: Optional[secrets_service_pb2_grpc.SecretsServiceStub] = None
 
 
-def _release(
-    lock: threading.Lock,
-    cache: dict[tuple[str, Optional[str]], _Entry],
-    configs: dict[tuple[str, str], _ConfigEntry],
-    connection: _Connection,
-) -> None:
-    """An instance's close(): its local cache emptied, its watch threads
-    stopped, its channel closed. Takes the parts, not the instance, so that
-    the instance's finalizer can run it."""
+_Cache = dict[tuple[str, Optional[str]], _Entry]
+_Configs = dict[tuple[str, str], _ConfigEntry]
+
+
+def _entries(cache: _Cache, configs: _Configs) -> list[Union[_Entry, _ConfigEntry]]:
+    """An instance's cached secrets and typed configs (take its lock)."""
+    return [*cache.values(), *configs.values()]
+
+
+def _clear(lock: threading.Lock, cache: _Cache, configs: _Configs) -> None:
+    """An instance's clear_cache(): its local cache emptied, its watch
+    threads stopped."""
     with lock:
-        entries: list[Union[_Entry, _ConfigEntry]] = [*cache.values(), *configs.values()]
+        entries = _entries(cache, configs)
         cache.clear()
         configs.clear()
-    # The watches first: one reopening its stream meanwhile does it on the
-    # channel still there (and is cancelled), never on a new one that would
-    # outlive the close.
     for entry in entries:
         if entry.follower is not None:
             entry.follower.stop()
+
+
+def _release(lock: threading.Lock, cache: _Cache, configs: _Configs, connection: _Connection) -> None:
+    """An instance's close(): its local cache emptied and its watch threads
+    stopped, then its channel closed. Takes the parts, not the instance, so
+    that the instance's finalizer can run it."""
+    # The watches first: one reopening its stream meanwhile does it on the
+    # channel still there (and is cancelled), never on a new one that would
+    # outlive the close.
+    _clear(lock, cache, configs)
     with lock:
         channel, connection.channel, connection.stub = connection.channel, None, None
     if channel is not None:
