@@ -81,8 +81,8 @@ pub async fn get(args: GetArgs) -> Result<(), Error> {
 /// Prints one line per event: what happened and the version, never the
 /// value. Runs until interrupted or the watch ends. When the stream to the
 /// broker breaks (a restart, a lost connection), the client reconnects on
-/// its own; stderr says so, and says when it is back, so that a quiet
-/// watch is never taken for a quiet secret.
+/// its own; stderr says so, and why, and says when it is back, so that a
+/// quiet watch is never taken for a quiet secret.
 pub async fn watch(name: String, connection: Connection) -> Result<(), Error> {
     let client = client(&connection).await?;
     let mut events = client.watch_secret(name);
@@ -104,8 +104,12 @@ pub async fn watch(name: String, connection: Connection) -> Result<(), Error> {
             changed = connected.changed(), if !follower_gone => {
                 // The follower is gone: the events' end says why.
                 follower_gone = changed.is_err();
-                if let Some(notice) = notices.on(*connected.borrow_and_update()) {
-                    eprintln!("{notice}");
+                let now_connected = *connected.borrow_and_update();
+                if let Some(notice) = notices.on(now_connected) {
+                    match events.last_failure() {
+                        Some(why) if !now_connected => eprintln!("{notice}: {why}"),
+                        _ => eprintln!("{notice}"),
+                    }
                 }
             }
         }

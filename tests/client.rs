@@ -569,7 +569,7 @@ async fn cached_reads_follow_rotations_and_survive_a_restart() {
     let mut broker = Broker::spawn(BrokerSpec::aws(TEST, &moto).args(["--watch-interval", "1"]));
     let client = plaintext_client(&broker).await;
     broker.wait_ready(|| client.check_upstream()).await;
-    let max_stale = Duration::from_secs(8);
+    let max_stale = Duration::from_secs(4);
     let cached = client.cached(secrets_broker_client::CacheLimits {
         max_entries: 4,
         max_stale,
@@ -612,10 +612,16 @@ async fn cached_reads_follow_rotations_and_survive_a_restart() {
         (WatchEventKind::Rotated, v2.as_str())
     );
 
+    // No read for longer than max_stale while the stream is connected: the
+    // value stays vouched for, and max_stale counts from the break only.
+    tokio::time::sleep(max_stale + Duration::from_secs(1)).await;
+
     // The broker goes away: values are served from memory within max_stale.
     broker.kill();
     let down = Instant::now();
-    while down.elapsed() < max_stale - Duration::from_secs(2) {
+    // The client sees its connection close.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    while down.elapsed() < max_stale - Duration::from_secs(1) {
         let secret = cached
             .get("cached/api-token")
             .await
@@ -689,4 +695,119 @@ async fn cached_typed_configs_are_read_again_after_a_rotation() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+// --------------------------------------------------------------------------
+// 5. what the crate gives back: the broker's streams, the caller's time
+
+/// Waits (up to 5 s) until `read` says `expected`, then checks it still
+/// does a second later.
+async fn settles_at<F, Fut>(read: F, expected: u64, what: &str)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = u64>,
+{
+    let started = Instant::now();
+    loop {
+        let now = read().await;
+        if now == expected {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{what}: {now}, not {expected}, after 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(read().await, expected, "{what}: did not stay at {expected}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_watches_and_evicted_names_end_their_streams_on_the_broker() {
+    const TEST: &str = "client_streams_end";
+    let moto = Moto::start(TEST);
+    moto.create_secret("insurecove/streams/a", "client-test-streams-a")
+        .await;
+    moto.create_secret("insurecove/streams/b", "client-test-streams-b")
+        .await;
+    let mut broker = Broker::spawn(BrokerSpec::aws(TEST, &moto));
+    let client = plaintext_client(&broker).await;
+    broker.wait_ready(|| client.check_upstream()).await;
+    let watchers = || async { client.get_cache_stats().await.unwrap().watchers };
+
+    // A quiet secret's watch, dropped after its first event: nothing more
+    // would come on it to notice that nobody listens.
+    let mut events = client.watch_secret("streams/a");
+    next_event(&mut events, "the watch's first event").await;
+    assert_eq!(watchers().await, 1);
+    drop(events);
+    settles_at(watchers, 0, "open streams after the watch was dropped").await;
+
+    // One name held at most: reading b drops a, and a's stream with it.
+    let cached = client.cached(secrets_broker_client::CacheLimits {
+        max_entries: 1,
+        max_stale: Duration::from_secs(30),
+    });
+    cached.get("streams/a").await.unwrap();
+    settles_at(watchers, 1, "open streams with a held").await;
+    cached.get("streams/b").await.unwrap();
+    assert_eq!(cached.len(), 1);
+    settles_at(watchers, 1, "open streams once b took a's place").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_takes_at_most_its_timeout_retries_included() {
+    const TEST: &str = "client_call_timeout";
+    const NAME: &str = "insurecove/timeout/api-token";
+    let moto = Moto::start(TEST);
+    moto.create_secret(NAME, "client-test-timeout").await;
+    let mut broker = Broker::spawn(BrokerSpec::aws(TEST, &moto));
+    let timeout = Duration::from_millis(1500);
+    let mut config = ClientConfig::new(broker.addr());
+    config.request_timeout = timeout;
+    config.max_retries = 3;
+    let client = SecretsClient::connect(config).await.unwrap();
+    broker.wait_ready(|| client.check_upstream()).await;
+    client.get_secret(NAME).await.expect("a first read");
+
+    // A broker that hangs: each attempt would wait out the whole timeout.
+    broker.pause(true);
+    let started = Instant::now();
+    let result = client.get_secret(NAME).bypass_cache().await;
+    let took = started.elapsed();
+    broker.pause(false);
+    let error = result.expect_err("a hung broker gave an answer");
+    assert!(error.is_retryable(), "{error}");
+    assert!(
+        took < timeout + Duration::from_millis(500),
+        "the call took {took:?} with a timeout of {timeout:?}: {error}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_that_cannot_connect_says_why() {
+    let port = support::free_port();
+    let endpoint = format!("127.0.0.1:{port}");
+    let client = SecretsClient::connect(ClientConfig::new(endpoint.clone()))
+        .await
+        .unwrap();
+    let events = client.watch_secret("mistral-api-key");
+    assert!(events.last_failure().is_none());
+    let mut connected = events.connected();
+    within(
+        Duration::from_secs(10),
+        "a failed attempt",
+        connected.changed(),
+    )
+    .await
+    .expect("the watch goes on");
+    assert!(!*connected.borrow());
+    let failure = events.last_failure().expect("the failure is kept");
+    let shown = failure.to_string();
+    assert!(
+        matches!(failure, Error::Unreachable { .. }) && shown.contains(&endpoint),
+        "{shown}"
+    );
+    assert!(shown.to_lowercase().contains("refused"), "{shown}");
 }

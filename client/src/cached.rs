@@ -9,7 +9,9 @@
 //! it holds (`since_version_id`), so a rotation missed meanwhile arrives
 //! first. A value is served from memory while its stream is connected, and
 //! for at most `max_stale` after it broke; past that, reads ask the broker
-//! again rather than serve a value nobody can vouch for.
+//! again rather than serve a value nobody can vouch for. While the stream
+//! is connected it has the last word: a read answered by the broker before
+//! a rotation does not put the older value back.
 //!
 //! Typed configs (`get_config::<JwtConfig>()`) are held the same way: the
 //! broker decodes them once per version of their secret.
@@ -21,7 +23,7 @@
 use std::{
     any::{Any, TypeId},
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, Weak},
     time::{Duration, Instant},
 };
 
@@ -31,7 +33,7 @@ use zeroize::{Zeroize, Zeroizing};
 
 use crate::{
     Error, SecretValue, SecretsClient, TypedConfig,
-    watch::{WatchEventKind, follow_live},
+    watch::{WatchEventKind, WatchStream, follow},
 };
 
 /// How `CachedSecrets` holds its values.
@@ -91,7 +93,8 @@ struct Held {
     value: Mutex<Option<SecretValue>>,
     /// Whether its stream is connected.
     live: watch::Receiver<bool>,
-    /// When the stream was last seen connected.
+    /// When the value was last known current: read from the broker, or
+    /// the stream connected (seen at a read, an event, or its break).
     confirmed: Mutex<Instant>,
     /// When it was last read, for eviction.
     read: Mutex<Instant>,
@@ -220,8 +223,7 @@ impl Shared {
     fn hold(self: &Arc<Self>, name: &str, value: SecretValue) {
         let mut entries = self.lock_entries();
         if let Some(held) = entries.get(name) {
-            *lock(&held.value) = Some(value);
-            *lock(&held.confirmed) = Instant::now();
+            held.refresh(value);
             return;
         }
         if entries.len() >= self.limits.max_entries.max(1) {
@@ -233,27 +235,10 @@ impl Shared {
                 entries.remove(&oldest);
             }
         }
-        let (stream, live) =
-            follow_live(self.client.secrets_stub(), name.to_owned(), String::new());
-        let weak = Arc::downgrade(self);
-        let key = name.to_owned();
-        let follower = tokio::spawn(async move {
-            let mut stream = stream;
-            while let Some(event) = stream.next().await {
-                let Some(shared) = weak.upgrade() else { return };
-                match event {
-                    Ok(event) => shared.apply(&key, event.kind, event.secret),
-                    Err(_final) => {
-                        // Not found, access denied: the name stops being
-                        // held; the next read asks the broker and returns
-                        // its answer to the caller.
-                        shared.lock_entries().remove(&key);
-                        return;
-                    }
-                }
-            }
-        })
-        .abort_handle();
+        let stream = follow(self.client.origin(), name.to_owned(), String::new());
+        let live = stream.connected();
+        let follower = tokio::spawn(follow_events(Arc::downgrade(self), name.to_owned(), stream))
+            .abort_handle();
         let held = Arc::new(Held {
             value: Mutex::new(Some(value)),
             live,
@@ -262,6 +247,13 @@ impl Shared {
             follower,
         });
         entries.insert(name.to_owned(), held);
+    }
+
+    /// The value when the stream was last seen connected.
+    fn confirm_at_break(&self, name: &str) {
+        if let Some(held) = self.lock_entries().get(name) {
+            *lock(&held.confirmed) = Instant::now();
+        }
     }
 
     /// An event of `name`'s stream: the value replaced in place.
@@ -297,6 +289,111 @@ impl Shared {
     }
 }
 
+/// The task that applies a held name's events: it holds the cache weakly
+/// (the cache going ends it) and is aborted when the name is dropped,
+/// which drops its stream.
+async fn follow_events(shared: Weak<Shared>, name: String, mut stream: WatchStream) {
+    let mut live = stream.connected();
+    let mut was_live = false;
+    let mut follower_running = true;
+    loop {
+        tokio::select! {
+            event = stream.next() => {
+                let Some(event) = event else { return };
+                let Some(shared) = shared.upgrade() else { return };
+                match event {
+                    Ok(event) => shared.apply(&name, event.kind, event.secret),
+                    Err(_final) => {
+                        // Not found, access denied: the name stops being
+                        // held; the next read asks the broker and returns
+                        // its answer to the caller.
+                        shared.lock_entries().remove(&name);
+                        return;
+                    }
+                }
+            }
+            changed = live.changed(), if follower_running => {
+                // Once the follower ends, its last events come above.
+                follower_running = changed.is_ok();
+                let Some(shared) = shared.upgrade() else { return };
+                // `max_stale` counts from the break, not from the last
+                // read while the stream was connected. (Failed attempts to
+                // reconnect say "not connected" again: no break.)
+                let is_live = follower_running && *live.borrow_and_update();
+                if was_live && !is_live {
+                    shared.confirm_at_break(&name);
+                }
+                was_live = is_live;
+            }
+        }
+    }
+}
+
+impl Held {
+    /// A value the broker answered: kept unless the stream is connected
+    /// and holds a value, which is then at least as new (the answer may
+    /// have left the broker before a rotation the stream already brought).
+    fn refresh(&self, value: SecretValue) {
+        let mut held = lock(&self.value);
+        if *self.live.borrow() && held.is_some() {
+            return;
+        }
+        *held = Some(value);
+        *lock(&self.confirmed) = Instant::now();
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto;
+
+    fn version(id: &str) -> SecretValue {
+        SecretValue::from_proto(proto::Secret {
+            name: "insurecove/x".into(),
+            version_id: id.into(),
+            value: Some(proto::secret::Value::StringValue(format!("value {id}"))),
+            ..Default::default()
+        })
+    }
+
+    fn held(value: SecretValue, live: watch::Receiver<bool>) -> Held {
+        Held {
+            value: Mutex::new(Some(value)),
+            live,
+            confirmed: Mutex::new(Instant::now()),
+            read: Mutex::new(Instant::now()),
+            follower: tokio::spawn(async {}).abort_handle(),
+        }
+    }
+
+    fn version_held(held: &Held) -> Option<String> {
+        lock(&held.value)
+            .as_ref()
+            .map(|value| value.version_id().to_owned())
+    }
+
+    #[tokio::test]
+    async fn a_late_answer_does_not_undo_what_a_connected_stream_brought() {
+        let (live, receiver) = watch::channel(true);
+        // The stream brought v2; a read answered with v1 before it comes back.
+        let held = held(version("v2"), receiver);
+        held.refresh(version("v1"));
+        assert_eq!(version_held(&held).as_deref(), Some("v2"));
+
+        // Without a stream the broker's answer is the newest word.
+        live.send_replace(false);
+        held.refresh(version("v3"));
+        assert_eq!(version_held(&held).as_deref(), Some("v3"));
+
+        // A deletion the stream brought: a read finding it again is kept.
+        live.send_replace(true);
+        *lock(&held.value) = None;
+        held.refresh(version("v4"));
+        assert_eq!(version_held(&held).as_deref(), Some("v4"));
+    }
 }

@@ -2,6 +2,8 @@
 
 use std::{future::IntoFuture, pin::Pin, time::Duration};
 
+use tokio::time::Instant;
+
 use futures::Future;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic_health::pb::{
@@ -87,14 +89,16 @@ impl SecretsClient {
 
     /// A unary request with the call deadline (watch streams have none).
     fn request<T>(&self, message: T) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(message);
-        request.set_timeout(self.request_timeout);
-        request
+        request_within(message, self.request_timeout)
     }
 
-    /// The SecretsService stub, on the client's connection.
-    pub(crate) fn secrets_stub(&self) -> SecretsServiceClient<Channel> {
-        self.secrets.clone()
+    /// Where watch streams go: the client's connection.
+    pub(crate) fn origin(&self) -> watch::Origin {
+        watch::Origin {
+            client: self.secrets.clone(),
+            endpoint: std::sync::Arc::clone(&self.endpoint),
+            tls: self.tls,
+        }
     }
 
     /// The error of a failed call: the broker's, or the connection's.
@@ -102,17 +106,25 @@ impl SecretsClient {
         Error::from_call(status, &self.endpoint, self.tls)
     }
 
-    /// Runs an idempotent call, retrying UNAVAILABLE with backoff.
+    /// Runs an idempotent call, retrying UNAVAILABLE with backoff, all of
+    /// it within `request_timeout` (a call's time, not an attempt's):
+    /// `call` is given the time its attempt may take.
     async fn retrying<T, F, Fut>(&self, call: F) -> Result<T, Error>
     where
-        F: Fn() -> Fut,
+        F: Fn(Duration) -> Fut,
         Fut: Future<Output = Result<T, Error>>,
     {
+        let deadline = Instant::now() + self.request_timeout;
         let mut backoff = FIRST_BACKOFF;
         let mut attempt = 0;
         loop {
-            match call().await {
-                Err(error) if error.is_retryable() && attempt < self.max_retries => {
+            match call(deadline.saturating_duration_since(Instant::now())).await {
+                Err(error)
+                    if error.is_retryable()
+                        && attempt < self.max_retries
+                        // Time for the wait and for some of an attempt.
+                        && deadline.saturating_duration_since(Instant::now()) > backoff * 2 =>
+                {
                     attempt += 1;
                     tokio::time::sleep(backoff).await;
                     backoff *= 2;
@@ -129,8 +141,8 @@ impl SecretsClient {
         Rpc: Fn(SecretsServiceClient<Channel>, tonic::Request<Req>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
     {
-        self.retrying(|| {
-            let answer = rpc(self.secrets.clone(), self.request(message.clone()));
+        self.retrying(|left| {
+            let answer = rpc(self.secrets.clone(), request_within(message.clone(), left));
             async move {
                 answer
                     .await
@@ -319,7 +331,7 @@ impl SecretsClient {
     /// # }
     /// ```
     pub fn watch_secret(&self, name: impl Into<String>) -> WatchStream {
-        watch::follow(self.secrets.clone(), name.into(), String::new())
+        watch::follow(self.origin(), name.into(), String::new())
     }
 
     /// Like `watch_secret`, for another staging label.
@@ -328,7 +340,7 @@ impl SecretsClient {
         name: impl Into<String>,
         stage: impl Into<String>,
     ) -> WatchStream {
-        watch::follow(self.secrets.clone(), name.into(), stage.into())
+        watch::follow(self.origin(), name.into(), stage.into())
     }
 }
 
@@ -382,6 +394,13 @@ impl<'a> IntoFuture for GetSecret<'a> {
         Box::pin(self.send())
     }
 }
+/// A unary request that may take `timeout` (its `grpc-timeout`).
+fn request_within<T>(message: T, timeout: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(timeout);
+    request
+}
+
 /// Connects every (re)connection of the channel to the unix socket at
 /// `path`.
 fn unix_connector(

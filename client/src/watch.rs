@@ -7,10 +7,13 @@
 //! version it last saw (`since_version_id`): a rotation missed meanwhile
 //! comes back as ROTATED, and an unchanged secret's CURRENT is not repeated.
 //! Errors a retry cannot fix end the stream. Dropping the stream ends the
-//! task.
+//! task at once, and with it the stream on the broker (which would
+//! otherwise hold one of the connection's streams until the secret next
+//! changed).
 
 use std::{
     pin::Pin,
+    sync::{Arc, Mutex},
     task::{Context, Poll},
     time::{Duration, SystemTime},
 };
@@ -56,6 +59,7 @@ pub struct WatchEvent {
 pub struct WatchStream {
     events: mpsc::Receiver<Result<WatchEvent, Error>>,
     connected: tokio::sync::watch::Receiver<bool>,
+    failure: Arc<Mutex<Option<Error>>>,
 }
 
 impl WatchStream {
@@ -65,6 +69,14 @@ impl WatchStream {
     /// `changed()`; the sender goes when the stream ends.
     pub fn connected(&self) -> tokio::sync::watch::Receiver<bool> {
         self.connected.clone()
+    }
+
+    /// Why the last attempt to open the stream, or the last open stream,
+    /// failed (broker unreachable, TLS refused, the broker restarting...):
+    /// the stream is retried after such failures, so they are not events.
+    /// Set before `connected` turns `false`.
+    pub fn last_failure(&self) -> Option<Error> {
+        lock(&self.failure).clone()
     }
 }
 
@@ -76,46 +88,43 @@ impl Stream for WatchStream {
     }
 }
 
-pub(crate) fn follow(
-    client: SecretsServiceClient<Channel>,
-    name: String,
-    stage: String,
-) -> WatchStream {
-    follow_live(client, name, stage).0
+/// Where a watch's streams go, and how its failures are told.
+pub(crate) struct Origin {
+    pub(crate) client: SecretsServiceClient<Channel>,
+    /// As configured, for errors that name it.
+    pub(crate) endpoint: Arc<str>,
+    pub(crate) tls: bool,
 }
 
-/// `follow`, and whether a stream is connected right now (`true` from its
-/// first message until it breaks).
-pub(crate) fn follow_live(
-    client: SecretsServiceClient<Channel>,
-    name: String,
-    stage: String,
-) -> (WatchStream, tokio::sync::watch::Receiver<bool>) {
+/// Follows `name` at `stage` in a task of its own, until the stream
+/// returned is dropped or a final error ends it.
+pub(crate) fn follow(origin: Origin, name: String, stage: String) -> WatchStream {
     let (events, receiver) = mpsc::channel(16);
-    let (live, liveness) = tokio::sync::watch::channel(false);
-    tokio::spawn(
-        Follower {
-            client,
-            name,
-            stage,
-            events,
-            live,
-        }
-        .run(),
-    );
-    let stream = WatchStream {
-        events: receiver,
-        connected: liveness.clone(),
+    let (live, connected) = tokio::sync::watch::channel(false);
+    let failure = Arc::new(Mutex::new(None));
+    let follower = Follower {
+        origin,
+        name,
+        stage,
+        events,
+        live,
+        failure: Arc::clone(&failure),
     };
-    (stream, liveness)
+    tokio::spawn(follower.run());
+    WatchStream {
+        events: receiver,
+        connected,
+        failure,
+    }
 }
 
 struct Follower {
-    client: SecretsServiceClient<Channel>,
+    origin: Origin,
     name: String,
     stage: String,
     events: mpsc::Sender<Result<WatchEvent, Error>>,
     live: tokio::sync::watch::Sender<bool>,
+    failure: Arc<Mutex<Option<Error>>>,
 }
 
 /// Why one connection's stream ended.
@@ -127,7 +136,18 @@ enum Ended {
 }
 
 impl Follower {
-    async fn run(mut self) {
+    /// Follows until the receiver goes or a final error: whichever comes
+    /// first, even in the middle of a stream (dropping the gRPC stream
+    /// cancels it on the broker).
+    async fn run(self) {
+        let receiver_gone = self.events.clone();
+        tokio::select! {
+            () = self.follow() => {}
+            () = receiver_gone.closed() => {}
+        }
+    }
+
+    async fn follow(mut self) {
         let mut last_version: Option<String> = None;
         let mut backoff = FIRST_BACKOFF;
         loop {
@@ -157,7 +177,7 @@ impl Follower {
             version_stage: self.stage.clone(),
             since_version_id: last_version.clone().unwrap_or_default(),
         };
-        let mut stream = match self.client.watch_secret(request).await {
+        let mut stream = match self.origin.client.watch_secret(request).await {
             Ok(response) => response.into_inner(),
             Err(status) => return self.fail(status).await,
         };
@@ -182,14 +202,22 @@ impl Follower {
         }
     }
 
-    /// Retried failures come back as `Broken`; the others end the stream.
+    /// Retried failures come back as `Broken` (and are kept for
+    /// `last_failure`); the others end the stream.
     async fn fail(&self, status: tonic::Status) -> Ended {
-        if retried(&status) {
+        let retry = retried(&status);
+        let error = Error::from_call(status, &self.origin.endpoint, self.origin.tls);
+        if retry {
+            *lock(&self.failure) = Some(error);
             return Ended::Broken;
         }
-        let _ = self.events.send(Err(Error::from(status))).await;
+        let _ = self.events.send(Err(error)).await;
         Ended::Done
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Connection-level failures are retried, and so is a broker that has as

@@ -94,6 +94,30 @@ def test_watch_says_when_its_stream_breaks_and_when_it_is_back(start_broker, bro
     assert sum("broke;" in line for line in stderr_lines) == 1, stderr_lines
 
 
+def test_watch_says_why_the_broker_cannot_be_reached(broker_bin):
+    """Nothing listens at the endpoint: the watch keeps retrying, and its
+    one line on stderr says what failed, not only that something did."""
+    port = support.free_port()
+    proc = subprocess.Popen(
+        [str(broker_bin), "watch", "production/jwt", "--endpoint", f"127.0.0.1:{port}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=support.broker_env(),
+    )
+    import threading
+
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.append(proc.stderr.readline()), daemon=True)
+    reader.start()
+    try:
+        reader.join(15)
+        assert lines, "nothing on stderr within 15 s"
+        assert proc.poll() is None, "the watch goes on"
+    finally:
+        support.stop_process(proc, 5)
+    line = lines[0]
+    assert line.startswith("the broker cannot be reached yet; retrying: "), line
+    assert f"127.0.0.1:{port}" in line and "refused" in line.lower(), line
+
+
 def test_plaintext_to_a_remote_address_is_refused(run_cli):
     started = time.monotonic()
     refused = run_cli("get", "x", "--endpoint", "10.1.2.3:50051")

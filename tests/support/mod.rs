@@ -140,6 +140,18 @@ impl ChildGuard {
         }
     }
 
+    /// Sends `signal` (a name kill(1) knows: STOP, CONT...) to it.
+    pub fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            let sent = Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(child.id().to_string())
+                .status()
+                .expect("run kill(1)");
+            assert!(sent.success(), "kill -{signal} {}: {sent}", self.what);
+        }
+    }
+
     /// SIGTERM, wait up to `grace`, then SIGKILL; returns the exit status.
     pub fn terminate(&mut self, grace: Duration) -> Option<ExitStatus> {
         let mut child = self.child.take()?;
@@ -468,6 +480,12 @@ impl Broker {
     /// SIGKILL: no drain, connections simply drop.
     pub fn kill(&mut self) {
         self.process.kill();
+    }
+
+    /// SIGSTOP (`true`): the broker hangs, its connections open but
+    /// silent; SIGCONT (`false`) lets it go on.
+    pub fn pause(&self, paused: bool) {
+        self.process.signal(if paused { "STOP" } else { "CONT" });
     }
 
     /// SIGTERM (the broker drains), SIGKILL after a grace period.
