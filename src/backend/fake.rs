@@ -26,8 +26,9 @@ pub struct FakeStore {
     calls: AtomicUsize,
     list_calls: AtomicUsize,
     describe_calls: AtomicUsize,
-    /// DescribeSecret answers AccessDenied (an IAM policy without it).
-    pub refuse_describe: std::sync::atomic::AtomicBool,
+    /// DescribeSecret alone fails with this (an IAM policy without it,
+    /// its own throttling quota...).
+    pub describe_failure: Mutex<Option<StoreError>>,
     /// How long each call takes (under a paused clock, advanced by tokio).
     pub delay: Mutex<Duration>,
     /// Reads of the key answer with the value (and name) of the other
@@ -125,11 +126,8 @@ impl SecretStore for FakeStore {
         self.describe_calls.fetch_add(1, SeqCst);
         let delay = *self.delay.lock().unwrap();
         tokio::time::sleep(delay).await;
-        if self.refuse_describe.load(SeqCst) {
-            return Err(StoreError::AccessDenied {
-                name: name.to_owned(),
-                detail: "DescribeSecret is not allowed".into(),
-            });
+        if let Some(failure) = self.describe_failure.lock().unwrap().clone() {
+            return Err(failure);
         }
         if let Some(failure) = self.failure.lock().unwrap().clone() {
             return Err(failure);

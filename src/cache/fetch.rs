@@ -159,7 +159,12 @@ impl Shared {
 
     /// Asks whether the cached version is still the one the stage points
     /// at. `None`: read the value (nothing cached, a version-id key, the
-    /// version moved, or DescribeSecret refused, e.g. by IAM).
+    /// version moved, or DescribeSecret failed). DescribeSecret is only a
+    /// cheaper way to the same answer: when it fails, even transiently (its
+    /// own throttling quota, a 5xx of its own, an IAM or proxy rule on that
+    /// action alone), GetSecretValue is asked rather than the entry
+    /// failing while AWS may still serve the value. In a whole outage that
+    /// is one more failing call per renewal, and the backoff bounds those.
     pub(super) async fn revalidate(&self, key: &CacheKey, number: u64) -> Option<FetchResult> {
         if !matches!(key.selector, VersionSelector::Stage(_)) {
             return None;
@@ -179,10 +184,10 @@ impl Shared {
                 Some(self.settle(key, number, started, Ok(cached)))
             }
             Ok(_) => None,
-            Err(error) if error.is_transient() => {
-                Some(self.settle(key, number, started, Err(error)))
+            Err(error) => {
+                tracing::debug!(secret = %key.name, %error, "DescribeSecret failed; reading the value instead");
+                None
             }
-            Err(_) => None,
         }
     }
 

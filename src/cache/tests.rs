@@ -331,9 +331,10 @@ async fn bypass_and_refused_describe_read_the_value() {
         "bypass reads the value"
     );
 
-    store
-        .refuse_describe
-        .store(true, std::sync::atomic::Ordering::SeqCst);
+    *store.describe_failure.lock().unwrap() = Some(StoreError::AccessDenied {
+        name: "s".into(),
+        detail: "DescribeSecret is not allowed".into(),
+    });
     tokio::time::advance(TTL).await;
     assert_eq!(version_of(&cache, "s").await, "v1");
     assert_eq!(
@@ -341,6 +342,30 @@ async fn bypass_and_refused_describe_read_the_value() {
         (3, 1),
         "without DescribeSecret rights, the value is read"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_describe_failing_on_its_own_does_not_stop_a_renewal() {
+    for failure in [
+        StoreError::Throttled,
+        StoreError::Unavailable {
+            detail: "AWS answered InternalServiceError".into(),
+        },
+    ] {
+        let store = FakeStore::with(&["s"]);
+        let cache = cache_over(&store, 100);
+        version_of(&cache, "s").await;
+        *store.describe_failure.lock().unwrap() = Some(failure.clone());
+        store.set("s", "v2");
+        tokio::time::advance(TTL).await;
+        let renewed = cache.get(key("s"), false).await.unwrap();
+        assert_eq!(
+            (renewed.version.version_id.as_str(), renewed.stale),
+            ("v2", false),
+            "{failure:?}: GetSecretValue still answers"
+        );
+        assert_eq!((store.calls(), store.describe_calls()), (2, 1));
+    }
 }
 
 #[tokio::test(start_paused = true)]
