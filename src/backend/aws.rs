@@ -130,7 +130,7 @@ impl SecretStore for AwsStore {
             .send()
             .await
             .map_err(|e| explain(&e, "GetSecretValue", name, &self.upstream))?;
-        Ok(into_version(output, name))
+        into_version(output, name, &self.upstream)
     }
 
     async fn describe_secret(&self, name: &str) -> Result<SecretDescription, StoreError> {
@@ -228,21 +228,81 @@ fn stages_by_version(map: &HashMap<String, Vec<String>>) -> Vec<(String, Vec<Str
         .collect()
 }
 
-fn into_version(output: GetSecretValueOutput, asked: &str) -> SecretVersion {
+/// A GetSecretValue answer as a version. AWS always sends the version id
+/// and a value (text or binary): an answer without them (an empty `{}` of
+/// a proxy or a broken endpoint) is not a version, and must not replace
+/// the one cached: it fails as an unavailable upstream (the last good value
+/// stays served, marked stale).
+fn into_version(
+    output: GetSecretValueOutput,
+    asked: &str,
+    upstream: &Upstream,
+) -> Result<SecretVersion, StoreError> {
+    let incomplete = |missing| upstream.incomplete_answer("GetSecretValue", asked, missing);
     let value = match (output.secret_string, output.secret_binary) {
         (Some(text), _) => SecretValue::text(text),
         (None, Some(blob)) => SecretValue::binary(blob.into_inner()),
-        (None, None) => SecretValue::text(String::new()),
+        (None, None) => return Err(incomplete("a value")),
     };
-    SecretVersion {
+    let version_id = output
+        .version_id
+        .filter(|id| !id.is_empty())
+        .ok_or_else(|| incomplete("a version id"))?;
+    Ok(SecretVersion {
         name: output.name.unwrap_or_else(|| asked.to_owned()),
         arn: output.arn.unwrap_or_default(),
-        version_id: output.version_id.unwrap_or_default(),
+        version_id,
         version_stages: output.version_stages.unwrap_or_default(),
         created_date: output
             .created_date
             .and_then(|date| SystemTime::try_from(date).ok()),
         value,
         encoded: Default::default(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use aws_sdk_secretsmanager::primitives::Blob;
+
+    use super::*;
+
+    fn answer(version_id: Option<&str>, text: Option<&str>) -> GetSecretValueOutput {
+        GetSecretValueOutput::builder()
+            .name("insurecove/db")
+            .set_version_id(version_id.map(str::to_owned))
+            .set_secret_string(text.map(str::to_owned))
+            .build()
+    }
+
+    #[test]
+    fn an_answer_without_a_version_id_or_a_value_is_not_a_version() {
+        let upstream = Upstream::from_env("ap-east-1", &|_| None);
+        for (output, missing) in [
+            (answer(None, None), "a value"),
+            (answer(Some("v1"), None), "a value"),
+            (answer(None, Some("s3cr3t-value")), "a version id"),
+            (answer(Some(""), Some("s3cr3t-value")), "a version id"),
+        ] {
+            match into_version(output, "insurecove/db", &upstream) {
+                Err(StoreError::Unavailable { detail }) => {
+                    assert!(detail.contains(missing), "{detail}");
+                    assert!(!detail.contains("s3cr3t"), "{detail}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let version = into_version(answer(Some("v1"), Some("")), "insurecove/db", &upstream)
+            .expect("an empty text is a value");
+        assert_eq!(version.version_id, "v1");
+        let binary = GetSecretValueOutput::builder()
+            .version_id("v2")
+            .secret_binary(Blob::new(vec![0u8, 1]))
+            .build();
+        let version = into_version(binary, "insurecove/db", &upstream).unwrap();
+        assert_eq!(
+            (version.name.as_str(), version.version_id.as_str()),
+            ("insurecove/db", "v2")
+        );
     }
 }

@@ -100,6 +100,19 @@ impl Upstream {
         }
     }
 
+    /// An answer without a part AWS always sends (`missing`): not a
+    /// refusal of the secret, an endpoint that does not answer as AWS.
+    pub fn incomplete_answer(&self, action: &str, secret: &str, missing: &str) -> StoreError {
+        StoreError::Unavailable {
+            detail: format!(
+                "AWS at {}{} answered {action} for {secret} without {missing}, which AWS always \
+                 sends (a proxy or a broken endpoint in between?); it is retried",
+                self.endpoint,
+                self.via()
+            ),
+        }
+    }
+
     fn via(&self) -> String {
         match &self.proxy {
             Some((proxy, var)) => format!(" through the proxy {proxy} ({var})"),
