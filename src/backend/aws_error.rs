@@ -15,7 +15,12 @@
 //! DEBUG. AWS's messages name rules and resources, never secret values or
 //! credentials; the broker quotes none of them to callers anyway.
 
-use std::error::Error as StdError;
+use std::{
+    collections::HashMap,
+    error::Error as StdError,
+    sync::{LazyLock, Mutex},
+    time::{Duration, Instant},
+};
 
 use aws_config::meta::ProviderChainError;
 use aws_credential_types::provider::error::CredentialsError;
@@ -449,6 +454,13 @@ pub(super) fn explain_code(answer: Answer<'_>, action: &str, secret: &str) -> St
         {
             StoreError::Deleted { name }
         }
+        // A listing is of no one secret, and has no KMS key to blame.
+        "AccessDeniedException" if action == "ListSecrets" => StoreError::AccessDenied {
+            name: "*".into(),
+            detail: "AWS IAM does not allow the broker's role secretsmanager:ListSecrets \
+                     (Resource \"*\"); check the role's policy (deploy/iam-policy.json)"
+                .into(),
+        },
         "AccessDeniedException" => StoreError::AccessDenied {
             name,
             detail: format!(
@@ -485,12 +497,62 @@ pub(super) fn explain_code(answer: Answer<'_>, action: &str, secret: &str) -> St
         },
         _ => {
             // AWS's message may name accounts or keys: it goes to the log,
-            // the caller gets the code.
-            tracing::warn!(secret = %name, code, status, message = %message.escape_debug(), "AWS refused a request");
+            // the caller gets the code. Every read of such a secret is
+            // refused alike (a KMS key it cannot use...): said once.
+            if REFUSALS.first_in_a_while(&name, code) {
+                let message = message.chars().take(120).collect::<String>();
+                tracing::warn!(secret = %name, code, status, message = %message.escape_debug(), "AWS refused a request (said again in 10 min if it goes on)");
+            } else {
+                tracing::debug!(secret = %name, code, status, "AWS refused a request again");
+            }
             StoreError::Rejected {
                 detail: format!("AWS answered {code} (HTTP {status})"),
             }
         }
+    }
+}
+
+/// Refusals logged lately, so that a secret every read of which AWS
+/// refuses is not a WARN line per read.
+static REFUSALS: LazyLock<RepeatFilter> = LazyLock::new(|| RepeatFilter::new(REFUSAL_QUIET));
+
+/// How long the same refusal of the same secret stays quiet after its line.
+const REFUSAL_QUIET: Duration = Duration::from_secs(600);
+
+/// Which (secret, code) pairs were said within `quiet`; bounded: past
+/// `REMEMBERED` pairs it forgets them all (a line more, never unbounded
+/// memory when AWS refuses many secrets).
+struct RepeatFilter {
+    quiet: Duration,
+    said: Mutex<HashMap<(String, String), Instant>>,
+}
+
+const REMEMBERED: usize = 1024;
+
+impl RepeatFilter {
+    fn new(quiet: Duration) -> Self {
+        Self {
+            quiet,
+            said: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether this pair was not said within `quiet` (it counts as said now).
+    fn first_in_a_while(&self, secret: &str, code: &str) -> bool {
+        let now = Instant::now();
+        let mut said = self.said.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (secret.to_owned(), code.to_owned());
+        if said
+            .get(&key)
+            .is_some_and(|at| now.duration_since(*at) < self.quiet)
+        {
+            return false;
+        }
+        if said.len() >= REMEMBERED {
+            said.clear();
+        }
+        said.insert(key, now);
+        true
     }
 }
 
@@ -603,6 +665,18 @@ mod tests {
     }
 
     #[test]
+    fn a_refusal_is_said_once_in_a_while_per_secret_and_code() {
+        let filter = RepeatFilter::new(Duration::from_secs(600));
+        assert!(filter.first_in_a_while("insurecove/kms", "DecryptionFailure"));
+        assert!(!filter.first_in_a_while("insurecove/kms", "DecryptionFailure"));
+        assert!(filter.first_in_a_while("insurecove/kms", "ValidationException"));
+        assert!(filter.first_in_a_while("insurecove/other", "DecryptionFailure"));
+        let soon = RepeatFilter::new(Duration::ZERO);
+        assert!(soon.first_in_a_while("insurecove/kms", "DecryptionFailure"));
+        assert!(soon.first_in_a_while("insurecove/kms", "DecryptionFailure"));
+    }
+
+    #[test]
     fn codes_become_errors_that_say_what_to_do() {
         let denied = explain_code(
             answer("AccessDeniedException", "", 400),
@@ -616,6 +690,20 @@ mod tests {
         );
         assert!(message.contains("insurecove/x"), "{message}");
         assert!(message.contains("deploy/iam-policy.json"), "{message}");
+        // A listing names no secret and has no KMS key, whatever its
+        // prefix; the upstream check's WARN line carries it whole.
+        let list = explain_code(
+            answer("AccessDeniedException", "", 400),
+            "ListSecrets",
+            "insurecove/",
+        )
+        .to_string();
+        assert!(list.contains("secretsmanager:ListSecrets"), "{list}");
+        assert!(
+            !list.contains("insurecove/") && !list.contains("KMS"),
+            "{list}"
+        );
+        assert!(list.len() < 200, "{} characters: {list}", list.len());
         let rejected = explain_code(
             answer("UnrecognizedClientException", "", 400),
             "GetSecretValue",

@@ -61,9 +61,10 @@ pub(super) struct Cursor {
     seen: HashSet<String>,
     /// Whose turn it is among the secrets outside the prefix.
     outside_turn: usize,
-    /// The last listing failed: the log said so once, and says once when
-    /// listing works again (an outage must not write a warning a round).
+    /// The last listing failed (an outage must not write a line a round).
     failing: bool,
+    /// That failure was logged at WARN: its end is logged at INFO.
+    warned: bool,
     /// Pages read since the listing started, and how many the last
     /// complete listing took (0: none complete yet).
     pages_read: usize,
@@ -196,6 +197,31 @@ impl Shared {
         sorted.into_iter().cycle().skip(start).take(calls).collect()
     }
 
+    /// A listing failed: said once per outage (at WARN when the upstream
+    /// check does not say it already).
+    fn cannot_list(&self, error: &crate::backend::StoreError, told_by_the_check: bool) {
+        let mut cursor = self.cursor.lock().unwrap();
+        let already = std::mem::replace(&mut cursor.failing, true);
+        if already || told_by_the_check {
+            tracing::debug!(%error, "the sweep cannot list secrets; it tries again each round");
+        } else {
+            cursor.warned = true;
+            tracing::warn!(%error, "the sweep cannot list secrets; it tries again each round");
+        }
+    }
+
+    /// A listing worked: the end of a failure is said as its start was.
+    fn listed_again(&self) {
+        let mut cursor = self.cursor.lock().unwrap();
+        if std::mem::replace(&mut cursor.failing, false) {
+            if std::mem::replace(&mut cursor.warned, false) {
+                tracing::info!("the sweep lists secrets again");
+            } else {
+                tracing::debug!("the sweep lists secrets again");
+            }
+        }
+    }
+
     /// Reads up to `pages` pages of the listing and compares what it finds.
     /// Returns the tracked names a complete listing left out (to be
     /// described), and none while the listing is unfinished or failed.
@@ -218,17 +244,17 @@ impl Shared {
                     // The next round starts over; events and the TTL hold
                     // meanwhile.
                     self.cursor.lock().unwrap().pages_read = 0;
-                    if std::mem::replace(&mut self.cursor.lock().unwrap().failing, true) {
-                        tracing::debug!(%error, "the sweep still cannot list secrets");
-                    } else {
-                        tracing::warn!(%error, "the sweep cannot list secrets; it tries again each round");
-                    }
+                    // The upstream check lists secrets too, and says once
+                    // when that starts and stops failing (AWS down, the
+                    // credentials, IAM): a line of the sweep's would repeat
+                    // it. Other failures are the sweep's own to tell, once.
+                    let told_by_the_check = error.is_transient()
+                        || matches!(error, crate::backend::StoreError::AccessDenied { .. });
+                    self.cannot_list(&error, told_by_the_check);
                     return Vec::new();
                 }
             };
-            if std::mem::replace(&mut self.cursor.lock().unwrap().failing, false) {
-                tracing::info!("the sweep lists secrets again");
-            }
+            self.listed_again();
             for description in &listing.secrets {
                 seen.insert(description.name.clone());
                 if let Some(items) = by_name.get(&description.name) {
