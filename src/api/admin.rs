@@ -63,7 +63,13 @@ impl AdminApi {
     fn clear_cache(&self, names: &[String]) -> Result<ClearCacheResponse, ApiError> {
         let full_names = names
             .iter()
-            .map(|name| self.context.names.resolve(name))
+            .enumerate()
+            .map(|(index, name)| {
+                self.context
+                    .names
+                    .resolve(name)
+                    .map_err(|source| ApiError::InvalidNameInList { index, source })
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(ClearCacheResponse {
             cleared: self.context.cache.clear(&full_names),

@@ -297,10 +297,7 @@ fn watch_stream(
             };
             match event {
                 WatchWake::Shutdown => {
-                    let status = Status::unavailable(
-                        "the broker is shutting down; reconnect with since_version_id",
-                    );
-                    return Some((Err(status), None));
+                    return Some((Err(Status::from(ApiError::WatchShutDown)), None));
                 }
                 WatchWake::PolicyReloaded => {
                     if let Err(denied) = access.recheck() {

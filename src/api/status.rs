@@ -27,6 +27,9 @@ pub const ERROR_DOMAIN: &str = "secretsbroker";
 pub enum ApiError {
     #[error("invalid secret name: {0}")]
     InvalidName(#[from] InvalidName),
+    /// A name of a request's `names` list (ClearCache).
+    #[error("invalid secret name at names[{index}]: {source}")]
+    InvalidNameInList { index: usize, source: InvalidName },
     #[error("invalid version selector: {0}")]
     InvalidVersion(#[from] InvalidVersion),
     #[error(transparent)]
@@ -61,6 +64,8 @@ pub enum ApiError {
     ShuttingDown,
     #[error("the broker is shutting down; open the stream again, on another replica")]
     StreamShutDown,
+    #[error("the broker is shutting down; reconnect with since_version_id")]
+    WatchShutDown,
     #[error("the call took longer than the broker's call timeout of {0:?}")]
     CallTimeout(std::time::Duration),
     #[error(
@@ -82,7 +87,9 @@ impl ApiError {
     /// The status code and the ErrorInfo reason.
     fn code_and_reason(&self) -> (Code, &'static str) {
         match self {
-            Self::InvalidName(_) => (Code::InvalidArgument, "INVALID_SECRET_NAME"),
+            Self::InvalidName(_) | Self::InvalidNameInList { .. } => {
+                (Code::InvalidArgument, "INVALID_SECRET_NAME")
+            }
             Self::Denied(Denied::NoIdentity | Denied::BadIdentity(_)) => {
                 (Code::Unauthenticated, "NO_CLIENT_IDENTITY")
             }
@@ -94,7 +101,9 @@ impl ApiError {
             | Self::Displaced
             | Self::TooManyHealthWatches { .. }
             | Self::TooManyStreams { .. } => (Code::ResourceExhausted, "TOO_MANY_CALLS"),
-            Self::ShuttingDown | Self::StreamShutDown => (Code::Unavailable, "SHUTTING_DOWN"),
+            Self::ShuttingDown | Self::StreamShutDown | Self::WatchShutDown => {
+                (Code::Unavailable, "SHUTTING_DOWN")
+            }
             Self::CallTimeout(_) => (Code::DeadlineExceeded, "CALL_TIMEOUT"),
             Self::RequestMemory => (Code::ResourceExhausted, "REQUEST_MEMORY"),
             Self::MessageTooLarge { .. } => (Code::ResourceExhausted, "MESSAGE_TOO_LARGE"),
@@ -121,6 +130,10 @@ impl ApiError {
         match self {
             Self::InvalidName(_) => {
                 put("field", "name");
+            }
+            Self::InvalidNameInList { index, .. } => {
+                put("field", "names");
+                put("index", &index.to_string());
             }
             Self::InvalidVersion(invalid) => {
                 put("field", invalid.field);
@@ -153,6 +166,7 @@ impl ApiError {
             | Self::TooManyStreams { .. }
             | Self::ShuttingDown
             | Self::StreamShutDown
+            | Self::WatchShutDown
             | Self::CallTimeout(_)
             | Self::RequestMemory
             | Self::MessageTooLarge { .. } => {}

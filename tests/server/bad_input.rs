@@ -553,12 +553,30 @@ async fn calls_that_never_reach_a_handler_are_audited_too() {
 
     // An admin call says which names it was given.
     let mut admin = AdminServiceClient::new(broker.channel().await);
-    admin
+    let refused = admin
         .clear_cache(ClearCacheRequest {
             names: vec!["mistral-api-key".into(), "bad name!".into()],
         })
         .await
         .unwrap_err();
+    // The field is the request's, and which of its names.
+    let info = refused.get_details_error_info().expect("an ErrorInfo");
+    assert_eq!(
+        (
+            refused.code(),
+            info.reason.as_str(),
+            info.metadata.get("field").map(String::as_str),
+            info.metadata.get("index").map(String::as_str)
+        ),
+        (
+            Code::InvalidArgument,
+            "INVALID_SECRET_NAME",
+            Some("names"),
+            Some("1")
+        ),
+        "{refused:?}"
+    );
+    assert!(refused.message().contains("names[1]"), "{refused:?}");
 
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let audit = audit_lines(&log.since(start));

@@ -147,3 +147,31 @@ async fn an_open_reflection_stream_ends_at_the_stop() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn an_open_watch_ends_at_the_stop_with_a_reason_to_branch_on() {
+    use secrets_broker::proto::WatchSecretRequest;
+    use tonic_types::StatusExt;
+
+    let broker = Running::start(|args| args.shutdown_grace = Some("20".into())).await;
+    let mut raw = broker.raw().await;
+    let request = WatchSecretRequest {
+        name: "mistral-api-key".into(),
+        ..Default::default()
+    };
+    let mut stream = raw.watch_secret(request).await.unwrap().into_inner();
+    within(stream.message())
+        .await
+        .unwrap()
+        .expect("the current version first");
+
+    let stopped = tokio::spawn(broker.stop());
+    let ended = within(stream.message())
+        .await
+        .expect_err("the stream ends with a status");
+    assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
+    assert!(ended.message().contains("since_version_id"), "{ended:?}");
+    let info = ended.get_details_error_info().expect("an ErrorInfo");
+    assert_eq!(info.reason, "SHUTTING_DOWN");
+    within(stopped).await.unwrap();
+}
