@@ -175,6 +175,26 @@ pub fn is_valid_name(name: &str) -> bool {
     validate_name(name).is_ok()
 }
 
+/// Whether `id` names one secret for good: a complete ARN (with AWS's
+/// suffix), which a secret created later under the same name does not
+/// take over (a name or a partial ARN does).
+pub fn is_one_secret(id: &str) -> bool {
+    id.starts_with(ARN_PREFIX) && SecretArn::parse(id).is_ok_and(|arn| arn.suffix.is_some())
+}
+
+/// Whether `id` is the complete ARN of an earlier secret of the name that
+/// the secret at `listed_arn` (same account and region) now has.
+pub fn replaced_by(id: &str, listed_arn: &str) -> bool {
+    let (Ok(held), Ok(listed)) = (SecretArn::parse(id), SecretArn::parse(listed_arn)) else {
+        return false;
+    };
+    held.suffix.is_some()
+        && listed.suffix.is_some()
+        && held.name == listed.name
+        && held.same_home(&listed)
+        && held.suffix != listed.suffix
+}
+
 /// Whether the upstream answered with the secret `id` asked for: same name
 /// (the one the policy allowed) and, for an ARN, the same partition,
 /// region, account and, when the ARN carried it, suffix.

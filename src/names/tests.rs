@@ -191,3 +191,18 @@ fn resolving_in_a_room_borrows_the_name_or_writes_the_prefixed_one() {
         Err(InvalidName::BadCharacter { found: ' ' })
     );
 }
+
+#[test]
+fn an_arn_with_its_suffix_is_one_secret_which_a_new_one_does_not_take_over() {
+    let old = "arn:aws:secretsmanager:ap-east-1:123456789012:secret:insurecove/db-AbCdEf";
+    let new = "arn:aws:secretsmanager:ap-east-1:123456789012:secret:insurecove/db-ZyXwVu";
+    let other_account = "arn:aws:secretsmanager:ap-east-1:210987654321:secret:insurecove/db-ZyXwVu";
+    let partial = "arn:aws:secretsmanager:ap-east-1:123456789012:secret:insurecove/db";
+    assert!(is_one_secret(old));
+    assert!(!is_one_secret(partial) && !is_one_secret("insurecove/db"));
+    assert!(replaced_by(old, new));
+    assert!(!replaced_by(old, old), "the same secret");
+    assert!(!replaced_by(other_account, old), "another account's secret");
+    assert!(!replaced_by(partial, new), "a partial ARN follows the name");
+    assert!(!replaced_by("insurecove/db", new));
+}

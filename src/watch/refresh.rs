@@ -147,7 +147,13 @@ impl Shared {
             Err(StoreError::NotFound { .. } | StoreError::Deleted { .. })
                 if tracked.key.stage == AWSCURRENT =>
             {
-                self.forget_deleted(names::secret_name(&tracked.key.name));
+                if names::is_one_secret(&tracked.key.name) {
+                    // That secret is gone; its name may already belong to
+                    // a new one, whose readers by name must not hear of it.
+                    self.forget_deleted_where(|id| id == tracked.key.name);
+                } else {
+                    self.forget_deleted(names::secret_name(&tracked.key.name));
+                }
                 Reread::Changed
             }
             Err(StoreError::NotFound { .. } | StoreError::Deleted { .. }) => {
@@ -168,7 +174,11 @@ impl Shared {
     /// The secret `name` is gone upstream: its entries are dropped (every
     /// selector, by name or ARN) and its watchers told.
     pub(super) fn forget_deleted(&self, name: &str) {
-        let belongs = |id: &str| names::secret_name(id) == name;
+        self.forget_deleted_where(|id| names::secret_name(id) == name);
+    }
+
+    /// The secret read by the ids `belongs` picks is gone upstream.
+    fn forget_deleted_where(&self, belongs: impl Fn(&str) -> bool) {
         for (key, _) in self.cache.entries_where(|key| belongs(&key.name)) {
             self.cache.remove(&key);
         }

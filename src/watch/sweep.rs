@@ -290,13 +290,21 @@ impl Shared {
             return;
         }
         for item in items {
-            if !names::answer_matches(&item.key.name, &description.name, &description.arn) {
+            let listed = names::answer_matches(&item.key.name, &description.name, &description.arn);
+            // The ARN of a secret no longer under this name (deleted, and
+            // the name given to a new secret) is re-read, once: AWS says it
+            // is gone, and its readers and watchers are told. (Another
+            // account's or region's ARN is not this secret's at all.)
+            let replaced =
+                !listed && !item.deleted && names::replaced_by(&item.key.name, &description.arn);
+            if !listed && !replaced {
                 continue;
             }
             let stage = VersionSelector::Stage(item.key.stage.clone());
-            let moved = description
-                .selected_version(&stage)
-                .is_none_or(|listed| !item.holds_only(listed));
+            let moved = !listed
+                || description
+                    .selected_version(&stage)
+                    .is_none_or(|listed| !item.holds_only(listed));
             if !moved {
                 continue;
             }

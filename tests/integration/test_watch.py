@@ -564,3 +564,46 @@ def test_sigterm_ends_streams_with_unavailable(dev_broker, stubs):
     assert code == 0, f"exit code {code}; log:\n{broker.tail()}"
     assert "panicked" not in broker.log(), broker.tail()
     print(f"broker exited 0 {exited:.2f} s after SIGTERM")
+
+
+def test_a_secret_read_by_its_arn_then_replaced_under_its_name(moto, aws_broker, stubs):
+    """Force-deleted and created again under the same name: a new secret, with
+    a new ARN. Readers and watchers of the old ARN learn it is gone (its value
+    is not served for the cache's hour); those of the name get the new secret
+    as a rotation, never a DELETED."""
+    name = "insurecove/arn-replaced"
+    moto.create_secret(name, "arn-replaced-old-7d1e")
+    old_arn = moto.client.describe_secret(SecretId=name)["ARN"]
+    broker = aws_broker(["--watch-interval", "1", "--cache-ttl", "3600"])
+    pb = stubs.secrets_service_pb2
+
+    def get(ident: str):
+        return broker.secrets().GetSecret(pb.GetSecretRequest(name=ident), timeout=10).secret
+
+    assert get(old_arn).string_value == "arn-replaced-old-7d1e"
+    assert get("arn-replaced").arn == old_arn
+    by_arn = Watch(broker, stubs, old_arn)
+    by_name = Watch(broker, stubs, "arn-replaced")
+    try:
+        for watch in (by_arn, by_name):
+            first, _ = watch.next(5)
+            assert event_name(stubs, first) == "WATCH_EVENT_TYPE_CURRENT", describe(stubs, first)
+
+        moto.client.delete_secret(SecretId=name, ForceDeleteWithoutRecovery=True)
+        moto.create_secret(name, "arn-replaced-new-7d1e")
+        new_arn = moto.client.describe_secret(SecretId=name)["ARN"]
+        assert new_arn != old_arn
+
+        gone, _ = by_arn.next(10)
+        assert event_name(stubs, gone) == "WATCH_EVENT_TYPE_DELETED", describe(stubs, gone)
+        expect_error(lambda: get(old_arn), grpc.StatusCode.NOT_FOUND, "SECRET_NOT_FOUND",
+                     forbidden=("arn-replaced-old-7d1e",))
+        rotated, _ = by_name.next(10)
+        assert (event_name(stubs, rotated), rotated.secret.arn) == ("WATCH_EVENT_TYPE_ROTATED", new_arn), \
+            describe(stubs, rotated)
+        assert rotated.secret.string_value == "arn-replaced-new-7d1e"
+        by_name.expect_nothing(3)
+        assert get("arn-replaced").string_value == "arn-replaced-new-7d1e"
+    finally:
+        by_arn.close()
+        by_name.close()
