@@ -241,6 +241,13 @@ impl Shared {
         at: Instant,
         number: u64,
     ) {
+        if let Some(deleted) = self.deleted_before.get(key) {
+            if number < *deleted {
+                return;
+            }
+            drop(deleted);
+            self.deleted_before.remove(key);
+        }
         self.negative.forget(key);
         let entry = |slot| {
             Arc::new(Entry {

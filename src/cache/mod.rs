@@ -131,6 +131,10 @@ struct Shared {
     clock: Clock,
     /// Numbers fetches in the order they start.
     next_fetch: AtomicU64,
+    /// Keys whose secret was found deleted, with the first fetch number
+    /// after that: an older read that ends late must not put the deleted
+    /// value back (and announce it) in the slot the deletion emptied.
+    deleted_before: DashMap<CacheKey, u64>,
     counters: Counters,
     listener: OnceLock<ChangeListener>,
 }
@@ -174,6 +178,7 @@ impl Cache {
                 backoff: Backoff::default(),
                 clock: Clock::default(),
                 next_fetch: AtomicU64::new(0),
+                deleted_before: DashMap::new(),
                 counters: Counters::default(),
                 listener: OnceLock::new(),
             }),
@@ -200,9 +205,20 @@ impl Cache {
         self.shared.negative.forget_where(wanted);
     }
 
-    /// Drops one entry (the secret was deleted upstream).
-    pub fn remove(&self, key: &CacheKey) {
-        self.shared.entries.remove(key);
+    /// Drops `key`'s entry: its secret (or stage) was found deleted
+    /// upstream. Reads under way since before then are not stored when
+    /// they end.
+    pub fn remove_deleted(&self, key: &CacheKey) {
+        let shared = &self.shared;
+        shared.entries.remove(key);
+        if shared.deleted_before.len() >= shared.settings.max_entries.max(1) {
+            // Rare (deletions of that many secrets): forgetting the marks
+            // risks only a late read of a deleted secret, until the next
+            // sweep round or event finds it deleted again.
+            shared.deleted_before.clear();
+        }
+        let next = shared.next_fetch.load(Relaxed);
+        shared.deleted_before.insert(key.clone(), next);
     }
 
     /// The cached keys `wanted` picks, with the version each holds (what

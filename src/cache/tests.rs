@@ -605,3 +605,43 @@ async fn a_moved_stage_forgets_the_by_id_entries() {
         "the by-id entry is forgotten"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_read_that_ends_after_its_secret_was_found_deleted_does_not_put_it_back() {
+    let store = FakeStore::with(&["s"]);
+    let cache = cache_over(&store, 100);
+    let heard = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let hears = Arc::clone(&heard);
+    assert!(cache.set_change_listener(Box::new(move |key, version, _| {
+        hears
+            .lock()
+            .unwrap()
+            .push((key.name.clone(), version.version_id.clone()));
+    })));
+    version_of(&cache, "s").await;
+    heard.lock().unwrap().clear();
+
+    // A bypass read AWS answers before the deletion, delivered after it.
+    *store.delay.lock().unwrap() = Duration::from_millis(50);
+    let late = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.get(key("s"), true).await }
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // Found deleted meanwhile (by the sweep or an event); the fake's
+    // answer, still the value, stands for the one AWS gave before.
+    cache.remove_deleted(&key("s"));
+    late.await.unwrap().expect("its caller gets what was read");
+
+    assert!(
+        cache.entries_where(|_| true).is_empty(),
+        "the deleted secret's value came back"
+    );
+    assert!(heard.lock().unwrap().is_empty(), "and was announced");
+
+    // A read that starts after the deletion is stored as usual.
+    *store.delay.lock().unwrap() = Duration::ZERO;
+    store.set("s", "v2");
+    assert_eq!(version_of(&cache, "s").await, "v2");
+    assert_eq!(cache.entries_where(|_| true).len(), 1);
+}

@@ -159,7 +159,7 @@ impl Shared {
             Err(StoreError::NotFound { .. } | StoreError::Deleted { .. }) => {
                 // The stage is gone (e.g. no AWSPREVIOUS any more), not
                 // necessarily the secret.
-                self.cache.remove(&tracked.cache_key());
+                self.cache.remove_deleted(&tracked.cache_key());
                 self.mark_deleted(&tracked.key);
                 Reread::Changed
             }
@@ -180,7 +180,7 @@ impl Shared {
     /// The secret read by the ids `belongs` picks is gone upstream.
     fn forget_deleted_where(&self, belongs: impl Fn(&str) -> bool) {
         for (key, _) in self.cache.entries_where(|key| belongs(&key.name)) {
-            self.cache.remove(&key);
+            self.cache.remove_deleted(&key);
         }
         let keys: Vec<TopicKey> = self
             .topics
