@@ -811,3 +811,28 @@ async fn a_watch_that_cannot_connect_says_why() {
     );
     assert!(shown.to_lowercase().contains("refused"), "{shown}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bypass_read_aws_cannot_answer_is_an_error_not_the_older_value() {
+    const TEST: &str = "client_bypass_down";
+    const NAME: &str = "insurecove/bypass/api-token";
+    let mut moto = Moto::start(TEST);
+    moto.create_secret(NAME, "client-test-bypass-v1").await;
+    let mut broker = Broker::spawn(BrokerSpec::aws(TEST, &moto));
+    let client = plaintext_client(&broker).await;
+    broker.wait_ready(|| client.check_upstream()).await;
+    client.get_secret(NAME).await.expect("a first read");
+
+    moto.stop();
+    let error = client
+        .get_secret(NAME)
+        .bypass_cache()
+        .await
+        .expect_err("AWS is down: a bypass read has no answer");
+    assert!(matches!(error, Error::Unavailable { .. }), "{error:?}");
+    assert_eq!(error.reason(), Some("UPSTREAM_UNAVAILABLE"), "{error}");
+    assert_no_value(&error, &["client-test-bypass-v1"]);
+    // A read without bypass still gets the value the broker holds.
+    let held = client.get_secret(NAME).await.expect("the cached value");
+    assert_eq!(text(&held), "client-test-bypass-v1");
+}

@@ -364,7 +364,10 @@ impl GetSecret<'_> {
         self
     }
 
-    /// Asks AWS now; the answer also refreshes the broker's cache.
+    /// Asks AWS now; the answer also refreshes the broker's cache. When AWS
+    /// cannot answer, this is an error (`Unavailable`, reason
+    /// `UPSTREAM_UNAVAILABLE`), never the broker's older value: a read
+    /// without `bypass_cache` gets that, marked `cache().stale`.
     pub fn bypass_cache(mut self) -> Self {
         self.request.bypass_cache = true;
         self
@@ -372,6 +375,7 @@ impl GetSecret<'_> {
 
     /// Sends the call.
     pub async fn send(self) -> Result<SecretValue, Error> {
+        let bypass = self.request.bypass_cache;
         let response = self
             .client
             .call(
@@ -382,7 +386,21 @@ impl GetSecret<'_> {
         let secret = response
             .secret
             .ok_or_else(|| Error::Decode("the broker sent no secret".into()))?;
-        Ok(SecretValue::from_proto(secret))
+        let secret = SecretValue::from_proto(secret);
+        // The broker answers a bypass read AWS failed with its last good
+        // value, marked stale: that is not what this read asked for.
+        if bypass && secret.cache().stale {
+            return Err(Error::Unavailable {
+                reason: "UPSTREAM_UNAVAILABLE".into(),
+                message: format!(
+                    "AWS could not be read now for {}; the broker's last good value is {} s \
+                     old (a read without bypass_cache serves it, marked stale)",
+                    secret.name(),
+                    secret.cache().age.as_secs()
+                ),
+            });
+        }
+        Ok(secret)
     }
 }
 

@@ -53,6 +53,9 @@ pub enum Error {
     /// Reads are retried before this is returned.
     #[error("unavailable: {message}")]
     Unavailable {
+        /// The broker's `ErrorInfo` reason (`UPSTREAM_UNAVAILABLE`,
+        /// `SHUTTING_DOWN`...); empty when the broker sent none.
+        reason: String,
         /// What failed.
         message: String,
     },
@@ -60,6 +63,9 @@ pub enum Error {
     /// or this connection has too many calls in flight (`TOO_MANY_CALLS`).
     #[error("throttled: {message}")]
     Throttled {
+        /// The broker's `ErrorInfo` reason (`UPSTREAM_THROTTLED`,
+        /// `TOO_MANY_CALLS`, `MESSAGE_TOO_LARGE`...); empty when none.
+        reason: String,
         /// What failed.
         message: String,
     },
@@ -92,6 +98,9 @@ pub enum Error {
     Other {
         /// The gRPC status code.
         code: Code,
+        /// The broker's `ErrorInfo` reason (`CALL_TIMEOUT`,
+        /// `UPSTREAM_MISMATCH`...); empty when the broker sent none.
+        reason: String,
         /// The broker's message.
         message: String,
     },
@@ -104,6 +113,9 @@ impl Error {
             Self::NotFound { reason, .. }
             | Self::AccessDenied { reason, .. }
             | Self::InvalidArgument { reason, .. } => Some(reason),
+            Self::Unavailable { reason, .. }
+            | Self::Throttled { reason, .. }
+            | Self::Other { reason, .. } => (!reason.is_empty()).then_some(reason.as_str()),
             Self::MalformedSecret { .. } => Some("MALFORMED_SECRET"),
             _ => None,
         }
@@ -233,10 +245,14 @@ impl Error {
             Code::FailedPrecondition if reason == "MALFORMED_SECRET" => {
                 Self::MalformedSecret { field, message }
             }
-            Code::Unavailable => Self::Unavailable { message },
-            Code::ResourceExhausted => Self::Throttled { message },
+            Code::Unavailable => Self::Unavailable { reason, message },
+            Code::ResourceExhausted => Self::Throttled { reason, message },
             Code::Unauthenticated => Self::Unauthenticated { message },
-            code => Self::Other { code, message },
+            code => Self::Other {
+                code,
+                reason,
+                message,
+            },
         }
     }
 }
@@ -295,6 +311,25 @@ mod tests {
         assert!(matches!(&err, Error::InvalidArgument { field: Some(f), .. } if f == "name"));
         assert!(Error::from(Status::unavailable("down")).is_retryable());
         assert!(!Error::from(Status::not_found("gone")).is_retryable());
+    }
+
+    #[test]
+    fn every_reason_the_broker_gives_can_be_branched_on() {
+        for (code, reason) in [
+            (Code::Unavailable, "UPSTREAM_UNAVAILABLE"),
+            (Code::ResourceExhausted, "MESSAGE_TOO_LARGE"),
+            (Code::ResourceExhausted, "TOO_MANY_CALLS"),
+            (Code::DeadlineExceeded, "CALL_TIMEOUT"),
+            (Code::Internal, "UPSTREAM_MISMATCH"),
+        ] {
+            let details = tonic_types::ErrorDetails::with_error_info(reason, "secretsbroker", []);
+            let status = Status::with_error_details(code, "refused", details);
+            assert_eq!(Error::from(status).reason(), Some(reason));
+        }
+        assert_eq!(
+            Error::from(Status::unavailable("no details")).reason(),
+            None
+        );
     }
 
     #[test]

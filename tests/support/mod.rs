@@ -195,7 +195,7 @@ impl Drop for ChildGuard {
 /// A moto_server on 127.0.0.1:port, with an SDK client to seed it.
 pub struct Moto {
     /// Kills moto when the test ends.
-    _process: ChildGuard,
+    process: ChildGuard,
     pub port: u16,
     /// Empty AWS config/credentials files for the broker, and moto's cwd.
     workdir: tempfile::TempDir,
@@ -258,11 +258,16 @@ impl Moto {
             ))
             .build();
         Self {
-            _process: process,
+            process,
             port,
             workdir,
             client: SmClient::from_conf(config),
         }
+    }
+
+    /// SIGKILL: AWS is gone (connections refused) until the test ends.
+    pub fn stop(&mut self) {
+        self.process.kill();
     }
 
     pub fn url(&self) -> String {
