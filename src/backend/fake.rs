@@ -36,6 +36,8 @@ pub struct FakeStore {
     pub answers_instead: Mutex<HashMap<String, String>>,
     /// Listings leave these names out (AWS's ListSecrets lags changes).
     pub unlisted: Mutex<Vec<String>>,
+    /// Listings show these names at this version (still the one before).
+    pub listed_as: Mutex<HashMap<String, String>>,
 }
 
 impl FakeStore {
@@ -163,13 +165,14 @@ impl SecretStore for FakeStore {
             return Err(failure);
         }
         let unlisted = self.unlisted.lock().unwrap().clone();
+        let listed_as = self.listed_as.lock().unwrap().clone();
         let mut names: Vec<(String, Option<String>)> = self
             .versions
             .lock()
             .unwrap()
             .iter()
             .filter(|(name, _)| name.starts_with(prefix) && !unlisted.contains(name))
-            .map(|(name, id)| (name.clone(), id.clone()))
+            .map(|(name, id)| (name.clone(), listed_as.get(name).cloned().or(id.clone())))
             .collect();
         names.sort();
         let start: usize = page.map_or(0, |token| token.parse().unwrap());

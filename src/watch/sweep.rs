@@ -29,7 +29,7 @@ use std::{
 };
 
 use super::{
-    Shared, changed, jittered,
+    Shared, TopicKey, changed, jittered,
     refresh::{Reread, Tracked},
 };
 use crate::{
@@ -39,6 +39,10 @@ use crate::{
 
 /// Tracked secrets per upstream call of a round.
 const PER_CALL: usize = 20;
+
+/// Bound of `Cursor::listing_behind` (one per tracked secret and stage in
+/// practice): past it, it starts over.
+const LISTING_BEHIND_MAX: usize = 100_000;
 
 /// Secrets known deleted (watched still) that are described one by one are
 /// described again every this many rounds, to notice one re-created.
@@ -55,6 +59,11 @@ fn known_deleted(by_name: &HashMap<String, Vec<Tracked>>, name: &str) -> bool {
 /// Where a listing that spans rounds stands.
 #[derive(Debug, Default)]
 pub(super) struct Cursor {
+    /// What the listing said of a (secret, stage) when a re-read found the
+    /// version held already: the listing lags (ListSecrets can, by
+    /// minutes), and is not re-read again each round while it says the
+    /// same.
+    listing_behind: HashMap<TopicKey, Option<String>>,
     /// The next page to read; `None`: start a new listing.
     page: Option<String>,
     /// Names seen since the listing started.
@@ -197,9 +206,13 @@ impl Shared {
         sorted.into_iter().cycle().skip(start).take(calls).collect()
     }
 
+    fn lock_cursor(&self) -> std::sync::MutexGuard<'_, Cursor> {
+        self.cursor.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// A listing failed: said once per outage (at WARN when the upstream
     /// check does not say it already).
-    fn cannot_list(&self, error: &crate::backend::StoreError, told_by_the_check: bool) {
+    fn cannot_list(&self, error: &StoreError, told_by_the_check: bool) {
         let mut cursor = self.cursor.lock().unwrap();
         let already = std::mem::replace(&mut cursor.failing, true);
         if already || told_by_the_check {
@@ -248,8 +261,8 @@ impl Shared {
                     // when that starts and stops failing (AWS down, the
                     // credentials, IAM): a line of the sweep's would repeat
                     // it. Other failures are the sweep's own to tell, once.
-                    let told_by_the_check = error.is_transient()
-                        || matches!(error, crate::backend::StoreError::AccessDenied { .. });
+                    let told_by_the_check =
+                        error.is_transient() || matches!(error, StoreError::AccessDenied { .. });
                     self.cannot_list(&error, told_by_the_check);
                     return Vec::new();
                 }
@@ -301,17 +314,32 @@ impl Shared {
                 continue;
             }
             let stage = VersionSelector::Stage(item.key.stage.clone());
+            let listed_version = description.selected_version(&stage).map(str::to_owned);
             let moved = !listed
-                || description
-                    .selected_version(&stage)
+                || listed_version
+                    .as_deref()
                     .is_none_or(|listed| !item.holds_only(listed));
             if !moved {
+                self.lock_cursor().listing_behind.remove(&item.key);
+                continue;
+            }
+            if listed && self.lock_cursor().listing_behind.get(&item.key) == Some(&listed_version) {
                 continue;
             }
             self.upstream_calls.fetch_add(1, Relaxed);
             match self.reread(item).await {
                 Reread::Changed => {
                     self.sweep_changes.fetch_add(1, Relaxed);
+                    self.lock_cursor().listing_behind.remove(&item.key);
+                }
+                Reread::Same if listed => {
+                    let mut cursor = self.lock_cursor();
+                    if cursor.listing_behind.len() >= LISTING_BEHIND_MAX {
+                        cursor.listing_behind.clear();
+                    }
+                    cursor
+                        .listing_behind
+                        .insert(item.key.clone(), listed_version);
                 }
                 Reread::Same => {}
                 Reread::Failed(error) => {

@@ -195,6 +195,37 @@ async fn a_long_listing_spreads_over_rounds_within_the_budget() {
 }
 
 #[tokio::test]
+async fn a_listing_that_lags_a_rotation_already_held_is_not_reread_every_round() {
+    let store = FakeStore::with(&["s"]);
+    let (hub, _cache) = hub_over(&store);
+    let mut watcher = subscribe(&hub, "s").await;
+    // The rotation is held (a bypass read, an event), the listing still
+    // shows the version before: ListSecrets lags, by minutes on AWS.
+    store.set("s", "v2");
+    store
+        .listed_as
+        .lock()
+        .unwrap()
+        .insert("s".into(), "v1".into());
+    hub.refresh_secret(&["s".to_owned()], None).await;
+    assert_eq!(latest(&mut watcher), (WatchEvent::Rotated, "v2".into()));
+    let reads = store.calls();
+    round(&hub, &store).await;
+    assert_eq!(store.calls(), reads + 1, "the listing differs: read once");
+    for _ in 0..3 {
+        round(&hub, &store).await;
+    }
+    assert_eq!(store.calls(), reads + 1, "not again while it says the same");
+
+    // The listing moves on (to a version not held): read again.
+    store.set("s", "v3");
+    store.listed_as.lock().unwrap().clear();
+    round(&hub, &store).await;
+    assert_eq!(store.calls(), reads + 2);
+    assert_eq!(latest(&mut watcher), (WatchEvent::Rotated, "v3".into()));
+}
+
+#[tokio::test]
 async fn absence_from_the_listing_is_confirmed_before_deleted() {
     let store = FakeStore::with(&["s"]);
     let (hub, cache) = hub_over(&store);
