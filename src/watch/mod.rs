@@ -230,14 +230,27 @@ impl WatchHub {
                 // The read told the topic (the cache's change listener).
                 Ok(_) => changes,
                 Err(error) if error.is_transient() => changes,
+                // Still marked for deletion: the stream stays at DELETED.
+                Err(StoreError::Deleted { .. })
+                    if changes.borrow().event == WatchEvent::Deleted =>
+                {
+                    changes
+                }
                 Err(error) => return Err(error),
             },
             None => {
-                let lookup = shared.cache.get_fresh_or_cached(cache_key).await?;
+                // A secret marked for deletion can be restored: its stream
+                // opens at DELETED (a watcher that reconnects to a broker
+                // started since keeps waiting for the restore).
+                let topic = match shared.cache.get_fresh_or_cached(cache_key).await {
+                    Ok(lookup) => Topic::new(lookup.version),
+                    Err(StoreError::Deleted { .. }) => Topic::deleted(&topic_key.name),
+                    Err(error) => return Err(error),
+                };
                 shared
                     .topics
                     .entry(topic_key)
-                    .or_insert_with(|| Arc::new(Topic::new(lookup.version)))
+                    .or_insert_with(|| Arc::new(topic))
                     .state
                     .subscribe()
             }
@@ -288,6 +301,23 @@ impl Topic {
                 read_number: 0,
             }),
         }
+    }
+
+    /// A secret found marked for deletion before anything of it was held:
+    /// its state is DELETED, with its name and no version.
+    fn deleted(name: &str) -> Self {
+        let version = SecretVersion {
+            name: name.to_owned(),
+            arn: String::new(),
+            version_id: String::new(),
+            version_stages: Vec::new(),
+            created_date: None,
+            value: crate::secret::SecretValue::text(String::new()),
+            encoded: Default::default(),
+        };
+        let topic = Self::new(Arc::new(version));
+        topic.mark_deleted();
+        topic
     }
 
     /// A version read upstream: an event if it is news (returns which).

@@ -166,3 +166,62 @@ async fn a_watch_of_a_missing_secret_is_not_found_at_once() {
     assert_eq!((stats.watchers, stats.watched_secrets), (0, 0));
     broker.stop().await;
 }
+
+#[tokio::test]
+async fn a_secret_marked_for_deletion_is_watched_until_it_is_restored() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("secrets.json");
+    let file = |deleted: bool| {
+        serde_json::json!({"secrets": [{
+            "name": "file-watched",
+            "deleted": deleted,
+            "versions": [{"version_id": "fv1", "value": "file-v1-a5e0"}],
+        }]})
+        .to_string()
+    };
+    std::fs::write(&path, file(true)).unwrap();
+    let secrets_file = path.to_string_lossy().into_owned();
+    let broker = Running::start(move |args| {
+        args.dev = false;
+        args.secrets_file = Some(secrets_file);
+        args.watch_interval = Some("60".into());
+    })
+    .await;
+    let mut raw = broker.raw().await;
+    let bound = Duration::from_secs(2);
+    // A new watch, and one resuming (as after a restart of the broker).
+    let mut streams = Vec::new();
+    for since_version_id in ["", "fv1"] {
+        let request = WatchSecretRequest {
+            name: "file-watched".into(),
+            since_version_id: since_version_id.into(),
+            ..Default::default()
+        };
+        let mut stream = raw.watch_secret(request).await.unwrap().into_inner();
+        let first = tokio::time::timeout(bound, stream.message())
+            .await
+            .expect("an event in time")
+            .expect("an open stream, not NOT_FOUND")
+            .expect("an event");
+        let secret = first.secret.as_ref().expect("a secret");
+        assert_eq!(
+            (first.r#type(), secret.name.as_str(), secret.value.is_none()),
+            (WatchEventType::Deleted, "insurecove/file-watched", true)
+        );
+        streams.push(stream);
+    }
+    let read = raw.get_secret(crate::harness::read("file-watched")).await;
+    assert_eq!(reason(&read.unwrap_err()), "SECRET_DELETED");
+
+    replace_file(&path, &file(false));
+    let restored = (
+        WatchEventType::Restored,
+        "fv1".into(),
+        "file-v1-a5e0".into(),
+    );
+    for stream in &mut streams {
+        assert_eq!(next_event(stream, bound).await, restored);
+    }
+    drop((streams, raw));
+    broker.stop().await;
+}
