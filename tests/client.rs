@@ -836,3 +836,43 @@ async fn a_bypass_read_aws_cannot_answer_is_an_error_not_the_older_value() {
     let held = client.get_secret(NAME).await.expect("the cached value");
     assert_eq!(text(&held), "client-test-bypass-v1");
 }
+
+#[tokio::test]
+async fn tls_files_that_cannot_work_are_named_when_the_client_is_made() {
+    let pki = Pki::new();
+    let mine = pki.client("tls-files", "spiffe://insurecove/tls-files");
+    let other = pki.client("tls-other", "spiffe://insurecove/tls-other");
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate\n").unwrap();
+    let made = |ca: &std::path::Path, cert: &std::path::Path, key: &std::path::Path| {
+        let config = ClientConfig::new("127.0.0.1:1").with_tls(ca, cert, key);
+        async move {
+            SecretsClient::connect(config)
+                .await
+                .err()
+                .map(|e| e.to_string())
+        }
+    };
+
+    assert_eq!(made(&pki.ca(), &mine.cert, &mine.key).await, None);
+    for (ca, cert, key, expected) in [
+        (&pki.ca(), &mine.cert, &other.key, "BROKER_KEY_FILE"),
+        (&garbage, &mine.cert, &mine.key, "BROKER_CA_FILE"),
+        (&pki.ca(), &garbage, &mine.key, "BROKER_CERT_FILE"),
+        (&pki.ca(), &mine.cert, &mine.cert, "BROKER_KEY_FILE"),
+    ] {
+        let refused = made(ca, cert, key)
+            .await
+            .unwrap_or_else(|| panic!("{expected}: the client was made"));
+        assert!(refused.contains(expected), "{refused}");
+        assert!(!refused.contains("transport error"), "{refused}");
+    }
+    let mismatch = made(&pki.ca(), &mine.cert, &other.key).await.unwrap();
+    assert!(
+        mismatch.contains("is not the key of the certificate"),
+        "{mismatch}"
+    );
+    let empty_ca = made(&garbage, &mine.cert, &mine.key).await.unwrap();
+    assert!(empty_ca.contains("holds no PEM certificate"), "{empty_ca}");
+}

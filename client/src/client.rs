@@ -60,13 +60,10 @@ impl SecretsClient {
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true);
         if let Some((ca, cert, key)) = config.tls_files()? {
-            let read = |path: &std::path::PathBuf| {
-                std::fs::read(path)
-                    .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))
-            };
+            let files = crate::tls_files::read(ca, cert, key)?;
             let mut tls = ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(read(ca)?))
-                .identity(Identity::from_pem(read(cert)?, read(key)?));
+                .ca_certificate(Certificate::from_pem(files.ca))
+                .identity(Identity::from_pem(files.cert, files.key.as_slice()));
             if let Some(domain) = &config.tls_domain {
                 tls = tls.domain_name(domain.clone());
             }

@@ -29,6 +29,7 @@ mod cached;
 mod client;
 mod config;
 mod error;
+mod tls_files;
 mod typed;
 mod value;
 mod watch;

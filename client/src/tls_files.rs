@@ -1,0 +1,100 @@
+//! The client's mutual-TLS files, read and checked when the client is
+//! made: a file that holds no certificate, or a key that is not the
+//! certificate's, is named with the setting that points at it. Left to
+//! the handshake, each of these failed every connection later as a bare
+//! "transport error" (or, for a CA file without a certificate, as the
+//! broker's certificate being "not signed by the CA").
+
+use std::{path::Path, sync::Arc};
+
+use rustls::{
+    Error as TlsError, InconsistentKeys,
+    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    sign::CertifiedKey,
+};
+use zeroize::Zeroizing;
+
+use crate::Error;
+
+/// The three files' PEM text, checked.
+pub(crate) struct TlsFiles {
+    pub(crate) ca: Vec<u8>,
+    pub(crate) cert: Vec<u8>,
+    pub(crate) key: Zeroizing<Vec<u8>>,
+}
+
+/// Reads and checks the CA, certificate and key files.
+pub(crate) fn read(ca: &Path, cert: &Path, key: &Path) -> Result<TlsFiles, Error> {
+    let ca_pem = read_file(ca)?;
+    certificates(&ca_pem, "BROKER_CA_FILE", ca)?;
+    let cert_pem = read_file(cert)?;
+    let chain = certificates(&cert_pem, "BROKER_CERT_FILE", cert)?;
+    let key_pem = Zeroizing::new(read_file(key)?);
+    check_key(&key_pem, chain, key, cert)?;
+    Ok(TlsFiles {
+        ca: ca_pem,
+        cert: cert_pem,
+        key: key_pem,
+    })
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, Error> {
+    std::fs::read(path).map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))
+}
+
+/// The PEM certificates in `pem`; at least one.
+fn certificates(
+    pem: &[u8],
+    setting: &str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let certificates = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            Error::Config(format!(
+                "{setting} {}: not a readable PEM file ({e})",
+                path.display()
+            ))
+        })?;
+    if certificates.is_empty() {
+        return Err(Error::Config(format!(
+            "{setting} {} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            path.display()
+        )));
+    }
+    Ok(certificates)
+}
+
+/// The key in `pem` must be a private key the handshake can use, and the
+/// one of the certificate `chain` starts with.
+fn check_key(
+    pem: &[u8],
+    chain: Vec<CertificateDer<'static>>,
+    key_path: &Path,
+    cert_path: &Path,
+) -> Result<(), Error> {
+    let key = PrivateKeyDer::from_pem_slice(pem).map_err(|_| {
+        Error::Config(format!(
+            "BROKER_KEY_FILE {} holds no PEM private key",
+            key_path.display()
+        ))
+    })?;
+    let signing = rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| {
+        Error::Config(format!(
+            "BROKER_KEY_FILE {}: not a usable key ({e})",
+            key_path.display()
+        ))
+    })?;
+    match CertifiedKey::new(chain, Arc::clone(&signing)).keys_match() {
+        Err(TlsError::InconsistentKeys(InconsistentKeys::KeyMismatch)) => {
+            Err(Error::Config(format!(
+                "BROKER_KEY_FILE {} is not the key of the certificate in BROKER_CERT_FILE {}",
+                key_path.display(),
+                cert_path.display()
+            )))
+        }
+        // Matching, or a key type whose public half rustls cannot tell:
+        // the handshake decides.
+        _ => Ok(()),
+    }
+}
