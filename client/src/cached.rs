@@ -330,12 +330,13 @@ async fn follow_events(shared: Weak<Shared>, name: String, mut stream: WatchStre
 }
 
 impl Held {
-    /// A value the broker answered: kept unless the stream is connected
-    /// and holds a value, which is then at least as new (the answer may
-    /// have left the broker before a rotation the stream already brought).
+    /// A value the broker answered: kept unless the stream is connected,
+    /// whose word (a value, or a deletion) is then at least as new (the
+    /// answer may have left the broker before a rotation or a deletion the
+    /// stream already brought; a restore comes on the stream too).
     fn refresh(&self, value: SecretValue) {
         let mut held = lock(&self.value);
-        if *self.live.borrow() && held.is_some() {
+        if *self.live.borrow() {
             return;
         }
         *held = Some(value);
@@ -390,10 +391,11 @@ mod tests {
         held.refresh(version("v3"));
         assert_eq!(version_held(&held).as_deref(), Some("v3"));
 
-        // A deletion the stream brought: a read finding it again is kept.
+        // A deletion the stream brought: a read that left before it does
+        // not bring the value back (a restore comes on the stream).
         live.send_replace(true);
         *lock(&held.value) = None;
-        held.refresh(version("v4"));
-        assert_eq!(version_held(&held).as_deref(), Some("v4"));
+        held.refresh(version("v3"));
+        assert_eq!(version_held(&held), None);
     }
 }

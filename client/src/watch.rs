@@ -186,6 +186,7 @@ impl Follower {
             match stream.message().await {
                 Ok(Some(message)) => {
                     *backoff = FIRST_BACKOFF;
+                    lock(&self.failure).take();
                     self.live.send_replace(true);
                     let event = event(message);
                     // After a reconnect, CURRENT means "nothing missed".
@@ -196,7 +197,13 @@ impl Follower {
                         return Ended::Done;
                     }
                 }
-                Ok(None) => return Ended::Broken,
+                Ok(None) => {
+                    *lock(&self.failure) = Some(Error::Unavailable {
+                        reason: String::new(),
+                        message: "the broker ended the stream".into(),
+                    });
+                    return Ended::Broken;
+                }
                 Err(status) => return self.fail(status).await,
             }
         }

@@ -482,13 +482,25 @@ pub(super) fn explain_code(answer: Answer<'_>, action: &str, secret: &str) -> St
                  AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, and renew expired session tokens"
             ),
         },
-        "ThrottlingException" | "TooManyRequestsException" | "RequestLimitExceeded" => {
-            StoreError::Throttled
-        }
+        // The codes the SDK's own retry classifier takes for throttling
+        // (LimitExceededException aside: Secrets Manager means a quota
+        // of things, e.g. versions, by it).
+        "ThrottlingException"
+        | "Throttling"
+        | "ThrottledException"
+        | "RequestThrottled"
+        | "RequestThrottledException"
+        | "TooManyRequestsException"
+        | "RequestLimitExceeded"
+        | "BandwidthLimitExceeded"
+        | "SlowDown"
+        | "PriorRequestNotComplete" => StoreError::Throttled,
         "InternalServiceError"
         | "InternalFailure"
         | "ServiceUnavailable"
-        | "ServiceUnavailableException" => StoreError::Unavailable {
+        | "ServiceUnavailableException"
+        | "RequestTimeout"
+        | "RequestTimeoutException" => StoreError::Unavailable {
             detail: format!("AWS answered {code} (its own fault); it is retried"),
         },
         _ if status == 429 => StoreError::Throttled,
@@ -500,8 +512,9 @@ pub(super) fn explain_code(answer: Answer<'_>, action: &str, secret: &str) -> St
             // the caller gets the code. Every read of such a secret is
             // refused alike (a KMS key it cannot use...): said once.
             if REFUSALS.first_in_a_while(&name, code) {
-                let message = message.chars().take(120).collect::<String>();
-                tracing::warn!(secret = %name, code, status, message = %message.escape_debug(), "AWS refused a request (said again in 10 min if it goes on)");
+                // Cut so that the line stays under 300 characters.
+                let message = message.chars().take(60).collect::<String>();
+                tracing::warn!(secret = %name, code, status, message = %message.escape_debug(), "AWS refused a read (said again in 10 min)");
             } else {
                 tracing::debug!(secret = %name, code, status, "AWS refused a request again");
             }
@@ -661,6 +674,23 @@ mod tests {
             code,
             message,
             status,
+        }
+    }
+
+    #[test]
+    fn every_throttling_or_timeout_code_of_the_sdk_is_transient() {
+        for code in [
+            "Throttling",
+            "ThrottlingException",
+            "SlowDown",
+            "RequestThrottled",
+        ] {
+            let error = explain_code(answer(code, "", 400), "GetSecretValue", "x");
+            assert_eq!(error, StoreError::Throttled, "{code}");
+        }
+        for (code, status) in [("RequestTimeout", 400), ("RequestTimeoutException", 408)] {
+            let error = explain_code(answer(code, "", status), "GetSecretValue", "x");
+            assert!(error.is_transient(), "{code}: {error:?}");
         }
     }
 

@@ -26,6 +26,8 @@ pub struct FakeStore {
     calls: AtomicUsize,
     list_calls: AtomicUsize,
     describe_calls: AtomicUsize,
+    /// GetSecretValue alone fails with this (a KMS key it cannot use...).
+    pub value_failure: Mutex<Option<StoreError>>,
     /// DescribeSecret alone fails with this (an IAM policy without it,
     /// its own throttling quota...).
     pub describe_failure: Mutex<Option<StoreError>>,
@@ -120,6 +122,9 @@ impl SecretStore for FakeStore {
         self.calls.fetch_add(1, SeqCst);
         let delay = *self.delay.lock().unwrap();
         tokio::time::sleep(delay).await;
+        if let Some(failure) = self.value_failure.lock().unwrap().clone() {
+            return Err(failure);
+        }
         let instead = self.answers_instead.lock().unwrap().get(name).cloned();
         self.current(instead.as_deref().unwrap_or(name))
     }

@@ -241,13 +241,17 @@ impl Shared {
         at: Instant,
         number: u64,
     ) {
-        if let Some(deleted) = self.deleted_before.get(key) {
-            if number < *deleted {
-                return;
-            }
-            drop(deleted);
-            self.deleted_before.remove(key);
+        if self
+            .deleted_before
+            .get(key)
+            .is_some_and(|deleted| number < *deleted)
+        {
+            return;
         }
+        // A newer read: the mark has done its work (unless a newer one was
+        // written meanwhile).
+        self.deleted_before
+            .remove_if(key, |_, deleted| number >= *deleted);
         self.negative.forget(key);
         let entry = |slot| {
             Arc::new(Entry {

@@ -210,15 +210,16 @@ impl Cache {
     /// they end.
     pub fn remove_deleted(&self, key: &CacheKey) {
         let shared = &self.shared;
-        shared.entries.remove(key);
         if shared.deleted_before.len() >= shared.settings.max_entries.max(1) {
             // Rare (deletions of that many secrets): forgetting the marks
             // risks only a late read of a deleted secret, until the next
             // sweep round or event finds it deleted again.
             shared.deleted_before.clear();
         }
+        // Marked first: a late read stores only after it checked the mark.
         let next = shared.next_fetch.load(Relaxed);
         shared.deleted_before.insert(key.clone(), next);
+        shared.entries.remove(key);
     }
 
     /// The cached keys `wanted` picks, with the version each holds (what

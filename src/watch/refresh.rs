@@ -44,7 +44,7 @@ impl WatchHub {
         for outcome in outcomes {
             match outcome {
                 Reread::Changed => changed += 1,
-                Reread::Same => {}
+                Reread::Same | Reread::Refused => {}
                 Reread::Failed(error) => return Refreshed::Failed(error),
             }
         }
@@ -92,6 +92,8 @@ impl Tracked {
 pub(super) enum Reread {
     Changed,
     Same,
+    /// AWS refused it (access, a KMS key): nothing learned.
+    Refused,
     Failed(StoreError),
 }
 
@@ -166,7 +168,7 @@ impl Shared {
             Err(error) if error.is_transient() => Reread::Failed(error),
             Err(error) => {
                 tracing::debug!(secret = %tracked.key.name, %error, "a re-read was refused; skipped");
-                Reread::Same
+                Reread::Refused
             }
         }
     }
@@ -178,7 +180,7 @@ impl Shared {
     }
 
     /// The secret read by the ids `belongs` picks is gone upstream.
-    fn forget_deleted_where(&self, belongs: impl Fn(&str) -> bool) {
+    pub(super) fn forget_deleted_where(&self, belongs: impl Fn(&str) -> bool) {
         for (key, _) in self.cache.entries_where(|key| belongs(&key.name)) {
             self.cache.remove_deleted(&key);
         }
@@ -189,6 +191,11 @@ impl Shared {
             .map(|t| t.key().clone())
             .collect();
         for key in keys {
+            // A watched stage whose entry went (evicted) or is still being
+            // read is marked too: a late read must not restore it.
+            let stage = VersionSelector::Stage(key.stage.clone());
+            self.cache
+                .remove_deleted(&CacheKey::new(key.name.clone(), stage));
             self.mark_deleted(&key);
         }
     }

@@ -40,6 +40,10 @@ use crate::{
 /// Tracked secrets per upstream call of a round.
 const PER_CALL: usize = 20;
 
+/// How long a listing found behind is trusted to be only behind: AWS
+/// documents ListSecrets lagging by up to five minutes. Past it, a re-read.
+const LISTING_LAG: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// Bound of `Cursor::listing_behind` (one per tracked secret and stage in
 /// practice): past it, it starts over.
 const LISTING_BEHIND_MAX: usize = 100_000;
@@ -59,11 +63,12 @@ fn known_deleted(by_name: &HashMap<String, Vec<Tracked>>, name: &str) -> bool {
 /// Where a listing that spans rounds stands.
 #[derive(Debug, Default)]
 pub(super) struct Cursor {
-    /// What the listing said of a (secret, stage) when a re-read found the
-    /// version held already: the listing lags (ListSecrets can, by
-    /// minutes), and is not re-read again each round while it says the
-    /// same.
-    listing_behind: HashMap<TopicKey, Option<String>>,
+    /// What the listing said of a (secret, stage), and when, when a
+    /// re-read found the version held already and the listing did not
+    /// know it: the listing lags (ListSecrets can, by minutes), and is
+    /// not re-read again each round while it says the same, for up to
+    /// `LISTING_LAG`.
+    listing_behind: HashMap<TopicKey, (Option<String>, std::time::Instant)>,
     /// The next page to read; `None`: start a new listing.
     page: Option<String>,
     /// Names seen since the listing started.
@@ -177,14 +182,26 @@ impl Shared {
             let Some(items) = by_name.get(&name) else {
                 continue;
             };
-            // By the id it is read by: an ARN may name another account.
-            match store.describe_secret(&items[0].key.name).await {
+            // By an id it is read by (an ARN may name another account),
+            // the name rather than a complete ARN: that ARN's secret may be
+            // gone while the name is another secret's now (`compare` tells
+            // that ARN's readers).
+            let described = items
+                .iter()
+                .find(|item| !names::is_one_secret(&item.key.name))
+                .unwrap_or(&items[0]);
+            let id = described.key.name.as_str();
+            match store.describe_secret(id).await {
                 Ok(description) => self.compare(&description, items).await,
                 Err(StoreError::NotFound { .. } | StoreError::Deleted { .. }) => {
                     if !known_deleted(&by_name, &name) {
                         self.sweep_changes.fetch_add(1, Relaxed);
                     }
-                    self.forget_deleted(&name);
+                    if names::is_one_secret(id) {
+                        self.forget_deleted_where(|other| other == id);
+                    } else {
+                        self.forget_deleted(&name);
+                    }
                 }
                 Err(error) => {
                     tracing::debug!(secret = %name, %error, "the sweep could not describe a secret this round")
@@ -206,6 +223,25 @@ impl Shared {
         sorted.into_iter().cycle().skip(start).take(calls).collect()
     }
 
+    /// Whether the listing said `listed` of `key` when a re-read last found
+    /// the version held, and not longer ago than a listing lags.
+    fn behind_still(&self, key: &TopicKey, listed: &Option<String>) -> bool {
+        self.lock_cursor()
+            .listing_behind
+            .get(key)
+            .is_some_and(|(said, at)| said == listed && at.elapsed() < LISTING_LAG)
+    }
+
+    fn note_behind(&self, key: &TopicKey, listed: Option<String>) {
+        let mut cursor = self.lock_cursor();
+        if cursor.listing_behind.len() >= LISTING_BEHIND_MAX {
+            cursor.listing_behind.clear();
+        }
+        cursor
+            .listing_behind
+            .insert(key.clone(), (listed, std::time::Instant::now()));
+    }
+
     fn lock_cursor(&self) -> std::sync::MutexGuard<'_, Cursor> {
         self.cursor.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -214,8 +250,8 @@ impl Shared {
     /// check does not say it already).
     fn cannot_list(&self, error: &StoreError, told_by_the_check: bool) {
         let mut cursor = self.cursor.lock().unwrap();
-        let already = std::mem::replace(&mut cursor.failing, true);
-        if already || told_by_the_check {
+        cursor.failing = true;
+        if cursor.warned || told_by_the_check {
             tracing::debug!(%error, "the sweep cannot list secrets; it tries again each round");
         } else {
             cursor.warned = true;
@@ -261,8 +297,12 @@ impl Shared {
                     // when that starts and stops failing (AWS down, the
                     // credentials, IAM): a line of the sweep's would repeat
                     // it. Other failures are the sweep's own to tell, once.
-                    let told_by_the_check =
-                        error.is_transient() || matches!(error, StoreError::AccessDenied { .. });
+                    // (Throttling and a full upstream queue are the sweep's
+                    // own: its pages are many calls, the check's one.)
+                    let told_by_the_check = matches!(
+                        error,
+                        StoreError::Unavailable { .. } | StoreError::AccessDenied { .. }
+                    );
                     self.cannot_list(&error, told_by_the_check);
                     return Vec::new();
                 }
@@ -323,7 +363,17 @@ impl Shared {
                 self.lock_cursor().listing_behind.remove(&item.key);
                 continue;
             }
-            if listed && self.lock_cursor().listing_behind.get(&item.key) == Some(&listed_version) {
+            // The listing lags when it does not know the version held yet
+            // (one it knows under another label is a move, a rollback).
+            let lags = listed
+                && !item.held.is_empty()
+                && item.held.iter().all(|held| {
+                    !description
+                        .versions
+                        .iter()
+                        .any(|(listed_id, _)| listed_id == held)
+                });
+            if lags && self.behind_still(&item.key, &listed_version) {
                 continue;
             }
             self.upstream_calls.fetch_add(1, Relaxed);
@@ -332,16 +382,8 @@ impl Shared {
                     self.sweep_changes.fetch_add(1, Relaxed);
                     self.lock_cursor().listing_behind.remove(&item.key);
                 }
-                Reread::Same if listed => {
-                    let mut cursor = self.lock_cursor();
-                    if cursor.listing_behind.len() >= LISTING_BEHIND_MAX {
-                        cursor.listing_behind.clear();
-                    }
-                    cursor
-                        .listing_behind
-                        .insert(item.key.clone(), listed_version);
-                }
-                Reread::Same => {}
+                Reread::Same if lags => self.note_behind(&item.key, listed_version),
+                Reread::Same | Reread::Refused => {}
                 Reread::Failed(error) => {
                     tracing::debug!(secret = %item.key.name, %error, "the sweep could not re-read a secret this round")
                 }

@@ -226,6 +226,24 @@ async fn a_listing_that_lags_a_rotation_already_held_is_not_reread_every_round()
 }
 
 #[tokio::test]
+async fn a_refused_reread_is_not_taken_for_a_listing_that_lags() {
+    let store = FakeStore::with(&["s"]);
+    let (hub, _cache) = hub_over(&store);
+    let mut watcher = subscribe(&hub, "s").await;
+    // Rotated, and the new version's KMS key not usable by the broker yet.
+    store.set("s", "v2");
+    *store.value_failure.lock().unwrap() = Some(StoreError::Rejected {
+        detail: "AWS answered DecryptionFailure (HTTP 400)".into(),
+    });
+    round(&hub, &store).await;
+    assert!(!watcher.changes.has_changed().unwrap());
+    // The key is fixed: the next round reads the rotation.
+    *store.value_failure.lock().unwrap() = None;
+    round(&hub, &store).await;
+    assert_eq!(latest(&mut watcher), (WatchEvent::Rotated, "v2".into()));
+}
+
+#[tokio::test]
 async fn absence_from_the_listing_is_confirmed_before_deleted() {
     let store = FakeStore::with(&["s"]);
     let (hub, cache) = hub_over(&store);
