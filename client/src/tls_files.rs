@@ -9,6 +9,7 @@ use std::{path::Path, sync::Arc};
 
 use rustls::{
     Error as TlsError, InconsistentKeys,
+    crypto::CryptoProvider,
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
     sign::CertifiedKey,
 };
@@ -79,7 +80,12 @@ fn check_key(
             key_path.display()
         ))
     })?;
-    let signing = rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| {
+    // The provider the handshake will use: the process's default when one
+    // is installed (tonic's rule), else ring.
+    let provider = CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()));
+    let signing = provider.key_provider.load_private_key(key).map_err(|e| {
         Error::Config(format!(
             "BROKER_KEY_FILE {}: not a usable key ({e})",
             key_path.display()

@@ -149,9 +149,12 @@ impl Follower {
 
     async fn follow(mut self) {
         let mut last_version: Option<String> = None;
+        let mut last_kind: Option<WatchEventKind> = None;
         let mut backoff = FIRST_BACKOFF;
         loop {
-            let ended = self.stream_once(&mut last_version, &mut backoff).await;
+            let ended = self
+                .stream_once(&mut last_version, &mut last_kind, &mut backoff)
+                .await;
             self.live.send_replace(false);
             match ended {
                 Ended::Done => return,
@@ -169,6 +172,7 @@ impl Follower {
     async fn stream_once(
         &mut self,
         last_version: &mut Option<String>,
+        last_kind: &mut Option<WatchEventKind>,
         backoff: &mut Duration,
     ) -> Ended {
         let reconnecting = last_version.is_some();
@@ -188,11 +192,11 @@ impl Follower {
                     *backoff = FIRST_BACKOFF;
                     lock(&self.failure).take();
                     self.live.send_replace(true);
-                    let event = event(message);
-                    // After a reconnect, CURRENT means "nothing missed".
-                    let repeat = first && reconnecting && event.kind == WatchEventKind::Current;
+                    let mut event = event(message);
+                    let repeat = first && reconnecting && resumed(&mut event, *last_kind);
                     first = false;
                     *last_version = Some(event.secret.version_id().to_owned());
+                    *last_kind = Some(event.kind);
                     if !repeat && self.events.send(Ok(event)).await.is_err() {
                         return Ended::Done;
                     }
@@ -225,6 +229,23 @@ impl Follower {
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The first event after a reconnect, against the last one delivered:
+/// whether it repeats what the receiver knows (CURRENT: nothing missed; a
+/// DELETED again). A secret last known deleted and CURRENT now was
+/// restored meanwhile: it is told as RESTORED.
+fn resumed(event: &mut WatchEvent, last_kind: Option<WatchEventKind>) -> bool {
+    let was_deleted = last_kind == Some(WatchEventKind::Deleted);
+    match event.kind {
+        WatchEventKind::Current if was_deleted => {
+            event.kind = WatchEventKind::Restored;
+            false
+        }
+        WatchEventKind::Current => true,
+        WatchEventKind::Deleted => was_deleted,
+        WatchEventKind::Rotated | WatchEventKind::Restored => false,
+    }
 }
 
 /// Connection-level failures are retried, and so is a broker that has as
@@ -269,6 +290,36 @@ mod tests {
     fn refused(reason: &str) -> tonic::Status {
         let details = ErrorDetails::with_error_info(reason, "secretsbroker", []);
         tonic::Status::with_error_details(Code::ResourceExhausted, "refused", details)
+    }
+
+    fn event_of(kind: WatchEventKind) -> WatchEvent {
+        WatchEvent {
+            kind,
+            secret: SecretValue::from_proto(proto::Secret::default()),
+            observed_at: None,
+        }
+    }
+
+    #[test]
+    fn after_a_reconnect_only_news_is_told_and_a_restore_as_restored() {
+        use WatchEventKind::*;
+        for (last, first, told) in [
+            (Some(Current), Current, None),
+            (Some(Rotated), Current, None),
+            (Some(Current), Rotated, Some(Rotated)),
+            (Some(Deleted), Current, Some(Restored)),
+            (Some(Deleted), Deleted, None),
+            (Some(Current), Deleted, Some(Deleted)),
+            (Some(Deleted), Rotated, Some(Rotated)),
+        ] {
+            let mut event = event_of(first);
+            let repeat = resumed(&mut event, last);
+            assert_eq!(
+                (!repeat).then_some(event.kind),
+                told,
+                "{last:?} then {first:?}"
+            );
+        }
     }
 
     #[test]

@@ -680,10 +680,16 @@ mod tests {
     #[test]
     fn every_throttling_or_timeout_code_of_the_sdk_is_transient() {
         for code in [
-            "Throttling",
             "ThrottlingException",
-            "SlowDown",
+            "Throttling",
+            "ThrottledException",
             "RequestThrottled",
+            "RequestThrottledException",
+            "TooManyRequestsException",
+            "RequestLimitExceeded",
+            "BandwidthLimitExceeded",
+            "SlowDown",
+            "PriorRequestNotComplete",
         ] {
             let error = explain_code(answer(code, "", 400), "GetSecretValue", "x");
             assert_eq!(error, StoreError::Throttled, "{code}");

@@ -241,18 +241,11 @@ impl Shared {
         at: Instant,
         number: u64,
     ) {
-        if self
-            .deleted_before
-            .get(key)
-            .is_some_and(|deleted| number < *deleted)
-        {
-            return;
-        }
-        // A newer read: the mark has done its work (unless a newer one was
-        // written meanwhile).
-        self.deleted_before
-            .remove_if(key, |_, deleted| number >= *deleted);
-        self.negative.forget(key);
+        let older_than_deletion = || {
+            self.deleted_before
+                .get(key)
+                .is_some_and(|deleted| number < *deleted)
+        };
         let entry = |slot| {
             Arc::new(Entry {
                 version: Arc::clone(&version),
@@ -265,6 +258,10 @@ impl Shared {
         };
         let mut stage_moved = false;
         let (stored, new_slot) = match self.entries.entry(key.clone()) {
+            // Asked under the entry's lock, which `Cache::remove_deleted`
+            // takes after writing its mark: a read that started before a
+            // deletion never stores after it.
+            _ if older_than_deletion() => return,
             MapEntry::Occupied(mut current) => {
                 // An older fetch that ends late must not roll the value back.
                 let newer = current.get().fetch_number < number;
@@ -282,6 +279,13 @@ impl Shared {
                 (true, Some(slot))
             }
         };
+        self.negative.forget(key);
+        if stored {
+            // A newer read: the mark has done its work (unless a newer one
+            // was written meanwhile).
+            self.deleted_before
+                .remove_if(key, |_, deleted| number >= *deleted);
+        }
         if let Some(slot) = new_slot {
             self.clock.push(key.clone(), slot);
             self.evict_over_capacity(key);

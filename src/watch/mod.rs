@@ -230,10 +230,10 @@ impl WatchHub {
                 // The read told the topic (the cache's change listener).
                 Ok(_) => changes,
                 Err(error) if error.is_transient() => changes,
-                // Still marked for deletion: the stream stays at DELETED.
-                Err(StoreError::Deleted { .. })
-                    if changes.borrow().event == WatchEvent::Deleted =>
-                {
+                // Marked for deletion (the sweep may not have seen it yet):
+                // everyone is told, and the stream goes on at DELETED.
+                Err(StoreError::Deleted { .. }) => {
+                    shared.forget_deleted_id(&topic_key.name);
                     changes
                 }
                 Err(error) => return Err(error),
@@ -242,9 +242,13 @@ impl WatchHub {
                 // A secret marked for deletion can be restored: its stream
                 // opens at DELETED (a watcher that reconnects to a broker
                 // started since keeps waiting for the restore).
-                let topic = match shared.cache.get_fresh_or_cached(cache_key).await {
+                let topic = match shared.cache.get_fresh_or_cached(cache_key.clone()).await {
                     Ok(lookup) => Topic::new(lookup.version),
-                    Err(StoreError::Deleted { .. }) => Topic::deleted(&topic_key.name),
+                    Err(StoreError::Deleted { .. }) => {
+                        // A read under way since before must not restore it.
+                        shared.cache.remove_deleted(&cache_key);
+                        Topic::deleted(&topic_key.name)
+                    }
                     Err(error) => return Err(error),
                 };
                 shared
@@ -304,11 +308,19 @@ impl Topic {
     }
 
     /// A secret found marked for deletion before anything of it was held:
-    /// its state is DELETED, with its name and no version.
-    fn deleted(name: &str) -> Self {
+    /// its state is DELETED, with its name (and ARN, when watched by it)
+    /// and no version.
+    fn deleted(id: &str) -> Self {
+        let name = crate::names::secret_name(id);
+        // An id that is not the name is the ARN it was watched by.
+        let arn = if name == id {
+            String::new()
+        } else {
+            id.to_owned()
+        };
         let version = SecretVersion {
             name: name.to_owned(),
-            arn: String::new(),
+            arn,
             version_id: String::new(),
             version_stages: Vec::new(),
             created_date: None,

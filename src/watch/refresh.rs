@@ -149,13 +149,7 @@ impl Shared {
             Err(StoreError::NotFound { .. } | StoreError::Deleted { .. })
                 if tracked.key.stage == AWSCURRENT =>
             {
-                if names::is_one_secret(&tracked.key.name) {
-                    // That secret is gone; its name may already belong to
-                    // a new one, whose readers by name must not hear of it.
-                    self.forget_deleted_where(|id| id == tracked.key.name);
-                } else {
-                    self.forget_deleted(names::secret_name(&tracked.key.name));
-                }
+                self.forget_deleted_id(&tracked.key.name);
                 Reread::Changed
             }
             Err(StoreError::NotFound { .. } | StoreError::Deleted { .. }) => {
@@ -173,6 +167,17 @@ impl Shared {
         }
     }
 
+    /// The secret read by `id` is gone upstream. A complete ARN's secret
+    /// only: its name may already belong to a new one, whose readers by
+    /// name must not hear of it.
+    pub(super) fn forget_deleted_id(&self, id: &str) {
+        if names::is_one_secret(id) {
+            self.forget_deleted_where(|other| other == id);
+        } else {
+            self.forget_deleted(names::secret_name(id));
+        }
+    }
+
     /// The secret `name` is gone upstream: its entries are dropped (every
     /// selector, by name or ARN) and its watchers told.
     pub(super) fn forget_deleted(&self, name: &str) {
@@ -180,7 +185,7 @@ impl Shared {
     }
 
     /// The secret read by the ids `belongs` picks is gone upstream.
-    pub(super) fn forget_deleted_where(&self, belongs: impl Fn(&str) -> bool) {
+    fn forget_deleted_where(&self, belongs: impl Fn(&str) -> bool) {
         for (key, _) in self.cache.entries_where(|key| belongs(&key.name)) {
             self.cache.remove_deleted(&key);
         }
@@ -190,6 +195,7 @@ impl Shared {
             .filter(|t| belongs(&t.key().name))
             .map(|t| t.key().clone())
             .collect();
+        self.forget_listing_behind(&belongs);
         for key in keys {
             // A watched stage whose entry went (evicted) or is still being
             // read is marked too: a late read must not restore it.

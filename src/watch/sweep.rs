@@ -197,11 +197,7 @@ impl Shared {
                     if !known_deleted(&by_name, &name) {
                         self.sweep_changes.fetch_add(1, Relaxed);
                     }
-                    if names::is_one_secret(id) {
-                        self.forget_deleted_where(|other| other == id);
-                    } else {
-                        self.forget_deleted(&name);
-                    }
+                    self.forget_deleted_id(id);
                 }
                 Err(error) => {
                     tracing::debug!(secret = %name, %error, "the sweep could not describe a secret this round")
@@ -240,6 +236,14 @@ impl Shared {
         cursor
             .listing_behind
             .insert(key.clone(), (listed, std::time::Instant::now()));
+    }
+
+    /// What was noted of listings lagging, for the ids `belongs` picks
+    /// (found deleted: a restore must be read at once).
+    pub(super) fn forget_listing_behind(&self, belongs: &dyn Fn(&str) -> bool) {
+        self.lock_cursor()
+            .listing_behind
+            .retain(|key, _| !belongs(&key.name));
     }
 
     fn lock_cursor(&self) -> std::sync::MutexGuard<'_, Cursor> {
@@ -363,16 +367,11 @@ impl Shared {
                 self.lock_cursor().listing_behind.remove(&item.key);
                 continue;
             }
-            // The listing lags when it does not know the version held yet
-            // (one it knows under another label is a move, a rollback).
-            let lags = listed
-                && !item.held.is_empty()
-                && item.held.iter().all(|held| {
-                    !description
-                        .versions
-                        .iter()
-                        .any(|(listed_id, _)| listed_id == held)
-                });
+            // A re-read that finds the version held (AWS answered, not
+            // refused) while the listing says otherwise: the listing lags.
+            // A real change after that (a rollback included) makes the
+            // listing say something else, or is read within LISTING_LAG.
+            let lags = listed && !item.deleted;
             if lags && self.behind_still(&item.key, &listed_version) {
                 continue;
             }

@@ -244,6 +244,28 @@ async fn a_refused_reread_is_not_taken_for_a_listing_that_lags() {
 }
 
 #[tokio::test]
+async fn a_secret_marked_for_deletion_is_watched_at_deleted_however_it_is_asked() {
+    let store = FakeStore::with(&["s", "t"]);
+    let (hub, _cache) = hub_over(&store);
+    // Deleted before anyone watched it: the stream opens at DELETED.
+    store.delete("t");
+    let fresh = subscribe(&hub, "t").await;
+    assert_eq!(fresh.first.event, WatchEvent::Deleted);
+    assert_eq!(fresh.first.version.name, "t");
+
+    // Deleted while watched, before the sweep saw it: a watcher resuming
+    // (after a broker restart elsewhere) is told, and so is the first.
+    let mut watching = subscribe(&hub, "s").await;
+    store.delete("s");
+    let resumed = hub
+        .subscribe("s".to_owned(), AWSCURRENT.to_owned(), true)
+        .await
+        .expect("a deleted secret can be restored: not refused");
+    assert_eq!(resumed.first.event, WatchEvent::Deleted);
+    assert_eq!(latest(&mut watching).0, WatchEvent::Deleted);
+}
+
+#[tokio::test]
 async fn absence_from_the_listing_is_confirmed_before_deleted() {
     let store = FakeStore::with(&["s"]);
     let (hub, cache) = hub_over(&store);
