@@ -112,8 +112,11 @@ impl SecretsApi {
         // Boxed: the read through the cache is a large future, and inline it
         // would make every call's future, hits too, that much bigger to
         // build and move.
-        let lookup =
-            Box::pin(self.lookup(audit, key.name, key.selector, request.bypass_cache)).await?;
+        let lookup = Box::pin(self.lookup(audit, key.name, key.selector, request.bypass_cache))
+            .await
+            .map_err(|error| {
+                error.naming_the_version(&request.version_id, &request.version_stage)
+            })?;
         Ok(message::get_secret_response(&lookup))
     }
 

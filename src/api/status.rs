@@ -34,6 +34,13 @@ pub enum ApiError {
     InvalidVersion(#[from] InvalidVersion),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// NOT_FOUND for a read of a version id or a stage: which one.
+    #[error("secret {name} has no version with {field} {value} (or does not exist)")]
+    VersionNotFound {
+        name: String,
+        field: &'static str,
+        value: String,
+    },
     #[error("permission denied: {0}")]
     Denied(#[from] Denied),
     #[error("names holds {count} names; at most {limit} are allowed per call")]
@@ -108,6 +115,7 @@ impl ApiError {
             Self::RequestMemory => (Code::ResourceExhausted, "REQUEST_MEMORY"),
             Self::MessageTooLarge { .. } => (Code::ResourceExhausted, "MESSAGE_TOO_LARGE"),
             Self::Malformed { .. } => (Code::FailedPrecondition, "MALFORMED_SECRET"),
+            Self::VersionNotFound { .. } => (Code::NotFound, "SECRET_NOT_FOUND"),
             Self::Store(store) => match store {
                 StoreError::NotFound { .. } => (Code::NotFound, "SECRET_NOT_FOUND"),
                 StoreError::Deleted { .. } => (Code::NotFound, "SECRET_DELETED"),
@@ -154,6 +162,10 @@ impl ApiError {
             Self::TooManyNames { .. } => {
                 put("field", "names");
             }
+            Self::VersionNotFound { name, field, .. } => {
+                put("secret_name", name);
+                put("field", field);
+            }
             Self::Store(StoreError::Mismatch { asked, .. }) => {
                 put("secret_name", asked);
             }
@@ -172,6 +184,24 @@ impl ApiError {
             | Self::MessageTooLarge { .. } => {}
         }
         metadata
+    }
+
+    /// A NOT_FOUND of a read that asked for a version id or a stage says
+    /// which, and in which field.
+    pub fn naming_the_version(self, version_id: &str, version_stage: &str) -> Self {
+        let (field, value) = match (version_id, version_stage) {
+            ("", "") => return self,
+            ("", stage) => ("version_stage", stage),
+            (id, _) => ("version_id", id),
+        };
+        match self {
+            Self::Store(StoreError::NotFound { name }) => Self::VersionNotFound {
+                name,
+                field,
+                value: value.to_owned(),
+            },
+            other => other,
+        }
     }
 
     pub fn code(&self) -> Code {

@@ -241,7 +241,8 @@ where
         },
         SdkError::TimeoutError(_) => StoreError::Unavailable {
             detail: format!(
-                "AWS did not answer in time at {}{}",
+                "AWS did not answer in time at {}{}; check what answers there \
+                 (AWS_ENDPOINT_URL, a proxy, a firewall that drops packets); it is retried",
                 upstream.endpoint,
                 upstream.via()
             ),
