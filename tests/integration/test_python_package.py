@@ -605,3 +605,48 @@ def test_with_the_local_cache_off_every_read_asks_the_broker_and_nothing_is_foll
     seen = json.loads(proc.stdout)
     assert seen == {"same": True, "threads": 1, "entries": 0, "tasks": 0}, seen
     assert broker.log().count('rpc="GetSecret"') == 4, "each read went to the broker"
+
+
+AIO_DELETED_PROBE = """
+import asyncio, sys
+from secrets_broker.aio import AsyncAWSSecretsManager
+am = AsyncAWSSecretsManager()
+async def main():
+    for name in sys.argv[1:]:
+        await am.get_secret(name)
+    print("read", flush=True)
+    # The loop (and the manager) stay alive until the test is done.
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+asyncio.run(main())
+"""
+
+
+def test_an_asyncio_follower_of_a_deleted_secret_ends_its_stream_on_the_broker(venv, seeded_broker, moto, stubs, tmp_path):
+    """DELETED ends the local following, sync or asyncio: the broker must
+    not be left holding one stream per deleted name for the life of the
+    process."""
+    broker, _ = seeded_broker
+    names = [f"insurecove/aio-deleted-{i}" for i in range(3)]
+    for name in names:
+        moto.create_secret(name, "aio-deleted-value-77c1")
+    watchers = lambda: broker.admin().GetCacheStats(stubs.admin_service_pb2.GetCacheStatsRequest(), timeout=10).watchers
+    proc = subprocess.Popen(
+        [str(venv), "-c", AIO_DELETED_PROBE, *names], env=package_env(broker, SECRET_CACHE_TTL="3600"),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "read", proc.stderr.read()
+        deadline = time.monotonic() + 10
+        while watchers() < len(names):
+            assert time.monotonic() < deadline, f"{watchers()} streams open"
+            time.sleep(0.1)
+        for name in names:
+            moto.client.delete_secret(SecretId=name, ForceDeleteWithoutRecovery=True)
+        deadline = time.monotonic() + 15
+        while watchers() > 0:
+            assert time.monotonic() < deadline, f"{watchers()} streams still open on the broker"
+            time.sleep(0.2)
+        assert proc.poll() is None, "the probe is still running: its manager is alive"
+    finally:
+        proc.kill()
+        proc.wait(10)

@@ -219,6 +219,9 @@ async def _follow(manager: "weakref.ReferenceType[AsyncAWSSecretsManager]", name
                     return
                 if event.type == secret_pb2.WATCH_EVENT_TYPE_DELETED:
                     held._rotated(name, None)
+                    # Not followed any more: the stream must end on the
+                    # broker too (it would stay open, waiting for a restore).
+                    stream.cancel()
                     return
                 value = SecretValue.from_proto(event.secret)
                 version_id = value.version_id
