@@ -226,8 +226,19 @@ impl Shared {
                 }
                 if !error.is_transient() {
                     // Not an entry a newer read stored meanwhile.
-                    self.entries
-                        .remove_if(key, |_, entry| entry.fetch_number < number);
+                    let was_cached = self
+                        .entries
+                        .remove_if(key, |_, entry| entry.fetch_number < number)
+                        .is_some();
+                    let gone = matches!(
+                        error,
+                        StoreError::NotFound { .. } | StoreError::Deleted { .. }
+                    );
+                    if let (true, VersionSelector::Stage(_), Some(listener)) =
+                        (gone, &key.selector, self.gone_listener.get())
+                    {
+                        listener(key, was_cached);
+                    }
                 }
                 Err(error)
             }
@@ -241,9 +252,10 @@ impl Shared {
         at: Instant,
         number: u64,
     ) {
+        let secret = names::secret_name(&key.name);
         let older_than_deletion = || {
             self.deleted_before
-                .get(key)
+                .get(secret)
                 .is_some_and(|deleted| number < *deleted)
         };
         let entry = |slot| {
@@ -284,7 +296,7 @@ impl Shared {
             // A newer read: the mark has done its work (unless a newer one
             // was written meanwhile).
             self.deleted_before
-                .remove_if(key, |_, deleted| number >= *deleted);
+                .remove_if(secret, |_, deleted| number >= *deleted);
         }
         if let Some(slot) = new_slot {
             self.clock.push(key.clone(), slot);

@@ -111,6 +111,12 @@ pub struct Cache {
 /// order by concurrent stores, and a lower number is older news.
 pub type ChangeListener = Box<dyn Fn(&CacheKey, &Arc<SecretVersion>, u64) + Send + Sync>;
 
+/// Told when a read of a stage found the secret (or the stage) gone, and
+/// whether the key was cached: a bypass read or a RefreshSecret can be
+/// the first to see a deletion, and the secret's other keys and watchers
+/// must hear of it then, not at the next sweep round.
+pub type GoneListener = Box<dyn Fn(&CacheKey, bool) + Send + Sync>;
+
 type FetchResult = Result<Arc<SecretVersion>, StoreError>;
 type Fetch = SharedFuture<BoxFuture<'static, FetchResult>>;
 
@@ -131,12 +137,14 @@ struct Shared {
     clock: Clock,
     /// Numbers fetches in the order they start.
     next_fetch: AtomicU64,
-    /// Keys whose secret was found deleted, with the first fetch number
-    /// after that: an older read that ends late must not put the deleted
-    /// value back (and announce it) in the slot the deletion emptied.
-    deleted_before: DashMap<CacheKey, u64>,
+    /// Secrets (by name) found deleted, with the first fetch number after
+    /// that: an older read that ends late, of any key of the secret (a
+    /// stage, a version id, its ARN; cached or still on its way), must not
+    /// put the deleted value back (and announce it).
+    deleted_before: DashMap<String, u64>,
     counters: Counters,
     listener: OnceLock<ChangeListener>,
+    gone_listener: OnceLock<GoneListener>,
 }
 
 struct Entry {
@@ -181,6 +189,7 @@ impl Cache {
                 deleted_before: DashMap::new(),
                 counters: Counters::default(),
                 listener: OnceLock::new(),
+                gone_listener: OnceLock::new(),
             }),
         }
     }
@@ -189,6 +198,12 @@ impl Cache {
     /// registration is refused (returns false).
     pub fn set_change_listener(&self, listener: ChangeListener) -> bool {
         self.shared.listener.set(listener).is_ok()
+    }
+
+    /// Registers the one listener told of reads that found a stage gone. A
+    /// second registration is refused (returns false).
+    pub fn set_gone_listener(&self, listener: GoneListener) -> bool {
+        self.shared.gone_listener.set(listener).is_ok()
     }
 
     /// Stores a version read by someone else (the change detector), as a
@@ -218,7 +233,9 @@ impl Cache {
         }
         // Marked first: a late read stores only after it checked the mark.
         let next = shared.next_fetch.load(Relaxed);
-        shared.deleted_before.insert(key.clone(), next);
+        shared
+            .deleted_before
+            .insert(crate::names::secret_name(&key.name).to_owned(), next);
         shared.entries.remove(key);
     }
 

@@ -645,3 +645,31 @@ async fn a_read_that_ends_after_its_secret_was_found_deleted_does_not_put_it_bac
     assert_eq!(version_of(&cache, "s").await, "v2");
     assert_eq!(cache.entries_where(|_| true).len(), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_deletion_holds_back_late_reads_of_every_key_of_the_secret() {
+    let store = FakeStore::with(&["s"]);
+    let cache = cache_over(&store, 100);
+    version_of(&cache, "s").await;
+    // A read by version id, not cached, on its way when the secret is
+    // found deleted (by its stage key).
+    let by_id = CacheKey::new(
+        "s".into(),
+        VersionSelector::Id {
+            id: "v1".into(),
+            stage: None,
+        },
+    );
+    *store.delay.lock().unwrap() = Duration::from_millis(50);
+    let late = tokio::spawn({
+        let (cache, by_id) = (cache.clone(), by_id.clone());
+        async move { cache.get(by_id, false).await }
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    cache.remove_deleted(&key("s"));
+    late.await.unwrap().expect("its caller gets what was read");
+    assert!(
+        cache.entries_where(|_| true).is_empty(),
+        "a late read of another key of the deleted secret was stored"
+    );
+}

@@ -191,6 +191,12 @@ impl WatchHub {
                 }
             }
         }));
+        let gone: Weak<Shared> = Arc::downgrade(&shared);
+        cache.set_gone_listener(Box::new(move |key, was_cached| {
+            if let (Some(shared), VersionSelector::Stage(stage)) = (gone.upgrade(), &key.selector) {
+                shared.stage_gone(&key.name, stage, was_cached);
+            }
+        }));
         Self { shared }
     }
 

@@ -145,7 +145,15 @@ impl Shared {
     pub(super) async fn reread(&self, tracked: &Tracked) -> Reread {
         match self.cache.refresh(tracked.cache_key()).await {
             Ok((version, _)) if tracked.holds_only(&version.version_id) => Reread::Same,
-            Ok(_) => Reread::Changed,
+            Ok(_) => {
+                // A change: what was remembered missing of this secret (a
+                // stage, a version id, the ARN before a restore) may be
+                // there now, as the event path forgets too.
+                let name = names::secret_name(&tracked.key.name);
+                self.cache
+                    .forget_misses_where(|id| names::secret_name(id) == name);
+                Reread::Changed
+            }
             Err(StoreError::NotFound { .. } | StoreError::Deleted { .. })
                 if tracked.key.stage == AWSCURRENT =>
             {
@@ -164,6 +172,28 @@ impl Shared {
                 tracing::debug!(secret = %tracked.key.name, %error, "a re-read was refused; skipped");
                 Reread::Refused
             }
+        }
+    }
+
+    /// A read found the stage of `id` gone (a bypass read, RefreshSecret, a
+    /// resuming watcher's read...). When something is held of it, the rest
+    /// is told now: AWSCURRENT gone is the secret gone.
+    pub(super) fn stage_gone(&self, id: &str, stage: &str, was_cached: bool) {
+        let key = TopicKey {
+            name: id.to_owned(),
+            stage: stage.to_owned(),
+        };
+        if !was_cached && !self.topics.contains_key(&key) {
+            return;
+        }
+        if stage == AWSCURRENT {
+            self.forget_deleted_id(id);
+        } else {
+            self.cache.remove_deleted(&CacheKey::new(
+                id.to_owned(),
+                VersionSelector::Stage(stage.to_owned()),
+            ));
+            self.mark_deleted(&key);
         }
     }
 

@@ -40,8 +40,14 @@ use crate::{
 /// Tracked secrets per upstream call of a round.
 const PER_CALL: usize = 20;
 
-/// How long a listing found behind is trusted to be only behind: AWS
-/// documents ListSecrets lagging by up to five minutes. Past it, a re-read.
+/// How long a listing found behind is trusted to be only behind, the
+/// first time: a re-read that found the version held may also have raced
+/// a stage moving back and forth (A, B, A, B), which the listing, showing
+/// B all along, never tells. Each re-read that finds it behind again
+/// doubles the wait, up to `LISTING_LAG`.
+const FIRST_LISTING_TRUST: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// AWS documents ListSecrets lagging by up to five minutes.
 const LISTING_LAG: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Bound of `Cursor::listing_behind` (one per tracked secret and stage in
@@ -60,15 +66,23 @@ fn known_deleted(by_name: &HashMap<String, Vec<Tracked>>, name: &str) -> bool {
         .is_some_and(|items| items.iter().all(|t| t.deleted))
 }
 
+/// A listing found behind a (secret, stage).
+#[derive(Debug)]
+struct ListingBehind {
+    said: Option<String>,
+    at: tokio::time::Instant,
+    trusted_for: std::time::Duration,
+}
+
 /// Where a listing that spans rounds stands.
 #[derive(Debug, Default)]
 pub(super) struct Cursor {
-    /// What the listing said of a (secret, stage), and when, when a
-    /// re-read found the version held already and the listing did not
-    /// know it: the listing lags (ListSecrets can, by minutes), and is
-    /// not re-read again each round while it says the same, for up to
-    /// `LISTING_LAG`.
-    listing_behind: HashMap<TopicKey, (Option<String>, std::time::Instant)>,
+    /// What the listing said of a (secret, stage) when a re-read found
+    /// the version held already, when, and for how long that is trusted:
+    /// the listing lags (ListSecrets can, by minutes), and is not re-read
+    /// again each round while it says the same (`FIRST_LISTING_TRUST`,
+    /// doubling up to `LISTING_LAG`).
+    listing_behind: HashMap<TopicKey, ListingBehind>,
     /// The next page to read; `None`: start a new listing.
     page: Option<String>,
     /// Names seen since the listing started.
@@ -220,12 +234,14 @@ impl Shared {
     }
 
     /// Whether the listing said `listed` of `key` when a re-read last found
-    /// the version held, and not longer ago than a listing lags.
+    /// the version held, within the time that is trusted.
     fn behind_still(&self, key: &TopicKey, listed: &Option<String>) -> bool {
         self.lock_cursor()
             .listing_behind
             .get(key)
-            .is_some_and(|(said, at)| said == listed && at.elapsed() < LISTING_LAG)
+            .is_some_and(|behind| {
+                &behind.said == listed && behind.at.elapsed() < behind.trusted_for
+            })
     }
 
     fn note_behind(&self, key: &TopicKey, listed: Option<String>) {
@@ -233,9 +249,18 @@ impl Shared {
         if cursor.listing_behind.len() >= LISTING_BEHIND_MAX {
             cursor.listing_behind.clear();
         }
-        cursor
-            .listing_behind
-            .insert(key.clone(), (listed, std::time::Instant::now()));
+        let trusted_for = match cursor.listing_behind.get(key) {
+            Some(before) if before.said == listed => (before.trusted_for * 2).min(LISTING_LAG),
+            _ => FIRST_LISTING_TRUST,
+        };
+        cursor.listing_behind.insert(
+            key.clone(),
+            ListingBehind {
+                said: listed,
+                at: tokio::time::Instant::now(),
+                trusted_for,
+            },
+        );
     }
 
     /// What was noted of listings lagging, for the ids `belongs` picks
@@ -368,9 +393,10 @@ impl Shared {
                 continue;
             }
             // A re-read that finds the version held (AWS answered, not
-            // refused) while the listing says otherwise: the listing lags.
-            // A real change after that (a rollback included) makes the
-            // listing say something else, or is read within LISTING_LAG.
+            // refused) while the listing says otherwise: the listing lags,
+            // or the stage moved back meanwhile. A change after that makes
+            // the listing say something else, or is read when the trust
+            // runs out (30 s first).
             let lags = listed && !item.deleted;
             if lags && self.behind_still(&item.key, &listed_version) {
                 continue;

@@ -225,6 +225,60 @@ async fn a_listing_that_lags_a_rotation_already_held_is_not_reread_every_round()
     assert_eq!(latest(&mut watcher), (WatchEvent::Rotated, "v3".into()));
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_listing_found_behind_is_trusted_30_s_first_then_twice_as_long_each_time() {
+    let store = FakeStore::with(&["s"]);
+    let (hub, _cache) = hub_over(&store);
+    let _watcher = subscribe(&hub, "s").await;
+    store.set("s", "v2");
+    store
+        .listed_as
+        .lock()
+        .unwrap()
+        .insert("s".into(), "v1".into());
+    hub.refresh_secret(&["s".to_owned()], None).await;
+    let reads = store.calls();
+    let (hub, store) = (&hub, &store);
+    let reads_after = |seconds: u64| async move {
+        tokio::time::advance(Duration::from_secs(seconds)).await;
+        round(hub, store).await;
+        store.calls() - reads
+    };
+    assert_eq!(reads_after(0).await, 1, "found behind");
+    assert_eq!(reads_after(29).await, 1, "trusted for 30 s");
+    assert_eq!(reads_after(2).await, 2, "then read again");
+    assert_eq!(reads_after(31).await, 2, "trusted for 60 s now");
+    assert_eq!(reads_after(30).await, 3);
+}
+
+#[tokio::test]
+async fn a_deletion_a_bypass_read_finds_reaches_watchers_and_the_other_keys_at_once() {
+    let store = FakeStore::with(&["s"]);
+    let (hub, cache) = hub_over(&store);
+    let mut watcher = subscribe(&hub, "s").await;
+    let by_id = CacheKey::new(
+        "s".into(),
+        VersionSelector::Id {
+            id: "v1".into(),
+            stage: None,
+        },
+    );
+    cache.get(by_id.clone(), false).await.unwrap();
+    store.delete("s");
+    let rounds = hub.stats().rounds;
+    // No sweep round: the bypass read is the first to see it.
+    let read = cache
+        .get(CacheKey::new("s".into(), VersionSelector::current()), true)
+        .await;
+    assert!(matches!(read, Err(StoreError::Deleted { .. })), "{read:?}");
+    assert_eq!(latest(&mut watcher), (WatchEvent::Deleted, "v1".into()));
+    assert!(
+        cache.entries_where(|_| true).is_empty(),
+        "the version-id entry went too"
+    );
+    assert_eq!(hub.stats().rounds, rounds);
+}
+
 #[tokio::test]
 async fn a_refused_reread_is_not_taken_for_a_listing_that_lags() {
     let store = FakeStore::with(&["s"]);
@@ -263,6 +317,30 @@ async fn a_secret_marked_for_deletion_is_watched_at_deleted_however_it_is_asked(
         .expect("a deleted secret can be restored: not refused");
     assert_eq!(resumed.first.event, WatchEvent::Deleted);
     assert_eq!(latest(&mut watching).0, WatchEvent::Deleted);
+}
+
+#[tokio::test]
+async fn a_change_the_sweep_finds_forgets_what_was_remembered_missing_of_the_secret() {
+    let store = FakeStore::with(&["s"]);
+    let (hub, cache) = hub_over(&store);
+    let mut watcher = subscribe(&hub, "s").await;
+    // A version not there yet is asked for: its NOT_FOUND is remembered.
+    let by_id = CacheKey::new(
+        "s".into(),
+        VersionSelector::Id {
+            id: "v2".into(),
+            stage: None,
+        },
+    );
+    store.fail_with(Some(StoreError::NotFound { name: "s".into() }));
+    assert!(cache.get(by_id.clone(), false).await.is_err());
+    store.fail_with(None);
+
+    store.set("s", "v2");
+    round(&hub, &store).await;
+    assert_eq!(latest(&mut watcher), (WatchEvent::Rotated, "v2".into()));
+    let read = cache.get(by_id, false).await.expect("no longer missing");
+    assert_eq!(read.version.version_id, "v2");
 }
 
 #[tokio::test]
