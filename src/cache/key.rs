@@ -31,6 +31,18 @@ impl CacheKey {
         Self { name, selector }
     }
 
+    /// The key of a read of `name` by version id alone (tests read so).
+    #[cfg(test)]
+    pub fn by_version_id(name: &str, id: &str) -> Self {
+        Self::new(
+            name.to_owned(),
+            VersionSelector::Id {
+                id: id.to_owned(),
+                stage: None,
+            },
+        )
+    }
+
     /// The key as borrowed parts.
     pub fn as_ref(&self) -> KeyRef<'_> {
         KeyRef {

@@ -653,13 +653,7 @@ async fn a_deletion_holds_back_late_reads_of_every_key_of_the_secret() {
     version_of(&cache, "s").await;
     // A read by version id, not cached, on its way when the secret is
     // found deleted (by its stage key).
-    let by_id = CacheKey::new(
-        "s".into(),
-        VersionSelector::Id {
-            id: "v1".into(),
-            stage: None,
-        },
-    );
+    let by_id = CacheKey::by_version_id("s", "v1");
     *store.delay.lock().unwrap() = Duration::from_millis(50);
     let late = tokio::spawn({
         let (cache, by_id) = (cache.clone(), by_id.clone());

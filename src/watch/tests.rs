@@ -256,13 +256,7 @@ async fn a_deletion_a_bypass_read_finds_reaches_watchers_and_the_other_keys_at_o
     let store = FakeStore::with(&["s"]);
     let (hub, cache) = hub_over(&store);
     let mut watcher = subscribe(&hub, "s").await;
-    let by_id = CacheKey::new(
-        "s".into(),
-        VersionSelector::Id {
-            id: "v1".into(),
-            stage: None,
-        },
-    );
+    let by_id = CacheKey::by_version_id("s", "v1");
     cache.get(by_id.clone(), false).await.unwrap();
     store.delete("s");
     let rounds = hub.stats().rounds;
@@ -325,13 +319,7 @@ async fn a_change_the_sweep_finds_forgets_what_was_remembered_missing_of_the_sec
     let (hub, cache) = hub_over(&store);
     let mut watcher = subscribe(&hub, "s").await;
     // A version not there yet is asked for: its NOT_FOUND is remembered.
-    let by_id = CacheKey::new(
-        "s".into(),
-        VersionSelector::Id {
-            id: "v2".into(),
-            stage: None,
-        },
-    );
+    let by_id = CacheKey::by_version_id("s", "v2");
     store.fail_with(Some(StoreError::NotFound { name: "s".into() }));
     assert!(cache.get(by_id.clone(), false).await.is_err());
     store.fail_with(None);
@@ -367,13 +355,7 @@ async fn refresh_secret_rereads_every_tracked_stage_once() {
     let store = FakeStore::with(&["s", "other"]);
     let (hub, cache) = hub_over(&store);
     let mut watcher = subscribe(&hub, "s").await;
-    let by_id = CacheKey::new(
-        "s".into(),
-        VersionSelector::Id {
-            id: "v1".into(),
-            stage: None,
-        },
-    );
+    let by_id = CacheKey::by_version_id("s", "v1");
     cache.get(by_id.clone(), false).await.unwrap();
     store.set("s", "v2");
     let reads = store.calls();
