@@ -252,10 +252,9 @@ impl Shared {
         at: Instant,
         number: u64,
     ) {
-        let secret = names::secret_name(&key.name);
         let older_than_deletion = || {
             self.deleted_before
-                .get(secret)
+                .get(key)
                 .is_some_and(|deleted| number < *deleted)
         };
         let entry = |slot| {
@@ -296,7 +295,7 @@ impl Shared {
             // A newer read: the mark has done its work (unless a newer one
             // was written meanwhile).
             self.deleted_before
-                .remove_if(secret, |_, deleted| number >= *deleted);
+                .remove_if(key, |_, deleted| number >= *deleted);
         }
         if let Some(slot) = new_slot {
             self.clock.push(key.clone(), slot);

@@ -137,11 +137,12 @@ struct Shared {
     clock: Clock,
     /// Numbers fetches in the order they start.
     next_fetch: AtomicU64,
-    /// Secrets (by name) found deleted, with the first fetch number after
-    /// that: an older read that ends late, of any key of the secret (a
-    /// stage, a version id, its ARN; cached or still on its way), must not
-    /// put the deleted value back (and announce it).
-    deleted_before: DashMap<String, u64>,
+    /// Keys whose secret (or stage) was found deleted, with the first
+    /// fetch number after that: an older read of the key that ends late
+    /// must not put the deleted value back (and announce it). Per key: a
+    /// stage gone, or an ARN whose name another secret has now, says
+    /// nothing of the secret's other keys.
+    deleted_before: DashMap<CacheKey, u64>,
     counters: Counters,
     listener: OnceLock<ChangeListener>,
     gone_listener: OnceLock<GoneListener>,
@@ -233,10 +234,31 @@ impl Cache {
         }
         // Marked first: a late read stores only after it checked the mark.
         let next = shared.next_fetch.load(Relaxed);
-        shared
-            .deleted_before
-            .insert(crate::names::secret_name(&key.name).to_owned(), next);
+        shared.deleted_before.insert(key.clone(), next);
         shared.entries.remove(key);
+    }
+
+    /// `remove_deleted` for every key whose id `belongs` picks, cached or
+    /// being read now (a version id, an ARN not cached yet): the secret was
+    /// found deleted upstream.
+    pub fn remove_deleted_where(&self, belongs: impl Fn(&str) -> bool) {
+        let shared = &self.shared;
+        let keys: std::collections::HashSet<CacheKey> = shared
+            .entries
+            .iter()
+            .map(|entry| entry.key().clone())
+            .chain(shared.inflight.iter().map(|fetch| fetch.key().clone()))
+            .chain(
+                shared
+                    .bypass_inflight
+                    .iter()
+                    .map(|fetch| fetch.key().clone()),
+            )
+            .filter(|key| belongs(&key.name))
+            .collect();
+        for key in keys {
+            self.remove_deleted(&key);
+        }
     }
 
     /// The cached keys `wanted` picks, with the version each holds (what

@@ -652,7 +652,7 @@ async fn a_deletion_holds_back_late_reads_of_every_key_of_the_secret() {
     let cache = cache_over(&store, 100);
     version_of(&cache, "s").await;
     // A read by version id, not cached, on its way when the secret is
-    // found deleted (by its stage key).
+    // found deleted.
     let by_id = CacheKey::by_version_id("s", "v1");
     *store.delay.lock().unwrap() = Duration::from_millis(50);
     let late = tokio::spawn({
@@ -660,10 +660,29 @@ async fn a_deletion_holds_back_late_reads_of_every_key_of_the_secret() {
         async move { cache.get(by_id, false).await }
     });
     tokio::time::sleep(Duration::from_millis(10)).await;
-    cache.remove_deleted(&key("s"));
+    cache.remove_deleted_where(|id| id == "s");
     late.await.unwrap().expect("its caller gets what was read");
     assert!(
         cache.entries_where(|_| true).is_empty(),
         "a late read of another key of the deleted secret was stored"
+    );
+    // A stage found gone says nothing of the secret's other keys: a read
+    // of AWSCURRENT under way then is stored.
+    store.set("s", "v2");
+    let current = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.get(key("s"), true).await }
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    cache.remove_deleted(&CacheKey::new(
+        "s".into(),
+        VersionSelector::Stage("AWSPENDING".into()),
+    ));
+    current.await.unwrap().unwrap();
+    let held = cache.entries_where(|_| true);
+    assert_eq!(held.len(), 1);
+    assert_eq!(
+        (&held[0].0, held[0].1.version_id.as_str()),
+        (&key("s"), "v2")
     );
 }

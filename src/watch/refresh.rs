@@ -183,7 +183,13 @@ impl Shared {
             name: id.to_owned(),
             stage: stage.to_owned(),
         };
-        if !was_cached && !self.topics.contains_key(&key) {
+        // Nothing held, or already known gone (a deleted secret still
+        // watched, waiting for a restore): nothing to tell.
+        let watched_and_current = self
+            .topics
+            .get(&key)
+            .is_some_and(|topic| topic.state.borrow().event != WatchEvent::Deleted);
+        if !was_cached && !watched_and_current {
             return;
         }
         if stage == AWSCURRENT {
@@ -216,9 +222,7 @@ impl Shared {
 
     /// The secret read by the ids `belongs` picks is gone upstream.
     fn forget_deleted_where(&self, belongs: impl Fn(&str) -> bool) {
-        for (key, _) in self.cache.entries_where(|key| belongs(&key.name)) {
-            self.cache.remove_deleted(&key);
-        }
+        self.cache.remove_deleted_where(&belongs);
         let keys: Vec<TopicKey> = self
             .topics
             .iter()
