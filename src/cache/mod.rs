@@ -225,17 +225,8 @@ impl Cache {
     /// upstream. Reads under way since before then are not stored when
     /// they end.
     pub fn remove_deleted(&self, key: &CacheKey) {
-        let shared = &self.shared;
-        if shared.deleted_before.len() >= shared.settings.max_entries.max(1) {
-            // Rare (deletions of that many secrets): forgetting the marks
-            // risks only a late read of a deleted secret, until the next
-            // sweep round or event finds it deleted again.
-            shared.deleted_before.clear();
-        }
-        // Marked first: a late read stores only after it checked the mark.
-        let next = shared.next_fetch.load(Relaxed);
-        shared.deleted_before.insert(key.clone(), next);
-        shared.entries.remove(key);
+        self.shared.room_for_marks(1);
+        self.shared.mark_deleted(key);
     }
 
     /// `remove_deleted` for every key whose id `belongs` picks, cached or
@@ -243,21 +234,24 @@ impl Cache {
     /// found deleted upstream.
     pub fn remove_deleted_where(&self, belongs: impl Fn(&str) -> bool) {
         let shared = &self.shared;
+        // The fetches first: one that leaves its registry meanwhile has
+        // stored its value already, and the entries, looked at after, have it.
         let keys: std::collections::HashSet<CacheKey> = shared
-            .entries
+            .inflight
             .iter()
-            .map(|entry| entry.key().clone())
-            .chain(shared.inflight.iter().map(|fetch| fetch.key().clone()))
+            .map(|fetch| fetch.key().clone())
             .chain(
                 shared
                     .bypass_inflight
                     .iter()
                     .map(|fetch| fetch.key().clone()),
             )
+            .chain(shared.entries.iter().map(|entry| entry.key().clone()))
             .filter(|key| belongs(&key.name))
             .collect();
+        shared.room_for_marks(keys.len());
         for key in keys {
-            self.remove_deleted(&key);
+            shared.mark_deleted(&key);
         }
     }
 
@@ -485,6 +479,26 @@ enum Joined {
 }
 
 impl Shared {
+    /// Makes room for `more` deleted marks. When full (deletions of that
+    /// many keys), the marks go, before this deletion writes its own:
+    /// forgetting them risks only a late read of a secret deleted earlier,
+    /// until the next sweep round or event finds it deleted again.
+    fn room_for_marks(&self, more: usize) {
+        let bound = self.settings.max_entries.max(1);
+        if self.deleted_before.len() + more > bound {
+            self.deleted_before.clear();
+        }
+    }
+
+    /// Marks `key` deleted as of now and drops its entry; marked first: a
+    /// late read stores only after it checked the mark, under the entry's
+    /// lock.
+    fn mark_deleted(&self, key: &CacheKey) {
+        let next = self.next_fetch.load(Relaxed);
+        self.deleted_before.insert(key.clone(), next);
+        self.entries.remove(key);
+    }
+
     /// The hot path: a fresh entry, counted as a hit, with refresh-ahead
     /// unless the caller holds `inflight`'s lock for this key.
     fn fresh_hit(

@@ -183,13 +183,10 @@ impl Shared {
             name: id.to_owned(),
             stage: stage.to_owned(),
         };
-        // Nothing held, or already known gone (a deleted secret still
-        // watched, waiting for a restore): nothing to tell.
-        let watched_and_current = self
-            .topics
-            .get(&key)
-            .is_some_and(|topic| topic.state.borrow().event != WatchEvent::Deleted);
-        if !was_cached && !watched_and_current {
+        // Nothing held of it: nothing to tell (a NOT_FOUND of a name never
+        // read costs one look). A topic already at DELETED still goes on:
+        // other keys may have been read since.
+        if !was_cached && !self.topics.contains_key(&key) {
             return;
         }
         if stage == AWSCURRENT {
