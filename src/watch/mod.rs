@@ -137,6 +137,16 @@ struct TopicKey {
     stage: String,
 }
 
+impl TopicKey {
+    /// The cache's key for the same (id, stage).
+    fn cache_key(&self) -> CacheKey {
+        CacheKey::new(
+            self.name.clone(),
+            VersionSelector::Stage(self.stage.clone()),
+        )
+    }
+}
+
 struct Topic {
     state: watch::Sender<WatchState>,
 }
@@ -223,10 +233,7 @@ impl WatchHub {
     ) -> Result<Subscription, StoreError> {
         let shared = &self.shared;
         let topic_key = TopicKey { name, stage };
-        let cache_key = CacheKey::new(
-            topic_key.name.clone(),
-            VersionSelector::Stage(topic_key.stage.clone()),
-        );
+        let cache_key = topic_key.cache_key();
         // Subscribing under the map's guard: a detector round drops topics
         // with no receivers, and must not drop this one in between.
         let subscribed = shared.topics.get(&topic_key).map(|t| t.state.subscribe());

@@ -81,10 +81,7 @@ impl Tracked {
     }
 
     fn cache_key(&self) -> CacheKey {
-        CacheKey::new(
-            self.key.name.clone(),
-            VersionSelector::Stage(self.key.stage.clone()),
-        )
+        self.key.cache_key()
     }
 }
 
@@ -163,8 +160,7 @@ impl Shared {
             Err(StoreError::NotFound { .. } | StoreError::Deleted { .. }) => {
                 // The stage is gone (e.g. no AWSPREVIOUS any more), not
                 // necessarily the secret.
-                self.cache.remove_deleted(&tracked.cache_key());
-                self.mark_deleted(&tracked.key);
+                self.forget_gone_stage(&tracked.key);
                 Reread::Changed
             }
             Err(error) if error.is_transient() => Reread::Failed(error),
@@ -192,12 +188,15 @@ impl Shared {
         if stage == AWSCURRENT {
             self.forget_deleted_id(id);
         } else {
-            self.cache.remove_deleted(&CacheKey::new(
-                id.to_owned(),
-                VersionSelector::Stage(stage.to_owned()),
-            ));
-            self.mark_deleted(&key);
+            self.forget_gone_stage(&key);
         }
+    }
+
+    /// One stage of a secret is gone (not necessarily the secret): its
+    /// entry goes, late reads of it are held back, its watchers are told.
+    fn forget_gone_stage(&self, key: &TopicKey) {
+        self.cache.remove_deleted(&key.cache_key());
+        self.mark_deleted(key);
     }
 
     /// The secret read by `id` is gone upstream. A complete ARN's secret
@@ -230,10 +229,7 @@ impl Shared {
         for key in keys {
             // A watched stage whose entry went (evicted) or is still being
             // read is marked too: a late read must not restore it.
-            let stage = VersionSelector::Stage(key.stage.clone());
-            self.cache
-                .remove_deleted(&CacheKey::new(key.name.clone(), stage));
-            self.mark_deleted(&key);
+            self.forget_gone_stage(&key);
         }
     }
 

@@ -236,7 +236,9 @@ impl Shared {
     /// Whether the listing said `listed` of `key` when a re-read last found
     /// the version held, within the time that is trusted.
     fn behind_still(&self, key: &TopicKey, listed: &Option<String>) -> bool {
-        self.lock_cursor()
+        self.cursor
+            .lock()
+            .unwrap()
             .listing_behind
             .get(key)
             .is_some_and(|behind| {
@@ -245,7 +247,7 @@ impl Shared {
     }
 
     fn note_behind(&self, key: &TopicKey, listed: Option<String>) {
-        let mut cursor = self.lock_cursor();
+        let mut cursor = self.cursor.lock().unwrap();
         if cursor.listing_behind.len() >= LISTING_BEHIND_MAX {
             cursor.listing_behind.clear();
         }
@@ -266,13 +268,11 @@ impl Shared {
     /// What was noted of listings lagging, for the ids `belongs` picks
     /// (found deleted: a restore must be read at once).
     pub(super) fn forget_listing_behind(&self, belongs: &dyn Fn(&str) -> bool) {
-        self.lock_cursor()
+        self.cursor
+            .lock()
+            .unwrap()
             .listing_behind
             .retain(|key, _| !belongs(&key.name));
-    }
-
-    fn lock_cursor(&self) -> std::sync::MutexGuard<'_, Cursor> {
-        self.cursor.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A listing failed: said once per outage (at WARN when the upstream
@@ -389,7 +389,7 @@ impl Shared {
                     .as_deref()
                     .is_none_or(|listed| !item.holds_only(listed));
             if !moved {
-                self.lock_cursor().listing_behind.remove(&item.key);
+                self.cursor.lock().unwrap().listing_behind.remove(&item.key);
                 continue;
             }
             // A re-read that finds the version held (AWS answered, not
@@ -405,7 +405,7 @@ impl Shared {
             match self.reread(item).await {
                 Reread::Changed => {
                     self.sweep_changes.fetch_add(1, Relaxed);
-                    self.lock_cursor().listing_behind.remove(&item.key);
+                    self.cursor.lock().unwrap().listing_behind.remove(&item.key);
                 }
                 Reread::Same if lags => self.note_behind(&item.key, listed_version),
                 Reread::Same | Reread::Refused => {}

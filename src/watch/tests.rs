@@ -194,13 +194,9 @@ async fn a_long_listing_spreads_over_rounds_within_the_budget() {
     assert_eq!(store.describe_calls(), 0, "every held secret was listed");
 }
 
-#[tokio::test]
-async fn a_listing_that_lags_a_rotation_already_held_is_not_reread_every_round() {
-    let store = FakeStore::with(&["s"]);
-    let (hub, _cache) = hub_over(&store);
-    let mut watcher = subscribe(&hub, "s").await;
-    // The rotation is held (a bypass read, an event), the listing still
-    // shows the version before: ListSecrets lags, by minutes on AWS.
+/// `s` rotated to v2 and held (a bypass read, an event), while the listing
+/// still shows v1: ListSecrets lags, by minutes on AWS.
+async fn held_ahead_of_the_listing(hub: &WatchHub, store: &Arc<FakeStore>) {
     store.set("s", "v2");
     store
         .listed_as
@@ -208,6 +204,14 @@ async fn a_listing_that_lags_a_rotation_already_held_is_not_reread_every_round()
         .unwrap()
         .insert("s".into(), "v1".into());
     hub.refresh_secret(&["s".to_owned()], None).await;
+}
+
+#[tokio::test]
+async fn a_listing_that_lags_a_rotation_already_held_is_not_reread_every_round() {
+    let store = FakeStore::with(&["s"]);
+    let (hub, _cache) = hub_over(&store);
+    let mut watcher = subscribe(&hub, "s").await;
+    held_ahead_of_the_listing(&hub, &store).await;
     assert_eq!(latest(&mut watcher), (WatchEvent::Rotated, "v2".into()));
     let reads = store.calls();
     round(&hub, &store).await;
@@ -230,13 +234,7 @@ async fn a_listing_found_behind_is_trusted_30_s_first_then_twice_as_long_each_ti
     let store = FakeStore::with(&["s"]);
     let (hub, _cache) = hub_over(&store);
     let _watcher = subscribe(&hub, "s").await;
-    store.set("s", "v2");
-    store
-        .listed_as
-        .lock()
-        .unwrap()
-        .insert("s".into(), "v1".into());
-    hub.refresh_secret(&["s".to_owned()], None).await;
+    held_ahead_of_the_listing(&hub, &store).await;
     let reads = store.calls();
     let (hub, store) = (&hub, &store);
     let reads_after = |seconds: u64| async move {
