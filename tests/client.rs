@@ -786,6 +786,57 @@ async fn a_call_takes_at_most_its_timeout_retries_included() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_waiting_for_its_connection_takes_at_most_its_timeout() {
+    // A listener that never accepts, its queue full: a connection attempt
+    // hangs, as towards an address whose packets are dropped.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connect = || {
+        tokio::time::timeout(
+            Duration::from_millis(300),
+            tokio::net::TcpStream::connect(addr),
+        )
+    };
+    let mut queued = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(stream)) = connect().await {
+            queued.push(stream);
+        }
+    }
+    assert!(connect().await.is_err(), "the listener's queue is not full");
+
+    let timeout = Duration::from_millis(1500);
+    let mut config = ClientConfig::new(addr.to_string());
+    config.request_timeout = timeout;
+    config.connect_timeout = Duration::from_secs(5);
+    let client = SecretsClient::connect(config).await.unwrap();
+    let started = Instant::now();
+    let read = client.get_secret(MISTRAL).await;
+    let read_took = started.elapsed();
+    let started = Instant::now();
+    let cleared = client.clear_cache(&[]).await;
+    let clear_took = started.elapsed();
+    for (call, result, took) in [
+        ("GetSecret", read.map(|_| ()), read_took),
+        ("ClearCache", cleared.map(|_| ()), clear_took),
+    ] {
+        let error = result.expect_err("nothing answered, yet a call succeeded");
+        assert!(
+            took < timeout + Duration::from_millis(500),
+            "{call} took {took:?} with a timeout of {timeout:?}: {error}"
+        );
+        assert!(error.is_retryable(), "{call}: {error}");
+        assert!(
+            error.to_string().contains("timed out"),
+            "{call}: the error does not say it timed out: {error}"
+        );
+    }
+    drop(queued);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_that_cannot_connect_says_why() {
     let port = support::free_port();
     let endpoint = format!("127.0.0.1:{port}");

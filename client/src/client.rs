@@ -103,6 +103,42 @@ impl SecretsClient {
         Error::from_call(status, &self.endpoint, self.tls)
     }
 
+    /// `call`, cut at `deadline`. tonic bounds a request by its
+    /// `grpc-timeout` only once it is on a connection: the wait for the
+    /// connection itself (up to `connect_timeout` per attempt, against an
+    /// address that drops packets) is bounded here.
+    async fn by<T>(
+        &self,
+        deadline: Instant,
+        call: impl Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        tokio::time::timeout_at(deadline, call)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::Unreachable {
+                    endpoint: self.endpoint.to_string(),
+                    reason: format!(
+                        "no answer within the request timeout ({:?}): timed out \
+                         (BROKER_ENDPOINT, the network, a firewall)",
+                        self.request_timeout
+                    ),
+                })
+            })
+    }
+
+    /// One call with the call deadline, no retries.
+    async fn once<T>(
+        &self,
+        call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T, Error> {
+        let answer = async {
+            call.await
+                .map(tonic::Response::into_inner)
+                .map_err(|status| self.error(status))
+        };
+        self.by(Instant::now() + self.request_timeout, answer).await
+    }
+
     /// Runs an idempotent call, retrying UNAVAILABLE with backoff, all of
     /// it within `request_timeout` (a call's time, not an attempt's):
     /// `call` is given the time its attempt may take.
@@ -115,7 +151,8 @@ impl SecretsClient {
         let mut backoff = FIRST_BACKOFF;
         let mut attempt = 0;
         loop {
-            match call(deadline.saturating_duration_since(Instant::now())).await {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.by(deadline, call(left)).await {
                 Err(error)
                     if error.is_retryable()
                         && attempt < self.max_retries
@@ -252,7 +289,7 @@ impl SecretsClient {
             service: "secretsbroker.v1.SecretsService".into(),
         });
         matches!(
-            health.check(request).await.map(|r| r.into_inner().status()),
+            self.once(health.check(request)).await.map(|r| r.status()),
             Ok(ServingStatus::Serving)
         )
     }
@@ -261,21 +298,17 @@ impl SecretsClient {
     /// (AdminService.CheckUpstream; needs an admin identity).
     pub async fn check_upstream(&self) -> Result<bool, Error> {
         let mut client = self.admin.clone();
-        let response = client
-            .check_upstream(self.request(proto::CheckUpstreamRequest {}))
-            .await
-            .map_err(|status| self.error(status))?;
-        Ok(response.into_inner().reachable)
+        let response = self
+            .once(client.check_upstream(self.request(proto::CheckUpstreamRequest {})))
+            .await?;
+        Ok(response.reachable)
     }
 
     /// The broker's cache counters (needs an admin identity).
     pub async fn get_cache_stats(&self) -> Result<proto::GetCacheStatsResponse, Error> {
         let mut client = self.admin.clone();
-        Ok(client
-            .get_cache_stats(self.request(proto::GetCacheStatsRequest {}))
+        self.once(client.get_cache_stats(self.request(proto::GetCacheStatsRequest {})))
             .await
-            .map_err(|status| self.error(status))?
-            .into_inner())
     }
 
     /// Drops these secrets from the broker's cache, or everything when
@@ -285,11 +318,9 @@ impl SecretsClient {
         let request = proto::ClearCacheRequest {
             names: names.iter().map(|n| (*n).to_owned()).collect(),
         };
-        Ok(client
-            .clear_cache(self.request(request))
-            .await
-            .map_err(|status| self.error(status))?
-            .into_inner()
+        Ok(self
+            .once(client.clear_cache(self.request(request)))
+            .await?
             .cleared)
     }
 
@@ -298,11 +329,9 @@ impl SecretsClient {
     pub async fn refresh_secret(&self, name: &str) -> Result<(SecretValue, bool), Error> {
         let mut client = self.admin.clone();
         let request = proto::RefreshSecretRequest { name: name.into() };
-        let response = client
-            .refresh_secret(self.request(request))
-            .await
-            .map_err(|status| self.error(status))?
-            .into_inner();
+        let response = self
+            .once(client.refresh_secret(self.request(request)))
+            .await?;
         let secret = response
             .secret
             .ok_or_else(|| Error::Decode("the broker sent no secret".into()))?;

@@ -31,8 +31,8 @@ pub struct ClientConfig {
     pub tls_domain: Option<String>,
     /// How long to wait for a connection.
     pub connect_timeout: Duration,
-    /// How long one call may take, its retries included (watch streams
-    /// excepted).
+    /// How long one call may take, its retries and the wait for a
+    /// connection included (watch streams excepted).
     pub request_timeout: Duration,
     /// Extra attempts of an idempotent read after UNAVAILABLE, within
     /// `request_timeout`.
