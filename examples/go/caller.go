@@ -25,6 +25,7 @@ import (
 	"os"
 	"time"
 
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
@@ -63,9 +64,17 @@ func dialOption() (grpc.DialOption, error) {
 	return grpc.WithTransportCredentials(credentials.NewTLS(config)), nil
 }
 
+// fail prints the status code, the broker's ErrorInfo reason (what to
+// branch on, e.g. POLICY_DENIED or SECRET_NOT_FOUND) and the message.
 func fail(err error) {
 	if s, ok := status.FromError(err); ok {
-		fmt.Fprintf(os.Stderr, "error: %s: %s\n", codeName(s.Code().String()), s.Message())
+		reason := ""
+		for _, detail := range s.Details() {
+			if info, ok := detail.(*errdetails.ErrorInfo); ok {
+				reason = " " + info.GetReason()
+			}
+		}
+		fmt.Fprintf(os.Stderr, "error: %s%s: %s\n", codeName(s.Code().String()), reason, s.Message())
 	} else {
 		fmt.Fprintf(os.Stderr, "error: %v\n", err)
 	}
@@ -95,7 +104,10 @@ func main() {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	conn, err := grpc.DialContext(ctx, env("BROKER_ENDPOINT", "127.0.0.1:50051"), option, grpc.WithBlock())
+	// Not WithBlock: a broker that cannot be reached then fails the first
+	// call with the reason (connection refused, a TLS failure), where a
+	// blocking dial says only "context deadline exceeded".
+	conn, err := grpc.Dial(env("BROKER_ENDPOINT", "127.0.0.1:50051"), option)
 	if err != nil {
 		fail(err)
 	}

@@ -21,6 +21,7 @@ const fs = require('fs');
 const path = require('path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
+const protobuf = require('protobufjs');
 
 const env = (name, fallback) => process.env[name] || fallback;
 
@@ -55,6 +56,27 @@ function credentialsAndOptions() {
     options['grpc.default_authority'] = domain;
   }
   return [grpc.credentials.createSsl(ca, key, cert), options];
+}
+
+// What an error's grpc-status-details-bin trailer is: google.rpc.Status,
+// whose details are google.protobuf.Any. Only the fields read here are
+// declared, with their field numbers in those messages.
+const statusDetails = protobuf.parse(
+  `syntax = "proto3";
+   message Any { string type_url = 1; bytes value = 2; }
+   message Status { repeated Any details = 3; }
+   message ErrorInfo { string reason = 1; }`,
+  { keepCase: true },
+).root;
+
+// The broker's google.rpc.ErrorInfo reason (what to branch on, e.g.
+// POLICY_DENIED or SECRET_NOT_FOUND), or '' when the error has none.
+function reasonOf(error) {
+  const [bytes] = error.metadata ? error.metadata.get('grpc-status-details-bin') : [];
+  if (!bytes) return '';
+  const status = statusDetails.lookupType('Status').decode(bytes);
+  const info = status.details.find((d) => d.type_url.endsWith('/google.rpc.ErrorInfo'));
+  return info ? statusDetails.lookupType('ErrorInfo').decode(info.value).reason : '';
 }
 
 // A unary call as a promise, with a deadline.
@@ -107,7 +129,8 @@ async function main() {
 main().catch((error) => {
   // grpc-js errors carry the status code; the broker's ErrorInfo is in
   // error.metadata ('grpc-status-details-bin').
-  const code = error.code !== undefined ? `${grpc.status[error.code]} ` : '';
-  console.error(`error: ${code}${error.details || error.message}`);
+  const code = error.code !== undefined ? `${grpc.status[error.code]}` : '';
+  const label = [code, reasonOf(error)].filter((part) => part).join(' ');
+  console.error(`error: ${label ? `${label}: ` : ''}${error.details || error.message}`);
   process.exit(1);
 });

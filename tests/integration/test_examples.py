@@ -111,8 +111,16 @@ def check_output(proc: subprocess.CompletedProcess, broker, versions) -> None:
 
 def check_denied(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode != 0, describe(proc)
-    assert "PERMISSION_DENIED" in proc.stderr, describe(proc)
+    # The code, and the broker's ErrorInfo reason a caller branches on.
+    assert "PERMISSION_DENIED POLICY_DENIED" in proc.stderr, describe(proc)
     assert "examples-db-password" not in proc.stdout + proc.stderr, describe(proc)
+
+
+def check_unreachable(proc: subprocess.CompletedProcess) -> None:
+    """A caller whose broker is not there says why, not only that time ran out."""
+    assert proc.returncode != 0, describe(proc)
+    assert "UNAVAILABLE" in proc.stderr, describe(proc)
+    assert "refused" in proc.stderr.lower(), describe(proc)
 
 
 # --------------------------------------------------------------------------
@@ -145,7 +153,6 @@ def test_python_example_over_mtls(mtls_broker, pki, tmp_path, proto_dir):
         tmp_path,
     )
     check_denied(denied)
-    assert "POLICY_DENIED" in denied.stderr, describe(denied)
 
 
 # --------------------------------------------------------------------------
@@ -177,6 +184,9 @@ def test_node_example_over_mtls(mtls_broker, pki, tmp_path, proto_dir):
     denied = run([node, caller], env | {"SECRET_NAME": "production/database"}, tmp_path)
     check_denied(denied)
 
+    unreachable = run([node, caller], env | {"BROKER_ENDPOINT": f"127.0.0.1:{support.free_port()}"}, tmp_path)
+    check_unreachable(unreachable)
+
 
 # --------------------------------------------------------------------------
 # Go: examples/go/build.sh (Debian's protoc plugins and grpc-go, GOPATH mode)
@@ -202,3 +212,6 @@ def test_go_example_over_mtls(mtls_broker, pki, tmp_path, go_caller):
 
     denied = run([go_caller], caller_env(broker, pki, SECRET_NAME="production/database"), tmp_path)
     check_denied(denied)
+
+    unreachable = run([go_caller], caller_env(broker, pki, BROKER_ENDPOINT=f"127.0.0.1:{support.free_port()}"), tmp_path)
+    check_unreachable(unreachable)
