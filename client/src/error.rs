@@ -204,6 +204,14 @@ fn connection_reason(status: &Status, tls: bool) -> String {
         "TLS: a certificate has expired"
     } else if chain.contains("refused") {
         "connection refused (is the broker running there? BROKER_ENDPOINT)"
+    } else if tls && chain.contains("invalidcontenttype") {
+        // The first bytes back were not a TLS record: a plaintext HTTP/2
+        // server's SETTINGS frame.
+        "the broker did not answer in TLS: a plaintext broker? (then unset BROKER_CA_FILE, \
+         BROKER_CERT_FILE and BROKER_KEY_FILE)"
+    } else if chain.contains("kind: notfound") || chain.contains("no such file") {
+        "nothing listens at this path: no such socket (is the broker running, listening on \
+         unix:PATH? BROKER_ENDPOINT)"
     } else if chain.contains("timed out") || chain.contains("elapsed") || chain.contains("timeout")
     {
         "timed out (BROKER_ENDPOINT, the network, a firewall)"

@@ -151,6 +151,31 @@ def test_get_names_a_plaintext_client_to_a_tls_broker(start_tls_broker, broker_b
     assert broker.addr in lines[0] and "BROKER_CA_FILE" in lines[0], lines[0]
 
 
+def test_get_names_a_tls_client_to_a_plaintext_broker(dev_broker, pki, broker_bin):
+    env = {
+        "BROKER_CA_FILE": str(pki.ca1.cert_path),
+        "BROKER_CERT_FILE": str(pki.auth.cert_path),
+        "BROKER_KEY_FILE": str(pki.auth.key_path),
+    }
+    got = get(broker_bin, "mistral-api-key", "--endpoint", dev_broker.addr, env=env)
+    lines = lines_of(got)
+    print(lines)
+    assert got.returncode == 1 and got.stdout == ""
+    assert len(lines) == 1, lines
+    assert dev_broker.addr in lines[0] and "did not answer in TLS" in lines[0], lines[0]
+    assert "plaintext broker" in lines[0] and "BROKER_CA_FILE" in lines[0], lines[0]
+
+
+def test_get_names_a_unix_socket_that_is_not_there(broker_bin, tmp_path):
+    endpoint = f"unix:{tmp_path / 'broker.sock'}"
+    got = get(broker_bin, "mistral-api-key", "--endpoint", endpoint)
+    lines = lines_of(got)
+    print(lines)
+    assert got.returncode == 1 and got.stdout == ""
+    assert len(lines) == 1, lines
+    assert endpoint in lines[0] and "no such socket" in lines[0], lines[0]
+
+
 def test_get_names_a_client_certificate_the_broker_refuses(start_tls_broker, pki, broker_bin, tmp_path):
     """A client certificate from a CA the broker does not trust: under TLS
     1.3 the client learns it from the broker's alert after its own side of
