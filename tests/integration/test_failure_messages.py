@@ -115,14 +115,20 @@ def get(broker_bin, *args, env=None) -> subprocess.CompletedProcess:
     )
 
 
-def test_get_names_a_closed_endpoint(broker_bin):
-    endpoint = f"127.0.0.1:{support.free_port()}"
-    got = get(broker_bin, "mistral-api-key", "--endpoint", endpoint)
+def failure_line(got: subprocess.CompletedProcess) -> str:
+    """The one line a failed `get` prints, nothing on stdout."""
     lines = lines_of(got)
     print(lines)
     assert got.returncode == 1 and got.stdout == ""
     assert len(lines) == 1, lines
-    assert endpoint in lines[0] and "connection refused" in lines[0], lines[0]
+    return lines[0]
+
+
+def test_get_names_a_closed_endpoint(broker_bin):
+    endpoint = f"127.0.0.1:{support.free_port()}"
+    got = get(broker_bin, "mistral-api-key", "--endpoint", endpoint)
+    line = failure_line(got)
+    assert endpoint in line and "connection refused" in line, line
 
 
 def test_get_names_a_tls_broker_it_does_not_trust(start_tls_broker, pki, broker_bin, tmp_path):
@@ -134,21 +140,15 @@ def test_get_names_a_tls_broker_it_does_not_trust(start_tls_broker, pki, broker_
         "BROKER_KEY_FILE": str(pki.auth.key_path),
     }
     got = get(broker_bin, "mistral-api-key", "--endpoint", broker.addr, env=env)
-    lines = lines_of(got)
-    print(lines)
-    assert got.returncode == 1 and got.stdout == ""
-    assert len(lines) == 1, lines
-    assert broker.addr in lines[0] and "unknown CA" in lines[0] and "BROKER_CA_FILE" in lines[0], lines[0]
+    line = failure_line(got)
+    assert broker.addr in line and "unknown CA" in line and "BROKER_CA_FILE" in line, line
 
 
 def test_get_names_a_plaintext_client_to_a_tls_broker(start_tls_broker, broker_bin):
     broker = start_tls_broker()
     got = get(broker_bin, "mistral-api-key", "--endpoint", broker.addr)
-    lines = lines_of(got)
-    print(lines)
-    assert got.returncode == 1 and got.stdout == ""
-    assert len(lines) == 1, lines
-    assert broker.addr in lines[0] and "BROKER_CA_FILE" in lines[0], lines[0]
+    line = failure_line(got)
+    assert broker.addr in line and "BROKER_CA_FILE" in line, line
 
 
 def test_get_names_a_tls_client_to_a_plaintext_broker(dev_broker, pki, broker_bin):
@@ -158,22 +158,16 @@ def test_get_names_a_tls_client_to_a_plaintext_broker(dev_broker, pki, broker_bi
         "BROKER_KEY_FILE": str(pki.auth.key_path),
     }
     got = get(broker_bin, "mistral-api-key", "--endpoint", dev_broker.addr, env=env)
-    lines = lines_of(got)
-    print(lines)
-    assert got.returncode == 1 and got.stdout == ""
-    assert len(lines) == 1, lines
-    assert dev_broker.addr in lines[0] and "did not answer in TLS" in lines[0], lines[0]
-    assert "plaintext broker" in lines[0] and "BROKER_CA_FILE" in lines[0], lines[0]
+    line = failure_line(got)
+    assert dev_broker.addr in line and "did not answer in TLS" in line, line
+    assert "plaintext broker" in line and "BROKER_CA_FILE" in line, line
 
 
 def test_get_names_a_unix_socket_that_is_not_there(broker_bin, tmp_path):
     endpoint = f"unix:{tmp_path / 'broker.sock'}"
     got = get(broker_bin, "mistral-api-key", "--endpoint", endpoint)
-    lines = lines_of(got)
-    print(lines)
-    assert got.returncode == 1 and got.stdout == ""
-    assert len(lines) == 1, lines
-    assert endpoint in lines[0] and "no such socket" in lines[0], lines[0]
+    line = failure_line(got)
+    assert endpoint in line and "no such socket" in line, line
 
 
 def test_get_names_a_client_certificate_the_broker_refuses(start_tls_broker, pki, broker_bin, tmp_path):
@@ -188,12 +182,9 @@ def test_get_names_a_client_certificate_the_broker_refuses(start_tls_broker, pki
         "BROKER_KEY_FILE": str(other.auth.key_path),
     }
     got = get(broker_bin, "mistral-api-key", "--endpoint", broker.addr, env=env)
-    lines = lines_of(got)
-    print(lines)
-    assert got.returncode == 1 and got.stdout == ""
-    assert len(lines) == 1, lines
+    line = failure_line(got)
     # The broker's alert, or the connection it closes, depending on which
     # the last attempt saw first: either way the certificate is named.
-    assert "refuse" in lines[0] and "this client's certificate" in lines[0], lines[0]
-    assert "BROKER_CERT_FILE" in lines[0], lines[0]
-    assert "plaintext" not in lines[0], lines[0]
+    assert "refuse" in line and "this client's certificate" in line, line
+    assert "BROKER_CERT_FILE" in line, line
+    assert "plaintext" not in line, line
