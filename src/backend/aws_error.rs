@@ -515,7 +515,9 @@ pub(super) fn explain_code(answer: Answer<'_>, action: &str, secret: &str) -> St
             if REFUSALS.first_in_a_while(&name, code) {
                 // Cut so that the line stays under 300 characters.
                 let message = message.chars().take(60).collect::<String>();
-                tracing::warn!(secret = %name, code, status, message = %message.escape_debug(), "AWS refused a read (said again in 10 min)");
+                // Not `message`: that is the event's own field, and a JSON
+                // line would carry the key twice.
+                tracing::warn!(secret = %name, code, status, aws_message = %message.escape_debug(), "AWS refused a read (said again in 10 min)");
             } else {
                 tracing::debug!(secret = %name, code, status, "AWS refused a request again");
             }
@@ -699,6 +701,53 @@ mod tests {
             let error = explain_code(answer(code, "", status), "GetSecretValue", "x");
             assert!(error.is_transient(), "{code}: {error:?}");
         }
+    }
+
+    /// A writer into memory, for a subscriber under test.
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_refusal_line_in_json_has_one_message_the_brokers() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            explain_code(
+                answer("DecryptionFailure", "words of a proxy", 400),
+                "GetSecretValue",
+                "insurecove/json-refusal-line",
+            )
+        });
+        let output = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let line = output
+            .lines()
+            .find(|line| line.contains("insurecove/json-refusal-line"))
+            .unwrap_or_else(|| panic!("no refusal line in {output}"));
+        // serde_json keeps the last of two equal keys: count them raw.
+        assert_eq!(line.matches("\"message\":").count(), 1, "{line}");
+        let event: serde_json::Value = serde_json::from_str(line).unwrap();
+        let fields = &event["fields"];
+        assert!(
+            fields["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("AWS refused a read")),
+            "{line}"
+        );
+        assert_eq!(fields["aws_message"], "words of a proxy", "{line}");
     }
 
     #[test]

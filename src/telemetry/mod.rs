@@ -91,7 +91,8 @@ fn log_panics() {
         tracing::error!(
             thread = thread.name().unwrap_or("unnamed"),
             %location,
-            message,
+            // Not `message`, the event's own field (twice in a JSON line).
+            panic_message = message,
             "panic: a fault of the broker or of a library it uses"
         );
     }));
