@@ -88,6 +88,24 @@ pub enum ApiError {
         kind: &'static str,
         source: Malformed,
     },
+    /// A path no service of the broker's answers; `None` when it is not
+    /// kept (under `/grpc.`, health's and reflection's own).
+    #[error(
+        "no method {} on this broker; it serves secretsbroker.v1.SecretsService, \
+         secretsbroker.v1.AdminService, grpc.health.v1.Health and server reflection",
+        path.as_deref().unwrap_or("of that name")
+    )]
+    UnknownMethod { path: Option<String> },
+    #[error(
+        "the request is compressed with {encoding}, which the broker does not accept; \
+         send it uncompressed (grpc-encoding identity)"
+    )]
+    UnsupportedEncoding { encoding: String },
+    /// tonic could not read the request message (its words in `detail`):
+    /// not a message of the method's type, or a compressed-flag without
+    /// an encoding.
+    #[error("the request message cannot be read: {detail}")]
+    MalformedRequest { detail: String },
 }
 
 impl ApiError {
@@ -115,6 +133,10 @@ impl ApiError {
             Self::RequestMemory => (Code::ResourceExhausted, "REQUEST_MEMORY"),
             Self::MessageTooLarge { .. } => (Code::ResourceExhausted, "MESSAGE_TOO_LARGE"),
             Self::Malformed { .. } => (Code::FailedPrecondition, "MALFORMED_SECRET"),
+            Self::UnknownMethod { .. } => (Code::Unimplemented, "UNKNOWN_METHOD"),
+            Self::UnsupportedEncoding { .. } => (Code::Unimplemented, "UNSUPPORTED_ENCODING"),
+            // gRPC's code for a request that does not parse.
+            Self::MalformedRequest { .. } => (Code::Internal, "MALFORMED_REQUEST"),
             Self::VersionNotFound { .. } => (Code::NotFound, "SECRET_NOT_FOUND"),
             Self::Store(store) => match store {
                 StoreError::NotFound { .. } => (Code::NotFound, "SECRET_NOT_FOUND"),
@@ -169,8 +191,20 @@ impl ApiError {
             Self::Store(StoreError::Mismatch { asked, .. }) => {
                 put("secret_name", asked);
             }
+            Self::Denied(Denied::Secret { secret, .. }) => {
+                put("secret_name", secret);
+            }
+            Self::UnknownMethod { path } => {
+                if let Some(path) = path {
+                    put("method", path);
+                }
+            }
+            Self::UnsupportedEncoding { .. } => {
+                put("header", "grpc-encoding");
+            }
             Self::Store(_)
             | Self::Denied(_)
+            | Self::MalformedRequest { .. }
             | Self::TooManyCalls
             | Self::BrokerFull { .. }
             | Self::Displaced

@@ -118,6 +118,8 @@ struct Framing {
     unfinished: usize,
     /// A message has arrived whole.
     whole: bool,
+    /// The longest message length a header has declared.
+    longest: usize,
 }
 
 impl Framing {
@@ -132,6 +134,7 @@ impl Framing {
                 == chunk.len() - HEADER
         {
             self.whole = true;
+            self.longest = self.longest.max(chunk.len() - HEADER);
             return;
         }
         while !chunk.is_empty() {
@@ -151,6 +154,7 @@ impl Framing {
                     ]);
                     self.header_seen = 0;
                     self.body_left = length as usize;
+                    self.longest = self.longest.max(self.body_left);
                     self.unfinished = if self.body_left == 0 {
                         self.whole = true;
                         0
@@ -221,7 +225,11 @@ impl<B> Budgeted<B> {
     fn fail(&mut self, error: ApiError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.held = None;
         self.done = true;
-        Poll::Ready(Some(Err(Box::new(tonic::Status::from(error)))))
+        let status = tonic::Status::from(error);
+        if let Some(ends) = &self.ends {
+            ends.request_failed(&status);
+        }
+        Poll::Ready(Some(Err(Box::new(status))))
     }
 
     /// Holds exactly what the unfinished message has received; false when
@@ -289,6 +297,9 @@ where
             Poll::Ready(None) => {
                 self.held = None;
                 self.done = true;
+                if let Some(ends) = &self.ends {
+                    ends.request_ended();
+                }
                 if self.framing.whole {
                     if let Err(refused) = self.stop_opening() {
                         return self.fail(refused);
@@ -307,7 +318,9 @@ where
         };
         if let Some(data) = frame.data_ref() {
             self.framing.follow(data);
-            if self.framing.unfinished.saturating_sub(HEADER) > self.max_message {
+            // Checked here too for a message that came whole (tonic would
+            // refuse it, but a stream's handler may not say so: reflection).
+            if self.framing.longest > self.max_message {
                 let limit = self.max_message;
                 return self.fail(ApiError::MessageTooLarge { limit });
             }

@@ -28,14 +28,22 @@
 //!   DEADLINE_EXCEEDED when the call timeout passes, and with UNAVAILABLE
 //!   when the broker stops (it would hold the shutdown); the streams meant to
 //!   stay open (WatchSecret, health's Watch) read one request message,
-//!   within the timeout, before they answer.
+//!   within the timeout, before they answer;
+//! - errors in the broker's words: tonic's own refusals (an unknown method,
+//!   a compressed request, a message that does not decode) get the
+//!   `ErrorInfo` every error of the broker's carries, and a reflection
+//!   stream that stopped at a request it could not take (too large, not
+//!   decodable: its handler ends such a stream OK) ends with that error.
 
 use std::{
     borrow::Cow,
     convert::Infallible,
     future::Future,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::Ordering::{Acquire, Release},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -176,9 +184,10 @@ where
             return self.refuse(request.uri().path(), rpc, &caller, full);
         };
         let limit = self.settings.call_timeout;
-        // A method of the broker's services that does not exist: audited
-        // by its path, which is only copied then.
-        let unknown_method = (rpc.is_none() && request.uri().path().starts_with("/secretsbroker."))
+        // A path that names no RPC of the broker's, outside health's and
+        // reflection's services (`/grpc.`): copied, only then, for the
+        // error that names it and, under the broker's services, the audit.
+        let unknown_path = (rpc.is_none() && !request.uri().path().starts_with("/grpc."))
             .then(|| shown_path(request.uri().path()).into_owned());
         let mut unopened = AuditIfUnopened {
             rpc,
@@ -231,12 +240,19 @@ where
                     refused_before_the_handler(rpc, caller, outcome, &unopened.metrics);
                 }
                 (None, Some(tonic::Code::Unimplemented)) => {
-                    if let Some(path) = &unknown_method {
+                    if let Some(path) = unknown_path
+                        .as_deref()
+                        .filter(|path| path.starts_with("/secretsbroker."))
+                    {
                         refused_unknown_method(path, caller);
                     }
                 }
                 _ => {}
             }
+            let response = match failed {
+                Some(_) => in_the_brokers_words(response, unknown_path),
+                None => response,
+            };
             // A trailers-only answer is already whole: a second grpc-status
             // must not follow it.
             let stream_ends = stream_ends.filter(|_| !response.headers().contains_key(GRPC_STATUS));
@@ -346,6 +362,40 @@ fn failed_before_the_handler(response: &Response<Body>) -> Option<tonic::Code> {
     reason
         .is_some_and(|reason| ApiError::given_before_the_handler(&reason))
         .then_some(code)
+}
+
+/// tonic's own refusals of a request it cannot route or read (an unknown
+/// method, a compressed request, a message that does not decode) carry no
+/// `ErrorInfo`, which every error of the broker's does: they are said
+/// again as the broker's, with the same code.
+fn in_the_brokers_words(response: Response<Body>, unknown_path: Option<String>) -> Response<Body> {
+    if response.headers().contains_key("grpc-status-details-bin") {
+        return response;
+    }
+    let Some(status) = Status::from_header_map(response.headers()) else {
+        return response;
+    };
+    let error = match status.code() {
+        tonic::Code::Unimplemented => match encoding_refused(status.message()) {
+            Some(encoding) => ApiError::UnsupportedEncoding { encoding },
+            None => ApiError::UnknownMethod { path: unknown_path },
+        },
+        tonic::Code::Internal => ApiError::MalformedRequest {
+            detail: status.message().to_owned(),
+        },
+        _ => return response,
+    };
+    answer(error)
+}
+
+/// The encoding tonic's refusal of a compressed request names ("Content
+/// is compressed with `gzip` which isn't supported"), cut: the caller
+/// chose it.
+fn encoding_refused(message: &str) -> Option<String> {
+    const MAX_SHOWN: usize = 40;
+    let (_, rest) = message.split_once("compressed with `")?;
+    let (encoding, _) = rest.rsplit_once('`')?;
+    Some(encoding.chars().take(MAX_SHOWN).collect())
 }
 
 /// The share of the call slots a stream meant to stay open for as long as
@@ -461,6 +511,18 @@ pub(super) struct CallEnd {
     at: Pin<Box<tokio::time::Sleep>>,
     limit: Duration,
     stop: Option<Stop>,
+    /// What became of the request: shared by the two sides.
+    request: Arc<RequestFate>,
+}
+
+/// How a stream's request ended, for its answer to tell: reflection's
+/// handler stops at a request it cannot take, and ends its answer OK.
+#[derive(Default)]
+struct RequestFate {
+    /// The request's end came.
+    ended: std::sync::atomic::AtomicBool,
+    /// The error the request body failed with.
+    failed: std::sync::Mutex<Option<Status>>,
 }
 
 struct Stop {
@@ -481,6 +543,7 @@ impl CallEnd {
             at: Box::pin(tokio::time::sleep(limit)),
             limit,
             stop: None,
+            request: Arc::default(),
         }
     }
 
@@ -498,7 +561,52 @@ impl CallEnd {
             at: Box::pin(tokio::time::sleep_until(self.at.deadline())),
             limit: self.limit,
             stop: self.stop.as_ref().map(|stop| Stop::new(stop.token.clone())),
+            request: Arc::clone(&self.request),
         }
+    }
+
+    /// The request body has come to its end.
+    pub(super) fn request_ended(&self) {
+        self.request.ended.store(true, Release);
+    }
+
+    /// The request body failed with `status`.
+    pub(super) fn request_failed(&self, status: &Status) {
+        let mut failed = self
+            .request
+            .failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        failed.get_or_insert_with(|| status.clone());
+    }
+
+    /// The trailers of an answer that ended OK while its request had not:
+    /// the handler stopped at a request it could not take.
+    fn trailers_of_a_request_not_taken(
+        &self,
+        trailers: &http::HeaderMap,
+    ) -> Option<http::HeaderMap> {
+        if trailers.get(GRPC_STATUS).is_none_or(|code| code != "0") {
+            return None;
+        }
+        let failed = self
+            .request
+            .failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let status = match failed {
+            Some(status) => status,
+            None if self.request.ended.load(Acquire) => return None,
+            None => Status::from(ApiError::MalformedRequest {
+                detail: "not a message of this method, or compressed without a grpc-encoding"
+                    .into(),
+            }),
+        };
+        let mut replaced = http::HeaderMap::new();
+        // Our own status's text is ASCII; tonic's is percent-encoded.
+        let _ = status.add_header(&mut replaced);
+        Some(replaced)
     }
 
     /// The error of the end, once it has passed; until then the task of
@@ -539,9 +647,16 @@ impl http_body::Body for GatedBody {
         if let Poll::Ready(None) = &frame {
             self.ends = None;
         } else if let Poll::Ready(Some(Ok(last))) = &frame
-            && last.is_trailers()
+            && let Some(trailers) = last.trailers_ref()
         {
-            self.ends = None; // ended on its own: no second trailers
+            // Ended on its own: no second trailers.
+            if let Some(replaced) = self
+                .ends
+                .take()
+                .and_then(|end| end.trailers_of_a_request_not_taken(trailers))
+            {
+                return Poll::Ready(Some(Ok(Frame::trailers(replaced))));
+            }
         }
         frame
     }

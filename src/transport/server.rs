@@ -97,7 +97,9 @@ where
 /// OUT_OF_RANGE and a bare message; gRPC's convention (and our contract)
 /// is RESOURCE_EXHAUSTED, with an `ErrorInfo` (`MESSAGE_TOO_LARGE`) that
 /// names the setting. The broker's own handlers never answer
-/// OUT_OF_RANGE, so the remap touches nothing else.
+/// OUT_OF_RANGE, so the remap touches nothing else. The request body's
+/// budget (`transport::budget`) refuses such a message before tonic reads
+/// it; this keeps the contract should a body ever pass unbudgeted.
 fn too_large<B: Default>(limit: usize) -> impl Fn(http::Response<B>) -> http::Response<B> + Clone {
     move |response| {
         let out_of_range = http::HeaderValue::from_static("11");

@@ -14,7 +14,7 @@ use secrets_broker_client::proto::{
     GetSecretRequest, secrets_service_client::SecretsServiceClient,
 };
 
-use crate::harness::{Running, headers_only, process_log};
+use crate::harness::{Running, answer_headers, headers_only, process_log};
 
 type Raw = SecretsServiceClient<Channel>;
 
@@ -454,6 +454,87 @@ async fn malformed_typed_configs_name_the_field_and_echo_nothing() {
     for value in forbidden() {
         assert!(!text.contains(&value), "{value:?} logged");
     }
+}
+
+#[tokio::test]
+async fn requests_tonic_cannot_route_or_read_carry_the_brokers_error_info() {
+    let broker = Running::start(|_| {}).await;
+    let info = |status: &Status| {
+        let info = status
+            .get_details_error_info()
+            .unwrap_or_else(|| panic!("no ErrorInfo: {status:?}"));
+        assert_eq!(info.domain, "secretsbroker", "{status:?}");
+        (status.code(), info.reason, info.metadata)
+    };
+
+    let not_text = send_bytes_name(
+        broker.channel().await,
+        "/secretsbroker.v1.SecretsService/GetSecret",
+        vec![b'a', 0xff, 0xfe],
+    )
+    .await;
+    let (code, reason, _) = info(&not_text);
+    assert_eq!(
+        (code, reason.as_str()),
+        (Code::Internal, "MALFORMED_REQUEST")
+    );
+    assert!(not_text.message().contains("name"), "{not_text:?}");
+
+    for (path, named) in [
+        ("/secretsbroker.v1.SecretsService/NoSuchMethod", true),
+        ("/other.v1.Elsewhere/Call", true),
+        ("/grpc.health.v1.Health/NoSuchMethod", false),
+    ] {
+        let unknown = send_bytes_name(broker.channel().await, path, b"x".to_vec()).await;
+        let (code, reason, metadata) = info(&unknown);
+        assert_eq!(
+            (code, reason.as_str()),
+            (Code::Unimplemented, "UNKNOWN_METHOD")
+        );
+        assert_eq!(
+            metadata.get("method").map(String::as_str),
+            named.then_some(path)
+        );
+        assert!(unknown.message().contains("SecretsService"), "{unknown:?}");
+    }
+
+    // A compressed request, which the broker does not take.
+    let mut connection = broker.h2().await;
+    let request = http::Request::post("/secretsbroker.v1.SecretsService/GetSecret")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-encoding", "gzip")
+        .body(())
+        .unwrap();
+    let (response, mut body) = connection.send_request(request, false).unwrap();
+    body.send_data(vec![1, 0, 0, 0, 2, 0x1f, 0x8b].into(), true)
+        .unwrap();
+    let compressed = Status::from_header_map(&answer_headers(response).await).unwrap();
+    let (code, reason, metadata) = info(&compressed);
+    assert_eq!(
+        (code, reason.as_str()),
+        (Code::Unimplemented, "UNSUPPORTED_ENCODING")
+    );
+    assert_eq!(metadata["header"], "grpc-encoding");
+    assert!(compressed.message().contains("gzip"), "{compressed:?}");
+
+    // A reflection request that does not decode: tonic's reflection ends
+    // its stream OK at it; the broker says why.
+    let (response, mut body) = headers_only(
+        &mut connection,
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    )
+    .await;
+    // ServerReflectionRequest{host: <not UTF-8>}.
+    body.send_data(vec![0, 0, 0, 0, 4, 0x0a, 0x02, 0xff, 0xfe].into(), true)
+        .unwrap();
+    let unread = Status::from_header_map(&answer_headers(response).await).unwrap();
+    let (code, reason, _) = info(&unread);
+    assert_eq!(
+        (code, reason.as_str()),
+        (Code::Internal, "MALFORMED_REQUEST")
+    );
+    broker.stop().await;
 }
 
 /// A request whose `name` (field 1) is raw bytes, to send what protobuf

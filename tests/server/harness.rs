@@ -368,6 +368,23 @@ pub fn process_log() -> Captured {
     .clone()
 }
 
+/// The headers that carry an answer's grpc-status: its headers when it is
+/// trailers-only, else its trailers (the body read to its end).
+pub async fn answer_headers(response: h2::client::ResponseFuture) -> http::HeaderMap {
+    let response = tokio::time::timeout(Duration::from_secs(5), response)
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    if response.headers().contains_key("grpc-status") {
+        return response.headers().clone();
+    }
+    let mut body = response.into_body();
+    while let Some(data) = body.data().await {
+        drop(data);
+    }
+    body.trailers().await.unwrap().unwrap_or_default()
+}
+
 /// Opens a stream for `path` with its headers alone: no request follows.
 pub async fn headers_only(
     connection: &mut h2::client::SendRequest<bytes::Bytes>,

@@ -14,6 +14,7 @@ use secrets_broker_client::proto::{
     WatchSecretRequest, batch_get_secrets_result, secrets_service_client::SecretsServiceClient,
 };
 use tonic::{Code, Status};
+use tonic_types::StatusExt;
 
 use crate::harness::{
     Issued, Pki, Running, Secrets, assert_no_dev_value, eventually, get, process_log, reason,
@@ -133,7 +134,15 @@ async fn plaintext_callers_are_anonymous_under_a_policy() {
         value(&get(&mut raw, "mistral-api-key").await.unwrap()),
         MISTRAL_VALUE
     );
-    assert_denied(get(&mut raw, "production/jwt").await);
+    let refused = get(&mut raw, "production/jwt").await;
+    // The refusal names the secret, as every error names what it is about.
+    let info = refused.as_ref().err().and_then(|s| s.get_details_error_info());
+    assert_eq!(
+        info.map(|info| info.metadata["secret_name"].clone()),
+        Some(JWT.to_owned()),
+        "{refused:?}"
+    );
+    assert_denied(refused);
     assert_denied(stats(broker.channel().await).await);
     drop(raw);
     broker.stop().await;
