@@ -166,6 +166,9 @@ fn json_line(line: &mut String, record: &AuditRecord<'_>, plain: bool) -> fmt::R
 }
 
 /// `text` as a JSON string; `plain` (see `is_plain`) needs no escaping.
+/// What the text layout's `Debug` escapes is escaped here too (`\uXXXX`):
+/// controls, and characters that change how a line reads without being
+/// seen (bidirectional overrides such as U+202E, zero-width ones).
 fn json_string(out: &mut String, text: &str, plain: bool) {
     out.push('"');
     if plain {
@@ -180,8 +183,11 @@ fn json_string(out: &mut String, text: &str, plain: bool) {
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 || c == '\u{7f}' => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
+            '\'' => out.push(c),
+            c if c.escape_debug().next() == Some('\\') => {
+                for unit in c.encode_utf16(&mut [0; 2]) {
+                    let _ = write!(out, "\\u{unit:04x}");
+                }
             }
             c => out.push(c),
         }
@@ -252,6 +258,37 @@ mod tests {
                 assert!(!is_plain(&text), "{odd:?} at {at}");
             }
         }
+    }
+
+    #[test]
+    fn what_the_text_layout_escapes_the_json_layout_escapes_too() {
+        for (odd, escaped) in [
+            ("\u{202e}", "\\u202e"),
+            ("\u{200b}", "\\u200b"),
+            ("\u{1b}", "\\u001b"),
+            ("\u{e0001}", "\\udb40\\udc01"),
+        ] {
+            let path = format!("/secretsbroker.v1.SecretsService/a{odd}b");
+            let record = AuditRecord {
+                identity: "anonymous",
+                rpc: &path,
+                secrets: "",
+                outcome: "UNIMPLEMENTED",
+                cache_hit: None,
+            };
+            let (mut text, mut json) = (String::new(), String::new());
+            write_line(&mut text, &record, false);
+            write_line(&mut json, &record, true);
+            assert!(!text.contains(odd), "{text}");
+            assert!(!json.contains(odd), "{json}");
+            assert!(json.contains(escaped), "{json}");
+            let event: serde_json::Value = serde_json::from_str(&json).unwrap();
+            assert_eq!(event["fields"]["rpc"], path);
+        }
+        // Printable text beyond ASCII stays as it is.
+        let mut json = String::new();
+        json_string(&mut json, "caf\u{e9} \u{4e2d}'", false);
+        assert_eq!(json, "\"caf\u{e9} \u{4e2d}'\"");
     }
 
     /// An unknown method's path is the caller's: it must not pass for
