@@ -221,6 +221,23 @@ impl<B> Budgeted<B> {
         }
     }
 
+    /// Tells a stream's answer how its request ended: whole, or inside a
+    /// message (tonic then fails the read, and reflection would end its
+    /// answer OK).
+    fn note_end(&self) {
+        let Some(ends) = &self.ends else {
+            return;
+        };
+        if self.framing.unfinished > 0 {
+            let cut = ApiError::MalformedRequest {
+                detail: "the request ended inside a message".into(),
+            };
+            ends.request_failed(&tonic::Status::from(cut));
+        } else {
+            ends.request_ended();
+        }
+    }
+
     /// Gives the budget back and ends the body with `error`.
     fn fail(&mut self, error: ApiError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.held = None;
@@ -297,9 +314,7 @@ where
             Poll::Ready(None) => {
                 self.held = None;
                 self.done = true;
-                if let Some(ends) = &self.ends {
-                    ends.request_ended();
-                }
+                self.note_end();
                 if self.framing.whole {
                     if let Err(refused) = self.stop_opening() {
                         return self.fail(refused);
@@ -316,6 +331,10 @@ where
                 return Poll::Pending;
             }
         };
+        if frame.is_trailers() {
+            // tonic reads no further: the request ends here.
+            self.note_end();
+        }
         if let Some(data) = frame.data_ref() {
             self.framing.follow(data);
             // Checked here too for a message that came whole (tonic would

@@ -331,6 +331,8 @@ impl<S> Gate<S> {
 const HEALTH_WATCH: &str = "/grpc.health.v1.Health/Watch";
 
 const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+const GRPC_ACCEPT_ENCODING: http::HeaderName =
+    http::HeaderName::from_static("grpc-accept-encoding");
 const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
 
 /// The code of an answer that no handler of the broker's wrote: an error
@@ -385,7 +387,14 @@ fn in_the_brokers_words(response: Response<Body>, unknown_path: Option<String>) 
         },
         _ => return response,
     };
-    answer(error)
+    let mut answered = answer(error);
+    // A refused encoding's answer says which ones are taken.
+    if let Some(accepted) = response.headers().get(GRPC_ACCEPT_ENCODING) {
+        answered
+            .headers_mut()
+            .insert(GRPC_ACCEPT_ENCODING, accepted.clone());
+    }
+    answered
 }
 
 /// The encoding tonic's refusal of a compressed request names ("Content

@@ -509,7 +509,15 @@ async fn requests_tonic_cannot_route_or_read_carry_the_brokers_error_info() {
     let (response, mut body) = connection.send_request(request, false).unwrap();
     body.send_data(vec![1, 0, 0, 0, 2, 0x1f, 0x8b].into(), true)
         .unwrap();
-    let compressed = Status::from_header_map(&answer_headers(response).await).unwrap();
+    let headers = answer_headers(response).await;
+    assert_eq!(
+        headers
+            .get("grpc-accept-encoding")
+            .map(|v| v.to_str().unwrap()),
+        Some("identity"),
+        "the refusal says which encodings are taken"
+    );
+    let compressed = Status::from_header_map(&headers).unwrap();
     let (code, reason, metadata) = info(&compressed);
     assert_eq!(
         (code, reason.as_str()),
@@ -520,11 +528,7 @@ async fn requests_tonic_cannot_route_or_read_carry_the_brokers_error_info() {
 
     // A reflection request that does not decode: tonic's reflection ends
     // its stream OK at it; the broker says why.
-    let (response, mut body) = headers_only(
-        &mut connection,
-        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-    )
-    .await;
+    let (response, mut body) = headers_only(&mut connection, REFLECTION).await;
     // ServerReflectionRequest{host: <not UTF-8>}.
     body.send_data(vec![0, 0, 0, 0, 4, 0x0a, 0x02, 0xff, 0xfe].into(), true)
         .unwrap();
@@ -534,8 +538,35 @@ async fn requests_tonic_cannot_route_or_read_carry_the_brokers_error_info() {
         (code, reason.as_str()),
         (Code::Internal, "MALFORMED_REQUEST")
     );
+
+    // One that ends inside its message: a header declaring 10 bytes, 3 sent.
+    let (response, mut body) = headers_only(&mut connection, REFLECTION).await;
+    body.send_data(vec![0, 0, 0, 0, 10, 0x0a, 0x01, b'x'].into(), true)
+        .unwrap();
+    let cut = Status::from_header_map(&answer_headers(response).await).unwrap();
+    let (code, reason, _) = info(&cut);
+    assert_eq!(
+        (code, reason.as_str()),
+        (Code::Internal, "MALFORMED_REQUEST"),
+        "{cut:?}"
+    );
+
+    // A whole request ended by trailers rather than by its last DATA frame
+    // is answered, and ends OK: ServerReflectionRequest{list_services: ""}.
+    let (response, mut body) = headers_only(&mut connection, REFLECTION).await;
+    body.send_data(vec![0, 0, 0, 0, 2, 0x3a, 0x00].into(), false)
+        .unwrap();
+    body.send_trailers(http::HeaderMap::new()).unwrap();
+    let ended = answer_headers(response).await;
+    assert_eq!(
+        ended.get("grpc-status").map(|v| v.to_str().unwrap()),
+        Some("0"),
+        "{ended:?}"
+    );
     broker.stop().await;
 }
+
+const REFLECTION: &str = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
 
 /// A request whose `name` (field 1) is raw bytes, to send what protobuf
 /// decoding refuses.

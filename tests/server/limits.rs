@@ -84,6 +84,19 @@ async fn health_and_reflection_take_the_same_message_limit() {
     );
     let under = ask("a".repeat(500)).await.unwrap_err();
     assert_eq!(under.code(), Code::NotFound, "{under:?}");
+    // A whole exchange, ended by the caller's half-close, ends OK.
+    let listed = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = ServerReflectionClient::new(broker.channel().await)
+        .server_reflection_info(tokio_stream::iter([listed]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(answers.message().await, Ok(Some(_))));
+    let end = answers.message().await;
+    assert!(matches!(end, Ok(None)), "{end:?}");
     broker.stop().await;
 }
 

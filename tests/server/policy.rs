@@ -136,7 +136,10 @@ async fn plaintext_callers_are_anonymous_under_a_policy() {
     );
     let refused = get(&mut raw, "production/jwt").await;
     // The refusal names the secret, as every error names what it is about.
-    let info = refused.as_ref().err().and_then(|s| s.get_details_error_info());
+    let info = refused
+        .as_ref()
+        .err()
+        .and_then(|s| s.get_details_error_info());
     assert_eq!(
         info.map(|info| info.metadata["secret_name"].clone()),
         Some(JWT.to_owned()),
