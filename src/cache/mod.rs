@@ -292,9 +292,11 @@ impl Cache {
 
     /// `get` for a caller that gives up at `deadline`: an expired entry's
     /// renewal is waited for at most `upstream_wait`, and never past it; a
-    /// miss or a bypass read, which have nothing to fall back on, are
-    /// answered UNAVAILABLE just before the caller's own deadline
-    /// (`before`).
+    /// bypass read of a held value gets that value, marked stale, just
+    /// before the deadline; a miss or a bypass read with nothing to fall
+    /// back on is answered UNAVAILABLE just before the caller's own
+    /// deadline (`before`; at the call timeout the gate answers
+    /// CALL_TIMEOUT by itself).
     pub async fn get_until(
         &self,
         key: CacheKey,
@@ -306,7 +308,13 @@ impl Cache {
         let shared = &self.shared;
         if bypass {
             shared.negative.forget(&key);
-            let result = before(callers, shared.read_anew(&key)).await;
+            // With a value to fall back on, whoever set the deadline, the
+            // read must give way in time for the value to be served.
+            let answer_by = match shared.stale_entry(&key) {
+                Some(_) => deadline,
+                None => callers,
+            };
+            let result = before(answer_by, shared.read_anew(&key)).await;
             return shared.answer(&key, result);
         }
         if let Some(lookup) = shared.fresh_hit(&key, true, Instant::now()) {

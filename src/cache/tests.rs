@@ -499,6 +499,26 @@ async fn a_miss_or_bypass_with_a_hung_upstream_is_answered_before_the_callers_de
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_bypass_read_of_a_held_value_with_a_hung_upstream_gets_it_before_the_call_timeout() {
+    let store = FakeStore::with(&["s"]);
+    let cache = cache_over(&store, 100);
+    version_of(&cache, "s").await;
+    *store.delay.lock().unwrap() = Duration::from_secs(20);
+    // Bound by the broker's call timeout alone (no grpc-timeout), as by a
+    // caller's own deadline: the held value, stale, in time.
+    for callers in [false, true] {
+        let started = Instant::now();
+        let deadline = deadline_at(started + Duration::from_secs(5), callers);
+        let lookup = cache
+            .get_until(key("s"), true, Some(deadline))
+            .await
+            .unwrap_or_else(|e| panic!("callers {callers}: {e:?}"));
+        assert!(lookup.stale, "callers {callers}");
+        assert_eq!(started.elapsed(), Duration::from_secs(5) - ANSWER_MARGIN);
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn transient_failures_back_off_and_one_probe_asks_again() {
     let store = FakeStore::with(&["a", "b"]);
     let cache = cache_over(&store, 100);
