@@ -605,10 +605,13 @@ def test_volumes_config_and_tls_wiring():
     assert broker_toml["tls_cert"] == f"{tls_dir}/tls.crt"
     assert broker_toml["tls_key"] == f"{tls_dir}/tls.key"
     assert broker_toml["tls_client_ca"] == f"{tls_dir}/ca.crt"
-    # the server certificate names both Services
+    # the server certificate names both Services, in every form a client
+    # may dial (short, with the namespace, .svc, fully qualified)
     names = set(server["spec"]["dnsNames"])
     for service in (d for d in all_objects() if d["kind"] == "Service"):
-        assert f"{service['metadata']['name']}.{NAMESPACE}.svc.cluster.local" in names
+        name = service["metadata"]["name"]
+        for form in (name, f"{name}.{NAMESPACE}", f"{name}.{NAMESPACE}.svc", f"{name}.{NAMESPACE}.svc.cluster.local"):
+            assert form in names, form
     assert "server auth" in server["spec"]["usages"]
     client = find("Certificate", "auth-service-secrets-broker-client")
     assert "client auth" in client["spec"]["usages"]
