@@ -118,8 +118,9 @@ impl SecretsClient {
                 Err(Error::Unreachable {
                     endpoint: self.endpoint.to_string(),
                     reason: format!(
-                        "no answer within the request timeout ({:?}): timed out \
-                         (BROKER_ENDPOINT, the network, a firewall)",
+                        "no answer within the request timeout ({:?}), waiting for the \
+                         connection or the broker: timed out (BROKER_ENDPOINT, the network, \
+                         a firewall)",
                         self.request_timeout
                     ),
                 })

@@ -452,8 +452,9 @@ fn resolve_limits(args: &BrokerArgs, sources: &Sources<'_>) -> Result<Limits, Co
     // A request of the largest size, with its 5-byte gRPC header, must fit.
     if limits.max_request_memory < limits.max_message_size.saturating_add(5) {
         return Err(ConfigError::Rule(format!(
-            "max_request_memory ({}) must hold at least one request of max_message_size ({}) \
-             and its 5-byte header",
+            "--max-request-memory (BROKER_MAX_REQUEST_MEMORY, max_request_memory) of {} bytes \
+             must hold at least one request of --max-message-size (BROKER_MAX_MESSAGE_SIZE, \
+             max_message_size), {} bytes, and its 5-byte header",
             limits.max_request_memory, limits.max_message_size
         )));
     }

@@ -230,7 +230,14 @@ fn the_request_memory_must_hold_one_largest_request() {
     )
     .unwrap_err()
     .to_string();
-    assert!(err.contains("max_request_memory (1028)"), "{err}");
+    assert!(
+        err.contains("BROKER_MAX_REQUEST_MEMORY, max_request_memory) of 1028"),
+        "{err}"
+    );
+    assert!(
+        err.contains("--max-message-size (BROKER_MAX_MESSAGE_SIZE"),
+        "{err}"
+    );
     let fits = resolve(
         &dev(),
         &[
