@@ -28,6 +28,10 @@ pub struct AdminApi {
     context: ApiContext,
 }
 
+/// How many of the names an AdminService call asks about its audit line
+/// lists.
+const NOTED_NAMES: usize = 20;
+
 impl AdminApi {
     pub fn new(context: ApiContext) -> Self {
         Self { context }
@@ -48,7 +52,6 @@ impl AdminApi {
     /// Notes the names asked (resolved when they resolve), at most
     /// `NOTED_NAMES` of them: a ClearCache may name thousands.
     fn note_asked(&self, audit: &mut Audit, asked: &[String]) {
-        const NOTED_NAMES: usize = 20;
         for name in asked.iter().take(NOTED_NAMES) {
             match self.context.names.resolve(name) {
                 Ok(full_name) => audit.secret(&full_name),
@@ -60,8 +63,12 @@ impl AdminApi {
         }
     }
 
-    fn clear_cache(&self, names: &[String]) -> Result<ClearCacheResponse, ApiError> {
-        let full_names = names
+    fn clear_cache(
+        &self,
+        audit: &mut Audit,
+        names: &[String],
+    ) -> Result<ClearCacheResponse, ApiError> {
+        let resolved = names
             .iter()
             .enumerate()
             .map(|(index, name)| {
@@ -70,7 +77,20 @@ impl AdminApi {
                     .resolve(name)
                     .map_err(|source| ApiError::InvalidNameInList { index, source })
             })
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>, _>>();
+        let full_names = match resolved {
+            Ok(full_names) => full_names,
+            Err(refused) => {
+                // The audit line shows the name refused, also past the
+                // names it lists.
+                if let ApiError::InvalidNameInList { index, .. } = &refused
+                    && *index >= NOTED_NAMES
+                {
+                    audit.refused_name(&names[*index]);
+                }
+                return Err(refused);
+            }
+        };
         Ok(ClearCacheResponse {
             cleared: self.context.cache.clear(&full_names),
         })
@@ -169,8 +189,9 @@ impl AdminService for AdminApi {
         &self,
         request: Request<ClearCacheRequest>,
     ) -> Result<Response<ClearCacheResponse>, Status> {
-        let audit = self.admit(Rpc::ClearCache, &request, &request.get_ref().names)?;
-        respond(audit, self.clear_cache(&request.into_inner().names))
+        let mut audit = self.admit(Rpc::ClearCache, &request, &request.get_ref().names)?;
+        let result = self.clear_cache(&mut audit, &request.get_ref().names);
+        respond(audit, result)
     }
 
     async fn refresh_secret(

@@ -689,6 +689,14 @@ async fn calls_that_never_reach_a_handler_are_audited_too() {
         "{refused:?}"
     );
     assert!(refused.message().contains("names[1]"), "{refused:?}");
+    // Past the names the audit line lists, the refused one is shown too.
+    let mut many: Vec<String> = (0..30).map(|i| format!("audit-many-{i}")).collect();
+    many.push("bad name past the list!".into());
+    let refused = admin
+        .clear_cache(ClearCacheRequest { names: many })
+        .await
+        .unwrap_err();
+    assert!(refused.message().contains("names[30]"), "{refused:?}");
 
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let audit = audit_lines(&log.since(start));
@@ -707,6 +715,14 @@ async fn calls_that_never_reach_a_handler_are_audited_too() {
             "ClearCache",
             "INVALID_ARGUMENT",
             r#"insurecove/mistral-api-key \"bad name!\""#
+        ),
+        "{audit:#?}"
+    );
+    assert!(
+        seen(
+            "ClearCache",
+            "INVALID_ARGUMENT",
+            r#"(and 11 more) \"bad name past the list!\""#
         ),
         "{audit:#?}"
     );
