@@ -224,7 +224,10 @@ impl SecretsApi {
                 stage,
                 !request.since_version_id.is_empty(),
             )
-            .await?;
+            .await
+            .map_err(|error| {
+                ApiError::from(error).naming_the_version("", &request.version_stage)
+            })?;
         Ok((subscription, full_name))
     }
 

@@ -37,7 +37,8 @@ pub enum InvalidName {
     #[error("the secret name is empty")]
     Empty,
     #[error(
-        "the secret name is {len} characters long once prefixed; at most {MAX_NAME_LEN} are allowed"
+        "the secret name is {len} characters long (with the prefix added to a short name); at \
+         most {MAX_NAME_LEN} are allowed"
     )]
     TooLong { len: usize },
     #[error("the ARN is {len} characters long; at most {MAX_ARN_LEN} are allowed")]

@@ -8,6 +8,7 @@ use secrets_broker_client::proto::{
     secrets_service_client::SecretsServiceClient,
 };
 use tonic::{Code, Streaming};
+use tonic_types::StatusExt;
 
 use crate::harness::{Running, get, process_log, reason, replace_file, stats, value};
 
@@ -162,6 +163,28 @@ async fn a_watch_of_a_missing_secret_is_not_found_at_once() {
         "{:?}",
         started.elapsed()
     );
+    // A stage the secret does not have is named, as GetSecret names it.
+    let request = WatchSecretRequest {
+        name: "mistral-api-key".into(),
+        version_stage: "NOPE".into(),
+        ..Default::default()
+    };
+    let status = match SecretsServiceClient::new(channel.clone())
+        .watch_secret(request)
+        .await
+    {
+        Ok(stream) => stream.into_inner().message().await.unwrap_err(),
+        Err(status) => status,
+    };
+    let field = status
+        .get_details_error_info()
+        .and_then(|info| info.metadata.get("field").cloned());
+    assert_eq!(
+        (status.code(), field.as_deref()),
+        (Code::NotFound, Some("version_stage")),
+        "{status:?}"
+    );
+    assert!(status.message().contains("NOPE"), "{status:?}");
     let stats = stats(channel).await.unwrap();
     assert_eq!((stats.watchers, stats.watched_secrets), (0, 0));
     broker.stop().await;
