@@ -138,6 +138,21 @@ async fn edits_of_the_secrets_file_reach_a_watcher_and_a_broken_file_changes_not
     broker.stop().await;
 }
 
+/// The status a watch is refused with, at its opening or as its first
+/// message.
+async fn refusal_of(
+    channel: &tonic::transport::Channel,
+    request: WatchSecretRequest,
+) -> tonic::Status {
+    match SecretsServiceClient::new(channel.clone())
+        .watch_secret(request)
+        .await
+    {
+        Ok(stream) => stream.into_inner().message().await.unwrap_err(),
+        Err(status) => status,
+    }
+}
+
 #[tokio::test]
 async fn a_watch_of_a_missing_secret_is_not_found_at_once() {
     let broker = Running::start(|_| {}).await;
@@ -147,13 +162,7 @@ async fn a_watch_of_a_missing_secret_is_not_found_at_once() {
         name: "watch-no-such-secret".into(),
         ..Default::default()
     };
-    let status = match SecretsServiceClient::new(channel.clone())
-        .watch_secret(request)
-        .await
-    {
-        Ok(stream) => stream.into_inner().message().await.unwrap_err(),
-        Err(status) => status,
-    };
+    let status = refusal_of(&channel, request).await;
     assert_eq!(
         (status.code(), reason(&status).as_str()),
         (Code::NotFound, "SECRET_NOT_FOUND")
@@ -169,13 +178,7 @@ async fn a_watch_of_a_missing_secret_is_not_found_at_once() {
         version_stage: "NOPE".into(),
         ..Default::default()
     };
-    let status = match SecretsServiceClient::new(channel.clone())
-        .watch_secret(request)
-        .await
-    {
-        Ok(stream) => stream.into_inner().message().await.unwrap_err(),
-        Err(status) => status,
-    };
+    let status = refusal_of(&channel, request).await;
     let field = status
         .get_details_error_info()
         .and_then(|info| info.metadata.get("field").cloned());
