@@ -289,7 +289,13 @@ impl WatchHub {
         WatchStats {
             watchers: shared.watchers.load(Relaxed),
             events: shared.events.load(Relaxed),
-            watched_secrets: shared.topics.len() as u64,
+            // Topics stay until the sweep drops them: count the ones that
+            // someone still follows.
+            watched_secrets: shared
+                .topics
+                .iter()
+                .filter(|topic| topic.state.receiver_count() > 0)
+                .count() as u64,
             rounds: shared.rounds.load(Relaxed),
             upstream_calls: shared.upstream_calls.load(Relaxed),
             sweep_changes: shared.sweep_changes.load(Relaxed),
