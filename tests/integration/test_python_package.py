@@ -255,6 +255,56 @@ def test_a_rotation_reaches_the_local_cache_by_push(venv, seeded_broker, moto, t
     assert after["took"] < 2.0, after
 
 
+# A parent that read (and follows) a secret, then forks, as gunicorn
+# --preload does: the child, whose watch threads did not come along, must
+# still hear the rotation.
+FORKED_ROTATION_PROBE = """
+import json, os, sys, time
+from secrets_broker.aws_secrets import AWSSecretsManager, get_mistral_api_key
+m = AWSSecretsManager()
+first = m.get_secret("mistral-api-key").version_id
+get_mistral_api_key()
+time.sleep(0.3)                           # the parent's watch stream is open
+pid = os.fork()
+if pid:
+    _, status = os.waitpid(pid, 0)
+    sys.exit(os.waitstatus_to_exitcode(status))
+print(json.dumps({"first": m.get_secret("mistral-api-key").version_id}), flush=True)
+sys.stdin.readline()                      # the test rotates the secret now
+started = time.monotonic()
+while time.monotonic() - started < 10:
+    current = m.get_secret("mistral-api-key").version_id
+    if current != first:
+        break
+    time.sleep(0.02)
+print(json.dumps({"after": current, "took": time.monotonic() - started, "module": len(get_mistral_api_key()) > 0}), flush=True)
+os._exit(0)
+"""
+
+
+def test_a_forked_child_still_hears_rotations(venv, seeded_broker, moto, tmp_path):
+    broker, versions = seeded_broker
+    proc = subprocess.Popen(
+        [str(venv), "-c", FORKED_ROTATION_PROBE], env=package_env(broker, SECRET_CACHE_TTL="3600"),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )
+    try:
+        first = json.loads(proc.stdout.readline() or "{}")
+        assert first.get("first") == versions[MISTRAL], (first, proc.stderr.read() if proc.poll() is not None else "")
+        time.sleep(0.5)                   # the child's watch stream is open
+        rotated = moto.put_secret_value(MISTRAL, "rotated-after-fork-7a7a")
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        after = json.loads(proc.stdout.readline() or "{}")
+        assert proc.wait(10) == 0
+    finally:
+        proc.kill()
+        proc.wait(10)
+    print(f"rotation in the forked child's cache after {after.get('took', -1):.2f} s")
+    assert after.get("after") == rotated and after.get("module"), after
+    assert after["took"] < 3.0, after
+
+
 CLIENT_EDGES_PROBE = """
 import json, sys, threading, time
 import os

@@ -22,6 +22,7 @@ import dataclasses
 import ipaddress
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -585,7 +586,10 @@ class AWSSecretsManager:
         # leave its threads and streams behind until the broker's calls per
         # connection, which every channel of the process shares, ran out.
         # The watch threads hold the instance only weakly.
-        weakref.finalize(self, _release, self._lock, self._cache, self._configs, self._connection)
+        self._finalizer = weakref.finalize(
+            self, _release, self._lock, self._cache, self._configs, self._connection
+        )
+        _INSTANCES.add(self)
 
     # -- the connection (lazy, one per instance) ---------------------------
 
@@ -605,6 +609,25 @@ class AWSSecretsManager:
         opens a new one). Done by itself when the instance is no longer
         used."""
         _release(self._lock, self._cache, self._configs, self._connection)
+
+    def _forked(self) -> None:
+        """In a child made by ``fork()`` (gunicorn ``--preload``,
+        multiprocessing): the parent's watch threads did not come along, so
+        what it cached would no longer be followed, and a lock one of its
+        threads held stays held. The child starts empty, with a lock and a
+        channel of its own; its reads fill and follow its cache again."""
+        self._finalizer.detach()
+        parents = self._connection.channel
+        if parents is not None:
+            # Not closed here: it is the parent's.
+            _PARENTS_CHANNELS.append(parents)
+        self._lock = threading.Lock()
+        self._cache = {}
+        self._configs = {}
+        self._connection = _Connection()
+        self._finalizer = weakref.finalize(
+            self, _release, self._lock, self._cache, self._configs, self._connection
+        )
 
     def __enter__(self) -> "AWSSecretsManager":
         return self
@@ -963,6 +986,21 @@ class _Follower:
 
 _default: Optional[AWSSecretsManager] = None
 _default_lock = threading.Lock()
+
+# Every live instance, for a forked child to start afresh (`_forked`).
+_INSTANCES: "weakref.WeakSet[AWSSecretsManager]" = weakref.WeakSet()
+_PARENTS_CHANNELS: list[grpc.Channel] = []
+
+
+def _after_fork_in_child() -> None:
+    global _default_lock
+    _default_lock = threading.Lock()
+    for instance in list(_INSTANCES):
+        instance._forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _manager() -> AWSSecretsManager:
