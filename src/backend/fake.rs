@@ -40,6 +40,9 @@ pub struct FakeStore {
     pub unlisted: Mutex<Vec<String>>,
     /// Listings show these names at this version (still the one before).
     pub listed_as: Mutex<HashMap<String, String>>,
+    /// Reads answer with the version current when they began, delivered
+    /// after `delay`: an answer on its way while the secret rotates.
+    pub answers_as_of_the_start: std::sync::atomic::AtomicBool,
 }
 
 impl FakeStore {
@@ -121,12 +124,17 @@ impl SecretStore for FakeStore {
     ) -> Result<SecretVersion, StoreError> {
         self.calls.fetch_add(1, SeqCst);
         let delay = *self.delay.lock().unwrap();
+        let instead = self.answers_instead.lock().unwrap().get(name).cloned();
+        let name = instead.as_deref().unwrap_or(name);
+        let at_the_start = self
+            .answers_as_of_the_start
+            .load(SeqCst)
+            .then(|| self.current(name));
         tokio::time::sleep(delay).await;
         if let Some(failure) = self.value_failure.lock().unwrap().clone() {
             return Err(failure);
         }
-        let instead = self.answers_instead.lock().unwrap().get(name).cloned();
-        self.current(instead.as_deref().unwrap_or(name))
+        at_the_start.unwrap_or_else(|| self.current(name))
     }
 
     async fn describe_secret(&self, name: &str) -> Result<SecretDescription, StoreError> {

@@ -40,26 +40,24 @@ struct Leave {
 }
 
 impl Drop for Leave {
+    /// Only its own registration: a clear may have let a newer fetch of
+    /// the key register meanwhile.
     fn drop(&mut self) {
-        match self.registry {
-            Registry::Inflight => {
-                self.shared.inflight.remove(&self.key);
-            }
-            Registry::Bypass => {
-                let number = self.number;
-                self.shared
-                    .bypass_inflight
-                    .remove_if(&self.key, |_, running| running.number == number);
-            }
-        }
+        let number = self.number;
+        let registry = match self.registry {
+            Registry::Inflight => &self.shared.inflight,
+            Registry::Bypass => &self.shared.bypass_inflight,
+        };
+        registry.remove_if(&self.key, |_, running| running.number == number);
     }
 }
 
-/// A read that must not be served from the cache, under way.
-pub(super) struct BypassFetch {
-    /// Its fetch number: callers that came before it started may join it.
-    number: u64,
-    fetch: Fetch,
+/// A fetch under way, as its registry holds it.
+pub(super) struct Registered {
+    /// Its fetch number: which callers may join it (a bypass read's, those
+    /// that came before it started), and whose it is to leave.
+    pub(super) number: u64,
+    pub(super) fetch: Fetch,
 }
 
 impl Shared {
@@ -84,7 +82,7 @@ impl Shared {
                     let (number, fetch) = self.spawn_fetch_with(key.clone(), Registry::Bypass);
                     // Inserted while the map's shard is held: the fetch's
                     // `Leave` cannot run before it.
-                    slot.insert(BypassFetch {
+                    slot.insert(Registered {
                         number,
                         fetch: fetch.clone(),
                     });
@@ -99,9 +97,10 @@ impl Shared {
         }
     }
 
-    /// A fetch registered in `inflight`, which it leaves when done.
-    pub(super) fn spawn_fetch(self: &Arc<Self>, key: CacheKey) -> Fetch {
-        self.spawn_fetch_with(key, Registry::Inflight).1
+    /// A fetch for `inflight`, which it leaves when done.
+    pub(super) fn spawn_fetch(self: &Arc<Self>, key: CacheKey) -> Registered {
+        let (number, fetch) = self.spawn_fetch_with(key, Registry::Inflight);
+        Registered { number, fetch }
     }
 
     /// Starts a fetch registered in `registry`; its number, and the fetch.
@@ -253,9 +252,11 @@ impl Shared {
         number: u64,
     ) {
         let older_than_deletion = || {
-            self.deleted_before
-                .get(key)
-                .is_some_and(|deleted| number < *deleted)
+            number < self.cleared_before.load(Relaxed)
+                || self
+                    .dropped_before
+                    .get(key)
+                    .is_some_and(|deleted| number < *deleted)
         };
         let entry = |slot| {
             Arc::new(Entry {
@@ -294,7 +295,7 @@ impl Shared {
         if stored {
             // A newer read: the mark has done its work (unless a newer one
             // was written meanwhile).
-            self.deleted_before
+            self.dropped_before
                 .remove_if(key, |_, deleted| number >= *deleted);
         }
         if let Some(slot) = new_slot {

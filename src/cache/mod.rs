@@ -130,19 +130,22 @@ struct Shared {
     /// hashes its key here, and only secrets that exist upstream (read
     /// and authorized) become keys, so there is little to collide with.
     entries: DashMap<CacheKey, Arc<Entry>, foldhash::quality::RandomState>,
-    inflight: DashMap<CacheKey, Fetch>,
-    bypass_inflight: DashMap<CacheKey, fetch::BypassFetch>,
+    inflight: DashMap<CacheKey, fetch::Registered>,
+    bypass_inflight: DashMap<CacheKey, fetch::Registered>,
     negative: NegativeEntries,
     backoff: Backoff,
     clock: Clock,
     /// Numbers fetches in the order they start.
     next_fetch: AtomicU64,
-    /// Keys whose secret (or stage) was found deleted, with the first
-    /// fetch number after that: an older read of the key that ends late
-    /// must not put the deleted value back (and announce it). Per key: a
-    /// stage gone, or an ARN whose name another secret has now, says
-    /// nothing of the secret's other keys.
-    deleted_before: DashMap<CacheKey, u64>,
+    /// Keys dropped, with the first fetch number after that: found deleted
+    /// (the secret, or its stage), or cleared by name. An older read of
+    /// the key that ends late must not put the value back (and announce
+    /// it). Per key: a stage gone, or an ARN whose name another secret has
+    /// now, says nothing of the secret's other keys.
+    dropped_before: DashMap<CacheKey, u64>,
+    /// The first fetch number after the last clear of every entry: the
+    /// same rule for all keys at once.
+    cleared_before: AtomicU64,
     counters: Counters,
     listener: OnceLock<ChangeListener>,
     gone_listener: OnceLock<GoneListener>,
@@ -187,7 +190,8 @@ impl Cache {
                 backoff: Backoff::default(),
                 clock: Clock::default(),
                 next_fetch: AtomicU64::new(0),
-                deleted_before: DashMap::new(),
+                dropped_before: DashMap::new(),
+                cleared_before: AtomicU64::new(0),
                 counters: Counters::default(),
                 listener: OnceLock::new(),
                 gone_listener: OnceLock::new(),
@@ -226,7 +230,7 @@ impl Cache {
     /// they end.
     pub fn remove_deleted(&self, key: &CacheKey) {
         self.shared.room_for_marks(1);
-        self.shared.mark_deleted(key);
+        self.shared.mark_dropped(key);
     }
 
     /// `remove_deleted` for every key whose id `belongs` picks, cached or
@@ -234,24 +238,10 @@ impl Cache {
     /// found deleted upstream.
     pub fn remove_deleted_where(&self, belongs: impl Fn(&str) -> bool) {
         let shared = &self.shared;
-        // The fetches first: one that leaves its registry meanwhile has
-        // stored its value already, and the entries, looked at after, have it.
-        let keys: std::collections::HashSet<CacheKey> = shared
-            .inflight
-            .iter()
-            .map(|fetch| fetch.key().clone())
-            .chain(
-                shared
-                    .bypass_inflight
-                    .iter()
-                    .map(|fetch| fetch.key().clone()),
-            )
-            .chain(shared.entries.iter().map(|entry| entry.key().clone()))
-            .filter(|key| belongs(&key.name))
-            .collect();
+        let keys = shared.keys_where(belongs);
         shared.room_for_marks(keys.len());
         for key in keys {
-            shared.mark_deleted(&key);
+            shared.mark_dropped(&key);
         }
     }
 
@@ -417,18 +407,33 @@ impl Cache {
 
     /// Drops the entries of these full names (every version selector), or
     /// every entry when `names` is empty. Returns how many were dropped.
+    ///
+    /// A read under way since before the clear still answers its callers,
+    /// but neither stores what it read nor is joined by a read after the
+    /// clear: it may have been answered before a rotation that a bypass
+    /// read has since told a caller of.
     pub fn clear(&self, names: &[String]) -> u64 {
-        let before = self.shared.entries.len();
-        self.shared.negative.forget_names(names);
+        let shared = &self.shared;
+        let before = shared.entries.len();
+        shared.negative.forget_names(names);
         if names.is_empty() {
-            self.shared.entries.clear();
-            self.shared.clock.clear();
+            // Written before the entries go: a read that stores after its
+            // shard was cleared sees it (see `store_entry`).
+            shared
+                .cleared_before
+                .store(shared.next_fetch.load(Relaxed), Relaxed);
+            shared.inflight.clear();
+            shared.entries.clear();
+            shared.clock.clear();
         } else {
-            self.shared
-                .entries
-                .retain(|key, _| !names.contains(&key.name));
+            let keys = shared.keys_where(|name| names.iter().any(|n| n == name));
+            shared.room_for_marks(keys.len());
+            for key in keys {
+                shared.mark_dropped(&key);
+                shared.inflight.remove(&key);
+            }
         }
-        before.saturating_sub(self.shared.entries.len()) as u64
+        before.saturating_sub(shared.entries.len()) as u64
     }
 }
 
@@ -493,17 +498,30 @@ impl Shared {
     /// until the next sweep round or event finds it deleted again.
     fn room_for_marks(&self, more: usize) {
         let bound = self.settings.max_entries.max(1);
-        if self.deleted_before.len() + more > bound {
-            self.deleted_before.clear();
+        if self.dropped_before.len() + more > bound {
+            self.dropped_before.clear();
         }
     }
 
-    /// Marks `key` deleted as of now and drops its entry; marked first: a
-    /// late read stores only after it checked the mark, under the entry's
-    /// lock.
-    fn mark_deleted(&self, key: &CacheKey) {
+    /// The keys whose name `belongs` picks, cached or being read now.
+    fn keys_where(&self, belongs: impl Fn(&str) -> bool) -> std::collections::HashSet<CacheKey> {
+        // The fetches first: one that leaves its registry meanwhile has
+        // stored its value already, and the entries, looked at after, have it.
+        self.inflight
+            .iter()
+            .map(|fetch| fetch.key().clone())
+            .chain(self.bypass_inflight.iter().map(|fetch| fetch.key().clone()))
+            .chain(self.entries.iter().map(|entry| entry.key().clone()))
+            .filter(|key| belongs(&key.name))
+            .collect()
+    }
+
+    /// Marks `key` dropped as of now (deleted upstream, or cleared) and
+    /// drops its entry; marked first: a late read stores only after it
+    /// checked the mark, under the entry's lock.
+    fn mark_dropped(&self, key: &CacheKey) {
         let next = self.next_fetch.load(Relaxed);
-        self.deleted_before.insert(key.clone(), next);
+        self.dropped_before.insert(key.clone(), next);
         self.entries.remove(key);
     }
 
@@ -550,8 +568,7 @@ impl Shared {
     fn refresh_ahead(self: &Arc<Self>, key: &dyn Keyed) {
         let key = key.key().to_owned();
         if let MapEntry::Vacant(slot) = self.inflight.entry(key.clone()) {
-            let fetch = self.spawn_fetch(key.clone());
-            slot.insert(fetch);
+            slot.insert(self.spawn_fetch(key.clone()));
         }
     }
 
@@ -562,15 +579,16 @@ impl Shared {
         match self.inflight.entry(key.clone()) {
             MapEntry::Occupied(running) => {
                 bump(&self.counters.coalesced);
-                Joined::Fetch(running.get().clone())
+                Joined::Fetch(running.get().fetch.clone())
             }
             MapEntry::Vacant(slot) => {
                 if recheck_cache && let Some(lookup) = self.fresh_hit(key, false, Instant::now()) {
                     return Joined::Hit(lookup);
                 }
                 bump(&self.counters.misses);
-                let fetch = self.spawn_fetch(key.clone());
-                slot.insert(fetch.clone());
+                let registered = self.spawn_fetch(key.clone());
+                let fetch = registered.fetch.clone();
+                slot.insert(registered);
                 Joined::Fetch(fetch)
             }
         }

@@ -627,6 +627,43 @@ async fn a_moved_stage_forgets_the_by_id_entries() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_read_under_way_at_a_clear_neither_stores_nor_is_joined_after_it() {
+    for named in [false, true] {
+        let store = FakeStore::with(&["s"]);
+        store
+            .answers_as_of_the_start
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let cache = cache_over(&store, 100);
+        // A miss whose answer (v1) is on its way while the secret rotates.
+        *store.delay.lock().unwrap() = Duration::from_secs(3);
+        let slow = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.get(key("s"), false).await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        store.set("s", "v2");
+        *store.delay.lock().unwrap() = Duration::ZERO;
+        // A caller is told of v2, then the cache is cleared.
+        let bypass = cache.get(key("s"), true).await.unwrap();
+        assert_eq!(bypass.version.version_id, "v2");
+        let names = if named { vec!["s".to_owned()] } else { vec![] };
+        cache.clear(&names);
+        // A read after the clear does not join the read from before it.
+        assert_eq!(version_of(&cache, "s").await, "v2", "named {named}");
+        // That read's own caller gets what it read; it is not stored.
+        let late = slow.await.unwrap().unwrap();
+        assert_eq!(late.version.version_id, "v1");
+        assert_eq!(version_of(&cache, "s").await, "v2", "named {named}");
+        let held: Vec<_> = cache
+            .entries_where(|_| true)
+            .into_iter()
+            .map(|(_, version)| version.version_id.clone())
+            .collect();
+        assert_eq!(held, ["v2"], "named {named}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_read_that_ends_after_its_secret_was_found_deleted_does_not_put_it_back() {
     let store = FakeStore::with(&["s"]);
     let cache = cache_over(&store, 100);
