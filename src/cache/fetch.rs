@@ -211,6 +211,13 @@ impl Shared {
             }
             Err(error) => {
                 bump(&self.counters.upstream_errors);
+                if let Some(entry) = self.entries.get(key) {
+                    entry.refreshing.store(false, Relaxed);
+                }
+                if self.overtaken(key, number) {
+                    tracing::debug!(secret = %key.name, %error, "a read overtaken by a newer one, a deletion or a clear failed");
+                    return Err(error);
+                }
                 self.negative.remember(key, &error);
                 if error.is_transient() {
                     // The upstream's state changes are logged by the health
@@ -219,9 +226,6 @@ impl Shared {
                     tracing::debug!(secret = %key.name, %error, "upstream read failed; the last good value may be served, marked stale");
                 } else {
                     tracing::debug!(secret = %key.name, %error, "upstream read refused");
-                }
-                if let Some(entry) = self.entries.get(key) {
-                    entry.refreshing.store(false, Relaxed);
                 }
                 if !error.is_transient() {
                     // Not an entry a newer read stored meanwhile.
@@ -252,12 +256,11 @@ impl Shared {
         number: u64,
     ) {
         let older_than_deletion = || {
-            number < self.cleared_before.load(Relaxed)
-                || self
-                    .dropped_before
-                    .get(key)
-                    .is_some_and(|deleted| number < *deleted)
+            self.deleted_before
+                .get(key)
+                .is_some_and(|deleted| number < *deleted)
         };
+        let mut older_than_a_clear = false;
         let entry = |slot| {
             Arc::new(Entry {
                 version: Arc::clone(&version),
@@ -274,6 +277,12 @@ impl Shared {
             // takes after writing its mark: a read that started before a
             // deletion never stores after it.
             _ if older_than_deletion() => return,
+            // The same for a clear (`Cache::clear`); what was read is still
+            // news to watchers, who may not have heard of it.
+            _ if self.cleared_since(key, number) => {
+                older_than_a_clear = true;
+                (false, None)
+            }
             MapEntry::Occupied(mut current) => {
                 // An older fetch that ends late must not roll the value back.
                 let newer = current.get().fetch_number < number;
@@ -291,12 +300,16 @@ impl Shared {
                 (true, Some(slot))
             }
         };
-        self.negative.forget(key);
+        if !older_than_a_clear {
+            self.negative.forget(key);
+        }
         if stored {
-            // A newer read: the mark has done its work (unless a newer one
-            // was written meanwhile).
-            self.dropped_before
+            // A newer read: the marks have done their work (unless newer
+            // ones were written meanwhile).
+            self.deleted_before
                 .remove_if(key, |_, deleted| number >= *deleted);
+            self.cleared_keys
+                .remove_if(key, |_, cleared| number >= *cleared);
         }
         if let Some(slot) = new_slot {
             self.clock.push(key.clone(), slot);
@@ -305,9 +318,33 @@ impl Shared {
         if stage_moved {
             self.forget_version_ids(&key.name);
         }
-        if let (true, Some(listener)) = (stored, self.listener.get()) {
+        if let (true, Some(listener)) = (stored || older_than_a_clear, self.listener.get()) {
             listener(key, &version, number);
         }
+    }
+
+    /// Whether fetch `number` of `key` started before a clear of it.
+    fn cleared_since(&self, key: &CacheKey, number: u64) -> bool {
+        number < self.cleared_before.load(Relaxed)
+            || self
+                .cleared_keys
+                .get(key)
+                .is_some_and(|cleared| number < *cleared)
+    }
+
+    /// Whether a failed fetch has been overtaken: the key was found
+    /// deleted or cleared since it started, or a newer read is stored. Its
+    /// callers get its error; the cache and the watchers do not act on it.
+    fn overtaken(&self, key: &CacheKey, number: u64) -> bool {
+        self.cleared_since(key, number)
+            || self
+                .deleted_before
+                .get(key)
+                .is_some_and(|deleted| number < *deleted)
+            || self
+                .entries
+                .get(key)
+                .is_some_and(|entry| entry.fetch_number > number)
     }
 
     /// A stage of `id`'s secret moved: what was cached by version id is read

@@ -137,12 +137,16 @@ struct Shared {
     clock: Clock,
     /// Numbers fetches in the order they start.
     next_fetch: AtomicU64,
-    /// Keys dropped, with the first fetch number after that: found deleted
-    /// (the secret, or its stage), or cleared by name. An older read of
-    /// the key that ends late must not put the value back (and announce
-    /// it). Per key: a stage gone, or an ARN whose name another secret has
-    /// now, says nothing of the secret's other keys.
-    dropped_before: DashMap<CacheKey, u64>,
+    /// Keys whose secret (or stage) was found deleted, with the first
+    /// fetch number after that: an older read of the key that ends late
+    /// must not put the deleted value back (and announce it). Per key: a
+    /// stage gone, or an ARN whose name another secret has now, says
+    /// nothing of the secret's other keys.
+    deleted_before: DashMap<CacheKey, u64>,
+    /// Keys cleared by name (ClearCache), with the first fetch number
+    /// after: an older read that ends late does not put back what the
+    /// clear forgot (what it read is still news to watchers).
+    cleared_keys: DashMap<CacheKey, u64>,
     /// The first fetch number after the last clear of every entry: the
     /// same rule for all keys at once.
     cleared_before: AtomicU64,
@@ -190,7 +194,8 @@ impl Cache {
                 backoff: Backoff::default(),
                 clock: Clock::default(),
                 next_fetch: AtomicU64::new(0),
-                dropped_before: DashMap::new(),
+                deleted_before: DashMap::new(),
+                cleared_keys: DashMap::new(),
                 cleared_before: AtomicU64::new(0),
                 counters: Counters::default(),
                 listener: OnceLock::new(),
@@ -230,7 +235,7 @@ impl Cache {
     /// they end.
     pub fn remove_deleted(&self, key: &CacheKey) {
         self.shared.room_for_marks(1);
-        self.shared.mark_dropped(key);
+        self.shared.mark_deleted(key);
     }
 
     /// `remove_deleted` for every key whose id `belongs` picks, cached or
@@ -241,7 +246,7 @@ impl Cache {
         let keys = shared.keys_where(belongs);
         shared.room_for_marks(keys.len());
         for key in keys {
-            shared.mark_dropped(&key);
+            shared.mark_deleted(&key);
         }
     }
 
@@ -416,21 +421,30 @@ impl Cache {
         let shared = &self.shared;
         let before = shared.entries.len();
         shared.negative.forget_names(names);
+        let mark = shared.next_fetch.load(Relaxed);
         if names.is_empty() {
             // Written before the entries go: a read that stores after its
-            // shard was cleared sees it (see `store_entry`).
-            shared
-                .cleared_before
-                .store(shared.next_fetch.load(Relaxed), Relaxed);
-            shared.inflight.clear();
+            // shard was cleared sees it (see `store_entry`). `max`: a
+            // concurrent clear may have written a later one.
+            shared.cleared_before.fetch_max(mark, Relaxed);
+            shared.cleared_keys.clear();
+            shared.inflight.retain(|_, running| running.number >= mark);
             shared.entries.clear();
             shared.clock.clear();
         } else {
             let keys = shared.keys_where(|name| names.iter().any(|n| n == name));
-            shared.room_for_marks(keys.len());
+            // Bounded like the entries; forgetting these marks risks only
+            // a late read of a key cleared earlier being kept.
+            if shared.cleared_keys.len() + keys.len() > shared.settings.max_entries.max(1) {
+                shared.cleared_keys.clear();
+            }
             for key in keys {
-                shared.mark_dropped(&key);
-                shared.inflight.remove(&key);
+                // Marked first, as a deletion is (see `mark_deleted`).
+                shared.cleared_keys.insert(key.clone(), mark);
+                shared.entries.remove(&key);
+                shared
+                    .inflight
+                    .remove_if(&key, |_, running| running.number < mark);
             }
         }
         before.saturating_sub(shared.entries.len()) as u64
@@ -498,8 +512,8 @@ impl Shared {
     /// until the next sweep round or event finds it deleted again.
     fn room_for_marks(&self, more: usize) {
         let bound = self.settings.max_entries.max(1);
-        if self.dropped_before.len() + more > bound {
-            self.dropped_before.clear();
+        if self.deleted_before.len() + more > bound {
+            self.deleted_before.clear();
         }
     }
 
@@ -519,9 +533,9 @@ impl Shared {
     /// Marks `key` dropped as of now (deleted upstream, or cleared) and
     /// drops its entry; marked first: a late read stores only after it
     /// checked the mark, under the entry's lock.
-    fn mark_dropped(&self, key: &CacheKey) {
+    fn mark_deleted(&self, key: &CacheKey) {
         let next = self.next_fetch.load(Relaxed);
-        self.dropped_before.insert(key.clone(), next);
+        self.deleted_before.insert(key.clone(), next);
         self.entries.remove(key);
     }
 

@@ -664,6 +664,58 @@ async fn a_read_under_way_at_a_clear_neither_stores_nor_is_joined_after_it() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_read_a_clear_overtook_is_still_news_and_its_failure_changes_nothing() {
+    let store = FakeStore::with(&["s"]);
+    let cache = cache_over(&store, 100);
+    let heard = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let hears = Arc::clone(&heard);
+    assert!(cache.set_change_listener(Box::new(move |_, version, _| {
+        hears.lock().unwrap().push(version.version_id.clone());
+    })));
+    let gone = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let goes = Arc::clone(&gone);
+    assert!(cache.set_gone_listener(Box::new(move |_, _| {
+        goes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    })));
+    version_of(&cache, "s").await;
+    heard.lock().unwrap().clear();
+
+    // A read under way at a clear finds v2: not kept, but told.
+    *store.delay.lock().unwrap() = Duration::from_secs(3);
+    let slow = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.get(key("s"), true).await }
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    cache.clear(&[]);
+    store.set("s", "v2");
+    assert_eq!(slow.await.unwrap().unwrap().version.version_id, "v2");
+    assert!(cache.entries_where(|_| true).is_empty());
+    assert_eq!(*heard.lock().unwrap(), ["v2"]);
+
+    // A read under way at a clear that fails (AWS answered "deleted"
+    // before a restore), after a newer read stored the restored version:
+    // its callers get the failure, the cache and the watchers nothing.
+    store
+        .answers_as_of_the_start
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    store.delete("s");
+    let slow = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.get(key("s"), true).await }
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    store.set("s", "v3");
+    cache.clear(&["s".to_owned()]);
+    *store.delay.lock().unwrap() = Duration::ZERO;
+    assert_eq!(version_of(&cache, "s").await, "v3");
+    assert!(slow.await.unwrap().is_err());
+    assert_eq!(gone.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_eq!(version_of(&cache, "s").await, "v3");
+    assert_eq!(cache.stats().negative_entries, 0);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_read_that_ends_after_its_secret_was_found_deleted_does_not_put_it_back() {
     let store = FakeStore::with(&["s"]);
     let cache = cache_over(&store, 100);

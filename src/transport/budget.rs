@@ -332,7 +332,10 @@ where
             }
         };
         if frame.is_trailers() {
-            // tonic reads no further: the request ends here.
+            // tonic reads no further: the request ends here, and a message
+            // it cut short holds no budget.
+            self.held = None;
+            self.done = true;
             self.note_end();
         }
         if let Some(data) = frame.data_ref() {

@@ -46,6 +46,17 @@ use crate::{
     secret::SecretVersion,
 };
 
+/// The secrets someone still follows. Topics stay until the sweep drops
+/// them; a secret watched at two stages, or by name and by ARN, is one.
+fn watched_secrets(topics: &DashMap<TopicKey, Arc<Topic>>) -> u64 {
+    topics
+        .iter()
+        .filter(|topic| topic.state.receiver_count() > 0)
+        .map(|topic| crate::names::secret_name(&topic.key().name).to_owned())
+        .collect::<std::collections::HashSet<_>>()
+        .len() as u64
+}
+
 /// What last happened to a watched secret.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WatchEvent {
@@ -289,13 +300,7 @@ impl WatchHub {
         WatchStats {
             watchers: shared.watchers.load(Relaxed),
             events: shared.events.load(Relaxed),
-            // Topics stay until the sweep drops them: count the ones that
-            // someone still follows.
-            watched_secrets: shared
-                .topics
-                .iter()
-                .filter(|topic| topic.state.receiver_count() > 0)
-                .count() as u64,
+            watched_secrets: watched_secrets(&shared.topics),
             rounds: shared.rounds.load(Relaxed),
             upstream_calls: shared.upstream_calls.load(Relaxed),
             sweep_changes: shared.sweep_changes.load(Relaxed),
