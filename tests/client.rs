@@ -235,6 +235,21 @@ async fn typed_configs(client: &SecretsClient) {
     assert_eq!(security.encryption_salt, "client-test-encryption-salt");
     assert_eq!(security.allowed_hosts, ["localhost", "127.0.0.1"]);
     assert_eq!(security.cors_origins, ["http://localhost:3000"]);
+    // From a named secret rather than the default: by full name the same
+    // JWT config; the JWT's secret read as a database config is refused
+    // for its fields, which the default name would not have been.
+    let named = client
+        .get_config_from::<secrets_broker_client::JwtConfig>(JWT)
+        .await
+        .expect("get_config_from by full name");
+    assert_eq!(named.jwt_issuer, "insurecove-client-tests");
+    match client
+        .get_config_from::<secrets_broker_client::DatabaseConfig>("production/jwt")
+        .await
+    {
+        Err(Error::MalformedSecret { .. }) => {}
+        other => panic!("a JWT secret read as a database config gave {other:?}"),
+    }
 }
 
 /// get_cache_stats after the reads above.
@@ -834,6 +849,39 @@ async fn a_call_waiting_for_its_connection_takes_at_most_its_timeout() {
         );
     }
     drop(queued);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_stops_answering_is_noticed_well_within_max_stale() {
+    const TEST: &str = "client_frozen_broker";
+    const NAME: &str = "insurecove/frozen/api-token";
+    let moto = Moto::start(TEST);
+    moto.create_secret(NAME, "client-test-frozen").await;
+    let mut broker = Broker::spawn(BrokerSpec::aws(TEST, &moto));
+    let client = plaintext_client(&broker).await;
+    broker.wait_ready(|| client.check_upstream()).await;
+    let events = client.watch_secret(NAME);
+    let mut connected = events.connected();
+    within(
+        Duration::from_secs(10),
+        "the stream connects",
+        connected.wait_for(|up| *up),
+    )
+    .await
+    .expect("the watch goes on");
+
+    // Frozen, the broker keeps its connections open but says nothing:
+    // only the keep-alive can tell (a cached value is vouched for by its
+    // stream, and served for max_stale, 30 s by default, after a break).
+    broker.pause(true);
+    let started = Instant::now();
+    let noticed = tokio::time::timeout(Duration::from_secs(25), connected.wait_for(|up| !*up))
+        .await
+        .map(|seen| seen.is_ok());
+    let took = started.elapsed();
+    broker.pause(false);
+    assert_eq!(noticed, Ok(true), "not noticed within {took:?}");
+    assert!(took < Duration::from_secs(12), "noticed after {took:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -137,9 +137,11 @@ impl CachedSecrets {
         Ok(value)
     }
 
-    /// A typed config (JWT, database...), decoded by the broker, held in
-    /// memory for as long as the secret it was read from is held and has
-    /// not rotated: a rotation makes the next read ask the broker again.
+    /// A typed config (JWT, database...) at its default name, decoded by
+    /// the broker, held in memory for as long as the secret it was read
+    /// from is held and has not rotated: a rotation makes the next read ask
+    /// the broker again. (One per type: for a config from another secret,
+    /// `SecretsClient::get_config_from`.)
     pub async fn get_config<C>(&self) -> Result<C, Error>
     where
         C: TypedConfig + Clone + Sync + Zeroize,
@@ -160,7 +162,7 @@ impl CachedSecrets {
         {
             return Ok(config);
         }
-        let response = self.shared.client.typed_response::<C>().await?;
+        let response = self.shared.client.typed_response::<C>("").await?;
         let (name, version_id) = C::source(&response);
         let (name, version_id) = (name.to_owned(), version_id.to_owned());
         let config =
@@ -223,7 +225,18 @@ impl Shared {
     fn hold(self: &Arc<Self>, name: &str, value: SecretValue) {
         let mut entries = self.lock_entries();
         if let Some(held) = entries.get(name) {
-            held.refresh(value);
+            let version_id = value.version_id().to_owned();
+            let kind = held.refresh(value);
+            drop(entries);
+            // Read while the stream was away: its reconnection will find
+            // this version current and say nothing, so it is said here.
+            if let Some(kind) = kind {
+                let _ = self.changes.send(SecretChange {
+                    name: name.to_owned(),
+                    kind,
+                    version_id,
+                });
+            }
             return;
         }
         if entries.len() >= self.limits.max_entries.max(1) {
@@ -334,13 +347,21 @@ impl Held {
     /// whose word (a value, or a deletion) is then at least as new (the
     /// answer may have left the broker before a rotation or a deletion the
     /// stream already brought; a restore comes on the stream too).
-    fn refresh(&self, value: SecretValue) {
+    /// Returns what changed, when the version is not the one held:
+    /// `Rotated`, or `Restored` after a deletion.
+    fn refresh(&self, value: SecretValue) -> Option<WatchEventKind> {
         let mut held = lock(&self.value);
         if *self.live.borrow() {
-            return;
+            return None;
         }
+        let change = match held.as_ref() {
+            None => Some(WatchEventKind::Restored),
+            Some(old) if old.version_id() != value.version_id() => Some(WatchEventKind::Rotated),
+            Some(_) => None,
+        };
         *held = Some(value);
         *lock(&self.confirmed) = Instant::now();
+        change
     }
 }
 
@@ -383,19 +404,25 @@ mod tests {
         let (live, receiver) = watch::channel(true);
         // The stream brought v2; a read answered with v1 before it comes back.
         let held = held(version("v2"), receiver);
-        held.refresh(version("v1"));
+        assert_eq!(held.refresh(version("v1")), None);
         assert_eq!(version_held(&held).as_deref(), Some("v2"));
 
-        // Without a stream the broker's answer is the newest word.
+        // Without a stream the broker's answer is the newest word, and a
+        // new version read then is a change to tell (the stream, once
+        // back, finds it current and says nothing).
         live.send_replace(false);
-        held.refresh(version("v3"));
+        assert_eq!(held.refresh(version("v3")), Some(WatchEventKind::Rotated));
         assert_eq!(version_held(&held).as_deref(), Some("v3"));
+        assert_eq!(held.refresh(version("v3")), None);
 
         // A deletion the stream brought: a read that left before it does
         // not bring the value back (a restore comes on the stream).
         live.send_replace(true);
         *lock(&held.value) = None;
-        held.refresh(version("v3"));
+        assert_eq!(held.refresh(version("v3")), None);
         assert_eq!(version_held(&held), None);
+        // Read with the stream away, the secret is back.
+        live.send_replace(false);
+        assert_eq!(held.refresh(version("v4")), Some(WatchEventKind::Restored));
     }
 }

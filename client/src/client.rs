@@ -48,6 +48,9 @@ pub struct SecretsClient {
 
 /// First wait between retries; doubles each time.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// HTTP/2 pings: how often, and how long one may go unanswered.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl SecretsClient {
     /// Prepares a client. The connection itself is made lazily, at the
@@ -57,7 +60,11 @@ impl SecretsClient {
             .map_err(|e| Error::Config(format!("endpoint {}: {e}", config.endpoint)))?
             .connect_timeout(config.connect_timeout)
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
+            // A broker that stops answering without closing (frozen, a
+            // network partition) is noticed within 10 s: well within a
+            // cached value's `max_stale` (30 s), which counts from then.
+            .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
+            .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
             .keep_alive_while_idle(true);
         if let Some((ca, cert, key)) = config.tls_files()? {
             let files = crate::tls_files::read(ca, cert, key)?;
@@ -239,16 +246,24 @@ impl SecretsClient {
     /// A typed config at its default name (`<environment>/<kind>`); the
     /// four below are this with their type.
     pub async fn get_config<C: TypedConfig>(&self) -> Result<C, Error> {
-        let response = self.typed_response::<C>().await?;
+        self.get_config_from::<C>("").await
+    }
+
+    /// A typed config read from the secret `name` (short name, full name
+    /// or ARN) rather than its default, e.g. another service's database:
+    /// `client.get_config_from::<DatabaseConfig>("billing/database")`.
+    pub async fn get_config_from<C: TypedConfig>(&self, name: &str) -> Result<C, Error> {
+        let response = self.typed_response::<C>(name).await?;
         C::config(response).ok_or_else(|| Error::Decode("the broker sent no config".into()))
     }
 
     /// A typed config's whole response (config, and where it came from).
-    pub(crate) async fn typed_response<C: TypedConfig>(&self) -> Result<C::Response, Error> {
-        self.call(C::Request::default(), |client, request| {
-            C::call(client, request)
-        })
-        .await
+    pub(crate) async fn typed_response<C: TypedConfig>(
+        &self,
+        name: &str,
+    ) -> Result<C::Response, Error> {
+        self.call(C::request(name), |client, request| C::call(client, request))
+            .await
     }
 
     /// The JWT settings (`<environment>/jwt`).

@@ -127,30 +127,55 @@ impl ClientConfig {
             // The connector ignores it; h2 refuses a path as :authority.
             return Ok("http://localhost".to_owned());
         }
-        let (scheme, rest) = match self.endpoint.split_once("://") {
-            Some((scheme, rest)) => (scheme.to_owned(), rest.to_owned()),
-            None => (
-                if tls { "https" } else { "http" }.to_owned(),
-                self.endpoint.clone(),
-            ),
+        let url = match self.endpoint.split_once("://") {
+            Some(_) => self.endpoint.clone(),
+            None => format!("{}://{}", if tls { "https" } else { "http" }, self.endpoint),
         };
-        if !tls && !is_loopback(&rest) {
-            return Err(Error::Config(format!(
-                "{} is not a loopback address: plaintext is only allowed to loopback; configure mutual TLS",
-                self.endpoint
-            )));
+        let refused = |why: &str| Err(Error::Config(format!("{}: {why}", self.endpoint)));
+        let Ok(uri) = url.parse::<tonic::transport::Uri>() else {
+            return refused("not host:port, nor an http:// or https:// URL");
+        };
+        // `user@host` would connect to `host`, whatever a check of the
+        // text before it said.
+        let (Some(host), Some(authority)) = (uri.host(), uri.authority()) else {
+            return refused("names no host");
+        };
+        if authority.as_str().contains('@')
+            || !matches!(uri.path(), "" | "/")
+            || uri.query().is_some()
+        {
+            return refused("only host:port is taken (no user, path or query)");
         }
-        Ok(format!("{scheme}://{rest}"))
+        match (uri.scheme_str(), tls) {
+            (Some("https"), true) => {}
+            (Some("http"), false) if is_loopback(host) => {}
+            (Some("http"), false) => {
+                return refused(
+                    "not a loopback address: plaintext is only allowed to loopback; configure \
+                     mutual TLS",
+                );
+            }
+            (Some("http"), true) => {
+                return refused(
+                    "http:// is plaintext, but mutual TLS is configured (BROKER_CA_FILE, \
+                     BROKER_CERT_FILE, BROKER_KEY_FILE): use https:// or host:port",
+                );
+            }
+            (Some("https"), false) => {
+                return refused(
+                    "https:// needs mutual TLS: set BROKER_CA_FILE, BROKER_CERT_FILE and \
+                     BROKER_KEY_FILE",
+                );
+            }
+            _ => return refused("the scheme must be http:// or https://"),
+        }
+        Ok(url)
     }
 }
 
-fn is_loopback(authority: &str) -> bool {
-    let host = authority
-        .rsplit_once(':')
-        .map_or(authority, |(host, _)| host)
-        .trim_start_matches('[')
-        .trim_end_matches(']');
-    host == "localhost"
+fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
         || host
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
@@ -177,6 +202,31 @@ mod tests {
         assert!(ClientConfig::new("10.0.0.1:50051").url().is_err());
         let tls = ClientConfig::new("broker:50051").with_tls("a", "b", "c");
         assert_eq!(tls.url().unwrap(), "https://broker:50051");
+    }
+
+    #[test]
+    fn an_endpoint_cannot_talk_plaintext_past_the_tls_files_or_the_loopback_check() {
+        // The TLS files say mutual TLS: http:// must not undo that.
+        let tls = ClientConfig::new("http://192.0.2.2:50051").with_tls("a", "b", "c");
+        let refused = tls.url().unwrap_err().to_string();
+        assert!(refused.contains("mutual TLS is configured"), "{refused}");
+        // user@host connects to host: the check must look at host.
+        for endpoint in [
+            "127.0.0.1:50051@192.0.2.2",
+            "http://127.0.0.1:1@192.0.2.2:50051",
+            "http://127.0.0.1:1/x",
+            "ftp://127.0.0.1:1",
+            "https://127.0.0.1:50051",
+        ] {
+            assert!(
+                matches!(ClientConfig::new(endpoint).url(), Err(Error::Config(_))),
+                "{endpoint}"
+            );
+        }
+        assert_eq!(
+            ClientConfig::new("http://LOCALHOST:1").url().unwrap(),
+            "http://LOCALHOST:1"
+        );
     }
 
     #[test]

@@ -17,6 +17,10 @@ pub trait TypedConfig: Sized + Send + 'static {
     /// The RPC's response.
     type Response: Send + 'static;
 
+    /// The request for the config read from the secret `name` (empty: its
+    /// default, `<environment>/<kind>`).
+    fn request(name: &str) -> Self::Request;
+
     /// Sends the request.
     fn call(
         client: SecretsServiceClient<Channel>,
@@ -36,6 +40,13 @@ macro_rules! typed_config {
         impl TypedConfig for $config {
             type Request = proto::$request;
             type Response = proto::$response;
+
+            fn request(name: &str) -> Self::Request {
+                proto::$request {
+                    name: name.to_owned(),
+                    bypass_cache: false,
+                }
+            }
 
             fn call(
                 mut client: SecretsServiceClient<Channel>,
