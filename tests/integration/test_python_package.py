@@ -268,6 +268,8 @@ time.sleep(0.3)                           # the parent's watch stream is open
 pid = os.fork()
 if pid:
     _, status = os.waitpid(pid, 0)
+    # The parent reads (and follows) again too.
+    print(json.dumps({"parent": m.get_secret("mistral-api-key").version_id}), flush=True)
     sys.exit(os.waitstatus_to_exitcode(status))
 print(json.dumps({"first": m.get_secret("mistral-api-key").version_id}), flush=True)
 sys.stdin.readline()                      # the test rotates the secret now
@@ -296,13 +298,15 @@ def test_a_forked_child_still_hears_rotations(venv, seeded_broker, moto, tmp_pat
         proc.stdin.write("go\n")
         proc.stdin.flush()
         after = json.loads(proc.stdout.readline() or "{}")
-        assert proc.wait(10) == 0
+        parent = json.loads(proc.stdout.readline() or "{}")
+        assert proc.wait(10) == 0, proc.stderr.read()
     finally:
         proc.kill()
         proc.wait(10)
     print(f"rotation in the forked child's cache after {after.get('took', -1):.2f} s")
     assert after.get("after") == rotated and after.get("module"), after
     assert after["took"] < 3.0, after
+    assert parent.get("parent") == rotated, parent
 
 
 CLIENT_EDGES_PROBE = """

@@ -374,10 +374,14 @@ class AWSSecretsConfig(BaseSettings):
                 "the broker serves another prefix (set its SECRET_PREFIX, or ask by ARN)"
             )
 
-    def channel(self) -> grpc.Channel:
-        """A channel to the broker."""
+    def channel(self, own_connection: bool = False) -> grpc.Channel:
+        """A channel to the broker; with ``own_connection``, one that does
+        not share grpc's process-wide connections (a forked child's: those
+        it inherited are the parent's)."""
         credentials = self.credentials()
         options = self.channel_options(credentials is not None)
+        if own_connection:
+            options.append(("grpc.use_local_subchannel_pool", 1))
         if credentials is None:
             return grpc.insecure_channel(self.broker_endpoint, options=options)
         return grpc.secure_channel(self.broker_endpoint, credentials, options=options)
@@ -597,7 +601,7 @@ class AWSSecretsManager:
         with self._lock:
             connection = self._connection
             if connection.channel is None or connection.stub is None:
-                connection.channel = self.config.channel()
+                connection.channel = self.config.channel(own_connection=connection.forked)
                 connection.stub = secrets_service_pb2_grpc.SecretsServiceStub(connection.channel)
             return connection.channel, connection.stub
 
@@ -610,11 +614,17 @@ class AWSSecretsManager:
         used."""
         _release(self._lock, self._cache, self._configs, self._connection)
 
+    def _before_fork(self) -> list["_Follower"]:
+        """Before ``fork()``: gRPC can make a child safe only when no thread
+        is inside a call, and every watch thread is (its stream). They are
+        stopped, with the cache they keep fresh; this process's next reads
+        fill and follow it again. Returns them, to be waited for."""
+        return _clear(self._lock, self._cache, self._configs)
+
     def _forked(self) -> None:
         """In a child made by ``fork()`` (gunicorn ``--preload``,
-        multiprocessing): the parent's watch threads did not come along, so
-        what it cached would no longer be followed, and a lock one of its
-        threads held stays held. The child starts empty, with a lock and a
+        multiprocessing): no watch thread came along, and a lock another
+        thread held stays held. The child starts empty, with a lock and a
         channel of its own; its reads fill and follow its cache again."""
         self._finalizer.detach()
         parents = self._connection.channel
@@ -624,7 +634,7 @@ class AWSSecretsManager:
         self._lock = threading.Lock()
         self._cache = {}
         self._configs = {}
-        self._connection = _Connection()
+        self._connection = _Connection(forked=True)
         self._finalizer = weakref.finalize(
             self, _release, self._lock, self._cache, self._configs, self._connection
         )
@@ -822,6 +832,8 @@ class _Connection:
 
     channel: Optional[grpc.Channel] = None
     stub: Optional[secrets_service_pb2_grpc.SecretsServiceStub] = None
+    # Made in a forked child: see `AWSSecretsConfig.channel`.
+    forked: bool = False
 
 
 _Cache = dict[tuple[str, Optional[str]], _Entry]
@@ -833,16 +845,17 @@ def _entries(cache: _Cache, configs: _Configs) -> list[Union[_Entry, _ConfigEntr
     return [*cache.values(), *configs.values()]
 
 
-def _clear(lock: threading.Lock, cache: _Cache, configs: _Configs) -> None:
+def _clear(lock: threading.Lock, cache: _Cache, configs: _Configs) -> list["_Follower"]:
     """An instance's clear_cache(): its local cache emptied, its watch
-    threads stopped."""
+    threads stopped (returned, to be waited for)."""
     with lock:
         entries = _entries(cache, configs)
         cache.clear()
         configs.clear()
-    for entry in entries:
-        if entry.follower is not None:
-            entry.follower.stop()
+    followers = [entry.follower for entry in entries if entry.follower is not None]
+    for follower in followers:
+        follower.stop()
+    return followers
 
 
 def _release(lock: threading.Lock, cache: _Cache, configs: _Configs, connection: _Connection) -> None:
@@ -916,6 +929,7 @@ class _Follower:
     version_id: str
     _stopped: threading.Event = field(default_factory=threading.Event)
     _call: Optional[Any] = None
+    _thread: Optional[threading.Thread] = None
     # Orders stop() and a stream being opened: a stop that comes while the
     # stream opens must still cancel it.
     _call_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -924,7 +938,13 @@ class _Follower:
     on_event: Optional[Callable[[Optional[SecretValue]], None]] = None
 
     def start(self) -> None:
-        threading.Thread(target=self._run, name=f"watch-{self.name}", daemon=True).start()
+        self._thread = threading.Thread(target=self._run, name=f"watch-{self.name}", daemon=True)
+        self._thread.start()
+
+    def join(self, timeout: float) -> None:
+        """Waits, at most ``timeout``, for the thread to end (after ``stop``)."""
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     def stop(self) -> None:
         with self._call_lock:
@@ -992,6 +1012,17 @@ _INSTANCES: "weakref.WeakSet[AWSSecretsManager]" = weakref.WeakSet()
 _PARENTS_CHANNELS: list[grpc.Channel] = []
 
 
+# How long a fork waits for the watch threads to leave their calls.
+_FORK_WAIT = 2.0
+
+
+def _before_fork() -> None:
+    followers = [f for instance in list(_INSTANCES) for f in instance._before_fork()]
+    deadline = time.monotonic() + _FORK_WAIT
+    for follower in followers:
+        follower.join(max(0.0, deadline - time.monotonic()))
+
+
 def _after_fork_in_child() -> None:
     global _default_lock
     _default_lock = threading.Lock()
@@ -1000,7 +1031,7 @@ def _after_fork_in_child() -> None:
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 
 
 def _manager() -> AWSSecretsManager:
