@@ -882,6 +882,15 @@ async fn a_broker_that_stops_answering_is_noticed_well_within_max_stale() {
     broker.pause(false);
     assert_eq!(noticed, Ok(true), "not noticed within {took:?}");
     assert!(took < Duration::from_secs(12), "noticed after {took:?}");
+    // Why, in words that do not send the reader to TLS settings.
+    let failure = events
+        .last_failure()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        failure.contains("broke during the call") && !failure.contains("TLS"),
+        "{failure}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -220,6 +220,10 @@ fn connection_reason(status: &Status, tls: bool) -> String {
     } else if chain.contains("tls") || chain.contains("handshake") || chain.contains("certificate")
     {
         "TLS handshake failed (BROKER_CA_FILE, BROKER_CERT_FILE, BROKER_KEY_FILE)"
+    } else if chain.contains("error reading a body") {
+        // The answer had begun: the connection worked, then broke.
+        "the connection broke during the call: the broker stopped answering (HTTP/2 pings \
+         unanswered), restarted, or the network dropped it (BROKER_ENDPOINT)"
     } else if chain.contains("protocol error") || chain.contains("http2 error") {
         "the broker did not answer in plaintext HTTP/2 (a TLS broker? set BROKER_CA_FILE, BROKER_CERT_FILE, BROKER_KEY_FILE)"
     } else if tls
