@@ -372,8 +372,17 @@ impl Shared {
             let Some(victim) = self.clock.victim(self.entries.len(), lookup) else {
                 return;
             };
-            if self.entries.remove(&victim).is_some() {
+            if let Some((victim, evicted)) = self.entries.remove(&victim) {
                 bump(&self.counters.evictions);
+                // A read older than the evicted value, still under way,
+                // must not store into the empty slot what a caller may
+                // already have seen replaced (a clear's rule, for one key).
+                if self.inflight.contains_key(&victim) || self.bypass_inflight.contains_key(&victim)
+                {
+                    self.room_for_clear_marks(1);
+                    self.cleared_keys
+                        .insert(victim, evicted.fetch_number.saturating_add(1));
+                }
             }
         }
     }

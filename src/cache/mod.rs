@@ -433,11 +433,7 @@ impl Cache {
             shared.clock.clear();
         } else {
             let keys = shared.keys_where(|name| names.iter().any(|n| n == name));
-            // Bounded like the entries; forgetting these marks risks only
-            // a late read of a key cleared earlier being kept.
-            if shared.cleared_keys.len() + keys.len() > shared.settings.max_entries.max(1) {
-                shared.cleared_keys.clear();
-            }
+            shared.room_for_clear_marks(keys.len());
             for key in keys {
                 // Marked first, as a deletion is (see `mark_deleted`).
                 shared.cleared_keys.insert(key.clone(), mark);
@@ -506,6 +502,15 @@ enum Joined {
 }
 
 impl Shared {
+    /// Makes room for `more` clear marks, bounded like the entries:
+    /// forgetting them risks only a late read of a key cleared (or
+    /// evicted) earlier being kept.
+    fn room_for_clear_marks(&self, more: usize) {
+        if self.cleared_keys.len() + more > self.settings.max_entries.max(1) {
+            self.cleared_keys.clear();
+        }
+    }
+
     /// Makes room for `more` deleted marks. When full (deletions of that
     /// many keys), the marks go, before this deletion writes its own:
     /// forgetting them risks only a late read of a secret deleted earlier,

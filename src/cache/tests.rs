@@ -626,23 +626,32 @@ async fn a_moved_stage_forgets_the_by_id_entries() {
     );
 }
 
+/// A miss of `s` whose answer (v1) is on its way while `s` rotates to v2;
+/// later reads answer at once.
+async fn a_miss_answered_before_a_rotation(
+    store: &Arc<FakeStore>,
+    cache: &Cache,
+) -> tokio::task::JoinHandle<Result<Lookup, StoreError>> {
+    store
+        .answers_as_of_the_start
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    *store.delay.lock().unwrap() = Duration::from_secs(3);
+    let slow = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.get(key("s"), false).await }
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    store.set("s", "v2");
+    *store.delay.lock().unwrap() = Duration::ZERO;
+    slow
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_read_under_way_at_a_clear_neither_stores_nor_is_joined_after_it() {
     for named in [false, true] {
         let store = FakeStore::with(&["s"]);
-        store
-            .answers_as_of_the_start
-            .store(true, std::sync::atomic::Ordering::SeqCst);
         let cache = cache_over(&store, 100);
-        // A miss whose answer (v1) is on its way while the secret rotates.
-        *store.delay.lock().unwrap() = Duration::from_secs(3);
-        let slow = tokio::spawn({
-            let cache = cache.clone();
-            async move { cache.get(key("s"), false).await }
-        });
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        store.set("s", "v2");
-        *store.delay.lock().unwrap() = Duration::ZERO;
+        let slow = a_miss_answered_before_a_rotation(&store, &cache).await;
         // A caller is told of v2, then the cache is cleared.
         let bypass = cache.get(key("s"), true).await.unwrap();
         assert_eq!(bypass.version.version_id, "v2");
@@ -713,6 +722,22 @@ async fn a_read_a_clear_overtook_is_still_news_and_its_failure_changes_nothing()
     assert_eq!(gone.load(std::sync::atomic::Ordering::SeqCst), 0);
     assert_eq!(version_of(&cache, "s").await, "v3");
     assert_eq!(cache.stats().negative_entries, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_read_older_than_an_evicted_value_does_not_store_it_back() {
+    let store = FakeStore::with(&["s", "t"]);
+    let cache = cache_over(&store, 1);
+    let slow = a_miss_answered_before_a_rotation(&store, &cache).await;
+    assert_eq!(
+        cache.get(key("s"), true).await.unwrap().version.version_id,
+        "v2"
+    );
+    // Another secret read: the cache holds one entry, and s's goes.
+    version_of(&cache, "t").await;
+    assert_eq!(slow.await.unwrap().unwrap().version.version_id, "v1");
+    // The late answer did not take the empty slot.
+    assert_eq!(version_of(&cache, "s").await, "v2");
 }
 
 #[tokio::test(start_paused = true)]
