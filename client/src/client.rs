@@ -139,12 +139,18 @@ impl SecretsClient {
         &self,
         call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     ) -> Result<T, Error> {
-        let answer = async {
-            call.await
-                .map(tonic::Response::into_inner)
-                .map_err(|status| self.error(status))
-        };
-        self.by(Instant::now() + self.request_timeout, answer).await
+        self.by(Instant::now() + self.request_timeout, self.answered(call))
+            .await
+    }
+
+    /// A call's message, or its error.
+    async fn answered<T>(
+        &self,
+        call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T, Error> {
+        call.await
+            .map(tonic::Response::into_inner)
+            .map_err(|status| self.error(status))
     }
 
     /// Runs an idempotent call, retrying UNAVAILABLE with backoff, all of
@@ -184,13 +190,10 @@ impl SecretsClient {
         Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
     {
         self.retrying(|left| {
-            let answer = rpc(self.secrets.clone(), request_within(message.clone(), left));
-            async move {
-                answer
-                    .await
-                    .map(tonic::Response::into_inner)
-                    .map_err(|status| self.error(status))
-            }
+            self.answered(rpc(
+                self.secrets.clone(),
+                request_within(message.clone(), left),
+            ))
         })
         .await
     }

@@ -255,11 +255,6 @@ impl Shared {
         at: Instant,
         number: u64,
     ) {
-        let older_than_deletion = || {
-            self.deleted_before
-                .get(key)
-                .is_some_and(|deleted| number < *deleted)
-        };
         let mut older_than_a_clear = false;
         let entry = |slot| {
             Arc::new(Entry {
@@ -276,7 +271,7 @@ impl Shared {
             // Asked under the entry's lock, which `Cache::remove_deleted`
             // takes after writing its mark: a read that started before a
             // deletion never stores after it.
-            _ if older_than_deletion() => return,
+            _ if self.deleted_since(key, number) => return,
             // The same for a clear (`Cache::clear`); what was read is still
             // news to watchers, who may not have heard of it.
             _ if self.cleared_since(key, number) => {
@@ -325,11 +320,12 @@ impl Shared {
 
     /// Whether fetch `number` of `key` started before a clear of it.
     fn cleared_since(&self, key: &CacheKey, number: u64) -> bool {
-        number < self.cleared_before.load(Relaxed)
-            || self
-                .cleared_keys
-                .get(key)
-                .is_some_and(|cleared| number < *cleared)
+        number < self.cleared_before.load(Relaxed) || marked_since(&self.cleared_keys, key, number)
+    }
+
+    /// Whether fetch `number` of `key` started before it was found deleted.
+    fn deleted_since(&self, key: &CacheKey, number: u64) -> bool {
+        marked_since(&self.deleted_before, key, number)
     }
 
     /// Whether a failed fetch has been overtaken: the key was found
@@ -337,10 +333,7 @@ impl Shared {
     /// callers get its error; the cache and the watchers do not act on it.
     fn overtaken(&self, key: &CacheKey, number: u64) -> bool {
         self.cleared_since(key, number)
-            || self
-                .deleted_before
-                .get(key)
-                .is_some_and(|deleted| number < *deleted)
+            || self.deleted_since(key, number)
             || self
                 .entries
                 .get(key)
@@ -379,13 +372,19 @@ impl Shared {
                 // already have seen replaced (a clear's rule, for one key).
                 if self.inflight.contains_key(&victim) || self.bypass_inflight.contains_key(&victim)
                 {
-                    self.room_for_clear_marks(1);
+                    self.room_for_marks(&self.cleared_keys, 1);
                     self.cleared_keys
                         .insert(victim, evicted.fetch_number.saturating_add(1));
                 }
             }
         }
     }
+}
+
+/// Whether `marks` holds a mark for `key` written after fetch `number`
+/// started.
+fn marked_since(marks: &dashmap::DashMap<CacheKey, u64>, key: &CacheKey, number: u64) -> bool {
+    marks.get(key).is_some_and(|mark| number < *mark)
 }
 
 /// The second wall behind the policy: the secret the upstream answered

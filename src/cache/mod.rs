@@ -234,7 +234,7 @@ impl Cache {
     /// upstream. Reads under way since before then are not stored when
     /// they end.
     pub fn remove_deleted(&self, key: &CacheKey) {
-        self.shared.room_for_marks(1);
+        self.shared.room_for_marks(&self.shared.deleted_before, 1);
         self.shared.mark_deleted(key);
     }
 
@@ -244,7 +244,7 @@ impl Cache {
     pub fn remove_deleted_where(&self, belongs: impl Fn(&str) -> bool) {
         let shared = &self.shared;
         let keys = shared.keys_where(belongs);
-        shared.room_for_marks(keys.len());
+        shared.room_for_marks(&shared.deleted_before, keys.len());
         for key in keys {
             shared.mark_deleted(&key);
         }
@@ -433,7 +433,7 @@ impl Cache {
             shared.clock.clear();
         } else {
             let keys = shared.keys_where(|name| names.iter().any(|n| n == name));
-            shared.room_for_clear_marks(keys.len());
+            shared.room_for_marks(&shared.cleared_keys, keys.len());
             for key in keys {
                 // Marked first, as a deletion is (see `mark_deleted`).
                 shared.cleared_keys.insert(key.clone(), mark);
@@ -502,23 +502,14 @@ enum Joined {
 }
 
 impl Shared {
-    /// Makes room for `more` clear marks, bounded like the entries:
-    /// forgetting them risks only a late read of a key cleared (or
-    /// evicted) earlier being kept.
-    fn room_for_clear_marks(&self, more: usize) {
-        if self.cleared_keys.len() + more > self.settings.max_entries.max(1) {
-            self.cleared_keys.clear();
-        }
-    }
-
-    /// Makes room for `more` deleted marks. When full (deletions of that
-    /// many keys), the marks go, before this deletion writes its own:
-    /// forgetting them risks only a late read of a secret deleted earlier,
-    /// until the next sweep round or event finds it deleted again.
-    fn room_for_marks(&self, more: usize) {
-        let bound = self.settings.max_entries.max(1);
-        if self.deleted_before.len() + more > bound {
-            self.deleted_before.clear();
+    /// Makes room for `more` marks (deletions, or clears and evictions),
+    /// bounded like the entries. When full, the marks go, before the new
+    /// ones are written: forgetting them risks only a late read of a key
+    /// marked earlier being kept (a deleted one, until the next sweep round
+    /// or event finds it deleted again).
+    fn room_for_marks(&self, marks: &DashMap<CacheKey, u64>, more: usize) {
+        if marks.len() + more > self.settings.max_entries.max(1) {
+            marks.clear();
         }
     }
 
@@ -535,9 +526,9 @@ impl Shared {
             .collect()
     }
 
-    /// Marks `key` dropped as of now (deleted upstream, or cleared) and
-    /// drops its entry; marked first: a late read stores only after it
-    /// checked the mark, under the entry's lock.
+    /// Marks `key` deleted as of now and drops its entry; marked first: a
+    /// late read stores only after it checked the mark, under the entry's
+    /// lock.
     fn mark_deleted(&self, key: &CacheKey) {
         let next = self.next_fetch.load(Relaxed);
         self.deleted_before.insert(key.clone(), next);

@@ -626,6 +626,21 @@ async fn a_moved_stage_forgets_the_by_id_entries() {
     );
 }
 
+/// A read of `key` that has started (its fetch is under way) when this
+/// returns.
+async fn read_under_way(
+    cache: &Cache,
+    key: CacheKey,
+    bypass: bool,
+) -> tokio::task::JoinHandle<Result<Lookup, StoreError>> {
+    let read = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.get(key, bypass).await }
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    read
+}
+
 /// A miss of `s` whose answer (v1) is on its way while `s` rotates to v2;
 /// later reads answer at once.
 async fn a_miss_answered_before_a_rotation(
@@ -636,11 +651,7 @@ async fn a_miss_answered_before_a_rotation(
         .answers_as_of_the_start
         .store(true, std::sync::atomic::Ordering::SeqCst);
     *store.delay.lock().unwrap() = Duration::from_secs(3);
-    let slow = tokio::spawn({
-        let cache = cache.clone();
-        async move { cache.get(key("s"), false).await }
-    });
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    let slow = read_under_way(cache, key("s"), false).await;
     store.set("s", "v2");
     *store.delay.lock().unwrap() = Duration::ZERO;
     slow
@@ -691,11 +702,7 @@ async fn a_read_a_clear_overtook_is_still_news_and_its_failure_changes_nothing()
 
     // A read under way at a clear finds v2: not kept, but told.
     *store.delay.lock().unwrap() = Duration::from_secs(3);
-    let slow = tokio::spawn({
-        let cache = cache.clone();
-        async move { cache.get(key("s"), true).await }
-    });
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    let slow = read_under_way(&cache, key("s"), true).await;
     cache.clear(&[]);
     store.set("s", "v2");
     assert_eq!(slow.await.unwrap().unwrap().version.version_id, "v2");
@@ -709,11 +716,7 @@ async fn a_read_a_clear_overtook_is_still_news_and_its_failure_changes_nothing()
         .answers_as_of_the_start
         .store(true, std::sync::atomic::Ordering::SeqCst);
     store.delete("s");
-    let slow = tokio::spawn({
-        let cache = cache.clone();
-        async move { cache.get(key("s"), true).await }
-    });
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    let slow = read_under_way(&cache, key("s"), true).await;
     store.set("s", "v3");
     cache.clear(&["s".to_owned()]);
     *store.delay.lock().unwrap() = Duration::ZERO;
@@ -757,11 +760,7 @@ async fn a_read_that_ends_after_its_secret_was_found_deleted_does_not_put_it_bac
 
     // A bypass read AWS answers before the deletion, delivered after it.
     *store.delay.lock().unwrap() = Duration::from_millis(50);
-    let late = tokio::spawn({
-        let cache = cache.clone();
-        async move { cache.get(key("s"), true).await }
-    });
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    let late = read_under_way(&cache, key("s"), true).await;
     // Found deleted meanwhile (by the sweep or an event); the fake's
     // answer, still the value, stands for the one AWS gave before.
     cache.remove_deleted(&key("s"));
@@ -789,11 +788,7 @@ async fn a_deletion_holds_back_late_reads_of_every_key_of_the_secret() {
     // found deleted.
     let by_id = CacheKey::by_version_id("s", "v1");
     *store.delay.lock().unwrap() = Duration::from_millis(50);
-    let late = tokio::spawn({
-        let (cache, by_id) = (cache.clone(), by_id.clone());
-        async move { cache.get(by_id, false).await }
-    });
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    let late = read_under_way(&cache, by_id.clone(), false).await;
     cache.remove_deleted_where(|id| id == "s");
     late.await.unwrap().expect("its caller gets what was read");
     assert!(
@@ -803,11 +798,7 @@ async fn a_deletion_holds_back_late_reads_of_every_key_of_the_secret() {
     // A stage found gone says nothing of the secret's other keys: a read
     // of AWSCURRENT under way then is stored.
     store.set("s", "v2");
-    let current = tokio::spawn({
-        let cache = cache.clone();
-        async move { cache.get(key("s"), true).await }
-    });
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    let current = read_under_way(&cache, key("s"), true).await;
     cache.remove_deleted(&CacheKey::new(
         "s".into(),
         VersionSelector::Stage("AWSPENDING".into()),

@@ -221,6 +221,14 @@ impl<B> Budgeted<B> {
         }
     }
 
+    /// The request has ended (its last frame, or trailers): nothing more
+    /// is read, no budget is held (a message cut short holds none).
+    fn end(&mut self) {
+        self.held = None;
+        self.done = true;
+        self.note_end();
+    }
+
     /// Tells a stream's answer how its request ended: whole, or inside a
     /// message (tonic then fails the read, and reflection would end its
     /// answer OK).
@@ -312,9 +320,7 @@ where
                 return Poll::Ready(Some(Err(error.into())));
             }
             Poll::Ready(None) => {
-                self.held = None;
-                self.done = true;
-                self.note_end();
+                self.end();
                 if self.framing.whole {
                     if let Err(refused) = self.stop_opening() {
                         return self.fail(refused);
@@ -332,11 +338,8 @@ where
             }
         };
         if frame.is_trailers() {
-            // tonic reads no further: the request ends here, and a message
-            // it cut short holds no budget.
-            self.held = None;
-            self.done = true;
-            self.note_end();
+            // tonic reads no further: the request ends here.
+            self.end();
         }
         if let Some(data) = frame.data_ref() {
             self.framing.follow(data);

@@ -40,10 +40,7 @@ use std::{
     convert::Infallible,
     future::Future,
     pin::Pin,
-    sync::{
-        Arc,
-        atomic::Ordering::{Acquire, Release},
-    },
+    sync::{Arc, Mutex},
     task::{Context, Poll},
     time::Duration,
 };
@@ -366,6 +363,14 @@ fn failed_before_the_handler(response: &Response<Body>) -> Option<tonic::Code> {
         .then_some(code)
 }
 
+/// `status` as an answer's trailers. Our own statuses' text is ASCII, and
+/// tonic percent-encodes its own: adding them cannot fail.
+fn trailers_of(status: &Status) -> http::HeaderMap {
+    let mut trailers = http::HeaderMap::new();
+    let _ = status.add_header(&mut trailers);
+    trailers
+}
+
 /// tonic's own refusals of a request it cannot route or read (an unknown
 /// method, a compressed request, a message that does not decode) carry no
 /// `ErrorInfo`, which every error of the broker's does: they are said
@@ -521,17 +526,18 @@ pub(super) struct CallEnd {
     limit: Duration,
     stop: Option<Stop>,
     /// What became of the request: shared by the two sides.
-    request: Arc<RequestFate>,
+    request: Arc<Mutex<RequestFate>>,
 }
 
 /// How a stream's request ended, for its answer to tell: reflection's
-/// handler stops at a request it cannot take, and ends its answer OK.
+/// handler stops at a request it cannot take, and ends its answer OK. The
+/// first word stands.
 #[derive(Default)]
-struct RequestFate {
-    /// The request's end came.
-    ended: std::sync::atomic::AtomicBool,
-    /// The error the request body failed with.
-    failed: std::sync::Mutex<Option<Status>>,
+enum RequestFate {
+    #[default]
+    Open,
+    Ended,
+    Failed(Status),
 }
 
 struct Stop {
@@ -576,17 +582,19 @@ impl CallEnd {
 
     /// The request body has come to its end.
     pub(super) fn request_ended(&self) {
-        self.request.ended.store(true, Release);
+        self.settle(RequestFate::Ended);
     }
 
     /// The request body failed with `status`.
     pub(super) fn request_failed(&self, status: &Status) {
-        let mut failed = self
-            .request
-            .failed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        failed.get_or_insert_with(|| status.clone());
+        self.settle(RequestFate::Failed(status.clone()));
+    }
+
+    fn settle(&self, fate: RequestFate) {
+        let mut request = self.request.lock().unwrap_or_else(|e| e.into_inner());
+        if matches!(*request, RequestFate::Open) {
+            *request = fate;
+        }
     }
 
     /// The trailers of an answer that ended OK while its request had not:
@@ -598,24 +606,15 @@ impl CallEnd {
         if trailers.get(GRPC_STATUS).is_none_or(|code| code != "0") {
             return None;
         }
-        let failed = self
-            .request
-            .failed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let status = match failed {
-            Some(status) => status,
-            None if self.request.ended.load(Acquire) => return None,
-            None => Status::from(ApiError::MalformedRequest {
+        let status = match &*self.request.lock().unwrap_or_else(|e| e.into_inner()) {
+            RequestFate::Failed(status) => status.clone(),
+            RequestFate::Ended => return None,
+            RequestFate::Open => Status::from(ApiError::MalformedRequest {
                 detail: "not a message of this method, or compressed without a grpc-encoding"
                     .into(),
             }),
         };
-        let mut replaced = http::HeaderMap::new();
-        // Our own status's text is ASCII; tonic's is percent-encoded.
-        let _ = status.add_header(&mut replaced);
-        Some(replaced)
+        Some(trailers_of(&status))
     }
 
     /// The error of the end, once it has passed; until then the task of
@@ -647,9 +646,7 @@ impl http_body::Body for GatedBody {
             // Dropping the answer drops the call; the request ends on its
             // own end (see `budget::Budgeted`).
             self.body = Body::empty();
-            let mut trailers = http::HeaderMap::new();
-            // Our own status's text is ASCII: add_header cannot fail on it.
-            let _ = Status::from(ended).add_header(&mut trailers);
+            let trailers = trailers_of(&Status::from(ended));
             return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
         }
         let frame = Pin::new(&mut self.body).poll_frame(cx);

@@ -115,6 +115,15 @@ def get(broker_bin, *args, env=None) -> subprocess.CompletedProcess:
     )
 
 
+def tls_env(ca, identity) -> dict[str, str]:
+    """The client's TLS settings: trust `ca`, present `identity`."""
+    return {
+        "BROKER_CA_FILE": str(ca.cert_path),
+        "BROKER_CERT_FILE": str(identity.cert_path),
+        "BROKER_KEY_FILE": str(identity.key_path),
+    }
+
+
 def failure_line(got: subprocess.CompletedProcess) -> str:
     """The one line a failed `get` prints, nothing on stdout."""
     lines = lines_of(got)
@@ -134,11 +143,7 @@ def test_get_names_a_closed_endpoint(broker_bin):
 def test_get_names_a_tls_broker_it_does_not_trust(start_tls_broker, pki, broker_bin, tmp_path):
     broker = start_tls_broker()
     other = PKI(tmp_path / "other-pki")          # a CA the broker's certificate is not from
-    env = {
-        "BROKER_CA_FILE": str(other.ca1.cert_path),
-        "BROKER_CERT_FILE": str(pki.auth.cert_path),
-        "BROKER_KEY_FILE": str(pki.auth.key_path),
-    }
+    env = tls_env(other.ca1, pki.auth)
     got = get(broker_bin, "mistral-api-key", "--endpoint", broker.addr, env=env)
     line = failure_line(got)
     assert broker.addr in line and "unknown CA" in line and "BROKER_CA_FILE" in line, line
@@ -152,11 +157,7 @@ def test_get_names_a_plaintext_client_to_a_tls_broker(start_tls_broker, broker_b
 
 
 def test_get_names_a_tls_client_to_a_plaintext_broker(dev_broker, pki, broker_bin):
-    env = {
-        "BROKER_CA_FILE": str(pki.ca1.cert_path),
-        "BROKER_CERT_FILE": str(pki.auth.cert_path),
-        "BROKER_KEY_FILE": str(pki.auth.key_path),
-    }
+    env = tls_env(pki.ca1, pki.auth)
     got = get(broker_bin, "mistral-api-key", "--endpoint", dev_broker.addr, env=env)
     line = failure_line(got)
     assert dev_broker.addr in line and "did not answer in TLS" in line, line
@@ -176,11 +177,7 @@ def test_get_names_a_client_certificate_the_broker_refuses(start_tls_broker, pki
     the handshake, and must not be told it spoke plaintext to a TLS broker."""
     broker = start_tls_broker()
     other = PKI(tmp_path / "other-pki")          # the client's certificate is from this CA
-    env = {
-        "BROKER_CA_FILE": str(pki.ca1.cert_path),
-        "BROKER_CERT_FILE": str(other.auth.cert_path),
-        "BROKER_KEY_FILE": str(other.auth.key_path),
-    }
+    env = tls_env(pki.ca1, other.auth)
     got = get(broker_bin, "mistral-api-key", "--endpoint", broker.addr, env=env)
     line = failure_line(got)
     # The broker's alert, or the connection it closes, depending on which

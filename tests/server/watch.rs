@@ -12,6 +12,18 @@ use tonic_types::StatusExt;
 
 use crate::harness::{Running, get, process_log, reason, replace_file, stats, value};
 
+/// A broker on the secrets file at `path`, its sweep (a minute) out of the
+/// way: what a watcher hears comes from the file's edits.
+async fn on_the_file(path: &std::path::Path) -> Running {
+    let file = path.to_string_lossy().into_owned();
+    Running::start(move |args| {
+        args.dev = false;
+        args.secrets_file = Some(file);
+        args.watch_interval = Some("60".into());
+    })
+    .await
+}
+
 /// The secrets file with `file-watched` at `versions` (id, value) and one
 /// other secret.
 fn secrets_file(versions: &[(&str, &str)]) -> String {
@@ -57,13 +69,7 @@ async fn edits_of_the_secrets_file_reach_a_watcher_and_a_broken_file_changes_not
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("secrets.json");
     std::fs::write(&path, secrets_file(&[("fv1", "file-v1-a5e0")])).unwrap();
-    let file = path.to_string_lossy().into_owned();
-    let broker = Running::start(move |args| {
-        args.dev = false;
-        args.secrets_file = Some(file);
-        args.watch_interval = Some("60".into());
-    })
-    .await;
+    let broker = on_the_file(&path).await;
     let mut raw = broker.raw().await;
     let request = WatchSecretRequest {
         name: "file-watched".into(),
@@ -206,13 +212,7 @@ async fn a_secret_marked_for_deletion_is_watched_until_it_is_restored() {
         .to_string()
     };
     std::fs::write(&path, file(true)).unwrap();
-    let secrets_file = path.to_string_lossy().into_owned();
-    let broker = Running::start(move |args| {
-        args.dev = false;
-        args.secrets_file = Some(secrets_file);
-        args.watch_interval = Some("60".into());
-    })
-    .await;
+    let broker = on_the_file(&path).await;
     let mut raw = broker.raw().await;
     let bound = Duration::from_secs(2);
     // A new watch, and one resuming (as after a restart of the broker).
