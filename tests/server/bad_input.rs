@@ -14,7 +14,7 @@ use secrets_broker_client::proto::{
     GetSecretRequest, secrets_service_client::SecretsServiceClient,
 };
 
-use crate::harness::{Running, answer_headers, headers_only, process_log};
+use crate::harness::{Running, answer_headers, eventually, headers_only, process_log, thread_log};
 
 type Raw = SecretsServiceClient<Channel>;
 
@@ -322,7 +322,9 @@ async fn a_batch_answers_invalid_names_item_by_item() {
 
 #[tokio::test]
 async fn malformed_typed_configs_name_the_field_and_echo_nothing() {
+    // Values are looked for in every broker's lines, audit lines in this one's.
     let log = process_log();
+    let (own, _this_thread) = thread_log();
     let (broker, mut raw, _dir) = start().await;
 
     let malformed = [
@@ -446,11 +448,12 @@ async fn malformed_typed_configs_name_the_field_and_echo_nothing() {
     drop((raw, health));
     broker.stop().await;
 
-    let text = log.text();
-    let audited = text
+    let audited = own
+        .text()
         .lines()
         .any(|line| line.contains("insurecove/bad/") && line.contains("FAILED_PRECONDITION"));
     assert!(audited, "no audit line of a malformed read");
+    let text = log.text();
     for value in forbidden() {
         assert!(!text.contains(&value), "{value:?} logged");
     }
@@ -588,8 +591,7 @@ async fn send_bytes_name(channel: Channel, rpc: &'static str, name: Vec<u8>) -> 
 
 #[tokio::test]
 async fn calls_refused_before_their_handler_or_for_their_name_are_audited() {
-    let log = process_log();
-    let start = log.position();
+    let (log, _this_thread) = thread_log();
     let broker = Running::start(|args| args.max_message_size = Some("1024".into())).await;
     let mut raw = broker.raw().await;
 
@@ -617,7 +619,7 @@ async fn calls_refused_before_their_handler_or_for_their_name_are_audited() {
     .await;
     assert_eq!(too_large.code(), Code::ResourceExhausted, "{too_large:?}");
 
-    let audit = audit_lines(&log.since(start));
+    let audit = audit_lines(&log.text());
     let seen = |rpc: &str, outcome: &str, secrets: &str| audited(&audit, rpc, outcome, secrets);
     assert!(
         seen("GetSecret", "INVALID_ARGUMENT", "audit-refused name!"),
@@ -640,8 +642,7 @@ async fn calls_that_never_reach_a_handler_are_audited_too() {
         ClearCacheRequest, admin_service_client::AdminServiceClient,
     };
 
-    let log = process_log();
-    let start = log.position();
+    let (log, _this_thread) = thread_log();
     let broker = Running::start(|_| {}).await;
 
     // A stream reset before its request came.
@@ -698,10 +699,23 @@ async fn calls_that_never_reach_a_handler_are_audited_too() {
         .unwrap_err();
     assert!(refused.message().contains("names[30]"), "{refused:?}");
 
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let audit = audit_lines(&log.since(start));
+    // The reset stream's line comes when the broker has seen the reset.
+    let cancelled = || {
+        audited(
+            &audit_lines(&log.text()),
+            "GetSecret",
+            "CANCELLED",
+            "secrets=\"\"",
+        )
+    };
+    eventually(
+        std::time::Duration::from_secs(5),
+        "the reset stream's audit line",
+        || std::future::ready(cancelled()),
+    )
+    .await;
+    let audit = audit_lines(&log.text());
     let seen = |rpc: &str, outcome: &str, secrets: &str| audited(&audit, rpc, outcome, secrets);
-    assert!(seen("GetSecret", "CANCELLED", "secrets=\"\""), "{audit:#?}");
     assert!(
         seen(
             "/secretsbroker.v1.SecretsService/NoSuchMethod",

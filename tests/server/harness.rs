@@ -368,6 +368,40 @@ pub fn process_log() -> Captured {
     .clone()
 }
 
+/// What this test's own thread logs, also kept in the process log (which
+/// `Running::stop` checks for secret values). On tokio's default runtime
+/// for tests, a current-thread one, the broker's calls run on the test's
+/// thread: the audit lines here are this test's broker's, never those of
+/// a broker of another test running beside it. Lines the broker logs on
+/// other threads (file watches) are only in the process log.
+pub fn thread_log() -> (Captured, tracing::subscriber::DefaultGuard) {
+    let global = process_log();
+    let local = Captured::default();
+    let writer = Tee(local.clone(), global);
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    (local, tracing::subscriber::set_default(subscriber))
+}
+
+/// Writes to both logs.
+#[derive(Clone)]
+struct Tee(Captured, Captured);
+
+impl io::Write for Tee {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        self.0.write_all(bytes)?;
+        self.1.write_all(bytes)?;
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// The headers that carry an answer's grpc-status: its headers when it is
 /// trailers-only, else its trailers (the body read to its end).
 pub async fn answer_headers(response: h2::client::ResponseFuture) -> http::HeaderMap {
