@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -80,6 +81,16 @@ def run(python: Path, script: Path, env: dict[str, str], *args: str, cwd: Path |
     )
 
 
+def probe_answer(python: Path, tmp_path: Path, name: str, text: str, env: dict[str, str]) -> Any:
+    """Runs a probe script (`text`, saved as `name`) in the venv; what it
+    printed, as JSON. A probe that fails fails the test with its stderr."""
+    probe = tmp_path / name
+    probe.write_text(text)
+    proc = run(python, probe, env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
 def package_env(broker, **extra: str) -> dict[str, str]:
     return support.broker_env({"BROKER_ENDPOINT": broker.addr, **extra})
 
@@ -142,12 +153,17 @@ out["prefix_same"] = prefixed("insurecove")
 
 def options(**settings):
     return {k: v for k, v in AWSSecretsConfig(**settings).channel_options(False) if "proxy" in k}
+# A broker elsewhere is reached with mutual TLS only (the files are read
+# when a channel is made, not here), through HTTPS_PROXY.
+TLS = dict(broker_ca_file="ca.pem", broker_cert_file="client.pem", broker_key_file="client-key.pem")
+def tls_options(**settings):
+    return {k: v for k, v in AWSSecretsConfig(**TLS, **settings).channel_options(True) if "proxy" in k}
 out["reconnect_within_s"] = dict(AWSSecretsConfig().channel_options(False))["grpc.max_reconnect_backoff_ms"] / 1000
 out["loopback_skips_proxy"] = options(http_proxy="http://proxy.invalid:3128")
 out["grpc_target_loopback"] = options(http_proxy="http://proxy.invalid:3128", broker_endpoint="ipv4:127.0.0.1:50051")
-out["remote_uses_proxy"] = options(http_proxy="http://proxy.invalid:3128", broker_endpoint="broker.example:50051")
+out["remote_uses_proxy"] = tls_options(https_proxy="http://proxy.invalid:3128", broker_endpoint="broker.example:50051")
 # NO_PROXY comes from the environment, in capitals.
-out["no_proxy_names_it"] = options(http_proxy="http://proxy.invalid:3128", broker_endpoint="broker.internal:50051")
+out["no_proxy_names_it"] = tls_options(https_proxy="http://proxy.invalid:3128", broker_endpoint="broker.internal:50051")
 print(json.dumps(out))
 """
 
@@ -203,12 +219,53 @@ def test_the_client_reaches_a_broker_on_a_unix_socket(venv, start_broker, tmp_pa
     `localhost` instead."""
     sock = tmp_path / "broker.sock"
     broker = start_broker(listen=f"unix:{sock}")
-    probe = tmp_path / "unix_probe.py"
-    probe.write_text(UNIX_SOCKET_PROBE)
-    proc = run(venv, probe, package_env(broker), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    seen = json.loads(proc.stdout)
+    seen = probe_answer(venv, tmp_path, "unix_probe.py", UNIX_SOCKET_PROBE, package_env(broker))
     assert seen == {"connected": True, "value": support.dev_seed()[MISTRAL]}, seen
+
+
+ENDPOINT_RULES_PROBE = """
+import json, sys
+from secrets_broker.aws_secrets import AWSSecretsManager, AWSSecretsManagerError
+try:
+    AWSSecretsManager()
+    print(json.dumps("made"))
+except AWSSecretsManagerError as error:
+    print(json.dumps(str(error)))
+"""
+
+
+@pytest.mark.parametrize("endpoint, tls, refusal", [
+    # Plaintext to another host: the broker would refuse to serve it; a
+    # value read so could be read or forged on the way.
+    ("broker.internal:50051", False, "BROKER_ENDPOINT=broker.internal:50051 is not a loopback address"),
+    ("http://192.0.2.2:50051", False, "BROKER_ENDPOINT=192.0.2.2:50051 is not a loopback address"),
+    ("ipv4:10.0.0.1:50051", False, "is not a loopback address"),
+    # http:// must not undo the TLS files, nor https:// go without them.
+    ("http://127.0.0.1:50051", True, "BROKER_ENDPOINT is http://, which is plaintext, but mutual TLS"),
+    ("https://broker.internal:50051", False, "BROKER_ENDPOINT is https://, which needs mutual TLS"),
+    # A user part would connect to the host after it.
+    ("http://127.0.0.1:1@192.0.2.2:50051", False, "only host:port is taken"),
+    ("http://127.0.0.1:50051/path", False, "only host:port is taken"),
+    # Allowed.
+    ("http://127.0.0.1:50051", False, None),
+    ("localhost:50051", False, None),
+    ("ipv6:[::1]:50051", False, None),
+    ("unix:/run/secrets-broker.sock", False, None),
+    ("https://broker.internal:50051", True, None),
+    ("broker.internal:50051", True, None),
+])
+def test_plaintext_goes_only_to_loopback(venv, tmp_path, endpoint, tls, refusal):
+    """As the broker serves and the Rust client connects: plaintext only to
+    loopback or a unix socket, said when the client is made."""
+    extra = {"BROKER_ENDPOINT": endpoint}
+    if tls:
+        # Read only when a channel is made: names are enough here.
+        extra.update(BROKER_CA_FILE="ca.pem", BROKER_CERT_FILE="client.pem", BROKER_KEY_FILE="client-key.pem")
+    seen = probe_answer(venv, tmp_path, "endpoint_probe.py", ENDPOINT_RULES_PROBE, support.broker_env(extra))
+    if refusal is None:
+        assert seen == "made", seen
+    else:
+        assert refusal in seen and seen.startswith("invalid setting: "), seen
 
 
 ROTATION_PROBE = """
@@ -599,8 +656,9 @@ except BrokerUnavailableError as error:
     refused = [str(error), error.code.name, error.reason]
 _refuse_stale_bypass(secret_pb2.Secret(name="x"), use_cache=False)   # fresh: fine
 
-plain = AWSSecretsConfig(broker_endpoint="broker.internal:50051")
-proxied = AWSSecretsConfig(broker_endpoint="broker.internal:50051", http_proxy="http://u:p@proxy:3128")
+TLS = dict(broker_ca_file="ca.pem", broker_cert_file="client.pem", broker_key_file="client-key.pem")
+plain = AWSSecretsConfig(broker_endpoint="broker.internal:50051", **TLS)
+proxied = AWSSecretsConfig(broker_endpoint="broker.internal:50051", https_proxy="http://u:p@proxy:3128", **TLS)
 tls = AWSSecretsConfig(broker_endpoint="127.0.0.1:50051", broker_ca_file="ca.pem")
 print(json.dumps({
     "refused": refused,
@@ -616,16 +674,12 @@ print(json.dumps({
 
 def test_the_errors_say_what_to_change(venv, start_broker, tmp_path):
     broker = start_broker()
-    probe = tmp_path / "edges.py"
-    probe.write_text(EDGES_OF_THE_ERRORS)
-    proc = run(venv, probe, package_env(broker), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    seen = json.loads(proc.stdout)
+    seen = probe_answer(venv, tmp_path, "edges.py", EDGES_OF_THE_ERRORS, package_env(broker))
     message, code, reason = seen["refused"]
     assert (code, reason) == ("UNAVAILABLE", "UPSTREAM_UNAVAILABLE"), seen
     assert "use_cache=False" in message and "420 s ago" in message, message
     assert "nothing answers at BROKER_ENDPOINT=broker.internal:50051" in seen["refused_message"]
-    assert "through the proxy http://proxy:3128 (HTTP_PROXY)" in seen["through_proxy"], seen
+    assert "through the proxy http://proxy:3128 (HTTPS_PROXY)" in seen["through_proxy"], seen
     assert "NO_PROXY" in seen["through_proxy"] and "u:p" not in seen["through_proxy"], seen
     assert "BROKER_TLS_DOMAIN" in seen["name_mismatch"], seen
     assert seen["mistral"] == support.dev_seed()[MISTRAL]
@@ -652,13 +706,35 @@ print(json.dumps({"same": len(set(values)) == 1, "threads": threading.active_cou
 
 def test_with_the_local_cache_off_every_read_asks_the_broker_and_nothing_is_followed(venv, start_broker, tmp_path):
     broker = start_broker()
-    probe = tmp_path / "no_cache.py"
-    probe.write_text(NO_LOCAL_CACHE_PROBE)
-    proc = run(venv, probe, package_env(broker, SECRET_CACHE_TTL="0"), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    seen = json.loads(proc.stdout)
+    seen = probe_answer(venv, tmp_path, "no_cache.py", NO_LOCAL_CACHE_PROBE, package_env(broker, SECRET_CACHE_TTL="0"))
     assert seen == {"same": True, "threads": 1, "entries": 0, "tasks": 0}, seen
     assert broker.log().count('rpc="GetSecret"') == 4, "each read went to the broker"
+
+
+AIO_CONTEXT_PROBE = """
+import asyncio, json
+from secrets_broker.aio import AsyncAWSSecretsManager
+
+def following():
+    return sum(1 for t in asyncio.all_tasks() if t.get_name().startswith("watch-") and not t.done())
+
+async def main():
+    async with AsyncAWSSecretsManager() as secrets:
+        value = (await secrets.get_secret("mistral-api-key")).as_string()
+        await asyncio.sleep(0.3)
+        inside = following()
+    await asyncio.sleep(0.1)
+    return {"value": value, "inside": inside, "after": following(), "channel": secrets._channel is None}
+print(json.dumps(asyncio.run(main())))
+"""
+
+
+def test_the_asyncio_client_is_an_async_context_manager(venv, start_broker, tmp_path):
+    """`async with`, as the sync client's `with`: leaving it stops the
+    watch tasks and closes the connection."""
+    broker = start_broker()
+    seen = probe_answer(venv, tmp_path, "aio_context.py", AIO_CONTEXT_PROBE, package_env(broker))
+    assert seen == {"value": support.dev_seed()[MISTRAL], "inside": 1, "after": 0, "channel": True}, seen
 
 
 AIO_DELETED_PROBE = """

@@ -86,6 +86,12 @@ class AsyncAWSSecretsManager:
             await self._channel.close()
         self._channel = None
 
+    async def __aenter__(self) -> "AsyncAWSSecretsManager":
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
     async def get_secret(
         self,
         secret_name: str,

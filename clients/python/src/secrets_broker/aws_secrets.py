@@ -37,7 +37,7 @@ import grpc.aio
 # googleapis-common-protos and grpcio-status ship no type information.
 from google.rpc import error_details_pb2  # type: ignore[import-untyped]
 from grpc_status import rpc_status  # type: ignore[import-untyped]
-from pydantic import ValidationError, field_validator
+from pydantic import ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from secretsbroker.v1 import secret_pb2, secrets_service_pb2, secrets_service_pb2_grpc
@@ -261,21 +261,49 @@ class AWSSecretsConfig(BaseSettings):
     @field_validator("broker_endpoint", mode="before")
     @classmethod
     def _endpoint(cls, value: Any) -> Any:
-        """Empty means the default; ``http://host:port`` (as the Rust client
-        takes it) is ``host:port``."""
+        """Empty means the default."""
         if not isinstance(value, str):
             return value
-        text = value.strip()
-        if not text:
-            return "127.0.0.1:50051"
-        for scheme in ("http://", "https://"):
-            if text.startswith(scheme):
-                return text[len(scheme):].rstrip("/")
-        return text
+        return value.strip() or "127.0.0.1:50051"
+
+    @model_validator(mode="after")
+    def _plaintext_only_to_loopback(self) -> "AWSSecretsConfig":
+        """As the broker serves and the Rust client connects: plaintext
+        only to loopback or a unix socket (the broker refuses to serve it
+        anywhere else, and a value read in plaintext across a network is a
+        value anyone on the path can read or forge). ``http://host:port``
+        and ``https://host:port`` (the Rust client's forms) become
+        ``host:port``; ``https://`` needs the TLS files, ``http://`` must
+        not undo them."""
+        tls = any((self.broker_ca_file, self.broker_cert_file, self.broker_key_file))
+        endpoint = self.broker_endpoint
+        scheme, separator, rest = endpoint.partition("://")
+        if separator and scheme.lower() in ("http", "https"):
+            if scheme.lower() == "https" and not tls:
+                raise ValueError(
+                    "BROKER_ENDPOINT is https://, which needs mutual TLS: set BROKER_CA_FILE, BROKER_CERT_FILE and BROKER_KEY_FILE"
+                )
+            if scheme.lower() == "http" and tls:
+                raise ValueError(
+                    "BROKER_ENDPOINT is http://, which is plaintext, but mutual TLS is configured (BROKER_CA_FILE, "
+                    "BROKER_CERT_FILE, BROKER_KEY_FILE): use https:// or host:port"
+                )
+            rest = rest.rstrip("/")
+            if any(mark in rest for mark in "/@?#"):
+                raise ValueError(f"BROKER_ENDPOINT={endpoint}: only host:port is taken (no user, path or query)")
+            endpoint = rest
+        if not tls and not _is_local(endpoint):
+            raise ValueError(
+                f"BROKER_ENDPOINT={endpoint} is not a loopback address: plaintext is only allowed to loopback or a "
+                "unix socket; for a broker elsewhere set BROKER_CA_FILE, BROKER_CERT_FILE and BROKER_KEY_FILE"
+            )
+        self.broker_endpoint = endpoint
+        return self
 
     def credentials(self) -> Optional[grpc.ChannelCredentials]:
         """Mutual TLS credentials when the three files are set; `None` for
-        plaintext (loopback only)."""
+        plaintext (to loopback or a unix socket only: the settings refuse
+        any other endpoint without the files)."""
         files = (self.broker_ca_file, self.broker_cert_file, self.broker_key_file)
         if not any(files):
             return None
@@ -338,26 +366,8 @@ class AWSSecretsConfig(BaseSettings):
         return shown, variable
 
     def _bypasses_proxy(self) -> bool:
-        endpoint = self.broker_endpoint
-        if endpoint.startswith(("unix:", "unix-abstract:")):
-            return True
-        # gRPC target forms: host:port, ipv4:/ipv6:ADDR:port, dns:host:port,
-        # dns:///host:port, dns://resolver/host:port.
-        for scheme in ("ipv4:", "ipv6:", "dns:"):
-            if endpoint.startswith(scheme):
-                endpoint = endpoint[len(scheme):]
-                break
-        if endpoint.startswith("//"):
-            endpoint = endpoint[2:].split("/", 1)[-1]
-        host = endpoint.rsplit(":", 1)[0].strip("[]").lower()
-        if host == "localhost":
-            return True
-        try:
-            if ipaddress.ip_address(host).is_loopback:
-                return True
-        except ValueError:
-            pass
-        return _named_by_no_proxy(host, self.no_proxy or "")
+        host = _endpoint_host(self.broker_endpoint)
+        return host is None or _is_loopback(host) or _named_by_no_proxy(host, self.no_proxy or "")
 
     def check_prefix(self, asked: str, answered: str) -> None:
         """Raises when ``SECRET_PREFIX`` is set and the broker answered for a
@@ -411,10 +421,46 @@ def settings_from_env() -> AWSSecretsConfig:
     try:
         return AWSSecretsConfig()
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in e['loc']).upper()}: {e['msg']}" for e in error.errors()
-        )
+        problems = "; ".join(_problem(e["loc"], e["msg"]) for e in error.errors())
         raise AWSSecretsManagerError(f"invalid setting: {problems}") from None
+
+
+def _problem(loc: tuple[Any, ...], message: str) -> str:
+    """One setting's problem, named by its variable. A check of several
+    settings together names them in its own words (it has no `loc`)."""
+    message = message.removeprefix("Value error, ")
+    variable = ".".join(str(part) for part in loc).upper()
+    return f"{variable}: {message}" if variable else message
+
+
+def _endpoint_host(endpoint: str) -> Optional[str]:
+    """The host a gRPC target names, lowercase; `None` for a unix socket.
+    Target forms: host:port, ipv4:/ipv6:ADDR:port, dns:host:port,
+    dns:///host:port, dns://resolver/host:port."""
+    if endpoint.startswith(("unix:", "unix-abstract:")):
+        return None
+    for scheme in ("ipv4:", "ipv6:", "dns:"):
+        if endpoint.startswith(scheme):
+            endpoint = endpoint[len(scheme):]
+            break
+    if endpoint.startswith("//"):
+        endpoint = endpoint[2:].split("/", 1)[-1]
+    return endpoint.rsplit(":", 1)[0].strip("[]").lower()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _is_local(endpoint: str) -> bool:
+    """A unix socket or a loopback address: where plaintext may go."""
+    host = _endpoint_host(endpoint)
+    return host is None or _is_loopback(host)
 
 
 def _named_by_no_proxy(host: str, no_proxy: str) -> bool:
@@ -586,7 +632,7 @@ class AWSSecretsManager:
         self._configs: dict[tuple[str, str], _ConfigEntry] = {}
         # An instance nobody holds any more stops its watch threads and
         # closes its connection, as close() does: services make one per
-        # call (the guide's health check does), and each would otherwise
+        # call (a health check that makes one each time does), and each would otherwise
         # leave its threads and streams behind until the broker's calls per
         # connection, which every channel of the process shares, ran out.
         # The watch threads hold the instance only weakly.
@@ -734,8 +780,8 @@ class AWSSecretsManager:
 
     def get_cache_stats(self) -> dict[str, Any]:
         """``total_entries``, ``valid_entries`` and ``expired_entries`` of the
-        local cache: secrets and typed configs (in the guide's class a typed
-        config was a cached secret)."""
+        local cache: secrets and typed configs (a typed config counts as an
+        entry, as it did in the ``AWSSecretsManager`` class this replaces)."""
         now = time.monotonic()
         with self._lock:
             entries = _entries(self._cache, self._configs)
@@ -1034,7 +1080,8 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 
 
-def _manager() -> AWSSecretsManager:
+def _shared_instance() -> AWSSecretsManager:
+    """The instance the module-level functions share, made on first use."""
     global _default
     with _default_lock:
         if _default is None:
@@ -1044,19 +1091,19 @@ def _manager() -> AWSSecretsManager:
 
 def get_database_config() -> dict[str, Any]:
     """The database config, from a shared ``AWSSecretsManager``."""
-    return _manager().get_database_config()
+    return _shared_instance().get_database_config()
 
 
 def get_jwt_config() -> dict[str, Any]:
     """The JWT config, from a shared ``AWSSecretsManager``."""
-    return _manager().get_jwt_config()
+    return _shared_instance().get_jwt_config()
 
 
 def get_mistral_api_key() -> str:
     """The Mistral API key, from a shared ``AWSSecretsManager``."""
-    return _manager().get_mistral_api_key()
+    return _shared_instance().get_mistral_api_key()
 
 
 def test_aws_connection() -> bool:
     """Whether the broker answers and reaches AWS. Never raises."""
-    return _manager().test_connection()
+    return _shared_instance().test_connection()
