@@ -41,7 +41,7 @@ use tonic_health::{
 };
 
 use crate::{
-    api::{AdminApi, SecretsApi},
+    api::{AdminApi, ApiError, SecretsApi},
     backend::SecretStore,
     metrics::Metrics,
     proto::{
@@ -239,7 +239,7 @@ fn until_stop(
                 biased;
                 () = stop.cancelled() => {
                     if last_sent == Some(not_serving) {
-                        let ended = Status::unavailable("the broker is shutting down");
+                        let ended = Status::from(ApiError::StreamShutDown);
                         return Some((Err(ended), None));
                     }
                     let said = HealthCheckResponse { status: not_serving };

@@ -31,7 +31,7 @@ use crate::{
 };
 use audit::Audit;
 use rpc::Rpc;
-use status::ApiError;
+pub(crate) use status::ApiError;
 
 /// What every handler needs; cheap to clone.
 #[derive(Clone)]

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::harness::{Running, headers_only};
+use tonic_types::StatusExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_the_run_the_port_is_free_and_no_task_is_left() {
@@ -93,9 +94,11 @@ async fn health_watches_say_not_serving_then_end_so_they_do_not_hold_the_shutdow
             "{service:?}"
         );
         let ended = within(watch.message()).await.unwrap_err();
+        // The broker's own ending, with its reason, as every refusal of its.
+        let reason = ended.get_details_error_info().map(|info| info.reason);
         assert_eq!(
-            ended.code(),
-            tonic::Code::Unavailable,
+            (ended.code(), reason.as_deref()),
+            (tonic::Code::Unavailable, Some("SHUTTING_DOWN")),
             "{service:?}: {ended:?}"
         );
     }
