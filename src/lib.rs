@@ -26,6 +26,7 @@ pub mod app;
 pub mod backend;
 pub mod cache;
 pub mod check;
+pub mod command;
 pub mod config;
 pub(crate) mod events;
 pub(crate) mod file_watch;

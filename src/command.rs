@@ -1,0 +1,129 @@
+//! What each `secrets-broker` subcommand does once `main.rs` has parsed
+//! its arguments: `serve` builds the broker from its settings and runs it
+//! until a shutdown signal, `check` validates and tests the upstream, and
+//! the operator commands report their errors the same way. In the library
+//! so the binary stays a parser, and each step can be read (and tested)
+//! on its own.
+
+use std::{future::Future, path::PathBuf, process::ExitCode};
+
+use crate::{
+    app::{self, App, Listeners},
+    check,
+    config::{BackendChoice, BrokerArgs, ListenAddr, Settings},
+    telemetry,
+};
+
+/// Said when a `.env` file was found: its variables apply silently
+/// otherwise, wherever the broker happens to start.
+const ENV_FILE_READ: &str =
+    "a .env file was read: its variables apply where the environment does not set them";
+
+fn settings(args: &BrokerArgs) -> Result<Settings, String> {
+    Settings::resolve(args, &|name| std::env::var(name).ok())
+        .map_err(|error| format!("configuration error: {error}"))
+}
+
+/// `serve`: runs the broker; the exit code, and the log writer's guard (dropping it
+/// flushes the last log lines).
+pub async fn serve(
+    args: BrokerArgs,
+    env_file: Option<PathBuf>,
+) -> (ExitCode, Option<telemetry::LogGuard>) {
+    let settings = match settings(&args) {
+        Ok(settings) => settings,
+        Err(message) => return (fail(&message), None),
+    };
+    let logs = telemetry::init(&settings.log_level, settings.log_json);
+    if let Some(path) = env_file {
+        tracing::info!(path = %path.display(), "{ENV_FILE_READ}");
+    }
+    let app = match Listeners::bind(&settings).await {
+        Ok(listeners) => App::build(&settings, listeners),
+        Err(error) => Err(error),
+    };
+    let app = match app {
+        Ok(app) => app,
+        Err(error) => return (fail(&error.to_string()), Some(logs)),
+    };
+    if settings.dev {
+        print_dev_hint(&settings);
+    }
+    let code = match app.run(app::shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => fail(&error.to_string()),
+    };
+    (code, Some(logs))
+}
+
+/// `check`: validates the settings and tests the upstream; the report goes
+/// to stdout.
+pub async fn check(args: BrokerArgs, env_file: Option<PathBuf>) -> ExitCode {
+    let settings = match settings(&args) {
+        Ok(settings) => settings,
+        Err(message) => return fail(&message),
+    };
+    if let Some(path) = env_file {
+        println!("env file: {} ({ENV_FILE_READ})", path.display());
+    }
+    match check::run(&settings).await {
+        Ok(report) => {
+            for line in report {
+                println!("{line}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => fail(&format!("check failed: {error}")),
+    }
+}
+
+/// The operator commands (`get`, `watch`, `stats`): their error on stderr.
+pub async fn operate(
+    command: impl Future<Output = Result<(), secrets_broker_client::Error>>,
+) -> ExitCode {
+    match command.await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => fail(&error.to_string()),
+    }
+}
+
+/// In dev mode, how to call the broker just started.
+fn print_dev_hint(settings: &Settings) {
+    let secrets = match &settings.backend {
+        BackendChoice::File { path } => format!("secrets from {}", path.display()),
+        _ => "built-in fake secrets".to_owned(),
+    };
+    let listen = &settings.listen;
+    let call = "-d '{\"name\":\"mistral-api-key\"}'";
+    let method = "secretsbroker.v1.SecretsService/GetSecret";
+    match (&settings.tls, listen) {
+        (Some(tls), ListenAddr::Tcp(addr)) => {
+            println!("secrets-broker dev mode: {secrets}, mutual TLS on {listen}");
+            println!(
+                "try: grpcurl -cacert CA.pem -cert CLIENT.pem -key CLIENT-KEY.pem {call} {addr} {method}  \
+                 (a client certificate signed by {})",
+                tls.client_ca.display()
+            );
+        }
+        (Some(_), _) => println!("secrets-broker dev mode: {secrets}, mutual TLS on {listen}"),
+        (None, ListenAddr::Tcp(addr)) => {
+            println!("secrets-broker dev mode: {secrets}, plaintext on {listen}");
+            println!("try: grpcurl -plaintext {call} {addr} {method}");
+        }
+        (None, ListenAddr::Unix(path)) => {
+            println!("secrets-broker dev mode: {secrets}, plaintext on {listen}");
+            // h2 refuses a socket path as :authority; grpcurl sends it
+            // unless told otherwise.
+            println!(
+                "try: grpcurl -plaintext -unix -authority localhost {call} {} {method}",
+                path.display()
+            );
+        }
+    }
+}
+
+/// Says why on stderr, as every command does, and fails.
+pub fn fail(message: &str) -> ExitCode {
+    eprintln!("secrets-broker: {message}");
+    ExitCode::FAILURE
+}
