@@ -313,8 +313,9 @@ impl SecretsClient {
         )
     }
 
-    /// Whether the broker reaches AWS, and what it checked
-    /// (AdminService.CheckUpstream; needs an admin identity).
+    /// Whether the broker reaches AWS: `reachable` of
+    /// AdminService.CheckUpstream (needs an admin identity); the rest of
+    /// its answer (what was checked, the event consumer) is not returned.
     pub async fn check_upstream(&self) -> Result<bool, Error> {
         let mut client = self.admin.clone();
         let response = self

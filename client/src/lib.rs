@@ -4,8 +4,12 @@
 //! It offers what the Python package (`clients/python`) offers, through
 //! the broker: secrets by short name (the broker adds the prefix),
 //! by version or stage, bypassing the cache; the typed configs; the
-//! connection test; cache statistics and clearing; and a stream of
-//! rotations. It has no AWS SDK in its dependency tree.
+//! connection test; and a stream of rotations. Cache statistics and
+//! clearing differ: the Python package's act on its own local cache, while
+//! here `get_cache_stats` and `clear_cache` are AdminService calls on the
+//! broker's shared cache and need an admin identity (`CachedSecrets`, this
+//! crate's local cache, has neither). It has no AWS SDK in its dependency
+//! tree.
 //!
 //! ```no_run
 //! use secrets_broker_client::{ClientConfig, Error, SecretsClient};

@@ -17,7 +17,7 @@ macro_rules! settings {
         #[derive(clap::Args, Debug, Default, Clone)]
         pub struct BrokerArgs {
             /// Run on the embedded dev backend (five typical secrets with fake
-            /// values), plaintext on loopback.
+            /// values); --secrets-file wins over it, and TLS flags still apply.
             #[arg(long)]
             pub dev: bool,
             /// TOML config file [env: BROKER_CONFIG]
@@ -88,9 +88,9 @@ settings! {
         env ["SECRET_CACHE_NEGATIVE_TTL"], "DURATION", default "30",
         "How long a NOT_FOUND answer is remembered; 0 turns it off";
     watch_interval / WATCH_INTERVAL: "watch-interval", env ["SECRET_WATCH_INTERVAL"], "DURATION",
-        default "30", "How often watched secrets are checked";
+        default "30", "How often the metadata sweep checks every cached or watched secret, and the upstream health check runs (at least 1 s)";
     events_queue_url / EVENTS_QUEUE_URL: "events-queue-url", env ["SECRET_EVENTS_QUEUE_URL"],
-        "URL", "SQS queue of Secrets Manager events (EventBridge or SNS-wrapped) to invalidate on";
+        "URL", "SQS queue of Secrets Manager events (EventBridge or SNS-wrapped) to long-poll; an event makes the broker re-read the secret";
     events_topic_arn / EVENTS_TOPIC_ARN: "events-topic-arn", env ["SECRET_EVENTS_TOPIC_ARN"],
         "ARN",
         "SNS topic of Secrets Manager events: the broker subscribes a queue of its own (fan-out to replicas)";
@@ -107,7 +107,7 @@ settings! {
         "Label metrics with secret names (cardinality, privacy)",
         [, num_args = 0..=1, default_missing_value = "true"];
     max_connections / MAX_CONNECTIONS: "max-connections", env ["BROKER_MAX_CONNECTIONS"], "COUNT",
-        default "10000", "Most open connections; more are closed at once";
+        default "10000", "Most open connections; when full, the connection longest in its handshake gives its slot up, and with every slot held by an established connection more are closed at once";
     max_concurrent_calls_per_connection / MAX_CALLS_PER_CONNECTION:
         "max-concurrent-calls-per-connection",
         env ["BROKER_MAX_CONCURRENT_CALLS_PER_CONNECTION"], "COUNT", default "1024",

@@ -100,11 +100,14 @@ impl Queue {
     /// Opens the source: the given queue, or a new queue subscribed to the
     /// given topic.
     ///
-    /// In topic mode the queue is named `name` (one name for the broker's
-    /// whole run): a queue made by an attempt whose subscription failed is
-    /// kept and found again by the next attempt (CreateQueue of an existing
-    /// name answers its URL), rather than a new one made and deleted at
-    /// every retry. `remove_made` deletes it if the broker stops first.
+    /// In topic mode the queue is named `name`, the same for every attempt
+    /// to open it (the consumer picks a new name only to make the queue
+    /// again after it was deleted, since SQS refuses a name deleted less
+    /// than 60 s ago): a queue made by an attempt whose subscription failed
+    /// is kept and found again by the next attempt (CreateQueue of an
+    /// existing name answers its URL), rather than a new one made and
+    /// deleted at every retry. `remove_made` deletes it if the broker stops
+    /// first.
     pub(super) async fn open(
         source: &EventSource,
         region: &str,

@@ -2,10 +2,11 @@
 //! secret, compared with what is held; values are read only where a stage
 //! moved.
 //!
-//! Budget, and why: ListSecrets and BatchGetSecretValue share an
-//! account-wide quota of 100 calls a second with everything else in the
-//! account, so a round makes at most one upstream call per `PER_CALL`
-//! tracked secrets (re-reads of changed ones aside). Secrets under the
+//! Budget, and why: ListSecrets has a quota of 100 calls a second per
+//! account and Region, shared with everything else in the account, so a
+//! round makes at most one upstream call (a ListSecrets page or a
+//! DescribeSecret) per `PER_CALL` tracked secrets (GetSecretValue re-reads
+//! of changed ones aside). Secrets under the
 //! prefix are listed by page (`LIST_PAGE_SIZE` to a page, no values); a
 //! listing longer than the budget goes on from where it stopped in the next
 //! round. Tracked secrets outside the prefix (read by the ARN of another
