@@ -72,6 +72,9 @@ pub enum Error {
     /// The client certificate is missing or names no identity.
     #[error("unauthenticated: {message}")]
     Unauthenticated {
+        /// The broker's `ErrorInfo` reason (`NO_CLIENT_IDENTITY`); empty when
+        /// the status carried none.
+        reason: String,
         /// What failed.
         message: String,
     },
@@ -115,6 +118,7 @@ impl Error {
             | Self::InvalidArgument { reason, .. } => Some(reason),
             Self::Unavailable { reason, .. }
             | Self::Throttled { reason, .. }
+            | Self::Unauthenticated { reason, .. }
             | Self::Other { reason, .. } => (!reason.is_empty()).then_some(reason.as_str()),
             Self::MalformedSecret { .. } => Some("MALFORMED_SECRET"),
             _ => None,
@@ -259,7 +263,7 @@ impl Error {
             }
             Code::Unavailable => Self::Unavailable { reason, message },
             Code::ResourceExhausted => Self::Throttled { reason, message },
-            Code::Unauthenticated => Self::Unauthenticated { message },
+            Code::Unauthenticated => Self::Unauthenticated { reason, message },
             code => Self::Other {
                 code,
                 reason,
@@ -326,8 +330,12 @@ mod tests {
     }
 
     #[test]
-    fn every_reason_the_broker_gives_can_be_branched_on() {
+    fn a_reason_can_be_branched_on_whatever_the_code() {
+        // Every reason the broker gives is checked by the broker's own
+        // tests (api::status), through this crate's `Error`.
         for (code, reason) in [
+            (Code::Unauthenticated, "NO_CLIENT_IDENTITY"),
+            (Code::Unimplemented, "UNKNOWN_METHOD"),
             (Code::Unavailable, "UPSTREAM_UNAVAILABLE"),
             (Code::ResourceExhausted, "MESSAGE_TOO_LARGE"),
             (Code::ResourceExhausted, "TOO_MANY_CALLS"),

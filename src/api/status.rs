@@ -289,6 +289,63 @@ impl From<ApiError> for Status {
 mod tests {
     use super::*;
 
+    /// Every pair of a code and a reason this file maps errors to, read from
+    /// its own source: a reason added later is covered without editing the
+    /// test that uses them.
+    fn mapped_reasons() -> Vec<(Code, &'static str)> {
+        let source = include_str!("status.rs");
+        let pairs: Vec<_> = source
+            .split("(Code::")
+            .skip(1)
+            .filter_map(|rest| {
+                let (code, rest) = rest.split_once(", \"")?;
+                let (reason, _) = rest.split_once("\")")?;
+                Some((code, reason))
+            })
+            .filter(|(code, reason)| {
+                code.chars().all(char::is_alphanumeric)
+                    && reason.chars().all(|c| c.is_ascii_uppercase() || c == '_')
+            })
+            .map(|(code, reason)| (code_named(code), reason))
+            .collect();
+        pairs
+    }
+
+    fn code_named(name: &str) -> Code {
+        match name {
+            "InvalidArgument" => Code::InvalidArgument,
+            "Unauthenticated" => Code::Unauthenticated,
+            "PermissionDenied" => Code::PermissionDenied,
+            "NotFound" => Code::NotFound,
+            "ResourceExhausted" => Code::ResourceExhausted,
+            "Unavailable" => Code::Unavailable,
+            "DeadlineExceeded" => Code::DeadlineExceeded,
+            "FailedPrecondition" => Code::FailedPrecondition,
+            "Unimplemented" => Code::Unimplemented,
+            "Internal" => Code::Internal,
+            other => panic!("a code this test does not know yet: Code::{other}"),
+        }
+    }
+
+    #[test]
+    fn the_client_crate_can_branch_on_every_reason_the_broker_gives() {
+        let reasons = mapped_reasons();
+        // The reader above still finds the mapping (a reformat could hide it).
+        for expected in ["NO_CLIENT_IDENTITY", "SHUTTING_DOWN", "UPSTREAM_QUEUE_FULL"] {
+            assert!(
+                reasons.iter().any(|(_, reason)| *reason == expected),
+                "{expected} not read from status.rs: {reasons:?}"
+            );
+        }
+        assert!(reasons.len() >= 20, "{reasons:?}");
+        for (code, reason) in reasons {
+            let details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, []);
+            let status = Status::with_error_details(code, "refused", details);
+            let error = secrets_broker_client::Error::from(status);
+            assert_eq!(error.reason(), Some(reason), "{code:?} {reason}: {error:?}");
+        }
+    }
+
     #[test]
     fn statuses_carry_code_reason_and_field() {
         let error = ApiError::Malformed {
