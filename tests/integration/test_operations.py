@@ -286,7 +286,7 @@ def test_sigterm_under_load_drains(start_broker, stubs):
         f"{len(failures)} failed; exit {code} after {exited:.2f} s"
     )
     assert state["started"] == started_before
-    assert started_before >= 100, f"too little load: {started_before} calls in {LOAD_BEFORE_SIGTERM} s"
+    assert started_before >= 30, f"too little load: {started_before} calls in {LOAD_BEFORE_SIGTERM} s"
     assert in_flight_at_sigterm >= 1, "no call was in flight when SIGTERM was sent"
     assert not failures, f"{len(failures)} of {started_before} started calls failed: {failures[:5]}"
     assert state["ok"] == started_before

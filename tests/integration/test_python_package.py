@@ -600,10 +600,12 @@ from secrets_broker.aio import AsyncAWSSecretsManager
 for _ in range(1200):
     AWSSecretsManager().get_secret("mistral-api-key")
     AWSSecretsManager().get_jwt_config()
+def watch_threads():
+    return sum(1 for t in threading.enumerate() if t.name.startswith("watch-"))
 deadline = time.monotonic() + 10
-while threading.active_count() > 10 and time.monotonic() < deadline:
+while watch_threads() > 0 and time.monotonic() < deadline:
     time.sleep(0.05)
-threads = threading.active_count()
+threads = watch_threads()
 
 async def main():
     for _ in range(1200):
@@ -615,7 +617,7 @@ tasks = asyncio.run(main())
 kept = AWSSecretsManager()
 kept.get_secret("mistral-api-key")
 time.sleep(0.3)
-print(json.dumps({"threads": threads, "tasks": tasks, "kept_follows": threading.active_count() > 1}))
+print(json.dumps({"threads": threads, "tasks": tasks, "kept_follows": watch_threads()}))
 """
 
 
@@ -632,9 +634,9 @@ def test_instances_used_once_and_dropped_leave_nothing_behind(venv, start_broker
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = json.loads(proc.stdout)
-    assert seen["threads"] <= 10, seen
+    assert seen["threads"] == 0, f"watch threads of dropped instances still running: {seen}"
     assert seen["tasks"] == 0, seen
-    assert seen["kept_follows"], "an instance still held follows its secret by push"
+    assert seen["kept_follows"] == 1, f"an instance still held follows its secret by push: {seen}"
 
 
 EDGES_OF_THE_ERRORS = """

@@ -62,14 +62,17 @@ def test_a_hung_upstream_is_waited_for_a_bounded_time(moto, aws_broker, stubs):
         first, took = timed_get(stubs, stub, "hung")
         print(f"first caller: stale={first.cache.stale} after {took:.2f} s")
         assert first.string_value == "hung-value-77a1" and first.cache.stale
-        assert took < 1.5, f"the first caller waited {took:.2f} s (upstream-wait 1 s)"
+        # Bounds well under what they guard against (AWS's own 12 s for the
+        # first; the 1 s upstream wait for the next ones) and well over a
+        # busy 2-core machine's pauses.
+        assert took < 2.0, f"the first caller waited {took:.2f} s (upstream-wait 1 s)"
         slowest = 0.0
         for _ in range(100):
             secret, took = timed_get(stubs, stub, "hung")
             assert secret.cache.stale and secret.string_value == "hung-value-77a1"
             slowest = max(slowest, took)
         print(f"next 100 callers: slowest {slowest * 1000:.1f} ms")
-        assert slowest < 0.05, f"a caller waited {slowest:.3f} s while the upstream was backed off"
+        assert slowest < 0.5, f"a caller waited {slowest:.3f} s while the upstream was backed off"
         short, took = timed_get(stubs, stub, "hung", timeout=2.0)
         assert short.cache.stale, "a caller with a 2 s deadline gets the stale value"
         apb = stubs.admin_service_pb2

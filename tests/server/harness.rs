@@ -116,6 +116,11 @@ impl Running {
 
     /// A new mutual-TLS connection presenting `client`.
     pub async fn mtls(&self, client: &Issued) -> Channel {
+        self.try_mtls(client).await.expect("an mTLS connection")
+    }
+
+    /// An mTLS connection as `client`, or why there is none.
+    pub async fn try_mtls(&self, client: &Issued) -> Result<Channel, tonic::transport::Error> {
         let ca = self.server_ca.as_ref().expect("a TLS broker");
         let read = |path: &PathBuf| std::fs::read(path).expect("PEM file");
         let tls = ClientTlsConfig::new()
@@ -128,7 +133,6 @@ impl Running {
             .unwrap()
             .connect()
             .await
-            .expect("an mTLS connection")
     }
 
     /// The SecretsService stub on a new plaintext connection.
