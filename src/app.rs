@@ -1,6 +1,6 @@
 //! Start-up: the broker built from `Settings` in one step, run in another.
 //!
-//! `Listeners::bind` binds the sockets (so that a test can bind port 0 and
+//! `Listeners::bind` (in `transport::bind`) binds the sockets (so that a test can bind port 0 and
 //! learn the address); `App::build` makes every part from the settings
 //! (store, security, metrics, cache, watch hub, health); `App::run` serves
 //! until a shutdown future completes. One `JoinSet` owns every background
@@ -13,7 +13,7 @@
 //! close, calls in flight get `--shutdown-grace` to finish. The probe
 //! endpoint answers until the end, `/readyz` with 503.
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{future::Future, sync::Arc};
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -25,20 +25,23 @@ use crate::{
     cache::Cache,
     config::{BackendChoice, ListenAddr, Settings},
     events::Events,
-    health::{self, Health},
+    health::Health,
     metrics::Metrics,
     names::NameResolver,
     policy::{Authorizer, PolicyError},
     reload::{self, Reload},
     transport::{
+        bind::BindError,
         call_slots::CallSlots,
         descriptors,
-        listener::{self, Bound, ConnectionCounters},
+        listener::{self, ConnectionCounters},
         server::{self, ServerError},
         tls::{TlsError, TlsTerminator},
     },
     watch::WatchHub,
 };
+
+pub use crate::transport::bind::Listeners;
 
 /// Why the broker could not start or stopped on an error.
 #[derive(Debug, thiserror::Error)]
@@ -50,62 +53,10 @@ pub enum AppError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     Policy(#[from] PolicyError),
-    #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Listen(#[from] BindError),
     #[error(transparent)]
     Server(#[from] ServerError),
-}
-
-/// The bound sockets: gRPC, and the probes/metrics endpoint if asked for.
-pub struct Listeners {
-    grpc: Bound,
-    probes: Option<tokio::net::TcpListener>,
-}
-
-impl Listeners {
-    /// Binds what the settings name.
-    pub async fn bind(settings: &Settings) -> Result<Self, AppError> {
-        let listen_error = |addr: String| move |source| AppError::Listen { addr, source };
-        let grpc = match &settings.listen {
-            ListenAddr::Tcp(addr) => Bound::Tcp(
-                tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(listen_error(addr.to_string()))?,
-            ),
-            ListenAddr::Unix(path) => {
-                remove_stale_socket(path).map_err(listen_error(settings.listen.to_string()))?;
-                let listener = tokio::net::UnixListener::bind(path)
-                    .map_err(listen_error(settings.listen.to_string()))?;
-                open_to_group(path).map_err(listen_error(settings.listen.to_string()))?;
-                Bound::Unix(listener)
-            }
-        };
-        let probes = match settings.metrics_listen {
-            Some(addr) => Some(
-                tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(listen_error(addr.to_string()))?,
-            ),
-            None => None,
-        };
-        Ok(Self { grpc, probes })
-    }
-
-    /// The gRPC address (TCP only), e.g. after binding port 0.
-    pub fn grpc_addr(&self) -> Option<SocketAddr> {
-        match &self.grpc {
-            Bound::Tcp(listener) => listener.local_addr().ok(),
-            Bound::Unix(_) => None,
-        }
-    }
-
-    /// The metrics and probes address, if one was asked for.
-    pub fn probes_addr(&self) -> Option<SocketAddr> {
-        self.probes.as_ref()?.local_addr().ok()
-    }
 }
 
 /// Who may connect and what they may do: the TLS terminator (when mutual
@@ -264,7 +215,7 @@ impl App {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), AppError> {
         let stop = CancellationToken::new();
-        // The probe endpoint answers until the very end (see serve_probes).
+        // The probe endpoint answers until the very end (see `probes`).
         let probes_stop = CancellationToken::new();
         let mut tasks = JoinSet::new();
         let (health, health_service) = Health::new(stop.clone()).await;
@@ -316,7 +267,7 @@ impl App {
                     "the event consumer did not finish its clean-up in time"
                 );
             },
-            () = signal_received() => {
+            () = crate::signals::received() => {
                 tracing::warn!("a stop signal during the event queue's clean-up: stopping now");
             }
         }
@@ -352,7 +303,7 @@ impl App {
             if let Ok(addr) = listener.local_addr() {
                 tracing::info!(%addr, "metrics and probes listening");
             }
-            let probes = health::serve_probes(
+            let probes = crate::probes::serve(
                 listener,
                 self.metrics.clone(),
                 health.clone(),
@@ -407,7 +358,7 @@ impl App {
                     tracing::warn!(?grace, "calls still in flight after the shutdown grace; stopping anyway");
                 }
                 // An operator pressing Ctrl-C twice means now.
-                () = signal_received() => {
+                () = crate::signals::received() => {
                     tracing::warn!("a second stop signal: stopping now, calls in flight are cut");
                 }
             }
@@ -441,62 +392,3 @@ async fn stop_on(
 /// up to this long past the stop; the deploy files leave 25 s past the
 /// grace, so there is a margin.
 const EVENTS_CLEANUP: std::time::Duration = std::time::Duration::from_secs(25);
-
-/// Connecting to a unix socket needs write access to its file, which the
-/// process's umask decides (systemd's `UMask=0077` left it to the broker's
-/// own user): it is made read-write for its owner and group, so that the
-/// services allowed in (members of the broker's group) can connect, and
-/// nobody else.
-fn open_to_group(path: &std::path::Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-}
-
-/// A socket file left by a broker that did not stop cleanly blocks `bind`:
-/// it is removed, unless something still answers on it (another broker
-/// would be silently cut off from its callers). Anything else at that path
-/// is refused by name.
-fn remove_stale_socket(path: &std::path::Path) -> std::io::Result<()> {
-    use std::os::unix::fs::FileTypeExt;
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::AddrInUse,
-                    "another process is listening on this socket (another broker?)",
-                ));
-            }
-            std::fs::remove_file(path)
-        }
-        Ok(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::AlreadyExists,
-            "the path exists and is not a socket",
-        )),
-        Err(_) => Ok(()),
-    }
-}
-
-/// Completes on SIGTERM or Ctrl-C.
-pub async fn shutdown_signal() {
-    signal_received().await;
-    tracing::info!("shutdown requested; finishing calls in flight");
-}
-
-/// Completes on the next SIGTERM or Ctrl-C.
-async fn signal_received() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
-}

@@ -8,7 +8,7 @@
 use std::{future::Future, path::PathBuf, process::ExitCode};
 
 use crate::{
-    app::{self, App, Listeners},
+    app::{App, Listeners},
     check,
     config::{BackendChoice, BrokerArgs, ListenAddr, Settings},
     telemetry,
@@ -40,7 +40,7 @@ pub async fn serve(
     }
     let app = match Listeners::bind(&settings).await {
         Ok(listeners) => App::build(&settings, listeners),
-        Err(error) => Err(error),
+        Err(error) => Err(error.into()),
     };
     let app = match app {
         Ok(app) => app,
@@ -49,7 +49,7 @@ pub async fn serve(
     if settings.dev {
         print_dev_hint(&settings);
     }
-    let code = match app.run(app::shutdown_signal()).await {
+    let code = match app.run(crate::signals::shutdown_requested()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => fail(&error.to_string()),
     };

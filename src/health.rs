@@ -1,6 +1,5 @@
 //! Health: the gRPC health service's statuses, the upstream check that
-//! drives them, and the plain-HTTP endpoint for probes and Prometheus
-//! (`/healthz`, `/readyz`, `/metrics`).
+//! drives them, and the readiness the probe endpoint (`probes`) reports.
 //!
 //! `secretsbroker.v1.SecretsService` turns NOT_SERVING while the store does
 //! not answer its check, so that load balancers can route around a broker
@@ -27,7 +26,6 @@ use std::{
     time::Duration,
 };
 
-use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use futures::{FutureExt, Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -47,7 +45,6 @@ use crate::{
     proto::{
         admin_service_server::AdminServiceServer, secrets_service_server::SecretsServiceServer,
     },
-    transport::probe_listener::ProbeListener,
 };
 
 /// Whether the upstream answers, as the probes and the health service see
@@ -68,6 +65,19 @@ const UP: u8 = 1;
 const DOWN: u8 = 2;
 
 impl Health {
+    /// Ready, or why not (one line, as `/readyz` says it): stopping, or
+    /// the upstream not checked yet or not answering.
+    pub fn readiness(&self) -> Result<(), &'static str> {
+        if self.stopping.load(Relaxed) {
+            return Err("shutting down");
+        }
+        match self.upstream.load(Relaxed) {
+            UP => Ok(()),
+            NOT_CHECKED_YET => Err("upstream not checked yet"),
+            _ => Err("upstream unreachable"),
+        }
+    }
+
     /// The reporter behind the gRPC health service, and the service, whose
     /// Watch streams end at `stop`.
     pub async fn new(stop: CancellationToken) -> (Self, HealthServer<ServedHealth>) {
@@ -253,62 +263,6 @@ fn until_stop(
             }
         },
     )
-}
-
-/// What the HTTP endpoint reports.
-#[derive(Clone)]
-struct Probes {
-    metrics: Metrics,
-    upstream: Arc<AtomicU8>,
-    stopping: Arc<AtomicBool>,
-}
-
-/// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown`: at the
-/// broker's very end, so that probes and the last scrape still get answers
-/// while calls in flight finish (readiness is then 503).
-pub async fn serve_probes(
-    listener: tokio::net::TcpListener,
-    metrics: Metrics,
-    health: Health,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let probes = Probes {
-        metrics,
-        upstream: Arc::clone(&health.upstream),
-        stopping: Arc::clone(&health.stopping),
-    };
-    let app = Router::new()
-        .route("/metrics", get(metrics_page))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readiness))
-        .with_state(probes);
-    axum::serve(ProbeListener::new(listener), app)
-        .with_graceful_shutdown(shutdown)
-        .await
-}
-
-async fn metrics_page(State(probes): State<Probes>) -> impl IntoResponse {
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        probes.metrics.encode(),
-    )
-}
-
-async fn readiness(State(probes): State<Probes>) -> impl IntoResponse {
-    if probes.stopping.load(Relaxed) {
-        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
-    }
-    match probes.upstream.load(Relaxed) {
-        UP => (StatusCode::OK, "ready\n"),
-        NOT_CHECKED_YET => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "upstream not checked yet\n",
-        ),
-        _ => (StatusCode::SERVICE_UNAVAILABLE, "upstream unreachable\n"),
-    }
 }
 
 #[cfg(test)]

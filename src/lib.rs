@@ -1,7 +1,7 @@
 //! secrets-broker: a gRPC secrets broker in front of AWS Secrets Manager.
 //!
-//! Start-up is `app` (build the broker from `Settings`, run it until
-//! shutdown). Then the crate follows the request's path: `transport`
+//! `command` is what each subcommand does; start-up is `app` (build the
+//! broker from `Settings`, run it until shutdown, on `signals`). Then the crate follows the request's path: `transport`
 //! (listeners, TLS and identity, the gate every stream passes, the tonic
 //! server) → `policy` (who may read what) → `api` (handlers, typed configs,
 //! audit, the one mapping of errors to gRPC statuses) → `cache` (the shared
@@ -12,7 +12,8 @@
 //! version it stores; `events` (Secrets Manager's change events from SQS)
 //! drives it to re-read a changed secret at once.
 //! Around them: `config` (flags, environment and a TOML file into validated
-//! `Settings`), `health` (health statuses, probes), `metrics` (the registry
+//! `Settings`), `health` (health statuses, readiness), `probes` (the
+//! `/healthz`, `/readyz` and `/metrics` port), `metrics` (the registry
 //! each component registers into), `reload` (values that follow their
 //! files), `telemetry` (logs, one line per event). Nothing below a layer
 //! knows about the layer above it.
@@ -36,8 +37,10 @@ pub(crate) mod metrics;
 pub(crate) mod names;
 pub mod operator;
 pub(crate) mod policy;
+pub(crate) mod probes;
 pub(crate) mod reload;
 pub mod secret;
+pub(crate) mod signals;
 pub mod telemetry;
 pub(crate) mod transport;
 pub(crate) mod watch;

@@ -436,7 +436,7 @@ mod tests {
     /// on `connection` under `authorizer`.
     fn allocations_of_a_hit(
         authorizer: Arc<Authorizer>,
-        connection: Option<crate::identity::ConnectionInfo>,
+        connection: Option<crate::transport::connection_info::ConnectionInfo>,
     ) -> u64 {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -504,7 +504,7 @@ mod tests {
             "[[grant]]\nidentity = \"spiffe://insurecove/*\"\nsecrets = [\"insurecove/other\", \"insurecove/d*\"]\n",
         )
         .unwrap();
-        let connection = crate::identity::ConnectionInfo::new(
+        let connection = crate::transport::connection_info::ConnectionInfo::new(
             crate::identity::Identity::uri("spiffe://insurecove/auth-service"),
             8,
         );

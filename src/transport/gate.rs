@@ -62,7 +62,8 @@ use crate::{
         CallMetrics, refused_before_the_handler, refused_unknown_method, rpc::Rpc, status::ApiError,
     },
     cache::Deadline,
-    identity::{ConnectionInfo, Identity},
+    identity::Identity,
+    transport::connection_info::ConnectionInfo,
 };
 
 /// Puts the gate in front of a service.
@@ -167,7 +168,7 @@ where
                 match Arc::clone(&connection.health_watches).try_acquire_owned() {
                     Ok(watch) => Some(watch),
                     Err(_) => {
-                        let limit = crate::identity::HEALTH_WATCHES;
+                        let limit = crate::transport::connection_info::HEALTH_WATCHES;
                         let refused = ApiError::TooManyHealthWatches { limit };
                         return self.refuse(request.uri().path(), rpc, &caller, refused);
                     }

@@ -55,10 +55,7 @@ use super::{
     tls::{self, TlsTerminator},
     token_watch::TokenWatch,
 };
-use crate::{
-    config::Limits,
-    identity::{ConnectionInfo, Identity},
-};
+use crate::{config::Limits, identity::Identity, transport::connection_info::ConnectionInfo};
 
 /// Delegates to the plain, TLS or unix stream.
 macro_rules! by_transport {
