@@ -240,6 +240,10 @@ except AWSSecretsManagerError as error:
     ("broker.internal:50051", False, "BROKER_ENDPOINT=broker.internal:50051 is not a loopback address"),
     ("http://192.0.2.2:50051", False, "BROKER_ENDPOINT=192.0.2.2:50051 is not a loopback address"),
     ("ipv4:10.0.0.1:50051", False, "is not a loopback address"),
+    ("localhost.example.com:50051", False, "is not a loopback address"),
+    # Another DNS server decides what "localhost" is.
+    ("dns://192.0.2.53/localhost:50051", False, "is not a loopback address"),
+    ("dns:///localhost:50051", False, None),
     # http:// must not undo the TLS files, nor https:// go without them.
     ("http://127.0.0.1:50051", True, "BROKER_ENDPOINT is http://, which is plaintext, but mutual TLS"),
     ("https://broker.internal:50051", False, "BROKER_ENDPOINT is https://, which needs mutual TLS"),

@@ -458,7 +458,11 @@ def _is_loopback(host: str) -> bool:
 
 
 def _is_local(endpoint: str) -> bool:
-    """A unix socket or a loopback address: where plaintext may go."""
+    """A unix socket or a loopback address: where plaintext may go. A
+    ``dns://server/name`` target asks that DNS server what ``name`` is, so
+    even ``localhost`` there may be another host."""
+    if endpoint.startswith("dns://") and not endpoint.startswith("dns:///"):
+        return False
     host = _endpoint_host(endpoint)
     return host is None or _is_loopback(host)
 
