@@ -1,10 +1,12 @@
 //! Logging: `tracing` to stderr, level from `LOG_LEVEL` (Python's level
 //! names: DEBUG, INFO, WARNING, ERROR, CRITICAL), JSON lines when
-//! `LOG_FORMAT=json` (both read with the other settings, in `config`). `RUST_LOG`, when set, wins, for the odd deep dive
-//! into a dependency.
+//! `LOG_FORMAT=json` (both read with the other settings, in `config`).
+//! `RUST_LOG`, when set (and not empty), wins, for the odd deep dive into a
+//! dependency.
 //!
 //! The audit trail (target `audit`, one event per call) is kept at INFO
-//! whatever `LOG_LEVEL` says: quieting the logs must not silence it.
+//! whatever `LOG_LEVEL` or `RUST_LOG` says: quieting the logs must not
+//! silence it.
 //!
 //! With one audit line per call, writing must stay off the hot path: lines
 //! are appended to a buffer that a writer thread writes out in batches,
@@ -36,15 +38,7 @@ pub struct LogGuard {
 /// Installs the global subscriber. `level` is a `tracing` level (`info`);
 /// `json` writes each event as a JSON object.
 pub fn init(level: &str, json: bool) -> LogGuard {
-    // The HTTP/2 and AWS stacks are chatty at debug; their warnings matter,
-    // except aws_config's: it warns on every credential lookup (every cache
-    // miss), and the broker says the same once per change of state, in its
-    // own words (backend::aws_error).
-    let directives = format!(
-        "{level},audit=info,h2=warn,hyper=warn,hyper_util=warn,tower=warn,rustls=warn,\
-         aws_smithy_runtime=warn,aws_config=error"
-    );
-    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new(directives));
+    let filter = filter(level, std::env::var("RUST_LOG").ok().as_deref());
     let ansi = std::io::stderr().is_terminal();
     let (writer, guard) = writer::start(std::io::stderr());
     audit::install(writer.clone(), json);
@@ -68,6 +62,27 @@ pub fn init(level: &str, json: bool) -> LogGuard {
     LogGuard {
         _writer: installed.is_ok().then_some(guard),
     }
+}
+
+/// The filter: `RUST_LOG` when it is set, not empty and valid, else
+/// `level` with the dependencies quieted; `audit=info` either way (a
+/// `RUST_LOG` naming `audit` at another level is overruled).
+fn filter(level: &str, rust_log: Option<&str>) -> EnvFilter {
+    // The HTTP/2 and AWS stacks are chatty at debug; their warnings matter,
+    // except aws_config's: it warns on every credential lookup (every cache
+    // miss), and the broker says the same once per change of state, in its
+    // own words (backend::aws_error).
+    let quieted = || {
+        EnvFilter::new(format!(
+            "{level},h2=warn,hyper=warn,hyper_util=warn,tower=warn,rustls=warn,\
+             aws_smithy_runtime=warn,aws_config=error"
+        ))
+    };
+    let chosen = rust_log
+        .filter(|text| !text.trim().is_empty())
+        .and_then(|text| EnvFilter::try_new(text).ok())
+        .unwrap_or_else(quieted);
+    chosen.add_directive("audit=info".parse().expect("a valid directive"))
 }
 
 /// A panic is logged as one event, like everything else: the default hook
@@ -272,6 +287,61 @@ fn escape_controls(text: &[u8], keep_ansi: bool) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whether an event of `target` at `level` passes `filter`.
+    fn passes(filter: EnvFilter, target: &str, level: tracing::Level) -> bool {
+        use tracing_subscriber::layer::SubscriberExt;
+        let seen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let subscriber = tracing_subscriber::registry()
+            .with(filter)
+            .with(Seen(seen.clone()));
+        tracing::subscriber::with_default(subscriber, || match (target, level) {
+            ("audit", tracing::Level::INFO) => tracing::info!(target: "audit", "x"),
+            ("h2", tracing::Level::DEBUG) => tracing::debug!(target: "h2", "x"),
+            ("secrets_broker", tracing::Level::DEBUG) => tracing::debug!("x"),
+            other => panic!("not a case of this test: {other:?}"),
+        });
+        seen.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    struct Seen(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Seen {
+        fn on_event(&self, _: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn rust_log_wins_but_never_silences_the_audit_trail() {
+        use tracing::Level;
+        let audit = |rust_log| passes(filter("error", rust_log), "audit", Level::INFO);
+        assert!(audit(None));
+        assert!(audit(Some("warn")));
+        assert!(audit(Some("warn,audit=off")));
+        assert!(
+            audit(Some("not a filter ===")),
+            "an invalid RUST_LOG is ignored"
+        );
+        // RUST_LOG replaces the level and the quieting...
+        assert!(passes(
+            filter("error", Some("h2=debug")),
+            "h2",
+            Level::DEBUG
+        ));
+        assert!(!passes(filter("debug", None), "h2", Level::DEBUG));
+        // ...unless it is empty, which is no filter at all.
+        assert!(passes(
+            filter("debug", Some(" ")),
+            "secrets_broker",
+            Level::DEBUG
+        ));
+        assert!(!passes(
+            filter("error", Some("")),
+            "secrets_broker",
+            Level::DEBUG
+        ));
+    }
 
     #[test]
     fn a_control_byte_is_found_wherever_it_sits() {
