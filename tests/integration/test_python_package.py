@@ -225,20 +225,50 @@ def test_the_client_reaches_a_broker_on_a_unix_socket(venv, start_broker, tmp_pa
 
 ENDPOINT_RULES_PROBE = """
 import json, sys
-from secrets_broker.aws_secrets import AWSSecretsManager, AWSSecretsManagerError
+from secrets_broker.aws_secrets import AWSSecretsManager, AWSSecretsManagerError, test_aws_connection
 try:
     AWSSecretsManager()
     print(json.dumps("made"))
 except AWSSecretsManagerError as error:
+    # The module's health check says False, as it promises, never raises.
+    assert test_aws_connection() is False
     print(json.dumps(str(error)))
 """
+
+CHANGED_SETTINGS_PROBE = """
+import asyncio, json
+from secrets_broker.aws_secrets import AWSSecretsConfig, AWSSecretsManager, AWSSecretsManagerError
+from secrets_broker.aio import AsyncAWSSecretsManager
+config = AWSSecretsConfig()
+config.broker_endpoint = "192.0.2.2:50051"      # not validated by pydantic
+seen = {}
+try:
+    AWSSecretsManager(config).get_secret("mistral-api-key")
+    seen["sync"] = "read"
+except AWSSecretsManagerError as error:
+    seen["sync"] = str(error)
+async def main():
+    try:
+        await AsyncAWSSecretsManager(config).get_secret("mistral-api-key")
+        return "read"
+    except AWSSecretsManagerError as error:
+        return str(error)
+seen["async"] = asyncio.run(main())
+print(json.dumps(seen))
+"""
+
+
+def test_settings_changed_after_they_were_made_are_checked_where_channels_are_made(venv, tmp_path):
+    seen = probe_answer(venv, tmp_path, "changed.py", CHANGED_SETTINGS_PROBE, support.broker_env({}))
+    for client in ("sync", "async"):
+        assert "BROKER_ENDPOINT=192.0.2.2:50051 is not a loopback address" in seen[client], seen
 
 
 @pytest.mark.parametrize("endpoint, tls, refusal", [
     # Plaintext to another host: the broker would refuse to serve it; a
     # value read so could be read or forged on the way.
     ("broker.internal:50051", False, "BROKER_ENDPOINT=broker.internal:50051 is not a loopback address"),
-    ("http://192.0.2.2:50051", False, "BROKER_ENDPOINT=192.0.2.2:50051 is not a loopback address"),
+    ("http://192.0.2.2:50051", False, "BROKER_ENDPOINT=http://192.0.2.2:50051 is not a loopback address"),
     ("ipv4:10.0.0.1:50051", False, "is not a loopback address"),
     ("localhost.example.com:50051", False, "is not a loopback address"),
     # Another DNS server decides what "localhost" is.
@@ -247,8 +277,19 @@ except AWSSecretsManagerError as error:
     # http:// must not undo the TLS files, nor https:// go without them.
     ("http://127.0.0.1:50051", True, "BROKER_ENDPOINT is http://, which is plaintext, but mutual TLS"),
     ("https://broker.internal:50051", False, "BROKER_ENDPOINT is https://, which needs mutual TLS"),
-    # A user part would connect to the host after it.
-    ("http://127.0.0.1:1@192.0.2.2:50051", False, "only host:port is taken"),
+    # A user part would connect to the host after it (and is not shown).
+    ("http://u:pw@127.0.0.1:1@192.0.2.2:50051", False, "BROKER_ENDPOINT=http://192.0.2.2:50051: only host:port"),
+    # gRPC percent-decodes a target and reads a list of addresses: each one
+    # must be loopback.
+    ("ipv4:127.0.0.1:1,10.0.0.5%3A50051", False, "is not a loopback address"),
+    ("ipv4:127.0.0.1:1,10.0.0.5:50051", False, "is not a loopback address"),
+    ("ipv6:[::1]:1,%5B2001%3Adb8%3A%3A5%5D%3A50051", False, "is not a loopback address"),
+    ("ipv4:127.0.0.1:1,127.0.0.2:1", False, None),
+    ("[::1]:50051", False, None),
+    ("[::1]", False, None),
+    # Mutual TLS takes the three files, and not to a unix socket.
+    ("broker.internal:50051", "ca only", "needs BROKER_CA_FILE, BROKER_CERT_FILE and BROKER_KEY_FILE together"),
+    ("unix:/run/secrets-broker.sock", True, "a unix socket is plaintext"),
     ("http://127.0.0.1:50051/path", False, "only host:port is taken"),
     # Allowed.
     ("http://127.0.0.1:50051", False, None),
@@ -262,7 +303,9 @@ def test_plaintext_goes_only_to_loopback(venv, tmp_path, endpoint, tls, refusal)
     """As the broker serves and the Rust client connects: plaintext only to
     loopback or a unix socket, said when the client is made."""
     extra = {"BROKER_ENDPOINT": endpoint}
-    if tls:
+    if tls == "ca only":
+        extra.update(BROKER_CA_FILE="ca.pem")
+    elif tls:
         # Read only when a channel is made: names are enough here.
         extra.update(BROKER_CA_FILE="ca.pem", BROKER_CERT_FILE="client.pem", BROKER_KEY_FILE="client-key.pem")
     seen = probe_answer(venv, tmp_path, "endpoint_probe.py", ENDPOINT_RULES_PROBE, support.broker_env(extra))
@@ -665,7 +708,7 @@ _refuse_stale_bypass(secret_pb2.Secret(name="x"), use_cache=False)   # fresh: fi
 TLS = dict(broker_ca_file="ca.pem", broker_cert_file="client.pem", broker_key_file="client-key.pem")
 plain = AWSSecretsConfig(broker_endpoint="broker.internal:50051", **TLS)
 proxied = AWSSecretsConfig(broker_endpoint="broker.internal:50051", https_proxy="http://u:p@proxy:3128", **TLS)
-tls = AWSSecretsConfig(broker_endpoint="127.0.0.1:50051", broker_ca_file="ca.pem")
+tls = AWSSecretsConfig(broker_endpoint="127.0.0.1:50051", **TLS)
 print(json.dumps({
     "refused": refused,
     "refused_message": _transport_hint("failed to connect to all addresses; Connection refused", plain),

@@ -268,49 +268,26 @@ class AWSSecretsConfig(BaseSettings):
 
     @model_validator(mode="after")
     def _plaintext_only_to_loopback(self) -> "AWSSecretsConfig":
-        """As the broker serves and the Rust client connects: plaintext
-        only to loopback or a unix socket (the broker refuses to serve it
-        anywhere else, and a value read in plaintext across a network is a
-        value anyone on the path can read or forge). ``http://host:port``
-        and ``https://host:port`` (the Rust client's forms) become
-        ``host:port``; ``https://`` needs the TLS files, ``http://`` must
-        not undo them."""
-        tls = any((self.broker_ca_file, self.broker_cert_file, self.broker_key_file))
-        endpoint = self.broker_endpoint
-        scheme, separator, rest = endpoint.partition("://")
-        if separator and scheme.lower() in ("http", "https"):
-            if scheme.lower() == "https" and not tls:
-                raise ValueError(
-                    "BROKER_ENDPOINT is https://, which needs mutual TLS: set BROKER_CA_FILE, BROKER_CERT_FILE and BROKER_KEY_FILE"
-                )
-            if scheme.lower() == "http" and tls:
-                raise ValueError(
-                    "BROKER_ENDPOINT is http://, which is plaintext, but mutual TLS is configured (BROKER_CA_FILE, "
-                    "BROKER_CERT_FILE, BROKER_KEY_FILE): use https:// or host:port"
-                )
-            rest = rest.rstrip("/")
-            if any(mark in rest for mark in "/@?#"):
-                raise ValueError(f"BROKER_ENDPOINT={endpoint}: only host:port is taken (no user, path or query)")
-            endpoint = rest
-        if not tls and not _is_local(endpoint):
-            raise ValueError(
-                f"BROKER_ENDPOINT={endpoint} is not a loopback address: plaintext is only allowed to loopback or a "
-                "unix socket; for a broker elsewhere set BROKER_CA_FILE, BROKER_CERT_FILE and BROKER_KEY_FILE"
-            )
-        self.broker_endpoint = endpoint
+        """The endpoint checked against the TLS files (`_target`), and
+        written as the gRPC target it names."""
+        self.broker_endpoint = _target(self.broker_endpoint, self._tls_files())
         return self
+
+    def _tls_files(self) -> tuple[Optional[str], Optional[str], Optional[str]]:
+        return (self.broker_ca_file, self.broker_cert_file, self.broker_key_file)
 
     def credentials(self) -> Optional[grpc.ChannelCredentials]:
         """Mutual TLS credentials when the three files are set; `None` for
-        plaintext (to loopback or a unix socket only: the settings refuse
-        any other endpoint without the files)."""
-        files = (self.broker_ca_file, self.broker_cert_file, self.broker_key_file)
+        plaintext (to loopback or a unix socket only). Checked again here,
+        where every channel is made: settings changed after they were made
+        are not validated by pydantic."""
+        files = self._tls_files()
+        try:
+            _target(self.broker_endpoint, files)
+        except ValueError as error:
+            raise AWSSecretsManagerError(f"invalid setting: {error}") from None
         if not any(files):
             return None
-        if not all(files):
-            raise AWSSecretsManagerError(
-                "mutual TLS needs BROKER_CA_FILE, BROKER_CERT_FILE and BROKER_KEY_FILE together"
-            )
         read = []
         for variable, path in zip(("BROKER_CA_FILE", "BROKER_CERT_FILE", "BROKER_KEY_FILE"), files):
             try:
@@ -321,13 +298,14 @@ class AWSSecretsConfig(BaseSettings):
         return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
 
     def channel_options(self, tls: bool) -> list[tuple[str, Any]]:
-        """The proxy (http_proxy / https_proxy) and the name to
-        expect in the broker's certificate.
+        """The proxy (``HTTPS_PROXY``) and the name to expect in the
+        broker's certificate.
 
         A broker on loopback or a unix socket, or whose host ``NO_PROXY``
         names (either case, environment or ``.env``), is reached directly:
         the proxy variables were set for AWS, and grpc-core itself reads
-        only a lowercase ``no_proxy``."""
+        only a lowercase ``no_proxy``. Plaintext goes only to loopback or a
+        unix socket, so ``HTTP_PROXY`` is never the broker's."""
         # After an outage the broker is found again within seconds: gRPC's
         # own reconnect backoff grows to two minutes.
         options: list[tuple[str, Any]] = [
@@ -339,7 +317,7 @@ class AWSSecretsConfig(BaseSettings):
             # grpc-core would send the socket's path as :authority, which
             # HTTP/2 servers (the broker's h2) refuse as malformed.
             options.append(("grpc.default_authority", "localhost"))
-        proxy = self.https_proxy if tls else self.http_proxy
+        proxy = self.https_proxy if tls else None
         if self._bypasses_proxy():
             options.append(("grpc.enable_http_proxy", 0))
         elif proxy:
@@ -358,12 +336,12 @@ class AWSSecretsConfig(BaseSettings):
     def proxy_in_use(self, tls: bool) -> Optional[tuple[str, str]]:
         """The proxy the channel goes through, if any, as it may be shown
         (without credentials), with the variable that set it."""
-        proxy, variable = (self.https_proxy, "HTTPS_PROXY") if tls else (self.http_proxy, "HTTP_PROXY")
+        proxy = self.https_proxy if tls else None
         if not proxy or self._bypasses_proxy():
             return None
         scheme, separator, rest = proxy.partition("://")
         shown = f"{scheme}://{rest.rsplit('@', 1)[-1]}" if separator else proxy.rsplit("@", 1)[-1]
-        return shown, variable
+        return shown, "HTTPS_PROXY"
 
     def _bypasses_proxy(self) -> bool:
         host = _endpoint_host(self.broker_endpoint)
@@ -433,6 +411,55 @@ def _problem(loc: tuple[Any, ...], message: str) -> str:
     return f"{variable}: {message}" if variable else message
 
 
+def _target(endpoint: str, tls_files: tuple[Optional[str], ...]) -> str:
+    """The gRPC target ``BROKER_ENDPOINT`` names, or a ``ValueError`` saying
+    why it may not be used with these TLS files. As the broker serves and
+    the Rust client connects: mutual TLS needs all three files; plaintext
+    goes only to loopback or a unix socket (the broker refuses to serve it
+    anywhere else, and a value read in plaintext across a network is a
+    value anyone on the path can read or forge); a unix socket is
+    plaintext. ``http://host:port`` and ``https://host:port`` (the Rust
+    client's forms) become ``host:port``; ``https://`` needs the TLS
+    files, ``http://`` cannot undo them."""
+    tls = any(tls_files)
+    if tls and not all(tls_files):
+        raise ValueError("mutual TLS needs BROKER_CA_FILE, BROKER_CERT_FILE and BROKER_KEY_FILE together")
+    shown = _without_user(endpoint)
+    scheme, separator, rest = endpoint.partition("://")
+    if separator and scheme.lower() in ("http", "https"):
+        if scheme.lower() == "https" and not tls:
+            raise ValueError(
+                "BROKER_ENDPOINT is https://, which needs mutual TLS: set BROKER_CA_FILE, BROKER_CERT_FILE and BROKER_KEY_FILE"
+            )
+        if scheme.lower() == "http" and tls:
+            raise ValueError(
+                "BROKER_ENDPOINT is http://, which is plaintext, but mutual TLS is configured (BROKER_CA_FILE, "
+                "BROKER_CERT_FILE, BROKER_KEY_FILE): use https:// or host:port"
+            )
+        rest = rest.rstrip("/")
+        if any(mark in rest for mark in "/@?#"):
+            raise ValueError(f"BROKER_ENDPOINT={shown}: only host:port is taken (no user, path or query)")
+        endpoint = rest
+    local = _is_local(endpoint)
+    if tls and local and _endpoint_host(endpoint) is None:
+        raise ValueError(
+            f"BROKER_ENDPOINT={shown}: a unix socket is plaintext (only local processes reach it); "
+            "leave out the TLS files"
+        )
+    if not tls and not local:
+        raise ValueError(
+            f"BROKER_ENDPOINT={shown} is not a loopback address: plaintext is only allowed to loopback or a "
+            "unix socket; for a broker elsewhere set BROKER_CA_FILE, BROKER_CERT_FILE and BROKER_KEY_FILE"
+        )
+    return endpoint
+
+
+def _without_user(endpoint: str) -> str:
+    """The endpoint as it may be shown: a ``user:password@`` part dropped."""
+    scheme, separator, rest = endpoint.rpartition("://")
+    return f"{scheme}{separator}{rest.rsplit('@', 1)[-1]}"
+
+
 def _endpoint_host(endpoint: str) -> Optional[str]:
     """The host a gRPC target names, lowercase; `None` for a unix socket.
     Target forms: host:port, ipv4:/ipv6:ADDR:port, dns:host:port,
@@ -445,7 +472,13 @@ def _endpoint_host(endpoint: str) -> Optional[str]:
             break
     if endpoint.startswith("//"):
         endpoint = endpoint[2:].split("/", 1)[-1]
-    return endpoint.rsplit(":", 1)[0].strip("[]").lower()
+    if endpoint.startswith("["):
+        # [v6 address] or [v6 address]:port
+        return endpoint[1:].split("]", 1)[0].lower()
+    if endpoint.count(":") > 1:
+        # A bare IPv6 address, without a port.
+        return endpoint.lower()
+    return endpoint.rsplit(":", 1)[0].lower()
 
 
 def _is_loopback(host: str) -> bool:
@@ -458,13 +491,24 @@ def _is_loopback(host: str) -> bool:
 
 
 def _is_local(endpoint: str) -> bool:
-    """A unix socket or a loopback address: where plaintext may go. A
-    ``dns://server/name`` target asks that DNS server what ``name`` is, so
-    even ``localhost`` there may be another host."""
+    """A unix socket or loopback addresses only: where plaintext may go.
+    A ``dns://server/name`` target asks that DNS server what ``name`` is,
+    so even ``localhost`` there may be another host. gRPC percent-decodes
+    a target and takes an ``ipv4:``/``ipv6:`` list of addresses separated
+    by commas: a ``%`` is refused, and every address of a list must be
+    loopback."""
+    if endpoint.startswith(("unix:", "unix-abstract:")):
+        return True
+    if "%" in endpoint:
+        return False
     if endpoint.startswith("dns://") and not endpoint.startswith("dns:///"):
         return False
+    for scheme in ("ipv4:", "ipv6:"):
+        if endpoint.startswith(scheme):
+            addresses = endpoint[len(scheme):].split(",")
+            return all(_is_loopback(_endpoint_host(address) or "") for address in addresses)
     host = _endpoint_host(endpoint)
-    return host is None or _is_loopback(host)
+    return host is not None and _is_loopback(host)
 
 
 def _named_by_no_proxy(host: str, no_proxy: str) -> bool:
@@ -1109,5 +1153,10 @@ def get_mistral_api_key() -> str:
 
 
 def test_aws_connection() -> bool:
-    """Whether the broker answers and reaches AWS. Never raises."""
-    return _shared_instance().test_connection()
+    """Whether the broker answers and reaches AWS. Never raises: settings
+    that cannot be used are False too (and logged)."""
+    try:
+        return _shared_instance().test_connection()
+    except AWSSecretsManagerError as error:
+        logger.error("the broker cannot be asked: %s", error)
+        return False
