@@ -355,7 +355,10 @@ impl io::Write for Captured {
 /// from threads of their own), for every test of this binary: look for
 /// lines naming the test's own files. One process-wide subscriber, because
 /// `tracing` caches per call site whether anyone listens: scoped
-/// subscribers of tests running side by side would miss events.
+/// subscribers alone, of tests running side by side, would miss events.
+/// (`thread_log`'s scoped subscriber is safe beside it: it is made after
+/// this one, with the same level and no filter of its own, so every call
+/// site's interest is the same for both.)
 pub fn process_log() -> Captured {
     static LOG: OnceLock<Captured> = OnceLock::new();
     LOG.get_or_init(|| {

@@ -735,7 +735,7 @@ async fn a_connection_holds_a_few_health_watches_at_most() {
     let broker = Running::start(|_| {}).await;
     let mut health = HealthClient::new(broker.channel().await);
     let mut watches = Vec::new();
-    // identity::HEALTH_WATCHES
+    // transport::connection_info::HEALTH_WATCHES
     for _ in 0..4 {
         let request = HealthCheckRequest {
             service: String::new(),
