@@ -1,4 +1,10 @@
 //! `SecretsClient`: the typed API over the broker's two services.
+//!
+//! One cheap-to-clone handle over one HTTP/2 connection (tonic multiplexes
+//! calls on it). Every call has a deadline (`request_timeout`, retries and
+//! the wait for a connection included) and retries only what
+//! `Error::is_retryable` says may pass; values come back as `SecretValue`,
+//! in zeroizing memory.
 
 use std::{future::IntoFuture, pin::Pin, time::Duration};
 

@@ -1,4 +1,9 @@
 //! `ClientConfig`: where the broker is and how to reach it.
+//!
+//! The endpoint is parsed once, here, as the broker enforces its side:
+//! plaintext only to loopback or a unix socket, mutual TLS with all three
+//! files otherwise, and no form (`http://` with TLS files, a `user@` part)
+//! that would quietly talk to another host or in plaintext.
 
 use std::{path::PathBuf, time::Duration};
 

@@ -1,4 +1,8 @@
 //! `SecretValue`: a secret version as the client hands it out.
+//!
+//! The value lives in zeroizing memory and `Debug` never shows it, so a
+//! service can log the value type it got without leaking what is in it;
+//! the cache facts (hit, age, stale) say how fresh it is.
 
 use std::{
     fmt,

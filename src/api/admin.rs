@@ -1,4 +1,11 @@
-//! AdminService: what operators call to inspect and steer the cache.
+//! AdminService: what operators call to inspect and steer the cache
+//! (stats, ClearCache, RefreshSecret, CheckUpstream).
+//!
+//! Apart from SecretsService because its callers are others: every call
+//! needs an admin grant of the policy (without a policy file, plaintext
+//! callers on loopback may do everything and mTLS callers nothing), and
+//! its audit line names the secrets it acted on, so that a cleared or
+//! refreshed cache can be traced to who did it.
 
 use std::time::Instant;
 

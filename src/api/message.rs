@@ -1,4 +1,10 @@
 //! Building the contract's messages from the cache's answers.
+//!
+//! One place, so that GetSecret, BatchGetSecrets, the typed configs and the
+//! watch events describe a version the same way. GetSecret's answer is the
+//! exception that makes the hot path cheap: the version's `Secret` is
+//! encoded once, into zeroizing memory, and only the call's cache facts are
+//! encoded per call.
 
 use std::sync::Arc;
 

@@ -1,4 +1,11 @@
-//! SecretsService: what applications call.
+//! SecretsService: what applications call (reads, typed configs, the
+//! WatchSecret stream).
+//!
+//! Each handler admits its call (identity, audit record), checks the policy
+//! before the cache or AWS is touched, then answers from the cache. A
+//! cached GetSecret takes a path of its own (`answer_from_cache`) that
+//! awaits nothing and allocates nothing, because it is nearly every call
+//! the broker serves. Errors stay `ApiError` until `respond` maps them once.
 
 use std::{pin::Pin, sync::Arc};
 
