@@ -85,6 +85,22 @@ pub struct SecretVersion {
     pub encoded: EncodedOnce,
 }
 
+impl SecretVersion {
+    /// Whether this is the version `version_id` of the secret at `arn`. A
+    /// version id alone does not say it: a secret deleted and created again
+    /// under its name may be given its old version ids (a caller's
+    /// ClientRequestToken), with other values, under a new ARN. Backends
+    /// without ARNs give "" for both.
+    pub fn is(&self, arn: &str, version_id: &str) -> bool {
+        self.version_id == version_id && self.arn == arn
+    }
+
+    /// Whether `other` is the same version of the same secret (see `is`).
+    pub fn same_version(&self, other: &SecretVersion) -> bool {
+        self.is(&other.arn, &other.version_id)
+    }
+}
+
 /// A version's `Secret` message (value included), encoded once on its first
 /// answer and kept with it: a version never changes, so every later answer
 /// copies these bytes instead of encoding again. The buffer is wiped when

@@ -22,6 +22,8 @@ use crate::secret::{SecretValue, SecretVersion};
 pub struct FakeStore {
     /// name → current version id (`None`: marked deleted).
     versions: Mutex<HashMap<String, Option<String>>>,
+    /// name → ARN, for secrets made by `create_again` (others have none).
+    arns: Mutex<HashMap<String, String>>,
     failure: Mutex<Option<StoreError>>,
     calls: AtomicUsize,
     list_calls: AtomicUsize,
@@ -61,6 +63,29 @@ impl FakeStore {
             .lock()
             .unwrap()
             .insert(name.to_owned(), Some(version_id.to_owned()));
+    }
+
+    /// `name` deleted for good and created again, at `version_id`: a new
+    /// secret under the old name, with an ARN (and values) of its own,
+    /// whatever version ids it is given.
+    pub fn create_again(&self, name: &str, version_id: &str) {
+        let mut arns = self.arns.lock().unwrap();
+        let generation = arns.len() + 1;
+        arns.insert(
+            name.to_owned(),
+            format!("arn:aws:secretsmanager:us-east-1:123456789012:secret:{name}-gen{generation}"),
+        );
+        drop(arns);
+        self.set(name, version_id);
+    }
+
+    fn arn_of(&self, name: &str) -> String {
+        self.arns
+            .lock()
+            .unwrap()
+            .get(name)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Marks `name` deleted.
@@ -103,13 +128,18 @@ impl FakeStore {
             Some(None) => return Err(StoreError::Deleted { name }),
             Some(Some(id)) => id.clone(),
         };
+        let arn = self.arn_of(&name);
+        let value = match arn.rsplit_once('-') {
+            Some((_, generation)) => format!("value-of-{version_id}-{generation}"),
+            None => format!("value-of-{version_id}"),
+        };
         Ok(SecretVersion {
             name,
-            arn: String::new(),
+            arn,
             version_id: version_id.clone(),
             version_stages: vec!["AWSCURRENT".into()],
             created_date: None,
-            value: SecretValue::text(format!("value-of-{version_id}")),
+            value: SecretValue::text(value),
             encoded: Default::default(),
         })
     }
@@ -153,7 +183,7 @@ impl SecretStore for FakeStore {
         })?;
         Ok(SecretDescription {
             name: name.to_owned(),
-            arn: String::new(),
+            arn: self.arn_of(name),
             versions: current
                 .iter()
                 .map(|id| (id.clone(), vec!["AWSCURRENT".to_owned()]))
@@ -195,7 +225,7 @@ impl SecretStore for FakeStore {
                 .iter()
                 .map(|(name, id)| SecretDescription {
                     name: name.clone(),
-                    arn: String::new(),
+                    arn: self.arn_of(name),
                     versions: id
                         .iter()
                         .map(|id| (id.clone(), vec!["AWSCURRENT".to_owned()]))

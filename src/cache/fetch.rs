@@ -177,8 +177,18 @@ impl Shared {
         match self.store.describe_secret(&key.name).await {
             Ok(description)
                 if !description.deleted
-                    && description.selected_version(&key.selector)
-                        == Some(cached.version_id.as_str()) =>
+                    && description
+                        .selected_version(&key.selector)
+                        .is_some_and(|listed| {
+                            // An answer without the ARN vouches for the
+                            // version id alone.
+                            let arn = if description.arn.is_empty() {
+                                &cached.arn
+                            } else {
+                                &description.arn
+                            };
+                            cached.is(arn, listed)
+                        }) =>
             {
                 Some(self.settle(key, number, started, Ok(cached)))
             }
@@ -283,7 +293,7 @@ impl Shared {
                 let newer = current.get().fetch_number < number;
                 if newer {
                     stage_moved = matches!(key.selector, VersionSelector::Stage(_))
-                        && current.get().version.version_id != version.version_id;
+                        && !current.get().version.same_version(&version);
                     let slot = current.get().slot;
                     current.insert(entry(slot));
                 }

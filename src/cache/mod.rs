@@ -403,10 +403,10 @@ impl Cache {
             .shared
             .entries
             .get(&key)
-            .map(|entry| entry.version.version_id.clone());
+            .map(|entry| Arc::clone(&entry.version));
         self.shared.negative.forget(&key);
         let version = self.shared.read_anew(&key).await?;
-        let changed = before.as_deref() != Some(version.version_id.as_str());
+        let changed = !before.is_some_and(|before| before.same_version(&version));
         Ok((version, changed))
     }
 

@@ -320,6 +320,22 @@ async fn an_expired_entry_is_revalidated_without_reading_the_value() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_renewal_does_not_take_a_new_secret_of_the_name_for_the_one_held() {
+    let store = FakeStore::with(&[]);
+    store.create_again("s", "v1");
+    let cache = cache_over(&store, 100);
+    let before = cache.get(key("s"), false).await.unwrap().version;
+
+    // The same version id, under the ARN of a secret created again.
+    store.create_again("s", "v1");
+    tokio::time::advance(TTL).await;
+    let renewed = cache.get(key("s"), false).await.unwrap().version;
+    assert_ne!(renewed.arn, before.arn, "the value was read again");
+    assert_ne!(renewed.value, before.value);
+    assert_eq!(store.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
 async fn bypass_and_refused_describe_read_the_value() {
     let store = FakeStore::with(&["s"]);
     let cache = cache_over(&store, 100);

@@ -366,7 +366,7 @@ impl Topic {
             state.read_number = read_number;
             let event = if state.event == WatchEvent::Deleted {
                 WatchEvent::Restored
-            } else if state.version.version_id != version.version_id {
+            } else if !state.version.same_version(version) {
                 WatchEvent::Rotated
             } else {
                 return false;

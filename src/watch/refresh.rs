@@ -31,7 +31,7 @@ impl WatchHub {
         let stale: Vec<&Tracked> = tracked
             .iter()
             .filter(|t| match hint {
-                Some((stage, version)) => !(t.key.stage == stage && t.holds_only(version)),
+                Some((stage, version)) => !(t.key.stage == stage && t.holds_only(None, version)),
                 None => true,
             })
             .collect();
@@ -52,7 +52,7 @@ impl WatchHub {
             self.shared
                 .tracked(|id| names.contains(&names::secret_name(id)))
                 .iter()
-                .any(|t| t.key.stage == stage && !t.holds_only(version))
+                .any(|t| t.key.stage == stage && !t.holds_only(None, version))
         });
         Refreshed::Reread {
             reads: stale.len(),
@@ -68,16 +68,21 @@ impl WatchHub {
 pub(super) struct Tracked {
     /// The id it is read by (a full name or an ARN) and the stage.
     pub(super) key: TopicKey,
-    /// The version ids held (the entry's and the topic's; the same but for
-    /// a moment).
-    pub(super) held: Vec<String>,
+    /// The versions held, as (ARN, version id): the entry's and the
+    /// topic's, the same but for a moment.
+    pub(super) held: Vec<(String, String)>,
     /// Its topic stands at DELETED: any version found is news.
     pub(super) deleted: bool,
 }
 
 impl Tracked {
-    pub(super) fn holds_only(&self, version_id: &str) -> bool {
-        !self.deleted && self.held.iter().all(|held| held == version_id)
+    /// Whether only the version `version_id` is held, of the secret at
+    /// `arn` when it is known (an event's hint names a version id alone).
+    pub(super) fn holds_only(&self, arn: Option<&str>, version_id: &str) -> bool {
+        !self.deleted
+            && self.held.iter().all(|(held_arn, held_id)| {
+                held_id == version_id && arn.is_none_or(|arn| arn == held_arn)
+            })
     }
 
     fn cache_key(&self) -> CacheKey {
@@ -120,7 +125,7 @@ impl Shared {
                     deleted: false,
                 })
                 .held
-                .push(version.version_id.clone());
+                .push((version.arn.clone(), version.version_id.clone()));
         }
         for topic in self.topics.iter().filter(|t| wanted(&t.key().name)) {
             let state = topic.state.borrow();
@@ -131,7 +136,8 @@ impl Shared {
                     held: Vec::new(),
                     deleted: false,
                 });
-            item.held.push(state.version.version_id.clone());
+            item.held
+                .push((state.version.arn.clone(), state.version.version_id.clone()));
             item.deleted |= state.event == WatchEvent::Deleted;
         }
         tracked.into_values().collect()
@@ -141,7 +147,9 @@ impl Shared {
     /// tells its topic); a definite "gone" drops the whole secret.
     pub(super) async fn reread(&self, tracked: &Tracked) -> Reread {
         match self.cache.refresh(tracked.cache_key()).await {
-            Ok((version, _)) if tracked.holds_only(&version.version_id) => Reread::Same,
+            Ok((version, _)) if tracked.holds_only(Some(&version.arn), &version.version_id) => {
+                Reread::Same
+            }
             Ok(_) => {
                 // A change: what was remembered missing of this secret (a
                 // stage, a version id, the ARN before a restore) may be

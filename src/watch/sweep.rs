@@ -385,10 +385,13 @@ impl Shared {
             }
             let stage = VersionSelector::Stage(item.key.stage.clone());
             let listed_version = description.selected_version(&stage).map(str::to_owned);
+            // A listing without ARNs says nothing of them: an ARN it lacks
+            // must not read as a new secret every round.
+            let listed_arn = Some(description.arn.as_str()).filter(|arn| !arn.is_empty());
             let moved = !listed
                 || listed_version
                     .as_deref()
-                    .is_none_or(|listed| !item.holds_only(listed));
+                    .is_none_or(|listed| !item.holds_only(listed_arn, listed));
             if !moved {
                 self.cursor.lock().unwrap().listing_behind.remove(&item.key);
                 continue;

@@ -71,6 +71,31 @@ async fn a_rotation_reaches_the_watcher_and_the_cache() {
 }
 
 #[tokio::test]
+async fn a_secret_created_again_with_its_old_version_ids_is_news() {
+    let store = FakeStore::with(&[]);
+    store.create_again("s", "v1");
+    let (hub, cache) = hub_over(&store);
+    let mut watcher = subscribe(&hub, "s").await;
+    let key = CacheKey::new("s".into(), VersionSelector::current());
+    let before = cache.get(key.clone(), false).await.unwrap().version;
+
+    // Deleted for good and created again between two rounds, given the
+    // same version id (a caller's ClientRequestToken): another secret,
+    // another value, under a new ARN.
+    store.create_again("s", "v1");
+    round(&hub, &store).await;
+    assert!(
+        watcher.changes.has_changed().unwrap(),
+        "the new secret is news"
+    );
+    let told = Arc::clone(&watcher.changes.borrow_and_update().version);
+    let cached = cache.get(key, false).await.unwrap();
+    assert_ne!(told.arn, before.arn);
+    assert_eq!(cached.version.arn, told.arn, "served as it was told");
+    assert_ne!(cached.version.value, before.value);
+}
+
+#[tokio::test]
 async fn a_slow_watcher_gets_the_latest_state_only() {
     let store = FakeStore::with(&["s"]);
     let (hub, _) = hub_over(&store);
