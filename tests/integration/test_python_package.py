@@ -315,6 +315,51 @@ def test_plaintext_goes_only_to_loopback(venv, tmp_path, endpoint, tls, refusal)
         assert refusal in seen and seen.startswith("invalid setting: "), seen
 
 
+DELETION_PROBE = """
+import json, sys, time
+from secrets_broker.aws_secrets import AWSSecretsManager, SecretNotFoundError
+m = AWSSecretsManager()
+first = m.get_secret("py-deleted").version_id          # followed by push
+m.get_secret("py-deleted", version_id=first)          # a version id, cached too
+print(json.dumps({"first": first}), flush=True)
+sys.stdin.readline()                                  # the test deletes the secret now
+started = time.monotonic()
+seen = {}
+while time.monotonic() - started < 10 and len(seen) < 2:
+    for label, read in (("current", lambda: m.get_secret("py-deleted")),
+                        ("version", lambda: m.get_secret("py-deleted", version_id=first))):
+        if label not in seen:
+            try:
+                read()
+            except SecretNotFoundError:
+                seen[label] = round(time.monotonic() - started, 2)
+    time.sleep(0.05)
+print(json.dumps(seen), flush=True)
+"""
+
+
+def test_a_deletion_drops_every_version_of_the_secret_from_the_local_cache(venv, seeded_broker, moto, tmp_path):
+    """A deleted secret has no readable version: the push that says so
+    drops what was read by version id as well as the current value."""
+    broker, _ = seeded_broker
+    moto.create_secret("insurecove/py-deleted", "py-deleted-value-3c9e")
+    proc = subprocess.Popen(
+        [str(venv), "-c", DELETION_PROBE], env=package_env(broker, SECRET_CACHE_TTL="3600"),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )
+    try:
+        assert "first" in json.loads(proc.stdout.readline())
+        time.sleep(0.5)                   # the watch stream is open
+        moto.delete_secret("insurecove/py-deleted")
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        seen = json.loads(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert set(seen) == {"current", "version"}, f"still served from the local cache after 10 s: {seen}"
+
+
 ROTATION_PROBE = """
 import json, sys, time
 from secrets_broker.aws_secrets import AWSSecretsManager

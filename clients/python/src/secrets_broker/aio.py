@@ -31,7 +31,7 @@ from secrets_broker.aws_secrets import (
     _health_request,
     _health_status,
     _refuse_stale_bypass,
-    _staged_keys,
+    _changed_keys,
     config_dict,
     settings_from_env,
 )
@@ -134,7 +134,7 @@ class AsyncAWSSecretsManager:
         else:
             self._cache[(name, None)] = (value, time.monotonic())
         if moved:
-            for key in _staged_keys(self._cache, name):
+            for key in _changed_keys(self._cache, name, deleted=value is None):
                 del self._cache[key]
 
     async def test_connection(self) -> bool:

@@ -803,8 +803,9 @@ class AWSSecretsManager:
                 entry.value, entry.stored_at = value, time.monotonic()
             # A rotation or deletion moves the stages: what was read by stage
             # (AWSPREVIOUS...) is read again. A version id's value never
-            # changes, but with a stage it may no longer hold it.
-            for key in _staged_keys(self._cache, name) if moved else []:
+            # changes, but with a stage it may no longer hold it; a deleted
+            # secret has no readable version at all.
+            for key in _changed_keys(self._cache, name, deleted=value is None) if moved else []:
                 del self._cache[key]
 
     def test_connection(self) -> bool:
@@ -976,10 +977,13 @@ def config_dict(config: Any) -> dict[str, Any]:
     return out
 
 
-def _staged_keys(keys: Iterable[tuple[str, Optional[str]]], name: str) -> list[tuple[str, Optional[str]]]:
-    """The local cache keys of ``name`` read by stage (with or without a
-    version id): what a rotation makes untrue."""
-    return [k for k in keys if k[0] == name and k[1] is not None and "stage:" in k[1]]
+def _changed_keys(
+    keys: Iterable[tuple[str, Optional[str]]], name: str, deleted: bool
+) -> list[tuple[str, Optional[str]]]:
+    """The local cache keys of ``name`` an event makes untrue: those read by
+    stage (with or without a version id) when it rotated; every one when it
+    was deleted (the broker answers NOT_FOUND for each of its versions)."""
+    return [k for k in keys if k[0] == name and k[1] is not None and (deleted or "stage:" in k[1])]
 
 
 def _health_request(service: str) -> bytes:
