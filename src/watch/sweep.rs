@@ -57,7 +57,7 @@ const LISTING_BEHIND_MAX: usize = 100_000;
 
 /// Secrets known deleted (watched still) that are described one by one are
 /// described again every this many rounds, to notice one re-created.
-const RECHECK_DELETED_EVERY: u64 = 10;
+pub(super) const RECHECK_DELETED_EVERY: u64 = 10;
 
 /// Every item of `name` is known deleted (only its watchers' topics are
 /// left, at DELETED).
@@ -90,6 +90,8 @@ pub(super) struct Cursor {
     seen: HashSet<String>,
     /// Whose turn it is among the secrets outside the prefix.
     outside_turn: usize,
+    /// Whose turn it is among those known deleted, at their recheck.
+    deleted_turn: usize,
     /// The last listing failed (an outage must not write a line a round).
     failing: bool,
     /// That failure was logged at WARN: its end is logged at INFO.
@@ -113,6 +115,19 @@ fn split_budget(budget: usize, listing: bool, outside: usize, round: u64) -> (us
         return (1, 0);
     }
     (described, budget - described)
+}
+
+/// `calls` of `names` (in name order), from where `turn` stands; `turn`
+/// moves past them, so that each name gets its turn.
+fn take_turns(turn: &mut usize, names: &[String], calls: usize) -> Vec<String> {
+    if names.is_empty() || calls == 0 {
+        return Vec::new();
+    }
+    let start = *turn % names.len();
+    *turn = start + calls;
+    let mut sorted = names.to_vec();
+    sorted.sort();
+    sorted.into_iter().cycle().skip(start).take(calls).collect()
 }
 
 impl Shared {
@@ -162,21 +177,35 @@ impl Shared {
             }
         }
         // A secret known deleted is described again only now and then (it
-        // may come back), not at every turn.
-        if !self
+        // may come back), not at every turn; then first, by turns of their
+        // own: among the others, one could be passed over at every recheck.
+        let recheck = self
             .rounds
             .load(Relaxed)
-            .is_multiple_of(RECHECK_DELETED_EVERY)
-        {
-            outside.retain(|name| !known_deleted(&by_name, name));
+            .is_multiple_of(RECHECK_DELETED_EVERY);
+        let (mut deleted, live): (Vec<String>, Vec<String>) = outside
+            .into_iter()
+            .partition(|name| known_deleted(&by_name, name));
+        if !recheck {
+            deleted.clear();
         }
         let (outside_calls, pages) = split_budget(
             budget,
             !inside.is_empty(),
-            outside.len(),
+            deleted.len() + live.len(),
             self.rounds.load(Relaxed),
         );
-        let mut to_describe = self.outside_turns(&outside, outside_calls);
+        let deleted_calls = outside_calls.min(deleted.len());
+        let mut to_describe = {
+            let mut cursor = self.cursor.lock().unwrap();
+            let mut turns = take_turns(&mut cursor.deleted_turn, &deleted, deleted_calls);
+            turns.extend(take_turns(
+                &mut cursor.outside_turn,
+                &live,
+                outside_calls - deleted_calls,
+            ));
+            turns
+        };
 
         if pages > 0 {
             // Absent from a complete listing: described before anyone is
@@ -219,19 +248,6 @@ impl Shared {
                 }
             }
         }
-    }
-
-    /// This round's share of the secrets outside the prefix.
-    fn outside_turns(&self, outside: &[String], calls: usize) -> Vec<String> {
-        if outside.is_empty() {
-            return Vec::new();
-        }
-        let mut cursor = self.cursor.lock().unwrap();
-        let start = cursor.outside_turn % outside.len();
-        cursor.outside_turn = start + calls;
-        let mut sorted = outside.to_vec();
-        sorted.sort();
-        sorted.into_iter().cycle().skip(start).take(calls).collect()
     }
 
     /// Whether the listing said `listed` of `key` when a re-read last found

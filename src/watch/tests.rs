@@ -664,3 +664,30 @@ async fn a_known_deletion_is_described_now_and_then_only() {
     round(&hub, &store).await;
     assert_eq!(store.describe_calls(), described + 1, "round 10: once");
 }
+
+/// At its recheck a watched secret known deleted is described, even when
+/// the round has one call and another secret described one by one sorts
+/// after it (it was passed over at every recheck: never RESTORED).
+#[tokio::test]
+async fn a_known_deletion_gets_its_recheck_whatever_else_is_described() {
+    let names: Vec<String> = (0..450).map(|i| format!("s{i:03}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let store = FakeStore::with(&refs);
+    let (hub, _) = hub_over(&store);
+    let mut deleted = subscribe(&hub, "s100").await;
+    let _live = subscribe(&hub, "s200").await;
+    for _ in 0..5 {
+        round(&hub, &store).await;
+    }
+    store.delete("s100");
+    for _ in 0..3 {
+        round(&hub, &store).await;
+    }
+    assert_eq!(latest(&mut deleted).0, WatchEvent::Deleted);
+
+    store.set("s100", "v1");
+    for _ in 0..sweep::RECHECK_DELETED_EVERY {
+        round(&hub, &store).await;
+    }
+    assert_eq!(latest(&mut deleted).0, WatchEvent::Restored);
+}
