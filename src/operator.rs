@@ -94,8 +94,12 @@ pub async fn watch(name: String, connection: Connection) -> Result<(), Error> {
             event = events.next() => {
                 let Some(event) = event else { return Ok(()) };
                 let event = event?;
+                // The ARN tells a secret created again under the name
+                // (RESTORED with another ARN) from the same one restored.
+                let arn = event.secret.arn();
+                let arn = if arn.is_empty() { String::new() } else { format!(" arn {arn}") };
                 println!(
-                    "{:?} {} version {}",
+                    "{:?} {} version {}{arn}",
                     event.kind,
                     event.secret.name(),
                     event.secret.version_id()

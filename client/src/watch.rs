@@ -38,9 +38,12 @@ pub enum WatchEventKind {
     Current,
     /// The watched stage moved to another version.
     Rotated,
-    /// The secret was deleted (the event carries metadata, no value).
+    /// The secret was deleted (the event carries metadata, no value); for
+    /// a stage other than AWSCURRENT, also that stage's label removed.
     Deleted,
-    /// A deleted secret was restored.
+    /// Back after `Deleted`: the secret restored, a secret created again
+    /// under the name (another ARN: `SecretValue::arn`), or the stage
+    /// naming a version again.
     Restored,
 }
 

@@ -34,9 +34,15 @@ class _WatchEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WatchE
     WATCH_EVENT_TYPE_ROTATED: _WatchEventType.ValueType  # 2
     """The watched stage now points at another version."""
     WATCH_EVENT_TYPE_DELETED: _WatchEventType.ValueType  # 3
-    """The secret was deleted or marked for deletion."""
+    """The secret was deleted or marked for deletion; for a watched stage
+    other than AWSCURRENT, also that stage no longer naming any version
+    (its label removed).
+    """
     WATCH_EVENT_TYPE_RESTORED: _WatchEventType.ValueType  # 4
-    """A deleted secret was restored."""
+    """Back after DELETED: the secret restored, a secret created again under
+    the name (its new ARN in `secret`), or the watched stage naming a
+    version again.
+    """
 
 class WatchEventType(_WatchEventType, metaclass=_WatchEventTypeEnumTypeWrapper):
     """What happened to a watched secret."""
@@ -48,9 +54,15 @@ WATCH_EVENT_TYPE_CURRENT: WatchEventType.ValueType  # 1
 WATCH_EVENT_TYPE_ROTATED: WatchEventType.ValueType  # 2
 """The watched stage now points at another version."""
 WATCH_EVENT_TYPE_DELETED: WatchEventType.ValueType  # 3
-"""The secret was deleted or marked for deletion."""
+"""The secret was deleted or marked for deletion; for a watched stage
+other than AWSCURRENT, also that stage no longer naming any version
+(its label removed).
+"""
 WATCH_EVENT_TYPE_RESTORED: WatchEventType.ValueType  # 4
-"""A deleted secret was restored."""
+"""Back after DELETED: the secret restored, a secret created again under
+the name (its new ARN in `secret`), or the watched stage naming a
+version again.
+"""
 Global___WatchEventType: _TypeAlias = WatchEventType  # noqa: Y015
 
 @_typing.final
