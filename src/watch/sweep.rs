@@ -56,7 +56,9 @@ const LISTING_LAG: std::time::Duration = std::time::Duration::from_secs(300);
 const LISTING_BEHIND_MAX: usize = 100_000;
 
 /// Secrets known deleted (watched still) that are described one by one are
-/// described again every this many rounds, to notice one re-created.
+/// described again every this many rounds, to notice one re-created: at
+/// the rounds one past a multiple of it, odd ones, where a one-call budget
+/// shared with the listing goes to descriptions (`split_budget`).
 pub(super) const RECHECK_DELETED_EVERY: u64 = 10;
 
 /// Every item of `name` is known deleted (only its watchers' topics are
@@ -179,10 +181,7 @@ impl Shared {
         // A secret known deleted is described again only now and then (it
         // may come back), not at every turn; then first, by turns of their
         // own: among the others, one could be passed over at every recheck.
-        let recheck = self
-            .rounds
-            .load(Relaxed)
-            .is_multiple_of(RECHECK_DELETED_EVERY);
+        let recheck = self.rounds.load(Relaxed) % RECHECK_DELETED_EVERY == 1;
         let (mut deleted, live): (Vec<String>, Vec<String>) = outside
             .into_iter()
             .partition(|name| known_deleted(&by_name, name));

@@ -8,6 +8,11 @@ use crate::{
 
 /// A hub over a cache over `store`; the sweep lists every name.
 pub(crate) fn hub_over(store: &Arc<FakeStore>) -> (WatchHub, Cache) {
+    hub_listing(store, "")
+}
+
+/// `hub_over`, whose sweep lists the names under `prefix` only.
+fn hub_listing(store: &Arc<FakeStore>, prefix: &str) -> (WatchHub, Cache) {
     let cache = Cache::new(
         Arc::clone(store) as Arc<dyn SecretStore>,
         CacheSettings {
@@ -23,7 +28,7 @@ pub(crate) fn hub_over(store: &Arc<FakeStore>) -> (WatchHub, Cache) {
         },
     );
     (
-        WatchHub::new(cache.clone(), Duration::from_secs(30), ""),
+        WatchHub::new(cache.clone(), Duration::from_secs(30), prefix),
         cache,
     )
 }
@@ -657,12 +662,12 @@ async fn a_known_deletion_is_described_now_and_then_only() {
     round(&hub, &store).await;
     assert_eq!(latest(&mut watcher).0, WatchEvent::Deleted);
     let described = store.describe_calls();
-    for _ in 0..3 {
+    for _ in 0..4 {
         round(&hub, &store).await;
     }
-    assert_eq!(store.describe_calls(), described, "rounds 7 to 9: none");
+    assert_eq!(store.describe_calls(), described, "rounds 7 to 10: none");
     round(&hub, &store).await;
-    assert_eq!(store.describe_calls(), described + 1, "round 10: once");
+    assert_eq!(store.describe_calls(), described + 1, "round 11: once");
 }
 
 /// At its recheck a watched secret known deleted is described, even when
@@ -690,4 +695,27 @@ async fn a_known_deletion_gets_its_recheck_whatever_else_is_described() {
         round(&hub, &store).await;
     }
     assert_eq!(latest(&mut deleted).0, WatchEvent::Restored);
+}
+
+/// With a one-call budget shared with the listing, a watched secret outside
+/// the prefix known deleted still gets its recheck: the listing and the
+/// descriptions take turns by round, and the recheck falls on a
+/// description's turn.
+#[tokio::test]
+async fn a_known_deletion_outside_the_prefix_gets_its_recheck_beside_a_listing() {
+    let store = FakeStore::with(&["in/a", "out/x"]);
+    let (hub, _) = hub_listing(&store, "in/");
+    let _inside = subscribe(&hub, "in/a").await;
+    let mut outside = subscribe(&hub, "out/x").await;
+    store.delete("out/x");
+    for _ in 0..3 {
+        round(&hub, &store).await;
+    }
+    assert_eq!(latest(&mut outside).0, WatchEvent::Deleted);
+
+    store.set("out/x", "v1");
+    for _ in 0..sweep::RECHECK_DELETED_EVERY {
+        round(&hub, &store).await;
+    }
+    assert_eq!(latest(&mut outside).0, WatchEvent::Restored);
 }
