@@ -712,6 +712,42 @@ async fn cached_typed_configs_are_read_again_after_a_rotation() {
     }
 }
 
+/// A secret deleted for good and created again with its old version id (a
+/// caller's ClientRequestToken) is another secret: its value reaches the
+/// cached reads, and `changes()` tells it.
+#[tokio::test]
+async fn a_secret_created_again_with_its_old_version_id_reaches_the_cached_reads() {
+    const TEST: &str = "created_again";
+    const NAME: &str = "insurecove/created-again";
+    let moto = Moto::start(TEST);
+    let v1 = moto.create_secret(NAME, "created-again-old-7d1e").await;
+    let mut broker = Broker::spawn(BrokerSpec::aws(TEST, &moto).args(["--watch-interval", "1"]));
+    let client = plaintext_client(&broker).await;
+    broker.wait_ready(|| client.check_upstream()).await;
+    let cached = client.cached(secrets_broker_client::CacheLimits::default());
+    let old = cached.get("created-again").await.unwrap();
+    assert_eq!(text(&old), "created-again-old-7d1e");
+    let mut changes = cached.changes();
+    // Its stream opens.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    moto.create_again(NAME, "created-again-new-7d1e", &v1).await;
+    // A sweep between the two steps may see it gone first (DELETED).
+    let told = within(Duration::from_secs(10), "the new secret told", async {
+        loop {
+            let change = changes.recv().await.unwrap();
+            if change.kind != WatchEventKind::Deleted {
+                return change;
+            }
+        }
+    })
+    .await;
+    assert_eq!(told.version_id, v1, "{told:?}");
+    let new = cached.get("created-again").await.unwrap();
+    assert_eq!(text(&new), "created-again-new-7d1e");
+    assert_ne!(new.arn(), old.arn());
+}
+
 // --------------------------------------------------------------------------
 // 5. what the crate gives back: the broker's streams, the caller's time
 

@@ -84,6 +84,9 @@ struct Shared {
 struct HeldConfig {
     name: String,
     version_id: String,
+    /// The ARN of the secret held when it was read: a version id alone
+    /// does not name one secret's version.
+    arn: String,
     config: Box<dyn Any + Send + Sync>,
 }
 
@@ -151,14 +154,19 @@ impl CachedSecrets {
             let configs = lock(&self.shared.configs);
             configs.get(&key).and_then(|held| {
                 let config = (**held.config.downcast_ref::<Zeroizing<C>>()?).clone();
-                Some((held.name.clone(), held.version_id.clone(), config))
+                Some((
+                    held.name.clone(),
+                    held.version_id.clone(),
+                    held.arn.clone(),
+                    config,
+                ))
             })
         };
-        if let Some((name, version_id, config)) = held
+        if let Some((name, version_id, arn, config)) = held
             && self
                 .shared
                 .fresh(&name)
-                .is_some_and(|secret| secret.version_id() == version_id)
+                .is_some_and(|secret| secret.version_id() == version_id && secret.arn() == arn)
         {
             return Ok(config);
         }
@@ -171,11 +179,17 @@ impl CachedSecrets {
         if self.shared.fresh(&name).is_none() {
             self.get(&name).await?;
         }
+        let arn = self
+            .shared
+            .fresh(&name)
+            .map(|secret| secret.arn().to_owned())
+            .unwrap_or_default();
         lock(&self.shared.configs).insert(
             key,
             HeldConfig {
                 name,
                 version_id,
+                arn,
                 // Wiped when it is replaced or the cache goes.
                 config: Box::new(Zeroizing::new(config.clone())),
             },
@@ -277,7 +291,9 @@ impl Shared {
         let version_id = secret.version_id().to_owned();
         let changed = {
             let mut value = lock(&held.value);
-            let changed = value.as_ref().map(SecretValue::version_id) != Some(&version_id)
+            let changed = !value
+                .as_ref()
+                .is_some_and(|held| held.is_same_version(&secret))
                 || kind == WatchEventKind::Deleted;
             *value = match kind {
                 WatchEventKind::Deleted => None,
@@ -356,7 +372,7 @@ impl Held {
         }
         let change = match held.as_ref() {
             None => Some(WatchEventKind::Restored),
-            Some(old) if old.version_id() != value.version_id() => Some(WatchEventKind::Rotated),
+            Some(old) if !old.is_same_version(&value) => Some(WatchEventKind::Rotated),
             Some(_) => None,
         };
         *held = Some(value);

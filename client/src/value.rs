@@ -66,6 +66,14 @@ impl SecretValue {
         &self.arn
     }
 
+    /// Whether `other` is the same version of the same secret: the same
+    /// version id under the same ARN. A secret deleted and created again
+    /// under its name may be given its old version ids (a caller's
+    /// ClientRequestToken) with other values, under a new ARN.
+    pub fn is_same_version(&self, other: &SecretValue) -> bool {
+        self.version_id == other.version_id && self.arn == other.arn
+    }
+
     /// The version's id.
     pub fn version_id(&self) -> &str {
         &self.version_id

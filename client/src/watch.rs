@@ -151,7 +151,8 @@ impl Follower {
     }
 
     async fn follow(mut self) {
-        let mut last_version: Option<String> = None;
+        // The (version id, ARN) last delivered.
+        let mut last_version: Option<(String, String)> = None;
         let mut last_kind: Option<WatchEventKind> = None;
         let mut backoff = FIRST_BACKOFF;
         loop {
@@ -174,15 +175,17 @@ impl Follower {
     /// One connection: subscribe, forward events until the stream ends.
     async fn stream_once(
         &mut self,
-        last_version: &mut Option<String>,
+        last_version: &mut Option<(String, String)>,
         last_kind: &mut Option<WatchEventKind>,
         backoff: &mut Duration,
     ) -> Ended {
         let reconnecting = last_version.is_some();
+        let (since_version_id, since_arn) = last_version.clone().unwrap_or_default();
         let request = proto::WatchSecretRequest {
             name: self.name.clone(),
             version_stage: self.stage.clone(),
-            since_version_id: last_version.clone().unwrap_or_default(),
+            since_version_id,
+            since_arn,
         };
         let mut stream = match self.origin.client.watch_secret(request).await {
             Ok(response) => response.into_inner(),
@@ -198,7 +201,10 @@ impl Follower {
                     let mut event = event(message);
                     let repeat = first && reconnecting && resumed(&mut event, *last_kind);
                     first = false;
-                    *last_version = Some(event.secret.version_id().to_owned());
+                    *last_version = Some((
+                        event.secret.version_id().to_owned(),
+                        event.secret.arn().to_owned(),
+                    ));
                     *last_kind = Some(event.kind);
                     if !repeat && self.events.send(Ok(event)).await.is_err() {
                         return Ended::Done;

@@ -104,11 +104,19 @@ fn metadata(version: &SecretVersion) -> proto::Secret {
 
 /// The first message of a WatchSecret stream: the state now, as CURRENT,
 /// or ROTATED when the caller says it holds another version (it missed a
-/// rotation while away), or DELETED.
-pub fn first_watch_event(state: &WatchState, since_version_id: &str) -> proto::WatchSecretResponse {
+/// rotation while away: another version id, or the same one of another
+/// secret of the name, when it says the ARN), or DELETED.
+pub fn first_watch_event(
+    state: &WatchState,
+    since_version_id: &str,
+    since_arn: &str,
+) -> proto::WatchSecretResponse {
+    let held = &state.version;
+    let another =
+        since_version_id != held.version_id || (!since_arn.is_empty() && since_arn != held.arn);
     let event = if state.event == WatchEvent::Deleted {
         proto::WatchEventType::Deleted
-    } else if !since_version_id.is_empty() && since_version_id != state.version.version_id {
+    } else if !since_version_id.is_empty() && another {
         proto::WatchEventType::Rotated
     } else {
         proto::WatchEventType::Current
@@ -181,6 +189,27 @@ mod tests {
             };
             assert_eq!(decoded, expected);
         }
+    }
+
+    #[test]
+    fn a_resuming_watcher_is_told_of_another_version_or_another_secret_of_the_name() {
+        let mut version = (*lookup(SecretValue::text("v")).version).clone();
+        version.arn = "arn:aws:secretsmanager:us-east-1:1:secret:insurecove/db-AAAAAA".into();
+        let state = WatchState::new_for_tests(WatchEvent::Current, Arc::new(version));
+        let other_arn = "arn:aws:secretsmanager:us-east-1:1:secret:insurecove/db-BBBBBB";
+        let first = |since_version_id, since_arn| {
+            first_watch_event(&state, since_version_id, since_arn).r#type()
+        };
+        use proto::WatchEventType::{Current, Rotated};
+        assert_eq!(first("", ""), Current, "a new watcher");
+        assert_eq!(first("v1", ""), Current, "the version held, no ARN said");
+        assert_eq!(first("v1", &state.version.arn), Current);
+        assert_eq!(first("v0", ""), Rotated, "a rotation missed");
+        assert_eq!(
+            first("v1", other_arn),
+            Rotated,
+            "the secret created again under the name, with its old version id"
+        );
     }
 
     #[test]

@@ -419,7 +419,11 @@ impl SecretsService for SecretsApi {
             caller,
             secret,
         };
-        let first = message::first_watch_event(&subscription.first, &request.since_version_id);
+        let first = message::first_watch_event(
+            &subscription.first,
+            &request.since_version_id,
+            &request.since_arn,
+        );
         let changes = watch_stream(subscription, access);
         let stream = futures::stream::once(async move { Ok(first) }).chain(changes);
         Ok(Response::new(Box::pin(stream)))

@@ -79,6 +79,19 @@ pub struct WatchState {
     read_number: u64,
 }
 
+#[cfg(test)]
+impl WatchState {
+    /// A state as a topic would hold it, for tests of what is sent.
+    pub(crate) fn new_for_tests(event: WatchEvent, version: Arc<SecretVersion>) -> Self {
+        Self {
+            event,
+            version,
+            observed_at: SystemTime::UNIX_EPOCH,
+            read_number: 0,
+        }
+    }
+}
+
 /// What a new watcher gets: the state now, and the changes after it.
 pub struct Subscription {
     pub first: WatchState,

@@ -311,6 +311,27 @@ impl Moto {
             .to_owned()
     }
 
+    /// Deletes the secret for good and creates it again under its name with
+    /// `value`, giving it the version id `version_id` (as a caller's
+    /// ClientRequestToken does): another secret, under a new ARN.
+    pub async fn create_again(&self, name: &str, value: &str, version_id: &str) {
+        self.client
+            .delete_secret()
+            .secret_id(name)
+            .force_delete_without_recovery(true)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("moto DeleteSecret {name}: {e:?}"));
+        self.client
+            .create_secret()
+            .name(name)
+            .secret_string(value)
+            .client_request_token(version_id)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("moto CreateSecret {name} again: {e:?}"));
+    }
+
     /// A new AWSCURRENT version (the old one becomes AWSPREVIOUS); its id.
     pub async fn put_secret_value(&self, name: &str, value: &str) -> String {
         let out = self

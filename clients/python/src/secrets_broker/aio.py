@@ -119,7 +119,7 @@ class AsyncAWSSecretsManager:
         name, selector = key
         if selector is None and name not in self._followers and len(self._followers) < MAX_FOLLOWED:
             self._followers[name] = asyncio.get_running_loop().create_task(
-                _follow(weakref.ref(self), name, value.version_id), name=f"watch-{name}"
+                _follow(weakref.ref(self), name, value.version_id, value.arn), name=f"watch-{name}"
             )
         return value._for_caller()
 
@@ -127,7 +127,7 @@ class AsyncAWSSecretsManager:
         """A watch event: the cached value replaced (or dropped), and what
         was read by stage read again."""
         held = self._cache.get((name, None))
-        moved = held is None or value is None or value.version_id != held[0].version_id
+        moved = held is None or value is None or not value.is_same_version(held[0])
         if value is None:
             self._cache.pop((name, None), None)
             self._followers.pop(name, None)
@@ -203,7 +203,9 @@ class AsyncAWSSecretsManager:
         return (await self.get_secret("mistral-api-key")).as_string()
 
 
-async def _follow(manager: "weakref.ReferenceType[AsyncAWSSecretsManager]", name: str, version_id: str) -> None:
+async def _follow(
+    manager: "weakref.ReferenceType[AsyncAWSSecretsManager]", name: str, version_id: str, arn: str = ""
+) -> None:
     """Keeps ``name``'s cached value current until it is dropped or its
     manager is gone; after a lost stream, asks again from the version it
     holds, so that a rotation missed meanwhile comes first. The manager is
@@ -213,7 +215,7 @@ async def _follow(manager: "weakref.ReferenceType[AsyncAWSSecretsManager]", name
         held = manager()
         if held is None:
             return
-        request = secrets_service_pb2.WatchSecretRequest(name=name, since_version_id=version_id)
+        request = secrets_service_pb2.WatchSecretRequest(name=name, since_version_id=version_id, since_arn=arn)
         stream = held._secrets().WatchSecret(request)
         held = None
         try:
@@ -230,7 +232,7 @@ async def _follow(manager: "weakref.ReferenceType[AsyncAWSSecretsManager]", name
                     stream.cancel()
                     return
                 value = SecretValue.from_proto(event.secret)
-                version_id = value.version_id
+                version_id, arn = value.version_id, value.arn
                 held._rotated(name, value)
                 held = None
         except grpc.aio.AioRpcError as error:

@@ -543,6 +543,14 @@ class SecretValue:
     created_date: Optional[datetime]
     secret_name: str
     _text: Optional[str] = field(default=None, compare=False)
+    # The secret's ARN ("" where the broker's backend has none).
+    arn: str = ""
+
+    def is_same_version(self, other: "SecretValue") -> bool:
+        """The same version of the same secret: the same version id under
+        the same ARN (a secret deleted and created again under its name may
+        be given its old version ids, with other values, under a new ARN)."""
+        return self.version_id == other.version_id and self.arn == other.arn
 
     def as_dict(self) -> dict[str, Any]:
         """The value as a JSON object."""
@@ -595,7 +603,8 @@ class SecretValue:
             secret.created_date.ToDatetime(tzinfo=timezone.utc) if secret.HasField("created_date") else None
         )
         if which == "binary_value":
-            return cls(value=secret.binary_value, version_id=secret.version_id, created_date=created, secret_name=secret.name)
+            return cls(value=secret.binary_value, version_id=secret.version_id, created_date=created,
+                       secret_name=secret.name, arn=secret.arn)
         text = secret.string_value
         value: Union[str, dict[str, Any]] = text
         if text.lstrip().startswith("{"):
@@ -605,7 +614,8 @@ class SecretValue:
                 parsed = None
             if isinstance(parsed, dict):
                 value = parsed
-        return cls(value=value, version_id=secret.version_id, created_date=created, secret_name=secret.name, _text=text)
+        return cls(value=value, version_id=secret.version_id, created_date=created, secret_name=secret.name,
+                   _text=text, arn=secret.arn)
 
 
 def _get_secret_request(
@@ -785,7 +795,7 @@ class AWSSecretsManager:
             # than the current one is not what WatchSecret follows.
             followed = self._followed()
             if selector is None and followed < MAX_FOLLOWED:
-                entry.follower = _Follower(weakref.ref(self), name, value.version_id)
+                entry.follower = _Follower(weakref.ref(self), name, value.version_id, arn=value.arn)
                 entry.follower.start()
 
     def _rotated(self, name: str, value: Optional[SecretValue]) -> None:
@@ -794,7 +804,7 @@ class AWSSecretsManager:
             entry = self._cache.get((name, None))
             if entry is None:
                 return
-            moved = value is None or value.version_id != entry.value.version_id
+            moved = value is None or not value.is_same_version(entry.value)
             if value is None:
                 del self._cache[(name, None)]
                 if entry.follower is not None:
@@ -890,10 +900,19 @@ class AWSSecretsManager:
         entry = _ConfigEntry(value=value, stored_at=time.monotonic())
         manager = weakref.ref(self)  # the watch thread must not keep it alive
 
+        # The ARN the stream first shows for the config's version: a later
+        # event with the same version id under another ARN is another
+        # secret of the name.
+        arn_seen: list[str] = []
+
         def changed(new: Optional[SecretValue]) -> None:
             held = manager()
-            if held is not None and (new is None or new.version_id != answer.version_id):
-                held._drop_config(key, entry)
+            if held is None:
+                return
+            if new is not None and new.version_id == answer.version_id and arn_seen in ([], [new.arn]):
+                arn_seen[:] = [new.arn]
+                return
+            held._drop_config(key, entry)
 
         entry.follower = _Follower(manager, answer.name, answer.version_id, on_event=changed)
         with self._lock:
@@ -1025,6 +1044,8 @@ class _Follower:
     manager: "weakref.ReferenceType[AWSSecretsManager]"
     name: str
     version_id: str
+    # The ARN of the secret `version_id` belongs to, once an event said it.
+    arn: str = ""
     _stopped: threading.Event = field(default_factory=threading.Event)
     _call: Optional[Any] = None
     _thread: Optional[threading.Thread] = None
@@ -1061,7 +1082,7 @@ class _Follower:
                         self._tell(None)
                         return
                     value = SecretValue.from_proto(event.secret)
-                    self.version_id = value.version_id
+                    self.version_id, self.arn = value.version_id, value.arn
                     self._tell(value)
             except grpc.RpcError as error:
                 if self._stopped.is_set():
@@ -1083,7 +1104,7 @@ class _Follower:
 
     def _events(self) -> Iterator[secrets_service_pb2.WatchSecretResponse]:
         request = secrets_service_pb2.WatchSecretRequest(
-            name=self.name, since_version_id=self.version_id
+            name=self.name, since_version_id=self.version_id, since_arn=self.arn
         )
         # Opened under the lock, and not at all once stopped: a stop (and the
         # manager's close) cannot pass in between and leave a stream, or a

@@ -409,6 +409,7 @@ class WatchSecretRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     VERSION_STAGE_FIELD_NUMBER: _builtins.int
     SINCE_VERSION_ID_FIELD_NUMBER: _builtins.int
+    SINCE_ARN_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The secret's name (as in GetSecretRequest.name)."""
     version_stage: _builtins.str
@@ -417,16 +418,24 @@ class WatchSecretRequest(_message.Message):
     """The version the caller already has (e.g. when reconnecting). When set and
     different from the current version, the first message is ROTATED.
     """
+    since_arn: _builtins.str
+    """The ARN of the secret that version belongs to (`Secret.arn`), when
+    known: a secret deleted and created again under its name may give its
+    versions old version ids, and a version id under another ARN is another
+    version (the first message is then ROTATED too). Empty: the version id
+    alone is compared.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         version_stage: _builtins.str = ...,
         since_version_id: _builtins.str = ...,
+        since_arn: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "since_version_id", b"since_version_id", "version_stage", b"version_stage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "since_arn", b"since_arn", "since_version_id", b"since_version_id", "version_stage", b"version_stage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
