@@ -89,10 +89,11 @@ impl SecretVersion {
     /// Whether this is the version `version_id` of the secret at `arn`. A
     /// version id alone does not say it: a secret deleted and created again
     /// under its name may be given its old version ids (a caller's
-    /// ClientRequestToken), with other values, under a new ARN. Backends
-    /// without ARNs give "" for both.
+    /// ClientRequestToken), with other values, under a new ARN. An ARN
+    /// missing on either side (a backend without ARNs, an answer that left
+    /// it out) leaves the version id to say it.
     pub fn is(&self, arn: &str, version_id: &str) -> bool {
-        self.version_id == version_id && self.arn == arn
+        self.version_id == version_id && (self.arn == arn || self.arn.is_empty() || arn.is_empty())
     }
 
     /// Whether `other` is the same version of the same secret (see `is`).

@@ -70,8 +70,10 @@ impl SecretValue {
     /// version id under the same ARN. A secret deleted and created again
     /// under its name may be given its old version ids (a caller's
     /// ClientRequestToken) with other values, under a new ARN.
+    /// An ARN missing on either side leaves the version id to say it.
     pub fn is_same_version(&self, other: &SecretValue) -> bool {
-        self.version_id == other.version_id && self.arn == other.arn
+        self.version_id == other.version_id
+            && (self.arn == other.arn || self.arn.is_empty() || other.arn.is_empty())
     }
 
     /// The version's id.

@@ -4,8 +4,9 @@
 //! A task of its own holds the gRPC stream and feeds a channel. When the
 //! stream breaks (broker restart, connection lost, the broker's shutdown
 //! UNAVAILABLE) it reconnects with backoff and tells the broker the
-//! version it last saw (`since_version_id`): a rotation missed meanwhile
-//! comes back as ROTATED, and an unchanged secret's CURRENT is not repeated.
+//! version it last saw (`since_version_id`, `since_arn`): a rotation
+//! missed meanwhile comes back as ROTATED, and an unchanged secret's
+//! CURRENT is not repeated.
 //! Errors a retry cannot fix end the stream. Dropping the stream ends the
 //! task at once, and with it the stream on the broker (which would
 //! otherwise hold one of the connection's streams until the secret next

@@ -112,8 +112,10 @@ pub fn first_watch_event(
     since_arn: &str,
 ) -> proto::WatchSecretResponse {
     let held = &state.version;
-    let another =
-        since_version_id != held.version_id || (!since_arn.is_empty() && since_arn != held.arn);
+    // An ARN on one side only says nothing (a store without ARNs, an
+    // answer that left it out): the version id alone is compared then.
+    let arns_differ = !since_arn.is_empty() && !held.arn.is_empty() && since_arn != held.arn;
+    let another = since_version_id != held.version_id || arns_differ;
     let event = if state.event == WatchEvent::Deleted {
         proto::WatchEventType::Deleted
     } else if !since_version_id.is_empty() && another {
@@ -210,6 +212,11 @@ mod tests {
             Rotated,
             "the secret created again under the name, with its old version id"
         );
+        // A store without ARNs: the version id alone says it.
+        let mut no_arn = (*state.version).clone();
+        no_arn.arn.clear();
+        let state = WatchState::new_for_tests(WatchEvent::Current, Arc::new(no_arn));
+        assert_eq!(first_watch_event(&state, "v1", other_arn).r#type(), Current);
     }
 
     #[test]

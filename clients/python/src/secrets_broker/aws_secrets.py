@@ -549,8 +549,9 @@ class SecretValue:
     def is_same_version(self, other: "SecretValue") -> bool:
         """The same version of the same secret: the same version id under
         the same ARN (a secret deleted and created again under its name may
-        be given its old version ids, with other values, under a new ARN)."""
-        return self.version_id == other.version_id and self.arn == other.arn
+        be given its old version ids, with other values, under a new ARN).
+        An ARN missing on either side leaves the version id to say it."""
+        return self.version_id == other.version_id and (self.arn == other.arn or not self.arn or not other.arn)
 
     def as_dict(self) -> dict[str, Any]:
         """The value as a JSON object."""
