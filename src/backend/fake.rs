@@ -73,7 +73,10 @@ impl FakeStore {
         let generation = arns.len() + 1;
         arns.insert(
             name.to_owned(),
-            format!("arn:aws:secretsmanager:us-east-1:123456789012:secret:{name}-gen{generation}"),
+            // The six characters AWS adds after the name.
+            format!(
+                "arn:aws:secretsmanager:us-east-1:123456789012:secret:{name}-gen{generation:03}"
+            ),
         );
         drop(arns);
         self.set(name, version_id);

@@ -55,6 +55,10 @@ pub(super) struct Change {
     /// suffix, both readings of it (the one that is not cached costs
     /// nothing).
     pub(super) names: Vec<String>,
+    /// The secret's complete ARN, when the event gave one (a label event's
+    /// `resources`): the version a label moved to, held under another ARN,
+    /// is another secret's, created again under the name.
+    pub(super) arn: Option<String>,
     /// The stage and version the event says a label moved to.
     pub(super) moved_to: Option<(String, String)>,
     /// When the change happened, for the lag figures.
@@ -118,9 +122,14 @@ fn read_event(event: &Value, envelope_id: Option<&str>) -> Result<Message, Malfo
     if names.is_empty() {
         return Err(Malformed::NoSecret);
     }
+    let arn = ids
+        .iter()
+        .find(|id| names::is_one_secret(id))
+        .map(|arn| (*arn).to_owned());
     Ok(Message::Change(Change {
         event_id: event_id.to_owned(),
         names,
+        arn,
         moved_to,
         time,
         kind,
@@ -239,6 +248,7 @@ mod tests {
         let change = change(&label_event());
         assert_eq!(change.event_id, "e-1");
         assert_eq!(change.names, vec!["insurecove/db", "insurecove/db-AbC123"]);
+        assert_eq!(change.arn.as_deref(), Some(ARN), "the secret's ARN, for the hint");
         assert_eq!(change.moved_to, Some(("AWSCURRENT".into(), "v2".into())));
         assert!(change.time.is_some());
     }

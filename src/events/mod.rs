@@ -341,7 +341,15 @@ impl Events {
             .map(|(stage, version)| (stage.as_str(), version.as_str()));
         let count = changes.len() as u64;
         let secret = &first.names[0];
-        match hub.refresh_secret(&first.names, hint).await {
+        // The ARN goes with the names: `refresh_secret` reads the secret
+        // by its names, and compares the hint's version under the ARN.
+        let ids: Vec<String> = first
+            .names
+            .iter()
+            .cloned()
+            .chain(first.arn.clone())
+            .collect();
+        match hub.refresh_secret(&ids, hint).await {
             Refreshed::Reread {
                 reads,
                 changed,
@@ -349,7 +357,7 @@ impl Events {
             } => {
                 shared.applied.fetch_add(count, Relaxed);
                 if let (true, Some((stage, version))) = (behind, hint) {
-                    self.read_again_later(hub, first.names.clone(), stage, version);
+                    self.read_again_later(hub, ids.clone(), stage, version);
                 }
                 let lag =
                     latest_time(&changes).and_then(|t| SystemTime::now().duration_since(t).ok());

@@ -28,10 +28,17 @@ impl WatchHub {
         if tracked.is_empty() {
             return Refreshed::Untracked;
         }
+        // The secret's complete ARN, when the event gave one (a label
+        // event's `resources`): the hint's version id held under another
+        // ARN is another secret's, created again under the name.
+        let arn = ids
+            .iter()
+            .map(String::as_str)
+            .find(|id| names::is_one_secret(id));
         let stale: Vec<&Tracked> = tracked
             .iter()
             .filter(|t| match hint {
-                Some((stage, version)) => !(t.key.stage == stage && t.holds_only(None, version)),
+                Some((stage, version)) => !(t.key.stage == stage && t.holds_only(arn, version)),
                 None => true,
             })
             .collect();
@@ -52,7 +59,7 @@ impl WatchHub {
             self.shared
                 .tracked(|id| names.contains(&names::secret_name(id)))
                 .iter()
-                .any(|t| t.key.stage == stage && !t.holds_only(None, version))
+                .any(|t| t.key.stage == stage && !t.holds_only(arn, version))
         });
         Refreshed::Reread {
             reads: stale.len(),

@@ -100,6 +100,27 @@ async fn a_secret_created_again_with_its_old_version_ids_is_news() {
     assert_ne!(cached.version.value, before.value);
 }
 
+/// An event's hint names a version id; with the ARN the event gave, the
+/// same version id held under the old ARN is not taken for current.
+#[tokio::test]
+async fn an_event_naming_a_held_version_id_of_a_secret_created_again_is_news() {
+    let store = FakeStore::with(&[]);
+    store.create_again("s", "v1");
+    let (hub, cache) = hub_over(&store);
+    let mut watcher = subscribe(&hub, "s").await;
+    let key = CacheKey::new("s".into(), VersionSelector::current());
+    let before = cache.get(key.clone(), false).await.unwrap().version;
+
+    store.create_again("s", "v1");
+    let new_arn = store.describe_secret("s").await.unwrap().arn;
+    let ids = ["s".to_owned(), new_arn.clone()];
+    let outcome = hub.refresh_secret(&ids, Some((AWSCURRENT, "v1"))).await;
+    assert_ne!(outcome, Refreshed::AlreadyCurrent);
+    assert_eq!(watcher.changes.borrow_and_update().version.arn, new_arn);
+    let cached = cache.get(key, false).await.unwrap().version;
+    assert_ne!(cached.value, before.value);
+}
+
 #[tokio::test]
 async fn a_slow_watcher_gets_the_latest_state_only() {
     let store = FakeStore::with(&["s"]);
