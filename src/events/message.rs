@@ -248,7 +248,11 @@ mod tests {
         let change = change(&label_event());
         assert_eq!(change.event_id, "e-1");
         assert_eq!(change.names, vec!["insurecove/db", "insurecove/db-AbC123"]);
-        assert_eq!(change.arn.as_deref(), Some(ARN), "the secret's ARN, for the hint");
+        assert_eq!(
+            change.arn.as_deref(),
+            Some(ARN),
+            "the secret's ARN, for the hint"
+        );
         assert_eq!(change.moved_to, Some(("AWSCURRENT".into(), "v2".into())));
         assert!(change.time.is_some());
     }

@@ -75,15 +75,28 @@ async fn a_rotation_reaches_the_watcher_and_the_cache() {
     );
 }
 
-#[tokio::test]
-async fn a_secret_created_again_with_its_old_version_ids_is_news() {
+/// A secret "s" (with an ARN) at v1, watched and cached: the store, the
+/// hub, the watcher, the cache, its key, and the version read.
+async fn held_with_an_arn() -> (
+    Arc<FakeStore>,
+    WatchHub,
+    Subscription,
+    Cache,
+    CacheKey,
+    Arc<SecretVersion>,
+) {
     let store = FakeStore::with(&[]);
     store.create_again("s", "v1");
     let (hub, cache) = hub_over(&store);
-    let mut watcher = subscribe(&hub, "s").await;
+    let watcher = subscribe(&hub, "s").await;
     let key = CacheKey::new("s".into(), VersionSelector::current());
     let before = cache.get(key.clone(), false).await.unwrap().version;
+    (store, hub, watcher, cache, key, before)
+}
 
+#[tokio::test]
+async fn a_secret_created_again_with_its_old_version_ids_is_news() {
+    let (store, hub, mut watcher, cache, key, before) = held_with_an_arn().await;
     // Deleted for good and created again between two rounds, given the
     // same version id (a caller's ClientRequestToken): another secret,
     // another value, under a new ARN.
@@ -104,13 +117,7 @@ async fn a_secret_created_again_with_its_old_version_ids_is_news() {
 /// same version id held under the old ARN is not taken for current.
 #[tokio::test]
 async fn an_event_naming_a_held_version_id_of_a_secret_created_again_is_news() {
-    let store = FakeStore::with(&[]);
-    store.create_again("s", "v1");
-    let (hub, cache) = hub_over(&store);
-    let mut watcher = subscribe(&hub, "s").await;
-    let key = CacheKey::new("s".into(), VersionSelector::current());
-    let before = cache.get(key.clone(), false).await.unwrap().version;
-
+    let (store, hub, mut watcher, cache, key, before) = held_with_an_arn().await;
     store.create_again("s", "v1");
     let new_arn = store.describe_secret("s").await.unwrap().arn;
     let ids = ["s".to_owned(), new_arn.clone()];
