@@ -106,7 +106,7 @@ fn read_event(event: &Value, envelope_id: Option<&str>) -> Result<Message, Malfo
     }
     let event_id = text(event, "id").or(envelope_id).unwrap_or_default();
     let time = text(event, "time").and_then(|t| humantime::parse_rfc3339_weak(t).ok());
-    let (ids, moved_to, kind) = match kind {
+    let (ids, arn, moved_to, kind) = match kind {
         LABEL_UPDATED => label_update(event, detail),
         CLOUDTRAIL_CALL => match cloudtrail_call(detail) {
             Some(call) => call,
@@ -122,31 +122,45 @@ fn read_event(event: &Value, envelope_id: Option<&str>) -> Result<Message, Malfo
     if names.is_empty() {
         return Err(Malformed::NoSecret);
     }
-    let arn = ids
-        .iter()
-        .find(|id| names::is_one_secret(id))
-        .map(|arn| (*arn).to_owned());
     Ok(Message::Change(Change {
         event_id: event_id.to_owned(),
         names,
-        arn,
+        arn: arn.map(str::to_owned),
         moved_to,
         time,
         kind,
     }))
 }
 
-type Read<'a> = (Vec<&'a str>, Option<(String, String)>, String);
+/// The ids an event names, the secret's complete ARN, where a label moved
+/// and the event's kind.
+type Read<'a> = (
+    Vec<&'a str>,
+    Option<&'a str>,
+    Option<(String, String)>,
+    String,
+);
 
 fn label_update<'a>(event: &'a Value, detail: &'a Value) -> Read<'a> {
+    let resources: Vec<&str> = event
+        .get("resources")
+        .and_then(Value::as_array)
+        .map(|list| list.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    // Only a label event's resources are complete ARNs for sure: a
+    // CloudTrail call's `secretId` may be a partial ARN of a name that
+    // ends like AWS's suffix (`app/jwt-signer`), which would read as
+    // another secret's ARN and never match the version held.
+    let arn = resources
+        .iter()
+        .copied()
+        .find(|id| names::is_one_secret(id));
     let mut ids: Vec<&str> = text(detail, "name").into_iter().collect();
-    if let Some(resources) = event.get("resources").and_then(Value::as_array) {
-        ids.extend(resources.iter().filter_map(Value::as_str));
-    }
+    ids.extend(resources);
     let moved_to = text(detail, "labelUpdated")
         .zip(text(detail, "versionId"))
         .map(|(stage, version)| (stage.to_owned(), version.to_owned()));
-    (ids, moved_to, LABEL_UPDATED.to_owned())
+    (ids, arn, moved_to, LABEL_UPDATED.to_owned())
 }
 
 /// `None` for a call that changes nothing or failed.
@@ -171,7 +185,7 @@ fn cloudtrail_call(detail: &Value) -> Option<Read<'_>> {
         })
         .flatten()
         .map(|version| ("AWSCURRENT".to_owned(), version.to_owned()));
-    Some((id.into_iter().collect(), moved_to, call.to_owned()))
+    Some((id.into_iter().collect(), None, moved_to, call.to_owned()))
 }
 
 /// The secret names the ids stand for, deduplicated; invalid ids are
@@ -281,6 +295,14 @@ mod tests {
             change(&cloudtrail("PutSecretValue", partial)).names,
             vec!["insurecove/api"]
         );
+        // A partial ARN whose name ends like AWS's suffix is not taken for
+        // the secret's complete ARN (the hint would never match).
+        let like_suffixed = "arn:aws:secretsmanager:ap-east-1:123456789012:secret:app/jwt-signer";
+        assert_eq!(
+            change(&cloudtrail("PutSecretValue", like_suffixed)).arn,
+            None
+        );
+        assert_eq!(change(&cloudtrail("RestoreSecret", ARN)).arn, None);
     }
 
     #[test]

@@ -85,10 +85,14 @@ pub(super) struct Tracked {
 impl Tracked {
     /// Whether only the version `version_id` is held, of the secret at
     /// `arn` when it is known (an event's hint names a version id alone).
+    /// As everywhere, an ARN missing on either side leaves the version id
+    /// to say it.
     pub(super) fn holds_only(&self, arn: Option<&str>, version_id: &str) -> bool {
         !self.deleted
             && self.held.iter().all(|(held_arn, held_id)| {
-                held_id == version_id && arn.is_none_or(|arn| arn == held_arn)
+                held_id == version_id
+                    && arn
+                        .is_none_or(|arn| arn.is_empty() || held_arn.is_empty() || arn == held_arn)
             })
     }
 

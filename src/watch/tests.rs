@@ -747,3 +747,26 @@ async fn a_known_deletion_outside_the_prefix_gets_its_recheck_beside_a_listing()
     }
     assert_eq!(latest(&mut outside).0, WatchEvent::Restored);
 }
+
+#[test]
+fn an_arn_missing_on_either_side_leaves_the_version_id_to_say() {
+    let tracked = |held_arn: &str| refresh::Tracked {
+        key: TopicKey {
+            name: "s".to_owned(),
+            stage: AWSCURRENT.to_owned(),
+        },
+        held: vec![(held_arn.to_owned(), "v1".to_owned())],
+        deleted: false,
+    };
+    let arn = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:s-AbC123";
+    let other = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:s-XyZ789";
+    assert!(tracked(arn).holds_only(Some(arn), "v1"));
+    assert!(
+        !tracked(arn).holds_only(Some(other), "v1"),
+        "another secret"
+    );
+    assert!(!tracked(arn).holds_only(Some(arn), "v2"));
+    assert!(tracked("").holds_only(Some(arn), "v1"), "no ARN held");
+    assert!(tracked(arn).holds_only(Some(""), "v1"), "no ARN told");
+    assert!(tracked(arn).holds_only(None, "v1"));
+}
