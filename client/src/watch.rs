@@ -243,12 +243,14 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// The first event after a reconnect, against the last one delivered:
 /// whether it repeats what the receiver knows (CURRENT: nothing missed; a
-/// DELETED again). A secret last known deleted and CURRENT now was
-/// restored meanwhile: it is told as RESTORED.
+/// DELETED again). A secret last known deleted and there now was restored
+/// or created again meanwhile (the broker says ROTATED when the version
+/// is not the one the deletion was told with): it is told as RESTORED,
+/// as on a live stream.
 fn resumed(event: &mut WatchEvent, last_kind: Option<WatchEventKind>) -> bool {
     let was_deleted = last_kind == Some(WatchEventKind::Deleted);
     match event.kind {
-        WatchEventKind::Current if was_deleted => {
+        WatchEventKind::Current | WatchEventKind::Rotated if was_deleted => {
             event.kind = WatchEventKind::Restored;
             false
         }
@@ -320,7 +322,8 @@ mod tests {
             (Some(Deleted), Current, Some(Restored)),
             (Some(Deleted), Deleted, None),
             (Some(Current), Deleted, Some(Deleted)),
-            (Some(Deleted), Rotated, Some(Rotated)),
+            (Some(Deleted), Rotated, Some(Restored)),
+            (Some(Deleted), Restored, Some(Restored)),
         ] {
             let mut event = event_of(first);
             let repeat = resumed(&mut event, last);
