@@ -164,6 +164,8 @@ out["grpc_target_loopback"] = options(http_proxy="http://proxy.invalid:3128", br
 out["remote_uses_proxy"] = tls_options(https_proxy="http://proxy.invalid:3128", broker_endpoint="broker.example:50051")
 # NO_PROXY comes from the environment, in capitals.
 out["no_proxy_names_it"] = tls_options(https_proxy="http://proxy.invalid:3128", broker_endpoint="broker.internal:50051")
+# No HTTPS_PROXY: grpc-core must not take http_proxy (set for AWS) itself.
+out["remote_without_https_proxy"] = tls_options(broker_endpoint="broker.example:50051")
 print(json.dumps(out))
 """
 
@@ -195,6 +197,7 @@ def test_the_client_follows_the_guides_semantics(venv, seeded_broker, moto, tmp_
     assert out["grpc_target_loopback"] == {"grpc.enable_http_proxy": 0}, out
     assert out["remote_uses_proxy"] == {"grpc.http_proxy": "http://proxy.invalid:3128"}, out
     assert out["no_proxy_names_it"] == {"grpc.enable_http_proxy": 0}, out
+    assert out["remote_without_https_proxy"] == {"grpc.enable_http_proxy": 0}, out
     assert out["reconnect_within_s"] <= 5, out
 
 
@@ -358,6 +361,52 @@ def test_a_deletion_drops_every_version_of_the_secret_from_the_local_cache(venv,
         proc.kill()
         proc.wait(10)
     assert set(seen) == {"current", "version"}, f"still served from the local cache after 10 s: {seen}"
+
+
+RECREATED_PROBE = """
+import json
+from secrets_broker.aio import AsyncAWSSecretsManager
+from secrets_broker.aws_secrets import AWSSecretsManager, SecretValue, _Entry
+
+OLD = "arn:aws:secretsmanager:us-east-1:123456789012:secret:insurecove/db-AAAAAA"
+NEW = "arn:aws:secretsmanager:us-east-1:123456789012:secret:insurecove/db-BBBBBB"
+
+def value(arn, version="v1", text="old-value"):
+    return SecretValue(value=text, version_id=version, created_date=None, secret_name="insurecove/db", arn=arn)
+
+HELD = {("db", None): value(OLD), ("db", "id:v1"): value(OLD), ("db", "id:v0"): value(""),
+        ("db", "stage:AWSPREVIOUS"): value(OLD, "v0"), ("other", "id:v1"): value(OLD)}
+
+def left(event):
+    sync = AWSSecretsManager()
+    sync._cache = {key: _Entry(value=held, stored_at=0.0) for key, held in HELD.items()}
+    sync._rotated("db", event)
+    aio = AsyncAWSSecretsManager()
+    aio._cache = {key: (held, 0.0) for key, held in HELD.items()}
+    aio._rotated("db", event)
+    kept = sorted(str(key) for key in sync._cache)
+    assert kept == sorted(str(key) for key in aio._cache), (kept, aio._cache.keys())
+    return kept
+
+print(json.dumps({
+    "created_again": left(value(NEW, "v1", "new-value")),
+    "rotated": left(value(OLD, "v2")),
+    "deleted": left(None),
+}))
+"""
+
+
+def test_an_event_of_a_secret_created_again_drops_its_version_id_reads(venv, tmp_path):
+    """A secret deleted and created again under its name (another ARN) may
+    reuse its version ids with other values: what was read by version id of
+    the old one is dropped from the local cache with the event that says so,
+    in both clients; a rotation of the same secret keeps it (a version id's
+    value never changes); a deletion drops every read. (An ARN missing on
+    either side leaves the version id to say it: `id:v0` has none.)"""
+    out = probe_answer(venv, tmp_path, "recreated.py", RECREATED_PROBE, support.broker_env({}))
+    assert out["created_again"] == ["('db', 'id:v0')", "('db', None)", "('other', 'id:v1')"], out
+    assert out["rotated"] == ["('db', 'id:v0')", "('db', 'id:v1')", "('db', None)", "('other', 'id:v1')"], out
+    assert out["deleted"] == ["('other', 'id:v1')"], out
 
 
 ROTATION_PROBE = """

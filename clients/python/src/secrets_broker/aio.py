@@ -134,7 +134,8 @@ class AsyncAWSSecretsManager:
         else:
             self._cache[(name, None)] = (value, time.monotonic())
         if moved:
-            for key in _changed_keys(self._cache, name, deleted=value is None):
+            arns = [(key, cached[0].arn) for key, cached in self._cache.items()]
+            for key in _changed_keys(arns, name, value):
                 del self._cache[key]
 
     async def test_connection(self) -> bool:

@@ -305,7 +305,9 @@ class AWSSecretsConfig(BaseSettings):
         names (either case, environment or ``.env``), is reached directly:
         the proxy variables were set for AWS, and grpc-core itself reads
         only a lowercase ``no_proxy``. Plaintext goes only to loopback or a
-        unix socket, so ``HTTP_PROXY`` is never the broker's."""
+        unix socket, so ``HTTP_PROXY`` is never the broker's; nor is any
+        proxy variable grpc-core would read on its own (``grpc_proxy``,
+        ``http_proxy``) when ``HTTPS_PROXY`` is unset."""
         # After an outage the broker is found again within seconds: gRPC's
         # own reconnect backoff grows to two minutes.
         options: list[tuple[str, Any]] = [
@@ -318,9 +320,12 @@ class AWSSecretsConfig(BaseSettings):
             # HTTP/2 servers (the broker's h2) refuse as malformed.
             options.append(("grpc.default_authority", "localhost"))
         proxy = self.https_proxy if tls else None
-        if self._bypasses_proxy():
+        if self._bypasses_proxy() or not proxy:
+            # Without this grpc-core would read grpc_proxy, https_proxy and
+            # http_proxy itself (an AWS proxy, in lowercase) and tunnel the
+            # broker's traffic through it, unsaid by proxy_in_use.
             options.append(("grpc.enable_http_proxy", 0))
-        elif proxy:
+        else:
             if proxy.startswith("https://"):
                 # gRPC speaks to a proxy in plaintext only (CONNECT; the
                 # broker's TLS runs inside the tunnel). Most proxies named
@@ -806,6 +811,7 @@ class AWSSecretsManager:
             if entry is None:
                 return
             moved = value is None or not value.is_same_version(entry.value)
+            arns = [(key, cached.value.arn) for key, cached in self._cache.items()]
             if value is None:
                 del self._cache[(name, None)]
                 if entry.follower is not None:
@@ -816,7 +822,7 @@ class AWSSecretsManager:
             # (AWSPREVIOUS...) is read again. A version id's value never
             # changes, but with a stage it may no longer hold it; a deleted
             # secret has no readable version at all.
-            for key in _changed_keys(self._cache, name, deleted=value is None) if moved else []:
+            for key in _changed_keys(arns, name, value) if moved else []:
                 del self._cache[key]
 
     def test_connection(self) -> bool:
@@ -998,12 +1004,20 @@ def config_dict(config: Any) -> dict[str, Any]:
 
 
 def _changed_keys(
-    keys: Iterable[tuple[str, Optional[str]]], name: str, deleted: bool
+    held: Iterable[tuple[tuple[str, Optional[str]], str]], name: str, now: Optional[SecretValue]
 ) -> list[tuple[str, Optional[str]]]:
-    """The local cache keys of ``name`` an event makes untrue: those read by
-    stage (with or without a version id) when it rotated; every one when it
-    was deleted (the broker answers NOT_FOUND for each of its versions)."""
-    return [k for k in keys if k[0] == name and k[1] is not None and (deleted or "stage:" in k[1])]
+    """The local cache keys of ``name`` an event makes untrue, from the
+    (key, ARN) pairs held, ``now`` being what the event says ``name`` is
+    (``None``: deleted): those read by stage (with or without a version id)
+    when it rotated; those of another secret (another ARN, neither empty),
+    when it was deleted and created again, whose version ids the new one
+    may reuse; every one when it was deleted (the broker answers NOT_FOUND
+    for each of its versions)."""
+
+    def untrue(selector: str, arn: str) -> bool:
+        return now is None or "stage:" in selector or bool(arn and now.arn and arn != now.arn)
+
+    return [key for key, arn in held if key[0] == name and key[1] is not None and untrue(key[1], arn)]
 
 
 def _health_request(service: str) -> bytes:
