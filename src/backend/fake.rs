@@ -24,6 +24,8 @@ pub struct FakeStore {
     versions: Mutex<HashMap<String, Option<String>>>,
     /// name → ARN, for secrets made by `create_again` (others have none).
     arns: Mutex<HashMap<String, String>>,
+    /// `create_again` calls so far: each gives an ARN never given before.
+    created_again: AtomicUsize,
     failure: Mutex<Option<StoreError>>,
     calls: AtomicUsize,
     list_calls: AtomicUsize,
@@ -70,7 +72,7 @@ impl FakeStore {
     /// whatever version ids it is given.
     pub fn create_again(&self, name: &str, version_id: &str) {
         let mut arns = self.arns.lock().unwrap();
-        let generation = arns.len() + 1;
+        let generation = self.created_again.fetch_add(1, SeqCst) + 1;
         arns.insert(
             name.to_owned(),
             // The six characters AWS adds after the name.

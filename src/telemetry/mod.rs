@@ -319,10 +319,18 @@ mod tests {
         assert!(audit(None));
         assert!(audit(Some("warn")));
         assert!(audit(Some("warn,audit=off")));
-        assert!(
-            audit(Some("not a filter ===")),
-            "an invalid RUST_LOG is ignored"
-        );
+        assert!(audit(Some("not a filter ===")));
+        // An invalid RUST_LOG is ignored: the level given stands.
+        assert!(!passes(
+            filter("error", Some("not a filter ===")),
+            "secrets_broker",
+            Level::DEBUG
+        ));
+        assert!(passes(
+            filter("debug", Some("not a filter ===")),
+            "secrets_broker",
+            Level::DEBUG
+        ));
         // RUST_LOG replaces the level and the quieting...
         assert!(passes(
             filter("error", Some("h2=debug")),
