@@ -698,15 +698,32 @@ async fn cached_typed_configs_are_read_again_after_a_rotation() {
 
     let rotated = JWT_VALUE.replace("insurecove-client-tests", "insurecove-rotated-issuer");
     moto.put_secret_value(JWT, &rotated).await;
+    issuer_becomes(&cached, "insurecove-rotated-issuer", Duration::from_secs(5)).await;
+
+    // Deleted for good and created again with the version id it had (a
+    // ClientRequestToken): another secret, whose config is read again.
+    let held = cached.get("production/jwt").await.unwrap();
+    let recreated = JWT_VALUE.replace("insurecove-client-tests", "insurecove-recreated-issuer");
+    moto.create_again(JWT, &recreated, held.version_id()).await;
+    issuer_becomes(&cached, "insurecove-recreated-issuer", ROTATION_BOUND).await;
+}
+
+/// Reads the cached JWT config until its issuer is `issuer`, for at most
+/// `bound`.
+async fn issuer_becomes(
+    cached: &secrets_broker_client::CachedSecrets,
+    issuer: &str,
+    bound: Duration,
+) {
     let started = Instant::now();
     loop {
         let config: secrets_broker_client::JwtConfig = cached.get_config().await.unwrap();
-        if config.jwt_issuer == "insurecove-rotated-issuer" {
-            break;
+        if config.jwt_issuer == issuer {
+            return;
         }
         assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "the rotation never reached the config"
+            started.elapsed() < bound,
+            "{issuer} never reached the config"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

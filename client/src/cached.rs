@@ -84,8 +84,8 @@ struct Shared {
 struct HeldConfig {
     name: String,
     version_id: String,
-    /// The ARN of the secret held when it was read: a version id alone
-    /// does not name one secret's version.
+    /// The ARN of the secret it was read from: a version id alone does
+    /// not name one secret's version.
     arn: String,
     config: Box<dyn Any + Send + Sync>,
 }
@@ -166,24 +166,26 @@ impl CachedSecrets {
             && self
                 .shared
                 .fresh(&name)
-                .is_some_and(|secret| secret.version_id() == version_id && secret.arn() == arn)
+                .is_some_and(|secret| secret.is_version(&version_id, &arn))
         {
             return Ok(config);
         }
         let response = self.shared.client.typed_response::<C>("").await?;
         let (name, version_id) = C::source(&response);
-        let (name, version_id) = (name.to_owned(), version_id.to_owned());
+        let (name, version_id, arn) = (
+            name.to_owned(),
+            version_id.to_owned(),
+            C::arn(&response).to_owned(),
+        );
         let config =
             C::config(response).ok_or_else(|| Error::Decode("the broker sent no config".into()))?;
-        // The secret behind it is held (and followed) like any other.
+        // The secret behind it is held (and followed) like any other. The
+        // config's ARN is the response's: one read from the secret held a
+        // moment later could be another secret's, created again under the
+        // name with the same version id.
         if self.shared.fresh(&name).is_none() {
             self.get(&name).await?;
         }
-        let arn = self
-            .shared
-            .fresh(&name)
-            .map(|secret| secret.arn().to_owned())
-            .unwrap_or_default();
         lock(&self.shared.configs).insert(
             key,
             HeldConfig {

@@ -32,6 +32,11 @@ pub trait TypedConfig: Sized + Send + 'static {
 
     /// The full name and the version of the secret it was read from.
     fn source(response: &Self::Response) -> (&str, &str);
+
+    /// The ARN of the secret it was read from (empty where the broker's
+    /// backend has none): a secret created again under the name has
+    /// another, and may reuse version ids.
+    fn arn(response: &Self::Response) -> &str;
 }
 
 /// The four configs' RPCs.
@@ -61,6 +66,10 @@ macro_rules! typed_config {
 
             fn source(response: &Self::Response) -> (&str, &str) {
                 (&response.name, &response.version_id)
+            }
+
+            fn arn(response: &Self::Response) -> &str {
+                &response.arn
             }
         }
     };

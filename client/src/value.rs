@@ -72,8 +72,13 @@ impl SecretValue {
     /// ClientRequestToken) with other values, under a new ARN.
     /// An ARN missing on either side leaves the version id to say it.
     pub fn is_same_version(&self, other: &SecretValue) -> bool {
-        self.version_id == other.version_id
-            && (self.arn == other.arn || self.arn.is_empty() || other.arn.is_empty())
+        self.is_version(&other.version_id, &other.arn)
+    }
+
+    /// Whether this is the version `version_id` of the secret at `arn`,
+    /// by the rule of `is_same_version`.
+    pub(crate) fn is_version(&self, version_id: &str, arn: &str) -> bool {
+        self.version_id == version_id && (self.arn == arn || self.arn.is_empty() || arn.is_empty())
     }
 
     /// The version's id.

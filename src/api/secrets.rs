@@ -267,11 +267,7 @@ impl SecretsApi {
             kind: R::LABEL,
             source,
         })?;
-        Ok(R::respond(
-            config,
-            version.version_id.clone(),
-            version.name.clone(),
-        ))
+        Ok(R::respond(config, version))
     }
 
     /// The typed-config RPCs' one handler.

@@ -16,7 +16,7 @@ use crate::{
         GetJwtConfigRequest, GetJwtConfigResponse, GetSecurityConfigRequest,
         GetSecurityConfigResponse, JwtConfig, SecurityConfig,
     },
-    secret::SecretValue,
+    secret::{SecretValue, SecretVersion},
 };
 
 /// Why a secret could not be read as a typed config.
@@ -189,7 +189,7 @@ pub trait TypedConfigRpc: Send + 'static {
     fn name(&self) -> &str;
     fn bypass_cache(&self) -> bool;
     fn decode(value: &SecretValue) -> Result<Self::Config, Malformed>;
-    fn respond(config: Self::Config, version_id: String, name: String) -> Self::Response;
+    fn respond(config: Self::Config, version: &SecretVersion) -> Self::Response;
 }
 
 /// The four typed configs' constants and functions.
@@ -214,11 +214,12 @@ macro_rules! typed_config_rpc {
                 $decode(value)
             }
 
-            fn respond(config: $config, version_id: String, name: String) -> $response {
+            fn respond(config: $config, version: &SecretVersion) -> $response {
                 $response {
                     config: Some(config),
-                    version_id,
-                    name,
+                    version_id: version.version_id.clone(),
+                    name: version.name.clone(),
+                    arn: version.arn.clone(),
                 }
             }
         }

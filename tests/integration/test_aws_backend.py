@@ -52,6 +52,7 @@ def test_guide_secrets_and_typed_configs(moto, aws_broker, stubs):
         seed["jwt_access_token_expire_minutes"],
     )
     assert resp.version_id == versions["insurecove/production/jwt"]
+    assert resp.arn == get(broker, stubs, "production/jwt").arn, "the ARN of the secret read"
 
     resp = stub.GetDatabaseConfig(pb.GetDatabaseConfigRequest(), timeout=20)
     seed = support.seed_json("production/database")
@@ -60,6 +61,7 @@ def test_guide_secrets_and_typed_configs(moto, aws_broker, stubs):
         seed["supabase_url"], seed["supabase_anon_key"], seed["supabase_service_key"], seed["database_password"],
     )
     assert resp.version_id == versions["insurecove/production/database"]
+    assert resp.arn == get(broker, stubs, "production/database").arn, "the ARN of the secret read"
 
     resp = stub.GetAwsServicesConfig(pb.GetAwsServicesConfigRequest(), timeout=20)
     seed = support.seed_json("production/aws-services")
@@ -68,6 +70,7 @@ def test_guide_secrets_and_typed_configs(moto, aws_broker, stubs):
         seed["aws_ses_region"], seed["aws_end_user_messaging_region"], seed["s3_bucket_name"], seed["max_file_size_mb"],
     )
     assert resp.version_id == versions["insurecove/production/aws-services"]
+    assert resp.arn == get(broker, stubs, "production/aws-services").arn, "the ARN of the secret read"
 
     resp = stub.GetSecurityConfig(pb.GetSecurityConfigRequest(), timeout=20)
     seed = support.seed_json("production/security")
@@ -76,6 +79,7 @@ def test_guide_secrets_and_typed_configs(moto, aws_broker, stubs):
     assert list(c.allowed_hosts) == support.as_list(seed["allowed_hosts"])
     assert list(c.cors_origins) == support.as_list(seed["cors_origins"])
     assert resp.version_id == versions["insurecove/production/security"]
+    assert resp.arn == get(broker, stubs, "production/security").arn, "the ARN of the secret read"
 
 
 def test_binary_secret_byte_for_byte(moto, aws_broker, stubs):

@@ -907,21 +907,22 @@ class AWSSecretsManager:
         entry = _ConfigEntry(value=value, stored_at=time.monotonic())
         manager = weakref.ref(self)  # the watch thread must not keep it alive
 
-        # The ARN the stream first shows for the config's version: a later
-        # event with the same version id under another ARN is another
-        # secret of the name.
-        arn_seen: list[str] = []
+        # The version the config was read from, of which secret (its ARN:
+        # one deleted and created again under the name may reuse version
+        # ids); any other drops the config.
+        source = SecretValue(
+            value="", version_id=answer.version_id, created_date=None, secret_name=answer.name, arn=answer.arn
+        )
 
         def changed(new: Optional[SecretValue]) -> None:
             held = manager()
             if held is None:
                 return
-            if new is not None and new.version_id == answer.version_id and arn_seen in ([], [new.arn]):
-                arn_seen[:] = [new.arn]
+            if new is not None and new.is_same_version(source):
                 return
             held._drop_config(key, entry)
 
-        entry.follower = _Follower(manager, answer.name, answer.version_id, on_event=changed)
+        entry.follower = _Follower(manager, answer.name, answer.version_id, arn=answer.arn, on_event=changed)
         with self._lock:
             replaced = self._configs.get(key)
             self._configs[key] = entry

@@ -203,10 +203,17 @@ class GetJwtConfigResponse(_message.Message):
     CONFIG_FIELD_NUMBER: _builtins.int
     VERSION_ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
+    ARN_FIELD_NUMBER: _builtins.int
     version_id: _builtins.str
     """The version the settings were read from."""
     name: _builtins.str
     """The full name of the secret they were read from."""
+    arn: _builtins.str
+    """The ARN of that secret (`Secret.arn`; empty where the backend has
+    none): with `version_id`, which version of which secret, as a watch
+    follows it (`WatchSecretRequest.since_arn`). A secret deleted and
+    created again under the name has another ARN, and may reuse version ids.
+    """
     @_builtins.property
     def config(self) -> _secret_pb2.JwtConfig:
         """The decoded and validated settings."""
@@ -217,10 +224,11 @@ class GetJwtConfigResponse(_message.Message):
         config: _secret_pb2.JwtConfig | None = ...,
         version_id: _builtins.str = ...,
         name: _builtins.str = ...,
+        arn: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "name", b"name", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arn", b"arn", "config", b"config", "name", b"name", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -261,10 +269,17 @@ class GetDatabaseConfigResponse(_message.Message):
     CONFIG_FIELD_NUMBER: _builtins.int
     VERSION_ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
+    ARN_FIELD_NUMBER: _builtins.int
     version_id: _builtins.str
     """The version the settings were read from."""
     name: _builtins.str
     """The full name of the secret they were read from."""
+    arn: _builtins.str
+    """The ARN of that secret (`Secret.arn`; empty where the backend has
+    none): with `version_id`, which version of which secret, as a watch
+    follows it (`WatchSecretRequest.since_arn`). A secret deleted and
+    created again under the name has another ARN, and may reuse version ids.
+    """
     @_builtins.property
     def config(self) -> _secret_pb2.DatabaseConfig:
         """The decoded and validated settings."""
@@ -275,10 +290,11 @@ class GetDatabaseConfigResponse(_message.Message):
         config: _secret_pb2.DatabaseConfig | None = ...,
         version_id: _builtins.str = ...,
         name: _builtins.str = ...,
+        arn: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "name", b"name", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arn", b"arn", "config", b"config", "name", b"name", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -319,10 +335,17 @@ class GetAwsServicesConfigResponse(_message.Message):
     CONFIG_FIELD_NUMBER: _builtins.int
     VERSION_ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
+    ARN_FIELD_NUMBER: _builtins.int
     version_id: _builtins.str
     """The version the settings were read from."""
     name: _builtins.str
     """The full name of the secret they were read from."""
+    arn: _builtins.str
+    """The ARN of that secret (`Secret.arn`; empty where the backend has
+    none): with `version_id`, which version of which secret, as a watch
+    follows it (`WatchSecretRequest.since_arn`). A secret deleted and
+    created again under the name has another ARN, and may reuse version ids.
+    """
     @_builtins.property
     def config(self) -> _secret_pb2.AwsServicesConfig:
         """The decoded and validated settings."""
@@ -333,10 +356,11 @@ class GetAwsServicesConfigResponse(_message.Message):
         config: _secret_pb2.AwsServicesConfig | None = ...,
         version_id: _builtins.str = ...,
         name: _builtins.str = ...,
+        arn: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "name", b"name", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arn", b"arn", "config", b"config", "name", b"name", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -377,10 +401,17 @@ class GetSecurityConfigResponse(_message.Message):
     CONFIG_FIELD_NUMBER: _builtins.int
     VERSION_ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
+    ARN_FIELD_NUMBER: _builtins.int
     version_id: _builtins.str
     """The version the settings were read from."""
     name: _builtins.str
     """The full name of the secret they were read from."""
+    arn: _builtins.str
+    """The ARN of that secret (`Secret.arn`; empty where the backend has
+    none): with `version_id`, which version of which secret, as a watch
+    follows it (`WatchSecretRequest.since_arn`). A secret deleted and
+    created again under the name has another ARN, and may reuse version ids.
+    """
     @_builtins.property
     def config(self) -> _secret_pb2.SecurityConfig:
         """The decoded and validated settings."""
@@ -391,10 +422,11 @@ class GetSecurityConfigResponse(_message.Message):
         config: _secret_pb2.SecurityConfig | None = ...,
         version_id: _builtins.str = ...,
         name: _builtins.str = ...,
+        arn: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "name", b"name", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arn", b"arn", "config", b"config", "name", b"name", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
