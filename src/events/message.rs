@@ -272,6 +272,26 @@ mod tests {
     }
 
     #[test]
+    fn a_character_of_several_bytes_in_an_arn_is_dropped_not_a_panic() {
+        let poisoned = label_event().replace(
+            ARN,
+            "arn:aws:secretsmanager:us-east-1:123456789012:secret:€23456",
+        );
+        let change = change(&poisoned);
+        assert_eq!(
+            change.names,
+            vec!["insurecove/db"],
+            "the name in detail stays"
+        );
+        assert_eq!(change.arn, None);
+        let alone = cloudtrail(
+            "PutSecretValue",
+            "arn:aws:secretsmanager:us-east-1:123456789012:secret:ab€456",
+        );
+        assert_eq!(parse(&alone), Err(Malformed::NoSecret));
+    }
+
+    #[test]
     fn an_sns_envelope_is_opened() {
         let envelope = serde_json::json!({
             "Type": "Notification",

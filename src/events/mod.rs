@@ -275,13 +275,26 @@ impl Events {
     }
 
     /// Handles one receive's messages; returns the receipts to delete
-    /// (all of them).
+    /// (all of them). A fault of the broker's while handling them (a
+    /// panic, logged by the panic hook) drops the batch, as an unreadable
+    /// message is dropped: the consumer goes on, and no message that
+    /// caused it comes back to do it again.
     async fn handle_batch(&self, hub: &WatchHub, messages: Vec<queue::Received>) -> Vec<String> {
         let bodies: Vec<(&str, &str)> = messages
             .iter()
             .map(|m| (m.id.as_str(), m.body.as_str()))
             .collect();
-        self.handle(hub, &bodies).await;
+        let handled = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(
+            self.handle(hub, &bodies),
+        ))
+        .await;
+        if handled.is_err() {
+            self.shared.ignored.fetch_add(bodies.len() as u64, Relaxed);
+            tracing::error!(
+                messages = bodies.len(),
+                "handling event messages failed (a fault of the broker); they are dropped"
+            );
+        }
         messages.into_iter().map(|m| m.receipt).collect()
     }
 

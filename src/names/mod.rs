@@ -145,7 +145,13 @@ fn is_region(region: &str) -> bool {
 /// ends in a dash and six characters cannot be told from a suffixed one: the
 /// upstream's answer decides (`answer_matches`).
 fn split_suffix(resource: &str) -> (&str, Option<&str>) {
-    let Some(cut) = resource.len().checked_sub(ARN_SUFFIX_LEN) else {
+    // A suffix is ASCII: a cut inside a character (`…:secret:€23456`) is
+    // no suffix, and must not be split there (a panic).
+    let Some(cut) = resource
+        .len()
+        .checked_sub(ARN_SUFFIX_LEN)
+        .filter(|&cut| resource.is_char_boundary(cut))
+    else {
         return (resource, None);
     };
     let (name, suffix) = resource.split_at(cut);

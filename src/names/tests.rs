@@ -206,3 +206,28 @@ fn an_arn_with_its_suffix_is_one_secret_which_a_new_one_does_not_take_over() {
     assert!(!replaced_by(partial, new), "a partial ARN follows the name");
     assert!(!replaced_by("insurecove/db", new));
 }
+
+/// Anyone who can connect sends names, and anyone who can write to the
+/// events queue sends ARNs: a character of several bytes anywhere near
+/// where AWS's suffix would be is refused, never a panic.
+#[test]
+fn a_character_of_several_bytes_where_the_suffix_would_be_is_no_panic() {
+    let r = resolver();
+    for tail in [
+        "€23456",
+        "a€3456",
+        "ab€456",
+        "abc€56",
+        "-€3456",
+        "-ab€de",
+        "-abcd€",
+        "€",
+        "é-AbC123",
+    ] {
+        let arn = format!("arn:aws:secretsmanager:us-east-1:123456789012:secret:{tail}");
+        assert!(r.resolve(&arn).is_err(), "{arn} was accepted");
+        assert!(!is_one_secret(&arn), "{arn}");
+        let _ = secret_name(&arn);
+        let _ = SecretArn::parse(&arn);
+    }
+}

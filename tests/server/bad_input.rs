@@ -247,6 +247,8 @@ async fn bad_names_are_refused_with_their_reason() {
         "*".into(),
         "bad\nname".into(),
         "geheim-schlüssel".into(),
+        // A character of several bytes where AWS's suffix would be.
+        "arn:aws:secretsmanager:us-east-1:123456789012:secret:€23456".into(),
     ];
     for name in &bad_names {
         let request = GetSecretRequest {
