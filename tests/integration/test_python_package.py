@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -453,6 +455,97 @@ def test_a_rotation_reaches_the_local_cache_by_push(venv, seeded_broker, moto, t
     assert after["took"] < 2.0, after
 
 
+class SilentRelay:
+    """A TCP relay to `target` whose connections can go silent: after
+    `silence()`, what the connections open then carry is read and dropped,
+    and nothing is closed (a frozen broker, a partition); connections made
+    later are relayed as usual."""
+
+    def __init__(self, target: str):
+        host, port = target.rsplit(":", 1)
+        self.target = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.addr = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.silenced: set[int] = set()
+        self.opened = 0
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def silence(self) -> None:
+        with self.lock:
+            self.silenced.update(range(self.opened))
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                downstream, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            with self.lock:
+                number, self.opened = self.opened, self.opened + 1
+            for source, sink in ((downstream, upstream), (upstream, downstream)):
+                threading.Thread(target=self._pump, args=(number, source, sink), daemon=True).start()
+
+    def _pump(self, number: int, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                if number not in self.silenced:
+                    sink.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+SILENT_PROBE = """
+import json, sys, time
+from secrets_broker.aws_secrets import AWSSecretsManager
+m = AWSSecretsManager()
+first = m.get_secret("mistral-api-key").version_id
+print(json.dumps({"first": first}), flush=True)
+sys.stdin.readline()                      # the connection is silent and the secret rotated now
+started = time.monotonic()
+while time.monotonic() - started < 40:
+    current = m.get_secret("mistral-api-key")
+    if current.version_id != first:
+        break
+    time.sleep(0.1)
+print(json.dumps({"after": current.version_id, "took": time.monotonic() - started}), flush=True)
+"""
+
+
+def test_a_broker_connection_gone_silent_is_left_and_the_rotation_still_arrives(venv, seeded_broker, moto, tmp_path):
+    """The connection to the broker stops carrying anything without being
+    closed: the client's pings notice it (5 s, then 5 s to answer), it
+    connects again and its follower hears the rotation it missed. Without
+    pings it waited on the dead connection for as long as the kernel kept
+    it, serving the old value."""
+    broker, versions = seeded_broker
+    relay = SilentRelay(broker.addr)
+    proc = subprocess.Popen(
+        [str(venv), "-c", SILENT_PROBE],
+        env=support.broker_env({"BROKER_ENDPOINT": relay.addr, "SECRET_CACHE_TTL": "3600"}),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )
+    try:
+        assert json.loads(proc.stdout.readline())["first"] == versions[MISTRAL]
+        time.sleep(0.5)                   # the watch stream is open
+        relay.silence()
+        rotated = moto.put_secret_value(MISTRAL, "rotated-while-silent-2b7c")
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        after = json.loads(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait(10)
+        relay.close()
+    print(f"the rotation reached the local cache {after['took']:.1f} s after the connection went silent")
+    assert after["after"] == rotated, f"still the old version after 40 s: {after}"
+    assert after["took"] < 25, after
+
+
 # A parent that read (and follows) a secret, then forks, as gunicorn
 # --preload does: the child, whose watch threads did not come along, must
 # still hear the rotation.
@@ -510,6 +603,7 @@ def test_a_forked_child_still_hears_rotations(venv, seeded_broker, moto, tmp_pat
 CLIENT_EDGES_PROBE = """
 import json, sys, threading, time
 import os
+import socket
 from secrets_broker.aws_secrets import AWSSecretsConfig, AWSSecretsManager, AWSSecretsManagerError
 out = {}
 # SECRET_CACHE_TTL as the broker reads it; a bad one is the package's error.
@@ -923,3 +1017,32 @@ def test_an_asyncio_follower_of_a_deleted_secret_ends_its_stream_on_the_broker(v
     finally:
         proc.kill()
         proc.wait(10)
+
+
+DEBUG_LOG_PROBE = """
+import io, json, logging
+stream = io.StringIO()
+logging.basicConfig(level=logging.DEBUG, stream=stream)
+from secrets_broker.aws_secrets import AWSSecretsManager, SecretNotFoundError
+m = AWSSecretsManager()
+value = m.get_secret("mistral-api-key").as_string()
+m.get_secret("mistral-api-key")
+try:
+    m.get_secret("no-such-secret")
+except SecretNotFoundError:
+    pass
+lines = [line for line in stream.getvalue().splitlines() if "get_secret" in line]
+print(json.dumps({"lines": lines, "value_logged": value in stream.getvalue()}))
+"""
+
+
+def test_at_debug_each_read_says_where_it_was_answered_from(venv, dev_broker, tmp_path):
+    """As the guide's class logged its AWS calls at DEBUG: a read from the
+    local cache, one from the broker (its cache or AWS) and a refusal each
+    make a line; the value never does."""
+    out = probe_answer(venv, tmp_path, "debug_log.py", DEBUG_LOG_PROBE, package_env(dev_broker))
+    lines = out["lines"]
+    assert any("get_secret mistral-api-key: version" in line for line in lines), lines
+    assert any("get_secret mistral-api-key: from the local cache" in line for line in lines), lines
+    assert any("get_secret no-such-secret: the broker answered StatusCode.NOT_FOUND" in line for line in lines), lines
+    assert not out["value_logged"], lines

@@ -30,6 +30,8 @@ from secrets_broker.aws_secrets import (
     _get_secret_request,
     _health_request,
     _health_status,
+    _jittered,
+    _log_answer,
     _refuse_stale_bypass,
     _changed_keys,
     config_dict,
@@ -104,12 +106,15 @@ class AsyncAWSSecretsManager:
         key = _cache_key(secret_name, version_id, version_stage)
         cached = self._cache.get(key)
         if use_cache and cached is not None and time.monotonic() - cached[1] < self.config.secret_cache_ttl:
+            logger.debug("get_secret %s: from the local cache", secret_name)
             return cached[0]._for_caller()
         request = _get_secret_request(secret_name, version_id, use_cache, version_stage)
         try:
             answer = await self._secrets().GetSecret(request, timeout=CALL_TIMEOUT)
         except grpc.RpcError as error:
+            logger.debug("get_secret %s: the broker answered %s", secret_name, error.code())
             raise _error_from(error, self.config) from None
+        _log_answer("get_secret", secret_name, answer.secret)
         self.config.check_prefix(secret_name, answer.secret.name)
         _refuse_stale_bypass(answer.secret, use_cache)
         value = SecretValue.from_proto(answer.secret)
@@ -244,7 +249,7 @@ async def _follow(
         except Exception as error:  # noqa: BLE001 - keep following
             logger.debug("watch of %s: %s", name, error)
         held = None
-        await asyncio.sleep(backoff)
+        await asyncio.sleep(_jittered(backoff))
         backoff = min(backoff * 2, WATCH_BACKOFF_MAX)
 
 

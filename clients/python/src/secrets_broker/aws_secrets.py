@@ -23,6 +23,7 @@ import ipaddress
 import json
 import logging
 import os
+import random
 import re
 import threading
 import time
@@ -62,6 +63,10 @@ logger = logging.getLogger(__name__)
 
 CALL_TIMEOUT = 10.0
 WATCH_BACKOFF_MAX = 5.0
+# HTTP/2 pings: a connection silent this long is pinged, and closed when
+# the answer takes longer than the timeout (the Rust client's figures).
+KEEPALIVE_TIME_MS = 5_000
+KEEPALIVE_TIMEOUT_MS = 5_000
 # Names followed by push at once, each by one WatchSecret stream on the one
 # connection: well under the broker's calls per connection (1,024 by
 # default), as the Rust client does. Names past it are cached for
@@ -314,6 +319,21 @@ class AWSSecretsConfig(BaseSettings):
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.min_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 3000),
+            # A broker that stops answering without closing the connection
+            # (frozen, a partition, a NAT that forgot it) is noticed within
+            # KEEPALIVE_TIME + KEEPALIVE_TIMEOUT: otherwise the followers
+            # wait on it for as long as the kernel keeps it (a quarter of
+            # an hour), and hear no rotation meanwhile. A quiet watch stream
+            # sends no data, so pings must not wait for data (grpc-core
+            # stops after two otherwise).
+            ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.http2.min_time_between_pings_ms", KEEPALIVE_TIME_MS),
+            # grpc-core waits for any ping's answer this long (a minute by
+            # default), whatever the keepalive timeout says.
+            ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         ]
         if self.broker_endpoint.startswith(("unix:", "unix-abstract:")):
             # grpc-core would send the socket's path as :authority, which
@@ -774,12 +794,15 @@ class AWSSecretsManager:
             with self._lock:
                 entry = self._cache.get(key)
                 if entry is not None and time.monotonic() - entry.stored_at < self.config.secret_cache_ttl:
+                    logger.debug("get_secret %s: from the local cache", secret_name)
                     return entry.value._for_caller()
         request = _get_secret_request(secret_name, version_id, use_cache, version_stage)
         try:
             answer = self._secrets().GetSecret(request, timeout=CALL_TIMEOUT)
         except grpc.RpcError as error:
+            logger.debug("get_secret %s: the broker answered %s", secret_name, error.code())
             raise _error_from(error, self.config) from None
+        _log_answer("get_secret", secret_name, answer.secret)
         self.config.check_prefix(secret_name, answer.secret.name)
         _refuse_stale_bypass(answer.secret, use_cache)
         value = SecretValue.from_proto(answer.secret)
@@ -1021,6 +1044,22 @@ def _changed_keys(
     return [key for key, arn in held if key[0] == name and key[1] is not None and untrue(key[1], arn)]
 
 
+def _log_answer(call: str, name: str, secret: Any) -> None:
+    """At DEBUG, where a read was answered from (never the value), as the
+    class this replaces logged its AWS calls."""
+    if logger.isEnabledFor(logging.DEBUG):
+        cache = secret.cache
+        source = "the broker's cache" if cache.hit else "AWS, through the broker"
+        stale = " (stale)" if cache.stale else ""
+        logger.debug("%s %s: version %s from %s%s", call, name, secret.version_id, source, stale)
+
+
+def _jittered(delay: float) -> float:
+    """A retry's delay, spread between half and all of it: after a broker
+    restarts, every process's streams do not come back at the same instant."""
+    return delay * random.uniform(0.5, 1.0)
+
+
 def _health_request(service: str) -> bytes:
     """grpc.health.v1.HealthCheckRequest{service} on the wire."""
     data = service.encode()
@@ -1109,7 +1148,7 @@ class _Follower:
                     return
             except Exception as error:  # noqa: BLE001 - keep following
                 logger.debug("watch of %s: %s", self.name, error)
-            self._stopped.wait(backoff)
+            self._stopped.wait(_jittered(backoff))
             backoff = min(backoff * 2, WATCH_BACKOFF_MAX)
 
     def _tell(self, value: Optional[SecretValue]) -> None:
