@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use super::untaken_answers::UntakenAnswers;
 use crate::identity::Identity;
 
 /// What a connection tells each of its calls.
@@ -19,6 +20,9 @@ pub struct ConnectionInfo {
     /// most): they stay open and need no grant, so without a bound of their
     /// own any caller could hold every call slot of the broker with them.
     pub health_watches: Arc<tokio::sync::Semaphore>,
+    /// Its short calls' answers not taken yet: one left past a whole call
+    /// timeout closes the connection (`untaken_answers`).
+    pub untaken_answers: Arc<UntakenAnswers>,
 }
 
 /// Health watch streams one connection may hold: a client watches the
@@ -32,6 +36,7 @@ impl ConnectionInfo {
             identity,
             call_slots: Arc::new(tokio::sync::Semaphore::new(max_calls)),
             health_watches: Arc::new(tokio::sync::Semaphore::new(HEALTH_WATCHES)),
+            untaken_answers: Arc::default(),
         }
     }
 }

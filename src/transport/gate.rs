@@ -56,6 +56,7 @@ use tower::{Layer, Service};
 use super::{
     budget::{Budgeted, RequestBudget},
     call_slots::{CallSlot, CallSlots, Share},
+    untaken_answers::PendingAnswer,
 };
 use crate::{
     api::{
@@ -201,8 +202,14 @@ where
         // the request, whose reader (a task of reflection's own) would
         // otherwise keep waiting for it. They end when the broker stops
         // too, or an open one would hold the shutdown for its grace.
-        let stream_ends = is_reflection(request.uri().path())
-            .then(|| CallEnd::after(limit).or_at(self.settings.stop.clone()));
+        let reflection = is_reflection(request.uri().path());
+        let stream_ends =
+            reflection.then(|| CallEnd::after(limit).or_at(self.settings.stop.clone()));
+        // A short call's answer must be taken within a call timeout or so
+        // (reflection's stream may rightly last a whole one).
+        let untaken = connection
+            .filter(|_| share.is_none() && !reflection)
+            .map(|connection| Arc::clone(&connection.untaken_answers));
         let request_ends = stream_ends.as_ref().map(CallEnd::same);
         let mut request = request.map(|body| {
             self.settings
@@ -261,6 +268,7 @@ where
                     _health_watch: health_watch,
                     _call: call_slot,
                     ends: stream_ends,
+                    untaken: untaken.map(|answers| answers.answered()),
                 })
             }))
         })
@@ -517,6 +525,8 @@ struct GatedBody {
     _health_watch: Option<OwnedSemaphorePermit>,
     _call: Arc<CallSlot>,
     ends: Option<CallEnd>,
+    /// Counted among its connection's answers not taken until its end.
+    untaken: Option<PendingAnswer>,
 }
 
 /// The end of a call that must not outlive the call timeout (nor, if
@@ -653,9 +663,11 @@ impl http_body::Body for GatedBody {
         let frame = Pin::new(&mut self.body).poll_frame(cx);
         if let Poll::Ready(None) = &frame {
             self.ends = None;
+            self.untaken = None;
         } else if let Poll::Ready(Some(Ok(last))) = &frame
             && let Some(trailers) = last.trailers_ref()
         {
+            self.untaken = None;
             // Ended on its own: no second trailers.
             if let Some(replaced) = self
                 .ends

@@ -54,6 +54,7 @@ use super::{
     peer_trust::PeerTrust,
     tls::{self, TlsTerminator},
     token_watch::TokenWatch,
+    untaken_answers::PeriodTurns,
 };
 use crate::{config::Limits, identity::Identity, transport::connection_info::ConnectionInfo};
 
@@ -246,10 +247,13 @@ impl Opening {
         };
         // `None`: displaced just now, its slot already given to a newer one.
         let slot = self.claim.establish()?;
+        let info = ConnectionInfo::new(identity, self.limits.max_calls_per_connection);
+        let answers = PeriodTurns::new(Arc::clone(&info.untaken_answers), self.limits.call_timeout);
         Some(Connection {
             stream,
             replay,
-            info: ConnectionInfo::new(identity, self.limits.max_calls_per_connection),
+            info,
+            answers,
             max_calls: self.limits.max_calls_per_connection,
             shutdown: TokenWatch::child_of(&self.shutdown),
             trust,
@@ -285,6 +289,8 @@ pub struct Connection {
     /// What was read to see the preface, given to hyper first.
     replay: Vec<u8>,
     info: ConnectionInfo,
+    /// Closes it when its peer leaves answers untaken (`untaken_answers`).
+    answers: PeriodTurns,
     max_calls: usize,
     shutdown: TokenWatch,
     /// A TLS client's certificate, checked again as it expires and at TLS
@@ -385,7 +391,21 @@ impl AsyncRead for Connection {
             // End of stream: hyper closes the connection.
             return Poll::Ready(Ok(()));
         }
-        let Self { trust, info, .. } = &mut *self;
+        let Self {
+            trust,
+            info,
+            answers,
+            ..
+        } = &mut *self;
+        if answers.stalled(cx) {
+            tracing::warn!(
+                identity = info.identity.shown(),
+                call_timeout = ?answers.period(),
+                "connection closed: its peer left answers untaken past the call timeout (a stream window it never opens)"
+            );
+            let error = io::Error::new(io::ErrorKind::TimedOut, "answers left untaken");
+            return Poll::Ready(Err(error));
+        }
         if let Some(untrusted) = trust
             .as_mut()
             .and_then(|trust| trust.lost(cx, &info.identity))

@@ -10,6 +10,8 @@
 //!   per-connection call slots, the call timeout);
 //! - `connection_info`: what a connection tells its calls (identity, slots);
 //! - `call_slots`: the bound on calls in flight over every connection;
+//! - `untaken_answers`: closing a connection whose peer does not take its
+//!   answers;
 //! - `descriptors`: the open-files limit, raised or the connections fitted
 //!   to it;
 //! - `server`: the tonic server with every service behind the gate;
@@ -28,3 +30,4 @@ pub mod probe_listener;
 pub mod server;
 pub mod tls;
 mod token_watch;
+pub mod untaken_answers;

@@ -25,7 +25,8 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 import support
-from attack_support import RawH2, rss_kib
+from attack_support import PREFACE, RawH2, rss_kib
+from hyperframe.frame import SettingsFrame
 from ops_support import SlowUpstream, own_channel
 from support import expect_error
 from tls_support import (  # noqa: F401  (fixtures)
@@ -496,3 +497,39 @@ def test_a_low_open_files_limit_still_hands_slots_to_callers(broker_bin, stubs, 
         broker.stop()
     assert re.search(r"RLIMIT_NOFILE\) is 600: room for 88 connections, not the 10000", broker.log()), broker.tail()
     assert "panic" not in broker.log().lower()
+
+
+def test_a_peer_that_never_takes_its_answers_loses_its_connection_not_the_brokers_slots(start_broker, stubs):
+    """A client whose HTTP/2 stream window is zero, and stays so, gets no
+    answer's bytes: without a bound each of its calls (Health/Check needs
+    no grant) kept its slot, and the answer in memory, for as long as it
+    answered pings, and 32 of them here locked every caller out. Its
+    connection is closed once an answer has waited past a call timeout
+    (within two), and the slots come back."""
+    broker = start_broker(["--max-concurrent-calls", "32", "--call-timeout", "2"])
+    stalled = RawH2(broker.addr)
+    stalled.send(PREFACE_ZERO_WINDOW)
+    health_check = b"/grpc.health.v1.Health/Check"
+    try:
+        for stream_id in range(1, 64, 2):
+            stalled.request(stream_id, health_check.decode(), b"")
+        deadline = time.monotonic() + 2
+        while len(stalled.frames.headers) < 32 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(stalled.frames.headers) == 32, "every call answered (headers only: no window for data)"
+        health = own_channel(broker.addr)
+        check = health.unary_unary("/grpc.health.v1.Health/Check")
+        expect_error(lambda: check(b"", timeout=5), grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_CALLS")
+        started = time.monotonic()
+        while not stalled.frames.closed:
+            assert time.monotonic() - started < 8, f"the stalled connection is still open: {broker.tail()}"
+            time.sleep(0.05)
+        assert check(b"", timeout=5) == b"\x08\x01"      # SERVING
+        assert "answers untaken past the call timeout" in broker.log(), broker.tail()
+        health.close()
+    finally:
+        stalled.close()
+
+
+# A client preface whose SETTINGS give every stream a window of zero bytes.
+PREFACE_ZERO_WINDOW = PREFACE + SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 0}).serialize()
