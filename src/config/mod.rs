@@ -436,7 +436,7 @@ fn resolve_limits(args: &BrokerArgs, sources: &Sources<'_>) -> Result<Limits, Co
         keepalive_interval: sources.get(
             args.keepalive_interval.as_deref(),
             &KEEPALIVE_INTERVAL,
-            parse_positive_duration,
+            parse_keepalive_interval,
         )?,
         shutdown_grace: sources.get(
             args.shutdown_grace.as_deref(),

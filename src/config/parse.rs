@@ -59,15 +59,34 @@ pub(super) fn parse_name_part(value: &str) -> Result<String, String> {
 /// bound) must not overflow.
 const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 
+/// The units a duration may be given in. humantime also reads weeks,
+/// months (`M`) and years: `5M` for five minutes would be five months of
+/// cache or of staleness, so those are refused.
+const DURATION_UNITS: &[&str] = &[
+    "ms", "msec", "s", "sec", "secs", "second", "seconds", "m", "min", "mins", "minute", "minutes",
+    "h", "hr", "hrs", "hour", "hours", "d", "day", "days",
+];
+
 /// Whole seconds ("300", as `SECRET_CACHE_TTL` has always been written),
-/// or a unit: "5m", "90s", "1h".
+/// or with units: "5m", "90s", "1h 30m", "500ms".
 pub(super) fn parse_duration(value: &str) -> Result<Duration, String> {
     let value = value.trim();
+    let not_a_duration =
+        || format!("{value:?} is not a duration: give seconds (e.g. 300) or e.g. 5m");
     let duration = match value.parse::<u64>() {
         Ok(seconds) => Duration::from_secs(seconds),
-        Err(_) => humantime::parse_duration(value).map_err(|_| {
-            format!("{value:?} is not a duration: give seconds (e.g. 300) or e.g. 5m")
-        })?,
+        Err(_) => {
+            let unknown = value
+                .split(|c: char| !c.is_ascii_alphabetic())
+                .find(|unit| !unit.is_empty() && !DURATION_UNITS.contains(unit));
+            if let Some(unit) = unknown {
+                return Err(format!(
+                    "{value:?} is not a duration: {unit:?} is not one of its units, \
+                     ms, s, m (minutes), h and d"
+                ));
+            }
+            humantime::parse_duration(value).map_err(|_| not_a_duration())?
+        }
     };
     if duration > MAX_DURATION {
         return Err(format!("{value:?} is longer than a year"));
@@ -88,6 +107,18 @@ pub(super) fn parse_bool(value: &str) -> Result<bool, String> {
         "0" | "false" | "no" | "off" => Ok(false),
         _ => Err(format!("{value:?} is not true or false")),
     }
+}
+
+/// The HTTP/2 ping interval: shorter than a second, pings would cost a
+/// connection more than its calls.
+pub(super) fn parse_keepalive_interval(value: &str) -> Result<Duration, String> {
+    let interval = parse_duration(value)?;
+    if interval < Duration::from_secs(1) {
+        return Err(format!(
+            "{value:?} is too short: the keepalive interval is at least 1 second"
+        ));
+    }
+    Ok(interval)
 }
 
 pub(super) fn parse_watch_interval(value: &str) -> Result<Duration, String> {

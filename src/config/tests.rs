@@ -354,3 +354,37 @@ fn event_sources_are_checked_and_exclusive() {
     let message = bad_queue.unwrap_err().to_string();
     assert!(message.contains("not a URL"), "{message}");
 }
+
+#[test]
+fn durations_take_the_units_of_seconds_to_days_only() {
+    let ttl = |value: &str| resolve(&dev(), &[("SECRET_CACHE_TTL", value)]);
+    for (value, seconds) in [
+        ("300", 300),
+        ("5m", 300),
+        ("1h 30m", 5400),
+        ("2d", 172_800),
+        ("90s", 90),
+    ] {
+        assert_eq!(
+            ttl(value).unwrap().cache.ttl,
+            Duration::from_secs(seconds),
+            "{value}"
+        );
+    }
+    // `M` is months to humantime, `w` weeks, `y` years.
+    for value in ["5M", "1w", "1y", "2 months", "5 mins ago"] {
+        let err = ttl(value).unwrap_err().to_string();
+        assert!(err.contains("is not one of its units"), "{value}: {err}");
+    }
+}
+
+#[test]
+fn the_keepalive_interval_is_at_least_a_second() {
+    let keepalive = |value: &str| resolve(&dev(), &[("BROKER_KEEPALIVE_INTERVAL", value)]);
+    let err = keepalive("1ms").unwrap_err().to_string();
+    assert!(err.contains("at least 1 second"), "{err}");
+    assert_eq!(
+        keepalive("1s").unwrap().limits.keepalive_interval,
+        Duration::from_secs(1)
+    );
+}
