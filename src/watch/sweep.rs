@@ -141,7 +141,11 @@ impl Shared {
         loop {
             tokio::select! {
                 () = tokio::time::sleep(jittered(self.interval)) => {}
-                () = changed(&mut store_changed) => {}
+                () = changed(&mut store_changed) => {
+                    // The store says what it holds changed (a file edited):
+                    // a name remembered missing may be there now.
+                    self.cache.forget_misses_where(|_| true);
+                }
                 _ = shutdown.wait_for(|stop| *stop) => return,
             }
             self.round(store.as_ref()).await;

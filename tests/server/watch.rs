@@ -159,6 +159,42 @@ async fn refusal_of(
     }
 }
 
+/// A name read while missing is remembered so for the negative TTL (30 s);
+/// an edit of the file that adds it is news at once.
+#[tokio::test]
+async fn a_secret_added_to_the_file_is_read_at_once_though_it_was_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("secrets.json");
+    std::fs::write(&path, secrets_file(&[("fv1", "file-v1-a5e0")])).unwrap();
+    let broker = on_the_file(&path).await;
+    let mut raw = broker.raw().await;
+    let missing = get(&mut raw, "file-added").await.unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    let with_it = serde_json::json!({"secrets": [
+        {"name": "file-watched", "versions": [{"version_id": "fv1", "value": "file-v1-a5e0"}]},
+        {"name": "file-added", "versions": [{"value": "added-value-3d1f"}]},
+    ]});
+    replace_file(&path, &with_it.to_string());
+    let started = Instant::now();
+    loop {
+        match get(&mut raw, "file-added").await {
+            Ok(secret) => {
+                assert_eq!(value(&secret), "added-value-3d1f");
+                break;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::NotFound, "{status:?}");
+                assert!(
+                    started.elapsed() < Duration::from_secs(5),
+                    "still NOT_FOUND 5 s after the file gained it"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    broker.stop().await;
+}
+
 #[tokio::test]
 async fn a_watch_of_a_missing_secret_is_not_found_at_once() {
     let broker = Running::start(|_| {}).await;
