@@ -194,6 +194,16 @@ where
             response.raw().status().as_u16()
         );
     }
+    // The SDK reports a success answer it could not parse as a service
+    // error whose causes are the parser's words about the body.
+    if let SdkError::ServiceError(service) = error
+        && service.raw().status().is_success()
+    {
+        return format!(
+            "service error: an HTTP {} answer the SDK could not read",
+            service.raw().status().as_u16()
+        );
+    }
     let mut line = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
@@ -628,6 +638,22 @@ mod tests {
         // The SDK's own context display would have carried it.
         let sdk = aws_sdk_secretsmanager::error::DisplayErrorContext(&error).to_string();
         assert!(sdk.contains("S3CR3T"), "the test's premise: {sdk}");
+    }
+
+    #[test]
+    fn a_success_answer_the_sdk_reports_as_a_service_error_is_not_quoted_either() {
+        let raw = HttpResponse::new(
+            200.try_into().unwrap(),
+            aws_smithy_types::body::SdkBody::empty(),
+        );
+        let parser = aws_smithy_types::error::ErrorMetadata::builder()
+            .message("invalid JSON escape in \"S3CR3T-VALUE\"")
+            .build();
+        let error: SdkError<GetSecretValueError, HttpResponse> =
+            SdkError::service_error(GetSecretValueError::generic(parser), raw);
+        let line = causes(&error);
+        assert!(!line.contains("S3CR3T"), "{line}");
+        assert!(line.contains("HTTP 200"), "{line}");
     }
 
     #[test]
