@@ -82,6 +82,28 @@ pub enum Denied {
     Admin { identity: String },
 }
 
+/// The longest identity an error shows: a certificate may carry hundreds
+/// of names, and gRPC clients refuse an error message of more than a few
+/// kilobytes (the audit line shows them all).
+const SHOWN_IDENTITY: usize = 512;
+
+/// `identity` as an error message shows it: cut after a name once past
+/// `SHOWN_IDENTITY` bytes.
+fn shown_in_an_error(identity: &Identity) -> String {
+    let shown = identity.shown();
+    if shown.len() <= SHOWN_IDENTITY {
+        return shown.to_owned();
+    }
+    let cut = shown[..shown.floor_char_boundary(SHOWN_IDENTITY)]
+        .rfind(", ")
+        .unwrap_or(shown.floor_char_boundary(SHOWN_IDENTITY));
+    format!(
+        "{}, … ({} bytes of names in all)",
+        &shown[..cut],
+        shown.len()
+    )
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PolicyFile {
@@ -195,7 +217,8 @@ impl Policy {
                 .position(|grant| grant.secrets.is_empty() && !grant.admin)
                 .map(|index| {
                     format!(
-                        "grant #{} grants nothing: give it secrets or admin = true",
+                        "grant #{} grants nothing: give it secrets or admin = true \
+                         (to take a caller's access away, remove its grant)",
                         index + 1
                     )
                 })
@@ -468,7 +491,7 @@ impl Authorizer {
         } else {
             self.denials.fetch_add(1, Relaxed);
             Err(Denied::Secret {
-                identity: identity.to_string(),
+                identity: shown_in_an_error(identity),
                 secret: secret.to_owned(),
             })
         }
@@ -487,7 +510,7 @@ impl Authorizer {
         } else {
             self.denials.fetch_add(1, Relaxed);
             Err(Denied::Admin {
-                identity: identity.to_string(),
+                identity: shown_in_an_error(identity),
             })
         }
     }

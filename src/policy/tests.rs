@@ -295,3 +295,32 @@ fn patterns_that_cannot_match_are_warned_about() {
         "without a prefix, the ARN only: {unprefixed:?}"
     );
 }
+
+#[test]
+fn a_denial_shows_a_certificate_of_many_names_cut_after_a_name() {
+    let names: Vec<String> = (0..201)
+        .map(|n| format!("host-{n:03}.example.internal"))
+        .collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let many = certificate(&names, None);
+    let closed = Authorizer::new(None, true).unwrap();
+    for denied in [
+        closed.check_read(&many, "insurecove/x").unwrap_err(),
+        closed.check_admin(&many).unwrap_err(),
+    ] {
+        let message = denied.to_string();
+        assert!(message.len() < 700, "{} bytes: {message}", message.len());
+        assert!(
+            message.contains("dns:host-000.example.internal, "),
+            "{message}"
+        );
+        assert!(message.contains(", … ("), "{message}");
+        assert!(!message.contains("host-200"), "{message}");
+    }
+    let few = certificate(&["a.internal", "b.internal"], None);
+    let message = closed.check_admin(&few).unwrap_err().to_string();
+    assert_eq!(
+        message,
+        "dns:a.internal, dns:b.internal may not call AdminService"
+    );
+}

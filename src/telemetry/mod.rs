@@ -71,10 +71,11 @@ fn filter(level: &str, rust_log: Option<&str>) -> EnvFilter {
     // The HTTP/2 and AWS stacks are chatty at debug; their warnings matter,
     // except aws_config's: it warns on every credential lookup (every cache
     // miss), and the broker says the same once per change of state, in its
-    // own words (backend::aws_error).
+    // own words (backend::aws_error). notify says at INFO that it could not
+    // remove the watch of a file swapped away, at every ConfigMap update.
     let quieted = || {
         EnvFilter::new(format!(
-            "{level},h2=warn,hyper=warn,hyper_util=warn,tower=warn,rustls=warn,\
+            "{level},h2=warn,hyper=warn,hyper_util=warn,tower=warn,rustls=warn,notify=warn,\
              aws_smithy_runtime=warn,aws_config=error"
         ))
     };
