@@ -331,7 +331,11 @@ impl App {
         } else {
             "plaintext"
         };
-        tracing::info!(addr = %self.settings.listen, mode, "listening");
+        // The bound address: with port 0 the system chose the port.
+        match self.listeners.grpc_addr() {
+            Some(addr) => tracing::info!(%addr, mode, "listening"),
+            None => tracing::info!(addr = %self.settings.listen, mode, "listening"),
+        }
         let (incoming, accept_loop) = listener::incoming(
             self.listeners.grpc,
             self.security.tls.clone(),

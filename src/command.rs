@@ -38,8 +38,12 @@ pub async fn serve(
     if let Some(path) = env_file {
         tracing::info!(path = %path.display(), "{ENV_FILE_READ}");
     }
+    let mut bound = None;
     let app = match Listeners::bind(&settings).await {
-        Ok(listeners) => App::build(&settings, listeners),
+        Ok(listeners) => {
+            bound = listeners.grpc_addr();
+            App::build(&settings, listeners)
+        }
         Err(error) => Err(error.into()),
     };
     let app = match app {
@@ -47,7 +51,7 @@ pub async fn serve(
         Err(error) => return (fail(&error.to_string()), Some(logs)),
     };
     if settings.dev {
-        print_dev_hint(&settings);
+        print_dev_hint(&settings, bound);
     }
     let code = match app.run(crate::signals::shutdown_requested()).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -87,13 +91,17 @@ pub async fn operate(
     }
 }
 
-/// In dev mode, how to call the broker just started.
-fn print_dev_hint(settings: &Settings) {
+/// In dev mode, how to call the broker just started, at the address it
+/// bound (`bound`: with port 0 the system chose the port).
+fn print_dev_hint(settings: &Settings, bound: Option<std::net::SocketAddr>) {
     let secrets = match &settings.backend {
         BackendChoice::File { path } => format!("secrets from {}", path.display()),
         _ => "built-in fake secrets".to_owned(),
     };
-    let listen = &settings.listen;
+    let listen = &match (bound, &settings.listen) {
+        (Some(addr), ListenAddr::Tcp(_)) => ListenAddr::Tcp(addr),
+        (_, listen) => listen.clone(),
+    };
     let call = "-d '{\"name\":\"mistral-api-key\"}'";
     let method = "secretsbroker.v1.SecretsService/GetSecret";
     match (&settings.tls, listen) {
