@@ -56,7 +56,7 @@ use tower::{Layer, Service};
 use super::{
     budget::{Budgeted, RequestBudget},
     call_slots::{CallSlot, CallSlots, Share},
-    untaken_answers::PendingAnswer,
+    untaken_answers::{self, PendingAnswer},
 };
 use crate::{
     api::{
@@ -205,10 +205,10 @@ where
         let reflection = is_reflection(request.uri().path());
         let stream_ends =
             reflection.then(|| CallEnd::after(limit).or_at(self.settings.stop.clone()));
-        // A short call's answer must be taken within a call timeout or so
-        // (reflection's stream may rightly last a whole one).
+        // An answer must be taken within a call timeout or so; reflection's
+        // stream may rightly last a whole one first; watches last.
         let untaken = connection
-            .filter(|_| share.is_none() && !reflection)
+            .filter(|_| share.is_none())
             .map(|connection| Arc::clone(&connection.untaken_answers));
         let request_ends = stream_ends.as_ref().map(CallEnd::same);
         let mut request = request.map(|body| {
@@ -268,7 +268,10 @@ where
                     _health_watch: health_watch,
                     _call: call_slot,
                     ends: stream_ends,
-                    untaken: untaken.map(|answers| answers.answered()),
+                    untaken: untaken.map(|answers| match reflection {
+                        true => answers.reflection(),
+                        false => answers.answered(),
+                    }),
                 })
             }))
         })
@@ -525,7 +528,8 @@ struct GatedBody {
     _health_watch: Option<OwnedSemaphorePermit>,
     _call: Arc<CallSlot>,
     ends: Option<CallEnd>,
-    /// Counted among its connection's answers not taken until its end.
+    /// Counted among its connection's answers not taken until its end,
+    /// and each chunk of its bytes until h2 lets go of it.
     untaken: Option<PendingAnswer>,
 }
 
@@ -660,7 +664,14 @@ impl http_body::Body for GatedBody {
             let trailers = trailers_of(&Status::from(ended));
             return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
         }
-        let frame = Pin::new(&mut self.body).poll_frame(cx);
+        let mut frame = Pin::new(&mut self.body).poll_frame(cx);
+        if let (Poll::Ready(Some(Ok(data))), Some(answer)) = (&mut frame, &self.untaken)
+            && let Some(bytes) = data.data_mut()
+        {
+            // hyper hands a chunk to h2 with a window of one byte: the rest
+            // waits there, and must be taken too.
+            *bytes = untaken_answers::counted(std::mem::take(bytes), answer.chunk());
+        }
         if let Poll::Ready(None) = &frame {
             self.ends = None;
             self.untaken = None;

@@ -1,19 +1,24 @@
 //! A connection whose peer does not take its answers is closed. HTTP/2
-//! lets a client open a stream window of zero bytes and never widen it:
-//! the answer of each of its calls is then ready and never sent, and hyper
-//! does not poll a body it cannot send, so neither the call timeout nor
-//! the end of the call ever comes. Each such call would keep its call slot
-//! (and its answer, secret values included, in memory) for as long as the
-//! peer keeps the connection alive by answering pings: a caller with no
-//! grant at all could hold every slot of the broker with `Health/Check`.
+//! lets a client give its streams a window of zero bytes (or one) and
+//! never widen it: an answer's bytes then wait in hyper's or h2's queue,
+//! never sent, and nothing ends the call: a body hyper cannot send is not
+//! polled again, so neither the call timeout nor the end of the call
+//! comes. Each such call would keep its call slot, or at least its answer
+//! (secret values included) and its h2 stream, for as long as the peer
+//! keeps the connection alive by answering pings: a caller with no grant
+//! at all could hold every slot of the broker with `Health/Check`.
 //!
-//! Each answer of a short call (everything but the long-lived streams)
-//! is counted, from when its handler answers until its body is done,
-//! under the connection's current *period*; the connection turns a period
-//! every call timeout (`Connection::poll_read`). An answer still not taken
-//! from the period before last was ready for at least a call timeout, and
-//! at most two: its connection is closed, and every stream on it dropped.
-//! The cost of a call is two atomic additions on the connection's counts.
+//! Each answer is counted on its connection, under the connection's
+//! current *period*, from when its handler answers until its body is done,
+//! and each chunk of its bytes until h2 lets go of it (written out, or the
+//! stream reset): the count rides in the chunk's `Bytes`. The connection
+//! turns a period every call timeout (at least a second), from its own
+//! `Connection::poll_read`. An answer still not taken from the period
+//! before last was ready for at least a period, at most two: its
+//! connection is closed, and every stream on it dropped. A server
+//! reflection stream, which may rightly last a call timeout, is closed
+//! only when left from three periods back (`reflection`). Per call: a
+//! few atomic additions and the chunk's owner.
 
 use std::{
     future::Future,
@@ -28,36 +33,64 @@ use std::{
 
 use tokio::time::{Instant, Sleep};
 
+/// The shortest period: a connection's timer fires at most once a second.
+const SHORTEST_PERIOD: Duration = Duration::from_secs(1);
+
 /// A connection's answers not taken yet, by period, shared by its calls.
 #[derive(Debug, Default)]
 pub struct UntakenAnswers {
     period: AtomicU64,
-    /// Answers not taken, of the current period and of the one before.
-    pending: [AtomicU64; 2],
+    /// Answers (and chunks) of the current period and the one before.
+    short: [AtomicU64; 2],
+    /// Reflection streams of the current period and the two before.
+    long: [AtomicU64; 3],
 }
 
 impl UntakenAnswers {
-    /// An answer is ready: counted until the guard is dropped.
+    /// An answer, or a chunk of one, is ready: counted until the guard is
+    /// dropped.
     pub fn answered(self: &Arc<Self>) -> PendingAnswer {
-        let slot = (self.period.load(Relaxed) % 2) as usize;
-        self.pending[slot].fetch_add(1, Relaxed);
+        self.count(Kind::Short)
+    }
+
+    /// A reflection stream began: counted until the guard is dropped.
+    pub fn reflection(self: &Arc<Self>) -> PendingAnswer {
+        self.count(Kind::Long)
+    }
+
+    fn count(self: &Arc<Self>, kind: Kind) -> PendingAnswer {
+        let period = self.period.load(Relaxed);
+        let slot = match kind {
+            Kind::Short => &self.short[(period % 2) as usize],
+            Kind::Long => &self.long[(period % 3) as usize],
+        };
+        slot.fetch_add(1, Relaxed);
         PendingAnswer {
             answers: Arc::clone(self),
-            slot,
+            kind,
+            period,
         }
     }
 
-    /// Turns a period, unless answers of the period before last are still
-    /// not taken: then `true`, and the connection is to be closed.
+    /// Turns a period, unless answers of the period before last (or
+    /// reflection streams of the one before that) are still not taken:
+    /// then `true`, and the connection is to be closed.
     pub fn turn(&self) -> bool {
         let next = self.period.load(Relaxed) + 1;
-        // The slot the next period reuses holds the period before last.
-        if self.pending[(next % 2) as usize].load(Relaxed) > 0 {
-            return true;
+        // The slots the next period reuses hold the oldest periods.
+        let stalled = self.short[(next % 2) as usize].load(Relaxed) > 0
+            || self.long[(next % 3) as usize].load(Relaxed) > 0;
+        if !stalled {
+            self.period.store(next, Relaxed);
         }
-        self.period.store(next, Relaxed);
-        false
+        stalled
     }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Short,
+    Long,
 }
 
 /// The connection's side: turns its periods, and says when to close it.
@@ -71,7 +104,9 @@ pub struct PeriodTurns {
 }
 
 impl PeriodTurns {
-    pub fn new(answers: Arc<UntakenAnswers>, period: Duration) -> Self {
+    /// Periods of `call_timeout`, at least a second.
+    pub fn new(answers: Arc<UntakenAnswers>, call_timeout: Duration) -> Self {
+        let period = call_timeout.max(SHORTEST_PERIOD);
         Self {
             answers,
             period,
@@ -120,13 +155,46 @@ impl PeriodTurns {
 #[derive(Debug)]
 pub struct PendingAnswer {
     answers: Arc<UntakenAnswers>,
-    slot: usize,
+    kind: Kind,
+    period: u64,
+}
+
+impl PendingAnswer {
+    /// A count for a chunk of this answer's bytes, made now.
+    pub fn chunk(&self) -> PendingAnswer {
+        self.answers.answered()
+    }
 }
 
 impl Drop for PendingAnswer {
     fn drop(&mut self) {
-        self.answers.pending[self.slot].fetch_sub(1, Relaxed);
+        let slot = match self.kind {
+            Kind::Short => &self.answers.short[(self.period % 2) as usize],
+            Kind::Long => &self.answers.long[(self.period % 3) as usize],
+        };
+        slot.fetch_sub(1, Relaxed);
     }
+}
+
+/// A chunk of an answer's bytes that keeps a count until h2 lets go of
+/// it: written out, or its stream reset.
+struct CountedChunk {
+    bytes: bytes::Bytes,
+    _pending: PendingAnswer,
+}
+
+impl AsRef<[u8]> for CountedChunk {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// `bytes`, counted as `pending` until the last of them is dropped.
+pub fn counted(bytes: bytes::Bytes, pending: PendingAnswer) -> bytes::Bytes {
+    bytes::Bytes::from_owner(CountedChunk {
+        bytes,
+        _pending: pending,
+    })
 }
 
 #[cfg(test)]
@@ -154,5 +222,31 @@ mod tests {
             drop(answer);
             assert!(!answers.turn());
         }
+    }
+
+    #[test]
+    fn a_reflection_stream_may_last_a_period_more() {
+        let answers = Arc::new(UntakenAnswers::default());
+        let stream = answers.reflection();
+        assert!(!answers.turn());
+        assert!(!answers.turn(), "a stream may last a whole period");
+        assert!(answers.turn(), "not two");
+        drop(stream);
+        assert!(!answers.turn());
+    }
+
+    #[test]
+    fn a_chunk_keeps_its_count_until_its_last_bytes_go() {
+        let answers = Arc::new(UntakenAnswers::default());
+        let answer = answers.answered();
+        let chunk = counted(bytes::Bytes::from_static(b"value"), answer.chunk());
+        drop(answer);
+        let rest = chunk.slice(1..);
+        drop(chunk);
+        assert!(!answers.turn());
+        assert!(answers.turn(), "h2 still holds part of the chunk");
+        assert_eq!(&rest[..], b"alue");
+        drop(rest);
+        assert!(!answers.turn());
     }
 }

@@ -25,8 +25,8 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 import support
-from attack_support import PREFACE, RawH2, rss_kib
-from hyperframe.frame import SettingsFrame
+from attack_support import PREFACE, RawH2, grpc_message, rss_kib
+from hyperframe.frame import DataFrame, SettingsFrame
 from ops_support import SlowUpstream, own_channel
 from support import expect_error
 from tls_support import (  # noqa: F401  (fixtures)
@@ -499,37 +499,51 @@ def test_a_low_open_files_limit_still_hands_slots_to_callers(broker_bin, stubs, 
     assert "panic" not in broker.log().lower()
 
 
-def test_a_peer_that_never_takes_its_answers_loses_its_connection_not_the_brokers_slots(start_broker, stubs):
-    """A client whose HTTP/2 stream window is zero, and stays so, gets no
-    answer's bytes: without a bound each of its calls (Health/Check needs
-    no grant) kept its slot, and the answer in memory, for as long as it
-    answered pings, and 32 of them here locked every caller out. Its
-    connection is closed once an answer has waited past a call timeout
-    (within two), and the slots come back."""
+REFLECTION_INFO = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
+
+
+@pytest.mark.parametrize("window, path, request_ends, locks_out, bound", [
+    # A window of zero: no answer's bytes go out, every call keeps its slot.
+    (0, "/grpc.health.v1.Health/Check", True, True, 8),
+    # One byte: hyper hands each answer to h2 and lets its slot go; the rest
+    # of the bytes wait in h2's queue, with the stream.
+    (1, "/grpc.health.v1.Health/Check", True, False, 8),
+    # Reflection's stream may rightly last a call timeout: a period more.
+    (0, REFLECTION_INFO, False, True, 12),
+], ids=["window-0", "window-1", "reflection-window-0"])
+def test_a_peer_that_never_takes_its_answers_loses_its_connection_not_the_brokers_slots(
+    start_broker, window, path, request_ends, locks_out, bound,
+):
+    """A client that never widens its streams' windows gets no (or one)
+    byte of each answer: without a bound its calls kept their slots, or
+    their answers and streams, for as long as it answered pings; 32 of them
+    locked every caller out here (Health/Check and reflection need no
+    grant). Its connection is closed once an answer has waited past a call
+    timeout (within two; three for reflection), and the slots come back."""
     broker = start_broker(["--max-concurrent-calls", "32", "--call-timeout", "2"])
     stalled = RawH2(broker.addr)
-    stalled.send(PREFACE_ZERO_WINDOW)
-    health_check = b"/grpc.health.v1.Health/Check"
+    stalled.send(PREFACE + SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: window}).serialize())
+    # grpc.reflection.v1 ServerReflectionRequest{list_services: ""}; Health/Check's is empty.
+    payload = b"\x3a\x00" if path == REFLECTION_INFO else b""
     try:
         for stream_id in range(1, 64, 2):
-            stalled.request(stream_id, health_check.decode(), b"")
+            flags = ["END_STREAM"] if request_ends else []
+            stalled.send(stalled.headers(stream_id, path)
+                         + DataFrame(stream_id, data=grpc_message(payload), flags=flags).serialize())
         deadline = time.monotonic() + 2
         while len(stalled.frames.headers) < 32 and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert len(stalled.frames.headers) == 32, "every call answered (headers only: no window for data)"
+        assert len(stalled.frames.headers) == 32, "every call answered (headers; no window for the rest)"
         health = own_channel(broker.addr)
         check = health.unary_unary("/grpc.health.v1.Health/Check")
-        expect_error(lambda: check(b"", timeout=5), grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_CALLS")
+        if locks_out:
+            expect_error(lambda: check(b"", timeout=5), grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_CALLS")
         started = time.monotonic()
         while not stalled.frames.closed:
-            assert time.monotonic() - started < 8, f"the stalled connection is still open: {broker.tail()}"
+            assert time.monotonic() - started < bound, f"the stalled connection is still open: {broker.tail()}"
             time.sleep(0.05)
         assert check(b"", timeout=5) == b"\x08\x01"      # SERVING
         assert "answers untaken past the call timeout" in broker.log(), broker.tail()
         health.close()
     finally:
         stalled.close()
-
-
-# A client preface whose SETTINGS give every stream a window of zero bytes.
-PREFACE_ZERO_WINDOW = PREFACE + SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 0}).serialize()
