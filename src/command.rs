@@ -38,15 +38,12 @@ pub async fn serve(
     if let Some(path) = env_file {
         tracing::info!(path = %path.display(), "{ENV_FILE_READ}");
     }
-    let mut bound = None;
-    let app = match Listeners::bind(&settings).await {
-        Ok(listeners) => {
-            bound = listeners.grpc_addr();
-            App::build(&settings, listeners)
-        }
-        Err(error) => Err(error.into()),
+    let listeners = match Listeners::bind(&settings).await {
+        Ok(listeners) => listeners,
+        Err(error) => return (fail(&error.to_string()), Some(logs)),
     };
-    let app = match app {
+    let bound = listeners.grpc_addr();
+    let app = match App::build(&settings, listeners) {
         Ok(app) => app,
         Err(error) => return (fail(&error.to_string()), Some(logs)),
     };

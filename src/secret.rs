@@ -85,6 +85,13 @@ pub struct SecretVersion {
     pub encoded: EncodedOnce,
 }
 
+/// Whether the ARNs `a` and `b` may name one secret: equal, or one of them
+/// missing (a backend without ARNs, an answer that left it out), which
+/// says nothing.
+pub fn may_be_one_secret(a: &str, b: &str) -> bool {
+    a == b || a.is_empty() || b.is_empty()
+}
+
 impl SecretVersion {
     /// Whether this is the version `version_id` of the secret at `arn`. A
     /// version id alone does not say it: a secret deleted and created again
@@ -93,7 +100,7 @@ impl SecretVersion {
     /// missing on either side (a backend without ARNs, an answer that left
     /// it out) leaves the version id to say it.
     pub fn is(&self, arn: &str, version_id: &str) -> bool {
-        self.version_id == version_id && (self.arn == arn || self.arn.is_empty() || arn.is_empty())
+        self.version_id == version_id && may_be_one_secret(&self.arn, arn)
     }
 
     /// Whether `other` is the same version of the same secret (see `is`).

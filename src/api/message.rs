@@ -111,11 +111,7 @@ pub fn first_watch_event(
     since_version_id: &str,
     since_arn: &str,
 ) -> proto::WatchSecretResponse {
-    let held = &state.version;
-    // An ARN on one side only says nothing (a store without ARNs, an
-    // answer that left it out): the version id alone is compared then.
-    let arns_differ = !since_arn.is_empty() && !held.arn.is_empty() && since_arn != held.arn;
-    let another = since_version_id != held.version_id || arns_differ;
+    let another = !state.version.is(since_arn, since_version_id);
     let event = if state.event == WatchEvent::Deleted {
         proto::WatchEventType::Deleted
     } else if !since_version_id.is_empty() && another {

@@ -112,20 +112,19 @@ pub(super) fn parse_bool(value: &str) -> Result<bool, String> {
 /// The HTTP/2 ping interval: shorter than a second, pings would cost a
 /// connection more than its calls.
 pub(super) fn parse_keepalive_interval(value: &str) -> Result<Duration, String> {
-    let interval = parse_duration(value)?;
-    if interval < Duration::from_secs(1) {
-        return Err(format!(
-            "{value:?} is too short: the keepalive interval is at least 1 second"
-        ));
-    }
-    Ok(interval)
+    parse_interval(value, "keepalive")
 }
 
 pub(super) fn parse_watch_interval(value: &str) -> Result<Duration, String> {
+    parse_interval(value, "watch")
+}
+
+/// A duration of at least a second: the `what` interval.
+fn parse_interval(value: &str, what: &str) -> Result<Duration, String> {
     let interval = parse_duration(value)?;
     if interval < Duration::from_secs(1) {
         return Err(format!(
-            "{value:?} is too short: the watch interval is at least 1 second"
+            "{value:?} is too short: the {what} interval is at least 1 second"
         ));
     }
     Ok(interval)

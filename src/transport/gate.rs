@@ -268,9 +268,12 @@ where
                     _health_watch: health_watch,
                     _call: call_slot,
                     ends: stream_ends,
-                    untaken: untaken.map(|answers| match reflection {
-                        true => answers.reflection(),
-                        false => answers.answered(),
+                    untaken: untaken.map(|answers| {
+                        if reflection {
+                            answers.reflection()
+                        } else {
+                            answers.answered()
+                        }
                     }),
                 })
             }))

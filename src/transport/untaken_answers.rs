@@ -60,15 +60,19 @@ impl UntakenAnswers {
 
     fn count(self: &Arc<Self>, kind: Kind) -> PendingAnswer {
         let period = self.period.load(Relaxed);
-        let slot = match kind {
-            Kind::Short => &self.short[(period % 2) as usize],
-            Kind::Long => &self.long[(period % 3) as usize],
-        };
-        slot.fetch_add(1, Relaxed);
+        self.slot(kind, period).fetch_add(1, Relaxed);
         PendingAnswer {
             answers: Arc::clone(self),
             kind,
             period,
+        }
+    }
+
+    /// The count of `kind` answers of `period`.
+    fn slot(&self, kind: Kind, period: u64) -> &AtomicU64 {
+        match kind {
+            Kind::Short => &self.short[(period % 2) as usize],
+            Kind::Long => &self.long[(period % 3) as usize],
         }
     }
 
@@ -78,8 +82,8 @@ impl UntakenAnswers {
     pub fn turn(&self) -> bool {
         let next = self.period.load(Relaxed) + 1;
         // The slots the next period reuses hold the oldest periods.
-        let stalled = self.short[(next % 2) as usize].load(Relaxed) > 0
-            || self.long[(next % 3) as usize].load(Relaxed) > 0;
+        let stalled = self.slot(Kind::Short, next).load(Relaxed) > 0
+            || self.slot(Kind::Long, next).load(Relaxed) > 0;
         if !stalled {
             self.period.store(next, Relaxed);
         }
@@ -168,11 +172,9 @@ impl PendingAnswer {
 
 impl Drop for PendingAnswer {
     fn drop(&mut self) {
-        let slot = match self.kind {
-            Kind::Short => &self.answers.short[(self.period % 2) as usize],
-            Kind::Long => &self.answers.long[(self.period % 3) as usize],
-        };
-        slot.fetch_sub(1, Relaxed);
+        self.answers
+            .slot(self.kind, self.period)
+            .fetch_sub(1, Relaxed);
     }
 }
 

@@ -9,6 +9,7 @@ use crate::{
     backend::{AWSCURRENT, StoreError, VersionSelector},
     cache::CacheKey,
     names,
+    secret::may_be_one_secret,
 };
 
 impl WatchHub {
@@ -90,9 +91,7 @@ impl Tracked {
     pub(super) fn holds_only(&self, arn: Option<&str>, version_id: &str) -> bool {
         !self.deleted
             && self.held.iter().all(|(held_arn, held_id)| {
-                held_id == version_id
-                    && arn
-                        .is_none_or(|arn| arn.is_empty() || held_arn.is_empty() || arn == held_arn)
+                held_id == version_id && arn.is_none_or(|arn| may_be_one_secret(arn, held_arn))
             })
     }
 

@@ -93,6 +93,21 @@ def probe_answer(python: Path, tmp_path: Path, name: str, text: str, env: dict[s
     return json.loads(proc.stdout)
 
 
+def start_probe(python: Path, cwd: Path, env: dict[str, str], probe: str, *args: str) -> subprocess.Popen:
+    """A probe script (`probe`'s text) running in the venv, its stdin,
+    stdout and stderr piped: it waits on its stdin where the test acts."""
+    return subprocess.Popen(
+        [str(python), "-c", probe, *args], env=env,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+    )
+
+
+def go_on(proc: subprocess.Popen) -> None:
+    """Tells a probe waiting on its stdin to go on."""
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+
+
 def package_env(broker, **extra: str) -> dict[str, str]:
     return support.broker_env({"BROKER_ENDPOINT": broker.addr, **extra})
 
@@ -348,16 +363,12 @@ def test_a_deletion_drops_every_version_of_the_secret_from_the_local_cache(venv,
     drops what was read by version id as well as the current value."""
     broker, _ = seeded_broker
     moto.create_secret("insurecove/py-deleted", "py-deleted-value-3c9e")
-    proc = subprocess.Popen(
-        [str(venv), "-c", DELETION_PROBE], env=package_env(broker, SECRET_CACHE_TTL="3600"),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-    )
+    proc = start_probe(venv, tmp_path, package_env(broker, SECRET_CACHE_TTL="3600"), DELETION_PROBE)
     try:
         assert "first" in json.loads(proc.stdout.readline())
         time.sleep(0.5)                   # the watch stream is open
         moto.delete_secret("insurecove/py-deleted")
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
+        go_on(proc)
         seen = json.loads(proc.stdout.readline())
     finally:
         proc.kill()
@@ -433,10 +444,7 @@ print(json.dumps({"after": current.version_id, "took": time.monotonic() - starte
 def test_a_rotation_reaches_the_local_cache_by_push(venv, seeded_broker, moto, tmp_path):
     broker, versions = seeded_broker
     calls_before = broker.log().count('rpc="GetSecret"')
-    proc = subprocess.Popen(
-        [str(venv), "-c", ROTATION_PROBE], env=package_env(broker, SECRET_CACHE_TTL="3600"),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-    )
+    proc = start_probe(venv, tmp_path, package_env(broker, SECRET_CACHE_TTL="3600"), ROTATION_PROBE)
     try:
         first = json.loads(proc.stdout.readline())
         assert first["first"] == versions[MISTRAL]
@@ -444,8 +452,7 @@ def test_a_rotation_reaches_the_local_cache_by_push(venv, seeded_broker, moto, t
         assert calls < 10, f"31 local reads made {calls} broker calls"
         time.sleep(0.5)                   # the watch stream is open
         rotated = moto.put_secret_value(MISTRAL, "rotated-package-value-5f5f")
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
+        go_on(proc)
         after = json.loads(proc.stdout.readline())
     finally:
         proc.kill()
@@ -524,18 +531,14 @@ def test_a_broker_connection_gone_silent_is_left_and_the_rotation_still_arrives(
     it, serving the old value."""
     broker, versions = seeded_broker
     relay = SilentRelay(broker.addr)
-    proc = subprocess.Popen(
-        [str(venv), "-c", SILENT_PROBE],
-        env=support.broker_env({"BROKER_ENDPOINT": relay.addr, "SECRET_CACHE_TTL": "3600"}),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-    )
+    env = support.broker_env({"BROKER_ENDPOINT": relay.addr, "SECRET_CACHE_TTL": "3600"})
+    proc = start_probe(venv, tmp_path, env, SILENT_PROBE)
     try:
         assert json.loads(proc.stdout.readline())["first"] == versions[MISTRAL]
         time.sleep(0.5)                   # the watch stream is open
         relay.silence()
         rotated = moto.put_secret_value(MISTRAL, "rotated-while-silent-2b7c")
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
+        go_on(proc)
         after = json.loads(proc.stdout.readline())
     finally:
         proc.kill()
@@ -577,17 +580,13 @@ os._exit(0)
 
 def test_a_forked_child_still_hears_rotations(venv, seeded_broker, moto, tmp_path):
     broker, versions = seeded_broker
-    proc = subprocess.Popen(
-        [str(venv), "-c", FORKED_ROTATION_PROBE], env=package_env(broker, SECRET_CACHE_TTL="3600"),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-    )
+    proc = start_probe(venv, tmp_path, package_env(broker, SECRET_CACHE_TTL="3600"), FORKED_ROTATION_PROBE)
     try:
         first = json.loads(proc.stdout.readline() or "{}")
         assert first.get("first") == versions[MISTRAL], (first, proc.stderr.read() if proc.poll() is not None else "")
         time.sleep(0.5)                   # the child's watch stream is open
         rotated = moto.put_secret_value(MISTRAL, "rotated-after-fork-7a7a")
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
+        go_on(proc)
         after = json.loads(proc.stdout.readline() or "{}")
         parent = json.loads(proc.stdout.readline() or "{}")
         assert proc.wait(10) == 0, proc.stderr.read()
@@ -698,10 +697,7 @@ def test_the_client_at_its_edges(venv, seeded_broker, moto, tmp_path):
     broker, _ = seeded_broker
     moto.create_secret("insurecove/binary-blob", b"\xff\xfe\x00binary")
     calls_before = broker.log().count('rpc="GetJwtConfig"')
-    proc = subprocess.Popen(
-        [str(venv), "-c", CLIENT_EDGES_PROBE], env=package_env(broker, SECRET_CACHE_TTL="3600"),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-    )
+    proc = start_probe(venv, tmp_path, package_env(broker, SECRET_CACHE_TTL="3600"), CLIENT_EDGES_PROBE)
     try:
         first = json.loads(proc.stdout.readline() or "null")
         assert first, proc.stderr.read() if proc.poll() is not None else "no first line"
@@ -710,14 +706,12 @@ def test_the_client_at_its_edges(venv, seeded_broker, moto, tmp_path):
         rotated = json.loads(JWT_VALUE)
         rotated["jwt_issuer"] = "rotated-issuer"
         moto.put_secret_value(JWT, json.dumps(rotated))
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
+        go_on(proc)
         ready = json.loads(proc.stdout.readline() or "null")
         assert ready and ready["async_ready"] == "rotated-issuer", proc.stderr.read() if proc.poll() is not None else ready
         rotated["jwt_issuer"] = "rotated-again"
         moto.put_secret_value(JWT, json.dumps(rotated))
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
+        go_on(proc)
         line = proc.stdout.readline()
         assert line, proc.stderr.read()
         out = json.loads(line)
@@ -997,10 +991,7 @@ def test_an_asyncio_follower_of_a_deleted_secret_ends_its_stream_on_the_broker(v
     for name in names:
         moto.create_secret(name, "aio-deleted-value-77c1")
     watchers = lambda: broker.admin().GetCacheStats(stubs.admin_service_pb2.GetCacheStatsRequest(), timeout=10).watchers
-    proc = subprocess.Popen(
-        [str(venv), "-c", AIO_DELETED_PROBE, *names], env=package_env(broker, SECRET_CACHE_TTL="3600"),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-    )
+    proc = start_probe(venv, tmp_path, package_env(broker, SECRET_CACHE_TTL="3600"), AIO_DELETED_PROBE, *names)
     try:
         assert proc.stdout.readline().strip() == "read", proc.stderr.read()
         deadline = time.monotonic() + 10
