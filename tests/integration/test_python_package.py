@@ -599,6 +599,66 @@ def test_a_forked_child_still_hears_rotations(venv, seeded_broker, moto, tmp_pat
     assert parent.get("parent") == rotated, parent
 
 
+CLEAR_CACHE_PROBE = """
+import asyncio, json, sys
+from secrets_broker.aws_secrets import AWSSecretsConfig, AWSSecretsManager
+from secrets_broker.aio import AsyncAWSSecretsManager
+m = AWSSecretsManager()
+uncached = AWSSecretsManager(AWSSecretsConfig(secret_cache_ttl=0))
+am = AsyncAWSSecretsManager()
+def values():
+    return [m.get_secret("mistral-api-key").as_string(), m.get_jwt_config()["jwt_issuer"],
+            uncached.get_secret("mistral-api-key").as_string(),
+            asyncio.run(am.get_secret("mistral-api-key")).as_string()]
+out = {"first": values()}
+print(json.dumps(out), flush=True)
+sys.stdin.readline()                      # the test rotates both secrets in moto
+out["before_clear"] = values()
+m.clear_cache(); uncached.clear_cache()
+async def cleared():
+    await am.clear_cache()
+    return (await am.get_secret("mistral-api-key")).as_string()
+out["after_clear"] = values()[:3] + [asyncio.run(cleared())]
+print(json.dumps(out), flush=True)
+sys.stdin.readline()                      # the test rotates mistral-api-key again
+out["later"] = uncached.get_secret("mistral-api-key").as_string()
+print(json.dumps(out), flush=True)
+"""
+
+
+def test_clear_cache_makes_the_next_read_of_each_secret_ask_aws_once(venv, moto, aws_broker, tmp_path):
+    """As in the class the package replaces, the first read of a secret
+    (or typed config) after clear_cache() reads AWS: through the broker,
+    with a bypass read, so a rotation the broker has not seen yet is picked
+    up. Only the first: a later read is the broker's cache's again."""
+    moto.seed({MISTRAL: MISTRAL_VALUE, JWT: JWT_VALUE})
+    # No events and a sweep far off: the broker learns of a change in moto
+    # only by reading AWS.
+    broker = aws_broker(["--watch-interval", "1h"])
+    proc = start_probe(venv, tmp_path, package_env(broker), CLEAR_CACHE_PROBE)
+    try:
+        first = json.loads(proc.stdout.readline())
+        assert first["first"] == [MISTRAL_VALUE, "insurecove-package", MISTRAL_VALUE, MISTRAL_VALUE], first
+        moto.put_secret_value(MISTRAL, "package-mistral-key-rotated-1")
+        moto.put_secret_value(JWT, JWT_VALUE.replace("insurecove-package\"", "insurecove-rotated\""))
+        go_on(proc)
+        out = json.loads(proc.stdout.readline())
+        # Nothing told the broker: without a clear, every reader has the old values.
+        assert out["before_clear"] == first["first"], out
+        assert out["after_clear"] == ["package-mistral-key-rotated-1", "insurecove-rotated",
+                                      "package-mistral-key-rotated-1", "package-mistral-key-rotated-1"], out
+        moto.put_secret_value(MISTRAL, "package-mistral-key-rotated-2")
+        go_on(proc)
+        out = json.loads(proc.stdout.readline())
+        # No local cache (TTL 0), yet the second read after the clear is
+        # the broker's cached value, not AWS's.
+        assert out["later"] == "package-mistral-key-rotated-1", out
+        assert proc.wait(timeout=30) == 0, proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 CLIENT_EDGES_PROBE = """
 import json, sys, threading, time
 import os

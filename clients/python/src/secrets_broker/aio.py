@@ -23,6 +23,7 @@ from secrets_broker.aws_secrets import (
     CALL_TIMEOUT,
     MAX_FOLLOWED,
     WATCH_BACKOFF_MAX,
+    AskedSinceClear,
     AWSSecretsConfig,
     SecretValue,
     _cache_key,
@@ -56,6 +57,7 @@ class AsyncAWSSecretsManager:
         # instance weakly: one nobody holds any more has its tasks
         # cancelled (see AWSSecretsManager's finalizer for why).
         self._followers: dict[str, asyncio.Task[None]] = {}
+        self._since_clear = AskedSinceClear()
         weakref.finalize(self, _cancel, self._followers)
 
     def _connect(self) -> grpc.aio.Channel:
@@ -83,7 +85,7 @@ class AsyncAWSSecretsManager:
 
     async def close(self) -> None:
         """Stops the watch tasks and closes the connection."""
-        await self.clear_cache()
+        self._drop_local()
         if self._channel is not None and self._loop is asyncio.get_running_loop():
             await self._channel.close()
         self._channel = None
@@ -108,7 +110,10 @@ class AsyncAWSSecretsManager:
         if use_cache and cached is not None and time.monotonic() - cached[1] < self.config.secret_cache_ttl:
             logger.debug("get_secret %s: from the local cache", secret_name)
             return cached[0]._for_caller()
-        request = _get_secret_request(secret_name, version_id, use_cache, version_stage)
+        again = self._since_clear.first_read(("secret", *key))
+        if again and use_cache:
+            logger.debug("get_secret %s: asking AWS, the first read since clear_cache()", secret_name)
+        request = _get_secret_request(secret_name, version_id, use_cache and not again, version_stage)
         try:
             answer = await self._secrets().GetSecret(request, timeout=CALL_TIMEOUT)
         except grpc.RpcError as error:
@@ -157,7 +162,13 @@ class AsyncAWSSecretsManager:
             return False
 
     async def clear_cache(self) -> None:
-        """Empties the local cache and stops its watch tasks."""
+        """Empties the local cache and stops its watch tasks; the next read
+        of each secret and typed config asks AWS, as
+        ``AWSSecretsManager.clear_cache`` says."""
+        self._since_clear.clear()
+        self._drop_local()
+
+    def _drop_local(self) -> None:
         followers = list(self._followers.values())
         self._followers.clear()
         self._cache.clear()
@@ -196,7 +207,8 @@ class AsyncAWSSecretsManager:
         return await self._typed("GetSecurityConfig", name)
 
     async def _typed(self, rpc: str, name: str) -> dict[str, Any]:
-        request = getattr(secrets_service_pb2, f"{rpc}Request")(name=name)
+        again = self._since_clear.first_read(("config", rpc, name))
+        request = getattr(secrets_service_pb2, f"{rpc}Request")(name=name, bypass_cache=again)
         try:
             answer = await getattr(self._secrets(), rpc)(request, timeout=CALL_TIMEOUT)
         except grpc.RpcError as error:

@@ -714,6 +714,7 @@ class AWSSecretsManager:
         self._cache: dict[tuple[str, Optional[str]], _Entry] = {}
         # Typed configs, by (RPC, name asked).
         self._configs: dict[tuple[str, str], _ConfigEntry] = {}
+        self._since_clear = AskedSinceClear()
         # An instance nobody holds any more stops its watch threads and
         # closes its connection, as close() does: services make one per
         # call (a health check that makes one each time does), and each would otherwise
@@ -764,6 +765,7 @@ class AWSSecretsManager:
         self._lock = threading.Lock()
         self._cache = {}
         self._configs = {}
+        self._since_clear = AskedSinceClear()
         self._connection = _Connection(forked=True)
         self._finalizer = weakref.finalize(
             self, _release, self._lock, self._cache, self._configs, self._connection
@@ -796,7 +798,11 @@ class AWSSecretsManager:
                 if entry is not None and time.monotonic() - entry.stored_at < self.config.secret_cache_ttl:
                     logger.debug("get_secret %s: from the local cache", secret_name)
                     return entry.value._for_caller()
-        request = _get_secret_request(secret_name, version_id, use_cache, version_stage)
+        with self._lock:
+            again = self._since_clear.first_read(("secret", *key))
+        if again and use_cache:
+            logger.debug("get_secret %s: asking AWS, the first read since clear_cache()", secret_name)
+        request = _get_secret_request(secret_name, version_id, use_cache and not again, version_stage)
         try:
             answer = self._secrets().GetSecret(request, timeout=CALL_TIMEOUT)
         except grpc.RpcError as error:
@@ -864,7 +870,12 @@ class AWSSecretsManager:
             return False
 
     def clear_cache(self) -> None:
-        """Empties the local cache (the broker's shared cache is untouched)."""
+        """Empties the local cache. As in the class this replaces, the next
+        read of each secret and typed config asks AWS (through the broker,
+        whose shared cache it refreshes for every caller); later reads are
+        cached again."""
+        with self._lock:
+            self._since_clear.clear()
         _clear(self._lock, self._cache, self._configs)
 
     def get_cache_stats(self) -> dict[str, Any]:
@@ -912,7 +923,9 @@ class AWSSecretsManager:
             cached = self._configs.get(key)
             if cached is not None and time.monotonic() - cached.stored_at < self.config.secret_cache_ttl:
                 return copy.deepcopy(cached.value)
-        request = getattr(secrets_service_pb2, f"{rpc}Request")(name=name)
+        with self._lock:
+            again = self._since_clear.first_read(("config", *key))
+        request = getattr(secrets_service_pb2, f"{rpc}Request")(name=name, bypass_cache=again)
         try:
             answer = getattr(self._secrets(), rpc)(request, timeout=CALL_TIMEOUT)
         except grpc.RpcError as error:
@@ -988,6 +1001,30 @@ _Configs = dict[tuple[str, str], _ConfigEntry]
 def _entries(cache: _Cache, configs: _Configs) -> list[Union[_Entry, _ConfigEntry]]:
     """An instance's cached secrets and typed configs (take its lock)."""
     return [*cache.values(), *configs.values()]
+
+
+class AskedSinceClear:
+    """Which reads have asked AWS since ``clear_cache()``. The class this
+    package replaces read AWS on the next read of each secret after a
+    clear, which is how a service made it pick up a rotation it knew of.
+    Here the first read of each key (a secret and version, or a typed
+    config) after a clear is a bypass read, once, whatever its outcome: the
+    broker reads AWS and refreshes its shared cache for every caller, and
+    joins bypass reads of one secret that come together. Before any clear,
+    nothing is asked again."""
+
+    def __init__(self) -> None:
+        self._asked: Optional[set[tuple[Optional[str], ...]]] = None
+
+    def clear(self) -> None:
+        self._asked = set()
+
+    def first_read(self, key: tuple[Optional[str], ...]) -> bool:
+        """Whether this read is the key's first since a clear (noted now)."""
+        if self._asked is None or key in self._asked:
+            return False
+        self._asked.add(key)
+        return True
 
 
 def _clear(lock: threading.Lock, cache: _Cache, configs: _Configs) -> list["_Follower"]:
