@@ -14,8 +14,10 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PROTO_DIR="${PROTO_DIR:-$HERE/../../proto}"
-OUTPUT="${1:-$HERE/caller}"
-WORK="${GO_WORK_DIR:-$(mktemp -d)}"
+# Both made absolute here: the build runs from inside the GOPATH, where a
+# relative OUTPUT would land the binary (and a relative GOPATH would fail).
+OUTPUT="$(realpath -m -- "${1:-$HERE/caller}")"
+WORK="$(realpath -m -- "${GO_WORK_DIR:-$(mktemp -d)}")"
 PACKAGE="secretsbroker/v1"
 
 mkdir -p "$WORK/gopath/src/$PACKAGE" "$WORK/gopath/src/caller" "$WORK/cache"

@@ -120,7 +120,11 @@ func main() {
 	}
 	secret := got.GetSecret()
 	// An example prints the value to show it arrived; a service would not.
-	fmt.Printf("GetSecret %s version=%s value=%s\n", secret.GetName(), secret.GetVersionId(), secret.GetStringValue())
+	value := secret.GetStringValue()
+	if _, binary := secret.GetValue().(*pb.Secret_BinaryValue); binary {
+		value = "<binary>"
+	}
+	fmt.Printf("GetSecret %s version=%s value=%s\n", secret.GetName(), secret.GetVersionId(), value)
 
 	jwt, err := client.GetJwtConfig(ctx, &pb.GetJwtConfigRequest{})
 	if err != nil {

@@ -196,9 +196,11 @@ def test_node_example_over_mtls(mtls_broker, pki, tmp_path, proto_dir):
 def go_caller(tmp_path_factory, proto_dir) -> Path:
     work = tmp_path_factory.mktemp("go")
     binary = work / "caller"
+    # Relative paths, as the README has it: the binary lands where the
+    # caller stands, not inside the build's GOPATH.
     build = subprocess.run(
-        ["bash", str(EXAMPLES / "go" / "build.sh"), str(binary)],
-        env=support.broker_env({"PROTO_DIR": str(proto_dir), "GO_WORK_DIR": str(work / "build")}),
+        ["bash", str(EXAMPLES / "go" / "build.sh"), "./caller"],
+        env=support.broker_env({"PROTO_DIR": str(proto_dir), "GO_WORK_DIR": "build"}),
         cwd=work, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
     )
     assert build.returncode == 0, "examples/go/build.sh failed: " + describe(build)
