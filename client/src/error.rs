@@ -64,7 +64,8 @@ pub enum Error {
     #[error("throttled: {message}")]
     Throttled {
         /// The broker's `ErrorInfo` reason (`UPSTREAM_THROTTLED`,
-        /// `TOO_MANY_CALLS`, `MESSAGE_TOO_LARGE`...); empty when none.
+        /// `TOO_MANY_CALLS`, `MESSAGE_TOO_LARGE`, and in a batch's result
+        /// `ANSWER_TOO_LARGE`...); empty when none.
         reason: String,
         /// What failed.
         message: String,

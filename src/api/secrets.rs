@@ -10,6 +10,7 @@
 use std::{pin::Pin, sync::Arc};
 
 use futures::{Stream, StreamExt, future::join_all};
+use prost::Message as _;
 use tonic::{Code, Request, Response, Status};
 
 use super::{
@@ -41,6 +42,15 @@ use crate::{
 
 /// The most names one BatchGetSecrets call may ask for.
 pub const MAX_BATCH_NAMES: usize = 100;
+
+/// The most bytes of secrets one BatchGetSecrets answer carries. gRPC
+/// clients refuse a message over 4 MiB by default (grpc-core, grpc-go,
+/// grpc-js, tonic), and 100 secrets of AWS's 64 KB would make 6.4 MB: the
+/// secrets past this get an error of their own (`ANSWER_TOO_LARGE`), to be
+/// read in another call, rather than the whole answer being refused by the
+/// client. The rest of the answer (names, per-item errors) fits in the
+/// room left.
+pub const MAX_BATCH_SECRETS_LEN: usize = 4 * 1024 * 1024 - 256 * 1024;
 
 /// What the cache alone could do for a GetSecret.
 enum FromCache {
@@ -184,18 +194,26 @@ impl SecretsApi {
             }
         }))
         .await;
+        let mut secrets_len = 0;
         let results = request
             .names
             .into_iter()
             .zip(outcomes)
             .map(|(name, outcome)| {
+                let outcome = outcome.and_then(|(full_name, lookup)| {
+                    let secret = message::secret(&lookup, Contents::WithValue);
+                    let len = secret.encoded_len();
+                    if secrets_len + len > MAX_BATCH_SECRETS_LEN {
+                        let limit = MAX_BATCH_SECRETS_LEN;
+                        return Err((Some(full_name), ApiError::BatchAnswerFull { limit }));
+                    }
+                    secrets_len += len;
+                    Ok((full_name, lookup.hit, secret))
+                });
                 let result = match outcome {
-                    Ok((full_name, lookup)) => {
-                        audit.batch_item(&full_name, Code::Ok, Some(lookup.hit));
-                        batch_get_secrets_result::Result::Secret(message::secret(
-                            &lookup,
-                            Contents::WithValue,
-                        ))
+                    Ok((full_name, hit, secret)) => {
+                        audit.batch_item(&full_name, Code::Ok, Some(hit));
+                        batch_get_secrets_result::Result::Secret(secret)
                     }
                     Err((full_name, error)) => {
                         let shown = full_name.unwrap_or_else(|| refused_shown(&name));

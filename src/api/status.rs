@@ -45,6 +45,13 @@ pub enum ApiError {
     Denied(#[from] Denied),
     #[error("names holds {count} names; at most {limit} are allowed per call")]
     TooManyNames { count: usize, limit: usize },
+    /// An item of a BatchGetSecrets answer that would have made it too
+    /// large for a gRPC client's default receive limit.
+    #[error(
+        "the secrets before this one fill the batch's answer ({limit} bytes of the 4 MiB a gRPC \
+         client receives by default); read this one in another call"
+    )]
+    BatchAnswerFull { limit: usize },
     #[error("too many calls in flight on this connection; open another connection or wait")]
     TooManyCalls,
     #[error("the broker has as many calls in flight as it allows ({limit}); retry shortly")]
@@ -121,6 +128,7 @@ impl ApiError {
             Self::Denied(_) => (Code::PermissionDenied, "POLICY_DENIED"),
             Self::InvalidVersion(_) => (Code::InvalidArgument, "INVALID_VERSION"),
             Self::TooManyNames { .. } => (Code::InvalidArgument, "TOO_MANY_NAMES"),
+            Self::BatchAnswerFull { .. } => (Code::ResourceExhausted, "ANSWER_TOO_LARGE"),
             Self::TooManyCalls
             | Self::BrokerFull { .. }
             | Self::Displaced
@@ -215,6 +223,7 @@ impl ApiError {
             | Self::WatchShutDown
             | Self::CallTimeout(_)
             | Self::RequestMemory
+            | Self::BatchAnswerFull { .. }
             | Self::MessageTooLarge { .. } => {}
         }
         metadata

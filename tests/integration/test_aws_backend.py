@@ -226,3 +226,38 @@ def test_an_empty_endpoint_variable_means_not_set(moto, aws_broker, run_cli, stu
     assert secret.string_value == "sk-empty-endpoint"
     assert secret.version_id == versions["insurecove/mistral-api-key"]
     assert "panic" not in broker.log().lower()
+
+
+def test_a_batch_too_large_for_a_client_answers_what_fits_and_names_the_rest(moto, aws_broker, stubs):
+    """100 names (the limit) of 60 KB secrets would make a 6 MB answer,
+    which grpcio (like every gRPC client by default) refuses past 4 MiB:
+    the whole batch lost. The broker answers the secrets that fit, and each
+    one past them gets its own RESOURCE_EXHAUSTED ANSWER_TOO_LARGE, to read
+    in another call; a later, smaller secret still fits."""
+    big = {f"insurecove/batch/big-{i:03}": f"{i:03}" + "x" * (60_000 - 3) for i in range(80)}
+    moto.seed(big | {"insurecove/batch/small": "small-value"})
+    broker = aws_broker()
+    pb = stubs.secrets_service_pb2
+    names = [name.removeprefix("insurecove/") for name in big] + ["batch/small"]
+    answer = broker.secrets().BatchGetSecrets(pb.BatchGetSecretsRequest(names=names), timeout=60)
+    assert answer.ByteSize() <= 4 * 1024 * 1024
+
+    served = [r for r in answer.results if r.WhichOneof("result") == "secret"]
+    refused = [r for r in answer.results if r.WhichOneof("result") == "error"]
+    assert [r.name for r in answer.results] == names, "one result per name, in order"
+    assert 60 <= len(served) < 80 + 1, len(served)
+    # What fits is the first secrets, in order, then the small one.
+    assert [r.name for r in served] == names[: len(served) - 1] + ["batch/small"]
+    for result in served[:-1]:
+        assert result.secret.string_value == big["insurecove/" + result.name], result.name
+    assert served[-1].secret.string_value == "small-value"
+    assert refused and all(
+        (r.error.code, r.error.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], "ANSWER_TOO_LARGE")
+        for r in refused
+    ), refused[0].error
+    assert "read this one in another call" in refused[0].error.message
+    # Read in another call, a refused one is served.
+    again = broker.secrets().BatchGetSecrets(pb.BatchGetSecretsRequest(names=[refused[0].name]), timeout=20)
+    assert again.results[0].secret.string_value == big["insurecove/" + refused[0].name]
+    log = broker.log()
+    assert f"insurecove/{refused[0].name}=RESOURCE_EXHAUSTED" in log, "the audit says which were refused"

@@ -99,6 +99,9 @@ class SecretsServiceServicer:
 
     def BatchGetSecrets(self, request, context):
         """Reads several secrets; answers each name on its own, in request order.
+        The answer stays under 4 MiB, what gRPC clients receive by default: a
+        secret that would take it past gets its own RESOURCE_EXHAUSTED
+        (ANSWER_TOO_LARGE), to read in another call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

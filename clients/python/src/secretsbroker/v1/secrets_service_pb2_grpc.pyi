@@ -44,7 +44,11 @@ class SecretsServiceStub:
     GetSecret: _grpc.UnaryUnaryMultiCallable[_secrets_service_pb2.GetSecretRequest, _secrets_service_pb2.GetSecretResponse]
     """Reads one secret."""
     BatchGetSecrets: _grpc.UnaryUnaryMultiCallable[_secrets_service_pb2.BatchGetSecretsRequest, _secrets_service_pb2.BatchGetSecretsResponse]
-    """Reads several secrets; answers each name on its own, in request order."""
+    """Reads several secrets; answers each name on its own, in request order.
+    The answer stays under 4 MiB, what gRPC clients receive by default: a
+    secret that would take it past gets its own RESOURCE_EXHAUSTED
+    (ANSWER_TOO_LARGE), to read in another call.
+    """
     GetJwtConfig: _grpc.UnaryUnaryMultiCallable[_secrets_service_pb2.GetJwtConfigRequest, _secrets_service_pb2.GetJwtConfigResponse]
     """Reads and validates the JWT settings (default name `<env>/jwt`)."""
     GetDatabaseConfig: _grpc.UnaryUnaryMultiCallable[_secrets_service_pb2.GetDatabaseConfigRequest, _secrets_service_pb2.GetDatabaseConfigResponse]
@@ -74,7 +78,11 @@ class SecretsServiceAsyncStub(SecretsServiceStub):
     GetSecret: _aio.UnaryUnaryMultiCallable[_secrets_service_pb2.GetSecretRequest, _secrets_service_pb2.GetSecretResponse]  # type: ignore[assignment]
     """Reads one secret."""
     BatchGetSecrets: _aio.UnaryUnaryMultiCallable[_secrets_service_pb2.BatchGetSecretsRequest, _secrets_service_pb2.BatchGetSecretsResponse]  # type: ignore[assignment]
-    """Reads several secrets; answers each name on its own, in request order."""
+    """Reads several secrets; answers each name on its own, in request order.
+    The answer stays under 4 MiB, what gRPC clients receive by default: a
+    secret that would take it past gets its own RESOURCE_EXHAUSTED
+    (ANSWER_TOO_LARGE), to read in another call.
+    """
     GetJwtConfig: _aio.UnaryUnaryMultiCallable[_secrets_service_pb2.GetJwtConfigRequest, _secrets_service_pb2.GetJwtConfigResponse]  # type: ignore[assignment]
     """Reads and validates the JWT settings (default name `<env>/jwt`)."""
     GetDatabaseConfig: _aio.UnaryUnaryMultiCallable[_secrets_service_pb2.GetDatabaseConfigRequest, _secrets_service_pb2.GetDatabaseConfigResponse]  # type: ignore[assignment]
@@ -113,7 +121,11 @@ class SecretsServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _secrets_service_pb2.BatchGetSecretsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_secrets_service_pb2.BatchGetSecretsResponse, _abc.Awaitable[_secrets_service_pb2.BatchGetSecretsResponse]]:
-        """Reads several secrets; answers each name on its own, in request order."""
+        """Reads several secrets; answers each name on its own, in request order.
+        The answer stays under 4 MiB, what gRPC clients receive by default: a
+        secret that would take it past gets its own RESOURCE_EXHAUSTED
+        (ANSWER_TOO_LARGE), to read in another call.
+        """
 
     @_abc_1.abstractmethod
     def GetJwtConfig(
