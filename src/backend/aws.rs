@@ -21,6 +21,7 @@ use async_trait::async_trait;
 use aws_config::{BehaviorVersion, Region, retry::RetryConfig, timeout::TimeoutConfig};
 use aws_sdk_secretsmanager::{
     Client,
+    error::ProvideErrorMetadata as _,
     operation::get_secret_value::GetSecretValueOutput,
     types::{Filter, FilterNameStringType, SecretListEntry},
 };
@@ -31,6 +32,28 @@ use super::{
     aws_error::{Service, Upstream, explain},
 };
 use crate::secret::{SecretValue, SecretVersion};
+
+/// A read of a version id and a stage that name different versions is, for
+/// its caller, a read of a version that does not exist (as the file and
+/// dev backends answer it). AWS may answer it as an invalid request
+/// (moto does, "a VersionStage that is not associated to the provided
+/// VersionId"), which would otherwise be a refusal of the broker's own.
+fn no_version_of_both(
+    error: StoreError,
+    code: Option<&str>,
+    selector: &VersionSelector,
+    name: &str,
+) -> StoreError {
+    let both = matches!(selector, VersionSelector::Id { stage: Some(_), .. });
+    match error {
+        StoreError::Rejected { .. } if both && code == Some("InvalidRequestException") => {
+            StoreError::NotFound {
+                name: name.to_owned(),
+            }
+        }
+        other => other,
+    }
+}
 
 /// Timeouts that keep a caller's wait bounded when AWS is slow or away.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -126,10 +149,10 @@ impl SecretStore for AwsStore {
                 request.version_id(id).set_version_stage(stage.clone())
             }
         };
-        let output = request
-            .send()
-            .await
-            .map_err(|e| explain(&e, "GetSecretValue", name, &self.upstream))?;
+        let output = request.send().await.map_err(|e| {
+            let error = explain(&e, "GetSecretValue", name, &self.upstream);
+            no_version_of_both(error, e.code(), selector, name)
+        })?;
         into_version(output, name, &self.upstream)
     }
 

@@ -117,6 +117,13 @@ def test_versions_and_stages(moto, aws_broker, stubs):
         lambda: get(broker, stubs, "rotating", version_id="00000000-0000-4000-8000-000000000000"),
         grpc.StatusCode.NOT_FOUND, "SECRET_NOT_FOUND",
     )
+    # A version id with a stage it does not hold: no such version, the
+    # caller's mistake (not a refusal of the broker's), as on the dev backend.
+    assert get(broker, stubs, "rotating", version_id=old_id, version_stage="AWSPREVIOUS").string_value == "rotating-OLD-7c1e"
+    expect_error(
+        lambda: get(broker, stubs, "rotating", version_id=old_id, version_stage="AWSCURRENT"),
+        grpc.StatusCode.NOT_FOUND, "SECRET_NOT_FOUND", field="version_id",
+    )
 
 
 def test_deleted_and_missing_secrets(moto, aws_broker, stubs):
