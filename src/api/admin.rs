@@ -20,8 +20,8 @@ use super::{
 };
 use crate::{
     api::rpc::Rpc,
-    backend::VersionSelector,
-    cache::{CacheKey, Lookup},
+    backend::{StoreError, VersionSelector},
+    cache::{CacheKey, Lookup, answer_by},
     events::ConsumerState,
     proto::{
         CheckUpstreamRequest, CheckUpstreamResponse, ClearCacheRequest, ClearCacheResponse,
@@ -117,7 +117,7 @@ impl AdminApi {
             .authorizer
             .check_read(audit.identity(), &full_name)?;
         let key = CacheKey::new(full_name, VersionSelector::current());
-        let (version, changed) = self.context.cache.refresh(key).await?;
+        let (version, changed) = self.context.cache.refresh(key, audit.deadline()).await?;
         let lookup = Lookup::fresh(version);
         Ok(RefreshSecretResponse {
             secret: Some(message::secret(&lookup, Contents::MetadataOnly)),
@@ -219,7 +219,19 @@ impl AdminService for AdminApi {
     ) -> Result<Response<CheckUpstreamResponse>, Status> {
         let audit = self.admit(Rpc::CheckUpstream, &request, &[])?;
         let started = Instant::now();
-        let outcome = self.context.cache.store().check().await;
+        let check = self.context.cache.store().check();
+        // A caller's own deadline gets "not reachable in time", just before
+        // it, rather than its own DEADLINE_EXCEEDED with no word of why.
+        let outcome = match audit.deadline().filter(|d| d.callers) {
+            Some(deadline) => tokio::time::timeout_at(answer_by(deadline.at), check)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(StoreError::Unavailable {
+                        detail: "AWS did not answer within the call's deadline".into(),
+                    })
+                }),
+            None => check.await,
+        };
         let latency = prost_types::Duration::try_from(started.elapsed()).ok();
         let (reachable, detail) = match outcome {
             Ok(detail) => (true, detail),

@@ -397,16 +397,22 @@ impl Cache {
     }
 
     /// Reads upstream now, replaces the entry, and tells whether the version
-    /// differs from the one cached before (AdminService.RefreshSecret).
-    pub async fn refresh(&self, key: CacheKey) -> Result<(Arc<SecretVersion>, bool), StoreError> {
-        let before = self
+    /// differs from the one cached before (AdminService.RefreshSecret). A
+    /// caller's own deadline is answered as `get_until` answers a miss.
+    pub async fn refresh(
+        &self,
+        key: CacheKey,
+        deadline: Option<Deadline>,
+    ) -> Result<(Arc<SecretVersion>, bool), StoreError> {
+        let held = self
             .shared
             .entries
             .get(&key)
             .map(|entry| Arc::clone(&entry.version));
         self.shared.negative.forget(&key);
-        let version = self.shared.read_anew(&key).await?;
-        let changed = !before.is_some_and(|before| before.same_version(&version));
+        let callers = deadline.filter(|d| d.callers).map(|d| d.at);
+        let version = before(callers, self.shared.read_anew(&key)).await?;
+        let changed = !held.is_some_and(|held| held.same_version(&version));
         Ok((version, changed))
     }
 
@@ -471,6 +477,14 @@ pub struct Deadline {
 /// still reaches the caller.
 const ANSWER_MARGIN: Duration = Duration::from_millis(100);
 
+/// When to answer a caller that gives up at `deadline`: a tenth of what is
+/// left before it, at most `ANSWER_MARGIN` (a caller allowing 100 ms still
+/// gets 90 of them for AWS's answer).
+pub fn answer_by(deadline: Instant) -> Instant {
+    let left = deadline.saturating_duration_since(Instant::now());
+    deadline - ANSWER_MARGIN.min(left / 10)
+}
+
 /// `read` for a caller that gives up at `deadline`: just before it the
 /// caller is told that AWS has not answered (UNAVAILABLE, transient),
 /// rather than left to hit its own DEADLINE_EXCEEDED with no word of why.
@@ -480,11 +494,7 @@ async fn before(deadline: Option<Instant>, read: impl Future<Output = FetchResul
     let Some(deadline) = deadline else {
         return read.await;
     };
-    // A tenth of what is left, at most the margin: a caller allowing 100 ms
-    // still gets 90 of them for AWS's answer.
-    let left = deadline.saturating_duration_since(Instant::now());
-    let answer_by = deadline - ANSWER_MARGIN.min(left / 10);
-    tokio::time::timeout_at(answer_by, read)
+    tokio::time::timeout_at(answer_by(deadline), read)
         .await
         .unwrap_or_else(|_| {
             Err(StoreError::Unavailable {

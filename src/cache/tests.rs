@@ -262,10 +262,10 @@ async fn refresh_reports_whether_the_version_changed() {
     let store = FakeStore::with(&["s"]);
     let cache = cache_over(&store, 100);
     version_of(&cache, "s").await;
-    let (_, changed) = cache.refresh(key("s")).await.unwrap();
+    let (_, changed) = cache.refresh(key("s"), None).await.unwrap();
     assert!(!changed);
     store.set("s", "v2");
-    let (version, changed) = cache.refresh(key("s")).await.unwrap();
+    let (version, changed) = cache.refresh(key("s"), None).await.unwrap();
     assert!(changed);
     assert_eq!(version.version_id, "v2");
     assert_eq!(version_of(&cache, "s").await, "v2");

@@ -156,7 +156,7 @@ impl Shared {
     /// Reads one tracked stage upstream now, through the cache (which
     /// tells its topic); a definite "gone" drops the whole secret.
     pub(super) async fn reread(&self, tracked: &Tracked) -> Reread {
-        match self.cache.refresh(tracked.cache_key()).await {
+        match self.cache.refresh(tracked.cache_key(), None).await {
             Ok((version, _)) if tracked.holds_only(Some(&version.arn), &version.version_id) => {
                 Reread::Same
             }

@@ -471,7 +471,7 @@ async fn a_bypass_read_that_finds_a_new_version_notifies_at_once() {
     assert_eq!(latest(&mut watcher), (WatchEvent::Rotated, "v2".into()));
 
     store.set("s", "v3");
-    cache.refresh(key).await.unwrap();
+    cache.refresh(key, None).await.unwrap();
     assert_eq!(latest(&mut watcher), (WatchEvent::Rotated, "v3".into()));
 }
 

@@ -78,6 +78,16 @@ def test_a_hung_upstream_is_waited_for_a_bounded_time(moto, aws_broker, stubs):
         apb = stubs.admin_service_pb2
         stats = broker.admin().GetCacheStats(apb.GetCacheStatsRequest(), timeout=5)
         assert stats.upstream_backoff and stats.upstream_backoffs >= 1, stats
+        # The admin calls that must ask AWS answer by the caller's deadline
+        # too, with the broker's reason, not the client's DEADLINE_EXCEEDED.
+        started = time.monotonic()
+        expect_error(
+            lambda: broker.admin().RefreshSecret(apb.RefreshSecretRequest(name="hung"), timeout=2.0),
+            grpc.StatusCode.UNAVAILABLE, "UPSTREAM_UNAVAILABLE",
+        )
+        assert time.monotonic() - started < 2.0
+        check = broker.admin().CheckUpstream(apb.CheckUpstreamRequest(), timeout=2.0)
+        assert not check.reachable and "deadline" in check.detail, check
     finally:
         moto.proc.send_signal(signal.SIGCONT)
     deadline = time.monotonic() + 40

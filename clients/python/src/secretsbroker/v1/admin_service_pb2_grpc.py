@@ -85,7 +85,9 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CheckUpstream(self, request, context):
-        """Makes a cheap authenticated call upstream and reports whether it worked.
+        """Makes a cheap authenticated call upstream and reports whether it worked
+        (not reachable when it has not answered just before the caller's
+        deadline).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

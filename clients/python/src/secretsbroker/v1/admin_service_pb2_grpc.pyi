@@ -42,7 +42,10 @@ class AdminServiceStub:
     RefreshSecret: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.RefreshSecretRequest, _admin_service_pb2.RefreshSecretResponse]
     """Re-reads a secret from upstream now and replaces the cached entry."""
     CheckUpstream: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.CheckUpstreamRequest, _admin_service_pb2.CheckUpstreamResponse]
-    """Makes a cheap authenticated call upstream and reports whether it worked."""
+    """Makes a cheap authenticated call upstream and reports whether it worked
+    (not reachable when it has not answered just before the caller's
+    deadline).
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -58,7 +61,10 @@ class AdminServiceAsyncStub(AdminServiceStub):
     RefreshSecret: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.RefreshSecretRequest, _admin_service_pb2.RefreshSecretResponse]  # type: ignore[assignment]
     """Re-reads a secret from upstream now and replaces the cached entry."""
     CheckUpstream: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.CheckUpstreamRequest, _admin_service_pb2.CheckUpstreamResponse]  # type: ignore[assignment]
-    """Makes a cheap authenticated call upstream and reports whether it worked."""
+    """Makes a cheap authenticated call upstream and reports whether it worked
+    (not reachable when it has not answered just before the caller's
+    deadline).
+    """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """Cache and upstream administration. Only identities the policy marks admin
@@ -95,6 +101,9 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_service_pb2.CheckUpstreamRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_service_pb2.CheckUpstreamResponse, _abc.Awaitable[_admin_service_pb2.CheckUpstreamResponse]]:
-        """Makes a cheap authenticated call upstream and reports whether it worked."""
+        """Makes a cheap authenticated call upstream and reports whether it worked
+        (not reachable when it has not answered just before the caller's
+        deadline).
+        """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
