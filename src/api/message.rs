@@ -56,7 +56,7 @@ fn encode_secret(version: &SecretVersion) -> EncodedSecret {
     })
 }
 
-fn cache_info(lookup: &Lookup) -> proto::CacheInfo {
+pub fn cache_info(lookup: &Lookup) -> proto::CacheInfo {
     proto::CacheInfo {
         hit: lookup.hit,
         age: prost_types::Duration::try_from(lookup.age).ok(),

@@ -285,7 +285,7 @@ impl SecretsApi {
             kind: R::LABEL,
             source,
         })?;
-        Ok(R::respond(config, version))
+        Ok(R::respond(config, &lookup))
     }
 
     /// The typed-config RPCs' one handler.

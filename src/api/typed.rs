@@ -10,13 +10,14 @@ use serde_json::{Map, Value};
 
 use super::rpc::Rpc;
 use crate::{
+    cache::Lookup,
     proto::{
         AwsServicesConfig, DatabaseConfig, GetAwsServicesConfigRequest,
         GetAwsServicesConfigResponse, GetDatabaseConfigRequest, GetDatabaseConfigResponse,
         GetJwtConfigRequest, GetJwtConfigResponse, GetSecurityConfigRequest,
         GetSecurityConfigResponse, JwtConfig, SecurityConfig,
     },
-    secret::{SecretValue, SecretVersion},
+    secret::SecretValue,
 };
 
 /// Why a secret could not be read as a typed config.
@@ -189,7 +190,9 @@ pub trait TypedConfigRpc: Send + 'static {
     fn name(&self) -> &str;
     fn bypass_cache(&self) -> bool;
     fn decode(value: &SecretValue) -> Result<Self::Config, Malformed>;
-    fn respond(config: Self::Config, version: &SecretVersion) -> Self::Response;
+    /// The response: the config, which version of which secret it was
+    /// read from, and the cache facts of that read.
+    fn respond(config: Self::Config, lookup: &Lookup) -> Self::Response;
 }
 
 /// The four typed configs' constants and functions.
@@ -214,12 +217,14 @@ macro_rules! typed_config_rpc {
                 $decode(value)
             }
 
-            fn respond(config: $config, version: &SecretVersion) -> $response {
+            fn respond(config: $config, lookup: &Lookup) -> $response {
+                let version = &lookup.version;
                 $response {
                     config: Some(config),
                     version_id: version.version_id.clone(),
                     name: version.name.clone(),
                     arn: version.arn.clone(),
+                    cache: Some(super::message::cache_info(lookup)),
                 }
             }
         }

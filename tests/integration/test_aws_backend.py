@@ -53,6 +53,11 @@ def test_guide_secrets_and_typed_configs(moto, aws_broker, stubs):
     )
     assert resp.version_id == versions["insurecove/production/jwt"]
     assert resp.arn == get(broker, stubs, "production/jwt").arn, "the ARN of the secret read"
+    # Where the settings came from, as a Secret says it: the secret was read
+    # above, so the broker's cache; a bypass read is AWS's answer.
+    assert resp.HasField("cache") and resp.cache.hit and not resp.cache.stale, resp.cache
+    bypassed = stub.GetJwtConfig(pb.GetJwtConfigRequest(bypass_cache=True), timeout=20)
+    assert not bypassed.cache.hit and not bypassed.cache.stale, bypassed.cache
 
     resp = stub.GetDatabaseConfig(pb.GetDatabaseConfigRequest(), timeout=20)
     seed = support.seed_json("production/database")

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from secretsbroker.v1 import secret_pb2 as secretsbroker_dot_v1_dot_secret__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&secretsbroker/v1/secrets_service.proto\x12\x10secretsbroker.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dsecretsbroker/v1/secret.proto\"a\n\x10GetSecretRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nversion_id\x18\x02 \x01(\t\x12\x15\n\rversion_stage\x18\x03 \x01(\t\x12\x14\n\x0c\x62ypass_cache\x18\x04 \x01(\x08\"=\n\x11GetSecretResponse\x12(\n\x06secret\x18\x01 \x01(\x0b\x32\x18.secretsbroker.v1.Secret\"=\n\x16\x42\x61tchGetSecretsRequest\x12\r\n\x05names\x18\x01 \x03(\t\x12\x14\n\x0c\x62ypass_cache\x18\x02 \x01(\x08\"S\n\x17\x42\x61tchGetSecretsResponse\x12\x38\n\x07results\x18\x01 \x03(\x0b\x32\'.secretsbroker.v1.BatchGetSecretsResult\"\x8b\x01\n\x15\x42\x61tchGetSecretsResult\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x06secret\x18\x02 \x01(\x0b\x32\x18.secretsbroker.v1.SecretH\x00\x12.\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1d.secretsbroker.v1.SecretErrorH\x00\x42\x08\n\x06result\"9\n\x13GetJwtConfigRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x62ypass_cache\x18\x02 \x01(\x08\"r\n\x14GetJwtConfigResponse\x12+\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1b.secretsbroker.v1.JwtConfig\x12\x12\n\nversion_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0b\n\x03\x61rn\x18\x04 \x01(\t\">\n\x18GetDatabaseConfigRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x62ypass_cache\x18\x02 \x01(\x08\"|\n\x19GetDatabaseConfigResponse\x12\x30\n\x06\x63onfig\x18\x01 \x01(\x0b\x32 .secretsbroker.v1.DatabaseConfig\x12\x12\n\nversion_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0b\n\x03\x61rn\x18\x04 \x01(\t\"A\n\x1bGetAwsServicesConfigRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x62ypass_cache\x18\x02 \x01(\x08\"\x82\x01\n\x1cGetAwsServicesConfigResponse\x12\x33\n\x06\x63onfig\x18\x01 \x01(\x0b\x32#.secretsbroker.v1.AwsServicesConfig\x12\x12\n\nversion_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0b\n\x03\x61rn\x18\x04 \x01(\t\">\n\x18GetSecurityConfigRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x62ypass_cache\x18\x02 \x01(\x08\"|\n\x19GetSecurityConfigResponse\x12\x30\n\x06\x63onfig\x18\x01 \x01(\x0b\x32 .secretsbroker.v1.SecurityConfig\x12\x12\n\nversion_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0b\n\x03\x61rn\x18\x04 \x01(\t\"f\n\x12WatchSecretRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rversion_stage\x18\x02 \x01(\t\x12\x18\n\x10since_version_id\x18\x03 \x01(\t\x12\x11\n\tsince_arn\x18\x04 \x01(\t\"\xa0\x01\n\x13WatchSecretResponse\x12.\n\x04type\x18\x01 \x01(\x0e\x32 .secretsbroker.v1.WatchEventType\x12(\n\x06secret\x18\x02 \x01(\x0b\x32\x18.secretsbroker.v1.Secret\x12/\n\x0bobserved_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xde\x05\n\x0eSecretsService\x12T\n\tGetSecret\x12\".secretsbroker.v1.GetSecretRequest\x1a#.secretsbroker.v1.GetSecretResponse\x12\x66\n\x0f\x42\x61tchGetSecrets\x12(.secretsbroker.v1.BatchGetSecretsRequest\x1a).secretsbroker.v1.BatchGetSecretsResponse\x12]\n\x0cGetJwtConfig\x12%.secretsbroker.v1.GetJwtConfigRequest\x1a&.secretsbroker.v1.GetJwtConfigResponse\x12l\n\x11GetDatabaseConfig\x12*.secretsbroker.v1.GetDatabaseConfigRequest\x1a+.secretsbroker.v1.GetDatabaseConfigResponse\x12u\n\x14GetAwsServicesConfig\x12-.secretsbroker.v1.GetAwsServicesConfigRequest\x1a..secretsbroker.v1.GetAwsServicesConfigResponse\x12l\n\x11GetSecurityConfig\x12*.secretsbroker.v1.GetSecurityConfigRequest\x1a+.secretsbroker.v1.GetSecurityConfigResponse\x12\\\n\x0bWatchSecret\x12$.secretsbroker.v1.WatchSecretRequest\x1a%.secretsbroker.v1.WatchSecretResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&secretsbroker/v1/secrets_service.proto\x12\x10secretsbroker.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dsecretsbroker/v1/secret.proto\"a\n\x10GetSecretRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nversion_id\x18\x02 \x01(\t\x12\x15\n\rversion_stage\x18\x03 \x01(\t\x12\x14\n\x0c\x62ypass_cache\x18\x04 \x01(\x08\"=\n\x11GetSecretResponse\x12(\n\x06secret\x18\x01 \x01(\x0b\x32\x18.secretsbroker.v1.Secret\"=\n\x16\x42\x61tchGetSecretsRequest\x12\r\n\x05names\x18\x01 \x03(\t\x12\x14\n\x0c\x62ypass_cache\x18\x02 \x01(\x08\"S\n\x17\x42\x61tchGetSecretsResponse\x12\x38\n\x07results\x18\x01 \x03(\x0b\x32\'.secretsbroker.v1.BatchGetSecretsResult\"\x8b\x01\n\x15\x42\x61tchGetSecretsResult\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x06secret\x18\x02 \x01(\x0b\x32\x18.secretsbroker.v1.SecretH\x00\x12.\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1d.secretsbroker.v1.SecretErrorH\x00\x42\x08\n\x06result\"9\n\x13GetJwtConfigRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x62ypass_cache\x18\x02 \x01(\x08\"\x9e\x01\n\x14GetJwtConfigResponse\x12+\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1b.secretsbroker.v1.JwtConfig\x12\x12\n\nversion_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0b\n\x03\x61rn\x18\x04 \x01(\t\x12*\n\x05\x63\x61\x63he\x18\x05 \x01(\x0b\x32\x1b.secretsbroker.v1.CacheInfo\">\n\x18GetDatabaseConfigRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x62ypass_cache\x18\x02 \x01(\x08\"\xa8\x01\n\x19GetDatabaseConfigResponse\x12\x30\n\x06\x63onfig\x18\x01 \x01(\x0b\x32 .secretsbroker.v1.DatabaseConfig\x12\x12\n\nversion_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0b\n\x03\x61rn\x18\x04 \x01(\t\x12*\n\x05\x63\x61\x63he\x18\x05 \x01(\x0b\x32\x1b.secretsbroker.v1.CacheInfo\"A\n\x1bGetAwsServicesConfigRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x62ypass_cache\x18\x02 \x01(\x08\"\xae\x01\n\x1cGetAwsServicesConfigResponse\x12\x33\n\x06\x63onfig\x18\x01 \x01(\x0b\x32#.secretsbroker.v1.AwsServicesConfig\x12\x12\n\nversion_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0b\n\x03\x61rn\x18\x04 \x01(\t\x12*\n\x05\x63\x61\x63he\x18\x05 \x01(\x0b\x32\x1b.secretsbroker.v1.CacheInfo\">\n\x18GetSecurityConfigRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x62ypass_cache\x18\x02 \x01(\x08\"\xa8\x01\n\x19GetSecurityConfigResponse\x12\x30\n\x06\x63onfig\x18\x01 \x01(\x0b\x32 .secretsbroker.v1.SecurityConfig\x12\x12\n\nversion_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0b\n\x03\x61rn\x18\x04 \x01(\t\x12*\n\x05\x63\x61\x63he\x18\x05 \x01(\x0b\x32\x1b.secretsbroker.v1.CacheInfo\"f\n\x12WatchSecretRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rversion_stage\x18\x02 \x01(\t\x12\x18\n\x10since_version_id\x18\x03 \x01(\t\x12\x11\n\tsince_arn\x18\x04 \x01(\t\"\xa0\x01\n\x13WatchSecretResponse\x12.\n\x04type\x18\x01 \x01(\x0e\x32 .secretsbroker.v1.WatchEventType\x12(\n\x06secret\x18\x02 \x01(\x0b\x32\x18.secretsbroker.v1.Secret\x12/\n\x0bobserved_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xde\x05\n\x0eSecretsService\x12T\n\tGetSecret\x12\".secretsbroker.v1.GetSecretRequest\x1a#.secretsbroker.v1.GetSecretResponse\x12\x66\n\x0f\x42\x61tchGetSecrets\x12(.secretsbroker.v1.BatchGetSecretsRequest\x1a).secretsbroker.v1.BatchGetSecretsResponse\x12]\n\x0cGetJwtConfig\x12%.secretsbroker.v1.GetJwtConfigRequest\x1a&.secretsbroker.v1.GetJwtConfigResponse\x12l\n\x11GetDatabaseConfig\x12*.secretsbroker.v1.GetDatabaseConfigRequest\x1a+.secretsbroker.v1.GetDatabaseConfigResponse\x12u\n\x14GetAwsServicesConfig\x12-.secretsbroker.v1.GetAwsServicesConfigRequest\x1a..secretsbroker.v1.GetAwsServicesConfigResponse\x12l\n\x11GetSecurityConfig\x12*.secretsbroker.v1.GetSecurityConfigRequest\x1a+.secretsbroker.v1.GetSecurityConfigResponse\x12\\\n\x0bWatchSecret\x12$.secretsbroker.v1.WatchSecretRequest\x1a%.secretsbroker.v1.WatchSecretResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,24 +45,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BATCHGETSECRETSRESULT']._serialized_end=574
   _globals['_GETJWTCONFIGREQUEST']._serialized_start=576
   _globals['_GETJWTCONFIGREQUEST']._serialized_end=633
-  _globals['_GETJWTCONFIGRESPONSE']._serialized_start=635
-  _globals['_GETJWTCONFIGRESPONSE']._serialized_end=749
-  _globals['_GETDATABASECONFIGREQUEST']._serialized_start=751
-  _globals['_GETDATABASECONFIGREQUEST']._serialized_end=813
-  _globals['_GETDATABASECONFIGRESPONSE']._serialized_start=815
-  _globals['_GETDATABASECONFIGRESPONSE']._serialized_end=939
-  _globals['_GETAWSSERVICESCONFIGREQUEST']._serialized_start=941
-  _globals['_GETAWSSERVICESCONFIGREQUEST']._serialized_end=1006
-  _globals['_GETAWSSERVICESCONFIGRESPONSE']._serialized_start=1009
-  _globals['_GETAWSSERVICESCONFIGRESPONSE']._serialized_end=1139
-  _globals['_GETSECURITYCONFIGREQUEST']._serialized_start=1141
-  _globals['_GETSECURITYCONFIGREQUEST']._serialized_end=1203
-  _globals['_GETSECURITYCONFIGRESPONSE']._serialized_start=1205
-  _globals['_GETSECURITYCONFIGRESPONSE']._serialized_end=1329
-  _globals['_WATCHSECRETREQUEST']._serialized_start=1331
-  _globals['_WATCHSECRETREQUEST']._serialized_end=1433
-  _globals['_WATCHSECRETRESPONSE']._serialized_start=1436
-  _globals['_WATCHSECRETRESPONSE']._serialized_end=1596
-  _globals['_SECRETSSERVICE']._serialized_start=1599
-  _globals['_SECRETSSERVICE']._serialized_end=2333
+  _globals['_GETJWTCONFIGRESPONSE']._serialized_start=636
+  _globals['_GETJWTCONFIGRESPONSE']._serialized_end=794
+  _globals['_GETDATABASECONFIGREQUEST']._serialized_start=796
+  _globals['_GETDATABASECONFIGREQUEST']._serialized_end=858
+  _globals['_GETDATABASECONFIGRESPONSE']._serialized_start=861
+  _globals['_GETDATABASECONFIGRESPONSE']._serialized_end=1029
+  _globals['_GETAWSSERVICESCONFIGREQUEST']._serialized_start=1031
+  _globals['_GETAWSSERVICESCONFIGREQUEST']._serialized_end=1096
+  _globals['_GETAWSSERVICESCONFIGRESPONSE']._serialized_start=1099
+  _globals['_GETAWSSERVICESCONFIGRESPONSE']._serialized_end=1273
+  _globals['_GETSECURITYCONFIGREQUEST']._serialized_start=1275
+  _globals['_GETSECURITYCONFIGREQUEST']._serialized_end=1337
+  _globals['_GETSECURITYCONFIGRESPONSE']._serialized_start=1340
+  _globals['_GETSECURITYCONFIGRESPONSE']._serialized_end=1508
+  _globals['_WATCHSECRETREQUEST']._serialized_start=1510
+  _globals['_WATCHSECRETREQUEST']._serialized_end=1612
+  _globals['_WATCHSECRETRESPONSE']._serialized_start=1615
+  _globals['_WATCHSECRETRESPONSE']._serialized_end=1775
+  _globals['_SECRETSSERVICE']._serialized_start=1778
+  _globals['_SECRETSSERVICE']._serialized_end=2512
 # @@protoc_insertion_point(module_scope)

@@ -38,7 +38,9 @@ class GetSecretRequest(_message.Message):
     """A staging label to read; empty means "AWSCURRENT"."""
     bypass_cache: _builtins.bool
     """Read from upstream even when cached; the fresh value also replaces the
-    cached one for every caller.
+    cached one for every caller. When AWS fails transiently and a value is
+    cached, that value is answered, with `cache.stale` set: a caller that
+    wants AWS-or-nothing checks it (the Python and Rust clients do).
     """
     def __init__(
         self,
@@ -89,7 +91,9 @@ class BatchGetSecretsRequest(_message.Message):
     NAMES_FIELD_NUMBER: _builtins.int
     BYPASS_CACHE_FIELD_NUMBER: _builtins.int
     bypass_cache: _builtins.bool
-    """Read each from upstream even when cached."""
+    """Read each from upstream even when cached (a cached value is answered,
+    `cache.stale` set, when AWS fails transiently).
+    """
     @_builtins.property
     def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The names to read (each as in GetSecretRequest.name), current versions."""
@@ -179,7 +183,9 @@ class GetJwtConfigRequest(_message.Message):
     name: _builtins.str
     """The secret's name; empty means `<env>/jwt`."""
     bypass_cache: _builtins.bool
-    """Read from upstream even when cached."""
+    """Read from upstream even when cached (a cached value is answered,
+    `cache.stale` set, when AWS fails transiently).
+    """
     def __init__(
         self,
         *,
@@ -204,6 +210,7 @@ class GetJwtConfigResponse(_message.Message):
     VERSION_ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     ARN_FIELD_NUMBER: _builtins.int
+    CACHE_FIELD_NUMBER: _builtins.int
     version_id: _builtins.str
     """The version the settings were read from."""
     name: _builtins.str
@@ -218,6 +225,12 @@ class GetJwtConfigResponse(_message.Message):
     def config(self) -> _secret_pb2.JwtConfig:
         """The decoded and validated settings."""
 
+    @_builtins.property
+    def cache(self) -> _secret_pb2.CacheInfo:
+        """Where the settings came from: the broker's cache or AWS, how old, and
+        whether served past their TTL (`Secret.cache`).
+        """
+
     def __init__(
         self,
         *,
@@ -225,10 +238,11 @@ class GetJwtConfigResponse(_message.Message):
         version_id: _builtins.str = ...,
         name: _builtins.str = ...,
         arn: _builtins.str = ...,
+        cache: _secret_pb2.CacheInfo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cache", b"cache", "config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arn", b"arn", "config", b"config", "name", b"name", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arn", b"arn", "cache", b"cache", "config", b"config", "name", b"name", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -245,7 +259,9 @@ class GetDatabaseConfigRequest(_message.Message):
     name: _builtins.str
     """The secret's name; empty means `<env>/database`."""
     bypass_cache: _builtins.bool
-    """Read from upstream even when cached."""
+    """Read from upstream even when cached (a cached value is answered,
+    `cache.stale` set, when AWS fails transiently).
+    """
     def __init__(
         self,
         *,
@@ -270,6 +286,7 @@ class GetDatabaseConfigResponse(_message.Message):
     VERSION_ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     ARN_FIELD_NUMBER: _builtins.int
+    CACHE_FIELD_NUMBER: _builtins.int
     version_id: _builtins.str
     """The version the settings were read from."""
     name: _builtins.str
@@ -284,6 +301,12 @@ class GetDatabaseConfigResponse(_message.Message):
     def config(self) -> _secret_pb2.DatabaseConfig:
         """The decoded and validated settings."""
 
+    @_builtins.property
+    def cache(self) -> _secret_pb2.CacheInfo:
+        """Where the settings came from: the broker's cache or AWS, how old, and
+        whether served past their TTL (`Secret.cache`).
+        """
+
     def __init__(
         self,
         *,
@@ -291,10 +314,11 @@ class GetDatabaseConfigResponse(_message.Message):
         version_id: _builtins.str = ...,
         name: _builtins.str = ...,
         arn: _builtins.str = ...,
+        cache: _secret_pb2.CacheInfo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cache", b"cache", "config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arn", b"arn", "config", b"config", "name", b"name", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arn", b"arn", "cache", b"cache", "config", b"config", "name", b"name", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -311,7 +335,9 @@ class GetAwsServicesConfigRequest(_message.Message):
     name: _builtins.str
     """The secret's name; empty means `<env>/aws-services`."""
     bypass_cache: _builtins.bool
-    """Read from upstream even when cached."""
+    """Read from upstream even when cached (a cached value is answered,
+    `cache.stale` set, when AWS fails transiently).
+    """
     def __init__(
         self,
         *,
@@ -336,6 +362,7 @@ class GetAwsServicesConfigResponse(_message.Message):
     VERSION_ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     ARN_FIELD_NUMBER: _builtins.int
+    CACHE_FIELD_NUMBER: _builtins.int
     version_id: _builtins.str
     """The version the settings were read from."""
     name: _builtins.str
@@ -350,6 +377,12 @@ class GetAwsServicesConfigResponse(_message.Message):
     def config(self) -> _secret_pb2.AwsServicesConfig:
         """The decoded and validated settings."""
 
+    @_builtins.property
+    def cache(self) -> _secret_pb2.CacheInfo:
+        """Where the settings came from: the broker's cache or AWS, how old, and
+        whether served past their TTL (`Secret.cache`).
+        """
+
     def __init__(
         self,
         *,
@@ -357,10 +390,11 @@ class GetAwsServicesConfigResponse(_message.Message):
         version_id: _builtins.str = ...,
         name: _builtins.str = ...,
         arn: _builtins.str = ...,
+        cache: _secret_pb2.CacheInfo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cache", b"cache", "config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arn", b"arn", "config", b"config", "name", b"name", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arn", b"arn", "cache", b"cache", "config", b"config", "name", b"name", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -377,7 +411,9 @@ class GetSecurityConfigRequest(_message.Message):
     name: _builtins.str
     """The secret's name; empty means `<env>/security`."""
     bypass_cache: _builtins.bool
-    """Read from upstream even when cached."""
+    """Read from upstream even when cached (a cached value is answered,
+    `cache.stale` set, when AWS fails transiently).
+    """
     def __init__(
         self,
         *,
@@ -402,6 +438,7 @@ class GetSecurityConfigResponse(_message.Message):
     VERSION_ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     ARN_FIELD_NUMBER: _builtins.int
+    CACHE_FIELD_NUMBER: _builtins.int
     version_id: _builtins.str
     """The version the settings were read from."""
     name: _builtins.str
@@ -416,6 +453,12 @@ class GetSecurityConfigResponse(_message.Message):
     def config(self) -> _secret_pb2.SecurityConfig:
         """The decoded and validated settings."""
 
+    @_builtins.property
+    def cache(self) -> _secret_pb2.CacheInfo:
+        """Where the settings came from: the broker's cache or AWS, how old, and
+        whether served past their TTL (`Secret.cache`).
+        """
+
     def __init__(
         self,
         *,
@@ -423,10 +466,11 @@ class GetSecurityConfigResponse(_message.Message):
         version_id: _builtins.str = ...,
         name: _builtins.str = ...,
         arn: _builtins.str = ...,
+        cache: _secret_pb2.CacheInfo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cache", b"cache", "config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arn", b"arn", "config", b"config", "name", b"name", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arn", b"arn", "cache", b"cache", "config", b"config", "name", b"name", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
