@@ -459,12 +459,10 @@ pub(super) fn explain_code(answer: Answer<'_>, action: &str, secret: &str) -> St
     let name = secret.to_owned();
     match code {
         "ResourceNotFoundException" => StoreError::NotFound { name },
-        "InvalidRequestException"
-            if message.to_ascii_lowercase().contains("deleted")
-                || message.to_ascii_lowercase().contains("deletion") =>
-        {
-            StoreError::Deleted { name }
-        }
+        // The secret's own deletion ("because it was marked for deletion",
+        // "currently marked deleted"), not its KMS key's ("the KMS key ...
+        // is pending deletion"), which is a refusal of its own below.
+        "InvalidRequestException" if says_secret_deleted(message) => StoreError::Deleted { name },
         // A listing is of no one secret, and has no KMS key to blame.
         "AccessDeniedException" if action == "ListSecrets" => StoreError::AccessDenied {
             name: "*".into(),
@@ -515,27 +513,60 @@ pub(super) fn explain_code(answer: Answer<'_>, action: &str, secret: &str) -> St
             detail: format!("AWS answered {code} (its own fault); it is retried"),
         },
         _ if status == 429 => StoreError::Throttled,
+        "DecryptionFailure" => refused(
+            &name,
+            answer,
+            "AWS could not decrypt it with its KMS key (DecryptionFailure): check that the key \
+             is enabled and that its key policy lets the broker's role use kms:Decrypt"
+                .into(),
+        ),
+        "InvalidRequestException" if message.to_ascii_lowercase().contains("kms") => refused(
+            &name,
+            answer,
+            "AWS refused the read because of the secret's KMS key (InvalidRequestException; \
+             AWS's words are in the broker's log): check that the key exists, is enabled, and \
+             is not AWS's default key of another account"
+                .into(),
+        ),
         _ if status >= 500 || code.is_empty() => StoreError::Unavailable {
             detail: unrecognised(code, status),
         },
-        _ => {
-            // AWS's message may name accounts or keys: it goes to the log,
-            // the caller gets the code. Every read of such a secret is
-            // refused alike (a KMS key it cannot use...): said once.
-            if REFUSALS.first_in_a_while(&name, code) {
-                // Cut so that the line stays under 300 characters.
-                let message = message.chars().take(60).collect::<String>();
-                // Not `message`: that is the event's own field, and a JSON
-                // line would carry the key twice.
-                tracing::warn!(secret = %name, code, status, aws_message = %message.escape_debug(), "AWS refused a read (said again in 10 min)");
-            } else {
-                tracing::debug!(secret = %name, code, status, "AWS refused a request again");
-            }
-            StoreError::Rejected {
-                detail: format!("AWS answered {code} (HTTP {status})"),
-            }
-        }
+        _ => refused(
+            &name,
+            answer,
+            format!("AWS answered {code} (HTTP {status})"),
+        ),
     }
+}
+
+/// Whether an InvalidRequestException's message says the secret itself is
+/// deleted (AWS: "because it was marked for deletion"; "currently marked
+/// deleted").
+fn says_secret_deleted(message: &str) -> bool {
+    let message = message.to_ascii_lowercase();
+    message.contains("marked for deletion") || message.contains("marked deleted")
+}
+
+/// A refusal by AWS that says nothing the caller can change: `detail` for
+/// the caller, AWS's message for the log. AWS's message may name accounts
+/// or keys: it goes to the log only. Every read of such a secret is
+/// refused alike (a KMS key it cannot use...): said once in a while.
+fn refused(name: &str, answer: Answer<'_>, detail: String) -> StoreError {
+    let Answer {
+        code,
+        message,
+        status,
+    } = answer;
+    if REFUSALS.first_in_a_while(name, code) {
+        // Cut so that the line stays under 300 characters.
+        let message = message.chars().take(60).collect::<String>();
+        // Not `message`: that is the event's own field, and a JSON line
+        // would carry the key twice.
+        tracing::warn!(secret = %name, code, status, aws_message = %message.escape_debug(), "AWS refused a read (said again in 10 min)");
+    } else {
+        tracing::debug!(secret = %name, code, status, "AWS refused a request again");
+    }
+    StoreError::Rejected { detail }
 }
 
 /// Refusals logged lately, so that a secret every read of which AWS
@@ -868,6 +899,45 @@ mod tests {
         assert!(
             !explain_code(answer("DecryptionFailure", "", 400), "GetSecretValue", "x")
                 .is_transient()
+        );
+    }
+
+    /// A KMS key's trouble is told as such, with what to check; a key
+    /// pending deletion is not the secret's deletion.
+    #[test]
+    fn kms_refusals_name_the_key_and_what_to_check() {
+        let decrypt = explain_code(
+            answer("DecryptionFailure", "cannot decrypt", 400),
+            "GetSecretValue",
+            "x",
+        );
+        assert!(matches!(decrypt, StoreError::Rejected { .. }));
+        assert!(decrypt.to_string().contains("kms:Decrypt"), "{decrypt}");
+        let pending = explain_code(
+            answer(
+                "InvalidRequestException",
+                "Access to KMS is not allowed. The KMS key arn:aws:kms:us-east-1:1:key/k is pending deletion.",
+                400,
+            ),
+            "GetSecretValue",
+            "x",
+        );
+        assert!(
+            matches!(pending, StoreError::Rejected { .. }),
+            "{pending:?}"
+        );
+        assert!(pending.to_string().contains("KMS key"), "{pending}");
+        assert_eq!(
+            explain_code(
+                answer(
+                    "InvalidRequestException",
+                    "You tried to perform the operation on a secret that's currently marked deleted.",
+                    400
+                ),
+                "GetSecretValue",
+                "x"
+            ),
+            StoreError::Deleted { name: "x".into() }
         );
     }
 
