@@ -470,13 +470,17 @@ pub(super) fn explain_code(answer: Answer<'_>, action: &str, secret: &str) -> St
                      (Resource \"*\"); check the role's policy (deploy/iam-policy.json)"
                 .into(),
         },
-        "AccessDeniedException" => StoreError::AccessDenied {
-            name,
-            detail: format!(
-                "AWS IAM does not allow the broker's role secretsmanager:{action} on it; check \
-                 the role's policy (deploy/iam-policy.json) and the key policy of its KMS key"
-            ),
-        },
+        "AccessDeniedException" => {
+            log_refusal(&name, answer);
+            StoreError::AccessDenied {
+                name,
+                detail: format!(
+                    "AWS IAM does not allow the broker's role secretsmanager:{action} on it; \
+                     check the role's policy (deploy/iam-policy.json) and the key policy of its \
+                     KMS key"
+                ),
+            }
+        }
         // The broker's own credentials, not the caller's access to this
         // secret: every secret fails alike until they are fixed or renewed.
         "UnrecognizedClientException"
@@ -548,10 +552,17 @@ fn says_secret_deleted(message: &str) -> bool {
 }
 
 /// A refusal by AWS that says nothing the caller can change: `detail` for
-/// the caller, AWS's message for the log. AWS's message may name accounts
-/// or keys: it goes to the log only. Every read of such a secret is
-/// refused alike (a KMS key it cannot use...): said once in a while.
+/// the caller, AWS's message for the log.
 fn refused(name: &str, answer: Answer<'_>, detail: String) -> StoreError {
+    log_refusal(name, answer);
+    StoreError::Rejected { detail }
+}
+
+/// AWS's refusal of a read, for the operator. AWS's message may name
+/// accounts or keys: it goes to the log only. Every read of such a secret
+/// is refused alike (a KMS key it cannot use, an IAM deny...): said once in
+/// a while.
+fn log_refusal(name: &str, answer: Answer<'_>) {
     let Answer {
         code,
         message,
@@ -566,7 +577,6 @@ fn refused(name: &str, answer: Answer<'_>, detail: String) -> StoreError {
     } else {
         tracing::debug!(secret = %name, code, status, "AWS refused a request again");
     }
-    StoreError::Rejected { detail }
 }
 
 /// Refusals logged lately, so that a secret every read of which AWS

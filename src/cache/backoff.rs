@@ -93,22 +93,29 @@ impl Backoff {
     pub fn succeeded(&self) {
         let mut until = self.until.lock().unwrap_or_else(|e| e.into_inner());
         if until.take().is_some() {
-            tracing::debug!("the upstream answers again; backoff ended");
+            let failures = self.failures.load(Relaxed);
+            tracing::info!(
+                failures,
+                "reads of the upstream answer again; backoff ended"
+            );
         }
         self.failures.store(0, Relaxed);
     }
 
-    /// A transient failure, or a renewal that did not answer in time.
-    pub fn failed(&self) {
+    /// A transient failure, or a renewal that did not answer in time
+    /// (`cause`, for the operator: the start of a backoff is logged once,
+    /// with it, and its end once; the health check alone would not say it
+    /// when reads fail and listing works, e.g. reads throttled).
+    pub fn failed(&self, cause: &dyn std::fmt::Display) {
         let failures = self.failures.fetch_add(1, Relaxed).saturating_add(1);
         let wait = backoff_for(failures);
         let mut until = self.until.lock().unwrap_or_else(|e| e.into_inner());
         let later = Instant::now() + wait;
         if until.is_none() {
             self.started.fetch_add(1, Relaxed);
-            tracing::debug!(
-                ?wait,
-                "the upstream is slow or failing; serving cached values while backing off"
+            tracing::warn!(
+                error = %cause,
+                "reads of the upstream are slow or failing; serving cached values while backing off"
             );
         }
         if until.is_none_or(|current| current < later) {
@@ -141,7 +148,7 @@ mod tests {
     async fn one_probe_at_a_time_after_the_wait() {
         let backoff = Backoff::default();
         assert_eq!(backoff.permit(), Permit::Ask);
-        backoff.failed();
+        backoff.failed(&"a test's failure");
         assert!(backoff.active());
         assert_eq!(backoff.permit(), Permit::Fallback);
         tokio::time::advance(LONGEST).await;

@@ -209,7 +209,9 @@ impl Shared {
         result: FetchResult,
     ) -> FetchResult {
         match &result {
-            Err(StoreError::Throttled | StoreError::Unavailable { .. }) => self.backoff.failed(),
+            Err(error @ (StoreError::Throttled | StoreError::Unavailable { .. })) => {
+                self.backoff.failed(error)
+            }
             // Our own queue being full says nothing about the upstream.
             Err(StoreError::QueueFull) => {}
             _ => self.backoff.succeeded(),

@@ -340,7 +340,7 @@ impl Cache {
             Err(_overdue) => {
                 // The renewal goes on in the background; it ends the backoff
                 // when it answers.
-                shared.backoff.failed();
+                shared.backoff.failed(&OVERDUE);
                 Ok(shared.serve_stale(&stale))
             }
         }
@@ -390,7 +390,7 @@ impl Cache {
             Err(_overdue) => {
                 // The read goes on in the background, and tells the
                 // watchers (the change listener) when it answers.
-                shared.backoff.failed();
+                shared.backoff.failed(&OVERDUE);
                 Ok(fallback())
             }
         }
@@ -472,6 +472,9 @@ pub struct Deadline {
     /// its reason (CALL_TIMEOUT); before a caller's own, nobody would.
     pub callers: bool,
 }
+
+/// Why a backoff started when a read overran the upstream wait.
+const OVERDUE: &str = "AWS did not answer within --upstream-wait (the read goes on)";
 
 /// How long before a caller's deadline its answer is given, so that it
 /// still reaches the caller.

@@ -98,6 +98,13 @@ def test_a_hung_upstream_is_waited_for_a_bounded_time(moto, aws_broker, stubs):
         assert time.monotonic() < deadline, "reads never became fresh after moto resumed"
         time.sleep(0.2)
     print(f"fresh again {40 - (deadline - time.monotonic()):.1f} s after SIGCONT")
+    # The operator is told once when reads start failing, with why, and
+    # once when they answer again.
+    log = broker.log()
+    assert log.count("reads of the upstream are slow or failing") >= 1, log[-3000:]
+    failing = next(line for line in log.splitlines() if "reads of the upstream are slow or failing" in line)
+    assert "WARN" in failing and "upstream-wait" in failing, failing
+    assert "reads of the upstream answer again; backoff ended" in log
 
 
 def test_a_flood_of_misses_is_bounded_and_remembered(moto, aws_broker, stubs, counting_upstream):
