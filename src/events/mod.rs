@@ -369,8 +369,8 @@ impl Events {
                 behind,
             } => {
                 shared.applied.fetch_add(count, Relaxed);
-                if let (true, Some((stage, version))) = (behind, hint) {
-                    self.read_again_later(hub, ids.clone(), stage, version);
+                if behind && hint.is_some() {
+                    self.read_again_later(hub, ids.clone(), hint);
                 }
                 let lag =
                     latest_time(&changes).and_then(|t| SystemTime::now().duration_since(t).ok());
@@ -386,20 +386,24 @@ impl Events {
                 tracing::debug!(%secret, kind = %first.kind, "an event about a secret not held here, or already current; dropped");
             }
             Refreshed::Failed(error) => {
+                // A passing failure as the event lands must not leave this
+                // replica to the sweep while the others are current.
                 shared.failed.fetch_add(count, Relaxed);
-                tracing::warn!(%secret, %error, "an event's re-read failed; the sweep will look again");
+                tracing::warn!(%secret, %error, "an event's re-read failed; reading again shortly");
+                self.read_again_later(hub, ids, hint);
             }
         }
     }
 
-    /// The event named a version that its re-read did not find yet: read
-    /// again a few times, in the background (the next events must not
-    /// wait), until the stage holds it.
+    /// The event's re-read failed (AWS failing for a moment), or named a
+    /// version that it did not find yet (`hint`): read again a few times,
+    /// in the background (the next events must not wait), until a read
+    /// answers and the stage holds the hinted version.
     ///
     /// One task per secret: more events for it while it runs add nothing.
     /// (An event delivered out of order, naming a version older than the
     /// one read, looks the same; it costs these few reads, no more.)
-    fn read_again_later(&self, hub: &WatchHub, names: Vec<String>, stage: &str, version: &str) {
+    fn read_again_later(&self, hub: &WatchHub, names: Vec<String>, hint: Option<(&str, &str)>) {
         if !self
             .shared
             .reading_again
@@ -410,14 +414,14 @@ impl Events {
             return;
         }
         let (hub, shared) = (hub.clone(), Arc::clone(&self.shared));
-        let (stage, version) = (stage.to_owned(), version.to_owned());
+        let hint = hint.map(|(stage, version)| (stage.to_owned(), version.to_owned()));
         let stop = self.shared.stopping.get().cloned().unwrap_or_default();
-        tracing::debug!(secret = %names[0], %stage, version_id = %version, "an event is ahead of AWS's reads; reading again shortly");
+        tracing::debug!(secret = %names[0], ?hint, "an event's change is not read yet; reading again shortly");
         tokio::spawn(async move {
             let again = async {
                 for wait in BEHIND_RETRIES {
                     tokio::time::sleep(wait).await;
-                    let hint = Some((stage.as_str(), version.as_str()));
+                    let hint = hint.as_ref().map(|(s, v)| (s.as_str(), v.as_str()));
                     if let Refreshed::Reread { behind: true, .. } | Refreshed::Failed(_) =
                         hub.refresh_secret(&names, hint).await
                     {
@@ -425,7 +429,7 @@ impl Events {
                     }
                     return;
                 }
-                tracing::debug!(secret = %names[0], %stage, version_id = %version, "AWS's reads do not show the event's version (or show a newer one); the sweep will look again");
+                tracing::debug!(secret = %names[0], ?hint, "AWS's reads do not show the event's change (or show a newer one); the sweep will look again");
             };
             tokio::select! {
                 () = stop.cancelled() => {}

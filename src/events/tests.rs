@@ -128,17 +128,23 @@ async fn a_deletion_event_drops_the_secret_and_tells_watchers() {
     assert_eq!(events.stats().applied, 1);
 }
 
-#[tokio::test]
-async fn a_failed_reread_is_counted_and_left_to_the_sweep() {
+/// AWS failing for a moment as an event lands: the failure is counted,
+/// the entry kept, and the secret read again shortly, not left to the
+/// sweep while other replicas are current.
+#[tokio::test(start_paused = true)]
+async fn a_failed_reread_is_counted_and_read_again_shortly() {
     let (store, hub, cache, events) = setup(&["db"]);
     cached(&cache, "db").await;
     store.fail_with(Some(crate::backend::StoreError::Throttled));
+    store.set("db", "v2");
     events
         .handle(&hub, &[("m1", &label_moved("e1", "db", "v2"))])
         .await;
     assert_eq!(events.stats().failed, 1);
     store.fail_with(None);
     assert_eq!(cached(&cache, "db").await, "v1", "the entry is kept");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(cached(&cache, "db").await, "v2", "read again");
 }
 
 #[test]
