@@ -33,6 +33,13 @@ const LONG_POLL: Duration = Duration::from_secs(20);
 const RETENTION: Duration = Duration::from_secs(300);
 /// The most messages one receive returns (SQS's maximum).
 const BATCH: i32 = 10;
+/// How long a received message stays hidden from other receives. A
+/// receive the broker gave up on (SQS unreachable for a while) may still
+/// be held by SQS and take the next messages when it answers, to nobody:
+/// they are hidden this long (30 s at SQS's default), then delivered
+/// again. A batch is handled well within it; one handled past it (AWS slow)
+/// comes again, and its events are known by id.
+const VISIBILITY: Duration = Duration::from_secs(5);
 /// Prefix of the queues the broker makes; the IAM policy scopes to it.
 pub(super) const QUEUE_PREFIX: &str = "secrets-broker-";
 /// AWS's longest queue name.
@@ -289,6 +296,7 @@ impl Queue {
             .queue_url(&self.url)
             .max_number_of_messages(BATCH)
             .wait_time_seconds(LONG_POLL.as_secs() as i32)
+            .visibility_timeout(VISIBILITY.as_secs() as i32)
             .send()
             .await
             .map_err(|e| QueueError::of(Service::Sqs, "ReceiveMessage", &e, &self.region))?;

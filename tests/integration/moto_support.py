@@ -18,7 +18,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import boto3
@@ -46,6 +46,7 @@ class RecordedRequest:
     user_agent: str
     filtered: bool = False  # the body has Filters (the sweep's ListSecrets pages)
     access_key: str = ""    # the signing key id: tells brokers with their own keys apart
+    params: dict = field(default_factory=dict)  # the JSON body (AWS's JSON protocol)
 
     @property
     def is_health_check(self) -> bool:
@@ -240,13 +241,14 @@ class MotoServer:
                 secret_id = parsed.get("SecretId", "")
                 filtered = bool(parsed.get("Filters"))
             except (ValueError, AttributeError):
-                secret_id, filtered = "", False
+                parsed, secret_id, filtered = {}, "", False
             out.append(RecordedRequest(
                 target=headers.get("x-amz-target", ""),
                 secret_id=secret_id,
                 user_agent=headers.get("user-agent", ""),
                 filtered=filtered,
                 access_key=_access_key(headers.get("authorization", "")),
+                params=parsed if isinstance(parsed, dict) else {},
             ))
         return out
 

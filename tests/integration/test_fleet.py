@@ -204,6 +204,13 @@ def test_raw_and_sns_wrapped_queues(moto, start_broker, stubs):
         wait_until(lambda: queue_depth(sqs, url) == 0, 5, "the queue drained")
     # the queues were given, not made: they stay
     assert {raw_url, wrapped_url} <= set(sqs.list_queues().get("QueueUrls", []))
+    # A message a receive takes is hidden 5 s, not SQS's default 30 s: a
+    # receive the broker gave up on (SQS unreachable for a while) may take
+    # the next events when SQS answers it, and they come again that soon.
+    moto.start_recording()
+    wait_until(lambda: any(r.target == "AmazonSQS.ReceiveMessage" for r in moto.recorded()), 30, "a receive")
+    receives = [r for r in moto.recorded() if r.target == "AmazonSQS.ReceiveMessage"]
+    assert all(r.params.get("VisibilityTimeout") == 5 for r in receives), [r.params for r in receives]
 
 
 # --------------------------------------------------------------------------
