@@ -435,6 +435,7 @@ impl SecretsService for SecretsApi {
         };
         let first = message::first_watch_event(
             &subscription.first,
+            subscription.checked,
             &request.since_version_id,
             &request.since_arn,
         );

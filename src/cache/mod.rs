@@ -366,16 +366,21 @@ impl Cache {
     /// TTL). Slow is not down: a watcher is not
     /// refused, nor kept waiting for the SDK's timeout, while the broker
     /// holds a good value.
-    pub async fn get_fresh_or_cached(&self, key: CacheKey) -> Result<Lookup, StoreError> {
+    pub async fn get_fresh_or_cached(&self, key: CacheKey) -> Result<Checked, StoreError> {
         let shared = &self.shared;
+        let upstream = |lookup| Checked {
+            lookup,
+            upstream_answered: true,
+        };
         let Some(cached) = shared.stale_entry(&key) else {
-            return self.get_fresh(key).await;
+            return self.get_fresh(key).await.map(upstream);
         };
         // Within its TTL the entry is answered as a hit, past it as stale.
-        let fallback = || {
-            shared
+        let fallback = || Checked {
+            lookup: shared
                 .fresh_hit(&key, false, Instant::now())
-                .unwrap_or_else(|| shared.serve_stale(&cached))
+                .unwrap_or_else(|| shared.serve_stale(&cached)),
+            upstream_answered: false,
         };
         // As `get_until`: while backed off, one caller probes at a time.
         let _probe = match shared.backoff.permit() {
@@ -386,7 +391,7 @@ impl Cache {
         match tokio::time::timeout(shared.settings.upstream_wait, self.get_fresh(key.clone())).await
         {
             Ok(Err(error)) if error.is_transient() => Ok(fallback()),
-            Ok(answer) => answer,
+            Ok(answer) => answer.map(upstream),
             Err(_overdue) => {
                 // The read goes on in the background, and tells the
                 // watchers (the change listener) when it answers.
@@ -460,6 +465,16 @@ impl Drop for ProbeGuard<'_> {
     fn drop(&mut self) {
         self.0.probe_done();
     }
+}
+
+/// `get_fresh_or_cached`'s answer, and whether the upstream gave it: when
+/// it did not (slow, failing, backed off), the cached entry may be behind
+/// a version its caller already holds from another replica.
+pub struct Checked {
+    /// The state answered.
+    pub lookup: Lookup,
+    /// The upstream's answer, not the cached entry.
+    pub upstream_answered: bool,
 }
 
 /// When a caller must have its answer, and whose limit that is.

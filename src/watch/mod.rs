@@ -95,6 +95,11 @@ impl WatchState {
 /// What a new watcher gets: the state now, and the changes after it.
 pub struct Subscription {
     pub first: WatchState,
+    /// Whether `first` was checked with the upstream for a watcher that
+    /// resumes: when AWS did not answer in time, the cached state may be
+    /// older than the version the watcher holds (read from a replica that
+    /// saw a rotation this one has not), and must not be told as a change.
+    pub checked: bool,
     pub changes: watch::Receiver<WatchState>,
     /// Becomes `true` when the broker shuts down.
     pub shutdown: watch::Receiver<bool>,
@@ -261,12 +266,19 @@ impl WatchHub {
         // Subscribing under the map's guard: a detector round drops topics
         // with no receivers, and must not drop this one in between.
         let subscribed = shared.topics.get(&topic_key).map(|t| t.state.subscribe());
+        let mut checked = true;
         let mut changes = match subscribed {
             Some(changes) if !resumes => changes,
             Some(changes) => match shared.cache.get_fresh_or_cached(cache_key).await {
                 // The read told the topic (the cache's change listener).
-                Ok(_) => changes,
-                Err(error) if error.is_transient() => changes,
+                Ok(answer) => {
+                    checked = answer.upstream_answered;
+                    changes
+                }
+                Err(error) if error.is_transient() => {
+                    checked = false;
+                    changes
+                }
                 // Marked for deletion (the sweep may not have seen it yet):
                 // everyone is told, and the stream goes on at DELETED.
                 Err(StoreError::Deleted { .. }) => {
@@ -280,7 +292,10 @@ impl WatchHub {
                 // opens at DELETED (a watcher that reconnects to a broker
                 // started since keeps waiting for the restore).
                 let topic = match shared.cache.get_fresh_or_cached(cache_key.clone()).await {
-                    Ok(lookup) => Topic::new(lookup.version),
+                    Ok(answer) => {
+                        checked = answer.upstream_answered;
+                        Topic::new(answer.lookup.version)
+                    }
                     Err(StoreError::Deleted { .. }) => {
                         // A read under way since before must not restore it.
                         shared.cache.remove_deleted(&cache_key);
@@ -300,6 +315,7 @@ impl WatchHub {
         shared.watchers.fetch_add(1, Relaxed);
         Ok(Subscription {
             first,
+            checked,
             changes,
             shutdown: shared.shutdown.subscribe(),
             _guard: WatcherGuard {

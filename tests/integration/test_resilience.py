@@ -226,3 +226,42 @@ def test_a_reconnect_to_a_live_topic_gets_the_missed_rotation_first(moto, aws_br
     assert event_name(stubs, news) == ROTATED and news.secret.version_id == v2
     staying.close()
     back.close()
+
+
+def test_a_replica_that_cannot_check_with_aws_does_not_tell_a_resuming_watcher_of_its_older_version(
+        moto, aws_broker, stubs, counting_upstream):
+    """A watcher resumes on this replica holding v2, read from a replica
+    that saw a rotation this one has not, while AWS fails here: the cached
+    v1 may be the older one, so it is CURRENT (nothing to tell), never
+    ROTATED, which clients would take, going back a version. With AWS
+    answering, a watcher holding an older version is told ROTATED."""
+    v1 = moto.create_secret("insurecove/behind", "behind-value-v1-5e0a")
+    upstream = counting_upstream(0.0)
+    broker = aws_broker(["--watch-interval", "1h"], env={"AWS_ENDPOINT_URL": upstream.url})
+    stub = broker.secrets()
+    assert get(stubs, stub, "behind").version_id == v1
+    v2 = moto.put_secret_value("insurecove/behind", "behind-value-v2-5e0a")
+    pb, spb = stubs.secrets_service_pb2, stubs.secret_pb2
+
+    def first_event(since: str):
+        stream = stub.WatchSecret(pb.WatchSecretRequest(name="behind", since_version_id=since), timeout=30)
+        try:
+            event = next(stream)
+            return event.type, event.secret.version_id
+        finally:
+            stream.cancel()
+
+    upstream.fault = (503, "application/x-amz-json-1.1",
+                      b'{"__type":"ServiceUnavailableException","message":"try later"}')
+    try:
+        assert first_event(v2) == (spb.WATCH_EVENT_TYPE_CURRENT, v1)
+    finally:
+        upstream.fault = None
+    # AWS answers again (once the backoff its failures started is over):
+    # the rotation this replica missed is read, and a watcher holding v1 is
+    # told of it first.
+    deadline = time.monotonic() + 30
+    while (first := first_event(v1)) != (spb.WATCH_EVENT_TYPE_ROTATED, v2):
+        assert first == (spb.WATCH_EVENT_TYPE_CURRENT, v1), first
+        assert time.monotonic() < deadline, "the missed rotation was never told"
+        time.sleep(0.5)

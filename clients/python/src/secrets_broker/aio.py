@@ -236,9 +236,16 @@ async def _follow(
         request = secrets_service_pb2.WatchSecretRequest(name=name, since_version_id=version_id, since_arn=arn)
         stream = held._secrets().WatchSecret(request)
         held = None
+        first = True
         try:
             async for event in stream:
                 backoff = 0.1
+                # As the sync follower (_first_marked): a first CURRENT
+                # tells nothing new, or comes from a replica behind.
+                if first and event.type == secret_pb2.WATCH_EVENT_TYPE_CURRENT:
+                    first = False
+                    continue
+                first = False
                 held = manager()
                 if held is None:
                     stream.cancel()

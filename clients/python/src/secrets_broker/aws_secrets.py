@@ -1127,6 +1127,18 @@ def _varint(n: int) -> bytes:
 
 
 @dataclass
+def _first_marked(events: Iterable[Any]) -> Iterator[tuple[bool, Any]]:
+    """A watch stream's events, the first marked. A follower always asks
+    from the version it holds, so a first CURRENT tells nothing new: the
+    broker says ROTATED when it knows of another version. A CURRENT of
+    another version comes from a replica that could not check with AWS and
+    may be behind the one the version was read from: it is not taken."""
+    first = True
+    for event in events:
+        yield first, event
+        first = False
+
+
 class _Follower:
     """A daemon thread holding the WatchSecret stream of one cached name. It
     reconnects with the version it holds, so a rotation missed while
@@ -1168,8 +1180,10 @@ class _Follower:
         backoff = 0.1
         while not self._stopped.is_set():
             try:
-                for event in self._events():
+                for first, event in _first_marked(self._events()):
                     backoff = 0.1
+                    if first and event.type == secret_pb2.WATCH_EVENT_TYPE_CURRENT:
+                        continue  # see _first_marked
                     if event.type == secret_pb2.WATCH_EVENT_TYPE_DELETED:
                         self._tell(None)
                         return
