@@ -24,7 +24,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering::Relaxed},
     },
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use tokio_util::sync::CancellationToken;
@@ -203,6 +203,13 @@ impl Events {
                         return;
                     }
                 }
+                ReadEnd::Unsubscribed => {
+                    tracing::warn!(queue = %queue.url(), "this broker's event queue is no longer subscribed to the topic (unsubscribed, or the topic made again); it makes a new queue and subscribes it");
+                    queue.forget().await;
+                    if !pause(&stop, &mut rebuild).await {
+                        return;
+                    }
+                }
             }
         }
     }
@@ -239,7 +246,20 @@ impl Events {
     /// the broker is someone else's to make again, and is tried until then.
     async fn read(&self, queue: &Queue, hub: &WatchHub, stop: &CancellationToken) -> ReadEnd {
         let mut retry = FIRST_RETRY;
+        // The subscription is checked as often as the sweep runs: both are
+        // what keeps a replica fresh when events stop coming.
+        let mut checked = Instant::now();
         loop {
+            if checked.elapsed() >= hub.interval() {
+                checked = Instant::now();
+                match queue.still_subscribed().await {
+                    Ok(true) => {}
+                    Ok(false) => return ReadEnd::Unsubscribed,
+                    Err(error) => {
+                        tracing::debug!(%error, "could not check this broker's subscription to the events topic")
+                    }
+                }
+            }
             let received = tokio::select! {
                 () = stop.cancelled() => return ReadEnd::Stopped,
                 received = queue.receive() => received,
@@ -496,6 +516,8 @@ fn latest_time(changes: &[Change]) -> Option<SystemTime> {
 enum ReadEnd {
     Stopped,
     OwnQueueGone,
+    /// The broker's own queue, no longer subscribed to the topic.
+    Unsubscribed,
 }
 
 /// Sleeps `retry` (doubling it up to `LAST_RETRY`); false when stopped.

@@ -100,6 +100,7 @@ pub(super) struct Queue {
 /// What the broker made in topic mode, and removes on shutdown.
 struct Owned {
     sns: SnsClient,
+    topic: String,
     subscription: String,
 }
 
@@ -171,7 +172,11 @@ impl Queue {
             owned: None,
         };
         let subscription = queue.attach(sns.clone(), topic).await?;
-        queue.owned = Some(Owned { sns, subscription });
+        queue.owned = Some(Owned {
+            sns,
+            topic: topic.to_owned(),
+            subscription,
+        });
         tracing::info!(queue = %queue.url, topic, "subscribed a queue of this broker to the events topic");
         Ok(queue)
     }
@@ -265,6 +270,43 @@ impl Queue {
             .await
             .map_err(|e| QueueError::of(Service::Sns, "Subscribe", &e, &self.region))?;
         Ok(subscribed.subscription_arn().unwrap_or_default().to_owned())
+    }
+
+    /// Whether the topic still delivers to this queue (topic mode; a
+    /// given queue is someone else's to wire): its subscription is among
+    /// the topic's. It may not be while the queue is there: unsubscribed by
+    /// a person or a clean-up job, or the topic deleted and made again. SQS
+    /// would then answer empty receives for ever, and the broker would
+    /// report it consumes.
+    pub(super) async fn still_subscribed(&self) -> Result<bool, QueueError> {
+        let Some(owned) = &self.owned else {
+            return Ok(true);
+        };
+        let mut page = None;
+        // At most 100 subscriptions a page; a topic with thousands of
+        // replicas' queues is read to the end all the same.
+        loop {
+            let listed = owned
+                .sns
+                .list_subscriptions_by_topic()
+                .topic_arn(&owned.topic)
+                .set_next_token(page)
+                .send()
+                .await
+                .map_err(|e| {
+                    QueueError::of(Service::Sns, "ListSubscriptionsByTopic", &e, &self.region)
+                })?;
+            let ours = |s: &aws_sdk_sns::types::Subscription| {
+                s.subscription_arn() == Some(owned.subscription.as_str())
+            };
+            if listed.subscriptions().iter().any(ours) {
+                return Ok(true);
+            }
+            match listed.next_token() {
+                Some(next) if !next.is_empty() => page = Some(next.to_owned()),
+                _ => return Ok(false),
+            }
+        }
     }
 
     /// The queue's URL.

@@ -324,6 +324,11 @@ impl WatchHub {
         })
     }
 
+    /// How often the sweep runs (before jitter).
+    pub fn interval(&self) -> Duration {
+        self.shared.interval
+    }
+
     pub fn stats(&self) -> WatchStats {
         let shared = &self.shared;
         WatchStats {

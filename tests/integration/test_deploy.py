@@ -1182,7 +1182,7 @@ TOPIC_MODE_SQS_ACTIONS = {
     "sqs:CreateQueue", "sqs:DeleteQueue", "sqs:GetQueueAttributes", "sqs:GetQueueUrl",
     "sqs:SetQueueAttributes", "sqs:TagQueue", "sqs:ReceiveMessage", "sqs:DeleteMessage",
 }
-TOPIC_MODE_SNS_ACTIONS = {"sns:Subscribe", "sns:Unsubscribe", "sns:GetTopicAttributes"}
+TOPIC_MODE_SNS_ACTIONS = {"sns:Subscribe", "sns:Unsubscribe", "sns:GetTopicAttributes", "sns:ListSubscriptionsByTopic"}
 BROKER_QUEUES_ARN = {"Fn::Sub": "arn:${AWS::Partition}:sqs:${AWS::Region}:${AWS::AccountId}:secrets-broker-*"}
 TOPIC_REF = {"Ref": "EventsTopic"}
 

@@ -400,6 +400,37 @@ def test_a_replica_whose_queue_is_deleted_makes_a_new_one_and_hears_events_again
     fresh_everywhere([broker], stubs, "fleet/requeued", v2, PUSH_BOUND)
 
 
+def test_a_replica_whose_queue_is_unsubscribed_subscribes_a_new_one(moto, start_broker, stubs):
+    """A clean-up job that failed to read SQS (or a person) unsubscribes a
+    live replica's queue, which is still there: SQS would answer empty
+    receives for ever while the broker said it consumed. Within its sweep
+    interval (and a long poll) the replica notices, makes a new queue and
+    subscribes it, and hears events again."""
+    name = "insurecove/fleet/unsubscribed"
+    moto.create_secret(name, "unsubscribed-v1-2c4e")
+    sns = moto.boto("sns")
+    topic = sns.create_topic(Name=TOPIC)["TopicArn"]
+    broker = start_broker(["--events-topic-arn", topic, "--cache-ttl", LONG_TTL, "--watch-interval", "2"],
+                          env=replica_env(moto, 0), dev=False)
+    first = wait_consuming(broker, stubs).queue_url
+    get(broker, stubs, "fleet/unsubscribed")
+    for subscription in sns.list_subscriptions_by_topic(TopicArn=topic)["Subscriptions"]:
+        sns.unsubscribe(SubscriptionArn=subscription["SubscriptionArn"])
+
+    again = wait_until(
+        lambda: (lambda e: e if e.state == "consuming" and e.queue_url != first else None)(
+            check_upstream(broker, stubs).events),
+        35, "a new queue, subscribed",
+    )
+    subscriptions = sns.list_subscriptions_by_topic(TopicArn=topic)["Subscriptions"]
+    assert [s["Endpoint"].rsplit(":", 1)[-1] for s in subscriptions] == [again.queue_url.rsplit("/", 1)[-1]]
+    assert "no longer subscribed to the topic" in broker.log()
+
+    v2 = moto.put_secret_value(name, "unsubscribed-v2-2c4e")
+    sns.publish(TopicArn=topic, Message=label_event(moto, name, v2, "after-resubscribe"))
+    fresh_everywhere([broker], stubs, "fleet/unsubscribed", v2, PUSH_BOUND)
+
+
 def test_a_topic_that_cannot_be_subscribed_leaves_one_queue_then_none(moto, start_broker, stubs):
     """While the topic is missing, every retry finds the one queue this run
     made (no new queue per retry), the failure is said once, and SIGTERM
