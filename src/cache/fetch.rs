@@ -6,9 +6,12 @@
 //! answer means for the entry (stored, kept stale, dropped, remembered as
 //! missing), and eviction when the bound is passed.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, Ordering::Relaxed},
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering::Relaxed},
+    },
+    time::Duration,
 };
 
 use dashmap::mapref::entry::Entry as MapEntry;
@@ -21,6 +24,15 @@ use crate::{
     names,
     secret::SecretVersion,
 };
+
+/// How long a value may be renewed by DescribeSecret alone before
+/// GetSecretValue is asked again. DescribeSecret needs neither the
+/// GetSecretValue permission nor the secret's KMS key: a role whose reads
+/// were revoked, or a KMS key disabled as a kill switch, would otherwise go
+/// on being served the value at every renewal, for ever. Within this, the
+/// read is refused (ACCESS_DENIED, or UPSTREAM_REJECTED for the key) and
+/// the entry dropped.
+pub(super) const VALUE_READ_EVERY: Duration = Duration::from_secs(3600);
 
 /// Where a fetch is registered for others to join.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -171,6 +183,7 @@ impl Shared {
         let cached = self
             .entries
             .get(key)
+            .filter(|entry| entry.value_read_at.elapsed() < VALUE_READ_EVERY)
             .map(|entry| Arc::clone(&entry.version))?;
         bump(&self.counters.upstream_calls);
         let started = Instant::now();
@@ -268,10 +281,11 @@ impl Shared {
         number: u64,
     ) {
         let mut older_than_a_clear = false;
-        let entry = |slot| {
+        let entry = |slot, value_read_at| {
             Arc::new(Entry {
                 version: Arc::clone(&version),
                 fetched_at: at,
+                value_read_at,
                 fetch_number: number,
                 slot,
                 referenced: AtomicBool::new(false),
@@ -297,13 +311,20 @@ impl Shared {
                     stage_moved = matches!(key.selector, VersionSelector::Stage(_))
                         && !current.get().version.same_version(&version);
                     let slot = current.get().slot;
-                    current.insert(entry(slot));
+                    // A renewal by DescribeSecret stores the same value
+                    // again: it was not read now.
+                    let value_read_at = if Arc::ptr_eq(&current.get().version, &version) {
+                        current.get().value_read_at
+                    } else {
+                        at
+                    };
+                    current.insert(entry(slot, value_read_at));
                 }
                 (newer, None)
             }
             MapEntry::Vacant(vacant) => {
                 let slot = self.clock.new_slot();
-                vacant.insert(entry(slot));
+                vacant.insert(entry(slot, at));
                 (true, Some(slot))
             }
         };

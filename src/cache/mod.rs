@@ -158,6 +158,9 @@ struct Shared {
 struct Entry {
     version: Arc<SecretVersion>,
     fetched_at: Instant,
+    /// When GetSecretValue last answered this value (a renewal by
+    /// DescribeSecret keeps it): see `fetch::VALUE_READ_EVERY`.
+    value_read_at: Instant,
     /// The number of the fetch that read it.
     fetch_number: u64,
     /// Its place in the eviction clock (kept when the value is replaced).

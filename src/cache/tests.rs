@@ -827,3 +827,25 @@ async fn a_deletion_holds_back_late_reads_of_every_key_of_the_secret() {
         (&key("s"), "v2")
     );
 }
+
+/// DescribeSecret needs neither the read permission nor the KMS key: a
+/// value renewed by it alone is read with GetSecretValue again within
+/// `VALUE_READ_EVERY`, so that a revoked read or a disabled key ends
+/// serving it.
+#[tokio::test(start_paused = true)]
+async fn a_value_renewed_by_describe_alone_is_read_again_within_the_hour() {
+    let store = FakeStore::with(&["s"]);
+    let cache = cache_over(&store, 100);
+    version_of(&cache, "s").await;
+    let mut elapsed = Duration::ZERO;
+    while elapsed + TTL < super::fetch::VALUE_READ_EVERY {
+        tokio::time::advance(TTL).await;
+        elapsed += TTL;
+        cache.get(key("s"), false).await.unwrap();
+    }
+    assert!(store.describe_calls() > 10, "renewed many times");
+    assert_eq!(store.calls(), 1, "within the hour, by DescribeSecret alone");
+    tokio::time::advance(TTL).await;
+    cache.get(key("s"), false).await.unwrap();
+    assert_eq!(store.calls(), 2, "past it, GetSecretValue is asked again");
+}
