@@ -1126,7 +1126,6 @@ def _varint(n: int) -> bytes:
 # keeping a cached secret fresh
 
 
-@dataclass
 def _first_marked(events: Iterable[Any]) -> Iterator[tuple[bool, Any]]:
     """A watch stream's events, the first marked. A follower always asks
     from the version it holds, so a first CURRENT tells nothing new: the
@@ -1139,6 +1138,7 @@ def _first_marked(events: Iterable[Any]) -> Iterator[tuple[bool, Any]]:
         first = False
 
 
+@dataclass
 class _Follower:
     """A daemon thread holding the WatchSecret stream of one cached name. It
     reconnects with the version it holds, so a rotation missed while
