@@ -76,6 +76,9 @@ pub async fn run(settings: &Settings) -> Result<Vec<String>, CheckError> {
         report.push(format!("events: {events}"));
     }
     let prefix = crate::app::name_resolver(settings);
+    if let Some(warning) = none_under_the_prefix(&store, settings, prefix.prefix()).await {
+        report.push(warning);
+    }
     for warning in security.authorizer.warnings(prefix.prefix()) {
         report.push(format!("warning: policy {warning}"));
     }
@@ -98,4 +101,28 @@ pub async fn run(settings: &Settings) -> Result<Vec<String>, CheckError> {
     }
     report.push("configuration ok".to_owned());
     Ok(report)
+}
+
+/// A warning when AWS holds no secret under the prefix in this Region:
+/// every read would answer NOT_FOUND, and the likeliest cause (a Region
+/// left at its default, or another than the secrets') says nothing of
+/// itself. A listing that fails says nothing either: the upstream check
+/// above already passed.
+async fn none_under_the_prefix(
+    store: &crate::app::Store,
+    settings: &Settings,
+    prefix: &str,
+) -> Option<String> {
+    let region = settings.backend.region()?;
+    if prefix.is_empty() {
+        return None;
+    }
+    let page = store.store.list_secrets(prefix, None).await.ok()?;
+    (page.secrets.is_empty() && page.next.is_none()).then(|| {
+        format!(
+            "warning: AWS Secrets Manager in {region} holds no secret named {prefix}*: every read \
+             will answer NOT_FOUND. If the secrets are in another Region, set AWS_REGION \
+             (AWS_DEFAULT_REGION wins when both are set); else check SECRET_PREFIX"
+        )
+    })
 }

@@ -82,6 +82,21 @@ def test_check_tests_the_event_source(run_cli, moto):
     assert len(output(proc).strip().splitlines()) <= 2, output(proc)
 
 
+def test_check_warns_when_the_region_holds_no_secret_under_the_prefix(run_cli, moto):
+    """A Region left at its default (or another than the secrets') answers
+    ListSecrets fine, and every read NOT_FOUND: `check` says so, with the
+    variable to set; with a secret under the prefix it says nothing."""
+    env = moto.broker_env()
+    proc = run_cli("check", env=env)
+    assert proc.returncode == 0, output(proc)
+    warning = [line for line in output(proc).splitlines() if "holds no secret named insurecove/*" in line]
+    assert len(warning) == 1 and "AWS_REGION" in warning[0], output(proc)
+
+    moto.create_secret("insurecove/check/present", "present-value-7a1c")
+    proc = run_cli("check", env=env)
+    assert proc.returncode == 0 and "holds no secret" not in output(proc), output(proc)
+
+
 def test_check_says_when_a_dotenv_file_was_read(run_cli, tmp_path):
     """A .env in the working directory applies its variables; check says
     which file, so that a stray one is found."""
