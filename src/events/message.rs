@@ -63,8 +63,6 @@ pub(super) struct Change {
     pub(super) moved_to: Option<(String, String)>,
     /// When the change happened, for the lag figures.
     pub(super) time: Option<SystemTime>,
-    /// The Region the event says the secret is in (EventBridge's `region`).
-    pub(super) region: Option<String>,
     /// `Secret Label Updated` or the CloudTrail call's name, for the log.
     pub(super) kind: String,
 }
@@ -130,7 +128,6 @@ fn read_event(event: &Value, envelope_id: Option<&str>) -> Result<Message, Malfo
         arn: arn.map(str::to_owned),
         moved_to,
         time,
-        region: text(event, "region").map(str::to_owned),
         kind,
     }))
 }

@@ -114,10 +114,6 @@ struct Shared {
     stopping: std::sync::OnceLock<CancellationToken>,
     /// Secrets being read again (one task each, whatever the events).
     reading_again: Mutex<std::collections::HashSet<String>>,
-    /// The broker's Region, once consuming: an event of a secret in
-    /// another names one the broker cannot read (its client is of this
-    /// Region), and is not applied to a secret of the same name here.
-    region: std::sync::OnceLock<String>,
 }
 
 impl Events {
@@ -139,7 +135,6 @@ impl Events {
                 seen: Mutex::new(RecentIds::default()),
                 stopping: std::sync::OnceLock::new(),
                 reading_again: Mutex::default(),
-                region: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -186,7 +181,6 @@ impl Events {
             return;
         };
         let _ = self.shared.stopping.set(stop.clone());
-        self.set_region(&region);
         let host = std::env::var("HOSTNAME").unwrap_or_default();
         // Between rebuilds of a deleted queue: a queue that keeps being
         // deleted is not remade in a tight loop.
@@ -332,10 +326,6 @@ impl Events {
         let mut changes: HashMap<Vec<String>, Vec<Change>> = HashMap::new();
         for (message_id, body) in bodies {
             match message::parse(body) {
-                Ok(Message::Change(change)) if self.of_another_region(&change) => {
-                    shared.ignored.fetch_add(1, Relaxed);
-                    tracing::debug!(message_id, region = ?change.region, "an event of a secret in another Region; dropped");
-                }
                 Ok(Message::Change(change)) if self.first_delivery(&change) => {
                     changes
                         .entry(change.names.clone())
@@ -367,20 +357,6 @@ impl Events {
     }
 
     /// Whether this event is new (and remembers it).
-    /// Sets the broker's Region (`consume` does; tests too).
-    pub(crate) fn set_region(&self, region: &str) {
-        if !region.is_empty() {
-            let _ = self.shared.region.set(region.to_owned());
-        }
-    }
-
-    fn of_another_region(&self, change: &Change) -> bool {
-        match (self.shared.region.get(), change.region.as_deref()) {
-            (Some(ours), Some(theirs)) => !theirs.is_empty() && theirs != ours,
-            _ => false,
-        }
-    }
-
     fn first_delivery(&self, change: &Change) -> bool {
         change.event_id.is_empty() || self.shared.seen.lock().unwrap().insert(&change.event_id)
     }

@@ -215,31 +215,3 @@ async fn an_event_about_a_missing_name_forgets_the_miss() {
         "v1"
     );
 }
-
-/// The broker's client reads its own Region: an event about a secret of
-/// the same name in another Region says nothing of the one cached here,
-/// and is dropped without a read. One that names no Region is applied.
-#[tokio::test]
-async fn an_event_of_another_region_is_dropped_without_reads() {
-    let (store, hub, cache, events) = setup(&["db"]);
-    events.set_region("us-east-1");
-    cached(&cache, "db").await;
-    store.set("db", "v2");
-    let reads = store.calls();
-    let in_region = |region: &str, id: &str| {
-        let mut event: serde_json::Value =
-            serde_json::from_str(&label_moved(id, "db", "v2")).unwrap();
-        event["region"] = region.into();
-        event.to_string()
-    };
-    let elsewhere = in_region("eu-west-1", "e1");
-    events.handle(&hub, &[("m1", &elsewhere)]).await;
-    assert_eq!(store.calls(), reads, "no read for another Region's secret");
-    assert_eq!(events.stats().ignored, 1);
-    assert_eq!(cached(&cache, "db").await, "v1");
-
-    let here = in_region("us-east-1", "e2");
-    events.handle(&hub, &[("m2", &here)]).await;
-    assert_eq!(events.stats().applied, 1);
-    assert_eq!(cached(&cache, "db").await, "v2");
-}
