@@ -121,7 +121,7 @@ async fn none_under_the_prefix(
     (page.secrets.is_empty() && page.next.is_none()).then(|| {
         format!(
             "warning: AWS Secrets Manager in {region} holds no secret named {prefix}*: every read \
-             will answer NOT_FOUND. If the secrets are in another Region, set AWS_REGION \
+             by name will answer NOT_FOUND. If the secrets are in another Region, set AWS_REGION \
              (AWS_DEFAULT_REGION wins when both are set); else check SECRET_PREFIX"
         )
     })

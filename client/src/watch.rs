@@ -202,12 +202,17 @@ impl Follower {
                     let mut event = event(message);
                     let repeat = first && reconnecting && resumed(&mut event, *last_kind);
                     first = false;
+                    // A repeat is not taken: the version held stays the one
+                    // to resume from.
+                    if repeat {
+                        continue;
+                    }
                     *last_version = Some((
                         event.secret.version_id().to_owned(),
                         event.secret.arn().to_owned(),
                     ));
                     *last_kind = Some(event.kind);
-                    if !repeat && self.events.send(Ok(event)).await.is_err() {
+                    if self.events.send(Ok(event)).await.is_err() {
                         return Ended::Done;
                     }
                 }

@@ -105,24 +105,30 @@ fn metadata(version: &SecretVersion) -> proto::Secret {
 /// The first message of a WatchSecret stream: the state now, as CURRENT,
 /// or ROTATED when the caller says it holds another version (it missed a
 /// rotation while away: another version id, or the same one of another
-/// secret of the name, when it says the ARN), or DELETED. Another version
-/// that AWS could not confirm (`checked` false) is CURRENT: this replica
-/// may be the one behind, and its version older than the caller's.
+/// secret of the name, when it says the ARN), or DELETED. Such a state is
+/// one AWS answered (`WatchHub::confirm_first`), never a cached one that
+/// may be older than the caller's.
 pub fn first_watch_event(
     state: &WatchState,
-    checked: bool,
     since_version_id: &str,
     since_arn: &str,
 ) -> proto::WatchSecretResponse {
-    let another = !state.version.is(since_arn, since_version_id);
     let event = if state.event == WatchEvent::Deleted {
         proto::WatchEventType::Deleted
-    } else if !since_version_id.is_empty() && another && checked {
+    } else if tells_a_change(state, (since_version_id, since_arn)) {
         proto::WatchEventType::Rotated
     } else {
         proto::WatchEventType::Current
     };
     watch_message(state, event)
+}
+
+/// Whether a watcher that holds `(version id, ARN)` (an empty id: none)
+/// would be told something by `state` as its first message: DELETED, or
+/// another version than its own.
+pub fn tells_a_change(state: &WatchState, (version_id, arn): (&str, &str)) -> bool {
+    state.event == WatchEvent::Deleted
+        || (!version_id.is_empty() && !state.version.is(arn, version_id))
 }
 
 /// A later message: what happened.
@@ -199,18 +205,13 @@ mod tests {
         let state = WatchState::new_for_tests(WatchEvent::Current, Arc::new(version));
         let other_arn = "arn:aws:secretsmanager:us-east-1:1:secret:insurecove/db-BBBBBB";
         let first = |since_version_id, since_arn| {
-            first_watch_event(&state, true, since_version_id, since_arn).r#type()
+            first_watch_event(&state, since_version_id, since_arn).r#type()
         };
         use proto::WatchEventType::{Current, Rotated};
         assert_eq!(first("", ""), Current, "a new watcher");
         assert_eq!(first("v1", ""), Current, "the version held, no ARN said");
         assert_eq!(first("v1", &state.version.arn), Current);
         assert_eq!(first("v0", ""), Rotated, "a rotation missed");
-        assert_eq!(
-            first_watch_event(&state, false, "v0", "").r#type(),
-            Current,
-            "not checked with AWS: this replica may be the one behind"
-        );
         assert_eq!(
             first("v1", other_arn),
             Rotated,
@@ -220,10 +221,7 @@ mod tests {
         let mut no_arn = (*state.version).clone();
         no_arn.arn.clear();
         let state = WatchState::new_for_tests(WatchEvent::Current, Arc::new(no_arn));
-        assert_eq!(
-            first_watch_event(&state, true, "v1", other_arn).r#type(),
-            Current
-        );
+        assert_eq!(first_watch_event(&state, "v1", other_arn).r#type(), Current);
     }
 
     #[test]

@@ -25,7 +25,7 @@ use secrets_broker_contract::encoded::EncodedGetSecretResponse;
 
 use crate::{
     api::rpc::Rpc,
-    backend::{SelectorRef, VersionSelector, check_version_field},
+    backend::{SelectorRef, StoreError, VersionSelector, check_version_field},
     cache::{CacheKey, KeyRef, Lookup},
     identity::Identity,
     names::NameRoom,
@@ -43,14 +43,19 @@ use crate::{
 /// The most names one BatchGetSecrets call may ask for.
 pub const MAX_BATCH_NAMES: usize = 100;
 
-/// The most bytes of secrets one BatchGetSecrets answer carries. gRPC
-/// clients refuse a message over 4 MiB by default (grpc-core, grpc-go,
-/// grpc-js, tonic), and 100 secrets of AWS's 64 KB would make 6.4 MB: the
-/// secrets past this get an error of their own (`ANSWER_TOO_LARGE`), to be
-/// read in another call, rather than the whole answer being refused by the
-/// client. The rest of the answer (names, per-item errors) fits in the
-/// room left.
-pub const MAX_BATCH_SECRETS_LEN: usize = 4 * 1024 * 1024 - 256 * 1024;
+/// The most bytes one BatchGetSecrets answer takes, per-item errors aside.
+/// gRPC clients refuse a message over 4 MiB by default (grpc-core,
+/// grpc-go, grpc-js, tonic), and 100 secrets of AWS's 64 KB would make
+/// 6.4 MB: the secrets past this get an error of their own
+/// (`ANSWER_TOO_LARGE`), to be read in another call, rather than the whole
+/// answer being refused by the client. The names, echoed in each result,
+/// are counted against it; the room left under 4 MiB holds the per-item
+/// errors (at most 100, each well under a KiB).
+pub const MAX_BATCH_ANSWER: usize = 4 * 1024 * 1024 - 128 * 1024;
+
+/// A result's framing in the answer (its key and length) and its name's,
+/// at most.
+const RESULT_FRAMING: usize = 8;
 
 /// What the cache alone could do for a GetSecret.
 enum FromCache {
@@ -194,7 +199,12 @@ impl SecretsApi {
             }
         }))
         .await;
-        let mut secrets_len = 0;
+        // The echoed names first: what is left is the secrets' room.
+        let mut answer_len: usize = request
+            .names
+            .iter()
+            .map(|name| name.len() + RESULT_FRAMING)
+            .sum();
         let results = request
             .names
             .into_iter()
@@ -202,12 +212,12 @@ impl SecretsApi {
             .map(|(name, outcome)| {
                 let outcome = outcome.and_then(|(full_name, lookup)| {
                     let secret = message::secret(&lookup, Contents::WithValue);
-                    let len = secret.encoded_len();
-                    if secrets_len + len > MAX_BATCH_SECRETS_LEN {
-                        let limit = MAX_BATCH_SECRETS_LEN;
+                    let len = secret.encoded_len() + RESULT_FRAMING;
+                    if answer_len + len > MAX_BATCH_ANSWER {
+                        let limit = MAX_BATCH_ANSWER;
                         return Err((Some(full_name), ApiError::BatchAnswerFull { limit }));
                     }
-                    secrets_len += len;
+                    answer_len += len;
                     Ok((full_name, lookup.hit, secret))
                 });
                 let result = match outcome {
@@ -241,18 +251,36 @@ impl SecretsApi {
             VersionSelector::Stage(stage) => stage,
             VersionSelector::Id { .. } => unreachable!("no version id was given"),
         };
-        let subscription = self
+        let mut subscription = self
             .context
             .watch
             .subscribe(
                 full_name.clone(),
-                stage,
+                stage.clone(),
                 !request.since_version_id.is_empty(),
             )
             .await
             .map_err(|error| {
                 ApiError::from(error).naming_the_version("", &request.version_stage)
             })?;
+        let held = (
+            request.since_version_id.as_str(),
+            request.since_arn.as_str(),
+        );
+        if !subscription.checked && message::tells_a_change(&subscription.first, held) {
+            self.context
+                .watch
+                .confirm_first(&mut subscription, &full_name, &stage)
+                .await;
+            if !subscription.checked {
+                return Err(ApiError::Store(StoreError::Unavailable {
+                    detail: "AWS could not be read to tell whether the version this watcher \
+                             holds or the one this broker holds is newer; reconnect with \
+                             since_version_id"
+                        .into(),
+                }));
+            }
+        }
         Ok((subscription, full_name))
     }
 
@@ -435,7 +463,6 @@ impl SecretsService for SecretsApi {
         };
         let first = message::first_watch_event(
             &subscription.first,
-            subscription.checked,
             &request.since_version_id,
             &request.since_arn,
         );

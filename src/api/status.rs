@@ -48,8 +48,8 @@ pub enum ApiError {
     /// An item of a BatchGetSecrets answer that would have made it too
     /// large for a gRPC client's default receive limit.
     #[error(
-        "the secrets before this one fill the batch's answer ({limit} bytes of the 4 MiB a gRPC \
-         client receives by default); read this one in another call"
+        "the names and secrets before this one fill the batch's answer ({limit} bytes of the \
+         4 MiB a gRPC client receives by default); read this one in another call"
     )]
     BatchAnswerFull { limit: usize },
     #[error("too many calls in flight on this connection; open another connection or wait")]

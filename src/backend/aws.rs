@@ -38,15 +38,19 @@ use crate::secret::{SecretValue, SecretVersion};
 /// dev backends answer it). AWS may answer it as an invalid request
 /// (moto does, "a VersionStage that is not associated to the provided
 /// VersionId"), which would otherwise be a refusal of the broker's own.
+/// A refusal that names the KMS key is the key's, whatever was asked.
 fn no_version_of_both(
     error: StoreError,
-    code: Option<&str>,
+    (code, message): (Option<&str>, Option<&str>),
     selector: &VersionSelector,
     name: &str,
 ) -> StoreError {
     let both = matches!(selector, VersionSelector::Id { stage: Some(_), .. });
+    let of_the_key = message.is_some_and(|m| m.to_ascii_lowercase().contains("kms"));
     match error {
-        StoreError::Rejected { .. } if both && code == Some("InvalidRequestException") => {
+        StoreError::Rejected { .. }
+            if both && code == Some("InvalidRequestException") && !of_the_key =>
+        {
             StoreError::NotFound {
                 name: name.to_owned(),
             }
@@ -151,7 +155,7 @@ impl SecretStore for AwsStore {
         };
         let output = request.send().await.map_err(|e| {
             let error = explain(&e, "GetSecretValue", name, &self.upstream);
-            no_version_of_both(error, e.code(), selector, name)
+            no_version_of_both(error, (e.code(), e.message()), selector, name)
         })?;
         into_version(output, name, &self.upstream)
     }

@@ -173,8 +173,32 @@ fn proxy_for(
     } else {
         &["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"]
     };
-    vars.iter()
-        .find_map(|var| env(var).filter(|v| !v.is_empty()).map(|v| (v, *var)))
+    vars.iter().find_map(|var| {
+        env(var)
+            .filter(|v| !v.is_empty())
+            .map(|v| (shown_proxy(&v), *var))
+    })
+}
+
+/// A proxy's URL as messages and logs show it: without the user and
+/// password it may carry (`http://user:pass@proxy:3128`).
+fn shown_proxy(proxy: &str) -> String {
+    match url::Url::parse(proxy) {
+        Ok(mut url) if url.has_host() => {
+            if url.username().is_empty() && url.password().is_none() {
+                return proxy.to_owned();
+            }
+            let _ = url.set_username("");
+            let _ = url.set_password(None);
+            format!("{url} (its user and password left out)")
+        }
+        // Not a URL with a host (`user:pass@host:port` parses as a scheme
+        // and a path): whatever precedes an `@` may be credentials.
+        _ => match proxy.rsplit_once('@') {
+            Some((_, host)) => format!("{host} (what preceded @ left out)"),
+            None => proxy.to_owned(),
+        },
+    }
 }
 
 /// The failed call's causes, each by its `Display`, for the DEBUG line.
@@ -471,7 +495,7 @@ pub(super) fn explain_code(answer: Answer<'_>, action: &str, secret: &str) -> St
                 .into(),
         },
         "AccessDeniedException" => {
-            log_refusal(&name, answer);
+            log_refusal((&name, action), answer);
             StoreError::AccessDenied {
                 name,
                 detail: format!(
@@ -518,14 +542,14 @@ pub(super) fn explain_code(answer: Answer<'_>, action: &str, secret: &str) -> St
         },
         _ if status == 429 => StoreError::Throttled,
         "DecryptionFailure" => refused(
-            &name,
+            (&name, action),
             answer,
             "AWS could not decrypt it with its KMS key (DecryptionFailure): check that the key \
              is enabled and that its key policy lets the broker's role use kms:Decrypt"
                 .into(),
         ),
         "InvalidRequestException" if message.to_ascii_lowercase().contains("kms") => refused(
-            &name,
+            (&name, action),
             answer,
             "AWS refused the read because of the secret's KMS key (InvalidRequestException; \
              AWS's words are in the broker's log): check that the key exists, is enabled, and \
@@ -536,7 +560,7 @@ pub(super) fn explain_code(answer: Answer<'_>, action: &str, secret: &str) -> St
             detail: unrecognised(code, status),
         },
         _ => refused(
-            &name,
+            (&name, action),
             answer,
             format!("AWS answered {code} (HTTP {status})"),
         ),
@@ -553,29 +577,30 @@ fn says_secret_deleted(message: &str) -> bool {
 
 /// A refusal by AWS that says nothing the caller can change: `detail` for
 /// the caller, AWS's message for the log.
-fn refused(name: &str, answer: Answer<'_>, detail: String) -> StoreError {
-    log_refusal(name, answer);
+fn refused(what: (&str, &str), answer: Answer<'_>, detail: String) -> StoreError {
+    log_refusal(what, answer);
     StoreError::Rejected { detail }
 }
 
 /// AWS's refusal of a read, for the operator. AWS's message may name
 /// accounts or keys: it goes to the log only. Every read of such a secret
 /// is refused alike (a KMS key it cannot use, an IAM deny...): said once in
-/// a while.
-fn log_refusal(name: &str, answer: Answer<'_>) {
+/// a while, per action: a refused DescribeSecret (which renewals go
+/// past) must not quiet a refused GetSecretValue.
+fn log_refusal((name, action): (&str, &str), answer: Answer<'_>) {
     let Answer {
         code,
         message,
         status,
     } = answer;
-    if REFUSALS.first_in_a_while(name, code) {
+    if REFUSALS.first_in_a_while(name, &format!("{action} {code}")) {
         // Cut so that the line stays under 300 characters.
         let message = message.chars().take(60).collect::<String>();
         // Not `message`: that is the event's own field, and a JSON line
         // would carry the key twice.
-        tracing::warn!(secret = %name, code, status, aws_message = %message.escape_debug(), "AWS refused a read (said again in 10 min)");
+        tracing::warn!(secret = %name, action, code, status, aws_message = %message.escape_debug(), "AWS refused a request (said again in 10 min)");
     } else {
-        tracing::debug!(secret = %name, code, status, "AWS refused a request again");
+        tracing::debug!(secret = %name, action, code, status, "AWS refused a request again");
     }
 }
 
@@ -811,10 +836,29 @@ mod tests {
         assert!(
             fields["message"]
                 .as_str()
-                .is_some_and(|m| m.starts_with("AWS refused a read")),
+                .is_some_and(|m| m.starts_with("AWS refused a request")),
             "{line}"
         );
         assert_eq!(fields["aws_message"], "words of a proxy", "{line}");
+        assert_eq!(fields["action"], "GetSecretValue", "{line}");
+    }
+
+    #[test]
+    fn a_proxys_user_and_password_are_never_shown() {
+        for (proxy, shown) in [
+            (
+                "http://alice:s3cret@proxy.local:3128",
+                "http://proxy.local:3128/ (its user and password left out)",
+            ),
+            ("http://proxy.local:3128", "http://proxy.local:3128"),
+            (
+                "alice:s3cret@proxy.local:3128",
+                "proxy.local:3128 (what preceded @ left out)",
+            ),
+        ] {
+            assert_eq!(shown_proxy(proxy), shown);
+            assert!(!shown_proxy(proxy).contains("s3cret"));
+        }
     }
 
     #[test]

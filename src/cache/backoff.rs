@@ -34,7 +34,15 @@ pub struct Backoff {
     probing: AtomicBool,
     /// Times the backoff started, for the stats.
     started: AtomicU64,
+    /// When a start was last logged at WARN: at most one a minute, so
+    /// that an upstream slow on and off is not a pair of lines each time.
+    warned_at: Mutex<Option<Instant>>,
+    /// This backoff's start was logged at WARN (its end is logged then).
+    announced: AtomicBool,
 }
+
+/// The least time between two WARN lines of a backoff's start.
+const WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// What a caller with a fallback value may do now.
 #[derive(Debug, PartialEq, Eq)]
@@ -94,10 +102,17 @@ impl Backoff {
         let mut until = self.until.lock().unwrap_or_else(|e| e.into_inner());
         if until.take().is_some() {
             let failures = self.failures.load(Relaxed);
-            tracing::info!(
-                failures,
-                "reads of the upstream answer again; backoff ended"
-            );
+            if self.announced.swap(false, Relaxed) {
+                tracing::info!(
+                    failures,
+                    "reads of the upstream answer again; backoff ended"
+                );
+            } else {
+                tracing::debug!(
+                    failures,
+                    "reads of the upstream answer again; backoff ended"
+                );
+            }
         }
         self.failures.store(0, Relaxed);
     }
@@ -113,10 +128,17 @@ impl Backoff {
         let later = Instant::now() + wait;
         if until.is_none() {
             self.started.fetch_add(1, Relaxed);
-            tracing::warn!(
-                error = %cause,
-                "reads of the upstream are slow or failing; serving cached values while backing off"
-            );
+            let mut warned_at = self.warned_at.lock().unwrap_or_else(|e| e.into_inner());
+            if warned_at.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+                *warned_at = Some(Instant::now());
+                self.announced.store(true, Relaxed);
+                tracing::warn!(
+                    error = %cause,
+                    "reads of the upstream are slow or failing; serving cached values while backing off"
+                );
+            } else {
+                tracing::debug!(error = %cause, "reads of the upstream are slow or failing again; backing off");
+            }
         }
         if until.is_none_or(|current| current < later) {
             *until = Some(later);

@@ -249,12 +249,23 @@ impl Events {
         // The subscription is checked as often as the sweep runs: both are
         // what keeps a replica fresh when events stop coming.
         let mut checked = Instant::now();
+        let mut check_failed_before = false;
         loop {
             if checked.elapsed() >= hub.interval() {
                 checked = Instant::now();
-                match queue.still_subscribed().await {
-                    Ok(true) => {}
+                let answer = tokio::select! {
+                    () = stop.cancelled() => return ReadEnd::Stopped,
+                    answer = queue.still_subscribed() => answer,
+                };
+                match answer {
+                    Ok(true) => check_failed_before = false,
                     Ok(false) => return ReadEnd::Unsubscribed,
+                    // Said once while it lasts (a grant missing after an
+                    // upgrade would otherwise go unnoticed).
+                    Err(error) if !check_failed_before => {
+                        check_failed_before = true;
+                        tracing::warn!(%error, "could not check that this broker's queue is still subscribed to the events topic (sns:ListSubscriptionsByTopic); events still come while it is");
+                    }
                     Err(error) => {
                         tracing::debug!(%error, "could not check this broker's subscription to the events topic")
                     }

@@ -248,8 +248,10 @@ impl WatchHub {
     /// any other of the same key, and what it finds reaches the topic's
     /// other watchers too. While the upstream is slow or down, that read is
     /// waited for at most `upstream_wait`, and the cached value (within the
-    /// staleness bound) is the first state instead; the sweep tells of any
-    /// change once the upstream answers. A plain new watcher of a watched
+    /// staleness bound) is the first state instead, marked not `checked`
+    /// (the API then waits for the read with `confirm_first` when the state
+    /// would tell the watcher something); the sweep tells of any change
+    /// once the upstream answers. A plain new watcher of a watched
     /// secret starts from the topic's state, which the detector keeps
     /// current (a known deletion included). A secret that cannot be read
     /// (not found, deleted, upstream down with nothing cached) is refused
@@ -322,6 +324,29 @@ impl WatchHub {
                 shared: Arc::clone(shared),
             },
         })
+    }
+
+    /// Waits for a fresh read of the subscription's secret, and takes the
+    /// state it leaves as the first one. For a resuming watcher whose
+    /// first state AWS did not confirm and that would tell it something
+    /// (another version, or DELETED): this replica may be behind the
+    /// watcher (its version older) or ahead of it (a rotation the watcher
+    /// missed), and only AWS can say which. The read is the one under way
+    /// (joined) or a new one; it is bounded by AWS's own timeouts. When it
+    /// fails for now, the state stays unconfirmed.
+    pub async fn confirm_first(&self, subscription: &mut Subscription, name: &str, stage: &str) {
+        let key = TopicKey {
+            name: name.to_owned(),
+            stage: stage.to_owned(),
+        }
+        .cache_key();
+        // An answer reaches the topic through the cache's change listener
+        // (a deletion too) before the read returns.
+        subscription.checked = match self.shared.cache.get_fresh(key).await {
+            Ok(_) => true,
+            Err(error) => !error.is_transient(),
+        };
+        subscription.first = subscription.changes.borrow_and_update().clone();
     }
 
     /// How often the sweep runs (before jitter).

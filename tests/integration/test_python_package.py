@@ -606,22 +606,28 @@ from secrets_broker.aio import AsyncAWSSecretsManager
 m = AWSSecretsManager()
 uncached = AWSSecretsManager(AWSSecretsConfig(secret_cache_ttl=0))
 am = AsyncAWSSecretsManager()
-def values():
-    return [m.get_secret("mistral-api-key").as_string(), m.get_jwt_config()["jwt_issuer"],
-            uncached.get_secret("mistral-api-key").as_string(),
-            asyncio.run(am.get_secret("mistral-api-key")).as_string()]
-out = {"first": values()}
-print(json.dumps(out), flush=True)
-sys.stdin.readline()                      # the test rotates both secrets in moto
-out["before_clear"] = values()
-m.clear_cache(); uncached.clear_cache()
+loop = asyncio.new_event_loop()
+def mistral(manager):
+    return manager.get_secret("mistral-api-key").as_string()
+def step(out):
+    print(json.dumps(out), flush=True)
+    sys.stdin.readline()                  # the test rotates in moto, unseen by the broker
+values = lambda: [mistral(m), m.get_jwt_config()["jwt_issuer"], mistral(uncached),
+                  loop.run_until_complete(am.get_secret("mistral-api-key")).as_string()]
+step({"first": values()})
+out = {"before_clear": values()}
+m.clear_cache()
+out["sync"] = [mistral(m), m.get_jwt_config()["jwt_issuer"]]
+step(out)
+uncached.clear_cache()
+out = {"uncached": mistral(uncached)}
+step(out)
+# The uncached instance's reads after its first are the broker's cache's.
+out = {"uncached_later": mistral(uncached)}
 async def cleared():
     await am.clear_cache()
     return (await am.get_secret("mistral-api-key")).as_string()
-out["after_clear"] = values()[:3] + [asyncio.run(cleared())]
-print(json.dumps(out), flush=True)
-sys.stdin.readline()                      # the test rotates mistral-api-key again
-out["later"] = uncached.get_secret("mistral-api-key").as_string()
+out["async"] = loop.run_until_complete(cleared())
 print(json.dumps(out), flush=True)
 """
 
@@ -630,29 +636,35 @@ def test_clear_cache_makes_the_next_read_of_each_secret_ask_aws_once(venv, moto,
     """As in the class the package replaces, the first read of a secret
     (or typed config) after clear_cache() reads AWS: through the broker,
     with a bypass read, so a rotation the broker has not seen yet is picked
-    up. Only the first: a later read is the broker's cache's again."""
+    up. Only the first: a later read is the broker's cache's again. Each
+    client's read after its clear is of a rotation no read has refreshed."""
     moto.seed({MISTRAL: MISTRAL_VALUE, JWT: JWT_VALUE})
     # No events and a sweep far off: the broker learns of a change in moto
     # only by reading AWS.
     broker = aws_broker(["--watch-interval", "1h"])
     proc = start_probe(venv, tmp_path, package_env(broker), CLEAR_CACHE_PROBE)
+    read = lambda: json.loads(proc.stdout.readline())
     try:
-        first = json.loads(proc.stdout.readline())
+        first = read()
         assert first["first"] == [MISTRAL_VALUE, "insurecove-package", MISTRAL_VALUE, MISTRAL_VALUE], first
         moto.put_secret_value(MISTRAL, "package-mistral-key-rotated-1")
         moto.put_secret_value(JWT, JWT_VALUE.replace("insurecove-package\"", "insurecove-rotated\""))
         go_on(proc)
-        out = json.loads(proc.stdout.readline())
+        out = read()
         # Nothing told the broker: without a clear, every reader has the old values.
         assert out["before_clear"] == first["first"], out
-        assert out["after_clear"] == ["package-mistral-key-rotated-1", "insurecove-rotated",
-                                      "package-mistral-key-rotated-1", "package-mistral-key-rotated-1"], out
+        assert out["sync"] == ["package-mistral-key-rotated-1", "insurecove-rotated"], out
         moto.put_secret_value(MISTRAL, "package-mistral-key-rotated-2")
         go_on(proc)
-        out = json.loads(proc.stdout.readline())
+        assert read() == {"uncached": "package-mistral-key-rotated-2"}
+        moto.put_secret_value(MISTRAL, "package-mistral-key-rotated-3")
+        go_on(proc)
+        out = read()
         # No local cache (TTL 0), yet the second read after the clear is
-        # the broker's cached value, not AWS's.
-        assert out["later"] == "package-mistral-key-rotated-1", out
+        # the broker's cached value, not AWS's; the asyncio client's read
+        # after its clear is AWS's.
+        assert out == {"uncached_later": "package-mistral-key-rotated-2",
+                       "async": "package-mistral-key-rotated-3"}, out
         assert proc.wait(timeout=30) == 0, proc.stderr.read()
     finally:
         proc.kill()

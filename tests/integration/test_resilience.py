@@ -232,9 +232,12 @@ def test_a_replica_that_cannot_check_with_aws_does_not_tell_a_resuming_watcher_o
         moto, aws_broker, stubs, counting_upstream):
     """A watcher resumes on this replica holding v2, read from a replica
     that saw a rotation this one has not, while AWS fails here: the cached
-    v1 may be the older one, so it is CURRENT (nothing to tell), never
-    ROTATED, which clients would take, going back a version. With AWS
-    answering, a watcher holding an older version is told ROTATED."""
+    v1 may be older than v2 (or, the other way round, a rotation the
+    watcher missed), and only AWS can say. It is never told as ROTATED,
+    which clients would take, going back a version: the broker waits for
+    its read of AWS and, when that fails, answers UNAVAILABLE (the watcher
+    reconnects). With AWS answering, a watcher holding v1 is told ROTATED
+    v2, and one holding v2 CURRENT."""
     v1 = moto.create_secret("insurecove/behind", "behind-value-v1-5e0a")
     upstream = counting_upstream(0.0)
     broker = aws_broker(["--watch-interval", "1h"], env={"AWS_ENDPOINT_URL": upstream.url})
@@ -244,7 +247,7 @@ def test_a_replica_that_cannot_check_with_aws_does_not_tell_a_resuming_watcher_o
     pb, spb = stubs.secrets_service_pb2, stubs.secret_pb2
 
     def first_event(since: str):
-        stream = stub.WatchSecret(pb.WatchSecretRequest(name="behind", since_version_id=since), timeout=30)
+        stream = stub.WatchSecret(pb.WatchSecretRequest(name="behind", since_version_id=since), timeout=60)
         try:
             event = next(stream)
             return event.type, event.secret.version_id
@@ -254,14 +257,18 @@ def test_a_replica_that_cannot_check_with_aws_does_not_tell_a_resuming_watcher_o
     upstream.fault = (503, "application/x-amz-json-1.1",
                       b'{"__type":"ServiceUnavailableException","message":"try later"}')
     try:
-        assert first_event(v2) == (spb.WATCH_EVENT_TYPE_CURRENT, v1)
+        err, _ = expect_error(lambda: first_event(v2), grpc.StatusCode.UNAVAILABLE, "UPSTREAM_UNAVAILABLE")
+        assert "reconnect with since_version_id" in err.details(), err.details()
+        # The version it holds is no news, AWS or not.
+        assert first_event(v1) == (spb.WATCH_EVENT_TYPE_CURRENT, v1)
     finally:
         upstream.fault = None
     # AWS answers again (once the backoff its failures started is over):
-    # the rotation this replica missed is read, and a watcher holding v1 is
-    # told of it first.
+    # the rotation this replica missed is read, and told to a watcher
+    # holding v1, first; one holding v2 hears nothing new.
     deadline = time.monotonic() + 30
     while (first := first_event(v1)) != (spb.WATCH_EVENT_TYPE_ROTATED, v2):
         assert first == (spb.WATCH_EVENT_TYPE_CURRENT, v1), first
         assert time.monotonic() < deadline, "the missed rotation was never told"
         time.sleep(0.5)
+    assert first_event(v2) == (spb.WATCH_EVENT_TYPE_CURRENT, v2)

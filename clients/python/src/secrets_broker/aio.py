@@ -110,7 +110,9 @@ class AsyncAWSSecretsManager:
         if use_cache and cached is not None and time.monotonic() - cached[1] < self.config.secret_cache_ttl:
             logger.debug("get_secret %s: from the local cache", secret_name)
             return cached[0]._for_caller()
-        again = self._since_clear.first_read(("secret", *key))
+        asked = ("secret", *key)
+        again = self._since_clear.first_read(asked)
+        generation = self._since_clear.generation
         if again and use_cache:
             logger.debug("get_secret %s: asking AWS, the first read since clear_cache()", secret_name)
         request = _get_secret_request(secret_name, version_id, use_cache and not again, version_stage)
@@ -119,12 +121,17 @@ class AsyncAWSSecretsManager:
         except grpc.RpcError as error:
             logger.debug("get_secret %s: the broker answered %s", secret_name, error.code())
             raise _error_from(error, self.config) from None
+        finally:
+            if again:
+                self._since_clear.answered(asked)
         _log_answer("get_secret", secret_name, answer.secret)
         self.config.check_prefix(secret_name, answer.secret.name)
         _refuse_stale_bypass(answer.secret, use_cache)
         value = SecretValue.from_proto(answer.secret)
-        if self.config.secret_cache_ttl <= 0:
-            return value  # the local cache is off: nothing kept, nothing followed
+        if self.config.secret_cache_ttl <= 0 or generation != self._since_clear.generation:
+            # Not kept: the local cache is off, or was cleared meanwhile
+            # (what was read before a clear is not kept after it).
+            return value._for_caller()
         self._cache[key] = (value, time.monotonic())
         name, selector = key
         if selector is None and name not in self._followers and len(self._followers) < MAX_FOLLOWED:
@@ -207,12 +214,16 @@ class AsyncAWSSecretsManager:
         return await self._typed("GetSecurityConfig", name)
 
     async def _typed(self, rpc: str, name: str) -> dict[str, Any]:
-        again = self._since_clear.first_read(("config", rpc, name))
+        asked = ("config", rpc, name)
+        again = self._since_clear.first_read(asked)
         request = getattr(secrets_service_pb2, f"{rpc}Request")(name=name, bypass_cache=again)
         try:
             answer = await getattr(self._secrets(), rpc)(request, timeout=CALL_TIMEOUT)
         except grpc.RpcError as error:
             raise _error_from(error, self.config) from None
+        finally:
+            if again:
+                self._since_clear.answered(asked)
         self.config.check_prefix(name, answer.name)
         return config_dict(answer.config)
 
@@ -241,7 +252,7 @@ async def _follow(
             async for event in stream:
                 backoff = 0.1
                 # As the sync follower (_first_marked): a first CURRENT
-                # tells nothing new, or comes from a replica behind.
+                # tells nothing new.
                 if first and event.type == secret_pb2.WATCH_EVENT_TYPE_CURRENT:
                     first = False
                     continue

@@ -765,7 +765,6 @@ class AWSSecretsManager:
         self._lock = threading.Lock()
         self._cache = {}
         self._configs = {}
-        self._since_clear = AskedSinceClear()
         self._connection = _Connection(forked=True)
         self._finalizer = weakref.finalize(
             self, _release, self._lock, self._cache, self._configs, self._connection
@@ -798,8 +797,10 @@ class AWSSecretsManager:
                 if entry is not None and time.monotonic() - entry.stored_at < self.config.secret_cache_ttl:
                     logger.debug("get_secret %s: from the local cache", secret_name)
                     return entry.value._for_caller()
+        asked = ("secret", *key)
         with self._lock:
-            again = self._since_clear.first_read(("secret", *key))
+            again = self._since_clear.first_read(asked)
+            generation = self._since_clear.generation
         if again and use_cache:
             logger.debug("get_secret %s: asking AWS, the first read since clear_cache()", secret_name)
         request = _get_secret_request(secret_name, version_id, use_cache and not again, version_stage)
@@ -808,17 +809,23 @@ class AWSSecretsManager:
         except grpc.RpcError as error:
             logger.debug("get_secret %s: the broker answered %s", secret_name, error.code())
             raise _error_from(error, self.config) from None
+        finally:
+            if again:
+                with self._lock:
+                    self._since_clear.answered(asked)
         _log_answer("get_secret", secret_name, answer.secret)
         self.config.check_prefix(secret_name, answer.secret.name)
         _refuse_stale_bypass(answer.secret, use_cache)
         value = SecretValue.from_proto(answer.secret)
-        self._store(key, value)
+        self._store(key, value, generation)
         return value._for_caller()
 
-    def _store(self, key: tuple[str, Optional[str]], value: SecretValue) -> None:
+    def _store(self, key: tuple[str, Optional[str]], value: SecretValue, generation: int) -> None:
         if self.config.secret_cache_ttl <= 0:
             return  # the local cache is off: nothing kept, nothing followed
         with self._lock:
+            if generation != self._since_clear.generation:
+                return  # read before a clear_cache(): not kept after it
             entry = self._cache.get(key)
             if entry is not None:
                 entry.value, entry.stored_at = value, time.monotonic()
@@ -923,17 +930,25 @@ class AWSSecretsManager:
             cached = self._configs.get(key)
             if cached is not None and time.monotonic() - cached.stored_at < self.config.secret_cache_ttl:
                 return copy.deepcopy(cached.value)
+        asked = ("config", *key)
         with self._lock:
-            again = self._since_clear.first_read(("config", *key))
+            again = self._since_clear.first_read(asked)
+            generation = self._since_clear.generation
         request = getattr(secrets_service_pb2, f"{rpc}Request")(name=name, bypass_cache=again)
         try:
             answer = getattr(self._secrets(), rpc)(request, timeout=CALL_TIMEOUT)
         except grpc.RpcError as error:
             raise _error_from(error, self.config) from None
+        finally:
+            if again:
+                with self._lock:
+                    self._since_clear.answered(asked)
         self.config.check_prefix(name, answer.name)
         value = config_dict(answer.config)
-        if self.config.secret_cache_ttl <= 0:
-            return value  # the local cache is off: nothing kept, nothing followed
+        with self._lock:
+            kept = generation == self._since_clear.generation
+        if self.config.secret_cache_ttl <= 0 or not kept:
+            return value  # nothing kept (the local cache is off, or was cleared meanwhile)
         with self._lock:
             followed = self._followed()
         if followed >= MAX_FOLLOWED:
@@ -1007,24 +1022,38 @@ class AskedSinceClear:
     """Which reads have asked AWS since ``clear_cache()``. The class this
     package replaces read AWS on the next read of each secret after a
     clear, which is how a service made it pick up a rotation it knew of.
-    Here the first read of each key (a secret and version, or a typed
-    config) after a clear is a bypass read, once, whatever its outcome: the
-    broker reads AWS and refreshes its shared cache for every caller, and
-    joins bypass reads of one secret that come together. Before any clear,
-    nothing is asked again."""
+    Here the reads of each key (a secret and version, or a typed config)
+    after a clear are bypass reads until the first of them is answered,
+    whatever its outcome: the broker reads AWS and refreshes its shared
+    cache for every caller, and joins bypass reads of one secret that come
+    together (a read of the broker's cache meanwhile could answer the old
+    value last). Before any clear, nothing is asked again.
+
+    ``generation`` counts the clears: a read that started before one must
+    not store what it read after it (the old value, in the emptied cache).
+    Callers hold their instance's lock (sync) or run on its loop."""
 
     def __init__(self) -> None:
-        self._asked: Optional[set[tuple[Optional[str], ...]]] = None
+        # Per key: True once answered, False while its first read runs.
+        self._asked: Optional[dict[tuple[Optional[str], ...], bool]] = None
+        self.generation = 0
 
     def clear(self) -> None:
-        self._asked = set()
+        self._asked = {}
+        self.generation += 1
 
     def first_read(self, key: tuple[Optional[str], ...]) -> bool:
-        """Whether this read is the key's first since a clear (noted now)."""
-        if self._asked is None or key in self._asked:
+        """Whether this read must ask AWS: the key has not been answered
+        since a clear. Noted as under way."""
+        if self._asked is None or self._asked.get(key, False):
             return False
-        self._asked.add(key)
+        self._asked[key] = False
         return True
+
+    def answered(self, key: tuple[Optional[str], ...]) -> None:
+        """A read that asked AWS for ``key`` is done (whatever it found)."""
+        if self._asked is not None and key in self._asked:
+            self._asked[key] = True
 
 
 def _clear(lock: threading.Lock, cache: _Cache, configs: _Configs) -> list["_Follower"]:
@@ -1129,9 +1158,9 @@ def _varint(n: int) -> bytes:
 def _first_marked(events: Iterable[Any]) -> Iterator[tuple[bool, Any]]:
     """A watch stream's events, the first marked. A follower always asks
     from the version it holds, so a first CURRENT tells nothing new: the
-    broker says ROTATED when it knows of another version. A CURRENT of
-    another version comes from a replica that could not check with AWS and
-    may be behind the one the version was read from: it is not taken."""
+    broker says ROTATED (or DELETED) when AWS shows a change. It is not
+    taken, so that no broker can put back a version older than the one
+    held."""
     first = True
     for event in events:
         yield first, event

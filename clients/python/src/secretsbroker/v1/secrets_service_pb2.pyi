@@ -492,12 +492,12 @@ class WatchSecretRequest(_message.Message):
     """The staging label to follow; empty means "AWSCURRENT"."""
     since_version_id: _builtins.str
     """The version the caller already has (e.g. when reconnecting). When set and
-    different from the current version, the first message is ROTATED. When
-    the broker could not check with AWS just then (slow, failing), another
-    version it holds may be older than the caller's (read from a replica
-    that saw a rotation this one has not): the first message is then
-    CURRENT, which says "nothing to tell" to a caller that sent this field,
-    and is not to replace what it holds.
+    different from the current version, the first message is ROTATED (or
+    DELETED), always from a read of AWS: a broker whose cached version
+    differs from this one may be the one behind (the caller read it from a
+    replica that saw a rotation this one has not), so while AWS cannot be
+    read it answers UNAVAILABLE (UPSTREAM_UNAVAILABLE), and the caller
+    reconnects.
     """
     since_arn: _builtins.str
     """The ARN of the secret that version belongs to (`Secret.arn`), when
