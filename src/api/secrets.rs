@@ -271,7 +271,10 @@ impl SecretsApi {
             self.context
                 .watch
                 .confirm_first(&mut subscription, &full_name, &stage)
-                .await;
+                .await
+                .map_err(|error| {
+                    ApiError::from(error).naming_the_version("", &request.version_stage)
+                })?;
             if !subscription.checked {
                 return Err(ApiError::Store(StoreError::Unavailable {
                     detail: "AWS could not be read to tell whether the version this watcher \

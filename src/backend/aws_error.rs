@@ -183,21 +183,22 @@ fn proxy_for(
 /// A proxy's URL as messages and logs show it: without the user and
 /// password it may carry (`http://user:pass@proxy:3128`).
 fn shown_proxy(proxy: &str) -> String {
+    let Some((_, host)) = proxy.rsplit_once('@') else {
+        return proxy.to_owned();
+    };
     match url::Url::parse(proxy) {
-        Ok(mut url) if url.has_host() => {
-            if url.username().is_empty() && url.password().is_none() {
-                return proxy.to_owned();
-            }
+        Ok(mut url)
+            if url.has_host() && (!url.username().is_empty() || url.password().is_some()) =>
+        {
             let _ = url.set_username("");
             let _ = url.set_password(None);
             format!("{url} (its user and password left out)")
         }
-        // Not a URL with a host (`user:pass@host:port` parses as a scheme
-        // and a path): whatever precedes an `@` may be credentials.
-        _ => match proxy.rsplit_once('@') {
-            Some((_, host)) => format!("{host} (what preceded @ left out)"),
-            None => proxy.to_owned(),
-        },
+        // Not a URL whose user part holds it all (`user:pass@host:port`
+        // parses as a scheme and a path, a password with a `/` cuts the
+        // user part short): whatever precedes the last `@` may be
+        // credentials.
+        _ => format!("{host} (what preceded @ left out)"),
     }
 }
 
@@ -611,7 +612,8 @@ static REFUSALS: LazyLock<RepeatFilter> = LazyLock::new(|| RepeatFilter::new(REF
 /// How long the same refusal of the same secret stays quiet after its line.
 const REFUSAL_QUIET: Duration = Duration::from_secs(600);
 
-/// Which (secret, code) pairs were said within `quiet`; bounded: past
+/// Which (secret, key) pairs (the key: the action and code) were said
+/// within `quiet`; bounded: past
 /// `REMEMBERED` pairs it forgets them all (a line more, never unbounded
 /// memory when AWS refuses many secrets).
 struct RepeatFilter {
@@ -853,6 +855,10 @@ mod tests {
             ("http://proxy.local:3128", "http://proxy.local:3128"),
             (
                 "alice:s3cret@proxy.local:3128",
+                "proxy.local:3128 (what preceded @ left out)",
+            ),
+            (
+                "http://bob:12s3cret/x@proxy.local:3128",
                 "proxy.local:3128 (what preceded @ left out)",
             ),
         ] {

@@ -128,6 +128,11 @@ impl Backoff {
         let later = Instant::now() + wait;
         if until.is_none() {
             self.started.fetch_add(1, Relaxed);
+        }
+        // Said at the start, unless a start was said within WARN_EVERY; then
+        // at the first failure past it, if the backoff still lasts (a long
+        // outage right after a blip is said too).
+        if !self.announced.load(Relaxed) {
             let mut warned_at = self.warned_at.lock().unwrap_or_else(|e| e.into_inner());
             if warned_at.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
                 *warned_at = Some(Instant::now());

@@ -349,6 +349,12 @@ impl Cache {
         }
     }
 
+    /// Whether callers are being kept off the upstream now (a backoff):
+    /// a read that may wait should not start one of its own meanwhile.
+    pub fn upstream_backed_off(&self) -> bool {
+        self.shared.backoff.active()
+    }
+
     /// Reads upstream now, joining a read of the same key already under
     /// way (so a crowd asking at once still makes one call); the answer
     /// replaces the entry. For callers that must not act on a cached value,

@@ -332,21 +332,42 @@ impl WatchHub {
     /// (another version, or DELETED): this replica may be behind the
     /// watcher (its version older) or ahead of it (a rotation the watcher
     /// missed), and only AWS can say which. The read is the one under way
-    /// (joined) or a new one; it is bounded by AWS's own timeouts. When it
-    /// fails for now, the state stays unconfirmed.
-    pub async fn confirm_first(&self, subscription: &mut Subscription, name: &str, stage: &str) {
+    /// (joined) or a new one, bounded by AWS's own timeouts; none is made
+    /// while the upstream is backed off (the watcher reconnects), nor
+    /// waited for past shutdown. Only a value read confirms the state: a
+    /// transient failure leaves it unconfirmed, and any other is the
+    /// watcher's answer, as when it subscribes.
+    pub async fn confirm_first(
+        &self,
+        subscription: &mut Subscription,
+        name: &str,
+        stage: &str,
+    ) -> Result<(), StoreError> {
+        let cache = &self.shared.cache;
+        if cache.upstream_backed_off() {
+            return Ok(());
+        }
         let key = TopicKey {
             name: name.to_owned(),
             stage: stage.to_owned(),
         }
         .cache_key();
-        // An answer reaches the topic through the cache's change listener
-        // (a deletion too) before the read returns.
-        subscription.checked = match self.shared.cache.get_fresh(key).await {
-            Ok(_) => true,
-            Err(error) => !error.is_transient(),
+        let mut shutdown = subscription.shutdown.clone();
+        let read = tokio::select! {
+            read = cache.get_fresh(key) => read,
+            _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
         };
-        subscription.first = subscription.changes.borrow_and_update().clone();
+        match read {
+            // The answer reached the topic through the cache's change
+            // listener before the read returned.
+            Ok(_) => {
+                subscription.checked = true;
+                subscription.first = subscription.changes.borrow_and_update().clone();
+                Ok(())
+            }
+            Err(error) if error.is_transient() => Ok(()),
+            Err(error) => Err(error),
+        }
     }
 
     /// How often the sweep runs (before jitter).

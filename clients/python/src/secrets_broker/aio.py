@@ -123,7 +123,7 @@ class AsyncAWSSecretsManager:
             raise _error_from(error, self.config) from None
         finally:
             if again:
-                self._since_clear.answered(asked)
+                self._since_clear.answered(asked, generation)
         _log_answer("get_secret", secret_name, answer.secret)
         self.config.check_prefix(secret_name, answer.secret.name)
         _refuse_stale_bypass(answer.secret, use_cache)
@@ -216,6 +216,7 @@ class AsyncAWSSecretsManager:
     async def _typed(self, rpc: str, name: str) -> dict[str, Any]:
         asked = ("config", rpc, name)
         again = self._since_clear.first_read(asked)
+        generation = self._since_clear.generation
         request = getattr(secrets_service_pb2, f"{rpc}Request")(name=name, bypass_cache=again)
         try:
             answer = await getattr(self._secrets(), rpc)(request, timeout=CALL_TIMEOUT)
@@ -223,7 +224,7 @@ class AsyncAWSSecretsManager:
             raise _error_from(error, self.config) from None
         finally:
             if again:
-                self._since_clear.answered(asked)
+                self._since_clear.answered(asked, generation)
         self.config.check_prefix(name, answer.name)
         return config_dict(answer.config)
 

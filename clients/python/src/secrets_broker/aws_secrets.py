@@ -812,7 +812,7 @@ class AWSSecretsManager:
         finally:
             if again:
                 with self._lock:
-                    self._since_clear.answered(asked)
+                    self._since_clear.answered(asked, generation)
         _log_answer("get_secret", secret_name, answer.secret)
         self.config.check_prefix(secret_name, answer.secret.name)
         _refuse_stale_bypass(answer.secret, use_cache)
@@ -942,18 +942,22 @@ class AWSSecretsManager:
         finally:
             if again:
                 with self._lock:
-                    self._since_clear.answered(asked)
+                    self._since_clear.answered(asked, generation)
         self.config.check_prefix(name, answer.name)
         value = config_dict(answer.config)
+        if self.config.secret_cache_ttl <= 0:
+            return value  # the local cache is off: nothing kept, nothing followed
+        # Read before a clear_cache(): not kept after it (checked again
+        # under the lock that stores).
+        cleared = lambda: generation != self._since_clear.generation  # noqa: E731
         with self._lock:
-            kept = generation == self._since_clear.generation
-        if self.config.secret_cache_ttl <= 0 or not kept:
-            return value  # nothing kept (the local cache is off, or was cleared meanwhile)
-        with self._lock:
+            if cleared():
+                return value
             followed = self._followed()
         if followed >= MAX_FOLLOWED:
             with self._lock:
-                self._configs[key] = _ConfigEntry(value=value, stored_at=time.monotonic())
+                if not cleared():
+                    self._configs[key] = _ConfigEntry(value=value, stored_at=time.monotonic())
             return copy.deepcopy(value)
         entry = _ConfigEntry(value=value, stored_at=time.monotonic())
         manager = weakref.ref(self)  # the watch thread must not keep it alive
@@ -975,6 +979,8 @@ class AWSSecretsManager:
 
         entry.follower = _Follower(manager, answer.name, answer.version_id, arn=answer.arn, on_event=changed)
         with self._lock:
+            if cleared():
+                return copy.deepcopy(value)
             replaced = self._configs.get(key)
             self._configs[key] = entry
         if replaced is not None and replaced.follower is not None:
@@ -1050,9 +1056,11 @@ class AskedSinceClear:
         self._asked[key] = False
         return True
 
-    def answered(self, key: tuple[Optional[str], ...]) -> None:
-        """A read that asked AWS for ``key`` is done (whatever it found)."""
-        if self._asked is not None and key in self._asked:
+    def answered(self, key: tuple[Optional[str], ...], generation: int) -> None:
+        """A read that asked AWS for ``key`` since clear number
+        ``generation`` is done (whatever it found); one from before a later
+        clear says nothing of it."""
+        if generation == self.generation and self._asked is not None and key in self._asked:
             self._asked[key] = True
 
 
