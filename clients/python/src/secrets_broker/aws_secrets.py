@@ -949,7 +949,9 @@ class AWSSecretsManager:
             return value  # the local cache is off: nothing kept, nothing followed
         # Read before a clear_cache(): not kept after it (checked again
         # under the lock that stores).
-        cleared = lambda: generation != self._since_clear.generation  # noqa: E731
+        def cleared() -> bool:
+            return generation != self._since_clear.generation
+
         with self._lock:
             if cleared():
                 return value
