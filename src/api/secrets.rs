@@ -251,38 +251,35 @@ impl SecretsApi {
             VersionSelector::Stage(stage) => stage,
             VersionSelector::Id { .. } => unreachable!("no version id was given"),
         };
-        let mut subscription = self
-            .context
-            .watch
-            .subscribe(
-                full_name.clone(),
-                stage.clone(),
-                !request.since_version_id.is_empty(),
-            )
-            .await
-            .map_err(|error| {
-                ApiError::from(error).naming_the_version("", &request.version_stage)
-            })?;
         let held = (
             request.since_version_id.as_str(),
             request.since_arn.as_str(),
         );
-        if !subscription.checked && message::tells_a_change(&subscription.first, held) {
-            self.context
-                .watch
-                .confirm_first(&mut subscription, &full_name, &stage)
-                .await
-                .map_err(|error| {
-                    ApiError::from(error).naming_the_version("", &request.version_stage)
-                })?;
-            if !subscription.checked {
-                return Err(ApiError::Store(StoreError::Unavailable {
-                    detail: "AWS could not be read to tell whether the version this watcher \
-                             holds or the one this broker holds is newer; reconnect with \
-                             since_version_id"
-                        .into(),
-                }));
+        let watch = &self.context.watch;
+        let subscribed = async {
+            let resumes = !request.since_version_id.is_empty();
+            let mut subscription = watch
+                .subscribe(full_name.clone(), stage.clone(), resumes)
+                .await?;
+            if !subscription.checked && message::tells_a_change(&subscription.first, held) {
+                watch
+                    .confirm_first(&mut subscription, &full_name, &stage)
+                    .await?;
             }
+            Ok(subscription)
+        };
+        let subscription = subscribed.await.map_err(|error: StoreError| {
+            ApiError::from(error).naming_the_version("", &request.version_stage)
+        })?;
+        // Still unconfirmed (AWS failing, or backed off): only AWS can say
+        // which of the two versions is newer.
+        if !subscription.checked && message::tells_a_change(&subscription.first, held) {
+            return Err(ApiError::Store(StoreError::Unavailable {
+                detail: "AWS could not be read to tell whether the version this watcher \
+                         holds or the one this broker holds is newer; reconnect with \
+                         since_version_id"
+                    .into(),
+            }));
         }
         Ok((subscription, full_name))
     }

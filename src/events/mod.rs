@@ -196,15 +196,8 @@ impl Events {
             tracing::info!(queue = %queue.url(), "reading secret change events");
             match self.read(&queue, &hub, &stop).await {
                 ReadEnd::Stopped => return queue.close().await,
-                ReadEnd::OwnQueueGone => {
-                    tracing::warn!(queue = %queue.url(), "this broker's event queue was deleted (not by this broker); it makes a new one and subscribes it to the topic");
-                    queue.forget().await;
-                    if !pause(&stop, &mut rebuild).await {
-                        return;
-                    }
-                }
-                ReadEnd::Unsubscribed => {
-                    tracing::warn!(queue = %queue.url(), "this broker's event queue is no longer subscribed to the topic (unsubscribed, or the topic made again); it makes a new queue and subscribes it");
+                ReadEnd::Rebuild(why) => {
+                    tracing::warn!(queue = %queue.url(), "{why}");
                     queue.forget().await;
                     if !pause(&stop, &mut rebuild).await {
                         return;
@@ -259,7 +252,7 @@ impl Events {
                 };
                 match answer {
                     Ok(true) => check_failed_before = false,
-                    Ok(false) => return ReadEnd::Unsubscribed,
+                    Ok(false) => return ReadEnd::Rebuild(UNSUBSCRIBED),
                     // Said once while it lasts (a grant missing after an
                     // upgrade would otherwise go unnoticed).
                     Err(error) if !check_failed_before => {
@@ -291,7 +284,7 @@ impl Events {
                     retry = FIRST_RETRY;
                 }
                 Err(error) if error.queue_gone && queue.is_own() => {
-                    return ReadEnd::OwnQueueGone;
+                    return ReadEnd::Rebuild(OWN_QUEUE_GONE);
                 }
                 Err(error) => {
                     if self.failing(&error) {
@@ -400,7 +393,8 @@ impl Events {
                 behind,
             } => {
                 shared.applied.fetch_add(count, Relaxed);
-                if behind && hint.is_some() {
+                // Behind only ever comes with a hint.
+                if behind {
                     self.read_again_later(hub, ids.clone(), hint);
                 }
                 let lag =
@@ -526,10 +520,15 @@ fn latest_time(changes: &[Change]) -> Option<SystemTime> {
 /// Why reading a queue ended.
 enum ReadEnd {
     Stopped,
-    OwnQueueGone,
-    /// The broker's own queue, no longer subscribed to the topic.
-    Unsubscribed,
+    /// The broker's own queue is to be made again (why, for the log).
+    Rebuild(&'static str),
 }
+
+const OWN_QUEUE_GONE: &str = "this broker's event queue was deleted (not by this broker); it \
+                              makes a new one and subscribes it to the topic";
+const UNSUBSCRIBED: &str = "this broker's event queue is no longer subscribed to the topic \
+                            (unsubscribed, or the topic made again); it makes a new queue and \
+                            subscribes it";
 
 /// Sleeps `retry` (doubling it up to `LAST_RETRY`); false when stopped.
 async fn pause(stop: &CancellationToken, retry: &mut Duration) -> bool {
