@@ -3,7 +3,7 @@
 //! port. Apart from building the app, so that a test can bind port 0 and
 //! learn the address before the broker is built.
 
-use std::net::SocketAddr;
+use std::{io, net::SocketAddr, path::Path};
 
 use crate::{
     config::{ListenAddr, Settings},
@@ -36,9 +36,8 @@ impl Listeners {
             ),
             ListenAddr::Unix(path) => {
                 remove_stale_socket(path).map_err(listen_error(settings.listen.to_string()))?;
-                let listener = tokio::net::UnixListener::bind(path)
-                    .map_err(listen_error(settings.listen.to_string()))?;
-                open_to_group(path).map_err(listen_error(settings.listen.to_string()))?;
+                let listener =
+                    bind_unix(path).map_err(listen_error(settings.listen.to_string()))?;
                 Bound::Unix(listener)
             }
         };
@@ -67,12 +66,47 @@ impl Listeners {
     }
 }
 
+/// Binds a unix socket at `path` that has its final mode (`open_to_group`)
+/// from the moment it is there: it is bound in a new directory beside
+/// `path` that only the broker's user may enter, opened to the group
+/// there, and renamed into place. Bound at `path` and changed after, it
+/// would be, for that moment, as open as the umask leaves it (to anyone,
+/// under umask 0), and a change of mode by path would follow a symlink put
+/// there meanwhile. A socket path too long to bind from that directory
+/// (the kernel takes 107 bytes) is bound in place.
+fn bind_unix(path: &Path) -> io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::DirBuilderExt;
+    let parent = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    let staging = parent.join(format!(".secrets-broker-{}", std::process::id()));
+    // Left by a broker of this pid that was killed while binding.
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::DirBuilder::new().mode(0o700).create(&staging)?;
+    let staged = staging.join("s");
+    let bound = tokio::net::UnixListener::bind(&staged).and_then(|listener| {
+        open_to_group(&staged)?;
+        std::fs::rename(&staged, path)?;
+        Ok(listener)
+    });
+    let _ = std::fs::remove_dir_all(&staging);
+    match bound {
+        Err(error) if error.kind() == io::ErrorKind::InvalidInput => {
+            let listener = tokio::net::UnixListener::bind(path)?;
+            open_to_group(path)?;
+            Ok(listener)
+        }
+        bound => bound,
+    }
+}
+
 /// Connecting to a unix socket needs write access to its file, which the
 /// process's umask decides (systemd's `UMask=0077` left it to the broker's
 /// own user): it is made read-write for its owner and group, so that the
 /// services allowed in (members of the broker's group) can connect, and
 /// nobody else.
-fn open_to_group(path: &std::path::Path) -> std::io::Result<()> {
+fn open_to_group(path: &Path) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
 }
@@ -81,7 +115,7 @@ fn open_to_group(path: &std::path::Path) -> std::io::Result<()> {
 /// it is removed, unless something still answers on it (another broker
 /// would be silently cut off from its callers). Anything else at that path
 /// is refused by name.
-fn remove_stale_socket(path: &std::path::Path) -> std::io::Result<()> {
+fn remove_stale_socket(path: &Path) -> io::Result<()> {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
@@ -98,5 +132,49 @@ fn remove_stale_socket(path: &std::path::Path) -> std::io::Result<()> {
             "the path exists and is not a socket",
         )),
         Err(_) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+
+    use super::*;
+
+    /// The socket is there with its final mode and answers; nothing of the
+    /// directory it was bound in is left beside it.
+    #[tokio::test]
+    async fn a_unix_socket_is_put_in_place_open_to_the_group() {
+        let dir = std::env::temp_dir().join(format!("bind-test-{}", fastrand::u64(..)));
+        std::fs::create_dir(&dir).unwrap();
+        let path = dir.join("broker.sock");
+        let listener = bind_unix(&path).unwrap();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+        let entries: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+        assert_eq!(entries.len(), 1, "only the socket: {entries:?}");
+        let (connected, accepted) =
+            tokio::join!(tokio::net::UnixStream::connect(&path), listener.accept());
+        connected.unwrap();
+        accepted.unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A path too long for the staging directory (but not for the kernel)
+    /// is still bound, in place.
+    #[tokio::test]
+    async fn a_long_socket_path_is_bound_in_place() {
+        let top = std::env::temp_dir().join(format!("bind-test-{}", fastrand::u64(..)));
+        // 95 bytes of directory: the staging directory's socket would take
+        // more than the kernel's 107, the socket's own path takes 101.
+        let room = 95 - top.as_os_str().len() - 1;
+        let dir = top.join("d".repeat(room));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("b.sock");
+        let _listener = bind_unix(&path).unwrap();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+        std::fs::remove_dir_all(&top).unwrap();
     }
 }
