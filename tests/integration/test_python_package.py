@@ -971,6 +971,10 @@ print(json.dumps({
                                      "ipv4:127.0.0.1:50051: Peer name 127.0.0.1 is not in peer certificate", tls),
     "mistral": get_mistral_api_key(),
     "stats_after_a_config": (lambda m: (m.get_jwt_config(), m.get_cache_stats()["total_entries"])[1])(AWSSecretsManager()),
+    "configs_shown": (lambda m: (m.get_jwt_config(), repr(list(m._configs.values())))[1])(AWSSecretsManager()),
+    "settings_shown": [f(AWSSecretsConfig(aws_secret_access_key="KEY-NOT-TO-SHOW", https_proxy="http://u:pw@p:3128",
+                                          http_proxy="http://u:pw@p:3128"))
+                       for f in (repr, str)],
 }))
 """
 
@@ -987,6 +991,13 @@ def test_the_errors_say_what_to_change(venv, start_broker, tmp_path):
     assert "BROKER_TLS_DOMAIN" in seen["name_mismatch"], seen
     assert seen["mistral"] == support.dev_seed()[MISTRAL]
     assert seen["stats_after_a_config"] == 1, "a typed config counts in the local cache's stats"
+    # A service that logs its settings or the package's state shows no
+    # secret: not the AWS key, a proxy's password, or a typed config.
+    jwt_secret = support.seed_json("production/jwt")["jwt_secret_key"]
+    assert "_ConfigEntry(" in seen["configs_shown"] and jwt_secret not in seen["configs_shown"], seen
+    for shown in seen["settings_shown"]:
+        assert "KEY-NOT-TO-SHOW" not in shown and "u:pw" not in shown, shown
+        assert "secret_prefix='insurecove'" in shown, shown
 
 
 NO_LOCAL_CACHE_PROBE = """

@@ -38,7 +38,7 @@ import grpc.aio
 # googleapis-common-protos and grpcio-status ship no type information.
 from google.rpc import error_details_pb2  # type: ignore[import-untyped]
 from grpc_status import rpc_status  # type: ignore[import-untyped]
-from pydantic import ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from secretsbroker.v1 import secret_pb2, secrets_service_pb2, secrets_service_pb2_grpc
@@ -219,10 +219,12 @@ class AWSSecretsConfig(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
 
     aws_access_key_id: Optional[str] = None
-    aws_secret_access_key: Optional[str] = None
+    # Left out of repr() and str(): a service that logs its settings must
+    # not log the AWS secret key, nor a proxy's user and password.
+    aws_secret_access_key: Optional[str] = Field(default=None, repr=False)
     aws_default_region: str = "ap-east-1"
-    http_proxy: Optional[str] = None
-    https_proxy: Optional[str] = None
+    http_proxy: Optional[str] = Field(default=None, repr=False)
+    https_proxy: Optional[str] = Field(default=None, repr=False)
     no_proxy: Optional[str] = None
     secret_prefix: str = "insurecove"
     secret_cache_ttl: int = 300
@@ -695,7 +697,7 @@ class _Entry:
 
 @dataclass
 class _ConfigEntry:
-    value: dict[str, Any]
+    value: dict[str, Any] = field(repr=False)  # a typed config's settings: secret
     stored_at: float
     follower: Optional["_Follower"] = None
 
