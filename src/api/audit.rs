@@ -150,7 +150,7 @@ impl Drop for Audit {
 
 /// A name that did not resolve, as the audit shows it.
 pub fn refused_shown(raw: &str) -> String {
-    format!("{:?}", ShownName(raw).to_string())
+    ShownName(raw).quoted()
 }
 
 /// The audit event (and the call's metrics) of a call of SecretsService

@@ -339,12 +339,18 @@ impl Shared {
             self.cleared_keys
                 .remove_if(key, |_, cleared| number >= *cleared);
         }
+        if stored && matches!(key.selector, VersionSelector::Id { .. }) {
+            self.note_read_by_id(&key.name);
+        }
+        let stage_new = new_slot.is_some();
         if let Some(slot) = new_slot {
             self.clock.push(key.clone(), slot);
             self.evict_over_capacity(key);
         }
         if stage_moved {
             self.forget_version_ids(&key.name);
+        } else if let (true, VersionSelector::Stage(stage)) = (stage_new, &key.selector) {
+            self.forget_version_ids_disagreeing(&key.name, stage, &version);
         }
         if let (true, Some(listener)) = (stored || older_than_a_clear, self.listener.get()) {
             listener(key, &version, number);
@@ -377,12 +383,41 @@ impl Shared {
     /// again when next asked. A version's value never changes, but the
     /// stages it carries do (they are in the answer), and a version asked
     /// with a stage is answered only while it carries it.
-    fn forget_version_ids(&self, id: &str) {
-        let name = names::secret_name(id);
-        self.entries.retain(|key, _| {
-            !(matches!(key.selector, VersionSelector::Id { .. })
-                && names::secret_name(&key.name) == name)
+    pub(super) fn forget_version_ids(&self, id: &str) {
+        self.forget_version_ids_where(id, |_| true);
+    }
+
+    /// `stage` was first stored for `id`'s secret, at `version`: what is
+    /// cached by version id and tells otherwise (another version carrying
+    /// the stage, or this one without it) is read again when next asked.
+    /// A stage entry stored anew, not changed, has no older version to
+    /// compare with: the version ids cached may be from before a rotation.
+    fn forget_version_ids_disagreeing(&self, id: &str, stage: &str, version: &SecretVersion) {
+        self.forget_version_ids_where(id, |cached| {
+            cached.same_version(version) != cached.version_stages.iter().any(|s| s == stage)
         });
+    }
+
+    /// Drops what is cached by version id for `id`'s secret whose version
+    /// `outdated` picks; nothing is looked at for a secret never read so.
+    fn forget_version_ids_where(&self, id: &str, outdated: impl Fn(&SecretVersion) -> bool) {
+        let name = names::secret_name(id);
+        if !self.read_by_id.contains(name) {
+            return;
+        }
+        self.entries.retain(|key, entry| {
+            !(matches!(key.selector, VersionSelector::Id { .. })
+                && names::secret_name(&key.name) == name
+                && outdated(&entry.version))
+        });
+    }
+
+    /// Notes that `id`'s secret has something cached by version id.
+    fn note_read_by_id(&self, id: &str) {
+        let name = names::secret_name(id);
+        if !self.read_by_id.contains(name) {
+            self.read_by_id.insert(name.to_owned());
+        }
     }
 
     /// Evicts entries the clock picks (never `keep`, just stored) until the
@@ -428,7 +463,9 @@ fn answered_as_asked(asked: &str, version: SecretVersion) -> Result<SecretVersio
     } else {
         Err(StoreError::Mismatch {
             asked: asked.to_owned(),
-            answered: version.name.clone(),
+            // Whatever the upstream (or whoever answered in its place)
+            // put there: cut, quoted and escaped, for the caller's error.
+            answered: names::ShownName(&version.name).quoted(),
         })
     }
 }

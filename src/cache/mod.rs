@@ -41,6 +41,7 @@
 //!   once. The cache itself knows nothing of watchers.
 
 use std::{
+    collections::HashSet,
     sync::{
         Arc, OnceLock,
         atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
@@ -54,6 +55,7 @@ use tokio::time::Instant;
 
 use crate::{
     backend::{SecretStore, StoreError, bounded::BoundedStore},
+    names::secret_name,
     secret::SecretVersion,
 };
 
@@ -150,6 +152,12 @@ struct Shared {
     /// The first fetch number after the last clear of every entry: the
     /// same rule for all keys at once.
     cleared_before: AtomicU64,
+    /// Secrets (by name) of which something was cached by version id:
+    /// only theirs are looked for when a stage tells that those entries'
+    /// stages may be out of date, so that a cache nobody reads by version
+    /// id is never scanned for them. Bounded by the secrets that exist
+    /// (only a read that answered stores), emptied by a clear of all.
+    read_by_id: dashmap::DashSet<String>,
     counters: Counters,
     listener: OnceLock<ChangeListener>,
     gone_listener: OnceLock<GoneListener>,
@@ -200,6 +208,7 @@ impl Cache {
                 deleted_before: DashMap::new(),
                 cleared_keys: DashMap::new(),
                 cleared_before: AtomicU64::new(0),
+                read_by_id: dashmap::DashSet::new(),
                 counters: Counters::default(),
                 listener: OnceLock::new(),
                 gone_listener: OnceLock::new(),
@@ -227,10 +236,17 @@ impl Cache {
             .store_entry(key, version, Instant::now(), number);
     }
 
+    /// Drops what is cached by version id of `id`'s secret: its stages
+    /// have changed upstream (an event, or a listing, said so), and those
+    /// entries tell the stages each version carried when read.
+    pub fn forget_version_ids(&self, id: &str) {
+        self.shared.forget_version_ids(id);
+    }
+
     /// Forgets the remembered misses (NOT_FOUND) of every id `wanted`
     /// picks, whatever their version selector: a change was seen.
     pub fn forget_misses_where(&self, wanted: impl Fn(&str) -> bool) {
-        self.shared.negative.forget_where(wanted);
+        self.shared.negative.forget_where(|key| wanted(&key.name));
     }
 
     /// Drops `key`'s entry: its secret (or stage) was found deleted
@@ -246,7 +262,7 @@ impl Cache {
     /// found deleted upstream.
     pub fn remove_deleted_where(&self, belongs: impl Fn(&str) -> bool) {
         let shared = &self.shared;
-        let keys = shared.keys_where(belongs);
+        let keys = shared.keys_where(|key| belongs(&key.name));
         shared.room_for_marks(&shared.deleted_before, keys.len());
         for key in keys {
             shared.mark_deleted(&key);
@@ -413,6 +429,7 @@ impl Cache {
     /// Reads upstream now, replaces the entry, and tells whether the version
     /// differs from the one cached before (AdminService.RefreshSecret). A
     /// caller's own deadline is answered as `get_until` answers a miss.
+    /// When AWS answered, yes or no, the secret's other entries go.
     pub async fn refresh(
         &self,
         key: CacheKey,
@@ -425,34 +442,68 @@ impl Cache {
             .map(|entry| Arc::clone(&entry.version));
         self.shared.negative.forget(&key);
         let callers = deadline.filter(|d| d.callers).map(|d| d.at);
-        let version = before(callers, self.shared.read_anew(&key)).await?;
+        let result = before(callers, self.shared.read_anew(&key)).await;
+        if result
+            .as_ref()
+            .map_or_else(|error| !error.is_transient(), |_| true)
+        {
+            self.clear_others_of_the_secret(&key);
+        }
+        let version = result?;
         let changed = !held.is_some_and(|held| held.same_version(&version));
         Ok((version, changed))
     }
 
-    /// Drops the entries of these full names (every version selector), or
+    /// After AWS answered a refresh of `key`: every other entry of its
+    /// secret (read by its ARN, another stage, a version id) is read anew
+    /// when next asked. A refresh that finds the read revoked ends it for
+    /// the secret, not only for the id refreshed, and one that finds a new
+    /// version leaves no entry of the secret telling the old stages. After
+    /// a transient failure they stay, to be served stale.
+    fn clear_others_of_the_secret(&self, key: &CacheKey) {
+        let secret = secret_name(&key.name);
+        self.clear_where(false, |other| {
+            other != key && secret_name(&other.name) == secret
+        });
+    }
+
+    /// Drops the entries of these secrets (full names or ARNs: every id the
+    /// secret was read by, name or ARN, and every version selector), or
     /// every entry when `names` is empty. Returns how many were dropped.
+    ///
+    /// Every id: a value cached under the secret's ARN is the same secret's
+    /// value, and a clear that left it would leave a revoked read served.
     ///
     /// A read under way since before the clear still answers its callers,
     /// but neither stores what it read nor is joined by a read after the
     /// clear: it may have been answered before a rotation that a bypass
     /// read has since told a caller of.
     pub fn clear(&self, names: &[String]) -> u64 {
+        let secrets: HashSet<&str> = names.iter().map(|id| secret_name(id)).collect();
+        self.clear_where(names.is_empty(), |key| {
+            secrets.contains(secret_name(&key.name))
+        })
+    }
+
+    /// `clear`, of every entry when `all`, else of the keys `belongs` picks.
+    fn clear_where(&self, all: bool, belongs: impl Fn(&CacheKey) -> bool) -> u64 {
         let shared = &self.shared;
         let before = shared.entries.len();
-        shared.negative.forget_names(names);
         let mark = shared.next_fetch.load(Relaxed);
-        if names.is_empty() {
+        if all {
+            shared.negative.forget_where(|_| true);
             // Written before the entries go: a read that stores after its
             // shard was cleared sees it (see `store_entry`). `max`: a
             // concurrent clear may have written a later one.
             shared.cleared_before.fetch_max(mark, Relaxed);
             shared.cleared_keys.clear();
+            shared.read_by_id.clear();
             shared.inflight.retain(|_, running| running.number >= mark);
             shared.entries.clear();
             shared.clock.clear();
         } else {
-            let keys = shared.keys_where(|name| names.iter().any(|n| n == name));
+            shared.negative.forget_where(&belongs);
+            let keys = shared.keys_where(&belongs);
             shared.room_for_marks(&shared.cleared_keys, keys.len());
             for key in keys {
                 // Marked first, as a deletion is (see `mark_deleted`).
@@ -550,8 +601,8 @@ impl Shared {
         }
     }
 
-    /// The keys whose name `belongs` picks, cached or being read now.
-    fn keys_where(&self, belongs: impl Fn(&str) -> bool) -> std::collections::HashSet<CacheKey> {
+    /// The keys `belongs` picks, cached or being read now.
+    fn keys_where(&self, belongs: impl Fn(&CacheKey) -> bool) -> HashSet<CacheKey> {
         // The fetches first: one that leaves its registry meanwhile has
         // stored its value already, and the entries, looked at after, have it.
         self.inflight
@@ -559,7 +610,7 @@ impl Shared {
             .map(|fetch| fetch.key().clone())
             .chain(self.bypass_inflight.iter().map(|fetch| fetch.key().clone()))
             .chain(self.entries.iter().map(|entry| entry.key().clone()))
-            .filter(|key| belongs(&key.name))
+            .filter(|key| belongs(key))
             .collect()
     }
 

@@ -80,19 +80,10 @@ impl NegativeEntries {
         }
     }
 
-    /// Forgets every entry whose id `wanted` picks.
-    pub fn forget_where(&self, wanted: impl Fn(&str) -> bool) {
+    /// Forgets every entry whose key `wanted` picks.
+    pub fn forget_where(&self, wanted: impl Fn(&CacheKey) -> bool) {
         if !self.entries.is_empty() {
-            self.entries.retain(|key, _| !wanted(&key.name));
-        }
-    }
-
-    /// Forgets every entry of these names, or all when `names` is empty.
-    pub fn forget_names(&self, names: &[String]) {
-        if names.is_empty() {
-            self.entries.clear();
-        } else {
-            self.entries.retain(|key, _| !names.contains(&key.name));
+            self.entries.retain(|key, _| !wanted(key));
         }
     }
 

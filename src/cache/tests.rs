@@ -411,12 +411,30 @@ async fn an_answer_for_another_secret_is_refused_and_not_cached() {
         error,
         StoreError::Mismatch {
             asked: "insurecove/shared/x".into(),
-            answered: "insurecove/production/database".into(),
+            answered: r#""insurecove/production/database""#.into(),
         }
     );
     assert_eq!(cache.stats().total_entries, 0, "nothing cached");
     assert!(cache.get(key("insurecove/shared/x"), false).await.is_err());
     assert_eq!(store.calls(), 2, "not served from the cache either");
+}
+
+/// What the upstream answered is not vetted: the caller's error shows it
+/// escaped, on one line, and cut.
+#[tokio::test(start_paused = true)]
+async fn another_secrets_name_is_shown_escaped_and_cut() {
+    let forged = format!("x\nINFO audit: forged{}", "y".repeat(200));
+    let store = FakeStore::with(&["s", &forged]);
+    store
+        .answers_instead
+        .lock()
+        .unwrap()
+        .insert("s".into(), forged.clone());
+    let cache = cache_over(&store, 100);
+    let error = cache.get(key("s"), false).await.unwrap_err().to_string();
+    assert!(!error.contains('\n'), "{error}");
+    assert!(error.contains(r#""x\nINFO audit: forged"#), "{error}");
+    assert!(error.len() < 250, "cut: {error}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -848,4 +866,100 @@ async fn a_value_renewed_by_describe_alone_is_read_again_within_the_hour() {
     tokio::time::advance(TTL).await;
     cache.get(key("s"), false).await.unwrap();
     assert_eq!(store.calls(), 2, "past it, GetSecretValue is asked again");
+}
+
+/// The secret `s` as an ARN names it; the fake answers it as `s`.
+fn arn_of_s(store: &FakeStore) -> CacheKey {
+    const ARN: &str = "arn:aws:secretsmanager:us-east-1:111122223333:secret:s-AbCdEf";
+    store
+        .answers_instead
+        .lock()
+        .unwrap()
+        .insert(ARN.into(), "s".into());
+    CacheKey::new(ARN.into(), VersionSelector::current())
+}
+
+/// ClearCache names a secret; what was read by its ARN is the same
+/// secret's value, and goes too.
+#[tokio::test(start_paused = true)]
+async fn a_clear_by_name_drops_what_was_read_by_the_secrets_arn() {
+    let store = FakeStore::with(&["s", "t"]);
+    let cache = cache_over(&store, 100);
+    let by_arn = arn_of_s(&store);
+    cache.get(by_arn.clone(), false).await.unwrap();
+    version_of(&cache, "s").await;
+    version_of(&cache, "t").await;
+    assert_eq!(cache.clear(&["s".into()]), 2);
+    assert!(cache.entries_where(|key| *key == by_arn).is_empty());
+    assert_eq!(
+        cache.stats().total_entries,
+        1,
+        "another secret's entry stays"
+    );
+}
+
+/// A RefreshSecret that finds the read revoked ends every entry of the
+/// secret (its ARN's too: renewed by DescribeSecret, it would be served
+/// for up to an hour); one that fails transiently leaves them to be
+/// served stale.
+#[tokio::test(start_paused = true)]
+async fn a_refresh_that_finds_the_read_revoked_ends_every_entry_of_the_secret() {
+    let store = FakeStore::with(&["s"]);
+    let cache = cache_over(&store, 100);
+    let by_arn = arn_of_s(&store);
+    cache.get(by_arn.clone(), false).await.unwrap();
+    version_of(&cache, "s").await;
+
+    *store.value_failure.lock().unwrap() = Some(StoreError::Unavailable {
+        detail: "503".into(),
+    });
+    cache.refresh(key("s"), None).await.unwrap_err();
+    assert!(cache.get(by_arn.clone(), false).await.unwrap().hit);
+
+    let denied = StoreError::AccessDenied {
+        name: "s".into(),
+        detail: "IAM".into(),
+    };
+    *store.value_failure.lock().unwrap() = Some(denied.clone());
+    assert_eq!(cache.refresh(key("s"), None).await.unwrap_err(), denied);
+    assert_eq!(cache.stats().total_entries, 0);
+    assert_eq!(cache.get(by_arn, false).await.unwrap_err(), denied);
+}
+
+/// A version asked with a stage is answered only while it carries it:
+/// the stage's entry, first stored after a rotation (nothing older to
+/// compare with), still drops the pinned entry of the version before.
+#[tokio::test(start_paused = true)]
+async fn a_stage_first_stored_after_a_rotation_drops_the_version_pinned_with_it() {
+    let store = FakeStore::with(&["s"]);
+    let cache = cache_over(&store, 100);
+    let pinned = CacheKey::new(
+        "s".into(),
+        VersionSelector::Id {
+            id: "v1".into(),
+            stage: Some("AWSCURRENT".into()),
+        },
+    );
+    cache.get(pinned.clone(), false).await.unwrap();
+    store.set("s", "v2");
+    assert_eq!(version_of(&cache, "s").await, "v2");
+    assert!(
+        cache.entries_where(|key| *key == pinned).is_empty(),
+        "v1 no longer carries AWSCURRENT"
+    );
+}
+
+/// An event (or a listing) that says the secret changed drops what was
+/// read by version id even when no stage of it is cached: those entries
+/// tell stages that may have moved.
+#[tokio::test(start_paused = true)]
+async fn forgetting_version_ids_drops_only_that_secrets() {
+    let store = FakeStore::with(&["s", "t"]);
+    let cache = cache_over(&store, 100);
+    let by_id = |name: &str| CacheKey::by_version_id(name, "v1");
+    cache.get(by_id("s"), false).await.unwrap();
+    cache.get(by_id("t"), false).await.unwrap();
+    cache.forget_version_ids("s");
+    assert!(cache.entries_where(|key| *key == by_id("s")).is_empty());
+    assert_eq!(cache.entries_where(|key| *key == by_id("t")).len(), 1);
 }

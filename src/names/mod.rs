@@ -374,5 +374,14 @@ impl fmt::Display for ShownName<'_> {
     }
 }
 
+impl ShownName<'_> {
+    /// The name cut as `Display` cuts it, quoted and with control
+    /// characters escaped: for text nobody vetted (a name a caller sent, or
+    /// one the upstream answered), which must stay one line.
+    pub fn quoted(&self) -> String {
+        format!("{:?}", self.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests;

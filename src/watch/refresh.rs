@@ -23,6 +23,12 @@ impl WatchHub {
         self.shared
             .cache
             .forget_misses_where(|id| names.contains(&names::secret_name(id)));
+        // What was read by version id tells stages that may have moved;
+        // it is not tracked (a version's value never changes), so it is
+        // read again when next asked rather than re-read here.
+        for name in &names {
+            self.shared.cache.forget_version_ids(name);
+        }
         let tracked = self
             .shared
             .tracked(|id| names.contains(&names::secret_name(id)));

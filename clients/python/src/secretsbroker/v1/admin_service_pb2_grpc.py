@@ -71,14 +71,17 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ClearCache(self, request, context):
-        """Drops cached entries: the named secrets, or everything when none is named.
+        """Drops cached entries: the named secrets (every entry of each, read by
+        name or by ARN, at any version), or everything when none is named.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RefreshSecret(self, request, context):
-        """Re-reads a secret from upstream now and replaces the cached entry.
+        """Re-reads a secret from upstream now and replaces the cached entry. Once
+        upstream has answered (a version or a refusal), the secret's other
+        entries (read by ARN, other stages, version ids) are dropped too.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -38,9 +38,14 @@ class AdminServiceStub:
     GetCacheStats: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.GetCacheStatsRequest, _admin_service_pb2.GetCacheStatsResponse]
     """Reports the shared cache's counters."""
     ClearCache: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ClearCacheRequest, _admin_service_pb2.ClearCacheResponse]
-    """Drops cached entries: the named secrets, or everything when none is named."""
+    """Drops cached entries: the named secrets (every entry of each, read by
+    name or by ARN, at any version), or everything when none is named.
+    """
     RefreshSecret: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.RefreshSecretRequest, _admin_service_pb2.RefreshSecretResponse]
-    """Re-reads a secret from upstream now and replaces the cached entry."""
+    """Re-reads a secret from upstream now and replaces the cached entry. Once
+    upstream has answered (a version or a refusal), the secret's other
+    entries (read by ARN, other stages, version ids) are dropped too.
+    """
     CheckUpstream: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.CheckUpstreamRequest, _admin_service_pb2.CheckUpstreamResponse]
     """Makes a cheap authenticated call upstream and reports whether it worked
     (not reachable when it has not answered just before the caller's
@@ -57,9 +62,14 @@ class AdminServiceAsyncStub(AdminServiceStub):
     GetCacheStats: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.GetCacheStatsRequest, _admin_service_pb2.GetCacheStatsResponse]  # type: ignore[assignment]
     """Reports the shared cache's counters."""
     ClearCache: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ClearCacheRequest, _admin_service_pb2.ClearCacheResponse]  # type: ignore[assignment]
-    """Drops cached entries: the named secrets, or everything when none is named."""
+    """Drops cached entries: the named secrets (every entry of each, read by
+    name or by ARN, at any version), or everything when none is named.
+    """
     RefreshSecret: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.RefreshSecretRequest, _admin_service_pb2.RefreshSecretResponse]  # type: ignore[assignment]
-    """Re-reads a secret from upstream now and replaces the cached entry."""
+    """Re-reads a secret from upstream now and replaces the cached entry. Once
+    upstream has answered (a version or a refusal), the secret's other
+    entries (read by ARN, other stages, version ids) are dropped too.
+    """
     CheckUpstream: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.CheckUpstreamRequest, _admin_service_pb2.CheckUpstreamResponse]  # type: ignore[assignment]
     """Makes a cheap authenticated call upstream and reports whether it worked
     (not reachable when it has not answered just before the caller's
@@ -85,7 +95,9 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_service_pb2.ClearCacheRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_service_pb2.ClearCacheResponse, _abc.Awaitable[_admin_service_pb2.ClearCacheResponse]]:
-        """Drops cached entries: the named secrets, or everything when none is named."""
+        """Drops cached entries: the named secrets (every entry of each, read by
+        name or by ARN, at any version), or everything when none is named.
+        """
 
     @_abc_1.abstractmethod
     def RefreshSecret(
@@ -93,7 +105,10 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_service_pb2.RefreshSecretRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_service_pb2.RefreshSecretResponse, _abc.Awaitable[_admin_service_pb2.RefreshSecretResponse]]:
-        """Re-reads a secret from upstream now and replaces the cached entry."""
+        """Re-reads a secret from upstream now and replaces the cached entry. Once
+        upstream has answered (a version or a refusal), the secret's other
+        entries (read by ARN, other stages, version ids) are dropped too.
+        """
 
     @_abc_1.abstractmethod
     def CheckUpstream(
