@@ -551,16 +551,26 @@ pub struct Deadline {
 /// Why a backoff started when a read overran the upstream wait.
 const OVERDUE: &str = "AWS did not answer within --upstream-wait (the read goes on)";
 
-/// How long before a caller's deadline its answer is given, so that it
-/// still reaches the caller.
+/// How long before a caller's deadline its answer is given, at least, so
+/// that it still reaches the caller.
 const ANSWER_MARGIN: Duration = Duration::from_millis(100);
 
-/// When to answer a caller that gives up at `deadline`: a tenth of what is
-/// left before it, at most `ANSWER_MARGIN` (a caller allowing 100 ms still
-/// gets 90 of them for AWS's answer).
+/// When to answer a caller that gives up at `deadline`, which is read from
+/// `grpc-timeout`. Clients round that header up: grpc-core (Python, Node's
+/// native client, C++...) to 10 ms below 10 s, to 100 ms below 100 s, then
+/// to the second, so up to about 1% late, and grpcio sends a 10 s timeout
+/// as `10100m`. An answer 100 ms before such a deadline lands as the
+/// client gives up. So the margin is a fortieth of what is left, at least
+/// `ANSWER_MARGIN`, and never over a tenth of it (a caller allowing 100 ms
+/// still gets 90 of them for AWS's answer).
 pub fn answer_by(deadline: Instant) -> Instant {
     let left = deadline.saturating_duration_since(Instant::now());
-    deadline - ANSWER_MARGIN.min(left / 10)
+    deadline - answer_margin(left)
+}
+
+/// The margin `answer_by` keeps when `left` is left before the deadline.
+fn answer_margin(left: Duration) -> Duration {
+    ANSWER_MARGIN.max(left / 40).min(left / 10)
 }
 
 /// `read` for a caller that gives up at `deadline`: just before it the

@@ -88,6 +88,14 @@ def test_a_hung_upstream_is_waited_for_a_bounded_time(moto, aws_broker, stubs):
         assert time.monotonic() - started < 2.0
         check = broker.admin().CheckUpstream(apb.CheckUpstreamRequest(), timeout=2.0)
         assert not check.reachable and "deadline" in check.detail, check
+        # grpcio rounds a long deadline up when it sends it (11 s goes as
+        # 11100m): the broker's answer must still beat the client's own.
+        started = time.monotonic()
+        expect_error(
+            lambda: get(stubs, stub, "never-read-while-hung", timeout=11.0),
+            grpc.StatusCode.UNAVAILABLE, "UPSTREAM_UNAVAILABLE",
+        )
+        assert time.monotonic() - started < 11.0
     finally:
         moto.proc.send_signal(signal.SIGCONT)
     deadline = time.monotonic() + 40
