@@ -54,7 +54,7 @@ use futures::future::{BoxFuture, Shared as SharedFuture};
 use tokio::time::Instant;
 
 use crate::{
-    backend::{SecretStore, StoreError, bounded::BoundedStore},
+    backend::{SecretStore, StoreError, VersionSelector, bounded::BoundedStore},
     names::secret_name,
     secret::SecretVersion,
 };
@@ -247,6 +247,14 @@ impl Cache {
     /// picks, whatever their version selector: a change was seen.
     pub fn forget_misses_where(&self, wanted: impl Fn(&str) -> bool) {
         self.shared.negative.forget_where(|key| wanted(&key.name));
+    }
+
+    /// `forget_misses_where`, of reads of the current version only.
+    pub fn forget_current_misses_where(&self, wanted: impl Fn(&str) -> bool) {
+        let current = VersionSelector::current();
+        self.shared
+            .negative
+            .forget_where(|key| key.selector == current && wanted(&key.name));
     }
 
     /// Drops `key`'s entry: its secret (or stage) was found deleted

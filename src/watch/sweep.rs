@@ -253,6 +253,21 @@ impl Shared {
         }
     }
 
+    /// A secret remembered missing (NOT_FOUND, or deleted) that a listing
+    /// shows (created, or restored) is read at its next ask, not when the
+    /// miss expires: nobody watches a secret that is not there, so nothing
+    /// else would tell. Only reads of the current version: a stage or a
+    /// version id missing is not news of a listing.
+    fn forget_misses_now_listed(&self, listed: &[SecretDescription]) {
+        let live: HashSet<&str> = listed
+            .iter()
+            .filter(|description| !description.deleted)
+            .map(|description| description.name.as_str())
+            .collect();
+        self.cache
+            .forget_current_misses_where(|id| live.contains(names::secret_name(id)));
+    }
+
     /// Whether the listing said `listed` of `key` when a re-read last found
     /// the version held, within the time that is trusted.
     fn behind_still(&self, key: &TopicKey, listed: &Option<String>) -> bool {
@@ -357,6 +372,7 @@ impl Shared {
                 }
             };
             self.listed_again();
+            self.forget_misses_now_listed(&listing.secrets);
             for description in &listing.secrets {
                 seen.insert(description.name.clone());
                 if let Some(items) = by_name.get(&description.name) {

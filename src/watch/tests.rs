@@ -770,3 +770,22 @@ fn an_arn_missing_on_either_side_leaves_the_version_id_to_say() {
     assert!(tracked(arn).holds_only(Some(""), "v1"), "no ARN told");
     assert!(tracked(arn).holds_only(None, "v1"));
 }
+
+/// A name remembered missing is read again once a listing shows it (made,
+/// or restored), not when the miss expires: nobody watches it meanwhile.
+#[tokio::test(start_paused = true)]
+async fn a_secret_the_listing_shows_is_no_longer_remembered_missing() {
+    let store = FakeStore::with(&["held"]);
+    let (hub, cache) = hub_over(&store);
+    let key = |name: &str| CacheKey::new(name.into(), VersionSelector::current());
+    cache.get(key("held"), false).await.unwrap();
+    cache.get(key("later"), false).await.unwrap_err();
+    store.set("later", "v1");
+    assert!(
+        cache.get(key("later"), false).await.is_err(),
+        "remembered missing"
+    );
+    round(&hub, &store).await;
+    let found = cache.get(key("later"), false).await.unwrap();
+    assert_eq!(found.version.version_id, "v1");
+}
