@@ -95,11 +95,11 @@ settings! {
         "ARN",
         "SNS topic of Secrets Manager events: the broker subscribes a queue of its own (fan-out to replicas)";
     region / REGION: "region", env ["AWS_DEFAULT_REGION", "AWS_REGION"], "REGION",
-        default "ap-east-1", "AWS region";
+        default "ap-east-1", "AWS region (AWS_REGION is read too, after AWS_DEFAULT_REGION)";
     secrets_file / SECRETS_FILE: "secrets-file", env ["BROKER_SECRETS_FILE"], "FILE",
         "Serve secrets from this JSON or TOML file instead of AWS";
     log_level / LOG_LEVEL: "log-level", env ["LOG_LEVEL"], "LEVEL", default "INFO",
-        "Log level: DEBUG, INFO, WARNING, ERROR";
+        "Log level: DEBUG, INFO, WARNING, ERROR (TRACE, and WARN and CRITICAL as WARNING and ERROR, are taken too)";
     log_format / LOG_FORMAT: "log-format", env ["LOG_FORMAT"], "FORMAT", default "text",
         "Log lines as text, or json (one JSON object per line)";
     metrics_secret_names / METRICS_SECRET_NAMES: "metrics-secret-names",

@@ -14,7 +14,8 @@
 //!   held makes none.
 //! - Every message is deleted once handled, whatever it said: a malformed,
 //!   foreign or duplicate one is logged (a reason, never its body) and
-//!   dropped, so nothing loops. A re-read that fails is left to the sweep.
+//!   dropped, so nothing loops. A re-read that fails is tried again after
+//!   1, 2, 4 and 8 s; past that the sweep covers it.
 //! - The consumer's failures never fail readiness: with SQS away, the sweep
 //!   and the TTL still hold; it backs off and resumes by itself.
 
@@ -75,7 +76,7 @@ pub struct EventStats {
     /// Messages dropped: malformed, foreign, duplicate, or about a secret
     /// not held here (or already current).
     pub ignored: u64,
-    /// Events whose re-read failed (the sweep covers them).
+    /// Events whose re-read failed (the secret is read again after 1, 2, 4 and 8 s; past that the sweep covers it).
     pub failed: u64,
     /// From the last applied event's time to its application.
     pub last_lag: Option<Duration>,
@@ -239,8 +240,9 @@ impl Events {
     /// the broker is someone else's to make again, and is tried until then.
     async fn read(&self, queue: &Queue, hub: &WatchHub, stop: &CancellationToken) -> ReadEnd {
         let mut retry = FIRST_RETRY;
-        // The subscription is checked as often as the sweep runs: both are
-        // what keeps a replica fresh when events stop coming.
+        // The subscription is checked as often as the sweep runs (between
+        // receives, so up to a long poll later): both are what keeps a
+        // replica fresh when events stop coming.
         let mut checked = Instant::now();
         let mut check_failed_before = false;
         loop {
@@ -491,7 +493,7 @@ impl Events {
             counter(
                 e,
                 "events_failed",
-                "Events whose re-read failed (the sweep covers them)",
+                "Events whose re-read failed (the secret is read again after 1, 2, 4 and 8 s; past that the sweep covers it)",
                 stats.failed,
             )?;
             let lag_ms = stats.last_lag.map_or(0, |lag| lag.as_millis() as i64);

@@ -405,7 +405,7 @@ impl Queue {
             .send()
             .await
         {
-            tracing::warn!(error = %QueueError::of(Service::Sns, "Unsubscribe", &error, &self.region), "could not unsubscribe this broker's queue from the events topic");
+            tracing::warn!(error = %QueueError::of(Service::Sns, "Unsubscribe", &error, &self.region), "could not unsubscribe this broker's queue from the events topic; not tried again (the clean-up job in the README removes what is left)");
         }
     }
 
@@ -413,7 +413,7 @@ impl Queue {
         match self.sqs.delete_queue().queue_url(&self.url).send().await {
             Ok(_) => tracing::info!(queue = %self.url, "deleted this broker's event queue"),
             Err(error) => {
-                tracing::warn!(queue = %self.url, error = %QueueError::of(Service::Sqs, "DeleteQueue", &error, &self.region), "could not delete this broker's event queue")
+                tracing::warn!(queue = %self.url, error = %QueueError::of(Service::Sqs, "DeleteQueue", &error, &self.region), "could not delete this broker's event queue; not tried again (the clean-up job in the README removes what is left)")
             }
         }
     }

@@ -142,7 +142,9 @@ class GetCacheStatsResponse(_message.Message):
     secret this broker does not hold (or already holds at that version).
     """
     events_failed: _builtins.int
-    """Events whose re-read failed (the sweep covers them)."""
+    """Events whose re-read failed (the secret is read again after 1, 2, 4
+    and 8 s; past that the sweep covers it).
+    """
     def __init__(
         self,
         *,
