@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -561,9 +562,11 @@ get_mistral_api_key()
 time.sleep(0.3)                           # the parent's watch stream is open
 pid = os.fork()
 if pid:
+    # The parent keeps what it holds (it may not reach the broker now)
+    # and follows it again.
+    kept = m.get_cache_stats()["total_entries"]
     _, status = os.waitpid(pid, 0)
-    # The parent reads (and follows) again too.
-    print(json.dumps({"parent": m.get_secret("mistral-api-key").version_id}), flush=True)
+    print(json.dumps({"parent": m.get_secret("mistral-api-key").version_id, "kept": kept}), flush=True)
     sys.exit(os.waitstatus_to_exitcode(status))
 print(json.dumps({"first": m.get_secret("mistral-api-key").version_id}), flush=True)
 sys.stdin.readline()                      # the test rotates the secret now
@@ -596,7 +599,7 @@ def test_a_forked_child_still_hears_rotations(venv, seeded_broker, moto, tmp_pat
     print(f"rotation in the forked child's cache after {after.get('took', -1):.2f} s")
     assert after.get("after") == rotated and after.get("module"), after
     assert after["took"] < 3.0, after
-    assert parent.get("parent") == rotated, parent
+    assert parent.get("parent") == rotated and parent.get("kept") == 1, parent
 
 
 CLEAR_CACHE_PROBE = """
@@ -943,10 +946,30 @@ def test_instances_used_once_and_dropped_leave_nothing_behind(venv, start_broker
 EDGES_OF_THE_ERRORS = """
 import json, grpc
 from secrets_broker.aws_secrets import (
-    AWSSecretsConfig, AWSSecretsManager, BrokerUnavailableError, _refuse_stale_bypass, _transport_hint,
-    get_mistral_api_key,
+    AWSSecretsConfig, AWSSecretsManager, BrokerUnavailableError, SecretValue, _older_news, _refuse_stale_bypass,
+    _transport_hint, get_mistral_api_key,
 )
 from secretsbroker.v1 import secret_pb2
+import time
+
+# A value held since a push (learned 5 s ago) against a broker's answer of
+# the version before: older news when that broker read it from AWS before.
+def _answer(version, hit, age):
+    secret = secret_pb2.Secret(name="insurecove/k", version_id=version, string_value="x")
+    secret.cache.hit = hit
+    secret.cache.age.seconds = age
+    return secret
+
+held = SecretValue.from_proto(_answer("v2", True, 0))
+older = {
+    case: _older_news(held, time.monotonic() - 5, answer, SecretValue.from_proto(answer))
+    for case, answer in {
+        "cached before the push": _answer("v1", True, 60),
+        "cached after the push": _answer("v1", True, 1),
+        "read from AWS now": _answer("v1", False, 0),
+        "the version held": _answer("v2", True, 60),
+    }.items()
+}
 
 stale = secret_pb2.Secret(name="insurecove/mistral-api-key")
 stale.cache.stale = True
@@ -972,6 +995,7 @@ print(json.dumps({
     "mistral": get_mistral_api_key(),
     "stats_after_a_config": (lambda m: (m.get_jwt_config(), m.get_cache_stats()["total_entries"])[1])(AWSSecretsManager()),
     "configs_shown": (lambda m: (m.get_jwt_config(), repr(list(m._configs.values())))[1])(AWSSecretsManager()),
+    "older": older,
     "settings_shown": [f(AWSSecretsConfig(aws_secret_access_key="KEY-NOT-TO-SHOW", https_proxy="http://u:pw@p:3128",
                                           http_proxy="http://u:pw@p:3128"))
                        for f in (repr, str)],
@@ -991,6 +1015,12 @@ def test_the_errors_say_what_to_change(venv, start_broker, tmp_path):
     assert "BROKER_TLS_DOMAIN" in seen["name_mismatch"], seen
     assert seen["mistral"] == support.dev_seed()[MISTRAL]
     assert seen["stats_after_a_config"] == 1, "a typed config counts in the local cache's stats"
+    # A broker behind a rotation pushed from another replica does not
+    # take the value back at a TTL's end; one that read it since does.
+    assert seen["older"] == {
+        "cached before the push": True, "cached after the push": False,
+        "read from AWS now": False, "the version held": False,
+    }, seen
     # A service that logs its settings or the package's state shows no
     # secret: not the AWS key, a proxy's password, or a typed config.
     jwt_secret = support.seed_json("production/jwt")["jwt_secret_key"]
@@ -1120,3 +1150,52 @@ def test_at_debug_each_read_says_where_it_was_answered_from(venv, dev_broker, tm
     assert any("get_secret mistral-api-key: from the local cache" in line for line in lines), lines
     assert any("get_secret no-such-secret: the broker answered StatusCode.NOT_FOUND" in line for line in lines), lines
     assert not out["value_logged"], lines
+
+
+CLOSE_IN_FLIGHT_PROBE = """
+import asyncio, json, sys
+from secrets_broker.aio import AsyncAWSSecretsManager
+from secrets_broker.aws_secrets import AWSSecretsManagerError
+
+async def main():
+    m = AsyncAWSSecretsManager()
+    await m.get_secret("mistral-api-key")
+    print("read", flush=True)
+    sys.stdin.readline()
+    # AWS hangs (the test stopped moto): a bypass read waits on it.
+    read = asyncio.ensure_future(m.get_secret("mistral-api-key", use_cache=False))
+    await asyncio.sleep(0.5)
+    await m.close()
+    try:
+        await read
+        return {"outcome": "answered"}
+    except AWSSecretsManagerError as error:
+        return {"outcome": type(error).__name__, "code": error.code.name, "message": str(error)}
+    except BaseException as error:
+        return {"outcome": type(error).__name__}
+
+print(json.dumps(asyncio.run(main())))
+"""
+
+
+def test_an_asyncio_read_cut_by_close_raises_the_packages_error(venv, seeded_broker, moto, tmp_path):
+    """close() with a read under way: the read fails as the sync client's
+    does (AWSSecretsManagerError, CANCELLED), not with an
+    asyncio.CancelledError in a task nobody cancelled."""
+    broker, _ = seeded_broker
+    probe = tmp_path / "close_in_flight.py"
+    probe.write_text(CLOSE_IN_FLIGHT_PROBE)
+    proc = subprocess.Popen(
+        [str(venv), str(probe)], env=package_env(broker), cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout.readline() == "read\n", proc.stderr.read() if proc.poll() is not None else ""
+        moto.proc.send_signal(signal.SIGSTOP)
+        out, err = proc.communicate("go\n", timeout=30)
+    finally:
+        moto.proc.send_signal(signal.SIGCONT)
+        proc.kill()
+    seen = json.loads(out or "{}")
+    assert seen.get("outcome") == "AWSSecretsManagerError" and seen.get("code") == "CANCELLED", (seen, err[-2000:])
+    assert "close()" in seen["message"], seen

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 import weakref
-from typing import Any, Optional
+from typing import Any, Awaitable, Optional, TypeVar
 
 import grpc
 import grpc.aio
@@ -25,6 +26,7 @@ from secrets_broker.aws_secrets import (
     WATCH_BACKOFF_MAX,
     AskedSinceClear,
     AWSSecretsConfig,
+    AWSSecretsManagerError,
     SecretValue,
     _cache_key,
     _error_from,
@@ -33,6 +35,7 @@ from secrets_broker.aws_secrets import (
     _health_status,
     _jittered,
     _log_answer,
+    _older_news,
     _refuse_stale_bypass,
     _changed_keys,
     config_dict,
@@ -41,6 +44,8 @@ from secrets_broker.aws_secrets import (
 from secretsbroker.v1 import secret_pb2, secrets_service_pb2, secrets_service_pb2_grpc
 
 __all__ = ["AsyncAWSSecretsManager"]
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +63,9 @@ class AsyncAWSSecretsManager:
         # cancelled (see AWSSecretsManager's finalizer for why).
         self._followers: dict[str, asyncio.Task[None]] = {}
         self._since_clear = AskedSinceClear()
+        # Counts close(): a call cut by one is told apart from a task
+        # cancelled by its owner.
+        self._closes = 0
         weakref.finalize(self, _cancel, self._followers)
 
     def _connect(self) -> grpc.aio.Channel:
@@ -79,12 +87,32 @@ class AsyncAWSSecretsManager:
             self._loop = loop
         return self._channel
 
+    async def _unless_closed(self, call: Awaitable[T]) -> T:
+        """Awaits a call; one cut by ``close()`` raises what the sync client
+        raises then (grpc.aio cancels it: an ``asyncio.CancelledError`` in a
+        task nobody cancelled, which ``except Exception`` does not catch)."""
+        closes = self._closes
+        try:
+            return await call
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            cancelled_by_its_owner = task is not None and sys.version_info >= (3, 11) and task.cancelling() > 0
+            if self._closes == closes or cancelled_by_its_owner:
+                raise
+            raise AWSSecretsManagerError(
+                "CANCELLED: the client was closed (close()) while this call was under way",
+                code=grpc.StatusCode.CANCELLED,
+            ) from None
+
     def _secrets(self) -> secrets_service_pb2_grpc.SecretsServiceAsyncStub:
         # The async stub type exists in the type stubs only (mypy-protobuf).
         return secrets_service_pb2_grpc.SecretsServiceStub(self._connect())
 
     async def close(self) -> None:
-        """Stops the watch tasks and closes the connection."""
+        """Stops the watch tasks and closes the connection. A call under
+        way fails with ``AWSSecretsManagerError`` (``CANCELLED``), as in the
+        sync client."""
+        self._closes += 1
         self._drop_local()
         if self._channel is not None and self._loop is asyncio.get_running_loop():
             await self._channel.close()
@@ -117,7 +145,7 @@ class AsyncAWSSecretsManager:
             logger.debug("get_secret %s: asking AWS, the first read since clear_cache()", secret_name)
         request = _get_secret_request(secret_name, version_id, use_cache and not again, version_stage)
         try:
-            answer = await self._secrets().GetSecret(request, timeout=CALL_TIMEOUT)
+            answer = await self._unless_closed(self._secrets().GetSecret(request, timeout=CALL_TIMEOUT))
         except grpc.RpcError as error:
             logger.debug("get_secret %s: the broker answered %s", secret_name, error.code())
             raise _error_from(error, self.config) from None
@@ -128,6 +156,11 @@ class AsyncAWSSecretsManager:
         self.config.check_prefix(secret_name, answer.secret.name)
         _refuse_stale_bypass(answer.secret, use_cache)
         value = SecretValue.from_proto(answer.secret)
+        held = self._cache.get(key)
+        if held is not None and _older_news(held[0], held[1], answer.secret, value):
+            logger.debug("get_secret %s: the broker's copy is older than the one held; kept", secret_name)
+            self._cache[key] = (held[0], time.monotonic())
+            return held[0]._for_caller()
         if self.config.secret_cache_ttl <= 0 or generation != self._since_clear.generation:
             # Not kept: the local cache is off, or was cleared meanwhile
             # (what was read before a clear is not kept after it).
@@ -219,7 +252,7 @@ class AsyncAWSSecretsManager:
         generation = self._since_clear.generation
         request = getattr(secrets_service_pb2, f"{rpc}Request")(name=name, bypass_cache=again)
         try:
-            answer = await getattr(self._secrets(), rpc)(request, timeout=CALL_TIMEOUT)
+            answer = await self._unless_closed(getattr(self._secrets(), rpc)(request, timeout=CALL_TIMEOUT))
         except grpc.RpcError as error:
             raise _error_from(error, self.config) from None
         finally:

@@ -676,6 +676,20 @@ def _refuse_stale_bypass(secret: secret_pb2.Secret, use_cache: bool) -> None:
     )
 
 
+def _older_news(held: Optional[SecretValue], held_since: float, secret: secret_pb2.Secret, value: SecretValue) -> bool:
+    """Whether an answer of another version than the one held is older
+    news than it: served from a broker's cache, read from AWS before this
+    process learned the held one (a replica behind a rotation another
+    replica pushed; round-robin across replicas meets one at a TTL's end).
+    Taken, it would put the old version back for a whole TTL, and the
+    follower, which holds the new one, would not correct it. An answer read
+    from AWS after that (or now: a miss, a bypass read) is taken."""
+    if held is None or held.is_same_version(value) or not secret.cache.hit:
+        return False
+    read_at = time.monotonic() - secret.cache.age.ToTimedelta().total_seconds()
+    return read_at < held_since
+
+
 def _cache_key(name: str, version_id: Optional[str], version_stage: Optional[str]) -> tuple[str, Optional[str]]:
     """The local cache's key: the name, and which version (``None`` for the
     current one, which is the one followed by push)."""
@@ -750,9 +764,29 @@ class AWSSecretsManager:
     def _before_fork(self) -> list["_Follower"]:
         """Before ``fork()``: gRPC can make a child safe only when no thread
         is inside a call, and every watch thread is (its stream). They are
-        stopped, with the cache they keep fresh; this process's next reads
-        fill and follow it again. Returns them, to be waited for."""
-        return _clear(self._lock, self._cache, self._configs)
+        stopped. The secrets stay cached (a fork while the broker is down
+        must not cost this process what it holds), and are followed again
+        after the fork, from the versions held; typed configs are read
+        again. Returns the threads, to be waited for."""
+        with self._lock:
+            entries = _entries(self._cache, self._configs)
+            followers = [entry.follower for entry in entries if entry.follower is not None]
+            self._configs.clear()
+            for entry in self._cache.values():
+                entry.follower = None
+        for follower in followers:
+            follower.stop()
+        return followers
+
+    def _after_fork_in_parent(self) -> None:
+        """After ``fork()``, in this process: the secrets held are followed
+        again, from their versions (a rotation meanwhile comes first)."""
+        with self._lock:
+            for (name, selector), entry in self._cache.items():
+                if selector is not None or entry.follower is not None or self._followed() >= MAX_FOLLOWED:
+                    continue
+                entry.follower = _Follower(weakref.ref(self), name, entry.value.version_id, arn=entry.value.arn)
+                entry.follower.start()
 
     def _forked(self) -> None:
         """In a child made by ``fork()`` (gunicorn ``--preload``,
@@ -819,6 +853,12 @@ class AWSSecretsManager:
         self.config.check_prefix(secret_name, answer.secret.name)
         _refuse_stale_bypass(answer.secret, use_cache)
         value = SecretValue.from_proto(answer.secret)
+        with self._lock:
+            held = self._cache.get(key)
+            if held is not None and _older_news(held.value, held.stored_at, answer.secret, value):
+                logger.debug("get_secret %s: the broker's copy is older than the one held; kept", secret_name)
+                held.stored_at = time.monotonic()
+                return held.value._for_caller()
         self._store(key, value, generation)
         return value._for_caller()
 
@@ -1289,6 +1329,11 @@ def _before_fork() -> None:
         follower.join(max(0.0, deadline - time.monotonic()))
 
 
+def _after_fork_in_parent() -> None:
+    for instance in list(_INSTANCES):
+        instance._after_fork_in_parent()
+
+
 def _after_fork_in_child() -> None:
     global _default_lock
     _default_lock = threading.Lock()
@@ -1297,7 +1342,9 @@ def _after_fork_in_child() -> None:
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+    os.register_at_fork(
+        before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
+    )
 
 
 def _shared_instance() -> AWSSecretsManager:
