@@ -117,7 +117,11 @@ impl AdminApi {
             .authorizer
             .check_read(audit.identity(), &full_name)?;
         let key = CacheKey::new(full_name, VersionSelector::current());
-        let (version, changed) = self.context.cache.refresh(key, audit.deadline()).await?;
+        let (version, changed) = self
+            .context
+            .cache
+            .refresh_the_secret(key, audit.deadline())
+            .await?;
         let lookup = Lookup::fresh(version);
         Ok(RefreshSecretResponse {
             secret: Some(message::secret(&lookup, Contents::MetadataOnly)),

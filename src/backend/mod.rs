@@ -192,7 +192,12 @@ pub enum StoreError {
     Rejected { detail: String },
     /// The upstream answered with another secret than the one asked (and
     /// authorized): never served, never cached.
-    #[error("asked for secret {asked}, the upstream answered with secret {answered}; refused")]
+    // `answered` is whatever the upstream (or whoever answered in its
+    // place) put there: shown cut, quoted and escaped.
+    #[error(
+        "asked for secret {asked}, the upstream answered with secret {}; refused",
+        crate::names::ShownName(.answered).quoted()
+    )]
     Mismatch { asked: String, answered: String },
     /// More upstream calls are waiting than `--upstream-queue` allows.
     #[error("too many upstream calls are waiting; try again shortly")]

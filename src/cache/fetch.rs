@@ -463,9 +463,7 @@ fn answered_as_asked(asked: &str, version: SecretVersion) -> Result<SecretVersio
     } else {
         Err(StoreError::Mismatch {
             asked: asked.to_owned(),
-            // Whatever the upstream (or whoever answered in its place)
-            // put there: cut, quoted and escaped, for the caller's error.
-            answered: names::ShownName(&version.name).quoted(),
+            answered: version.name.clone(),
         })
     }
 }

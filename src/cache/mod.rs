@@ -435,9 +435,8 @@ impl Cache {
     }
 
     /// Reads upstream now, replaces the entry, and tells whether the version
-    /// differs from the one cached before (AdminService.RefreshSecret). A
+    /// differs from the one cached before (the watch layer's re-reads). A
     /// caller's own deadline is answered as `get_until` answers a miss.
-    /// When AWS answered, yes or no, the secret's other entries go.
     pub async fn refresh(
         &self,
         key: CacheKey,
@@ -450,24 +449,35 @@ impl Cache {
             .map(|entry| Arc::clone(&entry.version));
         self.shared.negative.forget(&key);
         let callers = deadline.filter(|d| d.callers).map(|d| d.at);
-        let result = before(callers, self.shared.read_anew(&key)).await;
+        let version = before(callers, self.shared.read_anew(&key)).await?;
+        let changed = !held.is_some_and(|held| held.same_version(&version));
+        Ok((version, changed))
+    }
+
+    /// `refresh` for AdminService.RefreshSecret: once AWS has answered, yes
+    /// or no, every other entry of the secret (read by its ARN, another
+    /// stage, a version id) is read anew when next asked. A refresh that
+    /// finds the read revoked ends it for the secret, not only for the id
+    /// refreshed; one that finds a new version leaves no entry telling the
+    /// old stages. After a transient failure they stay, to be served stale.
+    /// Not for the watch layer's re-reads: those re-read each tracked
+    /// entry, and would drop one another's.
+    pub async fn refresh_the_secret(
+        &self,
+        key: CacheKey,
+        deadline: Option<Deadline>,
+    ) -> Result<(Arc<SecretVersion>, bool), StoreError> {
+        let result = self.refresh(key.clone(), deadline).await;
         if result
             .as_ref()
             .map_or_else(|error| !error.is_transient(), |_| true)
         {
             self.clear_others_of_the_secret(&key);
         }
-        let version = result?;
-        let changed = !held.is_some_and(|held| held.same_version(&version));
-        Ok((version, changed))
+        result
     }
 
-    /// After AWS answered a refresh of `key`: every other entry of its
-    /// secret (read by its ARN, another stage, a version id) is read anew
-    /// when next asked. A refresh that finds the read revoked ends it for
-    /// the secret, not only for the id refreshed, and one that finds a new
-    /// version leaves no entry of the secret telling the old stages. After
-    /// a transient failure they stay, to be served stale.
+    /// Drops every entry of `key`'s secret but `key`'s own.
     fn clear_others_of_the_secret(&self, key: &CacheKey) {
         let secret = secret_name(&key.name);
         self.clear_where(false, |other| {
@@ -743,11 +753,9 @@ impl Shared {
     fn wait_until(&self, deadline: Option<Instant>) -> Duration {
         let wait = self.settings.upstream_wait;
         match deadline {
-            Some(deadline) => wait.min(
-                deadline
-                    .saturating_duration_since(Instant::now())
-                    .saturating_sub(ANSWER_MARGIN),
-            ),
+            Some(deadline) => {
+                wait.min(answer_by(deadline).saturating_duration_since(Instant::now()))
+            }
             None => wait,
         }
     }

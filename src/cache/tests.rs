@@ -411,7 +411,7 @@ async fn an_answer_for_another_secret_is_refused_and_not_cached() {
         error,
         StoreError::Mismatch {
             asked: "insurecove/shared/x".into(),
-            answered: r#""insurecove/production/database""#.into(),
+            answered: "insurecove/production/database".into(),
         }
     );
     assert_eq!(cache.stats().total_entries, 0, "nothing cached");
@@ -915,7 +915,7 @@ async fn a_refresh_that_finds_the_read_revoked_ends_every_entry_of_the_secret() 
     *store.value_failure.lock().unwrap() = Some(StoreError::Unavailable {
         detail: "503".into(),
     });
-    cache.refresh(key("s"), None).await.unwrap_err();
+    cache.refresh_the_secret(key("s"), None).await.unwrap_err();
     assert!(cache.get(by_arn.clone(), false).await.unwrap().hit);
 
     let denied = StoreError::AccessDenied {
@@ -923,7 +923,10 @@ async fn a_refresh_that_finds_the_read_revoked_ends_every_entry_of_the_secret() 
         detail: "IAM".into(),
     };
     *store.value_failure.lock().unwrap() = Some(denied.clone());
-    assert_eq!(cache.refresh(key("s"), None).await.unwrap_err(), denied);
+    assert_eq!(
+        cache.refresh_the_secret(key("s"), None).await.unwrap_err(),
+        denied
+    );
     assert_eq!(cache.stats().total_entries, 0);
     assert_eq!(cache.get(by_arn, false).await.unwrap_err(), denied);
 }

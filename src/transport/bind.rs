@@ -73,7 +73,8 @@ impl Listeners {
 /// would be, for that moment, as open as the umask leaves it (to anyone,
 /// under umask 0), and a change of mode by path would follow a symlink put
 /// there meanwhile. A socket path too long to bind from that directory
-/// (the kernel takes 107 bytes) is bound in place.
+/// (the kernel takes 107 bytes) is bound in place. A broker killed while
+/// binding leaves the directory (`.secrets-broker-PID`) behind.
 fn bind_unix(path: &Path) -> io::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::DirBuilderExt;
     let parent = match path.parent() {
@@ -87,12 +88,26 @@ fn bind_unix(path: &Path) -> io::Result<tokio::net::UnixListener> {
     let staged = staging.join("s");
     let bound = tokio::net::UnixListener::bind(&staged).and_then(|listener| {
         open_to_group(&staged)?;
-        std::fs::rename(&staged, path)?;
+        // A link, not a rename: it fails if something took the path since
+        // it was found free (another broker starting at the same time),
+        // as a bind there would.
+        std::fs::hard_link(&staged, path).map_err(|error| match error.kind() {
+            io::ErrorKind::AlreadyExists => io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "something was put at the path while binding (another broker?)",
+            ),
+            _ => error,
+        })?;
         Ok(listener)
     });
     let _ = std::fs::remove_dir_all(&staging);
     match bound {
         Err(error) if error.kind() == io::ErrorKind::InvalidInput => {
+            tracing::warn!(
+                path = %path.display(),
+                "the socket path is too long to bind it elsewhere first: bound in place, \
+                 open to what the umask allows until its mode is set"
+            );
             let listener = tokio::net::UnixListener::bind(path)?;
             open_to_group(path)?;
             Ok(listener)
@@ -142,7 +157,8 @@ mod tests {
     use super::*;
 
     /// The socket is there with its final mode and answers; nothing of the
-    /// directory it was bound in is left beside it.
+    /// directory it was bound in is left beside it. Something put at the
+    /// path meanwhile is not replaced.
     #[tokio::test]
     async fn a_unix_socket_is_put_in_place_open_to_the_group() {
         let dir = std::env::temp_dir().join(format!("bind-test-{}", fastrand::u64(..)));
@@ -158,6 +174,11 @@ mod tests {
             tokio::join!(tokio::net::UnixStream::connect(&path), listener.accept());
         connected.unwrap();
         accepted.unwrap();
+        let taken = dir.join("taken.sock");
+        std::fs::write(&taken, "not a socket").unwrap();
+        let refused = bind_unix(&taken).unwrap_err();
+        assert_eq!(refused.kind(), io::ErrorKind::AddrInUse, "{refused}");
+        assert_eq!(std::fs::read_to_string(&taken).unwrap(), "not a socket");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

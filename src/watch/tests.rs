@@ -789,3 +789,29 @@ async fn a_secret_the_listing_shows_is_no_longer_remembered_missing() {
     let found = cache.get(key("later"), false).await.unwrap();
     assert_eq!(found.version.version_id, "v1");
 }
+
+/// An event re-reads every tracked entry of the secret, by name and by ARN
+/// alike: each keeps its entry, at the new version (a re-read must not drop
+/// another's, as an admin RefreshSecret drops the secret's others).
+#[tokio::test(start_paused = true)]
+async fn an_event_keeps_every_entry_of_the_secret_at_the_new_version() {
+    const ARN: &str = "arn:aws:secretsmanager:us-east-1:111122223333:secret:s-AbCdEf";
+    let store = FakeStore::with(&["s"]);
+    store
+        .answers_instead
+        .lock()
+        .unwrap()
+        .insert(ARN.into(), "s".into());
+    let (hub, cache) = hub_over(&store);
+    let by_name = CacheKey::new("s".into(), VersionSelector::current());
+    let by_arn = CacheKey::new(ARN.into(), VersionSelector::current());
+    cache.get(by_name.clone(), false).await.unwrap();
+    cache.get(by_arn.clone(), false).await.unwrap();
+    store.set("s", "v2");
+    hub.refresh_secret(&["s".to_owned()], None).await;
+    for key in [by_name, by_arn] {
+        let held = cache.entries_where(|k| *k == key);
+        assert_eq!(held.len(), 1, "{key:?} kept");
+        assert_eq!(held[0].1.version_id, "v2", "{key:?}");
+    }
+}
