@@ -393,7 +393,7 @@ HELD = {("db", None): value(OLD), ("db", "id:v1"): value(OLD), ("db", "id:v0"): 
 
 def left(event):
     sync = AWSSecretsManager()
-    sync._cache = {key: _Entry(value=held, stored_at=0.0) for key, held in HELD.items()}
+    sync._cache = {key: _Entry(value=held, stored_at=0.0, read_at=0.0) for key, held in HELD.items()}
     sync._rotated("db", event)
     aio = AsyncAWSSecretsManager()
     aio._cache = {key: (held, 0.0) for key, held in HELD.items()}

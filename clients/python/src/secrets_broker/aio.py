@@ -36,6 +36,7 @@ from secrets_broker.aws_secrets import (
     _jittered,
     _log_answer,
     _older_news,
+    _read_at,
     _refuse_stale_bypass,
     _changed_keys,
     config_dict,
@@ -58,6 +59,9 @@ class AsyncAWSSecretsManager:
         self._channel: Optional[grpc.aio.Channel] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._cache: dict[tuple[str, Optional[str]], tuple[SecretValue, float]] = {}
+        # When the broker read each followed value from AWS (a push: when
+        # it came): see _older_news.
+        self._read_at: dict[str, float] = {}
         # The WatchSecret task of each followed name. They hold the
         # instance weakly: one nobody holds any more has its tasks
         # cancelled (see AWSSecretsManager's finalizer for why).
@@ -76,6 +80,7 @@ class AsyncAWSSecretsManager:
             self._channel = None
             self._followers.clear()
             self._cache.clear()
+            self._read_at.clear()
         if self._channel is None:
             credentials = self.config.credentials()
             options = self.config.channel_options(credentials is not None)
@@ -95,9 +100,15 @@ class AsyncAWSSecretsManager:
         try:
             return await call
         except asyncio.CancelledError:
+            # Only where a task's own cancellation can be told apart (3.11+):
+            # swallowing it would be worse than an unexpected CancelledError.
             task = asyncio.current_task()
-            cancelled_by_its_owner = task is not None and sys.version_info >= (3, 11) and task.cancelling() > 0
-            if self._closes == closes or cancelled_by_its_owner:
+            if (
+                self._closes == closes
+                or sys.version_info < (3, 11)
+                or task is None
+                or task.cancelling() > 0
+            ):
                 raise
             raise AWSSecretsManagerError(
                 "CANCELLED: the client was closed (close()) while this call was under way",
@@ -111,7 +122,9 @@ class AsyncAWSSecretsManager:
     async def close(self) -> None:
         """Stops the watch tasks and closes the connection. A call under
         way fails with ``AWSSecretsManagerError`` (``CANCELLED``), as in the
-        sync client."""
+        sync client (on Python 3.11 and later; on 3.10 with
+        ``asyncio.CancelledError``, which cannot be told apart there from
+        the task's own cancellation)."""
         self._closes += 1
         self._drop_local()
         if self._channel is not None and self._loop is asyncio.get_running_loop():
@@ -157,7 +170,14 @@ class AsyncAWSSecretsManager:
         _refuse_stale_bypass(answer.secret, use_cache)
         value = SecretValue.from_proto(answer.secret)
         held = self._cache.get(key)
-        if held is not None and _older_news(held[0], held[1], answer.secret, value):
+        name, selector = key
+        # Followed: see AWSSecretsManager.get_secret.
+        if (
+            held is not None
+            and selector is None
+            and name in self._followers
+            and _older_news(held[0], self._read_at.get(name, 0.0), answer.secret, value)
+        ):
             logger.debug("get_secret %s: the broker's copy is older than the one held; kept", secret_name)
             self._cache[key] = (held[0], time.monotonic())
             return held[0]._for_caller()
@@ -166,7 +186,8 @@ class AsyncAWSSecretsManager:
             # (what was read before a clear is not kept after it).
             return value._for_caller()
         self._cache[key] = (value, time.monotonic())
-        name, selector = key
+        if selector is None:
+            self._read_at[name] = _read_at(answer.secret)
         if selector is None and name not in self._followers and len(self._followers) < MAX_FOLLOWED:
             self._followers[name] = asyncio.get_running_loop().create_task(
                 _follow(weakref.ref(self), name, value.version_id, value.arn), name=f"watch-{name}"
@@ -183,6 +204,7 @@ class AsyncAWSSecretsManager:
             self._followers.pop(name, None)
         else:
             self._cache[(name, None)] = (value, time.monotonic())
+            self._read_at[name] = time.monotonic()
         if moved:
             arns = [(key, cached[0].arn) for key, cached in self._cache.items()]
             for key in _changed_keys(arns, name, value):
@@ -196,7 +218,7 @@ class AsyncAWSSecretsManager:
                 request_serializer=_health_request,
                 response_deserializer=_health_status,
             )
-            status: int = await check("secretsbroker.v1.SecretsService", timeout=5.0)
+            status: int = await self._unless_closed(check("secretsbroker.v1.SecretsService", timeout=5.0))
             return status == 1
         except Exception:  # noqa: BLE001 - the contract is "False, never an exception"
             return False
@@ -212,6 +234,7 @@ class AsyncAWSSecretsManager:
         followers = list(self._followers.values())
         self._followers.clear()
         self._cache.clear()
+        self._read_at.clear()
         current = asyncio.current_task()
         for task in followers:
             if task is not current and not task.done() and task.get_loop() is asyncio.get_running_loop():

@@ -216,7 +216,9 @@ class AWSSecretsConfig(BaseSettings):
     """Settings from the environment and a ``.env`` file, as the class this
     package replaces read them; plus where the broker is."""
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+    # hide_input_in_errors: a ValidationError would otherwise quote what
+    # it was given, the AWS secret key included.
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False, hide_input_in_errors=True)
 
     aws_access_key_id: Optional[str] = None
     # Left out of repr() and str(): a service that logs its settings must
@@ -676,18 +678,25 @@ def _refuse_stale_bypass(secret: secret_pb2.Secret, use_cache: bool) -> None:
     )
 
 
-def _older_news(held: Optional[SecretValue], held_since: float, secret: secret_pb2.Secret, value: SecretValue) -> bool:
+def _read_at(secret: secret_pb2.Secret) -> float:
+    """When (this process's monotonic clock) the broker read this answer
+    from AWS: now, unless its cache answered, its age ago."""
+    now = time.monotonic()
+    return now - secret.cache.age.ToTimedelta().total_seconds() if secret.cache.hit else now
+
+
+def _older_news(held: Optional[SecretValue], held_read_at: float, secret: secret_pb2.Secret, value: SecretValue) -> bool:
     """Whether an answer of another version than the one held is older
-    news than it: served from a broker's cache, read from AWS before this
-    process learned the held one (a replica behind a rotation another
-    replica pushed; round-robin across replicas meets one at a TTL's end).
-    Taken, it would put the old version back for a whole TTL, and the
-    follower, which holds the new one, would not correct it. An answer read
-    from AWS after that (or now: a miss, a bypass read) is taken."""
-    if held is None or held.is_same_version(value) or not secret.cache.hit:
+    news than it: read from AWS (into a broker's cache) before the held one
+    was (for a pushed version: before the push came). A replica behind a
+    rotation another replica pushed answers so at a TTL's end, with
+    round-robin across replicas. Taken, it would put the old version back
+    for a whole TTL, and the follower, which holds the new one, would not
+    correct it. An answer read from AWS after (a miss, a bypass read, a
+    broker that read it since) is taken: a rollback is news too."""
+    if held is None or held.is_same_version(value):
         return False
-    read_at = time.monotonic() - secret.cache.age.ToTimedelta().total_seconds()
-    return read_at < held_since
+    return _read_at(secret) < held_read_at
 
 
 def _cache_key(name: str, version_id: Optional[str], version_stage: Optional[str]) -> tuple[str, Optional[str]]:
@@ -706,6 +715,8 @@ def _cache_key(name: str, version_id: Optional[str], version_stage: Optional[str
 class _Entry:
     value: SecretValue
     stored_at: float
+    # When the broker read it from AWS (a push: when it came): see _older_news.
+    read_at: float
     follower: Optional["_Follower"] = None
 
 
@@ -714,6 +725,8 @@ class _ConfigEntry:
     value: dict[str, Any] = field(repr=False)  # a typed config's settings: secret
     stored_at: float
     follower: Optional["_Follower"] = None
+    # The version it was read from (followed again after a fork).
+    source: Optional[SecretValue] = None
 
 
 # --------------------------------------------------------------------------
@@ -764,29 +777,36 @@ class AWSSecretsManager:
     def _before_fork(self) -> list["_Follower"]:
         """Before ``fork()``: gRPC can make a child safe only when no thread
         is inside a call, and every watch thread is (its stream). They are
-        stopped. The secrets stay cached (a fork while the broker is down
-        must not cost this process what it holds), and are followed again
-        after the fork, from the versions held; typed configs are read
-        again. Returns the threads, to be waited for."""
+        stopped. What is cached stays (a fork while the broker is down
+        must not cost this process what it holds), and is followed again
+        after the fork, from the versions held. Returns the threads, to be
+        waited for."""
         with self._lock:
             entries = _entries(self._cache, self._configs)
             followers = [entry.follower for entry in entries if entry.follower is not None]
-            self._configs.clear()
-            for entry in self._cache.values():
+            for entry in entries:
                 entry.follower = None
         for follower in followers:
             follower.stop()
         return followers
 
     def _after_fork_in_parent(self) -> None:
-        """After ``fork()``, in this process: the secrets held are followed
-        again, from their versions (a rotation meanwhile comes first)."""
+        """After ``fork()``, in this process: the secrets and typed configs
+        held are followed again, from their versions (a rotation meanwhile
+        comes first)."""
         with self._lock:
+            room = MAX_FOLLOWED - self._followed()
+            resumed: list[_Follower] = []
             for (name, selector), entry in self._cache.items():
-                if selector is not None or entry.follower is not None or self._followed() >= MAX_FOLLOWED:
-                    continue
-                entry.follower = _Follower(weakref.ref(self), name, entry.value.version_id, arn=entry.value.arn)
-                entry.follower.start()
+                if selector is None and entry.follower is None and len(resumed) < room:
+                    entry.follower = _Follower(weakref.ref(self), name, entry.value.version_id, arn=entry.value.arn)
+                    resumed.append(entry.follower)
+            for key, config in self._configs.items():
+                if config.follower is None and config.source is not None and len(resumed) < room:
+                    config.follower = self._config_follower(key, config, config.source)
+                    resumed.append(config.follower)
+        for follower in resumed:
+            follower.start()
 
     def _forked(self) -> None:
         """In a child made by ``fork()`` (gunicorn ``--preload``,
@@ -855,14 +875,20 @@ class AWSSecretsManager:
         value = SecretValue.from_proto(answer.secret)
         with self._lock:
             held = self._cache.get(key)
-            if held is not None and _older_news(held.value, held.stored_at, answer.secret, value):
+            # Followed: the held version may be one pushed since (see
+            # _older_news), and the follower keeps it fresh meanwhile.
+            if (
+                held is not None
+                and held.follower is not None
+                and _older_news(held.value, held.read_at, answer.secret, value)
+            ):
                 logger.debug("get_secret %s: the broker's copy is older than the one held; kept", secret_name)
                 held.stored_at = time.monotonic()
                 return held.value._for_caller()
-        self._store(key, value, generation)
+        self._store(key, value, generation, _read_at(answer.secret))
         return value._for_caller()
 
-    def _store(self, key: tuple[str, Optional[str]], value: SecretValue, generation: int) -> None:
+    def _store(self, key: tuple[str, Optional[str]], value: SecretValue, generation: int, read_at: float) -> None:
         if self.config.secret_cache_ttl <= 0:
             return  # the local cache is off: nothing kept, nothing followed
         with self._lock:
@@ -870,9 +896,9 @@ class AWSSecretsManager:
                 return  # read before a clear_cache(): not kept after it
             entry = self._cache.get(key)
             if entry is not None:
-                entry.value, entry.stored_at = value, time.monotonic()
+                entry.value, entry.stored_at, entry.read_at = value, time.monotonic(), read_at
                 return
-            entry = _Entry(value=value, stored_at=time.monotonic())
+            entry = _Entry(value=value, stored_at=time.monotonic(), read_at=read_at)
             self._cache[key] = entry
             name, selector = key
             # A version id names an immutable version, and a stage other
@@ -896,6 +922,7 @@ class AWSSecretsManager:
                     entry.follower.stop()
             else:
                 entry.value, entry.stored_at = value, time.monotonic()
+                entry.read_at = entry.stored_at
             # A rotation or deletion moves the stages: what was read by stage
             # (AWSPREVIOUS...) is read again. A version id's value never
             # changes, but with a stage it may no longer hold it; a deleted
@@ -1003,25 +1030,14 @@ class AWSSecretsManager:
                 if not cleared():
                     self._configs[key] = _ConfigEntry(value=value, stored_at=time.monotonic())
             return copy.deepcopy(value)
-        entry = _ConfigEntry(value=value, stored_at=time.monotonic())
-        manager = weakref.ref(self)  # the watch thread must not keep it alive
-
         # The version the config was read from, of which secret (its ARN:
         # one deleted and created again under the name may reuse version
         # ids); any other drops the config.
         source = SecretValue(
             value="", version_id=answer.version_id, created_date=None, secret_name=answer.name, arn=answer.arn
         )
-
-        def changed(new: Optional[SecretValue]) -> None:
-            held = manager()
-            if held is None:
-                return
-            if new is not None and new.is_same_version(source):
-                return
-            held._drop_config(key, entry)
-
-        entry.follower = _Follower(manager, answer.name, answer.version_id, arn=answer.arn, on_event=changed)
+        entry = _ConfigEntry(value=value, stored_at=time.monotonic(), source=source)
+        entry.follower = self._config_follower(key, entry, source)
         with self._lock:
             if cleared():
                 return copy.deepcopy(value)
@@ -1031,6 +1047,21 @@ class AWSSecretsManager:
             replaced.follower.stop()
         entry.follower.start()
         return copy.deepcopy(value)
+
+    def _config_follower(self, key: tuple[str, str], entry: _ConfigEntry, source: SecretValue) -> "_Follower":
+        """The follower of a typed config read from ``source``: another
+        version of its secret drops the config (read again when next asked)."""
+        manager = weakref.ref(self)  # the watch thread must not keep it alive
+
+        def changed(new: Optional[SecretValue]) -> None:
+            held = manager()
+            if held is None:
+                return
+            if new is not None and new.is_same_version(source):
+                return
+            held._drop_config(key, entry)
+
+        return _Follower(manager, source.secret_name, source.version_id, arn=source.arn, on_event=changed)
 
     def _followed(self) -> int:
         """Names followed by push now (under the lock)."""
