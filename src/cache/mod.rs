@@ -753,8 +753,12 @@ impl Shared {
     fn wait_until(&self, deadline: Option<Instant>) -> Duration {
         let wait = self.settings.upstream_wait;
         match deadline {
+            // At least `ANSWER_MARGIN` before it: the stale value is there
+            // to be given, and a short deadline has little room for the
+            // answer to travel.
             Some(deadline) => {
-                wait.min(answer_by(deadline).saturating_duration_since(Instant::now()))
+                let left = deadline.saturating_duration_since(Instant::now());
+                wait.min(left.saturating_sub(answer_margin(left).max(ANSWER_MARGIN)))
             }
             None => wait,
         }

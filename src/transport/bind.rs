@@ -74,17 +74,13 @@ impl Listeners {
 /// under umask 0), and a change of mode by path would follow a symlink put
 /// there meanwhile. A socket path too long to bind from that directory
 /// (the kernel takes 107 bytes) is bound in place. A broker killed while
-/// binding leaves the directory (`.secrets-broker-PID`) behind.
+/// binding leaves its directory (`.secrets-broker-PID-RANDOM`) behind.
 fn bind_unix(path: &Path) -> io::Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::DirBuilderExt;
     let parent = match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent,
         _ => Path::new("."),
     };
-    let staging = parent.join(format!(".secrets-broker-{}", std::process::id()));
-    // Left by a broker of this pid that was killed while binding.
-    let _ = std::fs::remove_dir_all(&staging);
-    std::fs::DirBuilder::new().mode(0o700).create(&staging)?;
+    let staging = make_staging_dir(parent)?;
     let staged = staging.join("s");
     let bound = tokio::net::UnixListener::bind(&staged).and_then(|listener| {
         open_to_group(&staged)?;
@@ -113,6 +109,27 @@ fn bind_unix(path: &Path) -> io::Result<tokio::net::UnixListener> {
             Ok(listener)
         }
         bound => bound,
+    }
+}
+
+/// A new directory in `parent` that only this user may enter, named so
+/// that brokers starting together (each PID 1 in its container, say) never
+/// share one: made with `create`, which fails if the name is taken, and
+/// tried again with another.
+fn make_staging_dir(parent: &Path) -> io::Result<std::path::PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let mut tries = 0;
+    loop {
+        let name = format!(
+            ".secrets-broker-{}-{:08x}",
+            std::process::id(),
+            fastrand::u32(..)
+        );
+        let staging = parent.join(name);
+        match std::fs::DirBuilder::new().mode(0o700).create(&staging) {
+            Err(error) if error.kind() == io::ErrorKind::AlreadyExists && tries < 8 => tries += 1,
+            made => return made.map(|()| staging),
+        }
     }
 }
 

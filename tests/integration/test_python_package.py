@@ -946,7 +946,7 @@ def test_instances_used_once_and_dropped_leave_nothing_behind(venv, start_broker
 EDGES_OF_THE_ERRORS = """
 import json, grpc
 from secrets_broker.aws_secrets import (
-    AWSSecretsConfig, AWSSecretsManager, BrokerUnavailableError, SecretValue, _older_news, _refuse_stale_bypass,
+    AWSSecretsConfig, AWSSecretsManager, BrokerUnavailableError, SecretValue, _older_news, _read_at, _refuse_stale_bypass,
     _transport_hint, get_mistral_api_key,
 )
 from secretsbroker.v1 import secret_pb2
@@ -962,7 +962,7 @@ def _answer(version, hit, age):
 
 held = SecretValue.from_proto(_answer("v2", True, 0))
 older = {
-    case: _older_news(held, time.monotonic() - 5, answer, SecretValue.from_proto(answer))
+    case: _older_news(held, time.monotonic() - 5, SecretValue.from_proto(answer), _read_at(answer, time.monotonic()))
     for case, answer in {
         "cached before the push": _answer("v1", True, 60),
         "cached after the push": _answer("v1", True, 1),

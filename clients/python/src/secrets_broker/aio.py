@@ -157,6 +157,7 @@ class AsyncAWSSecretsManager:
         if again and use_cache:
             logger.debug("get_secret %s: asking AWS, the first read since clear_cache()", secret_name)
         request = _get_secret_request(secret_name, version_id, use_cache and not again, version_stage)
+        sent_at = time.monotonic()
         try:
             answer = await self._unless_closed(self._secrets().GetSecret(request, timeout=CALL_TIMEOUT))
         except grpc.RpcError as error:
@@ -176,7 +177,7 @@ class AsyncAWSSecretsManager:
             held is not None
             and selector is None
             and name in self._followers
-            and _older_news(held[0], self._read_at.get(name, 0.0), answer.secret, value)
+            and _older_news(held[0], self._read_at.get(name, 0.0), value, _read_at(answer.secret, sent_at))
         ):
             logger.debug("get_secret %s: the broker's copy is older than the one held; kept", secret_name)
             self._cache[key] = (held[0], time.monotonic())
@@ -187,7 +188,7 @@ class AsyncAWSSecretsManager:
             return value._for_caller()
         self._cache[key] = (value, time.monotonic())
         if selector is None:
-            self._read_at[name] = _read_at(answer.secret)
+            self._read_at[name] = _read_at(answer.secret, sent_at)
         if selector is None and name not in self._followers and len(self._followers) < MAX_FOLLOWED:
             self._followers[name] = asyncio.get_running_loop().create_task(
                 _follow(weakref.ref(self), name, value.version_id, value.arn), name=f"watch-{name}"
@@ -202,6 +203,7 @@ class AsyncAWSSecretsManager:
         if value is None:
             self._cache.pop((name, None), None)
             self._followers.pop(name, None)
+            self._read_at.pop(name, None)
         else:
             self._cache[(name, None)] = (value, time.monotonic())
             self._read_at[name] = time.monotonic()

@@ -678,25 +678,25 @@ def _refuse_stale_bypass(secret: secret_pb2.Secret, use_cache: bool) -> None:
     )
 
 
-def _read_at(secret: secret_pb2.Secret) -> float:
+def _read_at(secret: secret_pb2.Secret, sent_at: float) -> float:
     """When (this process's monotonic clock) the broker read this answer
-    from AWS: now, unless its cache answered, its age ago."""
-    now = time.monotonic()
-    return now - secret.cache.age.ToTimedelta().total_seconds() if secret.cache.hit else now
+    from AWS, at the earliest: when it was asked for (a miss or bypass
+    read is made after that), less its age if its cache answered."""
+    return sent_at - secret.cache.age.ToTimedelta().total_seconds() if secret.cache.hit else sent_at
 
 
-def _older_news(held: Optional[SecretValue], held_read_at: float, secret: secret_pb2.Secret, value: SecretValue) -> bool:
-    """Whether an answer of another version than the one held is older
-    news than it: read from AWS (into a broker's cache) before the held one
-    was (for a pushed version: before the push came). A replica behind a
-    rotation another replica pushed answers so at a TTL's end, with
-    round-robin across replicas. Taken, it would put the old version back
-    for a whole TTL, and the follower, which holds the new one, would not
-    correct it. An answer read from AWS after (a miss, a bypass read, a
-    broker that read it since) is taken: a rollback is news too."""
+def _older_news(held: Optional[SecretValue], held_read_at: float, value: SecretValue, read_at: float) -> bool:
+    """Whether an answer (``value``, read from AWS at ``read_at``) of
+    another version than the one held is older news than it: read before
+    the held one was (for a pushed version: before the push came). A
+    replica behind a rotation another replica pushed answers so at a TTL's
+    end, with round-robin across replicas, and so may a slow read that
+    crossed the push. Taken, it would put the old version back for a whole
+    TTL, and the follower, which holds the new one, would not correct it.
+    An answer read from AWS after is taken: a rollback is news too."""
     if held is None or held.is_same_version(value):
         return False
-    return _read_at(secret) < held_read_at
+    return read_at < held_read_at
 
 
 def _cache_key(name: str, version_id: Optional[str], version_stage: Optional[str]) -> tuple[str, Optional[str]]:
@@ -744,6 +744,8 @@ class AWSSecretsManager:
         # Typed configs, by (RPC, name asked).
         self._configs: dict[tuple[str, str], _ConfigEntry] = {}
         self._since_clear = AskedSinceClear()
+        # What a fork took the followers of, to follow again after it.
+        self._unfollowed_at_fork: list[Union[_Entry, _ConfigEntry]] = []
         # An instance nobody holds any more stops its watch threads and
         # closes its connection, as close() does: services make one per
         # call (a health check that makes one each time does), and each would otherwise
@@ -783,9 +785,11 @@ class AWSSecretsManager:
         waited for."""
         with self._lock:
             entries = _entries(self._cache, self._configs)
-            followers = [entry.follower for entry in entries if entry.follower is not None]
-            for entry in entries:
+            followed = [entry for entry in entries if entry.follower is not None]
+            followers = [entry.follower for entry in followed if entry.follower is not None]
+            for entry in followed:
                 entry.follower = None
+            self._unfollowed_at_fork = followed
         for follower in followers:
             follower.stop()
         return followers
@@ -795,18 +799,18 @@ class AWSSecretsManager:
         held are followed again, from their versions (a rotation meanwhile
         comes first)."""
         with self._lock:
-            room = MAX_FOLLOWED - self._followed()
-            resumed: list[_Follower] = []
-            for (name, selector), entry in self._cache.items():
-                if selector is None and entry.follower is None and len(resumed) < room:
+            unfollowed = {id(entry) for entry in self._unfollowed_at_fork}
+            self._unfollowed_at_fork = []
+            # Exactly what was followed before, if still held (a read may
+            # have replaced or dropped it meanwhile).
+            for (name, _), entry in self._cache.items():
+                if id(entry) in unfollowed and entry.follower is None:
                     entry.follower = _Follower(weakref.ref(self), name, entry.value.version_id, arn=entry.value.arn)
-                    resumed.append(entry.follower)
+                    entry.follower.start()
             for key, config in self._configs.items():
-                if config.follower is None and config.source is not None and len(resumed) < room:
+                if id(config) in unfollowed and config.follower is None and config.source is not None:
                     config.follower = self._config_follower(key, config, config.source)
-                    resumed.append(config.follower)
-        for follower in resumed:
-            follower.start()
+                    config.follower.start()
 
     def _forked(self) -> None:
         """In a child made by ``fork()`` (gunicorn ``--preload``,
@@ -821,6 +825,7 @@ class AWSSecretsManager:
         self._lock = threading.Lock()
         self._cache = {}
         self._configs = {}
+        self._unfollowed_at_fork = []
         self._connection = _Connection(forked=True)
         self._finalizer = weakref.finalize(
             self, _release, self._lock, self._cache, self._configs, self._connection
@@ -860,6 +865,7 @@ class AWSSecretsManager:
         if again and use_cache:
             logger.debug("get_secret %s: asking AWS, the first read since clear_cache()", secret_name)
         request = _get_secret_request(secret_name, version_id, use_cache and not again, version_stage)
+        sent_at = time.monotonic()
         try:
             answer = self._secrets().GetSecret(request, timeout=CALL_TIMEOUT)
         except grpc.RpcError as error:
@@ -873,31 +879,26 @@ class AWSSecretsManager:
         self.config.check_prefix(secret_name, answer.secret.name)
         _refuse_stale_bypass(answer.secret, use_cache)
         value = SecretValue.from_proto(answer.secret)
+        return self._store(key, value, generation, _read_at(answer.secret, sent_at))._for_caller()
+
+    def _store(self, key: tuple[str, Optional[str]], value: SecretValue, generation: int, read_at: float) -> SecretValue:
+        """Keeps what was read (and follows it); returns what to answer:
+        what was read, or the value held when that is newer news."""
+        if self.config.secret_cache_ttl <= 0:
+            return value  # the local cache is off: nothing kept, nothing followed
         with self._lock:
-            held = self._cache.get(key)
+            entry = self._cache.get(key)
             # Followed: the held version may be one pushed since (see
             # _older_news), and the follower keeps it fresh meanwhile.
-            if (
-                held is not None
-                and held.follower is not None
-                and _older_news(held.value, held.read_at, answer.secret, value)
-            ):
-                logger.debug("get_secret %s: the broker's copy is older than the one held; kept", secret_name)
-                held.stored_at = time.monotonic()
-                return held.value._for_caller()
-        self._store(key, value, generation, _read_at(answer.secret))
-        return value._for_caller()
-
-    def _store(self, key: tuple[str, Optional[str]], value: SecretValue, generation: int, read_at: float) -> None:
-        if self.config.secret_cache_ttl <= 0:
-            return  # the local cache is off: nothing kept, nothing followed
-        with self._lock:
+            if entry is not None and entry.follower is not None and _older_news(entry.value, entry.read_at, value, read_at):
+                logger.debug("get_secret %s: the broker's copy is older than the one held; kept", key[0])
+                entry.stored_at = time.monotonic()
+                return entry.value
             if generation != self._since_clear.generation:
-                return  # read before a clear_cache(): not kept after it
-            entry = self._cache.get(key)
+                return value  # read before a clear_cache(): not kept after it
             if entry is not None:
                 entry.value, entry.stored_at, entry.read_at = value, time.monotonic(), read_at
-                return
+                return value
             entry = _Entry(value=value, stored_at=time.monotonic(), read_at=read_at)
             self._cache[key] = entry
             name, selector = key
@@ -907,6 +908,7 @@ class AWSSecretsManager:
             if selector is None and followed < MAX_FOLLOWED:
                 entry.follower = _Follower(weakref.ref(self), name, value.version_id, arn=value.arn)
                 entry.follower.start()
+        return value
 
     def _rotated(self, name: str, value: Optional[SecretValue]) -> None:
         """A watch event: the cached value replaced (or dropped) in place."""
@@ -1027,8 +1029,11 @@ class AWSSecretsManager:
             followed = self._followed()
         if followed >= MAX_FOLLOWED:
             with self._lock:
+                replaced = None if cleared() else self._configs.get(key)
                 if not cleared():
                     self._configs[key] = _ConfigEntry(value=value, stored_at=time.monotonic())
+            if replaced is not None and replaced.follower is not None:
+                replaced.follower.stop()
             return copy.deepcopy(value)
         # The version the config was read from, of which secret (its ARN:
         # one deleted and created again under the name may reuse version
@@ -1042,10 +1047,13 @@ class AWSSecretsManager:
             if cleared():
                 return copy.deepcopy(value)
             replaced = self._configs.get(key)
+            replaced_follower = replaced.follower if replaced is not None else None
             self._configs[key] = entry
-        if replaced is not None and replaced.follower is not None:
-            replaced.follower.stop()
-        entry.follower.start()
+            # Started under the lock, as _store does: a fork, which takes
+            # the followers of what is stored under it, cannot come between.
+            entry.follower.start()
+        if replaced_follower is not None:
+            replaced_follower.stop()
         return copy.deepcopy(value)
 
     def _config_follower(self, key: tuple[str, str], entry: _ConfigEntry, source: SecretValue) -> "_Follower":
