@@ -247,6 +247,7 @@ impl SecretsApi {
     ) -> Result<(Subscription, String), ApiError> {
         let full_name = self.authorized_name(audit, &request.name)?;
         check_version_field("since_version_id", &request.since_version_id)?;
+        check_since_arn(&request.since_arn)?;
         let stage = match VersionSelector::from_request("", &request.version_stage)? {
             VersionSelector::Stage(stage) => stage,
             VersionSelector::Id { .. } => unreachable!("no version id was given"),
@@ -324,6 +325,29 @@ impl SecretsApi {
         let mut audit = self.context.admit(R::RPC, &request);
         let result = self.typed_config(&mut audit, request.get_ref()).await;
         respond(audit, result)
+    }
+}
+
+/// WatchSecret's `since_arn`: empty (a backend without ARNs), or a
+/// secret's ARN, as `Secret.arn` gives it; anything else was not taken
+/// from an answer, and is refused by name rather than compared.
+fn check_since_arn(arn: &str) -> Result<(), ApiError> {
+    if arn.is_empty() {
+        return Ok(());
+    }
+    if arn.len() > crate::names::MAX_ARN_LEN {
+        return Err(ApiError::InvalidSinceArn {
+            problem: "longer than 2,048 characters",
+        });
+    }
+    match crate::names::SecretArn::parse(arn) {
+        Ok(_) => Ok(()),
+        Err(crate::names::InvalidName::BadArn { problem }) => {
+            Err(ApiError::InvalidSinceArn { problem })
+        }
+        Err(_) => Err(ApiError::InvalidSinceArn {
+            problem: "not a secret's ARN",
+        }),
     }
 }
 

@@ -32,6 +32,9 @@ pub enum ApiError {
     InvalidNameInList { index: usize, source: InvalidName },
     #[error("invalid version selector: {0}")]
     InvalidVersion(#[from] InvalidVersion),
+    /// WatchSecret's `since_arn`: not a secret's ARN.
+    #[error("since_arn must be empty or the secret's ARN as a Secret message gives it: {problem}")]
+    InvalidSinceArn { problem: &'static str },
     #[error(transparent)]
     Store(#[from] StoreError),
     /// NOT_FOUND for a read of a version id or a stage: which one.
@@ -126,7 +129,9 @@ impl ApiError {
                 (Code::Unauthenticated, "NO_CLIENT_IDENTITY")
             }
             Self::Denied(_) => (Code::PermissionDenied, "POLICY_DENIED"),
-            Self::InvalidVersion(_) => (Code::InvalidArgument, "INVALID_VERSION"),
+            Self::InvalidVersion(_) | Self::InvalidSinceArn { .. } => {
+                (Code::InvalidArgument, "INVALID_VERSION")
+            }
             Self::TooManyNames { .. } => (Code::InvalidArgument, "TOO_MANY_NAMES"),
             Self::BatchAnswerFull { .. } => (Code::ResourceExhausted, "ANSWER_TOO_LARGE"),
             Self::TooManyCalls
@@ -175,6 +180,9 @@ impl ApiError {
             }
             Self::InvalidVersion(invalid) => {
                 put("field", invalid.field);
+            }
+            Self::InvalidSinceArn { .. } => {
+                put("field", "since_arn");
             }
             Self::Malformed { name, source, .. } => {
                 put("secret_name", name);
