@@ -35,6 +35,13 @@
 //!   (`eviction`): amortized O(1), recently read entries stay.
 //! - Fetches are numbered; an answer older than the cached one never
 //!   replaces it, so a slow fetch cannot roll a fresh value back.
+//! - A secret may be cached under several ids (its name, its ARN) and
+//!   selectors (stages, version ids). A clear names secrets, and drops
+//!   every entry of each, whatever the id; an admin refresh drops the
+//!   secret's other entries once AWS answered (a revoked read must end for
+//!   every id). What was read by version id tells the stages that version
+//!   carried: a stage that moves, or is first stored at another version,
+//!   drops those entries (looked for only in secrets read so: `read_by_id`).
 //! - Whoever needs to know when a key's version changes (the watch layer)
 //!   registers one `ChangeListener`; every stored answer is offered to it,
 //!   so a bypass read or a refresh that finds a new version is announced at
