@@ -341,6 +341,11 @@ fn check_since_arn(arn: &str) -> Result<(), ApiError> {
         });
     }
     match crate::names::SecretArn::parse(arn) {
+        // A partial ARN names a secret by name, not one secret: compared,
+        // it would tell a rotation of the very version held.
+        Ok(parsed) if parsed.suffix.is_none() => Err(ApiError::InvalidSinceArn {
+            problem: "a partial ARN (without the six characters AWS appends); send Secret.arn as given",
+        }),
         Ok(_) => Ok(()),
         Err(crate::names::InvalidName::BadArn { problem }) => {
             Err(ApiError::InvalidSinceArn { problem })

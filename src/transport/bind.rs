@@ -66,16 +66,28 @@ impl Listeners {
     }
 }
 
+/// The longest socket path the kernel binds (`sun_path` less its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
 /// Binds a unix socket at `path` that has its final mode (`open_to_group`)
 /// from the moment it is there: it is bound in a new directory beside
 /// `path` that only the broker's user may enter, opened to the group
-/// there, and renamed into place. Bound at `path` and changed after, it
+/// there, and linked into place. Bound at `path` and changed after, it
 /// would be, for that moment, as open as the umask leaves it (to anyone,
 /// under umask 0), and a change of mode by path would follow a symlink put
 /// there meanwhile. A socket path too long to bind from that directory
-/// (the kernel takes 107 bytes) is bound in place. A broker killed while
-/// binding leaves its directory (`.secrets-broker-PID-RANDOM`) behind.
+/// (within 15 bytes of the kernel's 107) is bound in place. A broker
+/// killed while binding leaves its directory (`.sb-RANDOM`) behind.
 fn bind_unix(path: &Path) -> io::Result<tokio::net::UnixListener> {
+    // A link has no such bound: checked here, or a longer path would get a
+    // socket file nobody can connect to.
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("the socket path is {len} bytes; the kernel takes at most {MAX_SOCKET_PATH}"),
+        ));
+    }
     let parent = match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent,
         _ => Path::new("."),
@@ -112,19 +124,18 @@ fn bind_unix(path: &Path) -> io::Result<tokio::net::UnixListener> {
     }
 }
 
-/// A new directory in `parent` that only this user may enter, named so
-/// that brokers starting together (each PID 1 in its container, say) never
-/// share one: made with `create`, which fails if the name is taken, and
-/// tried again with another.
+/// A new directory in `parent` that only this user may enter, named at
+/// random so that brokers starting together (each PID 1 in its container,
+/// say) never share one: made with `create`, which fails if the name is
+/// taken, and tried again with another.
 fn make_staging_dir(parent: &Path) -> io::Result<std::path::PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
     let mut tries = 0;
     loop {
-        let name = format!(
-            ".secrets-broker-{}-{:08x}",
-            std::process::id(),
-            fastrand::u32(..)
-        );
+        // Short: the socket's path in it must stay within the kernel's
+        // bound, and the fallback (binding in place) is left to paths
+        // within a few bytes of it.
+        let name = format!(".sb-{:08x}", fastrand::u32(..));
         let staging = parent.join(name);
         match std::fs::DirBuilder::new().mode(0o700).create(&staging) {
             Err(error) if error.kind() == io::ErrorKind::AlreadyExists && tries < 8 => tries += 1,
@@ -205,7 +216,7 @@ mod tests {
     async fn a_long_socket_path_is_bound_in_place() {
         let top = std::env::temp_dir().join(format!("bind-test-{}", fastrand::u64(..)));
         // 95 bytes of directory: the staging directory's socket would take
-        // more than the kernel's 107, the socket's own path takes 101.
+        // more than the kernel's 107 (110), the socket's own path takes 101.
         let room = 95 - top.as_os_str().len() - 1;
         let dir = top.join("d".repeat(room));
         std::fs::create_dir_all(&dir).unwrap();
@@ -213,6 +224,11 @@ mod tests {
         let _listener = bind_unix(&path).unwrap();
         let meta = std::fs::symlink_metadata(&path).unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+        // Past the kernel's bound: refused, not a file nobody can reach.
+        let too_long = dir.join("b".repeat(107 - dir.as_os_str().len()));
+        let refused = bind_unix(&too_long).unwrap_err();
+        assert_eq!(refused.kind(), io::ErrorKind::InvalidInput, "{refused}");
+        assert!(!too_long.exists());
         std::fs::remove_dir_all(&top).unwrap();
     }
 }

@@ -539,11 +539,13 @@ def test_watch_missing_secret_is_not_found(aws_broker, stubs):
 
 def test_a_resume_from_something_not_an_arn_is_refused_by_name(dev_broker, stubs):
     """since_arn is taken from a Secret message: anything else (here, text
-    with a line break, and an ARN of another service) is refused naming the
-    field, not compared."""
+    with a line break, an ARN of another service, a partial ARN, which
+    would be taken for another secret) is refused naming the field, not
+    compared."""
     pb = stubs.secrets_service_pb2
     stub = dev_broker.secrets()
-    for since_arn in ("not-an-arn\nforged", "arn:aws:s3:::bucket"):
+    partial = "arn:aws:secretsmanager:us-east-1:123456789012:secret:insurecove/mistral-api-key"
+    for since_arn in ("not-an-arn\nforged", "arn:aws:s3:::bucket", partial):
         _, info = expect_error(
             lambda: next(stub.WatchSecret(pb.WatchSecretRequest(
                 name="mistral-api-key", since_version_id="v1", since_arn=since_arn), timeout=5)),

@@ -504,8 +504,9 @@ class WatchSecretRequest(_message.Message):
     known: a secret deleted and created again under its name may give its
     versions old version ids, and a version id under another ARN is another
     version (the first message is then ROTATED too). Empty: the version id
-    alone is compared. Anything but a secret's ARN is INVALID_ARGUMENT
-    (INVALID_VERSION, field since_arn).
+    alone is compared. Anything but a secret's complete ARN (as
+    `Secret.arn` gives it) is INVALID_ARGUMENT (INVALID_VERSION, field
+    since_arn).
     """
     def __init__(
         self,
