@@ -638,6 +638,17 @@ async fn version_of_bypass(cache: &Cache, name: &str) -> String {
         .clone()
 }
 
+/// The key of a read of `name`'s version `id`, asked with AWSCURRENT.
+fn pinned_to_current(name: &str, id: &str) -> CacheKey {
+    CacheKey::new(
+        name.into(),
+        VersionSelector::Id {
+            id: id.into(),
+            stage: Some("AWSCURRENT".into()),
+        },
+    )
+}
+
 /// A plain read that finds the current stage moved forgets what was cached
 /// by version id (its answer tells stages that are no longer true).
 #[tokio::test(start_paused = true)]
@@ -645,13 +656,7 @@ async fn a_moved_stage_forgets_the_by_id_entries() {
     let store = FakeStore::with(&["s"]);
     let cache = cache_over(&store, 100);
     version_of(&cache, "s").await;
-    let by_id = CacheKey::new(
-        "s".into(),
-        VersionSelector::Id {
-            id: "v1".into(),
-            stage: Some("AWSCURRENT".into()),
-        },
-    );
+    let by_id = pinned_to_current("s", "v1");
     cache.get(by_id.clone(), false).await.unwrap();
     store.set("s", "v2");
     tokio::time::advance(TTL).await;
@@ -938,13 +943,7 @@ async fn a_refresh_that_finds_the_read_revoked_ends_every_entry_of_the_secret() 
 async fn a_stage_first_stored_after_a_rotation_drops_the_version_pinned_with_it() {
     let store = FakeStore::with(&["s"]);
     let cache = cache_over(&store, 100);
-    let pinned = CacheKey::new(
-        "s".into(),
-        VersionSelector::Id {
-            id: "v1".into(),
-            stage: Some("AWSCURRENT".into()),
-        },
-    );
+    let pinned = pinned_to_current("s", "v1");
     cache.get(pinned.clone(), false).await.unwrap();
     store.set("s", "v2");
     assert_eq!(version_of(&cache, "s").await, "v2");

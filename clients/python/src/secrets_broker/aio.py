@@ -61,7 +61,7 @@ class AsyncAWSSecretsManager:
         self._cache: dict[tuple[str, Optional[str]], tuple[SecretValue, float]] = {}
         # When the broker read each followed value from AWS (a push: when
         # it came): see _older_news.
-        self._read_at: dict[str, float] = {}
+        self._learned_at: dict[str, float] = {}
         # The WatchSecret task of each followed name. They hold the
         # instance weakly: one nobody holds any more has its tasks
         # cancelled (see AWSSecretsManager's finalizer for why).
@@ -80,7 +80,7 @@ class AsyncAWSSecretsManager:
             self._channel = None
             self._followers.clear()
             self._cache.clear()
-            self._read_at.clear()
+            self._learned_at.clear()
         if self._channel is None:
             credentials = self.config.credentials()
             options = self.config.channel_options(credentials is not None)
@@ -177,7 +177,7 @@ class AsyncAWSSecretsManager:
             held is not None
             and selector is None
             and name in self._followers
-            and _older_news(held[0], self._read_at.get(name, 0.0), value, _read_at(answer.secret, sent_at))
+            and _older_news(held[0], self._learned_at.get(name, 0.0), value, _read_at(answer.secret, sent_at))
         ):
             logger.debug("get_secret %s: the broker's copy is older than the one held; kept", secret_name)
             self._cache[key] = (held[0], time.monotonic())
@@ -188,7 +188,7 @@ class AsyncAWSSecretsManager:
             return value._for_caller()
         self._cache[key] = (value, time.monotonic())
         if selector is None:
-            self._read_at[name] = _read_at(answer.secret, sent_at)
+            self._learned_at[name] = _read_at(answer.secret, sent_at)
         if selector is None and name not in self._followers and len(self._followers) < MAX_FOLLOWED:
             self._followers[name] = asyncio.get_running_loop().create_task(
                 _follow(weakref.ref(self), name, value.version_id, value.arn), name=f"watch-{name}"
@@ -203,10 +203,10 @@ class AsyncAWSSecretsManager:
         if value is None:
             self._cache.pop((name, None), None)
             self._followers.pop(name, None)
-            self._read_at.pop(name, None)
+            self._learned_at.pop(name, None)
         else:
             self._cache[(name, None)] = (value, time.monotonic())
-            self._read_at[name] = time.monotonic()
+            self._learned_at[name] = time.monotonic()
         if moved:
             arns = [(key, cached[0].arn) for key, cached in self._cache.items()]
             for key in _changed_keys(arns, name, value):
@@ -236,7 +236,7 @@ class AsyncAWSSecretsManager:
         followers = list(self._followers.values())
         self._followers.clear()
         self._cache.clear()
-        self._read_at.clear()
+        self._learned_at.clear()
         current = asyncio.current_task()
         for task in followers:
             if task is not current and not task.done() and task.get_loop() is asyncio.get_running_loop():
