@@ -121,6 +121,11 @@ impl PeerTrust {
     }
 
     fn expired(&mut self, cx: &mut Context<'_>) -> Option<Untrusted> {
+        // The first read: a timer already due can still be pending on its
+        // first poll, and the first call would be served.
+        if self.registered.is_none() && unix_now() > self.not_after {
+            return Some(Untrusted::Expired);
+        }
         let registered = self
             .registered
             .as_ref()

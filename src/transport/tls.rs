@@ -234,6 +234,13 @@ fn build(files: &TlsFiles) -> Result<(Arc<ServerConfig>, Arc<dyn ClientCertVerif
         .with_single_cert(chain, key)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
+    // No session resumption: a resumed session skips the client
+    // certificate's check, so a client whose certificate has expired (or
+    // whose CA a reload has not yet dropped) would be let back in on
+    // every reconnect. A full handshake per connection is the price; a
+    // connection lives long.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok((Arc::new(config), verifier))
 }
 

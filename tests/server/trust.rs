@@ -3,7 +3,10 @@
 //! expires, and when a TLS reload takes its CA out of the client CA
 //! bundle, watches included.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use secrets_broker_client::proto::{
     WatchEventType, WatchSecretRequest, secrets_service_client::SecretsServiceClient,
@@ -140,5 +143,56 @@ async fn a_connection_ends_when_a_reload_removes_its_ca() {
     // Another CA only: the open connection is closed, its watch with it.
     crate::harness::replace_file(&pki.ca(), &other_ca);
     ends_within(&mut watch, Duration::from_secs(5)).await;
+    broker.stop().await;
+}
+
+/// A client that reconnects with the same TLS config (as tonic's channel
+/// does) gets a full handshake each time: a resumed session would skip the
+/// certificate's check, and a client whose certificate has expired would
+/// be served again on every reconnect.
+#[tokio::test]
+async fn a_reconnecting_client_is_never_let_in_by_resuming_a_session() {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+    use tokio::io::AsyncReadExt;
+
+    let pki = Pki::new();
+    let broker = Running::start_tls(&pki, Some(policy(&pki))).await;
+    let client = pki.client("auth", AUTH);
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(pki.ca()).unwrap() {
+        roots.add(ca.unwrap()).unwrap();
+    }
+    let chain = CertificateDer::pem_file_iter(&client.cert)
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(&client.key).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    // rustls keeps session tickets in memory by default: say so here, so
+    // that the test cannot pass for want of a client that resumes.
+    config.resumption = rustls::client::Resumption::in_memory_sessions(16);
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = ServerName::try_from("localhost").unwrap();
+    for attempt in 0..3 {
+        let tcp = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
+        let mut tls = connector.connect(name.clone(), tcp).await.unwrap();
+        assert_eq!(
+            tls.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Full),
+            "connection {attempt} resumed a session"
+        );
+        // Read what the server sends after the handshake (a TLS 1.3
+        // server sends its session tickets then, and the client stores
+        // them on reading).
+        let mut buf = [0u8; 256];
+        let _ = tokio::time::timeout(Duration::from_millis(300), tls.read(&mut buf)).await;
+    }
     broker.stop().await;
 }
