@@ -3,10 +3,21 @@
 //! upstream for a while.
 //!
 //! The wait grows exponentially (jittered, so that replicas do not retry in
-//! step) from `FIRST` up to `LONGEST`. When it ends, one caller at a time
-//! may probe the upstream; the others keep being served stale values at
-//! once until the probe answers. Any answer that is not transient (a value,
-//! not found, access denied) ends the backoff.
+//! step) from `FIRST` up to `LONGEST`: it doubles once per wait that ends
+//! in another failure, not per failed call, so that a crowd of reads
+//! failing together counts as one failure (otherwise a burst of fifty
+//! would jump straight to the longest wait, and a short outage would
+//! leave values stale for half a minute after it). When the wait ends,
+//! one caller at a time may probe the upstream; the others keep being
+//! served stale values at once until the probe answers. Any answer that
+//! is not transient (a value, not found, access denied) ends the backoff.
+//!
+//! Each backoff is said in the log when it starts, with its cause, and
+//! when it ends. A start within a minute of the last WARN is said at INFO
+//! (an upstream slow on and off is not a WARN pair each time, nor
+//! silent). A backoff started by a read that was only slow (the SDK still
+//! retrying) says the real cause once a read fails with one, e.g.
+//! throttling.
 
 use std::{
     sync::{
@@ -37,8 +48,12 @@ pub struct Backoff {
     /// When a start was last logged at WARN: at most one a minute, so
     /// that an upstream slow on and off is not a pair of lines each time.
     warned_at: Mutex<Option<Instant>>,
-    /// This backoff's start was logged at WARN (its end is logged then).
+    /// This backoff's start was logged (its end is logged then).
     announced: AtomicBool,
+    /// ... at WARN.
+    announced_at_warn: AtomicBool,
+    /// A failure's own cause (not only slowness) was logged in this backoff.
+    cause_said: AtomicBool,
 }
 
 /// The least time between two WARN lines of a backoff's start.
@@ -98,15 +113,18 @@ impl Backoff {
     }
 
     /// An answer that says the upstream works.
-    pub fn succeeded(&self) {
+    pub fn succeeded(&self) -> Option<Said> {
         let mut until = self.until.lock().unwrap_or_else(|e| e.into_inner());
+        let mut said = None;
         if until.take().is_some() {
             let failures = self.failures.load(Relaxed);
+            self.cause_said.store(false, Relaxed);
             if self.announced.swap(false, Relaxed) {
                 tracing::info!(
                     failures,
                     "reads of the upstream answer again; backoff ended"
                 );
+                said = Some(Said::Ended);
             } else {
                 tracing::debug!(
                     failures,
@@ -115,40 +133,85 @@ impl Backoff {
             }
         }
         self.failures.store(0, Relaxed);
+        said
     }
 
-    /// A transient failure, or a renewal that did not answer in time
-    /// (`cause`, for the operator: the start of a backoff is logged once,
-    /// with it, and its end once; the health check alone would not say it
-    /// when reads fail and listing works, e.g. reads throttled).
-    pub fn failed(&self, cause: &dyn std::fmt::Display) {
-        let failures = self.failures.fetch_add(1, Relaxed).saturating_add(1);
-        let wait = backoff_for(failures);
+    /// A transient failure (`cause`, for the operator: the health check
+    /// alone would not say it when reads fail and listing works, e.g.
+    /// reads throttled).
+    pub fn failed(&self, cause: &dyn std::fmt::Display) -> Option<Said> {
+        self.record(cause, true)
+    }
+
+    /// A renewal that did not answer within the wait (`cause` says so);
+    /// the read goes on, and says its own cause if it fails.
+    pub fn overdue(&self, cause: &dyn std::fmt::Display) -> Option<Said> {
+        self.record(cause, false)
+    }
+
+    fn record(&self, cause: &dyn std::fmt::Display, own_cause: bool) -> Option<Said> {
+        let now = Instant::now();
         let mut until = self.until.lock().unwrap_or_else(|e| e.into_inner());
-        let later = Instant::now() + wait;
         if until.is_none() {
             self.started.fetch_add(1, Relaxed);
         }
-        // Said at the start, unless a start was said within WARN_EVERY; then
-        // at the first failure past it, if the backoff still lasts (a long
-        // outage right after a blip is said too).
-        if !self.announced.load(Relaxed) {
+        // Calls that fail within the wait were made before it (or by
+        // callers with nothing to fall back on): the wait already stands
+        // for them.
+        if until.is_none_or(|until| now >= until) {
+            let failures = self.failures.fetch_add(1, Relaxed).saturating_add(1);
+            *until = Some(now + backoff_for(failures));
+        }
+        drop(until);
+        self.say(cause, own_cause)
+    }
+
+    fn say(&self, cause: &dyn std::fmt::Display, own_cause: bool) -> Option<Said> {
+        if !self.announced.swap(true, Relaxed) {
+            self.cause_said.store(own_cause, Relaxed);
             let mut warned_at = self.warned_at.lock().unwrap_or_else(|e| e.into_inner());
-            if warned_at.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+            let warn = warned_at.is_none_or(|at| at.elapsed() >= WARN_EVERY);
+            self.announced_at_warn.store(warn, Relaxed);
+            if warn {
                 *warned_at = Some(Instant::now());
-                self.announced.store(true, Relaxed);
                 tracing::warn!(
                     error = %cause,
                     "reads of the upstream are slow or failing; serving cached values while backing off"
                 );
+                Some(Said::Started { warn: true })
             } else {
-                tracing::debug!(error = %cause, "reads of the upstream are slow or failing again; backing off");
+                tracing::info!(
+                    error = %cause,
+                    "reads of the upstream are slow or failing again; serving cached values while backing off"
+                );
+                Some(Said::Started { warn: false })
             }
-        }
-        if until.is_none_or(|current| current < later) {
-            *until = Some(later);
+        } else if own_cause && !self.cause_said.swap(true, Relaxed) {
+            let warn = self.announced_at_warn.load(Relaxed);
+            if warn {
+                tracing::warn!(error = %cause, "reads of the upstream fail, not only slow");
+            } else {
+                tracing::info!(error = %cause, "reads of the upstream fail, not only slow");
+            }
+            Some(Said::Cause { warn })
+        } else {
+            None
         }
     }
+}
+
+/// The line a call of `Backoff` wrote (at INFO or WARN), for tests: a
+/// scoped `tracing` subscriber cannot be relied on to see events whose
+/// call sites other tests' threads reach at the same time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Said {
+    /// The backoff started (at WARN, or at INFO within `WARN_EVERY` of
+    /// the last WARN).
+    Started { warn: bool },
+    /// A backoff started by slowness got a failure's own cause.
+    Cause { warn: bool },
+    /// The backoff ended (INFO).
+    Ended,
 }
 
 /// `FIRST` doubled per failure after the first, up to `LONGEST`, then
@@ -199,5 +262,51 @@ mod tests {
         assert!(!backoff.holding_back());
         assert_eq!(backoff.permit(), Permit::Ask);
         assert_eq!(backoff.times_started(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_crowd_failing_together_is_one_failure() {
+        let backoff = Backoff::default();
+        for _ in 0..50 {
+            backoff.failed(&"a test's failure");
+        }
+        tokio::time::advance(FIRST).await;
+        assert_eq!(backoff.permit(), Permit::Probe, "the first wait is over");
+        // The probe fails: the wait doubles, once.
+        backoff.failed(&"a test's failure");
+        backoff.probe_done();
+        tokio::time::advance(FIRST).await;
+        assert_eq!(backoff.permit(), Permit::Fallback, "within the second wait");
+        tokio::time::advance(FIRST).await;
+        assert_eq!(backoff.permit(), Permit::Probe, "the second wait is over");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_backoff_is_said_and_a_slow_start_gets_its_cause() {
+        let backoff = Backoff::default();
+        let said = |what| Some(what);
+        assert_eq!(
+            backoff.overdue(&"AWS did not answer in time"),
+            said(Said::Started { warn: true })
+        );
+        assert_eq!(
+            backoff.failed(&"AWS throttled the read"),
+            said(Said::Cause { warn: true })
+        );
+        assert_eq!(backoff.failed(&"AWS throttled the read"), None);
+        assert_eq!(backoff.succeeded(), said(Said::Ended));
+        // A second outage within the minute: said, at INFO, its end too.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(
+            backoff.failed(&"the connection was reset"),
+            said(Said::Started { warn: false })
+        );
+        assert_eq!(backoff.succeeded(), said(Said::Ended));
+        // Past the minute: WARN again.
+        tokio::time::advance(WARN_EVERY).await;
+        assert_eq!(
+            backoff.failed(&"HTTP 500"),
+            said(Said::Started { warn: true })
+        );
     }
 }

@@ -223,11 +223,13 @@ impl Shared {
     ) -> FetchResult {
         match &result {
             Err(error @ (StoreError::Throttled | StoreError::Unavailable { .. })) => {
-                self.backoff.failed(error)
+                self.backoff.failed(error);
             }
             // Our own queue being full says nothing about the upstream.
             Err(StoreError::QueueFull) => {}
-            _ => self.backoff.succeeded(),
+            _ => {
+                self.backoff.succeeded();
+            }
         }
         match result {
             Ok(version) => {

@@ -374,7 +374,7 @@ impl Cache {
             Err(_overdue) => {
                 // The renewal goes on in the background; it ends the backoff
                 // when it answers.
-                shared.backoff.failed(&OVERDUE);
+                shared.backoff.overdue(&OVERDUE);
                 Ok(shared.serve_stale(&stale))
             }
         }
@@ -435,7 +435,7 @@ impl Cache {
             Err(_overdue) => {
                 // The read goes on in the background, and tells the
                 // watchers (the change listener) when it answers.
-                shared.backoff.failed(&OVERDUE);
+                shared.backoff.overdue(&OVERDUE);
                 Ok(fallback())
             }
         }
