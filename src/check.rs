@@ -54,6 +54,10 @@ pub async fn run(settings: &Settings) -> Result<Vec<String>, CheckError> {
     };
     let store = open_store(settings)?;
     let upstream = store.store.check().await.map_err(CheckError::Upstream)?;
+    let prefix = crate::app::name_resolver(settings);
+    let reads = reads_answer(&store, prefix.prefix())
+        .await
+        .map_err(CheckError::Upstream)?;
     let mut report = vec![
         format!("listen: {} ({transport})", settings.listen),
         format!("authorization: {}", security.authorizer.summary()),
@@ -68,6 +72,7 @@ pub async fn run(settings: &Settings) -> Result<Vec<String>, CheckError> {
             settings.cache.max_stale.as_secs()
         ),
         format!("upstream: {upstream}"),
+        format!("upstream: {reads}"),
     ];
     if let (Some(source), Some(region)) = (&settings.events, settings.backend.region()) {
         let events = crate::events::check_source(source, region)
@@ -75,7 +80,6 @@ pub async fn run(settings: &Settings) -> Result<Vec<String>, CheckError> {
             .map_err(CheckError::Events)?;
         report.push(format!("events: {events}"));
     }
-    let prefix = crate::app::name_resolver(settings);
     if let Some(warning) = none_under_the_prefix(&store, settings, prefix.prefix()).await {
         report.push(warning);
     }
@@ -101,6 +105,27 @@ pub async fn run(settings: &Settings) -> Result<Vec<String>, CheckError> {
     }
     report.push("configuration ok".to_owned());
     Ok(report)
+}
+
+/// The name `reads_answer` reads: under the prefix (where the broker's
+/// grants are), and saying what it is to whoever finds it in CloudTrail.
+const READ_PROBE: &str = "secrets-broker-check-of-reads-not-a-secret";
+
+/// Reads a secret that does not exist: NOT_FOUND proves reads are allowed
+/// and answered. Listing alone passes when only reads are denied, or when
+/// something in between answers every call with an empty 200.
+async fn reads_answer(
+    store: &crate::app::Store,
+    prefix: &str,
+) -> Result<String, crate::backend::StoreError> {
+    let name = format!("{prefix}{READ_PROBE}");
+    let selector = crate::backend::VersionSelector::current();
+    match store.store.get_secret_value(&name, &selector).await {
+        Err(crate::backend::StoreError::NotFound { .. }) | Ok(_) => Ok(format!(
+            "reads answered (a read of {name:?}, which does not exist: not found)"
+        )),
+        Err(error) => Err(error),
+    }
 }
 
 /// A warning when AWS holds no secret under the prefix in this Region:

@@ -143,6 +143,8 @@ class SlowUpstream:
         # (status, content type, body) answered instead of AWS's, when set:
         # a proxy's error page, or an error AWS may give.
         self.fault: tuple[int, str, bytes] | None = None
+        # X-Amz-Target suffixes the fault answers (None: every request).
+        self.fault_only: tuple[str, ...] | None = None
         handler = type("Handler", (_SlowHandler,), {"upstream": self})
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
@@ -186,7 +188,7 @@ class _SlowHandler(BaseHTTPRequestHandler):
         target = self.headers.get("X-Amz-Target", "")
         up._enter(target)
         fault = up.fault
-        if fault is not None:
+        if fault is not None and (up.fault_only is None or target.endswith(up.fault_only)):
             up._leave()
             status, content_type, data = fault
             self.send_response(status)

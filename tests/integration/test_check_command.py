@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from ops_support import SlowUpstream
+
 
 def output(proc) -> str:
     return proc.stdout + proc.stderr
@@ -105,3 +107,31 @@ def test_check_says_when_a_dotenv_file_was_read(run_cli, tmp_path):
     assert proc.returncode == 0, output(proc)
     assert "env file: " in output(proc) and ".env" in output(proc), output(proc)
     assert 'prefix "fromdotenv"' in output(proc), output(proc)
+
+
+def test_check_reads_as_well_as_lists(run_cli, moto):
+    """Listing alone passes when only reads are denied, or when something
+    in between answers every call with an empty 200: `check` reads a name
+    that does not exist too, and fails naming what went wrong."""
+    upstream = SlowUpstream(moto.address, 0.0, delayed=None)
+    try:
+        env = {**moto.broker_env(), "AWS_ENDPOINT_URL": upstream.url}
+        proc = run_cli("check", env=env)
+        assert proc.returncode == 0, output(proc)
+        assert "reads answered" in output(proc), output(proc)
+
+        upstream.fault_only = (".GetSecretValue",)
+        upstream.fault = (400, "application/x-amz-json-1.1",
+                          b'{"__type":"AccessDeniedException","message":"not authorized to perform '
+                          b'secretsmanager:GetSecretValue"}')
+        proc = run_cli("check", env=env)
+        assert proc.returncode == 1, output(proc)
+        assert "GetSecretValue" in output(proc) and "configuration ok" not in output(proc), output(proc)
+
+        upstream.fault_only = None
+        upstream.fault = (200, "application/x-amz-json-1.1", b"{}")
+        proc = run_cli("check", env=env)
+        assert proc.returncode == 1, output(proc)
+        assert "GetSecretValue" in output(proc) and "configuration ok" not in output(proc), output(proc)
+    finally:
+        upstream.close()
