@@ -1,7 +1,9 @@
 //! `SecretsClient`: the typed API over the broker's two services.
 //!
-//! One cheap-to-clone handle over one HTTP/2 connection (tonic multiplexes
-//! calls on it). Every call has a deadline (`request_timeout`, retries and
+//! One cheap-to-clone handle over two HTTP/2 connections (tonic
+//! multiplexes calls on each): one for calls, one for watch streams, so
+//! that long-lived watches (a cache holds one per secret) never take the
+//! room the broker gives a connection's calls (`--max-concurrent-calls-per-connection`). Every call has a deadline (`request_timeout`, retries and
 //! the wait for a connection included) and retries only what
 //! `Error::is_retryable` says may pass; values come back as `SecretValue`,
 //! in zeroizing memory.
@@ -11,7 +13,7 @@ use std::{future::IntoFuture, pin::Pin, time::Duration};
 use tokio::time::Instant;
 
 use futures::Future;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -27,8 +29,10 @@ use crate::{
     watch::{self, WatchStream},
 };
 
-/// A client of one broker. Cheap to clone: clones share one HTTP/2
-/// connection, opened on first use and re-opened when lost.
+/// A client of one broker. Cheap to clone: clones share its two HTTP/2
+/// connections (calls; watch streams), each opened on first use and
+/// re-opened when lost. Under mutual TLS, each new connection reads the
+/// TLS files again: a certificate renewed in place is used from then on.
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), secrets_broker_client::Error> {
@@ -42,6 +46,8 @@ use crate::{
 #[derive(Clone)]
 pub struct SecretsClient {
     secrets: SecretsServiceClient<Channel>,
+    /// On a connection of their own: see the module doc.
+    watches: SecretsServiceClient<Channel>,
     admin: AdminServiceClient<Channel>,
     health: HealthClient<Channel>,
     max_retries: u32,
@@ -62,7 +68,17 @@ impl SecretsClient {
     /// Prepares a client. The connection itself is made lazily, at the
     /// first call, so a broker that starts later is not an error here.
     pub async fn connect(config: ClientConfig) -> Result<Self, Error> {
-        let mut endpoint = Endpoint::from_shared(config.url()?)
+        let url = config.url()?;
+        let tls = match config.tls_files()? {
+            Some((ca, cert, key)) => {
+                // Checked now, so that a mistake is named at once.
+                crate::tls_files::read(ca, cert, key)?;
+                Some(TlsServer::at(&url, &config, [ca, cert, key])?)
+            }
+            None => None,
+        };
+        // Under TLS the connector makes the TLS: tonic sees plain HTTP/2.
+        let endpoint = Endpoint::from_shared(url.replacen("https://", "http://", 1))
             .map_err(|e| Error::Config(format!("endpoint {}: {e}", config.endpoint)))?
             .connect_timeout(config.connect_timeout)
             .tcp_nodelay(true)
@@ -72,28 +88,21 @@ impl SecretsClient {
             .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
             .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
             .keep_alive_while_idle(true);
-        if let Some((ca, cert, key)) = config.tls_files()? {
-            let files = crate::tls_files::read(ca, cert, key)?;
-            let mut tls = ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(files.ca))
-                .identity(Identity::from_pem(files.cert, files.key.as_slice()));
-            if let Some(domain) = &config.tls_domain {
-                tls = tls.domain_name(domain.clone());
-            }
-            endpoint = endpoint.tls_config(tls)?;
-        }
-        let channel = match config.unix_path() {
-            Some(path) => endpoint.connect_with_connector_lazy(unix_connector(path)),
-            None => endpoint.connect_lazy(),
+        let connect = || match (config.unix_path(), &tls) {
+            (Some(path), _) => endpoint.connect_with_connector_lazy(unix_connector(path)),
+            (None, Some(server)) => endpoint.connect_with_connector_lazy(tls_connector(server)),
+            (None, None) => endpoint.connect_lazy(),
         };
+        let calls = connect();
         Ok(Self {
-            secrets: SecretsServiceClient::new(channel.clone()),
-            admin: AdminServiceClient::new(channel.clone()),
-            health: HealthClient::new(channel),
+            watches: SecretsServiceClient::new(connect()),
+            secrets: SecretsServiceClient::new(calls.clone()),
+            admin: AdminServiceClient::new(calls.clone()),
+            health: HealthClient::new(calls),
             max_retries: config.max_retries,
             request_timeout: config.request_timeout,
             endpoint: config.endpoint.as_str().into(),
-            tls: config.tls_files()?.is_some(),
+            tls: tls.is_some(),
         })
     }
 
@@ -102,10 +111,10 @@ impl SecretsClient {
         request_within(message, self.request_timeout)
     }
 
-    /// Where watch streams go: the client's connection.
+    /// Where watch streams go: the client's connection for them.
     pub(crate) fn origin(&self) -> watch::Origin {
         watch::Origin {
-            client: self.secrets.clone(),
+            client: self.watches.clone(),
             endpoint: std::sync::Arc::clone(&self.endpoint),
             tls: self.tls,
         }
@@ -489,6 +498,77 @@ fn unix_connector(
         async move {
             let stream = tokio::net::UnixStream::connect(path).await?;
             Ok(hyper_util::rt::TokioIo::new(stream))
+        }
+    })
+}
+
+/// Where a mutual-TLS broker is, and the files to present to it.
+#[derive(Clone)]
+struct TlsServer {
+    host: String,
+    port: u16,
+    /// The name its certificate must carry.
+    domain: String,
+    /// CA, certificate, key.
+    files: std::sync::Arc<[std::path::PathBuf; 3]>,
+}
+
+impl TlsServer {
+    /// The broker at `url` (https), its certificate to name
+    /// `BROKER_TLS_DOMAIN` or else the URL's host.
+    fn at(
+        url: &str,
+        config: &ClientConfig,
+        [ca, cert, key]: [&std::path::PathBuf; 3],
+    ) -> Result<Self, Error> {
+        let uri: tonic::transport::Uri = url
+            .parse()
+            .map_err(|e| Error::Config(format!("endpoint {}: {e}", config.endpoint)))?;
+        // An IPv6 host comes in brackets; neither a socket address nor a
+        // certificate's name has them.
+        let host = uri
+            .host()
+            .unwrap_or_default()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        Ok(Self {
+            domain: config.tls_domain.clone().unwrap_or_else(|| host.clone()),
+            port: uri.port_u16().unwrap_or(443),
+            host,
+            files: [ca.clone(), cert.clone(), key.clone()].into(),
+        })
+    }
+}
+
+/// Each new connection: TCP, then TLS with the files read now (see
+/// `tls_files`). A file that cannot be used fails that connection with
+/// the setting's name, and the next connection reads them again.
+fn tls_connector(
+    server: &TlsServer,
+) -> impl tower::Service<
+    tonic::transport::Uri,
+    Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    Error = std::io::Error,
+    Future = impl Send,
+> + Clone
++ Send
++ 'static {
+    let server = server.clone();
+    tower::service_fn(move |_: tonic::transport::Uri| {
+        let server = server.clone();
+        async move {
+            let [ca, cert, key] = &*server.files;
+            let config = crate::tls_files::client_config(ca, cert, key)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            let name = rustls::pki_types::ServerName::try_from(server.domain.clone())
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+            let tcp = tokio::net::TcpStream::connect((server.host.as_str(), server.port)).await?;
+            tcp.set_nodelay(true)?;
+            let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+                .connect(name, tcp)
+                .await?;
+            Ok(hyper_util::rt::TokioIo::new(tls))
         }
     })
 }

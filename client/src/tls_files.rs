@@ -4,11 +4,17 @@
 //! the handshake, each of these failed every connection later as a bare
 //! "transport error" (or, for a CA file without a certificate, as the
 //! broker's certificate being "not signed by the CA").
+//!
+//! They are read again for each new connection (`client_config`): a
+//! certificate renewed in place (cert-manager rewrites the files) is used
+//! from the next connection on, without a new client. The broker closes a
+//! connection when its certificate expires, so a long-lived service would
+//! otherwise lose the broker for good at the first expiry.
 
 use std::{path::Path, sync::Arc};
 
 use rustls::{
-    Error as TlsError, InconsistentKeys,
+    ClientConfig, Error as TlsError, InconsistentKeys, RootCertStore,
     crypto::CryptoProvider,
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
     sign::CertifiedKey,
@@ -37,6 +43,41 @@ pub(crate) fn read(ca: &Path, cert: &Path, key: &Path) -> Result<TlsFiles, Error
         cert: cert_pem,
         key: key_pem,
     })
+}
+
+/// The rustls config of a connection, from the files as they are now:
+/// trusts the CA file, presents the certificate and key, offers h2.
+pub(crate) fn client_config(ca: &Path, cert: &Path, key: &Path) -> Result<ClientConfig, Error> {
+    let files = read(ca, cert, key)?;
+    let mut roots = RootCertStore::empty();
+    for certificate in certificates(&files.ca, "BROKER_CA_FILE", ca)? {
+        roots
+            .add(certificate)
+            .map_err(|e| Error::Config(format!("BROKER_CA_FILE {}: {e}", ca.display())))?;
+    }
+    let chain = certificates(&files.cert, "BROKER_CERT_FILE", cert)?;
+    let key_der = PrivateKeyDer::from_pem_slice(&files.key).map_err(|_| {
+        Error::Config(format!(
+            "BROKER_KEY_FILE {} holds no PEM private key",
+            key.display()
+        ))
+    })?;
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Config(format!("TLS: {e}")))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key_der)
+        .map_err(|e| Error::Config(format!("BROKER_KEY_FILE {}: {e}", key.display())))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// The provider the handshake uses: the process's default when one is
+/// installed (tonic's rule), else ring.
+fn provider() -> Arc<CryptoProvider> {
+    CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()))
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, Error> {
@@ -80,12 +121,7 @@ fn check_key(
             key_path.display()
         ))
     })?;
-    // The provider the handshake will use: the process's default when one
-    // is installed (tonic's rule), else ring.
-    let provider = CryptoProvider::get_default()
-        .cloned()
-        .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()));
-    let signing = provider.key_provider.load_private_key(key).map_err(|e| {
+    let signing = provider().key_provider.load_private_key(key).map_err(|e| {
         Error::Config(format!(
             "BROKER_KEY_FILE {}: not a usable key ({e})",
             key_path.display()

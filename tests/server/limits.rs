@@ -763,3 +763,31 @@ async fn a_connection_holds_a_few_health_watches_at_most() {
     drop(watches);
     broker.stop().await;
 }
+
+/// The client crate's watch streams (a cache holds one per secret) go on a
+/// connection of their own: as many as the per-connection limit leave the
+/// client's calls room.
+#[tokio::test]
+async fn the_client_crates_watches_leave_its_calls_room() {
+    use futures::StreamExt;
+
+    let broker = Running::start(|args| {
+        args.max_concurrent_calls_per_connection = Some("4".into());
+    })
+    .await;
+    let client = broker.client().await;
+    let mut watches = Vec::new();
+    for _ in 0..4 {
+        let mut watch = client.watch_secret("mistral-api-key");
+        let first = tokio::time::timeout(Duration::from_secs(5), watch.next())
+            .await
+            .expect("the first event in time")
+            .expect("an event")
+            .expect("not an error");
+        assert_eq!(first.secret.as_str(), Some(MISTRAL));
+        watches.push(watch);
+    }
+    let value = client.get_secret("mistral-api-key").await.unwrap();
+    assert_eq!(value.as_str(), Some(MISTRAL));
+    broker.stop().await;
+}

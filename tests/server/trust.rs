@@ -196,3 +196,40 @@ async fn a_reconnecting_client_is_never_let_in_by_resuming_a_session() {
     }
     broker.stop().await;
 }
+
+/// A service's certificate renewed in place (as cert-manager does) is used
+/// from the next connection on: the client crate reads its TLS files again
+/// for each connection, so when the broker closes the connection of the
+/// expiring certificate the client comes back with the renewed one,
+/// without being made again.
+#[tokio::test]
+async fn the_client_crate_comes_back_with_a_certificate_renewed_in_place() {
+    use secrets_broker_client::{ClientConfig, SecretsClient};
+
+    let pki = Pki::new();
+    let broker = Running::start_tls(&pki, Some(policy(&pki))).await;
+    let files = expiring(&pki, Duration::from_secs(3));
+    let expires = Instant::now() + Duration::from_secs(3);
+    let config = ClientConfig::new(broker.addr.to_string())
+        .with_tls(pki.ca(), &files.cert, &files.key)
+        .with_tls_domain("localhost");
+    let client = SecretsClient::connect(config).await.unwrap();
+    let read = || async { client.get_secret("mistral-api-key").await };
+    assert_eq!(read().await.unwrap().as_str().unwrap(), MISTRAL_VALUE);
+
+    // Renewed: the same files, a certificate valid for an hour.
+    let renewed = expiring(&pki, Duration::from_secs(3600));
+    assert_eq!((renewed.cert, renewed.key), (files.cert, files.key));
+    tokio::time::sleep_until((expires + Duration::from_secs(2)).into()).await;
+    eventually(
+        Duration::from_secs(10),
+        "read with the renewed certificate",
+        || async {
+            read()
+                .await
+                .is_ok_and(|value| value.as_str() == Some(MISTRAL_VALUE))
+        },
+    )
+    .await;
+    broker.stop().await;
+}
