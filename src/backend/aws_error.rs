@@ -45,6 +45,11 @@ pub struct Upstream {
     /// What the environment says about credentials that were not found:
     /// half an access key, or a profile name.
     pub credentials_hint: Option<String>,
+    /// The role-based source the environment sets up (IRSA's token file,
+    /// the container credentials of EKS Pod Identity or ECS), named in
+    /// messages when loading fails: telling a service that runs under a
+    /// role to "use an IAM role" helps nobody.
+    pub role_source: Option<String>,
 }
 
 /// An AWS service the broker calls: its endpoint variable and host.
@@ -101,6 +106,7 @@ impl Upstream {
             endpoint,
             custom_endpoint: custom.is_some(),
             credentials_hint: credentials_hint(env),
+            role_source: role_source(env),
             proxy,
         }
     }
@@ -146,6 +152,52 @@ fn credentials_hint(env: &dyn Fn(&str) -> Option<String>) -> Option<String> {
         )),
         _ => None,
     }
+}
+
+/// The role-based credentials source the environment sets up, if any.
+fn role_source(env: &dyn Fn(&str) -> Option<String>) -> Option<String> {
+    let set = |var: &str| env(var).filter(|v| !v.is_empty());
+    if let Some(file) = set("AWS_WEB_IDENTITY_TOKEN_FILE") {
+        return Some(format!(
+            "web identity (IRSA: AWS_WEB_IDENTITY_TOKEN_FILE={file:?}, AWS_ROLE_ARN); check that \
+             the token file is mounted and the role trusts the service account"
+        ));
+    }
+    [
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    ]
+    .iter()
+    .find_map(|var| set(var).map(|uri| (var, uri)))
+    .map(|(var, uri)| {
+        format!(
+            "container credentials (EKS Pod Identity or ECS: {var}={uri:?}); check that the \
+                 agent runs and an association gives this service account a role"
+        )
+    })
+}
+
+/// The SDK's own words for a credentials failure (a token file missing,
+/// instance metadata refusing), one line and cut short: with a role, the
+/// fix depends on them. No credential is in them: they say why none was
+/// loaded.
+fn credentials_cause(error: &CredentialsError) -> Option<String> {
+    let mut said: Vec<String> = Vec::new();
+    let mut current = error.source();
+    while let Some(cause) = current {
+        let text = cause.to_string();
+        if !said.iter().any(|earlier| earlier.contains(&text)) {
+            said.push(text);
+        }
+        current = cause.source();
+    }
+    let joined = said.join(": ");
+    let line: String = joined
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(200)
+        .collect();
+    (!line.trim().is_empty()).then_some(line)
 }
 
 /// The proxy variable that applies to `endpoint`, unless NO_PROXY exempts
@@ -340,11 +392,15 @@ where
 /// Dispatch and response failures: credentials, connections, names.
 fn explain_chain(error: &(dyn StdError + 'static), upstream: &Upstream) -> StoreError {
     if let Some(credentials) = find::<CredentialsError>(error) {
+        // The SDK reports a profile's failure once; later loads say only
+        // that its error was "already taken": the hint still applies.
+        let again = chain_text(error).contains("already taken");
         let detail = match (&upstream.credentials_hint, credentials) {
             (Some(hint), CredentialsError::CredentialsNotLoaded(_)) => {
                 format!("no AWS credentials found: {hint}")
             }
-            _ => explain_credentials(credentials),
+            (Some(hint), _) if again => format!("no AWS credentials found: {hint}"),
+            _ => explain_credentials(credentials, upstream.role_source.as_deref()),
         };
         return StoreError::Unavailable { detail };
     }
@@ -436,7 +492,11 @@ fn io_reason(chain: &str) -> &'static str {
     }
 }
 
-fn explain_credentials(error: &CredentialsError) -> String {
+fn explain_credentials(error: &CredentialsError, role_source: Option<&str>) -> String {
+    if let Some(source) = role_source {
+        let cause = credentials_cause(error).unwrap_or_else(|| error.to_string());
+        return format!("AWS credentials could not be loaded from {source}: {cause}");
+    }
     // Short: with the log line's own fields, under 300 characters.
     let fix = "set AWS_PROFILE or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or use an IAM \
                role (--dev needs none)";
@@ -456,7 +516,10 @@ fn explain_credentials(error: &CredentialsError) -> String {
                 "loading AWS credentials timed out (instance metadata or a credentials process \
                  did not answer): {fix}"
             ),
-            _ => format!("AWS credentials could not be loaded: {fix}"),
+            _ => match credentials_cause(error) {
+                Some(cause) => format!("AWS credentials could not be loaded ({cause}): {fix}"),
+                None => format!("AWS credentials could not be loaded: {fix}"),
+            },
         },
     }
 }
@@ -1050,6 +1113,55 @@ mod tests {
             ),
             StoreError::Rejected { .. }
         ));
+    }
+
+    #[test]
+    fn a_role_whose_credentials_fail_is_named_with_the_sdks_cause() {
+        let missing = || {
+            CredentialsError::provider_error(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "No such file or directory (os error 2)",
+            ))
+        };
+        let irsa = Upstream::from_env(
+            "us-east-1",
+            &env(&[("AWS_WEB_IDENTITY_TOKEN_FILE", "/var/run/token")]),
+        );
+        let message = explain_chain(&missing(), &irsa).to_string();
+        assert!(
+            message.contains("IRSA")
+                && message.contains("/var/run/token")
+                && message.contains("No such file")
+                && !message.contains("use an IAM role"),
+            "{message}"
+        );
+        let pod_identity = Upstream::from_env(
+            "us-east-1",
+            &env(&[(
+                "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                "http://169.254.170.23/v1/credentials",
+            )]),
+        );
+        let message = explain_chain(&missing(), &pod_identity).to_string();
+        assert!(
+            message.contains("Pod Identity") && message.contains("No such file"),
+            "{message}"
+        );
+        // No role set up: the SDK's words, and the usual fix.
+        let plain = Upstream::from_env("us-east-1", &env(&[]));
+        let message = explain_chain(&missing(), &plain).to_string();
+        assert!(
+            message.contains("No such file") && message.contains("AWS_PROFILE"),
+            "{message}"
+        );
+        assert!(!message.contains('\n'), "{message}");
+        // A profile's failure said again by the SDK as "already taken".
+        let profile = Upstream::from_env("us-east-1", &env(&[("AWS_PROFILE", "nope")]));
+        let taken = CredentialsError::provider_error(std::io::Error::other(
+            "profile file credentials provider initialization error already taken",
+        ));
+        let message = explain_chain(&taken, &profile).to_string();
+        assert!(message.contains("AWS_PROFILE=\"nope\""), "{message}");
     }
 
     #[test]
