@@ -657,12 +657,13 @@ fn log_refusal((name, action): (&str, &str), answer: Answer<'_>) {
         message,
         status,
     } = answer;
-    if REFUSALS.first_in_a_while(name, &format!("{action} {code}")) {
+    let new = REFUSALS.first_in_a_while(name, &format!("{action} {code}"));
+    if let Some(held_back) = new.then(|| REFUSAL_LINES.take()).flatten() {
         // Cut so that the line stays under 300 characters.
         let message = message.chars().take(60).collect::<String>();
         // Not `message`: that is the event's own field, and a JSON line
         // would carry the key twice.
-        tracing::warn!(secret = %name, action, code, status, aws_message = %message.escape_debug(), "AWS refused a request (said again in 10 min)");
+        tracing::warn!(secret = %name, action, code, status, aws_message = %message.escape_debug(), held_back, "AWS refused a request (said again in 10 min)");
     } else {
         tracing::debug!(secret = %name, action, code, status, "AWS refused a request again");
     }
@@ -675,10 +676,62 @@ static REFUSALS: LazyLock<RepeatFilter> = LazyLock::new(|| RepeatFilter::new(REF
 /// How long the same refusal of the same secret stays quiet after its line.
 const REFUSAL_QUIET: Duration = Duration::from_secs(600);
 
+/// At most this many refusal lines a minute, whatever the number of
+/// secrets: a role losing its grant over 200 cached secrets would
+/// otherwise be 400 WARN lines in a second. Past it, refusals go to DEBUG,
+/// and the next line says how many were held back (`held_back`).
+static REFUSAL_LINES: LazyLock<LineBudget> =
+    LazyLock::new(|| LineBudget::new(Duration::from_secs(60), 10));
+
+/// A number of log lines per window; see `REFUSAL_LINES`.
+struct LineBudget {
+    window: Duration,
+    lines: u32,
+    state: Mutex<Spent>,
+}
+
+#[derive(Default)]
+struct Spent {
+    since: Option<Instant>,
+    lines: u32,
+    held_back: u64,
+}
+
+impl LineBudget {
+    fn new(window: Duration, lines: u32) -> Self {
+        Self {
+            window,
+            lines,
+            state: Mutex::new(Spent::default()),
+        }
+    }
+
+    /// `Some(lines held back since the last one written)` when a line may
+    /// be written now; `None` (and it is counted) when not.
+    fn take(&self) -> Option<u64> {
+        let now = Instant::now();
+        let mut spent = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if spent
+            .since
+            .is_none_or(|since| now.duration_since(since) >= self.window)
+        {
+            spent.since = Some(now);
+            spent.lines = 0;
+        }
+        if spent.lines >= self.lines {
+            spent.held_back += 1;
+            return None;
+        }
+        spent.lines += 1;
+        Some(std::mem::take(&mut spent.held_back))
+    }
+}
+
 /// Which (secret, key) pairs (the key: the action and code) were said
-/// within `quiet`; bounded: past
-/// `REMEMBERED` pairs it forgets them all (a line more, never unbounded
-/// memory when AWS refuses many secrets).
+/// within `quiet`; bounded: past `REMEMBERED` pairs it forgets those said
+/// longer ago, and if none are, all of them (lines more, which
+/// `REFUSAL_LINES` still bounds; never unbounded memory when AWS refuses
+/// many secrets).
 struct RepeatFilter {
     quiet: Duration,
     said: Mutex<HashMap<(String, String), Instant>>,
@@ -704,6 +757,9 @@ impl RepeatFilter {
             .is_some_and(|at| now.duration_since(*at) < self.quiet)
         {
             return false;
+        }
+        if said.len() >= REMEMBERED {
+            said.retain(|_, at| now.duration_since(*at) < self.quiet);
         }
         if said.len() >= REMEMBERED {
             said.clear();
@@ -937,6 +993,19 @@ mod tests {
         assert!(!filter.first_in_a_while("insurecove/kms", "DecryptionFailure"));
         assert!(filter.first_in_a_while("insurecove/kms", "ValidationException"));
         assert!(filter.first_in_a_while("insurecove/other", "DecryptionFailure"));
+        // Full: those said long ago make room; the others stay quiet.
+        let full = RepeatFilter::new(Duration::from_millis(300));
+        for n in 0..REMEMBERED / 2 {
+            assert!(full.first_in_a_while(&format!("old/{n}"), "x"));
+        }
+        std::thread::sleep(Duration::from_millis(350));
+        for n in 0..REMEMBERED / 2 {
+            assert!(full.first_in_a_while(&format!("new/{n}"), "x"));
+        }
+        assert!(full.first_in_a_while("one-more", "x"));
+        for n in 0..REMEMBERED / 2 {
+            assert!(!full.first_in_a_while(&format!("new/{n}"), "x"), "{n}");
+        }
         let soon = RepeatFilter::new(Duration::ZERO);
         assert!(soon.first_in_a_while("insurecove/kms", "DecryptionFailure"));
         assert!(soon.first_in_a_while("insurecove/kms", "DecryptionFailure"));
@@ -1162,6 +1231,21 @@ mod tests {
         ));
         let message = explain_chain(&taken, &profile).to_string();
         assert!(message.contains("AWS_PROFILE=\"nope\""), "{message}");
+    }
+
+    #[test]
+    fn refusal_lines_are_bounded_per_window_and_say_what_was_held_back() {
+        let budget = LineBudget::new(Duration::from_millis(300), 3);
+        assert_eq!(budget.take(), Some(0));
+        assert_eq!(budget.take(), Some(0));
+        assert_eq!(budget.take(), Some(0));
+        for _ in 0..400 {
+            assert_eq!(budget.take(), None);
+        }
+        // The window passes: the next line says how many were held back.
+        std::thread::sleep(Duration::from_millis(350));
+        assert_eq!(budget.take(), Some(400));
+        assert_eq!(budget.take(), Some(0));
     }
 
     #[test]
