@@ -27,7 +27,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::StreamExt;
+use futures::{
+    FutureExt, StreamExt,
+    future::{BoxFuture, Shared as SharedFuture},
+};
 use tokio::sync::{broadcast, watch};
 use zeroize::{Zeroize, Zeroizing};
 
@@ -65,6 +68,9 @@ pub struct SecretChange {
     pub version_id: String,
 }
 
+/// A read of the broker that several callers await.
+type SharedRead = SharedFuture<BoxFuture<'static, Result<SecretValue, Error>>>;
+
 /// Secrets in memory, fresh by push; cheap to clone.
 #[derive(Clone)]
 pub struct CachedSecrets {
@@ -79,6 +85,10 @@ struct Shared {
     /// and the config.
     configs: Mutex<HashMap<TypeId, HeldConfig>>,
     changes: broadcast::Sender<SecretChange>,
+    /// Reads from the broker under way, by name, shared by the callers
+    /// that missed it meanwhile. (A read whose callers all went away is
+    /// driven by the next caller of the name.)
+    reading: Mutex<HashMap<String, SharedRead>>,
 }
 
 struct HeldConfig {
@@ -123,6 +133,7 @@ impl SecretsClient {
                 entries: Mutex::new(HashMap::new()),
                 configs: Mutex::new(HashMap::new()),
                 changes,
+                reading: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -131,13 +142,35 @@ impl SecretsClient {
 impl CachedSecrets {
     /// The current version of `name`: from memory when it is held and
     /// vouched for, else from the broker (which then starts holding it).
+    ///
+    /// Callers that miss the same name at once share one read of it: a
+    /// crowd of tasks starting up makes one call, not one each.
     pub async fn get(&self, name: &str) -> Result<SecretValue, Error> {
         if let Some(value) = self.shared.fresh(name) {
             return Ok(value);
         }
-        let value = self.shared.client.get_secret(name).await?;
-        self.shared.hold(name, value.clone());
-        Ok(value)
+        let read = {
+            let mut reading = lock(&self.shared.reading);
+            let read = reading.entry(name.to_owned()).or_insert_with(|| {
+                // Weak: the cache holds the read, which must not hold it.
+                let shared = Arc::downgrade(&self.shared);
+                let (client, name) = (self.shared.client.clone(), name.to_owned());
+                async move {
+                    let result = client.get_secret(&name).await;
+                    if let Some(shared) = shared.upgrade() {
+                        if let Ok(value) = &result {
+                            shared.hold(&name, value.clone());
+                        }
+                        lock(&shared.reading).remove(&name);
+                    }
+                    result
+                }
+                .boxed()
+                .shared()
+            });
+            read.clone()
+        };
+        read.await
     }
 
     /// A typed config (JWT, database...) at its default name, decoded by
@@ -199,7 +232,14 @@ impl CachedSecrets {
         Ok(config)
     }
 
-    /// Changes of the held secrets, from now on.
+    /// Changes of the held secrets, from now on: rotations, deletions,
+    /// restorations. A name that stops being held is not told here: one
+    /// evicted (`max_entries`), or one whose stream the broker ended for
+    /// good (access revoked by its policy, the secret gone) is dropped,
+    /// and its next read asks the broker and returns its answer (the
+    /// error, then). The channel holds the last 64 changes for a receiver
+    /// that falls behind; past them its `recv` returns `Lagged(n)`: read
+    /// the secrets you depend on again.
     pub fn changes(&self) -> broadcast::Receiver<SecretChange> {
         self.shared.changes.subscribe()
     }

@@ -31,3 +31,34 @@ async fn the_second_read_is_a_cache_hit() {
     drop(raw);
     broker.stop().await;
 }
+
+/// The client crate's cache: tasks that miss the same name at once share
+/// one read of the broker (a service starting up would otherwise send one
+/// call per task).
+#[tokio::test]
+async fn a_crowd_missing_one_name_in_the_client_cache_makes_one_call() {
+    let broker = Running::start(|args| {
+        args.metrics_listen = Some("127.0.0.1:0".into());
+    })
+    .await;
+    let secrets = broker
+        .client()
+        .await
+        .cached(secrets_broker_client::CacheLimits::default());
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..100 {
+        let secrets = secrets.clone();
+        tasks.spawn(async move { secrets.get("mistral-api-key").await });
+    }
+    while let Some(done) = tasks.join_next().await {
+        let value = done.unwrap().unwrap();
+        assert_eq!(value.as_str(), Some("dev-mistral-key-NOT-A-REAL-KEY-0000"));
+    }
+    let metrics = broker.metrics().await;
+    let calls = crate::harness::sample(
+        &metrics,
+        r#"secretsbroker_calls_total{rpc="GetSecret",code="OK"}"#,
+    );
+    assert_eq!(calls, Some(1.0), "GetSecret calls");
+    broker.stop().await;
+}
