@@ -7,13 +7,14 @@
 //! ```sh
 //! cargo run --release --example loadgen -- make-pki DIR
 //! cargo run --release --example loadgen -- run --addr 127.0.0.1:50151 --rpc get \
-//!     --connections 8 --streams 8 --requests 40000 [--tls DIR]
+//!     --connections 8 --streams 8 --requests 40000 [--tls DIR] [--split-writes]
 //! ```
 //!
-//! `run` prints one line: `rate CALLS_PER_SECOND`, and with `--server-pid
-//! PID` also `cpu_us MICROSECONDS`, the server's CPU time per call over
-//! the same window (after the warm-up, so that TLS handshakes are not
-//! counted as per-call work). With `--tls DIR` it presents `DIR/bench.pem`
+//! `run` prints one line: `rate CALLS_PER_SECOND`, with `--server-pid PID`
+//! `cpu_us MICROSECONDS`, the server's CPU time per call over the same
+//! window (after the warm-up, so that TLS handshakes are not counted as
+//! per-call work), and `writes_per_call`, the writes the client made per
+//! call (see `OneWritePerCall`; below 1 when calls share writes). With `--tls DIR` it presents `DIR/bench.pem`
 //! and trusts `DIR/ca.pem` (as `make-pki` writes them, with the server's
 //! certificate and a policy for the broker). `--before-calls COMMAND` runs
 //! a shell command after the warm-up and before the calls (the benchmark
@@ -21,16 +22,20 @@
 
 use std::{
     path::{Path, PathBuf},
+    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
+    task::{Context, Poll, ready},
     time::Instant,
 };
 
 use clap::{Parser, Subcommand, ValueEnum};
+use hyper_util::rt::TokioIo;
 use secrets_broker::proto::{GetSecretRequest, secrets_service_client::SecretsServiceClient};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 #[path = "../tests/support/pki.rs"]
@@ -78,6 +83,10 @@ struct Load {
     /// A shell command run after the warm-up, before the calls.
     #[arg(long)]
     before_calls: Option<String>,
+    /// Write each HTTP/2 frame as tonic's client does (a unary call's
+    /// HEADERS and DATA in two writes), not a call in one write as grpcio.
+    #[arg(long)]
+    split_writes: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -132,6 +141,7 @@ async fn run(load: Load) -> Result<(), Box<dyn std::error::Error>> {
     }
     let remaining = Arc::new(AtomicUsize::new(load.requests));
     let cpu_before = load.server_pid.map(cpu_time).transpose()?;
+    let writes_before = WRITES.load(Ordering::Relaxed);
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for channel in &channels {
@@ -150,13 +160,15 @@ async fn run(load: Load) -> Result<(), Box<dyn std::error::Error>> {
         done??;
     }
     let rate = load.requests as f64 / started.elapsed().as_secs_f64();
+    let calls = load.requests.max(1) as f64;
+    let writes = (WRITES.load(Ordering::Relaxed) - writes_before) as f64 / calls;
     match (load.server_pid, cpu_before) {
         (Some(pid), Some(before)) => {
             let spent = cpu_time(pid)?.saturating_sub(before);
-            let per_call_us = spent.as_secs_f64() * 1e6 / load.requests.max(1) as f64;
-            println!("rate {rate:.0} cpu_us {per_call_us:.1}");
+            let per_call_us = spent.as_secs_f64() * 1e6 / calls;
+            println!("rate {rate:.0} cpu_us {per_call_us:.1} writes_per_call {writes:.2}");
         }
-        _ => println!("rate {rate:.0}"),
+        _ => println!("rate {rate:.0} writes_per_call {writes:.2}"),
     }
     Ok(())
 }
@@ -186,25 +198,164 @@ fn take_one(remaining: &AtomicUsize) -> bool {
         .is_ok()
 }
 
-/// One HTTP/2 connection per channel (tonic multiplexes its streams).
+/// One HTTP/2 connection per channel (tonic multiplexes its streams),
+/// through [`OneWritePerCall`] unless `--split-writes`. TLS is made here
+/// rather than by tonic so that the wrapper sits above it and a call's
+/// frames go into one TLS record.
 async fn connect(load: &Load) -> Result<Vec<Channel>, Box<dyn std::error::Error>> {
-    let scheme = if load.tls.is_some() { "https" } else { "http" };
-    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{}", load.addr))?;
-    if let Some(dir) = &load.tls {
-        let tls = ClientTlsConfig::new()
-            .domain_name("localhost")
-            .ca_certificate(Certificate::from_pem(std::fs::read(dir.join("ca.pem"))?))
-            .identity(Identity::from_pem(
-                std::fs::read(dir.join("bench.pem"))?,
-                std::fs::read(dir.join("bench-key.pem"))?,
-            ));
-        endpoint = endpoint.tls_config(tls)?;
-    }
+    let tls = match &load.tls {
+        Some(dir) => Some(tls_connector(dir)?),
+        None => None,
+    };
+    let endpoint = Endpoint::from_shared(format!("http://{}", load.addr))?;
+    let (addr, split_writes) = (load.addr.clone(), load.split_writes);
     let mut channels = Vec::with_capacity(load.connections);
     for _ in 0..load.connections {
-        channels.push(endpoint.connect().await?);
+        let (addr, tls) = (addr.clone(), tls.clone());
+        let connector = tower::service_fn(move |_: http::Uri| {
+            let (addr, tls) = (addr.clone(), tls.clone());
+            async move {
+                let tcp = tokio::net::TcpStream::connect(&addr).await?;
+                tcp.set_nodelay(true)?;
+                let io: Box<dyn Io> = match tls {
+                    Some(tls) => {
+                        let name = rustls::pki_types::ServerName::try_from("localhost")
+                            .expect("a valid DNS name");
+                        Box::new(tls.connect(name, tcp).await?)
+                    }
+                    None => Box::new(tcp),
+                };
+                Ok::<_, std::io::Error>(TokioIo::new(OneWritePerCall::new(io, split_writes)))
+            }
+        });
+        channels.push(endpoint.connect_with_connector(connector).await?);
     }
     Ok(channels)
+}
+
+/// A byte stream h2 can run over: TCP, or TLS over TCP.
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// Presents `DIR/bench.pem` and trusts `DIR/ca.pem`, offering h2 by ALPN
+/// as tonic's own TLS would.
+fn tls_connector(dir: &Path) -> Result<tokio_rustls::TlsConnector, Box<dyn std::error::Error>> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(dir.join("ca.pem"))? {
+        roots.add(ca?)?;
+    }
+    let chain =
+        CertificateDer::pem_file_iter(dir.join("bench.pem"))?.collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(dir.join("bench-key.pem"))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// Writes what h2 has for the socket once per turn of the runtime, as
+/// grpcio's client writes a unary call (HEADERS, DATA and END_STREAM in
+/// one `sendmsg`). tonic's client on its own writes a call twice: h2 gives
+/// a new stream flow-control capacity only once its HEADERS are out, so
+/// HEADERS are flushed before the DATA is even queued. Under TLS that is
+/// two records to encrypt here and two to decrypt in the broker per call,
+/// where grpcio sends one; the broker would be measured against a client
+/// our users do not run.
+///
+/// So a flush is put off once: the connection's task yields, the call's
+/// body task queues its DATA, and the next flush writes both in one
+/// write. Reads pass through.
+struct OneWritePerCall<IO> {
+    io: IO,
+    /// Written by h2 and not yet handed to `io`.
+    pending: Vec<u8>,
+    /// This flush has already been put off once.
+    yielded: bool,
+    /// `--split-writes`: hand every write to `io` at once, as tonic does.
+    split_writes: bool,
+}
+
+/// Past this many bytes held, writes go through without waiting for a
+/// flush (a large message needs no help to fill its records).
+const MAX_PENDING: usize = 64 * 1024;
+
+/// Writes handed to the sockets (or their TLS streams) by every
+/// connection, so that the run can say how many a call took.
+static WRITES: AtomicUsize = AtomicUsize::new(0);
+
+impl<IO: AsyncWrite + Unpin> OneWritePerCall<IO> {
+    fn new(io: IO, split_writes: bool) -> Self {
+        Self {
+            io,
+            pending: Vec::new(),
+            yielded: false,
+            split_writes,
+        }
+    }
+
+    /// Hands everything pending to `io`.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while !self.pending.is_empty() {
+            let written = ready!(Pin::new(&mut self.io).poll_write(cx, &self.pending))?;
+            WRITES.fetch_add(1, Ordering::Relaxed);
+            if written == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.pending.drain(..written);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for OneWritePerCall<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for OneWritePerCall<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if self.split_writes {
+            let written = ready!(Pin::new(&mut self.io).poll_write(cx, buf))?;
+            WRITES.fetch_add(1, Ordering::Relaxed);
+            return Poll::Ready(Ok(written));
+        }
+        if self.pending.len() >= MAX_PENDING {
+            ready!(self.poll_drain(cx))?;
+        }
+        self.pending.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if !self.pending.is_empty() && !self.yielded {
+            // Woken now, run after the tasks already woken: the call's
+            // body task among them.
+            self.yielded = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        ready!(self.poll_drain(cx))?;
+        self.yielded = false;
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        ready!(self.poll_drain(cx))?;
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 async fn call(load: &Load, channel: Channel) -> Result<(), tonic::Status> {

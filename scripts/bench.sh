@@ -18,7 +18,9 @@
 #   mtls  the dev backend plaintext and under mutual TLS, the same client
 #         (examples/loadgen.rs, a tonic client; h2load cannot present a
 #         client certificate) on warm connections: GetSecret's rate under
-#         mTLS against plaintext, and Health/Check for reference.
+#         mTLS against plaintext, and Health/Check for reference. The
+#         client writes each call in one write (one TLS record), as grpcio
+#         does; it prints how many writes a call took.
 #   instructions
 #         brokers under valgrind's callgrind: the broker's user-space
 #         instructions per call, GetSecret against Health/Check (h2load,
@@ -367,6 +369,16 @@ if [[ " $PARTS " == *" mtls "* ]]; then
   lg_health_plain() { loadgen_run "$plain_pid" "$plain_port" health "$@"; }
   lg_get_plain() { loadgen_run "$plain_pid" "$plain_port" get "$@"; }
   lg_get_tls() { loadgen_run "$tls_pid" "$tls_port" get "$@" "$work/pki"; }
+  # The generator writes each call once, as grpcio does (see OneWritePerCall
+  # in examples/loadgen.rs); say how many writes a call took.
+  for shape in $SHAPES; do
+    clients=${shape%x*}; streams=${shape#*x}
+    printf 'mtls  %5s load generator writes per call: plaintext %s, mTLS %s\n' "$shape" \
+      "$("$LOADGEN" run --addr "127.0.0.1:$plain_port" --rpc get --connections "$clients" \
+        --streams "$streams" --requests 2000 | awk '{print $4}')" \
+      "$("$LOADGEN" run --addr "127.0.0.1:$tls_port" --rpc get --connections "$clients" \
+        --streams "$streams" --requests 2000 --tls "$work/pki" | awk '{print $4}')"
+  done
   compare plain Health/Check GetSecret lg_health_plain lg_get_plain
   compare mtls GetSecret-plaintext GetSecret-mTLS lg_get_plain lg_get_tls
   kill "$plain_pid" "$tls_pid"; wait "$plain_pid" "$tls_pid" 2>/dev/null || true
