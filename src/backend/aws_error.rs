@@ -436,6 +436,15 @@ fn explain_chain(error: &(dyn StdError + 'static), upstream: &Upstream) -> Store
                 upstream.via()
             )
         }
+    } else if !upstream.custom_endpoint && !looks_like_a_region(&upstream.region) {
+        // A name such as `us_east_1` makes a host name no connection can
+        // be made to, before any DNS answer.
+        format!(
+            "region {:?} looks unknown: {} cannot be reached{}; check AWS_DEFAULT_REGION or --region",
+            upstream.region,
+            upstream.endpoint,
+            upstream.via()
+        )
     } else if let Some((proxy, var)) = &upstream.proxy {
         format!(
             "cannot reach AWS at {} through the proxy {proxy} ({var}): {}; check {var} and NO_PROXY",
@@ -479,7 +488,13 @@ fn proxy_hint(upstream: &Upstream) -> &'static str {
 
 /// The few words that say why a connection failed.
 fn io_reason(chain: &str) -> &'static str {
-    if chain.contains("refused") {
+    if chain.contains("proxy authorization required") {
+        "the proxy asked for authentication (HTTP 407): give its user and password in the \
+         proxy URL (http://user:password@host:port)"
+    } else if chain.contains("tunnel error") {
+        "the proxy refused to open a tunnel to AWS (CONNECT not answered 200): check that it \
+         lets this host reach AWS's endpoint"
+    } else if chain.contains("refused") {
         "connection refused"
     } else if chain.contains("reset") {
         "connection reset"
@@ -626,7 +641,11 @@ pub(super) fn explain_code(answer: Answer<'_>, action: &str, secret: &str) -> St
         _ => refused(
             (&name, action),
             answer,
-            format!("AWS answered {code} (HTTP {status})"),
+            format!(
+                "AWS answered {code} (HTTP {status}) to {action}; AWS's words are in the \
+                 broker's log: a request the broker should not have made, or an endpoint that \
+                 is not AWS's (AWS_ENDPOINT_URL)"
+            ),
         ),
     }
 }
@@ -772,6 +791,12 @@ impl RepeatFilter {
 /// An answer the broker has no meaning for: a server error, or a status
 /// with no AWS error code (a proxy or load balancer answering for AWS).
 fn unrecognised(code: &str, status: u16) -> String {
+    if code.is_empty() && status == 407 {
+        return "a proxy between the broker and AWS asked for authentication (HTTP 407): give \
+                its user and password in HTTP_PROXY/HTTPS_PROXY (http://user:password@host:port); \
+                it is retried"
+            .to_owned();
+    }
     let who = if code.is_empty() {
         format!("HTTP {status} with no AWS error code (a proxy or load balancer in between?)")
     } else {
@@ -1231,6 +1256,53 @@ mod tests {
         ));
         let message = explain_chain(&taken, &profile).to_string();
         assert!(message.contains("AWS_PROFILE=\"nope\""), "{message}");
+    }
+
+    #[test]
+    fn proxies_refusing_and_odd_regions_are_named() {
+        let proxied = Upstream::from_env(
+            "us-east-1",
+            &env(&[("HTTPS_PROXY", "http://127.0.0.1:3128")]),
+        );
+        let tunnel = |words: &str| {
+            explain_chain(
+                &std::io::Error::other(format!("client error (Connect): tunnel error: {words}")),
+                &proxied,
+            )
+            .to_string()
+        };
+        let message = tunnel("proxy authorization required");
+        assert!(
+            message.contains("HTTP 407") && message.contains("user:password"),
+            "{message}"
+        );
+        let message = tunnel("unsuccessful");
+        assert!(message.contains("refused to open a tunnel"), "{message}");
+        // A proxied plain-HTTP request answered 407 by the proxy.
+        let message = explain_code(answer("", "", 407), "GetSecretValue", "x").to_string();
+        assert!(
+            message.contains("asked for authentication") && message.contains("HTTP_PROXY"),
+            "{message}"
+        );
+        // A region no host name can be made of: said before any DNS answer.
+        let odd = Upstream::from_env("us_east_1", &env(&[]));
+        let message =
+            explain_chain(&std::io::Error::other("client error (Connect)"), &odd).to_string();
+        assert!(
+            message.contains("region \"us_east_1\" looks unknown"),
+            "{message}"
+        );
+        // A 4xx code the broker has no meaning for: where to look.
+        let message = explain_code(
+            answer("InvalidParameterException", "bad param", 400),
+            "GetSecretValue",
+            "insurecove/odd-parameter",
+        )
+        .to_string();
+        assert!(
+            message.contains("broker's log") && !message.contains("bad param"),
+            "{message}"
+        );
     }
 
     #[test]
