@@ -25,10 +25,20 @@ pub enum CheckError {
     Tls(#[from] TlsError),
     #[error("the server certificate expires in {days} days ({not_after}); renew it")]
     ExpiresSoon { days: u64, not_after: String },
-    #[error("upstream: {0}")]
+    #[error("upstream: {}", without_retry_note(.0))]
     Upstream(crate::backend::StoreError),
     #[error("events: {0}")]
     Events(String),
+}
+
+/// A store error's message for `check`, which exits rather than retries:
+/// without the "it is retried" the broker's own messages end with.
+fn without_retry_note(error: &crate::backend::StoreError) -> String {
+    let message = error.to_string();
+    match message.strip_suffix("; it is retried") {
+        Some(shorter) => shorter.to_owned(),
+        None => message,
+    }
 }
 
 /// Runs every check; on success, the lines to print.
@@ -150,4 +160,21 @@ async fn none_under_the_prefix(
              (AWS_DEFAULT_REGION wins when both are set); else check SECRET_PREFIX"
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checks_messages_do_not_promise_a_retry() {
+        let error = CheckError::Upstream(crate::backend::StoreError::Unavailable {
+            detail: "AWS answered HTTP 502 with no AWS error code; it is retried".into(),
+        });
+        let message = error.to_string();
+        assert!(
+            message.starts_with("upstream: ") && message.ends_with("no AWS error code"),
+            "{message}"
+        );
+    }
 }
