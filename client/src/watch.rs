@@ -78,7 +78,8 @@ impl WatchStream {
     /// Why the last attempt to open the stream, or the last open stream,
     /// failed (broker unreachable, TLS refused, the broker restarting...):
     /// the stream is retried after such failures, so they are not events.
-    /// Set before `connected` turns `false`.
+    /// Set before `connected` turns `false`. Once the stream has ended
+    /// with an error (not found, access denied), that error.
     pub fn last_failure(&self) -> Option<Error> {
         lock(&self.failure).clone()
     }
@@ -233,8 +234,10 @@ impl Follower {
     async fn fail(&self, status: tonic::Status) -> Ended {
         let retry = retried(&status);
         let error = Error::from_call(status, &self.origin.endpoint, self.origin.tls);
+        // Kept either way: after a final error, an earlier retried one
+        // would be the wrong answer to "why".
+        *lock(&self.failure) = Some(error.clone());
         if retry {
-            *lock(&self.failure) = Some(error);
             return Ended::Broken;
         }
         let _ = self.events.send(Err(error)).await;

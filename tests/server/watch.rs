@@ -287,3 +287,28 @@ async fn a_secret_marked_for_deletion_is_watched_until_it_is_restored() {
     drop((streams, raw));
     broker.stop().await;
 }
+
+/// A client crate watch that ends with an error keeps that error as its
+/// last failure (not an earlier, retried one, nor none).
+#[tokio::test]
+async fn a_client_watch_ended_by_an_error_keeps_it_as_its_last_failure() {
+    use futures::StreamExt;
+
+    let broker = Running::start(|_| {}).await;
+    let client = broker.client().await;
+    let mut watch = client.watch_secret("no-such-secret");
+    let ended = tokio::time::timeout(Duration::from_secs(5), watch.next())
+        .await
+        .expect("an answer in time")
+        .expect("an item");
+    let Err(error) = ended else {
+        panic!("an event for a secret that does not exist: {ended:?}");
+    };
+    assert!(
+        matches!(error, secrets_broker_client::Error::NotFound { .. }),
+        "{error:?}"
+    );
+    let kept = watch.last_failure().expect("the error is kept");
+    assert_eq!(kept.to_string(), error.to_string());
+    broker.stop().await;
+}
