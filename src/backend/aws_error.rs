@@ -169,18 +169,20 @@ fn role_source(env: &dyn Fn(&str) -> Option<String>) -> Option<String> {
     ]
     .iter()
     .find_map(|var| set(var).map(|uri| (var, uri)))
-    .map(|(var, uri)| {
+    // The variable, not its URI: a full URI may carry a user or token.
+    .map(|(var, _)| {
         format!(
-            "container credentials (EKS Pod Identity or ECS: {var}={uri:?}); check that the \
-                 agent runs and an association gives this service account a role"
+            "container credentials (EKS Pod Identity or ECS: {var}); check that the agent \
+             runs and an association gives this service account a role"
         )
     })
 }
 
 /// The SDK's own words for a credentials failure (a token file missing,
 /// instance metadata refusing), one line and cut short: with a role, the
-/// fix depends on them. No credential is in them: they say why none was
-/// loaded.
+/// fix depends on them. Only used when a role's source is set up, and
+/// never words that carry a process's output: a `credential_process`
+/// failure quotes the process's stderr, which may hold a token.
 fn credentials_cause(error: &CredentialsError) -> Option<String> {
     let mut said: Vec<String> = Vec::new();
     let mut current = error.source();
@@ -192,6 +194,14 @@ fn credentials_cause(error: &CredentialsError) -> Option<String> {
         current = cause.source();
     }
     let joined = said.join(": ");
+    let lower = joined.to_ascii_lowercase();
+    // A profile file's parse error may point into the credentials file.
+    if ["stderr", "process", "profile"]
+        .iter()
+        .any(|word| lower.contains(word))
+    {
+        return None;
+    }
     let line: String = joined
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
@@ -471,8 +481,9 @@ fn explain_chain(error: &(dyn StdError + 'static), upstream: &Upstream) -> Store
 /// likely a network or DNS problem than a wrong region.
 fn looks_like_a_region(region: &str) -> bool {
     let parts: Vec<&str> = region.split('-').collect();
+    // Two letters in most partitions; four in some (`eusc-de-east-1`).
     parts.len() >= 3
-        && parts[0].len() == 2
+        && (2..=4).contains(&parts[0].len())
         && parts
             .iter()
             .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric()))
@@ -531,7 +542,10 @@ fn explain_credentials(error: &CredentialsError, role_source: Option<&str>) -> S
                 "loading AWS credentials timed out (instance metadata or a credentials process \
                  did not answer): {fix}"
             ),
-            _ => match credentials_cause(error) {
+            // Instance metadata's own words (refused, no role attached)
+            // say what to fix on the instance.
+            _ => match credentials_cause(error).filter(|c| c.to_ascii_lowercase().contains("imds"))
+            {
                 Some(cause) => format!("AWS credentials could not be loaded ({cause}): {fix}"),
                 None => format!("AWS credentials could not be loaded: {fix}"),
             },
@@ -676,15 +690,18 @@ fn log_refusal((name, action): (&str, &str), answer: Answer<'_>) {
         message,
         status,
     } = answer;
-    let new = REFUSALS.first_in_a_while(name, &format!("{action} {code}"));
-    if let Some(held_back) = new.then(|| REFUSAL_LINES.take()).flatten() {
+    // A refusal the budget holds back is not marked said: its line comes
+    // once the budget allows, not ten minutes later.
+    let line = REFUSALS.say_if_new(name, &format!("{action} {code}"), || REFUSAL_LINES.take());
+    if let Some(held_back) = line {
         // Cut so that the line stays under 300 characters.
         let message = message.chars().take(60).collect::<String>();
         // Not `message`: that is the event's own field, and a JSON line
         // would carry the key twice.
         tracing::warn!(secret = %name, action, code, status, aws_message = %message.escape_debug(), held_back, "AWS refused a request (said again in 10 min)");
     } else {
-        tracing::debug!(secret = %name, action, code, status, "AWS refused a request again");
+        let message = message.chars().take(60).collect::<String>();
+        tracing::debug!(secret = %name, action, code, status, aws_message = %message.escape_debug(), "AWS refused a request again");
     }
 }
 
@@ -699,52 +716,8 @@ const REFUSAL_QUIET: Duration = Duration::from_secs(600);
 /// secrets: a role losing its grant over 200 cached secrets would
 /// otherwise be 400 WARN lines in a second. Past it, refusals go to DEBUG,
 /// and the next line says how many were held back (`held_back`).
-static REFUSAL_LINES: LazyLock<LineBudget> =
-    LazyLock::new(|| LineBudget::new(Duration::from_secs(60), 10));
-
-/// A number of log lines per window; see `REFUSAL_LINES`.
-struct LineBudget {
-    window: Duration,
-    lines: u32,
-    state: Mutex<Spent>,
-}
-
-#[derive(Default)]
-struct Spent {
-    since: Option<Instant>,
-    lines: u32,
-    held_back: u64,
-}
-
-impl LineBudget {
-    fn new(window: Duration, lines: u32) -> Self {
-        Self {
-            window,
-            lines,
-            state: Mutex::new(Spent::default()),
-        }
-    }
-
-    /// `Some(lines held back since the last one written)` when a line may
-    /// be written now; `None` (and it is counted) when not.
-    fn take(&self) -> Option<u64> {
-        let now = Instant::now();
-        let mut spent = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if spent
-            .since
-            .is_none_or(|since| now.duration_since(since) >= self.window)
-        {
-            spent.since = Some(now);
-            spent.lines = 0;
-        }
-        if spent.lines >= self.lines {
-            spent.held_back += 1;
-            return None;
-        }
-        spent.lines += 1;
-        Some(std::mem::take(&mut spent.held_back))
-    }
-}
+static REFUSAL_LINES: LazyLock<crate::telemetry::LineBudget> =
+    LazyLock::new(|| crate::telemetry::LineBudget::new(Duration::from_secs(60), 10));
 
 /// Which (secret, key) pairs (the key: the action and code) were said
 /// within `quiet`; bounded: past `REMEMBERED` pairs it forgets those said
@@ -767,7 +740,19 @@ impl RepeatFilter {
     }
 
     /// Whether this pair was not said within `quiet` (it counts as said now).
+    #[cfg(test)]
     fn first_in_a_while(&self, secret: &str, code: &str) -> bool {
+        self.say_if_new(secret, code, || Some(())).is_some()
+    }
+
+    /// When this pair was not said within `quiet`, `line()`: what it
+    /// gives, if anything, counts as said now.
+    fn say_if_new<T>(
+        &self,
+        secret: &str,
+        code: &str,
+        line: impl FnOnce() -> Option<T>,
+    ) -> Option<T> {
         let now = Instant::now();
         let mut said = self.said.lock().unwrap_or_else(|e| e.into_inner());
         let key = (secret.to_owned(), code.to_owned());
@@ -775,8 +760,9 @@ impl RepeatFilter {
             .get(&key)
             .is_some_and(|at| now.duration_since(*at) < self.quiet)
         {
-            return false;
+            return None;
         }
+        let said_now = line()?;
         if said.len() >= REMEMBERED {
             said.retain(|_, at| now.duration_since(*at) < self.quiet);
         }
@@ -784,7 +770,7 @@ impl RepeatFilter {
             said.clear();
         }
         said.insert(key, now);
-        true
+        Some(said_now)
     }
 }
 
@@ -1019,11 +1005,11 @@ mod tests {
         assert!(filter.first_in_a_while("insurecove/kms", "ValidationException"));
         assert!(filter.first_in_a_while("insurecove/other", "DecryptionFailure"));
         // Full: those said long ago make room; the others stay quiet.
-        let full = RepeatFilter::new(Duration::from_millis(300));
+        let full = RepeatFilter::new(Duration::from_secs(2));
         for n in 0..REMEMBERED / 2 {
             assert!(full.first_in_a_while(&format!("old/{n}"), "x"));
         }
-        std::thread::sleep(Duration::from_millis(350));
+        std::thread::sleep(Duration::from_millis(2100));
         for n in 0..REMEMBERED / 2 {
             assert!(full.first_in_a_while(&format!("new/{n}"), "x"));
         }
@@ -1031,6 +1017,11 @@ mod tests {
         for n in 0..REMEMBERED / 2 {
             assert!(!full.first_in_a_while(&format!("new/{n}"), "x"), "{n}");
         }
+        // A line held back (over budget) does not count as said.
+        let filter = RepeatFilter::new(Duration::from_secs(600));
+        assert_eq!(filter.say_if_new("held", "x", || None::<()>), None);
+        assert_eq!(filter.say_if_new("held", "x", || Some(())), Some(()));
+        assert_eq!(filter.say_if_new("held", "x", || Some(())), None);
         let soon = RepeatFilter::new(Duration::ZERO);
         assert!(soon.first_in_a_while("insurecove/kms", "DecryptionFailure"));
         assert!(soon.first_in_a_while("insurecove/kms", "DecryptionFailure"));
@@ -1241,13 +1232,24 @@ mod tests {
             message.contains("Pod Identity") && message.contains("No such file"),
             "{message}"
         );
-        // No role set up: the SDK's words, and the usual fix.
+        // No role set up: the usual fix; instance metadata's words too.
         let plain = Upstream::from_env("us-east-1", &env(&[]));
         let message = explain_chain(&missing(), &plain).to_string();
-        assert!(
-            message.contains("No such file") && message.contains("AWS_PROFILE"),
-            "{message}"
-        );
+        assert!(message.contains("AWS_PROFILE"), "{message}");
+        let imds = CredentialsError::provider_error(std::io::Error::other(
+            "failed to load IMDS session token: request forbidden",
+        ));
+        let message = explain_chain(&imds, &plain).to_string();
+        assert!(message.contains("request forbidden"), "{message}");
+        // A credential process's output is never quoted (it may hold a
+        // token), role or not.
+        let process = CredentialsError::provider_error(std::io::Error::other(
+            "Error retrieving credentials: process exited with code 1. Stderr: token hvs.SECRET expired",
+        ));
+        for upstream in [&plain, &irsa] {
+            let message = explain_chain(&process, upstream).to_string();
+            assert!(!message.contains("hvs.SECRET"), "{message}");
+        }
         assert!(!message.contains('\n'), "{message}");
         // A profile's failure said again by the SDK as "already taken".
         let profile = Upstream::from_env("us-east-1", &env(&[("AWS_PROFILE", "nope")]));
@@ -1303,21 +1305,6 @@ mod tests {
             message.contains("broker's log") && !message.contains("bad param"),
             "{message}"
         );
-    }
-
-    #[test]
-    fn refusal_lines_are_bounded_per_window_and_say_what_was_held_back() {
-        let budget = LineBudget::new(Duration::from_millis(300), 3);
-        assert_eq!(budget.take(), Some(0));
-        assert_eq!(budget.take(), Some(0));
-        assert_eq!(budget.take(), Some(0));
-        for _ in 0..400 {
-            assert_eq!(budget.take(), None);
-        }
-        // The window passes: the next line says how many were held back.
-        std::thread::sleep(Duration::from_millis(350));
-        assert_eq!(budget.take(), Some(400));
-        assert_eq!(budget.take(), Some(0));
     }
 
     #[test]

@@ -27,7 +27,10 @@ use std::io::{self, IsTerminal, Write};
 use tracing_subscriber::{EnvFilter, fmt::MakeWriter};
 
 pub mod audit;
+mod line_budget;
 mod writer;
+
+pub(crate) use line_budget::LineBudget;
 
 /// Keeps the writer thread alive; dropping it writes out what is pending.
 #[must_use = "dropping the guard stops the log writer"]
