@@ -15,7 +15,8 @@
 //! Each backoff is said in the log when it starts, with its cause, and
 //! when it ends. A start within a minute of the last WARN is said at INFO
 //! (an upstream slow on and off is not a WARN pair each time, nor
-//! silent). A backoff started by a read that was only slow (the SDK still
+//! silent), at most 10 a minute (past them at DEBUG, the next INFO start
+//! counting them in `held_back`). A backoff started by a read that was only slow (the SDK still
 //! retrying) says the real cause once a read fails with one, e.g.
 //! throttling.
 
@@ -28,6 +29,8 @@ use std::{
 };
 
 use tokio::time::Instant;
+
+use crate::telemetry::LineBudget;
 
 /// The first backoff after a failure.
 const FIRST: Duration = Duration::from_millis(500);
@@ -54,6 +57,20 @@ pub struct Backoff {
     announced_at_warn: AtomicBool,
     /// A failure's own cause (not only slowness) was logged in this backoff.
     cause_said: AtomicBool,
+    /// This backoff's start was said at INFO or WARN: its end is too.
+    end_to_say: AtomicBool,
+    /// Starts said at INFO (within `WARN_EVERY` of a WARN): an upstream
+    /// failing and answering in turns must not fill the log with them.
+    info_starts: InfoStarts,
+}
+
+/// At most 10 INFO starts a minute.
+struct InfoStarts(LineBudget);
+
+impl Default for InfoStarts {
+    fn default() -> Self {
+        Self(LineBudget::new(WARN_EVERY, 10))
+    }
 }
 
 /// The least time between two WARN lines of a backoff's start.
@@ -119,7 +136,8 @@ impl Backoff {
         if until.take().is_some() {
             let failures = self.failures.load(Relaxed);
             self.cause_said.store(false, Relaxed);
-            if self.announced.swap(false, Relaxed) {
+            let announced = self.announced.swap(false, Relaxed);
+            if self.end_to_say.swap(false, Relaxed) && announced {
                 tracing::info!(
                     failures,
                     "reads of the upstream answer again; backoff ended"
@@ -162,8 +180,12 @@ impl Backoff {
             let failures = self.failures.fetch_add(1, Relaxed).saturating_add(1);
             *until = Some(now + backoff_for(failures));
         }
+        // Said under the lock: a success in between would end the
+        // backoff before its start is said, and the start's flags would
+        // outlive it (the next outage then said nothing).
+        let said = self.say(cause, own_cause);
         drop(until);
-        self.say(cause, own_cause)
+        said
     }
 
     fn say(&self, cause: &dyn std::fmt::Display, own_cause: bool) -> Option<Said> {
@@ -172,6 +194,7 @@ impl Backoff {
             let mut warned_at = self.warned_at.lock().unwrap_or_else(|e| e.into_inner());
             let warn = warned_at.is_none_or(|at| at.elapsed() >= WARN_EVERY);
             self.announced_at_warn.store(warn, Relaxed);
+            self.end_to_say.store(true, Relaxed);
             if warn {
                 *warned_at = Some(Instant::now());
                 tracing::warn!(
@@ -179,14 +202,20 @@ impl Backoff {
                     "reads of the upstream are slow or failing; serving cached values while backing off"
                 );
                 Some(Said::Started { warn: true })
-            } else {
+            } else if let Some(held_back) = self.info_starts.0.take() {
                 tracing::info!(
                     error = %cause,
+                    held_back,
                     "reads of the upstream are slow or failing again; serving cached values while backing off"
                 );
                 Some(Said::Started { warn: false })
+            } else {
+                self.end_to_say.store(false, Relaxed);
+                tracing::debug!(error = %cause, "reads of the upstream are slow or failing again; backing off");
+                None
             }
-        } else if own_cause && !self.cause_said.swap(true, Relaxed) {
+        } else if own_cause && self.end_to_say.load(Relaxed) && !self.cause_said.swap(true, Relaxed)
+        {
             let warn = self.announced_at_warn.load(Relaxed);
             if warn {
                 tracing::warn!(error = %cause, "reads of the upstream fail, not only slow");
@@ -302,6 +331,18 @@ mod tests {
             said(Said::Started { warn: false })
         );
         assert_eq!(backoff.succeeded(), said(Said::Ended));
+        // An upstream failing and answering in turns: ten more INFO pairs
+        // this minute (one was said above), then DEBUG.
+        for turn in 0..12 {
+            let said = backoff.failed(&"throttled");
+            let ended = backoff.succeeded();
+            if turn < 9 {
+                assert_eq!(said, Some(Said::Started { warn: false }), "turn {turn}");
+                assert_eq!(ended, Some(Said::Ended), "turn {turn}");
+            } else {
+                assert_eq!((said, ended), (None, None), "turn {turn}");
+            }
+        }
         // Past the minute: WARN again.
         tokio::time::advance(WARN_EVERY).await;
         assert_eq!(
