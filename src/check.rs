@@ -65,7 +65,7 @@ pub async fn run(settings: &Settings) -> Result<Vec<String>, CheckError> {
     let store = open_store(settings)?;
     let upstream = store.store.check().await.map_err(CheckError::Upstream)?;
     let prefix = crate::app::name_resolver(settings);
-    let reads = reads_answer(&store, prefix.prefix())
+    let (reads, reads_warning) = reads_answer(&store, prefix.prefix())
         .await
         .map_err(CheckError::Upstream)?;
     let mut report = vec![
@@ -90,6 +90,7 @@ pub async fn run(settings: &Settings) -> Result<Vec<String>, CheckError> {
             .map_err(CheckError::Events)?;
         report.push(format!("events: {events}"));
     }
+    report.extend(reads_warning);
     if let Some(warning) = none_under_the_prefix(&store, settings, prefix.prefix()).await {
         report.push(warning);
     }
@@ -123,16 +124,29 @@ const READ_PROBE: &str = "secrets-broker-check-of-reads-not-a-secret";
 
 /// Reads a secret that does not exist: NOT_FOUND proves reads are allowed
 /// and answered. Listing alone passes when only reads are denied, or when
-/// something in between answers every call with an empty 200.
+/// something in between answers every call with an empty 200 (that
+/// fails). A refusal is a warning, not a failure: a role allowed only
+/// some secrets under the prefix is refused this name and works.
 async fn reads_answer(
     store: &crate::app::Store,
     prefix: &str,
-) -> Result<String, crate::backend::StoreError> {
+) -> Result<(String, Option<String>), crate::backend::StoreError> {
+    use crate::backend::StoreError;
     let name = format!("{prefix}{READ_PROBE}");
     let selector = crate::backend::VersionSelector::current();
     match store.store.get_secret_value(&name, &selector).await {
-        Err(crate::backend::StoreError::NotFound { .. }) | Ok(_) => Ok(format!(
-            "reads answered (a read of {name:?}, which does not exist: not found)"
+        Err(StoreError::NotFound { .. } | StoreError::Deleted { .. }) => Ok((
+            format!("reads answered (a read of {name:?}, which does not exist: not found)"),
+            None,
+        )),
+        Ok(_) => Ok((format!("reads answered (a read of {name:?})"), None)),
+        Err(refused @ StoreError::AccessDenied { .. }) => Ok((
+            format!("reads refused for {name:?}"),
+            Some(format!(
+                "warning: {refused}. If the broker's role is allowed only some secrets under \
+                 {prefix:?} this is expected; otherwise grant secretsmanager:GetSecretValue on \
+                 them (deploy/iam-policy.json)"
+            )),
         )),
         Err(error) => Err(error),
     }
