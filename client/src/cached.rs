@@ -3,7 +3,7 @@
 //!
 //! A read answers from memory: no network, no broker CPU. The first read
 //! of a name asks the broker and opens a WatchSecret stream for it, on the
-//! client's one connection; a rotation replaces the value in place (and is
+//! client's connection for watch streams; a rotation replaces the value in place (and is
 //! announced to `changes` subscribers, for whoever must rebuild a pool or a
 //! signer). When a stream breaks, it reconnects by itself with the version
 //! it holds (`since_version_id`), so a rotation missed meanwhile arrives
@@ -151,23 +151,14 @@ impl CachedSecrets {
         }
         let read = {
             let mut reading = lock(&self.shared.reading);
-            let read = reading.entry(name.to_owned()).or_insert_with(|| {
-                // Weak: the cache holds the read, which must not hold it.
-                let shared = Arc::downgrade(&self.shared);
-                let (client, name) = (self.shared.client.clone(), name.to_owned());
-                async move {
-                    let result = client.get_secret(&name).await;
-                    if let Some(shared) = shared.upgrade() {
-                        if let Ok(value) = &result {
-                            shared.hold(&name, value.clone());
-                        }
-                        lock(&shared.reading).remove(&name);
-                    }
-                    result
-                }
-                .boxed()
-                .shared()
-            });
+            // A read that ended between the miss above and this lock has
+            // stored its value (before leaving the map).
+            if let Some(value) = self.shared.fresh(name) {
+                return Ok(value);
+            }
+            let read = reading
+                .entry(name.to_owned())
+                .or_insert_with(|| self.shared.start_read(name));
             read.clone()
         };
         read.await
@@ -256,6 +247,39 @@ impl CachedSecrets {
 }
 
 impl Shared {
+    /// A read of `name` from the broker in a task of its own, so that it
+    /// ends (holds the value, leaves `reading`) even when every caller
+    /// awaiting it gives up: a read left half done would be resumed by the
+    /// next caller long after, past its deadline, or with an answer as old
+    /// as its start.
+    fn start_read(self: &Arc<Self>, name: &str) -> SharedRead {
+        // Weak: the cache holds the read, which must not hold it.
+        let shared = Arc::downgrade(self);
+        let (client, name) = (self.client.clone(), name.to_owned());
+        let task = tokio::spawn(async move {
+            let result = client.get_secret(&name).await;
+            if let Some(shared) = shared.upgrade() {
+                if let Ok(value) = &result {
+                    shared.hold(&name, value.clone());
+                }
+                lock(&shared.reading).remove(&name);
+            }
+            result
+        });
+        async move {
+            task.await.unwrap_or_else(|_| {
+                Err(Error::Other {
+                    code: tonic::Code::Cancelled,
+                    reason: String::new(),
+                    message: "the read of the broker was cut short (the runtime is shutting down)"
+                        .into(),
+                })
+            })
+        }
+        .boxed()
+        .shared()
+    }
+
     fn lock_entries(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Held>>> {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -3,10 +3,11 @@
 //! One cheap-to-clone handle over two HTTP/2 connections (tonic
 //! multiplexes calls on each): one for calls, one for watch streams, so
 //! that long-lived watches (a cache holds one per secret) never take the
-//! room the broker gives a connection's calls (`--max-concurrent-calls-per-connection`). Every call has a deadline (`request_timeout`, retries and
-//! the wait for a connection included) and retries only what
-//! `Error::is_retryable` says may pass; values come back as `SecretValue`,
-//! in zeroizing memory.
+//! room the broker gives a connection's calls
+//! (`--max-concurrent-calls-per-connection`). Every call has a deadline
+//! (`request_timeout`, retries and the wait for a connection included)
+//! and retries only what `Error::is_retryable` says may pass; values come
+//! back as `SecretValue`, in zeroizing memory.
 
 use std::{future::IntoFuture, pin::Pin, time::Duration};
 
@@ -508,7 +509,7 @@ struct TlsServer {
     host: String,
     port: u16,
     /// The name its certificate must carry.
-    domain: String,
+    name: rustls::pki_types::ServerName<'static>,
     /// CA, certificate, key.
     files: std::sync::Arc<[std::path::PathBuf; 3]>,
 }
@@ -532,8 +533,14 @@ impl TlsServer {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_owned();
+        let domain = config.tls_domain.clone().unwrap_or_else(|| host.clone());
+        let name = rustls::pki_types::ServerName::try_from(domain).map_err(|e| {
+            Error::Config(format!(
+                "BROKER_TLS_DOMAIN (or the endpoint's host) is not a DNS name or IP address: {e}"
+            ))
+        })?;
         Ok(Self {
-            domain: config.tls_domain.clone().unwrap_or_else(|| host.clone()),
+            name,
             port: uri.port_u16().unwrap_or(443),
             host,
             files: [ca.clone(), cert.clone(), key.clone()].into(),
@@ -559,10 +566,10 @@ fn tls_connector(
         let server = server.clone();
         async move {
             let [ca, cert, key] = &*server.files;
-            let config = crate::tls_files::client_config(ca, cert, key)
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
-            let name = rustls::pki_types::ServerName::try_from(server.domain.clone())
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+            // Typed, so that the call's error is this one (`Error::from_call`).
+            let config =
+                crate::tls_files::client_config(ca, cert, key).map_err(std::io::Error::other)?;
+            let name = server.name.clone();
             let tcp = tokio::net::TcpStream::connect((server.host.as_str(), server.port)).await?;
             tcp.set_nodelay(true)?;
             let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))

@@ -152,11 +152,36 @@ impl Error {
         if from_broker || !connection_failed {
             return Self::from(status);
         }
+        // The connector's own error (a TLS file unusable when the
+        // connection was made: renewed mid-write, removed) says what to fix.
+        if let Some(config) = own_error(&status) {
+            return config;
+        }
         Self::Unreachable {
             endpoint: endpoint.to_owned(),
             reason: connection_reason(&status, tls),
         }
     }
+}
+
+/// An `Error` of this crate in `status`'s sources.
+fn own_error(status: &Status) -> Option<Error> {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(status);
+    while let Some(error) = current {
+        if let Some(own) = error.downcast_ref::<Error>() {
+            return Some(own.clone());
+        }
+        // An `io::Error` made from another skips it in `source()`.
+        let wrapped = error
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+            .and_then(|inner| inner.downcast_ref::<Error>());
+        if let Some(own) = wrapped {
+            return Some(own.clone());
+        }
+        current = error.source();
+    }
+    None
 }
 
 /// Why a connection failed, in words a person can act on.

@@ -62,3 +62,26 @@ async fn a_crowd_missing_one_name_in_the_client_cache_makes_one_call() {
     assert_eq!(calls, Some(1.0), "GetSecret calls");
     broker.stop().await;
 }
+
+/// A read of the client cache whose caller gave up still ends: the value
+/// is held without another call (a read left half done would be resumed
+/// by the next caller, long after).
+#[tokio::test]
+async fn a_client_cache_read_whose_caller_gave_up_still_ends() {
+    use futures::FutureExt;
+
+    let broker = Running::start(|_| {}).await;
+    let secrets = broker
+        .client()
+        .await
+        .cached(secrets_broker_client::CacheLimits::default());
+    // Polled once, then dropped: the caller went away mid-read.
+    assert!(secrets.get("mistral-api-key").now_or_never().is_none());
+    crate::harness::eventually(
+        std::time::Duration::from_secs(5),
+        "the read held",
+        || async { secrets.len() == 1 },
+    )
+    .await;
+    broker.stop().await;
+}

@@ -153,7 +153,7 @@ async fn a_connection_ends_when_a_reload_removes_its_ca() {
 #[tokio::test]
 async fn a_reconnecting_client_is_never_let_in_by_resuming_a_session() {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let pki = Pki::new();
     let broker = Running::start_tls(&pki, Some(policy(&pki))).await;
@@ -188,11 +188,18 @@ async fn a_reconnecting_client_is_never_let_in_by_resuming_a_session() {
             Some(rustls::HandshakeKind::Full),
             "connection {attempt} resumed a session"
         );
-        // Read what the server sends after the handshake (a TLS 1.3
-        // server sends its session tickets then, and the client stores
-        // them on reading).
+        // Speak HTTP/2 and read the server's first frames: a TLS 1.3
+        // server sends its session tickets before any data, and the
+        // client stores them on reading, so none is missed.
+        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await
+            .unwrap();
         let mut buf = [0u8; 256];
-        let _ = tokio::time::timeout(Duration::from_millis(300), tls.read(&mut buf)).await;
+        let read = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(n)) if n > 0),
+            "the server's first frames: {read:?}"
+        );
     }
     broker.stop().await;
 }
@@ -208,8 +215,9 @@ async fn the_client_crate_comes_back_with_a_certificate_renewed_in_place() {
 
     let pki = Pki::new();
     let broker = Running::start_tls(&pki, Some(policy(&pki))).await;
-    let files = expiring(&pki, Duration::from_secs(3));
-    let expires = Instant::now() + Duration::from_secs(3);
+    // Long enough for the first connection and read on a loaded machine.
+    let files = expiring(&pki, Duration::from_secs(6));
+    let expires = Instant::now() + Duration::from_secs(6);
     let config = ClientConfig::new(broker.addr.to_string())
         .with_tls(pki.ca(), &files.cert, &files.key)
         .with_tls_domain("localhost");
@@ -231,5 +239,30 @@ async fn the_client_crate_comes_back_with_a_certificate_renewed_in_place() {
         },
     )
     .await;
+    broker.stop().await;
+}
+
+/// A TLS file that cannot be used when a connection is made (removed, or
+/// half written during a renewal) fails the call with the crate's own
+/// configuration error, naming the file.
+#[tokio::test]
+async fn a_tls_file_gone_when_the_client_connects_is_named() {
+    use secrets_broker_client::{ClientConfig, Error, SecretsClient};
+
+    let pki = Pki::new();
+    let broker = Running::start_tls(&pki, Some(policy(&pki))).await;
+    let files = pki.client("auth", AUTH);
+    let mut config = ClientConfig::new(broker.addr.to_string())
+        .with_tls(pki.ca(), &files.cert, &files.key)
+        .with_tls_domain("localhost");
+    config.max_retries = 0;
+    let client = SecretsClient::connect(config).await.unwrap();
+    // The connection is made at the first call: the key is gone by then.
+    std::fs::remove_file(&files.key).unwrap();
+    let error = client.get_secret("mistral-api-key").await.unwrap_err();
+    assert!(
+        matches!(&error, Error::Config(message) if message.contains(&*files.key.to_string_lossy())),
+        "{error:?}"
+    );
     broker.stop().await;
 }
