@@ -195,8 +195,10 @@ fn credentials_cause(error: &CredentialsError) -> Option<String> {
     }
     let joined = said.join(": ");
     let lower = joined.to_ascii_lowercase();
-    // A profile file's parse error may point into the credentials file.
-    if ["stderr", "process", "profile"]
+    // A profile file's parse error may point into the credentials file;
+    // an invalid container credentials URI is quoted whole (a user or a
+    // token in it included).
+    if ["stderr", "process", "profile", "://", "uri"]
         .iter()
         .any(|word| lower.contains(word))
     {
@@ -1250,6 +1252,12 @@ mod tests {
             let message = explain_chain(&process, upstream).to_string();
             assert!(!message.contains("hvs.SECRET"), "{message}");
         }
+        // Nor an invalid container credentials URI, which the SDK quotes.
+        let uri = CredentialsError::provider_error(std::io::Error::other(
+            "invalid full URI for ECS provider (dns failed): http://user:tok@creds.internal/v1",
+        ));
+        let message = explain_chain(&uri, &pod_identity).to_string();
+        assert!(!message.contains("user:tok"), "{message}");
         assert!(!message.contains('\n'), "{message}");
         // A profile's failure said again by the SDK as "already taken".
         let profile = Upstream::from_env("us-east-1", &env(&[("AWS_PROFILE", "nope")]));

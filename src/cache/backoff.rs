@@ -210,7 +210,11 @@ impl Backoff {
                 );
                 Some(Said::Started { warn: false })
             } else {
+                // Unsaid: the next failure tries again (a WARN once the
+                // minute since the last one is over), so that a long
+                // outage after many short ones is still said.
                 self.end_to_say.store(false, Relaxed);
+                self.announced.store(false, Relaxed);
                 tracing::debug!(error = %cause, "reads of the upstream are slow or failing again; backing off");
                 None
             }
@@ -343,6 +347,11 @@ mod tests {
                 assert_eq!((said, ended), (None, None), "turn {turn}");
             }
         }
+        // A long outage after them: said as soon as the minute allows.
+        assert_eq!(backoff.failed(&"down"), None);
+        tokio::time::advance(WARN_EVERY).await;
+        assert_eq!(backoff.failed(&"down"), said(Said::Started { warn: true }));
+        assert_eq!(backoff.succeeded(), said(Said::Ended));
         // Past the minute: WARN again.
         tokio::time::advance(WARN_EVERY).await;
         assert_eq!(
