@@ -68,6 +68,20 @@ pub struct SecretChange {
     pub version_id: String,
 }
 
+/// Takes a read out of `Shared::reading` when dropped.
+struct LeaveReading {
+    shared: Weak<Shared>,
+    name: String,
+}
+
+impl Drop for LeaveReading {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.upgrade() {
+            lock(&shared.reading).remove(&self.name);
+        }
+    }
+}
+
 /// A read of the broker that several callers await.
 type SharedRead = SharedFuture<BoxFuture<'static, Result<SecretValue, Error>>>;
 
@@ -257,12 +271,16 @@ impl Shared {
         let shared = Arc::downgrade(self);
         let (client, name) = (self.client.clone(), name.to_owned());
         let task = tokio::spawn(async move {
+            // Leaves the map however the task ends (a panic, its runtime
+            // going): a finished read left there would answer every later
+            // caller of the name.
+            let _leave = LeaveReading {
+                shared: shared.clone(),
+                name: name.clone(),
+            };
             let result = client.get_secret(&name).await;
-            if let Some(shared) = shared.upgrade() {
-                if let Ok(value) = &result {
-                    shared.hold(&name, value.clone());
-                }
-                lock(&shared.reading).remove(&name);
+            if let (Some(shared), Ok(value)) = (shared.upgrade(), &result) {
+                shared.hold(&name, value.clone());
             }
             result
         });

@@ -153,9 +153,14 @@ impl Error {
             return Self::from(status);
         }
         // The connector's own error (a TLS file unusable when the
-        // connection was made: renewed mid-write, removed) says what to fix.
-        if let Some(config) = own_error(&status) {
-            return config;
+        // connection was made: renewed mid-write, removed) says what to
+        // fix; as a connection's failure it is retried (a renewal writes
+        // the certificate and the key one after the other).
+        if let Some(own) = own_error(&status) {
+            return Self::Unreachable {
+                endpoint: endpoint.to_owned(),
+                reason: own.to_string(),
+            };
         }
         Self::Unreachable {
             endpoint: endpoint.to_owned(),
