@@ -125,8 +125,10 @@ const READ_PROBE: &str = "secrets-broker-check-of-reads-not-a-secret";
 /// Reads a secret that does not exist: NOT_FOUND proves reads are allowed
 /// and answered. Listing alone passes when only reads are denied, or when
 /// something in between answers every call with an empty 200 (that
-/// fails). A refusal is a warning, not a failure: a role allowed only
-/// some secrets under the prefix is refused this name and works.
+/// fails). A role allowed only some secrets under the prefix is refused
+/// this name and works: then up to `LISTED_TRIED` secrets the listing
+/// names are read too, and only if each is refused does the check fail
+/// (none listed: a warning).
 async fn reads_answer(
     store: &crate::app::Store,
     prefix: &str,
@@ -140,16 +142,45 @@ async fn reads_answer(
             None,
         )),
         Ok(_) => Ok((format!("reads answered (a read of {name:?})"), None)),
-        Err(refused @ StoreError::AccessDenied { .. }) => Ok((
-            format!("reads refused for {name:?}"),
-            Some(format!(
-                "warning: {refused}. If the broker's role is allowed only some secrets under \
-                 {prefix:?} this is expected; otherwise grant secretsmanager:GetSecretValue on \
-                 them (deploy/iam-policy.json)"
-            )),
-        )),
+        Err(refused @ StoreError::AccessDenied { .. }) => {
+            let listed = listed_secrets(store, prefix).await;
+            let mut last_refusal = None;
+            for secret in &listed {
+                match store.store.get_secret_value(secret, &selector).await {
+                    Err(error @ StoreError::AccessDenied { .. }) => last_refusal = Some(error),
+                    _ => return Ok((format!("reads answered (a read of {secret:?})"), None)),
+                }
+            }
+            if let Some(error) = last_refusal {
+                return Err(error);
+            }
+            Ok((
+                format!("reads refused for {name:?}"),
+                Some(format!(
+                    "warning: {refused}. If the broker's role is allowed only some secrets \
+                     under {prefix:?} this is expected; otherwise grant \
+                     secretsmanager:GetSecretValue on them (deploy/iam-policy.json)"
+                )),
+            ))
+        }
         Err(error) => Err(error),
     }
+}
+
+/// How many listed secrets `reads_answer` tries when the probe is refused.
+const LISTED_TRIED: usize = 10;
+
+/// Up to `LISTED_TRIED` secrets the listing names under `prefix`.
+async fn listed_secrets(store: &crate::app::Store, prefix: &str) -> Vec<String> {
+    let Ok(page) = store.store.list_secrets(prefix, None).await else {
+        return Vec::new();
+    };
+    page.secrets
+        .into_iter()
+        .filter(|secret| !secret.deleted)
+        .map(|secret| secret.name)
+        .take(LISTED_TRIED)
+        .collect()
 }
 
 /// A warning when AWS holds no secret under the prefix in this Region:

@@ -131,6 +131,12 @@ def test_check_reads_as_well_as_lists(run_cli, moto):
         assert proc.returncode == 0, output(proc)
         warning = [line for line in output(proc).splitlines() if line.startswith("warning: access to secret")]
         assert len(warning) == 1 and "GetSecretValue" in warning[0], output(proc)
+        # With a secret listed whose read is refused too, the role cannot
+        # read at all: a failure.
+        moto.create_secret("insurecove/check/refused", "refused-value-5e0d")
+        proc = run_cli("check", env=env)
+        assert proc.returncode == 1, output(proc)
+        assert "insurecove/check/refused" in output(proc) and "refused-value" not in output(proc), output(proc)
 
         upstream.fault_only = None
         upstream.fault = (200, "application/x-amz-json-1.1", b"{}")
