@@ -203,10 +203,7 @@ fn take_one(remaining: &AtomicUsize) -> bool {
 /// rather than by tonic so that the wrapper sits above it and a call's
 /// frames go into one TLS record.
 async fn connect(load: &Load) -> Result<Vec<Channel>, Box<dyn std::error::Error>> {
-    let tls = match &load.tls {
-        Some(dir) => Some(tls_connector(dir)?),
-        None => None,
-    };
+    let tls = load.tls.as_deref().map(tls_connector);
     let endpoint = Endpoint::from_shared(format!("http://{}", load.addr))?;
     let (addr, split_writes) = (load.addr.clone(), load.split_writes);
     let mut channels = Vec::with_capacity(load.connections);
@@ -239,22 +236,12 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
 /// Presents `DIR/bench.pem` and trusts `DIR/ca.pem`, offering h2 by ALPN
 /// as tonic's own TLS would.
-fn tls_connector(dir: &Path) -> Result<tokio_rustls::TlsConnector, Box<dyn std::error::Error>> {
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in CertificateDer::pem_file_iter(dir.join("ca.pem"))? {
-        roots.add(ca?)?;
-    }
-    let chain =
-        CertificateDer::pem_file_iter(dir.join("bench.pem"))?.collect::<Result<Vec<_>, _>>()?;
-    let key = PrivateKeyDer::from_pem_file(dir.join("bench-key.pem"))?;
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+fn tls_connector(dir: &Path) -> tokio_rustls::TlsConnector {
+    let bench = pki::Issued {
+        cert: dir.join("bench.pem"),
+        key: dir.join("bench-key.pem"),
+    };
+    tokio_rustls::TlsConnector::from(Arc::new(bench.rustls_client(&dir.join("ca.pem"))))
 }
 
 /// Writes what h2 has for the socket once per turn of the runtime, as

@@ -152,29 +152,13 @@ async fn a_connection_ends_when_a_reload_removes_its_ca() {
 /// be served again on every reconnect.
 #[tokio::test]
 async fn a_reconnecting_client_is_never_let_in_by_resuming_a_session() {
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+    use rustls::pki_types::ServerName;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let pki = Pki::new();
     let broker = Running::start_tls(&pki, Some(policy(&pki))).await;
     let client = pki.client("auth", AUTH);
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in CertificateDer::pem_file_iter(pki.ca()).unwrap() {
-        roots.add(ca.unwrap()).unwrap();
-    }
-    let chain = CertificateDer::pem_file_iter(&client.cert)
-        .unwrap()
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
-    let key = PrivateKeyDer::from_pem_file(&client.key).unwrap();
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    let mut config = client.rustls_client(&pki.ca());
     // rustls keeps session tickets in memory by default: say so here, so
     // that the test cannot pass for want of a client that resumes.
     config.resumption = rustls::client::Resumption::in_memory_sessions(16);

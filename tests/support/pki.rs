@@ -2,7 +2,10 @@
 //! certificates, as PEM files in a temporary directory. Shared by the
 //! integration tests and `examples/loadgen.rs` (mutual TLS runs).
 
-use std::path::PathBuf;
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 /// PEM files of a CA, a server certificate (SANs localhost and 127.0.0.1)
 /// and client certificates (one URI SAN each), in a temporary directory.
@@ -15,6 +18,37 @@ pub struct Pki {
 pub struct Issued {
     pub cert: PathBuf,
     pub key: PathBuf,
+}
+
+impl Issued {
+    /// A rustls client config that presents this certificate and trusts
+    /// the CA file `ca`, offering h2 as a gRPC client does.
+    // For the server tests and the load generator; the client tests,
+    // which include this file too, go through the client crate.
+    #[allow(dead_code)]
+    pub fn rustls_client(&self, ca: &Path) -> rustls::ClientConfig {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+        let mut roots = rustls::RootCertStore::empty();
+        for certificate in CertificateDer::pem_file_iter(ca).expect("the CA file") {
+            roots
+                .add(certificate.expect("a CA certificate"))
+                .expect("a usable CA");
+        }
+        let chain = CertificateDer::pem_file_iter(&self.cert)
+            .expect("the certificate file")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("PEM certificates");
+        let key = PrivateKeyDer::from_pem_file(&self.key).expect("the key file");
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .expect("a usable client key");
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        config
+    }
 }
 
 impl Pki {
