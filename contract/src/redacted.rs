@@ -48,11 +48,28 @@ impl fmt::Debug for JwtConfig {
 impl fmt::Debug for DatabaseConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DatabaseConfig")
-            .field("supabase_url", &self.supabase_url)
+            .field("supabase_url", &without_userinfo(&self.supabase_url))
             .field("supabase_anon_key", &REDACTED)
             .field("supabase_service_key", &REDACTED)
             .field("database_password", &REDACTED)
             .finish()
+    }
+}
+
+/// A URL as `Debug` shows it: a user and password in it
+/// (`https://user:pass@host/`) are a credential, and print `<redacted>`.
+fn without_userinfo(url: &str) -> String {
+    let after_scheme = url.find("://").map_or(0, |at| at + 3);
+    let authority_end = url[after_scheme..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |end| after_scheme + end);
+    match url[after_scheme..authority_end].rfind('@') {
+        Some(at) => format!(
+            "{}{REDACTED}{}",
+            &url[..after_scheme],
+            &url[after_scheme + at..]
+        ),
+        None => url.to_owned(),
     }
 }
 
@@ -125,7 +142,7 @@ mod tests {
                 ..Default::default()
             },
             DatabaseConfig {
-                supabase_url: "https://x.supabase.co".into(),
+                supabase_url: "https://user:hunter2-U@x.supabase.co/db?x=@y".into(),
                 supabase_anon_key: "hunter2-C".into(),
                 supabase_service_key: "hunter2-D".into(),
                 database_password: "hunter2-E".into(),
@@ -142,6 +159,18 @@ mod tests {
             "{shown}"
         );
         assert!(shown.contains("text, 9 bytes"), "{shown}");
+        assert!(
+            shown.contains("https://<redacted>@x.supabase.co/db?x=@y"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn a_url_without_a_user_shows_whole() {
+        for url in ["https://x.supabase.co", "https://x.supabase.co/a@b", "x"] {
+            assert_eq!(without_userinfo(url), url);
+        }
+        assert_eq!(without_userinfo("u:p@host"), "<redacted>@host");
     }
 
     #[test]

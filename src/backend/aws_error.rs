@@ -36,8 +36,12 @@ use super::StoreError;
 pub struct Upstream {
     /// The region the calls are for.
     pub region: String,
-    /// The endpoint URL (`AWS_ENDPOINT_URL`, or AWS's own for the region).
+    /// The endpoint URL (`AWS_ENDPOINT_URL`, or AWS's own for the region),
+    /// as messages show it: without a user and password it may carry,
+    /// since every caller of an unreadable secret gets these messages.
     pub endpoint: String,
+    /// Whether the endpoint is an http(s) URL with a host.
+    pub endpoint_is_url: bool,
     /// Whether the endpoint was set by `AWS_ENDPOINT_URL*`.
     pub custom_endpoint: bool,
     /// The proxy the calls go through, and the variable that set it.
@@ -101,9 +105,12 @@ impl Upstream {
             .clone()
             .unwrap_or_else(|| format!("https://{}.{region}.amazonaws.com", service.host()));
         let proxy = proxy_for(&endpoint, env);
+        let endpoint_is_url = url::Url::parse(&endpoint)
+            .is_ok_and(|url| matches!(url.scheme(), "http" | "https") && url.host().is_some());
         Self {
             region: region.to_owned(),
-            endpoint,
+            endpoint: shown_url(&endpoint),
+            endpoint_is_url,
             custom_endpoint: custom.is_some(),
             credentials_hint: credentials_hint(env),
             role_source: role_source(env),
@@ -240,13 +247,13 @@ fn proxy_for(
     vars.iter().find_map(|var| {
         env(var)
             .filter(|v| !v.is_empty())
-            .map(|v| (shown_proxy(&v), *var))
+            .map(|v| (shown_url(&v), *var))
     })
 }
 
-/// A proxy's URL as messages and logs show it: without the user and
-/// password it may carry (`http://user:pass@proxy:3128`).
-fn shown_proxy(proxy: &str) -> String {
+/// A proxy's or an endpoint's URL as messages and logs show it: without
+/// the user and password it may carry (`http://user:pass@proxy:3128`).
+fn shown_url(proxy: &str) -> String {
     let Some((_, host)) = proxy.rsplit_once('@') else {
         return proxy.to_owned();
     };
@@ -417,9 +424,7 @@ fn explain_chain(error: &(dyn StdError + 'static), upstream: &Upstream) -> Store
         return StoreError::Unavailable { detail };
     }
     let chain = chain_text(error);
-    let is_url = url::Url::parse(&upstream.endpoint)
-        .is_ok_and(|url| matches!(url.scheme(), "http" | "https") && url.host().is_some());
-    let detail = if upstream.custom_endpoint && !is_url {
+    let detail = if upstream.custom_endpoint && !upstream.endpoint_is_url {
         format!(
             "the AWS endpoint {:?} is not a URL (such as http://127.0.0.1:5000): check \
              AWS_ENDPOINT_URL",
@@ -898,6 +903,26 @@ mod tests {
         assert_eq!(local.proxy, None, "NO_PROXY exempts the host");
     }
 
+    #[test]
+    fn an_endpoints_user_and_password_are_never_shown() {
+        let vars = [("AWS_ENDPOINT_URL", "http://svc:s3cret-pw@127.0.0.1:5000")];
+        let upstream = Upstream::from_env("us-east-1", &env(&vars));
+        assert_eq!(
+            upstream.endpoint,
+            "http://127.0.0.1:5000/ (its user and password left out)"
+        );
+        let refused = std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "Connection refused (os error 111)",
+        );
+        let StoreError::Unavailable { detail } = explain_chain(&refused, &upstream) else {
+            panic!("not Unavailable")
+        };
+        assert!(detail.starts_with("cannot reach AWS at"), "{detail}");
+        assert!(!detail.contains("s3cret"), "{detail}");
+        assert!(detail.contains("127.0.0.1:5000"), "{detail}");
+    }
+
     fn answer<'a>(code: &'a str, message: &'a str, status: u16) -> Answer<'a> {
         Answer {
             code,
@@ -994,8 +1019,8 @@ mod tests {
                 "proxy.local:3128 (what preceded @ left out)",
             ),
         ] {
-            assert_eq!(shown_proxy(proxy), shown);
-            assert!(!shown_proxy(proxy).contains("s3cret"));
+            assert_eq!(shown_url(proxy), shown);
+            assert!(!shown_url(proxy).contains("s3cret"));
         }
     }
 
