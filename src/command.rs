@@ -19,6 +19,52 @@ use crate::{
 const ENV_FILE_READ: &str =
     "a .env file was read: its variables apply where the environment does not set them";
 
+/// Loads the `.env` file of the working directory or the nearest parent,
+/// if there is one, into the environment (values already set win); its
+/// path, for `serve` and `check` to say it was read.
+///
+/// A line that cannot be read stops the start: dotenvy stops at it, so the
+/// lines after it would silently not apply (another prefix, another TTL).
+/// The line is named by its number only, since it may hold a credential.
+pub fn load_env_file() -> Result<Option<PathBuf>, String> {
+    match dotenvy::dotenv() {
+        Ok(path) => Ok(Some(path)),
+        Err(error) if error.not_found() => Ok(None),
+        Err(error) => {
+            let path = env_file_path().unwrap_or_else(|| PathBuf::from(".env"));
+            let problem = match &error {
+                dotenvy::Error::LineParse(line, at) => {
+                    let text = std::fs::read_to_string(&path).unwrap_or_default();
+                    let first = line.lines().next().unwrap_or_default();
+                    let number = text
+                        .lines()
+                        .position(|candidate| candidate == first)
+                        .map_or_else(|| "a line".to_owned(), |n| format!("line {}", n + 1));
+                    format!(
+                        "{number} is not NAME=value (stopped at its character {}; its text is \
+                         not shown, it may hold a credential)",
+                        at + 1
+                    )
+                }
+                dotenvy::Error::Io(io) => io.to_string(),
+                _ => "a variable cannot be read (not valid UTF-8?)".to_owned(),
+            };
+            Err(format!(
+                "cannot read the env file {}: {problem}; fix or remove it",
+                path.display()
+            ))
+        }
+    }
+}
+
+/// Where dotenvy finds `.env`: the working directory, then its parents.
+fn env_file_path() -> Option<PathBuf> {
+    let here = std::env::current_dir().ok()?;
+    here.ancestors()
+        .map(|dir| dir.join(".env"))
+        .find(|candidate| candidate.is_file())
+}
+
 fn settings(args: &BrokerArgs) -> Result<Settings, String> {
     Settings::resolve(args, &|name| std::env::var(name).ok())
         .map_err(|error| format!("configuration error: {error}"))

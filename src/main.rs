@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use secrets_broker::{
-    command::{check, fail, operate, serve},
+    command::{check, fail, load_env_file, operate, serve},
     config::BrokerArgs,
     operator,
 };
@@ -38,7 +38,10 @@ enum Command {
 
 fn main() -> ExitCode {
     // Values already in the environment win over the .env file.
-    let env_file = dotenvy::dotenv().ok();
+    let env_file = match load_env_file() {
+        Ok(path) => path,
+        Err(message) => return fail(&message),
+    };
     // SAFETY: no other thread has started yet.
     unsafe { secrets_broker::backend::aws::forget_blank_endpoint_vars() };
     let cli = Cli::parse();

@@ -246,6 +246,7 @@ impl Settings {
         args: &BrokerArgs,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
+        refuse_sensitive_bodies(env)?;
         let config_file = args.config.clone().or_else(|| {
             env("BROKER_CONFIG")
                 .filter(|v| !v.is_empty())
@@ -325,6 +326,22 @@ impl Settings {
         }
         Ok(())
     }
+}
+
+/// The AWS SDK logs the bodies AWS answers, at TRACE, when
+/// `LOG_SENSITIVE_BODIES=true` (as it reads it): GetSecretValue's body is
+/// the secret. `RUST_LOG` can turn TRACE on for the SDK, so the broker
+/// does not start with that variable set.
+fn refuse_sensitive_bodies(env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+    if env("LOG_SENSITIVE_BODIES").is_some_and(|value| value.eq_ignore_ascii_case("true")) {
+        return Err(ConfigError::Invalid {
+            origin: Origin::Env("LOG_SENSITIVE_BODIES"),
+            problem: "makes the AWS SDK log what AWS answers, secret values included; the \
+                      broker does not start with it: unset it"
+                .to_owned(),
+        });
+    }
+    Ok(())
 }
 
 /// A secrets file wins over `--dev`; otherwise AWS, in its region.

@@ -70,6 +70,18 @@ fn flags_beat_env_which_beats_the_file() {
 }
 
 #[test]
+fn the_sdks_switch_to_log_answer_bodies_stops_the_start() {
+    let err = resolve(&dev(), &[("LOG_SENSITIVE_BODIES", "True")]).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("LOG_SENSITIVE_BODIES: makes the AWS SDK log"),
+        "{err}"
+    );
+    // The SDK reads only "true": other values change nothing.
+    resolve(&dev(), &[("LOG_SENSITIVE_BODIES", "false")]).unwrap();
+}
+
+#[test]
 fn errors_name_where_the_value_came_from() {
     let err = resolve(&dev(), &[("SECRET_CACHE_TTL", "soon")]).unwrap_err();
     assert!(

@@ -109,6 +109,18 @@ def test_check_says_when_a_dotenv_file_was_read(run_cli, tmp_path):
     assert 'prefix "fromdotenv"' in output(proc), output(proc)
 
 
+def test_a_dotenv_line_that_cannot_be_read_stops_the_start(run_cli, tmp_path):
+    """dotenv stops at a line it cannot read: the lines after it would not
+    apply (here the prefix). The broker says which line, never its text."""
+    (tmp_path / "cli-cwd" / ".env").write_text(
+        "SECRET_ENVIRONMENT=staging\nthis line has no equals sign hunter2-env\nSECRET_PREFIX=myprefix\n"
+    )
+    proc = run_cli("check", "--dev")
+    assert proc.returncode == 1, output(proc)
+    assert "line 2 is not NAME=value" in output(proc), output(proc)
+    assert "hunter2-env" not in output(proc), output(proc)
+
+
 def test_check_reads_as_well_as_lists(run_cli, moto):
     """Listing alone passes when only reads are denied, or when something
     in between answers every call with an empty 200: `check` reads a name
