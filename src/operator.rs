@@ -64,8 +64,8 @@ pub async fn get(args: GetArgs) -> Result<(), Error> {
     let secret = call.await?;
     eprintln!(
         "{} version {} {:?} (cache hit: {}, stale: {})",
-        secret.name(),
-        secret.version_id(),
+        printable(secret.name()),
+        printable(secret.version_id()),
         secret.version_stages(),
         secret.cache().hit,
         secret.cache().stale
@@ -97,12 +97,12 @@ pub async fn watch(name: String, connection: Connection) -> Result<(), Error> {
                 // The ARN tells a secret created again under the name
                 // (RESTORED with another ARN) from the same one restored.
                 let arn = event.secret.arn();
-                let arn = if arn.is_empty() { String::new() } else { format!(" arn {arn}") };
+                let arn = if arn.is_empty() { String::new() } else { format!(" arn {}", printable(arn)) };
                 println!(
                     "{:?} {} version {}{arn}",
                     event.kind,
-                    event.secret.name(),
-                    event.secret.version_id()
+                    printable(event.secret.name()),
+                    printable(event.secret.version_id())
                 );
             }
             changed = connected.changed(), if !follower_gone => {
@@ -117,6 +117,19 @@ pub async fn watch(name: String, connection: Connection) -> Result<(), Error> {
                 }
             }
         }
+    }
+}
+
+/// A name, ARN or version id as the commands print it: as it is when it is
+/// printable ASCII without spaces, else quoted with its escapes. AWS takes
+/// version ids (client request tokens) of any characters: a line break in
+/// one would forge a second event line, an escape sequence would reach the
+/// terminal.
+fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.bytes().all(|b| b.is_ascii_graphic()) {
+        text.into()
+    } else {
+        format!("{text:?}").into()
     }
 }
 
@@ -234,6 +247,16 @@ mod tests {
     use prost::Message;
 
     use super::*;
+
+    #[test]
+    fn odd_text_from_upstream_prints_quoted_on_one_line() {
+        assert_eq!(printable("0123456789abcdef-v2"), "0123456789abcdef-v2");
+        let forged = printable("v1\r\nRotated insurecove/other version X\u{1b}[2J");
+        assert_eq!(
+            forged,
+            r#""v1\r\nRotated insurecove/other version X\u{1b}[2J""#
+        );
+    }
 
     #[test]
     fn stats_prints_every_field_of_the_contract_in_its_order() {

@@ -705,10 +705,10 @@ fn log_refusal((name, action): (&str, &str), answer: Answer<'_>) {
         let message = message.chars().take(60).collect::<String>();
         // Not `message`: that is the event's own field, and a JSON line
         // would carry the key twice.
-        tracing::warn!(secret = %name, action, code, status, aws_message = %message.escape_debug(), held_back, "AWS refused a request (said again in 10 min)");
+        tracing::warn!(secret = %name, action, code, status, aws_message = message.as_str(), held_back, "AWS refused a request (said again in 10 min)");
     } else {
         let message = message.chars().take(60).collect::<String>();
-        tracing::debug!(secret = %name, action, code, status, aws_message = %message.escape_debug(), "AWS refused a request again");
+        tracing::debug!(secret = %name, action, code, status, aws_message = message.as_str(), "AWS refused a request again");
     }
 }
 

@@ -125,19 +125,19 @@ impl VersionSelector {
 /// A `version_id` or `version_stage` that no store could accept.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "{field} must be at most {MAX_VERSION_FIELD_LEN} characters of letters, digits, '-' and '_'"
+    "{field} must be at most {MAX_VERSION_FIELD_LEN} characters, printable ASCII without spaces"
 )]
 pub struct InvalidVersion {
     /// `version_id` or `version_stage`.
     pub field: &'static str,
 }
 
-/// Checks a version id or stage as AWS would accept it (empty is fine).
+/// Checks a version id or stage (empty is fine). AWS bounds only their
+/// lengths, and labels such as `release.2024-06` are in use, so any
+/// printable ASCII passes; spaces and control characters do not, so that
+/// neither can split or forge a log line's fields.
 pub fn check_version_field(field: &'static str, value: &str) -> Result<(), InvalidVersion> {
-    let valid = value.len() <= MAX_VERSION_FIELD_LEN
-        && value
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    let valid = value.len() <= MAX_VERSION_FIELD_LEN && value.bytes().all(|b| b.is_ascii_graphic());
     if valid {
         Ok(())
     } else {
@@ -286,6 +286,12 @@ mod tests {
                 stage: None
             }
         );
+        // AWS takes labels and tokens of any characters within its lengths.
+        assert_eq!(
+            VersionSelector::from_request("", "release.2024-06").unwrap(),
+            VersionSelector::Stage("release.2024-06".into())
+        );
+        VersionSelector::from_request("v2024.06.01-0000000000000000000000", "").unwrap();
     }
 
     #[test]
@@ -294,6 +300,12 @@ mod tests {
             VersionSelector::from_request("a b", ""),
             Err(InvalidVersion {
                 field: "version_id"
+            })
+        );
+        assert_eq!(
+            VersionSelector::from_request("", "a\r\nb"),
+            Err(InvalidVersion {
+                field: "version_stage"
             })
         );
         assert_eq!(

@@ -226,7 +226,7 @@ impl WatchHub {
                 };
                 if let Some(event) = shared.topics.get(&topic_key).and_then(|t| t.offer(version, number)) {
                     shared.events.fetch_add(1, Relaxed);
-                    tracing::info!(secret = %key.name, %stage, version_id = %version.version_id, ?event, "secret change observed");
+                    tracing::info!(secret = %key.name, stage = stage.as_str(), version_id = version.version_id.as_str(), ?event, "secret change observed");
                 }
             }
         }));

@@ -262,7 +262,7 @@ impl Shared {
             && topic.mark_deleted()
         {
             self.events.fetch_add(1, Relaxed);
-            tracing::info!(secret = %key.name, stage = %key.stage, "secret deletion observed");
+            tracing::info!(secret = %key.name, stage = key.stage.as_str(), "secret deletion observed");
         }
     }
 }
