@@ -25,7 +25,8 @@
 //! app): it reloads when the file changes on disk (a version whose value did
 //! not change keeps its id), and raises the change signal so that watchers
 //! hear of rotations at once. A file that no longer parses is refused, and
-//! the previous content stays.
+//! the previous content stays; so is a value changed under an explicit
+//! `version_id`, since every cache holds a version's value as final.
 
 use std::{
     collections::HashMap,
@@ -312,7 +313,8 @@ fn build_secrets(
             problem: problem.to_owned(),
         };
         let before = previous.get(&name).map_or(&[][..], |s| &s.versions[..]);
-        let versions = build_versions(secret.versions, loaded_at, before).map_err(&bad)?;
+        let versions =
+            build_versions(secret.versions, loaded_at, before).map_err(|problem| bad(&problem))?;
         if secrets.contains_key(&name) {
             return Err(bad("listed twice"));
         }
@@ -329,11 +331,15 @@ fn build_versions(
     versions: Vec<DocumentVersion>,
     loaded_at: SystemTime,
     before: &[StoredVersion],
-) -> Result<Vec<StoredVersion>, &'static str> {
+) -> Result<Vec<StoredVersion>, String> {
     if versions.is_empty() {
-        return Err("has no versions");
+        return Err("has no versions".into());
     }
     let explicit_stages = versions.iter().any(|v| v.stages.is_some());
+    let explicit_ids: Vec<String> = versions
+        .iter()
+        .filter_map(|v| v.version_id.clone())
+        .collect();
     let count = versions.len();
     let mut built = Vec::with_capacity(count);
     for (index, version) in versions.into_iter().enumerate() {
@@ -344,17 +350,33 @@ fn build_versions(
                     .decode(encoded.trim())
                     .map_err(|_| "a version's binary_base64 is not valid base64")?,
             ),
-            _ => return Err("each version needs exactly one of value and binary_base64"),
+            _ => return Err("each version needs exactly one of value and binary_base64".into()),
         };
         let stages = match version.stages {
             Some(stages) => stages,
             None if explicit_stages => Vec::new(),
             None => default_stages(index, count),
         };
+        // A version without an id keeps the id of an unchanged one, once:
+        // a value rolled back to as a new version is a version of its own.
         let same_before = before.iter().find(|old| match &version.version_id {
             Some(id) => old.id == *id,
-            None => old.value == value,
+            None => {
+                old.value == value
+                    && !explicit_ids.contains(&old.id)
+                    && !built.iter().any(|taken: &StoredVersion| taken.id == old.id)
+            }
         });
+        if let (Some(id), Some(old)) = (&version.version_id, same_before)
+            && old.value != value
+        {
+            // Clients and caches hold a version's value as final: a new
+            // value under the same id would never reach them.
+            return Err(format!(
+                "the value of version {id:?} changed; a version never changes (as in AWS): \
+                 give the new value a new version_id, or none"
+            ));
+        }
         let id = match (version.version_id, same_before) {
             (Some(id), _) => id,
             (None, Some(old)) => old.id.clone(),
@@ -382,17 +404,17 @@ fn default_stages(index: usize, count: usize) -> Vec<String> {
 }
 
 /// AWS's invariants: version ids are unique, and a stage is on one version.
-fn check_unique(versions: &[StoredVersion]) -> Result<(), &'static str> {
+fn check_unique(versions: &[StoredVersion]) -> Result<(), String> {
     for (i, version) in versions.iter().enumerate() {
         let later = &versions[i + 1..];
         if later.iter().any(|other| other.id == version.id) {
-            return Err("two versions have the same version_id");
+            return Err("two versions have the same version_id".into());
         }
         if later
             .iter()
             .any(|other| other.stages.iter().any(|s| version.stages.contains(s)))
         {
-            return Err("a stage is on more than one version");
+            return Err("a stage is on more than one version".into());
         }
     }
     Ok(())

@@ -136,6 +136,43 @@ async fn reloads_keep_unchanged_versions_and_refuse_broken_files() {
     );
 }
 
+#[tokio::test]
+async fn a_value_rolled_back_to_is_a_new_version_and_a_changed_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("secrets.json");
+    let write = |text: &str| std::fs::write(&path, text).unwrap();
+    write(r#"{"secrets":[{"name":"a","versions":[{"value":"old"},{"value":"new"}]}]}"#);
+    let store = FileStore::open(&path, &resolver()).unwrap();
+    let now = VersionSelector::current();
+    let current = || store.get_secret_value("insurecove/a", &now);
+    let before = current().await.unwrap();
+
+    // Rolled back to the first value, as a third version: its own id.
+    write(
+        r#"{"secrets":[{"name":"a","versions":[{"value":"old"},{"value":"new"},{"value":"old"}]}]}"#,
+    );
+    assert!(store.reload().unwrap());
+    let rolled_back = current().await.unwrap();
+    assert_eq!(rolled_back.value.as_text(), Some("old"));
+    assert_ne!(rolled_back.version_id, before.version_id);
+
+    // A value changed under an explicit id would never reach a cache that
+    // holds that version: refused, naming the version, and kept as it was.
+    write(r#"{"secrets":[{"name":"b","versions":[{"value":"hunter2-one","version_id":"v2"}]}]}"#);
+    assert!(store.reload().unwrap());
+    write(
+        r#"{"secrets":[{"name":"b","versions":[{"value":"hunter2-edited","version_id":"v2"}]}]}"#,
+    );
+    let refused = store.reload().unwrap_err().to_string();
+    assert!(
+        refused.contains(r#"the value of version "v2" changed"#),
+        "{refused}"
+    );
+    assert!(!refused.contains("hunter2"), "{refused}");
+    let kept = store.get_secret_value("insurecove/b", &now).await.unwrap();
+    assert_eq!(kept.value.as_text(), Some("hunter2-one"));
+}
+
 #[test]
 fn toml_files_work_too() {
     let text = r#"
