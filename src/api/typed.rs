@@ -80,10 +80,13 @@ impl Fields {
         }
     }
 
-    /// A JSON integer from 1 to u32::MAX (a quoted number is refused:
-    /// callers use the field as a number without checking its type).
+    /// A JSON number that is whole, from 1 to u32::MAX: `30`, and also
+    /// `30.0` or `3e1` (what Python's json writes for a float), since the
+    /// class this replaces handed the value on as it was. A quoted number
+    /// is refused: callers use the field as a number without checking its
+    /// type.
     fn positive(&self, field: &'static str) -> Result<u32, Malformed> {
-        const RULE: &str = "must be a whole number greater than 0";
+        const RULE: &str = "must be a whole number from 1 to 4294967295";
         let value = self.get(field)?;
         if value.is_string() {
             // The Secrets Manager console's key/value editor stores every
@@ -93,11 +96,43 @@ impl Fields {
                 "must be a JSON number, not a string (write it without quotes)",
             ));
         }
-        let number = value.as_u64().ok_or(Malformed::field(field, RULE))?;
-        match u32::try_from(number) {
-            Ok(n) if n > 0 => Ok(n),
+        let whole = match (value.as_u64(), value.as_f64()) {
+            (Some(number), _) => u32::try_from(number).ok(),
+            (None, Some(float)) if float.fract() == 0.0 && float <= f64::from(u32::MAX) => {
+                // Whole and in range (a negative one is refused below).
+                Some(float.max(0.0) as u32)
+            }
+            _ => None,
+        };
+        match whole {
+            Some(n) if n > 0 => Ok(n),
             _ => Err(Malformed::field(field, RULE)),
         }
+    }
+
+    /// A JWS signing algorithm's registered name (case matters, as in the
+    /// JWT libraries). `none` is refused: its tokens carry no signature,
+    /// and a service that signs with this config would accept forged ones.
+    fn jws_algorithm(&self, field: &'static str) -> Result<String, Malformed> {
+        const KNOWN: [&str; 16] = [
+            "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+            "ES256", "ES384", "ES512", "ES256K", "EdDSA", "Ed25519", "Ed448",
+        ];
+        let name = self.text(field)?;
+        if name.trim().eq_ignore_ascii_case("none") {
+            return Err(Malformed::field(
+                field,
+                "must not be \"none\" (its tokens carry no signature)",
+            ));
+        }
+        if !KNOWN.contains(&name.as_str()) {
+            return Err(Malformed::field(
+                field,
+                "must be a JWS algorithm's name, such as HS256 (HS, RS, PS or ES with 256, 384 \
+                 or 512; ES256K; EdDSA)",
+            ));
+        }
+        Ok(name)
     }
 
     /// An absolute http(s) URL.
@@ -134,7 +169,7 @@ pub fn jwt_config(value: &SecretValue) -> Result<JwtConfig, Malformed> {
     let fields = Fields::parse(value)?;
     Ok(JwtConfig {
         jwt_secret_key: fields.text("jwt_secret_key")?,
-        jwt_algorithm: fields.text("jwt_algorithm")?,
+        jwt_algorithm: fields.jws_algorithm("jwt_algorithm")?,
         jwt_issuer: fields.text("jwt_issuer")?,
         jwt_audience: fields.text("jwt_audience")?,
         jwt_access_token_expire_minutes: fields.positive("jwt_access_token_expire_minutes")?,
@@ -299,6 +334,25 @@ mod tests {
     }
 
     #[test]
+    fn whole_numbers_written_as_floats_are_taken() {
+        let minutes = |text: &str| {
+            let value: serde_json::Value = serde_json::from_str(text).unwrap();
+            jwt(serde_json::json!({ "jwt_access_token_expire_minutes": value }))
+                .map(|config| config.jwt_access_token_expire_minutes)
+        };
+        assert_eq!(minutes("30.0"), Ok(30));
+        assert_eq!(minutes("1e1"), Ok(10));
+        assert_eq!(minutes("4294967295.0"), Ok(u32::MAX));
+        for refused in ["-1.0", "0.0", "4294967296.0", "5e9", "1e300", "2.5"] {
+            let error = minutes(refused).unwrap_err();
+            assert_eq!(
+                error.rule, "must be a whole number from 1 to 4294967295",
+                "{refused}"
+            );
+        }
+    }
+
+    #[test]
     fn each_broken_rule_names_its_field() {
         let cases = [
             (
@@ -312,6 +366,16 @@ mod tests {
                 "is empty",
             ),
             (
+                serde_json::json!({"jwt_algorithm": "none"}),
+                "jwt_algorithm",
+                "must not be \"none\"",
+            ),
+            (
+                serde_json::json!({"jwt_algorithm": "hs256"}),
+                "jwt_algorithm",
+                "such as HS256",
+            ),
+            (
                 serde_json::json!({"jwt_audience": 5}),
                 "jwt_audience",
                 "must be a string",
@@ -319,7 +383,7 @@ mod tests {
             (
                 serde_json::json!({"jwt_access_token_expire_minutes": 0}),
                 "jwt_access_token_expire_minutes",
-                "greater than 0",
+                "from 1 to 4294967295",
             ),
             (
                 serde_json::json!({"jwt_access_token_expire_minutes": "30"}),
@@ -329,7 +393,7 @@ mod tests {
             (
                 serde_json::json!({"jwt_access_token_expire_minutes": 1.5}),
                 "jwt_access_token_expire_minutes",
-                "greater than 0",
+                "from 1 to 4294967295",
             ),
         ];
         for (overrides, field, rule) in cases {
