@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use super::{CacheKey, Entry, Fetch, FetchResult, Shared, bump};
 use crate::{
-    backend::{StoreError, VersionSelector},
+    backend::{AWSCURRENT, StoreError, VersionSelector},
     names,
     secret::SecretVersion,
 };
@@ -351,6 +351,9 @@ impl Shared {
         }
         if stage_moved {
             self.forget_version_ids(&key.name);
+            if matches!(&key.selector, VersionSelector::Stage(stage) if stage == AWSCURRENT) {
+                self.forget_other_stages(&key.name);
+            }
         } else if let (true, VersionSelector::Stage(stage)) = (stage_new, &key.selector) {
             self.forget_version_ids_disagreeing(&key.name, stage, &version);
         }
@@ -398,6 +401,22 @@ impl Shared {
         self.forget_version_ids_where(id, |cached| {
             cached.same_version(version) != cached.version_stages.iter().any(|s| s == stage)
         });
+    }
+
+    /// `id`'s current version moved: a rotation moves the other stages too
+    /// (AWSPREVIOUS), so what is cached or remembered missing by another
+    /// stage is read again when next asked. Without this, a client told of
+    /// the rotation at once and reading AWSPREVIOUS again got the version
+    /// from before it, and kept it. Rotations are rare: a pass over the map
+    /// each is cheap.
+    fn forget_other_stages(&self, id: &str) {
+        let name = names::secret_name(id);
+        let other_stage = |key: &CacheKey| {
+            matches!(&key.selector, VersionSelector::Stage(stage) if stage != AWSCURRENT)
+                && names::secret_name(&key.name) == name
+        };
+        self.entries.retain(|key, _| !other_stage(key));
+        self.negative.forget_where(other_stage);
     }
 
     /// Drops what is cached by version id for `id`'s secret whose version

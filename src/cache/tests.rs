@@ -667,6 +667,26 @@ async fn a_moved_stage_forgets_the_by_id_entries() {
     );
 }
 
+/// A read that finds the current version moved (here one that bypasses
+/// the cache) forgets what was cached by another stage: a rotation moved
+/// AWSPREVIOUS too, and a client told of the rotation reads it at once.
+#[tokio::test(start_paused = true)]
+async fn a_moved_current_version_forgets_the_other_stages() {
+    let store = FakeStore::with(&["s"]);
+    let cache = cache_over(&store, 100);
+    version_of(&cache, "s").await;
+    let previous = CacheKey::new("s".into(), VersionSelector::Stage("AWSPREVIOUS".into()));
+    cache.get(previous.clone(), false).await.unwrap();
+    store.set("s", "v2");
+    let bypassed = cache.get(key("s"), true).await.unwrap();
+    assert_eq!(bypassed.version.version_id, "v2");
+    assert!(
+        cache.entries_where(|cached| *cached == previous).is_empty(),
+        "the AWSPREVIOUS entry is forgotten"
+    );
+    assert_eq!(cache.entries_where(|cached| *cached == key("s")).len(), 1);
+}
+
 /// A read of `key` that has started (its fetch is under way) when this
 /// returns.
 async fn read_under_way(

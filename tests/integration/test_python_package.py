@@ -463,6 +463,59 @@ def test_a_rotation_reaches_the_local_cache_by_push(venv, seeded_broker, moto, t
     assert after["took"] < 2.0, after
 
 
+STAGES_PROBE = """
+import asyncio, json, sys, time
+from secrets_broker.aws_secrets import AWSSecretsManager
+from secrets_broker.aio import AsyncAWSSecretsManager
+NAME = "staged-rotation"
+def previous(manager):
+    return manager.get_secret(NAME, version_stage="AWSPREVIOUS").version_id
+alone, bypassing = AWSSecretsManager(), AWSSecretsManager()
+
+async def main():
+    aio_alone = AsyncAWSSecretsManager()
+    async def aio_previous():
+        return (await aio_alone.get_secret(NAME, version_stage="AWSPREVIOUS")).version_id
+    # Read by stage alone; read by stage and current.
+    before = [previous(alone), await aio_previous(), previous(bypassing), bypassing.get_secret(NAME).version_id]
+    print(json.dumps({"before": before}), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # the test rotates now
+    # The rotation taken by a read that bypasses the cache, before the push.
+    bypassed = bypassing.get_secret(NAME, use_cache=False).version_id
+    deadline = time.monotonic() + 5
+    while True:
+        after = [previous(alone), await aio_previous(), previous(bypassing)]
+        if len(set(after)) == 1 and after[0] != before[0] or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    print(json.dumps({"bypassed": bypassed, "after": after}), flush=True)
+asyncio.run(main())
+"""
+
+
+def test_a_rotation_moves_what_was_read_by_stage(venv, seeded_broker, moto, tmp_path):
+    """AWSPREVIOUS read alone, or read beside a current value that a read
+    bypassing the cache already moved to the new version, is read again
+    once the rotation is pushed (sync and asyncio): not kept for the TTL."""
+    broker, _ = seeded_broker
+    name = "insurecove/staged-rotation"
+    first = moto.create_secret(name, "staged-package-value-1a1a")
+    second = moto.put_secret_value(name, "staged-package-value-2b2b")
+    proc = start_probe(venv, tmp_path, package_env(broker, SECRET_CACHE_TTL="3600"), STAGES_PROBE)
+    try:
+        before = json.loads(proc.stdout.readline())
+        assert before["before"] == [first, first, first, second], before
+        time.sleep(0.5)                   # the watch streams are open
+        third = moto.put_secret_value(name, "staged-package-value-3c3c")
+        go_on(proc)
+        after = json.loads(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert after["bypassed"] == third, after
+    assert after["after"] == [second, second, second], after
+
+
 class SilentRelay:
     """A TCP relay to `target` whose connections can go silent: after
     `silence()`, what the connections open then carry is read and dropped,
@@ -683,6 +736,21 @@ out = {}
 # SECRET_CACHE_TTL as the broker reads it; a bad one is the package's error.
 os.environ["SECRET_CACHE_TTL"] = "5m"
 out["ttl_5m"] = AWSSecretsManager().config.secret_cache_ttl
+os.environ["SECRET_CACHE_TTL"] = "0.5m"
+out["ttl_half_minute"] = AWSSecretsManager().config.secret_cache_ttl
+for unit in ("5M", "2w"):  # months and weeks: the broker refuses them
+    os.environ["SECRET_CACHE_TTL"] = unit
+    try:
+        AWSSecretsManager()
+        out["ttl_" + unit] = "accepted"
+    except AWSSecretsManagerError as error:
+        out["ttl_" + unit] = "refused" if "not one of its units" in str(error) else str(error)
+os.environ["SECRET_CACHE_TTL"] = "3600"
+# As the broker reads them: trimmed, and empty is the default.
+os.environ["SECRET_PREFIX"], os.environ["AWS_DEFAULT_REGION"] = " insurecove ", ""
+trimmed = AWSSecretsConfig()
+out["prefix_region"] = [trimmed.secret_prefix, trimmed.aws_default_region]
+del os.environ["SECRET_PREFIX"], os.environ["AWS_DEFAULT_REGION"]
 os.environ["SECRET_CACHE_TTL"] = "-5"
 try:
     AWSSecretsManager()
@@ -796,6 +864,8 @@ def test_the_client_at_its_edges(venv, seeded_broker, moto, tmp_path):
     print(out, f"{calls} GetJwtConfig calls for 21 reads")
     assert out["value_is_the_callers"] == "HS256", out
     assert out["ttl_5m"] == 300 and out["ttl_negative"] == "refused", out
+    assert out["ttl_half_minute"] == 30 and out["ttl_5M"] == out["ttl_2w"] == "refused", out
+    assert out["prefix_region"] == ["insurecove", "ap-east-1"], out
     assert out["watch_threads_left"] == 0, out
     assert out["binary"] == "refused: binary", out
     assert out["config_prefix_other"] == "refused", out

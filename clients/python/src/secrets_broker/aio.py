@@ -37,6 +37,7 @@ from secrets_broker.aws_secrets import (
     _log_answer,
     _older_news,
     _read_at,
+    _read_by_stage,
     _refuse_stale_bypass,
     _changed_keys,
     config_dict,
@@ -193,13 +194,21 @@ class AsyncAWSSecretsManager:
             self._followers[name] = asyncio.get_running_loop().create_task(
                 _follow(weakref.ref(self), name, value.version_id, value.arn), name=f"watch-{name}"
             )
+        if _read_by_stage(key) and name not in self._followers and self.config.secret_cache_ttl > 0:
+            await self._follow_for_stages(name)
         return value._for_caller()
+
+    async def _follow_for_stages(self, name: str) -> None:
+        """As ``AWSSecretsManager._follow_for_stages``."""
+        try:
+            await self.get_secret(name)
+        except AWSSecretsManagerError as error:
+            logger.debug("get_secret %s: its current version not followed: %s", name, type(error).__name__)
 
     def _rotated(self, name: str, value: Optional[SecretValue]) -> None:
         """A watch event: the cached value replaced (or dropped), and what
-        was read by stage read again."""
-        held = self._cache.get((name, None))
-        moved = held is None or value is None or not value.is_same_version(held[0])
+        was read by stage read again (an event always means the current
+        version moved: see ``AWSSecretsManager._rotated``)."""
         if value is None:
             self._cache.pop((name, None), None)
             self._followers.pop(name, None)
@@ -207,10 +216,9 @@ class AsyncAWSSecretsManager:
         else:
             self._cache[(name, None)] = (value, time.monotonic())
             self._learned_at[name] = time.monotonic()
-        if moved:
-            arns = [(key, cached[0].arn) for key, cached in self._cache.items()]
-            for key in _changed_keys(arns, name, value):
-                del self._cache[key]
+        arns = [(key, cached[0].arn) for key, cached in self._cache.items()]
+        for key in _changed_keys(arns, name, value):
+            del self._cache[key]
 
     async def test_connection(self) -> bool:
         """Whether the broker answers and reaches AWS. Never raises."""

@@ -23,6 +23,7 @@ import ipaddress
 import json
 import logging
 import os
+import math
 import random
 import re
 import threading
@@ -240,8 +241,11 @@ class AWSSecretsConfig(BaseSettings):
     @field_validator("secret_cache_ttl", mode="before")
     @classmethod
     def _ttl(cls, value: Any) -> Any:
-        """As the broker reads it: seconds, or a duration such as ``5m`` or
-        ``1h 30m``; empty means the default; never negative."""
+        """As the broker reads it: seconds, or a duration such as ``5m``,
+        ``1h 30m`` or ``0.5m`` in the units ms, s, m (minutes), h and d
+        (``5M`` is refused: it is no minute); empty means the default;
+        never negative. A duration under a second is a second: only 0
+        turns the local cache off."""
         if not isinstance(value, str):
             return value
         text = value.strip()
@@ -249,14 +253,21 @@ class AWSSecretsConfig(BaseSettings):
             return 300
         if re.fullmatch(r"-?\d+", text):
             return int(text)
-        parts = re.findall(r"(\d+)\s*([A-Za-z]+)", text)
-        if (
-            not parts
-            or re.sub(r"\s+", "", text) != "".join(n + u for n, u in parts)
-            or any(u not in _DURATION_UNITS for _, u in parts)
-        ):
+        unknown = [u for u in re.findall(r"[A-Za-z]+", text) if u not in _DURATION_UNITS]
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is not one of its units, ms, s, m (minutes), h and d")
+        parts = re.findall(r"(\d+(?:\.\d+)?)\s*([A-Za-z]+)", text)
+        if not parts or re.sub(r"\s+", "", text) != "".join(n + u for n, u in parts):
             raise ValueError(f"{value!r} is not a number of seconds or a duration such as 5m")
-        return int(sum(int(n) * _DURATION_UNITS[u] for n, u in parts))
+        return math.ceil(sum(float(n) * _DURATION_UNITS[u] for n, u in parts))
+
+    @field_validator("secret_prefix", "aws_default_region", mode="before")
+    @classmethod
+    def _trimmed(cls, value: Any, info: Any) -> Any:
+        """As the broker reads them: trimmed, and empty means the default."""
+        if not isinstance(value, str):
+            return value
+        return value.strip() or cls.model_fields[info.field_name].default
 
     @field_validator("secret_cache_ttl")
     @classmethod
@@ -404,19 +415,14 @@ class AWSSecretsConfig(BaseSettings):
         return grpc.secure_channel(self.broker_endpoint, credentials, options=options)
 
 
-# The units the broker's duration settings take (humantime's), in seconds;
-# case matters: 1M is a month, 1m a minute.
+# The units the broker's duration settings take, in seconds (the broker
+# refuses humantime's others: 5M would be months, not minutes).
 _DURATION_UNITS: dict[str, float] = {
-    **dict.fromkeys(("nsec", "ns"), 1e-9),
-    **dict.fromkeys(("usec", "us"), 1e-6),
-    **dict.fromkeys(("msec", "ms"), 1e-3),
-    **dict.fromkeys(("seconds", "second", "sec", "s"), 1),
-    **dict.fromkeys(("minutes", "minute", "min", "m"), 60),
-    **dict.fromkeys(("hours", "hour", "hr", "h"), 3600),
-    **dict.fromkeys(("days", "day", "d"), 86400),
-    **dict.fromkeys(("weeks", "week", "w"), 7 * 86400),
-    **dict.fromkeys(("months", "month", "M"), 2_630_016),
-    **dict.fromkeys(("years", "year", "y"), 31_557_600),
+    **dict.fromkeys(("ms", "msec"), 1e-3),
+    **dict.fromkeys(("s", "sec", "secs", "second", "seconds"), 1),
+    **dict.fromkeys(("m", "min", "mins", "minute", "minutes"), 60),
+    **dict.fromkeys(("h", "hr", "hrs", "hour", "hours"), 3600),
+    **dict.fromkeys(("d", "day", "days"), 86400),
 }
 # As the broker: a duration past a year is a mistake.
 _MAX_DURATION = 366 * 86400
@@ -699,6 +705,11 @@ def _older_news(held: Optional[SecretValue], held_read_at: float, value: SecretV
     return read_at < held_read_at
 
 
+def _read_by_stage(key: tuple[str, Optional[str]]) -> bool:
+    """Whether a cache key is of a read by a stage other than the current."""
+    return key[1] is not None and "stage:" in key[1]
+
+
 def _cache_key(name: str, version_id: Optional[str], version_stage: Optional[str]) -> tuple[str, Optional[str]]:
     """The local cache's key: the name, and which version (``None`` for the
     current one, which is the one followed by push)."""
@@ -879,7 +890,25 @@ class AWSSecretsManager:
         self.config.check_prefix(secret_name, answer.secret.name)
         _refuse_stale_bypass(answer.secret, use_cache)
         value = SecretValue.from_proto(answer.secret)
-        return self._store(key, value, generation, _read_at(answer.secret, sent_at))._for_caller()
+        kept = self._store(key, value, generation, _read_at(answer.secret, sent_at))._for_caller()
+        if _read_by_stage(key) and self._unfollowed(secret_name):
+            self._follow_for_stages(secret_name)
+        return kept
+
+    def _unfollowed(self, name: str) -> bool:
+        """Whether nothing follows ``name`` by push while the local cache is on."""
+        with self._lock:
+            current = self._cache.get((name, None))
+        return self.config.secret_cache_ttl > 0 and (current is None or current.follower is None)
+
+    def _follow_for_stages(self, name: str) -> None:
+        """A rotation drops what was read by stage, and only a followed
+        current value hears of rotations: it is read once, so that
+        ``AWSPREVIOUS`` read alone does not stay as it was for the TTL."""
+        try:
+            self.get_secret(name)
+        except AWSSecretsManagerError as error:
+            logger.debug("get_secret %s: its current version not followed: %s", name, type(error).__name__)
 
     def _store(self, key: tuple[str, Optional[str]], value: SecretValue, generation: int, read_at: float) -> SecretValue:
         """Keeps what was read (and follows it); returns what to answer:
@@ -911,12 +940,15 @@ class AWSSecretsManager:
         return value
 
     def _rotated(self, name: str, value: Optional[SecretValue]) -> None:
-        """A watch event: the cached value replaced (or dropped) in place."""
+        """A watch event: the cached value replaced (or dropped) in place.
+        An event always means the current version moved (the follower asks
+        from the version it holds), so what was read by stage is read
+        again, even when a read that bypassed the cache already holds the
+        new current version."""
         with self._lock:
             entry = self._cache.get((name, None))
             if entry is None:
                 return
-            moved = value is None or not value.is_same_version(entry.value)
             arns = [(key, cached.value.arn) for key, cached in self._cache.items()]
             if value is None:
                 del self._cache[(name, None)]
@@ -929,7 +961,7 @@ class AWSSecretsManager:
             # (AWSPREVIOUS...) is read again. A version id's value never
             # changes, but with a stage it may no longer hold it; a deleted
             # secret has no readable version at all.
-            for key in _changed_keys(arns, name, value) if moved else []:
+            for key in _changed_keys(arns, name, value):
                 del self._cache[key]
 
     def test_connection(self) -> bool:
