@@ -184,6 +184,13 @@ out["remote_uses_proxy"] = tls_options(https_proxy="http://proxy.invalid:3128", 
 out["no_proxy_names_it"] = tls_options(https_proxy="http://proxy.invalid:3128", broker_endpoint="broker.internal:50051")
 # No HTTPS_PROXY: grpc-core must not take http_proxy (set for AWS) itself.
 out["remote_without_https_proxy"] = tls_options(broker_endpoint="broker.example:50051")
+# An https:// proxy is reached as http://, and the warning says which one.
+import io, logging
+said = io.StringIO()
+logging.getLogger("secrets_broker").addHandler(logging.StreamHandler(said))
+out["https_proxy"] = tls_options(https_proxy="https://u:pw@proxy.invalid:8080", broker_endpoint="broker.example:50051")
+tls_options(https_proxy="https://proxy.company.invalid:8080", broker_endpoint="broker.example:50051")
+out["https_proxy_said"] = said.getvalue().splitlines()
 print(json.dumps(out))
 """
 
@@ -216,6 +223,9 @@ def test_the_client_follows_the_guides_semantics(venv, seeded_broker, moto, tmp_
     assert out["remote_uses_proxy"] == {"grpc.http_proxy": "http://proxy.invalid:3128"}, out
     assert out["no_proxy_names_it"] == {"grpc.enable_http_proxy": 0}, out
     assert out["remote_without_https_proxy"] == {"grpc.enable_http_proxy": 0}, out
+    assert out["https_proxy"] == {"grpc.http_proxy": "http://u:pw@proxy.invalid:8080"}, out
+    assert [line.split(" is reached")[0] for line in out["https_proxy_said"]] == [
+        "the proxy https://proxy.invalid:8080", "the proxy https://proxy.company.invalid:8080"], out
     assert out["reconnect_within_s"] <= 5, out
 
 
@@ -760,6 +770,19 @@ except AWSSecretsManagerError as error:
 os.environ["SECRET_CACHE_TTL"] = "3600"
 m = AWSSecretsManager()
 
+# The package's DEBUG lines stay one line whatever the name asked.
+import io, logging
+captured = io.StringIO()
+handler = logging.StreamHandler(captured)
+logging.getLogger("secrets_broker").addHandler(handler)
+logging.getLogger("secrets_broker").setLevel(logging.DEBUG)
+try:
+    m.get_secret("x\\nLOG forged line")
+except AWSSecretsManagerError:
+    pass
+logging.getLogger("secrets_broker").removeHandler(handler)
+out["debug_lines"] = captured.getvalue().splitlines()
+
 # Changing a returned value changes nothing in the cache.
 m.get_secret("production/jwt").value["jwt_algorithm"] = "MUTATED"
 out["value_is_the_callers"] = m.get_secret("production/jwt").value["jwt_algorithm"]
@@ -866,6 +889,7 @@ def test_the_client_at_its_edges(venv, seeded_broker, moto, tmp_path):
     assert out["ttl_5m"] == 300 and out["ttl_negative"] == "refused", out
     assert out["ttl_half_minute"] == 30 and out["ttl_5M"] == out["ttl_2w"] == "refused", out
     assert out["prefix_region"] == ["insurecove", "ap-east-1"], out
+    assert out["debug_lines"] and not any(line.startswith("LOG forged") for line in out["debug_lines"]), out
     assert out["watch_threads_left"] == 0, out
     assert out["binary"] == "refused: binary", out
     assert out["config_prefix_other"] == "refused", out

@@ -27,6 +27,7 @@ from secrets_broker.aws_secrets import (
     AskedSinceClear,
     AWSSecretsConfig,
     AWSSecretsManagerError,
+    _OneLineArgs,
     SecretValue,
     _cache_key,
     _error_from,
@@ -50,6 +51,7 @@ __all__ = ["AsyncAWSSecretsManager"]
 T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
+logger.addFilter(_OneLineArgs())
 
 
 class AsyncAWSSecretsManager:

@@ -60,7 +60,29 @@ __all__ = [
     "test_aws_connection",
 ]
 
+
+
+class _OneLineArgs(logging.Filter):
+    """Keeps each of the package's log records on one line: an argument
+    that would print a line break or another unprintable character (a
+    name as the caller asked it, a version id from AWS, a gRPC error's
+    several lines) is written with its escapes instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_one_line(arg) for arg in record.args)
+        return True
+
+
+def _one_line(arg: Any) -> Any:
+    if isinstance(arg, (int, float)):
+        return arg
+    text = str(arg)
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
 logger = logging.getLogger(__name__)
+logger.addFilter(_OneLineArgs())
 
 CALL_TIMEOUT = 10.0
 WATCH_BACKOFF_MAX = 5.0
@@ -366,7 +388,8 @@ class AWSSecretsConfig(BaseSettings):
                 # broker's TLS runs inside the tunnel). Most proxies named
                 # https:// in HTTPS_PROXY take CONNECT on the same port.
                 proxy = "http://" + proxy[len("https://"):]
-                shown = proxy.rsplit("@", 1)[-1]  # never the credentials a proxy URL may hold
+                # Never the credentials a proxy URL may hold.
+                shown = proxy[len("http://"):].rsplit("@", 1)[-1]
                 logger.warning("the proxy https://%s is reached as http:// (gRPC does not speak TLS to a proxy)", shown)
             options.append(("grpc.http_proxy", proxy))
         if tls and self.broker_tls_domain:
