@@ -23,37 +23,53 @@ const ENV_FILE_READ: &str =
 /// if there is one, into the environment (values already set win); its
 /// path, for `serve` and `check` to say it was read.
 ///
-/// A line that cannot be read stops the start: dotenvy stops at it, so the
-/// lines after it would silently not apply (another prefix, another TTL).
-/// The line is named by its number only, since it may hold a credential.
+/// A line that cannot be read is an error, for `serve` and `check` to stop
+/// at: dotenvy stops there, so the lines after it would silently not apply
+/// (another prefix, another TTL). It is named by its number where that can
+/// be told, never by its text: it may hold a credential. A file that
+/// cannot be opened is said on stderr and left out, as before.
 pub fn load_env_file() -> Result<Option<PathBuf>, String> {
+    let path = || env_file_path().unwrap_or_else(|| PathBuf::from(".env"));
     match dotenvy::dotenv() {
         Ok(path) => Ok(Some(path)),
         Err(error) if error.not_found() => Ok(None),
-        Err(error) => {
-            let path = env_file_path().unwrap_or_else(|| PathBuf::from(".env"));
-            let problem = match &error {
-                dotenvy::Error::LineParse(line, at) => {
-                    let text = std::fs::read_to_string(&path).unwrap_or_default();
-                    let first = line.lines().next().unwrap_or_default();
-                    let number = text
-                        .lines()
-                        .position(|candidate| candidate == first)
-                        .map_or_else(|| "a line".to_owned(), |n| format!("line {}", n + 1));
-                    format!(
-                        "{number} is not NAME=value (stopped at its character {}; its text is \
-                         not shown, it may hold a credential)",
-                        at + 1
-                    )
-                }
-                dotenvy::Error::Io(io) => io.to_string(),
-                _ => "a variable cannot be read (not valid UTF-8?)".to_owned(),
-            };
+        Err(dotenvy::Error::LineParse(line, at)) => {
+            let path = path();
             Err(format!(
-                "cannot read the env file {}: {problem}; fix or remove it",
-                path.display()
+                "cannot read the env file {}: {} cannot be read as NAME=value (at its \
+                 character {}; its text is not shown, it may hold a credential); fix or remove it",
+                path.display(),
+                line_of(&path, &line),
+                at + 1
             ))
         }
+        Err(error) => {
+            let why = match error {
+                dotenvy::Error::Io(io) => io.to_string(),
+                // Not its `Display`: a variable that is not UTF-8 is quoted.
+                _ => "a variable is not valid UTF-8".to_owned(),
+            };
+            eprintln!(
+                "secrets-broker: the env file {} was not read: {why}",
+                path().display()
+            );
+            Ok(None)
+        }
+    }
+}
+
+/// Which line of the file holds `text` (what dotenvy stopped at: a line,
+/// or only its value), when one line alone does.
+fn line_of(path: &std::path::Path, text: &str) -> String {
+    let file = std::fs::read_to_string(path).unwrap_or_default();
+    let wanted = text.lines().next().unwrap_or_default().trim();
+    let mut holding = file
+        .lines()
+        .enumerate()
+        .filter(|(_, line)| !wanted.is_empty() && line.contains(wanted));
+    match (holding.next(), holding.next()) {
+        (Some((number, _)), None) => format!("line {}", number + 1),
+        _ => "a line".to_owned(),
     }
 }
 

@@ -36,15 +36,29 @@ enum Command {
     Stats(operator::Connection),
 }
 
+impl Command {
+    /// Whether it resolves the broker's settings (which a .env feeds).
+    fn reads_settings(&self) -> bool {
+        matches!(self, Self::Serve(_) | Self::Check(_))
+    }
+}
+
 fn main() -> ExitCode {
     // Values already in the environment win over the .env file.
-    let env_file = match load_env_file() {
-        Ok(path) => path,
-        Err(message) => return fail(&message),
-    };
+    let env_file = load_env_file();
     // SAFETY: no other thread has started yet.
     unsafe { secrets_broker::backend::aws::forget_blank_endpoint_vars() };
     let cli = Cli::parse();
+    // An unreadable line stops the broker's start; the operator commands
+    // only say it.
+    let env_file = match (env_file, cli.command.reads_settings()) {
+        (Ok(path), _) => path,
+        (Err(message), true) => return fail(&message),
+        (Err(message), false) => {
+            eprintln!("secrets-broker: {message}");
+            None
+        }
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => return fail(&format!("cannot start the async runtime: {error}")),

@@ -58,12 +58,12 @@ impl fmt::Debug for DatabaseConfig {
 
 /// A URL as `Debug` shows it: a user and password in it
 /// (`https://user:pass@host/`) are a credential, and print `<redacted>`.
+/// A password may hold `/`, `?` or `#` unescaped, so whatever precedes
+/// the last `@` goes (an `@` in a path or query costs the host, in Debug
+/// only).
 fn without_userinfo(url: &str) -> String {
     let after_scheme = url.find("://").map_or(0, |at| at + 3);
-    let authority_end = url[after_scheme..]
-        .find(['/', '?', '#'])
-        .map_or(url.len(), |end| after_scheme + end);
-    match url[after_scheme..authority_end].rfind('@') {
+    match url[after_scheme..].rfind('@') {
         Some(at) => format!(
             "{}{REDACTED}{}",
             &url[..after_scheme],
@@ -142,7 +142,7 @@ mod tests {
                 ..Default::default()
             },
             DatabaseConfig {
-                supabase_url: "https://user:hunter2-U@x.supabase.co/db?x=@y".into(),
+                supabase_url: "postgresql://postgres:hunter2-U/?#@db.x.supabase.co:5432/db".into(),
                 supabase_anon_key: "hunter2-C".into(),
                 supabase_service_key: "hunter2-D".into(),
                 database_password: "hunter2-E".into(),
@@ -160,14 +160,14 @@ mod tests {
         );
         assert!(shown.contains("text, 9 bytes"), "{shown}");
         assert!(
-            shown.contains("https://<redacted>@x.supabase.co/db?x=@y"),
+            shown.contains("postgresql://<redacted>@db.x.supabase.co:5432/db"),
             "{shown}"
         );
     }
 
     #[test]
     fn a_url_without_a_user_shows_whole() {
-        for url in ["https://x.supabase.co", "https://x.supabase.co/a@b", "x"] {
+        for url in ["https://x.supabase.co", "https://x.supabase.co/a", "x"] {
             assert_eq!(without_userinfo(url), url);
         }
         assert_eq!(without_userinfo("u:p@host"), "<redacted>@host");

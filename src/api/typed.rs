@@ -129,7 +129,7 @@ impl Fields {
             return Err(Malformed::field(
                 field,
                 "must be a JWS algorithm's name, such as HS256 (HS, RS, PS or ES with 256, 384 \
-                 or 512; ES256K; EdDSA)",
+                 or 512; ES256K; EdDSA, Ed25519, Ed448)",
             ));
         }
         Ok(name)

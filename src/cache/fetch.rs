@@ -405,18 +405,18 @@ impl Shared {
 
     /// `id`'s current version moved: a rotation moves the other stages too
     /// (AWSPREVIOUS), so what is cached or remembered missing by another
-    /// stage is read again when next asked. Without this, a client told of
-    /// the rotation at once and reading AWSPREVIOUS again got the version
-    /// from before it, and kept it. Rotations are rare: a pass over the map
-    /// each is cheap.
+    /// stage is read again when next asked, and a read of one already under
+    /// way (it may have been answered before the rotation) stores nothing.
+    /// Without this, a client told of the rotation at once and reading
+    /// AWSPREVIOUS again got the version from before it, and kept it.
+    /// Rotations are rare: a pass over the map each is cheap.
     fn forget_other_stages(&self, id: &str) {
         let name = names::secret_name(id);
-        let other_stage = |key: &CacheKey| {
+        let mark = self.next_fetch.load(Relaxed);
+        self.clear_keys_where(mark, |key: &CacheKey| {
             matches!(&key.selector, VersionSelector::Stage(stage) if stage != AWSCURRENT)
                 && names::secret_name(&key.name) == name
-        };
-        self.entries.retain(|key, _| !other_stage(key));
-        self.negative.forget_where(other_stage);
+        });
     }
 
     /// Drops what is cached by version id for `id`'s secret whose version

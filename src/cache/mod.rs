@@ -527,17 +527,7 @@ impl Cache {
             shared.entries.clear();
             shared.clock.clear();
         } else {
-            shared.negative.forget_where(&belongs);
-            let keys = shared.keys_where(&belongs);
-            shared.room_for_marks(&shared.cleared_keys, keys.len());
-            for key in keys {
-                // Marked first, as a deletion is (see `mark_deleted`).
-                shared.cleared_keys.insert(key.clone(), mark);
-                shared.entries.remove(&key);
-                shared
-                    .inflight
-                    .remove_if(&key, |_, running| running.number < mark);
-            }
+            shared.clear_keys_where(mark, belongs);
         }
         before.saturating_sub(shared.entries.len()) as u64
     }
@@ -633,6 +623,22 @@ impl Shared {
     fn room_for_marks(&self, marks: &DashMap<CacheKey, u64>, more: usize) {
         if marks.len() + more > self.settings.max_entries.max(1) {
             marks.clear();
+        }
+    }
+
+    /// Drops the entries and remembered misses `belongs` picks, cached or
+    /// being read now, marked cleared as of fetch number `mark`: a read
+    /// that started before does not store what it read.
+    pub(super) fn clear_keys_where(&self, mark: u64, belongs: impl Fn(&CacheKey) -> bool) {
+        self.negative.forget_where(&belongs);
+        let keys = self.keys_where(&belongs);
+        self.room_for_marks(&self.cleared_keys, keys.len());
+        for key in keys {
+            // Marked first, as a deletion is (see `mark_deleted`).
+            self.cleared_keys.insert(key.clone(), mark);
+            self.entries.remove(&key);
+            self.inflight
+                .remove_if(&key, |_, running| running.number < mark);
         }
     }
 

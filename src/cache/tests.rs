@@ -687,6 +687,29 @@ async fn a_moved_current_version_forgets_the_other_stages() {
     assert_eq!(cache.entries_where(|cached| *cached == key("s")).len(), 1);
 }
 
+/// A read of AWSPREVIOUS answered before the rotation and ending after it
+/// does not put the version from before it back.
+#[tokio::test(start_paused = true)]
+async fn a_stage_read_straddling_a_rotation_stores_nothing() {
+    let store = FakeStore::with(&["s"]);
+    let cache = cache_over(&store, 100);
+    version_of(&cache, "s").await;
+    let previous = CacheKey::new("s".into(), VersionSelector::Stage("AWSPREVIOUS".into()));
+    store
+        .answers_as_of_the_start
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    *store.delay.lock().unwrap() = Duration::from_secs(3);
+    let slow = read_under_way(&cache, previous.clone(), false).await;
+    store.set("s", "v2");
+    *store.delay.lock().unwrap() = Duration::ZERO;
+    cache.get(key("s"), true).await.unwrap();
+    slow.await.unwrap().unwrap();
+    assert!(
+        cache.entries_where(|cached| *cached == previous).is_empty(),
+        "the read from before the rotation is not kept"
+    );
+}
+
 /// A read of `key` that has started (its fetch is under way) when this
 /// returns.
 async fn read_under_way(

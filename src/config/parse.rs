@@ -76,8 +76,9 @@ pub(super) fn parse_duration(value: &str) -> Result<Duration, String> {
     let duration = match value.parse::<u64>() {
         Ok(seconds) => Duration::from_secs(seconds),
         Err(_) => {
+            // Units are what lies between the numbers: `µs` whole, not `s`.
             let unknown = value
-                .split(|c: char| !c.is_ascii_alphabetic())
+                .split(|c: char| c.is_ascii_digit() || c.is_whitespace() || c == '.')
                 .find(|unit| !unit.is_empty() && !DURATION_UNITS.contains(unit));
             if let Some(unit) = unknown {
                 return Err(format!(

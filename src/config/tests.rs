@@ -384,7 +384,7 @@ fn durations_take_the_units_of_seconds_to_days_only() {
         );
     }
     // `M` is months to humantime, `w` weeks, `y` years.
-    for value in ["5M", "1w", "1y", "2 months", "5 mins ago"] {
+    for value in ["5M", "1w", "1y", "2 months", "5 mins ago", "5µs", "5ns"] {
         let err = ttl(value).unwrap_err().to_string();
         assert!(err.contains("is not one of its units"), "{value}: {err}");
     }

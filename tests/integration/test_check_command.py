@@ -117,7 +117,7 @@ def test_a_dotenv_line_that_cannot_be_read_stops_the_start(run_cli, tmp_path):
     )
     proc = run_cli("check", "--dev")
     assert proc.returncode == 1, output(proc)
-    assert "line 2 is not NAME=value" in output(proc), output(proc)
+    assert "line 2 cannot be read as NAME=value" in output(proc), output(proc)
     assert "hunter2-env" not in output(proc), output(proc)
 
 
