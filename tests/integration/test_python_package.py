@@ -760,6 +760,8 @@ os.environ["SECRET_CACHE_TTL"] = "3600"
 os.environ["SECRET_PREFIX"], os.environ["AWS_DEFAULT_REGION"] = " insurecove ", ""
 trimmed = AWSSecretsConfig()
 out["prefix_region"] = [trimmed.secret_prefix, trimmed.aws_default_region]
+os.environ["SECRET_PREFIX"] = ""          # unset: no prefix check
+out["empty_prefix_set"] = "secret_prefix" in AWSSecretsConfig().model_fields_set
 del os.environ["SECRET_PREFIX"], os.environ["AWS_DEFAULT_REGION"]
 os.environ["SECRET_CACHE_TTL"] = "-5"
 try:
@@ -888,7 +890,7 @@ def test_the_client_at_its_edges(venv, seeded_broker, moto, tmp_path):
     assert out["value_is_the_callers"] == "HS256", out
     assert out["ttl_5m"] == 300 and out["ttl_negative"] == "refused", out
     assert out["ttl_half_minute"] == 30 and out["ttl_5M"] == out["ttl_2w"] == "refused", out
-    assert out["prefix_region"] == ["insurecove", "ap-east-1"], out
+    assert out["prefix_region"] == ["insurecove", "ap-east-1"] and out["empty_prefix_set"] is False, out
     assert out["debug_lines"] and not any(line.startswith("LOG forged") for line in out["debug_lines"]), out
     assert out["watch_threads_left"] == 0, out
     assert out["binary"] == "refused: binary", out
@@ -1272,13 +1274,12 @@ print(json.dumps(asyncio.run(main())))
 """
 
 
-def test_an_asyncio_read_cut_by_close_raises_the_packages_error(venv, seeded_broker, moto, tmp_path):
-    """close() with a read under way: the read fails as the sync client's
-    does (AWSSecretsManagerError, CANCELLED), not with an
-    asyncio.CancelledError in a task nobody cancelled."""
-    broker, _ = seeded_broker
-    probe = tmp_path / "close_in_flight.py"
-    probe.write_text(CLOSE_IN_FLIGHT_PROBE)
+def run_while_aws_hangs(venv, broker, moto, tmp_path, probe_text: str) -> tuple[dict, str]:
+    """Runs a probe that prints "read" once it has read, then waits on its
+    stdin; moto is stopped (SIGSTOP: AWS hangs) while the probe goes on.
+    The JSON the probe prints last, and its stderr."""
+    probe = tmp_path / "hanging_aws_probe.py"
+    probe.write_text(probe_text)
     proc = subprocess.Popen(
         [str(venv), str(probe)], env=package_env(broker), cwd=tmp_path,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.PIPE,
@@ -1286,10 +1287,57 @@ def test_an_asyncio_read_cut_by_close_raises_the_packages_error(venv, seeded_bro
     try:
         assert proc.stdout.readline() == "read\n", proc.stderr.read() if proc.poll() is not None else ""
         moto.proc.send_signal(signal.SIGSTOP)
-        out, err = proc.communicate("go\n", timeout=30)
+        out, err = proc.communicate("go\n", timeout=60)
     finally:
         moto.proc.send_signal(signal.SIGCONT)
         proc.kill()
-    seen = json.loads(out or "{}")
+    return json.loads(out or "{}"), err
+
+
+def test_an_asyncio_read_cut_by_close_raises_the_packages_error(venv, seeded_broker, moto, tmp_path):
+    """close() with a read under way: the read fails as the sync client's
+    does (AWSSecretsManagerError, CANCELLED), not with an
+    asyncio.CancelledError in a task nobody cancelled."""
+    broker, _ = seeded_broker
+    seen, err = run_while_aws_hangs(venv, broker, moto, tmp_path, CLOSE_IN_FLIGHT_PROBE)
     assert seen.get("outcome") == "AWSSecretsManagerError" and seen.get("code") == "CANCELLED", (seen, err[-2000:])
     assert "close()" in seen["message"], seen
+
+
+REFRESH_WHILE_AWS_HANGS_PROBE = """
+import asyncio, json, sys, time
+from secrets_broker.aws_secrets import AWSSecretsManager
+from secrets_broker.aio import AsyncAWSSecretsManager
+m, am = AWSSecretsManager(), AsyncAWSSecretsManager()
+m.get_secret("mistral-api-key"), m.get_jwt_config()
+asyncio.run(am.get_secret("mistral-api-key"))
+print("read", flush=True)
+sys.stdin.readline()                      # AWS hangs now
+def timed(read):
+    started = time.monotonic()
+    value = read()
+    return [value, round(time.monotonic() - started, 2)]
+m.clear_cache()
+out = {"sync": timed(lambda: m.get_secret("mistral-api-key").as_string()),
+       "typed": timed(lambda: m.get_jwt_config()["jwt_issuer"])}
+async def aio_read():
+    await am.clear_cache()
+    started = time.monotonic()
+    value = (await am.get_secret("mistral-api-key")).as_string()
+    return [value, round(time.monotonic() - started, 2)]
+out["aio"] = asyncio.run(aio_read())
+print(json.dumps(out), flush=True)
+"""
+
+
+def test_the_first_read_after_clear_cache_does_not_stall_while_aws_hangs(venv, seeded_broker, moto, tmp_path):
+    """After clear_cache() a read asks AWS through the broker; with AWS
+    hanging it takes the broker's copy after REFRESH_WAIT (2 s), not at
+    the call timeout (10 s): sync, typed and asyncio reads."""
+    broker, _ = seeded_broker
+    seen, err = run_while_aws_hangs(venv, broker, moto, tmp_path, REFRESH_WHILE_AWS_HANGS_PROBE)
+    assert seen, err[-2000:]
+    assert seen["sync"][0] == MISTRAL_VALUE and seen["aio"][0] == MISTRAL_VALUE, seen
+    assert seen["typed"][0] == "insurecove-package", seen
+    # REFRESH_WAIT, and a busy machine's slack; the call timeout is 10 s.
+    assert all(took < 5.0 for _, took in seen.values()), seen

@@ -15,7 +15,7 @@ import logging
 import sys
 import time
 import weakref
-from typing import Any, Awaitable, Optional, TypeVar
+from typing import Any, Awaitable, Callable, Optional, TypeVar
 
 import grpc
 import grpc.aio
@@ -23,6 +23,7 @@ import grpc.aio
 from secrets_broker.aws_secrets import (
     CALL_TIMEOUT,
     MAX_FOLLOWED,
+    REFRESH_WAIT,
     WATCH_BACKOFF_MAX,
     AskedSinceClear,
     AWSSecretsConfig,
@@ -35,10 +36,11 @@ from secrets_broker.aws_secrets import (
     _health_request,
     _health_status,
     _jittered,
+    _NOT_IN_TIME,
     _log_answer,
     _older_news,
     _read_at,
-    _read_by_stage,
+    _has_stage,
     _refuse_stale_bypass,
     _changed_keys,
     config_dict,
@@ -94,6 +96,19 @@ class AsyncAWSSecretsManager:
                 self._channel = grpc.aio.secure_channel(endpoint, credentials, options=options)
             self._loop = loop
         return self._channel
+
+    async def _ask(self, call: Callable[..., Any], request: Any, refresh: bool) -> Any:
+        """As the sync client's ``_ask``: a refresh gives AWS
+        ``REFRESH_WAIT``, then asks the broker's cache."""
+        if not refresh:
+            return await self._unless_closed(call(request, timeout=CALL_TIMEOUT))
+        try:
+            return await self._unless_closed(call(request, timeout=REFRESH_WAIT))
+        except grpc.aio.AioRpcError as error:
+            if error.code() not in _NOT_IN_TIME:
+                raise
+        request.bypass_cache = False
+        return await self._unless_closed(call(request, timeout=CALL_TIMEOUT - REFRESH_WAIT))
 
     async def _unless_closed(self, call: Awaitable[T]) -> T:
         """Awaits a call; one cut by ``close()`` raises what the sync client
@@ -154,6 +169,10 @@ class AsyncAWSSecretsManager:
         if use_cache and cached is not None and time.monotonic() - cached[1] < self.config.secret_cache_ttl:
             logger.debug("get_secret %s: from the local cache", secret_name)
             return cached[0]._for_caller()
+        name = key[0]
+        if _has_stage(key) and name not in self._followers and self.config.secret_cache_ttl > 0:
+            # First: a rotation after the stage's read is then heard.
+            await self._follow_for_stages(name)
         asked = ("secret", *key)
         again = self._since_clear.first_read(asked)
         generation = self._since_clear.generation
@@ -162,7 +181,7 @@ class AsyncAWSSecretsManager:
         request = _get_secret_request(secret_name, version_id, use_cache and not again, version_stage)
         sent_at = time.monotonic()
         try:
-            answer = await self._unless_closed(self._secrets().GetSecret(request, timeout=CALL_TIMEOUT))
+            answer = await self._ask(self._secrets().GetSecret, request, refresh=again and use_cache)
         except grpc.RpcError as error:
             logger.debug("get_secret %s: the broker answered %s", secret_name, error.code())
             raise _error_from(error, self.config) from None
@@ -196,8 +215,6 @@ class AsyncAWSSecretsManager:
             self._followers[name] = asyncio.get_running_loop().create_task(
                 _follow(weakref.ref(self), name, value.version_id, value.arn), name=f"watch-{name}"
             )
-        if _read_by_stage(key) and name not in self._followers and self.config.secret_cache_ttl > 0:
-            await self._follow_for_stages(name)
         return value._for_caller()
 
     async def _follow_for_stages(self, name: str) -> None:
@@ -287,7 +304,7 @@ class AsyncAWSSecretsManager:
         generation = self._since_clear.generation
         request = getattr(secrets_service_pb2, f"{rpc}Request")(name=name, bypass_cache=again)
         try:
-            answer = await self._unless_closed(getattr(self._secrets(), rpc)(request, timeout=CALL_TIMEOUT))
+            answer = await self._ask(getattr(self._secrets(), rpc), request, refresh=again)
         except grpc.RpcError as error:
             raise _error_from(error, self.config) from None
         finally:

@@ -31,6 +31,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
@@ -85,6 +86,9 @@ logger = logging.getLogger(__name__)
 logger.addFilter(_OneLineArgs())
 
 CALL_TIMEOUT = 10.0
+# How long the first read of a key after clear_cache() gives AWS before it
+# takes the broker's own copy (see _ask).
+REFRESH_WAIT = 2.0
 WATCH_BACKOFF_MAX = 5.0
 # HTTP/2 pings: a connection silent this long is pinged, and closed when
 # the answer takes longer than the timeout (the Rust client's figures).
@@ -241,7 +245,11 @@ class AWSSecretsConfig(BaseSettings):
 
     # hide_input_in_errors: a ValidationError would otherwise quote what
     # it was given, the AWS secret key included.
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False, hide_input_in_errors=True)
+    # env_ignore_empty: a variable set to the empty string counts as unset,
+    # as the broker reads it.
+    model_config = SettingsConfigDict(
+        env_file=".env", extra="ignore", case_sensitive=False, hide_input_in_errors=True, env_ignore_empty=True
+    )
 
     aws_access_key_id: Optional[str] = None
     # Left out of repr() and str(): a service that logs its settings must
@@ -266,30 +274,36 @@ class AWSSecretsConfig(BaseSettings):
         """As the broker reads it: seconds, or a duration such as ``5m``,
         ``1h 30m`` or ``0.5m`` in the units ms, s, m (minutes), h and d
         (``5M`` is refused: it is no minute); empty means the default;
-        never negative. A duration under a second is a second: only 0
-        turns the local cache off."""
+        never negative. Rounded up to whole seconds: only 0 turns the
+        local cache off."""
         if not isinstance(value, str):
             return value
         text = value.strip()
         if not text:
             return 300
-        if re.fullmatch(r"-?\d+", text):
+        if text.startswith("-"):
+            raise ValueError("must not be negative (0 turns the local cache off)")
+        if re.fullmatch(r"\+?[0-9]+", text):
             return int(text)
-        unknown = [u for u in re.findall(r"[A-Za-z]+", text) if u not in _DURATION_UNITS]
+        unknown = [u for u in re.split(r"[0-9.\s]+", text) if u and u not in _DURATION_UNITS]
         if unknown:
             raise ValueError(f"{unknown[0]!r} is not one of its units, ms, s, m (minutes), h and d")
-        parts = re.findall(r"(\d+(?:\.\d+)?)\s*([A-Za-z]+)", text)
+        parts = re.findall(r"([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]+)", text)
         if not parts or re.sub(r"\s+", "", text) != "".join(n + u for n, u in parts):
             raise ValueError(f"{value!r} is not a number of seconds or a duration such as 5m")
-        return math.ceil(sum(float(n) * _DURATION_UNITS[u] for n, u in parts))
+        # Exact (8.3m is 498 s): the broker counts in whole nanoseconds.
+        return math.ceil(sum(Fraction(n) * _DURATION_UNITS[u] for n, u in parts))
 
     @field_validator("secret_prefix", "aws_default_region", mode="before")
     @classmethod
-    def _trimmed(cls, value: Any, info: Any) -> Any:
-        """As the broker reads them: trimmed, and empty means the default."""
+    def _trimmed(cls, value: Any) -> Any:
+        """As the broker reads them: trimmed (empty is unset: see
+        ``env_ignore_empty``), and refused when only spaces."""
         if not isinstance(value, str):
             return value
-        return value.strip() or cls.model_fields[info.field_name].default
+        if not value.strip():
+            raise ValueError("is only spaces")
+        return value.strip()
 
     @field_validator("secret_cache_ttl")
     @classmethod
@@ -440,12 +454,12 @@ class AWSSecretsConfig(BaseSettings):
 
 # The units the broker's duration settings take, in seconds (the broker
 # refuses humantime's others: 5M would be months, not minutes).
-_DURATION_UNITS: dict[str, float] = {
-    **dict.fromkeys(("ms", "msec"), 1e-3),
-    **dict.fromkeys(("s", "sec", "secs", "second", "seconds"), 1),
-    **dict.fromkeys(("m", "min", "mins", "minute", "minutes"), 60),
-    **dict.fromkeys(("h", "hr", "hrs", "hour", "hours"), 3600),
-    **dict.fromkeys(("d", "day", "days"), 86400),
+_DURATION_UNITS: dict[str, Fraction] = {
+    **dict.fromkeys(("ms", "msec"), Fraction(1, 1000)),
+    **dict.fromkeys(("s", "sec", "secs", "second", "seconds"), Fraction(1)),
+    **dict.fromkeys(("m", "min", "mins", "minute", "minutes"), Fraction(60)),
+    **dict.fromkeys(("h", "hr", "hrs", "hour", "hours"), Fraction(3600)),
+    **dict.fromkeys(("d", "day", "days"), Fraction(86400)),
 }
 # As the broker: a duration past a year is a mistake.
 _MAX_DURATION = 366 * 86400
@@ -728,9 +742,11 @@ def _older_news(held: Optional[SecretValue], held_read_at: float, value: SecretV
     return read_at < held_read_at
 
 
-def _read_by_stage(key: tuple[str, Optional[str]]) -> bool:
-    """Whether a cache key is of a read by a stage other than the current."""
-    return key[1] is not None and "stage:" in key[1]
+def _has_stage(key: tuple[str, Optional[str]]) -> bool:
+    """Whether a cache key is of a read by a stage other than the current
+    (with or without a version id)."""
+    selector = key[1]
+    return selector is not None and (selector.startswith("stage:") or " stage:" in selector)
 
 
 def _cache_key(name: str, version_id: Optional[str], version_stage: Optional[str]) -> tuple[str, Optional[str]]:
@@ -739,7 +755,9 @@ def _cache_key(name: str, version_id: Optional[str], version_stage: Optional[str
     if version_id:
         # Both: a version id asked together with a stage is answered only
         # while that version holds the stage.
-        return (name, f"id:{version_id}" + (f"|stage:{version_stage}" if version_stage else ""))
+        # A space parts them: the broker takes no space in either, so no
+        # id or stage read is kept under another's key.
+        return (name, f"id:{version_id}" + (f" stage:{version_stage}" if version_stage else ""))
     if version_stage and version_stage != "AWSCURRENT":
         return (name, f"stage:{version_stage}")
     return (name, None)
@@ -892,6 +910,9 @@ class AWSSecretsManager:
                 if entry is not None and time.monotonic() - entry.stored_at < self.config.secret_cache_ttl:
                     logger.debug("get_secret %s: from the local cache", secret_name)
                     return entry.value._for_caller()
+        if _has_stage(key) and self._unfollowed(secret_name):
+            # First: a rotation after the stage's read is then heard.
+            self._follow_for_stages(secret_name)
         asked = ("secret", *key)
         with self._lock:
             again = self._since_clear.first_read(asked)
@@ -901,7 +922,7 @@ class AWSSecretsManager:
         request = _get_secret_request(secret_name, version_id, use_cache and not again, version_stage)
         sent_at = time.monotonic()
         try:
-            answer = self._secrets().GetSecret(request, timeout=CALL_TIMEOUT)
+            answer = _ask(self._secrets().GetSecret, request, refresh=again and use_cache)
         except grpc.RpcError as error:
             logger.debug("get_secret %s: the broker answered %s", secret_name, error.code())
             raise _error_from(error, self.config) from None
@@ -913,10 +934,7 @@ class AWSSecretsManager:
         self.config.check_prefix(secret_name, answer.secret.name)
         _refuse_stale_bypass(answer.secret, use_cache)
         value = SecretValue.from_proto(answer.secret)
-        kept = self._store(key, value, generation, _read_at(answer.secret, sent_at))._for_caller()
-        if _read_by_stage(key) and self._unfollowed(secret_name):
-            self._follow_for_stages(secret_name)
-        return kept
+        return self._store(key, value, generation, _read_at(answer.secret, sent_at))._for_caller()
 
     def _unfollowed(self, name: str) -> bool:
         """Whether nothing follows ``name`` by push while the local cache is on."""
@@ -1062,7 +1080,7 @@ class AWSSecretsManager:
             generation = self._since_clear.generation
         request = getattr(secrets_service_pb2, f"{rpc}Request")(name=name, bypass_cache=again)
         try:
-            answer = getattr(self._secrets(), rpc)(request, timeout=CALL_TIMEOUT)
+            answer = _ask(getattr(self._secrets(), rpc), request, refresh=again)
         except grpc.RpcError as error:
             raise _error_from(error, self.config) from None
         finally:
@@ -1162,6 +1180,29 @@ def _entries(cache: _Cache, configs: _Configs) -> list[Union[_Entry, _ConfigEntr
     return [*cache.values(), *configs.values()]
 
 
+# What a refresh that ran out of REFRESH_WAIT ends with: the broker could
+# not answer from AWS in time and had no copy to give.
+_NOT_IN_TIME = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+
+
+def _ask(call: Callable[..., Any], request: Any, refresh: bool) -> Any:
+    """Calls the broker. A refresh (the first read of a key after
+    ``clear_cache()``, asking AWS through the broker) gives AWS
+    ``REFRESH_WAIT``: a broker that holds the key answers its copy, marked
+    stale, by then, so a slow AWS does not stall a read for the whole call
+    timeout. When it held none, the read is asked again, of the broker's
+    cache, within what is left of the call timeout."""
+    if not refresh:
+        return call(request, timeout=CALL_TIMEOUT)
+    try:
+        return call(request, timeout=REFRESH_WAIT)
+    except grpc.RpcError as error:
+        if not isinstance(error, grpc.Call) or error.code() not in _NOT_IN_TIME:
+            raise
+    request.bypass_cache = False
+    return call(request, timeout=CALL_TIMEOUT - REFRESH_WAIT)
+
+
 class AskedSinceClear:
     """Which reads have asked AWS since ``clear_cache()``. The class this
     package replaces read AWS on the next read of each secret after a
@@ -1250,10 +1291,10 @@ def _changed_keys(
     may reuse; every one when it was deleted (the broker answers NOT_FOUND
     for each of its versions)."""
 
-    def untrue(selector: str, arn: str) -> bool:
-        return now is None or "stage:" in selector or bool(arn and now.arn and arn != now.arn)
+    def untrue(key: tuple[str, Optional[str]], arn: str) -> bool:
+        return now is None or _has_stage(key) or bool(arn and now.arn and arn != now.arn)
 
-    return [key for key, arn in held if key[0] == name and key[1] is not None and untrue(key[1], arn)]
+    return [key for key, arn in held if key[0] == name and key[1] is not None and untrue(key, arn)]
 
 
 def _log_answer(call: str, name: str, secret: Any) -> None:
