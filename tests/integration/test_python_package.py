@@ -184,6 +184,9 @@ out["remote_uses_proxy"] = tls_options(https_proxy="http://proxy.invalid:3128", 
 out["no_proxy_names_it"] = tls_options(https_proxy="http://proxy.invalid:3128", broker_endpoint="broker.internal:50051")
 # No HTTPS_PROXY: grpc-core must not take http_proxy (set for AWS) itself.
 out["remote_without_https_proxy"] = tls_options(broker_endpoint="broker.example:50051")
+# A dns: target is balanced over every address it resolves to.
+out["dns_balanced"] = dict(AWSSecretsConfig(**TLS, broker_endpoint="dns:///broker-headless:50051").channel_options(True)).get("grpc.lb_policy_name")
+out["host_port_balanced"] = dict(AWSSecretsConfig(**TLS, broker_endpoint="broker.example:50051").channel_options(True)).get("grpc.lb_policy_name")
 # An https:// proxy is reached as http://, and the warning says which one.
 import io, logging
 said = io.StringIO()
@@ -223,6 +226,7 @@ def test_the_client_follows_the_guides_semantics(venv, seeded_broker, moto, tmp_
     assert out["remote_uses_proxy"] == {"grpc.http_proxy": "http://proxy.invalid:3128"}, out
     assert out["no_proxy_names_it"] == {"grpc.enable_http_proxy": 0}, out
     assert out["remote_without_https_proxy"] == {"grpc.enable_http_proxy": 0}, out
+    assert out["dns_balanced"] == "round_robin" and out["host_port_balanced"] is None, out
     assert out["https_proxy"] == {"grpc.http_proxy": "http://u:pw@proxy.invalid:8080"}, out
     assert [line.split(" is reached")[0] for line in out["https_proxy_said"]] == [
         "the proxy https://proxy.invalid:8080", "the proxy https://proxy.company.invalid:8080"], out

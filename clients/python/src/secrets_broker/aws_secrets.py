@@ -390,6 +390,11 @@ class AWSSecretsConfig(BaseSettings):
             # grpc-core would send the socket's path as :authority, which
             # HTTP/2 servers (the broker's h2) refuse as malformed.
             options.append(("grpc.default_authority", "localhost"))
+        if self.broker_endpoint.startswith("dns:"):
+            # A dns: target names every replica (a headless Service):
+            # grpc-core's default would use the first address only. Over a
+            # name with one address, round_robin is that one connection.
+            options.append(("grpc.lb_policy_name", "round_robin"))
         proxy = self.https_proxy if tls else None
         if self._bypasses_proxy() or not proxy:
             # Without this grpc-core would read grpc_proxy, https_proxy and
