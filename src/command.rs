@@ -23,39 +23,32 @@ const ENV_FILE_READ: &str =
 /// if there is one, into the environment (values already set win); its
 /// path, for `serve` and `check` to say it was read.
 ///
-/// A line that cannot be read is an error, for `serve` and `check` to stop
-/// at: dotenvy stops there, so the lines after it would silently not apply
-/// (another prefix, another TTL). It is named by its number where that can
-/// be told, never by its text: it may hold a credential. A file that
-/// cannot be opened is said on stderr and left out, as before.
+/// A file that cannot be read whole is an error, for `serve` and `check`
+/// to stop at: dotenvy stops at the first line it cannot read (or at a
+/// byte that is not UTF-8) having set the lines before it, so the lines
+/// after it would silently not apply (another prefix, another TTL). A
+/// line is named by its number where that can be told, never by its text:
+/// it may hold a credential.
 pub fn load_env_file() -> Result<Option<PathBuf>, String> {
-    let path = || env_file_path().unwrap_or_else(|| PathBuf::from(".env"));
-    match dotenvy::dotenv() {
-        Ok(path) => Ok(Some(path)),
-        Err(error) if error.not_found() => Ok(None),
-        Err(dotenvy::Error::LineParse(line, at)) => {
-            let path = path();
-            Err(format!(
-                "cannot read the env file {}: {} cannot be read as NAME=value (at its \
-                 character {}; its text is not shown, it may hold a credential); fix or remove it",
-                path.display(),
-                line_of(&path, &line),
-                at + 1
-            ))
+    let why = match dotenvy::dotenv() {
+        Ok(path) => return Ok(Some(path)),
+        Err(error) if error.not_found() => return Ok(None),
+        Err(dotenvy::Error::LineParse(line, _)) => {
+            let path = env_file_path().unwrap_or_else(|| PathBuf::from(".env"));
+            format!(
+                "{} cannot be read as NAME=value (its text is not shown: it may hold a credential)",
+                line_of(&path, &line)
+            )
         }
-        Err(error) => {
-            let why = match error {
-                dotenvy::Error::Io(io) => io.to_string(),
-                // Not its `Display`: a variable that is not UTF-8 is quoted.
-                _ => "a variable is not valid UTF-8".to_owned(),
-            };
-            eprintln!(
-                "secrets-broker: the env file {} was not read: {why}",
-                path().display()
-            );
-            Ok(None)
-        }
-    }
+        Err(dotenvy::Error::Io(io)) => io.to_string(),
+        // Not its `Display`: a variable that is not UTF-8 is quoted.
+        Err(_) => "a variable is not valid UTF-8".to_owned(),
+    };
+    let path = env_file_path().unwrap_or_else(|| PathBuf::from(".env"));
+    Err(format!(
+        "cannot read the env file {}: {why}; fix or remove it",
+        path.display()
+    ))
 }
 
 /// Which line of the file holds `text` (what dotenvy stopped at: a line,

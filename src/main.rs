@@ -49,8 +49,8 @@ fn main() -> ExitCode {
     // SAFETY: no other thread has started yet.
     unsafe { secrets_broker::backend::aws::forget_blank_endpoint_vars() };
     let cli = Cli::parse();
-    // An unreadable line stops the broker's start; the operator commands
-    // only say it.
+    // An env file that cannot be read whole stops the broker's start; the
+    // operator commands only say it.
     let env_file = match (env_file, cli.command.reads_settings()) {
         (Ok(path), _) => path,
         (Err(message), true) => return fail(&message),

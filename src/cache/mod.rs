@@ -629,7 +629,7 @@ impl Shared {
     /// Drops the entries and remembered misses `belongs` picks, cached or
     /// being read now, marked cleared as of fetch number `mark`: a read
     /// that started before does not store what it read.
-    pub(super) fn clear_keys_where(&self, mark: u64, belongs: impl Fn(&CacheKey) -> bool) {
+    fn clear_keys_where(&self, mark: u64, belongs: impl Fn(&CacheKey) -> bool) {
         self.negative.forget_where(&belongs);
         let keys = self.keys_where(&belongs);
         self.room_for_marks(&self.cleared_keys, keys.len());

@@ -119,6 +119,10 @@ def test_a_dotenv_line_that_cannot_be_read_stops_the_start(run_cli, tmp_path):
     assert proc.returncode == 1, output(proc)
     assert "line 2 cannot be read as NAME=value" in output(proc), output(proc)
     assert "hunter2-env" not in output(proc), output(proc)
+    # A byte that is not UTF-8 stops dotenv too, after the lines before it.
+    (tmp_path / "cli-cwd" / ".env").write_bytes(b"A=1\n# caf\xe9\nSECRET_PREFIX=myprefix\n")
+    proc = run_cli("check", "--dev")
+    assert proc.returncode == 1 and "valid UTF-8" in output(proc), output(proc)
 
 
 def test_check_reads_as_well_as_lists(run_cli, moto):

@@ -184,9 +184,7 @@ out["remote_uses_proxy"] = tls_options(https_proxy="http://proxy.invalid:3128", 
 out["no_proxy_names_it"] = tls_options(https_proxy="http://proxy.invalid:3128", broker_endpoint="broker.internal:50051")
 # No HTTPS_PROXY: grpc-core must not take http_proxy (set for AWS) itself.
 out["remote_without_https_proxy"] = tls_options(broker_endpoint="broker.example:50051")
-# A dns: target is balanced over every address it resolves to.
-out["dns_balanced"] = dict(AWSSecretsConfig(**TLS, broker_endpoint="dns:///broker-headless:50051").channel_options(True)).get("grpc.lb_policy_name")
-out["host_port_balanced"] = dict(AWSSecretsConfig(**TLS, broker_endpoint="broker.example:50051").channel_options(True)).get("grpc.lb_policy_name")
+
 # An https:// proxy is reached as http://, and the warning says which one.
 import io, logging
 said = io.StringIO()
@@ -226,7 +224,6 @@ def test_the_client_follows_the_guides_semantics(venv, seeded_broker, moto, tmp_
     assert out["remote_uses_proxy"] == {"grpc.http_proxy": "http://proxy.invalid:3128"}, out
     assert out["no_proxy_names_it"] == {"grpc.enable_http_proxy": 0}, out
     assert out["remote_without_https_proxy"] == {"grpc.enable_http_proxy": 0}, out
-    assert out["dns_balanced"] == "round_robin" and out["host_port_balanced"] is None, out
     assert out["https_proxy"] == {"grpc.http_proxy": "http://u:pw@proxy.invalid:8080"}, out
     assert [line.split(" is reached")[0] for line in out["https_proxy_said"]] == [
         "the proxy https://proxy.invalid:8080", "the proxy https://proxy.company.invalid:8080"], out
@@ -764,8 +761,13 @@ os.environ["SECRET_CACHE_TTL"] = "3600"
 os.environ["SECRET_PREFIX"], os.environ["AWS_DEFAULT_REGION"] = " insurecove ", ""
 trimmed = AWSSecretsConfig()
 out["prefix_region"] = [trimmed.secret_prefix, trimmed.aws_default_region]
-os.environ["SECRET_PREFIX"] = ""          # unset: no prefix check
-out["empty_prefix_set"] = "secret_prefix" in AWSSecretsConfig().model_fields_set
+# Empty is unset (no prefix check), and hides the .env's value, as in the broker.
+with open(".env", "w") as dotenv:
+    dotenv.write("SECRET_PREFIX=fromdotenv\\n")
+os.environ["SECRET_PREFIX"] = ""
+empty = AWSSecretsConfig()
+out["empty_prefix"] = [empty.secret_prefix, "secret_prefix" in empty.model_fields_set]
+os.remove(".env")
 del os.environ["SECRET_PREFIX"], os.environ["AWS_DEFAULT_REGION"]
 os.environ["SECRET_CACHE_TTL"] = "-5"
 try:
@@ -894,7 +896,7 @@ def test_the_client_at_its_edges(venv, seeded_broker, moto, tmp_path):
     assert out["value_is_the_callers"] == "HS256", out
     assert out["ttl_5m"] == 300 and out["ttl_negative"] == "refused", out
     assert out["ttl_half_minute"] == 30 and out["ttl_5M"] == out["ttl_2w"] == "refused", out
-    assert out["prefix_region"] == ["insurecove", "ap-east-1"] and out["empty_prefix_set"] is False, out
+    assert out["prefix_region"] == ["insurecove", "ap-east-1"] and out["empty_prefix"] == ["insurecove", False], out
     assert out["debug_lines"] and not any(line.startswith("LOG forged") for line in out["debug_lines"]), out
     assert out["watch_threads_left"] == 0, out
     assert out["binary"] == "refused: binary", out

@@ -72,6 +72,8 @@ class AsyncAWSSecretsManager:
         # cancelled (see AWSSecretsManager's finalizer for why).
         self._followers: dict[str, asyncio.Task[None]] = {}
         self._since_clear = AskedSinceClear()
+        # Rotations heard, per name (see AWSSecretsManager._rotations).
+        self._rotations: dict[str, int] = {}
         # Counts close(): a call cut by one is told apart from a task
         # cancelled by its owner.
         self._closes = 0
@@ -169,13 +171,10 @@ class AsyncAWSSecretsManager:
         if use_cache and cached is not None and time.monotonic() - cached[1] < self.config.secret_cache_ttl:
             logger.debug("get_secret %s: from the local cache", secret_name)
             return cached[0]._for_caller()
-        name = key[0]
-        if _has_stage(key) and name not in self._followers and self.config.secret_cache_ttl > 0:
-            # First: a rotation after the stage's read is then heard.
-            await self._follow_for_stages(name)
         asked = ("secret", *key)
         again = self._since_clear.first_read(asked)
         generation = self._since_clear.generation
+        rotations = self._rotations.get(key[0], 0)
         if again and use_cache:
             logger.debug("get_secret %s: asking AWS, the first read since clear_cache()", secret_name)
         request = _get_secret_request(secret_name, version_id, use_cache and not again, version_stage)
@@ -204,9 +203,14 @@ class AsyncAWSSecretsManager:
             logger.debug("get_secret %s: the broker's copy is older than the one held; kept", secret_name)
             self._cache[key] = (held[0], time.monotonic())
             return held[0]._for_caller()
-        if self.config.secret_cache_ttl <= 0 or generation != self._since_clear.generation:
+        if (
+            self.config.secret_cache_ttl <= 0
+            or generation != self._since_clear.generation
+            or (_has_stage(key) and self._rotations.get(name, 0) != rotations)
+        ):
             # Not kept: the local cache is off, or was cleared meanwhile
-            # (what was read before a clear is not kept after it).
+            # (what was read before a clear is not kept after it), or a
+            # rotation was heard while a stage was read (it may predate it).
             return value._for_caller()
         self._cache[key] = (value, time.monotonic())
         if selector is None:
@@ -215,6 +219,9 @@ class AsyncAWSSecretsManager:
             self._followers[name] = asyncio.get_running_loop().create_task(
                 _follow(weakref.ref(self), name, value.version_id, value.arn), name=f"watch-{name}"
             )
+        if _has_stage(key) and name not in self._followers:
+            # After the stage's read, which succeeded: as the sync client.
+            await self._follow_for_stages(name)
         return value._for_caller()
 
     async def _follow_for_stages(self, name: str) -> None:
@@ -228,6 +235,7 @@ class AsyncAWSSecretsManager:
         """A watch event: the cached value replaced (or dropped), and what
         was read by stage read again (an event always means the current
         version moved: see ``AWSSecretsManager._rotated``)."""
+        self._rotations[name] = self._rotations.get(name, 0) + 1
         if value is None:
             self._cache.pop((name, None), None)
             self._followers.pop(name, None)

@@ -245,11 +245,7 @@ class AWSSecretsConfig(BaseSettings):
 
     # hide_input_in_errors: a ValidationError would otherwise quote what
     # it was given, the AWS secret key included.
-    # env_ignore_empty: a variable set to the empty string counts as unset,
-    # as the broker reads it.
-    model_config = SettingsConfigDict(
-        env_file=".env", extra="ignore", case_sensitive=False, hide_input_in_errors=True, env_ignore_empty=True
-    )
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False, hide_input_in_errors=True)
 
     aws_access_key_id: Optional[str] = None
     # Left out of repr() and str(): a service that logs its settings must
@@ -294,11 +290,21 @@ class AWSSecretsConfig(BaseSettings):
         # Exact (8.3m is 498 s): the broker counts in whole nanoseconds.
         return math.ceil(sum(Fraction(n) * _DURATION_UNITS[u] for n, u in parts))
 
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_unset(cls, data: Any) -> Any:
+        """As the broker reads its settings: a variable set to the empty
+        string is unset, and its default applies. It still hides what the
+        .env file says (a variable already set is never replaced by it,
+        here or in the broker)."""
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value != ""}
+        return data
+
     @field_validator("secret_prefix", "aws_default_region", mode="before")
     @classmethod
     def _trimmed(cls, value: Any) -> Any:
-        """As the broker reads them: trimmed (empty is unset: see
-        ``env_ignore_empty``), and refused when only spaces."""
+        """As the broker reads them: trimmed, and refused when only spaces."""
         if not isinstance(value, str):
             return value
         if not value.strip():
@@ -390,11 +396,6 @@ class AWSSecretsConfig(BaseSettings):
             # grpc-core would send the socket's path as :authority, which
             # HTTP/2 servers (the broker's h2) refuse as malformed.
             options.append(("grpc.default_authority", "localhost"))
-        if self.broker_endpoint.startswith("dns:"):
-            # A dns: target names every replica (a headless Service):
-            # grpc-core's default would use the first address only. Over a
-            # name with one address, round_robin is that one connection.
-            options.append(("grpc.lb_policy_name", "round_robin"))
         proxy = self.https_proxy if tls else None
         if self._bypasses_proxy() or not proxy:
             # Without this grpc-core would read grpc_proxy, https_proxy and
@@ -801,6 +802,9 @@ class AWSSecretsManager:
         # Typed configs, by (RPC, name asked).
         self._configs: dict[tuple[str, str], _ConfigEntry] = {}
         self._since_clear = AskedSinceClear()
+        # Rotations heard, per name: a read by stage answered before one and
+        # stored after it would keep the stage from before it.
+        self._rotations: dict[str, int] = {}
         # What a fork took the followers of, to follow again after it.
         self._unfollowed_at_fork: list[Union[_Entry, _ConfigEntry]] = []
         # An instance nobody holds any more stops its watch threads and
@@ -882,6 +886,7 @@ class AWSSecretsManager:
         self._lock = threading.Lock()
         self._cache = {}
         self._configs = {}
+        self._rotations = {}
         self._unfollowed_at_fork = []
         self._connection = _Connection(forked=True)
         self._finalizer = weakref.finalize(
@@ -915,13 +920,11 @@ class AWSSecretsManager:
                 if entry is not None and time.monotonic() - entry.stored_at < self.config.secret_cache_ttl:
                     logger.debug("get_secret %s: from the local cache", secret_name)
                     return entry.value._for_caller()
-        if _has_stage(key) and self._unfollowed(secret_name):
-            # First: a rotation after the stage's read is then heard.
-            self._follow_for_stages(secret_name)
         asked = ("secret", *key)
         with self._lock:
             again = self._since_clear.first_read(asked)
             generation = self._since_clear.generation
+            rotations = self._rotations.get(secret_name, 0)
         if again and use_cache:
             logger.debug("get_secret %s: asking AWS, the first read since clear_cache()", secret_name)
         request = _get_secret_request(secret_name, version_id, use_cache and not again, version_stage)
@@ -939,7 +942,12 @@ class AWSSecretsManager:
         self.config.check_prefix(secret_name, answer.secret.name)
         _refuse_stale_bypass(answer.secret, use_cache)
         value = SecretValue.from_proto(answer.secret)
-        return self._store(key, value, generation, _read_at(answer.secret, sent_at))._for_caller()
+        kept = self._store(key, value, generation, _read_at(answer.secret, sent_at), rotations)._for_caller()
+        if _has_stage(key) and self._unfollowed(secret_name):
+            # After the stage's read, which succeeded: a read of the current
+            # version first would double the time a failing read takes.
+            self._follow_for_stages(secret_name)
+        return kept
 
     def _unfollowed(self, name: str) -> bool:
         """Whether nothing follows ``name`` by push while the local cache is on."""
@@ -956,12 +964,17 @@ class AWSSecretsManager:
         except AWSSecretsManagerError as error:
             logger.debug("get_secret %s: its current version not followed: %s", name, type(error).__name__)
 
-    def _store(self, key: tuple[str, Optional[str]], value: SecretValue, generation: int, read_at: float) -> SecretValue:
+    def _store(
+        self, key: tuple[str, Optional[str]], value: SecretValue, generation: int, read_at: float, rotations: int
+    ) -> SecretValue:
         """Keeps what was read (and follows it); returns what to answer:
-        what was read, or the value held when that is newer news."""
+        what was read, or the value held when that is newer news.
+        ``rotations``: those heard of the name when the read was sent."""
         if self.config.secret_cache_ttl <= 0:
             return value  # the local cache is off: nothing kept, nothing followed
         with self._lock:
+            if _has_stage(key) and self._rotations.get(key[0], 0) != rotations:
+                return value  # read before a rotation it may predate: not kept
             entry = self._cache.get(key)
             # Followed: the held version may be one pushed since (see
             # _older_news), and the follower keeps it fresh meanwhile.
@@ -992,6 +1005,7 @@ class AWSSecretsManager:
         again, even when a read that bypassed the cache already holds the
         new current version."""
         with self._lock:
+            self._rotations[name] = self._rotations.get(name, 0) + 1
             entry = self._cache.get((name, None))
             if entry is None:
                 return
