@@ -417,19 +417,10 @@ impl Shared {
             matches!(&key.selector, VersionSelector::Stage(stage) if stage != AWSCURRENT)
                 && names::secret_name(&key.name) == name
         };
-        self.negative.forget_where(other_stage);
-        for key in self.keys_where(other_stage) {
-            // Only a read under way needs a mark (one that starts later is
-            // numbered past it): marks of keys never read again would
-            // crowd out those of clears and deletions.
-            if self.inflight.contains_key(&key) || self.bypass_inflight.contains_key(&key) {
-                self.room_for_marks(&self.cleared_keys, 1);
-                self.cleared_keys.insert(key.clone(), mark);
-                self.inflight
-                    .remove_if(&key, |_, running| running.number < mark);
-            }
-            self.entries.remove(&key);
-        }
+        // Every key is marked, as ClearCache marks them: a read under way
+        // may no longer be registered (a clear took it out of `inflight`)
+        // and still store when it ends.
+        self.clear_keys_where(mark, other_stage);
     }
 
     /// Drops what is cached by version id for `id`'s secret whose version

@@ -175,6 +175,8 @@ class AsyncAWSSecretsManager:
         again = self._since_clear.first_read(asked)
         generation = self._since_clear.generation
         rotations = self._rotations.get(key[0], 0)
+        # As the sync client's _hears_rotations.
+        heard = key[0] in self._followers or len(self._followers) >= MAX_FOLLOWED
         if again and use_cache:
             logger.debug("get_secret %s: asking AWS, the first read since clear_cache()", secret_name)
         request = _get_secret_request(secret_name, version_id, use_cache and not again, version_stage)
@@ -203,14 +205,18 @@ class AsyncAWSSecretsManager:
             logger.debug("get_secret %s: the broker's copy is older than the one held; kept", secret_name)
             self._cache[key] = (held[0], time.monotonic())
             return held[0]._for_caller()
+        if _has_stage(key) and not heard and self.config.secret_cache_ttl > 0:
+            # After the stage's read, which succeeded: as the sync client.
+            await self._follow_for_stages(name)
         if (
             self.config.secret_cache_ttl <= 0
             or generation != self._since_clear.generation
-            or (_has_stage(key) and self._rotations.get(name, 0) != rotations)
+            or (_has_stage(key) and (not heard or self._rotations.get(name, 0) != rotations))
         ):
             # Not kept: the local cache is off, or was cleared meanwhile
             # (what was read before a clear is not kept after it), or a
-            # rotation was heard while a stage was read (it may predate it).
+            # stage was read while a rotation could pass unheard (before
+            # the name was followed) or was heard (it may predate it).
             return value._for_caller()
         self._cache[key] = (value, time.monotonic())
         if selector is None:
@@ -219,9 +225,6 @@ class AsyncAWSSecretsManager:
             self._followers[name] = asyncio.get_running_loop().create_task(
                 _follow(weakref.ref(self), name, value.version_id, value.arn), name=f"watch-{name}"
             )
-        if _has_stage(key) and name not in self._followers:
-            # After the stage's read, which succeeded: as the sync client.
-            await self._follow_for_stages(name)
         return value._for_caller()
 
     async def _follow_for_stages(self, name: str) -> None:

@@ -925,6 +925,7 @@ class AWSSecretsManager:
             again = self._since_clear.first_read(asked)
             generation = self._since_clear.generation
             rotations = self._rotations.get(secret_name, 0)
+            heard = self._hears_rotations(secret_name)
         if again and use_cache:
             logger.debug("get_secret %s: asking AWS, the first read since clear_cache()", secret_name)
         request = _get_secret_request(secret_name, version_id, use_cache and not again, version_stage)
@@ -942,18 +943,20 @@ class AWSSecretsManager:
         self.config.check_prefix(secret_name, answer.secret.name)
         _refuse_stale_bypass(answer.secret, use_cache)
         value = SecretValue.from_proto(answer.secret)
-        kept = self._store(key, value, generation, _read_at(answer.secret, sent_at), rotations)._for_caller()
-        if _has_stage(key) and self._unfollowed(secret_name):
+        kept = self._store(key, value, generation, _read_at(answer.secret, sent_at), (rotations, heard))._for_caller()
+        if _has_stage(key) and not heard and self.config.secret_cache_ttl > 0:
             # After the stage's read, which succeeded: a read of the current
             # version first would double the time a failing read takes.
             self._follow_for_stages(secret_name)
         return kept
 
-    def _unfollowed(self, name: str) -> bool:
-        """Whether nothing follows ``name`` by push while the local cache is on."""
-        with self._lock:
-            current = self._cache.get((name, None))
-        return self.config.secret_cache_ttl > 0 and (current is None or current.follower is None)
+    def _hears_rotations(self, name: str) -> bool:
+        """Whether a rotation of ``name`` reaches this cache (under the
+        lock): its current value is followed, or can no longer be (past
+        ``MAX_FOLLOWED`` names are kept for the TTL, unfollowed)."""
+        current = self._cache.get((name, None))
+        followed = current is not None and current.follower is not None
+        return followed or self._followed() >= MAX_FOLLOWED
 
     def _follow_for_stages(self, name: str) -> None:
         """A rotation drops what was read by stage, and only a followed
@@ -965,16 +968,26 @@ class AWSSecretsManager:
             logger.debug("get_secret %s: its current version not followed: %s", name, type(error).__name__)
 
     def _store(
-        self, key: tuple[str, Optional[str]], value: SecretValue, generation: int, read_at: float, rotations: int
+        self,
+        key: tuple[str, Optional[str]],
+        value: SecretValue,
+        generation: int,
+        read_at: float,
+        when_sent: tuple[int, bool],
     ) -> SecretValue:
         """Keeps what was read (and follows it); returns what to answer:
         what was read, or the value held when that is newer news.
-        ``rotations``: those heard of the name when the read was sent."""
+        ``when_sent``: the rotations heard of the name when the read was
+        sent, and whether one would have been heard then. A read by stage
+        is kept only if no rotation could have passed unheard since: one
+        sent before the name was followed is answered, not kept (the next
+        read, followed, is)."""
         if self.config.secret_cache_ttl <= 0:
             return value  # the local cache is off: nothing kept, nothing followed
         with self._lock:
-            if _has_stage(key) and self._rotations.get(key[0], 0) != rotations:
-                return value  # read before a rotation it may predate: not kept
+            rotations, heard = when_sent
+            if _has_stage(key) and (not heard or self._rotations.get(key[0], 0) != rotations):
+                return value
             entry = self._cache.get(key)
             # Followed: the held version may be one pushed since (see
             # _older_news), and the follower keeps it fresh meanwhile.
