@@ -999,14 +999,16 @@ class AWSSecretsManager:
                 return value  # read before a clear_cache(): not kept after it
             if entry is not None:
                 entry.value, entry.stored_at, entry.read_at = value, time.monotonic(), read_at
-                return value
-            entry = _Entry(value=value, stored_at=time.monotonic(), read_at=read_at)
-            self._cache[key] = entry
+            else:
+                entry = _Entry(value=value, stored_at=time.monotonic(), read_at=read_at)
+                self._cache[key] = entry
             name, selector = key
             # A version id names an immutable version, and a stage other
-            # than the current one is not what WatchSecret follows.
-            followed = self._followed()
-            if selector is None and followed < MAX_FOLLOWED:
+            # than the current one is not what WatchSecret follows. An
+            # entry stored while MAX_FOLLOWED names were followed is
+            # followed once there is room again (its stage reads are kept
+            # only then).
+            if selector is None and entry.follower is None and self._followed() < MAX_FOLLOWED:
                 entry.follower = _Follower(weakref.ref(self), name, value.version_id, arn=value.arn)
                 entry.follower.start()
         return value
