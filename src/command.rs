@@ -30,21 +30,19 @@ const ENV_FILE_READ: &str =
 /// line is named by its number where that can be told, never by its text:
 /// it may hold a credential.
 pub fn load_env_file() -> Result<Option<PathBuf>, String> {
-    let why = match dotenvy::dotenv() {
-        Ok(path) => return Ok(Some(path)),
-        Err(error) if error.not_found() => return Ok(None),
-        Err(dotenvy::Error::LineParse(line, _)) => {
-            let path = env_file_path().unwrap_or_else(|| PathBuf::from(".env"));
-            format!(
-                "{} cannot be read as NAME=value (its text is not shown: it may hold a credential)",
-                line_of(&path, &line)
-            )
-        }
+    let Some(path) = env_file_path() else {
+        return Ok(None);
+    };
+    let why = match dotenvy::from_path(&path) {
+        Ok(()) => return Ok(Some(path)),
+        Err(dotenvy::Error::LineParse(line, _)) => format!(
+            "{} cannot be read as NAME=value (its text is not shown: it may hold a credential)",
+            line_of(&path, &line)
+        ),
         Err(dotenvy::Error::Io(io)) => io.to_string(),
         // Not its `Display`: a variable that is not UTF-8 is quoted.
         Err(_) => "a variable is not valid UTF-8".to_owned(),
     };
-    let path = env_file_path().unwrap_or_else(|| PathBuf::from(".env"));
     Err(format!(
         "cannot read the env file {}: {why}; fix or remove it",
         path.display()
@@ -66,7 +64,8 @@ fn line_of(path: &std::path::Path, text: &str) -> String {
     }
 }
 
-/// Where dotenvy finds `.env`: the working directory, then its parents.
+/// The `.env` to read: in the working directory, else the nearest parent
+/// (where `dotenvy::dotenv` looks).
 fn env_file_path() -> Option<PathBuf> {
     let here = std::env::current_dir().ok()?;
     here.ancestors()

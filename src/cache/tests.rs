@@ -667,6 +667,11 @@ async fn a_moved_stage_forgets_the_by_id_entries() {
     );
 }
 
+/// The key of a read of `name`'s AWSPREVIOUS.
+fn previous_of(name: &str) -> CacheKey {
+    CacheKey::new(name.into(), VersionSelector::Stage("AWSPREVIOUS".into()))
+}
+
 /// A read that finds the current version moved (here one that bypasses
 /// the cache) forgets what was cached by another stage: a rotation moved
 /// AWSPREVIOUS too, and a client told of the rotation reads it at once.
@@ -675,7 +680,7 @@ async fn a_moved_current_version_forgets_the_other_stages() {
     let store = FakeStore::with(&["s"]);
     let cache = cache_over(&store, 100);
     version_of(&cache, "s").await;
-    let previous = CacheKey::new("s".into(), VersionSelector::Stage("AWSPREVIOUS".into()));
+    let previous = previous_of("s");
     cache.get(previous.clone(), false).await.unwrap();
     store.set("s", "v2");
     let bypassed = cache.get(key("s"), true).await.unwrap();
@@ -694,7 +699,7 @@ async fn a_stage_read_straddling_a_rotation_stores_nothing() {
     let store = FakeStore::with(&["s"]);
     let cache = cache_over(&store, 100);
     version_of(&cache, "s").await;
-    let previous = CacheKey::new("s".into(), VersionSelector::Stage("AWSPREVIOUS".into()));
+    let previous = previous_of("s");
     store
         .answers_as_of_the_start
         .store(true, std::sync::atomic::Ordering::SeqCst);

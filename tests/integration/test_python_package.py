@@ -453,22 +453,38 @@ print(json.dumps({"after": current.version_id, "took": time.monotonic() - starte
 """
 
 
-def test_a_rotation_reaches_the_local_cache_by_push(venv, seeded_broker, moto, tmp_path):
-    broker, versions = seeded_broker
-    calls_before = broker.log().count('rpc="GetSecret"')
-    proc = start_probe(venv, tmp_path, package_env(broker, SECRET_CACHE_TTL="3600"), ROTATION_PROBE)
+def probe_across_a_rotation(venv, broker, tmp_path, probe_text, before_rotation, rotate):
+    """Runs a probe (local TTL of an hour) that prints a JSON line, waits on
+    its stdin, then prints another: `before_rotation` checks the first,
+    `rotate` rotates once the watch streams are open. What both returned,
+    and the probe's second line."""
+    proc = start_probe(venv, tmp_path, package_env(broker, SECRET_CACHE_TTL="3600"), probe_text)
     try:
-        first = json.loads(proc.stdout.readline())
-        assert first["first"] == versions[MISTRAL]
-        calls = broker.log().count('rpc="GetSecret"') - calls_before
-        assert calls < 10, f"31 local reads made {calls} broker calls"
-        time.sleep(0.5)                   # the watch stream is open
-        rotated = moto.put_secret_value(MISTRAL, "rotated-package-value-5f5f")
+        checked = before_rotation(json.loads(proc.stdout.readline()))
+        time.sleep(0.5)                   # the watch streams are open
+        rotated = rotate()
         go_on(proc)
         after = json.loads(proc.stdout.readline())
     finally:
         proc.kill()
         proc.wait(10)
+    return checked, rotated, after
+
+
+def test_a_rotation_reaches_the_local_cache_by_push(venv, seeded_broker, moto, tmp_path):
+    broker, versions = seeded_broker
+    calls_before = broker.log().count('rpc="GetSecret"')
+
+    def before_rotation(first):
+        assert first["first"] == versions[MISTRAL]
+        calls = broker.log().count('rpc="GetSecret"') - calls_before
+        assert calls < 10, f"31 local reads made {calls} broker calls"
+        return calls
+
+    calls, rotated, after = probe_across_a_rotation(
+        venv, broker, tmp_path, ROTATION_PROBE, before_rotation,
+        lambda: moto.put_secret_value(MISTRAL, "rotated-package-value-5f5f"),
+    )
     print(f"rotation in the local cache after {after['took']:.2f} s; {calls} broker reads for 31 local ones")
     assert after["after"] == rotated and after["value"], after
     assert after["took"] < 2.0, after
@@ -512,17 +528,14 @@ def test_a_rotation_moves_what_was_read_by_stage(venv, seeded_broker, moto, tmp_
     name = "insurecove/staged-rotation"
     first = moto.create_secret(name, "staged-package-value-1a1a")
     second = moto.put_secret_value(name, "staged-package-value-2b2b")
-    proc = start_probe(venv, tmp_path, package_env(broker, SECRET_CACHE_TTL="3600"), STAGES_PROBE)
-    try:
-        before = json.loads(proc.stdout.readline())
+
+    def before_rotation(before):
         assert before["before"] == [first, first, first, second], before
-        time.sleep(0.5)                   # the watch streams are open
-        third = moto.put_secret_value(name, "staged-package-value-3c3c")
-        go_on(proc)
-        after = json.loads(proc.stdout.readline())
-    finally:
-        proc.kill()
-        proc.wait(10)
+
+    _, third, after = probe_across_a_rotation(
+        venv, broker, tmp_path, STAGES_PROBE, before_rotation,
+        lambda: moto.put_secret_value(name, "staged-package-value-3c3c"),
+    )
     assert after["bypassed"] == third, after
     assert after["after"] == [second, second, second], after
 

@@ -925,7 +925,8 @@ class AWSSecretsManager:
             again = self._since_clear.first_read(asked)
             generation = self._since_clear.generation
             rotations = self._rotations.get(secret_name, 0)
-            heard = self._hears_rotations(secret_name)
+            # Asked of stage reads only: it counts the followed names.
+            heard = not _has_stage(key) or self._hears_rotations(secret_name)
         if again and use_cache:
             logger.debug("get_secret %s: asking AWS, the first read since clear_cache()", secret_name)
         request = _get_secret_request(secret_name, version_id, use_cache and not again, version_stage)
