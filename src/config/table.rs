@@ -114,7 +114,7 @@ settings! {
         "Most HTTP/2 streams (calls, watches, health, reflection) in flight on one connection; more get RESOURCE_EXHAUSTED";
     max_concurrent_calls / MAX_CALLS: "max-concurrent-calls",
         env ["BROKER_MAX_CONCURRENT_CALLS"], "COUNT", default "8192",
-        "Most HTTP/2 streams in flight over every connection (WatchSecret streams: half of them at most, health watches an eighth); past it a new stream takes the slot of the oldest one still waiting for its request, or gets RESOURCE_EXHAUSTED";
+        "Most HTTP/2 streams in flight over every connection (WatchSecret streams: half of them at most, health watches an eighth, reflection streams a sixteenth); past it a new stream takes the slot of the oldest one still waiting for its request, or gets RESOURCE_EXHAUSTED";
     max_message_size / MAX_MESSAGE_SIZE: "max-message-size", env ["BROKER_MAX_MESSAGE_SIZE"],
         "BYTES", default "262144", "Largest request accepted, bytes; larger get RESOURCE_EXHAUSTED";
     max_request_memory / MAX_REQUEST_MEMORY: "max-request-memory",

@@ -18,9 +18,10 @@
 //! Long-lived streams hold their slots for as long as they are open, and a
 //! caller may open as many as it likes: once its request has come, such a
 //! stream also needs a place in a share of the slots, half of them for
-//! WatchSecret and an eighth for health's Watch (which needs no grant), so
-//! that watches can never leave the broker without slots for reads. A stream
-//! past its share is refused at once. The place is taken when the request
+//! WatchSecret, an eighth for health's Watch and a sixteenth for server
+//! reflection (which need no grant, and reflection's stream lasts a call
+//! timeout), so that such streams can never leave the broker without slots
+//! for reads. A stream past its share is refused at once. The place is taken when the request
 //! has come, not at the headers: a stream that never sends its request
 //! cannot hold a place, and its slot goes to newer calls as above.
 //!
@@ -54,7 +55,7 @@ struct Shared {
     permits: Arc<Semaphore>,
     limit: usize,
     /// The long-lived streams' shares of the slots, in `Share::ALL`'s order.
-    shares: [Places; 2],
+    shares: [Places; 3],
     /// The calls still opening, by arrival: the first is the oldest.
     opening: Mutex<BTreeMap<u64, Arc<CallSlot>>>,
     next: AtomicU64,
@@ -90,16 +91,20 @@ pub enum Share {
     Watches,
     /// Health's Watch (no grant needed): an eighth.
     HealthWatches,
+    /// Server reflection (no grant needed; its stream lasts until the call
+    /// timeout): a sixteenth.
+    Reflection,
 }
 
 impl Share {
-    const ALL: [Self; 2] = [Self::Watches, Self::HealthWatches];
+    const ALL: [Self; 3] = [Self::Watches, Self::HealthWatches, Self::Reflection];
 
     /// The part of the slots it may hold: `limit / divisor`, and in words.
     fn part(self) -> (usize, &'static str) {
         match self {
             Self::Watches => (2, "half"),
             Self::HealthWatches => (8, "an eighth"),
+            Self::Reflection => (16, "a sixteenth"),
         }
     }
 
@@ -113,6 +118,7 @@ impl Share {
         match self {
             Self::Watches => "watch streams",
             Self::HealthWatches => "health watch streams",
+            Self::Reflection => "reflection streams",
         }
     }
 
@@ -120,6 +126,7 @@ impl Share {
         match self {
             Self::Watches => "watches",
             Self::HealthWatches => "health_watches",
+            Self::Reflection => "reflection_streams",
         }
     }
 }
@@ -311,6 +318,7 @@ impl std::fmt::Debug for CallSlots {
                 "health_watches",
                 &self.shared.places(Share::HealthWatches).limit,
             )
+            .field("reflection", &self.shared.places(Share::Reflection).limit)
             .finish()
     }
 }

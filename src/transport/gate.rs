@@ -11,10 +11,10 @@
 //!   matters: a stream that never sends its message still costs memory;
 //! - it takes one of the broker's call slots too (`call_slots`: a bound over
 //!   every connection, where a call still waiting for its request may lose
-//!   its slot to a newer one); a stream meant to stay open (WatchSecret,
-//!   health's Watch) needs a place in its share of those slots as well once
-//!   its request has come (`transport::budget` takes it), so that watches
-//!   never hold the slots reads need;
+//!   its slot to a newer one); a long-lived stream (WatchSecret, health's
+//!   Watch, server reflection) needs a place in its share of those slots as
+//!   well once its request has come (`transport::budget` takes it), so that
+//!   such streams never hold the slots reads need;
 //! - the request memory (`transport::budget`): a request message still
 //!   arriving holds its bytes from one budget shared by every call;
 //! - the call timeout: a call whose answer is not ready within
@@ -207,8 +207,9 @@ where
             reflection.then(|| CallEnd::after(limit).or_at(self.settings.stop.clone()));
         // An answer must be taken within a call timeout or so; reflection's
         // stream may rightly last a whole one first; watches last.
+        let watch = matches!(share, Some(Share::Watches | Share::HealthWatches));
         let untaken = connection
-            .filter(|_| share.is_none())
+            .filter(|_| !watch)
             .map(|connection| Arc::clone(&connection.untaken_answers));
         let request_ends = stream_ends.as_ref().map(CallEnd::same);
         let mut request = request.map(|body| {
@@ -427,13 +428,17 @@ fn encoding_refused(message: &str) -> Option<String> {
     Some(encoding.chars().take(MAX_SHOWN).collect())
 }
 
-/// The share of the call slots a stream meant to stay open for as long as
-/// its caller wants takes a place in once its request has come.
+/// The share of the call slots a long-lived stream takes a place in once
+/// its request has come: the watches, open for as long as their caller
+/// wants, and reflection's stream, open until the call timeout (without a
+/// share, callers with no grant could hold every slot with them).
 fn long_lived_share(rpc: Option<Rpc>, path: &str) -> Option<Share> {
     if rpc == Some(Rpc::WatchSecret) {
         Some(Share::Watches)
     } else if path == HEALTH_WATCH {
         Some(Share::HealthWatches)
+    } else if is_reflection(path) {
+        Some(Share::Reflection)
     } else {
         None
     }

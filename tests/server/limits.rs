@@ -400,13 +400,14 @@ async fn calls_still_waiting_for_their_request_give_their_slots_to_callers() {
         MISTRAL
     );
 
-    // Calls under way keep their slots: with two reflection streams open
-    // as well (their request came; they last until the call timeout), and
-    // no stream left waiting, a new call is refused, and says why.
-    let reflection = [
+    // Calls under way keep their slots: with a reflection stream (its
+    // request came; it lasts until the call timeout) and a health watch
+    // open as well, and no stream left waiting, a new call is refused, and
+    // says why.
+    let reflection = (
         open_reflection(&broker).await,
-        open_reflection(&broker).await,
-    ];
+        open_health_watch(&broker).await,
+    );
     let refused = get(&mut raw, "mistral-api-key").await.unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     assert!(
@@ -480,6 +481,46 @@ async fn watches_take_their_share_only_with_their_request() {
     broker.stop().await;
 }
 
+/// Server reflection needs no grant, and its stream lasts until the call
+/// timeout: without a share of its own, callers with no grant (or no
+/// certificate) could hold every call slot with reflection streams, opened
+/// again as each one ends, and no read would be served.
+#[tokio::test]
+async fn reflection_streams_take_a_sixteenth_of_the_slots_at_most() {
+    let broker = Running::start(|args| {
+        args.max_concurrent_calls = Some("32".into());
+    })
+    .await;
+    // A sixteenth of 32 slots: two reflection streams.
+    let kept = [
+        open_reflection(&broker).await,
+        open_reflection(&broker).await,
+    ];
+    let refused = refused_reflection(&broker).await;
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("reflection streams open as it allows (2, a sixteenth"),
+        "{refused:?}"
+    );
+    let mut raw = broker.raw().await;
+    assert_eq!(
+        value(&get(&mut raw, "mistral-api-key").await.unwrap()),
+        MISTRAL
+    );
+    // A place is given back with its stream.
+    drop(kept);
+    eventually(
+        Duration::from_secs(5),
+        "a reflection stream in the place of one closed",
+        || async { try_reflection(&broker).await.is_ok() },
+    )
+    .await;
+    drop(raw);
+    broker.stop().await;
+}
+
 /// A server reflection stream whose first request was answered, kept open
 /// with its request side: a call under way that holds its slot.
 async fn open_reflection(
@@ -488,6 +529,27 @@ async fn open_reflection(
     tokio::sync::mpsc::Sender<tonic_reflection::pb::v1::ServerReflectionRequest>,
     tonic::Streaming<tonic_reflection::pb::v1::ServerReflectionResponse>,
 ) {
+    try_reflection(broker).await.unwrap()
+}
+
+/// A server reflection stream refused: why.
+async fn refused_reflection(broker: &Running) -> tonic::Status {
+    match try_reflection(broker).await {
+        Ok(_) => panic!("a reflection stream was opened"),
+        Err(refused) => refused,
+    }
+}
+
+/// A server reflection stream once its first answer has come, or why not.
+async fn try_reflection(
+    broker: &Running,
+) -> Result<
+    (
+        tokio::sync::mpsc::Sender<tonic_reflection::pb::v1::ServerReflectionRequest>,
+        tonic::Streaming<tonic_reflection::pb::v1::ServerReflectionResponse>,
+    ),
+    tonic::Status,
+> {
     use tonic_reflection::pb::v1::{
         ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
         server_reflection_request::MessageRequest,
@@ -500,11 +562,28 @@ async fn open_reflection(
     requests.send(question).await.unwrap();
     let mut answers = ServerReflectionClient::new(broker.channel().await)
         .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(receiver))
-        .await
-        .unwrap()
+        .await?
         .into_inner();
-    assert!(answers.message().await.unwrap().is_some());
-    (requests, answers)
+    let first = answers.message().await?;
+    assert!(
+        first.is_some(),
+        "a reflection stream ended without an answer"
+    );
+    Ok((requests, answers))
+}
+
+/// A health Watch stream once its first answer has come.
+async fn open_health_watch(
+    broker: &Running,
+) -> tonic::Streaming<tonic_health::pb::HealthCheckResponse> {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let request = HealthCheckRequest {
+        service: String::new(),
+    };
+    let mut health = HealthClient::new(broker.channel().await);
+    let mut stream = health.watch(request).await.unwrap().into_inner();
+    assert!(stream.message().await.unwrap().is_some());
+    stream
 }
 
 /// `count` WatchSecret streams, each once its first event has come, and
