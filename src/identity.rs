@@ -31,10 +31,49 @@ pub enum Identity {
     Anonymous,
     /// A verified certificate and the names it carries.
     Certificate(Arc<CertificateNames>),
-    /// A verified certificate that names nobody (no SAN, no CN).
+    /// A verified certificate that names nobody a policy can match: no URI
+    /// or DNS SAN, and no CN (or a SAN, so that the CN does not count).
     Unnamed,
     /// A verified certificate whose names cannot be used; says why.
-    Refused(&'static str),
+    Refused(RefusedCertificate),
+}
+
+/// Why a verified certificate's names cannot be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusedCertificate {
+    /// Its subjectAltName, or an entry of it, cannot be read.
+    UnreadableSan,
+    /// More than one URI SAN.
+    TwoUris,
+    /// No SAN, and more than one CN.
+    TwoCns,
+    /// No SAN, and a CN that cannot be read as text.
+    UnreadableCn,
+}
+
+impl RefusedCertificate {
+    /// What the caller is told.
+    pub fn why(self) -> &'static str {
+        match self {
+            Self::UnreadableSan => "the client certificate's subjectAltName cannot be read",
+            Self::TwoUris => {
+                "the client certificate has more than one URI SAN; a SPIFFE identity has exactly one"
+            }
+            Self::TwoCns => "the client certificate has more than one CN and no SAN",
+            Self::UnreadableCn => "the client certificate's CN cannot be read as text",
+        }
+    }
+
+    /// How the audit shows such a caller: why, in a few words, so that the
+    /// trail tells one refused certificate from another.
+    fn shown(self) -> &'static str {
+        match self {
+            Self::UnreadableSan => "(refused certificate: subjectAltName unreadable)",
+            Self::TwoUris => "(refused certificate: more than one URI SAN)",
+            Self::TwoCns => "(refused certificate: more than one CN, no SAN)",
+            Self::UnreadableCn => "(refused certificate: CN not text)",
+        }
+    }
 }
 
 /// The names of a client certificate, by kind, and how the audit shows
@@ -54,8 +93,14 @@ pub struct CertificateNames {
 }
 
 impl CertificateNames {
-    /// The names, with how the audit will show them.
+    /// The names, with how the audit will show them. DNS names are kept
+    /// in lower case: they are not case-sensitive, and `dns:` patterns are
+    /// lowered too.
     pub fn new(uri: Option<Box<str>>, dns: Vec<Box<str>>, cn: Option<Box<str>>) -> Self {
+        let dns: Vec<Box<str>> = dns
+            .into_iter()
+            .map(|name| name.to_ascii_lowercase().into_boxed_str())
+            .collect();
         let mut shown = String::new();
         let mut add = |kind: &str, name: &str| {
             if !shown.is_empty() {
@@ -125,7 +170,7 @@ impl Identity {
             return Self::Unnamed;
         };
         let Ok(san) = cert.subject_alternative_name() else {
-            return Self::Refused("the client certificate's subjectAltName cannot be read");
+            return Self::Refused(RefusedCertificate::UnreadableSan);
         };
         let sans: Vec<&GeneralName> = san
             .as_ref()
@@ -135,9 +180,7 @@ impl Identity {
             .iter()
             .any(|name| matches!(name, GeneralName::Invalid(..)))
         {
-            return Self::Refused(
-                "the client certificate has a subjectAltName that cannot be read",
-            );
+            return Self::Refused(RefusedCertificate::UnreadableSan);
         }
         let mut uris = sans.iter().filter_map(|name| match name {
             GeneralName::URI(uri) => Some(*uri),
@@ -145,9 +188,7 @@ impl Identity {
         });
         let uri = uris.next();
         if uris.next().is_some() {
-            return Self::Refused(
-                "the client certificate has more than one URI SAN; a SPIFFE identity has exactly one",
-            );
+            return Self::Refused(RefusedCertificate::TwoUris);
         }
         let dns: Vec<Box<str>> = sans
             .iter()
@@ -177,17 +218,15 @@ impl Identity {
 /// The subject's one CN, if it has one.
 fn common_name(
     cert: &x509_parser::certificate::X509Certificate<'_>,
-) -> Result<Option<Box<str>>, &'static str> {
+) -> Result<Option<Box<str>>, RefusedCertificate> {
     let mut cns = cert.subject().iter_common_name();
     let Some(cn) = cns.next() else {
         return Ok(None);
     };
     if cns.next().is_some() {
-        return Err("the client certificate has more than one CN and no SAN");
+        return Err(RefusedCertificate::TwoCns);
     }
-    let cn = cn
-        .as_str()
-        .map_err(|_| "the client certificate's CN cannot be read as text")?;
+    let cn = cn.as_str().map_err(|_| RefusedCertificate::UnreadableCn)?;
     Ok((!cn.is_empty()).then(|| cn.into()))
 }
 
@@ -200,7 +239,7 @@ impl Identity {
         match self {
             Self::Anonymous => ANONYMOUS,
             Self::Unnamed => UNNAMED,
-            Self::Refused(_) => "(refused certificate)",
+            Self::Refused(why) => why.shown(),
             Self::Certificate(names) => &names.shown,
         }
     }
@@ -312,10 +351,25 @@ mod tests {
                 rcgen::SanType::URI("spiffe://insurecove/ops".try_into().unwrap()),
             ];
         });
-        assert!(matches!(
-            Identity::from_certificate(&two),
-            Identity::Refused(_)
-        ));
+        let refused = Identity::from_certificate(&two);
+        assert_eq!(refused, Identity::Refused(RefusedCertificate::TwoUris));
+        // The audit tells one refused certificate from another.
+        assert_eq!(
+            refused.shown(),
+            "(refused certificate: more than one URI SAN)"
+        );
+    }
+
+    /// DNS names are not case-sensitive: kept, matched and shown in lower
+    /// case.
+    #[test]
+    fn dns_names_are_kept_in_lower_case() {
+        let upper = cert(|p| {
+            p.subject_alt_names = vec![rcgen::SanType::DnsName("API.Internal".try_into().unwrap())];
+        });
+        let upper = names(Identity::from_certificate(&upper));
+        assert_eq!(upper.dns().collect::<Vec<_>>(), ["api.internal"]);
+        assert_eq!(upper.shown.as_ref(), "dns:api.internal");
     }
 
     /// A certificate whose subjectAltName extension holds `san` (DER), and a
@@ -346,7 +400,10 @@ mod tests {
         for (what, san) in [("unparsable", unparsable), ("not text", not_text)] {
             let identity = Identity::from_certificate(&cert_with_raw_san(&san));
             assert!(
-                matches!(identity, Identity::Refused(why) if why.contains("subjectAltName")),
+                matches!(
+                    identity,
+                    Identity::Refused(RefusedCertificate::UnreadableSan)
+                ),
                 "{what}: {identity:?}"
             );
         }
@@ -374,7 +431,7 @@ mod tests {
         });
         assert!(matches!(
             Identity::from_certificate(&two),
-            Identity::Refused(why) if why.contains("more than one CN")
+            Identity::Refused(RefusedCertificate::TwoCns)
         ));
     }
 

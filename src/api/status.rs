@@ -44,7 +44,7 @@ pub enum ApiError {
         field: &'static str,
         value: String,
     },
-    #[error("permission denied: {0}")]
+    #[error("{refusal}: {0}", refusal = .0.refusal())]
     Denied(#[from] Denied),
     #[error("names holds {count} names; at most {limit} are allowed per call")]
     TooManyNames { count: usize, limit: usize },

@@ -15,11 +15,14 @@
 //! names (prefix included); a secret asked by ARN is matched by the name
 //! inside the ARN (see `names`), never by the ARN's text.
 //!
-//! Identities are typed (see `identity`): `spiffe://…` (any `scheme://…`)
-//! matches a certificate's URI SAN only; `dns:NAME` its DNS SANs only;
-//! `cn:NAME` its subject CN only, when it has no SAN; `anonymous` plaintext
-//! callers only. A bare name with neither a scheme nor a prefix means
-//! `dns:` (`check` warns: write it out).
+//! Identities are typed (see `identity`): `spiffe://…` (any `scheme://…`,
+//! or `uri:URI` for any URI, as the audit shows one without `://`) matches
+//! a certificate's URI SAN only; `dns:NAME` its DNS SANs only, in any case
+//! (DNS names are not case-sensitive); `cn:NAME` its subject CN only, when
+//! it has no SAN; `anonymous` plaintext callers only. The kind prefixes are
+//! read first: `cn:spiffe://x` is a CN that reads like a URI. A bare name
+//! with neither a scheme nor a prefix means `dns:` (`check` warns: write it
+//! out).
 //!
 //! Without a policy file, plaintext (loopback only) allows everything and
 //! mTLS allows nothing: a broker reachable from the network never hands out
@@ -72,7 +75,10 @@ pub enum PolicyError {
 /// Why a call is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Denied {
-    #[error("the client certificate names no identity (no SAN, no CN)")]
+    #[error(
+        "the client certificate names no identity a policy can match: no URI or DNS SAN, and \
+         no CN (a CN counts only in a certificate without a subjectAltName)"
+    )]
     NoIdentity,
     #[error("{0}")]
     BadIdentity(&'static str),
@@ -80,6 +86,17 @@ pub enum Denied {
     Secret { identity: String, secret: String },
     #[error("{identity} may not call AdminService")]
     Admin { identity: String },
+}
+
+impl Denied {
+    /// What kind of refusal it is, as its message starts: the caller is
+    /// not known (UNAUTHENTICATED), or may not do it (PERMISSION_DENIED).
+    pub fn refusal(&self) -> &'static str {
+        match self {
+            Self::NoIdentity | Self::BadIdentity(_) => "unauthenticated",
+            Self::Secret { .. } | Self::Admin { .. } => "permission denied",
+        }
+    }
 }
 
 /// The longest identity an error shows: a certificate may carry hundreds
@@ -150,19 +167,31 @@ enum IdentitySpelling<'a> {
 }
 
 impl<'a> IdentitySpelling<'a> {
+    /// The kind prefixes first: a CN or a URI may hold `://` anywhere.
     fn of(entry: &'a str) -> Self {
         if entry == crate::identity::ANONYMOUS {
             Self::Anonymous
-        } else if entry.contains("://") {
-            Self::Uri(entry)
+        } else if let Some(uri) = entry.strip_prefix("uri:") {
+            Self::Uri(uri)
         } else if let Some(dns) = entry.strip_prefix("dns:") {
             Self::Dns(dns)
         } else if let Some(cn) = entry.strip_prefix("cn:") {
             Self::Cn(cn)
+        } else if entry.contains("://") {
+            Self::Uri(entry)
         } else {
             Self::Bare(entry)
         }
     }
+}
+
+/// A `dns:` pattern: DNS names are not case-sensitive, and certificates'
+/// DNS SANs are read in lower case (`identity`), so the pattern is too.
+fn dns_matcher<E>(
+    pattern: &str,
+    glob: &impl Fn(&str) -> Result<globset::Glob, E>,
+) -> Result<NameMatcher, E> {
+    Ok(NameMatcher::new(glob(&pattern.to_ascii_lowercase())?))
 }
 
 impl IdentityPattern {
@@ -259,14 +288,14 @@ impl Policy {
                 let identity = match IdentitySpelling::of(&entry.identity) {
                     IdentitySpelling::Anonymous => IdentityPattern::Anonymous,
                     IdentitySpelling::Uri(uri) => IdentityPattern::Uri(NameMatcher::new(glob(uri)?)),
-                    IdentitySpelling::Dns(dns) => IdentityPattern::Dns(NameMatcher::new(glob(dns)?)),
+                    IdentitySpelling::Dns(dns) => IdentityPattern::Dns(dns_matcher(dns, &glob)?),
                     IdentitySpelling::Cn(cn) => IdentityPattern::Cn(NameMatcher::new(glob(cn)?)),
                     IdentitySpelling::Bare(bare) => {
                         warnings.push(format!(
                             "grant #{}: identity {bare:?} has no kind; it is read as \"dns:{bare}\" (a DNS SAN): write that out",
                             index + 1
                         ));
-                        IdentityPattern::Dns(NameMatcher::new(glob(bare)?))
+                        IdentityPattern::Dns(dns_matcher(bare, &glob)?)
                     }
                 };
                 Ok(Grant {
@@ -311,6 +340,18 @@ impl Policy {
                     ));
                 }
                 let starts_with_glob = pattern.starts_with(['*', '?', '[', '{']);
+                if starts_with_glob && !prefix.is_empty() && !pattern.contains(['/', '{']) {
+                    // `*` stays within one segment: no name under the
+                    // prefix (two segments at least) is one.
+                    return (!pattern.contains("**")).then(|| {
+                        format!(
+                            "grant #{grant}: secret pattern {pattern:?} matches names of one \
+                             segment, and every name under the prefix {prefix:?} has more: it \
+                             matches nothing (\"{prefix}{pattern}\" for one level, \"**\" for \
+                             every secret)"
+                        )
+                    });
+                }
                 if prefix.is_empty() || pattern.starts_with(prefix) || starts_with_glob {
                     return None;
                 }
@@ -363,7 +404,7 @@ impl Policy {
 fn usable(identity: &Identity) -> Result<(), Denied> {
     match identity {
         Identity::Unnamed => Err(Denied::NoIdentity),
-        Identity::Refused(why) => Err(Denied::BadIdentity(why)),
+        Identity::Refused(why) => Err(Denied::BadIdentity(why.why())),
         Identity::Anonymous | Identity::Certificate(_) => Ok(()),
     }
 }

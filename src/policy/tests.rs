@@ -104,10 +104,48 @@ fn dns_and_cn_identities_match_only_their_kind() {
     assert!(p.may_read(&certificate(&["bare.internal"], None), "insurecove/bare"));
     assert_eq!(p.warnings().len(), 1, "the bare identity is warned about");
     assert!(
+        p.may_read(&certificate(&["API.Internal"], None), "insurecove/api"),
+        "DNS names are not case-sensitive"
+    );
+    assert!(
         p.warnings()[0].contains("dns:bare.internal"),
         "{:?}",
         p.warnings()
     );
+}
+
+/// The kind prefixes are read before `://`: a CN (or a DNS name) may read
+/// like a URI, and a URI without `://` is written `uri:`, as the audit
+/// shows it.
+#[test]
+fn a_kind_prefix_decides_the_kind_of_an_identity_that_reads_like_a_uri() {
+    let p = Policy::parse(
+        Path::new("p.toml"),
+        r#"
+            [[grant]]
+            identity = "cn:spiffe://insurecove/legacy"
+            secrets = ["insurecove/legacy"]
+            [[grant]]
+            identity = "uri:urn:uuid:6e8bc430-9c3a-11d9-9669-0800200c9a66"
+            secrets = ["insurecove/urn"]
+            [[grant]]
+            identity = "uri:spiffe://insurecove/api"
+            secrets = ["insurecove/api"]
+            "#,
+    )
+    .unwrap();
+    let legacy = "spiffe://insurecove/legacy";
+    assert!(p.may_read(&certificate(&[], Some(legacy)), "insurecove/legacy"));
+    assert!(!p.may_read(&uri(legacy), "insurecove/legacy"));
+    assert!(!p.may_read(&uri(&format!("cn:{legacy}")), "insurecove/legacy"));
+    let urn = uri("urn:uuid:6e8bc430-9c3a-11d9-9669-0800200c9a66");
+    assert_eq!(
+        urn.shown(),
+        "uri:urn:uuid:6e8bc430-9c3a-11d9-9669-0800200c9a66"
+    );
+    assert!(p.may_read(&urn, "insurecove/urn"));
+    assert!(p.may_read(&uri("spiffe://insurecove/api"), "insurecove/api"));
+    assert!(p.warnings().is_empty(), "{:?}", p.warnings());
 }
 
 #[test]
@@ -168,7 +206,10 @@ fn without_a_file_plaintext_allows_and_mtls_denies() {
         Err(Denied::NoIdentity)
     );
     assert!(matches!(
-        open.check_read(&Identity::Refused("two URI SANs"), "insurecove/x"),
+        open.check_read(
+            &Identity::Refused(crate::identity::RefusedCertificate::TwoUris),
+            "insurecove/x"
+        ),
         Err(Denied::BadIdentity(_))
     ));
 }
@@ -272,12 +313,12 @@ fn patterns_that_cannot_match_are_warned_about() {
         r#"
             [[grant]]
             identity = "spiffe://a/x"
-            secrets = ["production/jwt", "insurecove/ok", "*/db", "arn:aws:secretsmanager:*", "insurecove*/x"]
+            secrets = ["production/jwt", "insurecove/ok", "*/db", "arn:aws:secretsmanager:*", "insurecove*/x", "**", "*"]
             "#,
     )
     .unwrap();
     let warnings = p.patterns_outside("insurecove/");
-    assert_eq!(warnings.len(), 3, "{warnings:?}");
+    assert_eq!(warnings.len(), 4, "{warnings:?}");
     assert!(
         warnings[0].contains(r#""production/jwt" does not start with the prefix "insurecove/""#)
             && warnings[0].contains(r#""insurecove/production/jwt"?"#),
@@ -287,6 +328,11 @@ fn patterns_that_cannot_match_are_warned_about() {
     assert!(
         warnings[2].contains(r#""insurecove*/x""#) && !warnings[2].contains('?'),
         "no suggestion for a pattern that reaches for the prefix: {warnings:?}"
+    );
+    assert!(
+        warnings[3].contains(r#""*" matches names of one segment"#)
+            && warnings[3].contains(r#""insurecove/*" for one level"#),
+        "a one-segment glob under a prefix matches nothing: {warnings:?}"
     );
     let unprefixed = p.patterns_outside("");
     assert_eq!(
