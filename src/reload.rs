@@ -4,8 +4,10 @@
 //! - Readers get the value in force lock-free (`current`), every call.
 //! - A `Loader` reads and validates the files; a broken new file keeps the
 //!   old value, and the log says why (one warning per attempt).
-//! - The files are followed on disk (`file_watch`), and `reload_all`
-//!   reloads every value on SIGHUP.
+//! - The files are followed on disk (`file_watch`), and `follow` reloads
+//!   every value on SIGHUP, and a value when it says it is due (the TLS
+//!   config when a client CA's dates pass: the files have not changed, but
+//!   what they mean has).
 //! - `changes` counts replacements, for whoever must react (policy reloads
 //!   end revoked watch streams; secrets-file edits wake the change
 //!   detector).
@@ -20,6 +22,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     },
+    time::{Duration, SystemTime},
 };
 
 use arc_swap::{ArcSwap, Guard};
@@ -52,6 +55,12 @@ pub trait Loader: Send + Sync + 'static {
     /// Called once a reload has put a new value in force in place of
     /// `replaced`.
     fn replaced(&self, _replaced: &Self::Value) {}
+
+    /// When `value` must be read again although its files have not
+    /// changed, if ever.
+    fn reload_due(&self, _value: &Self::Value) -> Option<SystemTime> {
+        None
+    }
 }
 
 /// A value that follows its files; share it in an `Arc`.
@@ -159,6 +168,10 @@ impl<L: Loader> Reloadable<L> {
 pub trait Reload: Send + Sync {
     fn reload_and_log(&self);
     fn follow_files(self: Arc<Self>) -> notify::Result<()>;
+    /// When the value in force must be read again (see `Loader::reload_due`).
+    fn reload_due(&self) -> Option<SystemTime>;
+    /// Changes each time the value is replaced.
+    fn changes(&self) -> watch::Receiver<u64>;
     /// Registers `<what>_reloads`, `<what>_reloads_refused` and
     /// `<what>_reload_failing` (`what` as a metric name: `policy`,
     /// `tls_certificates`, `secrets_file`).
@@ -172,6 +185,14 @@ impl<L: Loader> Reload for Reloadable<L> {
 
     fn follow_files(self: Arc<Self>) -> notify::Result<()> {
         Reloadable::follow_files(&self)
+    }
+
+    fn reload_due(&self) -> Option<SystemTime> {
+        self.loader.reload_due(&self.current())
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        Reloadable::changes(self)
     }
 
     fn register_metrics(self: Arc<Self>, metrics: &Metrics) {
@@ -200,8 +221,12 @@ impl<L: Loader> Reload for Reloadable<L> {
     }
 }
 
-/// Follows every value's files, and reloads them all on each SIGHUP until
-/// `stop`.
+/// The longest wait between two looks at when values are due; a reload
+/// refused when it was due is tried again this often.
+const DUE_LOOK: Duration = Duration::from_secs(60);
+
+/// Follows every value's files, reloads them all on each SIGHUP, and each
+/// one when it is due, until `stop`.
 pub async fn follow(values: Vec<Arc<dyn Reload>>, stop: tokio_util::sync::CancellationToken) {
     for value in &values {
         if let Err(error) = Arc::clone(value).follow_files() {
@@ -212,16 +237,58 @@ pub async fn follow(values: Vec<Arc<dyn Reload>>, stop: tokio_util::sync::Cancel
     else {
         return;
     };
+    let mut changes: Vec<watch::Receiver<u64>> =
+        values.iter().map(|value| value.changes()).collect();
     loop {
+        // A value replaced (its files edited) may be due at another time:
+        // the wait is worked out again then.
+        // A value dropped (its sender gone) is not waited for again.
+        let mut gone = None;
+        let replaced = async {
+            if changes.is_empty() {
+                return std::future::pending().await;
+            }
+            let each = changes
+                .iter_mut()
+                .map(|changes| Box::pin(changes.changed()));
+            let (changed, index, _) = futures::future::select_all(each).await;
+            changed.is_err().then_some(index)
+        };
         tokio::select! {
             () = stop.cancelled() => return,
-            _ = hangups.recv() => {}
+            dropped = replaced => gone = dropped,
+            _ = hangups.recv() => {
+                tracing::info!("SIGHUP: reloading");
+                for value in &values {
+                    value.reload_and_log();
+                }
+            }
+            () = tokio::time::sleep(until_due(&values, SystemTime::now())) => {
+                let now = SystemTime::now();
+                for value in values.iter().filter(|value| value.reload_due().is_some_and(|due| due <= now)) {
+                    value.reload_and_log();
+                }
+            }
         }
-        tracing::info!("SIGHUP: reloading");
-        for value in &values {
-            value.reload_and_log();
+        if let Some(index) = gone {
+            changes.remove(index);
         }
     }
+}
+
+/// How long until the first value is due: at most `DUE_LOOK`, and
+/// `DUE_LOOK` when one is past due already (its reload was refused: it is
+/// tried again then, not in a loop).
+fn until_due(values: &[Arc<dyn Reload>], now: SystemTime) -> Duration {
+    values
+        .iter()
+        .filter_map(|value| value.reload_due())
+        .map(|due| match due.duration_since(now) {
+            Ok(wait) => wait.min(DUE_LOOK),
+            Err(_) => DUE_LOOK,
+        })
+        .min()
+        .unwrap_or(DUE_LOOK)
 }
 
 #[cfg(test)]

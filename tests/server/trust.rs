@@ -146,6 +146,44 @@ async fn a_connection_ends_when_a_reload_removes_its_ca() {
     broker.stop().await;
 }
 
+/// webpki checks no trust anchor's dates: the broker trusts the bundle's
+/// CAs only within theirs, and reloads its config when one expires, so the
+/// connections of the clients it signed are closed and new ones refused,
+/// though their own certificates are still valid.
+#[tokio::test]
+async fn a_client_ca_that_expires_is_trusted_no_more() {
+    let pki = Pki::new();
+    let broker = Running::start_tls(&pki, Some(policy(&pki))).await;
+    // Served once first: the broker follows its files by then.
+    let (mut lasting, _watch) = reading(&broker, &pki.client("lasting", AUTH)).await;
+    let expiring = Pki::with_ca_expiring(Duration::from_secs(4));
+    let bundle = [pki.ca(), expiring.ca()].map(|ca| std::fs::read_to_string(ca).unwrap());
+    crate::harness::replace_file(&pki.ca(), &bundle.join("\n"));
+    let client = expiring.client("auth", AUTH);
+    let served = || async {
+        let Ok(channel) = broker.try_mtls(&client).await else {
+            return false;
+        };
+        get(&mut SecretsServiceClient::new(channel), "mistral-api-key")
+            .await
+            .is_ok()
+    };
+    eventually(Duration::from_secs(5), "the second CA trusted", served).await;
+    let (_stub, mut watch) = reading(&broker, &client).await;
+
+    ends_within(&mut watch, Duration::from_secs(10)).await;
+    assert!(
+        !served().await,
+        "a client of the expired CA was served again"
+    );
+    // The CA still in its dates goes on.
+    assert_eq!(
+        value(&get(&mut lasting, "mistral-api-key").await.unwrap()),
+        MISTRAL_VALUE
+    );
+    broker.stop().await;
+}
+
 /// A client that reconnects with the same TLS config (as tonic's channel
 /// does) gets a full handshake each time: a resumed session would skip the
 /// certificate's check, and a client whose certificate has expired would

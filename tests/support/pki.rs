@@ -53,6 +53,17 @@ impl Issued {
 
 impl Pki {
     pub fn new() -> Self {
+        Self::with_ca(|_| {})
+    }
+
+    /// A PKI whose CA expires `after` from now (its leaves do not).
+    // For the server tests; the client tests include this file too.
+    #[allow(dead_code)]
+    pub fn with_ca_expiring(after: std::time::Duration) -> Self {
+        Self::with_ca(|params| params.not_after = time::OffsetDateTime::now_utc() + after)
+    }
+
+    fn with_ca(adjust: impl FnOnce(&mut rcgen::CertificateParams)) -> Self {
         use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -64,6 +75,7 @@ impl Pki {
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
+        adjust(&mut params);
         let key = KeyPair::generate().expect("CA key");
         let ca_cert = params.self_signed(&key).expect("self-sign the CA");
         let dir = tempfile::tempdir().expect("temp dir for the PKI");
