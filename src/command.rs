@@ -101,7 +101,9 @@ pub async fn serve(
         Ok(app) => app,
         Err(error) => return (fail(&error.to_string()), Some(logs)),
     };
-    if settings.dev {
+    // A log collector often reads stdout and stderr as one stream: under
+    // JSON logs, a line of plain text would break it.
+    if settings.dev && !settings.log_json {
         print_dev_hint(&settings, bound);
     }
     let code = match app.run(crate::signals::shutdown_requested()).await {
