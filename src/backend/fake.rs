@@ -37,6 +37,8 @@ pub struct FakeStore {
     pub describe_failure: Mutex<Option<StoreError>>,
     /// How long each call takes (under a paused clock, advanced by tokio).
     pub delay: Mutex<Duration>,
+    /// How long GetSecretValue of these names takes instead of `delay`.
+    pub slow: Mutex<HashMap<String, Duration>>,
     /// Reads of the key answer with the value (and name) of the other
     /// secret: an upstream that resolved an id differently than the policy.
     pub answers_instead: Mutex<HashMap<String, String>>,
@@ -158,7 +160,8 @@ impl SecretStore for FakeStore {
         _selector: &VersionSelector,
     ) -> Result<SecretVersion, StoreError> {
         self.calls.fetch_add(1, SeqCst);
-        let delay = *self.delay.lock().unwrap();
+        let delay = self.slow.lock().unwrap().get(name).copied();
+        let delay = delay.unwrap_or(*self.delay.lock().unwrap());
         let instead = self.answers_instead.lock().unwrap().get(name).cloned();
         let name = instead.as_deref().unwrap_or(name);
         let at_the_start = self

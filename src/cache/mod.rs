@@ -510,6 +510,36 @@ impl Cache {
         })
     }
 
+    /// A change of the secrets `wanted` picks was heard (an event): their
+    /// reads under way with nothing stored yet (a first read, or one after
+    /// an eviction) may have been answered before it, so, as after a
+    /// clear, they answer their callers but store nothing, and the next
+    /// read goes upstream. Stored entries are left: the change re-reads
+    /// them.
+    pub fn forget_reads_under_way(&self, wanted: impl Fn(&str) -> bool) {
+        let shared = &self.shared;
+        let mark = shared.next_fetch.load(Relaxed);
+        let keys: Vec<CacheKey> = shared
+            .inflight
+            .iter()
+            .map(|fetch| fetch.key().clone())
+            .chain(
+                shared
+                    .bypass_inflight
+                    .iter()
+                    .map(|fetch| fetch.key().clone()),
+            )
+            .filter(|key| wanted(&key.name) && !shared.entries.contains_key(key))
+            .collect();
+        shared.room_for_marks(&shared.cleared_keys, keys.len());
+        for key in keys {
+            shared.cleared_keys.insert(key.clone(), mark);
+            shared
+                .inflight
+                .remove_if(&key, |_, running| running.number < mark);
+        }
+    }
+
     /// `clear`, of every entry when `all`, else of the keys `belongs` picks.
     fn clear_where(&self, all: bool, belongs: impl Fn(&CacheKey) -> bool) -> u64 {
         let shared = &self.shared;

@@ -215,3 +215,63 @@ async fn an_event_about_a_missing_name_forgets_the_miss() {
         "v1"
     );
 }
+
+/// A replica's first read of a secret under way when its change event
+/// comes: the read may have been answered before the change, and nothing
+/// held would be re-read, so what it read is not kept.
+#[tokio::test(start_paused = true)]
+async fn an_event_during_a_first_read_keeps_that_read_from_being_stored() {
+    let (store, hub, cache, events) = setup(&["db"]);
+    // Reads take a second, and answer what was current when they began.
+    *store.delay.lock().unwrap() = Duration::from_secs(1);
+    store
+        .answers_as_of_the_start
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let first = tokio::spawn({
+        let cache = cache.clone();
+        async move { cached(&cache, "db").await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    store.set("db", "v2");
+    let event = label_moved("e1", "db", "v2");
+    events.handle(&hub, &[("m1", &event)]).await;
+    assert_eq!(first.await.unwrap(), "v1", "the read under way answers");
+    assert_eq!(cached(&cache, "db").await, "v2", "and is not kept");
+}
+
+/// A slow re-read (AWS slow for one secret) holds up its own receive's
+/// handling, not the events of the receives after it.
+#[tokio::test(start_paused = true)]
+async fn a_slow_reread_holds_up_no_later_event() {
+    let (store, hub, cache, events) = setup(&["slow", "fast"]);
+    assert_eq!(cached(&cache, "slow").await, "v1");
+    assert_eq!(cached(&cache, "fast").await, "v1");
+    store
+        .slow
+        .lock()
+        .unwrap()
+        .insert("slow".into(), Duration::from_secs(10));
+    store.set("slow", "v2");
+    store.set("fast", "v2");
+    let received = |id: &str, body: String| queue::Received {
+        id: id.into(),
+        body,
+        receipt: format!("receipt-{id}"),
+    };
+    let stop = CancellationToken::new();
+    for (id, name) in [("m1", "slow"), ("m2", "fast")] {
+        let batch = vec![received(id, label_moved(id, name, "v2"))];
+        let receipts = events.take_batch(&hub, batch, &stop).await.unwrap();
+        assert_eq!(receipts, [format!("receipt-{id}")], "taken at once");
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(cached(&cache, "fast").await, "v2");
+    assert_eq!(
+        events.stats().applied,
+        1,
+        "the slow one is still being read"
+    );
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(events.stats().applied, 2);
+    stop.cancel();
+}

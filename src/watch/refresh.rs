@@ -19,10 +19,14 @@ impl WatchHub {
     /// says a label moved to: stages already holding it are not re-read.
     pub async fn refresh_secret(&self, ids: &[String], hint: Option<(&str, &str)>) -> Refreshed {
         let names: Vec<&str> = ids.iter().map(|id| names::secret_name(id)).collect();
+        let wanted = |id: &str| names.contains(&names::secret_name(id));
         // A name (or a stage of it) found missing may exist now.
-        self.shared
-            .cache
-            .forget_misses_where(|id| names.contains(&names::secret_name(id)));
+        self.shared.cache.forget_misses_where(wanted);
+        // A first read under way may have been answered before the change,
+        // and nothing would re-read what it stores (the helper's case: an
+        // event during a replica's first read of a rotating secret left
+        // the old value to the sweep).
+        self.shared.cache.forget_reads_under_way(wanted);
         // What was read by version id tells stages that may have moved;
         // it is not tracked (a version's value never changes), so it is
         // read again when next asked rather than re-read here.
