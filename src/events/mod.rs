@@ -12,10 +12,14 @@
 //!   take the answer in one step. Events of one receive for the same secret
 //!   make one re-read; an event saying a label moved to the version already
 //!   held makes none.
-//! - Every message is deleted once handled, whatever it said: a malformed,
+//! - Every message is deleted once taken, whatever it said: a malformed,
 //!   foreign or duplicate one is logged (a reason, never its body) and
 //!   dropped, so nothing loops. A re-read that fails is tried again after
 //!   1, 2, 4 and 8 s; past that the sweep covers it.
+//! - Each receive's messages are handled in a task of their own, and the
+//!   next receive does not wait for it: AWS slow to answer the re-read of
+//!   one secret (up to the SDK's timeout) must not hold back the events of
+//!   every other. At most `BATCHES_AT_ONCE` are handled at a time.
 //! - The consumer's failures never fail readiness: with SQS away, the sweep
 //!   and the TTL still hold; it backs off and resumes by itself.
 
@@ -53,6 +57,9 @@ pub async fn check_source(source: &EventSource, region: &str) -> Result<String, 
 /// Event ids remembered to drop a second delivery (SQS and SNS deliver at
 /// least once).
 const REMEMBERED_IDS: usize = 4096;
+/// Receives handled at once; past this many the consumer waits for one to
+/// end before it receives again (so a hung AWS cannot pile tasks up).
+const BATCHES_AT_ONCE: usize = 16;
 /// Waits between attempts while SQS fails.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 const LAST_RETRY: Duration = Duration::from_secs(30);
@@ -115,6 +122,8 @@ struct Shared {
     stopping: std::sync::OnceLock<CancellationToken>,
     /// Secrets being read again (one task each, whatever the events).
     reading_again: Mutex<std::collections::HashSet<String>>,
+    /// Receives being handled (see `BATCHES_AT_ONCE`).
+    batches: Arc<tokio::sync::Semaphore>,
 }
 
 impl Events {
@@ -136,6 +145,7 @@ impl Events {
                 seen: Mutex::new(RecentIds::default()),
                 stopping: std::sync::OnceLock::new(),
                 reading_again: Mutex::default(),
+                batches: Arc::new(tokio::sync::Semaphore::new(BATCHES_AT_ONCE)),
             }),
         }
     }
@@ -271,10 +281,10 @@ impl Events {
                 received = queue.receive() => received,
             };
             let result = match received {
-                Ok(messages) => {
-                    let receipts = self.handle_batch(hub, messages).await;
-                    queue.delete(receipts).await
-                }
+                Ok(messages) => match self.take_batch(hub, messages, stop).await {
+                    Some(receipts) => queue.delete(receipts).await,
+                    None => return ReadEnd::Stopped,
+                },
                 Err(error) => Err(error),
             };
             match result {
@@ -300,12 +310,38 @@ impl Events {
         }
     }
 
-    /// Handles one receive's messages; returns the receipts to delete
-    /// (all of them). A fault of the broker's while handling them (a
-    /// panic, logged by the panic hook) drops the batch, as an unreadable
-    /// message is dropped: the consumer goes on, and no message that
-    /// caused it comes back to do it again.
-    async fn handle_batch(&self, hub: &WatchHub, messages: Vec<queue::Received>) -> Vec<String> {
+    /// Takes one receive's messages: they are handled in a task of their
+    /// own (see the module doc), until `stop`. Returns the receipts to
+    /// delete, all of them, at once: a message is taken whatever its
+    /// re-read finds (a replica stopped before that leaves the change to
+    /// the sweep). `None` at `stop` while waiting for room.
+    async fn take_batch(
+        &self,
+        hub: &WatchHub,
+        messages: Vec<queue::Received>,
+        stop: &CancellationToken,
+    ) -> Option<Vec<String>> {
+        let room = tokio::select! {
+            () = stop.cancelled() => return None,
+            room = Arc::clone(&self.shared.batches).acquire_owned() => room.ok()?,
+        };
+        let receipts = messages.iter().map(|m| m.receipt.clone()).collect();
+        let (events, hub, stop) = (self.clone(), hub.clone(), stop.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = events.handle_batch(&hub, messages) => {}
+            }
+            drop(room);
+        });
+        Some(receipts)
+    }
+
+    /// Handles one receive's messages. A fault of the broker's while
+    /// handling them (a panic, logged by the panic hook) drops the batch,
+    /// as an unreadable message is dropped: the consumer goes on, and no
+    /// message that caused it comes back to do it again.
+    async fn handle_batch(&self, hub: &WatchHub, messages: Vec<queue::Received>) {
         let bodies: Vec<(&str, &str)> = messages
             .iter()
             .map(|m| (m.id.as_str(), m.body.as_str()))
@@ -321,7 +357,6 @@ impl Events {
                 "handling event messages failed (a fault of the broker); they are dropped"
             );
         }
-        messages.into_iter().map(|m| m.receipt).collect()
     }
 
     /// Handles message bodies (with their message ids, for the log):
