@@ -176,7 +176,10 @@ fn cloudtrail_call(detail: &Value) -> Option<Read<'_>> {
     let id = request
         .and_then(|r| text(r, "secretId"))
         .or_else(|| request.and_then(|r| text(r, "name")));
-    // PutSecretValue answers with the version it made current.
+    // PutSecretValue answers with the version it made, and moved the
+    // stages it was asked for to it: AWSCURRENT unless it named others (a
+    // rotation's first step names AWSPENDING; read as AWSCURRENT, the
+    // hint would never show, and the secret would be read five times).
     let moved_to = (call == "PutSecretValue")
         .then(|| {
             detail
@@ -184,8 +187,22 @@ fn cloudtrail_call(detail: &Value) -> Option<Read<'_>> {
                 .and_then(|r| text(r, "versionId"))
         })
         .flatten()
-        .map(|version| ("AWSCURRENT".to_owned(), version.to_owned()));
+        .map(|version| (put_stage(request).to_owned(), version.to_owned()));
     Some((id.into_iter().collect(), None, moved_to, call.to_owned()))
+}
+
+/// The stage a PutSecretValue call moved: AWSCURRENT, unless its
+/// `versionStages` name others (then the first of them).
+fn put_stage(request: Option<&Value>) -> &str {
+    let stages: Vec<&str> = request
+        .and_then(|r| r.get("versionStages"))
+        .and_then(Value::as_array)
+        .map(|stages| stages.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    match stages.first() {
+        Some(first) if !stages.contains(&"AWSCURRENT") => first,
+        _ => "AWSCURRENT",
+    }
 }
 
 /// The secret names the ids stand for, deduplicated; invalid ids are
@@ -323,6 +340,34 @@ mod tests {
             None
         );
         assert_eq!(change(&cloudtrail("RestoreSecret", ARN)).arn, None);
+    }
+
+    /// A rotation's first step puts the new value under AWSPENDING: the
+    /// hint names that stage, not AWSCURRENT.
+    #[test]
+    fn a_put_secret_value_hints_the_stages_it_moved() {
+        let put = |stages: serde_json::Value| {
+            let body = serde_json::json!({
+                "id": "e-3",
+                "source": "aws.secretsmanager",
+                "detail-type": "AWS API Call via CloudTrail",
+                "detail": {
+                    "eventSource": "secretsmanager.amazonaws.com",
+                    "eventName": "PutSecretValue",
+                    "requestParameters": {"secretId": "insurecove/db", "versionStages": stages},
+                    "responseElements": {"versionId": "v2"}
+                }
+            });
+            change(&body.to_string()).moved_to
+        };
+        let hint = |stage: &str| Some((stage.to_owned(), "v2".to_owned()));
+        assert_eq!(put(serde_json::json!(["AWSPENDING"])), hint("AWSPENDING"));
+        assert_eq!(
+            put(serde_json::json!(["x", "AWSCURRENT"])),
+            hint("AWSCURRENT")
+        );
+        assert_eq!(put(serde_json::json!([])), hint("AWSCURRENT"));
+        assert_eq!(put(serde_json::Value::Null), hint("AWSCURRENT"));
     }
 
     #[test]
