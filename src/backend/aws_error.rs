@@ -42,8 +42,9 @@ pub struct Upstream {
     pub endpoint: String,
     /// Whether the endpoint is an http(s) URL with a host.
     pub endpoint_is_url: bool,
-    /// Whether the endpoint was set by `AWS_ENDPOINT_URL*`.
-    pub custom_endpoint: bool,
+    /// The variable that set the endpoint (`AWS_ENDPOINT_URL_SQS`,
+    /// `AWS_ENDPOINT_URL`...), if one did.
+    pub endpoint_var: Option<&'static str>,
     /// The proxy the calls go through, and the variable that set it.
     pub proxy: Option<(String, &'static str)>,
     /// What the environment says about credentials that were not found:
@@ -99,10 +100,11 @@ impl Upstream {
     /// `service`'s, from the environment.
     pub fn of(service: Service, region: &str, env: &dyn Fn(&str) -> Option<String>) -> Self {
         let custom = [service.endpoint_var(), "AWS_ENDPOINT_URL"]
-            .iter()
-            .find_map(|var| env(var).filter(|v| !v.trim().is_empty()));
+            .into_iter()
+            .find_map(|var| env(var).filter(|v| !v.trim().is_empty()).map(|v| (var, v)));
+        let endpoint_var = custom.as_ref().map(|(var, _)| *var);
         let endpoint = custom
-            .clone()
+            .map(|(_, endpoint)| endpoint)
             .unwrap_or_else(|| format!("https://{}.{region}.amazonaws.com", service.host()));
         let proxy = proxy_for(&endpoint, env);
         let endpoint_is_url = url::Url::parse(&endpoint)
@@ -111,7 +113,7 @@ impl Upstream {
             region: region.to_owned(),
             endpoint: shown_url(&endpoint),
             endpoint_is_url,
-            custom_endpoint: custom.is_some(),
+            endpoint_var,
             credentials_hint: credentials_hint(env),
             role_source: role_source(env),
             proxy,
@@ -424,16 +426,15 @@ fn explain_chain(error: &(dyn StdError + 'static), upstream: &Upstream) -> Store
         return StoreError::Unavailable { detail };
     }
     let chain = chain_text(error);
-    let detail = if upstream.custom_endpoint && !upstream.endpoint_is_url {
+    let detail = if let (Some(var), false) = (upstream.endpoint_var, upstream.endpoint_is_url) {
         format!(
-            "the AWS endpoint {:?} is not a URL (such as http://127.0.0.1:5000): check \
-             AWS_ENDPOINT_URL",
+            "the AWS endpoint {:?} is not a URL (such as http://127.0.0.1:5000): check {var}",
             upstream.endpoint
         )
     } else if chain.contains("dns error") || chain.contains("failed to lookup address") {
-        if upstream.custom_endpoint {
+        if let Some(var) = upstream.endpoint_var {
             format!(
-                "the AWS endpoint {} does not resolve{}: check AWS_ENDPOINT_URL",
+                "the AWS endpoint {} does not resolve{}: check {var}",
                 upstream.endpoint,
                 upstream.via()
             )
@@ -453,7 +454,7 @@ fn explain_chain(error: &(dyn StdError + 'static), upstream: &Upstream) -> Store
                 upstream.via()
             )
         }
-    } else if !upstream.custom_endpoint && !looks_like_a_region(&upstream.region) {
+    } else if upstream.endpoint_var.is_none() && !looks_like_a_region(&upstream.region) {
         // A name such as `us_east_1` makes a host name no connection can
         // be made to, before any DNS answer.
         format!(
@@ -473,10 +474,10 @@ fn explain_chain(error: &(dyn StdError + 'static), upstream: &Upstream) -> Store
             "cannot reach AWS at {}: {}{}",
             upstream.endpoint,
             io_reason(&chain),
-            if upstream.custom_endpoint {
-                "; check AWS_ENDPOINT_URL"
-            } else {
-                "; check the network, or HTTPS_PROXY if AWS is reached through a proxy"
+            match upstream.endpoint_var {
+                Some(var) => format!("; check {var}"),
+                None => "; check the network, or HTTPS_PROXY if AWS is reached through a proxy"
+                    .to_owned(),
             }
         )
     };
@@ -899,8 +900,16 @@ mod tests {
                 ("NO_PROXY", "localhost,127.0.0.1"),
             ]),
         );
-        assert!(local.custom_endpoint);
+        assert_eq!(local.endpoint_var, Some("AWS_ENDPOINT_URL"));
         assert_eq!(local.proxy, None, "NO_PROXY exempts the host");
+        // A failure's message names the variable that set the endpoint.
+        let vars = [
+            ("AWS_ENDPOINT_URL", "http://127.0.0.1:5000"),
+            ("AWS_ENDPOINT_URL_SQS", "http://127.0.0.1:5999"),
+        ];
+        let sqs = Upstream::of(Service::Sqs, "ap-east-1", &env(&vars));
+        assert_eq!(sqs.endpoint_var, Some("AWS_ENDPOINT_URL_SQS"));
+        assert!(sqs.endpoint.contains(":5999"), "{}", sqs.endpoint);
     }
 
     #[test]
