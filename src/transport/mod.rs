@@ -20,6 +20,7 @@
 pub mod bind;
 pub mod budget;
 pub mod call_slots;
+mod client_cas;
 pub mod connection_info;
 pub mod descriptors;
 pub mod gate;

@@ -9,12 +9,10 @@
 //!   old config. An open connection's client is checked again against the
 //!   new config (a CA taken out of the bundle), and its connection closed
 //!   when it fails, or when its certificate expires (`peer_trust`).
-//! - CA dates: webpki checks the dates of a client's certificate and of its
-//!   intermediates, not those of the trust anchor, so an expired CA left in
-//!   the bundle would go on admitting what it signed. Only the bundle's CAs
-//!   within their dates are trusted, and the config is reloaded when that
-//!   set changes (a CA expires, or one not yet valid starts): the
-//!   connections of clients it signed are then closed as after any reload.
+//! - CA dates: only the bundle's CAs within their dates are trusted
+//!   (`client_cas`), and the config is reloaded when that set changes (a
+//!   CA expires, or one not yet valid starts): the connections of clients
+//!   it signed are then closed as after any reload.
 //! - identity: the caller's identity is read from its certificate once, at
 //!   the handshake (see `listener`), and attached to the connection, so
 //!   calls never parse certificates.
@@ -37,6 +35,7 @@ use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_util::sync::CancellationToken;
 use x509_parser::prelude::FromDer;
 
+use super::client_cas::{ClientCas, NoClientTrusted};
 use crate::{
     config::TlsFiles,
     identity::Identity,
@@ -110,6 +109,8 @@ struct TlsState {
     /// When the client CAs within their dates change, Unix seconds: the
     /// config is reloaded then.
     trust_changes_at: Option<i64>,
+    /// When the last client CA it trusts expires (`None`: it trusts none).
+    trusted_until: Option<i64>,
     /// Cancelled when a reload replaces this state.
     replaced: CancellationToken,
 }
@@ -130,17 +131,26 @@ impl Loader for TlsSource {
         ]
     }
 
-    fn load(&self, _previous: Option<&TlsState>) -> Result<TlsState, TlsError> {
-        let cas = ClientCas::read(&self.files.client_ca, unix_now())?;
-        for left_out in &cas.left_out {
-            tracing::warn!(
-                ca = %left_out,
-                file = %self.files.client_ca.display(),
-                "a client CA outside its dates is left out of the trust store: the certificates it signed are refused"
-            );
+    fn load(&self, previous: Option<&TlsState>) -> Result<TlsState, TlsError> {
+        let now = unix_now();
+        let path = &self.files.client_ca;
+        let cas = ClientCas::read(path, now)?;
+        cas.log_left_out(path);
+        let trusting = !cas.in_date.is_empty();
+        // No CA in its dates: a broken file at the start, or while the
+        // config in force still trusts one (an edit put an expired bundle
+        // in place). When the last CA in force expires, though, a config
+        // that trusts no client takes over: the old one would go on
+        // letting that CA's clients in.
+        if !trusting && previous.is_none_or(|p| p.trusted_until.is_some_and(|until| until >= now)) {
+            return Err(cas.none_in_date(path));
         }
-        let trust_changes_at = cas.changes_at;
-        let (config, clients) = build(&self.files, cas.in_date)?;
+        if !trusting {
+            tracing::error!(file = %path.display(), "no CA of the client CA bundle is within its dates: every client certificate is refused until it holds one");
+        }
+        let (trust_changes_at, trusted_until) = (cas.changes_at, cas.trusted_until);
+        let roots = if trusting { cas.in_date } else { cas.all };
+        let (config, clients) = build(&self.files, roots, !trusting)?;
         // A certificate outside its dates fails every handshake: at a
         // reload it is a broken file (the one in use stays), at start a
         // clear error rather than a broker no client can reach.
@@ -150,6 +160,7 @@ impl Loader for TlsSource {
             clients,
             expiry: report.expires_at,
             trust_changes_at,
+            trusted_until,
             replaced: CancellationToken::new(),
         })
     }
@@ -226,10 +237,12 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 /// Builds the rustls config from the files, checking what can be checked;
-/// with it, its check of client certificates, which trusts `client_cas`.
+/// with it, its check of client certificates, which trusts `client_cas`,
+/// or no client at all when `trust_none`.
 fn build(
     files: &TlsFiles,
     client_cas: Vec<CertificateDer<'static>>,
+    trust_none: bool,
 ) -> Result<(Arc<ServerConfig>, Arc<dyn ClientCertVerifier>), TlsError> {
     let chain = read_certificates("server certificate", &files.cert)?;
     let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| TlsError::Read {
@@ -259,6 +272,11 @@ fn build(
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
             .build()
             .map_err(|e| TlsError::Config(e.to_string()))?;
+    let verifier: Arc<dyn ClientCertVerifier> = if trust_none {
+        Arc::new(NoClientTrusted { inner: verifier })
+    } else {
+        verifier
+    };
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Config(e.to_string()))?
@@ -276,64 +294,9 @@ fn build(
     Ok((Arc::new(config), verifier))
 }
 
-/// The client CA bundle as the trust store takes it: the CAs within their
-/// dates (see the module doc).
-struct ClientCas {
-    in_date: Vec<CertificateDer<'static>>,
-    /// The others, as the log names them.
-    left_out: Vec<String>,
-    /// When the CAs in date change next, Unix seconds: the first of them
-    /// to expire, or the first of the others to start.
-    changes_at: Option<i64>,
-}
-
-impl ClientCas {
-    fn read(path: &Path, now: i64) -> Result<Self, TlsError> {
-        let mut cas = Self {
-            in_date: Vec::new(),
-            left_out: Vec::new(),
-            changes_at: None,
-        };
-        for der in read_certificates("client CA bundle", path)? {
-            // One x509-parser cannot read is left to webpki to judge.
-            let Ok((_, ca)) = x509_parser::certificate::X509Certificate::from_der(&der) else {
-                cas.in_date.push(der);
-                continue;
-            };
-            let validity = ca.validity();
-            let (from, until) = (
-                validity.not_before.timestamp(),
-                validity.not_after.timestamp(),
-            );
-            let shown = |dates: String| format!("{} ({dates})", ca.subject());
-            // A CA issued just now may be a little ahead of this clock.
-            let change = if now + CLOCK_SKEW < from {
-                cas.left_out
-                    .push(shown(format!("valid from {}", validity.not_before)));
-                from - CLOCK_SKEW
-            } else if now > until {
-                cas.left_out
-                    .push(shown(format!("expired {}", validity.not_after)));
-                continue;
-            } else {
-                cas.in_date.push(der);
-                until.saturating_add(1)
-            };
-            cas.changes_at = Some(cas.changes_at.map_or(change, |at| at.min(change)));
-        }
-        if cas.in_date.is_empty() {
-            return Err(TlsError::NoCaInDate {
-                path: path.to_owned(),
-                left_out: cas.left_out.join("; "),
-            });
-        }
-        Ok(cas)
-    }
-}
-
 /// A renewed certificate stamped "valid from now" can be a little ahead of
 /// this machine's clock: that is not a broken file.
-const CLOCK_SKEW: i64 = 300;
+pub(super) const CLOCK_SKEW: i64 = 300;
 
 fn unix_now() -> i64 {
     SystemTime::now()
@@ -342,7 +305,7 @@ fn unix_now() -> i64 {
         .as_secs() as i64
 }
 
-fn read_certificates(
+pub(super) fn read_certificates(
     what: &'static str,
     path: &Path,
 ) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -409,12 +372,18 @@ pub fn certificate_report(files: &TlsFiles) -> Result<CertificateReport, TlsErro
             files.client_ca.display()
         ));
     }
-    for left_out in ClientCas::read(&files.client_ca, now)?.left_out {
-        problems.push(format!(
-            "the client CA {left_out} in {} is outside its dates: it is left out, and the \
-             certificates it signed are refused",
-            files.client_ca.display()
-        ));
+    // A bundle with no CA in its dates fails the load itself.
+    let cas = ClientCas::read(&files.client_ca, now).map(|cas| cas.left_out);
+    for (ca, expired) in cas.unwrap_or_default() {
+        let file = files.client_ca.display();
+        problems.push(if expired {
+            format!(
+                "the client CA {ca} in {file} has expired: it is left out, and the \
+                 certificates it signed are refused"
+            )
+        } else {
+            format!("the client CA {ca} in {file} is not valid yet: it is left out until it is")
+        });
     }
     Ok(CertificateReport {
         subject: leaf.subject().to_string(),
@@ -441,68 +410,5 @@ impl TlsTerminator {
             }
             Ok(())
         });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A self-signed CA valid from `from` to `until` (Unix seconds).
-    fn ca(name: &str, from: i64, until: i64) -> String {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        params.not_before = time::OffsetDateTime::from_unix_timestamp(from).unwrap();
-        params.not_after = time::OffsetDateTime::from_unix_timestamp(until).unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        params.self_signed(&key).unwrap().pem()
-    }
-
-    fn bundle(cas: &[String]) -> tempfile::NamedTempFile {
-        let file = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(file.path(), cas.join("\n")).unwrap();
-        file
-    }
-
-    const NOW: i64 = 1_800_000_000;
-    const DAY: i64 = 86_400;
-
-    #[test]
-    fn only_the_client_cas_within_their_dates_are_trusted() {
-        let file = bundle(&[
-            ca("expired", NOW - 10 * DAY, NOW - DAY),
-            ca("current", NOW - DAY, NOW + 30 * DAY),
-            ca("next", NOW + 7 * DAY, NOW + 400 * DAY),
-            ca("soon over", NOW - DAY, NOW + 2 * DAY),
-        ]);
-        let cas = ClientCas::read(file.path(), NOW).unwrap();
-        assert_eq!(cas.in_date.len(), 2);
-        assert_eq!(cas.left_out.len(), 2, "{:?}", cas.left_out);
-        assert!(
-            cas.left_out[0].contains("CN=expired") && cas.left_out[0].contains("expired "),
-            "{:?}",
-            cas.left_out
-        );
-        assert!(
-            cas.left_out[1].contains("CN=next") && cas.left_out[1].contains("valid from"),
-            "{:?}",
-            cas.left_out
-        );
-        // The first change: "soon over" ends (before "next" starts).
-        assert_eq!(cas.changes_at, Some(NOW + 2 * DAY + 1));
-        // Then "next" starts (a little early: clocks differ).
-        let later = ClientCas::read(file.path(), NOW + 3 * DAY).unwrap();
-        assert_eq!(later.changes_at, Some(NOW + 7 * DAY - CLOCK_SKEW));
-    }
-
-    #[test]
-    fn a_bundle_with_no_client_ca_within_its_dates_is_refused() {
-        let file = bundle(&[ca("expired", NOW - 10 * DAY, NOW - DAY)]);
-        let error = ClientCas::read(file.path(), NOW).err().unwrap();
-        assert!(matches!(error, TlsError::NoCaInDate { .. }), "{error}");
-        assert!(error.to_string().contains("CN=expired"), "{error}");
     }
 }

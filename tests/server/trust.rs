@@ -156,7 +156,7 @@ async fn a_client_ca_that_expires_is_trusted_no_more() {
     let broker = Running::start_tls(&pki, Some(policy(&pki))).await;
     // Served once first: the broker follows its files by then.
     let (mut lasting, _watch) = reading(&broker, &pki.client("lasting", AUTH)).await;
-    let expiring = Pki::with_ca_expiring(Duration::from_secs(4));
+    let expiring = Pki::with_ca_expiring(Duration::from_secs(6));
     let bundle = [pki.ca(), expiring.ca()].map(|ca| std::fs::read_to_string(ca).unwrap());
     crate::harness::replace_file(&pki.ca(), &bundle.join("\n"));
     let client = expiring.client("auth", AUTH);
@@ -171,7 +171,7 @@ async fn a_client_ca_that_expires_is_trusted_no_more() {
     eventually(Duration::from_secs(5), "the second CA trusted", served).await;
     let (_stub, mut watch) = reading(&broker, &client).await;
 
-    ends_within(&mut watch, Duration::from_secs(10)).await;
+    ends_within(&mut watch, Duration::from_secs(12)).await;
     assert!(
         !served().await,
         "a client of the expired CA was served again"
@@ -180,6 +180,32 @@ async fn a_client_ca_that_expires_is_trusted_no_more() {
     assert_eq!(
         value(&get(&mut lasting, "mistral-api-key").await.unwrap()),
         MISTRAL_VALUE
+    );
+    broker.stop().await;
+}
+
+/// The bundle's only CA expires: no client is trusted from then on (the
+/// config in force would go on trusting it), and the broker goes on
+/// running, ready for a bundle that holds a CA in its dates.
+#[tokio::test]
+async fn when_the_only_client_ca_expires_no_client_is_trusted() {
+    let pki = Pki::with_ca_expiring(Duration::from_secs(4));
+    let broker = Running::start_tls(&pki, Some(policy(&pki))).await;
+    let client = pki.client("auth", AUTH);
+    let (_stub, mut watch) = reading(&broker, &client).await;
+    ends_within(&mut watch, Duration::from_secs(10)).await;
+    let served = match broker.try_mtls(&client).await {
+        Ok(channel) => get(&mut SecretsServiceClient::new(channel), "mistral-api-key")
+            .await
+            .is_ok(),
+        Err(_) => false,
+    };
+    assert!(!served, "a client of the expired CA was served again");
+    assert!(
+        crate::harness::process_log()
+            .text()
+            .contains("no CA of the client CA bundle is within its dates"),
+        "the log says why no client is trusted"
     );
     broker.stop().await;
 }
