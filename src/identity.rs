@@ -112,7 +112,20 @@ impl CertificateNames {
             // `scheme://…` as it is (a SPIFFE id); any other URI with its
             // kind, or `dns:admin.internal` or `anonymous` written as a
             // URI SAN would read as another kind of name.
-            add(if has_authority(uri) { "" } else { "uri:" }, uri);
+            // So is one that starts like a policy's kind prefix
+            // (`dns://host/name`): written as it is, it would read as
+            // that kind in a policy.
+            let reads_as_a_kind = ["dns:", "cn:", "uri:"]
+                .iter()
+                .any(|kind| uri.starts_with(kind));
+            add(
+                if has_authority(uri) && !reads_as_a_kind {
+                    ""
+                } else {
+                    "uri:"
+                },
+                uri,
+            );
         }
         for name in &dns {
             add("dns:", name);
@@ -507,6 +520,9 @@ mod tests {
             ("dns:a, spiffe://x", "uri:dns:a\\u{2c} spiffe://x"),
             ("urn:uuid:1", "uri:urn:uuid:1"),
             ("https://svc.example/x", "https://svc.example/x"),
+            // `dns://...` (RFC 4501) would read as `dns:` in a policy.
+            ("dns://10.0.0.1/host", "uri:dns://10.0.0.1/host"),
+            ("cn://x", "uri:cn://x"),
         ] {
             assert_eq!(
                 shown(Some(uri), &["low.internal"]),

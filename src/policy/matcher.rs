@@ -30,6 +30,15 @@ impl NameMatcher {
         }
     }
 
+    /// `glob` (built case-insensitive) for names kept in lower case (DNS
+    /// names): a literal is lowered, a glob matches in any case.
+    pub(super) fn any_case(glob: Glob) -> Self {
+        match Self::new(glob) {
+            Self::Exact(exact) => Self::Exact(exact.to_ascii_lowercase()),
+            glob => glob,
+        }
+    }
+
     pub(super) fn is_match(&self, name: &str) -> bool {
         match self {
             Self::Exact(exact) => exact == name,

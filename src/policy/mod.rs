@@ -185,13 +185,15 @@ impl<'a> IdentitySpelling<'a> {
     }
 }
 
-/// A `dns:` pattern: DNS names are not case-sensitive, and certificates'
-/// DNS SANs are read in lower case (`identity`), so the pattern is too.
+/// A `dns:` pattern: DNS names are not case-sensitive (certificates' DNS
+/// SANs are read in lower case, `identity`), so it matches in any case.
+/// Matched so, not lowered: lowering its text would change what a class
+/// such as `[!A-Z]` means.
 fn dns_matcher<E>(
     pattern: &str,
-    glob: &impl Fn(&str) -> Result<globset::Glob, E>,
+    glob: &impl Fn(&str, bool) -> Result<globset::Glob, E>,
 ) -> Result<NameMatcher, E> {
-    Ok(NameMatcher::new(glob(&pattern.to_ascii_lowercase())?))
+    Ok(NameMatcher::any_case(glob(pattern, true)?))
 }
 
 impl IdentityPattern {
@@ -269,9 +271,10 @@ impl Policy {
             .into_iter()
             .enumerate()
             .map(|(index, entry)| {
-                let glob = |pattern: &str| {
+                let glob = |pattern: &str, any_case: bool| {
                     GlobBuilder::new(pattern)
                         .literal_separator(true)
+                        .case_insensitive(any_case)
                         .build()
                         .map_err(|e| PolicyError::Pattern {
                             path: path.to_owned(),
@@ -283,13 +286,21 @@ impl Policy {
                 let secrets = entry
                     .secrets
                     .iter()
-                    .map(|pattern| glob(pattern))
+                    .map(|pattern| glob(pattern, false))
                     .collect::<Result<Vec<_>, _>>()?;
                 let identity = match IdentitySpelling::of(&entry.identity) {
                     IdentitySpelling::Anonymous => IdentityPattern::Anonymous,
-                    IdentitySpelling::Uri(uri) => IdentityPattern::Uri(NameMatcher::new(glob(uri)?)),
-                    IdentitySpelling::Dns(dns) => IdentityPattern::Dns(dns_matcher(dns, &glob)?),
-                    IdentitySpelling::Cn(cn) => IdentityPattern::Cn(NameMatcher::new(glob(cn)?)),
+                    IdentitySpelling::Uri(uri) => IdentityPattern::Uri(NameMatcher::new(glob(uri, false)?)),
+                    IdentitySpelling::Dns(dns) => {
+                        if dns.starts_with("//") || dns.contains("://") {
+                            warnings.push(format!(
+                                "grant #{}: identity \"dns:{dns}\" holds '://', which no DNS name does: for a URI SAN write \"uri:dns:{dns}\"",
+                                index + 1
+                            ));
+                        }
+                        IdentityPattern::Dns(dns_matcher(dns, &glob)?)
+                    }
+                    IdentitySpelling::Cn(cn) => IdentityPattern::Cn(NameMatcher::new(glob(cn, false)?)),
                     IdentitySpelling::Bare(bare) => {
                         warnings.push(format!(
                             "grant #{}: identity {bare:?} has no kind; it is read as \"dns:{bare}\" (a DNS SAN): write that out",

@@ -107,6 +107,18 @@ fn dns_and_cn_identities_match_only_their_kind() {
         p.may_read(&certificate(&["API.Internal"], None), "insurecove/api"),
         "DNS names are not case-sensitive"
     );
+    // A glob matches in any case, and its classes keep their meaning.
+    let globs = Policy::parse(
+        Path::new("p.toml"),
+        r#"
+            [[grant]]
+            identity = "dns:[!A-Z]*.Internal"
+            secrets = ["insurecove/api"]
+            "#,
+    )
+    .unwrap();
+    assert!(globs.may_read(&certificate(&["9api.internal"], None), "insurecove/api"));
+    assert!(!globs.may_read(&certificate(&["api.internal"], None), "insurecove/api"));
     assert!(
         p.warnings()[0].contains("dns:bare.internal"),
         "{:?}",
@@ -146,6 +158,30 @@ fn a_kind_prefix_decides_the_kind_of_an_identity_that_reads_like_a_uri() {
     assert!(p.may_read(&urn, "insurecove/urn"));
     assert!(p.may_read(&uri("spiffe://insurecove/api"), "insurecove/api"));
     assert!(p.warnings().is_empty(), "{:?}", p.warnings());
+    // The audit's spelling of a URI SAN such as `dns://host/x` is
+    // `uri:dns://host/x`, which grants it; `dns://host/x` is a DNS name
+    // that no certificate has, and `check` says so.
+    let dns_uri = Policy::parse(
+        Path::new("p.toml"),
+        r#"
+            [[grant]]
+            identity = "uri:dns://10.0.0.1/host"
+            secrets = ["insurecove/api"]
+            [[grant]]
+            identity = "dns://10.0.0.1/host"
+            secrets = ["insurecove/api"]
+            "#,
+    )
+    .unwrap();
+    let holder = uri("dns://10.0.0.1/host");
+    assert_eq!(holder.shown(), "uri:dns://10.0.0.1/host");
+    assert!(dns_uri.may_read(&holder, "insurecove/api"));
+    assert_eq!(dns_uri.warnings().len(), 1, "{:?}", dns_uri.warnings());
+    assert!(
+        dns_uri.warnings()[0].contains("uri:dns://10.0.0.1/host"),
+        "{:?}",
+        dns_uri.warnings()
+    );
 }
 
 #[test]
