@@ -138,7 +138,13 @@ impl Audit {
 impl Drop for Audit {
     fn drop(&mut self) {
         if !self.emitted {
-            let outcome = if self.started.elapsed() >= self.call_timeout {
+            // The gate's timer for the call timeout started a moment
+            // before this record did: the call's deadline, set with that
+            // timer, tells a call it cut from one its caller gave up.
+            let past_deadline = self
+                .deadline
+                .is_some_and(|deadline| Instant::now() >= deadline.at);
+            let outcome = if past_deadline || self.started.elapsed() >= self.call_timeout {
                 Code::DeadlineExceeded
             } else {
                 Code::Cancelled
