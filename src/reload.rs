@@ -233,10 +233,11 @@ pub async fn follow(values: Vec<Arc<dyn Reload>>, stop: tokio_util::sync::Cancel
             tracing::warn!(%error, "cannot follow a file; it reloads on SIGHUP only");
         }
     }
-    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-    else {
-        return;
-    };
+    // Without SIGHUP (it cannot be caught here), values still reload when
+    // due and when their files change.
+    let mut hangups =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+
     let mut changes: Vec<watch::Receiver<u64>> =
         values.iter().map(|value| value.changes()).collect();
     loop {
@@ -257,7 +258,7 @@ pub async fn follow(values: Vec<Arc<dyn Reload>>, stop: tokio_util::sync::Cancel
         tokio::select! {
             () = stop.cancelled() => return,
             dropped = replaced => gone = dropped,
-            _ = hangups.recv() => {
+            _ = hangup(&mut hangups) => {
                 tracing::info!("SIGHUP: reloading");
                 for value in &values {
                     value.reload_and_log();
@@ -273,6 +274,14 @@ pub async fn follow(values: Vec<Arc<dyn Reload>>, stop: tokio_util::sync::Cancel
         if let Some(index) = gone {
             changes.remove(index);
         }
+    }
+}
+
+/// The next SIGHUP; never, when it cannot be caught.
+async fn hangup(hangups: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match hangups {
+        Some(hangups) => hangups.recv().await,
+        None => std::future::pending().await,
     }
 }
 

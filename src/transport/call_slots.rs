@@ -318,7 +318,10 @@ impl std::fmt::Debug for CallSlots {
                 "health_watches",
                 &self.shared.places(Share::HealthWatches).limit,
             )
-            .field("reflection", &self.shared.places(Share::Reflection).limit)
+            .field(
+                "reflection_streams",
+                &self.shared.places(Share::Reflection).limit,
+            )
             .finish()
     }
 }
