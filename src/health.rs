@@ -40,7 +40,7 @@ use tonic_health::{
 
 use crate::{
     api::{AdminApi, ApiError, SecretsApi},
-    backend::SecretStore,
+    backend::{SecretStore, StoreError},
     metrics::Metrics,
     proto::{
         admin_service_server::AdminServiceServer, secrets_service_server::SecretsServiceServer,
@@ -126,6 +126,14 @@ impl Health {
             };
             let up = match checked {
                 Ok(Ok(_)) => true,
+                // AWS answered: the credentials and the network work. The
+                // account's quota is shared with every other tool in it, and
+                // a burst of theirs must not take every replica out of
+                // service at once (reads go on from the cache meanwhile).
+                Ok(Err(StoreError::Throttled)) => {
+                    tracing::debug!("the upstream check was throttled; AWS answers");
+                    true
+                }
                 Ok(Err(error)) => {
                     if was_up {
                         tracing::warn!(%error, "upstream check failed");

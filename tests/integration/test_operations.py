@@ -177,6 +177,31 @@ def test_readyz_follows_the_upstream(moto, aws_broker):
     print(f"/readyz 200 again {took:.2f} s after moto restarted ({time.monotonic() - stopped:.1f} s down)")
 
 
+def test_a_throttled_upstream_check_keeps_the_broker_ready(moto, aws_broker):
+    """ListSecrets' quota is the account's, shared with every other tool in
+    it: a burst of theirs throttles every replica's check at once, and must
+    not take them all out of service (AWS answers; the cache serves)."""
+    moto.create_secret("insurecove/throttled-check", "throttled-check-5d1a")
+    upstream = SlowUpstream(moto.address, delay=0)
+    try:
+        args, maddr = metrics_args()
+        aws_broker(args + ["--watch-interval", "1"], env={"AWS_ENDPOINT_URL": upstream.url})
+        wait_for_status(maddr, "/readyz", 200, timeout=5)
+        checks = upstream.count(".ListSecrets")
+        upstream.fault_only = (".ListSecrets",)
+        upstream.fault = (400, "application/x-amz-json-1.1",
+                          b'{"__type":"ThrottlingException","message":"Rate exceeded"}')
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            answer = http_get(maddr, "/readyz")
+            assert answer.status == 200, f"not ready while only throttled: {answer}"
+            time.sleep(0.2)
+        assert upstream.count(".ListSecrets") > checks + 1, "the check was not throttled meanwhile"
+        assert scrape(maddr).value("secretsbroker_upstream_up") == 1
+    finally:
+        upstream.close()
+
+
 def test_readyz_waits_for_the_first_upstream_check(moto, aws_broker):
     """Not ready until the upstream has answered once: a pod must not get
     traffic while its first ListSecrets is still on its way."""
