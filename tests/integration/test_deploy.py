@@ -667,7 +667,10 @@ def test_configmap_toml():
     broker_toml, policy = configmap_files()
     unknown = set(broker_toml) - CONFIG_KEYS
     assert not unknown, f"broker.toml: keys the broker does not know: {unknown}"
-    assert broker_toml["listen"].startswith("0.0.0.0:")
+    # Every address, IPv6 and IPv4: an IPv6 cluster's probes and Service
+    # reach the pod's IPv6 address.
+    assert broker_toml["listen"].startswith("[::]:")
+    assert broker_toml["metrics_listen"].startswith("[::]:")
     assert {"tls_cert", "tls_key", "tls_client_ca", "policy"} <= set(broker_toml), \
         "off loopback the broker needs mTLS and a policy"
     assert set(policy) == {"grant"}
