@@ -509,5 +509,24 @@ fn resolve_tls(args: &BrokerArgs, sources: &Sources<'_>) -> Result<Option<TlsFil
     }
 }
 
+/// A TOML file's parse error, with where it is (line and column), never
+/// the file's text: an operator's 50-grant policy or config file is found
+/// at once, and nothing it holds is repeated into a log.
+pub fn toml_problem(error: &toml::de::Error, text: &str) -> String {
+    let Some(at) = error.span().map(|span| span.start.min(text.len())) else {
+        return error.message().to_owned();
+    };
+    let before = &text[..text.floor_char_boundary(at)];
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rsplit('\n')
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .count()
+        + 1;
+    format!("{} (line {line}, column {column})", error.message())
+}
+
 #[cfg(test)]
 mod tests;

@@ -76,7 +76,7 @@ pub(super) fn read_config_file(path: &Path) -> Result<toml::Table, ConfigError> 
     })?;
     let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::ParseFile {
         path: path.to_owned(),
-        message: e.message().to_owned(),
+        message: super::toml_problem(&e, &text),
     })?;
     let known: Vec<&str> = FILE_SETTINGS.iter().map(|s| s.key).collect();
     if let Some(key) = table.keys().find(|key| !known.contains(&key.as_str())) {

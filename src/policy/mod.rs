@@ -238,7 +238,7 @@ impl Policy {
     fn parse(path: &Path, text: &str) -> Result<Self, PolicyError> {
         let file: PolicyFile = toml::from_str(text).map_err(|e| PolicyError::Parse {
             path: path.to_owned(),
-            message: e.message().to_owned(),
+            message: crate::config::toml_problem(&e, text),
         })?;
         let incomplete = if file.grant.is_empty() {
             Some("no [[grant]]: it refuses every caller".to_owned())

@@ -215,7 +215,18 @@ fn bad_files_are_refused_with_the_reason() {
         Path::new("p.toml"),
         "[[grant]]\nidentity = \"a\"\nsecret = []\n",
     );
-    assert!(unknown.err().unwrap().to_string().contains("unknown field"));
+    let unknown = unknown.err().unwrap().to_string();
+    assert!(
+        unknown.contains("unknown field") && unknown.contains("(line 3, column 1)"),
+        "where it is, never its text: {unknown}"
+    );
+    let unclosed = Policy::parse(
+        Path::new("p.toml"),
+        "[[grant]]\nidentity = \"s3cret-looking\"\nsecrets = [\"x\"\n",
+    );
+    let unclosed = unclosed.err().unwrap().to_string();
+    assert!(unclosed.contains("(line 3,"), "{unclosed}");
+    assert!(!unclosed.contains("s3cret-looking"), "{unclosed}");
     let glob = Policy::parse(
         Path::new("p.toml"),
         "[[grant]]\nidentity = \"a[\"\nsecrets = [\"x\"]\n",
