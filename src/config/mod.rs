@@ -311,6 +311,17 @@ impl Settings {
                 self.listen
             )));
         }
+        if let (ListenAddr::Tcp(grpc), Some(probes)) = (&self.listen, &self.metrics_listen)
+            && grpc.port() == probes.port()
+            && (grpc.ip() == probes.ip()
+                || grpc.ip().is_unspecified()
+                || probes.ip().is_unspecified())
+        {
+            return Err(ConfigError::Rule(format!(
+                "--listen ({grpc}) and --metrics-listen ({probes}) take the same port: give \
+                 them different ones"
+            )));
+        }
         if let (Some(events), BackendChoice::Dev | BackendChoice::File { .. }) =
             (&self.events, &self.backend)
         {

@@ -8,6 +8,12 @@ use super::ListenAddr;
 pub(super) fn parse_listen(value: &str) -> Result<ListenAddr, String> {
     match value.strip_prefix("unix:") {
         Some("") => Err("a unix socket needs a path, e.g. unix:/run/secrets-broker.sock".into()),
+        // Said here, so that `check` says it too.
+        Some(path) if path.len() > crate::transport::bind::MAX_SOCKET_PATH => Err(format!(
+            "the socket path is {} bytes; the kernel takes at most {}",
+            path.len(),
+            crate::transport::bind::MAX_SOCKET_PATH
+        )),
         Some(path) => Ok(ListenAddr::Unix(PathBuf::from(path))),
         None => parse_socket_addr(value).map(ListenAddr::Tcp),
     }

@@ -400,3 +400,35 @@ fn the_keepalive_interval_is_at_least_a_second() {
         Duration::from_secs(1)
     );
 }
+
+/// What `serve` would only find at bind time, said by every command (so
+/// `check` too): two listeners on one port, a socket path the kernel
+/// cannot bind.
+#[test]
+fn listeners_the_kernel_would_refuse_are_refused_at_once() {
+    for (grpc, probes) in [
+        ("127.0.0.1:9090", "127.0.0.1:9090"),
+        ("127.0.0.1:9090", "[::]:9090"),
+        ("127.0.0.1:9090", "0.0.0.0:9090"),
+    ] {
+        let env = [("BROKER_LISTEN", grpc), ("BROKER_METRICS_LISTEN", probes)];
+        let error = resolve(&dev(), &env).err().map(|e| e.to_string());
+        assert!(
+            error
+                .as_deref()
+                .is_some_and(|e| e.contains("take the same port")),
+            "{grpc} and {probes}: {error:?}"
+        );
+    }
+    let apart = [
+        ("BROKER_LISTEN", "127.0.0.1:9090"),
+        ("BROKER_METRICS_LISTEN", "127.0.0.2:9090"),
+    ];
+    assert!(resolve(&dev(), &apart).is_ok());
+    let long = format!("unix:/tmp/{}", "s".repeat(120));
+    let error = resolve(&dev(), &[("BROKER_LISTEN", long.as_str())])
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(error.contains("the kernel takes at most 107"), "{error}");
+}

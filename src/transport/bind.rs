@@ -12,9 +12,11 @@ use crate::{
 
 /// A socket that could not be bound.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot listen on {addr}: {source}")]
+#[error("cannot listen on {addr} ({setting}): {source}")]
 pub struct BindError {
     addr: String,
+    /// The setting that names it: which of two listeners failed.
+    setting: &'static str,
     source: std::io::Error,
 }
 
@@ -27,7 +29,13 @@ pub struct Listeners {
 impl Listeners {
     /// Binds what the settings name.
     pub async fn bind(settings: &Settings) -> Result<Self, BindError> {
-        let listen_error = |addr: String| move |source| BindError { addr, source };
+        let listen_error = |addr: String| {
+            move |source| BindError {
+                addr,
+                setting: "--listen",
+                source,
+            }
+        };
         let grpc = match &settings.listen {
             ListenAddr::Tcp(addr) => Bound::Tcp(
                 tokio::net::TcpListener::bind(addr)
@@ -41,14 +49,17 @@ impl Listeners {
                 Bound::Unix(listener)
             }
         };
-        let probes = match settings.metrics_listen {
-            Some(addr) => Some(
-                tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(listen_error(addr.to_string()))?,
-            ),
-            None => None,
-        };
+        let probes =
+            match settings.metrics_listen {
+                Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(
+                    |source| BindError {
+                        addr: addr.to_string(),
+                        setting: "--metrics-listen",
+                        source,
+                    },
+                )?),
+                None => None,
+            };
         Ok(Self { grpc, probes })
     }
 
@@ -67,7 +78,7 @@ impl Listeners {
 }
 
 /// The longest socket path the kernel binds (`sun_path` less its NUL).
-const MAX_SOCKET_PATH: usize = 107;
+pub const MAX_SOCKET_PATH: usize = 107;
 
 /// Binds a unix socket at `path` that has its final mode (`open_to_group`)
 /// from the moment it is there: it is bound in a new directory beside
