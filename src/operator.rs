@@ -109,10 +109,16 @@ pub async fn watch(name: String, connection: Connection) -> Result<(), Error> {
                 // The follower is gone: the events' end says why.
                 follower_gone = changed.is_err();
                 let now_connected = *connected.borrow_and_update();
+                // A failure that is not retried (not found, access denied)
+                // ends the stream, which says it: no "retrying" before it.
+                let failure = events.last_failure().filter(|_| !now_connected);
+                if failure.as_ref().is_some_and(ends_the_watch) {
+                    continue;
+                }
                 if let Some(notice) = notices.on(now_connected) {
-                    match events.last_failure() {
-                        Some(why) if !now_connected => eprintln!("{notice}: {why}"),
-                        _ => eprintln!("{notice}"),
+                    match failure {
+                        Some(why) => eprintln!("{notice}: {why}"),
+                        None => eprintln!("{notice}"),
                     }
                 }
             }
@@ -131,6 +137,18 @@ fn printable(text: &str) -> std::borrow::Cow<'_, str> {
     } else {
         format!("{text:?}").into()
     }
+}
+
+/// A failure the watch is not retried after: the stream's end says it.
+fn ends_the_watch(failure: &secrets_broker_client::Error) -> bool {
+    use secrets_broker_client::Error;
+    matches!(
+        failure,
+        Error::NotFound { .. }
+            | Error::AccessDenied { .. }
+            | Error::InvalidArgument { .. }
+            | Error::Unauthenticated { .. }
+    )
 }
 
 /// What `watch` says on stderr as the stream's connection comes and goes:

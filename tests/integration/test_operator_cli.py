@@ -94,6 +94,20 @@ def test_watch_says_when_its_stream_breaks_and_when_it_is_back(start_broker, bro
     assert sum("broke;" in line for line in stderr_lines) == 1, stderr_lines
 
 
+def test_watch_of_a_missing_secret_says_not_found_once(moto, aws_broker, broker_bin):
+    """The broker answers NOT_FOUND: the watch ends with that, exit 1,
+    without a 'cannot be reached; retrying' line first (it was reached)."""
+    broker = aws_broker([])
+    proc = subprocess.run(
+        [str(broker_bin), "watch", "production/no-such-secret", "--endpoint", broker.addr],
+        capture_output=True, text=True, env=support.broker_env(), timeout=20,
+    )
+    assert proc.returncode == 1, proc
+    assert "not found" in proc.stderr, proc.stderr
+    assert "cannot be reached" not in proc.stderr and "retrying" not in proc.stderr, proc.stderr
+    assert proc.stdout == "", proc.stdout
+
+
 def test_watch_says_why_the_broker_cannot_be_reached(broker_bin):
     """Nothing listens at the endpoint: the watch keeps retrying, and its
     one line on stderr says what failed, not only that something did."""
