@@ -235,9 +235,7 @@ pub async fn follow(values: Vec<Arc<dyn Reload>>, stop: tokio_util::sync::Cancel
     }
     // Without SIGHUP (it cannot be caught here), values still reload when
     // due and when their files change.
-    let mut hangups =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let mut changes: Vec<watch::Receiver<u64>> =
         values.iter().map(|value| value.changes()).collect();
     loop {
