@@ -313,6 +313,8 @@ impl Settings {
         }
         if let (ListenAddr::Tcp(grpc), Some(probes)) = (&self.listen, &self.metrics_listen)
             && grpc.port() == probes.port()
+            // Port 0: each gets a port of its own from the system.
+            && grpc.port() != 0
             && (grpc.ip() == probes.ip()
                 || grpc.ip().is_unspecified()
                 || probes.ip().is_unspecified())

@@ -425,6 +425,11 @@ fn listeners_the_kernel_would_refuse_are_refused_at_once() {
         ("BROKER_METRICS_LISTEN", "127.0.0.2:9090"),
     ];
     assert!(resolve(&dev(), &apart).is_ok());
+    let any_port = [
+        ("BROKER_LISTEN", "127.0.0.1:0"),
+        ("BROKER_METRICS_LISTEN", "127.0.0.1:0"),
+    ];
+    assert!(resolve(&dev(), &any_port).is_ok(), "port 0: each its own");
     let long = format!("unix:/tmp/{}", "s".repeat(120));
     let error = resolve(&dev(), &[("BROKER_LISTEN", long.as_str())])
         .err()
