@@ -18,6 +18,11 @@
 //! pages (a few cached among thousands), they are described one by one
 //! instead, as those outside it are: fewer calls, and each fresh sooner.
 //!
+//! What is cached by version id is swept too, by the name's metadata: a
+//! version's value never changes, but its stages do, and an entry whose
+//! stages the metadata no longer shows is forgotten (read again when next
+//! asked). Such a name counts in the budget as a tracked one.
+//!
 //! A secret missing from a complete listing is described before anyone is
 //! told it is gone: AWS documents that ListSecrets may lag changes by up to
 //! five minutes, so absence alone proves nothing. At most a budget's worth
@@ -62,12 +67,16 @@ const LISTING_BEHIND_MAX: usize = 100_000;
 pub(super) const RECHECK_DELETED_EVERY: u64 = 10;
 
 /// Every item of `name` is known deleted (only its watchers' topics are
-/// left, at DELETED).
+/// left, at DELETED). A name cached only by version id has no item.
 fn known_deleted(by_name: &HashMap<String, Vec<Tracked>>, name: &str) -> bool {
     by_name
         .get(name)
-        .is_some_and(|items| items.iter().all(|t| t.deleted))
+        .is_some_and(|items| !items.is_empty() && items.iter().all(|t| t.deleted))
 }
+
+/// What is cached by version id, by secret name: each version's id and
+/// the stages it carried when read.
+type HeldIds = HashMap<String, Vec<(String, Vec<String>)>>;
 
 /// A listing found behind a (secret, stage).
 #[derive(Debug)]
@@ -155,7 +164,8 @@ impl Shared {
     /// Checks every tracked secret once, within the budget.
     pub(super) async fn round(&self, store: &dyn SecretStore) {
         let tracked = self.tracked(|_| true);
-        if tracked.is_empty() {
+        let held_ids = self.held_ids();
+        if tracked.is_empty() && held_ids.is_empty() {
             return;
         }
         self.rounds.fetch_add(1, Relaxed);
@@ -163,6 +173,9 @@ impl Shared {
         for item in tracked {
             let name = names::secret_name(&item.key.name).to_owned();
             by_name.entry(name).or_default().push(item);
+        }
+        for name in held_ids.keys() {
+            by_name.entry(name.clone()).or_default();
         }
         let budget = by_name.len().div_ceil(PER_CALL);
         let (mut inside, mut outside): (Vec<String>, Vec<String>) = by_name
@@ -216,7 +229,7 @@ impl Shared {
             // rest are absent again at the next complete listing). One already known deleted is not
             // described again at every listing; it is news again only when
             // the listing shows it.
-            let missing = self.list(store, pages, &by_name).await;
+            let missing = self.list(store, pages, &by_name, &held_ids).await;
             to_describe.extend(
                 missing
                     .into_iter()
@@ -232,14 +245,18 @@ impl Shared {
             // By an id it is read by (an ARN may name another account),
             // the name rather than a complete ARN: that ARN's secret may be
             // gone while the name is another secret's now (`compare` tells
-            // that ARN's readers).
-            let described = items
+            // that ARN's readers). A name cached only by version id, by
+            // its name.
+            let id = items
                 .iter()
                 .find(|item| !names::is_one_secret(&item.key.name))
-                .unwrap_or(&items[0]);
-            let id = described.key.name.as_str();
+                .or(items.first())
+                .map_or(name.as_str(), |item| item.key.name.as_str());
             match store.describe_secret(id).await {
-                Ok(description) => self.compare(&description, items).await,
+                Ok(description) => {
+                    self.compare(&description, items).await;
+                    self.compare_held_ids(&description, &held_ids);
+                }
                 Err(StoreError::NotFound { .. } | StoreError::Deleted { .. }) => {
                     if !known_deleted(&by_name, &name) {
                         self.sweep_changes.fetch_add(1, Relaxed);
@@ -343,6 +360,7 @@ impl Shared {
         store: &dyn SecretStore,
         pages: usize,
         by_name: &HashMap<String, Vec<Tracked>>,
+        held_ids: &HeldIds,
     ) -> Vec<String> {
         let (mut page, mut seen) = {
             let mut cursor = self.cursor.lock().unwrap();
@@ -377,6 +395,7 @@ impl Shared {
                 seen.insert(description.name.clone());
                 if let Some(items) = by_name.get(&description.name) {
                     self.compare(description, items).await;
+                    self.compare_held_ids(description, held_ids);
                 }
             }
             page = listing.next;
@@ -395,6 +414,50 @@ impl Shared {
         cursor.page = page;
         cursor.seen = seen;
         Vec::new()
+    }
+
+    /// What is cached by version id, by secret name.
+    fn held_ids(&self) -> HeldIds {
+        let mut held = HeldIds::new();
+        let by_id = self
+            .cache
+            .entries_where(|key| matches!(key.selector, VersionSelector::Id { .. }));
+        for (key, version) in by_id {
+            let name = names::secret_name(&key.name).to_owned();
+            let stages = version.version_stages.clone();
+            held.entry(name)
+                .or_default()
+                .push((version.version_id.clone(), stages));
+        }
+        held
+    }
+
+    /// A secret's metadata against what is cached of it by version id: a
+    /// version whose stages moved is forgotten, every version id of the
+    /// name with it, and read again when next asked.
+    fn compare_held_ids(&self, description: &SecretDescription, held_ids: &HeldIds) {
+        let Some(held) = held_ids.get(&description.name) else {
+            return;
+        };
+        let stages_of = |version: &str| -> Vec<&str> {
+            let mut stages: Vec<&str> = description
+                .versions
+                .iter()
+                .filter(|(id, _)| id == version)
+                .flat_map(|(_, stages)| stages.iter().map(String::as_str))
+                .collect();
+            stages.sort_unstable();
+            stages
+        };
+        let moved = held.iter().any(|(version, stages)| {
+            let mut cached: Vec<&str> = stages.iter().map(String::as_str).collect();
+            cached.sort_unstable();
+            cached != stages_of(version)
+        });
+        if moved {
+            self.sweep_changes.fetch_add(1, Relaxed);
+            self.cache.forget_version_ids(&description.name);
+        }
     }
 
     /// One secret's metadata against what is held of it: a deletion, or a

@@ -815,3 +815,30 @@ async fn an_event_keeps_every_entry_of_the_secret_at_the_new_version() {
         assert_eq!(held[0].1.version_id, "v2", "{key:?}");
     }
 }
+
+/// What is cached by version id is swept too: a version's value never
+/// changes, but a rotation moves its stages, and the entry (which answers
+/// them) is read again when next asked.
+#[tokio::test]
+async fn a_version_cached_by_id_is_read_again_once_its_stages_move() {
+    let store = FakeStore::with(&["s"]);
+    let (hub, cache) = hub_over(&store);
+    let by_id = CacheKey::new(
+        "s".into(),
+        VersionSelector::Id {
+            id: "v1".into(),
+            stage: None,
+        },
+    );
+    let read = cache.get(by_id.clone(), false).await.unwrap();
+    assert_eq!(read.version.version_stages, [AWSCURRENT]);
+    round(&hub, &store).await;
+    let calls = store.calls();
+    cache.get(by_id.clone(), false).await.unwrap();
+    assert_eq!(store.calls(), calls, "nothing moved: still cached");
+
+    store.set("s", "v2");
+    round(&hub, &store).await;
+    cache.get(by_id, false).await.unwrap();
+    assert_eq!(store.calls(), calls + 1, "its stages moved: read again");
+}
