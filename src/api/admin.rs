@@ -20,7 +20,7 @@ use super::{
 };
 use crate::{
     api::rpc::Rpc,
-    backend::{StoreError, VersionSelector},
+    backend::{AWSCURRENT, StoreError, VersionSelector},
     cache::{CacheKey, Lookup, answer_by},
     events::ConsumerState,
     proto::{
@@ -120,8 +120,12 @@ impl AdminApi {
         let (version, changed) = self
             .context
             .cache
-            .refresh_the_secret(key, audit.deadline())
+            .refresh_the_secret(key.clone(), audit.deadline())
             .await?;
+        if changed {
+            let hub = &self.context.watch;
+            hub.spread_change(&key.name, AWSCURRENT, &version.version_id);
+        }
         let lookup = Lookup::fresh(version);
         Ok(RefreshSecretResponse {
             secret: Some(message::secret(&lookup, Contents::MetadataOnly)),

@@ -26,7 +26,12 @@ use std::sync::Arc;
 use tonic::{Code, Response, Status};
 
 use crate::{
-    cache::Cache, identity, names::NameResolver, policy::Authorizer, transport::gate::CallDeadline,
+    backend::{StoreError, VersionSelector},
+    cache::{Cache, CacheKey, Deadline, Lookup},
+    identity,
+    names::NameResolver,
+    policy::Authorizer,
+    transport::gate::CallDeadline,
     watch::WatchHub,
 };
 use audit::Audit;
@@ -49,6 +54,35 @@ pub struct ApiContext {
 }
 
 impl ApiContext {
+    /// Reads `key` through the cache. A bypass read that finds a stage
+    /// moved from what was cached tells the secret's other watchers and
+    /// entries too (`WatchHub::spread_change`).
+    async fn read(
+        &self,
+        key: CacheKey,
+        bypass: bool,
+        deadline: Option<Deadline>,
+    ) -> Result<Lookup, StoreError> {
+        if !bypass {
+            return self.cache.get_until(key, false, deadline).await;
+        }
+        let held = self.cache.held_version(&key);
+        let stage = match &key.selector {
+            VersionSelector::Stage(stage) => Some(stage.clone()),
+            VersionSelector::Id { .. } => None,
+        };
+        let name = key.name.clone();
+        let lookup = self.cache.get_until(key, true, deadline).await?;
+        let answered = &lookup.version.version_id;
+        if let (Some(stage), Some(held)) = (stage, held)
+            && !lookup.stale
+            && held != *answered
+        {
+            self.watch.spread_change(&name, &stage, answered);
+        }
+        Ok(lookup)
+    }
+
     /// Starts a call: its audit record (and metrics). The call's slot on
     /// its connection was taken at the gate (`transport::gate`), before any
     /// handler ran.

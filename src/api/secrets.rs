@@ -113,11 +113,8 @@ impl SecretsApi {
         selector: VersionSelector,
         bypass: bool,
     ) -> Result<Lookup, ApiError> {
-        let lookup = self
-            .context
-            .cache
-            .get_until(CacheKey::new(full_name, selector), bypass, audit.deadline())
-            .await?;
+        let key = CacheKey::new(full_name, selector);
+        let lookup = self.context.read(key, bypass, audit.deadline()).await?;
         audit.cache_hit(lookup.hit);
         Ok(lookup)
     }
@@ -193,7 +190,7 @@ impl SecretsApi {
                 return Err((Some(full_name), ApiError::from(denied)));
             }
             let key = CacheKey::new(full_name.clone(), VersionSelector::current());
-            match self.context.cache.get_until(key, bypass, deadline).await {
+            match self.context.read(key, bypass, deadline).await {
                 Ok(lookup) => Ok((full_name, lookup)),
                 Err(error) => Err((Some(full_name), ApiError::from(error))),
             }

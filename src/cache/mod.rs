@@ -298,6 +298,12 @@ impl Cache {
             .collect()
     }
 
+    /// The version id cached for `key`, if any (not counted as a read).
+    pub fn held_version(&self, key: &CacheKey) -> Option<String> {
+        let entry = self.shared.entries.get(key)?;
+        Some(entry.version.version_id.clone())
+    }
+
     /// The store behind the cache.
     pub fn store(&self) -> &Arc<dyn SecretStore> {
         &self.shared.store

@@ -370,6 +370,21 @@ impl WatchHub {
         }
     }
 
+    /// A read outside the detector (a bypass read, RefreshSecret) found
+    /// `id`'s `stage` at `version_id`, a change: the secret's other tracked
+    /// stages and ids (AWSPREVIOUS, its ARN beside its name) are re-read
+    /// now, as after an event, in the background; otherwise their watchers
+    /// and entries would wait for the sweep.
+    pub fn spread_change(&self, id: &str, stage: &str, version_id: &str) {
+        let hub = self.clone();
+        let ids = vec![id.to_owned()];
+        let hint = (stage.to_owned(), version_id.to_owned());
+        tokio::spawn(async move {
+            let hint = Some((hint.0.as_str(), hint.1.as_str()));
+            let _ = hub.refresh_secret(&ids, hint).await;
+        });
+    }
+
     /// How often the sweep runs (before jitter).
     pub fn interval(&self) -> Duration {
         self.shared.interval

@@ -518,6 +518,46 @@ def test_refresh_and_bypass_notify_at_once(moto, aws_broker, stubs):
     assert (s.watch_rounds, s.watch_upstream_calls) == (0, 0), watch_counters(s)
 
 
+def test_refresh_and_bypass_reach_every_watcher_of_the_secret(moto, aws_broker, stubs):
+    """A RefreshSecret by name, or a bypass read by ARN, that finds a new
+    version tells the secret's other watchers too (by ARN, by name,
+    AWSPREVIOUS), at once, not at the next sweep."""
+    name = "insurecove/watch-spread"
+    moto.create_secret(name, "spread-v1-2c7f")
+    v2 = moto.put_secret_value(name, "spread-v2-2c7f")
+    arn = moto.client.describe_secret(SecretId=name)["ARN"]
+    broker = aws_broker(["--watch-interval", "600"])
+    watches = {
+        "name": Watch(broker, stubs, "watch-spread"),
+        "arn": Watch(broker, stubs, arn),
+        "previous": Watch(broker, stubs, "watch-spread", version_stage="AWSPREVIOUS"),
+    }
+    try:
+        for watch in watches.values():
+            first, _ = watch.next(5)
+            assert event_name(stubs, first) == CURRENT, describe(stubs, first)
+
+        v3 = moto.put_secret_value(name, "spread-v3-2c7f")
+        assert refresh(broker, stubs, "watch-spread").changed
+        for kind, watch in watches.items():
+            msg, _ = watch.next(2.0)
+            want = v2 if kind == "previous" else v3
+            assert (event_name(stubs, msg), msg.secret.version_id) == (ROTATED, want), \
+                f"{kind}: {describe(stubs, msg)}"
+
+        v4 = moto.put_secret_value(name, "spread-v4-2c7f")
+        assert get(broker, stubs, arn, bypass_cache=True).version_id == v4
+        for kind, watch in watches.items():
+            msg, _ = watch.next(2.0)
+            want = v3 if kind == "previous" else v4
+            assert (event_name(stubs, msg), msg.secret.version_id) == (ROTATED, want), \
+                f"{kind}: {describe(stubs, msg)}"
+        assert get(broker, stubs, "watch-spread").version_id == v4
+    finally:
+        for watch in watches.values():
+            watch.close()
+
+
 # --------------------------------------------------------------------------
 # 9. Not found at once
 
