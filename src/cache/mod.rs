@@ -256,12 +256,15 @@ impl Cache {
         self.shared.negative.forget_where(|key| wanted(&key.name));
     }
 
-    /// `forget_misses_where`, of reads of the current version only.
-    pub fn forget_current_misses_where(&self, wanted: impl Fn(&str) -> bool) {
-        let current = VersionSelector::current();
+    /// `forget_misses_where`, of reads by stage only: `wanted` picks by
+    /// id and stage.
+    pub fn forget_stage_misses_where(&self, wanted: impl Fn(&str, &str) -> bool) {
         self.shared
             .negative
-            .forget_where(|key| key.selector == current && wanted(&key.name));
+            .forget_where(|key| match &key.selector {
+                VersionSelector::Stage(stage) => wanted(&key.name, stage),
+                VersionSelector::Id { .. } => false,
+            });
     }
 
     /// Drops `key`'s entry: its secret (or stage) was found deleted

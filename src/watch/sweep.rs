@@ -270,19 +270,25 @@ impl Shared {
         }
     }
 
-    /// A secret remembered missing (NOT_FOUND, or deleted) that a listing
-    /// shows (created, or restored) is read at its next ask, not when the
-    /// miss expires: nobody watches a secret that is not there, so nothing
-    /// else would tell. Only reads of the current version: a stage or a
-    /// version id missing is not news of a listing.
+    /// A secret, or a stage of it, remembered missing (NOT_FOUND, or
+    /// deleted) that a listing shows (created, restored, a label added) is
+    /// read at its next ask, not when the miss expires: nobody watches what
+    /// is not there, so nothing else would tell. Reads by stage only: a
+    /// listing names versions that carry a stage, not every version id.
     fn forget_misses_now_listed(&self, listed: &[SecretDescription]) {
-        let live: HashSet<&str> = listed
+        let live: HashMap<&str, HashSet<&str>> = listed
             .iter()
             .filter(|description| !description.deleted)
-            .map(|description| description.name.as_str())
+            .map(|description| {
+                let stages = description.versions.iter().flat_map(|(_, stages)| stages);
+                let stages = stages.map(String::as_str).collect();
+                (description.name.as_str(), stages)
+            })
             .collect();
-        self.cache
-            .forget_current_misses_where(|id| live.contains(names::secret_name(id)));
+        self.cache.forget_stage_misses_where(|id, stage| {
+            live.get(names::secret_name(id))
+                .is_some_and(|stages| stages.contains(stage))
+        });
     }
 
     /// Whether the listing said `listed` of `key` when a re-read last found

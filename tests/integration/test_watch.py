@@ -518,6 +518,34 @@ def test_refresh_and_bypass_notify_at_once(moto, aws_broker, stubs):
     assert (s.watch_rounds, s.watch_upstream_calls) == (0, 0), watch_counters(s)
 
 
+def test_a_label_added_is_read_once_the_sweep_lists_it(moto, aws_broker, stubs):
+    """A stage read before it existed is remembered missing (30 s); once the
+    sweep's listing shows the label, it is read at the next ask."""
+    name = "insurecove/watch-label"
+    v1 = moto.create_secret(name, "label-v1-81c4")
+    broker = aws_broker(["--watch-interval", "1"])
+    watch = Watch(broker, stubs, "watch-label")   # the secret is swept
+    try:
+        first, _ = watch.next(5)
+        assert event_name(stubs, first) == CURRENT, describe(stubs, first)
+        expect_error(lambda: get(broker, stubs, "watch-label", version_stage="GREEN"),
+                     grpc.StatusCode.NOT_FOUND, "SECRET_NOT_FOUND")
+        moto.client.update_secret_version_stage(SecretId=name, VersionStage="GREEN", MoveToVersionId=v1)
+        added = time.monotonic()
+        while True:
+            try:
+                green = get(broker, stubs, "watch-label", version_stage="GREEN")
+                break
+            except grpc.RpcError as error:
+                assert error.code() == grpc.StatusCode.NOT_FOUND, error
+                assert time.monotonic() - added < 6, "GREEN still remembered missing"
+                time.sleep(0.2)
+        assert (green.version_id, green.string_value) == (v1, "label-v1-81c4")
+        print(f"GREEN read {time.monotonic() - added:.2f} s after it was added")
+    finally:
+        watch.close()
+
+
 def test_refresh_and_bypass_reach_every_watcher_of_the_secret(moto, aws_broker, stubs):
     """A RefreshSecret by name, or a bypass read by ARN, that finds a new
     version tells the secret's other watchers too (by ARN, by name,
