@@ -148,6 +148,7 @@ fn ends_the_watch(failure: &secrets_broker_client::Error) -> bool {
             | Error::AccessDenied { .. }
             | Error::InvalidArgument { .. }
             | Error::Unauthenticated { .. }
+            | Error::MalformedSecret { .. }
     )
 }
 

@@ -117,12 +117,15 @@ impl AdminApi {
             .authorizer
             .check_read(audit.identity(), &full_name)?;
         let key = CacheKey::new(full_name, VersionSelector::current());
+        // Spread only a move from a version held here: `changed` is true
+        // of a key that was not cached at all, too.
+        let held = self.context.cache.held_version(&key);
         let (version, changed) = self
             .context
             .cache
             .refresh_the_secret(key.clone(), audit.deadline())
             .await?;
-        if changed {
+        if held.is_some_and(|held| held != version.version_id) {
             let hub = &self.context.watch;
             hub.spread_change(&key.name, AWSCURRENT, &version.version_id);
         }

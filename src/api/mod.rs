@@ -26,7 +26,7 @@ use std::sync::Arc;
 use tonic::{Code, Response, Status};
 
 use crate::{
-    backend::{StoreError, VersionSelector},
+    backend::{AWSCURRENT, StoreError, VersionSelector},
     cache::{Cache, CacheKey, Deadline, Lookup},
     identity,
     names::NameResolver,
@@ -54,7 +54,7 @@ pub struct ApiContext {
 }
 
 impl ApiContext {
-    /// Reads `key` through the cache. A bypass read that finds a stage
+    /// Reads `key` through the cache. A bypass read that finds AWSCURRENT
     /// moved from what was cached tells the secret's other watchers and
     /// entries too (`WatchHub::spread_change`).
     async fn read(
@@ -66,19 +66,14 @@ impl ApiContext {
         if !bypass {
             return self.cache.get_until(key, false, deadline).await;
         }
-        let held = self.cache.held_version(&key);
-        let stage = match &key.selector {
-            VersionSelector::Stage(stage) => Some(stage.clone()),
-            VersionSelector::Id { .. } => None,
-        };
+        // AWSCURRENT only: a rotation moves it, and the other stages with it.
+        let current = matches!(&key.selector, VersionSelector::Stage(stage) if stage == AWSCURRENT);
+        let held = current.then(|| self.cache.held_version(&key)).flatten();
         let name = key.name.clone();
         let lookup = self.cache.get_until(key, true, deadline).await?;
         let answered = &lookup.version.version_id;
-        if let (Some(stage), Some(held)) = (stage, held)
-            && !lookup.stale
-            && held != *answered
-        {
-            self.watch.spread_change(&name, &stage, answered);
+        if held.is_some_and(|held| held != *answered) && !lookup.stale {
+            self.watch.spread_change(&name, AWSCURRENT, answered);
         }
         Ok(lookup)
     }

@@ -422,12 +422,14 @@ impl Shared {
         Vec::new()
     }
 
-    /// What is cached by version id, by secret name.
+    /// What is cached by version id, by secret name. Read by name only: a
+    /// complete ARN may be another account's secret of the same name,
+    /// whose versions this account's metadata never shows.
     fn held_ids(&self) -> HeldIds {
         let mut held = HeldIds::new();
-        let by_id = self
-            .cache
-            .entries_where(|key| matches!(key.selector, VersionSelector::Id { .. }));
+        let by_id = self.cache.entries_where(|key| {
+            matches!(key.selector, VersionSelector::Id { .. }) && !names::is_one_secret(&key.name)
+        });
         for (key, version) in by_id {
             let name = names::secret_name(&key.name).to_owned();
             let stages = version.version_stages.clone();
@@ -445,6 +447,12 @@ impl Shared {
         let Some(held) = held_ids.get(&description.name) else {
             return;
         };
+        if description.deleted {
+            // Read again when next asked: the read says it is deleted.
+            self.sweep_changes.fetch_add(1, Relaxed);
+            self.cache.forget_version_ids(&description.name);
+            return;
+        }
         let stages_of = |version: &str| -> Vec<&str> {
             let mut stages: Vec<&str> = description
                 .versions
