@@ -155,7 +155,11 @@ fn print_dev_hint(settings: &Settings, bound: Option<std::net::SocketAddr>) {
         (Some(addr), ListenAddr::Tcp(_)) => ListenAddr::Tcp(addr),
         (_, listen) => listen.clone(),
     };
-    let call = "-d '{\"name\":\"mistral-api-key\"}'";
+    // A secrets file's names are its own: the hint names none of them.
+    let call = match &settings.backend {
+        BackendChoice::File { .. } => "-d '{\"name\":\"NAME\"}'",
+        _ => "-d '{\"name\":\"mistral-api-key\"}'",
+    };
     let method = "secretsbroker.v1.SecretsService/GetSecret";
     match (&settings.tls, listen) {
         (Some(tls), ListenAddr::Tcp(addr)) => {

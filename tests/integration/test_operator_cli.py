@@ -180,3 +180,25 @@ def test_a_unix_socket_broker_under_a_strict_umask(broker_bin, log_path, tmp_pat
         support.stop_process(proc, 5)
         log.close()
     assert not sock.exists(), "a clean stop removes its socket file"
+
+
+def test_the_dev_hint_names_no_secret_a_secrets_file_lacks(broker_bin, tmp_path):
+    """`--dev` prints a grpcurl line to try; with a secrets file its names
+    are the file's own, and a hint naming a built-in one would answer
+    NOT_FOUND to the first call a newcomer copies."""
+    secrets = tmp_path / "secrets.json"
+    secrets.write_text('{"secrets": [{"name": "team/api-key", "versions": [{"value": "k-5e2a"}]}]}')
+    port = support.free_port()
+    proc = subprocess.Popen(
+        [str(broker_bin), "serve", "--dev", "--secrets-file", str(secrets),
+         "--listen", f"127.0.0.1:{port}"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=support.broker_env(),
+    )
+    try:
+        banner = proc.stdout.readline()
+        hint = proc.stdout.readline()
+    finally:
+        support.stop_process(proc, 5)
+    assert str(secrets) in banner, banner
+    assert hint.startswith("try: grpcurl -plaintext"), hint
+    assert "mistral-api-key" not in hint and '"name":"NAME"' in hint, hint
