@@ -315,7 +315,8 @@ impl Settings {
             && grpc.port() == probes.port()
             // Port 0: each gets a port of its own from the system.
             && grpc.port() != 0
-            && (grpc.ip() == probes.ip()
+            // `[::ffff:127.0.0.1]` is 127.0.0.1.
+            && (grpc.ip().to_canonical() == probes.ip().to_canonical()
                 || grpc.ip().is_unspecified()
                 || probes.ip().is_unspecified())
         {

@@ -409,6 +409,7 @@ fn listeners_the_kernel_would_refuse_are_refused_at_once() {
     for (grpc, probes) in [
         ("127.0.0.1:9090", "127.0.0.1:9090"),
         ("127.0.0.1:9090", "[::]:9090"),
+        ("127.0.0.1:9090", "[::ffff:127.0.0.1]:9090"),
         ("127.0.0.1:9090", "0.0.0.0:9090"),
     ] {
         let env = [("BROKER_LISTEN", grpc), ("BROKER_METRICS_LISTEN", probes)];
