@@ -148,19 +148,18 @@ impl Loader for TlsSource {
         if !trusting {
             tracing::error!(file = %path.display(), "no CA of the client CA bundle is within its dates: every client certificate is refused until it holds one");
         }
-        let (trust_changes_at, trusted_until) = (cas.changes_at, cas.trusted_until);
-        let roots = if trusting { cas.in_date } else { cas.all };
-        let (config, clients) = build(&self.files, roots, !trusting)?;
+        let roots = if trusting { &cas.in_date } else { &cas.all };
+        let (config, clients) = build(&self.files, roots.clone(), !trusting)?;
         // A certificate outside its dates fails every handshake: at a
         // reload it is a broken file (the one in use stays), at start a
         // clear error rather than a broker no client can reach.
-        let report = certificate_report(&self.files)?;
+        let report = report(&self.files, &cas, now)?;
         Ok(TlsState {
             config,
             clients,
             expiry: report.expires_at,
-            trust_changes_at,
-            trusted_until,
+            trust_changes_at: cas.changes_at,
+            trusted_until: cas.trusted_until,
             replaced: CancellationToken::new(),
         })
     }
@@ -331,12 +330,17 @@ pub(super) fn read_certificates(
 /// Checks the server certificate's dates (for `check`), after
 /// `server_config` has checked the rest.
 pub fn certificate_report(files: &TlsFiles) -> Result<CertificateReport, TlsError> {
+    let now = unix_now();
+    report(files, &ClientCas::read(&files.client_ca, now)?, now)
+}
+
+/// `certificate_report`, with the client CA bundle as read at `now`.
+fn report(files: &TlsFiles, cas: &ClientCas, now: i64) -> Result<CertificateReport, TlsError> {
     let chain = read_certificates("server certificate", &files.cert)?;
     let (_, leaf) = x509_parser::certificate::X509Certificate::from_der(&chain[0])
         .map_err(|e| TlsError::Config(format!("the server certificate does not parse: {e}")))?;
     let validity = leaf.validity();
     let not_after = validity.not_after.to_string();
-    let now = unix_now();
     if now + CLOCK_SKEW < validity.not_before.timestamp() || now > validity.not_after.timestamp() {
         return Err(TlsError::NotValidNow {
             path: files.cert.clone(),
@@ -357,7 +361,6 @@ pub fn certificate_report(files: &TlsFiles) -> Result<CertificateReport, TlsErro
             files.cert.display()
         ));
     }
-    let client_cas = read_certificates("client CA", &files.client_ca)?;
     // Only a certificate that says it is no CA counts against the file: a
     // trust anchor without BasicConstraints still works.
     let not_a_ca = |der: &CertificateDer<'_>| {
@@ -365,18 +368,16 @@ pub fn certificate_report(files: &TlsFiles) -> Result<CertificateReport, TlsErro
             matches!(cert.basic_constraints(), Ok(Some(constraints)) if !constraints.value.ca)
         })
     };
-    if client_cas.iter().all(not_a_ca) {
+    if cas.all.iter().all(not_a_ca) {
         problems.push(format!(
             "the client CA file {} holds no CA (its certificates say CA:FALSE): no client \
              certificate can chain to it",
             files.client_ca.display()
         ));
     }
-    // A bundle with no CA in its dates fails the load itself.
-    let cas = ClientCas::read(&files.client_ca, now).map(|cas| cas.left_out);
-    for (ca, expired) in cas.unwrap_or_default() {
+    for (ca, expired) in &cas.left_out {
         let file = files.client_ca.display();
-        problems.push(if expired {
+        problems.push(if *expired {
             format!(
                 "the client CA {ca} in {file} has expired: it is left out, and the \
                  certificates it signed are refused"

@@ -58,6 +58,16 @@ async fn reading(
     (stub, watch)
 }
 
+/// Whether a new connection of `client` is served a read.
+async fn served(broker: &Running, client: &Issued) -> bool {
+    let Ok(channel) = broker.try_mtls(client).await else {
+        return false;
+    };
+    get(&mut SecretsServiceClient::new(channel), "mistral-api-key")
+        .await
+        .is_ok()
+}
+
 /// How long until the watch ends (an error or its end), within `bound`.
 async fn ends_within(
     watch: &mut tonic::Streaming<secrets_broker_client::proto::WatchSecretResponse>,
@@ -124,13 +134,8 @@ async fn a_connection_ends_when_a_reload_removes_its_ca() {
     let other_ca = std::fs::read_to_string(other.ca()).unwrap();
     crate::harness::replace_file(&pki.ca(), &format!("{ca}\n{other_ca}"));
     let newcomer = other.client("auth", AUTH);
-    eventually(Duration::from_secs(5), "the other CA trusted", || async {
-        let Ok(channel) = broker.try_mtls(&newcomer).await else {
-            return false;
-        };
-        get(&mut SecretsServiceClient::new(channel), "mistral-api-key")
-            .await
-            .is_ok()
+    eventually(Duration::from_secs(5), "the other CA trusted", || {
+        served(&broker, &newcomer)
     })
     .await;
     // ...and this client's connection goes on.
@@ -160,20 +165,15 @@ async fn a_client_ca_that_expires_is_trusted_no_more() {
     let bundle = [pki.ca(), expiring.ca()].map(|ca| std::fs::read_to_string(ca).unwrap());
     crate::harness::replace_file(&pki.ca(), &bundle.join("\n"));
     let client = expiring.client("auth", AUTH);
-    let served = || async {
-        let Ok(channel) = broker.try_mtls(&client).await else {
-            return false;
-        };
-        get(&mut SecretsServiceClient::new(channel), "mistral-api-key")
-            .await
-            .is_ok()
-    };
-    eventually(Duration::from_secs(5), "the second CA trusted", served).await;
+    eventually(Duration::from_secs(5), "the second CA trusted", || {
+        served(&broker, &client)
+    })
+    .await;
     let (_stub, mut watch) = reading(&broker, &client).await;
 
     ends_within(&mut watch, Duration::from_secs(12)).await;
     assert!(
-        !served().await,
+        !served(&broker, &client).await,
         "a client of the expired CA was served again"
     );
     // The CA still in its dates goes on.
@@ -194,13 +194,10 @@ async fn when_the_only_client_ca_expires_no_client_is_trusted() {
     let client = pki.client("auth", AUTH);
     let (_stub, mut watch) = reading(&broker, &client).await;
     ends_within(&mut watch, Duration::from_secs(10)).await;
-    let served = match broker.try_mtls(&client).await {
-        Ok(channel) => get(&mut SecretsServiceClient::new(channel), "mistral-api-key")
-            .await
-            .is_ok(),
-        Err(_) => false,
-    };
-    assert!(!served, "a client of the expired CA was served again");
+    assert!(
+        !served(&broker, &client).await,
+        "a client of the expired CA was served again"
+    );
     assert!(
         crate::harness::process_log()
             .text()
