@@ -19,6 +19,41 @@ use crate::{
 const ENV_FILE_READ: &str =
     "a .env file was read: its variables apply where the environment does not set them";
 
+/// The process environment as every subcommand reads it: the `.env` file
+/// loaded into it, and blank endpoint variables removed. Made before clap
+/// parses (the flags' environment variables come from it) and before any
+/// thread starts (it changes the environment).
+pub struct Environment {
+    /// The `.env` file read, or why it could not be read whole.
+    env_file: Result<Option<PathBuf>, String>,
+}
+
+impl Environment {
+    /// Loads `.env` (values already set win) and drops blank endpoint
+    /// variables. Call first thing in `main`, before any thread starts.
+    pub fn prepare() -> Self {
+        let env_file = load_env_file();
+        // SAFETY: called before any other thread starts (see above).
+        unsafe { crate::backend::aws::forget_blank_endpoint_vars() };
+        Self { env_file }
+    }
+
+    /// For `serve` and `check`, which resolve the broker's settings: the
+    /// `.env` file read, to say so; one that cannot be read whole stops
+    /// them (the exit code, the reason said on stderr).
+    pub fn for_settings(self) -> Result<Option<PathBuf>, ExitCode> {
+        self.env_file.map_err(|message| fail(&message))
+    }
+
+    /// For the operator commands, which read no settings: an unreadable
+    /// `.env` is only said.
+    fn for_operator(self) {
+        if let Err(message) = self.env_file {
+            eprintln!("secrets-broker: {message}");
+        }
+    }
+}
+
 /// Loads the `.env` file of the working directory or the nearest parent,
 /// if there is one, into the environment (values already set win); its
 /// path, for `serve` and `check` to say it was read.
@@ -29,7 +64,7 @@ const ENV_FILE_READ: &str =
 /// after it would silently not apply (another prefix, another TTL). A
 /// line is named by its number where that can be told, never by its text:
 /// it may hold a credential.
-pub fn load_env_file() -> Result<Option<PathBuf>, String> {
+fn load_env_file() -> Result<Option<PathBuf>, String> {
     let Some(path) = env_file_path() else {
         return Ok(None);
     };
@@ -78,9 +113,29 @@ fn settings(args: &BrokerArgs) -> Result<Settings, String> {
         .map_err(|error| format!("configuration error: {error}"))
 }
 
-/// `serve`: runs the broker; the exit code, and the log writer's guard (dropping it
-/// flushes the last log lines).
-pub async fn serve(
+/// A runtime for one subcommand, or the exit code of a failure to make it.
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Runtime::new()
+        .map_err(|error| fail(&format!("cannot start the async runtime: {error}")))
+}
+
+/// `serve`: runs the broker until a shutdown signal; its exit code.
+pub fn serve(args: BrokerArgs, env_file: Option<PathBuf>) -> ExitCode {
+    let runtime = match runtime() {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    let (code, logs) = runtime.block_on(run_broker(args, env_file));
+    // Calls cut by the shutdown grace end with the runtime: their audit
+    // lines are written before the log writer stops (dropping its guard
+    // flushes the last lines).
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    drop(logs);
+    code
+}
+
+/// `serve` on its runtime: the exit code, and the log writer's guard.
+async fn run_broker(
     args: BrokerArgs,
     env_file: Option<PathBuf>,
 ) -> (ExitCode, Option<telemetry::LogGuard>) {
@@ -115,7 +170,14 @@ pub async fn serve(
 
 /// `check`: validates the settings and tests the upstream; the report goes
 /// to stdout.
-pub async fn check(args: BrokerArgs, env_file: Option<PathBuf>) -> ExitCode {
+pub fn check(args: BrokerArgs, env_file: Option<PathBuf>) -> ExitCode {
+    match runtime() {
+        Ok(runtime) => runtime.block_on(run_check(args, env_file)),
+        Err(code) => code,
+    }
+}
+
+async fn run_check(args: BrokerArgs, env_file: Option<PathBuf>) -> ExitCode {
     let settings = match settings(&args) {
         Ok(settings) => settings,
         Err(message) => return fail(&message),
@@ -135,10 +197,16 @@ pub async fn check(args: BrokerArgs, env_file: Option<PathBuf>) -> ExitCode {
 }
 
 /// The operator commands (`get`, `watch`, `stats`): their error on stderr.
-pub async fn operate(
+pub fn operate(
+    environment: Environment,
     command: impl Future<Output = Result<(), secrets_broker_client::Error>>,
 ) -> ExitCode {
-    match command.await {
+    environment.for_operator();
+    let runtime = match runtime() {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    match runtime.block_on(command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => fail(&error.to_string()),
     }
@@ -188,7 +256,7 @@ fn print_dev_hint(settings: &Settings, bound: Option<std::net::SocketAddr>) {
 }
 
 /// Says why on stderr, as every command does, and fails.
-pub fn fail(message: &str) -> ExitCode {
+fn fail(message: &str) -> ExitCode {
     eprintln!("secrets-broker: {message}");
     ExitCode::FAILURE
 }
