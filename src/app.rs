@@ -1,17 +1,20 @@
 //! Start-up: the broker built from `Settings` in one step, run in another.
 //!
-//! `Listeners::bind` (in `transport::bind`) binds the sockets (so that a test can bind port 0 and
-//! learn the address); `App::build` makes every part from the settings
-//! (store, security, metrics, cache, watch hub, health); `App::run` serves
-//! until a shutdown future completes. One `JoinSet` owns every background
-//! task (change detector, upstream check, reloads, accept loop, probe
-//! server) and one token tells them to stop: when `run` returns, none of
-//! them is left, and the listening sockets are closed.
+//! `Listeners::bind` (in `transport::bind`) binds the sockets (so that a
+//! test can bind port 0 and learn the address); `App::build` makes every
+//! part from the settings (store, security, metrics, cache, watch hub,
+//! events); `App::run` adds the health service, whose statuses follow the
+//! run, and serves until a shutdown future completes. One `JoinSet` owns
+//! the background tasks (sweep, upstream check, reloads, accept loop, probe
+//! server) and one token tells them to stop; the event consumer is awaited
+//! on its own first (in topic mode it removes its queue on the way out) and
+//! cut if its clean-up overruns. When `run` returns, none of them is left,
+//! and the listening sockets are closed.
 //!
-//! Shutdown order: the watch streams end first (they never finish by
-//! themselves), the accept loop stops and drops its socket, idle connections
-//! close, calls in flight get `--shutdown-grace` to finish. The probe
-//! endpoint answers until the end, `/readyz` with 503.
+//! Shutdown order: the watch streams end first (`WatchHub::shutdown`: they
+//! never finish by themselves), the accept loop stops and drops its socket,
+//! idle connections close, calls in flight get `--shutdown-grace` to
+//! finish. The probe endpoint answers until the end, `/readyz` with 503.
 
 use std::{future::Future, sync::Arc};
 
@@ -162,8 +165,8 @@ impl App {
         Ok(app)
     }
 
-    /// Builds the broker over a store made elsewhere (tests, `check`).
-    pub fn assemble(
+    /// Builds the broker's parts over the opened store.
+    fn assemble(
         settings: &Settings,
         listeners: Listeners,
         security: Security,
@@ -260,8 +263,9 @@ impl App {
             .await
             .unwrap_or_else(|_| tokio::time::Instant::now())
             + EVENTS_CLEANUP;
+        let mut events = events;
         tokio::select! {
-            finished = tokio::time::timeout_at(cleanup_ends, events) => if finished.is_err() {
+            finished = tokio::time::timeout_at(cleanup_ends, &mut events) => if finished.is_err() {
                 tracing::warn!(
                     ?EVENTS_CLEANUP,
                     "the event consumer did not finish its clean-up in time"
@@ -271,6 +275,8 @@ impl App {
                 tracing::warn!("a stop signal during the event queue's clean-up: stopping now");
             }
         }
+        // Cut if it overran or a second signal came: no task outlives `run`.
+        events.abort();
         probes_stop.cancel();
         tasks.shutdown().await;
         // A unix socket's file outlives its listener: removed, so that the

@@ -1,7 +1,8 @@
 //! secrets-broker: a gRPC secrets broker in front of AWS Secrets Manager.
 //!
 //! `command` is what each subcommand does; start-up is `app` (build the
-//! broker from `Settings`, run it until shutdown, on `signals`). Then the crate follows the request's path: `transport`
+//! broker from `Settings`, run it until shutdown, on `signals`). Then the
+//! crate follows the request's path: `transport`
 //! (listeners, TLS and identity, the gate every stream passes, the tonic
 //! server) → `policy` (who may read what) → `api` (handlers, typed configs,
 //! audit, the one mapping of errors to gRPC statuses) → `cache` (the shared
@@ -15,8 +16,11 @@
 //! `Settings`), `health` (health statuses, readiness), `probes` (the
 //! `/healthz`, `/readyz` and `/metrics` port), `metrics` (the registry
 //! each component registers into), `reload` (values that follow their
-//! files), `telemetry` (logs, one line per event). Nothing below a layer
-//! knows about the layer above it.
+//! files), `telemetry` (logs, one line per event). A layer knows only the
+//! layers after it on that path, with one exception: what `transport`
+//! attaches to each request (the call's deadline, its connection's identity
+//! and slots) is read by `identity` and `api`, and a full share of call
+//! slots is mapped to a status with the other errors in `api`.
 
 #![warn(missing_docs)]
 

@@ -1,8 +1,8 @@
 //! The client's mutual-TLS files, read and checked when the client is
 //! made: a file that holds no certificate, or a key that is not the
 //! certificate's, is named with the setting that points at it. Left to
-//! the handshake, each of these failed every connection later as a bare
-//! "transport error" (or, for a CA file without a certificate, as the
+//! the handshake, each of these would fail every connection later as a
+//! bare "transport error" (or, for a CA file without a certificate, as the
 //! broker's certificate being "not signed by the CA").
 //!
 //! They are read again for each new connection (`client_config`): a

@@ -6,10 +6,22 @@
 //!   at shutdown;
 //! - `tls`: mutual TLS with files that reload, and the caller's identity
 //!   read from its certificate;
+//! - `client_cas`: the client CA bundle as trusted: only the CAs within
+//!   their dates;
+//! - `opening_slots`: connection slots held by connections still opening,
+//!   the oldest giving its slot up when every slot is taken;
+//! - `peer_trust`: closing a connection whose client certificate expired or
+//!   no longer verifies after a reload;
+//! - `token_watch`: the cheap per-read "has this connection been told to
+//!   close?";
 //! - `gate`: what every HTTP/2 stream passes (gRPC content types only, the
 //!   per-connection call slots, the call timeout);
+//! - `budget`: one memory budget for requests still arriving, shared by
+//!   every call;
 //! - `connection_info`: what a connection tells its calls (identity, slots);
-//! - `call_slots`: the bound on calls in flight over every connection;
+//! - `call_slots`: the bound on calls in flight over every connection, and
+//!   the shares of it that long-lived streams (watches, health watches,
+//!   reflection) may take;
 //! - `untaken_answers`: closing a connection whose peer does not take its
 //!   answers;
 //! - `descriptors`: the open-files limit, raised or the connections fitted

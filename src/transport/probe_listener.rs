@@ -1,11 +1,11 @@
 //! The listener of the probes and metrics endpoint (`--metrics-listen`),
 //! with bounds of its own: at most `MAX_CONNECTIONS` open, and none open
 //! longer than `LIFETIME`, whatever it does. Without them, sockets opened
-//! and left idle on this port used up the process's file descriptors (and
-//! then the gRPC listener could accept nothing either), and 64 sockets
+//! and left idle on this port would use up the process's file descriptors
+//! (and then the gRPC listener could accept nothing either), and 64 sockets
 //! trickling a byte every few seconds, or never reading their answers,
-//! held the port so that every probe failed and the kubelet restarted a
-//! healthy pod.
+//! would hold the port so that every probe failed and the kubelet
+//! restarted a healthy pod.
 //!
 //! When every slot is taken, a new connection takes the slot of the oldest
 //! (which is closed): a probe connects, asks and is answered within

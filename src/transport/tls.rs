@@ -328,7 +328,7 @@ pub(super) fn read_certificates(
 }
 
 /// Checks the server certificate's dates (for `check`), after
-/// `server_config` has checked the rest.
+/// `TlsTerminator::load` has checked the rest.
 pub fn certificate_report(files: &TlsFiles) -> Result<CertificateReport, TlsError> {
     let now = unix_now();
     report(files, &ClientCas::read(&files.client_ca, now)?, now)
