@@ -56,7 +56,7 @@ use tower::{Layer, Service};
 use super::{
     budget::{Budgeted, RequestBudget},
     call_slots::{CallSlot, CallSlots, Share},
-    untaken_answers::{self, PendingAnswer},
+    untaken_answers::{self, PendingAnswer, UntakenAnswers},
 };
 use crate::{
     api::{
@@ -70,13 +70,13 @@ use crate::{
 /// Puts the gate in front of a service.
 #[derive(Clone)]
 pub struct GateLayer {
-    settings: Arc<GateSettings>,
+    shared: Arc<GateShared>,
 }
 
 /// What every gate of the server shares. One `Arc` of it: the service
 /// stack is cloned for every call, and each handle cloned there costs an
 /// atomic (a `CancellationToken`'s clone even takes a mutex).
-struct GateSettings {
+struct GateShared {
     call_timeout: Duration,
     budget: RequestBudget,
     calls: CallSlots,
@@ -93,7 +93,7 @@ impl GateLayer {
         metrics: CallMetrics,
         stop: CancellationToken,
     ) -> Self {
-        let settings = GateSettings {
+        let shared = GateShared {
             call_timeout,
             budget,
             calls,
@@ -101,7 +101,7 @@ impl GateLayer {
             stop,
         };
         Self {
-            settings: Arc::new(settings),
+            shared: Arc::new(shared),
         }
     }
 }
@@ -112,7 +112,7 @@ impl<S> Layer<S> for GateLayer {
     fn layer(&self, inner: S) -> Gate<S> {
         Gate {
             inner,
-            settings: Arc::clone(&self.settings),
+            shared: Arc::clone(&self.shared),
         }
     }
 }
@@ -121,7 +121,7 @@ impl<S> Layer<S> for GateLayer {
 #[derive(Clone)]
 pub struct Gate<S> {
     inner: S,
-    settings: Arc<GateSettings>,
+    shared: Arc<GateShared>,
 }
 
 type GateFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
@@ -154,45 +154,22 @@ where
         });
         // The RPC, not the path: cloning the path's bytes can allocate.
         let rpc = Rpc::of_path(request.uri().path());
-        let slot = match connection {
-            None => None,
-            Some(connection) => match Arc::clone(&connection.call_slots).try_acquire_owned() {
-                Ok(slot) => Some(slot),
-                Err(_) => {
-                    return self.refuse(request.uri().path(), rpc, &caller, ApiError::TooManyCalls);
-                }
-            },
-        };
         let share = long_lived_share(rpc, request.uri().path());
-        let health_watch = match connection {
-            Some(connection) if share == Some(Share::HealthWatches) => {
-                match Arc::clone(&connection.health_watches).try_acquire_owned() {
-                    Ok(watch) => Some(watch),
-                    Err(_) => {
-                        let limit = crate::transport::connection_info::HEALTH_WATCHES;
-                        let refused = ApiError::TooManyHealthWatches { limit };
-                        return self.refuse(request.uri().path(), rpc, &caller, refused);
-                    }
-                }
-            }
-            _ => None,
+        let slots = match self.take_slots(connection, share) {
+            Ok(slots) => slots,
+            Err(full) => return self.refuse(request.uri().path(), rpc, &caller, full),
         };
-        let Some(call_slot) = self.settings.calls.take(share) else {
-            let limit = self.settings.calls.limit();
-            let full = ApiError::BrokerFull { limit };
-            return self.refuse(request.uri().path(), rpc, &caller, full);
-        };
-        let limit = self.settings.call_timeout;
+        let limit = self.shared.call_timeout;
         // A path that names no RPC of the broker's, outside health's and
         // reflection's services (`/grpc.`): copied, only then, for the
         // error that names it and, under the broker's services, the audit.
         let unknown_path = (rpc.is_none() && !request.uri().path().starts_with("/grpc."))
             .then(|| shown_path(request.uri().path()).into_owned());
-        let mut unopened = AuditIfUnopened {
+        let unopened = AuditIfUnopened {
             rpc,
             caller,
-            slot: Arc::clone(&call_slot),
-            metrics: self.settings.metrics.clone(),
+            slot: Arc::clone(&slots.call),
+            metrics: self.shared.metrics.clone(),
             armed: true,
         };
         // Reflection is a bidirectional stream: its answer starts at once,
@@ -203,8 +180,7 @@ where
         // otherwise keep waiting for it. They end when the broker stops
         // too, or an open one would hold the shutdown for its grace.
         let reflection = is_reflection(request.uri().path());
-        let stream_ends =
-            reflection.then(|| CallEnd::after(limit).or_at(self.settings.stop.clone()));
+        let stream_ends = reflection.then(|| CallEnd::after(limit).or_at(self.shared.stop.clone()));
         // An answer must be taken within a call timeout or so; reflection's
         // stream may rightly last a whole one first; watches last.
         let watch = matches!(share, Some(Share::Watches | Share::HealthWatches));
@@ -213,72 +189,144 @@ where
             .map(|connection| Arc::clone(&connection.untaken_answers));
         let request_ends = stream_ends.as_ref().map(CallEnd::same);
         let mut request = request.map(|body| {
-            self.settings
+            self.shared
                 .budget
-                .wrap(body, request_ends, Some(Arc::clone(&call_slot)))
+                .wrap(body, request_ends, Some(Arc::clone(&slots.call)))
         });
         let deadline = CallDeadline::of(request.headers().get(GRPC_TIMEOUT), limit);
         request.extensions_mut().insert(deadline);
         let call = self.inner.call(request);
-        Box::pin(async move {
-            let response = match tokio::time::timeout(limit, call).await {
-                Ok(Ok(response)) => response,
-                Err(_elapsed) => {
-                    unopened.audit(tonic::Code::DeadlineExceeded);
-                    answer(ApiError::CallTimeout(limit))
-                }
-            };
-            // From here the call is answered: nothing to say on drop.
-            unopened.armed = false;
-            let caller = &unopened.caller;
+        let in_flight = InFlight {
+            unopened,
+            unknown_path,
+            slots,
+            stream_ends,
+            untaken,
+            reflection,
+        };
+        Box::pin(in_flight.answer(call, limit))
+    }
+}
+
+impl<S> Gate<S> {
+    /// Takes the slots a call holds until its answer is done: one of its
+    /// connection's, one of its connection's health watches for health's
+    /// Watch, and one of the broker's within the call's `share`; or the
+    /// error that says which was full.
+    fn take_slots(
+        &self,
+        connection: Option<&ConnectionInfo>,
+        share: Option<Share>,
+    ) -> Result<HeldSlots, ApiError> {
+        let connection_slot = match connection {
+            Some(connection) => Some(
+                Arc::clone(&connection.call_slots)
+                    .try_acquire_owned()
+                    .map_err(|_| ApiError::TooManyCalls)?,
+            ),
+            None => None,
+        };
+        let health_watch = match connection {
+            Some(connection) if share == Some(Share::HealthWatches) => Some(
+                Arc::clone(&connection.health_watches)
+                    .try_acquire_owned()
+                    .map_err(|_| ApiError::TooManyHealthWatches {
+                        limit: crate::transport::connection_info::HEALTH_WATCHES,
+                    })?,
+            ),
+            _ => None,
+        };
+        let calls = &self.shared.calls;
+        let call = calls.take(share).ok_or_else(|| ApiError::BrokerFull {
+            limit: calls.limit(),
+        })?;
+        Ok(HeldSlots {
+            _connection: connection_slot,
+            _health_watch: health_watch,
+            call,
+        })
+    }
+}
+
+/// The slots a call holds until its answer is done (`Gate::take_slots`);
+/// held, not read: each is given back when dropped.
+struct HeldSlots {
+    _connection: Option<OwnedSemaphorePermit>,
+    _health_watch: Option<OwnedSemaphorePermit>,
+    call: Arc<CallSlot>,
+}
+
+/// A call let through the gate, until its handler answers.
+struct InFlight {
+    unopened: AuditIfUnopened,
+    /// The path of a call to no RPC of the broker's (see `Gate::call`).
+    unknown_path: Option<String>,
+    slots: HeldSlots,
+    /// Reflection's end (see `Gate::call`).
+    stream_ends: Option<CallEnd>,
+    /// Where its answer counts until taken, from when it is given.
+    untaken: Option<Arc<UntakenAnswers>>,
+    reflection: bool,
+}
+
+impl InFlight {
+    /// Awaits the handler's answer within the call timeout (`limit`),
+    /// audits a call that failed before its handler ran, and gives the
+    /// answer a body that holds the call's slots until it is done.
+    async fn answer<F>(self, call: F, limit: Duration) -> Result<Response<Body>, Infallible>
+    where
+        F: Future<Output = Result<Response<Body>, Infallible>>,
+    {
+        let Self {
+            mut unopened,
+            unknown_path,
+            slots,
+            stream_ends,
+            untaken,
+            reflection,
+        } = self;
+        let response = match tokio::time::timeout(limit, call).await {
+            Ok(Ok(response)) => response,
+            Err(_elapsed) => {
+                unopened.audit(tonic::Code::DeadlineExceeded);
+                answer(ApiError::CallTimeout(limit))
+            }
+        };
+        // From here the call is answered: nothing to say on drop.
+        unopened.armed = false;
+        let failed = failed_before_the_handler(&response).map(|code| {
             // tonic answers a request body that failed with INTERNAL; the
             // caller that reset its stream gave up on the call.
-            let went_away = unopened.slot.caller_went_away();
-            let failed = failed_before_the_handler(&response).map(|code| {
-                if went_away {
-                    tonic::Code::Cancelled
-                } else {
-                    code
-                }
-            });
-            match (unopened.rpc, failed) {
-                (Some(rpc), Some(outcome)) => {
-                    refused_before_the_handler(rpc, caller, outcome, &unopened.metrics);
-                }
-                (None, Some(tonic::Code::Unimplemented)) => {
-                    if let Some(path) = unknown_path
-                        .as_deref()
-                        .filter(|path| path.starts_with("/secretsbroker."))
-                    {
-                        refused_unknown_method(path, caller);
-                    }
-                }
-                _ => {}
+            if unopened.slot.caller_went_away() {
+                tonic::Code::Cancelled
+            } else {
+                code
             }
-            let response = match failed {
-                Some(_) => in_the_brokers_words(response, unknown_path),
-                None => response,
-            };
-            // A trailers-only answer is already whole: a second grpc-status
-            // must not follow it.
-            let stream_ends = stream_ends.filter(|_| !response.headers().contains_key(GRPC_STATUS));
-            Ok(response.map(|body| {
-                Body::new(GatedBody {
-                    body,
-                    _slot: slot,
-                    _health_watch: health_watch,
-                    _call: call_slot,
-                    ends: stream_ends,
-                    untaken: untaken.map(|answers| {
-                        if reflection {
-                            answers.reflection()
-                        } else {
-                            answers.answered()
-                        }
-                    }),
-                })
-            }))
-        })
+        });
+        let response = match failed {
+            Some(outcome) => {
+                unopened.audit_refusal(outcome, unknown_path.as_deref());
+                in_the_brokers_words(response, unknown_path)
+            }
+            None => response,
+        };
+        // A trailers-only answer is already whole: a second grpc-status
+        // must not follow it.
+        let stream_ends = stream_ends.filter(|_| !response.headers().contains_key(GRPC_STATUS));
+        Ok(response.map(|body| {
+            Body::new(GatedBody {
+                body,
+                _slots: slots,
+                ends: stream_ends,
+                untaken: untaken.map(|answers| {
+                    if reflection {
+                        answers.reflection()
+                    } else {
+                        answers.answered()
+                    }
+                }),
+            })
+        }))
     }
 }
 
@@ -294,6 +342,22 @@ struct AuditIfUnopened {
 }
 
 impl AuditIfUnopened {
+    /// Audits a call of the broker's that tonic or the transport refused
+    /// before its handler ran (`outcome`); a call to an unknown method of
+    /// the broker's services is logged with its path.
+    fn audit_refusal(&self, outcome: tonic::Code, unknown_path: Option<&str>) {
+        match self.rpc {
+            Some(rpc) => refused_before_the_handler(rpc, &self.caller, outcome, &self.metrics),
+            None if outcome == tonic::Code::Unimplemented => {
+                if let Some(path) = unknown_path.filter(|path| path.starts_with("/secretsbroker."))
+                {
+                    refused_unknown_method(path, &self.caller);
+                }
+            }
+            None => {}
+        }
+    }
+
     fn audit(&mut self, outcome: tonic::Code) {
         if let Some(rpc) = self
             .rpc
@@ -325,7 +389,7 @@ impl<S> Gate<S> {
         let status = Status::from(error);
         match rpc {
             Some(rpc) => {
-                refused_before_the_handler(rpc, caller, status.code(), &self.settings.metrics)
+                refused_before_the_handler(rpc, caller, status.code(), &self.shared.metrics)
             }
             None => tracing::debug!(
                 identity = caller.shown(),
@@ -532,9 +596,7 @@ fn answer(error: ApiError) -> Response<Body> {
 /// with DEADLINE_EXCEEDED.
 struct GatedBody {
     body: Body,
-    _slot: Option<OwnedSemaphorePermit>,
-    _health_watch: Option<OwnedSemaphorePermit>,
-    _call: Arc<CallSlot>,
+    _slots: HeldSlots,
     ends: Option<CallEnd>,
     /// Counted among its connection's answers not taken until its end,
     /// and each chunk of its bytes until h2 lets go of it.
