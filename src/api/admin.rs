@@ -20,7 +20,7 @@ use super::{
 };
 use crate::{
     api::rpc::Rpc,
-    backend::{AWSCURRENT, StoreError, VersionSelector},
+    backend::{StoreError, VersionSelector},
     cache::{CacheKey, Lookup, answer_by},
     events::ConsumerState,
     proto::{
@@ -125,10 +125,8 @@ impl AdminApi {
             .cache
             .refresh_the_secret(key.clone(), audit.deadline())
             .await?;
-        if held.is_some_and(|held| held != version.version_id) {
-            let hub = &self.context.watch;
-            hub.spread_change(&key.name, AWSCURRENT, &version.version_id);
-        }
+        self.context
+            .spread_if_moved(&key.name, held, &version.version_id);
         let lookup = Lookup::fresh(version);
         Ok(RefreshSecretResponse {
             secret: Some(message::secret(&lookup, Contents::MetadataOnly)),

@@ -71,11 +71,20 @@ impl ApiContext {
         let held = current.then(|| self.cache.held_version(&key)).flatten();
         let name = key.name.clone();
         let lookup = self.cache.get_until(key, true, deadline).await?;
-        let answered = &lookup.version.version_id;
-        if held.is_some_and(|held| held != *answered) && !lookup.stale {
-            self.watch.spread_change(&name, AWSCURRENT, answered);
+        if !lookup.stale {
+            self.spread_if_moved(&name, held, &lookup.version.version_id);
         }
         Ok(lookup)
+    }
+
+    /// Tells the secret's other watchers and entries of a new AWSCURRENT
+    /// (`WatchHub::spread_change`) when a read found it at another version
+    /// than the one `held` here. Nothing when nothing was held: a read of a
+    /// key not cached says nothing about what the others hold.
+    fn spread_if_moved(&self, name: &str, held: Option<String>, answered: &str) {
+        if held.is_some_and(|held| held != answered) {
+            self.watch.spread_change(name, AWSCURRENT, answered);
+        }
     }
 
     /// Starts a call: its audit record (and metrics). The call's slot on
