@@ -330,8 +330,8 @@ impl Settings {
         {
             // Named both ways: it may have come from the environment.
             let flag = match events {
-                EventSource::Queue(_) => "--events-queue-url (SECRET_EVENTS_QUEUE_URL)",
-                EventSource::Topic(_) => "--events-topic-arn (SECRET_EVENTS_TOPIC_ARN)",
+                EventSource::Queue(_) => &EVENTS_QUEUE_URL,
+                EventSource::Topic(_) => &EVENTS_TOPIC_ARN,
             };
             return Err(ConfigError::Rule(format!(
                 "{flag} needs the AWS backend (events come from AWS); it cannot be used with \
@@ -387,11 +387,10 @@ fn resolve_events(
         parse_topic_arn,
     )?;
     match (queue, topic) {
-        (Some(_), Some(_)) => Err(ConfigError::Rule(
-            "give --events-queue-url (SECRET_EVENTS_QUEUE_URL) or --events-topic-arn \
-             (SECRET_EVENTS_TOPIC_ARN), not both: a topic gets a queue of the broker's own"
-                .into(),
-        )),
+        (Some(_), Some(_)) => Err(ConfigError::Rule(format!(
+            "give {EVENTS_QUEUE_URL} or {EVENTS_TOPIC_ARN}, not both: a topic gets a queue of \
+             the broker's own"
+        ))),
         (Some(url), None) => Ok(Some(EventSource::Queue(url))),
         (None, Some(arn)) => Ok(Some(EventSource::Topic(arn))),
         (None, None) => Ok(None),
@@ -483,9 +482,8 @@ fn resolve_limits(args: &BrokerArgs, sources: &Sources<'_>) -> Result<Limits, Co
     // A request of the largest size, with its 5-byte gRPC header, must fit.
     if limits.max_request_memory < limits.max_message_size.saturating_add(5) {
         return Err(ConfigError::Rule(format!(
-            "--max-request-memory (BROKER_MAX_REQUEST_MEMORY, max_request_memory) of {} bytes \
-             must hold at least one request of --max-message-size (BROKER_MAX_MESSAGE_SIZE, \
-             max_message_size), {} bytes, and its 5-byte header",
+            "{MAX_REQUEST_MEMORY:#} of {} bytes must hold at least one request of \
+             {MAX_MESSAGE_SIZE:#}, {} bytes, and its 5-byte header",
             limits.max_request_memory, limits.max_message_size
         )));
     }
@@ -504,16 +502,14 @@ fn resolve_tls(args: &BrokerArgs, sources: &Sources<'_>) -> Result<Option<TlsFil
             client_ca,
         })),
         (cert, key, client_ca) => {
-            let missing: Vec<&str> = [
-                (cert.is_none(), "--tls-cert (BROKER_TLS_CERT)"),
-                (key.is_none(), "--tls-key (BROKER_TLS_KEY)"),
-                (
-                    client_ca.is_none(),
-                    "--tls-client-ca (BROKER_TLS_CLIENT_CA)",
-                ),
+            let missing: Vec<String> = [
+                (cert.is_none(), &TLS_CERT),
+                (key.is_none(), &TLS_KEY),
+                (client_ca.is_none(), &TLS_CLIENT_CA),
             ]
             .into_iter()
-            .filter_map(|(absent, name)| absent.then_some(name))
+            .filter(|(absent, _)| *absent)
+            .map(|(_, setting)| setting.to_string())
             .collect();
             Err(ConfigError::Rule(format!(
                 "mutual TLS needs a certificate, its key and a client CA; missing: {}",

@@ -37,17 +37,19 @@ pub(super) fn parse_path(value: &str) -> Result<PathBuf, String> {
     Ok(PathBuf::from(value))
 }
 
-pub(super) fn parse_word(value: &str) -> Result<String, String> {
-    let value = value.trim();
+pub(super) fn parse_word(given: &str) -> Result<String, String> {
+    let value = given.trim();
     if value.is_empty() || value.contains(char::is_whitespace) {
-        return Err(format!("{value:?} must be one word"));
+        // What was given, not what is left of it: `" "` shown as `""`
+        // would not say which setting's text was wrong.
+        return Err(format!("{given:?} must be one word"));
     }
     Ok(value.to_owned())
 }
 
 /// A prefix or environment: part of a secret name.
-pub(super) fn parse_name_part(value: &str) -> Result<String, String> {
-    let value = value.trim().trim_matches('/');
+pub(super) fn parse_name_part(given: &str) -> Result<String, String> {
+    let value = given.trim().trim_matches('/');
     let valid = !value.is_empty()
         && value
             .chars()
@@ -56,7 +58,8 @@ pub(super) fn parse_name_part(value: &str) -> Result<String, String> {
         Ok(value.to_owned())
     } else {
         Err(format!(
-            "{value:?} must be letters, digits and /_+=.@- (it becomes part of secret names)"
+            "{given:?} must be letters, digits and /_+=.@- (it becomes part of secret names), \
+             and not only slashes"
         ))
     }
 }

@@ -139,3 +139,16 @@ pub(super) struct Setting {
     pub(super) key: &'static str,
     pub(super) default: Option<&'static str>,
 }
+
+/// How a message names a setting that may have come from any source:
+/// `--flag (ENV)`, and with `{:#}` its config file key too,
+/// `--flag (ENV, key)`.
+impl std::fmt::Display for Setting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "--{} ({}", self.flag, self.env[0])?;
+        if f.alternate() {
+            write!(f, ", {}", self.key)?;
+        }
+        f.write_str(")")
+    }
+}

@@ -438,3 +438,14 @@ fn listeners_the_kernel_would_refuse_are_refused_at_once() {
         .unwrap_or_default();
     assert!(error.contains("the kernel takes at most 107"), "{error}");
 }
+
+#[test]
+fn a_refused_value_is_quoted_as_given_not_as_trimmed() {
+    for (variable, given) in [("SECRET_PREFIX", "/"), ("AWS_DEFAULT_REGION", " ")] {
+        let error = resolve(&BrokerArgs::default(), &[(variable, given)])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains(variable), "{error}");
+        assert!(error.contains(&format!("{given:?}")), "{error}");
+    }
+}
