@@ -266,6 +266,11 @@ impl NameResolver {
         }
     }
 
+    /// The environment of the typed configs' default names (`production`).
+    pub fn environment(&self) -> &str {
+        &self.environment
+    }
+
     /// The id to ask upstream for `name` (a full name or an ARN), validated.
     pub fn resolve(&self, name: &str) -> Result<String, InvalidName> {
         let mut room = NameRoom::new();

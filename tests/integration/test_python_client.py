@@ -282,3 +282,21 @@ def test_env_prefix_and_environment(start_broker, stubs, tmp_path):
     secret = stub.GetSecret(pb.GetSecretRequest(name="plain"), timeout=10).secret
     assert (secret.name, secret.string_value) == ("acme/plain", "plain-value-0c4e")
     assert stub.GetSecret(pb.GetSecretRequest(name="acme/plain"), timeout=10).secret.name == "acme/plain"
+
+
+def test_dev_mode_serves_its_typed_configs_under_the_environment(start_broker, stubs):
+    """A developer whose .env sets SECRET_ENVIRONMENT finds the dev seed's
+    typed configs under their default names."""
+    broker = start_broker(env={"SECRET_PREFIX": "acme", "SECRET_ENVIRONMENT": "staging"})
+    pb = stubs.secrets_service_pb2
+    stub = broker.secrets()
+    answer = stub.GetJwtConfig(pb.GetJwtConfigRequest(), timeout=10)
+    assert answer.config.jwt_secret_key == support.seed_json("production/jwt")["jwt_secret_key"]
+    database = stub.GetDatabaseConfig(pb.GetDatabaseConfigRequest(), timeout=10)
+    assert database.config.supabase_url == support.seed_json("production/database")["supabase_url"]
+    secret = stub.GetSecret(pb.GetSecretRequest(name="staging/jwt"), timeout=10).secret
+    assert secret.name == "acme/staging/jwt"
+    expect_error(
+        lambda: stub.GetSecret(pb.GetSecretRequest(name="production/jwt"), timeout=10),
+        grpc.StatusCode.NOT_FOUND, "SECRET_NOT_FOUND",
+    )

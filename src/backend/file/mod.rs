@@ -46,8 +46,14 @@ use crate::{
     secret::{SecretValue, SecretVersion},
 };
 
-/// The dev seed: five typical secrets with obviously fake values.
+/// The dev seed: five typical secrets with obviously fake values. Its
+/// typed configs are named under the default environment (`SEED_ENVIRONMENT`).
 const DEV_SEED: &str = include_str!("../dev_secrets.json");
+/// How the seed's typed configs' names start: `"name": "production/jwt"`.
+const SEED_ENVIRONMENT: &str = "\"name\": \"production/";
+
+/// The largest value Secrets Manager stores (SecretString or SecretBinary).
+const MAX_VALUE_BYTES: usize = 65_536;
 
 /// Why a secrets file could not be used. Never quotes the file's content:
 /// a parse error there could be in the middle of a secret value.
@@ -177,9 +183,16 @@ impl Loader for SecretsSource {
 }
 
 impl FileStore {
-    /// The dev backend: the dev seed's five secrets, fake values.
+    /// The dev backend: the dev seed's five secrets, fake values. The typed
+    /// configs are named under the resolver's environment (`staging/jwt`
+    /// under `--environment staging`), where the typed calls' default names
+    /// look for them.
     pub fn dev(resolver: &NameResolver) -> Result<Self, FileStoreError> {
-        Self::from_text("(built-in dev secrets)", DEV_SEED, Format::Json, resolver)
+        // The environment is letters, digits and `/_+=.@-`: nothing to
+        // escape in JSON.
+        let named = format!("\"name\": \"{}/", resolver.environment());
+        let seed = DEV_SEED.replace(SEED_ENVIRONMENT, &named);
+        Self::from_text("(built-in dev secrets)", &seed, Format::Json, resolver)
     }
 
     /// Reads a `.json` or `.toml` (by extension) secrets file.
@@ -352,6 +365,14 @@ fn build_versions(
             ),
             _ => return Err("each version needs exactly one of value and binary_base64".into()),
         };
+        if value.len() > MAX_VALUE_BYTES {
+            return Err(format!(
+                "a version's value is {} bytes, over Secrets Manager's {MAX_VALUE_BYTES}: \
+                 AWS would refuse it, and an answer that large passes no gRPC client's default \
+                 message limit",
+                value.len()
+            ));
+        }
         let stages = match version.stages {
             Some(stages) => stages,
             None if explicit_stages => Vec::new(),

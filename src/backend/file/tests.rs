@@ -40,6 +40,29 @@ async fn dev_seed_holds_the_five_typical_secrets() {
 }
 
 #[tokio::test]
+async fn dev_seed_names_its_typed_configs_under_the_environment() {
+    let resolver = NameResolver::new("acme", "staging");
+    let store = FileStore::dev(&resolver).unwrap();
+    for kind in ["database", "jwt", "aws-services", "security"] {
+        let default_name = resolver.resolve_or_default("", kind).unwrap();
+        assert_eq!(default_name, format!("acme/staging/{kind}"));
+        let version = store
+            .get_secret_value(&default_name, &VersionSelector::current())
+            .await
+            .unwrap();
+        assert!(!version.value.is_empty(), "{kind}");
+        let elsewhere = store
+            .get_secret_value(
+                &format!("acme/production/{kind}"),
+                &VersionSelector::current(),
+            )
+            .await;
+        assert!(elsewhere.is_err(), "{kind} also under production");
+    }
+    assert_eq!(store.secret_count(), 5);
+}
+
+#[tokio::test]
 async fn versions_get_aws_like_default_stages() {
     let store = store(
         r#"{"secrets":[{"name":"x","versions":[
@@ -228,6 +251,18 @@ fn invalid_files_are_refused_with_the_reason() {
             "more than one version",
         ),
     ];
+    let of_size = |len: usize| {
+        format!(
+            r#"{{"secrets":[{{"name":"x","versions":[{{"value":"{}"}}]}}]}}"#,
+            "v".repeat(len)
+        )
+    };
+    assert!(FileStore::from_text("f", &of_size(65_536), Format::Json, &resolver()).is_ok());
+    let too_large = of_size(65_537);
+    let cases = cases.into_iter().chain([(
+        too_large.as_str(),
+        "65537 bytes, over Secrets Manager's 65536",
+    )]);
     for (text, expected) in cases {
         let err = FileStore::from_text("f", text, Format::Json, &resolver())
             .err()
