@@ -379,7 +379,7 @@ mod tests {
             kind: "a JWT config",
             source: Malformed {
                 field: Some("jwt_issuer"),
-                rule: "is missing",
+                rule: "is missing".into(),
             },
         };
         let status = Status::from(error);

@@ -6,6 +6,8 @@
 //! no error ever carries a piece of the value (serde's messages quote the
 //! offending input).
 
+use std::borrow::Cow;
+
 use serde_json::{Map, Value};
 
 use super::rpc::Rpc;
@@ -27,18 +29,38 @@ pub struct Malformed {
     /// The field at fault; `None` when the secret as a whole is unusable.
     pub field: Option<&'static str>,
     /// The rule it broke, e.g. "must be a whole number greater than 0".
-    pub rule: &'static str,
+    pub rule: Cow<'static, str>,
 }
 
 impl Malformed {
-    fn whole(rule: &'static str) -> Self {
-        Self { field: None, rule }
+    fn whole(rule: impl Into<Cow<'static, str>>) -> Self {
+        Self {
+            field: None,
+            rule: rule.into(),
+        }
     }
 
     fn field(field: &'static str, rule: &'static str) -> Self {
         Self {
             field: Some(field),
-            rule,
+            rule: rule.into(),
+        }
+    }
+
+    /// A secret that is not JSON at all. serde_json's syntax and
+    /// end-of-input errors say what it expected and where (`expected value
+    /// at line 1 column 9`, `number out of range at ...`, `recursion limit
+    /// exceeded at ...`), never the text it read; any other kind of error
+    /// could quote it, so only the position is said then.
+    fn not_json(error: &serde_json::Error) -> Self {
+        use serde_json::error::Category;
+        match error.classify() {
+            Category::Syntax | Category::Eof => Self::whole(format!("is not valid JSON: {error}")),
+            Category::Io | Category::Data => Self::whole(format!(
+                "is not valid JSON (at line {} column {})",
+                error.line(),
+                error.column()
+            )),
         }
     }
 
@@ -60,7 +82,9 @@ impl Fields {
             .ok_or(Malformed::whole("is binary, not a JSON object"))?;
         match serde_json::from_str(text) {
             Ok(Value::Object(map)) => Ok(Self(map)),
-            _ => Err(Malformed::whole("is not a JSON object")),
+            Ok(Value::Array(_)) => Err(Malformed::whole("is a JSON array, not an object")),
+            Ok(_) => Err(Malformed::whole("is a single JSON value, not an object")),
+            Err(error) => Err(Malformed::not_json(&error)),
         }
     }
 
@@ -409,9 +433,44 @@ mod tests {
         assert_eq!(err.field, None);
         assert!(!err.to_string().contains("SECRET"));
         let err = security_config(&json(serde_json::json!(["a"]))).unwrap_err();
-        assert_eq!(err, Malformed::whole("is not a JSON object"));
+        assert_eq!(err, Malformed::whole("is a JSON array, not an object"));
         let err = database_config(&SecretValue::binary(b"{}".to_vec())).unwrap_err();
         assert_eq!(err.field, None);
+    }
+
+    #[test]
+    fn json_the_parser_refuses_is_not_called_a_non_object() {
+        // Objects Python's json reads, which serde_json does not: the
+        // error says why and where, never the text.
+        let deep = format!(
+            r#"{{"SECRET-deep": {}1{}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        let cases = [
+            (
+                r#"{"jwt_access_token_expire_minutes": 1e400}"#,
+                "number out of range at line 1",
+            ),
+            (
+                r#"{"SECRET-nan": NaN}"#,
+                "expected value at line 1 column 16",
+            ),
+            (r#"{"SECRET-x": "\ud800"}"#, "at line 1"),
+            (deep.as_str(), "recursion limit exceeded at line 1"),
+            (r#"{"SECRET-cut": "#, "EOF while parsing a value at line 1"),
+        ];
+        for (text, said) in cases {
+            let err = jwt_config(&SecretValue::text(text)).unwrap_err();
+            assert_eq!(err.field, None, "{text}");
+            let shown = err.to_string();
+            assert!(
+                shown.starts_with("the secret is not valid JSON: "),
+                "{shown}"
+            );
+            assert!(shown.contains(said), "{shown}");
+            assert!(!shown.contains("SECRET"), "{shown}");
+        }
     }
 
     #[test]
