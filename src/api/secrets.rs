@@ -92,6 +92,7 @@ impl SecretsApi {
         name: &'a str,
         room: &'a mut NameRoom,
     ) -> Result<&'a str, ApiError> {
+        self.context.authorizer.check_identity(audit.identity())?;
         let full_name = match self.context.names.resolve_in(name, room) {
             Ok(full_name) => full_name,
             Err(invalid) => {
@@ -168,6 +169,9 @@ impl SecretsApi {
         audit: &mut Audit,
         request: BatchGetSecretsRequest,
     ) -> Result<BatchGetSecretsResponse, ApiError> {
+        // A caller that is not authenticated is refused as a whole, as
+        // every other call is, not name by name.
+        self.context.authorizer.check_identity(audit.identity())?;
         if request.names.len() > MAX_BATCH_NAMES {
             return Err(ApiError::TooManyNames {
                 count: request.names.len(),
@@ -288,6 +292,7 @@ impl SecretsApi {
         audit: &mut Audit,
         request: &R,
     ) -> Result<R::Response, ApiError> {
+        self.context.authorizer.check_identity(audit.identity())?;
         let full_name = self
             .context
             .names

@@ -528,6 +528,14 @@ impl Authorizer {
         Arc::clone(&self.rules) as Arc<dyn Reload>
     }
 
+    /// Is `identity` one the policy can decide about at all (a certificate
+    /// with a usable name, or the anonymous caller of plaintext)? Checked
+    /// first, before anything the caller sent is looked at: a caller that
+    /// is not authenticated hears that, whatever else is wrong.
+    pub fn check_identity(&self, identity: &Identity) -> Result<(), Denied> {
+        usable(identity)
+    }
+
     /// May `identity` read the secret `id` (a full name or an ARN)? An
     /// ARN is decided by the secret name inside it.
     pub fn check_read(&self, identity: &Identity, id: &str) -> Result<(), Denied> {

@@ -390,6 +390,23 @@ async fn a_certificate_that_names_nobody_is_unauthenticated() {
         stub.get_database_config(GetDatabaseConfigRequest::default())
             .await
             .map(drop),
+        // Refused as a whole, not name by name; before its names are read.
+        stub.batch_get_secrets(BatchGetSecretsRequest {
+            names: vec!["mistral-api-key".into()],
+            ..Default::default()
+        })
+        .await
+        .map(drop),
+        stub.batch_get_secrets(BatchGetSecretsRequest::default())
+            .await
+            .map(drop),
+        get(&mut stub, "not a name!").await.map(drop),
+        stub.watch_secret(WatchSecretRequest {
+            name: "not a name!".into(),
+            ..Default::default()
+        })
+        .await
+        .map(drop),
         stats(channel).await.map(drop),
     ];
     for refusal in refusals {
