@@ -1146,6 +1146,50 @@ def test_the_errors_say_what_to_change(venv, start_broker, tmp_path):
         assert "secret_prefix='insurecove'" in shown, shown
 
 
+MALFORMED_PROBE = """
+import asyncio, json
+from secrets_broker.aws_secrets import AWSSecretsManager, MalformedSecretError
+from secrets_broker.aio import AsyncAWSSecretsManager
+
+def seen(error):
+    return [type(error).__name__, error.code.name, error.reason, error.metadata, str(error)]
+
+try:
+    AWSSecretsManager().get_jwt_config()
+    sync = "no error"
+except MalformedSecretError as error:
+    sync = seen(error)
+
+async def main():
+    try:
+        await AsyncAWSSecretsManager().get_jwt_config()
+        return "no error"
+    except MalformedSecretError as error:
+        return seen(error)
+print(json.dumps({"sync": sync, "async": asyncio.run(main())}))
+"""
+
+
+def test_a_malformed_config_says_its_field_in_the_errors_metadata(venv, start_broker, tmp_path):
+    """The package's errors carry the broker's ErrorInfo metadata, so a
+    service can branch on the field at fault, never seeing the value."""
+    jwt = json.loads(JWT_VALUE)
+    del jwt["jwt_issuer"]
+    jwt["jwt_secret_key"] = "SENTINEL-malformed-7d21"
+    data = {"secrets": [{"name": "production/jwt", "versions": [{"value": json.dumps(jwt)}]}]}
+    support.register_secrets_file(data)                 # for the leak scan
+    path = tmp_path / "secrets.json"
+    path.write_text(json.dumps(data))
+    broker = start_broker(["--secrets-file", str(path)])
+    seen = probe_answer(venv, tmp_path, "malformed.py", MALFORMED_PROBE, package_env(broker))
+    for client in ("sync", "async"):
+        kind, code, reason, metadata, text = seen[client]
+        assert (kind, code, reason) == ("MalformedSecretError", "FAILED_PRECONDITION", "MALFORMED_SECRET"), seen
+        assert metadata.get("field") == "jwt_issuer", seen
+        assert metadata.get("secret_name") == JWT, seen
+        assert "SENTINEL" not in text and "SENTINEL" not in json.dumps(metadata), seen
+
+
 NO_LOCAL_CACHE_PROBE = """
 import asyncio, json, threading, time
 from secrets_broker.aws_secrets import AWSSecretsManager

@@ -107,12 +107,21 @@ MAX_FOLLOWED = 256
 
 class AWSSecretsManagerError(Exception):
     """Any failure to get a secret. ``code`` is the gRPC status, ``reason``
-    the broker's ErrorInfo reason (e.g. ``UPSTREAM_UNAVAILABLE``)."""
+    the broker's ErrorInfo reason (e.g. ``UPSTREAM_UNAVAILABLE``), and
+    ``metadata`` the ErrorInfo's metadata (e.g. ``field`` of a
+    ``MALFORMED_SECRET``, ``secret_name``); empty when the broker sent none."""
 
-    def __init__(self, message: str, code: Optional[grpc.StatusCode] = None, reason: str = "") -> None:
+    def __init__(
+        self,
+        message: str,
+        code: Optional[grpc.StatusCode] = None,
+        reason: str = "",
+        metadata: Optional[dict[str, str]] = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.reason = reason
+        self.metadata: dict[str, str] = dict(metadata or {})
 
 
 class SecretNotFoundError(AWSSecretsManagerError):
@@ -147,7 +156,7 @@ def _error_from(error: grpc.RpcError, config: Optional["AWSSecretsConfig"] = Non
     details = error.details() if _is_call(error) else None
     # One line, whatever the transport put in the text.
     message = " ".join(str(details or error).split())
-    reason = _reason_of(error)
+    reason, metadata = _error_info_of(error)
     if code == grpc.StatusCode.UNAVAILABLE and not reason and config is not None:
         # The transport's own failure (no answer of the broker's): said as
         # what to check, the transport's words after it.
@@ -165,7 +174,7 @@ def _error_from(error: grpc.RpcError, config: Optional["AWSSecretsConfig"] = Non
     elif code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED):
         kind = BrokerUnavailableError
     label = f"{code.name} {reason}".strip() if code is not None else "error"
-    return kind(f"{label}: {message}", code=code, reason=reason)
+    return kind(f"{label}: {message}", code=code, reason=reason, metadata=metadata)
 
 
 def _transport_hint(details: str, config: "AWSSecretsConfig") -> str:
@@ -207,19 +216,20 @@ def _transport_hint(details: str, config: "AWSSecretsConfig") -> str:
     return ""
 
 
-def _reason_of(error: grpc.RpcError) -> str:
+def _error_info_of(error: grpc.RpcError) -> tuple[str, dict[str, str]]:
+    """The broker's ErrorInfo: its reason and metadata, or nothing."""
     if isinstance(error, grpc.aio.AioRpcError):
         status = _aio_status(error)
     elif isinstance(error, grpc.Call):
         status = rpc_status.from_call(error)
     else:
-        return ""
+        return "", {}
     for detail in status.details if status is not None else []:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
-            return str(info.reason)
-    return ""
+            return str(info.reason), {str(key): str(value) for key, value in info.metadata.items()}
+    return "", {}
 
 
 def _aio_status(error: grpc.aio.AioRpcError) -> Any:
