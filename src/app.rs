@@ -301,7 +301,7 @@ impl App {
         tasks.spawn(self.watch.clone().sweep());
         tasks.spawn(health.clone().follow_upstream(
             // The cache's store: the upstream bound applies to the check too.
-            Arc::clone(self.context.cache.store()),
+            Arc::clone(self.context.cache.upstream()),
             self.settings.watch_interval,
             stop.clone(),
         ));

@@ -228,7 +228,7 @@ impl AdminService for AdminApi {
     ) -> Result<Response<CheckUpstreamResponse>, Status> {
         let audit = self.admit(Rpc::CheckUpstream, &request, &[])?;
         let started = Instant::now();
-        let check = self.context.cache.store().check();
+        let check = self.context.cache.upstream().check();
         // A caller's own deadline gets "not reachable in time", just before
         // it, rather than its own DEADLINE_EXCEEDED with no word of why.
         let outcome = match audit.deadline().filter(|d| d.callers) {

@@ -307,8 +307,10 @@ impl Cache {
         Some(entry.version.version_id.clone())
     }
 
-    /// The store behind the cache.
-    pub fn store(&self) -> &Arc<dyn SecretStore> {
+    /// The store behind the cache, within the upstream bound
+    /// (`--upstream-concurrency`): what every call upstream goes through,
+    /// the sweep's and the health check's too.
+    pub fn upstream(&self) -> &Arc<dyn SecretStore> {
         &self.shared.store
     }
 

@@ -409,7 +409,7 @@ impl WatchHub {
 
     /// Runs the sweep until shutdown.
     pub async fn sweep(self) {
-        let store = Arc::clone(self.shared.cache.store());
+        let store = Arc::clone(self.shared.cache.upstream());
         Arc::clone(&self.shared).sweep(store).await
     }
 }

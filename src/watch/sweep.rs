@@ -128,6 +128,16 @@ fn split_budget(budget: usize, listing: bool, outside: usize, round: u64) -> (us
     (described, budget - described)
 }
 
+/// What a sweep round will call (`Shared::plan`).
+struct RoundPlan {
+    /// The tracked names under the listed prefix, which the listing covers.
+    listed: Vec<String>,
+    /// The names to describe, by turns.
+    to_describe: Vec<String>,
+    /// The listing's pages to read.
+    pages: usize,
+}
+
 /// `calls` of `names` (in name order), from where `turn` stands; `turn`
 /// moves past them, so that each name gets its turn.
 fn take_turns(turn: &mut usize, names: &[String], calls: usize) -> Vec<String> {
@@ -178,6 +188,34 @@ impl Shared {
             by_name.entry(name.clone()).or_default();
         }
         let budget = by_name.len().div_ceil(PER_CALL);
+        let plan = self.plan(&by_name, budget);
+        let mut to_describe = plan.to_describe;
+        if plan.pages > 0 {
+            // Absent from a complete listing: described before anyone is
+            // told, at most a budget's worth (or `PER_CALL`) a round (the
+            // rest are absent again at the next complete listing). One
+            // already known deleted is not described again at every
+            // listing; it is news again only when the listing shows it.
+            let missing = self.list(store, plan.pages, &by_name, &held_ids).await;
+            to_describe.extend(
+                missing
+                    .into_iter()
+                    .filter(|name| plan.listed.contains(name) && !known_deleted(&by_name, name))
+                    .take(budget.max(PER_CALL)),
+            );
+        }
+        for name in to_describe {
+            if let Some(items) = by_name.get(&name) {
+                self.describe(store, &name, items, &by_name, &held_ids)
+                    .await;
+            }
+        }
+    }
+
+    /// How this round spends its `budget` of calls: pages of the listing
+    /// for the names under the listed prefix, DescribeSecret by turns for
+    /// the others.
+    fn plan(&self, by_name: &HashMap<String, Vec<Tracked>>, budget: usize) -> RoundPlan {
         let (mut inside, mut outside): (Vec<String>, Vec<String>) = by_name
             .keys()
             .cloned()
@@ -201,7 +239,7 @@ impl Shared {
         let recheck = self.rounds.load(Relaxed) % RECHECK_DELETED_EVERY == 1;
         let (mut deleted, live): (Vec<String>, Vec<String>) = outside
             .into_iter()
-            .partition(|name| known_deleted(&by_name, name));
+            .partition(|name| known_deleted(by_name, name));
         if !recheck {
             deleted.clear();
         }
@@ -212,60 +250,54 @@ impl Shared {
             self.rounds.load(Relaxed),
         );
         let deleted_calls = outside_calls.min(deleted.len());
-        let mut to_describe = {
-            let mut cursor = self.cursor.lock().unwrap();
-            let mut turns = take_turns(&mut cursor.deleted_turn, &deleted, deleted_calls);
-            turns.extend(take_turns(
-                &mut cursor.outside_turn,
-                &live,
-                outside_calls - deleted_calls,
-            ));
-            turns
-        };
-
-        if pages > 0 {
-            // Absent from a complete listing: described before anyone is
-            // told, at most a budget's worth (or `PER_CALL`) a round (the
-            // rest are absent again at the next complete listing). One already known deleted is not
-            // described again at every listing; it is news again only when
-            // the listing shows it.
-            let missing = self.list(store, pages, &by_name, &held_ids).await;
-            to_describe.extend(
-                missing
-                    .into_iter()
-                    .filter(|name| inside.contains(name) && !known_deleted(&by_name, name))
-                    .take(budget.max(PER_CALL)),
-            );
+        let mut cursor = self.cursor.lock().unwrap();
+        let mut to_describe = take_turns(&mut cursor.deleted_turn, &deleted, deleted_calls);
+        to_describe.extend(take_turns(
+            &mut cursor.outside_turn,
+            &live,
+            outside_calls - deleted_calls,
+        ));
+        RoundPlan {
+            listed: inside,
+            to_describe,
+            pages,
         }
-        for name in to_describe {
-            self.upstream_calls.fetch_add(1, Relaxed);
-            let Some(items) = by_name.get(&name) else {
-                continue;
-            };
-            // By an id it is read by (an ARN may name another account),
-            // the name rather than a complete ARN: that ARN's secret may be
-            // gone while the name is another secret's now (`compare` tells
-            // that ARN's readers). A name cached only by version id, by
-            // its name.
-            let id = items
-                .iter()
-                .find(|item| !names::is_one_secret(&item.key.name))
-                .or(items.first())
-                .map_or(name.as_str(), |item| item.key.name.as_str());
-            match store.describe_secret(id).await {
-                Ok(description) => {
-                    self.compare(&description, items).await;
-                    self.compare_held_ids(&description, &held_ids);
+    }
+
+    /// Describes one tracked secret (`name`, read as `items`) and tells
+    /// what moved.
+    async fn describe(
+        &self,
+        store: &dyn SecretStore,
+        name: &str,
+        items: &[Tracked],
+        by_name: &HashMap<String, Vec<Tracked>>,
+        held_ids: &HeldIds,
+    ) {
+        self.upstream_calls.fetch_add(1, Relaxed);
+        // By an id it is read by (an ARN may name another account),
+        // the name rather than a complete ARN: that ARN's secret may be
+        // gone while the name is another secret's now (`compare` tells
+        // that ARN's readers). A name cached only by version id, by
+        // its name.
+        let id = items
+            .iter()
+            .find(|item| !names::is_one_secret(&item.key.name))
+            .or(items.first())
+            .map_or(name, |item| item.key.name.as_str());
+        match store.describe_secret(id).await {
+            Ok(description) => {
+                self.compare(&description, items).await;
+                self.compare_held_ids(&description, held_ids);
+            }
+            Err(StoreError::NotFound { .. } | StoreError::Deleted { .. }) => {
+                if !known_deleted(by_name, name) {
+                    self.sweep_changes.fetch_add(1, Relaxed);
                 }
-                Err(StoreError::NotFound { .. } | StoreError::Deleted { .. }) => {
-                    if !known_deleted(&by_name, &name) {
-                        self.sweep_changes.fetch_add(1, Relaxed);
-                    }
-                    self.forget_deleted_id(id);
-                }
-                Err(error) => {
-                    tracing::debug!(secret = %name, %error, "the sweep could not describe a secret this round")
-                }
+                self.forget_deleted_id(id);
+            }
+            Err(error) => {
+                tracing::debug!(secret = %name, %error, "the sweep could not describe a secret this round")
             }
         }
     }
