@@ -236,6 +236,7 @@ impl App {
                     .region()
                     .unwrap_or_default()
                     .to_owned(),
+                self.settings.host_name.clone(),
                 self.watch.clone(),
                 stop.clone(),
             ),

@@ -143,7 +143,11 @@ async fn run_broker(
         Ok(settings) => settings,
         Err(message) => return (fail(&message), None),
     };
-    let logs = telemetry::init(&settings.log_level, settings.log_json);
+    let logs = telemetry::init(
+        &settings.log_level,
+        settings.log_filter.as_deref(),
+        settings.log_json,
+    );
     if let Some(path) = env_file {
         tracing::info!(path = %path.display(), "{ENV_FILE_READ}");
     }

@@ -175,10 +175,16 @@ pub struct Settings {
     pub backend: BackendChoice,
     /// Where change events come from, if anywhere.
     pub events: Option<EventSource>,
-    /// A `tracing` filter directive, e.g. `info`.
+    /// The log level, e.g. `info`.
     pub log_level: String,
+    /// `RUST_LOG`, when set and not blank: a `tracing` filter that, when
+    /// valid, replaces the level and the quieting of the dependencies.
+    pub log_filter: Option<String>,
     /// Log lines as JSON objects (else text).
     pub log_json: bool,
+    /// `HOSTNAME` (a pod's name), or empty: part of the name of the queue
+    /// the broker makes in topic mode.
+    pub host_name: String,
     /// Whether metrics may be labelled with secret names.
     pub metrics_secret_names: bool,
     /// What the broker accepts.
@@ -282,7 +288,9 @@ impl Settings {
             )?,
             events: resolve_events(args, &sources)?,
             log_level: sources.get(args.log_level.as_deref(), &LOG_LEVEL, parse_log_level)?,
+            log_filter: env("RUST_LOG").filter(|text| !text.trim().is_empty()),
             log_json: sources.get(args.log_format.as_deref(), &LOG_FORMAT, parse_log_format)?,
+            host_name: env("HOSTNAME").unwrap_or_default(),
             metrics_secret_names: sources.get(
                 args.metrics_secret_names.as_deref(),
                 &METRICS_SECRET_NAMES,

@@ -449,3 +449,16 @@ fn a_refused_value_is_quoted_as_given_not_as_trimmed() {
         assert!(error.contains(&format!("{given:?}")), "{error}");
     }
 }
+
+#[test]
+fn the_log_filter_and_host_name_come_from_the_environment() {
+    let settings = resolve(&BrokerArgs::default(), &[("RUST_LOG", " ")]).unwrap();
+    assert_eq!(
+        (settings.log_filter, settings.host_name.as_str()),
+        (None, "")
+    );
+    let env = [("RUST_LOG", "h2=debug"), ("HOSTNAME", "broker-7f9c")];
+    let settings = resolve(&BrokerArgs::default(), &env).unwrap();
+    assert_eq!(settings.log_filter.as_deref(), Some("h2=debug"));
+    assert_eq!(settings.host_name, "broker-7f9c");
+}

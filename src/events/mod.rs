@@ -186,13 +186,19 @@ impl Events {
     }
 
     /// Reads the source until `stop`, then (topic mode) removes the queue
-    /// it made. Returns at once when no source is configured.
-    pub async fn consume(self, region: String, hub: WatchHub, stop: CancellationToken) {
+    /// it made, whose name carries `host`. Returns at once when no source
+    /// is configured.
+    pub async fn consume(
+        self,
+        region: String,
+        host: String,
+        hub: WatchHub,
+        stop: CancellationToken,
+    ) {
         let Some(source) = self.shared.source.clone() else {
             return;
         };
         let _ = self.shared.stopping.set(stop.clone());
-        let host = std::env::var("HOSTNAME").unwrap_or_default();
         // Between rebuilds of a deleted queue: a queue that keeps being
         // deleted is not remade in a tight loop.
         let mut rebuild = FIRST_RETRY;

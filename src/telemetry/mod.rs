@@ -38,10 +38,11 @@ pub struct LogGuard {
     _writer: Option<writer::WriterGuard>,
 }
 
-/// Installs the global subscriber. `level` is a `tracing` level (`info`);
-/// `json` writes each event as a JSON object.
-pub fn init(level: &str, json: bool) -> LogGuard {
-    let filter = filter(level, std::env::var("RUST_LOG").ok().as_deref());
+/// Installs the global subscriber. `level` is a `tracing` level (`info`),
+/// `rust_log` a filter that replaces it when valid (see `filter`); `json`
+/// writes each event as a JSON object.
+pub fn init(level: &str, rust_log: Option<&str>, json: bool) -> LogGuard {
+    let filter = filter(level, rust_log);
     let ansi = std::io::stderr().is_terminal();
     let (writer, guard) = writer::start(std::io::stderr());
     audit::install(writer.clone(), json);
