@@ -295,6 +295,7 @@ impl Shared {
             })
         };
         let mut stage_moved = false;
+        let mut doubted = false;
         let (stored, new_slot) = match self.entries.entry(key.clone()) {
             // Asked under the entry's lock, which `Cache::remove_deleted`
             // takes after writing its mark: a read that started before a
@@ -309,6 +310,9 @@ impl Shared {
             MapEntry::Occupied(mut current) => {
                 // An older fetch that ends late must not roll the value back.
                 let newer = current.get().fetch_number < number;
+                doubted = !newer
+                    && matches!(key.selector, VersionSelector::Stage(_))
+                    && !current.get().version.same_version(&version);
                 if newer {
                     stage_moved = matches!(key.selector, VersionSelector::Stage(_))
                         && !current.get().version.same_version(&version);
@@ -359,6 +363,9 @@ impl Shared {
         }
         if let (true, Some(listener)) = (stored || older_than_a_clear, self.listener.get()) {
             listener(key, &version, number);
+        }
+        if let (true, Some(listener)) = (doubted, self.doubt_listener.get()) {
+            listener(key, &version);
         }
     }
 

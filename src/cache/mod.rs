@@ -126,6 +126,12 @@ pub type ChangeListener = Box<dyn Fn(&CacheKey, &Arc<SecretVersion>, u64) + Send
 /// must hear of it then, not at the next sweep round.
 pub type GoneListener = Box<dyn Fn(&CacheKey, bool) + Send + Sync>;
 
+/// Told when a read of a stage that started before the one cached ended
+/// with another version: it is not stored (an older read never replaces a
+/// newer one), but which of the two AWS holds now is not known (the read
+/// started later may have reached AWS first), so the secret is read again.
+pub type DoubtListener = Box<dyn Fn(&CacheKey, &SecretVersion) + Send + Sync>;
+
 type FetchResult = Result<Arc<SecretVersion>, StoreError>;
 type Fetch = SharedFuture<BoxFuture<'static, FetchResult>>;
 
@@ -168,6 +174,7 @@ struct Shared {
     counters: Counters,
     listener: OnceLock<ChangeListener>,
     gone_listener: OnceLock<GoneListener>,
+    doubt_listener: OnceLock<DoubtListener>,
 }
 
 struct Entry {
@@ -219,6 +226,7 @@ impl Cache {
                 counters: Counters::default(),
                 listener: OnceLock::new(),
                 gone_listener: OnceLock::new(),
+                doubt_listener: OnceLock::new(),
             }),
         }
     }
@@ -233,6 +241,13 @@ impl Cache {
     /// second registration is refused (returns false).
     pub fn set_gone_listener(&self, listener: GoneListener) -> bool {
         self.shared.gone_listener.set(listener).is_ok()
+    }
+
+    /// Registers the one listener told of late reads that found another
+    /// version than the one cached (`DoubtListener`). A second
+    /// registration is refused (returns false).
+    pub fn set_doubt_listener(&self, listener: DoubtListener) -> bool {
+        self.shared.doubt_listener.set(listener).is_ok()
     }
 
     /// Stores a version read by someone else (the change detector), as a

@@ -236,6 +236,17 @@ impl WatchHub {
                 shared.stage_gone(&key.name, stage, was_cached);
             }
         }));
+        // A late read found another version than the cache holds: the
+        // secret is read again now, as after an event, rather than the
+        // cache (and its watchers) keeping what may be the older one until
+        // the sweep.
+        let doubt: Weak<Shared> = Arc::downgrade(&shared);
+        cache.set_doubt_listener(Box::new(move |key, version| {
+            if let (Some(shared), VersionSelector::Stage(stage)) = (doubt.upgrade(), &key.selector)
+            {
+                WatchHub { shared }.spread_change(&key.name, stage, &version.version_id);
+            }
+        }));
         Self { shared }
     }
 

@@ -842,3 +842,46 @@ async fn a_version_cached_by_id_is_read_again_once_its_stages_move() {
     cache.get(by_id, false).await.unwrap();
     assert_eq!(store.calls(), calls + 1, "its stages moved: read again");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_late_read_that_found_a_newer_version_has_the_secret_read_again() {
+    let store = FakeStore::with(&["s"]);
+    let (hub, cache) = hub_over(&store);
+    let mut watcher = subscribe(&hub, "s").await;
+    assert_eq!(latest(&mut watcher), (WatchEvent::Current, "v1".into()));
+    cache.clear(&[]);
+    // A miss whose request reaches AWS late; a read started after it (an
+    // event's, a bypass) answers first, with v1, and is stored.
+    *store.delay.lock().unwrap() = Duration::from_secs(2);
+    let key = CacheKey::new("s".to_owned(), VersionSelector::current());
+    let slow = tokio::spawn({
+        let cache = cache.clone();
+        let key = key.clone();
+        async move { cache.get(key, false).await }
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    *store.delay.lock().unwrap() = Duration::ZERO;
+    assert_eq!(
+        cache
+            .get(key.clone(), true)
+            .await
+            .unwrap()
+            .version
+            .version_id,
+        "v1"
+    );
+    // The secret rotates; the late read finds v2, after the v1 stored.
+    store.set("s", "v2");
+    let late = slow.await.unwrap().unwrap();
+    assert_eq!(late.version.version_id, "v2");
+    // Which of the two AWS holds now is not known: it is asked again,
+    // and the cache and the watcher follow the answer.
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        if cache.held_version(&key).as_deref() == Some("v2") {
+            break;
+        }
+    }
+    assert_eq!(cache.held_version(&key).as_deref(), Some("v2"));
+    assert_eq!(latest(&mut watcher), (WatchEvent::Rotated, "v2".into()));
+}
