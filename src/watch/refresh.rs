@@ -89,6 +89,10 @@ pub(super) struct Tracked {
     /// The versions held, as (ARN, version id): the entry's and the
     /// topic's, the same but for a moment.
     pub(super) held: Vec<(String, String)>,
+    /// The stages the cached entry's version carried when read (none
+    /// without an entry): a label moved onto or off it changes them, not
+    /// the version the stage points at.
+    pub(super) cached_stages: Option<Vec<String>>,
     /// Its topic stands at DELETED: any version found is news.
     pub(super) deleted: bool,
 }
@@ -103,6 +107,14 @@ impl Tracked {
             && self.held.iter().all(|(held_arn, held_id)| {
                 held_id == version_id && arn.is_none_or(|arn| may_be_one_secret(arn, held_arn))
             })
+    }
+
+    /// Whether the cached entry's stages differ from `listed`, the
+    /// stages the metadata gives its version (in any order).
+    pub(super) fn stages_differ(&self, listed: &[String]) -> bool {
+        self.cached_stages.as_ref().is_some_and(|cached| {
+            cached.len() != listed.len() || cached.iter().any(|stage| !listed.contains(stage))
+        })
     }
 
     fn cache_key(&self) -> CacheKey {
@@ -137,15 +149,15 @@ impl Shared {
                 name: key.name,
                 stage,
             };
-            tracked
-                .entry(key.clone())
-                .or_insert_with(|| Tracked {
-                    key,
-                    held: Vec::new(),
-                    deleted: false,
-                })
-                .held
+            let item = tracked.entry(key.clone()).or_insert_with(|| Tracked {
+                key,
+                held: Vec::new(),
+                cached_stages: None,
+                deleted: false,
+            });
+            item.held
                 .push((version.arn.clone(), version.version_id.clone()));
+            item.cached_stages = Some(version.version_stages.clone());
         }
         for topic in self.topics.iter().filter(|t| wanted(&t.key().name)) {
             let state = topic.state.borrow();
@@ -154,6 +166,7 @@ impl Shared {
                 .or_insert_with(|| Tracked {
                     key: topic.key().clone(),
                     held: Vec::new(),
+                    cached_stages: None,
                     deleted: false,
                 });
             item.held

@@ -507,7 +507,7 @@ impl Shared {
     }
 
     /// One secret's metadata against what is held of it: a deletion, or a
-    /// re-read of each stage that moved.
+    /// re-read of each stage that moved or whose version's labels did.
     async fn compare(&self, description: &SecretDescription, items: &[Tracked]) {
         if description.deleted {
             if items.iter().any(|item| !item.deleted) {
@@ -536,7 +536,17 @@ impl Shared {
                 || listed_version
                     .as_deref()
                     .is_none_or(|listed| !item.holds_only(listed_arn, listed));
-            if !moved {
+            // The stage points where it did, but a label moved onto or off
+            // its version: the cached answer's stage list is out of date.
+            let relabelled = !moved
+                && listed_version.as_deref().is_some_and(|version| {
+                    description
+                        .versions
+                        .iter()
+                        .find(|(id, _)| id == version)
+                        .is_some_and(|(_, stages)| item.stages_differ(stages))
+                });
+            if !moved && !relabelled {
                 self.cursor.lock().unwrap().listing_behind.remove(&item.key);
                 continue;
             }
@@ -546,7 +556,7 @@ impl Shared {
             // the listing say something else, or is read when the trust
             // runs out (30 s first).
             let lags = listed && !item.deleted;
-            if lags && self.behind_still(&item.key, &listed_version) {
+            if lags && !relabelled && self.behind_still(&item.key, &listed_version) {
                 continue;
             }
             self.upstream_calls.fetch_add(1, Relaxed);
@@ -555,7 +565,11 @@ impl Shared {
                     self.sweep_changes.fetch_add(1, Relaxed);
                     self.cursor.lock().unwrap().listing_behind.remove(&item.key);
                 }
-                Reread::Same if lags => self.note_behind(&item.key, listed_version),
+                // A relabelled version is read again while the listing
+                // and the read disagree on its labels (one read a round):
+                // noting the listing behind would hold back the next
+                // relabelling of the same version.
+                Reread::Same if lags && !relabelled => self.note_behind(&item.key, listed_version),
                 Reread::Same | Reread::Refused => {}
                 Reread::Failed(error) => {
                     tracing::debug!(secret = %item.key.name, %error, "the sweep could not re-read a secret this round")

@@ -756,6 +756,7 @@ fn an_arn_missing_on_either_side_leaves_the_version_id_to_say() {
             stage: AWSCURRENT.to_owned(),
         },
         held: vec![(held_arn.to_owned(), "v1".to_owned())],
+        cached_stages: None,
         deleted: false,
     };
     let arn = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:s-AbC123";

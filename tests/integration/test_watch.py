@@ -546,6 +546,37 @@ def test_a_label_added_is_read_once_the_sweep_lists_it(moto, aws_broker, stubs):
         watch.close()
 
 
+def test_a_label_moved_between_versions_reaches_the_cached_stage_lists(moto, aws_broker, stubs):
+    """A label put on the current version, then moved to the previous one,
+    changes no stage's version, only the stages each version carries: the
+    sweep sees it in the metadata and the cached answers say it too."""
+    name = "insurecove/watch-relabel"
+    v1 = moto.create_secret(name, "relabel-v1-5e0a")
+    v2 = moto.put_secret_value(name, "relabel-v2-5e0a")
+    broker = aws_broker(["--watch-interval", "1", "--cache-ttl", "3600"])
+
+    def stages_seen() -> tuple[list[str], list[str]]:
+        current = get(broker, stubs, "watch-relabel")
+        previous = get(broker, stubs, "watch-relabel", version_stage="AWSPREVIOUS")
+        assert (current.version_id, previous.version_id) == (v2, v1)
+        return sorted(current.version_stages), sorted(previous.version_stages)
+
+    def until(wanted: tuple[list[str], list[str]]) -> None:
+        since = time.monotonic()
+        while (seen := stages_seen()) != wanted:
+            assert time.monotonic() - since < 8, f"still {seen}, not {wanted}"
+            time.sleep(0.2)
+        print(f"{wanted} seen {time.monotonic() - since:.2f} s later")
+
+    assert stages_seen() == (["AWSCURRENT"], ["AWSPREVIOUS"])
+    moto.client.update_secret_version_stage(SecretId=name, VersionStage="BLUE", MoveToVersionId=v2)
+    until((["AWSCURRENT", "BLUE"], ["AWSPREVIOUS"]))
+    moto.client.update_secret_version_stage(
+        SecretId=name, VersionStage="BLUE", MoveToVersionId=v1, RemoveFromVersionId=v2
+    )
+    until((["AWSCURRENT"], ["AWSPREVIOUS", "BLUE"]))
+
+
 def test_refresh_and_bypass_reach_every_watcher_of_the_secret(moto, aws_broker, stubs):
     """A RefreshSecret by name, or a bypass read by ARN, that finds a new
     version tells the secret's other watchers too (by ARN, by name,
