@@ -29,7 +29,7 @@ use tokio::sync::OnceCell;
 
 use super::{
     LIST_PAGE_SIZE, SecretDescription, SecretPage, SecretStore, StoreError, VersionSelector,
-    aws_error::{Service, Upstream, explain},
+    aws_error::{Service, Upstream, explain, says_secret_deleted},
 };
 use crate::secret::{SecretValue, SecretVersion};
 
@@ -37,26 +37,19 @@ use crate::secret::{SecretValue, SecretVersion};
 /// its caller, a read of a version that does not exist (as the file and
 /// dev backends answer it). AWS may answer it as an invalid request
 /// (moto does, "a VersionStage that is not associated to the provided
-/// VersionId"), which would otherwise be a refusal of the broker's own.
-/// A refusal that names the KMS key is the key's, whatever was asked.
+/// VersionId"), which would otherwise be a refusal of the broker's own,
+/// logged as AWS refusing the broker. A refusal that names the KMS key is
+/// the key's, and one that says the secret is deleted is a deletion,
+/// whatever was asked.
 fn no_version_of_both(
-    error: StoreError,
     (code, message): (Option<&str>, Option<&str>),
     selector: &VersionSelector,
-    name: &str,
-) -> StoreError {
+) -> bool {
     let both = matches!(selector, VersionSelector::Id { stage: Some(_), .. });
-    let of_the_key = message.is_some_and(|m| m.to_ascii_lowercase().contains("kms"));
-    match error {
-        StoreError::Rejected { .. }
-            if both && code == Some("InvalidRequestException") && !of_the_key =>
-        {
-            StoreError::NotFound {
-                name: name.to_owned(),
-            }
-        }
-        other => other,
-    }
+    let message = message.unwrap_or_default();
+    both && code == Some("InvalidRequestException")
+        && !message.to_ascii_lowercase().contains("kms")
+        && !says_secret_deleted(message)
 }
 
 /// Timeouts that keep a caller's wait bounded when AWS is slow or away.
@@ -154,8 +147,16 @@ impl SecretStore for AwsStore {
             }
         };
         let output = request.send().await.map_err(|e| {
-            let error = explain(&e, "GetSecretValue", name, &self.upstream);
-            no_version_of_both(error, (e.code(), e.message()), selector, name)
+            if no_version_of_both((e.code(), e.message()), selector) {
+                tracing::debug!(
+                    secret = name,
+                    "AWS holds no version of both the id and the stage asked"
+                );
+                return StoreError::NotFound {
+                    name: name.to_owned(),
+                };
+            }
+            explain(&e, "GetSecretValue", name, &self.upstream)
         })?;
         into_version(output, name, &self.upstream)
     }

@@ -675,7 +675,7 @@ pub(super) fn explain_code(answer: Answer<'_>, action: &str, secret: &str) -> St
 /// Whether an InvalidRequestException's message says the secret itself is
 /// deleted (AWS: "because it was marked for deletion"; "currently marked
 /// deleted").
-fn says_secret_deleted(message: &str) -> bool {
+pub(super) fn says_secret_deleted(message: &str) -> bool {
     let message = message.to_ascii_lowercase();
     message.contains("marked for deletion") || message.contains("marked deleted")
 }

@@ -129,6 +129,9 @@ def test_versions_and_stages(moto, aws_broker, stubs):
         lambda: get(broker, stubs, "rotating", version_id=old_id, version_stage="AWSCURRENT"),
         grpc.StatusCode.NOT_FOUND, "SECRET_NOT_FOUND", field="version_id",
     )
+    # Nor is it logged as AWS refusing the broker: any caller could fill
+    # the operator's warnings with it.
+    assert "AWS refused a request" not in broker.log()
 
 
 def test_deleted_and_missing_secrets(moto, aws_broker, stubs):
