@@ -79,18 +79,19 @@ impl Cache {
     pub fn stats(&self) -> CacheStats {
         let shared = &self.shared;
         let now = Instant::now();
-        let total = shared.entries.len() as u64;
-        let valid = shared
-            .entries
-            .iter()
-            .filter(|entry| now.duration_since(entry.fetched_at) < shared.settings.ttl)
-            .count() as u64;
+        // One pass counts both: entries stored or dropped between a len()
+        // and a pass would make `valid` exceed `total`.
+        let (mut total, mut valid) = (0_u64, 0_u64);
+        for entry in shared.entries.iter() {
+            total += 1;
+            valid += u64::from(now.duration_since(entry.fetched_at) < shared.settings.ttl);
+        }
         let read = |counter: &AtomicU64| counter.load(Relaxed);
         let counters = &shared.counters;
         CacheStats {
             total_entries: total,
             valid_entries: valid,
-            expired_entries: total.saturating_sub(valid),
+            expired_entries: total - valid,
             hits: read(&counters.hits),
             misses: read(&counters.misses),
             coalesced: read(&counters.coalesced),
