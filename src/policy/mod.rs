@@ -330,7 +330,14 @@ impl Policy {
     /// Everything to warn about for secrets under `prefix`.
     fn all_warnings(&self, prefix: &str) -> Vec<String> {
         let mut warnings = self.warnings.clone();
-        warnings.extend(self.incomplete.clone());
+        // Taken at start, but a running broker refuses such a file on
+        // reload: `check` before a reload must say so.
+        warnings.extend(self.incomplete.as_ref().map(|reason| {
+            format!(
+                "{reason}; a running broker does not reload a file like this (it reads as one \
+                 cut short while being written) and keeps the rules in force"
+            )
+        }));
         warnings.extend(self.patterns_outside(prefix));
         warnings
     }
