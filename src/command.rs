@@ -139,6 +139,7 @@ async fn run_broker(
     args: BrokerArgs,
     env_file: Option<PathBuf>,
 ) -> (ExitCode, Option<telemetry::LogGuard>) {
+    crate::signals::install().await;
     let settings = match settings(&args) {
         Ok(settings) => settings,
         Err(message) => return (fail(&message), None),

@@ -1,6 +1,46 @@
 //! Stop signals: SIGTERM (what Kubernetes and systemd send) and Ctrl-C.
 //! The first asks for a graceful shutdown; one more during the drain or
 //! the event queue's clean-up means stop now.
+//!
+//! The signals' streams are made once and kept: a stream made at each
+//! wait would miss a signal that came between the two waits (the first
+//! one's handling and the drain's start take a few milliseconds). Two
+//! signals sent at the same instant still count as one: the kernel keeps
+//! one pending signal of a kind, and the stream one notification.
+
+use std::sync::LazyLock;
+
+use tokio::{
+    signal::unix::{Signal, SignalKind, signal},
+    sync::Mutex,
+};
+
+/// The stop signals' streams, once made.
+static STOPS: LazyLock<Mutex<Option<Stops>>> = LazyLock::new(Mutex::default);
+
+struct Stops {
+    term: Option<Signal>,
+    interrupt: Option<Signal>,
+}
+
+impl Stops {
+    fn new() -> Self {
+        Self {
+            term: signal(SignalKind::terminate()).ok(),
+            interrupt: signal(SignalKind::interrupt()).ok(),
+        }
+    }
+}
+
+/// Takes the signals the broker handles over from their default actions,
+/// first thing in `serve`: SIGTERM and Ctrl-C from then on ask for a
+/// shutdown, and SIGHUP (which would end the process) waits for the reload
+/// machinery, which takes it once the broker runs.
+pub async fn install() {
+    STOPS.lock().await.get_or_insert_with(Stops::new);
+    // The handler stays once installed, whatever becomes of the stream.
+    let _ = signal(SignalKind::hangup());
+}
 
 /// Completes on SIGTERM or Ctrl-C.
 pub async fn shutdown_requested() {
@@ -8,21 +48,22 @@ pub async fn shutdown_requested() {
     tracing::info!("shutdown requested; finishing calls in flight");
 }
 
-/// Completes on the next SIGTERM or Ctrl-C.
+/// Completes on the next SIGTERM or Ctrl-C, counting one that came since
+/// the last wait.
 pub(crate) async fn received() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
+    let mut stops = STOPS.lock().await;
+    let stops = stops.get_or_insert_with(Stops::new);
     tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
+        () = next(&mut stops.term) => {},
+        () = next(&mut stops.interrupt) => {},
+    }
+}
+
+async fn next(stream: &mut Option<Signal>) {
+    match stream {
+        Some(stream) => {
+            stream.recv().await;
+        }
+        None => std::future::pending().await,
     }
 }
