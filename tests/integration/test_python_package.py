@@ -950,6 +950,10 @@ def test_access_denied_under_mtls(venv, start_tls_broker, tls_files, pki, tmp_pa
         "wrong CA": ({"BROKER_CA_FILE": str(pki.auth.cert_path)}, "not signed by the CA of BROKER_CA_FILE"),
         "closed": ({"BROKER_ENDPOINT": f"127.0.0.1:{support.free_port()}"}, "nothing answers at BROKER_ENDPOINT"),
         "another name": ({"BROKER_TLS_DOMAIN": "other.invalid"}, "set BROKER_TLS_DOMAIN to the name"),
+        "untrusted client": (
+            {"BROKER_CERT_FILE": str(pki.foreign.cert_path), "BROKER_KEY_FILE": str(pki.foreign.key_path)},
+            "refused this client's certificate",
+        ),
     }
     for case, (changes, told) in cases.items():
         told_env = {**env, **changes}

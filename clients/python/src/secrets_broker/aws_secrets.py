@@ -198,6 +198,14 @@ def _transport_hint(details: str, config: "AWSSecretsConfig") -> str:
             f"the broker at {endpoint} closed the connection: a TLS broker (set BROKER_CA_FILE, "
             "BROKER_CERT_FILE and BROKER_KEY_FILE)? or it is restarting, or has all its connections"
         )
+    if tls and "tsi_data_corrupted" in text:
+        # What grpcio says when a TLS 1.3 server refuses the client's
+        # certificate: the refusal comes after the client's handshake ended.
+        return (
+            f"the broker at {endpoint} refused this client's certificate (BROKER_CERT_FILE="
+            f"{config.broker_cert_file}): not from a CA the broker trusts, outside its dates, or "
+            "no longer trusted after a reload of the broker's client CA bundle"
+        )
     if tls and ("handshake" in text or "ssl" in text or "tls" in text or "socket closed" in text):
         return (
             f"the TLS handshake with the broker at {endpoint} failed: check BROKER_CA_FILE, "
