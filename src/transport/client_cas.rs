@@ -190,6 +190,19 @@ mod tests {
     const DAY: i64 = 86_400;
 
     #[test]
+    fn a_bundle_cut_short_says_so_in_words() {
+        let whole = ca("CA", NOW - DAY, NOW + DAY);
+        let cut = &whole[..whole.len() / 2];
+        let file = bundle(&[cut.to_owned()]);
+        let error = ClientCas::read(file.path(), NOW).err().unwrap().to_string();
+        assert!(
+            error.contains("a PEM block has no -----END CERTIFICATE----- line"),
+            "{error}"
+        );
+        assert!(!error.contains("[67"), "{error}");
+    }
+
+    #[test]
     fn only_the_client_cas_within_their_dates_are_trusted() {
         let file = bundle(&[
             ca("expired", NOW - 10 * DAY, NOW - DAY),

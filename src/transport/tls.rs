@@ -26,7 +26,10 @@ use std::{
 use rustls::{
     RootCertStore, ServerConfig,
     crypto::CryptoProvider,
-    pki_types::{CertificateDer, PrivateKeyDer, UnixTime, pem::PemObject},
+    pki_types::{
+        CertificateDer, PrivateKeyDer, UnixTime,
+        pem::{self, PemObject},
+    },
     server::{WebPkiClientVerifier, danger::ClientCertVerifier},
     sign::CertifiedKey,
 };
@@ -247,7 +250,7 @@ fn build(
     let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| TlsError::Read {
         what: "server key",
         path: files.key.clone(),
-        detail: e.to_string(),
+        detail: pem_problem(&e),
     })?;
     let provider = provider();
     let signing_key = provider
@@ -314,9 +317,9 @@ pub(super) fn read_certificates(
         detail,
     };
     let certificates = CertificateDer::pem_file_iter(path)
-        .map_err(|e| read_error(e.to_string()))?
+        .map_err(|e| read_error(pem_problem(&e)))?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| read_error(e.to_string()))?;
+        .map_err(|e| read_error(pem_problem(&e)))?;
     if certificates.is_empty() {
         return Err(TlsError::Empty {
             what,
@@ -325,6 +328,24 @@ pub(super) fn read_certificates(
         });
     }
     Ok(certificates)
+}
+
+/// What is wrong with a PEM file, in words: the PEM reader's own text
+/// shows the END marker it missed as a list of byte values, and would
+/// quote a BEGIN line it could not read.
+fn pem_problem(error: &pem::Error) -> String {
+    match error {
+        pem::Error::MissingSectionEnd { end_marker } => format!(
+            "a PEM block has no -----END {}----- line: the file is cut short, or still being \
+             written",
+            String::from_utf8_lossy(end_marker)
+        ),
+        pem::Error::IllegalSectionStart { .. } => {
+            "a -----BEGIN ...----- line cannot be read".to_owned()
+        }
+        pem::Error::Base64Decode(_) => "a PEM block's base64 text is damaged".to_owned(),
+        other => other.to_string(),
+    }
 }
 
 /// Checks the server certificate's dates (for `check`), after
