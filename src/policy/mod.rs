@@ -224,6 +224,9 @@ pub struct Policy {
     /// Why the file looks empty or cut short, if it does: what an editor
     /// leaves for a moment while writing it.
     incomplete: Option<String>,
+    /// The file's text: a reload that reads the same (a SIGHUP, a file
+    /// written again as it was) changes nothing. A policy holds no secret.
+    text: String,
 }
 
 impl Policy {
@@ -324,6 +327,7 @@ impl Policy {
             warnings,
             patterns,
             incomplete,
+            text: text.to_owned(),
         })
     }
 
@@ -456,13 +460,14 @@ impl Loader for PolicySource {
         self.path.iter().cloned().collect()
     }
 
-    /// Without a file the rules never change: a SIGHUP then reloads
-    /// nothing, and says nothing.
+    /// A file read as it was changes nothing (nor do the rules without a
+    /// file): a SIGHUP then reloads nothing, and says nothing.
     fn same(&self, old: &Rules, new: &Rules) -> bool {
-        matches!(
-            (old, new),
-            (Rules::AllowAll, Rules::AllowAll) | (Rules::DenyAll, Rules::DenyAll)
-        )
+        match (old, new) {
+            (Rules::AllowAll, Rules::AllowAll) | (Rules::DenyAll, Rules::DenyAll) => true,
+            (Rules::Policy(old), Rules::Policy(new)) => old.text == new.text,
+            _ => false,
+        }
     }
 
     fn load(&self, previous: Option<&Rules>) -> Result<Rules, PolicyError> {

@@ -116,6 +116,19 @@ struct TlsState {
     trusted_until: Option<i64>,
     /// Cancelled when a reload replaces this state.
     replaced: CancellationToken,
+    /// What it was built from: a reload that finds the same changes
+    /// nothing (a SIGHUP, a file written again as it was).
+    built_from: BuiltFrom,
+}
+
+/// The certificates a TLS config was built from. The key is not among
+/// them: a key that changed without its certificate would not match it,
+/// and is refused.
+#[derive(PartialEq)]
+struct BuiltFrom {
+    chain: Vec<CertificateDer<'static>>,
+    roots: Vec<CertificateDer<'static>>,
+    trust_none: bool,
 }
 
 impl Loader for TlsSource {
@@ -152,7 +165,8 @@ impl Loader for TlsSource {
             tracing::error!(file = %path.display(), "no CA of the client CA bundle is within its dates: every client certificate is refused until it holds one");
         }
         let roots = if trusting { &cas.in_date } else { &cas.all };
-        let (config, clients) = build(&self.files, roots.clone(), !trusting)?;
+        let chain = read_certificates("server certificate", &self.files.cert)?;
+        let (config, clients) = build(&self.files, chain.clone(), roots.clone(), !trusting)?;
         // A certificate outside its dates fails every handshake: at a
         // reload it is a broken file (the one in use stays), at start a
         // clear error rather than a broker no client can reach.
@@ -164,7 +178,16 @@ impl Loader for TlsSource {
             trust_changes_at: cas.changes_at,
             trusted_until: cas.trusted_until,
             replaced: CancellationToken::new(),
+            built_from: BuiltFrom {
+                chain,
+                roots: roots.clone(),
+                trust_none: !trusting,
+            },
         })
+    }
+
+    fn same(&self, old: &TlsState, new: &TlsState) -> bool {
+        old.built_from == new.built_from
     }
 
     fn reload_due(&self, value: &TlsState) -> Option<SystemTime> {
@@ -243,10 +266,10 @@ fn provider() -> Arc<CryptoProvider> {
 /// or no client at all when `trust_none`.
 fn build(
     files: &TlsFiles,
+    chain: Vec<CertificateDer<'static>>,
     client_cas: Vec<CertificateDer<'static>>,
     trust_none: bool,
 ) -> Result<(Arc<ServerConfig>, Arc<dyn ClientCertVerifier>), TlsError> {
-    let chain = read_certificates("server certificate", &files.cert)?;
     let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| TlsError::Read {
         what: "server key",
         path: files.key.clone(),

@@ -214,6 +214,22 @@ def test_sighup_reads_a_broken_policy_again_and_keeps_the_old_rules(start_tls_br
     wait_for(lambda: _reads(billing, stubs, "mistral-api-key"), RELOAD_BOUND, what="the repaired policy")
 
 
+def test_sighup_with_nothing_changed_reloads_nothing(start_tls_broker, tls_files, stubs, pki):
+    """A SIGHUP that finds the files as they were says nothing and counts
+    no reload; one after a change does."""
+    tls_files.write_policy(BASE_POLICY)
+    broker = start_tls_broker()
+    reloaded = re.compile(r"(policy|TLS certificates) reloaded")
+    for _ in range(3):
+        broker.hangup()
+    time.sleep(1)
+    assert not reloaded.search(broker.log()), broker.tail()
+    assert get(broker.secrets(pki.auth), stubs, "mistral-api-key").string_value == SEED[MISTRAL]
+    tls_files.install_server(pki.make_server("server-hup"))
+    wait_for(lambda: "TLS certificates reloaded" in broker.log(), RELOAD_BOUND, what="the new certificate's reload")
+    assert "policy reloaded" not in broker.log(), broker.tail()
+
+
 def _reads(stub, stubs, name) -> bool:
     try:
         get(stub, stubs, name)
