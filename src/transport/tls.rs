@@ -121,14 +121,18 @@ struct TlsState {
     built_from: BuiltFrom,
 }
 
-/// The certificates a TLS config was built from. The key is not among
-/// them: a key that changed without its certificate would not match it,
-/// and is refused.
+/// What a TLS config was built from: the certificates, and the client CA
+/// bundle's CAs left out and when that changes (a CA added ahead of its
+/// dates changes no root, but must be taken in when they begin). The key
+/// is not among them: a key that changed without its certificate would
+/// not match it, and is refused.
 #[derive(PartialEq)]
 struct BuiltFrom {
     chain: Vec<CertificateDer<'static>>,
     roots: Vec<CertificateDer<'static>>,
     trust_none: bool,
+    left_out: Vec<(String, bool)>,
+    changes_at: Option<i64>,
 }
 
 impl Loader for TlsSource {
@@ -151,7 +155,13 @@ impl Loader for TlsSource {
         let now = unix_now();
         let path = &self.files.client_ca;
         let cas = ClientCas::read(path, now)?;
-        cas.log_left_out(path);
+        // Said when it changes, not at every SIGHUP.
+        let trust_as_before = previous.is_some_and(|p| {
+            p.built_from.left_out == cas.left_out && p.built_from.changes_at == cas.changes_at
+        });
+        if !trust_as_before {
+            cas.log_left_out(path);
+        }
         let trusting = !cas.in_date.is_empty();
         // No CA in its dates: a broken file at the start, or while the
         // config in force still trusts one (an edit put an expired bundle
@@ -161,7 +171,7 @@ impl Loader for TlsSource {
         if !trusting && previous.is_none_or(|p| p.trusted_until.is_some_and(|until| until >= now)) {
             return Err(cas.none_in_date(path));
         }
-        if !trusting {
+        if !trusting && !trust_as_before {
             tracing::error!(file = %path.display(), "no CA of the client CA bundle is within its dates: every client certificate is refused until it holds one");
         }
         let roots = if trusting { &cas.in_date } else { &cas.all };
@@ -182,6 +192,8 @@ impl Loader for TlsSource {
                 chain,
                 roots: roots.clone(),
                 trust_none: !trusting,
+                left_out: cas.left_out.clone(),
+                changes_at: cas.changes_at,
             },
         })
     }

@@ -184,6 +184,31 @@ async fn a_client_ca_that_expires_is_trusted_no_more() {
     broker.stop().await;
 }
 
+/// A CA added to the bundle ahead of its dates is taken in when they
+/// begin: the reload that reads it finds no new CA to trust yet, only the
+/// time when the trusted set changes.
+#[tokio::test]
+async fn a_client_ca_added_before_its_dates_is_trusted_when_they_begin() {
+    let pki = Pki::new();
+    let broker = Running::start_tls(&pki, Some(policy(&pki))).await;
+    // Served once first: the broker follows its files by then.
+    let _lasting = reading(&broker, &pki.client("lasting", AUTH)).await;
+    let starting = Pki::with_ca_starting(Duration::from_secs(4));
+    let bundle = [pki.ca(), starting.ca()].map(|ca| std::fs::read_to_string(ca).unwrap());
+    crate::harness::replace_file(&pki.ca(), &bundle.join("\n"));
+    let client = starting.client("auth", AUTH);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !served(&broker, &client).await,
+        "a client of a CA not valid yet was served"
+    );
+    eventually(Duration::from_secs(10), "the CA trusted once valid", || {
+        served(&broker, &client)
+    })
+    .await;
+    broker.stop().await;
+}
+
 /// The bundle's only CA expires: no client is trusted from then on (the
 /// config in force would go on trusting it), and the broker goes on
 /// running, ready for a bundle that holds a CA in its dates.

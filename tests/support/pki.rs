@@ -63,6 +63,15 @@ impl Pki {
         Self::with_ca(|params| params.not_after = time::OffsetDateTime::now_utc() + after)
     }
 
+    /// A PKI whose CA's dates begin `after` from now, as the broker counts
+    /// them (it takes a CA in five minutes early, for clock skew).
+    // For the server tests, as `with_ca_expiring`.
+    #[allow(dead_code)]
+    pub fn with_ca_starting(after: std::time::Duration) -> Self {
+        let skew = std::time::Duration::from_secs(300);
+        Self::with_ca(|params| params.not_before = time::OffsetDateTime::now_utc() + skew + after)
+    }
+
     fn with_ca(adjust: impl FnOnce(&mut rcgen::CertificateParams)) -> Self {
         use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
