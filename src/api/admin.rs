@@ -12,7 +12,7 @@ use std::time::Instant;
 use tonic::{Request, Response, Status};
 
 use super::{
-    ApiContext,
+    ApiContext, NOTED_NAMES,
     audit::Audit,
     message::{self, Contents},
     refuse, respond,
@@ -35,10 +35,6 @@ pub struct AdminApi {
     context: ApiContext,
 }
 
-/// How many of the names an AdminService call asks about its audit line
-/// lists.
-const NOTED_NAMES: usize = 20;
-
 impl AdminApi {
     pub fn new(context: ApiContext) -> Self {
         Self { context }
@@ -49,24 +45,10 @@ impl AdminApi {
     /// refusal says what was asked too.
     fn admit<T>(&self, rpc: Rpc, request: &Request<T>, asked: &[String]) -> Result<Audit, Status> {
         let mut audit = self.context.admit(rpc, request);
-        self.note_asked(&mut audit, asked);
+        self.context.note_asked(&mut audit, asked);
         match self.context.authorizer.check_admin(audit.identity()) {
             Ok(()) => Ok(audit),
             Err(denied) => Err(refuse(audit, ApiError::from(denied))),
-        }
-    }
-
-    /// Notes the names asked (resolved when they resolve), at most
-    /// `NOTED_NAMES` of them: a ClearCache may name thousands.
-    fn note_asked(&self, audit: &mut Audit, asked: &[String]) {
-        for name in asked.iter().take(NOTED_NAMES) {
-            match self.context.names.resolve(name) {
-                Ok(full_name) => audit.secret(&full_name),
-                Err(_) => audit.refused_name(name),
-            }
-        }
-        if asked.len() > NOTED_NAMES {
-            audit.secret(&format!("(and {} more)", asked.len() - NOTED_NAMES));
         }
     }
 

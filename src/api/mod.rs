@@ -53,6 +53,10 @@ pub struct ApiContext {
     pub call_timeout: std::time::Duration,
 }
 
+/// How many of the names a call asks about its audit line lists, when
+/// the call is refused as a whole or asks about many (AdminService).
+const NOTED_NAMES: usize = 20;
+
 impl ApiContext {
     /// Reads `key` through the cache. A bypass read that finds AWSCURRENT
     /// moved from what was cached tells the secret's other watchers and
@@ -84,6 +88,21 @@ impl ApiContext {
     fn spread_if_moved(&self, name: &str, held: Option<String>, answered: &str) {
         if held.is_some_and(|held| held != answered) {
             self.watch.spread_change(name, AWSCURRENT, answered);
+        }
+    }
+
+    /// Notes the names a call asks about in its audit record (resolved
+    /// when they resolve), at most `NOTED_NAMES` of them: a ClearCache or
+    /// a refused batch may name thousands.
+    fn note_asked(&self, audit: &mut Audit, asked: &[String]) {
+        for name in asked.iter().take(NOTED_NAMES) {
+            match self.names.resolve(name) {
+                Ok(full_name) => audit.secret(&full_name),
+                Err(_) => audit.refused_name(name),
+            }
+        }
+        if asked.len() > NOTED_NAMES {
+            audit.secret(&format!("(and {} more)", asked.len() - NOTED_NAMES));
         }
     }
 

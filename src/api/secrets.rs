@@ -92,15 +92,15 @@ impl SecretsApi {
         name: &'a str,
         room: &'a mut NameRoom,
     ) -> Result<&'a str, ApiError> {
+        let resolved = self.context.names.resolve_in(name, room);
+        match &resolved {
+            Ok(full_name) => audit.secret(full_name),
+            Err(_) => audit.refused_name(name),
+        }
+        // Who asks comes before what was asked: an unauthenticated caller
+        // learns nothing of the names' rules (and is audited with them).
         self.context.authorizer.check_identity(audit.identity())?;
-        let full_name = match self.context.names.resolve_in(name, room) {
-            Ok(full_name) => full_name,
-            Err(invalid) => {
-                audit.refused_name(name);
-                return Err(invalid.into());
-            }
-        };
-        audit.secret(full_name);
+        let full_name = resolved?;
         self.context
             .authorizer
             .check_read(audit.identity(), full_name)?;
@@ -171,7 +171,10 @@ impl SecretsApi {
     ) -> Result<BatchGetSecretsResponse, ApiError> {
         // A caller that is not authenticated is refused as a whole, as
         // every other call is, not name by name.
-        self.context.authorizer.check_identity(audit.identity())?;
+        if let Err(denied) = self.context.authorizer.check_identity(audit.identity()) {
+            self.context.note_asked(audit, &request.names);
+            return Err(denied.into());
+        }
         if request.names.len() > MAX_BATCH_NAMES {
             return Err(ApiError::TooManyNames {
                 count: request.names.len(),
@@ -292,13 +295,16 @@ impl SecretsApi {
         audit: &mut Audit,
         request: &R,
     ) -> Result<R::Response, ApiError> {
-        self.context.authorizer.check_identity(audit.identity())?;
-        let full_name = self
+        let resolved = self
             .context
             .names
-            .resolve_or_default(request.name(), R::KIND)
-            .inspect_err(|_| audit.refused_name(request.name()))?;
-        audit.secret(&full_name);
+            .resolve_or_default(request.name(), R::KIND);
+        match &resolved {
+            Ok(full_name) => audit.secret(full_name),
+            Err(_) => audit.refused_name(request.name()),
+        }
+        self.context.authorizer.check_identity(audit.identity())?;
+        let full_name = resolved?;
         self.context
             .authorizer
             .check_read(audit.identity(), &full_name)?;

@@ -401,6 +401,33 @@ def test_audit_one_json_event_per_call(start_tls_broker, tls_files, stubs, pki):
         assert value not in text and json.dumps(value)[1:-1] not in text, "a secret value is in the log"
 
 
+def test_an_unauthenticated_callers_audit_names_what_it_asked(start_tls_broker, tls_files, stubs, pki):
+    """A certificate that names nobody is refused before its names are
+    checked, and its audit lines still say what it asked for."""
+    tls_files.write_policy(BASE_POLICY)
+    broker = start_tls_broker(env={"LOG_FORMAT": "json"})
+    pb = stubs.secrets_service_pb2
+    nobody = broker.secrets(pki.unnamed)
+    asks = [
+        lambda: get(nobody, stubs, "mistral-api-key"),
+        lambda: get(nobody, stubs, "bad name!"),
+        lambda: nobody.GetJwtConfig(pb.GetJwtConfigRequest(), timeout=10),
+        lambda: nobody.BatchGetSecrets(pb.BatchGetSecretsRequest(names=["mistral-api-key", "production/jwt"]), timeout=10),
+    ]
+    for ask in asks:
+        with pytest.raises(grpc.RpcError) as refused:
+            ask()
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, refused.value.details()
+    events, _ = wait_for(lambda: len(audit_events(broker)) >= 4 and audit_events(broker), 2.0, what="4 audit events")
+    got = [(e["fields"].get("rpc"), e["fields"].get("secrets"), e["fields"].get("outcome")) for e in events]
+    assert got == [
+        ("GetSecret", MISTRAL, "UNAUTHENTICATED"),
+        ("GetSecret", '"bad name!"', "UNAUTHENTICATED"),
+        ("GetJwtConfig", JWT, "UNAUTHENTICATED"),
+        ("BatchGetSecrets", f"{MISTRAL} {JWT}", "UNAUTHENTICATED"),
+    ], got
+
+
 def test_audit_of_a_refused_read_names_the_secret(start_tls_broker, tls_files, stubs, pki):
     """The audit event of a read the policy refused carries the secret's
     resolved name, as the batch items and the allowed reads do."""
