@@ -265,19 +265,26 @@ impl App {
             .unwrap_or_else(|_| tokio::time::Instant::now())
             + EVENTS_CLEANUP;
         let mut events = events;
-        tokio::select! {
-            finished = tokio::time::timeout_at(cleanup_ends, &mut events) => if finished.is_err() {
-                tracing::warn!(
-                    ?EVENTS_CLEANUP,
-                    "the event consumer did not finish its clean-up in time"
-                );
+        let ended = tokio::select! {
+            finished = tokio::time::timeout_at(cleanup_ends, &mut events) => {
+                if finished.is_err() {
+                    tracing::warn!(
+                        ?EVENTS_CLEANUP,
+                        "the event consumer did not finish its clean-up in time"
+                    );
+                }
+                finished.is_ok()
             },
             () = crate::signals::received() => {
                 tracing::warn!("a stop signal during the event queue's clean-up: stopping now");
+                false
             }
-        }
+        };
         // Cut if it overran or a second signal came: no task outlives `run`.
-        events.abort();
+        if !ended {
+            events.abort();
+            let _ = events.await;
+        }
         probes_stop.cancel();
         tasks.shutdown().await;
         // A unix socket's file outlives its listener: removed, so that the

@@ -67,13 +67,20 @@ pub fn on_change(
         .name("file-watch".into())
         .spawn(move || {
             // Ends when the watcher, and with it the sender, is dropped.
+            let mut failing = false;
             while touches.recv().is_ok() {
                 while touches.recv_timeout(QUIET).is_ok() {}
                 let Some(shared) = weak.upgrade() else { break };
                 // Kept as it was when a folder is missing for a moment (a
-                // swap under way): its next event comes here again.
-                if let Err(error) = shared.watch() {
-                    tracing::debug!(%error, "the files' folders cannot be watched anew");
+                // swap under way): its next event comes here again. Said
+                // once while it lasts: the files may no longer be followed.
+                match shared.watch() {
+                    Ok(()) => failing = false,
+                    Err(error) if !failing => {
+                        failing = true;
+                        tracing::warn!(%error, files = ?shared.paths, "the files' folders cannot be watched anew: their changes may go unseen until SIGHUP");
+                    }
+                    Err(_) => {}
                 }
                 drop(shared);
                 on_change();
@@ -92,14 +99,18 @@ impl Shared {
         let touched = self.touched.clone();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                let ours = event.is_ok_and(|event| {
-                    !event.kind.is_access()
-                        && event.paths.iter().any(|p| {
-                            p.file_name().is_some_and(|name| {
-                                names.contains(name)
-                                    || name.to_string_lossy().starts_with(KUBERNETES_SWAP)
+                // Events lost (the queue overflowed: a busy folder above
+                // the files is watched too) or a failing watch may hide a
+                // change of ours: they count as one.
+                let ours = event.as_ref().map_or(true, |event| {
+                    event.need_rescan()
+                        || !event.kind.is_access()
+                            && event.paths.iter().any(|p| {
+                                p.file_name().is_some_and(|name| {
+                                    names.contains(name)
+                                        || name.to_string_lossy().starts_with(KUBERNETES_SWAP)
+                                })
                             })
-                        })
                 });
                 if ours {
                     let _ = touched.send(());

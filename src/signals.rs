@@ -10,6 +10,7 @@
 
 use std::sync::LazyLock;
 
+use futures::FutureExt;
 use tokio::{
     signal::unix::{Signal, SignalKind, signal},
     sync::Mutex,
@@ -49,13 +50,21 @@ pub async fn shutdown_requested() {
 }
 
 /// Completes on the next SIGTERM or Ctrl-C, counting one that came since
-/// the last wait.
+/// the last wait. Signals of both kinds that came with it count as it: a
+/// Ctrl-C in a terminal reaches the broker and a wrapper that passes it on
+/// as SIGTERM, and that is one request to stop, not two.
 pub(crate) async fn received() {
     let mut stops = STOPS.lock().await;
     let stops = stops.get_or_insert_with(Stops::new);
     tokio::select! {
         () = next(&mut stops.term) => {},
         () = next(&mut stops.interrupt) => {},
+    }
+    for stream in [&mut stops.term, &mut stops.interrupt]
+        .into_iter()
+        .flatten()
+    {
+        let _ = stream.recv().now_or_never();
     }
 }
 

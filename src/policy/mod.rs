@@ -485,8 +485,11 @@ impl Loader for PolicySource {
                     });
                 }
                 // A reload is how a policy changes on Kubernetes: what `check`
-                // and the start would say of the new file is said here.
-                if previous.is_some() {
+                // and the start would say of the new file is said here (once:
+                // not again at a SIGHUP that finds the file as it was).
+                let as_before =
+                    matches!(previous, Some(Rules::Policy(old)) if old.text == policy.text);
+                if previous.is_some() && !as_before {
                     for warning in policy.all_warnings(&self.prefix) {
                         tracing::warn!("policy {warning}");
                     }
