@@ -68,6 +68,13 @@ pub fn init(level: &str, rust_log: Option<&str>, json: bool) -> LogGuard {
     }
 }
 
+/// The AWS SDK's crates, but `aws_config`, as filter directives at WARN.
+const AWS_CRATES_AT_WARN: &str = "aws_runtime=warn,aws_sigv4=warn,aws_types=warn,\
+    aws_credential_types=warn,aws_sdk_secretsmanager=warn,aws_sdk_sqs=warn,aws_sdk_sns=warn,\
+    aws_sdk_sts=warn,aws_smithy_runtime=warn,aws_smithy_runtime_api=warn,aws_smithy_http=warn,\
+    aws_smithy_http_client=warn,aws_smithy_types=warn,aws_smithy_json=warn,aws_smithy_xml=warn,\
+    aws_smithy_query=warn,aws_smithy_async=warn,aws_smithy_observability=warn";
+
 /// The filter: `RUST_LOG` when it is set, not empty and valid, else
 /// `level` with the dependencies quieted; `audit=info` either way (a
 /// `RUST_LOG` naming `audit` at another level is overruled).
@@ -77,10 +84,13 @@ fn filter(level: &str, rust_log: Option<&str>) -> EnvFilter {
     // miss), and the broker says the same once per change of state, in its
     // own words (backend::aws_error). notify says at INFO that it could not
     // remove the watch of a file swapped away, at every ConfigMap update.
+    // The AWS SDK's crates log at TRACE what they read and send: the
+    // endpoint variables as set (a user and password in AWS_ENDPOINT_URL),
+    // requests as signed. Only RUST_LOG turns them on.
     let quieted = || {
         EnvFilter::new(format!(
             "{level},h2=warn,hyper=warn,hyper_util=warn,tower=warn,rustls=warn,notify=warn,\
-             aws_smithy_runtime=warn,aws_config=error"
+             {AWS_CRATES_AT_WARN},aws_config=error"
         ))
     };
     let chosen = rust_log
@@ -304,6 +314,12 @@ mod tests {
             ("audit", tracing::Level::INFO) => tracing::info!(target: "audit", "x"),
             ("h2", tracing::Level::DEBUG) => tracing::debug!(target: "h2", "x"),
             ("secrets_broker", tracing::Level::DEBUG) => tracing::debug!("x"),
+            ("aws_runtime::env_config", tracing::Level::TRACE) => {
+                tracing::trace!(target: "aws_runtime::env_config", "x")
+            }
+            ("aws_sigv4::http_request", tracing::Level::TRACE) => {
+                tracing::trace!(target: "aws_sigv4::http_request", "x")
+            }
             other => panic!("not a case of this test: {other:?}"),
         });
         seen.load(std::sync::atomic::Ordering::Relaxed)
@@ -354,6 +370,24 @@ mod tests {
             "secrets_broker",
             Level::DEBUG
         ));
+    }
+
+    #[test]
+    fn the_aws_sdk_traces_nothing_at_log_level_trace() {
+        // What they trace holds AWS_ENDPOINT_URL as set, user and password
+        // included, and the requests as signed.
+        for target in ["aws_runtime::env_config", "aws_sigv4::http_request"] {
+            assert!(!passes(
+                filter("trace", None),
+                target,
+                tracing::Level::TRACE
+            ));
+            assert!(passes(
+                filter("error", Some("aws_runtime=trace,aws_sigv4=trace")),
+                target,
+                tracing::Level::TRACE
+            ));
+        }
     }
 
     #[test]
