@@ -86,7 +86,7 @@ impl ListenAddr {
     /// machine, so plaintext is acceptable there.
     pub fn is_local(&self) -> bool {
         match self {
-            Self::Tcp(addr) => addr.ip().is_loopback(),
+            Self::Tcp(addr) => addr.ip().to_canonical().is_loopback(),
             Self::Unix(_) => true,
         }
     }
@@ -305,6 +305,19 @@ impl Settings {
 
     /// Rules that involve more than one setting.
     fn check_rules(&self) -> Result<(), ConfigError> {
+        // The longest name the broker makes itself: a typed config's
+        // default, `<prefix>/<environment>/aws-services`.
+        let longest = self.secret_prefix.len() + 1 + self.environment.len() + "/aws-services".len();
+        if longest > crate::names::MAX_NAME_LEN {
+            return Err(ConfigError::Rule(format!(
+                "{SECRET_PREFIX} is {} characters and {ENVIRONMENT} {}: the typed configs' \
+                 names (<prefix>/<environment>/aws-services) would be {longest} characters \
+                 long, and AWS allows {}",
+                self.secret_prefix.len(),
+                self.environment.len(),
+                crate::names::MAX_NAME_LEN
+            )));
+        }
         if let (Some(_), ListenAddr::Unix(_)) = (&self.tls, &self.listen) {
             return Err(ConfigError::Rule(format!(
                 "mutual TLS is served on TCP addresses only, not on {}",

@@ -462,3 +462,33 @@ fn the_log_filter_and_host_name_come_from_the_environment() {
     assert_eq!(settings.log_filter.as_deref(), Some("h2=debug"));
     assert_eq!(settings.host_name, "broker-7f9c");
 }
+
+#[test]
+fn an_ipv4_mapped_loopback_address_is_loopback() {
+    let args = BrokerArgs {
+        listen: Some("[::ffff:127.0.0.1]:50051".into()),
+        ..BrokerArgs::default()
+    };
+    assert!(resolve(&args, &[]).is_ok());
+    let args = BrokerArgs {
+        listen: Some("[::ffff:10.0.0.1]:50051".into()),
+        ..BrokerArgs::default()
+    };
+    assert!(resolve(&args, &[]).is_err());
+}
+
+#[test]
+fn a_prefix_that_leaves_no_room_for_names_is_refused() {
+    let long = "p".repeat(490);
+    let error = resolve(&BrokerArgs::default(), &[("SECRET_PREFIX", long.as_str())])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("--secret-prefix (SECRET_PREFIX) is 490 characters")
+            && error.contains("would be 514 characters long")
+            && !error.contains("ppp"),
+        "{error}"
+    );
+    let fits = "p".repeat(512 - "/production/aws-services".len());
+    assert!(resolve(&BrokerArgs::default(), &[("SECRET_PREFIX", fits.as_str())]).is_ok());
+}
