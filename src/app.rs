@@ -159,6 +159,9 @@ impl App {
         {
             tracing::warn!("policy {warning}");
         }
+        if let Some(tls) = &security.tls {
+            tls.warn_if_expiring_soon();
+        }
         let Store { store, file } = open_store(settings)?;
         let mut app = Self::assemble(settings, listeners, security, store);
         app.reloadables.extend(file);

@@ -1,19 +1,14 @@
 //! `secrets-broker check`: validates the configuration and the backend
 //! before a deploy, and says plainly what is wrong.
 
-use std::time::Duration;
-
 use crate::{
     app::{AppError, Security, open_store},
     config::Settings,
     transport::{
         descriptors,
-        tls::{self, TlsError},
+        tls::{self, EXPIRY_WARNING, TlsError},
     },
 };
-
-/// A certificate closer than this to its end is reported as a problem.
-const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Why a check failed.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +24,11 @@ pub enum CheckError {
     Upstream(crate::backend::StoreError),
     #[error("events: {0}")]
     Events(String),
+    #[error("--listen unix:{}: the folder {} does not exist", .socket.display(), .folder.display())]
+    NoSocketFolder {
+        socket: std::path::PathBuf,
+        folder: std::path::PathBuf,
+    },
 }
 
 /// A store error's message for `check`, which exits rather than retries:
@@ -43,6 +43,7 @@ fn without_retry_note(error: &crate::backend::StoreError) -> String {
 
 /// Runs every check; on success, the lines to print.
 pub async fn run(settings: &Settings) -> Result<Vec<String>, CheckError> {
+    socket_folder_exists(settings)?;
     let security = Security::load(settings)?;
     let mut certificate_problems = Vec::new();
     let transport = match &settings.tls {
@@ -116,6 +117,25 @@ pub async fn run(settings: &Settings) -> Result<Vec<String>, CheckError> {
     }
     report.push("configuration ok".to_owned());
     Ok(report)
+}
+
+/// A unix socket is made in a folder that must be there (serve cannot
+/// make it). Nothing is bound: a broker may be serving at the address.
+fn socket_folder_exists(settings: &Settings) -> Result<(), CheckError> {
+    let crate::config::ListenAddr::Unix(socket) = &settings.listen else {
+        return Ok(());
+    };
+    let folder = match socket.parent() {
+        Some(folder) if !folder.as_os_str().is_empty() => folder,
+        _ => std::path::Path::new("."),
+    };
+    if folder.is_dir() {
+        return Ok(());
+    }
+    Err(CheckError::NoSocketFolder {
+        socket: socket.clone(),
+        folder: folder.to_owned(),
+    })
 }
 
 /// The name `reads_answer` reads: under the prefix (where the broker's

@@ -227,6 +227,20 @@ impl TlsTerminator {
         Arc::clone(&self.state) as Arc<dyn Reload>
     }
 
+    /// Says at start what `check` fails on: a server certificate within
+    /// `EXPIRY_WARNING` of its end (the broker still starts: it serves
+    /// until then, and a renewal is taken in without a restart).
+    pub fn warn_if_expiring_soon(&self) {
+        let left = self.certificate_expiry() - unix_now();
+        if left < EXPIRY_WARNING.as_secs() as i64 {
+            tracing::warn!(
+                days = left / 86_400,
+                "the server certificate expires within {} days: renew it",
+                EXPIRY_WARNING.as_secs() / 86_400
+            );
+        }
+    }
+
     /// When the certificate in use expires, in Unix seconds.
     pub fn certificate_expiry(&self) -> i64 {
         self.state.current().expiry
@@ -330,6 +344,10 @@ fn build(
     config.send_tls13_tickets = 0;
     Ok((Arc::new(config), verifier))
 }
+
+/// A server certificate closer than this to its end is a problem: `check`
+/// fails on it, and the start warns.
+pub const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// A renewed certificate stamped "valid from now" can be a little ahead of
 /// this machine's clock: that is not a broken file.

@@ -35,6 +35,16 @@ def test_check_bad_cache_ttl(run_cli):
     assert "SECRET_CACHE_TTL" in output(proc), output(proc)
 
 
+def test_check_refuses_a_unix_socket_in_a_missing_folder(run_cli, tmp_path):
+    """serve cannot make the socket's folder: check says so first."""
+    socket = tmp_path / "no-such-folder" / "broker.sock"
+    proc = run_cli("check", "--dev", "--listen", f"unix:{socket}")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"the folder {socket.parent} does not exist" in proc.stderr, proc.stderr
+    served = run_cli("check", "--dev", "--listen", f"unix:{tmp_path / 'broker.sock'}")
+    assert served.returncode == 0, served.stdout + served.stderr
+
+
 def test_check_loopback_listen_is_fine(run_cli):
     proc = run_cli("check", "--dev", "--listen", "127.0.0.1:50999")
     assert proc.returncode == 0, output(proc)

@@ -214,6 +214,16 @@ def test_sighup_reads_a_broken_policy_again_and_keeps_the_old_rules(start_tls_br
     wait_for(lambda: _reads(billing, stubs, "mistral-api-key"), RELOAD_BOUND, what="the repaired policy")
 
 
+def test_a_server_certificate_near_its_end_is_warned_about_at_start(start_tls_broker, tls_files, pki):
+    """What `check` fails on, the start says (and still serves)."""
+    tls_files.write_policy(BASE_POLICY)
+    now = dt.datetime.now(dt.timezone.utc)
+    tls_files.install_server(pki.make_server("server-soon", not_after=now + dt.timedelta(days=3)))
+    broker = start_tls_broker()
+    warned = [line for line in broker.log().splitlines() if "the server certificate expires within 7 days" in line]
+    assert len(warned) == 1 and "WARN" in warned[0], broker.tail()
+
+
 def test_sighup_with_nothing_changed_reloads_nothing(start_tls_broker, tls_files, stubs, pki):
     """A SIGHUP that finds the files as they were says nothing and counts
     no reload; one after a change does."""
