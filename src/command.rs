@@ -5,7 +5,7 @@
 //! so the binary stays a parser, and each step can be read (and tested)
 //! on its own.
 
-use std::{future::Future, path::PathBuf, process::ExitCode};
+use std::{collections::HashMap, future::Future, path::PathBuf, process::ExitCode};
 
 use crate::{
     app::{App, Listeners},
@@ -55,33 +55,64 @@ impl Environment {
 }
 
 /// Loads the `.env` file of the working directory or the nearest parent,
-/// if there is one, into the environment (values already set win); its
-/// path, for `serve` and `check` to say it was read.
+/// if there is one, into the environment; its path, for `serve` and
+/// `check` to say it was read. Values already in the environment win;
+/// within the file, the last line that sets a name does, as Python's
+/// dotenv (what the guide's class read `.env` with) and a shell's `.`
+/// read it. Call it before any other thread starts: it changes the
+/// environment.
 ///
 /// A file that cannot be read whole is an error, for `serve` and `check`
-/// to stop at: dotenvy stops at the first line it cannot read (or at a
-/// byte that is not UTF-8) having set the lines before it, so the lines
-/// after it would silently not apply (another prefix, another TTL). A
-/// line is named by its number where that can be told, never by its text:
-/// it may hold a credential.
+/// to stop at: the lines before the one that cannot be read are set, and
+/// the lines after it would silently not apply (another prefix, another
+/// TTL). A line is named by its number where that can be told, never by
+/// its text: it may hold a credential.
 fn load_env_file() -> Result<Option<PathBuf>, String> {
     let Some(path) = env_file_path() else {
         return Ok(None);
     };
-    let why = match dotenvy::from_path(&path) {
-        Ok(()) => return Ok(Some(path)),
-        Err(dotenvy::Error::LineParse(line, _)) => format!(
+    let (values, failure) = read_env_file(&path);
+    for (name, value) in values {
+        if std::env::var_os(&name).is_none() {
+            // SAFETY: called before any other thread starts (see above).
+            unsafe { std::env::set_var(name, value) };
+        }
+    }
+    let why = match failure {
+        None => return Ok(Some(path)),
+        Some(dotenvy::Error::LineParse(line, _)) => format!(
             "{} cannot be read as NAME=value (its text is not shown: it may hold a credential)",
             line_of(&path, &line)
         ),
-        Err(dotenvy::Error::Io(io)) => io.to_string(),
+        Some(dotenvy::Error::Io(io)) => io.to_string(),
         // Not its `Display`: a variable that is not UTF-8 is quoted.
-        Err(_) => "a variable is not valid UTF-8".to_owned(),
+        Some(_) => "a variable is not valid UTF-8".to_owned(),
     };
     Err(format!(
         "cannot read the env file {}: {why}; fix or remove it",
         path.display()
     ))
+}
+
+/// The names and values of an env file, the last line of each name
+/// winning, up to the first line that cannot be read (and why).
+fn read_env_file(path: &std::path::Path) -> (HashMap<String, String>, Option<dotenvy::Error>) {
+    let text = match std::fs::read(path) {
+        Ok(text) => text,
+        Err(error) => return (HashMap::new(), Some(dotenvy::Error::Io(error))),
+    };
+    // A BOM (Windows editors write one) is not part of the first name.
+    let text = text.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&text);
+    let mut values = HashMap::new();
+    for item in dotenvy::from_read_iter(text) {
+        match item {
+            Ok((name, value)) => {
+                values.insert(name, value);
+            }
+            Err(error) => return (values, Some(error)),
+        }
+    }
+    (values, None)
 }
 
 /// Which line of the file holds `text` (what dotenvy stopped at: a line,

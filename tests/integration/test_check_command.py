@@ -117,6 +117,16 @@ def test_check_says_when_a_dotenv_file_was_read(run_cli, tmp_path):
     assert proc.returncode == 0, output(proc)
     assert "env file: " in output(proc) and ".env" in output(proc), output(proc)
     assert 'prefix "fromdotenv"' in output(proc), output(proc)
+    # A name set twice: the last line wins, as Python's dotenv and a shell
+    # read the file; the environment still wins over both; a BOM is no
+    # part of the first name.
+    (tmp_path / "cli-cwd" / ".env").write_bytes(
+        "\ufeffSECRET_ENVIRONMENT=staging\nSECRET_PREFIX=first\nSECRET_PREFIX=second\n".encode()
+    )
+    proc = run_cli("check", "--dev")
+    assert 'prefix "second", environment "staging"' in output(proc), output(proc)
+    proc = run_cli("check", "--dev", env={"SECRET_PREFIX": "fromenv"})
+    assert 'prefix "fromenv"' in output(proc), output(proc)
 
 
 def test_a_dotenv_line_that_cannot_be_read_stops_the_start(run_cli, tmp_path):
