@@ -28,6 +28,7 @@ use aws_sdk_secretsmanager::{
     config::http::HttpResponse,
     error::{ProvideErrorMetadata, SdkError},
 };
+use hyper_util::client::proxy::matcher::Matcher;
 
 use super::StoreError;
 
@@ -221,36 +222,52 @@ fn credentials_cause(error: &CredentialsError) -> Option<String> {
     (!line.trim().is_empty()).then_some(line)
 }
 
-/// The proxy variable that applies to `endpoint`, unless NO_PROXY exempts
-/// its host.
+/// The proxy a request to `endpoint` goes through, and the variable that
+/// named it: decided by the matcher the SDK's HTTP client routes with (the
+/// same variables, NO_PROXY rules and CGI exception), so that a message
+/// never names a proxy the request did not take, nor leaves out one it did.
 fn proxy_for(
     endpoint: &str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Option<(String, &'static str)> {
-    let url = url::Url::parse(endpoint).ok()?;
-    let host = url.host_str()?.to_owned();
-    let no_proxy = env("NO_PROXY")
-        .or_else(|| env("no_proxy"))
-        .unwrap_or_default();
-    let exempt = no_proxy.split(',').map(str::trim).any(|rule| {
-        !rule.is_empty()
-            && (rule == "*"
-                || host == rule.trim_start_matches('.')
-                || host.ends_with(&format!(".{}", rule.trim_start_matches('.'))))
-    });
-    if exempt {
+    // As the matcher reads the environment: the first of the two names
+    // that is set, even to nothing.
+    let first = |names: [&'static str; 2]| {
+        names
+            .into_iter()
+            .find_map(|name| env(name).map(|value| (value, name)))
+    };
+    // A CGI program's HTTP_PROXY may come from a request's `Proxy:` header.
+    if env("REQUEST_METHOD").is_some() {
         return None;
     }
-    let vars: &[&'static str] = if url.scheme() == "https" {
-        &["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"]
+    let all = first(["ALL_PROXY", "all_proxy"]);
+    let http = first(["HTTP_PROXY", "http_proxy"]);
+    let https = first(["HTTPS_PROXY", "https_proxy"]);
+    let mut rules = Matcher::builder();
+    for (value, name) in [&all, &http, &https].into_iter().flatten() {
+        rules = match *name {
+            "ALL_PROXY" | "all_proxy" => rules.all(value.clone()),
+            "HTTP_PROXY" | "http_proxy" => rules.http(value.clone()),
+            _ => rules.https(value.clone()),
+        };
+    }
+    if let Some((no_proxy, _)) = first(["NO_PROXY", "no_proxy"]) {
+        rules = rules.no(no_proxy);
+    }
+    let uri: http::Uri = endpoint.parse().ok()?;
+    rules.build().intercept(&uri)?;
+    // The scheme's own variable when it holds a proxy, else ALL_PROXY.
+    let own = if uri.scheme_str() == Some("https") {
+        https
     } else {
-        &["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"]
+        http
     };
-    vars.iter().find_map(|var| {
-        env(var)
-            .filter(|v| !v.is_empty())
-            .map(|v| (shown_url(&v), *var))
-    })
+    [own, all]
+        .into_iter()
+        .flatten()
+        .find(|(value, _)| !value.trim().is_empty())
+        .map(|(value, name)| (shown_url(&value), name))
 }
 
 /// A proxy's or an endpoint's URL as messages and logs show it: without
@@ -510,10 +527,28 @@ fn io_reason(chain: &str) -> &'static str {
     if chain.contains("proxy authorization required") {
         "the proxy asked for authentication (HTTP 407): give its user and password in the \
          proxy URL (http://user:password@host:port)"
+    } else if chain.contains("tunnel error") && chain.contains("underlying connection") {
+        // No connection to the proxy itself: the tunnel was never asked for.
+        match connection_failure(chain) {
+            "connection refused" => {
+                "the proxy is not reachable (connection refused): is it \
+                                     running at that address?"
+            }
+            "TLS failed" => "the TLS connection to the proxy failed",
+            "timed out" => "the proxy did not answer in time",
+            _ => "the proxy is not reachable",
+        }
     } else if chain.contains("tunnel error") {
         "the proxy refused to open a tunnel to AWS (CONNECT not answered 200): check that it \
          lets this host reach AWS's endpoint"
-    } else if chain.contains("refused") {
+    } else {
+        connection_failure(chain)
+    }
+}
+
+/// Why a connection failed, from the words of the error chain.
+fn connection_failure(chain: &str) -> &'static str {
+    if chain.contains("refused") {
         "connection refused"
     } else if chain.contains("reset") {
         "connection reset"
@@ -902,6 +937,32 @@ mod tests {
         );
         assert_eq!(local.endpoint_var, Some("AWS_ENDPOINT_URL"));
         assert_eq!(local.proxy, None, "NO_PROXY exempts the host");
+        // NO_PROXY read by the rules the SDK's client routes with: a
+        // network, any case; `*` exempts host names, not an IP address.
+        let at = |endpoint: &str, no_proxy: &str| {
+            Upstream::from_env(
+                "ap-east-1",
+                &env(&[
+                    ("AWS_ENDPOINT_URL", endpoint),
+                    ("HTTP_PROXY", "http://proxy:3128"),
+                    ("HTTPS_PROXY", "http://proxy:3128"),
+                    ("NO_PROXY", no_proxy),
+                ]),
+            )
+            .proxy
+        };
+        assert_eq!(at("http://127.0.0.1:5000", "127.0.0.0/8"), None);
+        let aws = "https://secretsmanager.ap-east-1.amazonaws.com";
+        assert_eq!(at(aws, "AMAZONAWS.COM"), None);
+        assert_eq!(at(aws, "*"), None);
+        assert_eq!(
+            at("http://127.0.0.1:5000", "*"),
+            Some(("http://proxy:3128".into(), "HTTP_PROXY"))
+        );
+        assert_eq!(
+            at(aws, "example.com"),
+            Some(("http://proxy:3128".into(), "HTTPS_PROXY"))
+        );
         // A failure's message names the variable that set the endpoint.
         let vars = [
             ("AWS_ENDPOINT_URL", "http://127.0.0.1:5000"),
@@ -1322,6 +1383,13 @@ mod tests {
         );
         let message = tunnel("unsuccessful");
         assert!(message.contains("refused to open a tunnel"), "{message}");
+        // Nothing listening at the proxy's address: not a refused tunnel.
+        let message =
+            tunnel("failed to create underlying connection: tcp connect error: Connection refused");
+        assert!(
+            message.contains("the proxy is not reachable (connection refused)"),
+            "{message}"
+        );
         // A proxied plain-HTTP request answered 407 by the proxy.
         let message = explain_code(answer("", "", 407), "GetSecretValue", "x").to_string();
         assert!(
