@@ -185,12 +185,12 @@ async fn run_broker(
     }
     let listeners = match Listeners::bind(&settings).await {
         Ok(listeners) => listeners,
-        Err(error) => return (fail(&error.to_string()), Some(logs)),
+        Err(error) => return (fail_logged(&settings, &error), Some(logs)),
     };
     let bound = listeners.grpc_addr();
     let app = match App::build(&settings, listeners) {
         Ok(app) => app,
-        Err(error) => return (fail(&error.to_string()), Some(logs)),
+        Err(error) => return (fail_logged(&settings, &error), Some(logs)),
     };
     // A log collector often reads stdout and stderr as one stream: under
     // JSON logs, a line of plain text would break it.
@@ -199,7 +199,7 @@ async fn run_broker(
     }
     let code = match app.run(crate::signals::shutdown_requested()).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(error) => fail(&error.to_string()),
+        Err(error) => fail_logged(&settings, &error),
     };
     (code, Some(logs))
 }
@@ -288,6 +288,19 @@ fn print_dev_hint(settings: &Settings, bound: Option<std::net::SocketAddr>) {
                 path.display()
             );
         }
+    }
+}
+
+/// `fail`, once the logs have started: under JSON logs the reason is a
+/// JSON event of its own (a collector that reads stderr as JSON lines
+/// would drop a line of plain text, the one that says why the broker
+/// stopped).
+fn fail_logged(settings: &Settings, error: &dyn std::fmt::Display) -> ExitCode {
+    if settings.log_json {
+        tracing::error!("{error}; the broker stops");
+        ExitCode::FAILURE
+    } else {
+        fail(&error.to_string())
     }
 }
 

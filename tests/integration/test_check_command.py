@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import socket
 
 from ops_support import SlowUpstream
 
@@ -107,6 +109,22 @@ def test_check_warns_when_the_region_holds_no_secret_under_the_prefix(run_cli, m
     moto.create_secret("insurecove/check/present", "present-value-7a1c")
     proc = run_cli("check", env=env)
     assert proc.returncode == 0 and "holds no secret" not in output(proc), output(proc)
+
+
+def test_a_start_failure_under_json_logs_is_a_json_line(run_cli):
+    """A collector reading stderr as JSON lines sees why the broker stopped."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        port = taken.getsockname()[1]
+        proc = run_cli("serve", "--dev", "--listen", f"127.0.0.1:{port}", env={"LOG_FORMAT": "json"}, timeout=15)
+    finally:
+        taken.close()
+    assert proc.returncode == 1, output(proc)
+    events = [json.loads(line) for line in proc.stderr.splitlines() if line.strip()]
+    stopped = [e for e in events if e.get("level") == "ERROR"]
+    assert len(stopped) == 1 and f"cannot listen on 127.0.0.1:{port}" in stopped[0]["fields"]["message"], events
 
 
 def test_check_says_when_a_dotenv_file_was_read(run_cli, tmp_path):
