@@ -63,6 +63,13 @@ pub fn init(level: &str, rust_log: Option<&str>, json: bool) -> LogGuard {
     if installed.is_ok() {
         log_panics();
     }
+    // Left out silently, a RUST_LOG with a typo would look obeyed.
+    if let Some(Err(error)) = rust_log
+        .filter(|text| !text.trim().is_empty())
+        .map(EnvFilter::try_new)
+    {
+        tracing::warn!(%error, "RUST_LOG is not a filter tracing can read; LOG_LEVEL applies");
+    }
     LogGuard {
         _writer: installed.is_ok().then_some(guard),
     }

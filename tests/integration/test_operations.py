@@ -44,6 +44,13 @@ def get_secret(stubs, stub, name: str, timeout: float = 10, **kw):
 # 1. metrics and probes
 
 
+def test_a_rust_log_that_cannot_be_read_is_said(start_broker):
+    """A RUST_LOG with a typo would otherwise look obeyed."""
+    broker = start_broker(env={"RUST_LOG": "secrets_broker=bogus"})
+    warned = [line for line in broker.log().splitlines() if "RUST_LOG is not a filter" in line]
+    assert len(warned) == 1 and "WARN" in warned[0], broker.tail()
+
+
 def test_metrics_after_a_known_sequence(start_broker, stubs):
     args, maddr = metrics_args()
     broker = start_broker(args)
