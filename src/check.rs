@@ -24,10 +24,10 @@ pub enum CheckError {
     Upstream(crate::backend::StoreError),
     #[error("events: {0}")]
     Events(String),
-    #[error("--listen unix:{}: the folder {} does not exist", .socket.display(), .folder.display())]
-    NoSocketFolder {
+    #[error("--listen unix:{}: {problem}", .socket.display())]
+    SocketPath {
         socket: std::path::PathBuf,
-        folder: std::path::PathBuf,
+        problem: String,
     },
 }
 
@@ -129,12 +129,18 @@ fn socket_folder_exists(settings: &Settings) -> Result<(), CheckError> {
         Some(folder) if !folder.as_os_str().is_empty() => folder,
         _ => std::path::Path::new("."),
     };
-    if folder.is_dir() {
+    let problem = if !folder.exists() {
+        format!("the folder {} does not exist", folder.display())
+    } else if !folder.is_dir() {
+        format!("{} is not a folder", folder.display())
+    } else if socket.is_dir() {
+        "it names a folder, not a socket file".to_owned()
+    } else {
         return Ok(());
-    }
-    Err(CheckError::NoSocketFolder {
+    };
+    Err(CheckError::SocketPath {
         socket: socket.clone(),
-        folder: folder.to_owned(),
+        problem,
     })
 }
 

@@ -296,7 +296,9 @@ fn print_dev_hint(settings: &Settings, bound: Option<std::net::SocketAddr>) {
 /// would drop a line of plain text, the one that says why the broker
 /// stopped).
 fn fail_logged(settings: &Settings, error: &dyn std::fmt::Display) -> ExitCode {
-    if settings.log_json {
+    // A RUST_LOG that names only a dependency turns this module's events
+    // off: then the plain line, rather than nothing.
+    if settings.log_json && tracing::enabled!(tracing::Level::ERROR) {
         tracing::error!("{error}; the broker stops");
         ExitCode::FAILURE
     } else {

@@ -4,17 +4,23 @@
 //!
 //! The signals' streams are made once and kept: a stream made at each
 //! wait would miss a signal that came between the two waits (the first
-//! one's handling and the drain's start take a few milliseconds). Two
-//! signals sent at the same instant still count as one: the kernel keeps
-//! one pending signal of a kind, and the stream one notification.
+//! one's handling and the drain's start take a few milliseconds). Signals
+//! within half a second of the first are the same request (`ONE_REQUEST`).
 
-use std::sync::LazyLock;
+use std::{
+    sync::LazyLock,
+    time::{Duration, Instant},
+};
 
-use futures::FutureExt;
 use tokio::{
     signal::unix::{Signal, SignalKind, signal},
     sync::Mutex,
 };
+
+/// Signals this soon after the first are the same request to stop: a
+/// terminal's Ctrl-C reaches the broker and a wrapper (a shell entry
+/// point, make, npm) that passes it on as SIGTERM a moment later.
+const ONE_REQUEST: Duration = Duration::from_millis(500);
 
 /// The stop signals' streams, once made.
 static STOPS: LazyLock<Mutex<Option<Stops>>> = LazyLock::new(Mutex::default);
@@ -22,6 +28,8 @@ static STOPS: LazyLock<Mutex<Option<Stops>>> = LazyLock::new(Mutex::default);
 struct Stops {
     term: Option<Signal>,
     interrupt: Option<Signal>,
+    /// When the first stop signal came.
+    first: Option<Instant>,
 }
 
 impl Stops {
@@ -29,6 +37,7 @@ impl Stops {
         Self {
             term: signal(SignalKind::terminate()).ok(),
             interrupt: signal(SignalKind::interrupt()).ok(),
+            first: None,
         }
     }
 }
@@ -50,21 +59,23 @@ pub async fn shutdown_requested() {
 }
 
 /// Completes on the next SIGTERM or Ctrl-C, counting one that came since
-/// the last wait. Signals of both kinds that came with it count as it: a
-/// Ctrl-C in a terminal reaches the broker and a wrapper that passes it on
-/// as SIGTERM, and that is one request to stop, not two.
+/// the last wait, but not one within `ONE_REQUEST` of the first.
 pub(crate) async fn received() {
     let mut stops = STOPS.lock().await;
     let stops = stops.get_or_insert_with(Stops::new);
-    tokio::select! {
-        () = next(&mut stops.term) => {},
-        () = next(&mut stops.interrupt) => {},
-    }
-    for stream in [&mut stops.term, &mut stops.interrupt]
-        .into_iter()
-        .flatten()
-    {
-        let _ = stream.recv().now_or_never();
+    loop {
+        tokio::select! {
+            () = next(&mut stops.term) => {},
+            () = next(&mut stops.interrupt) => {},
+        }
+        match stops.first {
+            None => {
+                stops.first = Some(Instant::now());
+                return;
+            }
+            Some(first) if first.elapsed() >= ONE_REQUEST => return,
+            Some(_) => {}
+        }
     }
 }
 

@@ -257,16 +257,24 @@ fn proxy_for(
     }
     let uri: http::Uri = endpoint.parse().ok()?;
     rules.build().intercept(&uri)?;
-    // The scheme's own variable when it holds a proxy, else ALL_PROXY.
+    // The scheme's own variable when the matcher takes it as a proxy, else
+    // ALL_PROXY.
     let own = if uri.scheme_str() == Some("https") {
         https
     } else {
         http
     };
+    let taken = |value: &str| {
+        Matcher::builder()
+            .all(value.to_owned())
+            .build()
+            .intercept(&uri)
+            .is_some()
+    };
     [own, all]
         .into_iter()
         .flatten()
-        .find(|(value, _)| !value.trim().is_empty())
+        .find(|(value, _)| taken(value))
         .map(|(value, name)| (shown_url(&value), name))
 }
 
@@ -962,6 +970,15 @@ mod tests {
         assert_eq!(
             at(aws, "example.com"),
             Some(("http://proxy:3128".into(), "HTTPS_PROXY"))
+        );
+        // A scheme's own variable the matcher cannot take leaves ALL_PROXY.
+        let vars = [
+            ("HTTPS_PROXY", "ftp://proxy:21"),
+            ("ALL_PROXY", "http://all:3128"),
+        ];
+        assert_eq!(
+            Upstream::from_env("ap-east-1", &env(&vars)).proxy,
+            Some(("http://all:3128".into(), "ALL_PROXY"))
         );
         // A failure's message names the variable that set the endpoint.
         let vars = [

@@ -63,24 +63,52 @@ pub fn init(level: &str, rust_log: Option<&str>, json: bool) -> LogGuard {
     if installed.is_ok() {
         log_panics();
     }
-    // Left out silently, a RUST_LOG with a typo would look obeyed.
+    // Left out silently, a RUST_LOG with a typo would look obeyed; said
+    // as an error where LOG_LEVEL=ERROR would hide a warning.
     if let Some(Err(error)) = rust_log
         .filter(|text| !text.trim().is_empty())
         .map(EnvFilter::try_new)
     {
-        tracing::warn!(%error, "RUST_LOG is not a filter tracing can read; LOG_LEVEL applies");
+        let said = "RUST_LOG is not a filter tracing can read; LOG_LEVEL applies";
+        if tracing::enabled!(tracing::Level::WARN) {
+            tracing::warn!(%error, "{said}");
+        } else {
+            tracing::error!(%error, "{said}");
+        }
     }
     LogGuard {
         _writer: installed.is_ok().then_some(guard),
     }
 }
 
-/// The AWS SDK's crates, but `aws_config`, as filter directives at WARN.
-const AWS_CRATES_AT_WARN: &str = "aws_runtime=warn,aws_sigv4=warn,aws_types=warn,\
-    aws_credential_types=warn,aws_sdk_secretsmanager=warn,aws_sdk_sqs=warn,aws_sdk_sns=warn,\
-    aws_sdk_sts=warn,aws_smithy_runtime=warn,aws_smithy_runtime_api=warn,aws_smithy_http=warn,\
-    aws_smithy_http_client=warn,aws_smithy_types=warn,aws_smithy_json=warn,aws_smithy_xml=warn,\
-    aws_smithy_query=warn,aws_smithy_async=warn,aws_smithy_observability=warn";
+/// The dependencies logged at WARN at most: the HTTP/2 and TLS stacks, and
+/// every crate of the AWS SDK (but `aws_config`, at ERROR).
+const QUIETED: &[&str] = &[
+    "h2",
+    "hyper",
+    "hyper_util",
+    "tower",
+    "rustls",
+    "notify",
+    "aws_runtime",
+    "aws_sigv4",
+    "aws_types",
+    "aws_credential_types",
+    "aws_sdk_secretsmanager",
+    "aws_sdk_sqs",
+    "aws_sdk_sns",
+    "aws_sdk_sts",
+    "aws_smithy_runtime",
+    "aws_smithy_runtime_api",
+    "aws_smithy_http",
+    "aws_smithy_http_client",
+    "aws_smithy_types",
+    "aws_smithy_json",
+    "aws_smithy_xml",
+    "aws_smithy_query",
+    "aws_smithy_async",
+    "aws_smithy_observability",
+];
 
 /// The filter: `RUST_LOG` when it is set, not empty and valid, else
 /// `level` with the dependencies quieted; `audit=info` either way (a
@@ -95,10 +123,13 @@ fn filter(level: &str, rust_log: Option<&str>) -> EnvFilter {
     // endpoint variables as set (a user and password in AWS_ENDPOINT_URL),
     // requests as signed. Only RUST_LOG turns them on.
     let quieted = || {
-        EnvFilter::new(format!(
-            "{level},h2=warn,hyper=warn,hyper_util=warn,tower=warn,rustls=warn,notify=warn,\
-             {AWS_CRATES_AT_WARN},aws_config=error"
-        ))
+        // Never louder than the level asked for.
+        let quiet = if level == "error" { "error" } else { "warn" };
+        let quieted: Vec<String> = QUIETED
+            .iter()
+            .map(|target| format!("{target}={quiet}"))
+            .collect();
+        EnvFilter::new(format!("{level},{},aws_config=error", quieted.join(",")))
     };
     let chosen = rust_log
         .filter(|text| !text.trim().is_empty())
@@ -320,6 +351,7 @@ mod tests {
         tracing::subscriber::with_default(subscriber, || match (target, level) {
             ("audit", tracing::Level::INFO) => tracing::info!(target: "audit", "x"),
             ("h2", tracing::Level::DEBUG) => tracing::debug!(target: "h2", "x"),
+            ("h2", tracing::Level::WARN) => tracing::warn!(target: "h2", "x"),
             ("secrets_broker", tracing::Level::DEBUG) => tracing::debug!("x"),
             ("aws_runtime::env_config", tracing::Level::TRACE) => {
                 tracing::trace!(target: "aws_runtime::env_config", "x")
@@ -377,6 +409,12 @@ mod tests {
             "secrets_broker",
             Level::DEBUG
         ));
+    }
+
+    #[test]
+    fn a_dependency_is_never_louder_than_the_level_asked_for() {
+        assert!(passes(filter("info", None), "h2", tracing::Level::WARN));
+        assert!(!passes(filter("error", None), "h2", tracing::Level::WARN));
     }
 
     #[test]

@@ -118,13 +118,18 @@ def test_a_start_failure_under_json_logs_is_a_json_line(run_cli):
     taken.listen()
     try:
         port = taken.getsockname()[1]
-        proc = run_cli("serve", "--dev", "--listen", f"127.0.0.1:{port}", env={"LOG_FORMAT": "json"}, timeout=15)
+        serve = ("serve", "--dev", "--listen", f"127.0.0.1:{port}")
+        proc = run_cli(*serve, env={"LOG_FORMAT": "json"}, timeout=15)
+        # A RUST_LOG that leaves the broker's own events out: a plain line
+        # rather than nothing.
+        quiet = run_cli(*serve, env={"LOG_FORMAT": "json", "RUST_LOG": "h2=debug"}, timeout=15)
     finally:
         taken.close()
     assert proc.returncode == 1, output(proc)
     events = [json.loads(line) for line in proc.stderr.splitlines() if line.strip()]
     stopped = [e for e in events if e.get("level") == "ERROR"]
     assert len(stopped) == 1 and f"cannot listen on 127.0.0.1:{port}" in stopped[0]["fields"]["message"], events
+    assert quiet.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in quiet.stderr, output(quiet)
 
 
 def test_check_says_when_a_dotenv_file_was_read(run_cli, tmp_path):

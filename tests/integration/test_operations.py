@@ -49,6 +49,9 @@ def test_a_rust_log_that_cannot_be_read_is_said(start_broker):
     broker = start_broker(env={"RUST_LOG": "secrets_broker=bogus"})
     warned = [line for line in broker.log().splitlines() if "RUST_LOG is not a filter" in line]
     assert len(warned) == 1 and "WARN" in warned[0], broker.tail()
+    # Said under LOG_LEVEL=ERROR too, which would hide a warning.
+    broker = start_broker(env={"RUST_LOG": "secrets_broker=bogus", "LOG_LEVEL": "ERROR"})
+    assert "RUST_LOG is not a filter" in broker.log(), broker.tail()
 
 
 def test_metrics_after_a_known_sequence(start_broker, stubs):
