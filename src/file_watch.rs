@@ -238,22 +238,11 @@ mod tests {
         std::fs::write(root.path().join("archive/cert1.pem"), "one").unwrap();
         symlink("../archive/cert1.pem", root.path().join("live/cert.pem")).unwrap();
         symlink("../live/cert.pem", root.path().join("etc/tls.crt")).unwrap();
-        let count = Arc::new(AtomicUsize::new(0));
-        let counted = Arc::clone(&count);
-        let path = root.path().join("etc/tls.crt");
-        let _watch = on_change(&[&path], move || {
-            counted.fetch_add(1, SeqCst);
-        })
-        .unwrap();
+        let (count, _watch) = counting(&root.path().join("etc/tls.crt"));
 
         // A renewal: a new file in archive/, the live/ link repointed.
         std::fs::write(root.path().join("archive/cert2.pem"), "two").unwrap();
-        symlink("../archive/cert2.pem", root.path().join("live/cert.new")).unwrap();
-        std::fs::rename(
-            root.path().join("live/cert.new"),
-            root.path().join("live/cert.pem"),
-        )
-        .unwrap();
+        repoint(&root.path().join("live/cert.pem"), "../archive/cert2.pem");
         assert!(changed_since(&count, 0), "the repointed link went unseen");
 
         // The new target written in place: followed since the repointing.
@@ -275,12 +264,7 @@ mod tests {
         std::fs::write(root.path().join("b/policy.toml"), "b").unwrap();
         symlink("../a/policy.toml", root.path().join("etc/policy.toml")).unwrap();
         let (count, _watch) = counting(&root.path().join("etc/policy.toml"));
-        symlink("../b/policy.toml", root.path().join("etc/policy.new")).unwrap();
-        std::fs::rename(
-            root.path().join("etc/policy.new"),
-            root.path().join("etc/policy.toml"),
-        )
-        .unwrap();
+        repoint(&root.path().join("etc/policy.toml"), "../b/policy.toml");
         assert!(changed_since(&count, 0), "the repointed link went unseen");
         let seen = count.load(SeqCst);
         std::fs::write(root.path().join("b/policy.toml"), "b again").unwrap();
@@ -298,8 +282,7 @@ mod tests {
         }
         symlink("releases/v1", root.path().join("current")).unwrap();
         let (count, _watch) = counting(&root.path().join("current/ca.pem"));
-        symlink("releases/v2", root.path().join("current.new")).unwrap();
-        std::fs::rename(root.path().join("current.new"), root.path().join("current")).unwrap();
+        repoint(&root.path().join("current"), "releases/v2");
         assert!(changed_since(&count, 0), "the switch went unseen");
         let seen = count.load(SeqCst);
         std::fs::write(root.path().join("releases/v2/ca.pem"), "v2 again").unwrap();
@@ -327,6 +310,14 @@ mod tests {
             changed_since(&count, seen),
             "the new folder is not followed"
         );
+    }
+
+    /// Points the link at `link` to `target` in one step, as deploy tools
+    /// and certbot do: a new link renamed over the old one.
+    fn repoint(link: &Path, target: &str) {
+        let new = link.with_extension("new");
+        symlink(target, &new).unwrap();
+        std::fs::rename(new, link).unwrap();
     }
 
     /// A watch of `path` that counts its changes.

@@ -245,12 +245,14 @@ fn proxy_for(
     let http = first(["HTTP_PROXY", "http_proxy"]);
     let https = first(["HTTPS_PROXY", "https_proxy"]);
     let mut rules = Matcher::builder();
-    for (value, name) in [&all, &http, &https].into_iter().flatten() {
-        rules = match *name {
-            "ALL_PROXY" | "all_proxy" => rules.all(value.clone()),
-            "HTTP_PROXY" | "http_proxy" => rules.http(value.clone()),
-            _ => rules.https(value.clone()),
-        };
+    if let Some((value, _)) = &all {
+        rules = rules.all(value.clone());
+    }
+    if let Some((value, _)) = &http {
+        rules = rules.http(value.clone());
+    }
+    if let Some((value, _)) = &https {
+        rules = rules.https(value.clone());
     }
     if let Some((no_proxy, _)) = first(["NO_PROXY", "no_proxy"]) {
         rules = rules.no(no_proxy);

@@ -109,9 +109,6 @@ struct TlsState {
     clients: Arc<dyn ClientCertVerifier>,
     /// When the server certificate expires, Unix seconds.
     expiry: i64,
-    /// When the client CAs within their dates change, Unix seconds: the
-    /// config is reloaded then.
-    trust_changes_at: Option<i64>,
     /// When the last client CA it trusts expires (`None`: it trusts none).
     trusted_until: Option<i64>,
     /// Cancelled when a reload replaces this state.
@@ -132,6 +129,8 @@ struct BuiltFrom {
     roots: Vec<CertificateDer<'static>>,
     trust_none: bool,
     left_out: Vec<(String, bool)>,
+    /// When the client CAs within their dates change, Unix seconds: the
+    /// config is reloaded then.
     changes_at: Option<i64>,
 }
 
@@ -180,12 +179,11 @@ impl Loader for TlsSource {
         // A certificate outside its dates fails every handshake: at a
         // reload it is a broken file (the one in use stays), at start a
         // clear error rather than a broker no client can reach.
-        let report = report(&self.files, &cas, now)?;
+        let report = report(&self.files, &chain, &cas, now)?;
         Ok(TlsState {
             config,
             clients,
             expiry: report.expires_at,
-            trust_changes_at: cas.changes_at,
             trusted_until: cas.trusted_until,
             replaced: CancellationToken::new(),
             built_from: BuiltFrom {
@@ -203,7 +201,7 @@ impl Loader for TlsSource {
     }
 
     fn reload_due(&self, value: &TlsState) -> Option<SystemTime> {
-        let at = u64::try_from(value.trust_changes_at?).unwrap_or(0);
+        let at = u64::try_from(value.built_from.changes_at?).unwrap_or(0);
         Some(SystemTime::UNIX_EPOCH + Duration::from_secs(at))
     }
 
@@ -405,12 +403,18 @@ fn pem_problem(error: &pem::Error) -> String {
 /// `TlsTerminator::load` has checked the rest.
 pub fn certificate_report(files: &TlsFiles) -> Result<CertificateReport, TlsError> {
     let now = unix_now();
-    report(files, &ClientCas::read(&files.client_ca, now)?, now)
+    let chain = read_certificates("server certificate", &files.cert)?;
+    report(files, &chain, &ClientCas::read(&files.client_ca, now)?, now)
 }
 
-/// `certificate_report`, with the client CA bundle as read at `now`.
-fn report(files: &TlsFiles, cas: &ClientCas, now: i64) -> Result<CertificateReport, TlsError> {
-    let chain = read_certificates("server certificate", &files.cert)?;
+/// `certificate_report`, with the server's `chain` and the client CA
+/// bundle as read at `now`.
+fn report(
+    files: &TlsFiles,
+    chain: &[CertificateDer<'static>],
+    cas: &ClientCas,
+    now: i64,
+) -> Result<CertificateReport, TlsError> {
     let (_, leaf) = x509_parser::certificate::X509Certificate::from_der(&chain[0])
         .map_err(|e| TlsError::Config(format!("the server certificate does not parse: {e}")))?;
     let validity = leaf.validity();
