@@ -273,7 +273,14 @@ impl SecretsApi {
             }
             Ok(subscription)
         };
-        let subscription = subscribed.await.map_err(|error: StoreError| {
+        // A stream that would end with the shutdown anyway does not hold
+        // the drain while its first read waits on a slow upstream.
+        let subscribed = tokio::select! {
+            biased;
+            () = watch.stopped() => return Err(ApiError::WatchShutDown),
+            subscribed = subscribed => subscribed,
+        };
+        let subscription = subscribed.map_err(|error: StoreError| {
             ApiError::from(error).naming_the_version("", &request.version_stage)
         })?;
         // Still unconfirmed (AWS failing, or backed off): only AWS can say

@@ -418,6 +418,15 @@ impl WatchHub {
         self.shared.shutdown.send_replace(true);
     }
 
+    /// Resolves once `shutdown` has been called (at once if it has).
+    pub fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut shutdown = self.shared.shutdown.subscribe();
+        async move {
+            // An error means the hub is gone: stopped too.
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        }
+    }
+
     /// Runs the sweep until shutdown.
     pub async fn sweep(self) {
         let store = Arc::clone(self.shared.cache.upstream());

@@ -427,6 +427,37 @@ def test_sigterm_grace_bounds_a_slow_call(moto, aws_broker, slow_upstream, stubs
     assert len(cut) == 1 and 'outcome="CANCELLED"' in cut[0], f"the cut call's audit line: {cut}"
 
 
+def test_sigterm_ends_a_watch_still_waiting_for_its_first_read(moto, aws_broker, slow_upstream, stubs):
+    """A WatchSecret whose first read is held upstream when SIGTERM comes
+    would end with the shutdown anyway: it ends at once with UNAVAILABLE
+    (SHUTTING_DOWN), and does not hold the broker for the read or the grace."""
+    moto.create_secret("insurecove/slow-watch", "slow-watch-3e9a")
+    upstream = slow_upstream(4.5)
+    broker = aws_broker(["--shutdown-grace", "30"], env={"AWS_ENDPOINT_URL": upstream.url})
+    watch = Watch(broker, stubs, "slow-watch")
+    try:
+        assert upstream.held.wait(10), "the watch's first read never reached the upstream"
+        time.sleep(0.3)
+        broker.proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        error, at = watch.expect_error(10)
+        print(f"the watch ended {at - sent:.2f} s after SIGTERM: {error.code().name}: {error.details()!r}")
+        assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+        assert "shutting down" in error.details(), error.details()
+        assert at - sent < 2, f"the watch ended {at - sent:.2f} s after SIGTERM (its read is held 4.5 s)"
+        try:
+            code = broker.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the broker did not exit within 10 s of SIGTERM; log:\n{broker.tail()}")
+        exited = time.monotonic() - sent
+        assert exited < 3.5, f"exit took {exited:.2f} s after SIGTERM; the held read takes 4.5 s"
+        assert code == 0, f"exit code {code}; log:\n{broker.tail()}"
+        audit = [line for line in broker.log().splitlines() if " audit: " in line and "slow-watch" in line]
+        assert len(audit) == 1 and 'outcome="UNAVAILABLE"' in audit[0], audit
+    finally:
+        watch.close()
+
+
 def test_a_second_signal_cuts_the_grace(moto, aws_broker, slow_upstream, stubs):
     """An operator's second Ctrl-C (or SIGTERM) during the grace stops the
     broker at once instead of waiting out --shutdown-grace."""
