@@ -350,7 +350,9 @@ impl Shared {
         }
         let stage_new = new_slot.is_some();
         if let Some(slot) = new_slot {
-            self.clock.push(key.clone(), slot);
+            let lookup = |key: &CacheKey| self.entries.get(key).map(|entry| Arc::clone(&*entry));
+            self.clock
+                .push(key.clone(), slot, self.entries.len(), lookup);
             self.evict_over_capacity(key);
         }
         if stage_moved {
