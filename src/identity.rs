@@ -49,7 +49,20 @@ pub enum RefusedCertificate {
     TwoCns,
     /// No SAN, and a CN that cannot be read as text.
     UnreadableCn,
+    /// More names than `MAX_NAMES`, or more text than `MAX_SHOWN`.
+    TooManyNames,
 }
+
+/// The most URI and DNS SANs a client certificate may carry: a workload's
+/// certificate names it a few times at most. Every call's audit line shows
+/// every name and the policy matches each of them, so a certificate with
+/// thousands of names would make every call of its connection cost that
+/// much.
+pub const MAX_NAMES: usize = 64;
+
+/// The most bytes a client certificate's names may take as the audit
+/// shows them (`Identity::shown`), for the same reason.
+pub const MAX_SHOWN: usize = 4096;
 
 impl RefusedCertificate {
     /// What the caller is told.
@@ -61,6 +74,10 @@ impl RefusedCertificate {
             }
             Self::TwoCns => "the client certificate has more than one CN and no SAN",
             Self::UnreadableCn => "the client certificate's CN cannot be read as text",
+            Self::TooManyNames => {
+                "the client certificate carries more names than the broker takes (at most 64 \
+                 URI and DNS SANs, 4096 bytes as the audit shows them)"
+            }
         }
     }
 
@@ -72,6 +89,7 @@ impl RefusedCertificate {
             Self::TwoUris => "(refused certificate: more than one URI SAN)",
             Self::TwoCns => "(refused certificate: more than one CN, no SAN)",
             Self::UnreadableCn => "(refused certificate: CN not text)",
+            Self::TooManyNames => "(refused certificate: too many or too long names)",
         }
     }
 }
@@ -210,6 +228,9 @@ impl Identity {
                 _ => None,
             })
             .collect();
+        if dns.len() + usize::from(uri.is_some()) > MAX_NAMES {
+            return Self::Refused(RefusedCertificate::TooManyNames);
+        }
         // An empty subjectAltName still counts as one: the CN is a fallback
         // for certificates without the extension, not for a broken one.
         let cn = if san.is_none() {
@@ -224,7 +245,11 @@ impl Identity {
         if uri.is_none() && dns.is_empty() && cn.is_none() {
             return Self::Unnamed;
         }
-        Self::Certificate(Arc::new(CertificateNames::new(uri, dns, cn)))
+        let names = CertificateNames::new(uri, dns, cn);
+        if names.shown.len() > MAX_SHOWN {
+            return Self::Refused(RefusedCertificate::TooManyNames);
+        }
+        Self::Certificate(Arc::new(names))
     }
 }
 
@@ -371,6 +396,44 @@ mod tests {
             refused.shown(),
             "(refused certificate: more than one URI SAN)"
         );
+    }
+
+    /// Every call's audit line shows every name, and the policy matches
+    /// each: a certificate may carry 64 names and 4 KiB of them as shown,
+    /// not thousands.
+    #[test]
+    fn certificates_with_too_many_or_too_long_names_are_refused() {
+        let dns_names = |names: Vec<String>| {
+            cert(move |p| {
+                p.subject_alt_names = names
+                    .into_iter()
+                    .map(|name| rcgen::SanType::DnsName(name.try_into().unwrap()))
+                    .collect();
+            })
+        };
+        let names_of = |count: usize| (0..count).map(|i| format!("svc-{i}.internal")).collect();
+        let most = Identity::from_certificate(&dns_names(names_of(MAX_NAMES)));
+        assert!(matches!(most, Identity::Certificate(_)), "{most:?}");
+        let too_many = Identity::from_certificate(&dns_names(names_of(MAX_NAMES + 1)));
+        assert_eq!(
+            too_many,
+            Identity::Refused(RefusedCertificate::TooManyNames)
+        );
+        assert_eq!(
+            too_many.shown(),
+            "(refused certificate: too many or too long names)"
+        );
+        let why = RefusedCertificate::TooManyNames.why();
+        assert!(
+            why.contains(&format!("at most {MAX_NAMES} "))
+                && why.contains(&format!("{MAX_SHOWN} bytes")),
+            "the caller is told the limits in force: {why}"
+        );
+        // Few names, but each escaped six times over as the audit shows it.
+        let commas = Identity::from_certificate(&dns_names(vec![",".repeat(700)]));
+        assert_eq!(commas, Identity::Refused(RefusedCertificate::TooManyNames));
+        let long = Identity::from_certificate(&dns_names(vec!["a".repeat(600)]));
+        assert!(matches!(long, Identity::Certificate(_)), "{long:?}");
     }
 
     /// DNS names are not case-sensitive: kept, matched and shown in lower

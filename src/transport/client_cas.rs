@@ -6,7 +6,13 @@
 //! the bundle would go on admitting what it signed. The TLS config says
 //! when the set in date changes next (`changes_at`), and is reloaded then
 //! (`tls::TlsSource::reload_due`). When the last CA in date expires, no
-//! client is trusted (`NoClientTrusted`) until the bundle holds one again.
+//! client is trusted (`ClientCheck`) until the bundle holds one again.
+//!
+//! `ClientCheck` also refuses, at the handshake, a chain larger than
+//! `MAX_CLIENT_CHAIN`: rustls keeps a client's whole chain for as long as
+//! its connection lasts, and so does the connection's `PeerTrust`, so a
+//! holder of any certificate the CA signed could otherwise make each
+//! connection cost a hundred times what a workload's certificate does.
 
 use std::{path::Path, sync::Arc};
 
@@ -102,16 +108,22 @@ impl ClientCas {
     }
 }
 
-/// A client check that trusts no client: the bundle's last CA in date has
-/// expired. It keeps a config that can still be built (rustls wants roots),
-/// and answers every client with why.
+/// The most bytes of certificates a client may present (its certificate
+/// and intermediates, DER): a workload's chain takes a few KiB.
+pub(super) const MAX_CLIENT_CHAIN: usize = 16 * 1024;
+
+/// The check of client certificates the TLS config uses: `inner` (webpki
+/// over the CAs in date) for chains within `MAX_CLIENT_CHAIN`; no client at
+/// all when `trust_none` (the bundle's last CA in date has expired: `inner`
+/// is then a check over the expired CAs, kept because rustls wants roots,
+/// and used for everything but the verdict).
 #[derive(Debug)]
-pub(super) struct NoClientTrusted {
-    /// A check over the expired CAs, for everything but the verdict.
+pub(super) struct ClientCheck {
     pub(super) inner: Arc<dyn ClientCertVerifier>,
+    pub(super) trust_none: bool,
 }
 
-impl ClientCertVerifier for NoClientTrusted {
+impl ClientCertVerifier for ClientCheck {
     fn offer_client_auth(&self) -> bool {
         self.inner.offer_client_auth()
     }
@@ -126,13 +138,24 @@ impl ClientCertVerifier for NoClientTrusted {
 
     fn verify_client_cert(
         &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _now: UnixTime,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        Err(rustls::Error::InvalidCertificate(CertificateError::Other(
-            rustls::OtherError(Arc::new(CasExpired)),
-        )))
+        let refuse = |why: Refused| {
+            Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                rustls::OtherError(Arc::new(why)),
+            )))
+        };
+        if self.trust_none {
+            return refuse(Refused::CasExpired);
+        }
+        let size = end_entity.len() + intermediates.iter().map(|der| der.len()).sum::<usize>();
+        if size > MAX_CLIENT_CHAIN {
+            return refuse(Refused::ChainTooLarge { size });
+        }
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)
     }
 
     fn verify_tls12_signature(
@@ -158,10 +181,17 @@ impl ClientCertVerifier for NoClientTrusted {
     }
 }
 
-/// Why `NoClientTrusted` refuses a client.
+/// Why `ClientCheck` refuses a client before webpki sees it.
 #[derive(Debug, thiserror::Error)]
-#[error("every CA of the client CA bundle has expired")]
-struct CasExpired;
+enum Refused {
+    #[error("every CA of the client CA bundle has expired")]
+    CasExpired,
+    #[error(
+        "the client's certificate chain takes {size} bytes; the broker takes at most \
+         {MAX_CLIENT_CHAIN}"
+    )]
+    ChainTooLarge { size: usize },
+}
 
 #[cfg(test)]
 mod tests {

@@ -278,8 +278,22 @@ impl Opening {
                 tracing::debug!(remote = %self.remote, identity = identity.shown(), "TLS connection established");
                 Ok((Transport::Tls(Box::new(stream)), identity, trust))
             }
-            Err(error) => Err(error.to_string()),
+            Err(error) => Err(handshake_refusal(&error)),
         }
+    }
+}
+
+/// Why a handshake failed, in words: rustls shows a certificate error of
+/// the broker's own checks (`client_cas::ClientCheck`) as Rust debug text.
+fn handshake_refusal(error: &io::Error) -> String {
+    match error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other))) => {
+            format!("invalid peer certificate: {}", other.0)
+        }
+        _ => error.to_string(),
     }
 }
 

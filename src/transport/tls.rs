@@ -38,7 +38,7 @@ use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_util::sync::CancellationToken;
 use x509_parser::prelude::FromDer;
 
-use super::client_cas::{ClientCas, NoClientTrusted};
+use super::client_cas::{ClientCas, ClientCheck};
 use crate::{
     config::TlsFiles,
     identity::Identity,
@@ -321,11 +321,10 @@ fn build(
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
             .build()
             .map_err(|e| TlsError::Config(e.to_string()))?;
-    let verifier: Arc<dyn ClientCertVerifier> = if trust_none {
-        Arc::new(NoClientTrusted { inner: verifier })
-    } else {
-        verifier
-    };
+    let verifier: Arc<dyn ClientCertVerifier> = Arc::new(ClientCheck {
+        inner: verifier,
+        trust_none,
+    });
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Config(e.to_string()))?

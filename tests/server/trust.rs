@@ -84,6 +84,53 @@ async fn ends_within(
     started.elapsed()
 }
 
+/// A client certificate for `AUTH` that also carries `count` DNS names.
+fn with_dns_names(pki: &Pki, label: &str, count: usize) -> Issued {
+    use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, KeyUsagePurpose, SanType};
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.subject_alt_names = vec![SanType::URI(AUTH.try_into().unwrap())];
+    params.subject_alt_names.extend((0..count).map(|i| {
+        SanType::DnsName(
+            format!("replica-{i}.auth-service.insurecove.internal")
+                .try_into()
+                .unwrap(),
+        )
+    }));
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.use_authority_key_identifier_extension = true;
+    pki.issue(label, params)
+}
+
+/// A certificate the CA signed, far larger than a workload's (a thousand
+/// DNS names, about 45 KB), is refused at the handshake: the connection
+/// would keep it (twice) for its life, and every call's audit line would
+/// show every name. One within the limits is served as before.
+#[tokio::test]
+async fn a_client_chain_past_the_size_limit_is_refused_at_the_handshake() {
+    let pki = Pki::new();
+    let broker = Running::start_tls(&pki, Some(policy(&pki))).await;
+    let log = crate::harness::process_log();
+    let start = log.position();
+    let big = with_dns_names(&pki, "many-names", 1_000);
+    assert!(
+        !served(&broker, &big).await,
+        "a 1,000-name certificate was served"
+    );
+    let said = log.since(start);
+    assert!(
+        said.contains("TLS handshake refused")
+            && said.contains("bytes; the broker takes at most 16384"),
+        "the refusal names the limit: {said}"
+    );
+    let fits = with_dns_names(&pki, "some-names", 40);
+    assert!(
+        served(&broker, &fits).await,
+        "a 40-name certificate was refused"
+    );
+    broker.stop().await;
+}
+
 #[tokio::test]
 async fn a_connection_ends_when_its_client_certificate_expires() {
     let pki = Pki::new();
