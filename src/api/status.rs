@@ -297,9 +297,44 @@ impl From<crate::transport::call_slots::ShareFull> for ApiError {
 impl From<ApiError> for Status {
     fn from(error: ApiError) -> Self {
         let (code, reason) = error.code_and_reason();
-        let details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, error.metadata());
-        Status::with_error_details(code, error.to_string(), details)
+        let metadata = error
+            .metadata()
+            .into_iter()
+            .map(|(key, value)| (key, fitted(value, MAX_METADATA_VALUE)))
+            .collect::<HashMap<_, _>>();
+        let details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata);
+        Status::with_error_details(code, fitted(error.to_string(), MAX_MESSAGE), details)
     }
+}
+
+/// The most bytes of a status message. The message travels twice in the
+/// answer's headers (`grpc-message`, and in `grpc-status-details-bin`
+/// with the metadata, base64): grpc-core clients refuse headers past 8 KiB
+/// (at random between that and 16 KiB), so an error echoing a 2,048-
+/// character ARN or version selector would reach a Python caller as
+/// RESOURCE_EXHAUSTED instead of NOT_FOUND. A real secret's name or ARN
+/// (at most 512 and about 620 characters) always fits whole.
+const MAX_MESSAGE: usize = 1024;
+
+/// The most bytes of an `ErrorInfo` metadata value (a `secret_name`).
+const MAX_METADATA_VALUE: usize = 640;
+
+/// `text`, or, past `max` bytes, its start and end around a mark that says
+/// how much was cut: the end of a message says what to do.
+fn fitted(text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    const KEPT_END: usize = 160;
+    let end = text.ceil_char_boundary(text.len() - KEPT_END);
+    // Room for the mark, whose number has at most 5 digits here.
+    let start = text.floor_char_boundary(max - KEPT_END - 24);
+    format!(
+        "{}…({} bytes cut)…{}",
+        &text[..start],
+        end - start,
+        &text[end..]
+    )
 }
 
 #[cfg(test)]
@@ -446,5 +481,49 @@ mod tests {
         let info = status.get_details_error_info().unwrap();
         assert_eq!(info.reason, "INVALID_SECRET_NAME");
         assert_eq!(info.metadata["field"], "name");
+    }
+
+    /// A NOT_FOUND for the longest name a caller may send (a 2,048-
+    /// character ARN) must fit a grpc-core client's 8 KiB of headers; a
+    /// real secret's ARN is shown whole.
+    #[test]
+    fn a_status_for_a_very_long_name_stays_small_and_keeps_its_ends() {
+        let long = format!(
+            "arn:aws:secretsmanager:us-east-1:123456789012:secret:insurecove/{}",
+            "x".repeat(1980)
+        );
+        let status = Status::from(ApiError::from(StoreError::NotFound { name: long.clone() }));
+        let message = status.message();
+        assert!(message.len() <= MAX_MESSAGE, "{} bytes", message.len());
+        assert!(
+            message.starts_with(
+                "secret arn:aws:secretsmanager:us-east-1:123456789012:secret:insurecove/xxx"
+            ),
+            "{message}"
+        );
+        assert!(
+            message.ends_with("was not found (or has no such version)"),
+            "{message}"
+        );
+        assert!(message.contains(" bytes cut)…"), "{message}");
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "SECRET_NOT_FOUND");
+        assert!(info.metadata["secret_name"].len() <= MAX_METADATA_VALUE);
+        // What travels in headers: the message, and the details in base64.
+        let headers = message.len() + status.details().len() * 4 / 3;
+        assert!(headers < 4096, "{headers} bytes of headers");
+
+        let real = "arn:aws:secretsmanager:us-east-1:123456789012:secret:insurecove/".to_owned()
+            + &"n".repeat(512)
+            + "-AbCdEf";
+        let status = Status::from(ApiError::from(StoreError::NotFound { name: real.clone() }));
+        assert_eq!(
+            status.message(),
+            format!("secret {real} was not found (or has no such version)")
+        );
+        assert_eq!(
+            status.get_details_error_info().unwrap().metadata["secret_name"],
+            real
+        );
     }
 }

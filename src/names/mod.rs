@@ -114,10 +114,17 @@ impl<'a> SecretArn<'a> {
     }
 }
 
+/// The most characters of an ARN's partition and of its region: the
+/// longest AWS has are under 16 (`aws-iso-b`, `ap-southeast-5`). Without a
+/// bound an ARN could pad either to the 2,048 characters AWS allows an id,
+/// a name no secret can have that every error and audit line would echo.
+const MAX_PARTITION_OR_REGION: usize = 32;
+
 /// `aws`, `aws-cn`, `aws-us-gov`, `aws-iso-b`...: lower-case words joined by
 /// dashes, starting with `aws`.
 fn is_partition(partition: &str) -> bool {
-    partition.starts_with("aws")
+    partition.len() <= MAX_PARTITION_OR_REGION
+        && partition.starts_with("aws")
         && partition
             .split('-')
             .all(|word| !word.is_empty() && word.bytes().all(|b| b.is_ascii_lowercase()))
@@ -125,6 +132,9 @@ fn is_partition(partition: &str) -> bool {
 
 /// `ap-east-1`, `us-gov-west-1`: lower-case words and a final number.
 fn is_region(region: &str) -> bool {
+    if region.len() > MAX_PARTITION_OR_REGION {
+        return false;
+    }
     let mut words = region.split('-').peekable();
     let mut count = 0;
     while let Some(word) = words.next() {

@@ -109,6 +109,14 @@ fn malformed_arns_are_refused() {
     ] {
         assert!(r.resolve(bad).is_err(), "{bad} was accepted");
     }
+    // Padded to AWS's 2,048 characters through the partition or region.
+    let words = "-abcdefghij".repeat(180);
+    for bad in [
+        format!("arn:aws{words}:secretsmanager:ap-east-1:123456789012:secret:insurecove/x"),
+        format!("arn:aws:secretsmanager:ap{words}-1:123456789012:secret:insurecove/x"),
+    ] {
+        assert!(r.resolve(&bad).is_err(), "{bad} was accepted");
+    }
 }
 
 #[test]

@@ -112,6 +112,37 @@ def test_arns_are_parsed_and_authorized_by_the_name_inside(moto, aws_broker, stu
 # 2. identity confusion
 
 
+def test_long_arns_reach_grpcio_with_their_own_code(start_broker, stubs):
+    """An ARN padded to AWS's 2,048 characters through its partition is
+    refused as a bad ARN; the longest ARN a secret can have is NOT_FOUND,
+    whole in the error. Each answer's headers echo the name (grpc-message
+    and the error details), and grpc-core refuses headers past 8 KiB at
+    random, as RESOURCE_EXHAUSTED: 300 calls of each get their own code."""
+    broker = start_broker()
+    stub = broker.secrets()
+
+    def codes_of(name: str) -> tuple[dict[str, int], grpc.RpcError]:
+        codes: dict[str, int] = {}
+        for _ in range(300):
+            try:
+                get(stub, stubs, name)
+                codes["OK"] = codes.get("OK", 0) + 1
+            except grpc.RpcError as err:
+                codes[err.code().name] = codes.get(err.code().name, 0) + 1
+                last = err
+        return codes, last
+
+    padded = f"arn:aws{'-abcdefghij' * 180}:secretsmanager:us-east-1:{ACCOUNT}:secret:insurecove/padded"
+    codes, last = codes_of(padded[:2048])
+    assert codes == {"INVALID_ARGUMENT": 300}, codes
+    assert "partition" in last.details() and len(last.details()) < 300, last.details()
+
+    longest = f"arn:aws-iso-b:secretsmanager:us-isob-east-1:{ACCOUNT}:secret:insurecove/{'x' * 501}-AbCdEf"
+    codes, last = codes_of(longest)
+    assert codes == {"NOT_FOUND": 300}, codes
+    assert last.details() == f"secret {longest} was not found (or has no such version)", last.details()
+
+
 def test_identities_are_typed(start_tls_broker, tls_files, stubs, pki):
     apb = stubs.admin_service_pb2
     tls_files.write_policy(policy_toml(
