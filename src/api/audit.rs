@@ -87,8 +87,17 @@ impl Audit {
     /// in a name: such a name is quoted (`"a=b"=OK`), so that a reader
     /// splitting on the last `=` of an unquoted item, or reading a quoted
     /// one, never takes part of the name for the outcome.
+    ///
+    /// Items that were not served are shown as refused names are (cut and
+    /// quoted) once the line's names pass `WHOLE_NAMES`: a batch of a
+    /// hundred long names that do not exist would otherwise write a line of
+    /// 60 KB, past what container runtimes keep as one line. What was
+    /// served is always shown whole.
     pub fn batch_item(&mut self, name: &str, outcome: Code, cache_hit: Option<bool>) {
-        if name.contains(['=', ' ']) && !name.starts_with('"') {
+        let whole = outcome == Code::Ok || self.secrets.as_str().len() + name.len() <= WHOLE_NAMES;
+        if !whole {
+            self.push_name(&refused_shown(name));
+        } else if name.contains(['=', ' ']) && !name.starts_with('"') {
             self.push_name(&format!("{name:?}"));
         } else {
             self.push_name(name);
@@ -153,6 +162,10 @@ impl Drop for Audit {
         }
     }
 }
+
+/// The bytes of names past which a batch's items that were not served are
+/// shown cut (`Audit::batch_item`).
+const WHOLE_NAMES: usize = 4096;
 
 /// A name that did not resolve, as the audit shows it.
 pub fn refused_shown(raw: &str) -> String {
@@ -252,15 +265,20 @@ pub fn code_name(code: Code) -> &'static str {
 mod tests {
     use super::*;
 
-    #[test]
-    fn batch_items_with_an_equals_sign_in_their_name_are_quoted() {
+    /// The record of an anonymous caller's BatchGetSecrets.
+    fn batch_audit() -> Audit {
         let registry = crate::metrics::Metrics::new();
-        let mut audit = Audit::new(
+        Audit::new(
             Rpc::BatchGetSecrets,
             Identity::Anonymous,
             CallMetrics::register(&registry, false),
             Duration::from_secs(30),
-        );
+        )
+    }
+
+    #[test]
+    fn batch_items_with_an_equals_sign_in_their_name_are_quoted() {
+        let mut audit = batch_audit();
         audit.batch_item("insurecove/a=OK/hit", Code::PermissionDenied, None);
         audit.batch_item("insurecove/b", Code::Ok, Some(true));
         audit.batch_item(&refused_shown("bad name"), Code::InvalidArgument, None);
@@ -268,6 +286,27 @@ mod tests {
             audit.secrets.as_str(),
             r#""insurecove/a=OK/hit"=PERMISSION_DENIED insurecove/b=OK/hit "bad name"=INVALID_ARGUMENT"#
         );
+        audit.finish(Code::Ok);
+    }
+
+    #[test]
+    fn a_batch_of_long_names_not_served_writes_a_bounded_line() {
+        let mut audit = batch_audit();
+        let long = |i: usize| format!("insurecove/{i:03}{}", "x".repeat(497));
+        for i in 0..99 {
+            audit.batch_item(&long(i), Code::NotFound, None);
+        }
+        audit.batch_item(&long(99), Code::Ok, Some(true));
+        let line = audit.secrets.as_str();
+        assert!(line.len() < WHOLE_NAMES + 100 * 100, "{} bytes", line.len());
+        // The first names are whole, later ones cut and quoted, and what was
+        // served is whole wherever it stands.
+        assert!(line.starts_with(&format!("{}=NOT_FOUND {}=NOT_FOUND", long(0), long(1))));
+        assert!(
+            line.contains(&format!(" \"{}…\"=NOT_FOUND", &long(98)[..80])),
+            "{line}"
+        );
+        assert!(line.ends_with(&format!(" {}=OK/hit", long(99))), "{line}");
         audit.finish(Code::Ok);
     }
 
