@@ -8,10 +8,21 @@
 //! bypass read, a RefreshSecret, a version of that key stored by anyone
 //! (the change detector included), or a change event about its secret
 //! (every selector of it: a creation, or a rotation that made an
-//! AWSPREVIOUS). The count is bounded: when full, expired
-//! entries are swept out, and a new one is not remembered if none were.
+//! AWSPREVIOUS). WatchSecret reads afresh, as a bypass read does.
+//!
+//! The count is bounded: entries are kept in the order they were
+//! remembered, which with one `ttl` for all is the order they expire in.
+//! Expired ones are dropped from the front at each new entry and whenever
+//! the count is read (`GetCacheStats`, a metrics scrape), so a flood of
+//! missing names does not hold its memory after it stops; when full, the
+//! oldest goes, so the newest answers are the ones remembered. Both are
+//! constant work per entry on average, however full the map.
 
-use std::time::Duration;
+use std::{
+    collections::VecDeque,
+    sync::{Mutex, MutexGuard},
+    time::Duration,
+};
 
 use dashmap::DashMap;
 use tokio::time::Instant;
@@ -24,6 +35,9 @@ pub struct NegativeEntries {
     ttl: Duration,
     max_entries: usize,
     entries: DashMap<CacheKey, (Instant, StoreError)>,
+    /// Each key as it was remembered, oldest first. An item whose entry was
+    /// forgotten or remembered again since is skipped when reached.
+    order: Mutex<VecDeque<(CacheKey, Instant)>>,
 }
 
 impl NegativeEntries {
@@ -33,6 +47,7 @@ impl NegativeEntries {
             ttl,
             max_entries,
             entries: DashMap::new(),
+            order: Mutex::default(),
         }
     }
 
@@ -61,15 +76,45 @@ impl NegativeEntries {
         if self.ttl.is_zero() || !remembered {
             return;
         }
-        if self.entries.len() >= self.max_entries {
-            let ttl = self.ttl;
-            self.entries.retain(|_, (at, _)| at.elapsed() < ttl);
-            if self.entries.len() >= self.max_entries {
-                return;
+        let now = Instant::now();
+        let mut order = self.order();
+        self.drop_expired(&mut order, now);
+        while self.entries.len() >= self.max_entries.max(1) {
+            let Some(oldest) = order.pop_front() else {
+                break;
+            };
+            self.drop_item(oldest);
+        }
+        // Forgotten entries leave their items behind: swept once they
+        // outnumber the live ones, as the cache's eviction queue is.
+        if order.len() > self.max_entries.saturating_mul(2).max(64) {
+            order.retain(|(key, at)| self.entries.get(key).is_some_and(|entry| entry.0 == *at));
+        }
+        self.entries.insert(key.clone(), (now, error.clone()));
+        order.push_back((key.clone(), now));
+    }
+
+    /// Drops the entries remembered `ttl` or more before `now`.
+    fn drop_expired(&self, order: &mut VecDeque<(CacheKey, Instant)>, now: Instant) {
+        while order
+            .front()
+            .is_some_and(|(_, at)| now.duration_since(*at) >= self.ttl)
+        {
+            if let Some(expired) = order.pop_front() {
+                self.drop_item(expired);
             }
         }
+    }
+
+    /// Removes the entry an item of `order` stands for, unless it was
+    /// remembered again since.
+    fn drop_item(&self, (key, at): (CacheKey, Instant)) {
         self.entries
-            .insert(key.clone(), (Instant::now(), error.clone()));
+            .remove_if(&key, |_, (stored_at, _)| *stored_at == at);
+    }
+
+    fn order(&self) -> MutexGuard<'_, VecDeque<(CacheKey, Instant)>> {
+        self.order.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Forgets `key` (a value was stored for it, or it was asked again
@@ -87,7 +132,11 @@ impl NegativeEntries {
         }
     }
 
+    /// How many answers are remembered and still in time.
     pub fn len(&self) -> usize {
+        if !self.entries.is_empty() {
+            self.drop_expired(&mut self.order(), Instant::now());
+        }
         self.entries.len()
     }
 }
@@ -118,15 +167,48 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_count_is_bounded() {
+    async fn the_count_is_bounded_and_the_newest_answers_are_kept() {
         let negative = NegativeEntries::new(Duration::from_secs(30), 2);
         for name in ["a", "b", "c"] {
             negative.remember(&key(name), &not_found(name));
+            tokio::time::advance(Duration::from_secs(1)).await;
         }
         assert_eq!(negative.len(), 2);
+        assert_eq!(negative.get(&key("a")), None, "the oldest went");
+        assert_eq!(negative.get(&key("c")), Some(not_found("c")));
         tokio::time::advance(Duration::from_secs(31)).await;
-        negative.remember(&key("c"), &not_found("c"));
-        assert_eq!(negative.len(), 1, "expired ones were swept to make room");
+        negative.remember(&key("d"), &not_found("d"));
+        assert_eq!(negative.len(), 1, "expired ones were dropped");
+    }
+
+    /// A flood of missing names leaves nothing behind once it is over, and
+    /// the count says so without a read of each name.
+    #[tokio::test(start_paused = true)]
+    async fn expired_answers_go_without_being_asked_for() {
+        let negative = NegativeEntries::new(Duration::from_secs(30), 1000);
+        for i in 0..500 {
+            negative.remember(&key(&format!("flood-{i}")), &not_found("x"));
+        }
+        assert_eq!(negative.len(), 500);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert_eq!(negative.len(), 0);
+        assert_eq!(negative.entries.len(), 0, "the memory is given back");
+    }
+
+    /// Entries forgotten (a value stored, a bypass read) and remembered
+    /// again, over and over, do not pile up items in the order kept.
+    #[tokio::test(start_paused = true)]
+    async fn forgotten_entries_leave_no_trail() {
+        let negative = NegativeEntries::new(Duration::from_secs(30), 10);
+        for _ in 0..10_000 {
+            negative.remember(&key("again"), &not_found("again"));
+            negative.forget(&key("again"));
+        }
+        assert!(
+            negative.order().len() <= 64 + 1,
+            "{}",
+            negative.order().len()
+        );
     }
 
     #[test]
