@@ -237,6 +237,102 @@ def test_an_unreachable_broker_is_false_not_an_exception(venv, tmp_path):
     assert json.loads(proc.stdout) == {"status": "unhealthy", "aws_secrets": "disconnected"}
 
 
+class SlowRelay:
+    """A TCP relay to `target` that holds each chunk `delay` seconds, each
+    way: a broker in another region, or one under load."""
+
+    def __init__(self, target: str, delay: float):
+        host, port = target.rsplit(":", 1)
+        self.target = (host, int(port))
+        self.delay = delay
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.addr = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                downstream, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            for source, sink in ((downstream, upstream), (upstream, downstream)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                time.sleep(self.delay)
+                sink.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+SLOW_LINK_PROBE = """
+import json, time
+from secrets_broker.aws_secrets import AWSSecretsManager
+started = time.monotonic()
+value = AWSSecretsManager().get_secret("mistral-api-key").value
+print(json.dumps({"value": value, "took": time.monotonic() - started}))
+"""
+
+
+def test_a_broker_slow_to_connect_to_is_waited_for(venv, start_broker, tmp_path):
+    """A broker 600 ms away (round trip): the first read waits for the
+    connection, within the client's 10 s, rather than failing at once as
+    if nothing answered (grpc-core takes `min_reconnect_backoff_ms` as
+    each connection attempt's deadline too)."""
+    broker = start_broker()
+    relay = SlowRelay(broker.addr, 0.3)
+    try:
+        answer = probe_answer(venv, tmp_path, "slow_link.py", SLOW_LINK_PROBE,
+                              support.broker_env({"BROKER_ENDPOINT": relay.addr}))
+    finally:
+        relay.close()
+    assert answer["value"] == support.dev_seed()[MISTRAL], answer
+    assert answer["took"] < 8, answer
+
+
+SILENT_BROKER_PROBE = """
+import json, time
+from secrets_broker.aws_secrets import AWSSecretsManager, BrokerUnavailableError
+started = time.monotonic()
+try:
+    AWSSecretsManager().get_secret("mistral-api-key")
+    print(json.dumps({"read": True}))
+except BrokerUnavailableError as error:
+    print(json.dumps({"error": str(error), "took": time.monotonic() - started}))
+"""
+
+
+def test_a_broker_that_accepts_but_never_answers_is_named_in_the_timeout(venv, tmp_path):
+    """Something at BROKER_ENDPOINT takes the connection and says nothing:
+    the read ends at the client's 10 s with the endpoint named and what to
+    check, not grpc's bare "Deadline Exceeded"."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.append(listener.accept()[0]), daemon=True).start()
+    endpoint = f"127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        seen = probe_answer(venv, tmp_path, "silent_broker.py", SILENT_BROKER_PROBE,
+                            support.broker_env({"BROKER_ENDPOINT": endpoint}))
+    finally:
+        listener.close()
+        for connection in held:
+            connection.close()
+    # At 10 s the call's deadline and the connection's unanswered pings
+    # (5 s, then 5 s to answer) end it together: either is said so.
+    assert seen["error"].startswith((
+        f"DEADLINE_EXCEEDED: the broker at BROKER_ENDPOINT={endpoint} did not answer within this client's 10 s: ",
+        f"UNAVAILABLE: the broker at BROKER_ENDPOINT={endpoint} did not answer this client's HTTP/2 pings: ",
+    )), seen
+    assert "taking connections without answering?" in seen["error"], seen
+    assert 9 < seen["took"] < 12, seen
+
+
 UNIX_SOCKET_PROBE = """
 import json
 from secrets_broker.aws_secrets import AWSSecretsManager
@@ -318,7 +414,10 @@ def test_settings_changed_after_they_were_made_are_checked_where_channels_are_ma
     ("ipv6:[::1]:1,%5B2001%3Adb8%3A%3A5%5D%3A50051", False, "is not a loopback address"),
     ("ipv4:127.0.0.1:1,127.0.0.2:1", False, None),
     ("[::1]:50051", False, None),
-    ("[::1]", False, None),
+    # No port: gRPC would take 443, which the broker is rarely on.
+    ("[::1]", False, "BROKER_ENDPOINT=[::1] names no port"),
+    ("localhost", False, "BROKER_ENDPOINT=localhost names no port: write it with the broker's port"),
+    ("dns:///localhost", False, "names no port"),
     # Mutual TLS takes the three files, and not to a unix socket.
     ("broker.internal:50051", "ca only", "needs BROKER_CA_FILE, BROKER_CERT_FILE and BROKER_KEY_FILE together"),
     ("unix:/run/secrets-broker.sock", True, "a unix socket is plaintext"),
@@ -1192,6 +1291,53 @@ def test_a_malformed_config_says_its_field_in_the_errors_metadata(venv, start_br
         assert metadata.get("field") == "jwt_issuer", seen
         assert metadata.get("secret_name") == JWT, seen
         assert "SENTINEL" not in text and "SENTINEL" not in json.dumps(metadata), seen
+
+
+MANY_NAMES_PROBE = """
+import asyncio, json, time
+from secrets_broker.aws_secrets import AWSSecretsManager
+from secrets_broker.aio import AsyncAWSSecretsManager
+
+def names(first, last):
+    return [f"many-{i}" for i in range(first, last)]
+
+m = AWSSecretsManager()
+for name in names(0, 600):
+    m.get_secret(name)
+time.sleep(1.2)                         # SECRET_CACHE_TTL=1: all expired
+for name in names(600, 1100):
+    m.get_secret(name)
+sync = m.get_cache_stats()
+m.close()
+
+async def main():
+    async with AsyncAWSSecretsManager() as a:
+        for name in names(0, 600):
+            await a.get_secret(name)
+        await asyncio.sleep(1.2)
+        for name in names(600, 1100):
+            await a.get_secret(name)
+        return await a.get_cache_stats()
+print(json.dumps({"sync": sync, "async": asyncio.run(main())}))
+"""
+
+
+def test_a_process_reading_many_names_once_does_not_keep_them_all(venv, start_broker, tmp_path):
+    """1,100 distinct names read once each with SECRET_CACHE_TTL=1: what
+    expired and is not followed is dropped as the cache grows (the 256
+    followed names stay, kept current by their watch), rather than every
+    value read ever staying in the process."""
+    data = {"secrets": [{"name": f"many-{i}", "versions": [{"value": f"many-value-{i}"}]} for i in range(1100)]}
+    path = tmp_path / "secrets.json"
+    path.write_text(json.dumps(data))
+    broker = start_broker(["--secrets-file", str(path)])
+    seen = probe_answer(venv, tmp_path, "many_names.py", MANY_NAMES_PROBE,
+                        package_env(broker, SECRET_CACHE_TTL="1"))
+    for client in ("sync", "async"):
+        stats = seen[client]
+        # Swept at 1,024 entries: the 600 first, expired, less the 256 followed.
+        assert stats["total_entries"] <= 1100 - (600 - 256), seen
+        assert stats["valid_entries"] >= 500, seen
 
 
 NO_LOCAL_CACHE_PROBE = """

@@ -24,6 +24,7 @@ from secrets_broker.aws_secrets import (
     CALL_TIMEOUT,
     MAX_FOLLOWED,
     REFRESH_WAIT,
+    SWEEP_AT_LEAST,
     WATCH_BACKOFF_MAX,
     AskedSinceClear,
     AWSSecretsConfig,
@@ -43,6 +44,7 @@ from secrets_broker.aws_secrets import (
     _has_stage,
     _refuse_stale_bypass,
     _changed_keys,
+    _sweep_expired,
     config_dict,
     settings_from_env,
 )
@@ -64,6 +66,7 @@ class AsyncAWSSecretsManager:
         self._channel: Optional[grpc.aio.Channel] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._cache: dict[tuple[str, Optional[str]], tuple[SecretValue, float]] = {}
+        self._sweep_at = SWEEP_AT_LEAST
         # When the broker read each followed value from AWS (a push: when
         # it came): see _older_news.
         self._learned_at: dict[str, float] = {}
@@ -219,6 +222,16 @@ class AsyncAWSSecretsManager:
             # the name was followed) or was heard (it may predate it).
             return value._for_caller()
         self._cache[key] = (value, time.monotonic())
+        if len(self._cache) >= self._sweep_at:
+            self._sweep_at = _sweep_expired(
+                self._cache,
+                self.config.secret_cache_ttl,
+                lambda held: held[1],
+                lambda held_key, _: held_key[1] is None and held_key[0] in self._followers,
+            )
+            # Consulted only for followed names.
+            for unfollowed in [held for held in self._learned_at if held not in self._followers]:
+                del self._learned_at[unfollowed]
         if selector is None:
             self._learned_at[name] = _read_at(answer.secret, sent_at)
         if selector is None and name not in self._followers and len(self._followers) < MAX_FOLLOWED:

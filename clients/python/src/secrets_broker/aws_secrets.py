@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar, Union
 
 import grpc
 import grpc.aio
@@ -99,6 +99,9 @@ KEEPALIVE_TIMEOUT_MS = 5_000
 # default), as the Rust client does. Names past it are cached for
 # SECRET_CACHE_TTL without push.
 MAX_FOLLOWED = 256
+# The local cache drops what has expired and is not followed once it holds
+# this many entries, then again each time it has doubled since.
+SWEEP_AT_LEAST = 2 * MAX_FOLLOWED
 
 
 # --------------------------------------------------------------------------
@@ -162,6 +165,11 @@ def _error_from(error: grpc.RpcError, config: Optional["AWSSecretsConfig"] = Non
         # what to check, the transport's words after it.
         hint = _transport_hint(message, config)
         message = f"{hint} ({message})" if hint else message
+    elif code == grpc.StatusCode.DEADLINE_EXCEEDED and not reason and config is not None:
+        # This client's own deadline: the broker never answered in time
+        # (it gives a reason, CALL_TIMEOUT, when it cuts a call itself).
+        waited = f"did not answer within this client's {CALL_TIMEOUT:g} s"
+        message = f"{_silent_broker(config, waited)} ({message})"
     kind: type[AWSSecretsManagerError] = AWSSecretsManagerError
     if code == grpc.StatusCode.NOT_FOUND:
         kind = SecretNotFoundError
@@ -175,6 +183,15 @@ def _error_from(error: grpc.RpcError, config: Optional["AWSSecretsConfig"] = Non
         kind = BrokerUnavailableError
     label = f"{code.name} {reason}".strip() if code is not None else "error"
     return kind(f"{label}: {message}", code=code, reason=reason, metadata=metadata)
+
+
+def _silent_broker(config: "AWSSecretsConfig", what: str) -> str:
+    """What to check when the broker's address takes connections but
+    nothing answers on them."""
+    return (
+        f"the broker at BROKER_ENDPOINT={config.broker_endpoint} {what}: is it overloaded, or is "
+        "something at that address taking connections without answering?"
+    )
 
 
 def _transport_hint(details: str, config: "AWSSecretsConfig") -> str:
@@ -211,6 +228,10 @@ def _transport_hint(details: str, config: "AWSSecretsConfig") -> str:
             f"the TLS handshake with the broker at {endpoint} failed: check BROKER_CA_FILE, "
             "BROKER_CERT_FILE and BROKER_KEY_FILE, and that the broker speaks TLS"
         )
+    if "ping timeout" in text or "keepalive watchdog" in text:
+        return _silent_broker(config, "did not answer this client's HTTP/2 pings")
+    if "before receiving settings" in text:
+        return _silent_broker(config, "took the connection but never started HTTP/2 on it")
     if "connection refused" in text or "failed to connect" in text:
         proxy = config.proxy_in_use(tls)
         if proxy is not None:
@@ -389,10 +410,12 @@ class AWSSecretsConfig(BaseSettings):
         proxy variable grpc-core would read on its own (``grpc_proxy``,
         ``http_proxy``) when ``HTTPS_PROXY`` is unset."""
         # After an outage the broker is found again within seconds: gRPC's
-        # own reconnect backoff grows to two minutes.
+        # own reconnect backoff grows to two minutes. Not
+        # `min_reconnect_backoff_ms`: grpc-core also takes it as each
+        # connection attempt's deadline (20 s by default), and a broker more
+        # than that away would never be reached.
         options: list[tuple[str, Any]] = [
             ("grpc.initial_reconnect_backoff_ms", 200),
-            ("grpc.min_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 3000),
             # A broker that stops answering without closing the connection
             # (frozen, a partition, a NAT that forgot it) is noticed within
@@ -547,6 +570,12 @@ def _target(endpoint: str, tls_files: tuple[Optional[str], ...]) -> str:
             f"BROKER_ENDPOINT={shown} is not a loopback address: plaintext is only allowed to loopback or a "
             "unix socket; for a broker elsewhere set BROKER_CA_FILE, BROKER_CERT_FILE and BROKER_KEY_FILE"
         )
+    if _names_no_port(endpoint):
+        # gRPC would take 443, the HTTPS port, which a broker rarely is on.
+        raise ValueError(
+            f"BROKER_ENDPOINT={shown} names no port: write it with the broker's port (its --listen; "
+            "50051 by default), e.g. localhost:50051"
+        )
     return endpoint
 
 
@@ -557,9 +586,16 @@ def _without_user(endpoint: str) -> str:
 
 
 def _endpoint_host(endpoint: str) -> Optional[str]:
-    """The host a gRPC target names, lowercase; `None` for a unix socket.
-    Target forms: host:port, ipv4:/ipv6:ADDR:port, dns:host:port,
-    dns:///host:port, dns://resolver/host:port."""
+    """The host a gRPC target names, lowercase; `None` for a unix socket."""
+    named = _host_and_port(endpoint)
+    return named[0] if named is not None else None
+
+
+def _host_and_port(endpoint: str) -> Optional[tuple[str, str]]:
+    """The host (lowercase) and port (``""`` when none is written) a gRPC
+    target names; `None` for a unix socket. Target forms: host:port,
+    ipv4:/ipv6:ADDR:port, dns:host:port, dns:///host:port,
+    dns://resolver/host:port."""
     if endpoint.startswith(("unix:", "unix-abstract:")):
         return None
     for scheme in ("ipv4:", "ipv6:", "dns:"):
@@ -570,11 +606,24 @@ def _endpoint_host(endpoint: str) -> Optional[str]:
         endpoint = endpoint[2:].split("/", 1)[-1]
     if endpoint.startswith("["):
         # [v6 address] or [v6 address]:port
-        return endpoint[1:].split("]", 1)[0].lower()
+        host, _, rest = endpoint[1:].partition("]")
+        return host.lower(), rest.removeprefix(":")
     if endpoint.count(":") > 1:
         # A bare IPv6 address, without a port.
-        return endpoint.lower()
-    return endpoint.rsplit(":", 1)[0].lower()
+        return endpoint.lower(), ""
+    host, _, port = endpoint.partition(":")
+    return host.lower(), port
+
+
+def _names_no_port(endpoint: str) -> bool:
+    """Whether the target, or any address of an ``ipv4:``/``ipv6:`` list,
+    leaves its port out (a unix socket has none to give)."""
+    for scheme in ("ipv4:", "ipv6:"):
+        if endpoint.startswith(scheme):
+            addresses = endpoint[len(scheme):].split(",")
+            return any(not (_host_and_port(scheme + address) or ("", "-"))[1] for address in addresses)
+    named = _host_and_port(endpoint)
+    return named is not None and not named[1]
 
 
 def _is_loopback(host: str) -> bool:
@@ -787,6 +836,25 @@ def _cache_key(name: str, version_id: Optional[str], version_stage: Optional[str
     return (name, None)
 
 
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _sweep_expired(
+    cache: dict[K, V], ttl: float, stored_at: Callable[[V], float], followed: Callable[[K, V], bool]
+) -> int:
+    """Drops from ``cache`` the entries older than ``ttl`` that nothing
+    follows: a read of one asks the broker anyway, and a process that reads
+    many distinct names once would otherwise hold every value it ever read.
+    Followed entries stay (their watch keeps them current). Returns the
+    size at which to sweep next: twice what is left, so the work per entry
+    stays constant."""
+    now = time.monotonic()
+    for key in [key for key, entry in cache.items() if not followed(key, entry) and now - stored_at(entry) >= ttl]:
+        del cache[key]
+    return max(SWEEP_AT_LEAST, 2 * len(cache))
+
+
 @dataclass
 class _Entry:
     value: SecretValue
@@ -817,6 +885,7 @@ class AWSSecretsManager:
         self._connection = _Connection()
         self._lock = threading.Lock()
         self._cache: dict[tuple[str, Optional[str]], _Entry] = {}
+        self._sweep_at = SWEEP_AT_LEAST
         # Typed configs, by (RPC, name asked).
         self._configs: dict[tuple[str, str], _ConfigEntry] = {}
         self._since_clear = AskedSinceClear()
@@ -903,6 +972,7 @@ class AWSSecretsManager:
             _PARENTS_CHANNELS.append(parents)
         self._lock = threading.Lock()
         self._cache = {}
+        self._sweep_at = SWEEP_AT_LEAST
         self._configs = {}
         self._rotations = {}
         self._unfollowed_at_fork = []
@@ -1021,6 +1091,13 @@ class AWSSecretsManager:
             else:
                 entry = _Entry(value=value, stored_at=time.monotonic(), read_at=read_at)
                 self._cache[key] = entry
+                if len(self._cache) >= self._sweep_at:
+                    self._sweep_at = _sweep_expired(
+                        self._cache,
+                        self.config.secret_cache_ttl,
+                        lambda held: held.stored_at,
+                        lambda _, held: held.follower is not None,
+                    )
             name, selector = key
             # A version id names an immutable version, and a stage other
             # than the current one is not what WatchSecret follows. An
