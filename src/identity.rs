@@ -62,7 +62,9 @@ pub const MAX_NAMES: usize = 64;
 
 /// The most bytes a client certificate's names may take as the audit
 /// shows them (`Identity::shown`), for the same reason.
-pub const MAX_SHOWN: usize = 4096;
+/// 64 Kubernetes service names (`pod-N.svc.namespace.svc.cluster.local`,
+/// about 70 characters each) fit.
+pub const MAX_SHOWN: usize = 8192;
 
 impl RefusedCertificate {
     /// What the caller is told.
@@ -76,7 +78,7 @@ impl RefusedCertificate {
             Self::UnreadableCn => "the client certificate's CN cannot be read as text",
             Self::TooManyNames => {
                 "the client certificate carries more names than the broker takes (at most 64 \
-                 URI and DNS SANs, 4096 bytes as the audit shows them)"
+                 URI and DNS SANs, 8192 bytes as the audit shows them)"
             }
         }
     }
@@ -399,7 +401,7 @@ mod tests {
     }
 
     /// Every call's audit line shows every name, and the policy matches
-    /// each: a certificate may carry 64 names and 4 KiB of them as shown,
+    /// each: a certificate may carry 64 names and 8 KiB of them as shown,
     /// not thousands.
     #[test]
     fn certificates_with_too_many_or_too_long_names_are_refused() {
@@ -411,7 +413,16 @@ mod tests {
                     .collect();
             })
         };
-        let names_of = |count: usize| (0..count).map(|i| format!("svc-{i}.internal")).collect();
+        // As long as a StatefulSet pod's name in a Kubernetes cluster.
+        let names_of = |count: usize| {
+            (0..count)
+                .map(|i| {
+                    format!(
+                        "orders-db-{i}.orders-db-headless.payments-production.svc.cluster.local"
+                    )
+                })
+                .collect()
+        };
         let most = Identity::from_certificate(&dns_names(names_of(MAX_NAMES)));
         assert!(matches!(most, Identity::Certificate(_)), "{most:?}");
         let too_many = Identity::from_certificate(&dns_names(names_of(MAX_NAMES + 1)));
@@ -430,7 +441,7 @@ mod tests {
             "the caller is told the limits in force: {why}"
         );
         // Few names, but each escaped six times over as the audit shows it.
-        let commas = Identity::from_certificate(&dns_names(vec![",".repeat(700)]));
+        let commas = Identity::from_certificate(&dns_names(vec![",".repeat(1400)]));
         assert_eq!(commas, Identity::Refused(RefusedCertificate::TooManyNames));
         let long = Identity::from_certificate(&dns_names(vec!["a".repeat(600)]));
         assert!(matches!(long, Identity::Certificate(_)), "{long:?}");

@@ -88,16 +88,21 @@ impl Audit {
     /// splitting on the last `=` of an unquoted item, or reading a quoted
     /// one, never takes part of the name for the outcome.
     ///
-    /// Items that were not served are shown as refused names are (cut and
-    /// quoted) once the line's names pass `WHOLE_NAMES`: a batch of a
-    /// hundred long names that do not exist would otherwise write a line of
-    /// 60 KB, past what container runtimes keep as one line. What was
-    /// served is always shown whole.
+    /// Items that were not served are shown cut in the middle and quoted
+    /// (`"arn:aws:secretsmanager:us-…/orders-db-credentials-AbCdEf"`: the
+    /// start and the end, which names the secret) once the line's names
+    /// pass `WHOLE_NAMES`: a batch of a hundred of the longest names that
+    /// do not exist would otherwise write a line of 60 KB, past what
+    /// container runtimes keep as one line. What was served is always
+    /// shown whole; a name already quoted (one that did not resolve, shown
+    /// cut) is shown as it is.
     pub fn batch_item(&mut self, name: &str, outcome: Code, cache_hit: Option<bool>) {
         let whole = outcome == Code::Ok || self.secrets.as_str().len() + name.len() <= WHOLE_NAMES;
-        if !whole {
-            self.push_name(&refused_shown(name));
-        } else if name.contains(['=', ' ']) && !name.starts_with('"') {
+        if name.starts_with('"') {
+            self.push_name(name);
+        } else if !whole {
+            self.push_name(&cut_in_the_middle(name));
+        } else if name.contains(['=', ' ']) {
             self.push_name(&format!("{name:?}"));
         } else {
             self.push_name(name);
@@ -164,8 +169,22 @@ impl Drop for Audit {
 }
 
 /// The bytes of names past which a batch's items that were not served are
-/// shown cut (`Audit::batch_item`).
-const WHOLE_NAMES: usize = 4096;
+/// shown cut (`Audit::batch_item`): a hundred names of 80 characters fit.
+const WHOLE_NAMES: usize = 8192;
+
+/// `name` quoted, its middle cut when it is longer than 80 characters: its
+/// first 24 and last 55 are kept, so that an ARN keeps the secret's name.
+fn cut_in_the_middle(name: &str) -> String {
+    const HEAD: usize = 24;
+    const TAIL: usize = 55;
+    let chars = name.chars().count();
+    if chars <= HEAD + TAIL + 1 {
+        return format!("{name:?}");
+    }
+    let head: String = name.chars().take(HEAD).collect();
+    let tail: String = name.chars().skip(chars - TAIL).collect();
+    format!("{:?}", format!("{head}…{tail}"))
+}
 
 /// A name that did not resolve, as the audit shows it.
 pub fn refused_shown(raw: &str) -> String {
@@ -292,20 +311,21 @@ mod tests {
     #[test]
     fn a_batch_of_long_names_not_served_writes_a_bounded_line() {
         let mut audit = batch_audit();
-        let long = |i: usize| format!("insurecove/{i:03}{}", "x".repeat(497));
-        for i in 0..99 {
+        let long = |i: usize| format!("insurecove/{}-{i:03}", "x".repeat(497));
+        for i in 0..98 {
             audit.batch_item(&long(i), Code::NotFound, None);
         }
+        audit.batch_item(&refused_shown("bad name"), Code::InvalidArgument, None);
         audit.batch_item(&long(99), Code::Ok, Some(true));
         let line = audit.secrets.as_str();
         assert!(line.len() < WHOLE_NAMES + 100 * 100, "{} bytes", line.len());
-        // The first names are whole, later ones cut and quoted, and what was
-        // served is whole wherever it stands.
+        // The first names are whole; later ones are cut in the middle and
+        // quoted, keeping the end that tells them apart; a refused name is
+        // quoted once; what was served is whole wherever it stands.
         assert!(line.starts_with(&format!("{}=NOT_FOUND {}=NOT_FOUND", long(0), long(1))));
-        assert!(
-            line.contains(&format!(" \"{}…\"=NOT_FOUND", &long(98)[..80])),
-            "{line}"
-        );
+        let cut = format!("insurecove/xxxxxxxxxxxxx…{}-097", "x".repeat(51));
+        assert!(line.contains(&format!(" \"{cut}\"=NOT_FOUND ")), "{line}");
+        assert!(line.contains(r#" "bad name"=INVALID_ARGUMENT "#), "{line}");
         assert!(line.ends_with(&format!(" {}=OK/hit", long(99))), "{line}");
         audit.finish(Code::Ok);
     }

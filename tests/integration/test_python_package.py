@@ -1310,6 +1310,16 @@ for name in names(600, 1100):
 sync = m.get_cache_stats()
 m.close()
 
+# Typed configs count as entries, and are swept as secrets are.
+m = AWSSecretsManager()
+for i in range(600):
+    m.get_database_config(f"config-{i}")
+time.sleep(1.2)
+for name in names(600, 1100):
+    m.get_secret(name)
+configs = m.get_cache_stats()
+m.close()
+
 async def main():
     async with AsyncAWSSecretsManager() as a:
         for name in names(0, 600):
@@ -1318,7 +1328,7 @@ async def main():
         for name in names(600, 1100):
             await a.get_secret(name)
         return await a.get_cache_stats()
-print(json.dumps({"sync": sync, "async": asyncio.run(main())}))
+print(json.dumps({"sync": sync, "configs": configs, "async": asyncio.run(main())}))
 """
 
 
@@ -1327,13 +1337,17 @@ def test_a_process_reading_many_names_once_does_not_keep_them_all(venv, start_br
     expired and is not followed is dropped as the cache grows (the 256
     followed names stay, kept current by their watch), rather than every
     value read ever staying in the process."""
-    data = {"secrets": [{"name": f"many-{i}", "versions": [{"value": f"many-value-{i}"}]} for i in range(1100)]}
+    data = {"secrets": [
+        *({"name": f"many-{i}", "versions": [{"value": f"many-value-{i}"}]} for i in range(1100)),
+        *({"name": f"config-{i}", "versions": [{"value": DATABASE_VALUE}]} for i in range(600)),
+    ]}
+    support.register_secrets_file(data)                 # for the leak scan
     path = tmp_path / "secrets.json"
     path.write_text(json.dumps(data))
     broker = start_broker(["--secrets-file", str(path)])
     seen = probe_answer(venv, tmp_path, "many_names.py", MANY_NAMES_PROBE,
                         package_env(broker, SECRET_CACHE_TTL="1"))
-    for client in ("sync", "async"):
+    for client in ("sync", "configs", "async"):
         stats = seen[client]
         # Swept at 1,024 entries: the 600 first, expired, less the 256 followed.
         assert stats["total_entries"] <= 1100 - (600 - 256), seen

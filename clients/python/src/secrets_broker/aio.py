@@ -223,12 +223,13 @@ class AsyncAWSSecretsManager:
             return value._for_caller()
         self._cache[key] = (value, time.monotonic())
         if len(self._cache) >= self._sweep_at:
-            self._sweep_at = _sweep_expired(
+            _sweep_expired(
                 self._cache,
                 self.config.secret_cache_ttl,
                 lambda held: held[1],
                 lambda held_key, _: held_key[1] is None and held_key[0] in self._followers,
             )
+            self._sweep_at = max(SWEEP_AT_LEAST, 2 * len(self._cache))
             # Consulted only for followed names.
             for unfollowed in [held for held in self._learned_at if held not in self._followers]:
                 del self._learned_at[unfollowed]

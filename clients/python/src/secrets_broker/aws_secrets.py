@@ -220,8 +220,9 @@ def _transport_hint(details: str, config: "AWSSecretsConfig") -> str:
         # certificate: the refusal comes after the client's handshake ended.
         return (
             f"the broker at {endpoint} refused this client's certificate (BROKER_CERT_FILE="
-            f"{config.broker_cert_file}): not from a CA the broker trusts, outside its dates, or "
-            "no longer trusted after a reload of the broker's client CA bundle"
+            f"{config.broker_cert_file}): not from a CA the broker trusts, outside its dates, "
+            "no longer trusted after a reload of the broker's client CA bundle, or a chain "
+            "larger than the broker takes (16 KiB); the broker's log says which"
         )
     if tls and ("handshake" in text or "ssl" in text or "tls" in text or "socket closed" in text):
         return (
@@ -617,7 +618,10 @@ def _host_and_port(endpoint: str) -> Optional[tuple[str, str]]:
 
 def _names_no_port(endpoint: str) -> bool:
     """Whether the target, or any address of an ``ipv4:``/``ipv6:`` list,
-    leaves its port out (a unix socket has none to give)."""
+    leaves its port out (a unix socket has none to give, and a
+    ``vsock:CID:PORT`` is not a host)."""
+    if endpoint.startswith("vsock:"):
+        return False
     for scheme in ("ipv4:", "ipv6:"):
         if endpoint.startswith(scheme):
             addresses = endpoint[len(scheme):].split(",")
@@ -842,17 +846,16 @@ V = TypeVar("V")
 
 def _sweep_expired(
     cache: dict[K, V], ttl: float, stored_at: Callable[[V], float], followed: Callable[[K, V], bool]
-) -> int:
+) -> None:
     """Drops from ``cache`` the entries older than ``ttl`` that nothing
     follows: a read of one asks the broker anyway, and a process that reads
     many distinct names once would otherwise hold every value it ever read.
-    Followed entries stay (their watch keeps them current). Returns the
-    size at which to sweep next: twice what is left, so the work per entry
-    stays constant."""
+    Followed entries stay (their watch keeps them current). Callers sweep
+    again once what is left has doubled, so the work per entry stays
+    constant."""
     now = time.monotonic()
     for key in [key for key, entry in cache.items() if not followed(key, entry) and now - stored_at(entry) >= ttl]:
         del cache[key]
-    return max(SWEEP_AT_LEAST, 2 * len(cache))
 
 
 @dataclass
@@ -1091,13 +1094,7 @@ class AWSSecretsManager:
             else:
                 entry = _Entry(value=value, stored_at=time.monotonic(), read_at=read_at)
                 self._cache[key] = entry
-                if len(self._cache) >= self._sweep_at:
-                    self._sweep_at = _sweep_expired(
-                        self._cache,
-                        self.config.secret_cache_ttl,
-                        lambda held: held.stored_at,
-                        lambda _, held: held.follower is not None,
-                    )
+                self._sweep_if_grown()
             name, selector = key
             # A version id names an immutable version, and a stage other
             # than the current one is not what WatchSecret follows. An
@@ -1108,6 +1105,16 @@ class AWSSecretsManager:
                 entry.follower = _Follower(weakref.ref(self), name, value.version_id, arn=value.arn)
                 entry.follower.start()
         return value
+
+    def _sweep_if_grown(self) -> None:
+        """Drops what has expired and is not followed, secrets and typed
+        configs, once they have grown to ``_sweep_at`` (under the lock)."""
+        if len(self._cache) + len(self._configs) < self._sweep_at:
+            return
+        ttl = self.config.secret_cache_ttl
+        _sweep_expired(self._cache, ttl, lambda held: held.stored_at, lambda _, held: held.follower is not None)
+        _sweep_expired(self._configs, ttl, lambda held: held.stored_at, lambda _, held: held.follower is not None)
+        self._sweep_at = max(SWEEP_AT_LEAST, 2 * (len(self._cache) + len(self._configs)))
 
     def _rotated(self, name: str, value: Optional[SecretValue]) -> None:
         """A watch event: the cached value replaced (or dropped) in place.
@@ -1235,6 +1242,7 @@ class AWSSecretsManager:
                 replaced = None if cleared() else self._configs.get(key)
                 if not cleared():
                     self._configs[key] = _ConfigEntry(value=value, stored_at=time.monotonic())
+                    self._sweep_if_grown()
             if replaced is not None and replaced.follower is not None:
                 replaced.follower.stop()
             return copy.deepcopy(value)
@@ -1255,6 +1263,7 @@ class AWSSecretsManager:
             # Started under the lock, as _store does: a fork, which takes
             # the followers of what is stored under it, cannot come between.
             entry.follower.start()
+            self._sweep_if_grown()
         if replaced_follower is not None:
             replaced_follower.stop()
         return copy.deepcopy(value)
