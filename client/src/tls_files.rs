@@ -67,9 +67,30 @@ pub(crate) fn client_config(ca: &Path, cert: &Path, key: &Path) -> Result<Client
         .map_err(|e| Error::Config(format!("TLS: {e}")))?
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key_der)
-        .map_err(|e| Error::Config(format!("BROKER_KEY_FILE {}: {e}", key.display())))?;
+        .map_err(|e| match e {
+            TlsError::InvalidCertificate(problem) => Error::Config(format!(
+                "BROKER_CERT_FILE {}: {}",
+                cert.display(),
+                certificate_problem(&problem)
+            )),
+            e => Error::Config(format!("BROKER_KEY_FILE {}: {e}", key.display())),
+        })?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
+}
+
+/// Why rustls cannot present the client certificate, in words: it shows
+/// the certificate parser's own errors as Rust debug text.
+fn certificate_problem(problem: &rustls::CertificateError) -> String {
+    let text = format!("{problem:?}");
+    if text.contains("UnsupportedCertVersion") {
+        // `openssl x509 -req` without an extension file makes one.
+        "an X.509 v1 certificate, which TLS does not take: issue it as v3 (with openssl, \
+         sign it with an extension file, e.g. one line `extendedKeyUsage=clientAuth`)"
+            .to_owned()
+    } else {
+        format!("the certificate cannot be used ({text})")
+    }
 }
 
 /// The provider the handshake uses: the process's default when one is

@@ -211,14 +211,20 @@ impl AdminService for AdminApi {
         let audit = self.admit(Rpc::CheckUpstream, &request, &[])?;
         let started = Instant::now();
         let check = self.context.cache.upstream().check();
-        // A caller's own deadline gets "not reachable in time", just before
-        // it, rather than its own DEADLINE_EXCEEDED with no word of why.
-        let outcome = match audit.deadline().filter(|d| d.callers) {
+        // A caller's deadline, or the broker's call timeout when it comes
+        // first, gets "not reachable in time", just before it, rather than
+        // DEADLINE_EXCEEDED with no word of AWS.
+        let outcome = match audit.deadline() {
             Some(deadline) => tokio::time::timeout_at(answer_by(deadline.at), check)
                 .await
                 .unwrap_or_else(|_| {
+                    let within = if deadline.callers {
+                        "the call's deadline"
+                    } else {
+                        "the broker's call timeout (--call-timeout)"
+                    };
                     Err(StoreError::Unavailable {
-                        detail: "AWS did not answer within the call's deadline".into(),
+                        detail: format!("AWS did not answer within {within}"),
                     })
                 }),
             None => check.await,

@@ -207,9 +207,14 @@ impl SecretStore for AwsStore {
             .send()
             .await
             .map_err(|e| explain(&e, "ListSecrets", prefix, &self.upstream))?;
+        // Read as "no secrets", an empty answer would look like every
+        // tracked secret gone from the listing.
+        let entries = output.secret_list.as_deref().ok_or_else(|| {
+            self.upstream
+                .incomplete_answer("ListSecrets", prefix, "its SecretList")
+        })?;
         Ok(SecretPage {
-            secrets: output
-                .secret_list()
+            secrets: entries
                 .iter()
                 .filter_map(listed)
                 .filter(|secret| secret.name.starts_with(prefix))
@@ -223,13 +228,22 @@ impl SecretStore for AwsStore {
     }
 
     async fn check(&self) -> Result<String, StoreError> {
-        self.client()
+        let output = self
+            .client()
             .await
             .list_secrets()
             .max_results(1)
             .send()
             .await
             .map_err(|e| explain(&e, "ListSecrets", "*", &self.upstream))?;
+        // AWS sends the list even when it is empty: an answer without it
+        // comes from something else (a proxy answering empty 200s), and a
+        // broker behind it must not call itself ready.
+        if output.secret_list.is_none() {
+            return Err(self
+                .upstream
+                .incomplete_answer("ListSecrets", "*", "its SecretList"));
+        }
         Ok(format!(
             "AWS Secrets Manager in {} answered ListSecrets",
             self.region

@@ -84,6 +84,8 @@ pub(super) fn parse_duration(value: &str) -> Result<Duration, String> {
         || format!("{value:?} is not a duration: give seconds (e.g. 300) or e.g. 5m");
     let duration = match value.parse::<u64>() {
         Ok(seconds) => Duration::from_secs(seconds),
+        // No number at all ("abc"): not a unit problem.
+        Err(_) if !value.bytes().any(|b| b.is_ascii_digit()) => return Err(not_a_duration()),
         Err(_) => {
             // Units are what lies between the numbers: `µs` whole, not `s`.
             let unknown = value
@@ -91,8 +93,8 @@ pub(super) fn parse_duration(value: &str) -> Result<Duration, String> {
                 .find(|unit| !unit.is_empty() && !DURATION_UNITS.contains(unit));
             if let Some(unit) = unknown {
                 return Err(format!(
-                    "{value:?} is not a duration: {unit:?} is not one of its units, \
-                     ms, s, m (minutes), h and d"
+                    "{value:?} is not a duration: its unit {unit:?} is not one of ms, s, \
+                     m (minutes), h and d"
                 ));
             }
             humantime::parse_duration(value).map_err(|_| not_a_duration())?

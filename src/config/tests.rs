@@ -386,8 +386,17 @@ fn durations_take_the_units_of_seconds_to_days_only() {
     // `M` is months to humantime, `w` weeks, `y` years.
     for value in ["5M", "1w", "1y", "2 months", "5 mins ago", "5µs", "5ns"] {
         let err = ttl(value).unwrap_err().to_string();
-        assert!(err.contains("is not one of its units"), "{value}: {err}");
+        assert!(
+            err.contains("is not one of ms, s, m (minutes), h and d"),
+            "{value}: {err}"
+        );
     }
+    // No number: the value is not a duration, whatever its unit.
+    let err = ttl("abc").unwrap_err().to_string();
+    assert!(
+        err.contains("\"abc\" is not a duration: give seconds (e.g. 300) or e.g. 5m"),
+        "{err}"
+    );
 }
 
 #[test]

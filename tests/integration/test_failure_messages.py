@@ -11,6 +11,8 @@ from __future__ import annotations
 import subprocess
 import time
 
+from cryptography import x509
+
 import support
 from tls_support import PKI, pki, start_tls_broker, tls_files  # noqa: F401  (fixtures)
 
@@ -185,3 +187,16 @@ def test_get_names_a_client_certificate_the_broker_refuses(start_tls_broker, pki
     assert "refuse" in line and "this client's certificate" in line, line
     assert "BROKER_CERT_FILE" in line, line
     assert "plaintext" not in line, line
+
+
+def test_get_names_a_version_1_client_certificate(start_tls_broker, pki, broker_bin, tmp_path):
+    """`openssl x509 -req` without an extension file makes a version 1
+    certificate, which TLS does not take: the client names the certificate
+    file and the fix, not the key file and the parser's debug text."""
+    broker = start_tls_broker()
+    legacy = pki.make_v1_client("legacy-v1", "legacy-client")
+    assert legacy.cert.version == x509.Version.v1
+    got = get(broker_bin, "mistral-api-key", "--endpoint", broker.addr, env=tls_env(pki.ca1, legacy))
+    line = failure_line(got)
+    assert f"BROKER_CERT_FILE {legacy.cert_path}: an X.509 v1 certificate" in line, line
+    assert "extendedKeyUsage=clientAuth" in line and "OtherError" not in line, line

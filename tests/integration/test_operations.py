@@ -212,6 +212,47 @@ def test_a_throttled_upstream_check_keeps_the_broker_ready(moto, aws_broker):
         upstream.close()
 
 
+def test_an_endpoint_answering_empty_200s_is_not_aws(moto, aws_broker, stubs):
+    """Something in AWS's place (a proxy, a captive portal) answers every
+    call with an empty 200: every read fails, so the broker is not ready,
+    its health is NOT_SERVING and CheckUpstream says why, as `check`
+    does, rather than ready on a ListSecrets answer without its list."""
+    moto.create_secret("insurecove/empty-200", "empty-200-6a2f")
+    upstream = SlowUpstream(moto.address, delay=0, delayed=None)
+    try:
+        args, maddr = metrics_args()
+        broker = aws_broker(args + ["--watch-interval", "1"], env={"AWS_ENDPOINT_URL": upstream.url})
+        wait_for_status(maddr, "/readyz", 200, timeout=5)
+        upstream.fault = (200, "application/x-amz-json-1.1", b"{}")
+        answer, took = wait_for_status(maddr, "/readyz", 503, timeout=6)
+        print(f"/readyz 503 {took:.2f} s after the empty 200s began: {answer.body!r}")
+        assert broker.health("secretsbroker.v1.SecretsService") == "NOT_SERVING"
+        check = broker.admin().CheckUpstream(stubs.admin_service_pb2.CheckUpstreamRequest(), timeout=10)
+        assert not check.reachable and "without its SecretList" in check.detail, check
+        assert scrape(maddr).value("secretsbroker_upstream_up") == 0
+        upstream.fault = None
+        wait_for_status(maddr, "/readyz", 200, timeout=6)
+    finally:
+        upstream.close()
+
+
+def test_check_upstream_answers_within_a_short_call_timeout(moto, aws_broker, stubs):
+    """With --call-timeout under AWS's own wait, CheckUpstream still answers
+    `reachable: false` and why, just before the broker's timeout, instead
+    of the gate's DEADLINE_EXCEEDED that says nothing of AWS."""
+    upstream = SlowUpstream(moto.address, delay=4, delayed=(".ListSecrets",))
+    try:
+        broker = aws_broker(["--call-timeout", "2"], env={"AWS_ENDPOINT_URL": upstream.url})
+        started = time.monotonic()
+        check = broker.admin().CheckUpstream(stubs.admin_service_pb2.CheckUpstreamRequest(), timeout=10)
+        took = time.monotonic() - started
+        assert not check.reachable, check
+        assert check.detail == "AWS did not answer within the broker's call timeout (--call-timeout)", check
+        assert took < 2.5, took
+    finally:
+        upstream.close()
+
+
 def test_readyz_waits_for_the_first_upstream_check(moto, aws_broker):
     """Not ready until the upstream has answered once: a pod must not get
     traffic while its first ListSecrets is still on its way."""

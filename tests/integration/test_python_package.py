@@ -867,7 +867,7 @@ for unit in ("5M", "2w"):  # months and weeks: the broker refuses them
         AWSSecretsManager()
         out["ttl_" + unit] = "accepted"
     except AWSSecretsManagerError as error:
-        out["ttl_" + unit] = "refused" if "not one of its units" in str(error) else str(error)
+        out["ttl_" + unit] = "refused" if "is not one of ms, s, m (minutes), h and d" in str(error) else str(error)
 os.environ["SECRET_CACHE_TTL"] = "3600"
 # As the broker reads them: trimmed, and empty is the default.
 os.environ["SECRET_PREFIX"], os.environ["AWS_DEFAULT_REGION"] = " insurecove ", ""

@@ -61,6 +61,31 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+def _der(tag: int, content: bytes) -> bytes:
+    """A DER element: tag, length, content."""
+    size = len(content)
+    if size < 0x80:
+        return bytes([tag, size]) + content
+    length = size.to_bytes((size.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(length)]) + length + content
+
+
+def _der_size(element: bytes) -> int:
+    """The whole size of the DER element `element` starts with."""
+    first = element[1]
+    if first < 0x80:
+        return 2 + first
+    count = first & 0x7F
+    return 2 + count + int.from_bytes(element[2:2 + count], "big")
+
+
+def _der_content(element: bytes) -> bytes:
+    """The content of the DER element `element` is."""
+    first = element[1]
+    start = 2 if first < 0x80 else 2 + (first & 0x7F)
+    return element[start:_der_size(element)]
+
+
 @dataclass
 class Issued:
     """A certificate and its key, written as PEM files."""
@@ -181,6 +206,32 @@ class PKI:
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
         return self._write(label, builder.sign(ca.key, hashes.SHA256()), key)
+
+    def make_v1_client(self, label: str, common_name: str) -> Issued:
+        """A CA-1 certificate in X.509 version 1 (no version field, no
+        extensions), as `openssl x509 -req` without an extension file makes
+        one: cryptography writes only v3, so its TBS is re-encoded without
+        the version and signed again."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        v3 = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(self.ca1.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(_now() - dt.timedelta(hours=1))
+            .not_valid_after(_now() + dt.timedelta(days=90))
+            .sign(self.ca1.key, hashes.SHA256())
+        )
+        tbs = _der_content(v3.tbs_certificate_bytes)
+        version = b"\xa0\x03\x02\x01\x02"            # [0] EXPLICIT INTEGER 2 (v3)
+        assert tbs.startswith(version), tbs[:8]
+        tbs_v1 = _der(0x30, tbs[len(version):])
+        outer = _der_content(v3.public_bytes(serialization.Encoding.DER))
+        algorithm = outer[len(v3.tbs_certificate_bytes):][: _der_size(outer[len(v3.tbs_certificate_bytes):])]
+        signature = self.ca1.key.sign(tbs_v1, ec.ECDSA(hashes.SHA256()))
+        der = _der(0x30, tbs_v1 + algorithm + _der(0x03, b"\x00" + signature))
+        return self._write(label, x509.load_der_x509_certificate(der), key)
 
     def make_server(self, label: str, *, not_before=None, not_after=None, key=None) -> Issued:
         return self.issue(

@@ -367,9 +367,8 @@ fn build_versions(
         };
         if value.len() > MAX_VALUE_BYTES {
             return Err(format!(
-                "a version's value is {} bytes, over Secrets Manager's {MAX_VALUE_BYTES}: \
-                 AWS would refuse it, and an answer that large passes no gRPC client's default \
-                 message limit",
+                "a version's value is {} bytes, over Secrets Manager's limit of \
+                 {MAX_VALUE_BYTES}, which AWS would refuse",
                 value.len()
             ));
         }

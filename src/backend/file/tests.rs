@@ -261,7 +261,7 @@ fn invalid_files_are_refused_with_the_reason() {
     let too_large = of_size(65_537);
     let cases = cases.into_iter().chain([(
         too_large.as_str(),
-        "65537 bytes, over Secrets Manager's 65536",
+        "65537 bytes, over Secrets Manager's limit of 65536",
     )]);
     for (text, expected) in cases {
         let err = FileStore::from_text("f", text, Format::Json, &resolver())

@@ -322,8 +322,8 @@ class AWSSecretsConfig(BaseSettings):
         if re.fullmatch(r"\+?[0-9]+", text):
             return int(text)
         unknown = [u for u in re.split(r"[0-9.\s]+", text) if u and u not in _DURATION_UNITS]
-        if unknown:
-            raise ValueError(f"{unknown[0]!r} is not one of its units, ms, s, m (minutes), h and d")
+        if unknown and re.search(r"[0-9]", text):
+            raise ValueError(f"its unit {unknown[0]!r} is not one of ms, s, m (minutes), h and d")
         parts = re.findall(r"([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]+)", text)
         if not parts or re.sub(r"\s+", "", text) != "".join(n + u for n, u in parts):
             raise ValueError(f"{value!r} is not a number of seconds or a duration such as 5m")

@@ -90,7 +90,7 @@ class AdminServiceServicer:
     def CheckUpstream(self, request, context):
         """Makes a cheap authenticated call upstream and reports whether it worked
         (not reachable when it has not answered just before the caller's
-        deadline).
+        deadline, or the broker's call timeout when that comes first).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

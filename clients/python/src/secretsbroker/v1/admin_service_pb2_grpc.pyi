@@ -49,7 +49,7 @@ class AdminServiceStub:
     CheckUpstream: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.CheckUpstreamRequest, _admin_service_pb2.CheckUpstreamResponse]
     """Makes a cheap authenticated call upstream and reports whether it worked
     (not reachable when it has not answered just before the caller's
-    deadline).
+    deadline, or the broker's call timeout when that comes first).
     """
 
 @_typing.type_check_only
@@ -73,7 +73,7 @@ class AdminServiceAsyncStub(AdminServiceStub):
     CheckUpstream: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.CheckUpstreamRequest, _admin_service_pb2.CheckUpstreamResponse]  # type: ignore[assignment]
     """Makes a cheap authenticated call upstream and reports whether it worked
     (not reachable when it has not answered just before the caller's
-    deadline).
+    deadline, or the broker's call timeout when that comes first).
     """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -118,7 +118,7 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_service_pb2.CheckUpstreamResponse, _abc.Awaitable[_admin_service_pb2.CheckUpstreamResponse]]:
         """Makes a cheap authenticated call upstream and reports whether it worked
         (not reachable when it has not answered just before the caller's
-        deadline).
+        deadline, or the broker's call timeout when that comes first).
         """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
