@@ -197,10 +197,16 @@ def test_check_reads_as_well_as_lists(run_cli, moto):
         assert proc.returncode == 1, output(proc)
         assert "insurecove/check/refused" in output(proc) and "refused-value" not in output(proc), output(proc)
 
-        upstream.fault_only = None
+        # Empty 200s to reads alone: the listing passes, the read does not.
+        upstream.fault_only = (".GetSecretValue",)
         upstream.fault = (200, "application/x-amz-json-1.1", b"{}")
         proc = run_cli("check", env=env)
         assert proc.returncode == 1, output(proc)
         assert "GetSecretValue" in output(proc) and "configuration ok" not in output(proc), output(proc)
+        # To every call: the listing already is not AWS's.
+        upstream.fault_only = None
+        proc = run_cli("check", env=env)
+        assert proc.returncode == 1, output(proc)
+        assert "ListSecrets for * without its SecretList" in output(proc), output(proc)
     finally:
         upstream.close()
