@@ -237,17 +237,27 @@ def test_an_unreachable_broker_is_false_not_an_exception(venv, tmp_path):
     assert json.loads(proc.stdout) == {"status": "unhealthy", "aws_secrets": "disconnected"}
 
 
-class SlowRelay:
-    """A TCP relay to `target` that holds each chunk `delay` seconds, each
-    way: a broker in another region, or one under load."""
+class Relay:
+    """A TCP relay to `target`. It holds each chunk `delay` seconds, each way
+    (a broker in another region, or one under load); after `silence()`,
+    what the connections open then carry is read and dropped, and nothing
+    is closed (a frozen broker, a partition), while connections made later
+    are relayed as usual."""
 
-    def __init__(self, target: str, delay: float):
+    def __init__(self, target: str, delay: float = 0.0):
         host, port = target.rsplit(":", 1)
         self.target = (host, int(port))
         self.delay = delay
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.addr = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.silenced: set[int] = set()
+        self.opened = 0
+        self.lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def silence(self) -> None:
+        with self.lock:
+            self.silenced.update(range(self.opened))
 
     def _accept(self) -> None:
         while True:
@@ -256,14 +266,18 @@ class SlowRelay:
             except OSError:
                 return
             upstream = socket.create_connection(self.target)
+            with self.lock:
+                number, self.opened = self.opened, self.opened + 1
             for source, sink in ((downstream, upstream), (upstream, downstream)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+                threading.Thread(target=self._pump, args=(number, source, sink), daemon=True).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, number: int, source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(65536):
-                time.sleep(self.delay)
-                sink.sendall(data)
+                if self.delay:
+                    time.sleep(self.delay)
+                if number not in self.silenced:
+                    sink.sendall(data)
         except OSError:
             pass
 
@@ -286,7 +300,7 @@ def test_a_broker_slow_to_connect_to_is_waited_for(venv, start_broker, tmp_path)
     if nothing answered (grpc-core takes `min_reconnect_backoff_ms` as
     each connection attempt's deadline too)."""
     broker = start_broker()
-    relay = SlowRelay(broker.addr, 0.3)
+    relay = Relay(broker.addr, delay=0.3)
     try:
         answer = probe_answer(venv, tmp_path, "slow_link.py", SLOW_LINK_PROBE,
                               support.broker_env({"BROKER_ENDPOINT": relay.addr}))
@@ -639,50 +653,6 @@ def test_a_rotation_moves_what_was_read_by_stage(venv, seeded_broker, moto, tmp_
     assert after["after"] == [second, second, second], after
 
 
-class SilentRelay:
-    """A TCP relay to `target` whose connections can go silent: after
-    `silence()`, what the connections open then carry is read and dropped,
-    and nothing is closed (a frozen broker, a partition); connections made
-    later are relayed as usual."""
-
-    def __init__(self, target: str):
-        host, port = target.rsplit(":", 1)
-        self.target = (host, int(port))
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.addr = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        self.silenced: set[int] = set()
-        self.opened = 0
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def silence(self) -> None:
-        with self.lock:
-            self.silenced.update(range(self.opened))
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                downstream, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            with self.lock:
-                number, self.opened = self.opened, self.opened + 1
-            for source, sink in ((downstream, upstream), (upstream, downstream)):
-                threading.Thread(target=self._pump, args=(number, source, sink), daemon=True).start()
-
-    def _pump(self, number: int, source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                if number not in self.silenced:
-                    sink.sendall(data)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self.listener.close()
-
-
 SILENT_PROBE = """
 import json, sys, time
 from secrets_broker.aws_secrets import AWSSecretsManager
@@ -707,7 +677,7 @@ def test_a_broker_connection_gone_silent_is_left_and_the_rotation_still_arrives(
     pings it waited on the dead connection for as long as the kernel kept
     it, serving the old value."""
     broker, versions = seeded_broker
-    relay = SilentRelay(broker.addr)
+    relay = Relay(broker.addr)
     env = support.broker_env({"BROKER_ENDPOINT": relay.addr, "SECRET_CACHE_TTL": "3600"})
     proc = start_probe(venv, tmp_path, env, SILENT_PROBE)
     try:
