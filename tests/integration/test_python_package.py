@@ -250,14 +250,15 @@ class Relay:
         self.delay = delay
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.addr = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        self.silenced: set[int] = set()
+        # Connections numbered below this one are silent.
+        self.silent_below = 0
         self.opened = 0
         self.lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def silence(self) -> None:
         with self.lock:
-            self.silenced.update(range(self.opened))
+            self.silent_below = self.opened
 
     def _accept(self) -> None:
         while True:
@@ -276,7 +277,7 @@ class Relay:
             while data := source.recv(65536):
                 if self.delay:
                     time.sleep(self.delay)
-                if number not in self.silenced:
+                if number >= self.silent_below:
                     sink.sendall(data)
         except OSError:
             pass
