@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tonic::Code;
 
 use crate::{
-    api::{CallMetrics, rpc::Rpc},
+    api::{CallMetrics, rpc::Rpc, status::ApiError},
     cache::Deadline,
     identity::Identity,
     names::ShownName,
@@ -28,6 +28,8 @@ pub struct Audit {
     identity: Identity,
     secrets: Notes,
     cache_hit: Option<bool>,
+    /// A refusal's `ErrorInfo` reason (`refused`).
+    reason: Option<&'static str>,
     started: Instant,
     metrics: CallMetrics,
     call_timeout: Duration,
@@ -43,6 +45,7 @@ impl Audit {
             identity,
             secrets: Notes::default(),
             cache_hit: None,
+            reason: None,
             started: Instant::now(),
             metrics,
             call_timeout,
@@ -131,6 +134,12 @@ impl Audit {
         self.emit(outcome);
     }
 
+    /// `finish` for a call the broker refused, with its `ErrorInfo` reason.
+    pub fn refused(mut self, outcome: Code, reason: &'static str) {
+        self.reason = Some(reason);
+        self.emit(outcome);
+    }
+
     fn emit(&mut self, outcome: Code) {
         self.emitted = true;
         let code = code_name(outcome);
@@ -144,6 +153,7 @@ impl Audit {
             rpc: self.rpc.name(),
             secrets: self.secrets.as_str(),
             outcome: code,
+            reason: self.reason,
             cache_hit: self.cache_hit,
         });
     }
@@ -195,11 +205,13 @@ pub fn refused_shown(raw: &str) -> String {
 /// or AdminService that failed before its handler ran, which no `Audit`
 /// saw: refused at the gate (too many calls, its slot taken), or its
 /// request could not be read (too large, not valid protobuf or UTF-8, the
-/// request memory spent, never sent).
+/// request memory spent, never sent). `reason`: its `ErrorInfo` reason,
+/// when the answer has one.
 pub fn refused_before_the_handler(
     rpc: Rpc,
     identity: &Identity,
     outcome: Code,
+    reason: Option<&'static str>,
     metrics: &CallMetrics,
 ) {
     let code = code_name(outcome);
@@ -209,6 +221,7 @@ pub fn refused_before_the_handler(
         rpc: rpc.name(),
         secrets: "",
         outcome: code,
+        reason,
         cache_hit: None,
     });
 }
@@ -222,6 +235,7 @@ pub fn refused_unknown_method(shown_path: &str, identity: &Identity) {
         rpc: shown_path,
         secrets: "",
         outcome: code_name(Code::Unimplemented),
+        reason: Some(ApiError::UnknownMethod { path: None }.reason()),
         cache_hit: None,
     });
 }

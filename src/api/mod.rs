@@ -134,7 +134,8 @@ fn respond<T>(audit: Audit, result: Result<T, ApiError>) -> Result<Response<T>, 
 
 /// The edge for a refused call: its status, and its audit event.
 fn refuse(audit: Audit, error: ApiError) -> Status {
+    let reason = error.reason();
     let status = Status::from(error);
-    audit.finish(status.code());
+    audit.refused(status.code(), reason);
     status
 }

@@ -400,8 +400,9 @@ fn watch_stream(
                 }
                 WatchWake::PolicyReloaded => {
                     if let Err(denied) = access.recheck() {
-                        tracing::info!(target: "audit", identity = access.caller.shown(), rpc = Rpc::WatchSecret.name(), secrets = access.secret.as_str(), outcome = "PERMISSION_DENIED", "watch ended by a policy reload");
-                        return Some((Err(Status::from(ApiError::from(denied))), None));
+                        let refusal = ApiError::from(denied);
+                        tracing::info!(target: "audit", identity = access.caller.shown(), rpc = Rpc::WatchSecret.name(), secrets = access.secret.as_str(), outcome = "PERMISSION_DENIED", reason = refusal.reason(), "watch ended by a policy reload");
+                        return Some((Err(Status::from(refusal)), None));
                     }
                 }
                 WatchWake::Changed => {

@@ -264,13 +264,19 @@ impl ApiError {
         self.code_and_reason().1
     }
 
-    /// Whether an error of this reason is given before any handler runs
-    /// (by the transport, not a handler), so that no `Audit` saw its call.
-    pub fn given_before_the_handler(reason: &str) -> bool {
-        reason == Self::RequestMemory.reason()
-            || reason == (Self::MessageTooLarge { limit: 0 }).reason()
-            || reason == Self::Displaced.reason()
-            || reason == Self::ShuttingDown.reason()
+    /// `reason` as the broker's own word, when an error of this reason is
+    /// given before any handler runs (by the transport, not a handler), so
+    /// that no `Audit` saw its call.
+    pub fn given_before_the_handler(reason: &str) -> Option<&'static str> {
+        [
+            Self::RequestMemory,
+            Self::MessageTooLarge { limit: 0 },
+            Self::Displaced,
+            Self::ShuttingDown,
+        ]
+        .iter()
+        .map(Self::reason)
+        .find(|given| *given == reason)
     }
 
     /// The per-item form used by BatchGetSecrets.

@@ -27,6 +27,11 @@ pub struct AuditRecord<'a> {
     pub secrets: &'a str,
     /// The gRPC code's name.
     pub outcome: &'a str,
+    /// A refusal's `ErrorInfo` reason, when the broker gave one: it tells
+    /// apart what one code covers (PERMISSION_DENIED: the broker's policy
+    /// or AWS's IAM; UNAVAILABLE: AWS down or the broker full). Always one
+    /// of the broker's fixed words.
+    pub reason: Option<&'a str>,
     /// Whether the cache answered, for reads.
     pub cache_hit: Option<bool>,
 }
@@ -57,6 +62,7 @@ pub fn record(record: &AuditRecord<'_>) {
             rpc = record.rpc,
             secrets = record.secrets,
             outcome = record.outcome,
+            reason = record.reason,
             cache_hit = record.cache_hit,
         );
         return;
@@ -109,6 +115,11 @@ fn text_line(line: &mut String, record: &AuditRecord<'_>, plain: bool) -> fmt::R
     line.push_str(" outcome=\"");
     line.push_str(record.outcome);
     line.push('"');
+    if let Some(reason) = record.reason {
+        line.push_str(" reason=\"");
+        line.push_str(reason);
+        line.push('"');
+    }
     match record.cache_hit {
         Some(true) => line.push_str(" cache_hit=true"),
         Some(false) => line.push_str(" cache_hit=false"),
@@ -158,6 +169,10 @@ fn json_line(line: &mut String, record: &AuditRecord<'_>, plain: bool) -> fmt::R
     json_string(line, record.secrets, plain);
     line.push_str(",\"outcome\":");
     json_string(line, record.outcome, true);
+    if let Some(reason) = record.reason {
+        line.push_str(",\"reason\":");
+        json_string(line, reason, true);
+    }
     if let Some(hit) = record.cache_hit {
         write!(line, ",\"cache_hit\":{hit}")?;
     }
@@ -206,6 +221,7 @@ mod tests {
             rpc: "GetSecret",
             secrets: "insurecove/db",
             outcome: "OK",
+            reason: None,
             cache_hit,
         };
         let (mut text, mut json) = (String::new(), String::new());
@@ -221,6 +237,7 @@ mod tests {
             rpc: "GetSecret",
             secrets: "insurecove/production/db",
             outcome: "OK",
+            reason: None,
             cache_hit: Some(true),
         };
         // The per-thread buffer, once it has grown to a line's size.
@@ -274,6 +291,7 @@ mod tests {
                 rpc: &path,
                 secrets: "",
                 outcome: "UNIMPLEMENTED",
+                reason: None,
                 cache_hit: None,
             };
             let (mut text, mut json) = (String::new(), String::new());
@@ -306,6 +324,7 @@ mod tests {
                 rpc: path,
                 secrets: "",
                 outcome: "UNIMPLEMENTED",
+                reason: None,
                 cache_hit: None,
             };
             for json in [false, true] {
@@ -352,6 +371,34 @@ mod tests {
     }
 
     #[test]
+    fn a_refusal_carries_its_reason_in_both_layouts() {
+        let refused = AuditRecord {
+            identity: "spiffe://insurecove/billing",
+            rpc: "GetSecret",
+            secrets: "insurecove/db",
+            outcome: "PERMISSION_DENIED",
+            reason: Some("POLICY_DENIED"),
+            cache_hit: None,
+        };
+        let (mut text, mut json) = (String::new(), String::new());
+        assert!(write_line(&mut text, &refused, false));
+        write_line(&mut json, &refused, true);
+        assert!(
+            text.ends_with(" outcome=\"PERMISSION_DENIED\" reason=\"POLICY_DENIED\"\n"),
+            "{text}"
+        );
+        let event: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(event["fields"]["reason"], "POLICY_DENIED", "{json}");
+        assert_eq!(event["fields"]["outcome"], "PERMISSION_DENIED", "{json}");
+        // An answered call has none.
+        let (text, json) = record("anonymous", Some(true));
+        assert!(
+            !text.contains("reason") && !json.contains("reason"),
+            "{text}{json}"
+        );
+    }
+
+    #[test]
     fn a_caller_cannot_add_fields_to_the_text_line() {
         let secrets = r#"insurecove/a "a b\"=INVALID_ARGUMENT"#;
         for identity in [
@@ -367,6 +414,7 @@ mod tests {
                     rpc: "GetSecret",
                     secrets,
                     outcome: "PERMISSION_DENIED",
+                    reason: None,
                     cache_hit: None,
                 },
                 false,

@@ -288,25 +288,25 @@ impl InFlight {
         let response = match tokio::time::timeout(limit, call).await {
             Ok(Ok(response)) => response,
             Err(_elapsed) => {
-                unopened.audit(tonic::Code::DeadlineExceeded);
-                answer(ApiError::CallTimeout(limit))
+                let timeout = ApiError::CallTimeout(limit);
+                unopened.audit(tonic::Code::DeadlineExceeded, Some(timeout.reason()));
+                answer(timeout)
             }
         };
         // From here the call is answered: nothing to say on drop.
         unopened.armed = false;
-        let failed = failed_before_the_handler(&response).map(|code| {
+        let response = match failed_before_the_handler(&response) {
             // tonic answers a request body that failed with INTERNAL; the
             // caller that reset its stream gave up on the call.
-            if unopened.slot.caller_went_away() {
-                tonic::Code::Cancelled
-            } else {
-                code
+            Some(_) if unopened.slot.caller_went_away() => {
+                unopened.audit_refusal(tonic::Code::Cancelled, None, unknown_path.as_deref());
+                in_the_brokers_words(response, unknown_path).0
             }
-        });
-        let response = match failed {
-            Some(outcome) => {
-                unopened.audit_refusal(outcome, unknown_path.as_deref());
-                in_the_brokers_words(response, unknown_path)
+            Some((outcome, reason)) => {
+                let shown = unknown_path.clone();
+                let (response, rewritten) = in_the_brokers_words(response, unknown_path);
+                unopened.audit_refusal(outcome, reason.or(rewritten), shown.as_deref());
+                response
             }
             None => response,
         };
@@ -345,9 +345,16 @@ impl AuditIfUnopened {
     /// Audits a call of the broker's that tonic or the transport refused
     /// before its handler ran (`outcome`); a call to an unknown method of
     /// the broker's services is logged with its path.
-    fn audit_refusal(&self, outcome: tonic::Code, unknown_path: Option<&str>) {
+    fn audit_refusal(
+        &self,
+        outcome: tonic::Code,
+        reason: Option<&'static str>,
+        unknown_path: Option<&str>,
+    ) {
         match self.rpc {
-            Some(rpc) => refused_before_the_handler(rpc, &self.caller, outcome, &self.metrics),
+            Some(rpc) => {
+                refused_before_the_handler(rpc, &self.caller, outcome, reason, &self.metrics)
+            }
             None if outcome == tonic::Code::Unimplemented => {
                 if let Some(path) = unknown_path.filter(|path| path.starts_with("/secretsbroker."))
                 {
@@ -358,12 +365,12 @@ impl AuditIfUnopened {
         }
     }
 
-    fn audit(&mut self, outcome: tonic::Code) {
+    fn audit(&mut self, outcome: tonic::Code, reason: Option<&'static str>) {
         if let Some(rpc) = self
             .rpc
             .filter(|_| self.armed && self.slot.never_got_its_request())
         {
-            refused_before_the_handler(rpc, &self.caller, outcome, &self.metrics);
+            refused_before_the_handler(rpc, &self.caller, outcome, reason, &self.metrics);
             // Once: the drop must not say it again.
             self.armed = false;
         }
@@ -372,7 +379,7 @@ impl AuditIfUnopened {
 
 impl Drop for AuditIfUnopened {
     fn drop(&mut self) {
-        self.audit(tonic::Code::Cancelled);
+        self.audit(tonic::Code::Cancelled, None);
     }
 }
 
@@ -386,11 +393,16 @@ impl<S> Gate<S> {
         caller: &Identity,
         error: ApiError,
     ) -> GateFuture {
+        let reason = error.reason();
         let status = Status::from(error);
         match rpc {
-            Some(rpc) => {
-                refused_before_the_handler(rpc, caller, status.code(), &self.shared.metrics)
-            }
+            Some(rpc) => refused_before_the_handler(
+                rpc,
+                caller,
+                status.code(),
+                Some(reason),
+                &self.shared.metrics,
+            ),
             None => tracing::debug!(
                 identity = caller.shown(),
                 path = &*shown_path(path),
@@ -416,9 +428,11 @@ const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeo
 /// without the `ErrorInfo` every handler's error carries (tonic's own, for
 /// a request it could not read), or one the transport gives with an
 /// `ErrorInfo` before any handler runs (the request memory, a request over
-/// the size limit). A call answered in full has its `grpc-status` in the
-/// trailers, not here: one look-up.
-fn failed_before_the_handler(response: &Response<Body>) -> Option<tonic::Code> {
+/// the size limit), with that `ErrorInfo`'s reason. A call answered in full
+/// has its `grpc-status` in the trailers, not here: one look-up.
+fn failed_before_the_handler(
+    response: &Response<Body>,
+) -> Option<(tonic::Code, Option<&'static str>)> {
     let headers = response.headers();
     let code = headers
         .get(GRPC_STATUS)?
@@ -431,16 +445,12 @@ fn failed_before_the_handler(response: &Response<Body>) -> Option<tonic::Code> {
         return None;
     }
     if !headers.contains_key("grpc-status-details-bin") {
-        return Some(code);
+        return Some((code, None));
     }
     let status = Status::from_header_map(headers)?;
-    let reason = status
-        .get_error_details()
-        .error_info()
-        .map(|info| info.reason.clone());
-    reason
-        .is_some_and(|reason| ApiError::given_before_the_handler(&reason))
-        .then_some(code)
+    let details = status.get_error_details();
+    let reason = ApiError::given_before_the_handler(&details.error_info()?.reason)?;
+    Some((code, Some(reason)))
 }
 
 /// `status` as an answer's trailers. Our own statuses' text is ASCII, and
@@ -454,13 +464,17 @@ fn trailers_of(status: &Status) -> http::HeaderMap {
 /// tonic's own refusals of a request it cannot route or read (an unknown
 /// method, a compressed request, a message that does not decode) carry no
 /// `ErrorInfo`, which every error of the broker's does: they are said
-/// again as the broker's, with the same code.
-fn in_the_brokers_words(response: Response<Body>, unknown_path: Option<String>) -> Response<Body> {
+/// again as the broker's, with the same code; with the reason they were
+/// given, when they were.
+fn in_the_brokers_words(
+    response: Response<Body>,
+    unknown_path: Option<String>,
+) -> (Response<Body>, Option<&'static str>) {
     if response.headers().contains_key("grpc-status-details-bin") {
-        return response;
+        return (response, None);
     }
     let Some(status) = Status::from_header_map(response.headers()) else {
-        return response;
+        return (response, None);
     };
     let error = match status.code() {
         tonic::Code::Unimplemented => match encoding_refused(status.message()) {
@@ -470,8 +484,9 @@ fn in_the_brokers_words(response: Response<Body>, unknown_path: Option<String>) 
         tonic::Code::Internal => ApiError::MalformedRequest {
             detail: status.message().to_owned(),
         },
-        _ => return response,
+        _ => return (response, None),
     };
+    let reason = error.reason();
     let mut answered = answer(error);
     // A refused encoding's answer says which ones are taken.
     if let Some(accepted) = response.headers().get(GRPC_ACCEPT_ENCODING) {
@@ -479,7 +494,7 @@ fn in_the_brokers_words(response: Response<Body>, unknown_path: Option<String>) 
             .headers_mut()
             .insert(GRPC_ACCEPT_ENCODING, accepted.clone());
     }
-    answered
+    (answered, Some(reason))
 }
 
 /// The encoding tonic's refusal of a compressed request names ("Content

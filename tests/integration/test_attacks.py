@@ -223,15 +223,16 @@ def test_a_certificate_cannot_write_log_lines(start_tls_broker, tls_files, stubs
                 json.loads(line)
         events = [json.loads(line)["fields"] for line in mine]
         audit = [e for e in events if e.get("rpc") == "GetSecret"]
-        assert [e["outcome"] for e in audit] == ["PERMISSION_DENIED"], events
+        assert [(e["outcome"], e["reason"]) for e in audit] == [("PERMISSION_DENIED", "POLICY_DENIED")], events
         assert audit[0]["identity"].startswith('cn:x" outcome="OK" secrets="'), audit
     else:
         assert any("PERMISSION_DENIED" in line and "\\n2026-11-30" in line for line in mine), mine
         audit = [text_fields(line) for line in mine if line.split(maxsplit=3)[1:3] == ["INFO", "audit:"]]
         assert len(audit) == 1, mine
         keys = [key for key, _ in audit[0]]
-        assert keys == ["identity", "rpc", "secrets", "outcome"], audit
+        assert keys == ["identity", "rpc", "secrets", "outcome", "reason"], audit
         assert dict(audit[0])["outcome"] == '"PERMISSION_DENIED"', audit
+        assert dict(audit[0])["reason"] == '"POLICY_DENIED"', audit
 
 
 TEXT_FIELD = re.compile(r' *(\w+)=("(?:[^"\\]|\\.)*"|[^\s"]+)')

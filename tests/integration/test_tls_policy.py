@@ -448,13 +448,18 @@ def test_audit_of_a_refused_read_names_the_secret(start_tls_broker, tls_files, s
     denied(lambda: get(billing, stubs, "mistral-api-key"), MISTRAL)
     denied(lambda: get(auth, stubs, "production/no-such-secret"), NOWHERE)
     denied(lambda: auth.GetDatabaseConfig(pb.GetDatabaseConfigRequest(), timeout=10), DATABASE)
-    events, _ = wait_for(lambda: len(audit_events(broker)) >= 3 and audit_events(broker), 2.0, what="3 audit events")
-    got = [(e["fields"].get("identity"), e["fields"].get("rpc"), e["fields"].get("secrets"), e["fields"].get("outcome"))
+    # Allowed by the policy, refused by AWS: another reason, the same code.
+    with pytest.raises(grpc.RpcError) as missing:
+        get(auth, stubs, "missing/audit-reason")
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND, missing.value.details()
+    events, _ = wait_for(lambda: len(audit_events(broker)) >= 4 and audit_events(broker), 2.0, what="4 audit events")
+    got = [tuple(e["fields"].get(key) for key in ("identity", "rpc", "secrets", "outcome", "reason"))
            for e in events]
     assert got == [
-        (BILLING, "GetSecret", MISTRAL, "PERMISSION_DENIED"),
-        (AUTH, "GetSecret", NOWHERE, "PERMISSION_DENIED"),
-        (AUTH, "GetDatabaseConfig", DATABASE, "PERMISSION_DENIED"),
+        (BILLING, "GetSecret", MISTRAL, "PERMISSION_DENIED", "POLICY_DENIED"),
+        (AUTH, "GetSecret", NOWHERE, "PERMISSION_DENIED", "POLICY_DENIED"),
+        (AUTH, "GetDatabaseConfig", DATABASE, "PERMISSION_DENIED", "POLICY_DENIED"),
+        (AUTH, "GetSecret", "insurecove/missing/audit-reason", "NOT_FOUND", "SECRET_NOT_FOUND"),
     ], f"audit events of refused reads: {got}"
 
 

@@ -635,6 +635,15 @@ async fn calls_refused_before_their_handler_or_for_their_name_are_audited() {
         seen("GetSecurityConfig", "RESOURCE_EXHAUSTED", "secrets=\"\""),
         "{audit:#?}"
     );
+    // Each with the reason its caller was given, whoever refused it: the
+    // handler, tonic (said again in the broker's words), the transport.
+    for (rpc, reason) in [
+        ("GetSecret", "INVALID_SECRET_NAME"),
+        ("GetJwtConfig", "MALFORMED_REQUEST"),
+        ("GetSecurityConfig", "MESSAGE_TOO_LARGE"),
+    ] {
+        assert_eq!(reasons_of(&audit, rpc), [reason], "{audit:#?}");
+    }
     broker.stop().await;
 }
 
@@ -742,6 +751,18 @@ async fn calls_that_never_reach_a_handler_are_audited_too() {
         ),
         "{audit:#?}"
     );
+    // Refusals say their reason; a call its caller gave up on has none.
+    assert_eq!(
+        reasons_of(&audit, "/secretsbroker.v1.SecretsService/NoSuchMethod"),
+        ["UNKNOWN_METHOD"],
+        "{audit:#?}"
+    );
+    assert_eq!(
+        reasons_of(&audit, "ClearCache"),
+        ["INVALID_SECRET_NAME"; 2],
+        "{audit:#?}"
+    );
+    assert_eq!(reasons_of(&audit, "GetSecret"), [""; 0], "{audit:#?}");
     broker.stop().await;
 }
 
@@ -750,6 +771,18 @@ fn audit_lines(log: &str) -> Vec<String> {
     log.lines()
         .filter(|line| line.contains("audit"))
         .map(str::to_owned)
+        .collect()
+}
+
+/// The reasons the audit lines of `rpc` give, in order.
+fn reasons_of(audit: &[String], rpc: &str) -> Vec<String> {
+    audit
+        .iter()
+        .filter(|line| line.contains(&format!("rpc=\"{rpc}\"")))
+        .filter_map(|line| {
+            let (_, rest) = line.split_once(" reason=\"")?;
+            Some(rest.split('"').next()?.to_owned())
+        })
         .collect()
 }
 
