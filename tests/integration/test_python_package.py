@@ -859,6 +859,17 @@ try:
 except AWSSecretsManagerError as error:
     out["ttl_negative"] = "refused" if "SECRET_CACHE_TTL" in str(error) else str(error)
 os.environ["SECRET_CACHE_TTL"] = "3600"
+# BROKER_MAX_STALE reads as SECRET_CACHE_TTL does, with a default of its own.
+max_stale = []
+for text in ("2m", " ", "-1"):
+    os.environ["BROKER_MAX_STALE"] = text
+    try:
+        max_stale.append(AWSSecretsManager().config.broker_max_stale)
+    except AWSSecretsManagerError as error:
+        max_stale.append("refused" if "BROKER_MAX_STALE" in str(error) and "0 serves nothing" in str(error)
+                         else str(error))
+del os.environ["BROKER_MAX_STALE"]
+out["max_stale"] = max_stale
 m = AWSSecretsManager()
 
 # The package's DEBUG lines stay one line whatever the name asked.
@@ -977,6 +988,7 @@ def test_the_client_at_its_edges(venv, seeded_broker, moto, tmp_path):
         proc.wait(10)
     print(out, f"{calls} GetJwtConfig calls for 21 reads")
     assert out["value_is_the_callers"] == "HS256", out
+    assert out["max_stale"] == [120, 30, "refused"], out
     assert out["ttl_5m"] == 300 and out["ttl_negative"] == "refused", out
     assert out["ttl_half_minute"] == 30 and out["ttl_5M"] == out["ttl_2w"] == "refused", out
     assert out["prefix_region"] == ["insurecove", "ap-east-1"] and out["empty_prefix"] == ["insurecove", False], out
@@ -1540,3 +1552,97 @@ def test_the_first_read_after_clear_cache_does_not_stall_while_aws_hangs(venv, s
     assert seen["typed"][0] == "insurecove-package", seen
     # REFRESH_WAIT, and a busy machine's slack; the call timeout is 10 s.
     assert all(took < 5.0 for _, took in seen.values()), seen
+
+
+# Reads through a broker restart: the broker stops, the local TTL passes,
+# the broker comes back. Sync or asyncio (argv[1]).
+OUTAGE_PROBE = """
+import asyncio, json, sys, time
+from secrets_broker.aio import AsyncAWSSecretsManager
+from secrets_broker.aws_secrets import AWSSecretsManager, AWSSecretsManagerError
+
+def outcome(read):
+    try:
+        return read()
+    except AWSSecretsManagerError as error:
+        return f"{type(error).__name__} {error.code.name if error.code else ''} {error.reason}".strip()
+
+def steps(read):
+    # Each: the test acted (stopped or started the broker), then says go.
+    first = read("mistral-api-key")
+    read("jwt")
+    time.sleep(0.5)                           # the watch streams are open
+    print(json.dumps(first), flush=True)
+    for _ in range(2):
+        sys.stdin.readline()
+        time.sleep(1.2)                       # past SECRET_CACHE_TTL
+        print(json.dumps({"held": read("mistral-api-key"), "never_read": read("production/database"),
+                          "config": read("jwt")}), flush=True)
+    sys.stdin.readline()
+    started = time.monotonic()
+    while time.monotonic() - started < 20:
+        back = read("mistral-api-key")
+        if not back.startswith(("Broker", "AWS")):
+            break
+        time.sleep(0.2)
+    print(json.dumps({"back": back, "took": time.monotonic() - started}), flush=True)
+
+if sys.argv[1] == "sync":
+    m = AWSSecretsManager()
+    def read(name):
+        if name == "jwt":
+            return outcome(lambda: m.get_jwt_config()["jwt_issuer"])
+        return outcome(lambda: m.get_secret(name).as_string())
+    steps(read)
+else:
+    async def main():
+        m = AsyncAWSSecretsManager()
+        loop = asyncio.get_running_loop()
+        def read(name):
+            if name == "jwt":
+                return "not held: the asyncio client does not keep typed configs"
+            return outcome(lambda: asyncio.run_coroutine_threadsafe(m.get_secret(name), loop).result().as_string())
+        await loop.run_in_executor(None, steps, read)
+    asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("flavour", ["sync", "asyncio"])
+def test_a_broker_restart_is_ridden_out_on_what_the_watch_vouched_for(venv, start_broker, tmp_path, flavour):
+    """A value whose TTL passes while the broker restarts is still served,
+    for BROKER_MAX_STALE after its watch stream broke: that stream would
+    have told of a rotation until then, and a rotation missed meanwhile
+    comes first when it is back. A name never read, and any name once
+    BROKER_MAX_STALE has passed, fail as the broker's absence. Before, a
+    read whose TTL passed during a rolling restart failed."""
+    listen = f"127.0.0.1:{support.free_port()}"
+    broker = start_broker(listen=listen)
+    env = package_env(broker, SECRET_CACHE_TTL="1", BROKER_MAX_STALE="4")
+    proc = start_probe(venv, tmp_path, env, OUTAGE_PROBE, flavour)
+    try:
+        first = json.loads(proc.stdout.readline())
+        assert first.startswith("dev-mistral-key"), first
+        broker.stop()
+        go_on(proc)
+        down = json.loads(proc.stdout.readline())
+        time.sleep(4)                         # past BROKER_MAX_STALE since the stream broke
+        go_on(proc)
+        later = json.loads(proc.stdout.readline())
+        start_broker(listen=listen)
+        go_on(proc)
+        back = json.loads(proc.stdout.readline())
+    finally:
+        proc.kill()
+        _, err = proc.communicate(timeout=10)
+    unavailable = "BrokerUnavailableError UNAVAILABLE"
+    assert down["held"] == first, (down, err[-2000:])
+    assert down["never_read"] == unavailable, down
+    assert later["held"] == unavailable and later["never_read"] == unavailable, later
+    if flavour == "sync":
+        assert down["config"] == "insurecove-dev", down
+        assert later["config"] == unavailable, later
+    assert back["back"] == first, back
+    # Said once, at WARNING, naming the variable; never the value.
+    warnings = [line for line in err.splitlines() if "the value held is served" in line]
+    assert len(warnings) == (2 if flavour == "sync" else 1), err[-2000:]
+    assert "BROKER_MAX_STALE" in warnings[0] and first not in err, err[-2000:]

@@ -44,6 +44,8 @@ from secrets_broker.aws_secrets import (
     _has_stage,
     _refuse_stale_bypass,
     _changed_keys,
+    _serve_through_outage,
+    _StreamState,
     _sweep_expired,
     config_dict,
     settings_from_env,
@@ -74,6 +76,8 @@ class AsyncAWSSecretsManager:
         # instance weakly: one nobody holds any more has its tasks
         # cancelled (see AWSSecretsManager's finalizer for why).
         self._followers: dict[str, asyncio.Task[None]] = {}
+        # Whether each follower's stream vouches for its value.
+        self._streams: dict[str, _StreamState] = {}
         self._since_clear = AskedSinceClear()
         # Rotations heard, per name (see AWSSecretsManager._rotations).
         self._rotations: dict[str, int] = {}
@@ -89,6 +93,7 @@ class AsyncAWSSecretsManager:
             # ended (or is another): they cannot be used from this one.
             self._channel = None
             self._followers.clear()
+            self._streams.clear()
             self._cache.clear()
             self._learned_at.clear()
         if self._channel is None:
@@ -188,6 +193,13 @@ class AsyncAWSSecretsManager:
             answer = await self._ask(self._secrets().GetSecret, request, refresh=again and use_cache)
         except grpc.RpcError as error:
             logger.debug("get_secret %s: the broker answered %s", secret_name, error.code())
+            held = self._cache.get(key) if use_cache else None
+            # Only the current version is followed.
+            stream = self._streams.get(key[0]) if key[1] is None else None
+            if held is not None and _serve_through_outage(
+                "get_secret", secret_name, stream, error, self.config.broker_max_stale
+            ):
+                return held[0]._for_caller()
             raise _error_from(error, self.config) from None
         finally:
             if again:
@@ -236,8 +248,9 @@ class AsyncAWSSecretsManager:
         if selector is None:
             self._learned_at[name] = _read_at(answer.secret, sent_at)
         if selector is None and name not in self._followers and len(self._followers) < MAX_FOLLOWED:
+            stream = self._streams[name] = _StreamState()
             self._followers[name] = asyncio.get_running_loop().create_task(
-                _follow(weakref.ref(self), name, value.version_id, value.arn), name=f"watch-{name}"
+                _follow(weakref.ref(self), name, value.version_id, value.arn, stream), name=f"watch-{name}"
             )
         return value._for_caller()
 
@@ -256,6 +269,7 @@ class AsyncAWSSecretsManager:
         if value is None:
             self._cache.pop((name, None), None)
             self._followers.pop(name, None)
+            self._streams.pop(name, None)
             self._learned_at.pop(name, None)
         else:
             self._cache[(name, None)] = (value, time.monotonic())
@@ -287,6 +301,7 @@ class AsyncAWSSecretsManager:
     def _drop_local(self) -> None:
         followers = list(self._followers.values())
         self._followers.clear()
+        self._streams.clear()
         self._cache.clear()
         self._learned_at.clear()
         current = asyncio.current_task()
@@ -344,12 +359,17 @@ class AsyncAWSSecretsManager:
 
 
 async def _follow(
-    manager: "weakref.ReferenceType[AsyncAWSSecretsManager]", name: str, version_id: str, arn: str = ""
+    manager: "weakref.ReferenceType[AsyncAWSSecretsManager]",
+    name: str,
+    version_id: str,
+    arn: str,
+    stream_state: _StreamState,
 ) -> None:
     """Keeps ``name``'s cached value current until it is dropped or its
     manager is gone; after a lost stream, asks again from the version it
     holds, so that a rotation missed meanwhile comes first. The manager is
-    held only for each step, never across an await."""
+    held only for each step, never across an await. ``stream_state`` says
+    whether the stream is there to vouch for the value."""
     backoff = 0.1
     while True:
         held = manager()
@@ -362,6 +382,7 @@ async def _follow(
         try:
             async for event in stream:
                 backoff = 0.1
+                stream_state.heard()
                 # As the sync follower (_first_marked): a first CURRENT
                 # tells nothing new.
                 if first and event.type == secret_pb2.WATCH_EVENT_TYPE_CURRENT:
@@ -383,12 +404,14 @@ async def _follow(
                 held._rotated(name, value)
                 held = None
         except grpc.aio.AioRpcError as error:
+            stream_state.broke()
             if error.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
                 if (held := manager()) is not None:
                     held._rotated(name, None)
                 return
         except Exception as error:  # noqa: BLE001 - keep following
             logger.debug("watch of %s: %s", name, error)
+        stream_state.broke()
         held = None
         await asyncio.sleep(_jittered(backoff))
         backoff = min(backoff * 2, WATCH_BACKOFF_MAX)

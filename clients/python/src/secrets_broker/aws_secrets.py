@@ -40,7 +40,7 @@ import grpc.aio
 # googleapis-common-protos and grpcio-status ship no type information.
 from google.rpc import error_details_pb2  # type: ignore[import-untyped]
 from grpc_status import rpc_status  # type: ignore[import-untyped]
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from secretsbroker.v1 import secret_pb2, secrets_service_pb2, secrets_service_pb2_grpc
@@ -185,6 +185,69 @@ def _error_from(error: grpc.RpcError, config: Optional["AWSSecretsConfig"] = Non
     return kind(f"{label}: {message}", code=code, reason=reason, metadata=metadata)
 
 
+def _broker_unreachable(error: grpc.RpcError) -> bool:
+    """Whether a call failed for want of a broker: none reached (the
+    transport's UNAVAILABLE, which carries no reason of the broker's), one
+    shutting down (``SHUTTING_DOWN``: a restart), or none that answered
+    within this client's deadline. Not an answer of the broker's about the
+    secret or AWS (``UPSTREAM_UNAVAILABLE``: it holds nothing it may
+    serve)."""
+    if not _is_call(error):
+        return False
+    code = error.code()
+    reason, _ = _error_info_of(error)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return reason in ("", "SHUTTING_DOWN")
+    return code == grpc.StatusCode.DEADLINE_EXCEEDED and not reason
+
+
+class _StreamState:
+    """Whether a follower's WatchSecret stream vouches for the value it
+    follows: connected (an event came on it: the broker sends the current
+    version first), or broken less than ``BROKER_MAX_STALE`` ago, so that
+    no rotation can have gone unheard for longer. Written by the follower,
+    read by readers: each field is one atomic store."""
+
+    def __init__(self) -> None:
+        self.connected = False
+        self.broke_at: Optional[float] = None
+        # Whether a read was served on its word since the stream broke (the
+        # warning is said once an outage, not once a read).
+        self.relied_on = False
+
+    def heard(self) -> None:
+        self.connected = True
+        self.relied_on = False
+
+    def broke(self) -> None:
+        if self.connected:
+            self.connected = False
+            self.broke_at = time.monotonic()
+
+    def vouches(self, max_stale: float) -> bool:
+        if self.connected:
+            return True
+        return self.broke_at is not None and time.monotonic() - self.broke_at <= max_stale
+
+
+def _serve_through_outage(
+    what: str, name: str, stream: Optional[_StreamState], error: grpc.RpcError, max_stale: float
+) -> bool:
+    """Whether a read of ``name`` that found no broker (``_broker_unreachable``:
+    restarting, partitioned, frozen) may be answered with the value held,
+    past its TTL: only while its stream vouches for it. Names not followed
+    have nothing to vouch for them, and fail as before. Says so once an
+    outage, at WARNING."""
+    if stream is None or not _broker_unreachable(error) or not stream.vouches(max_stale):
+        return False
+    log = logger.debug if stream.relied_on else logger.warning
+    stream.relied_on = True
+    code = error.code().name if _is_call(error) else "error"
+    log("%s %s: the broker cannot be reached (%s): the value held is served, "
+        "which its watch stream vouched for within BROKER_MAX_STALE", what, name, code)
+    return True
+
+
 def _silent_broker(config: "AWSSecretsConfig", what: str) -> str:
     """What to check when the broker's address takes connections but
     nothing answers on them."""
@@ -299,26 +362,29 @@ class AWSSecretsConfig(BaseSettings):
     secret_cache_ttl: int = 300
 
     broker_endpoint: str = "127.0.0.1:50051"
+    # How long after its WatchSecret stream broke a held value is still
+    # served when the broker cannot be reached (see _held_through_outage);
+    # the Rust client's max_stale.
+    broker_max_stale: int = 30
     broker_ca_file: Optional[str] = None
     broker_cert_file: Optional[str] = None
     broker_key_file: Optional[str] = None
     broker_tls_domain: Optional[str] = None
 
-    @field_validator("secret_cache_ttl", mode="before")
+    @field_validator("secret_cache_ttl", "broker_max_stale", mode="before")
     @classmethod
-    def _ttl(cls, value: Any) -> Any:
+    def _ttl(cls, value: Any, info: ValidationInfo) -> Any:
         """As the broker reads it: seconds, or a duration such as ``5m``,
         ``1h 30m`` or ``0.5m`` in the units ms, s, m (minutes), h and d
         (``5M`` is refused: it is no minute); empty means the default;
-        never negative. Rounded up to whole seconds: only 0 turns the
-        local cache off."""
+        never negative. Rounded up to whole seconds: only 0 turns it off."""
         if not isinstance(value, str):
             return value
         text = value.strip()
         if not text:
-            return 300
+            return cls.model_fields[str(info.field_name)].default
         if text.startswith("-"):
-            raise ValueError("must not be negative (0 turns the local cache off)")
+            raise ValueError(f"must not be negative ({_ZERO_MEANS[str(info.field_name)]})")
         if re.fullmatch(r"\+?[0-9]+", text):
             return int(text)
         unknown = [u for u in re.split(r"[0-9.\s]+", text) if u and u not in _DURATION_UNITS]
@@ -351,11 +417,11 @@ class AWSSecretsConfig(BaseSettings):
             raise ValueError("is only spaces")
         return value.strip()
 
-    @field_validator("secret_cache_ttl")
+    @field_validator("secret_cache_ttl", "broker_max_stale")
     @classmethod
-    def _ttl_not_negative(cls, value: int) -> int:
+    def _ttl_not_negative(cls, value: int, info: ValidationInfo) -> int:
         if value < 0:
-            raise ValueError("must not be negative (0 turns the local cache off)")
+            raise ValueError(f"must not be negative ({_ZERO_MEANS[str(info.field_name)]})")
         if value > _MAX_DURATION:
             raise ValueError("is longer than a year")
         return value
@@ -511,6 +577,12 @@ _DURATION_UNITS: dict[str, Fraction] = {
 }
 # As the broker: a duration past a year is a mistake.
 _MAX_DURATION = 366 * 86400
+
+# What 0 does, for the message that refuses a negative duration.
+_ZERO_MEANS = {
+    "secret_cache_ttl": "0 turns the local cache off",
+    "broker_max_stale": "0 serves nothing held once the broker cannot be reached",
+}
 
 
 def settings_from_env() -> AWSSecretsConfig:
@@ -867,6 +939,10 @@ class _Entry:
     follower: Optional["_Follower"] = None
 
 
+def _stream_of(entry: Union[_Entry, "_ConfigEntry"]) -> Optional[_StreamState]:
+    return entry.follower.stream if entry.follower is not None else None
+
+
 @dataclass
 class _ConfigEntry:
     value: dict[str, Any] = field(repr=False)  # a typed config's settings: secret
@@ -1026,6 +1102,12 @@ class AWSSecretsManager:
             answer = _ask(self._secrets().GetSecret, request, refresh=again and use_cache)
         except grpc.RpcError as error:
             logger.debug("get_secret %s: the broker answered %s", secret_name, error.code())
+            with self._lock:
+                held = self._cache.get(key) if use_cache else None
+            if held is not None and _serve_through_outage(
+                "get_secret", secret_name, _stream_of(held), error, self.config.broker_max_stale
+            ):
+                return held.value._for_caller()
             raise _error_from(error, self.config) from None
         finally:
             if again:
@@ -1219,6 +1301,12 @@ class AWSSecretsManager:
         try:
             answer = _ask(getattr(self._secrets(), rpc), request, refresh=again)
         except grpc.RpcError as error:
+            with self._lock:
+                held = self._configs.get(key)
+            if held is not None and _serve_through_outage(
+                rpc, name or "(default)", _stream_of(held), error, self.config.broker_max_stale
+            ):
+                return copy.deepcopy(held.value)
             raise _error_from(error, self.config) from None
         finally:
             if again:
@@ -1514,6 +1602,8 @@ class _Follower:
     # What an event does; by default, the manager's cached secret is
     # replaced or dropped.
     on_event: Optional[Callable[[Optional[SecretValue]], None]] = None
+    # Whether the stream vouches for what it follows.
+    stream: _StreamState = field(default_factory=_StreamState)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"watch-{self.name}", daemon=True)
@@ -1537,6 +1627,7 @@ class _Follower:
             try:
                 for first, event in _first_marked(self._events()):
                     backoff = 0.1
+                    self.stream.heard()
                     if first and event.type == secret_pb2.WATCH_EVENT_TYPE_CURRENT:
                         continue  # see _first_marked
                     if event.type == secret_pb2.WATCH_EVENT_TYPE_DELETED:
@@ -1546,6 +1637,7 @@ class _Follower:
                     self.version_id, self.arn = value.version_id, value.arn
                     self._tell(value)
             except grpc.RpcError as error:
+                self.stream.broke()
                 if self._stopped.is_set():
                     return
                 code = error.code() if isinstance(error, grpc.Call) else None
@@ -1554,6 +1646,7 @@ class _Follower:
                     return
             except Exception as error:  # noqa: BLE001 - keep following
                 logger.debug("watch of %s: %s", self.name, error)
+            self.stream.broke()
             self._stopped.wait(_jittered(backoff))
             backoff = min(backoff * 2, WATCH_BACKOFF_MAX)
 
