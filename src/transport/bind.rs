@@ -15,7 +15,8 @@ use crate::{
 #[error("cannot listen on {addr} ({setting}): {source}")]
 pub struct BindError {
     addr: String,
-    /// The setting that names it: which of two listeners failed.
+    /// The setting that names it (its flag and its variable: either may
+    /// have set it): which of two listeners failed.
     setting: &'static str,
     source: std::io::Error,
 }
@@ -32,7 +33,7 @@ impl Listeners {
         let listen_error = |addr: String| {
             move |source| BindError {
                 addr,
-                setting: "--listen",
+                setting: "--listen / BROKER_LISTEN",
                 source,
             }
         };
@@ -54,7 +55,7 @@ impl Listeners {
                 Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(
                     |source| BindError {
                         addr: addr.to_string(),
-                        setting: "--metrics-listen",
+                        setting: "--metrics-listen / BROKER_METRICS_LISTEN",
                         source,
                     },
                 )?),

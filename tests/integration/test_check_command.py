@@ -129,6 +129,8 @@ def test_a_start_failure_under_json_logs_is_a_json_line(run_cli):
     events = [json.loads(line) for line in proc.stderr.splitlines() if line.strip()]
     stopped = [e for e in events if e.get("level") == "ERROR"]
     assert len(stopped) == 1 and f"cannot listen on 127.0.0.1:{port}" in stopped[0]["fields"]["message"], events
+    # Whichever set it: the flag here, the variable in a pod's spec.
+    assert "(--listen / BROKER_LISTEN)" in stopped[0]["fields"]["message"], events
     assert quiet.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in quiet.stderr, output(quiet)
 
 
