@@ -86,7 +86,9 @@ impl Audit {
     }
 
     /// Notes one item of a batch with its own outcome and, for a read that
-    /// succeeded, whether the cache answered: `name=OK/hit`. AWS allows `=`
+    /// succeeded, whether the cache answered (`name=OK/hit`), or for one
+    /// that did not, its reason (`name=PERMISSION_DENIED/POLICY_DENIED`:
+    /// the broker's policy, not AWS's IAM). AWS allows `=`
     /// in a name: such a name is quoted (`"a=b"=OK`), so that a reader
     /// splitting on the last `=` of an unquoted item, or reading a quoted
     /// one, never takes part of the name for the outcome.
@@ -99,8 +101,9 @@ impl Audit {
     /// container runtimes keep as one line. What was served is always
     /// shown whole; a name already quoted (one that did not resolve, shown
     /// cut) is shown as it is.
-    pub fn batch_item(&mut self, name: &str, outcome: Code, cache_hit: Option<bool>) {
-        let whole = outcome == Code::Ok || self.secrets.as_str().len() + name.len() <= WHOLE_NAMES;
+    pub fn batch_item(&mut self, name: &str, outcome: ItemOutcome) {
+        let served = matches!(outcome, ItemOutcome::Served { .. });
+        let whole = served || self.secrets.as_str().len() + name.len() <= WHOLE_NAMES;
         if name.starts_with('"') {
             self.push_name(name);
         } else if !whole {
@@ -111,11 +114,16 @@ impl Audit {
             self.push_name(name);
         }
         self.secrets.push("=");
-        self.secrets.push(code_name(outcome));
-        match cache_hit {
-            Some(true) => self.secrets.push("/hit"),
-            Some(false) => self.secrets.push("/miss"),
-            None => {}
+        match outcome {
+            ItemOutcome::Served { hit } => {
+                self.secrets.push(code_name(Code::Ok));
+                self.secrets.push(if hit { "/hit" } else { "/miss" });
+            }
+            ItemOutcome::Refused { code, reason } => {
+                self.secrets.push(code_name(code));
+                self.secrets.push("/");
+                self.secrets.push(reason);
+            }
         }
     }
 
@@ -159,16 +167,42 @@ impl Audit {
     }
 }
 
+/// How one item of a batch ended (`Audit::batch_item`).
+#[derive(Debug, Clone, Copy)]
+pub enum ItemOutcome {
+    /// Read, from the cache or not.
+    Served { hit: bool },
+    /// Not read: its code and `ErrorInfo` reason, as the item's
+    /// `SecretError` gives them.
+    Refused { code: Code, reason: &'static str },
+}
+
+impl ItemOutcome {
+    pub fn refused(error: &ApiError) -> Self {
+        Self::Refused {
+            code: error.code(),
+            reason: error.reason(),
+        }
+    }
+}
+
 impl Drop for Audit {
     fn drop(&mut self) {
         if !self.emitted {
             // The gate's timer for the call timeout started a moment
             // before this record did: the call's deadline, set with that
             // timer, tells a call it cut from one its caller gave up.
-            let past_deadline = self
-                .deadline
-                .is_some_and(|deadline| Instant::now() >= deadline.at);
-            let outcome = if past_deadline || self.started.elapsed() >= self.call_timeout {
+            let now = Instant::now();
+            let past = |callers: bool| {
+                self.deadline
+                    .is_some_and(|deadline| deadline.callers == callers && now >= deadline.at)
+            };
+            let outcome = if past(false) || self.started.elapsed() >= self.call_timeout {
+                // The gate answered it CALL_TIMEOUT, and says so here.
+                self.reason = Some(ApiError::CallTimeout(self.call_timeout).reason());
+                Code::DeadlineExceeded
+            } else if past(true) {
+                // The caller's own deadline: it gave up, nobody answered.
                 Code::DeadlineExceeded
             } else {
                 Code::Cancelled
@@ -309,15 +343,31 @@ mod tests {
         )
     }
 
+    fn refused(code: Code, reason: &'static str) -> ItemOutcome {
+        ItemOutcome::Refused { code, reason }
+    }
+
+    fn denied() -> ItemOutcome {
+        refused(Code::PermissionDenied, "POLICY_DENIED")
+    }
+
+    fn invalid() -> ItemOutcome {
+        refused(Code::InvalidArgument, "INVALID_SECRET_NAME")
+    }
+
+    fn not_found() -> ItemOutcome {
+        refused(Code::NotFound, "SECRET_NOT_FOUND")
+    }
+
     #[test]
     fn batch_items_with_an_equals_sign_in_their_name_are_quoted() {
         let mut audit = batch_audit();
-        audit.batch_item("insurecove/a=OK/hit", Code::PermissionDenied, None);
-        audit.batch_item("insurecove/b", Code::Ok, Some(true));
-        audit.batch_item(&refused_shown("bad name"), Code::InvalidArgument, None);
+        audit.batch_item("insurecove/a=OK/hit", denied());
+        audit.batch_item("insurecove/b", ItemOutcome::Served { hit: true });
+        audit.batch_item(&refused_shown("bad name"), invalid());
         assert_eq!(
             audit.secrets.as_str(),
-            r#""insurecove/a=OK/hit"=PERMISSION_DENIED insurecove/b=OK/hit "bad name"=INVALID_ARGUMENT"#
+            r#""insurecove/a=OK/hit"=PERMISSION_DENIED/POLICY_DENIED insurecove/b=OK/hit "bad name"=INVALID_ARGUMENT/INVALID_SECRET_NAME"#
         );
         audit.finish(Code::Ok);
     }
@@ -327,19 +377,23 @@ mod tests {
         let mut audit = batch_audit();
         let long = |i: usize| format!("insurecove/{}-{i:03}", "x".repeat(497));
         for i in 0..98 {
-            audit.batch_item(&long(i), Code::NotFound, None);
+            audit.batch_item(&long(i), not_found());
         }
-        audit.batch_item(&refused_shown("bad name"), Code::InvalidArgument, None);
-        audit.batch_item(&long(99), Code::Ok, Some(true));
+        audit.batch_item(&refused_shown("bad name"), invalid());
+        audit.batch_item(&long(99), ItemOutcome::Served { hit: true });
         let line = audit.secrets.as_str();
         assert!(line.len() < WHOLE_NAMES + 100 * 100, "{} bytes", line.len());
         // The first names are whole; later ones are cut in the middle and
         // quoted, keeping the end that tells them apart; a refused name is
         // quoted once; what was served is whole wherever it stands.
-        assert!(line.starts_with(&format!("{}=NOT_FOUND {}=NOT_FOUND", long(0), long(1))));
+        let missing = "NOT_FOUND/SECRET_NOT_FOUND";
+        assert!(line.starts_with(&format!("{}={missing} {}={missing}", long(0), long(1))));
         let cut = format!("insurecove/xxxxxxxxxxxxx…{}-097", "x".repeat(51));
-        assert!(line.contains(&format!(" \"{cut}\"=NOT_FOUND ")), "{line}");
-        assert!(line.contains(r#" "bad name"=INVALID_ARGUMENT "#), "{line}");
+        assert!(line.contains(&format!(" \"{cut}\"={missing} ")), "{line}");
+        assert!(
+            line.contains(r#" "bad name"=INVALID_ARGUMENT/INVALID_SECRET_NAME "#),
+            "{line}"
+        );
         assert!(line.ends_with(&format!(" {}=OK/hit", long(99))), "{line}");
         audit.finish(Code::Ok);
     }

@@ -11,11 +11,11 @@ use std::{pin::Pin, sync::Arc};
 
 use futures::{Stream, StreamExt, future::join_all};
 use prost::Message as _;
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
 use super::{
     ApiContext,
-    audit::{Audit, refused_shown},
+    audit::{Audit, ItemOutcome, refused_shown},
     message::{self, Contents},
     respond,
     status::ApiError,
@@ -226,12 +226,12 @@ impl SecretsApi {
                 });
                 let result = match outcome {
                     Ok((full_name, hit, secret)) => {
-                        audit.batch_item(&full_name, Code::Ok, Some(hit));
+                        audit.batch_item(&full_name, ItemOutcome::Served { hit });
                         batch_get_secrets_result::Result::Secret(secret)
                     }
                     Err((full_name, error)) => {
                         let shown = full_name.unwrap_or_else(|| refused_shown(&name));
-                        audit.batch_item(&shown, error.code(), None);
+                        audit.batch_item(&shown, ItemOutcome::refused(&error));
                         batch_get_secrets_result::Result::Error(error.to_secret_error())
                     }
                 };

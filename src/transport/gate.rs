@@ -302,6 +302,15 @@ impl InFlight {
                 unopened.audit_refusal(tonic::Code::Cancelled, None, unknown_path.as_deref());
                 in_the_brokers_words(response, unknown_path).0
             }
+            // SHUTTING_DOWN is also a handler's answer (a watch or stream
+            // the drain ended), which its handler audited: the gate's own
+            // is for a call whose request never came.
+            Some((_, Some(reason)))
+                if reason == ApiError::ShuttingDown.reason()
+                    && !unopened.slot.never_got_its_request() =>
+            {
+                response
+            }
             Some((outcome, reason)) => {
                 let shown = unknown_path.clone();
                 let (response, rewritten) = in_the_brokers_words(response, unknown_path);

@@ -484,8 +484,11 @@ def test_call_timeout_answers_deadline_exceeded_with_a_reason(moto, aws_broker, 
         print(f"DEADLINE_EXCEEDED after {took:.2f} s")
         assert took < 3
         time.sleep(0.3)
-        assert any("audit" in line and "slow-timeout" in line and "DEADLINE_EXCEEDED" in line
-                   for line in broker.log().splitlines()), broker.tail()
+        # Audited with the reason the caller got: the broker cut it, the
+        # caller did not give up.
+        audit = [line for line in broker.log().splitlines() if " audit: " in line and "slow-timeout" in line]
+        assert len(audit) == 1, broker.tail()
+        assert 'outcome="DEADLINE_EXCEEDED" reason="CALL_TIMEOUT"' in audit[0], audit
     finally:
         upstream.close()
 

@@ -275,4 +275,4 @@ def test_a_batch_too_large_for_a_client_answers_what_fits_and_names_the_rest(mot
     again = broker.secrets().BatchGetSecrets(pb.BatchGetSecretsRequest(names=[refused[0].name]), timeout=20)
     assert again.results[0].secret.string_value == big["insurecove/" + refused[0].name]
     log = broker.log()
-    assert f"insurecove/{refused[0].name}=RESOURCE_EXHAUSTED" in log, "the audit says which were refused"
+    assert f"insurecove/{refused[0].name}=RESOURCE_EXHAUSTED/ANSWER_TOO_LARGE" in log, "the audit says which were refused"

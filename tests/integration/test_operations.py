@@ -493,8 +493,10 @@ def test_sigterm_ends_a_watch_still_waiting_for_its_first_read(moto, aws_broker,
         exited = time.monotonic() - sent
         assert exited < 3.5, f"exit took {exited:.2f} s after SIGTERM; the held read takes 4.5 s"
         assert code == 0, f"exit code {code}; log:\n{broker.tail()}"
-        audit = [line for line in broker.log().splitlines() if " audit: " in line and "slow-watch" in line]
-        assert len(audit) == 1 and 'outcome="UNAVAILABLE"' in audit[0], audit
+        # One call, one line: the handler's, not the gate's too.
+        audit = [line for line in broker.log().splitlines() if " audit: " in line and 'rpc="WatchSecret"' in line]
+        assert len(audit) == 1 and "slow-watch" in audit[0], audit
+        assert 'outcome="UNAVAILABLE" reason="SHUTTING_DOWN"' in audit[0], audit
     finally:
         watch.close()
 

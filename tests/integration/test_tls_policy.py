@@ -379,7 +379,7 @@ def test_audit_one_json_event_per_call(start_tls_broker, tls_files, stubs, pki):
     call(BILLING, "GetSecret", MISTRAL, "PERMISSION_DENIED", None, lambda: get(billing, stubs, "mistral-api-key"))
     # Batch items carry their own outcome, and for reads whether the cache
     # answered (mistral-api-key was read above: a hit).
-    call(AUTH, "BatchGetSecrets", f"{MISTRAL}=OK/hit {DATABASE}=PERMISSION_DENIED insurecove/missing/x=NOT_FOUND", "OK", None,
+    call(AUTH, "BatchGetSecrets", f"{MISTRAL}=OK/hit {DATABASE}=PERMISSION_DENIED/POLICY_DENIED insurecove/missing/x=NOT_FOUND/SECRET_NOT_FOUND", "OK", None,
          lambda: auth.BatchGetSecrets(pb.BatchGetSecretsRequest(names=["mistral-api-key", "production/database", "missing/x"]), timeout=10))
     call(AUTH, "GetCacheStats", "", "PERMISSION_DENIED", None, lambda: auth_admin.GetCacheStats(apb.GetCacheStatsRequest(), timeout=10))
     call(AUTH, "ClearCache", "", "PERMISSION_DENIED", None, lambda: auth_admin.ClearCache(apb.ClearCacheRequest(), timeout=10))
