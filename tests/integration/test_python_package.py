@@ -1646,3 +1646,104 @@ def test_a_broker_restart_is_ridden_out_on_what_the_watch_vouched_for(venv, star
     warnings = [line for line in err.splitlines() if "the value held is served" in line]
     assert len(warnings) == (2 if flavour == "sync" else 1), err[-2000:]
     assert "BROKER_MAX_STALE" in warnings[0] and first not in err, err[-2000:]
+
+
+FROZEN_PROBE = """
+import json, sys, time
+from secrets_broker.aws_secrets import AWSSecretsManager, AWSSecretsManagerError
+m = AWSSecretsManager()
+def timed():
+    started = time.monotonic()
+    try:
+        got = m.get_secret("mistral-api-key").as_string()
+    except AWSSecretsManagerError as error:
+        got = f"{type(error).__name__} {error.code.name if error.code else ''} {error.reason}".strip()
+    return {"got": got, "took": time.monotonic() - started}
+first = timed()
+time.sleep(0.5)                               # its watch stream is open
+print(json.dumps(first), flush=True)
+for _ in range(2):
+    sys.stdin.readline()
+    time.sleep(1.2)                           # past SECRET_CACHE_TTL
+    print(json.dumps([timed(), timed()]), flush=True)
+"""
+
+
+def test_a_frozen_broker_or_one_back_without_aws_still_leaves_reads_answered(
+        venv, moto, start_broker, tmp_path, stubs):
+    """The other outages a watch rides out: a broker frozen (SIGSTOP: it
+    takes connections, answers nothing) holds a read past its TTL for 2 s,
+    not the 10 s call timeout, then the value held answers; a broker back
+    from a restart while AWS is out of reach has no copy of its own
+    (UPSTREAM_UNAVAILABLE), and the value held answers too."""
+    moto.seed({MISTRAL: MISTRAL_VALUE})
+    listen = f"127.0.0.1:{support.free_port()}"
+    broker = start_broker(env=moto.broker_env(), dev=False, listen=listen)
+    env = package_env(broker, SECRET_CACHE_TTL="1", BROKER_MAX_STALE="20")
+    proc = start_probe(venv, tmp_path, env, FROZEN_PROBE)
+    try:
+        first = json.loads(proc.stdout.readline())
+        assert first["got"] == MISTRAL_VALUE, (first, proc.stderr.read() if proc.poll() is not None else "")
+        broker.proc.send_signal(signal.SIGSTOP)
+        try:
+            go_on(proc)
+            frozen = json.loads(proc.stdout.readline())
+        finally:
+            broker.proc.send_signal(signal.SIGCONT)
+        broker.stop()
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))
+            nowhere = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        start_broker(env=moto.broker_env() | {"AWS_ENDPOINT_URL": nowhere}, dev=False, listen=listen)
+        go_on(proc)
+        without_aws = json.loads(proc.stdout.readline())
+    finally:
+        proc.kill()
+        _, err = proc.communicate(timeout=10)
+    print(f"frozen: {frozen}; back without AWS: {without_aws}")
+    assert [read["got"] for read in frozen] == [MISTRAL_VALUE] * 2, (frozen, err[-2000:])
+    # Each waits REFRESH_WAIT (2 s), not CALL_TIMEOUT (10 s).
+    assert all(read["took"] < 4 for read in frozen), frozen
+    assert [read["got"] for read in without_aws] == [MISTRAL_VALUE] * 2, (without_aws, err[-2000:])
+    assert MISTRAL_VALUE not in err, "a value in the client's log"
+
+
+FORK_IN_OUTAGE_PROBE = """
+import json, os, sys, time
+from secrets_broker.aws_secrets import AWSSecretsManager, AWSSecretsManagerError
+m = AWSSecretsManager()
+def read(what):
+    try:
+        return what()
+    except AWSSecretsManagerError as error:
+        return f"{type(error).__name__} {error.code.name if error.code else ''}".strip()
+m.get_secret("mistral-api-key")
+m.get_jwt_config()
+time.sleep(0.5)                               # the watch streams are open
+print(json.dumps("ready"), flush=True)
+sys.stdin.readline()                          # the broker is gone
+pid = os.fork()                               # a worker respawned, a pool started
+if pid == 0:
+    os._exit(0)
+os.waitpid(pid, 0)
+time.sleep(1.5)                               # past SECRET_CACHE_TTL
+print(json.dumps([read(lambda: m.get_secret("mistral-api-key").as_string()),
+                  read(lambda: m.get_jwt_config()["jwt_issuer"])]), flush=True)
+"""
+
+
+def test_a_fork_while_the_broker_is_away_keeps_what_the_watch_vouched_for(venv, start_broker, tmp_path):
+    """The parent's followers stop for the fork and start again after it:
+    the new ones take over their streams' state, so a fork during a broker
+    restart does not end what those streams vouched for."""
+    broker = start_broker()
+    proc = start_probe(venv, tmp_path, package_env(broker, SECRET_CACHE_TTL="1"), FORK_IN_OUTAGE_PROBE)
+    try:
+        assert json.loads(proc.stdout.readline() or "null") == "ready", proc.stderr.read()
+        broker.stop()
+        go_on(proc)
+        after = json.loads(proc.stdout.readline() or "null")
+    finally:
+        proc.kill()
+        _, err = proc.communicate(timeout=10)
+    assert after == ["dev-mistral-key-NOT-A-REAL-KEY-0000", "insurecove-dev"], (after, err[-2000:])

@@ -46,6 +46,7 @@ from secrets_broker.aws_secrets import (
     _changed_keys,
     _serve_through_outage,
     _StreamState,
+    _wait_for,
     _sweep_expired,
     config_dict,
     settings_from_env,
@@ -107,11 +108,11 @@ class AsyncAWSSecretsManager:
             self._loop = loop
         return self._channel
 
-    async def _ask(self, call: Callable[..., Any], request: Any, refresh: bool) -> Any:
+    async def _ask(self, call: Callable[..., Any], request: Any, refresh: bool, timeout: float = CALL_TIMEOUT) -> Any:
         """As the sync client's ``_ask``: a refresh gives AWS
         ``REFRESH_WAIT``, then asks the broker's cache."""
         if not refresh:
-            return await self._unless_closed(call(request, timeout=CALL_TIMEOUT))
+            return await self._unless_closed(call(request, timeout=timeout))
         try:
             return await self._unless_closed(call(request, timeout=REFRESH_WAIT))
         except grpc.aio.AioRpcError as error:
@@ -188,16 +189,19 @@ class AsyncAWSSecretsManager:
         if again and use_cache:
             logger.debug("get_secret %s: asking AWS, the first read since clear_cache()", secret_name)
         request = _get_secret_request(secret_name, version_id, use_cache and not again, version_stage)
+        max_stale = self.config.broker_max_stale
+        # Only the current version is followed.
+        stream = self._streams.get(key[0]) if key[1] is None else None
+        wait = _wait_for(stream, max_stale) if use_cache and key in self._cache else CALL_TIMEOUT
         sent_at = time.monotonic()
         try:
-            answer = await self._ask(self._secrets().GetSecret, request, refresh=again and use_cache)
+            answer = await self._ask(self._secrets().GetSecret, request, refresh=again and use_cache, timeout=wait)
         except grpc.RpcError as error:
             logger.debug("get_secret %s: the broker answered %s", secret_name, error.code())
             held = self._cache.get(key) if use_cache else None
-            # Only the current version is followed.
             stream = self._streams.get(key[0]) if key[1] is None else None
             if held is not None and _serve_through_outage(
-                "get_secret", secret_name, stream, error, self.config.broker_max_stale
+                "get_secret", secret_name, stream, error, max_stale, sent_at
             ):
                 return held[0]._for_caller()
             raise _error_from(error, self.config) from None

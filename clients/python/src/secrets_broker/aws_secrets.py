@@ -185,20 +185,31 @@ def _error_from(error: grpc.RpcError, config: Optional["AWSSecretsConfig"] = Non
     return kind(f"{label}: {message}", code=code, reason=reason, metadata=metadata)
 
 
-def _broker_unreachable(error: grpc.RpcError) -> bool:
-    """Whether a call failed for want of a broker: none reached (the
-    transport's UNAVAILABLE, which carries no reason of the broker's), one
-    shutting down (``SHUTTING_DOWN``: a restart), or none that answered
-    within this client's deadline. Not an answer of the broker's about the
-    secret or AWS (``UPSTREAM_UNAVAILABLE``: it holds nothing it may
-    serve)."""
+# The broker's reasons for a read it cannot answer for now: shutting down
+# (a restart), full, its call timeout, or AWS out of reach or throttling
+# while it holds no copy (a broker just restarted holds none).
+_NOT_FOR_NOW = (
+    "SHUTTING_DOWN",
+    "TOO_MANY_CALLS",
+    "CALL_TIMEOUT",
+    "UPSTREAM_UNAVAILABLE",
+    "UPSTREAM_THROTTLED",
+    "UPSTREAM_QUEUE_FULL",
+)
+
+
+def _no_answer_for_now(error: grpc.RpcError) -> bool:
+    """Whether a read failed for want of an answer that may come later: no
+    broker reached, or none that answered within this client's deadline
+    (the transport's UNAVAILABLE, DEADLINE_EXCEEDED: no reason of the
+    broker's), or the broker's own ``_NOT_FOR_NOW``. Never an answer about
+    the secret (NOT_FOUND, PERMISSION_DENIED, ...)."""
     if not _is_call(error):
         return False
-    code = error.code()
     reason, _ = _error_info_of(error)
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return reason in ("", "SHUTTING_DOWN")
-    return code == grpc.StatusCode.DEADLINE_EXCEEDED and not reason
+    if reason:
+        return reason in _NOT_FOR_NOW
+    return error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 class _StreamState:
@@ -224,27 +235,45 @@ class _StreamState:
             self.connected = False
             self.broke_at = time.monotonic()
 
-    def vouches(self, max_stale: float) -> bool:
+    def vouches(self, max_stale: float, at: Optional[float] = None) -> bool:
+        """Connected, or broken less than ``max_stale`` before ``at`` (now
+        by default; a read's start: its wait must not use up the bound).
+        Never with ``max_stale`` 0."""
+        if max_stale <= 0:
+            return False
         if self.connected:
             return True
-        return self.broke_at is not None and time.monotonic() - self.broke_at <= max_stale
+        at = time.monotonic() if at is None else at
+        return self.broke_at is not None and at - self.broke_at <= max_stale
+
+
+def _wait_for(stream: Optional[_StreamState], max_stale: float) -> float:
+    """How long a read past its TTL waits for the broker: while a stream
+    vouches for the value held, no longer than ``REFRESH_WAIT``, then the
+    held value answers (``_serve_through_outage``): a frozen broker must not
+    hold every read for the whole call timeout."""
+    if stream is not None and stream.vouches(max_stale):
+        return REFRESH_WAIT
+    return CALL_TIMEOUT
 
 
 def _serve_through_outage(
-    what: str, name: str, stream: Optional[_StreamState], error: grpc.RpcError, max_stale: float
+    what: str, name: str, stream: Optional[_StreamState], error: grpc.RpcError, max_stale: float, asked_at: float
 ) -> bool:
-    """Whether a read of ``name`` that found no broker (``_broker_unreachable``:
-    restarting, partitioned, frozen) may be answered with the value held,
-    past its TTL: only while its stream vouches for it. Names not followed
-    have nothing to vouch for them, and fail as before. Says so once an
-    outage, at WARNING."""
-    if stream is None or not _broker_unreachable(error) or not stream.vouches(max_stale):
+    """Whether a read of ``name`` asked at ``asked_at`` that got no answer
+    for now (``_no_answer_for_now``: the broker restarting, partitioned,
+    frozen, or without AWS and a copy of its own) may be answered with the
+    value held, past its TTL: only while its stream vouches for it. Names
+    not followed have nothing to vouch for them, and fail as before. Says
+    so once an outage, at WARNING."""
+    if stream is None or not _no_answer_for_now(error) or not stream.vouches(max_stale, asked_at):
         return False
     log = logger.debug if stream.relied_on else logger.warning
     stream.relied_on = True
     code = error.code().name if _is_call(error) else "error"
-    log("%s %s: the broker cannot be reached (%s): the value held is served, "
-        "which its watch stream vouched for within BROKER_MAX_STALE", what, name, code)
+    reason, _ = _error_info_of(error)
+    log("%s %s: no answer from the broker for now (%s): the value held is served, "
+        "which its watch stream vouched for within BROKER_MAX_STALE", what, name, f"{code} {reason}".strip())
     return True
 
 
@@ -972,7 +1001,10 @@ class AWSSecretsManager:
         # stored after it would keep the stage from before it.
         self._rotations: dict[str, int] = {}
         # What a fork took the followers of, to follow again after it.
-        self._unfollowed_at_fork: list[Union[_Entry, _ConfigEntry]] = []
+        # With the state of each one's stream, which its next follower
+        # takes on: a fork while the broker is away must not end what the
+        # stream vouches for.
+        self._unfollowed_at_fork: list[tuple[Union[_Entry, _ConfigEntry], _StreamState]] = []
         # An instance nobody holds any more stops its watch threads and
         # closes its connection, as close() does: services make one per
         # call (a health check that makes one each time does), and each would otherwise
@@ -1012,11 +1044,11 @@ class AWSSecretsManager:
         waited for."""
         with self._lock:
             entries = _entries(self._cache, self._configs)
-            followed = [entry for entry in entries if entry.follower is not None]
-            followers = [entry.follower for entry in followed if entry.follower is not None]
-            for entry in followed:
+            followed = [(entry, entry.follower) for entry in entries if entry.follower is not None]
+            followers = [follower for _, follower in followed]
+            for entry, _ in followed:
                 entry.follower = None
-            self._unfollowed_at_fork = followed
+            self._unfollowed_at_fork = [(entry, follower.stream) for entry, follower in followed]
         for follower in followers:
             follower.stop()
         return followers
@@ -1026,17 +1058,20 @@ class AWSSecretsManager:
         held are followed again, from their versions (a rotation meanwhile
         comes first)."""
         with self._lock:
-            unfollowed = {id(entry) for entry in self._unfollowed_at_fork}
+            unfollowed = {id(entry): stream for entry, stream in self._unfollowed_at_fork}
             self._unfollowed_at_fork = []
             # Exactly what was followed before, if still held (a read may
             # have replaced or dropped it meanwhile).
             for (name, _), entry in self._cache.items():
                 if id(entry) in unfollowed and entry.follower is None:
-                    entry.follower = _Follower(weakref.ref(self), name, entry.value.version_id, arn=entry.value.arn)
+                    entry.follower = _Follower(
+                        weakref.ref(self), name, entry.value.version_id, arn=entry.value.arn,
+                        stream=unfollowed[id(entry)],
+                    )
                     entry.follower.start()
             for key, config in self._configs.items():
                 if id(config) in unfollowed and config.follower is None and config.source is not None:
-                    config.follower = self._config_follower(key, config, config.source)
+                    config.follower = self._config_follower(key, config, config.source, unfollowed[id(config)])
                     config.follower.start()
 
     def _forked(self) -> None:
@@ -1097,15 +1132,19 @@ class AWSSecretsManager:
         if again and use_cache:
             logger.debug("get_secret %s: asking AWS, the first read since clear_cache()", secret_name)
         request = _get_secret_request(secret_name, version_id, use_cache and not again, version_stage)
+        max_stale = self.config.broker_max_stale
+        with self._lock:
+            held = self._cache.get(key) if use_cache else None
+        wait = _wait_for(_stream_of(held), max_stale) if held is not None else CALL_TIMEOUT
         sent_at = time.monotonic()
         try:
-            answer = _ask(self._secrets().GetSecret, request, refresh=again and use_cache)
+            answer = _ask(self._secrets().GetSecret, request, refresh=again and use_cache, timeout=wait)
         except grpc.RpcError as error:
             logger.debug("get_secret %s: the broker answered %s", secret_name, error.code())
             with self._lock:
                 held = self._cache.get(key) if use_cache else None
             if held is not None and _serve_through_outage(
-                "get_secret", secret_name, _stream_of(held), error, self.config.broker_max_stale
+                "get_secret", secret_name, _stream_of(held), error, max_stale, sent_at
             ):
                 return held.value._for_caller()
             raise _error_from(error, self.config) from None
@@ -1298,13 +1337,18 @@ class AWSSecretsManager:
             again = self._since_clear.first_read(asked)
             generation = self._since_clear.generation
         request = getattr(secrets_service_pb2, f"{rpc}Request")(name=name, bypass_cache=again)
+        max_stale = self.config.broker_max_stale
+        with self._lock:
+            held = self._configs.get(key)
+        wait = _wait_for(_stream_of(held), max_stale) if held is not None else CALL_TIMEOUT
+        sent_at = time.monotonic()
         try:
-            answer = _ask(getattr(self._secrets(), rpc), request, refresh=again)
+            answer = _ask(getattr(self._secrets(), rpc), request, refresh=again, timeout=wait)
         except grpc.RpcError as error:
             with self._lock:
                 held = self._configs.get(key)
             if held is not None and _serve_through_outage(
-                rpc, name or "(default)", _stream_of(held), error, self.config.broker_max_stale
+                rpc, name or "(default)", _stream_of(held), error, max_stale, sent_at
             ):
                 return copy.deepcopy(held.value)
             raise _error_from(error, self.config) from None
@@ -1356,9 +1400,16 @@ class AWSSecretsManager:
             replaced_follower.stop()
         return copy.deepcopy(value)
 
-    def _config_follower(self, key: tuple[str, str], entry: _ConfigEntry, source: SecretValue) -> "_Follower":
+    def _config_follower(
+        self,
+        key: tuple[str, str],
+        entry: _ConfigEntry,
+        source: SecretValue,
+        stream: Optional[_StreamState] = None,
+    ) -> "_Follower":
         """The follower of a typed config read from ``source``: another
-        version of its secret drops the config (read again when next asked)."""
+        version of its secret drops the config (read again when next asked).
+        ``stream``: the state of the stream it takes over from (a fork)."""
         manager = weakref.ref(self)  # the watch thread must not keep it alive
 
         def changed(new: Optional[SecretValue]) -> None:
@@ -1369,7 +1420,10 @@ class AWSSecretsManager:
                 return
             held._drop_config(key, entry)
 
-        return _Follower(manager, source.secret_name, source.version_id, arn=source.arn, on_event=changed)
+        return _Follower(
+            manager, source.secret_name, source.version_id, arn=source.arn, on_event=changed,
+            stream=stream or _StreamState(),
+        )
 
     def _followed(self) -> int:
         """Names followed by push now (under the lock)."""
@@ -1412,15 +1466,15 @@ def _entries(cache: _Cache, configs: _Configs) -> list[Union[_Entry, _ConfigEntr
 _NOT_IN_TIME = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
 
 
-def _ask(call: Callable[..., Any], request: Any, refresh: bool) -> Any:
-    """Calls the broker. A refresh (the first read of a key after
-    ``clear_cache()``, asking AWS through the broker) gives AWS
-    ``REFRESH_WAIT``: a broker that holds the key answers its copy, marked
-    stale, by then, so a slow AWS does not stall a read for the whole call
-    timeout. When it held none, the read is asked again, of the broker's
-    cache, within what is left of the call timeout."""
+def _ask(call: Callable[..., Any], request: Any, refresh: bool, timeout: float = CALL_TIMEOUT) -> Any:
+    """Calls the broker, waiting at most ``timeout``. A refresh (the first
+    read of a key after ``clear_cache()``, asking AWS through the broker)
+    gives AWS ``REFRESH_WAIT``: a broker that holds the key answers its
+    copy, marked stale, by then, so a slow AWS does not stall a read for
+    the whole call timeout. When it held none, the read is asked again, of
+    the broker's cache, within what is left of the call timeout."""
     if not refresh:
-        return call(request, timeout=CALL_TIMEOUT)
+        return call(request, timeout=timeout)
     try:
         return call(request, timeout=REFRESH_WAIT)
     except grpc.RpcError as error:
