@@ -1747,3 +1747,74 @@ def test_a_fork_while_the_broker_is_away_keeps_what_the_watch_vouched_for(venv, 
         proc.kill()
         _, err = proc.communicate(timeout=10)
     assert after == ["dev-mistral-key-NOT-A-REAL-KEY-0000", "insurecove-dev"], (after, err[-2000:])
+
+
+# MAX_FOLLOWED names are followed; past that, the one read least recently
+# (and not within the TTL) gives its place up. 2 here instead of 256, so
+# that three names show it.
+WORKING_SET_PROBE = """
+import asyncio, json, sys, time
+import secrets_broker.aio as aio
+import secrets_broker.aws_secrets as sync
+sync.MAX_FOLLOWED = aio.MAX_FOLLOWED = 2
+A, B, C = "mistral-api-key", "production/jwt", "production/database"
+
+def steps(read):
+    read(A)
+    first = {B: read(B)}
+    started = time.monotonic()
+    while time.monotonic() - started < 4.5:   # past SECRET_CACHE_TTL: A goes cold, B is read
+        read(B)
+        time.sleep(0.2)
+    first[C] = read(C)                        # takes A's place
+    time.sleep(0.5)                           # its watch stream is open
+    print(json.dumps("ready"), flush=True)
+    sys.stdin.readline()                      # the test rotates B and C
+    started = time.monotonic()
+    took = {}
+    while time.monotonic() - started < 3 and len(took) < 2:
+        for name in (B, C):
+            if name not in took and read(name) != first[name]:
+                took[name] = time.monotonic() - started
+        time.sleep(0.02)
+    print(json.dumps(took), flush=True)
+
+if sys.argv[1] == "sync":
+    m = sync.AWSSecretsManager()
+    steps(lambda name: m.get_secret(name).as_string())
+else:
+    async def main():
+        m = aio.AsyncAWSSecretsManager()
+        loop = asyncio.get_running_loop()
+        def read(name):
+            return asyncio.run_coroutine_threadsafe(m.get_secret(name), loop).result().as_string()
+        await loop.run_in_executor(None, steps, read)
+    asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("flavour", ["sync", "asyncio"])
+def test_the_names_followed_are_those_read_now_not_the_first_ever(venv, seeded_broker, moto, tmp_path, flavour):
+    """Once MAX_FOLLOWED names are followed, a new name takes the place of
+    the one read least recently, if that one was not read within the TTL:
+    a long-lived process whose names change keeps hearing rotations of
+    those it reads. Before, the first names read kept their places for
+    the process's life, and later ones were read by TTL alone."""
+    broker, _ = seeded_broker
+    env = package_env(broker, SECRET_CACHE_TTL="4")
+    proc = start_probe(venv, tmp_path, env, WORKING_SET_PROBE, flavour)
+    try:
+        ready = json.loads(proc.stdout.readline() or "null")
+        assert ready == "ready", proc.stderr.read() if proc.poll() is not None else ready
+        rotated = json.loads(JWT_VALUE) | {"jwt_issuer": "rotated-working-set"}
+        moto.put_secret_value(JWT, json.dumps(rotated))
+        moto.put_secret_value(DATABASE, json.dumps(json.loads(DATABASE_VALUE) | {"database_password": "rotated-ws"}))
+        go_on(proc)
+        took = json.loads(proc.stdout.readline() or "null")
+    finally:
+        proc.kill()
+        _, err = proc.communicate(timeout=10)
+    print(f"rotations heard after: {took}")
+    # Both by push, well before the 4 s TTL of C's read would have passed.
+    assert took is not None and set(took) == {"production/jwt", "production/database"}, (took, err[-2000:])
+    assert max(took.values()) < 2.0, took

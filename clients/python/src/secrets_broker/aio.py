@@ -79,6 +79,8 @@ class AsyncAWSSecretsManager:
         self._followers: dict[str, asyncio.Task[None]] = {}
         # Whether each follower's stream vouches for its value.
         self._streams: dict[str, _StreamState] = {}
+        # When a caller last read each followed name: see _room_to_follow.
+        self._last_read: dict[str, float] = {}
         self._since_clear = AskedSinceClear()
         # Rotations heard, per name (see AWSSecretsManager._rotations).
         self._rotations: dict[str, int] = {}
@@ -95,6 +97,7 @@ class AsyncAWSSecretsManager:
             self._channel = None
             self._followers.clear()
             self._streams.clear()
+            self._last_read.clear()
             self._cache.clear()
             self._learned_at.clear()
         if self._channel is None:
@@ -177,7 +180,10 @@ class AsyncAWSSecretsManager:
         self._connect()  # first: a cache of another event loop is dropped
         key = _cache_key(secret_name, version_id, version_stage)
         cached = self._cache.get(key)
-        if use_cache and cached is not None and time.monotonic() - cached[1] < self.config.secret_cache_ttl:
+        now = time.monotonic()
+        if use_cache and cached is not None and now - cached[1] < self.config.secret_cache_ttl:
+            if key[0] in self._followers and key[1] is None:
+                self._last_read[key[0]] = now
             logger.debug("get_secret %s: from the local cache", secret_name)
             return cached[0]._for_caller()
         asked = ("secret", *key)
@@ -251,12 +257,36 @@ class AsyncAWSSecretsManager:
                 del self._learned_at[unfollowed]
         if selector is None:
             self._learned_at[name] = _read_at(answer.secret, sent_at)
-        if selector is None and name not in self._followers and len(self._followers) < MAX_FOLLOWED:
+            self._last_read[name] = time.monotonic()
+        if selector is None and name not in self._followers and self._room_to_follow():
             stream = self._streams[name] = _StreamState()
             self._followers[name] = asyncio.get_running_loop().create_task(
                 _follow(weakref.ref(self), name, value.version_id, value.arn, stream), name=f"watch-{name}"
             )
         return value._for_caller()
+
+    def _room_to_follow(self) -> bool:
+        """As ``AWSSecretsManager._room_to_follow``: below ``MAX_FOLLOWED``,
+        or once the name followed that was read least recently, and not
+        within the TTL, is let go for a newer one."""
+        if len(self._followers) < MAX_FOLLOWED:
+            return True
+        now = time.monotonic()
+        ttl = self.config.secret_cache_ttl
+        cold = [name for name in self._followers if now - self._last_read.get(name, 0.0) >= ttl]
+        if not cold:
+            return False
+        name = min(cold, key=lambda followed: self._last_read.get(followed, 0.0))
+        task = self._followers.pop(name)
+        self._streams.pop(name, None)
+        self._last_read.pop(name, None)
+        if task is not asyncio.current_task() and not task.done():
+            task.cancel()
+        # Its stage reads were kept because a rotation would be heard.
+        for staged in [key for key in self._cache if key[0] == name and key[1] is not None]:
+            del self._cache[staged]
+        logger.debug("%s no longer followed: not read within SECRET_CACHE_TTL, another name is", name)
+        return True
 
     async def _follow_for_stages(self, name: str) -> None:
         """As ``AWSSecretsManager._follow_for_stages``."""
@@ -274,6 +304,7 @@ class AsyncAWSSecretsManager:
             self._cache.pop((name, None), None)
             self._followers.pop(name, None)
             self._streams.pop(name, None)
+            self._last_read.pop(name, None)
             self._learned_at.pop(name, None)
         else:
             self._cache[(name, None)] = (value, time.monotonic())
@@ -306,6 +337,7 @@ class AsyncAWSSecretsManager:
         followers = list(self._followers.values())
         self._followers.clear()
         self._streams.clear()
+        self._last_read.clear()
         self._cache.clear()
         self._learned_at.clear()
         current = asyncio.current_task()

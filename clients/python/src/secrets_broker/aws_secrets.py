@@ -966,6 +966,8 @@ class _Entry:
     # When the broker read it from AWS (a push: when it came): see _older_news.
     read_at: float
     follower: Optional["_Follower"] = None
+    # When a caller last read it: see _room_to_follow.
+    last_read: float = field(default_factory=time.monotonic)
 
 
 def _stream_of(entry: Union[_Entry, "_ConfigEntry"]) -> Optional[_StreamState]:
@@ -979,6 +981,8 @@ class _ConfigEntry:
     follower: Optional["_Follower"] = None
     # The version it was read from (followed again after a fork).
     source: Optional[SecretValue] = None
+    # When a caller last read it: see _room_to_follow.
+    last_read: float = field(default_factory=time.monotonic)
 
 
 # --------------------------------------------------------------------------
@@ -1119,7 +1123,9 @@ class AWSSecretsManager:
         if use_cache:
             with self._lock:
                 entry = self._cache.get(key)
-                if entry is not None and time.monotonic() - entry.stored_at < self.config.secret_cache_ttl:
+                now = time.monotonic()
+                if entry is not None and now - entry.stored_at < self.config.secret_cache_ttl:
+                    entry.last_read = now
                     logger.debug("get_secret %s: from the local cache", secret_name)
                     return entry.value._for_caller()
         asked = ("secret", *key)
@@ -1197,6 +1203,25 @@ class AWSSecretsManager:
         read, followed, is)."""
         if self.config.secret_cache_ttl <= 0:
             return value  # the local cache is off: nothing kept, nothing followed
+        let_go: list[_Follower] = []
+        try:
+            return self._keep(key, value, generation, read_at, when_sent, let_go)
+        finally:
+            # Outside the lock: a follower opening its stream takes it.
+            for follower in let_go:
+                follower.stop()
+
+    def _keep(
+        self,
+        key: tuple[str, Optional[str]],
+        value: SecretValue,
+        generation: int,
+        read_at: float,
+        when_sent: tuple[int, bool],
+        let_go: list["_Follower"],
+    ) -> SecretValue:
+        """``_store`` under the lock; the followers it lets go of for a
+        newer name are put in ``let_go``, to be stopped once it is left."""
         with self._lock:
             rotations, heard = when_sent
             if _has_stage(key) and (not heard or self._rotations.get(key[0], 0) != rotations):
@@ -1212,6 +1237,7 @@ class AWSSecretsManager:
                 return value  # read before a clear_cache(): not kept after it
             if entry is not None:
                 entry.value, entry.stored_at, entry.read_at = value, time.monotonic(), read_at
+                entry.last_read = entry.stored_at
             else:
                 entry = _Entry(value=value, stored_at=time.monotonic(), read_at=read_at)
                 self._cache[key] = entry
@@ -1222,10 +1248,42 @@ class AWSSecretsManager:
             # entry stored while MAX_FOLLOWED names were followed is
             # followed once there is room again (its stage reads are kept
             # only then).
-            if selector is None and entry.follower is None and self._followed() < MAX_FOLLOWED:
+            if selector is None and entry.follower is None and self._room_to_follow(let_go):
                 entry.follower = _Follower(weakref.ref(self), name, value.version_id, arn=value.arn)
                 entry.follower.start()
         return value
+
+    def _room_to_follow(self, let_go: list["_Follower"]) -> bool:
+        """Whether one more name may be followed (under the lock): below
+        ``MAX_FOLLOWED``, or once the name followed that was read least
+        recently, and not within the TTL, is let go for it (its follower
+        into ``let_go``). What is followed is what the process reads now,
+        not the first names it ever read."""
+        if self._followed() < MAX_FOLLOWED:
+            return True
+        now = time.monotonic()
+        held: list[tuple[tuple[str, Optional[str]], Union[_Entry, _ConfigEntry]]] = [
+            *self._cache.items(),
+            *self._configs.items(),
+        ]
+        cold = [
+            (key, entry)
+            for key, entry in held
+            if entry.follower is not None and now - entry.last_read >= self.config.secret_cache_ttl
+        ]
+        if not cold:
+            return False
+        key, entry = min(cold, key=lambda held: held[1].last_read)
+        assert entry.follower is not None
+        let_go.append(entry.follower)
+        entry.follower = None
+        if isinstance(entry, _Entry):
+            # Its stage reads were kept because a rotation would be heard:
+            # it no longer would.
+            for staged in [held for held in self._cache if held[0] == key[0] and held[1] is not None]:
+                del self._cache[staged]
+        logger.debug("%s no longer followed: not read within SECRET_CACHE_TTL, another name is", key[-1] or key[0])
+        return True
 
     def _sweep_if_grown(self) -> None:
         """Drops what has expired and is not followed, secrets and typed
@@ -1330,7 +1388,9 @@ class AWSSecretsManager:
         key = (rpc, name)
         with self._lock:
             cached = self._configs.get(key)
-            if cached is not None and time.monotonic() - cached.stored_at < self.config.secret_cache_ttl:
+            now = time.monotonic()
+            if cached is not None and now - cached.stored_at < self.config.secret_cache_ttl:
+                cached.last_read = now
                 return copy.deepcopy(cached.value)
         asked = ("config", *key)
         with self._lock:
@@ -1365,11 +1425,17 @@ class AWSSecretsManager:
         def cleared() -> bool:
             return generation != self._since_clear.generation
 
+        let_go: list[_Follower] = []
         with self._lock:
             if cleared():
                 return value
-            followed = self._followed()
-        if followed >= MAX_FOLLOWED:
+            held = self._configs.get(key)
+            # A config followed already keeps its place (its new follower
+            # takes over from the old one).
+            room = (held is not None and held.follower is not None) or self._room_to_follow(let_go)
+        for follower in let_go:
+            follower.stop()
+        if not room:
             with self._lock:
                 replaced = None if cleared() else self._configs.get(key)
                 if not cleared():
