@@ -1203,55 +1203,44 @@ class AWSSecretsManager:
         read, followed, is)."""
         if self.config.secret_cache_ttl <= 0:
             return value  # the local cache is off: nothing kept, nothing followed
+        # Followers let go of for a newer name (_room_to_follow), stopped
+        # once the lock is left: a follower opening its stream takes it.
         let_go: list[_Follower] = []
         try:
-            return self._keep(key, value, generation, read_at, when_sent, let_go)
+            with self._lock:
+                rotations, heard = when_sent
+                if _has_stage(key) and (not heard or self._rotations.get(key[0], 0) != rotations):
+                    return value
+                entry = self._cache.get(key)
+                # Followed: the held version may be one pushed since (see
+                # _older_news), and the follower keeps it fresh meanwhile.
+                followed = entry is not None and entry.follower is not None
+                if entry is not None and followed and _older_news(entry.value, entry.read_at, value, read_at):
+                    logger.debug("get_secret %s: the broker's copy is older than the one held; kept", key[0])
+                    entry.stored_at = time.monotonic()
+                    return entry.value
+                if generation != self._since_clear.generation:
+                    return value  # read before a clear_cache(): not kept after it
+                if entry is not None:
+                    entry.value, entry.stored_at, entry.read_at = value, time.monotonic(), read_at
+                    entry.last_read = entry.stored_at
+                else:
+                    entry = _Entry(value=value, stored_at=time.monotonic(), read_at=read_at)
+                    self._cache[key] = entry
+                    self._sweep_if_grown()
+                name, selector = key
+                # A version id names an immutable version, and a stage other
+                # than the current one is not what WatchSecret follows. An
+                # entry stored while MAX_FOLLOWED names were followed is
+                # followed once there is room again (its stage reads are kept
+                # only then).
+                if selector is None and entry.follower is None and self._room_to_follow(let_go):
+                    entry.follower = _Follower(weakref.ref(self), name, value.version_id, arn=value.arn)
+                    entry.follower.start()
+            return value
         finally:
-            # Outside the lock: a follower opening its stream takes it.
             for follower in let_go:
                 follower.stop()
-
-    def _keep(
-        self,
-        key: tuple[str, Optional[str]],
-        value: SecretValue,
-        generation: int,
-        read_at: float,
-        when_sent: tuple[int, bool],
-        let_go: list["_Follower"],
-    ) -> SecretValue:
-        """``_store`` under the lock; the followers it lets go of for a
-        newer name are put in ``let_go``, to be stopped once it is left."""
-        with self._lock:
-            rotations, heard = when_sent
-            if _has_stage(key) and (not heard or self._rotations.get(key[0], 0) != rotations):
-                return value
-            entry = self._cache.get(key)
-            # Followed: the held version may be one pushed since (see
-            # _older_news), and the follower keeps it fresh meanwhile.
-            if entry is not None and entry.follower is not None and _older_news(entry.value, entry.read_at, value, read_at):
-                logger.debug("get_secret %s: the broker's copy is older than the one held; kept", key[0])
-                entry.stored_at = time.monotonic()
-                return entry.value
-            if generation != self._since_clear.generation:
-                return value  # read before a clear_cache(): not kept after it
-            if entry is not None:
-                entry.value, entry.stored_at, entry.read_at = value, time.monotonic(), read_at
-                entry.last_read = entry.stored_at
-            else:
-                entry = _Entry(value=value, stored_at=time.monotonic(), read_at=read_at)
-                self._cache[key] = entry
-                self._sweep_if_grown()
-            name, selector = key
-            # A version id names an immutable version, and a stage other
-            # than the current one is not what WatchSecret follows. An
-            # entry stored while MAX_FOLLOWED names were followed is
-            # followed once there is room again (its stage reads are kept
-            # only then).
-            if selector is None and entry.follower is None and self._room_to_follow(let_go):
-                entry.follower = _Follower(weakref.ref(self), name, value.version_id, arn=value.arn)
-                entry.follower.start()
-        return value
 
     def _room_to_follow(self, let_go: list["_Follower"]) -> bool:
         """Whether one more name may be followed (under the lock): below
