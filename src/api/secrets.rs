@@ -176,6 +176,9 @@ impl SecretsApi {
             return Err(denied.into());
         }
         if request.names.len() > MAX_BATCH_NAMES {
+            // Refused as a whole: the line names what was asked, as
+            // ClearCache's does (the first names, then how many more).
+            self.context.note_asked(audit, &request.names);
             return Err(ApiError::TooManyNames {
                 count: request.names.len(),
                 limit: MAX_BATCH_NAMES,

@@ -620,9 +620,27 @@ async fn calls_refused_before_their_handler_or_for_their_name_are_audited() {
     )
     .await;
     assert_eq!(too_large.code(), Code::ResourceExhausted, "{too_large:?}");
+    let too_many = raw
+        .batch_get_secrets(BatchGetSecretsRequest {
+            // Short names: the whole request fits --max-message-size.
+            names: (0..101).map(|i| format!("t{i:03}")).collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(too_many.code(), Code::InvalidArgument, "{too_many:?}");
 
     let audit = audit_lines(&log.text());
     let seen = |rpc: &str, outcome: &str, secrets: &str| audited(&audit, rpc, outcome, secrets);
+    // Refused as a whole, it still names what was asked.
+    assert!(
+        seen(
+            "BatchGetSecrets",
+            "INVALID_ARGUMENT",
+            "insurecove/t000 insurecove/t001 "
+        ) && seen("BatchGetSecrets", "INVALID_ARGUMENT", "(and 81 more)"),
+        "{audit:#?}"
+    );
     assert!(
         seen("GetSecret", "INVALID_ARGUMENT", "audit-refused name!"),
         "{audit:#?}"
@@ -638,6 +656,7 @@ async fn calls_refused_before_their_handler_or_for_their_name_are_audited() {
     // Each with the reason its caller was given, whoever refused it: the
     // handler, tonic (said again in the broker's words), the transport.
     for (rpc, reason) in [
+        ("BatchGetSecrets", "TOO_MANY_NAMES"),
         ("GetSecret", "INVALID_SECRET_NAME"),
         ("GetJwtConfig", "MALFORMED_REQUEST"),
         ("GetSecurityConfig", "MESSAGE_TOO_LARGE"),
