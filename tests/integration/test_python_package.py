@@ -1749,6 +1749,23 @@ def test_a_fork_while_the_broker_is_away_keeps_what_the_watch_vouched_for(venv, 
     assert after == ["dev-mistral-key-NOT-A-REAL-KEY-0000", "insurecove-dev"], (after, err[-2000:])
 
 
+def rotated_while_ready(venv, tmp_path, env, probe, flavour, rotate) -> tuple[Any, str]:
+    """Runs `probe` (with `flavour` as its argument) until it says "ready",
+    calls `rotate`, lets it go on, and returns what it printed next, and
+    its stderr."""
+    proc = start_probe(venv, tmp_path, env, probe, flavour)
+    try:
+        ready = json.loads(proc.stdout.readline() or "null")
+        assert ready == "ready", proc.stderr.read() if proc.poll() is not None else ready
+        rotate()
+        go_on(proc)
+        out = json.loads(proc.stdout.readline() or "null")
+    finally:
+        proc.kill()
+        _, err = proc.communicate(timeout=10)
+    return out, err
+
+
 # MAX_FOLLOWED names are followed; past that, the one read least recently
 # (and not within the TTL) gives its place up. 2 here instead of 256, so
 # that three names show it.
@@ -1802,19 +1819,68 @@ def test_the_names_followed_are_those_read_now_not_the_first_ever(venv, seeded_b
     the process's life, and later ones were read by TTL alone."""
     broker, _ = seeded_broker
     env = package_env(broker, SECRET_CACHE_TTL="4")
-    proc = start_probe(venv, tmp_path, env, WORKING_SET_PROBE, flavour)
-    try:
-        ready = json.loads(proc.stdout.readline() or "null")
-        assert ready == "ready", proc.stderr.read() if proc.poll() is not None else ready
-        rotated = json.loads(JWT_VALUE) | {"jwt_issuer": "rotated-working-set"}
-        moto.put_secret_value(JWT, json.dumps(rotated))
+
+    def rotate():
+        moto.put_secret_value(JWT, json.dumps(json.loads(JWT_VALUE) | {"jwt_issuer": "rotated-working-set"}))
         moto.put_secret_value(DATABASE, json.dumps(json.loads(DATABASE_VALUE) | {"database_password": "rotated-ws"}))
-        go_on(proc)
-        took = json.loads(proc.stdout.readline() or "null")
-    finally:
-        proc.kill()
-        _, err = proc.communicate(timeout=10)
+
+    took, err = rotated_while_ready(venv, tmp_path, env, WORKING_SET_PROBE, flavour, rotate)
     print(f"rotations heard after: {took}")
     # Both by push, well before the 4 s TTL of C's read would have passed.
     assert took is not None and set(took) == {"production/jwt", "production/database"}, (took, err[-2000:])
     assert max(took.values()) < 2.0, took
+
+
+# A name read only by stage keeps its place: its stage reads rely on its
+# current value being followed (a rotation drops them).
+STAGE_WORKING_SET_PROBE = """
+import asyncio, json, sys, time
+import secrets_broker.aio as aio
+import secrets_broker.aws_secrets as sync
+sync.MAX_FOLLOWED = aio.MAX_FOLLOWED = 2
+P, A, C = "production/database", "mistral-api-key", "production/jwt"
+
+def steps(read):
+    first = read(P, "AWSPREVIOUS")            # follows P's current value
+    read(A, None)
+    started = time.monotonic()
+    while time.monotonic() - started < 6.5:   # past SECRET_CACHE_TTL: A goes cold, P is read
+        read(P, "AWSPREVIOUS")
+        time.sleep(0.2)
+    read(C, None)                             # takes A's place, not P's
+    time.sleep(0.5)
+    print(json.dumps("ready"), flush=True)
+    sys.stdin.readline()                      # the test rotates P
+    started = time.monotonic()
+    while time.monotonic() - started < 5 and read(P, "AWSPREVIOUS") == first:
+        time.sleep(0.02)
+    print(json.dumps(time.monotonic() - started), flush=True)
+
+if sys.argv[1] == "sync":
+    m = sync.AWSSecretsManager()
+    steps(lambda name, stage: m.get_secret(name, version_stage=stage).version_id)
+else:
+    async def main():
+        m = aio.AsyncAWSSecretsManager()
+        loop = asyncio.get_running_loop()
+        def read(name, stage):
+            return asyncio.run_coroutine_threadsafe(m.get_secret(name, version_stage=stage), loop).result().version_id
+        await loop.run_in_executor(None, steps, read)
+    asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("flavour", ["sync", "asyncio"])
+def test_a_name_read_only_by_stage_keeps_its_place(venv, seeded_broker, moto, tmp_path, flavour):
+    """Reads by stage are reads of the name: its followed current value,
+    whose rotation moves the stage, keeps its place while they go on."""
+    broker, _ = seeded_broker
+    # Two versions, so that AWSPREVIOUS exists.
+    moto.put_secret_value(DATABASE, json.dumps(json.loads(DATABASE_VALUE) | {"database_password": "second"}))
+    env = package_env(broker, SECRET_CACHE_TTL="6")
+    took, err = rotated_while_ready(
+        venv, tmp_path, env, STAGE_WORKING_SET_PROBE, flavour,
+        lambda: moto.put_secret_value(DATABASE, json.dumps(json.loads(DATABASE_VALUE) | {"database_password": "third"})),
+    )
+    print(f"AWSPREVIOUS moved {took} s after the rotation")
+    assert took is not None and took < 2.5, (took, err[-2000:])

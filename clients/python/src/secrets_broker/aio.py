@@ -182,8 +182,7 @@ class AsyncAWSSecretsManager:
         cached = self._cache.get(key)
         now = time.monotonic()
         if use_cache and cached is not None and now - cached[1] < self.config.secret_cache_ttl:
-            if key[0] in self._followers and key[1] is None:
-                self._last_read[key[0]] = now
+            self._mark_read(key[0], now)
             logger.debug("get_secret %s: from the local cache", secret_name)
             return cached[0]._for_caller()
         asked = ("secret", *key)
@@ -191,7 +190,9 @@ class AsyncAWSSecretsManager:
         generation = self._since_clear.generation
         rotations = self._rotations.get(key[0], 0)
         # As the sync client's _hears_rotations.
-        heard = key[0] in self._followers or len(self._followers) >= MAX_FOLLOWED
+        heard = key[0] in self._followers or (
+            len(self._followers) >= MAX_FOLLOWED and self._coldest_followed(now) is None
+        )
         if again and use_cache:
             logger.debug("get_secret %s: asking AWS, the first read since clear_cache()", secret_name)
         request = _get_secret_request(secret_name, version_id, use_cache and not again, version_stage)
@@ -209,6 +210,7 @@ class AsyncAWSSecretsManager:
             if held is not None and _serve_through_outage(
                 "get_secret", secret_name, stream, error, max_stale, sent_at
             ):
+                self._mark_read(key[0], time.monotonic())
                 return held[0]._for_caller()
             raise _error_from(error, self.config) from None
         finally:
@@ -229,6 +231,7 @@ class AsyncAWSSecretsManager:
         ):
             logger.debug("get_secret %s: the broker's copy is older than the one held; kept", secret_name)
             self._cache[key] = (held[0], time.monotonic())
+            self._mark_read(name, time.monotonic())
             return held[0]._for_caller()
         if _has_stage(key) and not heard and self.config.secret_cache_ttl > 0:
             # After the stage's read, which succeeded: as the sync client.
@@ -257,13 +260,28 @@ class AsyncAWSSecretsManager:
                 del self._learned_at[unfollowed]
         if selector is None:
             self._learned_at[name] = _read_at(answer.secret, sent_at)
-            self._last_read[name] = time.monotonic()
         if selector is None and name not in self._followers and self._room_to_follow():
             stream = self._streams[name] = _StreamState()
             self._followers[name] = asyncio.get_running_loop().create_task(
                 _follow(weakref.ref(self), name, value.version_id, value.arn, stream), name=f"watch-{name}"
             )
+        self._mark_read(name, time.monotonic())
         return value._for_caller()
+
+    def _mark_read(self, name: str, now: float) -> None:
+        """Notes a read of ``name`` (of any version: a stage read relies on
+        the current value being followed), for a name followed only: the
+        others need no note (``_room_to_follow`` lets go of followed names
+        not read)."""
+        if name in self._followers:
+            self._last_read[name] = now
+
+    def _coldest_followed(self, now: float) -> Optional[str]:
+        """The followed name read least recently, if not within the TTL."""
+        if not self._followers:
+            return None
+        name = min(self._followers, key=lambda followed: self._last_read.get(followed, 0.0))
+        return name if now - self._last_read.get(name, 0.0) >= self.config.secret_cache_ttl else None
 
     def _room_to_follow(self) -> bool:
         """As ``AWSSecretsManager._room_to_follow``: below ``MAX_FOLLOWED``,
@@ -271,12 +289,9 @@ class AsyncAWSSecretsManager:
         within the TTL, is let go for a newer one."""
         if len(self._followers) < MAX_FOLLOWED:
             return True
-        now = time.monotonic()
-        ttl = self.config.secret_cache_ttl
-        cold = [name for name in self._followers if now - self._last_read.get(name, 0.0) >= ttl]
-        if not cold:
+        name = self._coldest_followed(time.monotonic())
+        if name is None:
             return False
-        name = min(cold, key=lambda followed: self._last_read.get(followed, 0.0))
         task = self._followers.pop(name)
         self._streams.pop(name, None)
         self._last_read.pop(name, None)

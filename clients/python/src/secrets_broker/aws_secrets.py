@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import ipaddress
+import itertools
 import json
 import logging
 import os
@@ -998,6 +999,9 @@ class AWSSecretsManager:
         self._lock = threading.Lock()
         self._cache: dict[tuple[str, Optional[str]], _Entry] = {}
         self._sweep_at = SWEEP_AT_LEAST
+        # Before this, no followed entry can have gone unread for the TTL
+        # (see _coldest_followed).
+        self._no_cold_before = 0.0
         # Typed configs, by (RPC, name asked).
         self._configs: dict[tuple[str, str], _ConfigEntry] = {}
         self._since_clear = AskedSinceClear()
@@ -1125,7 +1129,7 @@ class AWSSecretsManager:
                 entry = self._cache.get(key)
                 now = time.monotonic()
                 if entry is not None and now - entry.stored_at < self.config.secret_cache_ttl:
-                    entry.last_read = now
+                    self._mark_read(key, entry, now)
                     logger.debug("get_secret %s: from the local cache", secret_name)
                     return entry.value._for_caller()
         asked = ("secret", *key)
@@ -1152,6 +1156,8 @@ class AWSSecretsManager:
             if held is not None and _serve_through_outage(
                 "get_secret", secret_name, _stream_of(held), error, max_stale, sent_at
             ):
+                with self._lock:
+                    self._mark_read(key, held, time.monotonic())
                 return held.value._for_caller()
             raise _error_from(error, self.config) from None
         finally:
@@ -1175,7 +1181,19 @@ class AWSSecretsManager:
         ``MAX_FOLLOWED`` names are kept for the TTL, unfollowed)."""
         current = self._cache.get((name, None))
         followed = current is not None and current.follower is not None
-        return followed or self._followed() >= MAX_FOLLOWED
+        if followed:
+            return True
+        # Past MAX_FOLLOWED a place can still be made (_room_to_follow).
+        return self._followed() >= MAX_FOLLOWED and self._coldest_followed(time.monotonic()) is None
+
+    def _mark_read(self, key: tuple[str, Optional[str]], entry: _Entry, now: float) -> None:
+        """Notes a read of ``key`` (under the lock): a read by stage or
+        version is a read of the name too, whose followed current value its
+        freshness relies on (``_room_to_follow`` lets go of names not read)."""
+        entry.last_read = now
+        current = self._cache.get((key[0], None))
+        if current is not None:
+            current.last_read = now
 
     def _follow_for_stages(self, name: str) -> None:
         """A rotation drops what was read by stage, and only a followed
@@ -1218,16 +1236,17 @@ class AWSSecretsManager:
                 if entry is not None and followed and _older_news(entry.value, entry.read_at, value, read_at):
                     logger.debug("get_secret %s: the broker's copy is older than the one held; kept", key[0])
                     entry.stored_at = time.monotonic()
+                    self._mark_read(key, entry, entry.stored_at)
                     return entry.value
                 if generation != self._since_clear.generation:
                     return value  # read before a clear_cache(): not kept after it
                 if entry is not None:
                     entry.value, entry.stored_at, entry.read_at = value, time.monotonic(), read_at
-                    entry.last_read = entry.stored_at
                 else:
                     entry = _Entry(value=value, stored_at=time.monotonic(), read_at=read_at)
                     self._cache[key] = entry
                     self._sweep_if_grown()
+                self._mark_read(key, entry, entry.stored_at)
                 name, selector = key
                 # A version id names an immutable version, and a stage other
                 # than the current one is not what WatchSecret follows. An
@@ -1250,19 +1269,10 @@ class AWSSecretsManager:
         not the first names it ever read."""
         if self._followed() < MAX_FOLLOWED:
             return True
-        now = time.monotonic()
-        held: list[tuple[tuple[str, Optional[str]], Union[_Entry, _ConfigEntry]]] = [
-            *self._cache.items(),
-            *self._configs.items(),
-        ]
-        cold = [
-            (key, entry)
-            for key, entry in held
-            if entry.follower is not None and now - entry.last_read >= self.config.secret_cache_ttl
-        ]
-        if not cold:
+        coldest = self._coldest_followed(time.monotonic())
+        if coldest is None:
             return False
-        key, entry = min(cold, key=lambda held: held[1].last_read)
+        key, entry = coldest
         assert entry.follower is not None
         let_go.append(entry.follower)
         entry.follower = None
@@ -1273,6 +1283,28 @@ class AWSSecretsManager:
                 del self._cache[staged]
         logger.debug("%s no longer followed: not read within SECRET_CACHE_TTL, another name is", key[-1] or key[0])
         return True
+
+    def _coldest_followed(
+        self, now: float
+    ) -> Optional[tuple[tuple[str, Optional[str]], Union[_Entry, _ConfigEntry]]]:
+        """The followed entry read least recently, if it was not read within
+        the TTL (under the lock). A look finding none notes when the first
+        could be (reads only move ``last_read`` on), and the next looks
+        before then are free: once 256 are followed, every store asks."""
+        if now < self._no_cold_before:
+            return None
+        ttl = self.config.secret_cache_ttl
+        coldest: Optional[tuple[tuple[str, Optional[str]], Union[_Entry, _ConfigEntry]]] = None
+        held: Iterable[tuple[tuple[str, Optional[str]], Union[_Entry, _ConfigEntry]]] = itertools.chain(
+            self._cache.items(), self._configs.items()
+        )
+        for key, entry in held:
+            if entry.follower is not None and (coldest is None or entry.last_read < coldest[1].last_read):
+                coldest = (key, entry)
+        if coldest is None or now - coldest[1].last_read < ttl:
+            self._no_cold_before = now + ttl if coldest is None else coldest[1].last_read + ttl
+            return None
+        return coldest
 
     def _sweep_if_grown(self) -> None:
         """Drops what has expired and is not followed, secrets and typed
@@ -1290,6 +1322,7 @@ class AWSSecretsManager:
         from the version it holds), so what was read by stage is read
         again, even when a read that bypassed the cache already holds the
         new current version."""
+        let_go: Optional[_Follower] = None
         with self._lock:
             self._rotations[name] = self._rotations.get(name, 0) + 1
             entry = self._cache.get((name, None))
@@ -1298,8 +1331,7 @@ class AWSSecretsManager:
             arns = [(key, cached.value.arn) for key, cached in self._cache.items()]
             if value is None:
                 del self._cache[(name, None)]
-                if entry.follower is not None:
-                    entry.follower.stop()
+                let_go = entry.follower
             else:
                 entry.value, entry.stored_at = value, time.monotonic()
                 entry.read_at = entry.stored_at
@@ -1309,6 +1341,9 @@ class AWSSecretsManager:
             # secret has no readable version at all.
             for key in _changed_keys(arns, name, value):
                 del self._cache[key]
+        # Outside the lock: a follower opening its stream takes it.
+        if let_go is not None:
+            let_go.stop()
 
     def test_connection(self) -> bool:
         """Whether the broker answers and reaches AWS. Never raises."""
@@ -1399,6 +1434,7 @@ class AWSSecretsManager:
             if held is not None and _serve_through_outage(
                 rpc, name or "(default)", _stream_of(held), error, max_stale, sent_at
             ):
+                held.last_read = time.monotonic()
                 return copy.deepcopy(held.value)
             raise _error_from(error, self.config) from None
         finally:
