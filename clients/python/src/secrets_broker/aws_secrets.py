@@ -189,7 +189,7 @@ def _error_from(error: grpc.RpcError, config: Optional["AWSSecretsConfig"] = Non
 # The broker's reasons for a read it cannot answer for now: shutting down
 # (a restart), full, its call timeout, or AWS out of reach or throttling
 # while it holds no copy (a broker just restarted holds none).
-_NOT_FOR_NOW = (
+_NO_ANSWER_FOR_NOW = (
     "SHUTTING_DOWN",
     "TOO_MANY_CALLS",
     "CALL_TIMEOUT",
@@ -203,13 +203,13 @@ def _no_answer_for_now(error: grpc.RpcError) -> bool:
     """Whether a read failed for want of an answer that may come later: no
     broker reached, or none that answered within this client's deadline
     (the transport's UNAVAILABLE, DEADLINE_EXCEEDED: no reason of the
-    broker's), or the broker's own ``_NOT_FOR_NOW``. Never an answer about
+    broker's), or the broker's own ``_NO_ANSWER_FOR_NOW``. Never an answer about
     the secret (NOT_FOUND, PERMISSION_DENIED, ...)."""
     if not _is_call(error):
         return False
     reason, _ = _error_info_of(error)
     if reason:
-        return reason in _NOT_FOR_NOW
+        return reason in _NO_ANSWER_FOR_NOW
     return error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
@@ -393,7 +393,7 @@ class AWSSecretsConfig(BaseSettings):
 
     broker_endpoint: str = "127.0.0.1:50051"
     # How long after its WatchSecret stream broke a held value is still
-    # served when the broker cannot be reached (see _held_through_outage);
+    # served when the broker cannot be reached (see _serve_through_outage);
     # the Rust client's max_stale.
     broker_max_stale: int = 30
     broker_ca_file: Optional[str] = None
@@ -971,8 +971,9 @@ class _Entry:
     last_read: float = field(default_factory=time.monotonic)
 
 
-def _stream_of(entry: Union[_Entry, "_ConfigEntry"]) -> Optional[_StreamState]:
-    return entry.follower.stream if entry.follower is not None else None
+def _stream_of(entry: Union[_Entry, "_ConfigEntry", None]) -> Optional[_StreamState]:
+    """The state of the entry's stream, if it is followed."""
+    return entry.follower.stream if entry is not None and entry.follower is not None else None
 
 
 @dataclass
@@ -1145,7 +1146,7 @@ class AWSSecretsManager:
         max_stale = self.config.broker_max_stale
         with self._lock:
             held = self._cache.get(key) if use_cache else None
-        wait = _wait_for(_stream_of(held), max_stale) if held is not None else CALL_TIMEOUT
+        wait = _wait_for(_stream_of(held), max_stale)
         sent_at = time.monotonic()
         try:
             answer = _ask(self._secrets().GetSecret, request, refresh=again and use_cache, timeout=wait)
@@ -1232,8 +1233,11 @@ class AWSSecretsManager:
                 entry = self._cache.get(key)
                 # Followed: the held version may be one pushed since (see
                 # _older_news), and the follower keeps it fresh meanwhile.
-                followed = entry is not None and entry.follower is not None
-                if entry is not None and followed and _older_news(entry.value, entry.read_at, value, read_at):
+                if (
+                    entry is not None
+                    and entry.follower is not None
+                    and _older_news(entry.value, entry.read_at, value, read_at)
+                ):
                     logger.debug("get_secret %s: the broker's copy is older than the one held; kept", key[0])
                     entry.stored_at = time.monotonic()
                     self._mark_read(key, entry, entry.stored_at)
@@ -1424,7 +1428,7 @@ class AWSSecretsManager:
         max_stale = self.config.broker_max_stale
         with self._lock:
             held = self._configs.get(key)
-        wait = _wait_for(_stream_of(held), max_stale) if held is not None else CALL_TIMEOUT
+        wait = _wait_for(_stream_of(held), max_stale)
         sent_at = time.monotonic()
         try:
             answer = _ask(getattr(self._secrets(), rpc), request, refresh=again, timeout=wait)
