@@ -1767,8 +1767,8 @@ def rotated_while_ready(venv, tmp_path, env, probe, flavour, rotate) -> tuple[An
 
 
 # MAX_FOLLOWED names are followed; past that, the one read least recently
-# (and not within the TTL) gives its place up. 2 here instead of 256, so
-# that three names show it.
+# (and not within the TTL) gives its place up to a name read again. 2 here
+# instead of 256, so that three names show it.
 WORKING_SET_PROBE = """
 import asyncio, json, sys, time
 import secrets_broker.aio as aio
@@ -1779,11 +1779,12 @@ A, B, C = "mistral-api-key", "production/jwt", "production/database"
 def steps(read):
     read(A)
     first = {B: read(B)}
+    read(C)                                   # read once: no place for it yet
     started = time.monotonic()
     while time.monotonic() - started < 4.5:   # past SECRET_CACHE_TTL: A goes cold, B is read
         read(B)
         time.sleep(0.2)
-    first[C] = read(C)                        # takes A's place
+    first[C] = read(C)                        # read again: takes A's place
     time.sleep(0.5)                           # its watch stream is open
     print(json.dumps("ready"), flush=True)
     sys.stdin.readline()                      # the test rotates B and C
@@ -1812,9 +1813,9 @@ else:
 
 @pytest.mark.parametrize("flavour", ["sync", "asyncio"])
 def test_the_names_followed_are_those_read_now_not_the_first_ever(venv, seeded_broker, moto, tmp_path, flavour):
-    """Once MAX_FOLLOWED names are followed, a new name takes the place of
-    the one read least recently, if that one was not read within the TTL:
-    a long-lived process whose names change keeps hearing rotations of
+    """Once MAX_FOLLOWED names are followed, a name read again takes the
+    place of the one read least recently, if that one was not read within
+    the TTL: a long-lived process whose names change keeps hearing rotations of
     those it reads. Before, the first names read kept their places for
     the process's life, and later ones were read by TTL alone."""
     broker, _ = seeded_broker
@@ -1843,11 +1844,12 @@ P, A, C = "production/database", "mistral-api-key", "production/jwt"
 def steps(read):
     first = read(P, "AWSPREVIOUS")            # follows P's current value
     read(A, None)
+    read(C, None)                             # read once: no place for it yet
     started = time.monotonic()
     while time.monotonic() - started < 6.5:   # past SECRET_CACHE_TTL: A goes cold, P is read
         read(P, "AWSPREVIOUS")
         time.sleep(0.2)
-    read(C, None)                             # takes A's place, not P's
+    read(C, None)                             # read again: takes A's place, not P's
     time.sleep(0.5)
     print(json.dumps("ready"), flush=True)
     sys.stdin.readline()                      # the test rotates P

@@ -260,7 +260,7 @@ class AsyncAWSSecretsManager:
                 del self._learned_at[unfollowed]
         if selector is None:
             self._learned_at[name] = _read_at(answer.secret, sent_at)
-        if selector is None and name not in self._followers and self._room_to_follow():
+        if selector is None and name not in self._followers and self._room_to_follow(held is not None):
             stream = self._streams[name] = _StreamState()
             self._followers[name] = asyncio.get_running_loop().create_task(
                 _follow(weakref.ref(self), name, value.version_id, value.arn, stream), name=f"watch-{name}"
@@ -283,12 +283,14 @@ class AsyncAWSSecretsManager:
         name = min(self._followers, key=lambda followed: self._last_read.get(followed, 0.0))
         return name if now - self._last_read.get(name, 0.0) >= self.config.secret_cache_ttl else None
 
-    def _room_to_follow(self) -> bool:
+    def _room_to_follow(self, read_before: bool) -> bool:
         """As ``AWSSecretsManager._room_to_follow``: below ``MAX_FOLLOWED``,
-        or once the name followed that was read least recently, and not
-        within the TTL, is let go for a newer one."""
+        or, for a name read before, once the name followed that was read
+        least recently, and not within the TTL, is let go for it."""
         if len(self._followers) < MAX_FOLLOWED:
             return True
+        if not read_before:
+            return False
         name = self._coldest_followed(time.monotonic())
         if name is None:
             return False

@@ -1231,6 +1231,7 @@ class AWSSecretsManager:
                 if _has_stage(key) and (not heard or self._rotations.get(key[0], 0) != rotations):
                     return value
                 entry = self._cache.get(key)
+                read_before = entry is not None
                 # Followed: the held version may be one pushed since (see
                 # _older_news), and the follower keeps it fresh meanwhile.
                 if (
@@ -1257,7 +1258,7 @@ class AWSSecretsManager:
                 # entry stored while MAX_FOLLOWED names were followed is
                 # followed once there is room again (its stage reads are kept
                 # only then).
-                if selector is None and entry.follower is None and self._room_to_follow(let_go):
+                if selector is None and entry.follower is None and self._room_to_follow(let_go, read_before):
                     entry.follower = _Follower(weakref.ref(self), name, value.version_id, arn=value.arn)
                     entry.follower.start()
             return value
@@ -1265,14 +1266,18 @@ class AWSSecretsManager:
             for follower in let_go:
                 follower.stop()
 
-    def _room_to_follow(self, let_go: list["_Follower"]) -> bool:
+    def _room_to_follow(self, let_go: list["_Follower"], read_before: bool) -> bool:
         """Whether one more name may be followed (under the lock): below
-        ``MAX_FOLLOWED``, or once the name followed that was read least
+        ``MAX_FOLLOWED``, or, for a name ``read_before`` (still held from
+        an earlier read), once the name followed that was read least
         recently, and not within the TTL, is let go for it (its follower
         into ``let_go``). What is followed is what the process reads now,
-        not the first names it ever read."""
+        not the first names it ever read; a name read once, as a process
+        reading many names once does, opens no stream in another's place."""
         if self._followed() < MAX_FOLLOWED:
             return True
+        if not read_before:
+            return False
         coldest = self._coldest_followed(time.monotonic())
         if coldest is None:
             return False
@@ -1461,7 +1466,7 @@ class AWSSecretsManager:
             held = self._configs.get(key)
             # A config followed already keeps its place (its new follower
             # takes over from the old one).
-            room = (held is not None and held.follower is not None) or self._room_to_follow(let_go)
+            room = (held is not None and held.follower is not None) or self._room_to_follow(let_go, held is not None)
         for follower in let_go:
             follower.stop()
         if not room:
