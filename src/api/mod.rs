@@ -11,6 +11,7 @@ mod admin;
 mod audit;
 mod call_metrics;
 mod message;
+mod routes;
 pub mod rpc;
 mod secrets;
 pub mod status;
@@ -19,6 +20,7 @@ pub mod typed;
 pub use admin::AdminApi;
 pub use audit::{refused_before_the_handler, refused_unknown_method};
 pub use call_metrics::CallMetrics;
+pub use routes::SecretsRoutes;
 pub use secrets::SecretsApi;
 
 use std::sync::Arc;

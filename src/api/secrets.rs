@@ -3,9 +3,10 @@
 //!
 //! Each handler admits its call (identity, audit record), checks the policy
 //! before the cache or AWS is touched, then answers from the cache. A
-//! cached GetSecret takes a path of its own (`answer_from_cache`) that
-//! awaits nothing and allocates nothing, because it is nearly every call
-//! the broker serves. Errors stay `ApiError` until `respond` maps them once.
+//! cached GetSecret takes a path of its own (`get_secret_now`, which
+//! `routes` calls without boxing a future) that awaits nothing and
+//! allocates nothing, because it is nearly every call the broker serves.
+//! Errors stay `ApiError` until `respond` maps them once.
 
 use std::{pin::Pin, sync::Arc};
 
@@ -17,7 +18,7 @@ use super::{
     ApiContext,
     audit::{Audit, ItemOutcome, refused_shown},
     message::{self, Contents},
-    respond,
+    refuse, respond,
     status::ApiError,
     typed::TypedConfigRpc,
 };
@@ -62,6 +63,23 @@ enum FromCache {
     Answered(EncodedGetSecretResponse),
     /// Not a fresh hit (or a bypass): this key is read through the cache.
     Missed(CacheKey),
+}
+
+/// A GetSecret after its first, synchronous step (`get_secret_now`).
+pub(super) enum GetSecretCall {
+    /// Answered from the cache, or refused; audited.
+    Done(Result<Response<EncodedGetSecretResponse>, Status>),
+    /// To be read through the cache (`get_secret_read`). Boxed: a hit's
+    /// answer, nearly every call, need not carry a miss's room.
+    Read(Box<GetSecretRead>),
+}
+
+/// A GetSecret the cache could not answer at once: its audit record, its
+/// request, and the key to read.
+pub(super) struct GetSecretRead {
+    audit: Audit,
+    request: GetSecretRequest,
+    key: CacheKey,
 }
 
 /// The SecretsService implementation.
@@ -120,24 +138,39 @@ impl SecretsApi {
         Ok(lookup)
     }
 
-    async fn get_secret(
+    /// GetSecret as far as it goes without awaiting anything: answered
+    /// from the cache or refused, with its audit event; or the read through
+    /// the cache left to do.
+    pub(super) fn get_secret_now(&self, request: Request<GetSecretRequest>) -> GetSecretCall {
+        let mut audit = self.context.admit(Rpc::GetSecret, &request);
+        let request = request.into_inner();
+        match self.answer_from_cache(&mut audit, &request) {
+            Ok(FromCache::Answered(response)) => GetSecretCall::Done(respond(audit, Ok(response))),
+            Ok(FromCache::Missed(key)) => GetSecretCall::Read(Box::new(GetSecretRead {
+                audit,
+                request,
+                key,
+            })),
+            Err(error) => GetSecretCall::Done(Err(refuse(audit, error))),
+        }
+    }
+
+    /// The rest of a GetSecret the cache could not answer at once.
+    pub(super) async fn get_secret_read(
         &self,
-        audit: &mut Audit,
-        request: GetSecretRequest,
-    ) -> Result<EncodedGetSecretResponse, ApiError> {
-        let key = match self.answer_from_cache(audit, &request)? {
-            FromCache::Answered(response) => return Ok(response),
-            FromCache::Missed(key) => key,
-        };
-        // Boxed: the read through the cache is a large future, and inline it
-        // would make every call's future, hits too, that much bigger to
-        // build and move.
-        let lookup = Box::pin(self.lookup(audit, key.name, key.selector, request.bypass_cache))
+        read: Box<GetSecretRead>,
+    ) -> Result<Response<EncodedGetSecretResponse>, Status> {
+        let GetSecretRead {
+            mut audit,
+            request,
+            key,
+        } = *read;
+        let result = self
+            .lookup(&mut audit, key.name, key.selector, request.bypass_cache)
             .await
-            .map_err(|error| {
-                error.naming_the_version(&request.version_id, &request.version_stage)
-            })?;
-        Ok(message::get_secret_response(&lookup))
+            .map(|lookup| message::get_secret_response(&lookup))
+            .map_err(|error| error.naming_the_version(&request.version_id, &request.version_stage));
+        respond(audit, result)
     }
 
     /// GetSecret's hit path, without awaiting anything: the resolved name
@@ -440,13 +473,16 @@ impl WatchAccess {
 
 #[tonic::async_trait]
 impl SecretsService for SecretsApi {
+    /// The server routes GetSecret to `routes::SecretsRoutes`, which takes
+    /// the same two steps without this method's boxing.
     async fn get_secret(
         &self,
         request: Request<GetSecretRequest>,
     ) -> Result<Response<EncodedGetSecretResponse>, Status> {
-        let mut audit = self.context.admit(Rpc::GetSecret, &request);
-        let result = self.get_secret(&mut audit, request.into_inner()).await;
-        respond(audit, result)
+        match self.get_secret_now(request) {
+            GetSecretCall::Done(answer) => answer,
+            GetSecretCall::Read(read) => self.get_secret_read(read).await,
+        }
     }
 
     async fn batch_get_secrets(
@@ -521,16 +557,49 @@ impl SecretsService for SecretsApi {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::time::Duration;
-
-    use futures::FutureExt;
 
     use super::*;
     use crate::{
         alloc_count::allocations_in, api::CallMetrics, backend::fake::FakeStore, events::Events,
         names::NameResolver, watch::tests::hub_over,
     };
+
+    /// A SecretsApi over a fake store holding `insurecove/db`, that
+    /// secret already cached (and its answer encoded), and the runtime it
+    /// was read on.
+    pub(in crate::api) fn api_holding_db(
+        authorizer: Arc<Authorizer>,
+    ) -> (tokio::runtime::Runtime, SecretsApi) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let api = {
+            let _entered = runtime.enter();
+            let store = FakeStore::with(&["insurecove/db"]);
+            let (watch, cache) = hub_over(&store);
+            let registry = crate::metrics::Metrics::new();
+            SecretsApi::new(ApiContext {
+                cache,
+                names: NameResolver::new("insurecove", "production"),
+                watch,
+                events: Events::new(None),
+                authorizer,
+                metrics: CallMetrics::register(&registry, false),
+                call_timeout: Duration::from_secs(30),
+            })
+        };
+        // The miss, then the first answer from the cache (which encodes).
+        runtime
+            .block_on(api.context.cache.get(
+                CacheKey::new("insurecove/db".into(), VersionSelector::current()),
+                false,
+            ))
+            .unwrap();
+        (runtime, api)
+    }
 
     /// The allocations of a cached GetSecret in the broker's part
     /// (resolve, authorize, look up, audit, metrics, answer), for a caller
@@ -539,30 +608,11 @@ mod tests {
         authorizer: Arc<Authorizer>,
         connection: Option<crate::transport::connection_info::ConnectionInfo>,
     ) -> u64 {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let (runtime, api) = api_holding_db(authorizer);
         let _entered = runtime.enter();
-        let store = FakeStore::with(&["insurecove/db"]);
-        let (watch, cache) = hub_over(&store);
-        let registry = crate::metrics::Metrics::new();
-        let api = SecretsApi::new(ApiContext {
-            cache,
-            names: NameResolver::new("insurecove", "production"),
-            watch,
-            events: Events::new(None),
-            authorizer,
-            metrics: CallMetrics::register(&registry, false),
-            call_timeout: Duration::from_secs(30),
-        });
-        let call = |request: Request<GetSecretRequest>| {
-            let mut audit = api.context.admit(Rpc::GetSecret, &request);
-            let result = api
-                .get_secret(&mut audit, request.into_inner())
-                .now_or_never()
-                .expect("a cached answer does not wait");
-            respond(audit, result)
+        let call = |request: Request<GetSecretRequest>| match api.get_secret_now(request) {
+            GetSecretCall::Done(answer) => answer,
+            GetSecretCall::Read(_) => panic!("a cached answer does not wait"),
         };
         let request = || {
             let mut request = Request::new(GetSecretRequest {
@@ -574,13 +624,6 @@ mod tests {
             }
             request
         };
-        // The miss, then the first answer from the cache (which encodes).
-        runtime
-            .block_on(api.context.cache.get(
-                CacheKey::new("insurecove/db".into(), VersionSelector::current()),
-                false,
-            ))
-            .unwrap();
         call(request()).unwrap();
 
         let next = request();

@@ -11,12 +11,9 @@ use tower::util::MapResponseLayer;
 
 use super::{budget::RequestBudget, call_slots::CallSlots, gate::GateLayer};
 use crate::{
-    api::{AdminApi, ApiContext, SecretsApi, status::ApiError},
+    api::{AdminApi, ApiContext, SecretsApi, SecretsRoutes, status::ApiError},
     config::Limits,
-    proto::{
-        self, admin_service_server::AdminServiceServer,
-        secrets_service_server::SecretsServiceServer,
-    },
+    proto::{self, admin_service_server::AdminServiceServer},
 };
 
 /// How long an HTTP/2 ping may go unanswered before the connection (and
@@ -80,10 +77,10 @@ where
                 .build_v1alpha()?
                 .max_decoding_message_size(limits.max_message_size),
         )
-        .add_service(
-            SecretsServiceServer::new(SecretsApi::new(context.clone()))
-                .max_decoding_message_size(limits.max_message_size),
-        )
+        .add_service(SecretsRoutes::new(
+            SecretsApi::new(context.clone()),
+            limits.max_message_size,
+        ))
         .add_service(
             AdminServiceServer::new(AdminApi::new(context))
                 .max_decoding_message_size(limits.max_message_size),
