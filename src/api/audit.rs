@@ -261,15 +261,22 @@ pub fn refused_before_the_handler(
 }
 
 /// The audit event of a call of a method the broker's services do not
-/// have (UNIMPLEMENTED), named by its path as the log shows it. No metric:
-/// the caller chooses the path, and labels must stay bounded.
-pub fn refused_unknown_method(shown_path: &str, identity: &Identity) {
+/// have, named by its path as the log shows it: UNIMPLEMENTED, or the
+/// gate's refusal (`outcome`, `reason`) when the connection or the broker
+/// was full first. No metric: the caller chooses the path, and labels must
+/// stay bounded.
+pub fn refused_unknown_method(
+    shown_path: &str,
+    identity: &Identity,
+    outcome: Code,
+    reason: &'static str,
+) {
     crate::telemetry::audit::record(&AuditRecord {
         identity: identity.shown(),
         rpc: shown_path,
         secrets: "",
-        outcome: code_name(Code::Unimplemented),
-        reason: Some(ApiError::UnknownMethod { path: None }.reason()),
+        outcome: code_name(outcome),
+        reason: Some(reason),
         cache_hit: None,
     });
 }

@@ -365,9 +365,9 @@ impl AuditIfUnopened {
                 refused_before_the_handler(rpc, &self.caller, outcome, reason, &self.metrics)
             }
             None if outcome == tonic::Code::Unimplemented => {
-                if let Some(path) = unknown_path.filter(|path| path.starts_with("/secretsbroker."))
-                {
-                    refused_unknown_method(path, &self.caller);
+                if let Some(path) = unknown_path.filter(|path| is_the_brokers(path)) {
+                    let reason = ApiError::UnknownMethod { path: None }.reason();
+                    refused_unknown_method(path, &self.caller, outcome, reason);
                 }
             }
             None => {}
@@ -412,6 +412,11 @@ impl<S> Gate<S> {
                 Some(reason),
                 &self.shared.metrics,
             ),
+            // A method the broker's services do not have is audited as
+            // when it is let through, with the refusal it got here.
+            None if is_the_brokers(path) => {
+                refused_unknown_method(&shown_path(path), caller, status.code(), reason);
+            }
             None => tracing::debug!(
                 identity = caller.shown(),
                 path = &*shown_path(path),
@@ -423,11 +428,17 @@ impl<S> Gate<S> {
     }
 }
 
-/// `grpc-status` and `grpc-timeout`, as `HeaderName`s: a `&str` key is
-/// parsed on every look-up, and these are looked up on every call.
 /// Health's long-lived stream (see `ConnectionInfo::health_watches`).
 const HEALTH_WATCH: &str = "/grpc.health.v1.Health/Watch";
 
+/// Whether `path` is under the broker's own services (audited), not
+/// health's or reflection's (`/grpc.`) or no service's.
+fn is_the_brokers(path: &str) -> bool {
+    path.starts_with("/secretsbroker.")
+}
+
+/// `grpc-status` and `grpc-timeout`, as `HeaderName`s: a `&str` key is
+/// parsed on every look-up, and these are looked up on every call.
 const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
 const GRPC_ACCEPT_ENCODING: http::HeaderName =
     http::HeaderName::from_static("grpc-accept-encoding");

@@ -785,6 +785,46 @@ async fn calls_that_never_reach_a_handler_are_audited_too() {
     broker.stop().await;
 }
 
+#[tokio::test]
+async fn an_unknown_method_refused_at_the_gate_is_audited_with_its_path() {
+    let (log, _this_thread) = thread_log();
+    let broker = Running::start(|args| {
+        args.max_concurrent_calls_per_connection = Some("1".into());
+    })
+    .await;
+    let mut connection = broker.h2().await;
+    // The connection's one call slot, held by a call whose request is
+    // still to come.
+    let (_held, _held_body) = headers_only(
+        &mut connection,
+        "/secretsbroker.v1.SecretsService/GetSecret",
+    )
+    .await;
+    let unknown = "/secretsbroker.v1.SecretsService/NoSuchMethod";
+    let (refused, _refused_body) = headers_only(&mut connection, unknown).await;
+    let refused = tokio::time::timeout(std::time::Duration::from_secs(5), refused)
+        .await
+        .expect("refused at once")
+        .unwrap();
+    let status = refused
+        .headers()
+        .get("grpc-status")
+        .map(|v| v.to_str().unwrap());
+    assert_eq!(status, Some("8"), "{refused:?}");
+
+    let audit = audit_lines(&log.text());
+    assert!(
+        audited(&audit, unknown, "RESOURCE_EXHAUSTED", "secrets=\"\""),
+        "{audit:#?}"
+    );
+    assert_eq!(
+        reasons_of(&audit, unknown),
+        ["TOO_MANY_CALLS"],
+        "{audit:#?}"
+    );
+    broker.stop().await;
+}
+
 /// The audit lines of a stretch of the log.
 fn audit_lines(log: &str) -> Vec<String> {
     log.lines()
