@@ -45,6 +45,7 @@ from secrets_broker.aws_secrets import (
     _refuse_stale_bypass,
     _changed_keys,
     _serve_through_outage,
+    _BrokerSilence,
     _StreamState,
     _wait_for,
     _sweep_expired,
@@ -82,6 +83,7 @@ class AsyncAWSSecretsManager:
         # When a caller last read each followed name: see _room_to_follow.
         self._last_read: dict[str, float] = {}
         self._since_clear = AskedSinceClear()
+        self._silence = _BrokerSilence()
         # Rotations heard, per name (see AWSSecretsManager._rotations).
         self._rotations: dict[str, int] = {}
         # Counts close(): a call cut by one is told apart from a task
@@ -199,12 +201,17 @@ class AsyncAWSSecretsManager:
         max_stale = self.config.broker_max_stale
         # Only the current version is followed.
         stream = self._streams.get(key[0]) if key[1] is None else None
-        wait = _wait_for(stream, max_stale) if use_cache and key in self._cache else CALL_TIMEOUT
+        held = self._cache.get(key) if use_cache else None
+        if held is not None and not again and self._silence.covers("get_secret", secret_name, stream, max_stale):
+            self._mark_read(key[0], time.monotonic())
+            return held[0]._for_caller()
+        wait = _wait_for(stream, max_stale) if held is not None else CALL_TIMEOUT
         sent_at = time.monotonic()
         try:
             answer = await self._ask(self._secrets().GetSecret, request, refresh=again and use_cache, timeout=wait)
         except grpc.RpcError as error:
             logger.debug("get_secret %s: the broker answered %s", secret_name, error.code())
+            self._silence.failed(error)
             held = self._cache.get(key) if use_cache else None
             stream = self._streams.get(key[0]) if key[1] is None else None
             if held is not None and _serve_through_outage(
@@ -216,6 +223,7 @@ class AsyncAWSSecretsManager:
         finally:
             if again:
                 self._since_clear.answered(asked, generation)
+        self._silence.answered()
         _log_answer("get_secret", secret_name, answer.secret)
         self.config.check_prefix(secret_name, answer.secret.name)
         _refuse_stale_bypass(answer.secret, use_cache)

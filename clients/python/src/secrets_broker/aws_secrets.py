@@ -248,6 +248,54 @@ class _StreamState:
         return self.broke_at is not None and at - self.broke_at <= max_stale
 
 
+# The longest pause between reads that ask a silent broker (_BrokerSilence).
+MAX_SILENCE_PAUSE = 16.0
+
+
+class _BrokerSilence:
+    """After a read got no answer from the broker for now, how long reads
+    of values a stream vouches for are answered from memory without asking
+    the broker: a frozen or partitioned broker then holds one read for
+    ``REFRESH_WAIT`` every so often, not every read past its TTL. The
+    pause starts at ``REFRESH_WAIT`` and doubles, up to
+    ``MAX_SILENCE_PAUSE``, while the broker stays silent; any answer of the
+    broker's ends it. Reads of names not held, or not followed, ask the
+    broker as ever. One per client, since the broker is one for every
+    name. Each field is one atomic store: threads racing move the pause by
+    a read at most."""
+
+    def __init__(self) -> None:
+        self.until = 0.0
+        self.pause = 0.0
+
+    def failed(self, error: grpc.RpcError) -> None:
+        """A read failed with ``error``: no answer for now starts the next
+        pause (not while one holds: reads that raced the one that started
+        it), an answer about the secret ends any."""
+        if not _no_answer_for_now(error):
+            self.answered()
+            return
+        now = time.monotonic()
+        if now < self.until:
+            return
+        self.pause = min(max(self.pause * 2, REFRESH_WAIT), MAX_SILENCE_PAUSE)
+        self.until = now + self.pause
+
+    def answered(self) -> None:
+        self.pause = 0.0
+        self.until = 0.0
+
+    def covers(self, what: str, name: str, stream: Optional[_StreamState], max_stale: float) -> bool:
+        """Whether a read of ``name``, whose value held ``stream`` follows,
+        is answered from memory now, without asking the broker (said as
+        ``_serve_through_outage`` says it)."""
+        if stream is None or time.monotonic() >= self.until or not stream.vouches(max_stale):
+            return False
+        why = f"the broker gave no answer lately (asked again within {self.pause:g} s)"
+        _say_held_is_served(what, name, stream, why)
+        return True
+
+
 def _wait_for(stream: Optional[_StreamState], max_stale: float) -> float:
     """How long a read past its TTL waits for the broker: while a stream
     vouches for the value held, no longer than ``REFRESH_WAIT``, then the
@@ -269,13 +317,19 @@ def _serve_through_outage(
     so once an outage, at WARNING."""
     if stream is None or not _no_answer_for_now(error) or not stream.vouches(max_stale, asked_at):
         return False
-    log = logger.debug if stream.relied_on else logger.warning
-    stream.relied_on = True
     code = error.code().name if _is_call(error) else "error"
     reason, _ = _error_info_of(error)
-    log("%s %s: no answer from the broker for now (%s): the value held is served, "
-        "which its watch stream vouched for within BROKER_MAX_STALE", what, name, f"{code} {reason}".strip())
+    _say_held_is_served(what, name, stream, f"no answer from the broker for now ({code} {reason})".strip())
     return True
+
+
+def _say_held_is_served(what: str, name: str, stream: _StreamState, why: str) -> None:
+    """Says that a read of ``name`` was answered with the value held, past
+    its TTL, because of ``why``: at WARNING once an outage, then at DEBUG."""
+    log = logger.debug if stream.relied_on else logger.warning
+    stream.relied_on = True
+    log("%s %s: %s: the value held is served, which its watch stream vouched for within "
+        "BROKER_MAX_STALE", what, name, why)
 
 
 def _silent_broker(config: "AWSSecretsConfig", what: str) -> str:
@@ -1006,6 +1060,7 @@ class AWSSecretsManager:
         # Typed configs, by (RPC, name asked).
         self._configs: dict[tuple[str, str], _ConfigEntry] = {}
         self._since_clear = AskedSinceClear()
+        self._silence = _BrokerSilence()
         # Rotations heard, per name: a read by stage answered before one and
         # stored after it would keep the stage from before it.
         self._rotations: dict[str, int] = {}
@@ -1146,12 +1201,18 @@ class AWSSecretsManager:
         max_stale = self.config.broker_max_stale
         with self._lock:
             held = self._cache.get(key) if use_cache else None
+            if held is not None and not again and self._silence.covers(
+                "get_secret", secret_name, _stream_of(held), max_stale
+            ):
+                self._mark_read(key, held, time.monotonic())
+                return held.value._for_caller()
         wait = _wait_for(_stream_of(held), max_stale)
         sent_at = time.monotonic()
         try:
             answer = _ask(self._secrets().GetSecret, request, refresh=again and use_cache, timeout=wait)
         except grpc.RpcError as error:
             logger.debug("get_secret %s: the broker answered %s", secret_name, error.code())
+            self._silence.failed(error)
             with self._lock:
                 held = self._cache.get(key) if use_cache else None
             if held is not None and _serve_through_outage(
@@ -1165,6 +1226,7 @@ class AWSSecretsManager:
             if again:
                 with self._lock:
                     self._since_clear.answered(asked, generation)
+        self._silence.answered()
         _log_answer("get_secret", secret_name, answer.secret)
         self.config.check_prefix(secret_name, answer.secret.name)
         _refuse_stale_bypass(answer.secret, use_cache)
@@ -1433,11 +1495,17 @@ class AWSSecretsManager:
         max_stale = self.config.broker_max_stale
         with self._lock:
             held = self._configs.get(key)
+            if held is not None and not again and self._silence.covers(
+                rpc, name or "(default)", _stream_of(held), max_stale
+            ):
+                held.last_read = time.monotonic()
+                return copy.deepcopy(held.value)
         wait = _wait_for(_stream_of(held), max_stale)
         sent_at = time.monotonic()
         try:
             answer = _ask(getattr(self._secrets(), rpc), request, refresh=again, timeout=wait)
         except grpc.RpcError as error:
+            self._silence.failed(error)
             with self._lock:
                 held = self._configs.get(key)
             if held is not None and _serve_through_outage(
@@ -1450,6 +1518,7 @@ class AWSSecretsManager:
             if again:
                 with self._lock:
                     self._since_clear.answered(asked, generation)
+        self._silence.answered()
         self.config.check_prefix(name, answer.name)
         value = config_dict(answer.config)
         if self.config.secret_cache_ttl <= 0:
