@@ -567,8 +567,8 @@ pub(super) mod tests {
     };
 
     /// A SecretsApi over a fake store holding `insurecove/db`, that
-    /// secret already cached (and its answer encoded), and the runtime it
-    /// was read on.
+    /// secret already cached (its answer is encoded at the first hit), and
+    /// the runtime it was read on.
     pub(in crate::api) fn api_holding_db(
         authorizer: Arc<Authorizer>,
     ) -> (tokio::runtime::Runtime, SecretsApi) {

@@ -1201,11 +1201,13 @@ class AWSSecretsManager:
         max_stale = self.config.broker_max_stale
         with self._lock:
             held = self._cache.get(key) if use_cache else None
-            if held is not None and not again and self._silence.covers(
-                "get_secret", secret_name, _stream_of(held), max_stale
-            ):
+        # Outside the lock, as an outage read: covers() may log.
+        if held is not None and not again and self._silence.covers(
+            "get_secret", secret_name, _stream_of(held), max_stale
+        ):
+            with self._lock:
                 self._mark_read(key, held, time.monotonic())
-                return held.value._for_caller()
+            return held.value._for_caller()
         wait = _wait_for(_stream_of(held), max_stale)
         sent_at = time.monotonic()
         try:
@@ -1495,11 +1497,11 @@ class AWSSecretsManager:
         max_stale = self.config.broker_max_stale
         with self._lock:
             held = self._configs.get(key)
-            if held is not None and not again and self._silence.covers(
-                rpc, name or "(default)", _stream_of(held), max_stale
-            ):
-                held.last_read = time.monotonic()
-                return copy.deepcopy(held.value)
+        if held is not None and not again and self._silence.covers(
+            rpc, name or "(default)", _stream_of(held), max_stale
+        ):
+            held.last_read = time.monotonic()
+            return copy.deepcopy(held.value)
         wait = _wait_for(_stream_of(held), max_stale)
         sent_at = time.monotonic()
         try:
