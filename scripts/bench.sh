@@ -11,7 +11,7 @@
 #   ROUNDS=31 REQUESTS=5000 ./scripts/bench.sh
 #   SHAPES="64x1 8x8" PARTS="dev mtls" ./scripts/bench.sh
 #
-# Parts (PARTS, default all four):
+# Parts (PARTS, default all five):
 #   dev   the embedded dev backend, h2load, the three shapes;
 #   moto  the AWS backend over moto_server (a 213-byte JSON secret, cached),
 #         h2load, the three shapes;
@@ -30,6 +30,14 @@
 #         figures do not move with the machine's noise (they leave out the
 #         kernel's share and the cost of cache misses, which the timed
 #         parts include). COUNT_CALLS calls a run, COUNT_ROUNDS rounds.
+#   profile
+#         the dev broker under perf's cpu-clock sampling, h2load, at
+#         SHAPES: microseconds a call by part of the broker (audit, cache,
+#         names and policy, h2, tokio, the kernel...), for Health/Check
+#         and GetSecret, and what GetSecret adds (scripts/bench_profile.py).
+#         Unlike the instructions part, this counts time, the kernel's
+#         included; the sampling itself costs a few percent. PROFILE_ROUNDS
+#         runs of each (interleaved), PROFILE_REQUESTS calls a run.
 #
 # A shape is CONNECTIONSxSTREAMS: concurrent streams per connection. The
 # defaults are the three shapes the broker is measured at: one connection,
@@ -54,14 +62,20 @@ REQUESTS=${REQUESTS:-10000}
 # Instructions are counted, not timed: a few rounds say it all.
 COUNT_ROUNDS=${COUNT_ROUNDS:-3}
 COUNT_SHAPES=${COUNT_SHAPES:-"1x1 64x1"}
-if (( ROUNDS < 1 || COUNT_ROUNDS < 1 )); then
-  echo "ROUNDS and COUNT_ROUNDS must be at least 1" >&2
+PROFILE_ROUNDS=${PROFILE_ROUNDS:-3}
+# Calls a sampled run: long enough that perf's start and stop are a small
+# part of it (about half a second at 64x1 and 8x8, five at 1x1).
+PROFILE_REQUESTS=${PROFILE_REQUESTS:-50000}
+if (( ROUNDS < 1 || COUNT_ROUNDS < 1 || PROFILE_ROUNDS < 1 )); then
+  echo "ROUNDS, COUNT_ROUNDS and PROFILE_ROUNDS must be at least 1" >&2
   exit 2
 fi
 SHAPES=${SHAPES:-"1x1 64x1 8x8"}
-PARTS=${PARTS:-"dev moto mtls instructions"}
+PARTS=${PARTS:-"dev moto mtls instructions profile"}
+# Samples a second per thread on CPU: one sample is about 200 µs of CPU.
+PROFILE_HZ=4999
 COUNT_CALLS=${COUNT_CALLS:-4000}
-# The brokers and moto listen on PORT to PORT+7. Below Linux's ephemeral
+# The brokers and moto listen on PORT to PORT+8. Below Linux's ephemeral
 # range (32768-60999): the load generators open thousands of connections,
 # and a port in that range can be held by one of their sockets (or taken
 # by a connect to itself) just when a broker wants to listen on it.
@@ -72,9 +86,13 @@ needs_valgrind=0
 if [[ " $PARTS " == *" instructions "* ]] && ! command -v callgrind_control >/dev/null; then
   needs_valgrind=1
 fi
+needs_perf=0
+if [[ " $PARTS " == *" profile "* ]] && ! command -v perf >/dev/null; then
+  needs_perf=1
+fi
 if ! command -v h2load >/dev/null || ! command -v nghttp >/dev/null ||
-  [ "$needs_valgrind" = 1 ] || [ ! -x "$VENV/bin/moto_server" ]; then
-  echo "installing the test tools (h2load, nghttp, valgrind, moto_server) with the test command..."
+  [ "$needs_valgrind" = 1 ] || [ "$needs_perf" = 1 ] || [ ! -x "$VENV/bin/moto_server" ]; then
+  echo "installing the test tools (h2load, nghttp, valgrind, perf, moto_server) with the test command..."
   TOOLS_ONLY=1 ./scripts/test.sh
 fi
 
@@ -447,4 +465,70 @@ if [[ " $PARTS " == *" instructions "* ]]; then
     profile_difference "$plain_dump" "$tls_dump" "$COUNT_CALLS"
   done
   kill "$plain_pid" "$tls_pid"; wait "$plain_pid" "$tls_pid" 2>/dev/null || true
+fi
+
+if [[ " $PARTS " == *" profile "* ]]; then
+  BROKER_ENV=()
+  port=$((PORT + 8)); start_broker profile "$port" --dev; pid=$broker_pid
+  check_sample "$port"
+  # perf_record_run NAME PATH BODY CLIENTS STREAMS: one h2load run of
+  # PROFILE_REQUESTS calls with the broker's threads sampled; appends
+  # perf's listing to NAME.report and the threads' time on CPU over the
+  # run (schedstat, in ns) to NAME.cpu.
+  perf_record_run() {
+    local name=$1 path=$2 body=$3 clients=$4 streams=$5 perf_pid
+    perf record -q -e cpu-clock -F "$PROFILE_HZ" -p "$pid" -o "$work/$name.data" \
+      2>"$work/perf.log" &
+    perf_pid=$!
+    # perf has no word for "attached to every thread": its header, then
+    # a moment. Samples missed at either end show as a sampled total
+    # below the schedstat one (printed under the table).
+    for _ in $(seq 100); do [ -s "$work/$name.data" ] && break; sleep 0.05; done
+    sleep 0.5
+    thread_cpu "$pid" >"$work/cpu.before"
+    h2load -n "$PROFILE_REQUESTS" -c "$clients" -m "$streams" -d "$work/$body.bin" \
+      -H 'content-type: application/grpc' -H 'te: trailers' "http://127.0.0.1:$port/$path" \
+      >/dev/null
+    thread_cpu "$pid" | awk 'NR == FNR { before[$1] = $2; next }
+      { t += $2 - before[$1] } END { print t }' "$work/cpu.before" - >>"$work/$name.cpu"
+    sleep 0.2
+    # Stopped by SIGINT, perf record exits with its status: not a failure.
+    kill -INT "$perf_pid"
+    wait "$perf_pid" || true
+    if ! perf report -q -i "$work/$name.data" --stdio --no-children -g none --sort dso,sym -n \
+      >"$work/$name.last" 2>>"$work/perf.log" || [ ! -s "$work/$name.last" ]; then
+      echo "perf recorded no samples of the broker:" >&2; tail "$work/perf.log" >&2; exit 1
+    fi
+    cat "$work/$name.last" >>"$work/$name.report"
+  }
+  # on_cpu NAME: the threads' microseconds on CPU a call over NAME's runs.
+  on_cpu() {
+    awk -v n="$((PROFILE_REQUESTS * PROFILE_ROUNDS))" '{ t += $1 } END { printf "%.2f", t / n / 1000 }' \
+      "$work/$1.cpu"
+  }
+  for shape in $SHAPES; do
+    clients=${shape%x*}; streams=${shape#*x}
+    : >"$work/health.report"; : >"$work/get_secret.report"
+    : >"$work/health.cpu"; : >"$work/get_secret.cpu"
+    # Warm both paths, unsampled.
+    h2load_run "$pid" "$port" "$HEALTH" health "$clients" "$streams" >/dev/null
+    h2load_run "$pid" "$port" "$GET_SECRET" get_secret "$clients" "$streams" >/dev/null
+    for round in $(seq "$PROFILE_ROUNDS"); do
+      if (( round % 2 )); then
+        perf_record_run health "$HEALTH" health "$clients" "$streams"
+        perf_record_run get_secret "$GET_SECRET" get_secret "$clients" "$streams"
+      else
+        perf_record_run get_secret "$GET_SECRET" get_secret "$clients" "$streams"
+        perf_record_run health "$HEALTH" health "$clients" "$streams"
+      fi
+    done
+    calls=$((PROFILE_REQUESTS * PROFILE_ROUNDS))
+    echo "profile $shape (perf cpu-clock, $PROFILE_ROUNDS runs of $PROFILE_REQUESTS calls each; the broker's threads, kernel included):"
+    python3 scripts/bench_profile.py "$PROFILE_HZ" "$calls" "$work/health.report" \
+      "$calls" "$work/get_secret.report"
+    echo "    on CPU over the same runs (schedstat; the sampled totals above include perf's" \
+      "own moments before and after): Health/Check $(on_cpu health) µs a call, GetSecret" \
+      "$(on_cpu get_secret) µs a call"
+  done
+  kill "$pid"; wait "$pid" 2>/dev/null || true
 fi

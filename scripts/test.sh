@@ -12,6 +12,8 @@
 #      h2load        Debian nghttp2-client, only when missing (needs root)
 #      valgrind      Debian valgrind, only when missing (the benchmark's
 #                    instruction counts)
+#      perf          Debian linux-perf, only when missing (the benchmark's
+#                    profile)
 #      systemd-analyze  Debian systemd, only when missing (needs root; the
 #                    deploy/ tests verify the systemd unit with it)
 #      go, protoc    Debian golang-go, protobuf-compiler, protoc-gen-go(-grpc)
@@ -147,6 +149,7 @@ if [[ "${SKIP_INSTALL:-0}" != 1 ]]; then
     install_node_tools
     install_debian_tool h2load nghttp2-client      # the benchmark
     install_debian_tool callgrind_control valgrind # the benchmark's counts
+    install_debian_tool perf linux-perf            # the benchmark's profile
     install_debian_tool systemd-analyze systemd    # deploy/ unit verification
     install_go_toolchain                           # examples/go
     echo "tools ready in $((SECONDS - started)) s"
