@@ -38,7 +38,9 @@
 #         and GetSecret, and what GetSecret adds (scripts/bench_profile.py).
 #         Unlike the instructions part, this counts time, the kernel's
 #         included; the sampling itself costs a few percent. PROFILE_ROUNDS
-#         runs of each (interleaved), PROFILE_REQUESTS calls a run.
+#         runs of each (interleaved), PROFILE_REQUESTS calls a run. On a
+#         machine where perf may not sample, the part says why and is
+#         left out.
 #
 # A shape is CONNECTIONSxSTREAMS: concurrent streams per connection. The
 # defaults are the three shapes the broker is measured at: one connection,
@@ -511,7 +513,18 @@ if [[ " $PARTS " == *" profile "* ]]; then
     awk -v n="$((PROFILE_REQUESTS * PROFILE_ROUNDS))" '{ t += $1 } END { printf "%.2f", t / n / 1000 }' \
       "$work/$1.cpu"
   }
-  for shape in $SHAPES; do
+  # Some machines do not let perf sample (perf_event_paranoid, a
+  # container's seccomp, a kernel without perf events): the part says so
+  # and leaves the figures above as they are.
+  if ! probe=$(perf record -q -e cpu-clock -F "$PROFILE_HZ" -p "$pid" -o "$work/probe.data" \
+    -- sleep 0.2 2>&1); then
+    echo "profile: perf cannot sample the broker on this machine, so this part is left out:" \
+      "$(head -c 400 <<<"$probe" | tr '\n' ' ')"
+    SHAPES_PROFILED=""
+  else
+    SHAPES_PROFILED=$SHAPES
+  fi
+  for shape in $SHAPES_PROFILED; do
     clients=${shape%x*}; streams=${shape#*x}
     : >"$work/health.report"; : >"$work/get_secret.report"
     : >"$work/health.cpu"; : >"$work/get_secret.cpu"
