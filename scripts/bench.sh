@@ -35,7 +35,8 @@
 #         the dev broker under perf's cpu-clock sampling, h2load, at
 #         SHAPES: microseconds a call by part of the broker (audit, cache,
 #         names and policy, h2, tokio, the kernel...), for Health/Check
-#         and GetSecret, and what GetSecret adds (scripts/bench_profile.py).
+#         and GetSecret, and what GetSecret adds (scripts/bench_profile.py),
+#         with the system calls and context switches a call (perf stat).
 #         Unlike the instructions part, this counts time, the kernel's
 #         included; the sampling itself costs a few percent. PROFILE_ROUNDS
 #         runs of each (interleaved), PROFILE_REQUESTS calls a run. On a
@@ -478,15 +479,22 @@ if [[ " $PARTS " == *" profile "* ]]; then
   BROKER_ENV=()
   port=$((PORT + 8)); start_broker profile "$port" --dev; pid=$broker_pid
   check_sample "$port"
+  # What the kernel is asked to do a call: the same system calls and
+  # switches for both RPCs would put the kernel's share of GetSecret's
+  # extra down to how long they take, not to more of them.
+  PROFILE_EVENTS=syscalls:sys_enter_sendto,syscalls:sys_enter_recvfrom,syscalls:sys_enter_futex,syscalls:sys_enter_epoll_wait,context-switches
   # perf_record_run NAME PATH BODY CLIENTS STREAMS: one h2load run of
   # PROFILE_REQUESTS calls with the broker's threads sampled; appends
-  # perf's listing to NAME.report and the threads' time on CPU over the
-  # run (schedstat, in ns) to NAME.cpu.
+  # perf's listing to NAME.report, its counts of PROFILE_EVENTS to
+  # NAME.stat, and the threads' time on CPU over the run (schedstat, in
+  # ns) to NAME.cpu.
   perf_record_run() {
-    local name=$1 path=$2 body=$3 clients=$4 streams=$5 perf_pid
+    local name=$1 path=$2 body=$3 clients=$4 streams=$5 perf_pid stat_pid
     perf record -q -e cpu-clock -F "$PROFILE_HZ" -p "$pid" -o "$work/$name.data" \
       2>"$work/perf.log" &
     perf_pid=$!
+    perf stat -x, -e "$PROFILE_EVENTS" -p "$pid" -o "$work/$name.stat.last" 2>/dev/null &
+    stat_pid=$!
     # perf has no word for "attached to every thread": its header, then
     # a moment. Samples missed at either end show as a sampled total
     # below the schedstat one (printed under the table).
@@ -499,14 +507,31 @@ if [[ " $PARTS " == *" profile "* ]]; then
     thread_cpu "$pid" | awk 'NR == FNR { before[$1] = $2; next }
       { t += $2 - before[$1] } END { print t }' "$work/cpu.before" - >>"$work/$name.cpu"
     sleep 0.2
-    # Stopped by SIGINT, perf record exits with its status: not a failure.
-    kill -INT "$perf_pid"
+    # Stopped by SIGINT, perf exits with its status: not a failure. perf
+    # stat may have stopped already (events this kernel cannot count).
+    kill -INT "$perf_pid" "$stat_pid" 2>/dev/null || true
     wait "$perf_pid" || true
+    wait "$stat_pid" || true
+    cat "$work/$name.stat.last" >>"$work/$name.stat" 2>/dev/null || true
     if ! perf report -q -i "$work/$name.data" --stdio --no-children -g none --sort dso,sym -n \
       >"$work/$name.last" 2>>"$work/perf.log" || [ ! -s "$work/$name.last" ]; then
       echo "perf recorded no samples of the broker:" >&2; tail "$work/perf.log" >&2; exit 1
     fi
     cat "$work/$name.last" >>"$work/$name.report"
+  }
+  # events_a_call NAME: PROFILE_EVENTS a call over NAME's runs (perf
+  # stat's CSV: count, unit, event, ...), or why there are none.
+  events_a_call() {
+    awk -F, -v n="$((PROFILE_REQUESTS * PROFILE_ROUNDS))" '
+      /^#/ || NF < 3 { next }
+      { event = $3; sub(/^syscalls:sys_enter_/, "", event) }
+      $1 ~ /^[0-9]+$/ { count[event] += $1; if (!(event in order)) order[event] = ++events; next }
+      { missing = missing " " event }
+      END {
+        if (events == 0) { printf "none counted here%s", (missing ? " (not supported:" missing ")" : ""); exit }
+        for (e in order) names[order[e]] = e
+        for (i = 1; i <= events; i++) printf "%s%s %.3f", (i > 1 ? ", " : ""), names[i], count[names[i]] / n
+      }' "$work/$1.stat"
   }
   # on_cpu NAME: the threads' microseconds on CPU a call over NAME's runs.
   on_cpu() {
@@ -528,6 +553,7 @@ if [[ " $PARTS " == *" profile "* ]]; then
     clients=${shape%x*}; streams=${shape#*x}
     : >"$work/health.report"; : >"$work/get_secret.report"
     : >"$work/health.cpu"; : >"$work/get_secret.cpu"
+    : >"$work/health.stat"; : >"$work/get_secret.stat"
     # Warm both paths, unsampled.
     h2load_run "$pid" "$port" "$HEALTH" health "$clients" "$streams" >/dev/null
     h2load_run "$pid" "$port" "$GET_SECRET" get_secret "$clients" "$streams" >/dev/null
@@ -547,6 +573,8 @@ if [[ " $PARTS " == *" profile "* ]]; then
     echo "    on CPU over the same runs (schedstat; the sampled totals above include perf's" \
       "own moments before and after): Health/Check $(on_cpu health) µs a call, GetSecret" \
       "$(on_cpu get_secret) µs a call"
+    echo "    system calls and context switches a call: Health/Check $(events_a_call health);" \
+      "GetSecret $(events_a_call get_secret)"
   done
   kill "$pid"; wait "$pid" 2>/dev/null || true
 fi
