@@ -72,7 +72,7 @@ PROFILE_ROUNDS=${PROFILE_ROUNDS:-3}
 PROFILE_REQUESTS=${PROFILE_REQUESTS:-50000}
 # Calls a run of the load generator (the mtls part): at 8x8, runs of
 # 10,000 calls put the ratio of a round anywhere from 0.75 to 1.25; runs
-# three times longer keep it within about 0.88 to 1.03.
+# three times longer spread it about half as wide (0.88 to 1.12).
 MTLS_REQUESTS=${MTLS_REQUESTS:-$((REQUESTS * 3))}
 if (( ROUNDS < 1 || COUNT_ROUNDS < 1 || PROFILE_ROUNDS < 1 )); then
   echo "ROUNDS, COUNT_ROUNDS and PROFILE_ROUNDS must be at least 1" >&2
