@@ -487,8 +487,8 @@ if [[ " $PARTS " == *" profile "* ]]; then
   # perf_record_run NAME PATH BODY CLIENTS STREAMS: one h2load run of
   # PROFILE_REQUESTS calls with the broker's threads sampled; appends
   # perf's listing to NAME.report, its counts of PROFILE_EVENTS to
-  # NAME.stat, and the threads' time on CPU over the run (schedstat, in
-  # ns) to NAME.cpu.
+  # NAME.stat, and the threads' time on CPU a call over the run
+  # (schedstat, µs) to NAME.cpu.
   perf_record_run() {
     local name=$1 path=$2 body=$3 clients=$4 streams=$5 perf_pid stat_pid
     perf record -q -e cpu-clock -F "$PROFILE_HZ" -p "$pid" -o "$work/$name.data" \
@@ -501,12 +501,8 @@ if [[ " $PARTS " == *" profile "* ]]; then
     # below the schedstat one (printed under the table).
     for _ in $(seq 100); do [ -s "$work/$name.data" ] && break; sleep 0.05; done
     sleep 0.5
-    thread_cpu "$pid" >"$work/cpu.before"
-    h2load -n "$PROFILE_REQUESTS" -c "$clients" -m "$streams" -d "$work/$body.bin" \
-      -H 'content-type: application/grpc' -H 'te: trailers' "http://127.0.0.1:$port/$path" \
-      >/dev/null
-    thread_cpu "$pid" | awk 'NR == FNR { before[$1] = $2; next }
-      { t += $2 - before[$1] } END { print t }' "$work/cpu.before" - >>"$work/$name.cpu"
+    REQUESTS=$PROFILE_REQUESTS h2load_run "$pid" "$port" "$path" "$body" "$clients" "$streams" |
+      awk '{ print $2 }' >>"$work/$name.cpu"
     sleep 0.2
     # Stopped by SIGINT, perf exits with its status: not a failure. perf
     # stat may have stopped already (events this kernel cannot count).
@@ -534,11 +530,9 @@ if [[ " $PARTS " == *" profile "* ]]; then
         for (i = 1; i <= events; i++) printf "%s%s %.3f", (i > 1 ? ", " : ""), names[i], count[names[i]] / n
       }' "$work/$1.stat"
   }
-  # on_cpu NAME: the threads' microseconds on CPU a call over NAME's runs.
-  on_cpu() {
-    awk -v n="$((PROFILE_REQUESTS * PROFILE_ROUNDS))" '{ t += $1 } END { printf "%.2f", t / n / 1000 }' \
-      "$work/$1.cpu"
-  }
+  # on_cpu NAME: the threads' microseconds on CPU a call over NAME's runs
+  # (all of PROFILE_REQUESTS calls).
+  on_cpu() { awk '{ t += $1 } END { printf "%.2f", t / NR }' "$work/$1.cpu"; }
   # Some machines do not let perf sample (perf_event_paranoid, a
   # container's seccomp, a kernel without perf events): the part says so
   # and leaves the figures above as they are.
